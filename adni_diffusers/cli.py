@@ -1,0 +1,43 @@
+"""The `adni-diffusers` command: one sub-command per module, imported only when it runs.
+
+Each module named in COMMANDS provides `add_arguments(parser)` and `main(args) -> int | None`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "demo-data": ("adni_diffusers.demo_data", "build the synthetic MNI152-based stand-in for ADNI's AD_NC folder"),
+    "demo": ("adni_diffusers.demo", "the whole job: demo data, VQModel, UNet, pipeline, samples"),
+    "generate": ("adni_diffusers.generate", "sample slices from a saved pipeline (folder or Hub repo)"),
+    "push": ("adni_diffusers.hub", "push a saved pipeline folder to the Hugging Face Hub"),
+    "evaluate": ("adni_diffusers.evaluate", "realism, diversity, class fidelity and memorisation of a model"),
+    "counterfactual": ("adni_diffusers.counterfactual", "turn a real slice toward AD or NC and map the change"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="adni-diffusers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])  # prints help or the argparse error, then exits
+        return 2
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    command_parser = argparse.ArgumentParser(prog=f"adni-diffusers {name}", description=help_text)
+    module.add_arguments(command_parser)
+    args = command_parser.parse_args(argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

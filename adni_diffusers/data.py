@@ -1,0 +1,412 @@
+"""Loading ADNI-style slice folders through `datasets`' imagefolder builder.
+
+The layout of the ADNI "AD_NC" set (and of our demo stand-in):
+
+    ROOT/{train,test}/{AD,NC}/<patient>_<slice>.jpeg     greyscale JPEG, 256 wide x 240 high
+
+Any ImageFolder-like tree works: other class names, no split folders (ROOT/<class>/...), or no
+class folders at all (unconditional). Every image is checked and decoded ONCE, up front, into a
+uint8 tensor (N, 256, 256): bad files are reported (path + what was expected) before any training
+starts, and JPEG decoding is off the training loop's critical path.
+
+Splits (`--split`):
+- `patient` (default): all images (train + test folders) pooled, then a held-out validation set of
+  whole patients drawn per class, deterministic for `--seed`: no patient is on both sides. A
+  patient's 20 slices are nearly alike, so a slice-level split would leak.
+- `given`: the folders' own train / test split.
+- `all`: train + test pooled with nothing held out, as the seed did (no honest evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZE = 256
+ADNI_HEIGHT = 240
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SPLIT_FOLDERS = ("train", "test", "validation", "val", "valid")
+SPLIT_CHOICES = ("patient", "given", "all")
+PREPROCESS_CHOICES = ("pad", "resize")
+# File names like 1003730_85.jpeg: everything before the last "_<digits>" is the patient id.
+PATIENT_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
+_MAX_LISTED = 10
+
+
+class DataError(ValueError):
+    """The data folder cannot be used as it is. The message names the path and what was expected."""
+
+
+@dataclass
+class SliceSet:
+    """Decoded slices: uint8 pixels (N, 256, 256), integer labels, and where each came from."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    patients: list[str]
+    paths: list[str]
+    class_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices) -> "SliceSet":
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return SliceSet(
+            self.pixels[indices],
+            self.labels[indices],
+            [self.patients[i] for i in indices.tolist()],
+            [self.paths[i] for i in indices.tolist()],
+            list(self.class_names),
+        )
+
+    def summary(self) -> dict:
+        per_class = Counter(self.labels.tolist())
+        return {
+            "images": len(self),
+            "patients": len(set(self.patients)),
+            "per_class": {
+                (self.class_names[k] if self.class_names else "unlabelled"): v for k, v in sorted(per_class.items())
+            },
+        }
+
+
+@dataclass
+class SliceData:
+    """The training and held-out validation sets, with the class names read from the folders."""
+
+    train: SliceSet
+    val: SliceSet
+    class_names: list[str]
+    split: str
+    root: str
+    preprocess: str
+
+    def summary(self) -> dict:
+        return {
+            "root": self.root,
+            "split": self.split,
+            "preprocess": self.preprocess,
+            "class_names": self.class_names,
+            "train": self.train.summary(),
+            "validation": self.val.summary(),
+        }
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Model inputs: `pixel_values` (1, 256, 256) float in [-1, 1], `class_labels`, and the row `index`."""
+
+    def __init__(self, slices: SliceSet):
+        self.slices = slices
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "pixel_values": to_model_input(self.slices.pixels[i]),
+            "class_labels": self.slices.labels[i],
+            "index": i,
+        }
+
+
+def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W) -> float (..., 1, H, W) in [-1, 1]."""
+    return (pixels.float() / 127.5 - 1.0).unsqueeze(-3)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Model output in [-1, 1], (..., 1, H, W) -> uint8 (..., H, W)."""
+    return ((images.squeeze(-3).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------- scan
+
+
+@dataclass
+class _Tree:
+    files: list[Path]  # every image, sorted
+    split_of: dict[Path, str]  # "train" / "test" / ... ; "train" when there are no split folders
+    has_splits: bool
+    class_names: list[str]
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _is_root_doc(p: Path, root: Path) -> bool:
+    # A README or licence at the top of the tree is documentation, not data (the demo set writes one).
+    return p.parent == root and (p.suffix.lower() in {".txt", ".md", ".json", ".csv"} or p.name.upper().startswith("LICENSE"))
+
+
+def _list_dir(d: Path) -> tuple[list[Path], list[Path]]:
+    entries = sorted(e for e in d.iterdir() if not e.name.startswith("."))
+    return [e for e in entries if e.is_dir()], [e for e in entries if e.is_file()]
+
+
+def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
+    """Check the folder layout and list the images. Raises DataError naming the path at fault."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{flag} {root}: folder does not exist (expected ROOT/{{train,test}}/{{AD,NC}}/*.jpeg)")
+    if not root.is_dir():
+        raise DataError(f"{flag} {root}: not a folder (expected a folder of slice images)")
+
+    strangers = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            p = Path(dirpath) / name
+            if not name.startswith(".") and not _is_image(p) and not _is_root_doc(p, root):
+                strangers.append(p)
+    if strangers:
+        raise DataError(
+            f"{flag} {root}: {len(strangers)} file(s) that are not images "
+            f"(expected {', '.join(sorted(IMAGE_EXTENSIONS))}): " + _listing(strangers)
+        )
+
+    subdirs, top_files = _list_dir(root)
+    top_images = [f for f in top_files if _is_image(f)]
+    split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_FOLDERS]
+    has_splits = bool(split_dirs)
+    if has_splits:
+        others = [d for d in subdirs if d not in split_dirs]
+        if others or top_images:
+            raise DataError(
+                f"{flag} {root}: mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
+                f"content ({_listing(others + top_images)}); expected only {{train,test}}/ at the top"
+            )
+        containers = {d.name: d for d in split_dirs}
+    else:
+        containers = {"train": root}
+
+    files, split_of, class_sets = [], {}, {}
+    for split, folder in containers.items():
+        classes, loose = _list_dir(folder)
+        loose = [f for f in loose if _is_image(f)]
+        if classes and loose:
+            raise DataError(
+                f"{folder}: holds both class folders ({', '.join(c.name for c in classes)}) and loose images "
+                f"({_listing(loose)}); put every image in a class folder, or none"
+            )
+        if classes:
+            nested = [c for c in classes if _list_dir(c)[0]]
+            if nested:
+                raise DataError(f"{nested[0]}: class folders must hold images, not further folders")
+            class_sets[split] = [c.name for c in classes]
+            for c in classes:
+                imgs = [f for f in _list_dir(c)[1] if _is_image(f)]
+                if not imgs:
+                    raise DataError(f"{c}: class folder is empty (expected slice images)")
+                files += imgs
+                split_of.update({f: split for f in imgs})
+        else:
+            if not loose:
+                raise DataError(
+                    f"{folder}: {'split' if has_splits else 'data'} folder holds no images "
+                    f"(expected {'{AD,NC}/' if has_splits else ''}*.jpeg)"
+                )
+            class_sets[split] = []
+            files += loose
+            split_of.update({f: split for f in loose})
+
+    names = {tuple(v) for v in class_sets.values()}
+    if len(names) > 1:
+        detail = "; ".join(f"{s}: {', '.join(v) or '(no class folders)'}" for s, v in class_sets.items())
+        raise DataError(f"{root}: the split folders have different class folders ({detail})")
+    return _Tree(sorted(files), split_of, has_splits, list(next(iter(names))))
+
+
+def _listing(paths) -> str:
+    paths = [str(p) for p in paths]
+    more = f" ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
+    return ", ".join(paths[:_MAX_LISTED]) + more
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+
+def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.ndarray | None, str, str | None]:
+    """Read one slice as uint8 (256, 256). Returns (pixels, conversion note, error).
+
+    Accepted: 8-bit greyscale; RGB/RGBA whose channels are equal and fully opaque (converted, counted).
+    `pad` needs 256 wide and at most 256 high (ADNI's 256x240 gets 8 black rows above and below);
+    `resize` takes any size and resizes to 256x256, as the seed did (it stretches 240 -> 256).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, size = im.mode, im.size
+            arr = np.asarray(im)
+    except UnidentifiedImageError:
+        return None, "", "not a readable image file"
+    except (OSError, SyntaxError, ValueError) as e:
+        return None, "", f"corrupt or truncated image ({e})"
+
+    note = ""
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return None, "", f"{'16-bit' if mode.startswith('I;16') else mode + '-mode'} image; expected 8-bit greyscale (mode L)"
+    if mode in ("RGB", "RGBA", "LA"):
+        channels = arr[..., :3] if mode != "LA" else arr[..., :1]
+        if mode in ("RGBA", "LA") and (arr[..., -1] != 255).any():
+            return None, "", f"{mode} image with transparency; expected 8-bit greyscale (mode L)"
+        if mode == "RGB" or mode == "RGBA":
+            if not ((channels[..., 0] == channels[..., 1]).all() and (channels[..., 0] == channels[..., 2]).all()):
+                return None, "", f"colour {mode} image; expected 8-bit greyscale (mode L)"
+        arr = channels[..., 0]
+        note = f"{mode}->L"
+    elif mode != "L":
+        return None, "", f"{mode}-mode image; expected 8-bit greyscale (mode L)"
+
+    h, w = arr.shape
+    if preprocess == "pad":
+        if w != IMAGE_SIZE or h > IMAGE_SIZE:
+            return None, "", (
+                f"image is {w} wide x {h} high; expected {IMAGE_SIZE} wide x {ADNI_HEIGHT} high (ADNI) or "
+                f"{IMAGE_SIZE}x{IMAGE_SIZE} (use --preprocess resize to resize other sizes)"
+            )
+        arr = pad_to_square(arr)
+    elif (w, h) != (IMAGE_SIZE, IMAGE_SIZE):
+        arr = np.asarray(Image.fromarray(arr).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+        note = (note + " " if note else "") + f"resized {w}x{h}"
+    return np.ascontiguousarray(arr, dtype=np.uint8), note, None
+
+
+def pad_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Pad a (H<=size, size) slice with black rows, split evenly above and below."""
+    top = (size - arr.shape[0]) // 2
+    return np.pad(arr, ((top, size - arr.shape[0] - top), (0, 0)))
+
+
+def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = None) -> np.ndarray:
+    """Decode every image with a thread pool (PIL releases the GIL). Raises DataError listing bad files."""
+    workers = num_workers or min(16, os.cpu_count() or 1)
+    out = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    errors, notes = [], Counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for i, (arr, note, err) in enumerate(pool.map(lambda p: decode_slice(p, preprocess), paths, chunksize=64)):
+            if err:
+                errors.append(f"{paths[i]}: {err}")
+            else:
+                out[i] = arr
+                if note:
+                    notes[note.split(" ")[0] if note.startswith("resized") else note] += 1
+    if errors:
+        more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
+        raise DataError(f"{len(errors)} unusable image(s):\n  " + "\n  ".join(errors[:_MAX_LISTED]) + more)
+    for note, n in notes.items():
+        logger.warning("converted %d image(s): %s", n, note)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def load_slices(
+    root: str | os.PathLike,
+    split: str = "patient",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    preprocess: str = "pad",
+    num_workers: int | None = None,
+    flag: str = "--train_data_dir",
+) -> SliceData:
+    """Check, index (via `datasets` imagefolder) and decode a slice folder, then split it."""
+    if split not in SPLIT_CHOICES:
+        raise DataError(f"--split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
+    if preprocess not in PREPROCESS_CHOICES:
+        raise DataError(f"--preprocess {preprocess!r}: expected one of {', '.join(PREPROCESS_CHOICES)}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val_fraction {val_fraction}: expected a number between 0 and 1")
+    root = Path(root).resolve()
+    tree = scan_tree(root, flag)
+    if split == "given" and not tree.has_splits:
+        raise DataError(f"--split given: {root} has no train/ and test/ folders; use --split patient")
+
+    records = _index_with_datasets(root, tree)
+    paths = [Path(r[0]) for r in records]
+    labels = torch.tensor([r[1] for r in records], dtype=torch.long)
+    splits = [r[2] for r in records]
+    stems = [p.stem for p in paths]
+    matches = [PATIENT_SLICE_RE.match(s) for s in stems]
+    if split == "patient":
+        bad = [p for p, m in zip(paths, matches) if m is None]
+        if bad:
+            raise DataError(
+                f"--split patient needs file names <patient>_<slice>.<ext> (e.g. 1003730_85.jpeg); "
+                f"{len(bad)} file(s) have none: {_listing(bad)}. Rename them, or use --split given / all"
+            )
+    patients = [m.group("patient") if m else s for m, s in zip(matches, stems)]
+
+    logger.info("decoding %d images from %s", len(paths), root)
+    pixels = torch.from_numpy(decode_all(paths, preprocess, num_workers))
+    everything = SliceSet(pixels, labels, patients, [str(p) for p in paths], list(tree.class_names))
+
+    if split == "given":
+        train_idx = [i for i, s in enumerate(splits) if s == "train"]
+        val_idx = [i for i, s in enumerate(splits) if s != "train"]
+        if not train_idx:
+            raise DataError(f"--split given: {root} has no train/ folder")
+    elif split == "all":
+        train_idx, val_idx = list(range(len(paths))), []
+    else:
+        train_idx, val_idx = split_by_patient(patients, labels.tolist(), val_fraction, seed)
+    return SliceData(
+        everything.subset(train_idx), everything.subset(val_idx), list(tree.class_names), split, str(root), preprocess
+    )
+
+
+def _index_with_datasets(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
+    """(path, label, split) for every image, as `datasets`' imagefolder builder reads the tree."""
+    import datasets
+
+    datasets.utils.logging.disable_progress_bar()
+    ds = datasets.load_dataset("imagefolder", data_dir=str(root))
+    records = []
+    for split_name, part in ds.items():
+        part = part.cast_column("image", datasets.Image(decode=False))
+        names = part.features["label"].names if "label" in part.features else []
+        if names and names != tree.class_names:
+            raise DataError(f"{root}: datasets read classes {names}, the folders hold {tree.class_names}")
+        labels = part["label"] if names else [0] * len(part)
+        for image, label in zip(part["image"], labels):
+            path = Path(image["path"])
+            records.append((str(path), int(label), tree.split_of.get(path, split_name)))
+    records.sort()
+    if [Path(r[0]) for r in records] != tree.files:
+        missing = sorted(set(tree.files) - {Path(r[0]) for r in records})
+        raise DataError(f"{root}: datasets' imagefolder did not read {len(missing)} image(s): {_listing(missing)}")
+    return records
+
+
+def split_by_patient(patients: list[str], labels: list[int], val_fraction: float, seed: int):
+    """Hold out about `val_fraction` of the patients of each class; deterministic for `seed`."""
+    by_class = defaultdict(set)
+    label_of = {}
+    for p, y in zip(patients, labels):
+        label_of.setdefault(p, Counter())[y] += 1
+    for p, counts in label_of.items():
+        by_class[counts.most_common(1)[0][0]].add(p)
+    rng = np.random.default_rng(seed)
+    held_out = set()
+    for y in sorted(by_class):
+        group = sorted(by_class[y])
+        if len(group) < 2:
+            continue
+        n_val = min(len(group) - 1, max(1, round(val_fraction * len(group))))
+        held_out.update(rng.permutation(group)[:n_val].tolist())
+    train_idx = [i for i, p in enumerate(patients) if p not in held_out]
+    val_idx = [i for i, p in enumerate(patients) if p in held_out]
+    return train_idx, val_idx

@@ -1,0 +1,129 @@
+"""Named model sizes for the two stages, and loading a user's own JSON config.
+
+Every VQModel maps a 1x256x256 slice to a 4x32x32 latent (four `DownEncoderBlock2D`, three of them
+downsampling: f=8). Every UNet2DModel works on those 4x32x32 latents.
+
+- `tiny`: a unit test trains a step in about a second on CPU.
+- `small`: the CPU demo (`adni-diffusers demo`), minutes on 2 cores.
+- `base`: the GPU model: the seed's VQ size (64,128,256,256) with its 8192-code codebook, and a
+  UNet with attention at the three low resolutions (89.5M parameters, as in `facts.md`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+IMAGE_SIZE = 256
+LATENT_SIZE = 32
+LATENT_CHANNELS = 4
+
+
+def _vq(channels, groups, layers, codes, attention):
+    return {
+        "in_channels": 1,
+        "out_channels": 1,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": list(channels),
+        "layers_per_block": layers,
+        "latent_channels": LATENT_CHANNELS,
+        "sample_size": IMAGE_SIZE,
+        "num_vq_embeddings": codes,
+        "norm_num_groups": groups,
+        "mid_block_add_attention": attention,
+    }
+
+
+def _unet(channels, groups, layers, attention_levels, head_dim=8):
+    n = len(channels)
+    # attention on the `attention_levels` lowest resolutions (the last down blocks, the first up blocks)
+    down = ["DownBlock2D" if i < n - attention_levels else "AttnDownBlock2D" for i in range(n)]
+    up = ["AttnUpBlock2D" if i < attention_levels else "UpBlock2D" for i in range(n)]
+    return {
+        "sample_size": LATENT_SIZE,
+        "in_channels": LATENT_CHANNELS,
+        "out_channels": LATENT_CHANNELS,
+        "block_out_channels": list(channels),
+        "layers_per_block": layers,
+        "down_block_types": down,
+        "up_block_types": up,
+        "norm_num_groups": groups,
+        "attention_head_dim": head_dim,
+    }
+
+
+VQ_PRESETS: dict[str, dict] = {
+    "tiny": _vq((8, 8, 16, 16), groups=8, layers=1, codes=256, attention=False),
+    "small": _vq((8, 16, 32, 64), groups=8, layers=1, codes=1024, attention=False),
+    "base": _vq((64, 128, 256, 256), groups=32, layers=2, codes=8192, attention=True),
+}
+
+UNET_PRESETS: dict[str, dict] = {
+    "tiny": _unet((16, 32), groups=8, layers=1, attention_levels=1),
+    "small": _unet((64, 128, 128), groups=16, layers=1, attention_levels=1, head_dim=32),
+    "base": _unet((128, 256, 384, 512), groups=32, layers=2, attention_levels=3, head_dim=64),
+}
+
+
+class PresetError(ValueError):
+    """A preset name or config file that cannot be used."""
+
+
+def resolve_config(preset_or_path: str, presets: dict[str, dict], what: str) -> dict:
+    """Return a model config: a preset name (`tiny`, `small`, `base`) or a path to a JSON file.
+
+    A JSON file may hold a full diffusers config (e.g. a `config.json` written by `save_pretrained`)
+    or only the keys to change from `base`.
+    """
+    if preset_or_path in presets:
+        return dict(presets[preset_or_path])
+    path = Path(preset_or_path)
+    if path.suffix.lower() != ".json" and not path.exists():
+        raise PresetError(
+            f"unknown {what} preset {preset_or_path!r}: expected one of {', '.join(presets)} "
+            "or the path of a JSON config file"
+        )
+    if not path.is_file():
+        raise PresetError(f"{what} config file {path} does not exist")
+    try:
+        user = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PresetError(f"{what} config file {path} is not valid JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise PresetError(f"{what} config file {path} must hold a JSON object, not {type(user).__name__}")
+    config = dict(presets["base"])
+    config.update({k: v for k, v in user.items() if not k.startswith("_")})
+    return config
+
+
+def vq_config(preset_or_path: str) -> dict:
+    config = resolve_config(preset_or_path, VQ_PRESETS, "VQModel")
+    _check_config(config, preset_or_path, "VQModel")
+    if config["in_channels"] != 1 or config["out_channels"] != 1:
+        raise PresetError(f"VQModel config {preset_or_path}: slices are greyscale, in/out_channels must be 1")
+    return config
+
+
+def unet_config(preset_or_path: str) -> dict:
+    config = resolve_config(preset_or_path, UNET_PRESETS, "UNet2DModel")
+    _check_config(config, preset_or_path, "UNet2DModel")
+    return config
+
+
+def _check_config(config: dict, source: str, what: str) -> None:
+    """Catch the mistakes that otherwise surface as a shape error deep inside diffusers."""
+    from diffusers import UNet2DModel, VQModel
+
+    cls = VQModel if what == "VQModel" else UNet2DModel
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise PresetError(f"{what} config {source}: unknown keys {unknown}")
+    groups = config.get("norm_num_groups", 32)
+    bad = [c for c in config.get("block_out_channels", []) if c % groups]
+    if bad:
+        raise PresetError(
+            f"{what} config {source}: block_out_channels {bad} are not divisible by norm_num_groups={groups}"
+        )
