@@ -277,17 +277,13 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
                 f"image is {w} wide x {h} high; expected {IMAGE_SIZE} wide x {ADNI_HEIGHT} high (ADNI) or "
                 f"{IMAGE_SIZE}x{IMAGE_SIZE} (use --preprocess resize to resize other sizes)"
             )
+        from .pipeline_adni_ldm import pad_to_square  # the one definition, shipped with every model
+
         arr = pad_to_square(arr)
     elif (w, h) != (IMAGE_SIZE, IMAGE_SIZE):
         arr = np.asarray(Image.fromarray(arr).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
         note = (note + " " if note else "") + f"resized {w}x{h}"
     return np.ascontiguousarray(arr, dtype=np.uint8), note, None
-
-
-def pad_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Pad a (H<=size, size) slice with black rows, split evenly above and below."""
-    top = (size - arr.shape[0]) // 2
-    return np.pad(arr, ((top, size - arr.shape[0] - top), (0, 0)))
 
 
 def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = None) -> np.ndarray:

@@ -1,0 +1,448 @@
+# Copyright 2026 the adni-diffusers authors. Apache-2.0.
+#
+# This file ships inside every saved model, so that
+#     DiffusionPipeline.from_pretrained(path_or_repo, trust_remote_code=True)
+# works where the adni-diffusers package is not installed. It imports only torch, numpy, PIL and
+# diffusers; keep it that way.
+"""ADNILatentDiffusionPipeline: sample 4x32x32 latents, denoise, optionally refine, decode to slices."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel, VQModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+IMAGE_SIZE = 256
+PIPELINE_MODULE = Path(__file__).stem  # "pipeline_adni_ldm"
+PIPELINE_CLASS = "ADNILatentDiffusionPipeline"
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+# ------------------------------------------------------------------------------------------------
+# Small pure functions: one definition each, used by the pipeline AND the training code.
+# ------------------------------------------------------------------------------------------------
+
+
+def pad_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Pad a (H <= size, size) slice with black rows, split evenly above and below (ADNI: 240 -> 256)."""
+    top = (size - arr.shape[0]) // 2
+    return np.pad(arr, ((top, size - arr.shape[0] - top), (0, 0)))
+
+
+def renoise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The DDPM forward process q(x_t | x_0) (Ho et al. 2020, eq. 4):
+
+        x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,    eps ~ N(0, I)
+
+    The same function puts a clean latent back at timestep t for the refinement loop and for
+    image-to-image: one mechanism for both.
+    """
+    abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[torch.as_tensor(t, device=x0.device).long()]
+    abar = abar.reshape(-1, *([1] * (x0.ndim - 1))) if abar.ndim else abar
+    return (abar.sqrt() * x0.float() + (1 - abar).sqrt() * noise.float()).to(x0.dtype)
+
+
+def predicted_x0(model_output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod: torch.Tensor, t, prediction_type: str):
+    """The clean latent implied by one network output at timestep t (for previews and the GIF)."""
+    abar = alphas_cumprod.to(device=x_t.device, dtype=torch.float32)[int(t)]
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if prediction_type == "epsilon":
+        return (x_t - s * model_output) / a
+    if prediction_type == "v_prediction":
+        return a * x_t - s * model_output
+    return model_output  # "sample"
+
+
+@torch.no_grad()
+def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Index of the nearest codebook row for each row of `vectors`, in float32 and in chunks
+    (bf16 distances pick wrong codes; one (B*32*32) x 8192 distance matrix can be gigabytes)."""
+    codebook = codebook.float()
+    c2 = (codebook**2).sum(1)
+    return torch.cat([((v**2).sum(1, keepdim=True) - 2 * v @ codebook.t() + c2).argmin(1)
+                      for v in vectors.float().split(chunk)])
+
+
+def flatten_latents(h: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, C): one vector per latent pixel."""
+    return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+
+
+@torch.no_grad()
+def quantize_latents(vqvae: VQModel, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Snap every latent pixel onto its nearest codebook vector. Returns (quantised latents, code indices)."""
+    codebook = vqvae.quantize.embedding.weight
+    indices = nearest_codes(flatten_latents(latents), codebook)
+    quant = codebook[indices].view(latents.shape[0], latents.shape[2], latents.shape[3], -1).permute(0, 3, 1, 2)
+    return quant.to(latents.dtype).contiguous(), indices
+
+
+def encode_slices(vqvae: VQModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`the latent of a slice`: the VQ encoder's PRE-quantisation output times `scaling_factor`.
+
+    The diffusion model is trained on exactly these (the training latent cache calls this function)."""
+    x = pixel_values.to(device=vqvae.device, dtype=vqvae.dtype)
+    return vqvae.encode(x).latents * vqvae.config.scaling_factor
+
+
+def decode_latents(vqvae: VQModel, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1], (B, 1, 256, 256), through the codebook (re-quantised)."""
+    h = (latents / vqvae.config.scaling_factor).to(device=vqvae.device, dtype=vqvae.dtype)
+    quant, _ = quantize_latents(vqvae, h)
+    return vqvae.decode(quant, force_not_quantize=True).sample.clamp(-1, 1)
+
+
+def prepare_slices(images, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """PIL images, numpy arrays or tensors of greyscale slices -> float (N, 1, 256, 256) in [-1, 1].
+
+    Accepted: 256 wide x 240 high (ADNI; padded with black rows as in training) or 256x256.
+    uint8 arrays are 0..255; float arrays/tensors are taken as [-1, 1] when they have negative
+    values, else as [0, 1]."""
+    if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+        images = [images] if isinstance(images, PIL.Image.Image) or (np.ndim(images) == 2) else images
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        if images.shape[1] != 1:
+            raise ValueError(f"image tensor has {images.shape[1]} channels; expected 1 (greyscale), shape (N, 1, H, W)")
+        images = list(images[:, 0])
+    elif isinstance(images, np.ndarray) and images.ndim == 4:
+        if images.shape[-1] != 1:
+            raise ValueError(f"image array has {images.shape[-1]} channels; expected 1 (greyscale), shape (N, H, W, 1)")
+        images = list(images[..., 0])
+    out = []
+    for i, im in enumerate(images):
+        if isinstance(im, PIL.Image.Image):
+            if im.mode not in ("L", "I;16", "I", "F") and not (im.mode == "RGB" and _is_grey_rgb(im)):
+                raise ValueError(f"image {i} is a {im.mode} image; expected a greyscale slice (mode L)")
+            arr = np.asarray(im.convert("L"), dtype=np.float32) / 127.5 - 1.0
+        else:
+            arr = im.detach().float().cpu().numpy() if isinstance(im, torch.Tensor) else np.asarray(im)
+            if arr.ndim == 3 and arr.shape[0] == 1:
+                arr = arr[0]
+            if arr.ndim != 2:
+                raise ValueError(f"image {i} has shape {tuple(arr.shape)}; expected a greyscale slice (H, W)")
+            if arr.dtype == np.uint8:
+                arr = arr.astype(np.float32) / 127.5 - 1.0
+            else:
+                arr = arr.astype(np.float32)
+                arr = arr if arr.min() < 0 else arr * 2 - 1
+        h, w = arr.shape
+        if w != size or h > size:
+            raise ValueError(f"image {i} is {w} wide x {h} high; expected {size} wide x 240 high (ADNI) or {size}x{size}")
+        arr = pad_to_square(arr + 1.0, size) - 1.0  # pad with black (-1)
+        out.append(torch.from_numpy(np.ascontiguousarray(arr)))
+    return torch.stack(out).unsqueeze(1)
+
+
+def _is_grey_rgb(im: PIL.Image.Image) -> bool:
+    a = np.asarray(im)
+    return bool((a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all())
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------------
+
+
+class ADNILatentDiffusionPipeline(DiffusionPipeline):
+    r"""Latent diffusion for greyscale brain MRI slices (ADNI-style, 256x256).
+
+    Components:
+        vqvae ([`VQModel`]): 1x256x256 slices <-> 4x32x32 latents; `config.scaling_factor` was
+            computed from the training data (1 / std of the pre-quantisation latents).
+        unet ([`UNet2DModel`]): denoises scaled latents; class-conditional when `num_class_embeds` is
+            set (the last class index is the "unconditional" label used for classifier-free guidance).
+        scheduler ([`SchedulerMixin`]): DDPM by default; DDIM, DPM-Solver++ and UniPC swap in with
+            `pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`.
+        class_names (`list[str]`, optional): names of the conditioning classes, e.g. `["AD", "NC"]`.
+    """
+
+    model_cpu_offload_seq = "unet->vqvae"
+    _callback_tensor_inputs = ["latents", "x0_pred"]
+
+    def __init__(self, vqvae: VQModel, unet: UNet2DModel, scheduler: SchedulerMixin, class_names: list[str] | None = None):
+        super().__init__()
+        self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
+        self.register_to_config(class_names=list(class_names) if class_names else None)
+
+    # -- class labels -----------------------------------------------------------------------------
+    @property
+    def is_conditional(self) -> bool:
+        return self.unet.config.num_class_embeds is not None
+
+    @property
+    def null_class(self) -> int:
+        """The extra label the model was trained with when the class was dropped (CFG's unconditional)."""
+        return self.unet.config.num_class_embeds - 1
+
+    def _labels(self, class_labels, batch_size: int) -> torch.Tensor | None:
+        if class_labels is None:
+            if not self.is_conditional:
+                return None
+            return torch.full((batch_size,), self.null_class, dtype=torch.long)
+        if not self.is_conditional:
+            raise ValueError("this model is unconditional (trained without --conditional): call it without class_labels")
+        names = list(self.config.class_names or [])
+        labels = class_labels if isinstance(class_labels, (list, tuple, torch.Tensor, np.ndarray)) else [class_labels]
+        labels = labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
+        out = []
+        for label in labels:
+            if isinstance(label, str):
+                if label not in names:
+                    raise ValueError(f"unknown class label {label!r}: this model knows {names}")
+                out.append(names.index(label))
+            elif isinstance(label, (int, np.integer)) and 0 <= int(label) < self.null_class:
+                out.append(int(label))
+            else:
+                raise ValueError(f"class label {label!r} out of range: expected 0..{self.null_class - 1} or one of {names}")
+        if len(out) == 1:
+            out = out * batch_size
+        elif len(out) != batch_size:
+            raise ValueError(f"{len(out)} class labels for batch_size={batch_size}: give one label or one per image")
+        return torch.tensor(out, dtype=torch.long)
+
+    # -- encode / decode --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """Greyscale slices (PIL, numpy or tensors; 256x240 or 256x256) -> scaled latents (N, 4, 32, 32)."""
+        return encode_slices(self.vqvae, prepare_slices(images)).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "pt"):
+        """Scaled latents -> images: `pt` (N, 1, 256, 256) in [0, 1], `np` (N, 256, 256, 1), or `pil`."""
+        return self._postprocess(decode_latents(self.vqvae, latents), output_type)
+
+    @staticmethod
+    def _postprocess(images: torch.Tensor, output_type: str):
+        images = (images.float() + 1) / 2
+        if output_type == "pt":
+            return images
+        arr = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return arr
+        return [PIL.Image.fromarray((a[..., 0] * 255).round().astype(np.uint8), mode="L") for a in arr]
+
+    # -- the denoising loop -----------------------------------------------------------------------
+    def _denoise(self, latents, timesteps, labels, guidance_scale, generator, callback, tensor_inputs, step_offset):
+        """Run the scheduler over `timesteps`. Latents stay float32; the UNet runs in its own dtype."""
+        use_cfg = labels is not None and guidance_scale != 1.0 and bool((labels != self.null_class).any())
+        if use_cfg:
+            labels_in = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        else:
+            labels_in = labels
+        if labels_in is not None:
+            labels_in = labels_in.to(self._execution_device)
+        acp = self.scheduler.alphas_cumprod
+        # stochastic schedulers (DDPM, DDIM with eta > 0) take the generator; the solvers take none
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = self.scheduler.scale_model_input(model_in, t).to(self.unet.dtype)
+            out = self.unet(model_in, t, class_labels=labels_in).sample.float()
+            if use_cfg:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            x_t = latents
+            latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample.float()
+            if callback is not None:
+                values = {"latents": latents}
+                if "x0_pred" in tensor_inputs:
+                    values["x0_pred"] = predicted_x0(out, x_t, acp, t, self.scheduler.config.prediction_type)
+                result = callback(self, step_offset + i, t, {k: values[k] for k in tensor_inputs}) or {}
+                latents = result.get("latents", latents)
+        return latents
+
+    def _reset_scheduler(self, num_inference_steps: int, begin_index: int) -> torch.Tensor:
+        """Fresh timesteps; multistep solvers (DPM-Solver, UniPC) also forget their history."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(begin_index)
+        return self.scheduler.timesteps[begin_index:]
+
+    def _check_scheduler(self) -> None:
+        if getattr(self.scheduler, "alphas_cumprod", None) is None or float(self.scheduler.init_noise_sigma) != 1.0:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} is not a variance-preserving scheduler; refinement and "
+                "image-to-image need DDPM, DDIM, DPMSolverMultistep or UniPC"
+            )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        class_labels: int | str | list | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        num_inference_steps: int = 1000,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        refine_steps: int = 0,
+        refine_repeats: int = 0,
+        image=None,
+        strength: float = 0.5,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate slices.
+
+        Args:
+            batch_size: number of images (ignored when `image` is given: one output per input).
+            class_labels: for a class-conditional model, a label or one per image, as int or class name
+                (`"AD"`, `"NC"`). `None` samples from the unconditional (dropped-label) class.
+            guidance_scale: classifier-free guidance weight w: eps = eps_uncond + w (eps_cond - eps_uncond).
+                1.0 = no guidance.
+            num_inference_steps: scheduler steps (DDPM: 1000; DDIM ~50; DPM-Solver++ ~25; UniPC ~10).
+            generator: makes sampling reproducible (same seed -> same images).
+            refine_steps, refine_repeats: the late-timestep refinement of the original report, done
+                correctly. After the main loop reaches x_0, repeat `refine_repeats` times:
+
+                    k   = len(timesteps) - refine_steps                (the refine_steps-th last timestep)
+                    x_k = sqrt(abar_k) x_0 + sqrt(1 - abar_k) eps,  eps ~ N(0, I)    (fresh noise)
+                    x_0 <- denoise x_k with the scheduler over timesteps[k:]
+
+                i.e. SDEdit (Meng et al. 2022) on the model's own sample. The seed instead ran reverse
+                steps on an already clean latent with no re-noising (not a valid sampler). Off by default.
+            image, strength: image-to-image. `image` (PIL / numpy / tensor slices) is encoded, put back at
+                the timestep `strength` selects with the same forward process, and denoised from there
+                (0 = the VQ reconstruction, 1 = from (almost) pure noise).
+            latents: start from these scaled latents instead of fresh noise.
+            output_type: `"pil"` (mode "L", 256x256), `"np"` (N, 256, 256, 1) in [0, 1], `"pt"`
+                (N, 1, 256, 256) in [0, 1], or `"latent"` (the scaled latents).
+            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict`, called after every
+                scheduler step (refinement passes included); `tensors` holds the names in
+                `callback_on_step_end_tensor_inputs` ("latents", "x0_pred"). Returning `{"latents": x}`
+                replaces the latents.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+        for name in callback_on_step_end_tensor_inputs:
+            if name not in self._callback_tensor_inputs:
+                raise ValueError(f"callback tensor input {name!r}: expected one of {self._callback_tensor_inputs}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps}: expected at least 1")
+        if refine_repeats < 0 or refine_steps < 0 or (refine_repeats > 0 and not 0 < refine_steps <= num_inference_steps):
+            raise ValueError(f"refine_steps={refine_steps} must be in 1..num_inference_steps={num_inference_steps} "
+                             f"when refine_repeats={refine_repeats} > 0")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength}: expected a number in [0, 1]")
+        if image is not None or refine_repeats > 0:
+            self._check_scheduler()
+
+        device = self._execution_device
+        pixels = prepare_slices(image) if image is not None else None
+        if pixels is not None:
+            batch_size = len(pixels)
+        labels = self._labels(class_labels, batch_size)
+        shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        tensor_inputs = list(callback_on_step_end_tensor_inputs)
+
+        # 1. the starting point: noise, given latents, or a re-noised encoded image
+        timesteps = self._reset_scheduler(num_inference_steps, 0)
+        if pixels is not None:
+            x0 = encode_slices(self.vqvae, pixels).float()
+            start = num_inference_steps - min(int(round(num_inference_steps * strength)), num_inference_steps)
+            timesteps = self._reset_scheduler(num_inference_steps, start)
+            if len(timesteps):
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+                latents = renoise(x0, self.scheduler.alphas_cumprod, timesteps[0], noise)
+            else:
+                latents = x0  # strength 0: nothing to denoise, the VQ reconstruction comes out
+        elif latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = latents * self.scheduler.init_noise_sigma
+        else:
+            latents = latents.to(device=device, dtype=torch.float32)
+
+        # 2. the main reverse process
+        latents = self._denoise(latents, timesteps, labels, guidance_scale, generator,
+                                callback_on_step_end, tensor_inputs, 0)
+
+        # 3. late-timestep refinement: re-noise x_0 to timestep k, denoise again (see the docstring)
+        done = len(timesteps)
+        for _ in range(refine_repeats):
+            k = num_inference_steps - refine_steps
+            refine_timesteps = self._reset_scheduler(num_inference_steps, k)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = renoise(latents, self.scheduler.alphas_cumprod, refine_timesteps[0], noise)
+            latents = self._denoise(latents, refine_timesteps, labels, guidance_scale, generator,
+                                    callback_on_step_end, tensor_inputs, done)
+            done += len(refine_timesteps)
+
+        # 4. decode through the codebook
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self._postprocess(decode_latents(self.vqvae, latents), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # -- saving and loading -----------------------------------------------------------------------
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        push_to_hub: bool = False, **kwargs):
+        """diffusers' save, plus this file beside the weights and `_class_name` as [module, class], so that
+        `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` works without adni-diffusers."""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
+                                push_to_hub=False, **{k: v for k, v in kwargs.items() if k == "max_shard_size"})
+        save_directory = Path(save_directory)
+        source = Path(inspect.getfile(type(self)))
+        target = save_directory / f"{PIPELINE_MODULE}.py"
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        index_path = save_directory / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = create_repo(kwargs.get("repo_id", save_directory.name), exist_ok=True,
+                                  private=kwargs.get("private", True), token=kwargs.get("token")).repo_id
+            self._upload_folder(str(save_directory), repo_id, token=kwargs.get("token"),
+                                commit_message=kwargs.get("commit_message"), create_pr=kwargs.get("create_pr", False))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load the three components directly (no remote code needed when this package is installed).
+
+        Accepts a local folder or a Hub repo id, and the usual keyword arguments: `dtype`
+        (`torch_dtype` is accepted as an alias), `variant`, `revision`, `cache_dir`, `token`,
+        `local_files_only`, `use_safetensors`."""
+        from diffusers import schedulers
+
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        load_kwargs = {k: kwargs.pop(k) for k in ("variant", "use_safetensors") if k in kwargs}
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
+                      if k in kwargs}
+        kwargs.pop("trust_remote_code", None)
+        if kwargs:
+            raise TypeError(f"unexpected arguments for {cls.__name__}.from_pretrained: {sorted(kwargs)}")
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
+        index_path = folder / "model_index.json"
+        if not index_path.is_file():
+            raise OSError(f"{pretrained_model_name_or_path}: no model_index.json (not a saved pipeline)")
+        index = json.loads(index_path.read_text())
+        model_kwargs = dict(load_kwargs, **({"dtype": dtype} if dtype is not None else {}))
+        vqvae = VQModel.from_pretrained(folder, subfolder="vqvae", **model_kwargs)
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", **model_kwargs)
+        scheduler_cls = getattr(schedulers, index["scheduler"][1])
+        scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
+        pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"))
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe

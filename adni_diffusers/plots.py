@@ -1,0 +1,77 @@
+"""Pictures people open: image grids, loss curves (PNG, like the seed's), captioned strips."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_pil_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
+    """Images in [-1, 1], (N, 1, H, W) -> one greyscale PIL grid."""
+    from torchvision.utils import make_grid
+
+    images = images.detach().float().cpu().clamp(-1, 1)
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    grid = make_grid((images + 1) / 2, nrow=nrow, padding=padding, pad_value=1.0)
+    return Image.fromarray((grid[0].numpy() * 255).round().astype(np.uint8), mode="L")
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil_grid(images, nrow).save(path)
+    return path
+
+
+def captioned_grid(rows: list[list[Image.Image]], row_titles: list[str] | None = None,
+                   col_titles: list[str] | None = None, tile: int = 128) -> Image.Image:
+    """A table of greyscale tiles with short captions (for contact sheets, strips, comparisons)."""
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    left = 70 if row_titles else 0
+    top = 16 if col_titles else 0
+    sheet = Image.new("L", (left + n_cols * (tile + 2), top + n_rows * (tile + 2)), 255)
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(col_titles or []):
+        draw.text((left + c * (tile + 2) + 2, 2), title, fill=0)
+    for r, row in enumerate(rows):
+        y = top + r * (tile + 2)
+        if row_titles:
+            draw.text((2, y + tile // 2 - 6), row_titles[r], fill=0)
+        for c, im in enumerate(row):
+            sheet.paste(im.convert("L").resize((tile, tile), Image.BILINEAR), (left + c * (tile + 2), y))
+    return sheet
+
+
+def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
+    """One panel per logged quantity (loss terms, lr, codebook usage...), against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in rows[0] if k not in ("step", "time") and any(np.isfinite(r.get(k, np.nan)) for r in rows)]
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(axes.flat, keys):
+        values = [r.get(key, np.nan) for r in rows]
+        ax.plot(steps, values, lw=1.2)
+        if "loss" in key and all(v > 0 for v in values if np.isfinite(v)):
+            ax.set_yscale("log")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,576 @@
+"""What both training scripts share: flags, Accelerate set-up, data, the step loop's bookkeeping,
+atomic checkpoints with exact resume, EMA, NaN guard, logs and pictures.
+
+The scripts (`train_vqmodel.py`, `train_unet.py`) keep only their stage's model and loss. Here:
+
+- `add_training_arguments`: the flags every diffusers training example has, named the same way.
+- `setup`: an `Accelerator`, the world-size guard, seeds, the output-folder check.
+- `TrainingRun`: epochs, resume, progress bar, logging, checkpoints, EMA and the NaN guard
+  around a loop the script writes itself.
+
+Resuming is exact: each epoch's data order is a pure function of (seed, epoch), and every random
+draw of a step comes from `run.step_generator()`, a pure function of (seed, step, process).
+Nothing depends on how many times the global RNG was used before a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("adni_diffusers.training")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+HISTORY_FILE = "logs/history.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A problem with the flags, the data or the run, stated so a user can act on it."""
+
+
+# ------------------------------------------------------------------------------------------- flags
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float, default_batch: int) -> None:
+    """Flags named as in diffusers' training examples."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--train_data_dir", default=None,
+                   help="ADNI-style folder ROOT/{train,test}/{AD,NC}/*.jpeg; default: build and use the demo set")
+    g.add_argument("--demo_data_dir", default="adni_demo_data",
+                   help="where the demo set is built when --train_data_dir is not given")
+    g.add_argument("--split", default="patient", choices=["patient", "given", "all"],
+                   help="patient: hold out whole patients (default); given: the folders' train/test; all: no hold-out")
+    g.add_argument("--val_fraction", type=float, default=0.1, help="share of patients held out with --split patient")
+    g.add_argument("--preprocess", default="pad", choices=["pad", "resize"],
+                   help="240->256 rows: pad with black (keeps anatomy) or resize (the seed's stretch)")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace a model already in --output_dir")
+    g.add_argument("--logging_dir", default="logs", help="tensorboard folder, relative to --output_dir")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
+    g.add_argument("--logging_steps", type=int, default=10,
+                   help="log (and check the loss for NaN/inf) every N optimizer steps")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", type=int, default=default_batch, help="per device")
+    g.add_argument("--eval_batch_size", type=int, default=16)
+    g.add_argument("--num_epochs", type=int, default=10)
+    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=default_lr)
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rate by processes x batch size x accumulation / default batch")
+    g.add_argument("--lr_scheduler", default="cosine",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=int, default=100)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the weights")
+    g.add_argument("--ema_max_decay", type=float, default=0.9999)
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    g.add_argument("--ema_power", type=float, default=3 / 4)
+
+    g = parser.add_argument_group("speed")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="default: what `accelerate config` says")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPU)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model; falls back to eager if compilation fails")
+
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='"latest" or the path of a checkpoint-<step> folder')
+
+
+def validate_training_arguments(args: argparse.Namespace) -> None:
+    positive = ["train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                "checkpointing_steps", "logging_steps"]
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TrainingError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise TrainingError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.learning_rate <= 0:
+        raise TrainingError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise TrainingError("--checkpoints_total_limit must be at least 1")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = Path(args.resume_from_checkpoint)
+        if not CHECKPOINT_RE.match(path.name) or not path.is_dir():
+            raise TrainingError(
+                f"--resume_from_checkpoint {path}: expected 'latest' or an existing checkpoint-<step> folder"
+            )
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def check_world_size(accelerator) -> None:
+    """Stop when the launcher asked for several processes but Accelerate sees one.
+
+    `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs starts two processes
+    that each train on ALL the data (facts.md): a silent waste at best. On CPU, set
+    ACCELERATE_USE_CPU=true; on GPUs, check `accelerate config`.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise TrainingError(
+            f"WORLD_SIZE={world} but Accelerate sees 1 process: each process would train alone on all the data. "
+            "On CPU launch with ACCELERATE_USE_CPU=true (gloo); on GPUs check that CUDA sees the devices "
+            "(`accelerate env`)."
+        )
+
+
+def make_accelerator(args, project_name: str):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=config,
+    )
+    check_world_size(accelerator)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logging.getLogger("adni_diffusers").setLevel(logging.WARNING)
+    _quiet_libraries(accelerator.is_main_process)
+    return accelerator
+
+
+def _quiet_libraries(main: bool) -> None:
+    import datasets
+    import diffusers
+
+    datasets.utils.logging.set_verbosity_warning() if main else datasets.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_warning() if main else diffusers.utils.logging.set_verbosity_error()
+
+
+def prepare_output_dir(args, accelerator, product: str) -> None:
+    """Refuse to write over a finished model unless asked; `product` is the file or folder that marks one."""
+    output_dir = Path(args.output_dir)
+    existing = [p for p in [output_dir / product, *list_checkpoints(output_dir)] if p.exists()]
+    if existing and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+        raise TrainingError(
+            f"--output_dir {output_dir} already holds a model ({existing[0].name}). Use "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
+            "or another --output_dir."
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            for p in existing + [output_dir / args.logging_dir, output_dir / "samples"]:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob("checkpoint-*.tmp"):  # a save cut short by a crash
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_training_data(args, accelerator):
+    """The slices, split as asked; the demo set is built (once) when no folder is given."""
+    from .data import DataError, load_slices
+
+    root = args.train_data_dir
+    if root is None:
+        from .demo_data import ensure_demo_dataset
+
+        with accelerator.main_process_first():
+            root = ensure_demo_dataset(args.demo_data_dir)
+        logger.info("no --train_data_dir: using the synthetic demo set in %s (NOT ADNI)", root)
+    try:
+        with accelerator.main_process_first():  # the main process fills the decode cache; the others read it
+            data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+                               preprocess=args.preprocess)
+    except DataError as e:
+        raise TrainingError(str(e)) from None
+    if len(data.train) < args.train_batch_size * accelerator.num_processes:
+        raise TrainingError(
+            f"{root}: {len(data.train)} training images, fewer than one batch "
+            f"({args.train_batch_size} x {accelerator.num_processes} processes); lower --train_batch_size"
+        )
+    data_source = "demo" if args.train_data_dir is None or _is_demo_dataset(root) else "user"
+    return data, data_source
+
+
+def _is_demo_dataset(root) -> bool:
+    return (Path(root) / "demo_settings.json").is_file()
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A fresh permutation each epoch, a pure function of (seed, epoch): resume needs no RNG state."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_dataloader(dataset, args, accelerator):
+    """Batches per process; Accelerate shards them (process i gets batches i, i+N, ...)."""
+    sampler = EpochShuffleSampler(len(dataset), args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.dataloader_num_workers > 0,
+    )
+    return loader, sampler
+
+
+def make_optimizer(params, args, accelerator, default_batch: int):
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes / default_batch
+    fused = torch.cuda.is_available() and accelerator.device.type == "cuda"
+    return torch.optim.AdamW(
+        params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon, fused=fused or None,
+    )
+
+
+def make_lr_scheduler(optimizer, args, accelerator, max_train_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    # A prepared scheduler steps once per process per optimizer step (as in diffusers' examples).
+    return get_scheduler(
+        args.lr_scheduler, optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+
+
+def maybe_compile(model, args, example_inputs=None):
+    """`torch.compile` when asked; a model that fails to compile runs eager with a warning."""
+    if not args.compile:
+        return model
+    try:
+        compiled = torch.compile(model)
+        if example_inputs is not None:
+            with torch.no_grad():
+                compiled(*example_inputs)
+        return compiled
+    except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
+        logger.warning("torch.compile failed (%s: %s); training eager", type(e).__name__, str(e).splitlines()[0])
+        return model
+
+
+def to_channels_last(model, args):
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def steps_per_epoch(loader, accelerator, grad_accum: int) -> int:
+    return max(1, math.ceil(len(loader) / grad_accum))
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Finished checkpoints, oldest first. A `checkpoint-N.tmp` (a save cut short) never counts."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(accelerator, output_dir, step: int, extra_state: dict, total_limit: int | None) -> Path:
+    """Write `checkpoint-<step>` atomically: everything goes to a temp folder that is renamed when complete."""
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in extra_state.get("tensors", {}).items()}
+        if tensors:
+            save_file(tensors, str(tmp / "training_state.safetensors"))
+        meta = {"step": step, **extra_state.get("meta", {})}
+        (tmp / "training_state.json").write_text(json.dumps(meta, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    logger.info("saved %s", final)
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def find_resume_checkpoint(args) -> Path | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh", args.output_dir)
+            return None
+        return found[-1]
+    return Path(args.resume_from_checkpoint)
+
+
+def load_checkpoint(accelerator, path: Path) -> tuple[int, dict, dict]:
+    """Restore what `save_checkpoint` wrote. Returns (step, tensors, meta)."""
+    from safetensors.torch import load_file
+
+    accelerator.load_state(str(path))
+    meta = json.loads((path / "training_state.json").read_text())
+    tensor_file = path / "training_state.safetensors"
+    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+    return int(meta["step"]), tensors, meta
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class EMAState:
+    """Wraps diffusers' EMAModel so its shadow weights go into checkpoints as safetensors (no pickle)."""
+
+    ema: object  # diffusers.training_utils.EMAModel
+
+    def tensors(self) -> dict:
+        return {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)}
+
+    def meta(self) -> dict:
+        return {"ema_optimization_step": self.ema.optimization_step}
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        for i, p in enumerate(self.ema.shadow_params):
+            p.data.copy_(tensors[f"ema.{i}"].to(p.device, p.dtype))
+        self.ema.optimization_step = meta["ema_optimization_step"]
+
+
+def make_ema(model, args, device):
+    from diffusers.training_utils import EMAModel
+
+    if not args.use_ema:
+        return None
+    ema = EMAModel(
+        model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+        power=args.ema_power, model_cls=type(model), model_config=model.config,
+    )
+    ema.to(device)
+    return EMAState(ema)
+
+
+class TrainingRun:
+    """The bookkeeping around a script's own step: use it as
+
+        run = TrainingRun(args, accelerator, loader, sampler, model, ema=ema, extra_state=...)
+        for batch in run.batches():
+            with accelerator.accumulate(model):
+                ... loss ...
+            if accelerator.sync_gradients:
+                run.end_step({"loss": loss.detach(), ...})
+        run.finish()
+    """
+
+    def __init__(self, args, accelerator, loader, sampler, model, *, ema: EMAState | None = None,
+                 stage: str, extra_state=None, restore_extra_state=None):
+        self.args, self.accelerator, self.loader, self.sampler, self.model = args, accelerator, loader, sampler, model
+        self.ema = ema
+        self.stage = stage
+        self.extra_state = extra_state or (lambda: {"tensors": {}, "meta": {}})
+        self.restore_extra_state = restore_extra_state or (lambda tensors, meta: None)
+        self.output_dir = Path(args.output_dir)
+        self.steps_per_epoch = steps_per_epoch(loader, accelerator, args.gradient_accumulation_steps)
+        self.max_train_steps = args.max_train_steps or args.num_epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
+        self.global_step = 0
+        self.start_step = 0  # where this process started: 0, or the resumed checkpoint's step
+        self.first_epoch = 0
+        self._pending: list[dict] = []  # detached loss tensors since the last log: no .item() per step
+        self._last_good_checkpoint: Path | None = None
+        self.progress = None
+        self.start_time = time.time()
+
+    # -- resume ------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        path = find_resume_checkpoint(self.args)
+        if path is None:
+            return
+        step, tensors, meta = load_checkpoint(self.accelerator, path)
+        if self.ema is not None:
+            if "ema.0" not in tensors:
+                raise TrainingError(f"{path} holds no EMA weights but --use_ema is set; resume without --use_ema")
+            self.ema.restore(tensors, meta)
+        self.restore_extra_state(tensors, meta)
+        self.global_step = self.start_step = step
+        self.first_epoch = step // self.steps_per_epoch
+        self._last_good_checkpoint = path
+        self._truncate_history(step)
+        logger.info("resumed from %s at step %d (epoch %d)", path, step, self.first_epoch)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def batches(self):
+        from tqdm.auto import tqdm
+
+        args, acc = self.args, self.accelerator
+        self.progress = tqdm(
+            total=self.max_train_steps, initial=self.global_step, desc=f"{self.stage} steps",
+            disable=not acc.is_local_main_process, dynamic_ncols=True,
+        )
+        for epoch in range(self.first_epoch, self.num_epochs):
+            self.epoch = epoch
+            self.sampler.set_epoch(epoch)
+            loader = self.loader
+            done_in_epoch = self.global_step - epoch * self.steps_per_epoch
+            if done_in_epoch > 0:  # resuming mid-epoch: skip the batches already trained on
+                loader = acc.skip_first_batches(self.loader, done_in_epoch * args.gradient_accumulation_steps)
+            for batch in loader:
+                yield batch
+                if self.global_step >= self.max_train_steps:
+                    break
+            if self.global_step >= self.max_train_steps:
+                break
+        self.progress.close()
+
+    def step_generator(self, device=None, shared: bool = False) -> torch.Generator:
+        """Randomness for this step: a pure function of (seed, step, process), so resume is exact.
+
+        `shared=True` gives every process the same stream (for decisions they must agree on)."""
+        rank = 0 if shared else self.accelerator.process_index
+        device = device or self.accelerator.device
+        seed = (self.args.seed * 1_000_003 + self.global_step) * 1_009 + rank
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def end_step(self, logs: dict[str, torch.Tensor]) -> None:
+        """Call once per optimizer step (when `accelerator.sync_gradients`)."""
+        if self.ema is not None:
+            self.ema.ema.step(self.accelerator.unwrap_model(self.model).parameters())
+        self.global_step += 1
+        self.progress.update(1)
+        self._pending.append({k: v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                              for k, v in logs.items()})
+        if self.global_step % self.args.logging_steps == 0 or self.global_step == self.max_train_steps:
+            self.flush_logs()
+        if self.global_step % self.args.checkpointing_steps == 0 and self.global_step < self.max_train_steps:
+            self.checkpoint()
+
+    def flush_logs(self) -> dict[str, float]:
+        """Average the pending logs (one host sync), stop on NaN/inf, write tensorboard + history."""
+        if not self._pending:
+            return {}
+        keys = self._pending[0].keys()
+        stacked = {k: torch.stack([p[k].to(self.accelerator.device) for p in self._pending]) for k in keys}
+        self._pending = []
+        finite = torch.stack([torch.isfinite(v).all() for v in stacked.values()]).all()
+        finite = self.accelerator.reduce(finite.float().reshape(1), reduction="mean").item() == 1.0
+        if not finite:
+            bad = [k for k, v in stacked.items() if not torch.isfinite(v).all()]
+            where = self._last_good_checkpoint or "no checkpoint yet"
+            raise TrainingError(
+                f"non-finite {', '.join(bad)} at step {self.global_step}: training stopped. The last good "
+                f"checkpoint is {where}. Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, "
+                "or a smaller --max_grad_norm."
+            )
+        means = {k: v.mean().item() for k, v in stacked.items()}
+        means["lr"] = self._current_lr()
+        self.accelerator.log(means, step=self.global_step)
+        self.progress.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k in ("loss", "lr", "rec_loss")})
+        if self.accelerator.is_main_process:
+            history = self.output_dir / HISTORY_FILE
+            history.parent.mkdir(parents=True, exist_ok=True)
+            with open(history, "a") as f:
+                f.write(json.dumps({"step": self.global_step, "time": round(time.time() - self.start_time, 2),
+                                    **means}) + "\n")
+        return means
+
+    def _current_lr(self) -> float:
+        opt = getattr(self, "optimizer", None)
+        return float(opt.param_groups[0]["lr"]) if opt is not None else float("nan")
+
+    def checkpoint(self) -> Path:
+        self.flush_logs()  # never save weights that came from a non-finite loss
+        state = self.extra_state()
+        tensors, meta = dict(state.get("tensors", {})), dict(state.get("meta", {}))
+        if self.ema is not None:
+            tensors.update(self.ema.tensors())
+            meta.update(self.ema.meta())
+        meta["epoch"] = self.global_step // self.steps_per_epoch
+        path = save_checkpoint(self.accelerator, self.output_dir, self.global_step, {"tensors": tensors, "meta": meta},
+                               self.args.checkpoints_total_limit)
+        self._last_good_checkpoint = path
+        return path
+
+    def _truncate_history(self, step: int) -> None:
+        """After a resume, forget logged steps past the checkpoint (they will be trained again)."""
+        history = self.output_dir / HISTORY_FILE
+        if self.accelerator.is_main_process and history.exists():
+            rows = [line for line in history.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            history.write_text("".join(r + "\n" for r in rows))
+
+    def history(self) -> list[dict]:
+        history = self.output_dir / HISTORY_FILE
+        return [json.loads(line) for line in history.read_text().splitlines() if line] if history.exists() else []
+
+    def finish(self) -> None:
+        self.flush_logs()
+        if self.accelerator.is_main_process:
+            from .plots import plot_loss_curves
+
+            rows = self.history()
+            if rows:
+                plot_loss_curves(rows, self.output_dir / "loss_curve.png", title=f"{self.stage} training")
+        self.accelerator.wait_for_everyone()
+
+
+def save_run_info(output_dir, args, data, data_source: str, extra: dict | None = None) -> None:
+    """`training_data.json` (what the model saw; read by the Hub push and the model card) and `args.json`."""
+    output_dir = Path(output_dir)
+    info = {"source": data_source, **data.summary(), **(extra or {})}
+    (output_dir / "training_data.json").write_text(json.dumps(info, indent=2))
+    safe_args = {k: v for k, v in vars(args).items() if "token" not in k}
+    (output_dir / "training_args.json").write_text(json.dumps(safe_args, indent=2, default=str))

@@ -1,0 +1,201 @@
+"""The VQ autoencoder's training pieces: losses, codebook health, discriminator, scaling factor.
+
+diffusers' `VQModel` is used as it is (so `VQModel.from_pretrained` loads what we save); only the
+training forward is ours, because diffusers' quantiser
+
+- puts beta on the codebook term instead of the commitment term (diffusers issue 8226), and
+- returns no code indices from `decode`, which we need to watch codebook usage.
+
+Our loss is van den Oord et al. (2017), eq. 3, with beta on the commitment term where it belongs:
+
+    L = L_rec(x, D(q(E(x)))) + ||sg[E(x)] - e||^2 + beta ||E(x) - sg[e]||^2          (beta = 0.25)
+
+plus, optionally, an SSIM term and a patch discriminator with VQGAN's adaptive weight (Esser et
+al. 2021, eq. 7). The gradient passes the quantiser straight through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .pipeline_adni_ldm import flatten_latents, nearest_codes
+
+
+@dataclass
+class VQForward:
+    recon: torch.Tensor
+    latents: torch.Tensor  # pre-quantisation encoder output: what the UNet learns
+    indices: torch.Tensor  # (B*H*W,) code per latent pixel
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+class VQTrainingModel(nn.Module):
+    """A `VQModel` plus the training forward. One module, so DDP sees one forward per step."""
+
+    def __init__(self, vq):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, x: torch.Tensor) -> VQForward:
+        vq = self.vq
+        h = vq.encode(x).latents
+        codebook = vq.quantize.embedding.weight
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            idx = nearest_codes(flatten_latents(h.detach()), codebook)
+            z_q = codebook[idx].view(h.shape[0], h.shape[2], h.shape[3], -1).permute(0, 3, 1, 2)
+            codebook_loss = F.mse_loss(z_q, h.detach().float())
+            commitment_loss = F.mse_loss(h.float(), z_q.detach())
+        quant = h + (z_q.to(h.dtype) - h).detach()  # straight-through estimator
+        recon = vq.decoder(vq.post_quant_conv(quant))
+        return VQForward(recon, h, idx, codebook_loss, commitment_loss)
+
+    def last_layer(self) -> torch.Tensor:
+        return self.vq.decoder.conv_out.weight
+
+
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    recon, x = recon.float(), x.float()
+    return F.mse_loss(recon, x) if kind == "mse" else F.l1_loss(recon, x)
+
+
+def ssim_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    return 1.0 - ssim(recon.float().clamp(-1, 1), x.float(), data_range=2.0)
+
+
+# ------------------------------------------------------------------------------------ discriminator
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017) as used by VQGAN: one real/fake logit per overlapping patch."""
+
+    def __init__(self, in_channels: int = 1, channels: int = 64, layers: int = 3):
+        super().__init__()
+        blocks = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        c = channels
+        for i in range(1, layers + 1):
+            c_out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.GroupNorm(32 if c_out >= 32 else 1, c_out),
+                       nn.LeakyReLU(0.2, True)]
+            c = c_out
+        blocks.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                        max_weight: float = 1e4) -> torch.Tensor:
+    """VQGAN eq. 7: balance the GAN gradient against the reconstruction gradient at the last layer."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+# ---------------------------------------------------------------------------------- codebook health
+
+
+class CodebookMonitor(nn.Module):
+    """Running code usage (an EMA of counts per step), dead-code restarts and data-driven init.
+
+    A code is dead when its EMA count falls under `dead_threshold` uses per step. Dead codes are
+    moved onto random encoder outputs of the current batch (as in Jukebox / SoundStream), so that
+    most of the codebook stays in use.
+    """
+
+    def __init__(self, num_codes: int, decay: float = 0.99, dead_threshold: float = 0.03):
+        super().__init__()
+        self.decay, self.dead_threshold = decay, dead_threshold
+        self.register_buffer("usage", torch.zeros(num_codes, dtype=torch.float64))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, counts: torch.Tensor) -> None:
+        self.usage.mul_(self.decay).add_(counts.to(self.usage), alpha=1 - self.decay)
+
+    def live_fraction(self) -> torch.Tensor:
+        return (self.usage >= self.dead_threshold).float().mean()
+
+    @staticmethod
+    def perplexity(counts: torch.Tensor) -> torch.Tensor:
+        p = counts.float() / counts.sum().clamp_min(1)
+        return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+    @torch.no_grad()
+    def initialise(self, codebook: torch.Tensor, vectors: torch.Tensor, generator: torch.Generator) -> None:
+        """Start the codebook on the encoder's outputs instead of diffusers' uniform +-1/n."""
+        codebook.copy_(_sample_rows(vectors, codebook.shape[0], generator).to(codebook))
+        self.usage.fill_(1.0)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def restart_dead(self, codebook: torch.Tensor, vectors: torch.Tensor, generator: torch.Generator) -> int:
+        dead = (self.usage < self.dead_threshold).nonzero().flatten()
+        if len(dead) == 0:
+            return 0
+        codebook[dead] = _sample_rows(vectors, len(dead), generator).to(codebook)
+        self.usage[dead] = self.usage.mean()
+        return len(dead)
+
+
+def _sample_rows(vectors: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n random rows of `vectors` (with replacement when there are fewer), slightly jittered so copies differ."""
+    gen_device = generator.device
+    idx = torch.randint(0, len(vectors), (n,), generator=generator, device=gen_device).to(vectors.device)
+    rows = vectors[idx].float()
+    noise = torch.randn(rows.shape, generator=generator, device=gen_device).to(rows.device)
+    return rows + 0.01 * rows.std() * noise
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+@torch.no_grad()
+def latent_statistics(vq, loader, device, dtype=torch.float32, max_batches: int | None = None) -> dict:
+    """Mean and std of the PRE-quantisation latents over `loader`, accumulated in float64.
+
+    scaling_factor = 1 / std brings the latents the UNet sees to unit variance (LDM, Rombach et al.
+    2022, sec. 4.3.2). Without it the signal is drowned by the noise late into sampling (seed-notes #3).
+    """
+    n, s, s2 = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        h = vq.encode(batch["pixel_values"].to(device, dtype)).latents.double()
+        n += h.numel()
+        s += h.sum().cpu()
+        s2 += (h**2).sum().cpu()
+    mean = s / n
+    std = torch.sqrt(s2 / n - mean**2)
+    return {"latent_mean": float(mean), "latent_std": float(std), "scaling_factor": float(1.0 / std),
+            "latent_elements": n}
+
+
+@torch.no_grad()
+def code_usage(vq, loader, device, dtype=torch.float32) -> dict:
+    """Share of the codebook used over `loader`, and the code perplexity."""
+    num = vq.config.num_vq_embeddings
+    counts = torch.zeros(num, dtype=torch.long, device=device)
+    codebook = vq.quantize.embedding.weight
+    for batch in loader:
+        h = vq.encode(batch["pixel_values"].to(device, dtype)).latents
+        counts += torch.bincount(nearest_codes(flatten_latents(h), codebook), minlength=num)
+    return {
+        "codebook_size": num,
+        "codes_used": int((counts > 0).sum()),
+        "codebook_usage": float((counts > 0).float().mean()),
+        "code_perplexity": float(CodebookMonitor.perplexity(counts)),
+    }
+

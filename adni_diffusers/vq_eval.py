@@ -1,0 +1,74 @@
+"""After VQ training: compute the scaling factor from the data, measure reconstructions on held-out
+patients, and save the model with its metrics.
+
+The UNet will see the PRE-quantisation latents `vq.encode(x).latents` times `scaling_factor`
+(as LDM does for its VQ-regularised autoencoders): they are continuous, so the Gaussian diffusion
+assumption holds, and the decoder's own quantiser snaps generated latents back onto the codebook.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .data import SliceData, SliceDataset
+
+
+def _loader(slices, batch_size: int, limit: int | None = None):
+    ds = SliceDataset(slices)
+    if limit is not None and len(ds) > limit:
+        ds = torch.utils.data.Subset(ds, range(limit))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+@torch.no_grad()
+def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Per-image PSNR/SSIM/MS-SSIM (whole image and inside the brain mask), averaged over `slices`.
+
+    Returns (metrics, a few originals, their reconstructions) for the grid."""
+    from .metrics import brain_mask, reconstruction_metrics
+
+    totals, n = {}, 0
+    first_x = first_r = None
+    for batch in _loader(slices, batch_size, limit):
+        x = batch["pixel_values"].to(device)
+        recon = vq(x).sample.float().clamp(-1, 1)
+        m = reconstruction_metrics(x.float(), recon, mask=brain_mask(x.float()))
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * len(x)
+        n += len(x)
+        if first_x is None:
+            first_x, first_r = x[:8].cpu(), recon[:8].cpu()
+    return {k: v / n for k, v in totals.items()} | {"eval_images": n}, first_x, first_r
+
+
+def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = None) -> dict:
+    """Set `scaling_factor`, save `vqvae/`, write `metrics.json` and `reconstructions.png`."""
+    from .plots import save_image_grid
+    from .vq import code_usage, latent_statistics
+
+    output_dir = Path(args.output_dir)
+    vq = vq.to(device).eval()
+    stats = latent_statistics(vq, _loader(data.train, args.eval_batch_size), device)
+    vq.register_to_config(scaling_factor=stats["scaling_factor"])
+
+    held_out = data.val if len(data.val) else data.train
+    eval_set = "validation (held-out patients)" if len(data.val) else "training images (no hold-out: --split all)"
+    recon_metrics, x, recon = reconstruct_and_measure(vq, held_out, device, args.eval_batch_size, args.eval_max_images)
+    usage = code_usage(vq, _loader(held_out, args.eval_batch_size, args.eval_max_images), device)
+
+    vq.save_pretrained(output_dir / "vqvae")
+    diff = (recon - x).abs() * 2 - 1  # |error| on the same [-1, 1] scale: black = exact
+    save_image_grid(torch.cat([x, recon, diff]), output_dir / "reconstructions.png", nrow=len(x))
+    metrics = {
+        "eval_set": eval_set,
+        **recon_metrics,
+        **usage,
+        **stats,
+        "class_names": data.class_names,
+        **(extra or {}),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
