@@ -164,9 +164,9 @@ def main(args: argparse.Namespace) -> dict:
             "num_processes": accelerator.num_processes, "data_source": data_source,
         })
         if args.push_to_hub:
-            from adni_diffusers.hub import push_training_output
+            from adni_diffusers.hub import push_from_args
 
-            push_training_output(args, args.output_dir, what="vqvae")
+            push_from_args(args, args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -158,6 +158,7 @@ def make_accelerator(args, project_name: str):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is too much
     if not accelerator.is_main_process:
         logging.getLogger("adni_diffusers").setLevel(logging.WARNING)
     _quiet_libraries(accelerator.is_main_process)
@@ -543,6 +544,10 @@ class TrainingRun:
         path = save_checkpoint(self.accelerator, self.output_dir, self.global_step, {"tensors": tensors, "meta": meta},
                                self.args.checkpoints_total_limit)
         self._last_good_checkpoint = path
+        if self.accelerator.is_main_process and getattr(self.args, "push_checkpoints", False):
+            from .hub import push_from_args
+
+            push_from_args(self.args, path, self.output_dir, step=self.global_step)
         return path
 
     def _truncate_history(self, step: int) -> None:
