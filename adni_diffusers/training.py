@@ -63,6 +63,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
     g.add_argument("--logging_steps", type=int, default=10,
                    help="log (and check the loss for NaN/inf) every N optimizer steps")
+    g.add_argument("--trace_batches", action="store_true",
+                   help="debug data parallelism: each process writes its batch indices and a weight checksum "
+                        "per step to <output_dir>/trace/rank-<i>.jsonl")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=0)
@@ -154,6 +157,9 @@ def make_accelerator(args, project_name: str):
         project_config=config,
     )
     check_world_size(accelerator)
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)  # the same initial weights on every process and in every run with this seed
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -433,6 +439,7 @@ class TrainingRun:
         self.start_step = 0  # where this process started: 0, or the resumed checkpoint's step
         self.first_epoch = 0
         self._pending: list[dict] = []  # detached loss tensors since the last log: no .item() per step
+        self._traced: list[int] = []  # batch indices since the last step (--trace_batches)
         self._last_good_checkpoint: Path | None = None
         self.progress = None
         self.start_time = time.time()
@@ -465,12 +472,17 @@ class TrainingRun:
         )
         for epoch in range(self.first_epoch, self.num_epochs):
             self.epoch = epoch
-            self.sampler.set_epoch(epoch)
             loader = self.loader
             done_in_epoch = self.global_step - epoch * self.steps_per_epoch
             if done_in_epoch > 0:  # resuming mid-epoch: skip the batches already trained on
                 loader = acc.skip_first_batches(self.loader, done_in_epoch * args.gradient_accumulation_steps)
+            # Accelerate's loaders re-set the sampler's epoch from their own counter when iterated: set both
+            self.sampler.set_epoch(epoch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
             for batch in loader:
+                if args.trace_batches:
+                    self._traced.extend(batch["index"].tolist())
                 yield batch
                 if self.global_step >= self.max_train_steps:
                     break
@@ -493,12 +505,25 @@ class TrainingRun:
             self.ema.ema.step(self.accelerator.unwrap_model(self.model).parameters())
         self.global_step += 1
         self.progress.update(1)
+        if self.args.trace_batches:
+            self._write_trace()
         self._pending.append({k: v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
                               for k, v in logs.items()})
         if self.global_step % self.args.logging_steps == 0 or self.global_step == self.max_train_steps:
             self.flush_logs()
         if self.global_step % self.args.checkpointing_steps == 0 and self.global_step < self.max_train_steps:
             self.checkpoint()
+
+    def _write_trace(self) -> None:
+        acc = self.accelerator
+        params = acc.unwrap_model(self.model).parameters()
+        checksum = float(sum(p.detach().double().sum() for p in params))
+        path = self.output_dir / "trace" / f"rank-{acc.process_index}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.global_step, "rank": acc.process_index, "world_size": acc.num_processes,
+                                "indices": self._traced, "weights_checksum": checksum}) + "\n")
+        self._traced = []
 
     def flush_logs(self) -> dict[str, float]:
         """Average the pending logs (one host sync), stop on NaN/inf, write tensorboard + history."""

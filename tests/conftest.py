@@ -1,0 +1,98 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def hub_stub(monkeypatch, tmp_path):
+    """A running local stand-in for the Hub API (tests/hub_stub.py), with huggingface_hub pointed at it.
+
+    In this process huggingface_hub uses the stub as its endpoint, an empty HF_HOME under tmp_path,
+    online mode and no token from the environment; the same settings are in os.environ for
+    subprocesses. Everything is undone after the test. Valid token: `hub_stub.token`.
+    """
+    from hub_stub import HubStub, point_huggingface_hub_at
+
+    with HubStub() as stub:
+        point_huggingface_hub_at(stub, monkeypatch, tmp_path / "hf_home")
+        yield stub
+    from huggingface_hub.utils import close_session
+
+    close_session()  # drop pooled connections to the stopped stub
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline, isolated Hugging Face caches for the whole suite (set before anything imports the libraries)
+# and small trained models shared by many tests.
+# --------------------------------------------------------------------------------------------------
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="adni_diffusers_test_hf_"))
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # the training scripts live at the top level
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; a second in-process training run needs them cleared."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_training_script(name: str, argv: list[str]):
+    """Run train_vqmodel.py / train_unet.py in this process (single process, CPU) and return main()'s result."""
+    import importlib
+
+    module = importlib.import_module(name)
+    reset_accelerate()
+    try:
+        return module.main(module.parse_args([str(a) for a in argv]))
+    finally:
+        reset_accelerate()
+
+
+TINY_VQ_ARGS = ["--preset", "tiny", "--train_batch_size", "4", "--eval_batch_size", "8", "--logging_steps", "2",
+                "--save_images_steps", "2", "--lr_warmup_steps", "0", "--report_to", "none"]
+TINY_UNET_ARGS = ["--preset", "tiny", "--train_batch_size", "4", "--eval_batch_size", "8", "--logging_steps", "2",
+                  "--sample_inference_steps", "3", "--num_sample_images", "2", "--lr_warmup_steps", "0",
+                  "--report_to", "none"]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """A tiny synthetic demo set: 8 subjects x 4 slices, split by subject."""
+    from adni_diffusers.demo_data import build_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo") / "AD_NC"
+    build_demo_dataset(root, subjects=8, slices_per_subject=4, seed=0, workers=1, contact_sheet=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_vq(demo_root, tmp_path_factory) -> Path:
+    """The output folder of a 4-step tiny VQModel run on the demo set."""
+    out = tmp_path_factory.mktemp("vq") / "vq"
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out,
+                                          "--max_train_steps", "4", *TINY_VQ_ARGS])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm(demo_root, tiny_vq, tmp_path_factory) -> Path:
+    """A saved class-conditional pipeline: tiny UNet trained 4 steps (with EMA) on tiny_vq's latents."""
+    out = tmp_path_factory.mktemp("ldm") / "ldm"
+    run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
+                                       "--max_train_steps", "4", "--conditional", "--use_ema", *TINY_UNET_ARGS])
+    return out

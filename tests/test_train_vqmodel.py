@@ -1,0 +1,217 @@
+"""train_vqmodel.py on the tiny preset (CPU): outputs, metrics, and the reliability promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_VQ_ARGS, run_training_script
+from safetensors.torch import load_file
+
+
+def vq_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "vqvae" / "diffusion_pytorch_model.safetensors"))
+
+
+def script_env(**extra) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_script(script: str, args: list, env=None, check=True, timeout=300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO_ROOT / script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env or script_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def test_outputs_loadable_with_scaling_factor_and_metrics(tiny_vq):
+    from diffusers import VQModel
+
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae")
+    metrics = json.loads((tiny_vq / "metrics.json").read_text())
+    # the scaling factor is computed from the data (1/std), not diffusers' SD default
+    assert vq.config.scaling_factor != pytest.approx(0.18215)
+    assert vq.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    assert metrics["scaling_factor"] == pytest.approx(1 / metrics["latent_std"])
+    for key in ("psnr", "ssim", "ms_ssim", "psnr_brain", "ssim_brain", "codebook_usage", "code_perplexity"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    assert metrics["eval_set"].startswith("validation (held-out patients)")
+    assert metrics["class_names"] == ["AD", "NC"]
+    # codes start on encoder outputs and dead ones restart, so most of the codebook is in use
+    assert metrics["codebook_usage"] > 0.5
+    x = torch.rand(1, 1, 256, 256) * 2 - 1
+    assert vq.encode(x).latents.shape == (1, 4, 32, 32)
+    for name in ("reconstructions.png", "loss_curve.png", "logs/history.jsonl", "training_data.json"):
+        assert (tiny_vq / name).is_file(), name
+    assert list((tiny_vq / "samples").glob("reconstructions-*.png"))
+    history = [json.loads(line) for line in (tiny_vq / "logs/history.jsonl").read_text().splitlines()]
+    assert {"loss", "rec_loss", "codebook_loss", "commitment_loss", "perplexity", "live_codes"} <= set(history[-1])
+
+
+def test_scaled_latents_have_unit_std(tiny_vq, demo_root):
+    from diffusers import VQModel
+
+    from adni_diffusers.data import load_slices, to_model_input
+    from adni_diffusers.pipeline_adni_ldm import encode_slices
+
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae")
+    data = load_slices(demo_root, seed=0)
+    with torch.no_grad():
+        z = encode_slices(vq, to_model_input(data.train.pixels))
+    assert z.std().item() == pytest.approx(1.0, rel=0.02)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--preset", "huge"], "unknown VQModel preset 'huge'"),
+    (["--preset", "missing_config.json"], "does not exist"),
+    (["--train_data_dir", "no_such_folder"], "folder does not exist"),
+    (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+    (["--resume_from_checkpoint", "somewhere"], "expected 'latest' or an existing checkpoint"),
+])
+def test_bad_flags_fail_early_with_clear_message(tmp_path, demo_root, capsys, bad, message):
+    import train_vqmodel
+
+    args = ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out", *TINY_VQ_ARGS, *bad]
+    code = train_vqmodel.cli([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out" / "vqvae").exists()
+
+
+def test_bad_json_config(tmp_path, demo_root, capsys):
+    import train_vqmodel
+
+    config = tmp_path / "vq.json"
+    config.write_text('{"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 32}')
+    code = train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(tmp_path / "out"),
+                              "--preset", str(config)])
+    assert code == 2 and "not divisible by norm_num_groups=32" in capsys.readouterr().err
+
+
+def test_existing_model_in_output_dir_is_not_overwritten(tiny_vq, demo_root, capsys):
+    import train_vqmodel
+
+    before = (tiny_vq / "vqvae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    code = train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(tiny_vq), *TINY_VQ_ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a model" in err and "--overwrite_output_dir" in err
+    assert (tiny_vq / "vqvae" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_are_atomic_and_tmp_never_picked(tmp_path, monkeypatch, demo_root):
+    from adni_diffusers import training
+
+    out = tmp_path / "run"
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps", "4",
+                                          "--checkpointing_steps", "2", *TINY_VQ_ARGS])
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "training_state.json").is_file()
+    # a save cut short leaves only a .tmp folder, which `latest` never picks
+    (out / "checkpoint-9.tmp").mkdir()
+    (out / "checkpoint-9.tmp" / "model.safetensors").write_bytes(b"half written")
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2"]
+
+    class Args:
+        resume_from_checkpoint = "latest"
+        output_dir = str(out)
+
+    assert training.find_resume_checkpoint(Args).name == "checkpoint-2"
+
+    # a crash during the rename step leaves no checkpoint-N behind
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training.os, "replace", broken_replace)
+    from accelerate import Accelerator
+
+    from conftest import reset_accelerate
+
+    reset_accelerate()
+    acc = Accelerator(cpu=True)
+    with pytest.raises(OSError):
+        training.save_checkpoint(acc, out, 11, {"tensors": {}, "meta": {}}, None)
+    reset_accelerate()
+    assert not (out / "checkpoint-11").exists()
+    assert training.find_resume_checkpoint(Args).name == "checkpoint-2"
+
+
+def test_total_limit_keeps_newest(tmp_path, demo_root):
+    from adni_diffusers import training
+
+    out = tmp_path / "run"
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps", "7",
+                                          "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", *TINY_VQ_ARGS])
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, demo_root):
+    import adni_diffusers.vq as vq_module
+    from adni_diffusers.training import TrainingError
+
+    real = vq_module.reconstruction_loss
+    calls = {"n": 0}
+
+    def poisoned(recon, x, kind):
+        calls["n"] += 1
+        loss = real(recon, x, kind)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(vq_module, "reconstruction_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"non-finite .*step 3.*checkpoint-2"):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out,
+                                              "--max_train_steps", "8", "--checkpointing_steps", "2",
+                                              *TINY_VQ_ARGS, "--logging_steps", "1"])
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2"]
+    weights = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (out / "vqvae").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, demo_root):
+    """Kill -9 mid-run, resume from `latest`: the final weights equal an uninterrupted run's."""
+    common = ["--train_data_dir", demo_root, "--max_train_steps", "8", "--checkpointing_steps", "2",
+              "--seed", "3", "--use_ema", *TINY_VQ_ARGS]
+    run_script("train_vqmodel.py", ["--output_dir", tmp_path / "straight", *common])
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "train_vqmodel.py"), "--output_dir", str(killed),
+                             *map(str, common)], env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-4").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint-4 in time"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "vqvae").exists(), "the run finished before it was killed"
+
+    run_script("train_vqmodel.py", ["--output_dir", killed, "--resume_from_checkpoint", "latest", *common])
+    straight, resumed = vq_weights(tmp_path / "straight"), vq_weights(killed)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    m1 = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    m2 = json.loads((killed / "metrics.json").read_text())
+    assert m1["scaling_factor"] == m2["scaling_factor"]
