@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except (ValueError, OSError, RuntimeError) as e:  # DataError, TrainingError, HubError are among these
+        print(f"adni-diffusers {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -404,6 +404,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         index_path = save_directory / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]
+        index.pop("_name_or_path", None)  # where it was loaded from says nothing about the saved copy
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if push_to_hub:
             from huggingface_hub import create_repo

@@ -1,0 +1,25 @@
+"""The samplers we test and compare, by short name, with the step counts they are meant for."""
+
+from __future__ import annotations
+
+SCHEDULERS = {
+    # name: (diffusers class, default number of steps, extra config)
+    "ddpm": ("DDPMScheduler", 1000, {}),
+    "ddim": ("DDIMScheduler", 50, {}),
+    "dpm++": ("DPMSolverMultistepScheduler", 25, {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", 10, {}),
+}
+
+
+def make_scheduler(name: str, config):
+    """A scheduler of kind `name` built from a trained pipeline's scheduler config (same betas)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}")
+    class_name, _, extra = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(config, **extra)
+
+
+def default_steps(name: str) -> int:
+    return SCHEDULERS[name][1]

@@ -1,0 +1,358 @@
+"""ADNILatentDiffusionPipeline: sampling, refinement, schedulers, labels, image-to-image, saving and loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel,
+                       UniPCMultistepScheduler, VQModel)
+
+from adni_diffusers import ADNILatentDiffusionPipeline
+from adni_diffusers.pipeline_adni_ldm import prepare_slices, renoise
+from adni_diffusers.presets import unet_config, vq_config
+
+SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler]
+
+
+def make_pipe(conditional: bool = True, seed: int = 0) -> ADNILatentDiffusionPipeline:
+    """Randomly initialised tiny components: fast, and enough to test the plumbing."""
+    torch.manual_seed(seed)
+    vq = VQModel(**vq_config("tiny"))
+    vq.register_to_config(scaling_factor=1.7)
+    config = unet_config("tiny")
+    if conditional:
+        config["num_class_embeds"] = 3
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    pipe = ADNILatentDiffusionPipeline(vq, UNet2DModel(**config), scheduler, ["AD", "NC"] if conditional else None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe()
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+class UNetSpy:
+    """Counts UNet calls and records the batch sizes and labels it sees."""
+
+    def __init__(self, unet):
+        self.calls, self.labels, self.batch = 0, [], []
+        self.handle = unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.calls += 1
+        self.batch.append(args[0].shape[0])
+        self.labels.append(kwargs.get("class_labels"))
+
+    def remove(self):
+        self.handle.remove()
+
+
+# ------------------------------------------------------------------------------------------ math
+
+
+def test_renoise_has_forward_process_statistics():
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: mean and std per timestep."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    abar = scheduler.alphas_cumprod
+    x0 = torch.full((20000, 4), 0.8)
+    g = torch.Generator().manual_seed(0)
+    for t in (10, 300, 970):
+        xt = renoise(x0, abar, t, torch.randn(x0.shape, generator=g))
+        assert xt.mean().item() == pytest.approx(abar[t].sqrt().item() * 0.8, abs=0.01)
+        assert xt.std().item() == pytest.approx((1 - abar[t]).sqrt().item(), rel=0.02)
+    # it is exactly the scheduler's own forward process (what the UNet was trained on)
+    noise = torch.randn(3, 4, 32, 32, generator=g)
+    x0 = torch.randn(3, 4, 32, 32, generator=g)
+    t = torch.tensor([5, 500, 999])
+    assert torch.allclose(renoise(x0, abar, t, noise), scheduler.add_noise(x0, noise, t), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+def test_output_types(pipe):
+    kw = dict(batch_size=2, num_inference_steps=2, generator=seeded())
+    pil = pipe(**kw).images
+    assert len(pil) == 2 and all(isinstance(im, PIL.Image.Image) and im.mode == "L" and im.size == (256, 256)
+                                 for im in pil)
+    arr = pipe(**kw, output_type="np").images
+    assert arr.shape == (2, 256, 256, 1) and 0 <= arr.min() and arr.max() <= 1
+    pt = pipe(**kw, output_type="pt").images
+    assert pt.shape == (2, 1, 256, 256)
+    latents = pipe(**kw, output_type="latent").images
+    assert latents.shape == (2, 4, 32, 32)
+    assert pipe(**kw, return_dict=False)[0][0].size == (256, 256)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(**kw, output_type="jpeg")
+
+
+def test_same_generator_same_images_different_seed_different(pipe):
+    a = pipe(batch_size=2, num_inference_steps=4, generator=seeded(1), output_type="np").images
+    b = pipe(batch_size=2, num_inference_steps=4, generator=seeded(1), output_type="np").images
+    c = pipe(batch_size=2, num_inference_steps=4, generator=seeded(2), output_type="np").images
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("scheduler_cls", SCHEDULERS, ids=lambda c: c.__name__)
+def test_schedulers_with_refinement(pipe, scheduler_cls):
+    """Each scheduler samples, refines (state reset between passes) and is reproducible."""
+    original = pipe.scheduler
+    pipe.scheduler = scheduler_cls.from_config(original.config)
+    try:
+        spy = UNetSpy(pipe.unet)
+        kw = dict(batch_size=2, num_inference_steps=6, refine_steps=3, refine_repeats=2, output_type="np")
+        a = pipe(**kw, generator=seeded(3)).images
+        spy.remove()
+        b = pipe(**kw, generator=seeded(3)).images
+    finally:
+        pipe.scheduler = original
+    assert spy.calls == 6 + 2 * 3  # the main loop, then each refinement pass over the last 3 timesteps
+    assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
+def test_refinement_re_noises_to_the_right_level(pipe, monkeypatch):
+    """Each pass re-noises the clean latent with the forward process to the refine_steps-th last timestep."""
+    import adni_diffusers.pipeline_adni_ldm as module
+
+    calls, timesteps, after_step = [], [], []
+
+    def spy_renoise(x0, abar, t, noise):
+        calls.append((int(t), x0.clone()))
+        return renoise(x0, abar, t, noise)
+
+    def callback(p, step, t, tensors):
+        timesteps.append(int(t))
+        after_step.append(tensors["latents"].clone())
+        return {}
+
+    monkeypatch.setattr(module, "renoise", spy_renoise)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    try:
+        pipe(batch_size=1, num_inference_steps=10, refine_steps=4, refine_repeats=2, generator=seeded(),
+             callback_on_step_end=callback, output_type="latent")
+    finally:
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    main, r1, r2 = timesteps[:10], timesteps[10:14], timesteps[14:]
+    assert r1 == r2 == main[-4:]
+    assert [t for t, _ in calls] == [main[-4], main[-4]]
+    # pass 1 starts from the main loop's final (clean) latent, pass 2 from pass 1's
+    assert torch.equal(calls[0][1], after_step[9]) and torch.equal(calls[1][1], after_step[13])
+
+
+def test_callback_sees_every_step_and_can_change_latents(pipe):
+    seen = []
+
+    def callback(p, step, t, tensors):
+        seen.append((step, set(tensors)))
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == 4 else {}
+
+    out = pipe(batch_size=1, num_inference_steps=5, refine_steps=2, refine_repeats=1, generator=seeded(),
+               callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "x0_pred"],
+               output_type="latent").images
+    assert [s for s, _ in seen] == list(range(7))
+    assert all(keys == {"latents", "x0_pred"} for _, keys in seen)
+    with pytest.raises(ValueError, match="callback tensor input"):
+        pipe(num_inference_steps=1, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
+    assert out.shape == (1, 4, 32, 32)
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ValueError, match="refine_steps"):
+        pipe(num_inference_steps=5, refine_steps=6, refine_repeats=1)
+    with pytest.raises(ValueError, match="strength"):
+        pipe(image=np.zeros((240, 256), np.uint8), strength=1.5)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe(num_inference_steps=0)
+
+
+# ---------------------------------------------------------------------------------- class labels
+
+
+def test_class_labels_names_ints_and_guidance(pipe):
+    spy = UNetSpy(pipe.unet)
+    pipe(batch_size=2, class_labels=["AD", "NC"], num_inference_steps=1, generator=seeded())
+    assert spy.labels[-1].tolist() == [0, 1] and spy.batch[-1] == 2
+    pipe(batch_size=2, class_labels=1, num_inference_steps=1, generator=seeded())
+    assert spy.labels[-1].tolist() == [1, 1]
+    # classifier-free guidance: conditional and unconditional (null class 2) in one batch
+    pipe(batch_size=2, class_labels="AD", guidance_scale=3.0, num_inference_steps=1, generator=seeded())
+    assert spy.labels[-1].tolist() == [0, 0, 2, 2] and spy.batch[-1] == 4
+    # a conditional model without labels samples its unconditional (dropped-label) class
+    pipe(batch_size=2, num_inference_steps=1, generator=seeded())
+    assert spy.labels[-1].tolist() == [2, 2]
+    spy.remove()
+    with pytest.raises(ValueError, match=r"unknown class label 'MCI'.*\['AD', 'NC'\]"):
+        pipe(class_labels="MCI", num_inference_steps=1)
+    with pytest.raises(ValueError, match="out of range"):
+        pipe(class_labels=2, num_inference_steps=1)
+    with pytest.raises(ValueError, match="3 class labels for batch_size=2"):
+        pipe(batch_size=2, class_labels=["AD", "NC", "AD"], num_inference_steps=1)
+
+
+def test_unconditional_model_rejects_labels():
+    pipe = make_pipe(conditional=False)
+    assert pipe(num_inference_steps=1, output_type="latent").images.shape == (1, 4, 32, 32)
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe(class_labels="AD", num_inference_steps=1)
+
+
+# ---------------------------------------------------------------------------- image-to-image
+
+
+def test_prepare_slices_pads_like_training():
+    slice_ = np.full((240, 256), 200, np.uint8)
+    x = prepare_slices(PIL.Image.fromarray(slice_))
+    assert x.shape == (1, 1, 256, 256)
+    assert (x[0, 0, :8] == -1).all() and (x[0, 0, -8:] == -1).all()
+    assert torch.allclose(x[0, 0, 8:248], torch.tensor(200 / 127.5 - 1))
+    from adni_diffusers.data import decode_slice
+
+    # the same pixels as the training loader gives
+    path = Path(__file__).parent / "_tmp_slice.png"
+    try:
+        PIL.Image.fromarray(slice_).save(path)
+        arr, _, _ = decode_slice(path)
+    finally:
+        path.unlink(missing_ok=True)
+    assert torch.allclose(x[0, 0], torch.from_numpy(arr).float() / 127.5 - 1)
+
+
+def test_prepare_slices_errors():
+    with pytest.raises(ValueError, match="200 wide x 200 high; expected 256 wide x 240 high"):
+        prepare_slices(np.zeros((200, 200), np.uint8))
+    with pytest.raises(ValueError, match="3 channels; expected 1"):
+        prepare_slices(torch.zeros(2, 3, 256, 256))
+    with pytest.raises(ValueError, match="RGB image; expected a greyscale slice"):
+        rgb = np.zeros((240, 256, 3), np.uint8)
+        rgb[..., 0] = 255
+        prepare_slices(PIL.Image.fromarray(rgb))
+
+
+def test_encode_decode_and_strength_zero_is_vq_reconstruction(pipe):
+    images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (240, 256), dtype=np.uint8))
+              for i in range(2)]
+    latents = pipe.encode(images)
+    assert latents.shape == (2, 4, 32, 32)
+    reconstruction = pipe.decode(latents, output_type="np")
+    out = pipe(image=images, strength=0.0, num_inference_steps=10, output_type="np").images
+    assert np.allclose(out, reconstruction, atol=1e-6)
+    # the latent cache and pipe.encode agree: one definition of "the latent of a slice"
+    from adni_diffusers.latents import encode_all
+    from adni_diffusers.data import SliceSet
+
+    pixels = prepare_slices(images)
+    slices = SliceSet(((pixels[:, 0] + 1) * 127.5).round().to(torch.uint8), torch.zeros(2, dtype=torch.long),
+                      ["a", "b"], ["a", "b"])
+    assert torch.allclose(encode_all(pipe.vqvae, slices, progress=False), latents, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler_cls", SCHEDULERS, ids=lambda c: c.__name__)
+def test_image_to_image_with_each_scheduler(pipe, scheduler_cls):
+    original = pipe.scheduler
+    pipe.scheduler = scheduler_cls.from_config(original.config)
+    try:
+        spy = UNetSpy(pipe.unet)
+        images = np.random.default_rng(0).integers(0, 255, (3, 256, 256), dtype=np.uint8)
+        a = pipe(image=list(images), strength=0.5, num_inference_steps=8, class_labels="NC", generator=seeded(),
+                 output_type="np").images
+        spy.remove()
+        b = pipe(image=list(images), strength=0.5, num_inference_steps=8, class_labels="NC", generator=seeded(),
+                 output_type="np").images
+    finally:
+        pipe.scheduler = original
+    assert a.shape == (3, 256, 256, 1) and np.array_equal(a, b)
+    assert spy.calls == 4  # strength 0.5 of 8 steps
+
+
+# --------------------------------------------------------------------------------- save / load
+
+
+def test_save_writes_module_and_class_name_and_resave_round_trips(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "a")
+    index = json.loads((tmp_path / "a" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"]
+    assert index["class_names"] == ["AD", "NC"]
+    assert (tmp_path / "a" / "pipeline_adni_ldm.py").is_file()
+    assert list((tmp_path / "a" / "unet").glob("*.safetensors"))
+
+    loaded = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "a")
+    assert type(loaded) is ADNILatentDiffusionPipeline
+    loaded.save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "model_index.json").read_text()) == index
+    assert (tmp_path / "b" / "pipeline_adni_ldm.py").read_bytes() == (tmp_path / "a" / "pipeline_adni_ldm.py").read_bytes()
+    for name in ("unet/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+
+
+def test_diffusion_pipeline_needs_trust_remote_code(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(tmp_path)
+    remote = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(remote).__name__ == "ADNILatentDiffusionPipeline"
+
+
+@pytest.mark.slow
+def test_loads_and_samples_where_package_is_not_installed(tiny_ldm, tmp_path):
+    """A fresh interpreter in which `import adni_diffusers` fails, like a user's machine without it."""
+    code = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "adni_diffusers" or name.startswith("adni_diffusers."):
+                    raise ImportError("adni_diffusers is not installed here")
+        sys.meta_path.insert(0, Block())
+        try:
+            import adni_diffusers
+            raise SystemExit("the package was importable")
+        except ImportError:
+            pass
+        import torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(tiny_ldm)!r}, trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=2, class_labels=["AD", "NC"], guidance_scale=2.0, num_inference_steps=3,
+                      generator=torch.Generator().manual_seed(0)).images
+        assert not any(m.startswith("adni_diffusers") for m in sys.modules), "package leaked in"
+        print("OK", type(pipe).__module__, len(images), images[0].mode, images[0].size)
+    """)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK diffusers_modules.local.pipeline_adni_ldm 2 L (256, 256)" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_loading_and_fp16_variant(pipe, tmp_path, dtype):
+    pipe.save_pretrained(tmp_path / "full")
+    low = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "full", dtype=dtype)
+    assert low.unet.dtype == low.vqvae.dtype == dtype
+    low.set_progress_bar_config(disable=True)
+    out = low(batch_size=1, class_labels="AD", guidance_scale=2.0, num_inference_steps=2, generator=seeded(),
+              output_type="np").images
+    assert np.isfinite(out).all()
+    if dtype == torch.float16:
+        low.save_pretrained(tmp_path / "variant", variant="fp16")
+        assert (tmp_path / "variant" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+        again = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "variant", variant="fp16", dtype=dtype)
+        assert again.unet.dtype == dtype
+        remote = DiffusionPipeline.from_pretrained(tmp_path / "variant", variant="fp16", dtype=dtype,
+                                                   trust_remote_code=True)
+        assert remote.unet.dtype == dtype
