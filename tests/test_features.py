@@ -1,0 +1,141 @@
+"""The project's feature network (adni_diffusers.features) on tiny synthetic data. CPU, seconds."""
+
+import json
+
+import pytest
+import torch
+
+from adni_diffusers import features as Fe
+from adni_diffusers.data import SliceSet
+
+# A smaller net than the default (input 64 px, narrow), so training takes about a second on CPU.
+SETTINGS = dict(
+    epochs=2, batch_size=16, lr=3e-3, seed=0, device="cpu", progress=False, widths=(16, 32, 64, 64), input_size=64
+)
+
+
+def _slices(patients, per_patient=6, seed=0, size=256):
+    """Two easy classes: 'AD' slices have a bright blob, 'NC' slices do not. Whole patients per class.
+
+    Dark noisy ellipse on black (like a skull-stripped slice); the blob's place varies per slice.
+    """
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    brain = ((xx - size / 2) / (0.35 * size)) ** 2 + ((yy - size / 2) / (0.42 * size)) ** 2 < 1
+    pixels, labels, names, paths = [], [], [], []
+    for p in range(patients):
+        label = p % 2
+        for s in range(per_patient):
+            img = torch.where(brain, 60 + 25 * torch.rand(size, size, generator=g), torch.zeros(()))
+            if label == 0:
+                cy, cx = (torch.rand(2, generator=g) * 0.3 * size + 0.35 * size).tolist()
+                img = torch.where((yy - cy) ** 2 + (xx - cx) ** 2 < (0.08 * size) ** 2, torch.full((), 230.0), img)
+            pixels.append(img.round().to(torch.uint8))
+            labels.append(label)
+            names.append(f"pt{seed}_{p:03d}")
+            paths.append(f"/data/{'AD' if label == 0 else 'NC'}/pt{seed}_{p:03d}_{80 + s}.jpeg")
+    return SliceSet(torch.stack(pixels), torch.tensor(labels), names, paths, ["AD", "NC"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets gain nothing from 2 threads, and on a shared, busy 2-core machine torch's 2 OpenMP
+    threads wait on each other: training here took 17 s instead of 1 s under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _slices(8, seed=0), _slices(4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    train, val = data
+    return Fe.train_feature_net(train, val, **SETTINGS)
+
+
+def test_trains_and_separates_easy_classes(trained):
+    net, report = trained
+    assert report["cached"] is False
+    assert report["val"]["accuracy"] > 0.9
+    assert report["val"]["patient_accuracy"] > 0.9
+    assert report["val"]["patients"] == 4
+    assert report["position_head_trained"] is True
+    assert len(report["history"]) == SETTINGS["epochs"]
+
+
+def test_features_and_predictions(trained, data):
+    net, _ = trained
+    _, val = data
+    f = net.features(val.pixels, batch_size=7)  # uint8 pixels are accepted, batches are joined
+    assert f.shape == (len(val), net.num_features) and f.dtype == torch.float32
+    assert torch.allclose(f, net.features(val.pixels.float().unsqueeze(1) / 127.5 - 1), atol=1e-5)
+    p = net.predict(val.pixels)
+    assert p.shape == (len(val), 2)
+    assert torch.allclose(p.sum(1), torch.ones(len(val)), atol=1e-5)
+    # the torchmetrics wrapper gives the same features
+    assert torch.allclose(net.as_metric_feature()(val.pixels[:3]), f[:3], atol=1e-5)
+
+
+def test_slice_positions(data):
+    train, _ = data
+    pos = Fe.slice_positions(train)
+    assert pos[:6].tolist() == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    odd = SliceSet(train.pixels[:2], train.labels[:2], ["a", "b"], ["/x/a_1.png", "/x/noslice.png"], ["AD", "NC"])
+    assert torch.isnan(Fe.slice_positions(odd)).all()  # one slice per patient, or no slice number
+
+
+def test_augment_keeps_range_and_background():
+    x = torch.full((4, 1, 64, 64), -1.0)
+    x[:, :, 24:40, 24:40] = 0.5
+    y = Fe.augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    assert (y[:, :, :4, :4] == -1).all()  # background stays black
+    assert not torch.equal(y, x)
+
+
+def test_save_load_round_trip(trained, data, tmp_path):
+    net, report = trained
+    _, val = data
+    Fe.save_feature_net(net, tmp_path / "net", {"note": "round trip", "report": report})
+    assert not any(p.suffix in (".pt", ".pth", ".bin", ".pkl") for p in (tmp_path / "net").iterdir())
+    config = json.loads((tmp_path / "net" / "config.json").read_text())
+    assert config["class_names"] == ["AD", "NC"] and config["widths"] == list(net.widths)
+    loaded = Fe.load_feature_net(tmp_path / "net")
+    assert loaded.meta["note"] == "round trip"
+    assert torch.equal(loaded.features(val.pixels), net.features(val.pixels))
+
+
+def test_get_or_train_reuses_the_cache(data, tmp_path):
+    train, val = data
+    settings = dict(SETTINGS, epochs=1)
+    net1, r1 = Fe.get_or_train_feature_net(tmp_path, train, val, **settings)
+    assert r1["cached"] is False
+    saved = tmp_path / f"feature-net-{r1['key'][:16]}"
+    mtime = (saved / "model.safetensors").stat().st_mtime_ns
+    net2, r2 = Fe.get_or_train_feature_net(tmp_path, train, val, **settings)
+    assert r2["cached"] is True and r2["key"] == r1["key"]
+    assert (saved / "model.safetensors").stat().st_mtime_ns == mtime  # not rewritten
+    assert torch.equal(net1.features(val.pixels), net2.features(val.pixels))
+    assert r2["val"]["accuracy"] == pytest.approx(r1["val"]["accuracy"])
+    # other settings or other training pixels: another key
+    other = train.subset(range(len(train) - 6))
+    assert Fe.training_key(other, {"a": 1}) != Fe.training_key(train, {"a": 1})
+    assert Fe.training_key(train, {"a": 2}) != Fe.training_key(train, {"a": 1})
+    with pytest.raises(TypeError):
+        Fe.get_or_train_feature_net(tmp_path, train, val, epoch=1)
+
+
+def test_umap_plot_writes_a_png(trained, data, tmp_path):
+    net, _ = trained
+    train, val = data
+    path = Fe.umap_plot(
+        net.features(train.pixels), train.labels, net.features(val.pixels), val.labels, ["AD", "NC"],
+        tmp_path / "plots" / "umap.png",
+    )
+    assert path.is_file() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

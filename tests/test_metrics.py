@@ -1,0 +1,216 @@
+"""Properties the evaluation metrics must have (adni_diffusers.metrics). CPU, a few seconds."""
+
+import math
+
+import pytest
+import torch
+
+from adni_diffusers import metrics as M
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors gain nothing from 2 threads, and on a shared, busy 2-core machine torch's 2
+    OpenMP threads wait on each other (these tests took 10x longer under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _features(n=400, d=32, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _brain_slices(n=3, size=256, seed=0):
+    """Fake skull-stripped slices in [-1, 1]: a textured ellipse with a dark 'ventricle' on black."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    brain = (xx / 0.7) ** 2 + (yy / 0.85) ** 2 < 1
+    ventricle = (xx / 0.12) ** 2 + (yy / 0.25) ** 2 < 1
+    imgs = []
+    for _ in range(n):
+        tex = 0.2 * torch.randn(size, size, generator=g) + 0.3
+        img = torch.where(brain, tex, torch.tensor(-1.0))
+        img = torch.where(ventricle, torch.tensor(-0.97), img)  # CSF, as dark as the background
+        imgs.append(img.clamp(-1, 1))
+    return torch.stack(imgs).unsqueeze(1), brain, ventricle
+
+
+# ---------------------------------------------------------------------------------- FD / KID
+
+
+def test_fd_of_a_set_with_itself_is_zero():
+    a = _features()
+    assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fd_grows_with_the_shift():
+    a, b = _features(seed=0), _features(seed=1)
+    floor = M.frechet_distance(a, b)  # two samples of the same distribution
+    shifted = [M.frechet_distance(a, b + s) for s in (0.5, 1.0, 2.0)]
+    assert floor < shifted[0] < shifted[1] < shifted[2]
+    # the mean term is ||shift||^2 * D: 0.25 * 32 = 8 for the smallest shift
+    assert shifted[0] == pytest.approx(floor + 0.25 * 32, rel=0.3)
+
+
+def test_kid_of_a_set_with_itself_is_about_zero():
+    a, b = _features(seed=0), _features(seed=1)
+    same = M.kid(a, a, subset_size=100, subsets=20)
+    far = M.kid(a, b + 1.0, subset_size=100, subsets=20)
+    assert abs(same["mean"]) < 0.02 * far["mean"]
+    assert far["mean"] > 0
+    # seeded: reproducible, and the caller's RNG is untouched
+    state = torch.random.get_rng_state()
+    assert M.kid(a, b, 100, 5, seed=3) == M.kid(a, b, 100, 5, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_kid_lowers_subset_size_for_small_sets():
+    a = _features(50)
+    out = M.kid(a, a + 1, subset_size=1000, subsets=3)
+    assert out["subset_size"] == 50
+
+
+def test_torchmetrics_feature_module_rejects_wrong_width():
+    with pytest.raises(ValueError):
+        M.frechet_distance(_features(d=8), _features(d=16))
+
+
+# ------------------------------------------------------------------------ precision / recall
+
+
+def test_precision_recall_of_a_set_with_itself_is_one():
+    a = _features()
+    assert M.precision_recall(a, a, k=3) == {"precision": 1.0, "recall": 1.0, "k": 3}
+
+
+def test_precision_recall_of_a_far_away_set_is_zero():
+    a = _features()
+    out = M.precision_recall(a, a + 100.0, k=3)
+    assert out["precision"] == 0.0 and out["recall"] == 0.0
+
+
+def test_precision_recall_sees_mode_collapse():
+    real = _features(seed=0)
+    collapsed = real[:20] + 0.01 * _features(400, seed=1)[:20]  # a generator that only makes a few images
+    out = M.precision_recall(real, collapsed.repeat(20, 1), k=3)
+    assert out["precision"] > 0.9 and out["recall"] < 0.2
+
+
+def test_precision_recall_with_duplicates():
+    a = _features(10).repeat(5, 1)  # every point 5 times: radii are 0
+    assert M.precision_recall(a, a, k=3)["precision"] == 1.0
+
+
+# ------------------------------------------------------------------------- nearest neighbours
+
+
+def test_nearest_neighbour_of_a_member_is_itself():
+    ref = _features(300) * 50 + 1000  # large norms: float rounding would show here
+    d, i = M.nearest_neighbour_distances(ref[[5, 17, 299]], ref)
+    assert i.tolist() == [5, 17, 299]
+    assert d.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_knn_matches_brute_force():
+    q, r = _features(37, seed=1), _features(101, seed=2)
+    d, i = M.knn(q, r, k=4, batch_size=8)
+    full = torch.cdist(q.double(), r.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    ref_d, ref_i = full.topk(4, largest=False)
+    assert torch.equal(i, ref_i)
+    assert torch.allclose(d, ref_d, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------- diversity
+
+
+def test_ms_ssim_diversity_of_identical_images_is_one():
+    x, _, _ = _brain_slices(1)
+    out = M.ms_ssim_diversity(x.repeat(4, 1, 1, 1), num_pairs=6, generator=torch.Generator().manual_seed(0))
+    assert out["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert out["pairs"] == 6
+
+
+def test_ms_ssim_diversity_is_lower_for_different_images():
+    x, _, _ = _brain_slices(4)
+    noise = torch.rand(4, 1, 256, 256, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    assert M.ms_ssim_diversity(noise, 6, gen)["mean"] < M.ms_ssim_diversity(x, 6, gen)["mean"] < 1.0
+
+
+def test_random_pairs_are_distinct():
+    pairs = M._random_pairs(30, 200, torch.Generator().manual_seed(0))
+    assert len(pairs) == 200
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    assert len({tuple(p) for p in pairs.tolist()}) == 200
+
+
+def test_ms_ssim_handles_small_images():
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    assert M.ms_ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- reconstruction
+
+
+def test_reconstruction_of_identical_images():
+    x, _, _ = _brain_slices(2)
+    out = M.reconstruction_metrics(x, x.clone())
+    assert out["psnr"] == M.PSNR_CAP_DB and out["psnr_brain"] == M.PSNR_CAP_DB  # documented cap, not inf
+    for key in ("ssim", "ms_ssim", "ssim_brain"):
+        assert out[key] == pytest.approx(1.0, abs=1e-5), key
+    assert out["mse"] == 0.0 and out["mse_brain"] == 0.0
+    assert out["images"] == 2 and out["images_with_empty_mask"] == 0
+
+
+def test_reconstruction_psnr_matches_definition():
+    x, _, _ = _brain_slices(2)
+    y = (x + 0.05).clamp(-1, 1)
+    out = M.reconstruction_metrics(x, y, per_image=True)
+    mse = (x - y).square().mean(dim=(1, 2, 3)).double()
+    assert out["per_image"]["psnr"].double().tolist() == pytest.approx((10 * torch.log10(4 / mse)).tolist(), rel=1e-4)
+    assert out["psnr"] < M.PSNR_CAP_DB and 0 < out["ssim"] < 1
+
+
+def test_brain_mask_covers_the_brain_and_fills_holes():
+    x, brain, ventricle = _brain_slices(1)
+    mask = M.brain_mask(x)[0, 0]
+    assert mask.dtype == torch.bool
+    assert mask[brain].all()  # the dark ventricle inside is filled in
+    assert mask[ventricle].all()
+    assert not mask[0, 0] and mask.float().mean() < brain.float().mean() + 0.05  # only slightly dilated
+
+
+def test_brain_metrics_ignore_the_background():
+    x, _, _ = _brain_slices(2)
+    g = torch.Generator().manual_seed(5)
+    recon = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    mask = M.brain_mask(x)
+    noisy_background = torch.where(mask, recon, torch.rand(x.shape, generator=g) * 2 - 1)
+    a = M.reconstruction_metrics(x, recon, mask)
+    b = M.reconstruction_metrics(x, noisy_background, mask)
+    for key in ("mse_brain", "psnr_brain", "ssim_brain"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    for key in ("psnr", "ssim"):  # the whole-image numbers do see it
+        assert a[key] != pytest.approx(b[key], rel=1e-3), key
+
+
+def test_empty_mask_gives_nan_brain_metrics():
+    x, _, _ = _brain_slices(1)
+    out = M.reconstruction_metrics(x, x, torch.zeros_like(x, dtype=torch.bool))
+    assert math.isnan(out["psnr_brain"]) and math.isnan(out["ssim_brain"])
+    assert out["images_with_empty_mask"] == 1
+
+
+def test_accepts_uint8_pixels():
+    pixels = torch.randint(0, 256, (2, 256, 256), dtype=torch.uint8)
+    out = M.reconstruction_metrics(pixels, pixels)
+    assert out["ssim"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_feature_metrics_names_say_which_features():
+    a, b = _features(seed=0), _features(seed=1)
+    out = M.feature_metrics(a, b, kid_subset_size=100, kid_subsets=5)
+    assert "FD (adni-features)" in out and "KID (adni-features)" in out
+    assert not any(k.startswith("FID") for k in out)
