@@ -369,7 +369,17 @@ def _index_with_datasets(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
     import datasets
 
     datasets.utils.logging.disable_progress_bar()
-    ds = datasets.load_dataset("imagefolder", data_dir=str(root))
+    # Name the splits and say whether there are labels, as scan_tree found them. Left to infer, datasets
+    # takes split names from file names too (a file `test_3_1.jpeg` in a tree without split folders makes a
+    # "test" split of that one file and drops the others), and reads train/ and test/ as class labels when
+    # they hold images directly.
+    if tree.has_splits:
+        data_files = {s: f"{s}/**" for s in sorted(set(tree.split_of.values()))}
+    else:
+        data_files = {"train": "**"}
+    ds = datasets.load_dataset(
+        "imagefolder", data_dir=str(root), data_files=data_files, drop_labels=not tree.class_names
+    )
     records = []
     for split_name, part in ds.items():
         part = part.cast_column("image", datasets.Image(decode=False))

@@ -85,6 +85,8 @@ def resolve_config(preset_or_path: str, presets: dict[str, dict], what: str) -> 
             f"unknown {what} preset {preset_or_path!r}: expected one of {', '.join(presets)} "
             "or the path of a JSON config file"
         )
+    if path.is_dir():
+        raise PresetError(f"{what} config {path} is a folder; expected a JSON file (e.g. {path / 'config.json'})")
     if not path.is_file():
         raise PresetError(f"{what} config file {path} does not exist")
     try:

@@ -1,0 +1,438 @@
+"""adni_diffusers.data: the ADNI-style slice loader, on tiny synthetic trees written with PIL. CPU, seconds.
+
+Layout under test (as the real ADNI "AD_NC" set): ROOT/{train,test}/{AD,NC}/<patient>_<slice>.jpeg,
+greyscale JPEG 256 wide x 240 high.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adni_diffusers import data as D
+from adni_diffusers.data import DataError, SliceDataset, load_slices, split_by_patient
+
+W, H = 256, 240  # ADNI slices: 256 wide x 240 high
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def slice_pixels(seed: int, h: int = H, w: int = W) -> np.ndarray:
+    """A smooth, never-black greyscale slice (values 40..215), so padding rows are told apart from anatomy."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    phase = seed * 0.7
+    img = 128 + 60 * np.sin(xx / 17.0 + phase) * np.cos(yy / 23.0 - phase) + 25 * np.sin((xx + yy) / 41.0)
+    return np.clip(img, 40, 215).astype(np.uint8)
+
+
+def write(path: Path, arr: np.ndarray, **save_kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, **save_kw)
+    return path
+
+
+def make_tree(root: Path, classes=("AD", "NC"), splits=("train", "test"), patients=2, slices=2) -> list[Path]:
+    """ROOT/[split/][class/]<patient>_<slice>.jpeg with real-style names (1003730_85.jpeg); ids unique per tree."""
+    paths, pid = [], 1003730
+    for split in splits or (None,):
+        for cls in classes or (None,):
+            folder = root / (split or "") / (cls or "")
+            for _ in range(patients):
+                for k in range(slices):
+                    paths.append(write(folder / f"{pid}_{80 + k}.jpeg", slice_pixels(pid + k)))
+                pid += 1
+    return paths
+
+
+def decoded(path: Path) -> np.ndarray:
+    """What PIL reads from the file (JPEG is lossy: compare with this, not with the array written)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L") if im.mode != "L" else im)
+
+
+def data_error(root, **kw) -> str:
+    """load_slices must refuse the tree with a DataError (eagerly: nothing is deferred to training)."""
+    with pytest.raises(DataError) as e:
+        load_slices(root, **kw)
+    return str(e.value)
+
+
+def image_tree(tmp_path: Path) -> Path:
+    """A small valid AD_NC tree to which a test adds one bad thing."""
+    root = tmp_path / "AD_NC"
+    make_tree(root, patients=2, slices=1)
+    return root
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def test_reads_adni_tree_through_datasets_imagefolder_offline(tmp_path, monkeypatch):
+    import datasets
+
+    assert datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE  # set by conftest
+    calls = []
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real_load(*a, **k))
+
+    root = tmp_path / "AD_NC"
+    files = make_tree(root, patients=2, slices=2)
+    assert files[0].name == "1003730_80.jpeg"
+    d = load_slices(root, split="all")
+
+    assert calls and calls[0][0][0] == "imagefolder"
+    assert d.class_names == ["AD", "NC"] and d.train.class_names == ["AD", "NC"]
+    assert sorted(d.train.paths) == sorted(str(p.resolve()) for p in files)
+    assert d.train.pixels.shape == (len(files), 256, 256) and d.train.pixels.dtype == torch.uint8
+    for path, label, patient in zip(d.train.paths, d.train.labels.tolist(), d.train.patients):
+        assert d.class_names[label] == Path(path).parent.name  # label = class folder
+        assert patient == Path(path).stem.split("_")[0]  # 1003730_80 -> patient 1003730
+
+    ds = SliceDataset(d.train)
+    assert len(ds) == len(files)
+    item = ds[0]
+    x = item["pixel_values"]
+    assert x.dtype == torch.float32 and x.shape == (1, 256, 256)
+    assert x.min() >= -1.0 and x.max() <= 1.0 and x.min() == -1.0  # black padding maps to -1
+    assert item["class_labels"].dtype == torch.long and int(item["class_labels"]) in (0, 1)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["pixel_values"].shape == (4, 1, 256, 256) and batch["class_labels"].shape == (4,)
+
+
+def test_pad_puts_8_black_rows_above_and_below_and_keeps_the_original_rows(tmp_path):
+    root = tmp_path / "data"
+    path = write(root / "AD" / "1003730_85.jpeg", slice_pixels(3))
+    write(root / "NC" / "1003731_85.jpeg", slice_pixels(4))
+    d = load_slices(root, split="all")  # preprocess="pad" is the default
+    assert d.preprocess == "pad"
+    i = d.train.paths.index(str(path.resolve()))
+    px = d.train.pixels[i].numpy()
+    original = decoded(path)
+    assert original.shape == (240, 256) and original.min() > 0
+    assert (px[:8] == 0).all() and (px[248:] == 0).all()
+    np.testing.assert_array_equal(px[8:248], original)  # no stretch, no shift
+
+    x = SliceDataset(d.train)[i]["pixel_values"][0]
+    assert (x[:8] == -1).all() and (x[248:] == -1).all()
+    torch.testing.assert_close(x[8:248], torch.tensor(original).float() / 127.5 - 1)
+
+
+def test_resize_stretches_and_accepts_other_sizes_with_a_logged_count(tmp_path, caplog):
+    root = tmp_path / "data"
+    adni = write(root / "AD" / "1003730_85.jpeg", slice_pixels(3))
+    odd = [write(root / "NC" / f"200{k}_1.jpeg", slice_pixels(k, h=200, w=200)) for k in range(2)]
+    with caplog.at_level(logging.INFO, logger="adni_diffusers.data"):
+        d = load_slices(root, split="all", preprocess="resize")
+    assert d.preprocess == "resize"
+    px = d.train.pixels[d.train.paths.index(str(adni.resolve()))].numpy()
+    expected = np.asarray(Image.fromarray(decoded(adni)).resize((256, 256), Image.BILINEAR))
+    np.testing.assert_array_equal(px, expected)  # 240 rows stretched to 256: no black rows
+    assert px[:8].min() > 0 and px[248:].min() > 0
+    for p in odd:
+        assert d.train.pixels[d.train.paths.index(str(p.resolve()))].shape == (256, 256)
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("converted 3 image(s)" in m and "resized" in m for m in msgs), msgs
+
+
+def test_greyscale_stored_as_rgb_is_converted_with_a_logged_count(tmp_path, caplog):
+    root = image_tree(tmp_path)
+    grey = slice_pixels(7)
+    rgb_png = write(root / "train" / "AD" / "2000001_1.png", np.stack([grey] * 3, axis=-1))
+    rgb_jpeg = write(root / "train" / "NC" / "2000002_1.jpeg", np.stack([grey] * 3, axis=-1))
+    opaque = np.stack([grey, grey, grey, np.full_like(grey, 255)], axis=-1)
+    rgba = write(root / "test" / "AD" / "2000003_1.png", opaque)
+    assert Image.open(rgb_jpeg).mode == "RGB" and Image.open(rgba).mode == "RGBA"
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        d = load_slices(root, split="all")
+    px = {p: d.train.pixels[i].numpy() for i, p in enumerate(d.train.paths)}
+    np.testing.assert_array_equal(px[str(rgb_png.resolve())][8:248], grey)
+    np.testing.assert_array_equal(px[str(rgba.resolve())][8:248], grey)
+    np.testing.assert_array_equal(px[str(rgb_jpeg.resolve())][8:248], np.asarray(Image.open(rgb_jpeg))[..., 0])
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "converted 2 image(s): RGB->L" in msgs, msgs
+    assert "converted 1 image(s): RGBA->L" in msgs, msgs
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def test_patient_split_no_leak_deterministic_seeded_every_class_in_validation(tmp_path):
+    root = tmp_path / "ADNI3"
+    files = make_tree(root, classes=("CN", "MCI", "AD"), splits=None, patients=6, slices=2)
+    d0 = load_slices(root)  # split="patient" is the default
+    assert d0.split == "patient"
+    assert d0.class_names == ["AD", "CN", "MCI"]  # as found (sorted folder names), not AD/NC
+    assert len(d0.train) + len(d0.val) == len(files)
+    assert sorted(d0.train.paths + d0.val.paths) == sorted(str(p.resolve()) for p in files)
+    assert not set(d0.train.patients) & set(d0.val.patients)  # no patient on both sides
+    assert set(d0.val.labels.tolist()) == {0, 1, 2} and set(d0.train.labels.tolist()) == {0, 1, 2}
+    for path, label in zip(d0.val.paths, d0.val.labels.tolist()):
+        assert d0.class_names[label] == Path(path).parent.name
+
+    again = load_slices(root, seed=0)
+    assert again.val.paths == d0.val.paths and again.train.paths == d0.train.paths
+    assert torch.equal(again.train.pixels, d0.train.pixels)
+    other = load_slices(root, seed=1)
+    assert set(other.val.patients) != set(d0.val.patients)
+    assert not set(other.train.patients) & set(other.val.patients)
+
+
+def test_patient_split_pools_the_train_and_test_folders(tmp_path):
+    root = tmp_path / "AD_NC"
+    files = make_tree(root, patients=5, slices=2)
+    d = load_slices(root, split="patient", val_fraction=0.2, seed=3)
+    assert sorted(d.train.paths + d.val.paths) == sorted(str(p.resolve()) for p in files)
+    assert not set(d.train.patients) & set(d.val.patients)
+    assert set(d.val.labels.tolist()) == {0, 1}
+    # whole patients: each held-out patient brings all its slices
+    for p in set(d.val.patients):
+        assert d.val.patients.count(p) == 2
+
+
+def test_split_by_patient_directly():
+    patients = [f"p{c}{i}" for c in range(2) for i in range(20) for _ in range(3)]
+    labels = [c for c in range(2) for i in range(20) for _ in range(3)]
+    patients += ["lonely"] * 3  # a class with a single patient stays in training
+    labels += [2] * 3
+    tr, va = split_by_patient(patients, labels, 0.2, seed=0)
+    assert sorted(tr + va) == list(range(len(patients)))
+    held = {patients[i] for i in va}
+    assert not held & {patients[i] for i in tr}
+    assert len(held) == 8  # 20% of 20 patients in each of the two classes
+    assert {labels[i] for i in va} == {0, 1} and "lonely" not in held
+    assert split_by_patient(patients, labels, 0.2, seed=0) == (tr, va)
+    assert {patients[i] for i in split_by_patient(patients, labels, 0.2, seed=1)[1]} != held
+    # at least one patient per class even when val_fraction rounds to zero
+    _, va_small = split_by_patient(patients, labels, 0.01, seed=0)
+    assert {labels[i] for i in va_small} == {0, 1}
+
+
+def test_given_split_uses_the_folders_own_train_and_test(tmp_path):
+    root = tmp_path / "AD_NC"
+    make_tree(root, patients=2, slices=2)
+    d = load_slices(root, split="given")
+    assert len(d.train) == 8 and len(d.val) == 8
+    assert all(Path(p).parts[-3] == "train" for p in d.train.paths)
+    assert all(Path(p).parts[-3] == "test" for p in d.val.paths)
+    assert d.summary()["validation"]["per_class"] == {"AD": 4, "NC": 4}
+
+
+def test_all_split_puts_everything_in_train_and_leaves_validation_empty(tmp_path):
+    root = tmp_path / "AD_NC"
+    files = make_tree(root, patients=2, slices=2)
+    d = load_slices(root, split="all")
+    assert len(d.train) == len(files) and len(d.val) == 0
+    assert len(SliceDataset(d.val)) == 0 and d.val.pixels.shape == (0, 256, 256)
+    assert d.summary()["validation"]["images"] == 0
+
+
+def test_tree_without_split_folders(tmp_path):
+    root = tmp_path / "flat"
+    files = make_tree(root, splits=None, patients=3, slices=1)
+    d = load_slices(root, split="all")
+    assert len(d.train) == len(files) and d.class_names == ["AD", "NC"]
+    d = load_slices(root)
+    assert len(d.train) + len(d.val) == len(files) and len(d.val) > 0
+    msg = data_error(root, split="given")  # nothing to take a given split from
+    assert str(root.resolve()) in msg and "train/ and test/" in msg
+
+
+@pytest.mark.parametrize("splits", [None, ("train", "test")], ids=["no-split-folders", "split-folders"])
+def test_tree_without_class_folders_is_unconditional(tmp_path, splits):
+    root = tmp_path / "slices"
+    files = make_tree(root, classes=None, splits=splits, patients=3, slices=2)
+    d = load_slices(root, split="given" if splits else "patient")
+    assert d.class_names == [] and d.train.class_names == []
+    assert len(d.train) + len(d.val) == len(files) and len(d.val) > 0
+    assert set(d.train.labels.tolist()) == {0}  # one unlabelled class, not "train"/"test" as labels
+    assert SliceDataset(d.train)[0]["pixel_values"].shape == (1, 256, 256)
+    if splits:
+        assert all(Path(p).parent.name == "train" for p in d.train.paths)
+        assert all(Path(p).parent.name == "test" for p in d.val.paths)
+
+
+def test_split_words_in_file_names_do_not_split_or_drop_images(tmp_path):
+    # datasets would infer a "test" split from a file name like test_3_1.jpeg and drop the other images.
+    root = tmp_path / "flat"
+    files = make_tree(root, splits=None, patients=2, slices=1)
+    files.append(write(root / "AD" / "test_3_1.jpeg", slice_pixels(9)))
+    files.append(write(root / "NC" / "dev_4_1.jpeg", slice_pixels(10)))
+    d = load_slices(root, split="all")
+    assert sorted(d.train.paths) == sorted(str(p.resolve()) for p in files)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_missing_folder(tmp_path):
+    msg = data_error(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in msg and "does not exist" in msg and "expected" in msg
+
+
+def test_folder_with_no_images(tmp_path):
+    root = tmp_path / "empty"
+    root.mkdir()
+    (root / "README.md").write_text("not data")
+    msg = data_error(root)
+    assert str(root) in msg and "no images" in msg and "expected" in msg
+
+
+def test_empty_class_folder(tmp_path):
+    root = image_tree(tmp_path)
+    (root / "test" / "MCI").mkdir()
+    for f in (root / "test" / "NC").iterdir():
+        f.unlink()
+    msg = data_error(root)
+    assert str(root / "test" / "MCI") in msg or str(root / "test" / "NC") in msg
+    assert "class folder is empty" in msg and "expected" in msg
+
+
+def test_empty_split_folder(tmp_path):
+    root = image_tree(tmp_path)
+    for f in (root / "test").rglob("*.jpeg"):
+        f.unlink()
+    for d in (root / "test").iterdir():
+        d.rmdir()
+    msg = data_error(root)
+    assert str(root / "test") in msg and "holds no images" in msg and "expected" in msg
+
+
+@pytest.mark.parametrize("keep", ["half", "header"])
+def test_corrupt_or_truncated_jpeg(tmp_path, keep):
+    root = image_tree(tmp_path)
+    bad = write(root / "train" / "AD" / "1009999_85.jpeg", slice_pixels(1))
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2] if keep == "half" else raw[:20])
+    msg = data_error(root, split="all")
+    assert str(bad) in msg and "1 unusable image(s)" in msg
+    assert ("corrupt or truncated" if keep == "half" else "not a readable image") in msg
+
+
+def test_non_image_file_in_a_class_folder(tmp_path):
+    root = image_tree(tmp_path)
+    notes = root / "train" / "NC" / "notes.txt"
+    notes.write_text("patient 1003731 moved")
+    msg = data_error(root)
+    assert str(notes) in msg and "not images" in msg and ".jpeg" in msg
+
+
+def test_image_file_that_is_not_an_image(tmp_path):
+    root = image_tree(tmp_path)
+    fake = root / "train" / "NC" / "1009999_1.jpeg"
+    fake.write_text("this is text")
+    msg = data_error(root, split="all")
+    assert str(fake) in msg and "not a readable image" in msg
+
+
+def test_rgb_image_with_colour(tmp_path):
+    root = image_tree(tmp_path)
+    g = slice_pixels(1)
+    bad = write(root / "train" / "AD" / "1009999_1.jpeg", np.stack([g, g // 2, 255 - g], axis=-1))
+    msg = data_error(root)
+    assert str(bad) in msg and "colour RGB" in msg and "expected 8-bit greyscale" in msg
+
+
+def test_rgba_image_with_transparency(tmp_path):
+    root = image_tree(tmp_path)
+    g = slice_pixels(1)
+    alpha = np.full_like(g, 255)
+    alpha[100:110, 100:110] = 0
+    bad = write(root / "test" / "NC" / "1009999_1.png", np.stack([g, g, g, alpha], axis=-1))
+    msg = data_error(root)
+    assert str(bad) in msg and "transparency" in msg and "expected 8-bit greyscale" in msg
+
+
+def test_16_bit_png(tmp_path):
+    root = image_tree(tmp_path)
+    bad = write(root / "test" / "AD" / "1009999_1.png", slice_pixels(1).astype(np.uint16) * 257)
+    assert Image.open(bad).mode == "I;16"
+    msg = data_error(root)
+    assert str(bad) in msg and "16-bit" in msg and "expected 8-bit greyscale" in msg
+
+
+def test_other_size_in_pad_mode(tmp_path):
+    root = image_tree(tmp_path)
+    bad = write(root / "train" / "NC" / "1009999_1.jpeg", slice_pixels(1, h=200, w=200))
+    msg = data_error(root, preprocess="pad")
+    assert str(bad) in msg and "200 wide x 200 high" in msg and "expected 256 wide x 240 high" in msg
+    assert "--preprocess resize" in msg
+
+
+def test_file_name_without_patient_id(tmp_path):
+    root = image_tree(tmp_path)
+    bad = write(root / "train" / "AD" / "scan.jpeg", slice_pixels(1))
+    msg = data_error(root, split="patient")
+    assert str(bad) in msg and "<patient>_<slice>" in msg and "1 file(s)" in msg
+    d = load_slices(root, split="given")  # the folders' own split needs no patient ids
+    assert str(bad.resolve()) in d.train.paths
+
+
+def test_several_bad_files_are_all_listed_up_to_the_cap_with_the_count(tmp_path):
+    root = image_tree(tmp_path)
+    bad = []
+    for k in range(12):
+        p = write(root / "train" / "AD" / f"20000{k:02d}_1.jpeg", slice_pixels(k))
+        p.write_bytes(p.read_bytes()[:300])
+        bad.append(p)
+    bad.append(write(root / "test" / "NC" / "2100000_1.jpeg", slice_pixels(1, h=200, w=200)))
+    g = slice_pixels(2)
+    bad.append(write(root / "test" / "AD" / "2100001_1.png", np.stack([g, 255 - g, g], axis=-1)))
+    msg = data_error(root)
+    assert msg.startswith("14 unusable image(s)")
+    listed = [line.strip() for line in msg.splitlines()[1:] if line.strip().startswith("/")]
+    assert len(listed) == D._MAX_LISTED == 10
+    assert all(any(line.startswith(str(p) + ":") for p in bad) for line in listed)
+    assert "... and 4 more" in msg
+
+    # a small number is listed in full
+    for p in bad[2:12]:
+        p.unlink()
+    msg = data_error(root)
+    assert msg.startswith("4 unusable image(s)") and "more" not in msg
+    for p in bad[:2] + bad[12:]:
+        assert str(p) in msg
+
+
+def test_several_non_image_files_are_listed_with_the_count(tmp_path):
+    root = image_tree(tmp_path)
+    for k in range(12):
+        (root / "train" / "AD" / f"notes{k:02d}.txt").write_text("x")
+    msg = data_error(root)
+    assert "12 file(s) that are not images" in msg and "... and 2 more" in msg
+    listed = re.findall(r"notes\d\d\.txt", msg)
+    assert len(listed) == 10 == len(set(listed))
+    assert str(root / "train" / "AD" / listed[0]) in msg
+
+
+def test_bad_data_stops_training_before_a_model_is_built(tmp_path, monkeypatch):
+    """The training script reports the data error (naming the file) before building a model or a step."""
+    from conftest import TINY_VQ_ARGS, run_training_script
+
+    import adni_diffusers.vq as vq
+    from adni_diffusers.training import TrainingError
+
+    def no_training(*a, **k):
+        raise AssertionError("training started on bad data")
+
+    monkeypatch.setattr(vq, "VQTrainingModel", no_training)
+    root = image_tree(tmp_path)
+    bad = write(root / "train" / "AD" / "1009999_1.jpeg", slice_pixels(1, h=200, w=200))
+    out = tmp_path / "out"
+    with pytest.raises(TrainingError) as e:
+        run_training_script("train_vqmodel", ["--train_data_dir", root, "--output_dir", out,
+                                              "--max_train_steps", "1", *TINY_VQ_ARGS])
+    assert str(bad) in str(e.value) and "expected 256 wide x 240 high" in str(e.value)
+    assert not (out / "vqvae").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_bad_arguments():
+    assert "expected one of patient, given, all" in data_error(".", split="slices")
+    assert "expected one of pad, resize" in data_error(".", preprocess="crop")
+    assert "between 0 and 1" in data_error(".", val_fraction=1.5)

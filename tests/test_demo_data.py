@@ -1,0 +1,186 @@
+"""The synthetic MNI152-based stand-in for ADNI's AD_NC folder (adni_diffusers.demo_data)."""
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adni_diffusers import cli
+from adni_diffusers import demo_data as dd
+
+SUBJECTS, SLICES = 4, 3
+NAME_RE = re.compile(r"^(?P<subject>\d{6,7})_(?P<slice>\d+)\.jpeg$")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "AD_NC"
+    summary = dd.build_demo_dataset(out, subjects=SUBJECTS, slices_per_subject=SLICES, seed=0, workers=1)
+    return out, summary
+
+
+def _file_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _dark_fraction(pixels: np.ndarray) -> float:
+    """Share of brain pixels darker than half the brain's median: CSF (ventricles, sulci)."""
+    brain = pixels[pixels > 10].astype(float)
+    return float((brain < 0.5 * np.median(brain)).mean())
+
+
+def test_layout_sizes_and_names(built):
+    out, summary = built
+    top = sorted(p.name for p in out.iterdir())
+    assert top == ["README.txt", "demo_settings.json", "subjects.csv", "test", "train"]
+    subjects_of = {}
+    for split in ("train", "test"):
+        assert sorted(p.name for p in (out / split).iterdir()) == ["AD", "NC"]
+        for label in ("AD", "NC"):
+            for path in sorted((out / split / label).iterdir()):
+                match = NAME_RE.match(path.name)
+                assert match, path.name
+                with Image.open(path) as im:
+                    assert (im.format, im.mode, im.size) == ("JPEG", "L", (256, 240))
+                    pixels = np.asarray(im)
+                assert pixels[:3].max() < 10 and pixels[:, :3].max() < 10  # black background
+                assert pixels.max() > 150  # a brain
+                subjects_of.setdefault(match["subject"], set()).add((split, label, int(match["slice"])))
+
+    assert len(subjects_of) == SUBJECTS
+    for subject, entries in subjects_of.items():
+        assert len({(split, label) for split, label, _ in entries}) == 1, f"{subject} in several folders"
+        numbers = sorted(n for _, _, n in entries)
+        assert numbers == list(range(numbers[0], numbers[0] + SLICES)), "consecutive slices"
+
+    labels = [next(iter(e))[1] for e in subjects_of.values()]
+    assert labels.count("AD") == labels.count("NC") == SUBJECTS // 2
+    counts = summary["counts"]
+    for split in ("train", "test"):
+        assert counts[split]["AD"]["subjects"] >= 1 and counts[split]["NC"]["subjects"] >= 1
+    assert summary["images"] == SUBJECTS * SLICES
+
+    rows = dd.read_subjects(out)
+    assert {r["subject"] for r in rows} == set(subjects_of)
+    for row in rows:
+        split, label, _ = next(iter(subjects_of[row["subject"]]))
+        assert (row["split"], row["class"]) == (split, label)
+        assert (0.3 <= row["severity"] <= 1.0) if label == "AD" else (0.0 <= row["severity"] <= 0.15)
+
+    readme = (out / "README.txt").read_text()
+    assert "MNI152" in readme and "not adni" in readme.lower()
+    assert dd.read_settings(out)["complete"] is True
+
+    sheet = Path(summary["contact_sheet"])
+    assert sheet == out.parent / "AD_NC_contact_sheet.png" and sheet.is_file()
+    with Image.open(sheet) as im:
+        assert im.format == "PNG" and im.width > 256
+
+
+def test_same_seed_same_bytes_other_seed_differs(built, tmp_path):
+    out, _ = built
+    # Two workers here, one in the fixture: the files must not depend on it.
+    sizes = dict(subjects=SUBJECTS, slices_per_subject=SLICES, contact_sheet=False)
+    dd.build_demo_dataset(tmp_path / "again", seed=0, workers=2, **sizes)
+    assert _file_bytes(tmp_path / "again") == _file_bytes(out)
+
+    dd.build_demo_dataset(tmp_path / "other", seed=1, workers=1, **sizes)
+    images = lambda root: {b for k, b in _file_bytes(root).items() if k.endswith(".jpeg")}  # noqa: E731
+    assert not images(tmp_path / "other") & images(out)
+
+
+def test_atrophy_darkens_the_brain():
+    # The same subject (same deformation, contrast and noise) without and with severe atrophy.
+    healthy = dd.Subject(0, "1000000", "NC", "train", 0.0, 88)
+    atrophied = dd.Subject(0, "1000000", "AD", "train", 1.0, 88)
+    nc = dd.render_subject(healthy, SLICES, seed=0)
+    ad = dd.render_subject(atrophied, SLICES, seed=0)
+    assert _dark_fraction(ad) > 1.5 * _dark_fraction(nc)
+    # Atrophy never brightens: lost tissue turns into CSF.
+    assert (ad.astype(int) <= nc.astype(int) + 1).mean() > 0.999
+
+
+def test_ad_files_have_more_csf_than_nc(built):
+    out, _ = built
+    dark = {"AD": [], "NC": []}
+    for path in out.glob("*/*/*.jpeg"):
+        dark[path.parent.name].append(_dark_fraction(np.asarray(Image.open(path))))
+    assert np.mean(dark["AD"]) > np.mean(dark["NC"]) + 0.02
+
+
+def test_loader_reads_it(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from adni_diffusers.data import load_slices
+
+    out, _ = built
+    test_subjects = {r["subject"] for r in dd.read_subjects(out) if r["split"] == "test"}
+    for split in ("patient", "given"):
+        data = load_slices(out, split=split, val_fraction=0.5)
+        assert data.class_names == ["AD", "NC"]
+        assert len(data.train) + len(data.val) == SUBJECTS * SLICES
+        assert not set(data.train.patients) & set(data.val.patients)
+        assert tuple(data.train.pixels.shape[1:]) == (256, 256)
+        if split == "given":
+            assert set(data.val.patients) == test_subjects
+
+
+def test_cli_builds_and_refuses_a_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "cli_out"
+    args = ["demo-data", str(out), "--subjects", "4", "--slices-per-subject", "2", "--workers", "1"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "NOT ADNI" in printed and str(tmp_path / "cli_out_contact_sheet.png") in printed
+    assert len(list(out.glob("*/*/*.jpeg"))) == 8
+
+    before = _file_bytes(out)
+    assert cli.main(args + ["--seed", "3"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert _file_bytes(out) == before
+
+    assert cli.main(args + ["--seed", "3", "--overwrite", "--no-contact-sheet"]) == 0
+    assert dd.read_settings(out)["seed"] == 3
+
+    inside = ["--overwrite", "--contact-sheet", str(out / "sheet.png")]
+    assert cli.main(args + inside) == 2
+    assert "inside" in capsys.readouterr().err
+
+
+def test_ensure_builds_once_and_rebuilds_on_new_settings(tmp_path, monkeypatch):
+    out = tmp_path / "ensured"
+    settings = dict(subjects=4, slices_per_subject=2, seed=5, contact_sheet=False)
+    assert dd.ensure_demo_dataset(out, **settings) == out
+    assert dd.read_settings(out)["seed"] == 5
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt a complete build with the same settings")
+
+    with monkeypatch.context() as m:
+        m.setattr(dd, "build_demo_dataset", no_build)
+        dd.ensure_demo_dataset(out, **settings)
+
+    dd.ensure_demo_dataset(out, **{**settings, "seed": 6})
+    assert dd.read_settings(out)["seed"] == 6
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        dd.ensure_demo_dataset(foreign, **settings)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_plan_is_balanced_stratified_and_unique():
+    plan = dd.plan_subjects(101, 20, 0.3, seed=0)
+    assert len({s.subject_id for s in plan}) == 101
+    assert all(6 <= len(s.subject_id) <= 7 for s in plan)
+    for label, n in (("AD", 50), ("NC", 51)):
+        members = [s for s in plan if s.label == label]
+        assert len(members) == n
+        assert sum(s.split == "test" for s in members) == round(0.3 * n)
+    with pytest.raises(ValueError):
+        dd.plan_subjects(3, 20, 0.3, seed=0)

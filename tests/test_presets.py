@@ -1,0 +1,148 @@
+"""adni_diffusers.presets: the named model sizes and user JSON configs. CPU, seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adni_diffusers.presets import UNET_PRESETS, VQ_PRESETS, PresetError, unet_config, vq_config
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_preset_builds_vqmodel_1x256x256_to_4x32x32_and_unet_on_4x32x32(preset):
+    from diffusers import UNet2DModel, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(**vq_config(preset)).eval()
+    unet = UNet2DModel(**unet_config(preset)).eval()
+    with torch.no_grad():
+        x = torch.rand(1, 1, 256, 256) * 2 - 1
+        z = vq.encode(x).latents
+        assert z.shape == (1, 4, 32, 32)
+        assert vq.decode(z).sample.shape == (1, 1, 256, 256)
+        eps = unet(z, torch.tensor([500])).sample
+        assert eps.shape == (1, 4, 32, 32)
+
+
+def test_base_config_numbers():
+    vq, unet = vq_config("base"), unet_config("base")
+    assert vq["num_vq_embeddings"] == 8192
+    assert vq["latent_channels"] == 4 and vq["in_channels"] == vq["out_channels"] == 1
+    assert list(vq["block_out_channels"]) == [64, 128, 256, 256]  # the seed's VQ-VAE
+    assert 2 ** (len(vq["down_block_types"]) - 1) == 8  # f=8: 256 -> 32
+    assert vq["sample_size"] == 256
+    assert unet["in_channels"] == unet["out_channels"] == 4 and unet["sample_size"] == 32
+    assert any("Attn" in b for b in unet["down_block_types"])
+    assert any("Attn" in b for b in unet["up_block_types"])
+    assert all(c % unet["norm_num_groups"] == 0 for c in unet["block_out_channels"])
+
+
+def test_presets_are_copies():
+    cfg = vq_config("tiny")
+    cfg["num_vq_embeddings"] = 1
+    assert VQ_PRESETS["tiny"]["num_vq_embeddings"] != 1 and vq_config("tiny")["num_vq_embeddings"] != 1
+
+
+def test_full_json_config_as_written_by_save_pretrained(tmp_path):
+    from diffusers import UNet2DModel, VQModel
+
+    VQModel(**VQ_PRESETS["tiny"]).save_config(tmp_path / "vq")
+    UNet2DModel(**UNET_PRESETS["tiny"]).save_config(tmp_path / "unet")
+    assert "_class_name" in json.loads((tmp_path / "vq" / "config.json").read_text())
+
+    vq = vq_config(str(tmp_path / "vq" / "config.json"))
+    assert {k: vq[k] for k in VQ_PRESETS["tiny"]} == {k: v for k, v in VQ_PRESETS["tiny"].items()}
+    assert not any(k.startswith("_") for k in vq)
+    unet = unet_config(str(tmp_path / "unet" / "config.json"))
+    assert {k: unet[k] for k in UNET_PRESETS["tiny"]} == UNET_PRESETS["tiny"]
+    with torch.no_grad():
+        z = VQModel(**vq).encode(torch.zeros(1, 1, 256, 256)).latents
+        assert UNet2DModel(**unet)(z, 1).sample.shape == (1, 4, 32, 32)
+
+
+def test_partial_json_config_changes_only_its_keys_from_base(tmp_path):
+    path = tmp_path / "my_vq.json"
+    path.write_text(json.dumps({"num_vq_embeddings": 512, "layers_per_block": 1}))
+    cfg = vq_config(str(path))
+    assert cfg["num_vq_embeddings"] == 512 and cfg["layers_per_block"] == 1
+    assert {k: v for k, v in cfg.items() if k not in ("num_vq_embeddings", "layers_per_block")} == {
+        k: v for k, v in VQ_PRESETS["base"].items() if k not in ("num_vq_embeddings", "layers_per_block")
+    }
+    path = tmp_path / "my_unet.json"
+    path.write_text(json.dumps({"block_out_channels": [32, 64, 64, 96]}))
+    cfg = unet_config(str(path))
+    assert cfg["block_out_channels"] == [32, 64, 64, 96]
+    assert cfg["down_block_types"] == UNET_PRESETS["base"]["down_block_types"]
+
+
+def test_bad_preset_name():
+    for fn in (vq_config, unet_config):
+        with pytest.raises(PresetError, match=r"unknown .* preset 'huge': expected one of tiny, small, base"):
+            fn("huge")
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(PresetError) as e:
+        vq_config(str(missing))
+    assert str(missing) in str(e.value) and "does not exist" in str(e.value)
+    with pytest.raises(PresetError, match="does not exist"):
+        unet_config(str(missing))
+
+
+def test_config_path_that_is_a_folder(tmp_path):
+    folder = tmp_path / "vq_run"
+    folder.mkdir()
+    with pytest.raises(PresetError) as e:
+        vq_config(str(folder))
+    assert str(folder) in str(e.value) and "folder" in str(e.value) and "JSON" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ['{"num_vq_embeddings": 512,', "", "not json"], ids=["cut", "empty", "text"])
+def test_invalid_json(tmp_path, text):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(PresetError) as e:
+        vq_config(str(path))
+    assert str(path) in str(e.value) and "not valid JSON" in str(e.value)
+
+
+def test_json_that_is_not_an_object(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[64, 128]")
+    with pytest.raises(PresetError, match="must hold a JSON object, not list"):
+        unet_config(str(path))
+
+
+def test_unknown_keys(tmp_path):
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({"num_vq_embedings": 512, "colour": True}))
+    with pytest.raises(PresetError) as e:
+        vq_config(str(path))
+    assert str(path) in str(e.value) and "unknown keys ['colour', 'num_vq_embedings']" in str(e.value)
+    path.write_text(json.dumps({"attention_heads": 4}))
+    with pytest.raises(PresetError, match=r"UNet2DModel config .*unknown keys \['attention_heads'\]"):
+        unet_config(str(path))
+
+
+def test_channels_not_divisible_by_norm_groups(tmp_path):
+    path = tmp_path / "groups.json"
+    path.write_text(json.dumps({"block_out_channels": [48, 128, 256, 256]}))  # base uses 32 groups
+    with pytest.raises(PresetError) as e:
+        vq_config(str(path))
+    assert str(path) in str(e.value)
+    assert "block_out_channels [48] are not divisible by norm_num_groups=32" in str(e.value)
+    path.write_text(json.dumps({"norm_num_groups": 24}))
+    with pytest.raises(PresetError, match=r"\[128, 256, 512\] are not divisible by norm_num_groups=24"):
+        unet_config(str(path))
+
+
+@pytest.mark.parametrize("key", ["in_channels", "out_channels"])
+def test_vq_channels_must_be_greyscale(tmp_path, key):
+    path = tmp_path / "rgb.json"
+    path.write_text(json.dumps({key: 3}))
+    with pytest.raises(PresetError) as e:
+        vq_config(str(path))
+    assert str(path) in str(e.value) and "greyscale" in str(e.value) and "must be 1" in str(e.value)
