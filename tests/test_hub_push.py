@@ -1,0 +1,333 @@
+"""`adni_diffusers.hub`: pushing a saved folder, against the local Hub stand-in (tests/hub_stub.py).
+
+The `hub_stub` fixture (conftest.py) points this process's huggingface_hub at the stub, with an
+empty HF_HOME, online mode and no token from the environment (see test_hub_stub.py for why the
+constants are patched as well as the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from adni_diffusers import cli, hub
+from adni_diffusers.hub import HubError, push_folder
+
+REPO = "user/adni-ldm"
+SECRET = "hf_SecretTokenThatMustNeverBeShown42"
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path):
+    """A fake saved pipeline: model_index.json, the shipped .py, a README and a small safetensors file."""
+    root = tmp_path / "pipeline"
+    (root / "unet").mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"], "unet": ["diffusers", "UNet2DModel"]}))
+    (root / "pipeline_adni_ldm.py").write_text("class ADNILatentDiffusionPipeline:\n    pass\n")
+    (root / "README.md").write_text("---\nlicense: other\ntags:\n- mri\n---\n# ADNI latent diffusion\n")
+    (root / "unet" / "config.json").write_text('{"sample_size": 32}')
+    save_file({"w": np.arange(12, dtype=np.float32).reshape(3, 4)}, str(root / "unet" / "diffusion_pytorch_model.safetensors"))
+    # Left behind by importing the shipped module: must not be pushed.
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "pipeline_adni_ldm.cpython-311.pyc").write_bytes(b"\x00pyc")
+    return root
+
+
+def _local_files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _snapshot(root):
+    """Paths, bytes and mtimes: to prove the folder is not modified."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file()}
+
+
+def test_push_uploads_every_file_private_by_default(hub_stub, pipeline_dir):
+    before = _snapshot(pipeline_dir)
+    url = push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert url.startswith(f"{hub_stub.endpoint}/{REPO}/commit/")
+    assert url.endswith(hub_stub.commits(REPO)[-1].oid)
+    assert hub_stub.repo_files(REPO) == _local_files(pipeline_dir)
+    assert hub_stub.private(REPO) is True
+    assert _snapshot(pipeline_dir) == before
+
+
+def test_repush_of_a_changed_folder_makes_a_new_commit(hub_stub, pipeline_dir):
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    n = len(hub_stub.commits(REPO))
+    (pipeline_dir / "unet" / "config.json").write_text('{"sample_size": 64}')
+    push_folder(pipeline_dir, REPO, token=hub_stub.token, commit_message="Bigger samples")
+    commits = hub_stub.commits(REPO)
+    assert len(commits) == n + 1 and commits[-1].title == "Bigger samples"
+    assert hub_stub.repo_files(REPO)["unet/config.json"] == b'{"sample_size": 64}'
+    # Unchanged: huggingface_hub skips the empty commit.
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert len(hub_stub.commits(REPO)) == n + 1
+
+
+def _warnings(caplog):
+    return [r for r in caplog.records if r.name == "adni_diffusers.hub" and r.levelno == logging.WARNING]
+
+
+def test_public_push_of_user_data_warns_once(hub_stub, pipeline_dir, caplog):
+    caplog.set_level(logging.INFO)
+    push_folder(pipeline_dir, REPO, token=hub_stub.token, private=False)
+    [record] = _warnings(caplog)
+    message = record.getMessage()
+    assert "data use agreement" in message and REPO in message and "\n" not in message
+    assert hub_stub.private(REPO) is False
+
+
+def test_no_warning_for_demo_data_or_private_repos(hub_stub, pipeline_dir, caplog):
+    caplog.set_level(logging.INFO)
+    push_folder(pipeline_dir, "user/private-one", token=hub_stub.token)
+    (pipeline_dir / "training_data.json").write_text(json.dumps({"source": "demo", "images": 40}))
+    push_folder(pipeline_dir, "user/demo-one", token=hub_stub.token, private=False)
+    push_folder(pipeline_dir / "unet", "user/demo-two", token=hub_stub.token, private=False,
+                trained_on_demo_data=True)
+    assert _warnings(caplog) == []
+    # The explicit argument wins over the file.
+    push_folder(pipeline_dir, "user/said-user", token=hub_stub.token, private=False, trained_on_demo_data=False)
+    assert len(_warnings(caplog)) == 1
+
+
+def test_private_push_refuses_an_existing_public_repo(hub_stub, pipeline_dir):
+    hub_stub.add_repo(REPO, private=False)
+    with pytest.raises(HubError, match="PUBLIC"):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert len(hub_stub.commits(REPO)) == 1  # only the initial commit
+
+
+def test_branch_push_leaves_main_untouched(hub_stub, pipeline_dir):
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    main_before = hub_stub.commits(REPO)
+    (pipeline_dir / "unet" / "config.json").write_text('{"sample_size": 128}')
+    push_folder(pipeline_dir / "unet", REPO, token=hub_stub.token, revision="checkpoints",
+                path_in_repo="checkpoint-500")
+    push_folder(pipeline_dir / "unet", REPO, token=hub_stub.token, revision="checkpoints",
+                path_in_repo="checkpoint-1000")  # branch exists: accepted
+    assert hub_stub.commits(REPO) == main_before
+    assert hub_stub.repo_files(REPO) == main_before[-1].files
+    on_branch = hub_stub.repo_files(REPO, "checkpoints")
+    assert on_branch["checkpoint-500/config.json"] == b'{"sample_size": 128}'
+    assert "checkpoint-1000/diffusion_pytorch_model.safetensors" in on_branch
+
+
+def test_bare_name_goes_under_the_token_owner(hub_stub, pipeline_dir):
+    push_folder(pipeline_dir, "adni-bare", token=hub_stub.token)
+    assert "user/adni-bare" in hub_stub.repo_ids()
+
+
+# ----------------------------------------------------------------------------- failures
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup_failure(case, hub_stub, monkeypatch):
+    """Arrange one failure; return (repo_id, token, the words the message must hold)."""
+    if case == "malformed":
+        return "user/bad--name", SECRET, ["invalid", "'user/bad--name'", "namespace/name"]
+    if case == "no-token":  # none passed, none stored (the fixture's HF_HOME is empty, HF_TOKEN unset)
+        hub_stub.require_token_for_writes = True
+        return REPO, None, [REPO, "no Hugging Face token", "hf auth login", "--token"]
+    if case == "wrong-token":
+        return REPO, SECRET, [REPO, "401", "hf auth login"]
+    if case == "403":
+        hub_stub.fail(r"/commit/", status=403, times=None)
+        return REPO, hub_stub.token, [REPO, "403", "write"]
+    if case == "500":
+        hub_stub.fail(r"/api/repos/create", status=500, times=None)  # not retried by huggingface_hub
+        return REPO, hub_stub.token, [REPO, "500", "try again"]
+    if case == "unreachable":
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+        return REPO, SECRET, [REPO, "could not reach", "network"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["malformed", "no-token", "wrong-token", "403", "500", "unreachable"])
+def test_failures_give_a_clear_hub_error_without_the_token(case, hub_stub, pipeline_dir, monkeypatch, caplog, capsys):
+    caplog.set_level(logging.DEBUG)  # huggingface_hub's debug logs too
+    repo_id, token, words = _setup_failure(case, hub_stub, monkeypatch)
+    before = _snapshot(pipeline_dir)
+    with pytest.raises(HubError) as info:
+        push_folder(pipeline_dir, repo_id, token=token)
+    message = str(info.value)
+    for word in words:
+        assert word in message, (word, message)
+    assert "\n" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained traceback
+    out, err = capsys.readouterr()
+    for secret in (SECRET, hub_stub.token):
+        assert secret not in message and secret not in out and secret not in err and secret not in caplog.text
+    if case in ("malformed", "no-token"):
+        assert hub_stub.requests == []  # rejected before any network call
+    assert _snapshot(pipeline_dir) == before
+
+
+# ----------------------------------------------------------------------------- command line
+def test_cli_push(hub_stub, pipeline_dir, capsys):
+    rc = cli.main(["push", str(pipeline_dir), "--repo-id", REPO, "--token", hub_stub.token, "--branch", "dev",
+                   "--commit-message", "From the CLI"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.strip().startswith(f"{hub_stub.endpoint}/{REPO}/commit/")
+    assert hub_stub.commits(REPO, "dev")[-1].title == "From the CLI"
+    assert hub_stub.repo_files(REPO) == {} and hub_stub.private(REPO)
+
+
+def test_cli_checks_the_folder_before_any_network_call(hub_stub, tmp_path, capsys):
+    assert cli.main(["push", str(tmp_path / "missing"), "--repo-id", REPO]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["push", str(tmp_path / "empty"), "--repo-id", REPO]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+    assert hub_stub.requests == []
+
+
+def test_cli_error_is_one_line_without_the_token(hub_stub, pipeline_dir, capsys):
+    rc = cli.main(["push", str(pipeline_dir), "--repo-id", REPO, "--token", SECRET, "--public"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.count("\n") == 1 and "401" in err and REPO in err
+    assert SECRET not in out + err
+
+
+# ----------------------------------------------------------------------------- training-script flags
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    hub.add_hub_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_hub_arguments_default_private():
+    assert _parse([]).hub_private_repo is True
+    assert _parse(["--hub_private_repo"]).hub_private_repo is True
+    assert _parse(["--hub_public_repo"]).hub_private_repo is False
+    args = _parse(["--push_to_hub", "--hub_token", SECRET])
+    assert args.push_to_hub and not args.push_checkpoints
+    assert SECRET not in json.dumps(hub.loggable_args(args))
+
+
+def test_push_from_args_final_and_checkpoints(hub_stub, pipeline_dir, tmp_path):
+    args = _parse(["--push_to_hub", "--hub_model_id", REPO, "--hub_token", hub_stub.token, "--push_checkpoints"])
+    ckpt = tmp_path / "out" / "checkpoint-200"
+    ckpt.mkdir(parents=True)
+    (ckpt / "optimizer.bin").write_bytes(b"opt")
+    hub.push_from_args(args, ckpt, output_dir=tmp_path / "out", step=200)
+    hub.push_from_args(args, pipeline_dir, output_dir=tmp_path / "out")
+    assert hub_stub.repo_files(REPO, "checkpoints")["checkpoint-200/optimizer.bin"] == b"opt"
+    assert hub_stub.repo_files(REPO) == _local_files(pipeline_dir)
+    assert hub_stub.private(REPO)
+    # Without the flags nothing is pushed.
+    assert hub.push_from_args(_parse([]), pipeline_dir) is None
+    assert hub.push_from_args(_parse(["--push_to_hub"]), ckpt, step=300) is None
+
+
+# ----------------------------------------------------------------------------- what is uploaded
+def _write(root, files):
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+
+
+MODEL_FILES = {  # what train_unet.py's save_pretrained + card + metadata write
+    "model_index.json": json.dumps({"_class_name": ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"],
+                                    "class_names": None, "vqvae": ["diffusers", "VQModel"],
+                                    "unet": ["diffusers", "UNet2DModel"],
+                                    "scheduler": ["diffusers", "DDPMScheduler"]}).encode(),
+    "pipeline_adni_ldm.py": b"# pipeline\n",
+    "README.md": b"# my own card\n",
+    "vqvae/config.json": b"{}", "vqvae/diffusion_pytorch_model.safetensors": b"vq",
+    "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"unet",
+    "scheduler/scheduler_config.json": b"{}",
+    "samples.png": b"png", "loss_curve.png": b"png",
+    "training_data.json": b'{"source": "user"}', "training_args.json": b"{}", "train_metrics.json": b"{}",
+    "evaluation/metrics.json": b'{"x": 1}', "evaluation/figure.png": b"png",
+}
+CLUTTER = {  # training by-products in the same output folder: never pushed
+    "checkpoint-500/optimizer.bin": b"opt", "checkpoint-500/training_state.json": b"{}",
+    "checkpoint-9.tmp/model.safetensors": b"half-written",
+    "logs/history.jsonl": b"{}", "logs/unet/events.out.tfevents.1.host": b"tb",
+    "samples/samples-000010.png": b"png", "latent_cache/train-abc.safetensors": b"z", "trace/rank-0.jsonl": b"{}",
+    "evaluation/samples/big.npz": b"npz", "notes.txt": b"my notes", "other_script.py": b"print()",
+    "__pycache__/pipeline_adni_ldm.cpython-311.pyc": b"pyc",
+}
+
+
+def test_only_the_model_of_a_training_output_folder_is_selected(tmp_path):
+    _write(tmp_path, {**MODEL_FILES, **CLUTTER})
+    kind, files = hub.select_upload_files(tmp_path)
+    assert kind == "pipeline" and set(files) == set(MODEL_FILES)
+
+
+def test_vq_output_folder_and_checkpoint_folder_selection(tmp_path):
+    vq = {"vqvae/config.json": b"{}", "vqvae/diffusion_pytorch_model.safetensors": b"vq", "metrics.json": b"{}",
+          "reconstructions.png": b"png", "loss_curve.png": b"png", "training_data.json": b"{}",
+          "training_args.json": b"{}", "README.md": b"card"}
+    _write(tmp_path / "vq", {**vq, **CLUTTER})
+    kind, files = hub.select_upload_files(tmp_path / "vq")
+    assert kind == "vqmodel" and set(files) == set(vq)
+    ckpt = {"model.safetensors": b"w", "optimizer.bin": b"o", "random_states_0.pkl": b"r",
+            "training_state.json": b"{}", "training_state.safetensors": b"t"}
+    _write(tmp_path / "checkpoint-500", ckpt)
+    kind, files = hub.select_upload_files(tmp_path / "checkpoint-500")
+    assert kind == "checkpoint" and set(files) == set(ckpt)
+
+
+def test_push_of_a_training_output_folder_uploads_only_the_model(hub_stub, tmp_path):
+    _write(tmp_path / "out", {**MODEL_FILES, **CLUTTER})
+    push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+    assert hub_stub.repo_files(REPO) == MODEL_FILES  # the user's own README.md is pushed as it is
+
+
+def test_a_generated_card_is_rendered_for_the_target_repo(hub_stub, tmp_path):
+    from adni_diffusers.model_card import CARD_MARKER
+
+    folder = tmp_path / "out"
+    _write(folder, {**MODEL_FILES, "README.md": f"---\nlicense: other\n---\n{CARD_MARKER} -->\nold".encode()})
+    before = _snapshot(folder)
+    push_folder(folder, "user/target", token=hub_stub.token)
+    card = hub_stub.repo_files("user/target")["README.md"].decode()
+    assert 'from_pretrained("user/target", trust_remote_code=True)' in card and "old" not in card.splitlines()
+    assert _snapshot(folder) == before  # only the pushed copy changes
+    # A pipeline folder without a card gets one in the pushed copy.
+    (folder / "README.md").unlink()
+    push_folder(folder, "user/no-card", token=hub_stub.token)
+    assert CARD_MARKER in hub_stub.repo_files("user/no-card")["README.md"].decode()
+    assert not (folder / "README.md").exists()
+
+
+def test_a_file_holding_the_token_stops_the_push(hub_stub, pipeline_dir):
+    (pipeline_dir / "training_args.json").write_text(json.dumps({"hub_token": hub_stub.token}))
+    with pytest.raises(HubError, match="training_args.json holds your Hub token") as info:
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert hub_stub.token not in str(info.value)
+    assert REPO not in hub_stub.repo_ids()  # refused before creating anything
+
+
+def test_check_hub_arguments(hub_stub, tmp_path):
+    hub.check_hub_arguments(_parse([]))  # nothing to check without --push_to_hub
+    args = _parse(["--push_to_hub", "--hub_model_id", REPO])
+    args.output_dir = str(tmp_path)
+    with pytest.raises(HubError, match="no Hugging Face token"):
+        hub.check_hub_arguments(args)
+    args.hub_token = SECRET
+    hub.check_hub_arguments(args)
+    args.hub_model_id = None
+    args.output_dir = str(tmp_path / "bad name!")  # the default repo id is the folder's name
+    with pytest.raises(HubError, match="invalid Hub repo id"):
+        hub.check_hub_arguments(args)
+    with pytest.raises(SystemExit):
+        _parse(["--hub_model_id", "user/bad--name"])
+    assert hub_stub.requests == []  # all local
