@@ -99,6 +99,9 @@ def main(args: argparse.Namespace) -> dict:
 
     # 2. the denoiser and the forward process
     class_names = data.class_names if args.conditional else None
+    # the UNet works on whatever latents this VQModel makes (4x32x32 for every preset)
+    config.update(in_channels=train_latents.shape[1], out_channels=train_latents.shape[1],
+                  sample_size=train_latents.shape[-1])
     if class_names:
         config["num_class_embeds"] = len(class_names) + 1  # the last one is "no label" (CFG)
     unet = training.to_channels_last(UNet2DModel(**config), args)
@@ -185,9 +188,13 @@ def main(args: argparse.Namespace) -> dict:
 
         write_model_card(args.output_dir, pipe, args, data_source=data_source, sample_grid=grid)
         if args.push_to_hub:
-            from adni_diffusers.hub import push_from_args
+            from adni_diffusers.hub import HubError, push_from_args
 
-            push_from_args(args, args.output_dir)
+            try:
+                push_from_args(args, args.output_dir)
+            except HubError as e:  # the model is saved: the message says how to push it later
+                accelerator.end_training()
+                raise TrainingError(str(e)) from None
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

@@ -163,10 +163,17 @@ def main(args: argparse.Namespace) -> dict:
                 * args.gradient_accumulation_steps / max(train_seconds, 1e-9), 2),
             "num_processes": accelerator.num_processes, "data_source": data_source,
         })
-        if args.push_to_hub:
-            from adni_diffusers.hub import push_from_args
+        from adni_diffusers.model_card import write_model_card
 
-            push_from_args(args, args.output_dir)
+        write_model_card(args.output_dir, None, args, data_source=data_source)
+        if args.push_to_hub:
+            from adni_diffusers.hub import HubError, push_from_args
+
+            try:
+                push_from_args(args, args.output_dir)
+            except HubError as e:  # the model is saved: the message says how to push it later
+                accelerator.end_training()
+                raise TrainingError(str(e)) from None
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

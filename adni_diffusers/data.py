@@ -147,8 +147,11 @@ def _is_image(p: Path) -> bool:
 
 
 def _is_root_doc(p: Path, root: Path) -> bool:
-    # A README or licence at the top of the tree is documentation, not data (the demo set writes one).
-    return p.parent == root and (p.suffix.lower() in {".txt", ".md", ".json", ".csv"} or p.name.upper().startswith("LICENSE"))
+    # A README or licence at the top of the tree is documentation, not data (the demo set writes some).
+    # Not `metadata.csv/jsonl`: datasets' imagefolder would read those as labels.
+    if p.parent != root or p.stem.lower() == "metadata":
+        return False
+    return p.suffix.lower() in {".txt", ".md", ".json", ".csv"} or p.name.upper().startswith("LICENSE")
 
 
 def _list_dir(d: Path) -> tuple[list[Path], list[Path]]:
@@ -292,7 +295,7 @@ def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = Non
     out = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     errors, notes = [], Counter()
     with ThreadPoolExecutor(workers) as pool:
-        for i, (arr, note, err) in enumerate(pool.map(lambda p: decode_slice(p, preprocess), paths, chunksize=64)):
+        for i, (arr, note, err) in enumerate(pool.map(lambda p: decode_slice(p, preprocess), paths)):
             if err:
                 errors.append(f"{paths[i]}: {err}")
             else:
@@ -390,7 +393,7 @@ def _index_with_datasets(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
         for image, label in zip(part["image"], labels):
             path = Path(image["path"])
             records.append((str(path), int(label), tree.split_of.get(path, split_name)))
-    records.sort()
+    records.sort(key=lambda r: Path(r[0]))  # the same order as scan_tree's list
     if [Path(r[0]) for r in records] != tree.files:
         missing = sorted(set(tree.files) - {Path(r[0]) for r in records})
         raise DataError(f"{root}: datasets' imagefolder did not read {len(missing)} image(s): {_listing(missing)}")

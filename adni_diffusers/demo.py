@@ -109,7 +109,7 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     pipe = DiffusionPipeline.from_pretrained(str(ldm_dir), trust_remote_code=True).to(device)
     scheduler, steps = plan["sampler"]
     results = {}
-    for i, label in enumerate(pipe.config.class_names or [None]):
+    for i, label in enumerate(pipe.class_names or [None]):
         name = label or "samples"
         results[name] = generate(str(ldm_dir), out / "samples" / name, num_images=plan["num_images"],
                                  class_label=label, guidance=2.0 if label else 1.0, scheduler=scheduler, steps=steps,

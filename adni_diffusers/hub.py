@@ -186,9 +186,8 @@ def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
         return "checkpoint", files
 
     def top_level_extras(path: str) -> bool:
-        name = path
-        return "/" not in name and (Path(name).suffix.lower() in PICTURE_SUFFIXES + (".json",)
-                                    or name == "README.md" or name.split(".")[0].upper() in ("LICENSE", "NOTICE"))
+        return "/" not in path and (Path(path).suffix.lower() in PICTURE_SUFFIXES + (".json",)
+                                    or path == "README.md" or path.split(".")[0].upper() in ("LICENSE", "NOTICE"))
 
     index_path = folder / "model_index.json"
     if index_path.is_file():
@@ -216,9 +215,10 @@ def _components_of(folder: Path, kind: str) -> list[str]:
         return ["vqvae"]
     if kind == "pipeline":
         try:
-            return _pipeline_components(json.loads((folder / "model_index.json").read_text()))
+            index = json.loads((folder / "model_index.json").read_text())
         except (OSError, ValueError):
             return []
+        return [c for c in _pipeline_components(index) if (folder / c).is_dir()]
     return []
 
 

@@ -1,31 +1,553 @@
-"""The model card (README.md) of a saved pipeline, rendered from the `pipeline_card.md` template."""
+"""The model card (README.md) of a saved model, rendered from the files beside it.
+
+A pipeline folder (`model_index.json`, from train_unet.py) gets `pipeline_card.md`, a Jinja template
+rendered by huggingface_hub's `ModelCard.from_template`, with diffusers' `populate_model_card`
+adding the tags. A first-stage folder (`vqvae/`, from train_vqmodel.py) gets the shorter
+`VQ_CARD_TEMPLATE` below. Everything the card says is read from the folder:
+
+    model_index.json, vqvae/ unet/ scheduler/ configs   what the model is (sizes from safetensors headers)
+    training_data.json                                  data source (demo or user), sizes, split
+    training_args.json                                  the training arguments (no token: never written)
+    train_metrics.json, loss_curve.png, samples.png     training outcome
+    evaluation/metrics.json (else metrics.json)         evaluation numbers, when they exist
+
+so the card can be re-rendered at any time: after evaluation (`render_model_card(dir)`), and by
+`adni-diffusers push`, which renders it for the repo id it pushes to. Rendering is deterministic
+(same files -> same bytes). Cards start with `CARD_MARKER`; a README.md without it is the user's own
+and is never replaced by a push.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import struct
 from pathlib import Path
 
 TEMPLATE = Path(__file__).with_name("pipeline_card.md")
+CARD_FILE = "README.md"
+CARD_MARKER = "<!-- adni-diffusers model card"
+EVALUATION_FILES = ("evaluation/metrics.json", "metrics.json")  # first found wins (pipeline folders)
+PLACEHOLDER_NAMESPACE = "your-user"
+PACKAGE_TAG = "adni-diffusers"
+BASE_TAGS = ["medical-imaging", "mri", "brain", "alzheimers"]
+MNI_NOTICE = (
+    "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, "
+    "McGill University. Permission to use, copy, modify, and distribute this software and its documentation for "
+    "any purpose and without fee is hereby granted, provided that the above copyright notice appear in all copies. "
+    "The authors and McGill University make no representations about the suitability of this software for any "
+    "purpose. It is provided \"as is\" without express or implied warranty."
+)
+ADNI_ACKNOWLEDGEMENT = (
+    "Data used in preparation of this article were obtained from the Alzheimer's Disease Neuroimaging Initiative "
+    "(ADNI) database (adni.loni.usc.edu)."
+)
+
+# The training arguments the card shows (all of them are in training_args.json), in this order.
+_ARG_LABELS = [
+    ("preset", "model size preset"),
+    ("conditional", "class-conditional"),
+    ("cond_dropout", "label dropout (for guidance)"),
+    ("max_train_steps", "max training steps"),
+    ("num_epochs", "epochs (when no max steps)"),
+    ("train_batch_size", "batch size per process"),
+    ("gradient_accumulation_steps", "gradient accumulation"),
+    ("learning_rate", "learning rate"),
+    ("scale_lr", "learning rate scaled by batch"),
+    ("lr_scheduler", "learning-rate schedule"),
+    ("lr_warmup_steps", "warm-up steps"),
+    ("adam_weight_decay", "AdamW weight decay"),
+    ("max_grad_norm", "gradient clipping"),
+    ("use_ema", "EMA of the weights"),
+    ("ema_max_decay", "EMA max decay"),
+    ("mixed_precision", "mixed precision"),
+    ("num_train_timesteps", "diffusion timesteps"),
+    ("beta_schedule", "beta schedule"),
+    ("beta_start", "beta start"),
+    ("beta_end", "beta end"),
+    ("prediction_type", "prediction target"),
+    ("loss", "loss"),
+    ("rec_loss", "reconstruction loss"),
+    ("ssim_weight", "SSIM loss weight"),
+    ("codebook_weight", "codebook loss weight"),
+    ("commitment_beta", "commitment weight"),
+    ("codebook_restart_steps", "dead-code restart every"),
+    ("disc_weight", "adversarial loss weight"),
+    ("disc_start", "discriminator start step"),
+    ("split", "validation split"),
+    ("val_fraction", "held-out patient fraction"),
+    ("preprocess", "240 -> 256 rows"),
+    ("seed", "seed"),
+]
+_ONLY_IF = {  # shown only when the argument named on the right is truthy
+    "cond_dropout": "conditional", "ema_max_decay": "use_ema", "val_fraction": "split=patient",
+    "num_epochs": "not max_train_steps", "disc_start": "disc_weight",
+}
+
+_VQ_METRICS = [  # first-stage reconstruction numbers (metrics.json of train_vqmodel.py)
+    ("psnr", "PSNR (dB), whole slice"),
+    ("ssim", "SSIM, whole slice"),
+    ("ms_ssim", "MS-SSIM, whole slice"),
+    ("psnr_brain", "PSNR (dB), inside the brain mask"),
+    ("ssim_brain", "SSIM, inside the brain mask"),
+    ("codebook_usage", "share of codebook entries used"),
+    ("code_perplexity", "code perplexity"),
+    ("eval_images", "held-out images measured"),
+]
 
 
-def write_model_card(output_dir, pipe, args, data_source: str, sample_grid=None) -> Path:
-    from huggingface_hub import ModelCard, ModelCardData
+# ----------------------------------------------------------------------------- reading the folder
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
+
+def _count_parameters(component_dir: Path) -> int | None:
+    """Parameters of a saved diffusers model, from its safetensors headers (no torch needed)."""
+    files = [p for p in sorted(Path(component_dir).glob("*.safetensors"))
+             if re.fullmatch(r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors", p.name)]
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+        except (OSError, ValueError, struct.error):
+            return None
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
+def _millions(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e6:.3f}M"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _count(n, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def _numeric_rows(metrics: dict) -> list[tuple[str, str]]:
+    return [(k, _fmt(v)) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _evaluation(model_dir: Path, names=EVALUATION_FILES) -> tuple[list[tuple[str, str]], str | None]:
+    for name in names:
+        rows = _numeric_rows(_read_json(model_dir / name))
+        if rows:
+            return rows, name
+    return [], None
+
+
+def _shown(key: str, args: dict) -> bool:
+    cond = _ONLY_IF.get(key)
+    if cond is None:
+        return True
+    if cond == "split=patient":
+        return args.get("split") == "patient"
+    if cond.startswith("not "):
+        return not args.get(cond[4:])
+    return bool(args.get(cond))
+
+
+def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for key, label in _ARG_LABELS:
+        if key in args and _shown(key, args):
+            value = args[key]
+            if key == "mixed_precision" and value is None:
+                value = "as `accelerate config` says"
+            rows.append((f"`--{key}`", _fmt(value), label))
+    return rows
+
+
+def _class_names(value) -> list[str]:
+    """model_index.json's class_names: a list, or a {name: index} mapping (ordered by index)."""
+    if isinstance(value, dict):
+        return sorted(value, key=lambda name: value[name])
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+
+
+def _per_class(summary: dict) -> str:
+    per_class = summary.get("per_class") or {}
+    return ", ".join(f"{name} {count}" for name, count in per_class.items()) or "-"
+
+
+def _data_context(data: dict, args: dict, source: str) -> dict:
+    train, val = data.get("train") or {}, data.get("validation") or {}
+    split = data.get("split") or args.get("split")
+    if split == "patient":
+        n_train, n_val = train.get("patients"), val.get("patients")
+        if isinstance(n_train, int) and isinstance(n_val, int):
+            share = f"{n_val} of {n_train + n_val} patients"
+        else:
+            fraction = args.get("val_fraction")
+            share = f"{fraction:.0%} of the patients" if isinstance(fraction, (int, float)) else "some patients"
+        split_text = (f"{share} held out for validation as whole patients (seed {args.get('seed', '?')}), so no "
+                      f"patient has slices on both sides")
+    elif split == "given":
+        split_text = "the folder's own: its `train/` for training, its `test/` for validation"
+    elif split == "all":
+        split_text = "none: every slice was used for training (no held-out validation set)"
+    else:
+        split_text = "not recorded"
+    preprocess = data.get("preprocess") or args.get("preprocess")
+    preprocess_text = {
+        "pad": "the 256 x 240 slices were padded with black rows to 256 x 256 (anatomy not stretched)",
+        "resize": "the 256 x 240 slices were resized to 256 x 256 (stretched by 6.7% vertically)",
+    }.get(preprocess, "not recorded")
+    rows = []
+    if train:
+        rows.append(("training", train.get("images", "?"), train.get("patients", "?"), _per_class(train)))
+    if val.get("images"):
+        rows.append(("validation", val.get("images", "?"), val.get("patients", "?"), _per_class(val)))
+    root_name = Path(str(data.get("root") or "")).name or "?"  # never the full local path
+    total = sum(r[1] for r in rows if isinstance(r[1], int))
+    if source == "demo":
+        summary = f"the synthetic demo set ({total} slices, not ADNI)"
+    elif source == "user":
+        summary = f"{total} axial slices from an ADNI-style folder (`{root_name}`)"
+    else:
+        summary = "data that was not recorded"
+    return {"data_rows": rows, "split_text": split_text, "preprocess_text": preprocess_text,
+            "data_root_name": root_name, "data_summary": summary, "total_images": total}
+
+
+def _repo_id(model_dir: Path, args: dict, repo_id: str | None) -> tuple[str, bool]:
+    """(repo id for the code snippets, whether it is a placeholder)."""
+    if repo_id and "/" in repo_id:
+        return repo_id, False
+    name = repo_id or args.get("hub_model_id") or model_dir.resolve().name
+    if "/" in name:
+        return name, False
+    return f"{PLACEHOLDER_NAMESPACE}/{name}", True
+
+
+def _license(source: str) -> dict:
+    if source == "demo":
+        return {"license_name": "mni-icbm152-2009-notice"}
+    return {"license_name": "adni-data-use-agreement"}
+
+
+def _card_data(source: str, tags: list[str], **extra):
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(license="other", **_license(source), tags=tags, **extra)
+
+
+def _populate(card, tags: list[str]):
+    """diffusers' helper: library_name "diffusers" plus the tags."""
+    from diffusers.utils.hub_utils import populate_model_card
+
+    return populate_model_card(card, tags=tags)
+
+
+def _files_listing(model_dir: Path) -> list[str]:
+    """What a push uploads (top-level names; folders end with '/')."""
+    from .hub import select_upload_files
+
+    _, files = select_upload_files(model_dir)
+    names = []
+    for path in files:
+        name = path.split("/")[0] + ("/" if "/" in path else "")
+        if name not in names:
+            names.append(name)
+    if CARD_FILE not in names:
+        names.append(CARD_FILE)
+    return sorted(names, key=lambda n: (n.endswith("/") is False, n))
+
+
+# ----------------------------------------------------------------------------- pipeline card
+def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: str | None = None,
+                          sample_grid: str | None = None) -> dict:
+    """Everything `pipeline_card.md` uses, read from a saved pipeline folder."""
+    d = Path(model_dir)
+    index = _read_json(d / "model_index.json")
+    data = _read_json(d / "training_data.json")
+    args = _read_json(d / "training_args.json")
+    train = _read_json(d / "train_metrics.json")
+    unet = _read_json(d / "unet" / "config.json")
+    vq = _read_json(d / "vqvae" / "config.json")
+    sched = _read_json(d / "scheduler" / "scheduler_config.json")
+    source = data_source or data.get("source") or "unknown"
+    class_names = _class_names(index.get("class_names"))
+    conditional = bool(unet.get("num_class_embeds")) and bool(class_names)
+    repo, placeholder = _repo_id(d, args, repo_id)
+    eval_rows, eval_source = _evaluation(d)
+    vq_metrics = {}
+    if data.get("vqmodel"):  # the first stage's own metrics.json, while its folder is still around
+        vq_dir = Path(data["vqmodel"])
+        vq_metrics = _read_json(vq_dir / "metrics.json") or _read_json(vq_dir.parent / "metrics.json")
+    channels = unet.get("block_out_channels") or []
+    attention = sum(1 for b in unet.get("down_block_types") or [] if "Attn" in b)
+    grid = sample_grid or "samples.png"
+    ctx = {
+        "model_name": repo.split("/")[-1],
+        "repo_id": repo,
+        "repo_id_is_placeholder": placeholder,
+        "data_source": source,
+        "class_names": class_names,
+        "conditional": conditional,
+        "example_label": class_names[0] if conditional else None,
+        "unet_params": _millions(_count_parameters(d / "unet")),
+        "unet_channels": ", ".join(str(c) for c in channels) or "?",
+        "unet_layers": _count(unet.get("layers_per_block", "?"), "layer"),
+        "unet_attention": ("no self-attention" if attention == 0 else "self-attention at the lowest resolution"
+                           if attention == 1 else f"self-attention at the {attention} lowest resolutions"),
+        "unet_sample_size": unet.get("sample_size", "?"),
+        "latent_channels": unet.get("in_channels", vq.get("latent_channels", "?")),
+        "vq_params": _millions(_count_parameters(d / "vqvae")),
+        "vq_codes": vq.get("num_vq_embeddings", "?"),
+        "vq_scaling_factor": _fmt(vq.get("scaling_factor")),
+        "scheduler_class": (index.get("scheduler") or [None, sched.get("_class_name", "?")])[1],
+        "num_train_timesteps": sched.get("num_train_timesteps", "?"),
+        "beta_schedule": sched.get("beta_schedule", "?"),
+        "beta_start": _fmt(sched.get("beta_start")),
+        "beta_end": _fmt(sched.get("beta_end")),
+        "prediction_type": sched.get("prediction_type", "epsilon"),
+        "arg_rows": _argument_rows(args),
+        "train_steps": train.get("train_steps"),
+        "num_processes": _count(train["num_processes"], "process", "processes")
+        if isinstance(train.get("num_processes"), int) else None,
+        "images_per_second": _fmt(train.get("train_images_per_second_this_run")),
+        "val_loss": _fmt(train.get("val_loss")) if train.get("val_loss") is not None else None,
+        "eval_rows": eval_rows,
+        "eval_source": eval_source,
+        "vq_rows": [(label, _fmt(vq_metrics[k])) for k, label in _VQ_METRICS if k in vq_metrics],
+        "vq_eval_set": vq_metrics.get("eval_set"),
+        "sample_grid": grid if (d / grid).is_file() else None,
+        "sample_steps": args.get("sample_inference_steps"),
+        "seed": args.get("seed", 0),
+        "loss_curve": "loss_curve.png" if (d / "loss_curve.png").is_file() else None,
+        "files": _files_listing(d),
+        "mni_notice": MNI_NOTICE,
+        "adni_acknowledgement": ADNI_ACKNOWLEDGEMENT,
+    }
+    ctx.update(_data_context(data, args, source))
+    return ctx
+
+
+def _pipeline_tags(ctx: dict) -> list[str]:
+    tags = BASE_TAGS + ["latent-diffusion"]
+    tags += ["class-conditional"] if ctx["conditional"] else []
+    tags += ["adni"] if ctx["data_source"] == "user" else ["synthetic-data"] if ctx["data_source"] == "demo" else []
+    return tags + [PACKAGE_TAG]
+
+
+def render_pipeline_card(model_dir, repo_id: str | None = None, data_source: str | None = None,
+                         sample_grid: str | None = None) -> str:
+    from huggingface_hub import ModelCard
+
+    ctx = pipeline_card_context(model_dir, repo_id, data_source, sample_grid)
+    card_data = _card_data(ctx["data_source"], tags=[], pipeline_tag="unconditional-image-generation")
+    card = ModelCard.from_template(card_data, template_path=str(TEMPLATE), **ctx)
+    return _finish(_populate(card, _pipeline_tags(ctx)))
+
+
+def _finish(card) -> str:
+    text = str(card)
+    text = re.sub(r"\n{3,}", "\n\n", text)  # Jinja blocks leave blank runs
+    return text.rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------- first-stage card
+VQ_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+<!-- adni-diffusers model card: generated from the files beside it; `adni-diffusers push` and render_model_card() rewrite it. Delete this line to keep hand edits. -->
+
+# {{ model_name }}
+
+The first stage of an adni-diffusers latent diffusion model: a VQ-regularised autoencoder
+(diffusers `VQModel`, {{ vq_params }} parameters) that turns a greyscale 256 x 256 brain MRI slice into a
+{{ latent_channels }} x 32 x 32 latent and back, through a codebook of {{ vq_codes }} entries. It was trained on
+{{ data_summary }}. A diffusion UNet (`train_unet.py --vqmodel`) is trained on its latents.
+
+{% if data_source == "demo" -%}
+> **Demo model**: trained on a small synthetic stand-in for ADNI built from one template brain, to show the
+> workflow; its reconstructions say little about real scans.
+
+{% endif -%}
+> **Research use only.** Not a medical device; not for diagnosis or any clinical decision.
+
+{% if reconstructions -%}
+![Held-out slices (top), their reconstructions (middle) and the absolute error (bottom)]({{ reconstructions }})
+
+*Top: held-out slices; middle: reconstructions; bottom: absolute error (black = exact).*
+{% endif %}
+
+## Reconstruction quality
+
+{% if vq_rows -%}
+Measured on {{ vq_eval_set or "held-out slices" }}:
+
+| metric | value |
+|---|---|
+{% for label, value in vq_rows -%}
+| {{ label }} | {{ value }} |
+{% endfor -%}
+{% else -%}
+Not measured (no `metrics.json` in this folder).
+{% endif %}
+`scaling_factor` = {{ vq_scaling_factor }} (1 / standard deviation of the training latents, computed from the data):
+the diffusion model works on `latents * scaling_factor`.
+
+## Training data
+
+{{ data_description }}
+
+| split | images | patients | per class |
+|---|---|---|---|
+{% for split, images, patients, per_class in data_rows -%}
+| {{ split }} | {{ images }} | {{ patients }} | {{ per_class }} |
+{% endfor %}
+- Split: {{ split_text }}.
+- Preprocessing: {{ preprocess_text }}; intensities scaled to [-1, 1].
+
+## Training
+
+| argument | value | meaning |
+|---|---|---|
+{% for name, value, label in arg_rows -%}
+| {{ name }} | {{ value }} | {{ label }} |
+{% endfor %}
+The full list is in `training_args.json`.
+{% if loss_curve %}
+![Training losses]({{ loss_curve }})
+{% endif %}
+
+## Use
+
+```python
+import torch
+from diffusers import VQModel
+
+vq = VQModel.from_pretrained("{{ repo_id }}", subfolder="vqvae")
+x = torch.zeros(1, 1, 256, 256)                       # a slice scaled to [-1, 1]
+h = vq.encode(x).latents                              # pre-quantisation latents, 4 x 32 x 32
+recon = vq.decode(h).sample                           # quantised and decoded
+```
+{% if repo_id_is_placeholder %}
+Replace `{{ repo_id }}` with the repo this model is pushed to, or with the local folder.
+{% endif %}
+
+## Limitations
+
+- Trained for one thing: axial slices like those of its training folder (position, contrast, 256 x 256).
+- Reconstructions smooth fine detail; they are not diagnostic images.
+- {{ license_text }}
+"""
+
+
+def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | None = None) -> dict:
+    d = Path(model_dir)
+    data = _read_json(d / "training_data.json")
+    args = _read_json(d / "training_args.json")
+    metrics = _read_json(d / "metrics.json")
+    vq = _read_json(d / "vqvae" / "config.json")
+    source = data_source or data.get("source") or metrics.get("data_source") or "unknown"
+    repo, placeholder = _repo_id(d, args, repo_id)
+    ctx = {
+        "model_name": repo.split("/")[-1],
+        "repo_id": repo,
+        "repo_id_is_placeholder": placeholder,
+        "data_source": source,
+        "vq_params": _millions(_count_parameters(d / "vqvae")),
+        "vq_codes": vq.get("num_vq_embeddings", "?"),
+        "latent_channels": vq.get("latent_channels", "?"),
+        "vq_scaling_factor": _fmt(vq.get("scaling_factor")),
+        "vq_rows": [(label, _fmt(metrics[k])) for k, label in _VQ_METRICS if k in metrics],
+        "vq_eval_set": metrics.get("eval_set"),
+        "reconstructions": "reconstructions.png" if (d / "reconstructions.png").is_file() else None,
+        "loss_curve": "loss_curve.png" if (d / "loss_curve.png").is_file() else None,
+        "arg_rows": _argument_rows(args),
+    }
+    ctx.update(_data_context(data, args, source))
+    if source == "demo":
+        ctx["data_description"] = (
+            "The synthetic demo set (`adni-diffusers demo-data`): the MNI152 2009 template bundled with nilearn, "
+            "seen through random deformations, with simulated atrophy for the \"AD\" class. No patient data.")
+        ctx["license_text"] = ("`license: other`: the training images derive from the MNI ICBM152 2009 template, "
+                               "whose notice must be kept: " + MNI_NOTICE)
+    else:
+        ctx["data_description"] = (
+            f"Slices from an ADNI-style folder (`{ctx['data_root_name']}`), supplied by whoever trained the model. "
+            "The images are not in this repository.")
+        ctx["license_text"] = ("`license: other`: a model of ADNI data is a derivative of data under the ADNI Data "
+                               "Use Agreement, which forbids redistributing the data; autoencoders reproduce their "
+                               "inputs closely. Share it only as far as your agreement allows.")
+    return ctx
+
+
+def render_vq_card(model_dir, repo_id: str | None = None, data_source: str | None = None) -> str:
+    from huggingface_hub import ModelCard
+
+    ctx = vq_card_context(model_dir, repo_id, data_source)
+    tags = BASE_TAGS + ["vq-vae", "autoencoder"]
+    tags += ["adni"] if ctx["data_source"] == "user" else ["synthetic-data"] if ctx["data_source"] == "demo" else []
+    card = ModelCard.from_template(_card_data(ctx["data_source"], tags=[]), template_str=VQ_CARD_TEMPLATE, **ctx)
+    return _finish(_populate(card, tags + [PACKAGE_TAG]))
+
+
+# ----------------------------------------------------------------------------- entry points
+def model_kind(model_dir) -> str | None:
+    """"pipeline" (model_index.json), "vqmodel" (vqvae/config.json, no index) or None."""
+    d = Path(model_dir)
+    if (d / "model_index.json").is_file():
+        return "pipeline"
+    if (d / "vqvae" / "config.json").is_file():
+        return "vqmodel"
+    return None
+
+
+def render_model_card(model_dir, repo_id: str | None = None, data_source: str | None = None,
+                      sample_grid: str | None = None) -> str:
+    """The card (README.md text) of a saved pipeline or VQ folder, from the files in it.
+
+    `repo_id`: the repo the code snippets load from (default: `hub_model_id` in training_args.json, else
+    a `your-user/<folder name>` placeholder). Call again after evaluation to add the numbers.
+    """
+    kind = model_kind(model_dir)
+    if kind == "pipeline":
+        return render_pipeline_card(model_dir, repo_id, data_source, sample_grid)
+    if kind == "vqmodel":
+        return render_vq_card(model_dir, repo_id, data_source)
+    raise ValueError(f"{model_dir}: neither a saved pipeline (model_index.json) nor a VQ model folder (vqvae/)")
+
+
+def is_generated_card(text: str) -> bool:
+    """Whether a README.md was written by this module (and may be re-rendered)."""
+    return CARD_MARKER in text
+
+
+def write_model_card(output_dir, pipe=None, args=None, data_source: str | None = None, sample_grid=None) -> Path:
+    """Render the card of the model saved in `output_dir` and write `output_dir/README.md`.
+
+    Called at the end of train_unet.py (and train_vqmodel.py, with `pipe=None`). `pipe` is not needed
+    (everything is read from the saved files); `args` gives the repo id (--hub_model_id).
+    """
     output_dir = Path(output_dir)
-    class_names = pipe.config.class_names or []
-    card_data = ModelCardData(
-        library_name="diffusers", license="other", pipeline_tag="unconditional-image-generation",
-        tags=["medical-imaging", "mri", "brain", "alzheimers", "latent-diffusion", "adni-diffusers"],
-    )
-    info_path = output_dir / "training_data.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    data_description = ("the synthetic MNI152-based demo set (not ADNI)" if data_source == "demo"
-                        else f"{info.get('train', {}).get('images', '?')} slices from the user's data")
-    card = ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE), model_name=output_dir.name, data_description=data_description,
-        sample_grid=Path(sample_grid).name if sample_grid else "samples.png",
-        repo_id=getattr(args, "hub_model_id", None) or output_dir.name, class_names=class_names,
-    )
-    path = output_dir / "README.md"
-    card.save(path)
+    repo_id = getattr(args, "hub_model_id", None) if args is not None else None
+    text = render_model_card(output_dir, repo_id=repo_id, data_source=data_source,
+                             sample_grid=Path(sample_grid).name if sample_grid else None)
+    path = output_dir / CARD_FILE
+    path.write_text(text, encoding="utf-8")
     return path

@@ -144,6 +144,14 @@ def prepare_slices(images, size: int = IMAGE_SIZE) -> torch.Tensor:
     return torch.stack(out).unsqueeze(1)
 
 
+def _ordered_class_names(class_names) -> list[str]:
+    if not class_names:
+        return []
+    if isinstance(class_names, dict):
+        return sorted(class_names, key=class_names.get)
+    return list(class_names)
+
+
 def _is_grey_rgb(im: PIL.Image.Image) -> bool:
     a = np.asarray(im)
     return bool((a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all())
@@ -164,16 +172,25 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             set (the last class index is the "unconditional" label used for classifier-free guidance).
         scheduler ([`SchedulerMixin`]): DDPM by default; DDIM, DPM-Solver++ and UniPC swap in with
             `pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`.
-        class_names (`list[str]`, optional): names of the conditioning classes, e.g. `["AD", "NC"]`.
+        class_names (`list[str]` or `dict[str, int]`, optional): names of the conditioning classes, e.g.
+            `["AD", "NC"]`. Saved in model_index.json as `{"AD": 0, "NC": 1}` (a list there would be taken
+            for a component by diffusers' Hub download).
     """
 
     model_cpu_offload_seq = "unet->vqvae"
     _callback_tensor_inputs = ["latents", "x0_pred"]
 
-    def __init__(self, vqvae: VQModel, unet: UNet2DModel, scheduler: SchedulerMixin, class_names: list[str] | None = None):
+    def __init__(self, vqvae: VQModel, unet: UNet2DModel, scheduler: SchedulerMixin,
+                 class_names: list[str] | dict[str, int] | None = None):
         super().__init__()
         self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
-        self.register_to_config(class_names=list(class_names) if class_names else None)
+        names = _ordered_class_names(class_names)
+        self.register_to_config(class_names={name: i for i, name in enumerate(names)} if names else None)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The conditioning classes in label order (label i is `class_names[i]`); [] when unconditional."""
+        return _ordered_class_names(self.config.class_names)
 
     # -- class labels -----------------------------------------------------------------------------
     @property
@@ -192,7 +209,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             return torch.full((batch_size,), self.null_class, dtype=torch.long)
         if not self.is_conditional:
             raise ValueError("this model is unconditional (trained without --conditional): call it without class_labels")
-        names = list(self.config.class_names or [])
+        names = self.class_names
         labels = class_labels if isinstance(class_labels, (list, tuple, torch.Tensor, np.ndarray)) else [class_labels]
         labels = labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
         out = []

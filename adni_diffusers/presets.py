@@ -124,6 +124,8 @@ def _check_config(config: dict, source: str, what: str) -> None:
     if unknown:
         raise PresetError(f"{what} config {source}: unknown keys {unknown}")
     groups = config.get("norm_num_groups", 32)
+    if not isinstance(groups, int) or groups < 1:
+        raise PresetError(f"{what} config {source}: norm_num_groups must be a positive integer, got {groups!r}")
     bad = [c for c in config.get("block_out_channels", []) if c % groups]
     if bad:
         raise PresetError(

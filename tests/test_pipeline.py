@@ -287,7 +287,8 @@ def test_save_writes_module_and_class_name_and_resave_round_trips(pipe, tmp_path
     pipe.save_pretrained(tmp_path / "a")
     index = json.loads((tmp_path / "a" / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"]
-    assert index["class_names"] == ["AD", "NC"]
+    assert index["class_names"] == {"AD": 0, "NC": 1}
+    assert pipe.class_names == ["AD", "NC"]
     assert (tmp_path / "a" / "pipeline_adni_ldm.py").is_file()
     assert list((tmp_path / "a" / "unet").glob("*.safetensors"))
 

@@ -1,0 +1,275 @@
+"""Issue 5 end to end, against the local Hub stand-in (tests/hub_stub.py), with the REAL
+huggingface_hub and diffusers code:
+
+1. `train_unet.py --push_to_hub` (a subprocess, as a user runs it) pushes exactly the model to main,
+   and its checkpoint to the `checkpoints` branch;
+2. `adni-diffusers push` of a saved pipeline pushes; a changed model makes a new commit;
+3. `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` downloads it into an empty
+   HF_HOME and generates images, in a process where `adni_diffusers` cannot be imported;
+4. the token is nowhere: not in stdout/stderr, logs (tensorboard event files included), the card or
+   any pushed file;
+5. a wrong repo id, a missing token, a 401/403 or a 5xx give a clear message and leave the local
+   model byte-identical.
+
+The two subprocesses share one module-scoped stub (`pushed_run`); the other tests use the
+in-process `hub_stub` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, TINY_UNET_ARGS
+from hub_stub import HubStub
+
+SECRET = "hf_RoundTripSecretToken0123456789abcdef"  # the stub's valid token in the subprocess tests
+REPO = "user/tiny-ldm"
+# What a train_unet.py output folder must put on main: the model, its card and what the card shows.
+PIPELINE_FILES = {
+    "README.md", "model_index.json", "pipeline_adni_ldm.py", "samples.png", "loss_curve.png",
+    "training_data.json", "training_args.json", "train_metrics.json", "scheduler/scheduler_config.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors",
+}
+SUBPROCESS_TIMEOUT = 300
+
+
+def _env(stub: HubStub, hf_home: Path, token: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
+    env.update(stub.client_env(hf_home, token=token))
+    return env
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pushed_run(tiny_vq, demo_root, tmp_path_factory):
+    """train_unet.py --push_to_hub --push_checkpoints in a subprocess, against a stub of its own."""
+    work = tmp_path_factory.mktemp("roundtrip")
+    out = work / "tiny-ldm"
+    with HubStub(token=SECRET) as stub:
+        argv = [sys.executable, str(REPO_ROOT / "train_unet.py"), "--vqmodel", str(tiny_vq),
+                "--train_data_dir", str(demo_root), "--output_dir", str(out), "--max_train_steps", "2",
+                "--conditional", "--checkpointing_steps", "1", *TINY_UNET_ARGS, "--report_to", "tensorboard",
+                "--push_to_hub", "--push_checkpoints", "--hub_model_id", REPO, "--hub_token", SECRET]
+        train = subprocess.run(argv, cwd=work, env=_env(stub, work / "hf_home_train"), capture_output=True,
+                               text=True, timeout=SUBPROCESS_TIMEOUT)
+        yield {"stub": stub, "out": out, "work": work, "train": train}
+
+
+def test_train_unet_push_to_hub_pushes_exactly_the_model(pushed_run):
+    stub, out, train = pushed_run["stub"], pushed_run["out"], pushed_run["train"]
+    assert train.returncode == 0, train.stderr[-3000:]
+    # The output folder also holds training by-products that must stay local.
+    assert (out / "checkpoint-1").is_dir() and (out / "logs").is_dir()
+    on_main = stub.repo_files(REPO)
+    assert set(on_main) == PIPELINE_FILES
+    local = _files(out)
+    assert all(on_main[p] == local[p] for p in PIPELINE_FILES)  # byte for byte, README.md included
+    assert stub.private(REPO)  # private by default
+    assert len(stub.commits(REPO)) == 2  # the repo's initial commit + one push
+    index = json.loads(on_main["model_index.json"])
+    assert index["_class_name"] == ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"]
+    card = on_main["README.md"].decode()
+    assert f'DiffusionPipeline.from_pretrained("{REPO}", trust_remote_code=True)' in card
+    assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
+    # The checkpoint went to its own branch, under checkpoint-1/, with its files.
+    on_branch = stub.repo_files(REPO, "checkpoints")
+    checkpoint = {p for p in on_branch if p.startswith("checkpoint-1/")}
+    local_checkpoint = {f"checkpoint-1/{p}" for p in _files(out / "checkpoint-1")}
+    assert checkpoint == local_checkpoint and "checkpoint-1/training_state.json" in checkpoint
+    assert not any(p.startswith("checkpoint-") for p in on_main)
+
+
+def test_from_pretrained_without_the_package(pushed_run, tmp_path):
+    """diffusers alone loads the pushed repo (remote code from the repo) into an empty HF_HOME."""
+    stub = pushed_run["stub"]
+    assert pushed_run["train"].returncode == 0, pushed_run["train"].stderr[-3000:]
+    code = textwrap.dedent(f"""
+        import json, sys
+
+        class BlockPackage:  # the package is installed (editable) in this venv: make it unimportable
+            def find_spec(self, name, path=None, target=None):
+                if name == "adni_diffusers" or name.startswith("adni_diffusers."):
+                    raise ImportError("adni_diffusers is blocked in this process")
+                return None
+
+        sys.meta_path.insert(0, BlockPackage())
+        try:
+            import adni_diffusers
+            sys.exit("adni_diffusers was importable")
+        except ImportError:
+            pass
+        import torch
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained({REPO!r}, trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(batch_size=2, class_labels="AD", num_inference_steps=2, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        print(json.dumps({{"cls": type(pipe).__module__ + "." + type(pipe).__name__, "shape": list(out.shape),
+                          "finite": bool((out == out).all()), "loaded": sorted(m for m in sys.modules
+                                                                               if m.startswith("adni_diffusers"))}}))
+    """)
+    hf_home = tmp_path / "empty_hf_home"
+    hf_home.mkdir()
+    # -I: no cwd or script folder on sys.path, no PYTHON* variables, no user site-packages.
+    run = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, env=_env(stub, hf_home, token=SECRET),
+                         capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["cls"].startswith("diffusers_modules.") and result["cls"].endswith(".ADNILatentDiffusionPipeline")
+    assert result["shape"] == [2, 256, 256, 1] and result["finite"] and result["loaded"] == []
+    assert list((hf_home / "hub").glob("models--user--tiny-ldm/snapshots/*/unet/diffusion_pytorch_model.safetensors"))
+    pushed_run["download"] = run  # for the token test
+
+
+def test_the_token_is_nowhere(pushed_run):
+    stub, out, train = pushed_run["stub"], pushed_run["out"], pushed_run["train"]
+    assert train.returncode == 0, train.stderr[-3000:]
+    secret = SECRET.encode()
+    streams = [train.stdout, train.stderr]
+    if "download" in pushed_run:
+        streams += [pushed_run["download"].stdout, pushed_run["download"].stderr]
+    assert not any(SECRET in s for s in streams)
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, "tensorboard wrote no event file: the grep below would prove nothing"
+    # Every local file (logs, tensorboard, checkpoints, card, JSON) and every file on every branch.
+    local = _files(out)
+    assert not [p for p, data in local.items() if secret in data]
+    for branch in stub.branches(REPO):
+        assert not [p for p, data in stub.repo_files(REPO, branch).items() if secret in data]
+        assert not any(SECRET in c.title + c.message for c in stub.commits(REPO, branch))
+    assert "hub_token" not in json.loads(local["training_args.json"])
+
+
+# ----------------------------------------------------------------------------- adni-diffusers push
+@pytest.fixture
+def saved_pipeline(tiny_ldm, tmp_path):
+    """A private copy of the tiny trained pipeline folder (the session fixture stays untouched)."""
+    return Path(shutil.copytree(tiny_ldm, tmp_path / "ldm", ignore=shutil.ignore_patterns("checkpoint-*")))
+
+
+def test_cli_push_and_repush_make_commits(hub_stub, saved_pipeline, capsys):
+    from adni_diffusers import cli
+
+    repo = "user/cli-ldm"
+    local_card = (saved_pipeline / "README.md").read_bytes()
+    assert cli.main(["push", str(saved_pipeline), "--repo-id", repo, "--token", hub_stub.token]) == 0
+    assert capsys.readouterr().out.strip().startswith(f"{hub_stub.endpoint}/{repo}/commit/")
+    files = hub_stub.repo_files(repo)
+    assert set(files) == PIPELINE_FILES
+    # The generated card is rendered for the repo it was pushed to; the local one is not touched.
+    assert f'from_pretrained("{repo}", trust_remote_code=True)' in files["README.md"].decode()
+    assert (saved_pipeline / "README.md").read_bytes() == local_card
+    assert len(hub_stub.commits(repo)) == 2
+
+    # A changed model (here: evaluation numbers appear) makes a new commit, with the card updated.
+    (saved_pipeline / "evaluation").mkdir()
+    (saved_pipeline / "evaluation" / "metrics.json").write_text(json.dumps({"ms_ssim_diversity": 0.6543,
+                                                                           "note": "text is not tabulated"}))
+    assert cli.main(["push", str(saved_pipeline), "--repo-id", repo, "--token", hub_stub.token]) == 0
+    commits = hub_stub.commits(repo)
+    assert len(commits) == 3
+    files = hub_stub.repo_files(repo)
+    assert "evaluation/metrics.json" in files and "ms_ssim_diversity" in files["README.md"].decode()
+    assert "Not measured yet" not in files["README.md"].decode()
+    # Pushing the same folder again changes nothing, so makes no commit.
+    assert cli.main(["push", str(saved_pipeline), "--repo-id", repo, "--token", hub_stub.token]) == 0
+    assert len(hub_stub.commits(repo)) == 3
+
+
+def test_repush_removes_stale_weights_of_a_component(hub_stub, saved_pipeline):
+    from adni_diffusers.hub import push_folder
+
+    stale = saved_pipeline / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    stale.write_bytes(b"old weights")
+    push_folder(saved_pipeline, "user/stale", token=hub_stub.token)
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in hub_stub.repo_files("user/stale")
+    stale.unlink()
+    push_folder(saved_pipeline, "user/stale", token=hub_stub.token)
+    assert set(hub_stub.repo_files("user/stale")) == PIPELINE_FILES
+
+
+# ----------------------------------------------------------------------------- failures
+def _arrange(case, stub):
+    """(repo id, token, words the one-line message must hold)."""
+    if case == "wrong-repo-id":
+        return "user/tiny..ldm", stub.token, ["invalid Hub repo id", "namespace/name"]
+    if case == "missing-token":
+        return REPO, None, ["no Hugging Face token", "hf auth login"]
+    if case == "401":
+        return REPO, "hf_NotTheRightToken0123456789", ["401", "hf auth login"]
+    if case == "403":
+        stub.fail(r"/commit/", status=403, times=None)
+        return REPO, stub.token, ["403", "write"]
+    if case == "503":
+        stub.fail(r"/api/repos/create", status=503, times=None)  # not retried by huggingface_hub
+        return REPO, stub.token, ["503", "try again"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["wrong-repo-id", "missing-token", "401", "403", "503"])
+def test_cli_failures_are_clear_and_leave_the_model_intact(case, hub_stub, saved_pipeline, capsys):
+    from adni_diffusers import cli
+
+    repo, token, words = _arrange(case, hub_stub)
+    before = _snapshot(saved_pipeline)
+    argv = ["push", str(saved_pipeline), "--repo-id", repo] + (["--token", token] if token else [])
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("adni-diffusers push: error: ") and err.count("\n") == 1, err
+    for word in words + ([repo] if case != "wrong-repo-id" else []):
+        assert word in err, (word, err)
+    for secret in filter(None, [token, hub_stub.token]):
+        assert secret not in out + err
+    assert _snapshot(saved_pipeline) == before
+    if case in ("wrong-repo-id", "missing-token"):
+        assert hub_stub.requests == []  # caught before any network call
+    if repo in hub_stub.repo_ids():
+        assert len(hub_stub.commits(repo)) == 1  # nothing committed
+
+
+def test_training_flags_push_failure_says_how_to_push_later(hub_stub, saved_pipeline):
+    """The final push of a training script (push_from_args with train_unet.py's own flags) fails: the
+    message says where the model is and how to push it later; a failed checkpoint push only warns."""
+    import train_unet
+    from adni_diffusers.hub import HubError, push_from_args
+
+    hub_stub.fail(r"/api/repos/create", status=500, times=None)  # (huggingface_hub retries 5xx on /commit/)
+    args = train_unet.parse_args(["--vqmodel", str(saved_pipeline), "--output_dir", str(saved_pipeline),
+                                  "--push_to_hub", "--push_checkpoints", "--hub_model_id", REPO,
+                                  "--hub_token", hub_stub.token])
+    before = _snapshot(saved_pipeline)
+    with pytest.raises(HubError) as info:
+        push_from_args(args, saved_pipeline)
+    message = str(info.value)
+    assert "500" in message and f"adni-diffusers push {saved_pipeline} --repo-id {REPO}" in message
+    assert "\n" not in message and hub_stub.token not in message
+    assert push_from_args(args, saved_pipeline / "unet", saved_pipeline, step=5) is None  # warns, goes on
+    assert _snapshot(saved_pipeline) == before
+
+
+def test_training_script_rejects_a_bad_repo_id_before_training(tmp_path, capsys):
+    import train_unet
+
+    with pytest.raises(SystemExit) as info:
+        train_unet.parse_args(["--vqmodel", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--push_to_hub",
+                               "--hub_model_id", "user/bad--name"])
+    assert info.value.code == 2 and "invalid Hub repo id" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

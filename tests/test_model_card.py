@@ -1,0 +1,145 @@
+"""The model card (README.md) rendered from pipeline_card.md and the files of a saved model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from huggingface_hub import ModelCard
+
+from adni_diffusers.model_card import (
+    CARD_MARKER,
+    TEMPLATE,
+    is_generated_card,
+    render_model_card,
+    write_model_card,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ldm(tiny_ldm, tmp_path):
+    """A copy of the tiny trained pipeline (the session fixture stays untouched)."""
+    return Path(shutil.copytree(tiny_ldm, tmp_path / "tiny-ldm", ignore=shutil.ignore_patterns("checkpoint-*")))
+
+
+def _check_rendered(text: str) -> ModelCard:
+    assert "{{" not in text and "{%" not in text  # nothing left unrendered
+    assert text.startswith("---\n") and CARD_MARKER in text and is_generated_card(text)
+    return ModelCard(text)  # the YAML front matter parses
+
+
+def test_demo_pipeline_card(ldm):
+    text = render_model_card(ldm)
+    card = _check_rendered(text)
+    data = card.data
+    assert data.library_name == "diffusers" and data.pipeline_tag == "unconditional-image-generation"
+    assert data.license == "other" and data.license_name == "mni-icbm152-2009-notice"
+    for tag in ("medical-imaging", "mri", "brain", "alzheimers", "latent-diffusion", "class-conditional",
+                "synthetic-data", "adni-diffusers"):
+        assert tag in data.tags
+    assert "adni" not in data.tags  # not trained on ADNI
+    info = json.loads((ldm / "training_data.json").read_text())
+    train, val = info["train"], info["validation"]
+    assert f"| training | {train['images']} | {train['patients']} |" in text
+    assert f"| validation | {val['images']} | {val['patients']} |" in text
+    for section in ("## Model", "## Training data", "## Training", "## Evaluation", "## How to use",
+                    "### Faster schedulers", "## Limitations and risks", "## License"):
+        assert f"\n{section}\n" in text
+    assert "![Samples from this model](samples.png)" in text and "(loss_curve.png)" in text
+    assert 'DiffusionPipeline.from_pretrained("your-user/tiny-ldm", trust_remote_code=True)' in text
+    assert "ADNILatentDiffusionPipeline.from_pretrained(" in text  # with the package, no remote code
+    assert 'class_labels="AD"' in text and "refine_steps" in text and "DPMSolverMultistepScheduler" in text
+    assert "Research use only" in text and "not images of" in text and "Louis Collins" in text
+    assert "Not measured yet" in text
+    assert "| `--learning_rate` |" in text and "hub_token" not in text
+    assert str(ldm.parent) not in text and "/tmp" not in text  # no local paths
+    assert render_model_card(ldm) == text  # deterministic
+
+
+def test_evaluation_numbers_appear_when_present(ldm):
+    (ldm / "evaluation").mkdir()
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps(
+        {"fd_project_features": 12.5, "ms_ssim_diversity": 0.65432, "n_samples": 256, "passed": True,
+         "note": "not a number", "per_class": {"AD": 1.0}}))
+    text = render_model_card(ldm)
+    assert "From `evaluation/metrics.json`" in text and "Not measured yet" not in text
+    assert "| `fd_project_features` | 12.5 |" in text and "| `ms_ssim_diversity` | 0.6543 |" in text
+    assert "| `n_samples` | 256 |" in text
+    assert "`passed`" not in text and "`note`" not in text and "`per_class`" not in text  # numbers only
+
+
+def test_user_data_card_names_the_data_use_agreement(ldm):
+    info = json.loads((ldm / "training_data.json").read_text())
+    info.update(source="user", root="/home/alice/private/ADNI/AD_NC")
+    (ldm / "training_data.json").write_text(json.dumps(info))
+    text = render_model_card(ldm, repo_id="lab/adni-ldm")
+    card = _check_rendered(text)
+    assert card.data.license_name == "adni-data-use-agreement" and "adni" in card.data.tags
+    assert "Data Use" in text and "Agreement" in text and "adni.loni.usc.edu" in text
+    assert "`AD_NC`" in text and "/home/alice" not in text
+    assert 'from_pretrained("lab/adni-ldm", trust_remote_code=True)' in text
+    assert "Replace `" not in text  # a real repo id needs no placeholder note
+    assert "Demo model" not in text and "Population" in text
+
+
+def test_write_model_card_uses_the_hub_model_id(ldm):
+    path = write_model_card(ldm, None, SimpleNamespace(hub_model_id="user/my-ldm"), data_source="demo",
+                            sample_grid=ldm / "samples.png")
+    assert path == ldm / "README.md"
+    assert 'from_pretrained("user/my-ldm", trust_remote_code=True)' in path.read_text()
+
+
+def test_bare_pipeline_folder_renders(ldm, tmp_path):
+    """A folder with only what save_pretrained writes (no training files) still gets a sensible card."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model_index.json", "pipeline_adni_ldm.py", "vqvae", "unet", "scheduler"):
+        src = ldm / name
+        shutil.copytree(src, bare / name) if src.is_dir() else shutil.copyfile(src, bare / name)
+    text = render_model_card(bare)
+    _check_rendered(text)
+    assert "Not recorded" in text and "Samples from this model" not in text and "Not measured yet" in text
+
+
+def test_vq_model_card(tiny_vq, tmp_path):
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq", ignore=shutil.ignore_patterns("latent_cache")))
+    text = render_model_card(vq, repo_id="user/tiny-vq")
+    card = _check_rendered(text)
+    assert card.data.library_name == "diffusers" and "vq-vae" in card.data.tags
+    assert 'VQModel.from_pretrained("user/tiny-vq", subfolder="vqvae")' in text
+    assert "| PSNR (dB), whole slice |" in text and "(reconstructions.png)" in text
+    assert "scaling_factor" in text and "Research use only" in text
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(ValueError, match="neither a saved pipeline"):
+        render_model_card(tmp_path)
+
+
+def test_template_ships_with_the_package():
+    assert TEMPLATE.is_file() and TEMPLATE.read_text() == (REPO_ROOT / "pipeline_card.md").read_text()
+
+
+def test_committed_example_card_is_rendered():
+    example = REPO_ROOT / "docs" / "example_model_card.md"
+    if not example.is_file():
+        pytest.skip("docs/example_model_card.md not generated yet")
+    text = example.read_text()
+    _check_rendered(text)
+    assert not re.search(r"/(tmp|home|work)/", text)
+
+
+def test_class_names_as_a_mapping(ldm):
+    """model_index.json may hold class_names as {name: index} (a list there reads as a component to
+    diffusers' Hub loader): the card orders them by index."""
+    index = json.loads((ldm / "model_index.json").read_text())
+    index["class_names"] = {"NC": 1, "AD": 0}
+    (ldm / "model_index.json").write_text(json.dumps(index))
+    text = render_model_card(ldm)
+    assert "class-conditional (AD / NC)" in text and 'class_labels="AD"' in text
