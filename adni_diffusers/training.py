@@ -125,6 +125,16 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
             )
 
 
+def check_hub_flags(args: argparse.Namespace) -> None:
+    """--push_to_hub problems (bad repo id, no token) stop the run before training, not after it."""
+    from .hub import HubError, check_hub_arguments
+
+    try:
+        check_hub_arguments(args)
+    except HubError as e:
+        raise TrainingError(str(e)) from None
+
+
 # ------------------------------------------------------------------------------------------- setup
 
 
@@ -440,6 +450,7 @@ class TrainingRun:
         self.first_epoch = 0
         self._pending: list[dict] = []  # detached loss tensors since the last log: no .item() per step
         self._traced: list[int] = []  # batch indices since the last step (--trace_batches)
+        self._micro = self._batches_since_step = 0
         self._last_good_checkpoint: Path | None = None
         self.progress = None
         self.start_time = time.time()
@@ -483,6 +494,8 @@ class TrainingRun:
             for batch in loader:
                 if args.trace_batches:
                     self._traced.extend(batch["index"].tolist())
+                self._micro = self._batches_since_step  # which micro-batch of the step (gradient accumulation)
+                self._batches_since_step += 1
                 yield batch
                 if self.global_step >= self.max_train_steps:
                     break
@@ -491,12 +504,11 @@ class TrainingRun:
         self.progress.close()
 
     def step_generator(self, device=None, shared: bool = False) -> torch.Generator:
-        """Randomness for this step: a pure function of (seed, step, process), so resume is exact.
-
-        `shared=True` gives every process the same stream (for decisions they must agree on)."""
+        """Randomness for this micro-batch: a pure function of (seed, step, micro-batch, process), so resume
+        is exact. `shared=True` gives every process the same stream (for decisions they must agree on)."""
         rank = 0 if shared else self.accelerator.process_index
         device = device or self.accelerator.device
-        seed = (self.args.seed * 1_000_003 + self.global_step) * 1_009 + rank
+        seed = ((self.args.seed * 1_000_003 + self.global_step) * 1_009 + self._micro) * 1_013 + rank
         return torch.Generator(device=device).manual_seed(seed)
 
     def end_step(self, logs: dict[str, torch.Tensor]) -> None:
@@ -504,6 +516,7 @@ class TrainingRun:
         if self.ema is not None:
             self.ema.ema.step(self.accelerator.unwrap_model(self.model).parameters())
         self.global_step += 1
+        self._batches_since_step = 0
         self.progress.update(1)
         if self.args.trace_batches:
             self._write_trace()

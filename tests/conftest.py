@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="adni_diffusers_test_hf
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # the training scripts live at the top level
+    sys.path.insert(0, str(REPO_ROOT))  # tests import each other's helpers (hub_stub, conftest)
 
 
 def reset_accelerate() -> None:
@@ -55,7 +55,7 @@ def run_training_script(name: str, argv: list[str]):
     """Run train_vqmodel.py / train_unet.py in this process (single process, CPU) and return main()'s result."""
     import importlib
 
-    module = importlib.import_module(name)
+    module = importlib.import_module(f"adni_diffusers.{name}")
     reset_accelerate()
     try:
         return module.main(module.parse_args([str(a) for a in argv]))

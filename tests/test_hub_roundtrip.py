@@ -248,7 +248,7 @@ def test_cli_failures_are_clear_and_leave_the_model_intact(case, hub_stub, saved
 def test_training_flags_push_failure_says_how_to_push_later(hub_stub, saved_pipeline):
     """The final push of a training script (push_from_args with train_unet.py's own flags) fails: the
     message says where the model is and how to push it later; a failed checkpoint push only warns."""
-    import train_unet
+    from adni_diffusers import train_unet
     from adni_diffusers.hub import HubError, push_from_args
 
     hub_stub.fail(r"/api/repos/create", status=500, times=None)  # (huggingface_hub retries 5xx on /commit/)
@@ -266,7 +266,7 @@ def test_training_flags_push_failure_says_how_to_push_later(hub_stub, saved_pipe
 
 
 def test_training_script_rejects_a_bad_repo_id_before_training(tmp_path, capsys):
-    import train_unet
+    from adni_diffusers import train_unet
 
     with pytest.raises(SystemExit) as info:
         train_unet.parse_args(["--vqmodel", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--push_to_hub",

@@ -85,7 +85,7 @@ def test_scaled_latents_have_unit_std(tiny_vq, demo_root):
     (["--resume_from_checkpoint", "somewhere"], "expected 'latest' or an existing checkpoint"),
 ])
 def test_bad_flags_fail_early_with_clear_message(tmp_path, demo_root, capsys, bad, message):
-    import train_vqmodel
+    from adni_diffusers import train_vqmodel
 
     args = ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out", *TINY_VQ_ARGS, *bad]
     code = train_vqmodel.cli([str(a) for a in args])
@@ -95,7 +95,7 @@ def test_bad_flags_fail_early_with_clear_message(tmp_path, demo_root, capsys, ba
 
 
 def test_bad_json_config(tmp_path, demo_root, capsys):
-    import train_vqmodel
+    from adni_diffusers import train_vqmodel
 
     config = tmp_path / "vq.json"
     config.write_text('{"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 32}')
@@ -105,7 +105,7 @@ def test_bad_json_config(tmp_path, demo_root, capsys):
 
 
 def test_existing_model_in_output_dir_is_not_overwritten(tiny_vq, demo_root, capsys):
-    import train_vqmodel
+    from adni_diffusers import train_vqmodel
 
     before = (tiny_vq / "vqvae" / "diffusion_pytorch_model.safetensors").read_bytes()
     code = train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(tiny_vq), *TINY_VQ_ARGS])

@@ -1,0 +1,985 @@
+"""`adni-diffusers counterfactual`: turn a real slice toward the other class and map the change.
+
+For a class-conditional model: encode a real slice (say NC), put its latent back at the timestep
+that `--strength` selects with the forward process, and denoise it with the label `--to AD`
+(classifier-free guidance `--guidance`). This is the pipeline's own image-to-image path
+(SDEdit, Meng et al. 2022): strength 0 returns the VQ reconstruction, 1 starts from (almost) pure
+noise and keeps nothing of the input. In between, the coarse layout of the brain survives and the
+model redraws the details the way it draws the target class.
+
+Outputs (one folder per input image):
+
+    strip.png                   original | VQ reconstruction | counterfactual per strength, and below
+                                the signed difference maps with a colour bar
+    original.png, reconstruction.png, counterfactual_s0.40.png      greyscale, 256x256
+    difference_s0.40.png        the signed difference map alone, with its colour bar
+
+The difference map is counterfactual - VQ reconstruction (not - original): the reconstruction is
+what the counterfactual would be if the label had no effect at strength 0, so the autoencoder's own
+error does not show up as "atrophy" (`--diff-against original` gives counterfactual - original).
+Blue = darker in the counterfactual (tissue turned to CSF: atrophy), red = brighter.
+
+`--measure` turns this into a measurement over the model's held-out slices of the source class (the
+split recorded in `<model>/training_data.json`): for each strength, the share of counterfactuals
+the evaluation classifier (`features.FeatureNet`, trained on the model's real training split
+only) calls the target class, and their SSIM to the original inside the brain mask -- the
+trade-off between changing the class and keeping the brain. Writes `tradeoff.json`,
+`tradeoff.png`, `tradeoff.md` (a Markdown table for docs/results.md) and `mean_difference.png`
+(where the model puts the change, on average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .schedulers import SCHEDULERS, default_steps, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
+DEFAULT_GUIDANCE = 3.0
+DIFF_REFERENCES = ("reconstruction", "original")
+DIFF_CMAP = "RdBu_r"  # blue = darker (negative), red = brighter (positive), white = no change
+# "CSF" for the border-enrichment measure: brain-mask pixels darker than this fraction of the median
+# brain intensity (on the [0, 1] scale). Demo / ADNI T1: CSF ~0.25-0.35, grey matter ~0.55,
+# white matter ~0.8, median ~0.67, so 0.6 * median ~0.4 separates CSF from grey matter.
+CSF_FRACTION_OF_MEDIAN = 0.6
+CSF_BORDER_PX = 3
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def check_strengths(strengths, steps: int | None = None) -> list[float]:
+    """Strengths as floats in (0, 1], in the order given, without repeats. With `steps`, each must
+    also select at least one denoising step (the pipeline runs round(steps * strength) of them)."""
+    out = []
+    for s in strengths:
+        s = float(s)
+        if not (0.0 < s <= 1.0) or math.isnan(s):
+            raise ValueError(f"--strength {s:g}: expected a number in (0, 1] (0 is the VQ reconstruction, "
+                             "which is always shown; 1 starts from pure noise)")
+        if steps is not None and round(steps * s) < 1:
+            raise ValueError(f"--strength {s:g} with --steps {steps} runs no denoising step; "
+                             f"use a strength of at least {0.5 / steps:.3g} or more steps")
+        if s not in out:
+            out.append(s)
+    if not out:
+        raise ValueError("--strength: give at least one strength in (0, 1]")
+    return out
+
+
+def check_target(pipe, to) -> str:
+    """The target class name; raises ValueError for an unconditional model or an unknown class."""
+    names = list(pipe.config.class_names or [])
+    if not pipe.is_conditional or not names:
+        raise ValueError("this model is unconditional (trained without --conditional): counterfactuals need a "
+                         "class-conditional model")
+    if isinstance(to, (int, np.integer)) or (isinstance(to, str) and to.isdigit() and to not in names):
+        i = int(to)
+        if not 0 <= i < len(names):
+            raise ValueError(f"--to {to}: expected one of this model's classes {names}")
+        return names[i]
+    if to not in names:
+        raise ValueError(f"--to {to!r}: this model knows the classes {names}")
+    return to
+
+
+def source_class(pipe, to: str, source: str | None = None) -> str:
+    """The class counterfactuals start from: `source`, or the one other class of a two-class model."""
+    names = list(pipe.config.class_names or [])
+    if source is not None:
+        if source not in names:
+            raise ValueError(f"--from {source!r}: this model knows the classes {names}")
+        if source == to:
+            raise ValueError(f"--from {source} and --to {to} are the same class")
+        return source
+    others = [n for n in names if n != to]
+    if len(others) != 1:
+        raise ValueError(f"this model has classes {names}: say which class to start from with --from")
+    return others[0]
+
+
+def read_slice(path) -> torch.Tensor:
+    """One greyscale slice file -> (1, 1, 256, 256) in [-1, 1], padded like training.
+
+    Errors name the file: missing (FileNotFoundError), unreadable, colour, wrong size (ValueError,
+    from the pipeline's `prepare_slices`)."""
+    import PIL.Image
+
+    from .pipeline_adni_ldm import prepare_slices
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--image {path}: no such file (expected a greyscale slice, 256 wide x 240 "
+                                "or 256 high)")
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+            try:
+                return prepare_slices(im)
+            except ValueError as e:
+                raise ValueError(f"--image {path}: {re.sub(r'^image 0 ', '', str(e))}") from None
+    except (PIL.UnidentifiedImageError, SyntaxError) as e:
+        raise ValueError(f"--image {path}: not a readable image file ({e})") from None
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+def _to_pixels(images) -> torch.Tensor:
+    """Slices as the pipeline takes them, or a SliceSet / uint8 (N, H, W) -> float (N, 1, 256, 256) in [-1, 1]."""
+    from .pipeline_adni_ldm import prepare_slices
+
+    if hasattr(images, "pixels") and hasattr(images, "labels"):  # a SliceSet
+        images = images.pixels
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 3:
+        return images.float().div(127.5).sub(1.0).unsqueeze(1)
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 1 and images.is_floating_point():
+        if images.shape[-2:] == (256, 256) and float(images.min()) >= -1.0 - 1e-6 and float(images.max()) <= 1.0 + 1e-6:
+            return images.detach().float().cpu()  # already model input; do not re-guess the range
+    return prepare_slices(images)
+
+
+def _steps_for(scheduler: str | None, pipe, steps: int | None) -> int:
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"--steps {steps}: expected at least 1")
+        return int(steps)
+    if scheduler is not None:
+        return default_steps(scheduler)
+    by_class = {cls: n for cls, n, _ in SCHEDULERS.values()}
+    return by_class.get(type(pipe.scheduler).__name__, 50)
+
+
+class _Sampler:
+    """Counterfactuals of a batch at one strength, with per-image generators (seed + index), so image i
+    gets the same noise at every strength and in every batch: comparable across strengths."""
+
+    def __init__(self, pipe, guidance: float, seed: int, scheduler: str | None, steps: int | None):
+        self.pipe, self.guidance, self.seed = pipe, float(guidance), int(seed)
+        self.scheduler = scheduler
+        self.steps = _steps_for(scheduler, pipe, steps)
+
+    def __enter__(self):
+        self.saved = self.pipe.scheduler
+        if self.scheduler is not None:
+            self.pipe.scheduler = make_scheduler(self.scheduler, self.pipe.scheduler.config)
+        self.pipe._check_scheduler()
+        return self
+
+    def __exit__(self, *exc):
+        self.pipe.scheduler = self.saved
+
+    def denoising_steps(self, strength: float) -> int:
+        return min(int(round(self.steps * strength)), self.steps)
+
+    def reconstruct(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Strength 0: decode(encode(x)), in [-1, 1] on CPU."""
+        return (self.pipe.decode(self.pipe.encode(pixels), output_type="pt") * 2 - 1).float().cpu()
+
+    def __call__(self, pixels: torch.Tensor, label: str, strength: float, first_index: int = 0) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(self.seed + first_index + i) for i in range(len(pixels))]
+        out = self.pipe(image=pixels, strength=strength, class_labels=label, guidance_scale=self.guidance,
+                        num_inference_steps=self.steps, generator=gens, output_type="pt").images
+        return (out * 2 - 1).float().cpu()
+
+
+@torch.no_grad()
+def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance: float = DEFAULT_GUIDANCE,
+                         seed: int = 0, scheduler: str | None = None, steps: int | None = None,
+                         classifier=None, batch_size: int = 16) -> list[dict]:
+    """Counterfactuals of real slices toward class `to`, one dict per input image:
+
+        {"original": (1, 256, 256) in [-1, 1] (padded as in training),
+         "reconstruction": the VQ reconstruction (strength 0),
+         "counterfactuals": {strength: (1, 256, 256) in [-1, 1]},
+         "target": class name, "strengths": [...], "denoising_steps": {strength: int},
+         "probabilities": {"original": p, "reconstruction": p, strength: p}   (only with a classifier:
+             the classifier's probability of the target class)}
+
+    `image`: what the pipeline's `prepare_slices` takes (PIL, numpy, tensors; 256x240 or 256x256),
+    or a SliceSet. Image i is re-noised with a generator seeded `seed + i` at every strength, so
+    the strengths differ only in how far the latent is noised. `scheduler` (ddpm / ddim / dpm++ /
+    unipc) replaces the pipeline's scheduler for this call (restored afterwards); `steps` defaults to
+    the scheduler's usual count. `classifier`: a `features.FeatureNet` whose class names include `to`.
+    """
+    target = check_target(pipe, to)
+    strengths = check_strengths(strengths)
+    col = _classifier_column(classifier, target) if classifier is not None else None
+    pixels = _to_pixels(image)
+    results = [{"original": x, "counterfactuals": {}, "target": target, "strengths": strengths,
+                "denoising_steps": {}} for x in pixels]
+    with _Sampler(pipe, guidance, seed, scheduler, steps) as sample:
+        check_strengths(strengths, sample.steps)
+        for start in range(0, len(pixels), batch_size):
+            batch = pixels[start:start + batch_size]
+            recon = sample.reconstruct(batch)
+            for i, r in enumerate(recon):
+                results[start + i]["reconstruction"] = r
+            for s in strengths:
+                cf = sample(batch, target, s, first_index=start)
+                for i, c in enumerate(cf):
+                    results[start + i]["counterfactuals"][s] = c
+                    results[start + i]["denoising_steps"][s] = sample.denoising_steps(s)
+        scheduler_name = type(pipe.scheduler).__name__
+    for r in results:
+        r.update(guidance=float(guidance), seed=int(seed), scheduler=scheduler_name, steps=sample.steps)
+    if col is not None:
+        stack = torch.stack([torch.stack([r["original"], r["reconstruction"], *r["counterfactuals"].values()])
+                             for r in results])  # (N, 2 + S, 1, H, W)
+        probs = classifier.predict(stack.flatten(0, 1))[:, col].view(len(results), -1)
+        for r, p in zip(results, probs.tolist()):
+            r["probabilities"] = {"original": p[0], "reconstruction": p[1], **dict(zip(strengths, p[2:]))}
+    return results
+
+
+def _classifier_column(classifier, target: str) -> int:
+    names = list(getattr(classifier, "class_names", []) or [])
+    if target not in names:
+        raise ValueError(f"the classifier knows the classes {names or '(none recorded)'}, not {target!r}")
+    return names.index(target)
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grey(x: torch.Tensor) -> np.ndarray:
+    return ((x.squeeze().float().clamp(-1, 1) + 1) / 2).numpy()
+
+
+def _diff_limit(diffs) -> float:
+    """Symmetric colour limit shared by all maps of a figure: the 99.5th percentile of |difference|
+    (a few extreme pixels should not wash out the rest), at least 0.05."""
+    values = np.concatenate([np.abs(d).ravel() for d in diffs]) if len(diffs) else np.zeros(1)
+    return float(max(np.percentile(values, 99.5), 0.05))
+
+
+def _diff_label(reference: str) -> str:
+    return f"counterfactual \u2212 {'VQ reconstruction' if reference == 'reconstruction' else 'original'}\n" \
+           "(intensity, [\u22121, 1] scale; blue = darker)"
+
+
+def _outline(ax, original: np.ndarray, colors=("k", "0.45")) -> None:
+    """Thin contours of the brain and of the dark CSF spaces (ventricles, sulci) of the original."""
+    from .metrics import brain_mask
+
+    x = torch.from_numpy(original * 2 - 1)[None, None]
+    mask = brain_mask(x)[0, 0].numpy()
+    csf = _csf_mask(x, mask=torch.from_numpy(mask)[None, None])[0, 0].numpy()
+    ax.contour(mask, levels=[0.5], colors=colors[0], linewidths=0.5)
+    if csf.any():
+        ax.contour(csf, levels=[0.5], colors=colors[1], linewidths=0.35)
+
+
+def save_strip(result: dict, path, reference: str = "reconstruction", title: str | None = None,
+               outline: bool = True) -> Path:
+    """The strip: top row original | VQ reconstruction | counterfactual per strength; bottom row the
+    VQ error (reconstruction - original) and the signed difference maps, one shared symmetric colour
+    scale and a labelled colour bar. Titles carry the strength and, when known, P(target)."""
+    plt = _plt()
+    strengths = list(result["counterfactuals"])
+    target = result["target"]
+    probs = result.get("probabilities") or {}
+    orig, recon = _grey(result["original"]), _grey(result["reconstruction"])
+    ref = recon if reference == "reconstruction" else orig
+    cfs = [_grey(result["counterfactuals"][s]) for s in strengths]
+    # on the [-1, 1] scale: twice the [0, 1] difference
+    diffs = [2 * (c - ref) for c in cfs]
+    vq_error = 2 * (recon - orig)
+    lim = _diff_limit(diffs)
+
+    ncols = 2 + len(strengths)
+    fig, axes = plt.subplots(2, ncols, figsize=(2.15 * ncols + 1.3, 5.0), dpi=110, squeeze=False,
+                             gridspec_kw={"hspace": 0.28, "wspace": 0.04})
+
+    def p(key):
+        return f"\nP({target}) = {probs[key]:.2f}" if key in probs else ""
+
+    tops = [(orig, "original" + p("original")), (recon, "VQ reconstruction\n(strength 0)" + p("reconstruction"))]
+    tops += [(c, f"\u2192 {target}, strength {s:.2f}" + p(s)) for s, c in zip(strengths, cfs)]
+    for ax, (im, t) in zip(axes[0], tops):
+        ax.imshow(im, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(t, fontsize=8)
+    mappable = None
+    bottoms = [(vq_error, "VQ error\n(reconstruction \u2212 original)"), (None, "")]
+    bottoms += [(d, f"difference, strength {s:.2f}") for s, d in zip(strengths, diffs)]
+    for ax, (d, t) in zip(axes[1], bottoms):
+        if d is None:
+            ax.text(0.5, 0.5, f"difference maps:\ncounterfactual \u2212\n{reference}\n\nblue: darker\n"
+                    "(e.g. tissue \u2192 CSF)\nred: brighter", ha="center", va="center", fontsize=7.5,
+                    transform=ax.transAxes)
+        else:
+            mappable = ax.imshow(d, cmap=DIFF_CMAP, vmin=-lim, vmax=lim)
+            if outline:
+                _outline(ax, orig)
+            ax.set_title(t, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if not ax.images:
+            ax.axis("off")
+    cbar = fig.colorbar(mappable, ax=list(axes[1]), fraction=0.025, pad=0.01)
+    cbar.set_label(_diff_label(reference), fontsize=7)
+    cbar.ax.tick_params(labelsize=7)
+    guidance = result.get("guidance")
+    fig.suptitle(title or (f"Counterfactual toward {target}" + (f" of {result['name']}" if result.get("name") else "")
+                           + (f" (guidance {guidance:g}, {result.get('scheduler', '')} {result.get('steps', '')} steps,"
+                              f" seed {result.get('seed')})" if guidance is not None else "")), fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def save_difference_map(diff: np.ndarray, path, title: str, reference: str = "reconstruction",
+                        original: np.ndarray | None = None, limit: float | None = None) -> Path:
+    """One signed difference map (on the [-1, 1] scale) with a symmetric diverging colour bar."""
+    plt = _plt()
+    lim = limit if limit is not None else _diff_limit([diff])
+    fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=110)
+    im = ax.imshow(diff, cmap=DIFF_CMAP, vmin=-lim, vmax=lim)
+    if original is not None:
+        _outline(ax, original)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cbar.set_label(_diff_label(reference), fontsize=7)
+    cbar.ax.tick_params(labelsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _save_grey(x: torch.Tensor, path: Path) -> Path:
+    from PIL import Image
+
+    from .data import to_uint8
+
+    Image.fromarray(to_uint8(x.unsqueeze(0))[0].numpy(), mode="L").save(path)
+    return path
+
+
+def write_counterfactual(result: dict, out_dir, reference: str = "reconstruction") -> dict:
+    """strip.png, original.png, reconstruction.png, counterfactual_s<s>.png and difference_s<s>.png
+    (the latter with a colour bar) in `out_dir`. Returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"strip": str(save_strip(result, out / "strip.png", reference)),
+             "original": str(_save_grey(result["original"], out / "original.png")),
+             "reconstruction": str(_save_grey(result["reconstruction"], out / "reconstruction.png")),
+             "counterfactuals": {}, "differences": {}}
+    orig, recon = _grey(result["original"]), _grey(result["reconstruction"])
+    ref = recon if reference == "reconstruction" else orig
+    diffs = {s: 2 * (_grey(c) - ref) for s, c in result["counterfactuals"].items()}
+    lim = _diff_limit(list(diffs.values()))
+    probs = result.get("probabilities") or {}
+    for s, c in result["counterfactuals"].items():
+        tag = f"s{s:.2f}"
+        paths["counterfactuals"][s] = str(_save_grey(c, out / f"counterfactual_{tag}.png"))
+        title = f"\u2192 {result['target']}, strength {s:.2f}" + (
+            f", P({result['target']}) = {probs[s]:.2f}" if s in probs else "")
+        paths["differences"][s] = str(save_difference_map(diffs[s], out / f"difference_{tag}.png", title,
+                                                          reference, orig, lim))
+    return paths
+
+
+# ------------------------------------------------------------------------------------- measurement
+
+
+def _csf_mask(images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dark CSF spaces inside the brain mask: brain pixels darker than CSF_FRACTION_OF_MEDIAN times the
+    median brain intensity (on the [0, 1] scale). bool (N, 1, H, W)."""
+    from .metrics import brain_mask
+
+    x = (images.float() + 1) / 2
+    mask = brain_mask(images) if mask is None else mask.bool()
+    out = torch.zeros_like(mask)
+    for i in range(len(x)):
+        if mask[i].any():
+            out[i] = mask[i] & (x[i] < CSF_FRACTION_OF_MEDIAN * x[i][mask[i]].median())
+    return out
+
+
+def csf_border(images: torch.Tensor, mask: torch.Tensor | None = None, px: int = CSF_BORDER_PX) -> torch.Tensor:
+    """Brain pixels within `px` pixels of the dark CSF spaces (ventricles, sulci, the brain's rim):
+    where simulated atrophy (ventricles dilated, tissue eroded from the sulci) changes intensities."""
+    import torch.nn.functional as F
+
+    from .metrics import brain_mask
+
+    mask = brain_mask(images) if mask is None else mask.bool()
+    csf = _csf_mask(images, mask)
+    near = F.max_pool2d(csf.float(), 2 * px + 1, stride=1, padding=px) > 0
+    return near & mask
+
+
+def _per_image_stats(original, recon, cf, mask, border, call: dict) -> dict:
+    """SSIM in the brain mask to the original and to the reconstruction, mean |change| in the brain,
+    and the CSF-border enrichment of the change, per image."""
+    from .metrics import reconstruction_metrics
+
+    ssim_orig = reconstruction_metrics(original, cf, mask=mask, per_image=True)["per_image"]["ssim_brain"]
+    ssim_recon = reconstruction_metrics(recon, cf, mask=mask, per_image=True)["per_image"]["ssim_brain"]
+    change = (cf - recon).abs() * mask
+    mf, bf = mask.float(), (border & mask).float()
+    mean_change = change.sum(dim=(1, 2, 3)) / mf.sum(dim=(1, 2, 3)).clamp(min=1)
+    share_change = (change * bf).sum(dim=(1, 2, 3)) / change.sum(dim=(1, 2, 3)).clamp(min=1e-12)
+    share_area = bf.sum(dim=(1, 2, 3)) / mf.sum(dim=(1, 2, 3)).clamp(min=1)
+    moved = change.sum(dim=(1, 2, 3)) > 0
+    enrichment = torch.where((share_area > 0) & moved, share_change / share_area.clamp(min=1e-12), torch.nan)
+    return {"ssim_brain_to_original": ssim_orig.double(), "ssim_brain_to_reconstruction": ssim_recon.double(),
+            "mean_abs_change_brain": mean_change.double(), "csf_border_enrichment": enrichment.double(), **call}
+
+
+def _mean(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if len(x) else math.nan
+
+
+def _ci95(flips: torch.Tensor) -> list[float]:
+    """Wilson score interval for a proportion (95%)."""
+    n = len(flips)
+    if n == 0:
+        return [math.nan, math.nan]
+    p, z = float(flips.double().mean()), 1.959964
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+@torch.no_grad()
+def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, guidance: float = DEFAULT_GUIDANCE,
+                     seed: int = 0, scheduler: str | None = None, steps: int | None = None, batch_size: int = 16,
+                     source: str | None = None, control: bool = False, out_dir=None, info: dict | None = None,
+                     progress: bool = True) -> dict:
+    """The class-change vs. fidelity trade-off over `slices` (real slices of the source class).
+
+    For strength 0 (the VQ reconstruction) and each strength: `flip_rate` = share of slices the
+    classifier calls `to` (argmax; with a 95% Wilson interval), `mean_p_target`, `ssim_brain_to_original`
+    (SSIM inside the original's brain mask, `metrics.reconstruction_metrics`), `ssim_brain_to_reconstruction`,
+    `mean_abs_change_brain` (|counterfactual - reconstruction| averaged over the brain mask, [-1, 1]
+    scale) and `csf_border_enrichment`: the share of that change within CSF_BORDER_PX pixels of the
+    dark CSF spaces divided by the share of brain pixels there (1 = spread evenly; > 1 = the change
+    sits on the ventricles and sulci). A row "original" gives the classifier's call on the slices
+    themselves. With `control=True` every strength is also denoised with the SOURCE label and the
+    same noise: `control_flip_rate` is how often re-generation alone changes the call.
+
+    Returns {"rows": [...], "maps": {strength: {"mean_signed", "mean_abs"}} (numpy, not in the JSON),
+    "settings", ...}; with `out_dir`, writes tradeoff.json, tradeoff.png, tradeoff.md,
+    mean_difference.png and example_strip.png (the strip of slice N // 2; `info["slices"]`, the slices'
+    file names, names it).
+    """
+    from tqdm.auto import tqdm
+
+    from .metrics import brain_mask
+
+    target = check_target(pipe, to)
+    src = source_class(pipe, target, source)
+    strengths = check_strengths(strengths)
+    col = _classifier_column(classifier, target)
+    pixels = _to_pixels(slices)
+    if len(pixels) == 0:
+        raise ValueError("no slices to measure")
+    t0 = time.perf_counter()
+    per = {key: {} for key in ("original", 0.0, *strengths)}
+    control_flips = {s: [] for s in strengths} if control else None
+    sum_signed = {s: torch.zeros(256, 256, dtype=torch.float64) for s in strengths}
+    sum_abs = {s: torch.zeros(256, 256, dtype=torch.float64) for s in strengths}
+    sum_orig = torch.zeros(256, 256, dtype=torch.float64)
+    example, example_index = None, len(pixels) // 2
+    with _Sampler(pipe, guidance, seed, scheduler, steps) as sample:
+        check_strengths(strengths, sample.steps)
+        work = len(pixels) * sum(sample.denoising_steps(s) for s in strengths) * (2 if control else 1)
+        bar = tqdm(total=work, desc="counterfactuals (image-steps)", unit="img-step", disable=not progress)
+        for start in range(0, len(pixels), batch_size):
+            x = pixels[start:start + batch_size]
+            mask = brain_mask(x)
+            border = csf_border(x, mask)
+            recon = sample.reconstruct(x)
+            sum_orig += x[:, 0].double().sum(0)
+            _append(per["original"], _call(classifier, x, col))
+            _append(per[0.0], _per_image_stats(x, recon, recon, mask, border, _call(classifier, recon, col)))
+            cfs = {}
+            for s in strengths:
+                cf = sample(x, target, s, first_index=start)
+                bar.update(len(x) * sample.denoising_steps(s))
+                _append(per[s], _per_image_stats(x, recon, cf, mask, border, _call(classifier, cf, col)))
+                d = (cf - recon)[:, 0].double()
+                sum_signed[s] += d.sum(0)
+                sum_abs[s] += d.abs().sum(0)
+                cfs[s] = cf
+                if control:
+                    same = sample(x, src, s, first_index=start)
+                    bar.update(len(x) * sample.denoising_steps(s))
+                    control_flips[s].append(_call(classifier, same, col)["called"])
+            if start <= example_index < start + len(x):
+                j = example_index - start
+                example = {"original": x[j], "reconstruction": recon[j], "target": target, "strengths": strengths,
+                           "counterfactuals": {s: cfs[s][j] for s in strengths}, "guidance": float(guidance),
+                           "seed": int(seed), "scheduler": type(pipe.scheduler).__name__, "steps": sample.steps,
+                           "index": example_index,
+                           **({"name": Path(info["slices"][example_index]).name} if (info or {}).get("slices") else {}),
+                           "probabilities": {k: float(per[k]["p_target"][-1][j])
+                                             for k in ("original", 0.0, *strengths)}}
+                example["probabilities"]["reconstruction"] = example["probabilities"].pop(0.0)
+        bar.close()
+        scheduler_name = type(pipe.scheduler).__name__
+        n_steps = sample.steps
+        denoise = {s: sample.denoising_steps(s) for s in strengths}
+
+    n = len(pixels)
+    rows = []
+    for key in ("original", 0.0, *strengths):
+        cols = {k: torch.cat(v) for k, v in per[key].items()}
+        calls = cols["called"]
+        row = {"strength": key if key == "original" else float(key),
+               "denoising_steps": 0 if key in ("original", 0.0) else denoise[key],
+               "flip_rate": float(calls.double().mean()), "flip_rate_ci95": _ci95(calls),
+               "mean_p_target": _mean(cols["p_target"])}
+        for k in ("ssim_brain_to_original", "ssim_brain_to_reconstruction", "mean_abs_change_brain",
+                  "csf_border_enrichment"):
+            if k in cols:
+                row[k] = _mean(cols[k])
+        if control and key in control_flips:
+            row["control_flip_rate"] = float(torch.cat(control_flips[key]).double().mean())
+        rows.append(row)
+    result = {
+        "source": src, "target": target, "images": n,
+        "rows": rows,
+        "settings": {"strengths": strengths, "guidance": float(guidance), "seed": int(seed),
+                     "scheduler": scheduler_name, "steps": n_steps, "control": bool(control),
+                     "csf_fraction_of_median": CSF_FRACTION_OF_MEDIAN, "csf_border_px": CSF_BORDER_PX},
+        "classifier": {"class_names": list(classifier.class_names), "rule": "argmax of the class probabilities"},
+        "seconds": round(time.perf_counter() - t0, 1),
+        **(info or {}),
+        "maps": {s: {"mean_signed": (sum_signed[s] / n).float().numpy(), "mean_abs": (sum_abs[s] / n).float().numpy()}
+                 for s in strengths},
+        "mean_original": (sum_orig / n).float().numpy(),
+        "example": example,
+    }
+    if out_dir is not None:
+        result["files"] = write_tradeoff(result, out_dir)
+    return result
+
+
+def _append(store: dict, values: dict) -> None:
+    for k, v in values.items():
+        store.setdefault(k, []).append(v.detach().cpu().reshape(-1))
+
+
+def _call(classifier, images: torch.Tensor, col: int) -> dict:
+    """P(target) and whether the classifier calls the target class (argmax) for each image."""
+    probs = classifier.predict(images)
+    return {"p_target": probs[:, col].double(), "called": (probs.argmax(1) == col).double()}
+
+
+# ----------------------------------------------------------------------------------- writing tables
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def tradeoff_markdown(result: dict) -> str:
+    """The trade-off table (Markdown) with a header saying what was measured on what."""
+    t, s = result["target"], result["source"]
+    st = result["settings"]
+    control = st.get("control")
+    lines = []
+    clf = result.get("classifier", {})
+    acc = clf.get("val_accuracy")
+    lines.append(
+        f"Counterfactuals {s} \u2192 {t} of {result['images']} held-out {s} slices"
+        + (f" ({result['patients']} patient{'s' if result['patients'] != 1 else ''})" if result.get("patients") else "")
+        + (f", model `{result['model']}`" if result.get("model") else "")
+        + f": {st['scheduler']} with {st['steps']} steps (strength s denoises round(s \u00d7 {st['steps']}) of them), "
+        f"guidance {st['guidance']:g}, seed {st['seed']}. Classifier: the evaluation feature net (trained on the "
+        "real training split only)"
+        + (f", held-out slice accuracy {acc:.3f}" if acc is not None else "") + "."
+    )
+    lines.append("")
+    head = ["strength", f"called {t} (95% CI)", f"mean P({t})"]
+    if control:
+        head.append(f"called {t}, same noise, {s} label")
+    head += ["SSIM-brain vs original", "SSIM-brain vs VQ recon", "mean abs change in brain", "CSF-border enrichment"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    for r in result["rows"]:
+        if r["strength"] == "original":
+            name = f"original {s} slices"
+        elif r["strength"] == 0:
+            name = "0 (VQ reconstruction)"
+        else:
+            name = f"{r['strength']:.2f}"
+        lo, hi = r["flip_rate_ci95"]
+        cells = [name, f"{r['flip_rate']:.1%} ({lo:.0%}\u2013{hi:.0%})", _fmt(r["mean_p_target"])]
+        if control:
+            cells.append(f"{r['control_flip_rate']:.1%}" if "control_flip_rate" in r else "–")
+        cells += [_fmt(r.get("ssim_brain_to_original")),
+                  _fmt(r.get("ssim_brain_to_reconstruction")), _fmt(r.get("mean_abs_change_brain"), 4),
+                  _fmt(r.get("csf_border_enrichment"), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"SSIM-brain: SSIM (11\u00d711 window) averaged inside the original's brain mask, background set to black in "
+        f"both images (`metrics.reconstruction_metrics`). |change|: |counterfactual \u2212 VQ reconstruction| on the "
+        f"[\u22121, 1] scale, mean over brain pixels (0 at strength 0 by definition). CSF-border enrichment: "
+        f"share of that change within "
+        f"{st['csf_border_px']} px of the dark CSF spaces (ventricles, sulci) divided by the share of brain pixels "
+        "there; 1 = spread evenly, > 1 = concentrated where the demo set's atrophy was simulated."
+        + (f" Control column: the same slices and noise denoised with the {s} label: how often re-generation alone "
+           f"changes the call." if control else "")
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(result: dict, path) -> Path:
+    """Left: share called the target class and SSIM-brain against strength. Right: the trade-off curve
+    (SSIM-brain vs share called target), points labelled with the strength."""
+    plt = _plt()
+    t, s = result["target"], result["source"]
+    rows = [r for r in result["rows"] if r["strength"] != "original"]
+    orig = next(r for r in result["rows"] if r["strength"] == "original")
+    x = [r["strength"] for r in rows]
+    flip = [r["flip_rate"] for r in rows]
+    lo = [r["flip_rate_ci95"][0] for r in rows]
+    hi = [r["flip_rate_ci95"][1] for r in rows]
+    ssim = [r["ssim_brain_to_original"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    a1.plot(x, flip, "o-", color="C3", label=f"called {t} (counterfactual \u2192 {t})")
+    a1.fill_between(x, lo, hi, color="C3", alpha=0.15, lw=0)
+    if any("control_flip_rate" in r for r in rows):
+        cx = [r["strength"] for r in rows if "control_flip_rate" in r]
+        a1.plot(cx, [r["control_flip_rate"] for r in rows if "control_flip_rate" in r], "s--", color="C7",
+                label=f"called {t}, control ({s} label)")
+    a1.axhline(orig["flip_rate"], color="C3", ls=":", lw=1, label=f"original {s} slices called {t}")
+    a1.plot(x, ssim, "o-", color="C0", label="SSIM in brain mask vs original")
+    a1.set_xlabel("strength (0 = VQ reconstruction, 1 = from noise)")
+    a1.set_ylim(-0.02, 1.02)
+    a1.set_xlim(-0.02, 1.02)
+    a1.grid(alpha=0.3)
+    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    a1.set_title(f"{s} \u2192 {t}: class change and fidelity vs strength", fontsize=9)
+    a2.plot(ssim, flip, "o-", color="C2")
+    for r, xs, ys in zip(rows, ssim, flip):
+        a2.annotate(f"{r['strength']:.2f}", (xs, ys), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    a2.set_xlabel("SSIM in brain mask vs original (higher = same brain)")
+    a2.set_ylabel(f"share called {t}")
+    a2.set_ylim(-0.02, 1.08)
+    a2.set_xlim(min(0.0, min(ssim) - 0.02), 1.02)
+    a2.grid(alpha=0.3)
+    a2.set_title("trade-off (labels: strength); good = top right", fontsize=9)
+    st = result["settings"]
+    fig.suptitle(f"{result['images']} held-out {s} slices, guidance {st['guidance']:g}, {st['scheduler']} "
+                 f"{st['steps']} steps", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_mean_difference(result: dict, path) -> Path:
+    """Per strength: the mean signed change (counterfactual - reconstruction) and the mean |change| over
+    all measured slices, with contours of the mean original's brain and CSF spaces."""
+    plt = _plt()
+    strengths = list(result["maps"])
+    signed = [result["maps"][s]["mean_signed"] for s in strengths]
+    absolute = [result["maps"][s]["mean_abs"] for s in strengths]
+    lim = _diff_limit(signed)
+    alim = float(max(np.percentile(np.concatenate([a.ravel() for a in absolute]), 99.5), 1e-3))
+    mean_orig = (result["mean_original"] + 1) / 2
+    n = len(strengths)
+    fig, axes = plt.subplots(2, n, figsize=(2.3 * n + 1.6, 5.0), dpi=110, squeeze=False,
+                             gridspec_kw={"hspace": 0.2, "wspace": 0.04})
+    for j, s in enumerate(strengths):
+        im1 = axes[0, j].imshow(signed[j], cmap=DIFF_CMAP, vmin=-lim, vmax=lim)
+        im2 = axes[1, j].imshow(absolute[j], cmap="magma", vmin=0, vmax=alim)
+        _outline(axes[0, j], mean_orig)
+        _outline(axes[1, j], mean_orig, colors=("w", "0.75"))
+        for ax in axes[:, j]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, j].set_title(f"strength {s:.2f}", fontsize=8)
+    c1 = fig.colorbar(im1, ax=list(axes[0]), fraction=0.025, pad=0.01)
+    c1.set_label("mean (counterfactual \u2212\nVQ reconstruction)", fontsize=7)
+    c2 = fig.colorbar(im2, ax=list(axes[1]), fraction=0.025, pad=0.01)
+    c2.set_label("mean |counterfactual \u2212\nVQ reconstruction|", fontsize=7)
+    for c in (c1, c2):
+        c.ax.tick_params(labelsize=7)
+    fig.suptitle(f"Where the model changes {result['source']} slices toward {result['target']}: mean over "
+                 f"{result['images']} held-out slices ([\u22121, 1] scale; blue = darker; contours: mean slice's "
+                 "brain and CSF)", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _jsonable(x):
+    """Valid JSON: NaN -> null, numpy scalars -> numbers, dict keys -> strings."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(x) or math.isinf(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)
+
+
+def write_tradeoff(result: dict, out_dir) -> dict:
+    """tradeoff.json (everything but the maps), tradeoff.md, tradeoff.png, mean_difference.png and,
+    when the result has one, example_strip.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out / "tradeoff.json"), "markdown": str(out / "tradeoff.md"),
+             "plot": str(plot_tradeoff(result, out / "tradeoff.png")),
+             "mean_difference": str(plot_mean_difference(result, out / "mean_difference.png"))}
+    if result.get("example") is not None:
+        files["example_strip"] = str(save_strip(result["example"], out / "example_strip.png"))
+    (out / "tradeoff.md").write_text(tradeoff_markdown(result))
+    public = {k: v for k, v in result.items() if k not in ("maps", "mean_original", "example")}
+    public["files"] = files
+    (out / "tradeoff.json").write_text(json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n")
+    return files
+
+
+# ------------------------------------------------------------------------------- the model's data
+
+
+def _model_json(model: str, name: str) -> dict:
+    folder = Path(model)
+    path = folder / name
+    if not folder.is_dir():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(model, name))
+        except Exception as e:  # noqa: BLE001 - any failure means "no record"
+            raise ValueError(f"--measure: cannot read {name} of {model} ({e})") from None
+    if not path.is_file():
+        raise ValueError(f"--measure: {path} is missing; it records the data the model was trained on "
+                         "(written by train_unet.py). Without it the held-out slices are unknown")
+    return json.loads(path.read_text())
+
+
+def held_out_data(model: str, data_root: str | None = None):
+    """The model's data, split exactly as in training (root / split / preprocess from training_data.json,
+    seed / val_fraction from training_args.json): `SliceData` whose `.val` is what the model never saw."""
+    from .data import load_slices
+
+    record = _model_json(model, "training_data.json")
+    args = _model_json(model, "training_args.json")
+    root = data_root or record.get("root")
+    if not root:
+        raise ValueError(f"{model}/training_data.json names no data folder; pass --data DIR")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"the model's training data {root} is not there; pass --data DIR "
+                                "(the same folder, moved)")
+    split = record.get("split") or args.get("split") or "patient"
+    if split == "all":
+        raise ValueError(f"{model} was trained with --split all: no slices were held out, so there is nothing "
+                         "honest to measure on")
+    data = load_slices(root, split=split, val_fraction=float(args.get("val_fraction", 0.1)),
+                       seed=int(args.get("seed", 0)),
+                       preprocess=record.get("preprocess") or args.get("preprocess", "pad"),
+                       flag="--data")
+    for part, got in (("train", data.train), ("validation", data.val)):
+        want = (record.get(part) or {}).get("images")
+        if want is not None and want != len(got):
+            logger.warning("%s: %d %s images now, %d when the model was trained: the data folder changed",
+                           root, len(got), part, want)
+    return data
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a saved class-conditional pipeline folder (or Hub repo id)")
+    parser.add_argument("--image", nargs="+", default=None, metavar="SLICE",
+                        help="greyscale slice file(s), 256 wide x 240 high (ADNI) or 256x256, JPEG or PNG")
+    parser.add_argument("--to", required=True, help="the class to turn the slice into: one of the model's class names")
+    parser.add_argument("--strength", nargs="+", type=float, default=None, metavar="S",
+                        help="one or more strengths in (0, 1] (default: 0.4 for --image, "
+                             f"{' '.join(map(str, DEFAULT_STRENGTHS))} for --measure); several give a strip")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help="classifier-free guidance scale toward --to (1 = none)")
+    parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    parser.add_argument("--steps", type=int, default=None,
+                        help="scheduler steps for strength 1 (default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--diff-against", default="reconstruction", choices=DIFF_REFERENCES,
+                        help="difference maps show counterfactual minus this (default: the VQ reconstruction, so "
+                             "the autoencoder's error is not shown as change)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 128 on GPU")
+    m = parser.add_argument_group("the evaluation classifier and the measurement (--measure)")
+    m.add_argument("--measure", action="store_true",
+                   help="measure the class-change / fidelity trade-off over the model's held-out slices of the "
+                        "source class: tradeoff.json, tradeoff.png, tradeoff.md, mean_difference.png")
+    m.add_argument("--from", dest="source", default=None,
+                   help="source class for --measure (default: the other class of a two-class model)")
+    m.add_argument("--max-images", type=int, default=None,
+                   help="measure on at most this many held-out slices (evenly spread over them)")
+    m.add_argument("--control", action="store_true",
+                   help="also denoise with the source label and the same noise (doubles the sampling)")
+    m.add_argument("--data", default=None, help="the model's training data folder, if it moved since training")
+    m.add_argument("--classify", action="store_true",
+                   help="with --image: also show the evaluation classifier's P(--to) in the strip's titles (trains "
+                        "or reuses the classifier as --measure does)")
+    m.add_argument("--classifier", default=None,
+                   help="a saved FeatureNet folder to use as the classifier (default: train one on the model's "
+                        "training split, cached under --feature-net-cache)")
+    m.add_argument("--feature-net-cache", default=None,
+                   help="cache folder for the evaluation classifier (default: <model>/evaluation/feature_net)")
+    m.add_argument("--feature-epochs", type=int, default=5, help="epochs for the classifier when it is trained")
+
+
+def _image_out_dirs(paths: list[Path], out: Path) -> list[Path]:
+    seen, dirs = {}, []
+    for p in paths:
+        name = p.stem
+        seen[name] = seen.get(name, 0) + 1
+        dirs.append(out / (name if seen[name] == 1 else f"{name}-{seen[name]}"))
+    return dirs
+
+
+def _load_classifier(args, data, device):
+    from .features import get_or_train_feature_net, load_feature_net
+
+    if args.classifier:
+        if not (Path(args.classifier) / "config.json").is_file():
+            raise FileNotFoundError(f"--classifier {args.classifier}: no config.json (expected a folder written by "
+                                    "features.save_feature_net)")
+        net = load_feature_net(args.classifier, device=device)
+        from .features import evaluate_feature_net
+
+        return net, {"path": args.classifier, "val": evaluate_feature_net(net, data.val) if len(data.val) else None}
+    cache = args.feature_net_cache or str(Path(args.model) / "evaluation" / "feature_net")
+    net, report = get_or_train_feature_net(cache, data.train, data.val, epochs=args.feature_epochs, device=device,
+                                           progress=False)
+    return net, report
+
+
+def main(args: argparse.Namespace) -> int:
+    from .generate import load_pipeline
+
+    # everything that can be checked without the model, first
+    if not args.image and not args.measure:
+        raise ValueError("give --image SLICE [SLICE ...] and/or --measure")
+    strengths = check_strengths(args.strength if args.strength else ((0.4,) if not args.measure else DEFAULT_STRENGTHS))
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: expected at least 1")
+    check_strengths(strengths, args.steps or default_steps(args.scheduler))
+    if args.guidance < 0:
+        raise ValueError(f"--guidance {args.guidance:g}: expected a number >= 0 (1 = no guidance)")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images {args.max_images}: expected at least 1")
+    image_paths = [Path(p) for p in args.image or []]
+    images = [read_slice(p) for p in image_paths]
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = args.batch_size or (128 if device.startswith("cuda") else 16)
+    pipe = load_pipeline(args.model, device, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    target = check_target(pipe, args.to)
+    source = source_class(pipe, target, args.source) if args.measure else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # the classifier (P(target) in the titles, and the measurement): only when asked for
+    classifier = data = report = None
+    if args.measure or args.classify or args.classifier:
+        data = held_out_data(args.model, args.data)
+        classifier, report = _load_classifier(args, data, device)
+        _classifier_column(classifier, target)
+
+    summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
+               "scheduler": args.scheduler, "steps": args.steps or default_steps(args.scheduler), "seed": args.seed,
+               "difference": f"counterfactual - {args.diff_against}", "images": []}
+    if images:
+        results = make_counterfactuals(pipe, torch.cat(images), target, strengths, args.guidance, args.seed,
+                                       args.scheduler, args.steps, classifier=classifier, batch_size=batch_size)
+        for path, folder, result in zip(image_paths, _image_out_dirs(image_paths, out), results):
+            files = write_counterfactual(result, folder, args.diff_against)
+            entry = {"image": str(path), "folder": str(folder), "strip": files["strip"]}
+            if "probabilities" in result:
+                entry["p_target"] = {str(k): v for k, v in result["probabilities"].items()}
+            summary["images"].append(entry)
+            print(f"{path}: strip {files['strip']}")
+        (out / "counterfactuals.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    if args.measure:
+        src_idx = data.class_names.index(source)
+        rows = (data.val.labels == src_idx).nonzero().flatten()
+        if len(rows) == 0:
+            raise ValueError(f"no held-out {source} slices in {data.root} (split {data.split})")
+        if args.max_images and args.max_images < len(rows):  # evenly spread over the held-out patients
+            rows = rows[torch.linspace(0, len(rows) - 1, args.max_images).round().long().unique()]
+        held = data.val.subset(rows)
+        val = (report or {}).get("val") or {}
+        info = {"model": args.model, "patients": len(set(held.patients)), "data": data.root, "split": data.split,
+                "slices": [str(Path(p).relative_to(data.root)) if Path(p).is_relative_to(data.root) else p
+                           for p in held.paths]}
+        result = measure_tradeoff(pipe, held, classifier, target, strengths, args.guidance, args.seed, args.scheduler,
+                                  args.steps, batch_size=batch_size, source=source, control=args.control,
+                                  info=info)
+        result["classifier"].update({"val_accuracy": val.get("accuracy"),
+                                     "val_patient_accuracy": val.get("patient_accuracy"),
+                                     "path": (report or {}).get("path")})
+        files = write_tradeoff(result, out)
+        print(tradeoff_markdown(result))
+        print(f"trade-off: {files['plot']}, table: {files['markdown']}, mean difference: {files['mean_difference']}")
+    return 0
+
+
+__all__ = [
+    "DEFAULT_STRENGTHS",
+    "check_strengths",
+    "check_target",
+    "csf_border",
+    "held_out_data",
+    "make_counterfactuals",
+    "measure_tradeoff",
+    "plot_mean_difference",
+    "plot_tradeoff",
+    "read_slice",
+    "save_difference_map",
+    "save_strip",
+    "tradeoff_markdown",
+    "write_counterfactual",
+    "write_tradeoff",
+]

@@ -1,0 +1,52 @@
+"""The objective the UNet learns, in one place for the training script, the validation loss and the
+benchmarks.
+
+DDPM (Ho et al. 2020, eq. 14): pick t ~ U{0..T-1} and eps ~ N(0, I), form
+    z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
+and regress the network output on eps (`epsilon`) or on v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0
+(`v_prediction`, Salimans & Ho 2022). For classifier-free guidance (Ho & Salimans 2022) the class
+label is replaced by an extra "unconditional" class with probability `cond_dropout`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def make_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
+                         beta_end: float = 0.02, prediction_type: str = "epsilon"):
+    """The seed's forward process by default: 1000 steps, linear betas 1e-4 .. 0.02. No clipping: latents
+    are not bounded to [-1, 1] the way pixels are."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
+                         beta_end=beta_end, prediction_type=prediction_type, clip_sample=False)
+
+
+def drop_labels(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor:
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def velocity(alphas_cumprod: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    abar = alphas_cumprod.to(z0.device)[t].reshape(-1, *([1] * (z0.ndim - 1))).to(z0.dtype)
+    return abar.sqrt() * noise - (1 - abar).sqrt() * z0
+
+
+def diffusion_loss(model, noise_scheduler, z0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
+                   loss_type: str = "mse", channels_last: bool = False) -> torch.Tensor:
+    """One batch of the denoising objective; every random draw comes from `generator`."""
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=generator, device=z0.device)
+    zt = noise_scheduler.add_noise(z0, noise, t)
+    if channels_last:
+        zt = zt.contiguous(memory_format=torch.channels_last)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = velocity(noise_scheduler.alphas_cumprod, z0, noise, t)
+    pred = model(zt, t, class_labels=labels).sample.float()
+    if loss_type == "mse":
+        return F.mse_loss(pred, target.float())
+    return F.smooth_l1_loss(pred, target.float())  # the seed's choice

@@ -1,0 +1,1199 @@
+"""`adni-diffusers evaluate`: how real, how diverse, how class-faithful and how original a model's samples are.
+
+    adni-diffusers evaluate --model out/ldm [--data-dir AD_NC] --num-samples 500 [--ablations]
+
+Everything is measured against REAL HELD-OUT PATIENTS, i.e. the patients the model never saw: the
+split is recomputed from the model's own `training_data.json` / `training_args.json` (root, split,
+val_fraction, seed, preprocess), so "held-out" here is exactly the validation set of training.
+Every number stands beside its floor, the same measure between two sets of REAL images:
+
+- realism: FD / KID (adni-features) and k-NN precision / recall (Kynkaanniemi et al. 2019) of
+  generated vs held-out real, beside real TRAINING vs held-out real at the same N (the value a
+  perfect generator would get at this N; FD is biased upwards for small N, so only equal-N
+  comparisons mean anything);
+- diversity: mean MS-SSIM of random pairs of generated images of one class, beside the same on
+  real held-out pairs (much higher than real = mode collapse);
+- class fidelity (conditional models): the feature network's accuracy on samples generated for
+  each class, beside its accuracy on real held-out slices; train-on-synthetic / test-on-real
+  (TSTR) beside train-on-real / test-on-real (TRTR) with the same recipe and N;
+- memorisation: each sample's nearest TRAINING image (feature and pixel space) against the same
+  distance for held-out real images (real images the model never saw: what "new" looks like);
+- the UMAP of real and generated features by class (the plot the seed project planned);
+- with `--ablations`: refinement, sampler and guidance settings on the same seeds, in one table.
+
+The feature space is the project's own `features.FeatureNet`, trained on the REAL TRAINING split
+only and cached (`get_or_train_feature_net`); no Inception weights, so the names say
+"(adni-features)" and the numbers are not comparable with published FID values.
+
+Outputs in `--out` (default `<model>/evaluation`): metrics.json, report.md, ablations.csv and
+PNGs; then the model card (README.md) is re-rendered so the numbers appear there. The pieces
+(`sample_images`, `as_slice_set`, `extract_features`, `compare_features`, ...) are small
+functions for reuse by other commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics as M
+from .data import SliceData, SliceSet, load_slices, to_uint8
+from .schedulers import SCHEDULERS, default_steps, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCHEDULER = "dpm++"  # the fast sampler for the main numbers; DDPM-1000 is an ablation row
+DEFAULT_GUIDANCE_CONDITIONAL = 2.0  # as the demo samples; the guidance ablation checks it
+PR_K = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019 use 3)
+NN_PERCENTILE = 5.0  # memorisation: samples closer to the training set than 5% of held-out reals
+PIXEL_NN_SIZE = 64  # pixel-space nearest neighbours on 64x64 (box-filtered) images
+CLOSEST_PAIRS = 8
+# Refinement settings of the ablation, in the seed's units: re-noise to "the last T of the 1000
+# training timesteps" and denoise again, R times. (30, 5) is the seed's; (10, 2) a milder one.
+SEED_REFINEMENT = (30, 5)
+MILD_REFINEMENT = (10, 2)
+ABLATION_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
+FLOOR_LABEL = "floor: real train vs held-out"
+
+
+class EvaluationError(ValueError):
+    """The model, the data or the settings cannot be evaluated as asked; the message says why."""
+
+
+# ====================================================================================== model & data
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def read_training_record(model_dir) -> dict:
+    """What training recorded about its data: root, split, val_fraction, seed, preprocess, class names
+    and the train / validation summaries (from `training_data.json` and `training_args.json`)."""
+    d = Path(model_dir)
+    data = _read_json(d / "training_data.json")
+    args = _read_json(d / "training_args.json")
+    if not data and not args:
+        logger.warning("%s: no training_data.json / training_args.json; assuming --split patient, "
+                       "--val_fraction 0.1, --seed 0, --preprocess pad", d)
+    return {
+        "root": data.get("root") or args.get("train_data_dir"),
+        "source": data.get("source"),
+        "split": data.get("split") or args.get("split") or "patient",
+        "val_fraction": float(args.get("val_fraction", 0.1)),
+        "seed": int(args.get("seed", 0)),
+        "preprocess": data.get("preprocess") or args.get("preprocess") or "pad",
+        "class_names": data.get("class_names"),
+        "train": data.get("train"),
+        "validation": data.get("validation"),
+    }
+
+
+def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tuple[SliceData, dict]:
+    """The slices split exactly as the model's training split them. Returns (data, record).
+
+    Refuses (EvaluationError) when the data's class names differ from the model's, when nothing is
+    held out (a model trained with --split all), or when no data folder is known."""
+    record = read_training_record(model_dir)
+    root = data_dir or record["root"]
+    if not root:
+        raise EvaluationError(f"{model_dir}: training_data.json records no data folder; pass --data-dir")
+    data = load_slices(root, split=record["split"], val_fraction=record["val_fraction"], seed=record["seed"],
+                       preprocess=record["preprocess"], flag="--data-dir")
+    expected = list(model_class_names) if model_class_names else record["class_names"]
+    if expected and list(data.class_names) != list(expected):
+        raise EvaluationError(
+            f"--data-dir {data.root}: class folders {data.class_names or '(none)'} differ from the model's "
+            f"class names {list(expected)}; evaluate on data with the classes the model was trained on"
+        )
+    if len(data.val) == 0:
+        raise EvaluationError(
+            f"{model_dir}: trained with --split {record['split']}: no patients were held out, so nothing "
+            "can be compared honestly (retrain with --split patient)"
+        )
+    record["matches_training"] = True
+    for name, part in (("train", data.train), ("validation", data.val)):
+        if record.get(name) and record[name] != part.summary():
+            record["matches_training"] = False
+            logger.warning("the %s split differs from the one training recorded (%s now, %s then): the data "
+                           "changed since training, so 'held-out' may include images the model saw",
+                           name, part.summary(), record[name])
+    return data, record
+
+
+def _resolve_device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ============================================================================================ sampling
+
+
+def image_seed(seed: int, label: int | None, index: int) -> int:
+    """The noise seed of the `index`-th sample of class `label`: every image has its own generator, so a
+    sample depends on (seed, class, index) only -- not on the batch size, and the same in every ablation row
+    (the first M of N samples are the M samples of a smaller run)."""
+    return int(seed) * 1_000_003 + (0 if label is None else int(label) + 1) * 100_003 + int(index)
+
+
+def refinement_steps(scheduler_config, scheduler: str, steps: int, last_timesteps: int) -> tuple[int, int]:
+    """The seed's refinement "repeat the last T of the 1000 DDPM timesteps" for another sampler.
+
+    The pipeline counts `refine_steps` in the SAMPLER's timesteps (re-noise to the refine_steps-th last
+    one). Same noise level: refine over the sampler timesteps below T (T of 1000 under DDPM-1000:
+    exactly the seed's), at least one. Returns (refine_steps, the timestep it re-noises to)."""
+    sched = make_scheduler(scheduler, scheduler_config)
+    sched.set_timesteps(steps)
+    timesteps = [int(t) for t in sched.timesteps]
+    n = max(1, sum(1 for t in timesteps if t < last_timesteps))
+    return n, timesteps[len(timesteps) - n]
+
+
+@torch.no_grad()
+def sample_images(pipe, labels: list, *, scheduler: str = DEFAULT_SCHEDULER, steps: int | None = None,
+                  guidance: float = 1.0, refine_steps: int = 0, refine_repeats: int = 0, seed: int = 0,
+                  batch_size: int = 16, progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+    """Generate one image per entry of `labels` (class index, or None for an unconditional model).
+
+    Returns float (N, 1, 256, 256) in [-1, 1] on the CPU, in the order of `labels`. Noise per image
+    from `image_seed(seed, label, k)` (k counts that label's images). The pipeline's scheduler is
+    swapped for `scheduler` during the call and restored afterwards."""
+    from tqdm.auto import tqdm
+
+    steps = steps or default_steps(scheduler)
+    counters: dict = {}
+    seeds = []
+    for label in labels:
+        k = counters.get(label, 0)
+        counters[label] = k + 1
+        seeds.append(image_seed(seed, label, k))
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(scheduler, original.config)
+    pipe.set_progress_bar_config(disable=True)
+    total = len(labels) * (steps + refine_steps * refine_repeats)
+    out = []
+    try:
+        with tqdm(total=total, desc=desc, unit="img-step", disable=not progress, leave=False) as bar:
+            def tick(p, step, t, tensors):
+                bar.update(len(tensors["latents"]))
+                return {}
+
+            for s in range(0, len(labels), batch_size):
+                chunk = labels[s : s + batch_size]
+                generators = [torch.Generator().manual_seed(x) for x in seeds[s : s + batch_size]]
+                cond = None if all(label is None for label in chunk) else [int(label) for label in chunk]
+                images = pipe(batch_size=len(chunk), class_labels=cond, guidance_scale=guidance if cond else 1.0,
+                              num_inference_steps=steps, generator=generators, refine_steps=refine_steps,
+                              refine_repeats=refine_repeats, output_type="pt", callback_on_step_end=tick).images
+                out.append(images.float().cpu() * 2 - 1)
+    finally:
+        pipe.scheduler = original
+    return torch.cat(out) if out else torch.empty(0, 1, 256, 256)
+
+
+def as_slice_set(images: torch.Tensor, labels, class_names: list[str], prefix: str = "generated") -> SliceSet:
+    """Generated images (float in [-1, 1] or uint8) -> a SliceSet like real data (uint8 pixels).
+
+    Every sample is its own "patient"; file names carry no `_<slice>` number, so the feature net
+    trains no slice-position target on them (`features.slice_positions` gives NaN)."""
+    pixels = images if images.dtype == torch.uint8 else to_uint8(M.as_images(images))
+    labels = torch.as_tensor([0 if label is None else int(label) for label in labels], dtype=torch.long)
+    names = [f"{prefix}-{i:05d}" for i in range(len(pixels))]
+    paths = [f"{prefix}/{class_names[int(y)] if class_names else 'samples'}/{n}.png" for n, y in zip(names, labels)]
+    return SliceSet(pixels, labels, names, paths, list(class_names))
+
+
+# ================================================================================ features & metrics
+
+
+def extract_features(net, images: torch.Tensor, batch_size: int = 64, device=None, progress: bool = True,
+                     desc: str = "features") -> torch.Tensor:
+    """FeatureNet embeddings of uint8 (N, H, W) or float (N, 1, H, W) images: float32 (N, D), with a bar."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        out.append(net.features(images[s : s + batch_size], batch_size=batch_size, device=device))
+    return torch.cat(out) if out else torch.empty(0, net.num_features)
+
+
+def subsample(labels: torch.Tensor, per_class: dict, seed: int) -> torch.Tensor:
+    """Row indices: `per_class[c]` random rows of each class c (deterministic for `seed`), sorted."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c, n in sorted(per_class.items()):
+        idx = torch.nonzero(labels == c).flatten()
+        rows.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return torch.cat(rows).sort().values if rows else torch.empty(0, dtype=torch.long)
+
+
+def first_per_class(labels: torch.Tensor, per_class: dict) -> torch.Tensor:
+    """Row indices of the first `per_class[c]` rows of each class (generated sets: the seeds' order)."""
+    rows = [torch.nonzero(labels == c).flatten()[:n] for c, n in sorted(per_class.items())]
+    return torch.cat(rows).sort().values if rows else torch.empty(0, dtype=torch.long)
+
+
+def compare_features(reference: torch.Tensor, candidate: torch.Tensor, k: int = PR_K, kid_subsets: int = 100,
+                     seed: int = 0) -> dict:
+    """FD, KID, precision and recall of `candidate` features against `reference` features.
+
+    precision = share of candidates inside the reference manifold (fidelity); recall = share of the
+    reference inside the candidates' manifold (coverage). k is lowered for tiny sets."""
+    n = min(len(reference), len(candidate))
+    if n < 2:
+        raise EvaluationError(f"distribution metrics need at least 2 images per set (got {n})")
+    k = max(1, min(k, n - 1))
+    kd = M.kid(reference, candidate, subset_size=1000, subsets=kid_subsets, seed=seed)
+    pr = M.precision_recall(reference, candidate, k=k)
+    return {"fd": M.frechet_distance(reference, candidate), "kid": kd["mean"], "kid_std": kd["std"],
+            "kid_subset_size": kd["subset_size"], "precision": pr["precision"], "recall": pr["recall"], "k": k,
+            "reference_images": len(reference), "candidate_images": len(candidate)}
+
+
+def random_pairs(n: int, num_pairs: int, seed: int, groups: list | None = None) -> torch.Tensor:
+    """Up to `num_pairs` distinct unordered pairs (i < j) of rows, uniformly at random, never two rows of the
+    same group (patient) when `groups` is given. All allowed pairs when there are not more than that."""
+    allowed = torch.combinations(torch.arange(n), 2) if n >= 2 else torch.empty(0, 2, dtype=torch.long)
+    if groups is not None and len(allowed):
+        index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        codes = torch.tensor([index[g] for g in groups])
+        allowed = allowed[codes[allowed[:, 0]] != codes[allowed[:, 1]]]
+    if len(allowed) <= num_pairs:
+        return allowed
+    g = torch.Generator().manual_seed(seed)
+    return allowed[torch.randperm(len(allowed), generator=g)[:num_pairs].sort().values]
+
+
+@torch.no_grad()
+def diversity(images: torch.Tensor, labels: torch.Tensor | None, class_names: list[str], num_pairs: int = 200,
+              seed: int = 0, device=None, patients: list | None = None, batch_size: int = 32) -> dict:
+    """Mean MS-SSIM over random pairs WITHIN each class (lower = more diverse); `mean` averages the classes.
+
+    Within a class, because that is what a class-conditional model is asked to vary; for unlabelled sets
+    all pairs. With `patients` (real images), two slices of one patient are never paired: they are
+    nearly alike, and two independent draws from the data would almost never share a patient. Pairs
+    from `seed`; images moved to `device` (MS-SSIM is the slow part on a CPU). Identical images give 1."""
+    x = M.as_images(images)
+    if device is not None:
+        x = x.to(device)
+    groups = {"all": torch.arange(len(x))} if labels is None else {
+        (class_names[c] if c < len(class_names) else str(c)): torch.nonzero(labels == c).flatten()
+        for c in sorted(set(labels.tolist()))
+    }
+    per_class = {}
+    for i, (name, rows) in enumerate(groups.items()):
+        pairs = random_pairs(len(rows), num_pairs, seed + i,
+                             [patients[r] for r in rows.tolist()] if patients is not None else None)
+        if len(pairs) == 0:
+            continue
+        pairs = rows[pairs].to(x.device)
+        values = torch.cat([M.ms_ssim(x[p[:, 0]], x[p[:, 1]]) for p in pairs.split(batch_size)]).double().cpu()
+        per_class[name] = {"mean": float(values.mean()), "std": float(values.std()) if len(values) > 1 else 0.0,
+                           "pairs": len(values)}
+    if not per_class:
+        return {"mean": math.nan, "per_class": {}}
+    return {"mean": float(np.mean([v["mean"] for v in per_class.values()])), "per_class": per_class}
+
+
+def class_fidelity(net, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], batch_size: int = 64,
+                   device=None) -> dict:
+    """The feature net's accuracy on samples generated for each class, and its confusion counts."""
+    probs = net.predict(images, batch_size=batch_size, device=device)
+    pred = probs.argmax(1)
+    out = {"accuracy": float((pred == labels).float().mean()), "per_class": {}, "predicted_as": {}}
+    for c, name in enumerate(class_names):
+        sel = labels == c
+        if sel.any():
+            out["per_class"][name] = float((pred[sel] == c).float().mean())
+            out["predicted_as"][name] = {class_names[j]: int((pred[sel] == j).sum()) for j in range(len(class_names))}
+    return out
+
+
+def predicted_class_shares(net, images: torch.Tensor, class_names: list[str], batch_size: int = 64, device=None) -> dict:
+    """Unconditional models: which share of the images the feature net assigns to each class."""
+    pred = net.predict(images, batch_size=batch_size, device=device).argmax(1)
+    return {name: float((pred == c).float().mean()) for c, name in enumerate(class_names)}
+
+
+def train_test_classifier(train: SliceSet, test: SliceSet, settings: dict) -> dict:
+    """Train a fresh small classifier on `train` (class head only) and test it on `test`.
+
+    TSTR when `train` is generated, TRTR when it is real: the same recipe, so only the data differs."""
+    from .features import evaluate_feature_net, train_feature_net
+
+    settings = {**settings, "position_weight": 0.0, "progress": False}
+    net, report = train_feature_net(train, None, **settings)
+    result = evaluate_feature_net(net, test, device=settings.get("device"))
+    return {"accuracy": result["accuracy"], "patient_accuracy": result.get("patient_accuracy"),
+            "accuracy_per_class": result.get("accuracy_per_class"), "train_images": len(train),
+            "test_images": len(test), "train_seconds": report["train_seconds"]}
+
+
+def pixel_vectors(pixels: torch.Tensor, size: int = PIXEL_NN_SIZE, chunk: int = 512) -> torch.Tensor:
+    """uint8 (N, H, W) / float images -> (N, size*size) box-filtered pixels in [-1, 1], for pixel-space NN.
+    In chunks: the float copy of a whole training set at 256x256 would be gigabytes."""
+    out = [F.adaptive_avg_pool2d(M.as_images(pixels[s : s + chunk]), size).flatten(1)
+           for s in range(0, len(pixels), chunk)]
+    return torch.cat(out) if out else torch.empty(0, size * size)
+
+
+def memorisation(gen_feats, train_feats, heldout_feats, gen_pixels, train_pixels, heldout_pixels,
+                 percentile: float = NN_PERCENTILE) -> dict:
+    """Nearest TRAINING image of every generated and every held-out real image, in feature and pixel space.
+
+    Held-out reals are new images of the same kind: their distances are what "not copied" looks like.
+    `closer_than_heldout_p5` = share of samples nearer to the training set than the `percentile`-th
+    percentile of held-out distances (about percentile/100 when samples are as new as real images; far
+    more means copying). Pixel distances are RMS grey levels (0-255) at 64x64."""
+    out = {"percentile": percentile}
+    spaces = {
+        "features": (gen_feats, train_feats, heldout_feats, 1.0),
+        "pixels": (pixel_vectors(gen_pixels), pixel_vectors(train_pixels), pixel_vectors(heldout_pixels),
+                   127.5 / math.sqrt(PIXEL_NN_SIZE**2)),  # L2 on [-1, 1] -> RMS grey levels
+    }
+    for space, (g, t, h, scale) in spaces.items():
+        gd, gi = M.nearest_neighbour_distances(g, t)
+        hd, hi = M.nearest_neighbour_distances(h, t)
+        gd, hd = gd * scale, hd * scale
+        threshold = float(np.percentile(hd.numpy(), percentile))
+        out[space] = {
+            "generated_distance": gd.tolist(), "generated_nearest": gi.tolist(),
+            "heldout_distance": hd.tolist(), "heldout_nearest": hi.tolist(),
+            "generated_median": float(gd.median()), "heldout_median": float(hd.median()),
+            "generated_min": float(gd.min()), "heldout_min": float(hd.min()),
+            "heldout_percentile_distance": threshold,
+            "closer_than_heldout_percentile": float((gd < threshold).double().mean()),
+        }
+    return out
+
+
+# ============================================================================================== plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_nn_histogram(mem: dict, path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    for ax, space, unit in zip(axes, ("features", "pixels"), ("feature distance", "RMS grey levels, 64x64")):
+        m = mem[space]
+        g, h = np.asarray(m["generated_distance"]), np.asarray(m["heldout_distance"])
+        bins = np.histogram_bin_edges(np.concatenate([g, h]), bins=min(30, max(5, (len(g) + len(h)) // 4)))
+        ax.hist(h, bins=bins, alpha=0.55, density=True, label=f"held-out real (n={len(h)})", color="tab:blue")
+        ax.hist(g, bins=bins, alpha=0.55, density=True, label=f"generated (n={len(g)})", color="tab:orange")
+        ax.axvline(m["heldout_percentile_distance"], color="k", ls="--", lw=1,
+                   label=f"held-out {mem['percentile']:g}th percentile")
+        ax.set_title(f"nearest training image ({space}): "
+                     f"{m['closer_than_heldout_percentile']:.0%} of samples left of the line", fontsize=9)
+        ax.set_xlabel(unit, fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_closest_pairs(mem: dict, gen: SliceSet, train: SliceSet, heldout: SliceSet, path: Path,
+                       k: int = CLOSEST_PAIRS) -> Path:
+    """The k samples nearest to the training set (feature space), each beside its nearest training image
+    in feature space and in pixel space; then the two held-out real images nearest to the training set
+    (what a close but genuinely new image looks like)."""
+    from PIL import Image
+
+    from .plots import captioned_grid
+
+    def pil(pixels):
+        return Image.fromarray(pixels.numpy(), mode="L")
+
+    f, p = mem["features"], mem["pixels"]
+    order = np.argsort(f["generated_distance"])[:k]
+    rows, titles = [], []
+    for i in order:
+        rows.append([pil(gen.pixels[i]), pil(train.pixels[f["generated_nearest"][i]]),
+                     pil(train.pixels[p["generated_nearest"][i]])])
+        cls = gen.class_names[int(gen.labels[i])] if gen.class_names else ""
+        titles.append(f"gen {cls}\nf {f['generated_distance'][i]:.2f}\np {p['generated_distance'][i]:.1f}")
+    for i in np.argsort(f["heldout_distance"])[:2]:
+        rows.append([pil(heldout.pixels[i]), pil(train.pixels[f["heldout_nearest"][i]]),
+                     pil(train.pixels[p["heldout_nearest"][i]])])
+        titles.append(f"REAL\nheld-out\nf {f['heldout_distance'][i]:.2f}")
+    sheet = captioned_grid(rows, titles, ["image", "nearest train (features)", "nearest train (pixels)"], tile=160)
+    sheet.save(path)
+    return path
+
+
+def plot_ablations(rows: list[dict], floor: dict, path: Path) -> Path:
+    """FD per row (bars coloured by group) and precision / recall, each with the real-vs-real floor."""
+    plt = _plt()
+    labels = [r["label"] for r in rows]
+    colours = {"refinement": "tab:orange", "sampler": "tab:green", "guidance": "tab:purple"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.8), dpi=110, sharey=True)
+    y = np.arange(len(rows))
+    axes[0].barh(y, [r["fd"] for r in rows], color=[colours.get(r["group"], "tab:grey") for r in rows])
+    axes[0].axvline(floor["fd"], color="k", ls="--", lw=1, label="floor: real train vs held-out")
+    axes[0].set_xlabel(M.FD_NAME + ", lower is better", fontsize=9)
+    axes[0].legend(fontsize=7)
+    axes[1].barh(y - 0.2, [r["precision"] for r in rows], height=0.4, color="tab:blue", label="precision")
+    axes[1].barh(y + 0.2, [r["recall"] for r in rows], height=0.4, color="tab:red", label="recall")
+    axes[1].axvline(floor["precision"], color="tab:blue", ls="--", lw=1, label="precision floor")
+    axes[1].axvline(floor["recall"], color="tab:red", ls=":", lw=1, label="recall floor")
+    axes[1].set_xlim(0, 1.02)
+    axes[1].set_xlabel(f"precision / recall (k={floor['k']}), higher is better", fontsize=9)
+    axes[1].legend(fontsize=7, loc="lower right")
+    axes[0].set_yticks(y, labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ========================================================================================== ablations
+
+
+def ablation_plan(conditional: bool, scheduler: str, steps: int, guidance: float,
+                  step_overrides: dict | None = None) -> list[dict]:
+    """The rows of the ablation table (nothing is run here). Groups:
+
+    - refinement (main sampler and guidance): off, the seed's 30x5, a milder 10x2, in the seed's units
+      (the last T of 1000 DDPM timesteps; mapped to the sampler by `refinement_steps`);
+    - sampler (no refinement, main guidance): DDPM-1000, DDIM-50, DPM-Solver++-25, UniPC-10
+      (`step_overrides` changes a sampler's step count, e.g. for quick tests);
+    - guidance (conditional models; main sampler, no refinement): 1, 2, 3, 5.
+    """
+    overrides = step_overrides or {}
+    rows = []
+    for name, setting in (("off", None), ("seed 30x5", SEED_REFINEMENT), ("milder 10x2", MILD_REFINEMENT)):
+        rows.append({"group": "refinement", "setting": name, "scheduler": scheduler, "steps": steps,
+                     "refine": setting, "guidance": guidance})
+    for name in ("ddpm", "ddim", "dpm++", "unipc"):
+        rows.append({"group": "sampler", "setting": f"{name}-{default_steps(name)}", "scheduler": name,
+                     "steps": int(overrides.get(name, default_steps(name))), "refine": None, "guidance": guidance})
+    if conditional:
+        for w in ABLATION_GUIDANCE:
+            rows.append({"group": "guidance", "setting": f"w={w:g}", "scheduler": scheduler, "steps": steps,
+                         "refine": None, "guidance": float(w)})
+    return rows
+
+
+def _row_label(row: dict) -> str:
+    steps_note = "" if row["steps"] == default_steps(row["scheduler"]) else f" ({row['steps']} steps)"
+    return f"{row['group']}: {row['setting']}{steps_note}"
+
+
+def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, labels_per_class: dict,
+                  floor: dict, *, seed: int, batch_size: int, device, feature_batch: int, kid_subsets: int,
+                  class_names: list[str], progress: bool, reuse: dict | None = None) -> dict:
+    """Sample `labels_per_class[c]` images per class for every distinct setting of `plan` (same seeds
+    for all), and measure FD / KID / precision / recall against the held-out reals, class accuracy and
+    wall time. Settings that occur in several groups are run once. `reuse`: {setting key: images}
+    already sampled with the same seeds (the main run)."""
+    labels = [c for c, n in sorted(labels_per_class.items()) for _ in range(n)]
+    label_tensor = torch.tensor([0 if c is None else c for c in labels])
+    reference = torch.cat([heldout_feats_by_class[c] for c in sorted(labels_per_class)])
+    done, rows = {}, []
+    for row in plan:
+        refine_steps = refine_repeats = 0
+        start_t = None
+        if row["refine"]:
+            refine_steps, start_t = refinement_steps(pipe.scheduler.config, row["scheduler"], row["steps"],
+                                                     row["refine"][0])
+            refine_repeats = row["refine"][1]
+        key = (row["scheduler"], row["steps"], refine_steps, refine_repeats, row["guidance"] if class_names else 1.0)
+        if key not in done:
+            t0 = time.perf_counter()
+            if reuse and key in reuse:
+                images, seconds = reuse[key]
+            else:
+                images = sample_images(pipe, labels, scheduler=row["scheduler"], steps=row["steps"],
+                                       guidance=row["guidance"], refine_steps=refine_steps,
+                                       refine_repeats=refine_repeats, seed=seed, batch_size=batch_size,
+                                       progress=progress, desc=f"ablation {_row_label(row)}")
+                seconds = time.perf_counter() - t0
+            feats = net.features(images, batch_size=feature_batch, device=device)
+            result = compare_features(reference, feats, kid_subsets=kid_subsets, seed=seed)
+            if class_names and labels[0] is not None:
+                result["class_accuracy"] = class_fidelity(net, images, label_tensor, class_names, feature_batch,
+                                                          device)["accuracy"]
+            result["seconds"] = seconds
+            result["seconds_per_image"] = seconds / len(labels)
+            result["first_row"] = _row_label(row)
+            done[key] = result
+        result = done[key]
+        rows.append({**{k: v for k, v in row.items() if k != "refine"},
+                     "label": _row_label(row),
+                     "refine_steps": refine_steps, "refine_repeats": refine_repeats,
+                     "refine_from_timestep": start_t,
+                     "seed_units": f"last {row['refine'][0]} of 1000 x{row['refine'][1]}" if row["refine"] else None,
+                     "same_run_as": None if result["first_row"] == _row_label(row) else result["first_row"],
+                     **{k: v for k, v in result.items() if k != "first_row"}})
+    return {"rows": rows, "floor": floor, "images_per_class": {class_names[c] if class_names else "all": n
+                                                              for c, n in labels_per_class.items()},
+            "recommendation": recommend(rows, floor)}
+
+
+def recommend(rows: list[dict], floor: dict) -> dict:
+    """What the table suggests for the pipeline's defaults (the evidence stays in the table)."""
+    out = {}
+    ref = [r for r in rows if r["group"] == "refinement"]
+    if ref:
+        off = next(r for r in ref if r["setting"] == "off")
+        on = [r for r in ref if r["setting"] != "off"]
+        best = min(on, key=lambda r: r["fd"])
+        # Refinement costs steps; recommend it only for a clear FD gain (5%) that keeps recall.
+        gain = (off["fd"] - best["fd"]) / off["fd"] if off["fd"] > 0 else 0.0
+        if gain > 0.05 and best["recall"] >= off["recall"] - 0.02:
+            out["refinement"] = {"setting": best["setting"], "refine_steps": best["refine_steps"],
+                                 "refine_repeats": best["refine_repeats"], "scheduler": best["scheduler"],
+                                 "why": f"FD {best['fd']:.4g} vs {off['fd']:.4g} without refinement "
+                                        f"({gain:.0%} lower) at recall {best['recall']:.2f} vs {off['recall']:.2f}"}
+        else:
+            out["refinement"] = {"setting": "off", "refine_steps": 0, "refine_repeats": 0,
+                                 "why": f"the best refinement ({best['setting']}) gives FD {best['fd']:.4g} vs "
+                                        f"{off['fd']:.4g} without (recall {best['recall']:.2f} vs "
+                                        f"{off['recall']:.2f}): no clear gain (>5% lower FD at equal recall) "
+                                        "for its extra steps"}
+    samplers = [r for r in rows if r["group"] == "sampler"]
+    if samplers:
+        best = min(samplers, key=lambda r: r["fd"])
+        fastest_ok = min((r for r in samplers if r["fd"] <= 1.1 * best["fd"]), key=lambda r: r["seconds"])
+        out["sampler"] = {"lowest_fd": best["setting"], "fastest_within_10pct_of_lowest_fd": fastest_ok["setting"]}
+    guid = [r for r in rows if r["group"] == "guidance"]
+    if guid:
+        out["guidance"] = {"lowest_fd": min(guid, key=lambda r: r["fd"])["guidance"],
+                           "highest_class_accuracy": max(guid, key=lambda r: r.get("class_accuracy", 0))["guidance"]}
+    out["floor_fd"] = floor.get("fd")
+    return out
+
+
+# ============================================================================================= report
+
+
+def _f(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return str(int(x))
+    return f"{x:.{digits}g}"
+
+
+def _n(n, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _clean(obj):
+    """JSON-safe: NaN / inf -> None, tensors and numpy scalars -> Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _clean(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def summary_numbers(res: dict) -> dict:
+    """The top-level numeric entries of metrics.json (the model card's table): each beside its floor."""
+    r, fl = res["realism"]["generated"], res["realism"]["floor"]
+    s = {
+        M.FD_NAME: r["fd"], f"{M.FD_NAME}, {FLOOR_LABEL}": fl["fd"],
+        M.KID_NAME: r["kid"], f"{M.KID_NAME}, {FLOOR_LABEL}": fl["kid"],
+        f"precision (adni-features, k={r['k']})": r["precision"],
+        f"precision (adni-features, k={fl['k']}), {FLOOR_LABEL}": fl["precision"],
+        f"recall (adni-features, k={r['k']})": r["recall"],
+        f"recall (adni-features, k={fl['k']}), {FLOOR_LABEL}": fl["recall"],
+        "MS-SSIM diversity, generated (lower = more diverse)": res["diversity"]["generated"]["mean"],
+        "MS-SSIM diversity, real held-out": res["diversity"]["real"]["mean"],
+    }
+    cf = res.get("class_fidelity")
+    if cf:
+        for name, acc in cf["generated"]["per_class"].items():
+            s[f"feature-net accuracy on generated {name}"] = acc
+        s["feature-net accuracy on real held-out slices"] = cf["real_heldout"]["accuracy"]
+        if cf.get("tstr"):
+            s["TSTR accuracy (train on synthetic, test on real held-out)"] = cf["tstr"]["accuracy"]
+            s["TRTR accuracy (train on real, test on real held-out)"] = cf["trtr"]["accuracy"]
+    mem = res["memorisation"]["features"]
+    s[f"memorisation: share of samples nearer to training than held-out p{NN_PERCENTILE:g}"] = \
+        mem["closer_than_heldout_percentile"]
+    s["images per set (distribution metrics)"] = r["candidate_images"]
+    s["sampling seconds per image"] = res["timings"]["sampling_seconds_per_image"]
+    return {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def write_report(res: dict, out: Path) -> Path:
+    r, fl = res["realism"]["generated"], res["realism"]["floor"]
+    st = res["settings"]
+    fn = res["feature_net"]
+    lines = [
+        f"# Evaluation of `{res['model']['path']}`",
+        "",
+        f"Samples: {st['num_samples']} {'per class' if res['model']['conditional'] else 'in all'} from "
+        f"`{st['scheduler']}` with {st['steps']} steps"
+        + (f", guidance {st['guidance']:g}" if res["model"]["conditional"] else "")
+        + (f", refinement {st['refine_steps']} steps x {st['refine_repeats']}" if st["refine_repeats"] else
+           ", no refinement")
+        + f", seed {st['seed']}, on `{res['device']}`. "
+        f"Real data: `{res['data']['root']}` ({res['data']['source'] or 'unknown source'}), split "
+        f"`{res['data']['split']}` as in training: {res['data']['train']['images']} training images of "
+        f"{res['data']['train']['patients']} patients, {res['data']['validation']['images']} held-out images of "
+        f"{res['data']['validation']['patients']} patients the model never saw.",
+        "",
+    ]
+    if not res["data"].get("matches_training", True):
+        lines += ["**Warning: the split differs from the one recorded at training time; the data changed, so the "
+                  "held-out images may include images the model saw.**", ""]
+    if res["data"]["data_source_is_demo"]:
+        lines += ["_The data is the synthetic MNI152-based demo set, not ADNI._", ""]
+    lines += [
+        "Every number stands beside its **floor**: the same measure between two sets of *real* images "
+        "(training vs held-out patients, same N). A generator cannot be expected to beat the floor; the gap "
+        "to it is what matters. FD/KID are computed in the feature space of the project's own network "
+        "(`adni-features`, trained on real training images only), so they are **not** comparable with "
+        "published FID values. See `docs/evaluation.md` for the method.",
+        "",
+        "## Summary",
+        "",
+        "| measure | generated | floor (real) | better |",
+        "|---|---|---|---|",
+        f"| {M.FD_NAME} | {_f(r['fd'])} | {_f(fl['fd'])} | lower, near the floor |",
+        f"| {M.KID_NAME} | {_f(r['kid'])} +- {_f(r['kid_std'], 2)} | {_f(fl['kid'])} +- {_f(fl['kid_std'], 2)} "
+        "| lower, near the floor |",
+        f"| precision (k={r['k']}): samples inside the real manifold | {_f(r['precision'], 3)} | "
+        f"{_f(fl['precision'], 3)} | higher |",
+        f"| recall (k={r['k']}): real images inside the samples' manifold | {_f(r['recall'], 3)} | "
+        f"{_f(fl['recall'], 3)} | higher |",
+        f"| MS-SSIM of random pairs within a class | {_f(res['diversity']['generated']['mean'], 3)} | "
+        f"{_f(res['diversity']['real']['mean'], 3)} (held-out pairs) | close to real; much higher = mode collapse |",
+    ]
+    cf = res.get("class_fidelity")
+    if cf:
+        for name, acc in cf["generated"]["per_class"].items():
+            real_acc = cf["real_heldout"]["accuracy_per_class"].get(name)
+            lines.append(f"| feature-net accuracy, class {name} | {_pct(acc)} of samples | {_pct(real_acc)} of "
+                         "held-out slices | close to real |")
+        if cf.get("tstr"):
+            lines.append(f"| classifier trained on samples, tested on held-out reals (TSTR) | "
+                         f"{_pct(cf['tstr']['accuracy'])} | {_pct(cf['trtr']['accuracy'])} (TRTR) | close to TRTR |")
+    mem = res["memorisation"]
+    lines += [
+        f"| samples nearer to the training set than {NN_PERCENTILE:g}% of held-out reals (features) | "
+        f"{_pct(mem['features']['closer_than_heldout_percentile'])} | {NN_PERCENTILE:g}% by definition | "
+        f"near {NN_PERCENTILE:g}%; far more = copying |",
+        f"| the same in pixel space (64x64) | {_pct(mem['pixels']['closer_than_heldout_percentile'])} | "
+        f"{NN_PERCENTILE:g}% | near {NN_PERCENTILE:g}% |",
+        "",
+        f"Distribution metrics use {r['candidate_images']} generated and {r['reference_images']} held-out real "
+        f"images ({'per class: ' + ', '.join(f'{k} {v}' for k, v in res['realism']['images_per_class'].items())}); "
+        "the floor uses as many real training images. FD is biased upwards at small N and its floor is not 0: "
+        "compare only numbers computed at the same N.",
+        "",
+        "## Feature network",
+        "",
+        f"A small ResNet (`features.FeatureNet`) trained on the real training split only "
+        f"({fn['trained_on']['images']} images, {_n(fn['settings']['epochs'], 'epoch')}) "
+        + ("**reused from the cache** " if fn["cached"] else "trained for this evaluation and cached ")
+        + f"at `{fn['path']}`. On the held-out patients: accuracy "
+        f"{_pct(fn['val'].get('accuracy'))} per slice, {_pct(fn['val'].get('patient_accuracy'))} per patient"
+        + (f", slice-position error {fn['val']['position_mae']:.3f}" if fn["val"].get("position_mae") is not None
+           else "")
+        + ". A feature space that cannot tell the classes apart cannot judge class fidelity either: read the "
+        "class numbers against this accuracy.",
+        "",
+    ]
+    if res["realism"].get("per_class"):
+        lines += ["## Realism per class", "", "| class | " + M.FD_NAME + " | floor | precision | floor | recall "
+                  "| floor |", "|---|---|---|---|---|---|---|"]
+        for name, v in res["realism"]["per_class"].items():
+            g, f0 = v["generated"], v["floor"]
+            lines.append(f"| {name} | {_f(g['fd'])} | {_f(f0['fd'])} | {_f(g['precision'], 3)} | "
+                         f"{_f(f0['precision'], 3)} | {_f(g['recall'], 3)} | {_f(f0['recall'], 3)} |")
+        lines.append("")
+    div = res["diversity"]
+    lines += ["## Diversity", "",
+              "Mean MS-SSIM (Wang et al. 2003) over random pairs within a class; 1 = identical images. Pinaya et "
+              "al. 2022 report 0.6555 for their LDM vs 0.6536 for real brains.", "",
+              "| class | generated | real held-out | pairs |", "|---|---|---|---|"]
+    for name, v in div["generated"]["per_class"].items():
+        real = div["real"]["per_class"].get(name, {})
+        lines.append(f"| {name} | {_f(v['mean'], 3)} +- {_f(v['std'], 2)} | {_f(real.get('mean'), 3)} +- "
+                     f"{_f(real.get('std'), 2)} | {v['pairs']} / {real.get('pairs', '-')} |")
+    lines.append("")
+    if cf:
+        lines += ["## Class fidelity", "",
+                  "The feature network (trained on real data) classifies samples generated for each class:", "",
+                  "| generated for | " + " | ".join(f"predicted {n}" for n in res["model"]["class_names"])
+                  + " | accuracy | real held-out accuracy |",
+                  "|---|" + "---|" * (len(res["model"]["class_names"]) + 2)]
+        for name, acc in cf["generated"]["per_class"].items():
+            counts = cf["generated"]["predicted_as"][name]
+            lines.append(f"| {name} | " + " | ".join(str(counts[n]) for n in res["model"]["class_names"])
+                         + f" | {_pct(acc)} | {_pct(cf['real_heldout']['accuracy_per_class'].get(name))} |")
+        if cf.get("tstr"):
+            t, tr = cf["tstr"], cf["trtr"]
+            lines += ["", f"Train-on-synthetic / test-on-real: a fresh classifier (the feature net's recipe, class "
+                      f"head only, {_n(t['epochs'], 'epoch')}) trained on the {t['train_images']} samples reaches "
+                      f"{_pct(t['accuracy'])} on the {t['test_images']} held-out real slices (per patient "
+                      f"{_pct(t['patient_accuracy'])}); trained on {tr['train_images']} real training slices "
+                      f"instead, {_pct(tr['accuracy'])} (per patient {_pct(tr['patient_accuracy'])})."]
+        lines.append("")
+    elif res.get("class_shares"):
+        sh = res["class_shares"]
+        lines += ["## Class balance", "", "Unconditional model: share of images the feature net assigns to each "
+                  "class.", "", "| class | generated | real held-out |", "|---|---|---|"]
+        lines += [f"| {n} | {_pct(sh['generated'][n])} | {_pct(sh['real_heldout'][n])} |" for n in sh["generated"]]
+        lines.append("")
+    lines += [
+        "## Memorisation", "",
+        "For every sample, its nearest training image; the same for every held-out real image (new images of "
+        "the same kind: their distances show what 'not copied' looks like).", "",
+        "| space | median, generated | median, held-out real | min, generated | min, held-out real | "
+        f"held-out p{NN_PERCENTILE:g} | share of samples below it |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for space, unit in (("features", ""), ("pixels", " (RMS grey levels)")):
+        m = mem[space]
+        lines.append(f"| {space}{unit} | {_f(m['generated_median'])} | {_f(m['heldout_median'])} | "
+                     f"{_f(m['generated_min'])} | {_f(m['heldout_min'])} | {_f(m['heldout_percentile_distance'])} | "
+                     f"{_pct(m['closer_than_heldout_percentile'])} |")
+    files = res["files"]
+    lines += ["", f"![nearest-neighbour distances]({files['nn_histogram']})", "",
+              f"The {CLOSEST_PAIRS} samples nearest to the training set, each with its nearest training image in "
+              "feature and in pixel space (f = feature distance, p = RMS grey levels), then the two held-out real "
+              "images nearest to the training set for comparison:", "",
+              f"![closest pairs]({files['closest_pairs']})", ""]
+    if files.get("umap"):
+        lines += ["## UMAP", "",
+                  "Held-out real (o) and generated (x) images in one 2-D UMAP of the feature space, coloured by "
+                  "class. Samples should fall among the real images of their own class.", "",
+                  f"![UMAP]({files['umap']})", ""]
+    lines += ["## Samples", ""]
+    for name, path in files["samples"].items():
+        lines += [f"{name}:", "", f"![samples {name}]({path})", ""]
+    ab = res.get("ablations")
+    if ab:
+        lines += _ablation_lines(ab, res["model"]["conditional"], files)
+    t = res["timings"]
+    lines += ["## Timings", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k.replace('_', ' ')} | {_f(v, 3)} |" for k, v in t.items()]
+    lines.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
+    fl = ab["floor"]
+    per = ", ".join(f"{k} {v}" for k, v in ab["images_per_class"].items())
+    lines = ["## Ablations", "",
+             f"Same seeds in every row ({per} images per class; the same initial noise per image). Refinement is "
+             "given in the seed's units (re-noise to the last T of the 1000 DDPM timesteps, R times) and run with "
+             "the main sampler over its timesteps below T (at least one); `from t` is the timestep it re-noises "
+             "to. Rows marked with = are the same run as the row named.", "",
+             "| setting | sampler | steps | refine (sampler steps x repeats, from t) | guidance | "
+             f"{M.FD_NAME} | KID | precision | recall |" + (" class accuracy |" if conditional else "")
+             + " seconds | s/image |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if conditional else "") + "---|---|"]
+    for r in ab["rows"]:
+        refine = f"{r['refine_steps']} x {r['refine_repeats']}, from t={r['refine_from_timestep']}" \
+            if r["refine_repeats"] else "off"
+        same = f" (= {r['same_run_as']})" if r["same_run_as"] else ""
+        lines.append(f"| {r['label']}{same} | {r['scheduler']} | {r['steps']} | {refine} | "
+                     f"{r['guidance']:g} | {_f(r['fd'])} | {_f(r['kid'])} | {_f(r['precision'], 3)} | "
+                     f"{_f(r['recall'], 3)} |" + (f" {_pct(r.get('class_accuracy'))} |" if conditional else "")
+                     + f" {_f(r['seconds'], 3)} | {_f(r['seconds_per_image'], 3)} |")
+    lines.append(f"| **{FLOOR_LABEL}** | | | | | {_f(fl['fd'])} | {_f(fl['kid'])} | {_f(fl['precision'], 3)} | "
+                 f"{_f(fl['recall'], 3)} |" + (" |" if conditional else "") + " | |")
+    rec = ab["recommendation"]
+    lines += ["", f"![ablations]({files['ablations']})", "", "What the table suggests:", ""]
+    if "refinement" in rec:
+        lines.append(f"- refinement: **{rec['refinement']['setting']}** -- {rec['refinement']['why']}.")
+    if "sampler" in rec:
+        lines.append(f"- sampler: lowest FD with {rec['sampler']['lowest_fd']}; the fastest within 10% of it: "
+                     f"{rec['sampler']['fastest_within_10pct_of_lowest_fd']}.")
+    if "guidance" in rec:
+        lines.append(f"- guidance: lowest FD at w={rec['guidance']['lowest_fd']:g}; highest class accuracy at "
+                     f"w={rec['guidance']['highest_class_accuracy']:g}.")
+    lines += ["", "Differences smaller than the spread between seeds are noise; at small N rerun with more "
+              "`--ablation-samples` before changing a default.", ""]
+    return lines
+
+
+def _rerender_card(model_dir: Path, out: Path) -> str:
+    """Re-render the model card (README.md) when it reads this evaluation. Returns what happened."""
+    if out.resolve() != (model_dir / "evaluation").resolve():
+        return f"model card not re-rendered: it reads {model_dir / 'evaluation' / 'metrics.json'}, not {out}"
+    try:
+        from .model_card import CARD_FILE, CARD_MARKER, render_model_card
+    except (ImportError, AttributeError) as e:
+        return f"model card not re-rendered: adni_diffusers.model_card unavailable ({e})"
+    readme = model_dir / CARD_FILE
+    if readme.is_file() and CARD_MARKER not in readme.read_text(encoding="utf-8", errors="replace"):
+        return f"model card not re-rendered: {readme} is not a generated card (left as it is)"
+    try:
+        readme.write_text(render_model_card(model_dir), encoding="utf-8")
+    except Exception as e:  # the card is a by-product; the evaluation itself succeeded
+        return f"model card not re-rendered: {type(e).__name__}: {e}"
+    return f"model card re-rendered: {readme}"
+
+
+# ============================================================================================ the run
+
+
+def evaluate_model(
+    model_dir,
+    data_dir=None,
+    num_samples: int = 100,
+    out=None,
+    *,
+    scheduler: str = DEFAULT_SCHEDULER,
+    steps: int | None = None,
+    guidance: float | None = None,
+    refine_steps: int = 0,
+    refine_repeats: int = 0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    feature_cache=None,
+    feature_epochs: int = 5,
+    feature_settings: dict | None = None,
+    tstr_epochs: int = 10,
+    diversity_pairs: int | None = None,
+    kid_subsets: int = 100,
+    ablations: bool = False,
+    ablation_samples: int = 32,
+    ablation_step_overrides: dict | None = None,
+    umap: bool = True,
+    render_card: bool = True,
+    progress: bool = True,
+    pipe=None,
+) -> dict:
+    """Evaluate a saved pipeline against the real held-out patients of its own training split.
+
+    `num_samples`: per class for a class-conditional model, in all for an unconditional one.
+    `guidance`: default 2.0 for conditional models (ignored for unconditional ones).
+    `feature_settings`: extra `train_feature_net` settings (widths, input_size, batch_size, lr...);
+    they also define the TSTR/TRTR classifiers' recipe (with `tstr_epochs`).
+    Returns the metrics.json content (also written to `out`, with report.md and the PNGs).
+    """
+    from .features import get_or_train_feature_net, umap_plot
+    from .plots import save_image_grid
+
+    t_start = time.perf_counter()
+    timings = {}
+    model_dir = Path(model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        raise EvaluationError(f"--model {model_dir}: not a saved pipeline folder (no model_index.json)")
+    if scheduler not in SCHEDULERS:
+        raise EvaluationError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+    if num_samples < 2:
+        raise EvaluationError("--num-samples must be at least 2")
+    out = Path(out) if out is not None else model_dir / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(device)
+    on_gpu = device.startswith("cuda")
+    batch_size = batch_size or (256 if on_gpu else 16)
+    feature_batch = 256 if on_gpu else 64
+    diversity_pairs = diversity_pairs or (1000 if on_gpu else 200)
+    steps = steps or default_steps(scheduler)
+
+    # 1. the model and the data, split as in training
+    t = time.perf_counter()
+    if pipe is None:
+        from .generate import load_pipeline
+
+        pipe = load_pipeline(str(model_dir), device, getattr(torch, dtype))
+    conditional = bool(pipe.is_conditional)
+    model_classes = list(pipe.config.class_names or []) if conditional else []
+    if conditional and not model_classes:
+        raise EvaluationError(f"{model_dir}: a class-conditional model without class_names in model_index.json")
+    data, record = load_evaluation_data(model_dir, data_dir, model_classes or None)
+    class_names = list(data.class_names)
+    guidance = (DEFAULT_GUIDANCE_CONDITIONAL if guidance is None else float(guidance)) if conditional else 1.0
+    timings["load_seconds"] = time.perf_counter() - t
+
+    # 2. the feature network: real training split only, cached
+    t = time.perf_counter()
+    settings = {"epochs": feature_epochs, "seed": seed, "device": device, "progress": progress,
+                **(feature_settings or {})}
+    cache_dir = Path(feature_cache) if feature_cache else out.parent / "feature_net"
+    net, fn_report = get_or_train_feature_net(cache_dir, data.train, data.val, **settings)
+    logger.info("feature net %s (%s); held-out accuracy %.3f", "reused" if fn_report["cached"] else "trained",
+                fn_report["path"], fn_report["val"]["accuracy"])
+    timings["feature_net_seconds"] = time.perf_counter() - t
+
+    # 3. samples: N per class (conditional) or N in all, one seed per image
+    t = time.perf_counter()
+    if conditional:
+        gen_labels = [c for c in range(len(model_classes)) for _ in range(num_samples)]
+    else:
+        gen_labels = [None] * num_samples
+    images = sample_images(pipe, gen_labels, scheduler=scheduler, steps=steps, guidance=guidance,
+                           refine_steps=refine_steps, refine_repeats=refine_repeats, seed=seed,
+                           batch_size=batch_size, progress=progress)
+    timings["sampling_seconds"] = time.perf_counter() - t
+    timings["sampling_seconds_per_image"] = timings["sampling_seconds"] / len(images)
+    gen = as_slice_set(images, gen_labels, model_classes)
+    files = {"samples": {}}
+    groups = {name: gen.labels == c for c, name in enumerate(model_classes)} if conditional else \
+        {"samples": torch.ones(len(gen), dtype=torch.bool)}
+    for name, sel in groups.items():
+        path = save_image_grid(images[sel][:64], out / f"samples_{name}.png", nrow=8)
+        files["samples"][name] = path.name
+
+    # 4. features of everything
+    t = time.perf_counter()
+    fe = dict(batch_size=feature_batch, device=device, progress=progress)
+    gen_feats = extract_features(net, gen.pixels, desc="features: generated", **fe)
+    train_feats = extract_features(net, data.train.pixels, desc="features: training", **fe)
+    heldout_feats = extract_features(net, data.val.pixels, desc="features: held-out", **fe)
+    timings["feature_seconds"] = time.perf_counter() - t
+
+    # 5. realism at equal N: generated vs held-out, and the floor train vs held-out. Unconditional models
+    #    pool the classes (group 0). Random real subsets are nested: a smaller N takes a prefix of the same
+    #    permutation, so the ablation's reals are a subset of these.
+    t = time.perf_counter()
+
+    def groups_of(slices: SliceSet) -> torch.Tensor:
+        return slices.labels if conditional else torch.zeros(len(slices), dtype=torch.long)
+
+    if conditional:
+        counts = {c: min(num_samples, int((data.val.labels == c).sum()), int((data.train.labels == c).sum()))
+                  for c in range(len(class_names))}
+        if min(counts.values()) < num_samples:
+            logger.warning("distribution metrics use %s images per class (held-out / training images available)",
+                           {class_names[c]: v for c, v in counts.items()})
+    else:
+        counts = {0: min(num_samples, len(data.val), len(data.train))}
+    gen_idx = first_per_class(groups_of(gen), counts)
+    held_idx = subsample(groups_of(data.val), counts, seed)
+    train_idx = subsample(groups_of(data.train), counts, seed + 1)
+    realism = {
+        "generated": compare_features(heldout_feats[held_idx], gen_feats[gen_idx], kid_subsets=kid_subsets, seed=seed),
+        "floor": compare_features(heldout_feats[held_idx], train_feats[train_idx], kid_subsets=kid_subsets, seed=seed),
+        "images_per_class": ({class_names[c]: v for c, v in counts.items()} if conditional
+                             else {"all": counts[0]}),
+        "per_class": {},
+    }
+    if conditional:
+        for c, name in enumerate(class_names):
+            h = held_idx[data.val.labels[held_idx] == c]
+            if len(h) >= 3:
+                g_ = gen_idx[gen.labels[gen_idx] == c]
+                tr = train_idx[data.train.labels[train_idx] == c]
+                realism["per_class"][name] = {
+                    "generated": compare_features(heldout_feats[h], gen_feats[g_], kid_subsets=kid_subsets, seed=seed),
+                    "floor": compare_features(heldout_feats[h], train_feats[tr], kid_subsets=kid_subsets, seed=seed),
+                }
+    timings["realism_seconds"] = time.perf_counter() - t
+
+    # 6. diversity: generated pairs vs held-out real pairs (same images as the realism sets)
+    t = time.perf_counter()
+    div_device = device if on_gpu else None
+    gen_div = diversity(gen.pixels[gen_idx], gen.labels[gen_idx] if conditional else None, class_names,
+                        diversity_pairs, seed, div_device)
+    real_div = diversity(data.val.pixels[held_idx], data.val.labels[held_idx] if conditional else None,
+                         class_names, diversity_pairs, seed, div_device,
+                         patients=[data.val.patients[i] for i in held_idx.tolist()])
+    timings["diversity_seconds"] = time.perf_counter() - t
+
+    # 7. class fidelity: the feature net on samples; TSTR vs TRTR
+    t = time.perf_counter()
+    fidelity = shares = None
+    recipe = {k: v for k, v in settings.items() if k not in ("progress",)}
+    recipe["epochs"] = tstr_epochs
+    if conditional:
+        fidelity = {"generated": class_fidelity(net, gen.pixels, gen.labels, class_names, feature_batch, device),
+                    "real_heldout": {"accuracy": fn_report["val"]["accuracy"],
+                                     "patient_accuracy": fn_report["val"].get("patient_accuracy"),
+                                     "accuracy_per_class": fn_report["val"].get("accuracy_per_class", {})}}
+        trtr_idx = subsample(data.train.labels, {c: num_samples for c in range(len(class_names))}, seed + 2)
+        fidelity["tstr"] = {**train_test_classifier(gen, data.val, recipe), "epochs": tstr_epochs}
+        fidelity["trtr"] = {**train_test_classifier(data.train.subset(trtr_idx), data.val, recipe),
+                            "epochs": tstr_epochs}
+    elif len(class_names) > 1:
+        shares = {"generated": predicted_class_shares(net, gen.pixels, class_names, feature_batch, device),
+                  "real_heldout": predicted_class_shares(net, data.val.pixels, class_names, feature_batch, device)}
+    timings["class_fidelity_seconds"] = time.perf_counter() - t
+
+    # 8. memorisation
+    t = time.perf_counter()
+    mem = memorisation(gen_feats, train_feats, heldout_feats, gen.pixels, data.train.pixels, data.val.pixels)
+    files["nn_histogram"] = plot_nn_histogram(mem, out / "nn_distances.png").name
+    files["closest_pairs"] = plot_closest_pairs(mem, gen, data.train, data.val, out / "closest_pairs.png").name
+    timings["memorisation_seconds"] = time.perf_counter() - t
+
+    # 9. UMAP of held-out real and generated features
+    if umap:
+        t = time.perf_counter()
+        # unconditional models: generated images coloured by the class the feature net assigns them
+        fake_labels = gen.labels if conditional else (
+            net.predict(gen.pixels, batch_size=feature_batch, device=device).argmax(1) if len(class_names) > 1 else None)
+        fake_name = "generated" if conditional or fake_labels is None else "generated (predicted class)"
+        threads = torch.get_num_threads()  # umap-learn's numba (OpenMP) resets torch's thread count
+        try:
+            path = umap_plot(heldout_feats[held_idx], data.val.labels[held_idx] if class_names else None,
+                             gen_feats, fake_labels, class_names, out / "umap.png", seed=seed,
+                             set_names=("held-out real", fake_name),
+                             title=f"UMAP of adni-features: {len(held_idx)} held-out real (o), {len(gen)} generated (x)")
+        finally:
+            torch.set_num_threads(threads)
+        files["umap"] = path.name
+        timings["umap_seconds"] = time.perf_counter() - t
+
+    # 10. ablations: same seeds, M per class
+    ablation = None
+    if ablations:
+        t = time.perf_counter()
+        m = max(2, ablation_samples)
+        ab_counts = {c: min(m, n_c) for c, n_c in counts.items()}
+        ab_held_idx = subsample(groups_of(data.val), ab_counts, seed)
+        ab_train_idx = subsample(groups_of(data.train), ab_counts, seed + 1)
+        held_groups = groups_of(data.val)[ab_held_idx]
+        labels_per_class = ab_counts if conditional else {None: ab_counts[0]}
+        ab_held = {c: heldout_feats[ab_held_idx[held_groups == (c or 0)]] for c in labels_per_class}
+        ab_train = train_feats[ab_train_idx]
+        floor = compare_features(torch.cat(list(ab_held.values())), ab_train, kid_subsets=kid_subsets, seed=seed)
+        plan = ablation_plan(conditional, scheduler, steps, guidance, ablation_step_overrides)
+        # the main run's first M images per class ARE the ablation's images for the main setting (same seeds)
+        key = (scheduler, steps, refine_steps, refine_repeats, guidance)
+        main_rows = first_per_class(groups_of(gen), ab_counts)
+        per_image = timings["sampling_seconds_per_image"]
+        reuse = {key: (images[main_rows], per_image * len(main_rows))}
+        ablation = run_ablations(pipe, plan, net, ab_held, labels_per_class, floor, seed=seed, batch_size=batch_size,
+                                 device=device, feature_batch=feature_batch, kid_subsets=kid_subsets,
+                                 class_names=class_names if conditional else [], progress=progress, reuse=reuse)
+        files["ablations"] = plot_ablations(ablation["rows"], floor, out / "ablations.png").name
+        with open(out / "ablations.csv", "w", newline="") as fh:
+            cols = ["group", "setting", "scheduler", "steps", "refine_steps", "refine_repeats", "refine_from_timestep",
+                    "guidance", "fd", "kid", "precision", "recall", "class_accuracy", "seconds", "seconds_per_image",
+                    "same_run_as"]
+            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(ablation["rows"])
+            w.writerow({"group": "floor", "setting": FLOOR_LABEL, **{k: floor[k] for k in ("fd", "kid", "precision",
+                                                                                          "recall")}})
+        files["ablations_csv"] = "ablations.csv"
+        timings["ablation_seconds"] = time.perf_counter() - t
+
+    timings["total_seconds"] = time.perf_counter() - t_start
+    files.update(report="report.md", metrics="metrics.json")
+    fn_summary = {k: fn_report.get(k) for k in ("cached", "path", "key", "trained_on", "settings", "train_seconds",
+                                                "position_head_trained", "val")}
+    res = {
+        "model": {"path": str(model_dir), "conditional": conditional, "class_names": model_classes,
+                  "null_class": pipe.null_class if conditional else None},
+        "data": {**{k: v for k, v in record.items() if k not in ("train", "validation")},
+                 "root": data.root, "train": data.train.summary(), "validation": data.val.summary(),
+                 "data_source_is_demo": (Path(data.root) / "demo_settings.json").is_file()},
+        "settings": {"num_samples": num_samples, "samples_per": "class" if conditional else "total",
+                     "scheduler": scheduler, "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
+                     "refine_repeats": refine_repeats, "seed": seed, "batch_size": batch_size, "dtype": dtype,
+                     "diversity_pairs": diversity_pairs, "kid_subsets": kid_subsets, "tstr_epochs": tstr_epochs,
+                     "pr_k": PR_K, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
+                     "ablation_samples": ablation_samples if ablations else None},
+        "device": device,
+        "feature_net": fn_summary,
+        "realism": realism,
+        "diversity": {"generated": gen_div, "real": real_div},
+        "class_fidelity": fidelity,
+        "class_shares": shares,
+        "memorisation": mem,
+        "ablations": ablation,
+        "timings": timings,
+        "files": files,
+    }
+    res = _clean(res)
+    write_report(res, out)
+    # top level: the numeric summary (the model card's table), then the details under their own keys
+    result = {**summary_numbers(res), **res}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["card"] = _rerender_card(model_dir, out) if render_card else "model card not re-rendered (disabled)"
+    logger.info("%s", result["card"])
+    return result
+
+
+# ================================================================================================ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a saved pipeline folder (the output of train_unet.py)")
+    parser.add_argument("--data-dir", default=None,
+                        help="the real data (default: the folder recorded in the model's training_data.json); split "
+                             "exactly as in training, so held-out = patients the model never saw")
+    parser.add_argument("--num-samples", type=int, default=100,
+                        help="samples per class (conditional models) or in all (unconditional); the real sets "
+                             "use as many images")
+    parser.add_argument("--out", default=None, help="output folder (default: <model>/evaluation)")
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS),
+                   help=f"sampler for the main numbers (default {DEFAULT_SCHEDULER}; DDPM-1000 is an ablation row)")
+    g.add_argument("--steps", type=int, default=None, help="default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc")
+    g.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_CONDITIONAL:g} for conditional models)")
+    g.add_argument("--refine-steps", type=int, default=0, help="refinement, in the sampler's own steps (default off)")
+    g.add_argument("--refine-repeats", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=None, help="sampling batch (default: 16 on CPU, 256 on GPU)")
+    g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g = parser.add_argument_group("measures")
+    g.add_argument("--feature-cache", default=None, help="feature-net cache folder (default: <out>/../feature_net)")
+    g.add_argument("--feature-epochs", type=int, default=5, help="feature-net training epochs (real training split)")
+    g.add_argument("--tstr-epochs", type=int, default=10, help="epochs of the TSTR / TRTR classifiers")
+    g.add_argument("--diversity-pairs", type=int, default=None,
+                   help="MS-SSIM pairs per class and set (default: 200 on CPU, 1000 on GPU)")
+    g.add_argument("--kid-subsets", type=int, default=100)
+    g.add_argument("--no-umap", dest="umap", action="store_false", help="skip the UMAP plot")
+    g = parser.add_argument_group("ablations")
+    g.add_argument("--ablations", action="store_true",
+                   help="also compare refinement, samplers and guidance on the same seeds (samples again per row)")
+    g.add_argument("--ablation-samples", type=int, default=32, help="samples per class (or in all) per ablation row")
+    parser.add_argument("--no-card", dest="render_card", action="store_false",
+                        help="do not re-render the model card afterwards")
+
+
+def main(args: argparse.Namespace) -> int:
+    result = evaluate_model(
+        args.model, args.data_dir, args.num_samples, args.out, scheduler=args.scheduler, steps=args.steps,
+        guidance=args.guidance, refine_steps=args.refine_steps, refine_repeats=args.refine_repeats, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, feature_cache=args.feature_cache,
+        feature_epochs=args.feature_epochs, tstr_epochs=args.tstr_epochs, diversity_pairs=args.diversity_pairs,
+        kid_subsets=args.kid_subsets, ablations=args.ablations, ablation_samples=args.ablation_samples,
+        umap=args.umap, render_card=args.render_card,
+    )
+    out = Path(args.out) if args.out else Path(args.model) / "evaluation"
+    r, fl = result["realism"]["generated"], result["realism"]["floor"]
+    print(f"\n{M.FD_NAME}: {r['fd']:.4g} (floor, real train vs held-out: {fl['fd']:.4g}); "
+          f"precision {r['precision']:.3f} ({fl['precision']:.3f}), recall {r['recall']:.3f} ({fl['recall']:.3f})")
+    print(f"feature net {'reused from cache' if result['feature_net']['cached'] else 'trained'}: "
+          f"{result['feature_net']['path']}")
+    print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; {result['card']}")
+    return 0

@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Stage 2: train a UNet2DModel to denoise the frozen VQModel's 4x32x32 latents, and save the pipeline.
+
+    accelerate launch train_unet.py --vqmodel out/vq --train_data_dir AD_NC --output_dir out/ldm [--conditional]
+
+The slices are encoded once into a latent cache (safetensors, reused while data and VQModel match);
+the UNet learns the DDPM noise-prediction objective on them. The end result in `--output_dir` is a
+complete `ADNILatentDiffusionPipeline` (VQModel + EMA UNet + scheduler + its own code + model card):
+
+    DiffusionPipeline.from_pretrained("out/ldm", trust_remote_code=True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adni_diffusers import training
+from adni_diffusers.training import TrainingError
+
+DEFAULT_LR = 1e-4
+DEFAULT_BATCH = 64
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vqmodel", required=True, help="the output folder of train_vqmodel.py (or its vqvae/ folder)")
+    training.add_training_arguments(parser, default_lr=DEFAULT_LR, default_batch=DEFAULT_BATCH)
+    g = parser.add_argument_group("UNet and diffusion")
+    g.add_argument("--preset", default="base", help="tiny | small | base, or a JSON UNet2DModel config")
+    g.add_argument("--conditional", action="store_true", help="class-conditional (AD/NC) with classifier-free guidance")
+    g.add_argument("--cond_dropout", type=float, default=0.15,
+                   help="probability of replacing the label by the extra 'unconditional' class (for guidance)")
+    g.add_argument("--num_train_timesteps", type=int, default=1000)
+    g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
+    g.add_argument("--beta_start", type=float, default=1e-4, help="the seed's linear betas: 1e-4 .. 0.02")
+    g.add_argument("--beta_end", type=float, default=0.02)
+    g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    g.add_argument("--loss", default="mse", choices=["mse", "smooth_l1"], help="smooth_l1 was the seed's")
+    g.add_argument("--latent_cache_dir", default=None, help="default: <vqmodel>/latent_cache")
+    g.add_argument("--save_images_epochs", type=int, default=10, help="sample a grid with the EMA weights every N epochs")
+    g.add_argument("--num_sample_images", type=int, default=8)
+    g.add_argument("--sample_inference_steps", type=int, default=50, help="DDIM steps for the periodic grids")
+    from adni_diffusers.hub import add_hub_arguments
+
+    add_hub_arguments(parser)
+    args = parser.parse_args(argv)
+    training.validate_training_arguments(args)
+    training.check_hub_flags(args)
+    if not 0.0 <= args.cond_dropout < 1.0:
+        raise TrainingError(f"--cond_dropout {args.cond_dropout}: expected a probability in [0, 1)")
+    return args
+
+
+def find_vqmodel(path: str) -> Path:
+    path = Path(path)
+    for candidate in (path / "vqvae", path):
+        if (candidate / "config.json").is_file():
+            config = json.loads((candidate / "config.json").read_text())
+            if config.get("_class_name") == "VQModel":
+                return candidate
+    raise TrainingError(f"--vqmodel {path}: no VQModel there (expected the output folder of train_vqmodel.py, "
+                        "holding vqvae/config.json)")
+
+
+def main(args: argparse.Namespace) -> dict:
+    from diffusers import DDIMScheduler, UNet2DModel, VQModel
+
+    from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
+
+    from adni_diffusers.latents import LatentDataset, load_or_build
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+    from adni_diffusers.presets import PresetError, unet_config
+
+    vq_dir = find_vqmodel(args.vqmodel)
+    try:
+        config = unet_config(args.preset)
+    except PresetError as e:
+        raise TrainingError(str(e)) from None
+    accelerator = training.make_accelerator(args, "unet")
+    training.prepare_output_dir(args, accelerator, product="model_index.json")
+    data, data_source = training.load_training_data(args, accelerator)
+    device = accelerator.device
+    if args.conditional and len(data.class_names) < 2:
+        raise TrainingError(f"--conditional needs class folders (e.g. AD/ and NC/); {data.root} has "
+                            f"{data.class_names or 'none'}")
+
+    # 1. the frozen first stage, and the latents it gives every slice (cached on disk)
+    vq = VQModel.from_pretrained(vq_dir).to(device).eval().requires_grad_(False)
+    cache_dir = Path(args.latent_cache_dir or Path(args.vqmodel) / "latent_cache")
+    with accelerator.main_process_first():
+        progress = accelerator.is_local_main_process
+        train_latents = load_or_build(vq, vq_dir, data.train, cache_dir, "train", args.eval_batch_size, progress)
+        val_latents = load_or_build(vq, vq_dir, data.val, cache_dir, "val", args.eval_batch_size, progress) \
+            if len(data.val) else None
+
+    # 2. the denoiser and the forward process
+    class_names = data.class_names if args.conditional else None
+    # the UNet works on whatever latents this VQModel makes (4x32x32 for every preset)
+    config.update(in_channels=train_latents.shape[1], out_channels=train_latents.shape[1],
+                  sample_size=train_latents.shape[-1])
+    if class_names:
+        config["num_class_embeds"] = len(class_names) + 1  # the last one is "no label" (CFG)
+    unet = training.to_channels_last(UNet2DModel(**config), args)
+    noise_scheduler = make_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start,
+                                           args.beta_end, args.prediction_type)
+    null_class = len(class_names) if class_names else None
+
+    loader, sampler = training.make_dataloader(LatentDataset(train_latents, data.train.labels), args, accelerator)
+    optimizer = training.make_optimizer(unet.parameters(), args, accelerator, DEFAULT_BATCH)
+    max_steps = args.max_train_steps or args.num_epochs * training.steps_per_epoch(loader, accelerator, args.gradient_accumulation_steps)
+    lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator, max_steps)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    model = training.maybe_compile(model, args)
+    ema = training.make_ema(accelerator.unwrap_model(model), args, device)
+    run = training.TrainingRun(args, accelerator, loader, sampler, model, ema=ema, stage="UNet")
+    run.optimizer = optimizer
+    run.resume()
+    if accelerator.is_main_process:
+        accelerator.init_trackers("unet", config={k: v for k, v in vars(args).items()
+                                                  if isinstance(v, (int, float, str, bool)) and "token" not in k})
+        training.save_run_info(args.output_dir, args, data, data_source,
+                               {"stage": "unet", "vqmodel": str(vq_dir), "conditional": bool(class_names)})
+
+    # 3. train on the denoising objective (adni_diffusers/diffusion.py)
+    start = time.time()
+    for batch in run.batches():
+        gen = run.step_generator()
+        labels = None
+        if class_names:
+            labels = drop_labels(batch["class_labels"].to(device), args.cond_dropout, null_class, gen)
+        with accelerator.accumulate(model):
+            loss = diffusion_loss(model, noise_scheduler, batch["latents"], labels, gen, args.loss, args.channels_last)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            run.end_step({"loss": loss.detach()})
+            epoch_done = run.global_step % run.steps_per_epoch == 0
+            if accelerator.is_main_process and epoch_done and (run.global_step // run.steps_per_epoch) % args.save_images_epochs == 0:
+                _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, DDIMScheduler)
+    run.finish()
+    train_seconds = time.time() - start
+
+    # 4. the finished pipeline: VQModel + EMA UNet + scheduler + code + card
+    accelerator.wait_for_everyone()
+    result = {}
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(model)
+        final_unet = getattr(final_unet, "_orig_mod", final_unet)
+        if ema is not None:
+            ema.ema.copy_to(final_unet.parameters())
+        pipe = ADNILatentDiffusionPipeline(vqvae=vq, unet=final_unet, scheduler=noise_scheduler, class_names=class_names)
+        pipe.save_pretrained(args.output_dir)
+        images_per_s = (run.global_step - run.start_step) * args.train_batch_size * accelerator.num_processes \
+            * args.gradient_accumulation_steps / max(train_seconds, 1e-9)
+        result = {
+            "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
+            "train_images_per_second_this_run": round(images_per_s, 1), "num_processes": accelerator.num_processes,
+            "val_loss": _validation_loss(final_unet, noise_scheduler, val_latents, data.val.labels, class_names, args, device)
+            if val_latents is not None else None,
+        }
+        (Path(args.output_dir) / "train_metrics.json").write_text(json.dumps(result, indent=2))
+        grid = _final_samples(pipe, class_names, args, device)
+        from adni_diffusers.model_card import write_model_card
+
+        write_model_card(args.output_dir, pipe, args, data_source=data_source, sample_grid=grid)
+        if args.push_to_hub:
+            from adni_diffusers.hub import HubError, push_from_args
+
+            try:
+                push_from_args(args, args.output_dir)
+            except HubError as e:  # the model is saved: the message says how to push it later
+                accelerator.end_training()
+                raise TrainingError(str(e)) from None
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+@torch.no_grad()
+def _validation_loss(unet, noise_scheduler, latents, labels, class_names, args, device, n: int = 512) -> float:
+    """The denoising loss on held-out patients with fixed noise (the same draws every time): comparable across runs."""
+    from adni_diffusers.diffusion import diffusion_loss
+
+    gen = torch.Generator(device=device).manual_seed(1234)
+    z0, y = latents[:n].to(device), (labels[:n].to(device) if class_names else None)
+    total = 0.0
+    for s in range(0, len(z0), args.eval_batch_size):
+        sl = slice(s, s + args.eval_batch_size)
+        batch_loss = diffusion_loss(unet, noise_scheduler, z0[sl], None if y is None else y[sl], gen, "mse")
+        total += float(batch_loss) * len(z0[sl])
+    return total / len(z0)
+
+
+def _sample_labels(class_names, n):
+    return None if not class_names else [i % len(class_names) for i in range(n)]
+
+
+@torch.no_grad()
+def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, scheduler_cls):
+    """A small grid from the EMA weights, to tensorboard and samples/ (DDIM for speed)."""
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+    from adni_diffusers.plots import save_image_grid, to_pil_grid
+    import numpy as np
+
+    unet = accelerator.unwrap_model(run.model)
+    unet = getattr(unet, "_orig_mod", unet)
+    if run.ema is not None:
+        run.ema.ema.store(unet.parameters())
+        run.ema.ema.copy_to(unet.parameters())
+    unet.eval()
+    pipe = ADNILatentDiffusionPipeline(vq, unet, scheduler_cls.from_config(noise_scheduler.config), class_names)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=args.num_sample_images, class_labels=_sample_labels(class_names, args.num_sample_images),
+                  num_inference_steps=args.sample_inference_steps, generator=torch.Generator().manual_seed(args.seed),
+                  output_type="pt").images * 2 - 1
+    unet.train()
+    if run.ema is not None:
+        run.ema.ema.restore(unet.parameters())
+    save_image_grid(images, f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=len(images))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", np.asarray(to_pil_grid(images, nrow=len(images)))[None], run.global_step)
+
+
+@torch.no_grad()
+def _final_samples(pipe, class_names, args, device) -> Path:
+    """The model card's sample grid: one row per class (DDIM, fixed seed)."""
+    from diffusers import DDIMScheduler
+
+    from adni_diffusers.plots import save_image_grid
+
+    sampler = type(pipe)(pipe.vqvae, pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), class_names)
+    sampler.set_progress_bar_config(disable=True)
+    per_row = 8
+    rows = [None] if not class_names else list(class_names)
+    images = []
+    for label in rows:
+        images.append(sampler(batch_size=per_row, class_labels=label, num_inference_steps=args.sample_inference_steps,
+                              generator=torch.Generator().manual_seed(args.seed), output_type="pt").images * 2 - 1)
+    return save_image_grid(torch.cat(images), Path(args.output_dir) / "samples.png", nrow=per_row)
+
+
+def cli(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        result = main(args)
+    except TrainingError as e:
+        print(f"train_unet.py: error: {e}", file=sys.stderr)
+        return 2
+    if result:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

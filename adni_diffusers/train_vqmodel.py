@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Stage 1: train diffusers' VQModel (1x256x256 slice -> 4x32x32 latent) with Accelerate.
+
+    accelerate launch train_vqmodel.py --train_data_dir AD_NC --output_dir out/vq --preset base
+
+Writes `out/vq/vqvae/` (load with `VQModel.from_pretrained`), with `scaling_factor` computed from
+the data, plus `metrics.json` (PSNR/SSIM/MS-SSIM on held-out patients, codebook usage), a
+reconstruction grid and the loss curves. Without `--train_data_dir` it builds and uses the demo set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from adni_diffusers import training
+from adni_diffusers.training import TrainingError
+
+DEFAULT_LR = 2e-4
+DEFAULT_BATCH = 8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_training_arguments(parser, default_lr=DEFAULT_LR, default_batch=DEFAULT_BATCH)
+    g = parser.add_argument_group("VQModel")
+    g.add_argument("--preset", default="base", help="tiny | small | base, or a JSON VQModel config")
+    g.add_argument("--rec_loss", default="mse", choices=["mse", "l1"], help="reconstruction loss (the seed used MSE)")
+    g.add_argument("--ssim_weight", type=float, default=0.0, help="weight of a (1 - SSIM) term; 0 = off")
+    g.add_argument("--codebook_weight", type=float, default=1.0, help="weight of ||sg[E(x)] - e||^2")
+    g.add_argument("--commitment_beta", type=float, default=0.25, help="weight of ||E(x) - sg[e]||^2")
+    g.add_argument("--codebook_restart_steps", type=int, default=50,
+                   help="every N steps move dead codes onto encoder outputs; 0 = never")
+    g.add_argument("--no_codebook_init", action="store_true",
+                   help="keep diffusers' uniform codebook init instead of starting on encoder outputs")
+    g.add_argument("--disc_weight", type=float, default=0.0, help="patch-discriminator (VQGAN) loss weight; 0 = off")
+    g.add_argument("--disc_start", type=int, default=2000, help="step at which the discriminator starts")
+    g.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--save_images_steps", type=int, default=250, help="reconstruction grid every N steps")
+    g.add_argument("--eval_max_images", type=int, default=2000, help="held-out images used by the final metrics")
+    from adni_diffusers.hub import add_hub_arguments
+
+    add_hub_arguments(parser)
+    args = parser.parse_args(argv)
+    training.validate_training_arguments(args)
+    training.check_hub_flags(args)
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
+    from diffusers import VQModel
+
+    from adni_diffusers.data import SliceDataset
+    from adni_diffusers.presets import PresetError, vq_config
+    from adni_diffusers.vq import (CodebookMonitor, PatchDiscriminator, VQTrainingModel, adaptive_gan_weight,
+                                   flatten_latents, hinge_d_loss, reconstruction_loss, ssim_loss)
+
+    try:
+        config = vq_config(args.preset)
+    except PresetError as e:
+        raise TrainingError(str(e)) from None
+    accelerator = training.make_accelerator(args, "vqmodel")
+    training.prepare_output_dir(args, accelerator, product="vqvae")
+    data, data_source = training.load_training_data(args, accelerator)
+    device = accelerator.device
+
+    model = VQTrainingModel(training.to_channels_last(VQModel(**config), args))
+    monitor = CodebookMonitor(config["num_vq_embeddings"]).to(device)
+    loader, sampler = training.make_dataloader(SliceDataset(data.train), args, accelerator)
+    optimizer = training.make_optimizer(model.parameters(), args, accelerator, DEFAULT_BATCH)
+    max_steps = args.max_train_steps or args.num_epochs * training.steps_per_epoch(loader, accelerator, args.gradient_accumulation_steps)
+    lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator, max_steps)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    use_gan = args.disc_weight > 0
+    if use_gan:
+        disc = PatchDiscriminator().to(device)
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=args.disc_learning_rate or args.learning_rate,
+                                           betas=(0.5, 0.9))
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    vq = accelerator.unwrap_model(model).vq
+    ema = training.make_ema(vq, args, device)
+
+    run = training.TrainingRun(
+        args, accelerator, loader, sampler, model, ema=ema, stage="VQModel",
+        extra_state=lambda: {"tensors": {"codebook_usage": monitor.usage,
+                                          "codebook_initialised": monitor.initialised.reshape(1)}},
+        restore_extra_state=lambda t, m: (monitor.usage.copy_(t["codebook_usage"]),
+                                          monitor.initialised.copy_(t["codebook_initialised"][0])),
+    )
+    run.optimizer = optimizer
+    run.resume()
+    if accelerator.is_main_process:
+        accelerator.init_trackers("vqmodel", config=_tracker_config(args))
+        training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"})
+    preview = torch.stack([SliceDataset(data.val or data.train)[i]["pixel_values"]
+                           for i in range(min(8, len(data.val or data.train)))])
+
+    codebook_ready = bool(monitor.initialised) or args.no_codebook_init  # a Python bool: no device sync per step
+    start = time.time()
+    for batch in run.batches():
+        x = batch["pixel_values"]
+        if not codebook_ready:
+            with torch.no_grad():  # start every code on a real encoder output (same on every process)
+                vectors = accelerator.gather(flatten_latents(vq.encode(x).latents.float()))
+                monitor.initialise(vq.quantize.embedding.weight.data, vectors, run.step_generator(shared=True))
+            codebook_ready = True
+        with accelerator.accumulate(model, *( [disc] if use_gan else [])):
+            out = model(x)
+            rec_loss = reconstruction_loss(out.recon, x, args.rec_loss)
+            loss = rec_loss + args.codebook_weight * out.codebook_loss + args.commitment_beta * out.commitment_loss
+            logs = {"rec_loss": rec_loss, "codebook_loss": out.codebook_loss, "commitment_loss": out.commitment_loss}
+            if args.ssim_weight > 0:
+                logs["ssim_loss"] = ssim_loss(out.recon, x)
+                loss = loss + args.ssim_weight * logs["ssim_loss"]
+            gan_on = use_gan and run.global_step >= args.disc_start
+            if gan_on:
+                g_loss = -disc(out.recon).mean()
+                weight = adaptive_gan_weight(rec_loss, g_loss, accelerator.unwrap_model(model).last_layer())
+                loss = loss + args.disc_weight * weight * g_loss
+                logs.update(g_loss=g_loss, gan_weight=weight)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if gan_on:
+                d_loss = hinge_d_loss(disc(x), disc(out.recon.detach()))
+                accelerator.backward(d_loss)
+                disc_optimizer.step()
+                disc_optimizer.zero_grad(set_to_none=True)
+                logs["d_loss"] = d_loss
+
+        counts = torch.bincount(out.indices, minlength=monitor.usage.numel())
+        counts = accelerator.reduce(counts, reduction="sum")
+        monitor.update(counts)
+        if accelerator.sync_gradients:
+            if args.codebook_restart_steps and (run.global_step + 1) % args.codebook_restart_steps == 0:
+                vectors = accelerator.gather(flatten_latents(out.latents.detach().float())[:4096])
+                restarted = monitor.restart_dead(vq.quantize.embedding.weight.data, vectors,
+                                                 run.step_generator(shared=True))
+                logs["restarted_codes"] = torch.tensor(float(restarted))
+            logs.update(loss=loss.detach(), perplexity=monitor.perplexity(counts), live_codes=monitor.live_fraction())
+            run.end_step(logs)
+            if accelerator.is_main_process and run.global_step % args.save_images_steps == 0:
+                _log_reconstructions(accelerator, vq, preview, run.global_step, args.output_dir)
+    run.finish()
+    train_seconds = time.time() - start
+
+    # ---- the finished model: EMA weights, scaling factor from the data, evaluation -------------
+    accelerator.wait_for_everyone()
+    metrics = {}
+    if accelerator.is_main_process:
+        from adni_diffusers.vq_eval import evaluate_and_save
+
+        if ema is not None:
+            ema.ema.copy_to(vq.parameters())
+        metrics = evaluate_and_save(vq, data, args, device, extra={
+            "preset": args.preset, "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
+            "train_images_per_second_this_run": round(
+                (run.global_step - run.start_step) * args.train_batch_size * accelerator.num_processes
+                * args.gradient_accumulation_steps / max(train_seconds, 1e-9), 2),
+            "num_processes": accelerator.num_processes, "data_source": data_source,
+        })
+        from adni_diffusers.model_card import write_model_card
+
+        write_model_card(args.output_dir, None, args, data_source=data_source)
+        if args.push_to_hub:
+            from adni_diffusers.hub import HubError, push_from_args
+
+            try:
+                push_from_args(args, args.output_dir)
+            except HubError as e:  # the model is saved: the message says how to push it later
+                accelerator.end_training()
+                raise TrainingError(str(e)) from None
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def _tracker_config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
+
+
+@torch.no_grad()
+def _log_reconstructions(accelerator, vq, preview, step, output_dir):
+    from adni_diffusers.plots import save_image_grid
+
+    was_training = vq.training
+    vq.eval()
+    x = preview.to(accelerator.device)
+    recon = vq(x).sample.float().clamp(-1, 1)
+    vq.train(was_training)
+    grid = torch.cat([x.float(), recon])
+    path = save_image_grid(grid, f"{output_dir}/samples/reconstructions-{step:06d}.png", nrow=len(x))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            from adni_diffusers.plots import to_pil_grid
+            import numpy as np
+
+            tracker.writer.add_image("reconstructions", np.asarray(to_pil_grid(grid, nrow=len(x)))[None], step)
+    return path
+
+
+def cli(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        metrics = main(args)
+    except TrainingError as e:
+        print(f"train_vqmodel.py: error: {e}", file=sys.stderr)
+        return 2
+    if metrics:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,243 @@
+"""Counterfactuals (adni_diffusers.counterfactual): the CLI, reproducibility, bad inputs, the trade-off
+measurement. CPU, on the tiny class-conditional pipeline (its outputs are noise: plumbing only)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from adni_diffusers import cli
+from adni_diffusers import counterfactual as C
+from adni_diffusers.features import FeatureNet, save_feature_net
+
+STEPS = ["--scheduler", "ddim", "--steps", "4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ldm):
+    from adni_diffusers import ADNILatentDiffusionPipeline
+
+    p = ADNILatentDiffusionPipeline.from_pretrained(tiny_ldm)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def nc_slice(demo_root) -> Path:
+    return sorted((demo_root / "test" / "NC").glob("*.jpeg"))[0]
+
+
+def random_classifier(seed: int = 0) -> FeatureNet:
+    """An untrained FeatureNet with the model's class names (eval mode): enough for the plumbing."""
+    torch.manual_seed(seed)
+    return FeatureNet(2, widths=(8, 8, 16, 16), input_size=64, class_names=["AD", "NC"]).eval()
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    rc = cli.main(["counterfactual", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_strip_and_individual_pngs(tiny_ldm, nc_slice, tmp_path, capsys):
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", tiny_ldm, "--image", nc_slice, "--to", "AD", "--strength", "0.5", "1.0",
+                       "--guidance", "2", "--out", out, *STEPS], capsys)
+    assert rc == 0, err
+    folder = out / nc_slice.stem
+    names = {"strip.png", "original.png", "reconstruction.png", "counterfactual_s0.50.png",
+             "counterfactual_s1.00.png", "difference_s0.50.png", "difference_s1.00.png"}
+    assert names <= {p.name for p in folder.iterdir()}
+    for name in names:
+        with PIL.Image.open(folder / name) as im:
+            assert im.format == "PNG"
+            if name.startswith(("original", "reconstruction", "counterfactual")):
+                assert im.mode == "L" and im.size == (256, 256)
+    with PIL.Image.open(folder / "strip.png") as im:
+        assert im.width > 3 * im.height / 2  # a strip: 4 columns, 2 rows
+    # original.png is the input padded like training (8 black rows above and below the 240)
+    original = np.asarray(PIL.Image.open(folder / "original.png"))
+    assert original[:8].max() == 0 and original[-8:].max() == 0
+    summary = json.loads((out / "counterfactuals.json").read_text())
+    assert summary["target"] == "AD" and summary["strengths"] == [0.5, 1.0]
+    assert summary["difference"] == "counterfactual - reconstruction"
+    assert summary["images"][0]["strip"] == str(folder / "strip.png")
+
+
+def test_strengths_differ_same_seed_reproduces(pipe, nc_slice):
+    image = PIL.Image.open(nc_slice)
+    scheduler = pipe.scheduler
+    kwargs = dict(to="AD", strengths=(0.25, 1.0), guidance=2.0, scheduler="ddim", steps=4)
+    a = C.make_counterfactuals(pipe, image, seed=0, **kwargs)[0]
+    b = C.make_counterfactuals(pipe, image, seed=0, **kwargs)[0]
+    c = C.make_counterfactuals(pipe, image, seed=1, **kwargs)[0]
+    assert pipe.scheduler is scheduler  # the sampler swap is undone
+    assert a["target"] == "AD" and a["denoising_steps"] == {0.25: 1, 1.0: 4}
+    cf = a["counterfactuals"]
+    assert cf[0.25].shape == (1, 256, 256) and -1 <= float(cf[0.25].min()) and float(cf[0.25].max()) <= 1
+    assert not torch.allclose(cf[0.25], cf[1.0])  # strength matters
+    for s in cf:  # same seed, same images; another seed, others
+        assert torch.equal(cf[s], b["counterfactuals"][s])
+        assert not torch.allclose(cf[s], c["counterfactuals"][s])
+    # the reference is the VQ reconstruction (strength 0 of the pipeline)
+    recon = pipe(image=image, strength=0.0, output_type="pt").images[0] * 2 - 1
+    assert torch.allclose(a["reconstruction"], recon, atol=1e-5)
+    # an image's result does not depend on the other images in its batch (generator seed + index)
+    pair = C.make_counterfactuals(pipe, [image, image.transpose(PIL.Image.FLIP_LEFT_RIGHT)], seed=0,
+                                  classifier=random_classifier(), **kwargs)
+    assert torch.allclose(pair[0]["counterfactuals"][1.0], cf[1.0], atol=1e-5)
+    assert set(pair[1]["probabilities"]) == {"original", "reconstruction", 0.25, 1.0}
+    assert all(0 <= p <= 1 for p in pair[1]["probabilities"].values())
+
+
+def _unconditional_model(tiny_ldm, folder: Path) -> Path:
+    from diffusers import UNet2DModel
+
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.presets import unet_config
+
+    p = ADNILatentDiffusionPipeline.from_pretrained(tiny_ldm)
+    ADNILatentDiffusionPipeline(p.vqvae, UNet2DModel(**unet_config("tiny")), p.scheduler).save_pretrained(folder)
+    return folder
+
+
+def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, capsys, monkeypatch):
+    from adni_diffusers import ADNILatentDiffusionPipeline
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled despite a bad input")
+
+    monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", no_sampling)
+    rgb = np.zeros((240, 256, 3), np.uint8)
+    rgb[..., 0] = 200
+    PIL.Image.fromarray(rgb).save(colour := tmp_path / "colour.png")
+    PIL.Image.fromarray(np.zeros((200, 200), np.uint8)).save(small := tmp_path / "small.png")
+    (text := tmp_path / "notes.jpeg").write_text("not an image")
+    uncond = _unconditional_model(tiny_ldm, tmp_path / "uncond")
+    out = tmp_path / "out"
+    base = ["--model", tiny_ldm, "--out", out, *STEPS]
+    cases = [
+        (["--image", tmp_path / "missing.jpeg", "--to", "AD"], ["missing.jpeg", "no such file"]),
+        (["--image", colour, "--to", "AD"], ["colour.png", "RGB image; expected a greyscale slice"]),
+        (["--image", small, "--to", "AD"], ["small.png", "200 wide x 200 high; expected 256 wide x 240 high"]),
+        (["--image", text, "--to", "AD"], ["notes.jpeg", "not a readable image"]),
+        (["--image", nc_slice, "--to", "MCI"], ["--to 'MCI'", "['AD', 'NC']"]),
+        (["--image", nc_slice, "--to", "AD", "--strength", "0"], ["--strength 0", "(0, 1]"]),
+        (["--image", nc_slice, "--to", "AD", "--strength", "0.5", "1.5"], ["--strength 1.5", "(0, 1]"]),
+        (["--image", nc_slice, "--to", "AD", "--strength", "0.05"], ["--strength 0.05 with --steps 4",
+                                                                      "no denoising step"]),
+        (["--to", "AD"], ["--image", "--measure"]),
+        (["--measure", "--to", "AD", "--data", tmp_path / "moved"], ["moved", "not there"]),
+        (["--measure", "--to", "AD", "--classifier", tmp_path], ["--classifier", "config.json"]),
+    ]
+    for argv, expected in cases:
+        rc, err = run_cli(base + argv, capsys)
+        assert rc == 2, (argv, err)
+        assert "adni-diffusers counterfactual: error:" in err
+        for text_ in expected:
+            assert text_ in err, (argv, err)
+    rc, err = run_cli(["--model", uncond, "--out", out, "--image", nc_slice, "--to", "AD", *STEPS], capsys)
+    assert rc == 2 and "unconditional" in err and "class-conditional" in err
+    assert not any(out.rglob("*.png"))
+
+
+# ---------------------------------------------------------------------------------- measurement
+
+
+def test_measure_tradeoff_rows_and_files(pipe, demo_root, tmp_path):
+    from adni_diffusers.data import load_slices
+
+    data = load_slices(demo_root, split="given")
+    nc = data.val.subset((data.val.labels == data.class_names.index("NC")).nonzero().flatten()[:3])
+    result = C.measure_tradeoff(pipe, nc, random_classifier(), "AD", strengths=(0.5, 1.0), guidance=2.0,
+                                scheduler="ddim", steps=4, batch_size=2, control=True, out_dir=tmp_path,
+                                progress=False)
+    assert result["source"] == "NC" and result["images"] == 3
+    assert [r["strength"] for r in result["rows"]] == ["original", 0.0, 0.5, 1.0]
+    for r in result["rows"]:
+        assert 0 <= r["flip_rate"] <= 1 and 0 <= r["mean_p_target"] <= 1
+        assert r["flip_rate_ci95"][0] <= r["flip_rate"] <= r["flip_rate_ci95"][1]
+        if r["strength"] != "original":
+            assert -1 <= r["ssim_brain_to_original"] <= 1
+    recon, half = result["rows"][1], result["rows"][2]
+    assert recon["ssim_brain_to_reconstruction"] == pytest.approx(1.0) and recon["mean_abs_change_brain"] == 0
+    assert half["denoising_steps"] == 2 and half["mean_abs_change_brain"] > 0 and 0 <= half["control_flip_rate"] <= 1
+    assert result["maps"][0.5]["mean_abs"].shape == (256, 256)
+    for name in ("tradeoff.json", "tradeoff.md", "tradeoff.png", "mean_difference.png", "example_strip.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "tradeoff.json").read_text())  # strict JSON: NaN became null
+    assert saved["rows"][1]["csf_border_enrichment"] is None and "maps" not in saved
+    table = (tmp_path / "tradeoff.md").read_text()
+    assert table.count("\n| ") == 5 and "| 0.50 |" in table and "same noise, NC label" in table
+
+
+def test_cli_measure_uses_held_out_slices_of_the_source_class(tiny_ldm, tmp_path, capsys):
+    net = random_classifier()
+    save_feature_net(net, tmp_path / "net")
+    out = tmp_path / "measure"
+    rc, err = run_cli(["--model", tiny_ldm, "--measure", "--to", "AD", "--strength", "0.5", "--max-images", "2",
+                       "--classifier", tmp_path / "net", "--out", out, *STEPS], capsys)
+    assert rc == 0, err
+    saved = json.loads((out / "tradeoff.json").read_text())
+    record = json.loads((Path(tiny_ldm) / "training_data.json").read_text())
+    from adni_diffusers.counterfactual import held_out_data
+
+    data = held_out_data(str(tiny_ldm))
+    val_names = {str(Path(p).relative_to(data.root)) for p, y in zip(data.val.paths, data.val.labels.tolist())
+                 if data.class_names[y] == "NC"}
+    assert saved["images"] == 2 and set(saved["slices"]) <= val_names and saved["data"] == record["root"]
+    assert saved["settings"]["strengths"] == [0.5] and saved["classifier"]["path"] == str(tmp_path / "net")
+    assert (out / "tradeoff.png").is_file() and (out / "mean_difference.png").is_file()
+
+
+# ------------------------------------------------------------------------------------ the measure
+
+
+def test_csf_border_enrichment_finds_change_at_the_ventricles():
+    """A bright brain with a dark 'ventricle': change on the ventricle's rim scores > 1, spread evenly ~1."""
+    yy, xx = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    brain = ((yy - 128) / 100) ** 2 + ((xx - 128) / 80) ** 2 < 1
+    ventricle = ((yy - 128) / 20) ** 2 + ((xx - 128) / 10) ** 2 < 1
+    x = torch.where(brain, 0.6, -1.0)
+    x = torch.where(ventricle, -0.5, x)[None, None]
+    from adni_diffusers.metrics import brain_mask
+
+    mask = brain_mask(x)
+    border = C.csf_border(x, mask)
+    assert border[0, 0, 128, 128] and border[0, 0, 128, 128 + 12] and not border[0, 0, 128, 128 + 40]
+    call = {"p_target": torch.zeros(1), "called": torch.zeros(1)}
+    grown = ((yy - 128) / 23) ** 2 + ((xx - 128) / 12) ** 2 < 1  # the ventricle dilated: atrophy
+    atrophy = torch.where(grown[None, None], -0.5, x)
+    local = C._per_image_stats(x, x, atrophy, mask, border, call)["csf_border_enrichment"].item()
+    everywhere = C._per_image_stats(x, x, x - 0.1 * mask, mask, border, call)["csf_border_enrichment"].item()
+    assert local > 5 and everywhere == pytest.approx(1.0, abs=1e-6)
+
+
+def test_check_strengths_and_target(pipe):
+    assert C.check_strengths([0.4, 0.4, 1]) == [0.4, 1.0]
+    for bad in ([0.0], [-0.1], [1.01], [math.nan], []):
+        with pytest.raises(ValueError):
+            C.check_strengths(bad)
+    assert C.check_target(pipe, "NC") == "NC" and C.check_target(pipe, 0) == "AD"
+    assert C.source_class(pipe, "AD") == "NC"
+    with pytest.raises(ValueError, match="same class"):
+        C.source_class(pipe, "AD", "AD")
+    with pytest.raises(ValueError, match="knows the classes"):
+        C.make_counterfactuals(pipe, np.zeros((240, 256), np.uint8), "AD",
+                               classifier=FeatureNet(2, class_names=["x", "y"]))
