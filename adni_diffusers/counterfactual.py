@@ -647,7 +647,7 @@ def tradeoff_markdown(result: dict) -> str:
     lines.append("")
     lines.append(
         f"SSIM-brain: SSIM (11\u00d711 window) averaged inside the original's brain mask, background set to black in "
-        f"both images (`metrics.reconstruction_metrics`). |change|: |counterfactual \u2212 VQ reconstruction| on the "
+        f"both images (`metrics.reconstruction_metrics`). Abs change: |counterfactual \u2212 VQ reconstruction| on the "
         f"[\u22121, 1] scale, mean over brain pixels (0 at strength 0 by definition). CSF-border enrichment: "
         f"share of that change within "
         f"{st['csf_border_px']} px of the dark CSF spaces (ventricles, sulci) divided by the share of brain pixels "
@@ -864,7 +864,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a saved FeatureNet folder to use as the classifier (default: train one on the model's "
                         "training split, cached under --feature-net-cache)")
     m.add_argument("--feature-net-cache", default=None,
-                   help="cache folder for the evaluation classifier (default: <model>/evaluation/feature_net)")
+                   help="cache folder for the evaluation classifier (default: <model>/feature_net, the one "
+                        "`adni-diffusers evaluate` uses by default: same data and settings reuse the same net)")
     m.add_argument("--feature-epochs", type=int, default=5, help="epochs for the classifier when it is trained")
 
 
@@ -888,9 +889,11 @@ def _load_classifier(args, data, device):
         from .features import evaluate_feature_net
 
         return net, {"path": args.classifier, "val": evaluate_feature_net(net, data.val) if len(data.val) else None}
-    cache = args.feature_net_cache or str(Path(args.model) / "evaluation" / "feature_net")
-    net, report = get_or_train_feature_net(cache, data.train, data.val, epochs=args.feature_epochs, device=device,
-                                           progress=False)
+    # Seed 0 and the default recipe, as `adni-diffusers evaluate` (default --seed 0) trains it: the cache is
+    # keyed on the data and these settings, so both commands share one net.
+    cache = args.feature_net_cache or str(Path(args.model) / "feature_net")
+    net, report = get_or_train_feature_net(cache, data.train, data.val, epochs=args.feature_epochs, seed=0,
+                                           device=device, progress=False)
     return net, report
 
 
@@ -936,6 +939,11 @@ def main(args: argparse.Namespace) -> int:
         for path, folder, result in zip(image_paths, _image_out_dirs(image_paths, out), results):
             files = write_counterfactual(result, folder, args.diff_against)
             entry = {"image": str(path), "folder": str(folder), "strip": files["strip"]}
+            if data is not None:  # the model saw this slice in training: say so
+                entry["in_training_split"] = str(path.resolve()) in {str(Path(p).resolve()) for p in data.train.paths}
+                if entry["in_training_split"]:
+                    logger.warning("%s is one of the model's TRAINING slices; a held-out slice makes a fairer "
+                                   "counterfactual", path)
             if "probabilities" in result:
                 entry["p_target"] = {str(k): v for k, v in result["probabilities"].items()}
             summary["images"].append(entry)
