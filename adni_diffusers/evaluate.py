@@ -57,6 +57,7 @@ PR_K = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019 use 3)
 NN_PERCENTILE = 5.0  # memorisation: samples closer to the training set than 5% of held-out reals
 PIXEL_NN_SIZE = 64  # pixel-space nearest neighbours on 64x64 (box-filtered) images
 CLOSEST_PAIRS = 8
+NN_HELDOUT_MAX = 2000  # held-out reals whose nearest training image is searched (the "new image" reference)
 # Refinement settings of the ablation, in the seed's units: re-noise to "the last T of the 1000
 # training timesteps" and denoise again, R times. (30, 5) is the seed's; (10, 2) a milder one.
 SEED_REFINEMENT = (30, 5)
@@ -110,6 +111,9 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
     root = data_dir or record["root"]
     if not root:
         raise EvaluationError(f"{model_dir}: training_data.json records no data folder; pass --data-dir")
+    if data_dir is None and not Path(root).is_dir():
+        raise EvaluationError(f"the model's training data {root} (from training_data.json) is not there; pass "
+                              "--data-dir (the same folder, moved)")
     data = load_slices(root, split=record["split"], val_fraction=record["val_fraction"], seed=record["seed"],
                        preprocess=record["preprocess"], flag="--data-dir")
     expected = list(model_class_names) if model_class_names else record["class_names"]
@@ -320,7 +324,8 @@ def class_fidelity(net, images: torch.Tensor, labels: torch.Tensor, class_names:
     return out
 
 
-def predicted_class_shares(net, images: torch.Tensor, class_names: list[str], batch_size: int = 64, device=None) -> dict:
+def predicted_class_shares(net, images: torch.Tensor, class_names: list[str], batch_size: int = 64,
+                           device=None) -> dict:
     """Unconditional models: which share of the images the feature net assigns to each class."""
     pred = net.predict(images, batch_size=batch_size, device=device).argmax(1)
     return {name: float((pred == c).float().mean()) for c, name in enumerate(class_names)}
@@ -448,8 +453,12 @@ def plot_ablations(rows: list[dict], floor: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.8), dpi=110, sharey=True)
     y = np.arange(len(rows))
     axes[0].barh(y, [r["fd"] for r in rows], color=[colours.get(r["group"], "tab:grey") for r in rows])
-    axes[0].axvline(floor["fd"], color="k", ls="--", lw=1, label="floor: real train vs held-out")
-    axes[0].set_xlabel(M.FD_NAME + ", lower is better", fontsize=9)
+    axes[0].axvline(floor["fd"], color="k", ls="--", lw=1, label=f"floor: real train vs held-out ({floor['fd']:.3g})")
+    fds = [r["fd"] for r in rows if r["fd"] > 0]
+    log = floor["fd"] > 0 and fds and max(fds) > 20 * floor["fd"]  # keep the floor visible beside large values
+    if log:
+        axes[0].set_xscale("log")
+    axes[0].set_xlabel(M.FD_NAME + (" (log scale)" if log else "") + ", lower is better", fontsize=9)
     axes[0].legend(fontsize=7)
     axes[1].barh(y - 0.2, [r["precision"] for r in rows], height=0.4, color="tab:blue", label="precision")
     axes[1].barh(y + 0.2, [r["recall"] for r in rows], height=0.4, color="tab:red", label="recall")
@@ -578,8 +587,11 @@ def recommend(rows: list[dict], floor: dict) -> dict:
         out["sampler"] = {"lowest_fd": best["setting"], "fastest_within_10pct_of_lowest_fd": fastest_ok["setting"]}
     guid = [r for r in rows if r["group"] == "guidance"]
     if guid:
+        accuracies = [r.get("class_accuracy") for r in guid]
+        best_acc = (None if len(set(accuracies)) == 1
+                    else max(guid, key=lambda r: r.get("class_accuracy") or 0)["guidance"])
         out["guidance"] = {"lowest_fd": min(guid, key=lambda r: r["fd"])["guidance"],
-                           "highest_class_accuracy": max(guid, key=lambda r: r.get("class_accuracy", 0))["guidance"]}
+                           "highest_class_accuracy": best_acc}
     out["floor_fd"] = floor.get("fd")
     return out
 
@@ -593,6 +605,14 @@ def _f(x, digits: int = 4) -> str:
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
         return str(int(x))
     return f"{x:.{digits}g}"
+
+
+def _kid(m: dict) -> str:
+    """KID with its spread over subsets; with subsets as large as the sets every subset is the whole set
+    (torchmetrics samples without replacement) and the spread is 0 by construction: not shown."""
+    if m["kid_subset_size"] < min(m["reference_images"], m["candidate_images"]):
+        return f"{_f(m['kid'])} +- {_f(m['kid_std'], 2)}"
+    return _f(m["kid"])
 
 
 def _n(n, word: str) -> str:
@@ -683,8 +703,7 @@ def write_report(res: dict, out: Path) -> Path:
         "| measure | generated | floor (real) | better |",
         "|---|---|---|---|",
         f"| {M.FD_NAME} | {_f(r['fd'])} | {_f(fl['fd'])} | lower, near the floor |",
-        f"| {M.KID_NAME} | {_f(r['kid'])} +- {_f(r['kid_std'], 2)} | {_f(fl['kid'])} +- {_f(fl['kid_std'], 2)} "
-        "| lower, near the floor |",
+        f"| {M.KID_NAME} | {_kid(r)} | {_kid(fl)} | lower, near the floor |",
         f"| precision (k={r['k']}): samples inside the real manifold | {_f(r['precision'], 3)} | "
         f"{_f(fl['precision'], 3)} | higher |",
         f"| recall (k={r['k']}): real images inside the samples' manifold | {_f(r['recall'], 3)} | "
@@ -744,6 +763,10 @@ def write_report(res: dict, out: Path) -> Path:
         real = div["real"]["per_class"].get(name, {})
         lines.append(f"| {name} | {_f(v['mean'], 3)} +- {_f(v['std'], 2)} | {_f(real.get('mean'), 3)} +- "
                      f"{_f(real.get('std'), 2)} | {v['pairs']} / {real.get('pairs', '-')} |")
+    missing = [name for name in div["generated"]["per_class"] if name not in div["real"]["per_class"]]
+    if missing:
+        lines += ["", f"No real pairs for {', '.join(missing)}: real pairs must come from two different patients, "
+                  "and the held-out set has one patient there."]
     lines.append("")
     if cf:
         lines += ["## Class fidelity", "",
@@ -838,8 +861,10 @@ def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
         lines.append(f"- sampler: lowest FD with {rec['sampler']['lowest_fd']}; the fastest within 10% of it: "
                      f"{rec['sampler']['fastest_within_10pct_of_lowest_fd']}.")
     if "guidance" in rec:
-        lines.append(f"- guidance: lowest FD at w={rec['guidance']['lowest_fd']:g}; highest class accuracy at "
-                     f"w={rec['guidance']['highest_class_accuracy']:g}.")
+        best_acc = rec["guidance"]["highest_class_accuracy"]
+        lines.append(f"- guidance: lowest FD at w={rec['guidance']['lowest_fd']:g}; "
+                     + (f"highest class accuracy at w={best_acc:g}." if best_acc is not None
+                        else "the same class accuracy at every guidance scale."))
     lines += ["", "Differences smaller than the spread between seeds are noise; at small N rerun with more "
               "`--ablation-samples` before changing a default.", ""]
     return lines
@@ -1045,24 +1070,30 @@ def evaluate_model(
 
     # 8. memorisation
     t = time.perf_counter()
-    mem = memorisation(gen_feats, train_feats, heldout_feats, gen.pixels, data.train.pixels, data.val.pixels)
+    # up to NN_HELDOUT_MAX held-out reals describe "new" images well enough (pixel-space NN is the costly part)
+    nn_rows = subsample(torch.zeros(len(data.val), dtype=torch.long), {0: NN_HELDOUT_MAX}, seed)
+    nn_heldout = data.val.subset(nn_rows)
+    mem = memorisation(gen_feats, train_feats, heldout_feats[nn_rows], gen.pixels, data.train.pixels,
+                       nn_heldout.pixels)
     files["nn_histogram"] = plot_nn_histogram(mem, out / "nn_distances.png").name
-    files["closest_pairs"] = plot_closest_pairs(mem, gen, data.train, data.val, out / "closest_pairs.png").name
+    files["closest_pairs"] = plot_closest_pairs(mem, gen, data.train, nn_heldout, out / "closest_pairs.png").name
     timings["memorisation_seconds"] = time.perf_counter() - t
 
     # 9. UMAP of held-out real and generated features
     if umap:
         t = time.perf_counter()
         # unconditional models: generated images coloured by the class the feature net assigns them
-        fake_labels = gen.labels if conditional else (
-            net.predict(gen.pixels, batch_size=feature_batch, device=device).argmax(1) if len(class_names) > 1 else None)
+        fake_labels = gen.labels if conditional else None
+        if not conditional and len(class_names) > 1:
+            fake_labels = net.predict(gen.pixels, batch_size=feature_batch, device=device).argmax(1)
         fake_name = "generated" if conditional or fake_labels is None else "generated (predicted class)"
         threads = torch.get_num_threads()  # umap-learn's numba (OpenMP) resets torch's thread count
         try:
             path = umap_plot(heldout_feats[held_idx], data.val.labels[held_idx] if class_names else None,
                              gen_feats, fake_labels, class_names, out / "umap.png", seed=seed,
                              set_names=("held-out real", fake_name),
-                             title=f"UMAP of adni-features: {len(held_idx)} held-out real (o), {len(gen)} generated (x)")
+                             title=f"UMAP of adni-features: {len(held_idx)} held-out real (o), "
+                                   f"{len(gen)} generated (x)")
         finally:
             torch.set_num_threads(threads)
         files["umap"] = path.name

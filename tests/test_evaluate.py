@@ -1,0 +1,244 @@
+"""`adni-diffusers evaluate` (adni_diffusers.evaluate) on the tiny preset: every measure's plumbing, the
+floors beside the numbers, the feature-net cache, the ablation table, and properties that must hold.
+CPU, tiny N (4 images per class), one-epoch nets; the pictures are noise and the numbers meaningless."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from adni_diffusers import cli
+from adni_diffusers import evaluate as E
+from adni_diffusers.metrics import FD_NAME, KID_NAME
+
+QUICK_STEPS = {"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2}  # sampler step counts for the ablation rows
+FLOOR = E.FLOOR_LABEL
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from 2 threads on a shared, busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_copy(tiny_ldm, tmp_path_factory) -> Path:
+    """A private copy of the tiny pipeline: evaluation writes into <model>/evaluation and re-renders its card."""
+    folder = tmp_path_factory.mktemp("eval") / "ldm"
+    shutil.copytree(tiny_ldm, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluated(model_copy):
+    """One full evaluation through the Python API, default output folder, ablations on (few steps)."""
+    result = E.evaluate_model(model_copy, num_samples=4, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
+                              diversity_pairs=4, kid_subsets=5, ablations=True, ablation_samples=2,
+                              ablation_step_overrides=QUICK_STEPS, progress=False)
+    return result, model_copy / "evaluation"
+
+
+def test_writes_metrics_report_and_pictures(evaluated, model_copy):
+    result, out = evaluated
+    for name in ("metrics.json", "report.md", "ablations.csv", "samples_AD.png", "samples_NC.png", "umap.png",
+                 "closest_pairs.png", "nn_distances.png", "ablations.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["files"]["umap"] == "umap.png"
+    report = (out / "report.md").read_text()
+    for picture in ("umap.png", "closest_pairs.png", "nn_distances.png", "samples_AD.png", "ablations.png"):
+        assert f"]({picture})" in report
+    assert FD_NAME in report and "FID" not in report.replace("FID values", "")
+    # the feature net lives beside the output folder and was trained on the real training split only
+    fn = metrics["feature_net"]
+    assert Path(fn["path"]).parent == model_copy / "feature_net"
+    assert fn["trained_on"]["images"] == metrics["data"]["train"]["images"]
+    assert 0 <= fn["val"]["accuracy"] <= 1 and "patient_accuracy" in fn["val"]
+    # the model card now shows the numbers
+    assert "re-rendered" in result["card"] and "not" not in result["card"]
+    card = (model_copy / "README.md").read_text()
+    assert FD_NAME in card and "evaluation/metrics.json" in card
+
+
+def test_held_out_is_the_training_split_and_floors_stand_beside_numbers(evaluated, model_copy):
+    result, out = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    recorded = json.loads((model_copy / "training_data.json").read_text())
+    assert metrics["data"]["validation"] == recorded["validation"]
+    assert metrics["data"]["train"] == recorded["train"]
+    # top-level numbers (the model card's table): each distribution metric with its real-vs-real floor
+    for name in (FD_NAME, KID_NAME, "precision (adni-features, k=3)", "recall (adni-features, k=3)"):
+        assert isinstance(metrics[name], float)
+        assert isinstance(metrics[f"{name}, {FLOOR}"], float)
+    assert metrics["MS-SSIM diversity, generated (lower = more diverse)"] <= 1
+    for key in ("feature-net accuracy on generated AD", "feature-net accuracy on generated NC",
+                "feature-net accuracy on real held-out slices",
+                "TSTR accuracy (train on synthetic, test on real held-out)",
+                "TRTR accuracy (train on real, test on real held-out)"):
+        assert 0 <= metrics[key] <= 1, key
+    assert all(not isinstance(v, (dict, list)) for k, v in metrics.items() if isinstance(v, (int, float)))
+    # same N on both sides of every comparison
+    gen, floor = metrics["realism"]["generated"], metrics["realism"]["floor"]
+    assert gen["candidate_images"] == gen["reference_images"] == floor["candidate_images"] == 8
+    assert set(metrics["realism"]["per_class"]) == {"AD", "NC"}
+    mem = metrics["memorisation"]
+    assert len(mem["features"]["generated_distance"]) == 8
+    assert len(mem["features"]["heldout_distance"]) == metrics["data"]["validation"]["images"]
+    assert 0 <= mem["pixels"]["closer_than_heldout_percentile"] <= 1
+    report = (out / "report.md").read_text()
+    assert "| measure | generated | floor (real) |" in report
+
+
+def test_ablation_table_has_the_named_rows(evaluated):
+    result, out = evaluated
+    rows = result["ablations"]["rows"]
+    settings = {(r["group"], r["setting"]) for r in rows}
+    assert settings == {("refinement", "off"), ("refinement", "seed 30x5"), ("refinement", "milder 10x2"),
+                        ("sampler", "ddpm-1000"), ("sampler", "ddim-50"), ("sampler", "dpm++-25"),
+                        ("sampler", "unipc-10"), ("guidance", "w=1"), ("guidance", "w=2"), ("guidance", "w=3"),
+                        ("guidance", "w=5")}
+    for r in rows:
+        assert r["fd"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["seconds"] > 0
+        assert 0 <= r["class_accuracy"] <= 1
+    by = {(r["group"], r["setting"]): r for r in rows}
+    assert by[("refinement", "seed 30x5")]["refine_repeats"] == 5
+    assert by[("refinement", "seed 30x5")]["refine_steps"] >= 1
+    assert by[("refinement", "off")]["refine_repeats"] == 0
+    # the main setting (dpm++, guidance 2, no refinement) is run once and shared between groups
+    assert by[("sampler", "dpm++-25")]["same_run_as"] == by[("refinement", "off")]["label"]
+    assert by[("guidance", "w=2")]["fd"] == by[("refinement", "off")]["fd"]
+    assert result["ablations"]["recommendation"]["refinement"]["setting"] in {"off", "seed 30x5", "milder 10x2"}
+    report = (out / "report.md").read_text()
+    assert "## Ablations" in report and f"**{FLOOR}**" in report
+    csv_rows = (out / "ablations.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + len(rows) + 1  # header, rows, floor
+
+
+def test_default_ablation_plan():
+    rows = E.ablation_plan(conditional=True, scheduler="dpm++", steps=25, guidance=2.0)
+    samplers = {(r["scheduler"], r["steps"]) for r in rows if r["group"] == "sampler"}
+    assert samplers == {("ddpm", 1000), ("ddim", 50), ("dpm++", 25), ("unipc", 10)}
+    assert [r["refine"] for r in rows if r["group"] == "refinement"] == [None, (30, 5), (10, 2)]
+    assert [r["guidance"] for r in rows if r["group"] == "guidance"] == [1.0, 2.0, 3.0, 5.0]
+    assert not [r for r in E.ablation_plan(False, "dpm++", 25, 1.0) if r["group"] == "guidance"]
+
+
+def test_refinement_in_the_seeds_units(model_copy):
+    config = json.loads((model_copy / "scheduler" / "scheduler_config.json").read_text())
+    assert E.refinement_steps(config, "ddpm", 1000, 30) == (30, 29)  # exactly the seed's last 30 of 1000
+    n, t = E.refinement_steps(config, "ddim", 50, 30)
+    assert n == 2 and t == 20  # DDIM-50 timesteps ..., 40, 20, 0
+    n, t = E.refinement_steps(config, "dpm++", 25, 30)
+    assert n == 1 and t > 0  # no DPM++-25 timestep below 30: its last one
+
+
+def test_cli_reuses_the_feature_net_and_writes_elsewhere(evaluated, model_copy, tmp_path, capsys):
+    result, _ = evaluated
+    out = tmp_path / "second"
+    rc = cli.main(["evaluate", "--model", str(model_copy), "--out", str(out), "--num-samples", "2", "--steps", "2",
+                   "--feature-epochs", "1", "--tstr-epochs", "1", "--diversity-pairs", "2", "--kid-subsets", "3",
+                   "--feature-cache", str(model_copy / "feature_net"), "--no-umap", "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "reused from cache" in printed and FD_NAME in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["feature_net"]["cached"] is True
+    assert metrics["feature_net"]["path"] == result["feature_net"]["path"]
+    assert "reused from the cache" in (out / "report.md").read_text()
+    assert not (out / "umap.png").exists() and (out / "samples_NC.png").is_file()
+    assert "not re-rendered" in metrics.get("card", "not re-rendered")
+
+
+def test_class_name_mismatch_is_refused(model_copy, demo_root, tmp_path, capsys):
+    other = tmp_path / "AD_MCI"
+    shutil.copytree(demo_root, other)
+    for split in ("train", "test"):
+        if (other / split / "NC").is_dir():
+            (other / split / "NC").rename(other / split / "MCI")
+    rc = cli.main(["evaluate", "--model", str(model_copy), "--data-dir", str(other), "--num-samples", "2",
+                   "--out", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "class" in err and "MCI" in err and "['AD', 'NC']" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_properties_through_the_evaluation_functions(evaluated, model_copy):
+    """FD of a set with itself is ~0 (precision = recall = 1); a shifted set is farther; MS-SSIM diversity of
+    identical images is 1; real pairs never pair two slices of one patient."""
+    from adni_diffusers.features import load_feature_net
+
+    result, _ = evaluated
+    net = load_feature_net(result["feature_net"]["path"])
+    data, _ = E.load_evaluation_data(model_copy)
+    real = data.train.pixels
+    feats = E.extract_features(net, real, batch_size=16, progress=False)
+    same = E.compare_features(feats, feats.clone(), kid_subsets=5)
+    assert same["fd"] < 1e-6 and same["precision"] == 1.0 and same["recall"] == 1.0
+    shifted = torch.roll(real, shifts=24, dims=-1)  # the same brains, moved sideways
+    moved = E.compare_features(feats, E.extract_features(net, shifted, batch_size=16, progress=False), kid_subsets=5)
+    assert moved["fd"] > 100 * max(same["fd"], 1e-6) and moved["fd"] > 1e-3
+    brighter = (real.float() * 1.5).clamp(0, 255).to(torch.uint8)
+    assert E.compare_features(feats, E.extract_features(net, brighter, progress=False), kid_subsets=5)["fd"] > 1e-3
+
+    one = real[:1].repeat(4, 1, 1)
+    div = E.diversity(one, torch.zeros(4, dtype=torch.long), ["AD"], num_pairs=6)
+    assert div["mean"] == pytest.approx(1.0, abs=1e-4) and div["per_class"]["AD"]["pairs"] == 6
+    assert E.diversity(real[:4], None, [], num_pairs=6)["mean"] < 1.0
+
+    pairs = E.random_pairs(6, 100, seed=0, groups=["a", "a", "b", "b", "c", "c"])
+    assert len(pairs) == 12 and all(p[0] // 2 != p[1] // 2 for p in pairs.tolist())
+
+
+def test_samples_depend_on_seed_class_and_index_only(model_copy):
+    """Same seeds in every ablation row: a sample does not depend on the batch it was drawn in."""
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+
+    pipe = ADNILatentDiffusionPipeline.from_pretrained(model_copy)
+    kw = dict(scheduler="ddpm", steps=3, guidance=2.0, seed=5, progress=False)
+    together = E.sample_images(pipe, [0, 0, 1], batch_size=3, **kw)
+    alone = E.sample_images(pipe, [0, 0, 1], batch_size=1, **kw)
+    assert torch.allclose(together, alone, atol=1e-4)
+    first = E.sample_images(pipe, [0], batch_size=1, **kw)
+    assert torch.allclose(first[0], together[0], atol=1e-4)
+    assert not torch.allclose(together[0], together[1])
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"  # restored after sampling
+    s = E.as_slice_set(together, [0, 0, 1], ["AD", "NC"])
+    assert s.pixels.dtype == torch.uint8 and s.labels.tolist() == [0, 0, 1] and len(set(s.patients)) == 3
+    from adni_diffusers.features import slice_positions
+
+    assert torch.isnan(slice_positions(s)).all()  # no slice-position target for generated images
+
+
+def test_unconditional_model(tiny_ldm, demo_root, evaluated, tmp_path):
+    """An unconditional model (no class labels): N in all, no guidance rows, class shares instead of
+    class fidelity; without training_data.json the data folder must be given."""
+    from diffusers import UNet2DModel
+
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+    from adni_diffusers.presets import unet_config
+
+    p = ADNILatentDiffusionPipeline.from_pretrained(tiny_ldm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DModel(**unet_config("tiny"))
+    folder = tmp_path / "uncond"
+    ADNILatentDiffusionPipeline(p.vqvae, unet, p.scheduler).save_pretrained(folder)
+    with pytest.raises(E.EvaluationError, match="--data-dir"):
+        E.evaluate_model(folder, num_samples=4, progress=False)
+    result = E.evaluate_model(folder, demo_root, num_samples=6, steps=2, feature_epochs=1, tstr_epochs=1,
+                              diversity_pairs=3, kid_subsets=3, ablations=True, ablation_samples=4,
+                              ablation_step_overrides=QUICK_STEPS, feature_cache=evaluated[1].parent / "feature_net",
+                              progress=False)
+    out = folder / "evaluation"
+    assert result["feature_net"]["cached"] is True  # same data, same settings as the conditional run
+    assert result["class_fidelity"] is None and set(result["class_shares"]["generated"]) == {"AD", "NC"}
+    assert result["realism"]["generated"]["candidate_images"] == 6 and (out / "samples_samples.png").is_file()
+    assert {r["group"] for r in result["ablations"]["rows"]} == {"refinement", "sampler"}
+    assert (out / "umap.png").is_file() and "## Class balance" in (out / "report.md").read_text()
+    assert FD_NAME in json.loads((out / "metrics.json").read_text())
