@@ -778,48 +778,17 @@ def write_tradeoff(result: dict, out_dir) -> dict:
 # ------------------------------------------------------------------------------- the model's data
 
 
-def _model_json(model: str, name: str) -> dict:
-    folder = Path(model)
-    path = folder / name
-    if not folder.is_dir():
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = Path(hf_hub_download(model, name))
-        except Exception as e:  # noqa: BLE001 - any failure means "no record"
-            raise ValueError(f"--measure: cannot read {name} of {model} ({e})") from None
-    if not path.is_file():
-        raise ValueError(f"--measure: {path} is missing; it records the data the model was trained on "
-                         "(written by train_unet.py). Without it the held-out slices are unknown")
-    return json.loads(path.read_text())
-
-
 def held_out_data(model: str, data_root: str | None = None):
-    """The model's data, split exactly as in training (root / split / preprocess from training_data.json,
-    seed / val_fraction from training_args.json): `SliceData` whose `.val` is what the model never saw."""
-    from .data import load_slices
+    """The model's data split exactly as in training (`evaluate.load_evaluation_data`): `SliceData` whose
+    `.val` is what the model never saw. `model` may be a Hub repo id (only its JSON records are fetched)."""
+    from .evaluate import load_evaluation_data
 
-    record = _model_json(model, "training_data.json")
-    args = _model_json(model, "training_args.json")
-    root = data_root or record.get("root")
-    if not root:
-        raise ValueError(f"{model}/training_data.json names no data folder; pass --data DIR")
-    if not Path(root).is_dir():
-        raise FileNotFoundError(f"the model's training data {root} is not there; pass --data DIR "
-                                "(the same folder, moved)")
-    split = record.get("split") or args.get("split") or "patient"
-    if split == "all":
-        raise ValueError(f"{model} was trained with --split all: no slices were held out, so there is nothing "
-                         "honest to measure on")
-    data = load_slices(root, split=split, val_fraction=float(args.get("val_fraction", 0.1)),
-                       seed=int(args.get("seed", 0)),
-                       preprocess=record.get("preprocess") or args.get("preprocess", "pad"),
-                       flag="--data")
-    for part, got in (("train", data.train), ("validation", data.val)):
-        want = (record.get(part) or {}).get("images")
-        if want is not None and want != len(got):
-            logger.warning("%s: %d %s images now, %d when the model was trained: the data folder changed",
-                           root, len(got), part, want)
+    folder = Path(model)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model, allow_patterns=["*.json"]))
+    data, _ = load_evaluation_data(folder, data_root)
     return data
 
 
@@ -856,7 +825,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="measure on at most this many held-out slices (evenly spread over them)")
     m.add_argument("--control", action="store_true",
                    help="also denoise with the source label and the same noise (doubles the sampling)")
-    m.add_argument("--data", default=None, help="the model's training data folder, if it moved since training")
+    m.add_argument("--data-dir", default=None, help="the model's training data folder, if it moved since training")
     m.add_argument("--classify", action="store_true",
                    help="with --image: also show the evaluation classifier's P(--to) in the strip's titles (trains "
                         "or reuses the classifier as --measure does)")
@@ -926,7 +895,7 @@ def main(args: argparse.Namespace) -> int:
     # the classifier (P(target) in the titles, and the measurement): only when asked for
     classifier = data = report = None
     if args.measure or args.classify or args.classifier:
-        data = held_out_data(args.model, args.data)
+        data = held_out_data(args.model, args.data_dir)
         classifier, report = _load_classifier(args, data, device)
         _classifier_column(classifier, target)
 

@@ -1087,15 +1087,11 @@ def evaluate_model(
         if not conditional and len(class_names) > 1:
             fake_labels = net.predict(gen.pixels, batch_size=feature_batch, device=device).argmax(1)
         fake_name = "generated" if conditional or fake_labels is None else "generated (predicted class)"
-        threads = torch.get_num_threads()  # umap-learn's numba (OpenMP) resets torch's thread count
-        try:
-            path = umap_plot(heldout_feats[held_idx], data.val.labels[held_idx] if class_names else None,
-                             gen_feats, fake_labels, class_names, out / "umap.png", seed=seed,
-                             set_names=("held-out real", fake_name),
-                             title=f"UMAP of adni-features: {len(held_idx)} held-out real (o), "
-                                   f"{len(gen)} generated (x)")
-        finally:
-            torch.set_num_threads(threads)
+        path = umap_plot(heldout_feats[held_idx], data.val.labels[held_idx] if class_names else None,
+                         gen_feats, fake_labels, class_names, out / "umap.png", seed=seed,
+                         set_names=("held-out real", fake_name),
+                         title=f"UMAP of adni-features: {len(held_idx)} held-out real (o), "
+                               f"{len(gen)} generated (x)")
         files["umap"] = path.name
         timings["umap_seconds"] = time.perf_counter() - t
 

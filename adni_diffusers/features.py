@@ -630,7 +630,11 @@ def umap_plot(
             n_jobs=1,
             precomputed_knn=(idx.numpy(), dists.float().numpy(), None),
         )
-        emb = reducer.fit_transform(allf.numpy())
+        threads = torch.get_num_threads()  # umap-learn's numba (OpenMP) changes torch's thread count
+        try:
+            emb = reducer.fit_transform(allf.numpy())
+        finally:
+            torch.set_num_threads(threads)
     er, ef = emb[: len(real)], emb[len(real) :]
 
     names = list(class_names or [])

@@ -143,7 +143,7 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
         (["--image", nc_slice, "--to", "AD", "--strength", "0.05"], ["--strength 0.05 with --steps 4",
                                                                       "no denoising step"]),
         (["--to", "AD"], ["--image", "--measure"]),
-        (["--measure", "--to", "AD", "--data", tmp_path / "moved"], ["moved", "not there"]),
+        (["--measure", "--to", "AD", "--data-dir", tmp_path / "moved"], ["moved", "does not exist"]),
         (["--measure", "--to", "AD", "--classifier", tmp_path], ["--classifier", "config.json"]),
     ]
     for argv, expected in cases:

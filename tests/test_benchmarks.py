@@ -1,0 +1,84 @@
+"""benchmarks/run.py --smoke on CPU: every section runs and reports positive numbers (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "benchmarks" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    md = out.with_suffix(".md")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--out", str(out),
+                           "--markdown", str(md)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"benchmark failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text()), md.read_text()
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and x > 0
+
+
+def test_machine_info_and_settings(smoke):
+    results, _ = smoke
+    m = results["machine"]
+    for key in ("date", "command", "device", "device_name", "torch", "diffusers", "accelerate", "torch_threads"):
+        assert m[key], key
+    assert m["device"] == "cpu" and "--smoke" in m["command"]
+    assert results["settings"]["preset"] == "tiny"
+    assert _positive(results["matmul"]["flops_per_s"])
+    for key in ("unet_train_per_image", "unet_forward_per_image", "vq_encode_per_image", "vq_decode_per_image",
+                "vq_train_per_image", "unet_params", "vq_params"):
+        assert _positive(results["flops"][key]), key
+    # a training step is forward + backward: at least twice the forward
+    assert results["flops"]["unet_train_per_image"] > 2 * results["flops"]["unet_forward_per_image"]
+
+
+def test_every_section_has_positive_numbers(smoke):
+    results, _ = smoke
+    for section in ("unet", "latent_cache", "vq", "sampling"):
+        rows = results[section]["rows"]
+        assert rows, section
+        for row in rows:
+            assert "error" not in row, (section, row)
+            assert _positive(row["images_per_s"]), (section, row)
+            assert _positive(row["peak_memory_mb"]), (section, row)
+            assert _positive(row["mfu"]), (section, row)
+    variants = {r["variant"] for r in results["unet"]["rows"]}
+    assert "example style" in variants and "ours, latents resident on device" in variants
+    assert _positive(results["unet"]["summary"]["speedup"])
+    assert {r["variant"] for r in results["vq"]["rows"]} >= {"example style", "ours"}
+    samplers = {(r["sampler"], r["steps"]) for r in results["sampling"]["rows"]}
+    assert samplers == {("ddpm", 2), ("dpm++", 2), ("unipc", 2)}  # labelled with the steps really run
+    assert all(r["finite"] and r["image_shape"] == [1, 256, 256] for r in results["sampling"]["rows"])
+    goal = results["cpu_goal"]
+    assert "error" not in goal and goal["images"] == 4 and not goal["goal_configuration"]
+    for key in ("load_seconds", "first_call_seconds", "load_and_sample_seconds", "second_call_seconds"):
+        assert _positive(goal[key]), key
+
+
+def test_goals_are_reported_not_claimed(smoke):
+    results, table = smoke
+    goals = {g["goal"]: g for g in results["goals"]}
+    assert len(goals) == 8
+    for g in goals.values():  # a CPU smoke run measures no goal
+        assert g["measured"] is None and g["status"].startswith("not measured"), g
+    assert "no GPU" in goals["unet_images_per_s"]["status"]
+    for heading in ("UNet training step", "VQ training step", "Latent-cache build", "Sampling end to end",
+                    "CPU goal row", "Goals (issue 7)"):
+        assert heading in table, heading
+
+
+def test_bad_flags_are_refused():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--batch-sizes", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "batch sizes must be positive" in proc.stderr
