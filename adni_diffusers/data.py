@@ -251,7 +251,7 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
     try:
         with Image.open(path) as im:
             im.load()
-            mode, size = im.mode, im.size
+            mode = im.mode
             arr = np.asarray(im)
     except UnidentifiedImageError:
         return None, "", "not a readable image file"

@@ -1,6 +1,5 @@
 """The synthetic MNI152-based stand-in for ADNI's AD_NC folder (adni_diffusers.demo_data)."""
 
-import csv
 import re
 from pathlib import Path
 
