@@ -1,0 +1,1103 @@
+#!/usr/bin/env python
+"""Speed benchmarks for adni_diffusers: everything in ONE process on ONE device, side by side.
+
+    python benchmarks/run.py                        # CUDA if present (base preset), else CPU (small preset)
+    python benchmarks/run.py --device cuda --compile --out docs/bench-h100.json
+    python benchmarks/run.py --device cpu --out cpu.json
+    python benchmarks/run.py --smoke --device cpu   # seconds: what the tests run
+
+Sections (each row says exactly what ran; nothing is extrapolated):
+
+1. `unet`: one UNet training step, images/s. "example style" = what diffusers' training examples do
+   (pixels -> VQ encode of every batch, fp32 (TF32 on CUDA), eager, plain AdamW, `loss.item()` per
+   step) against our loop (cached latents, bf16 autocast on CUDA, channels_last, fused AdamW on CUDA,
+   torch.compile with --compile, no per-step sync). Both call the package's own `diffusion_loss`,
+   `make_optimizer`, `maybe_compile`, `to_channels_last`, `make_ema`, `LatentDataset` and
+   `EpochShuffleSampler`, so the numbers describe the real training code. Model FLOP utilisation =
+   images/s x (forward+backward FLOPs per image, counted by torch.utils.flop_counter) / the matmul
+   rate measured in this run (bf16 on CUDA, fp32 on CPU).
+2. `latent_cache`: `latents.encode_all` images/s; `vq`: one VQ training step (`vq.VQTrainingModel`
+   forward + reconstruction/codebook/commitment losses + backward + step + codebook-usage update).
+3. `sampling`: `ADNILatentDiffusionPipeline.__call__` end to end (UNet steps + VQ decode), images/s,
+   per sampler and batch size, with random weights (speed does not depend on them). Rows are labelled
+   with the number of steps actually run.
+4. `cpu_goal` (CPU only): 4 images with DPM-Solver++-25 from the `small` preset pipeline, wall time.
+
+A Markdown table goes to stdout; the JSON (machine, versions, date, command, every row) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+SECTIONS = ("unet", "latent_cache", "vq", "sampling", "cpu_goal")
+SAMPLERS = ("ddpm", "dpm++", "unipc")
+
+# Defaults per device. CPU sizes keep the whole default run to a few minutes on 2 cores.
+DEFAULTS = {
+    "cuda": dict(preset="base", batch_sizes=[128, 256, 512], vq_batch_sizes=[32, 64], sample_batch_sizes=[64, 256, 512],
+                 encode_images=2048, encode_batch_sizes=[16, 256], steps=20, warmup=5, ddpm_steps=1000,
+                 sample_repeats=3, matmul_size=8192),
+    "cpu": dict(preset="small", batch_sizes=[8, 16], vq_batch_sizes=[4], sample_batch_sizes=[4, 16],
+                encode_images=32, encode_batch_sizes=[16], steps=5, warmup=1, ddpm_steps=50,
+                sample_repeats=1, matmul_size=1024),
+    "smoke": dict(preset="tiny", batch_sizes=[2], vq_batch_sizes=[2], sample_batch_sizes=[2], encode_images=4,
+                  encode_batch_sizes=[2], steps=1, warmup=1, ddpm_steps=2, sample_repeats=1, matmul_size=128,
+                  threads=1),
+}
+SMOKE_SOLVER_STEPS = 2  # --smoke runs DPM-Solver++ / UniPC with 2 steps (labelled so)
+
+# Issue 7's goals: (key, what, threshold, unit, higher_is_better, device)
+GOALS = [
+    ("unet_images_per_s", "UNet training, base preset, images/s", 6000, "images/s", True, "cuda"),
+    ("unet_speedup", "UNet training speed-up over the example-style step", 17, "x", True, "cuda"),
+    ("unet_mfu", "UNet training model FLOP utilisation", 0.36, "of bf16 rate", True, "cuda"),
+    ("vq_images_per_s", "VQ training, default (base) preset, images/s", 400, "images/s", True, "cuda"),
+    ("ddpm1000_images_per_s", "DDPM-1000 sampling end to end, images/s", 10, "images/s", True, "cuda"),
+    ("fast_sampler_images_per_s", "<= 25-step sampler end to end, images/s", 200, "images/s", True, "cuda"),
+    ("adni_training_minutes", "ADNI-size (30,520 images) VQ + UNet training, minutes", 30, "min", False, "cuda"),
+    ("cpu_4_images_25_steps_s", "CPU: 4 images, 25-step sampler, small preset, seconds", 60, "s", False, "cpu"),
+]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+class Bench:
+    """Device, synchronisation, peak memory, FLOP rate, and the rows collected so far."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.cuda_broken: str | None = None  # a sticky CUDA error ends all later GPU work
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    # -- memory: CUDA allocator peak, or the process's peak RSS (VmHWM, reset via /proc/self/clear_refs)
+    def reset_peak(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def memory_kind(self) -> str:
+        return "torch.cuda.max_memory_allocated" if self.cuda else "process peak RSS (VmHWM, reset per row)"
+
+    def count_syncs(self, fn) -> int | None:
+        """Host-device synchronisations during fn() (CUDA only), via torch.cuda.set_sync_debug_mode."""
+        if not self.cuda:
+            return None
+        self.sync()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        self.sync()
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    def guarded(self, row: dict, fn) -> dict:
+        """Run fn(row) -> row; record an error instead of stopping the whole benchmark."""
+        if self.cuda_broken:
+            row["error"] = f"skipped: the CUDA context was lost earlier ({self.cuda_broken})"
+            return row
+        try:
+            fn(row)
+        except Exception as e:  # noqa: BLE001 - a benchmark row fails, the run goes on
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["error"] = msg[:500]
+            print(f"[benchmark] row {row.get('name')} failed: {msg}", file=sys.stderr)
+            traceback.print_exc(limit=3, file=sys.stderr)
+            if self.cuda and ("CUDA error" in str(e) or "cudaError" in str(e) or "illegal" in str(e).lower()):
+                self.cuda_broken = f"{row.get('name')}: {msg[:120]}"
+        finally:
+            gc.collect()
+            if self.cuda and not self.cuda_broken:
+                torch.cuda.empty_cache()
+        return row
+
+
+def matmul_rate(bench: Bench, n: int, repeats: int = 3) -> dict:
+    """The device's measured dense matmul rate: bf16 on CUDA, fp32 on CPU (no bf16 hardware assumed)."""
+    dtype = torch.bfloat16 if bench.cuda else torch.float32
+    a = torch.randn(n, n, device=bench.device, dtype=dtype)
+    b = torch.randn(n, n, device=bench.device, dtype=dtype)
+    iters = 50 if bench.cuda else max(2, min(20, int(2e10 / (2 * n**3))))
+    for _ in range(3):
+        a @ b
+    bench.sync()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        bench.sync()
+        best = min(best, time.perf_counter() - t0)
+    rate = 2 * n**3 * iters / best
+    out = {"dtype": str(dtype).replace("torch.", ""), "size": n, "flops_per_s": rate, "tflops": rate / 1e12,
+           "threads": torch.get_num_threads()}
+    if bench.cuda:  # also the TF32 rate, for the fp32 rows
+        a32, b32 = a.float(), b.float()
+        a32 @ b32
+        bench.sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a32 @ b32
+        bench.sync()
+        out["tf32_tflops"] = 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+    return out
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn() (matmuls, convolutions, attention) with torch.utils.flop_counter. SDPA runs on the
+    math backend here so attention is counted on every device (CPU's fused kernel is not registered)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def machine_info(bench: Bench, argv: list[str]) -> dict:
+    import accelerate
+    import diffusers
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *argv]),
+        "device": str(bench.device),
+        "device_name": torch.cuda.get_device_name(bench.device) if bench.cuda else cpu_model(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")(),
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    if bench.cuda:
+        props = torch.cuda.get_device_properties(bench.device)
+        info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _git(*args) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def train_args(batch_size: int, **kw) -> SimpleNamespace:
+    """The subset of train_unet/train_vqmodel flags the package's helpers read, with their defaults."""
+    base = dict(learning_rate=1e-4, scale_lr=False, gradient_accumulation_steps=1, train_batch_size=batch_size,
+                adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8, max_grad_norm=1.0,
+                channels_last=False, compile=False, use_ema=False, ema_max_decay=0.9999, ema_inv_gamma=1.0,
+                ema_power=3 / 4, logging_steps=10, seed=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def autocast(bench: Bench, enabled: bool):
+    """bf16 autocast as Accelerate's --mixed_precision bf16 applies it (CUDA only here: no bf16 CPU hardware)."""
+    if enabled and bench.cuda:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def random_slices(n: int, seed: int = 0):
+    """n synthetic 256x256 uint8 slices in a SliceSet (speed does not depend on the pixels)."""
+    from adni_diffusers.data import SliceSet
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, 256, 256), dtype=torch.uint8, generator=g)
+    return SliceSet(pixels, torch.randint(0, 2, (n,), generator=g), [f"p{i // 8}" for i in range(n)],
+                    [f"synthetic_{i}.jpeg" for i in range(n)], ["AD", "NC"])
+
+
+def cycle(loader):
+    if len(loader) == 0:
+        raise ValueError("the benchmark's data set is smaller than one batch")
+    while True:
+        yield from loader
+
+
+def make_loader(dataset, batch_size: int, bench: Bench):
+    """As training.make_dataloader builds it (num_workers=0 is the flag's default)."""
+    from adni_diffusers.training import EpochShuffleSampler
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(len(dataset), 0),
+                                       drop_last=True, num_workers=0, pin_memory=bench.cuda)
+
+
+def timed_loop(bench: Bench, step, steps: int, warmup: int) -> dict:
+    """warmup steps (compilation happens here), then `steps` timed steps between two device syncs."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    bench.sync()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    bench.sync()
+    return {"warmup_seconds": round(warm, 3), "seconds_per_step": (time.perf_counter() - t0) / steps}
+
+
+def finish_row(row: dict, batch_size: int, timing: dict, bench: Bench, flops_per_image: float | None,
+               rate: float | None) -> dict:
+    row.update(timing)
+    row["images_per_s"] = batch_size / timing["seconds_per_step"]
+    row["peak_memory_mb"] = round(bench.peak_mb(), 1)
+    if flops_per_image and rate:
+        row["mfu"] = row["images_per_s"] * flops_per_image / rate
+    return row
+
+
+def per_step_syncs(bench: Bench, step, n: int) -> float | None:
+    """Host-device syncs per training step, averaged over one logging period (CUDA only)."""
+    if not bench.cuda:
+        return None
+    count = bench.count_syncs(lambda: [step() for _ in range(n)])
+    return None if count is None else count / n
+
+
+def fresh_compile_cache():
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------- 1. UNet training
+
+
+UNET_VARIANTS = {
+    # name: (data path, bf16 autocast, channels_last, fused AdamW via make_optimizer, compile, ema, per-step .item())
+    "example style": dict(data="pixels", bf16=False, cl=False, fused=False, compile=False, ema=None, item=True),
+    "cached latents, fp32, eager": dict(data="loader", bf16=False, cl=False, fused=False, compile=False, ema=None,
+                                        item=False),
+    "+ bf16 autocast": dict(data="loader", bf16=True, cl=False, fused=False, compile=False, ema=None, item=False),
+    "+ channels_last": dict(data="loader", bf16=True, cl=True, fused=False, compile=False, ema=None, item=False),
+    "+ fused AdamW (= ours, eager)": dict(data="loader", bf16=True, cl=True, fused=True, compile=False, ema=None,
+                                          item=False),
+    "+ torch.compile (= ours)": dict(data="loader", bf16=True, cl=True, fused=True, compile=True, ema=None, item=False),
+    "ours, latents resident on device": dict(data="resident", bf16=True, cl=True, fused=True, compile=True, ema=None,
+                                             item=False),
+    "ours + EMA (make_ema: foreach=False)": dict(data="loader", bf16=True, cl=True, fused=True, compile=True,
+                                                 ema="package", item=False),
+    "ours + EMA (foreach=True)": dict(data="loader", bf16=True, cl=True, fused=True, compile=True, ema="foreach",
+                                      item=False),
+}
+
+
+def unet_variant_names(bench: Bench, compile_: bool, primary: bool) -> list[str]:
+    """All variants at the first batch size (the ablation); at the others the example style, "ours"
+    (the fastest loader-fed configuration available here) and ours with device-resident latents.
+    Variants that only differ on CUDA (bf16, fused AdamW) are skipped on CPU; compiled ones need --compile."""
+    if compile_:
+        ours = "+ torch.compile (= ours)"
+    elif bench.cuda:
+        ours = "+ fused AdamW (= ours, eager)"
+    else:
+        ours = "+ channels_last"  # on CPU: no bf16, make_optimizer is plain AdamW: this IS ours, eager
+    names = list(UNET_VARIANTS) if primary else ["example style", ours, "ours, latents resident on device"]
+    if not bench.cuda:
+        names = [n for n in names if n not in ("+ bf16 autocast", "+ fused AdamW (= ours, eager)")]
+    if not compile_:
+        names = [n for n in names if n != "+ torch.compile (= ours)"]
+    return names
+
+
+def unet_row_name(variant: str, spec: dict, bench: Bench) -> str:
+    """What actually ran, in words (the same variant reads differently on CPU and CUDA)."""
+    if spec["data"] == "pixels":
+        return f"example style: VQ encode of every batch, {'fp32 (TF32)' if bench.cuda else 'fp32'}, eager, AdamW, .item() per step"
+    parts = ["cached latents via DataLoader" if spec["data"] == "loader" else "latents resident on device"]
+    parts.append("bf16 autocast" if spec["bf16"] and bench.cuda else ("fp32 (TF32)" if bench.cuda else "fp32"))
+    if spec["cl"]:
+        parts.append("channels_last")
+    if spec["fused"] and bench.cuda:
+        parts.append("fused AdamW")
+    parts.append("compiled" if spec["compile"] else "eager")
+    if spec["ema"]:
+        parts.append("EMA foreach=False (make_ema)" if spec["ema"] == "package" else "EMA foreach=True")
+    return ", ".join(parts)
+
+
+def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
+    from diffusers import UNet2DModel, VQModel
+
+    from adni_diffusers.data import SliceDataset
+    from adni_diffusers.diffusion import diffusion_loss, make_noise_scheduler
+    from adni_diffusers.latents import LatentDataset
+    from adni_diffusers.presets import unet_config, vq_config
+    from adni_diffusers.training import make_ema, make_optimizer, maybe_compile, to_channels_last
+
+    ucfg, vcfg = unet_config(opts.preset), vq_config(opts.vq_preset)
+    noise_scheduler = make_noise_scheduler()
+    dev = bench.device
+    accelerator = SimpleNamespace(device=dev, num_processes=1)
+
+    rows = []
+    n_latents = max(opts.batch_sizes) * (opts.steps + opts.warmup + 2)
+    g = torch.Generator().manual_seed(0)
+    latents_cpu = torch.randn(n_latents, 4, 32, 32, generator=g)  # scaled latents have unit variance
+    labels_cpu = torch.randint(0, 2, (n_latents,), generator=g)
+    pixel_slices = None
+
+    for bi, bs in enumerate(opts.batch_sizes):
+        fresh_compile_cache()  # one compilation per batch size (static shapes), shared by that size's rows
+        for name in unet_variant_names(bench, opts.compile, primary=(bi == 0)):
+            spec = dict(UNET_VARIANTS[name])
+            spec["compile"] = spec["compile"] and opts.compile  # without --compile every row runs eager
+            row = {"name": unet_row_name(name, spec, bench), "variant": name, "batch_size": bs, "config": spec}
+            if spec["data"] == "pixels" and pixel_slices is None:
+                pixel_slices = random_slices(max(opts.batch_sizes) * 2)
+
+            def run(row, spec=spec, bs=bs):
+                bench.reset_peak()
+                args = train_args(bs, channels_last=spec["cl"], compile=spec["compile"])
+                torch.manual_seed(0)
+                unet = to_channels_last(UNet2DModel(**ucfg).to(dev), args)
+                unet.train()
+                if spec["fused"]:
+                    optimizer = make_optimizer(unet.parameters(), args, accelerator, default_batch=64)
+                    row["optimizer"] = f"make_optimizer (fused={bool(optimizer.defaults.get('fused'))})"
+                else:
+                    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate)
+                    row["optimizer"] = "torch.optim.AdamW defaults"
+                model = maybe_compile(unet, args)  # as train_unet calls it (no example inputs)
+                ema = None
+                if spec["ema"] == "package":
+                    ema = make_ema(unet, train_args(bs, use_ema=True), dev).ema
+                elif spec["ema"] == "foreach":
+                    from diffusers.training_utils import EMAModel
+
+                    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0,
+                                   power=0.75, foreach=True)
+                    ema.to(dev)
+                vq = None
+                if spec["data"] == "pixels":
+                    torch.manual_seed(0)
+                    vq = VQModel(**vcfg).to(dev).eval().requires_grad_(False)
+                    batches = cycle(make_loader(SliceDataset(pixel_slices), bs, bench))
+                elif spec["data"] == "loader":
+                    batches = cycle(make_loader(LatentDataset(latents_cpu, labels_cpu), bs, bench))
+                else:
+                    resident = latents_cpu.to(dev)
+                    perm = torch.randperm(len(resident), device=dev)
+                    state = {"i": 0}
+
+                    def resident_batches():
+                        while True:
+                            if (state["i"] + 1) * bs > len(perm):
+                                state["i"] = 0
+                            idx = perm[state["i"] * bs:(state["i"] + 1) * bs]
+                            state["i"] += 1
+                            yield {"latents": resident[idx]}
+
+                    batches = resident_batches()
+                pending, counter = [], {"step": 0}
+
+                def step():
+                    batch = next(batches)
+                    if vq is not None:  # the example style: encode the pixels of every batch
+                        with torch.no_grad():
+                            x = batch["pixel_values"].to(dev)
+                            z0 = vq.encode(x).latents * vq.config.scaling_factor
+                    else:
+                        z0 = batch["latents"].to(dev)  # Accelerate's prepared loader: a blocking copy
+                    gen = torch.Generator(device=dev).manual_seed(counter["step"])  # as run.step_generator()
+                    with autocast(bench, spec["bf16"]):
+                        loss = diffusion_loss(model, noise_scheduler, z0, None, gen, "mse", spec["cl"])
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.step(unet.parameters())
+                    counter["step"] += 1
+                    if spec["item"]:
+                        row.setdefault("_losses", []).append(loss.detach().item())  # the example logs every step
+                    else:  # TrainingRun.end_step keeps detached tensors; flush_logs syncs every logging_steps
+                        pending.append(loss.detach().float())
+                        if len(pending) == args.logging_steps:
+                            torch.stack(pending).mean().item()
+                            pending.clear()
+
+                try:
+                    timing = timed_loop(bench, step, opts.steps, opts.warmup)
+                except Exception as e:  # noqa: BLE001
+                    if not spec["compile"] or bench.cuda and "CUDA error" in str(e):
+                        raise
+                    # torch.compile failed at the first step (maybe_compile only catches failures of
+                    # torch.compile() itself): measure eager instead and say so
+                    row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    fresh_compile_cache()
+                    model = unet
+                    timing = timed_loop(bench, step, opts.steps, opts.warmup)
+                    row["name"] += " [compile failed: eager]"
+                finish_row(row, bs, timing, bench, flops["unet_train_per_image"], rate)
+                row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
+                row.pop("_losses", None)
+
+            rows.append(bench.guarded(row, run))
+    ok = [r for r in rows if "error" not in r]
+    # "ours" = what train_unet does today (DataLoader-fed); "resident" = the proposed data path
+    best_ours = max((r for r in ok if r["config"]["data"] == "loader" and not r["config"]["ema"]),
+                    key=lambda r: r["images_per_s"], default=None)
+    best_resident = max((r for r in ok if r["config"]["data"] == "resident"), key=lambda r: r["images_per_s"],
+                        default=None)
+    best_example = max((r for r in ok if r["variant"] == "example style"), key=lambda r: r["images_per_s"],
+                       default=None)
+    summary = {}
+    if best_ours:
+        summary.update(best_ours=best_ours["name"], best_ours_batch=best_ours["batch_size"],
+                       best_ours_images_per_s=best_ours["images_per_s"], best_ours_mfu=best_ours.get("mfu"))
+    if best_resident:
+        summary.update(best_resident_images_per_s=best_resident["images_per_s"],
+                       best_resident_batch=best_resident["batch_size"], best_resident_mfu=best_resident.get("mfu"))
+    if best_example:
+        summary["best_example_images_per_s"] = best_example["images_per_s"]
+        if best_ours:
+            summary["speedup"] = best_ours["images_per_s"] / best_example["images_per_s"]
+        if best_resident:
+            summary["speedup_resident"] = best_resident["images_per_s"] / best_example["images_per_s"]
+    for bs in opts.batch_sizes:  # the ratio at the same batch size too
+        ex = next((r for r in rows if r["batch_size"] == bs and r["variant"] == "example style" and "error" not in r),
+                  None)
+        ours = [r for r in ok if r["batch_size"] == bs and r["config"]["data"] == "loader" and not r["config"]["ema"]]
+        if ex and ours:
+            summary.setdefault("speedup_by_batch", {})[str(bs)] = max(r["images_per_s"] for r in ours) / ex["images_per_s"]
+    return {"preset": opts.preset, "vq_preset": opts.vq_preset, "rows": rows, "summary": summary}
+
+
+# ------------------------------------------------------------------------------------- FLOP counts
+
+
+def model_flops(bench: Bench, opts) -> dict:
+    """FLOPs per image of every model pass the benchmark times (counted once, fp32, math attention)."""
+    from diffusers import UNet2DModel, VQModel
+
+    from adni_diffusers.presets import unet_config, vq_config
+    from adni_diffusers.vq import VQTrainingModel
+
+    dev = bench.device
+    out = {}
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config(opts.preset)).to(dev)
+    out["unet_params"] = sum(p.numel() for p in unet.parameters())
+    t = torch.tensor([10, 500], device=dev)
+    out["unet_train_per_image"] = count_flops(
+        lambda: unet(torch.randn(2, 4, 32, 32, device=dev), t).sample.float().pow(2).mean().backward()) / 2
+    with torch.no_grad():
+        out["unet_forward_per_image"] = count_flops(lambda: unet(torch.randn(2, 4, 32, 32, device=dev), t)) / 2
+    torch.manual_seed(0)
+    vq = VQModel(**vq_config(opts.vq_preset)).to(dev)
+    out["vq_params"] = sum(p.numel() for p in vq.parameters())
+    x = torch.randn(1, 1, 256, 256, device=dev)
+    with torch.no_grad():
+        out["vq_encode_per_image"] = count_flops(lambda: vq.encode(x))
+        out["vq_decode_per_image"] = count_flops(lambda: vq.decode(torch.randn(1, 4, 32, 32, device=dev)))
+    model = VQTrainingModel(vq)
+
+    def vq_step():
+        o = model(x)
+        ((o.recon.float() - x) ** 2).mean().add(o.codebook_loss + 0.25 * o.commitment_loss).backward()
+
+    out["vq_train_per_image"] = count_flops(vq_step)
+    gc.collect()
+    return out
+
+
+# ------------------------------------------------------------------------------- 2. latent cache, VQ
+
+
+def bench_latent_cache(bench: Bench, opts, flops: dict, rate: float) -> dict:
+    from diffusers import VQModel
+
+    from adni_diffusers.latents import encode_all
+    from adni_diffusers.presets import vq_config
+
+    vcfg = vq_config(opts.vq_preset)
+    slices = random_slices(opts.encode_images, seed=1)
+    dtypes = [torch.float32, torch.bfloat16] if bench.cuda else [torch.float32]
+    rows = []
+    for dtype in dtypes:
+        for bs in opts.encode_batch_sizes:
+            as_trained = dtype == torch.float32 and bs == 16
+            name = f"encode_all, {'fp32 (TF32)' if bench.cuda and dtype == torch.float32 else str(dtype)[6:]} weights"
+            if as_trained:
+                name += " (as train_unet builds the cache)"
+            row = {"name": name, "batch_size": bs, "images": len(slices), "dtype": str(dtype)[6:]}
+
+            def run(row, dtype=dtype, bs=bs):
+                bench.reset_peak()
+                torch.manual_seed(0)
+                vq = VQModel(**vcfg).to(bench.device, dtype).eval().requires_grad_(False)
+                encode_all(vq, slices.subset(list(range(min(bs, len(slices))))), bs, progress=False)  # warm-up
+                bench.sync()
+                t0 = time.perf_counter()
+                latents = encode_all(vq, slices, bs, progress=False)
+                bench.sync()
+                seconds = time.perf_counter() - t0
+                row.update(seconds=seconds, images_per_s=len(slices) / seconds, peak_memory_mb=round(bench.peak_mb(), 1),
+                           mfu=len(slices) / seconds * flops["vq_encode_per_image"] / rate,
+                           latent_shape=list(latents.shape))
+                row["seconds_for_30520_images"] = 30520 / row["images_per_s"]  # arithmetic, labelled as such
+                del vq
+
+            rows.append(bench.guarded(row, run))
+    return {"vq_preset": opts.vq_preset, "rows": rows}
+
+
+VQ_VARIANTS = {
+    "example style": dict(bf16=False, cl=False, fused=False, compile=False, item=True),
+    "ours": dict(bf16=True, cl=True, fused=True, compile=False, item=False),
+    "ours + compile": dict(bf16=True, cl=True, fused=True, compile=True, item=False),
+}
+
+
+def vq_row_name(variant: str, spec: dict, bench: Bench) -> str:
+    if variant == "example style":
+        return f"example style: {'fp32 (TF32)' if bench.cuda else 'fp32'}, eager, AdamW, .item() per step"
+    parts = ["as train_vqmodel runs", "bf16 autocast" if bench.cuda else "fp32", "channels_last"]
+    if bench.cuda:
+        parts.append("fused AdamW")
+    parts.append("compiled (NOT wired into train_vqmodel yet)" if spec["compile"] else "eager")
+    return ", ".join(parts)
+
+
+def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
+    from diffusers import VQModel
+
+    from adni_diffusers.data import SliceDataset
+    from adni_diffusers.presets import vq_config
+    from adni_diffusers.training import make_optimizer, maybe_compile, to_channels_last
+    from adni_diffusers.vq import CodebookMonitor, VQTrainingModel, reconstruction_loss
+
+    vcfg = vq_config(opts.vq_preset)
+    dev = bench.device
+    accelerator = SimpleNamespace(device=dev, num_processes=1)
+    slices = random_slices(max(opts.vq_batch_sizes) * 4, seed=2)
+    rows = []
+    for bs in opts.vq_batch_sizes:
+        fresh_compile_cache()
+        for name, spec in VQ_VARIANTS.items():
+            if spec["compile"] and not opts.compile:
+                continue
+            row = {"name": vq_row_name(name, spec, bench), "variant": name, "batch_size": bs, "config": dict(spec)}
+
+            def run(row, spec=spec, bs=bs):
+                bench.reset_peak()
+                args = train_args(bs, learning_rate=2e-4, channels_last=spec["cl"], compile=spec["compile"])
+                torch.manual_seed(0)
+                vq = to_channels_last(VQModel(**vcfg).to(dev), args)
+                model = VQTrainingModel(vq).train()
+                monitor = CodebookMonitor(vcfg["num_vq_embeddings"]).to(dev)
+                if spec["fused"]:
+                    optimizer = make_optimizer(model.parameters(), args, accelerator, default_batch=8)
+                else:
+                    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+                compiled = {"m": maybe_compile(model, args)}
+                batches = cycle(make_loader(SliceDataset(slices), bs, bench))
+                pending = []
+
+                def step():
+                    x = next(batches)["pixel_values"].to(dev)
+                    with autocast(bench, spec["bf16"]):  # Accelerate autocasts the model's forward only
+                        out = compiled["m"](x)
+                    rec_loss = reconstruction_loss(out.recon, x, "mse")
+                    loss = rec_loss + 1.0 * out.codebook_loss + 0.25 * out.commitment_loss
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    counts = torch.bincount(out.indices, minlength=monitor.usage.numel())
+                    monitor.update(counts)
+                    logs = [loss.detach(), monitor.perplexity(counts), monitor.live_fraction()]
+                    if spec["item"]:
+                        [v.item() for v in logs]
+                    else:
+                        pending.append(torch.stack([v.float() for v in logs]))
+                        if len(pending) == args.logging_steps:
+                            torch.stack(pending).mean(0).tolist()
+                            pending.clear()
+
+                try:
+                    timing = timed_loop(bench, step, opts.steps, opts.warmup)
+                except Exception as e:  # noqa: BLE001
+                    if not spec["compile"] or bench.cuda and "CUDA error" in str(e):
+                        raise
+                    row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    fresh_compile_cache()
+                    compiled["m"] = model
+                    timing = timed_loop(bench, step, opts.steps, opts.warmup)
+                    row["name"] += " [compile failed: eager]"
+                finish_row(row, bs, timing, bench, flops["vq_train_per_image"], rate)
+                row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
+
+            rows.append(bench.guarded(row, run))
+    ok = [r for r in rows if "error" not in r]
+    # "best" = what train_vqmodel can do today (it does not compile yet); the compiled rows separately
+    best = max((r for r in ok if r["variant"] == "ours"), key=lambda r: r["images_per_s"], default=None)
+    best_compiled = max((r for r in ok if r["variant"] == "ours + compile"), key=lambda r: r["images_per_s"],
+                        default=None)
+    ex = max((r for r in ok if r["variant"] == "example style"), key=lambda r: r["images_per_s"], default=None)
+    summary = {}
+    if best:
+        summary.update(best=best["name"], best_batch=best["batch_size"], best_images_per_s=best["images_per_s"],
+                       best_mfu=best.get("mfu"))
+    if best_compiled:
+        summary.update(best_compiled_images_per_s=best_compiled["images_per_s"],
+                       best_compiled_batch=best_compiled["batch_size"], best_compiled_mfu=best_compiled.get("mfu"))
+    if best and ex:
+        summary["speedup"] = best["images_per_s"] / ex["images_per_s"]
+    return {"vq_preset": opts.vq_preset, "rows": rows, "summary": summary}
+
+
+# ------------------------------------------------------------------------------------- 3. sampling
+
+
+def build_pipeline(unet_preset: str, vq_preset: str, device, dtype=None):
+    from diffusers import UNet2DModel, VQModel
+
+    from adni_diffusers.diffusion import make_noise_scheduler
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+    from adni_diffusers.presets import unet_config, vq_config
+
+    torch.manual_seed(0)
+    pipe = ADNILatentDiffusionPipeline(VQModel(**vq_config(vq_preset)).eval(), UNet2DModel(**unet_config(unet_preset)).eval(),
+                                       make_noise_scheduler())
+    pipe.to(device=device, dtype=dtype) if dtype is not None else pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sampler_steps(name: str, opts) -> int:
+    from adni_diffusers.schedulers import default_steps
+
+    if opts.smoke:
+        return opts.ddpm_steps if name == "ddpm" else SMOKE_SOLVER_STEPS
+    return opts.ddpm_steps if name == "ddpm" else default_steps(name)
+
+
+def bench_sampling(bench: Bench, opts, flops: dict, rate: float) -> dict:
+    from adni_diffusers.diffusion import make_noise_scheduler
+    from adni_diffusers.schedulers import make_scheduler
+
+    dev = bench.device
+    base_config = make_noise_scheduler().config
+    variants = []  # (name, dtype, compile, batch sizes)
+    if bench.cuda:
+        variants.append(("fp32 (TF32) weights, eager", None, False, opts.sample_batch_sizes[:1]))
+        variants.append(("bf16 weights, eager", torch.bfloat16, False, opts.sample_batch_sizes))
+        if opts.compile:
+            variants.append((f"bf16 weights, compiled UNet + VQ decoder (mode={opts.compile_mode})", torch.bfloat16,
+                             True, opts.sample_batch_sizes))
+    else:
+        variants.append(("fp32 weights, eager", None, False, opts.sample_batch_sizes))
+        if opts.compile:
+            variants.append((f"fp32 weights, compiled UNet + VQ decoder (mode={opts.compile_mode})", None, True,
+                             opts.sample_batch_sizes))
+    rows = []
+    for vname, dtype, compile_, batch_sizes in variants:
+        for bs in batch_sizes:
+            fresh_compile_cache()
+            for sampler in opts.samplers:
+                steps = sampler_steps(sampler, opts)
+                row = {"sampler": sampler, "steps": steps, "label": f"{sampler}-{steps}", "name": vname,
+                       "batch_size": bs}
+
+                def run(row, dtype=dtype, compile_=compile_, bs=bs, sampler=sampler, steps=steps):
+                    bench.reset_peak()
+                    pipe = build_pipeline(opts.preset, opts.vq_preset, dev, dtype)
+                    pipe.scheduler = make_scheduler(sampler, base_config)
+                    if compile_:
+                        pipe.unet.compile(mode=opts.compile_mode)
+                        pipe.vqvae.decoder.compile(mode=opts.compile_mode)
+
+                    def call(n):
+                        gen = torch.Generator(device=dev).manual_seed(0)
+                        return pipe(batch_size=bs, num_inference_steps=n, generator=gen, output_type="pt").images
+
+                    t0 = time.perf_counter()
+                    try:
+                        call(min(steps, 3))  # warm-up (and compilation) at this batch size
+                    except Exception as e:  # noqa: BLE001
+                        if not compile_ or bench.cuda and "CUDA error" in str(e):
+                            raise
+                        row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                        row["name"] += " [compile failed: eager]"
+                        fresh_compile_cache()
+                        pipe = build_pipeline(opts.preset, opts.vq_preset, dev, dtype)
+                        pipe.scheduler = make_scheduler(sampler, base_config)
+                        call(min(steps, 3))
+                    bench.sync()
+                    row["warmup_seconds"] = round(time.perf_counter() - t0, 3)
+                    repeats = 1 if sampler == "ddpm" and steps >= 500 else opts.sample_repeats
+                    times = []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        images = call(steps)
+                        bench.sync()
+                        times.append(time.perf_counter() - t0)
+                    seconds = statistics.median(times)
+                    row.update(seconds_per_call=seconds, seconds_per_call_all=[round(x, 4) for x in times],
+                               images_per_s=bs / seconds, peak_memory_mb=round(bench.peak_mb(), 1),
+                               finite=bool(torch.isfinite(images).all()), image_shape=list(images.shape[1:]))
+                    row["mfu"] = row["images_per_s"] * (steps * flops["unet_forward_per_image"]
+                                                        + flops["vq_decode_per_image"]) / rate
+                    if bench.cuda:  # host-device syncs: per denoising step, and fixed per call
+                        s2 = bench.count_syncs(lambda: call(2))
+                        s4 = bench.count_syncs(lambda: call(4))
+                        row["syncs_per_step"] = (s4 - s2) / 2
+                        row["syncs_per_call_fixed"] = s2 - 2 * row["syncs_per_step"]
+
+                rows.append(bench.guarded(row, run))
+    best = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        key = r["label"]
+        if key not in best or r["images_per_s"] > best[key]["images_per_s"]:
+            best[key] = r
+    summary = {k: {"images_per_s": v["images_per_s"], "batch_size": v["batch_size"], "variant": v["name"]}
+               for k, v in best.items()}
+    return {"preset": opts.preset, "vq_preset": opts.vq_preset, "rows": rows, "best": summary}
+
+
+def bench_cpu_goal(bench: Bench, opts) -> dict:
+    """The issue's CPU goal: 4 images with a 25-step sampler (DPM-Solver++), `small` preset pipeline,
+    from a saved folder (load + sample, as a user runs it), wall time."""
+    import tempfile
+
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+    from adni_diffusers.schedulers import make_scheduler
+
+    preset = "tiny" if opts.smoke else "small"
+    steps = SMOKE_SOLVER_STEPS if opts.smoke else 25
+    row = {"name": f"4 images, dpm++-{steps}, {preset} preset, output_type=pil", "preset": preset, "steps": steps,
+           "batch_size": 4, "goal_configuration": not opts.smoke}
+
+    def run(row):
+        bench.reset_peak()
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = build_pipeline(preset, preset, "cpu")
+            pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
+            pipe.save_pretrained(tmp)
+            del pipe
+            t0 = time.perf_counter()
+            pipe = ADNILatentDiffusionPipeline.from_pretrained(tmp)
+            pipe.set_progress_bar_config(disable=True)
+            row["load_seconds"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            images = pipe(batch_size=4, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).images
+            row["first_call_seconds"] = time.perf_counter() - t1
+            row["load_and_sample_seconds"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            pipe(batch_size=4, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+            row["second_call_seconds"] = time.perf_counter() - t1
+            row["images"] = len(images)
+            row["peak_memory_mb"] = round(bench.peak_mb(), 1)
+
+    return bench.guarded(row, run)
+
+
+# ------------------------------------------------------------------------------------------- goals
+
+
+def evaluate_goals(results: dict, opts, bench: Bench) -> list[dict]:
+    unet = results.get("unet", {}).get("summary", {})
+    vq = results.get("vq", {}).get("summary", {})
+    sampling = results.get("sampling", {}).get("rows", [])
+    measured = {}
+    if bench.cuda and opts.preset == "base" and not opts.smoke:
+        measured["unet_images_per_s"] = unet.get("best_ours_images_per_s")
+        measured["unet_speedup"] = unet.get("speedup")
+        measured["unet_mfu"] = unet.get("best_ours_mfu")
+        if opts.vq_preset == "base":
+            measured["vq_images_per_s"] = vq.get("best_images_per_s")
+        ok = [r for r in sampling if "error" not in r]
+        ddpm = [r["images_per_s"] for r in ok if r["sampler"] == "ddpm" and r["steps"] == 1000]
+        fast = [r["images_per_s"] for r in ok if r["sampler"] != "ddpm" and r["steps"] <= 25]
+        measured["ddpm1000_images_per_s"] = max(ddpm) if ddpm else None
+        measured["fast_sampler_images_per_s"] = max(fast) if fast else None
+    goal_row = results.get("cpu_goal")
+    if not bench.cuda and goal_row and goal_row.get("goal_configuration") and "error" not in goal_row:
+        measured["cpu_4_images_25_steps_s"] = goal_row["load_and_sample_seconds"]
+    out = []
+    for key, what, target, unit, higher, device in GOALS:
+        value = measured.get(key)
+        if value is None:
+            if key == "adni_training_minutes":
+                status = "not measured (needs full training runs on ADNI-size data, not this benchmark)"
+            elif device == "cuda" and not bench.cuda:
+                status = "not measured (no GPU in this run)"
+            elif device == "cpu" and bench.cuda:
+                status = "not measured (run with --device cpu)"
+            elif opts.smoke:
+                status = "not measured (--smoke sizes)"
+            else:
+                status = "not measured (section skipped, failed, or not the goal configuration)"
+        else:
+            status = "met" if (value >= target if higher else value <= target) else "not met"
+        out.append({"goal": key, "what": what, "target": target, "unit": unit,
+                    "direction": ">=" if higher else "<=", "measured": value, "status": status})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _f(x, digits=1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown(results: dict) -> str:
+    m, lines = results["machine"], []
+    lines.append(f"## adni_diffusers benchmark: {m['device_name']} ({m['device']})")
+    lines.append("")
+    lines.append(f"- date {m['date']}; torch {m['torch']}, diffusers {m['diffusers']}, accelerate {m['accelerate']}, "
+                 f"python {m['python']}; {m['torch_threads']} torch threads; load average at start "
+                 f"{m.get('load_average_start')}, at end {m.get('load_average_end')}")
+    lines.append(f"- command: `{m['command']}`")
+    mm, fl = results.get("matmul", {}), results.get("flops", {})
+    if mm:
+        extra = f", TF32 {mm['tf32_tflops']:.1f} TFLOP/s" if "tf32_tflops" in mm else ""
+        lines.append(f"- measured matmul rate ({mm['dtype']}, {mm['size']}^3): {mm['tflops'] * 1000:,.1f} GFLOP/s{extra} "
+                     "(the denominator of every MFU below)")
+    if fl:
+        lines.append(f"- FLOPs per image (torch.utils.flop_counter): UNet forward {fl['unet_forward_per_image'] / 1e9:.2f} G, "
+                     f"UNet train step {fl['unet_train_per_image'] / 1e9:.2f} G ({fl['unet_params'] / 1e6:.1f}M params); "
+                     f"VQ encode {fl['vq_encode_per_image'] / 1e9:.2f} G, decode {fl['vq_decode_per_image'] / 1e9:.2f} G, "
+                     f"train step {fl['vq_train_per_image'] / 1e9:.2f} G ({fl['vq_params'] / 1e6:.1f}M params)")
+    lines.append(f"- peak memory: {results.get('memory_kind')}")
+    for key, title in (("unet", "UNet training step"), ("vq", "VQ training step")):
+        sec = results.get(key)
+        if not sec:
+            continue
+        pre = sec.get("preset", sec.get("vq_preset"))
+        lines += ["", f"### {title} (`{pre if key == 'unet' else sec['vq_preset']}` preset)", "",
+                  "| variant | batch | images/s | ms/step | MFU | peak MB | syncs/step | warm-up s | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sec["rows"]:
+            note = r.get("error") or r.get("compile_error") or ""
+            lines.append(f"| {r['name']} | {r['batch_size']} | {_f(r.get('images_per_s'))} | "
+                         f"{_f(r['seconds_per_step'] * 1000 if 'seconds_per_step' in r else None)} | {_pct(r.get('mfu'))} | "
+                         f"{_f(r.get('peak_memory_mb'))} | {_f(r.get('syncs_per_step'))} | "
+                         f"{_f(r.get('warmup_seconds'))} | {note} |")
+        s = sec.get("summary", {})
+        if s.get("speedup"):
+            lines.append("")
+            lines.append(f"Best ours / best example style: **{s['speedup']:.2f}x**"
+                         + (f" (same batch: {', '.join(f'{k}: {v:.2f}x' for k, v in s['speedup_by_batch'].items())})"
+                            if s.get("speedup_by_batch") else "")
+                         + (f"; with latents resident on device (proposed): {s['speedup_resident']:.2f}x"
+                            if s.get("speedup_resident") else ""))
+    sec = results.get("latent_cache")
+    if sec:
+        lines += ["", f"### Latent-cache build (`encode_all`, `{sec['vq_preset']}` VQ preset)", "",
+                  "| variant | batch | images | images/s | MFU | peak MB | note |", "|---|---|---|---|---|---|---|"]
+        for r in sec["rows"]:
+            lines.append(f"| {r['name']} | {r['batch_size']} | {r['images']} | {_f(r.get('images_per_s'))} | "
+                         f"{_pct(r.get('mfu'))} | {_f(r.get('peak_memory_mb'))} | {r.get('error', '')} |")
+    sec = results.get("sampling")
+    if sec:
+        lines += ["", f"### Sampling end to end (UNet steps + VQ decode; `{sec['preset']}` preset, random weights)", "",
+                  "| sampler (steps run) | variant | batch | images/s | s/call | MFU | peak MB | syncs/step | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sec["rows"]:
+            lines.append(f"| {r['label']} | {r['name']} | {r['batch_size']} | {_f(r.get('images_per_s'), 2)} | "
+                         f"{_f(r.get('seconds_per_call'), 2)} | {_pct(r.get('mfu'))} | {_f(r.get('peak_memory_mb'))} | "
+                         f"{_f(r.get('syncs_per_step'))} | {r.get('error') or r.get('compile_error') or ''} |")
+    r = results.get("cpu_goal")
+    if r:
+        lines += ["", "### CPU goal row", "", "| what | load s | first call s | load + sample s | second call s | peak MB | note |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {r['name']} | {_f(r.get('load_seconds'), 2)} | {_f(r.get('first_call_seconds'), 2)} | "
+                  f"{_f(r.get('load_and_sample_seconds'), 2)} | {_f(r.get('second_call_seconds'), 2)} | "
+                  f"{_f(r.get('peak_memory_mb'))} | {r.get('error', '')} |"]
+    goals = results.get("goals")
+    if goals:
+        lines += ["", "### Goals (issue 7)", "", "| goal | target | measured | status |", "|---|---|---|---|"]
+        for g in goals:
+            val = g["measured"]
+            shown = "-" if val is None else (_pct(val) if g["unit"].startswith("of ") else _f(val, 2))
+            target = _pct(g["target"]) if g["unit"].startswith("of ") else f"{g['target']:,} {g['unit']}"
+            lines.append(f"| {g['what']} | {g['direction']} {target} | {shown} | {g['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Defaults depend on the device: " + json.dumps(DEFAULTS))
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--preset", default=None, help="UNet preset: tiny | small | base (default: base on CUDA, small on CPU)")
+    p.add_argument("--vq-preset", default=None, help="VQModel preset (default: the same as --preset)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="UNet training batch sizes (the first one gets the ablation)")
+    p.add_argument("--vq-batch-sizes", type=int, nargs="+")
+    p.add_argument("--sample-batch-sizes", type=int, nargs="+")
+    p.add_argument("--encode-batch-sizes", type=int, nargs="+")
+    p.add_argument("--encode-images", type=int, help="images encoded by the latent-cache benchmark")
+    p.add_argument("--steps", type=int, help="timed training steps per row")
+    p.add_argument("--warmup", type=int, help="untimed steps first (compilation happens here)")
+    p.add_argument("--ddpm-steps", type=int, help="DDPM sampling steps actually run (1000 on CUDA)")
+    p.add_argument("--sample-repeats", type=int, help="timed calls per sampling row (median reported)")
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--matmul-size", type=int)
+    p.add_argument("--compile", action="store_true", help="add the torch.compile rows (with an eager fallback)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode for the sampling rows, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--smoke", action="store_true", help="tiny preset, 1 step each: seconds, for CI (numbers mean nothing)")
+    p.add_argument("--out", default=None, help="write the JSON here (default: print it after the table)")
+    p.add_argument("--markdown", default=None, help="also write the Markdown table here")
+    opts = p.parse_args(argv)
+    if opts.device == "auto":
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    defaults = DEFAULTS["smoke" if opts.smoke else opts.device]
+    for key, value in defaults.items():
+        if getattr(opts, key, None) is None:
+            setattr(opts, key, value)
+    opts.vq_preset = opts.vq_preset or opts.preset
+    for key in ("batch_sizes", "vq_batch_sizes", "sample_batch_sizes", "encode_batch_sizes"):
+        if any(b < 1 for b in getattr(opts, key)):
+            p.error(f"--{key.replace('_', '-')}: batch sizes must be positive")
+    if opts.steps < 1 or opts.warmup < 0 or opts.ddpm_steps < 1 or opts.sample_repeats < 1:
+        p.error("--steps, --ddpm-steps and --sample-repeats must be >= 1, --warmup >= 0")
+    return opts
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    device = torch.device(opts.device)
+    bench = Bench(device)
+    if bench.cuda:  # TF32 for every fp32 matmul/conv, as the example style and facts.md's baseline use
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True  # (cudnn.benchmark stays off, as in the training scripts)
+    started = time.perf_counter()
+    results = {"machine": machine_info(bench, ["benchmarks/run.py", *argv]),
+               "settings": {k: v for k, v in vars(opts).items() if k not in ("out", "markdown")},
+               "memory_kind": bench.memory_kind()}
+    print(f"[benchmark] {results['machine']['device_name']}: measuring the matmul rate", file=sys.stderr)
+    results["matmul"] = matmul_rate(bench, opts.matmul_size)
+    rate = results["matmul"]["flops_per_s"]
+    print("[benchmark] counting FLOPs", file=sys.stderr)
+    results["flops"] = flops = model_flops(bench, opts)
+    for section, fn in (("unet", lambda: bench_unet(bench, opts, flops, rate)),
+                        ("latent_cache", lambda: bench_latent_cache(bench, opts, flops, rate)),
+                        ("vq", lambda: bench_vq(bench, opts, flops, rate)),
+                        ("sampling", lambda: bench_sampling(bench, opts, flops, rate)),
+                        ("cpu_goal", lambda: bench_cpu_goal(bench, opts))):
+        if section not in opts.sections or (section == "cpu_goal" and bench.cuda):
+            continue
+        t0 = time.perf_counter()
+        print(f"[benchmark] section {section}", file=sys.stderr)
+        results[section] = fn()
+        results.setdefault("section_seconds", {})[section] = round(time.perf_counter() - t0, 1)
+    results["goals"] = evaluate_goals(results, opts, bench)
+    results["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    table = markdown(results)
+    print(table)
+    text = json.dumps(results, indent=2, default=str)
+    if opts.out:
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.out).write_text(text + "\n")
+        print(f"[benchmark] JSON written to {opts.out}", file=sys.stderr)
+    else:
+        print(text)
+    if opts.markdown:
+        Path(opts.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.markdown).write_text(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
