@@ -34,8 +34,20 @@ def velocity(alphas_cumprod: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor
     return abar.sqrt() * noise - (1 - abar).sqrt() * z0
 
 
+def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 9), as in diffusers' training examples: the
+    nearly clean timesteps (large SNR) stop dominating, so the global layout is learnt sooner."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, t)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
 def diffusion_loss(model, noise_scheduler, z0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
-                   loss_type: str = "mse", channels_last: bool = False) -> torch.Tensor:
+                   loss_type: str = "mse", channels_last: bool = False, snr_gamma: float | None = None) -> torch.Tensor:
     """One batch of the denoising objective; every random draw comes from `generator`."""
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=generator, device=z0.device)
@@ -48,5 +60,10 @@ def diffusion_loss(model, noise_scheduler, z0: torch.Tensor, labels: torch.Tenso
         target = velocity(noise_scheduler.alphas_cumprod, z0, noise, t)
     pred = model(zt, t, class_labels=labels).sample.float()
     if loss_type == "mse":
-        return F.mse_loss(pred, target.float())
-    return F.smooth_l1_loss(pred, target.float())  # the seed's choice
+        per_element = F.mse_loss(pred, target.float(), reduction="none")
+    else:
+        per_element = F.smooth_l1_loss(pred, target.float(), reduction="none")  # the seed's choice
+    if snr_gamma is None:
+        return per_element.mean()
+    per_sample = per_element.mean(dim=list(range(1, per_element.ndim)))
+    return (per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)).mean()

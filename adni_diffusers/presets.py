@@ -62,7 +62,7 @@ VQ_PRESETS: dict[str, dict] = {
 
 UNET_PRESETS: dict[str, dict] = {
     "tiny": _unet((16, 32), groups=8, layers=1, attention_levels=1),
-    "small": _unet((64, 128, 128), groups=16, layers=1, attention_levels=1, head_dim=32),
+    "small": _unet((32, 64, 64), groups=8, layers=1, attention_levels=1, head_dim=32),
     "base": _unet((128, 256, 384, 512), groups=32, layers=2, attention_levels=3, head_dim=64),
 }
 

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--beta_end", type=float, default=0.02)
     g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     g.add_argument("--loss", default="mse", choices=["mse", "smooth_l1"], help="smooth_l1 was the seed's")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value. Default: off")
     g.add_argument("--latent_cache_dir", default=None, help="default: <vqmodel>/latent_cache")
     g.add_argument("--save_images_epochs", type=int, default=10, help="sample a grid with the EMA weights every N epochs")
     g.add_argument("--num_sample_images", type=int, default=8)
@@ -135,7 +137,8 @@ def main(args: argparse.Namespace) -> dict:
         if class_names:
             labels = drop_labels(batch["class_labels"].to(device), args.cond_dropout, null_class, gen)
         with accelerator.accumulate(model):
-            loss = diffusion_loss(model, noise_scheduler, batch["latents"], labels, gen, args.loss, args.channels_last)
+            loss = diffusion_loss(model, noise_scheduler, batch["latents"], labels, gen, args.loss, args.channels_last,
+                                  args.snr_gamma)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
