@@ -20,24 +20,29 @@ from pathlib import Path
 import torch
 
 # Settings per device. CPU: small models, short runs, the fast sampler for the pictures.
+# Settings per device, chosen with measured runs (docs/results.md). CPU: small models, a ~15-minute
+# budget on 2 cores, the fast sampler for the pictures. v-prediction with Min-SNR-5 weighting gave
+# brain-shaped samples after 700 CPU steps where plain epsilon-prediction still gave noise.
+DIFFUSION = ["--conditional", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--use_ema"]
 PLANS = {
     "cpu": {
-        "subjects": 60, "preset": "small",
-        "vq": ["--max_train_steps", "400", "--train_batch_size", "8", "--learning_rate", "1e-3",
-               "--lr_warmup_steps", "20", "--save_images_steps", "100", "--eval_max_images", "120",
+        "subjects": 100, "preset": "small",
+        # no SSIM term here: on CPU it costs 60% more per step (docs/results.md)
+        "vq": ["--ssim_weight", "0", "--max_train_steps", "250", "--train_batch_size", "8", "--learning_rate", "1e-3",
+               "--lr_warmup_steps", "20", "--save_images_steps", "50", "--eval_max_images", "120",
                "--checkpointing_steps", "100", "--checkpoints_total_limit", "1"],
-        "unet": ["--max_train_steps", "1500", "--train_batch_size", "64", "--learning_rate", "1e-3",
-                 "--lr_warmup_steps", "50", "--use_ema", "--ema_max_decay", "0.999", "--save_images_epochs", "25",
-                 "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--sample_inference_steps", "25"],
+        "unet": [*DIFFUSION, "--max_train_steps", "650", "--train_batch_size", "32", "--learning_rate", "1e-3",
+                 "--lr_warmup_steps", "50", "--ema_max_decay", "0.999", "--save_images_epochs", "5",
+                 "--checkpointing_steps", "200", "--checkpoints_total_limit", "1", "--sample_inference_steps", "25"],
         "sampler": ("dpm++", 25), "num_images": 8,
     },
     "cuda": {
-        "subjects": 500, "preset": "base",
+        "subjects": 1500, "preset": "base",
         "vq": ["--max_train_steps", "6000", "--train_batch_size", "32", "--learning_rate", "4e-4",
-               "--mixed_precision", "bf16", "--channels_last", "--save_images_steps", "1000",
+               "--mixed_precision", "bf16", "--save_images_steps", "1000",
                "--checkpointing_steps", "1000", "--checkpoints_total_limit", "2", "--use_ema"],
-        "unet": ["--max_train_steps", "20000", "--train_batch_size", "256", "--learning_rate", "4e-4",
-                 "--mixed_precision", "bf16", "--channels_last", "--use_ema", "--save_images_epochs", "20",
+        "unet": [*DIFFUSION, "--max_train_steps", "20000", "--train_batch_size", "256", "--learning_rate", "4e-4",
+                 "--mixed_precision", "bf16", "--save_images_epochs", "20",
                  "--checkpointing_steps", "2000", "--checkpoints_total_limit", "2"],
         "sampler": ("ddpm", 1000), "num_images": 16,
     },
@@ -45,7 +50,7 @@ PLANS = {
     "quick": {
         "subjects": 8, "preset": "tiny",
         "vq": ["--max_train_steps", "2", "--train_batch_size", "4", "--eval_max_images", "8"],
-        "unet": ["--max_train_steps", "2", "--train_batch_size", "4", "--sample_inference_steps", "2",
+        "unet": [*DIFFUSION, "--max_train_steps", "2", "--train_batch_size", "4", "--sample_inference_steps", "2",
                  "--num_sample_images", "2"],
         "sampler": ("dpm++", 3), "num_images": 2,
     },
@@ -55,7 +60,8 @@ PLANS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="adni_demo", help="folder for the data, the models and the pictures")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--subjects", type=int, default=None, help="demo subjects (default: 60 on CPU, 500 on GPU)")
+    parser.add_argument("--subjects", type=int, default=None,
+                        help="demo subjects x 20 slices (default: 100 on CPU, 1500 = ADNI size on GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train both stages again even if they exist")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny models; noise pictures)")
@@ -98,8 +104,7 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     timings["vq_s"] = time.time() - t
     t = time.time()
     if retrain or not (ldm_dir / "model_index.json").is_file():
-        _train("adni_diffusers.train_unet", [*common, "--vqmodel", vq_dir, "--output_dir", ldm_dir, "--conditional",
-                                             *plan["unet"]])
+        _train("adni_diffusers.train_unet", [*common, "--vqmodel", vq_dir, "--output_dir", ldm_dir, *plan["unet"]])
     timings["unet_s"] = time.time() - t
 
     # reload exactly as a user without this package would, then sample

@@ -118,7 +118,10 @@ def main(args: argparse.Namespace) -> dict:
     max_steps = args.max_train_steps or args.num_epochs * training.steps_per_epoch(loader, accelerator, args.gradient_accumulation_steps)
     lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator, max_steps)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    model = training.maybe_compile(model, args)
+    probe_latents = train_latents[: args.train_batch_size].to(device)
+    probe_labels = data.train.labels[: args.train_batch_size].to(device) if class_names else None
+    model = training.maybe_compile(model, args, probe=lambda m: diffusion_loss(
+        m, noise_scheduler, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward())
     ema = training.make_ema(accelerator.unwrap_model(model), args, device)
     run = training.TrainingRun(args, accelerator, loader, sampler, model, ema=ema, stage="UNet")
     run.optimizer = optimizer

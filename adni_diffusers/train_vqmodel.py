@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = parser.add_argument_group("VQModel")
     g.add_argument("--preset", default="base", help="tiny | small | base, or a JSON VQModel config")
     g.add_argument("--rec_loss", default="mse", choices=["mse", "l1"], help="reconstruction loss (the seed used MSE)")
-    g.add_argument("--ssim_weight", type=float, default=0.0, help="weight of a (1 - SSIM) term; 0 = off")
+    g.add_argument("--ssim_weight", type=float, default=0.5,
+                   help="weight of a (1 - SSIM) term (measured: better reconstructions per step); 0 = off")
     g.add_argument("--codebook_weight", type=float, default=1.0, help="weight of ||sg[E(x)] - e||^2")
     g.add_argument("--commitment_beta", type=float, default=0.25, help="weight of ||E(x) - sg[e]||^2")
     g.add_argument("--codebook_restart_steps", type=int, default=50,
@@ -56,7 +57,7 @@ def main(args: argparse.Namespace) -> dict:
 
     from adni_diffusers.data import SliceDataset
     from adni_diffusers.presets import PresetError, vq_config
-    from adni_diffusers.vq import (CodebookMonitor, PatchDiscriminator, VQTrainingModel, adaptive_gan_weight,
+    from adni_diffusers.vq import (CodebookMonitor, PatchDiscriminator, VQTrainingModel, adaptive_gan_weight, code_counts,
                                    flatten_latents, hinge_d_loss, reconstruction_loss, ssim_loss)
 
     try:
@@ -82,6 +83,9 @@ def main(args: argparse.Namespace) -> dict:
                                            betas=(0.5, 0.9))
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     vq = accelerator.unwrap_model(model).vq
+    probe_x = SliceDataset(data.train)[0]["pixel_values"][None].repeat(args.train_batch_size, 1, 1, 1).to(device)
+    model = training.maybe_compile(model, args, probe=lambda m: reconstruction_loss(m(probe_x).recon, probe_x,
+                                                                                    "mse").backward())
     ema = training.make_ema(vq, args, device)
 
     run = training.TrainingRun(
@@ -135,7 +139,7 @@ def main(args: argparse.Namespace) -> dict:
                 disc_optimizer.zero_grad(set_to_none=True)
                 logs["d_loss"] = d_loss
 
-        counts = torch.bincount(out.indices, minlength=monitor.usage.numel())
+        counts = code_counts(out.indices, monitor.usage.numel())
         counts = accelerator.reduce(counts, reduction="sum")
         monitor.update(counts)
         if accelerator.sync_gradients:

@@ -160,7 +160,11 @@ def make_accelerator(args, project_name: str):
 
     output_dir = Path(args.output_dir)
     config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    from accelerate.utils import DataLoaderConfiguration
+
     accelerator = Accelerator(
+        # non_blocking: pinned batches are copied to the GPU without making the host wait each step
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -294,19 +298,25 @@ def make_lr_scheduler(optimizer, args, accelerator, max_train_steps: int):
     )
 
 
-def maybe_compile(model, args, example_inputs=None):
-    """`torch.compile` when asked; a model that fails to compile runs eager with a warning."""
+def maybe_compile(model, args, probe=None):
+    """`torch.compile` when asked (--compile). `probe(compiled)` runs one real training step's forward
+    and backward: compilation happens at the first call, so only a probe catches a compiler failure
+    (facts.md: an inductor GroupNorm backward once crashed at batch 512). On failure: eager, with a
+    warning. A crash that corrupts the CUDA context cannot be caught here; rerun without --compile."""
     if not args.compile:
         return model
+    compiled = torch.compile(model)
+    if probe is None:
+        return compiled
     try:
-        compiled = torch.compile(model)
-        if example_inputs is not None:
-            with torch.no_grad():
-                compiled(*example_inputs)
+        probe(compiled)
         return compiled
     except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
         logger.warning("torch.compile failed (%s: %s); training eager", type(e).__name__, str(e).splitlines()[0])
         return model
+    finally:
+        for p in model.parameters():
+            p.grad = None  # the probe's gradients are not a training step
 
 
 def to_channels_last(model, args):
@@ -417,6 +427,7 @@ def make_ema(model, args, device):
     ema = EMAModel(
         model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
         power=args.ema_power, model_cls=type(model), model_config=model.config,
+        foreach=True,  # one fused update over all tensors instead of a Python loop per parameter
     )
     ema.to(device)
     return EMAState(ema)

@@ -107,6 +107,12 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer
 # ---------------------------------------------------------------------------------- codebook health
 
 
+def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """How often each code was picked. Unlike `torch.bincount`, no device-to-host sync on CUDA."""
+    counts = torch.zeros(num_codes, dtype=torch.long, device=indices.device)
+    return counts.index_add_(0, indices, torch.ones_like(indices))
+
+
 class CodebookMonitor(nn.Module):
     """Running code usage (an EMA of counts per step), dead-code restarts and data-driven init.
 
@@ -191,7 +197,7 @@ def code_usage(vq, loader, device, dtype=torch.float32) -> dict:
     codebook = vq.quantize.embedding.weight
     for batch in loader:
         h = vq.encode(batch["pixel_values"].to(device, dtype)).latents
-        counts += torch.bincount(nearest_codes(flatten_latents(h), codebook), minlength=num)
+        counts += code_counts(nearest_codes(flatten_latents(h), codebook), num)
     return {
         "codebook_size": num,
         "codes_used": int((counts > 0).sum()),

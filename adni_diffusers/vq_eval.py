@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import SliceData, SliceDataset
@@ -35,13 +36,14 @@ def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int
     for batch in _loader(slices, batch_size, limit):
         x = batch["pixel_values"].to(device)
         recon = vq(x).sample.float().clamp(-1, 1)
-        m = reconstruction_metrics(x.float(), recon, mask=brain_mask(x.float()))
-        for k, v in m.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * len(x)
+        m = reconstruction_metrics(x.float(), recon, mask=brain_mask(x.float()), per_image=True)
+        for k, values in m["per_image"].items():  # per-image values, averaged over the whole set below
+            totals.setdefault(k, []).extend(torch.as_tensor(values).flatten().tolist())
         n += len(x)
         if first_x is None:
             first_x, first_r = x[:8].cpu(), recon[:8].cpu()
-    return {k: v / n for k, v in totals.items()} | {"eval_images": n}, first_x, first_r
+    means = {k: float(np.nanmean(v)) for k, v in totals.items()}  # NaN: a slice with an empty brain mask
+    return means | {"eval_images": n}, first_x, first_r
 
 
 def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = None) -> dict:

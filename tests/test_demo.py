@@ -1,0 +1,33 @@
+"""`adni-diffusers demo --quick`: the whole job end to end in seconds (tiny models; the pictures are noise).
+
+The real CPU demo (small presets, ~15 minutes) is measured in docs/results.md, not in CI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys):
+    from adni_diffusers import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert "NOT ADNI" in printed and summary["pipeline"] in printed
+    assert (out / "AD_NC" / "README.txt").is_file()
+    assert (out / "vq" / "vqvae" / "config.json").is_file() and (out / "ldm" / "model_index.json").is_file()
+    assert set(summary["grids"]) == {"AD", "NC"}
+    for grid in summary["grids"].values():
+        assert Image.open(grid).mode == "L"
+    gif = Image.open(summary["gif"])
+    assert gif.format == "GIF" and gif.n_frames > 2
+    # a second run reuses both trained stages instead of training again
+    before = (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    assert (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
