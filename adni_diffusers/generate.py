@@ -54,13 +54,17 @@ class GifRecorder:
         return {}
 
     def save(self, pipe, path: Path, final: torch.Tensor) -> Path:
+        from PIL import Image
+
         from .plots import to_pil_grid
 
-        frames = []
-        for _, x0 in self.frames:
-            images = pipe.decode(x0.to(pipe.device), output_type="pt") * 2 - 1
-            frames.append(to_pil_grid(images.cpu()))
-        frames.append(to_pil_grid(final[: self.keep]))
+        def frame(images):  # at most 512 px wide: a GIF of full-size grids runs to megabytes
+            grid = to_pil_grid(images)
+            scale = min(1.0, 512 / grid.width)
+            return grid.resize((round(grid.width * scale), round(grid.height * scale)), Image.BILINEAR)
+
+        frames = [frame(pipe.decode(x0.to(pipe.device), output_type="pt").cpu() * 2 - 1) for _, x0 in self.frames]
+        frames.append(frame(final[: self.keep]))
         durations = [80] * (len(frames) - 1) + [1500]
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
         return path
