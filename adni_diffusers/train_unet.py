@@ -126,9 +126,8 @@ def main(args: argparse.Namespace) -> dict:
     run = training.TrainingRun(args, accelerator, loader, sampler, model, ema=ema, stage="UNet")
     run.optimizer = optimizer
     run.resume()
+    training.start_logging(accelerator, args, "unet")
     if accelerator.is_main_process:
-        accelerator.init_trackers("unet", config={k: v for k, v in vars(args).items()
-                                                  if isinstance(v, (int, float, str, bool)) and "token" not in k})
         training.save_run_info(args.output_dir, args, data, data_source,
                                {"stage": "unet", "vqmodel": str(vq_dir), "conditional": bool(class_names)})
 
@@ -215,8 +214,6 @@ def _sample_labels(class_names, n):
 def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, scheduler_cls):
     """A small grid from the EMA weights, to tensorboard and samples/ (DDIM for speed)."""
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
-    from adni_diffusers.plots import save_image_grid, to_pil_grid
-    import numpy as np
 
     unet = accelerator.unwrap_model(run.model)
     unet = getattr(unet, "_orig_mod", unet)
@@ -232,10 +229,8 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
     unet.train()
     if run.ema is not None:
         run.ema.ema.restore(unet.parameters())
-    save_image_grid(images, f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=len(images))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", np.asarray(to_pil_grid(images, nrow=len(images)))[None], run.global_step)
+    training.log_image_grid(accelerator, "samples", images, run.global_step,
+                            f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=len(images))
 
 
 @torch.no_grad()
@@ -257,15 +252,7 @@ def _final_samples(pipe, class_names, args, device) -> Path:
 
 
 def cli(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        result = main(args)
-    except TrainingError as e:
-        print(f"train_unet.py: error: {e}", file=sys.stderr)
-        return 2
-    if result:
-        print(json.dumps(result, indent=2))
-    return 0
+    return training.run_cli("train_unet.py", parse_args, main, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ reconstruction grid and the loss curves. Without `--train_data_dir` it builds an
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -97,8 +96,8 @@ def main(args: argparse.Namespace) -> dict:
     )
     run.optimizer = optimizer
     run.resume()
+    training.start_logging(accelerator, args, "vqmodel")
     if accelerator.is_main_process:
-        accelerator.init_trackers("vqmodel", config=_tracker_config(args))
         training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"})
     preview = torch.stack([SliceDataset(data.val or data.train)[i]["pixel_values"]
                            for i in range(min(8, len(data.val or data.train)))])
@@ -186,41 +185,19 @@ def main(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def _tracker_config(args) -> dict:
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
-
-
 @torch.no_grad()
 def _log_reconstructions(accelerator, vq, preview, step, output_dir):
-    from adni_diffusers.plots import save_image_grid
-
     was_training = vq.training
     vq.eval()
     x = preview.to(accelerator.device)
     recon = vq(x).sample.float().clamp(-1, 1)
     vq.train(was_training)
-    grid = torch.cat([x.float(), recon])
-    path = save_image_grid(grid, f"{output_dir}/samples/reconstructions-{step:06d}.png", nrow=len(x))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            from adni_diffusers.plots import to_pil_grid
-            import numpy as np
-
-            tracker.writer.add_image("reconstructions", np.asarray(to_pil_grid(grid, nrow=len(x)))[None], step)
-    return path
+    return training.log_image_grid(accelerator, "reconstructions", torch.cat([x.float(), recon]), step,
+                                   f"{output_dir}/samples/reconstructions-{step:06d}.png", nrow=len(x))
 
 
 def cli(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        metrics = main(args)
-    except TrainingError as e:
-        print(f"train_vqmodel.py: error: {e}", file=sys.stderr)
-        return 2
-    if metrics:
-        print(json.dumps(metrics, indent=2))
-    return 0
-
+    return training.run_cli("train_vqmodel.py", parse_args, main, argv)
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -628,3 +628,37 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
     (output_dir / "training_data.json").write_text(json.dumps(info, indent=2))
     safe_args = {k: v for k, v in vars(args).items() if "token" not in k}
     (output_dir / "training_args.json").write_text(json.dumps(safe_args, indent=2, default=str))
+
+
+def start_logging(accelerator, args, project: str) -> None:
+    """Tensorboard (with the run's flags, tokens left out) on the main process."""
+    if accelerator.is_main_process:
+        flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
+        accelerator.init_trackers(project, config=flags)
+
+
+def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path, nrow: int) -> Path:
+    """A grid of images in [-1, 1] as a PNG at `path` and, when tensorboard is on, as an image there."""
+    import numpy as np
+
+    from .plots import save_image_grid, to_pil_grid
+
+    path = save_image_grid(images, path, nrow=nrow)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(to_pil_grid(images, nrow=nrow))[None], step)
+    return path
+
+
+def run_cli(script: str, parse_args, main, argv=None) -> int:
+    """Parse, run, and turn a TrainingError into one line on stderr and exit status 2."""
+    import sys
+
+    try:
+        result = main(parse_args(argv))
+    except TrainingError as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
+    if result:
+        print(json.dumps(result, indent=2))
+    return 0
