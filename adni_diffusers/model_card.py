@@ -68,6 +68,7 @@ _ARG_LABELS = [
     ("beta_end", "beta end"),
     ("prediction_type", "prediction target"),
     ("loss", "loss"),
+    ("snr_gamma", "Min-SNR-gamma loss weighting"),
     ("rec_loss", "reconstruction loss"),
     ("ssim_weight", "SSIM loss weight"),
     ("codebook_weight", "codebook loss weight"),
