@@ -120,6 +120,12 @@ class SliceDataset(torch.utils.data.Dataset):
             "index": i,
         }
 
+    def get_batch(self, indices: list[int]) -> dict:
+        """A whole batch in one indexing operation (the DataLoader's batched fetch)."""
+        idx = torch.as_tensor(indices)
+        return {"pixel_values": to_model_input(self.slices.pixels[idx]), "class_labels": self.slices.labels[idx],
+                "index": idx}
+
 
 def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (..., H, W) -> float (..., 1, H, W) in [-1, 1]."""

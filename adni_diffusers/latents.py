@@ -77,3 +77,8 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"latents": self.latents[i], "class_labels": self.labels[i], "index": i}
+
+    def get_batch(self, indices: list[int]) -> dict:
+        """A whole batch in one indexing operation (the DataLoader's batched fetch), not one item at a time."""
+        idx = torch.as_tensor(indices)
+        return {"latents": self.latents[idx], "class_labels": self.labels[idx], "index": idx}

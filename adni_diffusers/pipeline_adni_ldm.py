@@ -261,10 +261,13 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         acp = self.scheduler.alphas_cumprod
         # stochastic schedulers (DDPM, DDIM with eta > 0) take the generator; the solvers take none
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        # `timesteps` live on the CPU, where the scheduler's step arithmetic indexes its tables with them: on a
+        # GPU that avoids a host-device sync per step. The UNet gets a device copy, made once per pass.
+        timesteps_on_device = timesteps.to(self._execution_device)
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t).to(self.unet.dtype)
-            out = self.unet(model_in, t, class_labels=labels_in).sample.float()
+            out = self.unet(model_in, timesteps_on_device[i], class_labels=labels_in).sample.float()
             if use_cfg:
                 cond, uncond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
@@ -279,8 +282,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         return latents
 
     def _reset_scheduler(self, num_inference_steps: int, begin_index: int) -> torch.Tensor:
-        """Fresh timesteps; multistep solvers (DPM-Solver, UniPC) also forget their history."""
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        """Fresh timesteps (on the CPU, see `_denoise`); multistep solvers (DPM-Solver, UniPC) also forget
+        their history."""
+        self.scheduler.set_timesteps(num_inference_steps, device="cpu")
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(begin_index)
         return self.scheduler.timesteps[begin_index:]

@@ -261,13 +261,36 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.n
 
 
+class _BatchedFetch(torch.utils.data.Dataset):
+    """Lets the training DataLoader fetch a whole batch with one `dataset.get_batch(indices)` call
+    (torch's `__getitems__` protocol) instead of collating items one by one."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]):
+        return self.dataset.get_batch(indices)
+
+
+def _ready_batch(batch):
+    return batch
+
+
 def make_dataloader(dataset, args, accelerator):
     """Batches per process; Accelerate shards them (process i gets batches i, i+N, ...)."""
     sampler = EpochShuffleSampler(len(dataset), args.seed)
+    batched = hasattr(dataset, "get_batch")  # ready batches: nothing left to collate
     loader = torch.utils.data.DataLoader(
-        dataset,
+        _BatchedFetch(dataset) if batched else dataset,
         batch_size=args.train_batch_size,
         sampler=sampler,
+        collate_fn=_ready_batch if batched else None,
         drop_last=True,
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),
