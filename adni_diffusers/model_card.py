@@ -293,8 +293,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     conditional = bool(unet.get("num_class_embeds")) and bool(class_names)
     repo, placeholder = _repo_id(d, args, repo_id)
     eval_rows, eval_source = _evaluation(d)
-    vq_metrics = {}
-    if data.get("vqmodel"):  # the first stage's own metrics.json, while its folder is still around
+    vq_metrics = _read_json(d / "first_stage_metrics.json")  # copied by train_unet.py
+    if not vq_metrics and data.get("vqmodel"):  # else the first stage's own folder, if it is still around
         vq_dir = Path(data["vqmodel"])
         vq_metrics = _read_json(vq_dir / "metrics.json") or _read_json(vq_dir.parent / "metrics.json")
     channels = unet.get("block_out_channels") or []
@@ -332,6 +332,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "val_loss": _fmt(train.get("val_loss")) if train.get("val_loss") is not None else None,
         "eval_rows": eval_rows,
         "eval_source": eval_source,
+        "eval_report": "evaluation/report.md" if (d / "evaluation" / "report.md").is_file() else None,
         "vq_rows": [(label, _fmt(vq_metrics[k])) for k, label in _VQ_METRICS if k in vq_metrics],
         "vq_eval_set": vq_metrics.get("eval_set"),
         "sample_grid": grid if (d / grid).is_file() else None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -174,6 +175,9 @@ def main(args: argparse.Namespace) -> dict:
             if val_latents is not None else None,
         }
         (Path(args.output_dir) / "train_metrics.json").write_text(json.dumps(result, indent=2))
+        vq_metrics = vq_dir.parent / "metrics.json"  # the first stage's numbers travel with the pipeline
+        if vq_metrics.is_file():
+            shutil.copyfile(vq_metrics, Path(args.output_dir) / "first_stage_metrics.json")
         grid = _final_samples(pipe, class_names, args, device)
         from adni_diffusers.model_card import write_model_card
 

@@ -35,7 +35,8 @@ REPO = "user/tiny-ldm"
 # What a train_unet.py output folder must put on main: the model, its card and what the card shows.
 PIPELINE_FILES = {
     "README.md", "model_index.json", "pipeline_adni_ldm.py", "samples.png", "loss_curve.png",
-    "training_data.json", "training_args.json", "train_metrics.json", "scheduler/scheduler_config.json",
+    "training_data.json", "training_args.json", "train_metrics.json", "first_stage_metrics.json",
+    "scheduler/scheduler_config.json",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors",
 }
