@@ -174,6 +174,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         class_names (`list[str]` or `dict[str, int]`, optional): names of the conditioning classes, e.g.
             `["AD", "NC"]`. Saved in model_index.json as `{"AD": 0, "NC": 1}` (a list there would be taken
             for a component by diffusers' Hub download).
+
+    Precision: noise is drawn on the UNet's device and the sampler state stays float32 (1000 scheduler
+    steps in bf16 would drift); the UNet and the VQModel run in their own dtype, so a pipeline loaded
+    with `dtype=torch.bfloat16` or `torch.float16` runs its networks in that precision.
     """
 
     model_cpu_offload_seq = "unet->vqvae"
