@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value. Default: off")
     g.add_argument("--latent_cache_dir", default=None, help="default: <vqmodel>/latent_cache")
-    g.add_argument("--save_images_epochs", type=int, default=10, help="sample a grid with the EMA weights every N epochs")
+    g.add_argument("--save_images_epochs", type=int, default=10,
+                   help="sample a grid with the EMA weights every N epochs (and at the last step)")
     g.add_argument("--num_sample_images", type=int, default=8)
     g.add_argument("--sample_inference_steps", type=int, default=50, help="DDIM steps for the periodic grids")
     from adni_diffusers.hub import add_hub_arguments
@@ -151,7 +152,8 @@ def main(args: argparse.Namespace) -> dict:
         if accelerator.sync_gradients:
             run.end_step({"loss": loss.detach()})
             epoch_done = run.global_step % run.steps_per_epoch == 0
-            if accelerator.is_main_process and epoch_done and (run.global_step // run.steps_per_epoch) % args.save_images_epochs == 0:
+            every_n_epochs = epoch_done and (run.global_step // run.steps_per_epoch) % args.save_images_epochs == 0
+            if accelerator.is_main_process and (every_n_epochs or run.global_step == run.max_train_steps):
                 _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, DDIMScheduler)
     run.finish()
     train_seconds = time.time() - start

@@ -66,7 +66,8 @@ def run_training_script(name: str, argv: list[str]):
 TINY_VQ_ARGS = ["--preset", "tiny", "--train_batch_size", "4", "--eval_batch_size", "8", "--logging_steps", "2",
                 "--save_images_steps", "2", "--lr_warmup_steps", "0", "--report_to", "none"]
 TINY_UNET_ARGS = ["--preset", "tiny", "--train_batch_size", "4", "--eval_batch_size", "8", "--logging_steps", "2",
-                  "--sample_inference_steps", "3", "--num_sample_images", "2", "--lr_warmup_steps", "0",
+                  "--sample_inference_steps", "3", "--num_sample_images", "2", "--save_images_epochs", "1",
+                  "--lr_warmup_steps", "0",
                   "--report_to", "none"]
 
 
