@@ -286,16 +286,22 @@ def cycle(loader):
         yield from loader
 
 
-def make_loader(dataset, batch_size: int, bench: Bench):
-    """As training.make_dataloader builds it (num_workers=0 is the flag's default)."""
-    from adni_diffusers.training import EpochShuffleSampler
+def make_loader(dataset, batch_size: int, bench: Bench, package: bool = True):
+    """package=True: the training scripts' own loader (`training.make_dataloader`: whole batches through
+    `get_batch`, num_workers=0 as the flag's default). package=False: the example style, items fetched one
+    by one and collated by torch's default collate."""
+    from adni_diffusers.training import EpochShuffleSampler, make_dataloader
 
+    if package:
+        args = SimpleNamespace(seed=0, train_batch_size=batch_size, dataloader_num_workers=0)
+        return make_dataloader(dataset, args, SimpleNamespace(device=bench.device, num_processes=1))[0]
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(len(dataset), 0),
                                        drop_last=True, num_workers=0, pin_memory=bench.cuda)
 
 
 def timed_loop(bench: Bench, step, steps: int, warmup: int) -> dict:
-    """warmup steps (compilation happens here), then `steps` timed steps between two device syncs."""
+    """warmup steps (untimed; training rows compiled earlier, in maybe_compile's probe), then `steps` timed
+    steps between two device syncs."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -346,10 +352,10 @@ UNET_VARIANTS = {
     "+ torch.compile (= ours)": dict(data="loader", bf16=True, cl=True, fused=True, compile=True, ema=None, item=False),
     "ours, latents resident on device": dict(data="resident", bf16=True, cl=True, fused=True, compile=True, ema=None,
                                              item=False),
-    "ours + EMA (make_ema: foreach=False)": dict(data="loader", bf16=True, cl=True, fused=True, compile=True,
-                                                 ema="package", item=False),
-    "ours + EMA (foreach=True)": dict(data="loader", bf16=True, cl=True, fused=True, compile=True, ema="foreach",
-                                      item=False),
+    "ours + EMA (make_ema: foreach=True)": dict(data="loader", bf16=True, cl=True, fused=True, compile=True,
+                                                ema="package", item=False),
+    "ours + EMA (foreach=False, make_ema before 41ae458)": dict(data="loader", bf16=True, cl=True, fused=True,
+                                                               compile=True, ema="loop", item=False),
 }
 
 
@@ -383,7 +389,7 @@ def unet_row_name(variant: str, spec: dict, bench: Bench) -> str:
         parts.append("fused AdamW")
     parts.append("compiled" if spec["compile"] else "eager")
     if spec["ema"]:
-        parts.append("EMA foreach=False (make_ema)" if spec["ema"] == "package" else "EMA foreach=True")
+        parts.append("EMA foreach=True (make_ema)" if spec["ema"] == "package" else "EMA foreach=False (old make_ema)")
     return ", ".join(parts)
 
 
@@ -429,21 +435,32 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                 else:
                     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate)
                     row["optimizer"] = "torch.optim.AdamW defaults"
-                model = maybe_compile(unet, args)  # as train_unet calls it (no example inputs)
+                probe_z = latents_cpu[:bs].to(dev)
+
+                def probe(m):  # as train_unet probes: one real forward + backward at the training batch size
+                    with autocast(bench, spec["bf16"]):
+                        loss = diffusion_loss(m, noise_scheduler, probe_z, None, torch.Generator(device=dev).manual_seed(0),
+                                              "mse", spec["cl"])
+                    loss.backward()
+
+                model = maybe_compile(unet, args, probe=probe)
+                if spec["compile"] and model is unet:
+                    row["compile_error"] = "maybe_compile's probe failed: eager (see the warning)"
+                    row["name"] += " [compile failed: eager]"
                 ema = None
                 if spec["ema"] == "package":
                     ema = make_ema(unet, train_args(bs, use_ema=True), dev).ema
-                elif spec["ema"] == "foreach":
+                elif spec["ema"] == "loop":  # what make_ema built before it passed foreach=True
                     from diffusers.training_utils import EMAModel
 
                     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0,
-                                   power=0.75, foreach=True)
+                                   power=0.75, foreach=False)
                     ema.to(dev)
                 vq = None
                 if spec["data"] == "pixels":
                     torch.manual_seed(0)
                     vq = VQModel(**vcfg).to(dev).eval().requires_grad_(False)
-                    batches = cycle(make_loader(SliceDataset(pixel_slices), bs, bench))
+                    batches = cycle(make_loader(SliceDataset(pixel_slices), bs, bench, package=False))
                 elif spec["data"] == "loader":
                     batches = cycle(make_loader(LatentDataset(latents_cpu, labels_cpu), bs, bench))
                 else:
@@ -468,8 +485,8 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                         with torch.no_grad():
                             x = batch["pixel_values"].to(dev)
                             z0 = vq.encode(x).latents * vq.config.scaling_factor
-                    else:
-                        z0 = batch["latents"].to(dev)  # Accelerate's prepared loader: a blocking copy
+                    else:  # Accelerate's prepared loader (make_accelerator: DataLoaderConfiguration(non_blocking=True))
+                        z0 = batch["latents"].to(dev, non_blocking=True)
                     gen = torch.Generator(device=dev).manual_seed(counter["step"])  # as run.step_generator()
                     with autocast(bench, spec["bf16"]):
                         loss = diffusion_loss(model, noise_scheduler, z0, None, gen, "mse", spec["cl"])
@@ -493,8 +510,7 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                 except Exception as e:  # noqa: BLE001
                     if not spec["compile"] or bench.cuda and "CUDA error" in str(e):
                         raise
-                    # torch.compile failed at the first step (maybe_compile only catches failures of
-                    # torch.compile() itself): measure eager instead and say so
+                    # torch.compile failed after maybe_compile's probe passed: measure eager instead and say so
                     row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                     fresh_compile_cache()
                     model = unet
@@ -615,19 +631,24 @@ def bench_latent_cache(bench: Bench, opts, flops: dict, rate: float) -> dict:
 
 
 VQ_VARIANTS = {
-    "example style": dict(bf16=False, cl=False, fused=False, compile=False, item=True),
-    "ours": dict(bf16=True, cl=True, fused=True, compile=False, item=False),
-    "ours + compile": dict(bf16=True, cl=True, fused=True, compile=True, item=False),
+    "example style": dict(bf16=False, cl=False, fused=False, compile=False, item=True, ssim=False),
+    "ours": dict(bf16=True, cl=True, fused=True, compile=False, item=False, ssim=True),
+    "ours, --ssim_weight 0": dict(bf16=True, cl=True, fused=True, compile=False, item=False, ssim=False),
+    "ours + compile": dict(bf16=True, cl=True, fused=True, compile=True, item=False, ssim=True),
 }
+
+
+VQ_SSIM_WEIGHT = 0.5  # train_vqmodel's --ssim_weight default (the example style has no SSIM term)
 
 
 def vq_row_name(variant: str, spec: dict, bench: Bench) -> str:
     if variant == "example style":
         return f"example style: {'fp32 (TF32)' if bench.cuda else 'fp32'}, eager, AdamW, .item() per step"
-    parts = ["as train_vqmodel runs", "bf16 autocast" if bench.cuda else "fp32", "channels_last"]
+    parts = ["as train_vqmodel runs", "bf16 autocast" if bench.cuda else "fp32", "channels_last",
+             f"MSE + {VQ_SSIM_WEIGHT} x (1 - SSIM)" if spec["ssim"] else "MSE only (--ssim_weight 0)"]
     if bench.cuda:
         parts.append("fused AdamW")
-    parts.append("compiled (NOT wired into train_vqmodel yet)" if spec["compile"] else "eager")
+    parts.append("compiled" if spec["compile"] else "eager")
     return ", ".join(parts)
 
 
@@ -637,7 +658,7 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
     from adni_diffusers.data import SliceDataset
     from adni_diffusers.presets import vq_config
     from adni_diffusers.training import make_optimizer, maybe_compile, to_channels_last
-    from adni_diffusers.vq import CodebookMonitor, VQTrainingModel, reconstruction_loss
+    from adni_diffusers.vq import CodebookMonitor, VQTrainingModel, code_counts, reconstruction_loss, ssim_loss
 
     vcfg = vq_config(opts.vq_preset)
     dev = bench.device
@@ -662,21 +683,37 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
                     optimizer = make_optimizer(model.parameters(), args, accelerator, default_batch=8)
                 else:
                     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-                compiled = {"m": maybe_compile(model, args)}
-                batches = cycle(make_loader(SliceDataset(slices), bs, bench))
+                probe_x = SliceDataset(slices)[0]["pixel_values"][None].repeat(bs, 1, 1, 1).to(dev)
+
+                def probe(m):  # as train_vqmodel probes
+                    with autocast(bench, spec["bf16"]):
+                        recon = m(probe_x).recon
+                    reconstruction_loss(recon, probe_x, "mse").backward()
+
+                compiled = {"m": maybe_compile(model, args, probe=probe)}
+                if spec["compile"] and compiled["m"] is model:
+                    row["compile_error"] = "maybe_compile's probe failed: eager (see the warning)"
+                    row["name"] += " [compile failed: eager]"
+                ours = name != "example style"
+                batches = cycle(make_loader(SliceDataset(slices), bs, bench, package=ours))
                 pending = []
 
                 def step():
-                    x = next(batches)["pixel_values"].to(dev)
+                    x = next(batches)["pixel_values"].to(dev, non_blocking=ours)
                     with autocast(bench, spec["bf16"]):  # Accelerate autocasts the model's forward only
                         out = compiled["m"](x)
                     rec_loss = reconstruction_loss(out.recon, x, "mse")
                     loss = rec_loss + 1.0 * out.codebook_loss + 0.25 * out.commitment_loss
+                    if spec["ssim"]:  # train_vqmodel's default SSIM term
+                        loss = loss + VQ_SSIM_WEIGHT * ssim_loss(out.recon, x)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    counts = torch.bincount(out.indices, minlength=monitor.usage.numel())
+                    if ours:  # train_vqmodel: index_add_, no host sync
+                        counts = code_counts(out.indices, monitor.usage.numel())
+                    else:
+                        counts = torch.bincount(out.indices, minlength=monitor.usage.numel())
                     monitor.update(counts)
                     logs = [loss.detach(), monitor.perplexity(counts), monitor.live_fraction()]
                     if spec["item"]:
@@ -702,8 +739,8 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
 
             rows.append(bench.guarded(row, run))
     ok = [r for r in rows if "error" not in r]
-    # "best" = what train_vqmodel can do today (it does not compile yet); the compiled rows separately
-    best = max((r for r in ok if r["variant"] == "ours"), key=lambda r: r["images_per_s"], default=None)
+    # "best" = the best of train_vqmodel's default loss (with SSIM), eager or compiled with --compile
+    best = max((r for r in ok if r["config"]["ssim"]), key=lambda r: r["images_per_s"], default=None)
     best_compiled = max((r for r in ok if r["variant"] == "ours + compile"), key=lambda r: r["images_per_s"],
                         default=None)
     ex = max((r for r in ok if r["variant"] == "example style"), key=lambda r: r["images_per_s"], default=None)
@@ -716,6 +753,10 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
                        best_compiled_batch=best_compiled["batch_size"], best_compiled_mfu=best_compiled.get("mfu"))
     if best and ex:
         summary["speedup"] = best["images_per_s"] / ex["images_per_s"]
+    no_ssim = max((r for r in ok if r["variant"] == "ours, --ssim_weight 0"), key=lambda r: r["images_per_s"],
+                  default=None)
+    if no_ssim and ex:  # the same loss as the example style
+        summary["speedup_no_ssim"] = no_ssim["images_per_s"] / ex["images_per_s"]
     return {"vq_preset": opts.vq_preset, "rows": rows, "summary": summary}
 
 
@@ -967,7 +1008,9 @@ def markdown(results: dict) -> str:
                          + (f" (same batch: {', '.join(f'{k}: {v:.2f}x' for k, v in s['speedup_by_batch'].items())})"
                             if s.get("speedup_by_batch") else "")
                          + (f"; with latents resident on device (proposed): {s['speedup_resident']:.2f}x"
-                            if s.get("speedup_resident") else ""))
+                            if s.get("speedup_resident") else "")
+                         + (f"; without the SSIM term (the example style's loss): {s['speedup_no_ssim']:.2f}x"
+                            if s.get("speedup_no_ssim") else ""))
     sec = results.get("latent_cache")
     if sec:
         lines += ["", f"### Latent-cache build (`encode_all`, `{sec['vq_preset']}` VQ preset)", "",
@@ -1017,7 +1060,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encode-batch-sizes", type=int, nargs="+")
     p.add_argument("--encode-images", type=int, help="images encoded by the latent-cache benchmark")
     p.add_argument("--steps", type=int, help="timed training steps per row")
-    p.add_argument("--warmup", type=int, help="untimed steps first (compilation happens here)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed training steps first (compiled rows were compiled earlier, in maybe_compile's probe)")
     p.add_argument("--ddpm-steps", type=int, help="DDPM sampling steps actually run (1000 on CUDA)")
     p.add_argument("--sample-repeats", type=int, help="timed calls per sampling row (median reported)")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
