@@ -125,8 +125,7 @@ def main(args: argparse.Namespace) -> dict:
     model = training.maybe_compile(model, args, probe=lambda m: diffusion_loss(
         m, noise_scheduler, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward())
     ema = training.make_ema(accelerator.unwrap_model(model), args, device)
-    run = training.TrainingRun(args, accelerator, loader, sampler, model, ema=ema, stage="UNet")
-    run.optimizer = optimizer
+    run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet")
     run.resume()
     training.start_logging(accelerator, args, "unet")
     if accelerator.is_main_process:
@@ -168,11 +167,9 @@ def main(args: argparse.Namespace) -> dict:
             ema.ema.copy_to(final_unet.parameters())
         pipe = ADNILatentDiffusionPipeline(vqvae=vq, unet=final_unet, scheduler=noise_scheduler, class_names=class_names)
         pipe.save_pretrained(args.output_dir)
-        images_per_s = (run.global_step - run.start_step) * args.train_batch_size * accelerator.num_processes \
-            * args.gradient_accumulation_steps / max(train_seconds, 1e-9)
         result = {
             "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
-            "train_images_per_second_this_run": round(images_per_s, 1), "num_processes": accelerator.num_processes,
+            "train_images_per_second_this_run": run.images_per_second(train_seconds), "num_processes": accelerator.num_processes,
             "val_loss": _validation_loss(final_unet, noise_scheduler, val_latents, data.val.labels, class_names, args, device)
             if val_latents is not None else None,
         }
@@ -184,14 +181,7 @@ def main(args: argparse.Namespace) -> dict:
         from adni_diffusers.model_card import write_model_card
 
         write_model_card(args.output_dir, pipe, args, data_source=data_source, sample_grid=grid)
-        if args.push_to_hub:
-            from adni_diffusers.hub import HubError, push_from_args
-
-            try:
-                push_from_args(args, args.output_dir)
-            except HubError as e:  # the model is saved: the message says how to push it later
-                accelerator.end_training()
-                raise TrainingError(str(e)) from None
+        training.push_if_asked(accelerator, args)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

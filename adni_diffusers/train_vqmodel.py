@@ -88,13 +88,12 @@ def main(args: argparse.Namespace) -> dict:
     ema = training.make_ema(vq, args, device)
 
     run = training.TrainingRun(
-        args, accelerator, loader, sampler, model, ema=ema, stage="VQModel",
+        args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="VQModel",
         extra_state=lambda: {"tensors": {"codebook_usage": monitor.usage,
                                           "codebook_initialised": monitor.initialised.reshape(1)}},
         restore_extra_state=lambda t, m: (monitor.usage.copy_(t["codebook_usage"]),
                                           monitor.initialised.copy_(t["codebook_initialised"][0])),
     )
-    run.optimizer = optimizer
     run.resume()
     training.start_logging(accelerator, args, "vqmodel")
     if accelerator.is_main_process:
@@ -164,22 +163,13 @@ def main(args: argparse.Namespace) -> dict:
             ema.ema.copy_to(vq.parameters())
         metrics = evaluate_and_save(vq, data, args, device, extra={
             "preset": args.preset, "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
-            "train_images_per_second_this_run": round(
-                (run.global_step - run.start_step) * args.train_batch_size * accelerator.num_processes
-                * args.gradient_accumulation_steps / max(train_seconds, 1e-9), 2),
+            "train_images_per_second_this_run": run.images_per_second(train_seconds),
             "num_processes": accelerator.num_processes, "data_source": data_source,
         })
         from adni_diffusers.model_card import write_model_card
 
         write_model_card(args.output_dir, None, args, data_source=data_source)
-        if args.push_to_hub:
-            from adni_diffusers.hub import HubError, push_from_args
-
-            try:
-                push_from_args(args, args.output_dir)
-            except HubError as e:  # the model is saved: the message says how to push it later
-                accelerator.end_training()
-                raise TrainingError(str(e)) from None
+        training.push_if_asked(accelerator, args)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -459,7 +459,7 @@ def make_ema(model, args, device):
 class TrainingRun:
     """The bookkeeping around a script's own step: use it as
 
-        run = TrainingRun(args, accelerator, loader, sampler, model, ema=ema, extra_state=...)
+        run = TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet")
         for batch in run.batches():
             with accelerator.accumulate(model):
                 ... loss ...
@@ -468,9 +468,10 @@ class TrainingRun:
         run.finish()
     """
 
-    def __init__(self, args, accelerator, loader, sampler, model, *, ema: EMAState | None = None,
+    def __init__(self, args, accelerator, loader, sampler, model, *, optimizer, ema: EMAState | None = None,
                  stage: str, extra_state=None, restore_extra_state=None):
         self.args, self.accelerator, self.loader, self.sampler, self.model = args, accelerator, loader, sampler, model
+        self.optimizer = optimizer  # for the learning rate in the logs
         self.ema = ema
         self.stage = stage
         self.extra_state = extra_state or (lambda: {"tensors": {}, "meta": {}})
@@ -602,8 +603,7 @@ class TrainingRun:
         return means
 
     def _current_lr(self) -> float:
-        opt = getattr(self, "optimizer", None)
-        return float(opt.param_groups[0]["lr"]) if opt is not None else float("nan")
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def checkpoint(self) -> Path:
         self.flush_logs()  # never save weights that came from a non-finite loss
@@ -628,6 +628,11 @@ class TrainingRun:
         if self.accelerator.is_main_process and history.exists():
             rows = [line for line in history.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             history.write_text("".join(r + "\n" for r in rows))
+
+    def images_per_second(self, seconds: float) -> float:
+        """Training throughput of this process's run (all processes, accumulation included)."""
+        images = (self.global_step - self.start_step) * self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return round(images * self.accelerator.num_processes / max(seconds, 1e-9), 2)
 
     def history(self) -> list[dict]:
         history = self.output_dir / HISTORY_FILE
@@ -685,3 +690,17 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
     if result:
         print(json.dumps(result, indent=2))
     return 0
+
+
+def push_if_asked(accelerator, args) -> None:
+    """--push_to_hub: push the finished model. On failure the model is already saved: the error says how
+    to push it later."""
+    if not getattr(args, "push_to_hub", False):
+        return
+    from .hub import HubError, push_from_args
+
+    try:
+        push_from_args(args, args.output_dir)
+    except HubError as e:
+        accelerator.end_training()
+        raise TrainingError(str(e)) from None
