@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# One GPU session, end to end: the benchmark (docs/performance.md), then the ADNI-size demo set, a
+# `base` VQModel, a class-conditional `base` UNet, the evaluation and the pictures (docs/results.md).
+# Every figure in those docs that says "H100" comes from this script; run it from the repo root:
+#
+#     bash benchmarks/gpu_session.sh RUN_DIR          # RUN_DIR default: gpu_run (git-ignored)
+#
+# Training length is a time budget, not a step count: the step counts are computed from the
+# training-step rates that the benchmark measured a few minutes earlier in the same session
+# (VQ_SECONDS / UNET_SECONDS of training at those rates, with a margin). Each training command also
+# has a hard time limit; if it is hit, the run is finished from its last checkpoint (nothing is lost).
+set -uo pipefail
+
+R=${1:-gpu_run}
+VQ_SECONDS=${VQ_SECONDS:-180}
+UNET_SECONDS=${UNET_SECONDS:-180}
+SUBJECTS=${SUBJECTS:-1500}
+EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
+ABLATION_SAMPLES=${ABLATION_SAMPLES:-128}
+SKIP_BENCHMARK=${SKIP_BENCHMARK:-0}
+# a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
+PRESET=${PRESET:-base}
+MP=${MP:-bf16}
+COMPILE=${COMPILE---compile}
+VQ_BATCH=${VQ_BATCH:-32}
+UNET_BATCH=${UNET_BATCH:-256}
+MIN_STEPS=${MIN_STEPS:-200}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$R"
+LOG="$R/session.log"
+log() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$LOG"; }
+phase() {  # phase NAME TIMEOUT_S CMD...: run, log its output and wall time
+  local name=$1 limit=$2; shift 2
+  log "START $name: $*"
+  local t0=$SECONDS
+  timeout --signal=TERM "$limit" "$@" > "$R/$name.log" 2>&1
+  local rc=$?
+  log "END $name rc=$rc seconds=$((SECONDS - t0))"
+  tail -3 "$R/$name.log" | sed 's/^/    /' | tee -a "$LOG"
+  return $rc
+}
+
+log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null); $(nproc) cores"
+log "software: $(python -c 'import torch, diffusers, accelerate, datasets, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, accelerate {accelerate.__version__}, datasets {datasets.__version__}")')"
+log "git: ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+
+# 1. the benchmark, one section per process so a section that runs long loses only itself
+if [ "$SKIP_BENCHMARK" != 1 ]; then
+  # (sizes trimmed to fit a 30-minute device lease: UNet batch 256, VQ batch 32, two samplers at batch 256)
+  phase bench_unet 330 python benchmarks/run.py --device cuda --compile --sections unet --batch-sizes 256 \
+    --out "$R/bench_unet.json" --markdown "$R/bench_unet.md"
+  phase bench_vq 200 python benchmarks/run.py --device cuda --compile --sections vq latent_cache --vq-batch-sizes 32 \
+    --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
+  phase bench_sampling 240 python benchmarks/run.py --device cuda --compile --sections sampling \
+    --sample-batch-sizes 256 --samplers ddpm dpm++ --out "$R/bench_sampling.json" --markdown "$R/bench_sampling.md"
+fi
+
+# 2. an ADNI-size demo set (1,500 subjects x 20 slices)
+phase demo_data 300 python -m adni_diffusers.cli demo-data "$R/AD_NC" --subjects "$SUBJECTS" --overwrite \
+  --contact-sheet "$R/AD_NC_contact_sheet.png"
+
+# training steps from the measured rates (compiled rows where compilation worked)
+read -r VQ_STEPS UNET_STEPS < <(python - "$R" "$VQ_SECONDS" "$UNET_SECONDS" "$VQ_BATCH" "$UNET_BATCH" "$MIN_STEPS" <<'EOF'
+import json, sys
+from pathlib import Path
+r, vq_s, unet_s = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+vq_batch, unet_batch, min_steps = (int(a) for a in sys.argv[4:7])
+def rate(file, ok, default):
+    try:
+        rows = [x for x in json.loads((r / file).read_text())[file.split("_")[1].split(".")[0]]["rows"] if "error" not in x]
+        return max(x["images_per_s"] for x in rows if ok(x))
+    except Exception:
+        return default
+vq = rate("bench_vq.json", lambda x: x["batch_size"] == vq_batch and x["variant"] in ("ours", "ours + compile"), 150.0)
+unet = rate("bench_unet.json", lambda x: x["batch_size"] == unet_batch and x["config"]["data"] == "loader" and x["config"]["ema"] == "package", 2000.0)
+# 0.8: logging, sample grids and data loading that the benchmark's step does not have
+print(max(min_steps, min(10000, int(0.8 * vq_s * vq / vq_batch))),
+      max(min_steps, min(30000, int(0.8 * unet_s * unet / unet_batch))))
+EOF
+)
+log "VQ: $VQ_STEPS steps of $VQ_BATCH; UNet: $UNET_STEPS steps of $UNET_BATCH"
+
+finish_from_checkpoint() {  # the time limit hit: finish the run from its last checkpoint
+  local script=$1 out=$2; shift 2
+  local last; last=$(ls -d "$out"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
+  [ -n "$last" ] || { log "no checkpoint in $out"; return 1; }
+  log "finishing $out from $last"
+  python "$script" "$@" --output_dir "$out" --resume_from_checkpoint "$last" --max_train_steps "${last##*-}" \
+    >> "$R/$(basename "$out")_finish.log" 2>&1
+}
+
+# 3. the VQModel (base preset: 4x32x32 latents, 8192 codes), default loss (MSE + 0.5 SSIM)
+VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
+         $COMPILE --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
+         --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard)
+phase train_vqmodel $((VQ_SECONDS + 240)) python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
+  --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" "${VQ_ARGS[@]}"
+
+# 4. the class-conditional UNet on the cached latents: v-prediction, Min-SNR-5, EMA
+UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --conditional
+           --prediction_type v_prediction --snr_gamma 5 --use_ema --ema_max_decay 0.999 --mixed_precision "$MP"
+           --allow_tf32 --channels_last $COMPILE --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
+           --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
+           --checkpoints_total_limit 2 --report_to tensorboard)
+phase train_unet $((UNET_SECONDS + 240)) python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
+  --max_train_steps "$UNET_STEPS" || finish_from_checkpoint train_unet.py "$R/ldm" "${UNET_ARGS[@]}"
+
+# 5. evaluation: N per class, the floor, UMAP, memorisation, ablations (bf16 sampling)
+# (written to <model>/evaluation, the folder the model card reads its numbers from)
+phase evaluate 420 python -m adni_diffusers.cli evaluate --model "$R/ldm" --num-samples "$EVAL_SAMPLES" \
+  --dtype "${EVAL_DTYPE:-bfloat16}" --ablations --ablation-samples "$ABLATION_SAMPLES"
+
+# 6. pictures: DDPM-1000 grids per class (+ the GIF), a counterfactual trade-off
+for c in AD NC; do
+  phase "generate_$c" 200 python -m adni_diffusers.cli generate --model "$R/ldm" --out "$R/samples/$c" --class "$c" \
+    --num-images 16 --scheduler ddpm --steps "${DDPM_STEPS:-1000}" --guidance 2 --seed 0 $([ "$c" = AD ] && echo --gif)
+done
+phase counterfactual 240 python -m adni_diffusers.cli counterfactual --model "$R/ldm" --measure --control --to AD \
+  --strength 0.2 0.4 0.6 0.8 1.0 --guidance 3 --scheduler ddim --steps 25 --seed 0 --max-images "${CF_IMAGES:-200}" \
+  --feature-net-cache "$R/ldm/feature_net" --out "$R/counterfactual"
+log "DONE"
