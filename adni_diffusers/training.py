@@ -527,13 +527,13 @@ class TrainingRun:
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             for batch in loader:
+                if self.global_step >= self.max_train_steps:  # e.g. resumed from the last step: train no more
+                    break
                 if args.trace_batches:
                     self._traced.extend(batch["index"].tolist())
                 self._micro = self._batches_since_step  # which micro-batch of the step (gradient accumulation)
                 self._batches_since_step += 1
                 yield batch
-                if self.global_step >= self.max_train_steps:
-                    break
             if self.global_step >= self.max_train_steps:
                 break
         self.progress.close()

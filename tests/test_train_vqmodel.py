@@ -215,3 +215,21 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, demo_root):
     m1 = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     m2 = json.loads((killed / "metrics.json").read_text())
     assert m1["scaling_factor"] == m2["scaling_factor"]
+
+
+def test_resume_at_the_last_step_finishes_without_training(tmp_path, demo_root):
+    """Resuming from a checkpoint at (or past) --max_train_steps trains no further step: the saved model IS
+    the checkpoint's (how a run stopped by a time limit is finished; an H100 run once trained one extra step)."""
+    common = ["--train_data_dir", demo_root, "--checkpointing_steps", "2", "--seed", "1", "--eval_max_images", "8",
+              *TINY_VQ_ARGS]
+    out = tmp_path / "vq"
+    run_script("train_vqmodel.py", ["--output_dir", out, "--max_train_steps", "4", *common])
+    checkpoint = {k.removeprefix("vq."): v for k, v in load_file(str(out / "checkpoint-2" / "model.safetensors")).items()}
+    run_script("train_vqmodel.py", ["--output_dir", out, "--max_train_steps", "2",
+                                    "--resume_from_checkpoint", out / "checkpoint-2", *common])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 2
+    saved = vq_weights(out)
+    assert saved.keys() == checkpoint.keys()
+    for name in saved:
+        assert torch.equal(saved[name], checkpoint[name]), name
