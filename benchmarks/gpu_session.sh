@@ -8,7 +8,10 @@
 # Training length is a time budget, not a step count: the step counts are computed from the
 # training-step rates that the benchmark measured a few minutes earlier in the same session
 # (VQ_SECONDS / UNET_SECONDS of training at those rates, with a margin). Each training command also
-# has a hard time limit; if it is hit, the run is finished from its last checkpoint (nothing is lost).
+# has a hard time limit (VQ_LIMIT / UNET_LIMIT); if it is hit, the run is finished from its last
+# checkpoint (nothing is lost). Each stage also has about 3 minutes of fixed costs on an H100 (start-up,
+# JPEG decoding, the latent cache, compilation: measured 2026-11-25), which the limits must leave room for.
+# FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
 set -uo pipefail
 
 R=${1:-gpu_run}
@@ -78,6 +81,7 @@ print(max(min_steps, min(10000, int(0.8 * vq_s * vq / vq_batch))),
       max(min_steps, min(30000, int(0.8 * unet_s * unet / unet_batch))))
 EOF
 )
+VQ_STEPS=${FORCE_VQ_STEPS:-$VQ_STEPS}; UNET_STEPS=${FORCE_UNET_STEPS:-$UNET_STEPS}  # or set the steps yourself
 log "VQ: $VQ_STEPS steps of $VQ_BATCH; UNet: $UNET_STEPS steps of $UNET_BATCH"
 
 finish_from_checkpoint() {  # the time limit hit: finish the run from its last checkpoint
@@ -93,7 +97,7 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
 VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
          $COMPILE --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard)
-phase train_vqmodel $((VQ_SECONDS + 240)) python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
+phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 360))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
   --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" "${VQ_ARGS[@]}"
 
 # 4. the class-conditional UNet on the cached latents: v-prediction, Min-SNR-5, EMA
@@ -102,7 +106,7 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
            --allow_tf32 --channels_last $COMPILE --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard)
-phase train_unet $((UNET_SECONDS + 240)) python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
+phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 360))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
   --max_train_steps "$UNET_STEPS" || finish_from_checkpoint train_unet.py "$R/ldm" "${UNET_ARGS[@]}"
 
 # 5. evaluation: N per class, the floor, UMAP, memorisation, ablations (bf16 sampling)
