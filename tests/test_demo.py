@@ -31,3 +31,17 @@ def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys):
     before = (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     assert (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("plan", ["cpu", "cuda", "quick"])
+def test_every_plan_parses_with_the_training_scripts(plan, tmp_path):
+    """The GPU plan cannot run in CI: at least its flags must be ones the training scripts accept."""
+    from adni_diffusers import demo, train_unet, train_vqmodel
+
+    p = demo.PLANS[plan]
+    common = ["--train_data_dir", str(tmp_path), "--preset", p["preset"]]
+    vq_args = train_vqmodel.parse_args([*common, "--output_dir", str(tmp_path / "vq"), *p["vq"]])
+    unet_args = train_unet.parse_args([*common, "--vqmodel", str(tmp_path / "vq"), "--output_dir",
+                                       str(tmp_path / "ldm"), *p["unet"]])
+    assert vq_args.max_train_steps > 0 and unet_args.max_train_steps > 0
+    assert unet_args.conditional and unet_args.prediction_type == "v_prediction"
