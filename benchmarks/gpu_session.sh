@@ -89,7 +89,9 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
   local last; last=$(ls -d "$out"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
   [ -n "$last" ] || { log "no checkpoint in $out"; return 1; }
   log "finishing $out from $last"
-  python "$script" "$@" --output_dir "$out" --resume_from_checkpoint "$last" --max_train_steps "${last##*-}" \
+  local args=() a
+  for a in "$@"; do [ "$a" = --compile ] || args+=("$a"); done  # no step left to train: nothing to compile
+  python "$script" "${args[@]}" --output_dir "$out" --resume_from_checkpoint "$last" --max_train_steps "${last##*-}" \
     >> "$R/$(basename "$out")_finish.log" 2>&1
 }
 

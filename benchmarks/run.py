@@ -62,7 +62,7 @@ SAMPLERS = ("ddpm", "dpm++", "unipc")
 # Defaults per device. CPU sizes keep the whole default run to a few minutes on 2 cores.
 DEFAULTS = {
     "cuda": dict(preset="base", batch_sizes=[128, 256, 512], vq_batch_sizes=[32, 64], sample_batch_sizes=[64, 256, 512],
-                 encode_images=2048, encode_batch_sizes=[16, 256], steps=20, warmup=5, ddpm_steps=1000,
+                 encode_images=2048, encode_batch_sizes=[16, 256], steps=50, warmup=10, ddpm_steps=1000,
                  sample_repeats=3, matmul_size=8192),
     "cpu": dict(preset="small", batch_sizes=[8, 16], vq_batch_sizes=[4], sample_batch_sizes=[4, 16],
                 encode_images=32, encode_batch_sizes=[16], steps=5, warmup=1, ddpm_steps=50,
