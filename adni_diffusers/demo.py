@@ -6,8 +6,9 @@
    trust_remote_code=True)`), 5. write a sample grid per class and the denoising GIF.
 
 On CPU it uses the `small` presets and finishes in about 15 minutes on 2 cores; on a GPU the
-`base` presets on an ADNI-size demo set (about 25 minutes on one H100, estimated from measured rates). A stage whose output already exists is reused (delete the
-folder, or pass --retrain, to train again).
+`base` presets on an ADNI-size demo set (about 25 minutes on one H100, estimated from measured
+rates, not run end to end). A stage whose output already exists is reused (delete the folder, or
+pass --retrain, to train again).
 """
 
 from __future__ import annotations
@@ -36,16 +37,16 @@ PLANS = {
                  "--checkpointing_steps", "200", "--checkpoints_total_limit", "1", "--sample_inference_steps", "25"],
         "sampler": ("dpm++", 25), "num_images": 8,
     },
-    # GPU: measured on one H100 (docs/results.md, 2026-11-25): the base VQModel trains at 231 images/s
-    # compiled (3,000 steps: about 7 min) and reached PSNR 32.6 dB after 1,034 steps; the base UNet at
-    # 3,120 images/s (8,000 steps: about 11 min) gave sharp, class-distinct samples after 500 steps.
-    # Each stage adds about 3 min of start-up, decoding, latent cache and compilation. This plan as a
-    # whole (about 25 min on an H100) is estimated from those rates, not run end to end.
+    # GPU: the flags of the H100 run in docs/results.md (2026-11-25), longer. There the base VQModel
+    # trained at 231 images/s (3,000 x 32 here: about 7 min) and reached PSNR 32.6 dB after 1,034 steps;
+    # the base UNet at 3,120 images/s (8,000 x 256 here: about 11 min) gave sharp, class-distinct samples
+    # after 500 steps; each stage had about 3 min of start-up, decoding, latent cache and compilation.
+    # So about 25 min on an H100: arithmetic from those rates; this plan was not run end to end.
     "cuda": {
         "subjects": 1500, "preset": "base",
         "vq": ["--max_train_steps", "3000", "--train_batch_size", "32", "--learning_rate", "4e-4",
                "--lr_warmup_steps", "200", "--mixed_precision", "bf16", "--allow_tf32", "--compile",
-               "--save_images_steps", "500", "--checkpointing_steps", "1000", "--checkpoints_total_limit", "2"],
+               "--channels_last", "--dataloader_num_workers", "4", "--save_images_steps", "500", "--checkpointing_steps", "1000", "--checkpoints_total_limit", "2"],
         "unet": [*DIFFUSION, "--max_train_steps", "8000", "--train_batch_size", "256", "--learning_rate", "4e-4",
                  "--lr_warmup_steps", "200", "--ema_max_decay", "0.999", "--mixed_precision", "bf16", "--allow_tf32",
                  "--compile", "--channels_last", "--eval_batch_size", "256", "--save_images_epochs", "10",
