@@ -62,13 +62,13 @@ SAMPLERS = ("ddpm", "dpm++", "unipc")
 # Defaults per device. CPU sizes keep the whole default run to a few minutes on 2 cores.
 DEFAULTS = {
     "cuda": dict(preset="base", batch_sizes=[128, 256, 512], vq_batch_sizes=[32, 64], sample_batch_sizes=[64, 256, 512],
-                 encode_images=2048, encode_batch_sizes=[16, 256], steps=50, warmup=10, ddpm_steps=1000,
+                 encode_images=2048, encode_batch_sizes=[16, 256], steps=30, warmup=10, repeats=3, ddpm_steps=1000,
                  sample_repeats=3, matmul_size=8192),
     "cpu": dict(preset="small", batch_sizes=[8, 16], vq_batch_sizes=[4], sample_batch_sizes=[4, 16],
-                encode_images=32, encode_batch_sizes=[16], steps=5, warmup=1, ddpm_steps=50,
+                encode_images=32, encode_batch_sizes=[16], steps=5, warmup=1, repeats=1, ddpm_steps=50,
                 sample_repeats=1, matmul_size=1024),
     "smoke": dict(preset="tiny", batch_sizes=[2], vq_batch_sizes=[2], sample_batch_sizes=[2], encode_images=4,
-                  encode_batch_sizes=[2], steps=1, warmup=1, ddpm_steps=2, sample_repeats=1, matmul_size=128,
+                  encode_batch_sizes=[2], steps=1, warmup=1, repeats=2, ddpm_steps=2, sample_repeats=1, matmul_size=128,
                   threads=1),
 }
 SMOKE_SOLVER_STEPS = 2  # --smoke runs DPM-Solver++ / UniPC with 2 steps (labelled so)
@@ -299,19 +299,26 @@ def make_loader(dataset, batch_size: int, bench: Bench, package: bool = True):
                                        drop_last=True, num_workers=0, pin_memory=bench.cuda)
 
 
-def timed_loop(bench: Bench, step, steps: int, warmup: int) -> dict:
-    """warmup steps (untimed; training rows compiled earlier, in maybe_compile's probe), then `steps` timed
-    steps between two device syncs."""
+def timed_loop(bench: Bench, step, steps: int, warmup: int, repeats: int = 1) -> dict:
+    """warmup steps (untimed; training rows compiled earlier, in maybe_compile's probe), then `repeats`
+    blocks of `steps` timed steps, each between two device syncs. The median block is reported, and the
+    spread (max - min) / median says how far a difference between rows can be trusted."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     bench.sync()
     warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    bench.sync()
-    return {"warmup_seconds": round(warm, 3), "seconds_per_step": (time.perf_counter() - t0) / steps}
+    per_step = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        bench.sync()
+        per_step.append((time.perf_counter() - t0) / steps)
+    median = statistics.median(per_step)
+    return {"warmup_seconds": round(warm, 3), "seconds_per_step": median,
+            "seconds_per_step_all": [round(x, 6) for x in per_step],
+            "spread": (max(per_step) - min(per_step)) / median}
 
 
 def finish_row(row: dict, batch_size: int, timing: dict, bench: Bench, flops_per_image: float | None,
@@ -408,7 +415,7 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
     accelerator = SimpleNamespace(device=dev, num_processes=1)
 
     rows = []
-    n_latents = max(opts.batch_sizes) * (opts.steps + opts.warmup + 2)
+    n_latents = max(opts.batch_sizes) * (opts.repeats * opts.steps + opts.warmup + 2)  # no epoch restart while timed
     g = torch.Generator().manual_seed(0)
     latents_cpu = torch.randn(n_latents, 4, 32, 32, generator=g)  # scaled latents have unit variance
     labels_cpu = torch.randint(0, 2, (n_latents,), generator=g)
@@ -506,7 +513,7 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                             pending.clear()
 
                 try:
-                    timing = timed_loop(bench, step, opts.steps, opts.warmup)
+                    timing = timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
                 except Exception as e:  # noqa: BLE001
                     if not spec["compile"] or bench.cuda and "CUDA error" in str(e):
                         raise
@@ -514,7 +521,7 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                     row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                     fresh_compile_cache()
                     model = unet
-                    timing = timed_loop(bench, step, opts.steps, opts.warmup)
+                    timing = timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
                     row["name"] += " [compile failed: eager]"
                 finish_row(row, bs, timing, bench, flops["unet_train_per_image"], rate)
                 row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
@@ -725,14 +732,14 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
                             pending.clear()
 
                 try:
-                    timing = timed_loop(bench, step, opts.steps, opts.warmup)
+                    timing = timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
                 except Exception as e:  # noqa: BLE001
                     if not spec["compile"] or bench.cuda and "CUDA error" in str(e):
                         raise
                     row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                     fresh_compile_cache()
                     compiled["m"] = model
-                    timing = timed_loop(bench, step, opts.steps, opts.warmup)
+                    timing = timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
                     row["name"] += " [compile failed: eager]"
                 finish_row(row, bs, timing, bench, flops["vq_train_per_image"], rate)
                 row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
@@ -993,12 +1000,14 @@ def markdown(results: dict) -> str:
             continue
         pre = sec.get("preset", sec.get("vq_preset"))
         lines += ["", f"### {title} (`{pre if key == 'unet' else sec['vq_preset']}` preset)", "",
-                  "| variant | batch | images/s | ms/step | MFU | peak MB | syncs/step | warm-up s | note |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | batch | images/s | ms/step | spread | MFU | peak MB | syncs/step | warm-up s | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sec["rows"]:
             note = r.get("error") or r.get("compile_error") or ""
+            spread = _pct(r["spread"]) if len(r.get("seconds_per_step_all", [])) > 1 else "-"
             lines.append(f"| {r['name']} | {r['batch_size']} | {_f(r.get('images_per_s'))} | "
-                         f"{_f(r['seconds_per_step'] * 1000 if 'seconds_per_step' in r else None)} | {_pct(r.get('mfu'))} | "
+                         f"{_f(r['seconds_per_step'] * 1000 if 'seconds_per_step' in r else None)} | {spread} | "
+                         f"{_pct(r.get('mfu'))} | "
                          f"{_f(r.get('peak_memory_mb'))} | {_f(r.get('syncs_per_step'))} | "
                          f"{_f(r.get('warmup_seconds'))} | {note} |")
         s = sec.get("summary", {})
@@ -1059,7 +1068,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-batch-sizes", type=int, nargs="+")
     p.add_argument("--encode-batch-sizes", type=int, nargs="+")
     p.add_argument("--encode-images", type=int, help="images encoded by the latent-cache benchmark")
-    p.add_argument("--steps", type=int, help="timed training steps per row")
+    p.add_argument("--steps", type=int, help="timed training steps per row and repeat")
+    p.add_argument("--repeats", type=int, help="timed blocks of --steps per training row (median reported, spread shown)")
     p.add_argument("--warmup", type=int,
                    help="untimed training steps first (compiled rows were compiled earlier, in maybe_compile's probe)")
     p.add_argument("--ddpm-steps", type=int, help="DDPM sampling steps actually run (1000 on CUDA)")
@@ -1087,8 +1097,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key in ("batch_sizes", "vq_batch_sizes", "sample_batch_sizes", "encode_batch_sizes"):
         if any(b < 1 for b in getattr(opts, key)):
             p.error(f"--{key.replace('_', '-')}: batch sizes must be positive")
-    if opts.steps < 1 or opts.warmup < 0 or opts.ddpm_steps < 1 or opts.sample_repeats < 1:
-        p.error("--steps, --ddpm-steps and --sample-repeats must be >= 1, --warmup >= 0")
+    if opts.steps < 1 or opts.repeats < 1 or opts.warmup < 0 or opts.ddpm_steps < 1 or opts.sample_repeats < 1:
+        p.error("--steps, --repeats, --ddpm-steps and --sample-repeats must be >= 1, --warmup >= 0")
     return opts
 
 

@@ -66,6 +66,17 @@ def test_every_section_has_positive_numbers(smoke):
         assert _positive(goal[key]), key
 
 
+def test_training_rows_are_repeated_and_show_their_spread(smoke):
+    results, table = smoke
+    for section in ("unet", "vq"):
+        for row in results[section]["rows"]:
+            times = row["seconds_per_step_all"]
+            assert len(times) == 2 and all(_positive(t) for t in times), row  # --smoke: 2 repeats
+            assert row["seconds_per_step"] == pytest.approx(sum(times) / 2, rel=1e-3)  # the median of two
+            assert row["spread"] == pytest.approx(abs(times[0] - times[1]) / row["seconds_per_step"], abs=1e-3)
+    assert "| spread |" in table
+
+
 def test_goals_are_reported_not_claimed(smoke):
     results, table = smoke
     goals = {g["goal"]: g for g in results["goals"]}
