@@ -50,9 +50,9 @@ log "git: ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 # 1. the benchmark, one section per process so a section that runs long loses only itself
 if [ "$SKIP_BENCHMARK" != 1 ]; then
   # (sizes trimmed to fit a 30-minute device lease: UNet batch 256, VQ batch 32, two samplers at batch 256)
-  phase bench_unet 330 python benchmarks/run.py --device cuda --compile --sections unet --batch-sizes 256 \
+  phase bench_unet 480 python benchmarks/run.py --device cuda --compile --sections unet --batch-sizes 256 \
     --out "$R/bench_unet.json" --markdown "$R/bench_unet.md"
-  phase bench_vq 200 python benchmarks/run.py --device cuda --compile --sections vq latent_cache --vq-batch-sizes 32 \
+  phase bench_vq 300 python benchmarks/run.py --device cuda --compile --sections vq latent_cache --vq-batch-sizes 32 \
     --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
   phase bench_sampling 240 python benchmarks/run.py --device cuda --compile --sections sampling \
     --sample-batch-sizes 256 --samplers ddpm dpm++ --out "$R/bench_sampling.json" --markdown "$R/bench_sampling.md"
