@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .plots import save_figure
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -344,11 +345,7 @@ def save_strip(result: dict, path, reference: str = "reconstruction", title: str
     fig.suptitle(title or (f"Counterfactual toward {target}" + (f" of {result['name']}" if result.get("name") else "")
                            + (f" (guidance {guidance:g}, {result.get('scheduler', '')} {result.get('steps', '')} steps,"
                               f" seed {result.get('seed')})" if guidance is not None else "")), fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def save_difference_map(diff: np.ndarray, path, title: str, reference: str = "reconstruction",
@@ -366,11 +363,7 @@ def save_difference_map(diff: np.ndarray, path, title: str, reference: str = "re
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     cbar.set_label(_diff_label(reference), fontsize=7)
     cbar.ax.tick_params(labelsize=7)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def _save_grey(x: torch.Tensor, path: Path) -> Path:
@@ -698,11 +691,7 @@ def plot_tradeoff(result: dict, path) -> Path:
     fig.suptitle(f"{result['images']} held-out {s} slices, guidance {st['guidance']:g}, {st['scheduler']} "
                  f"{st['steps']} steps", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_mean_difference(result: dict, path) -> Path:
@@ -736,11 +725,7 @@ def plot_mean_difference(result: dict, path) -> Path:
     fig.suptitle(f"Where the model changes {result['source']} slices toward {result['target']}: mean over "
                  f"{result['images']} held-out slices ([\u22121, 1] scale; blue = darker; contours: mean slice's "
                  "brain and CSF)", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def _jsonable(x):

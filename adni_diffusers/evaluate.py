@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .data import SliceData, SliceSet, load_slices, to_uint8
+from .plots import save_figure
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -411,9 +412,7 @@ def plot_nn_histogram(mem: dict, path: Path) -> Path:
         ax.set_xlabel(unit, fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_closest_pairs(mem: dict, gen: SliceSet, train: SliceSet, heldout: SliceSet, path: Path,
@@ -470,9 +469,7 @@ def plot_ablations(rows: list[dict], floor: dict, path: Path) -> Path:
     axes[0].set_yticks(y, labels, fontsize=8)
     axes[0].invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ========================================================================================== ablations

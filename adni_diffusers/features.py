@@ -43,6 +43,7 @@ from torch import nn
 
 from .data import PATIENT_SLICE_RE, SliceSet
 from .metrics import as_images, knn
+from .plots import save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -661,11 +662,7 @@ def umap_plot(
     ax.set_yticks([])
     ax.legend(loc="best", fontsize=8, markerscale=1.5)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = [

@@ -70,8 +70,15 @@ def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, path, dpi=100)
+
+
+def save_figure(fig, path, **savefig_kwargs) -> Path:
+    """Write a matplotlib figure (creating the folder), close it, and return the path."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, **savefig_kwargs)
     plt.close(fig)
     return path

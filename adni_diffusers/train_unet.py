@@ -79,16 +79,11 @@ def main(args: argparse.Namespace) -> dict:
 
     from adni_diffusers.latents import LatentDataset, load_or_build
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
-    from adni_diffusers.presets import PresetError, unet_config
+    from adni_diffusers.presets import unet_config
 
     vq_dir = find_vqmodel(args.vqmodel)
-    try:
-        config = unet_config(args.preset)
-    except PresetError as e:
-        raise TrainingError(str(e)) from None
-    accelerator = training.make_accelerator(args, "unet")
-    training.prepare_output_dir(args, accelerator, product="model_index.json")
-    data, data_source = training.load_training_data(args, accelerator)
+    config, accelerator, data, data_source = training.start_stage(args, unet_config, "unet",
+                                                                  product="model_index.json")
     device = accelerator.device
     if args.conditional and len(data.class_names) < 2:
         raise TrainingError(f"--conditional needs class folders (e.g. AD/ and NC/); {data.root} has "

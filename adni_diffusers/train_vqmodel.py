@@ -17,7 +17,6 @@ import time
 import torch
 
 from adni_diffusers import training
-from adni_diffusers.training import TrainingError
 
 DEFAULT_LR = 2e-4
 DEFAULT_BATCH = 8
@@ -55,17 +54,11 @@ def main(args: argparse.Namespace) -> dict:
     from diffusers import VQModel
 
     from adni_diffusers.data import SliceDataset
-    from adni_diffusers.presets import PresetError, vq_config
+    from adni_diffusers.presets import vq_config
     from adni_diffusers.vq import (CodebookMonitor, PatchDiscriminator, VQTrainingModel, adaptive_gan_weight, code_counts,
                                    flatten_latents, hinge_d_loss, reconstruction_loss, ssim_loss)
 
-    try:
-        config = vq_config(args.preset)
-    except PresetError as e:
-        raise TrainingError(str(e)) from None
-    accelerator = training.make_accelerator(args, "vqmodel")
-    training.prepare_output_dir(args, accelerator, product="vqvae")
-    data, data_source = training.load_training_data(args, accelerator)
+    config, accelerator, data, data_source = training.start_stage(args, vq_config, "vqmodel", product="vqvae")
     device = accelerator.device
 
     model = VQTrainingModel(training.to_channels_last(VQModel(**config), args))

@@ -214,6 +214,22 @@ def prepare_output_dir(args, accelerator, product: str) -> None:
     accelerator.wait_for_everyone()
 
 
+def start_stage(args, config_of, project_name: str, product: str):
+    """What both training scripts do first, in this order so that every bad flag or folder fails before
+    any work: the model config from --preset (`config_of`, e.g. `presets.vq_config`), the Accelerator,
+    the output folder check, the data. Returns (config, accelerator, data, data_source)."""
+    from .presets import PresetError
+
+    try:
+        config = config_of(args.preset)
+    except PresetError as e:
+        raise TrainingError(str(e)) from None
+    accelerator = make_accelerator(args, project_name)
+    prepare_output_dir(args, accelerator, product=product)
+    data, data_source = load_training_data(args, accelerator)
+    return config, accelerator, data, data_source
+
+
 def load_training_data(args, accelerator):
     """The slices, split as asked; the demo set is built (once) when no folder is given."""
     from .data import DataError, load_slices

@@ -151,7 +151,7 @@ class Bench:
         try:
             fn(row)
         except Exception as e:  # noqa: BLE001 - a benchmark row fails, the run goes on
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            msg = short_error(e)
             row["error"] = msg[:500]
             print(f"[benchmark] row {row.get('name')} failed: {msg}", file=sys.stderr)
             traceback.print_exc(limit=3, file=sys.stderr)
@@ -321,6 +321,31 @@ def timed_loop(bench: Bench, step, steps: int, warmup: int, repeats: int = 1) ->
             "spread": (max(per_step) - min(per_step)) / median}
 
 
+def short_error(e: BaseException) -> str:
+    """The exception's type and first line, for a row's error fields."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def compile_failed(bench: Bench, row: dict, e: BaseException, compiled: bool) -> None:
+    """A compiled row failed after maybe_compile's probe passed: re-raise what eager would not survive
+    (not a compiled row, or a sticky CUDA error), else record it; the caller then measures eager."""
+    if not compiled or bench.cuda and "CUDA error" in str(e):
+        raise e
+    row["compile_error"] = short_error(e)[:300]
+    row["name"] += " [compile failed: eager]"
+    fresh_compile_cache()
+
+
+def timed_training_row(bench: Bench, row: dict, step, opts, compiled: bool, use_eager) -> dict:
+    """timed_loop, and if the compiled step fails: use_eager() (swap in the eager model) and time again."""
+    try:
+        return timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
+    except Exception as e:  # noqa: BLE001
+        compile_failed(bench, row, e, compiled)
+        use_eager()
+        return timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
+
+
 def finish_row(row: dict, batch_size: int, timing: dict, bench: Bench, flops_per_image: float | None,
                rate: float | None) -> dict:
     row.update(timing)
@@ -450,8 +475,8 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                                               "mse", spec["cl"])
                     loss.backward()
 
-                model = maybe_compile(unet, args, probe=probe)
-                if spec["compile"] and model is unet:
+                model = {"m": maybe_compile(unet, args, probe=probe)}
+                if spec["compile"] and model["m"] is unet:
                     row["compile_error"] = "maybe_compile's probe failed: eager (see the warning)"
                     row["name"] += " [compile failed: eager]"
                 ema = None
@@ -496,7 +521,7 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                         z0 = batch["latents"].to(dev, non_blocking=True)
                     gen = torch.Generator(device=dev).manual_seed(counter["step"])  # as run.step_generator()
                     with autocast(bench, spec["bf16"]):
-                        loss = diffusion_loss(model, noise_scheduler, z0, None, gen, "mse", spec["cl"])
+                        loss = diffusion_loss(model["m"], noise_scheduler, z0, None, gen, "mse", spec["cl"])
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
                     optimizer.step()
@@ -512,17 +537,8 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                             torch.stack(pending).mean().item()
                             pending.clear()
 
-                try:
-                    timing = timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
-                except Exception as e:  # noqa: BLE001
-                    if not spec["compile"] or bench.cuda and "CUDA error" in str(e):
-                        raise
-                    # torch.compile failed after maybe_compile's probe passed: measure eager instead and say so
-                    row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                    fresh_compile_cache()
-                    model = unet
-                    timing = timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
-                    row["name"] += " [compile failed: eager]"
+                timing = timed_training_row(bench, row, step, opts, spec["compile"],
+                                            use_eager=lambda: model.update(m=unet))
                 finish_row(row, bs, timing, bench, flops["unet_train_per_image"], rate)
                 row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
                 row.pop("_losses", None)
@@ -731,16 +747,8 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
                             torch.stack(pending).mean(0).tolist()
                             pending.clear()
 
-                try:
-                    timing = timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
-                except Exception as e:  # noqa: BLE001
-                    if not spec["compile"] or bench.cuda and "CUDA error" in str(e):
-                        raise
-                    row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                    fresh_compile_cache()
-                    compiled["m"] = model
-                    timing = timed_loop(bench, step, opts.steps, opts.warmup, opts.repeats)
-                    row["name"] += " [compile failed: eager]"
+                timing = timed_training_row(bench, row, step, opts, spec["compile"],
+                                            use_eager=lambda: compiled.update(m=model))
                 finish_row(row, bs, timing, bench, flops["vq_train_per_image"], rate)
                 row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
 
@@ -836,11 +844,7 @@ def bench_sampling(bench: Bench, opts, flops: dict, rate: float) -> dict:
                     try:
                         call(min(steps, 3))  # warm-up (and compilation) at this batch size
                     except Exception as e:  # noqa: BLE001
-                        if not compile_ or bench.cuda and "CUDA error" in str(e):
-                            raise
-                        row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                        row["name"] += " [compile failed: eager]"
-                        fresh_compile_cache()
+                        compile_failed(bench, row, e, compile_)
                         pipe = build_pipeline(opts.preset, opts.vq_preset, dev, dtype)
                         pipe.scheduler = make_scheduler(sampler, base_config)
                         call(min(steps, 3))
