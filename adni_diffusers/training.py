@@ -31,6 +31,7 @@ import torch
 logger = logging.getLogger("adni_diffusers.training")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 HISTORY_FILE = "logs/history.jsonl"
 
 
@@ -97,6 +98,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPU)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model; falls back to eager if compilation fails")
+    g.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode with --compile (default: torch's default); reduce-overhead uses CUDA graphs")
+    g.add_argument("--cudnn_benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms for these fixed shapes (CUDA; not bit-reproducible)")
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500)
@@ -117,6 +122,8 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
         raise TrainingError(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise TrainingError("--checkpoints_total_limit must be at least 1")
+    if getattr(args, "compile_mode", None) and not args.compile:
+        raise TrainingError(f"--compile_mode {args.compile_mode} needs --compile")
     if args.resume_from_checkpoint not in (None, "latest"):
         path = Path(args.resume_from_checkpoint)
         if not CHECKPOINT_RE.match(path.name) or not path.is_dir():
@@ -177,6 +184,8 @@ def make_accelerator(args, project_name: str):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if getattr(args, "cudnn_benchmark", False) and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is too much
     if not accelerator.is_main_process:
@@ -338,20 +347,29 @@ def make_lr_scheduler(optimizer, args, accelerator, max_train_steps: int):
 
 
 def maybe_compile(model, args, probe=None):
-    """`torch.compile` when asked (--compile). `probe(compiled)` runs one real training step's forward
-    and backward: compilation happens at the first call, so only a probe catches a compiler failure
-    (facts.md: an inductor GroupNorm backward once crashed at batch 512). On failure: eager, with a
-    warning. A crash that corrupts the CUDA context cannot be caught here; rerun without --compile."""
+    """`torch.compile` when asked (--compile, --compile_mode). `probe(compiled)` runs one real training
+    step's forward and backward: compilation happens at the first call, so only a probe catches a compiler
+    failure. On failure: eager, with a warning. A CUDA error is different: it leaves the device unusable
+    in this process (facts.md: "misaligned address" in an inductor GroupNorm backward at batch 512), so it
+    stops the run with advice instead of failing again, less clearly, in the first eager step."""
     if not args.compile:
         return model
-    compiled = torch.compile(model)
+    mode = getattr(args, "compile_mode", None)
+    compiled = torch.compile(model, mode=None if mode in (None, "default") else mode)
     if probe is None:
         return compiled
     try:
         probe(compiled)
         return compiled
     except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
-        logger.warning("torch.compile failed (%s: %s); training eager", type(e).__name__, str(e).splitlines()[0])
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        if "CUDA error" in str(e):
+            raise TrainingError(
+                f"--compile: the compiled model's first training step at batch size {args.train_batch_size} hit a "
+                f"CUDA error ({first_line}), which leaves the GPU unusable in this process. Nothing was trained "
+                "yet. Rerun without --compile, or with another --train_batch_size or --compile_mode."
+            ) from e
+        logger.warning("torch.compile failed (%s: %s); training eager", type(e).__name__, first_line)
         return model
     finally:
         for p in model.parameters():

@@ -47,13 +47,18 @@ log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format
 log "software: $(python -c 'import torch, diffusers, accelerate, datasets, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, accelerate {accelerate.__version__}, datasets {datasets.__version__}")')"
 log "git: ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
-# 1. the benchmark, one section per process so a section that runs long loses only itself
+# 1. the benchmark, one section per process so a section that runs long (or crashes) loses only itself
+# (sizes trimmed to fit a 30-minute device lease: UNet batch 256, VQ batch 32, two samplers at batch 256;
+# --profile: where the time of the "ours" rows goes, docs/performance.md recommendation A)
 if [ "$SKIP_BENCHMARK" != 1 ]; then
-  # (sizes trimmed to fit a 30-minute device lease: UNet batch 256, VQ batch 32, two samplers at batch 256)
-  phase bench_unet 480 python benchmarks/run.py --device cuda --compile --sections unet --batch-sizes 256 \
+  phase bench_unet 600 python benchmarks/run.py --device cuda --compile --profile --sections unet --batch-sizes 256 \
     --out "$R/bench_unet.json" --markdown "$R/bench_unet.md"
-  phase bench_vq 300 python benchmarks/run.py --device cuda --compile --sections vq latent_cache --vq-batch-sizes 32 \
-    --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
+  # batch 512 in a process of its own: the compiler crashed there once (facts.md)
+  phase bench_unet512 300 python benchmarks/run.py --device cuda --compile --sections unet --batch-sizes 512 \
+    --variants "+ torch.compile (= ours)" "ours, compile mode reduce-overhead" \
+    --out "$R/bench_unet512.json" --markdown "$R/bench_unet512.md"
+  phase bench_vq 400 python benchmarks/run.py --device cuda --compile --profile --sections vq latent_cache \
+    --vq-batch-sizes 32 --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
   phase bench_sampling 240 python benchmarks/run.py --device cuda --compile --sections sampling \
     --sample-batch-sizes 256 --samplers ddpm dpm++ --out "$R/bench_sampling.json" --markdown "$R/bench_sampling.md"
 fi
@@ -89,15 +94,18 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
   local last; last=$(ls -d "$out"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
   [ -n "$last" ] || { log "no checkpoint in $out"; return 1; }
   log "finishing $out from $last"
-  local args=() a
-  for a in "$@"; do [ "$a" = --compile ] || args+=("$a"); done  # no step left to train: nothing to compile
+  local args=() a skip=0
+  for a in "$@"; do  # no step left to train: nothing to compile (drop --compile and --compile_mode M)
+    if [ "$skip" = 1 ]; then skip=0; elif [ "$a" = --compile_mode ]; then skip=1; elif [ "$a" != --compile ]; then args+=("$a"); fi
+  done
   python "$script" "${args[@]}" --output_dir "$out" --resume_from_checkpoint "$last" --max_train_steps "${last##*-}" \
     >> "$R/$(basename "$out")_finish.log" 2>&1
 }
 
 # 3. the VQModel (base preset: 4x32x32 latents, 8192 codes), default loss (MSE + 0.5 SSIM)
+# VQ_EXTRA / UNET_EXTRA: more flags for a stage, e.g. UNET_EXTRA="--compile_mode reduce-overhead --cudnn_benchmark"
 VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
-         $COMPILE --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
+         $COMPILE ${VQ_EXTRA:-} --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard)
 phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 360))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
   --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" "${VQ_ARGS[@]}"
@@ -105,7 +113,7 @@ phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 360))}" python train_vqmodel.py
 # 4. the class-conditional UNet on the cached latents: v-prediction, Min-SNR-5, EMA
 UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --conditional
            --prediction_type v_prediction --snr_gamma 5 --use_ema --ema_max_decay 0.999 --mixed_precision "$MP"
-           --allow_tf32 --channels_last $COMPILE --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
+           --allow_tf32 --channels_last $COMPILE ${UNET_EXTRA:-} --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard)
 phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 360))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \

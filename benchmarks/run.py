@@ -369,6 +369,62 @@ def fresh_compile_cache():
         torch._dynamo.reset()
 
 
+def compiled_words(spec: dict) -> str:
+    if not spec["compile"]:
+        return "eager"
+    return f"compiled (mode {spec['mode']})" if spec.get("mode") else "compiled"
+
+
+@contextlib.contextmanager
+def row_settings(spec: dict):
+    """A row's process-wide settings: cudnn.benchmark (--cudnn_benchmark), and its own compilation for a
+    compile mode other than the default (so neither leaks into the next row)."""
+    if spec.get("mode"):
+        fresh_compile_cache()
+    torch.backends.cudnn.benchmark = bool(spec.get("cudnn"))
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
+        if spec.get("mode"):
+            fresh_compile_cache()
+
+
+def profile_steps(bench: Bench, step, steps: int, top: int = 20) -> dict:
+    """torch.profiler over `steps` more training steps: where the time goes. On CUDA, kernel time per step
+    against wall time per step says whether the GPU waits for the host (busy fraction well below 1: launch
+    or Python overhead) or is busy (then the top kernels say which work to make cheaper); kernel launches
+    per step count what CUDA graphs would remove. On CPU: self CPU time per operator. The profiler adds
+    its own overhead to the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
+    bench.sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        bench.sync()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "self_device_time_total" if bench.cuda else "self_cpu_time_total"
+    time_of = lambda e: getattr(e, key, None) or getattr(e, key.replace("device", "cuda"), 0) or 0  # noqa: E731
+    busy_us = sum(time_of(e) for e in events)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    graph_launches = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+    ranked = sorted(events, key=time_of, reverse=True)[:top]
+    return {
+        "steps": steps, "timed_by": "CUDA kernel time" if bench.cuda else "self CPU time",
+        "wall_ms_per_step": wall * 1000 / steps,
+        "busy_ms_per_step": busy_us / 1000 / steps,
+        "busy_fraction": (busy_us / 1e6) / wall if bench.cuda else None,
+        "kernel_launches_per_step": launches / steps if bench.cuda else None,
+        "cuda_graph_launches_per_step": graph_launches / steps if bench.cuda else None,
+        "top": [{"name": e.key[:160], "ms_per_step": time_of(e) / 1000 / steps, "calls_per_step": e.count / steps,
+                 "share": time_of(e) / busy_us if busy_us else None} for e in ranked if time_of(e) > 0],
+    }
+
+
 # ---------------------------------------------------------------------------------- 1. UNet training
 
 
@@ -388,13 +444,22 @@ UNET_VARIANTS = {
                                                 ema="package", item=False),
     "ours + EMA (foreach=False, make_ema before 41ae458)": dict(data="loader", bf16=True, cl=True, fused=True,
                                                                compile=True, ema="loop", item=False),
+    # candidates behind train_unet flags (CUDA only; docs/performance.md, recommendation A)
+    "ours, no channels_last": dict(data="loader", bf16=True, cl=False, fused=True, compile=True, ema=None, item=False,
+                                   cuda_only=True),
+    "ours + cudnn.benchmark": dict(data="loader", bf16=True, cl=True, fused=True, compile=True, ema=None, item=False,
+                                   cudnn=True, cuda_only=True),
+    "ours, compile mode reduce-overhead": dict(data="loader", bf16=True, cl=True, fused=True, compile=True, ema=None,
+                                               item=False, mode="reduce-overhead", cuda_only=True, needs_compile=True),
 }
+UNET_PROFILED = ("+ torch.compile (= ours)", "+ fused AdamW (= ours, eager)", "+ channels_last")  # the first present
 
 
-def unet_variant_names(bench: Bench, compile_: bool, primary: bool) -> list[str]:
+def unet_variant_names(bench: Bench, compile_: bool, primary: bool, variants=None) -> list[str]:
     """All variants at the first batch size (the ablation); at the others the example style, "ours"
     (the fastest loader-fed configuration available here) and ours with device-resident latents.
-    Variants that only differ on CUDA (bf16, fused AdamW) are skipped on CPU; compiled ones need --compile."""
+    Variants that only differ on CUDA (bf16, fused AdamW) are skipped on CPU; compiled ones need --compile;
+    `variants` (--variants) keeps only those named."""
     if compile_:
         ours = "+ torch.compile (= ours)"
     elif bench.cuda:
@@ -402,10 +467,13 @@ def unet_variant_names(bench: Bench, compile_: bool, primary: bool) -> list[str]
     else:
         ours = "+ channels_last"  # on CPU: no bf16, make_optimizer is plain AdamW: this IS ours, eager
     names = list(UNET_VARIANTS) if primary else ["example style", ours, "ours, latents resident on device"]
+    if variants:
+        names = [n for n in names if n in variants]
     if not bench.cuda:
-        names = [n for n in names if n not in ("+ bf16 autocast", "+ fused AdamW (= ours, eager)")]
+        names = [n for n in names if n not in ("+ bf16 autocast", "+ fused AdamW (= ours, eager)")
+                 and not UNET_VARIANTS[n].get("cuda_only")]
     if not compile_:
-        names = [n for n in names if n != "+ torch.compile (= ours)"]
+        names = [n for n in names if n != "+ torch.compile (= ours)" and not UNET_VARIANTS[n].get("needs_compile")]
     return names
 
 
@@ -417,9 +485,11 @@ def unet_row_name(variant: str, spec: dict, bench: Bench) -> str:
     parts.append("bf16 autocast" if spec["bf16"] and bench.cuda else ("fp32 (TF32)" if bench.cuda else "fp32"))
     if spec["cl"]:
         parts.append("channels_last")
+    if spec.get("cudnn"):
+        parts.append("cudnn.benchmark")
     if spec["fused"] and bench.cuda:
         parts.append("fused AdamW")
-    parts.append("compiled" if spec["compile"] else "eager")
+    parts.append(compiled_words(spec))
     if spec["ema"]:
         parts.append("EMA foreach=True (make_ema)" if spec["ema"] == "package" else "EMA foreach=False (old make_ema)")
     return ", ".join(parts)
@@ -446,18 +516,20 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
     labels_cpu = torch.randint(0, 2, (n_latents,), generator=g)
     pixel_slices = None
 
+    primary_names = unet_variant_names(bench, opts.compile, True, opts.variants)
+    unet_profiled = next((n for n in UNET_PROFILED if n in primary_names), None)
     for bi, bs in enumerate(opts.batch_sizes):
         fresh_compile_cache()  # one compilation per batch size (static shapes), shared by that size's rows
-        for name in unet_variant_names(bench, opts.compile, primary=(bi == 0)):
+        for name in unet_variant_names(bench, opts.compile, bi == 0, opts.variants):
             spec = dict(UNET_VARIANTS[name])
             spec["compile"] = spec["compile"] and opts.compile  # without --compile every row runs eager
             row = {"name": unet_row_name(name, spec, bench), "variant": name, "batch_size": bs, "config": spec}
             if spec["data"] == "pixels" and pixel_slices is None:
                 pixel_slices = random_slices(max(opts.batch_sizes) * 2)
 
-            def run(row, spec=spec, bs=bs):
+            def run(row, spec=spec, bs=bs, profiled=(bi == 0 and name == unet_profiled)):
                 bench.reset_peak()
-                args = train_args(bs, channels_last=spec["cl"], compile=spec["compile"])
+                args = train_args(bs, channels_last=spec["cl"], compile=spec["compile"], compile_mode=spec.get("mode"))
                 torch.manual_seed(0)
                 unet = to_channels_last(UNet2DModel(**ucfg).to(dev), args)
                 unet.train()
@@ -542,8 +614,11 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                 finish_row(row, bs, timing, bench, flops["unet_train_per_image"], rate)
                 row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
                 row.pop("_losses", None)
+                if profiled and opts.profile:
+                    row["profile"] = profile_steps(bench, step, opts.profile_steps)
 
-            rows.append(bench.guarded(row, run))
+            with row_settings(spec):
+                rows.append(bench.guarded(row, run))
     ok = [r for r in rows if "error" not in r]
     # "ours" = what train_unet does today (DataLoader-fed); "resident" = the proposed data path
     best_ours = max((r for r in ok if r["config"]["data"] == "loader" and not r["config"]["ema"]),
@@ -658,7 +733,17 @@ VQ_VARIANTS = {
     "ours": dict(bf16=True, cl=True, fused=True, compile=False, item=False, ssim=True),
     "ours, --ssim_weight 0": dict(bf16=True, cl=True, fused=True, compile=False, item=False, ssim=False),
     "ours + compile": dict(bf16=True, cl=True, fused=True, compile=True, item=False, ssim=True),
+    "ours, no channels_last (train_vqmodel's default)": dict(bf16=True, cl=False, fused=True, compile=False,
+                                                            item=False, ssim=True),
+    # candidates behind train_vqmodel flags (CUDA only)
+    "ours + compile, no channels_last": dict(bf16=True, cl=False, fused=True, compile=True, item=False, ssim=True,
+                                             cuda_only=True),
+    "ours + compile + cudnn.benchmark": dict(bf16=True, cl=True, fused=True, compile=True, item=False, ssim=True,
+                                             cudnn=True, cuda_only=True),
+    "ours + compile, mode reduce-overhead": dict(bf16=True, cl=True, fused=True, compile=True, item=False, ssim=True,
+                                                 mode="reduce-overhead", cuda_only=True),
 }
+VQ_PROFILED = ("ours + compile", "ours")  # the first present
 
 
 VQ_SSIM_WEIGHT = 0.5  # train_vqmodel's --ssim_weight default (the example style has no SSIM term)
@@ -667,11 +752,15 @@ VQ_SSIM_WEIGHT = 0.5  # train_vqmodel's --ssim_weight default (the example style
 def vq_row_name(variant: str, spec: dict, bench: Bench) -> str:
     if variant == "example style":
         return f"example style: {'fp32 (TF32)' if bench.cuda else 'fp32'}, eager, AdamW, .item() per step"
-    parts = ["as train_vqmodel runs", "bf16 autocast" if bench.cuda else "fp32", "channels_last",
-             f"MSE + {VQ_SSIM_WEIGHT} x (1 - SSIM)" if spec["ssim"] else "MSE only (--ssim_weight 0)"]
+    parts = ["as train_vqmodel runs", "bf16 autocast" if bench.cuda else "fp32"]
+    if spec["cl"]:
+        parts.append("channels_last")
+    if spec.get("cudnn"):
+        parts.append("cudnn.benchmark")
+    parts.append(f"MSE + {VQ_SSIM_WEIGHT} x (1 - SSIM)" if spec["ssim"] else "MSE only (--ssim_weight 0)")
     if bench.cuda:
         parts.append("fused AdamW")
-    parts.append("compiled" if spec["compile"] else "eager")
+    parts.append(compiled_words(spec))
     return ", ".join(parts)
 
 
@@ -688,16 +777,19 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
     accelerator = SimpleNamespace(device=dev, num_processes=1)
     slices = random_slices(max(opts.vq_batch_sizes) * 4, seed=2)
     rows = []
-    for bs in opts.vq_batch_sizes:
+    variants = {n: s for n, s in VQ_VARIANTS.items()
+                if (opts.compile or not s["compile"]) and (bench.cuda or not s.get("cuda_only"))
+                and (not opts.variants or n in opts.variants)}
+    vq_profiled = next((n for n in VQ_PROFILED if n in variants), None)
+    for bi, bs in enumerate(opts.vq_batch_sizes):
         fresh_compile_cache()
-        for name, spec in VQ_VARIANTS.items():
-            if spec["compile"] and not opts.compile:
-                continue
+        for name, spec in variants.items():
             row = {"name": vq_row_name(name, spec, bench), "variant": name, "batch_size": bs, "config": dict(spec)}
 
-            def run(row, spec=spec, bs=bs):
+            def run(row, spec=spec, bs=bs, profiled=(bi == 0 and name == vq_profiled)):
                 bench.reset_peak()
-                args = train_args(bs, learning_rate=2e-4, channels_last=spec["cl"], compile=spec["compile"])
+                args = train_args(bs, learning_rate=2e-4, channels_last=spec["cl"], compile=spec["compile"],
+                                  compile_mode=spec.get("mode"))
                 torch.manual_seed(0)
                 vq = to_channels_last(VQModel(**vcfg).to(dev), args)
                 model = VQTrainingModel(vq).train()
@@ -751,8 +843,11 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
                                             use_eager=lambda: compiled.update(m=model))
                 finish_row(row, bs, timing, bench, flops["vq_train_per_image"], rate)
                 row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
+                if profiled and opts.profile:
+                    row["profile"] = profile_steps(bench, step, opts.profile_steps)
 
-            rows.append(bench.guarded(row, run))
+            with row_settings(spec):
+                rows.append(bench.guarded(row, run))
     ok = [r for r in rows if "error" not in r]
     # "best" = the best of train_vqmodel's default loss (with SSIM), eager or compiled with --compile
     best = max((r for r in ok if r["config"]["ssim"]), key=lambda r: r["images_per_s"], default=None)
@@ -979,6 +1074,21 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def profile_markdown(row: dict) -> list[str]:
+    p = row["profile"]
+    head = (f"Profile of \"{row['name']}\" (batch {row['batch_size']}, {p['steps']} steps under torch.profiler, "
+            f"{p['timed_by']}): wall {p['wall_ms_per_step']:.1f} ms/step, busy {p['busy_ms_per_step']:.1f} ms/step")
+    if p.get("busy_fraction") is not None:
+        head += (f" (the GPU busy {_pct(p['busy_fraction'])} of the wall time), "
+                 f"{_f(p['kernel_launches_per_step'])} kernel launches and "
+                 f"{_f(p['cuda_graph_launches_per_step'])} CUDA graph launches per step")
+    lines = ["", head + ":", "", "| operator / kernel | ms/step | calls/step | share of busy time |", "|---|---|---|---|"]
+    for t in p["top"]:
+        name = t["name"].replace("|", "/")
+        lines.append(f"| `{name[:100]}` | {t['ms_per_step']:.2f} | {_f(t['calls_per_step'])} | {_pct(t['share'])} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     m, lines = results["machine"], []
     lines.append(f"## adni_diffusers benchmark: {m['device_name']} ({m['device']})")
@@ -1024,6 +1134,9 @@ def markdown(results: dict) -> str:
                             if s.get("speedup_resident") else "")
                          + (f"; without the SSIM term (the example style's loss): {s['speedup_no_ssim']:.2f}x"
                             if s.get("speedup_no_ssim") else ""))
+        for r in sec["rows"]:
+            if r.get("profile"):
+                lines += profile_markdown(r)
     sec = results.get("latent_cache")
     if sec:
         lines += ["", f"### Latent-cache build (`encode_all`, `{sec['vq_preset']}` VQ preset)", "",
@@ -1083,6 +1196,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="add the torch.compile rows (with an eager fallback)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode for the sampling rows, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help="only the UNet / VQ training rows with these variant names (the JSON's \"variant\"), "
+                        "e.g. a separate process for a batch size that may crash the compiler")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over --profile-steps more steps of the UNet and VQ 'ours' rows (first batch size)")
+    p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--smoke", action="store_true", help="tiny preset, 1 step each: seconds, for CI (numbers mean nothing)")
@@ -1098,6 +1217,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(opts, key, None) is None:
             setattr(opts, key, value)
     opts.vq_preset = opts.vq_preset or opts.preset
+    unknown = sorted(set(opts.variants or ()) - set(UNET_VARIANTS) - set(VQ_VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {sorted(set(UNET_VARIANTS) | set(VQ_VARIANTS))}")
     for key in ("batch_sizes", "vq_batch_sizes", "sample_batch_sizes", "encode_batch_sizes"):
         if any(b < 1 for b in getattr(opts, key)):
             p.error(f"--{key.replace('_', '-')}: batch sizes must be positive")

@@ -18,7 +18,7 @@ def smoke(tmp_path_factory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     md = out.with_suffix(".md")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--out", str(out),
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--profile", "--out", str(out),
                            "--markdown", str(md)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"benchmark failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text()), md.read_text()
@@ -56,7 +56,11 @@ def test_every_section_has_positive_numbers(smoke):
     variants = {r["variant"] for r in results["unet"]["rows"]}
     assert "example style" in variants and "ours, latents resident on device" in variants
     assert _positive(results["unet"]["summary"]["speedup"])
-    assert {r["variant"] for r in results["vq"]["rows"]} >= {"example style", "ours"}
+    assert {r["variant"] for r in results["vq"]["rows"]} >= {"example style", "ours",
+                                                             "ours, no channels_last (train_vqmodel's default)"}
+    # the CUDA-only candidates (cudnn.benchmark, CUDA graphs) and compiled rows are not run on CPU without --compile
+    assert not any(r["config"].get("cuda_only") or r["config"]["compile"]
+                   for section in ("unet", "vq") for r in results[section]["rows"])
     samplers = {(r["sampler"], r["steps"]) for r in results["sampling"]["rows"]}
     assert samplers == {("ddpm", 2), ("dpm++", 2), ("unipc", 2)}  # labelled with the steps really run
     assert all(r["finite"] and r["image_shape"] == [1, 256, 256] for r in results["sampling"]["rows"])
@@ -87,6 +91,24 @@ def test_goals_are_reported_not_claimed(smoke):
     for heading in ("UNet training step", "VQ training step", "Latent-cache build", "Sampling end to end",
                     "CPU goal row", "Goals (issue 7)"):
         assert heading in table, heading
+
+
+def test_profile_says_where_the_time_goes(smoke):
+    results, table = smoke
+    profiled = {section: [r for r in results[section]["rows"] if "profile" in r] for section in ("unet", "vq")}
+    # one row per section: "ours" at the first batch size (on CPU without --compile: eager channels_last)
+    assert [r["variant"] for r in profiled["unet"]] == ["+ channels_last"]
+    assert [r["variant"] for r in profiled["vq"]] == ["ours"]
+    for (row,) in profiled.values():
+        p = row["profile"]
+        assert p["steps"] == 5 and p["timed_by"] == "self CPU time" and p["busy_fraction"] is None
+        assert 0 < p["busy_ms_per_step"] <= p["wall_ms_per_step"] * 1.5  # self times of one thread (+ loader)
+        top = p["top"]
+        assert 5 <= len(top) <= 20 and all(t["ms_per_step"] > 0 and t["calls_per_step"] > 0 for t in top)
+        assert [t["ms_per_step"] for t in top] == sorted((t["ms_per_step"] for t in top), reverse=True)
+        assert any("conv" in t["name"] for t in top)  # both models are convolutional
+        assert f'Profile of "{row["name"]}"' in table
+    assert 0 < sum(t["share"] for t in profiled["unet"][0]["profile"]["top"]) <= 1.0001
 
 
 def test_bad_flags_are_refused():
