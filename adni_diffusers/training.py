@@ -122,8 +122,15 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
         raise TrainingError(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise TrainingError("--checkpoints_total_limit must be at least 1")
-    if getattr(args, "compile_mode", None) and not args.compile:
-        raise TrainingError(f"--compile_mode {args.compile_mode} needs --compile")
+    mode = getattr(args, "compile_mode", None)
+    if mode and not args.compile:
+        raise TrainingError(f"--compile_mode {mode} needs --compile")
+    if mode in ("reduce-overhead", "max-autotune") and args.gradient_accumulation_steps > 1:
+        # CUDA graphs reuse their output buffers at the next micro-batch, and autograd keeps a first
+        # micro-batch's gradient in such a buffer: accumulation would silently add the wrong numbers
+        raise TrainingError(f"--compile_mode {mode} (CUDA graphs) cannot be combined with "
+                            f"--gradient_accumulation_steps {args.gradient_accumulation_steps}; use "
+                            "--compile_mode default or max-autotune-no-cudagraphs, or a larger --train_batch_size")
     if args.resume_from_checkpoint not in (None, "latest"):
         path = Path(args.resume_from_checkpoint)
         if not CHECKPOINT_RE.match(path.name) or not path.is_dir():

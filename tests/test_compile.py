@@ -46,12 +46,21 @@ def test_cuda_error_in_probe_stops_with_advice():
         maybe_compile(_tiny_model(), _args(train_batch_size=512), probe=probe)
 
 
-def test_compile_mode_needs_compile(tmp_path, tiny_vq, demo_root, capsys):
-    from adni_diffusers import train_unet
+@pytest.mark.parametrize("flags, message", [
+    (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
+    (["--compile", "--compile_mode", "reduce-overhead", "--gradient_accumulation_steps", "2"],
+     "--compile_mode reduce-overhead (CUDA graphs) cannot be combined with --gradient_accumulation_steps 2"),
+])
+def test_compile_flags_are_checked_before_work(tmp_path, tiny_vq, demo_root, capsys, flags, message):
+    from adni_diffusers import train_unet, train_vqmodel
 
     code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir",
-                           str(tmp_path / "o"), "--compile_mode", "reduce-overhead", *TINY_UNET_ARGS])
-    assert code == 2 and "--compile_mode reduce-overhead needs --compile" in capsys.readouterr().err
+                           str(tmp_path / "o"), *flags, *TINY_UNET_ARGS])
+    assert code == 2 and message in capsys.readouterr().err
+    code = train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(tmp_path / "v"), *flags,
+                              "--preset", "tiny"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "v").exists()
 
 
 def test_compiled_training_run_matches_eager(tmp_path, tiny_vq, demo_root, caplog):
