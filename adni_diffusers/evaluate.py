@@ -65,6 +65,7 @@ SEED_REFINEMENT = (30, 5)
 MILD_REFINEMENT = (10, 2)
 ABLATION_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
 FLOOR_LABEL = "floor: real train vs held-out"
+CEILING_LABEL = "VQ ceiling: the floor's training images through the VQ autoencoder vs held-out"
 
 
 class EvaluationError(ValueError):
@@ -204,6 +205,17 @@ def sample_images(pipe, labels: list, *, scheduler: str = DEFAULT_SCHEDULER, ste
                 out.append(images.float().cpu() * 2 - 1)
     finally:
         pipe.scheduler = original
+    return torch.cat(out) if out else torch.empty(0, 1, 256, 256)
+
+
+@torch.no_grad()
+def vq_round_trip(pipe, pixels: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """uint8 slices (N, H, W) -> the pipeline's VQ encode + decode: float (N, 1, 256, 256) in [-1, 1] on the CPU.
+
+    Generated images leave through the same decoder, so these are what a perfect second stage would
+    produce: the best realism any diffusion model on this autoencoder can reach."""
+    out = [pipe.decode(pipe.encode(pixels[s : s + batch_size]), output_type="pt").float().cpu() * 2 - 1
+           for s in range(0, len(pixels), batch_size)]
     return torch.cat(out) if out else torch.empty(0, 1, 256, 256)
 
 
@@ -638,8 +650,9 @@ def _clean(obj):
 def summary_numbers(res: dict) -> dict:
     """The top-level numeric entries of metrics.json (the model card's table): each beside its floor."""
     r, fl = res["realism"]["generated"], res["realism"]["floor"]
+    ce = res["realism"].get("vq_ceiling") or {}
     s = {
-        M.FD_NAME: r["fd"], f"{M.FD_NAME}, {FLOOR_LABEL}": fl["fd"],
+        M.FD_NAME: r["fd"], f"{M.FD_NAME}, {FLOOR_LABEL}": fl["fd"], f"{M.FD_NAME}, {CEILING_LABEL}": ce.get("fd"),
         M.KID_NAME: r["kid"], f"{M.KID_NAME}, {FLOOR_LABEL}": fl["kid"],
         f"precision (adni-features, k={r['k']})": r["precision"],
         f"precision (adni-features, k={fl['k']}), {FLOOR_LABEL}": fl["precision"],
@@ -666,6 +679,7 @@ def summary_numbers(res: dict) -> dict:
 
 def write_report(res: dict, out: Path) -> Path:
     r, fl = res["realism"]["generated"], res["realism"]["floor"]
+    ce = res["realism"].get("vq_ceiling") or {}
     st = res["settings"]
     fn = res["feature_net"]
     lines = [
@@ -693,37 +707,41 @@ def write_report(res: dict, out: Path) -> Path:
         "(training vs held-out patients, same N). A generator cannot be expected to beat the floor; the gap "
         "to it is what matters. FD/KID are computed in the feature space of the project's own network "
         "(`adni-features`, trained on real training images only), so they are **not** comparable with "
-        "published FID values. See `docs/evaluation.md` for the method.",
+        "published FID values. The **VQ ceiling** is the floor's training images after the VQ autoencoder's "
+        "encode + decode: what a perfect diffusion model on this autoencoder would reach. Generated vs ceiling "
+        "is the diffusion model's share of the gap, ceiling vs floor the autoencoder's. "
+        "See `docs/evaluation.md` for the method.",
         "",
         "## Summary",
         "",
-        "| measure | generated | floor (real) | better |",
-        "|---|---|---|---|",
-        f"| {M.FD_NAME} | {_f(r['fd'])} | {_f(fl['fd'])} | lower, near the floor |",
-        f"| {M.KID_NAME} | {_kid(r)} | {_kid(fl)} | lower, near the floor |",
+        "| measure | generated | floor (real) | VQ ceiling | better |",
+        "|---|---|---|---|---|",
+        f"| {M.FD_NAME} | {_f(r['fd'])} | {_f(fl['fd'])} | {_f(ce.get('fd'))} | lower, near the floor |",
+        f"| {M.KID_NAME} | {_kid(r)} | {_kid(fl)} | {_kid(ce) if ce else '-'} | lower, near the floor |",
         f"| precision (k={r['k']}): samples inside the real manifold | {_f(r['precision'], 3)} | "
-        f"{_f(fl['precision'], 3)} | higher |",
+        f"{_f(fl['precision'], 3)} | {_f(ce.get('precision'), 3)} | higher |",
         f"| recall (k={r['k']}): real images inside the samples' manifold | {_f(r['recall'], 3)} | "
-        f"{_f(fl['recall'], 3)} | higher |",
+        f"{_f(fl['recall'], 3)} | {_f(ce.get('recall'), 3)} | higher |",
         f"| MS-SSIM of random pairs within a class | {_f(res['diversity']['generated']['mean'], 3)} | "
-        f"{_f(res['diversity']['real']['mean'], 3)} (held-out pairs) | close to real; much higher = mode collapse |",
+        f"{_f(res['diversity']['real']['mean'], 3)} (held-out pairs) | - | close to real; much higher = mode collapse |",
     ]
     cf = res.get("class_fidelity")
     if cf:
         for name, acc in cf["generated"]["per_class"].items():
             real_acc = cf["real_heldout"]["accuracy_per_class"].get(name)
+            ceiling_acc = (cf.get("vq_ceiling") or {}).get("per_class", {}).get(name)
             lines.append(f"| feature-net accuracy, class {name} | {_pct(acc)} of samples | {_pct(real_acc)} of "
-                         "held-out slices | close to real |")
+                         f"held-out slices | {_pct(ceiling_acc)} of round trips | close to real |")
         if cf.get("tstr"):
             lines.append(f"| classifier trained on samples, tested on held-out reals (TSTR) | "
-                         f"{_pct(cf['tstr']['accuracy'])} | {_pct(cf['trtr']['accuracy'])} (TRTR) | close to TRTR |")
+                         f"{_pct(cf['tstr']['accuracy'])} | {_pct(cf['trtr']['accuracy'])} (TRTR) | - | close to TRTR |")
     mem = res["memorisation"]
     lines += [
         f"| samples nearer to the training set than {NN_PERCENTILE:g}% of held-out reals (features) | "
-        f"{_pct(mem['features']['closer_than_heldout_percentile'])} | {NN_PERCENTILE:g}% by definition | "
+        f"{_pct(mem['features']['closer_than_heldout_percentile'])} | {NN_PERCENTILE:g}% by definition | - | "
         f"near {NN_PERCENTILE:g}%; far more = copying |",
         f"| the same in pixel space (64x64) | {_pct(mem['pixels']['closer_than_heldout_percentile'])} | "
-        f"{NN_PERCENTILE:g}% | near {NN_PERCENTILE:g}% |",
+        f"{NN_PERCENTILE:g}% | - | near {NN_PERCENTILE:g}% |",
         "",
         f"Distribution metrics use {r['candidate_images']} generated and {r['reference_images']} held-out real "
         f"images ({'per class: ' + ', '.join(f'{k} {v}' for k, v in res['realism']['images_per_class'].items())}); "
@@ -744,12 +762,13 @@ def write_report(res: dict, out: Path) -> Path:
         "",
     ]
     if res["realism"].get("per_class"):
-        lines += ["## Realism per class", "", "| class | " + M.FD_NAME + " | floor | precision | floor | recall "
-                  "| floor |", "|---|---|---|---|---|---|---|"]
+        lines += ["## Realism per class", "", "| class | " + M.FD_NAME + " | floor | VQ ceiling | precision | floor "
+                  "| VQ ceiling | recall | floor | VQ ceiling |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, v in res["realism"]["per_class"].items():
-            g, f0 = v["generated"], v["floor"]
-            lines.append(f"| {name} | {_f(g['fd'])} | {_f(f0['fd'])} | {_f(g['precision'], 3)} | "
-                         f"{_f(f0['precision'], 3)} | {_f(g['recall'], 3)} | {_f(f0['recall'], 3)} |")
+            g, f0, c0 = v["generated"], v["floor"], v.get("vq_ceiling") or {}
+            lines.append(f"| {name} | {_f(g['fd'])} | {_f(f0['fd'])} | {_f(c0.get('fd'))} | {_f(g['precision'], 3)} | "
+                         f"{_f(f0['precision'], 3)} | {_f(c0.get('precision'), 3)} | {_f(g['recall'], 3)} | "
+                         f"{_f(f0['recall'], 3)} | {_f(c0.get('recall'), 3)} |")
         lines.append("")
     div = res["diversity"]
     lines += ["## Diversity", "",
@@ -1017,9 +1036,15 @@ def evaluate_model(
     gen_idx = first_per_class(groups_of(gen), counts)
     held_idx = subsample(groups_of(data.val), counts, seed)
     train_idx = subsample(groups_of(data.train), counts, seed + 1)
+    # the VQ ceiling: the floor's own training images after the autoencoder's round trip, so that
+    # ceiling - floor is the first stage's share of the gap and generated - ceiling the diffusion model's
+    recon = as_slice_set(vq_round_trip(pipe, data.train.pixels[train_idx], batch_size),
+                         data.train.labels[train_idx].tolist(), class_names, prefix="vq-round-trip")
+    recon_feats = extract_features(net, recon.pixels, desc="features: VQ round trip", **fe)
     realism = {
         "generated": compare_features(heldout_feats[held_idx], gen_feats[gen_idx], kid_subsets=kid_subsets, seed=seed),
         "floor": compare_features(heldout_feats[held_idx], train_feats[train_idx], kid_subsets=kid_subsets, seed=seed),
+        "vq_ceiling": compare_features(heldout_feats[held_idx], recon_feats, kid_subsets=kid_subsets, seed=seed),
         "images_per_class": ({class_names[c]: v for c, v in counts.items()} if conditional
                              else {"all": counts[0]}),
         "per_class": {},
@@ -1029,10 +1054,13 @@ def evaluate_model(
             h = held_idx[data.val.labels[held_idx] == c]
             if len(h) >= 3:
                 g_ = gen_idx[gen.labels[gen_idx] == c]
-                tr = train_idx[data.train.labels[train_idx] == c]
+                in_class = data.train.labels[train_idx] == c
+                tr = train_idx[in_class]
                 realism["per_class"][name] = {
                     "generated": compare_features(heldout_feats[h], gen_feats[g_], kid_subsets=kid_subsets, seed=seed),
                     "floor": compare_features(heldout_feats[h], train_feats[tr], kid_subsets=kid_subsets, seed=seed),
+                    "vq_ceiling": compare_features(heldout_feats[h], recon_feats[in_class], kid_subsets=kid_subsets,
+                                                   seed=seed),
                 }
     timings["realism_seconds"] = time.perf_counter() - t
 
@@ -1053,6 +1081,7 @@ def evaluate_model(
     recipe["epochs"] = tstr_epochs
     if conditional:
         fidelity = {"generated": class_fidelity(net, gen.pixels, gen.labels, class_names, feature_batch, device),
+                    "vq_ceiling": class_fidelity(net, recon.pixels, recon.labels, class_names, feature_batch, device),
                     "real_heldout": {"accuracy": fn_report["val"]["accuracy"],
                                      "patient_accuracy": fn_report["val"].get("patient_accuracy"),
                                      "accuracy_per_class": fn_report["val"].get("accuracy_per_class", {})}}
@@ -1215,7 +1244,8 @@ def main(args: argparse.Namespace) -> int:
     )
     out = Path(args.out) if args.out else Path(args.model) / "evaluation"
     r, fl = result["realism"]["generated"], result["realism"]["floor"]
-    print(f"\n{M.FD_NAME}: {r['fd']:.4g} (floor, real train vs held-out: {fl['fd']:.4g}); "
+    ce = result["realism"]["vq_ceiling"]
+    print(f"\n{M.FD_NAME}: {r['fd']:.4g} (floor, real train vs held-out: {fl['fd']:.4g}; VQ ceiling: {ce['fd']:.4g}); "
           f"precision {r['precision']:.3f} ({fl['precision']:.3f}), recall {r['recall']:.3f} ({fl['recall']:.3f})")
     print(f"feature net {'reused from cache' if result['feature_net']['cached'] else 'trained'}: "
           f"{result['feature_net']['path']}")

@@ -125,7 +125,10 @@ def prepare_slices(images, size: int = IMAGE_SIZE) -> torch.Tensor:
                 raise ValueError(f"image {i} is a {im.mode} image; expected a greyscale slice (mode L)")
             arr = np.asarray(im.convert("L"), dtype=np.float32) / 127.5 - 1.0
         else:
-            arr = im.detach().float().cpu().numpy() if isinstance(im, torch.Tensor) else np.asarray(im)
+            if isinstance(im, torch.Tensor):  # uint8 stays uint8 (0..255); other dtypes via float32
+                arr = im.detach().cpu().numpy() if im.dtype == torch.uint8 else im.detach().float().cpu().numpy()
+            else:
+                arr = np.asarray(im)
             if arr.ndim == 3 and arr.shape[0] == 1:
                 arr = arr[0]
             if arr.ndim != 2:

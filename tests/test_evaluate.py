@@ -91,7 +91,31 @@ def test_held_out_is_the_training_split_and_floors_stand_beside_numbers(evaluate
     assert len(mem["features"]["heldout_distance"]) == metrics["data"]["validation"]["images"]
     assert 0 <= mem["pixels"]["closer_than_heldout_percentile"] <= 1
     report = (out / "report.md").read_text()
-    assert "| measure | generated | floor (real) |" in report
+    assert "| measure | generated | floor (real) | VQ ceiling |" in report
+
+
+def test_vq_ceiling_is_the_floors_images_through_the_autoencoder(evaluated, model_copy):
+    """The ceiling compares the floor's own training images, after VQ encode + decode, with the same held-out set."""
+    result, out = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    floor, ceiling = metrics["realism"]["floor"], metrics["realism"]["vq_ceiling"]
+    assert ceiling["candidate_images"] == floor["candidate_images"] == 8
+    assert ceiling["reference_images"] == floor["reference_images"]
+    # a 4-step tiny VQModel blurs everything: its round trips are further from real slices than real slices are
+    assert ceiling["fd"] > floor["fd"]
+    assert metrics[f"{FD_NAME}, {E.CEILING_LABEL}"] == ceiling["fd"]
+    assert set(metrics["realism"]["per_class"]["AD"]) == {"generated", "floor", "vq_ceiling"}
+    acc = metrics["class_fidelity"]["vq_ceiling"]["per_class"]
+    assert set(acc) == {"AD", "NC"} and all(0 <= v <= 1 for v in acc.values())
+    # the round trip is the pipeline's own encode + decode of uint8 slices
+    from adni_diffusers import ADNILatentDiffusionPipeline
+
+    pipe = ADNILatentDiffusionPipeline.from_pretrained(model_copy)
+    pixels = torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    trip = E.vq_round_trip(pipe, pixels, batch_size=2)
+    assert trip.shape == (3, 1, 256, 256) and trip.min() >= -1 and trip.max() <= 1
+    expected = pipe(image=pixels.numpy(), strength=0.0, output_type="pt").images * 2 - 1  # one batch of 3
+    torch.testing.assert_close(trip, expected, atol=1e-4, rtol=0)
 
 
 def test_ablation_table_has_the_named_rows(evaluated):

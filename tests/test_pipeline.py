@@ -233,6 +233,23 @@ def test_prepare_slices_pads_like_training():
     assert torch.allclose(x[0, 0], torch.from_numpy(arr).float() / 127.5 - 1)
 
 
+def test_prepare_slices_same_pixels_in_every_form():
+    """A slice as PIL, uint8 numpy, uint8 tensor (one or a batch), float in [0, 1] or [-1, 1]: one result."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 256, 256), dtype=np.uint8)
+    pixels[:, :, 0] = 0  # a black border, as slices have (so [-1, 1] floats have negative values)
+    expected = torch.from_numpy(pixels).float()[:, None] / 127.5 - 1
+    forms = {
+        "PIL": [PIL.Image.fromarray(p) for p in pixels],
+        "uint8 array": pixels,
+        "uint8 tensor": torch.from_numpy(pixels),
+        "uint8 tensor (N, 1, H, W)": torch.from_numpy(pixels)[:, None],
+        "float tensor in [0, 1]": torch.from_numpy(pixels).float() / 255,
+        "float tensor in [-1, 1]": expected,
+    }
+    for name, images in forms.items():
+        torch.testing.assert_close(prepare_slices(images), expected, atol=1e-6, rtol=0, msg=name)
+
+
 def test_prepare_slices_errors():
     with pytest.raises(ValueError, match="200 wide x 200 high; expected 256 wide x 240 high"):
         prepare_slices(np.zeros((200, 200), np.uint8))
