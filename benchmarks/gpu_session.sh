@@ -12,6 +12,8 @@
 # checkpoint (nothing is lost). Each stage also has about 3 minutes of fixed costs on an H100 (start-up,
 # JPEG decoding, the latent cache, compilation: measured 2026-11-25), which the limits must leave room for.
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
+# Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
+# not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
 set -uo pipefail
 
 R=${1:-gpu_run}
@@ -21,6 +23,7 @@ SUBJECTS=${SUBJECTS:-1500}
 EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
 ABLATION_SAMPLES=${ABLATION_SAMPLES:-128}
 SKIP_BENCHMARK=${SKIP_BENCHMARK:-0}
+BENCH_ONLY=${BENCH_ONLY:-0}
 # a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
 PRESET=${PRESET:-base}
 MP=${MP:-bf16}
@@ -50,18 +53,21 @@ log "git: ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 # 1. the benchmark, one section per process so a section that runs long (or crashes) loses only itself
 # (sizes trimmed to fit a 30-minute device lease: UNet batch 256, VQ batch 32, two samplers at batch 256;
 # --profile: where the time of the "ours" rows goes, docs/performance.md recommendation A)
+# (a killed section keeps its finished rows in bench_*.partial.json)
 if [ "$SKIP_BENCHMARK" != 1 ]; then
-  phase bench_unet 600 python benchmarks/run.py --device cuda --compile --profile --sections unet --batch-sizes 256 \
-    --out "$R/bench_unet.json" --markdown "$R/bench_unet.md"
+  ROWS=(--steps 20 --warmup 5 --repeats 3)
+  phase bench_unet 720 python benchmarks/run.py --device cuda --compile --profile --sections unet --batch-sizes 256 \
+    "${ROWS[@]}" --out "$R/bench_unet.json" --markdown "$R/bench_unet.md"
   # batch 512 in a process of its own: the compiler crashed there once (facts.md)
-  phase bench_unet512 300 python benchmarks/run.py --device cuda --compile --sections unet --batch-sizes 512 \
-    --variants "+ torch.compile (= ours)" "ours, compile mode reduce-overhead" \
+  phase bench_unet512 360 python benchmarks/run.py --device cuda --compile --sections unet --batch-sizes 512 \
+    --variants "+ torch.compile (= ours)" "ours, compile mode reduce-overhead" "${ROWS[@]}" \
     --out "$R/bench_unet512.json" --markdown "$R/bench_unet512.md"
-  phase bench_vq 400 python benchmarks/run.py --device cuda --compile --profile --sections vq latent_cache \
-    --vq-batch-sizes 32 --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
+  phase bench_vq 480 python benchmarks/run.py --device cuda --compile --profile --sections vq latent_cache \
+    --vq-batch-sizes 32 "${ROWS[@]}" --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
   phase bench_sampling 240 python benchmarks/run.py --device cuda --compile --sections sampling \
     --sample-batch-sizes 256 --samplers ddpm dpm++ --out "$R/bench_sampling.json" --markdown "$R/bench_sampling.md"
 fi
+if [ "$BENCH_ONLY" = 1 ]; then log "DONE (BENCH_ONLY)"; exit 0; fi
 
 # 2. an ADNI-size demo set (1,500 subjects x 20 slices)
 phase demo_data 300 python -m adni_diffusers.cli demo-data "$R/AD_NC" --subjects "$SUBJECTS" --overwrite \

@@ -92,10 +92,14 @@ GOALS = [
 class Bench:
     """Device, synchronisation, peak memory, FLOP rate, and the rows collected so far."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, partial_path: Path | None = None):
         self.device = device
         self.cuda = device.type == "cuda"
         self.cuda_broken: str | None = None  # a sticky CUDA error ends all later GPU work
+        # every finished row is also written here at once, so a run killed by a time limit keeps its rows
+        self.partial_path = partial_path
+        self.finished_rows: list[dict] = []
+        self.section: str | None = None
 
     def sync(self) -> None:
         if self.cuda:
@@ -161,6 +165,11 @@ class Bench:
             gc.collect()
             if self.cuda and not self.cuda_broken:
                 torch.cuda.empty_cache()
+        self.finished_rows.append({"section": self.section, **row})
+        if self.partial_path:  # written whole, then renamed: a reader never sees half a file
+            tmp = self.partial_path.with_name(self.partial_path.name + ".tmp")
+            tmp.write_text(json.dumps({"partial": True, "rows": self.finished_rows}, indent=2, default=str) + "\n")
+            os.replace(tmp, self.partial_path)
         return row
 
 
@@ -1205,7 +1214,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--smoke", action="store_true", help="tiny preset, 1 step each: seconds, for CI (numbers mean nothing)")
-    p.add_argument("--out", default=None, help="write the JSON here (default: print it after the table)")
+    p.add_argument("--out", default=None,
+                   help="write the JSON here (default: print it after the table); until the run ends, finished rows "
+                        "are kept in <out without .json>.partial.json")
     p.add_argument("--markdown", default=None, help="also write the Markdown table here")
     opts = p.parse_args(argv)
     if opts.device == "auto":
@@ -1237,7 +1248,10 @@ def main(argv=None) -> dict:
 
     diffusers.utils.logging.set_verbosity_error()
     device = torch.device(opts.device)
-    bench = Bench(device)
+    partial = Path(opts.out).with_suffix(".partial.json") if opts.out else None
+    if partial:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    bench = Bench(device, partial)
     if bench.cuda:  # TF32 for every fp32 matmul/conv, as the example style and facts.md's baseline use
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True  # (cudnn.benchmark stays off, as in the training scripts)
@@ -1259,6 +1273,7 @@ def main(argv=None) -> dict:
             continue
         t0 = time.perf_counter()
         print(f"[benchmark] section {section}", file=sys.stderr)
+        bench.section = section
         results[section] = fn()
         results.setdefault("section_seconds", {})[section] = round(time.perf_counter() - t0, 1)
     results["goals"] = evaluate_goals(results, opts, bench)
@@ -1270,6 +1285,7 @@ def main(argv=None) -> dict:
     if opts.out:
         Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.out).write_text(text + "\n")
+        partial.unlink(missing_ok=True)  # the full record replaces the row-by-row one
         print(f"[benchmark] JSON written to {opts.out}", file=sys.stderr)
     else:
         print(text)

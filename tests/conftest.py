@@ -35,7 +35,12 @@ from pathlib import Path  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="adni_diffusers_test_hf_"))
+if "HF_HOME" not in os.environ:  # an empty cache of our own, removed when the test session ends
+    import atexit
+    import shutil
+
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="adni_diffusers_test_hf_")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if str(REPO_ROOT) not in sys.path:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO_ROOT
@@ -21,6 +22,7 @@ def smoke(tmp_path_factory) -> tuple[dict, str]:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--profile", "--out", str(out),
                            "--markdown", str(md)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"benchmark failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert not out.with_suffix(".partial.json").exists()  # the row-by-row record is replaced by the full one
     return json.loads(out.read_text()), md.read_text()
 
 
@@ -109,6 +111,27 @@ def test_profile_says_where_the_time_goes(smoke):
         assert any("conv" in t["name"] for t in top)  # both models are convolutional
         assert f'Profile of "{row["name"]}"' in table
     assert 0 < sum(t["share"] for t in profiled["unet"][0]["profile"]["top"]) <= 1.0001
+
+
+def test_a_run_killed_midway_keeps_its_finished_rows(tmp_path):
+    """A time limit (gpu_session.sh's `timeout`) may kill the benchmark; the rows finished so far stay on disk."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--sections", "unet", "vq",
+                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "bench.partial.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and '"section": "vq"' in partial.read_text():
+            break  # a VQ row has finished: the UNet section is complete
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    rows = json.loads(partial.read_text())["rows"]
+    assert not out.exists() and rows
+    unet = [r for r in rows if r["section"] == "unet"]
+    assert {r["variant"] for r in unet} >= {"example style", "ours, latents resident on device"}
+    assert all(r["images_per_s"] > 0 for r in unet)
 
 
 def test_bad_flags_are_refused():

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -215,7 +214,7 @@ def test_unconditional_model_rejects_labels():
 # ---------------------------------------------------------------------------- image-to-image
 
 
-def test_prepare_slices_pads_like_training():
+def test_prepare_slices_pads_like_training(tmp_path):
     slice_ = np.full((240, 256), 200, np.uint8)
     x = prepare_slices(PIL.Image.fromarray(slice_))
     assert x.shape == (1, 1, 256, 256)
@@ -224,12 +223,9 @@ def test_prepare_slices_pads_like_training():
     from adni_diffusers.data import decode_slice
 
     # the same pixels as the training loader gives
-    path = Path(__file__).parent / "_tmp_slice.png"
-    try:
-        PIL.Image.fromarray(slice_).save(path)
-        arr, _, _ = decode_slice(path)
-    finally:
-        path.unlink(missing_ok=True)
+    path = tmp_path / "slice.png"
+    PIL.Image.fromarray(slice_).save(path)
+    arr, _, _ = decode_slice(path)
     assert torch.allclose(x[0, 0], torch.from_numpy(arr).float() / 127.5 - 1)
 
 
