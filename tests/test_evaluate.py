@@ -90,6 +90,11 @@ def test_held_out_is_the_training_split_and_floors_stand_beside_numbers(evaluate
     assert len(mem["features"]["generated_distance"]) == 8
     assert len(mem["features"]["heldout_distance"]) == metrics["data"]["validation"]["images"]
     assert 0 <= mem["pixels"]["closer_than_heldout_percentile"] <= 1
+    # the reference went through the same VQ decoder as the samples; the plain held-out numbers stand beside it
+    assert mem["reference"] == "held-out real slices after the VQ round trip"
+    for space in ("features", "pixels"):
+        assert 0 <= mem["heldout_as_is"][space]["closer_than_heldout_percentile"] <= 1
+        assert mem["heldout_as_is"][space]["heldout_median"] != mem[space]["heldout_median"]
     report = (out / "report.md").read_text()
     assert "| measure | generated | floor (real) | VQ ceiling |" in report
 
