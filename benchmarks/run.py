@@ -419,7 +419,8 @@ def profile_steps(bench: Bench, step, steps: int, top: int = 20) -> dict:
     key = "self_device_time_total" if bench.cuda else "self_cpu_time_total"
     time_of = lambda e: getattr(e, key, None) or getattr(e, key.replace("device", "cuda"), 0) or 0  # noqa: E731
     busy_us = sum(time_of(e) for e in events)
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    # runtime (cudaLaunchKernel*) and driver (cuLaunchKernel*, Triton's kernels) launches, Ex variants included
+    launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
     graph_launches = sum(e.count for e in events if e.key == "cudaGraphLaunch")
     ranked = sorted(events, key=time_of, reverse=True)[:top]
     return {
