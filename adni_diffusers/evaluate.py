@@ -367,24 +367,33 @@ def pixel_vectors(pixels: torch.Tensor, size: int = PIXEL_NN_SIZE, chunk: int = 
 
 
 def memorisation(gen_feats, train_feats, heldout_feats, gen_pixels, train_pixels, heldout_pixels,
-                 percentile: float = NN_PERCENTILE) -> dict:
+                 percentile: float = NN_PERCENTILE, as_is=None) -> dict:
     """Nearest TRAINING image of every generated and every held-out real image, in feature and pixel space.
 
     Held-out reals are new images of the same kind: their distances are what "not copied" looks like.
     `closer_than_heldout_p5` = share of samples nearer to the training set than the `percentile`-th
     percentile of held-out distances (about percentile/100 when samples are as new as real images; far
-    more means copying). Pixel distances are RMS grey levels (0-255) at 64x64."""
+    more means copying). Pixel distances are RMS grey levels (0-255) at 64x64.
+    `as_is`: (features, pixels) of a second held-out reference (the same slices without the VQ round trip);
+    its summary goes under "heldout_as_is", reusing the generated and training side of the search."""
     out = {"percentile": percentile}
     spaces = {
-        "features": (gen_feats, train_feats, heldout_feats, 1.0),
+        "features": (gen_feats, train_feats, heldout_feats, as_is[0] if as_is else None, 1.0),
         "pixels": (pixel_vectors(gen_pixels), pixel_vectors(train_pixels), pixel_vectors(heldout_pixels),
+                   pixel_vectors(as_is[1]) if as_is else None,
                    127.5 / math.sqrt(PIXEL_NN_SIZE**2)),  # L2 on [-1, 1] -> RMS grey levels
     }
-    for space, (g, t, h, scale) in spaces.items():
+    for space, (g, t, h, h_as_is, scale) in spaces.items():
         gd, gi = M.nearest_neighbour_distances(g, t)
         hd, hi = M.nearest_neighbour_distances(h, t)
         gd, hd = gd * scale, hd * scale
         threshold = float(np.percentile(hd.numpy(), percentile))
+        if h_as_is is not None:
+            d = M.nearest_neighbour_distances(h_as_is, t)[0] * scale
+            t_as_is = float(np.percentile(d.numpy(), percentile))
+            out.setdefault("heldout_as_is", {})[space] = {
+                "heldout_median": float(d.median()), "heldout_percentile_distance": t_as_is,
+                "closer_than_heldout_percentile": float((gd < t_as_is).double().mean())}
         out[space] = {
             "generated_distance": gd.tolist(), "generated_nearest": gi.tolist(),
             "heldout_distance": hd.tolist(), "heldout_nearest": hi.tolist(),
@@ -1116,13 +1125,8 @@ def evaluate_model(
                                  class_names, prefix="held-out-vq-round-trip")
     nn_heldout_vq_feats = extract_features(net, nn_heldout_vq.pixels, desc="features: held-out VQ round trip", **fe)
     mem = memorisation(gen_feats, train_feats, nn_heldout_vq_feats, gen.pixels, data.train.pixels,
-                       nn_heldout_vq.pixels)
-    as_is = memorisation(gen_feats, train_feats, heldout_feats[nn_rows], gen.pixels, data.train.pixels,
-                         nn_heldout.pixels)
+                       nn_heldout_vq.pixels, as_is=(heldout_feats[nn_rows], nn_heldout.pixels))
     mem["reference"] = "held-out real slices after the VQ round trip"
-    mem["heldout_as_is"] = {space: {k: as_is[space][k] for k in ("heldout_median", "heldout_percentile_distance",
-                                                                  "closer_than_heldout_percentile")}
-                            for space in ("features", "pixels")}
     files["nn_histogram"] = plot_nn_histogram(mem, out / "nn_distances.png").name
     files["closest_pairs"] = plot_closest_pairs(mem, gen, data.train, nn_heldout_vq, out / "closest_pairs.png").name
     timings["memorisation_seconds"] = time.perf_counter() - t
