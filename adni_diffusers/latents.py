@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import SliceSet, to_model_input
 from .pipeline_adni_ldm import encode_slices
+from .training import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,11 @@ def encode_all(vq, slices: SliceSet, batch_size: int = 64, progress: bool = True
     """Scaled pre-quantisation latents (N, 4, 32, 32), float32, on the CPU."""
     from tqdm.auto import tqdm
 
+    device = next(vq.parameters()).device
     out = []
     for start in tqdm(range(0, len(slices), batch_size), desc="encoding latents", disable=not progress):
-        x = to_model_input(slices.pixels[start:start + batch_size])
+        # uint8 to the device, floats made there: a quarter of the bytes over the bus, the same values
+        x = to_model_input(slices.pixels[start:start + batch_size].to(device))
         out.append(encode_slices(vq, x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 4, 32, 32)
 
@@ -66,11 +69,28 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
     return latents
 
 
-class LatentDataset(torch.utils.data.Dataset):
-    """Cached latents with their class labels, as the UNet trains on them."""
+def check_room_on_device(latents: torch.Tensor, device, flag: str, share: float = 0.5) -> None:
+    """Refuse, before training, to put more than `share` of the GPU's free memory into the latent cache:
+    the model, its optimizer and activations need the rest."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    need = latents.numel() * latents.element_size()
+    if need > share * free:
+        raise TrainingError(f"{flag}: the latent cache ({need / 2**30:.1f} GiB) is more than {share:.0%} of the "
+                            f"free memory on {device} ({free / 2**30:.1f} GiB); train without {flag}")
 
-    def __init__(self, latents: torch.Tensor, labels: torch.Tensor):
-        self.latents, self.labels = latents, labels
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Cached latents with their class labels, as the UNet trains on them.
+
+    `device`: keep them there (`--latents_on_device`) and cut each batch there, so a training step
+    makes no host-side copy of its batch. The indices, and so the batches, are the same either way."""
+
+    def __init__(self, latents: torch.Tensor, labels: torch.Tensor, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else latents.device
+        self.latents, self.labels = latents.to(self.device), labels.to(self.device)
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -80,5 +100,5 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def get_batch(self, indices: list[int]) -> dict:
         """A whole batch in one indexing operation (the DataLoader's batched fetch), not one item at a time."""
-        idx = torch.as_tensor(indices)
+        idx = torch.as_tensor(indices).to(self.device, non_blocking=True)
         return {"latents": self.latents[idx], "class_labels": self.labels[idx], "index": idx}

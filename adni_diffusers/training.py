@@ -76,8 +76,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=default_lr)
-    g.add_argument("--scale_lr", action="store_true",
-                   help="multiply the learning rate by processes x batch size x accumulation / default batch")
+    g.add_argument("--scale_lr", nargs="?", const="linear", default=None, choices=["linear", "sqrt"],
+                   help="scale the learning rate with the effective batch (processes x batch size x accumulation) "
+                        "over the default batch: linear (the flag alone, as in diffusers' examples) or sqrt "
+                        "(the square root of that ratio, the gentler rule often used with Adam)")
     g.add_argument("--lr_scheduler", default="cosine",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     g.add_argument("--lr_warmup_steps", type=int, default=100)
@@ -318,6 +320,7 @@ def make_dataloader(dataset, args, accelerator):
     """Batches per process; Accelerate shards them (process i gets batches i, i+N, ...)."""
     sampler = EpochShuffleSampler(len(dataset), args.seed)
     batched = hasattr(dataset, "get_batch")  # ready batches: nothing left to collate
+    on_host = getattr(dataset, "device", torch.device("cpu")).type == "cpu"  # else batches are cut on the GPU
     loader = torch.utils.data.DataLoader(
         _BatchedFetch(dataset) if batched else dataset,
         batch_size=args.train_batch_size,
@@ -325,21 +328,31 @@ def make_dataloader(dataset, args, accelerator):
         collate_fn=_ready_batch if batched else None,
         drop_last=True,
         num_workers=args.dataloader_num_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() and on_host,
         persistent_workers=args.dataloader_num_workers > 0,
     )
     return loader, sampler
 
 
 def make_optimizer(params, args, accelerator, default_batch: int):
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes / default_batch
+    lr = scaled_learning_rate(args, accelerator.num_processes, default_batch)
     fused = torch.cuda.is_available() and accelerator.device.type == "cuda"
     return torch.optim.AdamW(
         params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon, fused=fused or None,
     )
+
+
+def scaled_learning_rate(args, num_processes: int, default_batch: int) -> float:
+    """--learning_rate, times (effective batch / default batch) with --scale_lr linear, or its square root
+    with --scale_lr sqrt."""
+    ratio = args.gradient_accumulation_steps * args.train_batch_size * num_processes / default_batch
+    rule = args.scale_lr
+    if rule is True:  # a namespace built in code with scale_lr=True (the flag's old on/off form)
+        rule = "linear"
+    if not rule:
+        return args.learning_rate
+    return args.learning_rate * (ratio if rule == "linear" else math.sqrt(ratio))
 
 
 def make_lr_scheduler(optimizer, args, accelerator, max_train_steps: int):

@@ -119,7 +119,7 @@ phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 360))}" python train_vqmodel.py
 # 4. the class-conditional UNet on the cached latents: v-prediction, Min-SNR-5, EMA
 UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --conditional
            --prediction_type v_prediction --snr_gamma 5 --use_ema --ema_max_decay 0.999 --mixed_precision "$MP"
-           --allow_tf32 --channels_last $COMPILE ${UNET_EXTRA:-} --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
+           --allow_tf32 --channels_last --latents_on_device $COMPILE ${UNET_EXTRA:-} --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard)
 phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 360))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \

@@ -448,7 +448,7 @@ UNET_VARIANTS = {
     "+ fused AdamW (= ours, eager)": dict(data="loader", bf16=True, cl=True, fused=True, compile=False, ema=None,
                                           item=False),
     "+ torch.compile (= ours)": dict(data="loader", bf16=True, cl=True, fused=True, compile=True, ema=None, item=False),
-    "ours, latents resident on device": dict(data="resident", bf16=True, cl=True, fused=True, compile=True, ema=None,
+    "ours + --latents_on_device": dict(data="resident", bf16=True, cl=True, fused=True, compile=True, ema=None,
                                              item=False),
     "ours + EMA (make_ema: foreach=True)": dict(data="loader", bf16=True, cl=True, fused=True, compile=True,
                                                 ema="package", item=False),
@@ -467,7 +467,7 @@ UNET_PROFILED = ("+ torch.compile (= ours)", "+ fused AdamW (= ours, eager)", "+
 
 def unet_variant_names(bench: Bench, compile_: bool, primary: bool, variants=None) -> list[str]:
     """All variants at the first batch size (the ablation); at the others the example style, "ours"
-    (the fastest loader-fed configuration available here) and ours with device-resident latents.
+    (the fastest loader-fed configuration available here) and ours with --latents_on_device.
     Variants that only differ on CUDA (bf16, fused AdamW) are skipped on CPU; compiled ones need --compile;
     `variants` (--variants) keeps only those named."""
     if compile_:
@@ -476,7 +476,7 @@ def unet_variant_names(bench: Bench, compile_: bool, primary: bool, variants=Non
         ours = "+ fused AdamW (= ours, eager)"
     else:
         ours = "+ channels_last"  # on CPU: no bf16, make_optimizer is plain AdamW: this IS ours, eager
-    names = list(UNET_VARIANTS) if primary else ["example style", ours, "ours, latents resident on device"]
+    names = list(UNET_VARIANTS) if primary else ["example style", ours, "ours + --latents_on_device"]
     if variants:
         names = [n for n in names if n in variants]
     if not bench.cuda:
@@ -491,7 +491,7 @@ def unet_row_name(variant: str, spec: dict, bench: Bench) -> str:
     """What actually ran, in words (the same variant reads differently on CPU and CUDA)."""
     if spec["data"] == "pixels":
         return f"example style: VQ encode of every batch, {'fp32 (TF32)' if bench.cuda else 'fp32'}, eager, AdamW, .item() per step"
-    parts = ["cached latents via DataLoader" if spec["data"] == "loader" else "latents resident on device"]
+    parts = ["cached latents via DataLoader" if spec["data"] == "loader" else "cached latents, --latents_on_device"]
     parts.append("bf16 autocast" if spec["bf16"] and bench.cuda else ("fp32 (TF32)" if bench.cuda else "fp32"))
     if spec["cl"]:
         parts.append("channels_last")
@@ -577,20 +577,8 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                     batches = cycle(make_loader(SliceDataset(pixel_slices), bs, bench, package=False))
                 elif spec["data"] == "loader":
                     batches = cycle(make_loader(LatentDataset(latents_cpu, labels_cpu), bs, bench))
-                else:
-                    resident = latents_cpu.to(dev)
-                    perm = torch.randperm(len(resident), device=dev)
-                    state = {"i": 0}
-
-                    def resident_batches():
-                        while True:
-                            if (state["i"] + 1) * bs > len(perm):
-                                state["i"] = 0
-                            idx = perm[state["i"] * bs:(state["i"] + 1) * bs]
-                            state["i"] += 1
-                            yield {"latents": resident[idx]}
-
-                    batches = resident_batches()
+                else:  # train_unet --latents_on_device: the same loader, batches cut on the device
+                    batches = cycle(make_loader(LatentDataset(latents_cpu, labels_cpu, device=dev), bs, bench))
                 pending, counter = [], {"step": 0}
 
                 def step():
@@ -630,7 +618,7 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
             with row_settings(spec):
                 rows.append(bench.guarded(row, run))
     ok = [r for r in rows if "error" not in r]
-    # "ours" = what train_unet does today (DataLoader-fed); "resident" = the proposed data path
+    # "ours" = train_unet's default data path (batches cut on the host); "resident" = --latents_on_device
     best_ours = max((r for r in ok if r["config"]["data"] == "loader" and not r["config"]["ema"]),
                     key=lambda r: r["images_per_s"], default=None)
     best_resident = max((r for r in ok if r["config"]["data"] == "resident"), key=lambda r: r["images_per_s"],
@@ -1140,7 +1128,7 @@ def markdown(results: dict) -> str:
             lines.append(f"Best ours / best example style: **{s['speedup']:.2f}x**"
                          + (f" (same batch: {', '.join(f'{k}: {v:.2f}x' for k, v in s['speedup_by_batch'].items())})"
                             if s.get("speedup_by_batch") else "")
-                         + (f"; with latents resident on device (proposed): {s['speedup_resident']:.2f}x"
+                         + (f"; with --latents_on_device: {s['speedup_resident']:.2f}x"
                             if s.get("speedup_resident") else "")
                          + (f"; without the SSIM term (the example style's loss): {s['speedup_no_ssim']:.2f}x"
                             if s.get("speedup_no_ssim") else ""))

@@ -56,7 +56,7 @@ def test_every_section_has_positive_numbers(smoke):
             assert _positive(row["peak_memory_mb"]), (section, row)
             assert _positive(row["mfu"]), (section, row)
     variants = {r["variant"] for r in results["unet"]["rows"]}
-    assert "example style" in variants and "ours, latents resident on device" in variants
+    assert "example style" in variants and "ours + --latents_on_device" in variants
     assert _positive(results["unet"]["summary"]["speedup"])
     assert {r["variant"] for r in results["vq"]["rows"]} >= {"example style", "ours",
                                                              "ours, no channels_last (train_vqmodel's default)"}
@@ -130,7 +130,7 @@ def test_a_run_killed_midway_keeps_its_finished_rows(tmp_path):
     rows = json.loads(partial.read_text())["rows"]
     assert not out.exists() and rows
     unet = [r for r in rows if r["section"] == "unet"]
-    assert {r["variant"] for r in unet} >= {"example style", "ours, latents resident on device"}
+    assert {r["variant"] for r in unet} >= {"example style", "ours + --latents_on_device"}
     assert all(r["images_per_s"] > 0 for r in unet)
 
 

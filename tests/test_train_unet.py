@@ -108,3 +108,83 @@ def test_conditional_needs_class_folders(tmp_path, tiny_vq, demo_root, capsys):
     code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(flat), "--output_dir",
                            str(tmp_path / "o"), "--conditional", *TINY_UNET_ARGS])
     assert code == 2 and "--conditional needs class folders" in capsys.readouterr().err
+
+
+def test_latents_on_device_trains_the_same_weights(tmp_path, tiny_vq, demo_root):
+    """--latents_on_device changes where a batch is cut, not which latents it holds (here the device is the CPU,
+    so this checks the code path and the batch order; the GPU speed is in docs/performance.md)."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for name, extra in (("host", []), ("device", ["--latents_on_device"])):
+        out = tmp_path / name
+        run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
+                                           "--max_train_steps", "3", "--conditional", "--latent_cache_dir",
+                                           tmp_path / "cache", *TINY_UNET_ARGS, *extra])
+        weights.append(load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")))
+        assert json.loads((out / "training_args.json").read_text())["latents_on_device"] == bool(extra)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_latent_batches_are_cut_where_the_latents_live(monkeypatch):
+    from types import SimpleNamespace
+
+    from adni_diffusers.latents import LatentDataset
+    from adni_diffusers.training import make_dataloader
+
+    latents, labels = torch.randn(10, 4, 32, 32), torch.arange(10) % 2
+    on_meta = LatentDataset(latents, labels, device="meta")  # any non-host device: shapes only
+    batch = on_meta.get_batch([3, 1])
+    assert batch["latents"].device.type == "meta" and batch["index"].device.type == "meta"
+    assert batch["latents"].shape == (2, 4, 32, 32)
+    assert torch.equal(LatentDataset(latents, labels).get_batch([3, 1])["latents"], latents[[3, 1]])
+    # pinned host memory only for batches cut on the host (as if CUDA were there)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = SimpleNamespace(seed=0, train_batch_size=2, dataloader_num_workers=0)
+    assert make_dataloader(LatentDataset(latents, labels), args, None)[0].pin_memory is True
+    assert make_dataloader(on_meta, args, None)[0].pin_memory is False
+
+
+def test_latents_on_device_refuses_a_cache_that_does_not_fit(monkeypatch):
+    from adni_diffusers.latents import check_room_on_device
+    from adni_diffusers.training import TrainingError
+
+    latents = torch.zeros(1000, 4, 32, 32)  # 16 MB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * 2**20, 80 * 2**30))
+    with pytest.raises(TrainingError, match="--latents_on_device: the latent cache"):
+        check_room_on_device(latents, "cuda", flag="--latents_on_device")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * 2**30, 80 * 2**30))
+    check_room_on_device(latents, "cuda", flag="--latents_on_device")
+
+
+def test_latents_on_device_refuses_dataloader_workers(tmp_path, tiny_vq, demo_root, capsys):
+    from adni_diffusers import train_unet
+
+    code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir",
+                           str(tmp_path / "o"), "--latents_on_device", "--dataloader_num_workers", "2", *TINY_UNET_ARGS])
+    assert code == 2 and "--dataloader_num_workers 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, factor", [([], 1.0), (["--scale_lr"], 8.0), (["--scale_lr", "linear"], 8.0),
+                                          (["--scale_lr", "sqrt"], 8.0 ** 0.5)])
+def test_scale_lr_rules(flag, factor):
+    """Batch 256 x 2 processes over the default 64: x8 (linear, the flag alone as in diffusers) or x2.83 (sqrt)."""
+    from types import SimpleNamespace
+
+    from adni_diffusers import train_unet
+    from adni_diffusers.training import make_optimizer
+
+    args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--train_batch_size", "256",
+                                  "--learning_rate", "1e-4", *flag])
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))], args,
+                               SimpleNamespace(num_processes=2, device=torch.device("cpu")), train_unet.DEFAULT_BATCH)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * factor)
+
+
+def test_scale_lr_rejects_an_unknown_rule(capsys):
+    from adni_diffusers import train_unet
+
+    with pytest.raises(SystemExit):
+        train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--scale_lr", "cubic"])
+    assert "--scale_lr: invalid choice: 'cubic'" in capsys.readouterr().err
