@@ -26,6 +26,11 @@ SKIP_BENCHMARK=${SKIP_BENCHMARK:-0}
 BENCH_ONLY=${BENCH_ONLY:-0}
 # a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
 PRESET=${PRESET:-base}
+# VQ_PRESET: the first stage's size alone, e.g. the narrower candidate of docs/performance.md (recommendation C):
+#   VQ_PRESET=benchmarks/vq_narrow.json BENCH_ONLY=1 ...            its compiled training step, after the base rows
+#   VQ_PRESET=benchmarks/vq_narrow.json SKIP_BENCHMARK=1 VQ_ONLY=1 FORCE_VQ_STEPS=1034 ...   its PSNR/SSIM (vq/metrics.json)
+VQ_PRESET=${VQ_PRESET:-$PRESET}
+VQ_ONLY=${VQ_ONLY:-0}
 MP=${MP:-bf16}
 COMPILE=${COMPILE---compile}
 VQ_BATCH=${VQ_BATCH:-32}
@@ -63,7 +68,12 @@ if [ "$SKIP_BENCHMARK" != 1 ]; then
     --variants "+ torch.compile (= ours)" "ours, compile mode reduce-overhead" "${ROWS[@]}" \
     --out "$R/bench_unet512.json" --markdown "$R/bench_unet512.md"
   phase bench_vq 480 python benchmarks/run.py --device cuda --compile --profile --sections vq latent_cache \
-    --vq-batch-sizes 32 "${ROWS[@]}" --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
+    --vq-preset "$PRESET" --vq-batch-sizes 32 "${ROWS[@]}" --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
+  if [ "$VQ_PRESET" != "$PRESET" ]; then  # the candidate first stage, in the same session as the rows above
+    phase bench_vq_candidate 300 python benchmarks/run.py --device cuda --compile --sections vq --vq-preset "$VQ_PRESET" \
+      --vq-batch-sizes 32 --variants "ours + compile" "ours" "${ROWS[@]}" --out "$R/bench_vq_candidate.json" \
+      --markdown "$R/bench_vq_candidate.md"
+  fi
   phase bench_sampling 240 python benchmarks/run.py --device cuda --compile --sections sampling \
     --sample-batch-sizes 256 --samplers ddpm dpm++ --out "$R/bench_sampling.json" --markdown "$R/bench_sampling.md"
 fi
@@ -110,11 +120,12 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
 
 # 3. the VQModel (base preset: 4x32x32 latents, 8192 codes), default loss (MSE + 0.5 SSIM)
 # VQ_EXTRA / UNET_EXTRA: more flags for a stage, e.g. UNET_EXTRA="--compile_mode reduce-overhead --cudnn_benchmark"
-VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
+VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
          $COMPILE ${VQ_EXTRA:-} --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard)
 phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 360))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
   --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" "${VQ_ARGS[@]}"
+if [ "$VQ_ONLY" = 1 ]; then log "DONE (VQ_ONLY): $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"; exit 0; fi
 
 # 4. the class-conditional UNet on the cached latents: v-prediction, Min-SNR-5, EMA
 UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --conditional
