@@ -138,3 +138,29 @@ def test_bad_flags_are_refused():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--batch-sizes", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "batch sizes must be positive" in proc.stderr
+
+
+def test_dtype_check_compares_bf16_with_float32_image_by_image(tmp_path, tiny_ldm):
+    """benchmarks/dtype_check.py on the tiny pipeline: both classes, end to end and decode only."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("dtype_check", REPO_ROOT / "benchmarks" / "dtype_check.py")
+    dtype_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dtype_check)
+    x = torch.rand(2, 1, 8, 8)
+    assert dtype_check.compare(x, x)["max_grey_level_difference"] == 0
+    assert dtype_check.compare(x, (x + 0.5).clamp(0, 1))["psnr_min_db"] < 10
+
+    out = tmp_path / "dtype.json"
+    result = dtype_check.main(["--model", str(tiny_ldm), "--device", "cpu", "--num-images", "3", "--batch-size", "2",
+                               "--steps", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert set(result["per_class"]) == {"AD", "NC"} and result["guidance"] == 2.0
+    for numbers in result["per_class"].values():
+        for part in ("end_to_end", "decode_only"):
+            assert 0 <= numbers[part]["max_grey_level_difference"] <= 255
+            assert numbers[part]["psnr_min_db"] <= numbers[part]["psnr_median_db"]
+        # bf16 rounds: the images differ, but the same latents decode to nearly the same picture
+        assert numbers["decode_only"]["psnr_min_db"] > 20
