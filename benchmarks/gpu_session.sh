@@ -141,6 +141,10 @@ phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 360))}" python train_unet.py "
 phase evaluate 420 python -m adni_diffusers.cli evaluate --model "$R/ldm" --num-samples "$EVAL_SAMPLES" \
   --dtype "${EVAL_DTYPE:-bfloat16}" --ablations --ablation-samples "$ABLATION_SAMPLES"
 
+# does the bf16 the evaluation sampled in keep this model's images? (float32 vs bf16, same seeds)
+phase dtype_check 240 python benchmarks/dtype_check.py --model "$R/ldm" --device cuda --num-images 64 --batch-size 64 \
+  --out "$R/dtype_check.json"
+
 # 6. pictures: DDPM-1000 grids per class (+ the GIF), a counterfactual trade-off
 for c in AD NC; do
   phase "generate_$c" 200 python -m adni_diffusers.cli generate --model "$R/ldm" --out "$R/samples/$c" --class "$c" \
