@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per image, for images in [0, 1]."""
-    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+def psnr(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per image, for images in [0, 1] (torchmetrics, as the VQ evaluation computes it)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(other.float(), reference.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
 def grey_levels(images: torch.Tensor) -> torch.Tensor:
