@@ -176,8 +176,6 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
             value = args[key]
             if key == "mixed_precision" and value is None:
                 value = "as `accelerate config` says"
-            if key == "scale_lr" and value is None:
-                value = False  # the flag not given
             rows.append((f"`--{key}`", _fmt(value), label))
     return rows
 

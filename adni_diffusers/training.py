@@ -76,7 +76,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=default_lr)
-    g.add_argument("--scale_lr", nargs="?", const="linear", default=None, choices=["linear", "sqrt"],
+    g.add_argument("--scale_lr", nargs="?", const="linear", default=False, choices=["linear", "sqrt"],
                    help="scale the learning rate with the effective batch (processes x batch size x accumulation) "
                         "over the default batch: linear (the flag alone, as in diffusers' examples) or sqrt "
                         "(the square root of that ratio, the gentler rule often used with Adam)")
@@ -347,12 +347,9 @@ def scaled_learning_rate(args, num_processes: int, default_batch: int) -> float:
     """--learning_rate, times (effective batch / default batch) with --scale_lr linear, or its square root
     with --scale_lr sqrt."""
     ratio = args.gradient_accumulation_steps * args.train_batch_size * num_processes / default_batch
-    rule = args.scale_lr
-    if rule is True:  # a namespace built in code with scale_lr=True (the flag's old on/off form)
-        rule = "linear"
-    if not rule:
+    if not args.scale_lr:
         return args.learning_rate
-    return args.learning_rate * (ratio if rule == "linear" else math.sqrt(ratio))
+    return args.learning_rate * (math.sqrt(ratio) if args.scale_lr == "sqrt" else ratio)
 
 
 def make_lr_scheduler(optimizer, args, accelerator, max_train_steps: int):
