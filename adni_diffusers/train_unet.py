@@ -82,8 +82,8 @@ def find_vqmodel(path: str) -> Path:
 def main(args: argparse.Namespace) -> dict:
     from diffusers import DDIMScheduler, UNet2DModel, VQModel
 
+    from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
-
     from adni_diffusers.latents import LatentDataset, check_room_on_device, load_or_build
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
     from adni_diffusers.presets import unet_config
@@ -128,7 +128,8 @@ def main(args: argparse.Namespace) -> dict:
     probe_latents = train_latents[: args.train_batch_size].to(device)
     probe_labels = data.train.labels[: args.train_batch_size].to(device) if class_names else None
     model = training.maybe_compile(model, args, probe=lambda m: diffusion_loss(
-        m, noise_scheduler, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward())
+        m, noise_scheduler, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
+        child_probe=make_spec("unet", config, args, device, train_latents.shape[1:]))
     ema = training.make_ema(accelerator.unwrap_model(model), args, device)
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet")
     run.resume()

@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     from diffusers import VQModel
 
+    from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.data import SliceDataset
     from adni_diffusers.presets import vq_config
     from adni_diffusers.vq import (CodebookMonitor, PatchDiscriminator, VQTrainingModel, adaptive_gan_weight, code_counts,
@@ -77,7 +78,8 @@ def main(args: argparse.Namespace) -> dict:
     vq = accelerator.unwrap_model(model).vq
     probe_x = SliceDataset(data.train)[0]["pixel_values"][None].repeat(args.train_batch_size, 1, 1, 1).to(device)
     model = training.maybe_compile(model, args, probe=lambda m: reconstruction_loss(m(probe_x).recon, probe_x,
-                                                                                    "mse").backward())
+                                                                                    "mse").backward(),
+                                   child_probe=make_spec("vqmodel", config, args, device, probe_x.shape[1:]))
     ema = training.make_ema(vq, args, device)
 
     run = training.TrainingRun(

@@ -99,7 +99,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPU)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model; falls back to eager if compilation fails")
+                   help="torch.compile the model; falls back to eager if a compiled training step fails "
+                        "(on CUDA tried first in a child process)")
     g.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode with --compile (default: torch's default); reduce-overhead uses CUDA graphs")
     g.add_argument("--cudnn_benchmark", action="store_true",
@@ -363,14 +364,29 @@ def make_lr_scheduler(optimizer, args, accelerator, max_train_steps: int):
     )
 
 
-def maybe_compile(model, args, probe=None):
-    """`torch.compile` when asked (--compile, --compile_mode). `probe(compiled)` runs one real training
-    step's forward and backward: compilation happens at the first call, so only a probe catches a compiler
-    failure. On failure: eager, with a warning. A CUDA error is different: it leaves the device unusable
-    in this process (facts.md: "misaligned address" in an inductor GroupNorm backward at batch 512), so it
-    stops the run with advice instead of failing again, less clearly, in the first eager step."""
+def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
+    """`torch.compile` when asked (--compile, --compile_mode). Compilation happens at the first call, so
+    only a training step catches a compiler failure; on failure: eager, with a warning.
+
+    `child_probe` (a `compile_probe.make_spec`) runs that step in a child process first, on CUDA: a CUDA
+    error in a compiled kernel (facts.md: "misaligned address" in an inductor GroupNorm backward at batch
+    512) leaves the device unusable in the process that hit it, so only a child can hit it safely. With several processes, all train compiled only if every child passed.
+    `probe(compiled)` then runs one real training step's forward and backward in this process (the compile
+    itself, before the first step); a CUDA error there stops the run with advice instead of failing again,
+    less clearly, in the first eager step."""
     if not args.compile:
         return model
+    from . import compile_probe
+
+    if child_probe is not None and compile_probe.needed(child_probe):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # leave the child the memory this process is not using
+        logger.info("--compile: trying a compiled training step in a child process first")
+        passed, why = compile_probe.passes_in_child(child_probe)
+        if not _every_process_agrees(passed):
+            logger.warning("torch.compile failed in the child process's training step at batch size %s (%s); "
+                           "training eager", args.train_batch_size, why or "on another process")
+            return model
     mode = getattr(args, "compile_mode", None)
     compiled = torch.compile(model, mode=None if mode in (None, "default") else mode)
     if probe is None:
@@ -391,6 +407,17 @@ def maybe_compile(model, args, probe=None):
     finally:
         for p in model.parameters():
             p.grad = None  # the probe's gradients are not a training step
+
+
+def _every_process_agrees(flag: bool) -> bool:
+    """True only if `flag` is True on every process (one collective; the same answer everywhere)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return flag
+    return bool(gather(torch.tensor([int(flag)], device=state.device)).min())
 
 
 def to_channels_last(model, args):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_UNET_ARGS, run_training_script
+from conftest import TINY_UNET_ARGS, TINY_VQ_ARGS, run_training_script
 
 
 def _args(**kw):
@@ -45,6 +45,133 @@ def test_cuda_error_in_probe_stops_with_advice():
     with pytest.raises(TrainingError, match=r"batch size 512 hit a CUDA error \(CUDA error: misaligned address\)"
                                             r".*Rerun without --compile"):
         maybe_compile(_tiny_model(), _args(train_batch_size=512), probe=probe)
+
+
+def _spec(stage="unet", **kw):
+    from adni_diffusers.compile_probe import make_spec
+    from adni_diffusers.presets import UNET_PRESETS, VQ_PRESETS
+
+    config = {**UNET_PRESETS["tiny"], "sample_size": 8, "num_class_embeds": 3} if stage == "unet" else VQ_PRESETS["tiny"]
+    args = SimpleNamespace(train_batch_size=2, mixed_precision="no", channels_last=False, compile_mode=None)
+    shape = (4, 8, 8) if stage == "unet" else (1, 32, 32)
+    return {**make_spec(stage, config, args, "cpu", shape), **kw}
+
+
+@pytest.mark.parametrize("stage", ["unet", "vqmodel"])
+def test_child_step_builds_the_model_the_spec_describes(monkeypatch, stage):
+    """The child's work, in this process and eager (torch.compile replaced): model from the config, a batch of
+    the training shape, forward, backward. The real compiled child runs in the next test."""
+    from adni_diffusers import compile_probe
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(model) or model)
+    compile_probe.run_training_step(_spec(stage, mixed_precision="bf16", channels_last=True))
+    (model,) = compiled
+    assert type(model).__name__ == {"unet": "UNet2DModel", "vqmodel": "VQTrainingModel"}[stage]
+    last_layer = model.conv_out if stage == "unet" else model.vq.decoder.conv_out
+    assert last_layer.weight.grad is not None and last_layer.weight.grad.abs().sum() > 0  # the backward ran
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+def test_child_process_compiles_a_training_step():
+    """The child that train_unet / train_vqmodel start on CUDA before compiling, here on inductor's CPU
+    backend (about 90 s on 2 cores): it builds the model from the config, compiles it, runs one forward +
+    backward and exits 0."""
+    from adni_diffusers.compile_probe import passes_in_child
+
+    assert passes_in_child(_spec("unet")) == (True, "")
+
+
+def test_child_process_failure_is_one_clear_line():
+    from adni_diffusers.compile_probe import passes_in_child
+
+    passed, why = passes_in_child(_spec(stage="gan"))
+    assert not passed and why == "ValueError: unknown stage 'gan' (expected 'unet' or 'vqmodel')"
+
+
+@pytest.mark.parametrize("child, expected", [
+    ("import os; os.abort()", "the child process was killed by SIGABRT"),  # what a native crash looks like
+    ("import sys; print('Traceback', file=sys.stderr); print('boom', file=sys.stderr); sys.exit(3)", "exit code 3: boom"),
+    ("import time; time.sleep(30)", "no answer in 1 s"),
+])
+def test_child_process_that_dies_or_hangs_means_no_compile(monkeypatch, child, expected):
+    import sys
+
+    from adni_diffusers import compile_probe
+
+    monkeypatch.setattr(compile_probe, "child_command", lambda spec_path: [sys.executable, "-c", child])
+    assert compile_probe.passes_in_child(_spec(), timeout_s=1) == (False, expected)
+
+
+def test_failed_child_probe_trains_eager_without_compiling_here(monkeypatch, caplog):
+    """A CUDA error in the child leaves this process's GPU usable: train eager, and do not compile here."""
+    from adni_diffusers import compile_probe
+    from adni_diffusers.training import maybe_compile
+
+    monkeypatch.setattr(compile_probe, "needed", lambda spec: True)  # as on CUDA
+    monkeypatch.setattr(compile_probe, "passes_in_child",
+                        lambda spec: (False, "RuntimeError: CUDA error: misaligned address"))
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled after the child failed"))
+    model = _tiny_model()
+    with caplog.at_level(logging.WARNING):
+        assert maybe_compile(model, _args(train_batch_size=512), probe=lambda m: pytest.fail("probed in process"),
+                             child_probe=_spec()) is model
+    assert ("torch.compile failed in the child process's training step at batch size 512 "
+            "(RuntimeError: CUDA error: misaligned address); training eager") in caplog.text
+
+
+def test_passed_child_probe_then_compiles_here(monkeypatch):
+    from adni_diffusers import compile_probe
+    from adni_diffusers.training import maybe_compile
+
+    specs = []
+    monkeypatch.setattr(compile_probe, "needed", lambda spec: True)  # as on CUDA
+    monkeypatch.setattr(compile_probe, "passes_in_child", lambda spec: specs.append(spec) or (True, ""))
+    model, probed = _tiny_model(), []
+    compiled = maybe_compile(model, _args(), probe=lambda m: probed.append(m), child_probe=_spec())
+    assert compiled is not model and probed == [compiled] and specs == [_spec()]
+
+
+def test_on_cpu_no_child_process_is_started(monkeypatch):
+    from adni_diffusers import compile_probe
+    from adni_diffusers.training import maybe_compile
+
+    monkeypatch.setattr(compile_probe, "passes_in_child", lambda spec: pytest.fail("a child process on CPU"))
+    assert not compile_probe.needed(_spec()) and compile_probe.needed(_spec(device="cuda:1"))
+    assert maybe_compile(_tiny_model(), _args(), probe=lambda m: None, child_probe=_spec()) is not None
+
+
+def _architecture(model) -> dict:
+    return {k: v for k, v in model.config.items() if not k.startswith("_") and k != "scaling_factor"}  # set after training
+
+
+def test_training_scripts_describe_their_model_to_the_child(monkeypatch, tmp_path, tiny_vq, demo_root, caplog):
+    """The scripts' call site, as it runs on CUDA (the child's answer simulated): the spec is plain JSON and
+    describes the model and batch that are trained; a failed child means an eager run that finishes."""
+    from diffusers import UNet2DModel, VQModel
+
+    from adni_diffusers import compile_probe
+
+    specs = []
+    monkeypatch.setattr(compile_probe, "needed", lambda spec: True)
+    monkeypatch.setattr(compile_probe, "passes_in_child",
+                        lambda spec: specs.append(json.loads(json.dumps(spec))) or (False, "simulated failure"))
+    with caplog.at_level(logging.WARNING):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                              "--max_train_steps", "1", "--compile", *TINY_VQ_ARGS])
+        run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
+                                           tmp_path / "ldm", "--max_train_steps", "1", "--compile",
+                                           "--latent_cache_dir", tmp_path / "cache", *TINY_UNET_ARGS])
+    assert caplog.text.count("(simulated failure); training eager") == 2
+    vq_spec, unet_spec = specs
+    vq = VQModel.from_pretrained(tmp_path / "vq" / "vqvae")
+    assert vq_spec["stage"] == "vqmodel" and vq_spec["batch_size"] == 4 and vq_spec["device"] == "cpu"
+    assert _architecture(VQModel(**vq_spec["config"])) == _architecture(vq)
+    assert vq_spec["sample_shape"] == [1, 256, 256]
+    unet = UNet2DModel.from_pretrained(tmp_path / "ldm" / "unet")
+    assert unet_spec["stage"] == "unet" and _architecture(UNet2DModel(**unet_spec["config"])) == _architecture(unet)
+    assert unet_spec["sample_shape"] == [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -70,3 +70,24 @@ def test_two_processes_without_cpu_flag_are_refused(tmp_path, demo_root):
     assert proc.returncode != 0
     assert "WORLD_SIZE=2 but Accelerate sees 1 process" in proc.stderr
     assert not (tmp_path / "out" / "vqvae").exists()
+
+
+def test_compile_decision_is_the_same_on_every_process(tmp_path):
+    """With --compile on CUDA each process asks its own child process; if one child fails, every process
+    trains eager (one process compiled and one not would still agree on gradients, but not on speed or
+    on what training_args says). Here rank 0's child passes and rank 1's fails."""
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "from accelerate import Accelerator\n"
+        "from adni_diffusers.training import _every_process_agrees\n"
+        "state = Accelerator()  # as the training scripts start (it reads ACCELERATE_USE_CPU)\n"
+        "assert state.num_processes == 2\n"
+        "print(f'rank {state.process_index}: all={_every_process_agrees(state.process_index == 0)} '\n"
+        "      f'same={_every_process_agrees(True)}', flush=True)\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--main_process_port", "0", str(script)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: all=False same=True", "rank 1: all=False same=True"]

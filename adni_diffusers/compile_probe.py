@@ -1,0 +1,129 @@
+"""Try `torch.compile` in a child process before the training process compiles (CUDA only).
+
+A CUDA error inside a compiled kernel (facts.md: "misaligned address" in an inductor GroupNorm backward
+at batch 512) leaves the CUDA context unusable, so the process that hit it cannot fall back to eager. So
+on CUDA the training scripts first let a child process build the same model from its config, compile it
+with the same mode and run one training step's forward and backward at the training batch size, precision
+and memory format; the training process compiles only if the child exits 0, and trains eager otherwise.
+The child's weights are random: a compiler failure depends on shapes, dtypes and layouts, not on values.
+Inductor's on-disk cache makes the training process's own compile of the same graphs cheaper.
+
+    python -m adni_diffusers.compile_probe SPEC.json     # what `passes_in_child` runs
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("adni_diffusers.compile_probe")
+
+FAILURE_MARK = "compile probe failed: "
+TIMEOUT_S = 1800  # compiling the `large` UNet's forward and backward takes minutes, not half an hour
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_spec(stage: str, config: dict, args, device, sample_shape) -> dict:
+    """What the child needs to repeat one training step: the model (stage + config), the batch (training
+    batch size, one sample's shape), precision, memory format, compile mode and device."""
+    return {"stage": stage, "config": dict(config), "batch_size": int(args.train_batch_size),
+            "sample_shape": [int(s) for s in sample_shape], "mixed_precision": args.mixed_precision or "no",
+            "channels_last": bool(args.channels_last), "compile_mode": getattr(args, "compile_mode", None),
+            "device": str(device)}
+
+
+def needed(spec: dict) -> bool:
+    """Only a CUDA error ends the process that hits it; elsewhere the in-process fallback is enough."""
+    return spec["device"].startswith("cuda")
+
+
+def child_command(spec_path: Path) -> list[str]:
+    return [sys.executable, "-m", "adni_diffusers.compile_probe", str(spec_path)]
+
+
+def passes_in_child(spec: dict, timeout_s: float = TIMEOUT_S) -> tuple[bool, str]:
+    """(True, "") when the child's compiled training step ran; else (False, why) in one line."""
+    with tempfile.TemporaryDirectory(prefix="adni_compile_probe_") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        try:
+            done = subprocess.run(child_command(spec_path), capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False, f"no answer in {timeout_s:.0f} s"
+    if done.returncode == 0:
+        return True, ""
+    return False, _why(done.returncode, done.stderr)
+
+
+def _why(returncode: int, stderr: str) -> str:
+    for line in stderr.splitlines():
+        if line.startswith(FAILURE_MARK):
+            return line[len(FAILURE_MARK):]
+    if returncode < 0:  # killed by a signal: a crash in native code, or the kernel's OOM killer
+        try:
+            return f"the child process was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"the child process was killed by signal {-returncode}"
+    last = [line for line in stderr.splitlines() if line.strip()]
+    return f"exit code {returncode}" + (f": {last[-1].strip()}" if last else "")
+
+
+def run_training_step(spec: dict) -> None:
+    """One compiled forward + backward of the model the spec describes (the child's work)."""
+    from diffusers import UNet2DModel, VQModel
+
+    from .diffusion import diffusion_loss, make_noise_scheduler
+    from .vq import VQTrainingModel, reconstruction_loss
+
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    if spec["stage"] == "unet":
+        model = UNet2DModel(**spec["config"])
+    elif spec["stage"] == "vqmodel":
+        model = VQTrainingModel(VQModel(**spec["config"]))
+    else:
+        raise ValueError(f"unknown stage {spec['stage']!r} (expected 'unet' or 'vqmodel')")
+    model = model.to(device)
+    if spec["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    mode = spec["compile_mode"]
+    compiled = torch.compile(model, mode=None if mode in (None, "default") else mode)
+
+    x = torch.randn(spec["batch_size"], *spec["sample_shape"], device=device)
+    if spec["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = _AUTOCAST.get(spec["mixed_precision"])
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # as Accelerate's mixed precision
+        if spec["stage"] == "unet":
+            num_labels = spec["config"].get("num_class_embeds")
+            labels = torch.randint(0, num_labels, (len(x),), device=device) if num_labels else None
+            loss = diffusion_loss(compiled, make_noise_scheduler(), x, labels, torch.Generator(device=device).manual_seed(0),
+                                  channels_last=spec["channels_last"])
+        else:
+            loss = reconstruction_loss(compiled(x).recon, x, "mse")
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a kernel's error is reported asynchronously: make it surface here
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        run_training_step(spec)
+    except Exception as e:  # noqa: BLE001 - report any failure in one line, then the traceback
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        print(f"{FAILURE_MARK}{type(e).__name__}: {first_line}", file=sys.stderr, flush=True)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
