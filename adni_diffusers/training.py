@@ -382,11 +382,13 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # leave the child the memory this process is not using
         logger.info("--compile: trying a compiled training step in a child process first")
+        started = time.time()
         passed, why = compile_probe.passes_in_child(child_probe)
         if not _every_process_agrees(passed):
             logger.warning("torch.compile failed in the child process's training step at batch size %s (%s); "
                            "training eager", args.train_batch_size, why or "on another process")
             return model
+        logger.info("--compile: the child process's compiled step ran (%.0f s); compiling here", time.time() - started)
     mode = getattr(args, "compile_mode", None)
     compiled = torch.compile(model, mode=None if mode in (None, "default") else mode)
     if probe is None:

@@ -14,6 +14,10 @@
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
 # Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
+# QUICK=1: the plan for a 15-minute lease, one device call of at most 9 minutes (estimated, not measured):
+# the UNet rows that decide recommendation A at batch 256 and the base vs narrow VQ step (recommendation C),
+# then stop. Write RUN_DIR under $OUT so its JSON and markdown come back:
+#     QUICK=1 bash benchmarks/gpu_session.sh "$OUT/quick"
 set -uo pipefail
 
 R=${1:-gpu_run}
@@ -24,6 +28,7 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
 ABLATION_SAMPLES=${ABLATION_SAMPLES:-128}
 SKIP_BENCHMARK=${SKIP_BENCHMARK:-0}
 BENCH_ONLY=${BENCH_ONLY:-0}
+QUICK=${QUICK:-0}
 # a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
 PRESET=${PRESET:-base}
 # VQ_PRESET: the first stage's size alone, e.g. the narrower candidate of docs/performance.md (recommendation C):
@@ -54,6 +59,19 @@ phase() {  # phase NAME TIMEOUT_S CMD...: run, log its output and wall time
 log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null); $(nproc) cores"
 log "software: $(python -c 'import torch, diffusers, accelerate, datasets, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, accelerate {accelerate.__version__}, datasets {datasets.__version__}")')"
 log "git: ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+
+if [ "$QUICK" = 1 ]; then
+  ROWS=(--steps 20 --warmup 5 --repeats 2)
+  phase bench_unet 300 python benchmarks/run.py --device cuda --compile --profile --sections unet --batch-sizes 256 \
+    --variants "example style" "+ torch.compile (= ours)" "ours, compile mode reduce-overhead" "ours, no channels_last" \
+    "${ROWS[@]}" --out "$R/bench_unet.json" --markdown "$R/bench_unet.md"
+  phase bench_vq 120 python benchmarks/run.py --device cuda --compile --sections vq --vq-preset base \
+    --vq-batch-sizes 32 --variants "ours + compile" "${ROWS[@]}" --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
+  phase bench_vq_candidate 120 python benchmarks/run.py --device cuda --compile --sections vq \
+    --vq-preset benchmarks/vq_narrow.json --vq-batch-sizes 32 --variants "ours + compile" "${ROWS[@]}" \
+    --out "$R/bench_vq_candidate.json" --markdown "$R/bench_vq_candidate.md"
+  log "DONE (QUICK)"; exit 0
+fi
 
 # 1. the benchmark, one section per process so a section that runs long (or crashes) loses only itself
 # (sizes trimmed to fit a 30-minute device lease: UNet batch 256, VQ batch 32, two samplers at batch 256;
