@@ -30,13 +30,14 @@ TIMEOUT_S = 1800  # compiling the `large` UNet's forward and backward takes minu
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_spec(stage: str, config: dict, args, device, sample_shape) -> dict:
+def make_spec(stage: str, config: dict, args, accelerator, sample_shape) -> dict:
     """What the child needs to repeat one training step: the model (stage + config), the batch (training
-    batch size, one sample's shape), precision, memory format, compile mode and device."""
+    batch size, one sample's shape), the precision and device Accelerate chose (--mixed_precision or the
+    `accelerate launch` config), memory format and compile mode."""
     return {"stage": stage, "config": dict(config), "batch_size": int(args.train_batch_size),
-            "sample_shape": [int(s) for s in sample_shape], "mixed_precision": args.mixed_precision or "no",
+            "sample_shape": [int(s) for s in sample_shape], "mixed_precision": str(accelerator.mixed_precision),
             "channels_last": bool(args.channels_last), "compile_mode": getattr(args, "compile_mode", None),
-            "device": str(device)}
+            "device": str(accelerator.device)}
 
 
 def needed(spec: dict) -> bool:

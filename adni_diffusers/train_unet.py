@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> dict:
     probe_labels = data.train.labels[: args.train_batch_size].to(device) if class_names else None
     model = training.maybe_compile(model, args, probe=lambda m: diffusion_loss(
         m, noise_scheduler, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
-        child_probe=make_spec("unet", config, args, device, train_latents.shape[1:]))
+        child_probe=make_spec("unet", config, args, accelerator, train_latents.shape[1:]))
     ema = training.make_ema(accelerator.unwrap_model(model), args, device)
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet")
     run.resume()

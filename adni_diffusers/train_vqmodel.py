@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> dict:
     probe_x = SliceDataset(data.train)[0]["pixel_values"][None].repeat(args.train_batch_size, 1, 1, 1).to(device)
     model = training.maybe_compile(model, args, probe=lambda m: reconstruction_loss(m(probe_x).recon, probe_x,
                                                                                     "mse").backward(),
-                                   child_probe=make_spec("vqmodel", config, args, device, probe_x.shape[1:]))
+                                   child_probe=make_spec("vqmodel", config, args, accelerator, probe_x.shape[1:]))
     ema = training.make_ema(vq, args, device)
 
     run = training.TrainingRun(

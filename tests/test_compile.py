@@ -52,9 +52,10 @@ def _spec(stage="unet", **kw):
     from adni_diffusers.presets import UNET_PRESETS, VQ_PRESETS
 
     config = {**UNET_PRESETS["tiny"], "sample_size": 8, "num_class_embeds": 3} if stage == "unet" else VQ_PRESETS["tiny"]
-    args = SimpleNamespace(train_batch_size=2, mixed_precision="no", channels_last=False, compile_mode=None)
+    args = SimpleNamespace(train_batch_size=2, channels_last=False, compile_mode=None)
+    accelerator = SimpleNamespace(mixed_precision="no", device=torch.device("cpu"))
     shape = (4, 8, 8) if stage == "unet" else (1, 32, 32)
-    return {**make_spec(stage, config, args, "cpu", shape), **kw}
+    return {**make_spec(stage, config, args, accelerator, shape), **kw}
 
 
 @pytest.mark.parametrize("stage", ["unet", "vqmodel"])
@@ -159,7 +160,8 @@ def test_training_scripts_describe_their_model_to_the_child(monkeypatch, tmp_pat
                         lambda spec: specs.append(json.loads(json.dumps(spec))) or (False, "simulated failure"))
     with caplog.at_level(logging.WARNING):
         run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
-                                              "--max_train_steps", "1", "--compile", *TINY_VQ_ARGS])
+                                              "--max_train_steps", "1", "--compile", "--mixed_precision", "bf16",
+                                              *TINY_VQ_ARGS])
         run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
                                            tmp_path / "ldm", "--max_train_steps", "1", "--compile",
                                            "--latent_cache_dir", tmp_path / "cache", *TINY_UNET_ARGS])
@@ -167,6 +169,7 @@ def test_training_scripts_describe_their_model_to_the_child(monkeypatch, tmp_pat
     vq_spec, unet_spec = specs
     vq = VQModel.from_pretrained(tmp_path / "vq" / "vqvae")
     assert vq_spec["stage"] == "vqmodel" and vq_spec["batch_size"] == 4 and vq_spec["device"] == "cpu"
+    assert (vq_spec["mixed_precision"], unet_spec["mixed_precision"]) == ("bf16", "no")  # what Accelerate chose
     assert _architecture(VQModel(**vq_spec["config"])) == _architecture(vq)
     assert vq_spec["sample_shape"] == [1, 256, 256]
     unet = UNet2DModel.from_pretrained(tmp_path / "ldm" / "unet")
