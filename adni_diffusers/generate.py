@@ -7,12 +7,15 @@ Writes one PNG per image, a grid, and with `--gif` the seed's animation of the d
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
 
 import torch
 
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
     from .pipeline_adni_ldm import ADNILatentDiffusionPipeline
+
+    if torch.device(device).type == "cpu" and dtype != torch.float32:
+        logger.warning("--dtype %s on the CPU: where the CPU has no %s hardware this is much slower than float32 "
+                       "(bfloat16 was 30x slower on a 2-core AMD EPYC, docs/performance.md); float32 is the CPU's "
+                       "fast path", str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
 
     pipe = ADNILatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
     return pipe.to(device)
