@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -89,6 +90,17 @@ def test_child_process_failure_is_one_clear_line():
 
     passed, why = passes_in_child(_spec(stage="gan"))
     assert not passed and why == "ValueError: unknown stage 'gan' (expected 'unet' or 'vqmodel')"
+
+
+def test_child_runs_this_package_even_where_it_is_not_installed(monkeypatch):
+    import os
+
+    import adni_diffusers
+    from adni_diffusers.compile_probe import _child_environment
+
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    path = _child_environment()["PYTHONPATH"].split(os.pathsep)
+    assert path == [str(Path(adni_diffusers.__file__).resolve().parents[1]), "/somewhere/else"]
 
 
 @pytest.mark.parametrize("child, expected", [
