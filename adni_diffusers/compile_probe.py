@@ -114,7 +114,8 @@ def run_training_step(spec: dict) -> None:
         if spec["stage"] == "unet":
             num_labels = spec["config"].get("num_class_embeds")
             labels = torch.randint(0, num_labels, (len(x),), device=device) if num_labels else None
-            loss = diffusion_loss(compiled, make_noise_scheduler(), x, labels, torch.Generator(device=device).manual_seed(0),
+            generator = torch.Generator(device=device).manual_seed(0)
+            loss = diffusion_loss(compiled, make_noise_scheduler(), x, labels, generator,
                                   channels_last=spec["channels_last"])
         else:
             loss = reconstruction_loss(compiled(x).recon, x, "mse")

@@ -370,7 +370,8 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
 
     `child_probe` (a `compile_probe.make_spec`) runs that step in a child process first, on CUDA: a CUDA
     error in a compiled kernel (facts.md: "misaligned address" in an inductor GroupNorm backward at batch
-    512) leaves the device unusable in the process that hit it, so only a child can hit it safely. With several processes, all train compiled only if every child passed.
+    512) leaves the device unusable in the process that hit it, so only a child can hit it safely. With
+    several processes, all train compiled only if every child passed.
     `probe(compiled)` then runs one real training step's forward and backward in this process (the compile
     itself, before the first step); a CUDA error there stops the run with advice instead of failing again,
     less clearly, in the first eager step."""
