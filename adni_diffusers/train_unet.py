@@ -136,7 +136,7 @@ def main(args: argparse.Namespace) -> dict:
     training.start_logging(accelerator, args, "unet")
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source,
-                               {"stage": "unet", "vqmodel": str(vq_dir), "conditional": bool(class_names)})
+                               {"stage": "unet", "vqmodel": str(vq_dir), "conditional": bool(class_names)}, model=model)
 
     # 3. train on the denoising objective (adni_diffusers/diffusion.py)
     start = time.time()

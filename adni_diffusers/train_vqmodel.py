@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> dict:
     run.resume()
     training.start_logging(accelerator, args, "vqmodel")
     if accelerator.is_main_process:
-        training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"})
+        training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"}, model=model)
     preview = torch.stack([SliceDataset(data.val or data.train)[i]["pixel_values"]
                            for i in range(min(8, len(data.val or data.train)))])
 

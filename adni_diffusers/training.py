@@ -730,12 +730,16 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
 
 
-def save_run_info(output_dir, args, data, data_source: str, extra: dict | None = None) -> None:
-    """`training_data.json` (what the model saw; read by the Hub push and the model card) and `args.json`."""
+def save_run_info(output_dir, args, data, data_source: str, extra: dict | None = None, model=None) -> None:
+    """`training_data.json` (what the model saw; read by the Hub push and the model card) and
+    `training_args.json` (the flags, and with `model` whether it really trains compiled: `--compile` falls
+    back to eager when the compiled step fails)."""
     output_dir = Path(output_dir)
     info = {"source": data_source, **data.summary(), **(extra or {})}
     (output_dir / "training_data.json").write_text(json.dumps(info, indent=2))
     safe_args = {k: v for k, v in vars(args).items() if "token" not in k}
+    if model is not None:
+        safe_args["compiled"] = hasattr(model, "_orig_mod")  # torch.compile's wrapper
     (output_dir / "training_args.json").write_text(json.dumps(safe_args, indent=2, default=str))
 
 

@@ -178,6 +178,9 @@ def test_training_scripts_describe_their_model_to_the_child(monkeypatch, tmp_pat
                                            tmp_path / "ldm", "--max_train_steps", "1", "--compile",
                                            "--latent_cache_dir", tmp_path / "cache", *TINY_UNET_ARGS])
     assert caplog.text.count("(simulated failure); training eager") == 2
+    for out in ("vq", "ldm"):  # asked for --compile, trained eager: training_args.json says both
+        saved = json.loads((tmp_path / out / "training_args.json").read_text())
+        assert saved["compile"] is True and saved["compiled"] is False
     vq_spec, unet_spec = specs
     vq = VQModel.from_pretrained(tmp_path / "vq" / "vqvae")
     assert vq_spec["stage"] == "vqmodel" and vq_spec["batch_size"] == 4 and vq_spec["device"] == "cpu"
@@ -226,4 +229,6 @@ def test_compiled_training_run_matches_eager(tmp_path, tiny_vq, demo_root, caplo
     assert eager.keys() == compiled.keys()
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-4, msg=k)
-    assert json.loads((tmp_path / "compiled" / "training_args.json").read_text())["compile_mode"] == "reduce-overhead"
+    compiled_args = json.loads((tmp_path / "compiled" / "training_args.json").read_text())
+    assert compiled_args["compile_mode"] == "reduce-overhead" and compiled_args["compiled"] is True
+    assert json.loads((tmp_path / "eager" / "training_args.json").read_text())["compiled"] is False
