@@ -82,12 +82,13 @@ def test_compile_decision_is_the_same_on_every_process(tmp_path):
         "from adni_diffusers.training import _every_process_agrees\n"
         "state = Accelerator()  # as the training scripts start (it reads ACCELERATE_USE_CPU)\n"
         "assert state.num_processes == 2\n"
-        "print(f'rank {state.process_index}: all={_every_process_agrees(state.process_index == 0)} '\n"
-        "      f'same={_every_process_agrees(True)}', flush=True)\n")
+        "import sys\n"
+        "from pathlib import Path\n"
+        "answer = f'all={_every_process_agrees(state.process_index == 0)} same={_every_process_agrees(True)}'\n"
+        "Path(sys.argv[1], f'rank{state.process_index}.txt').write_text(answer)\n")  # not one shared stdout
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--main_process_port", "0", str(script)],
+                           "--num_machines", "1", "--main_process_port", "0", str(script), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
-        "rank 0: all=False same=True", "rank 1: all=False same=True"]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["all=False same=True"] * 2
