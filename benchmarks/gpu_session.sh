@@ -10,7 +10,9 @@
 # (VQ_SECONDS / UNET_SECONDS of training at those rates, with a margin). Each training command also
 # has a hard time limit (VQ_LIMIT / UNET_LIMIT); if it is hit, the run is finished from its last
 # checkpoint (nothing is lost). Each stage also has about 3 minutes of fixed costs on an H100 (start-up,
-# JPEG decoding, the latent cache, compilation: measured 2026-11-25), which the limits must leave room for.
+# JPEG decoding, the latent cache, compilation: measured 2026-11-25), which the limits must leave room for;
+# since then `--compile` on CUDA compiles once more, in a child process first (adni_diffusers/compile_probe.py;
+# not measured, up to about 2 more minutes per stage estimated from the 2026-11-25 compile), hence + 480 s.
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
 # Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
@@ -141,7 +143,7 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
 VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
          $COMPILE ${VQ_EXTRA:-} --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard)
-phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 360))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
+phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
   --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" "${VQ_ARGS[@]}"
 if [ "$VQ_ONLY" = 1 ]; then log "DONE (VQ_ONLY): $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"; exit 0; fi
 
@@ -151,7 +153,7 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
            --allow_tf32 --channels_last --latents_on_device $COMPILE ${UNET_EXTRA:-} --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard)
-phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 360))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
+phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
   --max_train_steps "$UNET_STEPS" || finish_from_checkpoint train_unet.py "$R/ldm" "${UNET_ARGS[@]}"
 
 # 5. evaluation: N per class, the floor, UMAP, memorisation, ablations (bf16 sampling)
