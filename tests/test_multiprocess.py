@@ -85,7 +85,10 @@ def test_compile_decision_is_the_same_on_every_process(tmp_path):
         "import sys\n"
         "from pathlib import Path\n"
         "answer = f'all={_every_process_agrees(state.process_index == 0)} same={_every_process_agrees(True)}'\n"
-        "Path(sys.argv[1], f'rank{state.process_index}.txt').write_text(answer)\n")  # not one shared stdout
+        "Path(sys.argv[1], f'rank{state.process_index}.txt').write_text(answer)  # not one shared stdout\n"
+        "state.wait_for_everyone()\n"
+        "import torch.distributed\n"
+        "torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left at shutdown\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--main_process_port", "0", str(script), str(tmp_path)],
