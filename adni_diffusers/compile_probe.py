@@ -103,25 +103,37 @@ def run_training_step(spec: dict) -> None:
     model = model.to(device)
     if spec["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    dtype = _AUTOCAST.get(spec["mixed_precision"])
+    if dtype is not None:
+        _wrap_forward_as_accelerate_does(model, device, dtype)
     mode = spec["compile_mode"]
     compiled = torch.compile(model, mode=None if mode in (None, "default") else mode)
 
     x = torch.randn(spec["batch_size"], *spec["sample_shape"], device=device)
     if spec["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
-    dtype = _AUTOCAST.get(spec["mixed_precision"])
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # as Accelerate's mixed precision
-        if spec["stage"] == "unet":
-            num_labels = spec["config"].get("num_class_embeds")
-            labels = torch.randint(0, num_labels, (len(x),), device=device) if num_labels else None
-            generator = torch.Generator(device=device).manual_seed(0)
-            loss = diffusion_loss(compiled, make_noise_scheduler(), x, labels, generator,
-                                  channels_last=spec["channels_last"])
-        else:
-            loss = reconstruction_loss(compiled(x).recon, x, "mse")
+    if spec["stage"] == "unet":
+        num_labels = spec["config"].get("num_class_embeds")
+        labels = torch.randint(0, num_labels, (len(x),), device=device) if num_labels else None
+        generator = torch.Generator(device=device).manual_seed(0)
+        loss = diffusion_loss(compiled, make_noise_scheduler(), x, labels, generator, channels_last=spec["channels_last"])
+    else:
+        loss = reconstruction_loss(compiled(x).recon, x, "mse")
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a kernel's error is reported asynchronously: make it surface here
+
+
+def _wrap_forward_as_accelerate_does(model, device, dtype) -> None:
+    """Mixed precision as `Accelerator.prepare_model` applies it: autocast and fp32 outputs inside `forward`.
+    Then the child compiles the same graph as the training process, and inductor's on-disk cache can serve
+    the training process's compile (an autocast around the call instead left half of it to redo on CPU)."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    autocast_forward = torch.autocast(device_type=device.type, dtype=dtype)(model.forward.__func__)
+    model.forward = MethodType(convert_outputs_to_fp32(autocast_forward), model)
 
 
 def main(argv: list[str] | None = None) -> int:

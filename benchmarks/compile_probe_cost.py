@@ -1,0 +1,111 @@
+"""What the `--compile` child process costs: train_unet's compile with and without the child first.
+
+On CUDA `training.maybe_compile` lets a child process compile and run one training step before the
+training process compiles (adni_diffusers/compile_probe.py). This times `maybe_compile` inside a real
+`train_unet` run (one training step) twice, each in a fresh process with an empty inductor cache of its
+own: once compiling in process only (what CPU runs do), once with the child first (what CUDA runs do,
+forced here on any device). The difference is the child's cost; the in-process part of the second run
+shows how much of the child's compile inductor's on-disk cache gives back.
+
+    python benchmarks/compile_probe_cost.py --vqmodel VQ_DIR --train_data_dir AD_NC --preset small \
+        --train-batch-size 8 [--mixed-precision bf16] --out benchmarks/results/cpu-DATE-compile-probe-cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_one(mode: str, opts) -> dict:
+    """In this process: one train_unet step with --compile; the child forced on or off."""
+    from adni_diffusers import compile_probe, train_unet, training
+
+    compile_probe.needed = lambda spec: mode == "child first"
+    passes_in_child, maybe_compile, seconds = compile_probe.passes_in_child, training.maybe_compile, {}
+
+    def timed_child(spec):
+        started = time.time()
+        result = passes_in_child(spec)
+        seconds["child process"] = time.time() - started
+        return result
+
+    def timed_maybe_compile(*args, **kwargs):
+        started = time.time()
+        model = maybe_compile(*args, **kwargs)
+        seconds["maybe_compile"] = time.time() - started
+        return model
+
+    compile_probe.passes_in_child, training.maybe_compile = timed_child, timed_maybe_compile
+    argv = ["--vqmodel", opts.vqmodel, "--train_data_dir", opts.train_data_dir, "--output_dir", opts.work / "out",
+            "--preset", opts.preset, "--train_batch_size", str(opts.train_batch_size), "--max_train_steps", "1",
+            "--compile", "--mixed_precision", opts.mixed_precision, "--latent_cache_dir", opts.work / "latents", "--num_sample_images", "1",
+            "--save_images_epochs", "1000", "--lr_warmup_steps", "0", "--report_to", "none"]
+    train_unet.main(train_unet.parse_args([str(a) for a in argv]))
+    seconds["compile in the training process"] = seconds["maybe_compile"] - seconds.get("child process", 0.0)
+    return {k: round(v, 1) for k, v in seconds.items()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vqmodel", required=True)
+    p.add_argument("--train_data_dir", required=True)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--train-batch-size", dest="train_batch_size", type=int, default=8)
+    p.add_argument("--mixed-precision", dest="mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--out", default=None, help="JSON file for the result")
+    p.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # set for the two child runs
+    p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts.mode:
+        print(json.dumps(run_one(opts.mode, opts)), flush=True)
+        return 0
+
+    import torch
+
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
+              "git": rev.stdout.strip() or "unknown",
+              "machine": f"{_cpu_name()}, {os.cpu_count()} cores"
+                         + (f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+              "torch": torch.__version__, "preset": opts.preset, "train_batch_size": opts.train_batch_size,
+              "mixed_precision": opts.mixed_precision, "runs": {}}
+    for mode in ("in process only", "child first"):
+        with tempfile.TemporaryDirectory(prefix="compile_probe_cost_") as tmp:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"), "HF_HUB_OFFLINE": "1",
+                   "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+            done = subprocess.run([sys.executable, __file__, "--vqmodel", opts.vqmodel, "--train_data_dir",
+                                   opts.train_data_dir, "--preset", opts.preset, "--train-batch-size",
+                                   str(opts.train_batch_size), "--mixed-precision", opts.mixed_precision,
+                                   "--mode", mode, "--work", tmp],
+                                  env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{mode}: failed\n{done.stderr[-3000:]}")
+            result["runs"][mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(mode, result["runs"][mode], flush=True)
+    if opts.out:
+        Path(opts.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
