@@ -11,8 +11,9 @@
 # has a hard time limit (VQ_LIMIT / UNET_LIMIT); if it is hit, the run is finished from its last
 # checkpoint (nothing is lost). Each stage also has about 3 minutes of fixed costs on an H100 (start-up,
 # JPEG decoding, the latent cache, compilation: measured 2026-11-25), which the limits must leave room for;
-# since then `--compile` on CUDA compiles once more, in a child process first (adni_diffusers/compile_probe.py;
-# not measured, up to about 2 more minutes per stage estimated from the 2026-11-25 compile), hence + 480 s.
+# since then `--compile` on CUDA compiles in a child process first (adni_diffusers/compile_probe.py); on CPU
+# inductor's cache then served the training process's compile (0-31% more in all, docs/performance.md), on a
+# GPU not measured: + 480 s leaves room for a whole second compile (about 2 minutes on the H100, 2026-11-25).
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
 # Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
