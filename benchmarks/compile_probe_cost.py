@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -55,16 +54,6 @@ def run_one(mode: str, opts) -> dict:
     return {k: round(v, 1) for k, v in seconds.items()}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vqmodel", required=True)
@@ -82,10 +71,13 @@ def main(argv=None) -> int:
 
     import torch
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run import cpu_model  # benchmarks/run.py's machine description
+
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
               "git": rev.stdout.strip() or "unknown",
-              "machine": f"{_cpu_name()}, {os.cpu_count()} cores"
+              "machine": f"{cpu_model()}, {os.cpu_count()} cores"
                          + (f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
               "torch": torch.__version__, "preset": opts.preset, "train_batch_size": opts.train_batch_size,
               "mixed_precision": opts.mixed_precision, "runs": {}}
