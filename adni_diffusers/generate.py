@@ -42,9 +42,10 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
     from .pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
     if torch.device(device).type == "cpu" and dtype != torch.float32:
+        name = str(dtype).removeprefix("torch.")
         logger.warning("--dtype %s on the CPU: where the CPU has no %s hardware this is much slower than float32 "
                        "(bfloat16 was 30x slower on a 2-core AMD EPYC, docs/performance.md); float32 is the CPU's "
-                       "fast path", str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+                       "fast path", name, name)
 
     pipe = ADNILatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
     return pipe.to(device)

@@ -47,8 +47,8 @@ def run_one(mode: str, opts) -> dict:
     compile_probe.passes_in_child, training.maybe_compile = timed_child, timed_maybe_compile
     argv = ["--vqmodel", opts.vqmodel, "--train_data_dir", opts.train_data_dir, "--output_dir", opts.work / "out",
             "--preset", opts.preset, "--train_batch_size", str(opts.train_batch_size), "--max_train_steps", "1",
-            "--compile", "--mixed_precision", opts.mixed_precision, "--latent_cache_dir", opts.work / "latents", "--num_sample_images", "1",
-            "--save_images_epochs", "1000", "--lr_warmup_steps", "0", "--report_to", "none"]
+            "--compile", "--mixed_precision", opts.mixed_precision, "--latent_cache_dir", opts.work / "latents",
+            "--num_sample_images", "1", "--save_images_epochs", "1000", "--lr_warmup_steps", "0", "--report_to", "none"]
     train_unet.main(train_unet.parse_args([str(a) for a in argv]))
     seconds["compile in the training process"] = seconds["maybe_compile"] - seconds.get("child process", 0.0)
     return {k: round(v, 1) for k, v in seconds.items()}
@@ -72,11 +72,10 @@ def main(argv=None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run import cpu_model  # benchmarks/run.py's machine description
+    from run import _git, cpu_model  # benchmarks/run.py's machine description and commit
 
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-              "git": rev.stdout.strip() or "unknown",
+              "git": _git("rev-parse", "--short", "HEAD") or "unknown",
               "machine": f"{cpu_model()}, {os.cpu_count()} cores"
                          + (f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
               "torch": torch.__version__, "preset": opts.preset, "train_batch_size": opts.train_batch_size,
