@@ -17,9 +17,9 @@
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
 # Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
-# QUICK=1: the plan for a 15-minute lease, one device call of at most 9 minutes (estimated, not measured):
-# the UNet rows that decide recommendation A at batch 256 and the base vs narrow VQ step (recommendation C),
-# then stop. Write RUN_DIR under $OUT so its JSON and markdown come back:
+# QUICK=1: the plan for a 15-minute lease, one device call of at most QUICK_SECONDS (560) s: the UNet rows that
+# decide recommendation A at batch 256 (and B's EMA row), the base vs narrow VQ step (recommendation C), batch 512
+# in what time is left, then stop. Write RUN_DIR under $OUT so its JSON and markdown come back:
 #     QUICK=1 bash benchmarks/gpu_session.sh "$OUT/quick"
 set -uo pipefail
 
@@ -65,14 +65,26 @@ log "git: ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
 if [ "$QUICK" = 1 ]; then
   ROWS=(--steps 20 --warmup 5 --repeats 2)
+  T0=$SECONDS
+  # the compiled "ours" graph serves the latents_on_device and EMA rows too (recommendation B: their cost)
   phase bench_unet 300 python benchmarks/run.py --device cuda --compile --profile --sections unet --batch-sizes 256 \
     --variants "example style" "+ torch.compile (= ours)" "ours, compile mode reduce-overhead" "ours, no channels_last" \
+    "ours + --latents_on_device" "ours + EMA (make_ema: foreach=True)" \
     "${ROWS[@]}" --out "$R/bench_unet.json" --markdown "$R/bench_unet.md"
   phase bench_vq 120 python benchmarks/run.py --device cuda --compile --sections vq --vq-preset base \
     --vq-batch-sizes 32 --variants "ours + compile" "${ROWS[@]}" --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
   phase bench_vq_candidate 120 python benchmarks/run.py --device cuda --compile --sections vq \
     --vq-preset benchmarks/vq_narrow.json --vq-batch-sizes 32 --variants "ours + compile" "${ROWS[@]}" \
     --out "$R/bench_vq_candidate.json" --markdown "$R/bench_vq_candidate.md"
+  # what is left of QUICK_SECONDS: batch 512 in a process of its own (the compiler crashed there once, facts.md)
+  LEFT=$(( ${QUICK_SECONDS:-560} - (SECONDS - T0) ))
+  if [ "$LEFT" -ge 90 ]; then
+    phase bench_unet512 "$LEFT" python benchmarks/run.py --device cuda --compile --sections unet --batch-sizes 512 \
+      --variants "+ torch.compile (= ours)" "ours, compile mode reduce-overhead" "${ROWS[@]}" \
+      --out "$R/bench_unet512.json" --markdown "$R/bench_unet512.md"
+  else
+    log "bench_unet512 skipped: ${LEFT} s left of QUICK_SECONDS"
+  fi
   log "DONE (QUICK)"; exit 0
 fi
 
