@@ -17,6 +17,10 @@
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
 # Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
+# QUICK=train: the next 15-minute lease (narrow VQModel quality, a whole train_unet run with CUDA graphs;
+# see the block below). Write RUN_DIR outside $OUT (30,000 JPEGs) and bring back its logs and metrics:
+#     QUICK=train bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/next.tgz" -C /tmp/next \
+#         --exclude AD_NC --exclude '*.safetensors' --exclude 'checkpoint-*' .
 # QUICK=1: the plan for a 15-minute lease, one device call of at most QUICK_SECONDS (560) s: the UNet rows that
 # decide recommendation A at batch 256 (and B's EMA row), the base vs narrow VQ step (recommendation C), batch 512
 # in what time is left, then stop. Write RUN_DIR under $OUT so its JSON and markdown come back:
@@ -32,6 +36,13 @@ ABLATION_SAMPLES=${ABLATION_SAMPLES:-128}
 SKIP_BENCHMARK=${SKIP_BENCHMARK:-0}
 BENCH_ONLY=${BENCH_ONLY:-0}
 QUICK=${QUICK:-0}
+if [ "$QUICK" = train ]; then  # the questions the H200 rows of 2026-11-26 left open, in one call of <= 10 min
+  # the narrow VQModel's held-out PSNR/SSIM after as many steps as the H100's base model (1,034: 32.55 dB),
+  # then a whole train_unet run with --compile_mode reduce-overhead (300 steps): does it run, how fast
+  SKIP_BENCHMARK=1; TRAIN_ONLY=1
+  VQ_PRESET=${VQ_PRESET:-benchmarks/vq_narrow.json}; FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-1034}; VQ_LIMIT=${VQ_LIMIT:-270}
+  FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-230}; DATA_LIMIT=${DATA_LIMIT:-80}
+fi
 # a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
 PRESET=${PRESET:-base}
 # VQ_PRESET: the first stage's size alone, e.g. the narrower candidate of docs/performance.md (recommendation C):
@@ -39,6 +50,10 @@ PRESET=${PRESET:-base}
 #   VQ_PRESET=benchmarks/vq_narrow.json SKIP_BENCHMARK=1 VQ_ONLY=1 FORCE_VQ_STEPS=1034 ...   its PSNR/SSIM (vq/metrics.json)
 VQ_PRESET=${VQ_PRESET:-$PRESET}
 VQ_ONLY=${VQ_ONLY:-0}
+TRAIN_ONLY=${TRAIN_ONLY:-0}  # stop after the two training stages (no evaluation, no pictures)
+# the UNet stage's compile mode: CUDA graphs were +55% for the benchmark's UNet step (H200, 2026-11-26,
+# docs/performance.md); a whole train_unet run in this mode on a GPU is what this script measures next
+UNET_COMPILE_MODE=${UNET_COMPILE_MODE:-reduce-overhead}
 MP=${MP:-bf16}
 COMPILE=${COMPILE---compile}
 VQ_BATCH=${VQ_BATCH:-32}
@@ -66,10 +81,9 @@ log "git: ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 if [ "$QUICK" = 1 ]; then
   ROWS=(--steps 20 --warmup 5 --repeats 2)
   T0=$SECONDS
-  # the compiled "ours" graph serves the latents_on_device and EMA rows too (recommendation B: their cost)
+  # (ran on an H200, 2026-11-26, with two more rows: then over its 300 s before the reduce-overhead row)
   phase bench_unet 300 python benchmarks/run.py --device cuda --compile --profile --sections unet --batch-sizes 256 \
     --variants "example style" "+ torch.compile (= ours)" "ours, compile mode reduce-overhead" "ours, no channels_last" \
-    "ours + --latents_on_device" "ours + EMA (make_ema: foreach=True)" \
     "${ROWS[@]}" --out "$R/bench_unet.json" --markdown "$R/bench_unet.md"
   phase bench_vq 120 python benchmarks/run.py --device cuda --compile --sections vq --vq-preset base \
     --vq-batch-sizes 32 --variants "ours + compile" "${ROWS[@]}" --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
@@ -113,7 +127,7 @@ fi
 if [ "$BENCH_ONLY" = 1 ]; then log "DONE (BENCH_ONLY)"; exit 0; fi
 
 # 2. an ADNI-size demo set (1,500 subjects x 20 slices)
-phase demo_data 300 python -m adni_diffusers.cli demo-data "$R/AD_NC" --subjects "$SUBJECTS" --overwrite \
+phase demo_data "${DATA_LIMIT:-300}" python -m adni_diffusers.cli demo-data "$R/AD_NC" --subjects "$SUBJECTS" --overwrite \
   --contact-sheet "$R/AD_NC_contact_sheet.png"
 
 # training steps from the measured rates (compiled rows where compilation worked)
@@ -152,7 +166,7 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
 }
 
 # 3. the VQModel (base preset: 4x32x32 latents, 8192 codes), default loss (MSE + 0.5 SSIM)
-# VQ_EXTRA / UNET_EXTRA: more flags for a stage, e.g. UNET_EXTRA="--compile_mode reduce-overhead --cudnn_benchmark"
+# VQ_EXTRA / UNET_EXTRA: more flags for a stage, e.g. UNET_EXTRA="--cudnn_benchmark" (UNET_COMPILE_MODE: the UNet's --compile_mode)
 VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
          $COMPILE ${VQ_EXTRA:-} --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard)
@@ -163,11 +177,18 @@ if [ "$VQ_ONLY" = 1 ]; then log "DONE (VQ_ONLY): $(cat "$R/vq/metrics.json" 2>/d
 # 4. the class-conditional UNet on the cached latents: v-prediction, Min-SNR-5, EMA
 UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --conditional
            --prediction_type v_prediction --snr_gamma 5 --use_ema --ema_max_decay 0.999 --mixed_precision "$MP"
-           --allow_tf32 --channels_last --latents_on_device $COMPILE ${UNET_EXTRA:-} --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
+           --allow_tf32 --channels_last --latents_on_device $COMPILE ${COMPILE:+--compile_mode "$UNET_COMPILE_MODE"}
+           ${UNET_EXTRA:-} --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard)
 phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
   --max_train_steps "$UNET_STEPS" || finish_from_checkpoint train_unet.py "$R/ldm" "${UNET_ARGS[@]}"
+
+if [ "$TRAIN_ONLY" = 1 ]; then
+  log "DONE (TRAIN_ONLY): vq $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"
+  log "ldm $(cat "$R/ldm/train_metrics.json" 2>/dev/null | tr -d '\n ') compiled=$(grep -o '"compiled": [a-z]*' "$R/ldm/training_args.json")"
+  exit 0
+fi
 
 # 5. evaluation: N per class, the floor, UMAP, memorisation, ablations (bf16 sampling)
 # (written to <model>/evaluation, the folder the model card reads its numbers from)
