@@ -164,3 +164,31 @@ def test_dtype_check_compares_bf16_with_float32_image_by_image(tmp_path, tiny_ld
             assert numbers[part]["psnr_min_db"] <= numbers[part]["psnr_median_db"]
         # bf16 rounds: the images differ, but the same latents decode to nearly the same picture
         assert numbers["decode_only"]["psnr_min_db"] > 20
+
+
+def _load_run_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
+    """Device time is short: a typo in gpu_session.sh must show here, not after a machine has started."""
+    import re
+
+    for script in ("benchmarks/gpu_session.sh", "benchmarks/gpu_pack.sh", ".ci/run"):
+        proc = subprocess.run(["bash", "-n", str(REPO_ROOT / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    text = (REPO_ROOT / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", " ")
+    named = [name for block in re.findall(r'--variants((?:\s+"[^"$]+")+)', text)
+             for name in re.findall(r'"([^"]+)"', block)]
+    run = _load_run_module()
+    known = set(run.UNET_VARIANTS) | set(run.VQ_VARIANTS)
+    assert len(named) >= 8  # the QUICK plan's rows and batch 512's
+    assert set(named) <= known, f"unknown rows in gpu_session.sh: {sorted(set(named) - known)}"
+    # the presets the script passes exist
+    for preset in re.findall(r"(benchmarks/\w+\.json)", text):
+        assert (REPO_ROOT / preset).is_file(), preset
