@@ -19,7 +19,7 @@
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
 # QUICK=train: the next 15-minute lease (narrow VQModel quality, a whole train_unet run with CUDA graphs;
 # see the block below). Write RUN_DIR outside $OUT (30,000 JPEGs) and bring back its logs and metrics:
-#     QUICK=train bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/next.tgz" -C /tmp/next \
+#     QUICK=train timeout 575 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/next.tgz" -C /tmp/next \
 #         --exclude AD_NC --exclude '*.safetensors' --exclude 'checkpoint-*' .
 # QUICK=1: the plan for a 15-minute lease, one device call of at most QUICK_SECONDS (560) s: the UNet rows that
 # decide recommendation A at batch 256 (and B's EMA row), the base vs narrow VQ step (recommendation C), batch 512
@@ -40,8 +40,11 @@ if [ "$QUICK" = train ]; then  # the questions the H200 rows of 2026-11-26 left 
   # the narrow VQModel's held-out PSNR/SSIM after as many steps as the H100's base model (1,034: 32.55 dB),
   # then a whole train_unet run with --compile_mode reduce-overhead (300 steps): does it run, how fast
   SKIP_BENCHMARK=1; TRAIN_ONLY=1
+  # (limits 60 + 270 + 220 s; the UNet checkpoints every 100 steps, so a stage cut by its limit is finished from
+  # a checkpoint: run the script under `timeout 575` so that the call's files come back whatever happens)
   VQ_PRESET=${VQ_PRESET:-benchmarks/vq_narrow.json}; FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-1034}; VQ_LIMIT=${VQ_LIMIT:-270}
-  FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-230}; DATA_LIMIT=${DATA_LIMIT:-80}
+  FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-220}; DATA_LIMIT=${DATA_LIMIT:-60}
+  UNET_EXTRA=${UNET_EXTRA:---checkpointing_steps 100}
 fi
 # a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
 PRESET=${PRESET:-base}
@@ -166,10 +169,10 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
 }
 
 # 3. the VQModel (base preset: 4x32x32 latents, 8192 codes), default loss (MSE + 0.5 SSIM)
-# VQ_EXTRA / UNET_EXTRA: more flags for a stage, e.g. UNET_EXTRA="--cudnn_benchmark" (UNET_COMPILE_MODE: the UNet's --compile_mode)
+# VQ_EXTRA / UNET_EXTRA: more flags for a stage, last (so they override), e.g. UNET_EXTRA="--cudnn_benchmark" (UNET_COMPILE_MODE: the UNet's --compile_mode)
 VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
-         $COMPILE ${VQ_EXTRA:-} --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
-         --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard)
+         $COMPILE --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
+         --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard ${VQ_EXTRA:-})
 phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
   --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" "${VQ_ARGS[@]}"
 if [ "$VQ_ONLY" = 1 ]; then log "DONE (VQ_ONLY): $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"; exit 0; fi
@@ -178,9 +181,9 @@ if [ "$VQ_ONLY" = 1 ]; then log "DONE (VQ_ONLY): $(cat "$R/vq/metrics.json" 2>/d
 UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --seed 0 --conditional
            --prediction_type v_prediction --snr_gamma 5 --use_ema --ema_max_decay 0.999 --mixed_precision "$MP"
            --allow_tf32 --channels_last --latents_on_device $COMPILE ${COMPILE:+--compile_mode "$UNET_COMPILE_MODE"}
-           ${UNET_EXTRA:-} --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
+           --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
-           --checkpoints_total_limit 2 --report_to tensorboard)
+           --checkpoints_total_limit 2 --report_to tensorboard ${UNET_EXTRA:-})
 phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
   --max_train_steps "$UNET_STEPS" || finish_from_checkpoint train_unet.py "$R/ldm" "${UNET_ARGS[@]}"
 
