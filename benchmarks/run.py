@@ -100,6 +100,7 @@ class Bench:
         self.partial_path = partial_path
         self.finished_rows: list[dict] = []
         self.section: str | None = None
+        self.header: dict = {}  # machine, settings, matmul rate, FLOPs: what makes a partial record readable alone
 
     def sync(self) -> None:
         if self.cuda:
@@ -168,7 +169,8 @@ class Bench:
         self.finished_rows.append({"section": self.section, **row})
         if self.partial_path:  # written whole, then renamed: a reader never sees half a file
             tmp = self.partial_path.with_name(self.partial_path.name + ".tmp")
-            tmp.write_text(json.dumps({"partial": True, "rows": self.finished_rows}, indent=2, default=str) + "\n")
+            record = {"partial": True, **self.header, "rows": self.finished_rows}
+            tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
             os.replace(tmp, self.partial_path)
         return row
 
@@ -1253,6 +1255,7 @@ def main(argv=None) -> dict:
     rate = results["matmul"]["flops_per_s"]
     print("[benchmark] counting FLOPs", file=sys.stderr)
     results["flops"] = flops = model_flops(bench, opts)
+    bench.header = dict(results)
     for section, fn in (("unet", lambda: bench_unet(bench, opts, flops, rate)),
                         ("latent_cache", lambda: bench_latent_cache(bench, opts, flops, rate)),
                         ("vq", lambda: bench_vq(bench, opts, flops, rate)),
