@@ -17,12 +17,13 @@
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
 # Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
-# QUICK=train: the next 15-minute lease (narrow VQModel quality, a whole train_unet run with CUDA graphs;
-# see the block below). Write RUN_DIR outside $OUT (30,000 JPEGs) and bring back its logs and metrics:
-#     QUICK=train timeout 575 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/next.tgz" -C /tmp/next \
+# QUICK=train: the next 15-minute lease, two calls back to back (narrow VQModel quality, then a whole train_unet
+# run with CUDA graphs; see the block below). RUN_DIR outside $OUT (30,000 JPEGs); bring back logs and metrics:
+#     QUICK=train VQ_ONLY=1 timeout 450 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/vq.tgz" -C /tmp/next \
 #         --exclude AD_NC --exclude '*.safetensors' --exclude 'checkpoint-*' .
+#     QUICK=train SKIP_VQ=1 timeout 330 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/ldm.tgz" ... (the same)
 # QUICK=1: the plan for a 15-minute lease, one device call of at most QUICK_SECONDS (560) s: the UNet rows that
-# decide recommendation A at batch 256 (and B's EMA row), the base vs narrow VQ step (recommendation C), batch 512
+# decide recommendation A at batch 256, the base vs narrow VQ step (recommendation C), batch 512
 # in what time is left, then stop. Write RUN_DIR under $OUT so its JSON and markdown come back:
 #     QUICK=1 bash benchmarks/gpu_session.sh "$OUT/quick"
 set -uo pipefail
@@ -36,16 +37,19 @@ ABLATION_SAMPLES=${ABLATION_SAMPLES:-128}
 SKIP_BENCHMARK=${SKIP_BENCHMARK:-0}
 BENCH_ONLY=${BENCH_ONLY:-0}
 QUICK=${QUICK:-0}
-if [ "$QUICK" = train ]; then  # the questions the H200 rows of 2026-11-26 left open, in one call of <= 10 min
-  # the narrow VQModel's held-out PSNR/SSIM after as many steps as the H100's base model (1,034: 32.55 dB),
-  # then a whole train_unet run with --compile_mode reduce-overhead (300 steps): does it run, how fast
+if [ "$QUICK" = train ]; then  # the questions the H200 rows of 2026-11-26 left open, as two device calls
+  # call 1 (VQ_ONLY=1): the narrow VQModel's held-out PSNR/SSIM after the GPU time of the H100's base model
+  #   (1,034 steps: 32.55 dB / 0.934; the narrow step was 1.80x faster on the H200, so 1,860 steps);
+  # call 2 (SKIP_VQ=1, at once, on the still warm machine): a whole train_unet run with
+  #   --compile_mode reduce-overhead (300 steps) on that VQModel: does it run, how fast.
+  # Limits: 60 + 360 s, then 300 s; the UNet checkpoints every 100 steps, so a stage cut by its limit is
+  # finished from a checkpoint. Run each under `timeout` so that the call's files come back whatever happens.
   SKIP_BENCHMARK=1; TRAIN_ONLY=1
-  # (limits 60 + 270 + 220 s; the UNet checkpoints every 100 steps, so a stage cut by its limit is finished from
-  # a checkpoint: run the script under `timeout 575` so that the call's files come back whatever happens)
-  VQ_PRESET=${VQ_PRESET:-benchmarks/vq_narrow.json}; FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-1034}; VQ_LIMIT=${VQ_LIMIT:-270}
-  FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-220}; DATA_LIMIT=${DATA_LIMIT:-60}
+  VQ_PRESET=${VQ_PRESET:-benchmarks/vq_narrow.json}; FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-1860}; VQ_LIMIT=${VQ_LIMIT:-360}
+  FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-300}; DATA_LIMIT=${DATA_LIMIT:-60}
   UNET_EXTRA=${UNET_EXTRA:---checkpointing_steps 100}
 fi
+SKIP_VQ=${SKIP_VQ:-0}  # 1: reuse RUN_DIR's demo set and VQModel (from an earlier call), train the UNet only
 # a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
 PRESET=${PRESET:-base}
 # VQ_PRESET: the first stage's size alone, e.g. the narrower candidate of docs/performance.md (recommendation C):
@@ -130,8 +134,13 @@ fi
 if [ "$BENCH_ONLY" = 1 ]; then log "DONE (BENCH_ONLY)"; exit 0; fi
 
 # 2. an ADNI-size demo set (1,500 subjects x 20 slices)
+if [ "$SKIP_VQ" = 1 ]; then
+  [ -f "$R/vq/metrics.json" ] && [ -d "$R/AD_NC" ] || { log "SKIP_VQ=1 needs $R/AD_NC and a finished $R/vq"; exit 1; }
+  log "SKIP_VQ=1: reusing $R/AD_NC and $R/vq"
+else
 phase demo_data "${DATA_LIMIT:-300}" python -m adni_diffusers.cli demo-data "$R/AD_NC" --subjects "$SUBJECTS" --overwrite \
   --contact-sheet "$R/AD_NC_contact_sheet.png"
+fi
 
 # training steps from the measured rates (compiled rows where compilation worked)
 read -r VQ_STEPS UNET_STEPS < <(python - "$R" "$VQ_SECONDS" "$UNET_SECONDS" "$VQ_BATCH" "$UNET_BATCH" "$MIN_STEPS" <<'EOF'
@@ -173,8 +182,10 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
 VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
          $COMPILE --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard ${VQ_EXTRA:-})
-phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
-  --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" "${VQ_ARGS[@]}"
+if [ "$SKIP_VQ" != 1 ]; then
+  phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
+    --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" "${VQ_ARGS[@]}"
+fi
 if [ "$VQ_ONLY" = 1 ]; then log "DONE (VQ_ONLY): $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"; exit 0; fi
 
 # 4. the class-conditional UNet on the cached latents: v-prediction, Min-SNR-5, EMA
