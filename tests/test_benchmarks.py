@@ -195,3 +195,33 @@ def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
     # the presets the script passes exist
     for preset in re.findall(r"(benchmarks/\w+\.json)", text):
         assert (REPO_ROOT / preset).is_file(), preset
+
+
+def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
+    """The next GPU lease's plan (QUICK=train: two calls) end to end with tiny models on the CPU, so that a
+    renamed flag or a broken stage shows here and not on a machine that costs device time."""
+    script = str(REPO_ROOT / "benchmarks" / "gpu_session.sh")
+    run_dir = tmp_path / "next"
+    env = dict(os.environ, QUICK="train", PRESET="tiny", VQ_PRESET="tiny", MP="no", COMPILE="", VQ_BATCH="4",
+               UNET_BATCH="8", SUBJECTS="4", FORCE_VQ_STEPS="2", FORCE_UNET_STEPS="2", CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="2", GIT_REV="test")
+
+    def call(**extra):
+        return subprocess.run(["bash", script, str(run_dir)], env={**env, **extra}, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=600)
+
+    early = call(SKIP_VQ="1")  # call 2 before call 1: a clear stop, not a UNet trained on nothing
+    assert early.returncode == 1 and "SKIP_VQ=1 needs" in early.stdout
+    first = call(VQ_ONLY="1")
+    log = (run_dir / "session.log").read_text()
+    assert first.returncode == 0, log
+    assert json.loads((run_dir / "vq" / "metrics.json").read_text())["train_steps"] == 2
+    assert not (run_dir / "ldm").exists() and "DONE (VQ_ONLY)" in log
+    second = call(SKIP_VQ="1")
+    log = (run_dir / "session.log").read_text()
+    assert second.returncode == 0, log
+    assert "START demo_data" not in log.split("SKIP_VQ=1: reusing")[-1]  # the first call's data and VQModel
+    args = json.loads((run_dir / "ldm" / "training_args.json").read_text())
+    assert args["checkpointing_steps"] == 100 and args["vqmodel"] == str(run_dir / "vq")  # QUICK=train's flags
+    assert json.loads((run_dir / "ldm" / "train_metrics.json").read_text())["train_steps"] == 2
+    assert "DONE (TRAIN_ONLY)" in log
