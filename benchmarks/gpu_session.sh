@@ -138,8 +138,8 @@ if [ "$SKIP_VQ" = 1 ]; then
   [ -f "$R/vq/metrics.json" ] && [ -d "$R/AD_NC" ] || { log "SKIP_VQ=1 needs $R/AD_NC and a finished $R/vq"; exit 1; }
   log "SKIP_VQ=1: reusing $R/AD_NC and $R/vq"
 else
-phase demo_data "${DATA_LIMIT:-300}" python -m adni_diffusers.cli demo-data "$R/AD_NC" --subjects "$SUBJECTS" --overwrite \
-  --contact-sheet "$R/AD_NC_contact_sheet.png"
+  phase demo_data "${DATA_LIMIT:-300}" python -m adni_diffusers.cli demo-data "$R/AD_NC" --subjects "$SUBJECTS" \
+    --overwrite --contact-sheet "$R/AD_NC_contact_sheet.png"
 fi
 
 # training steps from the measured rates (compiled rows where compilation worked)
