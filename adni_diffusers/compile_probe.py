@@ -3,8 +3,9 @@
 A CUDA error inside a compiled kernel (facts.md: "misaligned address" in an inductor GroupNorm backward
 at batch 512) leaves the CUDA context unusable, so the process that hit it cannot fall back to eager. So
 on CUDA the training scripts first let a child process build the same model from its config, compile it
-with the same mode and run one training step's forward and backward at the training batch size, precision
-and memory format; the training process compiles only if the child exits 0, and trains eager otherwise.
+with the same mode and run one training step's forward and backward (three in a mode with CUDA graphs) at the
+training batch size, precision and memory format; the training process compiles only if the child exits 0,
+and trains eager otherwise.
 The child's weights are random: a compiler failure depends on shapes, dtypes and layouts, not on values.
 Inductor's on-disk cache makes the training process's own compile of the same graphs cheaper.
 
@@ -29,6 +30,9 @@ logger = logging.getLogger("adni_diffusers.compile_probe")
 FAILURE_MARK = "compile probe failed: "
 TIMEOUT_S = 1800  # the `base` UNet's first compiled step took under 2 minutes on the H100 (2026-11-25)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# modes that record CUDA graphs: torch records at the second call and replays from the third, so the child
+# runs three steps in them and a failure while recording or replaying also costs the child, not the run
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def make_spec(stage: str, config: dict, args, accelerator, sample_shape) -> dict:
@@ -85,8 +89,9 @@ def _why(returncode: int, stderr: str) -> str:
     return f"exit code {returncode}" + (f": {last[-1].strip()}" if last else "")
 
 
-def run_training_step(spec: dict) -> None:
-    """One compiled forward + backward of the model the spec describes (the child's work)."""
+def run_training_step(spec: dict) -> int:
+    """The compiled forward + backward of the model the spec describes (the child's work): one step, or three
+    in a mode with CUDA graphs (warm-up, record, replay). Returns the number of steps run."""
     from diffusers import UNet2DModel, VQModel
 
     from .diffusion import diffusion_loss, make_noise_scheduler
@@ -109,19 +114,26 @@ def run_training_step(spec: dict) -> None:
     mode = spec["compile_mode"]
     compiled = torch.compile(model, mode=None if mode in (None, "default") else mode)
 
-    x = torch.randn(spec["batch_size"], *spec["sample_shape"], device=device)
-    if spec["channels_last"]:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if spec["stage"] == "unet":
-        num_labels = spec["config"].get("num_class_embeds")
-        labels = torch.randint(0, num_labels, (len(x),), device=device) if num_labels else None
-        generator = torch.Generator(device=device).manual_seed(0)
-        loss = diffusion_loss(compiled, make_noise_scheduler(), x, labels, generator, channels_last=spec["channels_last"])
-    else:
-        loss = reconstruction_loss(compiled(x).recon, x, "mse")
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # a kernel's error is reported asynchronously: make it surface here
+    generator = torch.Generator(device=device).manual_seed(0)
+    steps = 3 if mode in CUDA_GRAPH_MODES else 1
+    for _ in range(steps):
+        if steps > 1:
+            torch.compiler.cudagraph_mark_step_begin()  # as a training loop's next iteration
+        x = torch.randn(spec["batch_size"], *spec["sample_shape"], device=device, generator=generator)
+        if spec["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if spec["stage"] == "unet":
+            num_labels = spec["config"].get("num_class_embeds")
+            labels = (torch.randint(0, num_labels, (len(x),), device=device, generator=generator)
+                      if num_labels else None)
+            loss = diffusion_loss(compiled, make_noise_scheduler(), x, labels, generator,
+                                  channels_last=spec["channels_last"])
+        else:
+            loss = reconstruction_loss(compiled(x).recon, x, "mse")
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a kernel's error is reported asynchronously: make it surface here
+    return steps
 
 
 def _wrap_forward_as_accelerate_does(model, device, dtype) -> None:

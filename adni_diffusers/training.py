@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .compile_probe import CUDA_GRAPH_MODES
+
 logger = logging.getLogger("adni_diffusers.training")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -128,7 +130,7 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
     mode = getattr(args, "compile_mode", None)
     if mode and not args.compile:
         raise TrainingError(f"--compile_mode {mode} needs --compile")
-    if mode in ("reduce-overhead", "max-autotune") and args.gradient_accumulation_steps > 1:
+    if mode in CUDA_GRAPH_MODES and args.gradient_accumulation_steps > 1:
         # CUDA graphs reuse their output buffers at the next micro-batch, and autograd keeps a first
         # micro-batch's gradient in such a buffer: accumulation would silently add the wrong numbers
         raise TrainingError(f"--compile_mode {mode} (CUDA graphs) cannot be combined with "

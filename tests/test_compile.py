@@ -74,6 +74,25 @@ def test_child_step_builds_the_model_the_spec_describes(monkeypatch, stage):
     assert last_layer.weight.grad is not None and last_layer.weight.grad.abs().sum() > 0  # the backward ran
 
 
+@pytest.mark.parametrize("mode, steps", [(None, 1), ("default", 1), ("reduce-overhead", 3), ("max-autotune", 3),
+                                         ("max-autotune-no-cudagraphs", 1)])
+def test_child_runs_past_cuda_graph_recording(monkeypatch, mode, steps):
+    """In a mode with CUDA graphs torch records at the second call and replays from the third: the child runs
+    three steps there, so a failure while recording or replaying also ends the child and not the run."""
+    from adni_diffusers import compile_probe
+
+    forwards, marks = [], []
+
+    def fake_compile(model, mode=None):
+        model.register_forward_hook(lambda *_: forwards.append(1))
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    assert compile_probe.run_training_step(_spec("unet", compile_mode=mode)) == steps
+    assert len(forwards) == steps and len(marks) == (steps if steps > 1 else 0)
+
+
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_child_process_compiles_a_training_step():
