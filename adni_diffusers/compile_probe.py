@@ -35,6 +35,12 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
+def compile_model(model, mode: str | None):
+    """`torch.compile` with a --compile_mode value ("default" is torch's own default): the child and the
+    training process compile the same way."""
+    return torch.compile(model, mode=None if mode in (None, "default") else mode)
+
+
 def make_spec(stage: str, config: dict, args, accelerator, sample_shape) -> dict:
     """What the child needs to repeat one training step: the model (stage + config), the batch (training
     batch size, one sample's shape), the precision and device Accelerate chose (--mixed_precision or the
@@ -111,11 +117,12 @@ def run_training_step(spec: dict) -> int:
     dtype = _AUTOCAST.get(spec["mixed_precision"])
     if dtype is not None:
         _wrap_forward_as_accelerate_does(model, device, dtype)
-    mode = spec["compile_mode"]
-    compiled = torch.compile(model, mode=None if mode in (None, "default") else mode)
+    compiled = compile_model(model, spec["compile_mode"])
 
     generator = torch.Generator(device=device).manual_seed(0)
-    steps = 3 if mode in CUDA_GRAPH_MODES else 1
+    noise_scheduler = make_noise_scheduler() if spec["stage"] == "unet" else None
+    num_labels = spec["config"].get("num_class_embeds")
+    steps = 3 if spec["compile_mode"] in CUDA_GRAPH_MODES else 1
     for _ in range(steps):
         if steps > 1:
             torch.compiler.cudagraph_mark_step_begin()  # as a training loop's next iteration
@@ -123,11 +130,9 @@ def run_training_step(spec: dict) -> int:
         if spec["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         if spec["stage"] == "unet":
-            num_labels = spec["config"].get("num_class_embeds")
             labels = (torch.randint(0, num_labels, (len(x),), device=device, generator=generator)
                       if num_labels else None)
-            loss = diffusion_loss(compiled, make_noise_scheduler(), x, labels, generator,
-                                  channels_last=spec["channels_last"])
+            loss = diffusion_loss(compiled, noise_scheduler, x, labels, generator, channels_last=spec["channels_last"])
         else:
             loss = reconstruction_loss(compiled(x).recon, x, "mse")
         loss.backward()

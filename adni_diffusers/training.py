@@ -392,8 +392,7 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
                            "training eager", args.train_batch_size, why or "on another process")
             return model
         logger.info("--compile: the child process's compiled step ran (%.0f s); compiling here", time.time() - started)
-    mode = getattr(args, "compile_mode", None)
-    compiled = torch.compile(model, mode=None if mode in (None, "default") else mode)
+    compiled = compile_probe.compile_model(model, getattr(args, "compile_mode", None))
     if probe is None:
         return compiled
     try:
@@ -741,7 +740,9 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
     (output_dir / "training_data.json").write_text(json.dumps(info, indent=2))
     safe_args = {k: v for k, v in vars(args).items() if "token" not in k}
     if model is not None:
-        safe_args["compiled"] = hasattr(model, "_orig_mod")  # torch.compile's wrapper
+        from accelerate.utils import is_compiled_module
+
+        safe_args["compiled"] = is_compiled_module(model)
     (output_dir / "training_args.json").write_text(json.dumps(safe_args, indent=2, default=str))
 
 
