@@ -96,8 +96,12 @@ def _why(returncode: int, stderr: str) -> str:
 
 
 def run_training_step(spec: dict) -> int:
-    """The compiled forward + backward of the model the spec describes (the child's work): one step, or three
-    in a mode with CUDA graphs (warm-up, record, replay). Returns the number of steps run."""
+    """Training steps of the compiled model the spec describes (the child's work): one, or three in a mode with
+    CUDA graphs (warm-up, record, replay). Each step is the training loop's: forward, backward, gradient
+    clipping, a fused AdamW step on CUDA, `zero_grad(set_to_none=True)`. Without the last one the child would
+    accumulate gradients across steps, which CUDA graphs forbid (the next replay overwrites the gradients the
+    previous one left): on 2026-11-26 that failed the child on an H200 although the training loop was fine.
+    Returns the number of steps run."""
     from diffusers import UNet2DModel, VQModel
 
     from .diffusion import diffusion_loss, make_noise_scheduler
@@ -122,10 +126,9 @@ def run_training_step(spec: dict) -> int:
     generator = torch.Generator(device=device).manual_seed(0)
     noise_scheduler = make_noise_scheduler() if spec["stage"] == "unet" else None
     num_labels = spec["config"].get("num_class_embeds")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(device.type == "cuda") or None)
     steps = 3 if spec["compile_mode"] in CUDA_GRAPH_MODES else 1
     for _ in range(steps):
-        if steps > 1:
-            torch.compiler.cudagraph_mark_step_begin()  # as a training loop's next iteration
         x = torch.randn(spec["batch_size"], *spec["sample_shape"], device=device, generator=generator)
         if spec["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -136,6 +139,9 @@ def run_training_step(spec: dict) -> int:
         else:
             loss = reconstruction_loss(compiled(x).recon, x, "mse")
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a kernel's error is reported asynchronously: make it surface here
     return steps

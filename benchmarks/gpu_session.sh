@@ -165,7 +165,10 @@ VQ_STEPS=${FORCE_VQ_STEPS:-$VQ_STEPS}; UNET_STEPS=${FORCE_UNET_STEPS:-$UNET_STEP
 log "VQ: $VQ_STEPS steps of $VQ_BATCH; UNet: $UNET_STEPS steps of $UNET_BATCH"
 
 finish_from_checkpoint() {  # the time limit hit: finish the run from its last checkpoint
-  local script=$1 out=$2; shift 2
+  local script=$1 out=$2 product=$3; shift 3
+  # A run whose limit hit after it wrote its metrics (its exit was cut, 2026-11-26) is finished: "finishing" it
+  # from an older checkpoint would replace the trained model with that checkpoint's.
+  if [ "$out/$product" -nt "$R/.phase_started" ]; then log "$out has its final metrics from this stage (only the exit failed or was cut): nothing to finish"; return 0; fi
   local last; last=$(ls -d "$out"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
   [ -n "$last" ] || { log "no checkpoint in $out"; return 1; }
   log "finishing $out from $last"
@@ -183,8 +186,9 @@ VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_prec
          $COMPILE --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard ${VQ_EXTRA:-})
 if [ "$SKIP_VQ" != 1 ]; then
+  touch "$R/.phase_started"
   phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
-    --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" "${VQ_ARGS[@]}"
+    --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" metrics.json "${VQ_ARGS[@]}"
 fi
 if [ "$VQ_ONLY" = 1 ]; then log "DONE (VQ_ONLY): $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"; exit 0; fi
 
@@ -195,8 +199,9 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
            --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard ${UNET_EXTRA:-})
+touch "$R/.phase_started"
 phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
-  --max_train_steps "$UNET_STEPS" || finish_from_checkpoint train_unet.py "$R/ldm" "${UNET_ARGS[@]}"
+  --max_train_steps "$UNET_STEPS" || finish_from_checkpoint train_unet.py "$R/ldm" train_metrics.json "${UNET_ARGS[@]}"
 
 if [ "$TRAIN_ONLY" = 1 ]; then
   log "DONE (TRAIN_ONLY): vq $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"
