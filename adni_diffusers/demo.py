@@ -37,11 +37,12 @@ PLANS = {
                  "--checkpointing_steps", "200", "--checkpoints_total_limit", "1", "--sample_inference_steps", "25"],
         "sampler": ("dpm++", 25), "num_images": 8,
     },
-    # GPU: the flags of the H100 run in docs/results.md (2026-11-25), longer. There the base VQModel
-    # trained at 231 images/s (3,000 x 32 here: about 7 min) and reached PSNR 32.6 dB after 1,034 steps;
-    # the base UNet at 3,120 images/s (8,000 x 256 here: about 11 min) gave sharp, class-distinct samples
-    # after 500 steps; each stage had about 3 min of start-up, decoding, latent cache and compilation.
-    # So about 25 min on an H100: arithmetic from those rates; this plan was not run end to end.
+    # GPU: the flags of the H100 run in docs/results.md (2026-11-25), longer. There the VQModel (then `base`,
+    # now `wide`) trained at 231 images/s and reached PSNR 32.6 dB after 1,034 steps; today's narrower `base`
+    # trained at 459 images/s on an H200 (2026-11-26; 3,000 x 32 here: about 3.5 min) and reached 33.05 dB
+    # after 1,860 steps; the base UNet at 3,120 images/s (8,000 x 256 here: about 11 min) gave sharp,
+    # class-distinct samples after 500 steps; each stage had about 3 min of start-up, decoding, latent cache
+    # and compilation. So about 21 min on an H100: arithmetic from those rates; not run end to end.
     "cuda": {
         "subjects": 1500, "preset": "base",
         "vq": ["--max_train_steps", "3000", "--train_batch_size", "32", "--learning_rate", "4e-4",

@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_training_arguments(parser, default_lr=DEFAULT_LR, default_batch=DEFAULT_BATCH)
     g = parser.add_argument_group("VQModel")
-    g.add_argument("--preset", default="base", help="tiny | small | base, or a JSON VQModel config")
+    g.add_argument("--preset", default="base", help="tiny | small | base | wide (the seed's size), or a JSON VQModel config")
     g.add_argument("--rec_loss", default="mse", choices=["mse", "l1"], help="reconstruction loss (the seed used MSE)")
     g.add_argument("--ssim_weight", type=float, default=0.5,
                    help="weight of a (1 - SSIM) term (measured: better reconstructions per step); 0 = off")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session, end to end: the benchmark (docs/performance.md), then the ADNI-size demo set, a
 # `base` VQModel, a class-conditional `base` UNet, the evaluation and the pictures (docs/results.md).
+# (The `base` VQModel is (32,64,128,256) since 2026-11-26; the runs of 2026-11-25 used what is now `wide`.)
 # Every figure in those docs that says "H100" comes from this script; run it from the repo root:
 #
 #     bash benchmarks/gpu_session.sh RUN_DIR          # RUN_DIR default: gpu_run (git-ignored)
@@ -17,13 +18,13 @@
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
 # Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
-# QUICK=train: the next 15-minute lease, two calls back to back (narrow VQModel quality, then a whole train_unet
+# QUICK=train: a 15-minute lease, two calls back to back (the `base` VQModel's quality, then a whole train_unet
 # run with CUDA graphs; see the block below). RUN_DIR outside $OUT (30,000 JPEGs); bring back logs and metrics:
 #     QUICK=train VQ_ONLY=1 timeout 450 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/vq.tgz" -C /tmp/next \
 #         --exclude AD_NC --exclude '*.safetensors' --exclude 'checkpoint-*' .
 #     QUICK=train SKIP_VQ=1 timeout 330 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/ldm.tgz" ... (the same)
 # QUICK=1: the plan for a 15-minute lease, one device call of at most QUICK_SECONDS (560) s: the UNet rows that
-# decide recommendation A at batch 256, the base vs narrow VQ step (recommendation C), batch 512
+# decide recommendation A at batch 256, the `wide` vs `base` VQ step (recommendation C), batch 512
 # in what time is left, then stop. Write RUN_DIR under $OUT so its JSON and markdown come back:
 #     QUICK=1 bash benchmarks/gpu_session.sh "$OUT/quick"
 set -uo pipefail
@@ -37,24 +38,25 @@ ABLATION_SAMPLES=${ABLATION_SAMPLES:-128}
 SKIP_BENCHMARK=${SKIP_BENCHMARK:-0}
 BENCH_ONLY=${BENCH_ONLY:-0}
 QUICK=${QUICK:-0}
-if [ "$QUICK" = train ]; then  # the questions the H200 rows of 2026-11-26 left open, as two device calls
-  # call 1 (VQ_ONLY=1): the narrow VQModel's held-out PSNR/SSIM after the GPU time of the H100's base model
-  #   (1,034 steps: 32.55 dB / 0.934; the narrow step was 1.80x faster on the H200, so 1,860 steps);
+if [ "$QUICK" = train ]; then  # two device calls (first run on an H200, 2026-11-26: 452 s and 220 s)
+  # call 1 (VQ_ONLY=1): the `base` VQModel's held-out PSNR/SSIM after the GPU time of the H100's `wide` model
+  #   (1,034 steps: 32.55 dB / 0.934; the narrower step was 1.80x faster on the H200, so 1,860 steps;
+  #   2026-11-26: 33.05 dB / 0.940, the whole stage about 365 s);
   # call 2 (SKIP_VQ=1, at once, on the still warm machine): a whole train_unet run with
   #   --compile_mode reduce-overhead (300 steps) on that VQModel: does it run, how fast.
-  # Limits: 60 + 360 s, then 300 s; the UNet checkpoints every 100 steps, so a stage cut by its limit is
+  # Limits: 60 + 400 s, then 300 s; the UNet checkpoints every 100 steps, so a stage cut by its limit is
   # finished from a checkpoint. Run each under `timeout` so that the call's files come back whatever happens.
   SKIP_BENCHMARK=1; TRAIN_ONLY=1
-  VQ_PRESET=${VQ_PRESET:-benchmarks/vq_narrow.json}; FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-1860}; VQ_LIMIT=${VQ_LIMIT:-360}
+  FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-1860}; VQ_LIMIT=${VQ_LIMIT:-400}
   FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-300}; DATA_LIMIT=${DATA_LIMIT:-60}
   UNET_EXTRA=${UNET_EXTRA:---checkpointing_steps 100}
 fi
 SKIP_VQ=${SKIP_VQ:-0}  # 1: reuse RUN_DIR's demo set and VQModel (from an earlier call), train the UNet only
 # a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
 PRESET=${PRESET:-base}
-# VQ_PRESET: the first stage's size alone, e.g. the narrower candidate of docs/performance.md (recommendation C):
-#   VQ_PRESET=benchmarks/vq_narrow.json BENCH_ONLY=1 ...            its compiled training step, after the base rows
-#   VQ_PRESET=benchmarks/vq_narrow.json SKIP_BENCHMARK=1 VQ_ONLY=1 FORCE_VQ_STEPS=1034 ...   its PSNR/SSIM (vq/metrics.json)
+# VQ_PRESET: the first stage's size alone, e.g. the seed's size (`wide`, docs/performance.md recommendation C):
+#   VQ_PRESET=wide BENCH_ONLY=1 ...            its compiled training step, after the base rows
+#   VQ_PRESET=wide SKIP_BENCHMARK=1 VQ_ONLY=1 FORCE_VQ_STEPS=1034 ...   its PSNR/SSIM (vq/metrics.json)
 VQ_PRESET=${VQ_PRESET:-$PRESET}
 VQ_ONLY=${VQ_ONLY:-0}
 TRAIN_ONLY=${TRAIN_ONLY:-0}  # stop after the two training stages (no evaluation, no pictures)
@@ -95,7 +97,7 @@ if [ "$QUICK" = 1 ]; then
   phase bench_vq 120 python benchmarks/run.py --device cuda --compile --sections vq --vq-preset base \
     --vq-batch-sizes 32 --variants "ours + compile" "${ROWS[@]}" --out "$R/bench_vq.json" --markdown "$R/bench_vq.md"
   phase bench_vq_candidate 120 python benchmarks/run.py --device cuda --compile --sections vq \
-    --vq-preset benchmarks/vq_narrow.json --vq-batch-sizes 32 --variants "ours + compile" "${ROWS[@]}" \
+    --vq-preset wide --vq-batch-sizes 32 --variants "ours + compile" "${ROWS[@]}" \
     --out "$R/bench_vq_candidate.json" --markdown "$R/bench_vq_candidate.md"
   # what is left of QUICK_SECONDS: batch 512 in a process of its own (the compiler crashed there once, facts.md)
   LEFT=$(( ${QUICK_SECONDS:-560} - (SECONDS - T0) ))

@@ -143,6 +143,18 @@ def test_bad_flags_are_refused():
     assert proc.returncode == 2 and "batch sizes must be positive" in proc.stderr
 
 
+def test_example_style_keeps_the_seed_sized_vq_encoder(smoke):
+    """The example-style UNet row encodes every batch with the seed's VQ size (`wide`) where our VQModel is `base`
+    (narrower since 2026-11-26), so its figure stays comparable with facts.md and the earlier runs."""
+    run = _load_run_module()
+    assert run.parse_args(["--device", "cpu", "--preset", "base"]).example_vq_preset == "wide"
+    assert run.parse_args(["--device", "cpu", "--preset", "base", "--example-vq-preset", "base"]).example_vq_preset == "base"
+    assert run.parse_args(["--device", "cpu", "--preset", "small"]).example_vq_preset == "small"
+    results, markdown = smoke
+    assert results["unet"]["example_vq_preset"] == results["vq"]["vq_preset"]  # tiny presets: no `wide` to use
+    assert f"the example style encodes with the `{results['unet']['example_vq_preset']}` VQModel" in markdown
+
+
 def test_dtype_check_compares_bf16_with_float32_image_by_image(tmp_path, tiny_ldm):
     """benchmarks/dtype_check.py on the tiny pipeline: both classes, end to end and decode only."""
     import importlib.util
@@ -198,6 +210,10 @@ def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
     # the presets the script passes exist
     for preset in re.findall(r"(benchmarks/\w+\.json)", text):
         assert (REPO_ROOT / preset).is_file(), preset
+    from adni_diffusers.presets import VQ_PRESETS
+
+    vq_presets = re.findall(r"(?:--vq-preset|VQ_PRESET=)\s*([\w.]+)", text)
+    assert "wide" in vq_presets and set(vq_presets) <= set(VQ_PRESETS), vq_presets
 
 
 def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):

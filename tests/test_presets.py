@@ -30,7 +30,10 @@ def test_base_config_numbers():
     vq, unet = vq_config("base"), unet_config("base")
     assert vq["num_vq_embeddings"] == 8192
     assert vq["latent_channels"] == 4 and vq["in_channels"] == vq["out_channels"] == 1
-    assert list(vq["block_out_channels"]) == [64, 128, 256, 256]  # the seed's VQ-VAE
+    assert list(vq["block_out_channels"]) == [32, 64, 128, 256]  # narrower than the seed's: docs/performance.md
+    assert list(vq_config("wide")["block_out_channels"]) == [64, 128, 256, 256]  # the seed's VQ-VAE
+    assert {k: v for k, v in vq_config("wide").items() if k != "block_out_channels"} == {
+        k: v for k, v in vq.items() if k != "block_out_channels"}  # the same model otherwise
     assert 2 ** (len(vq["down_block_types"]) - 1) == 8  # f=8: 256 -> 32
     assert vq["sample_size"] == 256
     assert unet["in_channels"] == unet["out_channels"] == 4 and unet["sample_size"] == 32
