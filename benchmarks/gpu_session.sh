@@ -20,9 +20,9 @@
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
 # QUICK=train: a 15-minute lease, two calls back to back (the `base` VQModel's quality, then a whole train_unet
 # run with CUDA graphs; see the block below). RUN_DIR outside $OUT (30,000 JPEGs); bring back logs and metrics:
-#     QUICK=train VQ_ONLY=1 timeout 450 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/vq.tgz" -C /tmp/next \
+#     QUICK=train VQ_ONLY=1 timeout 400 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/vq.tgz" -C /tmp/next \
 #         --exclude AD_NC --exclude '*.safetensors' --exclude 'checkpoint-*' .
-#     QUICK=train SKIP_VQ=1 timeout 330 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/ldm.tgz" ... (the same)
+#     QUICK=train SKIP_VQ=1 timeout 390 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/ldm.tgz" ... (the same)
 # QUICK=1: the plan for a 15-minute lease, one device call of at most QUICK_SECONDS (560) s: the UNet rows that
 # decide recommendation A at batch 256, the `wide` vs `base` VQ step (recommendation C), batch 512
 # in what time is left, then stop. Write RUN_DIR under $OUT so its JSON and markdown come back:
@@ -39,16 +39,17 @@ SKIP_BENCHMARK=${SKIP_BENCHMARK:-0}
 BENCH_ONLY=${BENCH_ONLY:-0}
 QUICK=${QUICK:-0}
 if [ "$QUICK" = train ]; then  # two device calls (first run on an H200, 2026-11-26: 452 s and 220 s)
-  # call 1 (VQ_ONLY=1): the `base` VQModel's held-out PSNR/SSIM after the GPU time of the H100's `wide` model
-  #   (1,034 steps: 32.55 dB / 0.934; the narrower step was 1.80x faster on the H200, so 1,860 steps;
-  #   2026-11-26: 33.05 dB / 0.940, the whole stage about 365 s);
+  # call 1 (VQ_ONLY=1): the data and a `base` VQModel for the UNet (1,000 steps). On 2026-11-26 this call
+  #   measured the VQModel's quality: 1,860 steps (the GPU time of the H100's `wide` model, 1,034 steps) gave
+  #   33.05 dB / 0.940; that stage took about 365 s in all, 127 s of it steps, 80 s the compile check's child;
   # call 2 (SKIP_VQ=1, at once, on the still warm machine): a whole train_unet run with
-  #   --compile_mode reduce-overhead (300 steps) on that VQModel: does it run, how fast.
-  # Limits: 60 + 400 s, then 300 s; the UNet checkpoints every 100 steps, so a stage cut by its limit is
+  #   --compile_mode reduce-overhead (300 steps) on that VQModel: does it run, how fast. Its stage took 210 s
+  #   on 2026-11-26 trained eager (110 s of it the child); compiling in the training process adds more.
+  # Limits: 60 + 340 s, then 360 s; the UNet checkpoints every 100 steps, so a stage cut by its limit is
   # finished from a checkpoint. Run each under `timeout` so that the call's files come back whatever happens.
   SKIP_BENCHMARK=1; TRAIN_ONLY=1
-  FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-1860}; VQ_LIMIT=${VQ_LIMIT:-400}
-  FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-300}; DATA_LIMIT=${DATA_LIMIT:-60}
+  FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-1000}; VQ_LIMIT=${VQ_LIMIT:-340}
+  FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-360}; DATA_LIMIT=${DATA_LIMIT:-60}
   UNET_EXTRA=${UNET_EXTRA:---checkpointing_steps 100}
 fi
 SKIP_VQ=${SKIP_VQ:-0}  # 1: reuse RUN_DIR's demo set and VQModel (from an earlier call), train the UNet only
