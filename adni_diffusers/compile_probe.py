@@ -33,6 +33,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # modes that record CUDA graphs: torch records at the second call and replays from the third, so the child
 # runs three steps in them and a failure while recording or replaying also costs the child, not the run
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def compile_model(model, mode: str | None):

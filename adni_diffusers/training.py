@@ -373,7 +373,9 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
     `child_probe` (a `compile_probe.make_spec`) runs that step in a child process first, on CUDA: a CUDA
     error in a compiled kernel (facts.md: "misaligned address" in an inductor GroupNorm backward at batch
     512) leaves the device unusable in the process that hit it, so only a child can hit it safely. With
-    several processes, all train compiled only if every child passed.
+    several processes, all train compiled only if every child passed. A mode with CUDA graphs that fails there
+    is tried once more without them (`reduce-overhead` -> `default`, `max-autotune` -> `max-autotune-no-cudagraphs`)
+    before training eager; `args.compile_mode` then says the mode that runs.
     `probe(compiled)` then runs one real training step's forward and backward in this process (the compile
     itself, before the first step); a CUDA error there stops the run with advice instead of failing again,
     less clearly, in the first eager step."""
@@ -384,14 +386,22 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
     if child_probe is not None and compile_probe.needed(child_probe):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # leave the child the memory this process is not using
-        logger.info("--compile: trying a compiled training step in a child process first")
-        started = time.time()
-        passed, why = compile_probe.passes_in_child(child_probe)
-        if not _every_process_agrees(passed):
+        passed, why = _child_step_passes(child_probe)
+        mode = child_probe["compile_mode"]
+        if not passed and mode in compile_probe.CUDA_GRAPH_MODES:
+            # CUDA graphs add failure modes of their own; the same mode without them still beats eager by far
+            without = compile_probe.WITHOUT_CUDA_GRAPHS[mode]
+            logger.warning("torch.compile with --compile_mode %s failed in the child process's training step at "
+                           "batch size %s (%s); trying --compile_mode %s", mode, args.train_batch_size, why, without)
+            passed, why_not = _child_step_passes({**child_probe, "compile_mode": without})
+            if passed:
+                args.compile_mode_fallback = f"{mode} -> {without}: {why}"  # kept in training_args.json
+                args.compile_mode = without
+            why = why_not
+        if not passed:
             logger.warning("torch.compile failed in the child process's training step at batch size %s (%s); "
-                           "training eager", args.train_batch_size, why or "on another process")
+                           "training eager", args.train_batch_size, why)
             return model
-        logger.info("--compile: the child process's compiled step ran (%.0f s); compiling here", time.time() - started)
     compiled = compile_probe.compile_model(model, getattr(args, "compile_mode", None))
     if probe is None:
         return compiled
@@ -411,6 +421,20 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
     finally:
         for p in model.parameters():
             p.grad = None  # the probe's gradients are not a training step
+
+
+def _child_step_passes(spec: dict) -> tuple[bool, str]:
+    """The child's compiled training step (compile_probe), agreed by every process: (passed, why not)."""
+    from . import compile_probe
+
+    logger.info("--compile: trying a compiled training step in a child process first (mode %s)",
+                spec["compile_mode"] or "default")
+    started = time.time()
+    passed, why = compile_probe.passes_in_child(spec)
+    if not _every_process_agrees(passed):
+        return False, why or "on another process"
+    logger.info("--compile: the child process's compiled step ran (%.0f s); compiling here", time.time() - started)
+    return True, ""
 
 
 def _every_process_agrees(flag: bool) -> bool:

@@ -161,6 +161,36 @@ def test_failed_child_probe_trains_eager_without_compiling_here(monkeypatch, cap
             "(RuntimeError: CUDA error: misaligned address); training eager") in caplog.text
 
 
+@pytest.mark.parametrize("mode, without, second_child_passes", [
+    ("reduce-overhead", "default", True), ("max-autotune", "max-autotune-no-cudagraphs", True),
+    ("reduce-overhead", "default", False), ("default", None, None)])
+def test_cuda_graph_mode_failing_in_the_child_tries_without_cuda_graphs(monkeypatch, caplog, mode, without,
+                                                                       second_child_passes):
+    """The H200 run of 2026-11-26 trained eager when its reduce-overhead child failed; the default mode would
+    have run. A CUDA-graph mode that fails in the child is tried once more without CUDA graphs, then eager."""
+    from adni_diffusers import compile_probe
+    from adni_diffusers.training import maybe_compile
+
+    tried, compiled_modes = [], []
+    monkeypatch.setattr(compile_probe, "needed", lambda spec: True)  # as on CUDA
+    monkeypatch.setattr(compile_probe, "passes_in_child", lambda spec: tried.append(spec["compile_mode"]) or (
+        (True, "") if spec["compile_mode"] == without and second_child_passes else (False, f"{spec['compile_mode']} broke")))
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled_modes.append(mode) or model)
+    args, model = _args(compile_mode=mode), _tiny_model()
+    with caplog.at_level(logging.WARNING):
+        result = maybe_compile(model, args, probe=lambda m: None, child_probe=_spec(compile_mode=mode))
+    if without is None:  # no CUDA graphs to leave out: one child, then eager
+        assert tried == [mode] and compiled_modes == [] and "(default broke); training eager" in caplog.text
+    elif second_child_passes:
+        assert tried == [mode, without] and args.compile_mode == without
+        assert compiled_modes == [None if without == "default" else without]  # compiled here, without CUDA graphs
+        assert args.compile_mode_fallback == f"{mode} -> {without}: {mode} broke"  # in training_args.json
+        assert f"--compile_mode {mode} failed in the child" in caplog.text and "training eager" not in caplog.text
+    else:
+        assert tried == [mode, without] and compiled_modes == [] and args.compile_mode == mode
+        assert f"({without} broke); training eager" in caplog.text
+
+
 def test_passed_child_probe_then_compiles_here(monkeypatch):
     from adni_diffusers import compile_probe
     from adni_diffusers.training import maybe_compile
