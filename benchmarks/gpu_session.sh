@@ -208,7 +208,7 @@ phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" python train_unet.py "
 
 if [ "$TRAIN_ONLY" = 1 ]; then
   log "DONE (TRAIN_ONLY): vq $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"
-  log "ldm $(cat "$R/ldm/train_metrics.json" 2>/dev/null | tr -d '\n ') compiled=$(grep -o '"compiled": [a-z]*' "$R/ldm/training_args.json")"
+  log "ldm $(cat "$R/ldm/train_metrics.json" 2>/dev/null | tr -d '\n ') $(grep -o '"compiled": [a-z]*\|"compile_mode[a-z_]*": [^,]*' "$R/ldm/training_args.json" | tr '\n' ' ')"
   exit 0
 fi
 
