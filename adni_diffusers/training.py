@@ -388,16 +388,15 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
             torch.cuda.empty_cache()  # leave the child the memory this process is not using
         passed, why = _child_step_passes(child_probe)
         mode = child_probe["compile_mode"]
-        if not passed and mode in compile_probe.CUDA_GRAPH_MODES:
+        if not passed and mode in CUDA_GRAPH_MODES:
             # CUDA graphs add failure modes of their own; the same mode without them still beats eager by far
-            without = compile_probe.WITHOUT_CUDA_GRAPHS[mode]
+            without, graphs_failed = compile_probe.WITHOUT_CUDA_GRAPHS[mode], why
             logger.warning("torch.compile with --compile_mode %s failed in the child process's training step at "
                            "batch size %s (%s); trying --compile_mode %s", mode, args.train_batch_size, why, without)
-            passed, why_not = _child_step_passes({**child_probe, "compile_mode": without})
+            passed, why = _child_step_passes({**child_probe, "compile_mode": without})
             if passed:
-                args.compile_mode_fallback = f"{mode} -> {without}: {why}"  # kept in training_args.json
+                args.compile_mode_fallback = f"{mode} -> {without}: {graphs_failed}"  # kept in training_args.json
                 args.compile_mode = without
-            why = why_not
         if not passed:
             logger.warning("torch.compile failed in the child process's training step at batch size %s (%s); "
                            "training eager", args.train_batch_size, why)

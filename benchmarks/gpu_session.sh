@@ -75,6 +75,7 @@ LOG="$R/session.log"
 log() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$LOG"; }
 phase() {  # phase NAME TIMEOUT_S CMD...: run, log its output and wall time
   local name=$1 limit=$2; shift 2
+  touch "$R/.phase_started"  # finish_from_checkpoint tells this phase's products from older ones
   log "START $name: $*"
   local t0=$SECONDS
   timeout --signal=TERM "$limit" "$@" > "$R/$name.log" 2>&1
@@ -189,7 +190,6 @@ VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_prec
          $COMPILE --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard ${VQ_EXTRA:-})
 if [ "$SKIP_VQ" != 1 ]; then
-  touch "$R/.phase_started"
   phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
     --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" metrics.json "${VQ_ARGS[@]}"
 fi
@@ -202,7 +202,6 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
            --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard ${UNET_EXTRA:-})
-touch "$R/.phase_started"
 phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
   --max_train_steps "$UNET_STEPS" || finish_from_checkpoint train_unet.py "$R/ldm" train_metrics.json "${UNET_ARGS[@]}"
 

@@ -178,7 +178,7 @@ def test_cuda_graph_mode_failing_in_the_child_tries_without_cuda_graphs(monkeypa
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled_modes.append(mode) or model)
     args, model = _args(compile_mode=mode), _tiny_model()
     with caplog.at_level(logging.WARNING):
-        result = maybe_compile(model, args, probe=lambda m: None, child_probe=_spec(compile_mode=mode))
+        maybe_compile(model, args, probe=lambda m: None, child_probe=_spec(compile_mode=mode))
     if without is None:  # no CUDA graphs to leave out: one child, then eager
         assert tried == [mode] and compiled_modes == [] and "(default broke); training eager" in caplog.text
     elif second_child_passes:
