@@ -411,7 +411,7 @@ def profile_steps(bench: Bench, step, steps: int, top: int = 20) -> dict:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
     bench.sync()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -434,7 +434,44 @@ def profile_steps(bench: Bench, step, steps: int, top: int = 20) -> dict:
         "cuda_graph_launches_per_step": graph_launches / steps if bench.cuda else None,
         "top": [{"name": e.key[:160], "ms_per_step": time_of(e) / 1000 / steps, "calls_per_step": e.count / steps,
                  "share": time_of(e) / busy_us if busy_us else None} for e in ranked if time_of(e) > 0],
+        "copies": copy_sources(prof.events(), time_of, steps),
     }
+
+
+# what asks for a copy without being its reason: look past these to the operator that needed it
+_COPY_WRAPPERS = {"aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::reshape",
+                  "aten::type_as", "aten::_copy_from", "aten::_copy_from_and_resize"}
+
+
+def _copy_caller(event) -> str:
+    parent = event.cpu_parent
+    while parent is not None and parent.name in _COPY_WRAPPERS:
+        parent = parent.cpu_parent
+    if parent is None:
+        return "(no operator: Python or autograd)"
+    if "CompiledFxGraph" in parent.name:  # "## Call CompiledFxGraph <hash> ##": inductor's compiled code
+        return "a torch.compile graph (inductor)"
+    return parent.name[:120]
+
+
+def copy_sources(events, time_of, steps: int, top: int = 10) -> list[dict]:
+    """`aten::copy_` (layout, dtype and device copies) grouped by the operator that asked for it: a
+    convolution backward copying its gradient into the layout cuDNN wants, the optimizer, autocast, the
+    compiled graph... with the time of the copy's own kernels and its most common input shape and dtype."""
+    groups: dict[str, dict] = {}
+    for e in events:
+        if e.name != "aten::copy_":
+            continue
+        g = groups.setdefault(_copy_caller(e), {"calls": 0, "us": 0.0, "inputs": {}})
+        g["calls"] += 1
+        g["us"] += time_of(e)
+        shapes, dtypes = getattr(e, "input_shapes", None) or [], getattr(e, "input_dtypes", None) or []
+        what = f"{list(shapes[1]) if len(shapes) > 1 else '?'} {dtypes[1] if len(dtypes) > 1 else ''} -> " \
+               f"{list(shapes[0]) if shapes else '?'} {dtypes[0] if dtypes else ''}"  # copy_(self, src)
+        g["inputs"][what] = g["inputs"].get(what, 0) + 1
+    ranked = sorted(groups.items(), key=lambda kv: (kv[1]["us"], kv[1]["calls"]), reverse=True)[:top]
+    return [{"called_from": name, "calls_per_step": g["calls"] / steps, "ms_per_step": g["us"] / 1000 / steps,
+             "most_common": max(g["inputs"], key=g["inputs"].get)} for name, g in ranked]
 
 
 # ---------------------------------------------------------------------------------- 1. UNet training
@@ -1094,6 +1131,12 @@ def profile_markdown(row: dict) -> list[str]:
     for t in p["top"]:
         name = t["name"].replace("|", "/")
         lines.append(f"| `{name[:100]}` | {t['ms_per_step']:.2f} | {_f(t['calls_per_step'])} | {_pct(t['share'])} |")
+    if p.get("copies"):
+        lines += ["", "`aten::copy_` by the operator that asked for it:", "",
+                  "| called from | ms/step | calls/step | most common (source -> destination) |", "|---|---|---|---|"]
+        for c in p["copies"]:
+            lines.append(f"| `{c['called_from'].replace('|', '/')}` | {c['ms_per_step']:.2f} | "
+                         f"{_f(c['calls_per_step'])} | `{c['most_common']}` |")
     return lines
 
 

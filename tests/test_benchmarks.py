@@ -110,6 +110,13 @@ def test_profile_says_where_the_time_goes(smoke):
         assert [t["ms_per_step"] for t in top] == sorted((t["ms_per_step"] for t in top), reverse=True)
         assert any("conv" in t["name"] for t in top)  # both models are convolutional
         assert f'Profile of "{row["name"]}"' in table
+        # copies, by the operator that asked for them (looking past to/clone/contiguous to the reason)
+        copies = p["copies"]
+        assert copies and all(c["calls_per_step"] > 0 and " -> " in c["most_common"] for c in copies)
+        assert [c["ms_per_step"] for c in copies] == sorted((c["ms_per_step"] for c in copies), reverse=True)
+        assert not {c["called_from"] for c in copies} & {"aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous"}
+        assert any("backward" in c["called_from"] for c in copies)  # the backward pass copies (CPU: conv weights)
+    assert table.count("`aten::copy_` by the operator that asked for it") == 2
     assert 0 < sum(t["share"] for t in profiled["unet"][0]["profile"]["top"]) <= 1.0001
 
 
