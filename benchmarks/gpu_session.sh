@@ -18,11 +18,11 @@
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
 # Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
-# QUICK=train: a 15-minute lease, two calls back to back (the `base` VQModel's quality, then a whole train_unet
-# run with CUDA graphs; see the block below). RUN_DIR outside $OUT (30,000 JPEGs); bring back logs and metrics:
-#     QUICK=train VQ_ONLY=1 timeout 400 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/vq.tgz" -C /tmp/next \
+# QUICK=train: for a 15-minute lease, one call (a short VQModel, then a whole train_unet run with CUDA graphs;
+# see the block below). RUN_DIR outside $OUT (30,000 JPEGs); bring back logs and metrics:
+#     QUICK=train timeout 560 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/train.tgz" -C /tmp/next \
 #         --exclude AD_NC --exclude '*.safetensors' --exclude 'checkpoint-*' .
-#     QUICK=train SKIP_VQ=1 timeout 390 bash benchmarks/gpu_session.sh /tmp/next; tar czf "$OUT/ldm.tgz" ... (the same)
+# VQ_COMPILE: the VQ stage's compile flag alone (default: COMPILE's; QUICK=train: none, eager)
 # QUICK=1: the plan for a 15-minute lease, one device call of at most QUICK_SECONDS (560) s: the UNet rows that
 # decide recommendation A at batch 256, the `wide` vs `base` VQ step (recommendation C), batch 512
 # in what time is left, then stop. Write RUN_DIR under $OUT so its JSON and markdown come back:
@@ -38,17 +38,18 @@ ABLATION_SAMPLES=${ABLATION_SAMPLES:-128}
 SKIP_BENCHMARK=${SKIP_BENCHMARK:-0}
 BENCH_ONLY=${BENCH_ONLY:-0}
 QUICK=${QUICK:-0}
-if [ "$QUICK" = train ]; then  # two device calls (first run on an H200, 2026-11-26: 452 s and 220 s)
-  # call 1 (VQ_ONLY=1): the data and a `base` VQModel for the UNet (1,000 steps). On 2026-11-26 this call
-  #   measured the VQModel's quality: 1,860 steps (the GPU time of the H100's `wide` model, 1,034 steps) gave
-  #   33.05 dB / 0.940; that stage took about 365 s in all, 127 s of it steps, 80 s the compile check's child;
-  # call 2 (SKIP_VQ=1, at once, on the still warm machine): a whole train_unet run with
-  #   --compile_mode reduce-overhead (300 steps) on that VQModel: does it run, how fast. Its stage took 210 s
-  #   on 2026-11-26 trained eager (110 s of it the child); compiling in the training process adds more.
-  # Limits: 60 + 340 s, then 360 s; the UNet checkpoints every 100 steps, so a stage cut by its limit is
-  # finished from a checkpoint. Run each under `timeout` so that the call's files come back whatever happens.
+if [ "$QUICK" = train ]; then
+  # One device call: the data, a short VQModel, then a whole train_unet run with --compile_mode reduce-overhead
+  # (300 steps): does it run compiled with CUDA graphs, how fast. The VQModel is only there for the UNet to
+  # train on: 200 eager steps (its quality was measured on 2026-11-26: 1,860 compiled steps, 33.05 dB; the
+  # UNet's speed does not depend on it), which saves the VQ compile check (80 s) and most of its steps.
+  # Estimated (from the H200 calls of 2026-11-26: data 22 s; VQ stage 365 s, of which 80 s the child, 127 s
+  # of steps and 24 s of exit, now fixed; UNet stage 210 s trained eager): about 8 minutes, not measured.
+  # The UNet checkpoints every 100 steps, so a stage cut by its limit is finished from a checkpoint. Run it
+  # under `timeout` so that the call's files come back whatever happens. (Until 2026-11-26 QUICK=train was two
+  # calls, VQ_ONLY=1 then SKIP_VQ=1, with 1,860 then 1,000 compiled VQ steps; both still work.)
   SKIP_BENCHMARK=1; TRAIN_ONLY=1
-  FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-1000}; VQ_LIMIT=${VQ_LIMIT:-340}
+  FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-200}; VQ_COMPILE=${VQ_COMPILE-}; VQ_LIMIT=${VQ_LIMIT:-240}
   FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-360}; DATA_LIMIT=${DATA_LIMIT:-60}
   UNET_EXTRA=${UNET_EXTRA:---checkpointing_steps 100}
 fi
@@ -187,7 +188,7 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
 # 3. the VQModel (base preset: 4x32x32 latents, 8192 codes), default loss (MSE + 0.5 SSIM)
 # VQ_EXTRA / UNET_EXTRA: more flags for a stage, last (so they override), e.g. UNET_EXTRA="--cudnn_benchmark" (UNET_COMPILE_MODE: the UNet's --compile_mode)
 VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_precision "$MP" --allow_tf32 --channels_last
-         $COMPILE --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
+         ${VQ_COMPILE-$COMPILE} --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard ${VQ_EXTRA:-})
 if [ "$SKIP_VQ" != 1 ]; then
   phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \

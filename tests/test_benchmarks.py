@@ -224,7 +224,7 @@ def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
 
 
 def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
-    """The next GPU lease's plan (QUICK=train: two calls) end to end with tiny models on the CPU, so that a
+    """The next GPU lease's plan (QUICK=train: one call) end to end with tiny models on the CPU, so that a
     renamed flag or a broken stage shows here and not on a machine that costs device time."""
     script = str(REPO_ROOT / "benchmarks" / "gpu_session.sh")
     run_dir = tmp_path / "next"
@@ -236,17 +236,20 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
         return subprocess.run(["bash", script, str(run_dir)], env={**env, **extra}, cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=600)
 
-    early = call(SKIP_VQ="1")  # call 2 before call 1: a clear stop, not a UNet trained on nothing
+    early = call(SKIP_VQ="1")  # the UNet alone before any VQModel: a clear stop, not a UNet trained on nothing
     assert early.returncode == 1 and "SKIP_VQ=1 needs" in early.stdout
-    first = call(VQ_ONLY="1")
+    # the VQ stage of QUICK=train is eager even where the session compiles (its model only feeds the UNet)
+    vq_only = call(VQ_ONLY="1", COMPILE="--compile")
     log = (run_dir / "session.log").read_text()
-    assert first.returncode == 0, log
-    assert json.loads((run_dir / "vq" / "metrics.json").read_text())["train_steps"] == 2
+    assert vq_only.returncode == 0, log
+    vq_command = log.split("START train_vqmodel: ")[-1].splitlines()[0]
+    assert "--compile" not in vq_command and "--max_train_steps 2" in vq_command
     assert not (run_dir / "ldm").exists() and "DONE (VQ_ONLY)" in log
-    second = call(SKIP_VQ="1")
-    log = (run_dir / "session.log").read_text()
-    assert second.returncode == 0, log
-    assert "START demo_data" not in log.split("SKIP_VQ=1: reusing")[-1]  # the first call's data and VQModel
+    whole = call()  # the plan: data, VQModel, UNet in one call
+    log = (run_dir / "session.log").read_text().split("git: test")[-1]
+    assert whole.returncode == 0, log
+    assert "START demo_data" in log and "START train_vqmodel" in log and "START train_unet" in log
+    assert json.loads((run_dir / "vq" / "metrics.json").read_text())["train_steps"] == 2
     args = json.loads((run_dir / "ldm" / "training_args.json").read_text())
     assert args["checkpointing_steps"] == 100 and args["vqmodel"] == str(run_dir / "vq")  # QUICK=train's flags
     assert json.loads((run_dir / "ldm" / "train_metrics.json").read_text())["train_steps"] == 2
