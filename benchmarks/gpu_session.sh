@@ -81,6 +81,7 @@ phase() {  # phase NAME TIMEOUT_S CMD...: run, log its output and wall time
   local t0=$SECONDS
   timeout --signal=TERM "$limit" "$@" > "$R/$name.log" 2>&1
   local rc=$?
+  PHASE_END=$(date +%s)
   log "END $name rc=$rc seconds=$((SECONDS - t0))"
   tail -3 "$R/$name.log" | sed 's/^/    /' | tee -a "$LOG"
   return $rc
@@ -169,6 +170,14 @@ EOF
 VQ_STEPS=${FORCE_VQ_STEPS:-$VQ_STEPS}; UNET_STEPS=${FORCE_UNET_STEPS:-$UNET_STEPS}  # or set the steps yourself
 log "VQ: $VQ_STEPS steps of $VQ_BATCH; UNet: $UNET_STEPS steps of $UNET_BATCH"
 
+exit_time() {  # exit_time FILE: how long the stage's process lived after writing FILE. For the VQ stage that is
+  # the model card and the exit (24 s on the H200, 2026-11-26; its data workers are stopped since); for the UNet
+  # also its final sample grid
+  if [ -f "$1" ] && [ "$1" -nt "$R/.phase_started" ]; then
+    log "$(basename "$1") written $((PHASE_END - $(stat -c %Y "$1"))) s before the stage's process ended"
+  fi
+}
+
 finish_from_checkpoint() {  # the time limit hit: finish the run from its last checkpoint
   local script=$1 out=$2 product=$3; shift 3
   # A run whose limit hit after it wrote its metrics (its exit was cut, 2026-11-26) is finished: "finishing" it
@@ -192,7 +201,9 @@ VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_prec
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard ${VQ_EXTRA:-})
 if [ "$SKIP_VQ" != 1 ]; then
   phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
-    --max_train_steps "$VQ_STEPS" || finish_from_checkpoint train_vqmodel.py "$R/vq" metrics.json "${VQ_ARGS[@]}"
+    --max_train_steps "$VQ_STEPS"; rc=$?
+  exit_time "$R/vq/metrics.json"
+  [ "$rc" = 0 ] || finish_from_checkpoint train_vqmodel.py "$R/vq" metrics.json "${VQ_ARGS[@]}"
 fi
 if [ "$VQ_ONLY" = 1 ]; then log "DONE (VQ_ONLY): $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"; exit 0; fi
 
@@ -204,7 +215,9 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard ${UNET_EXTRA:-})
 phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
-  --max_train_steps "$UNET_STEPS" || finish_from_checkpoint train_unet.py "$R/ldm" train_metrics.json "${UNET_ARGS[@]}"
+  --max_train_steps "$UNET_STEPS"; rc=$?
+exit_time "$R/ldm/train_metrics.json"
+[ "$rc" = 0 ] || finish_from_checkpoint train_unet.py "$R/ldm" train_metrics.json "${UNET_ARGS[@]}"
 
 if [ "$TRAIN_ONLY" = 1 ]; then
   log "DONE (TRAIN_ONLY): vq $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -245,15 +246,18 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
     vq_command = log.split("START train_vqmodel: ")[-1].splitlines()[0]
     assert "--compile" not in vq_command and "--max_train_steps 2" in vq_command
     assert not (run_dir / "ldm").exists() and "DONE (VQ_ONLY)" in log
-    whole = call()  # the plan: data, VQModel, UNet in one call
-    log = (run_dir / "session.log").read_text().split("git: test")[-1]
+    run_dir = tmp_path / "whole"  # the plan as the lease runs it: one call in a fresh folder
+    whole = call()
+    log = (run_dir / "session.log").read_text()
     assert whole.returncode == 0, log
-    assert "START demo_data" in log and "START train_vqmodel" in log and "START train_unet" in log
+    assert all(f"END {stage} rc=0" in log for stage in ("demo_data", "train_vqmodel", "train_unet")), log
     assert json.loads((run_dir / "vq" / "metrics.json").read_text())["train_steps"] == 2
     args = json.loads((run_dir / "ldm" / "training_args.json").read_text())
     assert args["checkpointing_steps"] == 100 and args["vqmodel"] == str(run_dir / "vq")  # QUICK=train's flags
     assert json.loads((run_dir / "ldm" / "train_metrics.json").read_text())["train_steps"] == 2
     assert "DONE (TRAIN_ONLY)" in log
+    for product in ("metrics.json", "train_metrics.json"):  # how long each process lived after its final metrics
+        assert re.search(rf"\] {product} written \d+ s before the stage's process ended", log), log
     # A stage that fails after it wrote its final metrics (on the H200 its time limit hit while the finished VQ run
     # exited) is not "finished" again from an older checkpoint, which would replace the model with that
     # checkpoint's. Here the failure is a --push_to_hub that offline mode refuses after training.
