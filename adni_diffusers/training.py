@@ -393,14 +393,17 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
     before training eager; `args.compile_mode` then says the mode that runs.
     `probe(compiled)` then runs one real training step's forward and backward in this process (the compile
     itself, before the first step); a CUDA error there stops the run with advice instead of failing again,
-    less clearly, in the first eager step."""
+    less clearly, in the first eager step. `args.compile_seconds` (in training_args.json) records what the
+    child processes and the compile here took: the price of the child on a GPU."""
     if not args.compile:
         return model
     from . import compile_probe
 
+    args.compile_seconds = {}
     if child_probe is not None and compile_probe.needed(child_probe):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # leave the child the memory this process is not using
+        started = time.time()
         passed, why = _child_step_passes(child_probe)
         mode = child_probe["compile_mode"]
         if not passed and mode in CUDA_GRAPH_MODES:
@@ -412,6 +415,7 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
             if passed:
                 args.compile_mode_fallback = f"{mode} -> {without}: {graphs_failed}"  # kept in training_args.json
                 args.compile_mode = without
+        args.compile_seconds["child_processes"] = round(time.time() - started, 1)
         if not passed:
             logger.warning("torch.compile failed in the child process's training step at batch size %s (%s); "
                            "training eager", args.train_batch_size, why)
@@ -420,7 +424,11 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
     if probe is None:
         return compiled
     try:
+        started = time.time()
         probe(compiled)
+        args.compile_seconds["first_step_here"] = round(time.time() - started, 1)  # compilation included
+        logger.info("--compile: the first compiled step here took %.0f s, compilation included",
+                    args.compile_seconds["first_step_here"])
         return compiled
     except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
         first_line = str(e).splitlines()[0] if str(e) else ""

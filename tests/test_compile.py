@@ -198,9 +198,10 @@ def test_passed_child_probe_then_compiles_here(monkeypatch):
     specs = []
     monkeypatch.setattr(compile_probe, "needed", lambda spec: True)  # as on CUDA
     monkeypatch.setattr(compile_probe, "passes_in_child", lambda spec: specs.append(spec) or (True, ""))
-    model, probed = _tiny_model(), []
-    compiled = maybe_compile(model, _args(), probe=lambda m: probed.append(m), child_probe=_spec())
+    model, probed, args = _tiny_model(), [], _args()
+    compiled = maybe_compile(model, args, probe=lambda m: probed.append(m), child_probe=_spec())
     assert compiled is not model and probed == [compiled] and specs == [_spec()]
+    assert set(args.compile_seconds) == {"child_processes", "first_step_here"}  # what each part cost
 
 
 def test_on_cpu_no_child_process_is_started(monkeypatch):
@@ -288,4 +289,7 @@ def test_compiled_training_run_matches_eager(tmp_path, tiny_vq, demo_root, caplo
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-4, msg=k)
     compiled_args = json.loads((tmp_path / "compiled" / "training_args.json").read_text())
     assert compiled_args["compile_mode"] == "reduce-overhead" and compiled_args["compiled"] is True
+    # no child process on CPU; the compile here is timed
+    assert list(compiled_args["compile_seconds"]) == ["first_step_here"]
+    assert compiled_args["compile_seconds"]["first_step_here"] > 0
     assert json.loads((tmp_path / "eager" / "training_args.json").read_text())["compiled"] is False
