@@ -170,19 +170,25 @@ EOF
 VQ_STEPS=${FORCE_VQ_STEPS:-$VQ_STEPS}; UNET_STEPS=${FORCE_UNET_STEPS:-$UNET_STEPS}  # or set the steps yourself
 log "VQ: $VQ_STEPS steps of $VQ_BATCH; UNet: $UNET_STEPS steps of $UNET_BATCH"
 
-exit_time() {  # exit_time FILE: how long the stage's process lived after writing FILE. For the VQ stage that is
-  # the model card and the exit (24 s on the H200, 2026-11-26; its data workers are stopped since); for the UNet
-  # also its final sample grid
-  if [ -f "$1" ] && [ "$1" -nt "$R/.phase_started" ]; then
-    log "$(basename "$1") written $((PHASE_END - $(stat -c %Y "$1"))) s before the stage's process ended"
+written_by_this_phase() { [ -f "$1" ] && [ "$1" -nt "$R/.phase_started" ]; }
+
+train_stage() {  # train_stage NAME LIMIT SCRIPT OUT PRODUCT STEPS ARGS...: train; if it failed or was cut, finish it
+  local name=$1 limit=$2 script=$3 out=$4 product=$5 steps=$6; shift 6
+  phase "$name" "$limit" python "$script" "$@" --output_dir "$out" --max_train_steps "$steps"
+  local rc=$?
+  # how long the process lived after writing its final metrics: for the VQ stage the model card and the exit
+  # (24 s on the H200, 2026-11-26; its data workers are stopped since), for the UNet also its final sample grid
+  if written_by_this_phase "$out/$product"; then
+    log "$product written $((PHASE_END - $(stat -c %Y "$out/$product"))) s before the stage's process ended"
   fi
+  [ "$rc" = 0 ] || finish_from_checkpoint "$script" "$out" "$product" "$@"
 }
 
 finish_from_checkpoint() {  # the time limit hit: finish the run from its last checkpoint
   local script=$1 out=$2 product=$3; shift 3
   # A run whose limit hit after it wrote its metrics (its exit was cut, 2026-11-26) is finished: "finishing" it
   # from an older checkpoint would replace the trained model with that checkpoint's.
-  if [ "$out/$product" -nt "$R/.phase_started" ]; then log "$out has its final metrics from this stage (only the exit failed or was cut): nothing to finish"; return 0; fi
+  if written_by_this_phase "$out/$product"; then log "$out has its final metrics from this stage (only the exit failed or was cut): nothing to finish"; return 0; fi
   local last; last=$(ls -d "$out"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
   [ -n "$last" ] || { log "no checkpoint in $out"; return 1; }
   log "finishing $out from $last"
@@ -200,10 +206,8 @@ VQ_ARGS=(--train_data_dir "$R/AD_NC" --preset "$VQ_PRESET" --seed 0 --mixed_prec
          ${VQ_COMPILE-$COMPILE} --train_batch_size "$VQ_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200 --dataloader_num_workers 4
          --save_images_steps 500 --checkpointing_steps 400 --checkpoints_total_limit 2 --report_to tensorboard ${VQ_EXTRA:-})
 if [ "$SKIP_VQ" != 1 ]; then
-  phase train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" python train_vqmodel.py "${VQ_ARGS[@]}" --output_dir "$R/vq" \
-    --max_train_steps "$VQ_STEPS"; rc=$?
-  exit_time "$R/vq/metrics.json"
-  [ "$rc" = 0 ] || finish_from_checkpoint train_vqmodel.py "$R/vq" metrics.json "${VQ_ARGS[@]}"
+  train_stage train_vqmodel "${VQ_LIMIT:-$((VQ_SECONDS + 480))}" train_vqmodel.py "$R/vq" metrics.json "$VQ_STEPS" \
+    "${VQ_ARGS[@]}"
 fi
 if [ "$VQ_ONLY" = 1 ]; then log "DONE (VQ_ONLY): $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"; exit 0; fi
 
@@ -214,10 +218,8 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
            --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard ${UNET_EXTRA:-})
-phase train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" python train_unet.py "${UNET_ARGS[@]}" --output_dir "$R/ldm" \
-  --max_train_steps "$UNET_STEPS"; rc=$?
-exit_time "$R/ldm/train_metrics.json"
-[ "$rc" = 0 ] || finish_from_checkpoint train_unet.py "$R/ldm" train_metrics.json "${UNET_ARGS[@]}"
+train_stage train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" train_unet.py "$R/ldm" train_metrics.json "$UNET_STEPS" \
+  "${UNET_ARGS[@]}"
 
 if [ "$TRAIN_ONLY" = 1 ]; then
   log "DONE (TRAIN_ONLY): vq $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"
