@@ -21,6 +21,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -63,17 +65,62 @@ def child_command(spec_path: Path) -> list[str]:
 
 def passes_in_child(spec: dict, timeout_s: float = TIMEOUT_S) -> tuple[bool, str]:
     """(True, "") when the child's compiled training step ran; else (False, why) in one line."""
-    with tempfile.TemporaryDirectory(prefix="adni_compile_probe_") as tmp:
-        spec_path = Path(tmp) / "spec.json"
+    return ChildStep(spec, timeout_s).result()
+
+
+class ChildStep:
+    """The child's compiled training step, started at once and answered by `result()`: the training process
+    does other work meanwhile (decoding the slices, building the latent cache) instead of waiting for it.
+    The child leads its own process group (with inductor's compile workers); whatever way this object goes (an
+    answer, `cancel()`, garbage collection, the interpreter's exit after an error), the group is killed and the
+    spec's folder removed."""
+
+    def __init__(self, spec: dict, timeout_s: float = TIMEOUT_S):
+        self.spec, self.timeout_s = spec, timeout_s
+        folder = tempfile.TemporaryDirectory(prefix="adni_compile_probe_")
+        spec_path = Path(folder.name) / "spec.json"
         spec_path.write_text(json.dumps(spec))
+        stderr = open(Path(folder.name) / "stderr.txt", "w+")  # a file, not a pipe: a pipe nobody reads fills up
+        self.started = time.time()
+        self._process = subprocess.Popen(child_command(spec_path), stdout=subprocess.DEVNULL, stderr=stderr,
+                                         env=_child_environment(), start_new_session=True)
+        self._stderr = stderr
+        self._answer = None
+        self.finished = None  # time.time() when the answer was collected
+        self._cleanup = weakref.finalize(self, _stop_child, self._process, stderr, folder)
+
+    def result(self) -> tuple[bool, str]:
+        """Wait for the child (until `timeout_s` after its start): (True, "") if its step ran, else (False, why)."""
+        if self._answer is None:
+            try:
+                returncode = self._process.wait(timeout=max(0.0, self.started + self.timeout_s - time.time()))
+                self._stderr.seek(0)
+                why = "" if returncode == 0 else _why(returncode, self._stderr.read())
+                self._answer = (returncode == 0, why)
+            except subprocess.TimeoutExpired:
+                self._answer = (False, f"no answer in {self.timeout_s:.0f} s")
+            self.finished = time.time()
+            self._cleanup()
+        return self._answer
+
+    def cancel(self) -> None:
+        self._cleanup()
+
+
+def _stop_child(process: subprocess.Popen, stderr, folder: tempfile.TemporaryDirectory) -> None:
+    if process.poll() is None:
         try:
-            done = subprocess.run(child_command(spec_path), capture_output=True, text=True, timeout=timeout_s,
-                                  env=_child_environment())
-        except subprocess.TimeoutExpired:
-            return False, f"no answer in {timeout_s:.0f} s"
-    if done.returncode == 0:
-        return True, ""
-    return False, _why(done.returncode, done.stderr)
+            os.killpg(process.pid, signal.SIGKILL)  # the child and the compile workers it started
+        except ProcessLookupError:
+            pass
+        process.wait()
+    stderr.close()
+    folder.cleanup()
+
+
+def ran_out_of_memory(why: str) -> bool:
+    """A child that failed for want of GPU memory: it may fit once the training process's own work is done."""
+    return "OutOfMemoryError" in why or "out of memory" in why.lower()
 
 
 def _child_environment() -> dict:

@@ -89,29 +89,30 @@ def main(args: argparse.Namespace) -> dict:
     from adni_diffusers.presets import unet_config
 
     vq_dir = find_vqmodel(args.vqmodel)
-    config, accelerator, data, data_source = training.start_stage(args, unet_config, "unet",
-                                                                  product="model_index.json")
+    config, accelerator = training.start_stage(args, unet_config, "unet", product="model_index.json")
+    data, data_source = training.load_training_data(args, accelerator)
     device = accelerator.device
     if args.conditional and len(data.class_names) < 2:
         raise TrainingError(f"--conditional needs class folders (e.g. AD/ and NC/); {data.root} has "
                             f"{data.class_names or 'none'}")
 
-    # 1. the frozen first stage, and the latents it gives every slice (cached on disk)
+    # 1. the frozen first stage, and the denoiser for the latents it makes (4x32x32 for every preset)
     vq = VQModel.from_pretrained(vq_dir).to(device).eval().requires_grad_(False)
+    latent_shape = latent_shape_of(vq)
+    class_names = data.class_names if args.conditional else None
+    config.update(in_channels=latent_shape[0], out_channels=latent_shape[0], sample_size=latent_shape[-1])
+    if class_names:
+        config["num_class_embeds"] = len(class_names) + 1  # the last one is "no label" (CFG)
+    # on CUDA the compile check's child compiles the UNet's step while this process builds the latent cache
+    compile_check = training.start_compile_check(args, make_spec("unet", config, args, accelerator, latent_shape))
+
+    # 2. the latents of every slice (cached on disk) and the forward process
     cache_dir = Path(args.latent_cache_dir or Path(args.vqmodel) / "latent_cache")
     with accelerator.main_process_first():
         progress = accelerator.is_local_main_process
         train_latents = load_or_build(vq, vq_dir, data.train, cache_dir, "train", args.eval_batch_size, progress)
         val_latents = load_or_build(vq, vq_dir, data.val, cache_dir, "val", args.eval_batch_size, progress) \
             if len(data.val) else None
-
-    # 2. the denoiser and the forward process
-    class_names = data.class_names if args.conditional else None
-    # the UNet works on whatever latents this VQModel makes (4x32x32 for every preset)
-    config.update(in_channels=train_latents.shape[1], out_channels=train_latents.shape[1],
-                  sample_size=train_latents.shape[-1])
-    if class_names:
-        config["num_class_embeds"] = len(class_names) + 1  # the last one is "no label" (CFG)
     unet = training.to_channels_last(UNet2DModel(**config), args)
     noise_scheduler = make_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start,
                                            args.beta_end, args.prediction_type)
@@ -129,7 +130,7 @@ def main(args: argparse.Namespace) -> dict:
     probe_labels = data.train.labels[: args.train_batch_size].to(device) if class_names else None
     model = training.maybe_compile(model, args, probe=lambda m: diffusion_loss(
         m, noise_scheduler, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
-        child_probe=make_spec("unet", config, args, accelerator, train_latents.shape[1:]))
+        child_probe=compile_check)
     ema = training.make_ema(accelerator.unwrap_model(model), args, device)
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet")
     run.resume()
@@ -191,6 +192,16 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+@torch.no_grad()
+def latent_shape_of(vq) -> tuple[int, ...]:
+    """The shape of one slice's latent (e.g. (4, 32, 32)), from an encode of one blank slice: known before the
+    latent cache is built, so the compile check can start first."""
+    from adni_diffusers.data import IMAGE_SIZE
+    from adni_diffusers.pipeline_adni_ldm import encode_slices
+
+    return tuple(encode_slices(vq, torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)).shape[1:])
 
 
 @torch.no_grad()

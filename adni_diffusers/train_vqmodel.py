@@ -54,13 +54,17 @@ def main(args: argparse.Namespace) -> dict:
     from diffusers import VQModel
 
     from adni_diffusers.compile_probe import make_spec
-    from adni_diffusers.data import SliceDataset
+    from adni_diffusers.data import IMAGE_SIZE, SliceDataset
     from adni_diffusers.presets import vq_config
     from adni_diffusers.vq import (CodebookMonitor, PatchDiscriminator, VQTrainingModel, adaptive_gan_weight, code_counts,
                                    flatten_latents, hinge_d_loss, reconstruction_loss, ssim_loss)
 
-    config, accelerator, data, data_source = training.start_stage(args, vq_config, "vqmodel", product="vqvae")
+    config, accelerator = training.start_stage(args, vq_config, "vqmodel", product="vqvae")
     device = accelerator.device
+    # on CUDA the compile check's child compiles the VQModel's step while this process decodes the slices
+    compile_check = training.start_compile_check(args, make_spec("vqmodel", config, args, accelerator,
+                                                                 (1, IMAGE_SIZE, IMAGE_SIZE)))
+    data, data_source = training.load_training_data(args, accelerator)
 
     model = VQTrainingModel(training.to_channels_last(VQModel(**config), args))
     monitor = CodebookMonitor(config["num_vq_embeddings"]).to(device)
@@ -79,7 +83,7 @@ def main(args: argparse.Namespace) -> dict:
     probe_x = SliceDataset(data.train)[0]["pixel_values"][None].repeat(args.train_batch_size, 1, 1, 1).to(device)
     model = training.maybe_compile(model, args, probe=lambda m: reconstruction_loss(m(probe_x).recon, probe_x,
                                                                                     "mse").backward(),
-                                   child_probe=make_spec("vqmodel", config, args, accelerator, probe_x.shape[1:]))
+                                   child_probe=compile_check)
     ema = training.make_ema(vq, args, device)
 
     run = training.TrainingRun(

@@ -236,9 +236,9 @@ def prepare_output_dir(args, accelerator, product: str) -> None:
 
 
 def start_stage(args, config_of, project_name: str, product: str):
-    """What both training scripts do first, in this order so that every bad flag or folder fails before
-    any work: the model config from --preset (`config_of`, e.g. `presets.vq_config`), the Accelerator,
-    the output folder check, the data. Returns (config, accelerator, data, data_source)."""
+    """What both training scripts do first, in this order so that every bad flag fails before any work: the
+    model config from --preset (`config_of`, e.g. `presets.vq_config`), the Accelerator, the output folder
+    check. The data comes next (`load_training_data`). Returns (config, accelerator)."""
     from .presets import PresetError
 
     try:
@@ -247,8 +247,7 @@ def start_stage(args, config_of, project_name: str, product: str):
         raise TrainingError(str(e)) from None
     accelerator = make_accelerator(args, project_name)
     prepare_output_dir(args, accelerator, product=product)
-    data, data_source = load_training_data(args, accelerator)
-    return config, accelerator, data, data_source
+    return config, accelerator
 
 
 def load_training_data(args, accelerator):
@@ -381,41 +380,61 @@ def make_lr_scheduler(optimizer, args, accelerator, max_train_steps: int):
     )
 
 
-def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
+def start_compile_check(args, spec: dict):
+    """Start the compile check's child process now (`compile_probe.ChildStep`; on CUDA with --compile only), so
+    that it compiles and runs its step while this process decodes slices or builds the latent cache; hand the
+    result to `maybe_compile`. None where no child is needed."""
+    from . import compile_probe
+
+    if not args.compile or not compile_probe.needed(spec):
+        return None
+    logger.info("--compile: a child process compiles and runs one training step (mode %s) while this one "
+                "goes on", spec["compile_mode"] or "default")
+    return compile_probe.ChildStep(spec)
+
+
+def maybe_compile(model, args, probe=None, child_probe=None):
     """`torch.compile` when asked (--compile, --compile_mode). Compilation happens at the first call, so
     only a training step catches a compiler failure; on failure: eager, with a warning.
 
-    `child_probe` (a `compile_probe.make_spec`) runs that step in a child process first, on CUDA: a CUDA
-    error in a compiled kernel (facts.md: "misaligned address" in an inductor GroupNorm backward at batch
-    512) leaves the device unusable in the process that hit it, so only a child can hit it safely. With
-    several processes, all train compiled only if every child passed. A mode with CUDA graphs that fails there
-    is tried once more without them (`reduce-overhead` -> `default`, `max-autotune` -> `max-autotune-no-cudagraphs`)
-    before training eager; `args.compile_mode` then says the mode that runs.
+    `child_probe` runs that step in a child process first, on CUDA: a CUDA error in a compiled kernel
+    (facts.md: "misaligned address" in an inductor GroupNorm backward at batch 512) leaves the device unusable
+    in the process that hit it, so only a child can hit it safely. It is either the child already started by
+    `start_compile_check` (the scripts do that, so it runs beside their data work) or a `compile_probe.make_spec`
+    to start one now. A child that ran out of GPU memory beside this process's work is tried once more alone.
+    With several processes, all train compiled only if every child passed. A mode with CUDA graphs that fails
+    there is tried once more without them (`reduce-overhead` -> `default`, `max-autotune` ->
+    `max-autotune-no-cudagraphs`) before training eager; `args.compile_mode` then says the mode that runs.
     `probe(compiled)` then runs one real training step's forward and backward in this process (the compile
     itself, before the first step); a CUDA error there stops the run with advice instead of failing again,
     less clearly, in the first eager step. `args.compile_seconds` (in training_args.json) records what the
-    child processes and the compile here took: the price of the child on a GPU."""
-    if not args.compile:
-        return model
+    child processes took from the first one's start to the last answer (`child_processes`), how long this
+    process waited for them (`waited_for_child`: less where the first one ran beside the data work) and the
+    compile here (`first_step_here`)."""
     from . import compile_probe
 
+    started = None if child_probe is None or isinstance(child_probe, dict) else child_probe  # a ChildStep
+    if not args.compile:
+        if started:
+            started.cancel()
+        return model
     args.compile_seconds = {}
-    if child_probe is not None and compile_probe.needed(child_probe):
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # leave the child the memory this process is not using
-        started = time.time()
-        passed, why = _child_step_passes(child_probe)
-        mode = child_probe["compile_mode"]
+    spec = started.spec if started else child_probe
+    if spec is not None and compile_probe.needed(spec):
+        waiting_since = time.time()
+        passed, why = _child_step_passes(spec, started)
+        mode = spec["compile_mode"]
         if not passed and mode in CUDA_GRAPH_MODES:
             # CUDA graphs add failure modes of their own; the same mode without them still beats eager by far
             without, graphs_failed = compile_probe.WITHOUT_CUDA_GRAPHS[mode], why
             logger.warning("torch.compile with --compile_mode %s failed in the child process's training step at "
                            "batch size %s (%s); trying --compile_mode %s", mode, args.train_batch_size, why, without)
-            passed, why = _child_step_passes({**child_probe, "compile_mode": without})
+            passed, why = _child_step_passes({**spec, "compile_mode": without})
             if passed:
                 args.compile_mode_fallback = f"{mode} -> {without}: {graphs_failed}"  # kept in training_args.json
                 args.compile_mode = without
-        args.compile_seconds["child_processes"] = round(time.time() - started, 1)
+        args.compile_seconds["child_processes"] = round(time.time() - (started.started if started else waiting_since), 1)
+        args.compile_seconds["waited_for_child"] = round(time.time() - waiting_since, 1)
         if not passed:
             logger.warning("torch.compile failed in the child process's training step at batch size %s (%s); "
                            "training eager", args.train_batch_size, why)
@@ -445,17 +464,28 @@ def maybe_compile(model, args, probe=None, child_probe: dict | None = None):
             p.grad = None  # the probe's gradients are not a training step
 
 
-def _child_step_passes(spec: dict) -> tuple[bool, str]:
-    """The child's compiled training step (compile_probe), agreed by every process: (passed, why not)."""
+def _child_step_passes(spec: dict, started=None) -> tuple[bool, str]:
+    """The child's compiled training step (compile_probe), agreed by every process: (passed, why not).
+    `started`: that child, already running (`start_compile_check`); else one is started now."""
     from . import compile_probe
 
-    logger.info("--compile: trying a compiled training step in a child process first (mode %s)",
-                spec["compile_mode"] or "default")
-    started = time.time()
-    passed, why = compile_probe.passes_in_child(spec)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # leave the child the memory this process is not using
+    waiting_since = time.time()
+    if started is None:
+        logger.info("--compile: trying a compiled training step in a child process first (mode %s)",
+                    spec["compile_mode"] or "default")
+        passed, why = compile_probe.passes_in_child(spec)
+    else:
+        passed, why = started.result()
+        if not passed and compile_probe.ran_out_of_memory(why):
+            logger.warning("--compile: the child process ran out of GPU memory beside this process's work (%s); "
+                           "trying it alone", why)
+            return _child_step_passes(spec)
     if not _every_process_agrees(passed):
         return False, why or "on another process"
-    logger.info("--compile: the child process's compiled step ran (%.0f s); compiling here", time.time() - started)
+    logger.info("--compile: the child process's compiled step ran (waited %.0f s for it); compiling here",
+                time.time() - waiting_since)
     return True, ""
 
 

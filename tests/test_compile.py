@@ -144,6 +144,70 @@ def test_child_process_that_dies_or_hangs_means_no_compile(monkeypatch, child, e
     assert compile_probe.passes_in_child(_spec(), timeout_s=1) == (False, expected)
 
 
+def test_child_started_early_runs_while_this_process_works(monkeypatch, tmp_path):
+    """`ChildStep` starts the child at once: it finishes its work before anyone asks for the answer (the
+    training process decodes slices or builds the latent cache meanwhile), and the answer is kept."""
+    import sys
+    import time
+
+    from adni_diffusers import compile_probe
+
+    done = tmp_path / "child finished"
+    monkeypatch.setattr(compile_probe, "child_command", lambda spec_path: [
+        sys.executable, "-c", f"import pathlib; pathlib.Path({str(done)!r}).write_text('yes')"])
+    child = compile_probe.ChildStep(_spec())
+    deadline = time.time() + 60
+    while not done.exists() and time.time() < deadline:  # "other work", without asking the child anything
+        time.sleep(0.05)
+    assert done.exists()
+    assert child.result() == (True, "") and child.result() == (True, "") and child.finished >= child.started
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed orphan may wait unreaped where PID 1 does not reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("ending", ["cancel", "garbage collected", "timeout"])
+def test_child_and_its_workers_are_killed_when_not_waited_for(monkeypatch, tmp_path, ending):
+    """A run that fails after starting the child (bad data, no room for the latents), a child past its time:
+    the child and the processes it started (inductor's compile workers) are killed, its files removed."""
+    import gc
+    import sys
+    import time
+
+    from adni_diffusers import compile_probe
+
+    pids, spec_paths = tmp_path / "pids", []
+    # the child starts a process of its own (as inductor's compile workers are), writes both pids, then hangs
+    script = (f"import os, subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(120)']); open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{g.pid}}'); time.sleep(120)")
+    monkeypatch.setattr(compile_probe, "child_command",
+                        lambda spec_path: spec_paths.append(spec_path) or [sys.executable, "-c", script])
+    child = compile_probe.ChildStep(_spec(), timeout_s=2 if ending == "timeout" else 600)
+    deadline = time.time() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2) and time.time() < deadline:
+        time.sleep(0.05)
+    child_pid, worker_pid = map(int, pids.read_text().split())
+    assert _alive(child_pid) and _alive(worker_pid) and spec_paths[0].exists()
+    if ending == "cancel":
+        child.cancel()
+    elif ending == "garbage collected":
+        del child
+        gc.collect()
+    else:
+        assert child.result() == (False, "no answer in 2 s")
+    deadline = time.time() + 10
+    while (_alive(child_pid) or _alive(worker_pid)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child_pid) and not _alive(worker_pid)
+    assert not spec_paths[0].parent.exists()
+
+
 def test_failed_child_probe_trains_eager_without_compiling_here(monkeypatch, caplog):
     """A CUDA error in the child leaves this process's GPU usable: train eager, and do not compile here."""
     from adni_diffusers import compile_probe
@@ -201,7 +265,34 @@ def test_passed_child_probe_then_compiles_here(monkeypatch):
     model, probed, args = _tiny_model(), [], _args()
     compiled = maybe_compile(model, args, probe=lambda m: probed.append(m), child_probe=_spec())
     assert compiled is not model and probed == [compiled] and specs == [_spec()]
-    assert set(args.compile_seconds) == {"child_processes", "first_step_here"}  # what each part cost
+    assert set(args.compile_seconds) == {"child_processes", "waited_for_child", "first_step_here"}  # each part's cost
+
+
+@pytest.mark.parametrize("early_answer, children_started_now", [
+    ((True, ""), []),
+    ((False, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"), ["default"]),
+    ((False, "RuntimeError: CUDA error: misaligned address"), []),
+])
+def test_child_started_early_is_the_one_answered(monkeypatch, caplog, early_answer, children_started_now):
+    """`maybe_compile` takes the child that `start_compile_check` started and starts no other, except once
+    when that child ran out of GPU memory beside this process's latent-cache build: alone it may fit."""
+    from adni_diffusers import compile_probe
+    from adni_diffusers.training import maybe_compile
+
+    started_now = []
+    monkeypatch.setattr(compile_probe, "needed", lambda spec: True)  # as on CUDA
+    monkeypatch.setattr(compile_probe, "passes_in_child",
+                        lambda spec: started_now.append(spec["compile_mode"] or "default") or (True, ""))
+    early = _SimulatedChild(_spec())
+    early.result = lambda: early_answer
+    args = _args()
+    with caplog.at_level(logging.WARNING):
+        compiled = maybe_compile(_tiny_model(), args, probe=lambda m: None, child_probe=early)
+    assert started_now == children_started_now
+    trains_compiled = early_answer[0] or bool(children_started_now)
+    assert (not isinstance(compiled, torch.nn.Sequential)) == trains_compiled
+    assert ("ran out of GPU memory beside this process's work" in caplog.text) == bool(children_started_now)
+    assert args.compile_seconds["waited_for_child"] <= args.compile_seconds["child_processes"]
 
 
 def test_on_cpu_no_child_process_is_started(monkeypatch):
@@ -217,17 +308,41 @@ def _architecture(model) -> dict:
     return {k: v for k, v in model.config.items() if not k.startswith("_") and k != "scaling_factor"}  # set after training
 
 
+class _SimulatedChild:
+    """compile_probe.ChildStep as the scripts see it on CUDA, answering "simulated failure"; `events` records
+    when it starts and answers, between the scripts' data work."""
+
+    events: list = []
+    specs: list = []
+
+    def __init__(self, spec, timeout_s=None):
+        self.spec, self.started = spec, 0.0
+        self.specs.append(json.loads(json.dumps(spec)))  # plain JSON, as the real child gets it
+        self.events.append(f"{spec['stage']} child started")
+
+    def result(self):
+        self.events.append(f"{self.spec['stage']} child answered")
+        return False, "simulated failure"
+
+    def cancel(self):
+        pass
+
+
 def test_training_scripts_describe_their_model_to_the_child(monkeypatch, tmp_path, tiny_vq, demo_root, caplog):
     """The scripts' call site, as it runs on CUDA (the child's answer simulated): the spec is plain JSON and
-    describes the model and batch that are trained; a failed child means an eager run that finishes."""
+    describes the model and batch that are trained; the child runs while the slices are decoded (VQModel) and
+    the latent cache is built (UNet), not after; a failed child means an eager run that finishes."""
     from diffusers import UNet2DModel, VQModel
 
-    from adni_diffusers import compile_probe
+    from adni_diffusers import compile_probe, data, latents
 
-    specs = []
+    events = _SimulatedChild.events = []
+    specs = _SimulatedChild.specs = []
     monkeypatch.setattr(compile_probe, "needed", lambda spec: True)
-    monkeypatch.setattr(compile_probe, "passes_in_child",
-                        lambda spec: specs.append(json.loads(json.dumps(spec))) or (False, "simulated failure"))
+    monkeypatch.setattr(compile_probe, "ChildStep", _SimulatedChild)
+    decode_all, encode_all = data.decode_all, latents.encode_all
+    monkeypatch.setattr(data, "decode_all", lambda *a, **k: events.append("decoding slices") or decode_all(*a, **k))
+    monkeypatch.setattr(latents, "encode_all", lambda *a, **k: events.append("encoding latents") or encode_all(*a, **k))
     with caplog.at_level(logging.WARNING):
         run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
                                               "--max_train_steps", "1", "--compile", "--mixed_precision", "bf16",
@@ -235,6 +350,9 @@ def test_training_scripts_describe_their_model_to_the_child(monkeypatch, tmp_pat
         run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
                                            tmp_path / "ldm", "--max_train_steps", "1", "--compile",
                                            "--latent_cache_dir", tmp_path / "cache", *TINY_UNET_ARGS])
+    assert events == ["vqmodel child started", "decoding slices", "vqmodel child answered",
+                      "decoding slices", "unet child started", "encoding latents", "encoding latents",
+                      "unet child answered"]  # encoding: the training and the validation slices
     assert caplog.text.count("(simulated failure); training eager") == 2
     for out in ("vq", "ldm"):  # asked for --compile, trained eager: training_args.json says both
         saved = json.loads((tmp_path / out / "training_args.json").read_text())
