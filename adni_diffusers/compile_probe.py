@@ -5,7 +5,8 @@ at batch 512) leaves the CUDA context unusable, so the process that hit it canno
 on CUDA the training scripts first let a child process build the same model from its config, compile it
 with the same mode and run one training step's forward and backward (three in a mode with CUDA graphs) at the
 training batch size, precision and memory format; the training process compiles only if the child exits 0,
-and trains eager otherwise.
+and trains eager otherwise. The scripts start the child early (`ChildStep`), so that it compiles while they
+decode the slices or build the latent cache.
 The child's weights are random: a compiler failure depends on shapes, dtypes and layouts, not on values.
 Inductor's on-disk cache makes the training process's own compile of the same graphs cheaper.
 
