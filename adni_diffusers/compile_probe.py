@@ -9,12 +9,15 @@ and trains eager otherwise. The scripts start the child early (`ChildStep`), so 
 decode the slices or build the latent cache.
 The child's weights are random: a compiler failure depends on shapes, dtypes and layouts, not on values.
 Inductor's on-disk cache makes the training process's own compile of the same graphs cheaper.
+A step that passed is remembered in that cache folder (`remember_pass`): a rerun or a resume with the same
+model, batch, precision, layout, mode, GPU and software skips the child (`passed_before`).
 
     python -m adni_diffusers.compile_probe SPEC.json     # what `passes_in_child` runs
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -60,6 +63,54 @@ def needed(spec: dict) -> bool:
     return spec["device"].startswith("cuda")
 
 
+def passed_before(spec: dict) -> Path | None:
+    """The record of a child that ran this very step before, or None. The kernels inductor makes depend on
+    the spec (not on the device index), the GPU, torch/CUDA/triton/diffusers and the step's code: the record's
+    name is a hash of all of these."""
+    record, _ = _pass_record(spec)
+    return record if record.is_file() else None
+
+
+def remember_pass(spec: dict) -> None:
+    record, what = _pass_record(spec)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(what, indent=2))
+    tmp.replace(record)  # whole or absent, also with several processes writing the same record
+
+
+def _pass_record(spec: dict) -> tuple[Path, dict]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    device = torch.device(spec["device"])
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
+    code = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes()
+                                   for name in ("compile_probe.py", "diffusion.py", "vq.py"))).hexdigest()
+    what = {"spec": {k: v for k, v in spec.items() if k != "device"}, "gpu": gpu, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": installed("triton"), "diffusers": installed("diffusers"), "code": code}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    return _inductor_cache_dir() / "adni_diffusers_compile_checks" / f"{key}.json", what
+
+
+def _inductor_cache_dir() -> Path:
+    """Where inductor keeps its compiled kernels (TORCHINDUCTOR_CACHE_DIR, or its default under /tmp): a record
+    goes away with the kernels it vouches for."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # a torch that keeps it elsewhere: its documented variable, or its default
+        import getpass
+
+        return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+                    or Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
+    return Path(cache_dir())
+
+
 def child_command(spec_path: Path) -> list[str]:
     return [sys.executable, "-m", "adni_diffusers.compile_probe", str(spec_path)]
 
@@ -98,6 +149,8 @@ class ChildStep:
                 self._stderr.seek(0)
                 why = "" if returncode == 0 else _why(returncode, self._stderr.read())
                 self._answer = (returncode == 0, why)
+                if returncode == 0:
+                    remember_pass(self.spec)
             except subprocess.TimeoutExpired:
                 self._answer = (False, f"no answer in {self.timeout_s:.0f} s")
             self.finished = time.time()

@@ -388,6 +388,8 @@ def start_compile_check(args, spec: dict):
 
     if not args.compile or not compile_probe.needed(spec):
         return None
+    if compile_probe.passed_before(spec):
+        return spec  # `maybe_compile` skips the child if every process has the record, else starts one then
     logger.info("--compile: a child process compiles and runs one training step (mode %s) while this one "
                 "goes on", spec["compile_mode"] or "default")
     return compile_probe.ChildStep(spec)
@@ -405,6 +407,7 @@ def maybe_compile(model, args, probe=None, child_probe=None):
     With several processes, all train compiled only if every child passed. A mode with CUDA graphs that fails
     there is tried once more without them (`reduce-overhead` -> `default`, `max-autotune` ->
     `max-autotune-no-cudagraphs`) before training eager; `args.compile_mode` then says the mode that runs.
+    A step that passed in a child before (`compile_probe.passed_before`: a rerun, a resume) needs no child.
     `probe(compiled)` then runs one real training step's forward and backward in this process (the compile
     itself, before the first step); a CUDA error there stops the run with advice instead of failing again,
     less clearly, in the first eager step. `args.compile_seconds` (in training_args.json) records what the
@@ -466,13 +469,20 @@ def maybe_compile(model, args, probe=None, child_probe=None):
 
 def _child_step_passes(spec: dict, started=None) -> tuple[bool, str]:
     """The child's compiled training step (compile_probe), agreed by every process: (passed, why not).
-    `started`: that child, already running (`start_compile_check`); else one is started now."""
+    `started`: that child, already running (`start_compile_check`); else one is started now, unless this step
+    passed in a child before (`compile_probe.passed_before`; the processes still agree, as they would after a child)."""
     from . import compile_probe
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # leave the child the memory this process is not using
     waiting_since = time.time()
-    if started is None:
+    record = compile_probe.passed_before(spec) if started is None else None
+    if record:
+        logger.info("--compile: this training step (mode %s) passed in a child process before, with the same model, "
+                    "batch, precision, GPU and software (%s): no child this time", spec["compile_mode"] or "default",
+                    record)
+        passed, why = True, ""
+    elif started is None:
         logger.info("--compile: trying a compiled training step in a child process first (mode %s)",
                     spec["compile_mode"] or "default")
         passed, why = compile_probe.passes_in_child(spec)
@@ -484,8 +494,9 @@ def _child_step_passes(spec: dict, started=None) -> tuple[bool, str]:
             return _child_step_passes(spec)
     if not _every_process_agrees(passed):
         return False, why or "on another process"
-    logger.info("--compile: the child process's compiled step ran (waited %.0f s for it); compiling here",
-                time.time() - waiting_since)
+    if not record:
+        logger.info("--compile: the child process's compiled step ran (waited %.0f s for it); compiling here",
+                    time.time() - waiting_since)
     return True, ""
 
 

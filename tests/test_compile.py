@@ -13,6 +13,15 @@ import torch
 from conftest import TINY_UNET_ARGS, TINY_VQ_ARGS, run_training_script
 
 
+@pytest.fixture(autouse=True)
+def _own_pass_records(monkeypatch, tmp_path):
+    """Each test starts with no record of a passed child (compile_probe.passed_before): one test's pass
+    would otherwise let another skip the child it is about."""
+    from adni_diffusers import compile_probe
+
+    monkeypatch.setattr(compile_probe, "_inductor_cache_dir", lambda: tmp_path / "inductor")
+
+
 def _args(**kw):
     return SimpleNamespace(**{"compile": True, "compile_mode": None, "train_batch_size": 2, **kw})
 
@@ -293,6 +302,36 @@ def test_child_started_early_is_the_one_answered(monkeypatch, caplog, early_answ
     assert (not isinstance(compiled, torch.nn.Sequential)) == trains_compiled
     assert ("ran out of GPU memory beside this process's work" in caplog.text) == bool(children_started_now)
     assert args.compile_seconds["waited_for_child"] <= args.compile_seconds["child_processes"]
+
+
+def test_a_step_that_passed_before_needs_no_child(monkeypatch, caplog):
+    """A rerun or a resume of the same training step (model, batch, precision, mode, GPU, software) skips
+    the child: a child that passed leaves a record beside inductor's cache; a failed one leaves none."""
+    import sys
+
+    from adni_diffusers import compile_probe
+    from adni_diffusers.training import maybe_compile, start_compile_check
+
+    monkeypatch.setattr(compile_probe, "child_command", lambda spec_path: [sys.executable, "-c", "raise SystemExit(1)"])
+    assert compile_probe.ChildStep(_spec()).result()[0] is False and compile_probe.passed_before(_spec()) is None
+    monkeypatch.setattr(compile_probe, "child_command", lambda spec_path: [sys.executable, "-c", "pass"])
+    assert compile_probe.ChildStep(_spec()).result() == (True, "")
+    record = compile_probe.passed_before(_spec())
+    assert record is not None and json.loads(record.read_text())["torch"] == torch.__version__
+    for other in (_spec(batch_size=512), _spec(compile_mode="reduce-overhead"), _spec(mixed_precision="bf16"),
+                  _spec("vqmodel")):
+        assert compile_probe.passed_before(other) is None  # another step: another record
+
+    monkeypatch.setattr(compile_probe, "needed", lambda spec: True)  # as on CUDA
+    monkeypatch.setattr(compile_probe, "ChildStep", lambda *a, **k: pytest.fail("a child for a step that passed"))
+    monkeypatch.setattr(compile_probe, "passes_in_child", lambda spec: pytest.fail("a child for a step that passed"))
+    args = _args()
+    check = start_compile_check(args, _spec())
+    assert check == _spec()  # nothing started: maybe_compile decides, with the other processes
+    with caplog.at_level(logging.INFO, logger="adni_diffusers"):
+        compiled = maybe_compile(_tiny_model(), args, probe=lambda m: None, child_probe=check)
+    assert not isinstance(compiled, torch.nn.Sequential) and "passed in a child process before" in caplog.text
+    assert args.compile_seconds["child_processes"] < 5
 
 
 def test_on_cpu_no_child_process_is_started(monkeypatch):
