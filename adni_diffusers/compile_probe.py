@@ -40,6 +40,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # runs three steps in them and a failure while recording or replaying also costs the child, not the run
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+PARENT_VARIABLE = "ADNI_DIFFUSERS_COMPILE_CHECK_PARENT"  # the training process's pid, for the child to watch
 
 
 def compile_model(model, mode: str | None):
@@ -181,7 +182,7 @@ def _child_environment() -> dict:
     """This process's environment, with this package first on the path: the child runs the same code even
     where the package is not installed (`python /path/to/train_unet.py` from another folder)."""
     package_parent = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    return {**os.environ, PARENT_VARIABLE: str(os.getpid()), "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
 
 
 def _why(returncode: int, stderr: str) -> str:
@@ -261,9 +262,26 @@ def _wrap_forward_as_accelerate_does(model, device, dtype) -> None:
     model.forward = MethodType(convert_outputs_to_fp32(autocast_forward), model)
 
 
+def _stop_with_parent() -> None:
+    """The training process can end without stopping this child (SIGKILL, a scheduler's SIGTERM, which skips
+    Python's exit hooks): then stop too, with the compile workers this child's process group holds, instead of
+    compiling on for minutes on a GPU someone may be starting the next run on."""
+    import threading
+
+    parent = int(os.environ.get(PARENT_VARIABLE) or os.getppid())  # set by ChildStep: right even if it died already
+
+    def watch():
+        while os.getppid() == parent:  # an orphan is adopted by another process
+            time.sleep(1.0)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
+    _stop_with_parent()
     try:
         run_training_step(spec)
     except Exception as e:  # noqa: BLE001 - report any failure in one line, then the traceback

@@ -217,6 +217,42 @@ def test_child_and_its_workers_are_killed_when_not_waited_for(monkeypatch, tmp_p
     assert not spec_paths[0].parent.exists()
 
 
+def test_child_stops_when_the_training_process_is_killed(tmp_path):
+    """A training process killed outright (SIGKILL; a scheduler's SIGTERM skips exit hooks too) cannot stop
+    its child: the child notices that its parent is gone and stops, instead of compiling on. The child here is
+    the real one (`python -m adni_diffusers.compile_probe`), with a step that compiles for a minute or more."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child_pid_file = tmp_path / "child.pid"
+    training_process = tmp_path / "train.py"
+    training_process.write_text(
+        "import json, sys, time\n"
+        "from adni_diffusers import compile_probe\n"
+        "child = compile_probe.ChildStep(json.loads(sys.argv[1]))\n"
+        "open(sys.argv[2], 'w').write(str(child._process.pid))\n"
+        "time.sleep(300)\n")
+    cold_cache = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # a long compile for sure
+    parent = subprocess.Popen([sys.executable, str(training_process), json.dumps(_spec()), str(child_pid_file)],
+                              env=cold_cache)
+    try:
+        deadline = time.time() + 60
+        while not (child_pid_file.exists() and child_pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        child_pid = int(child_pid_file.read_text())
+        assert _alive(child_pid)
+    finally:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+    deadline = time.time() + 45  # the child's imports, then one look a second at its parent
+    while _alive(child_pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child_pid)
+
+
 def test_failed_child_probe_trains_eager_without_compiling_here(monkeypatch, caplog):
     """A CUDA error in the child leaves this process's GPU usable: train eager, and do not compile here."""
     from adni_diffusers import compile_probe
