@@ -94,7 +94,8 @@ def _pass_record(spec: dict) -> tuple[Path, dict]:
     code = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes()
                                    for name in ("compile_probe.py", "diffusion.py", "vq.py"))).hexdigest()
     what = {"spec": {k: v for k, v in spec.items() if k != "device"}, "gpu": gpu, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": installed("triton"), "diffusers": installed("diffusers"), "code": code}
+            "cuda": torch.version.cuda, "triton": installed("triton"), "diffusers": installed("diffusers"),
+            "code": code}
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
     return _inductor_cache_dir() / "adni_diffusers_compile_checks" / f"{key}.json", what
 
@@ -182,7 +183,8 @@ def _child_environment() -> dict:
     """This process's environment, with this package first on the path: the child runs the same code even
     where the package is not installed (`python /path/to/train_unet.py` from another folder)."""
     package_parent = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, PARENT_VARIABLE: str(os.getpid()), "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, PARENT_VARIABLE: str(os.getpid()), "PYTHONPATH": path}
 
 
 def _why(returncode: int, stderr: str) -> str:

@@ -436,7 +436,8 @@ def maybe_compile(model, args, probe=None, child_probe=None):
             if passed:
                 args.compile_mode_fallback = f"{mode} -> {without}: {graphs_failed}"  # kept in training_args.json
                 args.compile_mode = without
-        args.compile_seconds["child_processes"] = round(time.time() - (started.started if started else waiting_since), 1)
+        first_child_started = started.started if started else waiting_since
+        args.compile_seconds["child_processes"] = round(time.time() - first_child_started, 1)
         args.compile_seconds["waited_for_child"] = round(time.time() - waiting_since, 1)
         if not passed:
             logger.warning("torch.compile failed in the child process's training step at batch size %s (%s); "
