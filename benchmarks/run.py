@@ -401,6 +401,14 @@ def row_settings(spec: dict):
             fresh_compile_cache()
 
 
+def profiled_variants(opts, default_order, present) -> set[str]:
+    """The rows --profile profiles (first batch size): --profile-variants where given, else the first of
+    `default_order` present ("ours")."""
+    if opts.profile_variants:
+        return set(opts.profile_variants) & set(present)
+    return {next((n for n in default_order if n in present), None)} - {None}
+
+
 def profile_steps(bench: Bench, step, steps: int, top: int = 20) -> dict:
     """torch.profiler over `steps` more training steps: where the time goes. On CUDA, kernel time per step
     against wall time per step says whether the GPU waits for the host (busy fraction well below 1: launch
@@ -574,7 +582,7 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
     pixel_slices = None
 
     primary_names = unet_variant_names(bench, opts.compile, True, opts.variants)
-    unet_profiled = next((n for n in UNET_PROFILED if n in primary_names), None)
+    unet_profiled = profiled_variants(opts, UNET_PROFILED, primary_names)
     for bi, bs in enumerate(opts.batch_sizes):
         fresh_compile_cache()  # one compilation per batch size (static shapes), shared by that size's rows
         for name in unet_variant_names(bench, opts.compile, bi == 0, opts.variants):
@@ -584,7 +592,7 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
             if spec["data"] == "pixels" and pixel_slices is None:
                 pixel_slices = random_slices(max(opts.batch_sizes) * 2)
 
-            def run(row, spec=spec, bs=bs, profiled=(bi == 0 and name == unet_profiled)):
+            def run(row, spec=spec, bs=bs, profiled=(bi == 0 and name in unet_profiled)):
                 bench.reset_peak()
                 args = train_args(bs, channels_last=spec["cl"], compile=spec["compile"], compile_mode=spec.get("mode"))
                 torch.manual_seed(0)
@@ -825,13 +833,13 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
     variants = {n: s for n, s in VQ_VARIANTS.items()
                 if (opts.compile or not s["compile"]) and (bench.cuda or not s.get("cuda_only"))
                 and (not opts.variants or n in opts.variants)}
-    vq_profiled = next((n for n in VQ_PROFILED if n in variants), None)
+    vq_profiled = profiled_variants(opts, VQ_PROFILED, variants)
     for bi, bs in enumerate(opts.vq_batch_sizes):
         fresh_compile_cache()
         for name, spec in variants.items():
             row = {"name": vq_row_name(name, spec, bench), "variant": name, "batch_size": bs, "config": dict(spec)}
 
-            def run(row, spec=spec, bs=bs, profiled=(bi == 0 and name == vq_profiled)):
+            def run(row, spec=spec, bs=bs, profiled=(bi == 0 and name in vq_profiled)):
                 bench.reset_peak()
                 args = train_args(bs, learning_rate=2e-4, channels_last=spec["cl"], compile=spec["compile"],
                                   compile_mode=spec.get("mode"))
@@ -1259,6 +1267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over --profile-steps more steps of the UNet and VQ 'ours' rows (first batch size)")
     p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--profile-variants", nargs="+", default=None, metavar="NAME",
+                   help="with --profile: profile these rows (variant names) instead of the 'ours' row, e.g. an EMA row")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--smoke", action="store_true", help="tiny preset, 1 step each: seconds, for CI (numbers mean nothing)")

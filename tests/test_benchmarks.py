@@ -198,6 +198,19 @@ def _load_run_module():
     return module
 
 
+def test_profile_variants_chooses_the_profiled_rows():
+    """--profile profiles the "ours" row; --profile-variants names others (e.g. an EMA row), among those run."""
+    from types import SimpleNamespace
+
+    run = _load_run_module()
+    present = ["example style", "+ torch.compile (= ours)", "ours + EMA (make_ema: foreach=True)"]
+    default = SimpleNamespace(profile_variants=None)
+    assert run.profiled_variants(default, run.UNET_PROFILED, present) == {"+ torch.compile (= ours)"}
+    assert run.profiled_variants(default, run.UNET_PROFILED, ["example style"]) == set()
+    asked = SimpleNamespace(profile_variants=["ours + EMA (make_ema: foreach=True)", "+ channels_last"])
+    assert run.profiled_variants(asked, run.UNET_PROFILED, present) == {"ours + EMA (make_ema: foreach=True)"}
+
+
 def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
     """Device time is short: a typo in gpu_session.sh must show here, not after a machine has started."""
     import re
