@@ -73,11 +73,16 @@ def passed_before(spec: dict) -> Path | None:
 
 
 def remember_pass(spec: dict) -> None:
+    """Write the record `passed_before` looks for. Only a saving: a folder that cannot take it costs the next
+    run a child, not this run."""
     record, what = _pass_record(spec)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(what, indent=2))
-    tmp.replace(record)  # whole or absent, also with several processes writing the same record
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(what, indent=2))
+        tmp.replace(record)  # whole or absent, also with several processes writing the same record
+    except OSError as e:
+        logger.warning("--compile: could not remember that this step passed (%s); the next run checks it again", e)
 
 
 def _pass_record(spec: dict) -> tuple[Path, dict]:

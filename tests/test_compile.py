@@ -358,6 +358,12 @@ def test_a_step_that_passed_before_needs_no_child(monkeypatch, caplog):
                   _spec("vqmodel")):
         assert compile_probe.passed_before(other) is None  # another step: another record
 
+    unwritable = Path(compile_probe._inductor_cache_dir()) / "a file"
+    unwritable.write_text("")
+    with monkeypatch.context() as m:  # a cache folder that cannot take the record: the run goes on
+        m.setattr(compile_probe, "_inductor_cache_dir", lambda: unwritable)
+        assert compile_probe.ChildStep(_spec()).result() == (True, "") and compile_probe.passed_before(_spec()) is None
+
     monkeypatch.setattr(compile_probe, "needed", lambda spec: True)  # as on CUDA
     monkeypatch.setattr(compile_probe, "ChildStep", lambda *a, **k: pytest.fail("a child for a step that passed"))
     monkeypatch.setattr(compile_probe, "passes_in_child", lambda spec: pytest.fail("a child for a step that passed"))
