@@ -416,11 +416,9 @@ def maybe_compile(model, args, probe=None, child_probe=None):
     compile here (`first_step_here`)."""
     from . import compile_probe
 
-    started = None if child_probe is None or isinstance(child_probe, dict) else child_probe  # a ChildStep
     if not args.compile:
-        if started:
-            started.cancel()
-        return model
+        return model  # (start_compile_check starts no child without --compile)
+    started = None if child_probe is None or isinstance(child_probe, dict) else child_probe  # a ChildStep
     args.compile_seconds = {}
     spec = started.spec if started else child_probe
     if spec is not None and compile_probe.needed(spec):
@@ -474,8 +472,6 @@ def _child_step_passes(spec: dict, started=None) -> tuple[bool, str]:
     passed in a child before (`compile_probe.passed_before`; the processes still agree, as they would after a child)."""
     from . import compile_probe
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # leave the child the memory this process is not using
     waiting_since = time.time()
     record = compile_probe.passed_before(spec) if started is None else None
     if record:
@@ -486,6 +482,8 @@ def _child_step_passes(spec: dict, started=None) -> tuple[bool, str]:
     elif started is None:
         logger.info("--compile: trying a compiled training step in a child process first (mode %s)",
                     spec["compile_mode"] or "default")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # leave the child the memory this process is not using
         passed, why = compile_probe.passes_in_child(spec)
     else:
         passed, why = started.result()
