@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -129,7 +128,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         path = out / f"sample-{i:04d}.png"
         Image.fromarray(im.numpy(), mode="L").save(path)
         paths["images"].append(str(path))
-    paths["grid"] = str(save_image_grid(images, out / "grid.png", nrow=math.ceil(math.sqrt(len(images)))))
+    paths["grid"] = str(save_image_grid(images, out / "grid.png"))
     if recorder is not None:
         paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images))
     return paths

@@ -10,12 +10,19 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def grid_columns(n: int) -> int:
+    """Columns for a grid of n images: near-square, and with no empty cells where a divisor of n allows it
+    (8 -> 4 x 2, not 3 x 3 with a blank cell; 7 stays 3 columns rather than one long row)."""
+    square = math.ceil(math.sqrt(n))
+    return next((c for c in range(square, 2 * square + 1) if n % c == 0), square)
+
+
 def to_pil_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
-    """Images in [-1, 1], (N, 1, H, W) -> one greyscale PIL grid."""
+    """Images in [-1, 1], (N, 1, H, W) -> one greyscale PIL grid (`nrow` images per row)."""
     from torchvision.utils import make_grid
 
     images = images.detach().float().cpu().clamp(-1, 1)
-    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    nrow = nrow or grid_columns(len(images))
     grid = make_grid((images + 1) / 2, nrow=nrow, padding=padding, pad_value=1.0)
     return Image.fromarray((grid[0].numpy() * 255).round().astype(np.uint8), mode="L")
 

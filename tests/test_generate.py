@@ -18,3 +18,16 @@ def test_generate_writes_images_and_warns_about_low_precision_on_cpu(tiny_ldm, t
     pngs = sorted(p for p in tmp_path.glob("*.png"))
     assert len(pngs) >= 2 and all(Image.open(p).mode in ("L", "RGB") for p in pngs)
     assert ("--dtype bfloat16 on the CPU" in caplog.text) is warned
+
+
+@pytest.mark.parametrize("n, columns", [(1, 1), (2, 2), (4, 2), (7, 3), (8, 4), (12, 4), (16, 4), (18, 6)])
+def test_grid_columns_fill_every_row_where_they_can(n, columns):
+    import torch
+
+    from adni_diffusers.plots import grid_columns, to_pil_grid
+
+    assert grid_columns(n) == columns
+    grid = to_pil_grid(torch.zeros(n, 1, 8, 8), padding=2)
+    rows = -(-n // columns)
+    expected = (8, 8) if n == 1 else (columns * 10 + 2, rows * 10 + 2)  # make_grid pads cells, not a lone image
+    assert grid.size == expected
