@@ -1,10 +1,11 @@
-"""`adni-diffusers generate`: images on disk, and a warning before a slow precision on the CPU."""
+"""`adni-diffusers generate`: images on disk, a warning before a slow precision on the CPU, and grid layout."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+import torch
 from PIL import Image
 
 
@@ -22,8 +23,6 @@ def test_generate_writes_images_and_warns_about_low_precision_on_cpu(tiny_ldm, t
 
 @pytest.mark.parametrize("n, columns", [(1, 1), (2, 2), (4, 2), (7, 3), (8, 4), (12, 4), (16, 4), (18, 6)])
 def test_grid_columns_fill_every_row_where_they_can(n, columns):
-    import torch
-
     from adni_diffusers.plots import grid_columns, to_pil_grid
 
     assert grid_columns(n) == columns
