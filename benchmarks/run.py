@@ -388,17 +388,29 @@ def compiled_words(spec: dict) -> str:
 
 @contextlib.contextmanager
 def row_settings(spec: dict):
-    """A row's process-wide settings: cudnn.benchmark (--cudnn_benchmark), and its own compilation for a
-    compile mode other than the default (so neither leaks into the next row)."""
-    if spec.get("mode"):
+    """A row's process-wide settings: cudnn.benchmark (--cudnn_benchmark), torch._inductor.config options,
+    and its own compilation for a compile mode or inductor options other than the defaults (so none of
+    them leaks into the next row)."""
+    own_compile = bool(spec.get("mode") or spec.get("inductor"))
+    if own_compile:
         fresh_compile_cache()
     torch.backends.cudnn.benchmark = bool(spec.get("cudnn"))
     try:
-        yield
+        with inductor_options(spec.get("inductor") or {}):
+            yield
     finally:
         torch.backends.cudnn.benchmark = False
-        if spec.get("mode"):
+        if own_compile:
             fresh_compile_cache()
+
+
+def inductor_options(options: dict):
+    """torch._inductor.config.patch(options) (a context manager), or nothing to patch."""
+    if not options:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(options)
 
 
 def profiled_variants(opts, default_order, present) -> set[str]:
@@ -516,6 +528,12 @@ UNET_VARIANTS.update({
     "reduce-overhead + EMA (make_ema)": {**_REDUCE_OVERHEAD, "ema": "package"},
     "reduce-overhead + --latents_on_device": {**_REDUCE_OVERHEAD, "data": "resident"},
     "reduce-overhead, no channels_last": {**_REDUCE_OVERHEAD, "cl": False},
+    # where the step's ~10 ms of aten::copy_ come from (docs/performance.md, "Next GPU session"): inductor
+    # choosing the intermediate tensors' memory layout itself, against the model's channels_last weights
+    "reduce-overhead, inductor layout_optimization off": {**_REDUCE_OVERHEAD,
+                                                          "inductor": {"layout_optimization": False}},
+    "reduce-overhead, inductor force_layout_optimization": {**_REDUCE_OVERHEAD,
+                                                            "inductor": {"force_layout_optimization": True}},
 })
 UNET_PROFILED = ("+ torch.compile (= ours)", "+ fused AdamW (= ours, eager)", "+ channels_last")  # the first present
 
@@ -552,6 +570,7 @@ def unet_row_name(variant: str, spec: dict, bench: Bench) -> str:
         parts.append("channels_last")
     if spec.get("cudnn"):
         parts.append("cudnn.benchmark")
+    parts += [f"inductor {key}={value}" for key, value in (spec.get("inductor") or {}).items()]
     if spec["fused"] and bench.cuda:
         parts.append("fused AdamW")
     parts.append(compiled_words(spec))
@@ -673,8 +692,10 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
             with row_settings(spec):
                 rows.append(bench.guarded(row, run))
     ok = [r for r in rows if "error" not in r]
-    # "ours" = train_unet's default data path (batches cut on the host); "resident" = --latents_on_device
-    best_ours = max((r for r in ok if r["config"]["data"] == "loader" and not r["config"]["ema"]),
+    # "ours" = train_unet's default data path (batches cut on the host); "resident" = --latents_on_device;
+    # rows with inductor options are experiments train_unet has no flag for, so they are not "ours"
+    ok_ours = [r for r in ok if not r["config"].get("inductor")]
+    best_ours = max((r for r in ok_ours if r["config"]["data"] == "loader" and not r["config"]["ema"]),
                     key=lambda r: r["images_per_s"], default=None)
     best_resident = max((r for r in ok if r["config"]["data"] == "resident"), key=lambda r: r["images_per_s"],
                         default=None)
@@ -696,7 +717,8 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
     for bs in opts.batch_sizes:  # the ratio at the same batch size too
         ex = next((r for r in rows if r["batch_size"] == bs and r["variant"] == "example style" and "error" not in r),
                   None)
-        ours = [r for r in ok if r["batch_size"] == bs and r["config"]["data"] == "loader" and not r["config"]["ema"]]
+        ours = [r for r in ok_ours if r["batch_size"] == bs and r["config"]["data"] == "loader"
+                and not r["config"]["ema"]]
         if ex and ours:
             summary.setdefault("speedup_by_batch", {})[str(bs)] = max(r["images_per_s"] for r in ours) / ex["images_per_s"]
     return {"preset": opts.preset, "example_vq_preset": opts.example_vq_preset, "rows": rows, "summary": summary}
@@ -810,6 +832,7 @@ def vq_row_name(variant: str, spec: dict, bench: Bench) -> str:
         parts.append("channels_last")
     if spec.get("cudnn"):
         parts.append("cudnn.benchmark")
+    parts += [f"inductor {key}={value}" for key, value in (spec.get("inductor") or {}).items()]
     parts.append(f"MSE + {VQ_SSIM_WEIGHT} x (1 - SSIM)" if spec["ssim"] else "MSE only (--ssim_weight 0)")
     if bench.cuda:
         parts.append("fused AdamW")

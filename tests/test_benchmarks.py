@@ -211,6 +211,28 @@ def test_profile_variants_chooses_the_profiled_rows():
     assert run.profiled_variants(asked, run.UNET_PROFILED, present) == {"ours + EMA (make_ema: foreach=True)"}
 
 
+def test_a_row_with_inductor_options_compiles_with_them_and_leaves_them_behind():
+    """The inductor-layout rows (CUDA only) patch torch._inductor.config for their own compilation only."""
+    import torch._inductor.config as inductor_config
+
+    run = _load_run_module()
+    spec = run.UNET_VARIANTS["reduce-overhead, inductor layout_optimization off"]
+    assert spec["inductor"] == {"layout_optimization": False} and spec["cuda_only"] and spec["mode"]
+    assert inductor_config.layout_optimization is True  # torch's default
+    with run.row_settings(spec):
+        assert inductor_config.layout_optimization is False
+    assert inductor_config.layout_optimization is True
+    forced = run.UNET_VARIANTS["reduce-overhead, inductor force_layout_optimization"]
+    with pytest.raises(RuntimeError), run.row_settings(forced):  # restored after a failing row too
+        assert inductor_config.force_layout_optimization is True
+        raise RuntimeError("row failed")
+    assert inductor_config.force_layout_optimization is False
+    from types import SimpleNamespace
+
+    name = run.unet_row_name("reduce-overhead, inductor layout_optimization off", spec, SimpleNamespace(cuda=True))
+    assert name.endswith("inductor layout_optimization=False, fused AdamW, compiled (mode reduce-overhead)"), name
+
+
 def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
     """Device time is short: a typo in gpu_session.sh must show here, not after a machine has started."""
     import re
