@@ -528,10 +528,10 @@ UNET_VARIANTS.update({
     "reduce-overhead + EMA (make_ema)": {**_REDUCE_OVERHEAD, "ema": "package"},
     "reduce-overhead + --latents_on_device": {**_REDUCE_OVERHEAD, "data": "resident"},
     "reduce-overhead, no channels_last": {**_REDUCE_OVERHEAD, "cl": False},
-    # where the step's ~10 ms of aten::copy_ come from (docs/performance.md, "Next GPU session"): inductor
-    # choosing the intermediate tensors' memory layout itself, against the model's channels_last weights
-    "reduce-overhead, inductor layout_optimization off": {**_REDUCE_OVERHEAD,
-                                                          "inductor": {"layout_optimization": False}},
+    # the step's ~10 ms of aten::copy_ (docs/performance.md, "Next GPU session"): for training graphs inductor
+    # skips its layout optimization for this UNet (convolutions with twice as many input as output channels:
+    # the up path's skip concatenations), so its own kernels write NCHW between channels_last convolutions and
+    # cuDNN copies to channels_last; forced, inductor keeps the tensors around convolutions channels_last
     "reduce-overhead, inductor force_layout_optimization": {**_REDUCE_OVERHEAD,
                                                             "inductor": {"force_layout_optimization": True}},
 })

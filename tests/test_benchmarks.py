@@ -212,25 +212,47 @@ def test_profile_variants_chooses_the_profiled_rows():
 
 
 def test_a_row_with_inductor_options_compiles_with_them_and_leaves_them_behind():
-    """The inductor-layout rows (CUDA only) patch torch._inductor.config for their own compilation only."""
+    """The inductor-layout row (CUDA only) patches torch._inductor.config for its own compilation only."""
+    from types import SimpleNamespace
+
     import torch._inductor.config as inductor_config
 
     run = _load_run_module()
-    spec = run.UNET_VARIANTS["reduce-overhead, inductor layout_optimization off"]
-    assert spec["inductor"] == {"layout_optimization": False} and spec["cuda_only"] and spec["mode"]
-    assert inductor_config.layout_optimization is True  # torch's default
+    name = "reduce-overhead, inductor force_layout_optimization"
+    spec = run.UNET_VARIANTS[name]
+    assert spec["inductor"] == {"force_layout_optimization": True} and spec["cuda_only"] and spec["mode"]
+    assert inductor_config.force_layout_optimization is False  # torch's default
     with run.row_settings(spec):
-        assert inductor_config.layout_optimization is False
-    assert inductor_config.layout_optimization is True
-    forced = run.UNET_VARIANTS["reduce-overhead, inductor force_layout_optimization"]
-    with pytest.raises(RuntimeError), run.row_settings(forced):  # restored after a failing row too
         assert inductor_config.force_layout_optimization is True
+    assert inductor_config.force_layout_optimization is False
+    with pytest.raises(RuntimeError), run.row_settings(spec):  # restored after a failing row too
         raise RuntimeError("row failed")
     assert inductor_config.force_layout_optimization is False
-    from types import SimpleNamespace
+    row_name = run.unet_row_name(name, spec, SimpleNamespace(cuda=True))
+    assert row_name.endswith("inductor force_layout_optimization=True, fused AdamW, compiled (mode reduce-overhead)")
 
-    name = run.unet_row_name("reduce-overhead, inductor layout_optimization off", spec, SimpleNamespace(cuda=True))
-    assert name.endswith("inductor layout_optimization=False, fused AdamW, compiled (mode reduce-overhead)"), name
+
+def test_inductor_skips_its_layout_optimization_for_the_base_unet_in_training():
+    """Why the forced row is the experiment: inductor's own decision (torch/_inductor/graph.py,
+    decide_layout_opt) for the base UNet's training forward graph, traced on the meta device (not CPU,
+    where oneDNN always takes channels_last): no layout optimization, because the up path's skip
+    concatenations give 3x3 convolutions twice as many input as output channels."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from diffusers import UNet2DModel
+    from torch._inductor.graph import GraphLowering
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from adni_diffusers.presets import unet_config
+
+    unet = UNet2DModel(**unet_config("base")).to("meta", memory_format=torch.channels_last)
+    x = torch.empty(2, 4, 32, 32, device="meta").to(memory_format=torch.channels_last)
+    graph = make_fx(lambda x, t: unet(x, t).sample)(x, torch.tensor([1, 500], device="meta"))
+    convolutions = [n for n in graph.graph.nodes if n.target is torch.ops.aten.convolution.default]
+    assert len(convolutions) == 67
+    assert GraphLowering.decide_layout_opt(graph, is_inference=False) is False
+    with inductor_config.patch(force_layout_optimization=True):
+        assert GraphLowering.decide_layout_opt(graph, is_inference=False) is True
 
 
 def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
