@@ -211,48 +211,40 @@ def test_profile_variants_chooses_the_profiled_rows():
     assert run.profiled_variants(asked, run.UNET_PROFILED, present) == {"ours + EMA (make_ema: foreach=True)"}
 
 
-def test_a_row_with_inductor_options_compiles_with_them_and_leaves_them_behind():
-    """The inductor-layout row (CUDA only) patches torch._inductor.config for its own compilation only."""
+def test_shortcut_row_keeps_the_shortcut_inputs_channels_last_and_the_numbers():
+    """The experiment row "shortcut inputs stay channels_last": diffusers' ResnetBlock2D copies its shortcut
+    input to NCHW in training mode; the row's change skips that copy and nothing else."""
     from types import SimpleNamespace
 
-    import torch._inductor.config as inductor_config
-
-    run = _load_run_module()
-    name = "reduce-overhead, inductor force_layout_optimization"
-    spec = run.UNET_VARIANTS[name]
-    assert spec["inductor"] == {"force_layout_optimization": True} and spec["cuda_only"] and spec["mode"]
-    assert inductor_config.force_layout_optimization is False  # torch's default
-    with run.row_settings(spec):
-        assert inductor_config.force_layout_optimization is True
-    assert inductor_config.force_layout_optimization is False
-    with pytest.raises(RuntimeError), run.row_settings(spec):  # restored after a failing row too
-        raise RuntimeError("row failed")
-    assert inductor_config.force_layout_optimization is False
-    row_name = run.unet_row_name(name, spec, SimpleNamespace(cuda=True))
-    assert row_name.endswith("inductor force_layout_optimization=True, fused AdamW, compiled (mode reduce-overhead)")
-
-
-def test_inductor_skips_its_layout_optimization_for_the_base_unet_in_training():
-    """Why the forced row is the experiment: inductor's own decision (torch/_inductor/graph.py,
-    decide_layout_opt) for the base UNet's training forward graph, traced on the meta device (not CPU,
-    where oneDNN always takes channels_last): no layout optimization, because the up path's skip
-    concatenations give 3x3 convolutions twice as many input as output channels."""
     import torch
-    import torch._inductor.config as inductor_config
     from diffusers import UNet2DModel
-    from torch._inductor.graph import GraphLowering
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     from adni_diffusers.presets import unet_config
 
-    unet = UNet2DModel(**unet_config("base")).to("meta", memory_format=torch.channels_last)
-    x = torch.empty(2, 4, 32, 32, device="meta").to(memory_format=torch.channels_last)
-    graph = make_fx(lambda x, t: unet(x, t).sample)(x, torch.tensor([1, 500], device="meta"))
-    convolutions = [n for n in graph.graph.nodes if n.target is torch.ops.aten.convolution.default]
-    assert len(convolutions) == 67
-    assert GraphLowering.decide_layout_opt(graph, is_inference=False) is False
-    with inductor_config.patch(force_layout_optimization=True):
-        assert GraphLowering.decide_layout_opt(graph, is_inference=False) is True
+    run = _load_run_module()
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config("base")).to(memory_format=torch.channels_last).train()
+    x = torch.randn(1, 4, 32, 32).to(memory_format=torch.channels_last)
+    t = torch.tensor([500])
+    seen = []
+    hooks = [m.conv_shortcut.register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        for m in unet.modules() if getattr(m, "conv_shortcut", None) is not None]
+    with torch.no_grad():
+        before = unet(x, t).sample
+        assert len(seen) == 15 and not any(seen)  # training mode: every shortcut input made NCHW
+        seen.clear()
+        assert run.keep_shortcut_inputs_channels_last(unet) == 15
+        after = unet(x, t).sample
+    assert len(seen) == 15 and all(seen)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)  # the same model, only the layout differs
+    assert unet.training and unet.conv_in.training  # the rest of the model still trains
+    for hook in hooks:
+        hook.remove()
+    spec = run.UNET_VARIANTS["reduce-overhead, shortcut inputs stay channels_last"]
+    assert spec["cuda_only"] and spec["mode"] == "reduce-overhead"
+    name = run.unet_row_name("reduce-overhead, shortcut inputs stay channels_last", spec, SimpleNamespace(cuda=True))
+    assert "channels_last, shortcut inputs channels_last, fused AdamW, compiled (mode reduce-overhead)" in name
 
 
 def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
