@@ -409,20 +409,6 @@ def profiled_variants(opts, default_order, present) -> set[str]:
     return {next((n for n in default_order if n in present), None)} - {None}
 
 
-def keep_shortcut_inputs_channels_last(unet) -> int:
-    """diffusers' ResnetBlock2D calls `input_tensor.contiguous()` before its 1x1 `conv_shortcut` in training
-    mode only (resnet.py; against a DDP stride warning, diffusers#11083), which under channels_last copies the
-    input to NCHW, and cuDNN copies it back beside the channels_last weight. The block's own `training` flag
-    gates nothing else (its dropout is a child module with its own), so clearing it on the blocks that have
-    a shortcut skips just that copy. Returns how many blocks it changed (15 in the `base` UNet)."""
-    from diffusers.models.resnet import ResnetBlock2D
-
-    blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None]
-    for block in blocks:
-        block.training = False
-    return len(blocks)
-
-
 def profile_steps(bench: Bench, step, steps: int, top: int = 20) -> dict:
     """torch.profiler over `steps` more training steps: where the time goes. On CUDA, kernel time per step
     against wall time per step says whether the GPU waits for the host (busy fraction well below 1: launch
@@ -530,9 +516,6 @@ UNET_VARIANTS.update({
     "reduce-overhead + EMA (make_ema)": {**_REDUCE_OVERHEAD, "ema": "package"},
     "reduce-overhead + --latents_on_device": {**_REDUCE_OVERHEAD, "data": "resident"},
     "reduce-overhead, no channels_last": {**_REDUCE_OVERHEAD, "cl": False},
-    # the step's ~10 ms of aten::copy_ (docs/performance.md, "Next GPU session"): diffusers' ResnetBlock2D makes
-    # its shortcut input NCHW in training mode, next to channels_last weights: a copy forward and backward
-    "reduce-overhead, shortcut inputs stay channels_last": {**_REDUCE_OVERHEAD, "shortcut_cl": True},
 })
 UNET_PROFILED = ("+ torch.compile (= ours)", "+ fused AdamW (= ours, eager)", "+ channels_last")  # the first present
 
@@ -569,8 +552,6 @@ def unet_row_name(variant: str, spec: dict, bench: Bench) -> str:
         parts.append("channels_last")
     if spec.get("cudnn"):
         parts.append("cudnn.benchmark")
-    if spec.get("shortcut_cl"):
-        parts.append("shortcut inputs channels_last")
     if spec["fused"] and bench.cuda:
         parts.append("fused AdamW")
     parts.append(compiled_words(spec))
@@ -617,8 +598,6 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
                 torch.manual_seed(0)
                 unet = to_channels_last(UNet2DModel(**ucfg).to(dev), args)
                 unet.train()
-                if spec.get("shortcut_cl"):
-                    row["shortcut_blocks"] = keep_shortcut_inputs_channels_last(unet)
                 if spec["fused"]:
                     optimizer = make_optimizer(unet.parameters(), args, accelerator, default_batch=64)
                     row["optimizer"] = f"make_optimizer (fused={bool(optimizer.defaults.get('fused'))})"
@@ -694,10 +673,8 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
             with row_settings(spec):
                 rows.append(bench.guarded(row, run))
     ok = [r for r in rows if "error" not in r]
-    # "ours" = train_unet's default data path (batches cut on the host); "resident" = --latents_on_device;
-    # a row with diffusers' ResnetBlock2D changed is an experiment train_unet has no flag for: not "ours"
-    ok_ours = [r for r in ok if not r["config"].get("shortcut_cl")]
-    best_ours = max((r for r in ok_ours if r["config"]["data"] == "loader" and not r["config"]["ema"]),
+    # "ours" = train_unet's default data path (batches cut on the host); "resident" = --latents_on_device
+    best_ours = max((r for r in ok if r["config"]["data"] == "loader" and not r["config"]["ema"]),
                     key=lambda r: r["images_per_s"], default=None)
     best_resident = max((r for r in ok if r["config"]["data"] == "resident"), key=lambda r: r["images_per_s"],
                         default=None)
@@ -719,8 +696,7 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
     for bs in opts.batch_sizes:  # the ratio at the same batch size too
         ex = next((r for r in rows if r["batch_size"] == bs and r["variant"] == "example style" and "error" not in r),
                   None)
-        ours = [r for r in ok_ours if r["batch_size"] == bs and r["config"]["data"] == "loader"
-                and not r["config"]["ema"]]
+        ours = [r for r in ok if r["batch_size"] == bs and r["config"]["data"] == "loader" and not r["config"]["ema"]]
         if ex and ours:
             summary.setdefault("speedup_by_batch", {})[str(bs)] = max(r["images_per_s"] for r in ours) / ex["images_per_s"]
     return {"preset": opts.preset, "example_vq_preset": opts.example_vq_preset, "rows": rows, "summary": summary}

@@ -211,42 +211,6 @@ def test_profile_variants_chooses_the_profiled_rows():
     assert run.profiled_variants(asked, run.UNET_PROFILED, present) == {"ours + EMA (make_ema: foreach=True)"}
 
 
-def test_shortcut_row_keeps_the_shortcut_inputs_channels_last_and_the_numbers():
-    """The experiment row "shortcut inputs stay channels_last": diffusers' ResnetBlock2D copies its shortcut
-    input to NCHW in training mode; the row's change skips that copy and nothing else."""
-    from types import SimpleNamespace
-
-    import torch
-    from diffusers import UNet2DModel
-
-    from adni_diffusers.presets import unet_config
-
-    run = _load_run_module()
-    torch.manual_seed(0)
-    unet = UNet2DModel(**unet_config("base")).to(memory_format=torch.channels_last).train()
-    x = torch.randn(1, 4, 32, 32).to(memory_format=torch.channels_last)
-    t = torch.tensor([500])
-    seen = []
-    hooks = [m.conv_shortcut.register_forward_pre_hook(
-        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-        for m in unet.modules() if getattr(m, "conv_shortcut", None) is not None]
-    with torch.no_grad():
-        before = unet(x, t).sample
-        assert len(seen) == 15 and not any(seen)  # training mode: every shortcut input made NCHW
-        seen.clear()
-        assert run.keep_shortcut_inputs_channels_last(unet) == 15
-        after = unet(x, t).sample
-    assert len(seen) == 15 and all(seen)
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)  # the same model, only the layout differs
-    assert unet.training and unet.conv_in.training  # the rest of the model still trains
-    for hook in hooks:
-        hook.remove()
-    spec = run.UNET_VARIANTS["reduce-overhead, shortcut inputs stay channels_last"]
-    assert spec["cuda_only"] and spec["mode"] == "reduce-overhead"
-    name = run.unet_row_name("reduce-overhead, shortcut inputs stay channels_last", spec, SimpleNamespace(cuda=True))
-    assert "channels_last, shortcut inputs channels_last, fused AdamW, compiled (mode reduce-overhead)" in name
-
-
 def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
     """Device time is short: a typo in gpu_session.sh must show here, not after a machine has started."""
     import re
