@@ -47,6 +47,14 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # tests import each other's helpers (hub_stub, conftest)
 
 
+def image_mode(path) -> str:
+    """An image file's PIL mode, with the file closed again (no ResourceWarning)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps process-wide singletons; a second in-process training run needs them cleared."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

@@ -126,7 +126,7 @@ def test_a_run_killed_midway_keeps_its_finished_rows(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--sections", "unet", "vq",
-                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / "bench.partial.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:

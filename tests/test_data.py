@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import image_mode
 from PIL import Image
 
 from adni_diffusers import data as D
@@ -36,6 +37,11 @@ def write(path: Path, arr: np.ndarray, **save_kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path, **save_kw)
     return path
+
+
+def read_grey_channel(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)[..., 0]
 
 
 def make_tree(root: Path, classes=("AD", "NC"), splits=("train", "test"), patients=2, slices=2) -> list[Path]:
@@ -148,13 +154,13 @@ def test_greyscale_stored_as_rgb_is_converted_with_a_logged_count(tmp_path, capl
     rgb_jpeg = write(root / "train" / "NC" / "2000002_1.jpeg", np.stack([grey] * 3, axis=-1))
     opaque = np.stack([grey, grey, grey, np.full_like(grey, 255)], axis=-1)
     rgba = write(root / "test" / "AD" / "2000003_1.png", opaque)
-    assert Image.open(rgb_jpeg).mode == "RGB" and Image.open(rgba).mode == "RGBA"
+    assert image_mode(rgb_jpeg) == "RGB" and image_mode(rgba) == "RGBA"
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
         d = load_slices(root, split="all")
     px = {p: d.train.pixels[i].numpy() for i, p in enumerate(d.train.paths)}
     np.testing.assert_array_equal(px[str(rgb_png.resolve())][8:248], grey)
     np.testing.assert_array_equal(px[str(rgba.resolve())][8:248], grey)
-    np.testing.assert_array_equal(px[str(rgb_jpeg.resolve())][8:248], np.asarray(Image.open(rgb_jpeg))[..., 0])
+    np.testing.assert_array_equal(px[str(rgb_jpeg.resolve())][8:248], read_grey_channel(rgb_jpeg))
     msgs = [r.getMessage() for r in caplog.records]
     assert "converted 2 image(s): RGB->L" in msgs, msgs
     assert "converted 1 image(s): RGBA->L" in msgs, msgs
@@ -352,7 +358,7 @@ def test_rgba_image_with_transparency(tmp_path):
 def test_16_bit_png(tmp_path):
     root = image_tree(tmp_path)
     bad = write(root / "test" / "AD" / "1009999_1.png", slice_pixels(1).astype(np.uint16) * 257)
-    assert Image.open(bad).mode == "I;16"
+    assert image_mode(bad) == "I;16"
     msg = data_error(root)
     assert str(bad) in msg and "16-bit" in msg and "expected 8-bit greyscale" in msg
 

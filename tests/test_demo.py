@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import image_mode
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -24,9 +25,9 @@ def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys):
     assert (out / "vq" / "vqvae" / "config.json").is_file() and (out / "ldm" / "model_index.json").is_file()
     assert set(summary["grids"]) == {"AD", "NC"}
     for grid in summary["grids"].values():
-        assert Image.open(grid).mode == "L"
-    gif = Image.open(summary["gif"])
-    assert gif.format == "GIF" and gif.n_frames > 2
+        assert image_mode(grid) == "L"
+    with Image.open(summary["gif"]) as gif:
+        assert gif.format == "GIF" and gif.n_frames > 2
     # a second run reuses both trained stages instead of training again
     before = (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0

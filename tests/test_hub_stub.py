@@ -70,7 +70,7 @@ def test_upload_then_download_gives_the_same_bytes(hub_stub, tmp_path):
     assert snapshot.startswith(os.environ["HF_HOME"])
     assert _read_tree(Path(snapshot)) == files
     one = hf_hub_download(REPO, "unet/diffusion_pytorch_model.safetensors", token=hub_stub.token)
-    assert open(one, "rb").read() == files["unet/diffusion_pytorch_model.safetensors"]
+    assert Path(one).read_bytes() == files["unet/diffusion_pytorch_model.safetensors"]
     # The token went to the stub on every request.
     assert all(r.authorization == f"Bearer {hub_stub.token}" for r in hub_stub.requests)
 

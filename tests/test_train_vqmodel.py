@@ -194,12 +194,13 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, demo_root):
               "--seed", "3", "--use_ema", *TINY_VQ_ARGS]
     run_script("train_vqmodel.py", ["--output_dir", tmp_path / "straight", *common])
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "train_vqmodel.py"), "--output_dir", str(killed),
-                             *map(str, common)], env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"  # a file: a full pipe would stall the run
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "train_vqmodel.py"), "--output_dir", str(killed),
+                                 *map(str, common)], env=script_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 240
     while not (killed / "checkpoint-4").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         assert time.time() < deadline, "no checkpoint-4 in time"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
