@@ -55,6 +55,15 @@ def image_mode(path) -> str:
         return im.mode
 
 
+def wait_until(condition, seconds: float, every: float = 0.05) -> None:
+    """Poll `condition()` until it is true or `seconds` have passed (the caller asserts what it needs)."""
+    import time
+
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(every)
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps process-wide singletons; a second in-process training run needs them cleared."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_UNET_ARGS, TINY_VQ_ARGS, run_training_script
+from conftest import TINY_UNET_ARGS, TINY_VQ_ARGS, run_training_script, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +157,6 @@ def test_child_started_early_runs_while_this_process_works(monkeypatch, tmp_path
     """`ChildStep` starts the child at once: it finishes its work before anyone asks for the answer (the
     training process decodes slices or builds the latent cache meanwhile), and the answer is kept."""
     import sys
-    import time
 
     from adni_diffusers import compile_probe
 
@@ -165,9 +164,7 @@ def test_child_started_early_runs_while_this_process_works(monkeypatch, tmp_path
     monkeypatch.setattr(compile_probe, "child_command", lambda spec_path: [
         sys.executable, "-c", f"import pathlib; pathlib.Path({str(done)!r}).write_text('yes')"])
     child = compile_probe.ChildStep(_spec())
-    deadline = time.time() + 60
-    while not done.exists() and time.time() < deadline:  # "other work", without asking the child anything
-        time.sleep(0.05)
+    wait_until(done.exists, 60)  # "other work", without asking the child anything
     assert done.exists()
     assert child.result() == (True, "") and child.result() == (True, "") and child.finished >= child.started
 
@@ -187,7 +184,6 @@ def test_child_and_its_workers_are_killed_when_not_waited_for(monkeypatch, tmp_p
     the child and the processes it started (inductor's compile workers) are killed, its files removed."""
     import gc
     import sys
-    import time
 
     from adni_diffusers import compile_probe
 
@@ -198,9 +194,7 @@ def test_child_and_its_workers_are_killed_when_not_waited_for(monkeypatch, tmp_p
     monkeypatch.setattr(compile_probe, "child_command",
                         lambda spec_path: spec_paths.append(spec_path) or [sys.executable, "-c", script])
     child = compile_probe.ChildStep(_spec(), timeout_s=2 if ending == "timeout" else 600)
-    deadline = time.time() + 60
-    while not (pids.exists() and len(pids.read_text().split()) == 2) and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, 60)
     child_pid, worker_pid = map(int, pids.read_text().split())
     assert _alive(child_pid) and _alive(worker_pid) and spec_paths[0].exists()
     if ending == "cancel":
@@ -210,9 +204,7 @@ def test_child_and_its_workers_are_killed_when_not_waited_for(monkeypatch, tmp_p
         gc.collect()
     else:
         assert child.result() == (False, "no answer in 2 s")
-    deadline = time.time() + 10
-    while (_alive(child_pid) or _alive(worker_pid)) and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not (_alive(child_pid) or _alive(worker_pid)), 10)
     assert not _alive(child_pid) and not _alive(worker_pid)
     assert not spec_paths[0].parent.exists()
 
@@ -225,7 +217,6 @@ def test_child_stops_when_the_training_process_is_killed(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     child_pid_file = tmp_path / "child.pid"
     training_process = tmp_path / "train.py"
@@ -239,17 +230,13 @@ def test_child_stops_when_the_training_process_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, str(training_process), json.dumps(_spec()), str(child_pid_file)],
                               env=cold_cache)
     try:
-        deadline = time.time() + 60
-        while not (child_pid_file.exists() and child_pid_file.read_text()) and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: child_pid_file.exists() and child_pid_file.read_text(), 60)
         child_pid = int(child_pid_file.read_text())
         assert _alive(child_pid)
     finally:
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
-    deadline = time.time() + 45  # the child's imports, then one look a second at its parent
-    while _alive(child_pid) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not _alive(child_pid), 45, every=0.1)  # the child's imports, then one look a second at its parent
     assert not _alive(child_pid)
 
 
