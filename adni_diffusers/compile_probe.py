@@ -41,6 +41,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 PARENT_VARIABLE = "ADNI_DIFFUSERS_COMPILE_CHECK_PARENT"  # the training process's pid, for the child to watch
+SPEC_FOLDER_PREFIX = "adni_compile_probe_"  # ChildStep's temporary folder for the spec and the child's stderr
 
 
 def compile_model(model, mode: str | None):
@@ -136,7 +137,7 @@ class ChildStep:
 
     def __init__(self, spec: dict, timeout_s: float = TIMEOUT_S):
         self.spec, self.timeout_s = spec, timeout_s
-        folder = tempfile.TemporaryDirectory(prefix="adni_compile_probe_")
+        folder = tempfile.TemporaryDirectory(prefix=SPEC_FOLDER_PREFIX)
         spec_path = Path(folder.name) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         stderr = open(Path(folder.name) / "stderr.txt", "w+")  # a file, not a pipe: a pipe nobody reads fills up
@@ -269,17 +270,23 @@ def _wrap_forward_as_accelerate_does(model, device, dtype) -> None:
     model.forward = MethodType(convert_outputs_to_fp32(autocast_forward), model)
 
 
-def _stop_with_parent() -> None:
+def _stop_with_parent(spec_path: Path) -> None:
     """The training process can end without stopping this child (SIGKILL, a scheduler's SIGTERM, which skips
     Python's exit hooks): then stop too, with the compile workers this child's process group holds, instead of
-    compiling on for minutes on a GPU someone may be starting the next run on."""
+    compiling on for minutes on a GPU someone may be starting the next run on. The spec's folder, which that
+    process would have removed, goes too (only one `ChildStep` made: never a spec file of the user's)."""
+    import shutil
     import threading
 
     parent = int(os.environ.get(PARENT_VARIABLE) or os.getppid())  # set by ChildStep: right even if it died already
+    folder = spec_path.resolve().parent
+    ours = PARENT_VARIABLE in os.environ and folder.name.startswith(SPEC_FOLDER_PREFIX)
 
     def watch():
         while os.getppid() == parent:  # an orphan is adopted by another process
             time.sleep(1.0)
+        if ours:
+            shutil.rmtree(folder, ignore_errors=True)
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
@@ -288,7 +295,7 @@ def _stop_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    _stop_with_parent()
+    _stop_with_parent(Path(argv[0]))
     try:
         run_training_step(spec)
     except Exception as e:  # noqa: BLE001 - report any failure in one line, then the traceback

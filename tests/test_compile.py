@@ -211,8 +211,9 @@ def test_child_and_its_workers_are_killed_when_not_waited_for(monkeypatch, tmp_p
 
 def test_child_stops_when_the_training_process_is_killed(tmp_path):
     """A training process killed outright (SIGKILL; a scheduler's SIGTERM skips exit hooks too) cannot stop
-    its child: the child notices that its parent is gone and stops, instead of compiling on. The child here is
-    the real one (`python -m adni_diffusers.compile_probe`), with a step that compiles for a minute or more."""
+    its child: the child notices that its parent is gone and stops, instead of compiling on, and removes the spec's
+    folder that the parent would have. The child here is the real one (`python -m adni_diffusers.compile_probe`),
+    with a step that compiles for a minute or more."""
     import os
     import signal
     import subprocess
@@ -224,20 +225,21 @@ def test_child_stops_when_the_training_process_is_killed(tmp_path):
         "import json, sys, time\n"
         "from adni_diffusers import compile_probe\n"
         "child = compile_probe.ChildStep(json.loads(sys.argv[1]))\n"
-        "open(sys.argv[2], 'w').write(str(child._process.pid))\n"
+        "open(sys.argv[2], 'w').write(f'{child._process.pid} {child._process.args[-1]}')\n"
         "time.sleep(300)\n")
     cold_cache = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # a long compile for sure
     parent = subprocess.Popen([sys.executable, str(training_process), json.dumps(_spec()), str(child_pid_file)],
                               env=cold_cache)
     try:
         wait_until(lambda: child_pid_file.exists() and child_pid_file.read_text(), 60)
-        child_pid = int(child_pid_file.read_text())
-        assert _alive(child_pid)
+        child_pid, spec_path = child_pid_file.read_text().split(" ", 1)
+        child_pid, spec_folder = int(child_pid), Path(spec_path).parent
+        assert _alive(child_pid) and spec_folder.is_dir()
     finally:
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
     wait_until(lambda: not _alive(child_pid), 45, every=0.1)  # the child's imports, then one look a second at its parent
-    assert not _alive(child_pid)
+    assert not _alive(child_pid) and not spec_folder.exists()
 
 
 def test_failed_child_probe_trains_eager_without_compiling_here(monkeypatch, caplog):
