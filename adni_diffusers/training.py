@@ -190,6 +190,10 @@ def make_accelerator(args, project_name: str):
         project_config=config,
     )
     check_world_size(accelerator)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate has no fp16 autocast on the CPU and says nothing: the run would be float32 under an fp16 label
+        logger.warning("--mixed_precision fp16 does nothing on the CPU: Accelerate trains in float32 there. "
+                       "Use --mixed_precision bf16 for mixed precision on a CPU, or no.")
     from accelerate.utils import set_seed
 
     set_seed(args.seed)  # the same initial weights on every process and in every run with this seed

@@ -188,3 +188,26 @@ def test_scale_lr_rejects_an_unknown_rule(capsys):
     with pytest.raises(SystemExit):
         train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--scale_lr", "cubic"])
     assert "--scale_lr: invalid choice: 'cubic'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision, warned", [("fp16", True), ("bf16", False), ("no", False)])
+def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, precision, warned):
+    """Accelerate runs fp16 as float32 on the CPU without a word; the run says so (bf16 autocast works there)."""
+    import logging
+
+    from conftest import reset_accelerate
+
+    from adni_diffusers import train_unet
+    from adni_diffusers.training import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the CPU also on a machine with a GPU
+    args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", str(tmp_path), "--mixed_precision", precision,
+                                  "--report_to", "none"])
+    reset_accelerate()
+    try:
+        with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+            accelerator = make_accelerator(args, "unet")
+        assert accelerator.device.type == "cpu" and accelerator.mixed_precision == precision
+    finally:
+        reset_accelerate()
+    assert ("--mixed_precision fp16 does nothing on the CPU" in caplog.text) == warned
