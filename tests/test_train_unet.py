@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_UNET_ARGS, run_training_script
+from conftest import TINY_UNET_ARGS, reset_accelerate, run_training_script
 
 
 def test_saved_pipeline_has_everything(tiny_ldm):
@@ -194,8 +194,6 @@ def test_scale_lr_rejects_an_unknown_rule(capsys):
 def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, precision, warned):
     """Accelerate runs fp16 as float32 on the CPU without a word; the run says so (bf16 autocast works there)."""
     import logging
-
-    from conftest import reset_accelerate
 
     from adni_diffusers import train_unet
     from adni_diffusers.training import make_accelerator
