@@ -126,10 +126,16 @@ def main(args: argparse.Namespace) -> dict:
     max_steps = args.max_train_steps or args.num_epochs * training.steps_per_epoch(loader, accelerator, args.gradient_accumulation_steps)
     lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator, max_steps)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+
+    def training_loss(m, latents, labels, gen):
+        return diffusion_loss(m, noise_scheduler, latents, labels, gen, args.loss, args.channels_last, args.snr_gamma)
+
+    # the probe's inputs are the training step's (a channels_last input where the probe's was not made torch.compile
+    # compile everything again in the first step: 100+ s on an H100, 2026-11-26)
     probe_latents = train_latents[: args.train_batch_size].to(device)
     probe_labels = data.train.labels[: args.train_batch_size].to(device) if class_names else None
-    model = training.maybe_compile(model, args, probe=lambda m: diffusion_loss(
-        m, noise_scheduler, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
+    model = training.maybe_compile(model, args, probe=lambda m: training_loss(
+        m, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
         child_probe=compile_check)
     ema = training.make_ema(accelerator.unwrap_model(model), args, device)
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet")
@@ -147,8 +153,7 @@ def main(args: argparse.Namespace) -> dict:
         if class_names:
             labels = drop_labels(batch["class_labels"].to(device), args.cond_dropout, null_class, gen)
         with accelerator.accumulate(model):
-            loss = diffusion_loss(model, noise_scheduler, batch["latents"], labels, gen, args.loss, args.channels_last,
-                                  args.snr_gamma)
+            loss = training_loss(model, batch["latents"], labels, gen)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -177,6 +182,7 @@ def main(args: argparse.Namespace) -> dict:
         result = {
             "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
             "train_images_per_second_this_run": run.images_per_second(train_seconds), "num_processes": accelerator.num_processes,
+            **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
             "val_loss": _validation_loss(final_unet, noise_scheduler, val_latents, data.val.labels, class_names, args, device)
             if val_latents is not None else None,
         }

@@ -164,6 +164,7 @@ def main(args: argparse.Namespace) -> dict:
             "preset": args.preset, "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
             "train_images_per_second_this_run": run.images_per_second(train_seconds),
             "num_processes": accelerator.num_processes, "data_source": data_source,
+            **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
         })
         from adni_diffusers.model_card import write_model_card
 

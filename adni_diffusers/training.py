@@ -614,6 +614,15 @@ class EMAState:
         self.ema.optimization_step = meta["ema_optimization_step"]
 
 
+def compiled_graph_count() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process so far."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # a torch without dynamo's counters: nothing to compare
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
 def make_ema(model, args, device):
     from diffusers.training_utils import EMAModel
 
@@ -661,6 +670,8 @@ class TrainingRun:
         self._last_good_checkpoint: Path | None = None
         self.progress = None
         self.start_time = time.time()
+        self._graphs_at_start = compiled_graph_count()  # after maybe_compile's probe: training should add none
+        self.recompiled_graphs = 0
 
     # -- resume ------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -728,6 +739,8 @@ class TrainingRun:
         self.global_step += 1
         self._batches_since_step = 0
         self.progress.update(1)
+        if self.global_step == self.start_step + 1:
+            self._check_recompiles()  # early: a recompile shows in the first step
         if self.args.trace_batches:
             self._write_trace()
         self._pending.append({k: v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
@@ -813,7 +826,19 @@ class TrainingRun:
         history = self.output_dir / HISTORY_FILE
         return [json.loads(line) for line in history.read_text().splitlines() if line] if history.exists() else []
 
+    def _check_recompiles(self) -> None:
+        """torch.compile compiles again when a step's inputs differ from the probe's in a way its guards see (a
+        memory format, a dtype, a shape): minutes per compile on a GPU, silently. Say so once it happens;
+        `recompiled_graphs` goes into the stage's metrics."""
+        new = compiled_graph_count() - self._graphs_at_start
+        if new > self.recompiled_graphs:
+            logger.warning("torch.compile compiled %d more graph(s) during training, after the compile check's step; "
+                           "each costs a compile (minutes on a GPU). TORCH_LOGS=recompiles names the input that "
+                           "changed.", new)
+        self.recompiled_graphs = new
+
     def finish(self) -> None:
+        self._check_recompiles()
         self.flush_logs()
         if self.accelerator.is_main_process:
             from .plots import plot_loss_curves

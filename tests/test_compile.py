@@ -122,7 +122,8 @@ def test_child_process_compiles_a_training_step():
     from adni_diffusers.presets import unet_config
 
     config = {**unet_config("tiny"), "in_channels": 4, "out_channels": 4, "sample_size": 32}  # as train_unet sets
-    spec = _spec("unet", config=config, batch_size=4, sample_shape=[4, 32, 32], compile_mode="reduce-overhead")
+    spec = _spec("unet", config=config, batch_size=4, sample_shape=[4, 32, 32], compile_mode="reduce-overhead",
+                 channels_last=True)
     assert passes_in_child(spec) == (True, "")
 
 
@@ -464,17 +465,22 @@ def test_compile_flags_are_checked_before_work(tmp_path, tiny_vq, demo_root, cap
                     reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_compiled_training_run_matches_eager(tmp_path, tiny_vq, demo_root, caplog):
     """The real train_unet path with --compile (inductor's CPU backend here): the probe compiles, training
-    runs compiled, and the trained weights agree with an eager run of the same seed."""
+    runs compiled without compiling again (the probe's input was NCHW and the step's channels_last until
+    2026-11-26: a second compile of 100+ s on an H100), and the trained weights agree with an eager run of the
+    same seed."""
     from adni_diffusers import ADNILatentDiffusionPipeline
 
     common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--max_train_steps", "2",
-              "--latent_cache_dir", tmp_path / "cache", "--cudnn_benchmark", *TINY_UNET_ARGS,
+              "--latent_cache_dir", tmp_path / "cache", "--cudnn_benchmark", "--channels_last", *TINY_UNET_ARGS,
               "--num_sample_images", "1", "--save_images_epochs", "100"]
     run_training_script("train_unet", [*common, "--output_dir", tmp_path / "eager"])
     with caplog.at_level(logging.WARNING):
         run_training_script("train_unet", [*common, "--output_dir", tmp_path / "compiled", "--compile",
                                            "--compile_mode", "reduce-overhead"])
     assert "torch.compile failed" not in caplog.text  # it really trained compiled
+    assert "more graph(s) during training" not in caplog.text
+    assert json.loads((tmp_path / "compiled" / "train_metrics.json").read_text())["recompiled_graphs"] == 0
+    assert "recompiled_graphs" not in json.loads((tmp_path / "eager" / "train_metrics.json").read_text())
     eager = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "eager").unet.state_dict()
     compiled = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "compiled").unet.state_dict()
     assert eager.keys() == compiled.keys()
