@@ -41,16 +41,20 @@ QUICK=${QUICK:-0}
 if [ "$QUICK" = train ]; then
   # One device call: the data, a short VQModel, then a whole train_unet run with --compile_mode reduce-overhead
   # (300 steps): does it run compiled with CUDA graphs, how fast. The VQModel is only there for the UNet to
-  # train on: 200 eager steps (its quality was measured on 2026-11-26: 1,860 compiled steps, 33.05 dB; the
+  # train on: 100 eager steps (its quality was measured on 2026-11-26: 1,860 compiled steps, 33.05 dB; the
   # UNet's speed does not depend on it), which saves the VQ compile check (80 s) and most of its steps.
-  # Estimated (from the H200 calls of 2026-11-26: data 22 s; VQ stage 365 s, of which 80 s the child, 127 s
-  # of steps and 24 s of exit, now fixed; UNet stage 210 s trained eager): about 8 minutes, not measured.
   # The UNet checkpoints every 100 steps, so a stage cut by its limit is finished from a checkpoint. Run it
   # under `timeout` so that the call's files come back whatever happens. (Until 2026-11-26 QUICK=train was two
   # calls, VQ_ONLY=1 then SKIP_VQ=1, with 1,860 then 1,000 compiled VQ steps; both still work.)
-  SKIP_BENCHMARK=1; TRAIN_ONLY=1
-  FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-200}; VQ_COMPILE=${VQ_COMPILE-}; VQ_LIMIT=${VQ_LIMIT:-240}
-  FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-360}; DATA_LIMIT=${DATA_LIMIT:-60}
+  # H100, 2026-11-26 (git d96b5d7; 547 s in all): data 29 s, VQ stage 128 s (200 steps; the process exited 2 s
+  # after its metrics), and the UNet stage's 360 s limit hit before its first training step: the compile check's
+  # child took 154 s, the compile here 100 s, and the first step compiled everything again (the probe's input was
+  # NCHW, the step's channels_last: fixed since). So the VQModel trains 100 steps (its 37 s of steps were the
+  # part that shrinks) and the UNet stage has 400 s; TORCH_LOGS=recompiles names the input behind any compile
+  # after the probe.
+  SKIP_BENCHMARK=1; TRAIN_ONLY=1; export TORCH_LOGS=${TORCH_LOGS:-recompiles}
+  FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-100}; VQ_COMPILE=${VQ_COMPILE-}; VQ_LIMIT=${VQ_LIMIT:-200}
+  FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-400}; DATA_LIMIT=${DATA_LIMIT:-60}
   UNET_EXTRA=${UNET_EXTRA:---checkpointing_steps 100}
 fi
 SKIP_VQ=${SKIP_VQ:-0}  # 1: reuse RUN_DIR's demo set and VQModel (from an earlier call), train the UNet only
