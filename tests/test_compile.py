@@ -121,7 +121,8 @@ def test_child_process_compiles_a_training_step():
     from adni_diffusers.compile_probe import passes_in_child
     from adni_diffusers.presets import unet_config
 
-    config = {**unet_config("tiny"), "in_channels": 4, "out_channels": 4, "sample_size": 32}  # as train_unet sets
+    config = {**unet_config("tiny"), "in_channels": 4, "out_channels": 4, "sample_size": 32,  # as train_unet sets
+              "num_class_embeds": 3}  # (--conditional: AD, NC and "no label")
     spec = _spec("unet", config=config, batch_size=4, sample_shape=[4, 32, 32], compile_mode="reduce-overhead",
                  channels_last=True)
     assert passes_in_child(spec) == (True, "")
@@ -464,15 +465,17 @@ def test_compile_flags_are_checked_before_work(tmp_path, tiny_vq, demo_root, cap
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_compiled_training_run_matches_eager(tmp_path, tiny_vq, demo_root, caplog):
-    """The real train_unet path with --compile (inductor's CPU backend here): the probe compiles, training
-    runs compiled without compiling again (the probe's input was NCHW and the step's channels_last until
-    2026-11-26: a second compile of 100+ s on an H100), and the trained weights agree with an eager run of the
+    """The real train_unet path with --compile (inductor's CPU backend here), with the flags of gpu_session.sh's
+    UNet stage: the probe compiles, training runs compiled without compiling again (the probe's input was NCHW
+    and the step's channels_last until 2026-11-26: a second compile of 100+ s on an H100), also across an
+    epoch's end with its sample grid and a checkpoint, and the trained weights agree with an eager run of the
     same seed."""
     from adni_diffusers import ADNILatentDiffusionPipeline
 
-    common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--max_train_steps", "2",
-              "--latent_cache_dir", tmp_path / "cache", "--cudnn_benchmark", "--channels_last", *TINY_UNET_ARGS,
-              "--num_sample_images", "1", "--save_images_epochs", "100"]
+    common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--max_train_steps", "8",
+              "--latent_cache_dir", tmp_path / "cache", "--cudnn_benchmark", *TINY_UNET_ARGS,
+              "--channels_last", "--conditional", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--use_ema",
+              "--latents_on_device", "--checkpointing_steps", "4", "--num_sample_images", "1", "--save_images_epochs", "1"]
     run_training_script("train_unet", [*common, "--output_dir", tmp_path / "eager"])
     with caplog.at_level(logging.WARNING):
         run_training_script("train_unet", [*common, "--output_dir", tmp_path / "compiled", "--compile",
@@ -481,6 +484,7 @@ def test_compiled_training_run_matches_eager(tmp_path, tiny_vq, demo_root, caplo
     assert "more graph(s) during training" not in caplog.text
     assert json.loads((tmp_path / "compiled" / "train_metrics.json").read_text())["recompiled_graphs"] == 0
     assert "recompiled_graphs" not in json.loads((tmp_path / "eager" / "train_metrics.json").read_text())
+    assert len(list((tmp_path / "compiled" / "samples").glob("samples-*.png"))) >= 2  # an epoch ended mid-run
     eager = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "eager").unet.state_dict()
     compiled = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "compiled").unet.state_dict()
     assert eager.keys() == compiled.keys()
