@@ -254,17 +254,35 @@ def start_stage(args, config_of, project_name: str, product: str):
     return config, accelerator
 
 
+def data_root(args, accelerator) -> Path:
+    """--train_data_dir, or the demo set's folder (built once) when none is given."""
+    if args.train_data_dir is not None:
+        return Path(args.train_data_dir)
+    from .demo_data import ensure_demo_dataset
+
+    with accelerator.main_process_first():
+        root = ensure_demo_dataset(args.demo_data_dir)
+    logger.info("no --train_data_dir: using the synthetic demo set in %s (NOT ADNI)", root)
+    return Path(root)
+
+
+def class_folders(args, accelerator) -> tuple[Path, list[str]]:
+    """(data folder, class names) from the folder layout alone, seconds before `load_training_data` has decoded
+    the slices: what the UNet's compile check needs to start first. The names are those the data gets."""
+    from .data import DataError, scan_tree
+
+    root = data_root(args, accelerator)
+    try:
+        return root, list(scan_tree(root).class_names)
+    except DataError as e:
+        raise TrainingError(str(e)) from None
+
+
 def load_training_data(args, accelerator):
     """The slices, split as asked; the demo set is built (once) when no folder is given."""
     from .data import DataError, load_slices
 
-    root = args.train_data_dir
-    if root is None:
-        from .demo_data import ensure_demo_dataset
-
-        with accelerator.main_process_first():
-            root = ensure_demo_dataset(args.demo_data_dir)
-        logger.info("no --train_data_dir: using the synthetic demo set in %s (NOT ADNI)", root)
+    root = data_root(args, accelerator)
     try:
         with accelerator.main_process_first():  # the main process fills the decode cache; the others read it
             data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=args.seed,

@@ -407,8 +407,9 @@ class _SimulatedChild:
 
 def test_training_scripts_describe_their_model_to_the_child(monkeypatch, tmp_path, tiny_vq, demo_root, caplog):
     """The scripts' call site, as it runs on CUDA (the child's answer simulated): the spec is plain JSON and
-    describes the model and batch that are trained; the child runs while the slices are decoded (VQModel) and
-    the latent cache is built (UNet), not after; a failed child means an eager run that finishes."""
+    describes the model and batch that are trained (the UNet's class embedding from the class folders, known
+    before the decode); the child runs while the slices are decoded (both stages) and the latent cache is built
+    (UNet), not after; a failed child means an eager run that finishes."""
     from diffusers import UNet2DModel, VQModel
 
     from adni_diffusers import compile_probe, data, latents
@@ -425,10 +426,10 @@ def test_training_scripts_describe_their_model_to_the_child(monkeypatch, tmp_pat
                                               "--max_train_steps", "1", "--compile", "--mixed_precision", "bf16",
                                               *TINY_VQ_ARGS])
         run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
-                                           tmp_path / "ldm", "--max_train_steps", "1", "--compile",
+                                           tmp_path / "ldm", "--max_train_steps", "1", "--compile", "--conditional",
                                            "--latent_cache_dir", tmp_path / "cache", *TINY_UNET_ARGS])
     assert events == ["vqmodel child started", "decoding slices", "vqmodel child answered",
-                      "decoding slices", "unet child started", "encoding latents", "encoding latents",
+                      "unet child started", "decoding slices", "encoding latents", "encoding latents",
                       "unet child answered"]  # encoding: the training and the validation slices
     assert caplog.text.count("(simulated failure); training eager") == 2
     for out in ("vq", "ldm"):  # asked for --compile, trained eager: training_args.json says both
@@ -442,6 +443,7 @@ def test_training_scripts_describe_their_model_to_the_child(monkeypatch, tmp_pat
     assert vq_spec["sample_shape"] == [1, 256, 256]
     unet = UNet2DModel.from_pretrained(tmp_path / "ldm" / "unet")
     assert unet_spec["stage"] == "unet" and _architecture(UNet2DModel(**unet_spec["config"])) == _architecture(unet)
+    assert unet_spec["config"]["num_class_embeds"] == 3  # AD, NC and "no label"
     assert unet_spec["sample_shape"] == [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
 
 
