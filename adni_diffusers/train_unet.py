@@ -133,8 +133,8 @@ def main(args: argparse.Namespace) -> dict:
     def training_loss(m, latents, labels, gen):
         return diffusion_loss(m, noise_scheduler, latents, labels, gen, args.loss, args.channels_last, args.snr_gamma)
 
-    # the probe's inputs are the training step's (a channels_last input where the probe's was not made torch.compile
-    # compile everything again in the first step: 100+ s on an H100, 2026-11-26)
+    # the probe runs the steps' own loss: an NCHW probe before channels_last steps made the first step compile
+    # everything again (100+ s on an H100, 2026-11-26)
     probe_latents = train_latents[: args.train_batch_size].to(device)
     probe_labels = data.train.labels[: args.train_batch_size].to(device) if class_names else None
     model = training.maybe_compile(model, args, probe=lambda m: training_loss(

@@ -850,7 +850,7 @@ class TrainingRun:
         `recompiled_graphs` goes into the stage's metrics."""
         new = compiled_graph_count() - self._graphs_at_start
         if new > self.recompiled_graphs:
-            logger.warning("torch.compile compiled %d more graph(s) during training, after the compile check's step; "
+            logger.warning("torch.compile compiled %d more graph(s) during training, after the compiled probe step; "
                            "each costs a compile (minutes on a GPU). TORCH_LOGS=recompiles names the input that "
                            "changed.", new)
         self.recompiled_graphs = new
