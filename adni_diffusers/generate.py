@@ -17,19 +17,37 @@ from .schedulers import SCHEDULERS, default_steps, make_scheduler
 logger = logging.getLogger(__name__)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (argparse names the flag in its error)."""
+    value = int(text)  # a ValueError here reads "invalid positive_int value: 'x'"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (expected 1 or more)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for counts where 0 means off."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (expected 0 or more)")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved pipeline folder or a Hub repo id")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--num-images", type=int, default=16)
+    parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--scheduler", default="ddpm", choices=list(SCHEDULERS))
-    parser.add_argument("--steps", type=int, default=None, help="default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc")
-    parser.add_argument("--refine-steps", type=int, default=0)
-    parser.add_argument("--refine-repeats", type=int, default=0)
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc")
+    parser.add_argument("--refine-steps", type=non_negative_int, default=0,
+                        help="re-noise each sample to this many steps before the end and denoise again (0 = off)")
+    parser.add_argument("--refine-repeats", type=non_negative_int, default=0, help="how many refinement passes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 256 on GPU")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 16 on CPU, 256 on GPU")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--gif", action="store_true", help="also write the denoising animation (denoising.gif)")
@@ -88,8 +106,14 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     from .plots import save_image_grid
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    steps = steps or default_steps(scheduler)
-    batch_size = batch_size or (256 if device.startswith("cuda") else 16)
+    steps = default_steps(scheduler) if steps is None else steps
+    batch_size = (256 if device.startswith("cuda") else 16) if batch_size is None else batch_size
+    for name, value in (("num_images", num_images), ("steps", steps), ("batch_size", batch_size)):
+        if value < 1:  # checked before the model loads (batch_size < 1 would end in torch.cat([]))
+            raise ValueError(f"{name}={value}: expected at least 1")
+    if refine_repeats > 0 and not 1 <= refine_steps <= steps:
+        raise ValueError(f"--refine-repeats {refine_repeats} needs --refine-steps between 1 and --steps ({steps}); "
+                         f"got {refine_steps}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = pipe or load_pipeline(model, device, getattr(torch, dtype))
@@ -135,8 +159,6 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.num_images < 1:
-        raise SystemExit("adni-diffusers generate: error: --num-images must be at least 1")
     paths = generate(args.model, args.out, args.num_images, args.class_label, args.guidance, args.scheduler, args.steps,
                      args.refine_steps, args.refine_repeats, args.seed, args.batch_size, args.device, args.dtype,
                      args.gif, compile=args.compile)

@@ -277,6 +277,14 @@ def _files_listing(model_dir: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- pipeline card
+def _attention_text(down_blocks: int, middle: bool) -> str:
+    """Where the UNet has self-attention: `down_blocks` Attn* down blocks (the lowest resolutions), the middle block."""
+    if down_blocks == 0:
+        return "self-attention in the middle block only" if middle else "no self-attention"
+    where = "the lowest resolution" if down_blocks == 1 else f"the {down_blocks} lowest resolutions"
+    return f"self-attention at {where}" + (" and in the middle block" if middle else "")
+
+
 def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: str | None = None,
                           sample_grid: str | None = None) -> dict:
     """Everything `pipeline_card.md` uses, read from a saved pipeline folder."""
@@ -299,6 +307,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         vq_metrics = _read_json(vq_dir / "metrics.json") or _read_json(vq_dir.parent / "metrics.json")
     channels = unet.get("block_out_channels") or []
     attention = sum(1 for b in unet.get("down_block_types") or [] if "Attn" in b)
+    # UNet2DModel's middle block has self-attention unless it is switched off (add_attention) or absent
+    mid_attention = (unet.get("mid_block_type", "UNetMidBlock2D") is not None) and unet.get("add_attention", True)
     grid = sample_grid or "samples.png"
     ctx = {
         "model_name": repo.split("/")[-1],
@@ -311,8 +321,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "unet_params": _millions(_count_parameters(d / "unet")),
         "unet_channels": ", ".join(str(c) for c in channels) or "?",
         "unet_layers": _count(unet.get("layers_per_block", "?"), "layer"),
-        "unet_attention": ("no self-attention" if attention == 0 else "self-attention at the lowest resolution"
-                           if attention == 1 else f"self-attention at the {attention} lowest resolutions"),
+        "unet_attention": _attention_text(attention, mid_attention),
         "unet_sample_size": unet.get("sample_size", "?"),
         "latent_channels": unet.get("in_channels", vq.get("latent_channels", "?")),
         "vq_params": _millions(_count_parameters(d / "vqvae")),

@@ -87,16 +87,27 @@ def quantize_latents(vqvae: VQModel, latents: torch.Tensor) -> tuple[torch.Tenso
     return quant.to(latents.dtype).contiguous(), indices
 
 
+def _onload(model: torch.nn.Module) -> None:
+    """Under `enable_model_cpu_offload`, move `model` to the accelerator now, as its `encode`/`decode` would:
+    the inputs (and the codebook read for re-quantisation) must be put on the device it runs on, not on
+    the CPU where the offload hook left it."""
+    hook = getattr(model, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(model)
+
+
 def encode_slices(vqvae: VQModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """`the latent of a slice`: the VQ encoder's PRE-quantisation output times `scaling_factor`.
 
     The diffusion model is trained on exactly these (the training latent cache calls this function)."""
+    _onload(vqvae)
     x = pixel_values.to(device=vqvae.device, dtype=vqvae.dtype)
     return vqvae.encode(x).latents * vqvae.config.scaling_factor
 
 
 def decode_latents(vqvae: VQModel, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1], (B, 1, 256, 256), through the codebook (re-quantised)."""
+    _onload(vqvae)
     h = (latents / vqvae.config.scaling_factor).to(device=vqvae.device, dtype=vqvae.dtype)
     quant, _ = quantize_latents(vqvae, h)
     return vqvae.decode(quant, force_not_quantize=True).sample.clamp(-1, 1)
@@ -106,8 +117,9 @@ def prepare_slices(images, size: int = IMAGE_SIZE) -> torch.Tensor:
     """PIL images, numpy arrays or tensors of greyscale slices -> float (N, 1, 256, 256) in [-1, 1].
 
     Accepted: 256 wide x 240 high (ADNI; padded with black rows as in training) or 256x256.
-    uint8 arrays are 0..255; float arrays/tensors are taken as [-1, 1] when they have negative
-    values, else as [0, 1]."""
+    PIL images must be 8-bit greyscale (mode L, or RGB/RGBA/LA with equal, opaque channels), as the
+    training loader requires. uint8 arrays are 0..255; float arrays/tensors must lie in [-1, 1] and are
+    taken as [-1, 1] when they have negative values, else as [0, 1]."""
     if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         images = [images] if isinstance(images, PIL.Image.Image) or (np.ndim(images) == 2) else images
     if isinstance(images, torch.Tensor) and images.ndim == 4:
@@ -121,9 +133,7 @@ def prepare_slices(images, size: int = IMAGE_SIZE) -> torch.Tensor:
     out = []
     for i, im in enumerate(images):
         if isinstance(im, PIL.Image.Image):
-            if im.mode not in ("L", "I;16", "I", "F") and not (im.mode == "RGB" and _is_grey_rgb(im)):
-                raise ValueError(f"image {i} is a {im.mode} image; expected a greyscale slice (mode L)")
-            arr = np.asarray(im.convert("L"), dtype=np.float32) / 127.5 - 1.0
+            arr = _grey_pixels(im, i).astype(np.float32) / 127.5 - 1.0
         else:
             if isinstance(im, torch.Tensor):  # uint8 stays uint8 (0..255); other dtypes via float32
                 arr = im.detach().cpu().numpy() if im.dtype == torch.uint8 else im.detach().float().cpu().numpy()
@@ -136,7 +146,11 @@ def prepare_slices(images, size: int = IMAGE_SIZE) -> torch.Tensor:
             if arr.dtype == np.uint8:
                 arr = arr.astype(np.float32) / 127.5 - 1.0
             else:
-                arr = arr.astype(np.float32)
+                dtype, arr = arr.dtype, arr.astype(np.float32)
+                # anything else (0..255 floats, 16-bit counts) would be read as far too bright, silently
+                if not np.isfinite(arr).all() or arr.min() < -1 or arr.max() > 1:
+                    raise ValueError(f"image {i} has {dtype} values in [{arr.min():g}, {arr.max():g}]; expected "
+                                     "floats in [-1, 1] (or [0, 1]) or uint8 0..255")
                 arr = arr if arr.min() < 0 else arr * 2 - 1
         h, w = arr.shape
         if w != size or h > size:
@@ -154,9 +168,27 @@ def _ordered_class_names(class_names) -> list[str]:
     return list(class_names)
 
 
-def _is_grey_rgb(im: PIL.Image.Image) -> bool:
-    a = np.asarray(im)
-    return bool((a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all())
+def _grey_pixels(im: PIL.Image.Image, index: int) -> np.ndarray:
+    """The uint8 (H, W) pixels of a greyscale PIL slice, with the training loader's checks (data.decode_slice).
+
+    16-bit, 32-bit and float modes are refused: `convert("L")` clips them (a 16-bit slice turns white)."""
+    mode = im.mode
+    filename = getattr(im, "filename", "")
+    name = f"image {index} ({filename})" if filename else f"image {index}"
+    expected = "expected 8-bit greyscale (mode L)"
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        kind = "16-bit" if mode.startswith("I;16") else f"{mode}-mode"
+        raise ValueError(f"{name} is a {kind} image; {expected}")
+    arr = np.asarray(im)
+    if mode == "L":
+        return arr
+    if mode not in ("RGB", "RGBA", "LA"):
+        raise ValueError(f"{name} is a {mode}-mode image; {expected}")
+    if mode in ("RGBA", "LA") and (arr[..., -1] != 255).any():
+        raise ValueError(f"{name} is a {mode} image with transparency; {expected}")
+    if mode != "LA" and not ((arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all()):
+        raise ValueError(f"{name} is a colour {mode} image; {expected}")
+    return arr[..., 0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +249,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError("this model is unconditional (trained without --conditional): call it without class_labels")
         names = self.class_names
         labels = class_labels if isinstance(class_labels, (list, tuple, torch.Tensor, np.ndarray)) else [class_labels]
-        labels = labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
+        if isinstance(labels, (torch.Tensor, np.ndarray)):  # a 0-d tensor or array is one label
+            labels = labels.reshape(-1).tolist()
+        else:
+            labels = list(labels)
         out = []
         for label in labels:
             if isinstance(label, str):
@@ -306,7 +341,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         class_labels: int | str | list | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         num_inference_steps: int = 1000,
@@ -324,7 +359,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         r"""Generate slices.
 
         Args:
-            batch_size: number of images (ignored when `image` is given: one output per input).
+            batch_size: number of images (default 1; one per latent when `latents` is given; ignored when
+                `image` is given: one output per input).
             class_labels: for a class-conditional model, a label or one per image, as int or class name
                 (`"AD"`, `"NC"`). `None` samples from the unconditional (dropped-label) class.
             guidance_scale: classifier-free guidance weight w: eps = eps_uncond + w (eps_cond - eps_uncond).
@@ -343,7 +379,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             image, strength: image-to-image. `image` (PIL / numpy / tensor slices) is encoded, put back at
                 the timestep `strength` selects with the same forward process, and denoised from there
                 (0 = the VQ reconstruction, 1 = from (almost) pure noise).
-            latents: start from these scaled latents instead of fresh noise.
+            latents: start from these scaled latents, shape (B, in_channels, sample_size, sample_size) of the
+                UNet, instead of fresh noise.
             output_type: `"pil"` (mode "L", 256x256), `"np"` (N, 256, 256, 1) in [0, 1], `"pt"`
                 (N, 1, 256, 256) in [0, 1], or `"latent"` (the scaled latents).
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict`, called after every
@@ -368,10 +405,23 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
 
         device = self._execution_device
         pixels = prepare_slices(image) if image is not None else None
+        latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if pixels is not None:
             batch_size = len(pixels)
+        elif latents is not None:  # the refinement noise and the labels need one row per given latent
+            if latents.ndim != 4 or tuple(latents.shape[1:]) != latent_shape:
+                raise ValueError(f"latents has shape {tuple(latents.shape)}; expected (batch, "
+                                 f"{', '.join(map(str, latent_shape))}) for this UNet")
+            if batch_size is not None and batch_size != latents.shape[0]:
+                raise ValueError(f"batch_size={batch_size} but latents holds {latents.shape[0]}: "
+                                 "leave batch_size out or make them agree")
+            batch_size = latents.shape[0]
+        elif batch_size is None:
+            batch_size = 1
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected at least 1")
         labels = self._labels(class_labels, batch_size)
-        shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        shape = (batch_size, *latent_shape)
         tensor_inputs = list(callback_on_step_end_tensor_inputs)
 
         # 1. the starting point: noise, given latents, or a re-noised encoded image

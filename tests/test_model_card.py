@@ -141,3 +141,36 @@ def test_class_names_as_a_mapping(ldm):
     (ldm / "model_index.json").write_text(json.dumps(index))
     text = render_model_card(ldm)
     assert "class-conditional (AD / NC)" in text and 'class_labels="AD"' in text
+
+
+@pytest.mark.parametrize("prediction_type, objective, target", [
+    ("epsilon", "the DDPM noise-prediction objective", "predicts the noise eps"),
+    ("v_prediction", "the DDPM v-prediction objective", "predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0"),
+    ("sample", "the DDPM x_0-prediction objective", "predicts the clean latent x_0"),
+])
+def test_card_follows_the_prediction_type(ldm, prediction_type, objective, target):
+    config_path = ldm / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["prediction_type"] = prediction_type
+    config_path.write_text(json.dumps(config))
+    text = render_model_card(ldm)
+    assert f"with {objective}" in text and f"denoises ({target})" in text
+    assert text.count("-prediction objective") == 1
+
+
+@pytest.mark.parametrize("down, middle, expected", [
+    (["DownBlock2D", "DownBlock2D"], {}, "self-attention in the middle block only"),  # add_attention defaults on
+    (["DownBlock2D", "DownBlock2D"], {"add_attention": False}, "no self-attention"),
+    (["DownBlock2D", "DownBlock2D"], {"mid_block_type": None}, "no self-attention"),
+    (["DownBlock2D", "AttnDownBlock2D"], {"add_attention": True}, "self-attention at the lowest resolution and in "
+                                                                  "the middle block"),
+    (["AttnDownBlock2D", "AttnDownBlock2D"], {"add_attention": False}, "self-attention at the 2 lowest resolutions"),
+])
+def test_card_counts_the_middle_block_attention(ldm, down, middle, expected):
+    config_path = ldm / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("add_attention", None)
+    config.pop("mid_block_type", None)
+    config.update(down_block_types=down, **middle)
+    config_path.write_text(json.dumps(config))
+    assert f"per block, {expected}; a class embedding" in render_model_card(ldm)  # the demo model is conditional

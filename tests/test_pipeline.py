@@ -178,6 +178,54 @@ def test_bad_arguments(pipe):
         pipe(image=np.zeros((240, 256), np.uint8), strength=1.5)
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipe(num_inference_steps=0)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        pipe(batch_size=0, num_inference_steps=1)
+
+
+def test_given_latents_set_the_batch_size(pipe, monkeypatch):
+    """`latents=` of 3 images: 3 labels (6 rows under guidance), 3 refinement noises; a wrong shape is refused."""
+    import adni_diffusers.pipeline_adni_ldm as module
+
+    noise_shapes = []
+
+    def spy_renoise(x0, abar, t, noise):
+        noise_shapes.append(tuple(noise.shape))
+        return renoise(x0, abar, t, noise)
+
+    monkeypatch.setattr(module, "renoise", spy_renoise)
+    latents = torch.randn(3, 4, 32, 32, generator=seeded(1))
+    spy = UNetSpy(pipe.unet)
+    try:
+        out = pipe(latents=latents, class_labels="AD", guidance_scale=2.0, num_inference_steps=3, refine_steps=1,
+                   refine_repeats=1, generator=seeded(), output_type="latent").images
+    finally:
+        spy.remove()
+    assert out.shape == (3, 4, 32, 32)
+    assert spy.batch == [6] * 4 and spy.labels[-1].tolist() == [0, 0, 0, 2, 2, 2]
+    assert noise_shapes == [(3, 4, 32, 32)]  # fresh noise for each image, not one shared (1, 4, 32, 32)
+    assert pipe(latents=latents, batch_size=3, num_inference_steps=1, output_type="latent").images.shape[0] == 3
+    with pytest.raises(ValueError, match="batch_size=2 but latents holds 3"):
+        pipe(latents=latents, batch_size=2, num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"latents has shape \(2, 3, 8, 8\); expected \(batch, 4, 32, 32\)"):
+        pipe(latents=torch.randn(2, 3, 8, 8), num_inference_steps=1)
+
+
+def test_model_cpu_offload_runs_each_model_where_its_hook_puts_it():
+    """enable_model_cpu_offload without a GPU: accelerate's offload hook with execution_device "meta" stands in
+    for "cuda" (it moves a model there only when the model runs). encode/decode must put their inputs and the
+    codebook on that device, not on the CPU where the model waited. (No hook chain: meta weights cannot go
+    back to the CPU.)"""
+    from accelerate import cpu_offload_with_hook
+
+    offloaded = make_pipe()  # its weights end up on meta: a pipeline of its own
+    assert offloaded.model_cpu_offload_seq == "unet->vqvae"
+    for name in offloaded.model_cpu_offload_seq.split("->"):
+        cpu_offload_with_hook(getattr(offloaded, name), execution_device="meta")
+    assert offloaded._execution_device.type == "meta" and offloaded.vqvae.device.type == "cpu"
+    images = offloaded(batch_size=2, class_labels="AD", guidance_scale=2.0, num_inference_steps=2,
+                       generator=seeded(), output_type="pt").images
+    assert images.device.type == "meta" and images.shape == (2, 1, 256, 256)
+    assert offloaded.encode(np.zeros((240, 256), np.uint8)).shape == (1, 4, 32, 32)
 
 
 # ---------------------------------------------------------------------------------- class labels
@@ -202,6 +250,17 @@ def test_class_labels_names_ints_and_guidance(pipe):
         pipe(class_labels=2, num_inference_steps=1)
     with pytest.raises(ValueError, match="3 class labels for batch_size=2"):
         pipe(batch_size=2, class_labels=["AD", "NC", "AD"], num_inference_steps=1)
+
+
+@pytest.mark.parametrize("label", [torch.tensor(1), np.array(1), np.int64(1), torch.tensor([1, 1]), "NC"],
+                         ids=["0-d tensor", "0-d array", "numpy int", "tensor", "name"])
+def test_one_label_in_any_form(pipe, label):
+    spy = UNetSpy(pipe.unet)
+    try:
+        pipe(batch_size=2, class_labels=label, num_inference_steps=1, output_type="latent")
+    finally:
+        spy.remove()
+    assert spy.labels[-1].tolist() == [1, 1]
 
 
 def test_unconditional_model_rejects_labels():
@@ -251,10 +310,53 @@ def test_prepare_slices_errors():
         prepare_slices(np.zeros((200, 200), np.uint8))
     with pytest.raises(ValueError, match="3 channels; expected 1"):
         prepare_slices(torch.zeros(2, 3, 256, 256))
-    with pytest.raises(ValueError, match="RGB image; expected a greyscale slice"):
+    with pytest.raises(ValueError, match="colour RGB image; expected 8-bit greyscale"):
         rgb = np.zeros((240, 256, 3), np.uint8)
         rgb[..., 0] = 255
         prepare_slices(PIL.Image.fromarray(rgb))
+
+
+GREY = np.random.default_rng(0).integers(0, 256, (240, 256)).astype(np.uint8)  # an 8-bit slice
+
+
+def transparent(image: PIL.Image.Image) -> PIL.Image.Image:
+    image.putalpha(0)
+    return image
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: PIL.Image.fromarray(GREY.astype(np.uint16) * 257), "image 0 is a 16-bit image"),
+    (lambda: PIL.Image.fromarray(GREY.astype(np.int32) * 16), "image 0 is a I-mode image"),
+    (lambda: PIL.Image.fromarray(GREY.astype(np.float32) / 255), "image 0 is a F-mode image"),
+    (lambda: PIL.Image.fromarray(GREY).convert("P"), "image 0 is a P-mode image"),
+    (lambda: transparent(PIL.Image.fromarray(GREY).convert("LA")), "image 0 is a LA image with transparency"),
+], ids=["16-bit", "32-bit", "float", "palette", "transparent"])
+def test_prepare_slices_refuses_images_that_are_not_8_bit_greyscale(make, message):
+    """As the training loader (data.decode_slice): convert("L") would clip 16-bit, 32-bit and float images
+    (a 16-bit slice turns white, a [0, 1] float one black)."""
+    with pytest.raises(ValueError, match=f"{message}; expected 8-bit greyscale"):
+        prepare_slices(make())
+
+
+def test_prepare_slices_names_the_file_and_takes_opaque_grey_rgba(tmp_path):
+    path = tmp_path / "slice16.png"
+    PIL.Image.fromarray(GREY.astype(np.uint16) * 257).save(path)
+    with PIL.Image.open(path) as image, pytest.raises(ValueError, match="slice16.png"):
+        prepare_slices([PIL.Image.fromarray(GREY), image])
+    expected = prepare_slices(PIL.Image.fromarray(GREY))
+    for mode in ("RGB", "RGBA", "LA"):  # grey and opaque: the same pixels as mode L
+        assert torch.equal(prepare_slices(PIL.Image.fromarray(GREY).convert(mode)), expected), mode
+
+
+@pytest.mark.parametrize("values", [
+    GREY.astype(np.float32),  # np.asarray(image, dtype=float): 0..255
+    torch.from_numpy(GREY.astype(np.float32)),
+    GREY.astype(np.int64),
+    np.full((240, 256), np.nan, np.float32),
+], ids=["float array 0..255", "float tensor 0..255", "int64 0..255", "NaN"])
+def test_prepare_slices_refuses_floats_outside_minus_one_to_one(values):
+    with pytest.raises(ValueError, match=r"image 0 has \w+ values in .*expected floats in \[-1, 1\].* or uint8 0..255"):
+        prepare_slices(values)
 
 
 def test_encode_decode_and_strength_zero_is_vq_reconstruction(pipe):
