@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 
@@ -110,28 +109,45 @@ def source_class(pipe, to: str, source: str | None = None) -> str:
     return others[0]
 
 
-def read_slice(path) -> torch.Tensor:
-    """One greyscale slice file -> (1, 1, 256, 256) in [-1, 1], padded like training.
+def read_slice(path, preprocess: str = "pad") -> torch.Tensor:
+    """One greyscale slice file -> (1, 1, 256, 256) in [-1, 1], prepared as the model's training data was
+    (`preprocess`: "pad" or "resize", see `recorded_preprocess`).
 
-    Errors name the file: missing (FileNotFoundError), unreadable, colour, wrong size (ValueError,
-    from the pipeline's `prepare_slices`)."""
-    import PIL.Image
-
-    from .pipeline_adni_ldm import prepare_slices
+    Decoded by `data.decode_slice`, the training data's own checks. Errors name the file: missing
+    (FileNotFoundError); unreadable, colour, 16-bit or float, wrong size (ValueError)."""
+    from .data import PAD_SIZE_HINT, decode_slice, to_model_input
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--image {path}: no such file (expected a greyscale slice, 256 wide x 240 "
                                 "or 256 high)")
-    try:
-        with PIL.Image.open(path) as im:
-            im.load()
-            try:
-                return prepare_slices(im)
-            except ValueError as e:
-                raise ValueError(f"--image {path}: {re.sub(r'^image 0 ', '', str(e))}") from None
-    except (PIL.UnidentifiedImageError, SyntaxError) as e:
-        raise ValueError(f"--image {path}: not a readable image file ({e})") from None
+    pixels, _, error = decode_slice(path, preprocess)
+    if error:
+        # the training hint names a training flag; here the model's recorded preprocessing decides
+        error = error.replace(PAD_SIZE_HINT, "the model was trained with --preprocess pad")
+        raise ValueError(f"--image {path}: {error}")
+    return to_model_input(torch.tensor(pixels))[None]  # a copy: decoded arrays can be read-only
+
+
+def recorded_preprocess(model_folder) -> str:
+    """How the model's training prepared its slices ("pad" or "resize"): from training_data.json, else
+    training_args.json in the pipeline folder; "pad" (the training default) when neither records it."""
+    from .data import PREPROCESS_CHOICES
+
+    for name in ("training_data.json", "training_args.json"):
+        path = Path(model_folder) / name
+        if not path.is_file():
+            continue
+        try:
+            preprocess = json.loads(path.read_text()).get("preprocess")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: not a readable JSON record ({e})") from None
+        if preprocess is None:
+            continue
+        if preprocess not in PREPROCESS_CHOICES:
+            raise ValueError(f"{path}: preprocess {preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")
+        return preprocess
+    return "pad"
 
 
 # --------------------------------------------------------------------------------------- sampling
@@ -143,7 +159,9 @@ def _to_pixels(images) -> torch.Tensor:
 
     if hasattr(images, "pixels") and hasattr(images, "labels"):  # a SliceSet
         images = images.pixels
-    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 3:
+    # uint8 (N, 256, 256) (a SliceSet's pixels) is already padded; other sizes go through prepare_slices
+    if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 3
+            and images.shape[-2:] == (256, 256)):
         return images.float().div(127.5).sub(1.0).unsqueeze(1)
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 1 and images.is_floating_point():
         if images.shape[-2:] == (256, 256) and float(images.min()) >= -1.0 - 1e-6 and float(images.max()) <= 1.0 + 1e-6:
@@ -763,17 +781,23 @@ def write_tradeoff(result: dict, out_dir) -> dict:
 # ------------------------------------------------------------------------------- the model's data
 
 
-def held_out_data(model: str, data_root: str | None = None):
-    """The model's data split exactly as in training (`evaluate.load_evaluation_data`): `SliceData` whose
-    `.val` is what the model never saw. `model` may be a Hub repo id (only its JSON records are fetched)."""
-    from .evaluate import load_evaluation_data
-
+def model_records(model: str) -> Path:
+    """The folder with the model's JSON records: `model` itself, or for a Hub repo id its JSON files only."""
     folder = Path(model)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(model, allow_patterns=["*.json"]))
-    data, _ = load_evaluation_data(folder, data_root)
+    return folder
+
+
+def held_out_data(model: str, data_root: str | None = None):
+    """The model's data split exactly as in training (`evaluate.load_evaluation_data`): `SliceData` whose
+    `.val` is what training held out (with `--split given`, `.shared_patients` of them also in `.train`).
+    `model` may be a Hub repo id (only its JSON records are fetched)."""
+    from .evaluate import load_evaluation_data
+
+    data, _ = load_evaluation_data(model_records(model), data_root)
     return data
 
 
@@ -783,7 +807,8 @@ def held_out_data(model: str, data_root: str | None = None):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved class-conditional pipeline folder (or Hub repo id)")
     parser.add_argument("--image", nargs="+", default=None, metavar="SLICE",
-                        help="greyscale slice file(s), 256 wide x 240 high (ADNI) or 256x256, JPEG or PNG")
+                        help="8-bit greyscale slice file(s), 256 wide x 240 high (ADNI) or 256x256, JPEG or PNG; "
+                             "padded or resized as the model's training data was (training_data.json)")
     parser.add_argument("--to", required=True, help="the class to turn the slice into: one of the model's class names")
     parser.add_argument("--strength", nargs="+", type=float, default=None, metavar="S",
                         help="one or more strengths in (0, 1] (default: 0.4 for --image, "
@@ -866,7 +891,9 @@ def main(args: argparse.Namespace) -> int:
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images {args.max_images}: expected at least 1")
     image_paths = [Path(p) for p in args.image or []]
-    images = [read_slice(p) for p in image_paths]
+    # prepared as training prepared its slices (pad or resize), not always padded
+    preprocess = recorded_preprocess(model_records(args.model)) if image_paths else None
+    images = [read_slice(p, preprocess) for p in image_paths]
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or (128 if device.startswith("cuda") else 16)
@@ -886,7 +913,7 @@ def main(args: argparse.Namespace) -> int:
 
     summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
                "scheduler": args.scheduler, "steps": args.steps or default_steps(args.scheduler), "seed": args.seed,
-               "difference": f"counterfactual - {args.diff_against}", "images": []}
+               "difference": f"counterfactual - {args.diff_against}", "preprocess": preprocess, "images": []}
     if images:
         results = make_counterfactuals(pipe, torch.cat(images), target, strengths, args.guidance, args.seed,
                                        args.scheduler, args.steps, classifier=classifier, batch_size=batch_size)
@@ -939,6 +966,7 @@ __all__ = [
     "plot_mean_difference",
     "plot_tradeoff",
     "read_slice",
+    "recorded_preprocess",
     "save_difference_map",
     "save_strip",
     "tradeoff_markdown",

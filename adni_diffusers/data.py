@@ -13,7 +13,8 @@ Splits (`--split`):
 - `patient` (default): all images (train + test folders) pooled, then a held-out validation set of
   whole patients drawn per class, deterministic for `--seed`: no patient is on both sides. A
   patient's 20 slices are nearly alike, so a slice-level split would leak.
-- `given`: the folders' own train / test split.
+- `given`: the folders' own train / test split. Patients with slices on both sides are reported
+  (a warning, and `shared_patients` in the summary): held-out is then not "unseen".
 - `all`: train + test pooled with nothing held out, as the seed did (no honest evaluation).
 """
 
@@ -41,6 +42,8 @@ SPLIT_CHOICES = ("patient", "given", "all")
 PREPROCESS_CHOICES = ("pad", "resize")
 # File names like 1003730_85.jpeg: everything before the last "_<digits>" is the patient id.
 PATIENT_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
+# How a training run takes slices that `pad` refuses (other tools replace this hint with their own).
+PAD_SIZE_HINT = "use --preprocess resize to resize other sizes"
 _MAX_LISTED = 10
 
 
@@ -92,12 +95,15 @@ class SliceData:
     split: str
     root: str
     preprocess: str
+    # Patients with slices in both train and val (only `--split given` can have any).
+    shared_patients: int = 0
 
     def summary(self) -> dict:
         return {
             "root": self.root,
             "split": self.split,
             "preprocess": self.preprocess,
+            "shared_patients": self.shared_patients,
             "class_names": self.class_names,
             "train": self.train.summary(),
             "validation": self.val.summary(),
@@ -284,7 +290,7 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
         if w != IMAGE_SIZE or h > IMAGE_SIZE:
             return None, "", (
                 f"image is {w} wide x {h} high; expected {IMAGE_SIZE} wide x {ADNI_HEIGHT} high (ADNI) or "
-                f"{IMAGE_SIZE}x{IMAGE_SIZE} (use --preprocess resize to resize other sizes)"
+                f"{IMAGE_SIZE}x{IMAGE_SIZE} ({PAD_SIZE_HINT})"
             )
         from .pipeline_adni_ldm import pad_to_square  # the one definition, shipped with every model
 
@@ -368,9 +374,23 @@ def load_slices(
         train_idx, val_idx = list(range(len(paths))), []
     else:
         train_idx, val_idx = split_by_patient(patients, labels.tolist(), val_fraction, seed)
+    shared = shared_patients([patients[i] for i in train_idx], [patients[i] for i in val_idx])
+    if shared:
+        # Not an error: real prepared folders can overlap, and training on them must stay possible.
+        logger.warning(
+            "--split given: %d patient(s) have slices in both train/ and the held-out split folder of %s (e.g. %s), "
+            "so the held-out images are not all unseen; use --split patient to hold out whole patients",
+            len(shared), root, ", ".join(shared[:5]),
+        )
     return SliceData(
-        everything.subset(train_idx), everything.subset(val_idx), list(tree.class_names), split, str(root), preprocess
+        everything.subset(train_idx), everything.subset(val_idx), list(tree.class_names), split, str(root), preprocess,
+        shared_patients=len(shared),
     )
+
+
+def shared_patients(train_patients: list[str], val_patients: list[str]) -> list[str]:
+    """Patient ids with slices on both sides of a split, sorted."""
+    return sorted(set(train_patients) & set(val_patients))
 
 
 def _index_with_datasets(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:

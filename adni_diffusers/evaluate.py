@@ -5,14 +5,15 @@
 Everything is measured against REAL HELD-OUT PATIENTS, i.e. the patients the model never saw: the
 split is recomputed from the model's own `training_data.json` / `training_args.json` (root, split,
 val_fraction, seed, preprocess), so "held-out" here is exactly the validation set of training.
+(With `--split given` the folder's own train/test may share patients; the report then says how many.)
 Every number stands beside its floor, the same measure between two sets of REAL images:
 
 - realism: FD / KID (adni-features) and k-NN precision / recall (Kynkaanniemi et al. 2019) of
   generated vs held-out real, beside real TRAINING vs held-out real at the same N (the value a
   perfect generator would get at this N; FD is biased upwards for small N, so only equal-N
   comparisons mean anything);
-- diversity: mean MS-SSIM of random pairs of generated images of one class, beside the same on
-  real held-out pairs (much higher than real = mode collapse);
+- diversity: mean MS-SSIM (on [0, 1], data range 1) of random pairs of generated images of one
+  class, beside the same on real held-out pairs (much higher than real = mode collapse);
 - class fidelity (conditional models): the feature network's accuracy on samples generated for
   each class, beside its accuracy on real held-out slices; train-on-synthetic / test-on-real
   (TSTR) beside train-on-real / test-on-real (TRTR) with the same recipe and N;
@@ -687,6 +688,15 @@ def summary_numbers(res: dict) -> dict:
     return {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
 
 
+def _held_out_patients(data: dict) -> str:
+    """The end of the report's data sentence: "never saw" only when no held-out patient is in training."""
+    patients = data["validation"]["patients"]
+    shared = data.get("shared_patients") or 0
+    if shared:
+        return f"{patients} patients, {shared} of whom the model also saw in training."
+    return f"{patients} patients the model never saw."
+
+
 def write_report(res: dict, out: Path) -> Path:
     r, fl = res["realism"]["generated"], res["realism"]["floor"]
     ce = res["realism"]["vq_ceiling"]
@@ -704,9 +714,15 @@ def write_report(res: dict, out: Path) -> Path:
         f"Real data: `{res['data']['root']}` ({res['data']['source'] or 'unknown source'}), split "
         f"`{res['data']['split']}` as in training: {res['data']['train']['images']} training images of "
         f"{res['data']['train']['patients']} patients, {res['data']['validation']['images']} held-out images of "
-        f"{res['data']['validation']['patients']} patients the model never saw.",
+        + _held_out_patients(res["data"]),
         "",
     ]
+    if res["data"].get("shared_patients"):
+        lines += [f"**Warning: {_n(res['data']['shared_patients'], 'patient')} of the held-out set also "
+                  "have slices in the training split (the data folder's own train/test split shares patients), "
+                  "so held-out images are not all new to the model: the floors (training vs held-out) and the "
+                  "memorisation reference look better than for unseen patients. Retrain with `--split patient` "
+                  "for an honest comparison.**", ""]
     if not res["data"].get("matches_training", True):
         lines += ["**Warning: the split differs from the one recorded at training time; the data changed, so the "
                   "held-out images may include images the model saw.**", ""]
@@ -1191,11 +1207,13 @@ def evaluate_model(
                   "null_class": pipe.null_class if conditional else None},
         "data": {**{k: v for k, v in record.items() if k not in ("train", "validation")},
                  "root": data.root, "train": data.train.summary(), "validation": data.val.summary(),
+                 "shared_patients": data.shared_patients,
                  "data_source_is_demo": (Path(data.root) / "demo_settings.json").is_file()},
         "settings": {"num_samples": num_samples, "samples_per": "class" if conditional else "total",
                      "scheduler": scheduler, "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
                      "refine_repeats": refine_repeats, "seed": seed, "batch_size": batch_size, "dtype": dtype,
-                     "diversity_pairs": diversity_pairs, "kid_subsets": kid_subsets, "tstr_epochs": tstr_epochs,
+                     "diversity_pairs": diversity_pairs, "ms_ssim_scale": M.SSIM_SCALE, "kid_subsets": kid_subsets,
+                     "tstr_epochs": tstr_epochs,
                      "pr_k": PR_K, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
                      "ablation_samples": ablation_samples if ablations else None},
         "device": device,
@@ -1226,7 +1244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved pipeline folder (the output of train_unet.py)")
     parser.add_argument("--data-dir", default=None,
                         help="the real data (default: the folder recorded in the model's training_data.json); split "
-                             "exactly as in training, so held-out = patients the model never saw")
+                             "exactly as in training, so held-out = the patients training held out")
     parser.add_argument("--num-samples", type=int, default=100,
                         help="samples per class (conditional models) or in all (unconditional); the real sets "
                              "use as many images")

@@ -37,8 +37,12 @@ from torchmetrics.functional.image import (
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-# Images live in [-1, 1]: the peak-to-peak range used by PSNR / SSIM / MS-SSIM.
+# Images live in [-1, 1]: the peak-to-peak range used by PSNR (the same PSNR as [0, 1] with range 1).
 DATA_RANGE = 2.0
+# SSIM / MS-SSIM are computed on [0, 1] with data_range 1, the field's convention (torchmetrics,
+# MONAI, Pinaya et al. 2022). Not on [-1, 1]: SSIM's luminance term is not shift-invariant, so the same
+# images score differently there. Recorded next to the values as "ssim_scale".
+SSIM_SCALE = "[0, 1], data_range 1"
 # PSNR of identical images is infinite (MSE = 0). Per-image PSNR is capped here so that means stay
 # finite and reports stay valid JSON; 100 dB is far above anything a lossy autoencoder reaches
 # (MSE = 4e-10 on a [-1, 1] scale, i.e. < 1/1000 of one uint8 grey level).
@@ -99,6 +103,18 @@ def brain_mask(images: torch.Tensor, threshold: float = MASK_THRESHOLD, dilation
     return torch.stack(filled).unsqueeze(1).to(x.device) if filled else mask
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], the scale SSIM and MS-SSIM are computed on."""
+    return (x + 1) / 2
+
+
+def _ssim(a: torch.Tensor, b: torch.Tensor, **kwargs):
+    """torchmetrics SSIM of two batches in [-1, 1], computed on [0, 1] (see SSIM_SCALE)."""
+    return structural_similarity_index_measure(
+        _unit(a), _unit(b), data_range=1.0, kernel_size=SSIM_KERNEL, reduction="none", **kwargs
+    )
+
+
 def _ms_ssim_betas(height: int, width: int, kernel_size: int = SSIM_KERNEL) -> tuple[float, ...]:
     """The MS-SSIM weights for as many scales as the image allows.
 
@@ -116,7 +132,8 @@ def _ms_ssim_betas(height: int, width: int, kernel_size: int = SSIM_KERNEL) -> t
 
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image MS-SSIM (Wang et al. 2003) of two image batches in [-1, 1]: float (N,).
+    """Per-image MS-SSIM (Wang et al. 2003) of two image batches in [-1, 1]: float (N,), computed on
+    [0, 1] with data_range 1 (see SSIM_SCALE).
 
     torchmetrics' default `normalize="relu"` clips negative contrast-structure terms to 0 (a
     negative number to a fractional power is NaN).
@@ -124,7 +141,7 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = as_images(a), as_images(b)
     betas = _ms_ssim_betas(a.shape[-2], a.shape[-1])
     return multiscale_structural_similarity_index_measure(
-        a, b, data_range=DATA_RANGE, kernel_size=SSIM_KERNEL, betas=betas, reduction="none"
+        _unit(a), _unit(b), data_range=1.0, kernel_size=SSIM_KERNEL, betas=betas, reduction="none"
     ).reshape(-1)
 
 
@@ -145,14 +162,15 @@ def reconstruction_metrics(
 
     real, recon: (N, 1, H, W) in [-1, 1] (recon is clamped to [-1, 1]: what would be saved as an
     image). mask: bool (N, 1, H, W); default `brain_mask(real)`. Every number is the mean over
-    images of a per-image value; data range 2.0.
+    images of a per-image value. MSE and PSNR on the [-1, 1] scale (range 2); SSIM and MS-SSIM on
+    [0, 1] with range 1 (`ssim_scale` in the result says so).
 
     - `psnr`, `mse`, `ssim`, `ms_ssim`: whole image (torchmetrics). Per-image PSNR is capped at
       PSNR_CAP_DB (100 dB) instead of inf for identical images.
     - `mse_brain`, `psnr_brain`: over mask pixels only.
     - `ssim_brain`: mean of the SSIM map (torchmetrics, `return_full_image=True`) over mask pixels.
       The 11x11 SSIM window near the brain's edge would see background pixels, so before computing
-      it the background (outside the mask) is set to -1 in BOTH images: the value then depends on
+      it the background (outside the mask) is set to black (-1) in BOTH images: the value then depends on
       brain pixels only, and a model is neither rewarded for a clean background nor punished for a
       noisy one (the whole-image numbers already cover the background).
     - MS-SSIM is whole-image only: its coarse scales mix brain and background by construction.
@@ -175,18 +193,14 @@ def reconstruction_metrics(
         rows["mse"].append((x - y).square().mean(dim=(1, 2, 3)))
         psnr = peak_signal_noise_ratio(y, x, data_range=DATA_RANGE, reduction="none", dim=(1, 2, 3))
         rows["psnr"].append(psnr.clamp(max=PSNR_CAP_DB))
-        rows["ssim"].append(
-            structural_similarity_index_measure(y, x, data_range=DATA_RANGE, kernel_size=SSIM_KERNEL, reduction="none")
-        )
+        rows["ssim"].append(_ssim(y, x))
         rows["ms_ssim"].append(ms_ssim(y, x))
 
         mse_brain = ((x - y).square() * mf).sum(dim=(1, 2, 3)) / n_mask  # NaN for an empty mask
         rows["mse_brain"].append(mse_brain)
         rows["psnr_brain"].append(torch.where(n_mask > 0, _psnr_from_mse(mse_brain), torch.nan))
         xb, yb = torch.where(m, x, -1.0), torch.where(m, y, -1.0)
-        _, ssim_map = structural_similarity_index_measure(
-            yb, xb, data_range=DATA_RANGE, kernel_size=SSIM_KERNEL, reduction="none", return_full_image=True
-        )
+        _, ssim_map = _ssim(yb, xb, return_full_image=True)
         rows["ssim_brain"].append((ssim_map * mf).sum(dim=(1, 2, 3)) / n_mask)
         rows["brain_fraction"].append(mf.mean(dim=(1, 2, 3)))
 
@@ -195,6 +209,7 @@ def reconstruction_metrics(
     out["images"] = len(real)
     out["images_with_empty_mask"] = int((mask.flatten(1).sum(1) == 0).sum())
     out["psnr_cap_db"] = PSNR_CAP_DB
+    out["ssim_scale"] = SSIM_SCALE
     if per_image:
         out["per_image"] = {k: v.float() for k, v in cols.items()}
     return out
@@ -431,6 +446,7 @@ __all__ = [
     "MASK_THRESHOLD",
     "PSNR_CAP_DB",
     "PrecomputedFeatures",
+    "SSIM_SCALE",
     "as_images",
     "brain_mask",
     "feature_metrics",

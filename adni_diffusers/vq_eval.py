@@ -9,6 +9,7 @@ assumption holds, and the decoder's own quantiser snaps generated latents back o
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +18,41 @@ import torch
 from .data import SliceData, SliceDataset
 
 
-def _loader(slices, batch_size: int, limit: int | None = None):
+def stratified_rows(labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    """`limit` random rows (seeded, sorted) with each class in its share of `labels`.
+
+    Not the first `limit` rows: the files are in path order, class by class (ADNI's AD before NC)."""
+    from .evaluate import subsample
+
+    counts = Counter(labels.tolist())
+    quota = {c: limit * n / len(labels) for c, n in counts.items()}
+    per_class = {c: int(q) for c, q in quota.items()}
+    # the rows lost to rounding down go to the classes with the largest remainders
+    short = limit - sum(per_class.values())
+    for c in sorted(quota, key=lambda c: quota[c] - per_class[c], reverse=True)[:short]:
+        per_class[c] += 1
+    return subsample(labels, per_class, seed)
+
+
+def _loader(slices, batch_size: int, limit: int | None = None, seed: int = 0):
     ds = SliceDataset(slices)
     if limit is not None and len(ds) > limit:
-        ds = torch.utils.data.Subset(ds, range(limit))
+        ds = torch.utils.data.Subset(ds, stratified_rows(slices.labels, limit, seed).tolist())
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
 
 
 @torch.no_grad()
-def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Per-image PSNR/SSIM/MS-SSIM (whole image and inside the brain mask), averaged over `slices`.
+def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int | None = None,
+                            seed: int = 0) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Per-image PSNR/SSIM/MS-SSIM (whole image and inside the brain mask), averaged over `slices`
+    (over `limit` of them, drawn at random per class with `seed`, when there are more).
 
     Returns (metrics, a few originals, their reconstructions) for the grid."""
-    from .metrics import brain_mask, reconstruction_metrics
+    from .metrics import SSIM_SCALE, brain_mask, reconstruction_metrics
 
     totals, n = {}, 0
     first_x = first_r = None
-    for batch in _loader(slices, batch_size, limit):
+    for batch in _loader(slices, batch_size, limit, seed):
         x = batch["pixel_values"].to(device)
         recon = vq(x).sample.float().clamp(-1, 1)
         m = reconstruction_metrics(x.float(), recon, mask=brain_mask(x.float()), per_image=True)
@@ -43,7 +62,7 @@ def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int
         if first_x is None:
             first_x, first_r = x[:8].cpu(), recon[:8].cpu()
     means = {k: float(np.nanmean(v)) for k, v in totals.items()}  # NaN: a slice with an empty brain mask
-    return means | {"eval_images": n}, first_x, first_r
+    return means | {"eval_images": n, "ssim_scale": SSIM_SCALE}, first_x, first_r
 
 
 def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = None) -> dict:
@@ -58,8 +77,10 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
 
     held_out = data.val if len(data.val) else data.train
     eval_set = "validation (held-out patients)" if len(data.val) else "training images (no hold-out: --split all)"
-    recon_metrics, x, recon = reconstruct_and_measure(vq, held_out, device, args.eval_batch_size, args.eval_max_images)
-    usage = code_usage(vq, _loader(held_out, args.eval_batch_size, args.eval_max_images), device)
+    seed = getattr(args, "seed", 0)
+    recon_metrics, x, recon = reconstruct_and_measure(vq, held_out, device, args.eval_batch_size, args.eval_max_images,
+                                                      seed)
+    usage = code_usage(vq, _loader(held_out, args.eval_batch_size, args.eval_max_images, seed), device)
 
     vq.save_pretrained(output_dir / "vqvae")
     diff = (recon - x).abs() * 2 - 1  # |error| on the same [-1, 1] scale: black = exact

@@ -128,14 +128,20 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
     rgb[..., 0] = 200
     PIL.Image.fromarray(rgb).save(colour := tmp_path / "colour.png")
     PIL.Image.fromarray(np.zeros((200, 200), np.uint8)).save(small := tmp_path / "small.png")
+    # 16-bit and float slices: the training data's decoder refuses them, so --image must too
+    PIL.Image.fromarray(np.full((240, 256), 4000, np.uint16)).save(deep := tmp_path / "deep.png")
+    PIL.Image.fromarray(np.full((240, 256), 0.5, np.float32), mode="F").save(floaty := tmp_path / "float.tiff")
     (text := tmp_path / "notes.jpeg").write_text("not an image")
     uncond = _unconditional_model(tiny_ldm, tmp_path / "uncond")
     out = tmp_path / "out"
     base = ["--model", tiny_ldm, "--out", out, *STEPS]
     cases = [
         (["--image", tmp_path / "missing.jpeg", "--to", "AD"], ["missing.jpeg", "no such file"]),
-        (["--image", colour, "--to", "AD"], ["colour.png", "RGB image; expected a greyscale slice"]),
-        (["--image", small, "--to", "AD"], ["small.png", "200 wide x 200 high; expected 256 wide x 240 high"]),
+        (["--image", colour, "--to", "AD"], ["colour.png", "colour RGB image; expected 8-bit greyscale"]),
+        (["--image", small, "--to", "AD"], ["small.png", "200 wide x 200 high; expected 256 wide x 240 high",
+                                            "trained with --preprocess pad"]),
+        (["--image", deep, "--to", "AD"], ["deep.png", "16-bit image; expected 8-bit greyscale"]),
+        (["--image", floaty, "--to", "AD"], ["float.tiff", "F-mode image; expected 8-bit greyscale"]),
         (["--image", text, "--to", "AD"], ["notes.jpeg", "not a readable image"]),
         (["--image", nc_slice, "--to", "MCI"], ["--to 'MCI'", "['AD', 'NC']"]),
         (["--image", nc_slice, "--to", "AD", "--strength", "0"], ["--strength 0", "(0, 1]"]),
@@ -155,6 +161,54 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
     rc, err = run_cli(["--model", uncond, "--out", out, "--image", nc_slice, "--to", "AD", *STEPS], capsys)
     assert rc == 2 and "unconditional" in err and "class-conditional" in err
     assert not any(out.rglob("*.png"))
+
+
+def test_image_is_prepared_as_the_model_was_trained_pad_or_resize(tiny_ldm, nc_slice, tmp_path, capsys):
+    """A model trained with --preprocess resize gets --image resized (240 -> 256 rows), not padded."""
+    import shutil
+
+    from adni_diffusers.data import decode_slice
+
+    model = tmp_path / "resize_model"
+    shutil.copytree(tiny_ldm, model)
+    record = json.loads((model / "training_data.json").read_text())
+    assert C.recorded_preprocess(model) == record["preprocess"] == "pad"
+    (model / "training_data.json").write_text(json.dumps({**record, "preprocess": "resize"}))
+    assert C.recorded_preprocess(model) == "resize"
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", model, "--image", nc_slice, "--to", "AD", "--strength", "1.0", "--out", out,
+                       *STEPS], capsys)
+    assert rc == 0, err
+    original = np.asarray(PIL.Image.open(out / nc_slice.stem / "original.png"))
+    resized = decode_slice(nc_slice, "resize")[0]
+    padded = decode_slice(nc_slice, "pad")[0]
+    assert np.abs(original.astype(int) - resized).max() <= 1  # the training view (PNG round trip of [-1, 1])
+    assert np.abs(original.astype(int) - padded).max() > 50  # not the padded one
+    assert json.loads((out / "counterfactuals.json").read_text())["preprocess"] == "resize"
+    assert torch.equal(C.read_slice(nc_slice, "resize"), torch.tensor(resized).float().div(127.5).sub(1)[None, None])
+    # where the record is: training_data.json first, then training_args.json; pad when neither says
+    only_args = tmp_path / "args_only"
+    only_args.mkdir()
+    (only_args / "training_args.json").write_text(json.dumps({"preprocess": "resize"}))
+    assert C.recorded_preprocess(only_args) == "resize"
+    assert C.recorded_preprocess(tmp_path / "nothing_recorded") == "pad"
+    (only_args / "training_data.json").write_text(json.dumps({"preprocess": "crop"}))
+    with pytest.raises(ValueError, match="training_data.json: preprocess 'crop'"):
+        C.recorded_preprocess(only_args)
+
+
+def test_uint8_tensor_of_adni_size_is_padded_like_any_other_input(pipe, nc_slice, tmp_path):
+    """A uint8 (1, 240, 256) tensor (a file's pixels as they are) is padded, not passed through at 240 rows."""
+    raw = torch.from_numpy(np.asarray(PIL.Image.open(nc_slice)).copy())[None]
+    assert raw.dtype == torch.uint8 and raw.shape == (1, 240, 256)
+    pixels = C._to_pixels(raw)
+    assert pixels.shape == (1, 1, 256, 256) and torch.equal(pixels, C._to_pixels(raw.numpy()))
+    assert float(pixels[0, 0, :8].max()) == -1.0  # the black padding rows
+    padded = torch.nn.functional.pad(raw, (0, 0, 8, 8))  # already 256x256: the fast path, same numbers
+    assert torch.equal(C._to_pixels(padded), pixels)
+    result = C.make_counterfactuals(pipe, raw, "AD", strengths=(1.0,), scheduler="ddim", steps=2)[0]
+    assert result["original"].shape == result["reconstruction"].shape == (1, 256, 256)
+    assert C.save_strip(result, tmp_path / "strip.png").is_file()
 
 
 # ---------------------------------------------------------------------------------- measurement

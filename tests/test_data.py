@@ -230,6 +230,29 @@ def test_given_split_uses_the_folders_own_train_and_test(tmp_path):
     assert d.summary()["validation"]["per_class"] == {"AD": 4, "NC": 4}
 
 
+def test_given_split_reports_patients_on_both_sides(tmp_path, caplog):
+    """Real prepared folders may put one patient's slices in both train/ and test/: training still works, but
+    a warning names them, suggests --split patient, and the summary (training_data.json) records the count."""
+    root = tmp_path / "AD_NC"
+    make_tree(root, patients=2, slices=2)
+    assert load_slices(root, split="given").summary()["shared_patients"] == 0
+    for k, pid in enumerate([1003730, 1003731, 1003732, 1003733, 1003734, 1003735]):  # train patients into test
+        cls = "AD" if pid < 1003732 else "NC"
+        write(root / "test" / cls / f"{pid}_{90 + k}.jpeg", slice_pixels(k))
+    for k in range(6):  # and more than 5 shared new ones, so the listing is cut
+        for split in ("train", "test"):
+            write(root / split / "AD" / f"77{k}_{80 if split == 'train' else 81}.jpeg", slice_pixels(k))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        d = load_slices(root, split="given")
+    assert d.shared_patients == 10 and d.summary()["shared_patients"] == 10
+    warnings = [r.getMessage() for r in caplog.records if "both train/" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "10 patient(s)" in warnings[0] and "--split patient" in warnings[0]
+    assert "1003730, 1003731" in warnings[0] and "775" not in warnings[0]  # at most 5 ids listed
+    assert len(d.train) == 8 + 6 and len(d.val) == 8 + 6 + 6  # nothing dropped, nothing raised
+    assert load_slices(root, split="patient").summary()["shared_patients"] == 0
+
+
 def test_all_split_puts_everything_in_train_and_leaves_validation_empty(tmp_path):
     root = tmp_path / "AD_NC"
     files = make_tree(root, patients=2, slices=2)

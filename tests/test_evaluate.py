@@ -99,6 +99,23 @@ def test_held_out_is_the_training_split_and_floors_stand_beside_numbers(evaluate
     assert "| measure | generated | floor (real) | VQ ceiling |" in report
 
 
+def test_report_states_held_out_patients_that_training_also_saw(evaluated, tmp_path):
+    """`--split given` on a folder whose train/test share patients: the report must not call them unseen."""
+    result, out = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["shared_patients"] == 0
+    assert metrics["settings"]["ms_ssim_scale"] == "[0, 1], data_range 1"
+    assert "patients the model never saw." in (out / "report.md").read_text()
+    res = {k: v for k, v in result.items() if k != "card"}
+    res["data"] = {**res["data"], "split": "given", "shared_patients": 3}
+    report = E.write_report(res, tmp_path).read_text()
+    held = res["data"]["validation"]["patients"]
+    assert "never saw" not in report
+    assert f"{held} patients, 3 of whom the model also saw in training." in report
+    assert "3 patients of the held-out set also have slices in the training split" in report
+    assert "--split patient" in report
+
+
 def test_vq_ceiling_is_the_floors_images_through_the_autoencoder(evaluated, model_copy):
     """The ceiling compares the floor's own training images, after VQ encode + decode, with the same held-out set."""
     result, out = evaluated
@@ -271,3 +288,23 @@ def test_unconditional_model(tiny_ldm, demo_root, evaluated, tmp_path):
     assert {r["group"] for r in result["ablations"]["rows"]} == {"refinement", "sampler"}
     assert (out / "umap.png").is_file() and "## Class balance" in (out / "report.md").read_text()
     assert FD_NAME in json.loads((out / "metrics.json").read_text())
+
+
+def test_vq_held_out_metrics_use_a_seeded_subset_with_each_class_in_its_share():
+    """The VQ metrics' `--eval_max_images` subset: not the first N files (path order puts all AD before NC)."""
+    from adni_diffusers.data import SliceSet
+    from adni_diffusers.vq_eval import _loader, stratified_rows
+
+    labels = torch.tensor([0] * 60 + [1] * 40)  # AD first, as the files sort
+    rows = stratified_rows(labels, 20, seed=0)
+    assert len(rows) == len(set(rows.tolist())) == 20 and torch.equal(rows, rows.sort().values)
+    assert (labels[rows] == 0).sum() == 12 and (labels[rows] == 1).sum() == 8  # 60% / 40%, as in the set
+    assert torch.equal(rows, stratified_rows(labels, 20, seed=0))
+    assert not torch.equal(rows, stratified_rows(labels, 20, seed=1))
+    odd = stratified_rows(torch.tensor([0] * 5 + [1] * 3 + [2] * 2), 5, seed=0)  # rounding: still 5 rows
+    assert len(odd) == 5
+    slices = SliceSet(torch.zeros(100, 8, 8, dtype=torch.uint8), labels, [str(i) for i in range(100)],
+                      [f"{i}.jpeg" for i in range(100)], ["AD", "NC"])
+    seen = torch.cat([b["class_labels"] for b in _loader(slices, batch_size=7, limit=20)])
+    assert seen.tolist().count(0) == 12 and seen.tolist().count(1) == 8
+    assert len(list(_loader(slices, batch_size=50, limit=None))) == 2  # no limit: every image

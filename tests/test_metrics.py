@@ -214,3 +214,44 @@ def test_feature_metrics_names_say_which_features():
     out = M.feature_metrics(a, b, kid_subset_size=100, kid_subsets=5)
     assert "FD (adni-features)" in out and "KID (adni-features)" in out
     assert not any(k.startswith("FID") for k in out)
+
+
+def test_ssim_is_computed_on_the_0_1_scale_and_psnr_is_unchanged():
+    """SSIM's luminance term is not shift-invariant: the field's numbers (torchmetrics, MONAI, Pinaya et al.)
+    are on [0, 1] with data range 1, not on [-1, 1] with range 2. A brightened copy shows the difference."""
+    from torchmetrics.functional.image import (
+        multiscale_structural_similarity_index_measure as tm_ms_ssim,
+        structural_similarity_index_measure as tm_ssim,
+    )
+
+    x, _, _ = _brain_slices(2)
+    y = (x + 6 / 127.5).clamp(-1, 1)  # 3 grey levels brighter on [0, 255]
+    out = M.reconstruction_metrics(x, y, per_image=True)
+    unit = lambda t: (t + 1) / 2  # noqa: E731
+    expected_ssim = tm_ssim(unit(y), unit(x), data_range=1.0, kernel_size=11, reduction="none")
+    assert out["per_image"]["ssim"].tolist() == pytest.approx(expected_ssim.tolist(), abs=1e-5)
+    on_minus1_1 = tm_ssim(y, x, data_range=2.0, kernel_size=11, reduction="none")
+    assert not torch.allclose(expected_ssim, on_minus1_1, atol=1e-3)  # the scales really differ here
+    expected_ms = tm_ms_ssim(unit(y), unit(x), data_range=1.0, kernel_size=11, reduction="none")
+    assert M.ms_ssim(y, x).tolist() == pytest.approx(expected_ms.tolist(), abs=1e-5)
+    assert out["per_image"]["ms_ssim"].tolist() == pytest.approx(expected_ms.tolist(), abs=1e-5)
+    # in-brain SSIM: the same map on [0, 1] with the background black (0) in both images
+    mask = M.brain_mask(x)
+    _, ssim_map = tm_ssim(unit(torch.where(mask, y, -1.0)), unit(torch.where(mask, x, -1.0)), data_range=1.0,
+                          kernel_size=11, reduction="none", return_full_image=True)
+    expected_brain = (ssim_map * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3))
+    assert out["per_image"]["ssim_brain"].tolist() == pytest.approx(expected_brain.tolist(), abs=1e-5)
+    # PSNR: range 2 on [-1, 1] is the same number as range 1 on [0, 1]
+    mse01 = (unit(x) - unit(y)).square().mean(dim=(1, 2, 3)).double()
+    assert out["per_image"]["psnr"].double().tolist() == pytest.approx((10 * torch.log10(1 / mse01)).tolist(),
+                                                                       rel=1e-4)
+    assert out["ssim_scale"] == M.SSIM_SCALE == "[0, 1], data_range 1"
+
+
+def test_ms_ssim_diversity_is_on_the_0_1_scale():
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as tm_ms_ssim
+
+    x, _, _ = _brain_slices(2)
+    d = M.ms_ssim_diversity(x, num_pairs=1)
+    expected = tm_ms_ssim((x[1:] + 1) / 2, (x[:1] + 1) / 2, data_range=1.0, kernel_size=11)
+    assert d["pairs"] == 1 and d["mean"] == pytest.approx(float(expected), abs=1e-5)
