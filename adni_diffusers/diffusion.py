@@ -39,6 +39,8 @@ def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Ten
     nearly clean timesteps (large SNR) stop dominating, so the global layout is learnt sooner."""
     from diffusers.training_utils import compute_snr
 
+    if not gamma > 0:  # zero or negative weights: no learning, or gradient ascent
+        raise ValueError(f"Min-SNR gamma must be positive, got {gamma}")
     snr = compute_snr(noise_scheduler, t)
     clipped = torch.clamp(snr, max=gamma)
     if noise_scheduler.config.prediction_type == "v_prediction":

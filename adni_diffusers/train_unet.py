@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -23,6 +24,8 @@ import torch
 
 from adni_diffusers import training
 from adni_diffusers.training import TrainingError
+
+logger = logging.getLogger("adni_diffusers.train_unet")
 
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH = 64
@@ -65,6 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "processes: use 0 (the default) with it")
     if not 0.0 <= args.cond_dropout < 1.0:
         raise TrainingError(f"--cond_dropout {args.cond_dropout}: expected a probability in [0, 1)")
+    training.require_at_least(args, 1, "num_train_timesteps", "save_images_epochs", "num_sample_images",
+                              "sample_inference_steps")
+    training.require_positive(args, "snr_gamma")  # 0 or less: zero or negative loss weights (gradient ascent)
+    for name in ("beta_start", "beta_end"):  # a beta of 1 or more leaves no signal (alpha = 1 - beta <= 0)
+        value = getattr(args, name)
+        if not 0 < value < 1:
+            raise TrainingError(f"--{name} must be between 0 and 1 (exclusive), got {value}")
     return args
 
 
@@ -77,6 +87,53 @@ def find_vqmodel(path: str) -> Path:
                 return candidate
     raise TrainingError(f"--vqmodel {path}: no VQModel there (expected the output folder of train_vqmodel.py, "
                         "holding vqvae/config.json)")
+
+
+def split_settings(root, split: str, val_fraction: float, seed: int, preprocess: str) -> dict:
+    """What decides which patients a stage holds out (data.load_slices), and how the slices were prepared.
+    --val_fraction and --seed draw only the patient split."""
+    settings = {"root": str(Path(root).resolve()), "split": split}
+    if split == "patient":
+        settings.update(val_fraction=val_fraction, seed=seed)
+    return {**settings, "preprocess": preprocess}
+
+
+def recorded_vq_split(vq_dir: Path) -> dict | None:
+    """The split the VQModel in `vq_dir` was trained on, from what train_vqmodel.py wrote beside its vqvae/
+    (training_data.json, training_args.json), or from this script's record when `vq_dir` is a finished
+    pipeline's. None for a VQModel without such records."""
+    folder = vq_dir.parent
+    try:
+        data = json.loads((folder / "training_data.json").read_text())
+        if data.get("stage") == "unet":
+            return data.get("vqmodel_split")
+        flags = json.loads((folder / "training_args.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("stage") != "vqmodel":
+        return None
+    return split_settings(data["root"], flags["split"], flags["val_fraction"], flags["seed"], flags["preprocess"])
+
+
+def check_vq_split(vq_dir: Path, args, root, warn: bool = True) -> dict | None:
+    """Refuse a VQModel trained on another split of the data: it has seen patients this run holds out, so the
+    held-out numbers would not be held out. Returns its split settings; None (with one warning, where `warn`)
+    when it has no record of them."""
+    there = recorded_vq_split(vq_dir)
+    if there is None:
+        if warn:
+            logger.warning("--vqmodel %s: no record of the data it was trained on (not a train_vqmodel.py output "
+                           "folder), so whether it saw this run's held-out patients cannot be checked", vq_dir)
+        return None
+    here = split_settings(root, args.split, args.val_fraction, args.seed, args.preprocess)
+    differs = [f"{k} {there[k]} there, {here[k]} here" for k in here if k in there and there[k] != here[k]]
+    if differs:
+        raise TrainingError(
+            f"--vqmodel {args.vqmodel} was trained on another split of the data ({'; '.join(differs)}): it has "
+            "seen patients this run holds out. Use the VQModel's --train_data_dir, --split, --val_fraction, "
+            "--seed and --preprocess, or train a VQModel with these."
+        )
+    return there
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -95,6 +152,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.conditional and len(folder_classes) < 2:
         raise TrainingError(f"--conditional needs class folders (e.g. AD/ and NC/); {root} has "
                             f"{folder_classes or 'none'}")
+    vq_split = check_vq_split(vq_dir, args, root, warn=accelerator.is_main_process)
 
     # 1. the frozen first stage, and the denoiser for the latents it makes (4x32x32 for every preset)
     vq = VQModel.from_pretrained(vq_dir).to(device).eval().requires_grad_(False)
@@ -126,9 +184,7 @@ def main(args: argparse.Namespace) -> dict:
     dataset = LatentDataset(train_latents, data.train.labels, device=device if args.latents_on_device else None)
     loader, sampler = training.make_dataloader(dataset, args, accelerator)
     optimizer = training.make_optimizer(unet.parameters(), args, accelerator, DEFAULT_BATCH)
-    max_steps = args.max_train_steps or args.num_epochs * training.steps_per_epoch(loader, accelerator, args.gradient_accumulation_steps)
-    lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator, max_steps)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    model, optimizer, loader, lr_scheduler = training.prepare_for_training(accelerator, args, unet, optimizer, loader)
 
     def training_loss(m, latents, labels, gen):
         return diffusion_loss(m, noise_scheduler, latents, labels, gen, args.loss, args.channels_last, args.snr_gamma)
@@ -146,7 +202,8 @@ def main(args: argparse.Namespace) -> dict:
     training.start_logging(accelerator, args, "unet")
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source,
-                               {"stage": "unet", "vqmodel": str(vq_dir), "conditional": bool(class_names)}, model=model)
+                               {"stage": "unet", "vqmodel": str(vq_dir), "vqmodel_split": vq_split,
+                                "conditional": bool(class_names)}, model=model)
 
     # 3. train on the denoising objective (adni_diffusers/diffusion.py)
     start = time.time()

@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_hub_arguments(parser)
     args = parser.parse_args(argv)
     training.validate_training_arguments(args)
+    training.require_at_least(args, 1, "save_images_steps", "eval_max_images")
+    training.require_at_least(args, 0, "codebook_restart_steps", "disc_start", "ssim_weight", "codebook_weight",
+                              "commitment_beta", "disc_weight")
+    training.require_positive(args, "disc_learning_rate")
     training.check_hub_flags(args)
     return args
 
@@ -70,9 +74,7 @@ def main(args: argparse.Namespace) -> dict:
     monitor = CodebookMonitor(config["num_vq_embeddings"]).to(device)
     loader, sampler = training.make_dataloader(SliceDataset(data.train), args, accelerator)
     optimizer = training.make_optimizer(model.parameters(), args, accelerator, DEFAULT_BATCH)
-    max_steps = args.max_train_steps or args.num_epochs * training.steps_per_epoch(loader, accelerator, args.gradient_accumulation_steps)
-    lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator, max_steps)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    model, optimizer, loader, lr_scheduler = training.prepare_for_training(accelerator, args, model, optimizer, loader)
     use_gan = args.disc_weight > 0
     if use_gan:
         disc = PatchDiscriminator().to(device)
@@ -80,9 +82,22 @@ def main(args: argparse.Namespace) -> dict:
                                            betas=(0.5, 0.9))
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     vq = accelerator.unwrap_model(model).vq
+
+    def training_loss(m, x):
+        """A step's loss without the GAN term, with the forward's output and the parts to log."""
+        out = m(x)
+        rec_loss = reconstruction_loss(out.recon, x, args.rec_loss)
+        loss = rec_loss + args.codebook_weight * out.codebook_loss + args.commitment_beta * out.commitment_loss
+        logs = {"rec_loss": rec_loss, "codebook_loss": out.codebook_loss, "commitment_loss": out.commitment_loss}
+        if args.ssim_weight > 0:
+            logs["ssim_loss"] = ssim_loss(out.recon, x)
+            loss = loss + args.ssim_weight * logs["ssim_loss"]
+        return loss, out, logs
+
+    # the probe runs the steps' own loss: with the reconstruction loss alone the codebook got no gradient, and
+    # under DDP the first step then stopped ("Expected to have finished reduction in the prior iteration")
     probe_x = SliceDataset(data.train)[0]["pixel_values"][None].repeat(args.train_batch_size, 1, 1, 1).to(device)
-    model = training.maybe_compile(model, args, probe=lambda m: reconstruction_loss(m(probe_x).recon, probe_x,
-                                                                                    "mse").backward(),
+    model = training.maybe_compile(model, args, probe=lambda m: training_loss(m, probe_x)[0].backward(),
                                    child_probe=compile_check)
     ema = training.make_ema(vq, args, device)
 
@@ -110,17 +125,11 @@ def main(args: argparse.Namespace) -> dict:
                 monitor.initialise(vq.quantize.embedding.weight.data, vectors, run.step_generator(shared=True))
             codebook_ready = True
         with accelerator.accumulate(model, *( [disc] if use_gan else [])):
-            out = model(x)
-            rec_loss = reconstruction_loss(out.recon, x, args.rec_loss)
-            loss = rec_loss + args.codebook_weight * out.codebook_loss + args.commitment_beta * out.commitment_loss
-            logs = {"rec_loss": rec_loss, "codebook_loss": out.codebook_loss, "commitment_loss": out.commitment_loss}
-            if args.ssim_weight > 0:
-                logs["ssim_loss"] = ssim_loss(out.recon, x)
-                loss = loss + args.ssim_weight * logs["ssim_loss"]
+            loss, out, logs = training_loss(model, x)
             gan_on = use_gan and run.global_step >= args.disc_start
             if gan_on:
-                g_loss = -disc(out.recon).mean()
-                weight = adaptive_gan_weight(rec_loss, g_loss, accelerator.unwrap_model(model).last_layer())
+                g_loss = generator_gan_loss(accelerator.unwrap_model(disc), out.recon)
+                weight = adaptive_gan_weight(logs["rec_loss"], g_loss, accelerator.unwrap_model(model).last_layer())
                 loss = loss + args.disc_weight * weight * g_loss
                 logs.update(g_loss=g_loss, gan_weight=weight)
             accelerator.backward(loss)
@@ -173,6 +182,17 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def generator_gan_loss(disc, recon: torch.Tensor) -> torch.Tensor:
+    """The VQModel's adversarial loss, through the bare discriminator (no DDP wrapper) with its parameters
+    frozen for this forward: the gradient reaches the VQModel and leaves none in the discriminator, whose
+    optimizer must step on its own loss only."""
+    disc.requires_grad_(False)
+    try:
+        return -disc(recon).mean()
+    finally:
+        disc.requires_grad_(True)  # the graph above is built: the discriminator's own loss needs its gradients
 
 
 @torch.no_grad()

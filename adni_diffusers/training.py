@@ -116,17 +116,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
 
 
 def validate_training_arguments(args: argparse.Namespace) -> None:
-    positive = ["train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
-                "checkpointing_steps", "logging_steps"]
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise TrainingError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise TrainingError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
-    if args.learning_rate <= 0:
-        raise TrainingError(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise TrainingError("--checkpoints_total_limit must be at least 1")
+    require_at_least(args, 1, "train_batch_size", "eval_batch_size", "num_epochs", "max_train_steps",
+                     "gradient_accumulation_steps", "checkpointing_steps", "checkpoints_total_limit", "logging_steps")
+    require_at_least(args, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay")
+    require_positive(args, "learning_rate", "adam_epsilon", "max_grad_norm", "ema_inv_gamma", "ema_power")
+    require_fraction(args, "adam_beta1", "adam_beta2", below_one=True)
+    require_fraction(args, "ema_max_decay")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise TrainingError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     mode = getattr(args, "compile_mode", None)
     if mode and not args.compile:
         raise TrainingError(f"--compile_mode {mode} needs --compile")
@@ -142,6 +139,33 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
             raise TrainingError(
                 f"--resume_from_checkpoint {path}: expected 'latest' or an existing checkpoint-<step> folder"
             )
+
+
+# A flag out of range must stop the run here, not at its first use: a 0 interval divides by zero after an epoch,
+# a negative weight trains the wrong way. `not value >= x` also catches NaN. None means "not given".
+
+
+def require_at_least(args, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value >= minimum:
+            raise TrainingError(f"--{name} must be at least {minimum}, got {value}")
+
+
+def require_positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise TrainingError(f"--{name} must be positive, got {value}")
+
+
+def require_fraction(args, *names: str, below_one: bool = False) -> None:
+    """Values in [0, 1], or [0, 1) with `below_one`."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (0 <= value < 1 if below_one else 0 <= value <= 1):
+            bounds = "at least 0 and below 1" if below_one else "between 0 and 1"
+            raise TrainingError(f"--{name} must be {bounds}, got {value}")
 
 
 def check_hub_flags(args: argparse.Namespace) -> None:
@@ -402,6 +426,17 @@ def make_lr_scheduler(optimizer, args, accelerator, max_train_steps: int):
     )
 
 
+def prepare_for_training(accelerator, args, model, optimizer, loader):
+    """`accelerator.prepare` the model, optimizer and loader, then make and prepare the LR schedule: its length
+    needs the prepared loader, which holds this process's share of the batches. (Counted on the loader before
+    prepare, every process's batches, the schedule was num_processes times too long.)
+    Returns (model, optimizer, loader, lr_scheduler), all prepared."""
+    model, prepared_optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # made on the plain optimizer, so that prepare ties the schedule to its prepared optimizer
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator, total_train_steps(args, loader))
+    return model, prepared_optimizer, loader, accelerator.prepare(lr_scheduler)
+
+
 def start_compile_check(args, spec: dict):
     """Start the compile check's child process now (`compile_probe.ChildStep`; on CUDA with --compile only), so
     that it compiles and runs its step while this process decodes slices or builds the latent cache; hand the
@@ -536,8 +571,13 @@ def to_channels_last(model, args):
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
-def steps_per_epoch(loader, accelerator, grad_accum: int) -> int:
+def steps_per_epoch(loader, grad_accum: int) -> int:
     return max(1, math.ceil(len(loader) / grad_accum))
+
+
+def total_train_steps(args, loader) -> int:
+    """Optimizer steps of the whole run: --max_train_steps, else --num_epochs of the (prepared) loader."""
+    return args.max_train_steps or args.num_epochs * steps_per_epoch(loader, args.gradient_accumulation_steps)
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -676,8 +716,8 @@ class TrainingRun:
         self.extra_state = extra_state or (lambda: {"tensors": {}, "meta": {}})
         self.restore_extra_state = restore_extra_state or (lambda tensors, meta: None)
         self.output_dir = Path(args.output_dir)
-        self.steps_per_epoch = steps_per_epoch(loader, accelerator, args.gradient_accumulation_steps)
-        self.max_train_steps = args.max_train_steps or args.num_epochs * self.steps_per_epoch
+        self.steps_per_epoch = steps_per_epoch(loader, args.gradient_accumulation_steps)
+        self.max_train_steps = total_train_steps(args, loader)
         self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
         self.global_step = 0
         self.start_step = 0  # where this process started: 0, or the resumed checkpoint's step

@@ -36,14 +36,18 @@ def read_traces(out) -> list[list[dict]]:
 
 @pytest.mark.parametrize("script", ["train_vqmodel.py", "train_unet.py"])
 def test_two_processes_are_data_parallel(script, tmp_path, demo_root, tiny_vq):
+    """One epoch (no --max_train_steps) on 2 processes: 24 training images at 2 x 2 per step are 6 steps. The
+    linear learning-rate schedule ends at 0 on the last one (it was computed from all 12 batches of the
+    unsharded loader and ended at half the rate)."""
     out = tmp_path / "out"
-    steps = 4
+    steps = 6
     if script == "train_vqmodel.py":
         args = ["--train_data_dir", demo_root, "--output_dir", out, *TINY_VQ_ARGS, "--train_batch_size", "2"]
     else:
         args = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out, *TINY_UNET_ARGS,
                 "--conditional", "--train_batch_size", "2", "--latent_cache_dir", tmp_path / "cache"]
-    proc = launch(script, [*args, "--max_train_steps", steps, "--trace_batches", "--checkpointing_steps", "2"])
+    proc = launch(script, [*args, "--num_epochs", "1", "--lr_scheduler", "linear", "--trace_batches",
+                           "--checkpointing_steps", "2"])
     assert proc.returncode == 0, proc.stderr[-5000:]
 
     rank0, rank1 = read_traces(out)
@@ -54,13 +58,16 @@ def test_two_processes_are_data_parallel(script, tmp_path, demo_root, tiny_vq):
         assert len(a["indices"]) == len(b["indices"]) == 2  # per-process batch
         assert not set(a["indices"]) & set(b["indices"]), f"step {a['step']}: both ranks got {a['indices']}"
         assert a["weights_checksum"] == b["weights_checksum"], f"weights diverged at step {a['step']}"
-    # within an epoch no image is seen twice, across both ranks (12 steps/epoch on 24 images at 2x2 per step)
+    # within the epoch no image is seen twice, across both ranks
     seen = [i for a, b in zip(rank0, rank1) for i in a["indices"] + b["indices"]]
     assert len(seen) == len(set(seen)) == steps * 4
     # the weights did change: a real training run
     assert rank0[0]["weights_checksum"] != rank0[-1]["weights_checksum"]
     assert (out / ("vqvae" if script == "train_vqmodel.py" else "model_index.json")).exists()
     assert (out / "checkpoint-2").is_dir()
+    history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == steps and history[-1]["lr"] == 0.0, history
+    assert history[0]["lr"] > 0
 
 
 def test_two_processes_without_cpu_flag_are_refused(tmp_path, demo_root):

@@ -209,3 +209,98 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     finally:
         reset_accelerate()
     assert ("--mixed_precision fp16 does nothing on the CPU" in caplog.text) == warned
+
+
+# ------------------------------------------------------------------------------------ flag ranges
+
+
+@pytest.mark.parametrize("script, flag, value, message", [
+    ("train_unet", "--save_images_epochs", "0", "--save_images_epochs must be at least 1, got 0"),
+    ("train_unet", "--snr_gamma", "0", "--snr_gamma must be positive, got 0.0"),
+    ("train_unet", "--snr_gamma", "-5", "--snr_gamma must be positive, got -5.0"),
+    ("train_unet", "--num_sample_images", "0", "--num_sample_images must be at least 1"),
+    ("train_unet", "--sample_inference_steps", "0", "--sample_inference_steps must be at least 1"),
+    ("train_unet", "--num_train_timesteps", "0", "--num_train_timesteps must be at least 1"),
+    ("train_unet", "--beta_end", "1.5", "--beta_end must be between 0 and 1"),
+    ("train_vqmodel", "--save_images_steps", "0", "--save_images_steps must be at least 1, got 0"),
+    ("train_vqmodel", "--eval_max_images", "0", "--eval_max_images must be at least 1"),
+    ("train_vqmodel", "--codebook_restart_steps", "-1", "--codebook_restart_steps must be at least 0"),
+    ("train_vqmodel", "--disc_start", "-1", "--disc_start must be at least 0"),
+    ("train_vqmodel", "--disc_weight", "-0.1", "--disc_weight must be at least 0"),
+    ("train_vqmodel", "--ssim_weight", "-1", "--ssim_weight must be at least 0"),
+    ("train_vqmodel", "--disc_learning_rate", "0", "--disc_learning_rate must be positive"),
+    ("train_vqmodel", "--checkpointing_steps", "0", "--checkpointing_steps must be at least 1, got 0"),
+    ("train_vqmodel", "--logging_steps", "0", "--logging_steps must be at least 1, got 0"),
+    ("train_vqmodel", "--train_batch_size", "0", "--train_batch_size must be at least 1, got 0"),
+    ("train_vqmodel", "--gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be at least 1"),
+    ("train_unet", "--learning_rate", "-0.0001", "--learning_rate must be positive"),
+    ("train_unet", "--lr_warmup_steps", "-1", "--lr_warmup_steps must be at least 0"),
+    ("train_unet", "--dataloader_num_workers", "-1", "--dataloader_num_workers must be at least 0"),
+    ("train_unet", "--val_fraction", "1.5", "--val_fraction must be between 0 and 1"),
+    ("train_unet", "--adam_beta2", "1", "--adam_beta2 must be at least 0 and below 1"),
+    ("train_unet", "--adam_epsilon", "0", "--adam_epsilon must be positive"),
+    ("train_unet", "--adam_weight_decay", "-0.01", "--adam_weight_decay must be at least 0"),
+    ("train_unet", "--max_grad_norm", "0", "--max_grad_norm must be positive"),
+    ("train_unet", "--ema_max_decay", "1.5", "--ema_max_decay must be between 0 and 1"),
+    ("train_unet", "--ema_power", "nan", "--ema_power must be positive, got nan"),
+])
+def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, capsys):
+    """Caught when the flags are read, not after an epoch (a 0 interval divided by zero at its first use;
+    --snr_gamma <= 0 made the loss weights zero or negative: gradient ascent)."""
+    import importlib
+
+    from adni_diffusers.training import TrainingError
+
+    module = importlib.import_module(f"adni_diffusers.{script}")
+    with pytest.raises(TrainingError) as error:
+        module.parse_args(["--vqmodel", "v", "--output_dir", "o", flag, value] if script == "train_unet"
+                          else ["--output_dir", "o", flag, value])
+    assert message in str(error.value)
+
+
+# ------------------------------------------------------------------------- the VQModel's data split
+
+
+@pytest.mark.parametrize("extra, differs", [(["--seed", "1"], "seed 0 there, 1 here"),
+                                            (["--val_fraction", "0.25"], "val_fraction 0.1 there, 0.25 here"),
+                                            (["--split", "all"], "split patient there, all here"),
+                                            (["--preprocess", "resize"], "preprocess pad there, resize here")])
+def test_vqmodel_trained_on_another_split_is_refused(tmp_path, tiny_vq, demo_root, capsys, extra, differs):
+    """The held-out patients are drawn from --seed/--val_fraction/--split: a VQModel trained with other values
+    has seen this run's held-out patients. Refused before any data is decoded."""
+    from adni_diffusers import train_unet
+
+    code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir",
+                           str(tmp_path / "o"), *TINY_UNET_ARGS, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--vqmodel {tiny_vq}" in err and differs in err, err
+    assert not (tmp_path / "o" / "model_index.json").exists()
+
+
+def test_vqmodel_split_is_checked_against_its_records(tmp_path, tiny_vq, tiny_ldm, demo_root, caplog):
+    import shutil
+
+    from adni_diffusers import train_unet
+
+    args = train_unet.parse_args(["--vqmodel", str(tiny_vq), "--output_dir", "o"])
+    expected = {"root": str(demo_root.resolve()), "split": "patient", "val_fraction": 0.1, "seed": 0,
+                "preprocess": "pad"}
+    vq_dir = train_unet.find_vqmodel(str(tiny_vq))
+    assert train_unet.check_vq_split(vq_dir, args, demo_root) == expected
+    # the UNet's record keeps it, so the finished pipeline used as --vqmodel is checked the same way
+    assert json.loads((tiny_ldm / "training_data.json").read_text())["vqmodel_split"] == expected
+    assert train_unet.check_vq_split(train_unet.find_vqmodel(str(tiny_ldm)), args, demo_root) == expected
+    # with --split given the seed and the fraction draw nothing: they may differ
+    given = train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--split", "given", "--seed", "3"])
+    given_vq = tmp_path / "given_vq"
+    shutil.copytree(tiny_vq / "vqvae", given_vq / "vqvae")
+    (given_vq / "training_data.json").write_text(json.dumps({"stage": "vqmodel", "root": str(demo_root)}))
+    (given_vq / "training_args.json").write_text(json.dumps({"split": "given", "val_fraction": 0.5, "seed": 0,
+                                                              "preprocess": "pad"}))
+    assert train_unet.check_vq_split(given_vq / "vqvae", given, demo_root)["split"] == "given"
+    # a VQModel from elsewhere: no record, one warning
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_vq / "vqvae", bare)
+    with caplog.at_level("WARNING", logger="adni_diffusers"):
+        assert train_unet.check_vq_split(train_unet.find_vqmodel(str(bare)), args, demo_root) is None
+    assert caplog.text.count("cannot be checked") == 1

@@ -262,3 +262,56 @@ def test_data_workers_stop_when_the_training_loop_ends(tmp_path, demo_root, monk
                                           *common])  # resumes mid-epoch
     assert steps == 3 and json.loads((out / "metrics.json").read_text())["train_steps"] == 5
     assert workers_left_at_finish == [0, 0]
+
+
+# ------------------------------------------------------------------------------ losses and gradients
+
+
+def test_discriminator_steps_on_its_own_loss_only(tmp_path, demo_root, monkeypatch):
+    """The generator's adversarial loss goes through the discriminator but leaves no gradient in it: when the
+    discriminator's own loss is formed its parameters hold no gradient yet (they held the generator's, so the
+    discriminator stepped on the sum) and still require one."""
+    import adni_diffusers.vq as vq_module
+
+    discs, seen = [], []
+
+    class RecordedDiscriminator(vq_module.PatchDiscriminator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            discs.append(self)
+
+    real_hinge = vq_module.hinge_d_loss
+
+    def hinge_d_loss(real, fake):
+        params = list(discs[0].parameters())
+        seen.append((all(p.grad is None for p in params), all(p.requires_grad for p in params)))
+        return real_hinge(real, fake)
+
+    monkeypatch.setattr(vq_module, "PatchDiscriminator", RecordedDiscriminator)
+    monkeypatch.setattr(vq_module, "hinge_d_loss", hinge_d_loss)
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                          "--max_train_steps", "1", "--disc_weight", "0.5", "--disc_start", "0",
+                                          "--eval_max_images", "8", *TINY_VQ_ARGS])
+    assert seen == [(True, True)]
+
+
+def test_compile_probe_runs_the_training_loss(tmp_path, demo_root, monkeypatch):
+    """The probe before training (--compile) backpropagates the steps' own loss, codebook terms included: with
+    the reconstruction loss alone the codebook got no gradient, and under DDP the first step then failed with
+    "Expected to have finished reduction in the prior iteration". Run here eagerly, without --compile."""
+    from adni_diffusers import training
+
+    grads = {}
+
+    def run_probe(model, args, probe=None, child_probe=None):
+        probe(model)
+        grads.update({name: p.grad for name, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+        return model
+
+    monkeypatch.setattr(training, "maybe_compile", run_probe)
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                          "--max_train_steps", "1", "--eval_max_images", "8", *TINY_VQ_ARGS])
+    codebook = grads["vq.quantize.embedding.weight"]
+    assert codebook is not None and codebook.abs().sum() > 0
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
