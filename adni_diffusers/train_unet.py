@@ -89,49 +89,52 @@ def find_vqmodel(path: str) -> Path:
                         "holding vqvae/config.json)")
 
 
-def split_settings(root, split: str, val_fraction: float, seed: int, preprocess: str) -> dict:
-    """What decides which patients a stage holds out (data.load_slices), and how the slices were prepared.
-    --val_fraction and --seed draw only the patient split."""
-    settings = {"root": str(Path(root).resolve()), "split": split}
-    if split == "patient":
-        settings.update(val_fraction=val_fraction, seed=seed)
-    return {**settings, "preprocess": preprocess}
-
-
-def recorded_vq_split(vq_dir: Path) -> dict | None:
-    """The split the VQModel in `vq_dir` was trained on, from what train_vqmodel.py wrote beside its vqvae/
-    (training_data.json, training_args.json), or from this script's record when `vq_dir` is a finished
-    pipeline's. None for a VQModel without such records."""
+def vq_training_data(vq_dir: Path) -> dict | None:
+    """What the VQModel in `vq_dir` was trained on: train_vqmodel.py's training_data.json beside its vqvae/
+    (with the split flags from its training_args.json), or, when `vq_dir` is in a finished pipeline, the copy
+    this script keeps there. None for a VQModel without such records."""
     folder = vq_dir.parent
     try:
-        data = json.loads((folder / "training_data.json").read_text())
-        if data.get("stage") == "unet":
-            return data.get("vqmodel_split")
+        record = json.loads((folder / "training_data.json").read_text())
+        if record.get("stage") == "unet":
+            return record.get("vqmodel_data")
+        if record.get("stage") != "vqmodel":
+            return None
         flags = json.loads((folder / "training_args.json").read_text())
     except (OSError, ValueError):
         return None
-    if data.get("stage") != "vqmodel":
-        return None
-    return split_settings(data["root"], flags["split"], flags["val_fraction"], flags["seed"], flags["preprocess"])
+    return {"root": record.get("root"), "split": flags.get("split"), "val_fraction": flags.get("val_fraction"),
+            "seed": flags.get("seed"), "preprocess": record.get("preprocess"),
+            "patients_sha256": record.get("patients_sha256"),
+            "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256")}
 
 
-def check_vq_split(vq_dir: Path, args, root, warn: bool = True) -> dict | None:
-    """Refuse a VQModel trained on another split of the data: it has seen patients this run holds out, so the
-    held-out numbers would not be held out. Returns its split settings; None (with one warning, where `warn`)
-    when it has no record of them."""
-    there = recorded_vq_split(vq_dir)
-    if there is None:
+def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
+    """Refuse a VQModel that saw the patients this run holds out (the same patients split otherwise: another
+    --split, --val_fraction or --seed), or that prepared its slices otherwise (--preprocess): held-out numbers
+    would not be held out, and the latents would not be the ones it learned. Patient sets are compared by
+    fingerprint (data.patients_fingerprint), so the data may have moved. Returns the VQModel's record."""
+    there = vq_training_data(vq_dir)
+    if there is None or not there.get("patients_sha256"):
         if warn:
-            logger.warning("--vqmodel %s: no record of the data it was trained on (not a train_vqmodel.py output "
-                           "folder), so whether it saw this run's held-out patients cannot be checked", vq_dir)
-        return None
-    here = split_settings(root, args.split, args.val_fraction, args.seed, args.preprocess)
-    differs = [f"{k} {there[k]} there, {here[k]} here" for k in here if k in there and there[k] != here[k]]
-    if differs:
+            logger.warning("--vqmodel %s: no record of the patients it was trained on (not a train_vqmodel.py output "
+                           "folder, or one from before 2026-12-02), so whether it saw this run's held-out patients "
+                           "cannot be checked", vq_dir)
+        return there
+    if there["preprocess"] != args.preprocess:
+        raise TrainingError(f"--vqmodel {args.vqmodel} was trained on slices prepared with --preprocess "
+                            f"{there['preprocess']}, this run uses --preprocess {args.preprocess}: use the same")
+    here = data.summary()
+    if there["patients_sha256"] != here["patients_sha256"]:
+        if warn:
+            logger.warning("--vqmodel %s was trained on another set of patients (%s) than %s, so whether it saw this "
+                           "run's held-out patients cannot be checked", vq_dir, there["root"], data.root)
+    elif len(data.val) and there["validation_patients_sha256"] != here["validation"]["patients_sha256"]:
         raise TrainingError(
-            f"--vqmodel {args.vqmodel} was trained on another split of the data ({'; '.join(differs)}): it has "
-            "seen patients this run holds out. Use the VQModel's --train_data_dir, --split, --val_fraction, "
-            "--seed and --preprocess, or train a VQModel with these."
+            f"--vqmodel {args.vqmodel} was trained on the same patients split otherwise (--split {there['split']} "
+            f"--val_fraction {there['val_fraction']} --seed {there['seed']}; this run: --split {args.split} "
+            f"--val_fraction {args.val_fraction} --seed {args.seed}): it has seen patients this run holds out. "
+            "Train the UNet with the VQModel's --split, --val_fraction and --seed, or a VQModel with these."
         )
     return there
 
@@ -152,7 +155,6 @@ def main(args: argparse.Namespace) -> dict:
     if args.conditional and len(folder_classes) < 2:
         raise TrainingError(f"--conditional needs class folders (e.g. AD/ and NC/); {root} has "
                             f"{folder_classes or 'none'}")
-    vq_split = check_vq_split(vq_dir, args, root, warn=accelerator.is_main_process)
 
     # 1. the frozen first stage, and the denoiser for the latents it makes (4x32x32 for every preset)
     vq = VQModel.from_pretrained(vq_dir).to(device).eval().requires_grad_(False)
@@ -166,6 +168,7 @@ def main(args: argparse.Namespace) -> dict:
     compile_check = training.start_compile_check(args, make_spec("unet", config, args, accelerator, latent_shape))
     data, data_source = training.load_training_data(args, accelerator)
     assert data.class_names == folder_classes  # both from data.scan_tree
+    vq_data = check_vq_data(vq_dir, args, data, warn=accelerator.is_main_process)  # before the latent cache
 
     # 2. the latents of every slice (cached on disk) and the forward process
     cache_dir = Path(args.latent_cache_dir or Path(args.vqmodel) / "latent_cache")
@@ -202,7 +205,7 @@ def main(args: argparse.Namespace) -> dict:
     training.start_logging(accelerator, args, "unet")
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source,
-                               {"stage": "unet", "vqmodel": str(vq_dir), "vqmodel_split": vq_split,
+                               {"stage": "unet", "vqmodel": str(vq_dir), "vqmodel_data": vq_data,
                                 "conditional": bool(class_names)}, model=model)
 
     # 3. train on the denoising objective (adni_diffusers/diffusion.py)

@@ -261,13 +261,14 @@ def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, cap
 # ------------------------------------------------------------------------- the VQModel's data split
 
 
-@pytest.mark.parametrize("extra, differs", [(["--seed", "1"], "seed 0 there, 1 here"),
-                                            (["--val_fraction", "0.25"], "val_fraction 0.1 there, 0.25 here"),
-                                            (["--split", "all"], "split patient there, all here"),
-                                            (["--preprocess", "resize"], "preprocess pad there, resize here")])
-def test_vqmodel_trained_on_another_split_is_refused(tmp_path, tiny_vq, demo_root, capsys, extra, differs):
-    """The held-out patients are drawn from --seed/--val_fraction/--split: a VQModel trained with other values
-    has seen this run's held-out patients. Refused before any data is decoded."""
+@pytest.mark.parametrize("extra, differs", [
+    (["--seed", "1"], "--seed 0; this run: --split patient --val_fraction 0.1 --seed 1"),
+    (["--val_fraction", "0.5"], "this run: --split patient --val_fraction 0.5"),
+    (["--split", "given"], "this run: --split given"),
+    (["--preprocess", "resize"], "--preprocess pad, this run uses --preprocess resize")])
+def test_vqmodel_that_saw_the_held_out_patients_is_refused(tmp_path, tiny_vq, demo_root, capsys, extra, differs):
+    """The held-out patients are drawn from --split/--val_fraction/--seed: a VQModel trained on the same patients
+    split otherwise has seen some of this run's held-out patients. Refused before the latent cache is built."""
     from adni_diffusers import train_unet
 
     code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir",
@@ -277,30 +278,41 @@ def test_vqmodel_trained_on_another_split_is_refused(tmp_path, tiny_vq, demo_roo
     assert not (tmp_path / "o" / "model_index.json").exists()
 
 
-def test_vqmodel_split_is_checked_against_its_records(tmp_path, tiny_vq, tiny_ldm, demo_root, caplog):
+def test_vqmodel_data_is_checked_by_patients_not_by_path(tmp_path, tiny_vq, tiny_ldm, demo_root, caplog):
     import shutil
 
     from adni_diffusers import train_unet
+    from adni_diffusers.data import load_slices
 
     args = train_unet.parse_args(["--vqmodel", str(tiny_vq), "--output_dir", "o"])
-    expected = {"root": str(demo_root.resolve()), "split": "patient", "val_fraction": 0.1, "seed": 0,
-                "preprocess": "pad"}
+    data = load_slices(demo_root)
     vq_dir = train_unet.find_vqmodel(str(tiny_vq))
-    assert train_unet.check_vq_split(vq_dir, args, demo_root) == expected
+    record = train_unet.check_vq_data(vq_dir, args, data)
+    assert record["split"] == "patient" and record["seed"] == 0 and record["preprocess"] == "pad"
+    assert record["validation_patients_sha256"] == data.summary()["validation"]["patients_sha256"]
     # the UNet's record keeps it, so the finished pipeline used as --vqmodel is checked the same way
-    assert json.loads((tiny_ldm / "training_data.json").read_text())["vqmodel_split"] == expected
-    assert train_unet.check_vq_split(train_unet.find_vqmodel(str(tiny_ldm)), args, demo_root) == expected
-    # with --split given the seed and the fraction draw nothing: they may differ
-    given = train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--split", "given", "--seed", "3"])
-    given_vq = tmp_path / "given_vq"
-    shutil.copytree(tiny_vq / "vqvae", given_vq / "vqvae")
-    (given_vq / "training_data.json").write_text(json.dumps({"stage": "vqmodel", "root": str(demo_root)}))
-    (given_vq / "training_args.json").write_text(json.dumps({"split": "given", "val_fraction": 0.5, "seed": 0,
-                                                              "preprocess": "pad"}))
-    assert train_unet.check_vq_split(given_vq / "vqvae", given, demo_root)["split"] == "given"
+    assert json.loads((tiny_ldm / "training_data.json").read_text())["vqmodel_data"] == record
+    assert train_unet.check_vq_data(train_unet.find_vqmodel(str(tiny_ldm)), args, data) == record
+    # the same patients in another folder (another machine): accepted without a warning
+    moved = tmp_path / "elsewhere" / "AD_NC"
+    shutil.copytree(demo_root, moved)
+    with caplog.at_level("WARNING", logger="adni_diffusers"):
+        assert train_unet.check_vq_data(vq_dir, args, load_slices(moved)) == record
+        # nothing held out here (--split all): nothing the VQModel could have seen
+        assert train_unet.check_vq_data(vq_dir, args, load_slices(demo_root, split="all")) == record
+    assert "cannot be checked" not in caplog.text
+    # other patients: cannot be checked, one warning
+    other = tmp_path / "other" / "AD_NC"
+    shutil.copytree(demo_root, other)
+    first = sorted(other.rglob("*.jpeg"))[0]
+    first.rename(first.with_name("999999_" + first.name.split("_")[-1]))
+    with caplog.at_level("WARNING", logger="adni_diffusers"):
+        assert train_unet.check_vq_data(vq_dir, args, load_slices(other)) == record
+    assert caplog.text.count("another set of patients") == 1
     # a VQModel from elsewhere: no record, one warning
+    caplog.clear()
     bare = tmp_path / "bare"
     shutil.copytree(tiny_vq / "vqvae", bare)
     with caplog.at_level("WARNING", logger="adni_diffusers"):
-        assert train_unet.check_vq_split(train_unet.find_vqmodel(str(bare)), args, demo_root) is None
+        assert train_unet.check_vq_data(train_unet.find_vqmodel(str(bare)), args, data) is None
     assert caplog.text.count("cannot be checked") == 1
