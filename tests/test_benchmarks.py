@@ -280,3 +280,18 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
     assert third.returncode == 0 and "END train_unet rc=" in log and "END train_unet rc=0" not in log, log
     assert (run_dir / "ldm" / "checkpoint-1").is_dir() and "nothing to finish" in log and "finishing" not in log
     assert json.loads((run_dir / "ldm" / "train_metrics.json").read_text())["train_steps"] == 2
+
+
+def test_ssim_scale_reproduces_the_vq_metrics_and_the_old_scale(tiny_vq, tmp_path):
+    """benchmarks/ssim_scale.py: its new-scale numbers are the VQModel's own metrics.json (same subset, same code),
+    its old-scale ones what metrics.py computed before 2026-12-02 ([-1, 1], data_range 2)."""
+    out = tmp_path / "scale.json"
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ssim_scale.py"), str(tiny_vq), "--out",
+                          str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    [result] = json.loads(out.read_text())
+    saved = json.loads((tiny_vq / "metrics.json").read_text())
+    new, old = result["[0, 1], data_range 1"], result["[-1, 1], data_range 2"]
+    assert result["images"] == saved["eval_images"]
+    assert abs(new["ssim"] - saved["ssim"]) < 1e-5 and abs(new["ms_ssim"] - saved["ms_ssim"]) < 1e-5
+    assert abs(old["ssim"] - new["ssim"]) > 1e-4  # the scales do differ on these reconstructions
