@@ -153,8 +153,9 @@ def recorded_preprocess(model_folder) -> str:
 # --------------------------------------------------------------------------------------- sampling
 
 
-def _to_pixels(images) -> torch.Tensor:
-    """Slices as the pipeline takes them, or a SliceSet / uint8 (N, H, W) -> float (N, 1, 256, 256) in [-1, 1]."""
+def _to_pixels(images, preprocess: str = "pad") -> torch.Tensor:
+    """Slices as the pipeline takes them, or a SliceSet / uint8 (N, H, W) -> float (N, 1, 256, 256) in [-1, 1];
+    other sizes prepared as `preprocess` (the pipeline's) says."""
     from .pipeline_adni_ldm import prepare_slices
 
     if hasattr(images, "pixels") and hasattr(images, "labels"):  # a SliceSet
@@ -166,7 +167,7 @@ def _to_pixels(images) -> torch.Tensor:
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 1 and images.is_floating_point():
         if images.shape[-2:] == (256, 256) and float(images.min()) >= -1.0 - 1e-6 and float(images.max()) <= 1.0 + 1e-6:
             return images.detach().float().cpu()  # already model input; do not re-guess the range
-    return prepare_slices(images)
+    return prepare_slices(images, preprocess=preprocess)
 
 
 def _steps_for(scheduler: str | None, pipe, steps: int | None) -> int:
@@ -235,7 +236,7 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
     target = check_target(pipe, to)
     strengths = check_strengths(strengths)
     col = _classifier_column(classifier, target) if classifier is not None else None
-    pixels = _to_pixels(image)
+    pixels = _to_pixels(image, pipe.preprocess)
     results = [{"original": x, "counterfactuals": {}, "target": target, "strengths": strengths,
                 "denoising_steps": {}} for x in pixels]
     with _Sampler(pipe, guidance, seed, scheduler, steps) as sample:
@@ -511,7 +512,7 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
     src = source_class(pipe, target, source)
     strengths = check_strengths(strengths)
     col = _classifier_column(classifier, target)
-    pixels = _to_pixels(slices)
+    pixels = _to_pixels(slices, pipe.preprocess)
     if len(pixels) == 0:
         raise ValueError("no slices to measure")
     t0 = time.perf_counter()

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .pipeline_adni_ldm import PREPROCESS_CHOICES  # defined where every saved model carries it
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 256
@@ -40,7 +42,6 @@ ADNI_HEIGHT = 240
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLIT_FOLDERS = ("train", "test", "validation", "val", "valid")
 SPLIT_CHOICES = ("patient", "given", "all")
-PREPROCESS_CHOICES = ("pad", "resize")
 # File names like 1003730_85.jpeg: everything before the last "_<digits>" is the patient id.
 PATIENT_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
 # How a training run takes slices that `pad` refuses (other tools replace this hint with their own).

@@ -26,6 +26,8 @@ IMAGE_SIZE = 256
 PIPELINE_MODULE = Path(__file__).stem  # "pipeline_adni_ldm"
 PIPELINE_CLASS = "ADNILatentDiffusionPipeline"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# How slices of other sizes become 256x256 (train_*.py --preprocess): padded with black rows, or stretched.
+PREPROCESS_CHOICES = ("pad", "resize")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,13 +115,17 @@ def decode_latents(vqvae: VQModel, latents: torch.Tensor) -> torch.Tensor:
     return vqvae.decode(quant, force_not_quantize=True).sample.clamp(-1, 1)
 
 
-def prepare_slices(images, size: int = IMAGE_SIZE) -> torch.Tensor:
+def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> torch.Tensor:
     """PIL images, numpy arrays or tensors of greyscale slices -> float (N, 1, 256, 256) in [-1, 1].
 
-    Accepted: 256 wide x 240 high (ADNI; padded with black rows as in training) or 256x256.
+    Sizes as the training data's `--preprocess` took them: "pad" (the default) accepts 256 wide x 240 high
+    (ADNI; padded with black rows) or 256x256; "resize" (the seed's stretch) resizes any size to 256x256 with
+    bilinear interpolation, on the 8-bit pixels where they are given, as the training loader does.
     PIL images must be 8-bit greyscale (mode L, or RGB/RGBA/LA with equal, opaque channels), as the
     training loader requires. uint8 arrays are 0..255; float arrays/tensors must lie in [-1, 1] and are
     taken as [-1, 1] when they have negative values, else as [0, 1]."""
+    if preprocess not in PREPROCESS_CHOICES:
+        raise ValueError(f"preprocess={preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")
     if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         images = [images] if isinstance(images, PIL.Image.Image) or (np.ndim(images) == 2) else images
     if isinstance(images, torch.Tensor) and images.ndim == 4:
@@ -133,7 +139,7 @@ def prepare_slices(images, size: int = IMAGE_SIZE) -> torch.Tensor:
     out = []
     for i, im in enumerate(images):
         if isinstance(im, PIL.Image.Image):
-            arr = _grey_pixels(im, i).astype(np.float32) / 127.5 - 1.0
+            arr = _grey_pixels(im, i)
         else:
             if isinstance(im, torch.Tensor):  # uint8 stays uint8 (0..255); other dtypes via float32
                 arr = im.detach().cpu().numpy() if im.dtype == torch.uint8 else im.detach().float().cpu().numpy()
@@ -143,21 +149,33 @@ def prepare_slices(images, size: int = IMAGE_SIZE) -> torch.Tensor:
                 arr = arr[0]
             if arr.ndim != 2:
                 raise ValueError(f"image {i} has shape {tuple(arr.shape)}; expected a greyscale slice (H, W)")
-            if arr.dtype == np.uint8:
-                arr = arr.astype(np.float32) / 127.5 - 1.0
-            else:
+            if arr.dtype != np.uint8:
                 dtype, arr = arr.dtype, arr.astype(np.float32)
                 # anything else (0..255 floats, 16-bit counts) would be read as far too bright, silently
                 if not np.isfinite(arr).all() or arr.min() < -1 or arr.max() > 1:
                     raise ValueError(f"image {i} has {dtype} values in [{arr.min():g}, {arr.max():g}]; expected "
                                      "floats in [-1, 1] (or [0, 1]) or uint8 0..255")
                 arr = arr if arr.min() < 0 else arr * 2 - 1
-        h, w = arr.shape
-        if w != size or h > size:
-            raise ValueError(f"image {i} is {w} wide x {h} high; expected {size} wide x 240 high (ADNI) or {size}x{size}")
-        arr = pad_to_square(arr + 1.0, size) - 1.0  # pad with black (-1)
-        out.append(torch.from_numpy(np.ascontiguousarray(arr)))
+        arr = _fit_size(arr, i, size, preprocess)
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 127.5 - 1.0
+        out.append(torch.from_numpy(np.array(arr, dtype=np.float32, order="C")))  # a writable copy
     return torch.stack(out).unsqueeze(1)
+
+
+def _fit_size(arr: np.ndarray, index: int, size: int, preprocess: str) -> np.ndarray:
+    """A uint8 (0..255) or float ([-1, 1]) slice brought to size x size as `preprocess` says."""
+    h, w = arr.shape
+    if (h, w) == (size, size):
+        return arr
+    if preprocess == "resize":  # PIL bilinear, as data.decode_slice (mode L for uint8, F for floats)
+        return np.asarray(PIL.Image.fromarray(arr).resize((size, size), PIL.Image.BILINEAR))
+    if w != size or h > size:
+        raise ValueError(f"image {index} is {w} wide x {h} high; expected {size} wide x 240 high (ADNI) or "
+                         f"{size}x{size} (this model's slices were padded: --preprocess pad)")
+    if arr.dtype == np.uint8:
+        return pad_to_square(arr, size)  # black rows: 0
+    return pad_to_square(arr + 1.0, size) - 1.0  # black rows: -1
 
 
 def _ordered_class_names(class_names) -> list[str]:
@@ -219,11 +237,20 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "x0_pred"]
 
     def __init__(self, vqvae: VQModel, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: list[str] | dict[str, int] | None = None):
+                 class_names: list[str] | dict[str, int] | None = None, preprocess: str = "pad"):
         super().__init__()
+        if preprocess not in PREPROCESS_CHOICES:
+            raise ValueError(f"preprocess={preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")
         self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
         names = _ordered_class_names(class_names)
-        self.register_to_config(class_names={name: i for i, name in enumerate(names)} if names else None)
+        self.register_to_config(class_names={name: i for i, name in enumerate(names)} if names else None,
+                                preprocess=preprocess)
+
+    @property
+    def preprocess(self) -> str:
+        """How the training data's slices were brought to 256x256 ("pad" or "resize"); `encode` and `image=`
+        prepare slices the same way. "pad" for pipelines saved before it was recorded."""
+        return self.config.get("preprocess") or "pad"
 
     @property
     def class_names(self) -> list[str]:
@@ -273,7 +300,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
         """Greyscale slices (PIL, numpy or tensors; 256x240 or 256x256) -> scaled latents (N, 4, 32, 32)."""
-        return encode_slices(self.vqvae, prepare_slices(images)).float()
+        return encode_slices(self.vqvae, prepare_slices(images, preprocess=self.preprocess)).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pt"):
@@ -404,7 +431,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             self._check_scheduler()
 
         device = self._execution_device
-        pixels = prepare_slices(image) if image is not None else None
+        pixels = prepare_slices(image, preprocess=self.preprocess) if image is not None else None
         latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if pixels is not None:
             batch_size = len(pixels)
@@ -521,6 +548,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         unet = UNet2DModel.from_pretrained(folder, subfolder="unet", **model_kwargs)
         scheduler_cls = getattr(schedulers, index["scheduler"][1])
         scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
-        pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"))
+        pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"),
+                   preprocess=index.get("preprocess") or "pad")
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipe

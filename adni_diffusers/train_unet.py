@@ -240,7 +240,8 @@ def main(args: argparse.Namespace) -> dict:
         final_unet = getattr(final_unet, "_orig_mod", final_unet)
         if ema is not None:
             ema.ema.copy_to(final_unet.parameters())
-        pipe = ADNILatentDiffusionPipeline(vqvae=vq, unet=final_unet, scheduler=noise_scheduler, class_names=class_names)
+        pipe = ADNILatentDiffusionPipeline(vqvae=vq, unet=final_unet, scheduler=noise_scheduler, class_names=class_names,
+                                           preprocess=args.preprocess)
         pipe.save_pretrained(args.output_dir)
         result = {
             "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),

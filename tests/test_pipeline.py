@@ -472,3 +472,46 @@ def test_low_precision_loading_and_fp16_variant(pipe, tmp_path, dtype):
         remote = DiffusionPipeline.from_pretrained(tmp_path / "variant", variant="fp16", dtype=dtype,
                                                    trust_remote_code=True)
         assert remote.unet.dtype == dtype
+
+
+def test_prepare_slices_resizes_like_training_for_a_resize_model(tmp_path):
+    """--preprocess resize (the seed's stretch): the same pixels as the training loader, in every form."""
+    from adni_diffusers.data import decode_slice
+
+    slice_ = np.random.default_rng(1).integers(0, 256, (240, 256)).astype(np.uint8)
+    path = tmp_path / "slice.png"
+    PIL.Image.fromarray(slice_).save(path)
+    arr, _, _ = decode_slice(path, "resize")
+    expected = torch.tensor(arr).float() / 127.5 - 1
+    with PIL.Image.open(path) as image:
+        for form in (image, slice_, torch.from_numpy(slice_)):
+            torch.testing.assert_close(prepare_slices(form, preprocess="resize")[0, 0], expected)
+    # floats are resized as floats: within the 8-bit result's rounding
+    resized_float = prepare_slices(torch.from_numpy(slice_).float() / 127.5 - 1, preprocess="resize")[0, 0]
+    assert (resized_float - expected).abs().max() <= 0.5 / 127.5 + 1e-5
+    assert prepare_slices(np.zeros((200, 300), np.uint8), preprocess="resize").shape == (1, 1, 256, 256)
+    with pytest.raises(ValueError, match="200 wide x 200 high.*--preprocess pad"):
+        prepare_slices(np.zeros((200, 200), np.uint8))
+    with pytest.raises(ValueError, match="preprocess='crop'"):
+        prepare_slices(slice_, preprocess="crop")
+
+
+def test_pipeline_prepares_slices_as_its_training_data_was(tmp_path):
+    base = make_pipe()
+    assert base.preprocess == "pad"
+    pipe = ADNILatentDiffusionPipeline(base.vqvae, base.unet, base.scheduler, ["AD", "NC"], preprocess="resize")
+    slice_ = np.random.default_rng(2).integers(0, 256, (240, 256)).astype(np.uint8)
+    torch.testing.assert_close(pipe.encode(slice_), base.encode(prepare_slices(slice_, preprocess="resize")))
+    assert not torch.allclose(pipe.encode(slice_), base.encode(slice_))  # padded, not stretched
+    pipe.save_pretrained(tmp_path / "resize")
+    assert json.loads((tmp_path / "resize" / "model_index.json").read_text())["preprocess"] == "resize"
+    assert ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "resize").preprocess == "resize"
+    assert DiffusionPipeline.from_pretrained(tmp_path / "resize", trust_remote_code=True).preprocess == "resize"
+    # a pipeline saved before the setting was recorded pads, as every model then did
+    index_path = tmp_path / "resize" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    del index["preprocess"]
+    index_path.write_text(json.dumps(index))
+    assert ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "resize").preprocess == "pad"
+    with pytest.raises(ValueError, match="preprocess='crop'"):
+        ADNILatentDiffusionPipeline(base.vqvae, base.unet, base.scheduler, preprocess="crop")
