@@ -97,7 +97,7 @@ def read_training_record(model_dir) -> dict:
         "source": data.get("source"),
         "split": data.get("split") or args.get("split") or "patient",
         "val_fraction": float(args.get("val_fraction", 0.1)),
-        "seed": int(args.get("seed", 0)),
+        "seed": int(args["split_seed"] if args.get("split_seed") is not None else args.get("seed", 0)),  # the split's
         "preprocess": data.get("preprocess") or args.get("preprocess") or "pad",
         "class_names": data.get("class_names"),
         "train": data.get("train"),

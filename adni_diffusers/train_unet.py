@@ -104,14 +104,15 @@ def vq_training_data(vq_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return {"root": record.get("root"), "split": flags.get("split"), "val_fraction": flags.get("val_fraction"),
-            "seed": flags.get("seed"), "preprocess": record.get("preprocess"),
+            "split_seed": flags["split_seed"] if flags.get("split_seed") is not None else flags.get("seed"),
+            "preprocess": record.get("preprocess"),
             "patients_sha256": record.get("patients_sha256"),
             "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256")}
 
 
 def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
     """Refuse a VQModel that saw the patients this run holds out (the same patients split otherwise: another
-    --split, --val_fraction or --seed), or that prepared its slices otherwise (--preprocess): held-out numbers
+    --split, --val_fraction or --split_seed), or that prepared its slices otherwise (--preprocess): held-out numbers
     would not be held out, and the latents would not be the ones it learned. Patient sets are compared by
     fingerprint (data.patients_fingerprint), so the data may have moved. Returns the VQModel's record."""
     there = vq_training_data(vq_dir)
@@ -132,9 +133,10 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
     elif len(data.val) and there["validation_patients_sha256"] != here["validation"]["patients_sha256"]:
         raise TrainingError(
             f"--vqmodel {args.vqmodel} was trained on the same patients split otherwise (--split {there['split']} "
-            f"--val_fraction {there['val_fraction']} --seed {there['seed']}; this run: --split {args.split} "
-            f"--val_fraction {args.val_fraction} --seed {args.seed}): it has seen patients this run holds out. "
-            "Train the UNet with the VQModel's --split, --val_fraction and --seed, or a VQModel with these."
+            f"--val_fraction {there['val_fraction']} --split_seed {there['split_seed']}; this run: --split "
+            f"{args.split} --val_fraction {args.val_fraction} --split_seed {training.split_seed(args)}): it has "
+            "seen patients this run holds out. Train the UNet with the VQModel's --split, --val_fraction and "
+            "--split_seed (--split_seed defaults to --seed, which may then differ), or a VQModel with these."
         )
     return there
 

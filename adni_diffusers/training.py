@@ -54,6 +54,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--split", default="patient", choices=["patient", "given", "all"],
                    help="patient: hold out whole patients (default); given: the folders' train/test; all: no hold-out")
     g.add_argument("--val_fraction", type=float, default=0.1, help="share of patients held out with --split patient")
+    g.add_argument("--split_seed", type=int, default=None,
+                   help="seed of the held-out patient draw (--split patient); default: --seed. Give the VQModel's "
+                        "to train UNets with other --seed values on one VQModel")
     g.add_argument("--preprocess", default="pad", choices=["pad", "resize"],
                    help="240->256 rows: pad with black (keeps anatomy) or resize (the seed's stretch)")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -309,7 +312,7 @@ def load_training_data(args, accelerator):
     root = data_root(args, accelerator)
     try:
         with accelerator.main_process_first():  # the main process fills the decode cache; the others read it
-            data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+            data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=split_seed(args),
                                preprocess=args.preprocess)
     except DataError as e:
         raise TrainingError(str(e)) from None
@@ -320,6 +323,11 @@ def load_training_data(args, accelerator):
         )
     data_source = "demo" if args.train_data_dir is None or _is_demo_dataset(root) else "user"
     return data, data_source
+
+
+def split_seed(args) -> int:
+    """The seed that draws the held-out patients: --split_seed, else --seed."""
+    return args.seed if getattr(args, "split_seed", None) is None else args.split_seed
 
 
 def _is_demo_dataset(root) -> bool:

@@ -308,3 +308,14 @@ def test_vq_held_out_metrics_use_a_seeded_subset_with_each_class_in_its_share():
     seen = torch.cat([b["class_labels"] for b in _loader(slices, batch_size=7, limit=20)])
     assert seen.tolist().count(0) == 12 and seen.tolist().count(1) == 8
     assert len(list(_loader(slices, batch_size=50, limit=None))) == 2  # no limit: every image
+
+
+def test_split_is_redrawn_with_the_split_seed(tmp_path):
+    """A UNet trained with --seed 5 --split_seed 0 held out the patients of seed 0: evaluate redraws those."""
+    from adni_diffusers.evaluate import read_training_record
+
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data", "split": "patient"}))
+    (tmp_path / "training_args.json").write_text(json.dumps({"seed": 5, "split_seed": 0, "val_fraction": 0.2}))
+    assert read_training_record(tmp_path)["seed"] == 0
+    (tmp_path / "training_args.json").write_text(json.dumps({"seed": 5, "split_seed": None, "val_fraction": 0.2}))
+    assert read_training_record(tmp_path)["seed"] == 5

@@ -262,7 +262,7 @@ def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, cap
 
 
 @pytest.mark.parametrize("extra, differs", [
-    (["--seed", "1"], "--seed 0; this run: --split patient --val_fraction 0.1 --seed 1"),
+    (["--seed", "1"], "--split_seed 0; this run: --split patient --val_fraction 0.1 --split_seed 1"),
     (["--val_fraction", "0.5"], "this run: --split patient --val_fraction 0.5"),
     (["--split", "given"], "this run: --split given"),
     (["--preprocess", "resize"], "--preprocess pad, this run uses --preprocess resize")])
@@ -281,18 +281,23 @@ def test_vqmodel_that_saw_the_held_out_patients_is_refused(tmp_path, tiny_vq, de
 def test_vqmodel_data_is_checked_by_patients_not_by_path(tmp_path, tiny_vq, tiny_ldm, demo_root, caplog):
     import shutil
 
-    from adni_diffusers import train_unet
+    from adni_diffusers import train_unet, training
     from adni_diffusers.data import load_slices
 
     args = train_unet.parse_args(["--vqmodel", str(tiny_vq), "--output_dir", "o"])
     data = load_slices(demo_root)
     vq_dir = train_unet.find_vqmodel(str(tiny_vq))
     record = train_unet.check_vq_data(vq_dir, args, data)
-    assert record["split"] == "patient" and record["seed"] == 0 and record["preprocess"] == "pad"
+    assert record["split"] == "patient" and record["split_seed"] == 0 and record["preprocess"] == "pad"
     assert record["validation_patients_sha256"] == data.summary()["validation"]["patients_sha256"]
     # the UNet's record keeps it, so the finished pipeline used as --vqmodel is checked the same way
     assert json.loads((tiny_ldm / "training_data.json").read_text())["vqmodel_data"] == record
     assert train_unet.check_vq_data(train_unet.find_vqmodel(str(tiny_ldm)), args, data) == record
+    # another --seed for the UNet, with the VQModel's --split_seed: the same held-out patients, accepted
+    other_seed = train_unet.parse_args(["--vqmodel", str(tiny_vq), "--output_dir", "o", "--seed", "5",
+                                        "--split_seed", "0"])
+    assert training.split_seed(other_seed) == 0 and training.split_seed(args) == 0
+    assert train_unet.check_vq_data(vq_dir, other_seed, load_slices(demo_root, seed=training.split_seed(other_seed)))
     # the same patients in another folder (another machine): accepted without a warning
     moved = tmp_path / "elsewhere" / "AD_NC"
     shutil.copytree(demo_root, moved)
