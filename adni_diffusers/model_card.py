@@ -202,10 +202,14 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
         else:
             fraction = args.get("val_fraction")
             share = f"{fraction:.0%} of the patients" if isinstance(fraction, (int, float)) else "some patients"
-        split_text = (f"{share} held out for validation as whole patients (seed {args.get('seed', '?')}), so no "
+        seed = args.get("split_seed") if args.get("split_seed") is not None else args.get("seed", "?")
+        split_text = (f"{share} held out for validation as whole patients (seed {seed}), so no "
                       f"patient has slices on both sides")
     elif split == "given":
         split_text = "the folder's own: its `train/` for training, its `test/` for validation"
+        if data.get("shared_patients"):
+            split_text += (f"; {data['shared_patients']} patients have slices on both sides, so the validation "
+                           "set is not entirely unseen")
     elif split == "all":
         split_text = "none: every slice was used for training (no held-out validation set)"
     else:

@@ -174,3 +174,15 @@ def test_card_counts_the_middle_block_attention(ldm, down, middle, expected):
     config.update(down_block_types=down, **middle)
     config_path.write_text(json.dumps(config))
     assert f"per block, {expected}; a class embedding" in render_model_card(ldm)  # the demo model is conditional
+
+
+def test_card_states_the_split_seed_and_shared_patients(ldm):
+    args_path, data_path = ldm / "training_args.json", ldm / "training_data.json"
+    args = json.loads(args_path.read_text())
+    args.update(seed=5, split_seed=0)
+    args_path.write_text(json.dumps(args))
+    assert "as whole patients (seed 0)" in render_model_card(ldm)  # the seed that drew them, not the UNet's
+    data = json.loads(data_path.read_text())
+    data.update(split="given", shared_patients=3)
+    data_path.write_text(json.dumps(data))
+    assert "3 patients have slices on both sides" in render_model_card(ldm)
