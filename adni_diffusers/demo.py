@@ -89,9 +89,24 @@ def _train(module_name: str, argv: list[str]) -> None:
     module.main(module.parse_args([str(a) for a in argv]))
 
 
+RECIPE_FILE = "demo_recipe.json"  # what made a stage's output: its flags and the demo data's settings
+
+
+def _made_by(folder: Path, product: str, recipe: dict) -> bool:
+    record = folder / RECIPE_FILE
+    try:
+        return (folder / product).is_file() and json.loads(record.read_text()) == recipe
+    except (OSError, ValueError):
+        return False
+
+
+def _write_recipe(folder: Path, recipe: dict) -> None:
+    (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+
+
 def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects: int | None = None, seed: int = 0,
              retrain: bool = False, quick: bool = False) -> dict:
-    from .demo_data import ensure_demo_dataset
+    from .demo_data import ensure_demo_dataset, read_settings
     from .generate import generate
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,13 +123,22 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     if device == "cpu":
         common += ["--mixed_precision", "no"]
     vq_dir, ldm_dir = out / "vq", out / "ldm"
+    # a stage is reused only when this recipe made it: the same flags on the same demo data (a --seed,
+    # --subjects or --quick change rebuilds the data, and then both stages must train again)
+    data_settings = read_settings(data_dir)
+    vq_argv = [str(a) for a in [*common, "--output_dir", vq_dir, *plan["vq"]]]
+    vq_recipe = {"argv": vq_argv, "data": data_settings}
+    unet_recipe = {"argv": [str(a) for a in [*common, "--vqmodel", vq_dir, "--output_dir", ldm_dir, *plan["unet"]]],
+                   "vqmodel": vq_recipe}
     t = time.time()
-    if retrain or not (vq_dir / "vqvae" / "config.json").is_file():
-        _train("adni_diffusers.train_vqmodel", [*common, "--output_dir", vq_dir, *plan["vq"]])
+    if retrain or not _made_by(vq_dir, "vqvae/config.json", vq_recipe):
+        _train("adni_diffusers.train_vqmodel", vq_argv)
+        _write_recipe(vq_dir, vq_recipe)
     timings["vq_s"] = time.time() - t
     t = time.time()
-    if retrain or not (ldm_dir / "model_index.json").is_file():
-        _train("adni_diffusers.train_unet", [*common, "--vqmodel", vq_dir, "--output_dir", ldm_dir, *plan["unet"]])
+    if retrain or not _made_by(ldm_dir, "model_index.json", unet_recipe):
+        _train("adni_diffusers.train_unet", unet_recipe["argv"])
+        _write_recipe(ldm_dir, unet_recipe)
     timings["unet_s"] = time.time() - t
 
     # reload exactly as a user without this package would, then sample

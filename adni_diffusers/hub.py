@@ -178,12 +178,16 @@ def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
       pictures (reconstructions.png, loss_curve.png) and JSON (metrics.json, training_*.json).
     - "checkpoint" (checkpoint-<step>/ or holds training_state.json): all its files.
     - anything else: all files except the training folders below.
-    Never: checkpoint-*/, logs/, samples/, latent_cache/, trace/, __pycache__/, .git/ (UNUPLOADED_DIRS).
+    Never, at any depth: checkpoint-*/, logs/, samples/, latent_cache/, trace/, __pycache__/, .git/
+    (UNUPLOADED_DIRS).
     """
     folder = Path(folder)
     files = _walk(folder)
     if _is_checkpoint_folder(folder):
         return "checkpoint", files
+    # at any depth: a latent cache inside vqvae/ holds every training slice in decodable form
+    files = [p for p in files if not any(part in UNUPLOADED_DIRS or CHECKPOINT_DIR_RE.match(part)
+                                         for part in p.split("/")[:-1])]
 
     def top_level_extras(path: str) -> bool:
         return "/" not in path and (Path(path).suffix.lower() in PICTURE_SUFFIXES + (".json",)
@@ -206,8 +210,7 @@ def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
         return "pipeline", keep
     if (folder / "vqvae" / "config.json").is_file():
         return "vqmodel", [p for p in files if top_level_extras(p) or p.startswith("vqvae/")]
-    return "folder", [p for p in files
-                      if p.split("/")[0] not in UNUPLOADED_DIRS and not CHECKPOINT_DIR_RE.match(p.split("/")[0])]
+    return "folder", files
 
 
 def _components_of(folder: Path, kind: str) -> list[str]:

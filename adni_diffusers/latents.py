@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -62,10 +64,17 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
     logger.info("encoding %d %s slices into the latent cache %s", len(slices), name, path)
     latents = encode_all(vq, slices, batch_size, progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"latents": latents.contiguous(), "labels": slices.labels.contiguous()}, str(tmp),
-              metadata={"key": key, "count": str(len(latents)), "scaling_factor": json.dumps(vq.config.scaling_factor)})
-    tmp.replace(path)
+    # a temporary file of this writer's own, then an atomic rename: runs that share a VQModel (a sweep, the
+    # ranks of other nodes) may build the same cache at once, and none may read or replace another's half file
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f"{path.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"latents": latents.contiguous(), "labels": slices.labels.contiguous()}, tmp,
+                  metadata={"key": key, "count": str(len(latents)),
+                            "scaling_factor": json.dumps(vq.config.scaling_factor)})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return latents
 
 

@@ -173,7 +173,8 @@ def main(args: argparse.Namespace) -> dict:
     vq_data = check_vq_data(vq_dir, args, data, warn=accelerator.is_main_process)  # before the latent cache
 
     # 2. the latents of every slice (cached on disk) and the forward process
-    cache_dir = Path(args.latent_cache_dir or Path(args.vqmodel) / "latent_cache")
+    # beside vqvae/ (the VQModel's or the pipeline's folder), not inside it: --vqmodel may name vqvae/ itself
+    cache_dir = Path(args.latent_cache_dir or vq_dir.parent / "latent_cache")
     with accelerator.main_process_first():
         progress = accelerator.is_local_main_process
         train_latents = load_or_build(vq, vq_dir, data.train, cache_dir, "train", args.eval_batch_size, progress)

@@ -32,6 +32,12 @@ def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys):
     before = (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     assert (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+    # another --seed makes other demo data: both stages train again on it, none is paired with the old data
+    vq_before = (out / "vq" / "vqvae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 0
+    assert (out / "vq" / "vqvae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns != vq_before
+    assert (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns != before
+    assert json.loads((out / "ldm" / "demo_recipe.json").read_text())["vqmodel"]["data"]["seed"] == 1
 
 
 @pytest.mark.parametrize("plan", ["cpu", "cuda", "quick"])

@@ -278,6 +278,10 @@ def test_vq_output_folder_and_checkpoint_folder_selection(tmp_path):
     _write(tmp_path / "vq", {**vq, **CLUTTER})
     kind, files = hub.select_upload_files(tmp_path / "vq")
     assert kind == "vqmodel" and set(files) == set(vq)
+    # by-products inside a component folder (train_unet --vqmodel vq/vqvae once cached its latents there, every
+    # training slice in decodable form) are never pushed either
+    _write(tmp_path / "vq", {"vqvae/latent_cache/train-abc.safetensors": b"z", "vqvae/logs/x.jsonl": b"{}"})
+    assert set(hub.select_upload_files(tmp_path / "vq")[1]) == set(vq)
     ckpt = {"model.safetensors": b"w", "optimizer.bin": b"o", "random_states_0.pkl": b"r",
             "training_state.json": b"{}", "training_state.safetensors": b"t"}
     _write(tmp_path / "checkpoint-500", ckpt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,41 @@ def test_latent_cache_is_reused_and_matches_pipe_encode(tiny_vq, tiny_ldm, demo_
     with caplog.at_level("INFO", logger="adni_diffusers.latents"):
         load_or_build(vq, other, data.train, cache, "train", progress=False)
     assert "latent cache hit" not in caplog.text and len(list(cache.glob("train-*.safetensors"))) == 2
+
+
+
+def test_latent_cache_writers_do_not_share_a_temporary_file(tiny_vq, demo_root, tmp_path):
+    """Runs sharing a VQModel may build the same cache at once: a writer never takes another's half file
+    (here one left at the name every writer used before) for its own, and leaves no file of its own behind."""
+    from diffusers import VQModel
+
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.latents import cache_key, load_or_build
+
+    data = load_slices(demo_root, seed=0)
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    other_writer = cache / f"train-{cache_key(tiny_vq / 'vqvae', data.train)}.tmp"
+    other_writer.write_bytes(b"another run's half-written file")
+    latents = load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    assert other_writer.read_bytes() == b"another run's half-written file"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([other_writer.name, other_writer.stem + ".safetensors"])
+    assert torch.equal(load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False), latents)
+
+
+def test_default_latent_cache_is_beside_vqvae_not_inside(tiny_vq, demo_root, tmp_path):
+    """--vqmodel may name the vqvae/ folder itself; the cache must not land inside it (a push of the VQModel
+    uploads vqvae/)."""
+    import shutil
+
+    from adni_diffusers import train_unet
+
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq", ignore=shutil.ignore_patterns("latent_cache")))
+    code = train_unet.cli(["--vqmodel", str(vq / "vqvae"), "--train_data_dir", str(demo_root), "--output_dir",
+                           str(tmp_path / "ldm"), "--max_train_steps", "1", *TINY_UNET_ARGS])
+    assert code == 0
+    assert list((vq / "latent_cache").glob("train-*.safetensors")) and not (vq / "vqvae" / "latent_cache").exists()
 
 
 @pytest.mark.parametrize("extra", [["--prediction_type", "v_prediction", "--snr_gamma", "5"],
