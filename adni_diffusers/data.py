@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .pipeline_adni_ldm import PREPROCESS_CHOICES  # defined where every saved model carries it
+from .pipeline_adni_ldm import PREPROCESS_CHOICES, grey_pixels  # defined where every saved model carries them
 
 logger = logging.getLogger(__name__)
 
@@ -274,20 +274,11 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
     except (OSError, SyntaxError, ValueError) as e:
         return None, "", f"corrupt or truncated image ({e})"
 
-    note = ""
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return None, "", f"{'16-bit' if mode.startswith('I;16') else mode + '-mode'} image; expected 8-bit greyscale (mode L)"
-    if mode in ("RGB", "RGBA", "LA"):
-        channels = arr[..., :3] if mode != "LA" else arr[..., :1]
-        if mode in ("RGBA", "LA") and (arr[..., -1] != 255).any():
-            return None, "", f"{mode} image with transparency; expected 8-bit greyscale (mode L)"
-        if mode == "RGB" or mode == "RGBA":
-            if not ((channels[..., 0] == channels[..., 1]).all() and (channels[..., 0] == channels[..., 2]).all()):
-                return None, "", f"colour {mode} image; expected 8-bit greyscale (mode L)"
-        arr = channels[..., 0]
-        note = f"{mode}->L"
-    elif mode != "L":
-        return None, "", f"{mode}-mode image; expected 8-bit greyscale (mode L)"
+    try:
+        arr = grey_pixels(arr, mode)
+    except ValueError as e:
+        return None, "", str(e)
+    note = f"{mode}->L" if mode != "L" else ""
 
     h, w = arr.shape
     if preprocess == "pad":

@@ -139,7 +139,11 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> t
     out = []
     for i, im in enumerate(images):
         if isinstance(im, PIL.Image.Image):
-            arr = _grey_pixels(im, i)
+            try:
+                arr = grey_pixels(np.asarray(im), im.mode)
+            except ValueError as e:
+                filename = getattr(im, "filename", "")
+                raise ValueError(f"image {i}{f' ({filename})' if filename else ''} is a {e}") from None
         else:
             if isinstance(im, torch.Tensor):  # uint8 stays uint8 (0..255); other dtypes via float32
                 arr = im.detach().cpu().numpy() if im.dtype == torch.uint8 else im.detach().float().cpu().numpy()
@@ -186,26 +190,23 @@ def _ordered_class_names(class_names) -> list[str]:
     return list(class_names)
 
 
-def _grey_pixels(im: PIL.Image.Image, index: int) -> np.ndarray:
-    """The uint8 (H, W) pixels of a greyscale PIL slice, with the training loader's checks (data.decode_slice).
+def grey_pixels(arr: np.ndarray, mode: str) -> np.ndarray:
+    """The uint8 (H, W) pixels of a greyscale slice read as `np.asarray` of a PIL image in `mode`: mode L, or
+    RGB/RGBA/LA with equal, fully opaque channels. The one check for training data (data.decode_slice) and
+    pipeline input (prepare_slices). Raises ValueError("<what> image; expected 8-bit greyscale (mode L)").
 
-    16-bit, 32-bit and float modes are refused: `convert("L")` clips them (a 16-bit slice turns white)."""
-    mode = im.mode
-    filename = getattr(im, "filename", "")
-    name = f"image {index} ({filename})" if filename else f"image {index}"
+    16-bit, 32-bit and float modes are refused: `convert("L")` would clip them (a 16-bit slice turns white)."""
     expected = "expected 8-bit greyscale (mode L)"
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        kind = "16-bit" if mode.startswith("I;16") else f"{mode}-mode"
-        raise ValueError(f"{name} is a {kind} image; {expected}")
-    arr = np.asarray(im)
+        raise ValueError(f"{'16-bit' if mode.startswith('I;16') else mode + '-mode'} image; {expected}")
     if mode == "L":
         return arr
     if mode not in ("RGB", "RGBA", "LA"):
-        raise ValueError(f"{name} is a {mode}-mode image; {expected}")
+        raise ValueError(f"{mode}-mode image; {expected}")
     if mode in ("RGBA", "LA") and (arr[..., -1] != 255).any():
-        raise ValueError(f"{name} is a {mode} image with transparency; {expected}")
+        raise ValueError(f"{mode} image with transparency; {expected}")
     if mode != "LA" and not ((arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all()):
-        raise ValueError(f"{name} is a colour {mode} image; {expected}")
+        raise ValueError(f"colour {mode} image; {expected}")
     return arr[..., 0]
 
 
