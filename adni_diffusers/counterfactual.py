@@ -165,8 +165,11 @@ def _to_pixels(images, preprocess: str = "pad") -> torch.Tensor:
             and images.shape[-2:] == (256, 256)):
         return images.float().div(127.5).sub(1.0).unsqueeze(1)
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 1 and images.is_floating_point():
-        if images.shape[-2:] == (256, 256) and float(images.min()) >= -1.0 - 1e-6 and float(images.max()) <= 1.0 + 1e-6:
-            return images.detach().float().cpu()  # already model input; do not re-guess the range
+        # already model input; [0, 1] tensors (no negative values: the pipeline's "pt" output) go through
+        # prepare_slices, which takes them as [0, 1] as the pipeline does
+        if (images.shape[-2:] == (256, 256) and -1.0 - 1e-6 <= float(images.min()) < 0
+                and float(images.max()) <= 1.0 + 1e-6):
+            return images.detach().float().cpu()
     return prepare_slices(images, preprocess=preprocess)
 
 
@@ -850,11 +853,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _image_out_dirs(paths: list[Path], out: Path) -> list[Path]:
-    seen, dirs = {}, []
+    used, dirs = set(), []
     for p in paths:
-        name = p.stem
-        seen[name] = seen.get(name, 0) + 1
-        dirs.append(out / (name if seen[name] == 1 else f"{name}-{seen[name]}"))
+        name, k = p.stem, 1
+        while name in used:  # a file named "x-2" does not get the folder of the second "x" (or vice versa)
+            k += 1
+            name = f"{p.stem}-{k}"
+        used.add(name)
+        dirs.append(out / name)
     return dirs
 
 
@@ -891,6 +897,15 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--guidance {args.guidance:g}: expected a number >= 0 (1 = no guidance)")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images {args.max_images}: expected at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected at least 1")
+    if args.feature_epochs < 1:  # 0 epochs: an untrained classifier would make the calls
+        raise ValueError(f"--feature-epochs {args.feature_epochs}: expected at least 1")
+    if not args.measure:  # these only change the measurement
+        given = [flag for flag, value in (("--from", args.source), ("--max-images", args.max_images),
+                                          ("--control", args.control)) if value not in (None, False)]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply{'' if len(given) > 1 else 's'} to --measure")
     image_paths = [Path(p) for p in args.image or []]
     # prepared as training prepared its slices (pad or resize), not always padded
     preprocess = recorded_preprocess(model_records(args.model)) if image_paths else None

@@ -58,8 +58,11 @@ def diffusion_loss(model, noise_scheduler, z0: torch.Tensor, labels: torch.Tenso
         zt = zt.contiguous(memory_format=torch.channels_last)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
-    else:
+    elif noise_scheduler.config.prediction_type == "v_prediction":
         target = velocity(noise_scheduler.alphas_cumprod, z0, noise, t)
+    else:  # e.g. "sample": training on v would make a model the scheduler then reads as x0
+        raise ValueError(f"prediction_type {noise_scheduler.config.prediction_type!r}: expected 'epsilon' or "
+                         "'v_prediction'")
     pred = model(zt, t, class_labels=labels).sample.float()
     if loss_type == "mse":
         per_element = F.mse_loss(pred, target.float(), reduction="none")

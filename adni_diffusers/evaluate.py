@@ -1241,38 +1241,40 @@ def evaluate_model(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .generate import non_negative_int, positive_int
+
     parser.add_argument("--model", required=True, help="a saved pipeline folder (the output of train_unet.py)")
     parser.add_argument("--data-dir", default=None,
                         help="the real data (default: the folder recorded in the model's training_data.json); split "
                              "exactly as in training, so held-out = the patients training held out")
-    parser.add_argument("--num-samples", type=int, default=100,
+    parser.add_argument("--num-samples", type=positive_int, default=100,
                         help="samples per class (conditional models) or in all (unconditional); the real sets "
                              "use as many images")
     parser.add_argument("--out", default=None, help="output folder (default: <model>/evaluation)")
     g = parser.add_argument_group("sampling")
     g.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS),
                    help=f"sampler for the main numbers (default {DEFAULT_SCHEDULER}; DDPM-1000 is an ablation row)")
-    g.add_argument("--steps", type=int, default=None, help="default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc")
+    g.add_argument("--steps", type=positive_int, default=None, help="default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc")
     g.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_CONDITIONAL:g} for conditional models)")
-    g.add_argument("--refine-steps", type=int, default=0, help="refinement, in the sampler's own steps (default off)")
-    g.add_argument("--refine-repeats", type=int, default=0)
+    g.add_argument("--refine-steps", type=non_negative_int, default=0, help="refinement, in the sampler's own steps (default off)")
+    g.add_argument("--refine-repeats", type=non_negative_int, default=0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=None, help="sampling batch (default: 16 on CPU, 256 on GPU)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="sampling batch (default: 16 on CPU, 256 on GPU)")
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = parser.add_argument_group("measures")
     g.add_argument("--feature-cache", default=None, help="feature-net cache folder (default: <out>/../feature_net)")
-    g.add_argument("--feature-epochs", type=int, default=5, help="feature-net training epochs (real training split)")
-    g.add_argument("--tstr-epochs", type=int, default=10, help="epochs of the TSTR / TRTR classifiers")
-    g.add_argument("--diversity-pairs", type=int, default=None,
+    g.add_argument("--feature-epochs", type=positive_int, default=5, help="feature-net training epochs (real training split)")
+    g.add_argument("--tstr-epochs", type=positive_int, default=10, help="epochs of the TSTR / TRTR classifiers")
+    g.add_argument("--diversity-pairs", type=positive_int, default=None,
                    help="MS-SSIM pairs per class and set (default: 200 on CPU, 1000 on GPU)")
-    g.add_argument("--kid-subsets", type=int, default=100)
+    g.add_argument("--kid-subsets", type=positive_int, default=100)
     g.add_argument("--no-umap", dest="umap", action="store_false", help="skip the UMAP plot")
     g = parser.add_argument_group("ablations")
     g.add_argument("--ablations", action="store_true",
                    help="also compare refinement, samplers and guidance on the same seeds (samples again per row)")
-    g.add_argument("--ablation-samples", type=int, default=32, help="samples per class (or in all) per ablation row")
+    g.add_argument("--ablation-samples", type=positive_int, default=32, help="samples per class (or in all) per ablation row")
     parser.add_argument("--no-card", dest="render_card", action="store_false",
                         help="do not re-render the model card afterwards")
 

@@ -302,6 +302,8 @@ def recalibrate_batchnorm(
         return
     device = net._device(None)
     rows = torch.randperm(len(slices), generator=generator)[:max_images]
+    if len(rows) < 2 or batch_size < 2:  # no batch of two (e.g. bn_images=0): keep the training statistics
+        return
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -345,6 +347,8 @@ def train_feature_net(
     """
     if len(train) < 2:
         raise ValueError("the feature net needs at least 2 training images")
+    if epochs < 1 or batch_size < 1:  # else an untrained net, cached, would measure every later run
+        raise ValueError(f"the feature net needs epochs >= 1 and batch_size >= 1; got {epochs} and {batch_size}")
     device = _resolve_device(device)
     num_classes = max(len(train.class_names), int(train.labels.max()) + 1)
     positions = slice_positions(train)

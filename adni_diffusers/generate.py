@@ -114,6 +114,11 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     if refine_repeats > 0 and not 1 <= refine_steps <= steps:
         raise ValueError(f"--refine-repeats {refine_repeats} needs --refine-steps between 1 and --steps ({steps}); "
                          f"got {refine_steps}")
+    if refine_steps > 0 and refine_repeats == 0:  # else it would be ignored
+        raise ValueError(f"--refine-steps {refine_steps} needs --refine-repeats 1 or more (how many passes)")
+    if guidance != 1.0 and class_label is None:  # the unconditional class has nothing to guide toward: ignored
+        raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
+                         "toward)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = pipe or load_pipeline(model, device, getattr(torch, dtype))
@@ -125,10 +130,14 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     pipe.set_progress_bar_config(disable=True)
     label = int(class_label) if isinstance(class_label, str) and class_label.isdigit() else class_label
 
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     total_steps = steps + refine_repeats * refine_steps
-    recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, 16)) if gif else None
+    # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
+    recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16)) if gif else None
     images = []
+    paths = {"images": []}
+    from .data import to_uint8
+    from PIL import Image
+
     with tqdm(total=num_images * total_steps, desc="sampling (image-steps)", unit="img-step") as bar:
         def progress(p, step, t, tensors):
             bar.update(len(tensors["latents"]))
@@ -138,20 +147,18 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
+            # one generator per image (seeded by --seed and its index): an image does not depend on the batch size
+            generators = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start + i) for i in range(n)]
             batch = pipe(batch_size=n, class_labels=label, guidance_scale=guidance, num_inference_steps=steps,
-                         generator=generator, refine_steps=refine_steps, refine_repeats=refine_repeats,
+                         generator=generators, refine_steps=refine_steps, refine_repeats=refine_repeats,
                          output_type="pt", callback_on_step_end=progress,
                          callback_on_step_end_tensor_inputs=["latents", "x0_pred"] if gif else ["latents"]).images
             images.append(batch.cpu() * 2 - 1)
+            for i, im in enumerate(to_uint8(images[-1]), start):  # on disk now: a later crash keeps these
+                path = out / f"sample-{i:04d}.png"
+                Image.fromarray(im.numpy(), mode="L").save(path)
+                paths["images"].append(str(path))
     images = torch.cat(images)
-    paths = {"images": []}
-    from .data import to_uint8
-    from PIL import Image
-
-    for i, im in enumerate(to_uint8(images)):
-        path = out / f"sample-{i:04d}.png"
-        Image.fromarray(im.numpy(), mode="L").save(path)
-        paths["images"].append(str(path))
     paths["grid"] = str(save_image_grid(images, out / "grid.png"))
     if recorder is not None:
         paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images))

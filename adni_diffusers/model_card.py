@@ -94,7 +94,7 @@ _VQ_METRICS = [  # first-stage reconstruction numbers (metrics.json of train_vqm
     ("ssim_brain", "SSIM, inside the brain mask"),
     ("codebook_usage", "share of codebook entries used"),
     ("code_perplexity", "code perplexity"),
-    ("eval_images", "held-out images measured"),
+    ("eval_images", "images measured"),  # held-out ones, or training ones with --split all (eval_set says)
 ]
 
 
@@ -180,6 +180,12 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _latent_size(vq: dict):
+    """Side of the latent of a 256 x 256 slice: every down block of the VQ encoder but the last halves it."""
+    blocks = vq.get("down_block_types")
+    return 256 // 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else "?"
+
+
 def _class_names(value) -> list[str]:
     """model_index.json's class_names: a list, or a {name: index} mapping (ordered by index)."""
     if isinstance(value, dict):
@@ -216,8 +222,9 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
         split_text = "not recorded"
     preprocess = data.get("preprocess") or args.get("preprocess")
     preprocess_text = {
-        "pad": "the 256 x 240 slices were padded with black rows to 256 x 256 (anatomy not stretched)",
-        "resize": "the 256 x 240 slices were resized to 256 x 256 (stretched by 6.7% vertically)",
+        "pad": "slices were padded with black rows to 256 x 256 (anatomy not stretched; ADNI's 256 x 240 slices "
+               "get 16 rows)",
+        "resize": "slices were resized to 256 x 256 (ADNI's 256 x 240 slices are stretched by 6.7% vertically)",
     }.get(preprocess, "not recorded")
     rows = []
     if train:
@@ -393,7 +400,7 @@ VQ_CARD_TEMPLATE = """---
 
 The first stage of an adni-diffusers latent diffusion model: a VQ-regularised autoencoder
 (diffusers `VQModel`, {{ vq_params }} parameters) that turns a greyscale 256 x 256 brain MRI slice into a
-{{ latent_channels }} x 32 x 32 latent and back, through a codebook of {{ vq_codes }} entries. It was trained on
+{{ latent_channels }} x {{ latent_size }} x {{ latent_size }} latent and back, through a codebook of {{ vq_codes }} entries. It was trained on
 {{ data_summary }}. A diffusion UNet (`train_unet.py --vqmodel`) is trained on its latents.
 
 {% if data_source == "demo" -%}
@@ -457,7 +464,7 @@ from diffusers import VQModel
 
 vq = VQModel.from_pretrained("{{ repo_id }}", subfolder="vqvae")
 x = torch.zeros(1, 1, 256, 256)                       # a slice scaled to [-1, 1]
-h = vq.encode(x).latents                              # pre-quantisation latents, 4 x 32 x 32
+h = vq.encode(x).latents                              # pre-quantisation latents, {{ latent_channels }} x {{ latent_size }} x {{ latent_size }}
 recon = vq.decode(h).sample                           # quantised and decoded
 ```
 {% if repo_id_is_placeholder %}
@@ -488,6 +495,7 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
         "vq_params": _millions(_count_parameters(d / "vqvae")),
         "vq_codes": vq.get("num_vq_embeddings", "?"),
         "latent_channels": vq.get("latent_channels", "?"),
+        "latent_size": _latent_size(vq),
         "vq_scaling_factor": _fmt(vq.get("scaling_factor")),
         "vq_rows": [(label, _fmt(metrics[k])) for k, label in _VQ_METRICS if k in metrics],
         "vq_eval_set": metrics.get("eval_set"),

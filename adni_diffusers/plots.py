@@ -60,7 +60,9 @@ def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in rows[0] if k not in ("step", "time") and any(np.isfinite(r.get(k, np.nan)) for r in rows)]
+    # every row's keys, in first-seen order: some are logged only later (the GAN terms after --disc_start)
+    seen = list(dict.fromkeys(k for r in rows for k in r))
+    keys = [k for k in seen if k not in ("step", "time") and any(np.isfinite(r.get(k, np.nan)) for r in rows)]
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)

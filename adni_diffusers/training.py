@@ -831,8 +831,10 @@ class TrainingRun:
         """Average the pending logs (one host sync), stop on NaN/inf, write tensorboard + history."""
         if not self._pending:
             return {}
-        keys = self._pending[0].keys()
-        stacked = {k: torch.stack([p[k].to(self.accelerator.device) for p in self._pending]) for k in keys}
+        # every key logged in the window, in first-seen order: some come only on some steps (a codebook restart,
+        # the GAN terms from --disc_start on), and each is averaged over the steps that logged it
+        keys = list(dict.fromkeys(k for p in self._pending for k in p))
+        stacked = {k: torch.stack([p[k].to(self.accelerator.device) for p in self._pending if k in p]) for k in keys}
         self._pending = []
         finite = torch.stack([torch.isfinite(v).all() for v in stacked.values()]).all()
         finite = self.accelerator.reduce(finite.float().reshape(1), reduction="mean").item() == 1.0

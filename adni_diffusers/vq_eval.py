@@ -65,6 +65,15 @@ def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int
     return means | {"eval_images": n, "ssim_scale": SSIM_SCALE}, first_x, first_r
 
 
+def eval_set_name(data: SliceData, split: str | None) -> str:
+    """What the held-out metrics measured, in words for metrics.json and the model card."""
+    if not len(data.val):
+        return "training images (no hold-out: --split all)"
+    if split == "given":  # the test folder may share patients with train/ (load_slices warns when it does)
+        return "the given test folder (--split given)"
+    return "validation (held-out patients)"
+
+
 def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = None) -> dict:
     """Set `scaling_factor`, save `vqvae/`, write `metrics.json` and `reconstructions.png`."""
     from .plots import save_image_grid
@@ -76,7 +85,7 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
     vq.register_to_config(scaling_factor=stats["scaling_factor"])
 
     held_out = data.val if len(data.val) else data.train
-    eval_set = "validation (held-out patients)" if len(data.val) else "training images (no hold-out: --split all)"
+    eval_set = eval_set_name(data, getattr(args, "split", None))
     seed = getattr(args, "seed", 0)
     recon_metrics, x, recon = reconstruct_and_measure(vq, held_out, device, args.eval_batch_size, args.eval_max_images,
                                                       seed)

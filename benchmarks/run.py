@@ -1295,6 +1295,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{key.replace('_', '-')}: batch sizes must be positive")
     if opts.steps < 1 or opts.repeats < 1 or opts.warmup < 0 or opts.ddpm_steps < 1 or opts.sample_repeats < 1:
         p.error("--steps, --repeats, --ddpm-steps and --sample-repeats must be >= 1, --warmup >= 0")
+    if opts.encode_images < 1 or opts.matmul_size < 1 or opts.profile_steps < 1:  # else a row fails after its timing
+        p.error("--encode-images, --matmul-size and --profile-steps must be >= 1")
     return opts
 
 

@@ -151,6 +151,16 @@ def test_bad_flags_are_refused():
     assert proc.returncode == 2 and "batch sizes must be positive" in proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--encode-images", "--matmul-size", "--profile-steps"])
+def test_counts_that_would_fail_a_row_after_its_timing_are_refused(flag):
+    """0 images to encode, a 0-size matmul or 0 profiled steps divided by zero once the row had run (or at the
+    start, for the matmul rate): refused with the flag's name before any work."""
+    run = _load_run_module()
+    with pytest.raises(SystemExit) as stop:
+        run.parse_args(["--smoke", "--device", "cpu", flag, "0"])
+    assert stop.value.code == 2
+
+
 def test_example_style_keeps_the_seed_sized_vq_encoder(smoke):
     """The example-style UNet row encodes every batch with the seed's VQ size (`wide`) where our VQModel is `base`
     (narrower since 2026-11-26), so its figure stays comparable with facts.md and the earlier runs."""

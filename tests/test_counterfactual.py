@@ -151,6 +151,12 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
         (["--to", "AD"], ["--image", "--measure"]),
         (["--measure", "--to", "AD", "--data-dir", tmp_path / "moved"], ["moved", "does not exist"]),
         (["--measure", "--to", "AD", "--classifier", tmp_path], ["--classifier", "config.json"]),
+        # a negative batch ended in a KeyError after sampling nothing; 0 epochs measured with an untrained net
+        (["--image", nc_slice, "--to", "AD", "--batch-size", "-1"], ["--batch-size -1", "at least 1"]),
+        (["--measure", "--to", "AD", "--feature-epochs", "0"], ["--feature-epochs 0", "at least 1"]),
+        # measurement flags without --measure were ignored
+        (["--image", nc_slice, "--to", "AD", "--control", "--from", "NC"],
+         ["--from, --control only apply to --measure"]),
     ]
     for argv, expected in cases:
         rc, err = run_cli(base + argv, capsys)
@@ -209,6 +215,24 @@ def test_uint8_tensor_of_adni_size_is_padded_like_any_other_input(pipe, nc_slice
     result = C.make_counterfactuals(pipe, raw, "AD", strengths=(1.0,), scheduler="ddim", steps=2)[0]
     assert result["original"].shape == result["reconstruction"].shape == (1, 256, 256)
     assert C.save_strip(result, tmp_path / "strip.png").is_file()
+
+
+def test_float_tensors_in_0_1_are_taken_as_the_pipeline_takes_them(nc_slice):
+    """A (N, 1, 256, 256) float tensor in [0, 1] (the pipeline's "pt" output) is not read as [-1, 1]."""
+    from adni_diffusers.pipeline_adni_ldm import prepare_slices
+
+    x = C._to_pixels(PIL.Image.open(nc_slice))  # [-1, 1]
+    assert torch.equal(C._to_pixels(x), x)  # model input passes through
+    assert torch.allclose(C._to_pixels((x + 1) / 2), x, atol=1e-6)
+    assert torch.allclose(C._to_pixels((x + 1) / 2), prepare_slices((x + 1) / 2), atol=1e-6)
+
+
+def test_output_folders_are_distinct_for_every_image(tmp_path):
+    """Two x.png and an x-2.png: three folders (the second x used to share x-2's, overwriting it)."""
+    paths = [Path("a/x.png"), Path("b/x.png"), Path("c/x-2.png"), Path("y.jpeg")]
+    dirs = C._image_out_dirs(paths, tmp_path)
+    assert len(set(dirs)) == len(dirs) and dirs[:2] == [tmp_path / "x", tmp_path / "x-2"]
+    assert dirs[3] == tmp_path / "y"
 
 
 # ---------------------------------------------------------------------------------- measurement

@@ -319,3 +319,27 @@ def test_split_is_redrawn_with_the_split_seed(tmp_path):
     assert read_training_record(tmp_path)["seed"] == 0
     (tmp_path / "training_args.json").write_text(json.dumps({"seed": 5, "split_seed": None, "val_fraction": 0.2}))
     assert read_training_record(tmp_path)["seed"] == 5
+
+
+@pytest.mark.parametrize("flag, value", [("--feature-epochs", "0"), ("--num-samples", "0"), ("--kid-subsets", "-1"),
+                                         ("--tstr-epochs", "0"), ("--refine-repeats", "-2")])
+def test_count_flags_are_refused_when_parsed(flag, value, capsys):
+    """Before: --feature-epochs 0 measured with an untrained (and then cached) feature net, silently."""
+    import argparse
+
+    from adni_diffusers.evaluate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", flag, value])
+    assert flag in capsys.readouterr().err
+
+
+def test_feature_net_refuses_zero_epochs(demo_root):
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.features import train_feature_net
+
+    train = load_slices(demo_root).train
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        train_feature_net(train, epochs=0)

@@ -139,3 +139,33 @@ def test_umap_plot_writes_a_png(trained, data, tmp_path):
     )
     assert path.is_file() and path.stat().st_size > 1000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_curves_plot_keys_first_logged_later(tmp_path, monkeypatch):
+    """train_vqmodel logs the GAN terms (g_loss, d_loss) only after --disc_start: their panels must still appear."""
+    from adni_diffusers import plots
+
+    titles = []
+    save = plots.save_figure
+
+    def spy(fig, path, **kw):
+        titles.extend(ax.get_title() for ax in fig.axes if ax.get_title())
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "save_figure", spy)
+    rows = [{"step": 10, "time": 1.0, "loss": 1.0, "lr": 1e-4},
+            {"step": 20, "time": 2.0, "loss": 0.9, "lr": 1e-4, "g_loss": 0.5, "d_loss": 1.0}]
+    assert plots.plot_loss_curves(rows, tmp_path / "curve.png").is_file()
+    assert titles == ["loss", "lr", "g_loss", "d_loss"]
+
+
+def test_no_images_for_batchnorm_recalibration_keeps_the_training_statistics(data):
+    """bn_images=0 (or 1: no batch of two) recomputes nothing; it used to reset every BatchNorm to mean 0, var 1."""
+    train, _ = data
+    net, _ = Fe.train_feature_net(train, None, **dict(SETTINGS, epochs=1, bn_images=0))
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(int(m.num_batches_tracked) > 0 for m in bns)  # the steps of training, not a reset
+    assert not all(torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in bns)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    Fe.recalibrate_batchnorm(net, train.subset([0]))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

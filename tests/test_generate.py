@@ -62,3 +62,92 @@ def test_grid_columns_fill_every_row_where_they_can(n, columns):
     rows = -(-n // columns)
     expected = (8, 8) if n == 1 else (columns * 10 + 2, rows * 10 + 2)  # make_grid pads cells, not a lone image
     assert grid.size == expected
+
+
+@pytest.fixture(scope="module")
+def fresh_pipe():
+    """A randomly initialised tiny class-conditional pipeline (no training): enough for the plumbing."""
+    from diffusers import DDPMScheduler, UNet2DModel, VQModel
+
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.presets import unet_config, vq_config
+
+    torch.manual_seed(0)
+    config = dict(unet_config("tiny"), num_class_embeds=3)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    pipe = ADNILatentDiffusionPipeline(VQModel(**vq_config("tiny")), UNet2DModel(**config), scheduler, ["AD", "NC"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pixels(paths):
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(p)) for p in paths]
+
+
+def test_an_image_does_not_depend_on_the_batch_size(fresh_pipe, tmp_path):
+    """--seed decides the images; --batch-size (16 on CPU, 256 on GPU by default) only how many run at once."""
+    from adni_diffusers.generate import generate
+
+    kwargs = dict(num_images=3, class_label="AD", guidance=2.0, scheduler="ddpm", steps=2, seed=0, device="cpu",
+                  pipe=fresh_pipe)
+    whole = generate("unused", tmp_path / "whole", batch_size=3, **kwargs)
+    ones = generate("unused", tmp_path / "ones", batch_size=1, **kwargs)
+    other_seed = generate("unused", tmp_path / "other", batch_size=3, **{**kwargs, "seed": 1})
+    for a, b, c in zip(_pixels(whole["images"]), _pixels(ones["images"]), _pixels(other_seed["images"])):
+        a, b, c = (x.astype(int) for x in (a, b, c))
+        assert abs(a - b).max() <= 1 and (a != b).mean() < 0.01  # float rounding of other batch shapes only
+        assert abs(a - c).max() > 10
+
+
+def test_samples_are_on_disk_batch_by_batch(fresh_pipe, tmp_path, monkeypatch):
+    """A crash in a later batch keeps the images already sampled."""
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.generate import generate
+
+    call = ADNILatentDiffusionPipeline.__call__
+    calls = []
+
+    def fail_on_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", fail_on_second_batch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate("unused", tmp_path, num_images=4, scheduler="ddim", steps=2, batch_size=2, device="cpu",
+                 pipe=fresh_pipe)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["sample-0000.png", "sample-0001.png"]
+
+
+def test_gif_ends_on_the_images_it_animates(fresh_pipe, tmp_path):
+    """The animation follows the first batch; its last frame (the final samples) shows those, at the same scale."""
+    import numpy as np
+    from PIL import Image
+
+    from adni_diffusers.generate import generate
+
+    paths = generate("unused", tmp_path, num_images=4, scheduler="ddim", steps=2, batch_size=1, device="cpu",
+                     gif=True, pipe=fresh_pipe)
+    with Image.open(paths["gif"]) as gif:
+        gif.seek(gif.n_frames - 1)
+        last = gif.convert("L")
+    first = Image.open(paths["images"][0])
+    assert last.size == first.size  # one image, not a crop of the four-image grid
+    assert np.abs(np.asarray(last).astype(int) - np.asarray(first)).mean() < 2  # GIF palette rounding only
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guidance", "3"], "--guidance 3 needs --class"),
+    (["--refine-steps", "5"], "--refine-steps 5 needs --refine-repeats 1 or more"),
+])
+def test_generate_refuses_flags_it_would_ignore(tmp_path, capsys, argv, message):
+    """Guidance without a class to guide toward, refinement steps without passes: nothing would change."""
+    from adni_diffusers import cli
+
+    assert cli.main(["generate", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+

@@ -186,3 +186,26 @@ def test_card_states_the_split_seed_and_shared_patients(ldm):
     data.update(split="given", shared_patients=3)
     data_path.write_text(json.dumps(data))
     assert "3 patients have slices on both sides" in render_model_card(ldm)
+
+
+def test_vq_card_states_the_latent_shape_of_its_config(tiny_vq, tmp_path):
+    """A JSON config may change latent_channels and the number of down blocks: the card says the shape it makes."""
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq", ignore=shutil.ignore_patterns("latent_cache")))
+    assert "4 x 32 x 32 latent" in render_model_card(vq) and "latents, 4 x 32 x 32" in render_model_card(vq)
+    config_path = vq / "vqvae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(latent_channels=8, down_block_types=config["down_block_types"][:3])
+    config_path.write_text(json.dumps(config))
+    text = render_model_card(vq)
+    assert "8 x 64 x 64 latent" in text and "latents, 8 x 64 x 64" in text and "x 32" not in text
+
+
+def test_vq_card_without_a_hold_out_does_not_call_its_images_held_out(tiny_vq, tmp_path):
+    """--split all: the VQ metrics were measured on training images, and the card says so."""
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq", ignore=shutil.ignore_patterns("latent_cache")))
+    metrics = json.loads((vq / "metrics.json").read_text())
+    metrics["eval_set"] = "training images (no hold-out: --split all)"
+    (vq / "metrics.json").write_text(json.dumps(metrics))
+    text = render_model_card(vq)
+    assert "Measured on training images (no hold-out: --split all):" in text
+    assert f"| images measured | {metrics['eval_images']} |" in text and "held-out images" not in text

@@ -357,3 +357,15 @@ def test_vqmodel_data_is_checked_by_patients_not_by_path(tmp_path, tiny_vq, tiny
     with caplog.at_level("WARNING", logger="adni_diffusers"):
         assert train_unet.check_vq_data(train_unet.find_vqmodel(str(bare)), args, data) is None
     assert caplog.text.count("cannot be checked") == 1
+
+
+def test_diffusion_loss_refuses_a_prediction_type_it_has_no_target_for():
+    """"sample" was trained on v, which the scheduler would then read as x0."""
+    from adni_diffusers.diffusion import diffusion_loss, make_noise_scheduler
+
+    def model(zt, t, class_labels=None):
+        raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match="prediction_type 'sample': expected 'epsilon' or 'v_prediction'"):
+        diffusion_loss(model, make_noise_scheduler(prediction_type="sample"), torch.zeros(2, 4, 8, 8), None,
+                       torch.Generator().manual_seed(0))

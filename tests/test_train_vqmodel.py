@@ -315,3 +315,35 @@ def test_compile_probe_runs_the_training_loss(tmp_path, demo_root, monkeypatch):
     codebook = grads["vq.quantize.embedding.weight"]
     assert codebook is not None and codebook.abs().sum() > 0
     assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+
+
+def test_logs_that_come_on_some_steps_only_are_averaged_over_those_steps(tmp_path):
+    """A codebook restart, or the GAN terms from --disc_start on, log keys that the window's first step lacks
+    (or has alone): the log holds every key, and a missing key never stops training."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from adni_diffusers import training
+
+    run = object.__new__(training.TrainingRun)
+    run.accelerator, run.output_dir, run.start_time, run._last_good_checkpoint = Accelerator(cpu=True), tmp_path, 0.0, None
+    run.optimizer = SimpleNamespace(param_groups=[{"lr": 1e-4}])
+    run.progress = SimpleNamespace(set_postfix=lambda *a, **k: None)
+    run.global_step = 10
+    run._pending = [{"loss": torch.tensor(1.0), "restarted_codes": torch.tensor(6.0)},
+                    {"loss": torch.tensor(3.0)},
+                    {"loss": torch.tensor(5.0), "d_loss": torch.tensor(0.5)}]
+    means = run.flush_logs()
+    assert means["loss"] == 3.0 and means["restarted_codes"] == 6.0 and means["d_loss"] == 0.5
+    logged = json.loads((tmp_path / training.HISTORY_FILE).read_text())
+    assert {"loss", "restarted_codes", "d_loss", "lr"} <= logged.keys()
+
+
+def test_held_out_metrics_name_the_set_they_measured(demo_root):
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.vq_eval import eval_set_name
+
+    assert eval_set_name(load_slices(demo_root), "patient").startswith("validation (held-out patients)")
+    assert "held-out" not in eval_set_name(load_slices(demo_root), "given")
+    assert eval_set_name(load_slices(demo_root, split="all"), "all").startswith("training images")
