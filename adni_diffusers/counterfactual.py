@@ -220,7 +220,7 @@ class _Sampler:
 @torch.no_grad()
 def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance: float = DEFAULT_GUIDANCE,
                          seed: int = 0, scheduler: str | None = None, steps: int | None = None,
-                         classifier=None, batch_size: int = 16) -> list[dict]:
+                         classifier=None, batch_size: int = 16, first_index: int = 0) -> list[dict]:
     """Counterfactuals of real slices toward class `to`, one dict per input image:
 
         {"original": (1, 256, 256) in [-1, 1] (padded as in training),
@@ -231,8 +231,9 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
              the classifier's probability of the target class)}
 
     `image`: what the pipeline's `prepare_slices` takes (PIL, numpy, tensors; 256x240 or 256x256),
-    or a SliceSet. Image i is re-noised with a generator seeded `seed + i` at every strength, so
-    the strengths differ only in how far the latent is noised. `scheduler` (ddpm / ddim / dpm++ /
+    or a SliceSet. Image i is re-noised with a generator seeded `seed + first_index + i` at every strength, so
+    the strengths differ only in how far the latent is noised (`first_index`: where these images stand in a
+    longer list made a part at a time). `scheduler` (ddpm / ddim / dpm++ /
     unipc) replaces the pipeline's scheduler for this call (restored afterwards); `steps` defaults to
     the scheduler's usual count. `classifier`: a `features.FeatureNet` whose class names include `to`.
     """
@@ -250,7 +251,7 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
             for i, r in enumerate(recon):
                 results[start + i]["reconstruction"] = r
             for s in strengths:
-                cf = sample(batch, target, s, first_index=start)
+                cf = sample(batch, target, s, first_index=first_index + start)
                 for i, c in enumerate(cf):
                     results[start + i]["counterfactuals"][s] = c
                     results[start + i]["denoising_steps"][s] = sample.denoising_steps(s)
@@ -930,10 +931,12 @@ def main(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
                "scheduler": args.scheduler, "steps": args.steps or default_steps(args.scheduler), "seed": args.seed,
                "difference": f"counterfactual - {args.diff_against}", "preprocess": preprocess, "images": []}
-    if images:
-        results = make_counterfactuals(pipe, torch.cat(images), target, strengths, args.guidance, args.seed,
-                                       args.scheduler, args.steps, classifier=classifier, batch_size=batch_size)
-        for path, folder, result in zip(image_paths, _image_out_dirs(image_paths, out), results):
+    folders = _image_out_dirs(image_paths, out)
+    for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
+        results = make_counterfactuals(pipe, torch.cat(images[first:first + batch_size]), target, strengths,
+                                       args.guidance, args.seed, args.scheduler, args.steps, classifier=classifier,
+                                       batch_size=batch_size, first_index=first)
+        for path, folder, result in zip(image_paths[first:], folders[first:], results):
             files = write_counterfactual(result, folder, args.diff_against)
             entry = {"image": str(path), "folder": str(folder), "strip": files["strip"]}
             if data is not None:  # the model saw this slice in training: say so

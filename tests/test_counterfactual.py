@@ -3,6 +3,7 @@ measurement. CPU, on the tiny class-conditional pipeline (its outputs are noise:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -104,6 +105,37 @@ def test_strengths_differ_same_seed_reproduces(pipe, nc_slice):
     assert torch.allclose(pair[0]["counterfactuals"][1.0], cf[1.0], atol=1e-5)
     assert set(pair[1]["probabilities"]) == {"original", "reconstruction", 0.25, 1.0}
     assert all(0 <= p <= 1 for p in pair[1]["probabilities"].values())
+
+
+def test_cli_writes_each_batch_before_the_next_and_seeds_by_position(tiny_ldm, demo_root, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Three images at --batch-size 2: the first two are on disk when the last batch fails, and an image's
+    counterfactual is the one it gets in a single batch (seed + its position in the list)."""
+    slices = sorted((demo_root / "test" / "NC").glob("*.jpeg"))[:3]
+    args = ["--model", tiny_ldm, "--image", *slices, "--to", "AD", "--strength", "1.0", *STEPS]
+    rc, err = run_cli([*args, "--out", tmp_path / "whole", "--batch-size", "4"], capsys)
+    assert rc == 0, err
+    make = C.make_counterfactuals
+    calls = []
+
+    def fail_on_the_second_batch(*a, **k):
+        calls.append(k["first_index"])
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return make(*a, **k)
+
+    monkeypatch.setattr(C, "make_counterfactuals", fail_on_the_second_batch)
+    parser = argparse.ArgumentParser()
+    C.add_arguments(parser)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        C.main(parser.parse_args([*map(str, args), "--out", str(tmp_path / "parts"), "--batch-size", "2"]))
+    assert calls == [0, 2]
+    written = json.loads((tmp_path / "parts" / "counterfactuals.json").read_text())["images"]
+    assert [e["image"] for e in written] == [str(p) for p in slices[:2]]
+    for p in slices[:2]:
+        part = np.asarray(PIL.Image.open(tmp_path / "parts" / p.stem / "counterfactual_s1.00.png"))
+        whole = np.asarray(PIL.Image.open(tmp_path / "whole" / p.stem / "counterfactual_s1.00.png"))
+        assert np.abs(part.astype(int) - whole).max() <= 1
 
 
 def _unconditional_model(tiny_ldm, folder: Path) -> Path:
