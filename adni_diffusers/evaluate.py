@@ -999,6 +999,12 @@ def evaluate_model(
     feature_batch = 256 if on_gpu else 64
     diversity_pairs = diversity_pairs or (1000 if on_gpu else 200)
     steps = steps or default_steps(scheduler)
+    # checked before anything is trained or sampled (the pipeline would refuse, or ignore, them only then)
+    if refine_repeats > 0 and not 1 <= refine_steps <= steps:
+        raise EvaluationError(f"--refine-repeats {refine_repeats} needs --refine-steps between 1 and --steps "
+                              f"({steps}); got {refine_steps}")
+    if refine_steps > 0 and refine_repeats == 0:
+        raise EvaluationError(f"--refine-steps {refine_steps} needs --refine-repeats 1 or more (how many passes)")
 
     # 1. the model and the data, split as in training
     t = time.perf_counter()
@@ -1006,6 +1012,10 @@ def evaluate_model(
         from .generate import load_pipeline
 
         pipe = load_pipeline(str(model_dir), device, getattr(torch, dtype))
+    try:  # e.g. DDPM / DDIM refuse more steps than the model's training timesteps
+        make_scheduler(scheduler, pipe.scheduler.config).set_timesteps(steps)
+    except ValueError as e:
+        raise EvaluationError(f"--scheduler {scheduler} --steps {steps}: {e}") from e
     conditional = bool(pipe.is_conditional)
     model_classes = list(pipe.config.class_names or []) if conditional else []
     if conditional and not model_classes:
@@ -1176,7 +1186,10 @@ def evaluate_model(
         ab_held = {c: heldout_feats[ab_held_idx[held_groups == (c or 0)]] for c in labels_per_class}
         ab_train = train_feats[ab_train_idx]
         floor = compare_features(torch.cat(list(ab_held.values())), ab_train, kid_subsets=kid_subsets, seed=seed)
-        plan = ablation_plan(conditional, scheduler, steps, guidance, ablation_step_overrides)
+        # the full chains (DDPM-1000, ...) cannot take more steps than the model has training timesteps
+        max_steps = int(pipe.scheduler.config.num_train_timesteps)
+        overrides = {name: max_steps for name in SCHEDULERS if default_steps(name) > max_steps}
+        plan = ablation_plan(conditional, scheduler, steps, guidance, {**overrides, **(ablation_step_overrides or {})})
         # the main run's first M images per class ARE the ablation's images for the main setting (same seeds)
         key = (scheduler, steps, refine_steps, refine_repeats, guidance)
         main_rows = first_per_class(groups_of(gen), ab_counts)

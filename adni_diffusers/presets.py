@@ -110,6 +110,11 @@ def vq_config(preset_or_path: str) -> dict:
     _check_config(config, preset_or_path, "VQModel")
     if config["in_channels"] != 1 or config["out_channels"] != 1:
         raise PresetError(f"VQModel config {preset_or_path}: slices are greyscale, in/out_channels must be 1")
+    if config.get("lookup_from_codebook"):
+        # the pipeline decodes generated latents with `decode(quant, force_not_quantize=True)`, which then reads
+        # them as code indices: sampling would fail only after both stages had trained
+        raise PresetError(f"VQModel config {preset_or_path}: lookup_from_codebook must be false (the diffusion "
+                          "model generates latents, not code indices)")
     return config
 
 
@@ -128,6 +133,12 @@ def _check_config(config: dict, source: str, what: str) -> None:
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise PresetError(f"{what} config {source}: unknown keys {unknown}")
+    # diffusers' VQModel does not check these: one block type short fails with an IndexError once the model is built
+    # (after the data is loaded), one channel count too many silently downsamples once more
+    lengths = {k: len(config[k]) for k in ("block_out_channels", "down_block_types", "up_block_types") if k in config}
+    if len(set(lengths.values())) > 1:
+        raise PresetError(f"{what} config {source}: block_out_channels, down_block_types and up_block_types need "
+                          f"one entry per block, got {', '.join(f'{n} {k}' for k, n in lengths.items())}")
     groups = config.get("norm_num_groups", 32)
     if not isinstance(groups, int) or groups < 1:
         raise PresetError(f"{what} config {source}: norm_num_groups must be a positive integer, got {groups!r}")

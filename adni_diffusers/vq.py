@@ -51,7 +51,8 @@ class VQTrainingModel(nn.Module):
             codebook_loss = F.mse_loss(z_q, h.detach().float())
             commitment_loss = F.mse_loss(h.float(), z_q.detach())
         quant = h + (z_q.to(h.dtype) - h).detach()  # straight-through estimator
-        recon = vq.decoder(vq.post_quant_conv(quant))
+        # as `VQModel.decode`: a spatial-norm decoder (norm_type "spatial") also reads the quantised latents
+        recon = vq.decoder(vq.post_quant_conv(quant), quant if vq.config.norm_type == "spatial" else None)
         return VQForward(recon, h, idx, codebook_loss, commitment_loss)
 
     def last_layer(self) -> torch.Tensor:

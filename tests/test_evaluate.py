@@ -343,3 +343,40 @@ def test_feature_net_refuses_zero_epochs(demo_root):
     train = load_slices(demo_root).train
     with pytest.raises(ValueError, match="epochs >= 1"):
         train_feature_net(train, epochs=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(steps=3, refine_steps=0, refine_repeats=2), "--refine-steps between 1 and --steps"),
+    (dict(steps=3, refine_steps=4, refine_repeats=1), "--refine-steps between 1 and --steps"),
+    (dict(steps=3, refine_steps=2, refine_repeats=0), "needs --refine-repeats"),
+    (dict(scheduler="ddpm", steps=1001), "--steps 1001"),
+])
+def test_bad_sampling_settings_are_refused_before_any_work(model_copy, tmp_path, monkeypatch, kw, match):
+    """Before: these failed in the pipeline (or were ignored) only after the feature net was trained."""
+    import adni_diffusers.features as features
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the feature net was trained before the sampling settings were checked")
+
+    monkeypatch.setattr(features, "get_or_train_feature_net", no_work)
+    with pytest.raises(E.EvaluationError, match=match):
+        E.evaluate_model(model_copy, num_samples=2, out=tmp_path / "out", device="cpu", progress=False,
+                         render_card=False, **kw)
+
+
+def test_ablations_of_a_model_with_fewer_training_timesteps(model_copy, tmp_path):
+    """Before: the DDPM-1000 row crashed (more steps than the model's 20 timesteps) after everything else had run,
+    and nothing was written."""
+    folder = tmp_path / "ldm20"
+    shutil.copytree(model_copy, folder, ignore=shutil.ignore_patterns("evaluation", "feature_net"))
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["num_train_timesteps"] = 20
+    config_file.write_text(json.dumps(config))
+    result = E.evaluate_model(folder, num_samples=2, steps=3, feature_epochs=1, tstr_epochs=1, diversity_pairs=2,
+                              kid_subsets=2, ablations=True, ablation_samples=2, umap=False, render_card=False,
+                              ablation_step_overrides={k: v for k, v in QUICK_STEPS.items() if k != "ddpm"},
+                              progress=False, device="cpu")
+    ddpm = next(r for r in result["ablations"]["rows"] if r["group"] == "sampler" and r["scheduler"] == "ddpm")
+    assert ddpm["steps"] == 20 and "(20 steps)" in ddpm["label"]
+    assert (folder / "evaluation" / "metrics.json").is_file()

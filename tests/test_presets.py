@@ -149,3 +149,30 @@ def test_vq_channels_must_be_greyscale(tmp_path, key):
     with pytest.raises(PresetError) as e:
         vq_config(str(path))
     assert str(path) in str(e.value) and "greyscale" in str(e.value) and "must be 1" in str(e.value)
+
+
+@pytest.mark.parametrize("config", [
+    {"block_out_channels": [32, 64, 128]},  # VQModel: IndexError once built, after the data had loaded
+    {"block_out_channels": [32, 64, 128, 256, 256]},  # VQModel: silently 16x16 latents from four block types
+])
+def test_block_lists_of_different_lengths(tmp_path, config):
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(PresetError, match="one entry per block") as e:
+        vq_config(str(path))
+    assert str(path) in str(e.value)
+    path.write_text(json.dumps({"up_block_types": ["UpBlock2D"] * 3}))
+    with pytest.raises(PresetError, match=r"UNet2DModel config .*one entry per block, got 4 block_out_channels, "
+                                          r"4 down_block_types, 3 up_block_types"):
+        unet_config(str(path))
+
+
+def test_vq_lookup_from_codebook_is_refused(tmp_path):
+    """With lookup_from_codebook the pipeline's `decode(quant, force_not_quantize=True)` reads the latents as
+    code indices: it trained, then failed at the first sample."""
+    path = tmp_path / "lookup.json"
+    path.write_text(json.dumps({"lookup_from_codebook": True}))
+    with pytest.raises(PresetError, match="lookup_from_codebook must be false"):
+        vq_config(str(path))
+    path.write_text(json.dumps({"lookup_from_codebook": False}))
+    assert vq_config(str(path))["lookup_from_codebook"] is False

@@ -295,6 +295,27 @@ def test_discriminator_steps_on_its_own_loss_only(tmp_path, demo_root, monkeypat
     assert seen == [(True, True)]
 
 
+@pytest.mark.parametrize("norm_type", ["group", "spatial"])
+def test_training_forward_decodes_as_the_vqmodel_does(norm_type):
+    """The training forward is ours (for the code indices and the loss terms): its reconstruction must be
+    `VQModel.forward`'s. A spatial-norm decoder (MoVQ-style, norm_type "spatial") reads the quantised latents
+    too; the training forward once left them out and failed at the first step."""
+    from diffusers import VQModel
+
+    from adni_diffusers.presets import vq_config
+    from adni_diffusers.vq import VQTrainingModel
+
+    torch.manual_seed(0)
+    config = {**vq_config("tiny"), "block_out_channels": [32] * 4, "norm_type": norm_type}  # SpatialNorm: 32 groups
+    vq = VQModel(**config).eval()
+    with torch.no_grad():
+        vq.quantize.embedding.weight.normal_()  # well-separated codes: no near-ties between the two code searches
+        x = torch.rand(2, 1, 256, 256) * 2 - 1
+        out = VQTrainingModel(vq)(x)
+        expected = vq(x).sample
+    torch.testing.assert_close(out.recon, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_compile_probe_runs_the_training_loss(tmp_path, demo_root, monkeypatch):
     """The probe before training (--compile) backpropagates the steps' own loss, codebook terms included: with
     the reconstruction loss alone the codebook got no gradient, and under DDP the first step then failed with
