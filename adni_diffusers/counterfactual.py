@@ -819,8 +819,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one or more strengths in (0, 1] (default: 0.4 for --image, "
                              f"{' '.join(map(str, DEFAULT_STRENGTHS))} for --measure); several give a strip")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                        help="classifier-free guidance scale toward --to (1 = none)")
-    parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+                        help=f"classifier-free guidance scale toward --to (1 = none; default {DEFAULT_GUIDANCE:g})")
+    parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="sampler (default ddim)")
     parser.add_argument("--steps", type=int, default=None,
                         help="scheduler steps for strength 1 (default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc)")
     parser.add_argument("--seed", type=int, default=0)
@@ -850,7 +850,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--feature-net-cache", default=None,
                    help="cache folder for the evaluation classifier (default: <model>/feature_net, the one "
                         "`adni-diffusers evaluate` uses by default: same data and settings reuse the same net)")
-    m.add_argument("--feature-epochs", type=int, default=5, help="epochs for the classifier when it is trained")
+    m.add_argument("--feature-epochs", type=int, default=5, help="epochs for the classifier when it is trained (default 5)")
 
 
 def _image_out_dirs(paths: list[Path], out: Path) -> list[Path]:

@@ -5,7 +5,7 @@
 4. reload the saved pipeline the way a user would (`DiffusionPipeline.from_pretrained(...,
    trust_remote_code=True)`), 5. write a sample grid per class and the denoising GIF.
 
-On CPU it uses the `small` presets and finishes in about 15 minutes on 2 cores; on a GPU the
+On CPU it uses the `small` presets and finishes in about 12 minutes on 2 free cores; on a GPU the
 `base` presets on an ADNI-size demo set (about 25 minutes on one H100, estimated from measured
 rates, not run end to end). A stage whose output already exists is reused (delete the folder, or
 pass --retrain, to train again).
@@ -134,11 +134,15 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     if retrain or not _made_by(vq_dir, "vqvae/config.json", vq_recipe):
         _train("adni_diffusers.train_vqmodel", vq_argv)
         _write_recipe(vq_dir, vq_recipe)
+    else:
+        print(f"reusing the VQModel in {vq_dir} (the same flags on the same data made it; --retrain trains again)")
     timings["vq_s"] = time.time() - t
     t = time.time()
     if retrain or not _made_by(ldm_dir, "model_index.json", unet_recipe):
         _train("adni_diffusers.train_unet", unet_recipe["argv"])
         _write_recipe(ldm_dir, unet_recipe)
+    else:
+        print(f"reusing the pipeline in {ldm_dir} (the same flags on the same data made it; --retrain trains again)")
     timings["unet_s"] = time.time() - t
 
     # reload exactly as a user without this package would, then sample

@@ -1278,16 +1278,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = parser.add_argument_group("measures")
     g.add_argument("--feature-cache", default=None, help="feature-net cache folder (default: <out>/../feature_net)")
-    g.add_argument("--feature-epochs", type=positive_int, default=5, help="feature-net training epochs (real training split)")
-    g.add_argument("--tstr-epochs", type=positive_int, default=10, help="epochs of the TSTR / TRTR classifiers")
+    g.add_argument("--feature-epochs", type=positive_int, default=5, help="feature-net training epochs (real training split; default 5)")
+    g.add_argument("--tstr-epochs", type=positive_int, default=10, help="epochs of the TSTR / TRTR classifiers (default 10)")
     g.add_argument("--diversity-pairs", type=positive_int, default=None,
                    help="MS-SSIM pairs per class and set (default: 200 on CPU, 1000 on GPU)")
-    g.add_argument("--kid-subsets", type=positive_int, default=100)
+    g.add_argument("--kid-subsets", type=positive_int, default=100, help="KID subsets (default 100)")
     g.add_argument("--no-umap", dest="umap", action="store_false", help="skip the UMAP plot")
     g = parser.add_argument_group("ablations")
     g.add_argument("--ablations", action="store_true",
                    help="also compare refinement, samplers and guidance on the same seeds (samples again per row)")
-    g.add_argument("--ablation-samples", type=positive_int, default=32, help="samples per class (or in all) per ablation row")
+    g.add_argument("--ablation-samples", type=positive_int, default=32, help="samples per class (or in all) per ablation row (default 32)")
     parser.add_argument("--no-card", dest="render_card", action="store_false",
                         help="do not re-render the model card afterwards")
 

@@ -394,7 +394,7 @@ def _finish(card) -> str:
 VQ_CARD_TEMPLATE = """---
 {{ card_data }}
 ---
-<!-- adni-diffusers model card: generated from the files beside it; `adni-diffusers push` and render_model_card() rewrite it. Delete this line to keep hand edits. -->
+<!-- adni-diffusers model card: generated from the files beside it; `adni-diffusers push` and write_model_card() rewrite it. Delete this line to keep hand edits. -->
 
 # {{ model_name }}
 

@@ -258,7 +258,8 @@ def prepare_output_dir(args, accelerator, product: str) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
-            for p in existing + [output_dir / args.logging_dir, output_dir / "samples"]:
+            # evaluation/ too: its numbers (which the model card shows and a push uploads) are the old model's
+            for p in existing + [output_dir / args.logging_dir, output_dir / "samples", output_dir / "evaluation"]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in output_dir.glob("checkpoint-*.tmp"):  # a save cut short by a crash

@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     from adni_diffusers.generate import load_pipeline
     from adni_diffusers.schedulers import default_steps, make_scheduler
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--model", required=True, help="a saved pipeline folder")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

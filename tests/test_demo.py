@@ -30,8 +30,12 @@ def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys):
         assert gif.format == "GIF" and gif.n_frames > 2
     # a second run reuses both trained stages instead of training again
     before = (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     assert (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+    printed = capsys.readouterr().out  # and says so, with the way to train again
+    assert f"reusing the VQModel in {out / 'vq'}" in printed and f"reusing the pipeline in {out / 'ldm'}" in printed
+    assert "--retrain" in printed
     # another --seed makes other demo data: both stages train again on it, none is paired with the old data
     vq_before = (out / "vq" / "vqvae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 0

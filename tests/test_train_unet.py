@@ -369,3 +369,27 @@ def test_diffusion_loss_refuses_a_prediction_type_it_has_no_target_for():
     with pytest.raises(ValueError, match="prediction_type 'sample': expected 'epsilon' or 'v_prediction'"):
         diffusion_loss(model, make_noise_scheduler(prediction_type="sample"), torch.zeros(2, 4, 8, 8), None,
                        torch.Generator().manual_seed(0))
+
+
+def test_overwrite_output_dir_drops_the_old_models_evaluation(tmp_path):
+    """Before: evaluation/ survived --overwrite_output_dir, so the new model's card (and a push) showed the old
+    model's FD."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from adni_diffusers import training
+
+    out = tmp_path / "ldm"
+    (out / "evaluation").mkdir(parents=True)
+    (out / "evaluation" / "metrics.json").write_text("{}")
+    (out / "model_index.json").write_text("{}")
+    (out / "feature_net").mkdir()  # keyed on the data, not the model: kept
+    args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=False,
+                           logging_dir="logs")
+    with pytest.raises(training.TrainingError, match="already holds a model"):
+        training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json")
+    args.overwrite_output_dir = True
+    training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json")
+    assert not (out / "evaluation").exists() and not (out / "model_index.json").exists()
+    assert (out / "feature_net").is_dir()
