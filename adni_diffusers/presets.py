@@ -19,6 +19,8 @@ import inspect
 import json
 from pathlib import Path
 
+import torch
+
 IMAGE_SIZE = 256
 LATENT_SIZE = 32
 LATENT_CHANNELS = 4
@@ -147,3 +149,14 @@ def _check_config(config: dict, source: str, what: str) -> None:
         raise PresetError(
             f"{what} config {source}: block_out_channels {bad} are not divisible by norm_num_groups={groups}"
         )
+    counts = {k: config[k] for k in ("layers_per_block", "num_vq_embeddings", "latent_channels") if k in config}
+    bad_counts = {k: v for k, v in counts.items() if not isinstance(v, int) or v < 1}
+    if bad_counts:
+        raise PresetError(f"{what} config {source}: {bad_counts} must be positive integers")
+    # whatever else diffusers refuses (an unknown block type, a spatial norm's fixed 32 groups...) shows when the
+    # model is built: build it now, without memory, rather than after the data is loaded
+    try:
+        with torch.device("meta"):
+            cls(**config)
+    except Exception as e:  # noqa: BLE001 - any failure here is the config's
+        raise PresetError(f"{what} config {source}: diffusers cannot build this model: {type(e).__name__}: {e}") from None

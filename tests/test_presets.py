@@ -176,3 +176,18 @@ def test_vq_lookup_from_codebook_is_refused(tmp_path):
         vq_config(str(path))
     path.write_text(json.dumps({"lookup_from_codebook": False}))
     assert vq_config(str(path))["lookup_from_codebook"] is False
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"num_vq_embeddings": 0}, "must be positive integers"),  # before: an empty codebook failed at the first step
+    ({"layers_per_block": 0}, "must be positive integers"),
+    ({"norm_type": "spatial", "block_out_channels": [48, 48, 48, 48], "norm_num_groups": 16},
+     "cannot build this model: ValueError: num_channels"),  # a spatial norm fixes 32 groups
+    ({"down_block_types": ["NoSuchBlock2D"] * 4}, "cannot build this model"),
+])
+def test_configs_diffusers_cannot_build_are_refused_before_training(tmp_path, config, message):
+    path = tmp_path / "vq.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(PresetError, match=message) as e:
+        vq_config(str(path))
+    assert str(path) in str(e.value)
