@@ -167,6 +167,10 @@ def _walk(folder: Path) -> list[str]:
     return sorted(found)
 
 
+# pictures that show real training or held-out slices: pushed only for models trained on the demo set
+REAL_SLICE_PICTURES = ("reconstructions.png", "evaluation/closest_pairs.png")
+
+
 def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
     """What a push of `folder` uploads: (kind, relative paths). Only the model, never training clutter.
 
@@ -337,6 +341,12 @@ def push_folder(
         raise HubError(f"cannot push {str(folder)!r}: it holds no model files")
 
     demo = is_demo_trained(folder) if trained_on_demo_data is None else trained_on_demo_data
+    if not demo:  # pictures of real (ADNI) slices are the data itself: never uploaded, even to a private repo
+        withheld = [p for p in files if p in REAL_SLICE_PICTURES]
+        if withheld:
+            logger.warning("not pushing %s: %s real slices (ADNI's data use agreement)", ", ".join(withheld),
+                           "they show" if len(withheld) > 1 else "it shows")
+            files = [p for p in files if p not in REAL_SLICE_PICTURES]
     try:
         repo_id = _resolve_repo_id(repo_id, api, token, check_only=True)
         if token is None and stored is None:
@@ -376,7 +386,7 @@ def push_folder(
                 revision=revision,
                 commit_message=commit_message,
                 token=token,
-                ignore_patterns=IGNORE_PATTERNS,
+                ignore_patterns=list(IGNORE_PATTERNS),  # a copy: upload_folder appends its defaults in place
                 # Old weights (another shard layout or variant) must not outlive a new push.
                 delete_patterns=[f"{c}/*" for c in components] or None,
             )

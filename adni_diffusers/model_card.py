@@ -414,6 +414,9 @@ The first stage of an adni-diffusers latent diffusion model: a VQ-regularised au
 ![Held-out slices (top), their reconstructions (middle) and the absolute error (bottom)]({{ reconstructions }})
 
 *Top: held-out slices; middle: reconstructions; bottom: absolute error (black = exact).*
+{% else -%}
+The reconstruction grid (`reconstructions.png` in the training output folder) shows real slices, so it is not
+part of this card or its repo.
 {% endif %}
 
 ## Reconstruction quality
@@ -499,7 +502,9 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
         "vq_scaling_factor": _fmt(vq.get("scaling_factor")),
         "vq_rows": [(label, _fmt(metrics[k])) for k, label in _VQ_METRICS if k in metrics],
         "vq_eval_set": metrics.get("eval_set"),
-        "reconstructions": "reconstructions.png" if (d / "reconstructions.png").is_file() else None,
+        # real slices: shown only for demo models (a push of any other leaves the picture out, hub.py)
+        "reconstructions": "reconstructions.png" if (d / "reconstructions.png").is_file() and source == "demo"
+        else None,
         "loss_curve": "loss_curve.png" if (d / "loss_curve.png").is_file() else None,
         "arg_rows": _argument_rows(args),
     }

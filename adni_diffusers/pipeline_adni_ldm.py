@@ -408,7 +408,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 the timestep `strength` selects with the same forward process, and denoised from there
                 (0 = the VQ reconstruction, 1 = from (almost) pure noise).
             latents: start from these scaled latents, shape (B, in_channels, sample_size, sample_size) of the
-                UNet, instead of fresh noise.
+                UNet, instead of fresh noise (standard normal; multiplied by the scheduler's `init_noise_sigma`, as
+                drawn noise is).
             output_type: `"pil"` (mode "L", 256x256), `"np"` (N, 256, 256, 1) in [0, 1], `"pt"`
                 (N, 1, 256, 256) in [0, 1], or `"latent"` (the scaled latents).
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict`, called after every
@@ -466,8 +467,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         elif latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
             latents = latents * self.scheduler.init_noise_sigma
-        else:
-            latents = latents.to(device=device, dtype=torch.float32)
+        else:  # noise at the first timestep, as drawn above: scaled like it (Euler-type schedulers: sigma_max)
+            latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
 
         # 2. the main reverse process
         latents = self._denoise(latents, timesteps, labels, guidance_scale, generator,
@@ -518,6 +519,12 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                                   private=kwargs.get("private", True), token=kwargs.get("token")).repo_id
             self._upload_folder(str(save_directory), repo_id, token=kwargs.get("token"),
                                 commit_message=kwargs.get("commit_message"), create_pr=kwargs.get("create_pr", False))
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = True, **kwargs):
+        """diffusers' push (through `save_pretrained`), but a new repo is PRIVATE unless `private=False`, as
+        everywhere in adni-diffusers: ADNI's data use agreement forbids redistributing the data, and a model
+        can memorise training images. (diffusers' default, None, makes a public repo.)"""
+        return super().push_to_hub(repo_id, commit_message=commit_message, private=private, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -165,6 +165,10 @@ def main(args: argparse.Namespace) -> dict:
     config.update(in_channels=latent_shape[0], out_channels=latent_shape[0], sample_size=latent_shape[-1])
     if class_names:
         config["num_class_embeds"] = len(class_names) + 1  # the last one is "no label" (CFG)
+    elif config.get("num_class_embeds") or config.get("class_embed_type"):  # its forward would need labels
+        raise TrainingError(f"--preset {args.preset} makes a class-conditional UNet (num_class_embeds "
+                            f"{config.get('num_class_embeds')}, class_embed_type {config.get('class_embed_type')}): "
+                            "add --conditional, or remove those keys from the config")
     # on CUDA the compile check's child compiles the UNet's step while this process decodes the slices (17 s for
     # 30,000 on an H100) and builds the latent cache
     compile_check = training.start_compile_check(args, make_spec("unet", config, args, accelerator, latent_shape))
@@ -215,6 +219,9 @@ def main(args: argparse.Namespace) -> dict:
     start = time.time()
     for batch in run.batches():
         gen = run.step_generator()
+        # dropout (a --preset with "dropout") draws from the global RNG: seed it from (seed, step, micro-batch,
+        # process) as well, or a resumed run would differ from an uninterrupted one
+        torch.manual_seed(run.step_generator(device="cpu").initial_seed() + 2**32)
         labels = None
         if class_names:
             labels = drop_labels(batch["class_labels"].to(device), args.cond_dropout, null_class, gen)
@@ -243,6 +250,7 @@ def main(args: argparse.Namespace) -> dict:
         final_unet = getattr(final_unet, "_orig_mod", final_unet)
         if ema is not None:
             ema.ema.copy_to(final_unet.parameters())
+        final_unet.eval()  # the validation loss and the card's samples: no training-mode dropout
         pipe = ADNILatentDiffusionPipeline(vqvae=vq, unet=final_unet, scheduler=noise_scheduler, class_names=class_names,
                                            preprocess=args.preprocess)
         pipe.save_pretrained(args.output_dir)

@@ -612,6 +612,7 @@ def save_checkpoint(accelerator, output_dir, step: int, extra_state: dict, total
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's random_states_<i>.pkl is in tmp before the rename
     if accelerator.is_main_process:
         tensors = {k: v.detach().contiguous().cpu() for k, v in extra_state.get("tensors", {}).items()}
         if tensors:
@@ -619,11 +620,16 @@ def save_checkpoint(accelerator, output_dir, step: int, extra_state: dict, total
         meta = {"step": step, **extra_state.get("meta", {})}
         (tmp / "training_state.json").write_text(json.dumps(meta, indent=2))
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        aside = output_dir / f"checkpoint-{step}.old.tmp"  # a .tmp: removed at the next start if a crash leaves it
+        if final.exists():  # this step again (resumed from an earlier checkpoint): out of the way in one rename, so
+            shutil.rmtree(aside, ignore_errors=True)  # a crash while deleting it leaves no half checkpoint-N
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
         if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+            # never the one just saved: resumed from an older checkpoint, newer ones (of the abandoned run) outrank it
+            others = [p for p in list_checkpoints(output_dir) if p != final]
+            for old in others[:max(0, len(others) - (total_limit - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     logger.info("saved %s", final)

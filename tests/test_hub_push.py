@@ -320,6 +320,15 @@ def test_a_file_holding_the_token_stops_the_push(hub_stub, pipeline_dir):
     assert REPO not in hub_stub.repo_ids()  # refused before creating anything
 
 
+def test_pushes_leave_the_ignore_patterns_constant_alone(hub_stub, pipeline_dir):
+    """upload_folder appends its default patterns to the list it is given: every push must pass a copy."""
+    before = list(hub.IGNORE_PATTERNS)
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    (pipeline_dir / "unet" / "config.json").write_text('{"sample_size": 64}')
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert hub.IGNORE_PATTERNS == before
+
+
 def test_check_hub_arguments(hub_stub, tmp_path):
     hub.check_hub_arguments(_parse([]))  # nothing to check without --push_to_hub
     args = _parse(["--push_to_hub", "--hub_model_id", REPO])
@@ -335,3 +344,19 @@ def test_check_hub_arguments(hub_stub, tmp_path):
     with pytest.raises(SystemExit):
         _parse(["--hub_model_id", "user/bad--name"])
     assert hub_stub.requests == []  # all local
+
+
+@pytest.mark.parametrize("demo", [False, True])
+def test_pictures_of_real_slices_go_up_only_for_demo_models(hub_stub, pipeline_dir, demo, caplog):
+    """closest_pairs.png shows real training slices, the VQ grid real held-out ones: ADNI data itself."""
+    (pipeline_dir / "evaluation").mkdir()
+    for name in ("closest_pairs.png", "umap.png"):
+        (pipeline_dir / "evaluation" / name).write_bytes(b"png")
+    (pipeline_dir / "reconstructions.png").write_bytes(b"png")
+    with caplog.at_level("WARNING", logger="adni_diffusers.hub"):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token, trained_on_demo_data=demo)
+    pushed = set(hub_stub.repo_files(REPO))
+    assert "evaluation/umap.png" in pushed
+    real = {"evaluation/closest_pairs.png", "reconstructions.png"}
+    assert real <= pushed if demo else not real & pushed
+    assert ("real slices" in caplog.text) != demo

@@ -274,3 +274,18 @@ def test_training_script_rejects_a_bad_repo_id_before_training(tmp_path, capsys)
                                "--hub_model_id", "user/bad--name"])
     assert info.value.code == 2 and "invalid Hub repo id" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_push_to_hub_is_private_unless_asked(hub_stub):
+    """diffusers' `pipe.push_to_hub(repo)` creates a PUBLIC repo by default (private=None); this pipeline's is
+    private, as every other push here, and still ships the pipeline file."""
+    from test_pipeline import make_pipe
+
+    pipe = make_pipe()
+    pipe.push_to_hub("user/pushed-private", token=hub_stub.token)
+    assert hub_stub.private("user/pushed-private") is True
+    files = hub_stub.repo_files("user/pushed-private")
+    assert "pipeline_adni_ldm.py" in files
+    assert json.loads(files["model_index.json"])["_class_name"] == ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"]
+    pipe.push_to_hub("user/pushed-public", token=hub_stub.token, private=False)
+    assert hub_stub.private("user/pushed-public") is False

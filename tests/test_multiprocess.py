@@ -102,3 +102,35 @@ def test_compile_decision_is_the_same_on_every_process(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["all=False same=True"] * 2
+
+
+def test_checkpoint_waits_for_every_process_before_the_rename(tmp_path):
+    """Each process writes its own random_states_<i>.pkl into checkpoint-N.tmp; the main process renamed the
+    folder as soon as its own part was written, so a slower rank 1 crashed ("Parent directory ... does not exist")
+    and the checkpoint lacked its file. Here rank 1 is 3 s late."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import sys, time\n"
+        "import torch, accelerate.accelerator as aa\n"
+        "from accelerate import Accelerator\n"
+        "from adni_diffusers import training\n"
+        "acc = Accelerator()\n"
+        "assert acc.num_processes == 2\n"
+        "acc.prepare(torch.nn.Linear(2, 2))\n"
+        "real = aa.save_accelerator_state\n"
+        "def late(*a, **k):\n"
+        "    if acc.process_index == 1:\n"
+        "        time.sleep(3)\n"
+        "    return real(*a, **k)\n"
+        "aa.save_accelerator_state = late\n"
+        "training.save_checkpoint(acc, sys.argv[1], 2, {'tensors': {}, 'meta': {}}, None)\n"
+        "acc.wait_for_everyone()\n"
+        "import torch.distributed\n"
+        "torch.distributed.destroy_process_group()\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--main_process_port", "0", str(script), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]

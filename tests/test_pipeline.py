@@ -210,6 +210,20 @@ def test_given_latents_set_the_batch_size(pipe, monkeypatch):
         pipe(latents=torch.randn(2, 3, 8, 8), num_inference_steps=1)
 
 
+
+def test_given_latents_are_scaled_like_drawn_noise_for_euler():
+    """`latents=` is the starting noise: scaled by `init_noise_sigma` as the pipeline's own draw is (Euler: sigma_max,
+    not 1), so the same noise given or drawn from the same seed gives the same sample."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = make_pipe()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert float(pipe.scheduler.init_noise_sigma) > 1
+    noise = torch.randn(1, 4, 32, 32, generator=seeded(3))
+    drawn = pipe(num_inference_steps=3, generator=seeded(3), class_labels=0, output_type="latent").images
+    given = pipe(num_inference_steps=3, latents=noise, class_labels=0, output_type="latent").images
+    torch.testing.assert_close(given, drawn, rtol=1e-4, atol=1e-3)
+
 def test_model_cpu_offload_runs_each_model_where_its_hook_puts_it():
     """enable_model_cpu_offload without a GPU: accelerate's offload hook with execution_device "meta" stands in
     for "cuda" (it moves a model there only when the model runs). encode/decode must put their inputs and the

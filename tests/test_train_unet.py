@@ -393,3 +393,118 @@ def test_overwrite_output_dir_drops_the_old_models_evaluation(tmp_path):
     training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json")
     assert not (out / "evaluation").exists() and not (out / "model_index.json").exists()
     assert (out / "feature_net").is_dir()
+
+
+def _tiny_unet_json(path, **changes) -> str:
+    """The tiny preset as a JSON --preset (a JSON file changes `base`, so it holds every key), with changes."""
+    from adni_diffusers.presets import unet_config
+
+    path.write_text(json.dumps({**unet_config("tiny"), **changes}))
+    return str(path)
+
+
+def test_resume_equals_uninterrupted_run_with_dropout_ema_and_accumulation(tmp_path, tiny_vq, demo_root):
+    """Resumed mid-epoch (an epoch of 4 batches in steps of 3 + 1 micro-batches), a conditional EMA run with
+    UNet dropout ends with the uninterrupted run's weights. (Dropout drew from the global RNG, whose state after a
+    resume differs: the weights differed by 1e-4.)"""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--conditional", "--use_ema",
+              "--max_train_steps", "6", "--checkpointing_steps", "3", *TINY_UNET_ARGS,
+              "--preset", _tiny_unet_json(tmp_path / "unet.json", dropout=0.3), "--train_batch_size", "5",
+              "--gradient_accumulation_steps", "3", "--lr_warmup_steps", "2", "--save_images_epochs", "100",
+              "--latent_cache_dir", tmp_path / "cache"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training_script("train_unet", ["--output_dir", straight, *common])
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    run_training_script("train_unet", ["--output_dir", resumed, "--resume_from_checkpoint", "latest", *common])
+    a, b = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_final_validation_and_samples_run_in_eval_mode(tmp_path, tiny_vq, demo_root, monkeypatch):
+    """The validation loss and the card's samples use the finished UNet without training-mode dropout (a UNet
+    left in train mode gave another val_loss at every call)."""
+    from adni_diffusers import train_unet
+
+    modes = []
+    real_loss, real_samples = train_unet._validation_loss, train_unet._final_samples
+    monkeypatch.setattr(train_unet, "_validation_loss",
+                        lambda unet, *a, **k: modes.append(("val_loss", unet.training)) or real_loss(unet, *a, **k))
+    monkeypatch.setattr(train_unet, "_final_samples",
+                        lambda pipe, *a, **k: modes.append(("samples", pipe.unet.training)) or real_samples(pipe, *a, **k))
+    run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
+                                       tmp_path / "ldm", "--max_train_steps", "1", *TINY_UNET_ARGS,
+                                       "--preset", _tiny_unet_json(tmp_path / "unet.json", dropout=0.5),
+                                       "--latent_cache_dir", tmp_path / "cache"])
+    assert modes == [("val_loss", False), ("samples", False)]
+
+
+def test_class_conditional_config_without_conditional_is_refused(tmp_path, tiny_vq, demo_root, capsys):
+    """A --preset config of a conditional UNet (e.g. a saved unet/config.json) without --conditional failed only at
+    the first training step (diffusers' ValueError, after the latent cache was built)."""
+    from adni_diffusers import train_unet
+
+    preset = _tiny_unet_json(tmp_path / "unet.json", num_class_embeds=3)
+    code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir",
+                           str(tmp_path / "o"), *TINY_UNET_ARGS, "--preset", preset,
+                           "--latent_cache_dir", str(tmp_path / "cache")])
+    assert code == 2 and "makes a class-conditional UNet" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def _checkpoint_accelerator():
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    acc = Accelerator(cpu=True)
+    acc.prepare(torch.nn.Linear(2, 2))
+    return acc
+
+
+def test_checkpoint_rotation_never_deletes_the_checkpoint_just_saved(tmp_path):
+    """Resumed from an older checkpoint, newer ones (of the abandoned run) outranked the new save: with
+    --checkpoints_total_limit 2 the checkpoint just written was deleted at once, with the one resumed from."""
+    from adni_diffusers import training
+
+    for step in (100, 200, 300):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    try:
+        saved = training.save_checkpoint(_checkpoint_accelerator(), tmp_path, 150, {"tensors": {}, "meta": {}}, 2)
+    finally:
+        reset_accelerate()
+    assert saved.is_dir() and (saved / "training_state.json").is_file()
+    assert [p.name for p in training.list_checkpoints(tmp_path)] == ["checkpoint-150", "checkpoint-300"]
+
+
+def test_saving_a_step_again_never_leaves_a_half_checkpoint(tmp_path, monkeypatch):
+    """Saving checkpoint-N where one exists (a rerun after resuming from an earlier one) deleted the old folder in
+    place: a crash during that left a half-deleted checkpoint-N, which `latest` picked."""
+    import shutil
+
+    from adni_diffusers import training
+
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.startswith("checkpoint-2") and path.is_dir():
+            next(p for p in path.iterdir() if p.is_file()).unlink()
+            raise KeyboardInterrupt("killed")
+        return real_rmtree(path, *args, **kwargs)
+
+    try:
+        acc = _checkpoint_accelerator()
+        training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
+        full = sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir())
+        monkeypatch.setattr(training.shutil, "rmtree", killed_while_deleting)
+        with pytest.raises(KeyboardInterrupt):
+            training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
+    finally:
+        reset_accelerate()
+    assert sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir()) == full
