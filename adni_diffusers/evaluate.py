@@ -861,7 +861,9 @@ def write_report(res: dict, out: Path) -> Path:
               f"The {CLOSEST_PAIRS} samples nearest to the training set, each with its nearest training image in "
               "feature and in pixel space (f = feature distance, p = RMS grey levels), then the two held-out real "
               "images (after the VQ round trip) nearest to the training set for comparison:", "",
-              f"![closest pairs]({files['closest_pairs']})", ""]
+              f"![closest pairs]({files['closest_pairs']})", "",
+              "This picture shows real training slices: `adni-diffusers push` uploads it only for models trained on "
+              "the demo set.", ""]
     if files.get("umap"):
         lines += ["## UMAP", "",
                   "Held-out real (o) and generated (x) images in one 2-D UMAP of the feature space, coloured by "
