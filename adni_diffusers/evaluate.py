@@ -86,6 +86,8 @@ def _read_json(path: Path) -> dict:
 def read_training_record(model_dir) -> dict:
     """What training recorded about its data: root, split, val_fraction, seed, preprocess, class names
     and the train / validation summaries (from `training_data.json` and `training_args.json`)."""
+    from .training import split_seed
+
     d = Path(model_dir)
     data = _read_json(d / "training_data.json")
     args = _read_json(d / "training_args.json")
@@ -97,7 +99,7 @@ def read_training_record(model_dir) -> dict:
         "source": data.get("source"),
         "split": data.get("split") or args.get("split") or "patient",
         "val_fraction": float(args.get("val_fraction", 0.1)),
-        "seed": int(args["split_seed"] if args.get("split_seed") is not None else args.get("seed", 0)),  # the split's
+        "seed": int(split_seed(args, default=0)),  # the seed that drew the split
         "preprocess": data.get("preprocess") or args.get("preprocess") or "pad",
         "class_names": data.get("class_names"),
         "train": data.get("train"),
@@ -1001,12 +1003,12 @@ def evaluate_model(
     feature_batch = 256 if on_gpu else 64
     diversity_pairs = diversity_pairs or (1000 if on_gpu else 200)
     steps = steps or default_steps(scheduler)
-    # checked before anything is trained or sampled (the pipeline would refuse, or ignore, them only then)
-    if refine_repeats > 0 and not 1 <= refine_steps <= steps:
-        raise EvaluationError(f"--refine-repeats {refine_repeats} needs --refine-steps between 1 and --steps "
-                              f"({steps}); got {refine_steps}")
-    if refine_steps > 0 and refine_repeats == 0:
-        raise EvaluationError(f"--refine-steps {refine_steps} needs --refine-repeats 1 or more (how many passes)")
+    from .generate import check_refinement
+
+    try:  # before anything is trained or sampled
+        check_refinement(steps, refine_steps, refine_repeats)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
 
     # 1. the model and the data, split as in training
     t = time.perf_counter()

@@ -17,6 +17,15 @@ from .schedulers import SCHEDULERS, default_steps, make_scheduler
 logger = logging.getLogger(__name__)
 
 
+def check_refinement(steps: int, refine_steps: int, refine_repeats: int) -> None:
+    """Refinement settings the pipeline would refuse (or ignore) only once sampling starts: check them first."""
+    if refine_repeats > 0 and not 1 <= refine_steps <= steps:
+        raise ValueError(f"--refine-repeats {refine_repeats} needs --refine-steps between 1 and --steps ({steps}); "
+                         f"got {refine_steps}")
+    if refine_steps > 0 and refine_repeats == 0:  # else it would be ignored
+        raise ValueError(f"--refine-steps {refine_steps} needs --refine-repeats 1 or more (how many passes)")
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts that must be at least 1 (argparse names the flag in its error)."""
     value = int(text)  # a ValueError here reads "invalid positive_int value: 'x'"
@@ -111,11 +120,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     for name, value in (("num_images", num_images), ("steps", steps), ("batch_size", batch_size)):
         if value < 1:  # checked before the model loads (batch_size < 1 would end in torch.cat([]))
             raise ValueError(f"{name}={value}: expected at least 1")
-    if refine_repeats > 0 and not 1 <= refine_steps <= steps:
-        raise ValueError(f"--refine-repeats {refine_repeats} needs --refine-steps between 1 and --steps ({steps}); "
-                         f"got {refine_steps}")
-    if refine_steps > 0 and refine_repeats == 0:  # else it would be ignored
-        raise ValueError(f"--refine-steps {refine_steps} needs --refine-repeats 1 or more (how many passes)")
+    check_refinement(steps, refine_steps, refine_repeats)
     if guidance != 1.0 and class_label is None:  # the unconditional class has nothing to guide toward: ignored
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
                          "toward)")

@@ -104,7 +104,7 @@ def vq_training_data(vq_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return {"root": record.get("root"), "split": flags.get("split"), "val_fraction": flags.get("val_fraction"),
-            "split_seed": flags["split_seed"] if flags.get("split_seed") is not None else flags.get("seed"),
+            "split_seed": training.split_seed(flags),
             "preprocess": record.get("preprocess"),
             "patients_sha256": record.get("patients_sha256"),
             "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256")}
@@ -221,7 +221,7 @@ def main(args: argparse.Namespace) -> dict:
         gen = run.step_generator()
         # dropout (a --preset with "dropout") draws from the global RNG: seed it from (seed, step, micro-batch,
         # process) as well, or a resumed run would differ from an uninterrupted one
-        torch.manual_seed(run.step_generator(device="cpu").initial_seed() + 2**32)
+        torch.manual_seed(run.step_seed() + 2**32)
         labels = None
         if class_names:
             labels = drop_labels(batch["class_labels"].to(device), args.cond_dropout, null_class, gen)

@@ -326,9 +326,11 @@ def load_training_data(args, accelerator):
     return data, data_source
 
 
-def split_seed(args) -> int:
-    """The seed that draws the held-out patients: --split_seed, else --seed."""
-    return args.seed if getattr(args, "split_seed", None) is None else args.split_seed
+def split_seed(args, default=None):
+    """The seed that draws the held-out patients: --split_seed, else --seed (else `default`). `args`: the parsed
+    flags, or their record (training_args.json) as a dict."""
+    flags = args if isinstance(args, dict) else vars(args)
+    return flags.get("seed", default) if flags.get("split_seed") is None else flags["split_seed"]
 
 
 def _is_demo_dataset(root) -> bool:
@@ -800,10 +802,13 @@ class TrainingRun:
     def step_generator(self, device=None, shared: bool = False) -> torch.Generator:
         """Randomness for this micro-batch: a pure function of (seed, step, micro-batch, process), so resume
         is exact. `shared=True` gives every process the same stream (for decisions they must agree on)."""
-        rank = 0 if shared else self.accelerator.process_index
         device = device or self.accelerator.device
-        seed = ((self.args.seed * 1_000_003 + self.global_step) * 1_009 + self._micro) * 1_013 + rank
-        return torch.Generator(device=device).manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(self.step_seed(shared))
+
+    def step_seed(self, shared: bool = False) -> int:
+        """The seed of `step_generator`: (seed, step, micro-batch, process)."""
+        rank = 0 if shared else self.accelerator.process_index
+        return ((self.args.seed * 1_000_003 + self.global_step) * 1_009 + self._micro) * 1_013 + rank
 
     def end_step(self, logs: dict[str, torch.Tensor]) -> None:
         """Call once per optimizer step (when `accelerator.sync_gradients`)."""

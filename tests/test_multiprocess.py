@@ -18,7 +18,8 @@ from conftest import REPO_ROOT, TINY_UNET_ARGS, TINY_VQ_ARGS
 pytestmark = pytest.mark.slow
 
 
-def launch(script: str, args: list, use_cpu: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
+def launch(script, args: list, use_cpu: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
+    """`accelerate launch` on 2 processes of `script` (relative to the repo, or an absolute path)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("ACCELERATE_USE_CPU", None)
     if use_cpu:
@@ -96,10 +97,7 @@ def test_compile_decision_is_the_same_on_every_process(tmp_path):
         "state.wait_for_everyone()\n"
         "import torch.distributed\n"
         "torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left at shutdown\n")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--main_process_port", "0", str(script), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = launch(script, [tmp_path], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["all=False same=True"] * 2
 
@@ -127,10 +125,7 @@ def test_checkpoint_waits_for_every_process_before_the_rename(tmp_path):
         "acc.wait_for_everyone()\n"
         "import torch.distributed\n"
         "torch.distributed.destroy_process_group()\n")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--main_process_port", "0", str(script), str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = launch(script, [tmp_path / "out"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").glob("random_states_*.pkl")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
