@@ -233,12 +233,14 @@ def main(args: argparse.Namespace) -> dict:
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            run.end_step({"loss": loss.detach()})
-            epoch_done = run.global_step % run.steps_per_epoch == 0
-            every_n_epochs = epoch_done and (run.global_step // run.steps_per_epoch) % args.save_images_epochs == 0
-            if accelerator.is_main_process and (every_n_epochs or run.global_step == run.max_train_steps):
-                _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, DDIMScheduler)
+        if not accelerator.sync_gradients:  # gradient accumulation: the step logs its micro-batches' mean loss
+            run.log_micro_batch({"loss": loss.detach()})
+            continue
+        run.end_step({"loss": loss.detach()})
+        epoch_done = run.global_step % run.steps_per_epoch == 0
+        every_n_epochs = epoch_done and (run.global_step // run.steps_per_epoch) % args.save_images_epochs == 0
+        if accelerator.is_main_process and (every_n_epochs or run.global_step == run.max_train_steps):
+            _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, DDIMScheduler)
     run.finish()
     train_seconds = time.time() - start
 

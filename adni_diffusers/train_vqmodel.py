@@ -129,7 +129,8 @@ def main(args: argparse.Namespace) -> dict:
             gan_on = use_gan and run.global_step >= args.disc_start
             if gan_on:
                 g_loss = generator_gan_loss(accelerator.unwrap_model(disc), out.recon)
-                weight = adaptive_gan_weight(logs["rec_loss"], g_loss, accelerator.unwrap_model(model).last_layer())
+                weight = adaptive_gan_weight(logs["rec_loss"], g_loss, accelerator.unwrap_model(model).last_layer(),
+                                             loss_scale=training.loss_scale(accelerator))
                 loss = loss + args.disc_weight * weight * g_loss
                 logs.update(g_loss=g_loss, gan_weight=weight)
             accelerator.backward(loss)
@@ -148,16 +149,20 @@ def main(args: argparse.Namespace) -> dict:
         counts = code_counts(out.indices, monitor.usage.numel())
         counts = accelerator.reduce(counts, reduction="sum")
         monitor.update(counts)
-        if accelerator.sync_gradients:
-            if args.codebook_restart_steps and (run.global_step + 1) % args.codebook_restart_steps == 0:
-                vectors = accelerator.gather(flatten_latents(out.latents.detach().float())[:4096])
-                restarted = monitor.restart_dead(vq.quantize.embedding.weight.data, vectors,
-                                                 run.step_generator(shared=True))
-                logs["restarted_codes"] = torch.tensor(float(restarted))
-            logs.update(loss=loss.detach(), perplexity=monitor.perplexity(counts), live_codes=monitor.live_fraction())
-            run.end_step(logs)
-            if accelerator.is_main_process and run.global_step % args.save_images_steps == 0:
-                _log_reconstructions(accelerator, vq, preview, run.global_step, args.output_dir)
+        logs.update(loss=loss.detach(), perplexity=monitor.perplexity(counts), live_codes=monitor.live_fraction())
+        if not accelerator.sync_gradients:  # gradient accumulation: the step logs its micro-batches' means
+            run.log_micro_batch(logs)
+            continue
+        if args.codebook_restart_steps and (run.global_step + 1) % args.codebook_restart_steps == 0:
+            vectors = accelerator.gather(flatten_latents(out.latents.detach().float())[:4096])
+            codebook = vq.quantize.embedding.weight
+            restarted = monitor.restart_dead(codebook.data, vectors, run.step_generator(shared=True))
+            if ema is not None:
+                ema.copy_rows(vq, codebook, restarted)
+            logs["restarted_codes"] = torch.tensor(float(len(restarted)))
+        run.end_step(logs)
+        if accelerator.is_main_process and run.global_step % args.save_images_steps == 0:
+            _log_reconstructions(accelerator, vq, preview, run.global_step, args.output_dir)
     run.finish()
     train_seconds = time.time() - start
 

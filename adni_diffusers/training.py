@@ -688,6 +688,24 @@ class EMAState:
             p.data.copy_(tensors[f"ema.{i}"].to(p.device, p.dtype))
         self.ema.optimization_step = meta["ema_optimization_step"]
 
+    @torch.no_grad()
+    def copy_rows(self, model, param: torch.Tensor, rows: torch.Tensor) -> None:
+        """Copy `rows` of `param` (a parameter of the `model` the EMA was made for) into the EMA weights. For
+        restarted codebook codes: the average would otherwise keep each one between its dead place and its
+        new one for thousands of steps, and the EMA model would quantise with codes the encoder no longer uses."""
+        index = next(i for i, p in enumerate(model.parameters()) if p is param)
+        shadow = self.ema.shadow_params[index]
+        shadow[rows] = param[rows].to(shadow)
+
+
+def loss_scale(accelerator) -> float | torch.Tensor:
+    """The fp16 GradScaler's current scale, as a device tensor (no host sync); 1.0 without a scaler (bf16, fp32)."""
+    scaler = accelerator.scaler
+    if scaler is None:
+        return 1.0
+    scale = scaler._get_scale_async()  # None until the scaler's first backward
+    return scale if scale is not None else scaler.get_scale()
+
 
 def compiled_graph_count() -> int:
     """Graphs torch.compile (dynamo) has compiled in this process so far."""
@@ -721,6 +739,8 @@ class TrainingRun:
                 ... loss ...
             if accelerator.sync_gradients:
                 run.end_step({"loss": loss.detach(), ...})
+            else:  # gradient accumulation: the step logs the mean over its micro-batches
+                run.log_micro_batch({"loss": loss.detach(), ...})
         run.finish()
     """
 
@@ -740,6 +760,7 @@ class TrainingRun:
         self.start_step = 0  # where this process started: 0, or the resumed checkpoint's step
         self.first_epoch = 0
         self._pending: list[dict] = []  # detached loss tensors since the last log: no .item() per step
+        self._micro_logs: list[dict] = []  # this step's earlier micro-batches (gradient accumulation)
         self._traced: list[int] = []  # batch indices since the last step (--trace_batches)
         self._micro = self._batches_since_step = 0
         self._last_good_checkpoint: Path | None = None
@@ -810,8 +831,13 @@ class TrainingRun:
         rank = 0 if shared else self.accelerator.process_index
         return ((self.args.seed * 1_000_003 + self.global_step) * 1_009 + self._micro) * 1_013 + rank
 
+    def log_micro_batch(self, logs: dict[str, torch.Tensor]) -> None:
+        """Call on a micro-batch that does not end the step (gradient accumulation): `end_step` then logs each
+        value's mean over the step's micro-batches, not the last micro-batch's alone."""
+        self._micro_logs.append(_detached(logs))
+
     def end_step(self, logs: dict[str, torch.Tensor]) -> None:
-        """Call once per optimizer step (when `accelerator.sync_gradients`)."""
+        """Call once per optimizer step (when `accelerator.sync_gradients`), with the last micro-batch's logs."""
         if self.ema is not None:
             self.ema.ema.step(self.accelerator.unwrap_model(self.model).parameters())
         self.global_step += 1
@@ -821,8 +847,8 @@ class TrainingRun:
             self._check_recompiles()  # early: a recompile shows in the first step
         if self.args.trace_batches:
             self._write_trace()
-        self._pending.append({k: v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-                              for k, v in logs.items()})
+        micro_batches, self._micro_logs = self._micro_logs + [_detached(logs)], []
+        self._pending.append({k: v.mean(0) for k, v in _stack_per_key(micro_batches, self.accelerator.device).items()})
         if self.global_step % self.args.logging_steps == 0 or self.global_step == self.max_train_steps:
             self.flush_logs()
         if self.global_step % self.args.checkpointing_steps == 0 and self.global_step < self.max_train_steps:
@@ -843,10 +869,7 @@ class TrainingRun:
         """Average the pending logs (one host sync), stop on NaN/inf, write tensorboard + history."""
         if not self._pending:
             return {}
-        # every key logged in the window, in first-seen order: some come only on some steps (a codebook restart,
-        # the GAN terms from --disc_start on), and each is averaged over the steps that logged it
-        keys = list(dict.fromkeys(k for p in self._pending for k in p))
-        stacked = {k: torch.stack([p[k].to(self.accelerator.device) for p in self._pending if k in p]) for k in keys}
+        stacked = _stack_per_key(self._pending, self.accelerator.device)
         self._pending = []
         finite = torch.stack([torch.isfinite(v).all() for v in stacked.values()]).all()
         finite = self.accelerator.reduce(finite.float().reshape(1), reduction="mean").item() == 1.0
@@ -927,6 +950,17 @@ class TrainingRun:
             if rows:
                 plot_loss_curves(rows, self.output_dir / "loss_curve.png", title=f"{self.stage} training")
         self.accelerator.wait_for_everyone()
+
+
+def _detached(logs: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in logs.items()}
+
+
+def _stack_per_key(rows: list[dict], device) -> dict[str, torch.Tensor]:
+    """Each key's values stacked over the rows that have it, in first-seen order: some keys come only on some
+    steps (a codebook restart, the GAN terms from --disc_start on), and each is averaged over those alone."""
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return {k: torch.stack([row[k].to(device) for row in rows if k in row]) for k in keys}
 
 
 def save_run_info(output_dir, args, data, data_source: str, extra: dict | None = None, model=None) -> None:

@@ -102,11 +102,18 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                        max_weight: float = 1e4) -> torch.Tensor:
-    """VQGAN eq. 7: balance the GAN gradient against the reconstruction gradient at the last layer."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+                        max_weight: float = 1e4, loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """VQGAN eq. 7: balance the GAN gradient against the reconstruction gradient at the last layer.
+
+    Under fp16 pass the GradScaler's `loss_scale`: both losses are scaled before their gradients are taken,
+    as in the step's own backward, because a mean loss's per-pixel gradient (about 1e-7 at batch 128) is
+    at or under fp16's smallest number. The ratio is unchanged. Should the scaled gradients overflow, the
+    NaN becomes weight 0, not a loss that stops training: the GradScaler skips such a step anyway.
+    """
+    rec_grad = torch.autograd.grad(rec_loss * loss_scale, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
+    weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)
+    return torch.nan_to_num(weight.clamp(0.0, max_weight), nan=0.0).detach()
 
 
 # ---------------------------------------------------------------------------------- codebook health
@@ -152,13 +159,13 @@ class CodebookMonitor(nn.Module):
         self.initialised.fill_(True)
 
     @torch.no_grad()
-    def restart_dead(self, codebook: torch.Tensor, vectors: torch.Tensor, generator: torch.Generator) -> int:
+    def restart_dead(self, codebook: torch.Tensor, vectors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Move the dead codes onto rows of `vectors`; returns their indices."""
         dead = (self.usage < self.dead_threshold).nonzero().flatten()
-        if len(dead) == 0:
-            return 0
-        codebook[dead] = _sample_rows(vectors, len(dead), generator).to(codebook)
-        self.usage[dead] = self.usage.mean()
-        return len(dead)
+        if len(dead):
+            codebook[dead] = _sample_rows(vectors, len(dead), generator).to(codebook)
+            self.usage[dead] = self.usage.mean()
+        return dead
 
 
 def _sample_rows(vectors: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -191,7 +191,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, de
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, demo_root):
     """Kill -9 mid-run, resume from `latest`: the final weights equal an uninterrupted run's."""
     common = ["--train_data_dir", demo_root, "--max_train_steps", "8", "--checkpointing_steps", "2",
-              "--seed", "3", "--use_ema", *TINY_VQ_ARGS]
+              "--seed", "3", "--use_ema", "--codebook_restart_steps", "2", *TINY_VQ_ARGS]
     run_script("train_vqmodel.py", ["--output_dir", tmp_path / "straight", *common])
 
     killed, log = tmp_path / "killed", tmp_path / "killed.log"  # a file: a full pipe would stall the run
@@ -368,3 +368,104 @@ def test_held_out_metrics_name_the_set_they_measured(demo_root):
     assert eval_set_name(load_slices(demo_root), "patient").startswith("validation (held-out patients)")
     assert "held-out" not in eval_set_name(load_slices(demo_root), "given")
     assert eval_set_name(load_slices(demo_root, split="all"), "all").startswith("training images")
+
+
+def _bare_run(tmp_path):
+    """A TrainingRun with only what end_step and flush_logs read (no model, no data)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from adni_diffusers import training
+
+    run = object.__new__(training.TrainingRun)
+    run.accelerator, run.output_dir, run.start_time, run._last_good_checkpoint = Accelerator(cpu=True), tmp_path, 0.0, None
+    run.optimizer = SimpleNamespace(param_groups=[{"lr": 1e-4}])
+    run.progress = SimpleNamespace(set_postfix=lambda *a, **k: None, update=lambda n: None)
+    run.args = SimpleNamespace(logging_steps=2, checkpointing_steps=1000, trace_batches=False)
+    run.ema, run.global_step, run.start_step, run.max_train_steps = None, 0, -1, 1000
+    run._pending, run._micro_logs, run._batches_since_step = [], [], 0
+    return run
+
+
+def test_gradient_accumulation_logs_the_mean_over_each_steps_micro_batches(tmp_path):
+    """With --gradient_accumulation_steps 2 a step's logged loss is its two micro-batches' mean, not the last
+    one's; a key that only the last micro-batch has (a codebook restart) keeps its value."""
+    run = _bare_run(tmp_path)
+    run.log_micro_batch({"loss": torch.tensor(1.0)})
+    run.end_step({"loss": torch.tensor(3.0), "restarted_codes": torch.tensor(6.0)})
+    run.log_micro_batch({"loss": torch.tensor(5.0)})
+    run.end_step({"loss": torch.tensor(7.0)})  # logging_steps=2: this step writes the window
+    logged = json.loads((tmp_path / "logs" / "history.jsonl").read_text().splitlines()[-1])
+    assert logged["loss"] == pytest.approx((2.0 + 6.0) / 2)  # steps of 2 and 6, not of 3 and 7
+    assert logged["restarted_codes"] == 6.0
+    assert run._micro_logs == []
+
+
+def test_adaptive_gan_weight_survives_fp16_gradient_underflow():
+    """A mean loss over a batch of slices has per-pixel gradients near fp16's smallest number: without the
+    GradScaler's scale the reconstruction gradient underflows to 0 and the GAN term gets weight 0."""
+    from adni_diffusers.vq import adaptive_gan_weight
+
+    torch.manual_seed(0)
+    last_layer = torch.nn.Parameter(torch.randn(4, 4))
+    x = torch.randn(8, 4)
+
+    def losses(dtype):
+        out = x.to(dtype) @ last_layer.to(dtype)  # activations in fp16, master weight in fp32, as under autocast
+        return (out.float() - 1).abs().sum() * 1e-8, -out.float().mean()  # 1e-8: under fp16's 6e-8
+
+    reference = adaptive_gan_weight(*losses(torch.float32), last_layer)
+    assert reference > 0
+    assert adaptive_gan_weight(*losses(torch.float16), last_layer) == 0  # the failure the scale prevents
+    scaled = adaptive_gan_weight(*losses(torch.float16), last_layer, loss_scale=torch.tensor(65536.0))
+    assert scaled == pytest.approx(float(reference), rel=1e-3)
+    # overflowing scaled gradients give weight 0, not a NaN loss that would stop training
+    rec, g = losses(torch.float16)
+    assert adaptive_gan_weight(rec * float("inf"), g * float("inf"), last_layer) == 0
+
+
+def test_loss_scale_reads_the_grad_scaler_without_a_host_sync():
+    from types import SimpleNamespace
+
+    from adni_diffusers.training import loss_scale
+
+    assert loss_scale(SimpleNamespace(scaler=None)) == 1.0  # bf16 and fp32: nothing to undo
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert loss_scale(SimpleNamespace(scaler=scaler)) == 1024.0  # before the first backward
+    scaler.scale(torch.tensor(1.0, requires_grad=True))
+    scale = loss_scale(SimpleNamespace(scaler=scaler))
+    assert torch.is_tensor(scale) and float(scale) == 1024.0
+
+
+def test_restarted_codes_jump_in_the_ema_weights_too():
+    """--use_ema with codebook restarts: the EMA codebook takes a restarted code's new place at once; the
+    other codes keep their average."""
+    from types import SimpleNamespace
+
+    from diffusers import VQModel
+
+    from adni_diffusers.presets import vq_config
+    from adni_diffusers.training import make_ema
+    from adni_diffusers.vq import CodebookMonitor
+
+    vq = VQModel(**vq_config("tiny"))
+    args = SimpleNamespace(use_ema=True, ema_max_decay=0.9999, ema_inv_gamma=1.0, ema_power=0.75)
+    ema = make_ema(vq, args, "cpu")
+    codebook = vq.quantize.embedding.weight
+    shadow_before = [p.clone() for p in ema.ema.shadow_params]
+    monitor = CodebookMonitor(codebook.shape[0])
+    monitor.usage.fill_(1.0)
+    monitor.usage[[3, 5]] = 0.0  # two dead codes
+    vectors = torch.randn(64, codebook.shape[1])
+    restarted = monitor.restart_dead(codebook.data, vectors, torch.Generator().manual_seed(0))
+    assert restarted.tolist() == [3, 5]
+    ema.copy_rows(vq, codebook, restarted)
+    index = [i for i, p in enumerate(vq.parameters()) if p is codebook][0]
+    shadow = ema.ema.shadow_params[index]
+    assert torch.equal(shadow[restarted], codebook.detach()[restarted])
+    kept = torch.ones(len(shadow), dtype=torch.bool)
+    kept[restarted] = False
+    assert torch.equal(shadow[kept], shadow_before[index][kept])
+    assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(ema.ema.shadow_params, shadow_before)) if i != index)
+    assert len(monitor.restart_dead(codebook.data, vectors, torch.Generator())) == 0  # none dead now
