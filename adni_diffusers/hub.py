@@ -171,6 +171,20 @@ def _walk(folder: Path) -> list[str]:
 REAL_SLICE_PICTURES = ("reconstructions.png", "evaluation/closest_pairs.png")
 
 
+REPORT = "evaluation/report.md"
+
+
+def report_without_pictures(report: str, withheld: list[str]) -> str:
+    """evaluation/report.md as pushed without the pictures of real slices: a note where each one was
+    embedded, instead of a broken image."""
+    for path in withheld:
+        name = Path(path).name
+        report = re.sub(rf"!\[[^\]]*\]\({re.escape(name)}\)",
+                        f"*(`{name}` is not on the Hub: it shows real slices, so it stays with the local model.)*",
+                        report)
+    return report
+
+
 def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
     """What a push of `folder` uploads: (kind, relative paths). Only the model, never training clutter.
 
@@ -341,6 +355,7 @@ def push_folder(
         raise HubError(f"cannot push {str(folder)!r}: it holds no model files")
 
     demo = is_demo_trained(folder) if trained_on_demo_data is None else trained_on_demo_data
+    withheld = []
     if not demo:  # pictures of real (ADNI) slices are the data itself: never uploaded, even to a private repo
         withheld = [p for p in files if p in REAL_SLICE_PICTURES]
         if withheld:
@@ -353,6 +368,8 @@ def push_folder(
             raise HubError(f"cannot push to {repo_id}: no Hugging Face token found; {LOGIN_HINT}")
         repo_id = _resolve_repo_id(repo_id, api, token)
         extra: dict[str, bytes] = {}
+        if withheld and REPORT in files:  # the pushed report names the pictures left here, not broken images
+            extra[REPORT] = report_without_pictures((folder / REPORT).read_text(), withheld).encode()
         if path_in_repo is None:
             card = _card_for_push(folder, kind, files, repo_id)
             if card is not None:

@@ -353,10 +353,19 @@ def test_pictures_of_real_slices_go_up_only_for_demo_models(hub_stub, pipeline_d
     for name in ("closest_pairs.png", "umap.png"):
         (pipeline_dir / "evaluation" / name).write_bytes(b"png")
     (pipeline_dir / "reconstructions.png").write_bytes(b"png")
+    report = "# Evaluation\n\n![UMAP](umap.png)\n\n![closest pairs](closest_pairs.png)\n\nafter\n"
+    (pipeline_dir / "evaluation" / "report.md").write_text(report)
     with caplog.at_level("WARNING", logger="adni_diffusers.hub"):
         push_folder(pipeline_dir, REPO, token=hub_stub.token, trained_on_demo_data=demo)
-    pushed = set(hub_stub.repo_files(REPO))
+    pushed = hub_stub.repo_files(REPO)
     assert "evaluation/umap.png" in pushed
     real = {"evaluation/closest_pairs.png", "reconstructions.png"}
-    assert real <= pushed if demo else not real & pushed
+    assert real <= pushed.keys() if demo else not real & pushed.keys()
     assert ("real slices" in caplog.text) != demo
+    # the pushed report shows no broken image where the withheld picture was; the local one is unchanged
+    pushed_report = pushed["evaluation/report.md"].decode()
+    assert ("![closest pairs](closest_pairs.png)" in pushed_report) == demo
+    assert "![UMAP](umap.png)" in pushed_report and pushed_report.endswith("after\n")
+    if not demo:
+        assert "`closest_pairs.png` is not on the Hub" in pushed_report
+    assert (pipeline_dir / "evaluation" / "report.md").read_text() == report
