@@ -225,6 +225,12 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
 train_stage train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" train_unet.py "$R/ldm" train_metrics.json "$UNET_STEPS" \
   "${UNET_ARGS[@]}"
 
+# enable_model_cpu_offload against the pipeline kept on the GPU (same seeds; a few seconds, last: a call cut by
+# its time limit loses only this). On a CPU it writes "checked": false.
+if [ -f "$R/ldm/model_index.json" ]; then
+  phase offload_check 120 python benchmarks/offload_check.py --model "$R/ldm" --out "$R/offload_check.json"
+fi
+
 if [ "$TRAIN_ONLY" = 1 ]; then
   log "DONE (TRAIN_ONLY): vq $(cat "$R/vq/metrics.json" 2>/dev/null | tr -d '\n ')"
   log "ldm $(cat "$R/ldm/train_metrics.json" 2>/dev/null | tr -d '\n ') $(grep -o '"compiled": [a-z]*\|"compile_mode[a-z_]*": [^,]*' "$R/ldm/training_args.json" | tr '\n' ' ')"

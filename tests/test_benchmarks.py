@@ -279,6 +279,8 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
     assert args["checkpointing_steps"] == 100 and args["vqmodel"] == str(run_dir / "vq")  # QUICK=train's flags
     assert json.loads((run_dir / "ldm" / "train_metrics.json").read_text())["train_steps"] == 2
     assert "DONE (TRAIN_ONLY)" in log
+    assert "END offload_check rc=0" in log  # no CUDA here: the check says it did not run, and why
+    assert json.loads((run_dir / "offload_check.json").read_text())["checked"] is False
     for product in ("metrics.json", "train_metrics.json"):  # how long each process lived after its final metrics
         assert re.search(rf"\] {product} written \d+ s before the stage's process ended", log), log
     # A stage that fails after it wrote its final metrics (on the H200 its time limit hit while the finished VQ run
