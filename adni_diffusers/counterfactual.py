@@ -197,7 +197,7 @@ class _Sampler:
         self.saved = self.pipe.scheduler
         if self.scheduler is not None:
             self.pipe.scheduler = make_scheduler(self.scheduler, self.pipe.scheduler.config)
-        self.pipe._check_scheduler()
+        self.pipe._check_scheduler(self.steps)
         return self
 
     def __exit__(self, *exc):

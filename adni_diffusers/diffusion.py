@@ -14,14 +14,21 @@ import torch
 import torch.nn.functional as F
 
 
+TIMESTEP_SPACING = "trailing"
+
+
 def make_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
                          beta_end: float = 0.02, prediction_type: str = "epsilon"):
     """The seed's forward process by default: 1000 steps, linear betas 1e-4 .. 0.02. No clipping: latents
-    are not bounded to [-1, 1] the way pixels are."""
+    are not bounded to [-1, 1] the way pixels are. "trailing" timesteps: a sampler of N steps starts at
+    t = 999, where its pure-noise start belongs (diffusers' default "leading" starts DDIM-2 at t = 500 and
+    DPM-Solver-500 at 500; Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+    flawed"). DDPM with all 1000 steps is the same either way."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
-                         beta_end=beta_end, prediction_type=prediction_type, clip_sample=False)
+                         beta_end=beta_end, prediction_type=prediction_type, clip_sample=False,
+                         timestep_spacing=TIMESTEP_SPACING)
 
 
 def drop_labels(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor:

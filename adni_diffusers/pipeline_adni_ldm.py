@@ -335,13 +335,13 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         # GPU that avoids a host-device sync per step. The UNet gets a device copy, made once per pass.
         timesteps_on_device = timesteps.to(self._execution_device)
         for i, t in enumerate(self.progress_bar(timesteps)):
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = self.scheduler.scale_model_input(model_in, t).to(self.unet.dtype)
+            # what the UNet sees: the variance-preserving x_t (Euler-type schedulers keep x_t * sqrt(sigma^2 + 1))
+            x_t = self.scheduler.scale_model_input(latents, t)
+            model_in = (torch.cat([x_t, x_t]) if use_cfg else x_t).to(self.unet.dtype)
             out = self.unet(model_in, timesteps_on_device[i], class_labels=labels_in).sample.float()
             if use_cfg:
                 cond, uncond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
-            x_t = latents
             latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample.float()
             if callback is not None:
                 values = {"latents": latents}
@@ -359,12 +359,17 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             self.scheduler.set_begin_index(begin_index)
         return self.scheduler.timesteps[begin_index:]
 
-    def _check_scheduler(self) -> None:
+    def _check_scheduler(self, num_inference_steps: int) -> None:
+        """Refinement and image-to-image start part-way along the timesteps, from a re-noised x_0: that needs a
+        variance-preserving scheduler with one timestep per step (PNDM repeats its warm-up timesteps)."""
+        name = type(self.scheduler).__name__
+        needs = "refinement and image-to-image need DDPM, DDIM, DPMSolverMultistep or UniPC"
         if getattr(self.scheduler, "alphas_cumprod", None) is None or float(self.scheduler.init_noise_sigma) != 1.0:
-            raise ValueError(
-                f"{type(self.scheduler).__name__} is not a variance-preserving scheduler; refinement and "
-                "image-to-image need DDPM, DDIM, DPMSolverMultistep or UniPC"
-            )
+            raise ValueError(f"{name} is not a variance-preserving scheduler; {needs}")
+        self.scheduler.set_timesteps(num_inference_steps, device="cpu")
+        if len(self.scheduler.timesteps) != num_inference_steps:
+            raise ValueError(f"{name} makes {len(self.scheduler.timesteps)} timesteps for num_inference_steps="
+                             f"{num_inference_steps}, so a later start is not a step count; {needs}")
 
     @torch.no_grad()
     def __call__(
@@ -430,7 +435,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength}: expected a number in [0, 1]")
         if image is not None or refine_repeats > 0:
-            self._check_scheduler()
+            self._check_scheduler(num_inference_steps)
+        if image is not None and latents is not None:
+            raise ValueError("give `image` (image-to-image) or `latents` (a given start), not both")
 
         device = self._execution_device
         pixels = prepare_slices(image, preprocess=self.preprocess) if image is not None else None
@@ -449,6 +456,12 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             batch_size = 1
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected at least 1")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"{len(generator)} generators for {batch_size} images: give one generator, or one per image")
+        if guidance_scale != 1.0 and class_labels is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (classifier-free guidance steers "
+                             "towards a class" + ("" if self.is_conditional else "; this model is unconditional")
+                             + "): give class_labels or leave guidance_scale at 1.0")
         labels = self._labels(class_labels, batch_size)
         shape = (batch_size, *latent_shape)
         tensor_inputs = list(callback_on_step_end_tensor_inputs)

@@ -12,13 +12,17 @@ SCHEDULERS = {
 
 
 def make_scheduler(name: str, config):
-    """A scheduler of kind `name` built from a trained pipeline's scheduler config (same betas)."""
+    """A scheduler of kind `name` built from a trained pipeline's scheduler config (same betas), with
+    "trailing" timesteps also for models saved before 2026-12-02 with diffusers' default "leading" (see
+    `diffusion.make_noise_scheduler`: otherwise a short run starts below t = 999 from pure noise)."""
     import diffusers
+
+    from .diffusion import TIMESTEP_SPACING
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}")
     class_name, _, extra = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(config, **extra)
+    return getattr(diffusers, class_name).from_config(config, **{"timestep_spacing": TIMESTEP_SPACING, **extra})
 
 
 def default_steps(name: str) -> int:

@@ -178,7 +178,7 @@ def test_refinement_in_the_seeds_units(model_copy):
     config = json.loads((model_copy / "scheduler" / "scheduler_config.json").read_text())
     assert E.refinement_steps(config, "ddpm", 1000, 30) == (30, 29)  # exactly the seed's last 30 of 1000
     n, t = E.refinement_steps(config, "ddim", 50, 30)
-    assert n == 2 and t == 20  # DDIM-50 timesteps ..., 40, 20, 0
+    assert n == 1 and t == 19  # DDIM-50 timesteps 999, 979, ..., 39, 19 ("trailing")
     n, t = E.refinement_steps(config, "dpm++", 25, 30)
     assert n == 1 and t > 0  # no DPM++-25 timestep below 30: its last one
 
@@ -249,9 +249,12 @@ def test_samples_depend_on_seed_class_and_index_only(model_copy):
     kw = dict(scheduler="ddpm", steps=3, guidance=2.0, seed=5, progress=False)
     together = E.sample_images(pipe, [0, 0, 1], batch_size=3, **kw)
     alone = E.sample_images(pipe, [0, 0, 1], batch_size=1, **kw)
-    assert torch.allclose(together, alone, atol=1e-4)
     first = E.sample_images(pipe, [0], batch_size=1, **kw)
-    assert torch.allclose(first[0], together[0], atol=1e-4)
+    # This 4-step model's x0 prediction at t = 999 is far off (latents in the hundreds), so the float rounding
+    # that differs between batch sizes moves a few latents onto other codes: compare the mean, not each pixel.
+    # Batch-dependent noise would make them as different as two samples are (0.33 here).
+    assert (together - alone).abs().mean() < 0.01 and (first[0] - together[0]).abs().mean() < 0.01
+    assert (together[0] - together[1]).abs().mean() > 0.1
     assert not torch.allclose(together[0], together[1])
     assert type(pipe.scheduler).__name__ == "DDPMScheduler"  # restored after sampling
     s = E.as_slice_set(together, [0, 0, 1], ["AD", "NC"])

@@ -182,6 +182,83 @@ def test_bad_arguments(pipe):
         pipe(batch_size=0, num_inference_steps=1)
 
 
+def test_arguments_that_would_be_ignored_are_refused(pipe):
+    """A generator list of another length than the batch, `latents` beside `image`, guidance without a class:
+    each did nothing (or failed with an IndexError) before."""
+    with pytest.raises(ValueError, match="2 generators for 3 images"):
+        pipe(batch_size=3, num_inference_steps=1, generator=[seeded(0), seeded(1)])
+    with pytest.raises(ValueError, match="2 generators for 1 images"):
+        pipe(batch_size=1, num_inference_steps=1, generator=[seeded(0), seeded(1)])
+    with pytest.raises(ValueError, match="not both"):
+        pipe(image=np.zeros((240, 256), np.uint8), latents=torch.randn(1, 4, 32, 32), num_inference_steps=2)
+    with pytest.raises(ValueError, match="guidance_scale=2.0 needs class_labels"):
+        pipe(num_inference_steps=1, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="this model is unconditional"):
+        make_pipe(conditional=False)(num_inference_steps=1, guidance_scale=2.0)
+
+
+def test_every_sampler_starts_at_the_last_training_timestep():
+    """A sampler starts from pure noise, so its first timestep must be t = 999 at any step count. diffusers'
+    default "leading" spacing started DDIM-1 at t = 0 (it returned the noise), DDIM-2 at 500 and DPM-Solver++-500
+    at 500. New models save "trailing"; `make_scheduler` also sets it for models saved with "leading"."""
+    from adni_diffusers.diffusion import make_noise_scheduler
+    from adni_diffusers.schedulers import SCHEDULERS as NAMES
+    from adni_diffusers.schedulers import make_scheduler
+
+    old_config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False).config
+    assert old_config.timestep_spacing == "leading"
+    for config in (make_noise_scheduler().config, old_config):
+        for name in NAMES:
+            for steps in (1, 2, 10, 25, 500, 1000):
+                scheduler = make_scheduler(name, config)
+                scheduler.set_timesteps(steps)
+                assert len(scheduler.timesteps) == steps and int(scheduler.timesteps[0]) == 999, (name, steps)
+    # DDPM with all its steps runs t = 999 .. 0 either way: what the evaluation's DDPM-1000 figures sampled
+    ddpm, leading = make_noise_scheduler(), DDPMScheduler(clip_sample=False)
+    ddpm.set_timesteps(1000)
+    leading.set_timesteps(1000)
+    assert torch.equal(ddpm.timesteps, leading.timesteps)
+
+
+def test_pndm_samples_but_is_refused_where_the_timesteps_are_sliced(pipe):
+    """PNDM repeats its warm-up timesteps (10 steps give 19): image-to-image and refinement, which start part-way
+    along them, made latents of std ~1000. They are refused; plain sampling works."""
+    from diffusers import PNDMScheduler
+
+    pndm = make_pipe()
+    pndm.scheduler = PNDMScheduler.from_config(pndm.scheduler.config)
+    assert torch.isfinite(pndm(num_inference_steps=10, class_labels=0, output_type="latent").images).all()
+    with pytest.raises(ValueError, match="PNDMScheduler makes 19 timesteps for num_inference_steps=10"):
+        pndm(image=np.zeros((240, 256), np.uint8), num_inference_steps=10, strength=0.3)
+    with pytest.raises(ValueError, match="PNDMScheduler makes"):
+        pndm(num_inference_steps=10, refine_steps=2, refine_repeats=1)
+
+
+@pytest.mark.parametrize("scheduler_name", ["DDIMScheduler", "EulerDiscreteScheduler", "LMSDiscreteScheduler"])
+def test_callback_x0_pred_is_the_schedulers_own(scheduler_name):
+    """The callback's (and the GIF's) x0 prediction equals the scheduler's `pred_original_sample` at the same
+    step; for Euler-type schedulers, whose latents carry sqrt(sigma^2 + 1), it was off by that factor."""
+    import diffusers
+
+    pipe = make_pipe()
+    pipe.scheduler = getattr(diffusers, scheduler_name).from_config(pipe.scheduler.config)
+    own, given = [], []
+    step = pipe.scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        own.append(out.pred_original_sample.clone())
+        return out
+
+    pipe.scheduler.step = recording_step
+    pipe(num_inference_steps=4, class_labels=0, guidance_scale=2.0, generator=seeded(), output_type="latent",
+         callback_on_step_end=lambda p, i, t, tensors: given.append(tensors["x0_pred"].clone()) or {},
+         callback_on_step_end_tensor_inputs=["latents", "x0_pred"])
+    assert len(own) == len(given) == 4
+    for a, b in zip(given, own):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_given_latents_set_the_batch_size(pipe, monkeypatch):
     """`latents=` of 3 images: 3 labels (6 rows under guidance), 3 refinement noises; a wrong shape is refused."""
     import adni_diffusers.pipeline_adni_ldm as module
