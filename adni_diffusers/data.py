@@ -137,6 +137,15 @@ class SliceDataset(torch.utils.data.Dataset):
                 "index": idx}
 
 
+def fingerprint(slices: SliceSet) -> str:
+    """A short hash of the slices' pixels and labels: the same data whatever its folder is called."""
+    import hashlib
+
+    h = hashlib.sha256(slices.pixels.numpy().tobytes())
+    h.update(slices.labels.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
 def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (..., H, W) -> float (..., 1, H, W) in [-1, 1]."""
     return (pixels.float() / 127.5 - 1.0).unsqueeze(-3)

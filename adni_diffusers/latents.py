@@ -51,10 +51,11 @@ def encode_all(vq, slices: SliceSet, batch_size: int = 64, progress: bool = True
 
 
 def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str, batch_size: int = 64,
-                  progress: bool = True) -> torch.Tensor:
-    """Latents for `slices`, from `cache_dir` when a matching cache exists, else encoded and saved there."""
+                  progress: bool = True, key: str | None = None) -> torch.Tensor:
+    """Latents for `slices`, from `cache_dir` when a matching cache exists, else encoded and saved there.
+    `key`: `cache_key(vq_dir, slices)`, when the caller has it already."""
     cache_dir = Path(cache_dir)
-    key = cache_key(vq_dir, slices)
+    key = key or cache_key(vq_dir, slices)
     path = cache_dir / f"{name}-{key}.safetensors"
     if path.is_file():
         latents = load_file(str(path))["latents"]

@@ -29,6 +29,9 @@ logger = logging.getLogger("adni_diffusers.train_unet")
 
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH = 64
+# beside training.RESUME_MUST_MATCH: the objective a resumed run must keep
+RESUME_MUST_MATCH = ("conditional", "cond_dropout", "prediction_type", "loss", "snr_gamma", "num_train_timesteps",
+                     "beta_schedule", "beta_start", "beta_end")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,6 +134,13 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
             logger.warning("--vqmodel %s was trained on another set of patients (%s) than %s, so whether it saw this "
                            "run's held-out patients cannot be checked", vq_dir, there["root"], data.root)
     elif len(data.val) and there["validation_patients_sha256"] != here["validation"]["patients_sha256"]:
+        if (there["split"], there["val_fraction"], there["split_seed"]) == (args.split, args.val_fraction,
+                                                                            training.split_seed(args)):
+            raise TrainingError(
+                f"--vqmodel {args.vqmodel} was trained on the same patients with the same --split, --val_fraction "
+                "and --split_seed, but held out other patients: the class folders differ from its data's (their "
+                "names, or which class a patient is in), and the split draws the held-out patients class by class. "
+                "Use the class folders the VQModel was trained on, or a VQModel trained on these.")
         raise TrainingError(
             f"--vqmodel {args.vqmodel} was trained on the same patients split otherwise (--split {there['split']} "
             f"--val_fraction {there['val_fraction']} --split_seed {there['split_seed']}; this run: --split "
@@ -146,12 +156,13 @@ def main(args: argparse.Namespace) -> dict:
 
     from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
-    from adni_diffusers.latents import LatentDataset, check_room_on_device, load_or_build
+    from adni_diffusers.latents import LatentDataset, cache_key, check_room_on_device, load_or_build
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
     from adni_diffusers.presets import unet_config
 
     vq_dir = find_vqmodel(args.vqmodel)
-    config, accelerator = training.start_stage(args, unet_config, "unet", product="model_index.json")
+    config, accelerator = training.start_stage(args, unet_config, "unet", product="model_index.json",
+                                               stage_flags=RESUME_MUST_MATCH)
     device = accelerator.device
     root, folder_classes = training.class_folders(args, accelerator)
     if args.conditional and len(folder_classes) < 2:
@@ -165,6 +176,12 @@ def main(args: argparse.Namespace) -> dict:
     config.update(in_channels=latent_shape[0], out_channels=latent_shape[0], sample_size=latent_shape[-1])
     if class_names:
         config["num_class_embeds"] = len(class_names) + 1  # the last one is "no label" (CFG)
+        if args.cond_dropout == 0 and accelerator.is_main_process:
+            logger.warning("--cond_dropout 0: the 'no label' class is never trained, so guidance (guidance_scale "
+                           "!= 1) and sampling without a class will use an untrained embedding")
+        if config.get("class_embed_type"):  # it would take the label in another way (a crash at the first step)
+            raise TrainingError(f"--preset {args.preset} sets class_embed_type {config['class_embed_type']!r}: with "
+                                "--conditional the class goes in through num_class_embeds; remove class_embed_type")
     elif config.get("num_class_embeds") or config.get("class_embed_type"):  # its forward would need labels
         raise TrainingError(f"--preset {args.preset} makes a class-conditional UNet (num_class_embeds "
                             f"{config.get('num_class_embeds')}, class_embed_type {config.get('class_embed_type')}): "
@@ -181,7 +198,9 @@ def main(args: argparse.Namespace) -> dict:
     cache_dir = Path(args.latent_cache_dir or vq_dir.parent / "latent_cache")
     with accelerator.main_process_first():
         progress = accelerator.is_local_main_process
-        train_latents = load_or_build(vq, vq_dir, data.train, cache_dir, "train", args.eval_batch_size, progress)
+        train_key = cache_key(vq_dir, data.train)  # also what a checkpoint of this run records as its data
+        train_latents = load_or_build(vq, vq_dir, data.train, cache_dir, "train", args.eval_batch_size, progress,
+                                      key=train_key)
         val_latents = load_or_build(vq, vq_dir, data.val, cache_dir, "val", args.eval_batch_size, progress) \
             if len(data.val) else None
     unet = training.to_channels_last(UNet2DModel(**config), args)
@@ -207,7 +226,9 @@ def main(args: argparse.Namespace) -> dict:
         m, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
         child_probe=compile_check)
     ema = training.make_ema(accelerator.unwrap_model(model), args, device)
-    run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet")
+    run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet",
+                               stage_flags=RESUME_MUST_MATCH,
+                               identity={"model_config": config, "latent_cache_key": train_key})
     run.resume()
     training.start_logging(accelerator, args, "unet")
     if accelerator.is_main_process:
@@ -288,12 +309,13 @@ def latent_shape_of(vq) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def _validation_loss(unet, noise_scheduler, latents, labels, class_names, args, device, n: int = 512) -> float:
-    """The denoising loss on held-out patients with fixed noise (the same draws every time): comparable across runs."""
+def _validation_loss(unet, noise_scheduler, latents, labels, class_names, args, device) -> float:
+    """The denoising loss on every held-out latent with fixed noise (the same draws every time): comparable across
+    runs. (Until 2026-12-02 the first 512 in path order: on ADNI a skewed few of the held-out patients.)"""
     from adni_diffusers.diffusion import diffusion_loss
 
     gen = torch.Generator(device=device).manual_seed(1234)
-    z0, y = latents[:n].to(device), (labels[:n].to(device) if class_names else None)
+    z0, y = latents.to(device), (labels.to(device) if class_names else None)
     total = 0.0
     for s in range(0, len(z0), args.eval_batch_size):
         sl = slice(s, s + args.eval_batch_size)

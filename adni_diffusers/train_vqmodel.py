@@ -20,6 +20,9 @@ from adni_diffusers import training
 
 DEFAULT_LR = 2e-4
 DEFAULT_BATCH = 8
+# beside training.RESUME_MUST_MATCH: the losses a resumed run must keep
+RESUME_MUST_MATCH = ("rec_loss", "ssim_weight", "codebook_weight", "commitment_beta", "codebook_restart_steps",
+                     "no_codebook_init", "disc_weight", "disc_start", "disc_learning_rate")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,12 +61,13 @@ def main(args: argparse.Namespace) -> dict:
     from diffusers import VQModel
 
     from adni_diffusers.compile_probe import make_spec
-    from adni_diffusers.data import IMAGE_SIZE, SliceDataset
+    from adni_diffusers.data import IMAGE_SIZE, SliceDataset, fingerprint
     from adni_diffusers.presets import vq_config
     from adni_diffusers.vq import (CodebookMonitor, PatchDiscriminator, VQTrainingModel, adaptive_gan_weight, code_counts,
                                    flatten_latents, hinge_d_loss, reconstruction_loss, ssim_loss)
 
-    config, accelerator = training.start_stage(args, vq_config, "vqmodel", product="vqvae")
+    config, accelerator = training.start_stage(args, vq_config, "vqmodel", product="vqvae",
+                                               stage_flags=RESUME_MUST_MATCH)
     device = accelerator.device
     # on CUDA the compile check's child compiles the VQModel's step while this process decodes the slices
     compile_check = training.start_compile_check(args, make_spec("vqmodel", config, args, accelerator,
@@ -103,6 +107,7 @@ def main(args: argparse.Namespace) -> dict:
 
     run = training.TrainingRun(
         args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="VQModel",
+        stage_flags=RESUME_MUST_MATCH, identity={"model_config": config, "train_data": fingerprint(data.train)},
         extra_state=lambda: {"tensors": {"codebook_usage": monitor.usage,
                                           "codebook_initialised": monitor.initialised.reshape(1)}},
         restore_extra_state=lambda t, m: (monitor.usage.copy_(t["codebook_usage"]),

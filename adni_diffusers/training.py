@@ -267,10 +267,12 @@ def prepare_output_dir(args, accelerator, product: str) -> None:
     accelerator.wait_for_everyone()
 
 
-def start_stage(args, config_of, project_name: str, product: str):
+def start_stage(args, config_of, project_name: str, product: str, stage_flags: tuple[str, ...] = ()):
     """What both training scripts do first, in this order so that every bad flag fails before any work: the
     model config from --preset (`config_of`, e.g. `presets.vq_config`), the Accelerator, the output folder
-    check. The data comes next (`load_training_data`). Returns (config, accelerator)."""
+    check, and a resumed checkpoint's flags (`stage_flags`: the stage's own beside RESUME_MUST_MATCH; its model
+    and data are compared when `TrainingRun.resume` loads it). The data comes next (`load_training_data`).
+    Returns (config, accelerator)."""
     from .presets import PresetError
 
     try:
@@ -279,6 +281,9 @@ def start_stage(args, config_of, project_name: str, product: str):
         raise TrainingError(str(e)) from None
     accelerator = make_accelerator(args, project_name)
     prepare_output_dir(args, accelerator, product=product)
+    resume_from = find_resume_checkpoint(args)
+    if resume_from is not None:
+        check_resume_matches(resume_from, json.loads(json.dumps({"flags": run_flags(args, stage_flags)})))
     return config, accelerator
 
 
@@ -668,6 +673,56 @@ def load_checkpoint(accelerator, path: Path) -> tuple[int, dict, dict]:
     return int(meta["step"]), tensors, meta
 
 
+# What a run is: a resumed run must train the same model on the same data with the same optimisation, or
+# "resume is exact" fails silently (a changed --learning_rate was even overridden by the restored scheduler).
+# Each checkpoint records these; the run length, logging, precision, speed and Hub flags may change.
+RESUME_MUST_MATCH = ("seed", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr",
+                     "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
+                     "adam_epsilon", "max_grad_norm", "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power",
+                     "split", "val_fraction", "split_seed", "preprocess")
+
+
+def run_flags(args, stage_flags: tuple[str, ...] = ()) -> dict:
+    return {name: getattr(args, name, None) for name in (*RESUME_MUST_MATCH, *stage_flags)}
+
+
+def resume_mismatches(recorded: dict, current: dict) -> list[str]:
+    """What differs between a checkpoint's run record and this run's, one line each."""
+    lines = []
+    for name, then in recorded.get("flags", {}).items():
+        now = current.get("flags", {}).get(name, then)
+        if now != then:
+            lines.append(f"--{name}: {then!r} in the checkpoint, {now!r} now")
+    identity_names = {"model_config": "the model config (--preset, --conditional, the class folders)",
+                      "train_data": "the training slices (--train_data_dir, or files in it changed)",
+                      "latent_cache_key": "the VQModel or the training slices (--vqmodel, --train_data_dir)"}
+    for name, then in recorded.get("identity", {}).items():
+        now = current.get("identity", {}).get(name, then)
+        if now != then:
+            lines.append(f"{identity_names.get(name, name)}: not those of the checkpoint")
+    return lines
+
+
+def check_resume_matches(path: Path, current: dict) -> None:
+    """Refuse to resume `path` with another run's flags, model or data (before any state is loaded); only warn
+    when the number of processes changed (a requeued job on other GPUs): the batches then differ."""
+    state = path / "training_state.json"
+    if not state.is_file():
+        return  # not a checkpoint: load_checkpoint says so
+    recorded = json.loads(state.read_text()).get("run")
+    if recorded is None:  # written before 2026-12-02: nothing to compare
+        return
+    mismatches = resume_mismatches(recorded, current)
+    if mismatches:
+        raise TrainingError(
+            f"--resume_from_checkpoint {path} belongs to another run:\n  " + "\n  ".join(mismatches)
+            + "\nResume with the checkpoint's values, or start a new run in another --output_dir")
+    then, now = recorded.get("num_processes"), current.get("num_processes")
+    if then is not None and now is not None and then != now:
+        logger.warning("resuming %s on %d processes; it was written by %d: the global batch and the data order now "
+                       "differ from an uninterrupted run's", path, now, then)
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 
@@ -745,8 +800,12 @@ class TrainingRun:
     """
 
     def __init__(self, args, accelerator, loader, sampler, model, *, optimizer, ema: EMAState | None = None,
-                 stage: str, extra_state=None, restore_extra_state=None):
+                 stage: str, extra_state=None, restore_extra_state=None, stage_flags: tuple[str, ...] = (),
+                 identity: dict | None = None):
         self.args, self.accelerator, self.loader, self.sampler, self.model = args, accelerator, loader, sampler, model
+        # what this run is (flags, model config, data): recorded in every checkpoint, compared on resume
+        self.record = json.loads(json.dumps({"flags": run_flags(args, stage_flags), "identity": identity or {},
+                                             "num_processes": accelerator.num_processes}))  # as it reads back
         self.optimizer = optimizer  # for the learning rate in the logs
         self.ema = ema
         self.stage = stage
@@ -774,6 +833,7 @@ class TrainingRun:
         path = find_resume_checkpoint(self.args)
         if path is None:
             return
+        check_resume_matches(path, self.record)
         step, tensors, meta = load_checkpoint(self.accelerator, path)
         if self.ema is not None:
             if "ema.0" not in tensors:
@@ -904,6 +964,7 @@ class TrainingRun:
             tensors.update(self.ema.tensors())
             meta.update(self.ema.meta())
         meta["epoch"] = self.global_step // self.steps_per_epoch
+        meta["run"] = self.record
         path = save_checkpoint(self.accelerator, self.output_dir, self.global_step, {"tensors": tensors, "meta": meta},
                                self.args.checkpoints_total_limit)
         self._last_good_checkpoint = path

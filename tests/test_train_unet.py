@@ -314,6 +314,26 @@ def test_vqmodel_that_saw_the_held_out_patients_is_refused(tmp_path, tiny_vq, de
     assert not (tmp_path / "o" / "model_index.json").exists()
 
 
+def test_vqmodel_split_otherwise_by_renamed_class_folders_says_so(tmp_path, tiny_vq, demo_root):
+    """The split draws held-out patients class by class in class order: renamed class folders (NC -> AA sorts
+    first) hold out other patients with the same flags. The message blamed the flags, which were the same."""
+    import shutil
+
+    from adni_diffusers import train_unet
+    from adni_diffusers.data import load_slices
+
+    renamed = tmp_path / "AD_NC"
+    shutil.copytree(demo_root, renamed)
+    for folder in list(renamed.glob("*/NC")):
+        folder.rename(folder.parent / "AA")
+    args = train_unet.parse_args(["--vqmodel", str(tiny_vq), "--output_dir", "o"])
+    from adni_diffusers.training import TrainingError
+
+    with pytest.raises(TrainingError, match="same --split, --val_fraction and --split_seed, but held out other "
+                                            "patients: the class folders differ"):
+        train_unet.check_vq_data(train_unet.find_vqmodel(str(tiny_vq)), args, load_slices(renamed))
+
+
 def test_vqmodel_data_is_checked_by_patients_not_by_path(tmp_path, tiny_vq, tiny_ldm, demo_root, caplog):
     import shutil
 
@@ -445,7 +465,7 @@ def test_final_validation_and_samples_run_in_eval_mode(tmp_path, tiny_vq, demo_r
     assert modes == [("val_loss", False), ("samples", False)]
 
 
-def test_class_conditional_config_without_conditional_is_refused(tmp_path, tiny_vq, demo_root, capsys):
+def test_class_conditional_config_without_conditional_is_refused(tmp_path, tiny_vq, demo_root, capsys, caplog):
     """A --preset config of a conditional UNet (e.g. a saved unet/config.json) without --conditional failed only at
     the first training step (diffusers' ValueError, after the latent cache was built)."""
     from adni_diffusers import train_unet
@@ -456,6 +476,38 @@ def test_class_conditional_config_without_conditional_is_refused(tmp_path, tiny_
                            "--latent_cache_dir", str(tmp_path / "cache")])
     assert code == 2 and "makes a class-conditional UNet" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+    # the other way round: an identity (or other) class embedding beside --conditional's num_class_embeds crashed
+    # at the first step (a shape mismatch); --cond_dropout 0 leaves the "no label" row untrained: a warning
+    preset = _tiny_unet_json(tmp_path / "identity.json", class_embed_type="identity")
+    code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir",
+                           str(tmp_path / "o"), *TINY_UNET_ARGS, "--preset", preset, "--conditional",
+                           "--cond_dropout", "0", "--latent_cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sets class_embed_type 'identity'" in err, err
+    assert "--cond_dropout 0: the 'no label' class is never trained" in caplog.text
+    assert not (tmp_path / "cache").exists()
+
+
+def test_validation_loss_scores_every_held_out_latent(monkeypatch):
+    """It scored the first 512 in path order: on ADNI a few of the held-out patients, and not both classes alike."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DModel
+
+    from adni_diffusers.diffusion import make_noise_scheduler
+    from adni_diffusers.presets import unet_config
+    from adni_diffusers.train_unet import _validation_loss
+
+    from adni_diffusers import diffusion
+
+    scored = []
+    real_loss = diffusion.diffusion_loss
+    monkeypatch.setattr(diffusion, "diffusion_loss",
+                        lambda unet, sched, z0, *a, **k: scored.append(len(z0)) or real_loss(unet, sched, z0, *a, **k))
+    unet = UNet2DModel(**unet_config("tiny")).eval()
+    latents = torch.randn(600, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    loss = _validation_loss(unet, make_noise_scheduler(), latents, None, None, SimpleNamespace(eval_batch_size=256), "cpu")
+    assert scored == [256, 256, 88] and loss > 0
 
 
 def _checkpoint_accelerator():
@@ -508,3 +560,51 @@ def test_saving_a_step_again_never_leaves_a_half_checkpoint(tmp_path, monkeypatc
     finally:
         reset_accelerate()
     assert sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir()) == full
+
+
+def test_resume_refuses_another_runs_flags_model_or_data(tmp_path, tiny_vq, demo_root, capsys, monkeypatch):
+    """A checkpoint records the flags, model config and data that define its run. Resuming it with others was
+    silent: another --learning_rate was overridden by the restored scheduler, another batch size skipped slices,
+    another --vqmodel trained on other latents, another --preset crashed inside accelerate's load_state."""
+    import shutil
+
+    from adni_diffusers import train_unet, training
+
+    common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--conditional", *TINY_UNET_ARGS,
+              "--save_images_epochs", "100", "--latent_cache_dir", tmp_path / "cache"]
+    first = tmp_path / "first"
+    run_training_script("train_unet", ["--output_dir", first, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                                       *common])
+    assert json.loads((first / "checkpoint-1" / "training_state.json").read_text())["run"]["flags"]["conditional"]
+
+    def resume(*changed, data=demo_root):
+        out = tmp_path / "again"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(first / "checkpoint-1", out / "checkpoint-1")
+        args = [*common, "--train_data_dir", data, "--output_dir", out, "--resume_from_checkpoint", "latest",
+                "--max_train_steps", "2", *changed]
+        code = train_unet.cli([str(a) for a in args])
+        return code, capsys.readouterr().err
+
+    # refused when the flags are parsed, before the data is decoded
+    decoded = []
+    monkeypatch.setattr(training, "load_training_data", lambda *a, **k: decoded.append(1) or 1 / 0)
+    code, err = resume("--learning_rate", "1e-3", "--train_batch_size", "8", "--prediction_type", "v_prediction")
+    assert code == 2 and "belongs to another run" in err, err
+    for line in ("--learning_rate: 0.0001 in the checkpoint, 0.001 now", "--train_batch_size: 4 in the checkpoint, 8 now",
+                 "--prediction_type: 'epsilon' in the checkpoint, 'v_prediction' now"):
+        assert line in err, err
+    assert decoded == []
+    monkeypatch.undo()
+    # another model (a --preset JSON with other channels) or other data: refused before any state is loaded
+    code, err = resume("--preset", _tiny_unet_json(tmp_path / "wider.json", block_out_channels=[16, 48]))
+    assert code == 2 and "the model config (--preset, --conditional, the class folders): not those" in err, err
+    other_data = tmp_path / "AD_NC_fewer"
+    shutil.copytree(demo_root, other_data)
+    next(p for p in sorted(other_data.rglob("*.jpeg")) if "/train/AD/" in str(p)).unlink()
+    code, err = resume(data=other_data)
+    assert code == 2 and "the VQModel or the training slices (--vqmodel, --train_data_dir)" in err, err
+    # the run's length, logging and speed flags may change: the same run goes on
+    code, err = resume("--max_train_steps", "3", "--logging_steps", "1", "--dataloader_num_workers", "0")
+    assert code == 0, err
+    assert (tmp_path / "again" / "model_index.json").is_file()

@@ -469,3 +469,24 @@ def test_restarted_codes_jump_in_the_ema_weights_too():
     assert torch.equal(shadow[kept], shadow_before[index][kept])
     assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(ema.ema.shadow_params, shadow_before)) if i != index)
     assert len(monitor.restart_dead(codebook.data, vectors, torch.Generator())) == 0  # none dead now
+
+
+def test_resume_with_another_loss_is_refused_before_the_data_loads(tmp_path, demo_root, capsys):
+    """The VQ stage's own flags (its losses) are part of what a checkpoint records; a run that changes one is
+    refused when its flags are parsed. A checkpoint from before the record (no "run") is resumed as it was."""
+    from adni_diffusers import train_vqmodel, training
+
+    args = train_vqmodel.parse_args([str(a) for a in ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out",
+                                                      *TINY_VQ_ARGS]])
+    checkpoint = tmp_path / "out" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    record = {"flags": training.run_flags(args, train_vqmodel.RESUME_MUST_MATCH), "num_processes": 1}
+    (checkpoint / "training_state.json").write_text(json.dumps({"step": 5, "run": record}))
+    argv = ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out", *TINY_VQ_ARGS,
+            "--resume_from_checkpoint", "latest", "--rec_loss", "l1", "--ssim_weight", "0"]
+    code = train_vqmodel.cli([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "--rec_loss: 'mse' in the checkpoint, 'l1' now" in err and "--ssim_weight: 0.5" in err, err
+    assert training.resume_mismatches(record, {"flags": dict(record["flags"], max_train_steps=9)}) == []
+    assert training.resume_mismatches({"identity": {"train_data": "a"}}, {"identity": {"train_data": "b"}}) == [
+        "the training slices (--train_data_dir, or files in it changed): not those of the checkpoint"]
