@@ -545,9 +545,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
 
         Accepts a local folder or a Hub repo id, and the usual keyword arguments: `dtype`
         (`torch_dtype` is accepted as an alias), `variant`, `revision`, `cache_dir`, `token`,
-        `local_files_only`, `use_safetensors`."""
+        `local_files_only`, `use_safetensors`; and, as in diffusers, a component to use instead of the saved
+        one (`scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler")`, `unet=...`, `vqvae=...`)."""
         from diffusers import schedulers
 
+        given = {name: kwargs.pop(name) for name in ("vqvae", "unet", "scheduler") if name in kwargs}
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         load_kwargs = {k: kwargs.pop(k) for k in ("variant", "use_safetensors") if k in kwargs}
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
@@ -565,10 +567,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             raise OSError(f"{pretrained_model_name_or_path}: no model_index.json (not a saved pipeline)")
         index = json.loads(index_path.read_text())
         model_kwargs = dict(load_kwargs, **({"dtype": dtype} if dtype is not None else {}))
-        vqvae = VQModel.from_pretrained(folder, subfolder="vqvae", **model_kwargs)
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", **model_kwargs)
-        scheduler_cls = getattr(schedulers, index["scheduler"][1])
-        scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
+        vqvae = given["vqvae"] if "vqvae" in given else VQModel.from_pretrained(folder, subfolder="vqvae", **model_kwargs)
+        unet = given["unet"] if "unet" in given else UNet2DModel.from_pretrained(folder, subfolder="unet", **model_kwargs)
+        scheduler = given.get("scheduler") or getattr(schedulers, index["scheduler"][1]).from_pretrained(
+            folder, subfolder="scheduler")
         pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"),
                    preprocess=index.get("preprocess") or "pad")
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))

@@ -505,6 +505,12 @@ def test_save_writes_module_and_class_name_and_resave_round_trips(pipe, tmp_path
     assert (tmp_path / "b" / "pipeline_adni_ldm.py").read_bytes() == (tmp_path / "a" / "pipeline_adni_ldm.py").read_bytes()
     for name in ("unet/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    # a component given to from_pretrained replaces the saved one, as in diffusers (it was a TypeError)
+    ddim = DDIMScheduler.from_pretrained(tmp_path / "a", subfolder="scheduler")
+    swapped = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "a", scheduler=ddim, unet=loaded.unet)
+    assert swapped.scheduler is ddim and swapped.unet is loaded.unet
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "a", text_encoder=None)
 
 
 def test_diffusion_pipeline_needs_trust_remote_code(pipe, tmp_path):
