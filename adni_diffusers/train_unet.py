@@ -225,7 +225,7 @@ def main(args: argparse.Namespace) -> dict:
     model = training.maybe_compile(model, args, probe=lambda m: training_loss(
         m, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
         child_probe=compile_check)
-    ema = training.make_ema(accelerator.unwrap_model(model), args, device)
+    ema = training.make_ema(training.bare_model(accelerator, model), args, device)
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet",
                                stage_flags=RESUME_MUST_MATCH,
                                identity={"model_config": config, "latent_cache_key": train_key})
@@ -269,7 +269,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     result = {}
     if accelerator.is_main_process:
-        final_unet = accelerator.unwrap_model(model)
+        final_unet = training.bare_model(accelerator, model)
         final_unet = getattr(final_unet, "_orig_mod", final_unet)
         if ema is not None:
             ema.ema.copy_to(final_unet.parameters())
@@ -333,7 +333,7 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
     """A small grid from the EMA weights, to tensorboard and samples/ (DDIM for speed)."""
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
-    unet = accelerator.unwrap_model(run.model)
+    unet = training.bare_model(accelerator, run.model)
     unet = getattr(unet, "_orig_mod", unet)
     if run.ema is not None:
         run.ema.ema.store(unet.parameters())

@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> dict:
         disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=args.disc_learning_rate or args.learning_rate,
                                            betas=(0.5, 0.9))
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
-    vq = accelerator.unwrap_model(model).vq
+    vq = training.bare_model(accelerator, model).vq
 
     def training_loss(m, x):
         """A step's loss without the GAN term, with the forward's output and the parts to log."""
@@ -133,8 +133,8 @@ def main(args: argparse.Namespace) -> dict:
             loss, out, logs = training_loss(model, x)
             gan_on = use_gan and run.global_step >= args.disc_start
             if gan_on:
-                g_loss = generator_gan_loss(accelerator.unwrap_model(disc), out.recon)
-                weight = adaptive_gan_weight(logs["rec_loss"], g_loss, accelerator.unwrap_model(model).last_layer(),
+                g_loss = generator_gan_loss(training.bare_model(accelerator, disc), out.recon)
+                weight = adaptive_gan_weight(logs["rec_loss"], g_loss, training.bare_model(accelerator, model).last_layer(),
                                              loss_scale=training.loss_scale(accelerator))
                 loss = loss + args.disc_weight * weight * g_loss
                 logs.update(g_loss=g_loss, gan_weight=weight)

@@ -259,7 +259,8 @@ def prepare_output_dir(args, accelerator, product: str) -> None:
     if accelerator.is_main_process:
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             # evaluation/ too: its numbers (which the model card shows and a push uploads) are the old model's
-            for p in existing + [output_dir / args.logging_dir, output_dir / "samples", output_dir / "evaluation"]:
+            for p in existing + [output_dir / args.logging_dir, output_dir / "samples", output_dir / "evaluation",
+                                 output_dir / "trace"]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in output_dir.glob("checkpoint-*.tmp"):  # a save cut short by a crash
@@ -583,6 +584,13 @@ def _every_process_agrees(flag: bool) -> bool:
     return bool(gather(torch.tensor([int(flag)], device=state.device)).min())
 
 
+def bare_model(accelerator, model):
+    """The model inside DDP and torch.compile, leaving both as they are. accelerate's `unwrap_model` re-points a
+    compiled wrapper's `_orig_mod` past DDP (keep_torch_compile=True, its default): DDP's `no_sync` then no longer
+    applies, and every gradient-accumulation micro-batch all-reduces its gradients."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def to_channels_last(model, args):
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
@@ -899,30 +907,33 @@ class TrainingRun:
     def end_step(self, logs: dict[str, torch.Tensor]) -> None:
         """Call once per optimizer step (when `accelerator.sync_gradients`), with the last micro-batch's logs."""
         if self.ema is not None:
-            self.ema.ema.step(self.accelerator.unwrap_model(self.model).parameters())
+            self.ema.ema.step(bare_model(self.accelerator, self.model).parameters())
         self.global_step += 1
         self._batches_since_step = 0
         self.progress.update(1)
         if self.global_step == self.start_step + 1:
             self._check_recompiles()  # early: a recompile shows in the first step
-        if self.args.trace_batches:
-            self._write_trace()
         micro_batches, self._micro_logs = self._micro_logs + [_detached(logs)], []
         self._pending.append({k: v.mean(0) for k, v in _stack_per_key(micro_batches, self.accelerator.device).items()})
+        if self.args.trace_batches:
+            self._write_trace(self._pending[-1])
         if self.global_step % self.args.logging_steps == 0 or self.global_step == self.max_train_steps:
             self.flush_logs()
         if self.global_step % self.args.checkpointing_steps == 0 and self.global_step < self.max_train_steps:
             self.checkpoint()
 
-    def _write_trace(self) -> None:
+    def _write_trace(self, step_logs: dict) -> None:
+        """--trace_batches (for tests and debugging; a host sync per step): this process's batch indices, its
+        own loss and a checksum of its weights, one row per step in trace/rank-<i>.jsonl."""
         acc = self.accelerator
-        params = acc.unwrap_model(self.model).parameters()
+        params = bare_model(acc, self.model).parameters()
         checksum = float(sum(p.detach().double().sum() for p in params))
         path = self.output_dir / "trace" / f"rank-{acc.process_index}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps({"step": self.global_step, "rank": acc.process_index, "world_size": acc.num_processes,
-                                "indices": self._traced, "weights_checksum": checksum}) + "\n")
+                                "indices": self._traced, "weights_checksum": checksum,
+                                "loss": float(step_logs["loss"]) if "loss" in step_logs else None}) + "\n")
         self._traced = []
 
     def flush_logs(self) -> dict[str, float]:
@@ -931,8 +942,9 @@ class TrainingRun:
             return {}
         stacked = _stack_per_key(self._pending, self.accelerator.device)
         self._pending = []
-        finite = torch.stack([torch.isfinite(v).all() for v in stacked.values()]).all()
-        finite = self.accelerator.reduce(finite.float().reshape(1), reduction="mean").item() == 1.0
+        # the mean over every process (each saw its own shard), so every process also sees the same NaN/inf
+        stacked = {k: self.accelerator.reduce(v, reduction="mean") for k, v in stacked.items()}
+        finite = bool(torch.stack([torch.isfinite(v).all() for v in stacked.values()]).all())
         if not finite:
             bad = [k for k, v in stacked.items() if not torch.isfinite(v).all()]
             where = self._last_good_checkpoint or "no checkpoint yet"
@@ -975,11 +987,14 @@ class TrainingRun:
         return path
 
     def _truncate_history(self, step: int) -> None:
-        """After a resume, forget logged steps past the checkpoint (they will be trained again)."""
-        history = self.output_dir / HISTORY_FILE
-        if self.accelerator.is_main_process and history.exists():
-            rows = [line for line in history.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            history.write_text("".join(r + "\n" for r in rows))
+        """After a resume, forget logged (and traced) steps past the checkpoint: they will be trained again."""
+        files = [self.output_dir / "trace" / f"rank-{self.accelerator.process_index}.jsonl"]  # each rank its own
+        if self.accelerator.is_main_process:
+            files.append(self.output_dir / HISTORY_FILE)
+        for path in files:
+            if path.exists():
+                rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                path.write_text("".join(r + "\n" for r in rows))
 
     def images_per_second(self, seconds: float) -> float:
         """Training throughput of this process's run (all processes, accumulation included)."""

@@ -69,6 +69,10 @@ def test_two_processes_are_data_parallel(script, tmp_path, demo_root, tiny_vq):
     history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == steps and history[-1]["lr"] == 0.0, history
     assert history[0]["lr"] > 0
+    # the logged loss is the mean over both processes' shards (it was rank 0's alone), here over 2 logged steps
+    for row in history:
+        own = [r["loss"] for trace in (rank0, rank1) for r in trace if row["step"] - 2 < r["step"] <= row["step"]]
+        assert len(own) == 4 and row["loss"] == pytest.approx(sum(own) / 4, rel=1e-5), (row, own)
 
 
 def test_two_processes_without_cpu_flag_are_refused(tmp_path, demo_root):

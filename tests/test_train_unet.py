@@ -405,6 +405,8 @@ def test_overwrite_output_dir_drops_the_old_models_evaluation(tmp_path):
     (out / "evaluation" / "metrics.json").write_text("{}")
     (out / "model_index.json").write_text("{}")
     (out / "feature_net").mkdir()  # keyed on the data, not the model: kept
+    (out / "trace").mkdir()  # --trace_batches rows of the old run would mix with the new run's
+    (out / "trace" / "rank-0.jsonl").write_text('{"step": 1}\n')
     args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=False,
                            logging_dir="logs")
     with pytest.raises(training.TrainingError, match="already holds a model"):
@@ -412,7 +414,48 @@ def test_overwrite_output_dir_drops_the_old_models_evaluation(tmp_path):
     args.overwrite_output_dir = True
     training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json")
     assert not (out / "evaluation").exists() and not (out / "model_index.json").exists()
+    assert not (out / "trace").exists()
     assert (out / "feature_net").is_dir()
+
+
+def test_resume_forgets_the_traced_and_logged_steps_past_the_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from adni_diffusers import training
+
+    run = object.__new__(training.TrainingRun)
+    run.output_dir, run.accelerator = tmp_path, Accelerator(cpu=True)
+    for path in (tmp_path / "trace" / "rank-0.jsonl", tmp_path / training.HISTORY_FILE):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 7)))
+    run._truncate_history(4)
+    for path in (tmp_path / "trace" / "rank-0.jsonl", tmp_path / training.HISTORY_FILE):
+        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_bare_model_leaves_the_compiled_ddp_wrapper_as_it_is(tmp_path):
+    """accelerate's unwrap_model (keep_torch_compile=True) re-pointed torch.compile's wrapper past DDP, so DDP's
+    no_sync no longer applied: with --compile every accumulation micro-batch all-reduced its gradients."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from accelerate.utils import extract_model_from_parallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    from adni_diffusers import training
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        inner = torch.nn.Linear(2, 2)
+        ddp = DistributedDataParallel(inner)
+        compiled = torch.compile(ddp)  # nothing compiles until it is called
+        assert training.bare_model(Accelerator(cpu=True), compiled) is inner
+        assert compiled._orig_mod is ddp and hasattr(compiled, "no_sync")
+        extract_model_from_parallel(compiled)  # what unwrap_model did by default
+        assert compiled._orig_mod is inner  # DDP is gone from the compiled model: the defect bare_model avoids
+    finally:
+        dist.destroy_process_group()
 
 
 def _tiny_unet_json(path, **changes) -> str:
