@@ -110,6 +110,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                    help="torch.compile mode with --compile (default: torch's default); reduce-overhead uses CUDA graphs")
     g.add_argument("--cudnn_benchmark", action="store_true",
                    help="let cuDNN time its convolution algorithms for these fixed shapes (CUDA; not bit-reproducible)")
+    g.add_argument("--ddp_timeout", type=int, default=1800,
+                   help="seconds a process waits at a barrier (as in transformers' Trainer): the other processes wait "
+                        "while the main one builds the latent cache, evaluates, samples and pushes; NCCL's own default, "
+                        "10 minutes, would end the job during a long push")
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500)
@@ -120,7 +124,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
 
 def validate_training_arguments(args: argparse.Namespace) -> None:
     require_at_least(args, 1, "train_batch_size", "eval_batch_size", "num_epochs", "max_train_steps",
-                     "gradient_accumulation_steps", "checkpointing_steps", "checkpoints_total_limit", "logging_steps")
+                     "gradient_accumulation_steps", "checkpointing_steps", "checkpoints_total_limit", "logging_steps",
+                     "ddp_timeout")
     require_at_least(args, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay")
     require_positive(args, "learning_rate", "adam_epsilon", "max_grad_norm", "ema_inv_gamma", "ema_power")
     require_fraction(args, "adam_beta1", "adam_beta2", below_one=True)
@@ -201,16 +206,17 @@ def check_world_size(accelerator) -> None:
 
 
 def make_accelerator(args, project_name: str):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
     config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
-    from accelerate.utils import DataLoaderConfiguration
-
     accelerator = Accelerator(
         # non_blocking: pinned batches are copied to the GPU without making the host wait each step
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=getattr(args, "ddp_timeout", 1800)))],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,

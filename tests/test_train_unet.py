@@ -651,3 +651,22 @@ def test_resume_refuses_another_runs_flags_model_or_data(tmp_path, tiny_vq, demo
     code, err = resume("--max_train_steps", "3", "--logging_steps", "1", "--dataloader_num_workers", "0")
     assert code == 0, err
     assert (tmp_path / "again" / "model_index.json").is_file()
+
+
+def test_processes_wait_ddp_timeout_at_a_barrier(tmp_path):
+    """The other processes wait at a barrier while the main one evaluates and pushes: NCCL's default 10 minutes
+    would end a job during a long push. --ddp_timeout sets the process group's timeout."""
+    from datetime import timedelta
+
+    from adni_diffusers import train_unet, training
+
+    args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    assert args.ddp_timeout == 1800
+    args.ddp_timeout = 7200
+    reset_accelerate()
+    try:
+        assert training.make_accelerator(args, "unet").init_handler.timeout == timedelta(seconds=7200)
+    finally:
+        reset_accelerate()
+    with pytest.raises(training.TrainingError, match="--ddp_timeout must be at least 1"):
+        train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--ddp_timeout", "0"])
