@@ -290,7 +290,7 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     prepare_output_dir(args, accelerator, product=product)
     resume_from = find_resume_checkpoint(args)
     if resume_from is not None:
-        check_resume_matches(resume_from, json.loads(json.dumps({"flags": run_flags(args, stage_flags)})))
+        check_resume_matches(resume_from, run_record(args, stage_flags))
     return config, accelerator
 
 
@@ -696,8 +696,13 @@ RESUME_MUST_MATCH = ("seed", "train_batch_size", "gradient_accumulation_steps", 
                      "split", "val_fraction", "split_seed", "preprocess")
 
 
-def run_flags(args, stage_flags: tuple[str, ...] = ()) -> dict:
-    return {name: getattr(args, name, None) for name in (*RESUME_MUST_MATCH, *stage_flags)}
+def run_record(args, stage_flags: tuple[str, ...] = (), identity: dict | None = None,
+               num_processes: int | None = None) -> dict:
+    """What defines a run (RESUME_MUST_MATCH and the stage's own flags, its model config and data), in the JSON
+    types a checkpoint's training_state.json reads back (tuples become lists)."""
+    record = {"flags": {name: getattr(args, name, None) for name in (*RESUME_MUST_MATCH, *stage_flags)},
+              "identity": identity or {}, "num_processes": num_processes}
+    return json.loads(json.dumps(record))
 
 
 def resume_mismatches(recorded: dict, current: dict) -> list[str]:
@@ -818,8 +823,7 @@ class TrainingRun:
                  identity: dict | None = None):
         self.args, self.accelerator, self.loader, self.sampler, self.model = args, accelerator, loader, sampler, model
         # what this run is (flags, model config, data): recorded in every checkpoint, compared on resume
-        self.record = json.loads(json.dumps({"flags": run_flags(args, stage_flags), "identity": identity or {},
-                                             "num_processes": accelerator.num_processes}))  # as it reads back
+        self.record = run_record(args, stage_flags, identity, accelerator.num_processes)
         self.optimizer = optimizer  # for the learning rate in the logs
         self.ema = ema
         self.stage = stage

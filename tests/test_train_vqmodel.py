@@ -480,7 +480,7 @@ def test_resume_with_another_loss_is_refused_before_the_data_loads(tmp_path, dem
                                                       *TINY_VQ_ARGS]])
     checkpoint = tmp_path / "out" / "checkpoint-5"
     checkpoint.mkdir(parents=True)
-    record = {"flags": training.run_flags(args, train_vqmodel.RESUME_MUST_MATCH), "num_processes": 1}
+    record = training.run_record(args, train_vqmodel.RESUME_MUST_MATCH, num_processes=1)
     (checkpoint / "training_state.json").write_text(json.dumps({"step": 5, "run": record}))
     argv = ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out", *TINY_VQ_ARGS,
             "--resume_from_checkpoint", "latest", "--rec_loss", "l1", "--ssim_weight", "0"]
