@@ -95,6 +95,7 @@ _VQ_METRICS = [  # first-stage reconstruction numbers (metrics.json of train_vqm
     ("codebook_usage", "share of codebook entries used"),
     ("code_perplexity", "code perplexity"),
     ("eval_images", "images measured"),  # held-out ones, or training ones with --split all (eval_set says)
+    ("brain_eval_images", "images with a brain mask (the brain rows' mean)"),
 ]
 
 

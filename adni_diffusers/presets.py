@@ -137,7 +137,12 @@ def _check_config(config: dict, source: str, what: str) -> None:
         raise PresetError(f"{what} config {source}: unknown keys {unknown}")
     # diffusers' VQModel does not check these: one block type short fails with an IndexError once the model is built
     # (after the data is loaded), one channel count too many silently downsamples once more
-    lengths = {k: len(config[k]) for k in ("block_out_channels", "down_block_types", "up_block_types") if k in config}
+    block_keys = [k for k in ("block_out_channels", "down_block_types", "up_block_types") if k in config]
+    not_lists = [k for k in block_keys if not isinstance(config[k], (list, tuple))]
+    if not_lists:
+        raise PresetError(f"{what} config {source}: {', '.join(not_lists)} must be lists (one entry per block), got "
+                          + ", ".join(f"{config[k]!r}" for k in not_lists))
+    lengths = {k: len(config[k]) for k in block_keys}
     if len(set(lengths.values())) > 1:
         raise PresetError(f"{what} config {source}: block_out_channels, down_block_types and up_block_types need "
                           f"one entry per block, got {', '.join(f'{n} {k}' for k, n in lengths.items())}")

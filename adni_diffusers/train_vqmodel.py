@@ -121,6 +121,7 @@ def main(args: argparse.Namespace) -> dict:
                            for i in range(min(8, len(data.val or data.train)))])
 
     codebook_ready = bool(monitor.initialised) or args.no_codebook_init  # a Python bool: no device sync per step
+    step_counts = None  # this step's code counts so far
     start = time.time()
     for batch in run.batches():
         x = batch["pixel_values"]
@@ -151,13 +152,16 @@ def main(args: argparse.Namespace) -> dict:
                 disc_optimizer.zero_grad(set_to_none=True)
                 logs["d_loss"] = d_loss
 
+        # code usage per optimizer step (every micro-batch and process): the unit of the dead-code threshold
         counts = code_counts(out.indices, monitor.usage.numel())
-        counts = accelerator.reduce(counts, reduction="sum")
-        monitor.update(counts)
-        logs.update(loss=loss.detach(), perplexity=monitor.perplexity(counts), live_codes=monitor.live_fraction())
+        step_counts = counts if step_counts is None else step_counts + counts
+        logs["loss"] = loss.detach()
         if not accelerator.sync_gradients:  # gradient accumulation: the step logs its micro-batches' means
             run.log_micro_batch(logs)
             continue
+        counts, step_counts = accelerator.reduce(step_counts, reduction="sum"), None
+        monitor.update(counts)
+        logs.update(perplexity=monitor.perplexity(counts), live_codes=monitor.live_fraction())
         if args.codebook_restart_steps and (run.global_step + 1) % args.codebook_restart_steps == 0:
             vectors = accelerator.gather(flatten_latents(out.latents.detach().float())[:4096])
             codebook = vq.quantize.embedding.weight

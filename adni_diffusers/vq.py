@@ -128,9 +128,9 @@ def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
 class CodebookMonitor(nn.Module):
     """Running code usage (an EMA of counts per step), dead-code restarts and data-driven init.
 
-    A code is dead when its EMA count falls under `dead_threshold` uses per step. Dead codes are
-    moved onto random encoder outputs of the current batch (as in Jukebox / SoundStream), so that
-    most of the codebook stays in use.
+    A code is dead when its EMA count falls under `dead_threshold` uses per optimizer step (over every
+    micro-batch and process). Dead codes are moved onto random encoder outputs of the step's last
+    micro-batch (as in Jukebox / SoundStream), so that most of the codebook stays in use.
     """
 
     def __init__(self, num_codes: int, decay: float = 0.99, dead_threshold: float = 0.03):
@@ -154,25 +154,37 @@ class CodebookMonitor(nn.Module):
     @torch.no_grad()
     def initialise(self, codebook: torch.Tensor, vectors: torch.Tensor, generator: torch.Generator) -> None:
         """Start the codebook on the encoder's outputs instead of diffusers' uniform +-1/n."""
-        codebook.copy_(_sample_rows(vectors, codebook.shape[0], generator).to(codebook))
+        rows = _sample_rows(vectors, codebook.shape[0], generator)
+        if rows is not None:  # no finite encoder output (an overflowed fp16 step): keep diffusers' init
+            codebook.copy_(rows.to(codebook))
         self.usage.fill_(1.0)
         self.initialised.fill_(True)
 
     @torch.no_grad()
     def restart_dead(self, codebook: torch.Tensor, vectors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Move the dead codes onto rows of `vectors`; returns their indices."""
+        """Move the dead codes onto rows of `vectors`; returns their indices (none when no row is finite)."""
         dead = (self.usage < self.dead_threshold).nonzero().flatten()
-        if len(dead):
-            codebook[dead] = _sample_rows(vectors, len(dead), generator).to(codebook)
-            self.usage[dead] = self.usage.mean()
+        rows = _sample_rows(vectors, len(dead), generator) if len(dead) else None
+        if rows is None:
+            return dead[:0]
+        codebook[dead] = rows.to(codebook)
+        self.usage[dead] = self.usage.mean()
         return dead
 
 
-def _sample_rows(vectors: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n random rows of `vectors` (with replacement when there are fewer), slightly jittered so copies differ."""
+def _sample_rows(vectors: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor | None:
+    """n random rows of `vectors`, distinct while there are enough (with replacement only when there are fewer),
+    slightly jittered so that copies differ. Non-finite rows (an fp16 overflow) are never drawn: one NaN code
+    would take every latent (argmin picks NaN first). None when no row is finite."""
+    vectors = vectors[torch.isfinite(vectors).all(dim=1)]
+    if len(vectors) == 0:
+        return None
     gen_device = generator.device
-    idx = torch.randint(0, len(vectors), (n,), generator=generator, device=gen_device).to(vectors.device)
-    rows = vectors[idx].float()
+    if n <= len(vectors):
+        idx = torch.randperm(len(vectors), generator=generator, device=gen_device)[:n]
+    else:
+        idx = torch.randint(0, len(vectors), (n,), generator=generator, device=gen_device)
+    rows = vectors[idx.to(vectors.device)].float()
     noise = torch.randn(rows.shape, generator=generator, device=gen_device).to(rows.device)
     return rows + 0.01 * rows.std() * noise
 

@@ -62,7 +62,10 @@ def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int
         if first_x is None:
             first_x, first_r = x[:8].cpu(), recon[:8].cpu()
     means = {k: float(np.nanmean(v)) for k, v in totals.items()}  # NaN: a slice with an empty brain mask
-    return means | {"eval_images": n, "ssim_scale": SSIM_SCALE}, first_x, first_r
+    # the brain-mask means leave those slices out: say over how many images they are
+    brain = totals.get("psnr_brain", [])
+    return means | {"eval_images": n, "brain_eval_images": int(np.isfinite(brain).sum()),
+                    "ssim_scale": SSIM_SCALE}, first_x, first_r
 
 
 def eval_set_name(data: SliceData, split: str | None) -> str:

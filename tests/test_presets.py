@@ -191,3 +191,17 @@ def test_configs_diffusers_cannot_build_are_refused_before_training(tmp_path, co
     with pytest.raises(PresetError, match=message) as e:
         vq_config(str(path))
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("config, shown", [
+    ({"block_out_channels": 64}, "block_out_channels must be lists (one entry per block), got 64"),
+    ({"down_block_types": "DownEncoderBlock2D"}, "down_block_types must be lists (one entry per block), got "
+                                                 "'DownEncoderBlock2D'"),
+])
+def test_block_keys_must_be_lists(tmp_path, config, shown):
+    """A number crashed with a TypeError (len of an int); a string was counted as 18 blocks (its letters)."""
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(PresetError) as e:
+        vq_config(str(path))
+    assert str(path) in str(e.value) and shown in str(e.value)

@@ -490,3 +490,43 @@ def test_resume_with_another_loss_is_refused_before_the_data_loads(tmp_path, dem
     assert training.resume_mismatches(record, {"flags": dict(record["flags"], max_train_steps=9)}) == []
     assert training.resume_mismatches({"identity": {"train_data": "a"}}, {"identity": {"train_data": "b"}}) == [
         "the training slices (--train_data_dir, or files in it changed): not those of the checkpoint"]
+
+
+def test_codebook_rows_are_distinct_finite_encoder_outputs():
+    """Init drew 8,192 codes from 8,192 vectors with replacement (63% distinct: the copies stayed unused for
+    ~350 steps), and one non-finite vector (an fp16 overflow) made every restarted code NaN, which then took
+    every latent."""
+    from adni_diffusers.vq import CodebookMonitor
+
+    vectors = torch.randn(100, 64, generator=torch.Generator().manual_seed(0))
+    monitor = CodebookMonitor(100)
+    codebook = torch.zeros(100, 64)
+    monitor.initialise(codebook, vectors, torch.Generator().manual_seed(0))
+    assert len(torch.cdist(codebook, vectors).argmin(1).unique()) == 100  # each vector once (plus 1% jitter)
+    vectors[::2] = float("nan")
+    monitor.usage[:10] = 0.0  # ten dead codes
+    restarted = monitor.restart_dead(codebook, vectors, torch.Generator().manual_seed(1))
+    assert len(restarted) == 10 and torch.isfinite(codebook).all()
+    assert torch.cdist(codebook[restarted], vectors[1::2]).min(1).values.max() < 0.5  # on finite rows only
+    monitor.usage[:3] = 0.0
+    before = codebook.clone()
+    assert len(monitor.restart_dead(codebook, torch.full((8, 64), float("inf")), torch.Generator())) == 0
+    assert torch.equal(codebook, before)  # nothing finite to restart onto: the codebook stays
+
+
+def test_code_usage_is_counted_per_optimizer_step(tmp_path, demo_root, monkeypatch):
+    """With --gradient_accumulation_steps 2 the usage EMA was updated per micro-batch: its window and the dead-code
+    threshold then meant other things at other batch sizes. Now once per step, with the step's counts."""
+    from adni_diffusers.vq import CodebookMonitor
+
+    updates = []
+    real_update = CodebookMonitor.update
+    monkeypatch.setattr(CodebookMonitor, "update", lambda self, counts: updates.append(int(counts.sum()))
+                        or real_update(self, counts))
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                          "--max_train_steps", "2", *TINY_VQ_ARGS, "--train_batch_size", "2",
+                                          "--gradient_accumulation_steps", "2", "--eval_max_images", "8"])
+    latents_per_image = 32 * 32
+    assert updates == [2 * 2 * latents_per_image] * 2  # 2 steps, each 2 micro-batches of 2 images
+    metrics = json.loads((tmp_path / "vq" / "metrics.json").read_text())
+    assert 0 < metrics["brain_eval_images"] <= metrics["eval_images"]  # the brain-mask means say over how many
