@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:  # DataError, TrainingError, HubError are among these
         print(f"adni-diffusers {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was written so far stays
+        print(f"adni-diffusers {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

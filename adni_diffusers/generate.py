@@ -73,6 +73,12 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
                        "(bfloat16 was 30x slower on a 2-core AMD EPYC, docs/performance.md); float32 is the CPU's "
                        "fast path", name, name)
 
+    path = Path(model)
+    # a Hub repo id is "name" or "owner/name": anything else that is not a folder is a mistyped local path, which
+    # huggingface_hub would report as a malformed repo id
+    if not path.is_dir() and (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+                              or " " in model):
+        raise ValueError(f"--model {model}: no such folder (a saved pipeline folder, or a Hub repo id owner/name)")
     pipe = ADNILatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
     return pipe.to(device)
 

@@ -243,6 +243,29 @@ def _components_of(folder: Path, kind: str) -> list[str]:
     return []
 
 
+def _missing_model_files(folder: Path, kind: str) -> list[str]:
+    """What a pipeline or VQModel folder lacks to load (each component's config, each model's weights): a push
+    without them makes a repo nobody can load."""
+    if kind == "vqmodel":
+        components = ["vqvae"]
+    elif kind == "pipeline":
+        try:
+            components = _pipeline_components(json.loads((folder / "model_index.json").read_text()))
+        except (OSError, ValueError):
+            return ["a readable model_index.json"]
+    else:
+        return []
+    missing = []
+    for name in components:
+        configs = list((folder / name).glob("*config.json")) if (folder / name).is_dir() else []
+        if not configs:
+            missing.append(f"{name}/ (its config)")
+        elif configs[0].name == "config.json" and not any((folder / name).glob("*.safetensors")) \
+                and not any((folder / name).glob("*.bin")):
+            missing.append(f"{name}/ (its weights)")
+    return missing
+
+
 def _token_in_files(folder: Path, files: list[str], extra: dict[str, bytes], tokens: list[str | None]) -> str | None:
     """The first file (of those under TOKEN_SCAN_MAX_BYTES) that holds one of `tokens`, else None."""
     needles = [t.encode() for t in tokens if t and len(t) >= 8]
@@ -353,6 +376,10 @@ def push_folder(
     kind, files = select_upload_files(folder)
     if not files:
         raise HubError(f"cannot push {str(folder)!r}: it holds no model files")
+    missing = _missing_model_files(folder, kind)
+    if missing:
+        raise HubError(f"cannot push {str(folder)!r}: it lacks {', '.join(missing)}, so the pushed model would not "
+                       "load; push the complete folder the training script wrote")
 
     demo = is_demo_trained(folder) if trained_on_demo_data is None else trained_on_demo_data
     withheld = []

@@ -151,3 +151,24 @@ def test_generate_refuses_flags_it_would_ignore(tmp_path, capsys, argv, message)
     assert cli.main(["generate", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *argv]) == 2
     assert message in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("model", ["./nosuch", "/tmp/no such/ldm", "a/b/c"])
+def test_a_mistyped_model_folder_is_named_as_a_folder(model, tmp_path, capsys):
+    """A local path that does not exist was reported as a malformed Hub repo id."""
+    from adni_diffusers import cli
+
+    code = cli.main(["generate", "--model", model, "--out", str(tmp_path / "o"), "--num-images", "1", "--steps", "2"])
+    assert code == 2 and f"--model {model}: no such folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
+    from adni_diffusers import cli, generate
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "main", interrupted)
+    code = cli.main(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 130 and err.strip() == "adni-diffusers generate: interrupted"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import socket
 
 import numpy as np
@@ -344,6 +345,16 @@ def test_check_hub_arguments(hub_stub, tmp_path):
     with pytest.raises(SystemExit):
         _parse(["--hub_model_id", "user/bad--name"])
     assert hub_stub.requests == []  # all local
+
+
+@pytest.mark.parametrize("missing, named", [("unet/diffusion_pytorch_model.safetensors", "unet/ (its weights)"),
+                                           ("unet/config.json", "unet/ (its config)")])
+def test_a_pipeline_that_would_not_load_is_not_pushed(hub_stub, pipeline_dir, missing, named):
+    """A folder without a component's weights or config was pushed (exit 0): a repo nobody can load."""
+    (pipeline_dir / missing).unlink()
+    with pytest.raises(HubError, match=re.escape(f"it lacks {named}, so the pushed model would not load")):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert hub_stub.requests == []  # refused before any request
 
 
 @pytest.mark.parametrize("demo", [False, True])
