@@ -270,7 +270,6 @@ def main(args: argparse.Namespace) -> dict:
     result = {}
     if accelerator.is_main_process:
         final_unet = training.bare_model(accelerator, model)
-        final_unet = getattr(final_unet, "_orig_mod", final_unet)
         if ema is not None:
             ema.ema.copy_to(final_unet.parameters())
         final_unet.eval()  # the validation loss and the card's samples: no training-mode dropout
@@ -334,7 +333,6 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
     unet = training.bare_model(accelerator, run.model)
-    unet = getattr(unet, "_orig_mod", unet)
     if run.ema is not None:
         run.ema.ema.store(unet.parameters())
         run.ema.ema.copy_to(unet.parameters())

@@ -85,7 +85,9 @@ def main(args: argparse.Namespace) -> dict:
         disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=args.disc_learning_rate or args.learning_rate,
                                            betas=(0.5, 0.9))
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
-    vq = training.bare_model(accelerator, model).vq
+        bare_disc = training.bare_model(accelerator, disc)
+    bare = training.bare_model(accelerator, model)  # outside DDP: the VQModel to save, the GAN weight's last layer
+    vq = bare.vq
 
     def training_loss(m, x):
         """A step's loss without the GAN term, with the forward's output and the parts to log."""
@@ -134,8 +136,8 @@ def main(args: argparse.Namespace) -> dict:
             loss, out, logs = training_loss(model, x)
             gan_on = use_gan and run.global_step >= args.disc_start
             if gan_on:
-                g_loss = generator_gan_loss(training.bare_model(accelerator, disc), out.recon)
-                weight = adaptive_gan_weight(logs["rec_loss"], g_loss, training.bare_model(accelerator, model).last_layer(),
+                g_loss = generator_gan_loss(bare_disc, out.recon)
+                weight = adaptive_gan_weight(logs["rec_loss"], g_loss, bare.last_layer(),
                                              loss_scale=training.loss_scale(accelerator))
                 loss = loss + args.disc_weight * weight * g_loss
                 logs.update(g_loss=g_loss, gan_weight=weight)
