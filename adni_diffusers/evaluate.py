@@ -1033,7 +1033,8 @@ def evaluate_model(
     t = time.perf_counter()
     settings = {"epochs": feature_epochs, "seed": seed, "device": device, "progress": progress,
                 **(feature_settings or {})}
-    cache_dir = Path(feature_cache) if feature_cache else out.parent / "feature_net"
+    # beside the model whatever --out is: `counterfactual` looks for the same net there
+    cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"
     net, fn_report = get_or_train_feature_net(cache_dir, data.train, data.val, **settings)
     logger.info("feature net %s (%s); held-out accuracy %.3f", "reused" if fn_report["cached"] else "trained",
                 fn_report["path"], fn_report["val"]["accuracy"])
@@ -1281,7 +1282,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = parser.add_argument_group("measures")
-    g.add_argument("--feature-cache", default=None, help="feature-net cache folder (default: <out>/../feature_net)")
+    g.add_argument("--feature-cache", default=None, help="feature-net cache folder (default: <model>/feature_net, shared with counterfactual)")
     g.add_argument("--feature-epochs", type=positive_int, default=5, help="feature-net training epochs (real training split; default 5)")
     g.add_argument("--tstr-epochs", type=positive_int, default=10, help="epochs of the TSTR / TRTR classifiers (default 10)")
     g.add_argument("--diversity-pairs", type=positive_int, default=None,

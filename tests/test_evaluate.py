@@ -184,17 +184,19 @@ def test_refinement_in_the_seeds_units(model_copy):
 
 
 def test_cli_reuses_the_feature_net_and_writes_elsewhere(evaluated, model_copy, tmp_path, capsys):
+    """Another --out still finds the net beside the model (where `counterfactual` looks too)."""
     result, _ = evaluated
     out = tmp_path / "second"
     rc = cli.main(["evaluate", "--model", str(model_copy), "--out", str(out), "--num-samples", "2", "--steps", "2",
                    "--feature-epochs", "1", "--tstr-epochs", "1", "--diversity-pairs", "2", "--kid-subsets", "3",
-                   "--feature-cache", str(model_copy / "feature_net"), "--no-umap", "--device", "cpu"])
+                   "--no-umap", "--device", "cpu"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "reused from cache" in printed and FD_NAME in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["feature_net"]["cached"] is True
     assert metrics["feature_net"]["path"] == result["feature_net"]["path"]
+    assert not (tmp_path / "feature_net").exists()
     assert "reused from the cache" in (out / "report.md").read_text()
     assert not (out / "umap.png").exists() and (out / "samples_NC.png").is_file()
     assert "not re-rendered" in metrics.get("card", "not re-rendered")
