@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -210,17 +211,25 @@ class _Sampler:
         """Strength 0: decode(encode(x)), in [-1, 1] on CPU."""
         return (self.pipe.decode(self.pipe.encode(pixels), output_type="pt") * 2 - 1).float().cpu()
 
-    def __call__(self, pixels: torch.Tensor, label: str, strength: float, first_index: int = 0) -> torch.Tensor:
-        gens = [torch.Generator().manual_seed(self.seed + first_index + i) for i in range(len(pixels))]
+    def __call__(self, pixels: torch.Tensor, label: str, strength: float) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(slice_seed(self.seed, x)) for x in pixels]
         out = self.pipe(image=pixels, strength=strength, class_labels=label, guidance_scale=self.guidance,
                         num_inference_steps=self.steps, generator=gens, output_type="pt").images
         return (out * 2 - 1).float().cpu()
 
 
+def slice_seed(seed: int, pixels: torch.Tensor) -> int:
+    """The noise seed of one slice ((1, H, W) in [-1, 1]): `seed` and a checksum of its 8-bit pixels. A slice
+    gets the same counterfactual alone, in any list, at any batch size; the same pixels twice, the same result."""
+    from .data import to_uint8
+
+    return (seed * 1_000_003 + zlib.crc32(to_uint8(pixels).numpy().tobytes())) % 2**63
+
+
 @torch.no_grad()
 def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance: float = DEFAULT_GUIDANCE,
                          seed: int = 0, scheduler: str | None = None, steps: int | None = None,
-                         classifier=None, batch_size: int = 16, first_index: int = 0) -> list[dict]:
+                         classifier=None, batch_size: int = 16) -> list[dict]:
     """Counterfactuals of real slices toward class `to`, one dict per input image:
 
         {"original": (1, 256, 256) in [-1, 1] (padded as in training),
@@ -231,9 +240,9 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
              the classifier's probability of the target class)}
 
     `image`: what the pipeline's `prepare_slices` takes (PIL, numpy, tensors; 256x240 or 256x256),
-    or a SliceSet. Image i is re-noised with a generator seeded `seed + first_index + i` at every strength, so
-    the strengths differ only in how far the latent is noised (`first_index`: where these images stand in a
-    longer list made a part at a time). `scheduler` (ddpm / ddim / dpm++ /
+    or a SliceSet. Each image is re-noised with a generator seeded by `seed` and its own pixels (`slice_seed`) at
+    every strength, so the strengths differ only in how far the latent is noised, and an image's result does not
+    depend on the other images given with it. `scheduler` (ddpm / ddim / dpm++ /
     unipc) replaces the pipeline's scheduler for this call (restored afterwards); `steps` defaults to
     the scheduler's usual count. `classifier`: a `features.FeatureNet` whose class names include `to`.
     """
@@ -251,7 +260,7 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
             for i, r in enumerate(recon):
                 results[start + i]["reconstruction"] = r
             for s in strengths:
-                cf = sample(batch, target, s, first_index=first_index + start)
+                cf = sample(batch, target, s)
                 for i, c in enumerate(cf):
                     results[start + i]["counterfactuals"][s] = c
                     results[start + i]["denoising_steps"][s] = sample.denoising_steps(s)
@@ -540,7 +549,7 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
             _append(per[0.0], _per_image_stats(x, recon, recon, mask, border, _call(classifier, recon, col)))
             cfs = {}
             for s in strengths:
-                cf = sample(x, target, s, first_index=start)
+                cf = sample(x, target, s)
                 bar.update(len(x) * sample.denoising_steps(s))
                 _append(per[s], _per_image_stats(x, recon, cf, mask, border, _call(classifier, cf, col)))
                 d = (cf - recon)[:, 0].double()
@@ -548,7 +557,7 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
                 sum_abs[s] += d.abs().sum(0)
                 cfs[s] = cf
                 if control:
-                    same = sample(x, src, s, first_index=start)
+                    same = sample(x, src, s)
                     bar.update(len(x) * sample.denoising_steps(s))
                     control_flips[s].append(_call(classifier, same, col)["called"])
             if start <= example_index < start + len(x):
@@ -826,6 +835,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available)")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run's outputs in --out (otherwise refused)")
     parser.add_argument("--diff-against", default="reconstruction", choices=DIFF_REFERENCES,
                         help="difference maps show counterfactual minus this (default: the VQ reconstruction, so "
                              "the autoencoder's error is not shown as change)")
@@ -865,6 +876,27 @@ def _image_out_dirs(paths: list[Path], out: Path) -> list[Path]:
     return dirs
 
 
+# written at the top of --out (beside one folder per --image, each with a strip.png)
+TOP_OUTPUTS = ("counterfactuals.json", "tradeoff.json", "tradeoff.md", "tradeoff.png", "mean_difference.png",
+               "example_strip.png")
+
+
+def _earlier_outputs(out: Path, folders: list[Path]) -> list[Path]:
+    """What an earlier run left in `out`: its top-level files, the image folders its counterfactuals.json lists,
+    and the folders this run would write that already hold a strip. Nothing else in `out` is touched."""
+    if not out.is_dir():
+        return []
+    found = {out / name for name in TOP_OUTPUTS if (out / name).exists()}
+    try:
+        recorded = [Path(e["folder"]).name for e in json.loads((out / "counterfactuals.json").read_text())["images"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = []
+    for folder in [out / name for name in recorded if name not in ("", ".", "..")] + list(folders):
+        if (folder / "strip.png").is_file():
+            found.add(folder)
+    return sorted(found)
+
+
 def _load_classifier(args, data, device):
     from .features import get_or_train_feature_net, load_feature_net
 
@@ -885,7 +917,7 @@ def _load_classifier(args, data, device):
 
 
 def main(args: argparse.Namespace) -> int:
-    from .generate import load_pipeline
+    from .generate import earlier_outputs, load_pipeline, remove_outputs
 
     # everything that can be checked without the model, first
     if not args.image and not args.measure:
@@ -911,6 +943,9 @@ def main(args: argparse.Namespace) -> int:
     # prepared as training prepared its slices (pad or resize), not always padded
     preprocess = recorded_preprocess(model_records(args.model)) if image_paths else None
     images = [read_slice(p, preprocess) for p in image_paths]
+    out = Path(args.out)
+    folders = _image_out_dirs(image_paths, out)
+    earlier = earlier_outputs(out, _earlier_outputs(out, folders), args.overwrite)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or (128 if device.startswith("cuda") else 16)
@@ -918,7 +953,7 @@ def main(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     target = check_target(pipe, args.to)
     source = source_class(pipe, target, args.source) if args.measure else None
-    out = Path(args.out)
+    remove_outputs(earlier)
     out.mkdir(parents=True, exist_ok=True)
 
     # the classifier (P(target) in the titles, and the measurement): only when asked for
@@ -931,11 +966,10 @@ def main(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
                "scheduler": args.scheduler, "steps": args.steps or default_steps(args.scheduler), "seed": args.seed,
                "difference": f"counterfactual - {args.diff_against}", "preprocess": preprocess, "images": []}
-    folders = _image_out_dirs(image_paths, out)
     for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
         results = make_counterfactuals(pipe, torch.cat(images[first:first + batch_size]), target, strengths,
                                        args.guidance, args.seed, args.scheduler, args.steps, classifier=classifier,
-                                       batch_size=batch_size, first_index=first)
+                                       batch_size=batch_size)
         for path, folder, result in zip(image_paths[first:], folders[first:], results):
             files = write_counterfactual(result, folder, args.diff_against)
             entry = {"image": str(path), "folder": str(folder), "strip": files["strip"]}
@@ -988,6 +1022,7 @@ __all__ = [
     "recorded_preprocess",
     "save_difference_map",
     "save_strip",
+    "slice_seed",
     "tradeoff_markdown",
     "write_counterfactual",
     "write_tradeoff",

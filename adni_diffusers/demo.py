@@ -156,7 +156,7 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
         name = label or "samples"
         results[name] = generate(str(ldm_dir), out / "samples" / name, num_images=plan["num_images"],
                                  class_label=label, guidance=2.0 if label else 1.0, scheduler=scheduler, steps=steps,
-                                 seed=seed, device=device, gif=(i == 0), pipe=pipe)
+                                 seed=seed, device=device, gif=(i == 0), pipe=pipe, overwrite=True)
     timings["sampling_s"] = time.time() - t
     timings["total_s"] = time.time() - t0
     summary = {"data": str(data_dir), "vqmodel": str(vq_dir), "pipeline": str(ldm_dir),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,9 +43,34 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# what `generate` writes in --out; an earlier run's copies would read as this run's
+OUTPUTS = ("sample-*.png", "grid.png", "denoising.gif")
+
+
+def earlier_outputs(out: Path, found: list[Path], overwrite: bool) -> list[Path]:
+    """Refuse an --out that holds `found` (what an earlier run wrote there and this run would write too),
+    unless `overwrite`; returns what to remove once the model has loaded (a failed load keeps the old run)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if found and not overwrite:
+        raise FileExistsError(f"--out {out}: holds {len(found)} output(s) of an earlier run (e.g. {found[0].name}); "
+                              "pass --overwrite to replace them, or pick another folder")
+    return found
+
+
+def remove_outputs(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved pipeline folder or a Hub repo id")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run's samples, grid and GIF in --out (otherwise refused)")
     parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
@@ -114,8 +140,9 @@ class GifRecorder:
 def generate(model: str, out: str | Path, num_images: int = 16, class_label=None, guidance: float = 1.0,
              scheduler: str = "ddpm", steps: int | None = None, refine_steps: int = 0, refine_repeats: int = 0,
              seed: int = 0, batch_size: int | None = None, device: str | None = None, dtype: str = "float32",
-             gif: bool = False, pipe=None, compile: bool = False) -> dict:
-    """Sample `num_images` slices into `out`; returns the written paths."""
+             gif: bool = False, pipe=None, compile: bool = False, overwrite: bool = False) -> dict:
+    """Sample `num_images` slices into `out`; returns the written paths. An `out` that holds an earlier run's
+    outputs is refused unless `overwrite` (which removes them, and only them)."""
     from tqdm.auto import tqdm
 
     from .plots import save_image_grid
@@ -131,7 +158,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
                          "toward)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    found = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
+    earlier = earlier_outputs(out, found, overwrite)
     pipe = pipe or load_pipeline(model, device, getattr(torch, dtype))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if compile:  # in place (nn.Module.compile): the pipeline keeps its component types
@@ -139,6 +167,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         pipe.unet.compile(mode=mode)
         pipe.vqvae.decoder.compile(mode=mode)
     pipe.set_progress_bar_config(disable=True)
+    remove_outputs(earlier)
+    out.mkdir(parents=True, exist_ok=True)
     label = int(class_label) if isinstance(class_label, str) and class_label.isdigit() else class_label
 
     total_steps = steps + refine_repeats * refine_steps
@@ -179,7 +209,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 def main(args: argparse.Namespace) -> int:
     paths = generate(args.model, args.out, args.num_images, args.class_label, args.guidance, args.scheduler, args.steps,
                      args.refine_steps, args.refine_repeats, args.seed, args.batch_size, args.device, args.dtype,
-                     args.gif, compile=args.compile)
+                     args.gif, compile=args.compile, overwrite=args.overwrite)
     print(f"{len(paths['images'])} images in {args.out}; grid: {paths['grid']}" +
           (f"; animation: {paths['gif']}" if "gif" in paths else ""))
     return 0

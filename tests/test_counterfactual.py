@@ -99,18 +99,21 @@ def test_strengths_differ_same_seed_reproduces(pipe, nc_slice):
     # the reference is the VQ reconstruction (strength 0 of the pipeline)
     recon = pipe(image=image, strength=0.0, output_type="pt").images[0] * 2 - 1
     assert torch.allclose(a["reconstruction"], recon, atol=1e-5)
-    # an image's result does not depend on the other images in its batch (generator seed + index)
-    pair = C.make_counterfactuals(pipe, [image, image.transpose(PIL.Image.FLIP_LEFT_RIGHT)], seed=0,
-                                  classifier=random_classifier(), **kwargs)
-    assert torch.allclose(pair[0]["counterfactuals"][1.0], cf[1.0], atol=1e-5)
+    # an image's result does not depend on the other images given with it, nor on its place among them
+    flipped = image.transpose(PIL.Image.FLIP_LEFT_RIGHT)
+    pair = C.make_counterfactuals(pipe, [flipped, image, image], seed=0, classifier=random_classifier(), **kwargs)
+    assert torch.allclose(pair[1]["counterfactuals"][1.0], cf[1.0], atol=1e-5)
+    assert torch.equal(pair[1]["counterfactuals"][1.0], pair[2]["counterfactuals"][1.0])  # same pixels, same noise
+    assert not torch.allclose(pair[0]["counterfactuals"][1.0], cf[1.0])
     assert set(pair[1]["probabilities"]) == {"original", "reconstruction", 0.25, 1.0}
     assert all(0 <= p <= 1 for p in pair[1]["probabilities"].values())
 
 
-def test_cli_writes_each_batch_before_the_next_and_seeds_by_position(tiny_ldm, demo_root, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_cli_writes_each_batch_before_the_next_and_seeds_by_pixels(tiny_ldm, demo_root, tmp_path, capsys,
+                                                                   monkeypatch):
     """Three images at --batch-size 2: the first two are on disk when the last batch fails, and an image's
-    counterfactual is the one it gets in a single batch (seed + its position in the list)."""
+    counterfactual is the one it gets in a single batch, or alone (its noise is seeded by --seed and its pixels,
+    not by its place in the list)."""
     slices = sorted((demo_root / "test" / "NC").glob("*.jpeg"))[:3]
     args = ["--model", tiny_ldm, "--image", *slices, "--to", "AD", "--strength", "1.0", *STEPS]
     rc, err = run_cli([*args, "--out", tmp_path / "whole", "--batch-size", "4"], capsys)
@@ -119,7 +122,7 @@ def test_cli_writes_each_batch_before_the_next_and_seeds_by_position(tiny_ldm, d
     calls = []
 
     def fail_on_the_second_batch(*a, **k):
-        calls.append(k["first_index"])
+        calls.append(len(a[1]))
         if len(calls) == 2:
             raise RuntimeError("out of memory")
         return make(*a, **k)
@@ -129,13 +132,20 @@ def test_cli_writes_each_batch_before_the_next_and_seeds_by_position(tiny_ldm, d
     C.add_arguments(parser)
     with pytest.raises(RuntimeError, match="out of memory"):
         C.main(parser.parse_args([*map(str, args), "--out", str(tmp_path / "parts"), "--batch-size", "2"]))
-    assert calls == [0, 2]
+    assert calls == [2, 1]
     written = json.loads((tmp_path / "parts" / "counterfactuals.json").read_text())["images"]
     assert [e["image"] for e in written] == [str(p) for p in slices[:2]]
     for p in slices[:2]:
         part = np.asarray(PIL.Image.open(tmp_path / "parts" / p.stem / "counterfactual_s1.00.png"))
         whole = np.asarray(PIL.Image.open(tmp_path / "whole" / p.stem / "counterfactual_s1.00.png"))
         assert np.abs(part.astype(int) - whole).max() <= 1
+    monkeypatch.setattr(C, "make_counterfactuals", make)
+    rc, err = run_cli(["--model", tiny_ldm, "--image", slices[2], "--to", "AD", "--strength", "1.0", *STEPS,
+                       "--out", tmp_path / "alone"], capsys)
+    assert rc == 0, err
+    alone = np.asarray(PIL.Image.open(tmp_path / "alone" / slices[2].stem / "counterfactual_s1.00.png"))
+    whole = np.asarray(PIL.Image.open(tmp_path / "whole" / slices[2].stem / "counterfactual_s1.00.png"))
+    assert np.abs(alone.astype(int) - whole).max() <= 1
 
 
 def _unconditional_model(tiny_ldm, folder: Path) -> Path:
@@ -351,3 +361,21 @@ def test_check_strengths_and_target(pipe):
     with pytest.raises(ValueError, match="knows the classes"):
         C.make_counterfactuals(pipe, np.zeros((240, 256), np.uint8), "AD",
                                classifier=FeatureNet(2, class_names=["x", "y"]))
+
+
+def test_an_earlier_run_in_out_is_refused_unless_overwrite(tiny_ldm, demo_root, tmp_path, capsys):
+    """A second run into the same --out would leave the first run's image folders and files beside its own:
+    refused before the model loads; --overwrite removes what the earlier run wrote, and nothing else."""
+    slices = sorted((demo_root / "test" / "NC").glob("*.jpeg"))[:2]
+    out = tmp_path / "cf"
+    args = ["--model", tiny_ldm, "--to", "AD", "--strength", "1.0", *STEPS, "--out", out]
+    assert run_cli([*args, "--image", *slices], capsys)[0] == 0
+    (out / "mine").mkdir()
+    (out / "mine" / "notes.txt").write_text("kept")
+    rc, err = run_cli([*args, "--image", slices[1]], capsys)
+    assert rc == 2 and "holds 3 output(s) of an earlier run" in err and "--overwrite" in err
+    assert (out / slices[0].stem / "strip.png").is_file()  # untouched
+    rc, err = run_cli([*args, "--image", slices[1], "--overwrite"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(["counterfactuals.json", "mine", slices[1].stem])
+    assert [e["image"] for e in json.loads((out / "counterfactuals.json").read_text())["images"]] == [str(slices[1])]

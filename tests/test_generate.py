@@ -172,3 +172,25 @@ def test_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
     code = cli.main(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 130 and err.strip() == "adni-diffusers generate: interrupted"
+
+
+def test_an_earlier_run_in_out_is_refused_unless_overwrite(fresh_pipe, tmp_path, capsys):
+    """Old samples beside new ones would read as this run's: refused, or with --overwrite removed (only they)."""
+    from adni_diffusers import cli
+    from adni_diffusers.generate import generate
+
+    out = tmp_path / "out"
+    kwargs = dict(scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    generate("unused", out, num_images=3, gif=True, **kwargs)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match=r"holds 5 output\(s\) of an earlier run .*pass --overwrite"):
+        generate("unused", out, num_images=2, **kwargs)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
+    generate("unused", out, num_images=2, overwrite=True, **kwargs)
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "notes.txt", "sample-0000.png", "sample-0001.png"]
+    # the CLI names the flag; a model that fails to load leaves no new, empty folder behind
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--out", str(out), "--device", "cpu"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "new"), "--device", "cpu"]) == 2
+    assert "no such folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
