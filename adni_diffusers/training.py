@@ -952,18 +952,18 @@ class TrainingRun:
             return {}
         stacked = _stack_per_key(self._pending, self.accelerator.device)
         self._pending = []
-        # the mean over every process (each saw its own shard), so every process also sees the same NaN/inf
-        stacked = {k: self.accelerator.reduce(v, reduction="mean") for k, v in stacked.items()}
-        finite = bool(torch.stack([torch.isfinite(v).all() for v in stacked.values()]).all())
-        if not finite:
-            bad = [k for k, v in stacked.items() if not torch.isfinite(v).all()]
+        # each key's mean here, then the mean over every process (each saw its own shard) in one all-reduce, so
+        # every process sees the same NaN/inf; a NaN or inf in any step's value makes its mean non-finite
+        local_means = torch.stack([v.float().mean() for v in stacked.values()])
+        means = dict(zip(stacked, self.accelerator.reduce(local_means, reduction="mean").tolist()))
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
             where = self._last_good_checkpoint or "no checkpoint yet"
             raise TrainingError(
                 f"non-finite {', '.join(bad)} at step {self.global_step}: training stopped. The last good "
                 f"checkpoint is {where}. Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, "
                 "or a smaller --max_grad_norm."
             )
-        means = {k: v.mean().item() for k, v in stacked.items()}
         means["lr"] = self._current_lr()
         self.accelerator.log(means, step=self.global_step)
         self.progress.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k in ("loss", "lr", "rec_loss")})
