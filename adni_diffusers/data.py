@@ -20,6 +20,7 @@ Splits (`--split`):
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -192,13 +193,20 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     if not root.is_dir():
         raise DataError(f"{flag} {root}: not a folder (expected a folder of slice images)")
 
-    strangers = []
+    strangers, broken = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             p = Path(dirpath) / name
-            if not name.startswith(".") and not _is_image(p) and not _is_root_doc(p, root):
+            if name.startswith("."):
+                continue
+            if p.is_symlink() and not p.exists():  # else skipped as "not a file": a slice lost without a word
+                broken.append(p)
+            elif not _is_image(p) and not _is_root_doc(p, root):
                 strangers.append(p)
+    if broken:
+        raise DataError(f"{flag} {root}: {len(broken)} symbolic link(s) to files that do not exist (an unmounted "
+                        f"drive?): " + _listing(broken))
     if strangers:
         raise DataError(
             f"{flag} {root}: {len(strangers)} file(s) that are not images "
@@ -230,6 +238,11 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                 f"({_listing(loose)}); put every image in a class folder, or none"
             )
         if classes:
+            linked = [c for c in classes if c.is_symlink()]
+            if linked:  # datasets' file search does not enter them: their images would go unread
+                raise DataError(f"{linked[0]}: a class folder that is a symbolic link; datasets' imagefolder does "
+                                "not follow links below the split folders. Put the folder itself there, or link "
+                                "the data or split folder, or each image, instead")
             nested = [c for c in classes if _list_dir(c)[0]]
             if nested:
                 raise DataError(f"{nested[0]}: class folders must hold images, not further folders")
@@ -370,14 +383,16 @@ def load_slices(
     everything = SliceSet(pixels, labels, patients, [str(p) for p in paths], list(tree.class_names))
 
     if split == "given":
-        train_idx = [i for i, s in enumerate(splits) if s == "train"]
-        val_idx = [i for i, s in enumerate(splits) if s != "train"]
+        train_idx = [i for i, s in enumerate(splits) if s.lower() == "train"]  # Train/ as well (scan_tree keeps the name)
+        val_idx = [i for i, s in enumerate(splits) if s.lower() != "train"]
         if not train_idx:
             raise DataError(f"--split given: {root} has no train/ folder")
     elif split == "all":
         train_idx, val_idx = list(range(len(paths))), []
     else:
         train_idx, val_idx = split_by_patient(patients, labels.tolist(), val_fraction, seed)
+    if split != "all":  # asked for a hold-out: say where there is none (the metrics would be on training images)
+        _warn_about_missing_hold_out(split, root, tree.class_names, labels, patients, train_idx, val_idx)
     shared = shared_patients([patients[i] for i in train_idx], [patients[i] for i in val_idx])
     if shared:
         # Not an error: real prepared folders can overlap, and training on them must stay possible.
@@ -390,6 +405,22 @@ def load_slices(
         everything.subset(train_idx), everything.subset(val_idx), list(tree.class_names), split, str(root), preprocess,
         shared_patients=len(shared),
     )
+
+
+def _warn_about_missing_hold_out(split, root, class_names, labels, patients, train_idx, val_idx) -> None:
+    if not val_idx:
+        why = ("no held-out split folder beside train/" if split == "given"
+               else "no class has 2 or more patients (each class keeps one for training)")
+        logger.warning("--split %s: nothing is held out of %s (%s); held-out metrics will be measured on "
+                       "training images", split, root, why)
+        return
+    held = set(labels[val_idx].tolist())
+    for y, name in enumerate(class_names):
+        if y not in held and (labels == y).any():
+            n = len({patients[i] for i in train_idx if labels[i] == y})
+            logger.warning("--split %s: class %s has no held-out slices (%d patient(s)%s); the held-out metrics "
+                           "do not cover it", split, name, n,
+                           ", and a class keeps one for training" if split == "patient" else "")
 
 
 def patients_fingerprint(patients: list[str]) -> str:
@@ -412,13 +443,14 @@ def _index_with_datasets(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
     # takes split names from file names too (a file `test_3_1.jpeg` in a tree without split folders makes a
     # "test" split of that one file and drops the others), and reads train/ and test/ as class labels when
     # they hold images directly.
+    # Absolute patterns with the folder's own name escaped: datasets reads "[...]" in a path as a glob class
+    # ("ADNI [2023]" would match no file, or a sibling folder's).
+    base = glob.escape(str(root))
     if tree.has_splits:
-        data_files = {s: f"{s}/**" for s in sorted(set(tree.split_of.values()))}
+        data_files = {s: f"{base}/{glob.escape(s)}/**" for s in sorted(set(tree.split_of.values()))}
     else:
-        data_files = {"train": "**"}
-    ds = datasets.load_dataset(
-        "imagefolder", data_dir=str(root), data_files=data_files, drop_labels=not tree.class_names
-    )
+        data_files = {"train": f"{base}/**"}
+    ds = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=not tree.class_names)
     records = []
     for split_name, part in ds.items():
         part = part.cast_column("image", datasets.Image(decode=False))

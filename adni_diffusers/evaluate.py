@@ -130,7 +130,9 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
     if len(data.val) == 0:
         raise EvaluationError(
             f"{model_dir}: trained with --split {record['split']}: no patients were held out, so nothing "
-            "can be compared honestly (retrain with --split patient)"
+            "can be compared honestly (" + ("retrain with --split patient)" if record["split"] == "all" else
+                                            "--split patient holds out only classes with 2 or more patients, "
+                                            "--split given needs a test/ folder)")
         )
     record["matches_training"] = True
     for name, part in (("train", data.train), ("validation", data.val)):

@@ -71,7 +71,8 @@ def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int
 def eval_set_name(data: SliceData, split: str | None) -> str:
     """What the held-out metrics measured, in words for metrics.json and the model card."""
     if not len(data.val):
-        return "training images (no hold-out: --split all)"
+        return "training images (no hold-out: " + ("--split all)" if split == "all" else
+                                                  f"--split {split} found nothing to hold out)")
     if split == "given":  # the test folder may share patients with train/ (load_slices warns when it does)
         return "the given test folder (--split given)"
     return "validation (held-out patients)"

@@ -297,6 +297,74 @@ def test_split_words_in_file_names_do_not_split_or_drop_images(tmp_path):
     assert sorted(d.train.paths) == sorted(str(p.resolve()) for p in files)
 
 
+@pytest.mark.parametrize("folder", ["ADNI [2023]", "AD*NC?"])
+def test_glob_characters_in_the_data_path_are_taken_literally(tmp_path, folder):
+    """datasets reads the folder through glob patterns: "[2023]" was a character class that matched no file, or
+    (with a sibling "ADNI 2") another folder's images."""
+    root = tmp_path / folder
+    files = make_tree(root, patients=2, slices=1)
+    make_tree(tmp_path / "ADNI 2", patients=3, slices=1)
+    d = load_slices(root, split="given")
+    assert sorted(d.train.paths + d.val.paths) == sorted(str(p.resolve()) for p in files)
+
+
+def test_capitalised_split_folders_work_with_the_given_split(tmp_path):
+    root = tmp_path / "AD_NC"
+    make_tree(root, splits=("Train", "Test"), patients=2, slices=1)
+    d = load_slices(root, split="given")
+    assert len(d.train) == 4 and len(d.val) == 4
+    assert all(Path(p).parts[-3] == "Train" for p in d.train.paths)
+
+
+def test_a_class_folder_linked_elsewhere_is_refused_by_name(tmp_path):
+    """datasets does not enter a linked class folder: its images would go unread, with a message that gave no
+    reason. A linked data folder or a linked image is fine."""
+    root = image_tree(tmp_path)
+    (root / "train" / "NC").rename(tmp_path / "NC_elsewhere")
+    (root / "train" / "NC").symlink_to(tmp_path / "NC_elsewhere", target_is_directory=True)
+    msg = data_error(root)
+    assert "train/NC: a class folder that is a symbolic link" in msg
+    linked_root = tmp_path / "linked"
+    linked_root.symlink_to(image_tree(tmp_path / "second"), target_is_directory=True)
+    one = next((linked_root / "test" / "AD").glob("*.jpeg"))
+    one.rename(tmp_path / "one.jpeg")
+    one.symlink_to(tmp_path / "one.jpeg")
+    d = load_slices(linked_root, split="given")
+    assert len(d.train) == 4 and len(d.val) == 4
+
+
+def test_a_broken_link_is_named_not_skipped(tmp_path):
+    root = image_tree(tmp_path)
+    (root / "train" / "AD" / "999_1.jpeg").symlink_to(tmp_path / "on-an-unmounted-drive.jpeg")
+    msg = data_error(root)
+    assert "1 symbolic link(s) to files that do not exist" in msg and "999_1.jpeg" in msg
+
+
+def test_a_missing_hold_out_is_warned_about_and_named_in_the_eval_set(tmp_path, caplog):
+    """One patient per class under --split patient, or no test/ folder under --split given: nothing can be held
+    out; the run may go on, but says so, and the VQ metrics do not claim --split all."""
+    from adni_diffusers.vq_eval import eval_set_name
+
+    root = tmp_path / "one_each"
+    make_tree(root, splits=None, patients=1, slices=2)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        d = load_slices(root, split="patient")
+    assert len(d.val) == 0 and "--split patient: nothing is held out" in caplog.text
+    assert eval_set_name(d, "patient") == "training images (no hold-out: --split patient found nothing to hold out)"
+    assert eval_set_name(load_slices(root, split="all"), "all") == "training images (no hold-out: --split all)"
+    caplog.clear()
+    make_tree(tmp_path / "some", splits=None, classes=("NC",), patients=3, slices=1)
+    write(tmp_path / "some" / "AD" / "555_80.jpeg", slice_pixels(5))  # one AD patient
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        d = load_slices(tmp_path / "some", split="patient")
+    assert len(d.val) > 0 and "class AD has no held-out slices (1 patient(s)" in caplog.text
+    caplog.clear()
+    make_tree(tmp_path / "train_only", splits=("train",), patients=2, slices=1)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        d = load_slices(tmp_path / "train_only", split="given")
+    assert len(d.val) == 0 and "no held-out split folder beside train/" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
