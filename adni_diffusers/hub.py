@@ -43,6 +43,8 @@ IGNORE_PATTERNS = ["*__pycache__*", "*.pyc"]
 # Training by-products inside an output folder: never pushed with the model (select_upload_files).
 UNUPLOADED_DIRS = ("logs", "samples", "latent_cache", "trace", "__pycache__", ".git", ".cache")
 ALWAYS_SKIPPED_DIRS = ("__pycache__", ".git")
+# the demo's record of the command lines that made a stage (local paths; only `adni-diffusers demo` reads it)
+UNUPLOADED_FILES = ("demo_recipe.json",)
 CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-\d+(\.tmp)?$")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
 TOKEN_SCAN_MAX_BYTES = 32 * 2**20  # files up to this size are searched for the token before a push
@@ -185,6 +187,34 @@ def report_without_pictures(report: str, withheld: list[str]) -> str:
     return report
 
 
+def without_local_paths(record):
+    """A JSON record as pushed: every absolute path (the data folder, the output folder, the VQModel's) cut to
+    `<local>/<its last part>`. The card never shows where the data lies on your machine; nor do the records."""
+    if isinstance(record, dict):
+        return {k: without_local_paths(v) for k, v in record.items()}
+    if isinstance(record, list):
+        return [without_local_paths(v) for v in record]
+    if isinstance(record, str) and (record.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", record)):
+        return "<local>/" + re.split(r"[\\/]", record.rstrip("/\\"))[-1]
+    return record
+
+
+def _records_without_local_paths(folder: Path, files: list[str]) -> dict[str, bytes]:
+    """The pushed JSON records (top level and evaluation/, not the components' configs) that held local paths."""
+    out = {}
+    for rel in files:
+        if rel.endswith(".json") and (rel.count("/") == 0 or rel.startswith("evaluation/")) \
+                and rel != "model_index.json":
+            try:
+                record = json.loads((folder / rel).read_text())
+            except ValueError:
+                continue  # not ours to rewrite
+            cleaned = without_local_paths(record)
+            if cleaned != record:
+                out[rel] = (json.dumps(cleaned, indent=2) + "\n").encode()
+    return out
+
+
 def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
     """What a push of `folder` uploads: (kind, relative paths). Only the model, never training clutter.
 
@@ -208,8 +238,9 @@ def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
                                          for part in p.split("/")[:-1])]
 
     def top_level_extras(path: str) -> bool:
-        return "/" not in path and (Path(path).suffix.lower() in PICTURE_SUFFIXES + (".json",)
-                                    or path == "README.md" or path.split(".")[0].upper() in ("LICENSE", "NOTICE"))
+        return "/" not in path and path not in UNUPLOADED_FILES and (
+            Path(path).suffix.lower() in PICTURE_SUFFIXES + (".json",)
+            or path == "README.md" or path.split(".")[0].upper() in ("LICENSE", "NOTICE"))
 
     index_path = folder / "model_index.json"
     if index_path.is_file():
@@ -394,7 +425,7 @@ def push_folder(
         if token is None and stored is None:
             raise HubError(f"cannot push to {repo_id}: no Hugging Face token found; {LOGIN_HINT}")
         repo_id = _resolve_repo_id(repo_id, api, token)
-        extra: dict[str, bytes] = {}
+        extra: dict[str, bytes] = _records_without_local_paths(folder, files) if kind != "checkpoint" else {}
         if withheld and REPORT in files:  # the pushed report names the pictures left here, not broken images
             extra[REPORT] = report_without_pictures((folder / REPORT).read_text(), withheld).encode()
         if path_in_repo is None:

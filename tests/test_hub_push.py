@@ -263,6 +263,7 @@ CLUTTER = {  # training by-products in the same output folder: never pushed
     "samples/samples-000010.png": b"png", "latent_cache/train-abc.safetensors": b"z", "trace/rank-0.jsonl": b"{}",
     "evaluation/samples/big.npz": b"npz", "notes.txt": b"my notes", "other_script.py": b"print()",
     "__pycache__/pipeline_adni_ldm.cpython-311.pyc": b"pyc",
+    "demo_recipe.json": b'{"argv": ["--train_data_dir", "/home/me/data"]}',  # the demo's own record, local paths
 }
 
 
@@ -380,3 +381,25 @@ def test_pictures_of_real_slices_go_up_only_for_demo_models(hub_stub, pipeline_d
     if not demo:
         assert "`closest_pairs.png` is not on the Hub" in pushed_report
     assert (pipeline_dir / "evaluation" / "report.md").read_text() == report
+
+
+def test_pushed_records_hold_no_local_paths(hub_stub, tmp_path):
+    """training_args.json and training_data.json name the data and output folders; on the Hub only their last
+    part remains (as in the card). The local files are unchanged; the components' configs are not touched."""
+    args = {"train_data_dir": "/home/me/ADNI/AD_NC", "output_dir": "/scratch/me/ldm/", "vqmodel": "vq/vqvae",
+            "seed": 0, "argv": ["--train_data_dir", "/home/me/ADNI/AD_NC"]}
+    data = {"source": "user", "root": "/home/me/ADNI/AD_NC", "split": "patient"}
+    files = {**MODEL_FILES, "training_args.json": json.dumps(args).encode(),
+             "training_data.json": json.dumps(data).encode(),
+             "evaluation/metrics.json": json.dumps({"data": "/home/me/ADNI/AD_NC", "fd": 1.5}).encode()}
+    _write(tmp_path / "out", files)
+    push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+    pushed = hub_stub.repo_files(REPO)
+    assert "/home/me" not in b"".join(pushed.values()).decode(errors="replace")
+    assert json.loads(pushed["training_args.json"]) == {**args, "train_data_dir": "<local>/AD_NC",
+                                                         "output_dir": "<local>/ldm",
+                                                         "argv": ["--train_data_dir", "<local>/AD_NC"]}
+    assert json.loads(pushed["training_data.json"])["root"] == "<local>/AD_NC"
+    assert json.loads(pushed["evaluation/metrics.json"]) == {"data": "<local>/AD_NC", "fd": 1.5}
+    assert pushed["train_metrics.json"] == MODEL_FILES["train_metrics.json"]  # nothing to cut: pushed as it is
+    assert json.loads((tmp_path / "out" / "training_args.json").read_text()) == args

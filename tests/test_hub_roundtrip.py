@@ -81,7 +81,15 @@ def test_train_unet_push_to_hub_pushes_exactly_the_model(pushed_run):
     on_main = stub.repo_files(REPO)
     assert set(on_main) == PIPELINE_FILES
     local = _files(out)
-    assert all(on_main[p] == local[p] for p in PIPELINE_FILES)  # byte for byte, README.md included
+    from adni_diffusers.hub import without_local_paths
+
+    # byte for byte, README.md included; the JSON records with their local paths cut to the last part
+    records = {p for p in PIPELINE_FILES if p.endswith(".json") and "/" not in p and p != "model_index.json"}
+    assert all(on_main[p] == local[p] for p in PIPELINE_FILES - records)
+    for p in records:
+        assert json.loads(on_main[p]) == without_local_paths(json.loads(local[p]))
+    assert str(pushed_run["work"]) not in b"".join(on_main.values()).decode(errors="replace")
+    assert json.loads(on_main["training_args.json"])["output_dir"] == "<local>/tiny-ldm"
     assert stub.private(REPO)  # private by default
     assert len(stub.commits(REPO)) == 2  # the repo's initial commit + one push
     index = json.loads(on_main["model_index.json"])
