@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     g.add_argument("--loss", default="mse", choices=["mse", "smooth_l1"], help="smooth_l1 was the seed's")
     g.add_argument("--snr_gamma", type=float, default=None,
-                   help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value. Default: off")
+                   help="Min-SNR-gamma loss weighting (Hang et al. 2023, derived for --loss mse); 5.0 is the paper's "
+                        "value. Default: off")
     g.add_argument("--latent_cache_dir", default=None, help="default: <vqmodel>/latent_cache")
     g.add_argument("--latents_on_device", action="store_true",
                    help="keep the training latents on the GPU (ADNI's 30,520: 0.5 GB per process) and cut each batch "
@@ -174,6 +175,9 @@ def main(args: argparse.Namespace) -> dict:
     latent_shape = latent_shape_of(vq)
     class_names = folder_classes if args.conditional else None
     config.update(in_channels=latent_shape[0], out_channels=latent_shape[0], sample_size=latent_shape[-1])
+    if args.snr_gamma and args.loss != "mse" and accelerator.is_main_process:
+        logger.warning("--snr_gamma with --loss %s: the Min-SNR weights were derived for the MSE loss; they are "
+                       "applied to the %s loss as they are (not measured here)", args.loss, args.loss)
     if class_names:
         config["num_class_embeds"] = len(class_names) + 1  # the last one is "no label" (CFG)
         if args.cond_dropout == 0 and accelerator.is_main_process:

@@ -524,10 +524,13 @@ def test_class_conditional_config_without_conditional_is_refused(tmp_path, tiny_
     preset = _tiny_unet_json(tmp_path / "identity.json", class_embed_type="identity")
     code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir",
                            str(tmp_path / "o"), *TINY_UNET_ARGS, "--preset", preset, "--conditional",
-                           "--cond_dropout", "0", "--latent_cache_dir", str(tmp_path / "cache")])
+                           "--cond_dropout", "0", "--latent_cache_dir", str(tmp_path / "cache"),
+                           "--loss", "smooth_l1", "--snr_gamma", "5"])
     err = capsys.readouterr().err
     assert code == 2 and "sets class_embed_type 'identity'" in err, err
     assert "--cond_dropout 0: the 'no label' class is never trained" in caplog.text
+    # and Min-SNR weights (derived for MSE) on the seed's smooth L1 loss: applied, with a warning
+    assert "--snr_gamma with --loss smooth_l1: the Min-SNR weights were derived for the MSE loss" in caplog.text
     assert not (tmp_path / "cache").exists()
 
 
