@@ -1084,6 +1084,11 @@ def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path,
     return path
 
 
+# what a collective raises when a peer process has exited (gloo; NCCL when it notices instead of waiting out
+# --ddp_timeout)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
 def run_cli(script: str, parse_args, main, argv=None) -> int:
     """Parse, run, and turn a TrainingError into one line on stderr and exit status 2."""
     import sys
@@ -1093,6 +1098,14 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
     except TrainingError as e:
         print(f"{script}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # another process ended (its own error printed above) while this one waited in a collective: one line,
+        # not a 40-line traceback of the barrier that saw the connection close
+        rank = int(os.environ.get("RANK", "0"))
+        if rank > 0 and any(text in str(e) for text in PEER_GONE):
+            print(f"{script}: process {rank} stopped: another process ended (see its error above)", file=sys.stderr)
+            return 2
+        raise
     if result:
         print(json.dumps(result, indent=2))
     return 0

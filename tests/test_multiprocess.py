@@ -133,3 +133,25 @@ def test_checkpoint_waits_for_every_process_before_the_rename(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").glob("random_states_*.pkl")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_a_clean_failure_of_the_main_process_is_not_a_traceback_on_the_others(tmp_path):
+    """The main process alone builds the cache, evaluates and pushes: when that fails with a TrainingError (one
+    line), the process waiting at the barrier saw gloo's "Connection closed by peer" and printed a 40-line
+    traceback under it. Now it says in one line that another process ended."""
+    script = tmp_path / "fail_on_main.py"
+    script.write_text(
+        "import sys\n"
+        "from accelerate import Accelerator\n"
+        "from adni_diffusers import training\n"
+        "def main(args):\n"
+        "    accelerator = Accelerator()\n"
+        "    accelerator.wait_for_everyone()\n"
+        "    if accelerator.is_main_process:\n"
+        "        raise training.TrainingError('push failed: no network')\n"
+        "    accelerator.wait_for_everyone()\n"
+        "sys.exit(training.run_cli('fail_on_main.py', lambda argv: None, main))\n")
+    proc = launch(script, [], timeout=120)
+    assert proc.returncode != 0
+    assert "fail_on_main.py: error: push failed: no network" in proc.stderr
+    assert "[rank1]: Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
