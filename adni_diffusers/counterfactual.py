@@ -917,7 +917,7 @@ def _load_classifier(args, data, device):
 
 
 def main(args: argparse.Namespace) -> int:
-    from .generate import earlier_outputs, load_pipeline, remove_outputs
+    from .generate import check_out_folder, load_pipeline, remove_outputs
 
     # everything that can be checked without the model, first
     if not args.image and not args.measure:
@@ -945,7 +945,7 @@ def main(args: argparse.Namespace) -> int:
     images = [read_slice(p, preprocess) for p in image_paths]
     out = Path(args.out)
     folders = _image_out_dirs(image_paths, out)
-    earlier = earlier_outputs(out, _earlier_outputs(out, folders), args.overwrite)
+    earlier = check_out_folder(out, _earlier_outputs(out, folders), args.overwrite)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or (128 if device.startswith("cuda") else 16)

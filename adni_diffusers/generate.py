@@ -47,7 +47,7 @@ def non_negative_int(text: str) -> int:
 OUTPUTS = ("sample-*.png", "grid.png", "denoising.gif")
 
 
-def earlier_outputs(out: Path, found: list[Path], overwrite: bool) -> list[Path]:
+def check_out_folder(out: Path, found: list[Path], overwrite: bool) -> list[Path]:
     """Refuse an --out that holds `found` (what an earlier run wrote there and this run would write too),
     unless `overwrite`; returns what to remove once the model has loaded (a failed load keeps the old run)."""
     if out.exists() and not out.is_dir():
@@ -159,7 +159,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                          "toward)")
     out = Path(out)
     found = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
-    earlier = earlier_outputs(out, found, overwrite)
+    earlier = check_out_folder(out, found, overwrite)
     pipe = pipe or load_pipeline(model, device, getattr(torch, dtype))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if compile:  # in place (nn.Module.compile): the pipeline keeps its component types
