@@ -20,10 +20,13 @@ and is never replaced by a push.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("pipeline_card.md")
 CARD_FILE = "README.md"
@@ -341,9 +344,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "vq_scaling_factor": _fmt(vq.get("scaling_factor")),
         "scheduler_class": (index.get("scheduler") or [None, sched.get("_class_name", "?")])[1],
         "num_train_timesteps": sched.get("num_train_timesteps", "?"),
-        "beta_schedule": sched.get("beta_schedule", "?"),
-        "beta_start": _fmt(sched.get("beta_start")),
-        "beta_end": _fmt(sched.get("beta_end")),
+        "beta_text": _beta_text(sched),
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "arg_rows": _argument_rows(args),
         "train_steps": train.get("train_steps"),
@@ -354,6 +355,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "eval_rows": eval_rows,
         "eval_source": eval_source,
         "eval_report": "evaluation/report.md" if (d / "evaluation" / "report.md").is_file() else None,
+        "eval_report_contents": _report_contents(d),
+        "val_set_text": _val_set_text(data, args),
         "vq_rows": [(label, _fmt(vq_metrics[k])) for k, label in _VQ_METRICS if k in vq_metrics],
         "vq_eval_set": vq_metrics.get("eval_set"),
         "sample_grid": grid if (d / grid).is_file() else None,
@@ -366,6 +369,37 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     }
     ctx.update(_data_context(data, args, source))
     return ctx
+
+
+def _beta_text(sched: dict) -> str:
+    schedule = sched.get("beta_schedule", "?")
+    if schedule == "squaredcos_cap_v2":  # diffusers ignores beta_start / beta_end for it
+        return "cosine betas (`squaredcos_cap_v2`, Nichol & Dhariwal 2021)"
+    return f"{schedule} betas from {_fmt(sched.get('beta_start'))} to {_fmt(sched.get('beta_end'))}"
+
+
+def _val_set_text(data: dict, args: dict) -> str:
+    """What val_loss (train_unet.py) was measured on, in the split's own words."""
+    split = data.get("split") or args.get("split")
+    if split == "given":
+        return "the given test folder's latents" + (" (some of its patients are also in training)"
+                                                   if data.get("shared_patients") else "")
+    return "held-out patients' latents"
+
+
+def _report_contents(model_dir: Path) -> str:
+    """What evaluation/report.md holds besides the numbers, from its metrics.json (ablations and the UMAP are
+    optional, per-class tables come with class-conditional models)."""
+    metrics = _read_json(model_dir / "evaluation" / "metrics.json")
+    parts = ["each number beside its floor"]
+    if (metrics.get("model") or {}).get("conditional"):
+        parts.append("per-class tables")
+    if (metrics.get("settings") or {}).get("ablations"):
+        parts.append("ablations")
+    if (metrics.get("files") or {}).get("umap"):
+        parts.append("the UMAP")
+    parts.append("the memorisation check")
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def _pipeline_tags(ctx: dict) -> list[str]:
@@ -412,9 +446,9 @@ The first stage of an adni-diffusers latent diffusion model: a VQ-regularised au
 > **Research use only.** Not a medical device; not for diagnosis or any clinical decision.
 
 {% if reconstructions -%}
-![Held-out slices (top), their reconstructions (middle) and the absolute error (bottom)]({{ reconstructions }})
+![{{ recon_set[:1] | upper }}{{ recon_set[1:] }} (top), their reconstructions (middle) and the absolute error (bottom)]({{ reconstructions }})
 
-*Top: held-out slices; middle: reconstructions; bottom: absolute error (black = exact).*
+*Top: {{ recon_set }}; middle: reconstructions; bottom: absolute error (black = exact).*
 {% else -%}
 The reconstruction grid (`reconstructions.png` in the training output folder) shows real slices, so it is not
 part of this card or its repo.
@@ -503,6 +537,9 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
         "vq_scaling_factor": _fmt(vq.get("scaling_factor")),
         "vq_rows": [(label, _fmt(metrics[k])) for k, label in _VQ_METRICS if k in metrics],
         "vq_eval_set": metrics.get("eval_set"),
+        # the grid shows the first slices of the set the metrics measured (vq_eval.evaluate_and_save)
+        "recon_set": ("training slices (nothing was held out)"
+                      if str(metrics.get("eval_set", "")).startswith("training images") else "held-out slices"),
         # real slices: shown only for demo models (a push of any other leaves the picture out, hub.py)
         "reconstructions": "reconstructions.png" if (d / "reconstructions.png").is_file() and source == "demo"
         else None,
@@ -571,12 +608,17 @@ def write_model_card(output_dir, pipe=None, args=None, data_source: str | None =
     """Render the card of the model saved in `output_dir` and write `output_dir/README.md`.
 
     Called at the end of train_unet.py (and train_vqmodel.py, with `pipe=None`). `pipe` is not needed
-    (everything is read from the saved files); `args` gives the repo id (--hub_model_id).
+    (everything is read from the saved files); `args` gives the repo id (--hub_model_id). A README.md without
+    the marker line is the user's own: left as it is.
     """
     output_dir = Path(output_dir)
+    path = output_dir / CARD_FILE
+    if path.is_file() and not is_generated_card(path.read_text(encoding="utf-8", errors="replace")):
+        logger.warning("%s has no adni-diffusers marker line: it is your own card, left as it is (delete it to "
+                       "get a generated one)", path)
+        return path
     repo_id = getattr(args, "hub_model_id", None) if args is not None else None
     text = render_model_card(output_dir, repo_id=repo_id, data_source=data_source,
                              sample_grid=Path(sample_grid).name if sample_grid else None)
-    path = output_dir / CARD_FILE
     path.write_text(text, encoding="utf-8")
     return path

@@ -185,7 +185,13 @@ def test_card_states_the_split_seed_and_shared_patients(ldm):
     data = json.loads(data_path.read_text())
     data.update(split="given", shared_patients=3)
     data_path.write_text(json.dumps(data))
-    assert "3 patients have slices on both sides" in render_model_card(ldm)
+    metrics = json.loads((ldm / "train_metrics.json").read_text())
+    (ldm / "train_metrics.json").write_text(json.dumps({**metrics, "val_loss": 0.125}))
+    text = render_model_card(ldm)
+    assert "3 patients have slices on both sides" in text
+    # val_loss was measured on that test folder, not on "held-out patients"
+    assert "(MSE on the given test folder's latents (some of its patients are also in training)" in text
+    assert "held-out patients' latents" not in text
 
 
 def test_vq_card_states_the_latent_shape_of_its_config(tiny_vq, tmp_path):
@@ -209,3 +215,39 @@ def test_vq_card_without_a_hold_out_does_not_call_its_images_held_out(tiny_vq, t
     text = render_model_card(vq)
     assert "Measured on training images (no hold-out: --split all):" in text
     assert f"| images measured | {metrics['eval_images']} |" in text and "held-out images" not in text
+    # the reconstruction grid shows those training slices too
+    assert "![Training slices (nothing was held out) (top)" in text and "held-out slices" not in text.lower()
+
+
+def test_cosine_betas_are_not_given_a_range_they_do_not_have(ldm):
+    """diffusers ignores beta_start / beta_end for squaredcos_cap_v2: the card printed 1e-4 to 0.02 anyway."""
+    assert "linear betas from 0.0001 to 0.02" in render_model_card(ldm)
+    path = ldm / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "beta_schedule": "squaredcos_cap_v2"}))
+    text = render_model_card(ldm)
+    assert "cosine betas (`squaredcos_cap_v2`, Nichol & Dhariwal 2021)" in text and "betas from" not in text
+
+
+def test_the_report_is_described_by_what_it_holds(ldm):
+    """Ablations (--ablations) and the UMAP (--no-umap) are optional: the card named them always."""
+    (ldm / "evaluation").mkdir()
+    (ldm / "evaluation" / "report.md").write_text("# Evaluation\n")
+    metrics = {"fd": 1.5, "model": {"conditional": True}, "settings": {"ablations": False}, "files": {}}
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+    text = render_model_card(ldm)
+    assert "Each number beside its floor, per-class tables and the memorisation check:" in text
+    metrics.update(settings={"ablations": True}, files={"umap": "umap.png"})
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+    text = render_model_card(ldm)
+    assert "Each number beside its floor, per-class tables, ablations, the UMAP and the memorisation check:" in text
+
+
+def test_write_model_card_keeps_a_card_without_the_marker(ldm, caplog):
+    """The marker line says "Delete this line to keep hand edits": the end of a (resumed) training run rewrote
+    such a README all the same."""
+    write_model_card(ldm)
+    own = (ldm / "README.md").read_text().replace(CARD_MARKER, "<!-- mine") + "\nMy notes.\n"
+    (ldm / "README.md").write_text(own)
+    with caplog.at_level("WARNING", logger="adni_diffusers.model_card"):
+        assert write_model_card(ldm) == ldm / "README.md"
+    assert (ldm / "README.md").read_text() == own and "it is your own card, left as it is" in caplog.text
