@@ -169,11 +169,24 @@ def _walk(folder: Path) -> list[str]:
     return sorted(found)
 
 
-# pictures that show real training or held-out slices: pushed only for models trained on the demo set
-REAL_SLICE_PICTURES = ("reconstructions.png", "evaluation/closest_pairs.png")
+# pictures that show real training or held-out slices, by name wherever they lie (`evaluate --out` and
+# `counterfactual --out` may be the model folder itself): pushed only where they show the demo set
+REAL_SLICE_PICTURES = ("reconstructions.png", "closest_pairs.png", "example_strip.png", "mean_difference.png")
 
 
-REPORT = "evaluation/report.md"
+def shows_real_slices(folder: Path, rel: str, demo: bool) -> bool:
+    """Whether the picture `rel` of `folder` shows real slices: any of REAL_SLICE_PICTURES of a model not
+    trained on the demo set, and of a demo model those of an evaluation run on other data (its metrics.json
+    says so)."""
+    if Path(rel).name not in REAL_SLICE_PICTURES:
+        return False
+    if not demo:
+        return True
+    try:
+        record = json.loads((folder / rel).parent.joinpath("metrics.json").read_text())
+        return (record.get("data") or {}).get("data_source_is_demo") is False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def report_without_pictures(report: str, withheld: list[str]) -> str:
@@ -197,6 +210,12 @@ def without_local_paths(record):
     if isinstance(record, str) and (record.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", record)):
         return "<local>/" + re.split(r"[\\/]", record.rstrip("/\\"))[-1]
     return record
+
+
+def text_without_local_paths(text: str) -> str:
+    """Markdown as pushed: each `back-quoted` absolute path (evaluate's report names the model and data folders)
+    cut to `<local>/<its last part>`."""
+    return re.sub(r"`((?:/|~|[A-Za-z]:[\\/])[^`\n]*)`", lambda m: f"`{without_local_paths(m.group(1))}`", text)
 
 
 def _records_without_local_paths(folder: Path, files: list[str]) -> dict[str, bytes]:
@@ -413,21 +432,24 @@ def push_folder(
                        "load; push the complete folder the training script wrote")
 
     demo = is_demo_trained(folder) if trained_on_demo_data is None else trained_on_demo_data
-    withheld = []
-    if not demo:  # pictures of real (ADNI) slices are the data itself: never uploaded, even to a private repo
-        withheld = [p for p in files if p in REAL_SLICE_PICTURES]
-        if withheld:
-            logger.warning("not pushing %s: %s real slices (ADNI's data use agreement)", ", ".join(withheld),
-                           "they show" if len(withheld) > 1 else "it shows")
-            files = [p for p in files if p not in REAL_SLICE_PICTURES]
+    # pictures of real (ADNI) slices are the data itself: never uploaded, even to a private repo
+    withheld = [p for p in files if shows_real_slices(folder, p, demo)]
+    if withheld:
+        logger.warning("not pushing %s: %s real slices (ADNI's data use agreement)", ", ".join(withheld),
+                       "they show" if len(withheld) > 1 else "it shows")
+        files = [p for p in files if p not in withheld]
     try:
         repo_id = _resolve_repo_id(repo_id, api, token, check_only=True)
         if token is None and stored is None:
             raise HubError(f"cannot push to {repo_id}: no Hugging Face token found; {LOGIN_HINT}")
         repo_id = _resolve_repo_id(repo_id, api, token)
         extra: dict[str, bytes] = _records_without_local_paths(folder, files) if kind != "checkpoint" else {}
-        if withheld and REPORT in files:  # the pushed report names the pictures left here, not broken images
-            extra[REPORT] = report_without_pictures((folder / REPORT).read_text(), withheld).encode()
+        for rel in files:  # the pushed reports: no local paths, and a note where a withheld picture was
+            if rel.endswith(".md") and rel != "README.md" and kind != "checkpoint":
+                text = report_without_pictures((folder / rel).read_text(encoding="utf-8"), withheld)
+                text = text_without_local_paths(text)
+                if text != (folder / rel).read_text(encoding="utf-8"):
+                    extra[rel] = text.encode()
         if path_in_repo is None:
             card = _card_for_push(folder, kind, files, repo_id)
             if card is not None:

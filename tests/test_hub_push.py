@@ -403,3 +403,28 @@ def test_pushed_records_hold_no_local_paths(hub_stub, tmp_path):
     assert json.loads(pushed["evaluation/metrics.json"]) == {"data": "<local>/AD_NC", "fd": 1.5}
     assert pushed["train_metrics.json"] == MODEL_FILES["train_metrics.json"]  # nothing to cut: pushed as it is
     assert json.loads((tmp_path / "out" / "training_args.json").read_text()) == args
+
+
+def test_real_slice_pictures_are_withheld_wherever_they_lie_and_whoever_evaluated(hub_stub, pipeline_dir):
+    """`evaluate --out <model>` puts closest_pairs.png at the top; a demo model evaluated on real data (--data-dir)
+    has real slices in its evaluation pictures: both went up. The pushed report names no local folder."""
+    (pipeline_dir / "closest_pairs.png").write_bytes(b"png")  # evaluate --out <the model folder>
+    push_folder(pipeline_dir, REPO, token=hub_stub.token, trained_on_demo_data=False)
+    assert "closest_pairs.png" not in hub_stub.repo_files(REPO)
+    (pipeline_dir / "evaluation").mkdir()
+    (pipeline_dir / "evaluation" / "closest_pairs.png").write_bytes(b"png")
+    (pipeline_dir / "evaluation" / "report.md").write_text(
+        f"# Evaluation of `{pipeline_dir}`\n\nReal data: `/home/alice/ADNI/AD_NC`\n\n![pairs](closest_pairs.png)\n")
+    metrics = {"fd": 1.0, "data": {"data_source_is_demo": False}}  # a demo model, measured on other data
+    (pipeline_dir / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+    push_folder(pipeline_dir, REPO, token=hub_stub.token, trained_on_demo_data=True)
+    pushed = hub_stub.repo_files(REPO)
+    assert "evaluation/closest_pairs.png" not in pushed and "closest_pairs.png" in pushed  # top one: demo data
+    report = pushed["evaluation/report.md"].decode()
+    assert "# Evaluation of `<local>/" in report and "Real data: `<local>/AD_NC`" in report
+    assert str(pipeline_dir) not in report and "/home/alice" not in report
+    assert "`closest_pairs.png` is not on the Hub" in report
+    metrics["data"]["data_source_is_demo"] = True  # evaluated on the demo set: its pictures may go up
+    (pipeline_dir / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+    push_folder(pipeline_dir, REPO, token=hub_stub.token, trained_on_demo_data=True)
+    assert "evaluation/closest_pairs.png" in hub_stub.repo_files(REPO)
