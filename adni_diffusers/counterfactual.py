@@ -908,11 +908,13 @@ def _load_classifier(args, data, device):
         from .features import evaluate_feature_net
 
         return net, {"path": args.classifier, "val": evaluate_feature_net(net, data.val) if len(data.val) else None}
-    # Seed 0 and the default recipe, as `adni-diffusers evaluate` (default --seed 0) trains it: the cache is
-    # keyed on the data and these settings, so both commands share one net.
+    # The seed and the default recipe `adni-diffusers evaluate` trains it with: the cache is keyed on the data and
+    # these settings, so both commands share one net.
+    from .evaluate import FEATURE_NET_SEED
+
     cache = args.feature_net_cache or str(Path(args.model) / "feature_net")
-    net, report = get_or_train_feature_net(cache, data.train, data.val, epochs=args.feature_epochs, seed=0,
-                                           device=device, progress=False)
+    net, report = get_or_train_feature_net(cache, data.train, data.val, epochs=args.feature_epochs,
+                                           seed=FEATURE_NET_SEED, device=device, progress=False)
     return net, report
 
 

@@ -276,6 +276,8 @@ def kid(
     size = min(subset_size, len(a), len(b))
     if size < 2:
         raise ValueError("KID needs at least 2 rows in each set")
+    if size == len(a) == len(b):  # every "random subset" is the whole set: one computation gives them all
+        subsets = 1
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         metric = KernelInceptionDistance(feature=PrecomputedFeatures(a.shape[1]), subsets=subsets, subset_size=size)

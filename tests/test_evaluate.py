@@ -3,6 +3,7 @@ floors beside the numbers, the feature-net cache, the ablation table, and proper
 CPU, tiny N (4 images per class), one-epoch nets; the pictures are noise and the numbers meaningless."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,11 @@ def test_held_out_is_the_training_split_and_floors_stand_beside_numbers(evaluate
     assert len(mem["features"]["generated_distance"]) == 8
     assert len(mem["features"]["heldout_distance"]) == metrics["data"]["validation"]["images"]
     assert 0 <= mem["pixels"]["closer_than_heldout_percentile"] <= 1
+    # the floor of that row is measured: below 20 held-out slices it is 1/N, not the nominal 5%
+    for space in ("features", "pixels"):
+        hd = torch.tensor(mem[space]["heldout_distance"])
+        share = float((hd < mem[space]["heldout_percentile_distance"]).double().mean())
+        assert mem[space]["heldout_below_percentile"] == pytest.approx(share)
     # the reference went through the same VQ decoder as the samples; the plain held-out numbers stand beside it
     assert mem["reference"] == "held-out real slices after the VQ round trip"
     for space in ("features", "pixels"):
@@ -184,12 +190,13 @@ def test_refinement_in_the_seeds_units(model_copy):
 
 
 def test_cli_reuses_the_feature_net_and_writes_elsewhere(evaluated, model_copy, tmp_path, capsys):
-    """Another --out still finds the net beside the model (where `counterfactual` looks too)."""
+    """Another --out still finds the net beside the model (where `counterfactual` looks too); another --seed draws
+    other samples but measures them with the same net (every --seed trained a net of its own before)."""
     result, _ = evaluated
     out = tmp_path / "second"
     rc = cli.main(["evaluate", "--model", str(model_copy), "--out", str(out), "--num-samples", "2", "--steps", "2",
                    "--feature-epochs", "1", "--tstr-epochs", "1", "--diversity-pairs", "2", "--kid-subsets", "3",
-                   "--no-umap", "--device", "cpu"])
+                   "--no-umap", "--device", "cpu", "--seed", "1"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "reused from cache" in printed and FD_NAME in printed
@@ -339,6 +346,17 @@ def test_count_flags_are_refused_when_parsed(flag, value, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", flag, value])
     assert flag in capsys.readouterr().err
+
+
+def test_diversity_means_cover_the_same_classes():
+    """A class without real pairs (one held-out patient) was in the generated mean alone."""
+    generated = {"mean": 0.652, "per_class": {"AD": {"mean": 0.304}, "NC": {"mean": 1.0}}}
+    real = {"mean": 0.304, "per_class": {"AD": {"mean": 0.304}}}
+    E.same_classes(generated, real)
+    assert generated["mean"] == real["mean"] == pytest.approx(0.304) and generated["classes"] == ["AD"]
+    lone = {"mean": 0.5, "per_class": {"AD": {"mean": 0.5}}}
+    E.same_classes(lone, {"mean": math.nan, "per_class": {}})  # nothing to compare with: left as it is
+    assert lone["mean"] == 0.5
 
 
 def test_feature_net_refuses_zero_epochs(demo_root):

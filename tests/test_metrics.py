@@ -70,6 +70,11 @@ def test_kid_lowers_subset_size_for_small_sets():
     a = _features(50)
     out = M.kid(a, a + 1, subset_size=1000, subsets=3)
     assert out["subset_size"] == 50
+    # every subset of both sets is then the whole set: computed once (it was computed `subsets` times, same value)
+    assert out["subsets"] == 1 and out["std"] == 0.0
+    assert out["mean"] == pytest.approx(M.kid(a, a + 1, subset_size=50, subsets=1)["mean"])
+    # one set larger: its subsets differ, so they are drawn
+    assert M.kid(a, _features(80, seed=1), subset_size=1000, subsets=3)["subsets"] == 3
 
 
 def test_torchmetrics_feature_module_rejects_wrong_width():
