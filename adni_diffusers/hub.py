@@ -356,7 +356,7 @@ def is_generated_card_file(path: Path) -> bool:
     from .model_card import is_generated_card
 
     try:
-        return is_generated_card(Path(path).read_text(encoding="utf-8", errors="replace")[:4096])
+        return is_generated_card(Path(path).read_text(encoding="utf-8", errors="replace"))  # as write_model_card reads it
     except OSError:
         return False
 
