@@ -55,6 +55,7 @@ DIFF_CMAP = "RdBu_r"  # blue = darker (negative), red = brighter (positive), whi
 # white matter ~0.8, median ~0.67, so 0.6 * median ~0.4 separates CSF from grey matter.
 CSF_FRACTION_OF_MEDIAN = 0.6
 CSF_BORDER_PX = 3
+FEATURE_EPOCHS = 5  # the evaluation classifier's default recipe (adni-diffusers evaluate --feature-epochs)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -63,7 +64,7 @@ CSF_BORDER_PX = 3
 def check_strengths(strengths, steps: int | None = None) -> list[float]:
     """Strengths as floats in (0, 1], in the order given, without repeats. With `steps`, each must
     also select at least one denoising step (the pipeline runs round(steps * strength) of them)."""
-    out = []
+    out, tags = [], {}
     for s in strengths:
         s = float(s)
         if not (0.0 < s <= 1.0) or math.isnan(s):
@@ -71,7 +72,11 @@ def check_strengths(strengths, steps: int | None = None) -> list[float]:
                              "which is always shown; 1 starts from pure noise)")
         if steps is not None and round(steps * s) < 1:
             raise ValueError(f"--strength {s:g} with --steps {steps} runs no denoising step; "
-                             f"use a strength of at least {0.5 / steps:.3g} or more steps")
+                             f"use a strength of at least {1 / steps:.3g} or more steps")
+        tag = f"{s:.2f}"  # the files' names (counterfactual_s0.40.png) and the tables' labels
+        if tags.setdefault(tag, s) != s:
+            raise ValueError(f"--strength {tags[tag]:g} and {s:g} would both be written as s{tag}: give strengths "
+                             "that differ in the first two decimals")
         if s not in out:
             out.append(s)
     if not out:
@@ -775,19 +780,20 @@ def _jsonable(x):
     return str(x)
 
 
-def write_tradeoff(result: dict, out_dir) -> dict:
+def write_tradeoff(result: dict, out_dir, reference: str = "reconstruction") -> dict:
     """tradeoff.json (everything but the maps), tradeoff.md, tradeoff.png, mean_difference.png and,
-    when the result has one, example_strip.png."""
+    when the result has one, example_strip.png (its difference maps against `reference`, as --diff-against)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / "tradeoff.json"), "markdown": str(out / "tradeoff.md"),
              "plot": str(plot_tradeoff(result, out / "tradeoff.png")),
              "mean_difference": str(plot_mean_difference(result, out / "mean_difference.png"))}
     if result.get("example") is not None:
-        files["example_strip"] = str(save_strip(result["example"], out / "example_strip.png"))
+        files["example_strip"] = str(save_strip(result["example"], out / "example_strip.png", reference))
     (out / "tradeoff.md").write_text(tradeoff_markdown(result))
     public = {k: v for k, v in result.items() if k not in ("maps", "mean_original", "example")}
     public["files"] = files
+    public["example_strip_difference"] = f"counterfactual - {reference}"
     (out / "tradeoff.json").write_text(json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n")
     return files
 
@@ -861,7 +867,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--feature-net-cache", default=None,
                    help="cache folder for the evaluation classifier (default: <model>/feature_net, the one "
                         "`adni-diffusers evaluate` uses by default: same data and settings reuse the same net)")
-    m.add_argument("--feature-epochs", type=int, default=5, help="epochs for the classifier when it is trained (default 5)")
+    m.add_argument("--feature-epochs", type=int, default=None,
+                   help=f"epochs for the classifier when it is trained (default {FEATURE_EPOCHS})")
 
 
 def _image_out_dirs(paths: list[Path], out: Path) -> list[Path]:
@@ -913,8 +920,9 @@ def _load_classifier(args, data, device):
     from .evaluate import FEATURE_NET_SEED
 
     cache = args.feature_net_cache or str(Path(args.model) / "feature_net")
-    net, report = get_or_train_feature_net(cache, data.train, data.val, epochs=args.feature_epochs,
-                                           seed=FEATURE_NET_SEED, device=device, progress=False)
+    epochs = args.feature_epochs or FEATURE_EPOCHS
+    net, report = get_or_train_feature_net(cache, data.train, data.val, epochs=epochs, seed=FEATURE_NET_SEED,
+                                           device=device, progress=False)
     return net, report
 
 
@@ -934,13 +942,19 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-images {args.max_images}: expected at least 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: expected at least 1")
-    if args.feature_epochs < 1:  # 0 epochs: an untrained classifier would make the calls
+    if args.feature_epochs is not None and args.feature_epochs < 1:  # an untrained classifier would make the calls
         raise ValueError(f"--feature-epochs {args.feature_epochs}: expected at least 1")
     if not args.measure:  # these only change the measurement
         given = [flag for flag, value in (("--from", args.source), ("--max-images", args.max_images),
                                           ("--control", args.control)) if value not in (None, False)]
         if given:
             raise ValueError(f"{', '.join(given)} only apply{'' if len(given) > 1 else 's'} to --measure")
+    if not (args.measure or args.classify or args.classifier):  # these only find or train the classifier
+        given = [flag for flag, value in (("--data-dir", args.data_dir), ("--feature-epochs", args.feature_epochs),
+                                          ("--feature-net-cache", args.feature_net_cache)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply{'' if len(given) > 1 else 's'} with --measure, "
+                             "--classify or --classifier")
     image_paths = [Path(p) for p in args.image or []]
     # prepared as training prepared its slices (pad or resize), not always padded
     preprocess = recorded_preprocess(model_records(args.model)) if image_paths else None
@@ -991,7 +1005,7 @@ def main(args: argparse.Namespace) -> int:
         rows = (data.val.labels == src_idx).nonzero().flatten()
         if len(rows) == 0:
             raise ValueError(f"no held-out {source} slices in {data.root} (split {data.split})")
-        if args.max_images and args.max_images < len(rows):  # evenly spread over the held-out patients
+        if args.max_images and args.max_images < len(rows):  # evenly spread over the held-out slices (in path order)
             rows = rows[torch.linspace(0, len(rows) - 1, args.max_images).round().long().unique()]
         held = data.val.subset(rows)
         val = (report or {}).get("val") or {}
@@ -1004,7 +1018,7 @@ def main(args: argparse.Namespace) -> int:
         result["classifier"].update({"val_accuracy": val.get("accuracy"),
                                      "val_patient_accuracy": val.get("patient_accuracy"),
                                      "path": (report or {}).get("path")})
-        files = write_tradeoff(result, out)
+        files = write_tradeoff(result, out, args.diff_against)
         print(tradeoff_markdown(result))
         print(f"trade-off: {files['plot']}, table: {files['markdown']}, mean difference: {files['mean_difference']}")
     return 0

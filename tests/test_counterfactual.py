@@ -189,7 +189,10 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
         (["--image", nc_slice, "--to", "AD", "--strength", "0"], ["--strength 0", "(0, 1]"]),
         (["--image", nc_slice, "--to", "AD", "--strength", "0.5", "1.5"], ["--strength 1.5", "(0, 1]"]),
         (["--image", nc_slice, "--to", "AD", "--strength", "0.05"], ["--strength 0.05 with --steps 4",
-                                                                      "no denoising step"]),
+                                                                      "no denoising step", "at least 0.25"]),
+        # two strengths that would share one file name (counterfactual_s0.40.png) and one table label
+        (["--image", nc_slice, "--to", "AD", "--strength", "0.401", "0.404"],
+         ["--strength 0.401 and 0.404 would both be written as s0.40"]),
         (["--to", "AD"], ["--image", "--measure"]),
         (["--measure", "--to", "AD", "--data-dir", tmp_path / "moved"], ["moved", "does not exist"]),
         (["--measure", "--to", "AD", "--classifier", tmp_path], ["--classifier", "config.json"]),
@@ -199,6 +202,8 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
         # measurement flags without --measure were ignored
         (["--image", nc_slice, "--to", "AD", "--control", "--from", "NC"],
          ["--from, --control only apply to --measure"]),
+        (["--image", nc_slice, "--to", "AD", "--data-dir", tmp_path, "--feature-epochs", "3"],
+         ["--data-dir, --feature-epochs only apply with --measure, --classify or --classifier"]),
     ]
     for argv, expected in cases:
         rc, err = run_cli(base + argv, capsys)
@@ -312,9 +317,10 @@ def test_cli_measure_uses_held_out_slices_of_the_source_class(tiny_ldm, tmp_path
     save_feature_net(net, tmp_path / "net")
     out = tmp_path / "measure"
     rc, err = run_cli(["--model", tiny_ldm, "--measure", "--to", "AD", "--strength", "0.5", "--max-images", "2",
-                       "--classifier", tmp_path / "net", "--out", out, *STEPS], capsys)
+                       "--classifier", tmp_path / "net", "--out", out, "--diff-against", "original", *STEPS], capsys)
     assert rc == 0, err
     saved = json.loads((out / "tradeoff.json").read_text())
+    assert saved["example_strip_difference"] == "counterfactual - original"  # --diff-against was ignored here
     record = json.loads((Path(tiny_ldm) / "training_data.json").read_text())
     from adni_diffusers.counterfactual import held_out_data
 
