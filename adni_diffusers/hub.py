@@ -446,9 +446,9 @@ def push_folder(
         extra: dict[str, bytes] = _records_without_local_paths(folder, files) if kind != "checkpoint" else {}
         for rel in files:  # the pushed reports: no local paths, and a note where a withheld picture was
             if rel.endswith(".md") and rel != "README.md" and kind != "checkpoint":
-                text = report_without_pictures((folder / rel).read_text(encoding="utf-8"), withheld)
-                text = text_without_local_paths(text)
-                if text != (folder / rel).read_text(encoding="utf-8"):
+                local = (folder / rel).read_text(encoding="utf-8")
+                text = text_without_local_paths(report_without_pictures(local, withheld))
+                if text != local:
                     extra[rel] = text.encode()
         if path_in_repo is None:
             card = _card_for_push(folder, kind, files, repo_id)
