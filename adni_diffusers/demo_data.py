@@ -423,6 +423,7 @@ def build_demo_dataset(
     out_dir = Path(out_dir)
     plan = plan_subjects(subjects, slices_per_subject, test_fraction, seed)
     sheet_path = _contact_sheet_path(out_dir, contact_sheet)
+    workers = _worker_count(workers, subjects)  # before anything is removed: a bad value must not cost a build
     _prepare_folder(out_dir, overwrite)
 
     settings = _settings(subjects, slices_per_subject, test_fraction, seed)
@@ -432,7 +433,6 @@ def build_demo_dataset(
         for label in CLASSES:
             (out_dir / split / label).mkdir(parents=True, exist_ok=True)
 
-    workers = _worker_count(workers, subjects)
     logger.info("rendering %d subjects x %d slices with %d worker(s)", subjects, slices_per_subject, workers)
     written = _render_all(plan, slices_per_subject, seed, out_dir, workers)
 
@@ -519,6 +519,10 @@ def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir}: folder is not empty ({len(entries)} entries, e.g. {entries[0].name}); "
             "pass --overwrite (overwrite=True) to replace it, or pick another folder"
         )
+    if entries and not (out_dir / SETTINGS_FILE).is_file():
+        # names alone are no proof: a real AD_NC folder has train/ and test/ too, and --overwrite would wipe it
+        raise FileExistsError(f"{out_dir}: not a demo build (no {SETTINGS_FILE}); --overwrite replaces only what a "
+                              "demo build wrote. Remove it yourself, or pick another folder")
     ours = {*SPLITS, SETTINGS_FILE, SUBJECTS_FILE, README_FILE}
     foreign = [p for p in entries if p.name not in ours]
     if foreign:

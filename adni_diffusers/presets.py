@@ -147,15 +147,19 @@ def _check_config(config: dict, source: str, what: str) -> None:
         raise PresetError(f"{what} config {source}: block_out_channels, down_block_types and up_block_types need "
                           f"one entry per block, got {', '.join(f'{n} {k}' for k, n in lengths.items())}")
     groups = config.get("norm_num_groups", 32)
-    if not isinstance(groups, int) or groups < 1:
+    if not _positive_int(groups):
         raise PresetError(f"{what} config {source}: norm_num_groups must be a positive integer, got {groups!r}")
+    not_ints = [c for c in config.get("block_out_channels", []) if not _positive_int(c)]
+    if not_ints:
+        raise PresetError(f"{what} config {source}: block_out_channels must be positive integers, got "
+                          + ", ".join(map(repr, not_ints)))
     bad = [c for c in config.get("block_out_channels", []) if c % groups]
     if bad:
         raise PresetError(
             f"{what} config {source}: block_out_channels {bad} are not divisible by norm_num_groups={groups}"
         )
     counts = {k: config[k] for k in ("layers_per_block", "num_vq_embeddings", "latent_channels") if k in config}
-    bad_counts = {k: v for k, v in counts.items() if not isinstance(v, int) or v < 1}
+    bad_counts = {k: v for k, v in counts.items() if not _positive_int(v)}
     if bad_counts:
         raise PresetError(f"{what} config {source}: {bad_counts} must be positive integers")
     # whatever else diffusers refuses (an unknown block type, a spatial norm's fixed 32 groups...) shows when the
@@ -165,3 +169,7 @@ def _check_config(config: dict, source: str, what: str) -> None:
             cls(**config)
     except Exception as e:  # noqa: BLE001 - any failure here is the config's
         raise PresetError(f"{what} config {source}: diffusers cannot build this model: {type(e).__name__}: {e}") from None
+
+
+def _positive_int(value) -> bool:
+    return type(value) is int and value >= 1  # not a bool: JSON `true` would pass as 1

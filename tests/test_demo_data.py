@@ -148,6 +148,23 @@ def test_cli_builds_and_refuses_a_non_empty_folder(tmp_path, capsys):
     assert cli.main(args + inside) == 2
     assert "inside" in capsys.readouterr().err
 
+    # a bad --workers is refused before the finished build is removed
+    before = _file_bytes(out)
+    assert cli.main(args[:-2] + ["--workers", "0", "--overwrite"]) == 2
+    assert _file_bytes(out) == before and dd.read_settings(out)["complete"]
+
+
+def test_overwrite_never_wipes_a_folder_that_is_not_a_demo_build(tmp_path, capsys):
+    """A real AD_NC tree has train/ and test/ too: --overwrite wiped it (and a user's notes in it)."""
+    real = tmp_path / "AD_NC"
+    (real / "train" / "AD").mkdir(parents=True)
+    (real / "train" / "AD" / "218391_78.jpeg").write_bytes(b"a real slice")
+    (real / "test").mkdir()
+    assert cli.main(["demo-data", str(real), "--subjects", "4", "--slices-per-subject", "2", "--workers", "1",
+                     "--overwrite", "--no-contact-sheet"]) == 2
+    assert "not a demo build (no demo_settings.json)" in capsys.readouterr().err
+    assert (real / "train" / "AD" / "218391_78.jpeg").read_bytes() == b"a real slice"
+
 
 def test_ensure_builds_once_and_rebuilds_on_new_settings(tmp_path, monkeypatch):
     out = tmp_path / "ensured"

@@ -205,3 +205,19 @@ def test_block_keys_must_be_lists(tmp_path, config, shown):
     with pytest.raises(PresetError) as e:
         vq_config(str(path))
     assert str(path) in str(e.value) and shown in str(e.value)
+
+
+@pytest.mark.parametrize("config, shown", [
+    ({"block_out_channels": ["32", 64, 128, 128]}, "block_out_channels must be positive integers, got '32'"),
+    ({"block_out_channels": [32, None, 128, 128]}, "block_out_channels must be positive integers, got None"),
+    ({"norm_num_groups": True}, "norm_num_groups must be a positive integer, got True"),
+    ({"layers_per_block": True}, "{'layers_per_block': True} must be positive integers"),
+])
+def test_block_entries_and_counts_must_be_integers(tmp_path, config, shown):
+    """A string or null channel count crashed with a TypeError at the divisibility check (a traceback, the file
+    unnamed); JSON `true` passed as the integer 1."""
+    path = tmp_path / "types.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(PresetError) as e:
+        vq_config(str(path))
+    assert str(path) in str(e.value) and shown in str(e.value)
