@@ -677,6 +677,15 @@ def _summary(out_dir, plan, slices_per_subject, written, sheet_path, workers, se
 # ------------------------------------------------------------------------------------------ contact sheet
 
 
+def _sheet_slices(slices_per_subject: int, shown: int) -> np.ndarray:
+    """Which of a subject's slices the contact sheet shows: evenly spread, ends excluded when there are enough
+    (spacing >= 1, so all distinct; with 4 slices the inner spread picked slice 2 twice)."""
+    last = slices_per_subject - 1
+    spread = (np.linspace(0, last, shown + 2)[1:-1] if slices_per_subject >= shown + 2
+              else np.linspace(0, last, shown))
+    return np.round(spread).astype(int)
+
+
 def write_contact_sheet(
     out_dir: str | os.PathLike,
     plan: list[Subject],
@@ -690,9 +699,7 @@ def write_contact_sheet(
     out_dir, path = Path(out_dir), Path(path)
     chosen = _sheet_subjects(plan, per_class)
     slices_shown = min(slices_shown, slices_per_subject)
-    # Evenly spread over the subject's slices, ends excluded when there are enough.
-    spread = np.linspace(0, slices_per_subject - 1, slices_shown + 2)[1:-1] if slices_per_subject > 2 else None
-    picks = np.round(spread).astype(int) if spread is not None else np.arange(slices_shown)
+    picks = _sheet_slices(slices_per_subject, slices_shown)
     gap, header = 16, 28
     rows = max(len(members) for members in chosen.values())
     sheet = Image.new("L", (2 * slices_shown * WIDTH + gap, header + rows * HEIGHT), 0)

@@ -200,3 +200,12 @@ def test_plan_is_balanced_stratified_and_unique():
         assert sum(s.split == "test" for s in members) == round(0.3 * n)
     with pytest.raises(ValueError):
         dd.plan_subjects(3, 20, 0.3, seed=0)
+
+
+def test_the_contact_sheet_shows_distinct_slices():
+    """With 4 slices per subject it showed slices 1, 2, 2."""
+    for n in range(1, 41):
+        shown = min(3, n)
+        picks = dd._sheet_slices(n, shown).tolist()
+        assert len(set(picks)) == shown and all(0 <= k < n for k in picks), (n, picks)
+    assert dd._sheet_slices(20, 3).tolist() == [5, 10, 14]  # the default sheet is unchanged
