@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw
 def grid_columns(n: int) -> int:
     """Columns for a grid of n images: near-square, and with no empty cells where a divisor of n allows it
     (8 -> 4 x 2, not 3 x 3 with a blank cell; 7 stays 3 columns rather than one long row)."""
+    if n < 1:
+        raise ValueError(f"a grid of {n} images: expected at least 1")
     square = math.ceil(math.sqrt(n))
     return next((c for c in range(square, 2 * square + 1) if n % c == 0), square)
 
@@ -62,7 +64,10 @@ def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
 
     # every row's keys, in first-seen order: some are logged only later (the GAN terms after --disc_start)
     seen = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: _number(v) for k, v in r.items()} for r in rows]  # a null in history.jsonl is a gap, not a crash
     keys = [k for k in seen if k not in ("step", "time") and any(np.isfinite(r.get(k, np.nan)) for r in rows)]
+    if not keys:
+        raise ValueError(f"{path}: nothing to plot (no logged quantity has a finite value)")
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
@@ -80,6 +85,10 @@ def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def save_figure(fig, path, **savefig_kwargs) -> Path:

@@ -157,6 +157,14 @@ def test_loss_curves_plot_keys_first_logged_later(tmp_path, monkeypatch):
             {"step": 20, "time": 2.0, "loss": 0.9, "lr": 1e-4, "g_loss": 0.5, "d_loss": 1.0}]
     assert plots.plot_loss_curves(rows, tmp_path / "curve.png").is_file()
     assert titles == ["loss", "lr", "g_loss", "d_loss"]
+    # a null value is a gap (it raised a TypeError); nothing to plot is said as such (it was a ZeroDivisionError)
+    titles.clear()
+    rows[1]["g_loss"] = None
+    assert plots.plot_loss_curves(rows, tmp_path / "gap.png").is_file() and titles == ["loss", "lr", "d_loss"]
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plots.plot_loss_curves([{"step": 1, "time": 0.5}], tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="a grid of 0 images"):
+        plots.grid_columns(0)
 
 
 def test_no_images_for_batchnorm_recalibration_keeps_the_training_statistics(data):
