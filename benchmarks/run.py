@@ -14,8 +14,9 @@ Sections (each row says exactly what ran; nothing is extrapolated):
    torch.compile with --compile, no per-step sync). Both call the package's own `diffusion_loss`,
    `make_optimizer`, `maybe_compile`, `to_channels_last`, `make_ema`, `LatentDataset` and
    `EpochShuffleSampler`, so the numbers describe the real training code. Model FLOP utilisation =
-   images/s x (forward+backward FLOPs per image, counted by torch.utils.flop_counter) / the matmul
-   rate measured in this run (bf16 on CUDA, fp32 on CPU).
+   images/s x (forward+backward FLOPs per image, counted by torch.utils.flop_counter; the example-style
+   step's VQ encode included) / the matmul rate of the row's precision measured in this run (bf16 rows:
+   bf16; fp32 rows: TF32 on CUDA; fp32 on CPU). Rows record which in `mfu_of`.
 2. `latent_cache`: `latents.encode_all` images/s; `vq`: one VQ training step (`vq.VQTrainingModel`
    forward + reconstruction/codebook/commitment losses + backward + step + codebook-usage update).
 3. `sampling`: `ADNILatentDiffusionPipeline.__call__` end to end (UNet steps + VQ decode), images/s,
@@ -206,6 +207,25 @@ def matmul_rate(bench: Bench, n: int, repeats: int = 3) -> dict:
     return out
 
 
+class Rates:
+    """The MFU denominators measured in this run: each row is divided by the matmul rate of the precision it ran
+    in (bf16 rows by the bf16 rate, fp32 rows by the TF32 rate on CUDA; everything by the fp32 rate on CPU)."""
+
+    def __init__(self, matmul: dict, cuda: bool):
+        self.cuda, self.bf16 = cuda, matmul["flops_per_s"]
+        self.fp32 = matmul["tf32_tflops"] * 1e12 if cuda else matmul["flops_per_s"]
+
+    def of(self, bf16: bool) -> tuple[float, str]:
+        if not self.cuda:
+            return self.fp32, "fp32"
+        return (self.bf16, "bf16") if bf16 else (self.fp32, "tf32")
+
+    def mfu(self, row: dict, flops_per_image: float, bf16: bool) -> None:
+        """row["mfu"] from its images/s, and row["mfu_of"]: which rate it is a share of."""
+        rate, name = self.of(bf16)
+        row["mfu"], row["mfu_of"] = row["images_per_s"] * flops_per_image / rate, name
+
+
 def count_flops(fn) -> int:
     """FLOPs of fn() (matmuls, convolutions, attention) with torch.utils.flop_counter. SDPA runs on the
     math backend here so attention is counted on every device (CPU's fused kernel is not registered)."""
@@ -358,12 +378,12 @@ def timed_training_row(bench: Bench, row: dict, step, opts, compiled: bool, use_
 
 
 def finish_row(row: dict, batch_size: int, timing: dict, bench: Bench, flops_per_image: float | None,
-               rate: float | None) -> dict:
+               rates: Rates | None, bf16: bool) -> dict:
     row.update(timing)
     row["images_per_s"] = batch_size / timing["seconds_per_step"]
     row["peak_memory_mb"] = round(bench.peak_mb(), 1)
-    if flops_per_image and rate:
-        row["mfu"] = row["images_per_s"] * flops_per_image / rate
+    if flops_per_image and rates:
+        rates.mfu(row, flops_per_image, bf16)
     return row
 
 
@@ -425,14 +445,20 @@ def profile_steps(bench: Bench, step, steps: int, top: int = 20) -> dict:
             step()
         bench.sync()
         wall = time.perf_counter() - t0
+    from torch.autograd import DeviceType
+
     events = prof.key_averages()
     key = "self_device_time_total" if bench.cuda else "self_cpu_time_total"
     time_of = lambda e: getattr(e, key, None) or getattr(e, key.replace("device", "cuda"), 0) or 0  # noqa: E731
-    busy_us = sum(time_of(e) for e in events)
+    # GPU time: the kernels' own events only, as torch's table sums it (the CPU op that launched a kernel carries
+    # that kernel's time too: summing both counted it twice)
+    timed = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation] if bench.cuda \
+        else list(events)
+    busy_us = sum(time_of(e) for e in timed)
     # runtime (cudaLaunchKernel*) and driver (cuLaunchKernel*, Triton's kernels) launches, Ex variants included
     launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
     graph_launches = sum(e.count for e in events if e.key == "cudaGraphLaunch")
-    ranked = sorted(events, key=time_of, reverse=True)[:top]
+    ranked = sorted(timed, key=time_of, reverse=True)[:top]
     return {
         "steps": steps, "timed_by": "CUDA kernel time" if bench.cuda else "self CPU time",
         "wall_ms_per_step": wall * 1000 / steps,
@@ -483,6 +509,11 @@ def copy_sources(events, time_of, steps: int, top: int = 10) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- 1. UNet training
+
+
+def effective_config(spec: dict, bench: Bench) -> dict:
+    """A row's settings as they ran: bf16 autocast and fused AdamW take effect on CUDA only."""
+    return {**spec, "bf16": spec["bf16"] and bench.cuda, "fused": spec["fused"] and bench.cuda}
 
 
 UNET_VARIANTS = {
@@ -560,7 +591,7 @@ def unet_row_name(variant: str, spec: dict, bench: Bench) -> str:
     return ", ".join(parts)
 
 
-def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
+def bench_unet(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
     from diffusers import UNet2DModel, VQModel
 
     from adni_diffusers.data import SliceDataset
@@ -588,7 +619,8 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
         for name in unet_variant_names(bench, opts.compile, bi == 0, opts.variants):
             spec = dict(UNET_VARIANTS[name])
             spec["compile"] = spec["compile"] and opts.compile  # without --compile every row runs eager
-            row = {"name": unet_row_name(name, spec, bench), "variant": name, "batch_size": bs, "config": spec}
+            row = {"name": unet_row_name(name, spec, bench), "variant": name, "batch_size": bs,
+                   "config": effective_config(spec, bench)}
             if spec["data"] == "pixels" and pixel_slices is None:
                 pixel_slices = random_slices(max(opts.batch_sizes) * 2)
 
@@ -664,7 +696,10 @@ def bench_unet(bench: Bench, opts, flops: dict, rate: float) -> dict:
 
                 timing = timed_training_row(bench, row, step, opts, spec["compile"],
                                             use_eager=lambda: model.update(m=unet))
-                finish_row(row, bs, timing, bench, flops["unet_train_per_image"], rate)
+                # the example-style step also encodes its batch with its VQModel: that work is in its time
+                step_flops = flops["unet_train_per_image"] + (
+                    flops["example_vq_encode_per_image"] if spec["data"] == "pixels" else 0)
+                finish_row(row, bs, timing, bench, step_flops, rates, spec["bf16"])
                 row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
                 row.pop("_losses", None)
                 if profiled and opts.profile:
@@ -729,6 +764,14 @@ def model_flops(bench: Bench, opts) -> dict:
     with torch.no_grad():
         out["vq_encode_per_image"] = count_flops(lambda: vq.encode(x))
         out["vq_decode_per_image"] = count_flops(lambda: vq.decode(torch.randn(1, 4, 32, 32, device=dev)))
+    if opts.example_vq_preset != opts.vq_preset:  # the example-style UNet row encodes with this one
+        torch.manual_seed(0)
+        example_vq = VQModel(**vq_config(opts.example_vq_preset)).to(dev)
+        with torch.no_grad():
+            out["example_vq_encode_per_image"] = count_flops(lambda: example_vq.encode(x))
+        del example_vq
+    else:
+        out["example_vq_encode_per_image"] = out["vq_encode_per_image"]
     model = VQTrainingModel(vq)
 
     def vq_step():
@@ -743,7 +786,7 @@ def model_flops(bench: Bench, opts) -> dict:
 # ------------------------------------------------------------------------------- 2. latent cache, VQ
 
 
-def bench_latent_cache(bench: Bench, opts, flops: dict, rate: float) -> dict:
+def bench_latent_cache(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
     from diffusers import VQModel
 
     from adni_diffusers.latents import encode_all
@@ -772,8 +815,8 @@ def bench_latent_cache(bench: Bench, opts, flops: dict, rate: float) -> dict:
                 bench.sync()
                 seconds = time.perf_counter() - t0
                 row.update(seconds=seconds, images_per_s=len(slices) / seconds, peak_memory_mb=round(bench.peak_mb(), 1),
-                           mfu=len(slices) / seconds * flops["vq_encode_per_image"] / rate,
                            latent_shape=list(latents.shape))
+                rates.mfu(row, flops["vq_encode_per_image"], dtype == torch.bfloat16)
                 row["seconds_for_30520_images"] = 30520 / row["images_per_s"]  # arithmetic, labelled as such
                 del vq
 
@@ -817,7 +860,7 @@ def vq_row_name(variant: str, spec: dict, bench: Bench) -> str:
     return ", ".join(parts)
 
 
-def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
+def bench_vq(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
     from diffusers import VQModel
 
     from adni_diffusers.data import SliceDataset
@@ -837,7 +880,8 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
     for bi, bs in enumerate(opts.vq_batch_sizes):
         fresh_compile_cache()
         for name, spec in variants.items():
-            row = {"name": vq_row_name(name, spec, bench), "variant": name, "batch_size": bs, "config": dict(spec)}
+            row = {"name": vq_row_name(name, spec, bench), "variant": name, "batch_size": bs,
+                   "config": effective_config(spec, bench)}
 
             def run(row, spec=spec, bs=bs, profiled=(bi == 0 and name in vq_profiled)):
                 bench.reset_peak()
@@ -894,7 +938,7 @@ def bench_vq(bench: Bench, opts, flops: dict, rate: float) -> dict:
 
                 timing = timed_training_row(bench, row, step, opts, spec["compile"],
                                             use_eager=lambda: compiled.update(m=model))
-                finish_row(row, bs, timing, bench, flops["vq_train_per_image"], rate)
+                finish_row(row, bs, timing, bench, flops["vq_train_per_image"], rates, spec["bf16"])
                 row["syncs_per_step"] = per_step_syncs(bench, step, args.logging_steps)
                 if profiled and opts.profile:
                     row["profile"] = profile_steps(bench, step, opts.profile_steps)
@@ -949,7 +993,7 @@ def sampler_steps(name: str, opts) -> int:
     return opts.ddpm_steps if name == "ddpm" else default_steps(name)
 
 
-def bench_sampling(bench: Bench, opts, flops: dict, rate: float) -> dict:
+def bench_sampling(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
     from adni_diffusers.diffusion import make_noise_scheduler
     from adni_diffusers.schedulers import make_scheduler
 
@@ -1009,8 +1053,8 @@ def bench_sampling(bench: Bench, opts, flops: dict, rate: float) -> dict:
                     row.update(seconds_per_call=seconds, seconds_per_call_all=[round(x, 4) for x in times],
                                images_per_s=bs / seconds, peak_memory_mb=round(bench.peak_mb(), 1),
                                finite=bool(torch.isfinite(images).all()), image_shape=list(images.shape[1:]))
-                    row["mfu"] = row["images_per_s"] * (steps * flops["unet_forward_per_image"]
-                                                        + flops["vq_decode_per_image"]) / rate
+                    rates.mfu(row, steps * flops["unet_forward_per_image"] + flops["vq_decode_per_image"],
+                              dtype == torch.bfloat16)
                     if bench.cuda:  # host-device syncs: per denoising step, and fixed per call
                         s2 = bench.count_syncs(lambda: call(2))
                         s4 = bench.count_syncs(lambda: call(4))
@@ -1160,12 +1204,14 @@ def markdown(results: dict) -> str:
     if mm:
         extra = f", TF32 {mm['tf32_tflops']:.1f} TFLOP/s" if "tf32_tflops" in mm else ""
         lines.append(f"- measured matmul rate ({mm['dtype']}, {mm['size']}^3): {mm['tflops'] * 1000:,.1f} GFLOP/s{extra} "
-                     "(the denominator of every MFU below)")
+                     "(each row's MFU is of the rate of its own precision: bf16, or TF32 for fp32 rows)")
     if fl:
         lines.append(f"- FLOPs per image (torch.utils.flop_counter): UNet forward {fl['unet_forward_per_image'] / 1e9:.2f} G, "
                      f"UNet train step {fl['unet_train_per_image'] / 1e9:.2f} G ({fl['unet_params'] / 1e6:.1f}M params); "
                      f"VQ encode {fl['vq_encode_per_image'] / 1e9:.2f} G, decode {fl['vq_decode_per_image'] / 1e9:.2f} G, "
-                     f"train step {fl['vq_train_per_image'] / 1e9:.2f} G ({fl['vq_params'] / 1e6:.1f}M params)")
+                     f"train step {fl['vq_train_per_image'] / 1e9:.2f} G ({fl['vq_params'] / 1e6:.1f}M params)"
+                     + (f"; the example style's VQ encode {fl['example_vq_encode_per_image'] / 1e9:.2f} G"
+                        if "example_vq_encode_per_image" in fl else ""))
     lines.append(f"- peak memory: {results.get('memory_kind')}")
     for key, title in (("unet", "UNet training step"), ("vq", "VQ training step")):
         sec = results.get(key)
@@ -1322,14 +1368,14 @@ def main(argv=None) -> dict:
                "memory_kind": bench.memory_kind()}
     print(f"[benchmark] {results['machine']['device_name']}: measuring the matmul rate", file=sys.stderr)
     results["matmul"] = matmul_rate(bench, opts.matmul_size)
-    rate = results["matmul"]["flops_per_s"]
+    rates = Rates(results["matmul"], bench.cuda)
     print("[benchmark] counting FLOPs", file=sys.stderr)
     results["flops"] = flops = model_flops(bench, opts)
     bench.header = dict(results)
-    for section, fn in (("unet", lambda: bench_unet(bench, opts, flops, rate)),
-                        ("latent_cache", lambda: bench_latent_cache(bench, opts, flops, rate)),
-                        ("vq", lambda: bench_vq(bench, opts, flops, rate)),
-                        ("sampling", lambda: bench_sampling(bench, opts, flops, rate)),
+    for section, fn in (("unet", lambda: bench_unet(bench, opts, flops, rates)),
+                        ("latent_cache", lambda: bench_latent_cache(bench, opts, flops, rates)),
+                        ("vq", lambda: bench_vq(bench, opts, flops, rates)),
+                        ("sampling", lambda: bench_sampling(bench, opts, flops, rates)),
                         ("cpu_goal", lambda: bench_cpu_goal(bench, opts))):
         if section not in opts.sections or (section == "cpu_goal" and bench.cuda):
             continue

@@ -56,6 +56,15 @@ def test_every_section_has_positive_numbers(smoke):
             assert _positive(row["images_per_s"]), (section, row)
             assert _positive(row["peak_memory_mb"]), (section, row)
             assert _positive(row["mfu"]), (section, row)
+            assert row["mfu_of"] == "fp32", (section, row)  # on CUDA: bf16, or TF32 for fp32 rows
+    # the example-style step encodes its batch with its VQModel: that work, in its time, is in its MFU too
+    flops, rate = results["flops"], results["matmul"]["flops_per_s"]
+    example = next(r for r in results["unet"]["rows"] if r["variant"] == "example style")
+    assert example["mfu"] == pytest.approx(example["images_per_s"] * (
+        flops["unet_train_per_image"] + flops["example_vq_encode_per_image"]) / rate)
+    # the rows' config says what ran: no bf16 autocast and no fused AdamW on the CPU (it said both)
+    assert not any(r["config"]["bf16"] or r["config"]["fused"] for section in ("unet", "vq")
+                   for r in results[section]["rows"])
     variants = {r["variant"] for r in results["unet"]["rows"]}
     assert "example style" in variants and "ours + --latents_on_device" in variants
     assert _positive(results["unet"]["summary"]["speedup"])
