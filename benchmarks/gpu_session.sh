@@ -56,6 +56,12 @@ if [ "$QUICK" = train ]; then
   FORCE_VQ_STEPS=${FORCE_VQ_STEPS:-100}; VQ_COMPILE=${VQ_COMPILE-}; VQ_LIMIT=${VQ_LIMIT:-200}
   FORCE_UNET_STEPS=${FORCE_UNET_STEPS:-300}; UNET_LIMIT=${UNET_LIMIT:-400}; DATA_LIMIT=${DATA_LIMIT:-60}
   UNET_EXTRA=${UNET_EXTRA:---checkpointing_steps 100}
+  # The stage limits add up to more than the call's `timeout 560`: every stage (and the finish from a checkpoint)
+  # is cut to what is left of DEADLINE_SECONDS, so the script ends itself, offload check included, before the
+  # outer timeout (which kills bash alone: a stage's python, in its own process group, would run on while tar
+  # reads its files). The stages' own limits stay the ceiling.
+  # The UNet stage (and its finish) leaves RESERVE_AFTER_UNET of that for the offload check.
+  DEADLINE_SECONDS=${DEADLINE_SECONDS:-540}; RESERVE_AFTER_UNET=${RESERVE_AFTER_UNET:-45}
 fi
 SKIP_VQ=${SKIP_VQ:-0}  # 1: reuse RUN_DIR's demo set and VQModel (from an earlier call), train the UNet only
 # a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
@@ -78,8 +84,17 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARA
 mkdir -p "$R"
 LOG="$R/session.log"
 log() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$LOG"; }
+time_left() {  # time_left LIMIT: LIMIT, or less when DEADLINE_SECONDS (from the script's start) less RESERVE leaves less
+  local limit=$1 left
+  if [ -n "${DEADLINE_SECONDS:-}" ]; then
+    left=$((DEADLINE_SECONDS - SECONDS - ${RESERVE:-0}))
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
+  echo "$limit"
+}
 phase() {  # phase NAME TIMEOUT_S CMD...: run, log its output and wall time
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit; limit=$(time_left "$2"); shift 2
+  if [ "$limit" -lt 20 ]; then log "SKIP $name: ${limit} s left of DEADLINE_SECONDS=${DEADLINE_SECONDS}"; return 124; fi
   touch "$R/.phase_started"  # finish_from_checkpoint tells this phase's products from older ones
   log "START $name: $*"
   local t0=$SECONDS
@@ -200,8 +215,10 @@ finish_from_checkpoint() {  # the time limit hit: finish the run from its last c
   for a in "$@"; do  # no step left to train: nothing to compile (drop --compile and --compile_mode M)
     if [ "$skip" = 1 ]; then skip=0; elif [ "$a" = --compile_mode ]; then skip=1; elif [ "$a" != --compile ]; then args+=("$a"); fi
   done
-  python "$script" "${args[@]}" --output_dir "$out" --resume_from_checkpoint "$last" --max_train_steps "${last##*-}" \
-    >> "$R/$(basename "$out")_finish.log" 2>&1
+  local limit; limit=$(time_left 600)
+  if [ "$limit" -lt 20 ]; then log "no time left to finish $out (${limit} s)"; return 124; fi
+  timeout --signal=TERM "$limit" python "$script" "${args[@]}" --output_dir "$out" --resume_from_checkpoint "$last" \
+    --max_train_steps "${last##*-}" >> "$R/$(basename "$out")_finish.log" 2>&1
 }
 
 # 3. the VQModel (base preset: 4x32x32 latents, 8192 codes), default loss (MSE + 0.5 SSIM)
@@ -222,7 +239,7 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
            --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
            --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard ${UNET_EXTRA:-})
-train_stage train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" train_unet.py "$R/ldm" train_metrics.json "$UNET_STEPS" \
+RESERVE=${RESERVE_AFTER_UNET:-0} train_stage train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" train_unet.py "$R/ldm" train_metrics.json "$UNET_STEPS" \
   "${UNET_ARGS[@]}"
 
 # enable_model_cpu_offload against the pipeline kept on the GPU (same seeds; a few seconds, last: a call cut by
