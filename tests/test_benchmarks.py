@@ -301,6 +301,13 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
     assert third.returncode == 0 and "END train_unet rc=" in log and "END train_unet rc=0" not in log, log
     assert (run_dir / "ldm" / "checkpoint-1").is_dir() and "nothing to finish" in log and "finishing" not in log
     assert json.loads((run_dir / "ldm" / "train_metrics.json").read_text())["train_steps"] == 2
+    # The stages' limits add up to more than the call's `timeout 560`: each is cut to what is left of the deadline,
+    # the UNet stage keeps RESERVE_AFTER_UNET of it for the offload check, and a stage with under 20 s is skipped
+    # (the outer timeout would have killed bash alone, its stage's python running on while tar read the files).
+    fourth = call(SKIP_VQ="1", DEADLINE_SECONDS="40", RESERVE_AFTER_UNET="30")
+    log = (run_dir / "session.log").read_text().split("SKIP_VQ=1: reusing")[-1]
+    assert fourth.returncode == 0 and "SKIP train_unet:" in log and "START train_unet" not in log, log
+    assert "no time left to finish" in log and "END offload_check rc=0" in log, log
 
 
 def test_ssim_scale_reproduces_the_vq_metrics_and_the_old_scale(tiny_vq, tmp_path):
