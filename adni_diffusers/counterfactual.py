@@ -961,7 +961,8 @@ def main(args: argparse.Namespace) -> int:
     images = [read_slice(p, preprocess) for p in image_paths]
     out = Path(args.out)
     folders = _image_out_dirs(image_paths, out)
-    earlier = check_out_folder(out, _earlier_outputs(out, folders), args.overwrite)
+    earlier = _earlier_outputs(out, folders)
+    check_out_folder(out, earlier, args.overwrite)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or (128 if device.startswith("cuda") else 16)

@@ -47,15 +47,14 @@ def non_negative_int(text: str) -> int:
 OUTPUTS = ("sample-*.png", "grid.png", "denoising.gif")
 
 
-def check_out_folder(out: Path, found: list[Path], overwrite: bool) -> list[Path]:
-    """Refuse an --out that holds `found` (what an earlier run wrote there and this run would write too),
-    unless `overwrite`; returns what to remove once the model has loaded (a failed load keeps the old run)."""
+def check_out_folder(out: Path, earlier: list[Path], overwrite: bool) -> None:
+    """Refuse an --out that holds `earlier` (what an earlier run wrote there and this run would write too) unless
+    `overwrite`. The caller removes them (remove_outputs) once the model has loaded: a failed load keeps them."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    if found and not overwrite:
-        raise FileExistsError(f"--out {out}: holds {len(found)} output(s) of an earlier run (e.g. {found[0].name}); "
-                              "pass --overwrite to replace them, or pick another folder")
-    return found
+    if earlier and not overwrite:
+        raise FileExistsError(f"--out {out}: holds {len(earlier)} output(s) of an earlier run (e.g. "
+                              f"{earlier[0].name}); pass --overwrite to replace them, or pick another folder")
 
 
 def remove_outputs(paths: list[Path]) -> None:
@@ -158,8 +157,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
                          "toward)")
     out = Path(out)
-    found = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
-    earlier = check_out_folder(out, found, overwrite)
+    earlier = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
+    check_out_folder(out, earlier, overwrite)
     pipe = pipe or load_pipeline(model, device, getattr(torch, dtype))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if compile:  # in place (nn.Module.compile): the pipeline keeps its component types
