@@ -443,13 +443,15 @@ def push_folder(
         if token is None and stored is None:
             raise HubError(f"cannot push to {repo_id}: no Hugging Face token found; {LOGIN_HINT}")
         repo_id = _resolve_repo_id(repo_id, api, token)
-        extra: dict[str, bytes] = _records_without_local_paths(folder, files) if kind != "checkpoint" else {}
-        for rel in files:  # the pushed reports: no local paths, and a note where a withheld picture was
-            if rel.endswith(".md") and rel != "README.md" and kind != "checkpoint":
-                local = (folder / rel).read_text(encoding="utf-8")
-                text = text_without_local_paths(report_without_pictures(local, withheld))
-                if text != local:
-                    extra[rel] = text.encode()
+        extra: dict[str, bytes] = {}
+        if kind != "checkpoint":  # a checkpoint goes up as it is (resuming reads it)
+            extra = _records_without_local_paths(folder, files)
+            for rel in files:  # the pushed reports: no local paths, and a note where a withheld picture was
+                if rel.endswith(".md") and rel != "README.md":
+                    local = (folder / rel).read_text(encoding="utf-8")
+                    text = text_without_local_paths(report_without_pictures(local, withheld))
+                    if text != local:
+                        extra[rel] = text.encode()
         if path_in_repo is None:
             card = _card_for_push(folder, kind, files, repo_id)
             if card is not None:
