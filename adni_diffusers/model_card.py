@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("pipeline_card.md")
 CARD_FILE = "README.md"
+LICENSE_FILE = "LICENSE.md"
 CARD_MARKER = "<!-- adni-diffusers model card"
 EVALUATION_FILES = ("evaluation/metrics.json", "metrics.json")  # first found wins (pipeline folders)
 PLACEHOLDER_NAMESPACE = "your-user"
@@ -257,16 +258,31 @@ def _repo_id(model_dir: Path, args: dict, repo_id: str | None) -> tuple[str, boo
     return f"{PLACEHOLDER_NAMESPACE}/{name}", True
 
 
-def _license(source: str) -> dict:
-    if source == "demo":
-        return {"license_name": "mni-icbm152-2009-notice"}
-    return {"license_name": "adni-data-use-agreement"}
+def _license(source: str, model_dir: Path) -> dict:
+    """`license: other` needs a name; the link (the Hub's convention) only where the folder has the file."""
+    name = "mni-icbm152-2009-notice" if source == "demo" else "adni-data-use-agreement"
+    link = {"license_link": LICENSE_FILE} if (model_dir / LICENSE_FILE).is_file() else {}
+    return {"license_name": name, **link}
 
 
-def _card_data(source: str, tags: list[str], **extra):
+def _card_data(source: str, model_dir, tags: list[str], **extra):
     from huggingface_hub import ModelCardData
 
-    return ModelCardData(license="other", **_license(source), tags=tags, **extra)
+    return ModelCardData(license="other", **_license(source, Path(model_dir)), tags=tags, **extra)
+
+
+def write_demo_license(output_dir) -> Path | None:
+    """A model of the demo set carries the MNI template's notice as LICENSE.md (the card links to it).
+
+    Only for the demo set: the terms of ADNI data are the user's agreement, which this package cannot
+    write; a LICENSE.md the user puts in the folder is linked and pushed all the same."""
+    path = Path(output_dir) / LICENSE_FILE
+    if path.exists():
+        return None
+    path.write_text("# Notice of the training images\n\nThe training images of this model derive from the MNI "
+                    "ICBM152 2009 template (as bundled with nilearn). Its notice:\n\n> " + MNI_NOTICE + "\n",
+                    encoding="utf-8")
+    return path
 
 
 def _populate(card, tags: list[str]):
@@ -300,6 +316,12 @@ def _attention_text(down_blocks: int, middle: bool) -> str:
     return f"self-attention at {where}" + (" and in the middle block" if middle else "")
 
 
+def _data_source(model_dir: Path, given: str | None = None) -> str:
+    """"demo", "user" or "unknown": as given, else as the training records say."""
+    return (given or _read_json(model_dir / "training_data.json").get("source")
+            or _read_json(model_dir / "metrics.json").get("data_source") or "unknown")
+
+
 def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: str | None = None,
                           sample_grid: str | None = None) -> dict:
     """Everything `pipeline_card.md` uses, read from a saved pipeline folder."""
@@ -311,7 +333,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     unet = _read_json(d / "unet" / "config.json")
     vq = _read_json(d / "vqvae" / "config.json")
     sched = _read_json(d / "scheduler" / "scheduler_config.json")
-    source = data_source or data.get("source") or "unknown"
+    source = _data_source(d, data_source)
     class_names = _class_names(index.get("class_names"))
     conditional = bool(unet.get("num_class_embeds")) and bool(class_names)
     repo, placeholder = _repo_id(d, args, repo_id)
@@ -414,7 +436,7 @@ def render_pipeline_card(model_dir, repo_id: str | None = None, data_source: str
     from huggingface_hub import ModelCard
 
     ctx = pipeline_card_context(model_dir, repo_id, data_source, sample_grid)
-    card_data = _card_data(ctx["data_source"], tags=[], pipeline_tag="unconditional-image-generation")
+    card_data = _card_data(ctx["data_source"], model_dir, tags=[], pipeline_tag="unconditional-image-generation")
     card = ModelCard.from_template(card_data, template_path=str(TEMPLATE), **ctx)
     return _finish(_populate(card, _pipeline_tags(ctx)))
 
@@ -523,7 +545,7 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
     args = _read_json(d / "training_args.json")
     metrics = _read_json(d / "metrics.json")
     vq = _read_json(d / "vqvae" / "config.json")
-    source = data_source or data.get("source") or metrics.get("data_source") or "unknown"
+    source = _data_source(d, data_source)
     repo, placeholder = _repo_id(d, args, repo_id)
     ctx = {
         "model_name": repo.split("/")[-1],
@@ -569,7 +591,7 @@ def render_vq_card(model_dir, repo_id: str | None = None, data_source: str | Non
     ctx = vq_card_context(model_dir, repo_id, data_source)
     tags = BASE_TAGS + ["vq-vae", "autoencoder"]
     tags += ["adni"] if ctx["data_source"] == "user" else ["synthetic-data"] if ctx["data_source"] == "demo" else []
-    card = ModelCard.from_template(_card_data(ctx["data_source"], tags=[]), template_str=VQ_CARD_TEMPLATE, **ctx)
+    card = ModelCard.from_template(_card_data(ctx["data_source"], model_dir, tags=[]), template_str=VQ_CARD_TEMPLATE, **ctx)
     return _finish(_populate(card, tags + [PACKAGE_TAG]))
 
 
@@ -617,6 +639,8 @@ def write_model_card(output_dir, pipe=None, args=None, data_source: str | None =
         logger.warning("%s has no adni-diffusers marker line: it is your own card, left as it is (delete it to "
                        "get a generated one)", path)
         return path
+    if _data_source(output_dir, data_source) == "demo":
+        write_demo_license(output_dir)
     repo_id = getattr(args, "hub_model_id", None) if args is not None else None
     text = render_model_card(output_dir, repo_id=repo_id, data_source=data_source,
                              sample_grid=Path(sample_grid).name if sample_grid else None)

@@ -251,3 +251,24 @@ def test_write_model_card_keeps_a_card_without_the_marker(ldm, caplog):
     with caplog.at_level("WARNING", logger="adni_diffusers.model_card"):
         assert write_model_card(ldm) == ldm / "README.md"
     assert (ldm / "README.md").read_text() == own and "it is your own card, left as it is" in caplog.text
+
+
+def test_license_link_only_to_a_license_file_in_the_folder(ldm):
+    (ldm / "LICENSE.md").unlink(missing_ok=True)
+    (ldm / "README.md").unlink(missing_ok=True)
+    assert ModelCard(render_model_card(ldm)).data.to_dict().get("license_link") is None  # nothing to link to
+    write_model_card(ldm)  # a demo model: the template's notice is written beside the card, and linked
+    assert "Louis Collins" in (ldm / "LICENSE.md").read_text()
+    assert ModelCard((ldm / "README.md").read_text()).data.license_link == "LICENSE.md"
+    # An ADNI model gets no license file of ours (its terms are the user's agreement); the user's own is linked.
+    info = json.loads((ldm / "training_data.json").read_text())
+    (ldm / "training_data.json").write_text(json.dumps({**info, "source": "user"}))
+    (ldm / "LICENSE.md").unlink()
+    write_model_card(ldm)
+    assert not (ldm / "LICENSE.md").exists() and "license_link" not in (ldm / "README.md").read_text()
+    (ldm / "LICENSE.md").write_text("My lab's terms\n")
+    write_model_card(ldm)
+    assert (ldm / "LICENSE.md").read_text() == "My lab's terms\n"  # never overwritten
+    assert ModelCard((ldm / "README.md").read_text()).data.license_link == "LICENSE.md"
+    from adni_diffusers.hub import select_upload_files
+    assert "LICENSE.md" in select_upload_files(ldm)[1]
