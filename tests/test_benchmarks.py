@@ -76,6 +76,7 @@ def test_every_section_has_positive_numbers(smoke):
     samplers = {(r["sampler"], r["steps"]) for r in results["sampling"]["rows"]}
     assert samplers == {("ddpm", 2), ("dpm++", 2), ("unipc", 2)}  # labelled with the steps really run
     assert all(r["finite"] and r["image_shape"] == [1, 256, 256] for r in results["sampling"]["rows"])
+    assert all(r["warmup_calls"] == 1 for r in results["sampling"]["rows"])  # eager rows: one warm-up call
     goal = results["cpu_goal"]
     assert "error" not in goal and goal["images"] == 4 and not goal["goal_configuration"]
     for key in ("load_seconds", "first_call_seconds", "load_and_sample_seconds", "second_call_seconds"):
