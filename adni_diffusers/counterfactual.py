@@ -358,7 +358,11 @@ def save_strip(result: dict, path, reference: str = "reconstruction", title: str
         ax.imshow(im, cmap="gray", vmin=0, vmax=1)
         ax.set_title(t, fontsize=8)
     mappable = None
-    bottoms = [(vq_error, "VQ error\n(reconstruction \u2212 original)"), (None, "")]
+    # The VQ error shares the counterfactuals' scale (so the two compare); say how much of it the scale cuts.
+    beyond = float((np.abs(vq_error) > lim).mean())
+    vq_title = "VQ error\n(reconstruction \u2212 original)" + (f"\n{beyond:.1%} of pixels beyond the scale"
+                                                               if beyond > 0.005 else "")
+    bottoms = [(vq_error, vq_title), (None, "")]
     bottoms += [(d, f"difference, strength {s:.2f}") for s, d in zip(strengths, diffs)]
     for ax, (d, t) in zip(axes[1], bottoms):
         if d is None:

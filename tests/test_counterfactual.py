@@ -385,3 +385,23 @@ def test_an_earlier_run_in_out_is_refused_unless_overwrite(tiny_ldm, demo_root, 
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted(["counterfactuals.json", "mine", slices[1].stem])
     assert [e["image"] for e in json.loads((out / "counterfactuals.json").read_text())["images"]] == [str(slices[1])]
+
+
+def test_strip_says_how_much_vq_error_its_shared_scale_cuts(tmp_path, monkeypatch):
+    """The VQ error panel shares the difference maps' colour scale; a larger error is labelled as cut."""
+    titles = []
+    monkeypatch.setattr(C, "save_figure", lambda fig, path, **kw: titles.extend(
+        ax.get_title() for ax in fig.axes) or Path(path))
+    original = torch.full((1, 256, 256), -0.5)
+    reconstruction = original.clone()
+    reconstruction[:, :64] += 0.8  # a quarter of the slice far off, beyond the maps' scale
+    counterfactual = reconstruction.clone()
+    counterfactual[:, 100:140, 100:140] -= 0.2
+    result = {"target": "AD", "original": original, "reconstruction": reconstruction,
+              "counterfactuals": {0.5: counterfactual}}
+    C.save_strip(result, tmp_path / "strip.png")
+    assert any("25.0% of pixels beyond the scale" in t for t in titles)
+    titles.clear()
+    C.save_strip({**result, "reconstruction": original, "counterfactuals": {0.5: original - 0.1}},
+                 tmp_path / "strip.png")
+    assert not any("beyond the scale" in t for t in titles)  # nothing cut: no note
