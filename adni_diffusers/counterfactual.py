@@ -171,10 +171,10 @@ def _to_pixels(images, preprocess: str = "pad") -> torch.Tensor:
             and images.shape[-2:] == (256, 256)):
         return images.float().div(127.5).sub(1.0).unsqueeze(1)
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 1 and images.is_floating_point():
-        # already model input; [0, 1] tensors (no negative values: the pipeline's "pt" output) go through
-        # prepare_slices, which takes them as [0, 1] as the pipeline does
-        if (images.shape[-2:] == (256, 256) and -1.0 - 1e-6 <= float(images.min()) < 0
-                and float(images.max()) <= 1.0 + 1e-6):
+        # already model input when every image has negative values; any other goes through prepare_slices,
+        # which decides per image, as the pipeline does ([0, 1], e.g. the pipeline's "pt" output, or [-1, 1])
+        if (images.shape[-2:] == (256, 256) and float(images.min()) >= -1.0 - 1e-6
+                and bool((images.amin(dim=(1, 2, 3)) < 0).all()) and float(images.max()) <= 1.0 + 1e-6):
             return images.detach().float().cpu()
     return prepare_slices(images, preprocess=preprocess)
 

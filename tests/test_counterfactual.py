@@ -272,6 +272,11 @@ def test_float_tensors_in_0_1_are_taken_as_the_pipeline_takes_them(nc_slice):
     assert torch.equal(C._to_pixels(x), x)  # model input passes through
     assert torch.allclose(C._to_pixels((x + 1) / 2), x, atol=1e-6)
     assert torch.allclose(C._to_pixels((x + 1) / 2), prepare_slices((x + 1) / 2), atol=1e-6)
+    # A batch mixing the two scales: each image is read as the pipeline reads it (per image, not per batch).
+    bright = torch.full_like(x, 0.25)  # no negative values: the pipeline takes it as [0, 1]
+    mixed = torch.cat([x, bright])
+    assert torch.allclose(C._to_pixels(mixed), prepare_slices(mixed), atol=1e-6)
+    assert torch.allclose(C._to_pixels(mixed)[1], torch.full_like(x[0], -0.5))
 
 
 def test_output_folders_are_distinct_for_every_image(tmp_path):
