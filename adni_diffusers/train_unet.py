@@ -230,8 +230,8 @@ def main(args: argparse.Namespace) -> dict:
         m, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
         child_probe=compile_check)
     ema = training.make_ema(training.bare_model(accelerator, model), args, device)
-    run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet",
-                               stage_flags=RESUME_MUST_MATCH,
+    run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                               ema=ema, stage="UNet", stage_flags=RESUME_MUST_MATCH,
                                identity={"model_config": config, "latent_cache_key": train_key})
     run.resume()
     training.start_logging(accelerator, args, "unet")

@@ -108,7 +108,8 @@ def main(args: argparse.Namespace) -> dict:
     ema = training.make_ema(vq, args, device)
 
     run = training.TrainingRun(
-        args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="VQModel",
+        args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+        stage="VQModel",
         stage_flags=RESUME_MUST_MATCH, identity={"model_config": config, "train_data": fingerprint(data.train)},
         extra_state=lambda: {"tensors": {"codebook_usage": monitor.usage,
                                           "codebook_initialised": monitor.initialised.reshape(1)}},

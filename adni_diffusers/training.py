@@ -722,15 +722,16 @@ def resume_mismatches(recorded: dict, current: dict) -> list[str]:
     return lines
 
 
-def check_resume_matches(path: Path, current: dict) -> None:
+def check_resume_matches(path: Path, current: dict) -> int | None:
     """Refuse to resume `path` with another run's flags, model or data (before any state is loaded); only warn
-    when the number of processes changed (a requeued job on other GPUs): the batches then differ."""
+    when the number of processes changed (a requeued job on other GPUs): the batches then differ.
+    Returns the number of processes that wrote the checkpoint (None when it does not say)."""
     state = path / "training_state.json"
     if not state.is_file():
-        return  # not a checkpoint: load_checkpoint says so
+        return None  # not a checkpoint: load_checkpoint says so
     recorded = json.loads(state.read_text()).get("run")
     if recorded is None:  # written before 2026-12-02: nothing to compare
-        return
+        return None
     mismatches = resume_mismatches(recorded, current)
     if mismatches:
         raise TrainingError(
@@ -740,6 +741,31 @@ def check_resume_matches(path: Path, current: dict) -> None:
     if then is not None and now is not None and then != now:
         logger.warning("resuming %s on %d processes; it was written by %d: the global batch and the data order now "
                        "differ from an uninterrupted run's", path, now, then)
+    return then
+
+
+def reposition_lr_schedule(lr_scheduler, args, step: int, then: int, now: int) -> None:
+    """A checkpoint written by `then` processes, resumed on `now`: put the LR schedule where an uninterrupted
+    run on `now` processes would be at `step`. (A prepared schedule steps once per process per optimizer step,
+    so the restored position counts `step * then`; left as it is, the schedule ran `now / then` times too slow
+    or too fast.) With --scale_lr the rate is rescaled to the new global batch as well."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if not isinstance(inner, LambdaLR):  # every diffusers schedule is one; anything else is left alone
+        logger.warning("the LR schedule (%s) is not moved for the new number of processes", type(inner).__name__)
+        return
+    ratio = now / then
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio)}.get(args.scale_lr, 1.0)
+    inner.base_lrs = [base * factor for base in inner.base_lrs]
+    inner.last_epoch = step * now
+    inner._step_count = inner.last_epoch + 1
+    for group, lr_lambda, base in zip(inner.optimizer.param_groups, inner.lr_lambdas, inner.base_lrs):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_lambda(inner.last_epoch)
+    inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
+    logger.warning("the LR schedule is moved to step %d of a run on %d processes: learning rate now %.3g%s",
+                   step, now, inner._last_lr[0], f" (--scale_lr {args.scale_lr}: x{factor:.3g})" if factor != 1 else "")
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -807,7 +833,8 @@ def make_ema(model, args, device):
 class TrainingRun:
     """The bookkeeping around a script's own step: use it as
 
-        run = TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, ema=ema, stage="UNet")
+        run = TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, ema=ema, stage="UNet")
         for batch in run.batches():
             with accelerator.accumulate(model):
                 ... loss ...
@@ -820,8 +847,9 @@ class TrainingRun:
 
     def __init__(self, args, accelerator, loader, sampler, model, *, optimizer, ema: EMAState | None = None,
                  stage: str, extra_state=None, restore_extra_state=None, stage_flags: tuple[str, ...] = (),
-                 identity: dict | None = None):
+                 identity: dict | None = None, lr_scheduler=None):
         self.args, self.accelerator, self.loader, self.sampler, self.model = args, accelerator, loader, sampler, model
+        self.lr_scheduler = lr_scheduler  # moved on a resume with another number of processes
         # what this run is (flags, model config, data): recorded in every checkpoint, compared on resume
         self.record = run_record(args, stage_flags, identity, accelerator.num_processes)
         self.optimizer = optimizer  # for the learning rate in the logs
@@ -851,8 +879,11 @@ class TrainingRun:
         path = find_resume_checkpoint(self.args)
         if path is None:
             return
-        check_resume_matches(path, self.record)
+        written_by = check_resume_matches(path, self.record)
         step, tensors, meta = load_checkpoint(self.accelerator, path)
+        now = self.accelerator.num_processes
+        if written_by and written_by != now and self.lr_scheduler is not None:
+            reposition_lr_schedule(self.lr_scheduler, self.args, step, written_by, now)
         if self.ema is not None:
             if "ema.0" not in tensors:
                 raise TrainingError(f"{path} holds no EMA weights but --use_ema is set; resume without --use_ema")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, TINY_UNET_ARGS, TINY_VQ_ARGS
+from conftest import REPO_ROOT, TINY_UNET_ARGS, TINY_VQ_ARGS, run_training_script
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +74,17 @@ def test_two_processes_are_data_parallel(script, tmp_path, demo_root, tiny_vq):
     for row in history:
         own = [r["loss"] for trace in (rank0, rank1) for r in trace if row["step"] - 2 < r["step"] <= row["step"]]
         assert len(own) == 4 and row["loss"] == pytest.approx(sum(own) / 4, rel=1e-5), (row, own)
+
+    if script == "train_unet.py":  # a requeued job on 1 process: the LR schedule goes on where it was
+        resumed = tmp_path / "resumed"
+        resumed.mkdir()
+        shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+        run_training_script("train_unet", [*args[:4], "--output_dir", resumed, *args[6:], "--max_train_steps", steps,
+                                           "--lr_scheduler", "linear", "--checkpointing_steps", "2",
+                                           "--resume_from_checkpoint", "latest"])
+        again = [json.loads(line) for line in (resumed / "logs" / "history.jsonl").read_text().splitlines()]
+        lrs = {row["step"]: row["lr"] for row in history}
+        assert [row["lr"] for row in again if row["step"] > 2] == [lrs[s] for s in sorted(lrs) if s > 2]
 
 
 def test_two_processes_without_cpu_flag_are_refused(tmp_path, demo_root):
