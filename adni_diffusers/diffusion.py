@@ -56,10 +56,15 @@ def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Ten
 
 
 def diffusion_loss(model, noise_scheduler, z0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
-                   loss_type: str = "mse", channels_last: bool = False, snr_gamma: float | None = None) -> torch.Tensor:
-    """One batch of the denoising objective; every random draw comes from `generator`."""
-    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=generator, device=z0.device)
+                   loss_type: str = "mse", channels_last: bool = False, snr_gamma: float | None = None,
+                   noise: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
+    """One batch of the denoising objective; every random draw comes from `generator`, unless `noise` and `t`
+    are given (the validation loss draws them once for the whole held-out set)."""
+    if noise is None:
+        noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    if t is None:
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=generator,
+                          device=z0.device)
     zt = noise_scheduler.add_noise(z0, noise, t)
     if channels_last:
         zt = zt.contiguous(memory_format=torch.channels_last)

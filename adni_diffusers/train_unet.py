@@ -29,6 +29,7 @@ logger = logging.getLogger("adni_diffusers.train_unet")
 
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH = 64
+BETA_START, BETA_END = 1e-4, 0.02  # the seed's linear betas (DDPM's)
 # beside training.RESUME_MUST_MATCH: the objective a resumed run must keep
 RESUME_MUST_MATCH = ("conditional", "cond_dropout", "prediction_type", "loss", "snr_gamma", "num_train_timesteps",
                      "beta_schedule", "beta_start", "beta_end")
@@ -45,14 +46,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="probability of replacing the label by the extra 'unconditional' class (for guidance)")
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
-    g.add_argument("--beta_start", type=float, default=1e-4, help="the seed's linear betas: 1e-4 .. 0.02")
-    g.add_argument("--beta_end", type=float, default=0.02)
+    g.add_argument("--beta_start", type=float, default=BETA_START,
+                   help="the seed's linear betas: 1e-4 .. 0.02 (not for squaredcos_cap_v2)")
+    g.add_argument("--beta_end", type=float, default=BETA_END)
     g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     g.add_argument("--loss", default="mse", choices=["mse", "smooth_l1"], help="smooth_l1 was the seed's")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023, derived for --loss mse); 5.0 is the paper's "
                         "value. Default: off")
-    g.add_argument("--latent_cache_dir", default=None, help="default: <vqmodel>/latent_cache")
+    g.add_argument("--latent_cache_dir", default=None,
+                   help="default: <--vqmodel>/latent_cache (the folder given, holding vqvae/ or the VQModel itself)")
     g.add_argument("--latents_on_device", action="store_true",
                    help="keep the training latents on the GPU (ADNI's 30,520: 0.5 GB per process) and cut each batch "
                         "there: no per-step host copy; the same batches, so the same results")
@@ -79,6 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if not 0 < value < 1:
             raise TrainingError(f"--{name} must be between 0 and 1 (exclusive), got {value}")
+    if args.beta_schedule == "squaredcos_cap_v2":
+        if (args.beta_start, args.beta_end) != (BETA_START, BETA_END):  # diffusers' cosine schedule has no range
+            raise TrainingError(f"--beta_start/--beta_end have no effect with --beta_schedule squaredcos_cap_v2 "
+                                f"(its betas come from the cosine alone); leave them out")
+    elif not args.beta_start < args.beta_end:
+        raise TrainingError(f"--beta_start {args.beta_start} must be below --beta_end {args.beta_end} (the noise grows "
+                            "over the timesteps)")
+    if args.sample_inference_steps > args.num_train_timesteps:  # DDIM cannot take more steps than there are
+        raise TrainingError(f"--sample_inference_steps {args.sample_inference_steps} must be at most "
+                            f"--num_train_timesteps {args.num_train_timesteps}")
     return args
 
 
@@ -91,6 +104,19 @@ def find_vqmodel(path: str) -> Path:
                 return candidate
     raise TrainingError(f"--vqmodel {path}: no VQModel there (expected the output folder of train_vqmodel.py, "
                         "holding vqvae/config.json)")
+
+
+def first_stage_metrics_file(vq_dir: Path) -> Path | None:
+    """The VQModel's reconstruction numbers: train_vqmodel.py's metrics.json beside its vqvae/, or the copy a
+    finished pipeline keeps (--vqmodel out/ldm). Not any other metrics.json (a pipeline's evaluation)."""
+    folder = vq_dir.parent
+    if (folder / "first_stage_metrics.json").is_file():
+        return folder / "first_stage_metrics.json"
+    try:
+        stage = json.loads((folder / "training_data.json").read_text()).get("stage")
+    except (OSError, ValueError):
+        return None
+    return folder / "metrics.json" if stage == "vqmodel" and (folder / "metrics.json").is_file() else None
 
 
 def vq_training_data(vq_dir: Path) -> dict | None:
@@ -199,7 +225,8 @@ def main(args: argparse.Namespace) -> dict:
 
     # 2. the latents of every slice (cached on disk) and the forward process
     # beside vqvae/ (the VQModel's or the pipeline's folder), not inside it: --vqmodel may name vqvae/ itself
-    cache_dir = Path(args.latent_cache_dir or vq_dir.parent / "latent_cache")
+    # beside vqvae/ in a train_vqmodel.py (or pipeline) folder; inside a bare diffusers VQModel folder
+    cache_dir = Path(args.latent_cache_dir or (vq_dir.parent if vq_dir.name == "vqvae" else vq_dir) / "latent_cache")
     with accelerator.main_process_first():
         progress = accelerator.is_local_main_process
         train_key = cache_key(vq_dir, data.train)  # also what a checkpoint of this run records as its data
@@ -246,7 +273,7 @@ def main(args: argparse.Namespace) -> dict:
         gen = run.step_generator()
         # dropout (a --preset with "dropout") draws from the global RNG: seed it from (seed, step, micro-batch,
         # process) as well, or a resumed run would differ from an uninterrupted one
-        torch.manual_seed(run.step_seed() + 2**32)
+        torch.manual_seed((run.step_seed() + 2**32) % 2**64)
         labels = None
         if class_names:
             labels = drop_labels(batch["class_labels"].to(device), args.cond_dropout, null_class, gen)
@@ -288,8 +315,8 @@ def main(args: argparse.Namespace) -> dict:
             if val_latents is not None else None,
         }
         (Path(args.output_dir) / "train_metrics.json").write_text(json.dumps(result, indent=2))
-        vq_metrics = vq_dir.parent / "metrics.json"  # the first stage's numbers travel with the pipeline
-        if vq_metrics.is_file():
+        vq_metrics = first_stage_metrics_file(vq_dir)  # the first stage's numbers travel with the pipeline
+        if vq_metrics is not None:
             shutil.copyfile(vq_metrics, Path(args.output_dir) / "first_stage_metrics.json")
         grid = _final_samples(pipe, class_names, args, device)
         from adni_diffusers.model_card import write_model_card
@@ -314,15 +341,20 @@ def latent_shape_of(vq) -> tuple[int, ...]:
 @torch.no_grad()
 def _validation_loss(unet, noise_scheduler, latents, labels, class_names, args, device) -> float:
     """The denoising loss on every held-out latent with fixed noise (the same draws every time): comparable across
-    runs. (Until 2026-12-02 the first 512 in path order: on ADNI a skewed few of the held-out patients.)"""
+    runs. The noise and timesteps are drawn once for the whole set, on the CPU: the same numbers whatever
+    --eval_batch_size and device. (Until 2026-12-02 the first 512 in path order: on ADNI a skewed few of the
+    held-out patients; and the draws were made batch by batch, so they changed with --eval_batch_size.)"""
     from adni_diffusers.diffusion import diffusion_loss
 
-    gen = torch.Generator(device=device).manual_seed(1234)
+    gen = torch.Generator().manual_seed(1234)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
     z0, y = latents.to(device), (labels.to(device) if class_names else None)
     total = 0.0
     for s in range(0, len(z0), args.eval_batch_size):
         sl = slice(s, s + args.eval_batch_size)
-        batch_loss = diffusion_loss(unet, noise_scheduler, z0[sl], None if y is None else y[sl], gen, "mse")
+        batch_loss = diffusion_loss(unet, noise_scheduler, z0[sl], None if y is None else y[sl], None, "mse",
+                                    noise=noise[sl].to(device, z0.dtype), t=t[sl].to(device))
         total += float(batch_loss) * len(z0[sl])
     return total / len(z0)
 

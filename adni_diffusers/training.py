@@ -16,6 +16,7 @@ Nothing depends on how many times the global RNG was used before a crash.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -132,6 +133,10 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
     require_fraction(args, "ema_max_decay")
     if not 0.0 < args.val_fraction < 1.0:
         raise TrainingError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    for name in ("seed", "split_seed"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value < 2**32:
+            raise TrainingError(f"--{name} must be between 0 and 2**32 - 1, got {value}")
     mode = getattr(args, "compile_mode", None)
     if mode and not args.compile:
         raise TrainingError(f"--compile_mode {mode} needs --compile")
@@ -524,26 +529,44 @@ def maybe_compile(model, args, probe=None, child_probe=None):
     compiled = compile_probe.compile_model(model, getattr(args, "compile_mode", None))
     if probe is None:
         return compiled
+    failure = None
     try:
         started = time.time()
-        probe(compiled)
+        # no gradient all-reduce in the probe: a process whose probe failed must not leave the others one
+        # collective ahead (they would average its first real step with their probe, then hang)
+        with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+            probe(compiled)
         args.compile_seconds["first_step_here"] = round(time.time() - started, 1)  # compilation included
         logger.info("--compile: the first compiled step here took %.0f s, compilation included",
                     args.compile_seconds["first_step_here"])
-        return compiled
     except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
         first_line = str(e).splitlines()[0] if str(e) else ""
-        if "CUDA error" in str(e):
+        if is_cuda_fault(e):
             raise TrainingError(
                 f"--compile: the compiled model's first training step at batch size {args.train_batch_size} hit a "
                 f"CUDA error ({first_line}), which leaves the GPU unusable in this process. Nothing was trained "
                 "yet. Rerun without --compile, or with another --train_batch_size or --compile_mode."
             ) from e
-        logger.warning("torch.compile failed (%s: %s); training eager", type(e).__name__, first_line)
-        return model
+        failure = f"{type(e).__name__}: {first_line}"
     finally:
         for p in model.parameters():
             p.grad = None  # the probe's gradients are not a training step
+    if not _every_process_agrees(failure is None):  # all compiled, or all eager
+        logger.warning("torch.compile failed (%s); training eager", failure or "in another process")
+        return model
+    return compiled
+
+
+# How a CUDA fault reads: from torch, from Triton's launcher (most inductor kernels) and from cuDNN
+CUDA_FAULT_RE = re.compile(r"CUDA error|Triton Error \[CUDA\]|CUDNN_STATUS_EXECUTION_FAILED|illegal memory access|"
+                           r"misaligned address")
+
+
+def is_cuda_fault(error: BaseException) -> bool:
+    """Whether `error` left the CUDA context unusable (training eager in the same process would fail too)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(error, accelerator_error)) or bool(
+        CUDA_FAULT_RE.search(str(error)))
 
 
 def _child_step_passes(spec: dict, started=None) -> tuple[bool, str]:
@@ -707,9 +730,13 @@ def run_record(args, stage_flags: tuple[str, ...] = (), identity: dict | None = 
 
 def resume_mismatches(recorded: dict, current: dict) -> list[str]:
     """What differs between a checkpoint's run record and this run's, one line each."""
+    def effective(flags: dict) -> dict:  # no --split_seed is --seed's: "--seed 0" and "--split_seed 0" agree
+        return {**flags, "split_seed": split_seed(flags)} if "split_seed" in flags else flags
+
     lines = []
-    for name, then in recorded.get("flags", {}).items():
-        now = current.get("flags", {}).get(name, then)
+    recorded_flags, current_flags = effective(recorded.get("flags", {})), effective(current.get("flags", {}))
+    for name, then in recorded_flags.items():
+        now = current_flags.get(name, then)
         if now != then:
             lines.append(f"--{name}: {then!r} in the checkpoint, {now!r} now")
     identity_names = {"model_config": "the model config (--preset, --conditional, the class folders)",
@@ -938,7 +965,8 @@ class TrainingRun:
     def step_seed(self, shared: bool = False) -> int:
         """The seed of `step_generator`: (seed, step, micro-batch, process)."""
         rank = 0 if shared else self.accelerator.process_index
-        return ((self.args.seed * 1_000_003 + self.global_step) * 1_009 + self._micro) * 1_013 + rank
+        # modulo the Generator's seed range (a date-like --seed 20261201 overflowed it at the first step)
+        return (((self.args.seed * 1_000_003 + self.global_step) * 1_009 + self._micro) * 1_013 + rank) % 2**64
 
     def log_micro_batch(self, logs: dict[str, torch.Tensor]) -> None:
         """Call on a micro-batch that does not end the step (gradient accumulation): `end_step` then logs each

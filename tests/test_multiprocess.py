@@ -118,6 +118,41 @@ def test_compile_decision_is_the_same_on_every_process(tmp_path):
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["all=False same=True"] * 2
 
 
+def test_a_compile_probe_failing_in_one_process_makes_every_process_train_eager(tmp_path):
+    """The in-process probe (a compiled step before training) failed on rank 1 only (an out-of-memory, a compile
+    worker crash): rank 1 trained eager, rank 0 compiled, and rank 0's probe all-reduce met rank 1's first real
+    step: gradients averaged with the probe's, then a hang until --ddp_timeout. Now: no all-reduce in the probe,
+    and both train eager, in step."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, types, torch\n"
+        "from pathlib import Path\n"
+        "from accelerate import Accelerator\n"
+        "from adni_diffusers import compile_probe, training\n"
+        "compile_probe.compile_model = lambda m, mode: torch.compile(m, backend='eager')  # fast, same control flow\n"
+        "acc = Accelerator()\n"
+        "assert acc.num_processes == 2\n"
+        "torch.manual_seed(0)\n"
+        "model, opt = acc.prepare(torch.nn.Linear(4, 1), torch.optim.SGD(torch.nn.Linear(4, 1).parameters(), 0.1))\n"
+        "def probe(m):\n"
+        "    if acc.process_index == 1:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory (simulated, rank 1 only)')\n"
+        "    m(torch.ones(2, 4)).sum().backward()\n"
+        "args = types.SimpleNamespace(compile=True, compile_mode=None, train_batch_size=2)\n"
+        "m = training.maybe_compile(model, args, probe=probe)\n"
+        "acc.backward(m(torch.full((2, 4), float(acc.process_index + 1))).sum())\n"
+        "grad = model.module.weight.grad.clone()\n"
+        "acc.wait_for_everyone()\n"
+        "Path(sys.argv[1], f'rank{acc.process_index}.txt').write_text(f'{m is model} {grad.tolist()}')\n"
+        "import torch.distributed\n"
+        "torch.distributed.destroy_process_group()\n")
+    proc = launch(script, [tmp_path], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    # both eager, and the first real step's gradient is the mean of the two ranks' inputs (1 and 2) x batch 2
+    assert answers == ["True [[3.0, 3.0, 3.0, 3.0]]"] * 2, answers
+
+
 def test_checkpoint_waits_for_every_process_before_the_rename(tmp_path):
     """Each process writes its own random_states_<i>.pkl into checkpoint-N.tmp; the main process renamed the
     folder as soon as its own part was written, so a slower rank 1 crashed ("Parent directory ... does not exist")

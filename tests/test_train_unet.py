@@ -280,6 +280,11 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     ("train_unet", "--max_grad_norm", "0", "--max_grad_norm must be positive"),
     ("train_unet", "--ema_max_decay", "1.5", "--ema_max_decay must be between 0 and 1"),
     ("train_unet", "--ema_power", "nan", "--ema_power must be positive, got nan"),
+    ("train_unet", "--seed", "-1", "--seed must be between 0 and 2**32 - 1, got -1"),
+    ("train_vqmodel", "--split_seed", str(2**32), "--split_seed must be between 0 and 2**32 - 1"),
+    ("train_unet", "--beta_start", "0.03", "--beta_start 0.03 must be below --beta_end 0.02"),
+    # the periodic DDIM grid at the last step raised after the whole run, before the pipeline was saved
+    ("train_unet", "--num_train_timesteps", "10", "--sample_inference_steps 50 must be at most --num_train_timesteps 10"),
 ])
 def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, capsys):
     """Caught when the flags are read, not after an epoch (a 0 interval divided by zero at its first use;
@@ -293,6 +298,43 @@ def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, cap
         module.parse_args(["--vqmodel", "v", "--output_dir", "o", flag, value] if script == "train_unet"
                           else ["--output_dir", "o", flag, value])
     assert message in str(error.value)
+
+
+def test_beta_range_with_the_cosine_schedule_is_refused():
+    """diffusers' squaredcos_cap_v2 ignores beta_start/beta_end: a given range would be silently dropped."""
+    from adni_diffusers import train_unet
+    from adni_diffusers.training import TrainingError
+
+    base = ["--vqmodel", "v", "--output_dir", "o", "--beta_schedule", "squaredcos_cap_v2"]
+    assert train_unet.parse_args(base).beta_schedule == "squaredcos_cap_v2"
+    with pytest.raises(TrainingError, match="no effect with --beta_schedule squaredcos_cap_v2"):
+        train_unet.parse_args([*base, "--beta_end", "0.05"])
+
+
+def test_step_seeds_stay_in_the_generator_range_for_any_accepted_seed():
+    """A date-like --seed (20261201) made the step seed overflow torch.Generator at the first step."""
+    from types import SimpleNamespace
+
+    from adni_diffusers.training import TrainingRun
+
+    run = object.__new__(TrainingRun)
+    run.accelerator = SimpleNamespace(process_index=7)
+    run._micro = 3
+    for seed, step in [(0, 5), (20261201, 0), (2**32 - 1, 10**7)]:
+        run.args, run.global_step = SimpleNamespace(seed=seed), step
+        torch.Generator().manual_seed(run.step_seed())  # raised "Overflow when unpacking long long"
+        torch.manual_seed((run.step_seed() + 2**32) % 2**64)
+    run.args, run.global_step = SimpleNamespace(seed=1), 2
+    assert run.step_seed() == ((1 * 1_000_003 + 2) * 1_009 + 3) * 1_013 + 7  # small seeds: the streams are unchanged
+
+
+def test_an_explicit_split_seed_equal_to_the_seed_resumes():
+    from adni_diffusers.training import resume_mismatches
+
+    recorded = {"flags": {"seed": 0, "split_seed": None}}
+    assert resume_mismatches(recorded, {"flags": {"seed": 0, "split_seed": 0}}) == []
+    assert resume_mismatches(recorded, {"flags": {"seed": 0, "split_seed": 1}}) == [
+        "--split_seed: 0 in the checkpoint, 1 now"]
 
 
 # ------------------------------------------------------------------------- the VQModel's data split
@@ -555,6 +597,11 @@ def test_validation_loss_scores_every_held_out_latent(monkeypatch):
     latents = torch.randn(600, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     loss = _validation_loss(unet, make_noise_scheduler(), latents, None, None, SimpleNamespace(eval_batch_size=256), "cpu")
     assert scored == [256, 256, 88] and loss > 0
+    # the same number whatever --eval_batch_size (the noise and timesteps were drawn batch by batch)
+    for batch_size in (600, 7):
+        again = _validation_loss(unet, make_noise_scheduler(), latents, None, None,
+                                 SimpleNamespace(eval_batch_size=batch_size), "cpu")
+        assert again == pytest.approx(loss, rel=1e-5)
 
 
 def _checkpoint_accelerator():
@@ -674,3 +721,20 @@ def test_processes_wait_ddp_timeout_at_a_barrier(tmp_path):
         reset_accelerate()
     with pytest.raises(training.TrainingError, match="--ddp_timeout must be at least 1"):
         train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--ddp_timeout", "0"])
+
+
+def test_first_stage_metrics_come_from_a_vq_folder_or_a_pipelines_copy(tmp_path):
+    """Chaining from a finished pipeline (--vqmodel out/ldm) lost the first stage's numbers from the new card;
+    a pipeline's own metrics.json (an evaluation) is never taken for them."""
+    from adni_diffusers.train_unet import first_stage_metrics_file
+
+    vq, ldm = tmp_path / "vq", tmp_path / "ldm"
+    for folder, stage in ((vq, "vqmodel"), (ldm, "unet")):
+        (folder / "vqvae").mkdir(parents=True)
+        (folder / "training_data.json").write_text(json.dumps({"stage": stage}))
+        (folder / "metrics.json").write_text("{}")
+    assert first_stage_metrics_file(vq / "vqvae") == vq / "metrics.json"
+    assert first_stage_metrics_file(ldm / "vqvae") is None  # an evaluation's metrics.json
+    (ldm / "first_stage_metrics.json").write_text("{}")
+    assert first_stage_metrics_file(ldm / "vqvae") == ldm / "first_stage_metrics.json"
+    assert first_stage_metrics_file(tmp_path / "bare") is None  # a VQModel folder without records
