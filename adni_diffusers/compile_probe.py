@@ -57,6 +57,9 @@ def make_spec(stage: str, config: dict, args, accelerator, sample_shape) -> dict
     return {"stage": stage, "config": dict(config), "batch_size": int(args.train_batch_size),
             "sample_shape": [int(s) for s in sample_shape], "mixed_precision": str(accelerator.mixed_precision),
             "channels_last": bool(args.channels_last), "compile_mode": getattr(args, "compile_mode", None),
+            # the kernels the training process picks with them (TF32 GEMM templates, cuDNN autotuning)
+            "allow_tf32": bool(getattr(args, "allow_tf32", False)),
+            "cudnn_benchmark": bool(getattr(args, "cudnn_benchmark", False)),
             "device": str(accelerator.device)}
 
 
@@ -220,6 +223,10 @@ def run_training_step(spec: dict) -> int:
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
+    if device.type == "cuda" and spec.get("allow_tf32"):  # as make_accelerator sets them in the training process
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda" and spec.get("cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
     if spec["stage"] == "unet":
         model = UNet2DModel(**spec["config"])
     elif spec["stage"] == "vqmodel":

@@ -909,7 +909,7 @@ def _earlier_outputs(out: Path, folders: list[Path]) -> list[Path]:
 
 
 def _load_classifier(args, data, device):
-    from .features import get_or_train_feature_net, load_feature_net
+    from .features import check_cache_folder, get_or_train_feature_net, load_feature_net
 
     if args.classifier:
         if not (Path(args.classifier) / "config.json").is_file():
@@ -924,6 +924,7 @@ def _load_classifier(args, data, device):
     from .evaluate import FEATURE_NET_SEED
 
     cache = args.feature_net_cache or str(Path(args.model) / "feature_net")
+    check_cache_folder(cache, "--feature-net-cache")
     epochs = args.feature_epochs or FEATURE_EPOCHS
     net, report = get_or_train_feature_net(cache, data.train, data.val, epochs=epochs, seed=FEATURE_NET_SEED,
                                            device=device, progress=False)

@@ -1007,7 +1007,7 @@ def evaluate_model(
     they also define the TSTR/TRTR classifiers' recipe (with `tstr_epochs`).
     Returns the metrics.json content (also written to `out`, with report.md and the PNGs).
     """
-    from .features import get_or_train_feature_net, umap_plot
+    from .features import check_cache_folder, get_or_train_feature_net, umap_plot
     from .plots import save_image_grid
 
     t_start = time.perf_counter()
@@ -1021,6 +1021,12 @@ def evaluate_model(
         raise EvaluationError("--num-samples must be at least 2")
     out = Path(out) if out is not None else model_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
+    # beside the model whatever --out is: `counterfactual` looks for the same net there
+    cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"
+    try:
+        check_cache_folder(cache_dir, "--feature-cache")
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
     device = _resolve_device(device)
     on_gpu = device.startswith("cuda")
     batch_size = batch_size or (256 if on_gpu else 16)
@@ -1059,8 +1065,6 @@ def evaluate_model(
     # which uses seed 0 too, finds the same net)
     settings = {"epochs": feature_epochs, "seed": FEATURE_NET_SEED, "device": device, "progress": progress,
                 **(feature_settings or {})}
-    # beside the model whatever --out is: `counterfactual` looks for the same net there
-    cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"
     net, fn_report = get_or_train_feature_net(cache_dir, data.train, data.val, **settings)
     logger.info("feature net %s (%s); held-out accuracy %.3f", "reused" if fn_report["cached"] else "trained",
                 fn_report["path"], fn_report["val"]["accuracy"])

@@ -513,6 +513,20 @@ _KEYED = (
 )
 
 
+def check_cache_folder(cache_dir, flag: str) -> None:
+    """The cache folder can take a net: checked before the net is trained (minutes on a CPU), not after.
+    Raises ValueError naming `flag` (the command's option for it)."""
+    import tempfile
+
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {cache_dir}: cannot write the feature net there ({e.strerror or e}); give a "
+                         f"writable folder with {flag}") from None
+
+
 def get_or_train_feature_net(
     cache_dir: str | os.PathLike, train: SliceSet, val: SliceSet | None = None, **settings
 ) -> tuple[FeatureNet, dict]:

@@ -45,7 +45,7 @@ UNUPLOADED_DIRS = ("logs", "samples", "latent_cache", "trace", "__pycache__", ".
 ALWAYS_SKIPPED_DIRS = ("__pycache__", ".git")
 # the demo's record of the command lines that made a stage (local paths; only `adni-diffusers demo` reads it)
 UNUPLOADED_FILES = ("demo_recipe.json",)
-CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-\d+(\.tmp)?$")
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-\d+(\.tmp|\.old\.tmp|\.abandoned(-\d+)?)?$")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
 TOKEN_SCAN_MAX_BYTES = 32 * 2**20  # files up to this size are searched for the token before a push
 

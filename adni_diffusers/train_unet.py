@@ -261,7 +261,7 @@ def main(args: argparse.Namespace) -> dict:
                                ema=ema, stage="UNet", stage_flags=RESUME_MUST_MATCH,
                                identity={"model_config": config, "latent_cache_key": train_key})
     run.resume()
-    training.start_logging(accelerator, args, "unet")
+    training.start_logging(accelerator, args, "unet", run.start_step)
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source,
                                {"stage": "unet", "vqmodel": str(vq_dir), "vqmodel_data": vq_data,

@@ -11,12 +11,15 @@ reconstruction grid and the loss curves. Without `--train_data_dir` it builds an
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
 import torch
 
 from adni_diffusers import training
+
+logger = logging.getLogger("adni_diffusers.train_vqmodel")
 
 DEFAULT_LR = 2e-4
 DEFAULT_BATCH = 8
@@ -117,7 +120,11 @@ def main(args: argparse.Namespace) -> dict:
                                           monitor.initialised.copy_(t["codebook_initialised"][0])),
     )
     run.resume()
-    training.start_logging(accelerator, args, "vqmodel")
+    if use_gan and args.disc_start >= run.max_train_steps:
+        logger.warning("--disc_weight %g: the adversarial loss starts at --disc_start %d, and this run ends at step %d: "
+                       "it trains without it (lower --disc_start to use it)", args.disc_weight, args.disc_start,
+                       run.max_train_steps)
+    training.start_logging(accelerator, args, "vqmodel", run.start_step)
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"}, model=model)
     preview = torch.stack([SliceDataset(data.val or data.train)[i]["pixel_values"]

@@ -257,22 +257,31 @@ def _quiet_libraries(main: bool) -> None:
 
 
 def prepare_output_dir(args, accelerator, product: str) -> None:
-    """Refuse to write over a finished model unless asked; `product` is the file or folder that marks one."""
+    """Refuse to write over a finished model unless asked; `product` is the file or folder that marks one.
+    A run that starts from step 0 (not resuming) starts a new loss history."""
     output_dir = Path(args.output_dir)
-    existing = [p for p in [output_dir / product, *list_checkpoints(output_dir)] if p.exists()]
-    if existing and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+    checkpoints = list_checkpoints(output_dir)
+    existing = [p for p in [output_dir / product, *checkpoints] if p.exists()]
+    # "latest" with no checkpoint starts fresh: it must not silently write over a finished model either
+    resuming = args.resume_from_checkpoint is not None and (args.resume_from_checkpoint != "latest" or bool(checkpoints))
+    if existing and not resuming and not args.overwrite_output_dir:
+        why = " and no checkpoint to resume" if args.resume_from_checkpoint else ""
         raise TrainingError(
-            f"--output_dir {output_dir} already holds a model ({existing[0].name}). Use "
-            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
-            "or another --output_dir."
+            f"--output_dir {output_dir} already holds a model ({existing[0].name}){why}. Use "
+            + ("" if why else "--resume_from_checkpoint latest to continue it, ")
+            + "--overwrite_output_dir to replace it, or another --output_dir."
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+        earlier = []
+        if args.overwrite_output_dir and not resuming:
             # evaluation/ too: its numbers (which the model card shows and a push uploads) are the old model's
-            for p in existing + [output_dir / args.logging_dir, output_dir / "samples", output_dir / "evaluation",
-                                 output_dir / "trace"]:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            earlier = existing + [output_dir / args.logging_dir, output_dir / "loss_curve.png", output_dir / "samples",
+                                  output_dir / "evaluation", output_dir / "trace"]
+        if not resuming:  # the loss history (logs/history.jsonl whatever --logging_dir) starts at step 1 again
+            earlier.append(output_dir / HISTORY_FILE)
+        for p in earlier:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in output_dir.glob("checkpoint-*.tmp"):  # a save cut short by a crash
             shutil.rmtree(stale, ignore_errors=True)
@@ -295,8 +304,26 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     prepare_output_dir(args, accelerator, product=product)
     resume_from = find_resume_checkpoint(args)
     if resume_from is not None:
-        check_resume_matches(resume_from, run_record(args, stage_flags))
+        check_resume_matches(resume_from, run_record(args, stage_flags))  # first: the more useful message
+        check_checkpoint_files(resume_from, accelerator)
     return config, accelerator
+
+
+CHECKPOINT_FILES = ("training_state.json", "model.safetensors", "optimizer.bin", "scheduler.bin")
+
+
+def check_checkpoint_files(path: Path, accelerator) -> None:
+    """A checkpoint folder missing a file (emptied, copied in part, another tool's) is refused before any work,
+    naming the file: accelerate's own error came after the data had loaded, named a file the checkpoint never
+    had (pytorch_model.bin), or came after the weights were already loaded."""
+    needed = [*CHECKPOINT_FILES, *(["scaler.pt"] if accelerator.scaler is not None else [])]
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing == ["scaler.pt"]:
+        raise TrainingError(f"--resume_from_checkpoint {path} was written without --mixed_precision fp16 (it has no "
+                            "scaler.pt, the fp16 loss scale): resume it with the precision it was written with, or bf16")
+    if missing:
+        raise TrainingError(f"--resume_from_checkpoint {path}: not a complete checkpoint of this package (no "
+                            f"{', '.join(missing)}); use another checkpoint-<step> folder, or start a new run")
 
 
 def data_root(args, accelerator) -> Path:
@@ -755,7 +782,7 @@ def check_resume_matches(path: Path, current: dict) -> int | None:
     Returns the number of processes that wrote the checkpoint (None when it does not say)."""
     state = path / "training_state.json"
     if not state.is_file():
-        return None  # not a checkpoint: load_checkpoint says so
+        return None  # not a checkpoint: check_checkpoint_files says so
     recorded = json.loads(state.read_text()).get("run")
     if recorded is None:  # written before 2026-12-02: nothing to compare
         return None
@@ -919,8 +946,24 @@ class TrainingRun:
         self.global_step = self.start_step = step
         self.first_epoch = step // self.steps_per_epoch
         self._last_good_checkpoint = path
+        self._set_aside_newer_checkpoints(step)
         self._truncate_history(step)
         logger.info("resumed from %s at step %d (epoch %d)", path, step, self.first_epoch)
+
+    def _set_aside_newer_checkpoints(self, step: int) -> None:
+        """Resuming an earlier checkpoint abandons the later ones of the first attempt: renamed out of `latest`'s
+        reach (checkpoint-N.abandoned), or a later `latest` (a requeued job) would go back to that branch."""
+        newer = [c for c in list_checkpoints(self.output_dir) if int(CHECKPOINT_RE.match(c.name).group(1)) > step]
+        if newer and self.accelerator.is_main_process:
+            for c in newer:
+                target, n = c.with_name(f"{c.name}.abandoned"), 2
+                while target.exists():
+                    target, n = c.with_name(f"{c.name}.abandoned-{n}"), n + 1
+                c.rename(target)
+            logger.warning("resumed at step %d: the later %s renamed to *.abandoned (no longer picked by "
+                           "--resume_from_checkpoint latest; delete them when you no longer need them)", step,
+                           ", ".join(c.name for c in newer))
+        self.accelerator.wait_for_everyone()
 
     # -- the loop ----------------------------------------------------------------------------------
     def batches(self):
@@ -988,7 +1031,9 @@ class TrainingRun:
             self._write_trace(self._pending[-1])
         if self.global_step % self.args.logging_steps == 0 or self.global_step == self.max_train_steps:
             self.flush_logs()
-        if self.global_step % self.args.checkpointing_steps == 0 and self.global_step < self.max_train_steps:
+        # and at the last step: a failure in the final evaluation or save loses no training, and a finished run
+        # can be trained on (--resume_from_checkpoint latest with a larger --max_train_steps)
+        if self.global_step % self.args.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
             self.checkpoint()
 
     def _write_trace(self, step_logs: dict) -> None:
@@ -1123,11 +1168,13 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
     (output_dir / "training_args.json").write_text(json.dumps(safe_args, indent=2, default=str))
 
 
-def start_logging(accelerator, args, project: str) -> None:
-    """Tensorboard (with the run's flags, tokens left out) on the main process."""
+def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
+    """Tensorboard (with the run's flags, tokens left out) on the main process. A run resumed at `start_step`
+    drops the events logged after it by the first attempt (they would show twice: steps 1, 2, 3, 4, 3, 4)."""
     if accelerator.is_main_process:
         flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
-        accelerator.init_trackers(project, config=flags)
+        init_kwargs = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
+        accelerator.init_trackers(project, config=flags, init_kwargs=init_kwargs)
 
 
 def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path, nrow: int) -> Path:

@@ -344,6 +344,15 @@ def test_child_started_early_is_the_one_answered(monkeypatch, caplog, early_answ
     assert args.compile_seconds["waited_for_child"] <= args.compile_seconds["child_processes"]
 
 
+def test_the_spec_carries_the_kernel_choosing_flags():
+    from adni_diffusers.compile_probe import make_spec
+
+    args = SimpleNamespace(train_batch_size=2, channels_last=False, compile_mode=None, allow_tf32=True,
+                           cudnn_benchmark=True)
+    spec = make_spec("unet", {}, args, SimpleNamespace(mixed_precision="no", device="cpu"), (4, 8, 8))
+    assert spec["allow_tf32"] is True and spec["cudnn_benchmark"] is True
+
+
 def test_a_step_that_passed_before_needs_no_child(monkeypatch, caplog):
     """A rerun or a resume of the same training step (model, batch, precision, mode, GPU, software) skips
     the child: a child that passed leaves a record beside inductor's cache; a failed one leaves none."""
@@ -359,7 +368,8 @@ def test_a_step_that_passed_before_needs_no_child(monkeypatch, caplog):
     record = compile_probe.passed_before(_spec())
     assert record is not None and json.loads(record.read_text())["torch"] == torch.__version__
     for other in (_spec(batch_size=512), _spec(compile_mode="reduce-overhead"), _spec(mixed_precision="bf16"),
-                  _spec("vqmodel")):
+                  _spec("vqmodel"), _spec(allow_tf32=True), _spec(cudnn_benchmark=True)):
+        # (the spec carries --allow_tf32 and --cudnn_benchmark: they change the kernels a GPU run picks)
         assert compile_probe.passed_before(other) is None  # another step: another record
 
     unwritable = Path(compile_probe._inductor_cache_dir()) / "a file"

@@ -177,3 +177,18 @@ def test_no_images_for_batchnorm_recalibration_keeps_the_training_statistics(dat
     before = {k: v.clone() for k, v in net.state_dict().items()}
     Fe.recalibrate_batchnorm(net, train.subset([0]))
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_an_unwritable_cache_folder_is_refused_before_training(tiny_ldm, tmp_path):
+    """It failed after the net was trained (minutes on a CPU), with an OSError that named no option."""
+    from adni_diffusers.evaluate import EvaluationError, evaluate_model
+    from adni_diffusers.features import check_cache_folder
+
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="--feature-net-cache .*not_a_folder: cannot write the feature net there"):
+        check_cache_folder(a_file, "--feature-net-cache")
+    check_cache_folder(tmp_path / "new" / "cache", "--feature-cache")  # made when missing
+    assert (tmp_path / "new" / "cache").is_dir() and not list((tmp_path / "new" / "cache").iterdir())
+    with pytest.raises(EvaluationError, match="--feature-cache .*not_a_folder"):
+        evaluate_model(tiny_ldm, out=tmp_path / "eval", feature_cache=a_file)

@@ -32,9 +32,10 @@ from hub_stub import HubStub
 
 SECRET = "hf_RoundTripSecretToken0123456789abcdef"  # the stub's valid token in the subprocess tests
 REPO = "user/tiny-ldm"
-# What a train_unet.py output folder must put on main: the model, its card and what the card shows.
+# What a train_unet.py output folder must put on main: the model, its card, what the card shows and (a demo model)
+# the MNI notice the card links to.
 PIPELINE_FILES = {
-    "README.md", "model_index.json", "pipeline_adni_ldm.py", "samples.png", "loss_curve.png",
+    "README.md", "LICENSE.md", "model_index.json", "pipeline_adni_ldm.py", "samples.png", "loss_curve.png",
     "training_data.json", "training_args.json", "train_metrics.json", "first_stage_metrics.json",
     "scheduler/scheduler_config.json",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,18 +125,19 @@ def test_checkpoints_are_atomic_and_tmp_never_picked(tmp_path, monkeypatch, demo
     out = tmp_path / "run"
     run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps", "4",
                                           "--checkpointing_steps", "2", *TINY_VQ_ARGS])
-    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2"]
+    # every --checkpointing_steps, and at the last step (a failure in the final evaluation loses no training)
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     assert (out / "checkpoint-2" / "training_state.json").is_file()
     # a save cut short leaves only a .tmp folder, which `latest` never picks
     (out / "checkpoint-9.tmp").mkdir()
     (out / "checkpoint-9.tmp" / "model.safetensors").write_bytes(b"half written")
-    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
 
     class Args:
         resume_from_checkpoint = "latest"
         output_dir = str(out)
 
-    assert training.find_resume_checkpoint(Args).name == "checkpoint-2"
+    assert training.find_resume_checkpoint(Args).name == "checkpoint-4"
 
     # a crash during the rename step leaves no checkpoint-N behind
     def broken_replace(src, dst):
@@ -151,7 +154,62 @@ def test_checkpoints_are_atomic_and_tmp_never_picked(tmp_path, monkeypatch, demo
         training.save_checkpoint(acc, out, 11, {"tensors": {}, "meta": {}}, None)
     reset_accelerate()
     assert not (out / "checkpoint-11").exists()
-    assert training.find_resume_checkpoint(Args).name == "checkpoint-2"
+    assert training.find_resume_checkpoint(Args).name == "checkpoint-4"
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo_root, capsys, caplog):
+    """Going back to checkpoint-2 of a run that reached 4: checkpoint-4 is renamed, so a later `latest` (a requeued
+    job) continues the resumed branch, not the abandoned one. And `latest` with no checkpoint left does not
+    silently write over the finished model."""
+    from adni_diffusers import training, train_vqmodel
+
+    out = tmp_path / "run"
+    common = ["--train_data_dir", demo_root, "--output_dir", out, "--checkpointing_steps", "2", "--disc_weight", "0.5",
+              *TINY_VQ_ARGS, "--report_to", "tensorboard"]
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        run_training_script("train_vqmodel", [*common, "--max_train_steps", "4"])
+    # (and a GAN that would start after the run ends is said to be unused: --disc_start is 2000 by default)
+    assert "the adversarial loss starts at --disc_start 2000, and this run ends at step 4" in caplog.text
+    run_training_script("train_vqmodel", [*common, "--max_train_steps", "3",
+                                          "--resume_from_checkpoint", out / "checkpoint-2"])
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert (out / "checkpoint-4.abandoned" / "training_state.json").is_file()
+    history = [json.loads(line)["step"] for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert history == [2, 3]  # the abandoned step 4 is not in the history
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(out / "logs" / "vqmodel")).Reload()  # accelerate's tensorboard folder
+    assert [e.step for e in scalars.Scalars("loss")] == [2, 3]  # nor in tensorboard (it showed 2, 4, 3)
+
+    for checkpoint in training.list_checkpoints(out):
+        shutil.rmtree(checkpoint)
+    code = train_vqmodel.cli([*map(str, common), "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a model (vqvae) and no checkpoint to resume" in err, err
+
+
+def test_an_incomplete_checkpoint_is_refused_before_any_work(tmp_path, demo_root, capsys):
+    from adni_diffusers import train_vqmodel
+
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)  # emptied, or copied in part
+    (out / "checkpoint-3" / "training_state.json").write_text('{"step": 3}')
+    code = train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(out), "--max_train_steps", "4",
+                              "--resume_from_checkpoint", "latest", *map(str, TINY_VQ_ARGS)])
+    err = capsys.readouterr().err
+    assert code == 2 and "checkpoint-3: not a complete checkpoint of this package (no model.safetensors, " in err, err
+
+
+def test_a_fresh_start_begins_a_new_loss_history(tmp_path, demo_root):
+    """A job that died before its first checkpoint, rerun with `latest` (a requeued SLURM job): the history had
+    the first attempt's rows and the new ones, and the loss curve drew both."""
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "history.jsonl").write_text('{"step": 2, "loss": 9.0}\n')
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps", "2",
+                                          "--resume_from_checkpoint", "latest", *TINY_VQ_ARGS])
+    rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and rows[0]["loss"] != 9.0
 
 
 def test_total_limit_keeps_newest(tmp_path, demo_root):
@@ -160,7 +218,7 @@ def test_total_limit_keeps_newest(tmp_path, demo_root):
     out = tmp_path / "run"
     run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps", "7",
                                           "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", *TINY_VQ_ARGS])
-    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-6", "checkpoint-7"]  # 7: the last step
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, demo_root):
