@@ -582,10 +582,12 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
                                        refine_repeats=refine_repeats, seed=seed, batch_size=batch_size,
                                        progress=progress, desc=f"ablation {_row_label(row)}")
                 seconds = time.perf_counter() - t0
-            feats = net.features(images, batch_size=feature_batch, device=device)
+            # 8-bit pixels, as the main row's samples and the real slices are measured (floats differed slightly)
+            pixels = to_uint8(M.as_images(images))
+            feats = net.features(pixels, batch_size=feature_batch, device=device)
             result = compare_features(reference, feats, kid_subsets=kid_subsets, seed=seed)
             if class_names and labels[0] is not None:
-                result["class_accuracy"] = class_fidelity(net, images, label_tensor, class_names, feature_batch,
+                result["class_accuracy"] = class_fidelity(net, pixels, label_tensor, class_names, feature_batch,
                                                           device)["accuracy"]
             result["seconds"] = seconds
             result["seconds_per_image"] = seconds / len(labels)

@@ -403,3 +403,21 @@ def test_ablations_of_a_model_with_fewer_training_timesteps(model_copy, tmp_path
     ddpm = next(r for r in result["ablations"]["rows"] if r["group"] == "sampler" and r["scheduler"] == "ddpm")
     assert ddpm["steps"] == 20 and "(20 steps)" in ddpm["label"]
     assert (folder / "evaluation" / "metrics.json").is_file()
+
+
+def test_ablation_rows_measure_8_bit_pixels_as_the_main_row_does():
+    """The main row and the real slices are measured as 8-bit pixels; the ablation rows took the float samples,
+    so the same setting could show a slightly different FD in the two tables."""
+    seen = []
+
+    class Net:
+        def features(self, x, batch_size=64, device="cpu"):
+            seen.append(x.dtype)
+            return torch.arange(len(x) * 4, dtype=torch.float32).reshape(len(x), 4) + torch.rand(len(x), 4)
+
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    row = {"group": "one row", "setting": "main", "scheduler": "dpm++", "steps": 25, "refine": None, "guidance": 1.0}
+    result = E.run_ablations(None, [row], Net(), {None: torch.rand(6, 4)}, {None: 6}, {"fd": 1.0}, seed=0,
+                             batch_size=6, device="cpu", feature_batch=6, kid_subsets=2, class_names=[],
+                             progress=False, reuse={("dpm++", 25, 0, 0, 1.0): (images, 1.0)})
+    assert seen == [torch.uint8] and result["rows"][0]["fd"] >= 0
