@@ -36,6 +36,7 @@ logger = logging.getLogger("adni_diffusers.training")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 HISTORY_FILE = "logs/history.jsonl"
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # their rate after warm-up does not depend on the length
 
 
 class TrainingError(RuntimeError):
@@ -938,6 +939,11 @@ class TrainingRun:
         now = self.accelerator.num_processes
         if written_by and written_by != now and self.lr_scheduler is not None:
             reposition_lr_schedule(self.lr_scheduler, self.args, step, written_by, now)
+        then_steps = meta.get("max_train_steps")
+        if then_steps and then_steps != self.max_train_steps and self.args.lr_scheduler not in CONSTANT_SCHEDULES:
+            logger.warning("resuming a run of %d steps as one of %d: the --lr_scheduler %s schedule is laid over the "
+                           "new length, so the learning rate jumps at the resume", then_steps, self.max_train_steps,
+                           self.args.lr_scheduler)
         if self.ema is not None:
             if "ema.0" not in tensors:
                 raise TrainingError(f"{path} holds no EMA weights but --use_ema is set; resume without --use_ema")
@@ -1090,6 +1096,7 @@ class TrainingRun:
             tensors.update(self.ema.tensors())
             meta.update(self.ema.meta())
         meta["epoch"] = self.global_step // self.steps_per_epoch
+        meta["max_train_steps"] = self.max_train_steps
         meta["run"] = self.record
         path = save_checkpoint(self.accelerator, self.output_dir, self.global_step, {"tensors": tensors, "meta": meta},
                                self.args.checkpoints_total_limit)

@@ -170,8 +170,10 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
         run_training_script("train_vqmodel", [*common, "--max_train_steps", "4"])
     # (and a GAN that would start after the run ends is said to be unused: --disc_start is 2000 by default)
     assert "the adversarial loss starts at --disc_start 2000, and this run ends at step 4" in caplog.text
-    run_training_script("train_vqmodel", [*common, "--max_train_steps", "3",
-                                          "--resume_from_checkpoint", out / "checkpoint-2"])
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        run_training_script("train_vqmodel", [*common, "--max_train_steps", "3",
+                                              "--resume_from_checkpoint", out / "checkpoint-2"])
+    assert "resuming a run of 4 steps as one of 3: the --lr_scheduler cosine schedule" in caplog.text
     assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
     assert (out / "checkpoint-4.abandoned" / "training_state.json").is_file()
     history = [json.loads(line)["step"] for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
