@@ -939,6 +939,7 @@ class TrainingRun:
         now = self.accelerator.num_processes
         if written_by and written_by != now and self.lr_scheduler is not None:
             reposition_lr_schedule(self.lr_scheduler, self.args, step, written_by, now)
+        self.start_time = time.time() - float(meta.get("elapsed_seconds", 0.0))
         then_steps = meta.get("max_train_steps")
         if then_steps and then_steps != self.max_train_steps and self.args.lr_scheduler not in CONSTANT_SCHEDULES:
             logger.warning("resuming a run of %d steps as one of %d: the --lr_scheduler %s schedule is laid over the "
@@ -1097,6 +1098,7 @@ class TrainingRun:
             meta.update(self.ema.meta())
         meta["epoch"] = self.global_step // self.steps_per_epoch
         meta["max_train_steps"] = self.max_train_steps
+        meta["elapsed_seconds"] = round(time.time() - self.start_time, 2)  # the history's clock goes on after a resume
         meta["run"] = self.record
         path = save_checkpoint(self.accelerator, self.output_dir, self.global_step, {"tensors": tensors, "meta": meta},
                                self.args.checkpoints_total_limit)
