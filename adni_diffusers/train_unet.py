@@ -29,6 +29,7 @@ logger = logging.getLogger("adni_diffusers.train_unet")
 
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH = 64
+DEFAULT_COND_DROPOUT = 0.15
 BETA_START, BETA_END = 1e-4, 0.02  # the seed's linear betas (DDPM's)
 # beside training.RESUME_MUST_MATCH: the objective a resumed run must keep
 RESUME_MUST_MATCH = ("conditional", "cond_dropout", "prediction_type", "loss", "snr_gamma", "num_train_timesteps",
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = parser.add_argument_group("UNet and diffusion")
     g.add_argument("--preset", default="base", help="tiny | small | base, or a JSON UNet2DModel config")
     g.add_argument("--conditional", action="store_true", help="class-conditional (AD/NC) with classifier-free guidance")
-    g.add_argument("--cond_dropout", type=float, default=0.15,
+    g.add_argument("--cond_dropout", type=float, default=DEFAULT_COND_DROPOUT,
                    help="probability of replacing the label by the extra 'unconditional' class (for guidance)")
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -75,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "processes: use 0 (the default) with it")
     if not 0.0 <= args.cond_dropout < 1.0:
         raise TrainingError(f"--cond_dropout {args.cond_dropout}: expected a probability in [0, 1)")
+    if args.cond_dropout != DEFAULT_COND_DROPOUT and not args.conditional:
+        raise TrainingError(f"--cond_dropout {args.cond_dropout} needs --conditional (an unconditional UNet has no "
+                            "label to drop)")
     training.require_at_least(args, 1, "num_train_timesteps", "save_images_epochs", "num_sample_images",
                               "sample_inference_steps")
     training.require_positive(args, "snr_gamma")  # 0 or less: zero or negative loss weights (gradient ascent)

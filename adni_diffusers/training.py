@@ -36,6 +36,7 @@ logger = logging.getLogger("adni_diffusers.training")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 HISTORY_FILE = "logs/history.jsonl"
+DEFAULT_VAL_FRACTION = 0.1
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # their rate after warm-up does not depend on the length
 
 
@@ -55,7 +56,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                    help="where the demo set is built when --train_data_dir is not given")
     g.add_argument("--split", default="patient", choices=["patient", "given", "all"],
                    help="patient: hold out whole patients (default); given: the folders' train/test; all: no hold-out")
-    g.add_argument("--val_fraction", type=float, default=0.1, help="share of patients held out with --split patient")
+    g.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="share of patients held out with --split patient")
     g.add_argument("--split_seed", type=int, default=None,
                    help="seed of the held-out patient draw (--split patient); default: --seed. Give the VQModel's "
                         "to train UNets with other --seed values on one VQModel")
@@ -134,6 +136,13 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
     require_fraction(args, "ema_max_decay")
     if not 0.0 < args.val_fraction < 1.0:
         raise TrainingError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.split != "patient":  # they draw the held-out patients, which only --split patient does
+        ignored = [f"--{name} {getattr(args, name)}" for name, default in (("val_fraction", DEFAULT_VAL_FRACTION),
+                                                                             ("split_seed", None))
+                   if getattr(args, name) != default]
+        if ignored:
+            raise TrainingError(f"{' and '.join(ignored)} only apply to --split patient (this run: --split "
+                                f"{args.split}); leave them out")
     for name in ("seed", "split_seed"):
         value = getattr(args, name, None)
         if value is not None and not 0 <= value < 2**32:

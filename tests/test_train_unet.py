@@ -281,6 +281,7 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     ("train_unet", "--ema_max_decay", "1.5", "--ema_max_decay must be between 0 and 1"),
     ("train_unet", "--ema_power", "nan", "--ema_power must be positive, got nan"),
     ("train_unet", "--seed", "-1", "--seed must be between 0 and 2**32 - 1, got -1"),
+    ("train_unet", "--cond_dropout", "0.3", "--cond_dropout 0.3 needs --conditional"),
     ("train_vqmodel", "--split_seed", str(2**32), "--split_seed must be between 0 and 2**32 - 1"),
     ("train_unet", "--beta_start", "0.03", "--beta_start 0.03 must be below --beta_end 0.02"),
     # the periodic DDIM grid at the last step raised after the whole run, before the pipeline was saved
@@ -298,6 +299,15 @@ def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, cap
         module.parse_args(["--vqmodel", "v", "--output_dir", "o", flag, value] if script == "train_unet"
                           else ["--output_dir", "o", flag, value])
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("flags", [["--split", "given", "--val_fraction", "0.2"], ["--split", "all", "--split_seed", "3"]])
+def test_split_flags_that_would_be_ignored_are_refused(flags):
+    from adni_diffusers import train_vqmodel
+    from adni_diffusers.training import TrainingError
+
+    with pytest.raises(TrainingError, match=f"{flags[2]} {flags[3]} only apply to --split patient"):
+        train_vqmodel.parse_args(["--output_dir", "o", *flags])
 
 
 def test_beta_range_with_the_cosine_schedule_is_refused():
