@@ -1129,7 +1129,8 @@ class TrainingRun:
                 path.write_text("".join(r + "\n" for r in rows))
 
     def images_per_second(self, seconds: float) -> float:
-        """Training throughput of this process's run (all processes, accumulation included)."""
+        """Images trained per second of this run's wall clock (all processes, accumulation included; the periodic
+        sample grids, logs and checkpoints count as time too: a whole-run rate, not a step rate)."""
         images = (self.global_step - self.start_step) * self.args.train_batch_size * self.args.gradient_accumulation_steps
         return round(images * self.accelerator.num_processes / max(seconds, 1e-9), 2)
 
