@@ -89,6 +89,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the UNet and the VQ decoder (CUDA graphs with mode reduce-overhead on GPU)")
 
 
+def check_device(device: str) -> str:
+    """`--device` as torch reads it, and there: a clear error before the model loads (torch's own names no flag,
+    and comes after loading)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return device
+
+
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
     from .pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
@@ -146,13 +158,15 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 
     from .plots import save_image_grid
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = default_steps(scheduler) if steps is None else steps
     batch_size = (256 if device.startswith("cuda") else 16) if batch_size is None else batch_size
     for name, value in (("num_images", num_images), ("steps", steps), ("batch_size", batch_size)):
         if value < 1:  # checked before the model loads (batch_size < 1 would end in torch.cat([]))
             raise ValueError(f"{name}={value}: expected at least 1")
     check_refinement(steps, refine_steps, refine_repeats)
+    if not 0 <= seed * 1_000_003 + num_images < 2**64:  # the per-image generator seeds below
+        raise ValueError(f"--seed {seed}: expected 0 .. {(2**64 - num_images) // 1_000_003 - 1}")
     if guidance != 1.0 and class_label is None:  # the unconditional class has nothing to guide toward: ignored
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
                          "toward)")
@@ -161,6 +175,16 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     check_out_folder(out, earlier, overwrite)
     pipe = pipe or load_pipeline(model, device, getattr(torch, dtype))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    label = int(class_label) if isinstance(class_label, str) and class_label.isdigit() else class_label
+    # what the model can refuse, checked before an earlier run's outputs are removed (--overwrite)
+    try:
+        make_scheduler(scheduler, pipe.scheduler.config).set_timesteps(steps)
+    except ValueError as e:  # e.g. DDPM / DDIM refuse more steps than the model's training timesteps
+        raise ValueError(f"--scheduler {scheduler} --steps {steps}: {e}") from None
+    try:
+        pipe._labels(label, 1)
+    except ValueError as e:
+        raise ValueError(f"--class {class_label}: {e}") from None
     if compile:  # in place (nn.Module.compile): the pipeline keeps its component types
         mode = "reduce-overhead" if device.startswith("cuda") else None
         pipe.unet.compile(mode=mode)
@@ -168,7 +192,6 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     pipe.set_progress_bar_config(disable=True)
     remove_outputs(earlier)
     out.mkdir(parents=True, exist_ok=True)
-    label = int(class_label) if isinstance(class_label, str) and class_label.isdigit() else class_label
 
     total_steps = steps + refine_repeats * refine_steps
     # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds

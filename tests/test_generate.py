@@ -194,3 +194,23 @@ def test_an_earlier_run_in_out_is_refused_unless_overwrite(fresh_pipe, tmp_path,
     assert "pass --overwrite" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "new"), "--device", "cpu"]) == 2
     assert "no such folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    # what the model refuses is checked before --overwrite removes anything (a bad --class emptied the folder)
+    kept = sorted(p.name for p in out.iterdir())
+    for bad, message in ((dict(class_label="ADD"), "--class ADD: unknown class label 'ADD'"),
+                         (dict(steps=5000, scheduler="ddim"), "--scheduler ddim --steps 5000: ")):
+        with pytest.raises(ValueError, match=message):
+            generate("unused", out, num_images=2, overwrite=True, **{**kwargs, **bad})
+        assert sorted(p.name for p in out.iterdir()) == kept
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "99999999999999999"], "--seed 99999999999999999: expected 0 .. "),
+    (["--seed", "-1"], "--seed -1: expected 0 .. "),
+    (["--device", "gpu"], "--device gpu: "),
+])
+def test_bad_seed_or_device_is_named_before_the_model_loads(tmp_path, capsys, flags, message):
+    from adni_diffusers import cli
+
+    assert cli.main(["generate", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no such folder" not in err, err
