@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> dict:
     from adni_diffusers.data import IMAGE_SIZE, SliceDataset, fingerprint
     from adni_diffusers.presets import vq_config
     from adni_diffusers.vq import (CodebookMonitor, PatchDiscriminator, VQTrainingModel, adaptive_gan_weight, code_counts,
-                                   flatten_latents, hinge_d_loss, reconstruction_loss, ssim_loss)
+                                   fail_step_if, flatten_latents, hinge_d_loss, reconstruction_loss, ssim_loss)
 
     config, accelerator = training.start_stage(args, vq_config, "vqmodel", product="vqvae",
                                                stage_flags=RESUME_MUST_MATCH)
@@ -145,9 +145,11 @@ def main(args: argparse.Namespace) -> dict:
             gan_on = use_gan and run.global_step >= args.disc_start
             if gan_on:
                 g_loss = generator_gan_loss(bare_disc, out.recon)
-                weight = adaptive_gan_weight(logs["rec_loss"], g_loss, bare.last_layer(),
-                                             loss_scale=training.loss_scale(accelerator))
+                weight, overflowed = adaptive_gan_weight(logs["rec_loss"], g_loss, bare.last_layer(),
+                                                         loss_scale=training.loss_scale(accelerator))
                 loss = loss + args.disc_weight * weight * g_loss
+                if accelerator.scaler is not None:  # fp16: an overflow in the weight skips the step, as any other
+                    loss = fail_step_if(loss, overflowed)
                 logs.update(g_loss=g_loss, gan_weight=weight)
             accelerator.backward(loss)
             if accelerator.sync_gradients:

@@ -102,18 +102,45 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                        max_weight: float = 1e4, loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+                        max_weight: float = 1e4, loss_scale: float | torch.Tensor = 1.0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """VQGAN eq. 7: balance the GAN gradient against the reconstruction gradient at the last layer.
+    Returns (weight, overflowed), both 0-d tensors (no host sync).
 
     Under fp16 pass the GradScaler's `loss_scale`: both losses are scaled before their gradients are taken,
     as in the step's own backward, because a mean loss's per-pixel gradient (about 1e-7 at batch 128) is
-    at or under fp16's smallest number. The ratio is unchanged. Should the scaled gradients overflow, the
-    NaN becomes weight 0, not a loss that stops training: the GradScaler skips such a step anyway.
+    at or under fp16's smallest number. The ratio is unchanged. When the scaled gradients overflow, the weight
+    is 0 and `overflowed` is True: give it to `fail_step_if` so the GradScaler skips the step and lowers its
+    scale. (Weight 0 alone took the overflowing path out of the step's backward: the scaler never saw the
+    overflow, kept its scale, and the GAN term stayed at 0 for good, e.g. at the scaler's starting 2^16.)
     """
     rec_grad = torch.autograd.grad(rec_loss * loss_scale, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
     weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)
-    return torch.nan_to_num(weight.clamp(0.0, max_weight), nan=0.0).detach()
+    overflowed = ~(torch.isfinite(rec_grad).all() & torch.isfinite(g_grad).all())
+    weight = torch.where(overflowed, torch.zeros_like(weight), weight)
+    return torch.nan_to_num(weight.clamp(0.0, max_weight), nan=0.0).detach(), overflowed.detach()
+
+
+class _FailGradientIf(torch.autograd.Function):
+    """Identity forward; a non-finite backward where `flag` is True."""
+
+    @staticmethod
+    def forward(ctx, x, flag):
+        ctx.save_for_backward(flag)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flag,) = ctx.saved_tensors
+        return torch.where(flag, torch.full_like(grad, float("inf")), grad), None
+
+
+def fail_step_if(loss: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """`loss` unchanged, whose gradients are all non-finite where `flag` is True: under fp16 the GradScaler then
+    skips the step and lowers its scale, on every process (DDP's all-reduce carries the non-finite gradient),
+    with no host sync. Use only with a GradScaler: without one, nothing would skip the step."""
+    return _FailGradientIf.apply(loss, flag)
 
 
 # ---------------------------------------------------------------------------------- codebook health

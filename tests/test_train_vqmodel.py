@@ -476,14 +476,34 @@ def test_adaptive_gan_weight_survives_fp16_gradient_underflow():
         out = x.to(dtype) @ last_layer.to(dtype)  # activations in fp16, master weight in fp32, as under autocast
         return (out.float() - 1).abs().sum() * 1e-8, -out.float().mean()  # 1e-8: under fp16's 6e-8
 
-    reference = adaptive_gan_weight(*losses(torch.float32), last_layer)
-    assert reference > 0
-    assert adaptive_gan_weight(*losses(torch.float16), last_layer) == 0  # the failure the scale prevents
-    scaled = adaptive_gan_weight(*losses(torch.float16), last_layer, loss_scale=torch.tensor(65536.0))
+    reference, overflowed = adaptive_gan_weight(*losses(torch.float32), last_layer)
+    assert reference > 0 and not overflowed
+    assert adaptive_gan_weight(*losses(torch.float16), last_layer)[0] == 0  # the failure the scale prevents
+    scaled = adaptive_gan_weight(*losses(torch.float16), last_layer, loss_scale=torch.tensor(65536.0))[0]
     assert scaled == pytest.approx(float(reference), rel=1e-3)
-    # overflowing scaled gradients give weight 0, not a NaN loss that would stop training
+    # overflowing scaled gradients give weight 0 (not a NaN loss that would stop training), and say so
     rec, g = losses(torch.float16)
-    assert adaptive_gan_weight(rec * float("inf"), g * float("inf"), last_layer) == 0
+    weight, overflowed = adaptive_gan_weight(rec, g * float("inf"), last_layer)
+    assert weight == 0 and overflowed
+
+
+def test_an_overflow_in_the_gan_weight_reaches_the_grad_scaler():
+    """Weight 0 alone took the overflowing path out of the step: the GradScaler never saw it, kept its scale (it
+    even grows it), and the GAN term stayed at 0. The step's gradients are now made non-finite instead: the
+    scaler skips the step and halves its scale. The loss's value is unchanged."""
+    from adni_diffusers.vq import fail_step_if
+
+    for overflowed, skipped in ((False, False), (True, True)):
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        loss = fail_step_if((weight * 2).sum(), torch.tensor(overflowed))
+        assert float(loss) == 6.0
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        assert torch.equal(weight.detach(), torch.ones(3)) == skipped
+        assert scaler.get_scale() == (2.0**15 if skipped else 2.0**16)
 
 
 def test_loss_scale_reads_the_grad_scaler_without_a_host_sync():
