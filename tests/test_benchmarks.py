@@ -145,6 +145,7 @@ def test_a_run_killed_midway_keeps_its_finished_rows(tmp_path):
         time.sleep(0.2)
     proc.kill()
     proc.wait()
+    assert partial.exists(), "no partial record: the benchmark ended, or had not written a row, before the kill"
     record = json.loads(partial.read_text())
     rows = record["rows"]
     assert not out.exists() and rows

@@ -178,6 +178,11 @@ def test_failures_give_a_clear_hub_error_without_the_token(case, hub_stub, pipel
     assert _snapshot(pipeline_dir) == before
 
 
+def test_error_text_is_scrubbed_of_tokens_and_kept_to_one_line():
+    """The last line of defence: no message built here holds a token, but text from elsewhere might."""
+    assert hub._scrub(f"failed for {SECRET}\n  retry", [SECRET, None, "ab"]) == "failed for *** retry"
+
+
 # ----------------------------------------------------------------------------- command line
 def test_cli_push(hub_stub, pipeline_dir, capsys):
     rc = cli.main(["push", str(pipeline_dir), "--repo-id", REPO, "--token", hub_stub.token, "--branch", "dev",
@@ -265,6 +270,19 @@ CLUTTER = {  # training by-products in the same output folder: never pushed
     "__pycache__/pipeline_adni_ldm.cpython-311.pyc": b"pyc",
     "demo_recipe.json": b'{"argv": ["--train_data_dir", "/home/me/data"]}',  # the demo's own record, local paths
 }
+
+
+def test_checkpoint_folders_are_never_selected_at_any_depth(tmp_path):
+    """Inside a component folder of a pipeline, and anywhere in a plain folder (an abandoned or half-written one
+    too): optimizer states and training data are not the model."""
+    nested = {"unet/checkpoint-5/optimizer.bin": b"opt", "unet/checkpoint-7.abandoned/model.safetensors": b"w"}
+    _write(tmp_path / "pipe", {**MODEL_FILES, **nested})
+    assert set(hub.select_upload_files(tmp_path / "pipe")[1]) == set(MODEL_FILES)
+    plain = {"weights.safetensors": b"w", "config.json": b"{}"}
+    _write(tmp_path / "plain", {**plain, **nested, "checkpoint-3/optimizer.bin": b"opt",
+                                "sub/checkpoint-4.tmp/x.bin": b"x"})
+    kind, files = hub.select_upload_files(tmp_path / "plain")
+    assert kind == "folder" and set(files) == set(plain)
 
 
 def test_only_the_model_of_a_training_output_folder_is_selected(tmp_path):

@@ -115,6 +115,11 @@ def test_vq_model_card(tiny_vq, tmp_path):
     assert 'VQModel.from_pretrained("user/tiny-vq", subfolder="vqvae")' in text
     assert "| PSNR (dB), whole slice |" in text and "(reconstructions.png)" in text
     assert "scaling_factor" in text and "Research use only" in text
+    assert "Louis Collins" in text  # a demo VQModel carries the MNI template's notice
+    info = json.loads((vq / "training_data.json").read_text())
+    (vq / "training_data.json").write_text(json.dumps({**info, "source": "user"}))
+    text = render_model_card(vq, repo_id="user/tiny-vq")
+    assert "Data Use" in text and "Agreement" in text and "Louis Collins" not in text  # an ADNI one, the DUA
 
 
 def test_not_a_model_folder(tmp_path):

@@ -343,6 +343,30 @@ def test_class_labels_names_ints_and_guidance(pipe):
         pipe(batch_size=2, class_labels=["AD", "NC", "AD"], num_inference_steps=1)
 
 
+def test_guidance_is_the_classifier_free_combination(pipe, monkeypatch):
+    """eps = uncond + w (cond - uncond): w = 1 is the plain conditional pass, and another w changes the samples
+    by exactly that combination (a pipeline that ignored guidance passed the label checks above)."""
+    def latents(w):
+        return pipe(batch_size=2, class_labels="AD", guidance_scale=w, num_inference_steps=2, generator=seeded(),
+                    output_type="latent").images
+
+    no_guidance = latents(1.0)
+    conditional = pipe(batch_size=2, class_labels="AD", num_inference_steps=2, generator=seeded(),
+                       output_type="latent").images
+    torch.testing.assert_close(no_guidance, conditional)
+    assert not torch.allclose(latents(3.0), no_guidance, atol=1e-4)
+    # what the scheduler steps on is the combination of the UNet's two halves
+    outputs, stepped = [], []
+    real_forward, real_step = pipe.unet.forward, pipe.scheduler.step
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: outputs.append(real_forward(*a, **k).sample)
+                        or real_forward(*a, **k))
+    monkeypatch.setattr(pipe.scheduler, "step", lambda eps, *a, **k: stepped.append(eps) or real_step(eps, *a, **k))
+    pipe(batch_size=1, class_labels="AD", guidance_scale=3.0, num_inference_steps=1, generator=seeded(),
+         output_type="latent")
+    cond, uncond = outputs[0].chunk(2)
+    torch.testing.assert_close(stepped[0], uncond + 3.0 * (cond - uncond))
+
+
 @pytest.mark.parametrize("label", [torch.tensor(1), np.array(1), np.int64(1), torch.tensor([1, 1]), "NC"],
                          ids=["0-d tensor", "0-d array", "numpy int", "tensor", "name"])
 def test_one_label_in_any_form(pipe, label):
@@ -466,6 +490,13 @@ def test_encode_decode_and_strength_zero_is_vq_reconstruction(pipe):
     slices = SliceSet(((pixels[:, 0] + 1) * 127.5).round().to(torch.uint8), torch.zeros(2, dtype=torch.long),
                       ["a", "b"], ["a", "b"])
     assert torch.allclose(encode_all(pipe.vqvae, slices, progress=False), latents, atol=1e-5)
+    # the latents are the encoder's output times scaling_factor (1.7 here), and decoding divides it out again
+    raw = pipe.vqvae.encode(pixels).latents
+    torch.testing.assert_close(latents, raw * 1.7)
+    from adni_diffusers.pipeline_adni_ldm import quantize_latents
+
+    by_hand = pipe.vqvae.decode(quantize_latents(pipe.vqvae, raw)[0], force_not_quantize=True).sample.clamp(-1, 1)
+    torch.testing.assert_close(pipe.decode(latents, output_type="pt") * 2 - 1, by_hand, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("scheduler_cls", SCHEDULERS, ids=lambda c: c.__name__)

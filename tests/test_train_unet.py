@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def test_saved_pipeline_has_everything(tiny_ldm):
     assert "library_name: diffusers" in card and "trust_remote_code=True" in card
 
 
-def test_latent_cache_is_reused_and_matches_pipe_encode(tiny_vq, tiny_ldm, demo_root, caplog):
+def test_latent_cache_is_reused_and_matches_pipe_encode(tiny_vq, tiny_ldm, demo_root, caplog, tmp_path):
     from diffusers import VQModel
 
     from adni_diffusers import ADNILatentDiffusionPipeline
@@ -46,16 +47,30 @@ def test_latent_cache_is_reused_and_matches_pipe_encode(tiny_vq, tiny_ldm, demo_
     pipe = ADNILatentDiffusionPipeline.from_pretrained(tiny_ldm)
     images = (to_model_input(data.train.pixels[:3]) + 1) / 2  # [0, 1] float
     assert torch.allclose(pipe.encode(images), latents[:3], atol=1e-5)
-    # another VQModel (changed weights) never reuses it
+    # another VQModel (changed weights) never reuses it (in a copy: the session's fixture stays as it is)
+    cache = Path(shutil.copytree(cache, tmp_path / "latent_cache"))
     with torch.no_grad():
         vq.encoder.conv_in.bias.add_(0.1)
-    other = tiny_vq.parent / "vq_changed"
+    other = tmp_path / "vq_changed"
     vq.save_pretrained(other)
     caplog.clear()
     with caplog.at_level("INFO", logger="adni_diffusers.latents"):
         load_or_build(vq, other, data.train, cache, "train", progress=False)
     assert "latent cache hit" not in caplog.text and len(list(cache.glob("train-*.safetensors"))) == 2
     assert "also holds 1 older train latent cache(s)" in caplog.text  # kept, but the user hears of the space
+
+
+def test_latent_cache_key_covers_every_pixel(tiny_vq, demo_root):
+    """Slices edited in place (same count, same labels, e.g. re-exported with another contrast) must not reuse
+    the latents of the old ones."""
+    from adni_diffusers.data import SliceSet, load_slices
+    from adni_diffusers.latents import cache_key
+
+    train = load_slices(demo_root, seed=0).train
+    edited = train.pixels.clone()
+    edited[0, 128, 128] ^= 1
+    other = SliceSet(edited, train.labels, train.patients, train.paths, list(train.class_names))
+    assert cache_key(tiny_vq / "vqvae", other) != cache_key(tiny_vq / "vqvae", train)
 
 
 
@@ -748,3 +763,15 @@ def test_first_stage_metrics_come_from_a_vq_folder_or_a_pipelines_copy(tmp_path)
     (ldm / "first_stage_metrics.json").write_text("{}")
     assert first_stage_metrics_file(ldm / "vqvae") == ldm / "first_stage_metrics.json"
     assert first_stage_metrics_file(tmp_path / "bare") is None  # a VQModel folder without records
+
+
+def test_label_dropout_trains_the_unconditional_class_at_its_rate():
+    """Classifier-free guidance steers against the 'no label' class, which exists only through this dropout."""
+    from adni_diffusers.diffusion import drop_labels
+
+    labels = torch.randint(0, 2, (20000,), generator=torch.Generator().manual_seed(0))
+    dropped = drop_labels(labels, 0.15, null_class=2, generator=torch.Generator().manual_seed(1))
+    is_null = dropped == 2
+    assert abs(float(is_null.float().mean()) - 0.15) < 0.01
+    assert torch.equal(dropped[~is_null], labels[~is_null])  # the others keep their class
+    assert (drop_labels(labels, 0.0, 2, torch.Generator()) == labels).all()
