@@ -85,8 +85,9 @@ def main(args: argparse.Namespace) -> dict:
     use_gan = args.disc_weight > 0
     if use_gan:
         disc = PatchDiscriminator().to(device)
+        # VQGAN's discriminator optimiser: Adam, betas (0.5, 0.9), no weight decay (AdamW's default is 0.01)
         disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=args.disc_learning_rate or args.learning_rate,
-                                           betas=(0.5, 0.9))
+                                           betas=(0.5, 0.9), weight_decay=0.0)
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
         bare_disc = training.bare_model(accelerator, disc)
     bare = training.bare_model(accelerator, model)  # outside DDP: the VQModel to save, the GAN weight's last layer
@@ -173,7 +174,7 @@ def main(args: argparse.Namespace) -> dict:
             continue
         counts, step_counts = accelerator.reduce(step_counts, reduction="sum"), None
         monitor.update(counts)
-        logs.update(perplexity=monitor.perplexity(counts), live_codes=monitor.live_fraction())
+        logs.update(perplexity=monitor.perplexity(counts), live_code_fraction=monitor.live_fraction())
         if args.codebook_restart_steps and (run.global_step + 1) % args.codebook_restart_steps == 0:
             vectors = accelerator.gather(flatten_latents(out.latents.detach().float())[:4096])
             codebook = vq.quantize.embedding.weight

@@ -60,7 +60,7 @@ def test_outputs_loadable_with_scaling_factor_and_metrics(tiny_vq):
         assert (tiny_vq / name).is_file(), name
     assert list((tiny_vq / "samples").glob("reconstructions-*.png"))
     history = [json.loads(line) for line in (tiny_vq / "logs/history.jsonl").read_text().splitlines()]
-    assert {"loss", "rec_loss", "codebook_loss", "commitment_loss", "perplexity", "live_codes"} <= set(history[-1])
+    assert {"loss", "rec_loss", "codebook_loss", "commitment_loss", "perplexity", "live_code_fraction"} <= set(history[-1])
 
 
 def test_scaled_latents_have_unit_std(tiny_vq, demo_root):
@@ -348,12 +348,18 @@ def test_discriminator_steps_on_its_own_loss_only(tmp_path, demo_root, monkeypat
         seen.append((all(p.grad is None for p in params), all(p.requires_grad for p in params)))
         return real_hinge(real, fake)
 
+    decays = []
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: decays.append(kw.get("weight_decay"))
+                        or real_adamw(params, **kw))
+
     monkeypatch.setattr(vq_module, "PatchDiscriminator", RecordedDiscriminator)
     monkeypatch.setattr(vq_module, "hinge_d_loss", hinge_d_loss)
     run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
                                           "--max_train_steps", "1", "--disc_weight", "0.5", "--disc_start", "0",
                                           "--eval_max_images", "8", *TINY_VQ_ARGS])
     assert seen == [(True, True)]
+    assert decays[-1] == 0.0  # the discriminator's optimiser (made last): VQGAN's Adam, no weight decay
 
 
 @pytest.mark.parametrize("norm_type", ["group", "spatial"])
