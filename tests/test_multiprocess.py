@@ -96,26 +96,32 @@ def test_two_processes_without_cpu_flag_are_refused(tmp_path, demo_root):
     assert not (tmp_path / "out" / "vqvae").exists()
 
 
+def answers_of_two_processes(tmp_path, body: str, timeout: int = 120) -> list[str]:
+    """Run `body` on 2 processes (gloo); it makes an Accelerator named `acc` and sets `answer`. Each rank's
+    answer, read from a file of its own (not one shared stdout)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\n" + body
+        + "Path(sys.argv[1], f'rank{acc.process_index}.txt').write_text(str(answer))\n"
+        "acc.wait_for_everyone()\n"
+        "import torch.distributed\n"
+        "torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left at shutdown\n")
+    proc = launch(script, [tmp_path], timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+
+
 def test_compile_decision_is_the_same_on_every_process(tmp_path):
     """With --compile on CUDA each process asks its own child process; if one child fails, every process
     trains eager (one process compiled and one not would still agree on gradients, but not on speed or
     on what training_args says). Here rank 0's child passes and rank 1's fails."""
-    script = tmp_path / "agree.py"
-    script.write_text(
+    answers = answers_of_two_processes(tmp_path, (
         "from accelerate import Accelerator\n"
         "from adni_diffusers.training import _every_process_agrees\n"
-        "state = Accelerator()  # as the training scripts start (it reads ACCELERATE_USE_CPU)\n"
-        "assert state.num_processes == 2\n"
-        "import sys\n"
-        "from pathlib import Path\n"
-        "answer = f'all={_every_process_agrees(state.process_index == 0)} same={_every_process_agrees(True)}'\n"
-        "Path(sys.argv[1], f'rank{state.process_index}.txt').write_text(answer)  # not one shared stdout\n"
-        "state.wait_for_everyone()\n"
-        "import torch.distributed\n"
-        "torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left at shutdown\n")
-    proc = launch(script, [tmp_path], timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["all=False same=True"] * 2
+        "acc = Accelerator()  # as the training scripts start (it reads ACCELERATE_USE_CPU)\n"
+        "assert acc.num_processes == 2\n"
+        "answer = f'all={_every_process_agrees(acc.process_index == 0)} same={_every_process_agrees(True)}'\n"))
+    assert answers == ["all=False same=True"] * 2
 
 
 def test_a_compile_probe_failing_in_one_process_makes_every_process_train_eager(tmp_path):
@@ -123,10 +129,8 @@ def test_a_compile_probe_failing_in_one_process_makes_every_process_train_eager(
     worker crash): rank 1 trained eager, rank 0 compiled, and rank 0's probe all-reduce met rank 1's first real
     step: gradients averaged with the probe's, then a hang until --ddp_timeout. Now: no all-reduce in the probe,
     and both train eager, in step."""
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import sys, types, torch\n"
-        "from pathlib import Path\n"
+    answers = answers_of_two_processes(tmp_path, (
+        "import types, torch\n"
         "from accelerate import Accelerator\n"
         "from adni_diffusers import compile_probe, training\n"
         "compile_probe.compile_model = lambda m, mode: torch.compile(m, backend='eager')  # fast, same control flow\n"
@@ -141,14 +145,7 @@ def test_a_compile_probe_failing_in_one_process_makes_every_process_train_eager(
         "args = types.SimpleNamespace(compile=True, compile_mode=None, train_batch_size=2)\n"
         "m = training.maybe_compile(model, args, probe=probe)\n"
         "acc.backward(m(torch.full((2, 4), float(acc.process_index + 1))).sum())\n"
-        "grad = model.module.weight.grad.clone()\n"
-        "acc.wait_for_everyone()\n"
-        "Path(sys.argv[1], f'rank{acc.process_index}.txt').write_text(f'{m is model} {grad.tolist()}')\n"
-        "import torch.distributed\n"
-        "torch.distributed.destroy_process_group()\n")
-    proc = launch(script, [tmp_path], timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answers = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+        "answer = f'{m is model} {model.module.weight.grad.tolist()}'\n"), timeout=180)
     # both eager, and the first real step's gradient is the mean of the two ranks' inputs (1 and 2) x batch 2
     assert answers == ["True [[3.0, 3.0, 3.0, 3.0]]"] * 2, answers
 
