@@ -1048,10 +1048,12 @@ def evaluate_model(
         from .generate import load_pipeline
 
         pipe = load_pipeline(str(model_dir), device, getattr(torch, dtype))
-    try:  # e.g. DDPM / DDIM refuse more steps than the model's training timesteps
-        make_scheduler(scheduler, pipe.scheduler.config).set_timesteps(steps)
+    from .generate import check_scheduler_steps
+
+    try:
+        check_scheduler_steps(scheduler, pipe.scheduler.config, steps)
     except ValueError as e:
-        raise EvaluationError(f"--scheduler {scheduler} --steps {steps}: {e}") from e
+        raise EvaluationError(str(e)) from None
     conditional = bool(pipe.is_conditional)
     model_classes = list(pipe.config.class_names or []) if conditional else []
     if conditional and not model_classes:

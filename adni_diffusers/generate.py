@@ -101,6 +101,15 @@ def check_device(device: str) -> str:
     return device
 
 
+def check_scheduler_steps(scheduler: str, config, steps: int) -> None:
+    """Whether `scheduler` takes `steps` with this model's config (DDPM / DDIM refuse more steps than the model's
+    training timesteps): a ValueError naming both flags, before any sampling."""
+    try:
+        make_scheduler(scheduler, config).set_timesteps(steps)
+    except ValueError as e:
+        raise ValueError(f"--scheduler {scheduler} --steps {steps}: {e}") from None
+
+
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
     from .pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
@@ -177,10 +186,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     label = int(class_label) if isinstance(class_label, str) and class_label.isdigit() else class_label
     # what the model can refuse, checked before an earlier run's outputs are removed (--overwrite)
-    try:
-        make_scheduler(scheduler, pipe.scheduler.config).set_timesteps(steps)
-    except ValueError as e:  # e.g. DDPM / DDIM refuse more steps than the model's training timesteps
-        raise ValueError(f"--scheduler {scheduler} --steps {steps}: {e}") from None
+    check_scheduler_steps(scheduler, pipe.scheduler.config, steps)
     try:
         pipe._labels(label, 1)
     except ValueError as e:
