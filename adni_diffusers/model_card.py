@@ -347,8 +347,11 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     # UNet2DModel's middle block has self-attention unless it is switched off (add_attention) or absent
     mid_attention = (unet.get("mid_block_type", "UNetMidBlock2D") is not None) and unet.get("add_attention", True)
     grid = sample_grid or "samples.png"
+    class_name = index.get("_class_name")  # [module, class]: the module is named with a hash of its text
+    module = class_name[0] if isinstance(class_name, list) and class_name and class_name[0] else "pipeline_adni_ldm"
     ctx = {
         "model_name": repo.split("/")[-1],
+        "pipeline_file": f"{module}.py",
         "repo_id": repo,
         "repo_id_is_placeholder": placeholder,
         "data_source": source,

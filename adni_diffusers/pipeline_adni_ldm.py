@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -23,8 +25,19 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 IMAGE_SIZE = 256
-PIPELINE_MODULE = Path(__file__).stem  # "pipeline_adni_ldm"
 PIPELINE_CLASS = "ADNILatentDiffusionPipeline"
+MODULE_STEM = "pipeline_adni_ldm"
+SHIPPED_MODULE_RE = re.compile(rf"{MODULE_STEM}(_[0-9a-f]{{12}})?\.py")
+
+
+def pipeline_module_name(source: bytes) -> str:
+    """The name this file ships under: the stem plus a hash of its text. diffusers imports a local folder's
+    code as `diffusers_modules.local.<name>` and re-runs a second file of that name into the same module, so
+    two saved models of different versions loaded in one process would share (and mix) their functions."""
+    return f"{MODULE_STEM}_{hashlib.sha256(source).hexdigest()[:12]}"
+
+
+PIPELINE_MODULE = pipeline_module_name(Path(__file__).read_bytes())  # same text, same name, wherever it runs
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # How slices of other sizes become 256x256 (train_*.py --preprocess): padded with black rows, or stretched.
 PREPROCESS_CHOICES = ("pad", "resize")
@@ -520,6 +533,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         target = save_directory / f"{PIPELINE_MODULE}.py"
         if source.resolve() != target.resolve():
             shutil.copyfile(source, target)
+        for stale in save_directory.iterdir():  # another version's copy, from an earlier save to this folder
+            if stale != target and stale.resolve() != source.resolve() and SHIPPED_MODULE_RE.fullmatch(stale.name):
+                stale.unlink()
         index_path = save_directory / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]

@@ -30,12 +30,14 @@ import pytest
 from conftest import REPO_ROOT, TINY_UNET_ARGS
 from hub_stub import HubStub
 
+from adni_diffusers.pipeline_adni_ldm import PIPELINE_MODULE
+
 SECRET = "hf_RoundTripSecretToken0123456789abcdef"  # the stub's valid token in the subprocess tests
 REPO = "user/tiny-ldm"
 # What a train_unet.py output folder must put on main: the model, its card, what the card shows and (a demo model)
 # the MNI notice the card links to.
 PIPELINE_FILES = {
-    "README.md", "LICENSE.md", "model_index.json", "pipeline_adni_ldm.py", "samples.png", "loss_curve.png",
+    "README.md", "LICENSE.md", "model_index.json", f"{PIPELINE_MODULE}.py", "samples.png", "loss_curve.png",
     "training_data.json", "training_args.json", "train_metrics.json", "first_stage_metrics.json",
     "scheduler/scheduler_config.json",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -94,8 +96,9 @@ def test_train_unet_push_to_hub_pushes_exactly_the_model(pushed_run):
     assert stub.private(REPO)  # private by default
     assert len(stub.commits(REPO)) == 2  # the repo's initial commit + one push
     index = json.loads(on_main["model_index.json"])
-    assert index["_class_name"] == ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"]
+    assert index["_class_name"] == [PIPELINE_MODULE, "ADNILatentDiffusionPipeline"]
     card = on_main["README.md"].decode()
+    assert f"`{PIPELINE_MODULE}.py`" in card
     assert f'DiffusionPipeline.from_pretrained("{REPO}", trust_remote_code=True)' in card
     assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
     # The checkpoint went to its own branch, under checkpoint-1/, with its files.
@@ -294,7 +297,7 @@ def test_pipeline_push_to_hub_is_private_unless_asked(hub_stub):
     pipe.push_to_hub("user/pushed-private", token=hub_stub.token)
     assert hub_stub.private("user/pushed-private") is True
     files = hub_stub.repo_files("user/pushed-private")
-    assert "pipeline_adni_ldm.py" in files
-    assert json.loads(files["model_index.json"])["_class_name"] == ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"]
+    assert f"{PIPELINE_MODULE}.py" in files
+    assert json.loads(files["model_index.json"])["_class_name"] == [PIPELINE_MODULE, "ADNILatentDiffusionPipeline"]
     pipe.push_to_hub("user/pushed-public", token=hub_stub.token, private=False)
     assert hub_stub.private("user/pushed-public") is False

@@ -18,6 +18,7 @@ from adni_diffusers.model_card import (
     render_model_card,
     write_model_card,
 )
+from adni_diffusers.pipeline_adni_ldm import PIPELINE_MODULE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,12 +100,13 @@ def test_bare_pipeline_folder_renders(ldm, tmp_path):
     """A folder with only what save_pretrained writes (no training files) still gets a sensible card."""
     bare = tmp_path / "bare"
     bare.mkdir()
-    for name in ("model_index.json", "pipeline_adni_ldm.py", "vqvae", "unet", "scheduler"):
+    for name in ("model_index.json", f"{PIPELINE_MODULE}.py", "vqvae", "unet", "scheduler"):
         src = ldm / name
         shutil.copytree(src, bare / name) if src.is_dir() else shutil.copyfile(src, bare / name)
     text = render_model_card(bare)
     _check_rendered(text)
     assert "Not recorded" in text and "Samples from this model" not in text and "Not measured yet" in text
+    assert f"is in `{PIPELINE_MODULE}.py` next to the weights" in text
 
 
 def test_vq_model_card(tiny_vq, tmp_path):

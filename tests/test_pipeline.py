@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
                        UniPCMultistepScheduler, VQModel)
 
 from adni_diffusers import ADNILatentDiffusionPipeline
-from adni_diffusers.pipeline_adni_ldm import prepare_slices, renoise
+from adni_diffusers.pipeline_adni_ldm import PIPELINE_MODULE, pipeline_module_name, prepare_slices, renoise
 from adni_diffusers.presets import unet_config, vq_config
 
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler]
@@ -523,17 +524,18 @@ def test_image_to_image_with_each_scheduler(pipe, scheduler_cls):
 def test_save_writes_module_and_class_name_and_resave_round_trips(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "a")
     index = json.loads((tmp_path / "a" / "model_index.json").read_text())
-    assert index["_class_name"] == ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"]
+    shipped = tmp_path / "a" / f"{PIPELINE_MODULE}.py"
+    assert PIPELINE_MODULE == pipeline_module_name(shipped.read_bytes())  # named for its text
+    assert index["_class_name"] == [PIPELINE_MODULE, "ADNILatentDiffusionPipeline"]
     assert index["class_names"] == {"AD": 0, "NC": 1}
     assert pipe.class_names == ["AD", "NC"]
-    assert (tmp_path / "a" / "pipeline_adni_ldm.py").is_file()
     assert list((tmp_path / "a" / "unet").glob("*.safetensors"))
 
     loaded = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "a")
     assert type(loaded) is ADNILatentDiffusionPipeline
     loaded.save_pretrained(tmp_path / "b")
     assert json.loads((tmp_path / "b" / "model_index.json").read_text()) == index
-    assert (tmp_path / "b" / "pipeline_adni_ldm.py").read_bytes() == (tmp_path / "a" / "pipeline_adni_ldm.py").read_bytes()
+    assert (tmp_path / "b" / shipped.name).read_bytes() == shipped.read_bytes()
     for name in ("unet/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
     # a component given to from_pretrained replaces the saved one, as in diffusers (it was a TypeError)
@@ -550,6 +552,47 @@ def test_diffusion_pipeline_needs_trust_remote_code(pipe, tmp_path):
         DiffusionPipeline.from_pretrained(tmp_path)
     remote = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(remote).__name__ == "ADNILatentDiffusionPipeline"
+
+
+def _ship_other_version(saved, other):
+    """A copy of a saved model whose pipeline file is another version's: its decoding raises."""
+    shutil.copytree(saved, other)
+    [shipped] = other.glob("pipeline_adni_ldm*.py")
+    source = shipped.read_text() + '\n\ndef decode_latents(vqvae, latents):\n    raise RuntimeError("version b")\n'
+    shipped.unlink()
+    name = pipeline_module_name(source.encode())
+    (other / f"{name}.py").write_text(source)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"][0] = name
+    (other / "model_index.json").write_text(json.dumps(index))
+
+
+def test_two_versions_of_the_remote_code_load_side_by_side(pipe, tmp_path):
+    """diffusers imports a local folder's code as `diffusers_modules.local.<file name>` and re-runs a second
+    file of the same name into the same module: with one file name for every version, loading a model saved by
+    another version broke the first pipeline (its methods called the second file's functions)."""
+    pipe.save_pretrained(tmp_path / "a")
+    _ship_other_version(tmp_path / "a", tmp_path / "b")
+    a = DiffusionPipeline.from_pretrained(tmp_path / "a", trust_remote_code=True)
+    b = DiffusionPipeline.from_pretrained(tmp_path / "b", trust_remote_code=True)
+    assert type(a).__module__ != type(b).__module__
+    for p in (a, b):
+        p.set_progress_bar_config(disable=True)
+    with pytest.raises(RuntimeError, match="version b"):
+        b(batch_size=1, class_labels="AD", num_inference_steps=1, output_type="np")
+    assert a(batch_size=1, class_labels="AD", num_inference_steps=1, output_type="np").images.shape == (1, 256, 256, 1)
+
+
+def test_save_into_a_folder_of_another_version_leaves_one_pipeline_file(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "a")
+    _ship_other_version(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "pipeline_adni_ldm.py").write_text("# the name every version used before 2026-12-03\n")
+    (tmp_path / "b" / "pipeline_adni_ldm_notes.py").write_text("# not a shipped copy: kept\n")
+    pipe.save_pretrained(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").glob("pipeline_adni_ldm*.py")) == [
+        f"{PIPELINE_MODULE}.py", "pipeline_adni_ldm_notes.py"]
+    remote = DiffusionPipeline.from_pretrained(tmp_path / "b", trust_remote_code=True)
+    assert type(remote).__module__ == f"diffusers_modules.local.{PIPELINE_MODULE}"
 
 
 @pytest.mark.slow
@@ -580,7 +623,7 @@ def test_loads_and_samples_where_package_is_not_installed(tiny_ldm, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK diffusers_modules.local.pipeline_adni_ldm 2 L (256, 256)" in proc.stdout
+    assert f"OK diffusers_modules.local.{PIPELINE_MODULE} 2 L (256, 256)" in proc.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

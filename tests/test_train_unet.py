@@ -13,8 +13,9 @@ from conftest import TINY_UNET_ARGS, reset_accelerate, run_training_script
 
 def test_saved_pipeline_has_everything(tiny_ldm):
     from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.pipeline_adni_ldm import PIPELINE_MODULE
 
-    for name in ("model_index.json", "pipeline_adni_ldm.py", "README.md", "samples.png", "loss_curve.png",
+    for name in ("model_index.json", f"{PIPELINE_MODULE}.py", "README.md", "samples.png", "loss_curve.png",
                  "train_metrics.json", "training_data.json", "first_stage_metrics.json", "unet/config.json"):
         assert (tiny_ldm / name).is_file(), name
     assert list((tiny_ldm / "samples").glob("samples-*.png")), "no periodic sample grid"
