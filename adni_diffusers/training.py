@@ -69,7 +69,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--output_dir", required=True)
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace a model already in --output_dir")
-    g.add_argument("--logging_dir", default="logs", help="tensorboard folder, relative to --output_dir")
+    g.add_argument("--logging_dir", default="logs",
+                   help="tensorboard folder, relative to --output_dir (an absolute folder elsewhere is kept as is; "
+                        "--output_dir itself or a folder above it is refused)")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
     g.add_argument("--logging_steps", type=int, default=10,
                    help="log (and check the loss for NaN/inf) every N optimizer steps")
@@ -147,6 +149,12 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not 0 <= value < 2**32:
             raise TrainingError(f"--{name} must be between 0 and 2**32 - 1, got {value}")
+    logs = logging_folder(args)
+    if Path(args.output_dir).resolve().is_relative_to(logs):
+        # --overwrite_output_dir and a fresh start clear the logging folder: this one holds the output folder
+        raise TrainingError(f"--logging_dir {args.logging_dir}: the tensorboard folder ({logs}) must not be "
+                            f"--output_dir or a folder above it; use a subfolder (default: logs) or a folder "
+                            f"elsewhere")
     mode = getattr(args, "compile_mode", None)
     if mode and not args.compile:
         raise TrainingError(f"--compile_mode {mode} needs --compile")
@@ -166,6 +174,11 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
 
 # A flag out of range must stop the run here, not at its first use: a 0 interval divides by zero after an epoch,
 # a negative weight trains the wrong way. `not value >= x` also catches NaN. None means "not given".
+
+
+def logging_folder(args) -> Path:
+    """Where tensorboard writes: --logging_dir under --output_dir (an absolute path stays itself)."""
+    return (Path(args.output_dir) / args.logging_dir).resolve()
 
 
 def require_at_least(args, minimum: int, *names: str) -> None:
@@ -266,9 +279,10 @@ def _quiet_libraries(main: bool) -> None:
     diffusers.utils.logging.set_verbosity_warning() if main else diffusers.utils.logging.set_verbosity_error()
 
 
-def prepare_output_dir(args, accelerator, product: str) -> None:
+def prepare_output_dir(args, accelerator, product: str, project: str | None = None) -> None:
     """Refuse to write over a finished model unless asked; `product` is the file or folder that marks one.
-    A run that starts from step 0 (not resuming) starts a new loss history."""
+    A run that starts from step 0 (not resuming) starts a new loss history, and new tensorboard events for
+    `project` when the logging folder is inside --output_dir (one elsewhere may be shared: it is left alone)."""
     output_dir = Path(args.output_dir)
     checkpoints = list_checkpoints(output_dir)
     existing = [p for p in [output_dir / product, *checkpoints] if p.exists()]
@@ -283,13 +297,17 @@ def prepare_output_dir(args, accelerator, product: str) -> None:
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        logs = logging_folder(args)
+        logs_inside = logs.is_relative_to(output_dir.resolve())
         earlier = []
         if args.overwrite_output_dir and not resuming:
             # evaluation/ too: its numbers (which the model card shows and a push uploads) are the old model's
-            earlier = existing + [output_dir / args.logging_dir, output_dir / "loss_curve.png", output_dir / "samples",
-                                  output_dir / "evaluation", output_dir / "trace"]
+            earlier = existing + [output_dir / "loss_curve.png", output_dir / "samples", output_dir / "evaluation",
+                                  output_dir / "trace", *([logs] if logs_inside else [])]
         if not resuming:  # the loss history (logs/history.jsonl whatever --logging_dir) starts at step 1 again
             earlier.append(output_dir / HISTORY_FILE)
+            if project and logs_inside:  # a run that died before its first checkpoint: its curves would mix in
+                earlier.append(logs / project)
         for p in earlier:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +329,7 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     except PresetError as e:
         raise TrainingError(str(e)) from None
     accelerator = make_accelerator(args, project_name)
-    prepare_output_dir(args, accelerator, product=product)
+    prepare_output_dir(args, accelerator, product=product, project=project_name)
     resume_from = find_resume_checkpoint(args)
     if resume_from is not None:
         check_resume_matches(resume_from, run_record(args, stage_flags))  # first: the more useful message

@@ -302,6 +302,10 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     ("train_unet", "--beta_start", "0.03", "--beta_start 0.03 must be below --beta_end 0.02"),
     # the periodic DDIM grid at the last step raised after the whole run, before the pipeline was saved
     ("train_unet", "--num_train_timesteps", "10", "--sample_inference_steps 50 must be at most --num_train_timesteps 10"),
+    # --overwrite_output_dir clears the logging folder: ".." deleted the output folder's siblings
+    ("train_unet", "--logging_dir", "..", "--logging_dir ..: the tensorboard folder"),
+    ("train_vqmodel", "--logging_dir", ".", "must not be --output_dir or a folder above it"),
+    ("train_vqmodel", "--logging_dir", "/", "must not be --output_dir or a folder above it"),
 ])
 def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, capsys):
     """Caught when the flags are read, not after an epoch (a 0 interval divided by zero at its first use;
@@ -485,6 +489,31 @@ def test_overwrite_output_dir_drops_the_old_models_evaluation(tmp_path):
     assert not (out / "evaluation").exists() and not (out / "model_index.json").exists()
     assert not (out / "trace").exists()
     assert (out / "feature_net").is_dir()
+
+
+def test_a_fresh_start_clears_only_logs_it_owns(tmp_path):
+    """A run that died before its first checkpoint left tensorboard events: a fresh start removes its stage's
+    (they described nothing saved and drew two runs as one), never a logging folder outside --output_dir,
+    which may be shared, not even with --overwrite_output_dir (it deleted that whole folder)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from adni_diffusers import training
+
+    out, shared = tmp_path / "ldm", tmp_path / "tensorboard"
+    for events in (out / "logs" / "unet", out / "logs" / "vqmodel", shared / "unet", shared / "other-run"):
+        events.mkdir(parents=True)
+        (events / "events.out.tfevents.1").write_bytes(b"old")
+    args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=False,
+                           logging_dir="logs")
+    training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project="unet")
+    assert not (out / "logs" / "unet").exists() and (out / "logs" / "vqmodel" / "events.out.tfevents.1").is_file()
+    (out / "model_index.json").write_text("{}")
+    args.logging_dir, args.overwrite_output_dir = str(shared), True
+    training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project="unet")
+    assert not (out / "model_index.json").exists()
+    assert (shared / "unet" / "events.out.tfevents.1").is_file() and (shared / "other-run").is_dir()
 
 
 def test_resume_forgets_the_traced_and_logged_steps_past_the_checkpoint(tmp_path):
