@@ -70,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     training.validate_training_arguments(args)
     training.check_hub_flags(args)
+    vq = Path(args.vqmodel).resolve()
+    if Path(args.output_dir).resolve() in (vq, vq.parent if vq.name == "vqvae" else vq):
+        raise TrainingError(f"--output_dir {args.output_dir} is the --vqmodel folder: the UNet's run would write over "
+                            "the model it trains on; give another --output_dir")
     if args.latents_on_device and args.dataloader_num_workers > 0:
         raise TrainingError(f"--latents_on_device cuts batches on the GPU in the training process; "
                             f"--dataloader_num_workers {args.dataloader_num_workers} would need CUDA in worker "

@@ -284,6 +284,12 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
     A run that starts from step 0 (not resuming) starts a new loss history, and new tensorboard events for
     `project` when the logging folder is inside --output_dir (one elsewhere may be shared: it is left alone)."""
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainingError(f"--output_dir {output_dir}: exists and is not a folder")
+    other = other_stage_model(output_dir, project)
+    if other:  # --overwrite_output_dir would delete its checkpoints and write this stage's files in among its own
+        raise TrainingError(f"--output_dir {output_dir} holds {other}, not this script's: train into another "
+                            "--output_dir (remove that folder yourself to reuse the name)")
     checkpoints = list_checkpoints(output_dir)
     existing = [p for p in [output_dir / product, *checkpoints] if p.exists()]
     # "latest" with no checkpoint starts fresh: it must not silently write over a finished model either
@@ -316,6 +322,20 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
     accelerator.wait_for_everyone()
 
 
+# the training script of each stage, by its project name (tensorboard's, and `stage` in the run record)
+STAGE_SCRIPTS = {"vqmodel": "train_vqmodel.py", "unet": "train_unet.py"}
+
+
+def other_stage_model(output_dir: Path, project: str | None) -> str | None:
+    """What `output_dir` holds when it is the other stage's finished model, in words; else None."""
+    pipeline = (output_dir / "model_index.json").is_file()
+    if project == "unet" and (output_dir / "vqvae" / "config.json").is_file() and not pipeline:
+        return "a VQModel (the output of train_vqmodel.py)"
+    if project == "vqmodel" and pipeline:
+        return "a pipeline (the output of train_unet.py)"
+    return None
+
+
 def start_stage(args, config_of, project_name: str, product: str, stage_flags: tuple[str, ...] = ()):
     """What both training scripts do first, in this order so that every bad flag fails before any work: the
     model config from --preset (`config_of`, e.g. `presets.vq_config`), the Accelerator, the output folder
@@ -332,7 +352,7 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     prepare_output_dir(args, accelerator, product=product, project=project_name)
     resume_from = find_resume_checkpoint(args)
     if resume_from is not None:
-        check_resume_matches(resume_from, run_record(args, stage_flags))  # first: the more useful message
+        check_resume_matches(resume_from, run_record(args, stage_flags, stage=project_name))  # the clearer message
         check_checkpoint_files(resume_from, accelerator)
     return config, accelerator
 
@@ -775,10 +795,10 @@ RESUME_MUST_MATCH = ("seed", "train_batch_size", "gradient_accumulation_steps", 
 
 
 def run_record(args, stage_flags: tuple[str, ...] = (), identity: dict | None = None,
-               num_processes: int | None = None) -> dict:
-    """What defines a run (RESUME_MUST_MATCH and the stage's own flags, its model config and data), in the JSON
-    types a checkpoint's training_state.json reads back (tuples become lists)."""
-    record = {"flags": {name: getattr(args, name, None) for name in (*RESUME_MUST_MATCH, *stage_flags)},
+               num_processes: int | None = None, stage: str | None = None) -> dict:
+    """What defines a run (its stage, RESUME_MUST_MATCH and the stage's own flags, its model config and data), in
+    the JSON types a checkpoint's training_state.json reads back (tuples become lists)."""
+    record = {"stage": stage, "flags": {name: getattr(args, name, None) for name in (*RESUME_MUST_MATCH, *stage_flags)},
               "identity": identity or {}, "num_processes": num_processes}
     return json.loads(json.dumps(record))
 
@@ -814,6 +834,10 @@ def check_resume_matches(path: Path, current: dict) -> int | None:
     recorded = json.loads(state.read_text()).get("run")
     if recorded is None:  # written before 2026-12-02: nothing to compare
         return None
+    then, now = recorded.get("stage"), current.get("stage")  # no stage: written before 2026-12-03
+    if then and now and then != now:  # else the other stage's flags would be listed as if they were this run's
+        raise TrainingError(f"--resume_from_checkpoint {path}: a checkpoint of {STAGE_SCRIPTS.get(then, then)}, not "
+                            f"of {STAGE_SCRIPTS.get(now, now)}; train into another --output_dir")
     mismatches = resume_mismatches(recorded, current)
     if mismatches:
         raise TrainingError(
@@ -933,7 +957,8 @@ class TrainingRun:
         self.args, self.accelerator, self.loader, self.sampler, self.model = args, accelerator, loader, sampler, model
         self.lr_scheduler = lr_scheduler  # moved on a resume with another number of processes
         # what this run is (flags, model config, data): recorded in every checkpoint, compared on resume
-        self.record = run_record(args, stage_flags, identity, accelerator.num_processes)
+        self.record = run_record(args, stage_flags, identity, accelerator.num_processes,
+                                 stage=stage.lower())  # "UNet" -> "unet": the project name, as start_stage's
         self.optimizer = optimizer  # for the learning rate in the logs
         self.ema = ema
         self.stage = stage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -489,6 +490,57 @@ def test_overwrite_output_dir_drops_the_old_models_evaluation(tmp_path):
     assert not (out / "evaluation").exists() and not (out / "model_index.json").exists()
     assert not (out / "trace").exists()
     assert (out / "feature_net").is_dir()
+
+
+def test_the_other_stages_folder_is_refused_even_with_overwrite(tmp_path):
+    """train_unet.py into a VQModel's folder read its checkpoints as its own ("use --resume_from_checkpoint
+    latest"), listed the VQ's flags as mismatches on resume, and with --overwrite_output_dir deleted the VQ's
+    checkpoints and wrote the pipeline in among its files; train_vqmodel.py into a pipeline folder likewise."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from adni_diffusers import train_unet, training
+
+    vq, ldm = tmp_path / "vq", tmp_path / "ldm"
+    for folder, marker in ((vq, "vqvae/config.json"), (ldm, "model_index.json"), (ldm, "vqvae/config.json")):
+        (folder / marker).parent.mkdir(parents=True, exist_ok=True)
+        (folder / marker).write_text("{}")
+    (vq / "checkpoint-4").mkdir()
+    for output_dir, project, message in ((vq, "unet", "holds a VQModel (the output of train_vqmodel.py)"),
+                                         (ldm, "vqmodel", "holds a pipeline (the output of train_unet.py)")):
+        args = SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=None, overwrite_output_dir=True,
+                               logging_dir="logs")
+        with pytest.raises(training.TrainingError, match=re.escape(message)):
+            training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project=project)
+    assert (vq / "checkpoint-4").is_dir() and (ldm / "model_index.json").is_file()
+    # a pipeline trained on again, or a VQ folder retrained, is this stage's own: no refusal
+    args = SimpleNamespace(output_dir=str(ldm), resume_from_checkpoint=None, overwrite_output_dir=True,
+                           logging_dir="logs")
+    training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project="unet")
+    # a checkpoint written by the other script says so, not "belongs to another run: --learning_rate ..."
+    state = {"run": {"stage": "vqmodel", "flags": {"learning_rate": 2e-4}, "identity": {}}}
+    (vq / "checkpoint-4" / "training_state.json").write_text(json.dumps(state))
+    current = training.run_record(SimpleNamespace(learning_rate=1e-4), stage="unet")
+    with pytest.raises(training.TrainingError, match="a checkpoint of train_vqmodel.py, not of train_unet.py"):
+        training.check_resume_matches(vq / "checkpoint-4", current)
+    for vqmodel in (vq, vq / "vqvae"):
+        with pytest.raises(training.TrainingError, match="is the --vqmodel folder"):
+            train_unet.parse_args(["--vqmodel", str(vqmodel), "--output_dir", str(vq)])
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from adni_diffusers import training
+
+    (tmp_path / "afile").write_text("")
+    args = SimpleNamespace(output_dir=str(tmp_path / "afile"), resume_from_checkpoint=None, overwrite_output_dir=False,
+                           logging_dir="logs")
+    with pytest.raises(training.TrainingError, match="afile: exists and is not a folder"):
+        training.prepare_output_dir(args, Accelerator(cpu=True), "vqvae", project="vqmodel")
 
 
 def test_a_fresh_start_clears_only_logs_it_owns(tmp_path):
