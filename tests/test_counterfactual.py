@@ -410,3 +410,66 @@ def test_strip_says_how_much_vq_error_its_shared_scale_cuts(tmp_path, monkeypatc
     C.save_strip({**result, "reconstruction": original, "counterfactuals": {0.5: original - 0.1}},
                  tmp_path / "strip.png")
     assert not any("beyond the scale" in t for t in titles)  # nothing cut: no note
+
+
+
+def _captured_maps(monkeypatch) -> dict:
+    """The arrays of every titled image panel of the figures counterfactual saves (blue = negative = darker)."""
+    maps = {}
+
+    def capture(fig, path, **kw):
+        for ax in fig.axes:
+            if ax.images and ax.get_title():
+                maps[ax.get_title()] = np.asarray(ax.images[0].get_array())
+        return Path(path)
+
+    monkeypatch.setattr(C, "save_figure", capture)
+    return maps
+
+
+def test_difference_maps_are_counterfactual_minus_the_reference(tmp_path, monkeypatch):
+    """A region the counterfactual darkens (tissue -> CSF) is negative (blue) in the strip's and the per-image
+    difference maps; --diff-against original also shows the autoencoder's error."""
+    maps = _captured_maps(monkeypatch)
+    original = torch.full((1, 256, 256), 0.2)
+    reconstruction = original + 0.1  # the VQ round trip brightens everything a little
+    counterfactual = reconstruction.clone()
+    counterfactual[:, 100:140, 100:140] -= 0.4  # darker there, on the [-1, 1] scale
+    result = {"target": "AD", "original": original, "reconstruction": reconstruction,
+              "counterfactuals": {0.5: counterfactual}}
+    C.save_strip(result, tmp_path / "strip.png", outline=False)
+    strip = maps["difference, strength 0.50"]
+    assert strip[120, 120] == pytest.approx(-0.4, abs=1e-5) and strip[10, 10] == pytest.approx(0, abs=1e-5)
+    for reference, outside in (("reconstruction", 0.0), ("original", 0.1)):
+        maps.clear()
+        C.write_counterfactual(result, tmp_path / reference, reference)
+        single = maps["\u2192 AD, strength 0.50"]
+        assert single[120, 120] == pytest.approx(outside - 0.4, abs=1e-5)
+        assert single[10, 10] == pytest.approx(outside, abs=1e-5)
+
+
+def test_control_denoises_the_same_slices_with_the_source_label(pipe, demo_root, monkeypatch):
+    from adni_diffusers.data import load_slices
+
+    data = load_slices(demo_root, split="given")
+    nc = data.val.subset((data.val.labels == data.class_names.index("NC")).nonzero().flatten()[:1])
+    labels = []
+    call = C._Sampler.__call__
+    monkeypatch.setattr(C._Sampler, "__call__",
+                        lambda self, x, label, s: labels.append((label, s)) or call(self, x, label, s))
+    C.measure_tradeoff(pipe, nc, random_classifier(), "AD", strengths=(1.0,), guidance=2.0, scheduler="ddim",
+                       steps=2, control=True, progress=False)
+    assert labels == [("AD", 1.0), ("NC", 1.0)]
+
+
+def test_a_training_slice_is_marked_in_the_summary(tiny_ldm, tmp_path, capsys):
+    """--image of a slice the model trained on: counterfactuals.json says so (and only for that one)."""
+    save_feature_net(random_classifier(), tmp_path / "net")
+    data = C.held_out_data(str(tiny_ldm))
+    seen, unseen = data.train.paths[0], data.val.paths[0]
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", tiny_ldm, "--image", seen, unseen, "--to", "AD", "--strength", "1.0",
+                       "--classifier", tmp_path / "net", "--out", out, *STEPS], capsys)
+    assert rc == 0, err
+    images = json.loads((out / "counterfactuals.json").read_text())["images"]
+    assert [e["in_training_split"] for e in images] == [True, False]

@@ -533,3 +533,21 @@ def test_bad_arguments():
     assert "expected one of patient, given, all" in data_error(".", split="slices")
     assert "expected one of pad, resize" in data_error(".", preprocess="crop")
     assert "between 0 and 1" in data_error(".", val_fraction=1.5)
+
+
+
+def test_split_by_patient_keeps_a_patient_of_every_class_for_training():
+    """A large --val_fraction still leaves each class a training patient (the docstring's promise)."""
+    patients, labels = ["a", "a", "b", "c", "d", "d"], [0, 0, 0, 1, 1, 1]
+    tr, va = split_by_patient(patients, labels, 0.9, seed=0)
+    assert {labels[i] for i in tr} == {0, 1} and {labels[i] for i in va} == {0, 1}
+
+
+def test_model_input_and_back_is_the_identity_on_8_bit_pixels():
+    """to_uint8 rounds to the nearest grey level: uint8 -> [-1, 1] -> uint8 changes nothing, and a value a little
+    below a level (float error, a sampler's output) does not drop to the level below."""
+    from adni_diffusers.data import to_model_input, to_uint8
+
+    px = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
+    assert torch.equal(to_uint8(to_model_input(px)), px)
+    assert torch.equal(to_uint8(to_model_input(px[:, 1:]) - 0.002), px[:, 1:])  # under half a level (1/255)

@@ -209,3 +209,23 @@ def test_the_contact_sheet_shows_distinct_slices():
         picks = dd._sheet_slices(n, shown).tolist()
         assert len(set(picks)) == shown and all(0 <= k < n for k in picks), (n, picks)
     assert dd._sheet_slices(20, 3).tolist() == [5, 10, 14]  # the default sheet is unchanged
+
+
+
+def test_ensure_rebuilds_a_build_with_missing_images_or_never_finished(tmp_path):
+    import json
+
+    out = tmp_path / "ensured"
+    settings = dict(subjects=4, slices_per_subject=2, seed=5, contact_sheet=False, workers=1)
+    dd.ensure_demo_dataset(out, **settings)
+    missing = next(out.glob("train/*/*.jpeg"))
+    missing.unlink()  # a slice lost since (complete, same settings, one image short)
+    dd.ensure_demo_dataset(out, **settings)
+    assert missing.is_file()
+    # an interrupted build: all files there, but demo_settings.json says it never finished
+    stale = next(out.glob("test/*/*.jpeg"))
+    stale.write_bytes(b"half-written")
+    flag = out / "demo_settings.json"
+    flag.write_text(json.dumps({**json.loads(flag.read_text()), "complete": False}))
+    dd.ensure_demo_dataset(out, **settings)
+    assert dd.read_settings(out)["complete"] is True and stale.read_bytes() != b"half-written"

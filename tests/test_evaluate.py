@@ -421,3 +421,133 @@ def test_ablation_rows_measure_8_bit_pixels_as_the_main_row_does():
                              batch_size=6, device="cpu", feature_batch=6, kid_subsets=2, class_names=[],
                              progress=False, reuse={("dpm++", 25, 0, 0, 1.0): (images, 1.0)})
     assert seen == [torch.uint8] and result["rows"][0]["fd"] >= 0
+
+
+
+def test_memorisation_share_is_of_the_samples_that_copy_training_images():
+    """`closer_than_heldout_percentile` is the share of GENERATED samples nearer to the training set than the held-out
+    p5: samples that are training slices score 1, samples far from everything 0 (whatever the held-out share)."""
+    g = torch.Generator().manual_seed(0)
+    train_f, held_f = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
+    train_px = torch.randint(0, 256, (40, 64, 64), dtype=torch.uint8, generator=g)
+    held_px = torch.randint(0, 256, (30, 64, 64), dtype=torch.uint8, generator=g)
+    copies = E.memorisation(train_f[:10].clone(), train_f, held_f, train_px[:10].clone(), train_px, held_px)
+    far = E.memorisation(train_f[:10] + 100, train_f, held_f, torch.zeros(10, 64, 64, dtype=torch.uint8), train_px,
+                         held_px)
+    for space in ("features", "pixels"):
+        assert copies[space]["closer_than_heldout_percentile"] == 1.0
+        assert far[space]["closer_than_heldout_percentile"] == 0.0
+        assert 0 < copies[space]["heldout_below_percentile"] < 1  # the held-out share is another number
+
+
+def test_precision_is_fidelity_and_recall_is_coverage():
+    """Samples all in one corner of the real manifold: precision (samples inside the real manifold) 1, recall (real
+    images inside the samples' manifold) near 0 -- not the other way round."""
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(200, 4, generator=g)
+    candidate = reference[:1] + 0.01 * torch.randn(50, 4, generator=g)
+    m = E.compare_features(reference, candidate, kid_subsets=2)
+    assert m["precision"] == 1.0 and m["recall"] < 0.05
+
+
+def test_class_fidelity_counts_what_the_net_predicts():
+    class Net:
+        def predict(self, images, batch_size=64, device=None):
+            return torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+
+    out = E.class_fidelity(Net(), torch.zeros(4, 8, 8, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), ["AD", "NC"])
+    assert out["accuracy"] == 0.5 and out["per_class"] == {"AD": 0.5, "NC": 0.5}
+    assert out["predicted_as"] == {"AD": {"AD": 1, "NC": 1}, "NC": {"AD": 1, "NC": 1}}
+
+
+@pytest.fixture(scope="module")
+def spied(evaluated, model_copy, tmp_path_factory):
+    """A small second evaluation (the feature net of `evaluated` comes from the cache) that records which images go
+    into each samples_<class>.png and what the TSTR / TRTR classifiers train and test on."""
+    from adni_diffusers import plots
+
+    calls = {"classifier": [], "grids": {}, "samples": None}
+    sample, grid = E.sample_images, plots.save_image_grid
+
+    def sample_spy(pipe, labels, **kw):
+        images = sample(pipe, labels, **kw)
+        if calls["samples"] is None:  # the main run's samples
+            calls["samples"] = (torch.tensor(labels), images)
+        return images
+
+    def grid_spy(images, path, nrow=None):
+        calls["grids"][Path(path).name] = images.clone()
+        return grid(images, path, nrow)
+
+    def classifier_spy(train, test, settings):
+        calls["classifier"].append((list(train.paths), list(test.paths)))
+        generated = all(p.startswith("generated/") for p in train.paths)
+        return {"accuracy": 0.25 if generated else 0.75, "patient_accuracy": None, "accuracy_per_class": {},
+                "train_images": len(train), "test_images": len(test), "train_seconds": 0.0}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "sample_images", sample_spy)
+        mp.setattr(plots, "save_image_grid", grid_spy)
+        mp.setattr(E, "train_test_classifier", classifier_spy)
+        result = E.evaluate_model(model_copy, num_samples=3, steps=2, out=tmp_path_factory.mktemp("spied"),
+                                  feature_epochs=1, tstr_epochs=1, diversity_pairs=2, kid_subsets=2, umap=False,
+                                  render_card=False, progress=False, device="cpu")
+    return result, calls
+
+
+def test_samples_png_of_a_class_shows_that_class(spied):
+    _, calls = spied
+    labels, images = calls["samples"]
+    for c, name in enumerate(["AD", "NC"]):
+        assert torch.equal(calls["grids"][f"samples_{name}.png"], images[labels == c][:64])
+
+
+def test_tstr_trains_on_the_samples_and_trtr_on_real_training_slices(spied, model_copy):
+    result, calls = spied
+    fidelity = result["class_fidelity"]
+    assert fidelity["tstr"]["accuracy"] == 0.25 and fidelity["trtr"]["accuracy"] == 0.75
+    data, _ = E.load_evaluation_data(model_copy)
+    (tstr_train, tstr_test), (trtr_train, trtr_test) = calls["classifier"]
+    assert tstr_test == trtr_test == data.val.paths  # both tested on the real held-out slices
+    assert len(tstr_train) == 6 and all(p.startswith("generated/") for p in tstr_train)
+    assert set(trtr_train) <= set(data.train.paths)
+
+
+def test_a_changed_data_folder_is_flagged_and_the_training_data_is_not(model_copy, demo_root, tmp_path, caplog):
+    """`matches_training`: the split recomputed from the training data equals the recorded one; a data folder that
+    lost a training slice since training is warned about (held-out may then hold images the model saw)."""
+    import logging
+
+    data, record = E.load_evaluation_data(model_copy)
+    assert record["matches_training"] is True
+    changed = tmp_path / "AD_NC"
+    shutil.copytree(demo_root, changed)
+    (changed / Path(data.train.paths[0]).relative_to(data.root)).unlink()
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
+        _, record = E.load_evaluation_data(model_copy, changed)
+    assert record["matches_training"] is False and "differs from the one training recorded" in caplog.text
+
+
+def test_a_model_trained_without_a_hold_out_is_refused_before_any_work(model_copy, tmp_path, monkeypatch):
+    """--split all held nothing out: refused with the reason, before the feature net is trained."""
+    import adni_diffusers.features as features
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the feature net was trained for a model with nothing held out")
+
+    monkeypatch.setattr(features, "get_or_train_feature_net", no_work)
+    folder = tmp_path / "all"
+    shutil.copytree(model_copy, folder, ignore=shutil.ignore_patterns("evaluation", "feature_net"))
+    record = json.loads((folder / "training_data.json").read_text())
+    (folder / "training_data.json").write_text(json.dumps({**record, "split": "all"}))
+    with pytest.raises(E.EvaluationError, match=r"no patients were held out.*retrain with --split patient"):
+        E.evaluate_model(folder, num_samples=2, out=tmp_path / "out", device="cpu", progress=False,
+                         render_card=False)
+
+
+def test_stratified_rows_give_the_leftover_row_to_the_largest_remainder():
+    from adni_diffusers.vq_eval import stratified_rows
+
+    labels = torch.tensor([0] * 6 + [1] * 4)  # 3 rows: quotas 1.8 and 1.2
+    rows = stratified_rows(labels, 3, seed=0)
+    assert labels[rows].bincount().tolist() == [2, 1]

@@ -192,3 +192,14 @@ def test_an_unwritable_cache_folder_is_refused_before_training(tiny_ldm, tmp_pat
     assert (tmp_path / "new" / "cache").is_dir() and not list((tmp_path / "new" / "cache").iterdir())
     with pytest.raises(EvaluationError, match="--feature-cache .*not_a_folder"):
         evaluate_model(tiny_ldm, out=tmp_path / "eval", feature_cache=a_file)
+
+
+
+@pytest.mark.parametrize("change", [{"epochs": 2}, {"lr": 1e-3}, {"seed": 1}, {"batch_size": 8}])
+def test_another_training_setting_is_another_cached_net(data, tmp_path, change):
+    """The cache must not hand a 1-epoch net to a run that asked for 2 (evaluate --feature-epochs)."""
+    train, val = data
+    settings = dict(SETTINGS, epochs=1)
+    _, first = Fe.get_or_train_feature_net(tmp_path, train, val, **settings)
+    _, second = Fe.get_or_train_feature_net(tmp_path, train, val, **{**settings, **change})
+    assert second["cached"] is False and second["key"] != first["key"]

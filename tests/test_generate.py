@@ -214,3 +214,41 @@ def test_bad_seed_or_device_is_named_before_the_model_loads(tmp_path, capsys, fl
     assert cli.main(["generate", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "no such folder" not in err, err
+
+
+
+def test_refinement_may_re_noise_the_whole_chain(fresh_pipe, tmp_path):
+    """--refine-steps equal to --steps is what the pipeline takes (re-noise to the first timestep): not refused."""
+    from adni_diffusers.generate import check_refinement, generate
+
+    check_refinement(3, 3, 1)
+    with pytest.raises(ValueError, match="between 1 and --steps"):
+        check_refinement(3, 4, 1)
+    paths = generate("unused", tmp_path, num_images=1, scheduler="ddim", steps=2, refine_steps=2, refine_repeats=1,
+                     device="cpu", pipe=fresh_pipe)
+    assert len(paths["images"]) == 1
+
+
+def test_class_given_by_index_is_that_class(fresh_pipe, tmp_path):
+    """--class 1 is the model's class 1 (NC), as --class NC."""
+    from adni_diffusers.generate import generate
+
+    kwargs = dict(num_images=1, guidance=2.0, scheduler="ddim", steps=2, seed=0, device="cpu", pipe=fresh_pipe)
+    by_name = _pixels(generate("unused", tmp_path / "name", class_label="NC", **kwargs)["images"])[0]
+    by_index = _pixels(generate("unused", tmp_path / "index", class_label="1", **kwargs)["images"])[0]
+    other = _pixels(generate("unused", tmp_path / "other", class_label="AD", **kwargs)["images"])[0]
+    assert (by_name == by_index).all()
+    assert (by_name != other).any()
+
+
+def test_gif_animates_the_first_batch_only(fresh_pipe, tmp_path, monkeypatch):
+    """One frame per step of the first batch, then the final images: later batches do not join the animation."""
+    from adni_diffusers.generate import GifRecorder, generate
+
+    recorded = []
+    save = GifRecorder.save
+    monkeypatch.setattr(GifRecorder, "save",
+                        lambda self, pipe, path, final: recorded.extend(self.frames) or save(self, pipe, path, final))
+    generate("unused", tmp_path, num_images=4, scheduler="ddim", steps=3, batch_size=2, device="cpu", gif=True,
+             pipe=fresh_pipe)
+    assert [step for step, _ in recorded] == [0, 1, 2]

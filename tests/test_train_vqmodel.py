@@ -617,3 +617,12 @@ def test_code_usage_is_counted_per_optimizer_step(tmp_path, demo_root, monkeypat
     assert updates == [2 * 2 * latents_per_image] * 2  # 2 steps, each 2 micro-batches of 2 images
     metrics = json.loads((tmp_path / "vq" / "metrics.json").read_text())
     assert 0 < metrics["brain_eval_images"] <= metrics["eval_images"]  # the brain-mask means say over how many
+
+
+
+def test_reconstruction_metrics_are_measured_on_the_held_out_patients(tiny_vq):
+    """metrics.json says "validation (held-out patients)": the numbers must come from those images, not training's."""
+    metrics = json.loads((tiny_vq / "metrics.json").read_text())
+    record = json.loads((tiny_vq / "training_data.json").read_text())
+    assert record["validation"]["images"] != record["train"]["images"]
+    assert metrics["eval_images"] == record["validation"]["images"]
