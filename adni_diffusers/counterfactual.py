@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .generate import finite_float
 from .plots import save_figure
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
 
@@ -837,7 +838,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", nargs="+", type=float, default=None, metavar="S",
                         help="one or more strengths in (0, 1] (default: 0.4 for --image, "
                              f"{' '.join(map(str, DEFAULT_STRENGTHS))} for --measure); several give a strip")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+    parser.add_argument("--guidance", type=finite_float, default=DEFAULT_GUIDANCE,
                         help=f"classifier-free guidance scale toward --to (1 = none; default {DEFAULT_GUIDANCE:g})")
     parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="sampler (default ddim)")
     parser.add_argument("--steps", type=int, default=None,

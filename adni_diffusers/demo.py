@@ -107,11 +107,13 @@ def _write_recipe(folder: Path, recipe: dict) -> None:
 def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects: int | None = None, seed: int = 0,
              retrain: bool = False, quick: bool = False) -> dict:
     from .demo_data import ensure_demo_dataset, read_settings
-    from .generate import generate
+    from .generate import check_device, generate
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before hours of training
     plan = PLANS["quick" if quick else ("cuda" if device.startswith("cuda") else "cpu")]
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     timings = {}
     t0 = time.time()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def positive_int(text: str) -> int:
     value = int(text)  # a ValueError here reads "invalid positive_int value: 'x'"
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer (expected 1 or more)")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type for weights and scales: "nan" or "inf" would reach the sampler and make every latent NaN."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: expected a finite number")
     return value
 
 
@@ -73,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--scheduler", default="ddpm", choices=list(SCHEDULERS))
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc")

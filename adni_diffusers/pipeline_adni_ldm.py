@@ -22,7 +22,10 @@ import torch
 
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel, VQModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.get_logger(__name__)
 
 IMAGE_SIZE = 256
 PIPELINE_CLASS = "ADNILatentDiffusionPipeline"
@@ -471,6 +474,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"batch_size={batch_size}: expected at least 1")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"{len(generator)} generators for {batch_size} images: give one generator, or one per image")
+        if not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale}: expected a finite number (1.0 = no guidance)")
         if guidance_scale != 1.0 and class_labels is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (classifier-free guidance steers "
                              "towards a class" + ("" if self.is_conditional else "; this model is unconditional")
@@ -511,7 +516,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                                     callback_on_step_end, tensor_inputs, done)
             done += len(refine_timesteps)
 
-        # 4. decode through the codebook
+        # 4. decode through the codebook, which would turn NaN latents into a plausible-looking codebook pattern
+        broken = int((~torch.isfinite(latents)).flatten(1).any(1).sum())
+        if broken:
+            logger.warning(f"{broken} of {batch_size} images have non-finite latents (NaN or inf) after sampling: "
+                           "their pictures are not samples (float16 overflow? try bfloat16 or float32)")
         if output_type == "latent":
             images = latents
         else:

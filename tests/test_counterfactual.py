@@ -473,3 +473,9 @@ def test_a_training_slice_is_marked_in_the_summary(tiny_ldm, tmp_path, capsys):
     assert rc == 0, err
     images = json.loads((out / "counterfactuals.json").read_text())["images"]
     assert [e["in_training_split"] for e in images] == [True, False]
+
+
+def test_guidance_must_be_finite(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["--model", tmp_path, "--to", "AD", "--measure", "--guidance", "nan"], capsys)
+    assert exit_info.value.code == 2 and "argument --guidance: nan: expected a finite number" in capsys.readouterr().err

@@ -56,3 +56,17 @@ def test_every_plan_parses_with_the_training_scripts(plan, tmp_path):
                                        str(tmp_path / "ldm"), *p["unet"]])
     assert vq_args.max_train_steps > 0 and unet_args.max_train_steps > 0
     assert unet_args.conditional and unet_args.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "foo"], "--device foo: "),  # trained both stages, then failed in torch's words
+    (["--out", "afile"], "--out afile: exists and is not a folder"),
+])
+def test_bad_flags_stop_the_demo_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
+    from adni_diffusers import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["demo", "--quick", "--out", "demo", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

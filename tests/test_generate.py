@@ -30,6 +30,9 @@ def test_generate_writes_images_and_warns_about_low_precision_on_cpu(tiny_ldm, t
     ("--num-images", "0", "0 is not a positive integer"),
     ("--refine-steps", "-1", "-1 is negative"),
     ("--refine-repeats", "-2", "-2 is negative"),
+    # every latent became NaN, and the codebook turned them into a plausible-looking picture
+    ("--guidance", "nan", "nan: expected a finite number"),
+    ("--guidance", "inf", "inf: expected a finite number"),
 ])
 def test_generate_refuses_bad_counts_naming_the_flag(tmp_path, capsys, flag, value, message):
     from adni_diffusers import cli

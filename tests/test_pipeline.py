@@ -686,3 +686,20 @@ def test_pipeline_prepares_slices_as_its_training_data_was(tmp_path):
     assert ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "resize").preprocess == "pad"
     with pytest.raises(ValueError, match="preprocess='crop'"):
         ADNILatentDiffusionPipeline(base.vqvae, base.unet, base.scheduler, preprocess="crop")
+
+
+def test_non_finite_guidance_is_refused_and_non_finite_latents_are_reported(pipe, monkeypatch):
+    """NaN latents decode to a plausible-looking codebook pattern: a NaN guidance scale is refused, and NaN latents
+    (a float16 overflow) are reported rather than passed off as samples."""
+    import adni_diffusers.pipeline_adni_ldm as module
+
+    with pytest.raises(ValueError, match="guidance_scale=nan: expected a finite number"):
+        pipe(batch_size=1, class_labels="AD", guidance_scale=float("nan"), num_inference_steps=2)
+    warned = []
+    monkeypatch.setattr(module.logger, "warning", warned.append)
+    latents = torch.randn(3, 4, 32, 32, generator=seeded())
+    pipe(latents=latents, class_labels="AD", num_inference_steps=2, output_type="np")
+    assert warned == []
+    latents[1, 0, 0, 0] = float("nan")
+    pipe(latents=latents, class_labels="AD", num_inference_steps=2, output_type="np")
+    assert len(warned) == 1 and warned[0].startswith("1 of 3 images have non-finite latents")
