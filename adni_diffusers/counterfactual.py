@@ -954,12 +954,12 @@ def main(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("--from", args.source), ("--max-images", args.max_images),
                                           ("--control", args.control)) if value not in (None, False)]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply{'' if len(given) > 1 else 's'} to --measure")
+            raise ValueError(f"{', '.join(given)} {'only apply' if len(given) > 1 else 'only applies'} to --measure")
     if not (args.measure or args.classify or args.classifier):  # these only find or train the classifier
         given = [flag for flag, value in (("--data-dir", args.data_dir), ("--feature-epochs", args.feature_epochs),
                                           ("--feature-net-cache", args.feature_net_cache)) if value is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply{'' if len(given) > 1 else 's'} with --measure, "
+            raise ValueError(f"{', '.join(given)} {'only apply' if len(given) > 1 else 'only applies'} with --measure, "
                              "--classify or --classifier")
     image_paths = [Path(p) for p in args.image or []]
     # prepared as training prepared its slices (pad or resize), not always padded

@@ -180,6 +180,10 @@ def _is_root_doc(p: Path, root: Path) -> bool:
     return p.suffix.lower() in {".txt", ".md", ".json", ".csv"} or p.name.upper().startswith("LICENSE")
 
 
+# files Windows writes into image folders by itself (dot-files, macOS's .DS_Store, are skipped by name)
+OS_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
+
+
 def _list_dir(d: Path) -> tuple[list[Path], list[Path]]:
     entries = sorted(e for e in d.iterdir() if not e.name.startswith("."))
     return [e for e in entries if e.is_dir()], [e for e in entries if e.is_file()]
@@ -198,7 +202,7 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             p = Path(dirpath) / name
-            if name.startswith("."):
+            if name.startswith(".") or name.lower() in OS_FILES:
                 continue
             if p.is_symlink() and not p.exists():  # else skipped as "not a file": a slice lost without a word
                 broken.append(p)

@@ -552,6 +552,10 @@ def _contact_sheet_path(out_dir: Path, contact_sheet: str | os.PathLike | bool) 
         path = Path(contact_sheet)
     if path.resolve().is_relative_to(out_dir.resolve()):
         raise ValueError(f"contact sheet {path}: must not lie inside {out_dir} (the loader rejects stray images)")
+    from PIL import Image
+
+    if path.suffix.lower() not in Image.registered_extensions():  # else PIL refused it after the whole build
+        raise ValueError(f"contact sheet {path}: expected an image file name (e.g. {path.name or 'sheet'}.png)")
     return path
 
 

@@ -1258,14 +1258,24 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote pr
 
 
 def run_cli(script: str, parse_args, main, argv=None) -> int:
-    """Parse, run, and turn a TrainingError into one line on stderr and exit status 2."""
+    """Parse, run, and turn a TrainingError into one line on stderr and exit status 2 (Ctrl-C: 130, saying
+    where the run can go on from)."""
     import sys
 
+    args = None
     try:
-        result = main(parse_args(argv))
+        args = parse_args(argv)
+        result = main(args)
     except TrainingError as e:
         print(f"{script}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:  # every process gets the Ctrl-C; one line is enough
+            checkpoints = list_checkpoints(args.output_dir) if args is not None else []
+            where = (f"the last checkpoint is {checkpoints[-1]}: go on from it with --resume_from_checkpoint latest"
+                     if checkpoints else "no checkpoint had been written (see --checkpointing_steps)")
+            print(f"{script}: interrupted; {where}", file=sys.stderr)
+        return 130
     except RuntimeError as e:
         # another process ended (its own error printed above) while this one waited in a collective: one line,
         # not a 40-line traceback of the barrier that saw the connection close

@@ -420,6 +420,16 @@ def test_non_image_file_in_a_class_folder(tmp_path):
     assert str(notes) in msg and "not images" in msg and ".jpeg" in msg
 
 
+def test_files_the_os_writes_into_image_folders_are_skipped(tmp_path):
+    """Windows' Thumbs.db / desktop.ini (as macOS's .DS_Store) are no reason to refuse a data tree."""
+    root = image_tree(tmp_path)
+    before = load_slices(root, split="given")
+    for name in ("Thumbs.db", "desktop.ini", ".DS_Store"):
+        (root / "train" / "AD" / name).write_bytes(b"\x00os")
+    after = load_slices(root, split="given")
+    assert after.train.paths == before.train.paths and after.val.paths == before.val.paths
+
+
 def test_image_file_that_is_not_an_image(tmp_path):
     root = image_tree(tmp_path)
     fake = root / "train" / "NC" / "1009999_1.jpeg"

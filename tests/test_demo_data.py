@@ -147,6 +147,11 @@ def test_cli_builds_and_refuses_a_non_empty_folder(tmp_path, capsys):
     inside = ["--overwrite", "--contact-sheet", str(out / "sheet.png")]
     assert cli.main(args + inside) == 2
     assert "inside" in capsys.readouterr().err
+    # a sheet name PIL cannot write: refused before the build (it failed after, and the rerun met a full folder)
+    before = _file_bytes(out)
+    assert cli.main(args + ["--overwrite", "--contact-sheet", str(tmp_path / "sheet")]) == 2
+    assert "expected an image file name (e.g. sheet.png)" in capsys.readouterr().err
+    assert _file_bytes(out) == before
 
     # a bad --workers is refused before the finished build is removed
     before = _file_bytes(out)

@@ -857,3 +857,23 @@ def test_label_dropout_trains_the_unconditional_class_at_its_rate():
     assert abs(float(is_null.float().mean()) - 0.15) < 0.01
     assert torch.equal(dropped[~is_null], labels[~is_null])  # the others keep their class
     assert (drop_labels(labels, 0.0, 2, torch.Generator()) == labels).all()
+
+
+def test_ctrl_c_says_where_the_run_can_go_on_from(tmp_path, capsys, monkeypatch):
+    """A 15-line KeyboardInterrupt traceback named no checkpoint; now one line and exit status 130."""
+    from types import SimpleNamespace
+
+    from adni_diffusers import training
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("RANK", raising=False)
+    parse = lambda argv: SimpleNamespace(output_dir=str(tmp_path))  # noqa: E731
+    assert training.run_cli("train_unet.py", parse, interrupted) == 130
+    assert "train_unet.py: interrupted; no checkpoint had been written" in capsys.readouterr().err
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-20").mkdir()
+    assert training.run_cli("train_unet.py", parse, interrupted) == 130
+    err = capsys.readouterr().err
+    assert f"the last checkpoint is {tmp_path / 'checkpoint-20'}" in err and "--resume_from_checkpoint latest" in err
