@@ -134,7 +134,10 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
     if not path.is_dir() and (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
                               or " " in model):
         raise ValueError(f"--model {model}: no such folder (a saved pipeline folder, or a Hub repo id owner/name)")
-    pipe = ADNILatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
+    try:
+        pipe = ADNILatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
+    except OSError as e:  # the pipeline's own messages start with the path: name the flag too
+        raise OSError(f"--model {e}" if str(e).startswith(model) else f"--model {model}: {e}") from None
     return pipe.to(device)
 
 

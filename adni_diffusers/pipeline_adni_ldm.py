@@ -46,6 +46,18 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PREPROCESS_CHOICES = ("pad", "resize")
 
 
+def _missing_parts(folder: Path, components: list[str]) -> list[str]:
+    """What a saved pipeline folder lacks of `components`: a config, or a model's weights (any variant or shard)."""
+    missing = []
+    for name in components:
+        config = "scheduler_config.json" if name == "scheduler" else "config.json"
+        if not (folder / name / config).is_file():
+            missing.append(f"{name}/{config}")
+        elif name != "scheduler" and not any((folder / name).glob("diffusion_pytorch_model*")):
+            missing.append(f"{name}/diffusion_pytorch_model.safetensors")
+    return missing
+
+
 # ------------------------------------------------------------------------------------------------
 # Small pure functions: one definition each, used by the pipeline AND the training code.
 # ------------------------------------------------------------------------------------------------
@@ -586,11 +598,19 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
+            try:
+                folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
+            except Exception as e:  # offline cache miss, no such repo, no network: huggingface_hub's words name no path
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise OSError(f"{pretrained_model_name_or_path}: no such local folder, and no Hub repo of that name "
+                              f"could be loaded ({reason})") from e
         index_path = folder / "model_index.json"
         if not index_path.is_file():
             raise OSError(f"{pretrained_model_name_or_path}: no model_index.json (not a saved pipeline)")
         index = json.loads(index_path.read_text())
+        for part in _missing_parts(folder, [name for name in ("vqvae", "unet", "scheduler") if name not in given]):
+            # else diffusers names the pipeline folder and a file it never had (diffusion_pytorch_model.bin)
+            raise OSError(f"{pretrained_model_name_or_path}: {part} is missing (an incomplete copy or download?)")
         model_kwargs = dict(load_kwargs, **({"dtype": dtype} if dtype is not None else {}))
         vqvae = given["vqvae"] if "vqvae" in given else VQModel.from_pretrained(folder, subfolder="vqvae", **model_kwargs)
         unet = given["unet"] if "unet" in given else UNet2DModel.from_pretrained(folder, subfolder="unet", **model_kwargs)

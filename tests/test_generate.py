@@ -165,6 +165,36 @@ def test_a_mistyped_model_folder_is_named_as_a_folder(model, tmp_path, capsys):
     assert code == 2 and f"--model {model}: no such folder" in capsys.readouterr().err
 
 
+def test_a_model_neither_here_nor_on_the_hub_is_named(tmp_path, capsys, monkeypatch):
+    """The README's adni_demo/ldm before the demo ran: huggingface_hub's "Cannot find an appropriate cached
+    snapshot folder" named no flag and no folder."""
+    from adni_diffusers import cli
+
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["generate", "--model", "adni_demo/ldm", "--out", "o", "--num-images", "1", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model adni_demo/ldm: no such local folder, and no Hub repo of that name" in err
+
+
+@pytest.mark.parametrize("remove, named", [("unet/diffusion_pytorch_model.safetensors",
+                                            "unet/diffusion_pytorch_model.safetensors is missing"),
+                                           ("vqvae", "vqvae/config.json is missing"),
+                                           ("scheduler/scheduler_config.json", "scheduler/scheduler_config.json")])
+def test_an_incomplete_model_folder_names_the_missing_part(tiny_ldm, tmp_path, capsys, remove, named):
+    """diffusers said "no file named diffusion_pytorch_model.bin found in directory <the pipeline folder>"."""
+    import shutil
+
+    from adni_diffusers import cli
+
+    broken = tmp_path / "ldm"
+    shutil.copytree(tiny_ldm, broken, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples", "evaluation"))
+    target = broken / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    code = cli.main(["generate", "--model", str(broken), "--out", str(tmp_path / "o"), "--num-images", "1",
+                     "--steps", "2", "--scheduler", "ddim"])
+    assert code == 2 and f"--model {broken}: {named}" in capsys.readouterr().err
+
+
 def test_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
     from adni_diffusers import cli, generate
 
