@@ -235,7 +235,7 @@ def slice_seed(seed: int, pixels: torch.Tensor) -> int:
 @torch.no_grad()
 def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance: float = DEFAULT_GUIDANCE,
                          seed: int = 0, scheduler: str | None = None, steps: int | None = None,
-                         classifier=None, batch_size: int = 16) -> list[dict]:
+                         classifier=None, batch_size: int = 16, progress: bool = False) -> list[dict]:
     """Counterfactuals of real slices toward class `to`, one dict per input image:
 
         {"original": (1, 256, 256) in [-1, 1] (padded as in training),
@@ -251,7 +251,10 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
     depend on the other images given with it. `scheduler` (ddpm / ddim / dpm++ /
     unipc) replaces the pipeline's scheduler for this call (restored afterwards); `steps` defaults to
     the scheduler's usual count. `classifier`: a `features.FeatureNet` whose class names include `to`.
+    `progress`: a tqdm bar of the denoising steps.
     """
+    from tqdm.auto import tqdm
+
     target = check_target(pipe, to)
     strengths = check_strengths(strengths)
     col = _classifier_column(classifier, target) if classifier is not None else None
@@ -260,6 +263,8 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
                 "denoising_steps": {}} for x in pixels]
     with _Sampler(pipe, guidance, seed, scheduler, steps) as sample:
         check_strengths(strengths, sample.steps)
+        work = len(pixels) * sum(sample.denoising_steps(s) for s in strengths)
+        bar = tqdm(total=work, desc="counterfactuals (image-steps)", unit="img-step", disable=not progress)
         for start in range(0, len(pixels), batch_size):
             batch = pixels[start:start + batch_size]
             recon = sample.reconstruct(batch)
@@ -267,9 +272,11 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
                 results[start + i]["reconstruction"] = r
             for s in strengths:
                 cf = sample(batch, target, s)
+                bar.update(len(batch) * sample.denoising_steps(s))
                 for i, c in enumerate(cf):
                     results[start + i]["counterfactuals"][s] = c
                     results[start + i]["denoising_steps"][s] = sample.denoising_steps(s)
+        bar.close()
         scheduler_name = type(pipe.scheduler).__name__
     for r in results:
         r.update(guidance=float(guidance), seed=int(seed), scheduler=scheduler_name, steps=sample.steps)
@@ -992,7 +999,7 @@ def main(args: argparse.Namespace) -> int:
     for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
         results = make_counterfactuals(pipe, torch.cat(images[first:first + batch_size]), target, strengths,
                                        args.guidance, args.seed, args.scheduler, args.steps, classifier=classifier,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, progress=True)
         for path, folder, result in zip(image_paths[first:], folders[first:], results):
             files = write_counterfactual(result, folder, args.diff_against)
             entry = {"image": str(path), "folder": str(folder), "strip": files["strip"]}

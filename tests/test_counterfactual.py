@@ -61,6 +61,7 @@ def test_cli_writes_strip_and_individual_pngs(tiny_ldm, nc_slice, tmp_path, caps
     rc, err = run_cli(["--model", tiny_ldm, "--image", nc_slice, "--to", "AD", "--strength", "0.5", "1.0",
                        "--guidance", "2", "--out", out, *STEPS], capsys)
     assert rc == 0, err
+    assert "counterfactuals (image-steps)" in err  # --image was silent until the strips were written
     folder = out / nc_slice.stem
     names = {"strip.png", "original.png", "reconstruction.png", "counterfactual_s0.50.png",
              "counterfactual_s1.00.png", "difference_s0.50.png", "difference_s1.00.png"}
