@@ -27,7 +27,7 @@ only and cached (`get_or_train_feature_net`); no Inception weights, so the names
 "(adni-features)" and the numbers are not comparable with published FID values.
 
 Outputs in `--out` (default `<model>/evaluation`): metrics.json, report.md, ablations.csv and
-PNGs; then the model card (README.md) is re-rendered so the numbers appear there. The pieces
+PNGs (an earlier evaluation's are removed first, other files stay); then the model card (README.md) is re-rendered so the numbers appear there. The pieces
 (`sample_images`, `as_slice_set`, `extract_features`, `compare_features`, ...) are small
 functions for reuse by other commands.
 """
@@ -68,6 +68,11 @@ MILD_REFINEMENT = (10, 2)
 ABLATION_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
 FLOOR_LABEL = "floor: real train vs held-out"
 CEILING_LABEL = "VQ ceiling: the floor's training images through the VQ autoencoder vs held-out"
+# what an evaluation writes in --out, removed when the next one starts: a picture this run does not redraw
+# (umap.png after --no-umap, the ablation figures without --ablations) would read as this run's, and `push`
+# uploads it. Only these names: other files, and a feature-net cache there, stay.
+OUTPUTS = ("metrics.json", "report.md", "ablations.csv", "ablations.png", "umap.png", "nn_distances.png",
+           "closest_pairs.png", "samples_*.png")
 
 
 class EvaluationError(ValueError):
@@ -362,13 +367,14 @@ def predicted_class_shares(net, images: torch.Tensor, class_names: list[str], ba
     return {name: float((pred == c).float().mean()) for c, name in enumerate(class_names)}
 
 
-def train_test_classifier(train: SliceSet, test: SliceSet, settings: dict) -> dict:
+def train_test_classifier(train: SliceSet, test: SliceSet, settings: dict, name: str = "classifier") -> dict:
     """Train a fresh small classifier on `train` (class head only) and test it on `test`.
 
-    TSTR when `train` is generated, TRTR when it is real: the same recipe, so only the data differs."""
+    TSTR when `train` is generated, TRTR when it is real: the same recipe, so only the data differs.
+    `name` labels its log lines (else they read "feature net epoch ...", after "feature net reused")."""
     from .features import evaluate_feature_net, train_feature_net
 
-    settings = {**settings, "position_weight": 0.0, "progress": False}
+    settings = {**settings, "position_weight": 0.0, "progress": False, "name": name}
     net, report = train_feature_net(train, None, **settings)
     result = evaluate_feature_net(net, test, device=settings.get("device"))
     return {"accuracy": result["accuracy"], "patient_accuracy": result.get("patient_accuracy"),
@@ -1007,7 +1013,8 @@ def evaluate_model(
     `guidance`: default 2.0 for conditional models (ignored for unconditional ones).
     `feature_settings`: extra `train_feature_net` settings (widths, input_size, batch_size, lr...);
     they also define the TSTR/TRTR classifiers' recipe (with `tstr_epochs`).
-    Returns the metrics.json content (also written to `out`, with report.md and the PNGs).
+    Returns the metrics.json content (also written to `out`, with report.md and the PNGs). An earlier
+    evaluation's outputs in `out` (`OUTPUTS`) are removed once the inputs are checked; other files stay.
     """
     from .features import check_cache_folder, get_or_train_feature_net, umap_plot
     from .plots import save_image_grid
@@ -1021,7 +1028,15 @@ def evaluate_model(
         raise EvaluationError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     if num_samples < 2:
         raise EvaluationError("--num-samples must be at least 2")
+    if guidance is not None and not math.isfinite(float(guidance)):  # NaN guidance made every latent NaN
+        raise EvaluationError(f"--guidance {guidance}: expected a finite number")
     out = Path(out) if out is not None else model_dir / "evaluation"
+    from .generate import check_out_folder, remove_outputs
+
+    try:  # else mkdir's "[Errno 17] File exists", which names no flag
+        check_out_folder(out, [], overwrite=True)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     # beside the model whatever --out is: `counterfactual` looks for the same net there
     cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"
@@ -1062,6 +1077,8 @@ def evaluate_model(
     class_names = list(data.class_names)
     guidance = (DEFAULT_GUIDANCE_CONDITIONAL if guidance is None else float(guidance)) if conditional else 1.0
     timings["load_seconds"] = time.perf_counter() - t
+    # everything is checked: an earlier run's outputs go now (a refused run keeps them), before anything is written
+    remove_outputs(sorted({p for pattern in OUTPUTS for p in out.glob(pattern)}))
 
     # 2. the feature network: real training split only, cached
     t = time.perf_counter()
@@ -1171,9 +1188,10 @@ def evaluate_model(
                                      "patient_accuracy": fn_report["val"].get("patient_accuracy"),
                                      "accuracy_per_class": fn_report["val"].get("accuracy_per_class", {})}}
         trtr_idx = subsample(data.train.labels, {c: num_samples for c in range(len(class_names))}, seed + 2)
-        fidelity["tstr"] = {**train_test_classifier(gen, data.val, recipe), "epochs": tstr_epochs}
-        fidelity["trtr"] = {**train_test_classifier(data.train.subset(trtr_idx), data.val, recipe),
+        fidelity["tstr"] = {**train_test_classifier(gen, data.val, recipe, name="TSTR classifier"),
                             "epochs": tstr_epochs}
+        fidelity["trtr"] = {**train_test_classifier(data.train.subset(trtr_idx), data.val, recipe,
+                                                    name="TRTR classifier"), "epochs": tstr_epochs}
     elif len(class_names) > 1:
         shares = {"generated": predicted_class_shares(net, gen.pixels, class_names, feature_batch, device),
                   "real_heldout": predicted_class_shares(net, data.val.pixels, class_names, feature_batch, device)}
@@ -1294,7 +1312,7 @@ def evaluate_model(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .generate import non_negative_int, positive_int
+    from .generate import finite_float, non_negative_int, positive_int
 
     parser.add_argument("--model", required=True, help="a saved pipeline folder (the output of train_unet.py)")
     parser.add_argument("--data-dir", default=None,
@@ -1308,7 +1326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS),
                    help=f"sampler for the main numbers (default {DEFAULT_SCHEDULER}; DDPM-1000 is an ablation row)")
     g.add_argument("--steps", type=positive_int, default=None, help="default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc")
-    g.add_argument("--guidance", type=float, default=None,
+    g.add_argument("--guidance", type=finite_float, default=None,
                    help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_CONDITIONAL:g} for conditional models)")
     g.add_argument("--refine-steps", type=non_negative_int, default=0, help="refinement, in the sampler's own steps (default off)")
     g.add_argument("--refine-repeats", type=non_negative_int, default=0)

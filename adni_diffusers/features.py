@@ -334,6 +334,7 @@ def train_feature_net(
     weight_decay: float = 1e-4,
     augment_data: bool = True,
     bn_images: int = 2048,
+    name: str = "feature net",
 ) -> tuple[FeatureNet, dict]:
     """Train a FeatureNet on REAL training slices; report accuracy on `val` (held-out patients).
 
@@ -344,6 +345,8 @@ def train_feature_net(
     `val` is only measured, never used to choose, so the net depends on the training data alone.
     After training, BatchNorm statistics are recomputed on up to `bn_images` clean (unaugmented)
     training images (`recalibrate_batchnorm`). Returns (net in eval mode, report).
+    `name` labels the log lines and the progress bar (evaluate also trains its TSTR / TRTR classifiers here);
+    it does not change the net, so it is no part of the cache key.
     """
     if len(train) < 2:
         raise ValueError("the feature net needs at least 2 training images")
@@ -377,7 +380,7 @@ def train_feature_net(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="feature net", unit="step")
+        bar = tqdm(total=total, desc=name, unit="step")
     history, t0 = [], time.perf_counter()
     for epoch in range(epochs):
         order = torch.randperm(len(train), generator=gen)
@@ -415,7 +418,7 @@ def train_feature_net(
         row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}}
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        logger.info("feature net epoch %d/%d: %s", epoch + 1, epochs, {k: round(v, 4) for k, v in row.items()})
+        logger.info("%s epoch %d/%d: %s", name, epoch + 1, epochs, {k: round(v, 4) for k, v in row.items()})
     if bar is not None:
         bar.close()
     recalibrate_batchnorm(net, train, batch_size=max(batch_size, 64), max_images=bn_images, generator=gen)
@@ -446,7 +449,7 @@ def train_feature_net(
     report["val"] = evaluate_feature_net(net, val, device=device) if val is not None and len(val) else None
     if report["val"]:
         logger.info(
-            "feature net held-out accuracy: %.3f per slice, %.3f per patient",
+            "%s held-out accuracy: %.3f per slice, %.3f per patient", name,
             report["val"]["accuracy"], report["val"]["patient_accuracy"],
         )
     return net, report
@@ -506,7 +509,7 @@ def training_key(train: SliceSet, settings: dict) -> str:
     return h.hexdigest()
 
 
-# Settings that change the result (and so the key); device and progress do not.
+# Settings that change the result (and so the key); device, progress and name do not.
 _KEYED = (
     "epochs", "batch_size", "lr", "seed", "widths", "input_size",
     "position_weight", "weight_decay", "augment_data", "bn_images",

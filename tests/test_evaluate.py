@@ -373,6 +373,7 @@ def test_feature_net_refuses_zero_epochs(demo_root):
     (dict(steps=3, refine_steps=4, refine_repeats=1), "--refine-steps between 1 and --steps"),
     (dict(steps=3, refine_steps=2, refine_repeats=0), "needs --refine-repeats"),
     (dict(scheduler="ddpm", steps=1001), "--steps 1001"),
+    (dict(guidance=float("nan")), "--guidance nan: expected a finite number"),
 ])
 def test_bad_sampling_settings_are_refused_before_any_work(model_copy, tmp_path, monkeypatch, kw, match):
     """Before: these failed in the pipeline (or were ignored) only after the feature net was trained."""
@@ -466,7 +467,7 @@ def spied(evaluated, model_copy, tmp_path_factory):
     into each samples_<class>.png and what the TSTR / TRTR classifiers train and test on."""
     from adni_diffusers import plots
 
-    calls = {"classifier": [], "grids": {}, "samples": None}
+    calls = {"classifier": [], "classifier_names": [], "grids": {}, "samples": None}
     sample, grid = E.sample_images, plots.save_image_grid
 
     def sample_spy(pipe, labels, **kw):
@@ -479,8 +480,9 @@ def spied(evaluated, model_copy, tmp_path_factory):
         calls["grids"][Path(path).name] = images.clone()
         return grid(images, path, nrow)
 
-    def classifier_spy(train, test, settings):
+    def classifier_spy(train, test, settings, name="classifier"):
         calls["classifier"].append((list(train.paths), list(test.paths)))
+        calls["classifier_names"].append(name)
         generated = all(p.startswith("generated/") for p in train.paths)
         return {"accuracy": 0.25 if generated else 0.75, "patient_accuracy": None, "accuracy_per_class": {},
                 "train_images": len(train), "test_images": len(test), "train_seconds": 0.0}
@@ -511,6 +513,7 @@ def test_tstr_trains_on_the_samples_and_trtr_on_real_training_slices(spied, mode
     assert tstr_test == trtr_test == data.val.paths  # both tested on the real held-out slices
     assert len(tstr_train) == 6 and all(p.startswith("generated/") for p in tstr_train)
     assert set(trtr_train) <= set(data.train.paths)
+    assert calls["classifier_names"] == ["TSTR classifier", "TRTR classifier"]  # their log lines say so
 
 
 def test_a_changed_data_folder_is_flagged_and_the_training_data_is_not(model_copy, demo_root, tmp_path, caplog):
@@ -551,3 +554,74 @@ def test_stratified_rows_give_the_leftover_row_to_the_largest_remainder():
     labels = torch.tensor([0] * 6 + [1] * 4)  # 3 rows: quotas 1.8 and 1.2
     rows = stratified_rows(labels, 3, seed=0)
     assert labels[rows].bincount().tolist() == [2, 1]
+
+
+def test_a_rerun_removes_the_earlier_runs_outputs_and_keeps_other_files(evaluated, model_copy, tmp_path):
+    """Before: a rerun with --no-umap (and without --ablations) left the earlier umap.png and ablation figures in
+    --out, in neither the new metrics.json nor report.md, and `push` uploaded them as this run's."""
+    _, earlier = evaluated
+    out = tmp_path / "evaluation"
+    shutil.copytree(earlier, out)  # everything a full run writes, ablations and UMAP included
+    (out / "samples_MCI.png").write_bytes(b"an older model's class")
+    (out / "notes.md").write_text("mine")
+    cache = out / "feature_net"  # a feature-net cache inside --out is no output
+    shutil.copytree(model_copy / "feature_net", cache)
+    rc = cli.main(["evaluate", "--model", str(model_copy), "--out", str(out), "--feature-cache", str(cache),
+                   "--num-samples", "2", "--steps", "2", "--feature-epochs", "1", "--tstr-epochs", "1",
+                   "--diversity-pairs", "2", "--kid-subsets", "2", "--no-umap", "--no-card", "--device", "cpu"])
+    assert rc == 0
+    for name in ("umap.png", "ablations.png", "ablations.csv", "samples_MCI.png"):
+        assert not (out / name).exists(), name
+    assert (out / "notes.md").read_text() == "mine"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in (model_copy / "feature_net").iterdir())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["feature_net"]["cached"] is True and "umap" not in metrics["files"]
+    written = {"metrics.json", "report.md", "nn_distances.png", "closest_pairs.png", "samples_AD.png",
+               "samples_NC.png"}
+    assert {p.name for p in out.iterdir()} == written | {"notes.md", "feature_net"}
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(model_copy, tmp_path, monkeypatch, capsys):
+    """Before: "error: [Errno 17] File exists", naming no flag."""
+    import adni_diffusers.features as features
+    import adni_diffusers.generate as generate
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(generate, "load_pipeline", no_work)
+    monkeypatch.setattr(features, "get_or_train_feature_net", no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    rc = cli.main(["evaluate", "--model", str(model_copy), "--num-samples", "2", "--out", str(afile)])
+    assert rc == 2
+    assert f"--out {afile}: exists and is not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
+def test_classifier_epochs_are_logged_under_its_name(model_copy, caplog):
+    """Before: the TSTR / TRTR classifiers logged "feature net epoch 1/2", right after "feature net reused"."""
+    import logging
+
+    data, _ = E.load_evaluation_data(model_copy)
+    train = data.train.subset(E.subsample(data.train.labels, {0: 4, 1: 4}, seed=0))
+    recipe = {"epochs": 2, "seed": 0, "device": "cpu", "widths": (8, 8, 8, 8), "input_size": 64}
+    with caplog.at_level(logging.INFO, logger="adni_diffusers.features"):
+        E.train_test_classifier(train, data.val, recipe, name="TSTR classifier")
+    assert "TSTR classifier epoch 1/2" in caplog.text and "TSTR classifier epoch 2/2" in caplog.text
+    assert "feature net" not in caplog.text
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_guidance_must_be_finite_when_parsed(value, capsys):
+    """Before: --guidance nan was accepted and every latent came out NaN."""
+    import argparse
+
+    from adni_diffusers.evaluate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", f"--guidance={value}"])  # "-inf" alone would read as an option
+    assert f"--guidance: {value}: expected a finite number" in capsys.readouterr().err
+    assert parser.parse_args(["--model", "m", "--guidance", "3"]).guidance == 3.0

@@ -122,6 +122,9 @@ def test_get_or_train_reuses_the_cache(data, tmp_path):
     assert (saved / "model.safetensors").stat().st_mtime_ns == mtime  # not rewritten
     assert torch.equal(net1.features(val.pixels), net2.features(val.pixels))
     assert r2["val"]["accuracy"] == pytest.approx(r1["val"]["accuracy"])
+    # the name in the log lines is no training setting: the same net
+    _, r3 = Fe.get_or_train_feature_net(tmp_path, train, val, **settings, name="TSTR classifier")
+    assert r3["cached"] is True and r3["key"] == r1["key"]
     # other settings or other training pixels: another key
     other = train.subset(range(len(train) - 6))
     assert Fe.training_key(other, {"a": 1}) != Fe.training_key(train, {"a": 1})
