@@ -7,6 +7,7 @@ Writes one PNG per image, a grid, and with `--gif` the seed's animation of the d
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import shutil
@@ -53,7 +54,7 @@ def non_negative_int(text: str) -> int:
 
 
 # what `generate` writes in --out; an earlier run's copies would read as this run's
-OUTPUTS = ("sample-*.png", "grid.png", "denoising.gif")
+OUTPUTS = ("sample-*.png", "grid.png", "denoising.gif", "generation.json")
 
 
 def check_out_folder(out: Path, earlier: list[Path], overwrite: bool) -> None:
@@ -83,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
     parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    parser.add_argument("--scheduler", default="ddpm", choices=list(SCHEDULERS))
+    parser.add_argument("--scheduler", default="ddpm", choices=list(SCHEDULERS),
+                        help="sampler (default ddpm: 1000 steps; dpm++ takes 25, the model card's choice)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc")
     parser.add_argument("--refine-steps", type=non_negative_int, default=0,
@@ -207,9 +209,16 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         mode = "reduce-overhead" if device.startswith("cuda") else None
         pipe.unet.compile(mode=mode)
         pipe.vqvae.decoder.compile(mode=mode)
+    if label is None and pipe.is_conditional:
+        logger.info("no --class: sampling this class-conditional model's unconditional (\"no label\") class")
     pipe.set_progress_bar_config(disable=True)
     remove_outputs(earlier)
     out.mkdir(parents=True, exist_ok=True)
+    # what made these images, to make them again
+    settings = {"model": str(model), "class": class_label, "guidance": guidance, "scheduler": scheduler,
+                "steps": steps, "refine_steps": refine_steps, "refine_repeats": refine_repeats, "seed": seed,
+                "num_images": num_images, "dtype": dtype, "image_seed": "seed * 1000003 + image index"}
+    (out / "generation.json").write_text(json.dumps(settings, indent=2) + "\n")
 
     total_steps = steps + refine_repeats * refine_steps
     # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
@@ -241,6 +250,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                 paths["images"].append(str(path))
     images = torch.cat(images)
     paths["grid"] = str(save_image_grid(images, out / "grid.png"))
+    paths["settings"] = str(out / "generation.json")
     if recorder is not None:
         paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images))
     return paths

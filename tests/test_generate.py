@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -217,11 +218,15 @@ def test_an_earlier_run_in_out_is_refused_unless_overwrite(fresh_pipe, tmp_path,
     generate("unused", out, num_images=3, gif=True, **kwargs)
     (out / "notes.txt").write_text("mine")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    with pytest.raises(FileExistsError, match=r"holds 5 output\(s\) of an earlier run .*pass --overwrite"):
+    with pytest.raises(FileExistsError, match=r"holds 6 output\(s\) of an earlier run .*pass --overwrite"):
         generate("unused", out, num_images=2, **kwargs)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
     generate("unused", out, num_images=2, overwrite=True, **kwargs)
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "notes.txt", "sample-0000.png", "sample-0001.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["generation.json", "grid.png", "notes.txt", "sample-0000.png",
+                                                     "sample-0001.png"]
+    settings = json.loads((out / "generation.json").read_text())  # what made them, to make them again
+    assert settings["num_images"] == 2 and settings["scheduler"] == "ddim" and settings["steps"] == 1
+    assert settings["seed"] == 0 and settings["class"] is None
     # the CLI names the flag; a model that fails to load leaves no new, empty folder behind
     assert cli.main(["generate", "--model", str(tmp_path / "m"), "--out", str(out), "--device", "cpu"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
