@@ -980,6 +980,12 @@ class TrainingRun:
         self.start_time = time.time()
         self._graphs_at_start = compiled_graph_count()  # after maybe_compile's probe: training should add none
         self.recompiled_graphs = 0
+        warmup = getattr(args, "lr_warmup_steps", 0)
+        if warmup >= self.max_train_steps and getattr(args, "lr_scheduler", "constant") != "constant" \
+                and accelerator.is_main_process:
+            logger.warning("--lr_warmup_steps %d is not below the run's %d steps: the learning rate peaks at %.3g, "
+                           "never reaching --learning_rate %g", warmup, self.max_train_steps,
+                           args.learning_rate * self.max_train_steps / warmup, args.learning_rate)
 
     # -- resume ------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -1029,6 +1035,12 @@ class TrainingRun:
         from tqdm.auto import tqdm
 
         args, acc = self.args, self.accelerator
+        if acc.is_main_process:  # the numbers a user checks first, as diffusers' examples print them
+            per_step = acc.num_processes * args.train_batch_size * args.gradient_accumulation_steps
+            logger.info("%s: %d training images; %d process(es) x batch %d x %d accumulated = %d images per step; "
+                        "%d steps (%d epochs)%s", self.stage, len(self.loader.dataset), acc.num_processes,
+                        args.train_batch_size, args.gradient_accumulation_steps, per_step, self.max_train_steps,
+                        self.num_epochs, f", from step {self.global_step}" if self.global_step else "")
         self.progress = tqdm(
             total=self.max_train_steps, initial=self.global_step, desc=f"{self.stage} steps",
             disable=not acc.is_local_main_process, dynamic_ncols=True,

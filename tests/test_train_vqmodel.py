@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -165,11 +166,15 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
 
     out = tmp_path / "run"
     common = ["--train_data_dir", demo_root, "--output_dir", out, "--checkpointing_steps", "2", "--disc_weight", "0.5",
-              *TINY_VQ_ARGS, "--report_to", "tensorboard"]
-    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+              *TINY_VQ_ARGS, "--report_to", "tensorboard", "--lr_warmup_steps", "8"]
+    with caplog.at_level(logging.INFO, logger="adni_diffusers"):
         run_training_script("train_vqmodel", [*common, "--max_train_steps", "4"])
     # (and a GAN that would start after the run ends is said to be unused: --disc_start is 2000 by default)
     assert "the adversarial loss starts at --disc_start 2000, and this run ends at step 4" in caplog.text
+    # a warm-up as long as the run never reaches the learning rate; the start says what the run is
+    assert "--lr_warmup_steps 8 is not below the run's 4 steps: the learning rate peaks at 0.0001" in caplog.text
+    assert re.search(r"VQModel: \d+ training images; 1 process\(es\) x batch 4 x 1 accumulated = 4 images per step; "
+                     r"4 steps \(\d+ epochs\)\n", caplog.text)
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         run_training_script("train_vqmodel", [*common, "--max_train_steps", "3",
                                               "--resume_from_checkpoint", out / "checkpoint-2"])
