@@ -22,7 +22,13 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="adni-diffusers", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="adni-diffusers",
+                                     description="Latent diffusion for brain MRI slices (ADNI AD / NC): demo data, "
+                                                 "sampling, evaluation, counterfactuals and Hub upload. Training: "
+                                                 "accelerate launch train_vqmodel.py / train_unet.py.")
+    parser.add_argument("--version", action="version", version=f"adni-diffusers {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

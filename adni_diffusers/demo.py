@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--subjects", type=int, default=None,
                         help="demo subjects x 20 slices (default: 100 on CPU, 1500 = ADNI size on GPU)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo data and of both trainings (default 0)")
     parser.add_argument("--retrain", action="store_true", help="train both stages again even if they exist")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny models; noise pictures)")
 

@@ -290,3 +290,15 @@ def test_gif_animates_the_first_batch_only(fresh_pipe, tmp_path, monkeypatch):
     generate("unused", tmp_path, num_images=4, scheduler="ddim", steps=3, batch_size=2, device="cpu", gif=True,
              pipe=fresh_pipe)
     assert [step for step, _ in recorded] == [0, 1, 2]
+
+
+def test_the_command_has_a_version_and_a_plain_description(capsys):
+    from adni_diffusers import __version__, cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"adni-diffusers {__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "Latent diffusion for brain MRI slices" in out and "generate" in out
