@@ -179,8 +179,9 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
     for key, label in _ARG_LABELS:
         if key in args and _shown(key, args):
             value = args[key]
-            if key == "mixed_precision" and value is None:
-                value = "as `accelerate config` says"
+            if key == "mixed_precision" and value is None:  # left to `accelerate config`: what it chose, if known
+                used = args.get("mixed_precision_used")
+                value = f"{used} (from `accelerate config`)" if used else "as `accelerate config` says"
             rows.append((f"`--{key}`", _fmt(value), label))
     return rows
 

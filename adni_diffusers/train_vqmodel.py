@@ -127,7 +127,8 @@ def main(args: argparse.Namespace) -> dict:
                        run.max_train_steps)
     training.start_logging(accelerator, args, "vqmodel", run.start_step)
     if accelerator.is_main_process:
-        training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"}, model=model)
+        training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"}, model=model,
+                               accelerator=accelerator)
     preview = torch.stack([SliceDataset(data.val or data.train)[i]["pixel_values"]
                            for i in range(min(8, len(data.val or data.train)))])
 

@@ -1227,10 +1227,12 @@ def _stack_per_key(rows: list[dict], device) -> dict[str, torch.Tensor]:
     return {k: torch.stack([row[k].to(device) for row in rows if k in row]) for k in keys}
 
 
-def save_run_info(output_dir, args, data, data_source: str, extra: dict | None = None, model=None) -> None:
+def save_run_info(output_dir, args, data, data_source: str, extra: dict | None = None, model=None,
+                  accelerator=None) -> None:
     """`training_data.json` (what the model saw; read by the Hub push and the model card) and
     `training_args.json` (the flags, and with `model` whether it really trains compiled: `--compile` falls
-    back to eager when the compiled step fails)."""
+    back to eager when the compiled step fails; with `accelerator` the precision it trains in, which a missing
+    --mixed_precision leaves to `accelerate config`)."""
     output_dir = Path(output_dir)
     info = {"source": data_source, **data.summary(), **(extra or {})}
     (output_dir / "training_data.json").write_text(json.dumps(info, indent=2))
@@ -1239,6 +1241,8 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
         from accelerate.utils import is_compiled_module
 
         safe_args["compiled"] = is_compiled_module(model)
+    if accelerator is not None:
+        safe_args["mixed_precision_used"] = accelerator.mixed_precision
     (output_dir / "training_args.json").write_text(json.dumps(safe_args, indent=2, default=str))
 
 
