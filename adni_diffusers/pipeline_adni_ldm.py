@@ -606,7 +606,13 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                               f"could be loaded ({reason})") from e
         index_path = folder / "model_index.json"
         if not index_path.is_file():
-            raise OSError(f"{pretrained_model_name_or_path}: no model_index.json (not a saved pipeline)")
+            if (folder / "vqvae" / "config.json").is_file():
+                what = "a VQModel (train_vqmodel.py's output): train a UNet on it with train_unet.py --vqmodel"
+            elif any(folder.glob("checkpoint-*")):
+                what = "only training checkpoints: the run has not finished (--resume_from_checkpoint latest)"
+            else:
+                what = "not a saved pipeline"
+            raise OSError(f"{pretrained_model_name_or_path}: no model_index.json ({what})")
         index = json.loads(index_path.read_text())
         for part in _missing_parts(folder, [name for name in ("vqvae", "unet", "scheduler") if name not in given]):
             # else diffusers names the pipeline folder and a file it never had (diffusion_pytorch_model.bin)

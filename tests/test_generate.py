@@ -302,3 +302,14 @@ def test_the_command_has_a_version_and_a_plain_description(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert "Latent diffusion for brain MRI slices" in out and "generate" in out
+
+
+def test_a_folder_of_another_kind_says_what_it_is(tiny_vq, tmp_path, capsys):
+    """A VQModel folder or an unfinished run was "no model_index.json (not a saved pipeline)"."""
+    from adni_diffusers import cli
+
+    (tmp_path / "running" / "checkpoint-500").mkdir(parents=True)
+    for model, said in ((tiny_vq, "a VQModel (train_vqmodel.py's output): train a UNet on it"),
+                        (tmp_path / "running", "only training checkpoints: the run has not finished")):
+        code = cli.main(["generate", "--model", str(model), "--out", str(tmp_path / "o"), "--num-images", "1"])
+        assert code == 2 and f"--model {model}: no model_index.json ({said}" in capsys.readouterr().err
