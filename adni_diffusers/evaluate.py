@@ -1075,6 +1075,9 @@ def evaluate_model(
         raise EvaluationError(f"{model_dir}: a class-conditional model without class_names in model_index.json")
     data, record = load_evaluation_data(model_dir, data_dir, model_classes or None)
     class_names = list(data.class_names)
+    if not conditional and guidance is not None and float(guidance) != 1.0:  # as generate: not silently dropped
+        raise EvaluationError(f"--guidance {guidance:g}: this model is unconditional (classifier-free guidance "
+                              "steers toward a class); leave --guidance out")
     guidance = (DEFAULT_GUIDANCE_CONDITIONAL if guidance is None else float(guidance)) if conditional else 1.0
     timings["load_seconds"] = time.perf_counter() - t
     # everything is checked: an earlier run's outputs go now (a refused run keeps them), before anything is written
@@ -1363,7 +1366,8 @@ def main(args: argparse.Namespace) -> int:
     r, fl = result["realism"]["generated"], result["realism"]["floor"]
     ce = result["realism"]["vq_ceiling"]
     print(f"\n{M.FD_NAME}: {r['fd']:.4g} (floor, real train vs held-out: {fl['fd']:.4g}; VQ ceiling: {ce['fd']:.4g}); "
-          f"precision {r['precision']:.3f} ({fl['precision']:.3f}), recall {r['recall']:.3f} ({fl['recall']:.3f})")
+          f"precision {r['precision']:.3f} (floor {fl['precision']:.3f}), recall {r['recall']:.3f} "
+          f"(floor {fl['recall']:.3f})")
     print(f"feature net {'reused from cache' if result['feature_net']['cached'] else 'trained'}: "
           f"{result['feature_net']['path']}")
     print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; {result['card']}")

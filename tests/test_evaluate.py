@@ -289,6 +289,8 @@ def test_unconditional_model(tiny_ldm, demo_root, evaluated, tmp_path):
     ADNILatentDiffusionPipeline(p.vqvae, unet, p.scheduler).save_pretrained(folder)
     with pytest.raises(E.EvaluationError, match="--data-dir"):
         E.evaluate_model(folder, num_samples=4, progress=False)
+    with pytest.raises(E.EvaluationError, match="--guidance 3: this model is unconditional"):  # was dropped silently
+        E.evaluate_model(folder, demo_root, num_samples=4, guidance=3.0, progress=False)
     result = E.evaluate_model(folder, demo_root, num_samples=6, steps=2, feature_epochs=1, tstr_epochs=1,
                               diversity_pairs=3, kid_subsets=3, ablations=True, ablation_samples=4,
                               ablation_step_overrides=QUICK_STEPS, feature_cache=evaluated[1].parent / "feature_net",
