@@ -125,6 +125,8 @@ def read_slice(path, preprocess: str = "pad") -> torch.Tensor:
     from .data import PAD_SIZE_HINT, decode_slice, to_model_input
 
     path = Path(path)
+    if path.is_dir():  # a shell glob gives every slice of a folder: --image AD_NC/test/NC/*.jpeg
+        raise ValueError(f"--image {path}: a folder; give slice files (e.g. {path}/*.jpeg)")
     if not path.is_file():
         raise FileNotFoundError(f"--image {path}: no such file (expected a greyscale slice, 256 wide x 240 "
                                 "or 256 high)")
@@ -920,6 +922,9 @@ def _load_classifier(args, data, device):
     from .features import check_cache_folder, get_or_train_feature_net, load_feature_net
 
     if args.classifier:
+        if not Path(args.classifier).is_dir():
+            raise FileNotFoundError(f"--classifier {args.classifier}: no such folder (expected a feature net folder, "
+                                    "e.g. <model>/feature_net/feature-net-<key>, written by evaluate or --measure)")
         if not (Path(args.classifier) / "config.json").is_file():
             raise FileNotFoundError(f"--classifier {args.classifier}: no config.json (expected a folder written by "
                                     "features.save_feature_net)")

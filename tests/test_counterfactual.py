@@ -180,6 +180,7 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
     base = ["--model", tiny_ldm, "--out", out, *STEPS]
     cases = [
         (["--image", tmp_path / "missing.jpeg", "--to", "AD"], ["missing.jpeg", "no such file"]),
+        (["--image", tmp_path, "--to", "AD"], [f"--image {tmp_path}: a folder; give slice files"]),
         (["--image", colour, "--to", "AD"], ["colour.png", "colour RGB image; expected 8-bit greyscale"]),
         (["--image", small, "--to", "AD"], ["small.png", "200 wide x 200 high; expected 256 wide x 240 high",
                                             "trained with --preprocess pad"]),
@@ -197,6 +198,7 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
         (["--to", "AD"], ["--image", "--measure"]),
         (["--measure", "--to", "AD", "--data-dir", tmp_path / "moved"], ["moved", "does not exist"]),
         (["--measure", "--to", "AD", "--classifier", tmp_path], ["--classifier", "config.json"]),
+        (["--measure", "--to", "AD", "--classifier", tmp_path / "nonexist"], ["nonexist: no such folder"]),
         # a negative batch ended in a KeyError after sampling nothing; 0 epochs measured with an untrained net
         (["--image", nc_slice, "--to", "AD", "--batch-size", "-1"], ["--batch-size -1", "at least 1"]),
         (["--measure", "--to", "AD", "--feature-epochs", "0"], ["--feature-epochs 0", "at least 1"]),
