@@ -120,11 +120,11 @@ def plan_subjects(subjects: int, slices_per_subject: int, test_fraction: float, 
 
 def _check_sizes(subjects: int, slices_per_subject: int, test_fraction: float) -> None:
     if subjects < 4:
-        raise ValueError(f"subjects={subjects}: need at least 4 (train and test each need an AD and an NC subject)")
+        raise ValueError(f"--subjects {subjects}: need at least 4 (train and test each need an AD and an NC subject)")
     if not 1 <= slices_per_subject <= 40:
-        raise ValueError(f"slices_per_subject={slices_per_subject}: expected 1..40 (slices through the ventricles)")
+        raise ValueError(f"--slices-per-subject {slices_per_subject}: expected 1..40 (slices through the ventricles)")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction={test_fraction}: expected a number between 0 and 1")
+        raise ValueError(f"--test-fraction {test_fraction}: expected a number between 0 and 1")
 
 
 # ------------------------------------------------------------------------------------------ template
@@ -520,7 +520,7 @@ def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
     if entries and not overwrite:
         raise FileExistsError(
             f"{out_dir}: folder is not empty ({len(entries)} entries, e.g. {entries[0].name}); "
-            "pass --overwrite (overwrite=True) to replace it, or pick another folder"
+            "pass --overwrite to replace it, or pick another folder"
         )
     if entries and not (out_dir / SETTINGS_FILE).is_file():
         # names alone are no proof: a real AD_NC folder has train/ and test/ too, and --overwrite would wipe it
@@ -565,7 +565,7 @@ def _worker_count(workers: int | None, subjects: int) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = min(cores, max(1, subjects // 8))
     if workers < 1:
-        raise ValueError(f"workers={workers}: expected 1 or more")
+        raise ValueError(f"--workers {workers}: expected 1 or more")
     return min(workers, subjects)
 
 

@@ -203,7 +203,7 @@ def test_plan_is_balanced_stratified_and_unique():
         members = [s for s in plan if s.label == label]
         assert len(members) == n
         assert sum(s.split == "test" for s in members) == round(0.3 * n)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="--subjects 3: need at least 4"):  # in the command's words
         dd.plan_subjects(3, 20, 0.3, seed=0)
 
 
