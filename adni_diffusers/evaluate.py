@@ -146,8 +146,15 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
             record["matches_training"] = False
             logger.warning("the %s split differs from the one training recorded (%s now, %s then): the data "
                            "changed since training, so 'held-out' may include images the model saw",
-                           name, part.summary(), record[name])
+                           name, _split_words(part.summary()), _split_words(record[name]))
     return data, record
+
+
+def _split_words(summary: dict) -> str:
+    """A split's summary as a reader checks it: "24 images of 6 patients (AD 12, NC 12), patient list 3f2a9c1b"."""
+    classes = ", ".join(f"{name} {n}" for name, n in (summary.get("per_class") or {}).items())
+    return (f"{summary.get('images')} images of {summary.get('patients')} patients ({classes}), patient list "
+            f"{str(summary.get('patients_sha256'))[:8]}")
 
 
 def _resolve_device(device: str | None) -> str:

@@ -4,6 +4,7 @@ CPU, tiny N (4 images per class), one-epoch nets; the pictures are noise and the
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -531,6 +532,7 @@ def test_a_changed_data_folder_is_flagged_and_the_training_data_is_not(model_cop
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
         _, record = E.load_evaluation_data(model_copy, changed)
     assert record["matches_training"] is False and "differs from the one training recorded" in caplog.text
+    assert re.search(r"\(\d+ images of \d+ patients \(AD \d+, NC \d+\), patient list [0-9a-f]{8} now", caplog.text)
 
 
 def test_a_model_trained_without_a_hold_out_is_refused_before_any_work(model_copy, tmp_path, monkeypatch):
