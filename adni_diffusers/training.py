@@ -327,13 +327,18 @@ STAGE_SCRIPTS = {"vqmodel": "train_vqmodel.py", "unet": "train_unet.py"}
 
 
 def other_stage_model(output_dir: Path, project: str | None) -> str | None:
-    """What `output_dir` holds when it is the other stage's finished model, in words; else None."""
-    pipeline = (output_dir / "model_index.json").is_file()
-    if project == "unet" and (output_dir / "vqvae" / "config.json").is_file() and not pipeline:
-        return "a VQModel (the output of train_vqmodel.py)"
-    if project == "vqmodel" and pipeline:
-        return "a pipeline (the output of train_unet.py)"
-    return None
+    """What `output_dir` holds when it is the other stage's run or model, in words; else None. The run's own
+    record (training_data.json, written before its first step) decides; the files only where there is none (a
+    bare diffusers folder): a UNet run cut short while saving has vqvae/ without model_index.json too."""
+    words = {"vqmodel": "a VQModel (the output of train_vqmodel.py)", "unet": "a pipeline (the output of train_unet.py)"}
+    try:
+        stage = json.loads((output_dir / "training_data.json").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    if stage is None:
+        pipeline = (output_dir / "model_index.json").is_file()
+        stage = "unet" if pipeline else "vqmodel" if (output_dir / "vqvae" / "config.json").is_file() else None
+    return words.get(stage) if project and stage and stage != project else None
 
 
 def start_stage(args, config_of, project_name: str, product: str, stage_flags: tuple[str, ...] = ()):

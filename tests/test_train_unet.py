@@ -514,10 +514,26 @@ def test_the_other_stages_folder_is_refused_even_with_overwrite(tmp_path):
         with pytest.raises(training.TrainingError, match=re.escape(message)):
             training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project=project)
     assert (vq / "checkpoint-4").is_dir() and (ldm / "model_index.json").is_file()
-    # a pipeline trained on again, or a VQ folder retrained, is this stage's own: no refusal
+    # a pipeline trained on again is this stage's own: no refusal
     args = SimpleNamespace(output_dir=str(ldm), resume_from_checkpoint=None, overwrite_output_dir=True,
                            logging_dir="logs")
     training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project="unet")
+    # the run's record decides: a UNet run cut short while saving (vqvae/ written, model_index.json not yet)
+    # resumes; a VQ run that stopped before its model (checkpoints only) is still the other stage's
+    cut, early = tmp_path / "cut", tmp_path / "early"
+    for folder, stage in ((cut, "unet"), (early, "vqmodel")):
+        (folder / "checkpoint-2").mkdir(parents=True)
+        (folder / "training_data.json").write_text(json.dumps({"stage": stage}))
+    (cut / "vqvae").mkdir()
+    (cut / "vqvae" / "config.json").write_text("{}")
+    for folder, refused in ((cut, False), (early, True)):
+        args = SimpleNamespace(output_dir=str(folder), resume_from_checkpoint="latest", overwrite_output_dir=False,
+                               logging_dir="logs")
+        if refused:
+            with pytest.raises(training.TrainingError, match="holds a VQModel"):
+                training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project="unet")
+        else:
+            training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project="unet")
     # a checkpoint written by the other script says so, not "belongs to another run: --learning_rate ..."
     state = {"run": {"stage": "vqmodel", "flags": {"learning_rate": 2e-4}, "identity": {}}}
     (vq / "checkpoint-4" / "training_state.json").write_text(json.dumps(state))
