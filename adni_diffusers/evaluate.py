@@ -27,9 +27,9 @@ only and cached (`get_or_train_feature_net`); no Inception weights, so the names
 "(adni-features)" and the numbers are not comparable with published FID values.
 
 Outputs in `--out` (default `<model>/evaluation`): metrics.json, report.md, ablations.csv and
-PNGs (an earlier evaluation's are removed first, other files stay); then the model card (README.md) is re-rendered so the numbers appear there. The pieces
-(`sample_images`, `as_slice_set`, `extract_features`, `compare_features`, ...) are small
-functions for reuse by other commands.
+PNGs (an earlier evaluation's are removed first, other files stay); then the model card (README.md)
+is re-rendered so the numbers appear there. The pieces (`sample_images`, `as_slice_set`,
+`extract_features`, `compare_features`, ...) are small functions for reuse by other commands.
 """
 
 from __future__ import annotations
@@ -1017,7 +1017,7 @@ def evaluate_model(
     """Evaluate a saved pipeline against the real held-out patients of its own training split.
 
     `num_samples`: per class for a class-conditional model, in all for an unconditional one.
-    `guidance`: default 2.0 for conditional models (ignored for unconditional ones).
+    `guidance`: default 2.0 for conditional models (an unconditional one refuses any but 1).
     `feature_settings`: extra `train_feature_net` settings (widths, input_size, batch_size, lr...);
     they also define the TSTR/TRTR classifiers' recipe (with `tstr_epochs`).
     Returns the metrics.json content (also written to `out`, with report.md and the PNGs). An earlier

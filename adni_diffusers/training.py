@@ -153,8 +153,8 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
     if Path(args.output_dir).resolve().is_relative_to(logs):
         # --overwrite_output_dir and a fresh start clear the logging folder: this one holds the output folder
         raise TrainingError(f"--logging_dir {args.logging_dir}: the tensorboard folder ({logs}) must not be "
-                            f"--output_dir or a folder above it; use a subfolder (default: logs) or a folder "
-                            f"elsewhere")
+                            "--output_dir or a folder above it; use a subfolder (default: logs) or a folder "
+                            "elsewhere")
     mode = getattr(args, "compile_mode", None)
     if mode and not args.compile:
         raise TrainingError(f"--compile_mode {mode} needs --compile")
