@@ -150,6 +150,11 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
     return data, record
 
 
+def _median(values: torch.Tensor) -> float:
+    """The median; torch's `median()` is the LOWER of the two middle values when the count is even."""
+    return float(values.double().quantile(0.5))
+
+
 def _split_words(summary: dict) -> str:
     """A split's summary as a reader checks it: "24 images of 6 patients (AD 12, NC 12), patient list 3f2a9c1b"."""
     classes = ", ".join(f"{name} {n}" for name, n in (summary.get("per_class") or {}).items())
@@ -423,12 +428,12 @@ def memorisation(gen_feats, train_feats, heldout_feats, gen_pixels, train_pixels
             d = M.nearest_neighbour_distances(h_as_is, t)[0] * scale
             t_as_is = float(np.percentile(d.numpy(), percentile))
             out.setdefault("heldout_as_is", {})[space] = {
-                "heldout_median": float(d.median()), "heldout_percentile_distance": t_as_is,
+                "heldout_median": _median(d), "heldout_percentile_distance": t_as_is,
                 "closer_than_heldout_percentile": float((gd < t_as_is).double().mean())}
         out[space] = {
             "generated_distance": gd.tolist(), "generated_nearest": gi.tolist(),
             "heldout_distance": hd.tolist(), "heldout_nearest": hi.tolist(),
-            "generated_median": float(gd.median()), "heldout_median": float(hd.median()),
+            "generated_median": _median(gd), "heldout_median": _median(hd),
             "generated_min": float(gd.min()), "heldout_min": float(hd.min()),
             "heldout_percentile_distance": threshold,
             "closer_than_heldout_percentile": float((gd < threshold).double().mean()),
@@ -742,6 +747,7 @@ def write_report(res: dict, out: Path) -> Path:
     ce = res["realism"]["vq_ceiling"]
     st = res["settings"]
     fn = res["feature_net"]
+    pairs = "within a class" if res["model"]["conditional"] else "(all images: unconditional, no classes)"
     lines = [
         f"# Evaluation of `{res['model']['path']}`",
         "",
@@ -789,7 +795,7 @@ def write_report(res: dict, out: Path) -> Path:
         f"{_f(fl['precision'], 3)} | {_f(ce['precision'], 3)} | higher |",
         f"| recall (k={r['k']}): real images inside the samples' manifold | {_f(r['recall'], 3)} | "
         f"{_f(fl['recall'], 3)} | {_f(ce['recall'], 3)} | higher |",
-        f"| MS-SSIM of random pairs within a class | {_f(res['diversity']['generated']['mean'], 3)} | "
+        f"| MS-SSIM of random pairs {pairs} | {_f(res['diversity']['generated']['mean'], 3)} | "
         f"{_f(res['diversity']['real']['mean'], 3)} (held-out pairs) | - | close to real; much higher = mode collapse |",
     ]
     cf = res.get("class_fidelity")
@@ -839,7 +845,7 @@ def write_report(res: dict, out: Path) -> Path:
         lines.append("")
     div = res["diversity"]
     lines += ["## Diversity", "",
-              "Mean MS-SSIM (Wang et al. 2003) over random pairs within a class; 1 = identical images. Pinaya et "
+              f"Mean MS-SSIM (Wang et al. 2003) over random pairs {pairs}; 1 = identical images. Pinaya et "
               "al. 2022 report 0.6555 for their LDM vs 0.6536 for real brains.", "",
               "| class | generated | real held-out | pairs |", "|---|---|---|---|"]
     for name, v in div["generated"]["per_class"].items():

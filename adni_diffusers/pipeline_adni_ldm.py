@@ -529,8 +529,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             done += len(refine_timesteps)
 
         # 4. decode through the codebook, which would turn NaN latents into a plausible-looking codebook pattern
-        broken = int((~torch.isfinite(latents)).flatten(1).any(1).sum())
-        if broken:
+        broken = int((~torch.isfinite(latents)).flatten(1).any(1).sum()) if latents.device.type != "meta" else 0
+        if broken:  # (meta tensors, a dry run's, hold no values)
             logger.warning(f"{broken} of {batch_size} images have non-finite latents (NaN or inf) after sampling: "
                            "their pictures are not samples (float16 overflow? try bfloat16 or float32)")
         if output_type == "latent":

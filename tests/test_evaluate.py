@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -301,7 +302,9 @@ def test_unconditional_model(tiny_ldm, demo_root, evaluated, tmp_path):
     assert result["class_fidelity"] is None and set(result["class_shares"]["generated"]) == {"AD", "NC"}
     assert result["realism"]["generated"]["candidate_images"] == 6 and (out / "samples_samples.png").is_file()
     assert {r["group"] for r in result["ablations"]["rows"]} == {"refinement", "sampler"}
-    assert (out / "umap.png").is_file() and "## Class balance" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert (out / "umap.png").is_file() and "## Class balance" in report
+    assert "MS-SSIM of random pairs (all images" in report and "within a class" not in report  # no classes here
     assert FD_NAME in json.loads((out / "metrics.json").read_text())
 
 
@@ -442,6 +445,11 @@ def test_memorisation_share_is_of_the_samples_that_copy_training_images():
         assert copies[space]["closer_than_heldout_percentile"] == 1.0
         assert far[space]["closer_than_heldout_percentile"] == 0.0
         assert 0 < copies[space]["heldout_below_percentile"] < 1  # the held-out share is another number
+    # medians of even counts (30 held-out, 10 generated) are the mean of the two middle values, not torch's lower one
+    for space in ("features", "pixels"):
+        for which in ("generated", "heldout"):
+            distances = far[space][f"{which}_distance"]
+            assert far[space][f"{which}_median"] == pytest.approx(float(np.median(distances)), rel=1e-9)
 
 
 def test_precision_is_fidelity_and_recall_is_coverage():

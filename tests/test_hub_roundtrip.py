@@ -265,7 +265,7 @@ def test_training_flags_push_failure_says_how_to_push_later(hub_stub, saved_pipe
     from adni_diffusers.hub import HubError, push_from_args
 
     hub_stub.fail(r"/api/repos/create", status=500, times=None)  # (huggingface_hub retries 5xx on /commit/)
-    args = train_unet.parse_args(["--vqmodel", str(saved_pipeline), "--output_dir", str(saved_pipeline),
+    args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", str(saved_pipeline),
                                   "--push_to_hub", "--push_checkpoints", "--hub_model_id", REPO,
                                   "--hub_token", hub_stub.token])
     before = _snapshot(saved_pipeline)
