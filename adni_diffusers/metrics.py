@@ -338,8 +338,9 @@ def nearest_neighbour_distances(
 def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> torch.Tensor:
     """For every point: is it inside at least one ball (centre_i, radius_i)? bool (N,)."""
     # A tolerance for rounding in cdist's |a|^2 + |b|^2 - 2ab form (float64: ~1e-7 relative to the
-    # norms), so a point equal to a centre whose radius is 0 (k duplicates) still counts as inside.
-    tol = 1e-6 * (1.0 + float(centres.norm(dim=1).max()))
+    # norms), so a point equal to a centre whose radius is 0 (k duplicates) still counts as inside. Relative
+    # to the norms only: an absolute part put every point of two distinct sets at a 1e-7 scale inside.
+    tol = 1e-6 * max(float(centres.norm(dim=1).max()), float(points.norm(dim=1).max()))
     inside = []
     for s in range(0, len(points), batch_size):
         d = torch.cdist(points[s : s + batch_size], centres)

@@ -108,6 +108,15 @@ def test_precision_recall_with_duplicates():
     assert M.precision_recall(a, a, k=3)["precision"] == 1.0
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-7])
+def test_precision_recall_do_not_depend_on_the_feature_scale(scale):
+    """Two sets 3 units apart score 0 / 0 at any scale (an absolute tolerance put both inside each other at 1e-7)."""
+    a = _features()
+    out = M.precision_recall(a * scale, (a + 3.0) * scale, k=3)
+    assert out["precision"] == 0.0 and out["recall"] == 0.0
+    assert M.precision_recall(a * scale, a * scale, k=3)["precision"] == 1.0
+
+
 # ------------------------------------------------------------------------- nearest neighbours
 
 
