@@ -382,7 +382,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
     def _reset_scheduler(self, num_inference_steps: int, begin_index: int) -> torch.Tensor:
         """Fresh timesteps (on the CPU, see `_denoise`); multistep solvers (DPM-Solver, UniPC) also forget
         their history."""
-        self.scheduler.set_timesteps(num_inference_steps, device="cpu")
+        try:
+            self.scheduler.set_timesteps(num_inference_steps, device="cpu")
+        except ValueError as e:  # e.g. PNDM below 4 steps: "operands could not be broadcast together ..."
+            raise ValueError(f"{type(self.scheduler).__name__} cannot take num_inference_steps="
+                             f"{num_inference_steps}: {e}") from e
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(begin_index)
         return self.scheduler.timesteps[begin_index:]

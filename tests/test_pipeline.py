@@ -703,3 +703,16 @@ def test_non_finite_guidance_is_refused_and_non_finite_latents_are_reported(pipe
     latents[1, 0, 0, 0] = float("nan")
     pipe(latents=latents, class_labels="AD", num_inference_steps=2, output_type="np")
     assert len(warned) == 1 and warned[0].startswith("1 of 3 images have non-finite latents")
+
+
+def test_a_step_count_the_scheduler_cannot_take_is_named(pipe):
+    """diffusers' PNDM below 4 steps failed with "operands could not be broadcast together", naming nothing."""
+    from diffusers import PNDMScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = PNDMScheduler.from_config(original.config)
+    try:
+        with pytest.raises(ValueError, match="PNDMScheduler cannot take num_inference_steps=2"):
+            pipe(batch_size=1, class_labels="AD", num_inference_steps=2)
+    finally:
+        pipe.scheduler = original
