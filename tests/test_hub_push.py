@@ -446,3 +446,17 @@ def test_real_slice_pictures_are_withheld_wherever_they_lie_and_whoever_evaluate
     (pipeline_dir / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
     push_folder(pipeline_dir, REPO, token=hub_stub.token, trained_on_demo_data=True)
     assert "evaluation/closest_pairs.png" in hub_stub.repo_files(REPO)
+
+
+# ----------------------------------------------------------------------------- proposed by the mutation audit
+
+
+def test_records_lose_home_relative_and_windows_paths_too():
+    """`~/...` (a path the shell did not expand, e.g. --vqmodel=~/vq) and `C:\\...` name the user's machine as much
+    as `/home/...`; relative paths and plain values stay."""
+    record = {"vqmodel": "~/runs/vq/vqvae", "train_data_dir": "C:\\Users\\me\\ADNI\\AD_NC",
+              "output_dir": "/scratch/me/ldm/", "latent_cache_dir": "cache", "seed": 0, "argv": ["~/data/AD_NC"]}
+    assert hub.without_local_paths(record) == {
+        "vqmodel": "<local>/vqvae", "train_data_dir": "<local>/AD_NC", "output_dir": "<local>/ldm",
+        "latent_cache_dir": "cache", "seed": 0, "argv": ["<local>/AD_NC"]}
+    assert hub.text_without_local_paths("model `~/runs/ldm`, data `D:/ADNI`") == "model `<local>/ldm`, data `<local>/ADNI`"

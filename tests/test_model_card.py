@@ -281,3 +281,16 @@ def test_license_link_only_to_a_license_file_in_the_folder(ldm):
     assert ModelCard((ldm / "README.md").read_text()).data.license_link == "LICENSE.md"
     from adni_diffusers.hub import select_upload_files
     assert "LICENSE.md" in select_upload_files(ldm)[1]
+
+
+# ----------------------------------------------------------------------------- proposed by the mutation audit
+
+
+def test_card_counts_the_held_out_patients_and_all_the_slices(ldm):
+    """The split line says how many of ALL the patients were held out, and the summary counts every slice (training
+    and validation), as training_data.json records them."""
+    info = json.loads((ldm / "training_data.json").read_text())
+    train, val = info["train"], info["validation"]
+    text = render_model_card(ldm)
+    assert f"{val['patients']} of {train['patients'] + val['patients']} patients held out" in text
+    assert f"the synthetic demo set ({train['images'] + val['images']} slices, not ADNI)" in text

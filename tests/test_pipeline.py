@@ -716,3 +716,50 @@ def test_a_step_count_the_scheduler_cannot_take_is_named(pipe):
             pipe(batch_size=1, class_labels="AD", num_inference_steps=2)
     finally:
         pipe.scheduler = original
+
+
+# ----------------------------------------------------------------------------- proposed by the mutation audit
+
+
+def test_image_to_image_re_noises_the_encoded_image_to_its_first_timestep(pipe, monkeypatch):
+    """strength 0.5 of 8 steps: the encoded image is put back (forward process) at the timestep the 4 remaining
+    steps start from, not at the schedule's first (pure noise) or another one."""
+    import adni_diffusers.pipeline_adni_ldm as module
+
+    calls, seen = [], []
+
+    def spy_renoise(x0, abar, t, noise):
+        calls.append((int(t), x0.clone()))
+        return renoise(x0, abar, t, noise)
+
+    monkeypatch.setattr(module, "renoise", spy_renoise)
+    images = list(np.random.default_rng(0).integers(0, 255, (2, 256, 256), dtype=np.uint8))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    try:
+        pipe(image=images, strength=0.5, num_inference_steps=8, generator=seeded(), output_type="latent",
+             callback_on_step_end=lambda p, i, t, tensors: seen.append(int(t)) or {})
+        pipe.scheduler.set_timesteps(8)
+        full = [int(t) for t in pipe.scheduler.timesteps]
+    finally:
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    assert seen == full[4:]
+    assert [t for t, _ in calls] == [full[4]]
+    torch.testing.assert_close(calls[0][1], pipe.encode(images))
+
+
+def test_class_names_keep_their_label_order(pipe, tmp_path):
+    """class_names ["NC", "AD"] means label 0 is NC: the order given, not the alphabetical one, also after a save
+    and a load (model_index.json stores {name: label})."""
+    named = ADNILatentDiffusionPipeline(pipe.vqvae, pipe.unet, pipe.scheduler, ["NC", "AD"])
+    named.set_progress_bar_config(disable=True)
+    assert named.class_names == ["NC", "AD"]
+    named.save_pretrained(tmp_path / "saved")
+    loaded = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.class_names == ["NC", "AD"]
+    loaded.set_progress_bar_config(disable=True)
+    spy = UNetSpy(loaded.unet)
+    try:
+        loaded(batch_size=2, class_labels=["AD", "NC"], num_inference_steps=1, output_type="latent")
+    finally:
+        spy.remove()
+    assert spy.labels[-1].tolist() == [1, 0]

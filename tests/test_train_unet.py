@@ -893,3 +893,195 @@ def test_ctrl_c_says_where_the_run_can_go_on_from(tmp_path, capsys, monkeypatch)
     assert training.run_cli("train_unet.py", parse, interrupted) == 130
     err = capsys.readouterr().err
     assert f"the last checkpoint is {tmp_path / 'checkpoint-20'}" in err and "--resume_from_checkpoint latest" in err
+
+
+# ----------------------------------------------------------------------------- proposed by the mutation audit
+
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    """checkpoint-10 is newer than checkpoint-9: `latest` resumes it and rotation keeps it (sorted by name, 10 came
+    first: `latest` went back to step 9 and --checkpoints_total_limit deleted the newest)."""
+    from types import SimpleNamespace
+
+    from adni_diffusers import training
+
+    for step in (9, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert [p.name for p in training.list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10"]
+    latest = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
+    assert training.find_resume_checkpoint(latest).name == "checkpoint-10"
+    try:
+        training.save_checkpoint(_checkpoint_accelerator(), tmp_path, 11, {"tensors": {}, "meta": {}}, 2)
+    finally:
+        reset_accelerate()
+    assert [p.name for p in training.list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-11"]
+
+
+def test_the_saved_unet_holds_the_ema_weights(tiny_ldm):
+    """--use_ema: the pipeline's UNet is the EMA model (the checkpoint at the last step holds both), not the
+    last raw weights."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    checkpoint = tiny_ldm / "checkpoint-4"  # the last step is always checkpointed
+    ema = load_file(str(checkpoint / "training_state.safetensors"))
+    raw = load_file(str(checkpoint / "model.safetensors"))
+    saved = UNet2DModel.from_pretrained(tiny_ldm / "unet")
+    names = [name for name, _ in saved.named_parameters()]
+    assert len(names) == len([k for k in ema if k.startswith("ema.")])
+    for i, (name, p) in enumerate(saved.named_parameters()):
+        assert torch.equal(p.detach(), ema[f"ema.{i}"]), name
+    assert any(not torch.equal(raw[name], ema[f"ema.{i}"]) for i, name in enumerate(names))  # they do differ
+
+
+def test_sample_grids_leave_the_training_weights_and_the_ema_as_they_were(tmp_path):
+    """The periodic grid samples with the EMA weights swapped in; training must go on with its own weights (and
+    the EMA must keep its average), or every grid would silently reset the model to its average."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from diffusers import DDIMScheduler, UNet2DModel, VQModel
+
+    from adni_diffusers import train_unet, training
+    from adni_diffusers.diffusion import make_noise_scheduler
+    from adni_diffusers.presets import unet_config, vq_config
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**unet_config("tiny"), "num_class_embeds": 3})
+    args = SimpleNamespace(use_ema=True, ema_max_decay=0.9999, ema_inv_gamma=1.0, ema_power=0.75, seed=0,
+                           num_sample_images=2, sample_inference_steps=2, output_dir=str(tmp_path))
+    ema = training.make_ema(unet, args, "cpu")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)  # a trained step: the weights now differ from their average
+    weights = [p.detach().clone() for p in unet.parameters()]
+    shadow = [p.clone() for p in ema.ema.shadow_params]
+    reset_accelerate()
+    try:
+        run = SimpleNamespace(model=unet, ema=ema, global_step=1)
+        train_unet._sample_grid(Accelerator(cpu=True), run, VQModel(**vq_config("tiny")).eval(), make_noise_scheduler(),
+                                ["AD", "NC"], args, DDIMScheduler)
+    finally:
+        reset_accelerate()
+    assert (tmp_path / "samples" / "samples-000001.png").is_file()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(unet.parameters(), weights))
+    assert all(torch.equal(p, s) for p, s in zip(ema.ema.shadow_params, shadow))
+    assert unet.training
+
+
+def test_label_dropout_uses_the_pipelines_no_label_class(tmp_path, tiny_vq, demo_root, monkeypatch):
+    """The label dropped for guidance during training is the one the saved pipeline samples 'no label' with
+    (num_class_embeds - 1), not a real class."""
+    from adni_diffusers import ADNILatentDiffusionPipeline, diffusion
+
+    seen = []
+    real = diffusion.drop_labels
+    monkeypatch.setattr(diffusion, "drop_labels", lambda labels, p, null_class, gen: seen.append(null_class)
+                        or real(labels, p, null_class, gen))
+    out = tmp_path / "ldm"
+    run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
+                                       "--max_train_steps", "1", "--conditional", *TINY_UNET_ARGS,
+                                       "--latent_cache_dir", tmp_path / "cache"])
+    pipe = ADNILatentDiffusionPipeline.from_pretrained(out)
+    assert seen == [pipe.null_class] == [len(pipe.class_names)]
+
+
+def test_lr_schedule_ends_at_the_last_optimizer_step_with_accumulation():
+    """A prepared schedule steps once per optimizer step, not per micro-batch: with --gradient_accumulation_steps 2
+    a linear schedule reaches 0 at --max_train_steps (counted in micro-batches it ended at half the rate)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from adni_diffusers import training
+
+    reset_accelerate()
+    try:
+        acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model = torch.nn.Linear(2, 1)
+        args = SimpleNamespace(lr_scheduler="linear", lr_warmup_steps=0, max_train_steps=4, num_epochs=1,
+                               gradient_accumulation_steps=2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        loader = torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=1)
+        model, optimizer, loader, lr_scheduler = training.prepare_for_training(acc, args, model, optimizer, loader)
+        rates = []
+        for x in loader:
+            with acc.accumulate(model):
+                acc.backward(model(x).sum())
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if acc.sync_gradients:
+                rates.append(optimizer.param_groups[0]["lr"])
+    finally:
+        reset_accelerate()
+    assert rates == pytest.approx([0.75, 0.5, 0.25, 0.0])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_a_model_that_predicts_the_target_exactly_has_zero_loss(prediction_type):
+    """The objective's target, checked against the forward process: a model that knows z0 and reads the noise back
+    out of z_t (eps, or v = sqrt(abar) eps - sqrt(1 - abar) z0) scores 0. A wrong sign in v, or z0 and the noise
+    swapped in add_noise, do not."""
+    from types import SimpleNamespace
+
+    from adni_diffusers.diffusion import diffusion_loss, make_noise_scheduler
+
+    scheduler = make_noise_scheduler(prediction_type=prediction_type)
+    z0 = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def oracle(zt, t, class_labels=None):
+        abar = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        eps = (zt - abar.sqrt() * z0) / (1 - abar).sqrt()
+        target = eps if prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * z0
+        return SimpleNamespace(sample=target)
+
+    loss = diffusion_loss(oracle, scheduler, z0, None, torch.Generator().manual_seed(1))
+    assert float(loss) < 1e-8
+    weighted = diffusion_loss(oracle, scheduler, z0, None, torch.Generator().manual_seed(1), snr_gamma=5.0)
+    assert float(weighted) < 1e-8
+
+
+def test_training_timesteps_cover_every_timestep_of_the_schedule():
+    """t ~ U{0 .. T-1}: the last one (999) is where every "trailing" sampler starts, so it must be trained."""
+    from types import SimpleNamespace
+
+    from adni_diffusers.diffusion import diffusion_loss, make_noise_scheduler
+
+    seen = []
+
+    def model(zt, t, class_labels=None):
+        seen.append(t)
+        return SimpleNamespace(sample=torch.zeros_like(zt))
+
+    diffusion_loss(model, make_noise_scheduler(), torch.zeros(20000, 1, 1, 1), None, torch.Generator().manual_seed(0))
+    assert int(seen[0].min()) == 0 and int(seen[0].max()) == 999
+
+
+def test_min_snr_weights_for_v_prediction():
+    """Hang et al. (and diffusers' examples) for v-prediction: min(SNR, gamma) / (SNR + 1). Without the +1 the
+    noisy timesteps (SNR near 0) got weight 1 instead of about SNR."""
+    from diffusers.training_utils import compute_snr
+
+    from adni_diffusers.diffusion import make_noise_scheduler, min_snr_weights
+
+    scheduler = make_noise_scheduler(prediction_type="v_prediction")
+    t = torch.tensor([0, 100, 500, 999])
+    snr = compute_snr(scheduler, t)
+    w = min_snr_weights(scheduler, t, gamma=5.0)
+    torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / (snr + 1))
+    assert w[-1] < 1e-3  # t = 999: almost pure noise, almost no weight
+
+
+def test_latent_cache_key_covers_the_vqmodel_config(tiny_vq, demo_root, tmp_path):
+    """A VQModel whose config changed (a recomputed scaling_factor) with the same weights must not reuse latents
+    that were scaled with the old factor."""
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.latents import cache_key
+
+    train = load_slices(demo_root, seed=0).train
+    other = Path(shutil.copytree(tiny_vq / "vqvae", tmp_path / "vqvae"))
+    config = json.loads((other / "config.json").read_text())
+    config["scaling_factor"] = config["scaling_factor"] * 2
+    (other / "config.json").write_text(json.dumps(config))
+    assert cache_key(other, train) != cache_key(tiny_vq / "vqvae", train)

@@ -631,3 +631,104 @@ def test_reconstruction_metrics_are_measured_on_the_held_out_patients(tiny_vq):
     record = json.loads((tiny_vq / "training_data.json").read_text())
     assert record["validation"]["images"] != record["train"]["images"]
     assert metrics["eval_images"] == record["validation"]["images"]
+
+
+# ----------------------------------------------------------------------------- proposed by the mutation audit
+
+
+def test_the_saved_vqmodel_holds_the_ema_weights(tmp_path, demo_root):
+    """--use_ema: vqvae/ (what the UNet stage encodes with, and what metrics.json measured) is the EMA model that
+    the last checkpoint holds, not the last raw weights."""
+    from diffusers import VQModel
+
+    out = tmp_path / "vq"
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps", "2",
+                                          "--use_ema", "--eval_max_images", "8", *TINY_VQ_ARGS])
+    ema = load_file(str(out / "checkpoint-2" / "training_state.safetensors"))
+    raw = load_file(str(out / "checkpoint-2" / "model.safetensors"))  # keys "vq.<name>"
+    saved = VQModel.from_pretrained(out / "vqvae")
+    names = [name for name, _ in saved.named_parameters()]
+    assert len(names) == len([k for k in ema if k.startswith("ema.")])
+    for i, (name, p) in enumerate(saved.named_parameters()):
+        assert torch.equal(p.detach(), ema[f"ema.{i}"]), name
+    assert any(not torch.equal(raw[f"vq.{name}"], ema[f"ema.{i}"]) for i, name in enumerate(names))
+
+
+def test_a_non_finite_value_in_any_step_of_a_log_window_stops_training(tmp_path):
+    """The NaN guard looks at every step since the last log (a checkpoint flushes the window first): one NaN step
+    among finite ones must stop the run, not be averaged away."""
+    from adni_diffusers.training import TrainingError
+
+    run = _bare_run(tmp_path)
+    run.global_step = 2
+    run._pending = [{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(float("nan"))}]
+    with pytest.raises(TrainingError, match="non-finite loss at step 2"):
+        run.flush_logs()
+    run._pending = [{"loss": torch.tensor(1.0), "rec_loss": torch.tensor(float("inf"))}]
+    with pytest.raises(TrainingError, match="non-finite rec_loss"):
+        run.flush_logs()
+
+
+def test_codebook_weight_and_commitment_beta_weight_their_own_terms(tmp_path, demo_root, monkeypatch):
+    """van den Oord eq. 3 with beta on the commitment term (diffusers puts it on the codebook term, issue 8226): the
+    codebook gets its gradient from --codebook_weight's term alone, so --codebook_weight 0 leaves it none."""
+    from adni_diffusers import training
+
+    grads = {}
+
+    def run_probe(model, args, probe=None, child_probe=None):
+        probe(model)
+        grads.update({name: p.grad for name, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+        return model
+
+    monkeypatch.setattr(training, "maybe_compile", run_probe)
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                          "--max_train_steps", "1", "--eval_max_images", "8", "--codebook_weight", "0",
+                                          "--commitment_beta", "0.25", *TINY_VQ_ARGS])
+    codebook = grads["vq.quantize.embedding.weight"]
+    assert codebook is None or codebook.abs().sum() == 0
+    assert grads["vq.encoder.conv_in.weight"].abs().sum() > 0
+
+
+def test_codebook_and_commitment_losses_send_their_gradients_where_they_belong():
+    """||sg[E(x)] - e||^2 moves only the codebook, ||E(x) - sg[e]||^2 only the encoder."""
+    from diffusers import VQModel
+
+    from adni_diffusers.presets import vq_config
+    from adni_diffusers.vq import VQTrainingModel
+
+    torch.manual_seed(0)
+    model = VQTrainingModel(VQModel(**vq_config("tiny")))
+    x = torch.rand(2, 1, 256, 256) * 2 - 1
+    codebook, encoder = model.vq.quantize.embedding.weight, model.vq.encoder.conv_in.weight
+
+    out = model(x)
+    out.codebook_loss.backward()
+    assert codebook.grad is not None and codebook.grad.abs().sum() > 0
+    assert encoder.grad is None or encoder.grad.abs().sum() == 0
+    model.zero_grad(set_to_none=True)
+
+    out = model(x)
+    out.commitment_loss.backward()
+    assert encoder.grad is not None and encoder.grad.abs().sum() > 0
+    assert codebook.grad is None or codebook.grad.abs().sum() == 0
+
+
+def test_latent_statistics_are_the_std_about_the_mean_over_all_batches():
+    """scaling_factor = 1 / std of the latents about their mean (a latent mean far from 0 must not inflate the std),
+    pooled over every batch up to max_batches, as one torch.std over the same values."""
+    from types import SimpleNamespace
+
+    from adni_diffusers.vq import latent_statistics
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": 3.0 + 2.0 * torch.randn(4, 1, 8, 8, generator=g)} for _ in range(3)]
+    identity = SimpleNamespace(encode=lambda x: SimpleNamespace(latents=x))
+    stats = latent_statistics(identity, batches, "cpu", max_batches=2)
+    pooled = torch.cat([b["pixel_values"] for b in batches[:2]]).double()
+    assert stats["latent_elements"] == pooled.numel()
+    assert stats["latent_mean"] == pytest.approx(float(pooled.mean()))
+    assert stats["latent_std"] == pytest.approx(float(pooled.std(correction=0)))
+    assert stats["scaling_factor"] == pytest.approx(1 / float(pooled.std(correction=0)))
+    assert stats["latent_std"] == pytest.approx(2.0, rel=0.1)
