@@ -6,6 +6,7 @@ Each module named in COMMANDS provides `add_arguments(parser)` and `main(args) -
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
 import sys
@@ -20,11 +21,31 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help with each option's default, unless its help already says it or it is an on/off flag."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shows_default(action):  # argparse prints no help line for help=None
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return action.default not in (None, argparse.SUPPRESS) and action.nargs != 0 and bool(action.option_strings)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not self._shows_default(action) or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="adni-diffusers",
+    parser = argparse.ArgumentParser(prog="adni-diffusers", formatter_class=HelpFormatter,
                                      description="Latent diffusion for brain MRI slices (ADNI AD / NC): demo data, "
                                                  "sampling, evaluation, counterfactuals and Hub upload. Training: "
                                                  "accelerate launch train_vqmodel.py / train_unet.py.")
@@ -38,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    command_parser = argparse.ArgumentParser(prog=f"adni-diffusers {name}", description=help_text)
+    command_parser = argparse.ArgumentParser(prog=f"adni-diffusers {name}", description=help_text,
+                                             formatter_class=HelpFormatter)
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from adni_diffusers import training
+from adni_diffusers.cli import HelpFormatter
 from adni_diffusers.training import TrainingError
 
 logger = logging.getLogger("adni_diffusers.train_unet")
@@ -37,7 +38,7 @@ RESUME_MUST_MATCH = ("conditional", "cond_dropout", "prediction_type", "loss", "
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=HelpFormatter)
     parser.add_argument("--vqmodel", required=True, help="the output folder of train_vqmodel.py (or its vqvae/ folder)")
     training.add_training_arguments(parser, default_lr=DEFAULT_LR, default_batch=DEFAULT_BATCH)
     g = parser.add_argument_group("UNet and diffusion")

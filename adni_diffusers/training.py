@@ -118,8 +118,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                    help="let cuDNN time its convolution algorithms for these fixed shapes (CUDA; not bit-reproducible)")
     g.add_argument("--ddp_timeout", type=int, default=1800,
                    help="seconds a process waits at a barrier (as in transformers' Trainer): the other processes wait "
-                        "while the main one builds the latent cache, evaluates, samples and pushes; NCCL's own default, "
-                        "10 minutes, would end the job during a long push")
+                        "while the main one builds the latent cache, evaluates, samples and pushes (default: 1800; "
+                        "NCCL's own, 10 minutes, would end the job during a long push)")
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500)

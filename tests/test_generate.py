@@ -313,3 +313,26 @@ def test_a_folder_of_another_kind_says_what_it_is(tiny_vq, tmp_path, capsys):
                         (tmp_path / "running", "only training checkpoints: the run has not finished")):
         code = cli.main(["generate", "--model", str(model), "--out", str(tmp_path / "o"), "--num-images", "1"])
         assert code == 2 and f"--model {model}: no model_index.json ({said}" in capsys.readouterr().err
+
+
+def test_every_help_shows_the_defaults(capsys):
+    """An option's default is in its help (the training scripts' --help showed none for --learning_rate,
+    --checkpointing_steps...), once: not added where the help already states it, nor to on/off flags."""
+    import re
+
+    from adni_diffusers import cli, train_unet
+
+    with pytest.raises(SystemExit):
+        train_unet.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--learning_rate LEARNING_RATE default: 0.0001" in text
+    assert "--checkpointing_steps CHECKPOINTING_STEPS default: 500" in text
+    assert "per device (default: 64)" in text
+    assert "(default: 1800;" in text and "default: 1800 " not in text.replace("(default: 1800;", "")
+    assert not re.search(r"--use_ema [^-]*default", text)  # an on/off flag
+    assert "(default: pad)" in text and text.count("patient: hold out whole patients (default)") == 1
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--num-images NUM_IMAGES default: 16" in text and "default: 16 on CPU, 256 on GPU" in text
+    assert "(default: default" not in text and "default: None" not in text
