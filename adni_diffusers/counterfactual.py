@@ -988,8 +988,6 @@ def main(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     target = check_target(pipe, args.to)
     source = source_class(pipe, target, args.source) if args.measure else None
-    remove_outputs(earlier)
-    out.mkdir(parents=True, exist_ok=True)
 
     # the classifier (P(target) in the titles, and the measurement): only when asked for
     classifier = data = report = None
@@ -997,6 +995,8 @@ def main(args: argparse.Namespace) -> int:
         data = held_out_data(args.model, args.data_dir)
         classifier, report = _load_classifier(args, data, device)
         _classifier_column(classifier, target)
+    remove_outputs(earlier)  # only once every input is known good: a failed run leaves --out as it was
+    out.mkdir(parents=True, exist_ok=True)
 
     summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
                "scheduler": args.scheduler, "steps": args.steps or default_steps(args.scheduler), "seed": args.seed,

@@ -214,6 +214,7 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
         assert "adni-diffusers counterfactual: error:" in err
         for text_ in expected:
             assert text_ in err, (argv, err)
+    assert not out.exists()  # no failed run left an empty --out behind (the classifier's errors came after mkdir)
     rc, err = run_cli(["--model", uncond, "--out", out, "--image", nc_slice, "--to", "AD", *STEPS], capsys)
     assert rc == 2 and "unconditional" in err and "class-conditional" in err
     assert not any(out.rglob("*.png"))
