@@ -104,6 +104,20 @@ def _write_recipe(folder: Path, recipe: dict) -> None:
     (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
 
 
+def _slice_tree_holding(folder: Path) -> Path | None:
+    """The ADNI-style data folder (ROOT/<split>/<class>/ with images) that `folder` is, or is inside, if any."""
+    from .data import IMAGE_EXTENSIONS, SPLIT_FOLDERS
+
+    def holds_slices(class_dir: Path) -> bool:
+        return class_dir.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in class_dir.iterdir())
+
+    for root in (folder.resolve(), *folder.resolve().parents):
+        for split in (root / name for name in SPLIT_FOLDERS):
+            if split.is_dir() and any(holds_slices(c) for c in split.iterdir()):
+                return root
+    return None
+
+
 def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects: int | None = None, seed: int = 0,
              retrain: bool = False, quick: bool = False) -> dict:
     from .demo_data import ensure_demo_dataset, read_settings
@@ -114,6 +128,10 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    data_root = _slice_tree_holding(out)
+    if data_root is not None:  # the demo's data, models and logs would land among the slices, and break the tree
+        raise ValueError(f"--out {out}: inside the slice folder {data_root} (ROOT/{{train,test}}/<class>/*.jpeg); "
+                         "choose a folder outside it")
     timings = {}
     t0 = time.time()
 

@@ -61,12 +61,18 @@ def test_every_plan_parses_with_the_training_scripts(plan, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--device", "foo"], "--device foo: "),  # trained both stages, then failed in torch's words
     (["--out", "afile"], "--out afile: exists and is not a folder"),
+    # inside a data tree, its pictures and logs would be read as slices (or refused as "not images")
+    (["--out", "ADNI/train/demo"], "--out ADNI/train/demo: inside the slice folder"),
+    (["--out", "ADNI"], "--out ADNI: inside the slice folder"),
 ])
 def test_bad_flags_stop_the_demo_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
     from adni_diffusers import cli
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
+    (tmp_path / "ADNI" / "train" / "AD").mkdir(parents=True)
+    (tmp_path / "ADNI" / "train" / "AD" / "1_0.jpeg").write_bytes(b"")
     assert cli.main(["demo", "--quick", "--out", "demo", *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+    assert [p.name for p in (tmp_path / "ADNI").rglob("*")] == ["train", "AD", "1_0.jpeg"]
