@@ -54,7 +54,9 @@ PUBLIC_WARNING = (
     "diffusion models can memorise training images; keep models trained on ADNI private unless you are "
     "sure your agreement allows sharing them."
 )
-LOGIN_HINT = "run `hf auth login` (or pass --token / --hub_token, or set HF_TOKEN) with a token that has write access"
+def login_hint(token_flag: str = "--token") -> str:
+    """How to give a token, naming the flag of the command that failed (push: --token; training: --hub_token)."""
+    return f"run `hf auth login` (or pass {token_flag}, or set HF_TOKEN) with a token that has write access"
 
 
 class HubError(RuntimeError):
@@ -93,20 +95,20 @@ def _scrub(text: str, tokens: list[str | None]) -> str:
     return " ".join(text.split())  # one line
 
 
-def _explain(err: BaseException, repo_id: str, endpoint: str) -> str:
+def _explain(err: BaseException, repo_id: str, endpoint: str, token_flag: str = "--token") -> str:
     """A one-line, actionable message for an error raised by huggingface_hub."""
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     if isinstance(err, OfflineModeIsEnabled):
         return f"cannot push to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset it and try again"
     if isinstance(err, LocalTokenNotFoundError):
-        return f"cannot push to {repo_id}: no Hugging Face token found; {LOGIN_HINT}"
+        return f"cannot push to {repo_id}: no Hugging Face token found; {login_hint(token_flag)}"
     if isinstance(err, HfHubHTTPError):
         response = getattr(err, "response", None)
         status = getattr(response, "status_code", None)
         if status == 401:
             return (f"the Hub refused the push to {repo_id} (401 Unauthorized: missing, wrong or expired token); "
-                    f"{LOGIN_HINT}")
+                    f"{login_hint(token_flag)}")
         if status == 403:
             return (f"the Hub refused the push to {repo_id} (403 Forbidden: the token may be read-only or may not "
                     f"write to the namespace '{repo_id.split('/')[0]}'); use a write token for that namespace "
@@ -391,6 +393,7 @@ def push_folder(
     revision: str | None = None,
     path_in_repo: str | None = None,
     trained_on_demo_data: bool | None = None,
+    token_flag: str = "--token",
 ) -> str:
     """Upload the model in `folder` to the model repo `repo_id` in one commit; return the commit URL.
 
@@ -401,7 +404,7 @@ def push_folder(
     the same commit. Creates the repo if needed (private unless `private=False`) and, when
     `revision` names a branch other than main, creates that branch from main first, so checkpoints
     can go there without flooding main's history. `token=None` uses whatever huggingface_hub
-    already knows (`hf auth login`, HF_TOKEN). Unchanged files are skipped by huggingface_hub (no
+    already knows (`hf auth login`, HF_TOKEN); `token_flag` is the flag a token message names. Unchanged files are skipped by huggingface_hub (no
     empty commits).
 
     Raises HubError for: a missing folder, nothing to push, no token at all, a malformed repo id, a
@@ -441,7 +444,7 @@ def push_folder(
     try:
         repo_id = _resolve_repo_id(repo_id, api, token, check_only=True)
         if token is None and stored is None:
-            raise HubError(f"cannot push to {repo_id}: no Hugging Face token found; {LOGIN_HINT}")
+            raise HubError(f"cannot push to {repo_id}: no Hugging Face token found; {login_hint(token_flag)}")
         repo_id = _resolve_repo_id(repo_id, api, token)
         extra: dict[str, bytes] = {}
         if kind != "checkpoint":  # a checkpoint goes up as it is (resuming reads it)
@@ -493,7 +496,7 @@ def push_folder(
         raise HubError(_scrub(str(err), tokens)) from None
     except Exception as err:
         # `from None`: the one-line message says it all, and huggingface_hub's text is not ours to vouch for.
-        raise HubError(_scrub(_explain(err, repo_id, endpoint), tokens)) from None
+        raise HubError(_scrub(_explain(err, repo_id, endpoint, token_flag), tokens)) from None
     url = str(getattr(info, "commit_url", info))
     logger.info("Pushed %s to %s%s: %s", folder, repo_id, f" (branch {revision})" if revision else "", url)
     return url
@@ -552,7 +555,7 @@ def check_hub_arguments(args: argparse.Namespace, output_dir: str | Path | None 
         from huggingface_hub import get_token
 
         if get_token() is None:
-            raise HubError(f"--push_to_hub: no Hugging Face token found for {repo_id}; {LOGIN_HINT}")
+            raise HubError(f"--push_to_hub: no Hugging Face token found for {repo_id}; {login_hint('--hub_token')}")
 
 
 def push_from_args(
@@ -579,6 +582,7 @@ def push_from_args(
     common = dict(
         repo_id=repo_id,
         token=args.hub_token,
+        token_flag="--hub_token",
         private=args.hub_private_repo,
         trained_on_demo_data=trained_on_demo_data,
     )

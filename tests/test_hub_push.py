@@ -141,7 +141,7 @@ def _setup_failure(case, hub_stub, monkeypatch):
         return "user/bad--name", SECRET, ["invalid", "'user/bad--name'", "namespace/name"]
     if case == "no-token":  # none passed, none stored (the fixture's HF_HOME is empty, HF_TOKEN unset)
         hub_stub.require_token_for_writes = True
-        return REPO, None, [REPO, "no Hugging Face token", "hf auth login", "--token"]
+        return REPO, None, [REPO, "no Hugging Face token", "hf auth login", "pass --token,"]
     if case == "wrong-token":
         return REPO, SECRET, [REPO, "401", "hf auth login"]
     if case == "403":
@@ -237,6 +237,10 @@ def test_push_from_args_final_and_checkpoints(hub_stub, pipeline_dir, tmp_path):
     assert hub_stub.private(REPO)
     # Without the flags nothing is pushed.
     assert hub.push_from_args(_parse([]), pipeline_dir) is None
+    # a refused token: the hint names the training scripts' flag, not push's --token
+    with pytest.raises(HubError, match="401.*pass --hub_token,") as info:
+        hub.push_from_args(_parse(["--push_to_hub", "--hub_model_id", REPO, "--hub_token", SECRET]), pipeline_dir)
+    assert "--token," not in str(info.value) and SECRET not in str(info.value)
     assert hub.push_from_args(_parse(["--push_to_hub"]), ckpt, step=300) is None
 
 
@@ -353,7 +357,7 @@ def test_check_hub_arguments(hub_stub, tmp_path):
     hub.check_hub_arguments(_parse([]))  # nothing to check without --push_to_hub
     args = _parse(["--push_to_hub", "--hub_model_id", REPO])
     args.output_dir = str(tmp_path)
-    with pytest.raises(HubError, match="no Hugging Face token"):
+    with pytest.raises(HubError, match="no Hugging Face token.*pass --hub_token,"):  # the training scripts' flag
         hub.check_hub_arguments(args)
     args.hub_token = SECRET
     hub.check_hub_arguments(args)
