@@ -388,10 +388,9 @@ def test_training_forward_decodes_as_the_vqmodel_does(norm_type):
     torch.testing.assert_close(out.recon, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_compile_probe_runs_the_training_loss(tmp_path, demo_root, monkeypatch):
-    """The probe before training (--compile) backpropagates the steps' own loss, codebook terms included: with
-    the reconstruction loss alone the codebook got no gradient, and under DDP the first step then failed with
-    "Expected to have finished reduction in the prior iteration". Run here eagerly, without --compile."""
+def _first_step_gradients(tmp_path, demo_root, monkeypatch, *flags) -> dict:
+    """The gradients of the training loss of a 1-step run's first batch, by the compile probe's own code path
+    (the probe runs eagerly here, without --compile)."""
     from adni_diffusers import training
 
     grads = {}
@@ -404,7 +403,15 @@ def test_compile_probe_runs_the_training_loss(tmp_path, demo_root, monkeypatch):
 
     monkeypatch.setattr(training, "maybe_compile", run_probe)
     run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
-                                          "--max_train_steps", "1", "--eval_max_images", "8", *TINY_VQ_ARGS])
+                                          "--max_train_steps", "1", "--eval_max_images", "8", *flags, *TINY_VQ_ARGS])
+    return grads
+
+
+def test_compile_probe_runs_the_training_loss(tmp_path, demo_root, monkeypatch):
+    """The probe before training (--compile) backpropagates the steps' own loss, codebook terms included: with
+    the reconstruction loss alone the codebook got no gradient, and under DDP the first step then failed with
+    "Expected to have finished reduction in the prior iteration". Run here eagerly, without --compile."""
+    grads = _first_step_gradients(tmp_path, demo_root, monkeypatch)
     codebook = grads["vq.quantize.embedding.weight"]
     assert codebook is not None and codebook.abs().sum() > 0
     assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
@@ -672,20 +679,7 @@ def test_a_non_finite_value_in_any_step_of_a_log_window_stops_training(tmp_path)
 def test_codebook_weight_and_commitment_beta_weight_their_own_terms(tmp_path, demo_root, monkeypatch):
     """van den Oord eq. 3 with beta on the commitment term (diffusers puts it on the codebook term, issue 8226): the
     codebook gets its gradient from --codebook_weight's term alone, so --codebook_weight 0 leaves it none."""
-    from adni_diffusers import training
-
-    grads = {}
-
-    def run_probe(model, args, probe=None, child_probe=None):
-        probe(model)
-        grads.update({name: p.grad for name, p in model.named_parameters()})
-        model.zero_grad(set_to_none=True)
-        return model
-
-    monkeypatch.setattr(training, "maybe_compile", run_probe)
-    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
-                                          "--max_train_steps", "1", "--eval_max_images", "8", "--codebook_weight", "0",
-                                          "--commitment_beta", "0.25", *TINY_VQ_ARGS])
+    grads = _first_step_gradients(tmp_path, demo_root, monkeypatch, "--codebook_weight", "0", "--commitment_beta", "0.25")
     codebook = grads["vq.quantize.embedding.weight"]
     assert codebook is None or codebook.abs().sum() == 0
     assert grads["vq.encoder.conv_in.weight"].abs().sum() > 0
