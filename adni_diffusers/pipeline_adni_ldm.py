@@ -2,8 +2,8 @@
 #
 # This file ships inside every saved model, so that
 #     DiffusionPipeline.from_pretrained(path_or_repo, trust_remote_code=True)
-# works where the adni-diffusers package is not installed. It imports only torch, numpy, PIL and
-# diffusers; keep it that way.
+# works where the adni-diffusers package is not installed. Besides the standard library it imports
+# only torch, numpy, PIL, diffusers and huggingface_hub (a diffusers dependency); keep it that way.
 """ADNILatentDiffusionPipeline: sample 4x32x32 latents, denoise, optionally refine, decode to slices."""
 
 from __future__ import annotations
