@@ -517,3 +517,17 @@ def test_compiled_training_run_matches_eager(tmp_path, tiny_vq, demo_root, caplo
     assert list(compiled_args["compile_seconds"]) == ["first_step_here"]
     assert compiled_args["compile_seconds"]["first_step_here"] > 0
     assert json.loads((tmp_path / "eager" / "training_args.json").read_text())["compiled"] is False
+
+
+def test_a_pass_record_holds_for_every_device_index_of_the_same_gpu(monkeypatch):
+    """Inductor's kernels depend on the GPU model, not on which index it has: a step that passed on cuda:0 needs no
+    child on cuda:1 (another rank, or CUDA_VISIBLE_DEVICES changed). Another device kind is another record."""
+    from adni_diffusers import compile_probe
+
+    # the GPU's name as it would be on a machine with two of the same (and no real CUDA call for cuda:1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Same GPU")
+    compile_probe.remember_pass(_spec(device="cuda:0"))
+    assert compile_probe.passed_before(_spec(device="cuda:0")) is not None
+    assert compile_probe.passed_before(_spec(device="cuda:1")) == compile_probe.passed_before(_spec(device="cuda:0"))
+    assert compile_probe.passed_before(_spec(device="cpu")) is None

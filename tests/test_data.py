@@ -561,3 +561,26 @@ def test_model_input_and_back_is_the_identity_on_8_bit_pixels():
     px = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
     assert torch.equal(to_uint8(to_model_input(px)), px)
     assert torch.equal(to_uint8(to_model_input(px[:, 1:]) - 0.002), px[:, 1:])  # under half a level (1/255)
+
+
+def test_val_fraction_must_lie_strictly_between_0_and_1():
+    """--val_fraction 1 (or 0) is refused before the folder is read: "hold out everything" is no split (each
+    class would silently keep one training patient)."""
+    for value in (0.0, 1.0, -0.1):
+        assert "between 0 and 1" in data_error(".", val_fraction=value)
+
+
+def test_split_folders_with_different_class_folders_are_refused_by_name(tmp_path):
+    """train/{AD,NC} beside test/{AD}: the labels would mean different things in the two splits."""
+    root = tmp_path / "AD_NC"
+    make_tree(root, splits=("train",))
+    make_tree(root, classes=("AD",), splits=("test",))
+    msg = data_error(root, split="given")
+    assert "different class folders" in msg and "train: AD, NC" in msg and "test: AD" in msg
+
+
+def test_listing_counts_only_the_paths_it_leaves_out():
+    """Up to _MAX_LISTED paths are all named with no "... and 0 more"; beyond, the count of those left out."""
+    cap = D._MAX_LISTED
+    assert "more" not in D._listing([f"f{i}" for i in range(cap)])
+    assert D._listing([f"f{i}" for i in range(cap + 1)]).endswith(f"f{cap - 1} ... and 1 more")

@@ -464,3 +464,62 @@ def test_records_lose_home_relative_and_windows_paths_too():
         "vqmodel": "<local>/vqvae", "train_data_dir": "<local>/AD_NC", "output_dir": "<local>/ldm",
         "latent_cache_dir": "cache", "seed": 0, "argv": ["<local>/AD_NC"]}
     assert hub.text_without_local_paths("model `~/runs/ldm`, data `D:/ADNI`") == "model `<local>/ldm`, data `<local>/ADNI`"
+
+
+def test_a_demo_models_pictures_are_withheld_only_where_its_evaluation_says_other_data(tmp_path):
+    """A demo model's reconstructions.png shows demo slices unless the metrics.json beside it records an evaluation
+    on other data (data_source_is_demo false); a record that says nothing (older evaluate) does not withhold it."""
+    from adni_diffusers.hub import shows_real_slices
+
+    ev = tmp_path / "evaluation"
+    ev.mkdir()
+    (ev / "reconstructions.png").write_bytes(b"png")
+    rel = "evaluation/reconstructions.png"
+    assert shows_real_slices(tmp_path, rel, demo=False)  # a model trained on real data: always withheld
+    assert not shows_real_slices(tmp_path, rel, demo=True)  # no metrics.json
+    for record, real in [({"data": {"data_source_is_demo": False}}, True),
+                         ({"data": {"data_source_is_demo": True}}, False), ({"data": {}}, False), ({"fd": 1.0}, False)]:
+        (ev / "metrics.json").write_text(json.dumps(record))
+        assert shows_real_slices(tmp_path, rel, demo=True) == real, record
+    assert not shows_real_slices(tmp_path, "evaluation/umap.png", demo=False)  # not a picture of slices
+
+
+def test_only_the_top_of_the_evaluation_folder_is_selected(tmp_path):
+    """evaluation/*.json|png|md|csv go up with a pipeline; sub-folders of evaluation/ (per-run by-products) do not."""
+    _write(tmp_path, {**MODEL_FILES, "evaluation/report.md": b"# r\n", "evaluation/table.csv": b"a,b\n",
+                      "evaluation/ablation/grid.png": b"png", "evaluation/ablation/metrics.json": b"{}",
+                      "evaluation/run2/table.csv": b"a\n"})
+    kind, files = hub.select_upload_files(tmp_path)
+    assert kind == "pipeline"
+    assert set(files) == set(MODEL_FILES) | {"evaluation/report.md", "evaluation/table.csv"}
+
+
+def test_a_pipeline_with_bin_weights_is_complete(hub_stub, pipeline_dir):
+    """Weights saved as PyTorch .bin (safe_serialization=False, older diffusers) load as well as .safetensors:
+    such a folder is not refused as lacking its weights."""
+    unet = pipeline_dir / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.bin")
+    assert hub._missing_model_files(pipeline_dir, "pipeline") == []
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert "unet/diffusion_pytorch_model.bin" in hub_stub.repo_files(REPO)
+
+
+def test_the_token_in_a_record_rewritten_for_local_paths_stops_the_push(hub_stub, pipeline_dir):
+    """training_args.json naming the output folder is pushed as a rewritten copy (no local paths): the token
+    check must read that copy too, or a --hub_token saved beside an absolute path would go up."""
+    (pipeline_dir / "training_args.json").write_text(
+        json.dumps({"output_dir": "/home/me/runs/ldm", "hub_token": hub_stub.token}))
+    with pytest.raises(HubError, match="training_args.json holds your Hub token") as info:
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert hub_stub.token not in str(info.value)
+    assert REPO not in hub_stub.repo_ids()
+
+
+def test_a_renamed_checkpoint_folder_is_still_pushed_as_a_checkpoint(tmp_path):
+    """A checkpoint copied to another name (best/, or checkpoint-500 renamed) is known by its training_state.json:
+    it goes up whole and as it is (resume reads its records, so they are not rewritten)."""
+    ckpt = {"model.safetensors": b"w", "optimizer.bin": b"o", "logs/history.jsonl": b"{}",
+            "training_state.json": json.dumps({"output_dir": "/home/me/runs/ldm"}).encode()}
+    _write(tmp_path / "best", ckpt)
+    kind, files = hub.select_upload_files(tmp_path / "best")
+    assert kind == "checkpoint" and set(files) == set(ckpt)

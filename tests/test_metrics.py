@@ -269,3 +269,83 @@ def test_ms_ssim_diversity_is_on_the_0_1_scale():
     d = M.ms_ssim_diversity(x, num_pairs=1)
     expected = tm_ms_ssim((x[1:] + 1) / 2, (x[:1] + 1) / 2, data_range=1.0, kernel_size=11)
     assert d["pairs"] == 1 and d["mean"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_ms_ssim_weights_of_small_images_keep_their_relative_sizes_and_total():
+    """Images too small for 5 MS-SSIM scales drop the coarsest ones; the weights left are renormalised to the
+    same total (else a 64 x 64 MS-SSIM is a product of powers summing to less than 1: closer to 1 than it is)."""
+    betas = M._ms_ssim_betas(64, 64)
+    assert len(betas) == 3
+    assert sum(betas) == pytest.approx(sum(M.MS_SSIM_BETAS))
+    ratio = betas[0] / M.MS_SSIM_BETAS[0]
+    assert [b / ratio for b in betas] == pytest.approx(list(M.MS_SSIM_BETAS[:3]))
+    assert M._ms_ssim_betas(256, 256) == pytest.approx(M.MS_SSIM_BETAS)
+
+
+def test_precision_recall_match_the_definition():
+    """Kynkäänniemi et al.: the radius of a point is the distance to its k-th nearest OTHER point of its set; a
+    sample counts when it lies in at least one ball. Checked against a brute-force count on small 2-d sets."""
+    real = torch.randn(40, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fake = 0.7 * torch.randn(30, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.8
+
+    def covered(points, centres, k):
+        radii = torch.cdist(centres, centres).sort(dim=1).values[:, k]  # column 0: the point itself
+        return (torch.cdist(points, centres) <= radii).any(dim=1).double().mean().item()
+
+    for k in (1, 3, 5):
+        out = M.precision_recall(real, fake, k=k)
+        assert out["precision"] == pytest.approx(covered(fake, real, k))
+        assert out["recall"] == pytest.approx(covered(real, fake, k))
+        assert out["k"] == k
+
+
+def test_precision_recall_with_k_rows_is_refused_by_name():
+    """A set of only k rows has no k-th other neighbour: a ValueError saying so, not an IndexError from inside."""
+    a = _features(3)
+    with pytest.raises(ValueError, match="needs more than 3 rows per set"):
+        M.precision_recall(a, _features(50, seed=1), k=3)
+    with pytest.raises(ValueError, match="needs more than 3 rows per set"):
+        M.precision_recall(_features(50, seed=1), a, k=3)
+
+
+def test_feature_metrics_report_the_precision_and_recall_of_the_generated_set():
+    """precision = generated samples inside the real manifold, recall = real images covered; a collapsed generator
+    has high precision and low recall (swapped arguments would report the opposite)."""
+    real = _features(seed=0)
+    collapsed = (real[:20] + 0.01 * _features(400, seed=1)[:20]).repeat(20, 1)
+    out = M.feature_metrics(real, collapsed, k=3, kid_subset_size=100, kid_subsets=2)
+    pr = M.precision_recall(real, collapsed, k=3)
+    assert out["precision (adni-features, k=3)"] == pr["precision"] > 0.9
+    assert out["recall (adni-features, k=3)"] == pr["recall"] < 0.2
+
+
+def test_an_empty_mask_leaves_only_its_own_image_out_of_the_brain_means():
+    """One image with an empty mask beside one with a brain: the brain means are those of the other image (NaN
+    left out), not NaN for the whole set."""
+    x, _, _ = _brain_slices(2)
+    y = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
+    mask = M.brain_mask(x)
+    mask[1] = False
+    both = M.reconstruction_metrics(x, y, mask)
+    first = M.reconstruction_metrics(x[:1], y[:1], mask[:1])
+    assert both["images_with_empty_mask"] == 1
+    for key in ("mse_brain", "psnr_brain", "ssim_brain"):
+        assert both[key] == pytest.approx(first[key]), key
+
+
+def test_knn_with_k_beyond_the_reference_set_gives_every_reference_row():
+    """k is capped at the number of reference rows: all of them, nearest first (no error from topk)."""
+    q, r = _features(5, seed=1), _features(3, seed=2)
+    d, i = M.knn(q, r, k=10)
+    assert d.shape == i.shape == (5, 3)
+    assert all(sorted(row) == [0, 1, 2] for row in i.tolist())
+    assert (d[:, :-1] <= d[:, 1:]).all()
+
+
+def test_kid_of_a_single_row_is_refused_by_name():
+    """The unbiased MMD needs 2 rows per subset: one row is a ValueError saying so, not a NaN or an error from
+    inside torchmetrics."""
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        M.kid(_features(1), _features(50, seed=1))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        M.kid(_features(50), _features(1, seed=1), subset_size=10)

@@ -294,3 +294,42 @@ def test_card_counts_the_held_out_patients_and_all_the_slices(ldm):
     text = render_model_card(ldm)
     assert f"{val['patients']} of {train['patients'] + val['patients']} patients held out" in text
     assert f"the synthetic demo set ({train['images'] + val['images']} slices, not ADNI)" in text
+
+
+def test_class_names_mapping_is_ordered_by_index_not_by_name(ldm):
+    """{name: index} class_names whose index order is not alphabetical: the card follows the indices (class 0
+    first), as the model's labels do; sorted by name it would name the wrong class for each label."""
+    index = json.loads((ldm / "model_index.json").read_text())
+    index["class_names"] = {"NC": 0, "AD": 1}
+    (ldm / "model_index.json").write_text(json.dumps(index))
+    text = render_model_card(ldm)
+    assert "class-conditional (NC / AD)" in text and "class-conditional (AD / NC)" not in text
+
+
+def test_a_bare_repo_name_gets_the_placeholder_namespace(ldm):
+    """A repo name without a namespace (`--hub_model_id adni-ldm`, pushed under the token owner) cannot be loaded
+    as it is: the snippets say `your-user/adni-ldm` and the card tells the reader to replace it."""
+    text = render_model_card(ldm, repo_id="adni-ldm")
+    assert 'DiffusionPipeline.from_pretrained("your-user/adni-ldm", trust_remote_code=True)' in text
+    assert 'from_pretrained("adni-ldm"' not in text and "Replace `" in text
+
+
+def test_only_user_data_is_tagged_adni(ldm):
+    """The `adni` tag says the model was trained on ADNI data: a card whose data source is unknown claims neither
+    that nor `synthetic-data`."""
+    tags = {s: ModelCard(render_model_card(ldm, data_source=s)).data.tags for s in ("user", "demo", "unknown")}
+    assert "adni" in tags["user"] and "synthetic-data" not in tags["user"]
+    assert "synthetic-data" in tags["demo"] and "adni" not in tags["demo"]
+    assert "adni" not in tags["unknown"] and "synthetic-data" not in tags["unknown"]
+
+
+def test_epochs_are_shown_only_when_no_max_steps_were_given(ldm):
+    """--num_epochs decides the run's length only without --max_train_steps: the card's argument table shows it
+    then, and leaves it out (it did nothing) when a step count was given."""
+    path = ldm / "training_args.json"
+    args = json.loads(path.read_text())
+    path.write_text(json.dumps({**args, "max_train_steps": None, "num_epochs": 7}))
+    assert "`--num_epochs`" in render_model_card(ldm)
+    path.write_text(json.dumps({**args, "max_train_steps": 120, "num_epochs": 7}))
+    text = render_model_card(ldm)
+    assert "`--num_epochs`" not in text and "`--max_train_steps`" in text

@@ -1085,3 +1085,42 @@ def test_latent_cache_key_covers_the_vqmodel_config(tiny_vq, demo_root, tmp_path
     config["scaling_factor"] = config["scaling_factor"] * 2
     (other / "config.json").write_text(json.dumps(config))
     assert cache_key(other, train) != cache_key(tiny_vq / "vqvae", train)
+
+
+def test_a_latent_cache_of_the_wrong_length_is_rebuilt(tiny_vq, demo_root, tmp_path, caplog):
+    """A cache file under the right key but holding another number of latents (cut short, or written by hand) is
+    not used: the slices are encoded again, one latent each."""
+    from diffusers import VQModel
+    from safetensors.torch import load_file, save_file
+
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.latents import load_or_build
+
+    data = load_slices(demo_root, seed=0)
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae")
+    cache = tmp_path / "latent_cache"
+    full = load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    (path,) = sorted(cache.glob("train-*.safetensors"))
+    save_file({"latents": full[:2].contiguous(), "labels": data.train.labels[:2].contiguous()}, str(path))
+    with caplog.at_level("INFO", logger="adni_diffusers.latents"):
+        latents = load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    assert "latent cache hit" not in caplog.text
+    assert len(latents) == len(data.train) and torch.allclose(latents, full, atol=1e-5)
+    assert len(load_file(str(path))["latents"]) == len(data.train)  # and the file is whole again
+
+
+def test_scale_lr_counts_gradient_accumulation_in_the_batch():
+    """The effective batch of --scale_lr is batch x accumulation steps x processes: 32 x 4 on one process over the
+    default 64 is x2 (linear) or x1.41 (sqrt), as 128 x 1 would be."""
+    from types import SimpleNamespace
+
+    from adni_diffusers import train_unet
+    from adni_diffusers.training import make_optimizer
+
+    for rule, factor in (("linear", 2.0), ("sqrt", 2.0 ** 0.5)):
+        args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--train_batch_size", "32",
+                                      "--gradient_accumulation_steps", "4", "--learning_rate", "1e-4",
+                                      "--scale_lr", rule])
+        accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+        optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))], args, accelerator, train_unet.DEFAULT_BATCH)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * factor), rule
