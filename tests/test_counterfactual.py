@@ -483,3 +483,27 @@ def test_guidance_must_be_finite(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["--model", tmp_path, "--to", "AD", "--measure", "--guidance", "nan"], capsys)
     assert exit_info.value.code == 2 and "argument --guidance: nan: expected a finite number" in capsys.readouterr().err
+
+
+def test_each_probability_is_the_classifiers_call_on_its_own_image(pipe, nc_slice):
+    """`probabilities` holds, under "original", "reconstruction" and each strength, the classifier's target-class
+    probability of THAT image (the existing test checks only the keys and the range)."""
+    class Brightness:
+        """A stand-in classifier: P(AD) = the image's mean brightness on [0, 1]; distinct for distinct images."""
+        class_names = ["AD", "NC"]
+
+        def predict(self, images, batch_size=256, device=None):
+            p = ((images.float() + 1) / 2).mean(dim=(1, 2, 3))
+            return torch.stack([p, 1 - p], dim=1)
+
+    r = C.make_counterfactuals(pipe, PIL.Image.open(nc_slice), to="AD", strengths=(0.5, 1.0), scheduler="ddim",
+                               steps=2, classifier=Brightness())[0]
+
+    def expected(x):
+        return float(((x.float() + 1) / 2).mean())
+
+    assert abs(expected(r["original"]) - expected(r["reconstruction"])) > 1e-4  # the two can be told apart
+    assert r["probabilities"]["original"] == pytest.approx(expected(r["original"]), abs=1e-6)
+    assert r["probabilities"]["reconstruction"] == pytest.approx(expected(r["reconstruction"]), abs=1e-6)
+    for s in (0.5, 1.0):
+        assert r["probabilities"][s] == pytest.approx(expected(r["counterfactuals"][s]), abs=1e-6)

@@ -234,3 +234,12 @@ def test_ensure_rebuilds_a_build_with_missing_images_or_never_finished(tmp_path)
     flag.write_text(json.dumps({**json.loads(flag.read_text()), "complete": False}))
     dd.ensure_demo_dataset(out, **settings)
     assert dd.read_settings(out)["complete"] is True and stale.read_bytes() != b"half-written"
+
+
+def test_a_large_test_fraction_still_leaves_each_class_a_training_subject():
+    """"At least one subject of each class on each side": with 2 subjects per class and --test-fraction 0.9 the
+    rounding asks for both in test; one of each class must stay in train (else train/ lacks a class folder)."""
+    plan = dd.plan_subjects(4, 2, 0.9, seed=0)
+    for label in ("AD", "NC"):
+        splits = sorted(s.split for s in plan if s.label == label)
+        assert splits == ["test", "train"]

@@ -637,3 +637,36 @@ def test_guidance_must_be_finite_when_parsed(value, capsys):
         parser.parse_args(["--model", "m", f"--guidance={value}"])  # "-inf" alone would read as an option
     assert f"--guidance: {value}: expected a finite number" in capsys.readouterr().err
     assert parser.parse_args(["--model", "m", "--guidance", "3"]).guidance == 3.0
+
+
+def test_sample_images_gives_the_pipeline_its_own_scheduler_back(model_copy):
+    """`sample_images` swaps in the asked-for sampler for its call only: afterwards the pipeline holds its own
+    scheduler OBJECT again (the existing check compares class names, which a fresh DDPM copy also passes)."""
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+
+    pipe = ADNILatentDiffusionPipeline.from_pretrained(model_copy)
+    own = pipe.scheduler
+    E.sample_images(pipe, [0], scheduler="ddim", steps=2, seed=0, progress=False)
+    assert pipe.scheduler is own
+
+
+def test_refinement_is_recommended_only_where_it_keeps_recall():
+    """`recommend` suggests a refinement setting for a clear FD gain (> 5%) only when recall stays within 0.02 of
+    the row without refinement: a lower FD bought with lost coverage is no gain."""
+    off = {"group": "refinement", "setting": "off", "fd": 10.0, "recall": 0.5, "refine_steps": 0,
+           "refine_repeats": 0, "scheduler": "ddpm"}
+    lower_recall = {**off, "setting": "seed 30x5", "fd": 8.0, "recall": 0.3, "refine_steps": 30, "refine_repeats": 5}
+    assert E.recommend([off, lower_recall], {})["refinement"]["setting"] == "off"
+    same_recall = {**lower_recall, "recall": 0.49}
+    assert E.recommend([off, same_recall], {})["refinement"]["setting"] == "seed 30x5"
+
+
+def test_compare_features_lowers_k_for_sets_of_k_rows_or_fewer():
+    """"k is lowered for tiny sets": the k-NN radius needs k OTHER rows, so sets of 2 or 3 rows (the smallest
+    evaluation, an ablation row of 2 samples) get k = n - 1, not an error from precision_recall."""
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3):
+        reference, candidate = torch.randn(n, 4, generator=g), torch.randn(n + 5, 4, generator=g)
+        m = E.compare_features(reference, candidate, kid_subsets=2)
+        assert m["k"] == n - 1
+        assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0

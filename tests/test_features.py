@@ -206,3 +206,26 @@ def test_another_training_setting_is_another_cached_net(data, tmp_path, change):
     _, first = Fe.get_or_train_feature_net(tmp_path, train, val, **settings)
     _, second = Fe.get_or_train_feature_net(tmp_path, train, val, **{**settings, **change})
     assert second["cached"] is False and second["key"] != first["key"]
+
+
+def test_features_and_predictions_leave_a_training_net_in_training_mode():
+    """`features` / `predict` run in eval mode (BatchNorm running statistics) and put the net back in the mode
+    it was in: called mid-training (the evaluation's TSTR classifier), they must not leave BatchNorm frozen."""
+    net = Fe.FeatureNet(2, widths=(8, 8), input_size=32, class_names=["AD", "NC"]).train()
+    images = torch.zeros(3, 1, 32, 32)
+    net.features(images)
+    assert net.training
+    net.predict(images)
+    assert net.training
+    net.eval()
+    net.predict(images)
+    assert not net.training
+
+
+def test_slice_positions_follow_the_slice_numbers_not_the_row_order():
+    """A patient's slices rank by their NUMBER: files listed in path order put "p_10" before "p_9", and the
+    position target must still say p_9 is the lowest of 9, 10, 11."""
+    pixels = torch.zeros(3, 256, 256, dtype=torch.uint8)
+    rows = SliceSet(pixels, torch.zeros(3, dtype=torch.long), ["p", "p", "p"],
+                    ["/x/AD/p_10.png", "/x/AD/p_11.png", "/x/AD/p_9.png"], ["AD"])
+    assert Fe.slice_positions(rows).tolist() == pytest.approx([0.5, 1.0, 0.0])

@@ -301,3 +301,17 @@ def test_pipeline_push_to_hub_is_private_unless_asked(hub_stub):
     assert json.loads(files["model_index.json"])["_class_name"] == [PIPELINE_MODULE, "ADNILatentDiffusionPipeline"]
     pipe.push_to_hub("user/pushed-public", token=hub_stub.token, private=False)
     assert hub_stub.private("user/pushed-public") is False
+
+
+def test_save_pretrained_with_push_to_hub_makes_a_private_repo_unless_asked(hub_stub, tmp_path):
+    """diffusers' other way to push, `pipe.save_pretrained(dir, push_to_hub=True, repo_id=...)`, also creates a
+    PRIVATE repo unless `private=False` (ADNI's data use agreement), and uploads the pipeline file with it."""
+    from test_pipeline import make_pipe
+
+    pipe = make_pipe()
+    pipe.save_pretrained(tmp_path / "a", push_to_hub=True, repo_id="user/saved-private", token=hub_stub.token)
+    assert hub_stub.private("user/saved-private") is True
+    assert f"{PIPELINE_MODULE}.py" in hub_stub.repo_files("user/saved-private")
+    pipe.save_pretrained(tmp_path / "b", push_to_hub=True, repo_id="user/saved-public", token=hub_stub.token,
+                         private=False)
+    assert hub_stub.private("user/saved-public") is False

@@ -763,3 +763,99 @@ def test_class_names_keep_their_label_order(pipe, tmp_path):
     finally:
         spy.remove()
     assert spy.labels[-1].tolist() == [1, 0]
+
+
+def test_latents_a_callback_returns_replace_the_pipelines(pipe):
+    """`callback_on_step_end` returning {"latents": x} replaces the latents the pipeline carries on with: returned
+    at the last step, x is what comes out (the existing callback test returns zeros but never looks at them)."""
+    def callback(p, step, t, tensors):
+        return {"latents": torch.full_like(tensors["latents"], 0.25)} if step == 2 else {}
+
+    out = pipe(batch_size=2, num_inference_steps=3, generator=seeded(), callback_on_step_end=callback,
+               output_type="latent").images
+    assert torch.equal(out, torch.full_like(out, 0.25))
+
+
+def test_callback_steps_keep_counting_over_every_refinement_pass(pipe):
+    """The callback's `step` counts on over the main loop and EVERY refinement pass (the GIF recorder and the
+    progress bars key on it): 4 main steps and 3 passes of 2 are steps 0..9, each once."""
+    seen = []
+
+    def callback(p, step, t, tensors):
+        seen.append(step)
+        return {}
+
+    pipe(batch_size=1, num_inference_steps=4, refine_steps=2, refine_repeats=3, generator=seeded(),
+         callback_on_step_end=callback, output_type="latent")
+    assert seen == list(range(10))
+
+
+def test_an_image_with_a_single_non_finite_latent_is_reported(pipe, monkeypatch):
+    """An image counts as broken when ANY of its latents is non-finite, not only when all are: one inf in the last
+    step's latents (not spread by a further UNet pass) is reported as 1 of 2 images."""
+    import adni_diffusers.pipeline_adni_ldm as module
+
+    warned = []
+    monkeypatch.setattr(module.logger, "warning", warned.append)
+
+    def callback(p, step, t, tensors):
+        latents = tensors["latents"].clone()
+        latents[1, 0, 0, 0] = float("inf")
+        return {"latents": latents} if step == 1 else {}
+
+    pipe(batch_size=2, num_inference_steps=2, generator=seeded(), callback_on_step_end=callback, output_type="latent")
+    assert len(warned) == 1 and warned[0].startswith("1 of 2 images have non-finite latents")
+
+
+def test_pil_pixels_are_the_np_output_rounded_to_8_bit(pipe):
+    """output_type="pil" is the "np" image ROUNDED to 0..255 (as `data.to_uint8` makes training pixels), not
+    truncated: truncation darkens about half of all pixels by one grey level."""
+    kwargs = dict(batch_size=1, num_inference_steps=2, output_type="np")
+    as_np = pipe(generator=seeded(), **kwargs).images
+    as_pil = pipe(generator=seeded(), **{**kwargs, "output_type": "pil"}).images
+    assert np.array_equal(np.asarray(as_pil[0]), (as_np[0, ..., 0] * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
+def test_a_late_start_steps_the_solver_at_its_own_timesteps(scheduler_cls):
+    """Image-to-image (and refinement) start part-way along the timesteps: a multistep solver must be told where
+    (`set_begin_index`), else it reads its sigmas from the START of the schedule (sigma_max) while the UNet sees
+    the later timestep. Strength 0.5 of 10 steps: steps at timesteps[5:], solver step index 6, 7, ... after each."""
+    p = make_pipe()
+    p.scheduler = scheduler_cls.from_config(p.scheduler.config, timestep_spacing="trailing")
+    seen = []
+
+    def callback(pipe, step, t, tensors):
+        seen.append((int(t), pipe.scheduler.step_index))
+        return {}
+
+    image = torch.rand(1, 1, 256, 256, generator=seeded()) * 2 - 1
+    p(image=image, strength=0.5, num_inference_steps=10, generator=seeded(), callback_on_step_end=callback,
+      output_type="latent")
+    p.scheduler.set_timesteps(10)
+    assert seen == [(int(p.scheduler.timesteps[5 + i]), 5 + i + 1) for i in range(5)]
+
+
+def test_refinement_and_image_to_image_refuse_an_euler_scheduler():
+    """Euler-type schedulers carry x_t * sqrt(sigma^2 + 1) (init_noise_sigma != 1): the variance-preserving
+    re-noising of refinement and image-to-image would hand them a wrongly scaled start, silently. Both are refused
+    by name; plain sampling with Euler still runs."""
+    from diffusers import EulerDiscreteScheduler
+
+    p = make_pipe()
+    p.scheduler = EulerDiscreteScheduler.from_config(p.scheduler.config, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="not a variance-preserving scheduler"):
+        p(batch_size=1, num_inference_steps=3, refine_steps=1, refine_repeats=1, output_type="latent")
+    with pytest.raises(ValueError, match="not a variance-preserving scheduler"):
+        p(image=torch.zeros(1, 1, 256, 256), strength=0.5, num_inference_steps=3, output_type="latent")
+    assert p(batch_size=1, num_inference_steps=2, output_type="latent").images.shape == (1, 4, 32, 32)
+
+
+def test_dpm_plus_plus_is_dpm_solver_plus_plus_whatever_config_it_is_built_from():
+    """`--scheduler dpm++` names DPM-Solver++: built from a saved config that holds another DPM-Solver variant
+    (a pipeline saved with `algorithm_type="dpmsolver"`), it is still dpmsolver++ (diffusers' default alone would
+    keep the config's)."""
+    from adni_diffusers.schedulers import make_scheduler
+
+    other = DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min").config
+    assert make_scheduler("dpm++", other).config.algorithm_type == "dpmsolver++"

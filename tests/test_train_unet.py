@@ -1124,3 +1124,20 @@ def test_scale_lr_counts_gradient_accumulation_in_the_batch():
         accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
         optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))], args, accelerator, train_unet.DEFAULT_BATCH)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * factor), rule
+
+
+def test_every_epoch_has_its_own_shuffle_and_an_epoch_the_same_one_again():
+    """EpochShuffleSampler: a permutation of the rows that changes from epoch to epoch (else every epoch sees the
+    batches in the first epoch's order) and is the same for the same (seed, epoch), which resume relies on."""
+    from adni_diffusers.training import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(50, seed=3)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(first) == sorted(second) == list(range(50))
+    assert first != second
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    assert list(EpochShuffleSampler(50, seed=4)) != first
+

@@ -726,3 +726,77 @@ def test_latent_statistics_are_the_std_about_the_mean_over_all_batches():
     assert stats["latent_std"] == pytest.approx(float(pooled.std(correction=0)))
     assert stats["scaling_factor"] == pytest.approx(1 / float(pooled.std(correction=0)))
     assert stats["latent_std"] == pytest.approx(2.0, rel=0.1)
+
+
+def test_brain_means_say_they_leave_out_the_slices_without_a_brain():
+    """`brain_eval_images` counts the images the brain-mask means were taken over: a slice whose brain mask is
+    empty (all black) has NaN brain metrics, is left out of those means, and must not be counted in them."""
+    import math
+    from types import SimpleNamespace
+
+    from adni_diffusers.data import SliceSet
+    from adni_diffusers.vq_eval import reconstruct_and_measure
+
+    yy, xx = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    disc = (((yy - 128) ** 2 + (xx - 128) ** 2) < 80**2).to(torch.uint8) * 180
+    pixels = torch.stack([disc, torch.zeros_like(disc), disc // 2 + disc // 4])
+    slices = SliceSet(pixels, torch.tensor([0, 0, 1]), ["a", "b", "c"], ["AD/a_1.png", "AD/b_1.png", "NC/c_1.png"],
+                      ["AD", "NC"])
+
+    def vq(x):  # a stand-in autoencoder: a slightly darker copy
+        return SimpleNamespace(sample=x * 0.95)
+
+    metrics, _, _ = reconstruct_and_measure(vq, slices, "cpu", batch_size=2)
+    assert metrics["eval_images"] == 3 and metrics["brain_eval_images"] == 2
+    assert math.isfinite(metrics["psnr_brain"])
+
+
+def test_code_perplexity_is_the_number_of_equally_used_codes():
+    """Perplexity exp(H) of the code counts: k codes used equally often give k, one code 1, and unequal use
+    something in between (the health number logged every step and written to metrics.json)."""
+    from adni_diffusers.vq import CodebookMonitor
+
+    assert float(CodebookMonitor.perplexity(torch.tensor([5, 5, 5, 5, 0, 0]))) == pytest.approx(4.0)
+    assert float(CodebookMonitor.perplexity(torch.tensor([0, 7, 0]))) == pytest.approx(1.0)
+    assert 1.0 < float(CodebookMonitor.perplexity(torch.tensor([9, 1]))) < 2.0
+
+
+def test_code_usage_counts_only_the_codes_the_encoder_picks():
+    """`codes_used` / `codebook_usage` count the codes that are nearest to some latent, not the whole codebook."""
+    from diffusers import VQModel
+
+    from adni_diffusers.pipeline_adni_ldm import flatten_latents, nearest_codes
+    from adni_diffusers.presets import vq_config
+    from adni_diffusers.vq import code_usage
+
+    torch.manual_seed(0)
+    vq = VQModel(**vq_config("tiny")).eval()
+    x = torch.rand(2, 1, 256, 256) * 2 - 1
+    usage = code_usage(vq, [{"pixel_values": x}], "cpu")
+    with torch.no_grad():
+        picked = nearest_codes(flatten_latents(vq.encode(x).latents), vq.quantize.embedding.weight).unique()
+    assert usage["codes_used"] == len(picked) < usage["codebook_size"]
+    assert usage["codebook_usage"] == pytest.approx(len(picked) / usage["codebook_size"])
+
+
+def test_hinge_discriminator_loss_rewards_real_high_and_fake_low():
+    """VQGAN's hinge loss for the discriminator: 0.5 * (relu(1 - D(real)) + relu(1 + D(fake))). Confident and right
+    (real >= 1, fake <= -1) costs 0; fakes scored as real cost more than fakes scored as fake."""
+    from adni_diffusers.vq import hinge_d_loss
+
+    real, fake = torch.full((2, 1, 4, 4), 2.0), torch.full((2, 1, 4, 4), -2.0)
+    assert float(hinge_d_loss(real, fake)) == 0.0
+    assert float(hinge_d_loss(real, -fake)) == pytest.approx(1.5)  # fakes called real: 0.5 * (1 + 2)
+    assert float(hinge_d_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))) == pytest.approx(1.0)
+
+
+def test_an_overflowing_reconstruction_gradient_gives_the_gan_term_weight_0():
+    """When the RECONSTRUCTION gradient overflows (not only the GAN one), the adaptive weight is 0 as well, not the
+    clamp's maximum (inf / finite clamps to 1e4: a step that the scaler skips should not see the GAN term at 1e4)."""
+    from adni_diffusers.vq import adaptive_gan_weight
+
+    torch.manual_seed(0)
+    last_layer = torch.nn.Parameter(torch.randn(4, 4))
+    out = (torch.rand(8, 4) + 0.1) @ last_layer  # positive inputs: every gradient entry +inf, its norm inf
+    weight, overflowed = adaptive_gan_weight(out.sum() * float("inf"), -out.mean(), last_layer)
+    assert weight == 0 and overflowed
