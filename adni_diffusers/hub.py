@@ -54,6 +54,8 @@ PUBLIC_WARNING = (
     "diffusion models can memorise training images; keep models trained on ADNI private unless you are "
     "sure your agreement allows sharing them."
 )
+
+
 def login_hint(token_flag: str = "--token") -> str:
     """How to give a token, naming the flag of the command that failed (push: --token; training: --hub_token)."""
     return f"run `hf auth login` (or pass {token_flag}, or set HF_TOKEN) with a token that has write access"
@@ -404,8 +406,8 @@ def push_folder(
     the same commit. Creates the repo if needed (private unless `private=False`) and, when
     `revision` names a branch other than main, creates that branch from main first, so checkpoints
     can go there without flooding main's history. `token=None` uses whatever huggingface_hub
-    already knows (`hf auth login`, HF_TOKEN); `token_flag` is the flag a token message names. Unchanged files are skipped by huggingface_hub (no
-    empty commits).
+    already knows (`hf auth login`, HF_TOKEN); `token_flag` is the flag a token message names.
+    Unchanged files are skipped by huggingface_hub (no empty commits).
 
     Raises HubError for: a missing folder, nothing to push, no token at all, a malformed repo id, a
     file that holds the token, pushing with the default `private=True` into an existing PUBLIC
