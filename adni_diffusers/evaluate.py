@@ -298,7 +298,20 @@ def compare_features(reference: torch.Tensor, candidate: torch.Tensor, k: int = 
     pr = M.precision_recall(reference, candidate, k=k)
     return {"fd": M.frechet_distance(reference, candidate), "kid": kd["mean"], "kid_std": kd["std"],
             "kid_subset_size": kd["subset_size"], "precision": pr["precision"], "recall": pr["recall"], "k": k,
-            "reference_images": len(reference), "candidate_images": len(candidate)}
+            "reference_images": len(reference), "candidate_images": len(candidate),
+            "feature_dims": int(reference.shape[1])}
+
+
+def fd_rank_note(m: dict) -> str | None:
+    """Why an FD from `compare_features` is far above its large-N value, or None: with fewer images per set
+    than feature dimensions both covariances are singular, and FD is biased upwards much more than usual."""
+    n, dims = min(m["reference_images"], m["candidate_images"]), m.get("feature_dims")
+    if dims is None or n >= dims:
+        return None
+    return (f"FD compares {n} images per set in {dims} feature dimensions: with fewer images than dimensions "
+            f"the covariances are singular and FD is strongly biased upwards. Read it only against the floor "
+            f"at the same N (KID and precision/recall are not affected this way); --num-samples {dims} or more "
+            f"(per class for a conditional model) avoids it.")
 
 
 def random_pairs(n: int, num_pairs: int, seed: int, groups: list | None = None) -> torch.Tensor:
@@ -819,7 +832,7 @@ def write_report(res: dict, out: Path) -> Path:
         f"Distribution metrics use {r['candidate_images']} generated and {r['reference_images']} held-out real "
         f"images ({'per class: ' + ', '.join(f'{k} {v}' for k, v in res['realism']['images_per_class'].items())}); "
         "the floor uses as many real training images. FD is biased upwards at small N and its floor is not 0: "
-        "compare only numbers computed at the same N.",
+        "compare only numbers computed at the same N." + (f" {fd_rank_note(r)}" if fd_rank_note(r) else ""),
         "",
         "## Feature network",
         "",
@@ -1179,6 +1192,8 @@ def evaluate_model(
                     "vq_ceiling": compare_features(heldout_feats[h], recon_feats[in_class], kid_subsets=kid_subsets,
                                                    seed=seed),
                 }
+    if fd_rank_note(realism["generated"]):
+        logger.warning(fd_rank_note(realism["generated"]))
     timings["realism_seconds"] = time.perf_counter() - t
 
     # 6. diversity: generated pairs vs held-out real pairs (same images as the realism sets)

@@ -670,3 +670,21 @@ def test_compare_features_lowers_k_for_sets_of_k_rows_or_fewer():
         m = E.compare_features(reference, candidate, kid_subsets=2)
         assert m["k"] == n - 1
         assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0
+
+
+def test_fd_rank_note_flags_fewer_images_than_feature_dimensions(evaluated, tmp_path):
+    """FD with fewer images per set than feature dimensions (the default 100 per class against the feature
+    net's 256) has singular covariances: the report says so, and says nothing at N >= dims."""
+    result, out = evaluated
+    gen = json.loads((out / "metrics.json").read_text())["realism"]["generated"]
+    dims = gen["feature_dims"]
+    n = min(gen["reference_images"], gen["candidate_images"])
+    assert n < dims  # the test evaluation is small
+    assert f"FD compares {n} images per set in {dims} feature dimensions" in (out / "report.md").read_text()
+    at_dims = {**gen, "reference_images": dims, "candidate_images": dims}
+    assert E.fd_rank_note(at_dims) is None
+    assert E.fd_rank_note({**at_dims, "candidate_images": dims - 1}) is not None
+    assert E.fd_rank_note({k: v for k, v in gen.items() if k != "feature_dims"}) is None  # an older metrics.json
+    res = {k: v for k, v in result.items() if k != "card"}
+    res["realism"] = {**res["realism"], "generated": at_dims}
+    assert "feature dimensions" not in E.write_report(res, tmp_path).read_text()
