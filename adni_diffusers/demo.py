@@ -6,7 +6,7 @@
    trust_remote_code=True)`), 5. write a sample grid per class and the denoising GIF.
 
 On CPU it uses the `small` presets and finishes in about 12 minutes on 2 free cores; on a GPU the
-`base` presets on an ADNI-size demo set (about 25 minutes on one H100, estimated from measured
+`base` presets on an ADNI-size demo set (about 21 minutes on one H100: arithmetic from measured
 rates, not run end to end). A stage whose output already exists is reused (delete the folder, or
 pass --retrain, to train again).
 """
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-# Settings per device. CPU: small models, short runs, the fast sampler for the pictures.
 # Settings per device, chosen with measured runs (docs/results.md). CPU: small models, a ~15-minute
 # budget on 2 cores, the fast sampler for the pictures. v-prediction with Min-SNR-5 weighting gave
 # brain-shaped samples after 700 CPU steps where plain epsilon-prediction still gave noise.
