@@ -584,3 +584,89 @@ def test_listing_counts_only_the_paths_it_leaves_out():
     cap = D._MAX_LISTED
     assert "more" not in D._listing([f"f{i}" for i in range(cap)])
     assert D._listing([f"f{i}" for i in range(cap + 1)]).endswith(f"f{cap - 1} ... and 1 more")
+
+
+# ------------------------------------------------------------------------------------------ sixth mutation audit
+
+
+def test_loose_images_beside_split_folders_are_refused(tmp_path):
+    """An image at the top of a tree with train/ and test/ would be read by neither split: refused by name."""
+    root = tmp_path / "AD_NC"
+    make_tree(root)
+    stray = write(root / "1009999_80.jpeg", slice_pixels(1))
+    msg = data_error(root)
+    assert "mixes split folders" in msg and str(stray) in msg
+
+
+def test_class_folders_beside_loose_images_are_refused(tmp_path):
+    """train/AD/, train/NC/ and images directly in train/: those images would have no class; refused by name."""
+    root = tmp_path / "AD_NC"
+    make_tree(root)
+    stray = write(root / "train" / "1009999_80.jpeg", slice_pixels(1))
+    msg = data_error(root)
+    assert "holds both class folders" in msg and str(stray) in msg
+
+
+def test_a_folder_inside_a_class_folder_is_refused(tmp_path):
+    """Class folders hold images: a subfolder (whose images datasets would read under the class, or not) is refused."""
+    root = tmp_path / "AD_NC"
+    make_tree(root)
+    write(root / "train" / "AD" / "more" / "1009999_80.jpeg", slice_pixels(1))
+    msg = data_error(root)
+    assert "class folders must hold images, not further folders" in msg and "AD" in msg
+
+
+def test_given_split_needs_a_train_folder(tmp_path):
+    """--split given with only test/: no training images; refused, naming the missing train/ folder."""
+    root = tmp_path / "AD_NC"
+    make_tree(root, splits=("test",))
+    assert "has no train/ folder" in data_error(root, split="given")
+
+
+def test_a_licence_at_the_top_of_the_tree_is_documentation(tmp_path):
+    """LICENSE (any extension, or none) beside train/ and test/ is not data: the tree loads as without it."""
+    root = tmp_path / "AD_NC"
+    make_tree(root)
+    (root / "LICENSE").write_text("terms")
+    (root / "LICENSE.pdf").write_bytes(b"%PDF")
+    assert len(load_slices(root, split="all").train) == 16
+
+
+def test_square_256_slices_load_unpadded_in_pad_mode(tmp_path):
+    """`pad` takes 256 x 256 as well as ADNI's 256 x 240: a square slice is kept as it is."""
+    root = tmp_path / "sq"
+    pixels = slice_pixels(3, h=256, w=256)
+    for pid in (1000001, 1000002):
+        write(root / "AD" / f"{pid}_80.png", pixels)
+    data = load_slices(root, split="all")
+    assert torch.equal(data.train.pixels[0], torch.from_numpy(pixels))
+
+
+def test_the_data_fingerprint_covers_the_labels():
+    """The fingerprint a checkpoint compares on resume: the same pixels under swapped class folders are other data."""
+    pixels = torch.arange(2 * 4, dtype=torch.uint8).reshape(2, 2, 2)
+    a = D.SliceSet(pixels, torch.tensor([0, 1]), ["p", "q"], ["a", "b"], ["AD", "NC"])
+    b = D.SliceSet(pixels, torch.tensor([1, 0]), ["p", "q"], ["a", "b"], ["AD", "NC"])
+    assert D.fingerprint(a) != D.fingerprint(b)
+    assert D.fingerprint(a) == D.fingerprint(D.SliceSet(pixels.clone(), torch.tensor([0, 1]), ["x", "y"], ["c", "d"]))
+
+
+def test_a_patient_counts_for_the_class_of_most_of_its_slices():
+    """Patients are drawn per class: one with slices in two classes (a relabelling) belongs to its majority class.
+    Here class 0 has a, b and class 1 has c (slices 0, 1, 1) and d; half of each class is held out, so exactly one of
+    a, b and one of c, d, whatever the seed."""
+    patients = ["a", "b", "c", "c", "c", "d"]
+    labels = [0, 0, 0, 1, 1, 1]
+    for seed in range(12):
+        _, val = split_by_patient(patients, labels, 0.5, seed)
+        held = {patients[i] for i in val}
+        assert len(held & {"a", "b"}) == 1 and len(held & {"c", "d"}) == 1, (seed, held)
+
+
+def test_given_split_holds_out_a_val_folder(tmp_path):
+    """--split given: every split folder but train/ is held out, a validation/ or val/ folder as well as test/."""
+    root = tmp_path / "AD_NC"
+    make_tree(root, splits=("train", "val"))
+    data = load_slices(root, split="given")
+    assert len(data.train) == 8 and len(data.val) == 8
+    assert all("/val/" in p for p in data.val.paths)

@@ -1,5 +1,6 @@
 """The synthetic MNI152-based stand-in for ADNI's AD_NC folder (adni_diffusers.demo_data)."""
 
+import json
 import re
 from pathlib import Path
 
@@ -243,3 +244,61 @@ def test_a_large_test_fraction_still_leaves_each_class_a_training_subject():
     for label in ("AD", "NC"):
         splits = sorted(s.split for s in plan if s.label == label)
         assert splits == ["test", "train"]
+
+
+def test_a_subjects_slices_are_centred_on_its_slice_centre():
+    """subjects.csv's slice_centre is the middle of the subject's slab (the slice the template centre is placed at):
+    20 slices around 88 are 78..97, 3 are 87..89."""
+    subject = dd.Subject(0, "1000000", "AD", "train", 0.5, 88)
+    assert subject.slice_numbers(20) == list(range(78, 98))
+    assert subject.slice_numbers(3) == [87, 88, 89]
+
+
+def test_severity_zero_changes_no_pixel():
+    """Atrophy fades in with the radius: severity 0 (a healthy NC subject) leaves the template untouched, even at
+    the CSF's own edge (distance 0)."""
+    n = 50
+    maps = {"t1": np.linspace(0.0, 1.0, n, dtype=np.float32), "d_ventricle": np.linspace(0, 8, n, dtype=np.float32),
+            "d_sulcal": np.linspace(8, 0, n, dtype=np.float32)}
+    assert np.array_equal(dd._atrophied_t1(maps, 0.0), maps["t1"])
+
+
+def test_overwrite_keeps_what_a_demo_build_did_not_write(tmp_path):
+    """--overwrite replaces a demo build, but a file the build never writes (a user's notes put in its folder) is
+    refused by name and kept, not deleted with the build."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / dd.SETTINGS_FILE).write_text(json.dumps({"complete": True}))
+    (out / "train").mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        dd.build_demo_dataset(out, subjects=4, slices_per_subject=1, workers=1, contact_sheet=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "train").is_dir()
+
+
+def test_ensure_reuses_a_build_with_a_non_default_test_fraction(tmp_path, monkeypatch):
+    """ensure_demo_dataset compares every setting it builds with: a finished build with --test-fraction 0.5 is
+    reused when asked for 0.5 again (it was rebuilt each time), and rebuilt when asked for another."""
+    out = tmp_path / "ensured"
+    settings = dict(subjects=4, slices_per_subject=1, test_fraction=0.5, seed=2, contact_sheet=False, workers=1)
+    dd.ensure_demo_dataset(out, **settings)
+    assert dd.read_settings(out)["test_fraction"] == 0.5
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt a complete build with the same settings")
+
+    with monkeypatch.context() as m:
+        m.setattr(dd, "build_demo_dataset", no_build)
+        dd.ensure_demo_dataset(out, **settings)
+        with pytest.raises(AssertionError, match="rebuilt"):
+            dd.ensure_demo_dataset(out, **{**settings, "test_fraction": 0.3})
+
+
+def test_subjects_csv_names_each_subjects_first_and_last_file(tmp_path):
+    """subjects.csv's first_slice and last_slice are the numbers of the subject's first and last files."""
+    out = tmp_path / "demo"
+    dd.build_demo_dataset(out, subjects=4, slices_per_subject=3, seed=1, workers=1, contact_sheet=False)
+    for row in dd.read_subjects(out):
+        files = sorted(int(p.stem.split("_")[1]) for p in out.glob(f"*/*/{row['subject']}_*.jpeg"))
+        assert (row["first_slice"], row["last_slice"]) == (files[0], files[-1])
+        assert files == list(range(files[0], files[0] + 3))

@@ -1,0 +1,243 @@
+"""adni_diffusers.training, the code both training scripts share, tested piece by piece on the CPU in seconds:
+flags, the output folder, checkpoints, the LR schedule across process counts, EMA, and the run's bookkeeping.
+Whole training runs are in test_train_unet.py / test_train_vqmodel.py; several real processes in
+test_multiprocess.py."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import reset_accelerate
+
+from adni_diffusers import training
+from adni_diffusers.data import load_slices
+
+
+def _checkpoint_accelerator():
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    acc = Accelerator(cpu=True)
+    acc.prepare(torch.nn.Linear(2, 2))
+    return acc
+
+
+# ------------------------------------------------------------------------------------------ training.py: flags
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
+    """--resume_from_checkpoint takes 'latest' or a checkpoint-<step> folder: an existing folder of another name (a
+    model, a typo'd parent) is refused when the flags are read, not fed to accelerate's load_state."""
+    from adni_diffusers import train_vqmodel
+
+    other = tmp_path / "weights"
+    other.mkdir()
+    with pytest.raises(training.TrainingError, match="expected 'latest' or an existing checkpoint-<step> folder"):
+        train_vqmodel.parse_args(["--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint", str(other)])
+    good = tmp_path / "checkpoint-3"
+    good.mkdir()
+    args = train_vqmodel.parse_args(["--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint", str(good)])
+    assert args.resume_from_checkpoint == str(good)
+
+
+# ------------------------------------------------------------------------------------------ training.py: output folder
+
+
+def test_a_start_removes_saves_cut_short_but_keeps_finished_checkpoints(tmp_path):
+    """A crash during a save leaves checkpoint-N.tmp (or checkpoint-N.old.tmp): the next start removes them (they
+    can be gigabytes) and keeps every finished checkpoint."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "run"
+    for name in ("checkpoint-4", "checkpoint-6.tmp", "checkpoint-4.old.tmp"):
+        (out / name).mkdir(parents=True)
+        (out / name / "model.safetensors").write_bytes(b"x")
+    args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint="latest", overwrite_output_dir=False,
+                           logging_dir="logs")
+    training.prepare_output_dir(args, Accelerator(cpu=True), "vqvae", project="vqmodel")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]
+    assert (out / "checkpoint-4" / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_without_its_lr_schedule_is_refused_naming_the_file(tmp_path):
+    """Every file a resume loads is checked before any work: a checkpoint missing scheduler.bin is named as such
+    (accelerate would fail later, or resume with a fresh learning-rate schedule)."""
+    path = tmp_path / "checkpoint-3"
+    path.mkdir()
+    for name in ("training_state.json", "model.safetensors", "optimizer.bin"):
+        (path / name).write_bytes(b"{}")
+    with pytest.raises(training.TrainingError, match=r"not a complete checkpoint of this package \(no scheduler.bin\)"):
+        training.check_checkpoint_files(path, SimpleNamespace(scaler=None))
+    (path / "scheduler.bin").write_bytes(b"x")
+    training.check_checkpoint_files(path, SimpleNamespace(scaler=None))
+
+
+# ------------------------------------------------------------------------------------------ training.py: data
+
+
+def _data_args(root, batch: int) -> SimpleNamespace:
+    return SimpleNamespace(train_data_dir=str(root), split="all", val_fraction=0.1, seed=0, split_seed=None,
+                           preprocess="pad", train_batch_size=batch)
+
+
+_ONE_PROCESS = SimpleNamespace(num_processes=1, main_process_first=contextlib.nullcontext)
+
+
+def test_exactly_one_batch_of_training_images_is_enough(demo_root):
+    """The refusal is for fewer images than one batch: a set of exactly --train_batch_size images trains."""
+    n = len(load_slices(demo_root, split="all").train)
+    data, _ = training.load_training_data(_data_args(demo_root, n), _ONE_PROCESS)
+    assert len(data.train) == n
+    with pytest.raises(training.TrainingError, match="fewer than one batch"):
+        training.load_training_data(_data_args(demo_root, n + 1), _ONE_PROCESS)
+
+
+# ------------------------------------------------------------------------------------------ training.py: LR schedule
+
+
+def test_lr_warmup_counts_optimizer_steps_whatever_the_number_of_processes():
+    """A prepared schedule steps once per process per optimizer step: on 2 processes --lr_warmup_steps 2 must still
+    reach the peak after 2 optimizer steps (not after 1) and the linear decay end at 0 at the last step."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    args = SimpleNamespace(lr_scheduler="linear", lr_warmup_steps=2)
+    scheduler = training.make_lr_scheduler(optimizer, args, SimpleNamespace(num_processes=2), max_train_steps=4)
+    rates = []
+    for _ in range(4):  # optimizer steps
+        optimizer.step()
+        for _ in range(2):  # one scheduler step per process
+            scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.5, 1.0, 0.5, 0.0])
+
+
+def test_a_resume_on_fewer_processes_moves_the_lr_schedule_to_the_step_and_rescales_sqrt():
+    """A checkpoint of step 2 written by 4 processes, resumed on 1: the schedule stands at step 2 of a 1-process run
+    (not at 2 x 4 = 8, its end) and --scale_lr sqrt scales the rate by sqrt(1/4)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    args = SimpleNamespace(lr_scheduler="linear", lr_warmup_steps=0, scale_lr="sqrt")
+    scheduler = training.make_lr_scheduler(optimizer, args, SimpleNamespace(num_processes=1), max_train_steps=8)
+    training.reposition_lr_schedule(scheduler, args, step=2, then=4, now=1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * 6 / 8)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * 5 / 8)
+
+
+# ------------------------------------------------------------------------------------------ training.py: EMA
+
+
+class _TinyModel(torch.nn.Linear):
+    config = {}  # what make_ema hands to EMAModel (a diffusers model's config)
+
+
+def test_ema_warms_up_with_the_inv_gamma_and_power_flags():
+    """--use_ema: the decay warms up as 1 - (1 + t / --ema_inv_gamma) ** -(--ema_power) (diffusers' warm-up): after 6
+    steps with inv_gamma 2 and power 0.5 a jump of the weights moves the average by (1 + 6/2) ** -0.5 = 0.5 of it."""
+    torch.manual_seed(0)
+    model = _TinyModel(2, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    args = SimpleNamespace(use_ema=True, ema_max_decay=0.9999, ema_inv_gamma=2.0, ema_power=0.5)
+    ema = training.make_ema(model, args, "cpu")
+    for _ in range(6):
+        ema.ema.step(model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    ema.ema.step(model.parameters())
+    for shadow in ema.ema.shadow_params:
+        assert torch.allclose(shadow, torch.full_like(shadow, 0.5))
+
+
+def test_resuming_without_ema_weights_under_use_ema_says_so(tmp_path):
+    """A checkpoint written without --use_ema, resumed with it: a TrainingError naming the checkpoint and the flag,
+    not a KeyError from inside the EMA restore."""
+    try:
+        acc = _checkpoint_accelerator()
+        path = training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
+        run = object.__new__(training.TrainingRun)
+        run.args = SimpleNamespace(resume_from_checkpoint=str(path), output_dir=str(tmp_path), lr_scheduler="constant")
+        run.accelerator, run.record, run.lr_scheduler, run.max_train_steps = acc, {}, None, 4
+        run.ema = training.EMAState(SimpleNamespace(shadow_params=[torch.zeros(2)], optimization_step=0))
+        with pytest.raises(training.TrainingError, match="holds no EMA weights but --use_ema is set"):
+            run.resume()
+    finally:
+        reset_accelerate()
+
+
+# ------------------------------------------------------------------------------------------ training.py: checkpoints
+
+
+def test_a_checkpoint_abandoned_again_gets_a_new_name(tmp_path):
+    """Going back to checkpoint-2 a third time: checkpoint-4.abandoned and checkpoint-4.abandoned-2 exist already, so
+    the new checkpoint-4 becomes checkpoint-4.abandoned-3 and the earlier ones are kept as they were."""
+    from accelerate import Accelerator
+
+    names = ("checkpoint-2", "checkpoint-4", "checkpoint-4.abandoned", "checkpoint-4.abandoned-2")
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "origin.txt").write_text(name)
+    run = object.__new__(training.TrainingRun)
+    run.output_dir, run.accelerator = tmp_path, Accelerator(cpu=True)
+    run._set_aside_newer_checkpoints(2)
+    assert [p.name for p in training.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert (tmp_path / "checkpoint-4.abandoned-3" / "origin.txt").read_text() == "checkpoint-4"
+    for name in names[2:]:
+        assert (tmp_path / name / "origin.txt").read_text() == name
+
+
+# ------------------------------------------------------------------------------------------ training.py: the run
+
+
+def test_shared_step_seeds_are_the_same_on_every_process():
+    """`step_generator(shared=True)` is for decisions every process must agree on: its seed cannot depend on the
+    process, while each process's own stream must differ."""
+    run = object.__new__(training.TrainingRun)
+    run.args, run.global_step, run._micro = SimpleNamespace(seed=5), 3, 1
+    shared, own = set(), set()
+    for rank in (0, 1, 3):
+        run.accelerator = SimpleNamespace(process_index=rank)
+        shared.add(run.step_seed(shared=True))
+        own.add(run.step_seed())
+    assert len(shared) == 1 and len(own) == 3
+
+
+def test_images_per_second_counts_only_the_steps_trained_in_this_run():
+    """A run resumed at step 6 that trains to step 10 in 2 s trained 4 steps: 4 x batch 4 x accumulation 2 x 2
+    processes = 64 images, 32 per second (the steps before the resume are not this run's)."""
+    run = object.__new__(training.TrainingRun)
+    run.global_step, run.start_step = 10, 6
+    run.args = SimpleNamespace(train_batch_size=4, gradient_accumulation_steps=2)
+    run.accelerator = SimpleNamespace(num_processes=2)
+    assert run.images_per_second(2.0) == 32.0
+
+
+def test_save_run_info_never_writes_a_hub_token(tmp_path):
+    """training_args.json is pushed with the model: --hub_token (any flag with "token" in its name) is left out."""
+    args = SimpleNamespace(learning_rate=1e-4, hub_token="hf_SecretValue123", hub_model_id="user/model")
+    data = SimpleNamespace(summary=lambda: {"images": 1})
+    training.save_run_info(tmp_path, args, data, "user")
+    text = (tmp_path / "training_args.json").read_text()
+    assert "hf_SecretValue123" not in text and "hub_token" not in text
+    assert json.loads(text)["hub_model_id"] == "user/model"
+
+
+def test_the_main_process_does_not_hide_a_lost_peer_as_one_line(monkeypatch, capsys):
+    """The one-line "another process ended" replaces the traceback on the OTHER processes only: on the main process
+    (RANK 0) a collective's connection error is the failure itself and is raised as it is."""
+    def lost_peer(args):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        training.run_cli("train_vqmodel.py", lambda argv: SimpleNamespace(), lost_peer)
+    monkeypatch.setenv("RANK", "1")
+    assert training.run_cli("train_vqmodel.py", lambda argv: SimpleNamespace(), lost_peer) == 2
+    assert "process 1 stopped: another process ended" in capsys.readouterr().err
