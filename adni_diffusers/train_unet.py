@@ -44,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = parser.add_argument_group("UNet and diffusion")
     g.add_argument("--preset", default="base", help="tiny | small | base, or a JSON UNet2DModel config")
     g.add_argument("--conditional", action="store_true", help="class-conditional (AD/NC) with classifier-free guidance")
-    g.add_argument("--cond_dropout", type=float, default=DEFAULT_COND_DROPOUT,
-                   help="probability of replacing the label by the extra 'unconditional' class (for guidance)")
+    g.add_argument("--cond_dropout", type=float, default=None,
+                   help="probability of replacing the label by the extra 'unconditional' class (for guidance); "
+                        f"with --conditional only (default: {DEFAULT_COND_DROPOUT})")
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
     g.add_argument("--beta_start", type=float, default=BETA_START,
@@ -79,11 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise TrainingError(f"--latents_on_device cuts batches on the GPU in the training process; "
                             f"--dataloader_num_workers {args.dataloader_num_workers} would need CUDA in worker "
                             "processes: use 0 (the default) with it")
-    if not 0.0 <= args.cond_dropout < 1.0:
-        raise TrainingError(f"--cond_dropout {args.cond_dropout}: expected a probability in [0, 1)")
-    if args.cond_dropout != DEFAULT_COND_DROPOUT and not args.conditional:
+    if args.cond_dropout is not None and not args.conditional:  # given at all, even at its default value
         raise TrainingError(f"--cond_dropout {args.cond_dropout} needs --conditional (an unconditional UNet has no "
                             "label to drop)")
+    if args.cond_dropout is None:
+        args.cond_dropout = DEFAULT_COND_DROPOUT
+    if not 0.0 <= args.cond_dropout < 1.0:
+        raise TrainingError(f"--cond_dropout {args.cond_dropout}: expected a probability in [0, 1)")
     training.require_at_least(args, 1, "num_train_timesteps", "save_images_epochs", "num_sample_images",
                               "sample_inference_steps")
     training.require_positive(args, "snr_gamma")  # 0 or less: zero or negative loss weights (gradient ascent)

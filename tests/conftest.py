@@ -85,6 +85,10 @@ def run_training_script(name: str, argv: list[str]):
         reset_accelerate()
 
 
+class StopRun(Exception):
+    """Raised from a patched function to end a training run once a test has seen what it needs."""
+
+
 TINY_VQ_ARGS = ["--preset", "tiny", "--train_batch_size", "4", "--eval_batch_size", "8", "--logging_steps", "2",
                 "--save_images_steps", "2", "--lr_warmup_steps", "0", "--report_to", "none"]
 TINY_UNET_ARGS = ["--preset", "tiny", "--train_batch_size", "4", "--eval_batch_size", "8", "--logging_steps", "2",

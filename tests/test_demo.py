@@ -5,6 +5,7 @@ The real CPU demo (small presets, ~15 minutes) is measured in docs/results.md, n
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import image_mode
@@ -76,3 +77,87 @@ def test_bad_flags_stop_the_demo_before_any_work(flags, message, tmp_path, capsy
     assert message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
     assert [p.name for p in (tmp_path / "ADNI").rglob("*")] == ["train", "AD", "1_0.jpeg"]
+
+
+# ------------------------------------------------------------------------------------------ sixth mutation audit
+
+
+def _fake_demo(monkeypatch, tmp_path):
+    """run_demo with the data, both trainings, the pipeline and sampling replaced by recorders: what it asks for."""
+    import diffusers
+
+    from adni_diffusers import demo, demo_data, generate
+
+    calls = {"data": [], "train": [], "generate": []}
+
+    def ensure_demo_dataset(root, subjects, seed):
+        calls["data"].append({"subjects": subjects, "seed": seed})
+        Path(root).mkdir(parents=True, exist_ok=True)
+        return Path(root)
+
+    def train(module_name, argv):
+        argv = [str(a) for a in argv]
+        calls["train"].append((module_name.rsplit(".", 1)[-1], argv))
+        out = Path(argv[argv.index("--output_dir") + 1])
+        product = out / ("vqvae/config.json" if module_name.endswith("train_vqmodel") else "model_index.json")
+        product.parent.mkdir(parents=True, exist_ok=True)
+        product.write_text("{}")
+
+    class Pipe:
+        class_names = ["AD", "NC"]
+
+        def to(self, device):
+            return self
+
+    def fake_generate(model, out, **kwargs):
+        calls["generate"].append(kwargs)
+        return {"grid": str(Path(out) / "grid.png"), **({"gif": str(Path(out) / "x.gif")} if kwargs["gif"] else {})}
+
+    monkeypatch.setattr(demo_data, "ensure_demo_dataset", ensure_demo_dataset)
+    monkeypatch.setattr(demo_data, "read_settings", lambda root: dict(calls["data"][-1]))
+    monkeypatch.setattr(demo, "_train", train)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: Pipe())
+    monkeypatch.setattr(generate, "generate", fake_generate)
+    return calls
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_demo_passes_subjects_seed_and_the_quick_preset_on(tmp_path, monkeypatch):
+    """--subjects sizes the demo data, --seed seeds the data and both trainings, and --quick trains the tiny
+    presets."""
+    from adni_diffusers.demo import run_demo
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    run_demo(tmp_path / "demo", device="cpu", subjects=5, seed=7, quick=True)
+    assert calls["data"] == [{"subjects": 5, "seed": 7}]
+    assert [name for name, _ in calls["train"]] == ["train_vqmodel", "train_unet"]
+    for _, argv in calls["train"]:
+        assert _flag(argv, "--seed") == "7" and _flag(argv, "--preset") == "tiny"
+        assert "--mixed_precision" in argv and _flag(argv, "--mixed_precision") == "no"  # on the CPU, whatever
+        # an accelerate config says
+
+
+def test_demo_retrain_trains_both_stages_again(tmp_path, monkeypatch):
+    """A stage made by the same recipe is reused; --retrain trains both again anyway."""
+    from adni_diffusers.demo import run_demo
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    run_demo(tmp_path / "demo", device="cpu", quick=True)
+    run_demo(tmp_path / "demo", device="cpu", quick=True)
+    assert len(calls["train"]) == 2  # the second run reused both
+    run_demo(tmp_path / "demo", device="cpu", quick=True, retrain=True)
+    assert [name for name, _ in calls["train"][2:]] == ["train_vqmodel", "train_unet"]
+
+
+def test_demo_samples_each_class_with_guidance_and_one_animation(tmp_path, monkeypatch):
+    """The class grids are sampled with classifier-free guidance (scale 2) and only the first makes the GIF."""
+    from adni_diffusers.demo import run_demo
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    summary = run_demo(tmp_path / "demo", device="cpu", quick=True)
+    assert [(c["class_label"], c["guidance"], c["gif"]) for c in calls["generate"]] == [("AD", 2.0, True),
+                                                                                          ("NC", 2.0, False)]
+    assert set(summary["grids"]) == {"AD", "NC"}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_UNET_ARGS, reset_accelerate, run_training_script
+from conftest import TINY_UNET_ARGS, StopRun, reset_accelerate, run_training_script
+from PIL import Image
 
 
 def test_saved_pipeline_has_everything(tiny_ldm):
@@ -299,6 +300,8 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     ("train_unet", "--ema_power", "nan", "--ema_power must be positive, got nan"),
     ("train_unet", "--seed", "-1", "--seed must be between 0 and 2**32 - 1, got -1"),
     ("train_unet", "--cond_dropout", "0.3", "--cond_dropout 0.3 needs --conditional"),
+    # given at its default value it was accepted without --conditional, and silently did nothing
+    ("train_unet", "--cond_dropout", "0.15", "--cond_dropout 0.15 needs --conditional"),
     ("train_vqmodel", "--split_seed", str(2**32), "--split_seed must be between 0 and 2**32 - 1"),
     ("train_unet", "--beta_start", "0.03", "--beta_start 0.03 must be below --beta_end 0.02"),
     # the periodic DDIM grid at the last step raised after the whole run, before the pipeline was saved
@@ -1141,3 +1144,170 @@ def test_every_epoch_has_its_own_shuffle_and_an_epoch_the_same_one_again():
     assert list(sampler) == first
     assert list(EpochShuffleSampler(50, seed=4)) != first
 
+
+# ------------------------------------------------------------------------------------------ sixth mutation audit
+
+
+def _unet_args(*extra):
+    from adni_diffusers import train_unet
+
+    return train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", *extra])
+
+
+def test_label_dropout_defaults_to_the_documented_rate():
+    """README: the label is replaced by the "unconditional" class with probability --cond_dropout (0.15)."""
+    assert _unet_args("--conditional").cond_dropout == 0.15
+    assert _unet_args().cond_dropout == 0.15  # the default is accepted without --conditional
+
+
+def test_latents_on_device_refuses_even_one_dataloader_worker():
+    """--latents_on_device cuts batches on the GPU: any worker process (1 included) would need CUDA there."""
+    from adni_diffusers.training import TrainingError
+
+    with pytest.raises(TrainingError, match="--dataloader_num_workers 1 would need CUDA"):
+        _unet_args("--latents_on_device", "--dataloader_num_workers", "1")
+    assert _unet_args("--latents_on_device", "--dataloader_num_workers", "0").latents_on_device
+
+
+def test_cond_dropout_of_one_is_refused():
+    """--cond_dropout is a probability in [0, 1): at 1 every label is dropped and the classes are never learned."""
+    from adni_diffusers.training import TrainingError
+
+    with pytest.raises(TrainingError, match=r"--cond_dropout 1.0: expected a probability in \[0, 1\)"):
+        _unet_args("--conditional", "--cond_dropout", "1.0")
+    assert _unet_args("--conditional", "--cond_dropout", "0.99").cond_dropout == 0.99
+
+
+def test_a_beta_of_zero_is_refused():
+    """The betas must be strictly between 0 and 1, as the error message says (0 is not accepted)."""
+    from adni_diffusers.training import TrainingError
+
+    with pytest.raises(TrainingError, match="--beta_start must be between 0 and 1 \\(exclusive\\), got 0.0"):
+        _unet_args("--beta_start", "0")
+
+
+def test_as_many_sampling_steps_as_training_timesteps_are_accepted():
+    """DDIM may take every timestep: --sample_inference_steps equal to --num_train_timesteps is valid."""
+    args = _unet_args("--num_train_timesteps", "50", "--sample_inference_steps", "50")
+    assert args.sample_inference_steps == args.num_train_timesteps == 50
+
+
+def test_conditional_needs_two_class_folders_not_one(tmp_path, tiny_vq, demo_root, capsys):
+    """A single class folder gives nothing to condition on (and guidance nothing to steer between): refused."""
+    from adni_diffusers import train_unet
+
+    data = tmp_path / "AD_only"
+    for split in ("train", "test"):
+        shutil.copytree(demo_root / split / "AD", data / split / "AD")
+    code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(data), "--output_dir",
+                           str(tmp_path / "o"), "--conditional", "--max_train_steps", "1", *TINY_UNET_ARGS])
+    assert code == 2 and "--conditional needs class folders" in capsys.readouterr().err
+
+
+def test_latents_on_device_puts_the_latent_dataset_on_the_training_device(tmp_path, tiny_vq, demo_root, monkeypatch):
+    """--latents_on_device hands the accelerator's device to the latent dataset (without it: the host). On the CPU
+    the two give the same batches, so only the device passed shows that the flag is used at all."""
+    from adni_diffusers import latents
+
+    devices = []
+
+    class Recorded(latents.LatentDataset):
+        def __init__(self, *args, device=None, **kwargs):
+            devices.append(device)
+            raise StopRun
+
+    monkeypatch.setattr(latents, "LatentDataset", Recorded)
+    for extra in ([], ["--latents_on_device"]):
+        with pytest.raises(StopRun):
+            run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
+                                               tmp_path / "o", "--latent_cache_dir", tmp_path / "cache",
+                                               *TINY_UNET_ARGS, *extra])
+    assert devices[0] is None  # the host
+    assert devices[1] is not None and torch.device(devices[1]).type == "cpu"  # the accelerator's device
+
+
+def test_cond_dropout_flag_sets_the_label_dropout_rate(tmp_path, tiny_vq, demo_root, monkeypatch):
+    """The rate at which training drops labels (for guidance) is --cond_dropout, not the default."""
+    from adni_diffusers import diffusion
+
+    rates = []
+
+    def drop_labels(labels, p, null_class, gen):
+        rates.append(p)
+        raise StopRun
+
+    monkeypatch.setattr(diffusion, "drop_labels", drop_labels)
+    with pytest.raises(StopRun):
+        run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
+                                           tmp_path / "o", "--conditional", "--cond_dropout", "0.4",
+                                           "--latent_cache_dir", tmp_path / "cache", *TINY_UNET_ARGS])
+    assert rates == [0.4]
+
+
+def test_unet_accumulation_logs_the_mean_loss_of_the_steps_micro_batches(tmp_path, tiny_vq, demo_root, monkeypatch):
+    """With --gradient_accumulation_steps 2 the UNet's logged loss is the mean over the step's two micro-batches,
+    not the last micro-batch's loss alone."""
+    from adni_diffusers import training
+
+    micro, stepped = [], []
+    real_micro, real_end = training.TrainingRun.log_micro_batch, training.TrainingRun.end_step
+
+    def log_micro_batch(run, logs):
+        micro.append(float(logs["loss"]))
+        real_micro(run, logs)
+
+    def end_step(run, logs):
+        stepped.append(float(logs["loss"]))
+        real_end(run, logs)  # --logging_steps 1: writes the step's row
+        raise StopRun
+
+    monkeypatch.setattr(training.TrainingRun, "log_micro_batch", log_micro_batch)
+    monkeypatch.setattr(training.TrainingRun, "end_step", end_step)
+    out = tmp_path / "o"
+    with pytest.raises(StopRun):
+        run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
+                                           "--gradient_accumulation_steps", "2", "--latent_cache_dir",
+                                           tmp_path / "cache", *TINY_UNET_ARGS, "--logging_steps", "1"])
+    assert len(micro) == 1 and len(stepped) == 1
+    logged = json.loads((out / "logs" / "history.jsonl").read_text().splitlines()[-1])
+    assert logged["step"] == 1 and logged["loss"] == pytest.approx((micro[0] + stepped[0]) / 2, rel=1e-5)
+
+
+def test_sample_grids_come_every_save_images_epochs_and_at_the_last_step(tmp_path, tiny_vq, demo_root):
+    """24 training latents at batch 12 are 2 steps per epoch: with --save_images_epochs 2 and 5 steps the periodic
+    grids are those of step 4 (the end of epoch 2) and step 5 (the last step), no others."""
+    out = tmp_path / "ldm"
+    run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
+                                       "--max_train_steps", "5", "--latent_cache_dir", tmp_path / "cache",
+                                       *TINY_UNET_ARGS, "--train_batch_size", "12", "--save_images_epochs", "2"])
+    assert sorted(p.name for p in (out / "samples").glob("samples-*.png")) == ["samples-000004.png",
+                                                                              "samples-000005.png"]
+
+
+def test_the_saved_pipeline_keeps_the_preprocess_it_was_trained_with(tmp_path, tiny_vq, demo_root):
+    """--preprocess resize: the pipeline must prepare a user's slices the same way (its encode/counterfactuals),
+    so it is saved with preprocess "resize", not the default "pad"."""
+    from adni_diffusers import ADNILatentDiffusionPipeline
+
+    bare = Path(shutil.copytree(tiny_vq / "vqvae", tmp_path / "bare_vq"))  # no record of its own preprocess
+    out = tmp_path / "ldm"
+    run_training_script("train_unet", ["--vqmodel", bare, "--train_data_dir", demo_root, "--output_dir", out,
+                                       "--max_train_steps", "1", "--preprocess", "resize", *TINY_UNET_ARGS])
+    assert ADNILatentDiffusionPipeline.from_pretrained(out).preprocess == "resize"
+
+
+def test_periodic_sample_grids_show_every_class_in_turn():
+    """The periodic grid of a conditional run samples the classes in turn (AD, NC, AD, NC...), not one class."""
+    from adni_diffusers.train_unet import _sample_labels
+
+    assert _sample_labels(["AD", "NC"], 5) == [0, 1, 0, 1, 0]
+    assert _sample_labels(["a", "b", "c"], 4) == [0, 1, 2, 0]
+    assert _sample_labels(None, 3) is None and _sample_labels([], 3) is None
+
+
+def test_the_cards_sample_grid_has_a_row_per_class(tiny_ldm):
+    """samples.png (shown in the model card) holds one row of 8 samples per class: 2 rows for AD / NC."""
+    with Image.open(tiny_ldm / "samples.png") as grid:
+        width, height = grid.size
+    tile = (width - 2) // 8  # make_grid: 8 tiles of (256 + 2 px padding) and a 2 px border
+    assert (height - 2) // tile == 2

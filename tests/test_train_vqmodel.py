@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_VQ_ARGS, run_training_script
+from conftest import REPO_ROOT, TINY_VQ_ARGS, StopRun, run_training_script
 from safetensors.torch import load_file
 
 
@@ -800,3 +800,241 @@ def test_an_overflowing_reconstruction_gradient_gives_the_gan_term_weight_0():
     out = (torch.rand(8, 4) + 0.1) @ last_layer  # positive inputs: every gradient entry +inf, its norm inf
     weight, overflowed = adaptive_gan_weight(out.sum() * float("inf"), -out.mean(), last_layer)
     assert weight == 0 and overflowed
+
+
+# ------------------------------------------------------------------------------------------ sixth mutation audit
+
+
+def test_vq_scale_lr_is_relative_to_its_default_batch_of_8():
+    """--scale_lr for the VQModel: batch 32 on one process over its default batch 8 is x4 (linear)."""
+    from types import SimpleNamespace
+
+    from adni_diffusers import train_vqmodel
+    from adni_diffusers.training import make_optimizer
+
+    args = train_vqmodel.parse_args(["--output_dir", "o", "--train_batch_size", "32", "--learning_rate", "1e-4",
+                                     "--scale_lr"])
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))], args,
+                               SimpleNamespace(num_processes=1, device=torch.device("cpu")), train_vqmodel.DEFAULT_BATCH)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-4)
+    assert train_vqmodel.parse_args(["--output_dir", "o"]).train_batch_size == 8
+
+
+def test_resume_with_another_gan_weight_is_refused(tmp_path, demo_root, capsys):
+    """--disc_weight is part of the VQModel's loss: a checkpoint resumed with another one is another run."""
+    from adni_diffusers import train_vqmodel, training
+
+    argv = ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out", *TINY_VQ_ARGS]
+    args = train_vqmodel.parse_args([str(a) for a in argv])
+    checkpoint = tmp_path / "out" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    record = training.run_record(args, train_vqmodel.RESUME_MUST_MATCH, num_processes=1)
+    (checkpoint / "training_state.json").write_text(json.dumps({"step": 5, "run": record}))
+    code = train_vqmodel.cli([str(a) for a in [*argv, "--resume_from_checkpoint", "latest", "--disc_weight", "0.5"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "--disc_weight: 0.0 in the checkpoint, 0.5 now" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--commitment_beta", "--codebook_weight"])
+def test_negative_codebook_loss_weights_are_refused(flag):
+    """A negative weight on a codebook term is gradient ascent on it: refused when the flags are read."""
+    from adni_diffusers import train_vqmodel
+    from adni_diffusers.training import TrainingError
+
+    with pytest.raises(TrainingError, match=f"{flag} must be at least 0"):
+        train_vqmodel.parse_args(["--output_dir", "o", flag, "-0.25"])
+
+
+def _vq_run_until(monkeypatch, where, tmp_path, demo_root, *flags):
+    """Run train_vqmodel with `where` (a TrainingRun method name) replaced by a stop."""
+    from adni_diffusers import training
+
+    def stop(*args, **kwargs):
+        raise StopRun
+
+    monkeypatch.setattr(training.TrainingRun, where, stop)
+    with pytest.raises(StopRun):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                              *flags, *TINY_VQ_ARGS])
+
+
+def test_no_discriminator_without_a_gan_weight(tmp_path, demo_root, monkeypatch):
+    """--disc_weight 0 (the default) is a run without the GAN: no discriminator is built (nor trained, nor
+    checkpointed)."""
+    import adni_diffusers.vq as vq_module
+
+    built = []
+    monkeypatch.setattr(vq_module, "PatchDiscriminator", lambda *a, **k: built.append(1) or 1 / 0)
+    _vq_run_until(monkeypatch, "resume", tmp_path, demo_root)
+    assert built == []
+
+
+def test_discriminator_optimizer_uses_its_own_learning_rate_and_vqgan_betas(tmp_path, demo_root, monkeypatch):
+    """--disc_learning_rate sets the discriminator's rate (default --learning_rate); its Adam has VQGAN's betas."""
+    made = []
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: made.append(kw) or real_adamw(params, **kw))
+    _vq_run_until(monkeypatch, "resume", tmp_path, demo_root, "--disc_weight", "0.5", "--disc_learning_rate", "3e-5")
+    assert made[-1]["lr"] == 3e-5 and made[-1]["betas"] == (0.5, 0.9) and made[-1]["weight_decay"] == 0.0
+    made.clear()
+    _vq_run_until(monkeypatch, "resume", tmp_path, demo_root, "--disc_weight", "0.5", "--learning_rate", "7e-4",
+                  "--overwrite_output_dir")
+    assert made[-1]["lr"] == 7e-4
+
+
+def test_a_gan_that_would_start_at_the_last_step_is_said_to_be_unused(tmp_path, demo_root, monkeypatch, caplog):
+    """Steps are 0 .. max_train_steps - 1: --disc_start equal to --max_train_steps never turns the GAN on."""
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        _vq_run_until(monkeypatch, "batches", tmp_path, demo_root, "--disc_weight", "0.5", "--disc_start", "3",
+                      "--max_train_steps", "3")
+    assert "the adversarial loss starts at --disc_start 3, and this run ends at step 3" in caplog.text
+
+
+def test_no_codebook_init_keeps_the_initial_codebook(tmp_path, demo_root, monkeypatch):
+    """--no_codebook_init: the codebook is not re-initialised from encoder outputs at the first step."""
+    from adni_diffusers.vq import CodebookMonitor
+
+    calls = []
+    real = CodebookMonitor.initialise
+    monkeypatch.setattr(CodebookMonitor, "initialise", lambda self, *a: calls.append(1) or real(self, *a))
+    _vq_run_until(monkeypatch, "end_step", tmp_path, demo_root, "--no_codebook_init", "--ssim_weight", "0")
+    assert calls == []
+    _vq_run_until(monkeypatch, "end_step", tmp_path, demo_root, "--ssim_weight", "0", "--overwrite_output_dir")
+    assert calls == [1]
+
+
+def _first_gan_step(tmp_path, demo_root, monkeypatch):
+    """One GAN step (--disc_start 0): the step's logs, and the discriminator's weights before and after it."""
+    import adni_diffusers.vq as vq_module
+    from adni_diffusers import training
+
+    discs, seen = [], {}
+
+    class Recorded(vq_module.PatchDiscriminator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            discs.append(self)
+            seen["before"] = [p.detach().clone() for p in self.parameters()]
+
+    def end_step(run, logs):
+        seen["logs"] = {k: float(v.detach()) for k, v in logs.items()}
+        seen["after"] = [p.detach().clone() for p in discs[0].parameters()]
+        raise StopRun
+
+    monkeypatch.setattr(vq_module, "PatchDiscriminator", Recorded)
+    monkeypatch.setattr(training.TrainingRun, "end_step", end_step)
+    with pytest.raises(StopRun):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                              "--disc_weight", "0.5", "--disc_start", "0", "--ssim_weight", "0",
+                                              "--codebook_restart_steps", "0", *TINY_VQ_ARGS])
+    return seen
+
+
+def test_the_gan_term_is_weighted_by_disc_weight(tmp_path, demo_root, monkeypatch):
+    """loss = rec + codebook_weight * codebook + commitment_beta * commitment + disc_weight * adaptive * g_loss."""
+    logs = _first_gan_step(tmp_path, demo_root, monkeypatch)["logs"]
+    expected = (logs["rec_loss"] + 1.0 * logs["codebook_loss"] + 0.25 * logs["commitment_loss"]
+                + 0.5 * logs["gan_weight"] * logs["g_loss"])
+    assert logs["gan_weight"] * logs["g_loss"] != 0
+    assert logs["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_discriminator_learns_at_every_gan_step(tmp_path, demo_root, monkeypatch):
+    """The discriminator's optimiser steps on its hinge loss: its weights change in a GAN step."""
+    seen = _first_gan_step(tmp_path, demo_root, monkeypatch)
+    assert any(not torch.equal(a, b) for a, b in zip(seen["before"], seen["after"]))
+
+
+def test_dead_codes_restart_every_codebook_restart_steps(tmp_path, demo_root, monkeypatch):
+    """--codebook_restart_steps 2 restarts dead codes at the end of steps 2 and 4 (after 2 steps of usage counts),
+    not at the first step, before any usage has been counted."""
+    from adni_diffusers import training
+
+    restarts = []
+    real_end = training.TrainingRun.end_step
+
+    def end_step(run, logs):
+        if "restarted_codes" in logs:
+            restarts.append(run.global_step + 1)
+        real_end(run, logs)
+        if run.global_step == 4:
+            raise StopRun
+
+    monkeypatch.setattr(training.TrainingRun, "end_step", end_step)
+    with pytest.raises(StopRun):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                              "--codebook_restart_steps", "2", "--ssim_weight", "0",
+                                              "--max_train_steps", "6", *TINY_VQ_ARGS])
+    assert restarts == [2, 4]
+
+
+def test_restarted_codes_reach_the_ema_codebook_in_training(tmp_path, demo_root, monkeypatch):
+    """--use_ema with codebook restarts, in a real run: after a restart the EMA codebook holds each restarted code's
+    new place, not an average of its dead place and its new one (the helper is tested alone elsewhere; here that
+    training calls it). With --no_codebook_init the usage starts at 0, so codes unused in steps 1-2 are dead at the
+    restart of step 2; checked after that step's EMA update (at step 1 the EMA still copies the weights whole)."""
+    from adni_diffusers import training
+    from adni_diffusers.vq import CodebookMonitor
+
+    restarted, checked = [], []
+    real_restart, real_end = CodebookMonitor.restart_dead, training.TrainingRun.end_step
+
+    def restart_dead(self, codebook, vectors, generator):
+        rows = real_restart(self, codebook, vectors, generator)
+        restarted.append((codebook, rows))
+        return rows
+
+    def end_step(run, logs):
+        real_end(run, logs)
+        if run.global_step < 2:
+            return
+        (codebook, rows), = restarted
+        vq = training.bare_model(run.accelerator, run.model).vq
+        index = next(i for i, p in enumerate(vq.parameters()) if p.data.data_ptr() == codebook.data_ptr())
+        shadow = run.ema.ema.shadow_params[index]
+        checked.append(len(rows))
+        assert torch.equal(shadow[rows], codebook[rows].to(shadow))
+        raise StopRun
+
+    monkeypatch.setattr(CodebookMonitor, "restart_dead", restart_dead)
+    monkeypatch.setattr(training.TrainingRun, "end_step", end_step)
+    with pytest.raises(StopRun):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                              "--use_ema", "--codebook_restart_steps", "2", "--ssim_weight", "0",
+                                              "--no_codebook_init", "--max_train_steps", "4", *TINY_VQ_ARGS])
+    assert checked and checked[0] > 0  # some codes were dead
+
+
+def test_reconstruction_grids_come_every_save_images_steps(tiny_vq):
+    """tiny_vq: 4 steps with --save_images_steps 2: the grids of steps 2 and 4, no others."""
+    assert sorted(p.name for p in (tiny_vq / "samples").glob("reconstructions-*.png")) == [
+        "reconstructions-000002.png", "reconstructions-000004.png"]
+
+
+def test_train_vqmodel_push_to_hub_pushes_the_vqmodel(hub_stub, tmp_path, demo_root):
+    """--push_to_hub on train_vqmodel.py pushes the finished VQModel folder (vqvae/, card, metrics)."""
+    out = tmp_path / "vq"
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps", "1",
+                                          "--eval_max_images", "8", *TINY_VQ_ARGS, "--push_to_hub", "--hub_model_id",
+                                          "user/tiny-vq", "--hub_token", hub_stub.token])
+    files = hub_stub.repo_files("user/tiny-vq")
+    assert files["vqvae/config.json"] == (out / "vqvae" / "config.json").read_bytes()
+    assert {"README.md", "metrics.json", "vqvae/diffusion_pytorch_model.safetensors"} <= set(files)
+
+
+def test_the_generator_gan_loss_rewards_reconstructions_the_discriminator_calls_real():
+    """The VQModel's adversarial loss is -mean D(recon): lower where the discriminator scores the reconstruction
+    as more real; its gradient reaches the reconstruction only, and the discriminator stays trainable."""
+    from adni_diffusers.train_vqmodel import generator_gan_loss
+
+    disc = torch.nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        disc.weight.fill_(1.0)
+        disc.bias.zero_()
+    recon = torch.full((2, 1, 4, 4), 0.5, requires_grad=True)
+    loss = generator_gan_loss(disc, recon)
+    assert float(loss.detach()) == pytest.approx(-0.5)
+    assert float(generator_gan_loss(disc, torch.full((2, 1, 4, 4), 2.0))) < float(loss.detach())
+    loss.backward()
+    assert float(recon.grad.sum()) < 0 and disc.weight.grad is None
+    assert all(p.requires_grad for p in disc.parameters())
