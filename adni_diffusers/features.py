@@ -249,11 +249,13 @@ def evaluate_feature_net(net: FeatureNet, slices: SliceSet, batch_size: int = 25
     was_training = net.training
     net.eval().to(device)
     probs, pos = [], []
-    for s in range(0, len(slices), batch_size):
-        logits, p = net(as_images(slices.pixels[s : s + batch_size]).to(device))
-        probs.append(logits.softmax(1).float().cpu())
-        pos.append(p.float().cpu())
-    net.train(was_training)
+    try:
+        for s in range(0, len(slices), batch_size):
+            logits, p = net(as_images(slices.pixels[s : s + batch_size]).to(device))
+            probs.append(logits.softmax(1).float().cpu())
+            pos.append(p.float().cpu())
+    finally:  # an error (out of memory) must not leave a net in training stuck in eval mode
+        net.train(was_training)
     probs, pos = torch.cat(probs), torch.cat(pos)
     labels = slices.labels.cpu()
     pred = probs.argmax(1)

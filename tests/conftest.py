@@ -123,3 +123,21 @@ def tiny_ldm(demo_root, tiny_vq, tmp_path_factory) -> Path:
     run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
                                        "--max_train_steps", "4", "--conditional", "--use_ema", *TINY_UNET_ARGS])
     return out
+
+
+def toy_slices(patients=4, per_patient=3, size=32, seed=0, labels=None) -> "SliceSet":
+    """Small uint8 slices named `<patient>_<slice>.png` (so slice positions exist), whole patients per class."""
+    import torch
+
+    from adni_diffusers.data import SliceSet
+
+    g = torch.Generator().manual_seed(seed)
+    pixels, ys, names, paths = [], [], [], []
+    for p in range(patients):
+        y = (p % 2) if labels is None else labels[p]
+        for s in range(per_patient):
+            pixels.append(torch.randint(0, 256, (size, size), dtype=torch.uint8, generator=g))
+            ys.append(y)
+            names.append(f"p{seed}{p}")
+            paths.append(f"/d/{'AD' if y == 0 else 'NC'}/p{seed}{p}_{10 + s}.png")
+    return SliceSet(torch.stack(pixels), torch.tensor(ys), names, paths, ["AD", "NC"])

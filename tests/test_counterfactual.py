@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -15,6 +16,8 @@ import torch
 
 from adni_diffusers import cli
 from adni_diffusers import counterfactual as C
+from adni_diffusers import evaluate as E
+from adni_diffusers import features as Fe
 from adni_diffusers.features import FeatureNet, save_feature_net
 
 STEPS = ["--scheduler", "ddim", "--steps", "4", "--device", "cpu"]
@@ -507,3 +510,144 @@ def test_each_probability_is_the_classifiers_call_on_its_own_image(pipe, nc_slic
     assert r["probabilities"]["reconstruction"] == pytest.approx(expected(r["reconstruction"]), abs=1e-6)
     for s in (0.5, 1.0):
         assert r["probabilities"][s] == pytest.approx(expected(r["counterfactuals"][s]), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ sixth mutation audit
+
+
+def test_a_model_of_three_classes_needs_the_source_class_named():
+    """`source_class`: "the one other class of a two-class model"; with three classes --from must say which."""
+    pipe = SimpleNamespace(config=SimpleNamespace(class_names=["AD", "MCI", "NC"]))
+    with pytest.raises(ValueError, match="say which class to start from with --from"):
+        C.source_class(pipe, "AD")
+    assert C.source_class(pipe, "AD", "NC") == "NC"
+
+
+def test_denoising_steps_are_the_pipelines_rounded_count():
+    """The reported denoising steps are what the pipeline runs: round(steps * strength), at most steps."""
+    sampler = C._Sampler(None, 1.0, 0, None, 4)
+    assert [sampler.denoising_steps(s) for s in (0.3, 0.6, 0.9, 1.0)] == [1, 2, 4, 4]
+    assert C._Sampler(None, 1.0, 0, None, 10).denoising_steps(0.39) == 4
+
+
+def _brain(value=0.2):
+    yy, xx = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    inside = ((yy - 128) / 100) ** 2 + ((xx - 128) / 80) ** 2 < 1
+    return torch.where(inside, value, -1.0)[None, None]
+
+
+def test_change_outside_the_brain_is_no_change_in_the_brain():
+    """`mean_abs_change_brain`: |counterfactual - reconstruction| averaged over the brain mask; a counterfactual
+    that only alters the background changes nothing in the brain."""
+    from adni_diffusers.metrics import brain_mask
+
+    x = _brain()
+    mask = brain_mask(x)
+    cf = torch.where(mask, x, x + 0.5)  # only the background moves
+    call = {"p_target": torch.zeros(1), "called": torch.zeros(1)}
+    stats = C._per_image_stats(x, x, cf, mask, C.csf_border(x, mask), call)
+    assert stats["mean_abs_change_brain"].item() == 0.0
+
+
+def test_flip_rate_interval_is_the_95_percent_wilson_interval():
+    """`flip_rate_ci95`: the 95% Wilson score interval (5 of 10: 0.2366-0.7634)."""
+    assert C._ci95(torch.tensor([1.0] * 5 + [0.0] * 5)) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert C._ci95(torch.zeros(20)) == pytest.approx([0.0, 0.1611], abs=1e-4)
+
+
+class _FakePipe:
+    """Just enough pipeline for `measure_tradeoff`: the VQ round trip returns a uniform 0.5 image, sampling with
+    label AD a white one and with NC a black one."""
+    preprocess = "pad"
+    is_conditional = True
+    config = SimpleNamespace(class_names=["AD", "NC"])
+    scheduler = SimpleNamespace()
+
+    def _check_scheduler(self, steps):
+        pass
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z, output_type="pt"):
+        return torch.full_like(z, 0.75)  # [0, 1] scale: 0.5 on [-1, 1]
+
+    def __call__(self, image, strength, class_labels, **kw):
+        return SimpleNamespace(images=torch.full_like(image, 1.0 if class_labels == "AD" else 0.0))
+
+
+class _Brightness:
+    """P(AD) = mean brightness on [0, 1]."""
+    class_names = ["AD", "NC"]
+
+    def predict(self, images, batch_size=256, device=None):
+        p = ((images.float() + 1) / 2).mean(dim=(1, 2, 3))
+        return torch.stack([p, 1 - p], dim=1)
+
+
+def _measured(control):
+    return C.measure_tradeoff(_FakePipe(), _brain(), _Brightness(), "AD", strengths=(1.0,), steps=2,
+                              control=control, progress=False)
+
+
+def test_the_reconstruction_row_is_the_classifiers_call_on_the_reconstructions():
+    """`measure_tradeoff`: row 0 (the VQ reconstruction) gives the classifier's call on the reconstructions, not
+    on the original slices (the "original" row is that)."""
+    rows = {r["strength"]: r for r in _measured(control=False)["rows"]}
+    assert rows["original"]["flip_rate"] == 0.0  # the dark slice: called NC
+    assert rows[0.0]["flip_rate"] == 1.0 and rows[0.0]["mean_p_target"] == pytest.approx(0.75)
+    assert rows[1.0]["flip_rate"] == 1.0
+
+
+def test_the_control_rate_is_the_call_on_the_source_label_images():
+    """`control_flip_rate`: how often the SAME noise denoised with the SOURCE label is called the target: the call
+    on the control images, not on the counterfactuals again."""
+    rows = {r["strength"]: r for r in _measured(control=True)["rows"]}
+    assert rows[1.0]["flip_rate"] == 1.0 and rows[1.0]["control_flip_rate"] == 0.0
+
+
+def test_max_images_spreads_the_measured_slices_over_the_held_out_set(tiny_ldm, tmp_path, monkeypatch):
+    """--measure --max-images N: "evenly spread over the held-out slices", from the first to the last, not the first
+    N (one patient's neighbouring slices)."""
+    from adni_diffusers.features import FeatureNet, save_feature_net
+
+    class Measured(Exception):
+        pass
+
+    seen = {}
+
+    def spy(pipe, held, *a, **k):
+        seen["paths"] = list(held.paths)
+        raise Measured
+
+    monkeypatch.setattr(C, "measure_tradeoff", spy)
+    torch.manual_seed(0)
+    save_feature_net(FeatureNet(2, widths=(4, 4), input_size=16, class_names=["AD", "NC"]).eval(), tmp_path / "net")
+    parser = argparse.ArgumentParser()
+    C.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_ldm), "--measure", "--to", "AD", "--strength", "1.0",
+                              "--max-images", "2", "--classifier", str(tmp_path / "net"), "--out", str(tmp_path / "o"),
+                              "--scheduler", "ddim", "--steps", "2", "--device", "cpu"])
+    with pytest.raises(Measured):
+        C.main(args)
+    data = C.held_out_data(str(tiny_ldm))
+    nc = [p for p, y in zip(data.val.paths, data.val.labels.tolist()) if data.class_names[y] == "NC"]
+    assert len(nc) > 2
+    assert seen["paths"] == [nc[0], nc[-1]]
+
+
+def test_the_classifier_is_the_evaluation_net_whatever_the_sampling_seed(tmp_path, monkeypatch):
+    """counterfactual --seed N only changes the noise: its classifier is trained (or found in the cache) with the
+    seed and recipe `evaluate` uses, so both commands share one net."""
+    captured = {}
+
+    def spy(cache, train, val, **settings):
+        captured.update(settings, cache=cache)
+        return "net", {"path": "p"}
+
+    monkeypatch.setattr(Fe, "get_or_train_feature_net", spy)
+    args = argparse.Namespace(classifier=None, feature_net_cache=None, model=str(tmp_path / "model"),
+                              feature_epochs=None, seed=7)
+    C._load_classifier(args, SimpleNamespace(train="train", val="val"), "cpu")
+    assert captured["seed"] == E.FEATURE_NET_SEED and captured["epochs"] == C.FEATURE_EPOCHS
+    assert captured["cache"] == str(tmp_path / "model" / "feature_net")

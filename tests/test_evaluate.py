@@ -7,13 +7,16 @@ import math
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import toy_slices
 
 from adni_diffusers import cli
 from adni_diffusers import evaluate as E
+from adni_diffusers import features as Fe
 from adni_diffusers.metrics import FD_NAME, KID_NAME
 
 QUICK_STEPS = {"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2}  # sampler step counts for the ablation rows
@@ -688,3 +691,325 @@ def test_fd_rank_note_flags_fewer_images_than_feature_dimensions(evaluated, tmp_
     res = {k: v for k, v in result.items() if k != "card"}
     res["realism"] = {**res["realism"], "generated": at_dims}
     assert "feature dimensions" not in E.write_report(res, tmp_path).read_text()
+
+
+# ------------------------------------------------------------------------------------------ sixth mutation audit
+
+
+def test_image_seeds_of_different_classes_and_indices_never_collide():
+    """`image_seed`: every (class, index) pair of a run gets its own noise; the 2nd AD sample must not share the
+    1st NC sample's noise (two classes drawn from one noise would look alike and flatter diversity)."""
+    seeds = [E.image_seed(0, label, i) for label in (None, 0, 1, 2) for i in range(1000)]
+    assert len(set(seeds)) == len(seeds)
+    assert E.image_seed(0, 0, 1) != E.image_seed(0, 1, 0)
+
+
+def test_class_fidelity_per_class_accuracy_is_against_each_own_class():
+    """`class_fidelity`: the accuracy of class c is the share of samples generated for c that the net calls c
+    (the existing test's predictions give 0.5 for either reading)."""
+    class Net:
+        def predict(self, images, batch_size=64, device=None):
+            return torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6]])  # calls: AD, NC, NC, NC
+
+    out = E.class_fidelity(Net(), torch.zeros(4, 8, 8, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), ["AD", "NC"])
+    assert out["per_class"] == {"AD": 0.5, "NC": 1.0} and out["accuracy"] == 0.75
+    assert out["predicted_as"] == {"AD": {"AD": 1, "NC": 1}, "NC": {"AD": 0, "NC": 2}}
+
+
+def test_predicted_class_shares_are_the_shares_called_each_class():
+    """Unconditional models: the class-balance table gives, per class, the share of images the net assigns to it."""
+    class Net:
+        def predict(self, images, batch_size=64, device=None):
+            return torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]])
+
+    shares = E.predicted_class_shares(Net(), torch.zeros(4, 8, 8, dtype=torch.uint8), ["AD", "NC"])
+    assert shares == {"AD": 0.75, "NC": 0.25}
+
+
+def test_train_test_classifier_tests_on_the_test_set_with_a_class_head_only(monkeypatch):
+    """TSTR / TRTR: the fresh classifier is trained on `train` (class head only) and its accuracy is measured on
+    `test` (the real held-out slices), never on what it was trained on."""
+    calls = {}
+    sentinel = object()
+
+    def train_spy(train, val, **settings):
+        calls["train"], calls["settings"] = train, settings
+        return sentinel, {"train_seconds": 0.5}
+
+    def evaluate_spy(net, slices, batch_size=256, device=None):
+        calls["evaluated"] = (net, slices)
+        return {"accuracy": 0.625, "patient_accuracy": 0.5, "accuracy_per_class": {"AD": 0.5, "NC": 0.75}}
+
+    monkeypatch.setattr(Fe, "train_feature_net", train_spy)
+    monkeypatch.setattr(Fe, "evaluate_feature_net", evaluate_spy)
+    train, test = toy_slices(4, seed=0), toy_slices(2, seed=1)
+    out = E.train_test_classifier(train, test, {"epochs": 3, "seed": 0}, name="TSTR classifier")
+    assert calls["train"] is train and calls["settings"]["position_weight"] == 0.0
+    assert calls["evaluated"][0] is sentinel and calls["evaluated"][1] is test
+    assert out["accuracy"] == 0.625 and out["train_images"] == len(train) and out["test_images"] == len(test)
+
+
+def _memorisation_inputs(n_held=100):
+    """One training image at the origin (features) / uniform grey 100 (pixels); held-out images at distances
+    1..n_held in feature space."""
+    train_f = torch.zeros(1, 2)
+    held_f = torch.stack([torch.arange(1, n_held + 1).float(), torch.zeros(n_held)], 1)
+    train_px = torch.full((1, 64, 64), 100, dtype=torch.uint8)
+    held_px = torch.full((n_held, 64, 64), 100, dtype=torch.uint8) + torch.arange(n_held, dtype=torch.uint8)[:, None, None]
+    return train_f, held_f, train_px, held_px
+
+
+def test_memorisation_threshold_is_the_low_percentile_of_held_out_distances():
+    """`closer_than_heldout_p5`: the line is the 5th percentile of the held-out reals' distances to the training set
+    (about 5% of held-out reals fall below it), not the 95th."""
+    train_f, held_f, train_px, held_px = _memorisation_inputs()
+    gen_f = torch.tensor([[3.0, 0.0], [50.0, 0.0]])  # one sample nearer than 5% of held-out reals, one not
+    gen_px = torch.full((2, 64, 64), 100, dtype=torch.uint8)
+    mem = E.memorisation(gen_f, train_f, held_f, gen_px, train_px, held_px)
+    f = mem["features"]
+    assert f["heldout_percentile_distance"] == pytest.approx(float(np.percentile(np.arange(1, 101), 5)))
+    assert f["heldout_below_percentile"] == pytest.approx(0.05)
+    assert f["closer_than_heldout_percentile"] == pytest.approx(0.5)
+
+
+def test_memorisation_pixel_distances_are_rms_grey_levels():
+    """Pixel distances are "RMS grey levels (0-255) at 64x64": a sample 10 grey levels brighter everywhere than a
+    training image is 10 away."""
+    train_f, held_f, train_px, held_px = _memorisation_inputs(20)
+    gen_px = torch.full((1, 64, 64), 110, dtype=torch.uint8)
+    mem = E.memorisation(torch.zeros(1, 2), train_f, held_f, gen_px, train_px, held_px)
+    assert mem["pixels"]["generated_distance"][0] == pytest.approx(10.0, rel=1e-4)
+    assert mem["pixels"]["heldout_distance"][:3] == pytest.approx([0.0, 1.0, 2.0], abs=1e-3)
+
+
+def test_closest_pairs_picture_shows_the_samples_nearest_to_the_training_set(tmp_path, monkeypatch):
+    """closest_pairs.png: "the k samples nearest to the training set", nearest first."""
+    from adni_diffusers import plots
+
+    captured = {}
+
+    def grid_spy(rows, row_titles=None, col_titles=None, tile=128):
+        captured["titles"] = row_titles
+        return SimpleNamespace(save=lambda path: None)
+
+    monkeypatch.setattr(plots, "captioned_grid", grid_spy)
+    px = torch.zeros(5, 16, 16, dtype=torch.uint8)
+    gen = E.as_slice_set(px, [0, 1, 0, 1, 0], ["AD", "NC"])
+    train = E.as_slice_set(px[:2], [0, 1], ["AD", "NC"], prefix="train")
+    held = E.as_slice_set(px[:3], [0, 1, 0], ["AD", "NC"], prefix="held")
+    space = {"generated_distance": [5.0, 1.0, 4.0, 2.0, 3.0], "generated_nearest": [0, 1, 0, 1, 0],
+             "heldout_distance": [7.0, 6.0, 8.0], "heldout_nearest": [0, 0, 1]}
+    E.plot_closest_pairs({"features": space, "pixels": space}, gen, train, held, tmp_path / "c.png", k=2)
+    titles = captured["titles"]
+    assert "f 1.00" in titles[0] and "f 2.00" in titles[1]  # the two nearest samples, nearest first
+    assert titles[0].startswith("gen NC")
+    assert "REAL" in titles[2] and "f 6.00" in titles[2]  # then the nearest held-out real
+
+
+def _sampler_row(setting, fd, seconds):
+    return {"group": "sampler", "setting": setting, "fd": fd, "seconds": seconds, "recall": 0.5}
+
+
+def test_recommended_fast_sampler_is_the_fastest_within_10_percent_of_the_lowest_fd():
+    """`recommend`: "fastest_within_10pct_of_lowest_fd" is the quickest sampler whose FD is within 10% of the best."""
+    rows = [_sampler_row("ddpm-1000", 1.0, 100.0), _sampler_row("ddim-50", 1.3, 5.0),
+            _sampler_row("unipc-10", 1.05, 1.0)]
+    rec = E.recommend(rows, {"fd": 0.5})["sampler"]
+    assert rec == {"lowest_fd": "ddpm-1000", "fastest_within_10pct_of_lowest_fd": "unipc-10"}
+
+
+def test_recommended_guidance_is_the_scale_with_the_highest_class_accuracy():
+    """`recommend`: "highest_class_accuracy" names the guidance scale whose samples the net classifies best."""
+    rows = [{"group": "guidance", "guidance": w, "fd": fd, "class_accuracy": acc}
+            for w, fd, acc in ((1.0, 2.0, 0.5), (3.0, 1.0, 0.9), (5.0, 3.0, 0.7))]
+    rec = E.recommend(rows, {"fd": 0.5})["guidance"]
+    assert rec == {"lowest_fd": 3.0, "highest_class_accuracy": 3.0}
+
+
+def test_recommended_refinement_is_the_one_with_the_lowest_fd():
+    """`recommend`: of the refinement settings with a clear gain, the one with the lowest FD is suggested."""
+    off = {"group": "refinement", "setting": "off", "fd": 10.0, "recall": 0.5, "refine_steps": 0,
+           "refine_repeats": 0, "scheduler": "dpm++"}
+    seed = {**off, "setting": "seed 30x5", "fd": 9.0, "refine_steps": 2, "refine_repeats": 5}
+    mild = {**off, "setting": "milder 10x2", "fd": 5.0, "refine_steps": 1, "refine_repeats": 2}
+    rec = E.recommend([off, seed, mild], {"fd": 1.0})["refinement"]
+    assert rec["setting"] == "milder 10x2" and rec["refine_repeats"] == 2
+
+
+def test_summary_numbers_put_each_floor_beside_its_own_measure():
+    """metrics.json's top level (the model card's table): every floor entry holds the floor's number, never the
+    generated one."""
+    def m(base):
+        return {"fd": base + 0.1, "kid": base + 0.2, "precision": base / 10 + 0.03, "recall": base / 10 + 0.04,
+                "k": 3, "candidate_images": 8, "reference_images": 8}
+
+    res = {"realism": {"generated": m(1), "floor": m(2), "vq_ceiling": m(3)},
+           "diversity": {"generated": {"mean": 0.61}, "real": {"mean": 0.62}},
+           "memorisation": {"features": {"closer_than_heldout_percentile": 0.125}},
+           "timings": {"sampling_seconds_per_image": 0.25}}
+    s = E.summary_numbers(res)
+    floor = E.FLOOR_LABEL
+    fd, kid = E.M.FD_NAME, E.M.KID_NAME
+    assert s[fd] == 1.1 and s[f"{fd}, {floor}"] == 2.1 and s[f"{fd}, {E.CEILING_LABEL}"] == 3.1
+    assert s[kid] == 1.2 and s[f"{kid}, {floor}"] == 2.2
+    assert s["precision (adni-features, k=3)"] == pytest.approx(0.13)
+    assert s[f"precision (adni-features, k=3), {floor}"] == pytest.approx(0.23)
+    assert s["recall (adni-features, k=3)"] == pytest.approx(0.14)
+    assert s[f"recall (adni-features, k=3), {floor}"] == pytest.approx(0.24)
+    assert s["MS-SSIM diversity, generated (lower = more diverse)"] == 0.61
+    assert s["MS-SSIM diversity, real held-out"] == 0.62
+
+
+def test_clean_turns_nan_and_inf_into_null_for_strict_json():
+    """metrics.json must be valid JSON: NaN (e.g. diversity with no real pairs) and inf become null."""
+    cleaned = E._clean({"a": math.nan, "b": [1.0, math.inf], "c": np.float32("nan"), "d": torch.tensor([0.5])})
+    assert cleaned == {"a": None, "b": [1.0, None], "c": None, "d": [0.5]}
+    json.dumps(cleaned, allow_nan=False)
+
+
+def test_a_single_sample_is_refused_before_any_work(tmp_path, monkeypatch):
+    """--num-samples 1: refused at once ("at least 2"), not after the feature net is trained and samples drawn."""
+    import adni_diffusers.features as features
+    import adni_diffusers.generate as generate
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --num-samples was checked")
+
+    monkeypatch.setattr(generate, "load_pipeline", no_work)
+    monkeypatch.setattr(features, "get_or_train_feature_net", no_work)
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(E.EvaluationError, match="--num-samples must be at least 2"):
+        E.evaluate_model(tmp_path, num_samples=1, out=tmp_path / "out", device="cpu", progress=False,
+                         render_card=False)
+
+
+def test_training_record_keeps_the_recorded_preprocessing(tmp_path):
+    """A model trained with --preprocess resize is evaluated on resized slices: the record says so (from
+    training_data.json, else training_args.json); "pad" only when neither records it."""
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data", "preprocess": "resize"}))
+    assert E.read_training_record(tmp_path)["preprocess"] == "resize"
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data"}))
+    (tmp_path / "training_args.json").write_text(json.dumps({"preprocess": "resize"}))
+    assert E.read_training_record(tmp_path)["preprocess"] == "resize"
+    (tmp_path / "training_args.json").write_text(json.dumps({}))
+    assert E.read_training_record(tmp_path)["preprocess"] == "pad"
+
+
+def test_sample_images_returns_the_pipelines_images_on_the_minus_one_to_one_scale():
+    """`sample_images`: "float (N, 1, 256, 256) in [-1, 1]" from the pipeline's "pt" output in [0, 1] (black stays
+    black: -1, white +1), in the order of `labels`."""
+    from diffusers import DDPMScheduler
+
+    class Pipe:
+        scheduler = DDPMScheduler(num_train_timesteps=20)
+
+        def set_progress_bar_config(self, **kw):
+            pass
+
+        def __call__(self, batch_size, class_labels=None, **kw):
+            value = torch.tensor([float(c) for c in class_labels])  # class 0 black, class 1 white
+            return SimpleNamespace(images=value.view(-1, 1, 1, 1).expand(batch_size, 1, 256, 256).clone())
+
+    out = E.sample_images(Pipe(), [1, 0, 1], scheduler="ddim", steps=2, progress=False, batch_size=2)
+    assert out.shape == (3, 1, 256, 256)
+    assert out[0].unique().tolist() == [1.0] and out[1].unique().tolist() == [-1.0]
+    assert out[2].unique().tolist() == [1.0]
+
+
+# ========================================================== evaluate_model's wiring, with a stand-in pipeline
+# The real pipeline is not sampled: a stub whose images depend on the per-image generators only (so every ablation
+# row, whatever its setting, draws the same images from the same seeds), and whose VQ round trip is the identity.
+# A tiny feature net (1 epoch, widths 4-8, 32 px). Seconds, not a model evaluation.
+
+
+class _StubPipe:
+    is_conditional = True
+    config = SimpleNamespace(class_names=["AD", "NC"])
+    null_class = 2
+
+    def __init__(self):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def set_progress_bar_config(self, **kw):
+        pass
+
+    def __call__(self, batch_size, generator, **kw):
+        images = torch.stack([torch.rand(1, 256, 256, generator=g) for g in generator])
+        return SimpleNamespace(images=images)
+
+    def encode(self, pixels):
+        return E.M.as_images(pixels)
+
+    def decode(self, z, output_type="pt"):
+        return (z + 1) / 2
+
+
+@pytest.fixture(scope="module")
+def stub_evaluated(demo_root, tmp_path_factory):
+    """evaluate_model on the demo set with the stub pipeline; records the `diversity` calls."""
+    model = tmp_path_factory.mktemp("stub") / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    (model / "training_data.json").write_text(json.dumps({"root": str(demo_root), "split": "patient",
+                                                           "class_names": ["AD", "NC"]}))
+    (model / "training_args.json").write_text(json.dumps({"val_fraction": 0.5, "seed": 0}))
+    calls = []
+    diversity = E.diversity
+
+    def diversity_spy(*args, **kwargs):
+        calls.append(kwargs)
+        return diversity(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "diversity", diversity_spy)
+        result = E.evaluate_model(model, num_samples=4, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
+                                  feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8,
+                                                    "bn_images": 16},
+                                  diversity_pairs=4, kid_subsets=3, ablations=True, ablation_samples=2,
+                                  ablation_step_overrides={"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2},
+                                  umap=False, render_card=False, progress=False, device="cpu", pipe=_StubPipe())
+    return result, model, calls
+
+
+def test_the_floor_is_real_training_slices_against_the_same_held_out_set(stub_evaluated):
+    """realism["floor"]: the seeded random TRAINING subset (N per class) against the same held-out subset as the
+    samples -- recomputed here from the cached feature net; not the samples again."""
+    from adni_diffusers.features import load_feature_net
+
+    result, model, _ = stub_evaluated
+    data, _ = E.load_evaluation_data(model)
+    net = load_feature_net(result["feature_net"]["path"])
+    counts = {0: 4, 1: 4}
+    held_idx = E.subsample(data.val.labels, counts, 0)
+    train_idx = E.subsample(data.train.labels, counts, 1)
+    expected = E.compare_features(net.features(data.val.pixels)[held_idx], net.features(data.train.pixels)[train_idx],
+                                  kid_subsets=3, seed=0)
+    floor = result["realism"]["floor"]
+    assert floor["fd"] == pytest.approx(expected["fd"], rel=1e-5, abs=1e-8)
+    assert floor["precision"] == expected["precision"] and floor["recall"] == expected["recall"]
+    assert floor["fd"] != result["realism"]["generated"]["fd"]
+
+
+def test_real_diversity_pairs_are_told_the_held_out_patients(stub_evaluated):
+    """Real diversity "never pairs two slices of one patient": the held-out call gets the patient of every row
+    (the generated call none: every sample is its own)."""
+    result, model, calls = stub_evaluated
+    data, _ = E.load_evaluation_data(model)
+    held_idx = E.subsample(data.val.labels, {0: 4, 1: 4}, 0)
+    generated, real = calls[0], calls[1]
+    assert generated.get("patients") is None
+    assert real["patients"] == [data.val.patients[i] for i in held_idx.tolist()]
+
+
+def test_the_ablation_row_of_the_main_setting_reuses_the_main_runs_images_of_every_class(stub_evaluated):
+    """The main setting's ablation row reuses the main run's first M samples PER CLASS (same seeds): with a stub
+    whose images depend on the seeds only, it must measure exactly what every freshly sampled row measures."""
+    result, _, _ = stub_evaluated
+    rows = result["ablations"]["rows"]
+    off = next(r for r in rows if r["group"] == "refinement" and r["setting"] == "off")
+    assert off["same_run_as"] is None and off["seconds"] > 0
+    for r in rows:
+        assert r["fd"] == pytest.approx(off["fd"], rel=1e-5, abs=1e-8), r["label"]
+        assert r["class_accuracy"] == off["class_accuracy"], r["label"]

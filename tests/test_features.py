@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import toy_slices
 
 from adni_diffusers import features as Fe
 from adni_diffusers.data import SliceSet
@@ -229,3 +230,107 @@ def test_slice_positions_follow_the_slice_numbers_not_the_row_order():
     rows = SliceSet(pixels, torch.zeros(3, dtype=torch.long), ["p", "p", "p"],
                     ["/x/AD/p_10.png", "/x/AD/p_11.png", "/x/AD/p_9.png"], ["AD"])
     assert Fe.slice_positions(rows).tolist() == pytest.approx([0.5, 1.0, 0.0])
+
+
+# ------------------------------------------------------------------------------------------ sixth mutation audit
+
+
+# A still smaller net: 16 px input, two stages of 4 channels; a second or less.
+TINY_NET = dict(epochs=1, batch_size=4, seed=0, device="cpu", progress=False, widths=(4, 4), input_size=16, bn_images=8)
+
+
+def test_metric_feature_wrapper_uses_the_running_statistics_of_a_training_net():
+    """`as_metric_feature()` (torchmetrics' FD / KID input): "net.embed in eval mode" even when the net was left in
+    training mode, so its features are the same as `features()` gives (not batch statistics)."""
+    torch.manual_seed(0)
+    net = Fe.FeatureNet(2, widths=(4, 4), input_size=16, class_names=["AD", "NC"]).train()
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    expected = net.features(x)
+    assert net.training
+    torch.testing.assert_close(net.as_metric_feature()(x), expected, atol=1e-5, rtol=0)
+
+
+def test_evaluate_feature_net_measures_in_eval_mode_and_changes_nothing():
+    """`evaluate_feature_net` measures with the BatchNorm running statistics (eval mode) and leaves a training net
+    in training mode with its statistics untouched: it is a measurement, not a training step."""
+    torch.manual_seed(0)
+    net = Fe.FeatureNet(2, widths=(4, 4), input_size=16, class_names=["AD", "NC"]).train()
+    slices = toy_slices(4, size=16)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    twin = Fe.FeatureNet(2, widths=(4, 4), input_size=16, class_names=["AD", "NC"])
+    twin.load_state_dict(before)
+    out = Fe.evaluate_feature_net(net, slices)
+    assert net.training
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert out == Fe.evaluate_feature_net(twin.eval(), slices)
+
+
+def test_patient_accuracy_is_the_call_of_the_mean_probability_over_a_patients_slices():
+    """`patient_accuracy`: a patient is called by the mean class probability over all its slices, not by one slice."""
+    class Net(torch.nn.Module):
+        class_names, num_classes = ["AD", "NC"], 2
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def _device(self, device):
+            return torch.device("cpu")
+
+        def forward(self, x):  # P(AD) = sigmoid(mean intensity on [-1, 1])
+            a = x.mean(dim=(1, 2, 3))
+            return torch.stack([a, torch.zeros_like(a)], 1), torch.zeros_like(a)
+
+    # one AD patient: its first slice leans NC (P(AD) 0.45), the other two AD (0.73): the patient is AD
+    pixels = torch.stack([torch.full((8, 8), v, dtype=torch.uint8) for v in (102, 255, 255)])
+    slices = SliceSet(pixels, torch.zeros(3, dtype=torch.long), ["p"] * 3, [f"/d/AD/p_{i}.png" for i in range(3)],
+                      ["AD", "NC"])
+    out = Fe.evaluate_feature_net(Net(), slices)
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["patient_accuracy"] == 1.0
+
+
+def test_a_cached_net_reports_the_held_out_set_it_is_given_now(tmp_path):
+    """On a cache hit "the held-out evaluation is recomputed so it refers to this val": another held-out set (e.g.
+    counterfactual on another data folder) must not get the numbers of the set the net was first measured on."""
+    train = toy_slices(4, size=16, seed=0)
+    val1, val2 = toy_slices(4, size=16, seed=1), toy_slices(2, size=16, seed=2)
+    _, first = Fe.get_or_train_feature_net(tmp_path, train, val1, **TINY_NET)
+    _, second = Fe.get_or_train_feature_net(tmp_path, train, val2, **TINY_NET)
+    assert second["cached"] is True and first["val"]["images"] == len(val1)
+    assert second["val"]["images"] == len(val2) and second["val"]["patients"] == 2
+
+
+def test_relabelled_training_slices_are_another_cached_net():
+    """The cache key covers the labels: the same pixels with other class labels (a fixed labelling error) must not
+    reuse the net trained on the old labels."""
+    train = toy_slices(4, size=16)
+    flipped = SliceSet(train.pixels, 1 - train.labels, train.patients, train.paths, train.class_names)
+    assert Fe.training_key(flipped, {"a": 1}) != Fe.training_key(train, {"a": 1})
+
+
+def test_a_loaded_feature_net_is_in_eval_mode(tmp_path):
+    """`load_feature_net`: "Load a net ... in eval mode"."""
+    net = Fe.FeatureNet(2, widths=(4, 4), input_size=16, class_names=["AD", "NC"])
+    Fe.save_feature_net(net.train(), tmp_path / "net")
+    assert Fe.load_feature_net(tmp_path / "net").training is False
+
+
+def test_a_net_trained_without_the_last_class_still_has_a_column_per_class_name():
+    """The class head has one output per class name even when the training rows lack the last class (slice
+    positions give it something to learn): `predict`'s columns follow `class_names`."""
+    train = toy_slices(4, size=16, labels=[0, 0, 0, 0])
+    net, _ = Fe.train_feature_net(train, None, **TINY_NET)
+    assert net.num_classes == 2 and net.predict(train.pixels[:2]).shape == (2, 2)
+
+
+def test_evaluate_feature_net_restores_training_mode_after_an_error(monkeypatch):
+    """An error while measuring (out of memory on a GPU) must not leave a net in training stuck in eval mode."""
+    net = Fe.FeatureNet(2, widths=(4, 4), input_size=16, class_names=["AD", "NC"]).train()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(net, "forward", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Fe.evaluate_feature_net(net, toy_slices(2, size=16))
+    assert net.training
