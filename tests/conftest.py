@@ -85,6 +85,17 @@ def run_training_script(name: str, argv: list[str]):
         reset_accelerate()
 
 
+def checkpoint_accelerator():
+    """A fresh single-process CPU Accelerator with one prepared model: enough for save_state / load_state."""
+    import torch
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    return accelerator
+
+
 class StopRun(Exception):
     """Raised from a patched function to end a training run once a test has seen what it needs."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_UNET_ARGS, StopRun, reset_accelerate, run_training_script
+from conftest import TINY_UNET_ARGS, StopRun, checkpoint_accelerator, reset_accelerate, run_training_script
 from PIL import Image
 
 
@@ -730,15 +730,6 @@ def test_validation_loss_scores_every_held_out_latent(monkeypatch):
         assert again == pytest.approx(loss, rel=1e-5)
 
 
-def _checkpoint_accelerator():
-    from accelerate import Accelerator
-
-    reset_accelerate()
-    acc = Accelerator(cpu=True)
-    acc.prepare(torch.nn.Linear(2, 2))
-    return acc
-
-
 def test_checkpoint_rotation_never_deletes_the_checkpoint_just_saved(tmp_path):
     """Resumed from an older checkpoint, newer ones (of the abandoned run) outranked the new save: with
     --checkpoints_total_limit 2 the checkpoint just written was deleted at once, with the one resumed from."""
@@ -747,7 +738,7 @@ def test_checkpoint_rotation_never_deletes_the_checkpoint_just_saved(tmp_path):
     for step in (100, 200, 300):
         (tmp_path / f"checkpoint-{step}").mkdir()
     try:
-        saved = training.save_checkpoint(_checkpoint_accelerator(), tmp_path, 150, {"tensors": {}, "meta": {}}, 2)
+        saved = training.save_checkpoint(checkpoint_accelerator(), tmp_path, 150, {"tensors": {}, "meta": {}}, 2)
     finally:
         reset_accelerate()
     assert saved.is_dir() and (saved / "training_state.json").is_file()
@@ -771,7 +762,7 @@ def test_saving_a_step_again_never_leaves_a_half_checkpoint(tmp_path, monkeypatc
         return real_rmtree(path, *args, **kwargs)
 
     try:
-        acc = _checkpoint_accelerator()
+        acc = checkpoint_accelerator()
         training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
         full = sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir())
         monkeypatch.setattr(training.shutil, "rmtree", killed_while_deleting)
@@ -914,7 +905,7 @@ def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
     latest = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
     assert training.find_resume_checkpoint(latest).name == "checkpoint-10"
     try:
-        training.save_checkpoint(_checkpoint_accelerator(), tmp_path, 11, {"tensors": {}, "meta": {}}, 2)
+        training.save_checkpoint(checkpoint_accelerator(), tmp_path, 11, {"tensors": {}, "meta": {}}, 2)
     finally:
         reset_accelerate()
     assert [p.name for p in training.list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-11"]

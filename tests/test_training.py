@@ -11,19 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import reset_accelerate
+from conftest import checkpoint_accelerator, reset_accelerate
 
 from adni_diffusers import training
 from adni_diffusers.data import load_slices
-
-
-def _checkpoint_accelerator():
-    from accelerate import Accelerator
-
-    reset_accelerate()
-    acc = Accelerator(cpu=True)
-    acc.prepare(torch.nn.Linear(2, 2))
-    return acc
 
 
 # ------------------------------------------------------------------------------------------ training.py: flags
@@ -160,7 +151,7 @@ def test_resuming_without_ema_weights_under_use_ema_says_so(tmp_path):
     """A checkpoint written without --use_ema, resumed with it: a TrainingError naming the checkpoint and the flag,
     not a KeyError from inside the EMA restore."""
     try:
-        acc = _checkpoint_accelerator()
+        acc = checkpoint_accelerator()
         path = training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
         run = object.__new__(training.TrainingRun)
         run.args = SimpleNamespace(resume_from_checkpoint=str(path), output_dir=str(tmp_path), lr_scheduler="constant")
