@@ -832,7 +832,7 @@ def write_report(res: dict, out: Path) -> Path:
         f"Distribution metrics use {r['candidate_images']} generated and {r['reference_images']} held-out real "
         f"images ({'per class: ' + ', '.join(f'{k} {v}' for k, v in res['realism']['images_per_class'].items())}); "
         "the floor uses as many real training images. FD is biased upwards at small N and its floor is not 0: "
-        "compare only numbers computed at the same N." + (f" {fd_rank_note(r)}" if fd_rank_note(r) else ""),
+        "compare only numbers computed at the same N." + (f" {fd_note}" if (fd_note := fd_rank_note(r)) else ""),
         "",
         "## Feature network",
         "",
@@ -1192,8 +1192,8 @@ def evaluate_model(
                     "vq_ceiling": compare_features(heldout_feats[h], recon_feats[in_class], kid_subsets=kid_subsets,
                                                    seed=seed),
                 }
-    if fd_rank_note(realism["generated"]):
-        logger.warning(fd_rank_note(realism["generated"]))
+    if fd_note := fd_rank_note(realism["generated"]):
+        logger.warning(fd_note)
     timings["realism_seconds"] = time.perf_counter() - t
 
     # 6. diversity: generated pairs vs held-out real pairs (same images as the realism sets)
