@@ -169,11 +169,17 @@ def _resolve_device(device: str | None) -> str:
 # ============================================================================================ sampling
 
 
+# image_seed keeps the seeds of one run apart for up to this many samples of one class
+MAX_SAMPLES_PER_CLASS = 100_003
+
+
 def image_seed(seed: int, label: int | None, index: int) -> int:
     """The noise seed of the `index`-th sample of class `label`: every image has its own generator, so a
     sample depends on (seed, class, index) only -- not on the batch size, and the same in every ablation row
     (the first M of N samples are the M samples of a smaller run)."""
-    return int(seed) * 1_000_003 + (0 if label is None else int(label) + 1) * 100_003 + int(index)
+    if not 0 <= int(index) < MAX_SAMPLES_PER_CLASS:  # beyond it, class c's seeds would run into class c+1's
+        raise ValueError(f"sample index {index}: expected 0 <= index < {MAX_SAMPLES_PER_CLASS} per class")
+    return int(seed) * 1_000_003 + (0 if label is None else int(label) + 1) * MAX_SAMPLES_PER_CLASS + int(index)
 
 
 def refinement_steps(scheduler_config, scheduler: str, steps: int, last_timesteps: int) -> tuple[int, int]:
@@ -1052,8 +1058,8 @@ def evaluate_model(
         raise EvaluationError(f"--model {model_dir}: not a saved pipeline folder (no model_index.json)")
     if scheduler not in SCHEDULERS:
         raise EvaluationError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
-    if num_samples < 2:
-        raise EvaluationError("--num-samples must be at least 2")
+    if not 2 <= num_samples <= MAX_SAMPLES_PER_CLASS:  # the upper bound keeps every sample's noise its own
+        raise EvaluationError(f"--num-samples {num_samples}: expected 2 to {MAX_SAMPLES_PER_CLASS}")
     if guidance is not None and not math.isfinite(float(guidance)):  # NaN guidance made every latent NaN
         raise EvaluationError(f"--guidance {guidance}: expected a finite number")
     out = Path(out) if out is not None else model_dir / "evaluation"

@@ -229,8 +229,10 @@ def _log_reconstructions(accelerator, vq, preview, step, output_dir):
     was_training = vq.training
     vq.eval()
     x = preview.to(accelerator.device)
-    recon = vq(x).sample.float().clamp(-1, 1)
-    vq.train(was_training)
+    try:
+        recon = vq(x).sample.float().clamp(-1, 1)
+    finally:
+        vq.train(was_training)
     return training.log_image_grid(accelerator, "reconstructions", torch.cat([x.float(), recon]), step,
                                    f"{output_dir}/samples/reconstructions-{step:06d}.png", nrow=len(x))
 

@@ -702,6 +702,10 @@ def test_image_seeds_of_different_classes_and_indices_never_collide():
     seeds = [E.image_seed(0, label, i) for label in (None, 0, 1, 2) for i in range(1000)]
     assert len(set(seeds)) == len(seeds)
     assert E.image_seed(0, 0, 1) != E.image_seed(0, 1, 0)
+    last = E.MAX_SAMPLES_PER_CLASS - 1  # the last index that keeps class 0 apart from class 1; past it, an error
+    assert E.image_seed(0, 0, last) < E.image_seed(0, 1, 0)
+    with pytest.raises(ValueError, match="sample index 100003"):
+        E.image_seed(0, 0, last + 1)
 
 
 def test_class_fidelity_per_class_accuracy_is_against_each_own_class():
@@ -878,9 +882,10 @@ def test_a_single_sample_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(generate, "load_pipeline", no_work)
     monkeypatch.setattr(features, "get_or_train_feature_net", no_work)
     (tmp_path / "model_index.json").write_text("{}")
-    with pytest.raises(E.EvaluationError, match="--num-samples must be at least 2"):
-        E.evaluate_model(tmp_path, num_samples=1, out=tmp_path / "out", device="cpu", progress=False,
-                         render_card=False)
+    for bad in (1, E.MAX_SAMPLES_PER_CLASS + 1):  # too many would share noise seeds across classes
+        with pytest.raises(E.EvaluationError, match=rf"--num-samples {bad}: expected 2 to 100003"):
+            E.evaluate_model(tmp_path, num_samples=bad, out=tmp_path / "out", device="cpu", progress=False,
+                             render_card=False)
 
 
 def test_training_record_keeps_the_recorded_preprocessing(tmp_path):

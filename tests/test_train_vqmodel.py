@@ -1038,3 +1038,21 @@ def test_the_generator_gan_loss_rewards_reconstructions_the_discriminator_calls_
     loss.backward()
     assert float(recon.grad.sum()) < 0 and disc.weight.grad is None
     assert all(p.requires_grad for p in disc.parameters())
+
+
+def test_reconstruction_grid_restores_training_mode_even_when_the_forward_fails():
+    """`_log_reconstructions` runs the model in eval mode; an error there (out of memory on a GPU) must not leave
+    a model that goes on training in eval mode."""
+    from types import SimpleNamespace
+
+    from adni_diffusers.train_vqmodel import _log_reconstructions
+
+    class Failing(torch.nn.Module):
+        def forward(self, x):
+            assert not self.training  # the grid is drawn in eval mode
+            raise RuntimeError("CUDA out of memory")
+
+    vq = Failing().train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _log_reconstructions(SimpleNamespace(device="cpu"), vq, torch.zeros(2, 1, 8, 8), 1, "unused")
+    assert vq.training
