@@ -58,20 +58,20 @@ def _options_of_every_command(monkeypatch) -> set[str]:
 
 
 def test_every_flag_the_docs_name_exists(monkeypatch):
-    """A flag renamed in the code but not in README.md, docs/ or the model card would send users to an argparse
-    error. Every `--flag` there is an option of one of our commands (or of accelerate, pip or tar)."""
+    """A flag renamed in the code but not in README.md, docs/, benchmarks/ or the model card would send users to an
+    argparse error. Every `--flag` there is an option of one of our commands (or of accelerate, pip or tar)."""
     import re
 
     from conftest import REPO_ROOT
 
     options = _options_of_every_command(monkeypatch)
     assert {"--train_data_dir", "--vqmodel", "--num-samples", "--subjects", "--vq-preset"} <= options
-    others = {"--num_processes", "--multi_gpu", "--mixed_precision", "--config_file", "--main_process_port",  # accelerate
-              "--cpu", "--num_machines", "--machine_rank", "--main_process_ip", "--dynamo_backend",
+    others = {"--num_processes", "--multi_gpu", "--mixed_precision", "--config_file",  # accelerate launch
+              "--main_process_port", "--cpu", "--num_machines", "--machine_rank", "--main_process_ip", "--dynamo_backend",
               "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target",  # pip
               "--exclude"}  # tar
     docs = [REPO_ROOT / "README.md", REPO_ROOT / "pipeline_card.md", *(REPO_ROOT / "docs").glob("*.md"),
-            *(REPO_ROOT / "adni_diffusers").glob("*.md")]
+            *(REPO_ROOT / "adni_diffusers").glob("*.md"), *(REPO_ROOT / "benchmarks").glob("*.md")]
     unknown = set()
     for doc in docs:
         for flag, star in re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)(\*?)", doc.read_text()):
