@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .generate import finite_float
+from .pipeline_adni_ldm import strength_steps
 from .plots import save_figure
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
 
@@ -64,14 +65,14 @@ FEATURE_EPOCHS = 5  # the evaluation classifier's default recipe (adni-diffusers
 
 def check_strengths(strengths, steps: int | None = None) -> list[float]:
     """Strengths as floats in (0, 1], in the order given, without repeats. With `steps`, each must
-    also select at least one denoising step (the pipeline runs round(steps * strength) of them)."""
+    also select at least one denoising step (the pipeline runs steps * strength of them, rounded half up)."""
     out, tags = [], {}
     for s in strengths:
         s = float(s)
         if not (0.0 < s <= 1.0) or math.isnan(s):
             raise ValueError(f"--strength {s:g}: expected a number in (0, 1] (0 is the VQ reconstruction, "
                              "which is always shown; 1 starts from pure noise)")
-        if steps is not None and round(steps * s) < 1:
+        if steps is not None and strength_steps(steps, s) < 1:
             raise ValueError(f"--strength {s:g} with --steps {steps} runs no denoising step; "
                              f"use a strength of at least {1 / steps:.3g} or more steps")
         tag = f"{s:.2f}"  # the files' names (counterfactual_s0.40.png) and the tables' labels
@@ -213,7 +214,7 @@ class _Sampler:
         self.pipe.scheduler = self.saved
 
     def denoising_steps(self, strength: float) -> int:
-        return min(int(round(self.steps * strength)), self.steps)
+        return strength_steps(self.steps, strength)
 
     def reconstruct(self, pixels: torch.Tensor) -> torch.Tensor:
         """Strength 0: decode(encode(x)), in [-1, 1] on CPU."""

@@ -188,8 +188,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         if value < 1:  # checked before the model loads (batch_size < 1 would end in torch.cat([]))
             raise ValueError(f"{name}={value}: expected at least 1")
     check_refinement(steps, refine_steps, refine_repeats)
-    if not 0 <= seed * 1_000_003 + num_images < 2**64:  # the per-image generator seeds below
-        raise ValueError(f"--seed {seed}: expected 0 .. {(2**64 - num_images) // 1_000_003 - 1}")
+    if not (seed >= 0 and seed * 1_000_003 + num_images <= 2**64):  # the per-image generator seeds below are < 2**64
+        raise ValueError(f"--seed {seed}: expected 0 .. {(2**64 - num_images) // 1_000_003}")
     if guidance != 1.0 and class_label is None:  # the unconditional class has nothing to guide toward: ignored
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
                          "toward)")

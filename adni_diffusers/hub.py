@@ -164,9 +164,17 @@ def _pipeline_components(index: dict) -> list[str]:
 
 
 def _walk(folder: Path) -> list[str]:
-    """Every file under `folder` (relative POSIX paths, sorted), without descending into skipped folders."""
-    found = []
-    for root, dirs, files in os.walk(folder):
+    """Every file under `folder` (relative POSIX paths, sorted), without descending into skipped folders.
+
+    Linked folders are followed (a `vqvae/` linked to the first stage's output is part of the model; the
+    checks of the files found follow links too), each real folder once (a link to a parent is no loop)."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if d not in ALWAYS_SKIPPED_DIRS)
         rel = Path(root).relative_to(folder)
         found += [(rel / f).as_posix() for f in files if not f.endswith(".pyc")]

@@ -294,10 +294,12 @@ def _populate(card, tags: list[str]):
 
 
 def _files_listing(model_dir: Path) -> list[str]:
-    """What a push uploads (top-level names; folders end with '/')."""
-    from .hub import select_upload_files
+    """What a push uploads (top-level names; folders end with '/'): not the pictures of real slices it withholds."""
+    from .hub import is_demo_trained, select_upload_files, shows_real_slices
 
     _, files = select_upload_files(model_dir)
+    demo = is_demo_trained(model_dir)
+    files = [p for p in files if not shows_real_slices(model_dir, p, demo)]
     names = []
     for path in files:
         name = path.split("/")[0] + ("/" if "/" in path else "")

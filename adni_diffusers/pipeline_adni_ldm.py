@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -67,6 +68,12 @@ def pad_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     """Pad a (H <= size, size) slice with black rows, split evenly above and below (ADNI: 240 -> 256)."""
     top = (size - arr.shape[0]) // 2
     return np.pad(arr, ((top, size - arr.shape[0] - top), (0, 0)))
+
+
+def strength_steps(num_inference_steps: int, strength: float) -> int:
+    """How many of the sampler's steps image-to-image runs: steps x strength rounded half up (Python's round()
+    takes halves to even, so 0.15 and 0.25 of 10 steps both ran 2), at most all of them."""
+    return min(math.floor(num_inference_steps * strength + 0.5), num_inference_steps)
 
 
 def renoise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -504,7 +511,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         timesteps = self._reset_scheduler(num_inference_steps, 0)
         if pixels is not None:
             x0 = encode_slices(self.vqvae, pixels).float()
-            start = num_inference_steps - min(int(round(num_inference_steps * strength)), num_inference_steps)
+            start = num_inference_steps - strength_steps(num_inference_steps, strength)
             timesteps = self._reset_scheduler(num_inference_steps, start)
             if len(timesteps):
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)

@@ -528,6 +528,9 @@ def test_denoising_steps_are_the_pipelines_rounded_count():
     sampler = C._Sampler(None, 1.0, 0, None, 4)
     assert [sampler.denoising_steps(s) for s in (0.3, 0.6, 0.9, 1.0)] == [1, 2, 4, 4]
     assert C._Sampler(None, 1.0, 0, None, 10).denoising_steps(0.39) == 4
+    # halves round up, as the pipeline does (Python's round() took 0.25 of 10 steps to 2, and 0.05 to none)
+    assert [C._Sampler(None, 1.0, 0, None, 10).denoising_steps(s) for s in (0.05, 0.15, 0.25, 0.35)] == [1, 2, 3, 4]
+    assert C.check_strengths([0.05], steps=10) == [0.05]  # one step: not refused as "runs no denoising step"
 
 
 def _brain(value=0.2):

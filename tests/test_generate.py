@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import image_mode
@@ -254,6 +256,26 @@ def test_bad_seed_or_device_is_named_before_the_model_loads(tmp_path, capsys, fl
     assert message in err and "no such folder" not in err, err
 
 
+@pytest.mark.parametrize("num_images", [1, 16, 1_000_003])
+def test_the_seed_range_is_exactly_what_the_image_generators_take(tmp_path, num_images):
+    """Image i is drawn from seed * 1000003 + i, and a torch generator takes 0 .. 2**64 - 1: the largest seed the
+    message names is accepted, one more is refused, and a negative seed is refused for any --num-images."""
+    from adni_diffusers.generate import generate
+
+    def refused(seed):
+        try:
+            generate(str(tmp_path / "no-model"), tmp_path / "out", num_images=num_images, seed=seed, device="cpu")
+        except ValueError as e:  # the seed's message, or (seed accepted) the missing model's
+            return str(e) if str(e).startswith("--seed") else None
+        raise AssertionError("a missing model was loaded")
+
+    message = refused(-1)
+    largest = int(message.rsplit(" ", 1)[-1])
+    assert message.startswith("--seed -1: expected 0 .. ") and largest == (2**64 - num_images) // 1_000_003
+    torch.Generator().manual_seed(largest * 1_000_003 + num_images - 1)  # the last image's seed: torch takes it
+    assert refused(largest) is None
+    assert refused(largest + 1) == f"--seed {largest + 1}: expected 0 .. {largest}"
+
 
 def test_refinement_may_re_noise_the_whole_chain(fresh_pipe, tmp_path):
     """--refine-steps equal to --steps is what the pipeline takes (re-noise to the first timestep): not refused."""
@@ -336,3 +358,102 @@ def test_every_help_shows_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--num-images NUM_IMAGES default: 16" in text and "default: 16 on CPU, 256 on GPU" in text
     assert "(default: default" not in text and "default: None" not in text
+
+# ------------------------------------------------------------------------------------------ seventh mutation audit
+
+
+@pytest.fixture
+def recorded_calls(monkeypatch):
+    """Replace the pipeline's sampling by a fast stand-in: every call is recorded (batch size, generator seeds)
+    and returns, per generator, pixels k / 255 (k drawn from that generator) as `output_type="pt"` does."""
+    from adni_diffusers import ADNILatentDiffusionPipeline
+
+    calls = []
+
+    def fake_call(self, batch_size=1, generator=None, output_type="pil", **kwargs):
+        assert output_type == "pt" and len(generator) == batch_size
+        calls.append(SimpleNamespace(batch_size=batch_size, seeds=[g.initial_seed() for g in generator]))
+        k = torch.stack([torch.randint(0, 256, (1, 256, 256), generator=g) for g in generator])
+        return SimpleNamespace(images=k.float() / 255)
+
+    monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", fake_call)
+    return calls
+
+
+def _png(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im).copy()
+
+
+def test_each_image_has_its_own_seed_from_seed_and_index(fresh_pipe, tmp_path, recorded_calls):
+    """Image i is drawn from seed * 1000003 + i (as generation.json says): with seed + i instead, --seed 1 would
+    give --seed 0's images shifted by one."""
+    from adni_diffusers.generate import generate
+
+    generate("unused", tmp_path, num_images=5, batch_size=2, seed=3, scheduler="ddim", steps=1, device="cpu",
+             pipe=fresh_pipe)
+    assert [c.seeds for c in recorded_calls] == [[3_000_009, 3_000_010], [3_000_011, 3_000_012], [3_000_013]]
+
+
+def test_sample_pngs_hold_the_pipeline_pixels_and_the_grid_holds_the_samples(fresh_pipe, tmp_path,
+                                                                            recorded_calls):
+    """sample-NNNN.png is the pipeline's [0, 1] output times 255, rounded; grid.png shows exactly those pixels (a
+    scale slip would brighten every file; truncating instead of rounding darkens the grid by a grey level)."""
+    from adni_diffusers.generate import generate
+
+    seed = 1
+    paths = generate("unused", tmp_path, num_images=2, batch_size=2, seed=seed, scheduler="ddim", steps=1,
+                     device="cpu", pipe=fresh_pipe)
+    grid = _png(paths["grid"])
+    assert grid.shape == (2 + 258, 2 + 2 * 258)  # 2 columns, 2-pixel padding
+    for i, path in enumerate(paths["images"]):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        expected = torch.randint(0, 256, (1, 256, 256), generator=g)[0].numpy().astype(np.uint8)
+        assert np.array_equal(_png(path), expected), path
+        assert np.array_equal(grid[2:258, 2 + 258 * i: 258 + 258 * i], expected), f"grid cell {i}"
+
+
+@pytest.mark.parametrize("num_images, batch_size, sizes", [(3, 2, [2, 1]), (17, None, [16, 1])])
+def test_batches_cover_the_images_exactly_and_cpu_batches_hold_16(fresh_pipe, tmp_path, recorded_calls,
+                                                                  num_images, batch_size, sizes):
+    """The last batch holds only the images left (not a whole batch: extra samples beyond --num-images), and on the
+    CPU the default --batch-size is 16 (256 is the GPU's)."""
+    from adni_diffusers.generate import generate
+
+    paths = generate("unused", tmp_path, num_images=num_images, batch_size=batch_size, scheduler="ddim", steps=1,
+                     device="cpu", pipe=fresh_pipe)
+    assert [c.batch_size for c in recorded_calls] == sizes
+    assert sorted(p.name for p in tmp_path.glob("sample-*.png")) == [f"sample-{i:04d}.png" for i in range(num_images)]
+    assert len(paths["images"]) == num_images
+
+
+def test_refinement_steps_without_passes_are_refused_even_one():
+    """--refine-steps 1 without --refine-repeats would be silently ignored, as any other count."""
+    from adni_diffusers.generate import check_refinement
+
+    with pytest.raises(ValueError, match="--refine-steps 1 needs --refine-repeats 1 or more"):
+        check_refinement(10, 1, 0)
+    check_refinement(10, 0, 0)  # both off
+
+
+def test_zero_refinement_flags_mean_off():
+    """--refine-steps 0 / --refine-repeats 0 are the documented "off" (the defaults): accepted on the command line."""
+    import argparse
+
+    from adni_diffusers.generate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--out", "o", "--refine-steps", "0", "--refine-repeats", "0"])
+    assert args.refine_steps == 0 and args.refine_repeats == 0
+
+
+def test_guidance_below_one_without_a_class_is_refused(tmp_path):
+    """Any guidance other than 1 needs a class to guide toward: 0.5 without --class would be ignored as 3 is."""
+    from adni_diffusers.generate import generate
+
+    with pytest.raises(ValueError, match="--guidance 0.5 needs --class"):
+        generate(str(tmp_path / "no-model"), tmp_path / "out", guidance=0.5, device="cpu")
+    assert not (tmp_path / "out").exists()

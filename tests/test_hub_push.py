@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import re
+import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from safetensors.numpy import save_file
 
 from adni_diffusers import cli, hub
 from adni_diffusers.hub import HubError, push_folder
+from adni_diffusers.model_card import CARD_MARKER
 
 REPO = "user/adni-ldm"
 SECRET = "hf_SecretTokenThatMustNeverBeShown42"
@@ -523,3 +526,171 @@ def test_a_renamed_checkpoint_folder_is_still_pushed_as_a_checkpoint(tmp_path):
     _write(tmp_path / "best", ckpt)
     kind, files = hub.select_upload_files(tmp_path / "best")
     assert kind == "checkpoint" and set(files) == set(ckpt)
+
+# ------------------------------------------------------------------------------------------ seventh mutation audit
+
+
+def _weights(path, n: int = 12) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"w": np.arange(n, dtype=np.float32)}, str(path))
+
+
+@pytest.fixture
+def vq_dir(tmp_path):
+    """A fake train_vqmodel.py output folder with the user's own card (so no card is rendered)."""
+    root = tmp_path / "vq"
+    _write(root, {"vqvae/config.json": b'{"latent_channels": 4}', "README.md": b"# my VQ model\n",
+                  "training_data.json": b'{"source": "user"}'})
+    _weights(root / "vqvae" / "diffusion_pytorch_model.safetensors")
+    return root
+
+
+@pytest.fixture
+def vq(tiny_vq, tmp_path):
+    """A copy of the tiny trained VQ model folder (the session fixture stays untouched)."""
+    return Path(shutil.copytree(tiny_vq, tmp_path / "tiny-vq", ignore=shutil.ignore_patterns("latent_cache")))
+
+
+def test_an_unset_optional_component_is_not_required(hub_stub, pipeline_dir):
+    """diffusers writes an optional component that is not set as `[null, null]` in model_index.json: it has no
+    folder, and such a pipeline loads, so it must be pushed (not refused as lacking `safety_checker/`)."""
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    (pipeline_dir / "model_index.json").write_text(json.dumps({**index, "safety_checker": [None, None]}))
+    assert hub._missing_model_files(pipeline_dir, "pipeline") == []
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert "model_index.json" in hub_stub.repo_files(REPO)
+
+
+def test_notice_and_license_files_of_any_spelling_go_up(tmp_path):
+    """NOTICE files (Apache-style attribution) and LICENSE.txt must travel with the model: dropping them breaks the
+    terms under which it may be shared."""
+    _write(tmp_path, {"model_index.json": b'{"unet": ["diffusers", "UNet2DModel"]}', "unet/config.json": b"{}",
+                      "NOTICE": b"n", "NOTICE.md": b"n", "LICENSE.txt": b"l", "notes.txt": b"mine"})
+    kind, files = hub.select_upload_files(tmp_path)
+    assert kind == "pipeline"
+    assert {"NOTICE", "NOTICE.md", "LICENSE.txt"} <= set(files) and "notes.txt" not in files
+
+
+def test_repush_of_a_vq_model_removes_its_stale_weights(hub_stub, vq_dir):
+    """A VQ model re-pushed without the weights file an earlier push had (another variant or shard layout): the old
+    file must not outlive the new push, or loaders may pick it."""
+    stale = vq_dir / "vqvae" / "diffusion_pytorch_model.fp16.safetensors"
+    _weights(stale)
+    push_folder(vq_dir, "user/vq", token=hub_stub.token)
+    assert "vqvae/diffusion_pytorch_model.fp16.safetensors" in hub_stub.repo_files("user/vq")
+    stale.unlink()
+    push_folder(vq_dir, "user/vq", token=hub_stub.token)
+    assert set(hub_stub.repo_files("user/vq")) == {"vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors",
+                                                    "README.md", "training_data.json"}
+
+
+def test_a_file_holding_the_stored_token_stops_the_push(hub_stub, pipeline_dir, monkeypatch):
+    """With no --token, the push uses the token from `hf auth login` / HF_TOKEN: a file holding THAT token must stop
+    the push as well (it would be readable by anyone the repo is shared with)."""
+    monkeypatch.setenv("HF_TOKEN", hub_stub.token)
+    (pipeline_dir / "training_args.json").write_text(json.dumps({"note": f"token {hub_stub.token}"}))
+    with pytest.raises(HubError, match="training_args.json holds your Hub token") as info:
+        push_folder(pipeline_dir, REPO)
+    assert hub_stub.token not in str(info.value)
+    assert REPO not in hub_stub.repo_ids()
+
+
+def test_a_vq_model_card_is_rendered_for_the_target_repo(hub_stub, vq):
+    """`adni-diffusers push` of a train_vqmodel.py folder: the generated card's snippet must load from the repo it is
+    pushed to, not from the `your-user/...` placeholder written at training time; the local card is unchanged."""
+    local = (vq / "README.md").read_bytes()
+    assert CARD_MARKER in local.decode()
+    push_folder(vq, "user/target-vq", token=hub_stub.token)
+    card = hub_stub.repo_files("user/target-vq")["README.md"].decode()
+    assert 'VQModel.from_pretrained("user/target-vq", subfolder="vqvae")' in card
+    assert "your-user/" not in card
+    assert (vq / "README.md").read_bytes() == local
+
+
+def test_the_stored_token_is_enough_to_push(hub_stub, pipeline_dir, monkeypatch):
+    """After `hf auth login` (or with HF_TOKEN set) a push needs no --token: refusing it as 'no token found' would
+    break the recommended way of giving a token."""
+    monkeypatch.setenv("HF_TOKEN", hub_stub.token)
+    url = push_folder(pipeline_dir, REPO)
+    assert url.startswith(f"{hub_stub.endpoint}/{REPO}/commit/")
+    assert "unet/config.json" in hub_stub.repo_files(REPO)
+
+
+def test_a_checkpoint_is_pushed_byte_for_byte(hub_stub, tmp_path):
+    """Resuming from a pushed checkpoint reads its records as they were written: a checkpoint's JSON is not cut for
+    local paths (unlike a model's records)."""
+    state = json.dumps({"output_dir": "/home/me/runs/ldm", "step": 500}).encode()
+    _write(tmp_path / "checkpoint-500", {"training_state.json": state, "optimizer.bin": b"opt"})
+    push_folder(tmp_path / "checkpoint-500", REPO, token=hub_stub.token, revision="checkpoints",
+                path_in_repo="checkpoint-500")
+    pushed = hub_stub.repo_files(REPO, "checkpoints")
+    assert pushed["checkpoint-500/training_state.json"] == state
+
+
+def test_the_users_own_card_is_pushed_byte_for_byte(hub_stub, pipeline_dir):
+    """A README.md without the marker is the user's own card: pushed exactly as written (only generated cards and
+    the evaluation report are rewritten)."""
+    own = "# My model\n\nTrained from `/data/ADNI/AD_NC` (see `~/notes`).\n"
+    (pipeline_dir / "README.md").write_text(own)
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert hub_stub.repo_files(REPO)["README.md"] == own.encode()
+
+
+def test_the_default_repo_name_of_a_relative_output_dir_is_the_folders_own(tmp_path, monkeypatch):
+    """`--output_dir .` (or `runs/..`) with --push_to_hub and no --hub_model_id: the repo is named after the folder
+    itself; the unresolved name ('' or '..') is not a repo id and the run would be stopped."""
+    (tmp_path / "my-run" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "my-run")
+    args = _parse(["--push_to_hub", "--hub_token", "hf_x"])
+    assert hub.hub_repo_id(args, ".") == "my-run"
+    assert hub.hub_repo_id(args, "sub/..") == "my-run"
+    hub.check_hub_arguments(args, ".")  # a valid repo id: no HubError
+
+
+def test_a_checkpoint_of_a_demo_model_pushed_public_does_not_warn(hub_stub, tmp_path, caplog):
+    """A checkpoint folder has no training_data.json; the output folder says the demo set: a public checkpoint push
+    of a demo model must not warn about ADNI's agreement."""
+    out = tmp_path / "out"
+    _write(out, {"training_data.json": b'{"source": "demo"}', "checkpoint-10/optimizer.bin": b"opt"})
+    args = _parse(["--push_to_hub", "--push_checkpoints", "--hub_public_repo", "--hub_model_id", REPO,
+                   "--hub_token", hub_stub.token])
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
+        assert hub.push_from_args(args, out / "checkpoint-10", output_dir=out, step=10) is not None
+    assert "data use agreement" not in caplog.text
+    assert hub_stub.repo_files(REPO, "checkpoints")["checkpoint-10/optimizer.bin"] == b"opt"
+
+
+def test_hub_public_repo_makes_the_training_push_public(hub_stub, pipeline_dir):
+    """`--hub_public_repo` is the training scripts' only way to publish: push_from_args must pass it on (a model
+    kept private against the flag fails silently for whoever it was meant for)."""
+    args = _parse(["--push_to_hub", "--hub_public_repo", "--hub_model_id", REPO, "--hub_token", hub_stub.token])
+    hub.push_from_args(args, pipeline_dir, trained_on_demo_data=True)
+    assert hub_stub.private(REPO) is False
+
+
+def test_a_folder_beside_vqvae_with_a_similar_name_is_not_pushed(tmp_path):
+    """`vqvae_old/` or `vqvae.bak/` beside a VQ model's `vqvae/` (an earlier run's weights) is not the model and
+    must not go up with it."""
+    _write(tmp_path, {"vqvae/config.json": b"{}", "vqvae/diffusion_pytorch_model.safetensors": b"w",
+                      "vqvae_old/diffusion_pytorch_model.safetensors": b"old", "vqvae.bak/config.json": b"{}"})
+    kind, files = hub.select_upload_files(tmp_path)
+    assert kind == "vqmodel"
+    assert set(files) == {"vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors"}
+
+
+def test_a_linked_component_folder_is_pushed(hub_stub, pipeline_dir, tmp_path):
+    """A pipeline whose `vqvae/` is a link to the first stage's folder (saves copying it) is pushed with its VQ
+    model: it went up without vqvae/ (a repo nobody can load) while the checks, which follow links, passed it, and
+    a re-push deleted the vqvae/ an earlier push had put on the Hub. A link to a parent folder is no loop."""
+    real = tmp_path / "vq-out" / "vqvae"
+    _write(real, {"config.json": b"{}"})
+    _weights(real / "diffusion_pytorch_model.safetensors")
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    (pipeline_dir / "model_index.json").write_text(json.dumps({**index, "vqvae": ["diffusers", "VQModel"]}))
+    (pipeline_dir / "vqvae").symlink_to(real, target_is_directory=True)
+    (real / "up").symlink_to(real.parent, target_is_directory=True)  # a loop for a walk that follows links blindly
+    assert {"vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors"} <= set(
+        hub.select_upload_files(pipeline_dir)[1])
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    pushed = hub_stub.repo_files(REPO)
+    assert pushed["vqvae/config.json"] == b"{}" and "vqvae/diffusion_pytorch_model.safetensors" in pushed

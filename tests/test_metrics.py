@@ -1,7 +1,9 @@
 """Properties the evaluation metrics must have (adni_diffusers.metrics). CPU, a few seconds."""
 
 import math
+import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -349,3 +351,143 @@ def test_kid_of_a_single_row_is_refused_by_name():
         M.kid(_features(1), _features(50, seed=1))
     with pytest.raises(ValueError, match="at least 2 rows"):
         M.kid(_features(50), _features(1, seed=1), subset_size=10)
+
+# ------------------------------------------------------------------------------------------ seventh mutation audit
+
+
+def test_uint8_pixels_are_read_on_the_minus1_1_scale():
+    """uint8 pixels 0 .. 255 become -1 .. 1: read as [0, 1] instead, every PSNR of uint8 input would be 6 dB
+    too high (DATA_RANGE is 2) and SSIM would run on [0.5, 1]."""
+    x = M.as_images(torch.tensor([[[0, 255, 51]]], dtype=torch.uint8))
+    assert x.shape == (1, 1, 1, 3) and x.dtype == torch.float32
+    assert x.flatten().tolist() == pytest.approx([-1.0, 1.0, 51 / 127.5 - 1])
+    # PSNR of uint8 pixels is the textbook one with peak 255
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (2, 64, 64), dtype=torch.uint8, generator=g)
+    b = (a.int() + torch.randint(-20, 21, a.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    out = M.reconstruction_metrics(a, b, mask=torch.ones(2, 1, 64, 64, dtype=torch.bool), per_image=True)
+    mse255 = (a.double() - b.double()).square().mean(dim=(1, 2))
+    assert out["per_image"]["psnr"].double().tolist() == pytest.approx((10 * torch.log10(255**2 / mse255)).tolist(),
+                                                                       rel=1e-4)
+
+
+def test_brain_psnr_and_mse_follow_the_definition_over_the_mask_pixels():
+    """mse_brain is the mean squared error over mask pixels and psnr_brain = 10 log10(2^2 / mse_brain): a wrong
+    peak (range instead of range squared) would shift every in-brain PSNR by half."""
+    x, _, _ = _brain_slices(2, size=64)
+    y = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    mask = M.brain_mask(x)
+    out = M.reconstruction_metrics(x, y, mask, per_image=True)
+    xs, ys, ms = x.numpy().astype(np.float64), y.numpy().astype(np.float64), mask.numpy()
+    mse = np.array([((xs[i] - ys[i])[ms[i]] ** 2).mean() for i in range(2)])
+    assert out["per_image"]["mse_brain"].double().numpy() == pytest.approx(mse, rel=1e-5)
+    assert out["per_image"]["psnr_brain"].double().numpy() == pytest.approx(10 * np.log10(4 / mse), rel=1e-5)
+    assert out["psnr_brain"] == pytest.approx(float(np.mean(10 * np.log10(4 / mse))), rel=1e-5)
+
+
+def test_brain_mask_is_the_bright_region_dilated_by_two_pixels():
+    """The default mask reaches 2 pixels (a 5 x 5 square) past the bright brain, so the dark partial-volume rim of
+    the cortex is judged; with no dilation the rim, where reconstructions blur, would be left out."""
+    from scipy.ndimage import binary_dilation
+
+    img = -torch.ones(1, 1, 48, 48)
+    img[0, 0, 15:30, 18:33] = 0.4
+    bright = (img[0, 0] > M.MASK_THRESHOLD).numpy()
+    assert np.array_equal(M.brain_mask(img)[0, 0].numpy(), binary_dilation(bright, np.ones((5, 5))))
+    assert np.array_equal(M.brain_mask(img, dilation=1)[0, 0].numpy(), binary_dilation(bright, np.ones((3, 3))))
+    assert np.array_equal(M.brain_mask(img, dilation=0)[0, 0].numpy(), bright)
+
+
+def test_reconstructions_outside_the_image_range_are_clamped_first():
+    """A decoder's output beyond [-1, 1] is judged as the image that would be saved (clamped), as documented;
+    unclamped, an overshoot nobody can see would lower PSNR and SSIM."""
+    x, _, _ = _brain_slices(2, size=64)
+    y = x + 0.4  # the bright brain overshoots 1
+    assert y.max() > 1
+    a = M.reconstruction_metrics(x, y)
+    b = M.reconstruction_metrics(x, y.clamp(-1, 1))
+    for key in ("mse", "psnr", "ssim", "ms_ssim", "mse_brain", "psnr_brain", "ssim_brain"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+def test_reconstruction_metrics_do_not_depend_on_the_batch_size():
+    """More images than `batch_size` are split into batches: each image keeps its own mask and pair (every test
+    before used fewer images than the default batch of 64, so a slip in the batching went unseen)."""
+    x, _, _ = _brain_slices(3, size=64)
+    y = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))).clamp(-1, 1)
+    mask = M.brain_mask(x)
+    mask[1, ..., :32] = False  # three different masks
+    mask[2, ..., 32:] = False
+    whole = M.reconstruction_metrics(x, y, mask, per_image=True)
+    ones = M.reconstruction_metrics(x, y, mask, batch_size=1, per_image=True)
+    for key, v in whole["per_image"].items():
+        assert ones["per_image"][key].tolist() == pytest.approx(v.tolist(), rel=1e-6), key
+    fraction = mask.float().mean(dim=(1, 2, 3))
+    assert ones["per_image"]["brain_fraction"].tolist() == pytest.approx(fraction.tolist())
+
+
+def test_a_one_pixel_mask_is_not_an_empty_mask():
+    """Only a mask with no pixel at all counts in `images_with_empty_mask` (and gives NaN); a tiny mask is a
+    valid, finite measurement."""
+    x, _, _ = _brain_slices(1, size=64)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[0, 0, 32, 32] = True
+    out = M.reconstruction_metrics(x, (x + 0.05).clamp(-1, 1), mask)
+    assert out["images_with_empty_mask"] == 0
+    assert math.isfinite(out["psnr_brain"]) and math.isfinite(out["mse_brain"])
+
+
+def test_kid_seed_chooses_the_subsets_and_feature_metrics_passes_it_on():
+    """`seed` picks KID's random subsets: another seed gives another estimate, and `feature_metrics(seed=...)` is
+    `kid(seed=...)` (a seed dropped on the way would make every seeded evaluation the seed-0 one)."""
+    a, b = _features(60, d=8, seed=0), _features(80, d=8, seed=1) + 0.3
+    k0, k1 = M.kid(a, b, subset_size=20, subsets=5, seed=0), M.kid(a, b, subset_size=20, subsets=5, seed=1)
+    assert k0["mean"] != k1["mean"]
+    for seed, expected in ((0, k0), (1, k1)):
+        out = M.feature_metrics(a, b, k=3, kid_subset_size=20, kid_subsets=5, seed=seed)
+        assert out[M.KID_NAME] == expected["mean"] and out[f"{M.KID_NAME} std"] == expected["std"]
+
+
+def test_fd_matches_the_closed_form():
+    """FD = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) with unbiased covariances, checked against numpy /
+    scipy on small sets (the other tests only check FD's mean term to 30%)."""
+    from scipy.linalg import sqrtm
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    b = 0.6 * torch.randn(150, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g,
+                                                                                  dtype=torch.float64) + 0.4
+    an, bn = a.numpy(), b.numpy()
+    sa, sb = np.cov(an, rowvar=False), np.cov(bn, rowvar=False)
+    expected = ((an.mean(0) - bn.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * sqrtm(sa @ sb).real)
+    assert M.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_nearest_neighbours_survive_a_large_common_offset():
+    """knn centres the features on the reference mean before cdist's |a|^2 + |b|^2 - 2ab: without it, features
+    sharing a large offset (1e8 here) lose the differences to rounding and a training image's nearest neighbour is
+    some other image (the memorisation check would miss copies)."""
+    ref = torch.randn(300, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1e8
+    d, i = M.nearest_neighbour_distances(ref[[5, 17, 299]], ref)
+    assert i.tolist() == [5, 17, 299] and d.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_ms_ssim_uses_as_many_scales_as_the_image_allows_and_no_more():
+    """torchmetrics needs side // (scales - 1)^2 > kernel - 1: a 40 x 40 image takes 2 scales (3 would be
+    refused inside torchmetrics), a 44 x 44 image 3."""
+    assert len(M._ms_ssim_betas(40, 40)) == 2
+    assert len(M._ms_ssim_betas(44, 44)) == 3
+    for side in (40, 44):
+        x = torch.rand(2, 1, side, side, generator=torch.Generator().manual_seed(side)) * 2 - 1
+        assert M.ms_ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_ms_ssim_diversity_reports_the_mean_and_sample_std_of_the_pairs():
+    """With as many pairs as exist, every pair is measured once: mean and (sample, n - 1) std of their MS-SSIMs."""
+    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    x[1] = (x[0] + 0.3 * x[1]).clamp(-1, 1)  # one similar pair: values spread
+    out = M.ms_ssim_diversity(x, num_pairs=10)
+    values = [float(M.ms_ssim(x[i:i + 1], x[j:j + 1])) for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert out["pairs"] == 3
+    assert out["mean"] == pytest.approx(statistics.mean(values), rel=1e-6)
+    assert out["std"] == pytest.approx(statistics.stdev(values), rel=1e-6)

@@ -8,14 +8,17 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from huggingface_hub import ModelCard
+from safetensors.numpy import save_file
 
 from adni_diffusers.model_card import (
     CARD_MARKER,
     TEMPLATE,
     is_generated_card,
     render_model_card,
+    write_demo_license,
     write_model_card,
 )
 from adni_diffusers.pipeline_adni_ldm import PIPELINE_MODULE
@@ -333,3 +336,209 @@ def test_epochs_are_shown_only_when_no_max_steps_were_given(ldm):
     path.write_text(json.dumps({**args, "max_train_steps": 120, "num_epochs": 7}))
     text = render_model_card(ldm)
     assert "`--num_epochs`" not in text and "`--max_train_steps`" in text
+
+# ------------------------------------------------------------------------------------------ seventh mutation audit
+
+
+@pytest.fixture
+def vq(tiny_vq, tmp_path):
+    """A copy of the tiny trained VQ model folder (the session fixture stays untouched)."""
+    return Path(shutil.copytree(tiny_vq, tmp_path / "tiny-vq", ignore=shutil.ignore_patterns("latent_cache")))
+
+
+def _edit_json(path: Path, **changes) -> dict:
+    record = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps(record))
+    return record
+
+
+def _save(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.zeros(s, dtype=np.float16) for k, s in shapes.items()}, str(path))
+
+
+def test_the_card_counts_parameters_of_every_shard_and_only_of_the_main_weights(ldm):
+    """The parameter counts are read from safetensors headers: a sharded UNet counts all its shards (elements, not
+    the sum of the dimensions), a `.fp16` variant beside the weights is not counted twice, and sizes of 0.1M and
+    more show one decimal."""
+    unet = ldm / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    _save(unet / "diffusion_pytorch_model-00001-of-00002.safetensors", {"a": (1000, 1000)})
+    _save(unet / "diffusion_pytorch_model-00002-of-00002.safetensors", {"b": (200, 1000), "c": (10,)})
+    _save(unet / "diffusion_pytorch_model.fp16.safetensors", {"a": (1000, 1000), "b": (200, 1000)})
+    text = render_model_card(ldm)
+    assert "`UNet2DModel` (1.2M parameters)" in text
+    assert "`VQModel` (0.065M parameters)" in text  # the tiny VQModel: 65,093 parameters, three decimals
+
+
+def test_evaluation_numbers_come_from_the_evaluation_folder_first(ldm):
+    """`evaluate --out <model>` leaves a metrics.json at the top as well: the card shows evaluation/metrics.json (the
+    documented first choice), and names the file it took the numbers from."""
+    (ldm / "evaluation").mkdir()
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps({"fd_project_features": 12.5}))
+    (ldm / "metrics.json").write_text(json.dumps({"fd_project_features": 99.0}))
+    text = render_model_card(ldm)
+    assert "From `evaluation/metrics.json`:" in text and "| `fd_project_features` | 12.5 |" in text
+    assert "99" not in text.split("## Evaluation")[1].split("## How to use")[0]
+
+
+def test_the_held_out_fraction_is_shown_only_for_a_patient_split(ldm):
+    """--val_fraction only matters with --split patient: with the folder's own split it did nothing, and the argument
+    table must not suggest a held-out share."""
+    assert "| `--val_fraction` | 0.1 |" in render_model_card(ldm)  # the demo model: --split patient
+    _edit_json(ldm / "training_args.json", split="given")
+    _edit_json(ldm / "training_data.json", split="given")
+    assert "`--val_fraction`" not in render_model_card(ldm)
+
+
+def test_flags_read_yes_or_no_as_they_were_set(ldm):
+    """Boolean arguments read `yes` when set and `no` when not: a card saying `--use_ema no` of an EMA model
+    misleads whoever reproduces it."""
+    text = render_model_card(ldm)  # trained with --conditional --use_ema, without --scale_lr
+    assert "| `--conditional` | yes |" in text and "| `--use_ema` | yes |" in text
+    assert "| `--scale_lr` | no |" in text
+
+
+def test_no_validation_row_when_nothing_was_held_out(ldm):
+    """--split all records an empty validation summary (0 images): the data table has no `validation | 0` row next
+    to the line saying nothing was held out."""
+    data = json.loads((ldm / "training_data.json").read_text())
+    _edit_json(ldm / "training_data.json", split="all",
+               validation={"images": 0, "patients": 0, "per_class": {}})
+    text = render_model_card(ldm)
+    assert "| validation |" not in text and f"| training | {data['train']['images']} |" in text
+    assert "none: every slice was used for training" in text
+
+
+def test_the_recorded_hub_model_id_is_the_default_repo_of_the_snippets(ldm):
+    """A model trained with --hub_model_id lab/adni-ldm and re-rendered later (after evaluation: render_model_card
+    without repo_id) keeps loading from that repo, not from a `your-user/...` placeholder."""
+    _edit_json(ldm / "training_args.json", hub_model_id="lab/adni-ldm")
+    text = render_model_card(ldm)
+    assert 'DiffusionPipeline.from_pretrained("lab/adni-ldm", trust_remote_code=True)' in text
+    assert "your-user/" not in text and "Replace `" not in text
+
+
+def test_a_model_of_unrecorded_data_gets_neither_the_mni_notice_nor_its_license(ldm):
+    """Data that was not recorded may be ADNI's: the cautious license is the data use agreement, and no MNI notice
+    is written as the model's LICENSE.md."""
+    (ldm / "LICENSE.md").unlink()
+    (ldm / "README.md").unlink()
+    assert ModelCard(render_model_card(ldm, data_source="unknown")).data.license_name == "adni-data-use-agreement"
+    write_model_card(ldm, data_source="unknown")
+    assert not (ldm / "LICENSE.md").exists()
+    assert ModelCard((ldm / "README.md").read_text()).data.license_name == "adni-data-use-agreement"
+
+
+def test_a_license_file_of_a_demo_model_is_never_overwritten(ldm):
+    """A LICENSE.md the user put beside a demo model (their own terms) is linked, never replaced by the MNI notice."""
+    (ldm / "LICENSE.md").write_text("My lab's terms\n")
+    assert write_demo_license(ldm) is None
+    write_model_card(ldm)
+    assert (ldm / "LICENSE.md").read_text() == "My lab's terms\n"
+
+
+def test_first_stage_numbers_are_found_beside_the_vqmodel_folder(ldm, tiny_vq, tmp_path):
+    """A pipeline without first_stage_metrics.json (trained before it was copied) reads the VQ numbers from the
+    first stage's output folder, whose metrics.json lies above `vqvae/` (`--vqmodel out/vq/vqvae`)."""
+    (ldm / "first_stage_metrics.json").unlink()
+    vq_out = Path(shutil.copytree(tiny_vq, tmp_path / "vq-out", ignore=shutil.ignore_patterns("latent_cache")))
+    _edit_json(ldm / "training_data.json", vqmodel=str(vq_out / "vqvae"))
+    psnr = json.loads((vq_out / "metrics.json").read_text())["psnr"]
+    assert f"| PSNR (dB), whole slice | {psnr:.4g} |" in render_model_card(ldm)
+
+
+def test_the_pipeline_card_shows_each_first_stage_number_under_its_own_label(ldm):
+    """The first-stage table of the pipeline card: each value from first_stage_metrics.json under its own label
+    (whole-slice PSNR is not the brain-mask PSNR)."""
+    metrics = json.loads((ldm / "first_stage_metrics.json").read_text())
+    text = render_model_card(ldm)
+    assert "First stage (VQ autoencoder) reconstruction quality on validation (held-out patients):" in text
+    assert f"| PSNR (dB), whole slice | {metrics['psnr']:.4g} |" in text
+    assert f"| PSNR (dB), inside the brain mask | {metrics['psnr_brain']:.4g} |" in text
+    assert f"| images measured | {metrics['eval_images']} |" in text
+
+
+def test_the_card_names_the_scheduler_class(ldm):
+    """The model table names the scheduler's class (DDPMScheduler), not the library that provides it."""
+    text = render_model_card(ldm)
+    assert "| `scheduler` | `DDPMScheduler` | 1000 diffusion steps" in text and "`diffusers` |" not in text
+
+
+def test_a_vq_card_of_real_data_does_not_embed_its_reconstructions(vq):
+    """reconstructions.png of a model trained on ADNI shows real slices: a push withholds it, so the card must not
+    embed it (a broken image, and a pointer to patient data); it says why it is missing."""
+    _edit_json(vq / "training_data.json", source="user")
+    text = render_model_card(vq, repo_id="lab/vq")
+    assert "](reconstructions.png)" not in text
+    assert "shows real slices, so it is not" in text
+
+
+def test_an_unconditional_unet_is_not_called_class_conditional(ldm):
+    """class_names in model_index.json without a class embedding in the UNet: the model cannot take labels, so the
+    card must not offer `class_labels=`."""
+    _edit_json(ldm / "unet" / "config.json", num_class_embeds=None)
+    text = render_model_card(ldm)
+    assert "is a class-conditional" not in text and "class_labels=" not in text and "--class AD" not in text
+    assert "is a latent" in text  # the opening sentence, without the class-conditional claim
+
+
+def test_the_training_section_counts_steps_processes_and_throughput(ldm):
+    """The training sentence takes its numbers from train_metrics.json: steps, processes (singular for one), and the
+    images per second of the run (not its seconds)."""
+    _edit_json(ldm / "train_metrics.json", train_steps=40, num_processes=2, train_images_per_second_this_run=123.4,
+               train_seconds_this_run=9.5)
+    text = render_model_card(ldm)
+    assert "trained for 40 optimizer steps on 2 processes (123.4 images/s)" in text
+    _edit_json(ldm / "train_metrics.json", num_processes=1)
+    text = render_model_card(ldm)
+    assert "on 1 process (" in text and "1 layer per block" in text  # the tiny UNet: layers_per_block 1
+
+
+def test_a_vq_folder_without_training_data_takes_its_source_from_metrics(vq):
+    """An older VQ folder has no training_data.json, but its metrics.json records `data_source`: a demo model
+    still gets the demo card (MNI notice, synthetic-data tag), not 'data that was not recorded'."""
+    (vq / "training_data.json").unlink()
+    card = ModelCard(render_model_card(vq, repo_id="user/vq"))
+    assert card.data.license_name == "mni-icbm152-2009-notice" and "synthetic-data" in card.data.tags
+    assert "Demo model" in card.text
+
+
+def test_the_report_of_an_unconditional_model_has_no_per_class_tables(ldm):
+    """evaluation/report.md has per-class tables only for class-conditional models: the card must not promise them."""
+    (ldm / "evaluation").mkdir()
+    (ldm / "evaluation" / "report.md").write_text("# Evaluation\n")
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps({"fd": 1.5, "model": {"conditional": False}}))
+    text = render_model_card(ldm)
+    assert "Each number beside its floor and the memorisation check:" in text and "per-class tables" not in text
+
+
+def test_the_sample_grid_names_the_training_seed_not_the_split_seed(ldm):
+    """The sample grid is drawn with --seed (train_unet.py); --split_seed only draws the held-out patients."""
+    _edit_json(ldm / "training_args.json", seed=5, split_seed=0)
+    text = render_model_card(ldm)
+    assert "no guidance, seed 5.*" in text and "as whole patients (seed 0)" in text
+
+
+def test_each_data_row_shows_its_own_per_class_counts(ldm):
+    """The data table's per-class column: the training row counts the training slices per class, the validation
+    row the validation ones."""
+    info = json.loads((ldm / "training_data.json").read_text())
+    train, val = info["train"], info["validation"]
+    text = render_model_card(ldm)
+
+    def per_class(part):
+        return ", ".join(f"{k} {v}" for k, v in part["per_class"].items())
+
+    assert f"| training | {train['images']} | {train['patients']} | {per_class(train)} |" in text
+    assert f"| validation | {val['images']} | {val['patients']} | {per_class(val)} |" in text
+    assert per_class(train) != per_class(val)  # the check means something
+
+
+def test_the_card_does_not_list_a_picture_the_push_withholds(ldm):
+    """A model of ADNI data with `evaluate --out <model>`'s closest_pairs.png at the top: the push leaves the picture
+    out (real slices), so the card's list of the repo's files must not name it."""
+    _edit_json(ldm / "training_data.json", source="user")
+    (ldm / "closest_pairs.png").write_bytes(b"png")
+    files_section = render_model_card(ldm).split("## Files")[1].split("## License")[0]
+    assert "`closest_pairs.png`" not in files_section

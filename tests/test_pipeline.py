@@ -17,7 +17,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
                        UniPCMultistepScheduler, VQModel)
 
 from adni_diffusers import ADNILatentDiffusionPipeline
-from adni_diffusers.pipeline_adni_ldm import PIPELINE_MODULE, pipeline_module_name, prepare_slices, renoise
+from adni_diffusers.pipeline_adni_ldm import (PIPELINE_MODULE, nearest_codes, pipeline_module_name, prepare_slices,
+                                                quantize_latents, renoise)
 from adni_diffusers.presets import unet_config, vq_config
 
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler]
@@ -859,3 +860,164 @@ def test_dpm_plus_plus_is_dpm_solver_plus_plus_whatever_config_it_is_built_from(
 
     other = DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min").config
     assert make_scheduler("dpm++", other).config.algorithm_type == "dpmsolver++"
+
+# ------------------------------------------------------------------------------------------ seventh mutation audit
+
+
+def test_callback_x0_pred_of_a_v_prediction_model_is_the_schedulers_own():
+    """For a v-prediction model the callback's (and the GIF's) x0 is sqrt(abar) x_t - sqrt(1 - abar) v, the
+    scheduler's own `pred_original_sample`; only epsilon models were checked, so a sign slip there showed users
+    previews of another image than the one being sampled."""
+    p = make_pipe()
+    p.scheduler = DDIMScheduler.from_config(p.scheduler.config, prediction_type="v_prediction",
+                                            timestep_spacing="trailing")
+    own, given = [], []
+    step = p.scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        own.append(out.pred_original_sample.clone())
+        return out
+
+    p.scheduler.step = recording_step
+    p(num_inference_steps=3, class_labels=0, generator=seeded(), output_type="latent",
+      callback_on_step_end=lambda pipe, i, t, tensors: given.append(tensors["x0_pred"].clone()) or {},
+      callback_on_step_end_tensor_inputs=["x0_pred"])
+    assert len(own) == len(given) == 3
+    for a, b in zip(given, own):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_nearest_codes_are_the_nearest_not_the_most_aligned():
+    """Decoding re-quantises every latent pixel to its NEAREST codebook row (as the VQModel's own quantiser):
+    dropping the |c|^2 term picks the row with the largest dot product, i.e. long codebook vectors, and decodes
+    another picture. Checked against brute-force distances, across chunk borders, and against diffusers' quantiser."""
+    g = seeded(0)
+    codebook = torch.randn(64, 4, generator=g) * torch.linspace(0.1, 5.0, 64)[:, None]  # rows of very unequal length
+    vectors = torch.randn(1000, 4, generator=g)
+    expected = torch.cdist(vectors, codebook).argmin(1)
+    assert torch.equal(nearest_codes(vectors, codebook), expected)
+    assert torch.equal(nearest_codes(vectors, codebook, chunk=7), expected)  # chunks of uneven size, joined in order
+    # a tiny example to read: [4, 0] is nearer to 0 (distance 4) than to [10, 0] (distance 6)
+    points, codes = torch.tensor([[4.0, 0.0], [6.0, 0.0]]), torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    assert nearest_codes(points, codes).tolist() == [0, 1]
+    # the same codes as diffusers' VectorQuantizer (what the VQModel was trained with)
+    vq = make_pipe().vqvae
+    with torch.no_grad():
+        vq.quantize.embedding.weight.mul_(torch.linspace(0.2, 3.0, vq.quantize.embedding.weight.shape[0])[:, None])
+        h = torch.randn(2, vq.config.vq_embed_dim or vq.config.latent_channels, 8, 8, generator=g)
+        quant, indices = quantize_latents(vq, h)
+        own_quant, _, (_, _, own_indices) = vq.quantize(h)
+    assert torch.equal(indices, own_indices.reshape(-1))
+    torch.testing.assert_close(quant, own_quant)
+
+
+def test_float_slices_240_high_are_padded_with_black_rows():
+    """A 256x240 slice given as floats ([-1, 1] or [0, 1]) is padded with BLACK rows (-1), exactly as the uint8 or
+    PIL form: padding the floats with 0 put mid-grey bands above and below the brain, which the model never saw."""
+    pixels = np.random.default_rng(3).integers(0, 256, (240, 256)).astype(np.uint8)
+    pixels[:, 0] = 0  # a black border, so the [-1, 1] form has negative values
+    expected = prepare_slices(pixels)
+    assert (expected[0, 0, :8] == -1).all() and (expected[0, 0, -8:] == -1).all()
+    for name, form in {"float array in [-1, 1]": pixels.astype(np.float32) / 127.5 - 1,
+                       "float tensor in [0, 1]": torch.from_numpy(pixels).float() / 255}.items():
+        torch.testing.assert_close(prepare_slices(form), expected, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda a: np.stack([a, a, np.where(a > 128, a - 1, a).astype(np.uint8)], -1), "colour RGB image"),
+    (lambda a: np.stack([a, a, np.where(a > 128, a - 1, a).astype(np.uint8), np.full_like(a, 255)], -1),
+     "colour RGBA image"),
+], ids=["blue differs", "opaque colour RGBA"])
+def test_prepare_slices_refuses_images_tinted_in_any_channel(make, message):
+    """Only grey RGB/RGBA pass as greyscale (their first channel is taken): a blue channel that differs, or colour in
+    an opaque RGBA image, would otherwise be read silently as the red channel's slice."""
+    grey = np.random.default_rng(4).integers(0, 256, (240, 256)).astype(np.uint8)
+    image = PIL.Image.fromarray(make(grey))
+    with pytest.raises(ValueError, match=f"{message}; expected 8-bit greyscale"):
+        prepare_slices(image)
+
+
+def test_a_negative_class_label_is_refused_by_name(pipe):
+    """Label -1 is not a class (0..null_class - 1): it must be refused as out of range, not passed to the UNet's
+    embedding (an IndexError there, or Python's -1 meaning the last, unconditional class)."""
+    with pytest.raises(ValueError, match=r"class label -1 out of range: expected 0..1"):
+        pipe(class_labels=-1, num_inference_steps=1, output_type="latent")
+    with pytest.raises(ValueError, match="out of range"):
+        pipe(batch_size=2, class_labels=[0, -1], num_inference_steps=1, output_type="latent")
+
+
+def test_np_and_pil_outputs_are_the_pt_images_channels_last(pipe):
+    """"np" is the "pt" image with the channel moved last, (N, H, W, 1), and "pil" its rounded 8-bit pixels: rows
+    stay rows. A transposed layout keeps the square shape, so only the pixels tell (a brain on its side)."""
+    latents = torch.randn(2, 4, 32, 32, generator=seeded(5))
+    pt = pipe.decode(latents, output_type="pt")
+    arr = pipe.decode(latents, output_type="np")
+    pil = pipe.decode(latents, output_type="pil")
+    assert not torch.allclose(pt, pt.transpose(2, 3), atol=1e-3)  # the check below can tell a transpose
+    np.testing.assert_array_equal(arr, pt.permute(0, 2, 3, 1).numpy())
+    for image, expected in zip(pil, pt[:, 0]):
+        np.testing.assert_array_equal(np.asarray(image), (expected.numpy() * 255).round().astype(np.uint8))
+
+
+def test_negative_refinement_counts_are_refused(pipe):
+    """refine_repeats=-1 (or refine_steps=-1) is a mistake, not "no refinement": refused like the CLI refuses it,
+    rather than silently sampling without the refinement the caller asked about."""
+    with pytest.raises(ValueError, match="refine_steps"):
+        pipe(num_inference_steps=2, refine_steps=1, refine_repeats=-1, output_type="latent")
+    with pytest.raises(ValueError, match="refine_steps=-1"):
+        pipe(num_inference_steps=2, refine_steps=-1, output_type="latent")
+
+
+def test_strength_one_denoises_the_whole_schedule_from_its_first_timestep(pipe, monkeypatch):
+    """strength=1 is documented as "from (almost) pure noise": allowed, all num_inference_steps run, and the encoded
+    image is re-noised to the schedule's first timestep (t = 999 with trailing spacing)."""
+    import adni_diffusers.pipeline_adni_ldm as module
+
+    levels = []
+    def recording_renoise(x0, abar, t, noise):
+        levels.append(int(t))
+        return renoise(x0, abar, t, noise)
+
+    monkeypatch.setattr(module, "renoise", recording_renoise)
+    original = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(original.config, timestep_spacing="trailing")
+    spy = UNetSpy(pipe.unet)
+    try:
+        out = pipe(image=np.zeros((240, 256), np.uint8), strength=1.0, num_inference_steps=3, generator=seeded(),
+                   output_type="latent").images
+    finally:
+        spy.remove()
+        pipe.scheduler = original
+    assert out.shape == (1, 4, 32, 32)
+    assert spy.calls == 3 and levels == [999]
+
+
+def test_guidance_below_one_without_a_class_is_refused(pipe):
+    """guidance_scale < 1 (a weaker class, or 0: the unconditional model) also needs class_labels: without them it
+    changed nothing, silently, just as guidance > 1 would."""
+    for w in (0.5, 0.0, -1.0):
+        with pytest.raises(ValueError, match=f"guidance_scale={w} needs class_labels"):
+            pipe(num_inference_steps=1, guidance_scale=w, output_type="latent")
+
+
+def test_a_bfloat16_pipeline_encodes_slices():
+    """A pipeline loaded with dtype=bfloat16 (or float16 on a GPU) takes slices for `encode` (and so image-to-image):
+    the float32 pixels are cast to the VQModel's dtype, else its first convolution fails on mixed dtypes."""
+    low = make_pipe().to(dtype=torch.bfloat16)
+    slice_ = np.random.default_rng(6).integers(0, 256, (240, 256)).astype(np.uint8)
+    latents = low.encode(slice_)
+    assert latents.shape == (1, 4, 32, 32) and latents.dtype == torch.float32 and torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("strength, steps_run", [(0.05, 1), (0.15, 2), (0.25, 3), (0.5, 5), (0.04, 0)])
+def test_strength_selects_its_share_of_the_steps_rounded_half_up(pipe, strength, steps_run):
+    """Image-to-image runs steps x strength of the sampler's steps, halves rounded up: Python's round() took 0.15
+    and 0.25 of 10 steps both to 2, and 0.05 to none (the VQ reconstruction, for a strength above 0)."""
+    spy = UNetSpy(pipe.unet)
+    try:
+        pipe(image=np.zeros((240, 256), np.uint8), strength=strength, num_inference_steps=10, generator=seeded(),
+             output_type="latent")
+    finally:
+        spy.remove()
+    assert spy.calls == steps_run

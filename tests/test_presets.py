@@ -221,3 +221,22 @@ def test_block_entries_and_counts_must_be_integers(tmp_path, config, shown):
     with pytest.raises(PresetError) as e:
         vq_config(str(path))
     assert str(path) in str(e.value) and shown in str(e.value)
+
+# ------------------------------------------------------------------------------------------ seventh mutation audit
+
+
+def test_base_unet_has_attention_at_its_three_lowest_resolutions_and_89_5M_parameters():
+    """The GPU model of facts.md / the presets docstring: attention in the last three down blocks and the first
+    three up blocks, 89.5M parameters. One block more or less of attention changes the model silently."""
+    from diffusers import UNet2DModel
+
+    from adni_diffusers.presets import unet_config
+
+    cfg = unet_config("base")
+    assert cfg["down_block_types"] == ["DownBlock2D"] + ["AttnDownBlock2D"] * 3
+    assert cfg["up_block_types"] == ["AttnUpBlock2D"] * 3 + ["UpBlock2D"]
+    assert unet_config("tiny")["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]
+    assert unet_config("small")["up_block_types"] == ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+    with torch.device("meta"):
+        unet = UNet2DModel(**cfg)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 89.5

@@ -1302,3 +1302,58 @@ def test_the_cards_sample_grid_has_a_row_per_class(tiny_ldm):
         width, height = grid.size
     tile = (width - 2) // 8  # make_grid: 8 tiles of (256 + 2 px padding) and a 2 px border
     assert (height - 2) // tile == 2
+
+# ------------------------------------------------------------------------------------------ seventh mutation audit
+
+
+def test_min_snr_gamma_must_be_positive_in_the_loss_itself():
+    """gamma = 0 gives every timestep weight 0 (nothing is learnt) and a negative gamma gradient ascent: refused by
+    `min_snr_weights` itself, not only by train_unet's flag parsing (the benchmarks call it directly)."""
+    from adni_diffusers.diffusion import make_noise_scheduler, min_snr_weights
+
+    scheduler = make_noise_scheduler()
+    for gamma in (0.0, -5.0, float("nan")):
+        with pytest.raises(ValueError, match="Min-SNR gamma must be positive"):
+            min_snr_weights(scheduler, torch.tensor([10, 500]), gamma)
+
+
+def test_min_snr_weights_scale_each_samples_loss():
+    """With `snr_gamma` the loss is the mean over samples of weight(t_i) x that sample's mean error: the weights must
+    reach the loss (the oracle test scores 0 with or without them)."""
+    from types import SimpleNamespace
+
+    from adni_diffusers.diffusion import diffusion_loss, make_noise_scheduler, min_snr_weights
+
+    scheduler = make_noise_scheduler()
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(4, 4, 8, 8, generator=g)
+    noise = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 20, 300, 999])
+
+    def zeros(zt, t, class_labels=None):
+        return SimpleNamespace(sample=torch.zeros_like(zt))
+
+    per_sample = (noise**2).mean(dim=(1, 2, 3))
+    weights = min_snr_weights(scheduler, t, 5.0)
+    assert weights[0] < 0.1  # the check below can tell weighted from unweighted
+    loss = diffusion_loss(zeros, scheduler, z0, None, None, snr_gamma=5.0, noise=noise, t=t)
+    torch.testing.assert_close(loss, (per_sample * weights).mean())
+    torch.testing.assert_close(diffusion_loss(zeros, scheduler, z0, None, None, noise=noise, t=t), per_sample.mean())
+
+
+@pytest.mark.parametrize("loss_type, expected", [("mse", 9.0), ("smooth_l1", 2.5)])
+def test_loss_type_selects_mse_or_smooth_l1(loss_type, expected):
+    """--loss mse (the default) and smooth_l1 (the seed's) are different objectives: an error of 3 everywhere costs
+    3^2 = 9 under MSE and 3 - 0.5 = 2.5 under smooth L1."""
+    from types import SimpleNamespace
+
+    from adni_diffusers.diffusion import diffusion_loss, make_noise_scheduler
+
+    noise = torch.full((2, 4, 8, 8), 3.0)
+
+    def zeros(zt, t, class_labels=None):
+        return SimpleNamespace(sample=torch.zeros_like(zt))
+
+    loss = diffusion_loss(zeros, make_noise_scheduler(), torch.zeros(2, 4, 8, 8), None, None, loss_type=loss_type,
+                          noise=noise, t=torch.tensor([1, 500]))
+    assert float(loss) == pytest.approx(expected)
