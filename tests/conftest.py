@@ -127,6 +127,14 @@ def tiny_vq(demo_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def vq(tiny_vq, tmp_path):
+    """A copy of tiny_vq's folder that a test may change (the session fixture stays untouched)."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_vq, tmp_path / "tiny-vq", ignore=shutil.ignore_patterns("latent_cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_ldm(demo_root, tiny_vq, tmp_path_factory) -> Path:
     """A saved class-conditional pipeline: tiny UNet trained 4 steps (with EMA) on tiny_vq's latents."""

@@ -11,9 +11,7 @@ import argparse
 import json
 import logging
 import re
-import shutil
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -543,12 +541,6 @@ def vq_dir(tmp_path):
                   "training_data.json": b'{"source": "user"}'})
     _weights(root / "vqvae" / "diffusion_pytorch_model.safetensors")
     return root
-
-
-@pytest.fixture
-def vq(tiny_vq, tmp_path):
-    """A copy of the tiny trained VQ model folder (the session fixture stays untouched)."""
-    return Path(shutil.copytree(tiny_vq, tmp_path / "tiny-vq", ignore=shutil.ignore_patterns("latent_cache")))
 
 
 def test_an_unset_optional_component_is_not_required(hub_stub, pipeline_dir):

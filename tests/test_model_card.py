@@ -340,12 +340,6 @@ def test_epochs_are_shown_only_when_no_max_steps_were_given(ldm):
 # ------------------------------------------------------------------------------------------ seventh mutation audit
 
 
-@pytest.fixture
-def vq(tiny_vq, tmp_path):
-    """A copy of the tiny trained VQ model folder (the session fixture stays untouched)."""
-    return Path(shutil.copytree(tiny_vq, tmp_path / "tiny-vq", ignore=shutil.ignore_patterns("latent_cache")))
-
-
 def _edit_json(path: Path, **changes) -> dict:
     record = {**json.loads(path.read_text()), **changes}
     path.write_text(json.dumps(record))
