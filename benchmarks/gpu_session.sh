@@ -16,6 +16,8 @@
 # inductor's cache then served the training process's compile (0-31% more in all, docs/performance.md), on a
 # GPU not measured: + 480 s leaves room for a whole second compile (about 2 minutes on the H100, 2026-11-25).
 # FORCE_VQ_STEPS / FORCE_UNET_STEPS set the step counts directly (e.g. with SKIP_BENCHMARK=1).
+# PLAN_ONLY=1 logs every stage's command (the START lines of session.log) and runs none: read what a lease
+# would run before it costs device time (tests/test_benchmarks.py parses each one as its program would).
 # Step 1 alone is about 25 minutes on an H100 (estimated from the 2026-11-25 rates and compile times,
 # not measured): in a 30-minute device lease run BENCH_ONLY=1 (step 1) or SKIP_BENCHMARK=1 (the rest).
 # QUICK=train: for a 15-minute lease, one call (a short VQModel, then a whole train_unet run with CUDA graphs;
@@ -72,6 +74,7 @@ PRESET=${PRESET:-base}
 VQ_PRESET=${VQ_PRESET:-$PRESET}
 VQ_ONLY=${VQ_ONLY:-0}
 TRAIN_ONLY=${TRAIN_ONLY:-0}  # stop after the two training stages (no evaluation, no pictures)
+PLAN_ONLY=${PLAN_ONLY:-0}  # 1: log every stage's command (START lines in session.log), run none of them
 # the UNet stage's compile mode: CUDA graphs were +55% for the benchmark's UNet step (H200, 2026-11-26,
 # docs/performance.md); a whole train_unet run in this mode on a GPU is what this script measures next
 UNET_COMPILE_MODE=${UNET_COMPILE_MODE:-reduce-overhead}
@@ -92,11 +95,19 @@ time_left() {  # time_left LIMIT: LIMIT, or less when DEADLINE_SECONDS (from the
   fi
   echo "$limit"
 }
+shown() {  # the command as one line a shell reads back: words with spaces or quotes are quoted
+  local a words=()
+  for a in "$@"; do
+    if [[ $a =~ ^[][A-Za-z0-9_./:=,+@%-]+$ ]]; then words+=("$a"); else words+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  echo "${words[*]}"
+}
 phase() {  # phase NAME TIMEOUT_S CMD...: run, log its output and wall time
   local name=$1 limit; limit=$(time_left "$2"); shift 2
   if [ "$limit" -lt 20 ]; then log "SKIP $name: ${limit} s left of DEADLINE_SECONDS=${DEADLINE_SECONDS}"; return 124; fi
   touch "$R/.phase_started"  # finish_from_checkpoint tells this phase's products from older ones
-  log "START $name: $*"
+  log "START $name: $(shown "$@")"
+  if [ "$PLAN_ONLY" = 1 ]; then log "END $name (PLAN_ONLY=1: not run)"; return 0; fi
   local t0=$SECONDS
   timeout --signal=TERM "$limit" "$@" > "$R/$name.log" 2>&1
   local rc=$?
@@ -246,7 +257,7 @@ RESERVE=${RESERVE_AFTER_UNET:-0} train_stage train_unet "${UNET_LIMIT:-$((UNET_S
 
 # enable_model_cpu_offload against the pipeline kept on the GPU (same seeds; a few seconds, last: a call cut by
 # its time limit loses only this). On a CPU it writes "checked": false.
-if [ -f "$R/ldm/model_index.json" ]; then
+if [ -f "$R/ldm/model_index.json" ] || [ "$PLAN_ONLY" = 1 ]; then
   phase offload_check 120 python benchmarks/offload_check.py --model "$R/ldm" --out "$R/offload_check.json"
 fi
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
@@ -20,8 +21,8 @@ def smoke(tmp_path_factory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     md = out.with_suffix(".md")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--profile", "--out", str(out),
-                           "--markdown", str(md)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--profile", "--profile-steps", "2",
+                           "--out", str(out), "--markdown", str(md)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"benchmark failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert not out.with_suffix(".partial.json").exists()  # the row-by-row record is replaced by the full one
     return json.loads(out.read_text()), md.read_text()
@@ -114,7 +115,7 @@ def test_profile_says_where_the_time_goes(smoke):
     assert [r["variant"] for r in profiled["vq"]] == ["ours"]
     for (row,) in profiled.values():
         p = row["profile"]
-        assert p["steps"] == 5 and p["timed_by"] == "self CPU time" and p["busy_fraction"] is None
+        assert p["steps"] == 2 and p["timed_by"] == "self CPU time" and p["busy_fraction"] is None
         assert 0 < p["busy_ms_per_step"] <= p["wall_ms_per_step"] * 1.5  # self times of one thread (+ loader)
         top = p["top"]
         assert 5 <= len(top) <= 20 and all(t["ms_per_step"] > 0 and t["calls_per_step"] > 0 for t in top)
@@ -210,13 +211,17 @@ def test_dtype_check_compares_bf16_with_float32_image_by_image(tmp_path, tiny_ld
         assert numbers["decode_only"]["psnr_min_db"] > 20
 
 
-def _load_run_module():
+def _load_benchmark_script(path=SCRIPT, name="bench_run"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_run", SCRIPT)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_run_module():
+    return _load_benchmark_script()
 
 
 def test_profile_variants_chooses_the_profiled_rows():
@@ -273,13 +278,14 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
 
     early = call(SKIP_VQ="1")  # the UNet alone before any VQModel: a clear stop, not a UNet trained on nothing
     assert early.returncode == 1 and "SKIP_VQ=1 needs" in early.stdout
-    # the VQ stage of QUICK=train is eager even where the session compiles (its model only feeds the UNet)
-    vq_only = call(VQ_ONLY="1", COMPILE="--compile")
+    # the VQ stage of QUICK=train is eager even where the session compiles (its model only feeds the UNet);
+    # the plan alone says so (PLAN_ONLY=1: the commands are logged, none runs)
+    vq_only = call(VQ_ONLY="1", COMPILE="--compile", PLAN_ONLY="1")
     log = (run_dir / "session.log").read_text()
     assert vq_only.returncode == 0, log
     vq_command = log.split("START train_vqmodel: ")[-1].splitlines()[0]
     assert "--compile" not in vq_command and "--max_train_steps 2" in vq_command
-    assert not (run_dir / "ldm").exists() and "DONE (VQ_ONLY)" in log
+    assert "DONE (VQ_ONLY)" in log and "START train_unet" not in log and not (run_dir / "AD_NC").exists()
     run_dir = tmp_path / "whole"  # the plan as the lease runs it: one call in a fresh folder
     whole = call()
     log = (run_dir / "session.log").read_text()
@@ -310,6 +316,90 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
     log = (run_dir / "session.log").read_text().split("SKIP_VQ=1: reusing")[-1]
     assert fourth.returncode == 0 and "SKIP train_unet:" in log and "START train_unet" not in log, log
     assert "no time left to finish" in log and "END offload_check rc=0" in log, log
+
+
+class _Parsed(Exception):
+    """Raised in place of a command's work once argparse has accepted its command line."""
+
+
+def _argparse_verdict(words: list[str], monkeypatch) -> str | None:
+    """None when the program `words` names (python train_*.py, -m adni_diffusers.cli, benchmarks/*.py) accepts
+    its flags and values as it would parse them, else argparse's message. Nothing runs: the training scripts'
+    and run.py's own parse_args (with their checks) are called, and the other commands stop once parsed."""
+    import argparse
+    import contextlib
+    import io
+
+    from adni_diffusers import cli, train_unet, train_vqmodel
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser, args=None, namespace=None):
+        raise _Parsed(parse(parser, args, namespace))
+
+    assert words[0] == "python", words
+    program, argv = words[1], words[2:]
+    stops_once_parsed = True
+    if program == "-m":
+        assert argv[0] == "adni_diffusers.cli", words
+        entry = lambda: cli.main(argv[1:])  # noqa: E731
+    elif program in ("train_vqmodel.py", "train_unet.py"):
+        module = {"train_vqmodel.py": train_vqmodel, "train_unet.py": train_unet}[program]
+        entry, stops_once_parsed = (lambda: module.parse_args(argv)), False
+    else:
+        assert program.startswith("benchmarks/") and program.endswith(".py"), words
+        script = _load_benchmark_script(REPO_ROOT / program, Path(program).stem)
+        stops_once_parsed = not hasattr(script, "parse_args")
+        entry = (lambda: script.main(argv)) if stops_once_parsed else (lambda: script.parse_args(argv))
+    errors = io.StringIO()
+    with monkeypatch.context() as patch, contextlib.redirect_stderr(errors):
+        if stops_once_parsed:
+            patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        patch.setattr("torch.cuda.is_available", lambda: True)  # as on the lease's machine (run.py checks)
+        try:
+            entry()
+        except _Parsed:
+            pass
+        except SystemExit:
+            return errors.getvalue().strip().splitlines()[-1]
+    return None
+
+
+@pytest.mark.parametrize("plan", [{}, {"QUICK": "1"}, {"QUICK": "train"}, {"VQ_PRESET": "wide", "VQ_ONLY": "1"}])
+def test_gpu_session_plans_name_only_flags_their_programs_accept(tmp_path, plan, monkeypatch):
+    """Every command a GPU lease would run (PLAN_ONLY=1: logged, not run) parses as its program reads it: no
+    renamed flag, unknown benchmark variant or bad choice is found on a machine that costs device time."""
+    import shlex
+
+    run_dir = tmp_path / "plan"
+    env = dict(os.environ, PLAN_ONLY="1", GIT_REV="test", **plan)
+    run = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_session.sh"), str(run_dir)], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    log = (run_dir / "session.log").read_text()
+    assert run.returncode == 0 and "DONE" in log, log
+    commands = {m[0]: shlex.split(m[1]) for m in re.findall(r"START (\w+): (.*)", log)}
+    expected = {"QUICK": {"bench_unet", "bench_vq", "bench_vq_candidate", "bench_unet512"},
+                "VQ_ONLY": {"bench_unet", "bench_unet512", "bench_vq", "bench_vq_candidate", "bench_sampling",
+                            "demo_data", "train_vqmodel"}}
+    if plan.get("QUICK") == "train":
+        assert set(commands) == {"demo_data", "train_vqmodel", "train_unet", "offload_check"}
+    elif plan:
+        assert set(commands) == expected[next(iter(k for k in plan if k in expected))]
+    else:
+        assert {"bench_unet", "train_vqmodel", "train_unet", "evaluate", "generate_AD", "counterfactual"} <= set(commands)
+    verdicts = {name: _argparse_verdict(words, monkeypatch) for name, words in commands.items()}
+    assert verdicts == dict.fromkeys(commands), verdicts
+
+
+def test_the_plan_check_catches_a_bad_flag(monkeypatch):
+    """The check above fails on what it guards against (one case per kind of program)."""
+    bad = [["python", "train_unet.py", "--vqmodel", "vq", "--snr_gama", "5"],
+           ["python", "-m", "adni_diffusers.cli", "generate", "--model", "m", "--out", "o", "--scheduler", "ddpn"],
+           ["python", "benchmarks/run.py", "--variants", "ours, compile mode reduce overhead"],
+           ["python", "benchmarks/offload_check.py", "--model", "m", "--num_images", "2"]]
+    for words in bad:
+        assert _argparse_verdict(words, monkeypatch), words
+    assert _argparse_verdict(["python", "benchmarks/offload_check.py", "--model", "m"], monkeypatch) is None
 
 
 def test_ssim_scale_reproduces_the_vq_metrics_and_the_old_scale(tiny_vq, tmp_path):
