@@ -322,6 +322,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 if label not in names:
                     raise ValueError(f"unknown class label {label!r}: this model knows {names}")
                 out.append(names.index(label))
+            elif isinstance(label, (bool, np.bool_)):  # an int to Python, but True/False name no class
+                raise ValueError(f"class label {label!r} is a bool: expected 0..{self.null_class - 1} or one of {names}")
             elif isinstance(label, (int, np.integer)) and 0 <= int(label) < self.null_class:
                 out.append(int(label))
             else:

@@ -927,6 +927,16 @@ def test_a_negative_class_label_is_refused_by_name(pipe):
         pipe(batch_size=2, class_labels=[0, -1], num_inference_steps=1, output_type="latent")
 
 
+
+def test_a_bool_class_label_is_refused(pipe):
+    """True and False are ints to Python (NC and AD here): a mask or flag passed by mistake must not pick a class."""
+    import torch
+
+    for labels in (True, [0, False], torch.tensor([True, False]), np.array(True)):
+        with pytest.raises(ValueError, match=r"class label (True|False) is a bool: expected 0..1 or one of \['AD', 'NC'\]"):
+            pipe(batch_size=2, class_labels=labels, num_inference_steps=1, output_type="latent")
+
+
 def test_np_and_pil_outputs_are_the_pt_images_channels_last(pipe):
     """"np" is the "pt" image with the channel moved last, (N, H, W, 1), and "pil" its rounded 8-bit pixels: rows
     stay rows. A transposed layout keeps the square shape, so only the pixels tell (a brain on its side)."""
