@@ -89,9 +89,21 @@ def renoise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, t: int | torch.Tenso
     return (abar.sqrt() * x0.float() + (1 - abar).sqrt() * noise.float()).to(x0.dtype)
 
 
+def alphas_cumprod_at(alphas_cumprod: torch.Tensor, t) -> torch.Tensor:
+    """abar at timestep t. A fractional t (Euler-type schedulers with `linspace` spacing) gets the abar of the
+    sigma those schedulers interpolate linearly between the neighbouring timesteps: 1 / (1 + sigma^2)."""
+    t = float(t)
+    low = math.floor(t)
+    if t == low:
+        return alphas_cumprod[low]
+    sigma = ((1 - alphas_cumprod[low:low + 2]) / alphas_cumprod[low:low + 2]).sqrt()
+    sigma_t = sigma[0] + (t - low) * (sigma[-1] - sigma[0])
+    return 1 / (1 + sigma_t**2)
+
+
 def predicted_x0(model_output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod: torch.Tensor, t, prediction_type: str):
     """The clean latent implied by one network output at timestep t (for previews and the GIF)."""
-    abar = alphas_cumprod.to(device=x_t.device, dtype=torch.float32)[int(t)]
+    abar = alphas_cumprod_at(alphas_cumprod.to(device=x_t.device, dtype=torch.float32), t)
     a, s = abar.sqrt(), (1 - abar).sqrt()
     if prediction_type == "epsilon":
         return (x_t - s * model_output) / a

@@ -236,18 +236,25 @@ def test_pndm_samples_but_is_refused_where_the_timesteps_are_sliced(pipe):
         pndm(num_inference_steps=10, refine_steps=2, refine_repeats=1)
 
 
-@pytest.mark.parametrize("scheduler_name, prediction_type", [
-    ("DDIMScheduler", "epsilon"), ("EulerDiscreteScheduler", "epsilon"), ("LMSDiscreteScheduler", "epsilon"),
-    ("DDIMScheduler", "v_prediction")])
-def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type):
+@pytest.mark.parametrize("scheduler_name, prediction_type, spacing", [
+    ("DDIMScheduler", "epsilon", None), ("EulerDiscreteScheduler", "epsilon", None),
+    ("LMSDiscreteScheduler", "epsilon", None), ("DDIMScheduler", "v_prediction", None),
+    ("EulerDiscreteScheduler", "epsilon", "linspace")])  # fractional timesteps (5 steps: 999, 749.25, ...)
+def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type, spacing):
     """The callback's (and the GIF's) x0 prediction equals the scheduler's `pred_original_sample` at the same
     step; for Euler-type schedulers, whose latents carry sqrt(sigma^2 + 1), it was off by that factor. For a
-    v-prediction model it is sqrt(abar) x_t - sqrt(1 - abar) v: a sign slip there would preview another image."""
+    v-prediction model it is sqrt(abar) x_t - sqrt(1 - abar) v: a sign slip there would preview another image.
+    At a fractional timestep abar is the scheduler's interpolated sigma's, not the floor's."""
     import diffusers
 
     pipe = make_pipe()
-    pipe.scheduler = getattr(diffusers, scheduler_name).from_config(pipe.scheduler.config,
-                                                                    prediction_type=prediction_type)
+    pipe.scheduler = getattr(diffusers, scheduler_name).from_config(
+        pipe.scheduler.config, prediction_type=prediction_type,
+        **({"timestep_spacing": spacing} if spacing else {}))
+    steps = 5 if spacing else 4
+    if spacing:
+        pipe.scheduler.set_timesteps(steps)
+        assert any(float(t) != int(t) for t in pipe.scheduler.timesteps)
     own, given = [], []
     step = pipe.scheduler.step
 
@@ -257,10 +264,10 @@ def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type)
         return out
 
     pipe.scheduler.step = recording_step
-    pipe(num_inference_steps=4, class_labels=0, guidance_scale=2.0, generator=seeded(), output_type="latent",
+    pipe(num_inference_steps=steps, class_labels=0, guidance_scale=2.0, generator=seeded(), output_type="latent",
          callback_on_step_end=lambda p, i, t, tensors: given.append(tensors["x0_pred"].clone()) or {},
          callback_on_step_end_tensor_inputs=["latents", "x0_pred"])
-    assert len(own) == len(given) == 4
+    assert len(own) == len(given) == steps
     for a, b in zip(given, own):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
