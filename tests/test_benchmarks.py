@@ -391,6 +391,28 @@ def test_gpu_session_plans_name_only_flags_their_programs_accept(tmp_path, plan,
     assert verdicts == dict.fromkeys(commands), verdicts
 
 
+def test_gpu_session_trains_for_the_seconds_the_benchmark_rates_give(smoke, tmp_path):
+    """The full plan's step counts come from the benchmark's JSON of the same session (its "ours" rows at the
+    training batch sizes): a renamed key or variant there would train for default rates' lengths, silently."""
+    results, _ = smoke
+    run_dir = tmp_path / "plan"
+    run_dir.mkdir()
+    for name in ("bench_unet.json", "bench_vq.json"):  # the smoke run holds both sections
+        (run_dir / name).write_text(json.dumps(results))
+    env = dict(os.environ, PLAN_ONLY="1", SKIP_BENCHMARK="1", VQ_BATCH="2", UNET_BATCH="2", MIN_STEPS="1",
+               VQ_SECONDS="1000", UNET_SECONDS="100", GIT_REV="test")
+    run = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_session.sh"), str(run_dir)], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    log = (run_dir / "session.log").read_text()
+    assert run.returncode == 0, log
+    vq_rate = max(r["images_per_s"] for r in results["vq"]["rows"] if r["variant"] in ("ours", "ours + compile"))
+    unet_rate = max(r["images_per_s"] for r in results["unet"]["rows"]
+                    if r["config"]["data"] == "loader" and r["config"]["ema"] == "package")
+    vq_steps, unet_steps = int(0.8 * 1000 * vq_rate / 2), int(0.8 * 100 * unet_rate / 2)
+    assert (vq_steps, unet_steps) != (int(0.8 * 1000 * 150 / 2), int(0.8 * 100 * 2000 / 2))  # not the defaults
+    assert f"VQ: {vq_steps} steps of 2; UNet: {unet_steps} steps of 2" in log, log
+
+
 def test_the_plan_check_catches_a_bad_flag(monkeypatch):
     """The check above fails on what it guards against (one case per kind of program)."""
     bad = [["python", "train_unet.py", "--vqmodel", "vq", "--snr_gama", "5"],
