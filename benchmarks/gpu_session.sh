@@ -98,7 +98,7 @@ time_left() {  # time_left LIMIT: LIMIT, or less when DEADLINE_SECONDS (from the
 shown() {  # the command as one line a shell reads back: words with spaces or quotes are quoted
   local a words=()
   for a in "$@"; do
-    if [[ $a =~ ^[][A-Za-z0-9_./:=,+@%-]+$ ]]; then words+=("$a"); else words+=("'${a//\'/\'\\\'\'}'"); fi
+    if [[ $a =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then words+=("$a"); else words+=("'${a//\'/\'\\\'\'}'"); fi
   done
   echo "${words[*]}"
 }
