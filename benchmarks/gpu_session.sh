@@ -119,8 +119,8 @@ phase() {  # phase NAME TIMEOUT_S CMD...: run, log its output and wall time
 
 log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null); $(nproc) cores"
 # torch's own version string (it names the CUDA build); the others' from their metadata: importing
-# diffusers, accelerate and datasets here too cost 6 s of every call
-log "software: $(python -c 'import sys, torch; from importlib.metadata import version as v; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, " + ", ".join(f"{p} {v(p)}" for p in ("diffusers", "accelerate", "datasets")))')"
+# diffusers, accelerate and datasets here too cost 6 s of every call (a plan, which runs nothing, skips it)
+[ "$PLAN_ONLY" = 1 ] || log "software: $(python -c 'import sys, torch; from importlib.metadata import version as v; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, " + ", ".join(f"{p} {v(p)}" for p in ("diffusers", "accelerate", "datasets")))')"
 log "git: ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
 if [ "$QUICK" = 1 ]; then
