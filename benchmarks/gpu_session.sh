@@ -95,7 +95,7 @@ time_left() {  # time_left LIMIT: LIMIT, or less when DEADLINE_SECONDS (from the
   fi
   echo "$limit"
 }
-shown() {  # the command as one line a shell reads back: words with spaces or quotes are quoted
+shown() {  # the command as one line a shell reads back: a word with spaces, quotes, $ or globs is single-quoted
   local a words=()
   for a in "$@"; do
     if [[ $a =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then words+=("$a"); else words+=("'${a//\'/\'\\\'\'}'"); fi
