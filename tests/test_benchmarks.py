@@ -167,7 +167,7 @@ def test_bad_flags_are_refused():
 def test_counts_that_would_fail_a_row_after_its_timing_are_refused(flag):
     """0 images to encode, a 0-size matmul or 0 profiled steps divided by zero once the row had run (or at the
     start, for the matmul rate): refused with the flag's name before any work."""
-    run = _load_run_module()
+    run = _load_benchmark_script()
     with pytest.raises(SystemExit) as stop:
         run.parse_args(["--smoke", "--device", "cpu", flag, "0"])
     assert stop.value.code == 2
@@ -176,7 +176,7 @@ def test_counts_that_would_fail_a_row_after_its_timing_are_refused(flag):
 def test_example_style_keeps_the_seed_sized_vq_encoder(smoke):
     """The example-style UNet row encodes every batch with the seed's VQ size (`wide`) where our VQModel is `base`
     (narrower since 2026-11-26), so its figure stays comparable with facts.md and the earlier runs."""
-    run = _load_run_module()
+    run = _load_benchmark_script()
     assert run.parse_args(["--device", "cpu", "--preset", "base"]).example_vq_preset == "wide"
     assert run.parse_args(["--device", "cpu", "--preset", "base", "--example-vq-preset", "base"]).example_vq_preset == "base"
     assert run.parse_args(["--device", "cpu", "--preset", "small"]).example_vq_preset == "small"
@@ -220,15 +220,11 @@ def _load_benchmark_script(path=SCRIPT, name="bench_run"):
     return module
 
 
-def _load_run_module():
-    return _load_benchmark_script()
-
-
 def test_profile_variants_chooses_the_profiled_rows():
     """--profile profiles the "ours" row; --profile-variants names others (e.g. an EMA row), among those run."""
     from types import SimpleNamespace
 
-    run = _load_run_module()
+    run = _load_benchmark_script()
     present = ["example style", "+ torch.compile (= ours)", "ours + EMA (make_ema: foreach=True)"]
     default = SimpleNamespace(profile_variants=None)
     assert run.profiled_variants(default, run.UNET_PROFILED, present) == {"+ torch.compile (= ours)"}
@@ -244,7 +240,7 @@ def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
     for script in ("benchmarks/gpu_session.sh", "benchmarks/gpu_pack.sh", ".ci/run"):
         proc = subprocess.run(["bash", "-n", str(REPO_ROOT / script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
-    run = _load_run_module()
+    run = _load_benchmark_script()
     known = set(run.UNET_VARIANTS) | set(run.VQ_VARIANTS)
     # the script, and the commands the docs give for the next device lease
     for doc, at_least in (("benchmarks/gpu_session.sh", 8), ("docs/performance.md", 8)):
@@ -365,28 +361,32 @@ def _argparse_verdict(words: list[str], monkeypatch) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("plan", [{}, {"QUICK": "1"}, {"QUICK": "train"}, {"VQ_PRESET": "wide", "VQ_ONLY": "1"}])
-def test_gpu_session_plans_name_only_flags_their_programs_accept(tmp_path, plan, monkeypatch):
+def _plan(run_dir, **env) -> str:
+    """gpu_session.sh with PLAN_ONLY=1 (every stage's command logged, none run): its session.log."""
+    run = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_session.sh"), str(run_dir)],
+                         env=dict(os.environ, PLAN_ONLY="1", GIT_REV="test", **env), cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    log = (run_dir / "session.log").read_text()
+    assert run.returncode == 0 and "DONE" in log, log
+    return log
+
+
+BENCH_STAGES = {"bench_unet", "bench_unet512", "bench_vq", "bench_vq_candidate"}
+
+
+@pytest.mark.parametrize("plan, stages", [
+    ({}, {"bench_unet", "train_vqmodel", "train_unet", "evaluate", "generate_AD", "counterfactual"}),  # among others
+    ({"QUICK": "1"}, BENCH_STAGES),
+    ({"QUICK": "train"}, {"demo_data", "train_vqmodel", "train_unet", "offload_check"}),
+    ({"VQ_PRESET": "wide", "VQ_ONLY": "1"}, BENCH_STAGES | {"bench_sampling", "demo_data", "train_vqmodel"})])
+def test_gpu_session_plans_name_only_flags_their_programs_accept(tmp_path, plan, stages, monkeypatch):
     """Every command a GPU lease would run (PLAN_ONLY=1: logged, not run) parses as its program reads it: no
     renamed flag, unknown benchmark variant or bad choice is found on a machine that costs device time."""
     import shlex
 
-    run_dir = tmp_path / "plan"
-    env = dict(os.environ, PLAN_ONLY="1", GIT_REV="test", **plan)
-    run = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_session.sh"), str(run_dir)], env=env,
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    log = (run_dir / "session.log").read_text()
-    assert run.returncode == 0 and "DONE" in log, log
+    log = _plan(tmp_path / "plan", **plan)
     commands = {m[0]: shlex.split(m[1]) for m in re.findall(r"START (\w+): (.*)", log)}
-    expected = {"QUICK": {"bench_unet", "bench_vq", "bench_vq_candidate", "bench_unet512"},
-                "VQ_ONLY": {"bench_unet", "bench_unet512", "bench_vq", "bench_vq_candidate", "bench_sampling",
-                            "demo_data", "train_vqmodel"}}
-    if plan.get("QUICK") == "train":
-        assert set(commands) == {"demo_data", "train_vqmodel", "train_unet", "offload_check"}
-    elif plan:
-        assert set(commands) == expected[next(iter(k for k in plan if k in expected))]
-    else:
-        assert {"bench_unet", "train_vqmodel", "train_unet", "evaluate", "generate_AD", "counterfactual"} <= set(commands)
+    assert stages <= set(commands) if not plan else set(commands) == stages
     verdicts = {name: _argparse_verdict(words, monkeypatch) for name, words in commands.items()}
     assert verdicts == dict.fromkeys(commands), verdicts
 
@@ -399,12 +399,8 @@ def test_gpu_session_trains_for_the_seconds_the_benchmark_rates_give(smoke, tmp_
     run_dir.mkdir()
     for name in ("bench_unet.json", "bench_vq.json"):  # the smoke run holds both sections
         (run_dir / name).write_text(json.dumps(results))
-    env = dict(os.environ, PLAN_ONLY="1", SKIP_BENCHMARK="1", VQ_BATCH="2", UNET_BATCH="2", MIN_STEPS="1",
-               VQ_SECONDS="1000", UNET_SECONDS="100", GIT_REV="test")
-    run = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_session.sh"), str(run_dir)], env=env,
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    log = (run_dir / "session.log").read_text()
-    assert run.returncode == 0, log
+    log = _plan(run_dir, SKIP_BENCHMARK="1", VQ_BATCH="2", UNET_BATCH="2", MIN_STEPS="1", VQ_SECONDS="1000",
+                UNET_SECONDS="100")
     vq_rate = max(r["images_per_s"] for r in results["vq"]["rows"] if r["variant"] in ("ours", "ours + compile"))
     unet_rate = max(r["images_per_s"] for r in results["unet"]["rows"]
                     if r["config"]["data"] == "loader" and r["config"]["ema"] == "package")
