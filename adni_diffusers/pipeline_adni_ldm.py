@@ -72,26 +72,40 @@ def pad_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 
 def strength_steps(num_inference_steps: int, strength: float) -> int:
     """How many of the sampler's steps image-to-image runs: steps x strength rounded half up (Python's round()
-    takes halves to even, so 0.15 and 0.25 of 10 steps both ran 2), at most all of them."""
-    return min(math.floor(num_inference_steps * strength + 0.5), num_inference_steps)
+    takes halves to even, so 0.15 and 0.25 of 10 steps both ran 2), at most all of them. The product is rounded
+    to 9 decimals first: 50 x 0.29 is 14.499999999999998 in floating point, a half all the same."""
+    return min(math.floor(round(num_inference_steps * strength, 9) + 0.5), num_inference_steps)
 
 
-def renoise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The DDPM forward process q(x_t | x_0) (Ho et al. 2020, eq. 4):
+def renoise(x0: torch.Tensor, abar: float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The DDPM forward process q(x_t | x_0) (Ho et al. 2020, eq. 4), at the noise level abar = abar_t:
 
         x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,    eps ~ N(0, I)
 
-    The same function puts a clean latent back at timestep t for the refinement loop and for
-    image-to-image: one mechanism for both.
+    The same function puts a clean latent back at a timestep for the refinement loop and for
+    image-to-image: one mechanism for both. `abar`: one level, or one per image.
     """
-    abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[torch.as_tensor(t, device=x0.device).long()]
+    abar = torch.as_tensor(abar, device=x0.device, dtype=torch.float32)
     abar = abar.reshape(-1, *([1] * (x0.ndim - 1))) if abar.ndim else abar
     return (abar.sqrt() * x0.float() + (1 - abar).sqrt() * noise.float()).to(x0.dtype)
 
 
+def step_abar(scheduler: SchedulerMixin, index: int, t) -> float:
+    """abar of the noise level at which `scheduler` takes step `index` of its timesteps (timestep t).
+
+    Schedulers that keep one sigma per timestep (DPM-Solver, UniPC, DEIS, Euler, Heun, LMS) step from
+    `sigmas[index]`, with abar = 1 / (1 + sigma^2); with Karras, exponential or beta sigmas it lies between
+    the integer timesteps' abar, and the timestep the UNet gets is only its rounding. The others (DDPM, DDIM)
+    step from alphas_cumprod[t]."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:
+        return 1 / (1 + float(sigmas[index]) ** 2)
+    return float(alphas_cumprod_at(scheduler.alphas_cumprod.float().cpu(), t))
+
+
 def alphas_cumprod_at(alphas_cumprod: torch.Tensor, t) -> torch.Tensor:
-    """abar at timestep t. A fractional t (Euler-type schedulers with `linspace` spacing) gets the abar of the
-    sigma those schedulers interpolate linearly between the neighbouring timesteps: 1 / (1 + sigma^2)."""
+    """abar at timestep t. A fractional t (KDPM2-type schedulers) gets the abar of the sigma interpolated
+    linearly between the neighbouring timesteps: 1 / (1 + sigma^2)."""
     t = float(t)
     low = math.floor(t)
     if t == low:
@@ -101,10 +115,9 @@ def alphas_cumprod_at(alphas_cumprod: torch.Tensor, t) -> torch.Tensor:
     return 1 / (1 + sigma_t**2)
 
 
-def predicted_x0(model_output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod: torch.Tensor, t, prediction_type: str):
-    """The clean latent implied by one network output at timestep t (for previews and the GIF)."""
-    abar = alphas_cumprod_at(alphas_cumprod.to(device=x_t.device, dtype=torch.float32), t)
-    a, s = abar.sqrt(), (1 - abar).sqrt()
+def predicted_x0(model_output: torch.Tensor, x_t: torch.Tensor, abar: float, prediction_type: str):
+    """The clean latent implied by one network output at the noise level abar (for previews and the GIF)."""
+    a, s = math.sqrt(abar), math.sqrt(1 - abar)  # Python floats: nothing copied to the device, no sync
     if prediction_type == "epsilon":
         return (x_t - s * model_output) / a
     if prediction_type == "v_prediction":
@@ -130,10 +143,24 @@ def flatten_latents(h: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def quantize_latents(vqvae: VQModel, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Snap every latent pixel onto its nearest codebook vector. Returns (quantised latents, code indices)."""
-    codebook = vqvae.quantize.embedding.weight
+    embedding = vqvae.quantize.embedding
+    # the codebook read through the embedding's forward, not its `.weight`: under `enable_sequential_cpu_offload`
+    # the weight sits on the meta device, and only a forward call brings it (through accelerate's hook) to
+    # where the latents are
+    codebook = embedding(torch.arange(embedding.num_embeddings, device=latents.device))
     indices = nearest_codes(flatten_latents(latents), codebook)
     quant = codebook[indices].view(latents.shape[0], latents.shape[2], latents.shape[3], -1).permute(0, 3, 1, 2)
     return quant.to(latents.dtype).contiguous(), indices
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model` computes: its weights' device, or under `enable_sequential_cpu_offload` (weights on the
+    meta device between calls) the execution device of accelerate's hooks."""
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return model.device
 
 
 def _onload(model: torch.nn.Module) -> None:
@@ -150,14 +177,14 @@ def encode_slices(vqvae: VQModel, pixel_values: torch.Tensor) -> torch.Tensor:
 
     The diffusion model is trained on exactly these (the training latent cache calls this function)."""
     _onload(vqvae)
-    x = pixel_values.to(device=vqvae.device, dtype=vqvae.dtype)
+    x = pixel_values.to(device=_model_device(vqvae), dtype=vqvae.dtype)
     return vqvae.encode(x).latents * vqvae.config.scaling_factor
 
 
 def decode_latents(vqvae: VQModel, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1], (B, 1, 256, 256), through the codebook (re-quantised)."""
     _onload(vqvae)
-    h = (latents / vqvae.config.scaling_factor).to(device=vqvae.device, dtype=vqvae.dtype)
+    h = (latents / vqvae.config.scaling_factor).to(device=_model_device(vqvae), dtype=vqvae.dtype)
     quant, _ = quantize_latents(vqvae, h)
     return vqvae.decode(quant, force_not_quantize=True).sample.clamp(-1, 1)
 
@@ -168,11 +195,15 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> t
     Sizes as the training data's `--preprocess` took them: "pad" (the default) accepts 256 wide x 240 high
     (ADNI; padded with black rows) or 256x256; "resize" (the seed's stretch) resizes any size to 256x256 with
     bilinear interpolation, on the 8-bit pixels where they are given, as the training loader does.
-    PIL images must be 8-bit greyscale (mode L, or RGB/RGBA/LA with equal, opaque channels), as the
-    training loader requires. uint8 arrays are 0..255; float arrays/tensors must lie in [-1, 1] and are
+    Shapes: one slice (H, W); a stack (N, H, W) or (N, 1, H, W) (tensors) or (N, H, W, 1) (arrays); a list of
+    these. A 3-D array with 1, 3 or 4 channels last, (H, W, C), is one image, as numpy images are.
+    PIL images (and RGB/RGBA arrays) must be 8-bit greyscale (mode L, or RGB/RGBA/LA with equal, opaque
+    channels), as the training loader requires. uint8 arrays are 0..255; float arrays/tensors must lie in [-1, 1] and are
     taken as [-1, 1] when they have negative values, else as [0, 1]."""
     if preprocess not in PREPROCESS_CHOICES:
         raise ValueError(f"preprocess={preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")
+    if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[-1] in (1, 3, 4):
+        images = [images]  # one channels-last (H, W, C) image (of `output_type="np"`, or an RGB read), not C-wide slices
     if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         images = [images] if isinstance(images, PIL.Image.Image) or (np.ndim(images) == 2) else images
     if isinstance(images, torch.Tensor) and images.ndim == 4:
@@ -196,6 +227,12 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> t
                 arr = im.detach().cpu().numpy() if im.dtype == torch.uint8 else im.detach().float().cpu().numpy()
             else:
                 arr = np.asarray(im)
+                if arr.ndim == 3 and (arr.shape[-1] in (1, 3) or (arr.shape[-1] == 4 and arr.dtype == np.uint8)):
+                    # channels last, as numpy images are
+                    try:
+                        arr = arr[..., 0] if arr.shape[-1] == 1 else grey_pixels(arr, "RGB" if arr.shape[-1] == 3 else "RGBA")
+                    except ValueError as e:
+                        raise ValueError(f"image {i} (an array of shape {arr.shape}) is a {e}") from None
             if arr.ndim == 3 and arr.shape[0] == 1:
                 arr = arr[0]
             if arr.ndim != 2:
@@ -220,6 +257,9 @@ def _fit_size(arr: np.ndarray, index: int, size: int, preprocess: str) -> np.nda
     if (h, w) == (size, size):
         return arr
     if preprocess == "resize":  # PIL bilinear, as data.decode_slice (mode L for uint8, F for floats)
+        if min(h, w) < 32:  # below the latent grid: no slice, but e.g. a row of a channels-last (H, W, C) tensor
+            raise ValueError(f"image {index} is {w} wide x {h} high; expected a slice at least 32 pixels each way "
+                             "(tensors are (H, W), (N, H, W) or (N, 1, H, W); arrays may also be (H, W, C))")
         return np.asarray(PIL.Image.fromarray(arr).resize((size, size), PIL.Image.BILINEAR))
     if w != size or h > size:
         raise ValueError(f"image {index} is {w} wide x {h} high; expected {size} wide x 240 high (ADNI) or "
@@ -355,6 +395,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pt"):
         """Scaled latents -> images: `pt` (N, 1, 256, 256) in [0, 1], `np` (N, 256, 256, 1), or `pil`."""
+        if output_type not in ("pt", "np", "pil"):
+            raise ValueError(f"output_type={output_type!r}: expected 'pt', 'np' or 'pil'")
         return self._postprocess(decode_latents(self.vqvae, latents), output_type)
 
     @staticmethod
@@ -377,7 +419,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             labels_in = labels
         if labels_in is not None:
             labels_in = labels_in.to(self._execution_device)
-        acp = self.scheduler.alphas_cumprod
+        first = len(self.scheduler.timesteps) - len(timesteps)  # `timesteps` is the scheduler's from this index on
         # stochastic schedulers (DDPM, DDIM with eta > 0) take the generator; the solvers take none
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         # `timesteps` live on the CPU, where the scheduler's step arithmetic indexes its tables with them: on a
@@ -395,7 +437,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             if callback is not None:
                 values = {"latents": latents}
                 if "x0_pred" in tensor_inputs:
-                    values["x0_pred"] = predicted_x0(out, x_t, acp, t, self.scheduler.config.prediction_type)
+                    values["x0_pred"] = predicted_x0(out, x_t, step_abar(self.scheduler, first + i, t),
+                                                     self.scheduler.config.prediction_type)
                 result = callback(self, step_offset + i, t, {k: values[k] for k in tensor_inputs}) or {}
                 latents = result.get("latents", latents)
         return latents
@@ -529,7 +572,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             timesteps = self._reset_scheduler(num_inference_steps, start)
             if len(timesteps):
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-                latents = renoise(x0, self.scheduler.alphas_cumprod, timesteps[0], noise)
+                latents = renoise(x0, step_abar(self.scheduler, start, timesteps[0]), noise)
             else:
                 latents = x0  # strength 0: nothing to denoise, the VQ reconstruction comes out
         elif latents is None:
@@ -548,7 +591,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             k = num_inference_steps - refine_steps
             refine_timesteps = self._reset_scheduler(num_inference_steps, k)
             noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-            latents = renoise(latents, self.scheduler.alphas_cumprod, refine_timesteps[0], noise)
+            latents = renoise(latents, step_abar(self.scheduler, k, refine_timesteps[0]), noise)
             latents = self._denoise(latents, refine_timesteps, labels, guidance_scale, generator,
                                     callback_on_step_end, tensor_inputs, done)
             done += len(refine_timesteps)

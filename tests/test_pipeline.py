@@ -73,14 +73,14 @@ def test_renoise_has_forward_process_statistics():
     x0 = torch.full((20000, 4), 0.8)
     g = torch.Generator().manual_seed(0)
     for t in (10, 300, 970):
-        xt = renoise(x0, abar, t, torch.randn(x0.shape, generator=g))
+        xt = renoise(x0, abar[t], torch.randn(x0.shape, generator=g))
         assert xt.mean().item() == pytest.approx(abar[t].sqrt().item() * 0.8, abs=0.01)
         assert xt.std().item() == pytest.approx((1 - abar[t]).sqrt().item(), rel=0.02)
     # it is exactly the scheduler's own forward process (what the UNet was trained on)
     noise = torch.randn(3, 4, 32, 32, generator=g)
     x0 = torch.randn(3, 4, 32, 32, generator=g)
     t = torch.tensor([5, 500, 999])
-    assert torch.allclose(renoise(x0, abar, t, noise), scheduler.add_noise(x0, noise, t), atol=1e-6)
+    assert torch.allclose(renoise(x0, abar[t], noise), scheduler.add_noise(x0, noise, t), atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------- sampling
@@ -100,6 +100,10 @@ def test_output_types(pipe):
     assert pipe(**kw, return_dict=False)[0][0].size == (256, 256)
     with pytest.raises(ValueError, match="output_type"):
         pipe(**kw, output_type="jpeg")
+    for wrong in ("numpy", "PT", "latent"):  # decode() gave PIL images for any of these
+        with pytest.raises(ValueError, match=f"output_type='{wrong}': expected 'pt', 'np' or 'pil'"):
+            pipe.decode(latents, output_type=wrong)
+    assert pipe.decode(latents, output_type="np").shape == (2, 256, 256, 1)
 
 
 def test_same_generator_same_images_different_seed_different(pipe):
@@ -133,9 +137,9 @@ def test_refinement_re_noises_to_the_right_level(pipe, monkeypatch):
 
     calls, timesteps, after_step = [], [], []
 
-    def spy_renoise(x0, abar, t, noise):
-        calls.append((int(t), x0.clone()))
-        return renoise(x0, abar, t, noise)
+    def spy_renoise(x0, abar, noise):
+        calls.append((abar, x0.clone()))
+        return renoise(x0, abar, noise)
 
     def callback(p, step, t, tensors):
         timesteps.append(int(t))
@@ -151,7 +155,8 @@ def test_refinement_re_noises_to_the_right_level(pipe, monkeypatch):
         pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     main, r1, r2 = timesteps[:10], timesteps[10:14], timesteps[14:]
     assert r1 == r2 == main[-4:]
-    assert [t for t, _ in calls] == [main[-4], main[-4]]
+    acp = pipe.scheduler.alphas_cumprod
+    assert [abar for abar, _ in calls] == [pytest.approx(float(acp[main[-4]]))] * 2
     # pass 1 starts from the main loop's final (clean) latent, pass 2 from pass 1's
     assert torch.equal(calls[0][1], after_step[9]) and torch.equal(calls[1][1], after_step[13])
 
@@ -236,34 +241,46 @@ def test_pndm_samples_but_is_refused_where_the_timesteps_are_sliced(pipe):
         pndm(num_inference_steps=10, refine_steps=2, refine_repeats=1)
 
 
-@pytest.mark.parametrize("scheduler_name, prediction_type, spacing", [
-    ("DDIMScheduler", "epsilon", None), ("EulerDiscreteScheduler", "epsilon", None),
-    ("LMSDiscreteScheduler", "epsilon", None), ("DDIMScheduler", "v_prediction", None),
-    ("EulerDiscreteScheduler", "epsilon", "linspace")])  # fractional timesteps (5 steps: 999, 749.25, ...)
-def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type, spacing):
-    """The callback's (and the GIF's) x0 prediction equals the scheduler's `pred_original_sample` at the same
-    step; for Euler-type schedulers, whose latents carry sqrt(sigma^2 + 1), it was off by that factor. For a
-    v-prediction model it is sqrt(abar) x_t - sqrt(1 - abar) v: a sign slip there would preview another image.
-    At a fractional timestep abar is the scheduler's interpolated sigma's, not the floor's."""
+@pytest.mark.parametrize("scheduler_name, prediction_type, options", [
+    ("DDIMScheduler", "epsilon", {}), ("EulerDiscreteScheduler", "epsilon", {}),
+    ("LMSDiscreteScheduler", "epsilon", {}), ("DDIMScheduler", "v_prediction", {}),
+    ("EulerDiscreteScheduler", "epsilon", {"timestep_spacing": "linspace"}),  # fractional timesteps: 999, 749.25, ...
+    ("DPMSolverMultistepScheduler", "epsilon", {"use_karras_sigmas": True}),  # sigmas between the integer timesteps'
+], ids=["ddim", "euler", "lms", "ddim-v", "euler-linspace", "dpm-karras"])
+def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type, options):
+    """The callback's (and the GIF's) x0 prediction equals the scheduler's own at the same step
+    (`pred_original_sample`; DPM-Solver's `convert_model_output`); for Euler-type schedulers, whose latents
+    carry sqrt(sigma^2 + 1), it was off by that factor. For a v-prediction model it is sqrt(abar) x_t -
+    sqrt(1 - abar) v: a sign slip there would preview another image. At a fractional timestep, or with Karras
+    sigmas, abar is that of the scheduler's own sigma, not of the (rounded) timestep."""
     import diffusers
 
     pipe = make_pipe()
     pipe.scheduler = getattr(diffusers, scheduler_name).from_config(
-        pipe.scheduler.config, prediction_type=prediction_type,
-        **({"timestep_spacing": spacing} if spacing else {}))
-    steps = 5 if spacing else 4
-    if spacing:
+        pipe.scheduler.config, prediction_type=prediction_type, **options)
+    steps = 5 if options else 4
+    if "timestep_spacing" in options:
         pipe.scheduler.set_timesteps(steps)
         assert any(float(t) != int(t) for t in pipe.scheduler.timesteps)
     own, given = [], []
-    step = pipe.scheduler.step
+    if hasattr(pipe.scheduler, "convert_model_output"):  # DPM-Solver++: x0 is what the model output becomes
+        convert = pipe.scheduler.convert_model_output
 
-    def recording_step(*args, **kwargs):
-        out = step(*args, **kwargs)
-        own.append(out.pred_original_sample.clone())
-        return out
+        def recording_convert(*args, **kwargs):
+            x0 = convert(*args, **kwargs)
+            own.append(x0.clone())
+            return x0
 
-    pipe.scheduler.step = recording_step
+        pipe.scheduler.convert_model_output = recording_convert
+    else:
+        step = pipe.scheduler.step
+
+        def recording_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            own.append(out.pred_original_sample.clone())
+            return out
+
+        pipe.scheduler.step = recording_step
     pipe(num_inference_steps=steps, class_labels=0, guidance_scale=2.0, generator=seeded(), output_type="latent",
          callback_on_step_end=lambda p, i, t, tensors: given.append(tensors["x0_pred"].clone()) or {},
          callback_on_step_end_tensor_inputs=["latents", "x0_pred"])
@@ -272,15 +289,44 @@ def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_image_to_image_starts_at_the_solvers_own_noise_level(monkeypatch):
+    """DPM-Solver++ with Karras sigmas steps from sigmas[k], which lies between the integer timesteps' noise
+    levels (the timestep the UNet gets is its rounding). The encoded image is re-noised to that level, as
+    diffusers' own `scheduler.add_noise` puts it after `set_begin_index`; abar of the rounded timestep was
+    about 1% off. The refinement loop re-noises through the same level."""
+    import adni_diffusers.pipeline_adni_ldm as module
+
+    starts = []
+
+    def recording_renoise(x0, abar, noise):
+        out = renoise(x0, abar, noise)
+        starts.append((x0, noise, out))
+        return out
+
+    monkeypatch.setattr(module, "renoise", recording_renoise)
+    pipe = make_pipe()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    pipe(image=np.full((240, 256), 90, np.uint8), strength=0.5, num_inference_steps=10, refine_steps=3,
+         refine_repeats=1, generator=seeded(), output_type="latent")
+    assert len(starts) == 2
+    for (x0, noise, out), k in zip(starts, (5, 7)):
+        own = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        own.set_timesteps(10)
+        own.set_begin_index(k)
+        t = own.timesteps[k]
+        torch.testing.assert_close(out, own.add_noise(x0, noise, t.repeat(len(x0))), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out, renoise(x0, float(own.alphas_cumprod[t]), noise), atol=1e-3)
+
+
 def test_given_latents_set_the_batch_size(pipe, monkeypatch):
     """`latents=` of 3 images: 3 labels (6 rows under guidance), 3 refinement noises; a wrong shape is refused."""
     import adni_diffusers.pipeline_adni_ldm as module
 
     noise_shapes = []
 
-    def spy_renoise(x0, abar, t, noise):
+    def spy_renoise(x0, abar, noise):
         noise_shapes.append(tuple(noise.shape))
-        return renoise(x0, abar, t, noise)
+        return renoise(x0, abar, noise)
 
     monkeypatch.setattr(module, "renoise", spy_renoise)
     latents = torch.randn(3, 4, 32, 32, generator=seeded(1))
@@ -313,6 +359,24 @@ def test_given_latents_are_scaled_like_drawn_noise_for_euler():
     drawn = pipe(num_inference_steps=3, generator=seeded(3), class_labels=0, output_type="latent").images
     given = pipe(num_inference_steps=3, latents=noise, class_labels=0, output_type="latent").images
     torch.testing.assert_close(given, drawn, rtol=1e-4, atol=1e-3)
+
+def test_sequential_cpu_offload_decodes_and_encodes():
+    """enable_sequential_cpu_offload keeps every weight on the meta device between forward calls (accelerate's
+    `cpu_offload`, which diffusers puts on each model; here with the CPU as the execution device, where a GPU
+    would be). Decoding read the codebook's meta weight and moved the latents to `vqvae.device` (meta): every
+    output type but "latent" failed, and so did `encode`."""
+    from accelerate import cpu_offload
+
+    reference, offloaded = make_pipe(), make_pipe()
+    for name in ("unet", "vqvae"):
+        model = getattr(offloaded, name)
+        cpu_offload(model, torch.device("cpu"), offload_buffers=len(model._parameters) > 0)
+    assert offloaded.vqvae.device.type == "meta" and offloaded.vqvae.quantize.embedding.weight.device.type == "meta"
+    kw = dict(batch_size=2, class_labels="AD", guidance_scale=2.0, num_inference_steps=2, output_type="pt")
+    torch.testing.assert_close(offloaded(generator=seeded(), **kw).images, reference(generator=seeded(), **kw).images)
+    image = np.random.default_rng(0).integers(0, 256, (240, 256), dtype=np.uint8)
+    torch.testing.assert_close(offloaded.encode(image), reference.encode(image))
+
 
 def test_model_cpu_offload_runs_each_model_where_its_hook_puts_it():
     """enable_model_cpu_offload without a GPU: accelerate's offload hook with execution_device "meta" stands in
@@ -445,6 +509,30 @@ def test_prepare_slices_errors():
 
 
 GREY = np.random.default_rng(0).integers(0, 256, (240, 256)).astype(np.uint8)  # an 8-bit slice
+
+
+def test_prepare_slices_takes_a_channels_last_array_as_one_image(pipe):
+    """An RGB read of a grey slice (240, 256, 3), or one image of `output_type="np"` (256, 256, 1), is one slice:
+    it was taken for a stack along its first axis, 240 (256) slices 3 (1) pixels wide, which a "resize" model
+    stretched to 256x256 without a word. A channels-last tensor row is refused by size."""
+    one = prepare_slices(GREY)
+    rgb = np.repeat(GREY[..., None], 3, axis=-1)
+    rgba = np.concatenate([rgb, np.full((240, 256, 1), 255, np.uint8)], axis=-1)
+    torch.testing.assert_close(prepare_slices(rgb), one)
+    torch.testing.assert_close(prepare_slices(rgba), one)
+    torch.testing.assert_close(prepare_slices([rgb, GREY[..., None]]), torch.cat([one, one]))
+    sampled = pipe(num_inference_steps=1, generator=seeded(), output_type="np").images[0]
+    assert sampled.shape == (256, 256, 1)
+    for preprocess in ("pad", "resize"):
+        torch.testing.assert_close(prepare_slices(sampled, preprocess=preprocess),
+                                   prepare_slices(sampled[..., 0], preprocess=preprocess))
+    assert pipe.encode(sampled).shape == (1, 4, 32, 32)
+    tinted = rgb.copy()
+    tinted[0, 0, 1] = 7
+    with pytest.raises(ValueError, match=r"image 0 \(an array of shape \(240, 256, 3\)\) is a colour RGB image"):
+        prepare_slices(tinted)
+    with pytest.raises(ValueError, match="image 0 is 1 wide x 256 high; expected a slice at least 32 pixels"):
+        prepare_slices(torch.from_numpy(sampled), preprocess="resize")
 
 
 def transparent(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -740,9 +828,9 @@ def test_image_to_image_re_noises_the_encoded_image_to_its_first_timestep(pipe, 
 
     calls, seen = [], []
 
-    def spy_renoise(x0, abar, t, noise):
-        calls.append((int(t), x0.clone()))
-        return renoise(x0, abar, t, noise)
+    def spy_renoise(x0, abar, noise):
+        calls.append((abar, x0.clone()))
+        return renoise(x0, abar, noise)
 
     monkeypatch.setattr(module, "renoise", spy_renoise)
     images = list(np.random.default_rng(0).integers(0, 255, (2, 256, 256), dtype=np.uint8))
@@ -755,7 +843,7 @@ def test_image_to_image_re_noises_the_encoded_image_to_its_first_timestep(pipe, 
     finally:
         pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     assert seen == full[4:]
-    assert [t for t, _ in calls] == [full[4]]
+    assert [abar for abar, _ in calls] == [pytest.approx(float(pipe.scheduler.alphas_cumprod[full[4]]))]
     torch.testing.assert_close(calls[0][1], pipe.encode(images))
 
 
@@ -972,9 +1060,9 @@ def test_strength_one_denoises_the_whole_schedule_from_its_first_timestep(pipe, 
     import adni_diffusers.pipeline_adni_ldm as module
 
     levels = []
-    def recording_renoise(x0, abar, t, noise):
-        levels.append(int(t))
-        return renoise(x0, abar, t, noise)
+    def recording_renoise(x0, abar, noise):
+        levels.append(abar)
+        return renoise(x0, abar, noise)
 
     monkeypatch.setattr(module, "renoise", recording_renoise)
     original = pipe.scheduler
@@ -987,7 +1075,7 @@ def test_strength_one_denoises_the_whole_schedule_from_its_first_timestep(pipe, 
         spy.remove()
         pipe.scheduler = original
     assert out.shape == (1, 4, 32, 32)
-    assert spy.calls == 3 and levels == [999]
+    assert spy.calls == 3 and levels == [pytest.approx(float(original.alphas_cumprod[999]))]
 
 
 def test_guidance_below_one_without_a_class_is_refused(pipe):
@@ -1018,3 +1106,11 @@ def test_strength_selects_its_share_of_the_steps_rounded_half_up(pipe, strength,
     finally:
         spy.remove()
     assert spy.calls == steps_run
+
+
+def test_strength_halves_are_halves_in_floating_point_too():
+    """50 x 0.29 is 14.499999999999998 in floating point: a half, rounded up like 0.15 of 10 steps."""
+    from adni_diffusers.pipeline_adni_ldm import strength_steps
+
+    assert [strength_steps(50, 0.29), strength_steps(25, 0.58), strength_steps(50, 0.57)] == [15, 15, 29]
+    assert [strength_steps(10, 0.15), strength_steps(10, 0.14), strength_steps(10, 1.0)] == [2, 1, 10]
