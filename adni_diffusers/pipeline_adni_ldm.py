@@ -410,7 +410,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         return [PIL.Image.fromarray((a[..., 0] * 255).round().astype(np.uint8), mode="L") for a in arr]
 
     # -- the denoising loop -----------------------------------------------------------------------
-    def _denoise(self, latents, timesteps, labels, guidance_scale, generator, callback, tensor_inputs, step_offset):
+    def _denoise(self, latents, timesteps, labels, guidance_scale, generator, callback, tensor_inputs, step_offset,
+                 eta=0.0):
         """Run the scheduler over `timesteps`. Latents stay float32; the UNet runs in its own dtype."""
         use_cfg = labels is not None and guidance_scale != 1.0 and bool((labels != self.null_class).any())
         if use_cfg:
@@ -422,6 +423,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         first = len(self.scheduler.timesteps) - len(timesteps)  # `timesteps` is the scheduler's from this index on
         # stochastic schedulers (DDPM, DDIM with eta > 0) take the generator; the solvers take none
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        if eta:
+            step_kwargs["eta"] = eta
         # `timesteps` live on the CPU, where the scheduler's step arithmetic indexes its tables with them: on a
         # GPU that avoids a host-device sync per step. The UNet gets a device copy, made once per pass.
         timesteps_on_device = timesteps.to(self._execution_device)
@@ -484,6 +487,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        eta: float = 0.0,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate slices.
 
@@ -517,6 +521,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 scheduler step (refinement passes included); `tensors` holds the names in
                 `callback_on_step_end_tensor_inputs` ("latents", "x0_pred"). Returning `{"latents": x}`
                 replaces the latents.
+            eta: DDIM's eta (Song et al. 2021): 0 is deterministic DDIM, 1 has DDPM's variance; drawn from
+                `generator`. Only schedulers whose `step` takes `eta` (DDIM) accept a value other than 0.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
@@ -530,6 +536,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                              f"when refine_repeats={refine_repeats} > 0")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength}: expected a number in [0, 1]")
+        if not (np.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta={eta}: expected a number >= 0 (0 = deterministic DDIM, 1 = DDPM's variance)")
+        if eta and "eta" not in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(f"eta={eta}: {type(self.scheduler).__name__} takes no eta; only DDIM does "
+                             "(`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)")
         if image is not None or refine_repeats > 0:
             self._check_scheduler(num_inference_steps)
         if image is not None and latents is not None:
@@ -583,7 +594,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
 
         # 2. the main reverse process
         latents = self._denoise(latents, timesteps, labels, guidance_scale, generator,
-                                callback_on_step_end, tensor_inputs, 0)
+                                callback_on_step_end, tensor_inputs, 0, eta)
 
         # 3. late-timestep refinement: re-noise x_0 to timestep k, denoise again (see the docstring)
         done = len(timesteps)
@@ -593,7 +604,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
             latents = renoise(latents, step_abar(self.scheduler, k, refine_timesteps[0]), noise)
             latents = self._denoise(latents, refine_timesteps, labels, guidance_scale, generator,
-                                    callback_on_step_end, tensor_inputs, done)
+                                    callback_on_step_end, tensor_inputs, done, eta)
             done += len(refine_timesteps)
 
         # 4. decode through the codebook, which would turn NaN latents into a plausible-looking codebook pattern

@@ -1114,3 +1114,24 @@ def test_strength_halves_are_halves_in_floating_point_too():
 
     assert [strength_steps(50, 0.29), strength_steps(25, 0.58), strength_steps(50, 0.57)] == [15, 15, 29]
     assert [strength_steps(10, 0.15), strength_steps(10, 0.14), strength_steps(10, 1.0)] == [2, 1, 10]
+
+
+def test_ddim_eta_draws_variance_from_the_generator():
+    """`eta` reaches DDIM's step: eta=1 adds DDPM's variance (another image than eta=0, the same one again from
+    the same seed, on every pass of the refinement loop too); a scheduler that takes no eta refuses a nonzero one
+    rather than ignoring it."""
+    pipe = make_pipe()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    kw = dict(num_inference_steps=4, class_labels="AD", output_type="latent")
+    deterministic = pipe(generator=seeded(), **kw).images
+    noisy = pipe(generator=seeded(), eta=1.0, **kw).images
+    assert not torch.allclose(noisy, deterministic, atol=1e-3)
+    torch.testing.assert_close(pipe(generator=seeded(), eta=1.0, **kw).images, noisy)
+    refined = pipe(generator=seeded(), eta=1.0, refine_steps=2, refine_repeats=1, **kw).images
+    torch.testing.assert_close(pipe(generator=seeded(), eta=1.0, refine_steps=2, refine_repeats=1, **kw).images, refined)
+    with pytest.raises(ValueError, match="eta=-0.5: expected a number >= 0"):
+        pipe(eta=-0.5, **kw)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="eta=0.5: DPMSolverMultistepScheduler takes no eta; only DDIM does"):
+        pipe(eta=0.5, **kw)
+    assert pipe(eta=0.0, **kw).images.shape == (1, 4, 32, 32)
