@@ -1111,6 +1111,20 @@ def evaluate_model(
         raise EvaluationError(f"--guidance {guidance:g}: this model is unconditional (classifier-free guidance "
                               "steers toward a class); leave --guidance out")
     guidance = (DEFAULT_GUIDANCE_CONDITIONAL if guidance is None else float(guidance)) if conditional else 1.0
+    # images per class for the distribution metrics (step 5), known now: too few is refused before hours of work
+    if conditional:
+        counts = {c: min(num_samples, int((data.val.labels == c).sum()), int((data.train.labels == c).sum()))
+                  for c in range(len(class_names))}
+        if min(counts.values()) < num_samples:
+            logger.warning("distribution metrics use %s images per class (held-out / training images available)",
+                           {class_names[c]: v for c, v in counts.items()})
+    else:
+        counts = {0: min(num_samples, len(data.val), len(data.train))}
+    if sum(counts.values()) < 2:
+        raise EvaluationError(f"{sum(counts.values())} image(s) for the distribution metrics (per class at most "
+                              f"--num-samples {num_samples} and what the held-out set has: held-out slices: "
+                              f"{len(data.val)}): they need at least 2; hold out more patients (--val_fraction "
+                              "in training, or a larger test/ folder)")
     timings["load_seconds"] = time.perf_counter() - t
     # everything is checked: an earlier run's outputs go now (a refused run keeps them), before anything is written
     remove_outputs(sorted({p for pattern in OUTPUTS for p in out.glob(pattern)}))
@@ -1161,14 +1175,6 @@ def evaluate_model(
     def groups_of(slices: SliceSet) -> torch.Tensor:
         return slices.labels if conditional else torch.zeros(len(slices), dtype=torch.long)
 
-    if conditional:
-        counts = {c: min(num_samples, int((data.val.labels == c).sum()), int((data.train.labels == c).sum()))
-                  for c in range(len(class_names))}
-        if min(counts.values()) < num_samples:
-            logger.warning("distribution metrics use %s images per class (held-out / training images available)",
-                           {class_names[c]: v for c, v in counts.items()})
-    else:
-        counts = {0: min(num_samples, len(data.val), len(data.train))}
     gen_idx = first_per_class(groups_of(gen), counts)
     held_idx = subsample(groups_of(data.val), counts, seed)
     train_idx = subsample(groups_of(data.train), counts, seed + 1)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import PATIENT_SLICE_RE, SliceSet
+from .data import PATIENT_SLICE_RE, SliceSet, hash_array
 from .metrics import as_images, knn
 from .plots import save_figure
 
@@ -175,8 +175,12 @@ class _MetricFeature(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        was_training = self.net.training  # a net measured between training steps goes on training afterwards
         self.net.eval()
-        return self.net.embed(as_images(images).to(next(self.net.parameters()).device))
+        try:
+            return self.net.embed(as_images(images).to(next(self.net.parameters()).device))
+        finally:
+            self.net.train(was_training)
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -503,9 +507,9 @@ def training_key(train: SliceSet, settings: dict) -> str:
     decoded pixels), so a moved data folder still hits the cache and a changed image misses it."""
     h = hashlib.sha256()
     h.update(f"feature-net-v{FEATURE_NET_VERSION}".encode())
-    h.update(np.ascontiguousarray(train.pixels.cpu().numpy()).tobytes())
-    h.update(np.ascontiguousarray(train.labels.cpu().numpy().astype(np.int64)).tobytes())
-    h.update(np.ascontiguousarray(slice_positions(train).numpy()).tobytes())
+    hash_array(h, train.pixels.cpu())
+    hash_array(h, train.labels.cpu().numpy().astype(np.int64))
+    hash_array(h, slice_positions(train))
     described = {"class_names": list(train.class_names), "settings": settings}
     h.update(json.dumps(described, sort_keys=True, default=str).encode())
     return h.hexdigest()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import SliceSet, to_model_input
+from .data import SliceSet, hash_array, to_model_input
 from .pipeline_adni_ldm import encode_slices
 from .training import TrainingError
 
@@ -31,8 +31,8 @@ def cache_key(vq_dir: Path, slices: SliceSet) -> str:
         if f.is_file():
             h.update(f.name.encode())
             h.update(f.read_bytes())
-    h.update(slices.pixels.numpy().tobytes())
-    h.update(slices.labels.numpy().tobytes())
+    hash_array(h, slices.pixels)
+    hash_array(h, slices.labels)
     return h.hexdigest()[:20]
 
 

@@ -651,6 +651,31 @@ def test_the_data_fingerprint_covers_the_labels():
     assert D.fingerprint(a) == D.fingerprint(D.SliceSet(pixels.clone(), torch.tensor([0, 1]), ["x", "y"], ["c", "d"]))
 
 
+def test_data_hashes_do_not_copy_the_pixels(tmp_path):
+    """The fingerprint, the latent cache key and the feature net's key hash the pixels where they lie, with the
+    same keys as before: `.tobytes()` made a second copy of them (2 GB at ADNI size, on every process).
+    tracemalloc sees numpy's and Python's allocations; 32 MB of pixels must not show up."""
+    import hashlib
+    import tracemalloc
+
+    from adni_diffusers.features import training_key
+    from adni_diffusers.latents import cache_key
+
+    pixels = torch.randint(0, 256, (512, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    slices = D.SliceSet(pixels, torch.arange(512) % 2, [f"p{i // 16}" for i in range(512)],
+                        [f"p{i // 16}_{i % 16}.jpeg" for i in range(512)], ["AD", "NC"])
+    (tmp_path / "config.json").write_text("{}")
+    expected = hashlib.sha256(pixels.numpy().tobytes() + slices.labels.numpy().tobytes()).hexdigest()[:20]
+    tracemalloc.start()
+    try:
+        keys = D.fingerprint(slices), cache_key(tmp_path, slices), training_key(slices, {"epochs": 1})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert keys[0] == expected  # the same key as the copying code made: existing caches still match
+    assert peak < 4 * 2**20, f"hashing allocated {peak / 2**20:.0f} MB for 32 MB of pixels"
+
+
 def test_a_patient_counts_for_the_class_of_most_of_its_slices():
     """Patients are drawn per class: one with slices in two classes (a relabelling) belongs to its majority class.
     Here class 0 has a, b and class 1 has c (slices 0, 1, 1) and d; half of each class is held out, so exactly one of

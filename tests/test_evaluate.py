@@ -563,6 +563,31 @@ def test_a_model_trained_without_a_hold_out_is_refused_before_any_work(model_cop
                          render_card=False)
 
 
+def test_a_held_out_set_too_small_to_compare_is_refused_before_any_work(model_copy, tmp_path, monkeypatch):
+    """A single held-out slice (a tiny test/ folder under --split given) leaves one image per set for FD and KID:
+    refused once the data is loaded, before the feature net is trained and the samples drawn (it failed in the
+    metrics, after both)."""
+    import dataclasses
+
+    import adni_diffusers.features as features
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the feature net was trained for a held-out set of one slice")
+
+    load = E.load_evaluation_data
+
+    def one_held_out_slice(*args, **kwargs):
+        data, record = load(*args, **kwargs)
+        return dataclasses.replace(data, val=data.val.subset([0])), record
+
+    monkeypatch.setattr(features, "get_or_train_feature_net", no_work)
+    monkeypatch.setattr(E, "load_evaluation_data", one_held_out_slice)
+    with pytest.raises(E.EvaluationError, match=r"1 image\(s\) for the distribution metrics .*held-out slices: 1\)"
+                                                r": they need at least 2"):
+        E.evaluate_model(model_copy, num_samples=2, out=tmp_path / "out", device="cpu", progress=False,
+                         render_card=False)
+
+
 def test_stratified_rows_give_the_leftover_row_to_the_largest_remainder():
     from adni_diffusers.vq_eval import stratified_rows
 

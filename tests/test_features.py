@@ -241,13 +241,15 @@ TINY_NET = dict(epochs=1, batch_size=4, seed=0, device="cpu", progress=False, wi
 
 def test_metric_feature_wrapper_uses_the_running_statistics_of_a_training_net():
     """`as_metric_feature()` (torchmetrics' FD / KID input): "net.embed in eval mode" even when the net was left in
-    training mode, so its features are the same as `features()` gives (not batch statistics)."""
+    training mode, so its features are the same as `features()` gives (not batch statistics); and, as
+    `features()` does, it leaves that net in training mode (it left it in eval mode: BatchNorm frozen)."""
     torch.manual_seed(0)
     net = Fe.FeatureNet(2, widths=(4, 4), input_size=16, class_names=["AD", "NC"]).train()
     x = torch.rand(4, 1, 16, 16) * 2 - 1
     expected = net.features(x)
     assert net.training
     torch.testing.assert_close(net.as_metric_feature()(x), expected, atol=1e-5, rtol=0)
+    assert net.training
 
 
 def test_evaluate_feature_net_measures_in_eval_mode_and_changes_nothing():
