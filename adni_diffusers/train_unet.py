@@ -291,7 +291,7 @@ def main(args: argparse.Namespace) -> dict:
             labels = drop_labels(batch["class_labels"].to(device), args.cond_dropout, null_class, gen)
         with accelerator.accumulate(model):
             loss = training_loss(model, batch["latents"], labels, gen)
-            accelerator.backward(loss)
+            run.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()

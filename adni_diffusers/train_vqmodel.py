@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> dict:
                 if accelerator.scaler is not None:  # fp16: an overflow in the weight skips the step, as any other
                     loss = fail_step_if(loss, overflowed)
                 logs.update(g_loss=g_loss, gan_weight=weight)
-            accelerator.backward(loss)
+            run.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if gan_on:
                 d_loss = hinge_d_loss(disc(x), disc(out.recon.detach()))
-                accelerator.backward(d_loss)
+                run.backward(d_loss)
                 disc_optimizer.step()
                 disc_optimizer.zero_grad(set_to_none=True)
                 logs["d_loss"] = d_loss

@@ -708,6 +708,17 @@ def steps_per_epoch(loader, grad_accum: int) -> int:
     return max(1, math.ceil(len(loader) / grad_accum))
 
 
+def micro_batch_weight(batch_in_epoch: int, batches_in_epoch: int, grad_accum: int) -> float:
+    """The loss weight of micro-batch `batch_in_epoch` (0-based) of an epoch. Accelerate divides every micro-batch's
+    loss by `grad_accum`; an epoch whose batches do not divide by it ends with a step of fewer micro-batches (the
+    remainder), whose gradient would be only remainder / grad_accum of their mean. Weighting them by
+    grad_accum / remainder makes it their mean, as every full step's gradient is."""
+    last_step_start = (max(1, math.ceil(batches_in_epoch / grad_accum)) - 1) * grad_accum
+    if batch_in_epoch < last_step_start:
+        return 1.0
+    return grad_accum / (batches_in_epoch - last_step_start)
+
+
 def total_train_steps(args, loader) -> int:
     """Optimizer steps of the whole run: --max_train_steps, else --num_epochs of the (prepared) loader."""
     return args.max_train_steps or args.num_epochs * steps_per_epoch(loader, args.gradient_accumulation_steps)
@@ -980,6 +991,7 @@ class TrainingRun:
         self._micro_logs: list[dict] = []  # this step's earlier micro-batches (gradient accumulation)
         self._traced: list[int] = []  # batch indices since the last step (--trace_batches)
         self._micro = self._batches_since_step = 0
+        self._weight = 1.0  # this micro-batch's loss weight (`backward`)
         self._last_good_checkpoint: Path | None = None
         self.progress = None
         self.start_time = time.time()
@@ -1061,9 +1073,10 @@ class TrainingRun:
                 self.sampler.set_epoch(epoch)
                 if hasattr(loader, "set_epoch"):
                     loader.set_epoch(epoch)
-                for batch in loader:
+                for position, batch in enumerate(loader, start=max(done_in_epoch, 0) * args.gradient_accumulation_steps):
                     if self.global_step >= self.max_train_steps:  # e.g. resumed from the last step: train no more
                         break
+                    self._weight = micro_batch_weight(position, len(self.loader), args.gradient_accumulation_steps)
                     if args.trace_batches:
                         self._traced.extend(batch["index"].tolist())
                     self._micro = self._batches_since_step  # which micro-batch of the step (gradient accumulation)
@@ -1074,6 +1087,11 @@ class TrainingRun:
         finally:  # training is over (or failed): its data workers are not needed
             stop_loader_workers(self.loader)
             self.progress.close()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`accelerator.backward` of this micro-batch's loss, weighted so that an epoch's short last step (fewer
+        micro-batches than --gradient_accumulation_steps) gets their mean gradient, not a fraction of it."""
+        self.accelerator.backward(loss if self._weight == 1.0 else loss * self._weight)
 
     def step_generator(self, device=None, shared: bool = False) -> torch.Generator:
         """Randomness for this micro-batch: a pure function of (seed, step, micro-batch, process), so resume

@@ -1264,6 +1264,40 @@ def test_unet_accumulation_logs_the_mean_loss_of_the_steps_micro_batches(tmp_pat
     assert logged["step"] == 1 and logged["loss"] == pytest.approx((micro[0] + stepped[0]) / 2, rel=1e-5)
 
 
+def test_micro_batch_weights_make_a_short_last_step_a_mean():
+    """Accelerate divides each micro-batch's loss by the accumulation steps: an epoch's short last step (4 batches
+    in steps of 3 + 1) got a third of its batch's gradient. Its micro-batches are weighted up to a mean."""
+    from adni_diffusers.training import micro_batch_weight
+
+    assert [micro_batch_weight(i, 4, 3) for i in range(4)] == [1, 1, 1, 3]
+    assert [micro_batch_weight(i, 8, 3) for i in range(8)] == [1, 1, 1, 1, 1, 1, 1.5, 1.5]
+    assert [micro_batch_weight(i, 6, 3) for i in range(6)] == [1] * 6  # full steps only
+    assert [micro_batch_weight(i, 2, 4) for i in range(2)] == [2, 2]  # fewer batches than one step
+    assert [micro_batch_weight(i, 5, 1) for i in range(5)] == [1] * 5
+
+
+def test_unet_accumulation_weights_the_epochs_short_step_to_a_full_ones_scale(tmp_path, tiny_vq, demo_root,
+                                                                              monkeypatch):
+    """Epochs of 4 batches in steps of 3 + 1 micro-batches: the loss that reaches `accelerator.backward` (which
+    divides it by 3) is the training loss on full steps and 3x it on the one-batch step, so that step's gradient
+    is its batch's own, not a third of it."""
+    from accelerate import Accelerator
+
+    from adni_diffusers import diffusion
+
+    computed, backpropagated = [], []
+    real_loss, real_backward = diffusion.diffusion_loss, Accelerator.backward
+    monkeypatch.setattr(diffusion, "diffusion_loss", lambda *a, **k: computed.append(real_loss(*a, **k)) or computed[-1])
+    monkeypatch.setattr(Accelerator, "backward",
+                        lambda self, loss, **k: backpropagated.append(loss.detach()) or real_backward(self, loss, **k))
+    run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
+                                       tmp_path / "ldm", *TINY_UNET_ARGS, "--train_batch_size", "5",
+                                       "--gradient_accumulation_steps", "3", "--max_train_steps", "4",
+                                       "--latent_cache_dir", tmp_path / "cache"])
+    ratios = [float(b / c.detach()) for b, c in zip(backpropagated, computed)]
+    assert ratios == pytest.approx([1, 1, 1, 3, 1, 1, 1, 3])
+
+
 def test_sample_grids_come_every_save_images_epochs_and_at_the_last_step(tmp_path, tiny_vq, demo_root):
     """24 training latents at batch 12 are 2 steps per epoch: with --save_images_epochs 2 and 5 steps the periodic
     grids are those of step 4 (the end of epoch 2) and step 5 (the last step), no others."""
