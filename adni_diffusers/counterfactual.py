@@ -1029,7 +1029,11 @@ def main(args: argparse.Namespace) -> int:
             rows = rows[torch.linspace(0, len(rows) - 1, args.max_images).round().long().unique()]
         held = data.val.subset(rows)
         val = (report or {}).get("val") or {}
+        from .data import is_demo_dataset
+
         info = {"model": args.model, "patients": len(set(held.patients)), "data": data.root, "split": data.split,
+                # `push` uploads this run's strip and mean map (held-out slices) only where this says demo data
+                "data_source_is_demo": is_demo_dataset(data.root),
                 "slices": [str(Path(p).relative_to(data.root)) if Path(p).is_relative_to(data.root) else p
                            for p in held.paths]}
         result = measure_tradeoff(pipe, held, classifier, target, strengths, args.guidance, args.seed, args.scheduler,

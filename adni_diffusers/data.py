@@ -138,6 +138,11 @@ class SliceDataset(torch.utils.data.Dataset):
                 "index": idx}
 
 
+def is_demo_dataset(root) -> bool:
+    """Whether the data folder `root` is the synthetic demo set (`demo-data` writes its settings file there)."""
+    return (Path(root) / "demo_settings.json").is_file()
+
+
 def hash_array(h, values) -> None:
     """Feed the C-order bytes of an array or CPU tensor to the hash `h` without copying them (`.tobytes()`
     made a second copy of the pixels: 2 GB for an ADNI-size set, on every process)."""

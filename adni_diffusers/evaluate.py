@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .data import SliceData, SliceSet, load_slices, to_uint8
+from .data import SliceData, SliceSet, is_demo_dataset, load_slices, to_uint8
 from .plots import save_figure
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
 
@@ -1322,7 +1322,7 @@ def evaluate_model(
         "data": {**{k: v for k, v in record.items() if k not in ("train", "validation")},
                  "root": data.root, "train": data.train.summary(), "validation": data.val.summary(),
                  "shared_patients": data.shared_patients,
-                 "data_source_is_demo": (Path(data.root) / "demo_settings.json").is_file()},
+                 "data_source_is_demo": is_demo_dataset(data.root)},
         "settings": {"num_samples": num_samples, "samples_per": "class" if conditional else "total",
                      "scheduler": scheduler, "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
                      "refine_repeats": refine_repeats, "seed": seed, "batch_size": batch_size, "dtype": dtype,

@@ -188,17 +188,22 @@ REAL_SLICE_PICTURES = ("reconstructions.png", "closest_pairs.png", "example_stri
 
 def shows_real_slices(folder: Path, rel: str, demo: bool) -> bool:
     """Whether the picture `rel` of `folder` shows real slices: any of REAL_SLICE_PICTURES of a model not
-    trained on the demo set, and of a demo model those of an evaluation run on other data (its metrics.json
-    says so)."""
-    if Path(rel).name not in REAL_SLICE_PICTURES:
+    trained on the demo set; of a demo model, those of an evaluation run on other data (its metrics.json says
+    so), and a counterfactual measurement's unless its tradeoff.json says it measured demo data (`--data-dir`
+    may point a demo model at real slices; records from before it said so are taken as real)."""
+    name = Path(rel).name
+    if name not in REAL_SLICE_PICTURES:
         return False
     if not demo:
         return True
+    beside = (folder / rel).parent
     try:
-        record = json.loads((folder / rel).parent.joinpath("metrics.json").read_text())
+        if name in ("example_strip.png", "mean_difference.png"):  # counterfactual --measure
+            return json.loads(beside.joinpath("tradeoff.json").read_text()).get("data_source_is_demo") is not True
+        record = json.loads(beside.joinpath("metrics.json").read_text())
         return (record.get("data") or {}).get("data_source_is_demo") is False
     except (OSError, ValueError, AttributeError):
-        return False
+        return name in ("example_strip.png", "mean_difference.png")
 
 
 def report_without_pictures(report: str, withheld: list[str]) -> str:
@@ -231,18 +236,27 @@ def text_without_local_paths(text: str) -> str:
 
 
 def _records_without_local_paths(folder: Path, files: list[str]) -> dict[str, bytes]:
-    """The pushed JSON records (top level and evaluation/, not the components' configs) that held local paths."""
+    """The pushed JSON records (top level and evaluation/) that held local paths, and the components' configs
+    that hold diffusers' `_name_or_path` (where a model was loaded from: folders saved before the pipeline's
+    save dropped it). Nothing else of a component's config is touched."""
     out = {}
     for rel in files:
-        if rel.endswith(".json") and (rel.count("/") == 0 or rel.startswith("evaluation/")) \
-                and rel != "model_index.json":
-            try:
-                record = json.loads((folder / rel).read_text())
-            except ValueError:
-                continue  # not ours to rewrite
+        if not rel.endswith(".json") or rel == "model_index.json":
+            continue
+        record_file = rel.count("/") == 0 or rel.startswith("evaluation/")
+        component_config = rel.count("/") == 1 and rel.endswith("config.json") and not record_file
+        if not (record_file or component_config):
+            continue
+        try:
+            record = json.loads((folder / rel).read_text())
+        except ValueError:
+            continue  # not ours to rewrite
+        if component_config:
+            cleaned = {k: v for k, v in record.items() if k != "_name_or_path"} if isinstance(record, dict) else record
+        else:
             cleaned = without_local_paths(record)
-            if cleaned != record:
-                out[rel] = (json.dumps(cleaned, indent=2) + "\n").encode()
+        if cleaned != record:
+            out[rel] = (json.dumps(cleaned, indent=2) + "\n").encode()
     return out
 
 

@@ -641,13 +641,25 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]
         index.pop("_name_or_path", None)  # where it was loaded from says nothing about the saved copy
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        # nor in the components' configs: a VQModel loaded with from_pretrained(<your folder>) wrote that local
+        # path into vqvae/config.json, and from there to every Hub repo
+        for config_path in save_directory.glob("*/*config.json"):
+            if config_path.parent.name in self.components:
+                config = json.loads(config_path.read_text())
+                if config.pop("_name_or_path", None) is not None:
+                    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if push_to_hub:
-            from huggingface_hub import create_repo
+            from huggingface_hub import create_repo, upload_folder
 
             repo_id = create_repo(kwargs.get("repo_id", save_directory.name), exist_ok=True,
                                   private=kwargs.get("private", True), token=kwargs.get("token")).repo_id
-            self._upload_folder(str(save_directory), repo_id, token=kwargs.get("token"),
-                                commit_message=kwargs.get("commit_message"), create_pr=kwargs.get("create_pr", False))
+            # what this save wrote, not the whole folder: a training output folder also holds checkpoints, logs
+            # and the latent cache
+            upload_folder(repo_id=repo_id, folder_path=str(save_directory), token=kwargs.get("token"),
+                          commit_message=kwargs.get("commit_message") or "Upload pipeline",
+                          create_pr=kwargs.get("create_pr", False),
+                          allow_patterns=["model_index.json", target.name, "README.md",
+                                          *(f"{name}/*" for name in self.components)])
 
     def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = True, **kwargs):
         """diffusers' push (through `save_pretrained`), but a new repo is PRIVATE unless `private=False`, as

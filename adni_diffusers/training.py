@@ -419,7 +419,9 @@ def load_training_data(args, accelerator):
             f"{root}: {len(data.train)} training images, fewer than one batch "
             f"({args.train_batch_size} x {accelerator.num_processes} processes); lower --train_batch_size"
         )
-    data_source = "demo" if args.train_data_dir is None or _is_demo_dataset(root) else "user"
+    from .data import is_demo_dataset
+
+    data_source = "demo" if args.train_data_dir is None or is_demo_dataset(root) else "user"
     return data, data_source
 
 
@@ -428,10 +430,6 @@ def split_seed(args, default=None):
     flags, or their record (training_args.json) as a dict."""
     flags = args if isinstance(args, dict) else vars(args)
     return flags.get("seed", default) if flags.get("split_seed") is None else flags["split_seed"]
-
-
-def _is_demo_dataset(root) -> bool:
-    return (Path(root) / "demo_settings.json").is_file()
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

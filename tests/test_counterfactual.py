@@ -333,6 +333,7 @@ def test_cli_measure_uses_held_out_slices_of_the_source_class(tiny_ldm, tmp_path
     assert rc == 0, err
     saved = json.loads((out / "tradeoff.json").read_text())
     assert saved["example_strip_difference"] == "counterfactual - original"  # --diff-against was ignored here
+    assert saved["data_source_is_demo"] is True  # what `push` reads before uploading the strip of held-out slices
     record = json.loads((Path(tiny_ldm) / "training_data.json").read_text())
     from adni_diffusers.counterfactual import held_out_data
 

@@ -408,17 +408,23 @@ def test_pictures_of_real_slices_go_up_only_for_demo_models(hub_stub, pipeline_d
 
 def test_pushed_records_hold_no_local_paths(hub_stub, tmp_path):
     """training_args.json and training_data.json name the data and output folders; on the Hub only their last
-    part remains (as in the card). The local files are unchanged; the components' configs are not touched."""
+    part remains (as in the card). The local files are unchanged. Of a component's config only diffusers'
+    `_name_or_path` goes (a VQModel loaded from your folder recorded it there, in folders saved before the pipeline's
+    save dropped it); its other values, paths or not, are the model's."""
     args = {"train_data_dir": "/home/me/ADNI/AD_NC", "output_dir": "/scratch/me/ldm/", "vqmodel": "vq/vqvae",
             "seed": 0, "argv": ["--train_data_dir", "/home/me/ADNI/AD_NC"]}
     data = {"source": "user", "root": "/home/me/ADNI/AD_NC", "split": "patient"}
+    vq_config = {"_name_or_path": "/home/me/runs/vq/vqvae", "latent_channels": 4, "note": "/not/a/key/we/own"}
     files = {**MODEL_FILES, "training_args.json": json.dumps(args).encode(),
              "training_data.json": json.dumps(data).encode(),
+             "vqvae/config.json": json.dumps(vq_config).encode(),
              "evaluation/metrics.json": json.dumps({"data": "/home/me/ADNI/AD_NC", "fd": 1.5}).encode()}
     _write(tmp_path / "out", files)
     push_folder(tmp_path / "out", REPO, token=hub_stub.token)
     pushed = hub_stub.repo_files(REPO)
     assert "/home/me" not in b"".join(pushed.values()).decode(errors="replace")
+    assert json.loads(pushed["vqvae/config.json"]) == {"latent_channels": 4, "note": "/not/a/key/we/own"}
+    assert pushed["unet/config.json"] == MODEL_FILES["unet/config.json"]
     assert json.loads(pushed["training_args.json"]) == {**args, "train_data_dir": "<local>/AD_NC",
                                                          "output_dir": "<local>/ldm",
                                                          "argv": ["--train_data_dir", "<local>/AD_NC"]}
@@ -483,6 +489,27 @@ def test_a_demo_models_pictures_are_withheld_only_where_its_evaluation_says_othe
         (ev / "metrics.json").write_text(json.dumps(record))
         assert shows_real_slices(tmp_path, rel, demo=True) == real, record
     assert not shows_real_slices(tmp_path, "evaluation/umap.png", demo=False)  # not a picture of slices
+
+
+def test_a_demo_models_counterfactual_pictures_go_up_only_where_they_measured_demo_data(tmp_path):
+    """`counterfactual --measure --data-dir <real ADNI>` on a demo model draws held-out real slices into
+    example_strip.png and mean_difference.png. They went up (no metrics.json beside them said otherwise). Now
+    they go up only where the tradeoff.json beside them says it measured demo data."""
+    from adni_diffusers.hub import shows_real_slices
+
+    ev = tmp_path / "evaluation"
+    ev.mkdir()
+    (ev / "metrics.json").write_text(json.dumps({"data": {"data_source_is_demo": True}}))  # an evaluation on demo data
+    for name in ("example_strip.png", "mean_difference.png"):
+        (ev / name).write_bytes(b"png")
+        (ev / "tradeoff.json").unlink(missing_ok=True)
+        rel = f"evaluation/{name}"
+        assert shows_real_slices(tmp_path, rel, demo=True)  # no tradeoff.json: which data is not known
+        for record, real in [({"data_source_is_demo": False}, True), ({"data": "/x"}, True),  # older: no flag
+                             ({"data_source_is_demo": True}, False)]:
+            (ev / "tradeoff.json").write_text(json.dumps(record))
+            assert shows_real_slices(tmp_path, rel, demo=True) == real, (name, record)
+        assert shows_real_slices(tmp_path, rel, demo=False)
 
 
 def test_only_the_top_of_the_evaluation_folder_is_selected(tmp_path):

@@ -315,3 +315,34 @@ def test_save_pretrained_with_push_to_hub_makes_a_private_repo_unless_asked(hub_
     pipe.save_pretrained(tmp_path / "b", push_to_hub=True, repo_id="user/saved-public", token=hub_stub.token,
                          private=False)
     assert hub_stub.private("user/saved-public") is False
+
+
+def test_save_pretrained_writes_and_pushes_no_local_path_and_no_training_clutter(hub_stub, tmp_path):
+    """A VQModel loaded with `from_pretrained(<a local folder>)` (as train_unet loads --vqmodel) carries that path as
+    `_name_or_path`, which diffusers wrote into vqvae/config.json and so to every pushed repo. And
+    `save_pretrained(<training output>, push_to_hub=True)` uploaded the whole folder: checkpoints, logs, the latent
+    cache. Now the configs hold no path, and the push holds what the save wrote."""
+    from diffusers import VQModel
+    from test_pipeline import make_pipe
+
+    from adni_diffusers import ADNILatentDiffusionPipeline
+
+    pipe = make_pipe()
+    private_place = tmp_path / "home" / "alice" / "ADNI-runs" / "vq"
+    pipe.vqvae.save_pretrained(private_place)
+    pipe.vqvae = VQModel.from_pretrained(private_place)
+    pipe.register_modules(vqvae=pipe.vqvae)
+    assert str(pipe.vqvae.config._name_or_path) == str(private_place)
+    out = tmp_path / "ldm"
+    for clutter in ("checkpoint-5/model.safetensors", "logs/events.out", "latent_cache/train.safetensors"):
+        (out / clutter).parent.mkdir(parents=True, exist_ok=True)
+        (out / clutter).write_bytes(b"x")
+    pipe.save_pretrained(out, push_to_hub=True, repo_id="user/saved-clean", token=hub_stub.token)
+    pushed = hub_stub.repo_files("user/saved-clean")
+    assert sorted({name.split("/")[0] for name in pushed}) == sorted(
+        ["model_index.json", f"{PIPELINE_MODULE}.py", "scheduler", "unet", "vqvae"])
+    for name, data in pushed.items():
+        assert b"alice" not in data, name
+    assert "_name_or_path" not in json.loads((out / "vqvae" / "config.json").read_text())
+    assert ADNILatentDiffusionPipeline.from_pretrained(out).vqvae.config.num_vq_embeddings == \
+        pipe.vqvae.config.num_vq_embeddings
