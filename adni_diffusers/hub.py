@@ -575,6 +575,12 @@ def check_hub_arguments(args: argparse.Namespace, output_dir: str | Path | None 
     problem = repo_id_problem(repo_id)
     if problem:
         raise HubError(f"--push_to_hub: {problem} (set --hub_model_id)")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # often set on cluster nodes without internet: the push would fail after training
+        raise HubError(f"--push_to_hub: offline mode is on (HF_HUB_OFFLINE=1), so the push to {repo_id} after "
+                       "training would fail; unset it, or train without --push_to_hub and push the saved model "
+                       "later with `adni-diffusers push` from a machine that reaches the Hub")
     if args.hub_token is None:
         from huggingface_hub import get_token
 

@@ -298,8 +298,8 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
         assert re.search(rf"\] {product} written \d+ s before the stage's process ended", log), log
     # A stage that fails after it wrote its final metrics (on the H200 its time limit hit while the finished VQ run
     # exited) is not "finished" again from an older checkpoint, which would replace the model with that
-    # checkpoint's. Here the failure is a --push_to_hub that offline mode refuses after training.
-    third = call(SKIP_VQ="1", HF_HUB_OFFLINE="1", HF_TOKEN="hf_not_a_token",
+    # checkpoint's. Here the failure is a --push_to_hub to a Hub that does not answer, after training.
+    third = call(SKIP_VQ="1", HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_not_a_token",
                  UNET_EXTRA="--checkpointing_steps 1 --overwrite_output_dir --push_to_hub --hub_model_id someone/model")
     log = (run_dir / "session.log").read_text().split("SKIP_VQ=1: reusing")[-1]
     assert third.returncode == 0 and "END train_unet rc=" in log and "END train_unet rc=0" not in log, log

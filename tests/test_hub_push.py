@@ -371,6 +371,19 @@ def test_check_hub_arguments(hub_stub, tmp_path):
     assert hub_stub.requests == []  # all local
 
 
+def test_check_hub_arguments_refuses_offline_mode_before_training(hub_stub, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 (common on cluster nodes without internet) made the push fail only after training."""
+    from huggingface_hub import constants
+
+    args = _parse(["--push_to_hub", "--hub_model_id", REPO])
+    args.output_dir, args.hub_token = str(tmp_path), SECRET
+    hub.check_hub_arguments(args)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match=rf"--push_to_hub: offline mode is on \(HF_HUB_OFFLINE=1\), so the push to "
+                                       rf"{REPO} after training would fail"):
+        hub.check_hub_arguments(args)
+
+
 @pytest.mark.parametrize("missing, named", [("unet/diffusion_pytorch_model.safetensors", "unet/ (its weights)"),
                                            ("unet/config.json", "unet/ (its config)")])
 def test_a_pipeline_that_would_not_load_is_not_pushed(hub_stub, pipeline_dir, missing, named):
@@ -658,6 +671,9 @@ def test_the_users_own_card_is_pushed_byte_for_byte(hub_stub, pipeline_dir):
 def test_the_default_repo_name_of_a_relative_output_dir_is_the_folders_own(tmp_path, monkeypatch):
     """`--output_dir .` (or `runs/..`) with --push_to_hub and no --hub_model_id: the repo is named after the folder
     itself; the unresolved name ('' or '..') is not a repo id and the run would be stopped."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite runs offline; a push needs the Hub
     (tmp_path / "my-run" / "sub").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "my-run")
     args = _parse(["--push_to_hub", "--hub_token", "hf_x"])
