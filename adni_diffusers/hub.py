@@ -326,12 +326,18 @@ def _missing_model_files(folder: Path, kind: str) -> list[str]:
         components = ["vqvae"]
     elif kind == "pipeline":
         try:
-            components = _pipeline_components(json.loads((folder / "model_index.json").read_text()))
-        except (OSError, ValueError):
+            index = json.loads((folder / "model_index.json").read_text())
+            components = _pipeline_components(index)
+        except (OSError, ValueError, AttributeError):
             return ["a readable model_index.json"]
     else:
         return []
     missing = []
+    if kind == "pipeline":  # the code `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` runs
+        class_name = index.get("_class_name")
+        if isinstance(class_name, list) and class_name and class_name[0] \
+                and not (folder / f"{class_name[0]}.py").is_file():
+            missing.append(f"{class_name[0]}.py (the pipeline code model_index.json names)")
     for name in components:
         configs = list((folder / name).glob("*config.json")) if (folder / name).is_dir() else []
         if not configs:
@@ -470,40 +476,61 @@ def push_folder(
         if token is None and stored is None:
             raise HubError(f"cannot push to {repo_id}: no Hugging Face token found; {login_hint(token_flag)}")
         repo_id = _resolve_repo_id(repo_id, api, token)
-        extra: dict[str, bytes] = {}
-        if kind != "checkpoint":  # a checkpoint goes up as it is (resuming reads it)
-            extra = _records_without_local_paths(folder, files)
-            for rel in files:  # the pushed reports: no local paths, and a note where a withheld picture was
-                if rel.endswith(".md") and rel != "README.md":
-                    local = (folder / rel).read_text(encoding="utf-8")
-                    text = text_without_local_paths(report_without_pictures(local, withheld))
-                    if text != local:
-                        extra[rel] = text.encode()
-        if path_in_repo is None:
-            card = _card_for_push(folder, kind, files, repo_id)
-            if card is not None:
-                extra["README.md"] = card
-                files = sorted(set(files) | {"README.md"})
-        leaked = _token_in_files(folder, files, extra, tokens)
-        if leaked:
-            raise HubError(f"refusing to push {repo_id}: {leaked} holds your Hub token; remove it from the file "
-                           f"(and revoke the token if it was ever shared)")
+    except HubError as err:
+        raise HubError(_scrub(str(err), tokens)) from None
+    except Exception as err:
+        # `from None`: the one-line message says it all, and huggingface_hub's text is not ours to vouch for.
+        raise HubError(_scrub(_explain(err, repo_id, endpoint, token_flag), tokens)) from None
+    with tempfile.TemporaryDirectory(prefix="adni-diffusers-push-") as staging:
+        # what goes up, prepared before anything is sent: a file that cannot be read is a local problem, not the
+        # network's (an OSError inside the upload below reads as "could not reach the Hub")
+        try:
+            extra: dict[str, bytes] = {}
+            if kind != "checkpoint":  # a checkpoint goes up as it is (resuming reads it)
+                extra = _records_without_local_paths(folder, files)
+                for rel in files:  # the pushed reports: no local paths, and a note where a withheld picture was
+                    if rel.endswith(".md") and rel != "README.md":
+                        local = (folder / rel).read_text(encoding="utf-8")
+                        text = text_without_local_paths(report_without_pictures(local, withheld))
+                        if text != local:
+                            extra[rel] = text.encode()
+            if path_in_repo is None:
+                card = _card_for_push(folder, kind, files, repo_id)
+                if card is not None:
+                    extra["README.md"] = card
+                    files = sorted(set(files) | {"README.md"})
+            leaked = _token_in_files(folder, files, extra, tokens)
+            if leaked:
+                raise HubError(f"refusing to push {repo_id}: {leaked} holds your Hub token; remove it from the file "
+                               f"(and revoke the token if it was ever shared)")
+            _stage(folder, files, extra, Path(staging))
+        except OSError as err:
+            where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+            raise HubError(_scrub(f"cannot push {str(folder)!r} to {repo_id}: {where}{err.strerror or err} (a local "
+                                  "file could not be read; nothing was sent)", tokens)) from None
+        except HubError as err:
+            raise HubError(_scrub(str(err), tokens)) from None
+        except Exception as err:
+            raise HubError(_scrub(f"cannot push {str(folder)!r} to {repo_id}: preparing the upload failed: "
+                                  f"{type(err).__name__}: {err} (nothing was sent)", tokens)) from None
         if not private and not demo:
             logger.warning(PUBLIC_WARNING.format(repo_id=repo_id))
-        api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-        if private:
-            # create_repo(exist_ok=True) leaves an existing repo's visibility alone: refuse to publish
-            # by accident into a public repo when the caller asked for a private one.
-            if api.repo_info(repo_id, token=token, repo_type="model").private is False:
-                raise HubError(
-                    f"{repo_id} already exists and is PUBLIC, but a private push was asked for; make the repo "
-                    f"private on the Hub first, or pass --public (--hub_public_repo) to push to it anyway"
-                )
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
-        components = _components_of(folder, kind) if path_in_repo is None else []
-        with tempfile.TemporaryDirectory(prefix="adni-diffusers-push-") as staging:
-            _stage(folder, files, extra, Path(staging))
+        try:
+            api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+            if private:
+                # create_repo(exist_ok=True) leaves an existing repo's visibility alone: refuse to publish
+                # by accident into a public repo when the caller asked for a private one.
+                if api.repo_info(repo_id, token=token, repo_type="model").private is False:
+                    raise HubError(
+                        f"{repo_id} already exists and is PUBLIC, but a private push was asked for; make the repo "
+                        f"private on the Hub first, or pass --public (--hub_public_repo) to push to it anyway"
+                    )
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+            components = _components_of(folder, kind) if path_in_repo is None else []
+            # Old weights (another shard layout or variant) must not outlive a new push, nor the files of an
+            # earlier evaluation that this model's evaluation no longer has (ablations.csv, umap.png)
+            stale = [f"{c}/*" for c in components] + (["evaluation/*"] if components and kind == "pipeline" else [])
             info = api.upload_folder(
                 folder_path=staging,
                 repo_id=repo_id,
@@ -513,14 +540,12 @@ def push_folder(
                 commit_message=commit_message,
                 token=token,
                 ignore_patterns=list(IGNORE_PATTERNS),  # a copy: upload_folder appends its defaults in place
-                # Old weights (another shard layout or variant) must not outlive a new push.
-                delete_patterns=[f"{c}/*" for c in components] or None,
+                delete_patterns=stale or None,
             )
-    except HubError as err:
-        raise HubError(_scrub(str(err), tokens)) from None
-    except Exception as err:
-        # `from None`: the one-line message says it all, and huggingface_hub's text is not ours to vouch for.
-        raise HubError(_scrub(_explain(err, repo_id, endpoint, token_flag), tokens)) from None
+        except HubError as err:
+            raise HubError(_scrub(str(err), tokens)) from None
+        except Exception as err:
+            raise HubError(_scrub(_explain(err, repo_id, endpoint, token_flag), tokens)) from None
     url = str(getattr(info, "commit_url", info))
     logger.info("Pushed %s to %s%s: %s", folder, repo_id, f" (branch {revision})" if revision else "", url)
     return url

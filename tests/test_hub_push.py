@@ -385,7 +385,10 @@ def test_check_hub_arguments_refuses_offline_mode_before_training(hub_stub, tmp_
 
 
 @pytest.mark.parametrize("missing, named", [("unet/diffusion_pytorch_model.safetensors", "unet/ (its weights)"),
-                                           ("unet/config.json", "unet/ (its config)")])
+                                           ("unet/config.json", "unet/ (its config)"),
+                                           # trust_remote_code loads this: without it the card's load failed
+                                           ("pipeline_adni_ldm.py", "pipeline_adni_ldm.py (the pipeline code "
+                                                                    "model_index.json names)")])
 def test_a_pipeline_that_would_not_load_is_not_pushed(hub_stub, pipeline_dir, missing, named):
     """A folder without a component's weights or config was pushed (exit 0): a repo nobody can load."""
     (pipeline_dir / missing).unlink()
@@ -601,6 +604,35 @@ def test_notice_and_license_files_of_any_spelling_go_up(tmp_path):
     kind, files = hub.select_upload_files(tmp_path)
     assert kind == "pipeline"
     assert {"NOTICE", "NOTICE.md", "LICENSE.txt"} <= set(files) and "notes.txt" not in files
+
+
+def test_repush_of_a_pipeline_removes_evaluation_files_the_folder_no_longer_has(hub_stub, pipeline_dir):
+    """`evaluate` deletes an earlier run's ablations.csv or umap.png that it does not redraw; a re-push left the
+    old copies on the Hub beside the new metrics.json."""
+    ev = pipeline_dir / "evaluation"
+    ev.mkdir()
+    for name in ("metrics.json", "ablations.csv", "umap.png"):
+        (ev / name).write_text("{}" if name.endswith(".json") else "old")
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert {"evaluation/ablations.csv", "evaluation/umap.png"} <= set(hub_stub.repo_files(REPO))
+    (ev / "ablations.csv").unlink()
+    (ev / "umap.png").unlink()
+    (ev / "metrics.json").write_text('{"fd": 2}')
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    pushed = hub_stub.repo_files(REPO)
+    assert [name for name in pushed if name.startswith("evaluation/")] == ["evaluation/metrics.json"]
+    assert "unet/config.json" in pushed and "README.md" in pushed
+
+
+def test_an_unreadable_local_file_is_a_local_error_not_a_network_one(hub_stub, pipeline_dir, tmp_path):
+    """A dangling link in evaluation/ (its target moved) failed inside the upload's try, and the push said "could
+    not reach the Hub ... check your network connection". It is named as the local file it is; nothing is sent."""
+    (pipeline_dir / "evaluation").mkdir()
+    (pipeline_dir / "evaluation" / "metrics.json").symlink_to(tmp_path / "moved-away" / "metrics.json")
+    with pytest.raises(HubError, match=r"pipeline/evaluation/metrics.json: No such file or directory \(a local file could "
+                                       r"not be read; nothing was sent\)") as err:
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert "network" not in str(err.value) and REPO not in hub_stub.repo_ids()
 
 
 def test_repush_of_a_vq_model_removes_its_stale_weights(hub_stub, vq_dir):
