@@ -189,7 +189,7 @@ def _steps_for(scheduler: str | None, pipe, steps: int | None) -> int:
             raise ValueError(f"--steps {steps}: expected at least 1")
         return int(steps)
     if scheduler is not None:
-        return default_steps(scheduler)
+        return default_steps(scheduler, pipe.scheduler.config)
     by_class = {cls: n for cls, n, _ in SCHEDULERS.values()}
     return by_class.get(type(pipe.scheduler).__name__, 50)
 
@@ -1000,7 +1000,8 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
-               "scheduler": args.scheduler, "steps": args.steps or default_steps(args.scheduler), "seed": args.seed,
+               "scheduler": args.scheduler, "steps": args.steps or default_steps(args.scheduler, pipe.scheduler.config),
+               "seed": args.seed,
                "difference": f"counterfactual - {args.diff_against}", "preprocess": preprocess, "images": []}
     for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
         results = make_counterfactuals(pipe, torch.cat(images[first:first + batch_size]), target, strengths,

@@ -1081,7 +1081,8 @@ def evaluate_model(
     batch_size = batch_size or (256 if on_gpu else 16)
     feature_batch = 256 if on_gpu else 64
     diversity_pairs = diversity_pairs or (1000 if on_gpu else 200)
-    steps = steps or default_steps(scheduler)
+    steps_given = bool(steps)
+    steps = steps or default_steps(scheduler)  # until the model says how many timesteps it has
     from .generate import check_refinement
 
     try:  # before anything is trained or sampled
@@ -1098,6 +1099,9 @@ def evaluate_model(
     from .generate import check_scheduler_steps
 
     try:
+        if not steps_given:
+            steps = default_steps(scheduler, pipe.scheduler.config)
+            check_refinement(steps, refine_steps, refine_repeats)
         check_scheduler_steps(scheduler, pipe.scheduler.config, steps)
     except ValueError as e:
         raise EvaluationError(str(e)) from None

@@ -182,7 +182,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     from .plots import save_image_grid
 
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    steps = default_steps(scheduler) if steps is None else steps
+    steps_given = steps is not None
+    steps = steps if steps_given else default_steps(scheduler)  # until the model says how many it has
     batch_size = (256 if device.startswith("cuda") else 16) if batch_size is None else batch_size
     for name, value in (("num_images", num_images), ("steps", steps), ("batch_size", batch_size)):
         if value < 1:  # checked before the model loads (batch_size < 1 would end in torch.cat([]))
@@ -198,6 +199,9 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     check_out_folder(out, earlier, overwrite)
     pipe = pipe or load_pipeline(model, device, getattr(torch, dtype))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if not steps_given:
+        steps = default_steps(scheduler, pipe.scheduler.config)
+        check_refinement(steps, refine_steps, refine_repeats)
     label = int(class_label) if isinstance(class_label, str) and class_label.isdigit() else class_label
     # what the model can refuse, checked before an earlier run's outputs are removed (--overwrite)
     check_scheduler_steps(scheduler, pipe.scheduler.config, steps)

@@ -372,6 +372,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "vq_scaling_factor": _fmt(vq.get("scaling_factor")),
         "scheduler_class": (index.get("scheduler") or [None, sched.get("_class_name", "?")])[1],
         "num_train_timesteps": sched.get("num_train_timesteps", "?"),
+        # the snippet's full DDPM chain: one step per training timestep (1000 where the config does not say)
+        "ddpm_steps": sched.get("num_train_timesteps") if isinstance(sched.get("num_train_timesteps"), int) else 1000,
         "beta_text": _beta_text(sched),
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "arg_rows": _argument_rows(args),

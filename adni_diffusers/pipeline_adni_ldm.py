@@ -476,7 +476,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         batch_size: int | None = None,
         class_labels: int | str | list | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
-        num_inference_steps: int = 1000,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         refine_steps: int = 0,
         refine_repeats: int = 0,
@@ -498,7 +498,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 (`"AD"`, `"NC"`). `None` samples from the unconditional (dropped-label) class.
             guidance_scale: classifier-free guidance weight w: eps = eps_uncond + w (eps_cond - eps_uncond).
                 1.0 = no guidance.
-            num_inference_steps: scheduler steps (DDPM: 1000; DDIM ~50; DPM-Solver++ ~25; UniPC ~10).
+            num_inference_steps: scheduler steps (DDPM: all of them; DDIM ~50; DPM-Solver++ ~25; UniPC ~10).
+                Default: the model's training timesteps (`scheduler.config.num_train_timesteps`, 1000 for
+                ours), full DDPM; a model trained with fewer cannot take 1000.
             generator: makes sampling reproducible (same seed -> same images).
             refine_steps, refine_repeats: the late-timestep refinement of the original report, done
                 correctly. After the main loop reaches x_0, repeat `refine_repeats` times:
@@ -529,6 +531,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback tensor input {name!r}: expected one of {self._callback_tensor_inputs}")
+        if num_inference_steps is None:
+            num_inference_steps = int(self.scheduler.config.num_train_timesteps)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps}: expected at least 1")
         if refine_repeats < 0 or refine_steps < 0 or (refine_repeats > 0 and not 0 < refine_steps <= num_inference_steps):

@@ -25,5 +25,8 @@ def make_scheduler(name: str, config):
     return getattr(diffusers, class_name).from_config(config, **{"timestep_spacing": TIMESTEP_SPACING, **extra})
 
 
-def default_steps(name: str) -> int:
-    return SCHEDULERS[name][1]
+def default_steps(name: str, config=None) -> int:
+    """The step count sampler `name` is meant for; given a model's scheduler `config`, at most its training
+    timesteps (DDPM's 1000 is all of a standard model's, and a model trained with fewer takes no more)."""
+    steps = SCHEDULERS[name][1]
+    return steps if config is None else min(steps, int(config["num_train_timesteps"]))

@@ -457,3 +457,28 @@ def test_guidance_below_one_without_a_class_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--guidance 0.5 needs --class"):
         generate(str(tmp_path / "no-model"), tmp_path / "out", guidance=0.5, device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_default_ddpm_steps_are_the_models_own_timesteps(tmp_path, monkeypatch):
+    """`generate --model M` of a model trained with --num_train_timesteps 20: the default DDPM chain is its 20 steps
+    (a fixed 1000 was refused: "--scheduler ddpm --steps 1000", a flag the user never gave). A 1000-step model
+    keeps 1000, and DDIM's 50 stay 50 wherever the model has as many."""
+    from diffusers import DDPMScheduler, UNet2DModel, VQModel
+
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.generate import generate
+    from adni_diffusers.presets import unet_config, vq_config
+
+    steps = []
+
+    def fake_call(self, batch_size=1, num_inference_steps=None, **kwargs):  # the sampling itself is tested elsewhere
+        steps.append(num_inference_steps)
+        return SimpleNamespace(images=torch.zeros(batch_size, 1, 256, 256))
+
+    monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", fake_call)
+    for timesteps, scheduler, expected in [(20, "ddpm", 20), (1000, "ddpm", 1000), (20, "ddim", 20), (100, "ddim", 50)]:
+        pipe = ADNILatentDiffusionPipeline(VQModel(**vq_config("tiny")), UNet2DModel(**unet_config("tiny")),
+                                           DDPMScheduler(num_train_timesteps=timesteps, clip_sample=False))
+        out = tmp_path / f"{scheduler}-{timesteps}"
+        generate("unused", out, num_images=1, scheduler=scheduler, device="cpu", pipe=pipe)
+        assert steps[-1] == expected and json.loads((out / "generation.json").read_text())["steps"] == expected

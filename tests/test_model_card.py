@@ -459,6 +459,18 @@ def test_the_card_names_the_scheduler_class(ldm):
     assert "| `scheduler` | `DDPMScheduler` | 1000 diffusion steps" in text and "`diffusers` |" not in text
 
 
+def test_the_cards_ddpm_snippet_takes_the_models_own_timesteps(ldm):
+    """A model trained with --num_train_timesteps 500: the card's first example asked for 1000 DDPM steps, which its
+    scheduler refuses ("cannot be larger than ... 500")."""
+    config_path = ldm / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    assert "num_inference_steps=1000," in render_model_card(ldm)
+    config_path.write_text(json.dumps({**config, "num_train_timesteps": 500}))
+    text = render_model_card(ldm)
+    assert "num_inference_steps=500," in text and "scheduler steps (DDPM 500," in text
+    assert "num_inference_steps=1000" not in text and "DDPM 1000" not in text
+
+
 def test_a_vq_card_of_real_data_does_not_embed_its_reconstructions(vq):
     """reconstructions.png of a model trained on ADNI shows real slices: a push withholds it, so the card must not
     embed it (a broken image, and a pointer to patient data); it says why it is missing."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -1135,3 +1136,17 @@ def test_ddim_eta_draws_variance_from_the_generator():
     with pytest.raises(ValueError, match="eta=0.5: DPMSolverMultistepScheduler takes no eta; only DDIM does"):
         pipe(eta=0.5, **kw)
     assert pipe(eta=0.0, **kw).images.shape == (1, 4, 32, 32)
+
+
+def test_default_steps_are_the_models_training_timesteps():
+    """`pipe()` with no num_inference_steps runs full DDPM over the model's own timesteps: 1000 for ours, and 20 for a
+    model trained with --num_train_timesteps 20 (a fixed default of 1000 was refused by its scheduler)."""
+    pipe = make_pipe()
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, num_train_timesteps=20)
+    spy = UNetSpy(pipe.unet)
+    try:
+        latents = pipe(generator=seeded(), class_labels="AD", output_type="latent").images
+    finally:
+        spy.remove()
+    assert spy.calls == 20 and latents.shape == (1, 4, 32, 32)
+    assert inspect.signature(ADNILatentDiffusionPipeline.__call__).parameters["num_inference_steps"].default is None
