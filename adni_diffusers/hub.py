@@ -167,17 +167,25 @@ def _walk(folder: Path) -> list[str]:
     """Every file under `folder` (relative POSIX paths, sorted), without descending into skipped folders.
 
     Linked folders are followed (a `vqvae/` linked to the first stage's output is part of the model; the
-    checks of the files found follow links too), each real folder once (a link to a parent is no loop)."""
-    found, seen = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if d not in ALWAYS_SKIPPED_DIRS)
-        rel = Path(root).relative_to(folder)
-        found += [(rel / f).as_posix() for f in files if not f.endswith(".pyc")]
+    checks of the files found follow links too). A link back to a folder on its own path (a parent) is a loop
+    and is not entered; a folder reached by two paths is listed under both (marking it seen globally left out
+    `vqvae/` when another link, sorted first, reached the same folder)."""
+    found: list[str] = []
+
+    def visit(path: str, rel: str, ancestors: frozenset) -> None:
+        real = os.path.realpath(path)
+        if real in ancestors:
+            return
+        ancestors = ancestors | {real}
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_dir(follow_symlinks=True):
+                if entry.name not in ALWAYS_SKIPPED_DIRS:
+                    visit(entry.path, child, ancestors)
+            elif not entry.name.endswith(".pyc"):
+                found.append(child)
+
+    visit(str(folder), "", frozenset())
     return sorted(found)
 
 

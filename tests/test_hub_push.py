@@ -758,6 +758,10 @@ def test_a_linked_component_folder_is_pushed(hub_stub, pipeline_dir, tmp_path):
     (real / "up").symlink_to(real.parent, target_is_directory=True)  # a loop for a walk that follows links blindly
     assert {"vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors"} <= set(
         hub.select_upload_files(pipeline_dir)[1])
+    # another link reaching the same folder, sorted first, must not take vqvae/'s files away from it
+    (pipeline_dir / "first_stage").symlink_to(real.parent, target_is_directory=True)
+    assert {"vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors"} <= set(
+        hub.select_upload_files(pipeline_dir)[1])
     push_folder(pipeline_dir, REPO, token=hub_stub.token)
     pushed = hub_stub.repo_files(REPO)
     assert pushed["vqvae/config.json"] == b"{}" and "vqvae/diffusion_pytorch_model.safetensors" in pushed
