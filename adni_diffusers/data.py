@@ -209,8 +209,17 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     if not root.is_dir():
         raise DataError(f"{flag} {root}: not a folder (expected a folder of slice images)")
 
-    strangers, broken = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+    if "::" in str(root):
+        raise DataError(f"{flag} {root}: the path holds '::', which datasets' file system layer (fsspec) reads as "
+                        "the separator of chained URLs; rename or link the folder")
+    strangers, broken, visited = [], [], set()
+    # into linked folders too, as datasets and the listing below go (a linked split folder went unchecked)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a link back to a parent (or a second link to the same folder): checked already
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             p = Path(dirpath) / name
@@ -278,6 +287,18 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
             class_sets[split] = []
             files += loose
             split_of.update({f: split for f in loose})
+
+    colons = [f for f in files if "::" in str(f.relative_to(root))]
+    if colons:
+        raise DataError(f"{root}: {len(colons)} file(s) whose path holds '::', which datasets' file system layer "
+                        "(fsspec) reads as the separator of chained URLs; rename them: " + _listing(colons))
+    by_slice: dict[tuple[Path, str], list[Path]] = {}
+    for f in files:
+        by_slice.setdefault((f.parent, f.stem), []).append(f)
+    twice = [" = ".join(f.name for f in same) + f" (in {same[0].parent})" for same in by_slice.values() if len(same) > 1]
+    if twice:  # a half-converted folder: each slice would count twice in training and in the metrics
+        raise DataError(f"{root}: {len(twice)} slice(s) saved twice, under two extensions; keep one of each: "
+                        + _listing(twice))
 
     names = {tuple(v) for v in class_sets.values()}
     if len(names) > 1:

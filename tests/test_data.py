@@ -340,6 +340,48 @@ def test_a_broken_link_is_named_not_skipped(tmp_path):
     assert "1 symbolic link(s) to files that do not exist" in msg and "999_1.jpeg" in msg
 
 
+def test_files_in_a_linked_split_folder_are_checked_too(tmp_path):
+    """A linked train/ or test/ (the layout the class-folder message recommends) was not entered by the checks: a
+    broken link in it was a slice lost without a word, and a stray metadata.csv in it was read by datasets as
+    metadata and crashed with an AttributeError."""
+    root = image_tree(tmp_path)
+    (root / "test").rename(tmp_path / "test_elsewhere")
+    (root / "test").symlink_to(tmp_path / "test_elsewhere", target_is_directory=True)
+    (root / "test" / "AD" / "up").symlink_to(root, target_is_directory=True)  # a loop the walk must not follow
+    msg = data_error(root)
+    assert "test/AD: class folders must hold images" in msg  # (the loop itself did not hang the checks)
+    (root / "test" / "AD" / "up").unlink()
+    (root / "test" / "AD" / "9999_1.jpeg").symlink_to(tmp_path / "on-an-unmounted-drive.jpeg")
+    msg = data_error(root, split="given")
+    assert "1 symbolic link(s) to files that do not exist" in msg and "test/AD/9999_1.jpeg" in msg
+    (root / "test" / "AD" / "9999_1.jpeg").unlink()
+    (root / "test" / "metadata.csv").write_text("file_name,label\n")
+    assert "file(s) that are not images" in data_error(root, split="given")
+
+
+@pytest.mark.parametrize("where", ["root", "class", "file"])
+def test_a_path_with_a_double_colon_is_refused_by_name(tmp_path, where):
+    """fsspec (datasets' file layer) reads '::' as the separator of chained URLs: a folder or file named with it
+    failed deep inside datasets ("Instruction 'test' corresponds to no data!", or a file that does not exist)."""
+    root = tmp_path / ("scans::2024" if where == "root" else "AD_NC")
+    make_tree(root, classes=("AD::v2", "NC") if where == "class" else ("AD", "NC"))
+    if where == "file":
+        write(root / "train" / "AD" / "10::00_80.jpeg", slice_pixels(5))
+    msg = data_error(root, split="given")
+    assert "'::'" in msg and "chained URLs" in msg
+    assert ("scans::2024" in msg) if where == "root" else ("AD::v2" in msg or "10::00_80.jpeg" in msg)
+
+
+def test_a_slice_saved_under_two_extensions_is_refused(tmp_path):
+    """1000_80.jpeg beside 1000_80.png (a half-converted folder) was loaded twice: the slice counted double in
+    training, in the scaling factor and in the metrics."""
+    root = tmp_path / "AD_NC"
+    first = make_tree(root)[0]
+    write(first.with_suffix(".png"), slice_pixels(1))
+    msg = data_error(root, split="given")
+    assert f"1 slice(s) saved twice, under two extensions; keep one of each: {first.name} = {first.stem}.png" in msg
+
+
 def test_a_missing_hold_out_is_warned_about_and_named_in_the_eval_set(tmp_path, caplog):
     """One patient per class under --split patient, or no test/ folder under --split given: nothing can be held
     out; the run may go on, but says so, and the VQ metrics do not claim --split all."""
