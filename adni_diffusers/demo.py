@@ -134,7 +134,8 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     timings = {}
     t0 = time.time()
 
-    data_dir = ensure_demo_dataset(out / "AD_NC", subjects=subjects or plan["subjects"], seed=seed)
+    # `is None`, not `or`: --subjects 0 is refused by the builder ("need at least 4"), not quietly the default
+    data_dir = ensure_demo_dataset(out / "AD_NC", subjects=plan["subjects"] if subjects is None else subjects, seed=seed)
     timings["data_s"] = time.time() - t0
 
     common = ["--train_data_dir", data_dir, "--seed", seed, "--report_to", "tensorboard",

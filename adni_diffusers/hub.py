@@ -603,6 +603,8 @@ def check_hub_arguments(args: argparse.Namespace, output_dir: str | Path | None 
     Raises HubError with a one-line message, so a run does not train for hours and then fail to push.
     """
     if not getattr(args, "push_to_hub", False):
+        if getattr(args, "push_checkpoints", False):  # it did nothing, silently
+            raise HubError("--push_checkpoints pushes checkpoints to the repo of --push_to_hub: add --push_to_hub")
         return
     repo_id = hub_repo_id(args, output_dir if output_dir is not None else args.output_dir)
     problem = repo_id_problem(repo_id)

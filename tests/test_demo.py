@@ -65,6 +65,7 @@ def test_every_plan_parses_with_the_training_scripts(plan, tmp_path):
     # inside a data tree, its pictures and logs would be read as slices (or refused as "not images")
     (["--out", "ADNI/train/demo"], "--out ADNI/train/demo: inside the slice folder"),
     (["--out", "ADNI"], "--out ADNI: inside the slice folder"),
+    (["--subjects", "0"], "--subjects 0: need at least 4"),  # `subjects or default` took 0 for "not given"
 ])
 def test_bad_flags_stop_the_demo_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
     from adni_diffusers import cli

@@ -371,6 +371,12 @@ def test_check_hub_arguments(hub_stub, tmp_path):
     assert hub_stub.requests == []  # all local
 
 
+def test_push_checkpoints_without_push_to_hub_is_refused():
+    """--push_checkpoints alone pushed nothing and said nothing."""
+    with pytest.raises(HubError, match="--push_checkpoints pushes checkpoints to the repo of --push_to_hub: add"):
+        hub.check_hub_arguments(_parse(["--push_checkpoints"]))
+
+
 def test_check_hub_arguments_refuses_offline_mode_before_training(hub_stub, tmp_path, monkeypatch):
     """HF_HUB_OFFLINE=1 (common on cluster nodes without internet) made the push fail only after training."""
     from huggingface_hub import constants
