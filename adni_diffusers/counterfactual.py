@@ -141,10 +141,11 @@ def read_slice(path, preprocess: str = "pad") -> torch.Tensor:
 
 def recorded_preprocess(model_folder) -> str:
     """How the model's training prepared its slices ("pad" or "resize"): from training_data.json, else
-    training_args.json in the pipeline folder; "pad" (the training default) when neither records it."""
+    training_args.json, else the pipeline's own model_index.json (a folder saved with `save_pretrained`, or
+    pushed, has only that one); "pad" (the training default) when none records it."""
     from .data import PREPROCESS_CHOICES
 
-    for name in ("training_data.json", "training_args.json"):
+    for name in ("training_data.json", "training_args.json", "model_index.json"):
         path = Path(model_folder) / name
         if not path.is_file():
             continue
@@ -190,8 +191,8 @@ def _steps_for(scheduler: str | None, pipe, steps: int | None) -> int:
         return int(steps)
     if scheduler is not None:
         return default_steps(scheduler, pipe.scheduler.config)
-    by_class = {cls: n for cls, n, _ in SCHEDULERS.values()}
-    return by_class.get(type(pipe.scheduler).__name__, 50)
+    by_class = {cls: n for cls, n, _ in SCHEDULERS.values()}  # the pipeline's own scheduler: its usual count,
+    return min(by_class.get(type(pipe.scheduler).__name__, 50), int(pipe.scheduler.config.num_train_timesteps))
 
 
 class _Sampler:
@@ -207,7 +208,11 @@ class _Sampler:
         self.saved = self.pipe.scheduler
         if self.scheduler is not None:
             self.pipe.scheduler = make_scheduler(self.scheduler, self.pipe.scheduler.config)
-        self.pipe._check_scheduler(self.steps)
+        try:
+            self.pipe._check_scheduler(self.steps)
+        except Exception:  # __exit__ does not run when __enter__ fails: the caller's scheduler goes back here
+            self.pipe.scheduler = self.saved
+            raise
         return self
 
     def __exit__(self, *exc):
@@ -946,6 +951,7 @@ def _load_classifier(args, data, device):
 
 
 def main(args: argparse.Namespace) -> int:
+    from .data import to_uint8
     from .generate import check_out_folder, load_pipeline, remove_outputs
 
     # everything that can be checked without the model, first
@@ -982,11 +988,22 @@ def main(args: argparse.Namespace) -> int:
     folders = _image_out_dirs(image_paths, out)
     earlier = _earlier_outputs(out, folders)
     check_out_folder(out, earlier, args.overwrite)
+    theirs = [f for f in folders if f.exists() and f not in earlier]
+    if theirs:  # not an earlier counterfactual's folder (no strip.png): its files would be overwritten, then removed
+        raise ValueError(f"--out {out}: {theirs[0]} exists and is not an earlier counterfactual's folder (it holds no "
+                         "strip.png); choose another --out, or move it")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or (128 if device.startswith("cuda") else 16)
     pipe = load_pipeline(args.model, device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    # the model's own step limit, before any work and before --overwrite removes anything (a DPM-Solver++ or UniPC
+    # chain longer than the training timesteps made NaN latents, saved and measured as counterfactuals)
+    steps = args.steps or default_steps(args.scheduler, pipe.scheduler.config)
+    check_strengths(strengths, steps)
+    from .generate import check_scheduler_steps
+
+    check_scheduler_steps(args.scheduler, pipe.scheduler.config, steps)
     target = check_target(pipe, args.to)
     source = source_class(pipe, target, args.source) if args.measure else None
 
@@ -1000,11 +1017,12 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
-               "scheduler": args.scheduler, "steps": args.steps or default_steps(args.scheduler, pipe.scheduler.config),
-               "seed": args.seed,
+               "scheduler": args.scheduler, "steps": steps, "seed": args.seed,
                "difference": f"counterfactual - {args.diff_against}", "preprocess": preprocess, "images": []}
     for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
-        results = make_counterfactuals(pipe, torch.cat(images[first:first + batch_size]), target, strengths,
+        # as uint8: exact, where floats would be scaled by a guess ([0, 1] for a slice with no dark pixel)
+        batch = to_uint8(torch.cat(images[first:first + batch_size]))
+        results = make_counterfactuals(pipe, batch, target, strengths,
                                        args.guidance, args.seed, args.scheduler, args.steps, classifier=classifier,
                                        batch_size=batch_size, progress=True)
         for path, folder, result in zip(image_paths[first:], folders[first:], results):

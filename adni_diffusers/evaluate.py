@@ -106,7 +106,9 @@ def read_training_record(model_dir) -> dict:
         "split": data.get("split") or args.get("split") or "patient",
         "val_fraction": float(args.get("val_fraction", 0.1)),
         "seed": int(split_seed(args, default=0)),  # the seed that drew the split
-        "preprocess": data.get("preprocess") or args.get("preprocess") or "pad",
+        # the pipeline records it too (model_index.json): a folder saved or pushed without the training records
+        "preprocess": data.get("preprocess") or args.get("preprocess")
+        or _read_json(d / "model_index.json").get("preprocess") or "pad",
         "class_names": data.get("class_names"),
         "train": data.get("train"),
         "validation": data.get("validation"),

@@ -115,6 +115,10 @@ def check_device(device: str) -> str:
 def check_scheduler_steps(scheduler: str, config, steps: int) -> None:
     """Whether `scheduler` takes `steps` with this model's config (DDPM / DDIM refuse more steps than the model's
     training timesteps): a ValueError naming both flags, before any sampling."""
+    timesteps = int(config["num_train_timesteps"])
+    if steps > timesteps:  # DDPM and DDIM refuse; DPM-Solver++ and UniPC took them and made NaN latents
+        raise ValueError(f"--scheduler {scheduler} --steps {steps}: more steps than the model's {timesteps} training "
+                         "timesteps")
     try:
         make_scheduler(scheduler, config).set_timesteps(steps)
     except ValueError as e:

@@ -177,9 +177,18 @@ def _walk(folder: Path) -> list[str]:
         if real in ancestors:
             return
         ancestors = ancestors | {real}
-        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as err:  # e.g. a root-owned logs/ from a container run: skipped, as os.walk skipped it
+            logger.warning("not pushing %s: it cannot be listed (%s)", path, err.strerror or err)
+            return
+        for entry in entries:
             child = f"{rel}/{entry.name}" if rel else entry.name
-            if entry.is_dir(follow_symlinks=True):
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:  # a link to itself: not a folder (the checks of the files found then name it)
+                is_dir = False
+            if is_dir:
                 if entry.name not in ALWAYS_SKIPPED_DIRS:
                     visit(entry.path, child, ancestors)
             elif not entry.name.endswith(".pyc"):
@@ -464,7 +473,11 @@ def push_folder(
     except Exception:  # a broken token file must not hide the real error
         pass
     tokens = [token, stored]
-    kind, files = select_upload_files(folder)
+    try:
+        kind, files = select_upload_files(folder)
+    except OSError as err:
+        raise HubError(f"cannot push {str(folder)!r}: {err} (a local file could not be read; nothing was sent)") \
+            from None
     if not files:
         raise HubError(f"cannot push {str(folder)!r}: it holds no model files")
     missing = _missing_model_files(folder, kind)

@@ -252,6 +252,11 @@ def test_image_is_prepared_as_the_model_was_trained_pad_or_resize(tiny_ldm, nc_s
     (only_args / "training_args.json").write_text(json.dumps({"preprocess": "resize"}))
     assert C.recorded_preprocess(only_args) == "resize"
     assert C.recorded_preprocess(tmp_path / "nothing_recorded") == "pad"
+    # a folder saved with save_pretrained (or pushed) has no training records: the pipeline's own says resize
+    saved = tmp_path / "saved_only"
+    saved.mkdir()
+    (saved / "model_index.json").write_text(json.dumps({"_class_name": "x", "preprocess": "resize"}))
+    assert C.recorded_preprocess(saved) == "resize"
     (only_args / "training_data.json").write_text(json.dumps({"preprocess": "crop"}))
     with pytest.raises(ValueError, match="training_data.json: preprocess 'crop'"):
         C.recorded_preprocess(only_args)
@@ -398,6 +403,70 @@ def test_an_earlier_run_in_out_is_refused_unless_overwrite(tiny_ldm, demo_root, 
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted(["counterfactuals.json", "mine", slices[1].stem])
     assert [e["image"] for e in json.loads((out / "counterfactuals.json").read_text())["images"]] == [str(slices[1])]
+
+
+def test_a_slice_without_dark_pixels_is_not_rescaled(tiny_ldm, tmp_path, capsys):
+    """--image of a 256x256 slice with no pixel below 128: its [-1, 1] floats have no negative value, and the
+    pipeline's per-image guess took them for [0, 1] (grey 140 shown and sampled as about 25)."""
+    bright = tmp_path / "1_80.png"
+    pixels = np.random.default_rng(0).integers(140, 201, (256, 256)).astype(np.uint8)
+    PIL.Image.fromarray(pixels).save(bright)
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", tiny_ldm, "--image", bright, "--to", "AD", "--strength", "1.0", "--out", out,
+                       *STEPS], capsys)
+    assert rc == 0, err
+    original = np.asarray(PIL.Image.open(out / bright.stem / "original.png"))
+    assert np.abs(original.astype(int) - pixels).max() <= 1
+
+
+def test_a_folder_of_the_users_named_like_an_image_is_refused(tiny_ldm, nc_slice, tmp_path, capsys):
+    """--out/<image stem>/ that a user made (no strip.png: not an earlier run's) was written into, its original.png
+    replaced, and removed whole by the next --overwrite."""
+    out = tmp_path / "cf"
+    (out / nc_slice.stem).mkdir(parents=True)
+    (out / nc_slice.stem / "notes.txt").write_text("mine")
+    rc, err = run_cli(["--model", tiny_ldm, "--to", "AD", "--strength", "1.0", *STEPS, "--out", out,
+                       "--image", nc_slice, "--overwrite"], capsys)
+    assert rc == 2 and f"{out / nc_slice.stem} exists and is not an earlier counterfactual's folder" in err
+    assert sorted(p.name for p in (out / nc_slice.stem).iterdir()) == ["notes.txt"]
+
+
+def test_steps_the_model_cannot_take_are_refused_before_overwrite_removes_anything(tiny_ldm, nc_slice, tmp_path,
+                                                                                    capsys):
+    """--steps 2000 (the model has 1000 timesteps) was refused only after --overwrite had removed the earlier run;
+    with dpm++ it was not refused at all, and NaN latents were decoded, saved and measured."""
+    out = tmp_path / "cf"
+    args = ["--model", tiny_ldm, "--to", "AD", "--strength", "1.0", "--device", "cpu", "--out", out,
+            "--image", nc_slice]
+    assert run_cli([*args, "--scheduler", "ddim", "--steps", "2"], capsys)[0] == 0
+    before = sorted(p.name for p in out.iterdir())
+    for scheduler in ("ddim", "dpm++"):
+        rc, err = run_cli([*args, "--scheduler", scheduler, "--steps", "2000", "--overwrite"], capsys)
+        assert rc == 2 and "more steps than the model's 1000 training timesteps" in err, err
+        assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is still there
+
+
+def test_sampler_gives_the_callers_scheduler_back_when_the_steps_are_refused(pipe):
+    """`_Sampler.__enter__` swapped in DDIM and then raised: `__exit__` never ran, and the caller's pipeline went on
+    sampling with DDIM."""
+    original = pipe.scheduler
+    with pytest.raises(ValueError):
+        with C._Sampler(pipe, 1.0, 0, "ddim", 2000):
+            pass
+    assert pipe.scheduler is original
+
+
+def test_default_steps_of_the_pipelines_own_scheduler_are_capped_by_its_timesteps(pipe):
+    """`make_counterfactuals(..., scheduler=None)` with a model of 20 training timesteps asked for DDPM's 1000."""
+    from diffusers import DDPMScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = DDPMScheduler.from_config(original.config, num_train_timesteps=20)
+    try:
+        assert C._steps_for(None, pipe, None) == 20 and C._steps_for("ddim", pipe, None) == 20
+    finally:
+        pipe.scheduler = original
+    assert C._steps_for(None, pipe, None) == 1000
 
 
 def test_strip_says_how_much_vq_error_its_shared_scale_cuts(tmp_path, monkeypatch):

@@ -923,6 +923,9 @@ def test_training_record_keeps_the_recorded_preprocessing(tmp_path):
     assert E.read_training_record(tmp_path)["preprocess"] == "resize"
     (tmp_path / "training_args.json").write_text(json.dumps({}))
     assert E.read_training_record(tmp_path)["preprocess"] == "pad"
+    # the pipeline's own record (model_index.json), where a saved or pushed folder has no training records
+    (tmp_path / "model_index.json").write_text(json.dumps({"preprocess": "resize"}))
+    assert E.read_training_record(tmp_path)["preprocess"] == "resize"
 
 
 def test_sample_images_returns_the_pipelines_images_on_the_minus_one_to_one_scale():

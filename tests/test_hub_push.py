@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import socket
 
@@ -639,6 +640,27 @@ def test_an_unreadable_local_file_is_a_local_error_not_a_network_one(hub_stub, p
                                        r"not be read; nothing was sent\)") as err:
         push_folder(pipeline_dir, REPO, token=hub_stub.token)
     assert "network" not in str(err.value) and REPO not in hub_stub.repo_ids()
+
+
+def test_an_unlistable_folder_or_a_self_link_does_not_stop_a_push(hub_stub, pipeline_dir, monkeypatch, caplog):
+    """A root-owned logs/ (a container run) or a link to itself in it made the walk raise a raw PermissionError or
+    OSError: not a one-line HubError, and the training script's "push it later with ..." was lost. The folder is
+    skipped with a warning (as os.walk skipped it), the link taken for a file; logs/ is never pushed anyway."""
+    (pipeline_dir / "logs").mkdir()
+    (pipeline_dir / "logs" / "current").symlink_to("current")
+    (pipeline_dir / "locked").mkdir()
+    scandir = os.scandir
+
+    def refusing_scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(hub.os, "scandir", refusing_scandir)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert "locked: it cannot be listed (Permission denied)" in caplog.text
+    assert "unet/config.json" in hub_stub.repo_files(REPO) and "logs/current" not in hub_stub.repo_files(REPO)
 
 
 def test_repush_of_a_vq_model_removes_its_stale_weights(hub_stub, vq_dir):

@@ -1150,3 +1150,16 @@ def test_default_steps_are_the_models_training_timesteps():
         spy.remove()
     assert spy.calls == 20 and latents.shape == (1, 4, 32, 32)
     assert inspect.signature(ADNILatentDiffusionPipeline.__call__).parameters["num_inference_steps"].default is None
+
+
+@pytest.mark.parametrize("scheduler", [DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler])
+def test_more_steps_than_training_timesteps_are_refused_for_every_scheduler(pipe, scheduler):
+    """DDPM and DDIM refuse more steps than the model's timesteps; DPM-Solver++ and UniPC took 1500 and made NaN
+    latents, which decode to a plausible-looking codebook pattern."""
+    original = pipe.scheduler
+    pipe.scheduler = scheduler.from_config(original.config)
+    try:
+        with pytest.raises(ValueError, match="num_inference_steps=1001: more steps than this model's 1000 training"):
+            pipe(num_inference_steps=1001, output_type="latent")
+    finally:
+        pipe.scheduler = original
