@@ -196,7 +196,7 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> t
     (ADNI; padded with black rows) or 256x256; "resize" (the seed's stretch) resizes any size to 256x256 with
     bilinear interpolation, on the 8-bit pixels where they are given, as the training loader does.
     Shapes: one slice (H, W); a stack (N, H, W) or (N, 1, H, W) (tensors) or (N, H, W, 1) (arrays); a list of
-    these. A 3-D array with 1, 3 or 4 channels last, (H, W, C), is one image, as numpy images are.
+    these. A 3-D array with 1 or 3 channels last (or 4, uint8 RGBA), (H, W, C), is one image, as numpy images are.
     PIL images (and RGB/RGBA arrays) must be 8-bit greyscale (mode L, or RGB/RGBA/LA with equal, opaque
     channels), as the training loader requires. uint8 arrays are 0..255; float arrays/tensors must lie in [-1, 1] and are
     taken as [-1, 1] when they have negative values, else as [0, 1]."""
@@ -256,10 +256,10 @@ def _fit_size(arr: np.ndarray, index: int, size: int, preprocess: str) -> np.nda
     h, w = arr.shape
     if (h, w) == (size, size):
         return arr
+    if min(h, w) < 32:  # below the latent grid: no slice, but e.g. a row of a channels-last (H, W, C) tensor
+        raise ValueError(f"image {index} is {w} wide x {h} high; expected a slice at least 32 pixels each way "
+                         "(tensors are (H, W), (N, H, W) or (N, 1, H, W); arrays may also be (H, W, C))")
     if preprocess == "resize":  # PIL bilinear, as data.decode_slice (mode L for uint8, F for floats)
-        if min(h, w) < 32:  # below the latent grid: no slice, but e.g. a row of a channels-last (H, W, C) tensor
-            raise ValueError(f"image {index} is {w} wide x {h} high; expected a slice at least 32 pixels each way "
-                             "(tensors are (H, W), (N, H, W) or (N, 1, H, W); arrays may also be (H, W, C))")
         return np.asarray(PIL.Image.fromarray(arr).resize((size, size), PIL.Image.BILINEAR))
     if w != size or h > size:
         raise ValueError(f"image {index} is {w} wide x {h} high; expected {size} wide x 240 high (ADNI) or "

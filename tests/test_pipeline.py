@@ -532,8 +532,9 @@ def test_prepare_slices_takes_a_channels_last_array_as_one_image(pipe):
     tinted[0, 0, 1] = 7
     with pytest.raises(ValueError, match=r"image 0 \(an array of shape \(240, 256, 3\)\) is a colour RGB image"):
         prepare_slices(tinted)
-    with pytest.raises(ValueError, match="image 0 is 1 wide x 256 high; expected a slice at least 32 pixels"):
-        prepare_slices(torch.from_numpy(sampled), preprocess="resize")
+    for preprocess in ("resize", "pad"):  # (pad said "expected 256 wide x 240 high", which hid the cause)
+        with pytest.raises(ValueError, match="image 0 is 1 wide x 256 high; expected a slice at least 32 pixels"):
+            prepare_slices(torch.from_numpy(sampled), preprocess=preprocess)
 
 
 def transparent(image: PIL.Image.Image) -> PIL.Image.Image:
