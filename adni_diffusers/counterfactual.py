@@ -667,10 +667,12 @@ def tradeoff_markdown(result: dict) -> str:
         f"Counterfactuals {s} \u2192 {t} of {result['images']} held-out {s} slices"
         + (f" ({result['patients']} patient{'s' if result['patients'] != 1 else ''})" if result.get("patients") else "")
         + (f", model `{result['model']}`" if result.get("model") else "")
-        + f": {st['scheduler']} with {st['steps']} steps (strength s denoises round(s \u00d7 {st['steps']}) of them), "
-        f"guidance {st['guidance']:g}, seed {st['seed']}. Classifier: the evaluation feature net (trained on the "
-        "real training split only)"
+        + f": {st['scheduler']} with {st['steps']} steps (strength s denoises s \u00d7 {st['steps']} of them, rounded "
+        f"half up), guidance {st['guidance']:g}, seed {st['seed']}. Classifier: the evaluation feature net (trained "
+        "on the real training split only)"
         + (f", held-out slice accuracy {acc:.3f}" if acc is not None else "") + "."
+        + (f" Caveat: {result['shared_patients']} of these patients also have slices in the training split "
+           "(--split given: the data's own train/test folders share them)." if result.get("shared_patients") else "")
     )
     lines.append("")
     head = ["strength", f"called {t} (95% CI)", f"mean P({t})"]
@@ -1051,6 +1053,7 @@ def main(args: argparse.Namespace) -> int:
         from .data import is_demo_dataset
 
         info = {"model": args.model, "patients": len(set(held.patients)), "data": data.root, "split": data.split,
+                "shared_patients": len(set(held.patients) & set(data.train.patients)),  # (--split given only)
                 # `push` uploads this run's strip and mean map (held-out slices) only where this says demo data
                 "data_source_is_demo": is_demo_dataset(data.root),
                 "slices": [str(Path(p).relative_to(data.root)) if Path(p).is_relative_to(data.root) else p

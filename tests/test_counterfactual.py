@@ -327,6 +327,10 @@ def test_measure_tradeoff_rows_and_files(pipe, demo_root, tmp_path):
     assert saved["rows"][1]["csf_border_enrichment"] is None and "maps" not in saved
     table = (tmp_path / "tradeoff.md").read_text()
     assert table.count("\n| ") == 5 and "| 0.50 |" in table and "same noise, NC label" in table
+    assert "rounded half up" in table and "Caveat" not in table
+    # --split given may hold out slices of patients the training split also has: the table says so
+    assert "Caveat: 2 of these patients also have slices in the training split" in C.tradeoff_markdown(
+        {**result, "shared_patients": 2})
 
 
 def test_cli_measure_uses_held_out_slices_of_the_source_class(tiny_ldm, tmp_path, capsys):
