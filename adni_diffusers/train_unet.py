@@ -293,14 +293,14 @@ def main(args: argparse.Namespace) -> dict:
             loss = training_loss(model, batch["latents"], labels, gen)
             run.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_logs = run.clip_gradients(model.parameters())
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:  # gradient accumulation: the step logs its micro-batches' mean loss
             run.log_micro_batch({"loss": loss.detach()})
             continue
-        run.end_step({"loss": loss.detach()})
+        run.end_step({"loss": loss.detach(), **grad_logs})
         epoch_done = run.global_step % run.steps_per_epoch == 0
         every_n_epochs = epoch_done and (run.global_step // run.steps_per_epoch) % args.save_images_epochs == 0
         if accelerator.is_main_process and (every_n_epochs or run.global_step == run.max_train_steps):

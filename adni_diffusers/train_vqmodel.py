@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> dict:
                 logs.update(g_loss=g_loss, gan_weight=weight)
             run.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                logs.update(run.clip_gradients(model.parameters()))
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1086,6 +1086,16 @@ class TrainingRun:
             stop_loader_workers(self.loader)
             self.progress.close()
 
+    def clip_gradients(self, parameters) -> dict[str, torch.Tensor]:
+        """`accelerator.clip_grad_norm_` (call on an optimizer step); returns {"grad_norm": the norm before clipping}
+        for the step's logs, a device tensor (no sync). Logged, it also arms the NaN guard against an inf or NaN
+        gradient whose loss was finite: clipping turns it into NaN weights, which a checkpoint at that step would
+        have kept as "good". Not under fp16, whose GradScaler skips such steps by design."""
+        norm = self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+        if norm is None or self.accelerator.scaler is not None:  # (DeepSpeed returns none)
+            return {}
+        return {"grad_norm": norm.detach()}
+
     def backward(self, loss: torch.Tensor) -> None:
         """`accelerator.backward` of this micro-batch's loss, weighted so that an epoch's short last step (fewer
         micro-batches than --gradient_accumulation_steps) gets their mean gradient, not a fraction of it."""

@@ -1298,6 +1298,45 @@ def test_unet_accumulation_weights_the_epochs_short_step_to_a_full_ones_scale(tm
     assert ratios == pytest.approx([1, 1, 1, 3, 1, 1, 1, 3])
 
 
+def test_an_infinite_gradient_of_a_finite_loss_stops_before_its_checkpoint(tmp_path, tiny_vq, demo_root, monkeypatch):
+    """The NaN guard read the loss alone: an inf gradient with a finite loss was clipped into NaN weights, and the
+    checkpoint of that very step was saved as the last good one. The step's gradient norm is logged now
+    (`grad_norm`, also in the history), so the guard stops there and checkpoint-1 stays the last good one."""
+    from safetensors.torch import load_file
+
+    from adni_diffusers import diffusion
+    from adni_diffusers.training import TrainingError
+
+    class InfiniteGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    real, calls = diffusion.diffusion_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return InfiniteGradient.apply(loss) if len(calls) == 2 else loss
+
+    monkeypatch.setattr(diffusion, "diffusion_loss", poisoned)
+    out = tmp_path / "ldm"
+    with pytest.raises(TrainingError, match=r"non-finite grad_norm at step 2: training stopped\. The last good "
+                                            r"checkpoint is .*checkpoint-1"):
+        run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
+                                           *TINY_UNET_ARGS, "--max_train_steps", "4", "--checkpointing_steps", "1",
+                                           "--logging_steps", "10", "--latent_cache_dir", tmp_path / "cache"])
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-1"]
+    weights = load_file(str(out / "checkpoint-1" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert history[0]["step"] == 1 and history[0]["grad_norm"] > 0
+
+
 def test_sample_grids_come_every_save_images_epochs_and_at_the_last_step(tmp_path, tiny_vq, demo_root):
     """24 training latents at batch 12 are 2 steps per epoch: with --save_images_epochs 2 and 5 steps the periodic
     grids are those of step 4 (the end of epoch 2) and step 5 (the last step), no others."""
