@@ -113,9 +113,15 @@ def _read_json(path: Path) -> dict:
 
 
 def _count_parameters(component_dir: Path) -> int | None:
-    """Parameters of a saved diffusers model, from its safetensors headers (no torch needed)."""
-    files = [p for p in sorted(Path(component_dir).glob("*.safetensors"))
-             if re.fullmatch(r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors", p.name)]
+    """Parameters of a saved diffusers model, from its safetensors headers (no torch needed): its main weights,
+    else (a folder saved with `variant="fp16"` only) the first variant's, each counted once over its shards."""
+    saved = sorted(Path(component_dir).glob("*.safetensors"))
+    files = [p for p in saved if re.fullmatch(r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors", p.name)]
+    if not files:
+        variants = sorted({m.group(1) for p in saved
+                           if (m := re.fullmatch(r"diffusion_pytorch_model\.([^.-]+)(-\d+-of-\d+)?\.safetensors", p.name))})
+        files = [p for p in saved if variants and re.fullmatch(
+            rf"diffusion_pytorch_model\.{re.escape(variants[0])}(-\d+-of-\d+)?\.safetensors", p.name)]
     if not files:
         return None
     total = 0

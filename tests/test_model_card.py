@@ -363,6 +363,12 @@ def test_the_card_counts_parameters_of_every_shard_and_only_of_the_main_weights(
     text = render_model_card(ldm)
     assert "`UNet2DModel` (1.2M parameters)" in text
     assert "`VQModel` (0.065M parameters)" in text  # the tiny VQModel: 65,093 parameters, three decimals
+    # a folder saved with variant="fp16" only (it showed "?"): that variant's shards, each once
+    for path in unet.glob("diffusion_pytorch_model*.safetensors"):
+        path.unlink()
+    _save(unet / "diffusion_pytorch_model.fp16-00001-of-00002.safetensors", {"a": (1000, 1000)})
+    _save(unet / "diffusion_pytorch_model.fp16-00002-of-00002.safetensors", {"b": (500, 1000)})
+    assert "`UNet2DModel` (1.5M parameters)" in render_model_card(ldm)
 
 
 def test_evaluation_numbers_come_from_the_evaluation_folder_first(ldm):
