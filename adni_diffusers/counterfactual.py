@@ -833,13 +833,14 @@ def model_records(model: str) -> Path:
     return folder
 
 
-def held_out_data(model: str, data_root: str | None = None):
+def held_out_data(model: str, data_root: str | None = None, model_class_names=None):
     """The model's data split exactly as in training (`evaluate.load_evaluation_data`): `SliceData` whose
     `.val` is what training held out (with `--split given`, `.shared_patients` of them also in `.train`).
-    `model` may be a Hub repo id (only its JSON records are fetched)."""
+    `model` may be a Hub repo id (only its JSON records are fetched). `model_class_names` (the pipeline's) are
+    checked against the data's folders, where the training records name none."""
     from .evaluate import load_evaluation_data
 
-    data, _ = load_evaluation_data(model_records(model), data_root)
+    data, _ = load_evaluation_data(model_records(model), data_root, model_class_names)
     return data
 
 
@@ -1012,7 +1013,7 @@ def main(args: argparse.Namespace) -> int:
     # the classifier (P(target) in the titles, and the measurement): only when asked for
     classifier = data = report = None
     if args.measure or args.classify or args.classifier:
-        data = held_out_data(args.model, args.data_dir)
+        data = held_out_data(args.model, args.data_dir, list(pipe.config.class_names or []) or None)
         classifier, report = _load_classifier(args, data, device)
         _classifier_column(classifier, target)
     remove_outputs(earlier)  # only once every input is known good: a failed run leaves --out as it was

@@ -423,6 +423,26 @@ def test_a_slice_without_dark_pixels_is_not_rescaled(tiny_ldm, tmp_path, capsys)
     assert np.abs(original.astype(int) - pixels).max() <= 1
 
 
+def test_data_of_other_classes_is_refused_before_any_work_where_no_record_names_the_classes(tiny_ldm, demo_root,
+                                                                                           tmp_path, capsys):
+    """A model folder whose training records name no classes (saved or pushed without them): --data-dir with other
+    class folders was loaded, and failed only after the --image counterfactuals were written. The pipeline's own
+    class names are checked against the folders now."""
+    import shutil
+
+    model = Path(shutil.copytree(tiny_ldm, tmp_path / "model", ignore=shutil.ignore_patterns("checkpoint-*")))
+    record = json.loads((model / "training_data.json").read_text())
+    (model / "training_data.json").write_text(json.dumps({k: v for k, v in record.items() if k != "class_names"}))
+    other = Path(shutil.copytree(demo_root, tmp_path / "AD_MCI"))
+    for split in ("train", "test"):
+        (other / split / "NC").rename(other / split / "MCI")
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", model, "--measure", "--data-dir", other, "--to", "AD", "--out", out, *STEPS],
+                      capsys)
+    assert rc == 2 and "class folders ['AD', 'MCI'] differ from the model's class names ['AD', 'NC']" in err, err
+    assert not out.exists()
+
+
 def test_a_folder_of_the_users_named_like_an_image_is_refused(tiny_ldm, nc_slice, tmp_path, capsys):
     """--out/<image stem>/ that a user made (no strip.png: not an earlier run's) was written into, its original.png
     replaced, and removed whole by the next --overwrite."""
