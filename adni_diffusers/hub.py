@@ -200,7 +200,8 @@ def _walk(folder: Path) -> list[str]:
 
 # pictures that show real training or held-out slices, by name wherever they lie (`evaluate --out` and
 # `counterfactual --out` may be the model folder itself): pushed only where they show the demo set
-REAL_SLICE_PICTURES = ("reconstructions.png", "closest_pairs.png", "example_strip.png", "mean_difference.png")
+COUNTERFACTUAL_PICTURES = ("example_strip.png", "mean_difference.png")  # counterfactual --measure, beside tradeoff.json
+REAL_SLICE_PICTURES = ("reconstructions.png", "closest_pairs.png", *COUNTERFACTUAL_PICTURES)
 
 
 def shows_real_slices(folder: Path, rel: str, demo: bool) -> bool:
@@ -215,12 +216,12 @@ def shows_real_slices(folder: Path, rel: str, demo: bool) -> bool:
         return True
     beside = (folder / rel).parent
     try:
-        if name in ("example_strip.png", "mean_difference.png"):  # counterfactual --measure
+        if name in COUNTERFACTUAL_PICTURES:
             return json.loads(beside.joinpath("tradeoff.json").read_text()).get("data_source_is_demo") is not True
         record = json.loads(beside.joinpath("metrics.json").read_text())
         return (record.get("data") or {}).get("data_source_is_demo") is False
     except (OSError, ValueError, AttributeError):
-        return name in ("example_strip.png", "mean_difference.png")
+        return name in COUNTERFACTUAL_PICTURES
 
 
 def report_without_pictures(report: str, withheld: list[str]) -> str:

@@ -531,14 +531,14 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback tensor input {name!r}: expected one of {self._callback_tensor_inputs}")
-        timesteps = int(self.scheduler.config.num_train_timesteps)
+        train_timesteps = int(self.scheduler.config.num_train_timesteps)
         if num_inference_steps is None:
-            num_inference_steps = timesteps
+            num_inference_steps = train_timesteps
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps}: expected at least 1")
-        if num_inference_steps > timesteps:  # DDPM, DDIM refuse them; DPM-Solver++ and UniPC made NaN latents
-            raise ValueError(f"num_inference_steps={num_inference_steps}: more steps than this model's {timesteps} "
-                             "training timesteps")
+        if num_inference_steps > train_timesteps:  # DDPM, DDIM refuse them; DPM-Solver++ and UniPC made NaN latents
+            raise ValueError(f"num_inference_steps={num_inference_steps}: more steps than this model's "
+                             f"{train_timesteps} training timesteps")
         if refine_repeats < 0 or refine_steps < 0 or (refine_repeats > 0 and not 0 < refine_steps <= num_inference_steps):
             raise ValueError(f"refine_steps={refine_steps} must be in 1..num_inference_steps={num_inference_steps} "
                              f"when refine_repeats={refine_repeats} > 0")

@@ -703,7 +703,12 @@ def to_channels_last(model, args):
 
 
 def steps_per_epoch(loader, grad_accum: int) -> int:
-    return max(1, math.ceil(len(loader) / grad_accum))
+    return _steps_in(len(loader), grad_accum)
+
+
+def _steps_in(batches: int, grad_accum: int) -> int:
+    """Optimizer steps over `batches` micro-batches: the last one may be short (see `micro_batch_weight`)."""
+    return max(1, math.ceil(batches / grad_accum))
 
 
 def micro_batch_weight(batch_in_epoch: int, batches_in_epoch: int, grad_accum: int) -> float:
@@ -711,7 +716,7 @@ def micro_batch_weight(batch_in_epoch: int, batches_in_epoch: int, grad_accum: i
     loss by `grad_accum`; an epoch whose batches do not divide by it ends with a step of fewer micro-batches (the
     remainder), whose gradient would be only remainder / grad_accum of their mean. Weighting them by
     grad_accum / remainder makes it their mean, as every full step's gradient is."""
-    last_step_start = (max(1, math.ceil(batches_in_epoch / grad_accum)) - 1) * grad_accum
+    last_step_start = (_steps_in(batches_in_epoch, grad_accum) - 1) * grad_accum
     if batch_in_epoch < last_step_start:
         return 1.0
     return grad_accum / (batches_in_epoch - last_step_start)
