@@ -895,7 +895,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _image_out_dirs(paths: list[Path], out: Path) -> list[Path]:
-    used, dirs = set(), []
+    # the top-level outputs' names are taken: tradeoff.png.jpeg's folder is not the file tradeoff.png
+    used, dirs = set(TOP_OUTPUTS), []
     for p in paths:
         name, k = p.stem, 1
         while name in used:  # a file named "x-2" does not get the folder of the second "x" (or vice versa)

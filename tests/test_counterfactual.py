@@ -297,6 +297,10 @@ def test_output_folders_are_distinct_for_every_image(tmp_path):
     dirs = C._image_out_dirs(paths, tmp_path)
     assert len(set(dirs)) == len(dirs) and dirs[:2] == [tmp_path / "x", tmp_path / "x-2"]
     assert dirs[3] == tmp_path / "y"
+    # A slice whose stem is a top-level output's name gets its own folder (it crashed after sampling, writing
+    # tradeoff.png over the folder tradeoff.png/).
+    dirs = C._image_out_dirs([Path("tradeoff.png.jpeg"), Path("counterfactuals.json.png")], tmp_path)
+    assert dirs == [tmp_path / "tradeoff.png-2", tmp_path / "counterfactuals.json-2"]
 
 
 # ---------------------------------------------------------------------------------- measurement
