@@ -196,9 +196,20 @@ def _is_root_doc(p: Path, root: Path) -> bool:
 OS_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
 
 
+def _is_special_dir(name: str) -> bool:
+    """datasets' imagefolder skips folders named "__..." (like __pycache__, or macOS's __MACOSX in a zip)."""
+    return name.startswith("__")
+
+
 def _list_dir(d: Path) -> tuple[list[Path], list[Path]]:
     entries = sorted(e for e in d.iterdir() if not e.name.startswith("."))
-    return [e for e in entries if e.is_dir()], [e for e in entries if e.is_file()]
+    return ([e for e in entries if e.is_dir() and not _is_special_dir(e.name)],
+            [e for e in entries if e.is_file()])
+
+
+def _holds_images(d: str) -> bool:
+    return any(_is_image(Path(name)) for _, _, names in os.walk(d, followlinks=True)
+               for name in names if not name.startswith("."))
 
 
 def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
@@ -212,7 +223,7 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     if "::" in str(root):
         raise DataError(f"{flag} {root}: the path holds '::', which datasets' file system layer (fsspec) reads as "
                         "the separator of chained URLs; rename or link the folder")
-    strangers, broken, visited = [], [], set()
+    strangers, broken, skipped, visited = [], [], [], set()
     # into linked folders too, as datasets and the listing below go (a linked split folder went unchecked)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -221,6 +232,8 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
             continue
         visited.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        skipped += [Path(dirpath) / d for d in dirnames if _is_special_dir(d) and _holds_images(os.path.join(dirpath, d))]
+        dirnames[:] = [d for d in dirnames if not _is_special_dir(d)]
         for name in filenames:
             p = Path(dirpath) / name
             if name.startswith(".") or name.lower() in OS_FILES:
@@ -229,6 +242,10 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                 broken.append(p)
             elif not _is_image(p) and not _is_root_doc(p, root):
                 strangers.append(p)
+    if skipped:  # their images would be lost without a word (a class "__AD" also met a puzzling class mismatch)
+        raise DataError(f"{flag} {root}: {len(skipped)} folder(s) whose name starts with '__' hold images, and "
+                        "datasets' imagefolder skips such folders (as it skips __pycache__); rename them: "
+                        + _listing(skipped))
     if broken:
         raise DataError(f"{flag} {root}: {len(broken)} symbolic link(s) to files that do not exist (an unmounted "
                         f"drive?): " + _listing(broken))

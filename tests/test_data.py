@@ -462,6 +462,29 @@ def test_non_image_file_in_a_class_folder(tmp_path):
     assert str(notes) in msg and "not images" in msg and ".jpeg" in msg
 
 
+def test_a_macosx_folder_from_a_zip_is_skipped(tmp_path):
+    """A tree unzipped on a Mac has __MACOSX/ (AppleDouble ._ files) beside train/ and test/. datasets skips it;
+    it was refused as a third folder beside the split folders."""
+    root = image_tree(tmp_path)
+    before = load_slices(root, split="given")
+    (root / "__MACOSX" / "train" / "AD").mkdir(parents=True)
+    (root / "__MACOSX" / "train" / "AD" / "._1003730_80.jpeg").write_bytes(b"\x00\x05\x16\x07")
+    after = load_slices(root, split="given")
+    assert after.train.paths == before.train.paths and after.class_names == ["AD", "NC"]
+
+
+def test_images_in_a_folder_datasets_skips_are_refused_by_name(tmp_path):
+    """datasets' imagefolder skips folders named "__...": a class folder "__AD" met "datasets read classes ['NC'],
+    the folders hold ['NC', '__AD']", and images in train/AD/__old/ were lost without a word."""
+    root = tmp_path / "AD_NC"
+    make_tree(root, classes=("__AD", "NC"))
+    msg = data_error(root, split="given")
+    assert "2 folder(s) whose name starts with '__' hold images" in msg and str(root / "train" / "__AD") in msg
+    root = image_tree(tmp_path / "nested")
+    write(root / "train" / "AD" / "__old" / "1_80.jpeg", slice_pixels(1))
+    assert str(root / "train" / "AD" / "__old") in data_error(root, split="given")
+
+
 def test_files_the_os_writes_into_image_folders_are_skipped(tmp_path):
     """Windows' Thumbs.db / desktop.ini (as macOS's .DS_Store) are no reason to refuse a data tree."""
     root = image_tree(tmp_path)
