@@ -235,22 +235,27 @@ def report_without_pictures(report: str, withheld: list[str]) -> str:
     return report
 
 
+# absolute (/, ~, C:\), or relative with a way up or out (../alice/ADNI names a home folder as well as /home/alice)
+_LOCAL_PATH = r"(?:/|~|[A-Za-z]:[\\/]|\.\.?[\\/])"
+
+
 def without_local_paths(record):
-    """A JSON record as pushed: every absolute path (the data folder, the output folder, the VQModel's) cut to
-    `<local>/<its last part>`. The card never shows where the data lies on your machine; nor do the records."""
+    """A JSON record as pushed: every local path (absolute, or relative from ./ or ../: the data folder, the
+    output folder, the VQModel's) cut to `<local>/<its last part>`. The card never shows where the data lies on
+    your machine; nor do the records."""
     if isinstance(record, dict):
         return {k: without_local_paths(v) for k, v in record.items()}
     if isinstance(record, list):
         return [without_local_paths(v) for v in record]
-    if isinstance(record, str) and (record.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", record)):
+    if isinstance(record, str) and re.match(_LOCAL_PATH, record):
         return "<local>/" + re.split(r"[\\/]", record.rstrip("/\\"))[-1]
     return record
 
 
 def text_without_local_paths(text: str) -> str:
-    """Markdown as pushed: each `back-quoted` absolute path (evaluate's report names the model and data folders)
+    """Markdown as pushed: each `back-quoted` local path (evaluate's report names the model and data folders)
     cut to `<local>/<its last part>`."""
-    return re.sub(r"`((?:/|~|[A-Za-z]:[\\/])[^`\n]*)`", lambda m: f"`{without_local_paths(m.group(1))}`", text)
+    return re.sub(rf"`({_LOCAL_PATH}[^`\n]*)`", lambda m: f"`{without_local_paths(m.group(1))}`", text)
 
 
 def _records_without_local_paths(folder: Path, files: list[str]) -> dict[str, bytes]:

@@ -487,13 +487,21 @@ def test_real_slice_pictures_are_withheld_wherever_they_lie_and_whoever_evaluate
 
 def test_records_lose_home_relative_and_windows_paths_too():
     """`~/...` (a path the shell did not expand, e.g. --vqmodel=~/vq) and `C:\\...` name the user's machine as much
-    as `/home/...`; relative paths and plain values stay."""
+    as `/home/...`; plain relative folders and values stay."""
     record = {"vqmodel": "~/runs/vq/vqvae", "train_data_dir": "C:\\Users\\me\\ADNI\\AD_NC",
               "output_dir": "/scratch/me/ldm/", "latent_cache_dir": "cache", "seed": 0, "argv": ["~/data/AD_NC"]}
     assert hub.without_local_paths(record) == {
         "vqmodel": "<local>/vqvae", "train_data_dir": "<local>/AD_NC", "output_dir": "<local>/ldm",
         "latent_cache_dir": "cache", "seed": 0, "argv": ["<local>/AD_NC"]}
     assert hub.text_without_local_paths("model `~/runs/ldm`, data `D:/ADNI`") == "model `<local>/ldm`, data `<local>/ADNI`"
+    # A way up or out names the machine too (../alice/ADNI is /home/alice/ADNI seen from /home/bob); a plain
+    # relative folder, or a value like "1/2", stays.
+    record = {"train_data_dir": "../alice/ADNI/", "output_dir": "./runs/ldm", "vqmodel": "..\\vq\\vqvae",
+              "latent_cache_dir": "runs/cache", "note": "1/2", "dots": "...", "here": "."}
+    assert hub.without_local_paths(record) == {
+        "train_data_dir": "<local>/ADNI", "output_dir": "<local>/ldm", "vqmodel": "<local>/vqvae",
+        "latent_cache_dir": "runs/cache", "note": "1/2", "dots": "...", "here": "."}
+    assert hub.text_without_local_paths("data `../alice/ADNI`, `runs/x`") == "data `<local>/ADNI`, `runs/x`"
 
 
 def test_a_demo_models_pictures_are_withheld_only_where_its_evaluation_says_other_data(tmp_path):
