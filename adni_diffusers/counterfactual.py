@@ -956,7 +956,7 @@ def _load_classifier(args, data, device):
 
 def main(args: argparse.Namespace) -> int:
     from .data import to_uint8
-    from .generate import check_out_folder, load_pipeline, remove_outputs
+    from .generate import check_device, check_out_folder, load_pipeline, remove_outputs
 
     # everything that can be checked without the model, first
     if not args.image and not args.measure:
@@ -997,7 +997,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: {theirs[0]} exists and is not an earlier counterfactual's folder (it holds no "
                          "strip.png); choose another --out, or move it")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = args.batch_size or (128 if device.startswith("cuda") else 16)
     pipe = load_pipeline(args.model, device, torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -165,7 +165,12 @@ def _split_words(summary: dict) -> str:
 
 
 def _resolve_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .generate import check_device
+
+    try:  # a clear error before the model loads and the feature net trains
+        return check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
 
 
 # ============================================================================================ sampling
@@ -1064,6 +1069,7 @@ def evaluate_model(
         raise EvaluationError(f"--num-samples {num_samples}: expected 2 to {MAX_SAMPLES_PER_CLASS}")
     if guidance is not None and not math.isfinite(float(guidance)):  # NaN guidance made every latent NaN
         raise EvaluationError(f"--guidance {guidance}: expected a finite number")
+    device = _resolve_device(device)
     out = Path(out) if out is not None else model_dir / "evaluation"
     from .generate import check_out_folder, remove_outputs
 
@@ -1078,7 +1084,6 @@ def evaluate_model(
         check_cache_folder(cache_dir, "--feature-cache")
     except ValueError as e:
         raise EvaluationError(str(e)) from None
-    device = _resolve_device(device)
     on_gpu = device.startswith("cuda")
     batch_size = batch_size or (256 if on_gpu else 16)
     feature_batch = 256 if on_gpu else 64

@@ -256,6 +256,31 @@ def test_bad_seed_or_device_is_named_before_the_model_loads(tmp_path, capsys, fl
     assert message in err and "no such folder" not in err, err
 
 
+def test_a_cuda_index_past_the_device_count_is_refused_early(monkeypatch):
+    """--device cuda:2 on a 2-GPU node failed after loading, in torch's words ("invalid device ordinal")."""
+    from adni_diffusers.generate import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == "cuda:1" and check_device("cuda") == "cuda"
+    with pytest.raises(ValueError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        check_device("cuda:2")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "counterfactual"])
+def test_evaluate_and_counterfactual_name_a_bad_device_before_loading(tiny_ldm, demo_root, tmp_path, capsys,
+                                                                     command):
+    """They read --device unchecked: "gpu" failed in torch's words, and "cuda" on a CPU machine after the model
+    loaded (evaluate: after its output folder was made)."""
+    from adni_diffusers import cli
+
+    extra = ["--to", "AD", "--image", str(next(demo_root.rglob("*.jpeg")))] if command == "counterfactual" else []
+    for device, message in (("gpu", "--device gpu: "), ("cuda", "--device cuda: no CUDA device is available here")):
+        assert cli.main([command, "--model", str(tiny_ldm), "--out", str(tmp_path / device), "--device", device,
+                         *extra]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / device).exists()
+
+
 @pytest.mark.parametrize("num_images", [1, 16, 1_000_003])
 def test_the_seed_range_is_exactly_what_the_image_generators_take(tmp_path, num_images):
     """Image i is drawn from seed * 1000003 + i, and a torch generator takes 0 .. 2**64 - 1: the largest seed the
