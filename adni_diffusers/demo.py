@@ -7,13 +7,14 @@
 
 On CPU it uses the `small` presets and finishes in about 12 minutes on 2 free cores; on a GPU the
 `base` presets on an ADNI-size demo set (about 21 minutes on one H100: arithmetic from measured
-rates, not run end to end). A stage whose output already exists is reused (delete the folder, or
-pass --retrain, to train again).
+rates, not run end to end). A stage that the same recipe finished is reused, and one that it started is
+resumed from its last checkpoint (delete the folder, or pass --retrain, to train again from scratch).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -88,19 +89,52 @@ def _train(module_name: str, argv: list[str]) -> None:
     module.main(module.parse_args([str(a) for a in argv]))
 
 
-RECIPE_FILE = "demo_recipe.json"  # what made a stage's output: its flags and the demo data's settings
+RECIPE_FILE = "demo_recipe.json"  # what made a stage's output: its flags, presets and data, and whether it finished
 
 
-def _made_by(folder: Path, product: str, recipe: dict) -> bool:
-    record = folder / RECIPE_FILE
+def _recipe_state(folder: Path, product: str, recipe: dict) -> str | None:
+    """"finished" when this recipe made `folder`'s product to the end, "started" when a run of it was cut short
+    (its checkpoints can be resumed), else None."""
     try:
-        return (folder / product).is_file() and json.loads(record.read_text()) == recipe
+        record = json.loads((folder / RECIPE_FILE).read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    if not isinstance(record, dict) or record.get("recipe") != recipe:
+        return None
+    return "finished" if record.get("finished") is True and (folder / product).is_file() else "started"
 
 
-def _write_recipe(folder: Path, recipe: dict) -> None:
-    (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+def _write_recipe(folder: Path, recipe: dict, finished: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RECIPE_FILE).write_text(json.dumps({"recipe": recipe, "finished": finished}, indent=2))
+
+
+def _weights_digest(folder: Path) -> str:
+    """The saved model's files (weights and config): a UNet is reused only on the VQModel it was trained on."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.glob("*") if p.is_file()):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _run_stage(name: str, module: str, folder: Path, product: str, argv: list[str], recipe: dict,
+               retrain: bool) -> None:
+    """Train a stage unless this recipe finished it already; resume a run of the same recipe that was cut short.
+    The recipe is marked unfinished before training: a stage stopped after saving its model (before its samples,
+    evaluation or card) is never taken for finished, nor is a model of other flags left beside an old recipe."""
+    state = None if retrain else _recipe_state(folder, product, recipe)
+    if state == "finished":
+        print(f"reusing the {name} in {folder} (the same flags on the same data made it; --retrain trains again)")
+        return
+    if state == "started":  # latest checkpoint, if any (else --overwrite_output_dir starts afresh)
+        print(f"resuming the {name} training in {folder} from its last checkpoint (--retrain starts afresh)")
+        argv = [*argv, "--resume_from_checkpoint", "latest"]
+    _write_recipe(folder, recipe, finished=False)
+    _train(module, argv)
+    _write_recipe(folder, recipe, finished=True)
 
 
 def _slice_tree_holding(folder: Path) -> Path | None:
@@ -138,31 +172,32 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     data_dir = ensure_demo_dataset(out / "AD_NC", subjects=plan["subjects"] if subjects is None else subjects, seed=seed)
     timings["data_s"] = time.time() - t0
 
-    common = ["--train_data_dir", data_dir, "--seed", seed, "--report_to", "tensorboard",
-              "--preset", plan["preset"], "--overwrite_output_dir"]
-    if device == "cpu":
-        common += ["--mixed_precision", "no"]
+    def stage_argvs(root: Path) -> tuple[list[str], list[str]]:
+        common = ["--train_data_dir", root / "AD_NC", "--seed", seed, "--report_to", "tensorboard",
+                  "--preset", plan["preset"], "--overwrite_output_dir"]
+        if device == "cpu":
+            common += ["--mixed_precision", "no"]
+        return ([str(a) for a in [*common, "--output_dir", root / "vq", *plan["vq"]]],
+                [str(a) for a in [*common, "--vqmodel", root / "vq", "--output_dir", root / "ldm", *plan["unet"]]])
+
     vq_dir, ldm_dir = out / "vq", out / "ldm"
-    # a stage is reused only when this recipe made it: the same flags on the same demo data (a --seed,
-    # --subjects or --quick change rebuilds the data, and then both stages must train again)
-    data_settings = read_settings(data_dir)
-    vq_argv = [str(a) for a in [*common, "--output_dir", vq_dir, *plan["vq"]]]
-    vq_recipe = {"argv": vq_argv, "data": data_settings}
-    unet_recipe = {"argv": [str(a) for a in [*common, "--vqmodel", vq_dir, "--output_dir", ldm_dir, *plan["unet"]]],
-                   "vqmodel": vq_recipe}
+    vq_argv, unet_argv = stage_argvs(out)
+    # A stage is reused only when this recipe made it: the same flags (paths relative to --out, so the same folder
+    # named another way, or moved, still matches), the same presets and package version, and the same demo data
+    # (a --seed, --subjects or --quick change rebuilds the data, and then both stages must train again).
+    from . import __version__
+    from .presets import unet_config, vq_config
+
+    portable_vq_argv, portable_unet_argv = stage_argvs(Path("<out>"))
+    vq_recipe = {"argv": portable_vq_argv, "data": read_settings(data_dir), "preset": vq_config(plan["preset"]),
+                 "version": __version__}
     t = time.time()
-    if retrain or not _made_by(vq_dir, "vqvae/config.json", vq_recipe):
-        _train("adni_diffusers.train_vqmodel", vq_argv)
-        _write_recipe(vq_dir, vq_recipe)
-    else:
-        print(f"reusing the VQModel in {vq_dir} (the same flags on the same data made it; --retrain trains again)")
+    _run_stage("VQModel", "adni_diffusers.train_vqmodel", vq_dir, "vqvae/config.json", vq_argv, vq_recipe, retrain)
     timings["vq_s"] = time.time() - t
+    unet_recipe = {"argv": portable_unet_argv, "preset": unet_config(plan["preset"]), "vqmodel": vq_recipe,
+                   "vqmodel_files": _weights_digest(vq_dir / "vqvae")}
     t = time.time()
-    if retrain or not _made_by(ldm_dir, "model_index.json", unet_recipe):
-        _train("adni_diffusers.train_unet", unet_recipe["argv"])
-        _write_recipe(ldm_dir, unet_recipe)
-    else:
-        print(f"reusing the pipeline in {ldm_dir} (the same flags on the same data made it; --retrain trains again)")
+    _run_stage("pipeline", "adni_diffusers.train_unet", ldm_dir, "model_index.json", unet_argv, unet_recipe, retrain)
     timings["unet_s"] = time.time() - t
 
     # reload exactly as a user without this package would, then sample

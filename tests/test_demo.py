@@ -42,7 +42,7 @@ def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 0
     assert (out / "vq" / "vqvae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns != vq_before
     assert (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns != before
-    assert json.loads((out / "ldm" / "demo_recipe.json").read_text())["vqmodel"]["data"]["seed"] == 1
+    assert json.loads((out / "ldm" / "demo_recipe.json").read_text())["recipe"]["vqmodel"]["data"]["seed"] == 1
 
 
 @pytest.mark.parametrize("plan", ["cpu", "cuda", "quick"])
@@ -102,7 +102,10 @@ def _fake_demo(monkeypatch, tmp_path):
         out = Path(argv[argv.index("--output_dir") + 1])
         product = out / ("vqvae/config.json" if module_name.endswith("train_vqmodel") else "model_index.json")
         product.parent.mkdir(parents=True, exist_ok=True)
-        product.write_text("{}")
+        product.write_text(json.dumps({"call": len(calls["train"])}))  # each training makes other weights
+        if calls.get("interrupt") == module_name.rsplit(".", 1)[-1]:  # stopped after saving, before the end
+            calls.pop("interrupt")
+            raise KeyboardInterrupt
 
     class Pipe:
         class_names = ["AD", "NC"]
@@ -162,3 +165,64 @@ def test_demo_samples_each_class_with_guidance_and_one_animation(tmp_path, monke
     assert [(c["class_label"], c["guidance"], c["gif"]) for c in calls["generate"]] == [("AD", 2.0, True),
                                                                                           ("NC", 2.0, False)]
     assert set(summary["grids"]) == {"AD", "NC"}
+
+
+# ------------------------------------------------------------------------------------------ reuse audit (2026-12-03)
+
+
+def test_a_stage_cut_short_after_saving_is_resumed_not_reused(tmp_path, monkeypatch):
+    """The recipe of the run before stayed while a stage trained: a run of other flags stopped after saving its
+    model (before its samples, evaluation and card) was then reused by the old flags. And the stage's checkpoints
+    were thrown away by --overwrite_output_dir: a rerun now resumes the same recipe from the latest one."""
+    from adni_diffusers.demo import run_demo
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    run_demo(tmp_path / "demo", device="cpu", quick=True, seed=0)
+    calls["interrupt"] = "train_unet"
+    with pytest.raises(KeyboardInterrupt):  # seed 1 builds other data; its UNet is stopped after saving
+        run_demo(tmp_path / "demo", device="cpu", quick=True, seed=1)
+    assert not json.loads((tmp_path / "demo" / "ldm" / "demo_recipe.json").read_text())["finished"]
+    run_demo(tmp_path / "demo", device="cpu", quick=True, seed=1)  # the same recipe: resumed
+    assert [name for name, _ in calls["train"][2:]] == ["train_vqmodel", "train_unet", "train_unet"]
+    assert _flag(calls["train"][-1][1], "--resume_from_checkpoint") == "latest"
+    assert "--resume_from_checkpoint" not in calls["train"][-2][1]  # the first attempt started afresh
+    run_demo(tmp_path / "demo", device="cpu", quick=True, seed=1)  # finished now: reused
+    assert len(calls["train"]) == 5
+    calls["interrupt"] = "train_unet"
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path / "demo", device="cpu", quick=True, seed=0)
+    run_demo(tmp_path / "demo", device="cpu", quick=True, seed=1, retrain=True)  # --retrain never resumes
+    assert all("--resume_from_checkpoint" not in argv for _, argv in calls["train"][-2:])
+
+
+def test_the_same_demo_folder_named_another_way_is_reused(tmp_path, monkeypatch):
+    """The recipe held the paths as typed: --out demo, then its absolute path, retrained both stages."""
+    from adni_diffusers.demo import run_demo
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run_demo("demo", device="cpu", quick=True)
+    run_demo(tmp_path / "demo", device="cpu", quick=True)
+    (tmp_path / "demo").rename(tmp_path / "moved")
+    run_demo(tmp_path / "moved", device="cpu", quick=True)
+    assert len(calls["train"]) == 2
+    assert _flag(calls["train"][0][1], "--train_data_dir") == str(Path("demo") / "AD_NC")  # the run's own paths
+
+
+def test_a_changed_preset_or_a_retrained_vqmodel_trains_again(tmp_path, monkeypatch):
+    """Only the flags were compared: a preset changed by an upgrade reused the old architecture, and a VQModel
+    trained again (its folder deleted) kept the UNet trained on the old one's latents."""
+    import shutil
+
+    from adni_diffusers import presets
+    from adni_diffusers.demo import run_demo
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    run_demo(tmp_path / "demo", device="cpu", quick=True)
+    shutil.rmtree(tmp_path / "demo" / "vq")
+    run_demo(tmp_path / "demo", device="cpu", quick=True)
+    assert [name for name, _ in calls["train"][2:]] == ["train_vqmodel", "train_unet"]
+    wider = {**presets.UNET_PRESETS["tiny"], "block_out_channels": [32, 32]}
+    monkeypatch.setitem(presets.UNET_PRESETS, "tiny", wider)
+    run_demo(tmp_path / "demo", device="cpu", quick=True)
+    assert [name for name, _ in calls["train"][4:]] == ["train_unet"]  # the VQ preset is unchanged
