@@ -386,7 +386,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "train_steps": train.get("train_steps"),
         "num_processes": _count(train["num_processes"], "process", "processes")
         if isinstance(train.get("num_processes"), int) else None,
-        "images_per_second": _fmt(train.get("train_images_per_second_this_run")),
+        # none where the run trained no step (finished from its last checkpoint): not "0 images/s"
+        "images_per_second": _fmt(rate) if (rate := train.get("train_images_per_second_this_run")) else None,
         "val_loss": _fmt(train.get("val_loss")) if train.get("val_loss") is not None else None,
         "eval_rows": eval_rows,
         "eval_source": eval_source,

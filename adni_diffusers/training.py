@@ -1219,10 +1219,13 @@ class TrainingRun:
                 rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
                 path.write_text("".join(r + "\n" for r in rows))
 
-    def images_per_second(self, seconds: float) -> float:
+    def images_per_second(self, seconds: float) -> float | None:
         """Images trained per second of this run's wall clock (all processes, accumulation included; the periodic
-        sample grids, logs and checkpoints count as time too: a whole-run rate, not a step rate)."""
+        sample grids, logs and checkpoints count as time too: a whole-run rate, not a step rate). None when this run
+        trained no step (resumed at its last step, to finish the save): there is no rate, not a rate of 0."""
         images = (self.global_step - self.start_step) * self.args.train_batch_size * self.args.gradient_accumulation_steps
+        if images == 0:
+            return None
         return round(images * self.accelerator.num_processes / max(seconds, 1e-9), 2)
 
     def history(self) -> list[dict]:

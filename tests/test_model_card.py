@@ -505,6 +505,10 @@ def test_the_training_section_counts_steps_processes_and_throughput(ldm):
     _edit_json(ldm / "train_metrics.json", num_processes=1)
     text = render_model_card(ldm)
     assert "on 1 process (" in text and "1 layer per block" in text  # the tiny UNet: layers_per_block 1
+    # a run finished from its last checkpoint trained no step: no rate, not "(0 images/s)"
+    for no_rate in (None, 0.0):
+        _edit_json(ldm / "train_metrics.json", train_images_per_second_this_run=no_rate)
+        assert "trained for 40 optimizer steps on 1 process on the" in render_model_card(ldm)
 
 
 def test_a_vq_folder_without_training_data_takes_its_source_from_metrics(vq):

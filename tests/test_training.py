@@ -208,6 +208,8 @@ def test_images_per_second_counts_only_the_steps_trained_in_this_run():
     run.args = SimpleNamespace(train_batch_size=4, gradient_accumulation_steps=2)
     run.accelerator = SimpleNamespace(num_processes=2)
     assert run.images_per_second(2.0) == 32.0
+    run.start_step = 10  # resumed at its last step to finish the save: no rate (the card said "0 images/s")
+    assert run.images_per_second(2.0) is None
 
 
 def test_save_run_info_never_writes_a_hub_token(tmp_path):
