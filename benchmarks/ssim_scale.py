@@ -21,6 +21,7 @@ from torchmetrics.functional.image import (
 
 from adni_diffusers import metrics
 from adni_diffusers.data import load_slices
+from adni_diffusers.training import split_seed
 from adni_diffusers.vq_eval import _loader
 
 
@@ -40,8 +41,9 @@ def measure(folder: Path) -> dict:
 
     args = json.loads((folder / "training_args.json").read_text())
     record = json.loads((folder / "training_data.json").read_text())
-    data = load_slices(record["root"], split=args["split"], val_fraction=args["val_fraction"], seed=args["seed"],
-                       preprocess=args["preprocess"])
+    # the held-out patients training drew (--split_seed, else --seed), so the numbers match metrics.json
+    data = load_slices(record["root"], split=args["split"], val_fraction=args["val_fraction"],
+                       seed=split_seed(args, default=0), preprocess=args["preprocess"])
     held_out = data.val if len(data.val) else data.train
     vq = VQModel.from_pretrained(folder / "vqvae").eval()
     rows = {"old": {"ssim": [], "ms_ssim": []}, "new": {"ssim": [], "ms_ssim": []}}

@@ -433,3 +433,22 @@ def test_ssim_scale_reproduces_the_vq_metrics_and_the_old_scale(tiny_vq, tmp_pat
     assert result["images"] == saved["eval_images"]
     assert abs(new["ssim"] - saved["ssim"]) < 1e-5 and abs(new["ms_ssim"] - saved["ms_ssim"]) < 1e-5
     assert abs(old["ssim"] - new["ssim"]) > 1e-4  # the scales do differ on these reconstructions
+
+
+def test_ssim_scale_holds_out_the_patients_of_the_split_seed(tiny_vq, tmp_path):
+    """A VQModel trained with --split_seed other than --seed: ssim_scale drew its held-out patients with --seed, so
+    it measured training patients and its numbers were not the model's metrics.json."""
+    import shutil
+
+    model = tmp_path / "vq"
+    shutil.copytree(tiny_vq, model)
+    args = json.loads((model / "training_args.json").read_text())
+    args.update(split_seed=args["seed"], seed=args["seed"] + 3)  # the same held-out patients, another --seed
+    (model / "training_args.json").write_text(json.dumps(args))
+    out = tmp_path / "scale.json"
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ssim_scale.py"), str(model), "--out",
+                          str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    [result] = json.loads(out.read_text())
+    saved = json.loads((model / "metrics.json").read_text())
+    assert abs(result["[0, 1], data_range 1"]["ssim"] - saved["ssim"]) < 1e-5
