@@ -182,18 +182,22 @@ else
 fi
 
 # training steps from the measured rates (compiled rows where compilation worked)
-read -r VQ_STEPS UNET_STEPS < <(python - "$R" "$VQ_SECONDS" "$UNET_SECONDS" "$VQ_BATCH" "$UNET_BATCH" "$MIN_STEPS" <<'EOF'
+# (a VQ_PRESET other than PRESET: its own rate, from bench_vq_candidate.json; base's would overrun VQ_SECONDS)
+VQ_BENCH=bench_vq.json; [ "$VQ_PRESET" != "$PRESET" ] && VQ_BENCH=bench_vq_candidate.json
+read -r VQ_STEPS UNET_STEPS < <(python - "$R" "$VQ_SECONDS" "$UNET_SECONDS" "$VQ_BATCH" "$UNET_BATCH" "$MIN_STEPS" \
+  "$VQ_BENCH" <<'EOF'
 import json, sys
 from pathlib import Path
 r, vq_s, unet_s = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 vq_batch, unet_batch, min_steps = (int(a) for a in sys.argv[4:7])
+vq_bench = sys.argv[7]
 def rate(file, ok, default):
     try:
         rows = [x for x in json.loads((r / file).read_text())[file.split("_")[1].split(".")[0]]["rows"] if "error" not in x]
         return max(x["images_per_s"] for x in rows if ok(x))
     except Exception:
         return default
-vq = rate("bench_vq.json", lambda x: x["batch_size"] == vq_batch and x["variant"] in ("ours", "ours + compile"), 150.0)
+vq = rate(vq_bench, lambda x: x["batch_size"] == vq_batch and x["variant"] in ("ours", "ours + compile"), 150.0)
 unet = rate("bench_unet.json", lambda x: x["batch_size"] == unet_batch and x["config"]["data"] == "loader" and x["config"]["ema"] == "package", 2000.0)
 # 0.8: logging, sample grids and data loading that the benchmark's step does not have
 print(max(min_steps, min(10000, int(0.8 * vq_s * vq / vq_batch))),

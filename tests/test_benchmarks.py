@@ -409,6 +409,20 @@ def test_gpu_session_trains_for_the_seconds_the_benchmark_rates_give(smoke, tmp_
     assert f"VQ: {vq_steps} steps of 2; UNet: {unet_steps} steps of 2" in log, log
 
 
+def test_gpu_session_sizes_another_vq_preset_from_its_own_rate(tmp_path):
+    """VQ_PRESET=wide trains the wide first stage: its steps come from its own rows (bench_vq_candidate.json), not
+    from base's (bench_vq.json), whose 1.8x rate made the stage overrun VQ_SECONDS by as much."""
+    run_dir = tmp_path / "plan"
+    run_dir.mkdir()
+    for name, rate in (("bench_vq.json", 480.0), ("bench_vq_candidate.json", 266.0)):  # the H200's base and wide
+        row = {"variant": "ours + compile", "batch_size": 32, "images_per_s": rate, "config": {}}
+        (run_dir / name).write_text(json.dumps({"vq": {"rows": [row]}}))
+    log = _plan(run_dir, VQ_PRESET="wide", SKIP_BENCHMARK="1", VQ_ONLY="1", VQ_SECONDS="180")
+    assert f"VQ: {int(0.8 * 180 * 266.0 / 32)} steps of 32" in log, log
+    log = _plan(tmp_path / "base", SKIP_BENCHMARK="1", VQ_ONLY="1", VQ_SECONDS="180")  # no rows: the default rate
+    assert f"VQ: {int(0.8 * 180 * 150.0 / 32)} steps of 32" in log, log
+
+
 def test_the_plan_check_catches_a_bad_flag(monkeypatch):
     """The check above fails on what it guards against (one case per kind of program)."""
     bad = [["python", "train_unet.py", "--vqmodel", "vq", "--snr_gama", "5"],
