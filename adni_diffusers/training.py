@@ -432,6 +432,26 @@ def split_seed(args, default=None):
     return flags.get("seed", default) if flags.get("split_seed") is None else flags["split_seed"]
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a log written a line at a time. A line a crash or a full disk cut short (half a row, NUL bytes)
+    is skipped with a warning: it made every resume of the run fail, its checkpoints intact."""
+    rows, bad = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip("\x00 \t\r"):
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        logger.warning("%s: skipped %d line(s) that are not whole rows (a write cut short by a crash?)", path, bad)
+    return rows
+
+
 class EpochShuffleSampler(torch.utils.data.Sampler):
     """A fresh permutation each epoch, a pure function of (seed, epoch): resume needs no RNG state."""
 
@@ -1216,8 +1236,10 @@ class TrainingRun:
             files.append(self.output_dir / HISTORY_FILE)
         for path in files:
             if path.exists():
-                rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-                path.write_text("".join(r + "\n" for r in rows))
+                rows = [r for r in read_jsonl(path) if r.get("step", step + 1) <= step]
+                tmp = path.with_name(path.name + ".tmp")  # a crash here leaves the old file, not half of it
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                os.replace(tmp, path)
 
     def images_per_second(self, seconds: float) -> float | None:
         """Images trained per second of this run's wall clock (all processes, accumulation included; the periodic
@@ -1230,7 +1252,7 @@ class TrainingRun:
 
     def history(self) -> list[dict]:
         history = self.output_dir / HISTORY_FILE
-        return [json.loads(line) for line in history.read_text().splitlines() if line] if history.exists() else []
+        return read_jsonl(history) if history.exists() else []
 
     def _check_recompiles(self) -> None:
         """torch.compile compiles again when a step's inputs differ from the probe's in a way its guards see (a

@@ -212,6 +212,23 @@ def test_images_per_second_counts_only_the_steps_trained_in_this_run():
     assert run.images_per_second(2.0) is None
 
 
+def test_a_history_line_cut_short_by_a_crash_does_not_stop_the_resume(tmp_path, caplog):
+    """logs/history.jsonl is appended a line at a time: a crash or a full disk mid-line left half a row (or NUL
+    bytes), and every later resume failed in json.loads, its checkpoints intact."""
+    run = object.__new__(training.TrainingRun)
+    run.output_dir = tmp_path
+    run.accelerator = SimpleNamespace(process_index=0, is_main_process=True)
+    history = tmp_path / training.HISTORY_FILE
+    history.parent.mkdir(parents=True)
+    rows = [{"step": k, "loss": 1.0 / k} for k in (1, 2, 3)]
+    history.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b'{"step": 4, "lo' + b"\x00" * 8)
+    with caplog.at_level("WARNING"):
+        run._truncate_history(2)
+    assert run.history() == rows[:2] and "skipped 1 line(s)" in caplog.text
+    history.write_bytes(history.read_bytes() + b"\x00" * 16 + b"\n" + b'{"step": 3, "loss"')
+    assert run.history() == rows[:2]  # the plot and the card read it too
+
+
 def test_save_run_info_never_writes_a_hub_token(tmp_path):
     """training_args.json is pushed with the model: --hub_token (any flag with "token" in its name) is left out."""
     args = SimpleNamespace(learning_rate=1e-4, hub_token="hf_SecretValue123", hub_model_id="user/model")
