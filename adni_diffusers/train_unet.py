@@ -113,6 +113,11 @@ def find_vqmodel(path: str) -> Path:
         if (candidate / "config.json").is_file():
             config = json.loads((candidate / "config.json").read_text())
             if config.get("_class_name") == "VQModel":
+                if not any(candidate.glob("diffusion_pytorch_model*.safetensors")) and \
+                        not any(candidate.glob("diffusion_pytorch_model*.bin")):
+                    raise TrainingError(f"--vqmodel {path}: {candidate} holds config.json but no weights "
+                                        "(diffusion_pytorch_model.safetensors): its save did not finish. Finish it "
+                                        "with train_vqmodel.py --resume_from_checkpoint latest")
                 return candidate
     raise TrainingError(f"--vqmodel {path}: no VQModel there (expected the output folder of train_vqmodel.py, "
                         "holding vqvae/config.json)")

@@ -9,6 +9,8 @@ assumption holds, and the decoder's own quantiser snaps generated latents back o
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -99,7 +101,7 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
                                                       seed)
     usage = code_usage(vq, _loader(held_out, args.eval_batch_size, args.eval_max_images, seed), device)
 
-    vq.save_pretrained(output_dir / "vqvae")
+    save_atomically(vq, output_dir / "vqvae")
     diff = (recon - x).abs() * 2 - 1  # |error| on the same [-1, 1] scale: black = exact
     save_image_grid(torch.cat([x, recon, diff]), output_dir / "reconstructions.png", nrow=len(x))
     metrics = {
@@ -110,5 +112,21 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
         "class_names": data.class_names,
         **(extra or {}),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    tmp = output_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, output_dir / "metrics.json")
     return metrics
+
+
+def save_atomically(model, folder: Path) -> None:
+    """`model.save_pretrained` into `<folder>.tmp`, then swapped in. diffusers writes config.json before the weights:
+    a save cut short (a full disk) in place left the new scaling factor beside the old weights, a folder that
+    loads and looks finished (a run trained on from a finished one)."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old.tmp")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

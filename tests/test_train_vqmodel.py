@@ -1056,3 +1056,50 @@ def test_reconstruction_grid_restores_training_mode_even_when_the_forward_fails(
     with pytest.raises(RuntimeError, match="out of memory"):
         _log_reconstructions(SimpleNamespace(device="cpu"), vq, torch.zeros(2, 1, 8, 8), 1, "unused")
     assert vq.training
+
+
+# ------------------------------------------------------------------------------------------ resume audit (2026-12-03)
+
+
+def test_a_final_save_cut_short_leaves_the_earlier_model_whole(tiny_vq, tmp_path):
+    """diffusers writes config.json before the weights: a full disk mid-save left the new scaling factor beside the
+    old weights, a folder that loaded and looked finished. The save now goes to vqvae.tmp and is swapped in."""
+    from diffusers import VQModel
+
+    from adni_diffusers.vq_eval import save_atomically
+
+    folder = tmp_path / "vqvae"
+    shutil.copytree(tiny_vq / "vqvae", folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    model = VQModel.from_pretrained(folder)
+    model.register_to_config(scaling_factor=123.0)
+
+    class DiskFull(OSError):
+        pass
+
+    def save_cut_short(directory, **kwargs):  # the config, then no room for the weights
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        model.save_config(directory)
+        raise DiskFull("No space left on device")
+
+    original_save, model.save_pretrained = model.save_pretrained, save_cut_short
+    with pytest.raises(DiskFull):
+        save_atomically(model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    model.save_pretrained = original_save
+    save_atomically(model, folder)  # the next save swaps in whole, and the leftover goes
+    assert VQModel.from_pretrained(folder).config.scaling_factor == 123.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vqvae"]
+
+
+def test_a_vqmodel_folder_without_weights_is_named_as_an_unfinished_save(tiny_vq, tmp_path):
+    """--vqmodel of a run whose final save failed: diffusers asked for diffusion_pytorch_model.bin, a file the
+    package never writes."""
+    from adni_diffusers import train_unet
+    from adni_diffusers.training import TrainingError
+
+    (tmp_path / "vq" / "vqvae").mkdir(parents=True)
+    shutil.copy(tiny_vq / "vqvae" / "config.json", tmp_path / "vq" / "vqvae" / "config.json")
+    with pytest.raises(TrainingError, match="holds config.json but no weights .* its save did not finish"):
+        train_unet.find_vqmodel(str(tmp_path / "vq"))
+    assert train_unet.find_vqmodel(str(tiny_vq)) == tiny_vq / "vqvae"
