@@ -278,6 +278,10 @@ def _card_data(source: str, model_dir, tags: list[str], **extra):
     return ModelCardData(license="other", **_license(source, Path(model_dir)), tags=tags, **extra)
 
 
+DEMO_LICENSE_TEXT = ("# Notice of the training images\n\nThe training images of this model derive from the MNI "
+                     "ICBM152 2009 template (as bundled with nilearn). Its notice:\n\n> " + MNI_NOTICE + "\n")
+
+
 def write_demo_license(output_dir) -> Path | None:
     """A model of the demo set carries the MNI template's notice as LICENSE.md (the card links to it).
 
@@ -286,10 +290,19 @@ def write_demo_license(output_dir) -> Path | None:
     path = Path(output_dir) / LICENSE_FILE
     if path.exists():
         return None
-    path.write_text("# Notice of the training images\n\nThe training images of this model derive from the MNI "
-                    "ICBM152 2009 template (as bundled with nilearn). Its notice:\n\n> " + MNI_NOTICE + "\n",
-                    encoding="utf-8")
+    path.write_text(DEMO_LICENSE_TEXT, encoding="utf-8")
     return path
+
+
+def remove_demo_license(output_dir) -> None:
+    """A model of other data in a folder a demo model had (--overwrite_output_dir): the MNI notice written for
+    that model is not its licence (the card linked it, and a push uploaded it). A LICENSE.md of the user's stays."""
+    path = Path(output_dir) / LICENSE_FILE
+    try:
+        if path.read_text(encoding="utf-8") == DEMO_LICENSE_TEXT:
+            path.unlink()
+    except (OSError, UnicodeDecodeError):
+        pass
 
 
 def _populate(card, tags: list[str]):
@@ -656,6 +669,8 @@ def write_model_card(output_dir, pipe=None, args=None, data_source: str | None =
         return path
     if _data_source(output_dir, data_source) == "demo":
         write_demo_license(output_dir)
+    else:
+        remove_demo_license(output_dir)
     repo_id = getattr(args, "hub_model_id", None) if args is not None else None
     text = render_model_card(output_dir, repo_id=repo_id, data_source=data_source,
                              sample_grid=Path(sample_grid).name if sample_grid else None)

@@ -333,8 +333,11 @@ def main(args: argparse.Namespace) -> dict:
         }
         (Path(args.output_dir) / "train_metrics.json").write_text(json.dumps(result, indent=2))
         vq_metrics = first_stage_metrics_file(vq_dir)  # the first stage's numbers travel with the pipeline
-        if vq_metrics is not None:
-            shutil.copyfile(vq_metrics, Path(args.output_dir) / "first_stage_metrics.json")
+        kept = Path(args.output_dir) / "first_stage_metrics.json"
+        if vq_metrics is None:  # a bare VQModel: no numbers, not those of the VQModel an earlier run here had
+            kept.unlink(missing_ok=True)
+        elif not (kept.exists() and kept.samefile(vq_metrics)):
+            shutil.copyfile(vq_metrics, kept)
         grid = _final_samples(pipe, class_names, args, device)
         from adni_diffusers.model_card import write_model_card
 

@@ -1355,9 +1355,22 @@ def test_the_saved_pipeline_keeps_the_preprocess_it_was_trained_with(tmp_path, t
 
     bare = Path(shutil.copytree(tiny_vq / "vqvae", tmp_path / "bare_vq"))  # no record of its own preprocess
     out = tmp_path / "ldm"
-    run_training_script("train_unet", ["--vqmodel", bare, "--train_data_dir", demo_root, "--output_dir", out,
-                                       "--max_train_steps", "1", "--preprocess", "resize", *TINY_UNET_ARGS])
+    out.mkdir()
+    (out / "first_stage_metrics.json").write_text('{"psnr": 42.42}')  # an earlier run's, of another VQModel
+    common = ["--vqmodel", bare, "--train_data_dir", demo_root, "--output_dir", out, "--preprocess", "resize",
+              *TINY_UNET_ARGS]
+    run_training_script("train_unet", [*common, "--max_train_steps", "1"])
     assert ADNILatentDiffusionPipeline.from_pretrained(out).preprocess == "resize"
+    # A bare VQModel has no numbers: the card showed the earlier VQModel's (PSNR 42.42) as this one's.
+    assert not (out / "first_stage_metrics.json").exists()
+    # Trained on from its last checkpoint, the model that evaluation/ measured is replaced: its numbers reached the
+    # new card and push as the new model's. They are set aside, named by the step of the model they measured.
+    (out / "evaluation").mkdir()
+    (out / "evaluation" / "metrics.json").write_text('{"fd": 37.24}')
+    run_training_script("train_unet", [*common, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert not (out / "evaluation").exists()
+    assert json.loads((out / "evaluation-of-step-1" / "metrics.json").read_text()) == {"fd": 37.24}
+    assert "37.24" not in (out / "README.md").read_text()
 
 
 def test_periodic_sample_grids_show_every_class_in_turn():
