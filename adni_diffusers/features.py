@@ -473,6 +473,9 @@ def save_feature_net(net: FeatureNet, directory: str | os.PathLike, meta: dict |
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    from .pipeline_adni_ldm import share_like_other_files
+
+    share_like_other_files([directory / WEIGHTS_NAME])
     config = {
         "_class_name": "FeatureNet",
         "_module": __name__,

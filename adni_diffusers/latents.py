@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data import SliceSet, hash_array, to_model_input
-from .pipeline_adni_ldm import encode_slices
+from .pipeline_adni_ldm import encode_slices, share_like_other_files
 from .training import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
         save_file({"latents": latents.contiguous(), "labels": slices.labels.contiguous()}, tmp,
                   metadata={"key": key, "count": str(len(latents)),
                             "scaling_factor": json.dumps(vq.config.scaling_factor)})
+        share_like_other_files([tmp])  # mkstemp's 0600: a labmate training on the same VQModel reads it too
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

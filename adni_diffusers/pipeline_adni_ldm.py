@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -300,6 +301,17 @@ def grey_pixels(arr: np.ndarray, mode: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # The pipeline
 # ------------------------------------------------------------------------------------------------
+
+
+def share_like_other_files(paths) -> None:
+    """safetensors 0.8 writes through a temporary file, created owner-only (0600) whatever the umask
+    (safetensors issue 782): a labmate could read config.json but not the weights beside it. Give each weights
+    file the mode an ordinary new file gets (0644 under umask 022; a 077 umask keeps 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        if os.name == "posix" and (os.stat(path).st_mode & 0o777) == 0o600:
+            os.chmod(path, 0o666 & ~umask)
 
 
 class ADNILatentDiffusionPipeline(DiffusionPipeline):
@@ -656,6 +668,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 config = json.loads(config_path.read_text())
                 if config.pop("_name_or_path", None) is not None:
                     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        share_like_other_files(p for name in self.components for p in (save_directory / name).glob("*.safetensors"))
         if push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 

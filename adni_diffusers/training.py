@@ -763,6 +763,8 @@ def save_checkpoint(accelerator, output_dir, step: int, extra_state: dict, total
     """Write `checkpoint-<step>` atomically: everything goes to a temp folder that is renamed when complete."""
     from safetensors.torch import save_file
 
+    from .pipeline_adni_ldm import share_like_other_files
+
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -777,6 +779,7 @@ def save_checkpoint(accelerator, output_dir, step: int, extra_state: dict, total
             save_file(tensors, str(tmp / "training_state.safetensors"))
         meta = {"step": step, **extra_state.get("meta", {})}
         (tmp / "training_state.json").write_text(json.dumps(meta, indent=2))
+        share_like_other_files(tmp.rglob("*.safetensors"))
         _fsync_tree(tmp)
         aside = output_dir / f"checkpoint-{step}.old.tmp"  # a .tmp: removed at the next start if a crash leaves it
         if final.exists():  # this step again (resumed from an earlier checkpoint): out of the way in one rename, so

@@ -126,6 +126,9 @@ def save_atomically(model, folder: Path) -> None:
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp)
+    from .pipeline_adni_ldm import share_like_other_files
+
+    share_like_other_files(tmp.glob("*.safetensors"))
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)

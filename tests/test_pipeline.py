@@ -1164,3 +1164,27 @@ def test_more_steps_than_training_timesteps_are_refused_for_every_scheduler(pipe
             pipe(num_inference_steps=1001, output_type="latent")
     finally:
         pipe.scheduler = original
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_saved_weights_are_readable_like_the_configs_beside_them(pipe, tmp_path, tiny_ldm, tiny_vq):
+    """safetensors 0.8 writes owner-only (0600) files whatever the umask (safetensors issue 782): a labmate could
+    read a shared model's config.json but not its weights, nor the checkpoints or the latent cache."""
+    from adni_diffusers.features import FeatureNet, save_feature_net
+
+    old = os.umask(0o022)
+    try:
+        pipe.save_pretrained(tmp_path / "saved")
+        save_feature_net(FeatureNet(num_classes=2), tmp_path / "net")
+        made_here = [*(tmp_path / "saved").rglob("*.safetensors"), *(tmp_path / "net").rglob("*.safetensors")]
+        assert len(made_here) == 3 and {oct(p.stat().st_mode & 0o777) for p in made_here} == {"0o644"}
+        os.umask(0o077)  # a private umask stays private
+        pipe.save_pretrained(tmp_path / "private")
+        assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "private").rglob("*.safetensors")} == {"0o600"}
+    finally:
+        os.umask(old)
+    # what the training scripts wrote under the session's umask: models, checkpoints, latent cache
+    trained = [*tiny_ldm.rglob("*.safetensors"), *tiny_vq.rglob("*.safetensors")]
+    kinds = {p.relative_to(p.parents[1]).parts[0].split("-")[0] for p in trained}
+    assert {"unet", "vqvae", "checkpoint", "latent_cache"} <= kinds, kinds
+    assert {oct(p.stat().st_mode & 0o777) for p in trained} == {oct(0o666 & ~old)}
