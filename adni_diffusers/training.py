@@ -5,8 +5,8 @@ The scripts (`train_vqmodel.py`, `train_unet.py`) keep only their stage's model 
 
 - `add_training_arguments`: the flags every diffusers training example has, named the same way.
 - `setup`: an `Accelerator`, the world-size guard, seeds, the output-folder check.
-- `TrainingRun`: epochs, resume, progress bar, logging, checkpoints, EMA and the NaN guard
-  around a loop the script writes itself.
+- `TrainingRun`: epochs, resume, progress bar, logging, checkpoints, EMA, the NaN guard and a checkpoint on
+  SIGTERM / SIGUSR1 (a cluster's time limit) around a loop the script writes itself.
 
 Resuming is exact: each epoch's data order is a pure function of (seed, epoch), and every random
 draw of a step comes from `run.step_generator()`, a pure function of (seed, step, process).
@@ -23,6 +23,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,27 @@ CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # their rate after wa
 
 class TrainingError(RuntimeError):
     """A problem with the flags, the data or the run, stated so a user can act on it."""
+
+
+# what a scheduler sends before it kills a job (SLURM: SIGTERM at the time limit, `--signal=USR1@120` earlier)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class TrainingStopped(Exception):
+    """A stop signal reached a process: every process agreed on a step, checkpointed it and stopped."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name if signum else "a stop signal (on another process)"
+        super().__init__(f"stopped by {name} at step {step}; {checkpoint} is written: go on from it with "
+                         "--resume_from_checkpoint latest")
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers get a scheduler's SIGTERM too (it signals every process of the job): they would die, and the
+    main process's next batch fail before it could checkpoint. It stops them itself."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------------- flags
@@ -504,6 +527,7 @@ def make_dataloader(dataset, args, accelerator):
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available() and on_host,
         persistent_workers=args.dataloader_num_workers > 0,
+        worker_init_fn=_ignore_stop_signals if args.dataloader_num_workers > 0 else None,
     )
     return loader, sampler
 
@@ -1019,6 +1043,8 @@ class TrainingRun:
         self._micro = self._batches_since_step = 0
         self._weight = 1.0  # this micro-batch's loss weight (`backward`)
         self._last_good_checkpoint: Path | None = None
+        self._signalled = 0  # the stop signal this process received, if any
+        self._stop_agreed = False  # every process knows that one of them received it (at a log flush)
         self.progress = None
         self.start_time = time.time()
         self._graphs_at_start = compiled_graph_count()  # after maybe_compile's probe: training should add none
@@ -1108,6 +1134,9 @@ class TrainingRun:
             total=self.max_train_steps, initial=self.global_step, desc=f"{self.stage} steps",
             disable=not acc.is_local_main_process, dynamic_ncols=True,
         )
+        # a stop signal is noted, not obeyed at once: the processes agree on a step, checkpoint it and stop
+        catch = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS} if catch else {}
         try:
             for epoch in range(self.first_epoch, self.num_epochs):
                 self.epoch = epoch
@@ -1131,8 +1160,13 @@ class TrainingRun:
                 if self.global_step >= self.max_train_steps:
                     break
         finally:  # training is over (or failed): its data workers are not needed
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             stop_loader_workers(self.loader)
             self.progress.close()
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self._signalled = signum
 
     def clip_gradients(self, parameters) -> dict[str, torch.Tensor]:
         """`accelerator.clip_grad_norm_` (call on an optimizer step); returns {"grad_norm": the norm before clipping}
@@ -1183,8 +1217,12 @@ class TrainingRun:
             self.flush_logs()
         # and at the last step: a failure in the final evaluation or save loses no training, and a finished run
         # can be trained on (--resume_from_checkpoint latest with a larger --max_train_steps)
-        if self.global_step % self.args.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
+        saved = self.global_step % self.args.checkpointing_steps == 0 or self.global_step == self.max_train_steps
+        if saved:
             self.checkpoint()
+        if self._stop_agreed:  # a stop signal: this step's checkpoint, then out (run_cli says where to go on)
+            path = self._last_good_checkpoint if saved else self.checkpoint()
+            raise TrainingStopped(self._signalled, self.global_step, path)
 
     def _write_trace(self, step_logs: dict) -> None:
         """--trace_batches (for tests and debugging; a host sync per step): this process's batch indices, its
@@ -1207,9 +1245,13 @@ class TrainingRun:
         stacked = _stack_per_key(self._pending, self.accelerator.device)
         self._pending = []
         # each key's mean here, then the mean over every process (each saw its own shard) in one all-reduce, so
-        # every process sees the same NaN/inf; a NaN or inf in any step's value makes its mean non-finite
-        local_means = torch.stack([v.float().mean() for v in stacked.values()])
-        means = dict(zip(stacked, self.accelerator.reduce(local_means, reduction="mean").tolist()))
+        # every process sees the same NaN/inf; a NaN or inf in any step's value makes its mean non-finite. The
+        # last entry: whether this process got a stop signal (nonzero on any process: every process stops here)
+        local_means = torch.stack([v.float().mean() for v in stacked.values()]
+                                  + [torch.tensor(float(bool(self._signalled)), device=self.accelerator.device)])
+        *values, stop = self.accelerator.reduce(local_means, reduction="mean").tolist()
+        self._stop_agreed = self._stop_agreed or stop > 0
+        means = dict(zip(stacked, values))
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
             where = self._last_good_checkpoint or "no checkpoint yet"
@@ -1369,6 +1411,10 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
     except TrainingError as e:
         print(f"{script}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{script}: {e}", file=sys.stderr)
+        return 128 + (e.signum or signal.SIGTERM)  # as if the signal had ended it, for a job scheduler's records
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:  # every process gets the Ctrl-C; one line is enough
             checkpoints = list_checkpoints(args.output_dir) if args is not None else []

@@ -199,3 +199,28 @@ def test_a_clean_failure_of_the_main_process_is_not_a_traceback_on_the_others(tm
     assert proc.returncode != 0
     assert "fail_on_main.py: error: push failed: no network" in proc.stderr
     assert "[rank1]: Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_stop_signal_to_one_process_stops_both_at_one_checkpointed_step(tmp_path, demo_root, tiny_vq):
+    """A scheduler's SIGTERM may reach the processes at different moments, or (here) one of them only: they agree
+    at the next log flush, both checkpoint that step and stop. Data workers ignore it (they would die first)."""
+    out = tmp_path / "out"
+    script = tmp_path / "signalled_train_unet.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from adni_diffusers import train_unet, training\n"
+        "original = training.TrainingRun.end_step\n"
+        "def end_step(self, logs):\n"
+        "    if self.global_step == 2 and self.accelerator.process_index == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    original(self, logs)\n"
+        "training.TrainingRun.end_step = end_step\n"
+        "sys.exit(train_unet.cli())\n")
+    proc = launch(script, ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out, *TINY_UNET_ARGS,
+                           "--train_batch_size", "2", "--max_train_steps", "6", "--checkpointing_steps", "100",
+                           "--dataloader_num_workers", "1", "--trace_batches", "--latent_cache_dir", tmp_path / "cache"])
+    assert proc.returncode != 0
+    assert f"stopped by a stop signal (on another process) at step 4; {out / 'checkpoint-4'} is written" in \
+        proc.stderr, proc.stderr[-3000:]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"] and not (out / "model_index.json").exists()
+    assert [[row["step"] for row in rank] for rank in read_traces(out)] == [[1, 2, 3, 4]] * 2

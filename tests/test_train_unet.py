@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -1443,3 +1444,51 @@ def test_loss_type_selects_mse_or_smooth_l1(loss_type, expected):
     loss = diffusion_loss(zeros, make_noise_scheduler(), torch.zeros(2, 4, 8, 8), None, None, loss_type=loss_type,
                           noise=noise, t=torch.tensor([1, 500]))
     assert float(loss) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------ stop signals (2026-12-03)
+
+
+def test_a_stop_signal_checkpoints_the_agreed_step_and_the_resume_goes_on(tmp_path, tiny_vq, demo_root, monkeypatch,
+                                                                          capsys):
+    """SIGTERM (a cluster's time limit; SLURM's --signal=USR1@N earlier) killed the run and lost the steps since the
+    last --checkpointing_steps. Now it is noted, the run goes on to the next log flush (where processes agree),
+    checkpoints that step and stops with 128 + the signal; the resume ends with the uninterrupted run's weights."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from adni_diffusers import train_unet, training
+
+    common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, *TINY_UNET_ARGS, "--max_train_steps", "6",
+              "--checkpointing_steps", "100", "--save_images_epochs", "100", "--latent_cache_dir", tmp_path / "cache"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_training_script("train_unet", ["--output_dir", straight, *common])
+    original = training.TrainingRun.end_step
+
+    def end_step(self, logs):
+        if self.global_step == 2:  # during step 3: the flush at step 4 (--logging_steps 2) is where it stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self, logs)
+
+    def not_caught(signum, frame):  # the run's own handler must take it (and a regression not end pytest)
+        raise AssertionError("the training run did not catch SIGTERM")
+
+    monkeypatch.setattr(training.TrainingRun, "end_step", end_step)
+    before = signal.signal(signal.SIGTERM, not_caught)
+    reset_accelerate()
+    try:
+        rc = train_unet.cli([str(a) for a in ["--output_dir", stopped, *common]])
+        assert signal.getsignal(signal.SIGTERM) is not_caught  # given back: the handler is the run's only
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        reset_accelerate()
+    assert rc == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert f"stopped by SIGTERM at step 4; {stopped / 'checkpoint-4'} is written" in err, err
+    assert [c.name for c in training.list_checkpoints(stopped)] == ["checkpoint-4"]
+    assert not (stopped / "model_index.json").exists()
+    monkeypatch.undo()
+    run_training_script("train_unet", ["--output_dir", stopped, "--resume_from_checkpoint", "latest", *common])
+    a, b = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors")) for d in (straight, stopped))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
