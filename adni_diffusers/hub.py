@@ -235,21 +235,30 @@ def report_without_pictures(report: str, withheld: list[str]) -> str:
     return report
 
 
-# absolute (/, ~, C:\), or relative with a way up or out (../alice/ADNI names a home folder as well as /home/alice)
-_LOCAL_PATH = r"(?:/|~|[A-Za-z]:[\\/]|\.\.?[\\/])"
+# absolute (/, ~, C:\, \\server\share), or relative with a way up or out (../alice/ADNI names a home folder as well
+# as /home/alice)
+_LOCAL_PATH = r"(?:/|~|\\\\|[A-Za-z]:[\\/]|\.\.?[\\/])"
+# flags and record fields that only ever hold local folders: cut in any form (alice/ADNI, run from /home, too)
+_LOCAL_PATH_FIELDS = {"train_data_dir", "output_dir", "vqmodel", "logging_dir", "latent_cache_dir",
+                      "resume_from_checkpoint", "root", "data_dir"}
 
 
 def without_local_paths(record):
-    """A JSON record as pushed: every local path (absolute, or relative from ./ or ../: the data folder, the
-    output folder, the VQModel's) cut to `<local>/<its last part>`. The card never shows where the data lies on
+    """A JSON record as pushed: every local path (absolute, relative from ./ or ../, and any path in a field that
+    only holds local folders: the data folder, the output folder, the VQModel's) cut to `<local>/<its last part>`. The card never shows where the data lies on
     your machine; nor do the records."""
     if isinstance(record, dict):
-        return {k: without_local_paths(v) for k, v in record.items()}
+        return {k: _cut(v) if k in _LOCAL_PATH_FIELDS and isinstance(v, str) and re.search(r"[\\/]", v)
+                else without_local_paths(v) for k, v in record.items()}
     if isinstance(record, list):
         return [without_local_paths(v) for v in record]
     if isinstance(record, str) and re.match(_LOCAL_PATH, record):
-        return "<local>/" + re.split(r"[\\/]", record.rstrip("/\\"))[-1]
+        return _cut(record)
     return record
+
+
+def _cut(path: str) -> str:
+    return "<local>/" + re.split(r"[\\/]", path.rstrip("/\\"))[-1]
 
 
 def text_without_local_paths(text: str) -> str:

@@ -449,7 +449,7 @@ def test_pushed_records_hold_no_local_paths(hub_stub, tmp_path):
     assert json.loads(pushed["vqvae/config.json"]) == {"latent_channels": 4, "note": "/not/a/key/we/own"}
     assert pushed["unet/config.json"] == MODEL_FILES["unet/config.json"]
     assert json.loads(pushed["training_args.json"]) == {**args, "train_data_dir": "<local>/AD_NC",
-                                                         "output_dir": "<local>/ldm",
+                                                         "output_dir": "<local>/ldm", "vqmodel": "<local>/vqvae",
                                                          "argv": ["--train_data_dir", "<local>/AD_NC"]}
     assert json.loads(pushed["training_data.json"])["root"] == "<local>/AD_NC"
     assert json.loads(pushed["evaluation/metrics.json"]) == {"data": "<local>/AD_NC", "fd": 1.5}
@@ -494,14 +494,22 @@ def test_records_lose_home_relative_and_windows_paths_too():
         "vqmodel": "<local>/vqvae", "train_data_dir": "<local>/AD_NC", "output_dir": "<local>/ldm",
         "latent_cache_dir": "cache", "seed": 0, "argv": ["<local>/AD_NC"]}
     assert hub.text_without_local_paths("model `~/runs/ldm`, data `D:/ADNI`") == "model `<local>/ldm`, data `<local>/ADNI`"
-    # A way up or out names the machine too (../alice/ADNI is /home/alice/ADNI seen from /home/bob); a plain
-    # relative folder, or a value like "1/2", stays.
+    # A way up or out names the machine too (../alice/ADNI is /home/alice/ADNI seen from /home/bob); a value
+    # like "1/2" stays.
     record = {"train_data_dir": "../alice/ADNI/", "output_dir": "./runs/ldm", "vqmodel": "..\\vq\\vqvae",
               "latent_cache_dir": "runs/cache", "note": "1/2", "dots": "...", "here": "."}
     assert hub.without_local_paths(record) == {
         "train_data_dir": "<local>/ADNI", "output_dir": "<local>/ldm", "vqmodel": "<local>/vqvae",
-        "latent_cache_dir": "runs/cache", "note": "1/2", "dots": "...", "here": "."}
+        "latent_cache_dir": "<local>/cache", "note": "1/2", "dots": "...", "here": "."}
     assert hub.text_without_local_paths("data `../alice/ADNI`, `runs/x`") == "data `<local>/ADNI`, `runs/x`"
+    # A Windows share is absolute too; the flags that only hold local folders are cut in any form (alice/ADNI run
+    # from /home), a bare folder name and "latest" stay.
+    record = {"output_dir": "\\\\labserver\\alice\\runs\\ldm", "train_data_dir": "alice/ADNI",
+              "latent_cache_dir": "cache", "resume_from_checkpoint": "latest", "root": "data\\AD_NC"}
+    assert hub.without_local_paths(record) == {
+        "output_dir": "<local>/ldm", "train_data_dir": "<local>/ADNI", "latent_cache_dir": "cache",
+        "resume_from_checkpoint": "latest", "root": "<local>/AD_NC"}
+    assert hub.text_without_local_paths("`\\\\labserver\\alice\\ldm`") == "`<local>/ldm`"
 
 
 def test_a_demo_models_pictures_are_withheld_only_where_its_evaluation_says_other_data(tmp_path):
