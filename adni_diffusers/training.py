@@ -1082,13 +1082,13 @@ class TrainingRun:
         self._last_good_checkpoint = path
         self._set_aside_newer_checkpoints(step)
         self._truncate_history(step)
-        if step < self.max_train_steps:
-            self._set_aside_evaluation()
+        self._set_aside_evaluation(step)
         logger.info("resumed from %s at step %d (epoch %d)", path, step, self.first_epoch)
 
-    def _set_aside_evaluation(self) -> None:
-        """A resumed run that trains on replaces the model that evaluation/ measured; its numbers reached the new
-        model's card and push as the new model's. The folder is renamed evaluation-of-step-<N>, with a warning."""
+    def _set_aside_evaluation(self, step: int) -> None:
+        """A resumed run replaces the model that evaluation/ measured (it trains on, or it finishes an earlier
+        checkpoint); its numbers reached the new model's card and push as the new model's. The folder is renamed
+        evaluation-of-step-<N>, with a warning. Only the same model finished again keeps it."""
         evaluation = self.output_dir / "evaluation"
         if not (self.accelerator.is_main_process and evaluation.is_dir()):
             return
@@ -1096,12 +1096,14 @@ class TrainingRun:
             steps = int(json.loads((self.output_dir / "train_metrics.json").read_text())["train_steps"])
         except (OSError, ValueError, KeyError, TypeError):
             steps = "earlier"
+        if steps == step == self.max_train_steps:
+            return
         aside, k = self.output_dir / f"evaluation-of-step-{steps}", 1
         while aside.exists():
             k += 1
             aside = self.output_dir / f"evaluation-of-step-{steps}-{k}"
         os.replace(evaluation, aside)
-        logger.warning("%s measured the model of step %s, which this run trains on: moved to %s (run `adni-diffusers "
+        logger.warning("%s measured the model of step %s, which this run replaces: moved to %s (run `adni-diffusers "
                        "evaluate` on the new model)", evaluation, steps, aside.name)
 
     def _set_aside_newer_checkpoints(self, step: int) -> None:

@@ -1372,6 +1372,14 @@ def test_the_saved_pipeline_keeps_the_preprocess_it_was_trained_with(tmp_path, t
     assert not (out / "evaluation").exists()
     assert json.loads((out / "evaluation-of-step-1" / "metrics.json").read_text()) == {"fd": 37.24}
     assert "37.24" not in (out / "README.md").read_text()
+    # the same model finished again keeps its evaluation; an earlier checkpoint finished replaces the model too
+    (out / "evaluation").mkdir()
+    (out / "evaluation" / "metrics.json").write_text('{"fd": 12.5}')
+    run_training_script("train_unet", [*common, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert json.loads((out / "evaluation" / "metrics.json").read_text()) == {"fd": 12.5}
+    run_training_script("train_unet", [*common, "--max_train_steps", "1", "--resume_from_checkpoint",
+                                       out / "checkpoint-1"])
+    assert not (out / "evaluation").exists() and (out / "evaluation-of-step-2" / "metrics.json").is_file()
 
 
 def test_periodic_sample_grids_show_every_class_in_turn():
