@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -132,6 +133,9 @@ def _run_stage(name: str, module: str, folder: Path, product: str, argv: list[st
     if state == "started":  # latest checkpoint, if any (else --overwrite_output_dir starts afresh)
         print(f"resuming the {name} training in {folder} from its last checkpoint (--retrain starts afresh)")
         argv = [*argv, "--resume_from_checkpoint", "latest"]
+    else:  # another recipe's checkpoints go first: a run stopped before training cleared them would resume them
+        for checkpoint in folder.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
     _write_recipe(folder, recipe, finished=False)
     _train(module, argv)
     _write_recipe(folder, recipe, finished=True)

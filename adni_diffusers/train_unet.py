@@ -117,7 +117,8 @@ def find_vqmodel(path: str) -> Path:
                         not any(candidate.glob("diffusion_pytorch_model*.bin")):
                     raise TrainingError(f"--vqmodel {path}: {candidate} holds config.json but no weights "
                                         "(diffusion_pytorch_model.safetensors): its save did not finish. Finish it "
-                                        "with train_vqmodel.py --resume_from_checkpoint latest")
+                                        f"with train_vqmodel.py --output_dir {candidate.parent} "
+                                        "--resume_from_checkpoint latest and its other flags")
                 return candidate
     raise TrainingError(f"--vqmodel {path}: no VQModel there (expected the output folder of train_vqmodel.py, "
                         "holding vqvae/config.json)")

@@ -193,6 +193,13 @@ def test_a_stage_cut_short_after_saving_is_resumed_not_reused(tmp_path, monkeypa
         run_demo(tmp_path / "demo", device="cpu", quick=True, seed=0)
     run_demo(tmp_path / "demo", device="cpu", quick=True, seed=1, retrain=True)  # --retrain never resumes
     assert all("--resume_from_checkpoint" not in argv for _, argv in calls["train"][-2:])
+    # Stopped before training cleared the old recipe's checkpoints: they are not resumed by the new recipe (every
+    # rerun failed with "belongs to another run").
+    (tmp_path / "demo" / "vq" / "checkpoint-2").mkdir()
+    calls["interrupt"] = "train_vqmodel"
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path / "demo", device="cpu", quick=True, seed=2)
+    assert not (tmp_path / "demo" / "vq" / "checkpoint-2").exists()
 
 
 def test_the_same_demo_folder_named_another_way_is_reused(tmp_path, monkeypatch):
