@@ -64,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .training import TrainingStopped
+
     try:
         return int(module.main(args) or 0)
+    except TrainingStopped as e:  # the demo's training got SIGTERM / SIGUSR1: checkpointed, a rerun resumes it
+        print(f"adni-diffusers {name}: {e} (`adni-diffusers {name}` with the same flags does)", file=sys.stderr)
+        return 128 + (e.signum or 15)
     except (ValueError, OSError, RuntimeError) as e:  # DataError, TrainingError, HubError are among these
         print(f"adni-diffusers {name}: error: {e}", file=sys.stderr)
         return 2

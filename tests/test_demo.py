@@ -233,3 +233,20 @@ def test_a_changed_preset_or_a_retrained_vqmodel_trains_again(tmp_path, monkeypa
     monkeypatch.setitem(presets.UNET_PRESETS, "tiny", wider)
     run_demo(tmp_path / "demo", device="cpu", quick=True)
     assert [name for name, _ in calls["train"][4:]] == ["train_unet"]  # the VQ preset is unchanged
+
+
+def test_a_stop_signal_in_a_demo_stage_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """SIGTERM in a training stage of the demo (the stage checkpoints and stops): one line saying that the same
+    command goes on, and the signal's exit status, not a traceback of TrainingStopped."""
+    from adni_diffusers import cli, demo
+    from adni_diffusers.training import TrainingStopped
+
+    _fake_demo(monkeypatch, tmp_path)
+
+    def stopped(module_name, argv):
+        raise TrainingStopped(15, 4, tmp_path / "demo" / "vq" / "checkpoint-4")
+
+    monkeypatch.setattr(demo, "_train", stopped)
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 4" in err and "`adni-diffusers demo` with the same flags does" in err, err
