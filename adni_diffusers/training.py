@@ -1017,6 +1017,9 @@ class TrainingRun:
         run.finish()
     """
 
+    _signalled = 0  # the stop signal this process received, if any
+    _stop_agreed = False  # every process knows that one of them received one (at a log flush)
+
     def __init__(self, args, accelerator, loader, sampler, model, *, optimizer, ema: EMAState | None = None,
                  stage: str, extra_state=None, restore_extra_state=None, stage_flags: tuple[str, ...] = (),
                  identity: dict | None = None, lr_scheduler=None):
@@ -1043,8 +1046,6 @@ class TrainingRun:
         self._micro = self._batches_since_step = 0
         self._weight = 1.0  # this micro-batch's loss weight (`backward`)
         self._last_good_checkpoint: Path | None = None
-        self._signalled = 0  # the stop signal this process received, if any
-        self._stop_agreed = False  # every process knows that one of them received it (at a log flush)
         self.progress = None
         self.start_time = time.time()
         self._graphs_at_start = compiled_graph_count()  # after maybe_compile's probe: training should add none
