@@ -238,9 +238,11 @@ def report_without_pictures(report: str, withheld: list[str]) -> str:
 # absolute (/, ~, C:\, \\server\share), or relative with a way up or out (../alice/ADNI names a home folder as well
 # as /home/alice)
 _LOCAL_PATH = r"(?:/|~|\\\\|[A-Za-z]:[\\/]|\.\.?[\\/])"
-# flags and record fields that only ever hold local folders: cut in any form (alice/ADNI, run from /home, too)
+# flags and record fields that hold local files and folders: cut in any form (alice/ADNI, run from /home, too). A
+# Hub id in "model" (alice/adni-ldm) loses its owner: better than a home folder going up
 _LOCAL_PATH_FIELDS = {"train_data_dir", "output_dir", "vqmodel", "logging_dir", "latent_cache_dir",
-                      "resume_from_checkpoint", "root", "data_dir"}
+                      "resume_from_checkpoint", "root", "data_dir", "model", "data", "path", "folder", "image",
+                      "strip"}
 
 
 def without_local_paths(record):

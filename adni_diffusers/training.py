@@ -97,7 +97,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                         "--output_dir itself or a folder above it is refused)")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
     g.add_argument("--logging_steps", type=int, default=10,
-                   help="log (and check the loss for NaN/inf) every N optimizer steps")
+                   help="log (and check the loss for NaN/inf, and whether a SIGTERM/SIGUSR1 came: then checkpoint "
+                        "and stop) every N optimizer steps")
     g.add_argument("--trace_batches", action="store_true",
                    help="debug data parallelism: each process writes its batch indices and a weight checksum "
                         "per step to <output_dir>/trace/rank-<i>.jsonl")
@@ -1171,6 +1172,11 @@ class TrainingRun:
     def _on_stop_signal(self, signum, frame) -> None:
         self._signalled = signum
 
+    def _agree_on_stop(self) -> None:
+        """Whether any process got a stop signal, agreed by all (one small all-reduce; log flushes do it too)."""
+        flag = torch.tensor(float(bool(self._signalled)), device=self.accelerator.device)
+        self._stop_agreed = self._stop_agreed or self.accelerator.reduce(flag, reduction="mean").item() > 0
+
     def clip_gradients(self, parameters) -> dict[str, torch.Tensor]:
         """`accelerator.clip_grad_norm_` (call on an optimizer step); returns {"grad_norm": the norm before clipping}
         for the step's logs, a device tensor (no sync). Logged, it also arms the NaN guard against an inf or NaN
@@ -1223,6 +1229,7 @@ class TrainingRun:
         saved = self.global_step % self.args.checkpointing_steps == 0 or self.global_step == self.max_train_steps
         if saved:
             self.checkpoint()
+            self._agree_on_stop()  # a signal during the save: stop on this checkpoint, not --logging_steps later
         if self._stop_agreed:  # a stop signal: this step's checkpoint, then out (run_cli says where to go on)
             path = self._last_good_checkpoint if saved else self.checkpoint()
             raise TrainingStopped(self._signalled, self.global_step, path)

@@ -510,6 +510,12 @@ def test_records_lose_home_relative_and_windows_paths_too():
         "output_dir": "<local>/ldm", "train_data_dir": "<local>/ADNI", "latent_cache_dir": "cache",
         "resume_from_checkpoint": "latest", "root": "<local>/AD_NC"}
     assert hub.text_without_local_paths("`\\\\labserver\\alice\\ldm`") == "`<local>/ldm`"
+    # evaluate's and counterfactual's records name the model, data and image folders as given
+    record = {"model": {"path": "alice/ldm", "conditional": True}, "data": "alice/ADNI", "images": [
+        {"image": "scans/x.png", "folder": "out/x", "strip": "out/x/strip.png"}]}
+    assert hub.without_local_paths(record) == {"model": {"path": "<local>/ldm", "conditional": True},
+                                               "data": "<local>/ADNI", "images": [
+        {"image": "<local>/x.png", "folder": "<local>/x", "strip": "<local>/strip.png"}]}
 
 
 def test_a_demo_models_pictures_are_withheld_only_where_its_evaluation_says_other_data(tmp_path):

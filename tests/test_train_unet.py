@@ -1500,3 +1500,38 @@ def test_a_stop_signal_checkpoints_the_agreed_step_and_the_resume_goes_on(tmp_pa
     run_training_script("train_unet", ["--output_dir", stopped, "--resume_from_checkpoint", "latest", *common])
     a, b = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors")) for d in (straight, stopped))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_signal_during_a_checkpoint_save_stops_on_that_checkpoint(tmp_path, tiny_vq, demo_root, monkeypatch,
+                                                                         capsys):
+    """SIGTERM while checkpoint-2 is written, --logging_steps far away: the run stops on checkpoint-2 (it trained on
+    to the next agreement, another checkpoint later, which a launcher's 30 s shutdown may not wait for)."""
+    import signal
+
+    from adni_diffusers import train_unet, training
+
+    original = training.save_checkpoint
+
+    def save_and_signal(accelerator, output_dir, step, *args, **kwargs):
+        path = original(accelerator, output_dir, step, *args, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return path
+
+    def not_caught(signum, frame):
+        raise AssertionError("the training run did not catch SIGUSR1")
+
+    monkeypatch.setattr(training, "save_checkpoint", save_and_signal)
+    before = signal.signal(signal.SIGUSR1, not_caught)
+    reset_accelerate()
+    try:
+        rc = train_unet.cli([str(a) for a in [
+            "--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", tmp_path / "out", *TINY_UNET_ARGS,
+            "--max_train_steps", "8", "--checkpointing_steps", "2", "--logging_steps", "100",
+            "--save_images_epochs", "100", "--latent_cache_dir", tmp_path / "cache"]])
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+        reset_accelerate()
+    assert rc == 128 + signal.SIGUSR1
+    assert "stopped by SIGUSR1 at step 2" in capsys.readouterr().err
+    assert [c.name for c in training.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
