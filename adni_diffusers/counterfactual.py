@@ -399,7 +399,9 @@ def save_strip(result: dict, path, reference: str = "reconstruction", title: str
     cbar.set_label(_diff_label(reference), fontsize=7)
     cbar.ax.tick_params(labelsize=7)
     guidance = result.get("guidance")
-    fig.suptitle(title or (f"Counterfactual toward {target}" + (f" of {result['name']}" if result.get("name") else "")
+    # above the tallest column title (three lines with P(target)): the default height ran over it
+    lines = max(ax.get_title().count("\n") + 1 for ax in axes[0])
+    fig.suptitle(y=max(0.98, 0.94 + 0.027 * lines), t=title or (f"Counterfactual toward {target}" + (f" of {result['name']}" if result.get("name") else "")
                            + (f" (guidance {guidance:g}, {result.get('scheduler', '')} {result.get('steps', '')} steps,"
                               f" seed {result.get('seed')})" if guidance is not None else "")), fontsize=9)
     return save_figure(fig, path, bbox_inches="tight")

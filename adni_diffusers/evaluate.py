@@ -557,7 +557,8 @@ def plot_ablations(rows: list[dict], floor: dict, path: Path) -> Path:
     axes[1].axvline(floor["recall"], color="tab:red", ls=":", lw=1, label="recall floor")
     axes[1].set_xlim(0, 1.02)
     axes[1].set_xlabel(f"precision / recall (k={floor['k']}), higher is better", fontsize=9)
-    axes[1].legend(fontsize=7, loc="lower right")
+    # below the bars: in the corner it covered the last row's precision bar where it meets its floor
+    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)
     axes[0].set_yticks(y, labels, fontsize=8)
     axes[0].invert_yaxis()
     fig.tight_layout()

@@ -71,11 +71,14 @@ def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
-    steps = [r["step"] for r in rows]
+    steps = np.array([r["step"] for r in rows], dtype=float)
     for ax, key in zip(axes.flat, keys):
-        values = [r.get(key, np.nan) for r in rows]
-        ax.plot(steps, values, lw=1.2)
-        if "loss" in key and all(v > 0 for v in values if np.isfinite(v)):
+        values = np.array([r.get(key, np.nan) for r in rows], dtype=float)
+        # each quantity over the rows that have it (restarted_codes comes every --codebook_restart_steps only, and a
+        # short run has one row): a bare line between NaN gaps drew nothing; markers while the points are few
+        finite = np.isfinite(values)
+        ax.plot(steps[finite], values[finite], lw=1.2, marker="o" if finite.sum() <= 50 else None, ms=2.5)
+        if "loss" in key and all(v > 0 for v in values[finite]):
             ax.set_yscale("log")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)

@@ -518,6 +518,29 @@ def test_strip_says_how_much_vq_error_its_shared_scale_cuts(tmp_path, monkeypatc
 
 
 
+@pytest.mark.parametrize("strengths", [(0.4,), (0.2, 0.4, 0.6, 0.8, 1.0)])
+def test_the_strip_title_stands_above_the_column_titles(tmp_path, monkeypatch, strengths):
+    """With P(target) the column titles take three lines, and the figure title ran over them (--classify with the
+    default single strength; every --measure example_strip.png)."""
+    overlaps = []
+
+    def check(fig, path, **kw):
+        renderer = fig.canvas.get_renderer()
+        top = fig._suptitle.get_window_extent(renderer)
+        overlaps.extend(ax.get_title() for ax in fig.axes if ax.get_title()
+                        and ax.title.get_window_extent(renderer).overlaps(top))
+        return Path(path)
+
+    monkeypatch.setattr(C, "save_figure", check)
+    x = torch.zeros((1, 256, 256))
+    result = {"target": "AD", "original": x, "reconstruction": x, "counterfactuals": {s: x - 0.1 for s in strengths},
+              "probabilities": {"original": 0.48, "reconstruction": 0.79, **{s: 0.7 for s in strengths}},
+              "name": "991742_91.jpeg", "guidance": 3.0, "scheduler": "DDIMScheduler", "steps": 4, "seed": 0}
+    C.save_strip(result, tmp_path / "strip.png")
+    assert overlaps == []
+
+
+
 def _captured_maps(monkeypatch) -> dict:
     """The arrays of every titled image panel of the figures counterfactual saves (blue = negative = darker)."""
     maps = {}

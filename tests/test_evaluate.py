@@ -1046,3 +1046,24 @@ def test_the_ablation_row_of_the_main_setting_reuses_the_main_runs_images_of_eve
     for r in rows:
         assert r["fd"] == pytest.approx(off["fd"], rel=1e-5, abs=1e-8), r["label"]
         assert r["class_accuracy"] == off["class_accuracy"], r["label"]
+
+
+def test_the_ablation_legend_covers_no_bar(tmp_path, monkeypatch):
+    """The precision / recall legend sat in the lower right corner, over the last row's precision bar where it
+    meets its floor (the shipped example's w=5 row). It stands below the axes now."""
+    from adni_diffusers import evaluate as ev
+
+    covered = []
+
+    def check(fig, path, **kw):
+        renderer = fig.canvas.get_renderer()
+        legend = fig.axes[1].get_legend().get_window_extent(renderer)
+        covered.extend(bar.get_width() for bar in fig.axes[1].patches
+                       if bar.get_window_extent(renderer).overlaps(legend))
+        return Path(path)
+
+    monkeypatch.setattr(ev, "save_figure", check)
+    metrics = json.loads((Path(__file__).parents[1] / "docs" / "example_model_card" / "evaluation" /
+                          "metrics.json").read_text())["ablations"]
+    ev.plot_ablations(metrics["rows"], metrics["floor"], tmp_path / "ablations.png")
+    assert covered == []

@@ -171,6 +171,30 @@ def test_loss_curves_plot_keys_first_logged_later(tmp_path, monkeypatch):
         plots.grid_columns(0)
 
 
+
+def test_loss_curve_panels_draw_isolated_points(tmp_path, monkeypatch):
+    """A history of one row (a short run) and a value logged every --codebook_restart_steps only (NaN between)
+    drew empty panels: a bare line has nothing to join. Each quantity is drawn over its own rows, with markers."""
+    from adni_diffusers import plots
+
+    drawn = {}
+    save = plots.save_figure
+
+    def spy(fig, path, **kw):
+        for ax in fig.axes:
+            if ax.lines:
+                line = ax.lines[0]
+                drawn[ax.get_title()] = (list(line.get_xdata()), line.get_marker())
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "save_figure", spy)
+    plots.plot_loss_curves([{"step": 2, "time": 1.0, "loss": 0.5}], tmp_path / "one.png")
+    assert drawn["loss"] == ([2.0], "o")
+    rows = [{"step": 10 * k, "loss": 1.0 / k, **({"restarted_codes": 3.0} if k % 5 == 0 else {})} for k in range(1, 21)]
+    plots.plot_loss_curves(rows, tmp_path / "sparse.png")
+    assert drawn["restarted_codes"] == ([50.0, 100.0, 150.0, 200.0], "o")
+
+
 def test_no_images_for_batchnorm_recalibration_keeps_the_training_statistics(data):
     """bn_images=0 (or 1: no batch of two) recomputes nothing; it used to reset every BatchNorm to mean 0, var 1."""
     train, _ = data
