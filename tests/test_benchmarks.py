@@ -434,14 +434,20 @@ def test_the_plan_check_catches_a_bad_flag(monkeypatch):
     assert _argparse_verdict(["python", "benchmarks/offload_check.py", "--model", "m"], monkeypatch) is None
 
 
-def test_ssim_scale_reproduces_the_vq_metrics_and_the_old_scale(tiny_vq, tmp_path):
-    """benchmarks/ssim_scale.py: its new-scale numbers are the VQModel's own metrics.json (same subset, same code),
-    its old-scale ones what metrics.py computed before 2026-12-02 ([-1, 1], data_range 2)."""
+def _ssim_scale(model: Path, tmp_path: Path) -> dict:
+    """benchmarks/ssim_scale.py run on one model folder: its one result row."""
     out = tmp_path / "scale.json"
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ssim_scale.py"), str(tiny_vq), "--out",
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ssim_scale.py"), str(model), "--out",
                           str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     [result] = json.loads(out.read_text())
+    return result
+
+
+def test_ssim_scale_reproduces_the_vq_metrics_and_the_old_scale(tiny_vq, tmp_path):
+    """benchmarks/ssim_scale.py: its new-scale numbers are the VQModel's own metrics.json (same subset, same code),
+    its old-scale ones what metrics.py computed before 2026-12-02 ([-1, 1], data_range 2)."""
+    result = _ssim_scale(tiny_vq, tmp_path)
     saved = json.loads((tiny_vq / "metrics.json").read_text())
     new, old = result["[0, 1], data_range 1"], result["[-1, 1], data_range 2"]
     assert result["images"] == saved["eval_images"]
@@ -459,10 +465,5 @@ def test_ssim_scale_holds_out_the_patients_of_the_split_seed(tiny_vq, tmp_path):
     args = json.loads((model / "training_args.json").read_text())
     args.update(split_seed=args["seed"], seed=args["seed"] + 3)  # the same held-out patients, another --seed
     (model / "training_args.json").write_text(json.dumps(args))
-    out = tmp_path / "scale.json"
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ssim_scale.py"), str(model), "--out",
-                          str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    [result] = json.loads(out.read_text())
     saved = json.loads((model / "metrics.json").read_text())
-    assert abs(result["[0, 1], data_range 1"]["ssim"] - saved["ssim"]) < 1e-5
+    assert abs(_ssim_scale(model, tmp_path)["[0, 1], data_range 1"]["ssim"] - saved["ssim"]) < 1e-5
