@@ -433,7 +433,9 @@ def load_training_data(args, accelerator):
 
     root = data_root(args, accelerator)
     try:
-        with accelerator.main_process_first():  # the main process fills the decode cache; the others read it
+        # the main process builds datasets' file index first (the others read it); every process then decodes the
+        # slices itself (there is no shared cache of decoded pixels: minutes per process at ADNI size)
+        with accelerator.main_process_first():
             data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=split_seed(args),
                                preprocess=args.preprocess)
     except DataError as e:
