@@ -434,7 +434,7 @@ def load_training_data(args, accelerator):
     root = data_root(args, accelerator)
     try:
         # the main process builds datasets' file index first (the others read it); every process then decodes the
-        # slices itself (there is no shared cache of decoded pixels: minutes per process at ADNI size)
+        # slices itself (there is no shared cache of decoded pixels)
         with accelerator.main_process_first():
             data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=split_seed(args),
                                preprocess=args.preprocess)
