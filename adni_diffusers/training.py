@@ -1176,8 +1176,11 @@ class TrainingRun:
 
     def _agree_on_stop(self) -> None:
         """Whether any process got a stop signal, agreed by all (one small all-reduce; log flushes do it too)."""
-        flag = torch.tensor(float(bool(self._signalled)), device=self.accelerator.device)
-        self._stop_agreed = self._stop_agreed or self.accelerator.reduce(flag, reduction="mean").item() > 0
+        self._stop_agreed = self._stop_agreed or self.accelerator.reduce(self._stop_flag(), reduction="mean").item() > 0
+
+    def _stop_flag(self) -> torch.Tensor:
+        """1 where this process got a stop signal, else 0: a device scalar for an all-reduce."""
+        return torch.tensor(float(bool(self._signalled)), device=self.accelerator.device)
 
     def clip_gradients(self, parameters) -> dict[str, torch.Tensor]:
         """`accelerator.clip_grad_norm_` (call on an optimizer step); returns {"grad_norm": the norm before clipping}
@@ -1260,7 +1263,7 @@ class TrainingRun:
         # every process sees the same NaN/inf; a NaN or inf in any step's value makes its mean non-finite. The
         # last entry: whether this process got a stop signal (nonzero on any process: every process stops here)
         local_means = torch.stack([v.float().mean() for v in stacked.values()]
-                                  + [torch.tensor(float(bool(self._signalled)), device=self.accelerator.device)])
+                                  + [self._stop_flag()])
         *values, stop = self.accelerator.reduce(local_means, reduction="mean").tolist()
         self._stop_agreed = self._stop_agreed or stop > 0
         means = dict(zip(stacked, values))
