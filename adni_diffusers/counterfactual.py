@@ -1033,7 +1033,9 @@ def main(args: argparse.Namespace) -> int:
                                        batch_size=batch_size, progress=True)
         for path, folder, result in zip(image_paths[first:], folders[first:], results):
             files = write_counterfactual(result, folder, args.diff_against)
-            entry = {"image": str(path), "folder": str(folder), "strip": files["strip"]}
+            # folder and strip relative to --out: the record stays true when --out moves, and a push keeps them
+            entry = {"image": str(path), "folder": folder.name,
+                     "strip": Path(files["strip"]).relative_to(out).as_posix()}
             if data is not None:  # the model saw this slice in training: say so
                 entry["in_training_split"] = str(path.resolve()) in {str(Path(p).resolve()) for p in data.train.paths}
                 if entry["in_training_split"]:

@@ -241,8 +241,7 @@ _LOCAL_PATH = r"(?:/|~|\\\\|[A-Za-z]:[\\/]|\.\.?[\\/])"
 # flags and record fields that hold local files and folders: cut in any form (alice/ADNI, run from /home, too). A
 # Hub id in "model" (alice/adni-ldm) loses its owner: better than a home folder going up
 _LOCAL_PATH_FIELDS = {"train_data_dir", "output_dir", "vqmodel", "logging_dir", "latent_cache_dir",
-                      "resume_from_checkpoint", "root", "data_dir", "model", "data", "path", "folder", "image",
-                      "strip"}
+                      "resume_from_checkpoint", "root", "data_dir", "model", "data", "path", "image"}
 
 
 def without_local_paths(record):

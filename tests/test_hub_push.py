@@ -512,10 +512,14 @@ def test_records_lose_home_relative_and_windows_paths_too():
     assert hub.text_without_local_paths("`\\\\labserver\\alice\\ldm`") == "`<local>/ldm`"
     # evaluate's and counterfactual's records name the model, data and image folders as given
     record = {"model": {"path": "alice/ldm", "conditional": True}, "data": "alice/ADNI", "images": [
-        {"image": "scans/x.png", "folder": "out/x", "strip": "out/x/strip.png"}]}
+        {"image": "scans/x.png", "folder": "x", "strip": "x/strip.png"},
+        {"image": "/home/alice/y.png", "folder": "/home/alice/out/y", "strip": "/home/alice/out/y/strip.png"}]}
+    # counterfactual's folder and strip are relative to its --out (each strip stays told apart); an absolute one
+    # (an older record) is cut like any other
     assert hub.without_local_paths(record) == {"model": {"path": "<local>/ldm", "conditional": True},
                                                "data": "<local>/ADNI", "images": [
-        {"image": "<local>/x.png", "folder": "<local>/x", "strip": "<local>/strip.png"}]}
+        {"image": "<local>/x.png", "folder": "x", "strip": "x/strip.png"},
+        {"image": "<local>/y.png", "folder": "<local>/y", "strip": "<local>/strip.png"}]}
 
 
 def test_a_demo_models_pictures_are_withheld_only_where_its_evaluation_says_other_data(tmp_path):
