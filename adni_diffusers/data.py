@@ -149,6 +149,16 @@ def hash_array(h, values) -> None:
     h.update(np.ascontiguousarray(values.numpy() if isinstance(values, torch.Tensor) else values))
 
 
+def hash_files(h, folder) -> None:
+    """Feed the names and contents of the files in `folder` (not its subfolders), in name order, to the hash `h`
+    a block at a time: a saved model's identity (its weights and config)."""
+    for f in sorted(p for p in Path(folder).glob("*") if p.is_file()):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+
+
 def fingerprint(slices: SliceSet) -> str:
     """A short hash of the slices' pixels and labels: the same data whatever its folder is called."""
     import hashlib

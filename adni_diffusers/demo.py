@@ -112,12 +112,10 @@ def _write_recipe(folder: Path, recipe: dict, finished: bool) -> None:
 
 def _weights_digest(folder: Path) -> str:
     """The saved model's files (weights and config): a UNet is reused only on the VQModel it was trained on."""
+    from .data import hash_files
+
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.glob("*") if p.is_file()):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+    hash_files(h, folder)
     return h.hexdigest()
 
 

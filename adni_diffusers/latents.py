@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import SliceSet, hash_array, to_model_input
+from .data import SliceSet, hash_array, hash_files, to_model_input
 from .pipeline_adni_ldm import encode_slices, share_like_other_files
 from .training import TrainingError
 
@@ -27,10 +27,7 @@ logger = logging.getLogger(__name__)
 
 def cache_key(vq_dir: Path, slices: SliceSet) -> str:
     h = hashlib.sha256()
-    for f in sorted(Path(vq_dir).glob("*")):
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+    hash_files(h, vq_dir)
     hash_array(h, slices.pixels)
     hash_array(h, slices.labels)
     return h.hexdigest()[:20]
