@@ -151,9 +151,22 @@ def hash_array(h, values) -> None:
 
 def hash_files(h, folder) -> None:
     """Feed the names and contents of the files in `folder` (not its subfolders), in name order, to the hash `h`
-    a block at a time: a saved model's identity (its weights and config)."""
+    a block at a time: a saved model's identity (its weights and config). A config.json that records where its
+    model was loaded from (`_name_or_path`: diffusers writes it into a re-saved copy, e.g. the vqvae/ of a saved
+    pipeline) is hashed without it, so the copy is the same model as its source."""
+    import json
+
     for f in sorted(p for p in Path(folder).glob("*") if p.is_file()):
         h.update(f.name.encode())
+        if f.name == "config.json":
+            try:
+                config = json.loads(f.read_text())
+            except (OSError, ValueError):
+                config = None
+            if isinstance(config, dict) and "_name_or_path" in config:
+                config.pop("_name_or_path")
+                h.update((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())  # as diffusers writes it
+                continue
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)

@@ -1082,6 +1082,26 @@ def test_latent_cache_key_covers_the_vqmodel_config(tiny_vq, demo_root, tmp_path
     assert cache_key(other, train) != cache_key(tiny_vq / "vqvae", train)
 
 
+def test_a_resaved_copy_of_the_vqmodel_keeps_the_latent_cache_key(tiny_vq, demo_root, tmp_path):
+    """diffusers writes where a model was loaded from (`_name_or_path`) into a re-saved copy's config (the vqvae/
+    of a saved pipeline, given as the next run's --vqmodel): the same model, so the same latents, not a second
+    encoding of the whole set. A copy with another config value still gets its own key."""
+    from diffusers import VQModel
+
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.latents import cache_key
+
+    train = load_slices(demo_root, seed=0).train
+    copy = tmp_path / "pipeline" / "vqvae"
+    VQModel.from_pretrained(tiny_vq / "vqvae").save_pretrained(copy)
+    assert "_name_or_path" in json.loads((copy / "config.json").read_text())
+    assert cache_key(copy, train) == cache_key(tiny_vq / "vqvae", train)
+    config = json.loads((copy / "config.json").read_text())
+    config["scaling_factor"] = config["scaling_factor"] * 2
+    (copy / "config.json").write_text(json.dumps(config))
+    assert cache_key(copy, train) != cache_key(tiny_vq / "vqvae", train)
+
+
 def test_a_latent_cache_of_the_wrong_length_is_rebuilt(tiny_vq, demo_root, tmp_path, caplog):
     """A cache file under the right key but holding another number of latents (cut short, or written by hand) is
     not used: the slices are encoded again, one latent each."""
