@@ -670,8 +670,12 @@ def tradeoff_markdown(result: dict) -> str:
         + (f" ({result['patients']} patient{'s' if result['patients'] != 1 else ''})" if result.get("patients") else "")
         + (f", model `{result['model']}`" if result.get("model") else "")
         + f": {st['scheduler']} with {st['steps']} steps (strength s denoises s \u00d7 {st['steps']} of them, rounded "
-        f"half up), guidance {st['guidance']:g}, seed {st['seed']}. Classifier: the evaluation feature net (trained "
-        "on the real training split only)"
+        f"half up), guidance {st['guidance']:g}, seed {st['seed']}. Classifier: "
+        + {False: f"`{clf.get('path')}`, trained on other patients than this model's training split (its held-out "
+                  "accuracy may count slices it was trained on)",
+           None: f"`{clf.get('path')}`, whose record does not say which patients it was trained on"}.get(
+            clf.get("trained_on_model_split", True), "the evaluation feature net (trained on the real training split "
+                                                     "only)")
         + (f", held-out slice accuracy {acc:.3f}" if acc is not None else "") + "."
         + (f" Caveat: {result['shared_patients']} of these patients also have slices in the training split "
            "(--split given: the data's own train/test folders share them)." if result.get("shared_patients") else "")
@@ -943,7 +947,19 @@ def _load_classifier(args, data, device):
         net = load_feature_net(args.classifier, device=device)
         from .features import evaluate_feature_net
 
-        return net, {"path": args.classifier, "val": evaluate_feature_net(net, data.val) if len(data.val) else None}
+        # a net from another model's folder (another --seed or --val_fraction) may have trained on this model's
+        # held-out patients: its held-out accuracy would then be measured on its own training slices
+        trained = (((net.meta.get("report") or {}).get("trained_on")) or {}).get("patients_sha256")
+        same = trained == data.train.summary()["patients_sha256"] if trained else None
+        if not same:
+            logger.warning("--classifier %s was trained on %s: its held-out accuracy may count slices it was "
+                           "trained on", args.classifier, "other patients than this model's training split"
+                           if same is False else "patients its record does not name")
+        try:
+            val = evaluate_feature_net(net, data.val) if len(data.val) else None
+        except ValueError as e:  # classes it does not know
+            raise ValueError(f"--classifier {args.classifier}: {e}") from None
+        return net, {"path": args.classifier, "val": val, "trained_on_model_split": same}
     # The seed and the default recipe `adni-diffusers evaluate` trains it with: the cache is keyed on the data and
     # these settings, so both commands share one net.
     from .evaluate import FEATURE_NET_SEED
@@ -1069,6 +1085,8 @@ def main(args: argparse.Namespace) -> int:
                                   info=info)
         result["classifier"].update({"val_accuracy": val.get("accuracy"),
                                      "val_patient_accuracy": val.get("patient_accuracy"),
+                                     # the default net trains on the model's training split (the cache key says)
+                                     "trained_on_model_split": (report or {}).get("trained_on_model_split", True),
                                      "path": (report or {}).get("path")})
         files = write_tradeoff(result, out, args.diff_against)
         print(tradeoff_markdown(result))

@@ -243,6 +243,18 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
+def net_labels(net_classes: list[str], slices: SliceSet) -> torch.Tensor:
+    """The slices' labels as the net's output columns, matched by class name (by index where either is unnamed)."""
+    data_classes = list(slices.class_names or [])
+    if not data_classes or not net_classes or data_classes == list(net_classes):
+        return slices.labels.cpu()
+    missing = [c for c in data_classes if c not in net_classes]
+    if missing:
+        raise ValueError(f"the feature net knows the classes {list(net_classes)}, not {missing} of the data's "
+                         f"{list(data_classes)}: it cannot be scored on this data")
+    return torch.tensor([list(net_classes).index(c) for c in data_classes])[slices.labels.cpu()]
+
+
 @torch.no_grad()
 def evaluate_feature_net(net: FeatureNet, slices: SliceSet, batch_size: int = 256, device=None) -> dict:
     """Accuracy on a labelled SliceSet (held-out patients): per slice, per class, and per patient
@@ -261,17 +273,17 @@ def evaluate_feature_net(net: FeatureNet, slices: SliceSet, batch_size: int = 25
     finally:  # an error (out of memory) must not leave a net in training stuck in eval mode
         net.train(was_training)
     probs, pos = torch.cat(probs), torch.cat(pos)
-    labels = slices.labels.cpu()
+    names = net.class_names or [str(c) for c in range(net.num_classes)]
+    # the data's labels as the net's columns, by class name: a net of other classes or another order (a 3-class
+    # AD/MCI/NC net given as counterfactual's --classifier) is scored on what it says, not on index coincidence
+    labels = net_labels(net.class_names, slices)
     pred = probs.argmax(1)
     out = {
         "images": len(slices),
         "patients": len(set(slices.patients)),
         "accuracy": float((pred == labels).float().mean()),
     }
-    names = net.class_names or [str(c) for c in range(net.num_classes)]
-    out["accuracy_per_class"] = {
-        names[c]: float((pred[labels == c] == c).float().mean()) for c in labels.unique().tolist() if c < len(names)
-    }
+    out["accuracy_per_class"] = {names[c]: float((pred[labels == c] == c).float().mean()) for c in labels.unique().tolist()}
     by_patient = defaultdict(list)
     for i, p in enumerate(slices.patients):
         by_patient[p].append(i)
@@ -356,8 +368,9 @@ def train_feature_net(
     """
     if len(train) < 2:
         raise ValueError("the feature net needs at least 2 training images")
-    if epochs < 1 or batch_size < 1:  # else an untrained net, cached, would measure every later run
-        raise ValueError(f"the feature net needs epochs >= 1 and batch_size >= 1; got {epochs} and {batch_size}")
+    # else an untrained net, cached, would measure every later run (batches of one row are skipped: BatchNorm)
+    if epochs < 1 or batch_size < 2:
+        raise ValueError(f"the feature net needs epochs >= 1 and batch_size >= 2; got {epochs} and {batch_size}")
     device = _resolve_device(device)
     num_classes = max(len(train.class_names), int(train.labels.max()) + 1)
     positions = slice_positions(train)
@@ -649,6 +662,8 @@ def umap_plot(
     real = torch.as_tensor(real_feats).float().cpu()
     fake = torch.as_tensor(fake_feats).float().cpu()
     allf = torch.cat([real, fake])
+    if len(allf) < 4:  # umap-learn's spectral start fails below that, in scipy's words
+        raise ValueError(f"a UMAP needs at least 4 points; got {len(real)} real and {len(fake)} generated")
     k = max(2, min(n_neighbors, len(allf) - 1))
     dists, idx = knn(allf, allf, k)
     with warnings.catch_warnings():

@@ -357,6 +357,7 @@ def test_cli_measure_uses_held_out_slices_of_the_source_class(tiny_ldm, tmp_path
                  if data.class_names[y] == "NC"}
     assert saved["images"] == 2 and set(saved["slices"]) <= val_names and saved["data"] == record["root"]
     assert saved["settings"]["strengths"] == [0.5] and saved["classifier"]["path"] == str(tmp_path / "net")
+    assert saved["classifier"]["trained_on_model_split"] is None  # a net saved without its training report
     assert (out / "tradeoff.png").is_file() and (out / "mean_difference.png").is_file()
 
 
@@ -777,3 +778,40 @@ def test_the_classifier_is_the_evaluation_net_whatever_the_sampling_seed(tmp_pat
     C._load_classifier(args, SimpleNamespace(train="train", val="val"), "cpu")
     assert captured["seed"] == E.FEATURE_NET_SEED and captured["epochs"] == C.FEATURE_EPOCHS
     assert captured["cache"] == str(tmp_path / "model" / "feature_net")
+
+
+def test_a_given_classifier_trained_on_other_patients_is_said_so(tmp_path, caplog):
+    """--classifier may name a net from another model's folder (another --seed or --val_fraction), trained on this
+    model's held-out patients: its held-out accuracy would be measured on its own training slices. The record and
+    the table say whether the net's training patients are this model's training split (from its saved report)."""
+    from conftest import toy_slices
+
+    data = SimpleNamespace(train=toy_slices(patients=4, seed=0), val=toy_slices(patients=2, seed=1))
+    data.train.class_names = data.val.class_names = ["AD", "NC"]
+    cases = {"same": {"report": {"trained_on": data.train.summary()}},
+             "other": {"report": {"trained_on": data.val.summary()}}, "unrecorded": {}}
+    found = {}
+    for name, meta in cases.items():
+        save_feature_net(random_classifier(), tmp_path / name, meta=meta)
+        args = argparse.Namespace(classifier=str(tmp_path / name))
+        caplog.clear()
+        _, report = C._load_classifier(args, data, "cpu")
+        found[name] = (report["trained_on_model_split"], caplog.text)
+    assert found["same"][0] is True and "trained on" not in found["same"][1]
+    assert found["other"][0] is False and "other patients than this model's training split" in found["other"][1]
+    assert found["unrecorded"][0] is None and "its record does not name" in found["unrecorded"][1]
+    result = {"target": "AD", "source": "NC", "images": 2, "rows": [], "classifier": {"path": "net"},
+              "settings": {"scheduler": "ddim", "steps": 4, "guidance": 2.0, "seed": 0, "csf_border_px": 3}}
+    assert "trained on the real training split only" in C.tradeoff_markdown(result)
+    result["classifier"]["trained_on_model_split"] = False
+    assert "`net`, trained on other patients than this model's training split" in C.tradeoff_markdown(result)
+
+
+def test_a_given_classifier_of_other_classes_is_refused_by_name(tmp_path):
+    from conftest import toy_slices
+
+    data = SimpleNamespace(train=toy_slices(patients=4, seed=0), val=toy_slices(patients=2, seed=1))
+    data.train.class_names = data.val.class_names = ["AD", "MCI"]
+    save_feature_net(random_classifier(), tmp_path / "net")
+    with pytest.raises(ValueError, match=r"--classifier .*net: the feature net knows the classes \['AD', 'NC'\]"):
+        C._load_classifier(argparse.Namespace(classifier=str(tmp_path / "net")), data, "cpu")

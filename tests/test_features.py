@@ -360,3 +360,42 @@ def test_evaluate_feature_net_restores_training_mode_after_an_error(monkeypatch)
     with pytest.raises(RuntimeError, match="out of memory"):
         Fe.evaluate_feature_net(net, toy_slices(2, size=16))
     assert net.training
+
+
+def test_a_net_is_scored_by_class_name_not_by_index(trained, data):
+    """evaluate_feature_net maps the data's labels onto the net's columns by class name: the same net with its
+    columns in the other order (NC, AD), or with a third class, scores the same; data with a class the net does
+    not know is refused, naming both lists (counterfactual --classifier can load any saved net)."""
+    net, _ = trained
+    _, val = data
+    before = Fe.evaluate_feature_net(net, val)
+    assert before["accuracy"] > 0.9  # a score that a mix-up would change
+    swapped = SliceSet(val.pixels, 1 - val.labels, val.patients, val.paths, ["NC", "AD"])
+    after = Fe.evaluate_feature_net(net, swapped)
+    assert after["accuracy"] == before["accuracy"] and after["accuracy_per_class"] == before["accuracy_per_class"]
+    three = SliceSet(val.pixels, val.labels, val.patients, val.paths, ["AD", "NC"])
+    net3 = Fe.FeatureNet(3, widths=net.widths, input_size=net.input_size, class_names=["AD", "MCI", "NC"])
+    with torch.no_grad():  # the trained net's AD and NC columns, and an MCI column that never wins
+        state = net.state_dict()
+        w, b = state["classifier.weight"], state["classifier.bias"]
+        net3.load_state_dict({**state, "classifier.weight": torch.stack([w[0], w[0] * 0, w[1]]),
+                              "classifier.bias": torch.stack([b[0], b[0] * 0 - 1e4, b[1]])})
+    scored = Fe.evaluate_feature_net(net3.eval(), three)
+    assert scored["accuracy"] == before["accuracy"] and set(scored["accuracy_per_class"]) == {"AD", "NC"}
+    with pytest.raises(ValueError, match=r"not \['MCI'\]"):
+        Fe.evaluate_feature_net(net, SliceSet(val.pixels, val.labels, val.patients, val.paths, ["AD", "MCI"]))
+
+
+def test_batches_of_one_are_refused_before_an_untrained_net_is_cached(data):
+    """A batch of one row is skipped (BatchNorm): batch_size 1 would train nothing and cache the untrained net."""
+    train, val = data
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        Fe.train_feature_net(train, val, **{**SETTINGS, "batch_size": 1})
+
+
+def test_a_umap_of_fewer_than_four_points_is_refused_in_words(trained, data, tmp_path):
+    net, _ = trained
+    train, _ = data
+    feats = net.features(train.pixels[:2])
+    with pytest.raises(ValueError, match="at least 4 points; got 2 real and 1 generated"):
+        Fe.umap_plot(feats, train.labels[:2], feats[:1], train.labels[:1], ["AD", "NC"], tmp_path / "umap.png")
