@@ -59,14 +59,19 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
         if len(latents) == len(slices):
             logger.info("latent cache hit: %s (%d latents)", path, len(latents))
             return latents
-    logger.info("encoding %d %s slices into the latent cache %s", len(slices), name, path)
-    latents = encode_all(vq, slices, batch_size, progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     # a temporary file of this writer's own, then an atomic rename: runs that share a VQModel (a sweep, the
-    # ranks of other nodes) may build the same cache at once, and none may read or replace another's half file
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f"{path.stem}.", suffix=".tmp")
+    # ranks of other nodes) may build the same cache at once, and none may read or replace another's half file.
+    # Made before encoding: a read-only folder (a labmate's VQModel) fails now, not after every slice is encoded
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f"{path.stem}.", suffix=".tmp")
+    except OSError as e:
+        raise TrainingError(f"the latent cache folder {cache_dir} cannot be written ({e.strerror or e}); give a "
+                            "writable folder with --latent_cache_dir") from None
     os.close(fd)
     try:
+        logger.info("encoding %d %s slices into the latent cache %s", len(slices), name, path)
+        latents = encode_all(vq, slices, batch_size, progress)
         save_file({"latents": latents.contiguous(), "labels": slices.labels.contiguous()}, tmp,
                   metadata={"key": key, "count": str(len(latents)),
                             "scaling_factor": json.dumps(vq.config.scaling_factor)})

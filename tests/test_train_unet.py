@@ -78,6 +78,26 @@ def test_latent_cache_key_covers_every_pixel(tiny_vq, demo_root):
 
 
 
+def test_an_unwritable_latent_cache_folder_fails_before_any_slice_is_encoded(tiny_vq, demo_root, tmp_path,
+                                                                              monkeypatch):
+    """The default cache folder lies beside a (possibly shared, read-only) VQModel: a folder that cannot be written
+    is named, with --latent_cache_dir, before the encoding (minutes on a big set), not after it."""
+    from diffusers import VQModel
+
+    from adni_diffusers import latents
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.training import TrainingError
+
+    data = load_slices(demo_root, seed=0)
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae")
+    (tmp_path / "a_file").write_text("")  # root can write anywhere; a folder below a file cannot be made by anyone
+    encoded = []
+    monkeypatch.setattr(latents, "encode_all", lambda *a, **k: encoded.append(1))
+    with pytest.raises(TrainingError, match=r"a_file/cache cannot be written .*--latent_cache_dir"):
+        latents.load_or_build(vq, tiny_vq / "vqvae", data.train, tmp_path / "a_file" / "cache", "train")
+    assert not encoded
+
+
 def test_latent_cache_writers_do_not_share_a_temporary_file(tiny_vq, demo_root, tmp_path):
     """Runs sharing a VQModel may build the same cache at once: a writer never takes another's half file
     (here one left at the name every writer used before) for its own, and leaves no file of its own behind."""
