@@ -45,6 +45,16 @@ SPLIT_FOLDERS = ("train", "test", "validation", "val", "valid")
 SPLIT_CHOICES = ("patient", "given", "all")
 # File names like 1003730_85.jpeg: everything before the last "_<digits>" is the patient id.
 PATIENT_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
+# ...unless it holds an ADNI subject id (002_S_0295) or a BIDS subject (sub-ADNI002S0295): slices cut from LONI
+# downloads (ADNI_002_S_0295_MR_..._S13408_I13722_85.jpeg) or BIDS output (sub-..._ses-M06_T1w_85.jpeg) name a
+# scan, and a subject has several (bl, m06, ...). The subject is the patient: none lands on both sides of a split.
+SUBJECT_RE = re.compile(r"(?<![0-9])(?P<adni>[0-9]{3}_S_[0-9]{4})(?![0-9])|(?:^|_)(?P<bids>sub-[A-Za-z0-9]+)")
+
+
+def patient_of(name: str) -> str:
+    """The patient of a file name's patient part: its ADNI or BIDS subject id where it holds one, else itself."""
+    m = SUBJECT_RE.search(name)
+    return (m.group("adni") or m.group("bids")) if m else name
 # How a training run takes slices that `pad` refuses (other tools replace this hint with their own).
 PAD_SIZE_HINT = "use --preprocess resize to resize other sizes"
 _MAX_LISTED = 10
@@ -453,7 +463,12 @@ def load_slices(
                 f"--split patient needs file names <patient>_<slice>.<ext> (e.g. 1003730_85.jpeg); "
                 f"{len(bad)} file(s) have none: {_listing(bad)}. Rename them, or use --split given / all"
             )
-    patients = [m.group("patient") if m else s for m, s in zip(matches, stems)]
+    named = [m.group("patient") if m else s for m, s in zip(matches, stems)]
+    patients = [patient_of(n) for n in named]
+    if len(set(patients)) < len(set(named)):
+        logger.info("the file names hold %d scans of %d subjects (ADNI 002_S_0295 or BIDS sub-<label> ids): "
+                    "patients are subjects, so no subject is on both sides of the split",
+                    len(set(named)), len(set(patients)))
 
     logger.info("decoding %d images from %s", len(paths), root)
     pixels = torch.from_numpy(decode_all(paths, preprocess, num_workers))
@@ -468,6 +483,9 @@ def load_slices(
         train_idx, val_idx = list(range(len(paths))), []
     else:
         train_idx, val_idx = split_by_patient(patients, labels.tolist(), val_fraction, seed)
+    if split != "given" and tree.has_splits:  # pooled: a copy in train/ and test/ would count twice
+        copies = _copies_across_splits(paths, labels, splits, pixels)
+        train_idx, val_idx = [i for i in train_idx if i not in copies], [i for i in val_idx if i not in copies]
     if split != "all":  # asked for a hold-out: say where there is none (the metrics would be on training images)
         _warn_about_missing_hold_out(split, root, tree.class_names, labels, patients, train_idx, val_idx)
     shared = shared_patients([patients[i] for i in train_idx], [patients[i] for i in val_idx])
@@ -543,6 +561,28 @@ def _index_with_datasets(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
         missing = sorted(set(tree.files) - {Path(r[0]) for r in records})
         raise DataError(f"{root}: datasets' imagefolder did not read {len(missing)} image(s): {_listing(missing)}")
     return records
+
+
+def _copies_across_splits(paths: list[Path], labels: torch.Tensor, splits: list[str], pixels: torch.Tensor) -> set:
+    """The slices that repeat one of the same class and name in another split folder (a copy left behind when
+    train/ and test/ were re-split by hand): each would count twice, in training or in the metrics. Pixel-equal
+    copies are returned (to be dropped) with a warning; same-named slices with other pixels are only named."""
+    first, copies, same, differ = {}, set(), [], []
+    for i, (path, label) in enumerate(zip(paths, labels.tolist())):
+        j = first.setdefault((label, path.stem), i)
+        if j != i and splits[j] != splits[i]:
+            if torch.equal(pixels[i], pixels[j]):
+                copies.add(i)
+                same.append(f"{paths[j]} = {path}")
+            else:
+                differ.append(f"{paths[j]} / {path}")
+    if copies:
+        logger.warning("%d slice(s) are in two split folders, pixel for pixel (copies left by a re-split?); each is "
+                       "used once: %s", len(copies), _listing(same))
+    if differ:
+        logger.warning("%d slice name(s) are in two split folders with different pixels (two patients under one "
+                       "id?); both are kept: %s", len(differ), _listing(differ))
+    return copies
 
 
 def split_by_patient(patients: list[str], labels: list[int], val_fraction: float, seed: int):

@@ -202,6 +202,57 @@ def test_patient_split_pools_the_train_and_test_folders(tmp_path):
         assert d.val.patients.count(p) == 2
 
 
+def test_scans_named_with_an_adni_or_bids_subject_id_stay_with_their_subject(tmp_path, caplog):
+    """Slices cut from LONI downloads or BIDS output are named per scan; a subject has several visits. The subject id
+    in the name is the patient: every subject's scans are on one side of the split, whatever the seed."""
+    assert D.patient_of("ADNI_002_S_0295_MR_MPRAGE_br_raw_20060418_S13408_I13722") == "002_S_0295"
+    assert D.patient_of("sub-ADNI002S0295_ses-M06_T1w") == "sub-ADNI002S0295"
+    assert D.patient_of("1003730") == "1003730" and D.patient_of("002_S_0295") == "002_S_0295"
+    assert D.patient_of("x1002_S_02955") == "x1002_S_02955"  # not an id: digits run on
+    root = tmp_path / "ADNI"
+    subjects = [f"{site:03d}_S_{n:04d}" for site, n in ((2, 295), (5, 221), (11, 2), (11, 5), (23, 31), (27, 74))]
+    for k, subject in enumerate(subjects):
+        cls = ("AD", "NC")[k % 2]
+        for visit, image_id in (("20060418", 13722), ("20061102", 28561), ("20070501", 45108)):
+            for sl in (80, 81):
+                name = f"ADNI_{subject}_MR_MPRAGE_br_raw_{visit}_S{image_id + k}_I{image_id + 7 * k}_{sl}.png"
+                write(root / cls / name, slice_pixels(k + sl))
+        write(root / cls / f"sub-ADNI{subject.replace('_', '')}_ses-M12_T1w_80.png", slice_pixels(k))
+    with caplog.at_level(logging.INFO, logger="adni_diffusers.data"):
+        for seed in range(4):
+            d = load_slices(root, val_fraction=0.4, seed=seed)
+            assert set(d.train.patients) | set(d.val.patients) <= set(subjects) | {
+                f"sub-ADNI{s.replace('_', '')}" for s in subjects}
+            assert not set(d.train.patients) & set(d.val.patients)
+            held = {p for p in d.val.patients if "_S_" in p}
+            assert held and all(d.val.patients.count(p) == 6 for p in held)  # 3 scans x 2 slices, all held out
+    assert "hold 24 scans of 12 subjects" in caplog.text
+
+
+def test_a_slice_copied_into_both_split_folders_counts_once_when_they_are_pooled(tmp_path, caplog):
+    """A copy left in test/ after a re-split by hand (same class, name and pixels as one in train/) is used once
+    under --split patient and all, with a warning; a same-named slice with other pixels is kept and named; --split
+    given keeps both (its shared-patient warning says so)."""
+    import shutil
+
+    root = tmp_path / "AD_NC"
+    files = make_tree(root, patients=3, slices=2)
+    copy = root / "test" / "AD" / files[0].name
+    shutil.copy(files[0], copy)
+    other = write(root / "test" / "NC" / files[6].name, slice_pixels(999))  # train/NC's name, other pixels
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        for split in ("patient", "all"):
+            caplog.clear()
+            d = load_slices(root, split=split, val_fraction=0.3)
+            used = d.train.paths + d.val.paths
+            assert len(used) == len(files) + 1 and str(other.resolve()) in used
+            assert sum(Path(p).name == files[0].name for p in used) == 1
+            assert "1 slice(s) are in two split folders, pixel for pixel" in caplog.text and str(copy) in caplog.text
+            assert "1 slice name(s) are in two split folders with different pixels" in caplog.text
+    d = load_slices(root, split="given")
+    assert len(d.train) + len(d.val) == len(files) + 2
+
+
 def test_split_by_patient_directly():
     patients = [f"p{c}{i}" for c in range(2) for i in range(20) for _ in range(3)]
     labels = [c for c in range(2) for i in range(20) for _ in range(3)]
