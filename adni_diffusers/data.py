@@ -320,7 +320,9 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                                 "the data or split folder, or each image, instead")
             nested = [c for c in classes if _list_dir(c)[0]]
             if nested:
-                raise DataError(f"{nested[0]}: class folders must hold images, not further folders")
+                raise DataError(f"{nested[0]}: class folders must hold images, not further folders"
+                                + ("" if has_splits else f" (split folders are named {', '.join(SPLIT_FOLDERS)}; "
+                                   f"{root} has {', '.join(c.name for c in classes)})"))
             class_sets[split] = [c.name for c in classes]
             for c in classes:
                 imgs = [f for f in _list_dir(c)[1] if _is_image(f)]
@@ -373,11 +375,15 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
     `pad` needs 256 wide and at most 256 high (ADNI's 256x240 gets 8 black rows above and below);
     `resize` takes any size and resizes to 256x256, as the seed did (it stretches 240 -> 256).
     """
+    from .pipeline_adni_ldm import upright
+
     try:
         with Image.open(path) as im:
             im.load()
-            mode = im.mode
-            arr = np.asarray(im)
+            shown = upright(im)  # an EXIF rotation (a photo tool's) applied, as viewers and datasets show it
+            rotated = shown is not im
+            mode = shown.mode
+            arr = np.asarray(shown)
     except UnidentifiedImageError:
         return None, "", "not a readable image file"
     except (OSError, SyntaxError, ValueError) as e:
@@ -387,7 +393,8 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
         arr = grey_pixels(arr, mode)
     except ValueError as e:
         return None, "", str(e)
-    note = f"{mode}->L" if mode != "L" else ""
+    notes = ["EXIF-rotated"] if rotated else []
+    notes += [f"{mode}->L"] if mode != "L" else []
 
     h, w = arr.shape
     if preprocess == "pad":
@@ -396,13 +403,15 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
                 f"image is {w} wide x {h} high; expected {IMAGE_SIZE} wide x {ADNI_HEIGHT} high (ADNI) or "
                 f"{IMAGE_SIZE}x{IMAGE_SIZE} ({PAD_SIZE_HINT})"
             )
+        if h not in (ADNI_HEIGHT, IMAGE_SIZE):  # a crop or thumbnail? padded as asked, but counted in the log
+            notes.append(f"padded from {w}x{h} (not {ADNI_HEIGHT} or {IMAGE_SIZE} high)")
         from .pipeline_adni_ldm import pad_to_square  # the one definition, shipped with every model
 
         arr = pad_to_square(arr)
     elif (w, h) != (IMAGE_SIZE, IMAGE_SIZE):
         arr = np.asarray(Image.fromarray(arr).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
-        note = (note + " " if note else "") + f"resized {w}x{h}"
-    return np.ascontiguousarray(arr, dtype=np.uint8), note, None
+        notes.append(f"resized from {w}x{h}")
+    return np.ascontiguousarray(arr, dtype=np.uint8), " ".join(notes), None
 
 
 def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = None) -> np.ndarray:
@@ -416,8 +425,8 @@ def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = Non
                 errors.append(f"{paths[i]}: {err}")
             else:
                 out[i] = arr
-                if note:
-                    notes[note.split(" ")[0] if note.startswith("resized") else note] += 1
+                if note:  # per kind and size: a few odd sizes among many ordinary ones show up
+                    notes[note] += 1
     if errors:
         more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
         raise DataError(f"{len(errors)} unusable image(s):\n  " + "\n  ".join(errors[:_MAX_LISTED]) + more)

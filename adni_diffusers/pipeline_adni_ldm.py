@@ -218,6 +218,7 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> t
     out = []
     for i, im in enumerate(images):
         if isinstance(im, PIL.Image.Image):
+            im = upright(im)
             try:
                 arr = grey_pixels(np.asarray(im), im.mode)
             except ValueError as e:
@@ -294,8 +295,22 @@ def grey_pixels(arr: np.ndarray, mode: str) -> np.ndarray:
     if mode in ("RGBA", "LA") and (arr[..., -1] != 255).any():
         raise ValueError(f"{mode} image with transparency; {expected}")
     if mode != "LA" and not ((arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all()):
+        spread = int(np.ptp(arr[..., :3].astype(np.int16), axis=-1).max())
+        if spread <= 2:  # not colour: a greyscale slice through a lossy codec that has no greyscale (lossy WebP)
+            raise ValueError(f"{mode} image whose channels differ by at most {spread} level{'s' * (spread > 1)} (a "
+                             f"greyscale slice saved lossy, e.g. lossy WebP?); {expected}: save it lossless, or as PNG "
+                             "or JPEG")
         raise ValueError(f"colour {mode} image; {expected}")
     return arr[..., 0]
+
+
+def upright(im: PIL.Image.Image) -> PIL.Image.Image:
+    """The image as viewers (and datasets' Image feature) show it: an EXIF Orientation tag applied."""
+    if im.getexif().get(0x0112, 1) not in (0, 1):
+        import PIL.ImageOps
+
+        return PIL.ImageOps.exif_transpose(im)
+    return im
 
 
 # ------------------------------------------------------------------------------------------------

@@ -144,7 +144,54 @@ def test_resize_stretches_and_accepts_other_sizes_with_a_logged_count(tmp_path, 
     for p in odd:
         assert d.train.pixels[d.train.paths.index(str(p.resolve()))].shape == (256, 256)
     msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any("converted 3 image(s)" in m and "resized" in m for m in msgs), msgs
+    # counted per size: a few odd ones among many ordinary slices show up
+    assert "converted 1 image(s): resized from 256x240" in msgs and "converted 2 image(s): resized from 200x200" in msgs
+
+
+def test_pad_counts_slices_that_are_neither_240_nor_256_high(tmp_path, caplog):
+    """`pad` takes any height up to 256 (black rows added), but a crop or a thumbnail among ADNI's 256x240 slices is
+    counted by size in the log, not padded without a word."""
+    root = tmp_path / "data"
+    write(root / "AD" / "1003730_85.jpeg", slice_pixels(3))
+    write(root / "NC" / "1003731_85.jpeg", slice_pixels(4, h=100))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        d = load_slices(root, split="all")
+    assert len(d.train) == 2
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["converted 1 image(s): padded from 256x100 (not 240 or 256 high)"], msgs
+
+
+def test_an_exif_rotated_slice_is_read_as_viewers_show_it(tmp_path, caplog):
+    """A slice with an EXIF Orientation tag (rotated in a photo tool) is read as every viewer, and datasets' Image
+    feature, shows it: upright, 256 wide x 240 high, not refused as 240 x 256 nor trained upside down. The pipeline
+    reads PIL images the same way."""
+    from adni_diffusers.pipeline_adni_ldm import prepare_slices
+
+    upright = slice_pixels(5)
+    root = tmp_path / "data"
+    plain = write(root / "AD" / "1003730_85.png", upright)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to show": stored as the 240 x 256 image that turns into `upright`
+    rotated = write(root / "NC" / "1003731_85.png", np.rot90(upright, k=1), exif=exif)
+    exif[0x0112] = 3  # 180 degrees
+    flipped = write(root / "NC" / "1003732_85.png", np.rot90(upright, k=2), exif=exif)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        d = load_slices(root, split="all")
+    pixels = {Path(p).name: d.train.pixels[i] for i, p in enumerate(d.train.paths)}
+    assert torch.equal(pixels[rotated.name], pixels[plain.name]) and torch.equal(pixels[flipped.name], pixels[plain.name])
+    assert "converted 2 image(s): EXIF-rotated" in caplog.text
+    with Image.open(rotated) as im:
+        assert torch.equal(prepare_slices(im), prepare_slices(upright))
+
+
+def test_a_lossy_webp_of_a_greyscale_slice_is_refused_as_such_not_as_colour(tmp_path):
+    """WebP has no greyscale mode: a lossy one reads back as RGB whose channels differ by a level. The message says
+    that (and how to save it), not "colour image"."""
+    root = tmp_path / "data"
+    write(root / "AD" / "1003730_85.webp", slice_pixels(3), quality=80)
+    write(root / "NC" / "1003731_85.png", slice_pixels(4))
+    message = data_error(root, split="all")
+    assert "1003730_85.webp" in message and "channels differ by at most" in message and "lossless" in message
 
 
 def test_greyscale_stored_as_rgb_is_converted_with_a_logged_count(tmp_path, caplog):
@@ -730,6 +777,16 @@ def test_a_folder_inside_a_class_folder_is_refused(tmp_path):
     write(root / "train" / "AD" / "more" / "1009999_80.jpeg", slice_pixels(1))
     msg = data_error(root)
     assert "class folders must hold images, not further folders" in msg and "AD" in msg
+    assert "split folders are named" not in msg  # train/ and test/ were found
+
+
+def test_split_folders_of_other_names_are_told_the_names_expected(tmp_path):
+    """A Kaggle-style Training/ and Testing/ pair reads as two class folders holding folders: the message says what
+    split folders are called."""
+    root = tmp_path / "AD_NC"
+    make_tree(root, splits=("Training", "Testing"))
+    msg = data_error(root)
+    assert "split folders are named train, test, validation, val, valid" in msg and "has Testing, Training" in msg
 
 
 def test_given_split_needs_a_train_folder(tmp_path):

@@ -1002,10 +1002,13 @@ def test_float_slices_240_high_are_padded_with_black_rows():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda a: np.stack([a, a, np.where(a > 128, a - 1, a).astype(np.uint8)], -1), "colour RGB image"),
-    (lambda a: np.stack([a, a, np.where(a > 128, a - 1, a).astype(np.uint8), np.full_like(a, 255)], -1),
+    (lambda a: np.stack([a, a, np.where(a > 128, a // 2, a).astype(np.uint8)], -1), "colour RGB image"),
+    (lambda a: np.stack([a, a, np.where(a > 128, a // 2, a).astype(np.uint8), np.full_like(a, 255)], -1),
      "colour RGBA image"),
-], ids=["blue differs", "opaque colour RGBA"])
+    # a level apart (a lossy codec without a grey mode): refused too, and said so
+    (lambda a: np.stack([a, a, np.where(a > 128, a - 1, a).astype(np.uint8)], -1),
+     r"RGB image whose channels differ by at most 1 level \(a greyscale slice saved lossy, e.g. lossy WebP\?\)"),
+], ids=["blue differs", "opaque colour RGBA", "a level apart"])
 def test_prepare_slices_refuses_images_tinted_in_any_channel(make, message):
     """Only grey RGB/RGBA pass as greyscale (their first channel is taken): a blue channel that differs, or colour in
     an opaque RGBA image, would otherwise be read silently as the red channel's slice."""
