@@ -1,6 +1,6 @@
 """`adni-diffusers generate`: sample slices from a saved pipeline (a folder or a Hub repo id).
 
-Writes one PNG per image, a grid, and with `--gif` the seed's animation of the denoising process
+Writes one PNG per image, a grid of the first 64 (GRID_IMAGES), and with `--gif` the seed's animation of the denoising process
 (the decoded x0-prediction every few steps, refinement passes included).
 """
 
@@ -55,6 +55,7 @@ def non_negative_int(text: str) -> int:
 
 # what `generate` writes in --out; an earlier run's copies would read as this run's
 OUTPUTS = ("sample-*.png", "grid.png", "denoising.gif", "generation.json")
+GRID_IMAGES = 64  # grid.png shows the first ones: a grid of 10,000 (an FD-sized set) is unreadable and takes GBs
 
 
 def check_out_folder(out: Path, earlier: list[Path], overwrite: bool) -> None:
@@ -210,7 +211,9 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     if not steps_given:
         steps = default_steps(scheduler, pipe.scheduler.config)
         check_refinement(steps, refine_steps, refine_repeats)
-    label = int(class_label) if isinstance(class_label, str) and class_label.isdigit() else class_label
+    # an index, unless it is a class's name (numeric class folders: CDR 0, 0.5, 1)
+    label = int(class_label) if isinstance(class_label, str) and class_label.isdigit() \
+        and class_label not in (pipe.class_names or []) else class_label
     # what the model can refuse, checked before an earlier run's outputs are removed (--overwrite)
     check_scheduler_steps(scheduler, pipe.scheduler.config, steps)
     try:
@@ -227,7 +230,10 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     remove_outputs(earlier)
     out.mkdir(parents=True, exist_ok=True)
     # what made these images, to make them again
-    settings = {"model": str(model), "class": class_label, "guidance": guidance, "scheduler": scheduler,
+    class_name = None if label is None or not pipe.class_names else \
+        pipe.class_names[label] if isinstance(label, int) else label
+    settings = {"model": str(model), "class": class_label, "class_name": class_name, "guidance": guidance,
+                "scheduler": scheduler,
                 "steps": steps, "refine_steps": refine_steps, "refine_repeats": refine_repeats, "seed": seed,
                 "num_images": num_images, "dtype": dtype, "image_seed": "seed * 1000003 + image index"}
     (out / "generation.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -235,7 +241,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     total_steps = steps + refine_repeats * refine_steps
     # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
     recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16)) if gif else None
-    images = []
+    grid_images, first_batch = [], True
     paths = {"images": []}
     from .data import to_uint8
     from PIL import Image
@@ -243,7 +249,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     with tqdm(total=num_images * total_steps, desc="sampling (image-steps)", unit="img-step") as bar:
         def progress(p, step, t, tensors):
             bar.update(len(tensors["latents"]))
-            if recorder is not None and not images:  # animate the first batch
+            if recorder is not None and first_batch:  # animate the first batch
                 recorder(p, step, t, tensors)
             return {}
 
@@ -255,12 +261,15 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                          generator=generators, refine_steps=refine_steps, refine_repeats=refine_repeats,
                          output_type="pt", callback_on_step_end=progress,
                          callback_on_step_end_tensor_inputs=["latents", "x0_pred"] if gif else ["latents"]).images
-            images.append(batch.cpu() * 2 - 1)
-            for i, im in enumerate(to_uint8(images[-1]), start):  # on disk now: a later crash keeps these
+            batch = batch.cpu() * 2 - 1
+            first_batch = False
+            if start < GRID_IMAGES:  # only the images the grid shows stay in memory
+                grid_images.append(batch[:GRID_IMAGES - start])
+            for i, im in enumerate(to_uint8(batch), start):  # on disk now: a later crash keeps these
                 path = out / f"sample-{i:04d}.png"
                 Image.fromarray(im.numpy(), mode="L").save(path)
                 paths["images"].append(str(path))
-    images = torch.cat(images)
+    images = torch.cat(grid_images)
     paths["grid"] = str(save_image_grid(images, out / "grid.png"))
     paths["settings"] = str(out / "generation.json")
     if recorder is not None:

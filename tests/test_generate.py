@@ -507,3 +507,40 @@ def test_default_ddpm_steps_are_the_models_own_timesteps(tmp_path, monkeypatch):
         out = tmp_path / f"{scheduler}-{timesteps}"
         generate("unused", out, num_images=1, scheduler=scheduler, device="cpu", pipe=pipe)
         assert steps[-1] == expected and json.loads((out / "generation.json").read_text())["steps"] == expected
+
+
+def test_a_numeric_class_name_is_that_class_not_an_index(fresh_pipe, tmp_path):
+    """Class folders may be numbers (CDR 0, 0.5, 1): --class 1 is the class named "1", not the class at index 1;
+    generation.json records the class used. An index still works where no class bears its name."""
+    from pathlib import Path
+
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.generate import generate
+
+    def named_pipe(names):
+        return ADNILatentDiffusionPipeline(fresh_pipe.vqvae, fresh_pipe.unet, fresh_pipe.scheduler, names)
+
+    pipe = named_pipe(["0.5", "1"])
+    kwargs = dict(num_images=1, guidance=2.0, scheduler="ddim", steps=2, seed=0, device="cpu")
+    named = generate("unused", tmp_path / "named", class_label="1", pipe=pipe, **kwargs)
+    by_index = generate("unused", tmp_path / "index", class_label="1", pipe=fresh_pipe, **kwargs)  # AD, NC: index 1
+    indexed_zero = generate("unused", tmp_path / "zero", class_label="0", pipe=pipe, **kwargs)  # no class "0"
+    assert (_pixels(named["images"])[0] == _pixels(by_index["images"])[0]).all()  # both the UNet's label 1
+    assert json.loads(Path(named["settings"]).read_text())["class_name"] == "1"
+    assert json.loads(Path(indexed_zero["settings"]).read_text())["class_name"] == "0.5"
+    assert json.loads(Path(by_index["settings"]).read_text())["class_name"] == "NC"
+    swapped = generate("unused", tmp_path / "swapped", class_label="1", pipe=named_pipe(["1", "0.5"]), **kwargs)  # the UNet's label 0
+    assert (_pixels(swapped["images"])[0] != _pixels(named["images"])[0]).any()
+
+
+def test_the_grid_holds_the_first_64_images_only(fresh_pipe, tmp_path, recorded_calls):
+    """A large set (10,000 for FD) is written image by image; only the first GRID_IMAGES stay in memory for grid.png
+    (all of them took 2.3 MB each, and made an unreadable grid)."""
+    from adni_diffusers.generate import GRID_IMAGES, generate
+
+    paths = generate("unused", tmp_path, num_images=GRID_IMAGES + 7, batch_size=10, seed=0, scheduler="ddim",
+                     steps=1, device="cpu", pipe=fresh_pipe)
+    assert len(paths["images"]) == GRID_IMAGES + 7
+    grid = _png(paths["grid"])
+    assert grid.shape == (2 + 8 * 258, 2 + 8 * 258)  # 64 images: 8 x 8
+    assert np.array_equal(grid[2 + 7 * 258:258 + 7 * 258, 2 + 7 * 258:258 + 7 * 258], _png(paths["images"][63]))
