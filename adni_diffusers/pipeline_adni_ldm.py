@@ -185,9 +185,11 @@ def encode_slices(vqvae: VQModel, pixel_values: torch.Tensor) -> torch.Tensor:
 def decode_latents(vqvae: VQModel, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1], (B, 1, 256, 256), through the codebook (re-quantised)."""
     _onload(vqvae)
-    h = (latents / vqvae.config.scaling_factor).to(device=_model_device(vqvae), dtype=vqvae.dtype)
+    # the nearest codes of the float32 latents: rounded to a bf16 VQModel's dtype first, about 1 in 250 latent
+    # pixels snapped to another code (the codebook rows themselves are exact in its dtype)
+    h = (latents.float() / vqvae.config.scaling_factor).to(device=_model_device(vqvae))
     quant, _ = quantize_latents(vqvae, h)
-    return vqvae.decode(quant, force_not_quantize=True).sample.clamp(-1, 1)
+    return vqvae.decode(quant.to(vqvae.dtype), force_not_quantize=True).sample.clamp(-1, 1)
 
 
 def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> torch.Tensor:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -987,6 +988,27 @@ def test_nearest_codes_are_the_nearest_not_the_most_aligned():
         own_quant, _, (_, _, own_indices) = vq.quantize(h)
     assert torch.equal(indices, own_indices.reshape(-1))
     torch.testing.assert_close(quant, own_quant)
+
+
+def test_a_bf16_vqmodel_snaps_the_float32_latents_not_their_bf16_rounding():
+    """decode in bf16 re-quantises the sampler's float32 latents: 1.009 lies nearer the code 1.015625 than 1.0, but
+    rounded to bf16 first (1.0078125, halfway) it took the code 1.0."""
+    from adni_diffusers.pipeline_adni_ldm import decode_latents
+
+    vq = make_pipe().vqvae.to(torch.bfloat16)
+    channels = vq.config.vq_embed_dim or vq.config.latent_channels
+    with torch.no_grad():
+        vq.quantize.embedding.weight.fill_(100.0)
+        vq.quantize.embedding.weight[0] = 0.0
+        vq.quantize.embedding.weight[1] = 0.0
+        vq.quantize.embedding.weight[0, 0] = 1.0
+        vq.quantize.embedding.weight[1, 0] = 1.015625
+    latents = torch.zeros(1, channels, 4, 4)
+    latents[:, 0] = 1.009 * vq.config.scaling_factor
+    seen = []
+    vq.decode = lambda quant, **kwargs: seen.append(quant) or SimpleNamespace(sample=torch.zeros(1, 1, 32, 32))
+    decode_latents(vq, latents)
+    assert seen[0].dtype == torch.bfloat16 and (seen[0][:, 0] == 1.015625).all()
 
 
 def test_float_slices_240_high_are_padded_with_black_rows():
