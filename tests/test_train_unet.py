@@ -1575,3 +1575,26 @@ def test_a_stop_signal_during_a_checkpoint_save_stops_on_that_checkpoint(tmp_pat
     assert rc == 128 + signal.SIGUSR1
     assert "stopped by SIGUSR1 at step 2" in capsys.readouterr().err
     assert [c.name for c in training.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+
+
+def test_the_noise_scheduler_never_clips_latents(tiny_ldm):
+    """Scaled latents are not bounded to [-1, 1] (about a third of them lie outside): a scheduler made, saved, or
+    turned into DDIM from the saved config must not clip its x0 prediction (given the exact noise, x0 comes back
+    whole; clip_sample=True cut it to [-1, 1] at every step)."""
+    from diffusers import DDPMScheduler
+
+    from adni_diffusers.diffusion import make_noise_scheduler
+    from adni_diffusers.schedulers import make_scheduler
+
+    saved = DDPMScheduler.from_pretrained(tiny_ldm / "scheduler")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = 2 * torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    assert x0.abs().max() > 3
+    for name, scheduler in {"made": make_noise_scheduler(), "saved": saved,
+                            "ddim": make_scheduler("ddim", saved.config)}.items():
+        assert scheduler.config.clip_sample is False, name
+        scheduler.set_timesteps(50)
+        t = scheduler.timesteps[25]
+        x_t = scheduler.add_noise(x0, noise, torch.tensor([int(t)]))
+        predicted = scheduler.step(noise, t, x_t, generator=g).pred_original_sample
+        torch.testing.assert_close(predicted, x0, atol=1e-3, rtol=0, msg=name)

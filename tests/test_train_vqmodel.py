@@ -1103,3 +1103,21 @@ def test_a_vqmodel_folder_without_weights_is_named_as_an_unfinished_save(tiny_vq
     with pytest.raises(TrainingError, match="holds config.json but no weights .* its save did not finish"):
         train_unet.find_vqmodel(str(tmp_path / "vq"))
     assert train_unet.find_vqmodel(str(tiny_vq)) == tiny_vq / "vqvae"
+
+
+def test_held_out_metrics_measure_the_quantised_reconstruction_the_pipeline_makes(tiny_vq, demo_root):
+    """PSNR/SSIM in metrics.json and the card are of the reconstruction the pipeline decodes (through the codebook),
+    not of the decoder's output on unquantised latents, which is better and never used."""
+    from diffusers import VQModel
+
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.pipeline_adni_ldm import decode_latents, encode_slices
+    from adni_diffusers.vq_eval import reconstruct_and_measure
+
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae").eval()
+    _, x, recon = reconstruct_and_measure(vq, load_slices(demo_root).val, "cpu", batch_size=4, limit=4)
+    with torch.no_grad():
+        pipeline = decode_latents(vq, encode_slices(vq, x))
+        unquantised = vq.decode(vq.encode(x).latents, force_not_quantize=True).sample.clamp(-1, 1)
+    torch.testing.assert_close(recon, pipeline, atol=1e-4, rtol=0)  # (x scaling_factor / scaling_factor: rounding)
+    assert (unquantised - pipeline).abs().max() > 1e-2  # the two differ: this test tells them apart

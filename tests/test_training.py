@@ -251,3 +251,56 @@ def test_the_main_process_does_not_hide_a_lost_peer_as_one_line(monkeypatch, cap
     monkeypatch.setenv("RANK", "1")
     assert training.run_cli("train_vqmodel.py", lambda argv: SimpleNamespace(), lost_peer) == 2
     assert "process 1 stopped: another process ended" in capsys.readouterr().err
+
+
+def _run_for_end_step(model, ema=None, max_grad_norm=1.0):
+    """A TrainingRun with only what end_step and clip_gradients read (no data, no checkpoints)."""
+    from accelerate import Accelerator
+
+    run = object.__new__(training.TrainingRun)
+    run.accelerator, run.model, run.ema = Accelerator(cpu=True), model, ema
+    run.progress = SimpleNamespace(set_postfix=lambda *a, **k: None, update=lambda n: None)
+    run.args = SimpleNamespace(logging_steps=1000, checkpointing_steps=1000, trace_batches=False,
+                               max_grad_norm=max_grad_norm)
+    run.global_step, run.start_step, run.max_train_steps = 5, 0, 1000
+    run._pending, run._micro_logs, run._batches_since_step = [], [], 0
+    return run
+
+
+def test_each_optimizer_step_moves_the_ema_toward_the_weights():
+    """--use_ema saves the average, not the weights: end_step must update it at every optimizer step (with none,
+    the saved model would be the untrained start, and every check of "saved == EMA" would still pass)."""
+    model = _TinyModel(2, 2)
+    args = SimpleNamespace(use_ema=True, ema_max_decay=0.9999, ema_inv_gamma=1.0, ema_power=0.75)
+    ema = training.make_ema(model, args, "cpu")
+    run = _run_for_end_step(model, ema)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # an optimizer step
+    run.end_step({"loss": torch.tensor(0.5)})  # diffusers' warm-up: the first step takes the weights whole
+    for shadow, p in zip(ema.ema.shadow_params, model.parameters()):
+        torch.testing.assert_close(shadow, p.detach())
+    start = [p.detach().clone() for p in ema.ema.shadow_params]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    run.end_step({"loss": torch.tensor(0.5)})
+    decay = 1 - (1 + 1 / 1.0) ** -0.75  # the second step: 1 - (1 + 1 / inv_gamma) ** -power
+    assert ema.ema.optimization_step == 2 and run.global_step == 7
+    for before, shadow, p in zip(start, ema.ema.shadow_params, model.parameters()):
+        torch.testing.assert_close(shadow, decay * before + (1 - decay) * p.detach())
+
+
+def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_is_logged():
+    """--max_grad_norm: the step's gradients are scaled to that global norm (a spike would otherwise go into the
+    weights whole); the logged grad_norm is the norm before clipping."""
+    model = _TinyModel(2, 2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    norm_before = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    for p in model.parameters():
+        p.grad.mul_(10 / norm_before)  # global norm 10
+    run = _run_for_end_step(model, max_grad_norm=1.0)
+    logged = run.clip_gradients(model.parameters())
+    assert logged["grad_norm"].item() == pytest.approx(10.0, rel=1e-5)
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item() == pytest.approx(1.0, rel=1e-5)
