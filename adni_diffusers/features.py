@@ -283,7 +283,8 @@ def evaluate_feature_net(net: FeatureNet, slices: SliceSet, batch_size: int = 25
         "patients": len(set(slices.patients)),
         "accuracy": float((pred == labels).float().mean()),
     }
-    out["accuracy_per_class"] = {names[c]: float((pred[labels == c] == c).float().mean()) for c in labels.unique().tolist()}
+    out["accuracy_per_class"] = {names[c]: float((pred[labels == c] == c).float().mean())
+                                 for c in labels.unique().tolist()}
     by_patient = defaultdict(list)
     for i, p in enumerate(slices.patients):
         by_patient[p].append(i)

@@ -1,7 +1,7 @@
 """`adni-diffusers generate`: sample slices from a saved pipeline (a folder or a Hub repo id).
 
-Writes one PNG per image, a grid of the first 64 (GRID_IMAGES), and with `--gif` the seed's animation of the denoising process
-(the decoded x0-prediction every few steps, refinement passes included).
+Writes one PNG per image, a grid of the first 64 (GRID_IMAGES), and with `--gif` the seed's animation of the
+denoising process (the decoded x0-prediction every few steps, refinement passes included).
 """
 
 from __future__ import annotations

@@ -178,7 +178,8 @@ def test_an_exif_rotated_slice_is_read_as_viewers_show_it(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
         d = load_slices(root, split="all")
     pixels = {Path(p).name: d.train.pixels[i] for i, p in enumerate(d.train.paths)}
-    assert torch.equal(pixels[rotated.name], pixels[plain.name]) and torch.equal(pixels[flipped.name], pixels[plain.name])
+    assert torch.equal(pixels[rotated.name], pixels[plain.name])
+    assert torch.equal(pixels[flipped.name], pixels[plain.name])
     assert "converted 2 image(s): EXIF-rotated" in caplog.text
     with Image.open(rotated) as im:
         assert torch.equal(prepare_slices(im), prepare_slices(upright))

@@ -529,7 +529,8 @@ def test_a_numeric_class_name_is_that_class_not_an_index(fresh_pipe, tmp_path):
     assert json.loads(Path(named["settings"]).read_text())["class_name"] == "1"
     assert json.loads(Path(indexed_zero["settings"]).read_text())["class_name"] == "0.5"
     assert json.loads(Path(by_index["settings"]).read_text())["class_name"] == "NC"
-    swapped = generate("unused", tmp_path / "swapped", class_label="1", pipe=named_pipe(["1", "0.5"]), **kwargs)  # the UNet's label 0
+    # "1" is now the UNet's label 0
+    swapped = generate("unused", tmp_path / "swapped", class_label="1", pipe=named_pipe(["1", "0.5"]), **kwargs)
     assert (_pixels(swapped["images"])[0] != _pixels(named["images"])[0]).any()
 
 
