@@ -43,6 +43,9 @@ ADNI_HEIGHT = 240
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLIT_FOLDERS = ("train", "test", "validation", "val", "valid")
 SPLIT_CHOICES = ("patient", "given", "all")
+# subject: an ADNI/BIDS subject id in a name is the patient, and pixel-equal copies in two split folders count once
+# (since 2026-12-03); file: the name's patient part as it is, copies kept (how models from before split their data)
+PATIENT_ID_CHOICES = ("subject", "file")
 # File names like 1003730_85.jpeg: everything before the last "_<digits>" is the patient id.
 PATIENT_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
 # ...unless it holds an ADNI subject id (002_S_0295) or a BIDS subject (sub-ADNI002S0295): slices cut from LONI
@@ -111,6 +114,7 @@ class SliceData:
     preprocess: str
     # Patients with slices in both train and val (only `--split given` can have any).
     shared_patients: int = 0
+    patient_ids: str = "subject"  # PATIENT_ID_CHOICES
 
     def summary(self) -> dict:
         return {
@@ -118,6 +122,7 @@ class SliceData:
             "split": self.split,
             "preprocess": self.preprocess,
             "shared_patients": self.shared_patients,
+            "patient_ids": self.patient_ids,
             "patients_sha256": patients_fingerprint(self.train.patients + self.val.patients),
             "class_names": self.class_names,
             "train": self.train.summary(),
@@ -159,16 +164,17 @@ def hash_array(h, values) -> None:
     h.update(np.ascontiguousarray(values.numpy() if isinstance(values, torch.Tensor) else values))
 
 
-def hash_files(h, folder) -> None:
+def hash_files(h, folder, as_saved: bool = False) -> None:
     """Feed the names and contents of the files in `folder` (not its subfolders), in name order, to the hash `h`
     a block at a time: a saved model's identity (its weights and config). A config.json that records where its
     model was loaded from (`_name_or_path`: diffusers writes it into a re-saved copy, e.g. the vqvae/ of a saved
-    pipeline) is hashed without it, so the copy is the same model as its source."""
+    pipeline) is hashed without it, so the copy is the same model as its source (`as_saved`: with it, as before
+    2026-12-03)."""
     import json
 
     for f in sorted(p for p in Path(folder).glob("*") if p.is_file()):
         h.update(f.name.encode())
-        if f.name == "config.json":
+        if f.name == "config.json" and not as_saved:
             try:
                 config = json.loads(f.read_text())
             except (OSError, ValueError):
@@ -430,8 +436,15 @@ def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = Non
     if errors:
         more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
         raise DataError(f"{len(errors)} unusable image(s):\n  " + "\n  ".join(errors[:_MAX_LISTED]) + more)
+    # one line per kind, its sizes counted (brain crops of many sizes would otherwise flood the log)
+    kinds = defaultdict(Counter)
     for note, n in notes.items():
-        logger.warning("converted %d image(s): %s", n, note)
+        size = re.search(r"\d+x\d+", note)
+        kinds[note.replace(size.group(), "{}") if size else note][size.group() if size else None] += n
+    for kind, sizes in kinds.items():
+        listed = ", ".join(f"{size} ({n})" if len(sizes) > 1 else str(size) for size, n in sizes.most_common(5))
+        more = f" and {len(sizes) - 5} more sizes" if len(sizes) > 5 else ""
+        logger.warning("converted %d image(s): %s", sum(sizes.values()), kind.format(listed + more))
     return out
 
 
@@ -446,10 +459,14 @@ def load_slices(
     preprocess: str = "pad",
     num_workers: int | None = None,
     flag: str = "--train_data_dir",
+    patient_ids: str = "subject",
 ) -> SliceData:
-    """Check, index (via `datasets` imagefolder) and decode a slice folder, then split it."""
+    """Check, index (via `datasets` imagefolder) and decode a slice folder, then split it. `patient_ids`: one of
+    PATIENT_ID_CHOICES ("file" splits as models from before 2026-12-03 did)."""
     if split not in SPLIT_CHOICES:
         raise DataError(f"--split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
+    if patient_ids not in PATIENT_ID_CHOICES:
+        raise DataError(f"--patient_ids {patient_ids!r}: expected one of {', '.join(PATIENT_ID_CHOICES)}")
     if preprocess not in PREPROCESS_CHOICES:
         raise DataError(f"--preprocess {preprocess!r}: expected one of {', '.join(PREPROCESS_CHOICES)}")
     if not 0.0 < val_fraction < 1.0:
@@ -473,7 +490,7 @@ def load_slices(
                 f"{len(bad)} file(s) have none: {_listing(bad)}. Rename them, or use --split given / all"
             )
     named = [m.group("patient") if m else s for m, s in zip(matches, stems)]
-    patients = [patient_of(n) for n in named]
+    patients = [patient_of(n) for n in named] if patient_ids == "subject" else named
     if len(set(patients)) < len(set(named)):
         logger.info("the file names hold %d scans of %d subjects (ADNI 002_S_0295 or BIDS sub-<label> ids): "
                     "patients are subjects, so no subject is on both sides of the split",
@@ -492,7 +509,7 @@ def load_slices(
         train_idx, val_idx = list(range(len(paths))), []
     else:
         train_idx, val_idx = split_by_patient(patients, labels.tolist(), val_fraction, seed)
-    if split != "given" and tree.has_splits:  # pooled: a copy in train/ and test/ would count twice
+    if split != "given" and tree.has_splits and patient_ids == "subject":  # pooled: a copy would count twice
         copies = _copies_across_splits(paths, labels, splits, pixels)
         train_idx, val_idx = [i for i in train_idx if i not in copies], [i for i in val_idx if i not in copies]
     if split != "all":  # asked for a hold-out: say where there is none (the metrics would be on training images)
@@ -507,7 +524,7 @@ def load_slices(
         )
     return SliceData(
         everything.subset(train_idx), everything.subset(val_idx), list(tree.class_names), split, str(root), preprocess,
-        shared_patients=len(shared),
+        shared_patients=len(shared), patient_ids=patient_ids,
     )
 
 
@@ -576,8 +593,10 @@ def _copies_across_splits(paths: list[Path], labels: torch.Tensor, splits: list[
     """The slices that repeat one of the same class and name in another split folder (a copy left behind when
     train/ and test/ were re-split by hand): each would count twice, in training or in the metrics. Pixel-equal
     copies are returned (to be dropped) with a warning; same-named slices with other pixels are only named."""
-    first, copies, same, differ = {}, set(), [], []
-    for i, (path, label) in enumerate(zip(paths, labels.tolist())):
+    first, copies, same, differ, label_list = {}, set(), [], [], labels.tolist()
+    # train/'s copy first: the one kept is the one a user finds among the training slices
+    for i in sorted(range(len(paths)), key=lambda i: (splits[i].lower() != "train", i)):
+        path, label = paths[i], label_list[i]
         j = first.setdefault((label, path.stem), i)
         if j != i and splits[j] != splits[i]:
             if torch.equal(pixels[i], pixels[j]):

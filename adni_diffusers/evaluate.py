@@ -109,6 +109,8 @@ def read_training_record(model_dir) -> dict:
         # the pipeline records it too (model_index.json): a folder saved or pushed without the training records
         "preprocess": data.get("preprocess") or args.get("preprocess")
         or _read_json(d / "model_index.json").get("preprocess") or "pad",
+        # records from before 2026-12-03 say nothing: their runs took the file names' patient part as it is
+        "patient_ids": data.get("patient_ids") or args.get("patient_ids") or ("file" if data or args else "subject"),
         "class_names": data.get("class_names"),
         "train": data.get("train"),
         "validation": data.get("validation"),
@@ -128,7 +130,7 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
         raise EvaluationError(f"the model's training data {root} (from training_data.json) is not there; pass "
                               "--data-dir (the same folder, moved)")
     data = load_slices(root, split=record["split"], val_fraction=record["val_fraction"], seed=record["seed"],
-                       preprocess=record["preprocess"], flag="--data-dir")
+                       preprocess=record["preprocess"], flag="--data-dir", patient_ids=record["patient_ids"])
     expected = list(model_class_names) if model_class_names else record["class_names"]
     if expected and list(data.class_names) != list(expected):
         raise EvaluationError(

@@ -25,9 +25,11 @@ from .training import TrainingError
 logger = logging.getLogger(__name__)
 
 
-def cache_key(vq_dir: Path, slices: SliceSet) -> str:
+def cache_key(vq_dir: Path, slices: SliceSet, as_saved: bool = False) -> str:
+    """The VQModel's files and the slices' pixels and labels (`as_saved`: the key before 2026-12-03, which also
+    hashed where a re-saved VQModel had been loaded from; see data.hash_files)."""
     h = hashlib.sha256()
-    hash_files(h, vq_dir)
+    hash_files(h, vq_dir, as_saved)
     hash_array(h, slices.pixels)
     hash_array(h, slices.labels)
     return h.hexdigest()[:20]

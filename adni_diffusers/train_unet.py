@@ -154,6 +154,7 @@ def vq_training_data(vq_dir: Path) -> dict | None:
     return {"root": record.get("root"), "split": flags.get("split"), "val_fraction": flags.get("val_fraction"),
             "split_seed": training.split_seed(flags),
             "preprocess": record.get("preprocess"),
+            "patient_ids": record.get("patient_ids"),  # (not recorded before 2026-12-03)
             "patients_sha256": record.get("patients_sha256"),
             "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256")}
 
@@ -173,11 +174,17 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
     if there["preprocess"] != args.preprocess:
         raise TrainingError(f"--vqmodel {args.vqmodel} was trained on slices prepared with --preprocess "
                             f"{there['preprocess']}, this run uses --preprocess {args.preprocess}: use the same")
+    if there.get("patient_ids") and there["patient_ids"] != args.patient_ids:
+        raise TrainingError(f"--vqmodel {args.vqmodel} was trained with --patient_ids {there['patient_ids']}, this "
+                            f"run uses --patient_ids {args.patient_ids}: use the same (else the patients differ)")
     here = data.summary()
     if there["patients_sha256"] != here["patients_sha256"]:
         if warn:
             logger.warning("--vqmodel %s was trained on another set of patients (%s) than %s, so whether it saw this "
-                           "run's held-out patients cannot be checked", vq_dir, there["root"], data.root)
+                           "run's held-out patients cannot be checked%s", vq_dir, there["root"], data.root,
+                           "" if there.get("patient_ids") else " (a VQModel from before 2026-12-03: if the file names "
+                           "hold ADNI or BIDS subject ids, or a slice is in both train/ and test/, --patient_ids file "
+                           "splits as it did)")
     elif len(data.val) and there["validation_patients_sha256"] != here["validation"]["patients_sha256"]:
         if (there["split"], there["val_fraction"], there["split_seed"]) == (args.split, args.val_fraction,
                                                                             training.split_seed(args)):
@@ -275,9 +282,12 @@ def main(args: argparse.Namespace) -> dict:
         m, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
         child_probe=compile_check)
     ema = training.make_ema(training.bare_model(accelerator, model), args, device)
+    # a checkpoint from before 2026-12-03 keyed a re-saved VQModel (a pipeline's vqvae/) with where it was loaded from
+    older_key = [cache_key(vq_dir, data.train, as_saved=True)] if args.resume_from_checkpoint else []
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                ema=ema, stage="UNet", stage_flags=RESUME_MUST_MATCH,
-                               identity={"model_config": config, "latent_cache_key": train_key})
+                               identity={"model_config": config, "latent_cache_key": train_key},
+                               also_accepted={"latent_cache_key": older_key})
     run.resume()
     training.start_logging(accelerator, args, "unet", run.start_step)
     if accelerator.is_main_process:

@@ -86,6 +86,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                         "to train UNets with other --seed values on one VQModel")
     g.add_argument("--preprocess", default="pad", choices=["pad", "resize"],
                    help="240->256 rows: pad with black (keeps anatomy) or resize (the seed's stretch)")
+    g.add_argument("--patient_ids", default="subject", choices=["subject", "file"],
+                   help="subject: an ADNI (002_S_0295) or BIDS (sub-...) subject id in a file name is the patient, and "
+                        "a slice copied into train/ and test/ counts once; file: the name's patient part as it is, "
+                        "copies kept (how runs from before 2026-12-03 split: to resume or match one of them)")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("output")
@@ -437,7 +441,7 @@ def load_training_data(args, accelerator):
         # slices itself (there is no shared cache of decoded pixels)
         with accelerator.main_process_first():
             data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=split_seed(args),
-                               preprocess=args.preprocess)
+                               preprocess=args.preprocess, patient_ids=args.patient_ids)
     except DataError as e:
         raise TrainingError(str(e)) from None
     if len(data.train) < args.train_batch_size * accelerator.num_processes:
@@ -860,15 +864,18 @@ def load_checkpoint(accelerator, path: Path) -> tuple[int, dict, dict]:
 RESUME_MUST_MATCH = ("seed", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr",
                      "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
                      "adam_epsilon", "max_grad_norm", "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power",
-                     "split", "val_fraction", "split_seed", "preprocess")
+                     "split", "val_fraction", "split_seed", "preprocess", "patient_ids")
 
 
 def run_record(args, stage_flags: tuple[str, ...] = (), identity: dict | None = None,
-               num_processes: int | None = None, stage: str | None = None) -> dict:
+               num_processes: int | None = None, stage: str | None = None, also_accepted: dict | None = None) -> dict:
     """What defines a run (its stage, RESUME_MUST_MATCH and the stage's own flags, its model config and data), in
-    the JSON types a checkpoint's training_state.json reads back (tuples become lists)."""
+    the JSON types a checkpoint's training_state.json reads back (tuples become lists). `also_accepted`: per
+    identity, older values that name the same thing (a key computed as an older version did)."""
     record = {"stage": stage, "flags": {name: getattr(args, name, None) for name in (*RESUME_MUST_MATCH, *stage_flags)},
               "identity": identity or {}, "num_processes": num_processes}
+    if also_accepted:
+        record["also_accepted"] = also_accepted
     return json.loads(json.dumps(record))
 
 
@@ -888,8 +895,12 @@ def resume_mismatches(recorded: dict, current: dict) -> list[str]:
                       "latent_cache_key": "the VQModel or the training slices (--vqmodel, --train_data_dir)"}
     for name, then in recorded.get("identity", {}).items():
         now = current.get("identity", {}).get(name, then)
-        if now != then:
-            lines.append(f"{identity_names.get(name, name)}: not those of the checkpoint")
+        if now != then and then not in current.get("also_accepted", {}).get(name, []):
+            lines.append(f"{identity_names.get(name, name)}: not those of the checkpoint"
+                         + (" (a checkpoint from before 2026-12-03: if the file names hold ADNI or BIDS subject ids, "
+                            "or a slice is in both train/ and test/, --patient_ids file splits as it did)"
+                            if name in ("train_data", "latent_cache_key") and "patient_ids" not in recorded_flags
+                            else ""))
     return lines
 
 
@@ -1025,12 +1036,13 @@ class TrainingRun:
 
     def __init__(self, args, accelerator, loader, sampler, model, *, optimizer, ema: EMAState | None = None,
                  stage: str, extra_state=None, restore_extra_state=None, stage_flags: tuple[str, ...] = (),
-                 identity: dict | None = None, lr_scheduler=None):
+                 identity: dict | None = None, also_accepted: dict | None = None, lr_scheduler=None):
         self.args, self.accelerator, self.loader, self.sampler, self.model = args, accelerator, loader, sampler, model
         self.lr_scheduler = lr_scheduler  # moved on a resume with another number of processes
         # what this run is (flags, model config, data): recorded in every checkpoint, compared on resume
         self.record = run_record(args, stage_flags, identity, accelerator.num_processes,
-                                 stage=stage.lower())  # "UNet" -> "unet": the project name, as start_stage's
+                                 stage=stage.lower(),  # "UNet" -> "unet": the project name, as start_stage's
+                                 also_accepted=also_accepted)
         self.optimizer = optimizer  # for the learning rate in the logs
         self.ema = ema
         self.stage = stage

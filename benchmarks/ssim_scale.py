@@ -43,7 +43,8 @@ def measure(folder: Path) -> dict:
     record = json.loads((folder / "training_data.json").read_text())
     # the held-out patients training drew (--split_seed, else --seed), so the numbers match metrics.json
     data = load_slices(record["root"], split=args["split"], val_fraction=args["val_fraction"],
-                       seed=split_seed(args, default=0), preprocess=args["preprocess"])
+                       seed=split_seed(args, default=0), preprocess=args["preprocess"],
+                       patient_ids=record.get("patient_ids", "file"))  # (not recorded before 2026-12-03)
     held_out = data.val if len(data.val) else data.train
     vq = VQModel.from_pretrained(folder / "vqvae").eval()
     rows = {"old": {"ssim": [], "ms_ssim": []}, "new": {"ssim": [], "ms_ssim": []}}

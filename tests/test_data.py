@@ -145,7 +145,16 @@ def test_resize_stretches_and_accepts_other_sizes_with_a_logged_count(tmp_path, 
         assert d.train.pixels[d.train.paths.index(str(p.resolve()))].shape == (256, 256)
     msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     # counted per size: a few odd ones among many ordinary slices show up
-    assert "converted 1 image(s): resized from 256x240" in msgs and "converted 2 image(s): resized from 200x200" in msgs
+    assert "converted 3 image(s): resized from 200x200 (2), 256x240 (1)" in msgs, msgs
+    # many sizes (brain crops): one line, the five commonest named
+    for k in range(8):
+        write(root / "NC" / f"300{k}_1.jpeg", slice_pixels(k, h=100 + k, w=200))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="adni_diffusers.data"):
+        load_slices(root, split="all", preprocess="resize")
+    lines = [r.getMessage() for r in caplog.records if "resized" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("converted 11 image(s): resized from 200x200 (2), ")
+    assert lines[0].endswith(" and 5 more sizes"), lines
 
 
 def test_pad_counts_slices_that_are_neither_240_nor_256_high(tmp_path, caplog):
@@ -275,6 +284,12 @@ def test_scans_named_with_an_adni_or_bids_subject_id_stay_with_their_subject(tmp
             held = {p for p in d.val.patients if "_S_" in p}
             assert held and all(d.val.patients.count(p) == 6 for p in held)  # 3 scans x 2 slices, all held out
     assert "hold 24 scans of 12 subjects" in caplog.text
+    # --patient_ids file: the scans, as runs from before 2026-12-03 took them (to resume or evaluate those)
+    d = load_slices(root, val_fraction=0.4, seed=0, patient_ids="file")
+    assert len(set(d.train.patients) | set(d.val.patients)) == 24 and d.summary()["patient_ids"] == "file"
+    assert load_slices(root, val_fraction=0.4, seed=0).summary()["patient_ids"] == "subject"
+    with pytest.raises(DataError, match="--patient_ids 'scan': expected one of subject, file"):
+        load_slices(root, patient_ids="scan")
 
 
 def test_a_slice_copied_into_both_split_folders_counts_once_when_they_are_pooled(tmp_path, caplog):
@@ -295,10 +310,14 @@ def test_a_slice_copied_into_both_split_folders_counts_once_when_they_are_pooled
             used = d.train.paths + d.val.paths
             assert len(used) == len(files) + 1 and str(other.resolve()) in used
             assert sum(Path(p).name == files[0].name for p in used) == 1
+            assert str(files[0].resolve()) in used  # train/'s copy is the one kept: a training slice by its path
             assert "1 slice(s) are in two split folders, pixel for pixel" in caplog.text and str(copy) in caplog.text
             assert "1 slice name(s) are in two split folders with different pixels" in caplog.text
     d = load_slices(root, split="given")
     assert len(d.train) + len(d.val) == len(files) + 2
+    # --patient_ids file: as runs from before 2026-12-03 split, copies kept
+    d = load_slices(root, split="all", patient_ids="file")
+    assert len(d.train) == len(files) + 2 and d.summary()["patient_ids"] == "file"
 
 
 def test_split_by_patient_directly():

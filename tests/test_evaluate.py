@@ -342,6 +342,19 @@ def test_split_is_redrawn_with_the_split_seed(tmp_path):
     assert read_training_record(tmp_path)["seed"] == 5
 
 
+def test_a_model_from_before_the_subject_rule_is_split_as_it_was_trained(tmp_path):
+    """Records from before 2026-12-03 do not say how patients were named: those runs took the file name's patient
+    part as it is (--patient_ids file), so evaluate redraws that split, not one by ADNI subject."""
+    from adni_diffusers.evaluate import read_training_record
+
+    assert read_training_record(tmp_path)["patient_ids"] == "subject"  # no records at all: today's rule
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data", "split": "patient"}))
+    assert read_training_record(tmp_path)["patient_ids"] == "file"
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data", "split": "patient",
+                                                             "patient_ids": "subject"}))
+    assert read_training_record(tmp_path)["patient_ids"] == "subject"
+
+
 @pytest.mark.parametrize("flag, value", [("--feature-epochs", "0"), ("--num-samples", "0"), ("--kid-subsets", "-1"),
                                          ("--tstr-epochs", "0"), ("--refine-repeats", "-2")])
 def test_count_flags_are_refused_when_parsed(flag, value, capsys):

@@ -392,6 +392,44 @@ def test_an_explicit_split_seed_equal_to_the_seed_resumes():
         "--split_seed: 0 in the checkpoint, 1 now"]
 
 
+def test_a_checkpoint_from_before_the_subject_rule_is_told_how_to_resume():
+    """A checkpoint written before --patient_ids existed, whose data now splits otherwise (ADNI subject ids in the
+    names), is refused with the flag that splits as it did; an older form of the latent-cache key (a re-saved
+    VQModel keyed with where it came from) is accepted as the same."""
+    from adni_diffusers.training import resume_mismatches
+
+    recorded = {"flags": {"seed": 0}, "identity": {"train_data": "a", "latent_cache_key": "old"}}
+    current = {"flags": {"seed": 0, "patient_ids": "subject"}, "identity": {"train_data": "b", "latent_cache_key": "new"},
+               "also_accepted": {"latent_cache_key": ["old"]}}
+    lines = resume_mismatches(recorded, current)
+    assert len(lines) == 1 and lines[0].startswith("the training slices") and "--patient_ids file" in lines[0]
+    recorded["flags"]["patient_ids"] = "subject"  # a checkpoint that knows the rule: no hint
+    assert "--patient_ids" not in resume_mismatches(recorded, current)[0]
+    assert resume_mismatches(recorded, {**current, "also_accepted": {}})[1].startswith("the VQModel")
+
+
+def test_a_vqmodel_of_another_patient_rule_is_refused_and_an_older_one_is_told_the_flag(tmp_path, tiny_vq,
+                                                                                      demo_root, caplog):
+    import shutil
+
+    from adni_diffusers import train_unet
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.training import TrainingError
+
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq"))
+    record = json.loads((vq / "training_data.json").read_text())
+    assert record["patient_ids"] == "subject"
+    args = train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", "o"])
+    (vq / "training_data.json").write_text(json.dumps({**record, "patient_ids": "file"}))
+    with pytest.raises(TrainingError, match="trained with --patient_ids file, this run uses --patient_ids subject"):
+        train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
+    del record["patient_ids"]  # a VQModel from before: other patients now get the hint
+    (vq / "training_data.json").write_text(json.dumps({**record, "patients_sha256": "0" * 64}))
+    with caplog.at_level("WARNING", logger="adni_diffusers"):
+        train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
+    assert "another set of patients" in caplog.text and "--patient_ids file splits as it did" in caplog.text
+
+
 # ------------------------------------------------------------------------- the VQModel's data split
 
 
