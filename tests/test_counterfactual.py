@@ -815,3 +815,19 @@ def test_a_given_classifier_of_other_classes_is_refused_by_name(tmp_path):
     save_feature_net(random_classifier(), tmp_path / "net")
     with pytest.raises(ValueError, match=r"--classifier .*net: the feature net knows the classes \['AD', 'NC'\]"):
         C._load_classifier(argparse.Namespace(classifier=str(tmp_path / "net")), data, "cpu")
+
+
+def test_the_mean_difference_map_is_counterfactual_minus_reconstruction(pipe, demo_root):
+    """mean_difference.png and its colour bar say "counterfactual - reconstruction": over one slice the mean signed
+    map is exactly that slice's counterfactual minus its reconstruction (the other way round, every brightening
+    would read as a darkening)."""
+    from adni_diffusers.data import load_slices
+
+    data = load_slices(demo_root, split="given")
+    nc = data.val.subset((data.val.labels == data.class_names.index("NC")).nonzero().flatten()[:1])
+    result = C.measure_tradeoff(pipe, nc, random_classifier(), "AD", strengths=(1.0,), guidance=2.0,
+                                scheduler="ddim", steps=2, batch_size=1, progress=False)
+    example = result["example"]
+    expected = (example["counterfactuals"][1.0] - example["reconstruction"])[0].double().numpy()
+    assert np.abs(expected).max() > 0.05
+    np.testing.assert_allclose(result["maps"][1.0]["mean_signed"], expected, atol=1e-5)

@@ -1080,3 +1080,35 @@ def test_the_ablation_legend_covers_no_bar(tmp_path, monkeypatch):
                           "metrics.json").read_text())["ablations"]
     ev.plot_ablations(metrics["rows"], metrics["floor"], tmp_path / "ablations.png")
     assert covered == []
+
+
+def test_the_feature_net_trains_on_the_models_training_split_only(tiny_ldm, tmp_path, monkeypatch):
+    """Every realism number is measured in the feature net's space: trained on held-out patients, the net would have
+    seen the very slices the samples are compared with. It gets the training split; the held-out split only to be
+    measured. (A spy stops the run once the net is asked for.)"""
+    from adni_diffusers import features
+
+    class Seen(Exception):
+        pass
+
+    seen = {}
+
+    def spy(cache_dir, train, val=None, **settings):
+        seen.update(train=train, val=val)
+        raise Seen
+
+    monkeypatch.setattr(features, "get_or_train_feature_net", spy)
+    with pytest.raises(Seen):
+        E.evaluate_model(tiny_ldm, num_samples=2, out=tmp_path / "eval", progress=False)
+    data, _ = E.load_evaluation_data(tiny_ldm)
+    assert seen["train"].paths == data.train.paths and seen["val"].paths == data.val.paths
+    assert not set(seen["train"].patients) & set(data.val.patients)
+
+
+def test_the_split_is_redrawn_with_the_models_val_fraction(tmp_path):
+    """--val_fraction decides which patients were held out: evaluate must redraw with the model's, not 0.1."""
+    from adni_diffusers.evaluate import read_training_record
+
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data", "split": "patient"}))
+    (tmp_path / "training_args.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.3}))
+    assert read_training_record(tmp_path)["val_fraction"] == 0.3

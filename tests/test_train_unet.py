@@ -1636,3 +1636,35 @@ def test_the_noise_scheduler_never_clips_latents(tiny_ldm):
         x_t = scheduler.add_noise(x0, noise, torch.tensor([int(t)]))
         predicted = scheduler.step(noise, t, x_t, generator=g).pred_original_sample
         torch.testing.assert_close(predicted, x0, atol=1e-3, rtol=0, msg=name)
+
+
+def test_the_unet_trains_on_each_latent_with_its_own_slices_label(tiny_vq, demo_root, tmp_path, monkeypatch):
+    """The class a latent is trained under is its slice's: latents and labels are built from the same training
+    split, row for row (a shifted label list would teach a conditional model the wrong class for every slice).
+    A spy stops the run at the dataset."""
+    from diffusers import VQModel
+    from safetensors.torch import load_file
+
+    from adni_diffusers import latents
+    from adni_diffusers.data import load_slices, to_model_input
+    from adni_diffusers.pipeline_adni_ldm import encode_slices
+
+    seen = {}
+
+    def spy(train_latents, labels, device=None):
+        seen.update(latents=train_latents, labels=labels)
+        raise StopRun
+
+    monkeypatch.setattr(latents, "LatentDataset", spy)
+    with pytest.raises(StopRun):
+        run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
+                                           tmp_path / "o", "--max_train_steps", "1", "--conditional",
+                                           "--latent_cache_dir", tmp_path / "cache", *TINY_UNET_ARGS])
+    train = load_slices(demo_root).train
+    assert torch.equal(seen["labels"], train.labels)
+    cached = load_file(str(next((tmp_path / "cache").glob("train-*.safetensors"))))
+    assert torch.equal(seen["latents"], cached["latents"]) and torch.equal(cached["labels"], train.labels)
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae").eval()
+    with torch.no_grad():  # row 5 is slice 5's latent
+        torch.testing.assert_close(seen["latents"][5:6], encode_slices(vq, to_model_input(train.pixels[5:6])),
+                                   atol=1e-5, rtol=0)

@@ -1121,3 +1121,29 @@ def test_held_out_metrics_measure_the_quantised_reconstruction_the_pipeline_make
         unquantised = vq.decode(vq.encode(x).latents, force_not_quantize=True).sample.clamp(-1, 1)
     torch.testing.assert_close(recon, pipeline, atol=1e-4, rtol=0)  # (x scaling_factor / scaling_factor: rounding)
     assert (unquantised - pipeline).abs().max() > 1e-2  # the two differ: this test tells them apart
+
+
+def test_the_scaling_factor_is_measured_on_the_training_slices(tiny_vq, demo_root, tmp_path, monkeypatch):
+    """scaling_factor (1 / std of the latents the UNet trains on) comes from the training split, which the UNet's
+    latents are; not from the held-out patients. A spy stops at the measurement."""
+    from types import SimpleNamespace
+
+    from conftest import StopRun
+    from diffusers import VQModel
+
+    from adni_diffusers import vq as V
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.vq_eval import evaluate_and_save
+
+    seen = []
+
+    def spy(model, batches, device):
+        seen.extend(batch["index"] for batch in batches)
+        raise StopRun
+
+    monkeypatch.setattr(V, "latent_statistics", spy)
+    data = load_slices(demo_root)
+    args = SimpleNamespace(output_dir=str(tmp_path), eval_batch_size=8)
+    with pytest.raises(StopRun):
+        evaluate_and_save(VQModel.from_pretrained(tiny_vq / "vqvae"), data, args, "cpu")
+    assert sorted(torch.cat(seen).tolist()) == list(range(len(data.train))) and len(data.val) != len(data.train)
