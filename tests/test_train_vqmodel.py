@@ -587,7 +587,8 @@ def test_resume_with_another_loss_is_refused_before_the_data_loads(tmp_path, dem
     err = capsys.readouterr().err
     assert code == 2 and "--rec_loss: 'mse' in the checkpoint, 'l1' now" in err and "--ssim_weight: 0.5" in err, err
     assert training.resume_mismatches(record, {"flags": dict(record["flags"], max_train_steps=9)}) == []
-    assert training.resume_mismatches({"identity": {"train_data": "a"}}, {"identity": {"train_data": "b"}}) == [
+    assert training.resume_mismatches({"flags": {"patient_ids": "subject"}, "identity": {"train_data": "a"}},
+                                      {"identity": {"train_data": "b"}}) == [
         "the training slices (--train_data_dir, or files in it changed): not those of the checkpoint"]
 
 
