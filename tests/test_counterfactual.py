@@ -831,3 +831,18 @@ def test_the_mean_difference_map_is_counterfactual_minus_reconstruction(pipe, de
     expected = (example["counterfactuals"][1.0] - example["reconstruction"])[0].double().numpy()
     assert np.abs(expected).max() > 0.05
     np.testing.assert_allclose(result["maps"][1.0]["mean_signed"], expected, atol=1e-5)
+
+
+def test_a_measure_on_other_data_is_not_called_demo(tiny_ldm, demo_root, tmp_path, capsys):
+    """A demo model measured with --data-dir on a user's folder: tradeoff.json must say not demo, or `push` would
+    upload its strip and mean map of (real) held-out slices."""
+    import shutil
+
+    real = Path(shutil.copytree(demo_root, tmp_path / "real"))
+    (real / "demo_settings.json").unlink()  # to the package, a user's data folder
+    save_feature_net(random_classifier(), tmp_path / "net")
+    out = tmp_path / "measure"
+    rc, err = run_cli(["--model", tiny_ldm, "--measure", "--to", "AD", "--strength", "0.5", "--max-images", "2",
+                       "--classifier", tmp_path / "net", "--data-dir", real, "--out", out, *STEPS], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "tradeoff.json").read_text())["data_source_is_demo"] is False

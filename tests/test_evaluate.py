@@ -1112,3 +1112,24 @@ def test_the_split_is_redrawn_with_the_models_val_fraction(tmp_path):
     (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data", "split": "patient"}))
     (tmp_path / "training_args.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.3}))
     assert read_training_record(tmp_path)["val_fraction"] == 0.3
+
+
+def test_an_evaluation_on_other_data_is_not_called_demo(demo_root, tmp_path):
+    """metrics.json must say not demo for a user's data folder, or `push` would upload closest_pairs.png and the
+    reconstructions of (real) held-out slices."""
+    import shutil
+
+    real = Path(shutil.copytree(demo_root, tmp_path / "real"))
+    (real / "demo_settings.json").unlink()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    (model / "training_data.json").write_text(json.dumps({"root": str(demo_root), "split": "patient",
+                                                           "class_names": ["AD", "NC"]}))
+    (model / "training_args.json").write_text(json.dumps({"val_fraction": 0.5, "seed": 0}))
+    result = E.evaluate_model(model, real, num_samples=4, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
+                              feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
+                              diversity_pairs=4, kid_subsets=3, ablations=False, umap=False, render_card=False,
+                              progress=False, device="cpu", pipe=_StubPipe())
+    assert result["data"]["data_source_is_demo"] is False
+    assert json.loads((model / "evaluation" / "metrics.json").read_text())["data"]["data_source_is_demo"] is False
