@@ -317,6 +317,21 @@ def compare_features(reference: torch.Tensor, candidate: torch.Tensor, k: int = 
             "feature_dims": int(reference.shape[1])}
 
 
+def per_class_realism(class_names: list[str], *, held, generated, train, vq_round_trip, kid_subsets: int,
+                      seed: int) -> dict:
+    """`compare_features` of each class's generated, training and VQ round-trip features against that class's
+    held-out features (each argument a (features, labels) pair), for classes with at least 3 held-out images."""
+    out = {}
+    for c, name in enumerate(class_names):
+        reference = held[0][held[1] == c]
+        if len(reference) < 3:
+            continue
+        out[name] = {key: compare_features(reference, feats[labels == c], kid_subsets=kid_subsets, seed=seed)
+                     for key, (feats, labels) in (("generated", generated), ("floor", train),
+                                                  ("vq_ceiling", vq_round_trip))}
+    return out
+
+
 def fd_rank_note(m: dict) -> str | None:
     """Why an FD from `compare_features` is far above its large-N value, or None: with fewer images per set
     than feature dimensions both covariances are singular, and FD is biased upwards much more than usual."""
@@ -1206,18 +1221,11 @@ def evaluate_model(
         "per_class": {},
     }
     if conditional:
-        for c, name in enumerate(class_names):
-            h = held_idx[data.val.labels[held_idx] == c]
-            if len(h) >= 3:
-                g_ = gen_idx[gen.labels[gen_idx] == c]
-                in_class = data.train.labels[train_idx] == c
-                tr = train_idx[in_class]
-                realism["per_class"][name] = {
-                    "generated": compare_features(heldout_feats[h], gen_feats[g_], kid_subsets=kid_subsets, seed=seed),
-                    "floor": compare_features(heldout_feats[h], train_feats[tr], kid_subsets=kid_subsets, seed=seed),
-                    "vq_ceiling": compare_features(heldout_feats[h], recon_feats[in_class], kid_subsets=kid_subsets,
-                                                   seed=seed),
-                }
+        realism["per_class"] = per_class_realism(
+            class_names, held=(heldout_feats[held_idx], data.val.labels[held_idx]),
+            generated=(gen_feats[gen_idx], gen.labels[gen_idx]),
+            train=(train_feats[train_idx], data.train.labels[train_idx]),
+            vq_round_trip=(recon_feats, data.train.labels[train_idx]), kid_subsets=kid_subsets, seed=seed)
     if fd_note := fd_rank_note(realism["generated"]):
         logger.warning(fd_note)
     timings["realism_seconds"] = time.perf_counter() - t

@@ -1133,3 +1133,19 @@ def test_an_evaluation_on_other_data_is_not_called_demo(demo_root, tmp_path):
                               progress=False, device="cpu", pipe=_StubPipe())
     assert result["data"]["data_source_is_demo"] is False
     assert json.loads((model / "evaluation" / "metrics.json").read_text())["data"]["data_source_is_demo"] is False
+
+
+def test_per_class_realism_compares_each_class_with_its_own_held_out_images():
+    g = torch.Generator().manual_seed(0)
+    ad, nc = torch.randn(12, 4, generator=g), torch.randn(12, 4, generator=g) + 5.0
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    held = (torch.cat([ad, nc]), labels)
+    # generated AD are the held-out AD; generated NC sit elsewhere; a class with 2 held-out images is left out
+    generated = (torch.cat([ad.clone(), nc + 3.0]), labels)
+    held = (torch.cat([held[0], nc[:2]]), torch.cat([labels, torch.tensor([2, 2])]))
+    out = E.per_class_realism(["AD", "NC", "MCI"], held=held, generated=generated, train=generated,
+                              vq_round_trip=generated, kid_subsets=2, seed=0)
+    assert set(out) == {"AD", "NC"}
+    assert out["AD"]["generated"]["reference_images"] == 12 and out["AD"]["generated"]["fd"] == pytest.approx(0, abs=1e-3)
+    assert out["NC"]["generated"]["fd"] > 5  # pooled reference would put AD's own FD far from 0 too
+    assert out["AD"]["floor"] == out["AD"]["generated"] and set(out["NC"]) == {"generated", "floor", "vq_ceiling"}
