@@ -41,6 +41,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def tolerate_any_character(stream) -> None:
+    """A character the stream's encoding lacks is replaced, not an error: on Windows, output redirected to a file
+    or job log is in the locale's code page (cp1252), without the arrows and minus signs of the tables printed
+    at the end of hours of work (counterfactual's crashed there, before writing its numbers)."""
+    if hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from . import __version__
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tolerate_any_character(sys.stdout)
     from .training import TrainingStopped
 
     try:

@@ -143,7 +143,8 @@ class ChildStep:
         folder = tempfile.TemporaryDirectory(prefix=SPEC_FOLDER_PREFIX)
         spec_path = Path(folder.name) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        stderr = open(Path(folder.name) / "stderr.txt", "w+")  # a file, not a pipe: a pipe nobody reads fills up
+        # a file, not a pipe: a pipe nobody reads fills up. UTF-8 both ways (the child's PYTHONIOENCODING)
+        stderr = open(Path(folder.name) / "stderr.txt", "w+", encoding="utf-8", errors="replace")
         self.started = time.time()
         self._process = subprocess.Popen(child_command(spec_path), stdout=subprocess.DEVNULL, stderr=stderr,
                                          env=_child_environment(), start_new_session=True)
@@ -175,7 +176,10 @@ class ChildStep:
 def _stop_child(process: subprocess.Popen, stderr, folder: tempfile.TemporaryDirectory) -> None:
     if process.poll() is None:
         try:
-            os.killpg(process.pid, signal.SIGKILL)  # the child and the compile workers it started
+            if hasattr(os, "killpg"):
+                os.killpg(process.pid, signal.SIGKILL)  # the child and the compile workers it started
+            else:  # Windows: no process groups (start_new_session is ignored there)
+                process.kill()
         except ProcessLookupError:
             pass
         process.wait()
@@ -193,7 +197,7 @@ def _child_environment() -> dict:
     where the package is not installed (`python /path/to/train_unet.py` from another folder)."""
     package_parent = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, PARENT_VARIABLE: str(os.getpid()), "PYTHONPATH": path}
+    return {**os.environ, PARENT_VARIABLE: str(os.getpid()), "PYTHONPATH": path, "PYTHONIOENCODING": "utf-8"}
 
 
 def _why(returncode: int, stderr: str) -> str:
@@ -285,6 +289,8 @@ def _stop_with_parent(spec_path: Path) -> None:
     import shutil
     import threading
 
+    if not hasattr(os, "killpg"):  # Windows: an orphan keeps its parent's id there, and there are no groups
+        return
     parent = int(os.environ.get(PARENT_VARIABLE) or os.getppid())  # set by ChildStep: right even if it died already
     folder = spec_path.resolve().parent
     ours = PARENT_VARIABLE in os.environ and folder.name.startswith(SPEC_FOLDER_PREFIX)

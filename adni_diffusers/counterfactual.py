@@ -818,7 +818,7 @@ def write_tradeoff(result: dict, out_dir, reference: str = "reconstruction") -> 
              "mean_difference": str(plot_mean_difference(result, out / "mean_difference.png"))}
     if result.get("example") is not None:
         files["example_strip"] = str(save_strip(result["example"], out / "example_strip.png", reference))
-    (out / "tradeoff.md").write_text(tradeoff_markdown(result))
+    (out / "tradeoff.md").write_text(tradeoff_markdown(result), encoding="utf-8")
     public = {k: v for k, v in result.items() if k not in ("maps", "mean_original", "example")}
     public["files"] = files
     public["example_strip_difference"] = f"counterfactual - {reference}"

@@ -262,6 +262,10 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     if "::" in str(root):
         raise DataError(f"{flag} {root}: the path holds '::', which datasets' file system layer (fsspec) reads as "
                         "the separator of chained URLs; rename or link the folder")
+    if os.path.expandvars(str(root)) != str(root):
+        raise DataError(f"{flag} {root}: the path holds '$' and the name of a set environment variable, which "
+                        f"datasets replaces by its value (it would read {os.path.expandvars(str(root))}); rename or "
+                        "link the folder")
     strangers, broken, skipped, visited = [], [], [], set()
     # into linked folders too, as datasets and the listing below go (a linked split folder went unchecked)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -350,6 +354,10 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     if colons:
         raise DataError(f"{root}: {len(colons)} file(s) whose path holds '::', which datasets' file system layer "
                         "(fsspec) reads as the separator of chained URLs; rename them: " + _listing(colons))
+    dollars = [f for f in files if os.path.expandvars(str(f.relative_to(root))) != str(f.relative_to(root))]
+    if dollars:
+        raise DataError(f"{root}: {len(dollars)} file(s) whose path holds '$' and the name of a set environment "
+                        "variable, which datasets replaces by its value; rename them: " + _listing(dollars))
     by_slice: dict[tuple[Path, str], list[Path]] = {}
     for f in files:
         by_slice.setdefault((f.parent, f.stem), []).append(f)

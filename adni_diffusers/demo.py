@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -78,8 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny models; noise pictures)")
 
 
-def _train(module_name: str, argv: list[str]) -> None:
-    """Run a training stage in this process (one process; `accelerate launch` for several)."""
+def _train(module_name: str, argv: list[str], device: str) -> None:
+    """Run a training stage in this process (one process; `accelerate launch` for several) on `device`: through
+    Accelerate's own variables (what `accelerate launch --cpu` sets), or a plain Accelerator took the GPU (or a
+    Mac's MPS) for `--device cpu`, and cuda:0 for `--device cuda:1`."""
     import importlib
 
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -87,7 +90,17 @@ def _train(module_name: str, argv: list[str]) -> None:
     module = importlib.import_module(module_name)
     for state in (AcceleratorState, GradientState, PartialState):  # a second Accelerator needs a clean slate
         state._reset_state(*((True,) if state is AcceleratorState else ()))
-    module.main(module.parse_args([str(a) for a in argv]))
+    chosen = {"ACCELERATE_USE_CPU": str(device == "cpu").lower(), "ACCELERATE_TORCH_DEVICE": device}
+    before = {name: os.environ.get(name) for name in chosen}
+    os.environ.update(chosen)
+    try:
+        module.main(module.parse_args([str(a) for a in argv]))
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 RECIPE_FILE = "demo_recipe.json"  # what made a stage's output: its flags, presets and data, and whether it finished
@@ -120,7 +133,7 @@ def _weights_digest(folder: Path) -> str:
 
 
 def _run_stage(name: str, module: str, folder: Path, product: str, argv: list[str], recipe: dict,
-               retrain: bool) -> None:
+               retrain: bool, device: str) -> None:
     """Train a stage unless this recipe finished it already; resume a run of the same recipe that was cut short.
     The recipe is marked unfinished before training: a stage stopped after saving its model (before its samples,
     evaluation or card) is never taken for finished, nor is a model of other flags left beside an old recipe."""
@@ -135,7 +148,7 @@ def _run_stage(name: str, module: str, folder: Path, product: str, argv: list[st
         for checkpoint in folder.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
     _write_recipe(folder, recipe, finished=False)
-    _train(module, argv)
+    _train(module, argv, device)
     _write_recipe(folder, recipe, finished=True)
 
 
@@ -194,12 +207,14 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     vq_recipe = {"argv": portable_vq_argv, "data": read_settings(data_dir), "preset": vq_config(plan["preset"]),
                  "version": __version__}
     t = time.time()
-    _run_stage("VQModel", "adni_diffusers.train_vqmodel", vq_dir, "vqvae/config.json", vq_argv, vq_recipe, retrain)
+    _run_stage("VQModel", "adni_diffusers.train_vqmodel", vq_dir, "vqvae/config.json", vq_argv, vq_recipe, retrain,
+               device)
     timings["vq_s"] = time.time() - t
     unet_recipe = {"argv": portable_unet_argv, "preset": unet_config(plan["preset"]), "vqmodel": vq_recipe,
                    "vqmodel_files": _weights_digest(vq_dir / "vqvae")}
     t = time.time()
-    _run_stage("pipeline", "adni_diffusers.train_unet", ldm_dir, "model_index.json", unet_argv, unet_recipe, retrain)
+    _run_stage("pipeline", "adni_diffusers.train_unet", ldm_dir, "model_index.json", unet_argv, unet_recipe, retrain,
+               device)
     timings["unet_s"] = time.time() - t
 
     # reload exactly as a user without this package would, then sample

@@ -1322,7 +1322,7 @@ def evaluate_model(
                                  device=device, feature_batch=feature_batch, kid_subsets=kid_subsets,
                                  class_names=class_names if conditional else [], progress=progress, reuse=reuse)
         files["ablations"] = plot_ablations(ablation["rows"], floor, out / "ablations.png").name
-        with open(out / "ablations.csv", "w", newline="") as fh:
+        with open(out / "ablations.csv", "w", newline="", encoding="utf-8") as fh:
             cols = ["group", "setting", "scheduler", "steps", "refine_steps", "refine_repeats", "refine_from_timestep",
                     "guidance", "fd", "kid", "precision", "recall", "class_accuracy", "seconds", "seconds_per_image",
                     "same_run_as"]

@@ -120,5 +120,6 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def get_batch(self, indices: list[int]) -> dict:
         """A whole batch in one indexing operation (the DataLoader's batched fetch), not one item at a time."""
-        idx = torch.as_tensor(indices).to(self.device, non_blocking=True)
+        # (non-blocking on CUDA only: on MPS such a copy from unpinned memory can read freed memory)
+        idx = torch.as_tensor(indices).to(self.device, non_blocking=self.device.type == "cuda")
         return {"latents": self.latents[idx], "class_labels": self.labels[idx], "index": idx}

@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import struct
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,9 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
         rows.append(("training", train.get("images", "?"), train.get("patients", "?"), _per_class(train)))
     if val.get("images"):
         rows.append(("validation", val.get("images", "?"), val.get("patients", "?"), _per_class(val)))
-    root_name = Path(str(data.get("root") or "")).name or "?"  # never the full local path
+    # never the full local path; PureWindowsPath takes both separators: a model trained on Windows, its card
+    # rendered on Linux (a push, evaluate), took all of C:\Users\<name>\... for the folder's name
+    root_name = PureWindowsPath(str(data.get("root") or "")).name or "?"
     total = sum(r[1] for r in rows if isinstance(r[1], int))
     if source == "demo":
         summary = f"the synthetic demo set ({total} slices, not ADNI)"

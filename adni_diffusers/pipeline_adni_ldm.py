@@ -331,6 +331,14 @@ def share_like_other_files(paths) -> None:
             os.chmod(path, 0o666 & ~umask)
 
 
+def remove_other_versions(folder: Path, source: Path | None = None) -> None:
+    """Another version's copy of this file (`source`) in `folder`, from an earlier save there."""
+    keep, source = Path(folder) / f"{PIPELINE_MODULE}.py", source or Path(__file__)
+    for stale in Path(folder).iterdir():
+        if stale != keep and stale.resolve() != source.resolve() and SHIPPED_MODULE_RE.fullmatch(stale.name):
+            stale.unlink()
+
+
 class ADNILatentDiffusionPipeline(DiffusionPipeline):
     r"""Latent diffusion for greyscale brain MRI slices (ADNI-style, 256x256).
 
@@ -670,9 +678,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         target = save_directory / f"{PIPELINE_MODULE}.py"
         if source.resolve() != target.resolve():
             shutil.copyfile(source, target)
-        for stale in save_directory.iterdir():  # another version's copy, from an earlier save to this folder
-            if stale != target and stale.resolve() != source.resolve() and SHIPPED_MODULE_RE.fullmatch(stale.name):
-                stale.unlink()
+        remove_other_versions(save_directory, source)
         index_path = save_directory / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]

@@ -209,7 +209,7 @@ def main(args: argparse.Namespace) -> dict:
     from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
     from adni_diffusers.latents import LatentDataset, cache_key, check_room_on_device, load_or_build
-    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline, remove_other_versions
     from adni_diffusers.presets import unet_config
 
     vq_dir = find_vqmodel(args.vqmodel)
@@ -325,36 +325,41 @@ def main(args: argparse.Namespace) -> dict:
     train_seconds = time.time() - start
 
     # 4. the finished pipeline: VQModel + EMA UNet + scheduler + code + card
-    accelerator.wait_for_everyone()
-    result = {}
-    if accelerator.is_main_process:
-        final_unet = training.bare_model(accelerator, model)
-        if ema is not None:
-            ema.ema.copy_to(final_unet.parameters())
-        final_unet.eval()  # the validation loss and the card's samples: no training-mode dropout
-        pipe = ADNILatentDiffusionPipeline(vqvae=vq, unet=final_unet, scheduler=noise_scheduler, class_names=class_names,
-                                           preprocess=args.preprocess)
-        pipe.save_pretrained(args.output_dir)
-        result = {
-            "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
-            "train_images_per_second_this_run": run.images_per_second(train_seconds), "num_processes": accelerator.num_processes,
-            **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
-            "val_loss": _validation_loss(final_unet, noise_scheduler, val_latents, data.val.labels, class_names, args, device)
-            if val_latents is not None else None,
-        }
-        (Path(args.output_dir) / "train_metrics.json").write_text(json.dumps(result, indent=2))
-        vq_metrics = first_stage_metrics_file(vq_dir)  # the first stage's numbers travel with the pipeline
-        kept = Path(args.output_dir) / "first_stage_metrics.json"
-        if vq_metrics is None:  # a bare VQModel: no numbers, not those of the VQModel an earlier run here had
-            kept.unlink(missing_ok=True)
-        elif not (kept.exists() and kept.samefile(vq_metrics)):
-            shutil.copyfile(vq_metrics, kept)
-        grid = _final_samples(pipe, class_names, args, device)
-        from adni_diffusers.model_card import write_model_card
+    with run.final_phase():  # a stop signal now (a job's time limit near) lets this finish
+        accelerator.wait_for_everyone()
+        result = {}
+        if accelerator.is_main_process:
+            final_unet = training.bare_model(accelerator, model)
+            if ema is not None:
+                ema.ema.copy_to(final_unet.parameters())
+            final_unet.eval()  # the validation loss and the card's samples: no training-mode dropout
+            pipe = ADNILatentDiffusionPipeline(vqvae=vq, unet=final_unet, scheduler=noise_scheduler,
+                                               class_names=class_names, preprocess=args.preprocess)
+            training.forget_earlier_results(args.output_dir, "train_metrics.json", "samples.png")
+            # swapped in whole: a save cut short in place left half-written weights and no loadable model
+            training.save_into(args.output_dir, pipe.save_pretrained, last="model_index.json")
+            remove_other_versions(Path(args.output_dir))
+            result = {
+                "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
+                "train_images_per_second_this_run": run.images_per_second(train_seconds),
+                "num_processes": accelerator.num_processes,
+                **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
+                "val_loss": _validation_loss(final_unet, noise_scheduler, val_latents, data.val.labels, class_names,
+                                             args, device) if val_latents is not None else None,
+            }
+            (Path(args.output_dir) / "train_metrics.json").write_text(json.dumps(result, indent=2))
+            vq_metrics = first_stage_metrics_file(vq_dir)  # the first stage's numbers travel with the pipeline
+            kept = Path(args.output_dir) / "first_stage_metrics.json"
+            if vq_metrics is None:  # a bare VQModel: no numbers, not those of the VQModel an earlier run here had
+                kept.unlink(missing_ok=True)
+            elif not (kept.exists() and kept.samefile(vq_metrics)):
+                shutil.copyfile(vq_metrics, kept)
+            grid = _final_samples(pipe, class_names, args, device)
+            from adni_diffusers.model_card import write_model_card
 
-        write_model_card(args.output_dir, pipe, args, data_source=data_source, sample_grid=grid)
-        training.push_if_asked(accelerator, args)
-    accelerator.wait_for_everyone()
+            write_model_card(args.output_dir, pipe, args, data_source=data_source, sample_grid=grid)
+            training.push_if_asked(accelerator, args)
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 

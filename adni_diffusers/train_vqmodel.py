@@ -191,24 +191,27 @@ def main(args: argparse.Namespace) -> dict:
     train_seconds = time.time() - start
 
     # ---- the finished model: EMA weights, scaling factor from the data, evaluation -------------
-    accelerator.wait_for_everyone()
-    metrics = {}
-    if accelerator.is_main_process:
-        from adni_diffusers.vq_eval import evaluate_and_save
+    with run.final_phase():  # a stop signal now (a job's time limit near) lets this finish
+        accelerator.wait_for_everyone()
+        metrics = {}
+        if accelerator.is_main_process:
+            from adni_diffusers.vq_eval import evaluate_and_save
 
-        if ema is not None:
-            ema.ema.copy_to(vq.parameters())
-        metrics = evaluate_and_save(vq, data, args, device, extra={
-            "preset": args.preset, "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
-            "train_images_per_second_this_run": run.images_per_second(train_seconds),
-            "num_processes": accelerator.num_processes, "data_source": data_source,
-            **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
-        })
-        from adni_diffusers.model_card import write_model_card
+            if ema is not None:
+                ema.ema.copy_to(vq.parameters())
+            training.forget_earlier_results(args.output_dir, "metrics.json", "reconstructions.png")
+            metrics = evaluate_and_save(vq, data, args, device, extra={
+                "preset": args.preset, "train_steps": run.global_step,
+                "train_seconds_this_run": round(train_seconds, 1),
+                "train_images_per_second_this_run": run.images_per_second(train_seconds),
+                "num_processes": accelerator.num_processes, "data_source": data_source,
+                **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
+            })
+            from adni_diffusers.model_card import write_model_card
 
-        write_model_card(args.output_dir, None, args, data_source=data_source)
-        training.push_if_asked(accelerator, args)
-    accelerator.wait_for_everyone()
+            write_model_card(args.output_dir, None, args, data_source=data_source)
+            training.push_if_asked(accelerator, args)
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
 

@@ -270,8 +270,9 @@ def make_accelerator(args, project_name: str):
     output_dir = Path(args.output_dir)
     config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     accelerator = Accelerator(
-        # non_blocking: pinned batches are copied to the GPU without making the host wait each step
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        # non_blocking: pinned batches are copied to the GPU without making the host wait each step. CUDA only:
+        # on Apple's MPS a non-blocking copy from unpinned memory can read freed memory (pytorch issue 139550)
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=getattr(args, "ddp_timeout", 1800)))],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -345,8 +346,8 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
         for p in earlier:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob("checkpoint-*.tmp"):  # a save cut short by a crash
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*output_dir.glob("checkpoint-*.tmp"), output_dir / ".saving.tmp"]:  # saves cut short
+            _remove(stale)
     accelerator.wait_for_everyone()
 
 
@@ -829,10 +830,59 @@ def save_checkpoint(accelerator, output_dir, step: int, extra_state: dict, total
 
 
 def _fsync_tree(folder: Path) -> None:
+    # Windows' fsync (FlushFileBuffers) needs a handle that may write: on a read-only one it raises EBADF
+    mode = "r+b" if os.name == "nt" else "rb"
     for p in folder.rglob("*"):
         if p.is_file():
-            with open(p, "rb") as f:
+            with open(p, mode) as f:
                 os.fsync(f.fileno())
+
+
+def save_into(output_dir: Path, save, last: str | None = None) -> None:
+    """`save(folder)` into a temporary folder in `output_dir`, then each file and folder it wrote swapped in
+    (`last` at the end: what marks the save as whole, e.g. model_index.json). A save cut short (a full disk, a
+    job's time limit) in place left half-written weights beside the earlier model's configs: a folder that no
+    longer loads, or worse, loads and looks finished. Cut short here, each part is the old one or the new one."""
+    output_dir = Path(output_dir)
+    tmp = output_dir / ".saving.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    from .pipeline_adni_ldm import share_like_other_files
+
+    share_like_other_files(tmp.rglob("*.safetensors"))
+    for part in sorted(tmp.iterdir(), key=lambda q: q.name == last):
+        target = output_dir / part.name
+        if part.is_dir():
+            aside = output_dir / f"{part.name}.old.tmp"
+            _remove(aside)
+            if target.is_symlink() or target.exists():  # (a link to another folder: the link goes, not its files)
+                os.replace(target, aside)
+            os.replace(part, target)
+            _remove(aside)
+        else:
+            os.replace(part, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def forget_earlier_results(output_dir, *names: str) -> None:
+    """Before the final model replaces an earlier one in `output_dir` (a run trained on from a finished one):
+    that model's results (`names`) and generated card go first, so that a run cut short in its final saves never
+    leaves them beside the new weights as if they were its own. A README.md without the marker line is kept."""
+    from .model_card import CARD_FILE, is_generated_card
+
+    output_dir = Path(output_dir)
+    for name in names:
+        (output_dir / name).unlink(missing_ok=True)
+    card = output_dir / CARD_FILE
+    if card.is_file() and is_generated_card(card.read_text(encoding="utf-8", errors="replace")):
+        card.unlink()
 
 
 def find_resume_checkpoint(args) -> Path | None:
@@ -1186,6 +1236,31 @@ class TrainingRun:
     def _on_stop_signal(self, signum, frame) -> None:
         self._signalled = signum
 
+    @contextlib.contextmanager
+    def final_phase(self):
+        """Around the work after the last step (the final model, its evaluation, card and push). A stop signal
+        here (a job scheduler's warning before its time limit) lets that work finish, saying so: the training is
+        in the last checkpoint and nothing is left to stop for. The same signal again ends the run at once."""
+        catch = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS} if catch else {}
+
+        def finish_anyway(signum, frame):
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.accelerator.is_main_process:
+                logger.warning("%s after the last training step: finishing the final save and evaluation (the "
+                               "training is in %s; if this is cut short, --resume_from_checkpoint latest finishes "
+                               "it). The same signal again stops now.", signal.Signals(signum).name,
+                               self._last_good_checkpoint or "no checkpoint")
+
+        for s in previous:
+            signal.signal(s, finish_anyway)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def _agree_on_stop(self) -> None:
         """Whether any process got a stop signal, agreed by all (one small all-reduce; log flushes do it too)."""
         self._stop_agreed = self._stop_agreed or self.accelerator.reduce(self._stop_flag(), reduction="mean").item() > 0
@@ -1259,7 +1334,7 @@ class TrainingRun:
         checksum = float(sum(p.detach().double().sum() for p in params))
         path = self.output_dir / "trace" / f"rank-{acc.process_index}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
+        with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": self.global_step, "rank": acc.process_index, "world_size": acc.num_processes,
                                 "indices": self._traced, "weights_checksum": checksum,
                                 "loss": float(step_logs["loss"]) if "loss" in step_logs else None}) + "\n")
@@ -1293,7 +1368,7 @@ class TrainingRun:
         if self.accelerator.is_main_process:
             history = self.output_dir / HISTORY_FILE
             history.parent.mkdir(parents=True, exist_ok=True)
-            with open(history, "a") as f:
+            with open(history, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.global_step, "time": round(time.time() - self.start_time, 2),
                                     **means}) + "\n")
         return means
@@ -1444,11 +1519,13 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
         return 128 + (e.signum or signal.SIGTERM)  # as if the signal had ended it, for a job scheduler's records
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:  # every process gets the Ctrl-C; one line is enough
-            checkpoints = list_checkpoints(args.output_dir) if args is not None else []
-            where = (f"the last checkpoint is {checkpoints[-1]}: go on from it with --resume_from_checkpoint latest"
-                     if checkpoints else "no checkpoint had been written (see --checkpointing_steps)")
+            where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
             print(f"{script}: interrupted; {where}", file=sys.stderr)
         return 130
+    except OSError:  # a full disk, a quota, a folder gone: the traceback says what; this says what is safe
+        if int(os.environ.get("RANK", "0")) == 0 and (where := _where_to_go_on(args)):
+            print(f"{script}: stopped by the error below; {where} once it is fixed", file=sys.stderr)
+        raise
     except RuntimeError as e:
         # another process ended (its own error printed above) while this one waited in a collective: one line,
         # not a 40-line traceback of the barrier that saw the connection close
@@ -1460,6 +1537,15 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
     if result:
         print(json.dumps(result, indent=2))
     return 0
+
+
+def _where_to_go_on(args) -> str | None:
+    try:
+        checkpoints = list_checkpoints(args.output_dir) if getattr(args, "output_dir", None) else []
+    except OSError:
+        return None
+    return (f"the last checkpoint is {checkpoints[-1]}: go on from it with --resume_from_checkpoint latest"
+            if checkpoints else None)
 
 
 def push_if_asked(accelerator, args) -> None:

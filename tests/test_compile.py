@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -531,3 +532,20 @@ def test_a_pass_record_holds_for_every_device_index_of_the_same_gpu(monkeypatch)
     assert compile_probe.passed_before(_spec(device="cuda:0")) is not None
     assert compile_probe.passed_before(_spec(device="cuda:1")) == compile_probe.passed_before(_spec(device="cuda:0"))
     assert compile_probe.passed_before(_spec(device="cpu")) is None
+
+
+def test_a_compile_check_child_is_stopped_where_there_are_no_process_groups(monkeypatch, tmp_path):
+    """Windows has no os.killpg: stopping a child still compiling (timeout, cancel, an error in training) raised
+    AttributeError there and left it running on the GPU. Without process groups the child itself is killed."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from adni_diffusers import compile_probe
+
+    folder = tempfile.TemporaryDirectory(dir=tmp_path)
+    stderr = open(Path(folder.name) / "stderr.txt", "w+", encoding="utf-8")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stderr=stderr)
+    monkeypatch.delattr(os, "killpg")
+    compile_probe._stop_child(child, stderr, folder)
+    assert child.poll() is not None and not Path(folder.name).exists()

@@ -490,6 +490,21 @@ def test_a_path_with_a_double_colon_is_refused_by_name(tmp_path, where):
     assert ("scans::2024" in msg) if where == "root" else ("AD::v2" in msg or "10::00_80.jpeg" in msg)
 
 
+@pytest.mark.parametrize("where", ["root", "class"])
+def test_a_path_naming_a_set_environment_variable_is_refused_by_name(tmp_path, monkeypatch, where):
+    """datasets expands $NAME in paths: scans_$SITE/ (SITE set) failed with a FileNotFoundError of a folder the user
+    never gave. A '$' that names no set variable stays as it is, and is fine."""
+    monkeypatch.setenv("SITE", "elsewhere")
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    root = tmp_path / ("scans_$SITE" if where == "root" else "AD_NC")
+    make_tree(root, classes=("AD_$SITE", "NC") if where == "class" else ("AD", "NC"))
+    msg = data_error(root, split="given")
+    assert "'$' and the name of a set environment variable" in msg and "$SITE" in msg
+    plain = tmp_path / "scans_$NOT_SET_HERE"
+    make_tree(plain)
+    assert len(load_slices(plain, split="given").train) > 0
+
+
 def test_a_slice_saved_under_two_extensions_is_refused(tmp_path):
     """1000_80.jpeg beside 1000_80.png (a half-converted folder) was loaded twice: the slice counted double in
     training, in the scaling factor and in the metrics."""

@@ -5,6 +5,7 @@ The real CPU demo (small presets, ~15 minutes) is measured in docs/results.md, n
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,26 @@ def test_a_stop_signal_in_a_demo_stage_says_how_to_go_on(tmp_path, monkeypatch, 
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 143
     err = capsys.readouterr().err
     assert "stopped by SIGTERM at step 4" in err and "`adni-diffusers demo` with the same flags does" in err, err
+
+
+def test_each_training_stage_runs_on_the_demos_device(monkeypatch):
+    """--device cpu trained on the GPU (or a Mac's MPS) and --device cuda:1 on cuda:0: the stages made a plain
+    Accelerator. They now get Accelerate's own variables, given back afterwards."""
+    import sys
+    import types
+
+    from adni_diffusers import demo
+
+    seen = []
+    stage = types.ModuleType("fake_stage")
+    stage.parse_args = lambda argv: argv
+    names = ("ACCELERATE_USE_CPU", "ACCELERATE_TORCH_DEVICE")
+    stage.main = lambda args: seen.append({k: os.environ.get(k) for k in names})
+    monkeypatch.setitem(sys.modules, "fake_stage", stage)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("ACCELERATE_TORCH_DEVICE", "cuda:0")
+    demo._train("fake_stage", [], "cpu")
+    demo._train("fake_stage", [], "cuda:1")
+    assert seen == [{"ACCELERATE_USE_CPU": "true", "ACCELERATE_TORCH_DEVICE": "cpu"},
+                    {"ACCELERATE_USE_CPU": "false", "ACCELERATE_TORCH_DEVICE": "cuda:1"}]
+    assert "ACCELERATE_USE_CPU" not in os.environ and os.environ["ACCELERATE_TORCH_DEVICE"] == "cuda:0"

@@ -557,3 +557,13 @@ def test_the_card_does_not_list_a_picture_the_push_withholds(ldm):
     (ldm / "closest_pairs.png").write_bytes(b"png")
     files_section = render_model_card(ldm).split("## Files")[1].split("## License")[0]
     assert "`closest_pairs.png`" not in files_section
+
+
+def test_a_data_folder_recorded_on_windows_shows_only_its_name_in_the_card():
+    """A card rendered on Linux (a push, evaluate) of a model trained on Windows showed the whole local path,
+    user name included: on POSIX, a Windows path is one name."""
+    from adni_diffusers.model_card import _data_context
+
+    for root in ("C:\\Users\\alice.smith\\Documents\\ADNI_AD_NC", "/home/alice/ADNI_AD_NC", "ADNI_AD_NC"):
+        ctx = _data_context({"root": root, "train": {"images": 20, "patients": 1}}, {}, "user")
+        assert ctx["data_root_name"] == "ADNI_AD_NC" and "alice" not in ctx["data_summary"], ctx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -880,7 +881,7 @@ def test_resume_refuses_another_runs_flags_model_or_data(tmp_path, tiny_vq, demo
     assert (tmp_path / "again" / "model_index.json").is_file()
 
 
-def test_processes_wait_ddp_timeout_at_a_barrier(tmp_path):
+def test_processes_wait_ddp_timeout_at_a_barrier_and_copy_batches_non_blocking_on_cuda_only(tmp_path):
     """The other processes wait at a barrier while the main one evaluates and pushes: NCCL's default 10 minutes
     would end a job during a long push. --ddp_timeout sets the process group's timeout."""
     from datetime import timedelta
@@ -892,7 +893,11 @@ def test_processes_wait_ddp_timeout_at_a_barrier(tmp_path):
     args.ddp_timeout = 7200
     reset_accelerate()
     try:
-        assert training.make_accelerator(args, "unet").init_handler.timeout == timedelta(seconds=7200)
+        accelerator = training.make_accelerator(args, "unet")
+        assert accelerator.init_handler.timeout == timedelta(seconds=7200)
+        # without CUDA (a Mac's MPS: a non-blocking copy from unpinned memory can read freed memory) batches are
+        # copied blocking
+        assert accelerator.dataloader_config.non_blocking is torch.cuda.is_available()
     finally:
         reset_accelerate()
     with pytest.raises(training.TrainingError, match="--ddp_timeout must be at least 1"):
@@ -1613,6 +1618,44 @@ def test_a_stop_signal_during_a_checkpoint_save_stops_on_that_checkpoint(tmp_pat
     assert rc == 128 + signal.SIGUSR1
     assert "stopped by SIGUSR1 at step 2" in capsys.readouterr().err
     assert [c.name for c in training.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+
+
+def test_a_stop_signal_after_the_last_step_lets_the_final_save_finish(tmp_path, tiny_vq, demo_root, monkeypatch,
+                                                                      caplog):
+    """SLURM's --signal=TERM@120 reaching a run whose training had just ended killed it at once, with no word: no
+    pipeline (or, trained on from a finished one, the new weights beside the old card and samples). The saves
+    after the last step now finish, saying so, and the signal's own handler is given back."""
+    import signal
+
+    from adni_diffusers import train_unet
+
+    original = train_unet._final_samples
+
+    def signal_then_sample(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    def not_caught(signum, frame):
+        raise AssertionError("the final phase did not catch SIGTERM")
+
+    monkeypatch.setattr(train_unet, "_final_samples", signal_then_sample)
+    before = signal.signal(signal.SIGTERM, not_caught)
+    reset_accelerate()
+    out = tmp_path / "out"
+    try:
+        with caplog.at_level(logging.WARNING):
+            rc = train_unet.cli([str(a) for a in [
+                "--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out, *TINY_UNET_ARGS,
+                "--max_train_steps", "2", "--save_images_epochs", "100", "--latent_cache_dir", tmp_path / "cache"]])
+        assert signal.getsignal(signal.SIGTERM) is not_caught
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        reset_accelerate()
+    assert rc == 0
+    assert "SIGTERM after the last training step: finishing the final save" in caplog.text
+    assert f"the training is in {out / 'checkpoint-2'}" in caplog.text
+    assert all((out / name).is_file() for name in ("model_index.json", "samples.png", "README.md"))
+    assert not (out / ".saving.tmp").exists()
 
 
 def test_the_noise_scheduler_never_clips_latents(tiny_ldm):

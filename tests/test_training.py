@@ -304,3 +304,82 @@ def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_is_logged():
     logged = run.clip_gradients(model.parameters())
     assert logged["grad_norm"].item() == pytest.approx(10.0, rel=1e-5)
     assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_save_into_swaps_in_whole_parts_and_a_save_cut_short_leaves_the_earlier_model(tmp_path):
+    """The final pipeline was saved in place: a full disk halfway left half-written weights beside the earlier
+    model's configs, a folder that no longer loaded (its checkpoint the only copy). Now every part is the old
+    one or the new one; other files (checkpoints) stay; a linked component is replaced, its target untouched."""
+    out, elsewhere = tmp_path / "out", tmp_path / "first_stage"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "weights").write_text("old")
+    (out / "model_index.json").write_text("old")
+    (out / "checkpoint-2").mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "weights").write_text("first stage")
+    (out / "vqvae").symlink_to(elsewhere, target_is_directory=True)
+
+    def save(folder, fail=False):
+        for part in ("vqvae", "unet"):
+            (folder / part).mkdir(parents=True)
+            (folder / part / "weights").write_text("new"[: 1 if fail else 3])
+            if fail and part == "unet":
+                raise OSError(28, "No space left on device")
+        (folder / "model_index.json").write_text("new")
+
+    with pytest.raises(OSError):
+        training.save_into(out, lambda folder: save(folder, fail=True), last="model_index.json")
+    assert (out / "unet" / "weights").read_text() == "old" and (out / "model_index.json").read_text() == "old"
+    training.save_into(out, save, last="model_index.json")
+    assert {p.name for p in out.iterdir()} == {"unet", "vqvae", "model_index.json", "checkpoint-2"}
+    assert (out / "unet" / "weights").read_text() == "new" and (out / "model_index.json").read_text() == "new"
+    assert not (out / "vqvae").is_symlink() and (out / "vqvae" / "weights").read_text() == "new"
+    assert (elsewhere / "weights").read_text() == "first stage"
+
+
+def test_forget_earlier_results_removes_a_generated_card_and_keeps_the_users_own(tmp_path):
+    from adni_diffusers.model_card import CARD_MARKER
+
+    (tmp_path / "samples.png").write_bytes(b"png")
+    (tmp_path / "README.md").write_text(f"{CARD_MARKER} -->\n# an earlier model\n")
+    training.forget_earlier_results(tmp_path, "samples.png", "train_metrics.json")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "README.md").write_text("# my own card\n")
+    training.forget_earlier_results(tmp_path, "samples.png")
+    assert (tmp_path / "README.md").read_text() == "# my own card\n"
+
+
+def test_an_os_error_after_training_says_which_checkpoint_holds_it(tmp_path, capsys):
+    """A full disk in the final save gave a bare traceback: now a line before it names the last checkpoint and how
+    to go on (the error itself is not hidden)."""
+    (tmp_path / "checkpoint-6").mkdir()
+
+    def main(args):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        training.run_cli("train_unet.py", lambda argv: SimpleNamespace(output_dir=str(tmp_path)), main, [])
+    err = capsys.readouterr().err
+    assert (f"train_unet.py: stopped by the error below; the last checkpoint is {tmp_path / 'checkpoint-6'}: go on "
+            "from it with --resume_from_checkpoint latest once it is fixed") in err
+
+
+def test_checkpoint_files_are_synced_through_a_handle_windows_lets_fsync(tmp_path, monkeypatch):
+    """Windows' fsync (FlushFileBuffers) raises EBADF on a read-only handle: every checkpoint save, and so every
+    training run, failed there. Simulated: an fsync that refuses read-only descriptors, as Windows does."""
+    import fcntl
+    import os
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "model.safetensors").write_bytes(b"weights")
+    synced = []
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(9, "Bad file descriptor")
+        synced.append(fd)
+
+    monkeypatch.setattr(os, "name", "nt")
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    training._fsync_tree(tmp_path)
+    assert len(synced) == 1 and (tmp_path / "sub" / "model.safetensors").read_bytes() == b"weights"
