@@ -97,9 +97,10 @@ def _fake_demo(monkeypatch, tmp_path):
         Path(root).mkdir(parents=True, exist_ok=True)
         return Path(root)
 
-    def train(module_name, argv):
+    def train(module_name, argv, device):
         argv = [str(a) for a in argv]
         calls["train"].append((module_name.rsplit(".", 1)[-1], argv))
+        calls.setdefault("devices", []).append(device)
         out = Path(argv[argv.index("--output_dir") + 1])
         product = out / ("vqvae/config.json" if module_name.endswith("train_vqmodel") else "model_index.json")
         product.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +140,7 @@ def test_demo_passes_subjects_seed_and_the_quick_preset_on(tmp_path, monkeypatch
     run_demo(tmp_path / "demo", device="cpu", subjects=5, seed=7, quick=True)
     assert calls["data"] == [{"subjects": 5, "seed": 7}]
     assert [name for name, _ in calls["train"]] == ["train_vqmodel", "train_unet"]
+    assert calls["devices"] == ["cpu", "cpu"]  # the demo's --device, not whatever Accelerate finds
     for _, argv in calls["train"]:
         assert _flag(argv, "--seed") == "7" and _flag(argv, "--preset") == "tiny"
         assert "--mixed_precision" in argv and _flag(argv, "--mixed_precision") == "no"  # on the CPU, whatever
@@ -244,7 +246,7 @@ def test_a_stop_signal_in_a_demo_stage_says_how_to_go_on(tmp_path, monkeypatch, 
 
     _fake_demo(monkeypatch, tmp_path)
 
-    def stopped(module_name, argv):
+    def stopped(module_name, argv, device):
         raise TrainingStopped(15, 4, tmp_path / "demo" / "vq" / "checkpoint-4")
 
     monkeypatch.setattr(demo, "_train", stopped)

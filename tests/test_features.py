@@ -399,3 +399,15 @@ def test_a_umap_of_fewer_than_four_points_is_refused_in_words(trained, data, tmp
     feats = net.features(train.pixels[:2])
     with pytest.raises(ValueError, match="at least 4 points; got 2 real and 1 generated"):
         Fe.umap_plot(feats, train.labels[:2], feats[:1], train.labels[:1], ["AD", "NC"], tmp_path / "umap.png")
+
+
+def test_a_loss_with_values_at_or_below_zero_keeps_a_linear_axis(tmp_path, monkeypatch):
+    from adni_diffusers import plots
+
+    figs = []
+    real_save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figs.append(
+        {ax.get_title(): ax.get_yscale() for ax in fig.axes if ax.get_title()}) or real_save(fig, path, **kw))
+    rows = [{"step": s, "loss": 1.0 / s, "g_loss": 0.5 - 0.2 * s, "lr": 1e-3} for s in (1, 2, 3)]
+    plots.plot_loss_curves(rows, tmp_path / "c.png")
+    assert figs[0] == {"loss": "log", "g_loss": "linear", "lr": "linear"}

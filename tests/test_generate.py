@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -545,3 +546,36 @@ def test_the_grid_holds_the_first_64_images_only(fresh_pipe, tmp_path, recorded_
     grid = _png(paths["grid"])
     assert grid.shape == (2 + 8 * 258, 2 + 8 * 258)  # 64 images: 8 x 8
     assert np.array_equal(grid[2 + 7 * 258:258 + 7 * 258, 2 + 7 * 258:258 + 7 * 258], _png(paths["images"][63]))
+
+
+def test_each_sampler_name_builds_its_own_scheduler_class():
+    """`--scheduler NAME` (generate, evaluate, counterfactual) is that sampler, with latent-safe settings."""
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                           UniPCMultistepScheduler)
+
+    from adni_diffusers.schedulers import default_steps, make_scheduler
+
+    config = DDPMScheduler(num_train_timesteps=1000, timestep_spacing="leading").config
+    expected = {"ddpm": (DDPMScheduler, 1000), "ddim": (DDIMScheduler, 50),
+                "dpm++": (DPMSolverMultistepScheduler, 25), "unipc": (UniPCMultistepScheduler, 10)}
+    for name, (cls, steps) in expected.items():
+        sched = make_scheduler(name, config)
+        assert type(sched) is cls, name
+        assert sched.config.timestep_spacing == "trailing", name
+        assert default_steps(name) == steps, name
+    assert make_scheduler("dpm++", config).config.algorithm_type == "dpmsolver++"
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm++", "unipc"])
+def test_more_steps_than_training_timesteps_is_refused_for_every_sampler(scheduler):
+    """DPM-Solver++ and UniPC accept 1001 steps on a 1000-step model and make NaN latents: refused first, naming
+    both flags."""
+    from diffusers import DDPMScheduler
+
+    from adni_diffusers.generate import check_scheduler_steps
+
+    config = DDPMScheduler(num_train_timesteps=1000).config
+    check_scheduler_steps(scheduler, config, 1000)
+    with pytest.raises(ValueError, match=rf"--scheduler {re.escape(scheduler)} --steps 1001: more steps than the "
+                                         r"model's 1000 training timesteps"):
+        check_scheduler_steps(scheduler, config, 1001)

@@ -819,3 +819,14 @@ def test_a_linked_component_folder_is_pushed(hub_stub, pipeline_dir, tmp_path):
     push_folder(pipeline_dir, REPO, token=hub_stub.token)
     pushed = hub_stub.repo_files(REPO)
     assert pushed["vqvae/config.json"] == b"{}" and "vqvae/diffusion_pytorch_model.safetensors" in pushed
+
+
+@pytest.mark.parametrize("record", [{}, {"source": None}, {"source": "unknown"}, {"source": "Demo"}, ["demo"]])
+def test_only_an_explicit_demo_source_counts_as_demo_data(tmp_path, record):
+    """Demo status lets real-slice pictures go up and silences the PUBLIC warning: only source == "demo" earns it."""
+    from adni_diffusers.hub import is_demo_trained
+
+    (tmp_path / "training_data.json").write_text(json.dumps(record))
+    assert is_demo_trained(tmp_path) is False
+    (tmp_path / "training_data.json").write_text(json.dumps({"source": "demo"}))
+    assert is_demo_trained(tmp_path) is True

@@ -491,3 +491,32 @@ def test_ms_ssim_diversity_reports_the_mean_and_sample_std_of_the_pairs():
     assert out["pairs"] == 3
     assert out["mean"] == pytest.approx(statistics.mean(values), rel=1e-6)
     assert out["std"] == pytest.approx(statistics.stdev(values), rel=1e-6)
+
+
+def test_ssim_brain_ignores_the_real_images_background_noise():
+    """Documented: the background is set to black in BOTH images, so ssim_brain depends on brain pixels only.
+    A perfect reconstruction of a slice with (sub-threshold) JPEG noise around the brain scores 1."""
+    from adni_diffusers.metrics import brain_mask, reconstruction_metrics
+
+    g = torch.Generator().manual_seed(0)
+    real = -0.97 + 0.05 * torch.rand(2, 1, 64, 64, generator=g)          # background noise, below -0.9
+    real[:, :, 16:48, 16:48] = torch.rand(2, 1, 32, 32, generator=g)     # textured "brain"
+    clean = torch.where(brain_mask(real), real, -1.0)                    # the same slice, clean background
+    for recon in (real, clean):  # exact in the brain: background differences must not count
+        m = reconstruction_metrics(real, recon)
+        assert m["ssim_brain"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_precision_counts_a_sample_just_outside_every_real_ball_as_outside():
+    """Precision/recall tolerance is for float rounding only: a sample 0.1% of its norm beyond the k-NN radius is
+    not inside the real manifold (a loose tolerance inflates precision and recall of close sets)."""
+    import math
+
+    from adni_diffusers.metrics import precision_recall
+
+    real = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1]], dtype=torch.float64)
+    r = 1 + math.sqrt(2) + 1e-3  # (1, 0)'s 3rd neighbour is at sqrt(2): this point is 1e-3 beyond its ball
+    fake = torch.tensor([[r, 0.0], [-r, 0], [0, r], [0, -r]], dtype=torch.float64)
+    assert precision_recall(real, fake, k=3)["precision"] == 0.0
+    inside = fake * (1 + math.sqrt(2) - 1e-3) / r  # 1e-3 within the balls
+    assert precision_recall(real, inside, k=3)["precision"] == 1.0

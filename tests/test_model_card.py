@@ -567,3 +567,16 @@ def test_a_data_folder_recorded_on_windows_shows_only_its_name_in_the_card():
     for root in ("C:\\Users\\alice.smith\\Documents\\ADNI_AD_NC", "/home/alice/ADNI_AD_NC", "ADNI_AD_NC"):
         ctx = _data_context({"root": root, "train": {"images": 20, "patients": 1}}, {}, "user")
         assert ctx["data_root_name"] == "ADNI_AD_NC" and "alice" not in ctx["data_summary"], ctx
+
+
+def test_the_card_caption_gives_the_sample_grids_step_count(tmp_path):
+    """samples.png is drawn with DDIM and --sample_inference_steps (train_unet.py): the caption says how many."""
+    from PIL import Image
+
+    from adni_diffusers.model_card import render_model_card
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "ADNILatentDiffusionPipeline"}))
+    (tmp_path / "training_args.json").write_text(json.dumps({"sample_inference_steps": 37, "seed": 5}))
+    Image.new("L", (8, 8)).save(tmp_path / "samples.png")
+    text = render_model_card(tmp_path)
+    assert "DDIM with 37 steps, no guidance, seed 5" in text

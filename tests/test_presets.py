@@ -240,3 +240,16 @@ def test_base_unet_has_attention_at_its_three_lowest_resolutions_and_89_5M_param
     with torch.device("meta"):
         unet = UNet2DModel(**cfg)
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 89.5
+
+
+def test_preset_numbers_are_those_measured_and_documented():
+    """The presets docs/performance.md and the demo's timings were measured with: a change shows up here, not as a
+    silently different model (same parameter count for head_dim) or a slower CPU demo."""
+    from adni_diffusers.presets import UNET_PRESETS, VQ_PRESETS
+
+    assert [UNET_PRESETS[p]["attention_head_dim"] for p in ("tiny", "small", "base")] == [8, 32, 64]
+    assert [UNET_PRESETS[p]["layers_per_block"] for p in ("tiny", "small", "base")] == [1, 1, 2]
+    assert [VQ_PRESETS[p]["layers_per_block"] for p in ("tiny", "small", "base", "wide")] == [1, 1, 2, 2]
+    assert [VQ_PRESETS[p]["num_vq_embeddings"] for p in ("tiny", "small", "base", "wide")] == [256, 1024, 8192, 8192]
+    assert [VQ_PRESETS[p]["mid_block_add_attention"] for p in ("tiny", "small", "base", "wide")] == \
+        [False, False, True, True]

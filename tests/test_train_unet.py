@@ -1711,3 +1711,18 @@ def test_the_unet_trains_on_each_latent_with_its_own_slices_label(tiny_vq, demo_
     with torch.no_grad():  # row 5 is slice 5's latent
         torch.testing.assert_close(seen["latents"][5:6], encode_slices(vq, to_model_input(train.pixels[5:6])),
                                    atol=1e-5, rtol=0)
+
+
+def test_latent_cache_key_changes_with_the_labels(tmp_path):
+    """The key is also a checkpoint's record of its training data (train_unet: latent_cache_key): the same pixels
+    with other labels (a relabelled or swapped class folder) are other training data."""
+    from adni_diffusers import data as D
+    from adni_diffusers.latents import cache_key
+
+    (tmp_path / "config.json").write_text("{}")
+    pixels = torch.randint(0, 256, (4, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    names = dict(patient_ids=["a", "a", "b", "b"], paths=[f"{i}.jpeg" for i in range(4)], class_names=["AD", "NC"])
+    one = D.SliceSet(pixels, torch.tensor([0, 0, 1, 1]), names["patient_ids"], names["paths"], names["class_names"])
+    swapped = D.SliceSet(pixels, torch.tensor([1, 1, 0, 0]), names["patient_ids"], names["paths"], names["class_names"])
+    assert cache_key(tmp_path, one) != cache_key(tmp_path, swapped)
+    assert cache_key(tmp_path, one) == cache_key(tmp_path, one)
