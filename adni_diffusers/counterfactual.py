@@ -814,15 +814,19 @@ def write_tradeoff(result: dict, out_dir, reference: str = "reconstruction") -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / "tradeoff.json"), "markdown": str(out / "tradeoff.md"),
-             "plot": str(plot_tradeoff(result, out / "tradeoff.png")),
-             "mean_difference": str(plot_mean_difference(result, out / "mean_difference.png"))}
+             "plot": str(out / "tradeoff.png"), "mean_difference": str(out / "mean_difference.png")}
     if result.get("example") is not None:
-        files["example_strip"] = str(save_strip(result["example"], out / "example_strip.png", reference))
+        files["example_strip"] = str(out / "example_strip.png")
+    # the numbers first: a picture that fails to save (a full disk) must not lose the measurement
     (out / "tradeoff.md").write_text(tradeoff_markdown(result), encoding="utf-8")
     public = {k: v for k, v in result.items() if k not in ("maps", "mean_original", "example")}
     public["files"] = files
     public["example_strip_difference"] = f"counterfactual - {reference}"
     (out / "tradeoff.json").write_text(json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n")
+    plot_tradeoff(result, out / "tradeoff.png")
+    plot_mean_difference(result, out / "mean_difference.png")
+    if result.get("example") is not None:
+        save_strip(result["example"], out / "example_strip.png", reference)
     return files
 
 

@@ -39,6 +39,7 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -807,6 +808,9 @@ def write_report(res: dict, out: Path) -> Path:
         + _held_out_patients(res["data"]),
         "",
     ]
+    if res.get("complete") is False:
+        lines += ["**Incomplete:** written before the UMAP and the ablations, which were still running (or were cut "
+                  "short); the numbers below are the main run's, complete.", ""]
     if res["data"].get("shared_patients"):
         lines += [f"**Warning: {_n(res['data']['shared_patients'], 'patient')} of the held-out set also "
                   "have slices in the training split (the data folder's own train/test split shares patients), "
@@ -1014,6 +1018,55 @@ def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
     return lines
 
 
+def assemble_results(*, model_dir, pipe, conditional, model_classes, record, data, settings, device, fn_report,
+                     realism, diversity, fidelity, shares, mem, ablation, timings, files, complete) -> dict:
+    """The evaluation's record (metrics.json without its numeric summary)."""
+    fn_summary = {k: fn_report.get(k) for k in ("cached", "path", "key", "trained_on", "settings", "train_seconds",
+                                                "position_head_trained", "val")}
+    return {
+        "model": {"path": str(model_dir), "conditional": conditional, "class_names": model_classes,
+                  "null_class": pipe.null_class if conditional else None},
+        "data": {**{k: v for k, v in record.items() if k not in ("train", "validation")},
+                 "root": data.root, "train": data.train.summary(), "validation": data.val.summary(),
+                 "shared_patients": data.shared_patients,
+                 "data_source_is_demo": is_demo_dataset(data.root)},
+        "settings": settings,
+        "device": device,
+        "feature_net": fn_summary,
+        "realism": realism,
+        "diversity": diversity,
+        "class_fidelity": fidelity,
+        "class_shares": shares,
+        "memorisation": mem,
+        "ablations": ablation,
+        "timings": dict(timings),
+        "files": files,
+        # False: written before the UMAP and the ablations, which were still running (or were cut short)
+        "complete": complete,
+    }
+
+
+def is_evaluation_record(path: Path) -> bool:
+    """Whether `path` is a metrics.json that `evaluate` wrote."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"realism", "settings", "feature_net"} <= set(record)
+
+
+def check_earlier_outputs(out: Path, model_dir: Path) -> None:
+    """An --out other than the model's evaluation/ may hold the user's own files under an evaluation's names
+    (report.md, umap.png, samples_*.png): they are replaced only when an evaluation's metrics.json is beside them."""
+    if out.resolve() == (model_dir / "evaluation").resolve():
+        return
+    found = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)})
+    if found and not is_evaluation_record(out / "metrics.json"):
+        names = ", ".join(p.name for p in found[:5]) + (", ..." if len(found) > 5 else "")
+        raise EvaluationError(f"--out {out}: holds {names}, which this evaluation would replace, and no evaluation's "
+                              "metrics.json beside them (are they yours?): choose another --out, or remove them")
+
+
 def _rerender_card(model_dir: Path, out: Path) -> str:
     """Re-render the model card (README.md) when it reads this evaluation. Returns what happened."""
     if out.resolve() != (model_dir / "evaluation").resolve():
@@ -1095,6 +1148,7 @@ def evaluate_model(
         check_out_folder(out, [], overwrite=True)
     except ValueError as e:
         raise EvaluationError(str(e)) from None
+    check_earlier_outputs(out, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     # beside the model whatever --out is: `counterfactual` looks for the same net there
     cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"
@@ -1156,7 +1210,10 @@ def evaluate_model(
                               "in training, or a larger test/ folder)")
     timings["load_seconds"] = time.perf_counter() - t
     # everything is checked: an earlier run's outputs go now (a refused run keeps them), before anything is written
-    remove_outputs(sorted({p for pattern in OUTPUTS for p in out.glob(pattern)}))
+    earlier = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)})
+    remove_outputs(earlier)
+    if earlier and render_card:  # a run cut short must not leave the card showing the removed run's numbers
+        _rerender_card(model_dir, out)
 
     # 2. the feature network: real training split only, cached
     t = time.perf_counter()
@@ -1280,6 +1337,33 @@ def evaluate_model(
     files["closest_pairs"] = plot_closest_pairs(mem, gen, data.train, nn_heldout_vq, out / "closest_pairs.png").name
     timings["memorisation_seconds"] = time.perf_counter() - t
 
+    def write_results(complete: bool) -> dict:
+        """metrics.json and report.md of what is measured so far (`complete`: UMAP and ablations too)."""
+        timings["total_seconds"] = time.perf_counter() - t_start
+        res = _clean(assemble_results(
+            model_dir=model_dir, pipe=pipe, conditional=conditional, model_classes=model_classes, record=record,
+            data=data, settings={
+                "num_samples": num_samples, "samples_per": "class" if conditional else "total",
+                "scheduler": scheduler, "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
+                "refine_repeats": refine_repeats, "seed": seed, "batch_size": batch_size, "dtype": dtype,
+                "diversity_pairs": diversity_pairs, "ms_ssim_scale": M.SSIM_SCALE, "kid_subsets": kid_subsets,
+                "tstr_epochs": tstr_epochs, "pr_k": PR_K, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
+                "ablation_samples": ablation_samples if ablations else None},
+            device=device, fn_report=fn_report, realism=realism, diversity={"generated": gen_div, "real": real_div},
+            fidelity=fidelity, shares=shares, mem=mem, ablation=ablation, timings=timings,
+            files={**files, "report": "report.md", "metrics": "metrics.json"}, complete=complete))
+        write_report(res, out)
+        # top level: the numeric summary (the model card's table), then the details under their own keys
+        result = {**summary_numbers(res), **res}
+        tmp = out / "metrics.json.tmp"  # renamed when whole: a crash while writing leaves the earlier file
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out / "metrics.json")
+        return result
+
+    ablation = None
+    if umap or ablations:  # minutes to hours more: what is measured so far is kept if they are cut short
+        write_results(complete=False)
+
     # 9. UMAP of held-out real and generated features
     if umap:
         t = time.perf_counter()
@@ -1297,7 +1381,6 @@ def evaluate_model(
         timings["umap_seconds"] = time.perf_counter() - t
 
     # 10. ablations: same seeds, M per class
-    ablation = None
     if ablations:
         t = time.perf_counter()
         m = max(2, ablation_samples)
@@ -1334,40 +1417,7 @@ def evaluate_model(
         files["ablations_csv"] = "ablations.csv"
         timings["ablation_seconds"] = time.perf_counter() - t
 
-    timings["total_seconds"] = time.perf_counter() - t_start
-    files.update(report="report.md", metrics="metrics.json")
-    fn_summary = {k: fn_report.get(k) for k in ("cached", "path", "key", "trained_on", "settings", "train_seconds",
-                                                "position_head_trained", "val")}
-    res = {
-        "model": {"path": str(model_dir), "conditional": conditional, "class_names": model_classes,
-                  "null_class": pipe.null_class if conditional else None},
-        "data": {**{k: v for k, v in record.items() if k not in ("train", "validation")},
-                 "root": data.root, "train": data.train.summary(), "validation": data.val.summary(),
-                 "shared_patients": data.shared_patients,
-                 "data_source_is_demo": is_demo_dataset(data.root)},
-        "settings": {"num_samples": num_samples, "samples_per": "class" if conditional else "total",
-                     "scheduler": scheduler, "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
-                     "refine_repeats": refine_repeats, "seed": seed, "batch_size": batch_size, "dtype": dtype,
-                     "diversity_pairs": diversity_pairs, "ms_ssim_scale": M.SSIM_SCALE, "kid_subsets": kid_subsets,
-                     "tstr_epochs": tstr_epochs,
-                     "pr_k": PR_K, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
-                     "ablation_samples": ablation_samples if ablations else None},
-        "device": device,
-        "feature_net": fn_summary,
-        "realism": realism,
-        "diversity": {"generated": gen_div, "real": real_div},
-        "class_fidelity": fidelity,
-        "class_shares": shares,
-        "memorisation": mem,
-        "ablations": ablation,
-        "timings": timings,
-        "files": files,
-    }
-    res = _clean(res)
-    write_report(res, out)
-    # top level: the numeric summary (the model card's table), then the details under their own keys
-    result = {**summary_numbers(res), **res}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = write_results(complete=True)
     result["card"] = _rerender_card(model_dir, out) if render_card else "model card not re-rendered (disabled)"
     logger.info("%s", result["card"])
     return result

@@ -13,6 +13,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
@@ -81,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run's samples, grid and GIF in --out (otherwise refused)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with a run of the same flags that was cut short in --out: its images are kept, "
+                             "the missing ones made (the same images an uninterrupted run makes)")
     parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
@@ -183,9 +187,12 @@ class GifRecorder:
 def generate(model: str, out: str | Path, num_images: int = 16, class_label=None, guidance: float = 1.0,
              scheduler: str = "ddpm", steps: int | None = None, refine_steps: int = 0, refine_repeats: int = 0,
              seed: int = 0, batch_size: int | None = None, device: str | None = None, dtype: str = "float32",
-             gif: bool = False, pipe=None, compile: bool = False, overwrite: bool = False) -> dict:
+             gif: bool = False, pipe=None, compile: bool = False, overwrite: bool = False,
+             resume: bool = False) -> dict:
     """Sample `num_images` slices into `out`; returns the written paths. An `out` that holds an earlier run's
-    outputs is refused unless `overwrite` (which removes them, and only them)."""
+    outputs is refused unless `overwrite` (which removes them, and only them) or `resume` (a run of the same
+    settings cut short: its images are kept and the missing ones made; each image has its own seed, so they are
+    the images an uninterrupted run makes)."""
     from tqdm.auto import tqdm
 
     from .plots import save_image_grid
@@ -203,9 +210,20 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     if guidance != 1.0 and class_label is None:  # the unconditional class has nothing to guide toward: ignored
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
                          "toward)")
+    if resume and overwrite:
+        raise ValueError("--resume keeps an earlier run's images, --overwrite removes them: give one")
     out = Path(out)
     earlier = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
-    check_out_folder(out, earlier, overwrite)
+    recorded = _earlier_settings(out) if resume else None
+    try:
+        check_out_folder(out, [] if resume else earlier, overwrite)
+    except FileExistsError as e:
+        try:
+            cut_short = _earlier_settings(out).get("complete") is False
+        except ValueError:
+            cut_short = False
+        raise FileExistsError(f"{e}" + ("; that run was cut short: --resume with its flags makes the images it "
+                                        "had not made yet" if cut_short else "")) from None
     pipe = pipe or load_pipeline(model, device, getattr(torch, dtype))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if not steps_given:
@@ -227,8 +245,6 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     if label is None and pipe.is_conditional:
         logger.info("no --class: sampling this class-conditional model's unconditional (\"no label\") class")
     pipe.set_progress_bar_config(disable=True)
-    remove_outputs(earlier)
-    out.mkdir(parents=True, exist_ok=True)
     # what made these images, to make them again
     class_name = None if label is None or not pipe.class_names else \
         pipe.class_names[label] if isinstance(label, int) else label
@@ -236,7 +252,23 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                 "scheduler": scheduler,
                 "steps": steps, "refine_steps": refine_steps, "refine_repeats": refine_repeats, "seed": seed,
                 "num_images": num_images, "dtype": dtype, "image_seed": "seed * 1000003 + image index"}
-    (out / "generation.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if recorded is not None:
+        differ = sorted(k for k in {*settings, *recorded} - {"complete"} if settings.get(k) != recorded.get(k))
+        if differ:
+            raise ValueError(f"--resume: {out / 'generation.json'} was made with other settings ("
+                             + ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
+                             + "); give the same flags, or --overwrite to start again")
+        made = {i for i in range(num_images) if (out / f"sample-{i:04d}.png").is_file()}
+        if gif:  # the animation follows the first batch: made again (the same images: one seed per image)
+            made -= set(range(min(batch_size, num_images)))
+        logger.info("--resume: %d of %d images are there; making the other %d", len(made), num_images,
+                    num_images - len(made))
+    else:
+        remove_outputs(earlier)
+        made = set()
+    out.mkdir(parents=True, exist_ok=True)
+    # "complete": false until the last image is on disk (an interrupted run says so; --resume goes on with it)
+    (out / "generation.json").write_text(json.dumps({**settings, "complete": False}, indent=2) + "\n")
 
     total_steps = steps + refine_repeats * refine_steps
     # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
@@ -253,34 +285,67 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                 recorder(p, step, t, tensors)
             return {}
 
+        bar.update(len(made) * total_steps)
         for start in range(0, num_images, batch_size):
-            n = min(batch_size, num_images - start)
+            todo = [i for i in range(start, min(start + batch_size, num_images)) if i not in made]
+            if not todo:  # made by the run --resume goes on with
+                if start < GRID_IMAGES:
+                    grid_images.append(_read_samples(out, range(start, min(start + batch_size, GRID_IMAGES,
+                                                                              num_images))))
+                paths["images"] += [str(out / f"sample-{i:04d}.png") for i in range(start, start + batch_size)
+                                    if i < num_images]
+                continue
+            n = len(todo)
             # one generator per image (seeded by --seed and its index): an image does not depend on the batch size
-            generators = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start + i) for i in range(n)]
+            generators = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i) for i in todo]
             batch = pipe(batch_size=n, class_labels=label, guidance_scale=guidance, num_inference_steps=steps,
                          generator=generators, refine_steps=refine_steps, refine_repeats=refine_repeats,
                          output_type="pt", callback_on_step_end=progress,
                          callback_on_step_end_tensor_inputs=["latents", "x0_pred"] if gif else ["latents"]).images
             batch = batch.cpu() * 2 - 1
             first_batch = False
+            if len(todo) < min(batch_size, num_images - start):  # partly made before: the batch in index order
+                kept = [i for i in range(start, min(start + batch_size, num_images)) if i in made]
+                batch = torch.cat([batch, _read_samples(out, kept)])[torch.tensor(todo + kept).argsort()]
             if start < GRID_IMAGES:  # only the images the grid shows stay in memory
                 grid_images.append(batch[:GRID_IMAGES - start])
-            for i, im in enumerate(to_uint8(batch), start):  # on disk now: a later crash keeps these
+            for i, im in zip(todo, to_uint8(batch[torch.tensor(todo) - start])):  # on disk now: a crash keeps them
                 path = out / f"sample-{i:04d}.png"
                 Image.fromarray(im.numpy(), mode="L").save(path)
-                paths["images"].append(str(path))
+            paths["images"] += [str(out / f"sample-{i:04d}.png") for i in range(start, start + batch_size)
+                                if i < num_images]
     images = torch.cat(grid_images)
     paths["grid"] = str(save_image_grid(images, out / "grid.png"))
     paths["settings"] = str(out / "generation.json")
     if recorder is not None:
         paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images))
+    (out / "generation.json").write_text(json.dumps({**settings, "complete": True}, indent=2) + "\n")
     return paths
+
+
+def _earlier_settings(out: Path) -> dict:
+    """--resume: the settings of the run cut short in `out` (its generation.json)."""
+    try:
+        return json.loads((out / "generation.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: {out / 'generation.json'} cannot be read ({e}): no run to go on with there")
+
+
+def _read_samples(out: Path, indices) -> torch.Tensor:
+    """Saved samples back as (N, 1, 256, 256) in [-1, 1], as the sampler returns them (to 8 bits)."""
+    from PIL import Image
+
+    arrays = []
+    for i in indices:
+        with Image.open(out / f"sample-{i:04d}.png") as im:
+            arrays.append(torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32).copy()))
+    return (torch.stack(arrays)[:, None] / 255) * 2 - 1
 
 
 def main(args: argparse.Namespace) -> int:
     paths = generate(args.model, args.out, args.num_images, args.class_label, args.guidance, args.scheduler, args.steps,
                      args.refine_steps, args.refine_repeats, args.seed, args.batch_size, args.device, args.dtype,
-                     args.gif, compile=args.compile, overwrite=args.overwrite)
+                     args.gif, compile=args.compile, overwrite=args.overwrite, resume=args.resume)
     print(f"{len(paths['images'])} images in {args.out}; grid: {paths['grid']}" +
           (f"; animation: {paths['gif']}" if "gif" in paths else ""))
     return 0

@@ -208,7 +208,8 @@ def shows_real_slices(folder: Path, rel: str, demo: bool) -> bool:
     """Whether the picture `rel` of `folder` shows real slices: any of REAL_SLICE_PICTURES of a model not
     trained on the demo set; of a demo model, those of an evaluation run on other data (its metrics.json says
     so), and a counterfactual measurement's unless its tradeoff.json says it measured demo data (`--data-dir`
-    may point a demo model at real slices; records from before it said so are taken as real)."""
+    may point a demo model at real slices; records from before it said so are taken as real). A picture with
+    no record beside it (an evaluation cut short before its metrics.json) is taken as real."""
     name = Path(rel).name
     if name not in REAL_SLICE_PICTURES:
         return False
@@ -221,7 +222,8 @@ def shows_real_slices(folder: Path, rel: str, demo: bool) -> bool:
         record = json.loads(beside.joinpath("metrics.json").read_text())
         return (record.get("data") or {}).get("data_source_is_demo") is False
     except (OSError, ValueError, AttributeError):
-        return name in COUNTERFACTUAL_PICTURES
+        # no record says which slices it shows (an evaluation cut short before its metrics.json): withheld
+        return True
 
 
 def report_without_pictures(report: str, withheld: list[str]) -> str:

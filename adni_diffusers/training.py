@@ -1111,6 +1111,8 @@ class TrainingRun:
         self._micro = self._batches_since_step = 0
         self._weight = 1.0  # this micro-batch's loss weight (`backward`)
         self._last_good_checkpoint: Path | None = None
+        self._previous_handlers: dict = {}  # the stop signals' handlers before training (batches), given back after
+        self._finishing_announced = False
         self.progress = None
         self.start_time = time.time()
         self._graphs_at_start = compiled_graph_count()  # after maybe_compile's probe: training should add none
@@ -1204,7 +1206,8 @@ class TrainingRun:
         )
         # a stop signal is noted, not obeyed at once: the processes agree on a step, checkpoint it and stop
         catch = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS} if catch else {}
+        self._previous_handlers = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS} if catch else {}
+        finished = False
         try:
             for epoch in range(self.first_epoch, self.num_epochs):
                 self.epoch = epoch
@@ -1227,9 +1230,13 @@ class TrainingRun:
                     yield batch
                 if self.global_step >= self.max_train_steps:
                     break
+            finished = True
         finally:  # training is over (or failed): its data workers are not needed
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            if finished:  # the final save and evaluation follow (final_phase): a stop signal lets them finish
+                for signum in self._previous_handlers:
+                    signal.signal(signum, self._finish_anyway)
+            else:
+                self._restore_signal_handlers()
             stop_loader_workers(self.loader)
             self.progress.close()
 
@@ -1239,27 +1246,30 @@ class TrainingRun:
     @contextlib.contextmanager
     def final_phase(self):
         """Around the work after the last step (the final model, its evaluation, card and push). A stop signal
-        here (a job scheduler's warning before its time limit) lets that work finish, saying so: the training is
-        in the last checkpoint and nothing is left to stop for. The same signal again ends the run at once."""
-        catch = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS} if catch else {}
-
-        def finish_anyway(signum, frame):
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if self.accelerator.is_main_process:
-                logger.warning("%s after the last training step: finishing the final save and evaluation (the "
-                               "training is in %s; if this is cut short, --resume_from_checkpoint latest finishes "
-                               "it). The same signal again stops now.", signal.Signals(signum).name,
-                               self._last_good_checkpoint or "no checkpoint")
-
-        for s in previous:
-            signal.signal(s, finish_anyway)
+        from the last step on (a job scheduler's warning before its time limit) lets that work finish, saying so:
+        the training is in the last checkpoint and nothing is left to stop for. The same signal again ends the
+        run at once. (`batches` hands the signals over when the loop ends: the last step's sample grid and the
+        barrier in `finish` come before this.)"""
+        if self._signalled and not self._finishing_announced:  # it came during the last step: noted, not acted on
+            self._finish_anyway(self._signalled, None)
         try:
             yield
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            self._restore_signal_handlers()
+
+    def _finish_anyway(self, signum, frame) -> None:
+        self._signalled = signum
+        self._restore_signal_handlers()  # the same signal again ends the run
+        self._finishing_announced = True
+        if self.accelerator.is_main_process:
+            logger.warning("%s after the last training step: finishing the final save and evaluation (the training "
+                           "is in %s; if this is cut short, --resume_from_checkpoint latest finishes it). The same "
+                           "signal again stops now.", signal.Signals(signum).name,
+                           self._last_good_checkpoint or "no checkpoint")
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
 
     def _agree_on_stop(self) -> None:
         """Whether any process got a stop signal, agreed by all (one small all-reduce; log flushes do it too)."""
@@ -1322,7 +1332,9 @@ class TrainingRun:
         if saved:
             self.checkpoint()
             self._agree_on_stop()  # a signal during the save: stop on this checkpoint, not --logging_steps later
-        if self._stop_agreed:  # a stop signal: this step's checkpoint, then out (run_cli says where to go on)
+        # a stop signal: this step's checkpoint, then out (run_cli says where to go on). Not at the last step: the
+        # final save and evaluation are all that is left, and final_phase lets them finish
+        if self._stop_agreed and self.global_step < self.max_train_steps:
             path = self._last_good_checkpoint if saved else self.checkpoint()
             raise TrainingStopped(self._signalled, self.global_step, path)
 

@@ -846,3 +846,18 @@ def test_a_measure_on_other_data_is_not_called_demo(tiny_ldm, demo_root, tmp_pat
                        "--classifier", tmp_path / "net", "--data-dir", real, "--out", out, *STEPS], capsys)
     assert rc == 0, err
     assert json.loads((out / "tradeoff.json").read_text())["data_source_is_demo"] is False
+
+
+def test_a_picture_that_fails_to_save_keeps_the_measured_numbers(tmp_path, monkeypatch):
+    """The pictures were saved first: a full disk at mean_difference.png lost the whole measured table, and the
+    lone tradeoff.png left behind blocked a rerun. The numbers are written first."""
+    result = C.measure_tradeoff(_FakePipe(), _brain(), _Brightness(), "AD", strengths=(1.0,), steps=2,
+                                progress=False)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C, "plot_mean_difference", disk_full)
+    with pytest.raises(OSError):
+        C.write_tradeoff(result, tmp_path)
+    assert json.loads((tmp_path / "tradeoff.json").read_text())["rows"] and (tmp_path / "tradeoff.md").stat().st_size

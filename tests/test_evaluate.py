@@ -1149,3 +1149,44 @@ def test_per_class_realism_compares_each_class_with_its_own_held_out_images():
     assert out["AD"]["generated"]["reference_images"] == 12 and out["AD"]["generated"]["fd"] == pytest.approx(0, abs=1e-3)
     assert out["NC"]["generated"]["fd"] > 5  # pooled reference would put AD's own FD far from 0 too
     assert out["AD"]["floor"] == out["AD"]["generated"] and set(out["NC"]) == {"generated", "floor", "vq_ceiling"}
+
+
+def test_an_evaluation_cut_short_in_its_ablations_keeps_its_numbers(stub_evaluated, tmp_path, monkeypatch):
+    """Everything stayed in memory until the very end: Ctrl-C (or a crash) in the ablation rows, which can take
+    hours (DDPM-1000), lost the finished measurement. metrics.json and report.md are written before them, marked
+    incomplete, and a closest_pairs.png without its record is not pushed."""
+    from adni_diffusers.hub import shows_real_slices
+
+    result, model, _ = stub_evaluated
+
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "run_ablations", cut_short)
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        E.evaluate_model(model, out=out, num_samples=4, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
+                         feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
+                         diversity_pairs=4, kid_subsets=3, ablations=True, ablation_samples=2, umap=False,
+                         render_card=False, progress=False, device="cpu", pipe=_StubPipe())
+    partial = json.loads((out / "metrics.json").read_text())
+    assert partial["complete"] is False and partial["ablations"] is None
+    assert partial["realism"]["generated"]["fd"] == pytest.approx(result["realism"]["generated"]["fd"])
+    assert "**Incomplete:**" in (out / "report.md").read_text() and result["complete"] is True
+    (out / "metrics.json").unlink()  # cut short before any record: its picture of training slices stays local
+    assert shows_real_slices(out, "closest_pairs.png", demo=True)
+
+
+def test_an_out_folder_with_files_no_evaluation_made_is_refused(model_copy, tmp_path):
+    """--out removed every file named like an output (report.md, umap.png, samples_*.png) without asking: another
+    folder of the user's own lost them. Refused unless an evaluation's metrics.json is beside them."""
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "report.md").write_text("# my paper's notes\n")
+    (out / "samples_figure3.png").write_bytes(b"png")
+    with pytest.raises(E.EvaluationError, match=r"--out .*figures: holds report.md, samples_figure3.png, which this "
+                                                r"evaluation would replace, and no evaluation's metrics.json"):
+        E.check_earlier_outputs(out, model_copy)
+    (out / "metrics.json").write_text(json.dumps({"realism": {}, "settings": {}, "feature_net": {}}))
+    E.check_earlier_outputs(out, model_copy)  # an earlier evaluation's: replaced
+    E.check_earlier_outputs(model_copy / "evaluation", model_copy)  # the model's own evaluation folder

@@ -211,6 +211,43 @@ def test_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
     assert code == 130 and err.strip() == "adni-diffusers generate: interrupted"
 
 
+def test_a_run_cut_short_says_so_and_resume_makes_only_the_missing_images(fresh_pipe, tmp_path, monkeypatch):
+    """A 10,000-image run stopped part-way looked complete (generation.json said 10,000) and could only start again
+    (--overwrite deleted hours of images). It now says "complete": false, and --resume makes the missing images:
+    those an uninterrupted run makes, with the earlier ones untouched."""
+    from adni_diffusers.generate import generate
+
+    kwargs = dict(num_images=5, batch_size=2, scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    generate("unused", tmp_path / "straight", **kwargs)
+    calls, real_call = [], type(fresh_pipe).__call__
+
+    def stopped_at_the_third_batch(self, *args, **kw):
+        calls.append(kw["batch_size"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_call(self, *args, **kw)
+
+    monkeypatch.setattr(type(fresh_pipe), "__call__", stopped_at_the_third_batch)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        generate("unused", out, **kwargs)
+    assert json.loads((out / "generation.json").read_text())["complete"] is False
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("sample-*.png")}
+    assert sorted(first) == [f"sample-000{i}.png" for i in range(4)]
+    with pytest.raises(FileExistsError, match="that run was cut short: --resume with its flags"):
+        generate("unused", out, **kwargs)
+    with pytest.raises(ValueError, match=r"--resume: .*generation.json was made with other settings \(steps: 1 "
+                                         r"there, 2 now\)"):
+        generate("unused", out, **{**kwargs, "steps": 2}, resume=True)
+    calls.clear()
+    generate("unused", out, **kwargs, resume=True)
+    assert calls == [1]  # only image 4
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("sample-000[0-3].png")} == first
+    assert json.loads((out / "generation.json").read_text())["complete"] is True
+    for name in [f"sample-000{i}.png" for i in range(5)] + ["grid.png"]:
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
 def test_an_earlier_run_in_out_is_refused_unless_overwrite(fresh_pipe, tmp_path, capsys):
     """Old samples beside new ones would read as this run's: refused, or with --overwrite removed (only they)."""
     from adni_diffusers import cli

@@ -1620,8 +1620,9 @@ def test_a_stop_signal_during_a_checkpoint_save_stops_on_that_checkpoint(tmp_pat
     assert [c.name for c in training.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
 
 
+@pytest.mark.parametrize("when", ["_sample_grid", "_final_samples"])  # the last step's grid; the final phase
 def test_a_stop_signal_after_the_last_step_lets_the_final_save_finish(tmp_path, tiny_vq, demo_root, monkeypatch,
-                                                                      caplog):
+                                                                      caplog, when):
     """SLURM's --signal=TERM@120 reaching a run whose training had just ended killed it at once, with no word: no
     pipeline (or, trained on from a finished one, the new weights beside the old card and samples). The saves
     after the last step now finish, saying so, and the signal's own handler is given back."""
@@ -1629,7 +1630,7 @@ def test_a_stop_signal_after_the_last_step_lets_the_final_save_finish(tmp_path, 
 
     from adni_diffusers import train_unet
 
-    original = train_unet._final_samples
+    original = getattr(train_unet, when)
 
     def signal_then_sample(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -1638,7 +1639,7 @@ def test_a_stop_signal_after_the_last_step_lets_the_final_save_finish(tmp_path, 
     def not_caught(signum, frame):
         raise AssertionError("the final phase did not catch SIGTERM")
 
-    monkeypatch.setattr(train_unet, "_final_samples", signal_then_sample)
+    monkeypatch.setattr(train_unet, when, signal_then_sample)
     before = signal.signal(signal.SIGTERM, not_caught)
     reset_accelerate()
     out = tmp_path / "out"
