@@ -208,8 +208,8 @@ def shows_real_slices(folder: Path, rel: str, demo: bool) -> bool:
     """Whether the picture `rel` of `folder` shows real slices: any of REAL_SLICE_PICTURES of a model not
     trained on the demo set; of a demo model, those of an evaluation run on other data (its metrics.json says
     so), and a counterfactual measurement's unless its tradeoff.json says it measured demo data (`--data-dir`
-    may point a demo model at real slices; records from before it said so are taken as real). A picture with
-    no record beside it (an evaluation cut short before its metrics.json) is taken as real."""
+    may point a demo model at real slices; records from before it said so are taken as real). An evaluation's or
+    measurement's picture with no record beside it (a run cut short before writing it) is taken as real."""
     name = Path(rel).name
     if name not in REAL_SLICE_PICTURES:
         return False
@@ -222,8 +222,9 @@ def shows_real_slices(folder: Path, rel: str, demo: bool) -> bool:
         record = json.loads(beside.joinpath("metrics.json").read_text())
         return (record.get("data") or {}).get("data_source_is_demo") is False
     except (OSError, ValueError, AttributeError):
-        # no record says which slices it shows (an evaluation cut short before its metrics.json): withheld
-        return True
+        # no record says which slices it shows (an evaluation cut short before its metrics.json): withheld. The
+        # VQ stage's reconstructions.png shows the model's own (demo) training data, whatever evaluate is given
+        return name != "reconstructions.png"
 
 
 def report_without_pictures(report: str, withheld: list[str]) -> str:

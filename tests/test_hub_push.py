@@ -413,6 +413,8 @@ def test_pictures_of_real_slices_go_up_only_for_demo_models(hub_stub, pipeline_d
     (pipeline_dir / "reconstructions.png").write_bytes(b"png")
     report = "# Evaluation\n\n![UMAP](umap.png)\n\n![closest pairs](closest_pairs.png)\n\nafter\n"
     (pipeline_dir / "evaluation" / "report.md").write_text(report)
+    # the evaluation's record: on the model's own data (a picture without one is withheld, below)
+    (pipeline_dir / "evaluation" / "metrics.json").write_text(json.dumps({"data": {"data_source_is_demo": demo}}))
     with caplog.at_level("WARNING", logger="adni_diffusers.hub"):
         push_folder(pipeline_dir, REPO, token=hub_stub.token, trained_on_demo_data=demo)
     pushed = hub_stub.repo_files(REPO)
@@ -471,7 +473,8 @@ def test_real_slice_pictures_are_withheld_wherever_they_lie_and_whoever_evaluate
     (pipeline_dir / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
     push_folder(pipeline_dir, REPO, token=hub_stub.token, trained_on_demo_data=True)
     pushed = hub_stub.repo_files(REPO)
-    assert "evaluation/closest_pairs.png" not in pushed and "closest_pairs.png" in pushed  # top one: demo data
+    # the top one has no record beside it saying which data it shows (an evaluation cut short): withheld too
+    assert "evaluation/closest_pairs.png" not in pushed and "closest_pairs.png" not in pushed
     report = pushed["evaluation/report.md"].decode()
     assert "# Evaluation of `<local>/" in report and "Real data: `<local>/AD_NC`" in report
     assert str(pipeline_dir) not in report and "/home/alice" not in report
