@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def non_negative_int(text: str) -> int:
 
 
 # what `generate` writes in --out; an earlier run's copies would read as this run's
-OUTPUTS = ("sample-*.png", "grid.png", "denoising.gif", "generation.json")
+OUTPUTS = ("sample-*.png", "sample-*.png.tmp", "grid.png", "denoising.gif", "generation.json")
 GRID_IMAGES = 64  # grid.png shows the first ones: a grid of 10,000 (an FD-sized set) is unreadable and takes GBs
 
 
@@ -311,7 +312,9 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                 grid_images.append(batch[:GRID_IMAGES - start])
             for i, im in zip(todo, to_uint8(batch[torch.tensor(todo) - start])):  # on disk now: a crash keeps them
                 path = out / f"sample-{i:04d}.png"
-                Image.fromarray(im.numpy(), mode="L").save(path)
+                tmp = path.with_name(path.name + ".tmp")  # renamed when whole: --resume never takes half a file
+                Image.fromarray(im.numpy(), mode="L").save(tmp, format="PNG")
+                os.replace(tmp, path)
             paths["images"] += [str(out / f"sample-{i:04d}.png") for i in range(start, start + batch_size)
                                 if i < num_images]
     images = torch.cat(grid_images)

@@ -239,9 +239,11 @@ def test_a_run_cut_short_says_so_and_resume_makes_only_the_missing_images(fresh_
     with pytest.raises(ValueError, match=r"--resume: .*generation.json was made with other settings \(steps: 1 "
                                          r"there, 2 now\)"):
         generate("unused", out, **{**kwargs, "steps": 2}, resume=True)
+    (out / "sample-0004.png.tmp").write_bytes(b"\x89PNG half")  # killed while saving: never taken as made
     calls.clear()
     generate("unused", out, **kwargs, resume=True)
     assert calls == [1]  # only image 4
+    assert not list(out.glob("*.tmp"))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("sample-000[0-3].png")} == first
     assert json.loads((out / "generation.json").read_text())["complete"] is True
     for name in [f"sample-000{i}.png" for i in range(5)] + ["grid.png"]:
