@@ -76,6 +76,9 @@ OUTPUTS = ("metrics.json", "report.md", "ablations.csv", "ablations.png", "umap.
            "closest_pairs.png", "samples_*.png")
 
 
+RUNNING_MARKER = ".evaluation_running"  # from the removal of earlier outputs to the last write
+
+
 class EvaluationError(ValueError):
     """The model, the data or the settings cannot be evaluated as asked; the message says why."""
 
@@ -1061,7 +1064,8 @@ def check_earlier_outputs(out: Path, model_dir: Path) -> None:
     if out.resolve() == (model_dir / "evaluation").resolve():
         return
     found = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)})
-    if found and not is_evaluation_record(out / "metrics.json"):
+    # an evaluation's record, or the marker of one that was cut short before writing it
+    if found and not is_evaluation_record(out / "metrics.json") and not (out / RUNNING_MARKER).is_file():
         names = ", ".join(p.name for p in found[:5]) + (", ..." if len(found) > 5 else "")
         raise EvaluationError(f"--out {out}: holds {names}, which this evaluation would replace, and no evaluation's "
                               "metrics.json beside them (are they yours?): choose another --out, or remove them")
@@ -1212,6 +1216,7 @@ def evaluate_model(
     # everything is checked: an earlier run's outputs go now (a refused run keeps them), before anything is written
     earlier = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)})
     remove_outputs(earlier)
+    (out / RUNNING_MARKER).write_text("an evaluation is writing here (check_earlier_outputs)\n", encoding="utf-8")
     if earlier and render_card:  # a run cut short must not leave the card showing the removed run's numbers
         _rerender_card(model_dir, out)
 
@@ -1418,6 +1423,7 @@ def evaluate_model(
         timings["ablation_seconds"] = time.perf_counter() - t
 
     result = write_results(complete=True)
+    (out / RUNNING_MARKER).unlink(missing_ok=True)
     result["card"] = _rerender_card(model_dir, out) if render_card else "model card not re-rendered (disabled)"
     logger.info("%s", result["card"])
     return result

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace an earlier run's samples, grid and GIF in --out (otherwise refused)")
     parser.add_argument("--resume", action="store_true",
                         help="go on with a run of the same flags that was cut short in --out: its images are kept, "
-                             "the missing ones made (the same images an uninterrupted run makes)")
+                             "the missing ones made (with --gif the first batch again, for the animation)")
     parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
@@ -193,7 +193,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     """Sample `num_images` slices into `out`; returns the written paths. An `out` that holds an earlier run's
     outputs is refused unless `overwrite` (which removes them, and only them) or `resume` (a run of the same
     settings cut short: its images are kept and the missing ones made; each image has its own seed, so they are
-    the images an uninterrupted run makes)."""
+    the images an uninterrupted run makes, up to a grey level where the batches differ)."""
     from tqdm.auto import tqdm
 
     from .plots import save_image_grid
@@ -260,10 +260,11 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                              + ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
                              + "); give the same flags, or --overwrite to start again")
         made = {i for i in range(num_images) if (out / f"sample-{i:04d}.png").is_file()}
-        if gif:  # the animation follows the first batch: made again (the same images: one seed per image)
-            made -= set(range(min(batch_size, num_images)))
         logger.info("--resume: %d of %d images are there; making the other %d", len(made), num_images,
                     num_images - len(made))
+        if gif and made & set(range(min(batch_size, num_images))):
+            logger.info("--gif: the first batch is made again for the animation (the same seeds)")
+            made -= set(range(min(batch_size, num_images)))
     else:
         remove_outputs(earlier)
         made = set()

@@ -446,12 +446,15 @@ def _report_contents(model_dir: Path) -> str:
     parts = ["each number beside its floor"]
     if (metrics.get("model") or {}).get("conditional"):
         parts.append("per-class tables")
-    if (metrics.get("settings") or {}).get("ablations"):
+    if metrics.get("ablations"):  # run, not only asked for (an evaluation cut short in them has none)
         parts.append("ablations")
     if (metrics.get("files") or {}).get("umap"):
         parts.append("the UMAP")
     parts.append("the memorisation check")
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = ", ".join(parts[:-1]) + " and " + parts[-1]
+    if metrics.get("complete") is False:
+        text += " (an evaluation cut short before its UMAP and ablations)"
+    return text
 
 
 def _pipeline_tags(ctx: dict) -> list[str]:

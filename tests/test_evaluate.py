@@ -1175,6 +1175,7 @@ def test_an_evaluation_cut_short_in_its_ablations_keeps_its_numbers(stub_evaluat
     assert "**Incomplete:**" in (out / "report.md").read_text() and result["complete"] is True
     (out / "metrics.json").unlink()  # cut short before any record: its picture of training slices stays local
     assert shows_real_slices(out, "closest_pairs.png", demo=True)
+    E.check_earlier_outputs(out, model)  # its own leftovers (the marker says so): the same command runs again
 
 
 def test_an_out_folder_with_files_no_evaluation_made_is_refused(model_copy, tmp_path):

@@ -248,10 +248,16 @@ def test_the_report_is_described_by_what_it_holds(ldm):
     (ldm / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
     text = render_model_card(ldm)
     assert "Each number beside its floor, per-class tables and the memorisation check:" in text
-    metrics.update(settings={"ablations": True}, files={"umap": "umap.png"})
+    metrics.update(settings={"ablations": True}, files={"umap": "umap.png"}, ablations={"rows": [{}]})
     (ldm / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
     text = render_model_card(ldm)
     assert "Each number beside its floor, per-class tables, ablations, the UMAP and the memorisation check:" in text
+    # cut short in its ablations: asked for, not there, and the card says the evaluation is incomplete
+    metrics.update(ablations=None, files={}, complete=False)
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+    text = render_model_card(ldm)
+    assert ("per-class tables and the memorisation check (an evaluation cut short before its UMAP and "
+            "ablations):") in text
 
 
 def test_write_model_card_keeps_a_card_without_the_marker(ldm, caplog):
