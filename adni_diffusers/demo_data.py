@@ -27,7 +27,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
+
+from .files import remove_path
 
 logger = logging.getLogger(__name__)
 
@@ -535,10 +536,7 @@ def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
             "remove them or pick another folder"
         )
     for p in entries:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        remove_path(p)
     out_dir.mkdir(parents=True, exist_ok=True)
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import replace_folder
 from .data import PATIENT_SLICE_RE, SliceSet, hash_array
 from .metrics import as_images, knn
 from .plots import save_figure
@@ -594,9 +595,7 @@ def get_or_train_feature_net(
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_feature_net(net, tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    replace_folder(tmp, target)
     return net, report
 
 

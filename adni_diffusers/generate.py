@@ -11,12 +11,12 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .files import remove_path
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -72,10 +72,7 @@ def check_out_folder(out: Path, earlier: list[Path], overwrite: bool) -> None:
 
 def remove_outputs(paths: list[Path]) -> None:
     for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -185,9 +185,11 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
     for key, label in _ARG_LABELS:
         if key in args and _shown(key, args):
             value = args[key]
+            used = args.get("mixed_precision_used") if key == "mixed_precision" else None
             if key == "mixed_precision" and value is None:  # left to `accelerate config`: what it chose, if known
-                used = args.get("mixed_precision_used")
                 value = f"{used} (from `accelerate config`)" if used else "as `accelerate config` says"
+            elif used and used != value:  # fp16 asked for on a CPU, which trains in float32 there
+                value = f"{value} (did nothing on the CPU: trained in {'float32' if used == 'no' else used})"
             rows.append((f"`--{key}`", _fmt(value), label))
     return rows
 
@@ -245,7 +247,9 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
         rows.append(("validation", val.get("images", "?"), val.get("patients", "?"), _per_class(val)))
     # never the full local path; PureWindowsPath takes both separators: a model trained on Windows, its card
     # rendered on Linux (a push, evaluate), took all of C:\Users\<name>\... for the folder's name
-    root_name = PureWindowsPath(str(data.get("root") or "")).name or "?"
+    root = PureWindowsPath(str(data.get("root") or ""))
+    # a share's root (//host/share) has no name: the share's name stands for it
+    root_name = root.name or root.drive.replace("/", "\\").rstrip("\\").split("\\")[-1] or "?"
     total = sum(r[1] for r in rows if isinstance(r[1], int))
     if source == "demo":
         summary = f"the synthetic demo set ({total} slices, not ADNI)"

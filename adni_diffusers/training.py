@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .compile_probe import CUDA_GRAPH_MODES
+from .files import fsync_tree, remove_path, replace_folder
 
 logger = logging.getLogger("adni_diffusers.training")
 
@@ -280,7 +281,7 @@ def make_accelerator(args, project_name: str):
         project_config=config,
     )
     check_world_size(accelerator)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    if precision_in_effect(accelerator) != accelerator.mixed_precision:
         # Accelerate has no fp16 autocast on the CPU and says nothing: the run would be float32 under an fp16 label
         logger.warning("--mixed_precision fp16 does nothing on the CPU: Accelerate trains in float32 there. "
                        "Use --mixed_precision bf16 for mixed precision on a CPU, or no.")
@@ -344,10 +345,10 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
             if project and logs_inside:  # a run that died before its first checkpoint: its curves would mix in
                 earlier.append(logs / project)
         for p in earlier:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            remove_path(p, ignore_errors=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in [*output_dir.glob("checkpoint-*.tmp"), output_dir / ".saving.tmp"]:  # saves cut short
-            _remove(stale)
+            remove_path(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -812,13 +813,10 @@ def save_checkpoint(accelerator, output_dir, step: int, extra_state: dict, total
         meta = {"step": step, **extra_state.get("meta", {})}
         (tmp / "training_state.json").write_text(json.dumps(meta, indent=2))
         share_like_other_files(tmp.rglob("*.safetensors"))
-        _fsync_tree(tmp)
-        aside = output_dir / f"checkpoint-{step}.old.tmp"  # a .tmp: removed at the next start if a crash leaves it
-        if final.exists():  # this step again (resumed from an earlier checkpoint): out of the way in one rename, so
-            shutil.rmtree(aside, ignore_errors=True)  # a crash while deleting it leaves no half checkpoint-N
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
+        fsync_tree(tmp)
+        # this step again (resumed from an earlier checkpoint): the old checkpoint-N goes aside in one rename (a
+        # checkpoint-N.old.tmp, which the next start removes), never half-deleted
+        replace_folder(tmp, final)
         if total_limit is not None:
             # never the one just saved: resumed from an older checkpoint, newer ones (of the abandoned run) outrank it
             others = [p for p in list_checkpoints(output_dir) if p != final]
@@ -827,15 +825,6 @@ def save_checkpoint(accelerator, output_dir, step: int, extra_state: dict, total
     accelerator.wait_for_everyone()
     logger.info("saved %s", final)
     return final
-
-
-def _fsync_tree(folder: Path) -> None:
-    # Windows' fsync (FlushFileBuffers) needs a handle that may write: on a read-only one it raises EBADF
-    mode = "r+b" if os.name == "nt" else "rb"
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, mode) as f:
-                os.fsync(f.fileno())
 
 
 def save_into(output_dir: Path, save, last: str | None = None) -> None:
@@ -852,23 +841,11 @@ def save_into(output_dir: Path, save, last: str | None = None) -> None:
     share_like_other_files(tmp.rglob("*.safetensors"))
     for part in sorted(tmp.iterdir(), key=lambda q: q.name == last):
         target = output_dir / part.name
-        if part.is_dir():
-            aside = output_dir / f"{part.name}.old.tmp"
-            _remove(aside)
-            if target.is_symlink() or target.exists():  # (a link to another folder: the link goes, not its files)
-                os.replace(target, aside)
-            os.replace(part, target)
-            _remove(aside)
+        if part.is_dir():  # (a link to another folder in its place: the link goes, not its files)
+            replace_folder(part, target)
         else:
             os.replace(part, target)
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def forget_earlier_results(output_dir, *names: str) -> None:
@@ -1313,7 +1290,9 @@ class TrainingRun:
 
     def end_step(self, logs: dict[str, torch.Tensor]) -> None:
         """Call once per optimizer step (when `accelerator.sync_gradients`), with the last micro-batch's logs."""
-        if self.ema is not None:
+        # an fp16 step that the grad scaler skipped (inf/NaN gradients) left the weights as they were: the EMA does
+        # not count it either (its decay warm-up follows the optimizer's real steps, as the LR schedule does)
+        if self.ema is not None and not self.accelerator.optimizer_step_was_skipped:
             self.ema.ema.step(bare_model(self.accelerator, self.model).parameters())
         self.global_step += 1
         self._batches_since_step = 0
@@ -1467,6 +1446,14 @@ def _stack_per_key(rows: list[dict], device) -> dict[str, torch.Tensor]:
     return {k: torch.stack([row[k].to(device) for row in rows if k in row]) for k in keys}
 
 
+def precision_in_effect(accelerator) -> str:
+    """The precision the run really trains in: Accelerate keeps "fp16" as its setting on the CPU, where it has no
+    fp16 autocast and trains in float32 ("no")."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        return "no"
+    return accelerator.mixed_precision
+
+
 def save_run_info(output_dir, args, data, data_source: str, extra: dict | None = None, model=None,
                   accelerator=None) -> None:
     """`training_data.json` (what the model saw; read by the Hub push and the model card) and
@@ -1482,7 +1469,7 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
 
         safe_args["compiled"] = is_compiled_module(model)
     if accelerator is not None:
-        safe_args["mixed_precision_used"] = accelerator.mixed_precision
+        safe_args["mixed_precision_used"] = precision_in_effect(accelerator)
     (output_dir / "training_args.json").write_text(json.dumps(safe_args, indent=2, default=str))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from .data import SliceData, SliceDataset
+from .files import remove_path, replace_folder
 
 
 def stratified_rows(labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
@@ -122,14 +122,10 @@ def save_atomically(model, folder: Path) -> None:
     """`model.save_pretrained` into `<folder>.tmp`, then swapped in. diffusers writes config.json before the weights:
     a save cut short (a full disk) in place left the new scaling factor beside the old weights, a folder that
     loads and looks finished (a run trained on from a finished one)."""
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old.tmp")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(folder.name + ".tmp")
+    remove_path(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     from .pipeline_adni_ldm import share_like_other_files
 
     share_like_other_files(tmp.glob("*.safetensors"))
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, folder)

@@ -18,6 +18,7 @@ from adni_diffusers import cli
 from adni_diffusers import evaluate as E
 from adni_diffusers import features as Fe
 from adni_diffusers.metrics import FD_NAME, KID_NAME
+from adni_diffusers.model_card import render_model_card
 
 QUICK_STEPS = {"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2}  # sampler step counts for the ablation rows
 FLOOR = E.FLOOR_LABEL
@@ -1191,3 +1192,22 @@ def test_an_out_folder_with_files_no_evaluation_made_is_refused(model_copy, tmp_
     (out / "metrics.json").write_text(json.dumps({"realism": {}, "settings": {}, "feature_net": {}}))
     E.check_earlier_outputs(out, model_copy)  # an earlier evaluation's: replaced
     E.check_earlier_outputs(model_copy / "evaluation", model_copy)  # the model's own evaluation folder
+
+
+def test_a_rerun_cut_short_leaves_no_card_showing_the_removed_numbers(evaluated, model_copy, tmp_path, monkeypatch):
+    """The earlier evaluation goes before any work; a rerun that then fails must re-render the card at once, or it
+    goes on showing numbers whose metrics.json is gone (and a push uploads that card)."""
+    model = tmp_path / "ldm"
+    shutil.copytree(model_copy, model)
+    card = model / "README.md"
+    card.write_text(render_model_card(model), encoding="utf-8")
+    assert "From `evaluation/metrics.json`" in card.read_text(encoding="utf-8")
+
+    def cut_short(*args, **kwargs):
+        raise RuntimeError("the job's time limit")
+
+    monkeypatch.setattr(Fe, "get_or_train_feature_net", cut_short)
+    with pytest.raises(RuntimeError, match="time limit"):
+        E.evaluate_model(model, num_samples=2, steps=2, device="cpu", progress=False)
+    assert not (model / "evaluation" / "metrics.json").exists()
+    assert "Not measured yet" in card.read_text(encoding="utf-8")

@@ -570,7 +570,8 @@ def test_a_data_folder_recorded_on_windows_shows_only_its_name_in_the_card():
     user name included: on POSIX, a Windows path is one name."""
     from adni_diffusers.model_card import _data_context
 
-    for root in ("C:\\Users\\alice.smith\\Documents\\ADNI_AD_NC", "/home/alice/ADNI_AD_NC", "ADNI_AD_NC"):
+    for root in ("C:\\Users\\alice.smith\\Documents\\ADNI_AD_NC", "/home/alice/ADNI_AD_NC", "ADNI_AD_NC",
+                 "//alice-pc/ADNI_AD_NC", "\\\\alice-pc\\ADNI_AD_NC\\", "/home/alice/ADNI_AD_NC/"):
         ctx = _data_context({"root": root, "train": {"images": 20, "patients": 1}}, {}, "user")
         assert ctx["data_root_name"] == "ADNI_AD_NC" and "alice" not in ctx["data_summary"], ctx
 
@@ -586,3 +587,15 @@ def test_the_card_caption_gives_the_sample_grids_step_count(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "samples.png")
     text = render_model_card(tmp_path)
     assert "DDIM with 37 steps, no guidance, seed 5" in text
+
+
+def test_fp16_that_trained_in_float32_on_a_cpu_is_not_shown_as_fp16():
+    """Accelerate keeps "fp16" as its setting on the CPU, where it trains in float32: the card showed fp16."""
+    from adni_diffusers.model_card import _argument_rows
+
+    rows = dict((flag, value) for flag, value, _ in _argument_rows({"mixed_precision": "fp16",
+                                                                    "mixed_precision_used": "no"}))
+    assert rows["`--mixed_precision`"] == "fp16 (did nothing on the CPU: trained in float32)"
+    rows = dict((flag, value) for flag, value, _ in _argument_rows({"mixed_precision": "bf16",
+                                                                    "mixed_precision_used": "bf16"}))
+    assert rows["`--mixed_precision`"] == "bf16"

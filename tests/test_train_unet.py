@@ -273,7 +273,7 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     import logging
 
     from adni_diffusers import train_unet
-    from adni_diffusers.training import make_accelerator
+    from adni_diffusers.training import make_accelerator, precision_in_effect
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the CPU also on a machine with a GPU
     args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", str(tmp_path), "--mixed_precision", precision,
@@ -283,6 +283,8 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
         with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
             accelerator = make_accelerator(args, "unet")
         assert accelerator.device.type == "cpu" and accelerator.mixed_precision == precision
+        # what training_args.json records, and so the model card shows, is what it trained in
+        assert precision_in_effect(accelerator) == ("no" if precision == "fp16" else precision)
     finally:
         reset_accelerate()
     assert ("--mixed_precision fp16 does nothing on the CPU" in caplog.text) == warned

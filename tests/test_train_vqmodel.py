@@ -481,6 +481,27 @@ def test_gradient_accumulation_logs_the_mean_over_each_steps_micro_batches(tmp_p
     assert run._micro_logs == []
 
 
+def test_an_optimizer_step_the_grad_scaler_skipped_is_no_ema_step(tmp_path):
+    """fp16: a step with inf gradients is skipped by the grad scaler (weights and LR schedule stay); the EMA took it
+    as a step all the same, moving its decay warm-up on for weights that had not changed."""
+    from types import SimpleNamespace
+
+    from diffusers.training_utils import EMAModel
+
+    from adni_diffusers.training import EMAState
+
+    run = _bare_run(tmp_path)
+    run.model = torch.nn.Linear(2, 2)
+    run.ema = EMAState(EMAModel(run.model.parameters(), use_ema_warmup=True))
+    skipped = SimpleNamespace(step_was_skipped=True)
+    run.accelerator._optimizers.append(skipped)
+    run.end_step({"loss": torch.tensor(1.0)})
+    assert run.ema.ema.optimization_step == 0 and run.global_step == 1
+    skipped.step_was_skipped = False
+    run.end_step({"loss": torch.tensor(1.0)})
+    assert run.ema.ema.optimization_step == 1
+
+
 def test_adaptive_gan_weight_survives_fp16_gradient_underflow():
     """A mean loss over a batch of slices has per-pixel gradients near fp16's smallest number: without the
     GradScaler's scale the reconstruction gradient underflows to 0 and the GAN term gets weight 0."""

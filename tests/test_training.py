@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import checkpoint_accelerator, reset_accelerate
 
-from adni_diffusers import training
+from adni_diffusers import files, training
 from adni_diffusers.data import load_slices
 
 
@@ -381,5 +381,5 @@ def test_checkpoint_files_are_synced_through_a_handle_windows_lets_fsync(tmp_pat
 
     monkeypatch.setattr(os, "name", "nt")
     monkeypatch.setattr(os, "fsync", windows_fsync)
-    training._fsync_tree(tmp_path)
+    files.fsync_tree(tmp_path)
     assert len(synced) == 1 and (tmp_path / "sub" / "model.safetensors").read_bytes() == b"weights"

@@ -1,0 +1,42 @@
+"""The file-system steps every stage shares: a path removed whatever it is, a folder replaced in one rename.
+
+A crash (a full disk, a job's time limit) may come between any two steps: each leaves the old folder or the new
+one, never half of either, and the leftovers are `.tmp` names the next start removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def remove_path(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a file, a folder or a link (the link only, never what it points at); a missing path is fine."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder `new` at `target`: the earlier one (or a link there) goes aside in one rename first,
+    so that a crash while deleting it leaves `<target>.old.tmp`, not a half-deleted `target`."""
+    new, target = Path(new), Path(target)
+    aside = target.with_name(f"{target.name}.old.tmp")
+    remove_path(aside, ignore_errors=True)
+    if target.is_symlink() or target.exists():
+        os.replace(target, aside)
+    os.replace(new, target)
+    remove_path(aside, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder` on disk, not only in the page cache, before the rename that publishes it."""
+    # Windows' fsync (FlushFileBuffers) needs a handle that may write: on a read-only one it raises EBADF
+    mode = "r+b" if os.name == "nt" else "rb"
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, mode) as f:
+                os.fsync(f.fileno())
