@@ -281,6 +281,13 @@ def make_accelerator(args, project_name: str):
         project_config=config,
     )
     check_world_size(accelerator)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is too much
+    if not accelerator.is_main_process:
+        # the main process gives every warning once: under `accelerate launch` each one came N times, once per
+        # process (what goes wrong in one process alone is an error, and still shows)
+        logging.getLogger("adni_diffusers").setLevel(logging.ERROR)
+    _quiet_libraries(accelerator.is_main_process)
     if precision_in_effect(accelerator) != accelerator.mixed_precision:
         # Accelerate has no fp16 autocast on the CPU and says nothing: the run would be float32 under an fp16 label
         logger.warning("--mixed_precision fp16 does nothing on the CPU: Accelerate trains in float32 there. "
@@ -293,11 +300,6 @@ def make_accelerator(args, project_name: str):
         torch.backends.cudnn.allow_tf32 = True
     if getattr(args, "cudnn_benchmark", False) and torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is too much
-    if not accelerator.is_main_process:
-        logging.getLogger("adni_diffusers").setLevel(logging.WARNING)
-    _quiet_libraries(accelerator.is_main_process)
     return accelerator
 
 
@@ -683,7 +685,11 @@ def maybe_compile(model, args, probe=None, child_probe=None):
         for p in model.parameters():
             p.grad = None  # the probe's gradients are not a training step
     if not _every_process_agrees(failure is None):  # all compiled, or all eager
-        logger.warning("torch.compile failed (%s); training eager", failure or "in another process")
+        from accelerate import PartialState
+
+        # a process's own failure shows from every process (other processes than the main one log errors only)
+        level = logging.WARNING if failure is None or PartialState().is_main_process else logging.ERROR
+        logger.log(level, "torch.compile failed (%s); training eager", failure or "in another process")
         return model
     return compiled
 
