@@ -403,8 +403,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         labels = class_labels if isinstance(class_labels, (list, tuple, torch.Tensor, np.ndarray)) else [class_labels]
         if isinstance(labels, (torch.Tensor, np.ndarray)):  # a 0-d tensor or array is one label
             labels = labels.reshape(-1).tolist()
-        else:
-            labels = list(labels)
+        else:  # a list of 0-d tensors (labels taken one by one from a dataset): each is its number
+            labels = [x.item() if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0 else x for x in labels]
         out = []
         for label in labels:
             if isinstance(label, str):
@@ -415,6 +415,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"class label {label!r} is a bool: expected 0..{self.null_class - 1} or one of {names}")
             elif isinstance(label, (int, np.integer)) and 0 <= int(label) < self.null_class:
                 out.append(int(label))
+            elif not isinstance(label, (int, np.integer)):
+                raise ValueError(f"class label {label!r} is a {type(label).__name__}: expected an int "
+                                 f"0..{self.null_class - 1} or one of {names}")
             else:
                 raise ValueError(f"class label {label!r} out of range: expected 0..{self.null_class - 1} or one of {names}")
         if len(out) == 1:

@@ -1059,6 +1059,21 @@ def test_a_bool_class_label_is_refused(pipe):
             pipe(batch_size=2, class_labels=labels, num_inference_steps=1, output_type="latent")
 
 
+def test_labels_taken_one_by_one_from_a_dataset_are_their_numbers(pipe):
+    """A list of 0-d tensors ([sample["label"] for ...]) was refused as "class label tensor(0) out of range"; a
+    label of a wrong type now says so."""
+    import torch
+
+    def labels_of(class_labels):
+        return pipe._labels(class_labels, 2).tolist()
+
+    assert labels_of(list(torch.tensor([0, 1]))) == labels_of([np.int64(0), np.array(1)]) == [0, 1]
+    with pytest.raises(ValueError, match=r"class label 1.0 is a float: expected an int 0..1"):
+        pipe(batch_size=2, class_labels=[0, 1.0], num_inference_steps=1, output_type="latent")
+    with pytest.raises(ValueError, match="class label 2 out of range"):
+        labels_of(list(torch.tensor([0, 2])))
+
+
 def test_np_and_pil_outputs_are_the_pt_images_channels_last(pipe):
     """"np" is the "pt" image with the channel moved last, (N, H, W, 1), and "pil" its rounded 8-bit pixels: rows
     stay rows. A transposed layout keeps the square shape, so only the pixels tell (a brain on its side)."""
