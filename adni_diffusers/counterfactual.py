@@ -34,6 +34,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 import zlib
 from pathlib import Path
@@ -64,7 +65,8 @@ FEATURE_EPOCHS = 5  # the evaluation classifier's default recipe (adni-diffusers
 
 
 def check_strengths(strengths, steps: int | None = None) -> list[float]:
-    """Strengths as floats in (0, 1], in the order given, without repeats. With `steps`, each must
+    """Strengths as floats in (0, 1], ascending, without repeats (a strip, the trade-off table and its plot read
+    by strength: a line drawn in the order given zigzagged, and its CI band broke). With `steps`, each must
     also select at least one denoising step (the pipeline runs steps * strength of them, rounded half up)."""
     out, tags = [], {}
     for s in strengths:
@@ -83,7 +85,7 @@ def check_strengths(strengths, steps: int | None = None) -> list[float]:
             out.append(s)
     if not out:
         raise ValueError("--strength: give at least one strength in (0, 1]")
-    return out
+    return sorted(out)
 
 
 def check_target(pipe, to) -> str:
@@ -818,11 +820,11 @@ def write_tradeoff(result: dict, out_dir, reference: str = "reconstruction") -> 
     if result.get("example") is not None:
         files["example_strip"] = str(out / "example_strip.png")
     # the numbers first: a picture that fails to save (a full disk) must not lose the measurement
-    (out / "tradeoff.md").write_text(tradeoff_markdown(result), encoding="utf-8")
+    _write_text_atomically(out / "tradeoff.md", tradeoff_markdown(result))
     public = {k: v for k, v in result.items() if k not in ("maps", "mean_original", "example")}
     public["files"] = files
     public["example_strip_difference"] = f"counterfactual - {reference}"
-    (out / "tradeoff.json").write_text(json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n")
+    _write_text_atomically(out / "tradeoff.json", json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n")
     plot_tradeoff(result, out / "tradeoff.png")
     plot_mean_difference(result, out / "mean_difference.png")
     if result.get("example") is not None:
@@ -835,11 +837,17 @@ def write_tradeoff(result: dict, out_dir, reference: str = "reconstruction") -> 
 
 def model_records(model: str) -> Path:
     """The folder with the model's JSON records: `model` itself, or for a Hub repo id its JSON files only."""
+    from .generate import check_model_argument
+
+    check_model_argument(model)
     folder = Path(model)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(model, allow_patterns=["*.json"]))
+        try:
+            folder = Path(snapshot_download(model, allow_patterns=["*.json"]))
+        except Exception as e:  # noqa: BLE001 - the Hub's errors (not cached offline, no such repo) name no flag
+            raise OSError(f"--model {model}: {type(e).__name__}: {e}") from None
     return folder
 
 
@@ -919,7 +927,7 @@ def _image_out_dirs(paths: list[Path], out: Path) -> list[Path]:
 
 # written at the top of --out (beside one folder per --image, each with a strip.png)
 TOP_OUTPUTS = ("counterfactuals.json", "tradeoff.json", "tradeoff.md", "tradeoff.png", "mean_difference.png",
-               "example_strip.png")
+               "example_strip.png", "counterfactuals.json.tmp", "tradeoff.json.tmp", "tradeoff.md.tmp")
 
 
 def _earlier_outputs(out: Path, folders: list[Path]) -> list[Path]:
@@ -929,25 +937,41 @@ def _earlier_outputs(out: Path, folders: list[Path]) -> list[Path]:
         return []
     found = {out / name for name in TOP_OUTPUTS if (out / name).exists()}
     try:
-        recorded = [Path(e["folder"]).name for e in json.loads((out / "counterfactuals.json").read_text())["images"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        recorded = []
+        record = json.loads((out / "counterfactuals.json").read_text(encoding="utf-8"))
+        recorded = [Path(e["folder"]).name for e in record["images"]]
+        planned = [Path(name).name for name in record.get("planned", [])]  # a run cut short: all it meant to write
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        recorded, planned = [], []
+    safe = [name for name in planned if name not in ("", ".", "..")]
+    found.update(out / name for name in safe if (out / name).is_dir())
     for folder in [out / name for name in recorded if name not in ("", ".", "..")] + list(folders):
         if (folder / "strip.png").is_file():
             found.add(folder)
     return sorted(found)
 
 
+def _write_text_atomically(path: Path, text: str) -> None:
+    """A record written whole or not at all (a .tmp renamed): one cut short was unreadable, and its run's outputs
+    then counted as nobody's."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_classifier_folder(folder: str) -> None:
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--classifier {folder}: no such folder (expected a feature net folder, "
+                                "e.g. <model>/feature_net/feature-net-<key>, written by evaluate or --measure)")
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"--classifier {folder}: no config.json (expected a folder written by "
+                                "features.save_feature_net)")
+
+
 def _load_classifier(args, data, device):
     from .features import check_cache_folder, get_or_train_feature_net, load_feature_net
 
     if args.classifier:
-        if not Path(args.classifier).is_dir():
-            raise FileNotFoundError(f"--classifier {args.classifier}: no such folder (expected a feature net folder, "
-                                    "e.g. <model>/feature_net/feature-net-<key>, written by evaluate or --measure)")
-        if not (Path(args.classifier) / "config.json").is_file():
-            raise FileNotFoundError(f"--classifier {args.classifier}: no config.json (expected a folder written by "
-                                    "features.save_feature_net)")
+        check_classifier_folder(args.classifier)
         net = load_feature_net(args.classifier, device=device)
         from .features import evaluate_feature_net
 
@@ -1006,6 +1030,8 @@ def main(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"{', '.join(given)} {'only apply' if len(given) > 1 else 'only applies'} with --measure, "
                              "--classify or --classifier")
+    if args.classifier:  # before the model loads and the data is decoded
+        check_classifier_folder(args.classifier)
     image_paths = [Path(p) for p in args.image or []]
     # prepared as training prepared its slices (pad or resize), not always padded
     preprocess = recorded_preprocess(model_records(args.model)) if image_paths else None
@@ -1044,7 +1070,14 @@ def main(args: argparse.Namespace) -> int:
 
     summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
                "scheduler": args.scheduler, "steps": steps, "seed": args.seed,
-               "difference": f"counterfactual - {args.diff_against}", "preprocess": preprocess, "images": []}
+               "difference": f"counterfactual - {args.diff_against}", "preprocess": preprocess,
+               # before the first image: a run cut short leaves a record of the folders it was writing, which the
+               # next run into --out refuses (or removes with --overwrite) like a finished run's
+               "complete": False, "planned": [f.name for f in folders], "images": []}
+    record = out / "counterfactuals.json"
+    if folders:
+        _write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
+    training_paths = {str(Path(p).resolve()) for p in data.train.paths} if data is not None else set()
     for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
         # as uint8: exact, where floats would be scaled by a guess ([0, 1] for a slice with no dark pixel)
         batch = to_uint8(torch.cat(images[first:first + batch_size]))
@@ -1057,7 +1090,7 @@ def main(args: argparse.Namespace) -> int:
             entry = {"image": str(path), "folder": folder.name,
                      "strip": Path(files["strip"]).relative_to(out).as_posix()}
             if data is not None:  # the model saw this slice in training: say so
-                entry["in_training_split"] = str(path.resolve()) in {str(Path(p).resolve()) for p in data.train.paths}
+                entry["in_training_split"] = str(path.resolve()) in training_paths
                 if entry["in_training_split"]:
                     logger.warning("%s is one of the model's TRAINING slices; a held-out slice makes a fairer "
                                    "counterfactual", path)
@@ -1065,7 +1098,8 @@ def main(args: argparse.Namespace) -> int:
                 entry["p_target"] = {str(k): v for k, v in result["probabilities"].items()}
             summary["images"].append(entry)
             print(f"{path}: strip {files['strip']}")
-        (out / "counterfactuals.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary["complete"] = len(summary["images"]) == len(folders)
+        _write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
 
     if args.measure:
         src_idx = data.class_names.index(source)

@@ -132,6 +132,15 @@ def check_scheduler_steps(scheduler: str, config, steps: int) -> None:
         raise ValueError(f"--scheduler {scheduler} --steps {steps}: {e}") from None
 
 
+def check_model_argument(model: str) -> None:
+    """--model is a folder or a Hub repo id ("name" or "owner/name"): anything else is a mistyped local path, which
+    huggingface_hub would report as a malformed repo id."""
+    path = Path(model)
+    if not path.is_dir() and (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+                              or " " in model):
+        raise ValueError(f"--model {model}: no such folder (a saved pipeline folder, or a Hub repo id owner/name)")
+
+
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
     from .pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
@@ -141,12 +150,7 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
                        "(bfloat16 was 30x slower on a 2-core AMD EPYC, docs/performance.md); float32 is the CPU's "
                        "fast path", name, name)
 
-    path = Path(model)
-    # a Hub repo id is "name" or "owner/name": anything else that is not a folder is a mistyped local path, which
-    # huggingface_hub would report as a malformed repo id
-    if not path.is_dir() and (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-                              or " " in model):
-        raise ValueError(f"--model {model}: no such folder (a saved pipeline folder, or a Hub repo id owner/name)")
+    check_model_argument(model)
     try:
         pipe = ADNILatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
     except OSError as e:  # the pipeline's own messages start with the path: name the flag too

@@ -139,8 +139,9 @@ def test_cli_writes_each_batch_before_the_next_and_seeds_by_pixels(tiny_ldm, dem
     with pytest.raises(RuntimeError, match="out of memory"):
         C.main(parser.parse_args([*map(str, args), "--out", str(tmp_path / "parts"), "--batch-size", "2"]))
     assert calls == [2, 1]
-    written = json.loads((tmp_path / "parts" / "counterfactuals.json").read_text())["images"]
-    assert [e["image"] for e in written] == [str(p) for p in slices[:2]]
+    record = json.loads((tmp_path / "parts" / "counterfactuals.json").read_text())
+    assert [e["image"] for e in record["images"]] == [str(p) for p in slices[:2]]
+    assert record["complete"] is False and record["planned"] == [p.stem for p in slices]
     for p in slices[:2]:
         part = np.asarray(PIL.Image.open(tmp_path / "parts" / p.stem / "counterfactual_s1.00.png"))
         whole = np.asarray(PIL.Image.open(tmp_path / "whole" / p.stem / "counterfactual_s1.00.png"))
@@ -172,6 +173,10 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
         raise AssertionError("sampled despite a bad input")
 
     monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", no_sampling)
+    # a bad --classifier is found before the model loads and the data is decoded
+    rc, err = run_cli(["--model", tmp_path / "no-model", "--out", tmp_path / "out", "--image", nc_slice, "--to", "AD",
+                       "--classifier", tmp_path / "nonexist"], capsys)
+    assert rc == 2 and "--classifier" in err and "nonexist: no such folder" in err, err
     rgb = np.zeros((240, 256, 3), np.uint8)
     rgb[..., 0] = 200
     PIL.Image.fromarray(rgb).save(colour := tmp_path / "colour.png")
@@ -204,6 +209,10 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
         (["--measure", "--to", "AD", "--data-dir", tmp_path / "moved"], ["moved", "does not exist"]),
         (["--measure", "--to", "AD", "--classifier", tmp_path], ["--classifier", "config.json"]),
         (["--measure", "--to", "AD", "--classifier", tmp_path / "nonexist"], ["nonexist: no such folder"]),
+        # --image reads the model's records before it loads: a mistyped --model was the Hub's malformed repo id, and
+        # a repo id not cached offline the Hub's own words, neither naming the flag
+        (["--image", nc_slice, "--to", "AD", "--model", tmp_path / "nowhere"], ["--model", "nowhere: no such folder"]),
+        (["--image", nc_slice, "--to", "AD", "--model", "someone/not-cached"], ["--model someone/not-cached:"]),
         # a negative batch ended in a KeyError after sampling nothing; 0 epochs measured with an untrained net
         (["--image", nc_slice, "--to", "AD", "--batch-size", "-1"], ["--batch-size -1", "at least 1"]),
         (["--measure", "--to", "AD", "--feature-epochs", "0"], ["--feature-epochs 0", "at least 1"]),
@@ -386,6 +395,8 @@ def test_csf_border_enrichment_finds_change_at_the_ventricles():
 
 def test_check_strengths_and_target(pipe):
     assert C.check_strengths([0.4, 0.4, 1]) == [0.4, 1.0]
+    # ascending whatever the order given: the trade-off plot's line zigzagged and its CI band broke
+    assert C.check_strengths([1, 0.25, 0.5]) == [0.25, 0.5, 1.0]
     for bad in ([0.0], [-0.1], [1.01], [math.nan], []):
         with pytest.raises(ValueError):
             C.check_strengths(bad)
@@ -414,6 +425,34 @@ def test_an_earlier_run_in_out_is_refused_unless_overwrite(tiny_ldm, demo_root, 
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted(["counterfactuals.json", "mine", slices[1].stem])
     assert [e["image"] for e in json.loads((out / "counterfactuals.json").read_text())["images"]] == [str(slices[1])]
+
+
+def test_the_folders_of_a_run_cut_short_in_its_first_batch_are_an_earlier_runs(tiny_ldm, demo_root, tmp_path,
+                                                                                capsys, monkeypatch):
+    """The record was first written after a whole batch: a run killed while writing its first batch left image
+    folders that no record named, and the next run into --out went ahead beside them (--overwrite kept them too)."""
+    slices = sorted((demo_root / "test" / "NC").glob("*.jpeg"))[:3]
+    out = tmp_path / "cf"
+    args = ["--model", tiny_ldm, "--to", "AD", "--strength", "1.0", *STEPS, "--out", out]
+    write = C.write_counterfactual
+
+    def killed_after_the_first_folder(*a, **k):
+        write(*a, **k)
+        raise KeyboardInterrupt("the job's time limit")
+
+    monkeypatch.setattr(C, "write_counterfactual", killed_after_the_first_folder)
+    parser = argparse.ArgumentParser()
+    C.add_arguments(parser)
+    with pytest.raises(KeyboardInterrupt):
+        C.main(parser.parse_args([*map(str, args), "--image", *map(str, slices[:2])]))
+    monkeypatch.setattr(C, "write_counterfactual", write)
+    assert (out / slices[0].stem / "strip.png").is_file()
+    rc, err = run_cli([*args, "--image", slices[2]], capsys)
+    assert rc == 2 and "of an earlier run" in err and "--overwrite" in err
+    rc, err = run_cli([*args, "--image", slices[2], "--overwrite"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(["counterfactuals.json", slices[2].stem])
+    assert json.loads((out / "counterfactuals.json").read_text())["complete"] is True
 
 
 def test_a_slice_without_dark_pixels_is_not_rescaled(tiny_ldm, tmp_path, capsys):
