@@ -251,6 +251,20 @@ def _holds_images(d: str) -> bool:
                for name in names if not name.startswith("."))
 
 
+def _is_utf8(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (Python holds them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: Path) -> str:
+    """A path printable whatever its bytes: those that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
 def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     """Check the folder layout and list the images. Raises DataError naming the path at fault."""
     root = Path(root)
@@ -266,7 +280,10 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
         raise DataError(f"{flag} {root}: the path holds '$' and the name of a set environment variable, which "
                         f"datasets replaces by its value (it would read {os.path.expandvars(str(root))}); rename or "
                         "link the folder")
-    strangers, broken, skipped, visited = [], [], [], set()
+    if not _is_utf8(str(root.resolve())):
+        raise DataError(f"{flag} {_shown(root.resolve())}: the path is not UTF-8 (a name unpacked from an archive made "
+                        "on another system?), which datasets cannot index; rename it to UTF-8 (e.g. with convmv)")
+    strangers, broken, skipped, visited, not_utf8 = [], [], [], set(), []
     # into linked folders too, as datasets and the listing below go (a linked split folder went unchecked)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -277,14 +294,22 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         skipped += [Path(dirpath) / d for d in dirnames if _is_special_dir(d) and _holds_images(os.path.join(dirpath, d))]
         dirnames[:] = [d for d in dirnames if not _is_special_dir(d)]
+        not_utf8 += [Path(dirpath) / d for d in dirnames if not _is_utf8(d)]
         for name in filenames:
             p = Path(dirpath) / name
             if name.startswith(".") or name.lower() in OS_FILES:
                 continue
+            if not _is_utf8(name):
+                not_utf8.append(p)
             if p.is_symlink() and not p.exists():  # else skipped as "not a file": a slice lost without a word
                 broken.append(p)
             elif not _is_image(p) and not _is_root_doc(p, root):
                 strangers.append(p)
+    if not_utf8:
+        raise DataError(f"{flag} {root}: {len(not_utf8)} name(s) that are not UTF-8 (unpacked from an archive made on "
+                        "another system?), which datasets cannot index; rename them to UTF-8 (e.g. with convmv): "
+                        + ", ".join(_shown(p) for p in not_utf8[:_MAX_LISTED])
+                        + (f" ... and {len(not_utf8) - _MAX_LISTED} more" if len(not_utf8) > _MAX_LISTED else ""))
     if skipped:  # their images would be lost without a word (a class "__AD" also met a puzzling class mismatch)
         raise DataError(f"{flag} {root}: {len(skipped)} folder(s) whose name starts with '__' hold images, and "
                         "datasets' imagefolder skips such folders (as it skips __pycache__); rename them: "
@@ -393,6 +418,9 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
 
     try:
         with Image.open(path) as im:
+            pages = getattr(im, "n_frames", 1)
+            if pages > 1:  # a volume (or a stack) in one file: its first page alone would train without a word
+                return None, "", f"{pages} pages or frames in one file; expected one 2-D slice per file"
             im.load()
             shown = upright(im)  # an EXIF rotation (a photo tool's) applied, as viewers and datasets show it
             rotated = shown is not im
@@ -402,6 +430,8 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
         return None, "", "not a readable image file"
     except (OSError, SyntaxError, ValueError) as e:
         return None, "", f"corrupt or truncated image ({e})"
+    except Image.DecompressionBombError as e:  # no OSError: it escaped the listing of bad files, naming none
+        return None, "", f"corrupt header or an image far too large ({e})"
 
     try:
         arr = grey_pixels(arr, mode)

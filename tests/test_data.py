@@ -7,7 +7,9 @@ greyscale JPEG 256 wide x 240 high.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -903,3 +905,42 @@ def test_given_split_holds_out_a_val_folder(tmp_path):
     data = load_slices(root, split="given")
     assert len(data.train) == 8 and len(data.val) == 8
     assert all("/val/" in p for p in data.val.paths)
+
+
+def test_names_that_are_not_utf8_are_named_before_datasets_fails_on_them(tmp_path):
+    """A name unpacked on Linux from an archive made elsewhere (M\\xfcller in Latin-1): datasets failed with a
+    DatasetGenerationError naming no file."""
+    root = image_tree(tmp_path)
+    write(root / "train" / "AD" / os.fsdecode(b"M\xfcller_0.jpeg"), slice_pixels(7))
+    msg = data_error(root)
+    assert "1 name(s) that are not UTF-8" in msg and "M\\xfcller_0.jpeg" in msg and "convmv" in msg
+    above = tmp_path / os.fsdecode(b"d\xe9mo")
+    (tmp_path / "AD_NC").rename(above)
+    (root / "train" / "AD" / os.fsdecode(b"M\xfcller_0.jpeg")).unlink(missing_ok=True)
+    (above / "train" / "AD" / os.fsdecode(b"M\xfcller_0.jpeg")).unlink()
+    msg = data_error(above)
+    assert "the path is not UTF-8" in msg and "d\\xe9mo" in msg
+
+
+def test_a_multi_page_file_is_refused_not_read_as_its_first_page(tmp_path):
+    """A volume saved as one TIFF trained as one slice, its (often blank) first page, without a word."""
+    root = image_tree(tmp_path)
+    pages = [Image.fromarray(slice_pixels(k)) for k in range(3)]
+    pages[0].save(root / "train" / "AD" / "555_1.tiff", save_all=True, append_images=pages[1:])
+    msg = data_error(root)
+    assert "555_1.tiff: 3 pages or frames in one file; expected one 2-D slice per file" in msg
+
+
+def test_a_header_with_an_absurd_size_is_listed_with_the_other_bad_files(tmp_path):
+    """PIL's DecompressionBombError is no OSError: it escaped the decoding threads as a traceback naming no file,
+    and the other unusable files went unlisted."""
+    root = image_tree(tmp_path)
+    (root / "train" / "NC" / "777_1.jpeg").write_bytes(b"not an image")
+    bomb = root / "train" / "AD" / "666_1.png"
+    Image.new("L", (256, 240)).save(bomb)
+    raw = bytearray(bomb.read_bytes())
+    raw[16:24] = (60000).to_bytes(4, "big") * 2  # IHDR width and height: 60000 x 60000, with its CRC
+    raw[29:33] = zlib.crc32(bytes(raw[12:29])).to_bytes(4, "big")
+    bomb.write_bytes(bytes(raw))
+    msg = data_error(root)
+    assert "666_1.png: corrupt header or an image far too large" in msg and "777_1.jpeg" in msg
