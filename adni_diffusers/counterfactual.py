@@ -822,7 +822,7 @@ def write_tradeoff(result: dict, out_dir, reference: str = "reconstruction") -> 
     # the numbers first: a picture that fails to save (a full disk) must not lose the measurement
     _write_text_atomically(out / "tradeoff.md", tradeoff_markdown(result))
     public = {k: v for k, v in result.items() if k not in ("maps", "mean_original", "example")}
-    public["files"] = files
+    public["files"] = {k: Path(v).name for k, v in files.items()}  # beside it: true when the folder moves or goes up
     public["example_strip_difference"] = f"counterfactual - {reference}"
     _write_text_atomically(out / "tradeoff.json", json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n")
     plot_tradeoff(result, out / "tradeoff.png")

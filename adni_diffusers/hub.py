@@ -247,31 +247,63 @@ _LOCAL_PATH_FIELDS = {"train_data_dir", "output_dir", "vqmodel", "logging_dir", 
                       "resume_from_checkpoint", "root", "data_dir", "model", "data", "path", "image"}
 
 
-def without_local_paths(record):
-    """A JSON record as pushed: every local path (absolute, relative from ./ or ../, and any path in a field that
-    only holds local folders: the data folder, the output folder, the VQModel's) cut to `<local>/<its last part>`. The card never shows where the data lies on
-    your machine; nor do the records."""
+def without_local_paths(record, known: frozenset[str] = frozenset()):
+    """A JSON record as pushed: every local path (absolute, relative from ./ or ../, any path in a field that
+    only holds local folders: the data folder, the output folder, the VQModel's, and any path inside one of the
+    `known` ones, `local_paths_in_records`) cut to `<local>/<its last part>`. The card never shows where the data
+    lies on your machine; nor do the records."""
     if isinstance(record, dict):
         return {k: _cut(v) if k in _LOCAL_PATH_FIELDS and isinstance(v, str) and re.search(r"[\\/]", v)
-                else without_local_paths(v) for k, v in record.items()}
+                else without_local_paths(v, known) for k, v in record.items()}
     if isinstance(record, list):
-        return [without_local_paths(v) for v in record]
-    if isinstance(record, str) and re.match(_LOCAL_PATH, record):
+        return [without_local_paths(v, known) for v in record]
+    if isinstance(record, str) and (re.match(_LOCAL_PATH, record) or _inside(record, known)):
         return _cut(record)
     return record
+
+
+def _inside(text: str, known: frozenset[str]) -> bool:
+    return any(text == k or text.startswith((k + "/", k + "\\")) for k in known)
+
+
+def local_paths_in_records(folder: Path, files: list[str]) -> frozenset[str]:
+    """The local paths the pushed records name in their path fields (the model, data and cache folders as they
+    were given: `alice/ldm` as well as /home/alice/ldm), to be cut wherever else they appear (evaluate's report.md
+    names the model folder, counterfactual's tradeoff.md too)."""
+    found = set()
+
+    def collect(record):
+        if isinstance(record, dict):
+            for k, v in record.items():
+                if k in _LOCAL_PATH_FIELDS and isinstance(v, str) and re.search(r"[\\/]", v):
+                    found.add(v.rstrip("/\\"))
+                else:
+                    collect(v)
+        elif isinstance(record, list):
+            for v in record:
+                collect(v)
+
+    for rel in files:
+        if rel.endswith(".json") and (rel.count("/") == 0 or rel.startswith("evaluation/")):
+            try:
+                collect(json.loads((folder / rel).read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+    return frozenset(p for p in found if p and not p.startswith("<local>"))
 
 
 def _cut(path: str) -> str:
     return "<local>/" + re.split(r"[\\/]", path.rstrip("/\\"))[-1]
 
 
-def text_without_local_paths(text: str) -> str:
-    """Markdown as pushed: each `back-quoted` local path (evaluate's report names the model and data folders)
-    cut to `<local>/<its last part>`."""
-    return re.sub(rf"`({_LOCAL_PATH}[^`\n]*)`", lambda m: f"`{without_local_paths(m.group(1))}`", text)
+def text_without_local_paths(text: str, known: frozenset[str] = frozenset()) -> str:
+    """Markdown as pushed: each `back-quoted` local path (evaluate's report names the model and data folders),
+    and each inside a `known` one, cut to `<local>/<its last part>`."""
+    return re.sub(r"`([^`\n]*)`", lambda m: f"`{without_local_paths(m.group(1), known)}`", text)
 
 
-def _records_without_local_paths(folder: Path, files: list[str]) -> dict[str, bytes]:
+def _records_without_local_paths(folder: Path, files: list[str],
+                                 known: frozenset[str] = frozenset()) -> dict[str, bytes]:
     """The pushed JSON records (top level and evaluation/) that held local paths, and the components' configs
     that hold diffusers' `_name_or_path` (where a model was loaded from: folders saved before the pipeline's
     save dropped it). Nothing else of a component's config is touched."""
@@ -290,7 +322,7 @@ def _records_without_local_paths(folder: Path, files: list[str]) -> dict[str, by
         if component_config:
             cleaned = {k: v for k, v in record.items() if k != "_name_or_path"} if isinstance(record, dict) else record
         else:
-            cleaned = without_local_paths(record)
+            cleaned = without_local_paths(record, known)
         if cleaned != record:
             out[rel] = (json.dumps(cleaned, indent=2) + "\n").encode()
     return out
@@ -381,7 +413,27 @@ def _missing_model_files(folder: Path, kind: str) -> list[str]:
         elif configs[0].name == "config.json" and not any((folder / name).glob("*.safetensors")) \
                 and not any((folder / name).glob("*.bin")):
             missing.append(f"{name}/ (its weights)")
+        else:
+            missing += [f"the rest of {p.relative_to(folder).as_posix()} ({why})"
+                        for p in sorted((folder / name).glob("*.safetensors")) if (why := _cut_short(p))]
     return missing
+
+
+def _cut_short(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (a copy cut short), from its header alone; None when it is."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if size < 8 + header_length:
+                return f"{size} bytes, shorter than its header"
+            header = json.loads(f.read(header_length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "not a readable safetensors header"
+    if size < 8 + header_length + end:
+        return f"{size} of {8 + header_length + end} bytes"
+    return None
 
 
 def _token_in_files(folder: Path, files: list[str], extra: dict[str, bytes], tokens: list[str | None]) -> str | None:
@@ -402,9 +454,10 @@ def _token_in_files(folder: Path, files: list[str], extra: dict[str, bytes], tok
     return None
 
 
-def _card_for_push(folder: Path, kind: str, files: list[str], repo_id: str) -> bytes | None:
-    """The README.md to push instead of the local one: the generated card re-rendered for `repo_id`
-    (None: push the local file as it is, or no card at all)."""
+def _card_for_push(folder: Path, kind: str, files: list[str], repo_id: str,
+                   revision: str | None = None) -> bytes | None:
+    """The README.md to push instead of the local one: the generated card re-rendered for `repo_id` and the
+    branch `revision` (None: push the local file as it is, or no card at all)."""
     if kind not in ("pipeline", "vqmodel"):
         return None
     readme = folder / "README.md"
@@ -413,7 +466,7 @@ def _card_for_push(folder: Path, kind: str, files: list[str], repo_id: str) -> b
     try:
         from .model_card import render_model_card
 
-        return render_model_card(folder, repo_id=repo_id).encode("utf-8")
+        return render_model_card(folder, repo_id=repo_id, revision=revision).encode("utf-8")
     except Exception as err:  # noqa: BLE001 - a card problem must not block the push
         logger.warning("could not render the model card for %s (%s: %s); pushing %s", repo_id,
                        type(err).__name__, err, "the local README.md" if readme.is_file() else "without a card")
@@ -527,15 +580,16 @@ def push_folder(
         try:
             extra: dict[str, bytes] = {}
             if kind != "checkpoint":  # a checkpoint goes up as it is (resuming reads it)
-                extra = _records_without_local_paths(folder, files)
+                known = local_paths_in_records(folder, files)
+                extra = _records_without_local_paths(folder, files, known)
                 for rel in files:  # the pushed reports: no local paths, and a note where a withheld picture was
                     if rel.endswith(".md") and rel != "README.md":
                         local = (folder / rel).read_text(encoding="utf-8")
-                        text = text_without_local_paths(report_without_pictures(local, withheld))
+                        text = text_without_local_paths(report_without_pictures(local, withheld), known)
                         if text != local:
                             extra[rel] = text.encode()
             if path_in_repo is None:
-                card = _card_for_push(folder, kind, files, repo_id)
+                card = _card_for_push(folder, kind, files, repo_id, revision)
                 if card is not None:
                     extra["README.md"] = card
                     files = sorted(set(files) | {"README.md"})

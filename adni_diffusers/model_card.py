@@ -468,11 +468,19 @@ def _pipeline_tags(ctx: dict) -> list[str]:
     return tags + [PACKAGE_TAG]
 
 
+def _revision_context(revision: str | None) -> dict:
+    """A card pushed to a branch other than main: its snippets load that branch (main may hold an older model,
+    or nothing)."""
+    on_branch = bool(revision) and revision != "main"
+    return {"revision": revision if on_branch else None,
+            "revision_arg": f', revision="{revision}"' if on_branch else ""}
+
+
 def render_pipeline_card(model_dir, repo_id: str | None = None, data_source: str | None = None,
-                         sample_grid: str | None = None) -> str:
+                         sample_grid: str | None = None, revision: str | None = None) -> str:
     from huggingface_hub import ModelCard
 
-    ctx = pipeline_card_context(model_dir, repo_id, data_source, sample_grid)
+    ctx = pipeline_card_context(model_dir, repo_id, data_source, sample_grid) | _revision_context(revision)
     card_data = _card_data(ctx["data_source"], model_dir, tags=[], pipeline_tag="unconditional-image-generation")
     card = ModelCard.from_template(card_data, template_path=str(TEMPLATE), **ctx)
     return _finish(_populate(card, _pipeline_tags(ctx)))
@@ -559,7 +567,7 @@ The full list is in `training_args.json`.
 import torch
 from diffusers import VQModel
 
-vq = VQModel.from_pretrained("{{ repo_id }}", subfolder="vqvae")
+vq = VQModel.from_pretrained("{{ repo_id }}", subfolder="vqvae"{{ revision_arg }})
 x = torch.zeros(1, 1, 256, 256)                       # a slice scaled to [-1, 1]
 h = vq.encode(x).latents                              # pre-quantisation latents, {{ latent_channels }} x {{ latent_size }} x {{ latent_size }}
 recon = vq.decode(h).sample                           # quantised and decoded
@@ -622,10 +630,11 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
     return ctx
 
 
-def render_vq_card(model_dir, repo_id: str | None = None, data_source: str | None = None) -> str:
+def render_vq_card(model_dir, repo_id: str | None = None, data_source: str | None = None,
+                   revision: str | None = None) -> str:
     from huggingface_hub import ModelCard
 
-    ctx = vq_card_context(model_dir, repo_id, data_source)
+    ctx = vq_card_context(model_dir, repo_id, data_source) | _revision_context(revision)
     tags = BASE_TAGS + ["vq-vae", "autoencoder"]
     tags += ["adni"] if ctx["data_source"] == "user" else ["synthetic-data"] if ctx["data_source"] == "demo" else []
     card = ModelCard.from_template(_card_data(ctx["data_source"], model_dir, tags=[]), template_str=VQ_CARD_TEMPLATE, **ctx)
@@ -644,17 +653,18 @@ def model_kind(model_dir) -> str | None:
 
 
 def render_model_card(model_dir, repo_id: str | None = None, data_source: str | None = None,
-                      sample_grid: str | None = None) -> str:
+                      sample_grid: str | None = None, revision: str | None = None) -> str:
     """The card (README.md text) of a saved pipeline or VQ folder, from the files in it.
 
     `repo_id`: the repo the code snippets load from (default: `hub_model_id` in training_args.json, else
-    a `your-user/<folder name>` placeholder). Call again after evaluation to add the numbers.
+    a `your-user/<folder name>` placeholder); `revision`: the branch they load, where not main. Call again
+    after evaluation to add the numbers.
     """
     kind = model_kind(model_dir)
     if kind == "pipeline":
-        return render_pipeline_card(model_dir, repo_id, data_source, sample_grid)
+        return render_pipeline_card(model_dir, repo_id, data_source, sample_grid, revision)
     if kind == "vqmodel":
-        return render_vq_card(model_dir, repo_id, data_source)
+        return render_vq_card(model_dir, repo_id, data_source, revision)
     raise ValueError(f"{model_dir}: neither a saved pipeline (model_index.json) nor a VQ model folder (vqvae/)")
 
 

@@ -16,6 +16,7 @@ import socket
 
 import numpy as np
 import pytest
+from safetensors.numpy import save as safetensors_save
 from safetensors.numpy import save_file
 
 from adni_diffusers import cli, hub
@@ -253,6 +254,10 @@ def _write(root, files):
         (root / path).write_bytes(data)
 
 
+# whole safetensors files (a push refuses one cut short), each a model's own
+VQ_WEIGHTS = safetensors_save({"vq": np.zeros(1, np.float32)})
+UNET_WEIGHTS = safetensors_save({"unet": np.zeros(1, np.float32)})
+
 MODEL_FILES = {  # what train_unet.py's save_pretrained + card + metadata write
     "model_index.json": json.dumps({"_class_name": ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"],
                                     "class_names": None, "vqvae": ["diffusers", "VQModel"],
@@ -260,8 +265,8 @@ MODEL_FILES = {  # what train_unet.py's save_pretrained + card + metadata write
                                     "scheduler": ["diffusers", "DDPMScheduler"]}).encode(),
     "pipeline_adni_ldm.py": b"# pipeline\n",
     "README.md": b"# my own card\n",
-    "vqvae/config.json": b"{}", "vqvae/diffusion_pytorch_model.safetensors": b"vq",
-    "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"unet",
+    "vqvae/config.json": b"{}", "vqvae/diffusion_pytorch_model.safetensors": VQ_WEIGHTS,
+    "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": UNET_WEIGHTS,
     "scheduler/scheduler_config.json": b"{}",
     "samples.png": b"png", "loss_curve.png": b"png",
     "training_data.json": b'{"source": "user"}', "training_args.json": b"{}", "train_metrics.json": b"{}",
@@ -298,7 +303,7 @@ def test_only_the_model_of_a_training_output_folder_is_selected(tmp_path):
 
 
 def test_vq_output_folder_and_checkpoint_folder_selection(tmp_path):
-    vq = {"vqvae/config.json": b"{}", "vqvae/diffusion_pytorch_model.safetensors": b"vq", "metrics.json": b"{}",
+    vq = {"vqvae/config.json": b"{}", "vqvae/diffusion_pytorch_model.safetensors": VQ_WEIGHTS, "metrics.json": b"{}",
           "reconstructions.png": b"png", "loss_curve.png": b"png", "training_data.json": b"{}",
           "training_args.json": b"{}", "README.md": b"card"}
     _write(tmp_path / "vq", {**vq, **CLUTTER})
@@ -336,6 +341,14 @@ def test_a_generated_card_is_rendered_for_the_target_repo(hub_stub, tmp_path):
     push_folder(folder, "user/no-card", token=hub_stub.token)
     assert CARD_MARKER in hub_stub.repo_files("user/no-card")["README.md"].decode()
     assert not (folder / "README.md").exists()
+    # pushed to a branch: its snippets load that branch (they loaded main: empty in a new repo, else an older model)
+    push_folder(folder, "user/branched", token=hub_stub.token, revision="v2")
+    card = hub_stub.repo_files("user/branched", revision="v2")["README.md"].decode()
+    assert 'from_pretrained("user/branched", revision="v2", trust_remote_code=True)' in card
+    assert 'ADNILatentDiffusionPipeline.from_pretrained("user/branched", revision="v2")' in card
+    assert 'snapshot_download("user/branched", revision="v2")' in card
+    main_card = hub_stub.repo_files("user/target")["README.md"].decode()
+    assert "revision=" not in main_card.replace('revision="<commit>"', "") and "branch `" not in main_card
 
 
 def test_a_file_holding_the_token_stops_the_push(hub_stub, pipeline_dir):
@@ -457,6 +470,25 @@ def test_pushed_records_hold_no_local_paths(hub_stub, tmp_path):
     assert json.loads(pushed["evaluation/metrics.json"]) == {"data": "<local>/AD_NC", "fd": 1.5}
     assert pushed["train_metrics.json"] == MODEL_FILES["train_metrics.json"]  # nothing to cut: pushed as it is
     assert json.loads((tmp_path / "out" / "training_args.json").read_text()) == args
+
+
+def test_relative_folders_the_records_name_are_cut_in_the_reports_too(hub_stub, tmp_path):
+    """`evaluate --model alice/ldm` (a relative path, run from home): metrics.json's path was cut, but report.md
+    and counterfactual's tradeoff.md / tradeoff.json went up naming alice/ldm and the folders inside it."""
+    metrics = {"fd": 1.0, "model": {"path": "alice/ldm"}, "feature_net": {"path": "alice/ldm/feature_net/fn-1"}}
+    tradeoff = {"model": "alice/ldm", "files": {"json": "alice/ldm/evaluation/tradeoff.json"}}
+    files = {**MODEL_FILES, "evaluation/metrics.json": json.dumps(metrics).encode(),
+             "evaluation/tradeoff.json": json.dumps(tradeoff).encode(),
+             "evaluation/report.md": b"# Evaluation of `alice/ldm`\n\ncached at `alice/ldm/feature_net/fn-1`\n",
+             "evaluation/tradeoff.md": b"model `alice/ldm`: DDIMScheduler; `runs/x` stays\n"}
+    _write(tmp_path / "out", files)
+    push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+    pushed = hub_stub.repo_files(REPO)
+    assert b"alice" not in b"".join(pushed.values())
+    assert pushed["evaluation/report.md"].decode() == ("# Evaluation of `<local>/ldm`\n\n"
+                                                       "cached at `<local>/fn-1`\n")
+    assert pushed["evaluation/tradeoff.md"].decode() == "model `<local>/ldm`: DDIMScheduler; `runs/x` stays\n"
+    assert json.loads(pushed["evaluation/tradeoff.json"])["files"] == {"json": "<local>/tradeoff.json"}
 
 
 def test_real_slice_pictures_are_withheld_wherever_they_lie_and_whoever_evaluated(hub_stub, pipeline_dir):
@@ -725,6 +757,9 @@ def test_a_vq_model_card_is_rendered_for_the_target_repo(hub_stub, vq):
     card = hub_stub.repo_files("user/target-vq")["README.md"].decode()
     assert 'VQModel.from_pretrained("user/target-vq", subfolder="vqvae")' in card
     assert "your-user/" not in card
+    push_folder(vq, "user/target-vq", token=hub_stub.token, revision="v2")
+    card = hub_stub.repo_files("user/target-vq", revision="v2")["README.md"].decode()
+    assert 'VQModel.from_pretrained("user/target-vq", subfolder="vqvae", revision="v2")' in card
     assert (vq / "README.md").read_bytes() == local
 
 
@@ -795,7 +830,7 @@ def test_hub_public_repo_makes_the_training_push_public(hub_stub, pipeline_dir):
 def test_a_folder_beside_vqvae_with_a_similar_name_is_not_pushed(tmp_path):
     """`vqvae_old/` or `vqvae.bak/` beside a VQ model's `vqvae/` (an earlier run's weights) is not the model and
     must not go up with it."""
-    _write(tmp_path, {"vqvae/config.json": b"{}", "vqvae/diffusion_pytorch_model.safetensors": b"w",
+    _write(tmp_path, {"vqvae/config.json": b"{}", "vqvae/diffusion_pytorch_model.safetensors": VQ_WEIGHTS,
                       "vqvae_old/diffusion_pytorch_model.safetensors": b"old", "vqvae.bak/config.json": b"{}"})
     kind, files = hub.select_upload_files(tmp_path)
     assert kind == "vqmodel"
@@ -833,3 +868,16 @@ def test_only_an_explicit_demo_source_counts_as_demo_data(tmp_path, record):
     assert is_demo_trained(tmp_path) is False
     (tmp_path / "training_data.json").write_text(json.dumps({"source": "demo"}))
     assert is_demo_trained(tmp_path) is True
+
+
+def test_a_weights_file_cut_short_is_refused_before_any_request(hub_stub, tmp_path):
+    """A copy cut short (half of unet's weights): the push went through, and the repo failed to load."""
+    whole = safetensors_save({"w": np.zeros(64, np.float32)})
+    files = {**MODEL_FILES, "unet/diffusion_pytorch_model.safetensors": whole[: len(whole) - 100]}
+    _write(tmp_path / "out", files)
+    with pytest.raises(HubError, match=r"lacks the rest of unet/diffusion_pytorch_model.safetensors "
+                                       rf"\({len(whole) - 100} of {len(whole)} bytes\)"):
+        push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+    assert hub_stub.requests == []  # refused before any request
+    (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(whole)
+    push_folder(tmp_path / "out", REPO, token=hub_stub.token)

@@ -25,6 +25,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, TINY_UNET_ARGS
@@ -211,7 +212,9 @@ def test_repush_removes_stale_weights_of_a_component(hub_stub, saved_pipeline):
     from adni_diffusers.hub import push_folder
 
     stale = saved_pipeline / "unet" / "diffusion_pytorch_model.fp16.safetensors"
-    stale.write_bytes(b"old weights")
+    from safetensors.numpy import save
+
+    stale.write_bytes(save({"old": np.zeros(1, np.float32)}))  # whole: a file cut short is refused
     push_folder(saved_pipeline, "user/stale", token=hub_stub.token)
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in hub_stub.repo_files("user/stale")
     stale.unlink()
