@@ -72,10 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     training.validate_training_arguments(args)
     training.check_hub_flags(args)
-    vq = Path(args.vqmodel).resolve()
-    if Path(args.output_dir).resolve() in (vq, vq.parent if vq.name == "vqvae" else vq):
-        raise TrainingError(f"--output_dir {args.output_dir} is the --vqmodel folder: the UNet's run would write over "
-                            "the model it trains on; give another --output_dir")
+    vq, out = Path(args.vqmodel).resolve(), Path(args.output_dir).resolve()
+    # the VQModel's own folder (its config.json and weights): vqvae/ of a run or pipeline folder, or a bare one
+    model_folder = vq if vq.name == "vqvae" or (vq / "config.json").is_file() else vq / "vqvae"
+    if out in (vq, vq.parent if vq.name == "vqvae" else vq) or out.is_relative_to(model_folder):
+        raise TrainingError(f"--output_dir {args.output_dir} is the --vqmodel folder or inside its model: the UNet's "
+                            "run would write over the model it trains on; give another --output_dir")
     if args.latents_on_device and args.dataloader_num_workers > 0:
         raise TrainingError(f"--latents_on_device cuts batches on the GPU in the training process; "
                             f"--dataloader_num_workers {args.dataloader_num_workers} would need CUDA in worker "
@@ -284,6 +286,7 @@ def main(args: argparse.Namespace) -> dict:
     ema = training.make_ema(training.bare_model(accelerator, model), args, device)
     # a checkpoint from before 2026-12-03 keyed a re-saved VQModel (a pipeline's vqvae/) with where it was loaded from
     older_key = [cache_key(vq_dir, data.train, as_saved=True)] if args.resume_from_checkpoint else []
+    training.clear_earlier_run(args, accelerator, "model_index.json", "unet")  # every check passed: now, not before
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                ema=ema, stage="UNet", stage_flags=RESUME_MUST_MATCH,
                                identity={"model_config": config, "latent_cache_key": train_key},

@@ -112,6 +112,7 @@ def main(args: argparse.Namespace) -> dict:
                                    child_probe=compile_check)
     ema = training.make_ema(vq, args, device)
 
+    training.clear_earlier_run(args, accelerator, "vqvae", "vqmodel")  # every check passed: now, not before
     run = training.TrainingRun(
         args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
         stage="VQModel",

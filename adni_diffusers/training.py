@@ -210,11 +210,22 @@ def logging_folder(args) -> Path:
     return (Path(args.output_dir) / args.logging_dir).resolve()
 
 
+# where inf means something (no clipping; min-SNR weighting off): any other inf trained nothing or diverged without
+# a word (--adam_epsilon inf made every update 0)
+INFINITY_ALLOWED = ("max_grad_norm", "snr_gamma")
+
+
+def _require_finite(name: str, value) -> None:
+    if isinstance(value, float) and math.isinf(value) and name not in INFINITY_ALLOWED:
+        raise TrainingError(f"--{name} must be a finite number, got {value}")
+
+
 def require_at_least(args, minimum: int, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and not value >= minimum:
             raise TrainingError(f"--{name} must be at least {minimum}, got {value}")
+        _require_finite(name, value)
 
 
 def require_positive(args, *names: str) -> None:
@@ -222,6 +233,7 @@ def require_positive(args, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise TrainingError(f"--{name} must be positive, got {value}")
+        _require_finite(name, value)
 
 
 def require_fraction(args, *names: str, below_one: bool = False) -> None:
@@ -313,8 +325,9 @@ def _quiet_libraries(main: bool) -> None:
 
 def prepare_output_dir(args, accelerator, product: str, project: str | None = None) -> None:
     """Refuse to write over a finished model unless asked; `product` is the file or folder that marks one.
-    A run that starts from step 0 (not resuming) starts a new loss history, and new tensorboard events for
-    `project` when the logging folder is inside --output_dir (one elsewhere may be shared: it is left alone)."""
+    Nothing of an earlier run is removed here: `clear_earlier_run` does that once the data, --vqmodel and
+    resumed checkpoint are known good (a typo in --train_data_dir with --overwrite_output_dir deleted the finished
+    model, and the run failed all the same)."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainingError(f"--output_dir {output_dir}: exists and is not a folder")
@@ -335,22 +348,37 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*output_dir.glob("checkpoint-*.tmp"), output_dir / ".saving.tmp"]:  # saves cut short
+            remove_path(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def clear_earlier_run(args, accelerator, product: str, project: str | None = None) -> None:
+    """Call after every check, just before training starts. With --overwrite_output_dir (not resuming) the
+    earlier model and its checkpoints, samples, evaluation and logs go. A run that starts from step 0 starts a new
+    loss history, and new tensorboard events for `project` when the logging folder is inside --output_dir (one
+    elsewhere may be shared: it is left alone)."""
+    output_dir = Path(args.output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    resuming = args.resume_from_checkpoint is not None and (args.resume_from_checkpoint != "latest" or bool(checkpoints))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         logs = logging_folder(args)
         logs_inside = logs.is_relative_to(output_dir.resolve())
         earlier = []
         if args.overwrite_output_dir and not resuming:
-            # evaluation/ too: its numbers (which the model card shows and a push uploads) are the old model's
-            earlier = existing + [output_dir / "loss_curve.png", output_dir / "samples", output_dir / "evaluation",
-                                  output_dir / "trace", *([logs] if logs_inside else [])]
+            # evaluation/ too: its numbers (which the model card shows and a push uploads) are the old model's; and
+            # the branches an earlier resume set aside (checkpoint-N.abandoned) and the results it moved
+            earlier = [output_dir / product, *checkpoints, output_dir / "loss_curve.png", output_dir / "samples",
+                       output_dir / "evaluation", output_dir / "trace", *([logs] if logs_inside else []),
+                       *output_dir.glob("checkpoint-*.abandoned*"), *output_dir.glob("evaluation-of-step-*")]
         if not resuming:  # the loss history (logs/history.jsonl whatever --logging_dir) starts at step 1 again
             earlier.append(output_dir / HISTORY_FILE)
             if project and logs_inside:  # a run that died before its first checkpoint: its curves would mix in
                 earlier.append(logs / project)
         for p in earlier:
             remove_path(p, ignore_errors=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*output_dir.glob("checkpoint-*.tmp"), output_dir / ".saving.tmp"]:  # saves cut short
-            remove_path(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -1113,6 +1141,12 @@ class TrainingRun:
         if path is None:
             return
         written_by = check_resume_matches(path, self.record)
+        saved_step = int(json.loads((path / "training_state.json").read_text(encoding="utf-8"))["step"])
+        if saved_step > self.max_train_steps:  # it re-saved the later model as this shorter run's, without a word
+            raise TrainingError(
+                f"--resume_from_checkpoint {path} is at step {saved_step}, past this run's {self.max_train_steps} "
+                "steps (--max_train_steps, or --num_epochs): give --max_train_steps "
+                f"{saved_step} or more to go on, or resume from an earlier checkpoint")
         step, tensors, meta = load_checkpoint(self.accelerator, path)
         now = self.accelerator.num_processes
         if written_by and written_by != now and self.lr_scheduler is not None:

@@ -322,6 +322,11 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     ("train_unet", "--max_grad_norm", "0", "--max_grad_norm must be positive"),
     ("train_unet", "--ema_max_decay", "1.5", "--ema_max_decay must be between 0 and 1"),
     ("train_unet", "--ema_power", "nan", "--ema_power must be positive, got nan"),
+    # inf trained nothing (--adam_epsilon inf: every update 0) or diverged, without a word
+    ("train_unet", "--adam_epsilon", "inf", "--adam_epsilon must be a finite number, got inf"),
+    ("train_unet", "--learning_rate", "inf", "--learning_rate must be a finite number"),
+    ("train_unet", "--adam_weight_decay", "inf", "--adam_weight_decay must be a finite number"),
+    ("train_vqmodel", "--ssim_weight", "inf", "--ssim_weight must be a finite number"),
     ("train_unet", "--seed", "-1", "--seed must be between 0 and 2**32 - 1, got -1"),
     ("train_unet", "--cond_dropout", "0.3", "--cond_dropout 0.3 needs --conditional"),
     # given at its default value it was accepted without --conditional, and silently did nothing
@@ -551,8 +556,15 @@ def test_overwrite_output_dir_drops_the_old_models_evaluation(tmp_path):
     with pytest.raises(training.TrainingError, match="already holds a model"):
         training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json")
     args.overwrite_output_dir = True
-    training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json")
+    accelerator = Accelerator(cpu=True)
+    training.prepare_output_dir(args, accelerator, "model_index.json")
+    # nothing goes before the run's other checks passed (a typo in --train_data_dir deleted the finished model)
+    assert (out / "evaluation").exists() and (out / "model_index.json").exists()
+    (out / "checkpoint-5.abandoned").mkdir()  # a branch an earlier resume set aside, and the results it moved
+    (out / "evaluation-of-step-5").mkdir()
+    training.clear_earlier_run(args, accelerator, "model_index.json")
     assert not (out / "evaluation").exists() and not (out / "model_index.json").exists()
+    assert not (out / "checkpoint-5.abandoned").exists() and not (out / "evaluation-of-step-5").exists()
     assert not (out / "trace").exists()
     assert (out / "feature_net").is_dir()
 
@@ -608,6 +620,11 @@ def test_the_other_stages_folder_is_refused_even_with_overwrite(tmp_path):
     for vqmodel in (vq, vq / "vqvae"):
         with pytest.raises(training.TrainingError, match="is the --vqmodel folder"):
             train_unet.parse_args(["--vqmodel", str(vqmodel), "--output_dir", str(vq)])
+    # inside the VQModel's own folder (vq/vqvae, or a pipeline's vqvae/): the pipeline was written in among its files
+    for vqmodel, output_dir in ((vq, vq / "vqvae"), (ldm, ldm / "vqvae"), (vq / "vqvae", vq / "vqvae" / "x")):
+        with pytest.raises(training.TrainingError, match="inside its model"):
+            train_unet.parse_args(["--vqmodel", str(vqmodel), "--output_dir", str(output_dir)])
+    train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", str(tmp_path / "elsewhere")])
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
@@ -641,10 +658,12 @@ def test_a_fresh_start_clears_only_logs_it_owns(tmp_path):
     args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=False,
                            logging_dir="logs")
     training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project="unet")
+    training.clear_earlier_run(args, Accelerator(cpu=True), "model_index.json", project="unet")
     assert not (out / "logs" / "unet").exists() and (out / "logs" / "vqmodel" / "events.out.tfevents.1").is_file()
     (out / "model_index.json").write_text("{}")
     args.logging_dir, args.overwrite_output_dir = str(shared), True
     training.prepare_output_dir(args, Accelerator(cpu=True), "model_index.json", project="unet")
+    training.clear_earlier_run(args, Accelerator(cpu=True), "model_index.json", project="unet")
     assert not (out / "model_index.json").exists()
     assert (shared / "unet" / "events.out.tfevents.1").is_file() and (shared / "other-run").is_dir()
 
@@ -881,6 +900,14 @@ def test_resume_refuses_another_runs_flags_model_or_data(tmp_path, tiny_vq, demo
     code, err = resume("--max_train_steps", "3", "--logging_steps", "1", "--dataloader_num_workers", "0")
     assert code == 0, err
     assert (tmp_path / "again" / "model_index.json").is_file()
+    # but not shorter than the checkpoint: step 2's model was saved again as a 1-step run's, without a word
+    short = tmp_path / "short"
+    shutil.copytree(first / "checkpoint-2", short / "checkpoint-2")
+    code = train_unet.cli([str(a) for a in [*common, "--output_dir", short, "--resume_from_checkpoint", "latest",
+                                            "--max_train_steps", "1"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "is at step 2, past this run's 1 steps" in err and "--max_train_steps 2 or more" in err, err
+    assert not (short / "model_index.json").exists()
 
 
 def test_processes_wait_ddp_timeout_at_a_barrier_and_copy_batches_non_blocking_on_cuda_only(tmp_path):

@@ -1171,3 +1171,19 @@ def test_the_scaling_factor_is_measured_on_the_training_slices(tiny_vq, demo_roo
     with pytest.raises(StopRun):
         evaluate_and_save(VQModel.from_pretrained(tiny_vq / "vqvae"), data, args, "cpu")
     assert sorted(torch.cat(seen).tolist()) == list(range(len(data.train))) and len(data.val) != len(data.train)
+
+
+def test_overwrite_keeps_the_finished_model_when_the_run_fails_its_checks(tiny_vq, tmp_path):
+    """--overwrite_output_dir deleted the earlier model (vqvae/, checkpoints, logs) before the data was checked: a
+    typo in --train_data_dir destroyed a finished model, and the run failed all the same."""
+    import shutil
+
+    from adni_diffusers.training import TrainingError
+
+    out = tmp_path / "vq"
+    shutil.copytree(tiny_vq, out)
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(TrainingError, match="does not exist"):
+        run_training_script("train_vqmodel", ["--train_data_dir", tmp_path / "AD_NC_typo", "--output_dir", out,
+                                              *TINY_VQ_ARGS, "--overwrite_output_dir"])
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
