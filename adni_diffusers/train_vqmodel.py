@@ -25,6 +25,7 @@ logger = logging.getLogger("adni_diffusers.train_vqmodel")
 DEFAULT_LR = 2e-4
 DEFAULT_BATCH = 8
 # beside training.RESUME_MUST_MATCH: the losses a resumed run must keep
+DEFAULT_DISC_START = 2000
 RESUME_MUST_MATCH = ("rec_loss", "ssim_weight", "codebook_weight", "commitment_beta", "codebook_restart_steps",
                      "no_codebook_init", "disc_weight", "disc_start", "disc_learning_rate")
 
@@ -44,8 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no_codebook_init", action="store_true",
                    help="keep diffusers' uniform codebook init instead of starting on encoder outputs")
     g.add_argument("--disc_weight", type=float, default=0.0, help="patch-discriminator (VQGAN) loss weight; 0 = off")
-    g.add_argument("--disc_start", type=int, default=2000, help="step at which the discriminator starts")
-    g.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--disc_start", type=int, default=None,
+                   help=f"step at which the discriminator starts (default {DEFAULT_DISC_START}; with --disc_weight)")
+    g.add_argument("--disc_learning_rate", type=float, default=None,
+                   help="default: --learning_rate (with --disc_weight)")
     g.add_argument("--save_images_steps", type=int, default=250, help="reconstruction grid every N steps")
     g.add_argument("--eval_max_images", type=int, default=2000, help="held-out images used by the final metrics")
     from adni_diffusers.hub import add_hub_arguments
@@ -57,6 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.require_at_least(args, 0, "codebook_restart_steps", "disc_start", "ssim_weight", "codebook_weight",
                               "commitment_beta", "disc_weight")
     training.require_positive(args, "disc_learning_rate")
+    # given at all without a discriminator: refused, as --cond_dropout without --conditional (it did nothing)
+    given = [f"--{name} {getattr(args, name):g}" for name in ("disc_start", "disc_learning_rate")
+             if getattr(args, name) is not None]
+    if given and not args.disc_weight > 0:
+        verb = "need" if len(given) > 1 else "needs"
+        raise training.TrainingError(f"{', '.join(given)} {verb} --disc_weight above 0 (the patch discriminator is "
+                                     "off without it)")
+    if args.disc_start is None:  # the value recorded (training_args.json, checkpoints) as before
+        args.disc_start = DEFAULT_DISC_START
     training.check_hub_flags(args)
     return args
 

@@ -305,6 +305,9 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     ("train_vqmodel", "--eval_max_images", "0", "--eval_max_images must be at least 1"),
     ("train_vqmodel", "--codebook_restart_steps", "-1", "--codebook_restart_steps must be at least 0"),
     ("train_vqmodel", "--disc_start", "-1", "--disc_start must be at least 0"),
+    # without a discriminator they did nothing, without a word
+    ("train_vqmodel", "--disc_start", "10", "--disc_start 10 needs --disc_weight above 0"),
+    ("train_vqmodel", "--disc_learning_rate", "1e-4", "--disc_learning_rate 0.0001 needs --disc_weight above 0"),
     ("train_vqmodel", "--disc_weight", "-0.1", "--disc_weight must be at least 0"),
     ("train_vqmodel", "--ssim_weight", "-1", "--ssim_weight must be at least 0"),
     ("train_vqmodel", "--disc_learning_rate", "0", "--disc_learning_rate must be positive"),
