@@ -1144,6 +1144,13 @@ def evaluate_model(
         raise EvaluationError(f"--num-samples {num_samples}: expected 2 to {MAX_SAMPLES_PER_CLASS}")
     if guidance is not None and not math.isfinite(float(guidance)):  # NaN guidance made every latent NaN
         raise EvaluationError(f"--guidance {guidance}: expected a finite number")
+    # UMAP's random_state takes 0 .. 2**32 - 1 (and so the image seeds stay below 2**64): a seed past it failed at
+    # the UMAP step, or at the first sample after the earlier evaluation was removed, naming no flag
+    if not 0 <= int(seed) < 2**32:
+        raise EvaluationError(f"--seed {seed}: expected 0 .. 2**32 - 1")
+    if ablations and ablation_samples < 2:  # it ran 2 and recorded 1
+        raise EvaluationError(f"--ablation-samples {ablation_samples}: expected at least 2 (the distribution "
+                              "metrics compare sets)")
     device = _resolve_device(device)
     out = Path(out) if out is not None else model_dir / "evaluation"
     from .generate import check_out_folder, remove_outputs

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,16 @@ def non_negative_int(text: str) -> int:
 
 # what `generate` writes in --out; an earlier run's copies would read as this run's
 OUTPUTS = ("sample-*.png", "sample-*.png.tmp", "grid.png", "denoising.gif", "generation.json")
+# what the sample patterns may match: sample-0042.png, never a user's sample-brain.png beside them
+SAMPLE_NAME_RE = re.compile(r"sample-\d{4,}\.png(\.tmp)?")
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """The files of OUTPUTS in `out` (sorted), sample files only by the names this command gives them."""
+    if not out.is_dir():
+        return []
+    found = {p for pattern in OUTPUTS for p in out.glob(pattern)}
+    return sorted(p for p in found if not p.name.startswith("sample-") or SAMPLE_NAME_RE.fullmatch(p.name))
 GRID_IMAGES = 64  # grid.png shows the first ones: a grid of 10,000 (an FD-sized set) is unreadable and takes GBs
 
 
@@ -215,7 +226,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     if resume and overwrite:
         raise ValueError("--resume keeps an earlier run's images, --overwrite removes them: give one")
     out = Path(out)
-    earlier = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
+    earlier = earlier_outputs(out)
     recorded = _earlier_settings(out) if resume else None
     try:
         check_out_folder(out, [] if resume else earlier, overwrite)

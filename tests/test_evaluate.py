@@ -397,6 +397,11 @@ def test_feature_net_refuses_zero_epochs(demo_root):
     (dict(steps=3, refine_steps=2, refine_repeats=0), "needs --refine-repeats"),
     (dict(scheduler="ddpm", steps=1001), "--steps 1001"),
     (dict(guidance=float("nan")), "--guidance nan: expected a finite number"),
+    # UMAP's limit: a seed past it failed after all the sampling (or, past 2**64 / 1000003, at the first sample
+    # once the earlier evaluation was removed), naming no flag
+    (dict(seed=-1), r"--seed -1: expected 0 .. 2\*\*32 - 1"),
+    (dict(seed=2**32), "--seed 4294967296: expected"),
+    (dict(ablations=True, ablation_samples=1), "--ablation-samples 1: expected at least 2"),
 ])
 def test_bad_sampling_settings_are_refused_before_any_work(model_copy, tmp_path, monkeypatch, kw, match):
     """Before: these failed in the pipeline (or were ignored) only after the feature net was trained."""

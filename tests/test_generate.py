@@ -259,13 +259,14 @@ def test_an_earlier_run_in_out_is_refused_unless_overwrite(fresh_pipe, tmp_path,
     kwargs = dict(scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
     generate("unused", out, num_images=3, gif=True, **kwargs)
     (out / "notes.txt").write_text("mine")
+    (out / "sample-brain.png").write_bytes(b"mine too")  # named like a sample, not one: neither counted nor removed
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(FileExistsError, match=r"holds 6 output\(s\) of an earlier run .*pass --overwrite"):
         generate("unused", out, num_images=2, **kwargs)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
     generate("unused", out, num_images=2, overwrite=True, **kwargs)
     assert sorted(p.name for p in out.iterdir()) == ["generation.json", "grid.png", "notes.txt", "sample-0000.png",
-                                                     "sample-0001.png"]
+                                                     "sample-0001.png", "sample-brain.png"]
     settings = json.loads((out / "generation.json").read_text())  # what made them, to make them again
     assert settings["num_images"] == 2 and settings["scheduler"] == "ddim" and settings["steps"] == 1
     assert settings["seed"] == 0 and settings["class"] is None
