@@ -98,8 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise TrainingError(f"--{name} must be between 0 and 1 (exclusive), got {value}")
     if args.beta_schedule == "squaredcos_cap_v2":
         if (args.beta_start, args.beta_end) != (BETA_START, BETA_END):  # diffusers' cosine schedule has no range
-            raise TrainingError(f"--beta_start/--beta_end have no effect with --beta_schedule squaredcos_cap_v2 "
-                                f"(its betas come from the cosine alone); leave them out")
+            raise TrainingError("--beta_start/--beta_end have no effect with --beta_schedule squaredcos_cap_v2 "
+                                "(its betas come from the cosine alone); leave them out")
     elif not args.beta_start < args.beta_end:
         raise TrainingError(f"--beta_start {args.beta_start} must be below --beta_end {args.beta_end} (the noise grows "
                             "over the timesteps)")

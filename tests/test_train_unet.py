@@ -672,8 +672,6 @@ def test_a_fresh_start_clears_only_logs_it_owns(tmp_path):
 
 
 def test_resume_forgets_the_traced_and_logged_steps_past_the_checkpoint(tmp_path):
-    from types import SimpleNamespace
-
     from accelerate import Accelerator
 
     from adni_diffusers import training
