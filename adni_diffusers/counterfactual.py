@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 import zlib
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import write_text_atomically
 from .generate import finite_float
 from .pipeline_adni_ldm import strength_steps
 from .plots import save_figure
@@ -820,11 +820,11 @@ def write_tradeoff(result: dict, out_dir, reference: str = "reconstruction") -> 
     if result.get("example") is not None:
         files["example_strip"] = str(out / "example_strip.png")
     # the numbers first: a picture that fails to save (a full disk) must not lose the measurement
-    _write_text_atomically(out / "tradeoff.md", tradeoff_markdown(result))
+    write_text_atomically(out / "tradeoff.md", tradeoff_markdown(result))
     public = {k: v for k, v in result.items() if k not in ("maps", "mean_original", "example")}
     public["files"] = {k: Path(v).name for k, v in files.items()}  # beside it: true when the folder moves or goes up
     public["example_strip_difference"] = f"counterfactual - {reference}"
-    _write_text_atomically(out / "tradeoff.json", json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n")
+    write_text_atomically(out / "tradeoff.json", json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n")
     plot_tradeoff(result, out / "tradeoff.png")
     plot_mean_difference(result, out / "mean_difference.png")
     if result.get("example") is not None:
@@ -950,14 +950,6 @@ def _earlier_outputs(out: Path, folders: list[Path]) -> list[Path]:
     return sorted(found)
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    """A record written whole or not at all (a .tmp renamed): one cut short was unreadable, and its run's outputs
-    then counted as nobody's."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def check_classifier_folder(folder: str) -> None:
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"--classifier {folder}: no such folder (expected a feature net folder, "
@@ -1076,7 +1068,7 @@ def main(args: argparse.Namespace) -> int:
                "complete": False, "planned": [f.name for f in folders], "images": []}
     record = out / "counterfactuals.json"
     if folders:
-        _write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
     training_paths = {str(Path(p).resolve()) for p in data.train.paths} if data is not None else set()
     for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
         # as uint8: exact, where floats would be scaled by a guess ([0, 1] for a slice with no dark pixel)
@@ -1099,7 +1091,7 @@ def main(args: argparse.Namespace) -> int:
             summary["images"].append(entry)
             print(f"{path}: strip {files['strip']}")
         summary["complete"] = len(summary["images"]) == len(folders)
-        _write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
 
     if args.measure:
         src_idx = data.class_names.index(source)

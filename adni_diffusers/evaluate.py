@@ -39,7 +39,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .data import SliceData, SliceSet, is_demo_dataset, load_slices, to_uint8
+from .files import write_text_atomically
 from .plots import save_figure
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
 
@@ -1367,9 +1367,7 @@ def evaluate_model(
         write_report(res, out)
         # top level: the numeric summary (the model card's table), then the details under their own keys
         result = {**summary_numbers(res), **res}
-        tmp = out / "metrics.json.tmp"  # renamed when whole: a crash while writing leaves the earlier file
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out / "metrics.json")
+        write_text_atomically(out / "metrics.json", json.dumps(result, indent=2) + "\n")
         return result
 
     ablation = None

@@ -32,6 +32,15 @@ def replace_folder(new: Path, target: Path) -> None:
     remove_path(aside, ignore_errors=True)
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all (a `.tmp` beside it, renamed): a crash while writing leaves the
+    earlier file, never half of one (a record cut short was unreadable, and what it described nobody's)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def fsync_tree(folder: Path) -> None:
     """Every file under `folder` on disk, not only in the page cache, before the rename that publishes it."""
     # Windows' fsync (FlushFileBuffers) needs a handle that may write: on a read-only one it raises EBADF

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .compile_probe import CUDA_GRAPH_MODES
-from .files import fsync_tree, remove_path, replace_folder
+from .files import fsync_tree, remove_path, replace_folder, write_text_atomically
 
 logger = logging.getLogger("adni_diffusers.training")
 
@@ -1435,9 +1435,7 @@ class TrainingRun:
         for path in files:
             if path.exists():
                 rows = [r for r in read_jsonl(path) if r.get("step", step + 1) <= step]
-                tmp = path.with_name(path.name + ".tmp")  # a crash here leaves the old file, not half of it
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                os.replace(tmp, path)
+                write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def images_per_second(self, seconds: float) -> float | None:
         """Images trained per second of this run's wall clock (all processes, accumulation included; the periodic

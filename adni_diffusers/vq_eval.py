@@ -9,7 +9,6 @@ assumption holds, and the decoder's own quantiser snaps generated latents back o
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from .data import SliceData, SliceDataset
-from .files import remove_path, replace_folder
+from .files import remove_path, replace_folder, write_text_atomically
 
 
 def stratified_rows(labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
@@ -112,9 +111,7 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
         "class_names": data.class_names,
         **(extra or {}),
     }
-    tmp = output_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, output_dir / "metrics.json")
+    write_text_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -49,3 +49,14 @@ def test_replace_folder_cut_short_leaves_the_old_folder_under_a_tmp_name(tmp_pat
     # neither half is at checkpoint-5: both whole, both under names the next start knows as leftovers
     assert (tmp_path / "checkpoint-5.old.tmp" / "model.safetensors").read_bytes() == b"checkpoint-5"
     assert (new / "model.safetensors").read_bytes() == b"checkpoint-5.tmp" and not target.exists()
+
+
+def test_write_text_atomically_leaves_the_earlier_file_when_cut_short(tmp_path, monkeypatch):
+    from adni_diffusers.files import write_text_atomically
+
+    record = tmp_path / "metrics.json"
+    write_text_atomically(record, '{"fd": 1.0}\n')
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        write_text_atomically(record, '{"fd": 2.0}\n')
+    assert record.read_text(encoding="utf-8") == '{"fd": 1.0}\n'
