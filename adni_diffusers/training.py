@@ -338,7 +338,7 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
     checkpoints = list_checkpoints(output_dir)
     existing = [p for p in [output_dir / product, *checkpoints] if p.exists()]
     # "latest" with no checkpoint starts fresh: it must not silently write over a finished model either
-    resuming = args.resume_from_checkpoint is not None and (args.resume_from_checkpoint != "latest" or bool(checkpoints))
+    resuming = _resumes(args, checkpoints)
     if existing and not resuming and not args.overwrite_output_dir:
         why = " and no checkpoint to resume" if args.resume_from_checkpoint else ""
         raise TrainingError(
@@ -354,6 +354,11 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
     accelerator.wait_for_everyone()
 
 
+def _resumes(args, checkpoints: list[Path]) -> bool:
+    """Whether this run goes on from a checkpoint: `latest` with none in --output_dir starts fresh."""
+    return args.resume_from_checkpoint is not None and (args.resume_from_checkpoint != "latest" or bool(checkpoints))
+
+
 def clear_earlier_run(args, accelerator, product: str, project: str | None = None) -> None:
     """Call after every check, just before training starts. With --overwrite_output_dir (not resuming) the
     earlier model and its checkpoints, samples, evaluation and logs go. A run that starts from step 0 starts a new
@@ -361,7 +366,7 @@ def clear_earlier_run(args, accelerator, product: str, project: str | None = Non
     elsewhere may be shared: it is left alone)."""
     output_dir = Path(args.output_dir)
     checkpoints = list_checkpoints(output_dir)
-    resuming = args.resume_from_checkpoint is not None and (args.resume_from_checkpoint != "latest" or bool(checkpoints))
+    resuming = _resumes(args, checkpoints)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         logs = logging_folder(args)
