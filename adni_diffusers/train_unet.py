@@ -243,6 +243,7 @@ def main(args: argparse.Namespace) -> dict:
         raise TrainingError(f"--preset {args.preset} makes a class-conditional UNet (num_class_embeds "
                             f"{config.get('num_class_embeds')}, class_embed_type {config.get('class_embed_type')}): "
                             "add --conditional, or remove those keys from the config")
+    training.check_resume_model(args, config, "unet")
     # on CUDA the compile check's child compiles the UNet's step while this process decodes the slices (17 s for
     # 30,000 on an H100) and builds the latent cache
     compile_check = training.start_compile_check(args, make_spec("unet", config, args, accelerator, latent_shape))

@@ -84,6 +84,7 @@ def main(args: argparse.Namespace) -> dict:
 
     config, accelerator = training.start_stage(args, vq_config, "vqmodel", product="vqvae",
                                                stage_flags=RESUME_MUST_MATCH)
+    training.check_resume_model(args, config, "vqmodel")
     device = accelerator.device
     # on CUDA the compile check's child compiles the VQModel's step while this process decodes the slices
     compile_check = training.start_compile_check(args, make_spec("vqmodel", config, args, accelerator,

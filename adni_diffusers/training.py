@@ -410,7 +410,8 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     """What both training scripts do first, in this order so that every bad flag fails before any work: the
     model config from --preset (`config_of`, e.g. `presets.vq_config`), the Accelerator, the output folder
     check, and a resumed checkpoint's flags (`stage_flags`: the stage's own beside RESUME_MUST_MATCH; its model
-    and data are compared when `TrainingRun.resume` loads it). The data comes next (`load_training_data`).
+    is compared once the script has its final config, `check_resume_model`, and its data when `TrainingRun.resume`
+    loads it). The data comes next (`load_training_data`).
     Returns (config, accelerator)."""
     from .presets import PresetError
 
@@ -425,6 +426,15 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
         check_resume_matches(resume_from, run_record(args, stage_flags, stage=project_name))  # the clearer message
         check_checkpoint_files(resume_from, accelerator)
     return config, accelerator
+
+
+def check_resume_model(args, config: dict, project_name: str) -> None:
+    """Refuse a resumed checkpoint of another model (--preset, --conditional, the class folders) as soon as the
+    model's config is known, before the slices are decoded: `TrainingRun.resume` compared it only after that
+    (minutes on ADNI), and the data it also compares comes later."""
+    resume_from = find_resume_checkpoint(args)
+    if resume_from is not None:
+        check_resume_matches(resume_from, run_record(args, identity={"model_config": config}, stage=project_name))
 
 
 CHECKPOINT_FILES = ("training_state.json", "model.safetensors", "optimizer.bin", "scheduler.bin")
@@ -956,7 +966,9 @@ def resume_mismatches(recorded: dict, current: dict) -> list[str]:
         now = current_flags.get(name, then)
         if now != then:
             lines.append(f"--{name}: {then!r} in the checkpoint, {now!r} now")
-    identity_names = {"model_config": "the model config (--preset, --conditional, the class folders)",
+    model_config = ("the model config (--preset)" if recorded.get("stage") == "vqmodel"
+                    else "the model config (--preset, --conditional, the class folders)")
+    identity_names = {"model_config": model_config,
                       "train_data": "the training slices (--train_data_dir, or files in it changed)",
                       "latent_cache_key": "the VQModel or the training slices (--vqmodel, --train_data_dir)"}
     for name, then in recorded.get("identity", {}).items():

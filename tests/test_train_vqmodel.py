@@ -857,6 +857,29 @@ def test_resume_with_another_gan_weight_is_refused(tmp_path, demo_root, capsys):
     assert code == 2 and "--disc_weight: 0.0 in the checkpoint, 0.5 now" in err, err
 
 
+def test_resume_with_another_preset_is_refused_before_the_data_is_decoded(tmp_path, demo_root, capsys, monkeypatch):
+    """A checkpoint of another VQModel (--preset) was refused only after the slices were decoded, and the message
+    named --conditional and class folders, which the VQ stage does not have."""
+    from adni_diffusers import train_vqmodel, training
+    from adni_diffusers.presets import vq_config
+
+    argv = ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out", *TINY_VQ_ARGS]
+    args = train_vqmodel.parse_args([str(a) for a in argv])
+    checkpoint = tmp_path / "out" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    record = training.run_record(args, train_vqmodel.RESUME_MUST_MATCH, {"model_config": vq_config("small")},
+                                 num_processes=1, stage="vqmodel")
+    (checkpoint / "training_state.json").write_text(json.dumps({"step": 5, "run": record}))
+    for name in training.CHECKPOINT_FILES[1:]:  # the files are checked before the model
+        (checkpoint / name).touch()
+    decoded = []
+    monkeypatch.setattr(training, "load_training_data", lambda *a, **k: decoded.append(1) or 1 / 0)
+    code = train_vqmodel.cli([str(a) for a in [*argv, "--resume_from_checkpoint", "latest"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "the model config (--preset): not those of the checkpoint" in err, err
+    assert decoded == []
+
+
 @pytest.mark.parametrize("flag", ["--commitment_beta", "--codebook_weight"])
 def test_negative_codebook_loss_weights_are_refused(flag):
     """A negative weight on a codebook term is gradient ascent on it: refused when the flags are read."""
