@@ -112,6 +112,13 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _field(record: dict, key: str, kind: type = dict):
+    """record[key] when it is a `kind` (else None): a hand-edited or foreign record with, say, "train_steps": "4"
+    renders without that line instead of failing the card (and with it evaluate's re-render and push)."""
+    value = record.get(key)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None  # True is an int too
+
+
 def _count_parameters(component_dir: Path) -> int | None:
     """Parameters of a saved diffusers model, from its safetensors headers (no torch needed): its main weights,
     else (a folder saved with `variant="fp16"` only) the first variant's, each counted once over its shards."""
@@ -208,7 +215,7 @@ def _class_names(value) -> list[str]:
 
 
 def _per_class(summary: dict) -> str:
-    per_class = summary.get("per_class") or {}
+    per_class = _field(summary, "per_class") or {}
     return ", ".join(f"{name} {count}" for name, count in per_class.items()) or "-"
 
 
@@ -251,10 +258,14 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
     # a share's root (//host/share) has no name: the share's name stands for it
     root_name = root.name or root.drive.replace("/", "\\").rstrip("\\").split("\\")[-1] or "?"
     total = sum(r[1] for r in rows if isinstance(r[1], int))
+    # "trained on N slices" must not count the held-out ones (a --split given test/ folder is a third of ADNI)
+    counts = {name: n for name, n, *_ in rows if isinstance(n, int)}
+    split_counts = (f"{counts.get('training', '?')} for training, {counts['validation']} held out"
+                    if "validation" in counts else "all for training")
     if source == "demo":
-        summary = f"the synthetic demo set ({total} slices, not ADNI)"
+        summary = f"the synthetic demo set ({total} slices: {split_counts}; not ADNI)"
     elif source == "user":
-        summary = f"{total} axial slices from an ADNI-style folder (`{root_name}`)"
+        summary = f"{total} axial slices from an ADNI-style folder (`{root_name}`: {split_counts})"
     else:
         summary = "data that was not recorded"
     return {"data_rows": rows, "split_text": split_text, "preprocess_text": preprocess_text,
@@ -366,10 +377,9 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     conditional = bool(unet.get("num_class_embeds")) and bool(class_names)
     repo, placeholder = _repo_id(d, args, repo_id)
     eval_rows, eval_source = _evaluation(d)
-    vq_metrics = _read_json(d / "first_stage_metrics.json")  # copied by train_unet.py
-    if not vq_metrics and data.get("vqmodel"):  # else the first stage's own folder, if it is still around
-        vq_dir = Path(data["vqmodel"])
-        vq_metrics = _read_json(vq_dir / "metrics.json") or _read_json(vq_dir.parent / "metrics.json")
+    # copied by train_unet.py; never read from the first stage's folder, which may have trained again since (and
+    # is not there where the card is rendered for a push on another machine)
+    vq_metrics = _read_json(d / "first_stage_metrics.json")
     channels = unet.get("block_out_channels") or []
     attention = sum(1 for b in unet.get("down_block_types") or [] if "Attn" in b)
     # UNet2DModel's middle block has self-attention unless it is switched off (add_attention) or absent
@@ -402,7 +412,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "beta_text": _beta_text(sched),
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "arg_rows": _argument_rows(args),
-        "train_steps": train.get("train_steps"),
+        "train_steps": _field(train, "train_steps", int),
         "num_processes": _count(train["num_processes"], "process", "processes")
         if isinstance(train.get("num_processes"), int) else None,
         # none where the run trained no step (finished from its last checkpoint): not "0 images/s"
@@ -448,11 +458,11 @@ def _report_contents(model_dir: Path) -> str:
     optional, per-class tables come with class-conditional models)."""
     metrics = _read_json(model_dir / "evaluation" / "metrics.json")
     parts = ["each number beside its floor"]
-    if (metrics.get("model") or {}).get("conditional"):
+    if (_field(metrics, "model") or {}).get("conditional"):
         parts.append("per-class tables")
     if metrics.get("ablations"):  # run, not only asked for (an evaluation cut short in them has none)
         parts.append("ablations")
-    if (metrics.get("files") or {}).get("umap"):
+    if (_field(metrics, "files") or {}).get("umap"):
         parts.append("the UMAP")
     parts.append("the memorisation check")
     text = ", ".join(parts[:-1]) + " and " + parts[-1]

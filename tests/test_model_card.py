@@ -295,13 +295,17 @@ def test_license_link_only_to_a_license_file_in_the_folder(ldm):
 
 
 def test_card_counts_the_held_out_patients_and_all_the_slices(ldm):
-    """The split line says how many of ALL the patients were held out, and the summary counts every slice (training
-    and validation), as training_data.json records them."""
+    """The split line says how many of ALL the patients were held out, and the summary counts every slice and
+    says how many trained the model ("trained on 32 slices" counted the 8 held out; with --split given, ADNI's
+    whole test/ folder), as training_data.json records them."""
     info = json.loads((ldm / "training_data.json").read_text())
     train, val = info["train"], info["validation"]
     text = render_model_card(ldm)
     assert f"{val['patients']} of {train['patients'] + val['patients']} patients held out" in text
-    assert f"the synthetic demo set ({train['images'] + val['images']} slices, not ADNI)" in text
+    assert (f"the synthetic demo set ({train['images'] + val['images']} slices: {train['images']} for training, "
+            f"{val['images']} held out; not ADNI)") in text
+    _edit_json(ldm / "training_data.json", validation={"images": 0}, source="user", root="/data/AD_NC")
+    assert f"{train['images']} axial slices from an ADNI-style folder (`AD_NC`: all for training)" in render_model_card(ldm)
 
 
 def test_class_names_mapping_is_ordered_by_index_not_by_name(ldm):
@@ -443,13 +447,17 @@ def test_a_license_file_of_a_demo_model_is_never_overwritten(ldm):
     assert (ldm / "LICENSE.md").read_text() == "My lab's terms\n"
 
 
-def test_first_stage_numbers_are_found_beside_the_vqmodel_folder(ldm, tiny_vq, tmp_path):
-    """A pipeline without first_stage_metrics.json (trained before it was copied) reads the VQ numbers from the
-    first stage's output folder, whose metrics.json lies above `vqvae/` (`--vqmodel out/vq/vqvae`)."""
+def test_first_stage_numbers_come_only_from_the_pipeline_folder(ldm, tiny_vq, tmp_path):
+    """Without first_stage_metrics.json (train_unet.py removes it when the VQModel's numbers are not known) the card
+    read the metrics.json of the folder training_data.json names: another model's numbers once that folder had
+    trained again, and a card that differed from the one rendered for a push on another machine."""
     (ldm / "first_stage_metrics.json").unlink()
     vq_out = Path(shutil.copytree(tiny_vq, tmp_path / "vq-out", ignore=shutil.ignore_patterns("latent_cache")))
     _edit_json(ldm / "training_data.json", vqmodel=str(vq_out / "vqvae"))
     psnr = json.loads((vq_out / "metrics.json").read_text())["psnr"]
+    card = render_model_card(ldm)
+    assert f"{psnr:.4g}" not in card and "PSNR (dB), whole slice" not in card
+    shutil.copyfile(vq_out / "metrics.json", ldm / "first_stage_metrics.json")  # what README says to do
     assert f"| PSNR (dB), whole slice | {psnr:.4g} |" in render_model_card(ldm)
 
 
@@ -599,3 +607,20 @@ def test_fp16_that_trained_in_float32_on_a_cpu_is_not_shown_as_fp16():
     rows = dict((flag, value) for flag, value, _ in _argument_rows({"mixed_precision": "bf16",
                                                                     "mixed_precision_used": "bf16"}))
     assert rows["`--mixed_precision`"] == "bf16"
+
+
+@pytest.mark.parametrize("record, field, value", [
+    ("train_metrics.json", "train_steps", "4"),
+    ("evaluation/metrics.json", "model", "ldm"),
+    ("training_data.json", "train", {"images": 3, "patients": 1, "per_class": [1, 2]}),
+])
+def test_a_field_of_another_type_renders_without_it(ldm, record, field, value):
+    """A hand-edited or foreign record that parses but holds a field of another type ("train_steps": "4") failed
+    the whole card with a TypeError / AttributeError, and with it evaluate's re-render and push."""
+    path = ldm / record
+    path.parent.mkdir(exist_ok=True)
+    if not path.exists():
+        path.write_text("{}")
+    _edit_json(path, **{field: value})
+    card = render_model_card(ldm)
+    assert card.startswith("---") and "## Files" in card
