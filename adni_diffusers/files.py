@@ -41,11 +41,16 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def fsync_tree(folder: Path) -> None:
-    """Every file under `folder` on disk, not only in the page cache, before the rename that publishes it."""
+def fsync_file(path: Path) -> None:
+    """The file on disk, not only in the page cache, before the rename that publishes it (after a node crash a
+    renamed file whose data was never written reads as zeros or cut short)."""
     # Windows' fsync (FlushFileBuffers) needs a handle that may write: on a read-only one it raises EBADF
-    mode = "r+b" if os.name == "nt" else "rb"
+    with open(path, "r+b" if os.name == "nt" else "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder` on disk (`fsync_file`) before the rename that publishes it."""
     for p in folder.rglob("*"):
         if p.is_file():
-            with open(p, mode) as f:
-                os.fsync(f.fileno())
+            fsync_file(p)

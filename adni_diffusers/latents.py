@@ -13,12 +13,15 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .data import SliceSet, hash_array, hash_files, to_model_input
+from .files import fsync_file
 from .pipeline_adni_ldm import encode_slices, share_like_other_files
 from .training import TrainingError
 
@@ -57,10 +60,12 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
     key = key or cache_key(vq_dir, slices)
     path = cache_dir / f"{name}-{key}.safetensors"
     if path.is_file():
-        latents = load_file(str(path))["latents"]
-        if len(latents) == len(slices):
+        latents, damage = read_cache(path, key, slices)
+        if damage is None:
             logger.info("latent cache hit: %s (%d latents)", path, len(latents))
             return latents
+        logger.warning("the latent cache %s is damaged (%s): encoding the slices again", path, damage)
+    remove_stale_temporary_files(cache_dir, path.stem)
     # a temporary file of this writer's own, then an atomic rename: runs that share a VQModel (a sweep, the
     # ranks of other nodes) may build the same cache at once, and none may read or replace another's half file.
     # Made before encoding: a read-only folder (a labmate's VQModel) fails now, not after every slice is encoded
@@ -75,9 +80,10 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
         logger.info("encoding %d %s slices into the latent cache %s", len(slices), name, path)
         latents = encode_all(vq, slices, batch_size, progress)
         save_file({"latents": latents.contiguous(), "labels": slices.labels.contiguous()}, tmp,
-                  metadata={"key": key, "count": str(len(latents)),
+                  metadata={"key": key, "count": str(len(latents)), "sha256": latent_digest(latents),
                             "scaling_factor": json.dumps(vq.config.scaling_factor)})
         share_like_other_files([tmp])  # mkstemp's 0600: a labmate training on the same VQModel reads it too
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -87,6 +93,44 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
         logger.info("%s also holds %d older %s latent cache(s), %.2f GB (other data, split, labels or VQModel "
                     "weights); delete those no run needs", cache_dir, len(others), name, size / 1e9)
     return latents
+
+
+def latent_digest(latents: torch.Tensor) -> str:
+    return hashlib.sha256(latents.contiguous().numpy().tobytes()).hexdigest()
+
+
+def read_cache(path: Path, key: str, slices: SliceSet) -> tuple[torch.Tensor | None, str | None]:
+    """(latents, None) from a whole cache file of these slices, or (None, what is wrong with it). A file cut short
+    by a crash was a raw SafetensorError on every rerun; one whose data was lost (zeros after a node crash) was
+    trained on as it was. Caches written before 2026-12-04 have no checksum: their other checks still apply."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+        latents, labels = tensors["latents"], tensors["labels"]
+    except (SafetensorError, OSError, KeyError) as e:
+        return None, f"unreadable: {e}"
+    if metadata.get("key") != key:
+        return None, f"its key is {metadata.get('key')!r}, not {key!r}"
+    if latents.dim() != 4 or len(latents) != len(slices) or not torch.equal(labels, slices.labels):
+        return None, f"latents of shape {tuple(latents.shape)}, not those of the {len(slices)} slices"
+    if "sha256" in metadata and metadata["sha256"] != latent_digest(latents):
+        return None, "its latents do not match their checksum"
+    if not torch.isfinite(latents).all():
+        return None, "it holds NaN or inf latents"
+    return latents, None
+
+
+def remove_stale_temporary_files(cache_dir: Path, stem: str, older_than_s: float = 86400) -> None:
+    """The temporary files of builds killed a day ago or more (SIGKILL, a job's time limit: no `finally` ran); a
+    fresh one may be another run's build in progress (a sweep on the same VQModel), and is left alone."""
+    for tmp in cache_dir.glob(f"{stem}.*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                logger.info("removed %s, left by a latent cache build that was killed", tmp)
+        except OSError:  # another run removed it first
+            pass
 
 
 def check_room_on_device(latents: torch.Tensor, device, flag: str, share: float = 0.5) -> None:

@@ -1219,6 +1219,43 @@ def test_a_latent_cache_of_the_wrong_length_is_rebuilt(tiny_vq, demo_root, tmp_p
     assert len(load_file(str(path))["latents"]) == len(data.train)  # and the file is whole again
 
 
+@pytest.mark.parametrize("damage", ["zeroed", "cut_short", "empty"])
+def test_a_damaged_latent_cache_is_encoded_again(tiny_vq, demo_root, tmp_path, caplog, damage):
+    """A cache file whose data was lost (zeros under a whole header, after a node crash) was trained on as it
+    was; one cut short, or empty, failed every rerun with a raw SafetensorError naming no file. Both are now
+    encoded again, with a warning naming the file."""
+    import os
+    import time
+
+    from diffusers import VQModel
+
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.latents import load_or_build
+
+    data = load_slices(demo_root, seed=0)
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae")
+    cache = tmp_path / "latent_cache"
+    full = load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    (path,) = sorted(cache.glob("train-*.safetensors"))
+    raw = path.read_bytes()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    path.write_bytes({"zeroed": raw[:header] + bytes(len(raw) - header), "cut_short": raw[:len(raw) // 2],
+                      "empty": b""}[damage])
+    stale, fresh = cache / f"{path.stem}.abcd.tmp", cache / f"{path.stem}.efgh.tmp"  # a killed build's, a live one's
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    with caplog.at_level("INFO", logger="adni_diffusers.latents"):
+        latents = load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    assert "latent cache hit" not in caplog.text and f"the latent cache {path} is damaged" in caplog.text
+    assert torch.allclose(latents, full, atol=1e-5)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="adni_diffusers.latents"):  # and the file is whole again
+        assert torch.equal(load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False), latents)
+    assert "latent cache hit" in caplog.text
+    assert not stale.exists() and fresh.exists()
+
+
 def test_scale_lr_counts_gradient_accumulation_in_the_batch():
     """The effective batch of --scale_lr is batch x accumulation steps x processes: 32 x 4 on one process over the
     default 64 is x2 (linear) or x1.41 (sqrt), as 128 x 1 would be."""
