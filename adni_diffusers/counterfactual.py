@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import write_text_atomically
+from .files import write_json_atomically, write_text_atomically
 from .generate import finite_float
 from .pipeline_adni_ldm import strength_steps
 from .plots import save_figure
@@ -795,21 +795,6 @@ def plot_mean_difference(result: dict, path) -> Path:
     return save_figure(fig, path, bbox_inches="tight")
 
 
-def _jsonable(x):
-    """Valid JSON: NaN -> null, numpy scalars -> numbers, dict keys -> strings."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if math.isnan(x) or math.isinf(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if x is None or isinstance(x, (str, int, bool)):
-        return x
-    return str(x)
-
-
 def write_tradeoff(result: dict, out_dir, reference: str = "reconstruction") -> dict:
     """tradeoff.json (everything but the maps), tradeoff.md, tradeoff.png, mean_difference.png and,
     when the result has one, example_strip.png (its difference maps against `reference`, as --diff-against)."""
@@ -824,7 +809,7 @@ def write_tradeoff(result: dict, out_dir, reference: str = "reconstruction") -> 
     public = {k: v for k, v in result.items() if k not in ("maps", "mean_original", "example")}
     public["files"] = {k: Path(v).name for k, v in files.items()}  # beside it: true when the folder moves or goes up
     public["example_strip_difference"] = f"counterfactual - {reference}"
-    write_text_atomically(out / "tradeoff.json", json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n")
+    write_json_atomically(out / "tradeoff.json", public)
     plot_tradeoff(result, out / "tradeoff.png")
     plot_mean_difference(result, out / "mean_difference.png")
     if result.get("example") is not None:

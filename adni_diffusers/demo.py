@@ -18,10 +18,13 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import torch
+
+from .training import TrainingStopped, take_noted_stop_signal
 
 # Settings per device, chosen with measured runs (docs/results.md). CPU: small models, a ~15-minute
 # budget on 2 cores, the fast sampler for the pictures. v-prediction with Min-SNR-5 weighting gave
@@ -132,6 +135,15 @@ def _weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+class StoppedAfterStage(TrainingStopped):
+    """A stop signal came in a stage's last step or final save: the stage finished, the demo stops before the next."""
+
+    def __init__(self, signum: int, stage: str, folder: Path):
+        self.signum, self.step, self.checkpoint = signum, None, folder
+        Exception.__init__(self, f"stopped by {signal.Signals(signum).name} after the {stage} was finished and saved "
+                                 f"in {folder}; the rest of the demo goes on from there")
+
+
 def _run_stage(name: str, module: str, folder: Path, product: str, argv: list[str], recipe: dict,
                retrain: bool, device: str) -> None:
     """Train a stage unless this recipe finished it already; resume a run of the same recipe that was cut short.
@@ -148,27 +160,17 @@ def _run_stage(name: str, module: str, folder: Path, product: str, argv: list[st
         for checkpoint in folder.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
     _write_recipe(folder, recipe, finished=False)
+    take_noted_stop_signal()  # one an earlier call noted is not this stage's
     _train(module, argv, device)
     _write_recipe(folder, recipe, finished=True)
-
-
-def _slice_tree_holding(folder: Path) -> Path | None:
-    """The ADNI-style data folder (ROOT/<split>/<class>/ with images) that `folder` is, or is inside, if any."""
-    from .data import IMAGE_EXTENSIONS, SPLIT_FOLDERS
-
-    def holds_slices(class_dir: Path) -> bool:
-        return class_dir.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in class_dir.iterdir())
-
-    for root in (folder.resolve(), *folder.resolve().parents):
-        for split in (root / name for name in SPLIT_FOLDERS):
-            if split.is_dir() and any(holds_slices(c) for c in split.iterdir()):
-                return root
-    return None
+    signum = take_noted_stop_signal()
+    if signum:  # it came while the stage finished its save: stop now, not after the next stage's first hour
+        raise StoppedAfterStage(signum, name, folder)
 
 
 def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects: int | None = None, seed: int = 0,
              retrain: bool = False, quick: bool = False) -> dict:
-    from .demo_data import ensure_demo_dataset, read_settings
+    from .demo_data import check_seed, ensure_demo_dataset, read_settings, slice_tree_holding
     from .generate import check_device, generate
 
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before hours of training
@@ -176,10 +178,15 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    data_root = _slice_tree_holding(out)
+    data_root = slice_tree_holding(out)
     if data_root is not None:  # the demo's data, models and logs would land among the slices, and break the tree
         raise ValueError(f"--out {out}: inside the slice folder {data_root} (ROOT/{{train,test}}/<class>/*.jpeg); "
                          "choose a folder outside it")
+    check_seed(seed)  # the data builder took seeds the training scripts refuse, after the data was built
+    for stage in (out / "vq", out / "ldm"):  # the demo trains with --overwrite_output_dir: only into its own
+        if stage.is_dir() and any(stage.iterdir()) and not (stage / RECIPE_FILE).is_file():
+            raise ValueError(f"--out {out}: {stage} holds files the demo did not make (no {RECIPE_FILE}; your own "
+                             "training run?), which its training would replace; choose another --out")
     timings = {}
     t0 = time.time()
 
@@ -249,7 +256,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"  samples {name}: {grid}")
     print(f"  animation:  {summary['gif']}")
     if vq:
-        print(f"  VQModel on held-out subjects: PSNR {vq['psnr']:.1f} dB, SSIM {vq['ssim']:.3f}, "
-              f"codebook usage {vq['codebook_usage']:.0%}")
+        def shown(key: str, spec: str) -> str:  # null in metrics.json: a reconstruction was NaN
+            return "NaN" if vq.get(key) is None else format(vq[key], spec)
+
+        print(f"  VQModel on held-out subjects: PSNR {shown('psnr', '.1f')} dB, SSIM {shown('ssim', '.3f')}, "
+              f"codebook usage {shown('codebook_usage', '.0%')}")
     print(f"  time: {summary['timings_s']}")
     return 0

@@ -98,6 +98,7 @@ class Subject:
 def plan_subjects(subjects: int, slices_per_subject: int, test_fraction: float, seed: int) -> list[Subject]:
     """Draw ids, classes (balanced), splits (by subject, stratified by class), severities and slice centres."""
     _check_sizes(subjects, slices_per_subject, test_fraction)
+    check_seed(seed)
     rng = np.random.default_rng(seed)
     # ADNI-like ids: unique 6-7 digit numbers.
     ids = (rng.choice(1_400_000, size=subjects, replace=False) + 100_000).tolist()
@@ -119,9 +120,20 @@ def plan_subjects(subjects: int, slices_per_subject: int, test_fraction: float, 
     return sorted(plan, key=lambda s: s.index)
 
 
+MAX_SUBJECTS = 1_400_000  # the ADNI-like ids are drawn without replacement from as many numbers
+MAX_SEED = 2**32 - 1  # the training scripts' (and numpy's legacy seeding) range: a demo seed trains both stages
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:  # numpy said "expected non-negative integer", and a huge one failed at training
+        raise ValueError(f"--seed {seed}: expected 0 .. 2**32 - 1")
+
+
 def _check_sizes(subjects: int, slices_per_subject: int, test_fraction: float) -> None:
     if subjects < 4:
         raise ValueError(f"--subjects {subjects}: need at least 4 (train and test each need an AD and an NC subject)")
+    if subjects > MAX_SUBJECTS:  # numpy: "Cannot take a larger sample than population when replace is False"
+        raise ValueError(f"--subjects {subjects}: at most {MAX_SUBJECTS:,} (ADNI itself has about 1,500)")
     if not 1 <= slices_per_subject <= 40:
         raise ValueError(f"--slices-per-subject {slices_per_subject}: expected 1..40 (slices through the ventricles)")
     if not 0.0 < test_fraction < 1.0:
@@ -428,6 +440,11 @@ def build_demo_dataset(
     plan = plan_subjects(subjects, slices_per_subject, test_fraction, seed)
     sheet_path = _contact_sheet_path(out_dir, contact_sheet)
     workers = _worker_count(workers, subjects)  # before anything is removed: a bad value must not cost a build
+    # the folder above: out_dir itself is a slice tree once built (the checks of _prepare_folder are about it)
+    data_root = slice_tree_holding(out_dir.resolve().parent)
+    if data_root is not None:  # the build's csv and README among another tree's slices break that tree
+        raise ValueError(f"{out_dir}: inside the slice folder {data_root} (ROOT/{{train,test}}/<class>/*.jpeg); "
+                         "choose a folder outside it")
     _prepare_folder(out_dir, overwrite)
 
     settings = _settings(subjects, slices_per_subject, test_fraction, seed)
@@ -442,9 +459,9 @@ def build_demo_dataset(
 
     _write_subjects_csv(out_dir / SUBJECTS_FILE, plan, slices_per_subject)
     (out_dir / README_FILE).write_text(_readme(plan, settings), encoding="utf-8")
-    if sheet_path is not None:
-        write_contact_sheet(out_dir, plan, slices_per_subject, sheet_path)
     _write_settings(out_dir, settings, complete=True)
+    if sheet_path is not None:  # after: a sheet that fails to write leaves the build complete and usable
+        write_contact_sheet(out_dir, plan, slices_per_subject, sheet_path)
     return _summary(out_dir, plan, slices_per_subject, written, sheet_path, workers, time.perf_counter() - started)
 
 
@@ -554,7 +571,36 @@ def _contact_sheet_path(out_dir: Path, contact_sheet: str | os.PathLike | bool) 
 
     if path.suffix.lower() not in Image.registered_extensions():  # else PIL refused it after the whole build
         raise ValueError(f"contact sheet {path}: expected an image file name (e.g. {path.name or 'sheet'}.png)")
+    # and where it cannot be written: that failed after the whole build too
+    if path.is_dir():
+        raise ValueError(f"contact sheet {path}: is a folder; expected an image file name")
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"contact sheet {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"contact sheet {path}: {existing} cannot be written")
     return path
+
+
+def slice_tree_holding(folder: Path) -> Path | None:
+    """The ADNI-style slice folder (ROOT/<split>/<class>/ with images) that `folder` would land in and break (the
+    loader refuses stray files anywhere in it), if any: `folder` is ROOT, is inside ROOT/<split>/, or is elsewhere
+    under a ROOT whose split folder holds two or more class folders of images. (Not any folder above a `val/`
+    holding pictures: a `val/plots/loss.png` three levels up refused the demo.)"""
+    from .data import IMAGE_EXTENSIONS, SPLIT_FOLDERS
+
+    def holds_slices(class_dir: Path) -> bool:
+        return class_dir.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in class_dir.iterdir())
+
+    folder = Path(folder).resolve()
+    for root in (folder, *folder.parents):
+        for split in (root / name for name in SPLIT_FOLDERS):
+            if not split.is_dir():
+                continue
+            classes = sum(holds_slices(c) for c in split.iterdir())
+            if classes and (folder == root or folder.is_relative_to(split) or classes >= 2):
+                return root
+    return None
 
 
 def _worker_count(workers: int | None, subjects: int) -> int:

@@ -6,6 +6,8 @@ one, never half of either, and the leftovers are `.tmp` names the next start rem
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -39,6 +41,29 @@ def write_text_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def jsonable(x):
+    """Valid JSON: NaN and inf -> null (Python's json writes the bare NaN that strict parsers refuse), numpy
+    scalars -> numbers, dict keys -> strings."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(x) or math.isinf(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)
+
+
+def write_json_atomically(path: Path, record) -> None:
+    """`record` as strict JSON (`jsonable`), written whole or not at all (`write_text_atomically`)."""
+    write_text_atomically(path, json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n")
 
 
 def fsync_file(path: Path) -> None:

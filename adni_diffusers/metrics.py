@@ -77,7 +77,12 @@ def _as_features(x: torch.Tensor, name: str) -> torch.Tensor:
     x = torch.as_tensor(x)
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a feature matrix (N, D), got shape {tuple(x.shape)}")
-    return x.detach().to("cpu", torch.float64)
+    x = x.detach().to("cpu", torch.float64)
+    bad = (~torch.isfinite(x).all(1)).nonzero().flatten()
+    if len(bad):  # one NaN row made recall a plausible 0.0, and KID finite when no subset drew it
+        raise ValueError(f"{name}: {len(bad)} of {len(x)} feature rows hold NaN or inf (rows "
+                         f"{bad[:5].tolist()}{' ...' if len(bad) > 5 else ''}): from images that were NaN or inf")
+    return x
 
 
 # --------------------------------------------------------------------------------- reconstruction
@@ -150,6 +155,18 @@ def _psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(DATA_RANGE**2 / mse)).clamp(max=PSNR_CAP_DB)
 
 
+BRAIN_KEYS = ("mse_brain", "psnr_brain", "ssim_brain")
+
+
+def mean_over_images(per_image: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The means of `reconstruction_metrics`' per-image values: the brain ones over the images with a brain
+    (`brain_fraction` > 0), every other over all images. Not a nanmean: it left out the images whose
+    reconstruction was NaN, and a model failing on most slices scored like a healthy one."""
+    has_brain = per_image["brain_fraction"] > 0
+    return {k: float(v[has_brain].mean() if k in BRAIN_KEYS else v.mean()) if len(v) else math.nan
+            for k, v in per_image.items()}
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     real: torch.Tensor,
@@ -175,9 +192,14 @@ def reconstruction_metrics(
       noisy one (the whole-image numbers already cover the background).
     - MS-SSIM is whole-image only: its coarse scales mix brain and background by construction.
     Images whose mask is empty give NaN brain metrics and are left out of the brain means
-    (`images_with_empty_mask` counts them).
+    (`images_with_empty_mask` counts them). No other image is left out: a reconstruction with a NaN or inf
+    pixel (`nonfinite_reconstructions` counts them) makes every mean NaN.
     """
-    real, recon = as_images(real), as_images(recon).clamp(-1, 1)
+    recon = as_images(recon)
+    finite = torch.isfinite(recon).flatten(1).all(1)
+    # NaN, not clamped: an inf pixel clamped to 1 looked like a usable reconstruction
+    recon = torch.where(finite.reshape(-1, *[1] * (recon.dim() - 1)), recon, torch.nan)
+    real, recon = as_images(real), recon.clamp(-1, 1)
     if real.shape != recon.shape:
         raise ValueError(f"real {tuple(real.shape)} and recon {tuple(recon.shape)} differ in shape")
     if mask is None:
@@ -205,9 +227,10 @@ def reconstruction_metrics(
         rows["brain_fraction"].append(mf.mean(dim=(1, 2, 3)))
 
     cols = {k: torch.cat(v).double() for k, v in rows.items()}
-    out = {k: float(torch.nanmean(v)) if len(v) else math.nan for k, v in cols.items()}
+    out = mean_over_images(cols)
     out["images"] = len(real)
     out["images_with_empty_mask"] = int((mask.flatten(1).sum(1) == 0).sum())
+    out["nonfinite_reconstructions"] = int((~finite).sum())
     out["psnr_cap_db"] = PSNR_CAP_DB
     out["ssim_scale"] = SSIM_SCALE
     if per_image:

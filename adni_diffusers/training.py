@@ -61,6 +61,18 @@ class TrainingStopped(Exception):
                          "--resume_from_checkpoint latest")
 
 
+_noted_stop_signal: int | None = None  # the last stop signal a run noted, and finished its final phase despite
+
+
+def take_noted_stop_signal() -> int | None:
+    """The stop signal a finished run let its final save complete despite (None if none), forgotten once read.
+    The demo trains both stages in one process: a signal that came while the first one finished must stop it
+    before the second (it started the second stage, and the job was killed in it)."""
+    global _noted_stop_signal
+    signum, _noted_stop_signal = _noted_stop_signal, None
+    return signum
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Data workers get a scheduler's SIGTERM too (it signals every process of the job): they would die, and the
     main process's next batch fail before it could checkpoint. It stops them itself."""
@@ -1292,7 +1304,8 @@ class TrainingRun:
             self._restore_signal_handlers()
 
     def _finish_anyway(self, signum, frame) -> None:
-        self._signalled = signum
+        global _noted_stop_signal
+        self._signalled = _noted_stop_signal = signum
         self._restore_signal_handlers()  # the same signal again ends the run
         self._finishing_announced = True
         if self.accelerator.is_main_process:

@@ -8,15 +8,16 @@ assumption holds, and the decoder's own quantiser snaps generated latents back o
 
 from __future__ import annotations
 
-import json
+import logging
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .data import SliceData, SliceDataset
-from .files import remove_path, replace_folder, write_text_atomically
+from .files import remove_path, replace_folder, write_json_atomically
+
+logger = logging.getLogger(__name__)
 
 
 def stratified_rows(labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
@@ -49,24 +50,28 @@ def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int
     (over `limit` of them, drawn at random per class with `seed`, when there are more).
 
     Returns (metrics, a few originals, their reconstructions) for the grid."""
-    from .metrics import SSIM_SCALE, brain_mask, reconstruction_metrics
+    from .metrics import SSIM_SCALE, brain_mask, mean_over_images, reconstruction_metrics
 
-    totals, n = {}, 0
+    per_image, n, nonfinite = {}, 0, 0
     first_x = first_r = None
     for batch in _loader(slices, batch_size, limit, seed):
         x = batch["pixel_values"].to(device)
-        recon = vq(x).sample.float().clamp(-1, 1)
+        recon = vq(x).sample.float()
         m = reconstruction_metrics(x.float(), recon, mask=brain_mask(x.float()), per_image=True)
         for k, values in m["per_image"].items():  # per-image values, averaged over the whole set below
-            totals.setdefault(k, []).extend(torch.as_tensor(values).flatten().tolist())
-        n += len(x)
+            per_image.setdefault(k, []).append(values.double().cpu())
+        n, nonfinite = n + len(x), nonfinite + m["nonfinite_reconstructions"]
         if first_x is None:
-            first_x, first_r = x[:8].cpu(), recon[:8].cpu()
-    means = {k: float(np.nanmean(v)) for k, v in totals.items()}  # NaN: a slice with an empty brain mask
-    # the brain-mask means leave those slices out: say over how many images they are
-    brain = totals.get("psnr_brain", [])
-    return means | {"eval_images": n, "brain_eval_images": int(np.isfinite(brain).sum()),
-                    "ssim_scale": SSIM_SCALE}, first_x, first_r
+            first_x, first_r = x[:8].cpu(), recon[:8].clamp(-1, 1).cpu()
+    if nonfinite:
+        logger.warning("%d of %d reconstructions hold NaN or inf pixels: the VQModel's metrics are NaN (null in "
+                       "metrics.json)", nonfinite, n)
+    per_image = {k: torch.cat(v) for k, v in per_image.items()}
+    # the brain-mask means leave out the slices with an empty mask: say over how many images they are
+    brain = int((per_image["brain_fraction"] > 0).sum()) if per_image else 0
+    return mean_over_images(per_image) | {"eval_images": n, "brain_eval_images": brain,
+                                          "nonfinite_reconstructions": nonfinite,
+                                          "ssim_scale": SSIM_SCALE}, first_x, first_r
 
 
 def eval_set_name(data: SliceData, split: str | None) -> str:
@@ -111,7 +116,7 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
         "class_names": data.class_names,
         **(extra or {}),
     }
-    write_text_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_json_atomically(output_dir / "metrics.json", metrics)
     return metrics
 
 

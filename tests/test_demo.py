@@ -67,6 +67,8 @@ def test_every_plan_parses_with_the_training_scripts(plan, tmp_path):
     (["--out", "ADNI/train/demo"], "--out ADNI/train/demo: inside the slice folder"),
     (["--out", "ADNI"], "--out ADNI: inside the slice folder"),
     (["--subjects", "0"], "--subjects 0: need at least 4"),  # `subjects or default` took 0 for "not given"
+    (["--seed", "4294967296"], "--seed 4294967296: expected 0 .. 2**32 - 1"),  # refused by training, after the data
+    (["--seed", "-1"], "--seed -1: expected 0 .. 2**32 - 1"),  # numpy's "expected non-negative integer"
 ])
 def test_bad_flags_stop_the_demo_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
     from adni_diffusers import cli
@@ -236,6 +238,58 @@ def test_a_changed_preset_or_a_retrained_vqmodel_trains_again(tmp_path, monkeypa
     monkeypatch.setitem(presets.UNET_PRESETS, "tiny", wider)
     run_demo(tmp_path / "demo", device="cpu", quick=True)
     assert [name for name, _ in calls["train"][4:]] == ["train_unet"]  # the VQ preset is unchanged
+
+
+def test_a_stop_signal_while_a_stage_finishes_stops_the_demo_before_the_next(tmp_path, monkeypatch, capsys):
+    """SIGTERM in the VQ stage's last step or final save: the stage finishes (as it should), but the demo then
+    trained the whole UNet stage and exited 0; the job was killed in it. It now stops before the next stage."""
+    from adni_diffusers import cli, demo, training
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    fake_train = demo._train
+
+    def signalled_in_the_final_save(module_name, argv, device):
+        fake_train(module_name, argv, device)
+        training._noted_stop_signal = 15  # what TrainingRun._finish_anyway notes
+
+    monkeypatch.setattr(demo, "_train", signalled_in_the_final_save)
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 143
+    err = capsys.readouterr().err
+    assert [stage for stage, _ in calls["train"]] == ["train_vqmodel"]
+    assert f"stopped by SIGTERM after the VQModel was finished and saved in {tmp_path / 'demo' / 'vq'}" in err, err
+    assert "`adni-diffusers demo` with the same flags does" in err, err
+    monkeypatch.setattr(demo, "_train", fake_train)  # the rerun reuses the VQModel and goes on
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    assert [stage for stage, _ in calls["train"]] == ["train_vqmodel", "train_unet"]
+
+
+def test_the_demo_never_trains_over_a_model_it_did_not_make(tmp_path, monkeypatch, capsys):
+    """README's own commands train into out/vq and out/ldm, the demo's layout: `demo --out out` replaced such a
+    model (--overwrite_output_dir) without a word. Refused, before any work; an empty folder is fine."""
+    from adni_diffusers import cli
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    (tmp_path / "out" / "ldm").mkdir(parents=True)
+    (tmp_path / "out" / "vq" / "vqvae").mkdir(parents=True)
+    (tmp_path / "out" / "vq" / "vqvae" / "config.json").write_text("{}")
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out' / 'vq'} holds files the demo did not make" in err, err
+    assert calls["data"] == calls["train"] == [] and (tmp_path / "out" / "vq" / "vqvae" / "config.json").is_file()
+
+
+def test_pictures_in_a_val_folder_higher_up_are_no_slice_folder(tmp_path, monkeypatch):
+    """Any folder above --out with a `val/<x>/` holding a picture was taken for a slice folder and the demo
+    refused (a `val/plots/loss.png` three levels up); a real slice folder (two classes) is still refused."""
+    from adni_diffusers import cli
+
+    _fake_demo(monkeypatch, tmp_path)
+    (tmp_path / "val" / "plots").mkdir(parents=True)
+    (tmp_path / "val" / "plots" / "loss.png").write_bytes(b"")
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "projects" / "demo")]) == 0
+    (tmp_path / "val" / "NC").mkdir()
+    (tmp_path / "val" / "NC" / "2_0.png").write_bytes(b"")
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "projects" / "demo2")]) == 2
 
 
 def test_a_stop_signal_in_a_demo_stage_says_how_to_go_on(tmp_path, monkeypatch, capsys):

@@ -160,6 +160,29 @@ def test_cli_builds_and_refuses_a_non_empty_folder(tmp_path, capsys):
     assert _file_bytes(out) == before and dd.read_settings(out)["complete"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed -1: expected 0 .. 2**32 - 1"),  # numpy's "expected non-negative integer"
+    (["--subjects", "2000000"], "--subjects 2000000: at most 1,400,000"),  # "Cannot take a larger sample than..."
+    (["--contact-sheet", "afile/sheet.png"], "contact sheet afile/sheet.png: afile is a file, not a folder"),
+    (["--contact-sheet", "adir.png"], "contact sheet adir.png: is a folder"),
+    ([], "inside the slice folder"),  # into another tree: its csv and README broke that tree
+])
+def test_bad_values_are_refused_before_the_build_naming_the_flag(flags, message, tmp_path, capsys, monkeypatch):
+    """Each failed after the whole build (a contact sheet that cannot be written left it marked incomplete, and
+    a rerun refused the full folder), or in numpy's words."""
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("")
+    Path("adir.png").mkdir()
+    for label in ("AD", "NC"):
+        Path("ADNI", "train", label).mkdir(parents=True)
+        Path("ADNI", "train", label, "1_0.jpeg").write_bytes(b"")
+    out = "ADNI/extra" if not flags else "built"
+    assert cli.main(["demo-data", out, "--subjects", "4", "--slices-per-subject", "1", "--workers", "1",
+                     *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not Path(out).exists()
+
+
 def test_overwrite_never_wipes_a_folder_that_is_not_a_demo_build(tmp_path, capsys):
     """A real AD_NC tree has train/ and test/ too: --overwrite wiped it (and a user's notes in it)."""
     real = tmp_path / "AD_NC"

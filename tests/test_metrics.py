@@ -47,6 +47,15 @@ def test_fd_of_a_set_with_itself_is_zero():
     assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["frechet_distance", "kid", "precision_recall"])
+def test_a_nan_feature_row_is_refused(metric):
+    """One NaN row (a NaN image's features) made recall a plausible 0.0, and KID finite when no subset drew it."""
+    real, fake = _features(), _features().clone()
+    fake[3, 0] = torch.nan
+    with pytest.raises(ValueError, match=r"1 of \d+ feature rows hold NaN or inf \(rows \[3\]"):
+        getattr(M, metric)(real, fake)
+
+
 def test_fd_grows_with_the_shift():
     a, b = _features(seed=0), _features(seed=1)
     floor = M.frechet_distance(a, b)  # two samples of the same distribution
@@ -217,6 +226,17 @@ def test_empty_mask_gives_nan_brain_metrics():
     out = M.reconstruction_metrics(x, x, torch.zeros_like(x, dtype=torch.bool))
     assert math.isnan(out["psnr_brain"]) and math.isnan(out["ssim_brain"])
     assert out["images_with_empty_mask"] == 1
+
+
+def test_a_nan_reconstruction_is_not_left_out_of_the_means():
+    """nanmean left an image whose reconstruction was NaN out of every mean: the others' PSNR, with "images" 2."""
+    x, _, _ = _brain_slices(2)
+    recon = x * 0.95
+    recon[0, 0, 0, 0] = torch.nan
+    out = M.reconstruction_metrics(x, recon)
+    assert out["nonfinite_reconstructions"] == 1 and out["images"] == 2
+    assert math.isnan(out["psnr"]) and math.isnan(out["ssim"]) and math.isnan(out["psnr_brain"])
+    assert math.isfinite(M.reconstruction_metrics(x[1:], recon[1:])["psnr"])
 
 
 def test_accepts_uint8_pixels():

@@ -1697,7 +1697,7 @@ def test_a_stop_signal_after_the_last_step_lets_the_final_save_finish(tmp_path, 
     after the last step now finish, saying so, and the signal's own handler is given back."""
     import signal
 
-    from adni_diffusers import train_unet
+    from adni_diffusers import train_unet, training
 
     original = getattr(train_unet, when)
 
@@ -1722,6 +1722,8 @@ def test_a_stop_signal_after_the_last_step_lets_the_final_save_finish(tmp_path, 
         signal.signal(signal.SIGTERM, before)
         reset_accelerate()
     assert rc == 0
+    assert training.take_noted_stop_signal() == signal.SIGTERM  # for the demo: no next stage
+    assert training.take_noted_stop_signal() is None
     assert "SIGTERM after the last training step: finishing the final save" in caplog.text
     assert f"the training is in {out / 'checkpoint-2'}" in caplog.text
     assert all((out / name).is_file() for name in ("model_index.json", "samples.png", "README.md"))

@@ -773,6 +773,37 @@ def test_brain_means_say_they_leave_out_the_slices_without_a_brain():
     assert math.isfinite(metrics["psnr_brain"])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_broken_reconstruction_makes_the_vq_metrics_nan_and_metrics_json_stays_json(tmp_path, bad):
+    """A reconstruction with NaN pixels was left out of every mean (nanmean) while `eval_images` still counted
+    it: a VQModel failing on most slices scored like a healthy one (an inf pixel was clamped to white); and a
+    NaN mean was written as a bare NaN, which strict JSON parsers refuse."""
+    import math
+    from types import SimpleNamespace
+
+    from adni_diffusers.data import SliceSet
+    from adni_diffusers.files import write_json_atomically
+    from adni_diffusers.vq_eval import reconstruct_and_measure
+
+    yy, xx = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    disc = (((yy - 128) ** 2 + (xx - 128) ** 2) < 80**2).to(torch.uint8) * 180
+    slices = SliceSet(torch.stack([disc] * 4), torch.tensor([0, 0, 1, 1]), list("abcd"),
+                      [f"AD/{n}_1.png" for n in "ab"] + [f"NC/{n}_1.png" for n in "cd"], ["AD", "NC"])
+
+    def vq(x):  # a stand-in autoencoder: a slightly darker copy, broken on the first image of each batch
+        recon = x * 0.95
+        recon[0, 0, 100, 100] = bad
+        return SimpleNamespace(sample=recon)
+
+    metrics, _, _ = reconstruct_and_measure(vq, slices, "cpu", batch_size=2)
+    assert metrics["eval_images"] == 4 and metrics["nonfinite_reconstructions"] == 2
+    for key in ("psnr", "ssim", "ms_ssim", "mse", "psnr_brain", "ssim_brain"):
+        assert math.isnan(metrics[key]), key
+    write_json_atomically(tmp_path / "metrics.json", metrics)
+    written = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: 1 / 0)  # no NaN token
+    assert written["psnr"] is None and written["eval_images"] == 4
+
+
 def test_code_perplexity_is_the_number_of_equally_used_codes():
     """Perplexity exp(H) of the code counts: k codes used equally often give k, one code 1, and unequal use
     something in between (the health number logged every step and written to metrics.json)."""
