@@ -17,6 +17,7 @@ model, batch, precision, layout, mode, GPU and software skips the child (`passed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -72,8 +73,21 @@ def passed_before(spec: dict) -> Path | None:
     """The record of a child that ran this very step before, or None. The kernels inductor makes depend on
     the spec (not on the device index), the GPU, torch/CUDA/triton/diffusers and the step's code: the record's
     name is a hash of all of these."""
-    record, _ = _pass_record(spec)
-    return record if record.is_file() else None
+    record, what = _pass_record(spec)
+    try:
+        text = record.read_text()
+    except OSError:  # none (or no folder that could hold one)
+        return None
+    try:
+        if json.loads(text) == json.loads(json.dumps(what)):  # tuples are read back as lists
+            return record
+    except ValueError:
+        pass
+    # empty or cut short (a crash before its data reached the disk): no record, or --compile would skip the child
+    # and compile in the training process, where a CUDA error ends the run
+    with contextlib.suppress(OSError):
+        record.unlink()
+    return None
 
 
 def remember_pass(spec: dict) -> None:
@@ -102,7 +116,11 @@ def _pass_record(spec: dict) -> tuple[Path, dict]:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
     code = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes()
                                    for name in ("compile_probe.py", "diffusion.py", "vq.py"))).hexdigest()
-    what = {"spec": {k: v for k, v in spec.items() if k != "device"}, "gpu": gpu, "torch": torch.__version__,
+    # "default" is no mode (compile_model): --compile and --compile_mode default, and reduce-overhead's fallback,
+    # compile the same step and share the record
+    mode = None if spec.get("compile_mode") == "default" else spec.get("compile_mode")
+    what = {"spec": {**{k: v for k, v in spec.items() if k != "device"}, "compile_mode": mode}, "gpu": gpu,
+            "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": installed("triton"), "diffusers": installed("diffusers"),
             "code": code}
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]

@@ -565,12 +565,36 @@ def unet_variant_names(bench: Bench, compile_: bool, primary: bool, variants=Non
     names = list(UNET_VARIANTS) if primary else ["example style", ours, "ours + --latents_on_device"]
     if variants:
         names = [n for n in names if n in variants]
-    if not bench.cuda:
-        names = [n for n in names if n not in ("+ bf16 autocast", "+ fused AdamW (= ours, eager)")
-                 and not UNET_VARIANTS[n].get("cuda_only")]
-    if not compile_:
-        names = [n for n in names if n != "+ torch.compile (= ours)" and not UNET_VARIANTS[n].get("needs_compile")]
-    return names
+    return [n for n in names if unet_row_blocked(n, compile_, bench.cuda) is None]
+
+
+def unet_row_blocked(name: str, compile_: bool, cuda: bool) -> str | None:
+    """Why the UNet row `name` does not run with these flags (None: it runs). Rows that only differ on CUDA
+    (bf16, fused AdamW) are skipped on CPU; the compiled one needs --compile."""
+    spec = UNET_VARIANTS[name]
+    if not cuda and (spec.get("cuda_only") or name in ("+ bf16 autocast", "+ fused AdamW (= ours, eager)")):
+        return "runs on --device cuda only"
+    if not compile_ and (name == "+ torch.compile (= ours)" or spec.get("needs_compile")):
+        return "needs --compile"
+    return None
+
+
+def vq_row_blocked(name: str, compile_: bool, cuda: bool) -> str | None:
+    """Why the VQ row `name` does not run with these flags (None: it runs)."""
+    spec = VQ_VARIANTS[name]
+    if not cuda and spec.get("cuda_only"):
+        return "runs on --device cuda only"
+    if not compile_ and spec["compile"]:
+        return "needs --compile"
+    return None
+
+
+def row_blocked(name: str, compile_: bool, cuda: bool) -> str | None:
+    """Why a row named in --variants / --profile-variants runs in no section (None: it runs in one): it was
+    dropped without a word, and the section came out empty (device time spent on nothing)."""
+    reasons = [blocked(name, compile_, cuda) for table, blocked in ((UNET_VARIANTS, unet_row_blocked),
+                                                                     (VQ_VARIANTS, vq_row_blocked)) if name in table]
+    return None if None in reasons else reasons[0]
 
 
 def unet_row_name(variant: str, spec: dict, bench: Bench) -> str:
@@ -874,8 +898,7 @@ def bench_vq(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
     slices = random_slices(max(opts.vq_batch_sizes) * 4, seed=2)
     rows = []
     variants = {n: s for n, s in VQ_VARIANTS.items()
-                if (opts.compile or not s["compile"]) and (bench.cuda or not s.get("cuda_only"))
-                and (not opts.variants or n in opts.variants)}
+                if vq_row_blocked(n, opts.compile, bench.cuda) is None and (not opts.variants or n in opts.variants)}
     vq_profiled = profiled_variants(opts, VQ_PROFILED, variants)
     for bi, bs in enumerate(opts.vq_batch_sizes):
         fresh_compile_cache()
@@ -1337,9 +1360,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(opts, key, value)
     opts.vq_preset = opts.vq_preset or opts.preset
     opts.example_vq_preset = opts.example_vq_preset or ("wide" if opts.vq_preset == "base" else opts.vq_preset)
-    unknown = sorted(set(opts.variants or ()) - set(UNET_VARIANTS) - set(VQ_VARIANTS))
-    if unknown:
-        p.error(f"--variants: unknown {unknown}; known: {sorted(set(UNET_VARIANTS) | set(VQ_VARIANTS))}")
+    for flag, names in (("--variants", opts.variants), ("--profile-variants", opts.profile_variants)):
+        unknown = sorted(set(names or ()) - set(UNET_VARIANTS) - set(VQ_VARIANTS))
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; known: {sorted(set(UNET_VARIANTS) | set(VQ_VARIANTS))}")
+        cuda = opts.device == "cuda"
+        blocked = {n: why for n in names or () if (why := row_blocked(n, opts.compile, cuda))}
+        if blocked:
+            p.error(f"{flag}: " + "; ".join(f"{n!r} {why}" for n, why in blocked.items()))
     for key in ("batch_sizes", "vq_batch_sizes", "sample_batch_sizes", "encode_batch_sizes"):
         if any(b < 1 for b in getattr(opts, key)):
             p.error(f"--{key.replace('_', '-')}: batch sizes must be positive")

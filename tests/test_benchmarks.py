@@ -173,6 +173,22 @@ def test_counts_that_would_fail_a_row_after_its_timing_are_refused(flag):
     assert stop.value.code == 2
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--variants", "+ torch.compile (= ours)"], "--variants: '+ torch.compile (= ours)' needs --compile"),
+    (["--compile", "--variants", "ours + compile + cudnn.benchmark"], "runs on --device cuda only"),
+    (["--profile", "--profile-variants", "ours + EMA (make_ema)"], "--profile-variants: unknown ['ours + EMA (make_ema)']"),
+])
+def test_rows_that_would_not_run_are_refused(flags, message, capsys):
+    """A row named in --variants that cannot run with the flags given (no --compile, or a CUDA-only row on the
+    CPU) was dropped without a word, and its section came out empty with exit status 0; a --profile-variants
+    name was not checked at all (a near miss profiled nothing). Device time is short: refused before any work."""
+    run = _load_benchmark_script()
+    with pytest.raises(SystemExit) as stop:
+        run.parse_args(["--smoke", "--device", "cpu", *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    run.parse_args(["--smoke", "--device", "cpu", "--compile", "--variants", "+ torch.compile (= ours)"])  # runs
+
+
 def test_example_style_keeps_the_seed_sized_vq_encoder(smoke):
     """The example-style UNet row encodes every batch with the seed's VQ size (`wide`) where our VQModel is `base`
     (narrower since 2026-11-26), so its figure stays comparable with facts.md and the earlier runs."""

@@ -355,6 +355,30 @@ def test_the_spec_carries_the_kernel_choosing_flags():
     assert spec["allow_tf32"] is True and spec["cudnn_benchmark"] is True
 
 
+def test_an_empty_or_cut_short_record_is_no_pass():
+    """A record left empty or cut short by a crash counted as a pass (only its name was looked at): --compile then
+    skipped the child and compiled in the training process, where a CUDA error ends the run, on every rerun."""
+    from adni_diffusers import compile_probe
+
+    compile_probe.remember_pass(_spec())
+    record = compile_probe.passed_before(_spec())
+    assert record is not None
+    for damaged in ("", '{"spec": {"trunc'):
+        record.write_text(damaged)
+        assert compile_probe.passed_before(_spec()) is None and not record.exists()
+        compile_probe.remember_pass(_spec())
+
+
+def test_no_mode_and_the_default_mode_share_a_record():
+    """--compile and --compile_mode default compile the same step (compile_model), but had two records: a
+    reduce-overhead run's fallback ("default") passed, and the next plain --compile run started a child again."""
+    from adni_diffusers import compile_probe
+
+    compile_probe.remember_pass(_spec(compile_mode="default"))
+    assert compile_probe.passed_before(_spec(compile_mode=None)) is not None
+    assert compile_probe.passed_before(_spec(compile_mode="max-autotune")) is None
+
+
 def test_a_step_that_passed_before_needs_no_child(monkeypatch, caplog):
     """A rerun or a resume of the same training step (model, batch, precision, mode, GPU, software) skips
     the child: a child that passed leaves a record beside inductor's cache; a failed one leaves none."""
