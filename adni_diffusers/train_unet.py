@@ -5,7 +5,8 @@
 
 The slices are encoded once into a latent cache (safetensors, reused while data and VQModel match);
 the UNet learns the DDPM noise-prediction objective on them. The end result in `--output_dir` is a
-complete `ADNILatentDiffusionPipeline` (VQModel + EMA UNet + scheduler + its own code + model card):
+complete `ADNILatentDiffusionPipeline` (VQModel + UNet, its EMA weights with --use_ema, + scheduler + its own
+code + model card):
 
     DiffusionPipeline.from_pretrained("out/ldm", trust_remote_code=True)
 """
@@ -37,6 +38,29 @@ RESUME_MUST_MATCH = ("conditional", "cond_dropout", "prediction_type", "loss", "
                      "beta_schedule", "beta_start", "beta_end")
 
 
+# sampling starts from pure noise: the forward process must end (nearly) there. 0.01 leaves a tenth of the signal's
+# scale; the default 1000 linear steps leave 4e-5, Stable Diffusion's much-criticised schedule 0.005
+MAX_FINAL_ALPHA_CUMPROD = 0.01
+
+
+def check_schedule_reaches_noise(args) -> None:
+    """Refuse a forward process whose last timestep still holds the signal: the seed's betas kept per step over
+    fewer steps (--num_train_timesteps 100 ends at alphas_cumprod 0.36) trained a model that sampling, starting
+    from pure noise, then met far from anything it saw (biased samples, without a word)."""
+    from adni_diffusers.diffusion import make_noise_scheduler
+
+    last = float(make_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start,
+                                      args.beta_end).alphas_cumprod[-1])
+    if last > MAX_FINAL_ALPHA_CUMPROD:
+        scale = 1000 / args.num_train_timesteps
+        raise TrainingError(
+            f"--num_train_timesteps {args.num_train_timesteps} with --beta_schedule {args.beta_schedule} "
+            f"--beta_start {args.beta_start:g} --beta_end {args.beta_end:g}: the last timestep keeps "
+            f"{last ** 0.5:.0%} of the signal (alphas_cumprod {last:.3g}), but sampling starts from pure noise. "
+            f"Scale the betas with the steps (--beta_start {args.beta_start * scale:g} --beta_end "
+            f"{min(args.beta_end * scale, 0.999):g}, as improved DDPM does), or use --beta_schedule squaredcos_cap_v2")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=HelpFormatter)
     parser.add_argument("--vqmodel", required=True, help="the output folder of train_vqmodel.py (or its vqvae/ folder)")
@@ -56,14 +80,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--loss", default="mse", choices=["mse", "smooth_l1"], help="smooth_l1 was the seed's")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023, derived for --loss mse); 5.0 is the paper's "
-                        "value. Default: off")
+                        "value. Default: off. inf clamps nothing: with epsilon the plain loss, with v_prediction "
+                        "the epsilon-equivalent weights snr/(snr+1), not the plain v loss")
     g.add_argument("--latent_cache_dir", default=None,
                    help="default: <--vqmodel>/latent_cache (the folder given, holding vqvae/ or the VQModel itself)")
     g.add_argument("--latents_on_device", action="store_true",
                    help="keep the training latents on the GPU (ADNI's 30,520: 0.5 GB per process) and cut each batch "
                         "there: no per-step host copy; the same batches, so the same results")
     g.add_argument("--save_images_epochs", type=int, default=10,
-                   help="sample a grid with the EMA weights every N epochs (and at the last step)")
+                   help="sample a grid every N epochs (and at the last step), with the EMA weights under --use_ema")
     g.add_argument("--num_sample_images", type=int, default=8)
     g.add_argument("--sample_inference_steps", type=int, default=50, help="DDIM steps for the periodic grids")
     from adni_diffusers.hub import add_hub_arguments
@@ -106,6 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.sample_inference_steps > args.num_train_timesteps:  # DDIM cannot take more steps than there are
         raise TrainingError(f"--sample_inference_steps {args.sample_inference_steps} must be at most "
                             f"--num_train_timesteps {args.num_train_timesteps}")
+    check_schedule_reaches_noise(args)
     return args
 
 

@@ -222,8 +222,8 @@ def logging_folder(args) -> Path:
     return (Path(args.output_dir) / args.logging_dir).resolve()
 
 
-# where inf means something (no clipping; min-SNR weighting off): any other inf trained nothing or diverged without
-# a word (--adam_epsilon inf made every update 0)
+# where inf means something (no clipping; a Min-SNR weight clamped nowhere): any other inf trained nothing or
+# diverged without a word (--adam_epsilon inf made every update 0)
 INFINITY_ALLOWED = ("max_grad_norm", "snr_gamma")
 
 

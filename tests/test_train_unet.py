@@ -1332,8 +1332,24 @@ def test_a_beta_of_zero_is_refused():
 
 def test_as_many_sampling_steps_as_training_timesteps_are_accepted():
     """DDIM may take every timestep: --sample_inference_steps equal to --num_train_timesteps is valid."""
-    args = _unet_args("--num_train_timesteps", "50", "--sample_inference_steps", "50")
+    args = _unet_args("--num_train_timesteps", "50", "--sample_inference_steps", "50", "--beta_start", "0.002",
+                      "--beta_end", "0.4")
     assert args.sample_inference_steps == args.num_train_timesteps == 50
+
+
+def test_a_schedule_that_never_reaches_noise_is_refused():
+    """The seed's betas over 100 steps end at alphas_cumprod 0.36 (60% signal): sampling, from pure noise, started
+    far from anything the model saw, and its samples were biased. Refused with the scaled betas; those, and the
+    cosine schedule, train."""
+    from adni_diffusers.training import TrainingError
+
+    with pytest.raises(TrainingError, match=r"--num_train_timesteps 100 .* keeps 60% of the signal \(alphas_cumprod "
+                                            r"0.364\).*--beta_start 0.001 --beta_end 0.2"):
+        _unet_args("--num_train_timesteps", "100", "--sample_inference_steps", "10")
+    _unet_args("--num_train_timesteps", "100", "--sample_inference_steps", "10", "--beta_start", "0.001",
+               "--beta_end", "0.2")
+    _unet_args("--num_train_timesteps", "100", "--sample_inference_steps", "10", "--beta_schedule", "squaredcos_cap_v2")
+    _unet_args("--num_train_timesteps", "500")  # 0.006 left: accepted
 
 
 def test_conditional_needs_two_class_folders_not_one(tmp_path, tiny_vq, demo_root, capsys):
