@@ -956,7 +956,7 @@ def write_report(res: dict, out: Path) -> Path:
                   f"{_f(raw['features']['heldout_median'])} / {_f(raw['pixels']['heldout_median'])})."]
     files = res["files"]
     lines += ["", f"![nearest-neighbour distances]({files['nn_histogram']})", "",
-              f"The {CLOSEST_PAIRS} samples nearest to the training set, each with its nearest training image in "
+              f"The {mem.get('closest_pairs_shown', CLOSEST_PAIRS)} samples nearest to the training set, each with its nearest training image in "
               "feature and in pixel space (f = feature distance, p = RMS grey levels), then the two held-out real "
               "images (after the VQ round trip) nearest to the training set for comparison:", "",
               f"![closest pairs]({files['closest_pairs']})", "",
@@ -1206,14 +1206,14 @@ def evaluate_model(
                               "steers toward a class); leave --guidance out")
     guidance = (DEFAULT_GUIDANCE_CONDITIONAL if guidance is None else float(guidance)) if conditional else 1.0
     # images per class for the distribution metrics (step 5), known now: too few is refused before hours of work
-    if conditional:
-        counts = {c: min(num_samples, int((data.val.labels == c).sum()), int((data.train.labels == c).sum()))
-                  for c in range(len(class_names))}
-        if min(counts.values()) < num_samples:
-            logger.warning("distribution metrics use %s images per class (held-out / training images available)",
-                           {class_names[c]: v for c, v in counts.items()})
-    else:
-        counts = {0: min(num_samples, len(data.val), len(data.train))}
+    # (per class: held-out and training images are compared in equal numbers)
+    available = ({c: min(int((data.val.labels == c).sum()), int((data.train.labels == c).sum()))
+                  for c in range(len(class_names))} if conditional else {0: min(len(data.val), len(data.train))})
+    counts = {c: min(num_samples, n) for c, n in available.items()}
+    if min(counts.values()) < num_samples:
+        logger.warning("distribution metrics use %s images%s, not --num-samples %d (held-out / training images "
+                       "available)", {class_names[c]: v for c, v in counts.items()} if conditional else counts[0],
+                       " per class" if conditional else "", num_samples)
     if sum(counts.values()) < 2:
         raise EvaluationError(f"{sum(counts.values())} image(s) for the distribution metrics (per class at most "
                               f"--num-samples {num_samples} and what the held-out set has: held-out slices: "
@@ -1345,6 +1345,7 @@ def evaluate_model(
     mem = memorisation(gen_feats, train_feats, nn_heldout_vq_feats, gen.pixels, data.train.pixels,
                        nn_heldout_vq.pixels, as_is=(heldout_feats[nn_rows], nn_heldout.pixels))
     mem["reference"] = "held-out real slices after the VQ round trip"
+    mem["closest_pairs_shown"] = min(CLOSEST_PAIRS, len(gen))  # the report said 8 beside a picture of 4
     files["nn_histogram"] = plot_nn_histogram(mem, out / "nn_distances.png").name
     files["closest_pairs"] = plot_closest_pairs(mem, gen, data.train, nn_heldout_vq, out / "closest_pairs.png").name
     timings["memorisation_seconds"] = time.perf_counter() - t
@@ -1394,7 +1395,12 @@ def evaluate_model(
     if ablations:
         t = time.perf_counter()
         m = max(2, ablation_samples)
-        ab_counts = {c: min(m, n_c) for c, n_c in counts.items()}
+        # capped by the data only: capped by --num-samples too, each row ran on fewer images than the records said
+        ab_counts = {c: min(m, n) for c, n in available.items()}
+        if min(ab_counts.values()) < m:
+            logger.warning("the ablations use %s images per class, not --ablation-samples %d (held-out / training "
+                           "images available)", {class_names[c] if conditional else "all": v
+                                                 for c, v in ab_counts.items()}, m)
         ab_held_idx = subsample(groups_of(data.val), ab_counts, seed)
         ab_train_idx = subsample(groups_of(data.train), ab_counts, seed + 1)
         held_groups = groups_of(data.val)[ab_held_idx]
@@ -1406,11 +1412,13 @@ def evaluate_model(
         max_steps = int(pipe.scheduler.config.num_train_timesteps)
         overrides = {name: max_steps for name in SCHEDULERS if default_steps(name) > max_steps}
         plan = ablation_plan(conditional, scheduler, steps, guidance, {**overrides, **(ablation_step_overrides or {})})
-        # the main run's first M images per class ARE the ablation's images for the main setting (same seeds)
+        # the main run's first M images per class ARE the ablation's images for the main setting (same seeds),
+        # when it made M of each class
         key = (scheduler, steps, refine_steps, refine_repeats, guidance)
-        main_rows = first_per_class(groups_of(gen), ab_counts)
-        per_image = timings["sampling_seconds_per_image"]
-        reuse = {key: (images[main_rows], per_image * len(main_rows))}
+        reuse = {}
+        if all(ab_counts[c] <= counts[c] for c in counts):
+            main_rows = first_per_class(groups_of(gen), ab_counts)
+            reuse[key] = (images[main_rows], timings["sampling_seconds_per_image"] * len(main_rows))
         ablation = run_ablations(pipe, plan, net, ab_held, labels_per_class, floor, seed=seed, batch_size=batch_size,
                                  device=device, feature_batch=feature_batch, kid_subsets=kid_subsets,
                                  class_names=class_names if conditional else [], progress=progress, reuse=reuse)

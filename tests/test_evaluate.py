@@ -1067,6 +1067,34 @@ def test_the_ablation_row_of_the_main_setting_reuses_the_main_runs_images_of_eve
         assert r["class_accuracy"] == off["class_accuracy"], r["label"]
 
 
+def test_ablation_samples_beyond_num_samples_are_sampled_not_cut(demo_root, tmp_path, caplog):
+    """--ablation-samples was cut to --num-samples without a word (every row measured 2 images per class where 4
+    were asked for and the records said 4); and the report spoke of 8 closest samples beside a picture of 4."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    (model / "training_data.json").write_text(json.dumps({"root": str(demo_root), "split": "patient",
+                                                           "class_names": ["AD", "NC"]}))
+    (model / "training_args.json").write_text(json.dumps({"val_fraction": 0.5, "seed": 0}))
+    result = E.evaluate_model(model, num_samples=2, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
+                              feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
+                              diversity_pairs=2, kid_subsets=3, ablations=True, ablation_samples=4,
+                              ablation_step_overrides={"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2},
+                              umap=False, render_card=False, progress=False, device="cpu", pipe=_StubPipe())
+    assert result["ablations"]["images_per_class"] == {"AD": 4, "NC": 4}
+    rows = result["ablations"]["rows"]
+    off = next(r for r in rows if r["group"] == "refinement" and r["setting"] == "off")
+    for r in rows:  # the stub's images depend on the seeds only: the main setting's row sampled 4 too
+        assert r["fd"] == pytest.approx(off["fd"], rel=1e-5, abs=1e-8), r["label"]
+    assert "The 4 samples nearest to the training set" in (model / "evaluation" / "report.md").read_text()
+    with caplog.at_level("WARNING", logger="adni_diffusers.evaluate"):  # and a cut --num-samples is said
+        E.evaluate_model(model, num_samples=1000, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
+                         feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
+                         diversity_pairs=2, kid_subsets=3, umap=False, render_card=False, progress=False,
+                         device="cpu", pipe=_StubPipe())
+    assert "images per class, not --num-samples 1000" in caplog.text
+
+
 def test_the_ablation_legend_covers_no_bar(tmp_path, monkeypatch):
     """The precision / recall legend sat in the lower right corner, over the last row's precision bar where it
     meets its floor (the shipped example's w=5 row). It stands below the axes now."""
