@@ -83,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "value. Default: off. inf clamps nothing: with epsilon the plain loss, with v_prediction "
                         "the epsilon-equivalent weights snr/(snr+1), not the plain v loss")
     g.add_argument("--latent_cache_dir", default=None,
-                   help="default: <--vqmodel>/latent_cache (the folder given, holding vqvae/ or the VQModel itself)")
+                   help="default: latent_cache/ beside the VQModel's vqvae/ folder (out/vq/latent_cache for "
+                        "--vqmodel out/vq or out/vq/vqvae), or inside a bare VQModel folder")
     g.add_argument("--latents_on_device", action="store_true",
                    help="keep the training latents on the GPU (ADNI's 30,520: 0.5 GB per process) and cut each batch "
                         "there: no per-step host copy; the same batches, so the same results")

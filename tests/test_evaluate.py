@@ -998,15 +998,21 @@ class _StubPipe:
         return (z + 1) / 2
 
 
-@pytest.fixture(scope="module")
-def stub_evaluated(demo_root, tmp_path_factory):
-    """evaluate_model on the demo set with the stub pipeline; records the `diversity` calls."""
-    model = tmp_path_factory.mktemp("stub") / "model"
+def _stub_model_folder(model: Path, demo_root: Path) -> Path:
+    """The records of a model trained on the demo set (patient split, half held out), for _StubPipe to stand in."""
     model.mkdir()
     (model / "model_index.json").write_text("{}")
     (model / "training_data.json").write_text(json.dumps({"root": str(demo_root), "split": "patient",
                                                            "class_names": ["AD", "NC"]}))
     (model / "training_args.json").write_text(json.dumps({"val_fraction": 0.5, "seed": 0}))
+    return model
+
+
+@pytest.fixture(scope="module")
+def stub_evaluated(demo_root, tmp_path_factory):
+    """evaluate_model on the demo set with the stub pipeline; records the `diversity` calls."""
+    model = tmp_path_factory.mktemp("stub") / "model"
+    _stub_model_folder(model, demo_root)
     calls = []
     diversity = E.diversity
 
@@ -1071,11 +1077,7 @@ def test_ablation_samples_beyond_num_samples_are_sampled_not_cut(demo_root, tmp_
     """--ablation-samples was cut to --num-samples without a word (every row measured 2 images per class where 4
     were asked for and the records said 4); and the report spoke of 8 closest samples beside a picture of 4."""
     model = tmp_path / "model"
-    model.mkdir()
-    (model / "model_index.json").write_text("{}")
-    (model / "training_data.json").write_text(json.dumps({"root": str(demo_root), "split": "patient",
-                                                           "class_names": ["AD", "NC"]}))
-    (model / "training_args.json").write_text(json.dumps({"val_fraction": 0.5, "seed": 0}))
+    _stub_model_folder(model, demo_root)
     result = E.evaluate_model(model, num_samples=2, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
                               feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
                               diversity_pairs=2, kid_subsets=3, ablations=True, ablation_samples=4,
@@ -1156,11 +1158,7 @@ def test_an_evaluation_on_other_data_is_not_called_demo(demo_root, tmp_path):
     real = Path(shutil.copytree(demo_root, tmp_path / "real"))
     (real / "demo_settings.json").unlink()
     model = tmp_path / "model"
-    model.mkdir()
-    (model / "model_index.json").write_text("{}")
-    (model / "training_data.json").write_text(json.dumps({"root": str(demo_root), "split": "patient",
-                                                           "class_names": ["AD", "NC"]}))
-    (model / "training_args.json").write_text(json.dumps({"val_fraction": 0.5, "seed": 0}))
+    _stub_model_folder(model, demo_root)
     result = E.evaluate_model(model, real, num_samples=4, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
                               feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
                               diversity_pairs=4, kid_subsets=3, ablations=False, umap=False, render_card=False,
