@@ -583,10 +583,10 @@ def _contact_sheet_path(out_dir: Path, contact_sheet: str | os.PathLike | bool) 
 
 
 def slice_tree_holding(folder: Path) -> Path | None:
-    """The ADNI-style slice folder (ROOT/<split>/<class>/ with images) that `folder` would land in and break (the
-    loader refuses stray files anywhere in it), if any: `folder` is ROOT, is inside ROOT/<split>/, or is elsewhere
-    under a ROOT whose split folder holds two or more class folders of images. (Not any folder above a `val/`
-    holding pictures: a `val/plots/loss.png` three levels up refused the demo.)"""
+    """The ADNI-style slice folder (ROOT/<split>/<class>/ with images) that `folder` is, or is inside a split
+    folder of, if any: what lands there breaks the tree (the loader refuses stray files in it). Only those two:
+    a folder elsewhere below a folder with a `train/` or `val/` of pictures (training runs' loss curves and
+    sample grids, `val/plots/`) refused the demo anywhere in a workspace."""
     from .data import IMAGE_EXTENSIONS, SPLIT_FOLDERS
 
     def holds_slices(class_dir: Path) -> bool:
@@ -595,10 +595,8 @@ def slice_tree_holding(folder: Path) -> Path | None:
     folder = Path(folder).resolve()
     for root in (folder, *folder.parents):
         for split in (root / name for name in SPLIT_FOLDERS):
-            if not split.is_dir():
-                continue
-            classes = sum(holds_slices(c) for c in split.iterdir())
-            if classes and (folder == root or folder.is_relative_to(split) or classes >= 2):
+            if (folder == root or folder.is_relative_to(split)) and split.is_dir() \
+                    and any(holds_slices(c) for c in split.iterdir()):
                 return root
     return None
 

@@ -278,18 +278,19 @@ def test_the_demo_never_trains_over_a_model_it_did_not_make(tmp_path, monkeypatc
     assert calls["data"] == calls["train"] == [] and (tmp_path / "out" / "vq" / "vqvae" / "config.json").is_file()
 
 
-def test_pictures_in_a_val_folder_higher_up_are_no_slice_folder(tmp_path, monkeypatch):
-    """Any folder above --out with a `val/<x>/` holding a picture was taken for a slice folder and the demo
-    refused (a `val/plots/loss.png` three levels up); a real slice folder (two classes) is still refused."""
+def test_pictures_in_a_train_folder_higher_up_are_no_slice_folder(tmp_path, monkeypatch):
+    """Any folder above --out with a `val/<x>/` or `train/<x>/` holding a picture was taken for a slice folder
+    and the demo refused (a `val/plots/loss.png` three levels up; `train/run1/loss_curve.png` and
+    `train/run2/...` anywhere in a workspace); --out inside such a split folder, or the folder itself, still is."""
     from adni_diffusers import cli
 
     _fake_demo(monkeypatch, tmp_path)
-    (tmp_path / "val" / "plots").mkdir(parents=True)
-    (tmp_path / "val" / "plots" / "loss.png").write_bytes(b"")
+    for run in ("run1", "run2"):
+        (tmp_path / "train" / run).mkdir(parents=True)
+        (tmp_path / "train" / run / "loss_curve.png").write_bytes(b"")
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "projects" / "demo")]) == 0
-    (tmp_path / "val" / "NC").mkdir()
-    (tmp_path / "val" / "NC" / "2_0.png").write_bytes(b"")
-    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "projects" / "demo2")]) == 2
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "train" / "demo")]) == 2
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 2
 
 
 def test_a_stop_signal_in_a_demo_stage_says_how_to_go_on(tmp_path, monkeypatch, capsys):
