@@ -583,22 +583,25 @@ def _contact_sheet_path(out_dir: Path, contact_sheet: str | os.PathLike | bool) 
 
 
 def slice_tree_holding(folder: Path) -> Path | None:
-    """The ADNI-style slice folder (ROOT/<split>/<class>/ with images) that `folder` is, or is inside a split
-    folder of, if any: what lands there breaks the tree (the loader refuses stray files in it). Only those two:
-    a folder elsewhere below a folder with a `train/` or `val/` of pictures (training runs' loss curves and
-    sample grids, `val/plots/`) refused the demo anywhere in a workspace."""
-    from .data import IMAGE_EXTENSIONS, SPLIT_FOLDERS
+    """The ADNI-style slice folder that `folder` is or lies anywhere inside, if any: what lands there breaks the
+    tree (the loader refuses stray files and folders in it). A slice folder: ROOT/<split>/<class>/ where every
+    class folder holds images only (some). Not any folder with a `train/` or `val/` of pictures: training runs'
+    folders there (loss curves beside their JSON records) refused the demo in a whole workspace."""
+    from .data import IMAGE_EXTENSIONS, OS_FILES, SPLIT_FOLDERS
 
-    def holds_slices(class_dir: Path) -> bool:
-        return class_dir.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in class_dir.iterdir())
+    def entries(path: Path) -> list[Path]:
+        return [e for e in path.iterdir() if not e.name.startswith(".") and e.name.lower() not in OS_FILES]
+
+    def images_only(class_dir: Path) -> bool:
+        return class_dir.is_dir() and all(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                                          for f in entries(class_dir))
+
+    def is_slice_tree(root: Path) -> bool:
+        classes = [c for name in SPLIT_FOLDERS if (root / name).is_dir() for c in entries(root / name)]
+        return bool(classes) and all(images_only(c) for c in classes) and any(entries(c) for c in classes)
 
     folder = Path(folder).resolve()
-    for root in (folder, *folder.parents):
-        for split in (root / name for name in SPLIT_FOLDERS):
-            if (folder == root or folder.is_relative_to(split)) and split.is_dir() \
-                    and any(holds_slices(c) for c in split.iterdir()):
-                return root
-    return None
+    return next((root for root in (folder, *folder.parents) if is_slice_tree(root)), None)
 
 
 def _worker_count(workers: int | None, subjects: int) -> int:

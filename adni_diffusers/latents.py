@@ -112,10 +112,12 @@ def read_cache(path: Path, key: str, slices: SliceSet) -> tuple[torch.Tensor | N
         return None, f"unreadable: {e}"
     if metadata.get("key") != key:
         return None, f"its key is {metadata.get('key')!r}, not {key!r}"
-    if latents.dim() != 4 or len(latents) != len(slices) or not torch.equal(labels, slices.labels):
+    if latents.dim() != 4 or len(latents) != len(slices):
         return None, f"latents of shape {tuple(latents.shape)}, not those of the {len(slices)} slices"
     if "sha256" in metadata and metadata["sha256"] != latent_digest(latents):
         return None, "its latents do not match their checksum"
+    if not torch.equal(labels, slices.labels):
+        return None, "its labels are not those of the slices"
     if not torch.isfinite(latents).all():
         return None, "it holds NaN or inf latents"
     return latents, None

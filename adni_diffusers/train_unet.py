@@ -49,16 +49,22 @@ def check_schedule_reaches_noise(args) -> None:
     from pure noise, then met far from anything it saw (biased samples, without a word)."""
     from adni_diffusers.diffusion import make_noise_scheduler
 
-    last = float(make_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start,
-                                      args.beta_end).alphas_cumprod[-1])
+    def last_alpha_cumprod(beta_start: float, beta_end: float) -> float:
+        return float(make_noise_scheduler(args.num_train_timesteps, args.beta_schedule, beta_start,
+                                          beta_end).alphas_cumprod[-1])
+
+    last = last_alpha_cumprod(args.beta_start, args.beta_end)
     if last > MAX_FINAL_ALPHA_CUMPROD:
-        scale = 1000 / args.num_train_timesteps
+        scale = 1000 / args.num_train_timesteps  # improved DDPM's rule: the seed's betas are for 1000 steps
+        start, end = args.beta_start * scale, min(args.beta_end * scale, 0.999)
+        scaled = (f"scale the betas with the steps (--beta_start {start:g} --beta_end {end:g}, as improved DDPM "
+                  "does), or " if scale != 1 and start < end and last_alpha_cumprod(start, end)
+                  <= MAX_FINAL_ALPHA_CUMPROD else "raise --beta_end, add timesteps, or ")
         raise TrainingError(
             f"--num_train_timesteps {args.num_train_timesteps} with --beta_schedule {args.beta_schedule} "
             f"--beta_start {args.beta_start:g} --beta_end {args.beta_end:g}: the last timestep keeps "
-            f"{last ** 0.5:.0%} of the signal (alphas_cumprod {last:.3g}), but sampling starts from pure noise. "
-            f"Scale the betas with the steps (--beta_start {args.beta_start * scale:g} --beta_end "
-            f"{min(args.beta_end * scale, 0.999):g}, as improved DDPM does), or use --beta_schedule squaredcos_cap_v2")
+            f"{last ** 0.5:.0%} of the signal (alphas_cumprod {last:.3g}), but sampling starts from pure noise: "
+            f"{scaled}use --beta_schedule squaredcos_cap_v2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -278,19 +278,25 @@ def test_the_demo_never_trains_over_a_model_it_did_not_make(tmp_path, monkeypatc
     assert calls["data"] == calls["train"] == [] and (tmp_path / "out" / "vq" / "vqvae" / "config.json").is_file()
 
 
-def test_pictures_in_a_train_folder_higher_up_are_no_slice_folder(tmp_path, monkeypatch):
-    """Any folder above --out with a `val/<x>/` or `train/<x>/` holding a picture was taken for a slice folder
-    and the demo refused (a `val/plots/loss.png` three levels up; `train/run1/loss_curve.png` and
-    `train/run2/...` anywhere in a workspace); --out inside such a split folder, or the folder itself, still is."""
+def test_training_runs_in_a_train_folder_higher_up_are_no_slice_folder(tmp_path, monkeypatch):
+    """Any folder above --out with a `train/<x>/` holding a picture was taken for a slice folder and the demo
+    refused: training runs' folders (`train/run1/loss_curve.png` beside its records) refused it in a whole
+    workspace. A real slice folder still refuses --out anywhere inside it, beside its split folders too (the
+    loader then refused the tree), also where --out exists already."""
     from adni_diffusers import cli
 
     _fake_demo(monkeypatch, tmp_path)
     for run in ("run1", "run2"):
-        (tmp_path / "train" / run).mkdir(parents=True)
-        (tmp_path / "train" / run / "loss_curve.png").write_bytes(b"")
-    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "projects" / "demo")]) == 0
-    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "train" / "demo")]) == 2
-    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+        (tmp_path / "work" / "train" / run).mkdir(parents=True)
+        (tmp_path / "work" / "train" / run / "loss_curve.png").write_bytes(b"")
+        (tmp_path / "work" / "train" / run / "training_args.json").write_text("{}")
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "work" / "projects" / "demo")]) == 0
+    for label in ("AD", "NC"):
+        (tmp_path / "AD_NC" / "train" / label).mkdir(parents=True)
+        (tmp_path / "AD_NC" / "train" / label / "1_0.jpeg").write_bytes(b"")
+    (tmp_path / "AD_NC" / "made_first").mkdir()
+    for out in ("AD_NC", "AD_NC/train/demo", "AD_NC/demo", "AD_NC/made_first"):
+        assert cli.main(["demo", "--quick", "--out", str(tmp_path / out)]) == 2, out
 
 
 def test_a_stop_signal_in_a_demo_stage_says_how_to_go_on(tmp_path, monkeypatch, capsys):

@@ -1248,6 +1248,8 @@ def test_a_damaged_latent_cache_is_encoded_again(tiny_vq, demo_root, tmp_path, c
     with caplog.at_level("INFO", logger="adni_diffusers.latents"):
         latents = load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
     assert "latent cache hit" not in caplog.text and f"the latent cache {path} is damaged" in caplog.text
+    if damage == "zeroed":  # labels zeroed too: the checksum names what happened
+        assert "do not match their checksum" in caplog.text
     assert torch.allclose(latents, full, atol=1e-5)
     caplog.clear()
     with caplog.at_level("INFO", logger="adni_diffusers.latents"):  # and the file is whole again
@@ -1346,6 +1348,8 @@ def test_a_schedule_that_never_reaches_noise_is_refused():
     with pytest.raises(TrainingError, match=r"--num_train_timesteps 100 .* keeps 60% of the signal \(alphas_cumprod "
                                             r"0.364\).*--beta_start 0.001 --beta_end 0.2"):
         _unet_args("--num_train_timesteps", "100", "--sample_inference_steps", "10")
+    with pytest.raises(TrainingError, match="pure noise: raise --beta_end, add timesteps, or use"):  # no scaling
+        _unet_args("--beta_end", "0.005")  # (at 1000 steps the "scaled" betas were the user's own)
     _unet_args("--num_train_timesteps", "100", "--sample_inference_steps", "10", "--beta_start", "0.001",
                "--beta_end", "0.2")
     _unet_args("--num_train_timesteps", "100", "--sample_inference_steps", "10", "--beta_schedule", "squaredcos_cap_v2")
