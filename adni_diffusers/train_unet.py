@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the training latents on the GPU (ADNI's 30,520: 0.5 GB per process) and cut each batch "
                         "there: no per-step host copy; the same batches, so the same results")
     g.add_argument("--save_images_epochs", type=int, default=10,
-                   help="sample a grid every N epochs (and at the last step), with the EMA weights under --use_ema")
+                   help="sample a grid every N epochs (default 10) and at the last step; from the EMA weights with "
+                        "--use_ema")
     g.add_argument("--num_sample_images", type=int, default=8)
     g.add_argument("--sample_inference_steps", type=int, default=50, help="DDIM steps for the periodic grids")
     from adni_diffusers.hub import add_hub_arguments
