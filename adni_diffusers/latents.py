@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .data import SliceSet, hash_array, hash_files, to_model_input
 from .files import fsync_file
@@ -104,10 +104,9 @@ def read_cache(path: Path, key: str, slices: SliceSet) -> tuple[torch.Tensor | N
     by a crash was a raw SafetensorError on every rerun; one whose data was lost (zeros after a node crash) was
     trained on as it was. Caches written before 2026-12-04 have no checksum: their other checks still apply."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one open for the metadata and the tensors
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-        latents, labels = tensors["latents"], tensors["labels"]
+            latents, labels = f.get_tensor("latents"), f.get_tensor("labels")
     except (SafetensorError, OSError, KeyError) as e:
         return None, f"unreadable: {e}"
     if metadata.get("key") != key:
