@@ -252,6 +252,7 @@ def main(args: argparse.Namespace) -> dict:
     config, accelerator = training.start_stage(args, unet_config, "unet", product="model_index.json",
                                                stage_flags=RESUME_MUST_MATCH)
     device = accelerator.device
+    training.choose_compile_mode(args, accelerator, training.UNET_CUDA_COMPILE_MODE)
     root, folder_classes = training.class_folders(args, accelerator)
     if args.conditional and len(folder_classes) < 2:
         raise TrainingError(f"--conditional needs class folders (e.g. AD/ and NC/); {root} has "

@@ -154,7 +154,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                    help="torch.compile the model; falls back to eager if a compiled training step fails "
                         "(on CUDA tried first in a child process)")
     g.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
-                   help="torch.compile mode with --compile (default: torch's default); reduce-overhead uses CUDA graphs")
+                   help="torch.compile mode with --compile; reduce-overhead uses CUDA graphs (default: reduce-overhead "
+                        "for train_unet.py on one CUDA process without --gradient_accumulation_steps, torch's "
+                        "default otherwise)")
     g.add_argument("--cudnn_benchmark", action="store_true",
                    help="let cuDNN time its convolution algorithms for these fixed shapes (CUDA; not bit-reproducible)")
     g.add_argument("--ddp_timeout", type=int, default=1800,
@@ -651,6 +653,28 @@ def prepare_for_training(accelerator, args, model, optimizer, loader):
     # made on the plain optimizer, so that prepare ties the schedule to its prepared optimizer
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator, total_train_steps(args, loader))
     return model, prepared_optimizer, loader, accelerator.prepare(lr_scheduler)
+
+
+# The mode `train_unet --compile` picks when --compile_mode is not given, on one CUDA process: a whole train_unet run
+# trained with CUDA graphs at 57 ms a step against 86 ms for the default mode's step (H200, 2026-12-04,
+# docs/performance.md). Several processes (DDP's hooks around graphs) and the VQ stage are not measured.
+UNET_CUDA_COMPILE_MODE = "reduce-overhead"
+
+
+def choose_compile_mode(args, accelerator, measured_mode: str | None) -> None:
+    """--compile without --compile_mode: `measured_mode` (the stage's measured best) where it was measured, i.e.
+    on one CUDA process without gradient accumulation (which CUDA graphs cannot do); else torch's default. The
+    choice is kept in training_args.json (`compile_mode`, `compile_mode_chosen`)."""
+    if not args.compile or getattr(args, "compile_mode", None) is not None or measured_mode is None:
+        return
+    if accelerator.device.type != "cuda" or accelerator.num_processes != 1:
+        return
+    if measured_mode in CUDA_GRAPH_MODES and args.gradient_accumulation_steps > 1:
+        return
+    args.compile_mode = measured_mode
+    args.compile_mode_chosen = f"{measured_mode}: --compile on one CUDA process without --compile_mode"
+    logger.info("--compile: compile mode %s (CUDA graphs), the fastest measured for this stage on one GPU; "
+                "--compile_mode default keeps torch's default", measured_mode)
 
 
 def start_compile_check(args, spec: dict):

@@ -573,3 +573,58 @@ def test_a_compile_check_child_is_stopped_where_there_are_no_process_groups(monk
     monkeypatch.delattr(os, "killpg")
     compile_probe._stop_child(child, stderr, folder)
     assert child.poll() is not None and not Path(folder.name).exists()
+
+
+# ------------------------------------------------------------------ the UNet's compile mode on one GPU (2026-12-04)
+
+
+@pytest.mark.parametrize("device, processes, accumulation, given, chosen", [
+    ("cuda", 1, 1, None, "reduce-overhead"),      # measured: a whole train_unet run, 57 vs 86 ms a step (H200)
+    ("cuda", 1, 1, "default", "default"),          # asked for: kept
+    ("cuda", 1, 1, "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+    ("cpu", 1, 1, None, None),                     # no CUDA graphs on a CPU
+    ("cuda", 2, 1, None, None),                    # DDP with CUDA graphs: not measured
+    ("cuda", 1, 2, None, None),                    # CUDA graphs cannot accumulate gradients (refused when asked for)
+])
+def test_compile_without_a_mode_picks_cuda_graphs_only_where_measured(device, processes, accumulation, given, chosen):
+    from adni_diffusers.training import choose_compile_mode, validate_training_arguments
+
+    args = SimpleNamespace(compile=True, compile_mode=given, gradient_accumulation_steps=accumulation)
+    accelerator = SimpleNamespace(device=torch.device(device), num_processes=processes)
+    choose_compile_mode(args, accelerator, "reduce-overhead")
+    assert args.compile_mode == chosen
+    assert hasattr(args, "compile_mode_chosen") == (given is None and chosen is not None)  # in training_args.json
+    uncompiled = SimpleNamespace(compile=False, compile_mode=None, gradient_accumulation_steps=1)
+    choose_compile_mode(uncompiled, accelerator, "reduce-overhead")
+    assert uncompiled.compile_mode is None  # nothing without --compile (validate refuses a mode without it)
+    # what it picks passes the checks the flags passed before (accumulation with CUDA graphs is refused)
+    full = train_unet_args_with(compile_mode=args.compile_mode, gradient_accumulation_steps=accumulation)
+    validate_training_arguments(full)
+
+
+def train_unet_args_with(**changes):
+    from adni_diffusers import train_unet
+
+    args = train_unet.parse_args(["--vqmodel", "v", "--train_data_dir", "d", "--output_dir", "o", "--compile"])
+    vars(args).update(changes)
+    return args
+
+
+def test_train_unet_chooses_its_compile_mode_once_it_knows_the_device(tmp_path, tiny_vq, demo_root, monkeypatch):
+    """train_unet asks for its measured mode before the compile check's child is specified (which takes the mode)."""
+    from adni_diffusers import training
+
+    seen = []
+
+    class Chosen(Exception):
+        pass
+
+    def record(args, accelerator, measured_mode):
+        seen.append((accelerator.device.type, measured_mode, args.compile_mode))
+        raise Chosen
+
+    monkeypatch.setattr(training, "choose_compile_mode", record)
+    with pytest.raises(Chosen):
+        run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
+                                           tmp_path / "o", "--compile", *TINY_UNET_ARGS])
+    assert seen == [("cpu", "reduce-overhead", None)]
