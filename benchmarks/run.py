@@ -403,21 +403,29 @@ def fresh_compile_cache():
 def compiled_words(spec: dict) -> str:
     if not spec["compile"]:
         return "eager"
-    return f"compiled (mode {spec['mode']})" if spec.get("mode") else "compiled"
+    words = f"compiled (mode {spec['mode']})" if spec.get("mode") else "compiled"
+    return words + (", inductor layout optimization forced" if spec.get("layout_opt") else "")
 
 
 @contextlib.contextmanager
 def row_settings(spec: dict):
-    """A row's process-wide settings: cudnn.benchmark (--cudnn_benchmark), and its own compilation for a
-    compile mode other than the default (so neither leaks into the next row)."""
-    if spec.get("mode"):
+    """A row's process-wide settings: cudnn.benchmark (--cudnn_benchmark), inductor's forced layout optimization,
+    and its own compilation for a compile mode other than the default or a forced layout (so none of them leaks
+    into the next row)."""
+    import torch._inductor.config as inductor_config
+
+    own_compile = bool(spec.get("mode") or spec.get("layout_opt"))
+    if own_compile:
         fresh_compile_cache()
     torch.backends.cudnn.benchmark = bool(spec.get("cudnn"))
+    forced_before = inductor_config.force_layout_optimization
+    inductor_config.force_layout_optimization = bool(spec.get("layout_opt")) or forced_before
     try:
         yield
     finally:
         torch.backends.cudnn.benchmark = False
-        if spec.get("mode"):
+        inductor_config.force_layout_optimization = forced_before
+        if own_compile:
             fresh_compile_cache()
 
 
@@ -547,7 +555,13 @@ UNET_VARIANTS.update({
     "reduce-overhead + EMA (make_ema)": {**_REDUCE_OVERHEAD, "ema": "package"},
     "reduce-overhead + --latents_on_device": {**_REDUCE_OVERHEAD, "data": "resident"},
     "reduce-overhead, no channels_last": {**_REDUCE_OVERHEAD, "cl": False},
+    # inductor turns its layout optimization off for this UNet (decide_layout_opt: convolutions with twice as many
+    # input as output channels), and every aten.convolution_backward then asked for layout copies (H200, 2026-12-04:
+    # 93 a step, 18% of the kernel time); forced, the CPU graph hands it channels_last everywhere (docs/performance.md)
+    "reduce-overhead + inductor layout optimization": {**_REDUCE_OVERHEAD, "layout_opt": True},
 })
+UNET_VARIANTS["ours + inductor layout optimization"] = {**UNET_VARIANTS["+ torch.compile (= ours)"], "layout_opt": True,
+                                                         "needs_compile": True}  # default mode: profiled copies
 UNET_PROFILED = ("+ torch.compile (= ours)", "+ fused AdamW (= ours, eager)", "+ channels_last")  # the first present
 
 

@@ -249,6 +249,33 @@ def test_profile_variants_chooses_the_profiled_rows():
     assert run.profiled_variants(asked, run.UNET_PROFILED, present) == {"ours + EMA (make_ema: foreach=True)"}
 
 
+def test_a_forced_layout_row_compiles_on_its_own_and_leaks_nothing():
+    """The layout-optimization rows force inductor's flag for their own compilation only: a next row compiled
+    with it on would price the flag, not itself."""
+    import torch._inductor.config as inductor_config
+
+    run = _load_benchmark_script()
+    spec = run.UNET_VARIANTS["reduce-overhead + inductor layout optimization"]
+    assert spec["mode"] == "reduce-overhead" and spec["cl"] and spec["compile"]
+    default_mode = run.UNET_VARIANTS["ours + inductor layout optimization"]
+    assert default_mode.get("mode") is None and default_mode["needs_compile"]
+    assert "layout optimization forced" in run.compiled_words(spec)
+    assert "layout" not in run.compiled_words(run.UNET_VARIANTS["+ torch.compile (= ours)"])
+    assert inductor_config.force_layout_optimization is False
+    resets = []
+    run.fresh_compile_cache = lambda: resets.append("reset")
+    with run.row_settings(default_mode):
+        assert inductor_config.force_layout_optimization is True
+    assert inductor_config.force_layout_optimization is False
+    assert resets == ["reset", "reset"]  # a fresh compilation before the row and after it
+    with run.row_settings(run.UNET_VARIANTS["+ torch.compile (= ours)"]):
+        assert inductor_config.force_layout_optimization is False
+    assert len(resets) == 2
+    assert run.unet_row_blocked("ours + inductor layout optimization", False, False) == "needs --compile"
+    assert run.unet_row_blocked("reduce-overhead + inductor layout optimization", True, False) == \
+        "runs on --device cuda only"
+
+
 def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
     """Device time is short: a typo in gpu_session.sh must show here, not after a machine has started."""
     import re
