@@ -75,8 +75,9 @@ VQ_PRESET=${VQ_PRESET:-$PRESET}
 VQ_ONLY=${VQ_ONLY:-0}
 TRAIN_ONLY=${TRAIN_ONLY:-0}  # stop after the two training stages (no evaluation, no pictures)
 PLAN_ONLY=${PLAN_ONLY:-0}  # 1: log every stage's command (START lines in session.log), run none of them
-# the UNet stage's compile mode: CUDA graphs were +55% for the benchmark's UNet step (H200, 2026-11-26,
-# docs/performance.md); a whole train_unet run in this mode on a GPU is what this script measures next
+# the UNet stage's compile mode: CUDA graphs were +55% for the benchmark's UNet step (H200, 2026-11-26), and a
+# whole train_unet run in this mode trained at 57 ms a step (H200, 2026-12-04, docs/performance.md); train_unet's
+# own default on one GPU since then, passed here so that the log says it
 UNET_COMPILE_MODE=${UNET_COMPILE_MODE:-reduce-overhead}
 MP=${MP:-bf16}
 COMPILE=${COMPILE---compile}
