@@ -122,7 +122,10 @@ def _pass_record(spec: dict) -> tuple[Path, dict]:
     what = {"spec": {**{k: v for k, v in spec.items() if k != "device"}, "compile_mode": mode}, "gpu": gpu,
             "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": installed("triton"), "diffusers": installed("diffusers"),
-            "code": code}
+            "code": code,
+            # inductor's settings from the environment (e.g. TORCHINDUCTOR_FORCE_LAYOUT_OPT) change its kernels too
+            "inductor_env": {k: v for k, v in sorted(os.environ.items())
+                             if k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR"}}
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
     return _inductor_cache_dir() / "adni_diffusers_compile_checks" / f"{key}.json", what
 

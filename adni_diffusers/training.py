@@ -434,6 +434,14 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     except PresetError as e:
         raise TrainingError(str(e)) from None
     accelerator = make_accelerator(args, project_name)
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+        # Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (set by `accelerate launch` for DeepSpeed, or
+        # exported) over the flag: the loop's step counts, the LR schedule and the CUDA-graph checks read the flag
+        raise TrainingError(
+            f"Accelerate accumulates gradients over {accelerator.gradient_accumulation_steps} steps "
+            f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS={os.environ.get('ACCELERATE_GRADIENT_ACCUMULATION_STEPS')}) but "
+            f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: unset the variable or pass the "
+            "same number to --gradient_accumulation_steps")
     prepare_output_dir(args, accelerator, product=product, project=project_name)
     resume_from = find_resume_checkpoint(args)
     if resume_from is not None:

@@ -554,11 +554,11 @@ _REDUCE_OVERHEAD = UNET_VARIANTS["ours, compile mode reduce-overhead"]
 UNET_VARIANTS.update({
     "reduce-overhead + EMA (make_ema)": {**_REDUCE_OVERHEAD, "ema": "package"},
     "reduce-overhead + --latents_on_device": {**_REDUCE_OVERHEAD, "data": "resident"},
-    "reduce-overhead, no channels_last": {**_REDUCE_OVERHEAD, "cl": False},
     # inductor turns its layout optimization off for this UNet (decide_layout_opt: convolutions with twice as many
     # input as output channels), and every aten.convolution_backward then asked for layout copies (H200, 2026-12-04:
     # 93 a step, 18% of the kernel time); forced, the CPU graph hands it channels_last everywhere (docs/performance.md)
     "reduce-overhead + inductor layout optimization": {**_REDUCE_OVERHEAD, "layout_opt": True},
+    "reduce-overhead, no channels_last": {**_REDUCE_OVERHEAD, "cl": False},
 })
 UNET_VARIANTS["ours + inductor layout optimization"] = {**UNET_VARIANTS["+ torch.compile (= ours)"], "layout_opt": True,
                                                          "needs_compile": True}  # default mode: profiled copies
@@ -567,16 +567,20 @@ UNET_PROFILED = ("+ torch.compile (= ours)", "+ fused AdamW (= ours, eager)", "+
 
 def unet_variant_names(bench: Bench, compile_: bool, primary: bool, variants=None) -> list[str]:
     """All variants at the first batch size (the ablation); at the others the example style, "ours"
-    (the fastest loader-fed configuration available here) and ours with --latents_on_device.
+    (what train_unet runs with these flags: on CUDA with --compile the reduce-overhead row, its default on one
+    GPU) and ours with --latents_on_device.
     Variants that only differ on CUDA (bf16, fused AdamW) are skipped on CPU; compiled ones need --compile;
     `variants` (--variants) keeps only those named."""
-    if compile_:
+    resident = "ours + --latents_on_device"
+    if compile_ and bench.cuda:  # train_unet --compile on one GPU compiles with CUDA graphs since 2026-12-04
+        ours, resident = "ours, compile mode reduce-overhead", "reduce-overhead + --latents_on_device"
+    elif compile_:
         ours = "+ torch.compile (= ours)"
     elif bench.cuda:
         ours = "+ fused AdamW (= ours, eager)"
     else:
         ours = "+ channels_last"  # on CPU: no bf16, make_optimizer is plain AdamW: this IS ours, eager
-    names = list(UNET_VARIANTS) if primary else ["example style", ours, "ours + --latents_on_device"]
+    names = list(UNET_VARIANTS) if primary else ["example style", ours, resident]
     if variants:
         names = [n for n in names if n in variants]
     return [n for n in names if unet_row_blocked(n, compile_, bench.cuda) is None]

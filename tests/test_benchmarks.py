@@ -276,6 +276,38 @@ def test_a_forced_layout_row_compiles_on_its_own_and_leaks_nothing():
         "runs on --device cuda only"
 
 
+def test_ours_at_the_other_batch_sizes_is_what_train_unet_runs():
+    """train_unet --compile on one GPU compiles with CUDA graphs since 2026-12-04: on CUDA the other batch sizes
+    time that row as "ours", not the default mode's 35% slower one."""
+    from types import SimpleNamespace
+
+    run = _load_benchmark_script()
+    cuda, cpu = SimpleNamespace(cuda=True), SimpleNamespace(cuda=False)
+    assert run.unet_variant_names(cuda, True, False) == [
+        "example style", "ours, compile mode reduce-overhead", "reduce-overhead + --latents_on_device"]
+    assert run.unet_variant_names(cpu, True, False) == [
+        "example style", "+ torch.compile (= ours)", "ours + --latents_on_device"]
+    assert run.unet_variant_names(cuda, False, False) == [
+        "example style", "+ fused AdamW (= ours, eager)", "ours + --latents_on_device"]
+    every = run.unet_variant_names(cuda, True, True)  # the first batch size: the whole ablation
+    assert "+ torch.compile (= ours)" in every and "ours, compile mode reduce-overhead" in every
+
+
+def test_the_next_gpu_plan_runs_its_rows_in_the_order_it_says():
+    """The rows run in UNET_VARIANTS' order, not --variants'; the plan puts the deciding rows first so that a lease
+    cut short keeps them (a review found the forced-layout row third, after the one it was to be compared with)."""
+    import re
+    from types import SimpleNamespace
+
+    run = _load_benchmark_script()
+    text = (REPO_ROOT / "docs" / "performance.md").read_text()
+    plan = text[text.index("### Next GPU session"):]
+    block = re.search(r'--variants((?:\s+"[^"$]+")+)', plan).group(1)
+    names = re.findall(r'"([^"]+)"', block)
+    assert len(names) == 4 and names[1] == "reduce-overhead + inductor layout optimization"
+    assert run.unet_variant_names(SimpleNamespace(cuda=True), True, True, names) == names
+
+
 def test_gpu_session_script_parses_and_names_only_known_benchmark_rows():
     """Device time is short: a typo in gpu_session.sh must show here, not after a machine has started."""
     import re

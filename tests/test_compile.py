@@ -397,6 +397,10 @@ def test_a_step_that_passed_before_needs_no_child(monkeypatch, caplog):
                   _spec("vqmodel"), _spec(allow_tf32=True), _spec(cudnn_benchmark=True)):
         # (the spec carries --allow_tf32 and --cudnn_benchmark: they change the kernels a GPU run picks)
         assert compile_probe.passed_before(other) is None  # another step: another record
+    with monkeypatch.context() as m:  # inductor's own settings from the environment make other kernels
+        m.setenv("TORCHINDUCTOR_FORCE_LAYOUT_OPT", "1")
+        assert compile_probe.passed_before(_spec()) is None
+    assert compile_probe.passed_before(_spec()) is not None
 
     unwritable = Path(compile_probe._inductor_cache_dir()) / "a file"
     unwritable.write_text("")
@@ -628,3 +632,20 @@ def test_train_unet_chooses_its_compile_mode_once_it_knows_the_device(tmp_path, 
         run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
                                            tmp_path / "o", "--compile", *TINY_UNET_ARGS])
     assert seen == [("cpu", "reduce-overhead", None)]
+
+
+def test_accumulation_set_in_accelerates_environment_is_refused_unless_the_flag_says_the_same(tmp_path, demo_root,
+                                                                                                monkeypatch, capsys):
+    """Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS over --gradient_accumulation_steps: the loop (and
+    the CUDA-graph default, which needs no accumulation) read the flag, so the run would have accumulated unseen."""
+    from adni_diffusers import train_vqmodel
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    common = ["--train_data_dir", str(demo_root), *TINY_VQ_ARGS, "--max_train_steps", "1"]
+    code = train_vqmodel.cli([*common, "--output_dir", str(tmp_path / "v")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Accelerate accumulates gradients over 4 steps (ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4)" \
+        in err and "--gradient_accumulation_steps is 1" in err
+    assert not (tmp_path / "v").exists()  # refused before any work
+    run_training_script("train_vqmodel", [*common, "--output_dir", tmp_path / "same", "--gradient_accumulation_steps", "4"])
+    assert (tmp_path / "same" / "vqvae").is_dir()
