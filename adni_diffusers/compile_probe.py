@@ -94,13 +94,40 @@ def remember_pass(spec: dict) -> None:
     """Write the record `passed_before` looks for. Only a saving: a folder that cannot take it costs the next
     run a child, not this run."""
     record, what = _pass_record(spec)
+    _write_record(record, what, "that this step passed")
+
+
+def remember_graphs_failed(spec: dict, why: str) -> None:
+    """Remember that this step failed with CUDA graphs (`spec`'s mode) while it passed without them, so that a
+    rerun that did not ask for CUDA graphs (train_unet's default mode) goes without them at once instead of
+    waiting for the same failure again (a child of 2-3 minutes for the `base` UNet)."""
+    record, what = _pass_record(spec)
+    _write_record(_graphs_failed_path(record), {**what, "why": why}, "that CUDA graphs failed in this step")
+
+
+def graphs_failed_before(spec: dict) -> str | None:
+    """Why this very step failed with CUDA graphs in a child before (`remember_graphs_failed`), or None."""
+    record, what = _pass_record(spec)
+    try:
+        recorded = json.loads(_graphs_failed_path(record).read_text())
+        why = recorded.pop("why")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return why if recorded == json.loads(json.dumps(what)) else None
+
+
+def _graphs_failed_path(record: Path) -> Path:
+    return record.with_name(f"{record.stem}.graphs-failed.json")
+
+
+def _write_record(record: Path, what: dict, words: str) -> None:
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(what, indent=2))
         tmp.replace(record)  # whole or absent, also with several processes writing the same record
     except OSError as e:
-        logger.warning("--compile: could not remember that this step passed (%s); the next run checks it again", e)
+        logger.warning("--compile: could not remember %s (%s); the next run checks it again", words, e)
 
 
 def _pass_record(spec: dict) -> tuple[Path, dict]:

@@ -649,3 +649,35 @@ def test_accumulation_set_in_accelerates_environment_is_refused_unless_the_flag_
     assert not (tmp_path / "v").exists()  # refused before any work
     run_training_script("train_vqmodel", [*common, "--output_dir", tmp_path / "same", "--gradient_accumulation_steps", "4"])
     assert (tmp_path / "same" / "vqvae").is_dir()
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_a_rerun_does_not_wait_again_for_cuda_graphs_that_failed_in_this_step(monkeypatch, asked):
+    """train_unet's default mode (CUDA graphs on one GPU) that failed in the child is remembered: a rerun or resume
+    compiles without CUDA graphs at once instead of waiting minutes for the same failure. Asked for with
+    --compile_mode, CUDA graphs are tried again (the user may have changed something the record cannot see)."""
+    import sys
+
+    from adni_diffusers import compile_probe, train_unet, training
+
+    child = ("import json, sys; mode = json.load(open(sys.argv[1]))['compile_mode']; "
+             "print('compile probe failed: RuntimeError: graphs broke', file=sys.stderr) if mode else None; "
+             "sys.exit(1 if mode == 'reduce-overhead' else 0)")
+    started = []
+    monkeypatch.setattr(compile_probe, "child_command", lambda path: started.append(
+        json.loads(Path(path).read_text())["compile_mode"]) or [sys.executable, "-c", child, str(path)])
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
+    accelerator = SimpleNamespace(device=torch.device("cuda"), num_processes=1, mixed_precision="bf16")
+    for run in (1, 2):
+        started.clear()
+        args = train_unet.parse_args(["--vqmodel", "v", "--train_data_dir", "d", "--output_dir", "o", "--compile",
+                                      *(["--compile_mode", "reduce-overhead"] if asked else [])])
+        training.choose_compile_mode(args, accelerator, training.UNET_CUDA_COMPILE_MODE)
+        check = training.start_compile_check(args, compile_probe.make_spec("unet", {"sample_size": 8}, args,
+                                                                           accelerator, (4, 8, 8)))
+        training.maybe_compile(_tiny_model(), args, probe=None, child_probe=check)
+        assert args.compile_mode == "default" and "graphs broke" in args.compile_mode_fallback
+        if run == 1 or asked:
+            assert started == ["reduce-overhead", "default"] if run == 1 else ["reduce-overhead"]
+        else:
+            assert started == [] and args.compile_mode_fallback.endswith("(an earlier run)")
