@@ -381,6 +381,7 @@ def main(args: argparse.Namespace) -> dict:
             result = {
                 "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
                 "train_images_per_second_this_run": run.images_per_second(train_seconds),
+                "train_images_per_second_steady": run.steady_images_per_second(),
                 "num_processes": accelerator.num_processes,
                 **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
                 "val_loss": _validation_loss(final_unet, noise_scheduler, val_latents, data.val.labels, class_names,

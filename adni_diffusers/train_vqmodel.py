@@ -218,6 +218,7 @@ def main(args: argparse.Namespace) -> dict:
                 "preset": args.preset, "train_steps": run.global_step,
                 "train_seconds_this_run": round(train_seconds, 1),
                 "train_images_per_second_this_run": run.images_per_second(train_seconds),
+                "train_images_per_second_steady": run.steady_images_per_second(),
                 "num_processes": accelerator.num_processes, "data_source": data_source,
                 **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
             })

@@ -28,6 +28,7 @@ def test_saved_pipeline_has_everything(tiny_ldm):
     assert pipe.scheduler.config.clip_sample is False
     metrics = json.loads((tiny_ldm / "train_metrics.json").read_text())
     assert metrics["train_steps"] == 4 and metrics["val_loss"] > 0
+    assert metrics["train_images_per_second_steady"] > 0  # between the logs at steps 2 and 4
     card = (tiny_ldm / "README.md").read_text()
     assert "library_name: diffusers" in card and "trust_remote_code=True" in card
 

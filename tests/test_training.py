@@ -383,3 +383,18 @@ def test_checkpoint_files_are_synced_through_a_handle_windows_lets_fsync(tmp_pat
     monkeypatch.setattr(os, "fsync", windows_fsync)
     files.fsync_tree(tmp_path)
     assert len(synced) == 1 and (tmp_path / "sub" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_the_steady_rate_is_the_median_between_logs():
+    """train_images_per_second_this_run counts the first step's compilation, checkpoints and sample grids (2,612
+    against 4,490 between logs on an H200, 2026-12-04); the steady rate is the median over the logging intervals."""
+    from adni_diffusers.training import median_interval_rate
+
+    steady = [(10 * i, 0.57 * i) for i in range(1, 6)]  # 57 ms a step, batch 256
+    with_checkpoint = [*steady, (60, 0.57 * 5 + 2.77), (70, 0.57 * 5 + 2.77 + 0.57)]  # one slow interval
+    assert median_interval_rate(steady, 256) == round(10 * 256 / 0.57, 2)
+    assert median_interval_rate(with_checkpoint, 256) == pytest.approx(10 * 256 / 0.57, abs=0.01)
+    assert median_interval_rate([(10, 1.0), (15, 1.5)], 4) == 40.0  # uneven intervals (a checkpoint's flush)
+    assert median_interval_rate([(10, 1.0), (20, 1.5), (30, 3.0)], 1) == pytest.approx((20 + 10 / 1.5) / 2, abs=0.01)
+    assert median_interval_rate([(10, 1.0)], 256) is None and median_interval_rate([], 256) is None
+    assert median_interval_rate([(10, 1.0), (10, 2.0)], 256) is None  # a second log at the same step
