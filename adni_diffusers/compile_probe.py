@@ -95,6 +95,8 @@ def remember_pass(spec: dict) -> None:
     run a child, not this run."""
     record, what = _pass_record(spec)
     _write_record(record, what, "that this step passed")
+    with contextlib.suppress(OSError):  # a pass now outweighs an earlier CUDA-graph failure of this very step
+        _graphs_failed_path(record).unlink(missing_ok=True)
 
 
 def remember_graphs_failed(spec: dict, why: str) -> None:
@@ -233,6 +235,12 @@ def _stop_child(process: subprocess.Popen, stderr, folder: tempfile.TemporaryDir
         process.wait()
     stderr.close()
     folder.cleanup()
+
+
+def repeatable_failure(why: str) -> bool:
+    """Whether a child's failure says something about the step itself, which a rerun would meet again: not out of
+    memory (other work on the GPU), no answer in time (a cold compile) or the kernel's OOM killer (SIGKILL)."""
+    return not (ran_out_of_memory(why) or why.startswith("no answer in") or "killed by SIGKILL" in why)
 
 
 def ran_out_of_memory(why: str) -> bool:

@@ -695,7 +695,7 @@ def start_compile_check(args, spec: dict):
         return None
     mode = spec["compile_mode"]
     chosen = getattr(args, "compile_mode_chosen", None) and mode in CUDA_GRAPH_MODES  # not asked for by the user
-    failed = compile_probe.graphs_failed_before(spec) if chosen else None
+    failed = compile_probe.graphs_failed_before(spec) if chosen and not compile_probe.passed_before(spec) else None
     if failed:  # the default mode failed here with CUDA graphs before: no second wait for the same failure
         without = compile_probe.WITHOUT_CUDA_GRAPHS[mode]
         logger.warning("--compile: this training step failed with --compile_mode %s in a child before (%s); "
@@ -748,7 +748,8 @@ def maybe_compile(model, args, probe=None, child_probe=None):
             if passed:
                 args.compile_mode_fallback = f"{mode} -> {without}: {graphs_failed}"  # kept in training_args.json
                 args.compile_mode = without
-                compile_probe.remember_graphs_failed(spec, graphs_failed)
+                if compile_probe.repeatable_failure(graphs_failed):
+                    compile_probe.remember_graphs_failed(spec, graphs_failed)
         first_child_started = started.started if started else waiting_since
         args.compile_seconds["child_processes"] = round(time.time() - first_child_started, 1)
         args.compile_seconds["waited_for_child"] = round(time.time() - waiting_since, 1)

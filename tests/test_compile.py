@@ -625,13 +625,18 @@ def test_train_unet_chooses_its_compile_mode_once_it_knows_the_device(tmp_path, 
 
     def record(args, accelerator, measured_mode):
         seen.append((accelerator.device.type, measured_mode, args.compile_mode))
+        args.compile_mode = measured_mode  # as on one GPU: the compile check must then check this mode
+
+    def checked(args, spec):
+        seen.append(spec["compile_mode"])
         raise Chosen
 
     monkeypatch.setattr(training, "choose_compile_mode", record)
+    monkeypatch.setattr(training, "start_compile_check", checked)
     with pytest.raises(Chosen):
         run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir",
                                            tmp_path / "o", "--compile", *TINY_UNET_ARGS])
-    assert seen == [("cpu", "reduce-overhead", None)]
+    assert seen == [("cpu", "reduce-overhead", None), "reduce-overhead"]
 
 
 def test_accumulation_set_in_accelerates_environment_is_refused_unless_the_flag_says_the_same(tmp_path, demo_root,
@@ -681,3 +686,58 @@ def test_a_rerun_does_not_wait_again_for_cuda_graphs_that_failed_in_this_step(mo
             assert started == ["reduce-overhead", "default"] if run == 1 else ["reduce-overhead"]
         else:
             assert started == [] and args.compile_mode_fallback.endswith("(an earlier run)")
+
+
+@pytest.mark.parametrize("failure, remembered", [
+    ("graphs", True),    # e.g. "accessing tensor output of CUDAGraphs that has been overwritten"
+    ("SIGSEGV", True),   # a crash in native code
+    ("oom", False),      # other work on the GPU
+    ("SIGKILL", False),  # the kernel's OOM killer
+])
+def test_only_a_failure_of_the_step_itself_is_remembered_and_a_later_pass_outweighs_it(monkeypatch, tmp_path, failure,
+                                                                                      remembered):
+    """Out of memory (other work on the GPU), a timeout or the OOM killer say nothing about CUDA graphs in this
+    step: remembered, every later default run would train 35% slower for good. And once the CUDA-graph step passed
+    (asked for with --compile_mode), the default goes back to it."""
+    import sys
+
+    from adni_diffusers import compile_probe, train_unet, training
+
+    behaviour = tmp_path / "behaviour.json"  # mode -> what its child does
+    child = ("import json, os, signal, sys; mode = json.load(open(sys.argv[1]))['compile_mode'] or 'default'; "
+             "what = json.load(open(sys.argv[2]))[mode]; "
+             "what == 'pass' and sys.exit(0); "
+             "what in ('SIGSEGV', 'SIGKILL') and os.kill(os.getpid(), getattr(signal, what)); "
+             "print('torch.OutOfMemoryError: CUDA out of memory' if what == 'oom' else "
+             "'RuntimeError: accessing tensor output of CUDAGraphs that has been overwritten', file=sys.stderr); "
+             "sys.exit(1)")
+    started = []
+    monkeypatch.setattr(compile_probe, "child_command", lambda path: started.append(
+        json.loads(Path(path).read_text())["compile_mode"]) or [sys.executable, "-c", child, str(path), str(behaviour)])
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
+    accelerator = SimpleNamespace(device=torch.device("cuda"), num_processes=1, mixed_precision="bf16")
+
+    def run(*flags):
+        started.clear()
+        args = train_unet.parse_args(["--vqmodel", "v", "--train_data_dir", "d", "--output_dir", "o", "--compile",
+                                      *flags])
+        training.choose_compile_mode(args, accelerator, training.UNET_CUDA_COMPILE_MODE)
+        spec = compile_probe.make_spec("unet", {"sample_size": 8}, args, accelerator, (4, 8, 8))
+        training.maybe_compile(_tiny_model(), args, probe=None, child_probe=training.start_compile_check(args, spec))
+        return args
+
+    behaviour.write_text(json.dumps({"reduce-overhead": failure, "default": "pass"}))
+    assert run().compile_mode == "default"
+    graph_spec = compile_probe.make_spec("unet", {"sample_size": 8}, SimpleNamespace(
+        train_batch_size=64, channels_last=False, compile_mode="reduce-overhead"), accelerator, (4, 8, 8))
+    assert (compile_probe.graphs_failed_before(graph_spec) is not None) == remembered
+    assert run().compile_mode == "default"
+    if remembered:
+        assert started == []  # straight to the mode without CUDA graphs
+    else:
+        assert started and set(started) == {"reduce-overhead"}  # CUDA graphs tried again (the default passed before)
+    behaviour.write_text(json.dumps({"reduce-overhead": "pass", "default": "pass"}))  # the cause is gone
+    assert run("--compile_mode", "reduce-overhead").compile_mode == "reduce-overhead"  # asked for: tried again
+    assert compile_probe.graphs_failed_before(graph_spec) is None  # the pass removed the failure record
+    assert run().compile_mode == "reduce-overhead" and started == []  # the default uses CUDA graphs again
+    assert not compile_probe.repeatable_failure("no answer in 1800 s")  # a cold compile: not remembered either
