@@ -417,6 +417,9 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         if isinstance(train.get("num_processes"), int) else None,
         # none where the run trained no step (finished from its last checkpoint): not "0 images/s"
         "images_per_second": _fmt(rate) if (rate := train.get("train_images_per_second_this_run")) else None,
+        # the median between logs: without the compilation, checkpoints and sample grids the whole-run rate holds
+        "steady_images_per_second": _fmt(steady) if (steady := _field(train, "train_images_per_second_steady",
+                                                                      (int, float))) else None,
         "val_loss": _fmt(train.get("val_loss")) if train.get("val_loss") is not None else None,
         "eval_rows": eval_rows,
         "eval_source": eval_source,

@@ -512,9 +512,14 @@ def test_the_training_section_counts_steps_processes_and_throughput(ldm):
     """The training sentence takes its numbers from train_metrics.json: steps, processes (singular for one), and the
     images per second of the run (not its seconds)."""
     _edit_json(ldm / "train_metrics.json", train_steps=40, num_processes=2, train_images_per_second_this_run=123.4,
-               train_seconds_this_run=9.5)
+               train_seconds_this_run=9.5, train_images_per_second_steady=None)
     text = render_model_card(ldm)
     assert "trained for 40 optimizer steps on 2 processes (123.4 images/s)" in text
+    # since 2026-12-04 also the rate between logs (the whole run's counts compilation, checkpoints, grids)
+    _edit_json(ldm / "train_metrics.json", train_images_per_second_steady=456.7)
+    assert "on 2 processes (123.4 images/s over the whole run, 456.7 between logs)" in render_model_card(ldm)
+    _edit_json(ldm / "train_metrics.json", train_images_per_second_steady="fast")  # a foreign record: left out
+    assert "on 2 processes (123.4 images/s)" in render_model_card(ldm)
     _edit_json(ldm / "train_metrics.json", num_processes=1)
     text = render_model_card(ldm)
     assert "on 1 process (" in text and "1 layer per block" in text  # the tiny UNet: layers_per_block 1
