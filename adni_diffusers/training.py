@@ -693,16 +693,18 @@ def start_compile_check(args, spec: dict):
 
     if not args.compile or not compile_probe.needed(spec):
         return None
+    passed = compile_probe.passed_before(spec)
     mode = spec["compile_mode"]
     chosen = getattr(args, "compile_mode_chosen", None) and mode in CUDA_GRAPH_MODES  # not asked for by the user
-    failed = compile_probe.graphs_failed_before(spec) if chosen and not compile_probe.passed_before(spec) else None
+    failed = compile_probe.graphs_failed_before(spec) if chosen and not passed else None
     if failed:  # the default mode failed here with CUDA graphs before: no second wait for the same failure
         without = compile_probe.WITHOUT_CUDA_GRAPHS[mode]
         logger.warning("--compile: this training step failed with --compile_mode %s in a child before (%s); "
                        "compiling with --compile_mode %s", mode, failed, without)
         args.compile_mode, args.compile_mode_fallback = without, f"{mode} -> {without}: {failed} (an earlier run)"
         spec = {**spec, "compile_mode": without}
-    if compile_probe.passed_before(spec):
+        passed = compile_probe.passed_before(spec)
+    if passed:
         return spec  # `maybe_compile` skips the child if every process has the record, else starts one then
     logger.info("--compile: a child process compiles and runs one training step (mode %s) while this one "
                 "goes on", spec["compile_mode"] or "default")
