@@ -1532,17 +1532,20 @@ class TrainingRun:
         """Images trained per second of this run's wall clock (all processes, accumulation included; the periodic
         sample grids, logs and checkpoints count as time too: a whole-run rate, not a step rate). None when this run
         trained no step (resumed at its last step, to finish the save): there is no rate, not a rate of 0."""
-        images = (self.global_step - self.start_step) * self.args.train_batch_size * self.args.gradient_accumulation_steps
+        images = (self.global_step - self.start_step) * self._images_per_step()
         if images == 0:
             return None
-        return round(images * self.accelerator.num_processes / max(seconds, 1e-9), 2)
+        return round(images / max(seconds, 1e-9), 2)
+
+    def _images_per_step(self) -> int:
+        """Images in one optimizer step: every process's batches, accumulation included."""
+        return self.args.train_batch_size * self.args.gradient_accumulation_steps * self.accelerator.num_processes
 
     def steady_images_per_second(self) -> float | None:
         """Images per second between logs (every --logging_steps), the median over this run's intervals: the
         training speed without the first step's compilation, the checkpoints and the sample grids, which
         `images_per_second` counts (over a 300-step H200 run, 2026-12-04: 4,490 steady against 2,612 whole)."""
-        return median_interval_rate(self._log_points or [], self.args.train_batch_size
-                                    * self.args.gradient_accumulation_steps * self.accelerator.num_processes)
+        return median_interval_rate(self._log_points or [], self._images_per_step())
 
     def history(self) -> list[dict]:
         history = self.output_dir / HISTORY_FILE
