@@ -44,8 +44,10 @@ IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLIT_FOLDERS = ("train", "test", "validation", "val", "valid")
 SPLIT_CHOICES = ("patient", "given", "all")
 # subject: an ADNI/BIDS subject id in a name is the patient, and pixel-equal copies in two split folders count once
-# (since 2026-12-03); file: the name's patient part as it is, copies kept (how models from before split their data)
-PATIENT_ID_CHOICES = ("subject", "file")
+# (since 2026-12-03; since 2026-12-04 a subject named both ways, 002_S_0295 and sub-ADNI002S0295, is one patient);
+# file: the name's patient part as it is, copies kept (how models from before 2026-12-03 split their data);
+# subject-2026-12-03: the subject rule as it was before 2026-12-04 (a subject named both ways counted as two)
+PATIENT_ID_CHOICES = ("subject", "file", "subject-2026-12-03")
 # File names like 1003730_85.jpeg: everything before the last "_<digits>" is the patient id.
 PATIENT_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
 # ...unless it holds an ADNI subject id (002_S_0295) or a BIDS subject (sub-ADNI002S0295): slices cut from LONI
@@ -54,10 +56,39 @@ PATIENT_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
 SUBJECT_RE = re.compile(r"(?<![0-9])(?P<adni>[0-9]{3}_S_[0-9]{4})(?![0-9])|(?:^|_)(?P<bids>sub-[A-Za-z0-9]+)")
 
 
+# ADNI's own BIDS conversion labels a subject by its ADNI id without the underscores: sub-ADNI002S0295.
+BIDS_ADNI_RE = re.compile(r"^sub-ADNI(?P<site>[0-9]{3})S(?P<number>[0-9]{4})$")
+
+
 def patient_of(name: str) -> str:
     """The patient of a file name's patient part: its ADNI or BIDS subject id where it holds one, else itself."""
     m = SUBJECT_RE.search(name)
     return (m.group("adni") or m.group("bids")) if m else name
+
+
+def recorded_patient_ids(data_record: dict, args_record: dict | None = None) -> str:
+    """The --patient_ids rule that split a run's data, from its training_data.json (and training_args.json):
+    none recorded means a run from before 2026-12-03 ("file"), and "subject" without `subjects_named_both_ways`
+    a run from before 2026-12-04 ("subject-2026-12-03"; the same split unless a subject is named both ways)."""
+    args_record = args_record or {}
+    rule = data_record.get("patient_ids") or args_record.get("patient_ids") or "file"
+    if rule == "subject" and "subjects_named_both_ways" not in data_record:
+        return "subject-2026-12-03"
+    return rule
+
+
+def one_name_per_subject(patients: list[str]) -> tuple[list[str], int]:
+    """Patients with each BIDS subject sub-ADNI002S0295 renamed 002_S_0295 where that ADNI id names other slices
+    of the folder (else the one subject would be two patients, and could be on both sides of the split). Only
+    there: a folder named one way keeps its ids, so its split stays what it was. Returns (patients, how many
+    subjects were named both ways)."""
+    present = set(patients)
+    merged = {}
+    for p in present:
+        m = BIDS_ADNI_RE.match(p)
+        if m and f"{m['site']}_S_{m['number']}" in present:
+            merged[p] = f"{m['site']}_S_{m['number']}"
+    return [merged.get(p, p) for p in patients], len(merged)
 # How a training run takes slices that `pad` refuses (other tools replace this hint with their own).
 PAD_SIZE_HINT = "use --preprocess resize to resize other sizes"
 _MAX_LISTED = 10
@@ -115,6 +146,9 @@ class SliceData:
     # Patients with slices in both train and val (only `--split given` can have any).
     shared_patients: int = 0
     patient_ids: str = "subject"  # PATIENT_ID_CHOICES
+    # BIDS subjects (sub-ADNI002S0295) counted as the ADNI id that also names slices (patient_ids "subject").
+    # Recorded so that evaluate knows a record without it was split by the rule before 2026-12-04.
+    subjects_named_both_ways: int = 0
 
     def summary(self) -> dict:
         return {
@@ -123,6 +157,7 @@ class SliceData:
             "preprocess": self.preprocess,
             "shared_patients": self.shared_patients,
             "patient_ids": self.patient_ids,
+            "subjects_named_both_ways": self.subjects_named_both_ways,
             "patients_sha256": patients_fingerprint(self.train.patients + self.val.patients),
             "class_names": self.class_names,
             "train": self.train.summary(),
@@ -528,7 +563,13 @@ def load_slices(
                 f"{len(bad)} file(s) have none: {_listing(bad)}. Rename them, or use --split given / all"
             )
     named = [m.group("patient") if m else s for m, s in zip(matches, stems)]
-    patients = [patient_of(n) for n in named] if patient_ids == "subject" else named
+    patients = [patient_of(n) for n in named] if patient_ids != "file" else named
+    named_both_ways = 0
+    if patient_ids == "subject":
+        patients, named_both_ways = one_name_per_subject(patients)
+        if named_both_ways:
+            logger.info("%d subject(s) are named both ways in the file names (002_S_0295 and sub-ADNI002S0295): "
+                        "each is one patient", named_both_ways)
     if len(set(patients)) < len(set(named)):
         logger.info("the file names hold %d scans of %d subjects (ADNI 002_S_0295 or BIDS sub-<label> ids): "
                     "patients are subjects, so no subject is on both sides of the split",
@@ -547,7 +588,7 @@ def load_slices(
         train_idx, val_idx = list(range(len(paths))), []
     else:
         train_idx, val_idx = split_by_patient(patients, labels.tolist(), val_fraction, seed)
-    if split != "given" and tree.has_splits and patient_ids == "subject":  # pooled: a copy would count twice
+    if split != "given" and tree.has_splits and patient_ids != "file":  # pooled: a copy would count twice
         copies = _copies_across_splits(paths, labels, splits, pixels)
         train_idx, val_idx = [i for i in train_idx if i not in copies], [i for i in val_idx if i not in copies]
     if split != "all":  # asked for a hold-out: say where there is none (the metrics would be on training images)
@@ -562,7 +603,7 @@ def load_slices(
         )
     return SliceData(
         everything.subset(train_idx), everything.subset(val_idx), list(tree.class_names), split, str(root), preprocess,
-        shared_patients=len(shared), patient_ids=patient_ids,
+        shared_patients=len(shared), patient_ids=patient_ids, subjects_named_both_ways=named_both_ways,
     )
 
 

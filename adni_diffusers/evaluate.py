@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .data import SliceData, SliceSet, is_demo_dataset, load_slices, to_uint8
+from .data import SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids, to_uint8
 from .files import write_text_atomically
 from .plots import save_figure
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
@@ -114,7 +114,7 @@ def read_training_record(model_dir) -> dict:
         "preprocess": data.get("preprocess") or args.get("preprocess")
         or _read_json(d / "model_index.json").get("preprocess") or "pad",
         # records from before 2026-12-03 say nothing: their runs took the file names' patient part as it is
-        "patient_ids": data.get("patient_ids") or args.get("patient_ids") or ("file" if data or args else "subject"),
+        "patient_ids": recorded_patient_ids(data, args) if data or args else "subject",
         "class_names": data.get("class_names"),
         "train": data.get("train"),
         "validation": data.get("validation"),

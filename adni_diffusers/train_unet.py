@@ -177,6 +177,8 @@ def vq_training_data(vq_dir: Path) -> dict | None:
     """What the VQModel in `vq_dir` was trained on: train_vqmodel.py's training_data.json beside its vqvae/
     (with the split flags from its training_args.json), or, when `vq_dir` is in a finished pipeline, the copy
     this script keeps there. None for a VQModel without such records."""
+    from adni_diffusers.data import recorded_patient_ids
+
     folder = vq_dir.parent
     try:
         record = json.loads((folder / "training_data.json").read_text())
@@ -190,9 +192,21 @@ def vq_training_data(vq_dir: Path) -> dict | None:
     return {"root": record.get("root"), "split": flags.get("split"), "val_fraction": flags.get("val_fraction"),
             "split_seed": training.split_seed(flags),
             "preprocess": record.get("preprocess"),
-            "patient_ids": record.get("patient_ids"),  # (not recorded before 2026-12-03)
+            # (not recorded before 2026-12-03; "subject" before 2026-12-04 was the rule now named subject-2026-12-03)
+            "patient_ids": recorded_patient_ids(record) if record.get("patient_ids") else None,
             "patients_sha256": record.get("patients_sha256"),
             "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256")}
+
+
+def _older_split_hint(vq_rule: str | None, rule: str) -> str:
+    """Which --patient_ids splits as a VQModel from before today's rules did, where the names say it may."""
+    if not vq_rule:
+        return (" (a VQModel from before 2026-12-03: if the file names hold ADNI or BIDS subject ids, or a slice is "
+                "in both train/ and test/, --patient_ids file splits as it did)")
+    if vq_rule != rule and {vq_rule, rule} == {"subject", "subject-2026-12-03"}:
+        return (f" (the VQModel's --patient_ids is {vq_rule}, this run's {rule}: they differ where the file names name "
+                f"a subject both ways, 002_S_0295 and sub-ADNI002S0295; --patient_ids {vq_rule} splits as it did)")
+    return ""
 
 
 def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
@@ -210,7 +224,10 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
     if there["preprocess"] != args.preprocess:
         raise TrainingError(f"--vqmodel {args.vqmodel} was trained on slices prepared with --preprocess "
                             f"{there['preprocess']}, this run uses --preprocess {args.preprocess}: use the same")
-    if there.get("patient_ids") and there["patient_ids"] != args.patient_ids:
+    # the two subject rules split alike unless a subject is named both ways: the patient fingerprints tell
+    subject_rules = {"subject", "subject-2026-12-03"}
+    if there.get("patient_ids") and there["patient_ids"] != args.patient_ids and not (
+            {there["patient_ids"], args.patient_ids} <= subject_rules):
         raise TrainingError(f"--vqmodel {args.vqmodel} was trained with --patient_ids {there['patient_ids']}, this "
                             f"run uses --patient_ids {args.patient_ids}: use the same (else the patients differ)")
     here = data.summary()
@@ -218,9 +235,7 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
         if warn:
             logger.warning("--vqmodel %s was trained on another set of patients (%s) than %s, so whether it saw this "
                            "run's held-out patients cannot be checked%s", vq_dir, there["root"], data.root,
-                           "" if there.get("patient_ids") else " (a VQModel from before 2026-12-03: if the file names "
-                           "hold ADNI or BIDS subject ids, or a slice is in both train/ and test/, --patient_ids file "
-                           "splits as it did)")
+                           _older_split_hint(there.get("patient_ids"), args.patient_ids))
     elif len(data.val) and there["validation_patients_sha256"] != here["validation"]["patients_sha256"]:
         if (there["split"], there["val_fraction"], there["split_seed"]) == (args.split, args.val_fraction,
                                                                             training.split_seed(args)):

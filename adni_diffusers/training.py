@@ -99,10 +99,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                         "to train UNets with other --seed values on one VQModel")
     g.add_argument("--preprocess", default="pad", choices=["pad", "resize"],
                    help="240->256 rows: pad with black (keeps anatomy) or resize (the seed's stretch)")
-    g.add_argument("--patient_ids", default="subject", choices=["subject", "file"],
-                   help="subject: an ADNI (002_S_0295) or BIDS (sub-...) subject id in a file name is the patient, and "
-                        "a slice copied into train/ and test/ counts once; file: the name's patient part as it is, "
-                        "copies kept (how runs from before 2026-12-03 split: to resume or match one of them)")
+    g.add_argument("--patient_ids", default="subject", choices=["subject", "file", "subject-2026-12-03"],
+                   help="subject: an ADNI (002_S_0295) or BIDS (sub-...) subject id in a file name is the patient "
+                        "(sub-ADNI002S0295 is 002_S_0295 where both name slices), and a slice copied into train/ and "
+                        "test/ counts once; file: the name's patient part as it is, copies kept (how runs from before "
+                        "2026-12-03 split); subject-2026-12-03: subject as it was before 2026-12-04, a subject named "
+                        "both ways counted twice (the last two: to resume or match such a run)")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("output")
@@ -1000,13 +1002,18 @@ RESUME_MUST_MATCH = ("seed", "train_batch_size", "gradient_accumulation_steps", 
                      "split", "val_fraction", "split_seed", "preprocess", "patient_ids")
 
 
+SUBJECT_RULE_SINCE = "2026-12-04"
+
+
 def run_record(args, stage_flags: tuple[str, ...] = (), identity: dict | None = None,
                num_processes: int | None = None, stage: str | None = None, also_accepted: dict | None = None) -> dict:
     """What defines a run (its stage, RESUME_MUST_MATCH and the stage's own flags, its model config and data), in
     the JSON types a checkpoint's training_state.json reads back (tuples become lists). `also_accepted`: per
     identity, older values that name the same thing (a key computed as an older version did)."""
     record = {"stage": stage, "flags": {name: getattr(args, name, None) for name in (*RESUME_MUST_MATCH, *stage_flags)},
-              "identity": identity or {}, "num_processes": num_processes}
+              "identity": identity or {}, "num_processes": num_processes,
+              # --patient_ids subject merges a subject named both ways since then (a checkpoint without it: before)
+              "subject_rule": SUBJECT_RULE_SINCE}
     if also_accepted:
         record["also_accepted"] = also_accepted
     return json.loads(json.dumps(record))
@@ -1015,7 +1022,10 @@ def run_record(args, stage_flags: tuple[str, ...] = (), identity: dict | None = 
 def resume_mismatches(recorded: dict, current: dict) -> list[str]:
     """What differs between a checkpoint's run record and this run's, one line each."""
     def effective(flags: dict) -> dict:  # no --split_seed is --seed's: "--seed 0" and "--split_seed 0" agree
-        return {**flags, "split_seed": split_seed(flags)} if "split_seed" in flags else flags
+        flags = {**flags, "split_seed": split_seed(flags)} if "split_seed" in flags else flags
+        if flags.get("patient_ids") == "subject-2026-12-03":  # splits as subject unless a subject is named both
+            flags = {**flags, "patient_ids": "subject"}  # ways: the data's fingerprint (identity) tells
+        return flags
 
     lines = []
     recorded_flags, current_flags = effective(recorded.get("flags", {})), effective(current.get("flags", {}))
@@ -1032,11 +1042,21 @@ def resume_mismatches(recorded: dict, current: dict) -> list[str]:
         now = current.get("identity", {}).get(name, then)
         if now != then and then not in current.get("also_accepted", {}).get(name, []):
             lines.append(f"{identity_names.get(name, name)}: not those of the checkpoint"
-                         + (" (a checkpoint from before 2026-12-03: if the file names hold ADNI or BIDS subject ids, "
-                            "or a slice is in both train/ and test/, --patient_ids file splits as it did)"
-                            if name in ("train_data", "latent_cache_key") and "patient_ids" not in recorded_flags
-                            else ""))
+                         + (_older_split_hint(recorded, current)
+                            if name in ("train_data", "latent_cache_key") else ""))
     return lines
+
+
+def _older_split_hint(recorded: dict, current: dict) -> str:
+    """Which --patient_ids splits as a checkpoint from before today's rules did, where the names say it may."""
+    recorded_flags, current_flags = recorded.get("flags", {}), current.get("flags", {})
+    if "patient_ids" not in recorded_flags:
+        return (" (a checkpoint from before 2026-12-03: if the file names hold ADNI or BIDS subject ids, or a slice is "
+                "in both train/ and test/, --patient_ids file splits as it did)")
+    if recorded_flags["patient_ids"] == current_flags.get("patient_ids") == "subject" and "subject_rule" not in recorded:
+        return (" (a checkpoint from before 2026-12-04: if the file names name a subject both ways, 002_S_0295 and "
+                "sub-ADNI002S0295, --patient_ids subject-2026-12-03 splits as it did)")
+    return ""
 
 
 def check_resume_matches(path: Path, current: dict) -> int | None:

@@ -268,6 +268,11 @@ def test_scans_named_with_an_adni_or_bids_subject_id_stay_with_their_subject(tmp
     assert D.patient_of("sub-ADNI002S0295_ses-M06_T1w") == "sub-ADNI002S0295"
     assert D.patient_of("1003730") == "1003730" and D.patient_of("002_S_0295") == "002_S_0295"
     assert D.patient_of("x1002_S_02955") == "x1002_S_02955"  # not an id: digits run on
+    # a BIDS subject is its ADNI id only where that id names other slices: a folder named one way keeps its ids
+    assert D.one_name_per_subject(["sub-ADNI002S0295", "002_S_0295", "sub-ADNI005S0221", "sub-01"]) == (
+        ["002_S_0295", "002_S_0295", "sub-ADNI005S0221", "sub-01"], 1)
+    assert D.one_name_per_subject(["sub-ADNI002S0295", "sub-ADNI005S0221"]) == (
+        ["sub-ADNI002S0295", "sub-ADNI005S0221"], 0)
     root = tmp_path / "ADNI"
     subjects = [f"{site:03d}_S_{n:04d}" for site, n in ((2, 295), (5, 221), (11, 2), (11, 5), (23, 31), (27, 74))]
     for k, subject in enumerate(subjects):
@@ -280,18 +285,40 @@ def test_scans_named_with_an_adni_or_bids_subject_id_stay_with_their_subject(tmp
     with caplog.at_level(logging.INFO, logger="adni_diffusers.data"):
         for seed in range(4):
             d = load_slices(root, val_fraction=0.4, seed=seed)
-            assert set(d.train.patients) | set(d.val.patients) <= set(subjects) | {
-                f"sub-ADNI{s.replace('_', '')}" for s in subjects}
+            # each subject's LONI scans and its BIDS scan (sub-ADNI002S0295 is 002_S_0295) are one patient
+            assert set(d.train.patients) | set(d.val.patients) == set(subjects)
             assert not set(d.train.patients) & set(d.val.patients)
-            held = {p for p in d.val.patients if "_S_" in p}
-            assert held and all(d.val.patients.count(p) == 6 for p in held)  # 3 scans x 2 slices, all held out
-    assert "hold 24 scans of 12 subjects" in caplog.text
+            assert d.val.patients and all(d.val.patients.count(p) == 7 for p in d.val.patients)  # 3 x 2 + 1 slices
+            assert d.summary()["subjects_named_both_ways"] == 6
+    assert "hold 24 scans of 6 subjects" in caplog.text and "6 subject(s) are named both ways" in caplog.text
+    # --patient_ids subject-2026-12-03: the rule before 2026-12-04 counted each subject twice (to resume those)
+    leaky = [load_slices(root, val_fraction=0.4, seed=seed, patient_ids="subject-2026-12-03") for seed in range(4)]
+    assert all(len(set(d.train.patients) | set(d.val.patients)) == 12 for d in leaky)
+    assert any({p.replace("_", "") for p in d.train.patients if "_S_" in p}
+               & {p[len("sub-ADNI"):] for p in d.val.patients if p.startswith("sub-")} for d in leaky)
+    assert leaky[0].summary()["subjects_named_both_ways"] == 0
     # --patient_ids file: the scans, as runs from before 2026-12-03 took them (to resume or evaluate those)
     d = load_slices(root, val_fraction=0.4, seed=0, patient_ids="file")
     assert len(set(d.train.patients) | set(d.val.patients)) == 24 and d.summary()["patient_ids"] == "file"
     assert load_slices(root, val_fraction=0.4, seed=0).summary()["patient_ids"] == "subject"
-    with pytest.raises(DataError, match="--patient_ids 'scan': expected one of subject, file"):
+    with pytest.raises(DataError, match="--patient_ids 'scan': expected one of subject, file, subject-2026-12-03"):
         load_slices(root, patient_ids="scan")
+
+
+def test_a_folder_named_one_way_splits_as_before_2026_12_04(tmp_path):
+    """Only a subject named both ways changes patient: a BIDS-only (or LONI-only) folder's split and patient
+    fingerprint are what the rule before 2026-12-04 made, so runs on it resume and evaluate as they were."""
+    root = tmp_path / "BIDS"
+    for k in range(8):
+        for sl in (80, 81):
+            write(root / ("AD", "NC")[k % 2] / f"sub-ADNI{k:03d}S{k + 100:04d}_ses-M12_T1w_{sl}.png",
+                  slice_pixels(k + sl))
+    for seed in range(3):
+        now = load_slices(root, val_fraction=0.3, seed=seed)
+        then = load_slices(root, val_fraction=0.3, seed=seed, patient_ids="subject-2026-12-03")
+        assert now.summary()["subjects_named_both_ways"] == 0
+        assert (now.train.paths, now.val.paths) == (then.train.paths, then.val.paths)
+        assert now.summary()["patients_sha256"] == then.summary()["patients_sha256"]
 
 
 def test_a_slice_copied_into_both_split_folders_counts_once_when_they_are_pooled(tmp_path, caplog):

@@ -353,6 +353,10 @@ def test_a_model_from_before_the_subject_rule_is_split_as_it_was_trained(tmp_pat
     assert read_training_record(tmp_path)["patient_ids"] == "file"
     (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data", "split": "patient",
                                                              "patient_ids": "subject"}))
+    # the subject rule before 2026-12-04 (a subject named both ways, 002_S_0295 and sub-ADNI002S0295, was two)
+    assert read_training_record(tmp_path)["patient_ids"] == "subject-2026-12-03"
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data", "split": "patient",
+                                                             "patient_ids": "subject", "subjects_named_both_ways": 0}))
     assert read_training_record(tmp_path)["patient_ids"] == "subject"
 
 

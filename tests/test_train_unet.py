@@ -415,7 +415,17 @@ def test_a_checkpoint_from_before_the_subject_rule_is_told_how_to_resume():
                "also_accepted": {"latent_cache_key": ["old"]}}
     lines = resume_mismatches(recorded, current)
     assert len(lines) == 1 and lines[0].startswith("the training slices") and "--patient_ids file" in lines[0]
-    recorded["flags"]["patient_ids"] = "subject"  # a checkpoint that knows the rule: no hint
+    recorded["flags"]["patient_ids"] = "subject"  # a checkpoint of the subject rule before 2026-12-04
+    lines = resume_mismatches(recorded, current)
+    assert len(lines) == 1 and "a checkpoint from before 2026-12-04" in lines[0]
+    assert "--patient_ids subject-2026-12-03 splits as it did" in lines[0]
+    # giving that rule is not a flag mismatch (the two split alike unless a subject is named both ways): the
+    # data's fingerprint decides
+    older = {**current, "flags": {"seed": 0, "patient_ids": "subject-2026-12-03"}}
+    assert resume_mismatches(recorded, {**older, "identity": recorded["identity"]}) == []
+    assert resume_mismatches(recorded, {**current, "flags": {"seed": 0, "patient_ids": "file"}})[0] == (
+        "--patient_ids: 'subject' in the checkpoint, 'file' now")
+    recorded["subject_rule"] = "2026-12-04"  # a checkpoint of today's rule: no hint
     assert "--patient_ids" not in resume_mismatches(recorded, current)[0]
     assert resume_mismatches(recorded, {**current, "also_accepted": {}})[1].startswith("the VQModel")
 
@@ -440,6 +450,16 @@ def test_a_vqmodel_of_another_patient_rule_is_refused_and_an_older_one_is_told_t
     with caplog.at_level("WARNING", logger="adni_diffusers"):
         train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
     assert "another set of patients" in caplog.text and "--patient_ids file splits as it did" in caplog.text
+    # a VQModel of the subject rule before 2026-12-04 (no subjects_named_both_ways): not refused (it splits as
+    # today's unless a subject is named both ways); other patients get the flag that splits as it did
+    record.pop("subjects_named_both_ways")
+    (vq / "training_data.json").write_text(json.dumps({**record, "patient_ids": "subject"}))
+    train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
+    caplog.clear()
+    (vq / "training_data.json").write_text(json.dumps({**record, "patient_ids": "subject", "patients_sha256": "0" * 64}))
+    with caplog.at_level("WARNING", logger="adni_diffusers"):
+        train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
+    assert "another set of patients" in caplog.text and "--patient_ids subject-2026-12-03 splits as it did" in caplog.text
 
 
 # ------------------------------------------------------------------------- the VQModel's data split
@@ -869,7 +889,8 @@ def test_resume_refuses_another_runs_flags_model_or_data(tmp_path, tiny_vq, demo
     first = tmp_path / "first"
     run_training_script("train_unet", ["--output_dir", first, "--max_train_steps", "2", "--checkpointing_steps", "1",
                                        *common])
-    assert json.loads((first / "checkpoint-1" / "training_state.json").read_text())["run"]["flags"]["conditional"]
+    run = json.loads((first / "checkpoint-1" / "training_state.json").read_text())["run"]
+    assert run["flags"]["conditional"] and run["subject_rule"] == "2026-12-04"  # which subject rule split the data
 
     def resume(*changed, data=demo_root):
         out = tmp_path / "again"
