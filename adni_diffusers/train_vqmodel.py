@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> dict:
     from adni_diffusers.data import IMAGE_SIZE, SliceDataset, fingerprint
     from adni_diffusers.presets import vq_config
     from adni_diffusers.vq import (CodebookMonitor, PatchDiscriminator, VQTrainingModel, adaptive_gan_weight, code_counts,
-                                   fail_step_if, flatten_latents, hinge_d_loss, reconstruction_loss, ssim_loss)
+                                   fail_step_if, flatten_latents, hinge_d_loss, vq_training_loss)
 
     config, accelerator = training.start_stage(args, vq_config, "vqmodel", product="vqvae",
                                                stage_flags=RESUME_MUST_MATCH)
@@ -109,14 +109,8 @@ def main(args: argparse.Namespace) -> dict:
 
     def training_loss(m, x):
         """A step's loss without the GAN term, with the forward's output and the parts to log."""
-        out = m(x)
-        rec_loss = reconstruction_loss(out.recon, x, args.rec_loss)
-        loss = rec_loss + args.codebook_weight * out.codebook_loss + args.commitment_beta * out.commitment_loss
-        logs = {"rec_loss": rec_loss, "codebook_loss": out.codebook_loss, "commitment_loss": out.commitment_loss}
-        if args.ssim_weight > 0:
-            logs["ssim_loss"] = ssim_loss(out.recon, x)
-            loss = loss + args.ssim_weight * logs["ssim_loss"]
-        return loss, out, logs
+        return vq_training_loss(m, x, rec_loss=args.rec_loss, codebook_weight=args.codebook_weight,
+                                commitment_beta=args.commitment_beta, ssim_weight=args.ssim_weight)
 
     # the probe runs the steps' own loss: with the reconstruction loss alone the codebook got no gradient, and
     # under DDP the first step then stopped ("Expected to have finished reduction in the prior iteration")

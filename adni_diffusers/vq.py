@@ -74,6 +74,22 @@ def ssim_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 1.0 - ssim(recon.float().clamp(-1, 1), x.float(), data_range=2.0)
 
 
+def vq_training_loss(forward, x: torch.Tensor, *, rec_loss: str = "mse", codebook_weight: float = 1.0,
+                     commitment_beta: float = 0.25, ssim_weight: float = 0.0):
+    """A VQ training step's loss without the GAN term: reconstruction + codebook + commitment (+ SSIM) terms.
+    `forward(x)` gives a VQForward (the training model, or a wrapper that autocasts it). Returns (loss, the
+    forward's output, the parts to log). train_vqmodel's steps and compile probe and the benchmark's use it: a
+    probe with the reconstruction loss alone gives the codebook no gradient (another backward than the step's)."""
+    out = forward(x)
+    rec = reconstruction_loss(out.recon, x, rec_loss)
+    loss = rec + codebook_weight * out.codebook_loss + commitment_beta * out.commitment_loss
+    logs = {"rec_loss": rec, "codebook_loss": out.codebook_loss, "commitment_loss": out.commitment_loss}
+    if ssim_weight > 0:
+        logs["ssim_loss"] = ssim_loss(out.recon, x)
+        loss = loss + ssim_weight * logs["ssim_loss"]
+    return loss, out, logs
+
+
 # ------------------------------------------------------------------------------------ discriminator
 
 

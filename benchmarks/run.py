@@ -908,7 +908,7 @@ def bench_vq(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
     from adni_diffusers.data import SliceDataset
     from adni_diffusers.presets import vq_config
     from adni_diffusers.training import make_optimizer, maybe_compile, to_channels_last
-    from adni_diffusers.vq import CodebookMonitor, VQTrainingModel, code_counts, reconstruction_loss, ssim_loss
+    from adni_diffusers.vq import CodebookMonitor, VQTrainingModel, code_counts, vq_training_loss
 
     vcfg = vq_config(opts.vq_preset)
     dev = bench.device
@@ -936,14 +936,18 @@ def bench_vq(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
                     optimizer = make_optimizer(model.parameters(), args, accelerator, default_batch=8)
                 else:
                     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+                def training_loss(m, x):  # train_vqmodel's step loss (no GAN term), with the forward's output
+                    def forward(x):
+                        with autocast(bench, spec["bf16"]):  # Accelerate autocasts the model's forward only
+                            return m(x)
+
+                    # train_vqmodel's defaults; the example style has no SSIM term
+                    return vq_training_loss(forward, x, ssim_weight=VQ_SSIM_WEIGHT if spec["ssim"] else 0.0)[:2]
+
+                # as train_vqmodel probes: the step's own loss (the reconstruction loss alone gives the codebook no
+                # gradient, so the probe would not compile the backward the step runs)
                 probe_x = SliceDataset(slices)[0]["pixel_values"][None].repeat(bs, 1, 1, 1).to(dev)
-
-                def probe(m):  # as train_vqmodel probes
-                    with autocast(bench, spec["bf16"]):
-                        recon = m(probe_x).recon
-                    reconstruction_loss(recon, probe_x, "mse").backward()
-
-                compiled = {"m": maybe_compile(model, args, probe=probe)}
+                compiled = {"m": maybe_compile(model, args, probe=lambda m: training_loss(m, probe_x)[0].backward())}
                 if spec["compile"] and compiled["m"] is model:
                     row["compile_error"] = "maybe_compile's probe failed: eager (see the warning)"
                     row["name"] += " [compile failed: eager]"
@@ -953,12 +957,7 @@ def bench_vq(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
 
                 def step():
                     x = next(batches)["pixel_values"].to(dev, non_blocking=ours)
-                    with autocast(bench, spec["bf16"]):  # Accelerate autocasts the model's forward only
-                        out = compiled["m"](x)
-                    rec_loss = reconstruction_loss(out.recon, x, "mse")
-                    loss = rec_loss + 1.0 * out.codebook_loss + 0.25 * out.commitment_loss
-                    if spec["ssim"]:  # train_vqmodel's default SSIM term
-                        loss = loss + VQ_SSIM_WEIGHT * ssim_loss(out.recon, x)
+                    loss, out = training_loss(compiled["m"], x)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()

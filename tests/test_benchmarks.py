@@ -542,3 +542,23 @@ def test_ssim_scale_holds_out_the_patients_of_the_split_seed(tiny_vq, tmp_path):
     (model / "training_args.json").write_text(json.dumps(args))
     saved = json.loads((model / "metrics.json").read_text())
     assert abs(_ssim_scale(model, tmp_path)["[0, 1], data_range 1"]["ssim"] - saved["ssim"]) < 1e-5
+
+
+def test_the_vq_compile_probe_runs_the_steps_own_loss(tmp_path, monkeypatch):
+    """The VQ rows' compile probe backpropagates the step's loss, codebook terms included, as train_vqmodel's
+    does: it ran the reconstruction loss alone, which gives the codebook no gradient (another backward than the
+    step's, so a compile failure of the step's could pass the probe). Run here eagerly."""
+    from adni_diffusers import training
+
+    codebook_grads = []
+
+    def run_probe(model, args, probe=None, child_probe=None):
+        probe(model)
+        codebook_grads.append(model.vq.quantize.embedding.weight.grad)
+        model.zero_grad(set_to_none=True)
+        return model
+
+    monkeypatch.setattr(training, "maybe_compile", run_probe)
+    run = _load_benchmark_script()
+    run.main(["--smoke", "--device", "cpu", "--sections", "vq", "--compile", "--out", str(tmp_path / "r.json")])
+    assert codebook_grads and all(g is not None and g.abs().sum() > 0 for g in codebook_grads)
