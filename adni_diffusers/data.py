@@ -44,32 +44,52 @@ IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLIT_FOLDERS = ("train", "test", "validation", "val", "valid")
 SPLIT_CHOICES = ("patient", "given", "all")
 # subject: an ADNI/BIDS subject id in a name is the patient, and pixel-equal copies in two split folders count once
-# (since 2026-12-03; since 2026-12-04 a subject named both ways, 002_S_0295 and sub-ADNI002S0295, is one patient);
+# (since 2026-12-03; since 2026-12-04 a subject named both ways, 002_S_0295 and sub-ADNI002S0295, is one patient,
+# and ADNI4's five-digit roster ids, 035_S_10068, are subject ids too);
 # file: the name's patient part as it is, copies kept (how models from before 2026-12-03 split their data);
-# subject-2026-12-03: the subject rule as it was before 2026-12-04 (a subject named both ways counted as two)
+# subject-2026-12-03: the subject rule as it was before 2026-12-04 (a subject named both ways counted as two, and
+# a five-digit id was no id: each scan a patient)
 PATIENT_ID_CHOICES = ("subject", "file", "subject-2026-12-03")
 # File names like 1003730_85.jpeg: everything before the last "_<digits>" is the patient id.
 PATIENT_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
 # ...unless it holds an ADNI subject id (002_S_0295) or a BIDS subject (sub-ADNI002S0295): slices cut from LONI
 # downloads (ADNI_002_S_0295_MR_..._S13408_I13722_85.jpeg) or BIDS output (sub-..._ses-M06_T1w_85.jpeg) name a
 # scan, and a subject has several (bl, m06, ...). The subject is the patient: none lands on both sides of a split.
-SUBJECT_RE = re.compile(r"(?<![0-9])(?P<adni>[0-9]{3}_S_[0-9]{4})(?![0-9])|(?:^|_)(?P<bids>sub-[A-Za-z0-9]+)")
-
-
+# A site (3 digits) and a roster id (4 digits; 5 from ADNI4 on).
+SUBJECT_RE = re.compile(r"(?<![0-9])(?P<adni>[0-9]{3}_S_[0-9]{4,5})(?![0-9])|(?:^|_)(?P<bids>sub-[A-Za-z0-9]+)")
+SUBJECT_RE_2026_12_03 = re.compile(r"(?<![0-9])(?P<adni>[0-9]{3}_S_[0-9]{4})(?![0-9])|(?:^|_)(?P<bids>sub-[A-Za-z0-9]+)")
 # ADNI's own BIDS conversion labels a subject by its ADNI id without the underscores: sub-ADNI002S0295.
-BIDS_ADNI_RE = re.compile(r"^sub-ADNI(?P<site>[0-9]{3})S(?P<number>[0-9]{4})$")
+BIDS_ADNI_RE = re.compile(r"^sub-ADNI(?P<site>[0-9]{3})S(?P<number>[0-9]{4,5})$")
 
 
-def patient_of(name: str) -> str:
-    """The patient of a file name's patient part: its ADNI or BIDS subject id where it holds one, else itself."""
-    m = SUBJECT_RE.search(name)
+def patient_of(name: str, patient_ids: str = "subject") -> str:
+    """The patient of a file name's patient part: its ADNI or BIDS subject id where it holds one, else itself
+    (by the subject rule `patient_ids`: "subject" or "subject-2026-12-03")."""
+    m = (SUBJECT_RE if patient_ids == "subject" else SUBJECT_RE_2026_12_03).search(name)
     return (m.group("adni") or m.group("bids")) if m else name
+
+
+def patients_by_rule(named: list[str], patient_ids: str) -> tuple[list[str], int]:
+    """The patient of each file name's patient part by the --patient_ids rule, and how many subjects it counted
+    once although the names give them both ways (only "subject" does)."""
+    if patient_ids == "file":
+        return list(named), 0
+    patients = [patient_of(n, patient_ids) for n in named]
+    return one_name_per_subject(patients) if patient_ids == "subject" else (patients, 0)
+
+
+def patient_part(path: str | os.PathLike) -> str:
+    """A file name's patient part: the stem before its last `_<slice>` (the whole stem without one)."""
+    stem = Path(path).stem
+    m = PATIENT_SLICE_RE.match(stem)
+    return m.group("patient") if m else stem
 
 
 def recorded_patient_ids(data_record: dict, args_record: dict | None = None) -> str:
     """The --patient_ids rule that split a run's data, from its training_data.json (and training_args.json):
     none recorded means a run from before 2026-12-03 ("file"), and "subject" without `subjects_named_both_ways`
-    a run from before 2026-12-04 ("subject-2026-12-03"; the same split unless a subject is named both ways)."""
+    a run from before 2026-12-04 ("subject-2026-12-03"; the same split unless a subject is named both ways or an
+    ADNI4 id has five digits)."""
     args_record = args_record or {}
     rule = data_record.get("patient_ids") or args_record.get("patient_ids") or "file"
     if rule == "subject" and "subjects_named_both_ways" not in data_record:
@@ -563,13 +583,14 @@ def load_slices(
                 f"{len(bad)} file(s) have none: {_listing(bad)}. Rename them, or use --split given / all"
             )
     named = [m.group("patient") if m else s for m, s in zip(matches, stems)]
-    patients = [patient_of(n) for n in named] if patient_ids != "file" else named
-    named_both_ways = 0
-    if patient_ids == "subject":
-        patients, named_both_ways = one_name_per_subject(patients)
-        if named_both_ways:
-            logger.info("%d subject(s) are named both ways in the file names (002_S_0295 and sub-ADNI002S0295): "
-                        "each is one patient", named_both_ways)
+    patients, named_both_ways = patients_by_rule(named, patient_ids)
+    if named_both_ways:
+        logger.info("%d subject(s) are named both ways in the file names (002_S_0295 and sub-ADNI002S0295): "
+                    "each is one patient", named_both_ways)
+    elif patient_ids == "subject-2026-12-03" and (twice := patients_by_rule(named, "subject")[1]):
+        logger.warning("--patient_ids subject-2026-12-03: %d subject(s) are named both ways in the file names "
+                       "(002_S_0295 and sub-ADNI002S0295) and count as two patients each, which may be on both "
+                       "sides of the split (--patient_ids subject counts them once)", twice)
     if len(set(patients)) < len(set(named)):
         logger.info("the file names hold %d scans of %d subjects (ADNI 002_S_0295 or BIDS sub-<label> ids): "
                     "patients are subjects, so no subject is on both sides of the split",

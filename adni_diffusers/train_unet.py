@@ -182,8 +182,11 @@ def vq_training_data(vq_dir: Path) -> dict | None:
     folder = vq_dir.parent
     try:
         record = json.loads((folder / "training_data.json").read_text())
-        if record.get("stage") == "unet":
-            return record.get("vqmodel_data")
+        if record.get("stage") == "unet":  # a finished pipeline keeps its VQModel's record
+            there = record.get("vqmodel_data")
+            if there and there.get("patient_ids") == "subject" and "subjects_named_both_ways" not in record:
+                there = {**there, "patient_ids": "subject-2026-12-03"}  # a pipeline from before 2026-12-04
+            return there
         if record.get("stage") != "vqmodel":
             return None
         flags = json.loads((folder / "training_args.json").read_text())
@@ -198,15 +201,14 @@ def vq_training_data(vq_dir: Path) -> dict | None:
             "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256")}
 
 
-def _older_split_hint(vq_rule: str | None, rule: str) -> str:
-    """Which --patient_ids splits as a VQModel from before today's rules did, where the names say it may."""
-    if not vq_rule:
-        return (" (a VQModel from before 2026-12-03: if the file names hold ADNI or BIDS subject ids, or a slice is "
-                "in both train/ and test/, --patient_ids file splits as it did)")
-    if vq_rule != rule and {vq_rule, rule} == {"subject", "subject-2026-12-03"}:
-        return (f" (the VQModel's --patient_ids is {vq_rule}, this run's {rule}: they differ where the file names name "
-                f"a subject both ways, 002_S_0295 and sub-ADNI002S0295; --patient_ids {vq_rule} splits as it did)")
-    return ""
+
+
+def _fingerprint_by_rule(data, patient_ids: str) -> str:
+    """The patient fingerprint of the slices `data` uses, their patients counted by another --patient_ids rule."""
+    from adni_diffusers.data import patient_part, patients_by_rule, patients_fingerprint
+
+    named = [patient_part(p) for p in data.train.paths + data.val.paths]
+    return patients_fingerprint(patients_by_rule(named, patient_ids)[0])
 
 
 def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
@@ -231,11 +233,20 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
         raise TrainingError(f"--vqmodel {args.vqmodel} was trained with --patient_ids {there['patient_ids']}, this "
                             f"run uses --patient_ids {args.patient_ids}: use the same (else the patients differ)")
     here = data.summary()
+    if there["patients_sha256"] != here["patients_sha256"] and there.get("patient_ids") in subject_rules - {
+            args.patient_ids} and _fingerprint_by_rule(data, there["patient_ids"]) == there["patients_sha256"]:
+        raise TrainingError(
+            f"--vqmodel {args.vqmodel} was trained with --patient_ids {there['patient_ids']}, which counts the patients "
+            f"of {data.root} otherwise than this run's --patient_ids {args.patient_ids} (a subject named both ways, "
+            "002_S_0295 and sub-ADNI002S0295, or ADNI4's five-digit ids): patients it trained on could be held out "
+            f"here. Give --patient_ids {there['patient_ids']}")
     if there["patients_sha256"] != here["patients_sha256"]:
         if warn:
             logger.warning("--vqmodel %s was trained on another set of patients (%s) than %s, so whether it saw this "
                            "run's held-out patients cannot be checked%s", vq_dir, there["root"], data.root,
-                           _older_split_hint(there.get("patient_ids"), args.patient_ids))
+                           "" if there.get("patient_ids") else " (a VQModel from before 2026-12-03: if the file names "
+                           "hold ADNI or BIDS subject ids, or a slice is in both train/ and test/, --patient_ids file "
+                           "splits as it did)")
     elif len(data.val) and there["validation_patients_sha256"] != here["validation"]["patients_sha256"]:
         if (there["split"], there["val_fraction"], there["split_seed"]) == (args.split, args.val_fraction,
                                                                             training.split_seed(args)):

@@ -100,11 +100,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--preprocess", default="pad", choices=["pad", "resize"],
                    help="240->256 rows: pad with black (keeps anatomy) or resize (the seed's stretch)")
     g.add_argument("--patient_ids", default="subject", choices=["subject", "file", "subject-2026-12-03"],
-                   help="subject: an ADNI (002_S_0295) or BIDS (sub-...) subject id in a file name is the patient "
-                        "(sub-ADNI002S0295 is 002_S_0295 where both name slices), and a slice copied into train/ and "
-                        "test/ counts once; file: the name's patient part as it is, copies kept (how runs from before "
-                        "2026-12-03 split); subject-2026-12-03: subject as it was before 2026-12-04, a subject named "
-                        "both ways counted twice (the last two: to resume or match such a run)")
+                   help="subject: an ADNI (002_S_0295, 035_S_10068) or BIDS (sub-...) subject id in a file name is "
+                        "the patient (sub-ADNI002S0295 is 002_S_0295 where both name slices), and a slice copied into "
+                        "train/ and test/ counts once; file: the name's patient part as it is, copies kept (how runs "
+                        "from before 2026-12-03 split); subject-2026-12-03: subject as it was before 2026-12-04 (a "
+                        "subject named both ways counted twice, five-digit ids not read) (the last two: to resume or "
+                        "match such a run)")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("output")
@@ -1053,9 +1054,15 @@ def _older_split_hint(recorded: dict, current: dict) -> str:
     if "patient_ids" not in recorded_flags:
         return (" (a checkpoint from before 2026-12-03: if the file names hold ADNI or BIDS subject ids, or a slice is "
                 "in both train/ and test/, --patient_ids file splits as it did)")
-    if recorded_flags["patient_ids"] == current_flags.get("patient_ids") == "subject" and "subject_rule" not in recorded:
-        return (" (a checkpoint from before 2026-12-04: if the file names name a subject both ways, 002_S_0295 and "
-                "sub-ADNI002S0295, --patient_ids subject-2026-12-03 splits as it did)")
+    then, now = recorded_flags["patient_ids"], current_flags.get("patient_ids")
+    if then == now == "subject" and "subject_rule" not in recorded:
+        then = "subject-2026-12-03"  # "subject" before 2026-12-04
+        when = "a checkpoint from before 2026-12-04: "
+    else:
+        when = ""
+    if then != now and {then, now} <= {"subject", "subject-2026-12-03"}:
+        return (f" ({when}if the file names name a subject both ways, 002_S_0295 and sub-ADNI002S0295, or hold ADNI4's "
+                f"five-digit ids, --patient_ids {then} splits as it did)")
     return ""
 
 

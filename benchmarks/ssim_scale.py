@@ -20,7 +20,7 @@ from torchmetrics.functional.image import (
 )
 
 from adni_diffusers import metrics
-from adni_diffusers.data import load_slices
+from adni_diffusers.data import load_slices, recorded_patient_ids
 from adni_diffusers.training import split_seed
 from adni_diffusers.vq_eval import _loader
 
@@ -44,7 +44,7 @@ def measure(folder: Path) -> dict:
     # the held-out patients training drew (--split_seed, else --seed), so the numbers match metrics.json
     data = load_slices(record["root"], split=args["split"], val_fraction=args["val_fraction"],
                        seed=split_seed(args, default=0), preprocess=args["preprocess"],
-                       patient_ids=record.get("patient_ids", "file"))  # (not recorded before 2026-12-03)
+                       patient_ids=recorded_patient_ids(record, args))  # the rule that split it
     held_out = data.val if len(data.val) else data.train
     vq = VQModel.from_pretrained(folder / "vqvae").eval()
     rows = {"old": {"ssim": [], "ms_ssim": []}, "new": {"ssim": [], "ms_ssim": []}}

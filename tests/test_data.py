@@ -273,6 +273,15 @@ def test_scans_named_with_an_adni_or_bids_subject_id_stay_with_their_subject(tmp
         ["002_S_0295", "002_S_0295", "sub-ADNI005S0221", "sub-01"], 1)
     assert D.one_name_per_subject(["sub-ADNI002S0295", "sub-ADNI005S0221"]) == (
         ["sub-ADNI002S0295", "sub-ADNI005S0221"], 0)
+    # ADNI4's roster ids have five digits (since 2026-12-04; the older rule took each such scan for a patient)
+    assert D.patient_of("ADNI_035_S_10068_MR_MPRAGE_I1") == "035_S_10068"
+    assert D.patient_of("ADNI_035_S_10068_MR_MPRAGE_I1", "subject-2026-12-03") == "ADNI_035_S_10068_MR_MPRAGE_I1"
+    assert D.one_name_per_subject(["sub-ADNI035S10068", "035_S_10068"]) == (["035_S_10068"] * 2, 1)
+    assert D.patients_by_rule(["ADNI_035_S_10068_MR_I1", "sub-ADNI035S10068_T1w"], "subject") == (
+        ["035_S_10068"] * 2, 1)
+    assert D.patients_by_rule(["ADNI_035_S_10068_MR_I1", "sub-ADNI035S10068_T1w"], "file") == (
+        ["ADNI_035_S_10068_MR_I1", "sub-ADNI035S10068_T1w"], 0)
+    assert D.patient_part("/d/AD/ADNI_002_S_0295_MR_I13722_85.jpeg") == "ADNI_002_S_0295_MR_I13722"
     root = tmp_path / "ADNI"
     subjects = [f"{site:03d}_S_{n:04d}" for site, n in ((2, 295), (5, 221), (11, 2), (11, 5), (23, 31), (27, 74))]
     for k, subject in enumerate(subjects):

@@ -427,6 +427,12 @@ def test_a_checkpoint_from_before_the_subject_rule_is_told_how_to_resume():
         "--patient_ids: 'subject' in the checkpoint, 'file' now")
     recorded["subject_rule"] = "2026-12-04"  # a checkpoint of today's rule: no hint
     assert "--patient_ids" not in resume_mismatches(recorded, current)[0]
+    # a checkpoint made with the older rule given by name, resumed without it: the data differ, the flag is named
+    recorded["flags"]["patient_ids"] = "subject-2026-12-03"
+    lines = resume_mismatches(recorded, current)
+    assert len(lines) == 1 and "--patient_ids subject-2026-12-03 splits as it did" in lines[0]
+    assert "before 2026-12-04" not in lines[0]
+    recorded["flags"]["patient_ids"] = "subject"
     assert resume_mismatches(recorded, {**current, "also_accepted": {}})[1].startswith("the VQModel")
 
 
@@ -450,16 +456,74 @@ def test_a_vqmodel_of_another_patient_rule_is_refused_and_an_older_one_is_told_t
     with caplog.at_level("WARNING", logger="adni_diffusers"):
         train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
     assert "another set of patients" in caplog.text and "--patient_ids file splits as it did" in caplog.text
-    # a VQModel of the subject rule before 2026-12-04 (no subjects_named_both_ways): not refused (it splits as
-    # today's unless a subject is named both ways); other patients get the flag that splits as it did
+    # a VQModel of the subject rule before 2026-12-04 (no subjects_named_both_ways) on a folder that names each
+    # subject one way: the same patients, not refused; on other patients, warned of without a flag (no rule
+    # counts these patients as it did)
     record.pop("subjects_named_both_ways")
     (vq / "training_data.json").write_text(json.dumps({**record, "patient_ids": "subject"}))
-    train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
     caplog.clear()
+    train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
+    assert "another set of patients" not in caplog.text
     (vq / "training_data.json").write_text(json.dumps({**record, "patient_ids": "subject", "patients_sha256": "0" * 64}))
     with caplog.at_level("WARNING", logger="adni_diffusers"):
         train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
-    assert "another set of patients" in caplog.text and "--patient_ids subject-2026-12-03 splits as it did" in caplog.text
+    assert "another set of patients" in caplog.text and "--patient_ids" not in caplog.text.splitlines()[-1]
+
+
+def _folder_naming_subjects_both_ways(root: Path, subjects: int = 6) -> Path:
+    """LONI-style scans of each subject plus one BIDS-style scan (sub-ADNI002S0295 is 002_S_0295)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for k in range(subjects):
+        subject, cls = f"{k + 2:03d}_S_{k + 295:04d}", ("AD", "NC")[k % 2]
+        names = [f"ADNI_{subject}_MR_MPRAGE_I{1000 + 10 * k + v}_80" for v in range(2)]
+        names.append(f"sub-ADNI{subject.replace('_', '')}_ses-M12_T1w_80")
+        for name in names:
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (240, 256), dtype=np.uint8)).save(root / cls / f"{name}.png")
+    return root
+
+
+def test_a_vqmodel_that_counted_patients_by_the_older_subject_rule_is_refused(tmp_path, tiny_vq, caplog):
+    """A VQModel trained before 2026-12-04 (--patient_ids subject then counted a subject named both ways as two
+    patients) on a folder that names subjects both ways: a UNet run by today's rule could hold out patients the
+    VQModel trained on, so it is refused with the flag that counts as the VQModel did (it was only warned of as
+    "another set of patients"); with that flag it passes. A finished pipeline of then reads as that rule too."""
+    from adni_diffusers import train_unet
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.training import TrainingError
+
+    root = _folder_naming_subjects_both_ways(tmp_path / "ADNI")
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq"))
+    then = load_slices(root, val_fraction=0.4, patient_ids="subject-2026-12-03").summary()
+    assert len(set(load_slices(root, val_fraction=0.4).train.patients)) < then["train"]["patients"]
+    record = json.loads((vq / "training_data.json").read_text())
+    del record["subjects_named_both_ways"]  # written before 2026-12-04
+    record.update(root=str(root), patient_ids="subject", patients_sha256=then["patients_sha256"],
+                  validation=then["validation"])
+    (vq / "training_data.json").write_text(json.dumps(record))
+    flags = json.loads((vq / "training_args.json").read_text())
+    (vq / "training_args.json").write_text(json.dumps({**flags, "val_fraction": 0.4}))
+    args = train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", "o", "--val_fraction", "0.4"])
+    with pytest.raises(TrainingError, match="trained with --patient_ids subject-2026-12-03, which counts the "
+                                            "patients .* Give --patient_ids subject-2026-12-03"):
+        train_unet.check_vq_data(vq / "vqvae", args, load_slices(root, val_fraction=0.4))
+    older = train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", "o", "--val_fraction", "0.4",
+                                   "--patient_ids", "subject-2026-12-03"])
+    with caplog.at_level("WARNING", logger="adni_diffusers"):
+        train_unet.check_vq_data(vq / "vqvae", older, load_slices(root, val_fraction=0.4,
+                                                                   patient_ids="subject-2026-12-03"))
+    assert "another set of patients" not in caplog.text
+    assert "count as two patients each, which may be on both sides of the split" in caplog.text  # said, not hidden
+    # a finished pipeline keeps its VQModel's record: one from before 2026-12-04 says "subject" for the older rule
+    pipeline = tmp_path / "ldm"
+    (pipeline / "vqvae").mkdir(parents=True)
+    (pipeline / "training_data.json").write_text(json.dumps({"stage": "unet", "vqmodel_data": {"patient_ids": "subject"}}))
+    assert train_unet.vq_training_data(pipeline / "vqvae")["patient_ids"] == "subject-2026-12-03"
+    (pipeline / "training_data.json").write_text(json.dumps({"stage": "unet", "subjects_named_both_ways": 0,
+                                                             "vqmodel_data": {"patient_ids": "subject"}}))
+    assert train_unet.vq_training_data(pipeline / "vqvae")["patient_ids"] == "subject"
 
 
 # ------------------------------------------------------------------------- the VQModel's data split
