@@ -304,7 +304,7 @@ def test_the_next_gpu_plan_runs_its_rows_in_the_order_it_says():
     plan = text[text.index("### Next GPU session"):]
     block = re.search(r'--variants((?:\s+"[^"$]+")+)', plan).group(1)
     names = re.findall(r'"([^"]+)"', block)
-    assert len(names) == 4 and names[1] == "reduce-overhead + inductor layout optimization"
+    assert len(names) == 3 and names[1] == "reduce-overhead + inductor layout optimization"
     assert run.unet_variant_names(SimpleNamespace(cuda=True), True, True, names) == names
 
 
@@ -562,3 +562,16 @@ def test_the_vq_compile_probe_runs_the_steps_own_loss(tmp_path, monkeypatch):
     run = _load_benchmark_script()
     run.main(["--smoke", "--device", "cpu", "--sections", "vq", "--compile", "--out", str(tmp_path / "r.json")])
     assert codebook_grads and all(g is not None and g.abs().sum() > 0 for g in codebook_grads)
+
+
+def test_conv_layouts_records_what_each_convolution_backward_gets():
+    """benchmarks/conv_layouts.py (the GPU session's diagnosis of the layout copies) runs and counts every
+    convolution backward of the step, with its layouts and dtypes; NNPACK (NCHW only, picked by aten's CPU
+    convolution from batch 16 on) is off, so at batch 16 the eager channels_last step keeps channels_last."""
+    layouts = _load_benchmark_script(REPO_ROOT / "benchmarks" / "conv_layouts.py", "conv_layouts")
+    result = layouts.main(["--preset", "tiny", "--how", "eager", "--batch-size", "16", "--size", "8", "--bf16"])
+    assert result["calls"] > 0 and result["nnpack"] is False and result["bf16"] is True
+    assert sum(result["layouts (gradient, input, weight)"].values()) == result["calls"]
+    assert sum(result["dtypes (gradient, input, weight)"].values()) == result["calls"]
+    assert "bfloat16, bfloat16, bfloat16" in result["dtypes (gradient, input, weight)"]
+    assert result["nchw_weights"] == 0 and result["all_channels_last"] > result["calls"] // 2
