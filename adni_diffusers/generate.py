@@ -7,6 +7,7 @@ denoising process (the decoded x0-prediction every few steps, refinement passes 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import remove_path
+from .files import remove_path, write_text_atomically
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,10 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-# what `generate` writes in --out; an earlier run's copies would read as this run's
-OUTPUTS = ("sample-*.png", "sample-*.png.tmp", "grid.png", "denoising.gif", "generation.json")
+# what `generate` writes in --out; an earlier run's copies would read as this run's. Each is written to a `.tmp`
+# beside it and renamed when whole: a kill mid-write leaves the `.tmp`, never half a file under the real name
+OUTPUTS = ("sample-*.png", "sample-*.png.tmp", "grid.png", "grid.png.tmp", "denoising.gif", "denoising.gif.tmp",
+           "generation.json", "generation.json.tmp")
 # what the sample patterns may match: sample-0042.png, never a user's sample-brain.png beside them
 SAMPLE_NAME_RE = re.compile(r"sample-\d{4,}\.png(\.tmp)?")
 
@@ -92,8 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run's samples, grid and GIF in --out (otherwise refused)")
     parser.add_argument("--resume", action="store_true",
-                        help="go on with a run of the same flags that was cut short in --out: its images are kept, "
-                             "the missing ones made (with --gif the first batch again, for the animation)")
+                        help="go on with a run of the same flags and model that was cut short in --out (or give a "
+                             "larger --num-images): its images are kept, the missing ones made (with --gif the first "
+                             "batch again, for the animation; without it a denoising.gif there is removed)")
     parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
@@ -169,6 +173,31 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
     return pipe.to(device)
 
 
+def model_fingerprint(model: str) -> str | None:
+    """sha256 over the saved pipeline's model_index.json and its components' files (configs, weights): --resume
+    refuses another model saved (or pushed) under the same --model. A Hub repo id: the cached snapshot that
+    from_pretrained loaded. None where there is no such folder (a pipeline given from Python)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # not in the cache: nothing to fingerprint
+            return None
+    if not (folder / "model_index.json").is_file():
+        return None
+    files = [folder / "model_index.json"] + sorted(p for part in ("vqvae", "unet", "scheduler")
+                                                   for p in (folder / part).glob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:  # in chunks: the base model's weights are hundreds of MB
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 class GifRecorder:
     """Collects the x0-prediction of the first images every `every` steps (a step callback)."""
 
@@ -193,7 +222,9 @@ class GifRecorder:
         frames = [frame(pipe.decode(x0.to(pipe.device), output_type="pt").cpu() * 2 - 1) for _, x0 in self.frames]
         frames.append(frame(final[: self.keep]))
         durations = [80] * (len(frames) - 1) + [1500]
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+        tmp = path.with_name(path.name + ".tmp")  # renamed when whole: a kill mid-write leaves no broken GIF
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+        os.replace(tmp, path)
         return path
 
 
@@ -204,11 +235,12 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
              resume: bool = False) -> dict:
     """Sample `num_images` slices into `out`; returns the written paths. An `out` that holds an earlier run's
     outputs is refused unless `overwrite` (which removes them, and only them) or `resume` (a run of the same
-    settings cut short: its images are kept and the missing ones made; each image has its own seed, so they are
-    the images an uninterrupted run makes, up to a grey level where the batches differ)."""
+    settings and model cut short, or with a smaller `num_images`: its images are kept and the missing ones made;
+    each image has its own seed, so they are the images an uninterrupted run makes, up to a grey level where the
+    batches differ)."""
     from tqdm.auto import tqdm
 
-    from .plots import save_image_grid
+    from .plots import to_pil_grid
 
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps_given = steps is not None
@@ -261,14 +293,27 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     # what made these images, to make them again
     class_name = None if label is None or not pipe.class_names else \
         pipe.class_names[label] if isinstance(label, int) else label
-    settings = {"model": str(model), "class": class_label, "class_name": class_name, "guidance": guidance,
-                "scheduler": scheduler,
+    fingerprint = model_fingerprint(str(model))
+    settings = {"model": str(model), "model_sha256": fingerprint, "class": class_label, "class_name": class_name,
+                "guidance": guidance, "scheduler": scheduler,
                 "steps": steps, "refine_steps": refine_steps, "refine_repeats": refine_repeats, "seed": seed,
                 "num_images": num_images, "dtype": dtype, "image_seed": "seed * 1000003 + image index"}
     if recorded is not None:
+        where = out / "generation.json"
+        if "model_sha256" not in recorded:  # an older run's record
+            logger.warning("--resume: %s records no model fingerprint (an older run): that its images are this "
+                           "--model's cannot be checked", where)
+            recorded = {**recorded, "model_sha256": fingerprint}
+        elif recorded["model_sha256"] != fingerprint:  # a newer save or push under the same name
+            raise ValueError(f"--resume: {where} was made with another model ({recorded.get('model')}, sha256 "
+                             f"{recorded['model_sha256']}) than --model {model} (sha256 {fingerprint}); give that "
+                             "model, or --overwrite to start again")
+        if isinstance(recorded.get("num_images"), int) and recorded["num_images"] <= num_images:
+            # each image's seed is --seed and its index: a larger --num-images goes on with the same images
+            recorded = {**recorded, "num_images": num_images}
         differ = sorted(k for k in {*settings, *recorded} - {"complete"} if settings.get(k) != recorded.get(k))
         if differ:
-            raise ValueError(f"--resume: {out / 'generation.json'} was made with other settings ("
+            raise ValueError(f"--resume: {where} was made with other settings ("
                              + ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
                              + "); give the same flags, or --overwrite to start again")
         made = {i for i in range(num_images) if (out / f"sample-{i:04d}.png").is_file()}
@@ -277,12 +322,14 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         if gif and made & set(range(min(batch_size, num_images))):
             logger.info("--gif: the first batch is made again for the animation (the same seeds)")
             made -= set(range(min(batch_size, num_images)))
+        # a kill's leftovers; without --gif a denoising.gif there (not this run's output) goes too
+        remove_outputs([p for p in earlier if p.name.endswith(".tmp") or (p.name == "denoising.gif" and not gif)])
     else:
         remove_outputs(earlier)
         made = set()
     out.mkdir(parents=True, exist_ok=True)
     # "complete": false until the last image is on disk (an interrupted run says so; --resume goes on with it)
-    (out / "generation.json").write_text(json.dumps({**settings, "complete": False}, indent=2) + "\n")
+    write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": False}, indent=2) + "\n")
 
     total_steps = steps + refine_repeats * refine_steps
     # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
@@ -331,11 +378,13 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
             paths["images"] += [str(out / f"sample-{i:04d}.png") for i in range(start, start + batch_size)
                                 if i < num_images]
     images = torch.cat(grid_images)
-    paths["grid"] = str(save_image_grid(images, out / "grid.png"))
+    to_pil_grid(images).save(out / "grid.png.tmp", format="PNG")  # renamed when whole, as the samples
+    os.replace(out / "grid.png.tmp", out / "grid.png")
+    paths["grid"] = str(out / "grid.png")
     paths["settings"] = str(out / "generation.json")
     if recorder is not None:
         paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images))
-    (out / "generation.json").write_text(json.dumps({**settings, "complete": True}, indent=2) + "\n")
+    write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": True}, indent=2) + "\n")
     return paths
 
 

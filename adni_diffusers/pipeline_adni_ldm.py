@@ -192,7 +192,7 @@ def decode_latents(vqvae: VQModel, latents: torch.Tensor) -> torch.Tensor:
     return vqvae.decode(quant.to(vqvae.dtype), force_not_quantize=True).sample.clamp(-1, 1)
 
 
-def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> torch.Tensor:
+def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad", name: str = "images") -> torch.Tensor:
     """PIL images, numpy arrays or tensors of greyscale slices -> float (N, 1, 256, 256) in [-1, 1].
 
     Sizes as the training data's `--preprocess` took them: "pad" (the default) accepts 256 wide x 240 high
@@ -202,7 +202,7 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> t
     these. A 3-D array with 1 or 3 channels last (or 4, uint8 RGBA), (H, W, C), is one image, as numpy images are.
     PIL images (and RGB/RGBA arrays) must be 8-bit greyscale (mode L, or RGB/RGBA/LA with equal, opaque
     channels), as the training loader requires. uint8 arrays are 0..255; float arrays/tensors must lie in [-1, 1] and are
-    taken as [-1, 1] when they have negative values, else as [0, 1]."""
+    taken as [-1, 1] when they have negative values, else as [0, 1]. `name`: the argument errors name."""
     if preprocess not in PREPROCESS_CHOICES:
         raise ValueError(f"preprocess={preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")
     if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[-1] in (1, 3, 4):
@@ -252,6 +252,8 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad") -> t
         if arr.dtype == np.uint8:
             arr = arr.astype(np.float32) / 127.5 - 1.0
         out.append(torch.from_numpy(np.array(arr, dtype=np.float32, order="C")))  # a writable copy
+    if not out:  # else torch's "stack expects a non-empty TensorList"
+        raise ValueError(f"{name} is empty: expected at least one slice")
     return torch.stack(out).unsqueeze(1)
 
 
@@ -521,8 +523,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         refine_steps: int = 0,
         refine_repeats: int = 0,
         image=None,
-        strength: float = 0.5,
-        latents: torch.Tensor | None = None,
+        strength: float | None = None,
+        latents: torch.Tensor | np.ndarray | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -553,8 +555,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 steps on an already clean latent with no re-noising (not a valid sampler). Off by default.
             image, strength: image-to-image. `image` (PIL / numpy / tensor slices) is encoded, put back at
                 the timestep `strength` selects with the same forward process, and denoised from there
-                (0 = the VQ reconstruction, 1 = from (almost) pure noise).
-            latents: start from these scaled latents, shape (B, in_channels, sample_size, sample_size) of the
+                (0 = the VQ reconstruction, 1 = from (almost) pure noise; default 0.5). `strength` without
+                `image` is refused (it would be ignored).
+            latents: start from these scaled latents (a tensor or numpy array), shape (B, in_channels, sample_size, sample_size) of the
                 UNet, instead of fresh noise (standard normal; multiplied by the scheduler's `init_noise_sigma`, as
                 drawn noise is).
             output_type: `"pil"` (mode "L", 256x256), `"np"` (N, 256, 256, 1) in [0, 1], `"pt"`
@@ -571,6 +574,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback tensor input {name!r}: expected one of {self._callback_tensor_inputs}")
+        for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size),
+                            ("refine_steps", refine_steps), ("refine_repeats", refine_repeats)):
+            # 2.5 steps: DDPM and DPM++ ran 3, DDIM failed with an IndexError; True would count as 1
+            if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
+                raise ValueError(f"{name}={value!r}: expected an int")
         train_timesteps = int(self.scheduler.config.num_train_timesteps)
         if num_inference_steps is None:
             num_inference_steps = train_timesteps
@@ -582,6 +590,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         if refine_repeats < 0 or refine_steps < 0 or (refine_repeats > 0 and not 0 < refine_steps <= num_inference_steps):
             raise ValueError(f"refine_steps={refine_steps} must be in 1..num_inference_steps={num_inference_steps} "
                              f"when refine_repeats={refine_repeats} > 0")
+        if refine_steps > 0 and refine_repeats == 0:  # no pass: it would be ignored
+            raise ValueError(f"refine_steps={refine_steps} needs refine_repeats=1 or more (how many passes)")
+        if strength is not None and image is None:  # only image-to-image starts part-way: it would be ignored
+            raise ValueError(f"strength={strength} needs image (image-to-image): give image or leave strength out")
+        strength = 0.5 if strength is None else strength
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength}: expected a number in [0, 1]")
         if not (np.isfinite(eta) and eta >= 0):
@@ -595,11 +608,15 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError("give `image` (image-to-image) or `latents` (a given start), not both")
 
         device = self._execution_device
-        pixels = prepare_slices(image, preprocess=self.preprocess) if image is not None else None
+        pixels = prepare_slices(image, preprocess=self.preprocess, name="image") if image is not None else None
         latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if pixels is not None:
             batch_size = len(pixels)
         elif latents is not None:  # the refinement noise and the labels need one row per given latent
+            if isinstance(latents, np.ndarray):
+                latents = torch.as_tensor(latents)
+            if not isinstance(latents, torch.Tensor):
+                raise ValueError(f"latents is a {type(latents).__name__}: expected a tensor or numpy array")
             if latents.ndim != 4 or tuple(latents.shape[1:]) != latent_shape:
                 raise ValueError(f"latents has shape {tuple(latents.shape)}; expected (batch, "
                                  f"{', '.join(map(str, latent_shape))}) for this UNet")

@@ -619,3 +619,109 @@ def test_more_steps_than_training_timesteps_is_refused_for_every_sampler(schedul
     with pytest.raises(ValueError, match=rf"--scheduler {re.escape(scheduler)} --steps 1001: more steps than the "
                                          r"model's 1000 training timesteps"):
         check_scheduler_steps(scheduler, config, 1001)
+
+
+def test_resume_refuses_another_model_under_the_same_name(fresh_pipe, tmp_path, caplog):
+    """generation.json held only the --model string: a newer model saved to the same folder (or pushed to the same
+    Hub repo) was accepted, and the folder ended "complete" with images of two models."""
+    from adni_diffusers import generate as gen
+
+    model, out = tmp_path / "ldm", tmp_path / "out"
+    fresh_pipe.save_pretrained(model)
+    kwargs = dict(num_images=2, batch_size=1, scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    gen.generate(str(model), out, **kwargs)
+    recorded = json.loads((out / "generation.json").read_text())
+    assert recorded["model_sha256"] == gen.model_fingerprint(str(model)) is not None
+    config = model / "scheduler" / "scheduler_config.json"  # a newer save: its weights or configs differ
+    config.write_text(config.read_text().replace('"beta_end": ', '"beta_end": 0.5, "old_beta_end": '))
+    with pytest.raises(ValueError, match=rf"another model \(.*ldm, sha256 {recorded['model_sha256']}\) than "
+                                         rf"--model .*ldm \(sha256 {gen.model_fingerprint(str(model))}\)"):
+        gen.generate(str(model), out, **kwargs, resume=True)
+    # an older run's record, without the fingerprint: accepted, with a warning
+    (out / "generation.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "model_sha256"}))
+    with caplog.at_level(logging.WARNING):
+        gen.generate(str(model), out, **kwargs, resume=True)
+    assert "records no model fingerprint (an older run)" in caplog.text
+    assert json.loads((out / "generation.json").read_text())["model_sha256"] == gen.model_fingerprint(str(model))
+
+
+def test_a_hub_model_is_fingerprinted_by_its_cached_snapshot(fresh_pipe, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from adni_diffusers.generate import model_fingerprint
+
+    fresh_pipe.save_pretrained(tmp_path / "snapshot")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: asked.append((repo, kw)) or str(tmp_path / "snapshot"))
+    assert model_fingerprint("someone/ldm") == model_fingerprint(str(tmp_path / "snapshot")) is not None
+    assert asked == [("someone/ldm", {"local_files_only": True})]  # the snapshot loaded: no download
+
+
+def test_resume_takes_a_larger_num_images(fresh_pipe, tmp_path):
+    """Each image's seed is --seed and its index: 6 images after 4 are the 6 an uninterrupted run makes (it was
+    refused, and --overwrite deleted the finished ones); fewer are still refused."""
+    from adni_diffusers.generate import generate
+
+    kwargs = dict(batch_size=2, scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    generate("unused", tmp_path / "straight", num_images=6, **kwargs)
+    out = tmp_path / "out"
+    generate("unused", out, num_images=4, **kwargs)  # whole batches: the same batch shapes, the same pixels
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("sample-*.png")}
+    generate("unused", out, num_images=6, **kwargs, resume=True)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("sample-000[0-3].png")} == first
+    assert json.loads((out / "generation.json").read_text())["num_images"] == 6
+    for name in [f"sample-000{i}.png" for i in range(6)] + ["grid.png"]:
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    with pytest.raises(ValueError, match=r"other settings \(num_images: 6 there, 5 now\)"):
+        generate("unused", out, num_images=5, **kwargs, resume=True)
+
+
+def test_records_grid_and_gif_are_never_half_written(fresh_pipe, tmp_path, monkeypatch):
+    """generation.json, grid.png and denoising.gif were written in place: a kill mid-write left an unreadable
+    record (then --resume refused) or a broken GIF beside the finished images. Each goes through a .tmp now, which
+    --resume and --overwrite remove; a resume without --gif removes the cut-short run's animation."""
+    import pathlib
+
+    import PIL.Image
+
+    from adni_diffusers.generate import generate
+
+    kwargs = dict(num_images=2, batch_size=2, scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    out = tmp_path / "out"
+    real_save, real_write = PIL.Image.Image.save, pathlib.Path.write_text
+
+    def killed_in_gif(self, fp, format=None, **kw):
+        if format == "GIF" or str(fp).endswith(".gif"):
+            pathlib.Path(fp).write_bytes(b"GIF89a cut")
+            raise KeyboardInterrupt
+        return real_save(self, fp, format, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(PIL.Image.Image, "save", killed_in_gif)
+        with pytest.raises(KeyboardInterrupt):
+            generate("unused", out, gif=True, **kwargs)
+    assert not (out / "denoising.gif").exists() and (out / "denoising.gif.tmp").exists()
+
+    def killed_in_record(self, text, *args, **kw):
+        if self.name.startswith("generation.json") and '"complete": true' in text:
+            real_write(self, text[:20])
+            raise KeyboardInterrupt
+        return real_write(self, text, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "write_text", killed_in_record)
+        with pytest.raises(KeyboardInterrupt):
+            generate("unused", out, **kwargs, resume=True)
+    assert json.loads((out / "generation.json").read_text())["complete"] is False  # readable: resumable
+    (out / "denoising.gif").write_bytes(b"GIF89a of the run cut short")
+    (out / "grid.png.tmp").write_bytes(b"half")
+    generate("unused", out, **kwargs, resume=True)
+    assert sorted(p.name for p in out.iterdir()) == ["generation.json", "grid.png", "sample-0000.png",
+                                                     "sample-0001.png"]
+    assert json.loads((out / "generation.json").read_text())["complete"] is True
+    (out / "generation.json.tmp").write_text("{")
+    with pytest.raises(FileExistsError, match=r"holds 5 output\(s\)"):  # a leftover is an output too
+        generate("unused", out, **kwargs)
+    generate("unused", out, **kwargs, overwrite=True)
+    assert not list(out.glob("*.tmp"))

@@ -204,6 +204,43 @@ def test_arguments_that_would_be_ignored_are_refused(pipe):
         pipe(num_inference_steps=1, guidance_scale=2.0)
     with pytest.raises(ValueError, match="this model is unconditional"):
         make_pipe(conditional=False)(num_inference_steps=1, guidance_scale=2.0)
+    # refinement steps without a pass, a strength without an image: both did nothing
+    with pytest.raises(ValueError, match=r"refine_steps=2 needs refine_repeats=1 or more"):
+        pipe(num_inference_steps=4, refine_steps=2, refine_repeats=0)
+    with pytest.raises(ValueError, match=r"strength=0.3 needs image"):
+        pipe(num_inference_steps=1, strength=0.3)
+    spy = UNetSpy(pipe.unet)
+    try:  # image-to-image without a strength keeps its documented default, 0.5: 2 of 4 steps
+        pipe(image=np.zeros((240, 256), np.uint8), num_inference_steps=4, output_type="latent")
+    finally:
+        spy.remove()
+    assert spy.calls == 2
+
+
+@pytest.mark.parametrize("name, value", [("num_inference_steps", 2.5), ("num_inference_steps", True),
+                                         ("batch_size", 1.0), ("batch_size", True), ("refine_steps", 1.5),
+                                         ("refine_repeats", 1.0)])
+def test_counts_must_be_ints(pipe, name, value):
+    """num_inference_steps=2.5: DDPM and DPM++ ran 3 steps, DDIM failed with an IndexError deep inside."""
+    kwargs = dict(num_inference_steps=2, refine_steps=1, refine_repeats=1)
+    with pytest.raises(ValueError, match=f"{name}={value!r}: expected an int"):
+        pipe(**{**kwargs, name: value})
+    pipe(**{**kwargs, name: np.int64(1)}, output_type="latent")  # numpy ints are ints
+
+
+def test_empty_images_and_numpy_latents_are_named(pipe):
+    """`image=[]` and `encode([])` said "stack expects a non-empty TensorList"; numpy latents passed the shape
+    check, then failed with an AttributeError."""
+    with pytest.raises(ValueError, match="image is empty: expected at least one slice"):
+        pipe(image=[], num_inference_steps=2)
+    with pytest.raises(ValueError, match="images is empty: expected at least one slice"):
+        pipe.encode([])
+    with pytest.raises(ValueError, match="latents is a list: expected a tensor or numpy array"):
+        pipe(latents=[[0.0]], num_inference_steps=1)
+    start = torch.randn(2, 4, 32, 32, generator=seeded())
+    kwargs = dict(num_inference_steps=2, output_type="latent")
+    from_numpy = pipe(latents=start.numpy(), generator=seeded(), **kwargs).images  # DDPM draws noise each step
+    torch.testing.assert_close(from_numpy, pipe(latents=start, generator=seeded(), **kwargs).images)
 
 
 def test_every_sampler_starts_at_the_last_training_timestep():
