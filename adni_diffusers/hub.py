@@ -10,7 +10,8 @@ local folder is never modified. Checkpoints go to the branch "checkpoints", not 
 Repos are PRIVATE by default: ADNI's data use agreement forbids redistributing the data, and a
 generative model can memorise training images. Making a repo public logs a one-line warning,
 unless the model was trained on the synthetic demo set (`training_data.json` in the folder says
-`{"source": "demo"}`; a missing file counts as real user data).
+`{"source": "demo"}`, and so do the first stage's records where a pipeline has them; a missing file counts as
+real user data).
 
 Every failure (bad repo id, no or wrong token, no write access, server or network errors) becomes a
 `HubError` with a one-line message that names the repo and what to do, and never the token. Before
@@ -24,6 +25,7 @@ Command line: `adni-diffusers push DIR --repo-id user/name [--token T] [--public
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -43,10 +45,15 @@ IGNORE_PATTERNS = ["*__pycache__*", "*.pyc"]
 # Training by-products inside an output folder: never pushed with the model (select_upload_files).
 UNUPLOADED_DIRS = ("logs", "samples", "latent_cache", "trace", "__pycache__", ".git", ".cache")
 ALWAYS_SKIPPED_DIRS = ("__pycache__", ".git")
-# the demo's record of the command lines that made a stage (local paths; only `adni-diffusers demo` reads it)
-UNUPLOADED_FILES = ("demo_recipe.json",)
+# by name, at the top and in evaluation/: the demo's record of the command lines that made a stage (local paths;
+# only `adni-diffusers demo` reads it), and `counterfactual --out`'s record, which names every input slice file and
+# whether it was a training slice (its strips, per-image folders, never go up: on the Hub it is of no use)
+UNUPLOADED_FILES = ("demo_recipe.json", "counterfactuals.json")
 CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-\d+(\.tmp|\.old\.tmp|\.abandoned(-\d+)?)?$")
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
+# what the package draws (PNG figures and grids, generate's GIF); ADNI slices come as JPEG, so a .jpg/.jpeg/.webp
+# beside the model is an input slice (or a copy of one), not a figure of the model: never pushed
+PICTURE_SUFFIXES = (".png", ".gif")
+SLICE_SUFFIXES = (".jpg", ".jpeg", ".webp")
 TOKEN_SCAN_MAX_BYTES = 32 * 2**20  # files up to this size are searched for the token before a push
 
 PUBLIC_WARNING = (
@@ -66,16 +73,36 @@ class HubError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
+def first_stage_sources(folder: str | Path) -> list:
+    """The data sources a pipeline's records give for its first stage (VQModel): `vqmodel_data.source` of its
+    training_data.json and `data_source` of first_stage_metrics.json, each where recorded. A UNet trained on the
+    demo set on top of a VQModel of real slices is not a demo model: its vqvae/ learned from those slices."""
+    folder = Path(folder)
+    sources = []
+    for name, path, key in ((TRAINING_DATA_FILE, "vqmodel_data", "source"),
+                            ("first_stage_metrics.json", None, "data_source")):
+        try:
+            record = json.loads((folder / name).read_text())
+            record = record.get(path) if path else record
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(record, dict) and key in record:
+            sources.append(record[key])
+    return sources
+
+
 def is_demo_trained(folder: str | Path) -> bool:
-    """Whether `folder/training_data.json` says the model was trained on the demo set.
+    """Whether `folder/training_data.json` says the model was trained on the demo set, and every first-stage
+    record there says so too (`first_stage_sources`).
 
     Absent or unreadable: False (treated as real user data, the cautious choice).
     """
     path = Path(folder) / TRAINING_DATA_FILE
     try:
-        return json.loads(path.read_text()).get("source") == "demo"
+        demo = json.loads(path.read_text()).get("source") == "demo"
     except (OSError, ValueError, AttributeError):
         return False
+    return demo and all(s == "demo" for s in first_stage_sources(folder))
 
 
 def _network_error_types() -> tuple[type[BaseException], ...]:
@@ -244,7 +271,8 @@ _LOCAL_PATH = r"(?:/|~|\\\\|[A-Za-z]:[\\/]|\.\.?[\\/])"
 # flags and record fields that hold local files and folders: cut in any form (alice/ADNI, run from /home, too). A
 # Hub id in "model" (alice/adni-ldm) loses its owner: better than a home folder going up
 _LOCAL_PATH_FIELDS = {"train_data_dir", "output_dir", "vqmodel", "logging_dir", "latent_cache_dir",
-                      "resume_from_checkpoint", "root", "data_dir", "model", "data", "path", "image"}
+                      "resume_from_checkpoint", "root", "data_dir", "model", "data", "path", "image",
+                      "preset", "demo_data_dir"}  # --preset may be a JSON file's path
 
 
 def without_local_paths(record, known: frozenset[str] = frozenset()):
@@ -328,7 +356,7 @@ def _records_without_local_paths(folder: Path, files: list[str],
     return out
 
 
-def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
+def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -> tuple[str, list[str]]:
     """What a push of `folder` uploads: (kind, relative paths). Only the model, never training clutter.
 
     - "pipeline" (holds model_index.json): model_index.json, the pipeline module it names, the
@@ -340,7 +368,8 @@ def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
     - "checkpoint" (checkpoint-<step>/ or holds training_state.json): all its files.
     - anything else: all files except the training folders below.
     Never, at any depth: checkpoint-*/, logs/, samples/, latent_cache/, trace/, __pycache__/, .git/
-    (UNUPLOADED_DIRS).
+    (UNUPLOADED_DIRS); at the top or in evaluation/, never UNUPLOADED_FILES nor JPEG/WebP pictures (input slices):
+    those that name or show slices are added to `left_out`, for the push to say so.
     """
     folder = Path(folder)
     files = _walk(folder)
@@ -355,6 +384,10 @@ def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
             Path(path).suffix.lower() in PICTURE_SUFFIXES + (".json",)
             or path == "README.md" or path.split(".")[0].upper() in ("LICENSE", "NOTICE"))
 
+    def names_or_shows_slices(path: str, kind: str) -> bool:
+        where = "/" not in path or (kind == "pipeline" and path.startswith("evaluation/") and path.count("/") == 1)
+        return where and (Path(path).name == "counterfactuals.json" or Path(path).suffix.lower() in SLICE_SUFFIXES)
+
     index_path = folder / "model_index.json"
     if index_path.is_file():
         try:
@@ -367,12 +400,24 @@ def select_upload_files(folder: str | Path) -> tuple[str, list[str]]:
         keep = [p for p in files
                 if top_level_extras(p) or p == module
                 or p.split("/")[0] in components
-                or (p.startswith("evaluation/") and p.count("/") == 1
+                or (p.startswith("evaluation/") and p.count("/") == 1 and Path(p).name not in UNUPLOADED_FILES
                     and Path(p).suffix.lower() in PICTURE_SUFFIXES + (".json", ".md", ".csv"))]
-        return "pipeline", keep
-    if (folder / "vqvae" / "config.json").is_file():
-        return "vqmodel", [p for p in files if top_level_extras(p) or p.startswith("vqvae/")]
-    return "folder", files
+        kind = "pipeline"
+    elif (folder / "vqvae" / "config.json").is_file():
+        keep, kind = [p for p in files if top_level_extras(p) or p.startswith("vqvae/")], "vqmodel"
+    else:
+        return "folder", files
+    if left_out is not None:
+        left_out += [p for p in files if names_or_shows_slices(p, kind) and p not in keep]
+    return kind, keep
+
+
+def _pushed_kind_at_top(name: str) -> bool:
+    """Whether a top-level file of a repo is of a kind a pipeline or VQ model push uploads there (or did: JPEG
+    pictures, before they were left out), so that a re-push without it deletes it."""
+    return (name == "README.md" or name.split(".")[0].upper() in ("LICENSE", "NOTICE")
+            or Path(name).suffix.lower() in PICTURE_SUFFIXES + SLICE_SUFFIXES + (".json",)
+            or bool(re.fullmatch(r"pipeline_adni_ldm\w*\.py", name)))
 
 
 def _components_of(folder: Path, kind: str) -> list[str]:
@@ -519,10 +564,11 @@ def push_folder(
     Only the model goes up (`select_upload_files`: never checkpoints, logs, samples or caches). A
     README.md generated by adni-diffusers is re-rendered for `repo_id`, and added when missing, so
     the card's code loads from the right repo; the local folder is only read, never changed. Stale
-    files left in the model's component folders on that branch by an earlier push are deleted in
-    the same commit. Creates the repo if needed (private unless `private=False`) and, when
-    `revision` names a branch other than main, creates that branch from main first, so checkpoints
-    can go there without flooding main's history. `token=None` uses whatever huggingface_hub
+    files left in the model's component folders and evaluation/ on that branch by an earlier push, and
+    top-level files of the kinds a push uploads that this one lacks, are deleted in the same commit.
+    Creates the repo if needed (private unless `private=False`) and, when `revision` names a branch
+    other than main, creates that branch from main first, so checkpoints can go there without
+    flooding main's history. `token=None` uses whatever huggingface_hub
     already knows (`hf auth login`, HF_TOKEN); `token_flag` is the flag a token message names.
     Unchanged files are skipped by huggingface_hub (no empty commits).
 
@@ -545,13 +591,17 @@ def push_folder(
     except Exception:  # a broken token file must not hide the real error
         pass
     tokens = [token, stored]
+    left_out: list[str] = []
     try:
-        kind, files = select_upload_files(folder)
+        kind, files = select_upload_files(folder, left_out)
     except OSError as err:
         raise HubError(f"cannot push {str(folder)!r}: {err} (a local file could not be read; nothing was sent)") \
             from None
     if not files:
         raise HubError(f"cannot push {str(folder)!r}: it holds no model files")
+    if left_out:
+        logger.warning("not pushing %s: input slices (JPEG/WebP) or a record naming them (counterfactuals.json), "
+                       "not the model", ", ".join(left_out))
     missing = _missing_model_files(folder, kind)
     if missing:
         raise HubError(f"cannot push {str(folder)!r}: it lacks {', '.join(missing)}, so the pushed model would not "
@@ -625,6 +675,13 @@ def push_folder(
             # Old weights (another shard layout or variant) must not outlive a new push, nor the files of an
             # earlier evaluation that this model's evaluation no longer has (ablations.csv, umap.png)
             stale = [f"{c}/*" for c in components] + (["evaluation/*"] if components and kind == "pipeline" else [])
+            if path_in_repo is None and kind in ("pipeline", "vqmodel"):
+                # nor the top-level files of an earlier push that this one does not have (a demo model's MNI
+                # LICENSE.md, first_stage_metrics.json, an older pipeline_adni_ldm_<hash>.py): by exact name (a
+                # pattern such as *.json would reach into other folders); others' files of other kinds stay
+                there = api.list_repo_files(repo_id, revision=revision, repo_type="model", token=token)
+                stale += [glob.escape(name) for name in there
+                          if "/" not in name and name not in files and _pushed_kind_at_top(name)]
             info = api.upload_folder(
                 folder_path=staging,
                 repo_id=repo_id,

@@ -197,6 +197,8 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
                 value = f"{used} (from `accelerate config`)" if used else "as `accelerate config` says"
             elif used and used != value:  # fp16 asked for on a CPU, which trains in float32 there
                 value = f"{value} (did nothing on the CPU: trained in {'float32' if used == 'no' else used})"
+            elif key == "preset" and isinstance(value, str):  # a JSON file's path names a home folder: its name only
+                value = PureWindowsPath(value).name or value
             rows.append((f"`--{key}`", _fmt(value), label))
     return rows
 
@@ -230,8 +232,19 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
             fraction = args.get("val_fraction")
             share = f"{fraction:.0%} of the patients" if isinstance(fraction, (int, float)) else "some patients"
         seed = args.get("split_seed") if args.get("split_seed") is not None else args.get("seed", "?")
-        split_text = (f"{share} held out for validation as whole patients (seed {seed}), so no "
-                      f"patient has slices on both sides")
+        from .data import recorded_patient_ids  # here: it imports torch
+
+        rule = recorded_patient_ids(data, args)
+        if rule == "file":  # a LONI file name's patient part names one scan: a subject's visits are several
+            split_text = (f"{share} held out for validation by the patient part of each file name (seed {seed}); "
+                          f"with LONI file names that is one scan, so one subject's visits may be on both sides")
+        elif rule == "subject-2026-12-03":
+            split_text = (f"{share} held out for validation as whole patients (seed {seed}), by an older rule that "
+                          f"counted a subject named two ways (002_S_0295, sub-ADNI002S0295) twice, so such a "
+                          f"subject may have slices on both sides")
+        else:
+            split_text = (f"{share} held out for validation as whole patients (seed {seed}), so no "
+                          f"patient has slices on both sides")
     elif split == "given":
         split_text = "the folder's own: its `train/` for training, its `test/` for validation"
         if data.get("shared_patients"):
@@ -356,9 +369,30 @@ def _attention_text(down_blocks: int, middle: bool) -> str:
 
 
 def _data_source(model_dir: Path, given: str | None = None) -> str:
-    """"demo", "user" or "unknown": as given, else as the training records say."""
+    """"demo", "user" or "unknown": as given, else as the training records say; "user" for a demo-trained UNet
+    whose first stage's records name other data (the licence and warnings follow the real data)."""
+    from .hub import first_stage_sources
+
+    source = _own_data_source(model_dir, given)
+    return "user" if source == "demo" and any(s != "demo" for s in first_stage_sources(model_dir)) else source
+
+
+def _own_data_source(model_dir: Path, given: str | None = None) -> str:
+    """What this stage itself (the UNet of a pipeline) was trained on: as given, else as its records say."""
     return (given or _read_json(model_dir / "training_data.json").get("source")
             or _read_json(model_dir / "metrics.json").get("data_source") or "unknown")
+
+
+def _first_stage_text(data: dict, own: str, source: str) -> str | None:
+    """Where the first stage learned from other data than the UNet: what, in a few words (the card's data
+    section otherwise describes only the UNet's)."""
+    if own == source:
+        return None
+    vq = _field(data, "vqmodel_data") or {}
+    root = PureWindowsPath(str(vq.get("root") or "")).name if vq.get("source") == "user" else ""
+    return ("the VQ autoencoder (`vqvae/`) was trained on other data: "
+            + (f"slices from an ADNI-style folder (`{root}`)" if root else "real slices, not the demo set")
+            + "; the licence and cautions below are those of real data")
 
 
 def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: str | None = None,
@@ -373,6 +407,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     vq = _read_json(d / "vqvae" / "config.json")
     sched = _read_json(d / "scheduler" / "scheduler_config.json")
     source = _data_source(d, data_source)
+    own_source = _own_data_source(d, data_source)  # the UNet's: what the data section describes
     class_names = _class_names(index.get("class_names"))
     conditional = bool(unet.get("num_class_embeds")) and bool(class_names)
     repo, placeholder = _repo_id(d, args, repo_id)
@@ -393,6 +428,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "repo_id": repo,
         "repo_id_is_placeholder": placeholder,
         "data_source": source,
+        "unet_data_source": own_source,
+        "first_stage_text": _first_stage_text(data, own_source, source),
         "class_names": class_names,
         "conditional": conditional,
         "example_label": class_names[0] if conditional else None,
@@ -417,6 +454,9 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         if isinstance(train.get("num_processes"), int) else None,
         # none where the run trained no step (finished from its last checkpoint): not "0 images/s"
         "images_per_second": _fmt(rate) if (rate := train.get("train_images_per_second_this_run")) else None,
+        # a resumed run's rate covers only its last process's steps (older records do not say how many)
+        "session_steps": session if (session := _field(train, "train_steps_this_run", int)) is not None
+        and isinstance(train.get("train_steps"), int) and session < train["train_steps"] else None,
         # the median between logs: without the compilation, checkpoints and sample grids the whole-run rate holds
         "steady_images_per_second": _fmt(steady) if (steady := _field(train, "train_images_per_second_steady",
                                                                       (int, float))) else None,
@@ -436,7 +476,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "mni_notice": MNI_NOTICE,
         "adni_acknowledgement": ADNI_ACKNOWLEDGEMENT,
     }
-    ctx.update(_data_context(data, args, source))
+    ctx.update(_data_context(data, args, own_source))
     return ctx
 
 
@@ -453,6 +493,13 @@ def _val_set_text(data: dict, args: dict) -> str:
     if split == "given":
         return "the given test folder's latents" + (" (some of its patients are also in training)"
                                                    if data.get("shared_patients") else "")
+    from .data import recorded_patient_ids  # here: it imports torch
+
+    rule = recorded_patient_ids(data, args) if split == "patient" else "subject"
+    if rule == "file":
+        return "held-out scans' latents (a subject's other visits may be in training)"
+    if rule == "subject-2026-12-03":
+        return "held-out patients' latents (a subject named two ways may also be in training)"
     return "held-out patients' latents"
 
 

@@ -192,7 +192,9 @@ def vq_training_data(vq_dir: Path) -> dict | None:
         flags = json.loads((folder / "training_args.json").read_text())
     except (OSError, ValueError):
         return None
-    return {"root": record.get("root"), "split": flags.get("split"), "val_fraction": flags.get("val_fraction"),
+    # source: a demo-set UNet on a VQModel of real slices is not a demo model (hub.is_demo_trained reads it)
+    return {"root": record.get("root"), "source": record.get("source"),
+            "split": flags.get("split"), "val_fraction": flags.get("val_fraction"),
             "split_seed": training.split_seed(flags),
             "preprocess": record.get("preprocess"),
             # (not recorded before 2026-12-03; "subject" before 2026-12-04 was the rule now named subject-2026-12-03)
@@ -406,6 +408,8 @@ def main(args: argparse.Namespace) -> dict:
             remove_other_versions(Path(args.output_dir))
             result = {
                 "train_steps": run.global_step, "train_seconds_this_run": round(train_seconds, 1),
+                # the steps the rate below covers: after a resume, only this process's (the card says so)
+                "train_steps_this_run": run.global_step - run.start_step,
                 "train_images_per_second_this_run": run.images_per_second(train_seconds),
                 "train_images_per_second_steady": run.steady_images_per_second(),
                 "num_processes": accelerator.num_processes,

@@ -210,6 +210,7 @@ def main(args: argparse.Namespace) -> dict:
             training.forget_earlier_results(args.output_dir, "metrics.json", "reconstructions.png")
             metrics = evaluate_and_save(vq, data, args, device, extra={
                 "preset": args.preset, "train_steps": run.global_step,
+                "train_steps_this_run": run.global_step - run.start_step,  # what the rate covers after a resume
                 "train_seconds_this_run": round(train_seconds, 1),
                 "train_images_per_second_this_run": run.images_per_second(train_seconds),
                 "train_images_per_second_steady": run.steady_images_per_second(),

@@ -881,3 +881,90 @@ def test_a_weights_file_cut_short_is_refused_before_any_request(hub_stub, tmp_pa
     assert hub_stub.requests == []  # refused before any request
     (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(whole)
     push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+
+
+def test_counterfactual_records_and_jpeg_slices_are_never_pushed(hub_stub, pipeline_dir, caplog):
+    """`counterfactual --out` may be the model folder or its evaluation/: its counterfactuals.json names every input
+    slice file and whether it was a training slice (its strips never go up, so on the Hub it is of no use). ADNI
+    slices are JPEG files and the package draws only PNG and GIF: a .jpeg/.jpg/.webp beside the model is a slice."""
+    record = json.dumps({"images": [{"image": "/home/alice/ADNI/ADNI_002_S_0295_MR_x_85.jpeg", "folder": "x_85",
+                                     "planned": 4, "in_training_split": True}]})
+    slices = {"counterfactuals.json": record.encode(), "evaluation/counterfactuals.json": record.encode(),
+              "ADNI_002_S_0295_MR_x_85.jpeg": b"jpeg", "slice.JPG": b"jpeg", "evaluation/slice.webp": b"webp"}
+    _write(pipeline_dir, {**slices, "evaluation/metrics.json": b"{}", "denoising.gif": b"gif",
+                          "evaluation/tradeoff.json": b"{}"})
+    kind, files = hub.select_upload_files(pipeline_dir)
+    assert kind == "pipeline" and not set(slices) & set(files)
+    assert {"denoising.gif", "evaluation/tradeoff.json", "evaluation/metrics.json"} <= set(files)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert not set(slices) & set(hub_stub.repo_files(REPO)) and "denoising.gif" in hub_stub.repo_files(REPO)
+    [warning] = [r.getMessage() for r in _warnings(caplog)]
+    assert warning.startswith("not pushing ") and all(name in warning for name in slices)
+    # a VQ folder: at its top level too
+    _write(pipeline_dir.parent / "vq", {"vqvae/config.json": b"{}", "counterfactuals.json": record.encode(),
+                                        "a.jpeg": b"jpeg", "metrics.json": b"{}"})
+    assert hub.select_upload_files(pipeline_dir.parent / "vq") == ("vqmodel", ["metrics.json", "vqvae/config.json"])
+
+
+@pytest.mark.parametrize("records, demo", [
+    ({"training_data.json": {"source": "demo", "vqmodel_data": {"source": "demo"}},
+      "first_stage_metrics.json": {"data_source": "demo"}}, True),
+    ({"training_data.json": {"source": "demo", "vqmodel_data": {"split": "patient"}}}, True),  # older: not recorded
+    ({"training_data.json": {"source": "demo", "vqmodel_data": {"source": "user"}}}, False),
+    ({"training_data.json": {"source": "demo", "vqmodel_data": {"source": None}}}, False),
+    ({"training_data.json": {"source": "demo"}, "first_stage_metrics.json": {"data_source": "user"}}, False),
+    ({"training_data.json": {"source": "user", "vqmodel_data": {"source": "demo"}}}, False),
+])
+def test_a_demo_unet_on_a_first_stage_of_real_data_is_not_a_demo_model(hub_stub, pipeline_dir, caplog, records, demo):
+    """A UNet trained on the demo set on top of a VQModel trained on real slices: its vqvae/ learned from those
+    slices, so it is not a demo model (no public-push exemption)."""
+    for name, record in records.items():
+        (pipeline_dir / name).write_text(json.dumps(record))
+    assert hub.is_demo_trained(pipeline_dir) is demo
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token, private=False)
+    assert ("data use agreement" in caplog.text) is not demo
+
+
+def test_a_preset_file_and_the_demo_folder_lose_their_local_paths(hub_stub, pipeline_dir):
+    (pipeline_dir / "training_args.json").write_text(json.dumps(
+        {"preset": "/home/alice/ADNI_private/configs/x.json", "demo_data_dir": "alice/demo-data", "seed": 0}))
+    (pipeline_dir / "metrics.json").write_text(json.dumps({"preset": "base"}))
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    pushed = hub_stub.repo_files(REPO)
+    assert json.loads(pushed["training_args.json"]) == {"preset": "<local>/x.json",
+                                                        "demo_data_dir": "<local>/demo-data", "seed": 0}
+    assert json.loads(pushed["metrics.json"]) == {"preset": "base"}
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "vqmodel"])
+def test_repush_removes_top_level_files_the_folder_no_longer_has(hub_stub, pipeline_dir, vq_dir, kind):
+    """A re-push without LICENSE.md (a demo model's MNI notice, now trained on real data), first_stage_metrics.json, an
+    older pipeline_adni_ldm_<hash>.py or a picture left them in the repo beside the new model. Files of other kinds,
+    and files in other folders, are not the push's to delete."""
+    folder = pipeline_dir if kind == "pipeline" else vq_dir
+    if kind == "pipeline":
+        index = json.loads((folder / "model_index.json").read_text())
+        index["_class_name"] = ["pipeline_adni_ldm_aaa", "ADNILatentDiffusionPipeline"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+        (folder / "pipeline_adni_ldm_aaa.py").write_text("# old\n")
+    old = {"LICENSE.md": b"MNI", "first_stage_metrics.json": b"{}", "samples.png": b"png", "loss_curve.png": b"png"}
+    _write(folder, old)
+    # what others put there (a slice an older push uploaded too: pictures were .jpeg then)
+    hub_stub.add_repo(REPO, private=True, files={"notes.txt": b"mine", "other/data.json": b"{}",
+                                                 "other/pipeline_adni_ldm_x.py": b"#", "slice.jpeg": b"jpeg"})
+    push_folder(folder, REPO, token=hub_stub.token)
+    assert set(old) <= set(hub_stub.repo_files(REPO))
+    for name in ("LICENSE.md", "first_stage_metrics.json", "samples.png"):
+        (folder / name).unlink()
+    if kind == "pipeline":
+        (folder / "pipeline_adni_ldm_aaa.py").rename(folder / "pipeline_adni_ldm_bbb.py")
+        index["_class_name"] = ["pipeline_adni_ldm_bbb", "ADNILatentDiffusionPipeline"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+    push_folder(folder, REPO, token=hub_stub.token)
+    pushed = set(hub_stub.repo_files(REPO))
+    assert not {"LICENSE.md", "first_stage_metrics.json", "samples.png", "pipeline_adni_ldm_aaa.py",
+                "slice.jpeg"} & pushed
+    assert {"loss_curve.png", "README.md", "notes.txt", "other/data.json", "other/pipeline_adni_ldm_x.py"} <= pushed
+    assert ("pipeline_adni_ldm_bbb.py" in pushed) == (kind == "pipeline")

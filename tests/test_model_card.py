@@ -511,8 +511,11 @@ def test_an_unconditional_unet_is_not_called_class_conditional(ldm):
 def test_the_training_section_counts_steps_processes_and_throughput(ldm):
     """The training sentence takes its numbers from train_metrics.json: steps, processes (singular for one), and the
     images per second of the run (not its seconds)."""
-    _edit_json(ldm / "train_metrics.json", train_steps=40, num_processes=2, train_images_per_second_this_run=123.4,
-               train_seconds_this_run=9.5, train_images_per_second_steady=None)
+    record = _edit_json(ldm / "train_metrics.json", train_steps=40, num_processes=2,
+                        train_images_per_second_this_run=123.4, train_seconds_this_run=9.5,
+                        train_images_per_second_steady=None)
+    record.pop("train_steps_this_run", None)  # a record from before it was kept: the rate's span is not known
+    (ldm / "train_metrics.json").write_text(json.dumps(record))
     text = render_model_card(ldm)
     assert "trained for 40 optimizer steps on 2 processes (123.4 images/s)" in text
     # since 2026-12-04 also the rate between logs (the whole run's counts compilation, checkpoints, grids)
@@ -629,3 +632,93 @@ def test_a_field_of_another_type_renders_without_it(ldm, record, field, value):
     _edit_json(path, **{field: value})
     card = render_model_card(ldm)
     assert card.startswith("---") and "## Files" in card
+
+
+def test_the_rate_of_a_resumed_run_names_the_steps_it_covers(ldm, tiny_vq):
+    """train_images_per_second_this_run covers only the last process's steps after a resume: not "the whole run"."""
+    # both stages record them (4 steps, none resumed)
+    assert json.loads((ldm / "train_metrics.json").read_text())["train_steps_this_run"] == 4
+    assert json.loads((tiny_vq / "metrics.json").read_text())["train_steps_this_run"] == 4
+    _edit_json(ldm / "train_metrics.json", train_steps=40, num_processes=1, train_images_per_second_this_run=123.4,
+               train_images_per_second_steady=456.7, train_steps_this_run=15)
+    text = render_model_card(ldm)
+    assert ("40 optimizer steps on 1 process (123.4 images/s over its last session's 15 steps, 456.7 between logs)"
+            in text)
+    assert "over the whole run" not in text
+    _edit_json(ldm / "train_metrics.json", train_steps_this_run=40)  # not resumed
+    assert "(123.4 images/s over the whole run, 456.7 between logs)" in render_model_card(ldm)
+    _edit_json(ldm / "train_metrics.json", train_steps_this_run=15, train_images_per_second_steady=None)
+    assert "(123.4 images/s over its last session's 15 steps) on the" in render_model_card(ldm)
+
+
+def test_a_preset_file_shows_only_its_name(ldm, tiny_vq, tmp_path):
+    """--preset may be a JSON file's path (/home/alice/ADNI_private/...): the card shows its name, as it does for the
+    data folder. A preset's name stays as it is."""
+    assert "| `--preset` | tiny |" in render_model_card(ldm)
+    _edit_json(ldm / "training_args.json", preset="/home/alice/ADNI_private/configs/x.json")
+    text = render_model_card(ldm)
+    assert "| `--preset` | x.json |" in text and "alice" not in text and "ADNI_private" not in text
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq", ignore=shutil.ignore_patterns("latent_cache")))
+    _edit_json(vq / "training_args.json", preset="C:\\Users\\alice\\vq.json")
+    text = render_model_card(vq)
+    assert "| `--preset` | vq.json |" in text and "alice" not in text
+
+
+@pytest.mark.parametrize("patient_ids, both_ways, says, val_text", [
+    ("subject", 0, "as whole patients (seed 0), so no patient has slices on both sides",
+     "MSE on held-out patients' latents,"),
+    ("subject", None, "older rule that counted a subject named two ways (002_S_0295, sub-ADNI002S0295) twice",
+     "a subject named two ways may also be in training"),
+    ("subject-2026-12-03", 0, "older rule that counted a subject named two ways", "may also be in training"),
+    ("file", 0, "by the patient part of each file name (seed 0); with LONI file names that is one scan, so one "
+                "subject's visits may be on both sides", "held-out scans' latents"),
+    (None, None, "by the patient part of each file name", "held-out scans' latents"),  # before the rule was recorded
+])
+def test_the_split_sentence_follows_the_recorded_patient_rule(ldm, patient_ids, both_ways, says, val_text):
+    """Only the "subject" rule keeps each subject on one side; "file" (a LONI file name is one scan) and the older
+    subject rule (a subject named both ways counted twice) may not: the card must not claim they do."""
+    record = json.loads((ldm / "training_data.json").read_text())
+    record.pop("patient_ids"), record.pop("subjects_named_both_ways")
+    record.update({k: v for k, v in (("patient_ids", patient_ids), ("subjects_named_both_ways", both_ways))
+                   if v is not None})
+    (ldm / "training_data.json").write_text(json.dumps(record))
+    args = json.loads((ldm / "training_args.json").read_text())
+    if patient_ids is None:  # a run from before --patient_ids
+        args.pop("patient_ids", None)
+        (ldm / "training_args.json").write_text(json.dumps(args))
+    _edit_json(ldm / "train_metrics.json", val_loss=0.125)
+    text = render_model_card(ldm)
+    assert says in text and val_text in text
+    assert ("no patient has slices on both sides" in text) == (patient_ids == "subject" and both_ways is not None)
+
+
+@pytest.mark.parametrize("first_stage", [{"vqmodel_data": {"source": "user", "root": "/home/alice/ADNI/AD_NC"}},
+                                         {"first_stage_metrics.json": {"data_source": "user"}}])
+def test_a_demo_unet_on_a_first_stage_of_real_data_is_carded_as_real_data(ldm, first_stage):
+    """The UNet trained on the demo set, its VQModel on real slices: vqvae/ learned from them, so the licence, tags
+    and cautions are those of real data, and the card says what the first stage was trained on."""
+    assert json.loads((ldm / "training_data.json").read_text())["vqmodel_data"]["source"] == "demo"  # train_unet's
+    if "vqmodel_data" in first_stage:
+        record = json.loads((ldm / "training_data.json").read_text())
+        _edit_json(ldm / "training_data.json", vqmodel_data={**record["vqmodel_data"], **first_stage["vqmodel_data"]})
+    else:
+        _edit_json(ldm / "first_stage_metrics.json", **first_stage["first_stage_metrics.json"])
+    (ldm / "README.md").unlink()
+    write_model_card(ldm)
+    text = (ldm / "README.md").read_text()
+    card = _check_rendered(text)
+    assert card.data.license_name == "adni-data-use-agreement" and "adni" in card.data.tags
+    assert "synthetic-data" not in card.data.tags and "Louis Collins" not in text and "Demo model" not in text
+    assert not (ldm / "LICENSE.md").exists()  # the MNI notice is not this model's licence
+    # the UNet's data is still described as what it was
+    assert "the synthetic demo set (" in text and "not ADNI), its VQ autoencoder on real\nslices, and loads" in text
+    first = "- First stage: the VQ autoencoder (`vqvae/`) was trained on other data: "
+    assert first + ("slices from an ADNI-style folder (`AD_NC`)" if "vqmodel_data" in first_stage
+                    else "real slices, not the demo set") in text
+    assert "/home/alice" not in text
+    # every stage on the demo set: a demo card, no first-stage line
+    _edit_json(ldm / "first_stage_metrics.json", data_source="demo")
+    record = json.loads((ldm / "training_data.json").read_text())
+    _edit_json(ldm / "training_data.json", vqmodel_data={**record["vqmodel_data"], "source": "demo"})
+    text = render_model_card(ldm)
+    assert ModelCard(text).data.license_name == "mni-icbm152-2009-notice" and "First stage:" not in text
