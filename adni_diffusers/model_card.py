@@ -360,11 +360,18 @@ def _files_listing(model_dir: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- pipeline card
-def _attention_text(down_blocks: int, middle: bool) -> str:
-    """Where the UNet has self-attention: `down_blocks` Attn* down blocks (the lowest resolutions), the middle block."""
-    if down_blocks == 0:
+def _attention_text(down_block_types: list[str], sample_size, middle: bool) -> str:
+    """Where the UNet has self-attention: its Attn* down blocks (down block i works at sample_size / 2^i), the
+    middle block."""
+    levels = [i for i, b in enumerate(down_block_types) if "Attn" in b]
+    if not levels:
         return "self-attention in the middle block only" if middle else "no self-attention"
-    where = "the lowest resolution" if down_blocks == 1 else f"the {down_blocks} lowest resolutions"
+    if levels == list(range(len(down_block_types) - len(levels), len(down_block_types))):  # as the presets put it
+        where = "the lowest resolution" if len(levels) == 1 else f"the {len(levels)} lowest resolutions"
+    else:  # a JSON preset may put it elsewhere: name the resolutions
+        sizes = [f"{sample_size >> i}x{sample_size >> i}" if isinstance(sample_size, int) else f"level {i + 1}"
+                 for i in levels]
+        where = "the " + ", ".join(sizes) + " latent resolution" + ("s" if len(levels) > 1 else "")
     return f"self-attention at {where}" + (" and in the middle block" if middle else "")
 
 
@@ -416,7 +423,6 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     # is not there where the card is rendered for a push on another machine)
     vq_metrics = _read_json(d / "first_stage_metrics.json")
     channels = unet.get("block_out_channels") or []
-    attention = sum(1 for b in unet.get("down_block_types") or [] if "Attn" in b)
     # UNet2DModel's middle block has self-attention unless it is switched off (add_attention) or absent
     mid_attention = (unet.get("mid_block_type", "UNetMidBlock2D") is not None) and unet.get("add_attention", True)
     grid = sample_grid or "samples.png"
@@ -436,7 +442,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "unet_params": _millions(_count_parameters(d / "unet")),
         "unet_channels": ", ".join(str(c) for c in channels) or "?",
         "unet_layers": _count(unet.get("layers_per_block", "?"), "layer"),
-        "unet_attention": _attention_text(attention, mid_attention),
+        "unet_attention": _attention_text(list(unet.get("down_block_types") or []), unet.get("sample_size"),
+                                          mid_attention),
         "unet_sample_size": unet.get("sample_size", "?"),
         "latent_channels": unet.get("in_channels", vq.get("latent_channels", "?")),
         "vq_params": _millions(_count_parameters(d / "vqvae")),

@@ -177,6 +177,9 @@ def test_card_follows_the_prediction_type(ldm, prediction_type, objective, targe
     (["DownBlock2D", "AttnDownBlock2D"], {"add_attention": True}, "self-attention at the lowest resolution and in "
                                                                   "the middle block"),
     (["AttnDownBlock2D", "AttnDownBlock2D"], {"add_attention": False}, "self-attention at the 2 lowest resolutions"),
+    # a JSON preset with attention at the highest resolution (the card called it the lowest)
+    (["AttnDownBlock2D", "DownBlock2D"], {"add_attention": False, "sample_size": 32},
+     "self-attention at the 32x32 latent resolution"),
 ])
 def test_card_counts_the_middle_block_attention(ldm, down, middle, expected):
     config_path = ldm / "unet" / "config.json"
