@@ -560,7 +560,8 @@ def test_the_vq_compile_probe_runs_the_steps_own_loss(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "maybe_compile", run_probe)
     run = _load_benchmark_script()
-    run.main(["--smoke", "--device", "cpu", "--sections", "vq", "--compile", "--out", str(tmp_path / "r.json")])
+    run.main(["--smoke", "--device", "cpu", "--sections", "vq", "--compile", "--variants", "ours + compile",
+              "--vq-batch-sizes", "2", "--out", str(tmp_path / "r.json")])
     assert codebook_grads and all(g is not None and g.abs().sum() > 0 for g in codebook_grads)
 
 
