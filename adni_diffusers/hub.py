@@ -368,8 +368,9 @@ def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -
     - "checkpoint" (checkpoint-<step>/ or holds training_state.json): all its files.
     - anything else: all files except the training folders below.
     Never, at any depth: checkpoint-*/, logs/, samples/, latent_cache/, trace/, __pycache__/, .git/
-    (UNUPLOADED_DIRS); at the top or in evaluation/, never UNUPLOADED_FILES nor JPEG/WebP pictures (input slices):
-    those that name or show slices are added to `left_out`, for the push to say so.
+    (UNUPLOADED_DIRS); at the top or in evaluation/ (any depth for "anything else"), never UNUPLOADED_FILES nor
+    JPEG/WebP pictures (input slices): those that name or show slices are added to `left_out`, for the push to say
+    so.
     """
     folder = Path(folder)
     files = _walk(folder)
@@ -385,7 +386,8 @@ def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -
             or path == "README.md" or path.split(".")[0].upper() in ("LICENSE", "NOTICE"))
 
     def names_or_shows_slices(path: str, kind: str) -> bool:
-        where = "/" not in path or (kind == "pipeline" and path.startswith("evaluation/") and path.count("/") == 1)
+        where = "/" not in path or kind == "folder" or (
+            kind == "pipeline" and path.startswith("evaluation/") and path.count("/") == 1)
         return where and (Path(path).name == "counterfactuals.json" or Path(path).suffix.lower() in SLICE_SUFFIXES)
 
     index_path = folder / "model_index.json"
@@ -405,18 +407,28 @@ def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -
         kind = "pipeline"
     elif (folder / "vqvae" / "config.json").is_file():
         keep, kind = [p for p in files if top_level_extras(p) or p.startswith("vqvae/")], "vqmodel"
-    else:
-        return "folder", files
+    else:  # any other folder (a counterfactual --out, say): all but slices and the record naming them, at any depth
+        kind = "folder"
+        keep = [p for p in files if not names_or_shows_slices(p, kind)]
     if left_out is not None:
         left_out += [p for p in files if names_or_shows_slices(p, kind) and p not in keep]
     return kind, keep
 
 
-def _pushed_kind_at_top(name: str) -> bool:
-    """Whether a top-level file of a repo is of a kind a pipeline or VQ model push uploads there (or did: JPEG
-    pictures, before they were left out), so that a re-push without it deletes it."""
-    return (name == "README.md" or name.split(".")[0].upper() in ("LICENSE", "NOTICE")
-            or Path(name).suffix.lower() in PICTURE_SUFFIXES + SLICE_SUFFIXES + (".json",)
+# top-level files the package writes beside a model (training, evaluate/counterfactual/generate --out there) and
+# a push uploads: a re-push of a folder that no longer has one deletes it from the repo. Only these by name (a
+# file someone added on the Hub, a LICENSE of their own, stays), never README.md (a push whose card failed to
+# render keeps the card there), and JPEG/WebP pictures, which earlier pushes uploaded and are input slices
+PACKAGE_TOP_LEVEL_FILES = ("LICENSE.md", "training_data.json", "training_args.json", "train_metrics.json",
+                           "metrics.json", "first_stage_metrics.json", "samples.png", "loss_curve.png",
+                           "reconstructions.png", "grid.png", "denoising.gif", "generation.json", "tradeoff.json",
+                           "tradeoff.png", "example_strip.png", "mean_difference.png")
+
+
+def _stale_at_top(name: str) -> bool:
+    """Whether a top-level file of a repo is one a pipeline or VQ model push put there (PACKAGE_TOP_LEVEL_FILES, a
+    pipeline module, a slice an earlier push uploaded), so that a re-push without it deletes it."""
+    return (name in PACKAGE_TOP_LEVEL_FILES or Path(name).suffix.lower() in SLICE_SUFFIXES
             or bool(re.fullmatch(r"pipeline_adni_ldm\w*\.py", name)))
 
 
@@ -680,8 +692,11 @@ def push_folder(
                 # LICENSE.md, first_stage_metrics.json, an older pipeline_adni_ldm_<hash>.py): by exact name (a
                 # pattern such as *.json would reach into other folders); others' files of other kinds stay
                 there = api.list_repo_files(repo_id, revision=revision, repo_type="model", token=token)
-                stale += [glob.escape(name) for name in there
-                          if "/" not in name and name not in files and _pushed_kind_at_top(name)]
+                gone = [name for name in there if "/" not in name and name not in files and _stale_at_top(name)]
+                if gone:
+                    logger.warning("removing from %s what an earlier push put there and %s no longer has: %s",
+                                   repo_id, folder, ", ".join(gone))
+                stale += [glob.escape(name) for name in gone]
             info = api.upload_folder(
                 folder_path=staging,
                 repo_id=repo_id,

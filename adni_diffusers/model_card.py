@@ -298,7 +298,10 @@ def _repo_id(model_dir: Path, args: dict, repo_id: str | None) -> tuple[str, boo
 def _license(source: str, model_dir: Path) -> dict:
     """`license: other` needs a name; the link (the Hub's convention) only where the folder has the file."""
     name = "mni-icbm152-2009-notice" if source == "demo" else "adni-data-use-agreement"
-    link = {"license_link": LICENSE_FILE} if (model_dir / LICENSE_FILE).is_file() else {}
+    path = model_dir / LICENSE_FILE
+    # a demo UNet on a first stage of real data keeps the MNI notice in LICENSE.md: not the licence's text to link
+    mni_notice = path.is_file() and path.read_text(encoding="utf-8", errors="replace") == DEMO_LICENSE_TEXT
+    link = {"license_link": LICENSE_FILE} if path.is_file() and (source == "demo" or not mni_notice) else {}
     return {"license_name": name, **link}
 
 
@@ -390,21 +393,24 @@ def _own_data_source(model_dir: Path, given: str | None = None) -> str:
             or _read_json(model_dir / "metrics.json").get("data_source") or "unknown")
 
 
-def _first_stage_text(data: dict, own: str, source: str) -> str | None:
+def _first_stage_text(data: dict, own: str, source: str, first_stage: list) -> str | None:
     """Where the first stage learned from other data than the UNet: what, in a few words (the card's data
     section otherwise describes only the UNet's)."""
     if own == source:
         return None
     vq = _field(data, "vqmodel_data") or {}
     root = PureWindowsPath(str(vq.get("root") or "")).name if vq.get("source") == "user" else ""
-    return ("the VQ autoencoder (`vqvae/`) was trained on other data: "
-            + (f"slices from an ADNI-style folder (`{root}`)" if root else "real slices, not the demo set")
-            + "; the licence and cautions below are those of real data")
+    what = (f"slices from an ADNI-style folder (`{root}`)" if root else "real slices, not the demo set"
+            if "user" in first_stage else "data its records do not name as the demo set")
+    return (f"the VQ autoencoder (`vqvae/`) was trained on other data: {what}; the licence and cautions below are "
+            "those of real data")
 
 
 def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: str | None = None,
                           sample_grid: str | None = None) -> dict:
     """Everything `pipeline_card.md` uses, read from a saved pipeline folder."""
+    from .hub import first_stage_sources
+
     d = Path(model_dir)
     index = _read_json(d / "model_index.json")
     data = _read_json(d / "training_data.json")
@@ -435,7 +441,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "repo_id_is_placeholder": placeholder,
         "data_source": source,
         "unet_data_source": own_source,
-        "first_stage_text": _first_stage_text(data, own_source, source),
+        "first_stage_text": _first_stage_text(data, own_source, source, first_stage_sources(d)),
         "class_names": class_names,
         "conditional": conditional,
         "example_label": class_names[0] if conditional else None,
@@ -753,8 +759,8 @@ def write_model_card(output_dir, pipe=None, args=None, data_source: str | None =
         logger.warning("%s has no adni-diffusers marker line: it is your own card, left as it is (delete it to "
                        "get a generated one)", path)
         return path
-    if _data_source(output_dir, data_source) == "demo":
-        write_demo_license(output_dir)
+    if _own_data_source(output_dir, data_source) == "demo":  # the UNet's images: their notice goes with copies,
+        write_demo_license(output_dir)  # whatever the first stage learned from
     else:
         remove_demo_license(output_dir)
     repo_id = getattr(args, "hub_model_id", None) if args is not None else None

@@ -952,8 +952,11 @@ def test_repush_removes_top_level_files_the_folder_no_longer_has(hub_stub, pipel
     old = {"LICENSE.md": b"MNI", "first_stage_metrics.json": b"{}", "samples.png": b"png", "loss_curve.png": b"png"}
     _write(folder, old)
     # what others put there (a slice an older push uploaded too: pictures were .jpeg then)
+    # (files someone added on the Hub by hand, of the kinds a push uploads, are not the push's to delete either)
     hub_stub.add_repo(REPO, private=True, files={"notes.txt": b"mine", "other/data.json": b"{}",
-                                                 "other/pipeline_adni_ldm_x.py": b"#", "slice.jpeg": b"jpeg"})
+                                                 "other/pipeline_adni_ldm_x.py": b"#", "slice.jpeg": b"jpeg",
+                                                 "LICENSE": b"my agreement", "banner.png": b"png",
+                                                 "eval_results.json": b"{}"})
     push_folder(folder, REPO, token=hub_stub.token)
     assert set(old) <= set(hub_stub.repo_files(REPO))
     for name in ("LICENSE.md", "first_stage_metrics.json", "samples.png"):
@@ -966,5 +969,36 @@ def test_repush_removes_top_level_files_the_folder_no_longer_has(hub_stub, pipel
     pushed = set(hub_stub.repo_files(REPO))
     assert not {"LICENSE.md", "first_stage_metrics.json", "samples.png", "pipeline_adni_ldm_aaa.py",
                 "slice.jpeg"} & pushed
-    assert {"loss_curve.png", "README.md", "notes.txt", "other/data.json", "other/pipeline_adni_ldm_x.py"} <= pushed
+    assert {"loss_curve.png", "README.md", "notes.txt", "other/data.json", "other/pipeline_adni_ldm_x.py",
+            "LICENSE", "banner.png", "eval_results.json"} <= pushed
     assert ("pipeline_adni_ldm_bbb.py" in pushed) == (kind == "pipeline")
+
+
+def test_a_repush_whose_card_fails_keeps_the_card_on_the_hub(hub_stub, pipeline_dir, monkeypatch, caplog):
+    """A push whose card cannot be rendered, from a folder without README.md, pushes without a card: the card an
+    earlier push put on the Hub stays (the stale-file sweep deleted it)."""
+    from adni_diffusers import model_card
+
+    push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert "README.md" in hub_stub.repo_files(REPO)
+    (pipeline_dir / "README.md").unlink(missing_ok=True)
+
+    def broken(*a, **k):
+        raise RuntimeError("no card today")
+
+    monkeypatch.setattr(model_card, "render_model_card", broken)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert "pushing without a card" in caplog.text and "README.md" in hub_stub.repo_files(REPO)
+
+
+def test_any_other_folder_goes_up_without_slices_or_the_record_naming_them(tmp_path):
+    """A push of a folder that is neither a pipeline nor a VQ model (a counterfactual --out, say) leaves out
+    JPEG/WebP slices and counterfactuals.json at any depth, and says so."""
+    folder = tmp_path / "cf"
+    _write(folder, {"ADNI_002_S_0295_MR_x_85.jpeg": b"jpeg", "counterfactuals.json": b"{}", "tradeoff.json": b"{}",
+                    "x_85/strip.png": b"png", "x_85/slice.webp": b"webp"})
+    left_out = []
+    kind, files = hub.select_upload_files(folder, left_out)
+    assert kind == "folder" and set(files) == {"tradeoff.json", "x_85/strip.png"}
+    assert set(left_out) == {"ADNI_002_S_0295_MR_x_85.jpeg", "counterfactuals.json", "x_85/slice.webp"}

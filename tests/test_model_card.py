@@ -711,8 +711,11 @@ def test_a_demo_unet_on_a_first_stage_of_real_data_is_carded_as_real_data(ldm, f
     text = (ldm / "README.md").read_text()
     card = _check_rendered(text)
     assert card.data.license_name == "adni-data-use-agreement" and "adni" in card.data.tags
-    assert "synthetic-data" not in card.data.tags and "Louis Collins" not in text and "Demo model" not in text
-    assert not (ldm / "LICENSE.md").exists()  # the MNI notice is not this model's licence
+    assert "synthetic-data" not in card.data.tags and "Demo model" not in text
+    # the UNet's images still derive from the MNI template: their notice stays with the model (LICENSE.md, the
+    # License section), but the licence's link is not that notice
+    assert "Louis Collins" in text and "whose\nnotice (`LICENSE.md`) must be kept with copies too" in text
+    assert (ldm / "LICENSE.md").is_file() and card.data.get("license_link") is None
     # the UNet's data is still described as what it was
     assert "the synthetic demo set (" in text and "not ADNI), its VQ autoencoder on real\nslices, and loads" in text
     first = "- First stage: the VQ autoencoder (`vqvae/`) was trained on other data: "
