@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="go on with a run of the same flags and model that was cut short in --out (or give a "
                              "larger --num-images): its images are kept, the missing ones made (with --gif the first "
-                             "batch again, for the animation; without it a denoising.gif there is removed)")
+                             "batch again, for the animation)")
     parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
@@ -187,8 +187,10 @@ def model_fingerprint(model: str) -> str | None:
             return None
     if not (folder / "model_index.json").is_file():
         return None
-    files = [folder / "model_index.json"] + sorted(p for part in ("vqvae", "unet", "scheduler")
-                                                   for p in (folder / part).glob("*") if p.is_file())
+    # what from_pretrained reads (configs, weights): not a .DS_Store or other stray file beside them
+    files = [folder / "model_index.json"] + sorted(
+        p for part in ("vqvae", "unet", "scheduler") for p in (folder / part).glob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix in (".json", ".safetensors", ".bin"))
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
@@ -322,8 +324,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         if gif and made & set(range(min(batch_size, num_images))):
             logger.info("--gif: the first batch is made again for the animation (the same seeds)")
             made -= set(range(min(batch_size, num_images)))
-        # a kill's leftovers; without --gif a denoising.gif there (not this run's output) goes too
-        remove_outputs([p for p in earlier if p.name.endswith(".tmp") or (p.name == "denoising.gif" and not gif)])
+        # a kill's leftovers (a denoising.gif there is whole: written through a .tmp, of the same seeds and steps)
+        remove_outputs([p for p in earlier if p.name.endswith(".tmp")])
     else:
         remove_outputs(earlier)
         made = set()

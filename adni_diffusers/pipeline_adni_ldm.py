@@ -577,7 +577,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size),
                             ("refine_steps", refine_steps), ("refine_repeats", refine_repeats)):
             # 2.5 steps: DDPM and DPM++ ran 3, DDIM failed with an IndexError; True would count as 1
-            if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
+            if (value is not None or name.startswith("refine")) and (
+                    isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
                 raise ValueError(f"{name}={value!r}: expected an int")
         train_timesteps = int(self.scheduler.config.num_train_timesteps)
         if num_inference_steps is None:

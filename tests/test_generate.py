@@ -632,6 +632,9 @@ def test_resume_refuses_another_model_under_the_same_name(fresh_pipe, tmp_path, 
     gen.generate(str(model), out, **kwargs)
     recorded = json.loads((out / "generation.json").read_text())
     assert recorded["model_sha256"] == gen.model_fingerprint(str(model)) is not None
+    (model / "unet" / ".DS_Store").write_bytes(b"finder")  # a stray file is not another model
+    (model / "unet" / "notes.txt").write_text("mine")
+    assert gen.model_fingerprint(str(model)) == recorded["model_sha256"]
     config = model / "scheduler" / "scheduler_config.json"  # a newer save: its weights or configs differ
     config.write_text(config.read_text().replace('"beta_end": ', '"beta_end": 0.5, "old_beta_end": '))
     with pytest.raises(ValueError, match=rf"another model \(.*ldm, sha256 {recorded['model_sha256']}\) than "
@@ -680,7 +683,7 @@ def test_resume_takes_a_larger_num_images(fresh_pipe, tmp_path):
 def test_records_grid_and_gif_are_never_half_written(fresh_pipe, tmp_path, monkeypatch):
     """generation.json, grid.png and denoising.gif were written in place: a kill mid-write left an unreadable
     record (then --resume refused) or a broken GIF beside the finished images. Each goes through a .tmp now, which
-    --resume and --overwrite remove; a resume without --gif removes the cut-short run's animation."""
+    --resume and --overwrite remove; a whole denoising.gif (the same seeds and steps) is kept by a resume."""
     import pathlib
 
     import PIL.Image
@@ -714,11 +717,12 @@ def test_records_grid_and_gif_are_never_half_written(fresh_pipe, tmp_path, monke
         with pytest.raises(KeyboardInterrupt):
             generate("unused", out, **kwargs, resume=True)
     assert json.loads((out / "generation.json").read_text())["complete"] is False  # readable: resumable
-    (out / "denoising.gif").write_bytes(b"GIF89a of the run cut short")
     (out / "grid.png.tmp").write_bytes(b"half")
+    (out / "denoising.gif").write_bytes(b"GIF89a, whole")  # renamed into place whole: a resume keeps it
     generate("unused", out, **kwargs, resume=True)
-    assert sorted(p.name for p in out.iterdir()) == ["generation.json", "grid.png", "sample-0000.png",
-                                                     "sample-0001.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["denoising.gif", "generation.json", "grid.png",
+                                                     "sample-0000.png", "sample-0001.png"]
+    (out / "denoising.gif").unlink()
     assert json.loads((out / "generation.json").read_text())["complete"] is True
     (out / "generation.json.tmp").write_text("{")
     with pytest.raises(FileExistsError, match=r"holds 5 output\(s\)"):  # a leftover is an output too

@@ -219,7 +219,7 @@ def test_arguments_that_would_be_ignored_are_refused(pipe):
 
 @pytest.mark.parametrize("name, value", [("num_inference_steps", 2.5), ("num_inference_steps", True),
                                          ("batch_size", 1.0), ("batch_size", True), ("refine_steps", 1.5),
-                                         ("refine_repeats", 1.0)])
+                                         ("refine_repeats", 1.0), ("refine_steps", None)])
 def test_counts_must_be_ints(pipe, name, value):
     """num_inference_steps=2.5: DDPM and DPM++ ran 3 steps, DDIM failed with an IndexError deep inside."""
     kwargs = dict(num_inference_steps=2, refine_steps=1, refine_repeats=1)
