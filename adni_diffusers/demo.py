@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .files import write_text_atomically
 from .training import TrainingStopped, take_noted_stop_signal
 
 # Settings per device, chosen with measured runs (docs/results.md). CPU: small models, a ~15-minute
@@ -121,9 +122,24 @@ def _recipe_state(folder: Path, product: str, recipe: dict) -> str | None:
     return "finished" if record.get("finished") is True and (folder / product).is_file() else "started"
 
 
-def _write_recipe(folder: Path, recipe: dict, finished: bool) -> None:
+def _write_recipe(folder: Path, recipe: dict, finished: bool, model: str | None = None) -> None:
+    """`model`: the finished model's folder in `folder` (vqvae, unet), whose digest the record keeps."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / RECIPE_FILE).write_text(json.dumps({"recipe": recipe, "finished": finished}, indent=2))
+    record = {"recipe": recipe, "finished": finished}
+    if model and (folder / model).is_dir():
+        record["model_sha256"] = _weights_digest(folder / model)
+    write_text_atomically(folder / RECIPE_FILE, json.dumps(record, indent=2))  # a crash leaves the old one
+
+
+def _changed_since_the_demo(folder: Path, model: str) -> bool:
+    """Whether the model the demo finished in `folder` was replaced since (a training run of the user's into it,
+    resumed further or started over): no longer the demo's to reuse, retrain over or delete."""
+    try:
+        record = json.loads((folder / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    made = record.get("model_sha256") if isinstance(record, dict) and record.get("finished") is True else None
+    return bool(made) and (not (folder / model).is_dir() or _weights_digest(folder / model) != made)
 
 
 def _weights_digest(folder: Path) -> str:
@@ -144,7 +160,7 @@ class StoppedAfterStage(TrainingStopped):
                                  f"in {folder}; the rest of the demo goes on from there")
 
 
-def _run_stage(name: str, module: str, folder: Path, product: str, argv: list[str], recipe: dict,
+def _run_stage(name: str, module: str, folder: Path, product: str, model: str, argv: list[str], recipe: dict,
                retrain: bool, device: str) -> None:
     """Train a stage unless this recipe finished it already; resume a run of the same recipe that was cut short.
     The recipe is marked unfinished before training: a stage stopped after saving its model (before its samples,
@@ -162,7 +178,7 @@ def _run_stage(name: str, module: str, folder: Path, product: str, argv: list[st
     _write_recipe(folder, recipe, finished=False)
     take_noted_stop_signal()  # one an earlier call noted is not this stage's
     _train(module, argv, device)
-    _write_recipe(folder, recipe, finished=True)
+    _write_recipe(folder, recipe, finished=True, model=model)
     signum = take_noted_stop_signal()
     if signum:  # it came while the stage finished its save: stop now, not after the next stage's first hour
         raise StoppedAfterStage(signum, name, folder)
@@ -183,10 +199,14 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
         raise ValueError(f"--out {out}: inside the slice folder {data_root} (ROOT/{{train,test}}/<class>/*.jpeg); "
                          "choose a folder outside it")
     check_seed(seed)  # the data builder took seeds the training scripts refuse, after the data was built
-    for stage in (out / "vq", out / "ldm"):  # the demo trains with --overwrite_output_dir: only into its own
-        if stage.is_dir() and any(stage.iterdir()) and not (stage / RECIPE_FILE).is_file():
+    for stage, model in ((out / "vq", "vqvae"), (out / "ldm", "unet")):  # the demo trains with
+        if stage.is_dir() and any(stage.iterdir()) and not (stage / RECIPE_FILE).is_file():  # --overwrite_output_dir
             raise ValueError(f"--out {out}: {stage} holds files the demo did not make (no {RECIPE_FILE}; your own "
                              "training run?), which its training would replace; choose another --out")
+        if _changed_since_the_demo(stage, model):
+            raise ValueError(f"--out {out}: the model in {stage / model} is not the one the demo finished there (a "
+                             "training run of yours, resumed or started over into it?): the demo would reuse it as "
+                             "its own or train over it; choose another --out (or move that model away)")
     timings = {}
     t0 = time.time()
 
@@ -214,14 +234,14 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     vq_recipe = {"argv": portable_vq_argv, "data": read_settings(data_dir), "preset": vq_config(plan["preset"]),
                  "version": __version__}
     t = time.time()
-    _run_stage("VQModel", "adni_diffusers.train_vqmodel", vq_dir, "vqvae/config.json", vq_argv, vq_recipe, retrain,
-               device)
+    _run_stage("VQModel", "adni_diffusers.train_vqmodel", vq_dir, "vqvae/config.json", "vqvae", vq_argv, vq_recipe,
+               retrain, device)
     timings["vq_s"] = time.time() - t
     unet_recipe = {"argv": portable_unet_argv, "preset": unet_config(plan["preset"]), "vqmodel": vq_recipe,
                    "vqmodel_files": _weights_digest(vq_dir / "vqvae")}
     t = time.time()
-    _run_stage("pipeline", "adni_diffusers.train_unet", ldm_dir, "model_index.json", unet_argv, unet_recipe, retrain,
-               device)
+    _run_stage("pipeline", "adni_diffusers.train_unet", ldm_dir, "model_index.json", "unet", unet_argv, unet_recipe,
+               retrain, device)
     timings["unet_s"] = time.time() - t
 
     # reload exactly as a user without this package would, then sample

@@ -277,6 +277,11 @@ def main(args: argparse.Namespace) -> dict:
     from adni_diffusers.presets import unet_config
 
     vq_dir = find_vqmodel(args.vqmodel)
+    if args.latent_cache_dir and Path(args.latent_cache_dir).resolve() == vq_dir.resolve():
+        # the VQModel's files are the cache's key: each cache written there changed the next run's key (and the
+        # other processes', who hash after the main one wrote): encoded again every time
+        raise TrainingError(f"--latent_cache_dir {args.latent_cache_dir}: the VQModel's own folder; choose another "
+                            f"(the default is {vq_dir.parent if vq_dir.name == 'vqvae' else vq_dir}/latent_cache)")
     config, accelerator = training.start_stage(args, unet_config, "unet", product="model_index.json",
                                                stage_flags=RESUME_MUST_MATCH)
     device = accelerator.device

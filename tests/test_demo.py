@@ -107,6 +107,9 @@ def _fake_demo(monkeypatch, tmp_path):
         product = out / ("vqvae/config.json" if module_name.endswith("train_vqmodel") else "model_index.json")
         product.parent.mkdir(parents=True, exist_ok=True)
         product.write_text(json.dumps({"call": len(calls["train"])}))  # each training makes other weights
+        if module_name.endswith("train_unet"):
+            (out / "unet").mkdir(exist_ok=True)
+            (out / "unet" / "diffusion_pytorch_model.safetensors").write_text(f"weights {len(calls['train'])}")
         if calls.get("interrupt") == module_name.rsplit(".", 1)[-1]:  # stopped after saving, before the end
             calls.pop("interrupt")
             raise KeyboardInterrupt
@@ -276,6 +279,29 @@ def test_the_demo_never_trains_over_a_model_it_did_not_make(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert f"{tmp_path / 'out' / 'vq'} holds files the demo did not make" in err, err
     assert calls["data"] == calls["train"] == [] and (tmp_path / "out" / "vq" / "vqvae" / "config.json").is_file()
+
+
+def test_the_demo_never_reuses_or_trains_over_a_model_replaced_since(tmp_path, monkeypatch, capsys):
+    """A training run of the user's into the demo's ldm/ (resumed further, or started over) left the demo's record
+    saying "finished": the next demo reused that model as its own, or (other flags) deleted its checkpoints and
+    trained over it. The record keeps the finished model's digest: a changed model is refused, before any work."""
+    from adni_diffusers import cli
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    assert json.loads((out / "ldm" / "demo_recipe.json").read_text())["model_sha256"]
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0  # unchanged: reused
+    trained = len(calls["train"])
+    weights = out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_text("the user's 20,000 steps")
+    (out / "ldm" / "checkpoint-20000").mkdir()
+    for retrain in ([], ["--retrain"], ["--seed", "3"]):
+        capsys.readouterr()
+        assert cli.main(["demo", "--quick", "--out", str(out), *retrain]) == 2
+        assert f"the model in {out / 'ldm' / 'unet'} is not the one the demo finished there" in capsys.readouterr().err
+    assert len(calls["train"]) == trained and weights.read_text() == "the user's 20,000 steps"
+    assert (out / "ldm" / "checkpoint-20000").is_dir()
 
 
 def test_training_runs_in_a_train_folder_higher_up_are_no_slice_folder(tmp_path, monkeypatch):

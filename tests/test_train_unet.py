@@ -244,6 +244,19 @@ def test_latents_on_device_refuses_dataloader_workers(tmp_path, tiny_vq, demo_ro
     assert code == 2 and "--dataloader_num_workers 2" in capsys.readouterr().err
 
 
+def test_the_latent_cache_is_not_written_into_the_vqmodels_folder(tmp_path, tiny_vq, demo_root, capsys):
+    """The VQModel's files are the cache's key: a cache written into its folder changed the key, so every run (and
+    every other process) encoded again. Refused before any work; the default (latent_cache/ beside it) is fine."""
+    from adni_diffusers import train_unet
+
+    out = tmp_path / "o"
+    code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir", str(out),
+                           "--latent_cache_dir", str(Path(tiny_vq) / "vqvae"), *TINY_UNET_ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and "the VQModel's own folder; choose another" in err and "/latent_cache" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag, factor", [([], 1.0), (["--scale_lr"], 8.0), (["--scale_lr", "linear"], 8.0),
                                           (["--scale_lr", "sqrt"], 8.0 ** 0.5)])
 def test_scale_lr_rules(flag, factor):
