@@ -56,8 +56,12 @@ PATIENT_SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
 # downloads (ADNI_002_S_0295_MR_..._S13408_I13722_85.jpeg) or BIDS output (sub-..._ses-M06_T1w_85.jpeg) name a
 # scan, and a subject has several (bl, m06, ...). The subject is the patient: none lands on both sides of a split.
 # A site (3 digits) and a roster id (4 digits; 5 from ADNI4 on).
-SUBJECT_RE = re.compile(r"(?<![0-9])(?P<adni>[0-9]{3}_S_[0-9]{4,5})(?![0-9])|(?:^|_)(?P<bids>sub-[A-Za-z0-9]+)")
-SUBJECT_RE_2026_12_03 = re.compile(r"(?<![0-9])(?P<adni>[0-9]{3}_S_[0-9]{4})(?![0-9])|(?:^|_)(?P<bids>sub-[A-Za-z0-9]+)")
+def _subject_re(roster_digits: str) -> re.Pattern:
+    return re.compile(rf"(?<![0-9])(?P<adni>[0-9]{{3}}_S_[0-9]{{{roster_digits}}})(?![0-9])|(?:^|_)(?P<bids>sub-[A-Za-z0-9]+)")
+
+
+SUBJECT_RE = _subject_re("4,5")
+SUBJECT_RE_2026_12_03 = _subject_re("4")  # the rule before 2026-12-04
 # ADNI's own BIDS conversion labels a subject by its ADNI id without the underscores: sub-ADNI002S0295.
 BIDS_ADNI_RE = re.compile(r"^sub-ADNI(?P<site>[0-9]{3})S(?P<number>[0-9]{4,5})$")
 
@@ -219,15 +223,15 @@ def hash_array(h, values) -> None:
     h.update(np.ascontiguousarray(values.numpy() if isinstance(values, torch.Tensor) else values))
 
 
-def hash_files(h, folder, as_saved: bool = False) -> None:
+def hash_files(h, folder, as_saved: bool = False, suffixes: tuple[str, ...] | None = None) -> None:
     """Feed the names and contents of the files in `folder` (not its subfolders), in name order, to the hash `h`
     a block at a time: a saved model's identity (its weights and config). A config.json that records where its
     model was loaded from (`_name_or_path`: diffusers writes it into a re-saved copy, e.g. the vqvae/ of a saved
     pipeline) is hashed without it, so the copy is the same model as its source (`as_saved`: with it, as before
-    2026-12-03)."""
+    2026-12-03). `suffixes`: only the files with these (a model's configs and weights, not a .DS_Store)."""
     import json
 
-    for f in sorted(p for p in Path(folder).glob("*") if p.is_file()):
+    for f in sorted(p for p in Path(folder).glob("*") if p.is_file() and (suffixes is None or p.suffix in suffixes)):
         h.update(f.name.encode())
         if f.name == "config.json" and not as_saved:
             try:

@@ -187,16 +187,12 @@ def model_fingerprint(model: str) -> str | None:
             return None
     if not (folder / "model_index.json").is_file():
         return None
-    # what from_pretrained reads (configs, weights): not a .DS_Store or other stray file beside them
-    files = [folder / "model_index.json"] + sorted(
-        p for part in ("vqvae", "unet", "scheduler") for p in (folder / part).glob("*")
-        if p.is_file() and not p.name.startswith(".") and p.suffix in (".json", ".safetensors", ".bin"))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:  # in chunks: the base model's weights are hundreds of MB
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+    from .data import hash_files
+
+    digest = hashlib.sha256((folder / "model_index.json").read_bytes())
+    for part in ("vqvae", "unet", "scheduler"):  # what from_pretrained reads: not a .DS_Store beside it
+        digest.update(part.encode())
+        hash_files(digest, folder / part, suffixes=(".json", ".safetensors", ".bin"))
     return digest.hexdigest()
 
 
