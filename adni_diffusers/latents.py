@@ -64,7 +64,7 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
         if damage is None:
             logger.info("latent cache hit: %s (%d latents)", path, len(latents))
             return latents
-        logger.warning("the latent cache %s is damaged (%s): encoding the slices again", path, damage)
+        logger.warning("the latent cache %s cannot be used: %s; encoding the slices again", path, damage)
     remove_stale_temporary_files(cache_dir, path.stem)
     # a temporary file of this writer's own, then an atomic rename: runs that share a VQModel (a sweep, the
     # ranks of other nodes) may build the same cache at once, and none may read or replace another's half file.
@@ -102,7 +102,8 @@ def latent_digest(latents: torch.Tensor) -> str:
 def read_cache(path: Path, key: str, slices: SliceSet) -> tuple[torch.Tensor | None, str | None]:
     """(latents, None) from a whole cache file of these slices, or (None, what is wrong with it). A file cut short
     by a crash was a raw SafetensorError on every rerun; one whose data was lost (zeros after a node crash) was
-    trained on as it was. Caches written before 2026-12-04 have no checksum: their other checks still apply."""
+    trained on as it was. A cache written before 2026-12-04 has no checksum, so lost data would pass the other
+    checks: it is encoded once more, to write one."""
     try:
         with safe_open(str(path), framework="pt") as f:  # one open for the metadata and the tensors
             metadata = f.metadata() or {}
@@ -113,7 +114,9 @@ def read_cache(path: Path, key: str, slices: SliceSet) -> tuple[torch.Tensor | N
         return None, f"its key is {metadata.get('key')!r}, not {key!r}"
     if latents.dim() != 4 or len(latents) != len(slices):
         return None, f"latents of shape {tuple(latents.shape)}, not those of the {len(slices)} slices"
-    if "sha256" in metadata and metadata["sha256"] != latent_digest(latents):
+    if "sha256" not in metadata:
+        return None, "it was written before 2026-12-04 and has no checksum to check its latents by"
+    if metadata["sha256"] != latent_digest(latents):
         return None, "its latents do not match their checksum"
     if not torch.equal(labels, slices.labels):
         return None, "its labels are not those of the slices"

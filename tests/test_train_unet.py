@@ -1346,7 +1346,7 @@ def test_a_damaged_latent_cache_is_encoded_again(tiny_vq, demo_root, tmp_path, c
     os.utime(stale, (time.time() - 2 * 86400,) * 2)
     with caplog.at_level("INFO", logger="adni_diffusers.latents"):
         latents = load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
-    assert "latent cache hit" not in caplog.text and f"the latent cache {path} is damaged" in caplog.text
+    assert "latent cache hit" not in caplog.text and f"the latent cache {path} cannot be used" in caplog.text
     if damage == "zeroed":  # labels zeroed too: the checksum names what happened
         assert "do not match their checksum" in caplog.text
     assert torch.allclose(latents, full, atol=1e-5)
@@ -1355,6 +1355,38 @@ def test_a_damaged_latent_cache_is_encoded_again(tiny_vq, demo_root, tmp_path, c
         assert torch.equal(load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False), latents)
     assert "latent cache hit" in caplog.text
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_latent_cache_without_a_checksum_is_encoded_once_more(tiny_vq, demo_root, tmp_path, caplog):
+    """A cache written before 2026-12-04 has the right key and shape but no checksum: zeros left by a crash would
+    pass its other checks, so it is encoded once more (with a warning saying why), and reused from then on."""
+    from diffusers import VQModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.latents import load_or_build
+
+    data = load_slices(demo_root, seed=0)
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae")
+    cache = tmp_path / "latent_cache"
+    full = load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    (path,) = sorted(cache.glob("train-*.safetensors"))
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    old = {k: v for k, v in metadata.items() if k != "sha256"}
+    zeros = torch.zeros_like(full)  # data lost under a whole header: only the checksum would tell
+    save_file({"latents": zeros, "labels": data.train.labels.contiguous()}, str(path), metadata=old)
+    with caplog.at_level("INFO", logger="adni_diffusers.latents"):
+        latents = load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    assert "latent cache hit" not in caplog.text and "has no checksum" in caplog.text
+    assert torch.allclose(latents, full, atol=1e-5)
+    with safe_open(str(path), framework="pt") as f:
+        assert "sha256" in f.metadata()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="adni_diffusers.latents"):
+        load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    assert "latent cache hit" in caplog.text
 
 
 def test_scale_lr_counts_gradient_accumulation_in_the_batch():
