@@ -48,6 +48,9 @@ class TrainingError(RuntimeError):
 
 
 # what a scheduler sends before it kills a job (SLURM: SIGTERM at the time limit, `--signal=USR1@120` earlier)
+# the same stop signal twice within this is one request: torchrun's agent forwards the SIGTERM a scheduler sent
+# every process of the job, so each worker gets it twice (the agent's SIGKILL follows 30 s later)
+REPEATED_SIGNAL_S = 2.0
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
@@ -395,8 +398,9 @@ def clear_earlier_run(args, accelerator, product: str, project: str | None = Non
             earlier = [output_dir / product, *checkpoints, output_dir / "loss_curve.png", output_dir / "samples",
                        output_dir / "evaluation", output_dir / "trace", *([logs] if logs_inside else []),
                        *output_dir.glob("checkpoint-*.abandoned*"), *output_dir.glob("evaluation-of-step-*")]
-        if not resuming:  # the loss history (logs/history.jsonl whatever --logging_dir) starts at step 1 again
-            earlier.append(output_dir / HISTORY_FILE)
+        if not resuming:  # the loss history (logs/history.jsonl whatever --logging_dir) starts at step 1 again,
+            # and so do the --trace_batches rows (a dead attempt's would read as batches trained twice)
+            earlier += [output_dir / HISTORY_FILE, output_dir / "trace"]
             if project and logs_inside:  # a run that died before its first checkpoint: its curves would mix in
                 earlier.append(logs / project)
         for p in earlier:
@@ -1372,14 +1376,15 @@ class TrainingRun:
             self.progress.close()
 
     def _on_stop_signal(self, signum, frame) -> None:
-        self._signalled = signum
+        self._signalled, self._signalled_at = signum, time.monotonic()
 
     @contextlib.contextmanager
     def final_phase(self):
         """Around the work after the last step (the final model, its evaluation, card and push). A stop signal
         from the last step on (a job scheduler's warning before its time limit) lets that work finish, saying so:
-        the training is in the last checkpoint and nothing is left to stop for. The same signal again ends the
-        run at once. (`batches` hands the signals over when the loop ends: the last step's sample grid and the
+        the training is in the last checkpoint and nothing is left to stop for. Any stop signal again ends the
+        run at once, except the same one within REPEATED_SIGNAL_S of the first: that is the same request twice
+        (on SLURM every process of the job gets SIGTERM, and torchrun's agent forwards its own to its workers). (`batches` hands the signals over when the loop ends: the last step's sample grid and the
         barrier in `finish` come before this.)"""
         if self._signalled and not self._finishing_announced:  # it came during the last step: noted, not acted on
             self._finish_anyway(self._signalled, None)
@@ -1390,14 +1395,25 @@ class TrainingRun:
 
     def _finish_anyway(self, signum, frame) -> None:
         global _noted_stop_signal
+        if frame is not None:  # it comes now (else it came during the last step, and was noted then)
+            self._signalled_at = time.monotonic()
         self._signalled = _noted_stop_signal = signum
-        self._restore_signal_handlers()  # the same signal again ends the run
+        for s in self._previous_handlers:  # a stop signal again ends the run
+            signal.signal(s, self._stop_while_finishing)
         self._finishing_announced = True
         if self.accelerator.is_main_process:
             logger.warning("%s after the last training step: finishing the final save and evaluation (the training "
-                           "is in %s; if this is cut short, --resume_from_checkpoint latest finishes it). The same "
+                           "is in %s; if this is cut short, --resume_from_checkpoint latest finishes it). A stop "
                            "signal again stops now.", signal.Signals(signum).name,
                            self._last_good_checkpoint or "no checkpoint")
+
+    def _stop_while_finishing(self, signum, frame) -> None:
+        if signum == self._signalled and time.monotonic() - self._signalled_at < REPEATED_SIGNAL_S:
+            logger.info("%s again within %.0f s: the same stop request (a launcher forwarding it), the final save "
+                        "goes on", signal.Signals(signum).name, REPEATED_SIGNAL_S)
+            return
+        self._restore_signal_handlers()
+        signal.raise_signal(signum)  # what it did before training: by default the process ends
 
     def _restore_signal_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():

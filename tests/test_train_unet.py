@@ -1845,7 +1845,9 @@ def test_a_stop_signal_after_the_last_step_lets_the_final_save_finish(tmp_path, 
                                                                       caplog, when):
     """SLURM's --signal=TERM@120 reaching a run whose training had just ended killed it at once, with no word: no
     pipeline (or, trained on from a finished one, the new weights beside the old card and samples). The saves
-    after the last step now finish, saying so, and the signal's own handler is given back."""
+    after the last step now finish, saying so, and the signal's own handler is given back. The signal comes twice,
+    as under torchrun on SLURM (the agent forwards the SIGTERM each worker also got): that is one request, and the
+    final save still finishes."""
     import signal
 
     from adni_diffusers import train_unet, training
@@ -1853,6 +1855,7 @@ def test_a_stop_signal_after_the_last_step_lets_the_final_save_finish(tmp_path, 
     original = getattr(train_unet, when)
 
     def signal_then_sample(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 

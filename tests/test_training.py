@@ -163,6 +163,23 @@ def test_resuming_without_ema_weights_under_use_ema_says_so(tmp_path):
         reset_accelerate()
 
 
+def test_a_fresh_start_clears_the_trace_of_a_run_that_died_before_its_first_checkpoint(tmp_path):
+    """--trace_batches appends a row per step: a run that died before its first checkpoint left rows for steps 1-3,
+    and a fresh start (no --overwrite_output_dir: nothing was saved) appended its own, so steps 1-3 read as trained
+    twice. It starts a new trace, as it starts a new loss history."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "run"
+    for path in (out / "trace" / "rank-0.jsonl", out / training.HISTORY_FILE):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint="latest", overwrite_output_dir=False,
+                           logging_dir="logs")
+    training.prepare_output_dir(args, Accelerator(cpu=True), "vqvae", project="vqmodel")
+    training.clear_earlier_run(args, Accelerator(cpu=True), "vqvae", project="vqmodel")
+    assert not (out / training.HISTORY_FILE).exists() and not (out / "trace").exists()
+
+
 # ------------------------------------------------------------------------------------------ training.py: checkpoints
 
 
@@ -398,3 +415,34 @@ def test_the_steady_rate_is_the_median_between_logs():
     assert median_interval_rate([(10, 1.0), (20, 1.5), (30, 3.0)], 1) == pytest.approx((20 + 10 / 1.5) / 2, abs=0.01)
     assert median_interval_rate([(10, 1.0)], 256) is None and median_interval_rate([], 256) is None
     assert median_interval_rate([(10, 1.0), (10, 2.0)], 256) is None  # a second log at the same step
+
+
+def test_a_stop_signal_again_while_finishing_ends_the_run_unless_it_is_the_same_request():
+    """After the last step a stop signal lets the final save finish; a second one ends the run (the handler from
+    before training runs), except the same signal within REPEATED_SIGNAL_S: torchrun's agent forwards the SIGTERM
+    SLURM sent every process, so each worker gets it twice, and the second copy cut the final save short."""
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from adni_diffusers.training import REPEATED_SIGNAL_S, TrainingRun
+
+    handled = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: handled.append(signum))
+    try:
+        previous = {signal.SIGUSR1: signal.getsignal(signal.SIGUSR1)}
+        run = SimpleNamespace(_signalled=signal.SIGUSR1, _signalled_at=time.monotonic(), _previous_handlers=previous)
+        run._restore_signal_handlers = lambda: TrainingRun._restore_signal_handlers(run)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the final phase's own handler stands here
+        TrainingRun._stop_while_finishing(run, signal.SIGUSR1, None)  # the forwarded copy: ignored
+        assert handled == [] and signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        run._signalled_at -= REPEATED_SIGNAL_S + 1  # the user's second request: the old handler, and it runs
+        TrainingRun._stop_while_finishing(run, signal.SIGUSR1, None)
+        assert handled == [signal.SIGUSR1] and signal.getsignal(signal.SIGUSR1) is previous[signal.SIGUSR1]
+        run._signalled_at = time.monotonic()  # another stop signal, even at once, is another request
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        run._signalled = signal.SIGTERM
+        TrainingRun._stop_while_finishing(run, signal.SIGUSR1, None)
+        assert handled == [signal.SIGUSR1] * 2
+    finally:
+        signal.signal(signal.SIGUSR1, before)
