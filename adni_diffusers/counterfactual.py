@@ -225,13 +225,20 @@ class _Sampler:
 
     def reconstruct(self, pixels: torch.Tensor) -> torch.Tensor:
         """Strength 0: decode(encode(x)), in [-1, 1] on CPU."""
-        return (self.pipe.decode(self.pipe.encode(pixels), output_type="pt") * 2 - 1).float().cpu()
+        return (self.pipe.decode(self.pipe.encode(_unit(pixels)), output_type="pt") * 2 - 1).float().cpu()
 
     def __call__(self, pixels: torch.Tensor, label: str, strength: float) -> torch.Tensor:
         gens = [torch.Generator().manual_seed(slice_seed(self.seed, x)) for x in pixels]
-        out = self.pipe(image=pixels, strength=strength, class_labels=label, guidance_scale=self.guidance,
+        out = self.pipe(image=_unit(pixels), strength=strength, class_labels=label, guidance_scale=self.guidance,
                         num_inference_steps=self.steps, generator=gens, output_type="pt").images
         return (out * 2 - 1).float().cpu()
+
+
+def _unit(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] model input -> [0, 1], for the pipeline: it reads a float slice without a negative value as [0, 1],
+    so [-1, 1] floats of a slice with no pixel below grey 128 were encoded as a darker image than the original
+    shown beside them. [0, 1] is read as [0, 1] always (and exactly: (x + 1) / 2 * 2 - 1 is x for 8-bit levels)."""
+    return (pixels + 1) / 2
 
 
 def slice_seed(seed: int, pixels: torch.Tensor) -> int:
@@ -977,6 +984,18 @@ def _load_classifier(args, data, device):
     return net, report
 
 
+def _measured_slices(data, source: str, max_images: int | None):
+    """The held-out slices of class `source` that --measure measures: all, or `max_images` spread evenly over
+    them (in path order). Raises ValueError when none of them was held out."""
+    rows = (data.val.labels == data.class_names.index(source)).nonzero().flatten()
+    if len(rows) == 0:
+        raise ValueError(f"--measure: no held-out {source} slices in {data.root} (--split {data.split} held none "
+                         f"of class {source} out: a class with one patient keeps it for training)")
+    if max_images and max_images < len(rows):
+        rows = rows[torch.linspace(0, len(rows) - 1, max_images).round().long().unique()]
+    return data.val.subset(rows)
+
+
 def main(args: argparse.Namespace) -> int:
     from .data import to_uint8
     from .generate import check_device, check_out_folder, load_pipeline, remove_outputs
@@ -1037,9 +1056,13 @@ def main(args: argparse.Namespace) -> int:
     source = source_class(pipe, target, args.source) if args.measure else None
 
     # the classifier (P(target) in the titles, and the measurement): only when asked for
-    classifier = data = report = None
+    classifier = data = report = held = None
     if args.measure or args.classify or args.classifier:
         data = held_out_data(args.model, args.data_dir, list(pipe.config.class_names or []) or None)
+        # before the classifier trains and --overwrite removes anything: a source class with no held-out slice
+        # (one patient, kept for training) failed only after both, and after the --image counterfactuals
+        if args.measure:
+            held = _measured_slices(data, source, args.max_images)
         classifier, report = _load_classifier(args, data, device)
         _classifier_column(classifier, target)
     remove_outputs(earlier)  # only once every input is known good: a failed run leaves --out as it was
@@ -1079,13 +1102,6 @@ def main(args: argparse.Namespace) -> int:
         write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
 
     if args.measure:
-        src_idx = data.class_names.index(source)
-        rows = (data.val.labels == src_idx).nonzero().flatten()
-        if len(rows) == 0:
-            raise ValueError(f"no held-out {source} slices in {data.root} (split {data.split})")
-        if args.max_images and args.max_images < len(rows):  # evenly spread over the held-out slices (in path order)
-            rows = rows[torch.linspace(0, len(rows) - 1, args.max_images).round().long().unique()]
-        held = data.val.subset(rows)
         val = (report or {}).get("val") or {}
         from .data import is_demo_dataset
 

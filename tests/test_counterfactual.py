@@ -469,6 +469,20 @@ def test_a_slice_without_dark_pixels_is_not_rescaled(tiny_ldm, tmp_path, capsys)
     assert np.abs(original.astype(int) - pixels).max() <= 1
 
 
+def test_a_slice_without_dark_pixels_is_reconstructed_and_changed_as_it_is(pipe):
+    """Its [-1, 1] floats have no negative value: the pipeline took them for [0, 1], so the reconstruction and the
+    counterfactuals were of a darker image than the original beside them (grey 140 encoded as about 25)."""
+    bright = torch.from_numpy(np.random.default_rng(0).integers(140, 201, (1, 256, 256)).astype(np.uint8))
+    result = C.make_counterfactuals(pipe, bright, "AD", strengths=(0.5,), scheduler="ddim", steps=2)[0]
+    assert torch.equal(result["reconstruction"], pipe.decode(pipe.encode(bright))[0] * 2 - 1)  # uint8: unambiguous
+    seed = C.slice_seed(0, result["original"])
+    with C._Sampler(pipe, C.DEFAULT_GUIDANCE, 0, "ddim", 2) as sample:
+        expected = pipe(image=bright, strength=0.5, class_labels="AD", guidance_scale=C.DEFAULT_GUIDANCE,
+                        num_inference_steps=2, generator=[torch.Generator().manual_seed(seed)], output_type="pt")
+    assert sample.steps == 2
+    assert torch.allclose(result["counterfactuals"][0.5], expected.images[0] * 2 - 1, atol=1e-5)
+
+
 def test_data_of_other_classes_is_refused_before_any_work_where_no_record_names_the_classes(tiny_ldm, demo_root,
                                                                                            tmp_path, capsys):
     """A model folder whose training records name no classes (saved or pushed without them): --data-dir with other
@@ -487,6 +501,37 @@ def test_data_of_other_classes_is_refused_before_any_work_where_no_record_names_
                       capsys)
     assert rc == 2 and "class folders ['AD', 'MCI'] differ from the model's class names ['AD', 'NC']" in err, err
     assert not out.exists()
+
+
+def test_a_source_class_with_nothing_held_out_is_refused_before_any_work(tiny_ldm, demo_root, nc_slice, tmp_path,
+                                                                         capsys, monkeypatch):
+    """Data whose one NC patient stays in training (--data-dir, split redrawn by the model's rule): --measure --to AD
+    failed only after the classifier had trained, --overwrite had removed the earlier run and the --image
+    counterfactuals were written."""
+    import shutil
+
+    one_nc = tmp_path / "one_nc"
+    for cls in ("AD", "NC"):
+        (one_nc / cls).mkdir(parents=True)
+    for f in (demo_root / "train" / "AD").glob("*.jpeg"):
+        shutil.copy(f, one_nc / "AD")
+    for f in (demo_root / "test" / "AD").glob("*.jpeg"):
+        shutil.copy(f, one_nc / "AD")
+    for f in nc_slice.parent.glob(nc_slice.name.rsplit("_", 1)[0] + "_*.jpeg"):  # one NC patient
+        shutil.copy(f, one_nc / "NC")
+    out = tmp_path / "cf"
+    (out / "earlier").mkdir(parents=True)
+    (out / "earlier" / "strip.png").write_bytes(b"an earlier run's")
+    (out / "counterfactuals.json").write_text(json.dumps({"images": [{"folder": "earlier"}]}))
+
+    def trained(*a, **k):
+        raise AssertionError("the classifier was loaded or trained")
+
+    monkeypatch.setattr(C, "_load_classifier", trained)
+    rc, err = run_cli(["--model", tiny_ldm, "--measure", "--data-dir", one_nc, "--to", "AD", "--image", nc_slice,
+                       "--strength", "1.0", "--out", out, "--overwrite", *STEPS], capsys)
+    assert rc == 2 and "--measure: no held-out NC slices" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["counterfactuals.json", "earlier"]  # --out as it was
 
 
 def test_a_folder_of_the_users_named_like_an_image_is_refused(tiny_ldm, nc_slice, tmp_path, capsys):
