@@ -336,16 +336,27 @@ def per_class_realism(class_names: list[str], *, held, generated, train, vq_roun
     return out
 
 
-def fd_rank_note(m: dict) -> str | None:
+def fd_rank_note(m: dict, flag: str = "--num-samples") -> str | None:
     """Why an FD from `compare_features` is far above its large-N value, or None: with fewer images per set
-    than feature dimensions both covariances are singular, and FD is biased upwards much more than usual."""
+    than feature dimensions both covariances are singular, and FD is biased upwards much more than usual.
+    `flag`: the option that sets N (`--ablation-samples` for the ablation table)."""
     n, dims = min(m["reference_images"], m["candidate_images"]), m.get("feature_dims")
     if dims is None or n >= dims:
         return None
     return (f"FD compares {n} images per set in {dims} feature dimensions: with fewer images than dimensions "
             f"the covariances are singular and FD is strongly biased upwards. Read it only against the floor "
-            f"at the same N (KID and precision/recall are not affected this way); --num-samples {dims} or more "
+            f"at the same N (KID and precision/recall are not affected this way); {flag} {dims} or more "
             f"(per class for a conditional model) avoids it.")
+
+
+def per_class_fd_note(per_class: dict) -> str | None:
+    """`fd_rank_note` of the per-class table, for its smallest class: a class has fewer images than the pooled
+    summary (--num-samples 128 per class of two: the summary's 256 pass, each class's 128 do not)."""
+    sets = [v["generated"] for v in per_class.values()]
+    if not sets:
+        return None
+    note = fd_rank_note(min(sets, key=lambda m: min(m["reference_images"], m["candidate_images"])))
+    return f"Per class: {note}" if note else None
 
 
 def random_pairs(n: int, num_pairs: int, seed: int, groups: list | None = None) -> torch.Tensor:
@@ -831,7 +842,8 @@ def write_report(res: dict, out: Path) -> Path:
         "to it is what matters. FD/KID are computed in the feature space of the project's own network "
         "(`adni-features`, trained on real training images only), so they are **not** comparable with "
         "published FID values. The **VQ ceiling** is the floor's training images after the VQ autoencoder's "
-        "encode + decode: what a diffusion model that reproduced the data on this autoencoder would reach. "
+        "encode + decode (for class accuracy: held-out slices after it, beside their accuracy as they are): what "
+        "a diffusion model that reproduced the data on this autoencoder would reach. "
         "Generated vs ceiling is the diffusion model's share of the gap, ceiling vs floor the autoencoder's; "
         "samples less varied than the data can score better than the ceiling (read recall and diversity). "
         "See `docs/evaluation.md` for the method.",
@@ -855,7 +867,7 @@ def write_report(res: dict, out: Path) -> Path:
             real_acc = cf["real_heldout"]["accuracy_per_class"].get(name)
             ceiling_acc = cf["vq_ceiling"]["per_class"].get(name)
             lines.append(f"| feature-net accuracy, class {name} | {_pct(acc)} of samples | {_pct(real_acc)} of "
-                         f"held-out slices | {_pct(ceiling_acc)} of round trips | close to real |")
+                         f"held-out slices | {_pct(ceiling_acc)} of held-out round trips | close to real |")
         if cf.get("tstr"):
             lines.append(f"| classifier trained on samples, tested on held-out reals (TSTR) | "
                          f"{_pct(cf['tstr']['accuracy'])} | {_pct(cf['trtr']['accuracy'])} (TRTR) | - | close to TRTR |")
@@ -893,6 +905,8 @@ def write_report(res: dict, out: Path) -> Path:
             lines.append(f"| {name} | {_f(g['fd'])} | {_f(f0['fd'])} | {_f(c0['fd'])} | {_f(g['precision'], 3)} | "
                          f"{_f(f0['precision'], 3)} | {_f(c0['precision'], 3)} | {_f(g['recall'], 3)} | "
                          f"{_f(f0['recall'], 3)} | {_f(c0['recall'], 3)} |")
+        if note := per_class_fd_note(res["realism"]["per_class"]):
+            lines += ["", note]
         lines.append("")
     div = res["diversity"]
     lines += ["## Diversity", "",
@@ -1004,6 +1018,8 @@ def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
                      + f" {_f(r['seconds'], 3)} | {_f(r['seconds_per_image'], 3)} |")
     lines.append(f"| **{FLOOR_LABEL}** | | | | | {_f(fl['fd'])} | {_f(fl['kid'])} | {_f(fl['precision'], 3)} | "
                  f"{_f(fl['recall'], 3)} |" + (" |" if conditional else "") + " | |")
+    if note := fd_rank_note(fl, flag="--ablation-samples"):  # 32 per class by default: always singular
+        lines += ["", note]
     rec = ab["recommendation"]
     lines += ["", f"![ablations]({files['ablations']})", "", "What the table suggests:", ""]
     if "refinement" in rec:
@@ -1295,7 +1311,7 @@ def evaluate_model(
             generated=(gen_feats[gen_idx], gen.labels[gen_idx]),
             train=(train_feats[train_idx], data.train.labels[train_idx]),
             vq_round_trip=(recon_feats, data.train.labels[train_idx]), kid_subsets=kid_subsets, seed=seed)
-    if fd_note := fd_rank_note(realism["generated"]):
+    if fd_note := fd_rank_note(realism["generated"]) or per_class_fd_note(realism["per_class"]):
         logger.warning(fd_note)
     timings["realism_seconds"] = time.perf_counter() - t
 
@@ -1310,14 +1326,28 @@ def evaluate_model(
     same_classes(gen_div, real_div)
     timings["diversity_seconds"] = time.perf_counter() - t
 
-    # 7. class fidelity: the feature net on samples; TSTR vs TRTR
+    # 7. held-out reals after the VQ round trip: the class-accuracy ceiling (8.) and the memorisation reference (9.)
+    t = time.perf_counter()
+    # up to NN_HELDOUT_MAX held-out reals describe "new" images well enough (pixel-space NN is the costly part)
+    nn_rows = subsample(torch.zeros(len(data.val), dtype=torch.long), {0: NN_HELDOUT_MAX}, seed)
+    nn_heldout = data.val.subset(nn_rows)
+    nn_heldout_vq = as_slice_set(vq_round_trip(pipe, nn_heldout.pixels, batch_size), nn_heldout.labels.tolist(),
+                                 class_names, prefix="held-out-vq-round-trip")
+    timings["heldout_round_trip_seconds"] = time.perf_counter() - t
+
+    # 8. class fidelity: the feature net on samples; TSTR vs TRTR
     t = time.perf_counter()
     fidelity = shares = None
     recipe = {k: v for k, v in settings.items() if k not in ("progress",)}
     recipe["epochs"] = tstr_epochs
     if conditional:
+        # the ceiling's accuracy is on HELD-OUT round trips, beside the accuracy on held-out slices: on the floor's
+        # training round trips it was the net's accuracy on its own training images (higher wherever the net
+        # overfits), which mixed the autoencoder's loss of class information with the net's generalisation gap
+        ceiling = class_fidelity(net, nn_heldout_vq.pixels, nn_heldout_vq.labels, class_names, feature_batch, device)
         fidelity = {"generated": class_fidelity(net, gen.pixels, gen.labels, class_names, feature_batch, device),
-                    "vq_ceiling": class_fidelity(net, recon.pixels, recon.labels, class_names, feature_batch, device),
+                    "vq_ceiling": {**ceiling, "images": len(nn_heldout_vq),
+                                   "of": "held-out real slices after the VQ round trip"},
                     "real_heldout": {"accuracy": fn_report["val"]["accuracy"],
                                      "patient_accuracy": fn_report["val"].get("patient_accuracy"),
                                      "accuracy_per_class": fn_report["val"].get("accuracy_per_class", {})}}
@@ -1331,16 +1361,11 @@ def evaluate_model(
                   "real_heldout": predicted_class_shares(net, data.val.pixels, class_names, feature_batch, device)}
     timings["class_fidelity_seconds"] = time.perf_counter() - t
 
-    # 8. memorisation
+    # 9. memorisation
     t = time.perf_counter()
-    # up to NN_HELDOUT_MAX held-out reals describe "new" images well enough (pixel-space NN is the costly part)
-    nn_rows = subsample(torch.zeros(len(data.val), dtype=torch.long), {0: NN_HELDOUT_MAX}, seed)
-    nn_heldout = data.val.subset(nn_rows)
     # The reference goes through the same VQ decoder as the samples: its blur alone moves an image closer
     # to the training set in pixel space (docs/results.md: 80% of a CPU model's samples "closer than 5% of
     # held-out reals" as they are, 44% against held-out reals after the round trip, with no copies in sight)
-    nn_heldout_vq = as_slice_set(vq_round_trip(pipe, nn_heldout.pixels, batch_size), nn_heldout.labels.tolist(),
-                                 class_names, prefix="held-out-vq-round-trip")
     nn_heldout_vq_feats = extract_features(net, nn_heldout_vq.pixels, desc="features: held-out VQ round trip", **fe)
     mem = memorisation(gen_feats, train_feats, nn_heldout_vq_feats, gen.pixels, data.train.pixels,
                        nn_heldout_vq.pixels, as_is=(heldout_feats[nn_rows], nn_heldout.pixels))
@@ -1375,7 +1400,7 @@ def evaluate_model(
     if umap or ablations:  # minutes to hours more: what is measured so far is kept if they are cut short
         write_results(complete=False)
 
-    # 9. UMAP of held-out real and generated features
+    # 10. UMAP of held-out real and generated features
     if umap:
         t = time.perf_counter()
         # unconditional models: generated images coloured by the class the feature net assigns them
@@ -1391,7 +1416,7 @@ def evaluate_model(
         files["umap"] = path.name
         timings["umap_seconds"] = time.perf_counter() - t
 
-    # 10. ablations: same seeds, M per class
+    # 11. ablations: same seeds, M per class
     if ablations:
         t = time.perf_counter()
         m = max(2, ablation_samples)

@@ -738,7 +738,8 @@ def test_fd_rank_note_flags_fewer_images_than_feature_dimensions(evaluated, tmp_
     assert E.fd_rank_note({k: v for k, v in gen.items() if k != "feature_dims"}) is None  # an older metrics.json
     res = {k: v for k, v in result.items() if k != "card"}
     res["realism"] = {**res["realism"], "generated": at_dims}
-    assert "feature dimensions" not in E.write_report(res, tmp_path).read_text()
+    summary = E.write_report(res, tmp_path).read_text().split("## Feature network")[0]
+    assert "feature dimensions" not in summary  # the per-class and ablation tables keep their own N
 
 
 # ------------------------------------------------------------------------------------------ sixth mutation audit
@@ -1014,18 +1015,24 @@ def _stub_model_folder(model: Path, demo_root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stub_evaluated(demo_root, tmp_path_factory):
-    """evaluate_model on the demo set with the stub pipeline; records the `diversity` calls."""
+    """evaluate_model on the demo set with the stub pipeline; records the `diversity` calls (their keywords) and
+    the `class_fidelity` calls (their arguments)."""
     model = tmp_path_factory.mktemp("stub") / "model"
     _stub_model_folder(model, demo_root)
-    calls = []
-    diversity = E.diversity
+    calls = {"diversity": [], "class_fidelity": []}
+    diversity, class_fidelity = E.diversity, E.class_fidelity
 
     def diversity_spy(*args, **kwargs):
-        calls.append(kwargs)
+        calls["diversity"].append(kwargs)
         return diversity(*args, **kwargs)
+
+    def class_fidelity_spy(*args, **kwargs):
+        calls["class_fidelity"].append(args)
+        return class_fidelity(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(E, "diversity", diversity_spy)
+        mp.setattr(E, "class_fidelity", class_fidelity_spy)
         result = E.evaluate_model(model, num_samples=4, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
                                   feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8,
                                                     "bn_images": 16},
@@ -1060,9 +1067,42 @@ def test_real_diversity_pairs_are_told_the_held_out_patients(stub_evaluated):
     result, model, calls = stub_evaluated
     data, _ = E.load_evaluation_data(model)
     held_idx = E.subsample(data.val.labels, {0: 4, 1: 4}, 0)
-    generated, real = calls[0], calls[1]
+    generated, real = calls["diversity"][0], calls["diversity"][1]
     assert generated.get("patients") is None
     assert real["patients"] == [data.val.patients[i] for i in held_idx.tolist()]
+
+
+def test_the_vq_ceilings_class_accuracy_is_on_held_out_round_trips(stub_evaluated):
+    """The ceiling's class accuracy stands beside the accuracy on held-out slices, so it is measured on held-out
+    slices after the round trip: on the floor's training slices it was the feature net's accuracy on its own
+    training images. The stub's round trip is the identity: the net sees exactly the held-out slices."""
+    result, model, calls = stub_evaluated
+    data, _ = E.load_evaluation_data(model)
+    main = [args for args in calls["class_fidelity"] if len(args[1]) != 4]  # the ablation rows score 2 + 2 samples
+    assert len(main) == 2  # the samples and the ceiling
+    assert any(torch.equal(images, data.val.pixels) and torch.equal(labels, data.val.labels)
+               for _, images, labels, *_ in main)
+    vq = result["class_fidelity"]["vq_ceiling"]
+    assert vq["images"] == len(data.val) and vq["per_class"] == result["class_fidelity"]["real_heldout"][
+        "accuracy_per_class"]
+
+
+def test_fds_of_fewer_images_than_feature_dimensions_are_flagged_per_class_and_in_the_ablations(stub_evaluated,
+                                                                                               tmp_path):
+    """The stub's feature net has 8 dimensions; the summary's FD compares 8 images per set (4 per class of two:
+    no note), but each class's FD compares 4 and each ablation row 2 + 2: those tables are singular too and
+    must say so (as --num-samples 128 per class of two passed the summary's 256 and flagged no class)."""
+    result, _, _ = stub_evaluated
+    res = {k: v for k, v in result.items() if k != "card"}
+    assert res["realism"]["generated"]["feature_dims"] == 8 and E.fd_rank_note(res["realism"]["generated"]) is None
+    report = E.write_report(res, tmp_path).read_text()
+    per_class = report.split("## Realism per class")[1].split("## Diversity")[0]
+    assert "Per class: FD compares 4 images per set in 8 feature dimensions" in per_class
+    ablations = report.split("## Ablations")[1]
+    assert "FD compares 4 images per set in 8 feature dimensions" in ablations
+    assert "--ablation-samples 8 or more" in ablations
+    assert "FD compares 8 images" not in report
+    assert E.per_class_fd_note(res["realism"]["per_class"]).startswith("Per class: FD compares 4 images")
 
 
 def test_the_ablation_row_of_the_main_setting_reuses_the_main_runs_images_of_every_class(stub_evaluated):
