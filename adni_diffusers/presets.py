@@ -162,13 +162,43 @@ def _check_config(config: dict, source: str, what: str) -> None:
     bad_counts = {k: v for k, v in counts.items() if not _positive_int(v)}
     if bad_counts:
         raise PresetError(f"{what} config {source}: {bad_counts} must be positive integers")
+    if what == "UNet2DModel":
+        _check_time_embedding(config, source)
     # whatever else diffusers refuses (an unknown block type, a spatial norm's fixed 32 groups...) shows when the
     # model is built: build it now, without memory, rather than after the data is loaded
     try:
         with torch.device("meta"):
-            cls(**config)
+            model = cls(**config)
     except Exception as e:  # noqa: BLE001 - any failure here is the config's
         raise PresetError(f"{what} config {source}: diffusers cannot build this model: {type(e).__name__}: {e}") from None
+    if what == "UNet2DModel":
+        _check_attention_heads(model, config, source)
+
+
+def _check_time_embedding(config: dict, source: str) -> None:
+    """Time embeddings diffusers builds but DDPM training cannot use: they failed only at a training step."""
+    kind = config.get("time_embedding_type", "positional")
+    if kind == "fourier":  # score-SDE's: the UNet takes log(t) and divides its output by t (sigmas, not DDPM steps)
+        raise PresetError(f"UNet2DModel config {source}: time_embedding_type 'fourier' is for score-SDE models (it "
+                          "takes log(t) and divides the output by t: NaN at timestep 0, and not the DDPM objective); "
+                          "use 'positional' (the default) or 'learned'")
+    if kind == "learned" and not _positive_int(config.get("num_train_timesteps")):
+        raise PresetError(f"UNet2DModel config {source}: time_embedding_type 'learned' needs num_train_timesteps (one "
+                          "embedding per training timestep: train_unet.py's --num_train_timesteps, 1000 by default), "
+                          f"got {config.get('num_train_timesteps')!r}")
+
+
+def _check_attention_heads(model, config: dict, source: str) -> None:
+    """An attention block gets channels // attention_head_dim heads: 0 where attention_head_dim is larger than its
+    channels (a JSON config that narrows `base`'s channels keeps its attention_head_dim 64). diffusers builds that
+    model, and its first forward fails (ZeroDivisionError) after the latent cache was built."""
+    from diffusers.models.attention_processor import Attention
+
+    narrow = sorted({m.query_dim for m in model.modules() if isinstance(m, Attention) and m.heads < 1})
+    if narrow:
+        raise PresetError(f"UNet2DModel config {source}: attention_head_dim {config.get('attention_head_dim')} is more "
+                          f"than the {', '.join(map(str, narrow))} channels of attention blocks (0 heads): give an "
+                          "attention_head_dim that divides every attention block's channels (the mid block's too)")
 
 
 def _positive_int(value) -> bool:

@@ -311,6 +311,7 @@ def main(args: argparse.Namespace) -> dict:
         raise TrainingError(f"--preset {args.preset} makes a class-conditional UNet (num_class_embeds "
                             f"{config.get('num_class_embeds')}, class_embed_type {config.get('class_embed_type')}): "
                             "add --conditional, or remove those keys from the config")
+    check_unet_fits(config, latent_shape, args)
     training.check_resume_model(args, config, "unet")
     # on CUDA the compile check's child compiles the UNet's step while this process decodes the slices (17 s for
     # 30,000 on an H100) and builds the latent cache
@@ -437,6 +438,31 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+@torch.no_grad()
+def check_unet_fits(config: dict, latent_shape: tuple[int, ...], args) -> None:
+    """Refuse a --preset UNet that diffusers builds but that fails on this run's latents or timesteps, before the
+    slices are decoded and the latent cache built (it failed at the first training step): one forward on the meta
+    device (shapes only, no memory) catches, e.g., more down blocks than the latent's size can be halved."""
+    from diffusers import UNet2DModel
+
+    if config.get("time_embedding_type") == "learned" and config["num_train_timesteps"] < args.num_train_timesteps:
+        raise TrainingError(f"--preset {args.preset}: its learned time embedding has num_train_timesteps "
+                            f"{config['num_train_timesteps']} rows, fewer than --num_train_timesteps "
+                            f"{args.num_train_timesteps}: set num_train_timesteps {args.num_train_timesteps} in it")
+    try:
+        with torch.device("meta"):
+            latents = torch.zeros(1, *latent_shape)
+            labels = torch.zeros(1, dtype=torch.long) if config.get("num_class_embeds") else None
+            UNet2DModel(**config)(latents, torch.zeros(1, dtype=torch.long), class_labels=labels)
+    except Exception as e:  # noqa: BLE001 - the config's failure, shown with the latent shape it met
+        blocks = len(config["block_out_channels"])  # every down block but the last halves the latent
+        hint = (f": its {blocks} blocks halve the latent {blocks - 1} times, more than "
+                f"{latent_shape[-2]}x{latent_shape[-1]} allows; use fewer blocks"
+                if any(n % 2 ** (blocks - 1) for n in latent_shape[-2:]) else "")
+        raise TrainingError(f"--preset {args.preset}: the UNet fails on the VQModel's {tuple(latent_shape)} latents "
+                            f"({type(e).__name__}: {e}){hint}") from None
 
 
 @torch.no_grad()

@@ -253,3 +253,23 @@ def test_preset_numbers_are_those_measured_and_documented():
     assert [VQ_PRESETS[p]["num_vq_embeddings"] for p in ("tiny", "small", "base", "wide")] == [256, 1024, 8192, 8192]
     assert [VQ_PRESETS[p]["mid_block_add_attention"] for p in ("tiny", "small", "base", "wide")] == \
         [False, False, True, True]
+
+
+@pytest.mark.parametrize("changes, message", [
+    # a JSON config narrowing `base` keeps its attention_head_dim 64: 0 heads in a 32-channel attention block, and a
+    # ZeroDivisionError at the first training step, after the latent cache was built
+    ({"attention_head_dim": 64}, "attention_head_dim 64 is more than the 32 channels of attention blocks"),
+    # score-SDE's embedding: log(t) and the output divided by t, NaN at timestep 0 (a "non-finite loss" stop)
+    ({"time_embedding_type": "fourier"}, "time_embedding_type 'fourier' is for score-SDE models"),
+    ({"time_embedding_type": "learned"}, "time_embedding_type 'learned' needs num_train_timesteps"),
+])
+def test_unet_configs_that_build_but_cannot_train_are_refused(tmp_path, changes, message):
+    path = tmp_path / "unet.json"
+    path.write_text(json.dumps({**UNET_PRESETS["tiny"], **changes}))
+    with pytest.raises(PresetError, match=message) as e:
+        unet_config(str(path))
+    assert str(path) in str(e.value)
+    # the same config with an attention_head_dim that fits, or a learned embedding with its timesteps, is accepted
+    path.write_text(json.dumps({**UNET_PRESETS["tiny"], "attention_head_dim": 16, "time_embedding_type": "learned",
+                                "num_train_timesteps": 1000}))
+    unet_config(str(path))

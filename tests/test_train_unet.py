@@ -1952,3 +1952,26 @@ def test_latent_cache_key_changes_with_the_labels(tmp_path):
     swapped = D.SliceSet(pixels, torch.tensor([1, 1, 0, 0]), names["patient_ids"], names["paths"], names["class_names"])
     assert cache_key(tmp_path, one) != cache_key(tmp_path, swapped)
     assert cache_key(tmp_path, one) == cache_key(tmp_path, one)
+
+
+@pytest.mark.parametrize("changes, message", [
+    # seven blocks halve a 32x32 latent six times: the up path's skip connections no longer match (1 vs 2)
+    ({"block_out_channels": [16] * 7, "down_block_types": ["DownBlock2D"] * 7, "up_block_types": ["UpBlock2D"] * 7},
+     "its 7 blocks halve the latent 6 times, more than 32x32 allows"),
+    # a learned time embedding with fewer rows than the training's timesteps: an IndexError at the first step
+    ({"time_embedding_type": "learned", "num_train_timesteps": 100},
+     "its learned time embedding has num_train_timesteps 100 rows, fewer than --num_train_timesteps 1000"),
+])
+def test_a_unet_that_cannot_run_on_the_latents_is_refused_before_the_latent_cache(tmp_path, tiny_vq, demo_root,
+                                                                                    capsys, changes, message):
+    """diffusers builds these UNets; they failed only at the first training step, after the slices were decoded
+    and the latent cache built (minutes on ADNI)."""
+    from adni_diffusers import train_unet
+
+    code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir",
+                           str(tmp_path / "o"), *TINY_UNET_ARGS, "--max_train_steps", "1",
+                           "--preset", _tiny_unet_json(tmp_path / "unet.json", **changes),
+                           "--latent_cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "cache").exists()
