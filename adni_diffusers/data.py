@@ -290,8 +290,9 @@ def _is_root_doc(p: Path, root: Path) -> bool:
     return p.suffix.lower() in {".txt", ".md", ".json", ".csv"} or p.name.upper().startswith("LICENSE")
 
 
-# files Windows writes into image folders by itself (dot-files, macOS's .DS_Store, are skipped by name)
-OS_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
+# files Windows writes into image folders by itself (dot-files, macOS's .DS_Store, are skipped by name), and macOS's
+# "Icon\r" (a folder's custom icon; Google Drive and Dropbox write them), whose carriage return garbled the message
+OS_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"}
 
 
 def _is_special_dir(name: str) -> bool:
@@ -413,8 +414,9 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                                 "not follow links below the split folders. Put the folder itself there, or link "
                                 "the data or split folder, or each image, instead")
             nested = [c for c in classes if _list_dir(c)[0]]
-            if nested:
-                raise DataError(f"{nested[0]}: class folders must hold images, not further folders"
+            if nested:  # named: one among thousands of slices (a NAS's @eaDir/ of thumbnails) is hard to find
+                raise DataError(f"{nested[0]}: class folders must hold images, not further folders (it holds "
+                                + _listing(f"{d.name}/" for d in _list_dir(nested[0])[0]) + ")"
                                 + ("" if has_splits else f" (split folders are named {', '.join(SPLIT_FOLDERS)}; "
                                    f"{root} has {', '.join(c.name for c in classes)})"))
             class_sets[split] = [c.name for c in classes]
@@ -487,10 +489,19 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
             arr = np.asarray(shown)
     except UnidentifiedImageError:
         return None, "", "not a readable image file"
-    except (OSError, SyntaxError, ValueError) as e:
+    except OSError as e:
+        if e.errno is not None:  # the file system's error (no permission, gone since the scan), not a damaged image
+            return None, "", f"cannot be read ({e.strerror})"
+        return None, "", f"corrupt or truncated image ({e})"
+    except (SyntaxError, ValueError) as e:
         return None, "", f"corrupt or truncated image ({e})"
     except Image.DecompressionBombError as e:  # no OSError: it escaped the listing of bad files, naming none
         return None, "", f"corrupt header or an image far too large ({e})"
+    except Exception as e:  # noqa: BLE001 - any failure here is the file's
+        # Pillow raises other kinds on some damaged files (a TIFF page without its size: TypeError; an EXIF block
+        # it cannot rewrite when applying the rotation: struct.error): they escaped the decoding threads as a
+        # traceback naming no file.
+        return None, "", f"corrupt image or image metadata ({type(e).__name__}: {e})"
 
     try:
         arr = grey_pixels(arr, mode)

@@ -657,10 +657,10 @@ def test_images_in_a_folder_datasets_skips_are_refused_by_name(tmp_path):
 
 
 def test_files_the_os_writes_into_image_folders_are_skipped(tmp_path):
-    """Windows' Thumbs.db / desktop.ini (as macOS's .DS_Store) are no reason to refuse a data tree."""
+    """Windows' Thumbs.db / desktop.ini (as macOS's .DS_Store and Icon\\r) are no reason to refuse a data tree."""
     root = image_tree(tmp_path)
     before = load_slices(root, split="given")
-    for name in ("Thumbs.db", "desktop.ini", ".DS_Store"):
+    for name in ("Thumbs.db", "desktop.ini", ".DS_Store", "Icon\r"):
         (root / "train" / "AD" / name).write_bytes(b"\x00os")
     after = load_slices(root, split="given")
     assert after.train.paths == before.train.paths and after.val.paths == before.val.paths
@@ -980,3 +980,46 @@ def test_a_header_with_an_absurd_size_is_listed_with_the_other_bad_files(tmp_pat
     bomb.write_bytes(bytes(raw))
     msg = data_error(root)
     assert "666_1.png: corrupt header or an image far too large" in msg and "777_1.jpeg" in msg
+
+
+def test_a_damaged_file_pillow_fails_on_in_other_ways_is_listed_by_name(tmp_path):
+    """Pillow raises TypeError on a TIFF page without its size (met only when counting pages), and struct.error when
+    applying the rotation of an EXIF block it cannot write back (Make, 0x010f, turned into InkSet, 0x014c, a SHORT
+    tag holding text). Both escaped the decoding threads as a traceback naming no file."""
+    import struct
+
+    root = image_tree(tmp_path)
+    (root / "train" / "NC" / "777_1.jpeg").write_bytes(b"not an image")
+    # a 2-page TIFF whose second page lost its ImageWidth tag (256)
+    tiff = root / "train" / "AD" / "555_1.tif"
+    Image.fromarray(slice_pixels(1)).save(tiff, save_all=True, append_images=[Image.fromarray(slice_pixels(2))])
+    raw = bytearray(tiff.read_bytes())
+    first = struct.unpack_from("<I", raw, 4)[0]
+    second = struct.unpack_from("<I", raw, first + 2 + 12 * struct.unpack_from("<H", raw, first)[0])[0]
+    for k in range(struct.unpack_from("<H", raw, second)[0]):
+        if struct.unpack_from("<H", raw, second + 2 + 12 * k)[0] == 256:
+            struct.pack_into("<H", raw, second + 2 + 12 * k, 0x9999)
+    tiff.write_bytes(bytes(raw))
+    # EXIF: InkSet (0x014c) as 6 bytes of ASCII "Maker", Orientation (0x0112) = 3, in big-endian TIFF layout
+    exif = bytes.fromhex("4578696600004d4d002a00000008000201" "4c000200000006000000260112000300000001"
+                         "00030000000000004d616b65720000")
+    jpeg = write(root / "test" / "AD" / "556_1.jpeg", slice_pixels(3), exif=exif)
+    msg = data_error(root)
+    assert "3 unusable image(s)" in msg and "777_1.jpeg: not a readable image file" in msg
+    assert f"{tiff}: corrupt" in msg and f"{jpeg}: corrupt" in msg  # (TypeError: ...), (error: ...) with Pillow 13
+
+
+def test_a_file_the_file_system_cannot_read_is_not_called_corrupt(tmp_path):
+    """Permission denied (a colleague's files on a cluster) or a file gone since the scan read "corrupt or truncated
+    image ([Errno 13] ...)": the file is not damaged, and the cure is not to replace it."""
+    arr, _, err = D.decode_slice(tmp_path / "gone_1.jpeg")
+    assert arr is None and err == "cannot be read (No such file or directory)"
+
+
+def test_a_folder_inside_a_class_folder_is_named(tmp_path):
+    """A NAS (Synology) puts an @eaDir/ of thumbnails into every folder: the message named only the class folder,
+    where one subfolder hides among thousands of slices."""
+    root = image_tree(tmp_path)
+    (root / "train" / "NC" / "@eaDir" / "1003731_80.jpeg").mkdir(parents=True)
+    msg = data_error(root)
+    assert f"{root / 'train' / 'NC'}: class folders must hold images, not further folders (it holds @eaDir/)" in msg
