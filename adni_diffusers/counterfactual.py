@@ -237,8 +237,10 @@ class _Sampler:
 def _unit(pixels: torch.Tensor) -> torch.Tensor:
     """[-1, 1] model input -> [0, 1], for the pipeline: it reads a float slice without a negative value as [0, 1],
     so [-1, 1] floats of a slice with no pixel below grey 128 were encoded as a darker image than the original
-    shown beside them. [0, 1] is read as [0, 1] always (and exactly: (x + 1) / 2 * 2 - 1 is x for 8-bit levels)."""
-    return (pixels + 1) / 2
+    shown beside them. [0, 1] is read as [0, 1] always (and exactly: (x + 1) / 2 * 2 - 1 is x for 8-bit levels).
+    Clamped: `_to_pixels` lets [-1, 1] floats a rounding error past -1 through, and one pixel at -1 - 1e-7 became a
+    negative value here, for which the pipeline read the whole [0, 1] image as [-1, 1]."""
+    return ((pixels + 1) / 2).clamp(0, 1)
 
 
 def slice_seed(seed: int, pixels: torch.Tensor) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .pipeline_adni_ldm import PREPROCESS_CHOICES, grey_pixels  # defined where every saved model carries them
+from .pipeline_adni_ldm import PREPROCESS_CHOICES  # defined where every saved model carries them
 
 logger = logging.getLogger(__name__)
 
@@ -475,7 +475,7 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
     `pad` needs 256 wide and at most 256 high (ADNI's 256x240 gets 8 black rows above and below);
     `resize` takes any size and resizes to 256x256, as the seed did (it stretches 240 -> 256).
     """
-    from .pipeline_adni_ldm import upright
+    from .pipeline_adni_ldm import image_pixels, upright
 
     try:
         with Image.open(path) as im:
@@ -486,7 +486,6 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
             shown = upright(im)  # an EXIF rotation (a photo tool's) applied, as viewers and datasets show it
             rotated = shown is not im
             mode = shown.mode
-            arr = np.asarray(shown)
     except UnidentifiedImageError:
         return None, "", "not a readable image file"
     except OSError as e:
@@ -497,6 +496,8 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
         return None, "", f"corrupt or truncated image ({e})"
     except Image.DecompressionBombError as e:  # no OSError: it escaped the listing of bad files, naming none
         return None, "", f"corrupt header or an image far too large ({e})"
+    except MemoryError:  # the machine's, not the file's
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here is the file's
         # Pillow raises other kinds on some damaged files (a TIFF page without its size: TypeError; an EXIF block
         # it cannot rewrite when applying the rotation: struct.error): they escaped the decoding threads as a
@@ -504,7 +505,7 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
         return None, "", f"corrupt image or image metadata ({type(e).__name__}: {e})"
 
     try:
-        arr = grey_pixels(arr, mode)
+        arr = image_pixels(shown)  # a palette image (a PNG optimiser's greyscale) through its palette
     except ValueError as e:
         return None, "", str(e)
     notes = ["EXIF-rotated"] if rotated else []

@@ -59,12 +59,14 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
     cache_dir = Path(cache_dir)
     key = key or cache_key(vq_dir, slices)
     path = cache_dir / f"{name}-{key}.safetensors"
+    damage = None
     if path.is_file():
         latents, damage = read_cache(path, key, slices)
         if damage is None:
             logger.info("latent cache hit: %s (%d latents)", path, len(latents))
             return latents
-        logger.warning("the latent cache %s cannot be used: %s; encoding the slices again", path, damage)
+        if damage != NO_CHECKSUM:  # (one without a checksum: once it is known that a new one can be written)
+            logger.warning("the latent cache %s cannot be used: %s; encoding the slices again", path, damage)
     remove_stale_temporary_files(cache_dir, path.stem)
     # a temporary file of this writer's own, then an atomic rename: runs that share a VQModel (a sweep, the
     # ranks of other nodes) may build the same cache at once, and none may read or replace another's half file.
@@ -73,9 +75,18 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
         cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f"{path.stem}.", suffix=".tmp")
     except OSError as e:
+        if damage == NO_CHECKSUM:  # a read-only folder (a labmate's VQModel): it trained as it is before 2026-12-04
+            latents, _ = read_cache(path, key, slices, checksum=False)
+            if latents is not None:
+                logger.warning("the latent cache %s %s, and its folder cannot be written (%s) to encode it once "
+                               "more: used as it is (give a writable --latent_cache_dir to have it checked)", path,
+                               damage, e.strerror or e)
+                return latents
         raise TrainingError(f"the latent cache folder {cache_dir} cannot be written ({e.strerror or e}); give a "
                             "writable folder with --latent_cache_dir") from None
     os.close(fd)
+    if damage == NO_CHECKSUM:
+        logger.warning("the latent cache %s cannot be used: %s; encoding the slices again", path, damage)
     try:
         logger.info("encoding %d %s slices into the latent cache %s", len(slices), name, path)
         latents = encode_all(vq, slices, batch_size, progress)
@@ -99,11 +110,15 @@ def latent_digest(latents: torch.Tensor) -> str:
     return hashlib.sha256(latents.contiguous().numpy().tobytes()).hexdigest()
 
 
-def read_cache(path: Path, key: str, slices: SliceSet) -> tuple[torch.Tensor | None, str | None]:
+NO_CHECKSUM = "it was written before 2026-12-04 and has no checksum to check its latents by"
+
+
+def read_cache(path: Path, key: str, slices: SliceSet, checksum: bool = True) -> tuple[torch.Tensor | None, str | None]:
     """(latents, None) from a whole cache file of these slices, or (None, what is wrong with it). A file cut short
     by a crash was a raw SafetensorError on every rerun; one whose data was lost (zeros after a node crash) was
     trained on as it was. A cache written before 2026-12-04 has no checksum, so lost data would pass the other
-    checks: it is encoded once more, to write one."""
+    checks: it is encoded once more, to write one (NO_CHECKSUM; `checksum=False` accepts it, for a folder that
+    cannot be written)."""
     try:
         with safe_open(str(path), framework="pt") as f:  # one open for the metadata and the tensors
             metadata = f.metadata() or {}
@@ -115,8 +130,9 @@ def read_cache(path: Path, key: str, slices: SliceSet) -> tuple[torch.Tensor | N
     if latents.dim() != 4 or len(latents) != len(slices):
         return None, f"latents of shape {tuple(latents.shape)}, not those of the {len(slices)} slices"
     if "sha256" not in metadata:
-        return None, "it was written before 2026-12-04 and has no checksum to check its latents by"
-    if metadata["sha256"] != latent_digest(latents):
+        if checksum:
+            return None, NO_CHECKSUM
+    elif metadata["sha256"] != latent_digest(latents):
         return None, "its latents do not match their checksum"
     if not torch.equal(labels, slices.labels):
         return None, "its labels are not those of the slices"

@@ -200,8 +200,8 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad", name
     bilinear interpolation, on the 8-bit pixels where they are given, as the training loader does.
     Shapes: one slice (H, W); a stack (N, H, W) or (N, 1, H, W) (tensors) or (N, H, W, 1) (arrays); a list of
     these. A 3-D array with 1 or 3 channels last (or 4, uint8 RGBA), (H, W, C), is one image, as numpy images are.
-    PIL images (and RGB/RGBA arrays) must be 8-bit greyscale (mode L, or RGB/RGBA/LA with equal, opaque
-    channels), as the training loader requires. uint8 arrays are 0..255; float arrays/tensors must lie in [-1, 1] and are
+    PIL images (and RGB/RGBA arrays) must be 8-bit greyscale (mode L, or RGB/RGBA/LA or a palette with equal,
+    opaque channels), as the training loader requires. uint8 arrays are 0..255; float arrays/tensors must lie in [-1, 1] and are
     taken as [-1, 1] when they have negative values, else as [0, 1]. `name`: the argument errors name."""
     if preprocess not in PREPROCESS_CHOICES:
         raise ValueError(f"preprocess={preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")
@@ -222,7 +222,7 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad", name
         if isinstance(im, PIL.Image.Image):
             im = upright(im)
             try:
-                arr = grey_pixels(np.asarray(im), im.mode)
+                arr = image_pixels(im)
             except ValueError as e:
                 filename = getattr(im, "filename", "")
                 raise ValueError(f"image {i}{f' ({filename})' if filename else ''} is a {e}") from None
@@ -283,13 +283,23 @@ def _ordered_class_names(class_names) -> list[str]:
     return list(class_names)
 
 
-def grey_pixels(arr: np.ndarray, mode: str) -> np.ndarray:
+def image_pixels(im: PIL.Image.Image) -> np.ndarray:
+    """`grey_pixels` of a PIL image. A palette image (P, PA: how a PNG optimiser may store a greyscale slice) is
+    read through its palette, as RGBA, and accepted when every colour it uses is an opaque grey."""
+    if im.mode in ("P", "PA"):
+        return grey_pixels(np.asarray(im.convert("RGBA")), "RGBA", called=f"{im.mode} (palette)")
+    return grey_pixels(np.asarray(im), im.mode)
+
+
+def grey_pixels(arr: np.ndarray, mode: str, called: str | None = None) -> np.ndarray:
     """The uint8 (H, W) pixels of a greyscale slice read as `np.asarray` of a PIL image in `mode`: mode L, or
     RGB/RGBA/LA with equal, fully opaque channels. The one check for training data (data.decode_slice) and
-    pipeline input (prepare_slices). Raises ValueError("<what> image; expected 8-bit greyscale (mode L)").
+    pipeline input (prepare_slices). Raises ValueError("<what> image; expected 8-bit greyscale (mode L)");
+    `called`: the mode the messages name (the image's own, where `arr` is a conversion of it).
 
     16-bit, 32-bit and float modes are refused: `convert("L")` would clip them (a 16-bit slice turns white)."""
     expected = "expected 8-bit greyscale (mode L)"
+    shown = called or mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         raise ValueError(f"{'16-bit' if mode.startswith('I;16') else mode + '-mode'} image; {expected}")
     if mode == "L":
@@ -297,14 +307,14 @@ def grey_pixels(arr: np.ndarray, mode: str) -> np.ndarray:
     if mode not in ("RGB", "RGBA", "LA"):
         raise ValueError(f"{mode}-mode image; {expected}")
     if mode in ("RGBA", "LA") and (arr[..., -1] != 255).any():
-        raise ValueError(f"{mode} image with transparency; {expected}")
+        raise ValueError(f"{shown} image with transparency; {expected}")
     if mode != "LA" and not ((arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all()):
         spread = int(np.ptp(arr[..., :3].astype(np.int16), axis=-1).max())
         if spread <= 2:  # not colour: a greyscale slice through a lossy codec that has no greyscale (lossy WebP)
-            raise ValueError(f"{mode} image whose channels differ by at most {spread} level{'s' * (spread > 1)} (a "
+            raise ValueError(f"{shown} image whose channels differ by at most {spread} level{'s' * (spread > 1)} (a "
                              f"greyscale slice saved lossy, e.g. lossy WebP?); {expected}: save it lossless, or as PNG "
                              "or JPEG")
-        raise ValueError(f"colour {mode} image; {expected}")
+        raise ValueError(f"colour {shown} image; {expected}")
     return arr[..., 0]
 
 

@@ -1210,6 +1210,7 @@ class TrainingRun:
     """
 
     _signalled = 0  # the stop signal this process received, if any
+    _signalled_at = 0.0  # when (time.monotonic())
     _stop_agreed = False  # every process knows that one of them received one (at a log flush)
     _log_points: list[tuple[int, float]] | None = None  # (step, wall clock) at each log flush: the steady rate
 

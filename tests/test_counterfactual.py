@@ -483,6 +483,19 @@ def test_a_slice_without_dark_pixels_is_reconstructed_and_changed_as_it_is(pipe)
     assert torch.allclose(result["counterfactuals"][0.5], expected.images[0] * 2 - 1, atol=1e-5)
 
 
+def test_a_slice_a_rounding_error_below_minus_one_is_not_read_as_the_wrong_range(pipe):
+    """`make_counterfactuals` takes [-1, 1] floats down to -1 - 1e-6 (a rounding error); [0, 1] for the pipeline, a
+    pixel at -1 - 1e-7 became a tiny negative value, and the pipeline read the whole [0, 1] image as [-1, 1]: a bright
+    slice reconstructed and changed as a much darker one (the pipeline refused it before, as below -1)."""
+    bright = torch.from_numpy(np.random.default_rng(0).integers(140, 201, (1, 256, 256)).astype(np.uint8))
+    x = (bright.float() / 127.5 - 1).unsqueeze(0)
+    x[0, 0, 0, 0] = torch.nextafter(torch.tensor(-1.0), torch.tensor(-2.0))  # a black pixel, a rounding error below
+    result = C.make_counterfactuals(pipe, x, "AD", strengths=(0.5,), scheduler="ddim", steps=2)[0]
+    black = bright.clone()
+    black[0, 0, 0] = 0
+    assert torch.equal(result["reconstruction"], pipe.decode(pipe.encode(black))[0] * 2 - 1)
+
+
 def test_data_of_other_classes_is_refused_before_any_work_where_no_record_names_the_classes(tiny_ldm, demo_root,
                                                                                            tmp_path, capsys):
     """A model folder whose training records name no classes (saved or pushed without them): --data-dir with other

@@ -213,16 +213,28 @@ def test_greyscale_stored_as_rgb_is_converted_with_a_logged_count(tmp_path, capl
     rgb_jpeg = write(root / "train" / "NC" / "2000002_1.jpeg", np.stack([grey] * 3, axis=-1))
     opaque = np.stack([grey, grey, grey, np.full_like(grey, 255)], axis=-1)
     rgba = write(root / "test" / "AD" / "2000003_1.png", opaque)
-    assert image_mode(rgb_jpeg) == "RGB" and image_mode(rgba) == "RGBA"
+    # a PNG optimiser's greyscale: palette indices (here not the grey levels) and a grey palette (it was refused)
+    palette = root / "test" / "NC" / "2000004_1.png"
+    image = Image.fromarray(255 - grey, mode="P")
+    image.putpalette([255 - i for i in range(256) for _ in range(3)])
+    image.save(palette)
+    assert image_mode(rgb_jpeg) == "RGB" and image_mode(rgba) == "RGBA" and image_mode(palette) == "P"
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
         d = load_slices(root, split="all")
     px = {p: d.train.pixels[i].numpy() for i, p in enumerate(d.train.paths)}
     np.testing.assert_array_equal(px[str(rgb_png.resolve())][8:248], grey)
     np.testing.assert_array_equal(px[str(rgba.resolve())][8:248], grey)
+    np.testing.assert_array_equal(px[str(palette.resolve())][8:248], grey)
     np.testing.assert_array_equal(px[str(rgb_jpeg.resolve())][8:248], read_grey_channel(rgb_jpeg))
     msgs = [r.getMessage() for r in caplog.records]
     assert "converted 2 image(s): RGB->L" in msgs, msgs
     assert "converted 1 image(s): RGBA->L" in msgs, msgs
+    assert "converted 1 image(s): P->L" in msgs, msgs
+    used = 255 - int(grey[120, 128])  # the index of one grey level the slice has: made a colour
+    image.putpalette([255 - i if c or i != used else 0 for i in range(256) for c in range(3)])
+    image.save(palette)
+    msg = data_error(root, split="all")
+    assert str(palette) in msg and "colour P (palette) image" in msg
 
 
 # ------------------------------------------------------------------------------------------- splits

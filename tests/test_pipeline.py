@@ -575,6 +575,19 @@ def test_prepare_slices_takes_a_channels_last_array_as_one_image(pipe):
             prepare_slices(torch.from_numpy(sampled), preprocess=preprocess)
 
 
+def grey_palette() -> PIL.Image.Image:
+    """GREY stored as palette indices (reversed, so the indices are not the grey levels) and a grey palette."""
+    image = PIL.Image.fromarray(255 - GREY, mode="P")
+    image.putpalette([255 - i for i in range(256) for _ in range(3)])
+    return image
+
+
+def coloured_palette() -> PIL.Image.Image:
+    image = grey_palette()
+    image.putpalette([255 - i if c or i != 40 else 0 for i in range(256) for c in range(3)])  # one level red-less
+    return image
+
+
 def transparent(image: PIL.Image.Image) -> PIL.Image.Image:
     image.putalpha(0)
     return image
@@ -584,9 +597,9 @@ def transparent(image: PIL.Image.Image) -> PIL.Image.Image:
     (lambda: PIL.Image.fromarray(GREY.astype(np.uint16) * 257), "image 0 is a 16-bit image"),
     (lambda: PIL.Image.fromarray(GREY.astype(np.int32) * 16), "image 0 is a I-mode image"),
     (lambda: PIL.Image.fromarray(GREY.astype(np.float32) / 255), "image 0 is a F-mode image"),
-    (lambda: PIL.Image.fromarray(GREY).convert("P"), "image 0 is a P-mode image"),
+    (lambda: coloured_palette(), r"image 0 is a colour P \(palette\) image"),
     (lambda: transparent(PIL.Image.fromarray(GREY).convert("LA")), "image 0 is a LA image with transparency"),
-], ids=["16-bit", "32-bit", "float", "palette", "transparent"])
+], ids=["16-bit", "32-bit", "float", "colour palette", "transparent"])
 def test_prepare_slices_refuses_images_that_are_not_8_bit_greyscale(make, message):
     """As the training loader (data.decode_slice): convert("L") would clip 16-bit, 32-bit and float images
     (a 16-bit slice turns white, a [0, 1] float one black)."""
@@ -602,6 +615,12 @@ def test_prepare_slices_names_the_file_and_takes_opaque_grey_rgba(tmp_path):
     expected = prepare_slices(PIL.Image.fromarray(GREY))
     for mode in ("RGB", "RGBA", "LA"):  # grey and opaque: the same pixels as mode L
         assert torch.equal(prepare_slices(PIL.Image.fromarray(GREY).convert(mode)), expected), mode
+    # a PNG optimiser may store a greyscale slice as palette indices: read through the palette (it was refused)
+    assert torch.equal(prepare_slices(grey_palette()), expected)
+    path = tmp_path / "palette.png"
+    grey_palette().save(path)
+    with PIL.Image.open(path) as image:
+        assert image.mode == "P" and torch.equal(prepare_slices(image), expected)
 
 
 @pytest.mark.parametrize("values", [

@@ -1389,6 +1389,45 @@ def test_a_latent_cache_without_a_checksum_is_encoded_once_more(tiny_vq, demo_ro
     assert "latent cache hit" in caplog.text
 
 
+def test_a_latent_cache_without_a_checksum_in_a_folder_that_cannot_be_written_is_used_as_before(
+        tiny_vq, demo_root, tmp_path, monkeypatch, caplog):
+    """A labmate's read-only VQModel folder with a cache from before 2026-12-04: it trained as it was, then the run
+    failed ("cannot be written") where it would encode it once more. It is used as before, with a warning; a
+    damaged cache there still fails (no latents to use)."""
+    from diffusers import VQModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from adni_diffusers import latents as L
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.training import TrainingError
+
+    data = load_slices(demo_root, seed=0)
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae")
+    cache = tmp_path / "latent_cache"
+    full = L.load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    (path,) = sorted(cache.glob("train-*.safetensors"))
+    with safe_open(str(path), framework="pt") as f:
+        old = {k: v for k, v in f.metadata().items() if k != "sha256"}
+    save_file({"latents": full.contiguous(), "labels": data.train.labels.contiguous()}, str(path), metadata=old)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    encoded = []
+    monkeypatch.setattr(L.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(L, "encode_all", lambda *a, **k: encoded.append(1))
+    with caplog.at_level("WARNING", logger="adni_diffusers.latents"):
+        latents = L.load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+    assert torch.equal(latents, full) and not encoded
+    assert "has no checksum" in caplog.text and "cannot be written (Permission denied)" in caplog.text
+    assert "encoding the slices again" not in caplog.text
+    save_file({"latents": torch.zeros_like(full), "labels": data.train.labels.contiguous()}, str(path),
+              metadata={**old, "sha256": L.latent_digest(full)})  # damaged: nothing to fall back on
+    with pytest.raises(TrainingError, match="cannot be written"):
+        L.load_or_build(vq, tiny_vq / "vqvae", data.train, cache, "train", progress=False)
+
+
 def test_scale_lr_counts_gradient_accumulation_in_the_batch():
     """The effective batch of --scale_lr is batch x accumulation steps x processes: 32 x 4 on one process over the
     default 64 is x2 (linear) or x1.41 (sqrt), as 128 x 1 would be."""
