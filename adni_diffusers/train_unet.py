@@ -98,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sample a grid every N epochs (default 10) and at the last step; from the EMA weights with "
                         "--use_ema")
     g.add_argument("--num_sample_images", type=int, default=8)
-    g.add_argument("--sample_inference_steps", type=int, default=50, help="DDIM steps for the periodic grids")
+    g.add_argument("--sample_inference_steps", type=int, default=50,
+                   help="DDIM steps for the sample grids during training and the final samples.png")
     from adni_diffusers.hub import add_hub_arguments
 
     add_hub_arguments(parser)
