@@ -494,9 +494,39 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 if "x0_pred" in tensor_inputs:
                     values["x0_pred"] = predicted_x0(out, x_t, step_abar(self.scheduler, first + i, t),
                                                      self.scheduler.config.prediction_type)
+                # a solver that keeps its own copy of the sample between steps (UniPC's corrector rebuilds x_t from
+                # the previous x_t) would carry on from that copy: the callback's latents (returned, or changed in
+                # place) reached it only through the next model output
+                kept = latents.clone() if latents.device.type != "meta" and self._kept_sample() else None
                 result = callback(self, step_offset + i, t, {k: values[k] for k in tensor_inputs}) or {}
                 latents = result.get("latents", latents)
+                if kept is not None and not torch.equal(latents.to(kept.device, kept.dtype), kept):
+                    self._forget_kept_sample(step_offset + i)
         return latents
+
+    def _kept_sample(self) -> bool:
+        """Whether the scheduler holds a copy of an earlier sample that its next step builds on."""
+        return any(getattr(self.scheduler, name, None) is not None for name in ("last_sample", "sample", "cur_sample"))
+
+    def _forget_kept_sample(self, step: int) -> None:
+        """The callback replaced the latents: make the scheduler's next step start from them.
+
+        UniPC (and SA-Solver): the corrector of step i+1 recomputes x_{i+1} from the stored x_i and the model
+        outputs, discarding the given latents; without `last_sample` that one corrector is skipped (as UniPC's own
+        `disable_corrector` does) and the predictor steps from the given latents. DPM-Solver singlestep: a 2nd/3rd
+        order sub-step steps from the sample stored at the start of its group; with the outputs of that group
+        forgotten it takes a first-order step from the given latents. Other schedulers that keep a sample between
+        sub-steps (Heun, KDPM2, PNDM, DPMSolverSDE) cannot be restarted mid-step: a warning says so."""
+        scheduler = self.scheduler
+        if getattr(scheduler, "last_sample", None) is not None:
+            scheduler.last_sample = None
+        elif hasattr(scheduler, "order_list") and isinstance(getattr(scheduler, "model_outputs", None), list):
+            scheduler.model_outputs = [None] * len(scheduler.model_outputs)
+        else:
+            logger.warning(f"the callback changed the latents at step {step}, but {type(scheduler).__name__} steps on "
+                           "from its own copy of the sample (a multi-stage step): the change reaches it only through "
+                           "the next model output; change latents only after a whole step of it, or use a scheduler "
+                           "without sub-steps (DDIM, DPM-Solver++ multistep, UniPC)")
 
     def _reset_scheduler(self, num_inference_steps: int, begin_index: int) -> torch.Tensor:
         """Fresh timesteps (on the CPU, see `_denoise`); multistep solvers (DPM-Solver, UniPC) also forget
@@ -509,6 +539,23 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(begin_index)
         return self.scheduler.timesteps[begin_index:]
+
+    def _warn_if_scheduler_clips(self) -> None:
+        """A scheduler built with diffusers' defaults (`DDIMScheduler()`, `DDPMScheduler()`: clip_sample=True) rather
+        than `from_config(pipe.scheduler.config)` clips every x0 prediction to [-1, 1], meant for pixels: these
+        latents have unit variance (about 1 in 3 lies outside), so every sample comes out squeezed into [-1, 1] (the
+        seed's clamping, silently). Dynamic thresholding (`thresholding=True`) clips at `sample_max_value` likewise."""
+        config = self.scheduler.config
+        clips = []
+        if config.get("clip_sample"):
+            clips.append(f"clip_sample=True (x0 clipped to +-{config.get('clip_sample_range', 1.0)})")
+        if config.get("thresholding"):
+            clips.append(f"thresholding=True (x0 clipped to at most +-{config.get('sample_max_value', 1.0)})")
+        if clips:
+            logger.warning(f"{type(self.scheduler).__name__} has {' and '.join(clips)}: meant for pixels in [-1, 1], "
+                           "but these latents have unit variance, about 1 in 3 outside +-1, so samples are clipped; "
+                           "build schedulers with `from_config(pipe.scheduler.config)` (clip_sample=False), or pass "
+                           "clip_sample=False, thresholding=False")
 
     def _check_scheduler(self, num_inference_steps: int) -> None:
         """Refinement and image-to-image start part-way along the timesteps, from a re-noised x_0: that needs a
@@ -575,7 +622,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict`, called after every
                 scheduler step (refinement passes included); `tensors` holds the names in
                 `callback_on_step_end_tensor_inputs` ("latents", "x0_pred"). Returning `{"latents": x}`
-                replaces the latents.
+                (or changing `tensors["latents"]` in place) replaces the latents: the next step starts from
+                them, also with UniPC (its corrector is skipped for that one step, else it would rebuild
+                the latents from the previous ones).
             eta: DDIM's eta (Song et al. 2021): 0 is deterministic DDIM, 1 has DDPM's variance; drawn from
                 `generator`. Only schedulers whose `step` takes `eta` (DDIM) accept a value other than 0.
         """
@@ -615,6 +664,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                              "(`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)")
         if image is not None or refine_repeats > 0:
             self._check_scheduler(num_inference_steps)
+        self._warn_if_scheduler_clips()
         if image is not None and latents is not None:
             raise ValueError("give `image` (image-to-image) or `latents` (a given start), not both")
 

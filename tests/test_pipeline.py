@@ -15,7 +15,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel,
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+                       DPMSolverSinglestepScheduler, UNet2DModel,
                        UniPCMultistepScheduler, VQModel)
 
 from adni_diffusers import ADNILatentDiffusionPipeline
@@ -1284,3 +1285,98 @@ def test_saved_weights_are_readable_like_the_configs_beside_them(pipe, tmp_path,
     kinds = {p.relative_to(p.parents[1]).parts[0].split("-")[0] for p in trained}
     assert {"unet", "vqvae", "checkpoint", "latent_cache"} <= kinds, kinds
     assert {oct(p.stat().st_mode & 0o777) for p in trained} == {oct(0o666 & ~old)}
+
+
+def gaussian_data_denoiser(pipe, mean=0.5, std=0.3):
+    """Make `pipe.unet` the exact epsilon-prediction for latents drawn from N(mean, std^2) per element: at
+    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps, E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mean) / Var(x_t)."""
+    alphas_cumprod = pipe.scheduler.alphas_cumprod.double()
+
+    def forward(sample, timestep, class_labels=None, **kwargs):
+        abar = float(alphas_cumprod[int(timestep)])
+        variance = abar * std**2 + 1 - abar
+        eps = (1 - abar) ** 0.5 * (sample.double() - abar**0.5 * mean) / variance
+        return SimpleNamespace(sample=eps.to(sample.dtype))
+
+    pipe.unet.forward = forward
+
+
+@pytest.mark.parametrize("scheduler_cls", [UniPCMultistepScheduler, DPMSolverSinglestepScheduler, DDIMScheduler])
+def test_latents_a_callback_returns_mid_run_are_what_the_sampler_continues_from(scheduler_cls):
+    """A callback replacing the latents at step 2 of 6 with run A's latents at that step makes run B (another seed)
+    finish where A does. UniPC's corrector rebuilt x_3 from ITS stored x_2 (and DPM-Solver singlestep's second-order
+    sub-step stepped from the sample stored at its group's start), so B came out as B: the replacement was lost.
+    The same for a change made in place."""
+    p = make_pipe(conditional=False)
+    p.scheduler = scheduler_cls.from_config(p.scheduler.config, timestep_spacing="trailing")
+    gaussian_data_denoiser(p)  # a smooth model: a random UNet's outputs of hundreds blur what is compared
+    kwargs = dict(batch_size=1, num_inference_steps=6, output_type="latent")
+    at_step_2 = {}
+
+    def record(pipe, step, t, tensors):
+        if step == 2:
+            at_step_2["latents"] = tensors["latents"].clone()
+        return {}
+
+    a = p(generator=seeded(1), callback_on_step_end=record, **kwargs).images
+    b = p(generator=seeded(2), **kwargs).images
+    swapped = p(generator=seeded(2), callback_on_step_end=lambda pipe, step, t, tensors: (
+        {"latents": at_step_2["latents"].clone()} if step == 2 else {}), **kwargs).images
+
+    def in_place(pipe, step, t, tensors):
+        if step == 2:
+            tensors["latents"].copy_(at_step_2["latents"])
+        return {}
+
+    swapped_in_place = p(generator=seeded(2), callback_on_step_end=in_place, **kwargs).images
+    for out in (swapped, swapped_in_place):
+        assert (out - a).abs().mean() < 0.05 * (out - b).abs().mean()
+
+
+@pytest.mark.parametrize("scheduler, warns", [
+    (lambda config: DDIMScheduler(timestep_spacing="trailing"), True),  # diffusers' default clip_sample=True
+    (lambda config: DDPMScheduler(), True),
+    (lambda config: DPMSolverMultistepScheduler.from_config(config, thresholding=True), True),
+    (lambda config: DDIMScheduler.from_config(config), False),
+    (lambda config: UniPCMultistepScheduler.from_config(config), False),
+])
+def test_a_scheduler_that_clips_the_latents_is_warned_about(pipe, monkeypatch, scheduler, warns):
+    """A scheduler built with diffusers' defaults instead of from the pipeline's config clips every x0 prediction
+    to [-1, 1]: unit-variance latents (about 1 in 3 outside) came out squeezed into [-1, 1], silently."""
+    import adni_diffusers.pipeline_adni_ldm as module
+
+    warned = []
+    monkeypatch.setattr(module.logger, "warning", warned.append)
+    saved = pipe.scheduler
+    try:
+        pipe.scheduler = scheduler(saved.config)
+        out = pipe(batch_size=1, num_inference_steps=2, generator=seeded(), output_type="latent").images
+    finally:
+        pipe.scheduler = saved
+    assert [w for w in warned if "clipped" in w] == ([warned[0]] if warns else [])
+    if warns:
+        assert "from_config(pipe.scheduler.config)" in warned[0]
+        if "clip_sample" in warned[0]:
+            assert out.abs().max() <= 1.0  # what it warns about
+
+
+def test_a_callback_changing_latents_inside_a_heun_step_is_warned_about(pipe, monkeypatch):
+    """Heun's second sub-step steps from the sample its first stored: a change between them cannot take effect as
+    given, and is named (no warning when the callback leaves the latents as they are)."""
+    from diffusers import HeunDiscreteScheduler
+
+    import adni_diffusers.pipeline_adni_ldm as module
+
+    warned = []
+    monkeypatch.setattr(module.logger, "warning", warned.append)
+    saved = pipe.scheduler
+    try:
+        pipe.scheduler = HeunDiscreteScheduler.from_config(saved.config)
+        kwargs = dict(batch_size=1, num_inference_steps=2, generator=seeded(), output_type="latent")
+        pipe(callback_on_step_end=lambda p, step, t, tensors: {"latents": tensors["latents"].clone()}, **kwargs)
+        assert warned == []
+        pipe(callback_on_step_end=lambda p, step, t, tensors: {"latents": tensors["latents"] + 1} if step == 0 else {},
+             **kwargs)
+    finally:
+        pipe.scheduler = saved
+    assert len(warned) == 1 and "HeunDiscreteScheduler steps on from its own copy" in warned[0]
