@@ -34,7 +34,6 @@ import contextlib
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -176,34 +175,38 @@ class Bench:
         return row
 
 
-def matmul_rate(bench: Bench, n: int, repeats: int = 3) -> dict:
-    """The device's measured dense matmul rate: bf16 on CUDA, fp32 on CPU (no bf16 hardware assumed)."""
-    dtype = torch.bfloat16 if bench.cuda else torch.float32
-    a = torch.randn(n, n, device=bench.device, dtype=dtype)
-    b = torch.randn(n, n, device=bench.device, dtype=dtype)
-    iters = 50 if bench.cuda else max(2, min(20, int(2e10 / (2 * n**3))))
+def _matmul_seconds(bench: Bench, a: torch.Tensor, b: torch.Tensor, iters: int, repeats: int) -> list[float]:
+    """3 untimed products, then `repeats` blocks of `iters` products, each between two device syncs: seconds per
+    block (the best one is the rate: a slower block is the card waiting, not its speed)."""
     for _ in range(3):
         a @ b
     bench.sync()
-    best = math.inf
+    blocks = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(iters):
             a @ b
         bench.sync()
-        best = min(best, time.perf_counter() - t0)
-    rate = 2 * n**3 * iters / best
+        blocks.append(time.perf_counter() - t0)
+    return blocks
+
+
+def matmul_rate(bench: Bench, n: int, repeats: int = 3) -> dict:
+    """The device's measured dense matmul rate: bf16 on CUDA, fp32 on CPU (no bf16 hardware assumed). On CUDA also
+    the TF32 rate (the fp32 rows' MFU denominator), measured the same way (until 2026-12-04 it was one block after
+    one warm-up product: a slow block lowered the rate and raised every fp32 row's MFU)."""
+    dtype = torch.bfloat16 if bench.cuda else torch.float32
+    a = torch.randn(n, n, device=bench.device, dtype=dtype)
+    b = torch.randn(n, n, device=bench.device, dtype=dtype)
+    iters = 50 if bench.cuda else max(2, min(20, int(2e10 / (2 * n**3))))
+    blocks = _matmul_seconds(bench, a, b, iters, repeats)
+    rate = 2 * n**3 * iters / min(blocks)
     out = {"dtype": str(dtype).replace("torch.", ""), "size": n, "flops_per_s": rate, "tflops": rate / 1e12,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "iters": iters, "seconds_per_block": [round(x, 6) for x in blocks]}
     if bench.cuda:  # also the TF32 rate, for the fp32 rows
-        a32, b32 = a.float(), b.float()
-        a32 @ b32
-        bench.sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            a32 @ b32
-        bench.sync()
-        out["tf32_tflops"] = 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+        tf32_blocks = _matmul_seconds(bench, a.float(), b.float(), iters, repeats)
+        out["tf32_tflops"] = 2 * n**3 * iters / min(tf32_blocks) / 1e12
+        out["tf32_seconds_per_block"] = [round(x, 6) for x in tf32_blocks]
     return out
 
 
@@ -320,14 +323,16 @@ def cycle(loader):
 def make_loader(dataset, batch_size: int, bench: Bench, package: bool = True):
     """package=True: the training scripts' own loader (`training.make_dataloader`: whole batches through
     `get_batch`, num_workers=0 as the flag's default). package=False: the example style, items fetched one
-    by one and collated by torch's default collate."""
+    by one and collated by torch's default collate, into unpinned memory: diffusers' train_unconditional builds
+    its DataLoader without pin_memory, and Accelerate's prepare keeps it so (until 2026-12-04 this loader pinned
+    on CUDA: with no worker, each batch's copy into pinned memory was on the example step's critical path)."""
     from adni_diffusers.training import EpochShuffleSampler, make_dataloader
 
     if package:
         args = SimpleNamespace(seed=0, train_batch_size=batch_size, dataloader_num_workers=0)
         return make_dataloader(dataset, args, SimpleNamespace(device=bench.device, num_processes=1))[0]
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(len(dataset), 0),
-                                       drop_last=True, num_workers=0, pin_memory=bench.cuda)
+                                       drop_last=True, num_workers=0, pin_memory=False)
 
 
 def timed_loop(bench: Bench, step, steps: int, warmup: int, repeats: int = 1) -> dict:
@@ -675,9 +680,17 @@ def bench_unet(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
                 if spec["fused"]:
                     optimizer = make_optimizer(unet.parameters(), args, accelerator, default_batch=64)
                     row["optimizer"] = f"make_optimizer (fused={bool(optimizer.defaults.get('fused'))})"
-                else:
+                elif spec["data"] == "pixels":
                     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate)
                     row["optimizer"] = "torch.optim.AdamW defaults"
+                else:  # make_optimizer's settings without fused, so that "+ fused AdamW" varies that alone (these
+                    # rows took torch's weight_decay 0.01 until 2026-12-04: one more optimizer operation than ours)
+                    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate,
+                                                  betas=(args.adam_beta1, args.adam_beta2),
+                                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                    row["optimizer"] = "make_optimizer's settings, not fused"
+                row["optimizer_settings"] = {k: optimizer.defaults.get(k) for k in
+                                             ("lr", "betas", "eps", "weight_decay", "fused", "foreach")}
                 probe_z = latents_cpu[:bs].to(dev)
 
                 def probe(m):  # as train_unet probes: one real forward + backward at the training batch size
@@ -1052,10 +1065,18 @@ def bench_sampling(bench: Bench, opts, flops: dict, rates: Rates) -> dict:
             variants.append((f"fp32 weights, compiled UNet + VQ decoder (mode={opts.compile_mode})", None, True,
                              opts.sample_batch_sizes))
     rows = []
+    from adni_diffusers.compile_probe import CUDA_GRAPH_MODES
+
+    graphs = opts.compile_mode in CUDA_GRAPH_MODES
     for vname, dtype, compile_, batch_sizes in variants:
         for bs in batch_sizes:
-            fresh_compile_cache()
+            if not graphs:
+                fresh_compile_cache()
             for sampler in opts.samplers:
+                if graphs:  # each row compiles for itself (in its warm-up): a compilation shared with the batch
+                    # size's earlier rows (until 2026-12-04) kept their CUDA graphs' memory pools allocated, inside
+                    # this row's peak memory. Without CUDA graphs the rows share one compile (minutes less)
+                    fresh_compile_cache()
                 steps = sampler_steps(sampler, opts)
                 row = {"sampler": sampler, "steps": steps, "label": f"{sampler}-{steps}", "name": vname,
                        "batch_size": bs}

@@ -576,3 +576,67 @@ def test_conv_layouts_records_what_each_convolution_backward_gets():
     assert sum(result["dtypes (gradient, input, weight)"].values()) == result["calls"]
     assert "bfloat16, bfloat16, bfloat16" in result["dtypes (gradient, input, weight)"]
     assert result["nchw_weights"] == 0 and result["all_channels_last"] > result["calls"] // 2
+
+
+def test_the_example_style_loader_does_not_pin_memory():
+    """diffusers' train_unconditional builds its DataLoader without pin_memory (Accelerate keeps it so), and with
+    no worker the copy into pinned memory falls on the step's critical path: the example-style rows pinned on CUDA.
+    A bench that says CUDA (with CPU tensors) shows the loader the CUDA rows get."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from adni_diffusers.data import SliceDataset
+
+    run = _load_benchmark_script()
+    cuda = SimpleNamespace(cuda=True, device=torch.device("cpu"))
+    loader = run.make_loader(SliceDataset(run.random_slices(4)), 2, cuda, package=False)
+    assert loader.pin_memory is False
+
+
+def test_the_ablation_rows_vary_only_what_they_name_in_the_optimizer(smoke):
+    """The non-fused UNet rows ("cached latents, fp32, eager" ... "+ channels_last", on CPU the "ours" row) took
+    torch's AdamW defaults (weight_decay 0.01), make_optimizer takes --adam_weight_decay 0: "+ fused AdamW" varied
+    the weight decay too. Now only `fused` differs; the example style keeps plain AdamW."""
+    results, _ = smoke
+    settings = {r["variant"]: r["optimizer_settings"] for r in results["unet"]["rows"]}
+    ours = {k: v for k, v in settings.items() if k != "example style"}
+    assert ours and all(s["weight_decay"] == 0.0 and s["eps"] == 1e-8 and list(s["betas"]) == [0.9, 0.999]
+                        for s in ours.values()), ours
+    assert settings["example style"]["weight_decay"] == 0.01  # torch.optim.AdamW's default, as before
+
+
+def test_the_tf32_rate_is_measured_as_the_bf16_rate_is():
+    """The TF32 rate (the fp32 rows' MFU denominator on CUDA) was one timed block after one warm-up product; a slow
+    block made every fp32 row's MFU too high. Now: 3 warm-up products and the best of `repeats` blocks, as bf16.
+    A bench that says CUDA, on CPU tensors (bf16 and fp32 matmuls run there too)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    run = _load_benchmark_script()
+    cuda = SimpleNamespace(cuda=True, device=torch.device("cpu"), sync=lambda: None)
+    out = run.matmul_rate(cuda, 32, repeats=3)
+    assert out["dtype"] == "bfloat16" and len(out["seconds_per_block"]) == 3
+    assert len(out["tf32_seconds_per_block"]) == 3 and _positive(out["tf32_tflops"])
+    assert out["tf32_tflops"] * 1e12 >= 2 * 32**3 * out["iters"] / max(out["tf32_seconds_per_block"]) * 0.999
+
+
+def test_each_compiled_sampling_row_compiles_for_itself(monkeypatch, tmp_path):
+    """A compilation shared by the sampler rows of one batch size kept the earlier rows' CUDA graph pools (mode
+    reduce-overhead) allocated inside the later rows' peak memory: each row now starts from a fresh compile state.
+    The compile itself is left out here (a CPU compile of both models takes minutes)."""
+    import torch
+
+    run = _load_benchmark_script()
+    resets = []
+    monkeypatch.setattr(run, "fresh_compile_cache", lambda: resets.append(1))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: None)
+    results = run.main(["--smoke", "--device", "cpu", "--sections", "sampling", "--compile",
+                        "--compile-mode", "reduce-overhead", "--out", str(tmp_path / "r.json")])
+    rows = results["sampling"]["rows"]
+    assert len(rows) == 6 and not any("error" in r for r in rows)  # 3 samplers, eager and "compiled"
+    assert len(resets) == len(rows)
+    resets.clear()  # without CUDA graphs the rows of one batch size share their compile (once per batch size)
+    run.main(["--smoke", "--device", "cpu", "--sections", "sampling", "--compile", "--out", str(tmp_path / "d.json")])
+    assert len(resets) == 2
