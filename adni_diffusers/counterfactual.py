@@ -1000,7 +1000,7 @@ def _measured_slices(data, source: str, max_images: int | None):
 
 def main(args: argparse.Namespace) -> int:
     from .data import to_uint8
-    from .generate import check_device, check_out_folder, load_pipeline, remove_outputs
+    from .generate import check_device, check_guidance, check_out_folder, check_out_given, load_pipeline, remove_outputs
 
     # everything that can be checked without the model, first
     if not args.image and not args.measure:
@@ -1009,8 +1009,10 @@ def main(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: expected at least 1")
     check_strengths(strengths, args.steps or default_steps(args.scheduler))
-    if args.guidance < 0:
-        raise ValueError(f"--guidance {args.guidance:g}: expected a number >= 0 (1 = no guidance)")
+    check_guidance(args.guidance)
+    if not 0 <= args.seed < 2**32:  # the noise seeds are taken modulo 2**63: -1 and others gave another seed's noise
+        raise ValueError(f"--seed {args.seed}: expected 0 .. 2**32 - 1")
+    check_out_given(args.out)  # "" wrote into the current folder
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images {args.max_images}: expected at least 1")
     if args.batch_size is not None and args.batch_size < 1:

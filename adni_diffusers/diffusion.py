@@ -49,7 +49,7 @@ def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Ten
     if not gamma > 0:  # zero or negative weights: no learning, or gradient ascent
         raise ValueError(f"Min-SNR gamma must be positive, got {gamma}")
     snr = compute_snr(noise_scheduler, t)
-    clipped = torch.clamp(snr, max=gamma)
+    clipped = torch.minimum(snr, snr.new_tensor(gamma))  # (clamp(max=1e308) overflowed float32; this reads it as inf)
     if noise_scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped / snr

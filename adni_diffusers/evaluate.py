@@ -55,6 +55,7 @@ from .schedulers import SCHEDULERS, default_steps, make_scheduler
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCHEDULER = "dpm++"  # the fast sampler for the main numbers; DDPM-1000 is an ablation row
+DEFAULT_ABLATION_SAMPLES = 32
 DEFAULT_GUIDANCE_CONDITIONAL = 2.0  # as the demo samples; the guidance ablation checks it
 PR_K = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019 use 3)
 NN_PERCENTILE = 5.0  # memorisation: samples closer to the training set than 5% of held-out reals
@@ -1130,7 +1131,7 @@ def evaluate_model(
     diversity_pairs: int | None = None,
     kid_subsets: int = 100,
     ablations: bool = False,
-    ablation_samples: int = 32,
+    ablation_samples: int = DEFAULT_ABLATION_SAMPLES,
     ablation_step_overrides: dict | None = None,
     umap: bool = True,
     render_card: bool = True,
@@ -1160,6 +1161,14 @@ def evaluate_model(
         raise EvaluationError(f"--num-samples {num_samples}: expected 2 to {MAX_SAMPLES_PER_CLASS}")
     if guidance is not None and not math.isfinite(float(guidance)):  # NaN guidance made every latent NaN
         raise EvaluationError(f"--guidance {guidance}: expected a finite number")
+    from .generate import check_guidance, check_out_given
+
+    try:  # a negative guidance steered away from the class; an empty --out wrote into the current folder
+        check_guidance(guidance if guidance is not None else 1.0)
+        if out is not None:
+            check_out_given(out)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
     # UMAP's random_state takes 0 .. 2**32 - 1 (and so the image seeds stay below 2**64): a seed past it failed at
     # the UMAP step, or at the first sample after the earlier evaluation was removed, naming no flag
     if not 0 <= int(seed) < 2**32:
@@ -1504,18 +1513,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ablations")
     g.add_argument("--ablations", action="store_true",
                    help="also compare refinement, samplers and guidance on the same seeds (samples again per row)")
-    g.add_argument("--ablation-samples", type=positive_int, default=32, help="samples per class (or in all) per ablation row (default 32)")
+    g.add_argument("--ablation-samples", type=positive_int, default=None,
+                   help=f"samples per class (or in all) per ablation row (default {DEFAULT_ABLATION_SAMPLES}; with "
+                        "--ablations)")
     parser.add_argument("--no-card", dest="render_card", action="store_false",
                         help="do not re-render the model card afterwards")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.ablation_samples is not None and not args.ablations:  # it did nothing, without a word
+        raise EvaluationError(f"--ablation-samples {args.ablation_samples} needs --ablations")
     result = evaluate_model(
         args.model, args.data_dir, args.num_samples, args.out, scheduler=args.scheduler, steps=args.steps,
         guidance=args.guidance, refine_steps=args.refine_steps, refine_repeats=args.refine_repeats, seed=args.seed,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, feature_cache=args.feature_cache,
         feature_epochs=args.feature_epochs, tstr_epochs=args.tstr_epochs, diversity_pairs=args.diversity_pairs,
-        kid_subsets=args.kid_subsets, ablations=args.ablations, ablation_samples=args.ablation_samples,
+        kid_subsets=args.kid_subsets, ablations=args.ablations,
+        ablation_samples=DEFAULT_ABLATION_SAMPLES if args.ablation_samples is None else args.ablation_samples,
         umap=args.umap, render_card=args.render_card,
     )
     out = Path(args.out) if args.out else Path(args.model) / "evaluation"

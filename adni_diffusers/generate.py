@@ -74,6 +74,18 @@ def earlier_outputs(out: Path) -> list[Path]:
 GRID_IMAGES = 64  # grid.png shows the first ones: a grid of 10,000 (an FD-sized set) is unreadable and takes GBs
 
 
+def check_out_given(out) -> None:
+    """An empty --out (an unset shell variable) is the current folder: the outputs went there without a word."""
+    if str(out) == "":
+        raise ValueError("--out is empty; expected an output folder")
+
+
+def check_guidance(guidance: float) -> None:
+    """Below 0 the sampler steers away from the class (0 is the unconditional model, 1 no guidance)."""
+    if guidance < 0:
+        raise ValueError(f"--guidance {guidance:g}: expected a number >= 0 (1 = no guidance)")
+
+
 def check_out_folder(out: Path, earlier: list[Path], overwrite: bool) -> None:
     """Refuse an --out that holds `earlier` (what an earlier run wrote there and this run would write too) unless
     `overwrite`. The caller removes them (remove_outputs) once the model has loaded: a failed load keeps them."""
@@ -248,13 +260,17 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         if value < 1:  # checked before the model loads (batch_size < 1 would end in torch.cat([]))
             raise ValueError(f"{name}={value}: expected at least 1")
     check_refinement(steps, refine_steps, refine_repeats)
+    if num_images > 2**64:  # else the seed check below blamed --seed (with a negative upper bound)
+        raise ValueError(f"--num-images {num_images}: expected at most 2**64 (each image has its own seed)")
     if not (seed >= 0 and seed * 1_000_003 + num_images <= 2**64):  # the per-image generator seeds below are < 2**64
         raise ValueError(f"--seed {seed}: expected 0 .. {(2**64 - num_images) // 1_000_003}")
+    check_guidance(guidance)
     if guidance != 1.0 and class_label is None:  # the unconditional class has nothing to guide toward: ignored
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
                          "toward)")
     if resume and overwrite:
         raise ValueError("--resume keeps an earlier run's images, --overwrite removes them: give one")
+    check_out_given(out)
     out = Path(out)
     earlier = earlier_outputs(out)
     recorded = _earlier_settings(out) if resume else None

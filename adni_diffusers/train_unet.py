@@ -38,6 +38,9 @@ RESUME_MUST_MATCH = ("conditional", "cond_dropout", "prediction_type", "loss", "
                      "beta_schedule", "beta_start", "beta_end")
 
 
+MAX_TRAIN_TIMESTEPS = 1_000_000  # DDPM's is 1000
+MAX_SAMPLE_IMAGES = 64  # as generate's grid.png: a wider row is unreadable
+
 # sampling starts from pure noise: the forward process must end (nearly) there. 0.01 leaves a tenth of the signal's
 # scale; the default 1000 linear steps leave 4e-5, Stable Diffusion's much-criticised schedule 0.005
 MAX_FINAL_ALPHA_CUMPROD = 0.01
@@ -125,6 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise TrainingError(f"--cond_dropout {args.cond_dropout}: expected a probability in [0, 1)")
     training.require_at_least(args, 1, "num_train_timesteps", "save_images_epochs", "num_sample_images",
                               "sample_inference_steps")
+    # the schedule's arrays are built below (10**9 steps: killed for memory, a longer number a traceback); the grid
+    # is one row, sampled in one batch after the first epoch (a million images: killed for memory after training)
+    training.require_at_most(args, MAX_TRAIN_TIMESTEPS, "num_train_timesteps")
+    training.require_at_most(args, MAX_SAMPLE_IMAGES, "num_sample_images")
     training.require_positive(args, "snr_gamma")  # 0 or less: zero or negative loss weights (gradient ascent)
     for name in ("beta_start", "beta_end"):  # a beta of 1 or more leaves no signal (alpha = 1 - beta <= 0)
         value = getattr(args, name)

@@ -86,6 +86,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 # ------------------------------------------------------------------------------------------- flags
 
 
+EMA_DEFAULTS = {"ema_max_decay": 0.9999, "ema_inv_gamma": 1.0, "ema_power": 3 / 4}
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float, default_batch: int) -> None:
     """Flags named as in diffusers' training examples."""
     g = parser.add_argument_group("data")
@@ -147,9 +150,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the weights")
-    g.add_argument("--ema_max_decay", type=float, default=0.9999)
-    g.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    g.add_argument("--ema_power", type=float, default=3 / 4)
+    for name, default in EMA_DEFAULTS.items():
+        g.add_argument(f"--{name}", type=float, default=default)  # with --use_ema only
 
     g = parser.add_argument_group("speed")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -194,11 +196,27 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
         if ignored:
             raise TrainingError(f"{' and '.join(ignored)} only apply to --split patient (this run: --split "
                                 f"{args.split}); leave them out")
+    if not args.use_ema:  # they shape the EMA only: without --use_ema they did nothing, without a word
+        ignored = [f"--{name} {getattr(args, name):g}" for name, default in EMA_DEFAULTS.items()
+                   if getattr(args, name) != default]
+        if ignored:
+            raise TrainingError(f"{' and '.join(ignored)} only apply with --use_ema; add it or leave them out")
     for name in ("seed", "split_seed"):
         value = getattr(args, name, None)
         if value is not None and not 0 <= value < 2**32:
             raise TrainingError(f"--{name} must be between 0 and 2**32 - 1, got {value}")
+    # torch's process group keeps the timeout in nanoseconds: more overflowed (a traceback before any other check)
+    require_at_most(args, 2**31 - 1, "ddp_timeout")
+    for name in ("train_data_dir", "demo_data_dir", "output_dir"):
+        if getattr(args, name) == "":  # an unset shell variable: "" is the current folder (the run trained there)
+            raise TrainingError(f"--{name} is empty; expected a folder")
     logs = logging_folder(args)
+    for name, folder in (("output_dir", Path(args.output_dir)), ("logging_dir", logs)):
+        # mkdir's or tensorboard's NotADirectoryError came as a traceback (tensorboard's before the data was checked)
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            what = "exists and is not a folder" if existing == folder else f"{existing} is a file, not a folder"
+            raise TrainingError(f"--{name} {getattr(args, name)}: {what}")
     if Path(args.output_dir).resolve().is_relative_to(logs):
         # --overwrite_output_dir and a fresh start clear the logging folder: this one holds the output folder
         raise TrainingError(f"--logging_dir {args.logging_dir}: the tensorboard folder ({logs}) must not be "
@@ -246,6 +264,13 @@ def require_at_least(args, minimum: int, *names: str) -> None:
         if value is not None and not value >= minimum:
             raise TrainingError(f"--{name} must be at least {minimum}, got {value}")
         _require_finite(name, value)
+
+
+def require_at_most(args, maximum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value > maximum:
+            raise TrainingError(f"--{name} must be at most {maximum}, got {value}")
 
 
 def require_positive(args, *names: str) -> None:
@@ -489,8 +514,11 @@ def data_root(args, accelerator) -> Path:
         return Path(args.train_data_dir)
     from .demo_data import ensure_demo_dataset
 
-    with accelerator.main_process_first():
-        root = ensure_demo_dataset(args.demo_data_dir)
+    try:
+        with accelerator.main_process_first():
+            root = ensure_demo_dataset(args.demo_data_dir)
+    except FileExistsError as e:  # a file, or a folder of other things (it names the folder): it builds nothing there
+        raise TrainingError(f"--demo_data_dir {e}") from None
     logger.info("no --train_data_dir: using the synthetic demo set in %s (NOT ADNI)", root)
     return Path(root)
 
@@ -1030,6 +1058,8 @@ def resume_mismatches(recorded: dict, current: dict) -> list[str]:
         flags = {**flags, "split_seed": split_seed(flags)} if "split_seed" in flags else flags
         if flags.get("patient_ids") == "subject-2026-12-03":  # splits as subject unless a subject is named both
             flags = {**flags, "patient_ids": "subject"}  # ways: the data's fingerprint (identity) tells
+        if flags.get("use_ema") is False:  # the EMA flags did nothing (a run from before they needed --use_ema)
+            flags = {name: value for name, value in flags.items() if name not in EMA_DEFAULTS}
         return flags
 
     lines = []

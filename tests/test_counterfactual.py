@@ -221,6 +221,10 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
          ["--from, --control only apply to --measure"]),
         (["--image", nc_slice, "--to", "AD", "--data-dir", tmp_path, "--feature-epochs", "3"],
          ["--data-dir, --feature-epochs only apply with --measure, --classify or --classifier"]),
+        # the noise seeds are taken modulo 2**63: -1 gave another seed's noise, without a word
+        (["--image", nc_slice, "--to", "AD", "--seed", "-1"], ["--seed -1: expected 0 .. 2**32 - 1"]),
+        # "" (an unset shell variable) wrote into the current folder
+        (["--image", nc_slice, "--to", "AD", "--out", ""], ["--out is empty; expected an output folder"]),
     ]
     for argv, expected in cases:
         rc, err = run_cli(base + argv, capsys)

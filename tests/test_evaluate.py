@@ -406,6 +406,10 @@ def test_feature_net_refuses_zero_epochs(demo_root):
     (dict(seed=-1), r"--seed -1: expected 0 .. 2\*\*32 - 1"),
     (dict(seed=2**32), "--seed 4294967296: expected"),
     (dict(ablations=True, ablation_samples=1), "--ablation-samples 1: expected at least 2"),
+    # below 0 it steered away from the class, without a word (counterfactual refused it)
+    (dict(guidance=-1.0), "--guidance -1: expected a number >= 0"),
+    # "" (an unset shell variable) wrote the evaluation into the current folder (and the summary named another)
+    (dict(out=""), "--out is empty; expected an output folder"),
 ])
 def test_bad_sampling_settings_are_refused_before_any_work(model_copy, tmp_path, monkeypatch, kw, match):
     """Before: these failed in the pipeline (or were ignored) only after the feature net was trained."""
@@ -416,8 +420,16 @@ def test_bad_sampling_settings_are_refused_before_any_work(model_copy, tmp_path,
 
     monkeypatch.setattr(features, "get_or_train_feature_net", no_work)
     with pytest.raises(E.EvaluationError, match=match):
-        E.evaluate_model(model_copy, num_samples=2, out=tmp_path / "out", device="cpu", progress=False,
-                         render_card=False, **kw)
+        E.evaluate_model(model_copy, num_samples=2, device="cpu", progress=False, render_card=False,
+                         **{"out": tmp_path / "out", **kw})
+
+
+def test_ablation_samples_without_ablations_are_refused(tmp_path, capsys):
+    """--ablation-samples without --ablations did nothing, without a word."""
+    from adni_diffusers import cli
+
+    assert cli.main(["evaluate", "--model", str(tmp_path), "--ablation-samples", "8"]) == 2
+    assert "--ablation-samples 8 needs --ablations" in capsys.readouterr().err
 
 
 def test_ablations_of_a_model_with_fewer_training_timesteps(model_copy, tmp_path):

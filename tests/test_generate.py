@@ -288,6 +288,12 @@ def test_an_earlier_run_in_out_is_refused_unless_overwrite(fresh_pipe, tmp_path,
     (["--seed", "99999999999999999"], "--seed 99999999999999999: expected 0 .. "),
     (["--seed", "-1"], "--seed -1: expected 0 .. "),
     (["--device", "gpu"], "--device gpu: "),
+    # the --seed check blamed --seed, with a negative upper bound
+    (["--num-images", str(2**64 + 1)], f"--num-images {2**64 + 1}: expected at most 2**64"),
+    # below 0 it steered away from the class, without a word (counterfactual refused it)
+    (["--guidance", "-1", "--class", "AD"], "--guidance -1: expected a number >= 0"),
+    # "" (an unset shell variable) wrote the images into the current folder
+    (["--out", ""], "--out is empty; expected an output folder"),
 ])
 def test_bad_seed_or_device_is_named_before_the_model_loads(tmp_path, capsys, flags, message):
     from adni_diffusers import cli

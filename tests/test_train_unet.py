@@ -356,6 +356,19 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     ("train_unet", "--logging_dir", "..", "--logging_dir ..: the tensorboard folder"),
     ("train_vqmodel", "--logging_dir", ".", "must not be --output_dir or a folder above it"),
     ("train_vqmodel", "--logging_dir", "/", "must not be --output_dir or a folder above it"),
+    # a traceback (torch's timeout overflowed) before any other check
+    ("train_vqmodel", "--ddp_timeout", "99999999999999999999", "--ddp_timeout must be at most 2147483647"),
+    # the schedule's arrays: 10**9 was killed for memory while the flags were read (a longer number: a traceback)
+    ("train_unet", "--num_train_timesteps", "10000000", "--num_train_timesteps must be at most 1000000"),
+    # the grid is sampled in one batch after the first epoch: killed for memory after training
+    ("train_unet", "--num_sample_images", "1000000", "--num_sample_images must be at most 64"),
+    # "" (an unset shell variable) is the current folder: the run trained there
+    ("train_vqmodel", "--output_dir", "", "--output_dir is empty; expected a folder"),
+    ("train_unet", "--demo_data_dir", "", "--demo_data_dir is empty"),
+    ("train_unet", "--train_data_dir", "", "--train_data_dir is empty"),
+    # without --use_ema they did nothing, without a word
+    ("train_unet", "--ema_max_decay", "0.999", "--ema_max_decay 0.999 only apply with --use_ema"),
+    ("train_vqmodel", "--ema_power", "0.5", "--ema_power 0.5 only apply with --use_ema"),
 ])
 def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, capsys):
     """Caught when the flags are read, not after an epoch (a 0 interval divided by zero at its first use;
@@ -369,6 +382,58 @@ def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, cap
         module.parse_args(["--vqmodel", "v", "--output_dir", "o", flag, value] if script == "train_unet"
                           else ["--output_dir", "o", flag, value])
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("flag, path, message", [
+    ("--output_dir", "afile/run", "--output_dir {tmp}/afile/run: {tmp}/afile is a file, not a folder"),
+    ("--logging_dir", "afile", "--logging_dir {tmp}/afile: exists and is not a folder"),
+])
+def test_a_file_where_a_folder_goes_is_refused_at_parse_time(tmp_path, flag, path, message):
+    """mkdir's (--output_dir) or tensorboard's (--logging_dir, before the data was checked) NotADirectoryError came as
+    a traceback."""
+    from adni_diffusers import train_vqmodel
+    from adni_diffusers.training import TrainingError
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(TrainingError) as error:
+        train_vqmodel.parse_args(["--output_dir", str(tmp_path / "out"), flag, str(tmp_path / path)])
+    assert message.format(tmp=tmp_path) in str(error.value)
+
+
+def test_a_demo_data_dir_that_is_no_demo_folder_is_named(tmp_path):
+    """A file (or a folder of other things) as --demo_data_dir was a FileExistsError traceback."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from adni_diffusers import train_vqmodel, training
+
+    (tmp_path / "afile").write_text("")
+    args = train_vqmodel.parse_args(["--output_dir", str(tmp_path / "out"), "--demo_data_dir", str(tmp_path / "afile")])
+    accelerator = SimpleNamespace(main_process_first=contextlib.nullcontext)
+    with pytest.raises(training.TrainingError, match=f"--demo_data_dir {tmp_path / 'afile'}: exists and is not a folder"):
+        training.data_root(args, accelerator)
+
+
+def test_resuming_a_run_without_ema_ignores_its_ema_flags():
+    """A run from before the EMA flags needed --use_ema recorded the ones it was given: they did nothing, and a resume
+    (which may no longer give them) must not be refused over them."""
+    from adni_diffusers.training import resume_mismatches
+
+    then = {"flags": {"use_ema": False, "ema_max_decay": 0.999, "seed": 0}}
+    now = {"flags": {"use_ema": False, "ema_max_decay": 0.9999, "seed": 0}}
+    assert resume_mismatches(then, now) == []
+    assert resume_mismatches({"flags": {**then["flags"], "use_ema": True}},
+                             {"flags": {**now["flags"], "use_ema": True}}) == [
+        "--ema_max_decay: 0.999 in the checkpoint, 0.9999 now"]
+
+
+def test_min_snr_weights_take_a_gamma_beyond_float32_as_inf():
+    """--snr_gamma 1e308 (accepted: inf is) raised "value cannot be converted to type float" at the first step."""
+    from adni_diffusers.diffusion import make_noise_scheduler, min_snr_weights
+
+    scheduler = make_noise_scheduler(1000, "linear", 1e-4, 0.02)
+    t = torch.tensor([0, 500, 999])
+    assert torch.equal(min_snr_weights(scheduler, t, 1e308), min_snr_weights(scheduler, t, float("inf")))
 
 
 @pytest.mark.parametrize("flags", [["--split", "given", "--val_fraction", "0.2"], ["--split", "all", "--split_seed", "3"]])
