@@ -91,6 +91,9 @@ def check_out_folder(out: Path, earlier: list[Path], overwrite: bool) -> None:
     `overwrite`. The caller removes them (remove_outputs) once the model has loaded: a failed load keeps them."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    inside = next((p for p in Path(out).parents if p.exists() and not p.is_dir()), None)
+    if inside is not None:  # mkdir's "[Errno 20] Not a directory" named no flag
+        raise ValueError(f"--out {out}: {inside} is a file, not a folder")
     if earlier and not overwrite:
         raise FileExistsError(f"--out {out}: holds {len(earlier)} output(s) of an earlier run (e.g. "
                               f"{earlier[0].name}); pass --overwrite to replace them, or pick another folder")

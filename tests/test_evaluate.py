@@ -672,6 +672,10 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(model_copy, tmp_path, 
     assert rc == 2
     assert f"--out {afile}: exists and is not a folder" in capsys.readouterr().err
     assert afile.read_text() == "mine"
+    # a folder inside that file: "[Errno 20] Not a directory", naming no flag
+    rc = cli.main(["evaluate", "--model", str(model_copy), "--num-samples", "2", "--out", str(afile / "sub")])
+    assert rc == 2
+    assert f"--out {afile / 'sub'}: {afile} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_classifier_epochs_are_logged_under_its_name(model_copy, caplog):
