@@ -34,6 +34,16 @@ def replace_folder(new: Path, target: Path) -> None:
     remove_path(aside, ignore_errors=True)
 
 
+def not_a_folder(path: Path) -> str | None:
+    """Why `path` cannot be (or be made) a folder, or None: it is a file, or one of its parents is (mkdir's bare
+    "[Errno 20] Not a directory" names no flag)."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return None
+    return "exists and is not a folder" if existing == path else f"{existing} is a file, not a folder"
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """`text` into `path` whole or not at all (a `.tmp` beside it, renamed): a crash while writing leaves the
     earlier file, never half of one (a record cut short was unreadable, and what it described nobody's)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import remove_path, write_text_atomically
+from .files import not_a_folder, remove_path, write_text_atomically
 from .schedulers import SCHEDULERS, default_steps, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -89,11 +89,8 @@ def check_guidance(guidance: float) -> None:
 def check_out_folder(out: Path, earlier: list[Path], overwrite: bool) -> None:
     """Refuse an --out that holds `earlier` (what an earlier run wrote there and this run would write too) unless
     `overwrite`. The caller removes them (remove_outputs) once the model has loaded: a failed load keeps them."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
-    inside = next((p for p in Path(out).parents if p.exists() and not p.is_dir()), None)
-    if inside is not None:  # mkdir's "[Errno 20] Not a directory" named no flag
-        raise ValueError(f"--out {out}: {inside} is a file, not a folder")
+    if why := not_a_folder(out):
+        raise ValueError(f"--out {out}: {why}")
     if earlier and not overwrite:
         raise FileExistsError(f"--out {out}: holds {len(earlier)} output(s) of an earlier run (e.g. "
                               f"{earlier[0].name}); pass --overwrite to replace them, or pick another folder")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .compile_probe import CUDA_GRAPH_MODES
-from .files import fsync_tree, remove_path, replace_folder, write_text_atomically
+from .files import fsync_tree, not_a_folder, remove_path, replace_folder, write_text_atomically
 
 logger = logging.getLogger("adni_diffusers.training")
 
@@ -213,10 +213,8 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
     logs = logging_folder(args)
     for name, folder in (("output_dir", Path(args.output_dir)), ("logging_dir", logs)):
         # mkdir's or tensorboard's NotADirectoryError came as a traceback (tensorboard's before the data was checked)
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        if not existing.is_dir():
-            what = "exists and is not a folder" if existing == folder else f"{existing} is a file, not a folder"
-            raise TrainingError(f"--{name} {getattr(args, name)}: {what}")
+        if why := not_a_folder(folder):
+            raise TrainingError(f"--{name} {getattr(args, name)}: {why}")
     if Path(args.output_dir).resolve().is_relative_to(logs):
         # --overwrite_output_dir and a fresh start clear the logging folder: this one holds the output folder
         raise TrainingError(f"--logging_dir {args.logging_dir}: the tensorboard folder ({logs}) must not be "
