@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
-from .files import remove_path
+from .files import not_a_folder, remove_path
 
 logger = logging.getLogger(__name__)
 
@@ -532,8 +532,8 @@ def _visible_entries(folder: Path) -> list[Path]:
 
 def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
     """Create `out_dir`; refuse a non-empty one unless `overwrite`, then remove only what a build writes."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir}: exists and is not a folder")
+    if why := not_a_folder(out_dir):  # a file there, or above it (mkdir's bare "Not a directory")
+        raise FileExistsError(f"{out_dir}: {why}")
     entries = _visible_entries(out_dir)
     if entries and not overwrite:
         raise FileExistsError(

@@ -139,6 +139,13 @@ def check_device(device: str) -> str:
         raise ValueError(f"--device {device}: {str(e).splitlines()[0]}") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    # mps (Apple) and xpu (Intel) where this torch has them; others (meta, hpu ...) sample nothing here
+    available = {"cpu": True, "cuda": True, "mps": torch.backends.mps.is_available(),
+                 "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if kind not in available:
+        raise ValueError(f"--device {device}: expected cpu, cuda, cuda:N, mps or xpu")
+    if not available[kind]:
+        raise ValueError(f"--device {device}: no {kind.upper()} device is available here; use --device cpu")
     index = torch.device(device).index
     if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "

@@ -183,6 +183,14 @@ def test_bad_values_are_refused_before_the_build_naming_the_flag(flags, message,
     assert not Path(out).exists()
 
 
+def test_an_output_folder_inside_a_file_is_named(tmp_path, capsys, monkeypatch):
+    """OUT_DIR below a file failed in mkdir's bare words ("[Errno 20] Not a directory"), naming neither."""
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("")
+    assert cli.main(["demo-data", "afile/built", "--subjects", "4", "--workers", "1", "--no-contact-sheet"]) == 2
+    assert "afile/built: afile is a file, not a folder" in capsys.readouterr().err
+
+
 def test_overwrite_never_wipes_a_folder_that_is_not_a_demo_build(tmp_path, capsys):
     """A real AD_NC tree has train/ and test/ too: --overwrite wiped it (and a user's notes in it)."""
     real = tmp_path / "AD_NC"

@@ -288,6 +288,10 @@ def test_an_earlier_run_in_out_is_refused_unless_overwrite(fresh_pipe, tmp_path,
     (["--seed", "99999999999999999"], "--seed 99999999999999999: expected 0 .. "),
     (["--seed", "-1"], "--seed -1: expected 0 .. "),
     (["--device", "gpu"], "--device gpu: "),
+    # torch takes these names, and the load went on to fail (mps: after loading the model)
+    (["--device", "meta"], "--device meta: expected cpu, cuda, cuda:N, mps or xpu"),
+    pytest.param(["--device", "mps"], "--device mps: no MPS device is available here",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
     # the --seed check blamed --seed, with a negative upper bound
     (["--num-images", str(2**64 + 1)], f"--num-images {2**64 + 1}: expected at most 2**64"),
     # below 0 it steered away from the class, without a word (counterfactual refused it)
