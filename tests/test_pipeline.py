@@ -286,7 +286,9 @@ def test_pndm_samples_but_is_refused_where_the_timesteps_are_sliced(pipe):
     ("LMSDiscreteScheduler", "epsilon", {}), ("DDIMScheduler", "v_prediction", {}),
     ("EulerDiscreteScheduler", "epsilon", {"timestep_spacing": "linspace"}),  # fractional timesteps: 999, 749.25, ...
     ("DPMSolverMultistepScheduler", "epsilon", {"use_karras_sigmas": True}),  # sigmas between the integer timesteps'
-], ids=["ddim", "euler", "lms", "ddim-v", "euler-linspace", "dpm-karras"])
+    ("DDIMScheduler", "sample", {}),  # the model's output is x0 itself
+    ("KDPM2DiscreteScheduler", "epsilon", {}),  # fractional timesteps without one sigma per timestep: 846.14, ...
+], ids=["ddim", "euler", "lms", "ddim-v", "euler-linspace", "dpm-karras", "ddim-sample", "kdpm2"])
 def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type, options):
     """The callback's (and the GIF's) x0 prediction equals the scheduler's own at the same step
     (`pred_original_sample`; DPM-Solver's `convert_model_output`); for Euler-type schedulers, whose latents
@@ -299,7 +301,7 @@ def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type,
     pipe.scheduler = getattr(diffusers, scheduler_name).from_config(
         pipe.scheduler.config, prediction_type=prediction_type, **options)
     steps = 5 if options else 4
-    if "timestep_spacing" in options:
+    if "timestep_spacing" in options or scheduler_name.startswith("KDPM2"):
         pipe.scheduler.set_timesteps(steps)
         assert any(float(t) != int(t) for t in pipe.scheduler.timesteps)
     own, given = [], []
@@ -324,7 +326,7 @@ def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type,
     pipe(num_inference_steps=steps, class_labels=0, guidance_scale=2.0, generator=seeded(), output_type="latent",
          callback_on_step_end=lambda p, i, t, tensors: given.append(tensors["x0_pred"].clone()) or {},
          callback_on_step_end_tensor_inputs=["latents", "x0_pred"])
-    assert len(own) == len(given) == steps
+    assert len(own) == len(given) == (2 * steps - 1 if scheduler_name.startswith("KDPM2") else steps)  # KDPM2: 2 per step
     for a, b in zip(given, own):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -643,6 +645,8 @@ def test_encode_decode_and_strength_zero_is_vq_reconstruction(pipe):
     reconstruction = pipe.decode(latents, output_type="np")
     out = pipe(image=images, strength=0.0, num_inference_steps=10, output_type="np").images
     assert np.allclose(out, reconstruction, atol=1e-6)
+    # exactly the encoded latents, untouched (decoding snaps a slightly re-noised latent to the same codes)
+    assert torch.equal(pipe(image=images, strength=0.0, num_inference_steps=10, output_type="latent").images, latents)
     # the latent cache and pipe.encode agree: one definition of "the latent of a slice"
     from adni_diffusers.latents import encode_all
     from adni_diffusers.data import SliceSet
@@ -791,6 +795,9 @@ def test_low_precision_loading_and_fp16_variant(pipe, tmp_path, dtype):
     pipe.save_pretrained(tmp_path / "full")
     low = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "full", dtype=dtype)
     assert low.unet.dtype == low.vqvae.dtype == dtype
+    # `torch_dtype`, diffusers' older name for `dtype`, is a documented alias
+    old_name = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "full", torch_dtype=dtype)
+    assert old_name.unet.dtype == old_name.vqvae.dtype == dtype
     low.set_progress_bar_config(disable=True)
     out = low(batch_size=1, class_labels="AD", guidance_scale=2.0, num_inference_steps=2, generator=seeded(),
               output_type="np").images
@@ -1380,3 +1387,69 @@ def test_a_callback_changing_latents_inside_a_heun_step_is_warned_about(pipe, mo
     finally:
         pipe.scheduler = saved
     assert len(warned) == 1 and "HeunDiscreteScheduler steps on from its own copy" in warned[0]
+
+
+# ------------------------------------------------------------------------------------------- eighth mutation audit
+
+
+@pytest.mark.parametrize("scheduler_cls, steps, refine", [
+    (DPMSolverMultistepScheduler, 25, 0),
+    (DPMSolverMultistepScheduler, 25, 12),  # two refinement passes from halfway
+    (DDPMScheduler, 200, 0),
+    ("EulerDiscreteScheduler", 100, 0),  # starts from noise of std sigma_max, not 1
+], ids=["dpm++", "dpm++-refined", "ddpm", "euler"])
+def test_sampling_with_the_exact_denoiser_draws_from_the_data_distribution(scheduler_cls, steps, refine):
+    """With the exact noise prediction for latents drawn from N(0.5, 1), the samples are N(0.5, 1): the end-to-end
+    check of the sampler. Clamping the latents after each step (the seed's bug), noise at the wrong scale, the UNet
+    given another timestep than the scheduler steps at, a refinement pass without re-noising, or one noise for every
+    pass, each shift the mean or the spread by 0.1 or more (the other tests compare the pipeline with itself)."""
+    import diffusers
+
+    if isinstance(scheduler_cls, str):
+        scheduler_cls = getattr(diffusers, scheduler_cls)
+    p = make_pipe(conditional=False)
+    p.scheduler = scheduler_cls.from_config(p.scheduler.config, timestep_spacing="trailing")
+    gaussian_data_denoiser(p, mean=0.5, std=1.0)  # unit variance, like the scaled latents: a third lies outside +-1
+    out = p(batch_size=4, num_inference_steps=steps, refine_steps=refine, refine_repeats=2 if refine else 0,
+            generator=seeded(), output_type="latent").images
+    # 16384 values: the mean's standard error is 0.008; the samplers' own discretisation error is up to 0.02
+    assert abs(out.mean().item() - 0.5) < 0.03 and abs(out.std().item() - 1.0) < 0.04
+
+
+def test_callback_x0_pred_after_a_late_start_is_the_solvers_own():
+    """Image-to-image and refinement start part-way along the timesteps: the callback's x0 prediction there is taken
+    at the noise level of the solver's step index (here 5.., then 8..), not at the index within the pass (0..),
+    which for Karras sigmas is another noise level (the plain sampling of the test above starts at index 0)."""
+    pipe = make_pipe()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    own, given = [], []
+    convert = pipe.scheduler.convert_model_output
+
+    def recording_convert(*args, **kwargs):
+        x0 = convert(*args, **kwargs)
+        own.append(x0.clone())
+        return x0
+
+    pipe.scheduler.convert_model_output = recording_convert
+    pipe(image=np.full((240, 256), 90, np.uint8), strength=0.5, num_inference_steps=10, refine_steps=2,
+         refine_repeats=1, class_labels=0, generator=seeded(), output_type="latent",
+         callback_on_step_end=lambda p, i, t, tensors: given.append(tensors["x0_pred"].clone()) or {},
+         callback_on_step_end_tensor_inputs=["x0_pred"])
+    assert len(own) == len(given) == 5 + 2
+    for a, b in zip(given, own):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bfloat16_pipeline_keeps_the_sampler_state_float32(monkeypatch):
+    """Only the networks run in a low-precision pipeline's dtype: the starting noise is the seed's float32 draw and
+    every scheduler step (refinement included) steps float32 latents; bf16 ones drift over 1000 DDPM steps."""
+    low = make_pipe().to(dtype=torch.bfloat16)
+    low.set_progress_bar_config(disable=True)
+    stepped = []
+    real_step = low.scheduler.step
+    monkeypatch.setattr(low.scheduler, "step", lambda out, t, sample, **k: stepped.append(sample.clone())
+                        or real_step(out, t, sample, **k))
+    out = low(num_inference_steps=3, refine_steps=1, refine_repeats=1, class_labels="AD", generator=seeded(),
+              output_type="latent").images
+    assert len(stepped) == 4 and all(s.dtype == torch.float32 for s in [*stepped, out])
+    assert torch.equal(stepped[0], torch.randn(1, 4, 32, 32, generator=seeded()))

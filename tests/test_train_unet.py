@@ -134,19 +134,36 @@ def test_default_latent_cache_is_beside_vqvae_not_inside(tiny_vq, demo_root, tmp
     assert list((vq / "latent_cache").glob("train-*.safetensors")) and not (vq / "vqvae" / "latent_cache").exists()
 
 
-@pytest.mark.parametrize("extra", [["--prediction_type", "v_prediction", "--snr_gamma", "5"],
-                                   ["--loss", "smooth_l1", "--gradient_accumulation_steps", "2"]])
-def test_unconditional_and_other_objectives(tmp_path, tiny_vq, demo_root, extra):
-    from adni_diffusers import ADNILatentDiffusionPipeline
+@pytest.mark.parametrize("extra, objective, schedule", [
+    (["--prediction_type", "v_prediction", "--snr_gamma", "5", "--beta_schedule", "squaredcos_cap_v2"], ("mse", 5.0),
+     {"prediction_type": "v_prediction", "beta_schedule": "squaredcos_cap_v2"}),
+    (["--loss", "smooth_l1", "--gradient_accumulation_steps", "2", "--beta_start", "0.0005", "--beta_end", "0.03"],
+     ("smooth_l1", None), {"prediction_type": "epsilon", "beta_start": 0.0005, "beta_end": 0.03}),
+])
+def test_unconditional_and_other_objectives(tmp_path, tiny_vq, demo_root, monkeypatch, extra, objective, schedule):
+    """The objective flags reach the training loss (--loss, --snr_gamma: a spy on diffusion_loss) and the forward
+    process it trains on (the scheduler saved with the pipeline is the one training used)."""
+    import inspect
 
+    from adni_diffusers import ADNILatentDiffusionPipeline, diffusion
+
+    losses, real_loss = set(), diffusion.diffusion_loss
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(real_loss).bind(*args, **kwargs)
+        bound.apply_defaults()
+        losses.add((bound.arguments["loss_type"], bound.arguments["snr_gamma"]))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "diffusion_loss", spy)
     out = tmp_path / "ldm"
     run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
                                        "--max_train_steps", "2", "--latent_cache_dir", tmp_path / "cache",
                                        *TINY_UNET_ARGS, *extra])
+    assert objective in losses  # (beside the validation loss's plain MSE)
     pipe = ADNILatentDiffusionPipeline.from_pretrained(out)
     assert pipe.unet.config.num_class_embeds is None and pipe.class_names == []
-    if "v_prediction" in extra:
-        assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert {name: pipe.scheduler.config[name] for name in schedule} == schedule
     pipe.set_progress_bar_config(disable=True)
     assert pipe(num_inference_steps=2, output_type="np").images.shape == (1, 256, 256, 1)
 
@@ -2079,3 +2096,101 @@ def test_a_unet_that_cannot_run_on_the_latents_is_refused_before_the_latent_cach
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------------------------------ eighth mutation audit
+
+
+def test_the_default_forward_process_is_the_seeds_linear_betas():
+    """1000 betas rising linearly from 1e-4 to 0.02 (DDPM's, the seed's). Swapped, they fall from 0.02: the nearly
+    clean timesteps would lose the most signal, while alphas_cumprod[-1], the product the noise check reads, stays
+    the same."""
+    from adni_diffusers.diffusion import make_noise_scheduler
+
+    expected = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    torch.testing.assert_close(make_noise_scheduler().alphas_cumprod.double(), expected, rtol=1e-4, atol=0)
+
+
+def test_a_latent_cache_file_is_used_only_with_its_key_length_labels_and_finite_latents(tmp_path):
+    """read_cache's checks beyond the checksum (which covers the latents alone), each on a file whose checksum
+    holds: another key in its header (a file renamed by hand), labels that are not the slices', a latent too many,
+    NaN latents. Each is refused, saying why, and so encoded again; a whole file is used as it is."""
+    from conftest import toy_slices
+    from safetensors.torch import save_file
+
+    from adni_diffusers.latents import latent_digest, read_cache
+
+    slices = toy_slices()
+    latents = torch.randn(len(slices), 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "train-k1.safetensors"
+
+    def read(latents, labels, key="k1"):
+        save_file({"latents": latents, "labels": labels}, str(path),
+                  metadata={"key": key, "sha256": latent_digest(latents)})
+        return read_cache(path, "k1", slices)
+
+    found, damage = read(latents, slices.labels)
+    assert damage is None and torch.equal(found, latents)
+    assert read(latents, slices.labels, key="k2") == (None, "its key is 'k2', not 'k1'")
+    assert read(latents, 1 - slices.labels) == (None, "its labels are not those of the slices")
+    longer = torch.cat([latents, latents[:1]])  # one latent too many (the wrong-length test's file was shorter)
+    assert read(longer, slices.labels) == (None, "latents of shape (13, 4, 2, 2), not those of the 12 slices")
+    latents[3, 0, 0, 0] = float("nan")
+    assert read(latents, slices.labels) == (None, "it holds NaN or inf latents")
+
+
+def test_each_latent_batch_carries_its_own_rows_labels():
+    """The training loader's batches (one get_batch per batch): each label and index is that of its latent's row.
+    A shifted label would teach a conditional model the wrong class for its slices."""
+    from types import SimpleNamespace
+
+    from adni_diffusers.latents import LatentDataset
+    from adni_diffusers.training import make_dataloader
+
+    latents = torch.arange(10.0).reshape(10, 1, 1, 1).expand(10, 4, 2, 2)  # row i holds i everywhere
+    labels = torch.tensor([3, 1, 4, 0, 5, 9, 2, 6, 8, 7])  # one per row, so that any mix-up shows
+    args = SimpleNamespace(seed=0, train_batch_size=3, dataloader_num_workers=0)
+    loader, _ = make_dataloader(LatentDataset(latents, labels), args, None)
+    batches = list(loader)
+    assert len(batches) == 3  # the last, short batch is dropped
+    for batch in batches:
+        rows = batch["latents"][:, 0, 0, 0].long()
+        assert torch.equal(batch["index"], rows) and torch.equal(batch["class_labels"], labels[rows])
+
+
+def test_sample_grids_sample_from_the_ema_weights_in_eval_mode(tmp_path, monkeypatch):
+    """With --use_ema the periodic grid shows the average (as the saved model is), not the last raw weights, and
+    without training-mode dropout. (The other grid test checks only that the weights are put back afterwards.)"""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from adni_diffusers import train_unet, training
+    from adni_diffusers.diffusion import make_noise_scheduler
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+    from adni_diffusers.presets import unet_config
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config("tiny"))
+    args = SimpleNamespace(use_ema=True, ema_max_decay=0.9999, ema_inv_gamma=1.0, ema_power=0.75, seed=0,
+                           num_sample_images=2, sample_inference_steps=2, output_dir=str(tmp_path))
+    ema = training.make_ema(unet, args, "cpu")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)  # a trained step: the weights now differ from their average
+    seen = {}
+
+    def sample(pipe, **kwargs):  # what the pipeline samples with, instead of sampling
+        seen.update(weights=[p.detach().clone() for p in pipe.unet.parameters()], training=pipe.unet.training)
+        return SimpleNamespace(images=torch.zeros(kwargs["batch_size"], 1, 8, 8))
+
+    monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", sample)
+    reset_accelerate()
+    try:
+        run = SimpleNamespace(model=unet, ema=ema, global_step=1)
+        train_unet._sample_grid(Accelerator(cpu=True), run, None, make_noise_scheduler(), None, args, DDIMScheduler)
+    finally:
+        reset_accelerate()
+    assert seen["training"] is False
+    assert all(torch.equal(w, s) for w, s in zip(seen["weights"], ema.ema.shadow_params))

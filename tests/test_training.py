@@ -446,3 +446,128 @@ def test_a_stop_signal_again_while_finishing_ends_the_run_unless_it_is_the_same_
         assert handled == [signal.SIGUSR1] * 2
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+# ------------------------------------------------------------------------------------------ eighth mutation audit
+
+
+def test_the_ema_decay_stops_at_ema_max_decay():
+    """--ema_max_decay caps the warmed-up decay: with 0.5, after 100 steps a jump of the weights moves the average
+    by half of it (the warm-up alone would be at 1 - (1 + 100) ** -0.75 = 0.97 by then). The other EMA tests use
+    the default 0.9999, which the warm-up does not reach in their few steps."""
+    model = _TinyModel(2, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    args = SimpleNamespace(use_ema=True, ema_max_decay=0.5, ema_inv_gamma=1.0, ema_power=0.75)
+    ema = training.make_ema(model, args, "cpu")
+    for _ in range(100):
+        ema.ema.step(model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    ema.ema.step(model.parameters())
+    for shadow in ema.ema.shadow_params:
+        torch.testing.assert_close(shadow, torch.full_like(shadow, 0.5))
+
+
+def test_gradients_are_clipped_to_the_given_max_grad_norm():
+    """--max_grad_norm 0.25, not the default 1.0 (the other clipping test uses 1.0)."""
+    model = _TinyModel(2, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    run = _run_for_end_step(model, max_grad_norm=0.25)
+    run.clip_gradients(model.parameters())
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item() == pytest.approx(0.25, rel=1e-5)
+
+
+def test_the_optimizer_takes_the_adam_flags():
+    """--adam_beta1/2, --adam_weight_decay and --adam_epsilon reach AdamW (its defaults differ: weight decay 0.01)."""
+    args = SimpleNamespace(learning_rate=3e-4, scale_lr=False, gradient_accumulation_steps=1, train_batch_size=8,
+                           adam_beta1=0.8, adam_beta2=0.95, adam_weight_decay=0.0, adam_epsilon=1e-6)
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    optimizer = training.make_optimizer([torch.nn.Parameter(torch.zeros(1))], args, accelerator, default_batch=8)
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (3e-4, (0.8, 0.95), 0.0, 1e-6)
+
+
+def test_a_resume_on_more_processes_rescales_a_linear_scale_lr():
+    """--scale_lr linear, a checkpoint of 2 processes resumed on 4: the global batch doubled, so the rate doubles
+    (the sqrt rule's test resumes on fewer processes)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    args = SimpleNamespace(lr_scheduler="constant", lr_warmup_steps=0, scale_lr="linear")
+    scheduler = training.make_lr_scheduler(optimizer, args, SimpleNamespace(num_processes=4), max_train_steps=8)
+    training.reposition_lr_schedule(scheduler, args, step=3, then=2, now=4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0)
+
+
+def test_an_epoch_based_run_counts_optimizer_steps_not_micro_batches():
+    """--num_epochs without --max_train_steps: 3 epochs of 5 batches in steps of 2 micro-batches are 3 x 3 optimizer
+    steps (the last of each epoch short), the length of the run and of its LR schedule, not 3 x 5."""
+    args = SimpleNamespace(max_train_steps=None, num_epochs=3, gradient_accumulation_steps=2)
+    assert training.total_train_steps(args, list(range(5))) == 9
+
+
+def test_a_resume_mid_epoch_weights_the_remaining_micro_batches_as_an_uninterrupted_run(tmp_path):
+    """Epochs of 5 batches in steps of 2 + 2 + 1 micro-batches: only the last, one-batch step is weighted up (x2).
+    Resumed after step 1, the loader holds only the 3 batches left; weighing them by that loader's length made the
+    full step 2 look short (x2 as well). The weights must be the uninterrupted run's last three."""
+    import itertools
+
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    try:
+        acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        sampler = training.EpochShuffleSampler(5, seed=0)
+        loader = acc.prepare(torch.utils.data.DataLoader(torch.arange(5.0), batch_size=1, sampler=sampler))
+        args = SimpleNamespace(seed=0, train_batch_size=1, gradient_accumulation_steps=2, max_train_steps=6,
+                               trace_batches=False, output_dir=str(tmp_path))
+
+        def weights(step: int, batches: int) -> list[float]:
+            run = training.TrainingRun(args, acc, loader, sampler, torch.nn.Linear(1, 1), optimizer=None,
+                                       stage="UNet")
+            run.global_step = run.start_step = step  # what resume() sets (epoch 0)
+            seen = []
+            loop = run.batches()
+            for _ in itertools.islice(loop, batches):
+                seen.append(run._weight)
+            loop.close()
+            return seen
+
+        assert weights(0, 5) == [1, 1, 1, 1, 2]
+        assert weights(1, 3) == [1, 1, 2]
+    finally:
+        reset_accelerate()
+
+
+def test_resume_moves_the_lr_schedule_of_a_checkpoint_written_by_more_processes(tmp_path):
+    """resume() itself repositions the schedule when the checkpoint was written by another number of processes (the
+    test above calls reposition_lr_schedule directly; only the slow 2-process run went through resume): a step-2
+    checkpoint of 4 processes, whose schedule stands at 2 x 4 = 8 of 8 (rate 0), goes on at step 2 of 8 on one."""
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    try:
+        acc = Accelerator(cpu=True)
+        args = SimpleNamespace(lr_scheduler="linear", lr_warmup_steps=0, scale_lr=False, output_dir=str(tmp_path))
+        model = torch.nn.Linear(1, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = training.make_lr_scheduler(optimizer, args, acc, max_train_steps=8)
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        for _ in range(8):  # the 4 processes' scheduler steps of 2 optimizer steps
+            optimizer.step()
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == 0.0
+        path = training.save_checkpoint(acc, tmp_path, 2, {"meta": {"run": {"num_processes": 4}}}, None)
+        run = object.__new__(training.TrainingRun)
+        run.args = SimpleNamespace(**vars(args), resume_from_checkpoint=str(path))
+        run.accelerator, run.lr_scheduler, run.ema, run.output_dir = acc, scheduler, None, tmp_path
+        run.record, run.max_train_steps, run.steps_per_epoch = {"num_processes": 1}, 8, 4
+        run.restore_extra_state = lambda tensors, meta: None
+        run.resume()
+        assert run.global_step == 2 and optimizer.param_groups[0]["lr"] == pytest.approx(0.75)
+    finally:
+        reset_accelerate()
