@@ -1035,3 +1035,104 @@ def test_a_folder_inside_a_class_folder_is_named(tmp_path):
     (root / "train" / "NC" / "@eaDir" / "1003731_80.jpeg").mkdir(parents=True)
     msg = data_error(root)
     assert f"{root / 'train' / 'NC'}: class folders must hold images, not further folders (it holds @eaDir/)" in msg
+
+
+# --- mutation audit 2026-12-05
+
+
+def test_a_bids_subject_is_the_whole_sub_label_at_the_start_or_after_an_underscore():
+    """A BIDS subject begins the name or an underscore-separated part of it (a tool's prefix: smoothed_sub-01_...);
+    "sub-" inside a word is no subject."""
+    assert D.patient_of("smoothed_sub-ADNI002S0295_ses-M06_T1w") == "sub-ADNI002S0295"
+    assert D.patient_of("nosub-01_T1w") == "nosub-01_T1w"
+
+
+def test_a_recorded_run_names_the_patient_rule_that_split_it():
+    """Records without a rule are from before 2026-12-03 ("file"); "subject" without `subjects_named_both_ways`
+    from before 2026-12-04; training_args.json's flag stands in where training_data.json has none."""
+    assert D.recorded_patient_ids({}) == "file"
+    assert D.recorded_patient_ids({"patient_ids": "subject"}) == "subject-2026-12-03"
+    assert D.recorded_patient_ids({"patient_ids": "subject", "subjects_named_both_ways": 0}) == "subject"
+    assert D.recorded_patient_ids({"subjects_named_both_ways": 2}, {"patient_ids": "subject"}) == "subject"
+    assert D.recorded_patient_ids({}, {"patient_ids": "file"}) == "file"
+
+
+def test_the_patients_held_out_for_a_seed_do_not_depend_on_listing_order_or_process():
+    """A seed's split is the same in every process (a set's order changes with Python's hash seed) and whatever
+    order the files are listed in (classes met in another order included): runs resume and evaluate on it."""
+    import random
+
+    patients = [f"nc{i:02d}" for i in range(10)] * 2 + [f"ad{i:02d}" for i in range(10)] * 2
+    labels = [1] * 20 + [0] * 20  # class 1 met first
+    expected = {0: ["ad02", "ad04", "ad06", "nc02", "nc03", "nc09"],
+                5: ["ad01", "ad06", "ad07", "nc03", "nc06", "nc09"]}
+    order = list(range(len(patients)))
+    for seed, held in expected.items():
+        for shuffle in range(3):
+            _, val = split_by_patient([patients[i] for i in order], [labels[i] for i in order], 0.3, seed)
+            assert sorted({patients[order[i]] for i in val}) == held, (seed, shuffle)
+            random.Random(shuffle).shuffle(order)
+
+
+def test_val_fraction_of_each_class_is_rounded_to_the_nearest_patient():
+    """0.1 of 17 patients is 1.7: 2 held out (not 1); 0.1 of 12 is 1.2: 1 (not 2)."""
+    from collections import Counter
+
+    patients = [f"a{i}" for i in range(17)] + [f"b{i}" for i in range(12)]
+    labels = [0] * 17 + [1] * 12
+    _, val = split_by_patient(patients, labels, 0.1, seed=0)
+    assert Counter(labels[i] for i in val) == {0: 2, 1: 1}
+
+
+def test_to_uint8_clamps_values_outside_minus_1_to_1():
+    """A model's output overshoots [-1, 1]: black and white, not wrapped around uint8."""
+    from adni_diffusers.data import to_uint8
+
+    x = torch.tensor([-3.0, -1.01, 1.01, 1.5, 3.0]).reshape(1, 1, 1, 5)
+    assert to_uint8(x).flatten().tolist() == [0, 0, 255, 255, 255]
+
+
+def test_a_square_slice_is_not_counted_as_padded(tmp_path):
+    """256 x 256 is one of pad's two expected sizes: no "padded from" note (only other heights are counted)."""
+    square = write(tmp_path / "sq_1.png", slice_pixels(1, h=256))
+    short = write(tmp_path / "short_1.png", slice_pixels(1, h=200))
+    assert D.decode_slice(square, "pad")[1] == ""
+    assert D.decode_slice(short, "pad")[1] == "padded from 256x200 (not 240 or 256 high)"
+
+
+def test_a_copy_is_one_of_the_same_class_and_is_dropped_on_either_side_of_the_split(tmp_path):
+    """A pixel-equal copy in test/ counts once whether its patient is trained on or held out; the same file under
+    another class is no copy of it (both kept, as the docstring says)."""
+    import shutil
+
+    root = tmp_path / "AD_NC"
+    files = make_tree(root, patients=3, slices=2)
+    shutil.copy(files[0], root / "test" / "AD" / files[0].name)
+    shutil.copy(files[2], root / "test" / "NC" / files[2].name)  # train/AD's slice under NC
+    sides = set()
+    for seed in range(4):
+        d = load_slices(root, val_fraction=0.5, seed=seed)
+        used = [Path(p) for p in d.train.paths + d.val.paths]
+        assert [p.name for p in used].count(files[0].name) == 1, seed
+        assert [p.name for p in used].count(files[2].name) == 2, seed
+        sides.add(files[0].stem.split("_")[0] in d.val.patients)
+    assert sides == {True, False}  # the copy's patient was held out for some seed and trained on for another
+
+
+def test_the_patients_fingerprint_is_of_the_set_of_patients():
+    """The same patients in any order, or with more slices each, give the same fingerprint (train + val of two runs
+    list them in other orders): SHA-256 of the sorted distinct ids, one a line."""
+    import hashlib
+
+    expected = hashlib.sha256(b"002_S_0295\n1003730\nsub-01").hexdigest()
+    assert D.patients_fingerprint(["sub-01", "1003730", "002_S_0295", "1003730"]) == expected
+    assert D.patients_fingerprint(["1003730", "002_S_0295", "sub-01"]) == expected
+
+
+def test_image_extensions_are_recognised_in_capitals(tmp_path):
+    """Scanners and Windows tools write 1003730_85.JPEG or .PNG: images, not "files that are not images"."""
+    root = tmp_path / "caps"
+    write(root / "AD" / "1003730_85.JPEG", slice_pixels(1))
+    write(root / "NC" / "1003731_85.PNG", slice_pixels(2))
+    d = load_slices(root, split="all")
+    assert sorted(Path(p).name for p in d.train.paths) == ["1003730_85.JPEG", "1003731_85.PNG"]

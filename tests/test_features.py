@@ -411,3 +411,50 @@ def test_a_loss_with_values_at_or_below_zero_keeps_a_linear_axis(tmp_path, monke
     rows = [{"step": s, "loss": 1.0 / s, "g_loss": 0.5 - 0.2 * s, "lr": 1e-3} for s in (1, 2, 3)]
     plots.plot_loss_curves(rows, tmp_path / "c.png")
     assert figs[0] == {"loss": "log", "g_loss": "linear", "lr": "linear"}
+
+
+# --- mutation audit 2026-12-05
+
+
+def test_features_are_the_global_average_of_the_last_stage():
+    """The embedding is "the 256-d global-average-pooled output of the last stage" (the penultimate layer): not a max
+    over positions, not an earlier stage."""
+    torch.manual_seed(0)
+    net = Fe.FeatureNet(2, widths=(4, 6), input_size=16).eval()
+    seen = []
+    net.blocks.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    f = net.features(x)
+    assert f.shape == (3, 6)
+    torch.testing.assert_close(f, seen[-1].mean(dim=(2, 3)), atol=1e-6, rtol=0)
+
+
+def test_larger_slices_are_box_filtered_down_to_the_input_size():
+    """256 px slices reach a 128 px net as exact 2 x 2 means (a box filter), so the features of an image and of its
+    2 x 2 average are the same (nearest-neighbour resizing would drop 3 of 4 pixels)."""
+    torch.manual_seed(0)
+    net = Fe.FeatureNet(2, widths=(4, 4), input_size=16).eval()
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.testing.assert_close(net.features(x), net.features(torch.nn.functional.avg_pool2d(x, 2)), atol=1e-6, rtol=0)
+
+
+def test_position_error_is_the_mean_absolute_error_of_the_clamped_prediction():
+    """`position_mae`: mean |clamp(predicted, 0, 1) - true position| over slices with a known position (positions
+    run 0 .. 1, so a prediction beyond them counts as the nearest end)."""
+    class Net(torch.nn.Module):
+        class_names, num_classes = ["AD", "NC"], 2
+
+        def __init__(self, positions):
+            super().__init__()
+            self.positions = torch.tensor(positions)
+
+        def _device(self, device):
+            return torch.device("cpu")
+
+        def forward(self, x):  # one batch: the rows' positions in order
+            return torch.zeros(len(x), 2), self.positions[: len(x)]
+
+    slices = toy_slices(2, per_patient=3, size=8)  # true positions 0, 0.5, 1 for each patient
+    assert Fe.slice_positions(slices).tolist() == [0, 0.5, 1, 0, 0.5, 1]
+    out = Fe.evaluate_feature_net(Net([-0.5, 0.5, 0.9, 1.4, 0.2, 1.0]), slices)
+    assert out["position_mae"] == pytest.approx((0 + 0 + 0.1 + 1.0 + 0.3 + 0) / 6)

@@ -540,3 +540,171 @@ def test_precision_counts_a_sample_just_outside_every_real_ball_as_outside():
     assert precision_recall(real, fake, k=3)["precision"] == 0.0
     inside = fake * (1 + math.sqrt(2) - 1e-3) / r  # 1e-3 within the balls
     assert precision_recall(real, inside, k=3)["precision"] == 1.0
+
+
+# --- mutation audit 2026-12-05
+
+
+def test_whole_image_mse_is_the_mean_squared_error_of_each_image():
+    """`mse` is the per-image mean of squared differences on [-1, 1] (only mse_brain was checked against numpy: a mean
+    absolute error in its place went unseen)."""
+    x, _, _ = _brain_slices(2, size=64)
+    y = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    out = M.reconstruction_metrics(x, y, per_image=True)
+    expected = ((x.numpy().astype(np.float64) - y.numpy()) ** 2).mean(axis=(1, 2, 3))
+    assert out["per_image"]["mse"].double().numpy() == pytest.approx(expected, rel=1e-5)
+    assert out["mse"] == pytest.approx(expected.mean(), rel=1e-5)
+
+
+def test_fd_is_never_negative_even_with_fewer_rows_than_dimensions():
+    """With singular covariances (20 rows in 64 dimensions, as a small evaluation has) the closed form rounds to about
+    -2e-5 for a set against itself: FD is a squared distance and is reported as 0, not below."""
+    a = _features(20, d=64) * 3 + 5
+    assert M.frechet_distance(a, a) == 0.0
+
+
+def test_kid_is_the_unbiased_mmd_with_the_cubic_polynomial_kernel():
+    """KID = unbiased MMD^2 with k(x, y) = (x.y / D + 1)^3 (Binkowski et al. 2018), checked against numpy on whole sets
+    (one subset): another degree or gamma keeps "same ~ 0, far > 0" but changes every value."""
+    a, b = _features(30, d=5, seed=0).double(), _features(30, d=5, seed=1).double() * 1.3 + 0.4
+    an, bn = a.numpy(), b.numpy()
+    k = lambda p, q: (p @ q.T / p.shape[1] + 1) ** 3  # noqa: E731
+    m = len(an)
+    kxx, kyy = k(an, an), k(bn, bn)
+    expected = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * k(an, bn).mean()
+    out = M.kid(a, b, subset_size=30)
+    assert out["subsets"] == 1 and out["mean"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_precision_recall_survive_a_large_common_offset():
+    """The sets are centred before the ball test: its rounding tolerance is relative to the norms, so uncentred
+    features sharing a large offset (1e7) put every point inside every ball (precision and recall 1 for sets 3 units
+    apart)."""
+    a = _features(100, d=8).double()
+    out = M.precision_recall(a + 1e7, a + 3.0 + 1e7, k=3)
+    assert out["precision"] == 0.0 and out["recall"] == 0.0
+    assert M.precision_recall(a + 1e7, a + 1e7, k=3)["precision"] == 1.0
+
+
+def test_feature_metrics_are_the_single_metrics_of_real_against_generated():
+    """feature_metrics reports FD, KID, precision/recall of (real, generated) and each set's size, not e.g. the FD of
+    the real set with itself or the generated count twice."""
+    real, fake = _features(60, d=8, seed=0), _features(50, d=8, seed=1) + 0.5
+    out = M.feature_metrics(real, fake, k=3, kid_subset_size=20, kid_subsets=3, seed=2)
+    kd, pr = M.kid(real, fake, 20, 3, seed=2), M.precision_recall(real, fake, k=3)
+    assert out[M.FD_NAME] == M.frechet_distance(real, fake) > 1.0
+    assert out[M.KID_NAME] == kd["mean"] and out[f"{M.KID_NAME} subset size"] == 20
+    assert out["precision (adni-features, k=3)"] == pr["precision"]
+    assert out["recall (adni-features, k=3)"] == pr["recall"]
+    assert out["real images"] == 60 and out["generated images"] == 50
+
+
+def test_memorisation_reports_the_as_is_reference_and_the_nearest_distances():
+    """`memorisation(as_is=...)`: the second held-out reference (the slices without the VQ round trip) gets its own
+    distances, median and percentile line, and the share of samples below THAT line; `*_min` are the nearest."""
+    from adni_diffusers.evaluate import memorisation
+
+    train_f = torch.zeros(1, 2)
+    along = lambda d: torch.stack([torch.as_tensor(d, dtype=torch.float32), torch.zeros(len(d))], 1)  # noqa: E731
+    held_f, as_is_f, gen_f = along(range(1, 101)), along(range(11, 111)), along([3.0, 15.0, 50.0])
+    grey = lambda v: torch.full((len(v), 64, 64), 0, dtype=torch.uint8) + torch.tensor(v, dtype=torch.uint8)[:, None, None]  # noqa: E731
+    mem = memorisation(gen_f, train_f, held_f, grey([103, 115, 150]), grey([100]), grey(list(range(101, 201))),
+                       as_is=(as_is_f, grey(list(range(111, 211)))))
+    for space in ("features", "pixels"):
+        as_is = mem["heldout_as_is"][space]
+        assert as_is["heldout_median"] == pytest.approx(60.5, rel=1e-4)
+        assert as_is["heldout_percentile_distance"] == pytest.approx(float(np.percentile(np.arange(11, 111), 5)), rel=1e-4)
+        assert as_is["closer_than_heldout_percentile"] == pytest.approx(2 / 3)  # 3 and 15 are below 15.95; 50 is not
+        assert mem[space]["closer_than_heldout_percentile"] == pytest.approx(1 / 3)  # the round trip's line: 5.95
+        assert mem[space]["generated_min"] == pytest.approx(3.0, rel=1e-4)
+        assert mem[space]["heldout_min"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_diversity_pairs_images_of_one_class_and_of_different_patients_and_averages_the_classes():
+    """`evaluate.diversity`: MS-SSIM over pairs WITHIN each class, never two slices of one patient, and `mean` is the
+    plain mean of the class means (each class counts once, whatever its number of pairs)."""
+    from adni_diffusers.evaluate import diversity
+
+    a, b, c = (torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in range(3))
+    ab, bc = float(M.ms_ssim(a, b)), float(M.ms_ssim(b, c))
+    # two classes of identical images each: 1, although the classes differ from each other
+    same = diversity(torch.cat([a, a, b, b]), torch.tensor([0, 0, 1, 1]), ["AD", "NC"])
+    assert same["mean"] == pytest.approx(1.0, abs=1e-5) and same["per_class"]["NC"]["pairs"] == 1
+    # AD: 3 pairs of identical images; NC: 1 pair of b and c -> (1 + bc) / 2, not (3 + bc) / 4
+    mixed = diversity(torch.cat([a, a, a, b, c]), torch.tensor([0, 0, 0, 1, 1]), ["AD", "NC"])
+    assert mixed["per_class"]["AD"]["pairs"] == 3
+    assert mixed["mean"] == pytest.approx((1 + bc) / 2, abs=1e-5)
+    # slices 0 and 1 are one patient's: only the pairs across patients count
+    real = diversity(torch.cat([a, a, b]), torch.zeros(3, dtype=torch.long), ["AD"], patients=["p", "p", "q"])
+    assert real["per_class"]["AD"]["pairs"] == 2 and real["mean"] == pytest.approx(ab, abs=1e-5)
+    # fewer pairs asked for than there are: `seed` picks them
+    many = torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    picks = [diversity(many, None, [], num_pairs=3, seed=s)["mean"] for s in (0, 0, 1)]
+    assert picks[0] == picks[1] != picks[2]
+
+
+def test_per_class_realism_measures_floor_and_ceiling_on_their_own_features():
+    """Per class: generated, floor (real training slices) and VQ ceiling (round trips) are each compared with that
+    class's held-out features (the existing test passes one set as all three, so a mix-up went unseen)."""
+    from adni_diffusers.evaluate import compare_features, per_class_realism
+
+    g = torch.Generator().manual_seed(0)
+    held = torch.randn(10, 4, generator=g)
+    labels = torch.tensor([0] * 5 + [1] * 5)
+    sets = {"generated": held + 1.0, "floor": held + 2.0, "vq_ceiling": held * 0.5}
+    out = per_class_realism(["AD", "NC"], held=(held, labels), generated=(sets["generated"], labels),
+                            train=(sets["floor"], labels), vq_round_trip=(sets["vq_ceiling"], labels),
+                            kid_subsets=2, seed=3)
+    for c, name in enumerate(["AD", "NC"]):
+        for key, feats in sets.items():
+            assert out[name][key] == compare_features(held[labels == c], feats[labels == c], kid_subsets=2, seed=3), key
+    assert out["AD"]["generated"]["feature_dims"] == 4 and out["AD"]["generated"]["reference_images"] == 5
+    # KID's subsets of a larger candidate set come from `seed`
+    a, b = torch.randn(30, 4, generator=g), torch.randn(40, 4, generator=g)
+    assert compare_features(a, b, kid_subsets=3, seed=0)["kid"] != compare_features(a, b, kid_subsets=3, seed=1)["kid"]
+
+
+def test_vq_held_out_metrics_are_per_image_means_with_the_mask_of_the_real_slice():
+    """`vq_eval.reconstruct_and_measure` in batches gives the numbers of `reconstruction_metrics` on the whole set: a
+    mean over images (not over batch means: 2 + 1 images here), in the brain mask of the REAL slice (a decoder that
+    greys the background must not widen its own mask)."""
+    from types import SimpleNamespace
+
+    from adni_diffusers.data import SliceSet
+    from adni_diffusers.vq_eval import reconstruct_and_measure
+
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2) < 20**2
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.stack([torch.where(disc, torch.randint(60, 250, (64, 64), generator=g), 0).to(torch.uint8)
+                          for _ in range(3)])
+    slices = SliceSet(pixels, torch.tensor([0, 0, 1]), ["a", "b", "c"], ["AD/a_1.png", "AD/b_1.png", "NC/c_1.png"],
+                      ["AD", "NC"])
+
+    def decode(x):  # brain a little darker (more so for brighter slices), background grey
+        return torch.where(x > M.MASK_THRESHOLD, x * (0.9 - 0.1 * x.mean(dim=(1, 2, 3), keepdim=True)), -0.5)
+
+    metrics, _, _ = reconstruct_and_measure(lambda x: SimpleNamespace(sample=decode(x)), slices, "cpu", batch_size=2)
+    real = M.as_images(pixels)
+    expected = M.reconstruction_metrics(real, decode(real))
+    for key in ("mse", "psnr", "ssim", "ms_ssim", "mse_brain", "psnr_brain", "ssim_brain"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_first_per_class_takes_each_classs_first_rows_in_order():
+    """Generated sets are cut to the FIRST n samples of each class (their seeds' order: a smaller run's samples)."""
+    from adni_diffusers.evaluate import first_per_class
+
+    assert first_per_class(torch.tensor([1, 0, 1, 0, 1, 0]), {0: 2, 1: 1}).tolist() == [0, 1, 3]
+
+
+def test_vq_held_out_subset_follows_the_seed():
+    """`--eval_max_images` draws its subset with the run's seed (a fixed seed ignored it)."""
+    from adni_diffusers.data import SliceSet
+    from adni_diffusers.vq_eval import _loader
+
+    pixels = torch.arange(20, dtype=torch.uint8)[:, None, None].expand(20, 8, 8).contiguous()
+    slices = SliceSet(pixels, torch.tensor([0, 1] * 10), [str(i) for i in range(20)], [f"{i}_1.png" for i in range(20)],
+                      ["AD", "NC"])
+    drawn = [torch.cat([b["pixel_values"][:, 0, 0, 0] for b in _loader(slices, 4, limit=6, seed=s)]) for s in (0, 0, 1)]
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])

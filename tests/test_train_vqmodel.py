@@ -1242,3 +1242,165 @@ def test_overwrite_keeps_the_finished_model_when_the_run_fails_its_checks(tiny_v
         run_training_script("train_vqmodel", ["--train_data_dir", tmp_path / "AD_NC_typo", "--output_dir", out,
                                               *TINY_VQ_ARGS, "--overwrite_output_dir"])
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
+# --- mutation audit 2026-12-05
+
+
+def test_vq_training_loss_weights_each_term_by_its_own_flag():
+    """loss = rec + codebook_weight * codebook + commitment_beta * commitment + ssim_weight * (1 - SSIM), with the
+    SSIM on the [-1, 1] scale (data_range 2: the same as SSIM of the halved images with data_range 1)."""
+    from types import SimpleNamespace
+
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    from adni_diffusers.vq import ssim_loss, vq_training_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
+    recon = (x + 0.3 * torch.randn(2, 1, 32, 32, generator=g)).clamp(-1, 1)
+    out = SimpleNamespace(recon=recon, codebook_loss=torch.tensor(0.4), commitment_loss=torch.tensor(0.8))
+    ssim_term = 1 - float(tm_ssim(recon / 2, x / 2, data_range=1.0))
+    for rec_loss, rec in (("mse", float(((recon - x) ** 2).mean())), ("l1", float((recon - x).abs().mean()))):
+        loss, _, logs = vq_training_loss(lambda _: out, x, rec_loss=rec_loss, codebook_weight=2.0,
+                                         commitment_beta=0.25, ssim_weight=0.5)
+        assert float(logs["rec_loss"]) == pytest.approx(rec, rel=1e-5)
+        assert float(logs["ssim_loss"]) == pytest.approx(ssim_term, rel=1e-4)
+        assert float(loss) == pytest.approx(rec + 2.0 * 0.4 + 0.25 * 0.8 + 0.5 * ssim_term, rel=1e-5)
+    # the SSIM term scores the reconstruction as it is shown and measured: clamped to [-1, 1]
+    assert float(ssim_loss(recon * 1.5, x)) == pytest.approx(float(ssim_loss((recon * 1.5).clamp(-1, 1), x)))
+
+
+def test_code_usage_is_an_ema_of_the_step_counts_and_live_codes_reach_the_threshold():
+    """usage <- decay * usage + (1 - decay) * counts; a code is live from `dead_threshold` uses per step on."""
+    from adni_diffusers.vq import CodebookMonitor
+
+    monitor = CodebookMonitor(4, decay=0.9, dead_threshold=0.5)
+    monitor.update(torch.tensor([10, 5, 0, 0]))
+    monitor.update(torch.tensor([0, 10, 0, 6]))
+    torch.testing.assert_close(monitor.usage, torch.tensor([0.9, 1.45, 0.0, 0.6], dtype=torch.float64))
+    assert float(monitor.live_fraction()) == pytest.approx(0.75)
+    monitor.usage[3] = 0.5  # at the threshold: live
+    assert float(monitor.live_fraction()) == pytest.approx(0.75)
+
+
+def test_codes_start_live_and_a_restarted_code_gets_the_mean_usage():
+    """After the data-driven init every code counts as used (none restarted before usage is counted); a restarted
+    code starts at the codebook's mean usage, so it is not dead again at once."""
+    from adni_diffusers.vq import CodebookMonitor
+
+    monitor = CodebookMonitor(8)
+    codebook = torch.zeros(8, 4)
+    monitor.initialise(codebook, torch.randn(64, 4, generator=torch.Generator().manual_seed(0)),
+                       torch.Generator().manual_seed(0))
+    assert float(monitor.live_fraction()) == 1.0
+    assert len(monitor.restart_dead(codebook, torch.randn(16, 4), torch.Generator().manual_seed(1))) == 0
+    # codes 0 and 2 dead; code 1 at the threshold (0.03 uses per step) is live
+    monitor.usage.copy_(torch.tensor([0.0, 0.03, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0], dtype=torch.float64))
+    before, vectors = codebook.clone(), torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+    restarted = monitor.restart_dead(codebook, vectors, torch.Generator().manual_seed(1))
+    assert restarted.tolist() == [0, 2]
+    assert torch.cdist(codebook[[0, 2]], vectors).min(1).values.max() < 0.1  # moved onto encoder outputs
+    assert torch.equal(codebook[[1, 3, 4, 5, 6, 7]], before[[1, 3, 4, 5, 6, 7]])  # the others stay
+    assert monitor.usage[[0, 2]].tolist() == pytest.approx([1.25375] * 2)  # the mean of 0, 0.03, 0, 2 x 5
+
+
+def test_codes_restarted_onto_fewer_vectors_still_differ():
+    """More dead codes than encoder outputs: rows are drawn with replacement and jittered, so no two codes are
+    equal (two equal codes split their latents at random: one of them stays dead)."""
+    from adni_diffusers.vq import CodebookMonitor
+
+    monitor = CodebookMonitor(12)
+    codebook = torch.zeros(12, 4)
+    vectors = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    assert len(monitor.restart_dead(codebook, vectors, torch.Generator().manual_seed(0))) == 12
+    assert len(torch.unique(codebook, dim=0)) == 12
+    assert torch.cdist(codebook, vectors).min(1).values.max() < 0.1  # each still on (near) an encoder output
+
+
+def test_adaptive_gan_weight_is_the_ratio_of_gradient_norms_at_the_last_layer_clamped():
+    """VQGAN eq. 7: ||grad rec|| / (||grad g|| + 1e-4) at the last layer, at most max_weight. Checked against the
+    gradients written out by hand for a linear last layer."""
+    from adni_diffusers.vq import adaptive_gan_weight
+
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+    w = torch.nn.Parameter(torch.randn(3, 2, generator=g))
+    out = x @ w
+    rec, gan = ((out - target) ** 2).mean(), -out.mean()
+    rec_grad = x.T @ (2 * (out.detach() - target) / out.numel())  # d rec / d w
+    gan_grad = x.T @ torch.full_like(out, -1.0 / out.numel())  # d gan / d w
+    expected = float(rec_grad.norm() / (gan_grad.norm() + 1e-4))
+    weight, overflowed = adaptive_gan_weight(rec, gan, w)
+    assert float(weight) == pytest.approx(expected, rel=1e-5) and not overflowed
+    assert float(adaptive_gan_weight(rec, gan * 1e-9, w)[0]) == 1e4  # a vanishing GAN gradient: the cap
+    assert float(adaptive_gan_weight(rec, gan, w, max_weight=0.5 * expected)[0]) == pytest.approx(0.5 * expected)
+    # the GradScaler's scale (fp16) changes nothing: the 1e-4 is scaled with the gradients (a small GAN gradient
+    # shows it: 1e-4 unscaled would be nothing beside the scaled norm)
+    small = float(adaptive_gan_weight(rec, gan * 1e-2, w)[0])  # about 2,900: under the cap
+    assert float(adaptive_gan_weight(rec, gan * 1e-2, w, loss_scale=65536.0)[0]) == pytest.approx(small, rel=1e-5)
+
+
+def test_the_training_loop_feeds_the_gan_and_the_restarts_what_they_are_for(tmp_path, demo_root, monkeypatch):
+    """--disc_start 1: the GAN term is off at step 0 and on from step 1; the discriminator's hinge loss takes its
+    logits on the real batch as "real" (swapped, it learns to call reconstructions real); dead codes restart onto
+    pre-quantisation encoder outputs (quantised ones sit on codes already there, so a restart would revive none);
+    the code health logged is the step's."""
+    import adni_diffusers.vq as vq_module
+    from adni_diffusers import training
+
+    seen = {"gan_steps": [], "restart_vectors": []}
+    real_loss, real_hinge = vq_module.vq_training_loss, vq_module.hinge_d_loss
+    real_restart, real_update = vq_module.CodebookMonitor.restart_dead, vq_module.CodebookMonitor.update
+    real_end = training.TrainingRun.end_step
+
+    class Recorded(vq_module.PatchDiscriminator):
+        def forward(self, x):
+            logits = super().forward(x)
+            seen.setdefault("inputs", {})[id(logits)] = x.detach().clone()
+            return logits
+
+    def training_loss(forward, x, **kw):
+        seen["x"] = x.detach().clone()
+        return real_loss(forward, x, **kw)
+
+    def hinge(real, fake):
+        seen["hinge"] = (seen["inputs"][id(real)], seen["inputs"][id(fake)], seen["x"])
+        return real_hinge(real, fake)
+
+    def restart_dead(self, codebook, vectors, generator):
+        seen["restart_vectors"].append((vectors.clone(), codebook.clone()))
+        return real_restart(self, codebook, vectors, generator)
+
+    def update(self, counts):
+        real_update(self, counts)
+        seen["counts"], seen["usage"] = counts.clone(), self.usage.clone()
+
+    def end_step(run, logs):
+        seen["gan_steps"].append("g_loss" in logs)
+        # the logged code health is this step's: perplexity exp(H) of its code counts, live codes with its counts
+        p = seen["counts"].double() / seen["counts"].sum()
+        p = p[p > 0]
+        assert float(logs["perplexity"]) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
+        assert float(logs["live_code_fraction"]) == pytest.approx(float((seen["usage"] >= 0.03).double().mean()))
+        real_end(run, logs)
+        if run.global_step == 2:
+            raise StopRun
+
+    monkeypatch.setattr(vq_module, "PatchDiscriminator", Recorded)
+    monkeypatch.setattr(vq_module, "vq_training_loss", training_loss)
+    monkeypatch.setattr(vq_module, "hinge_d_loss", hinge)
+    monkeypatch.setattr(vq_module.CodebookMonitor, "restart_dead", restart_dead)
+    monkeypatch.setattr(vq_module.CodebookMonitor, "update", update)
+    monkeypatch.setattr(training.TrainingRun, "end_step", end_step)
+    with pytest.raises(StopRun):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                              "--disc_weight", "0.5", "--disc_start", "1", "--ssim_weight", "0",
+                                              "--codebook_restart_steps", "1", "--max_train_steps", "4",
+                                              "--no_codebook_init",  # usage from 0: codes come alive in the step
+                                              *TINY_VQ_ARGS])
+    assert seen["gan_steps"] == [False, True]
+    real, fake, x = seen["hinge"]
+    assert torch.equal(real, x) and not torch.equal(fake, x)
+    vectors, codebook = seen["restart_vectors"][-1]
+    assert (torch.cdist(vectors, codebook).min(1).values > 1e-4).all()  # none of them a code
