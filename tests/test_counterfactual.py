@@ -962,3 +962,108 @@ def test_a_picture_that_fails_to_save_keeps_the_measured_numbers(tmp_path, monke
     with pytest.raises(OSError):
         C.write_tradeoff(result, tmp_path)
     assert json.loads((tmp_path / "tradeoff.json").read_text())["rows"] and (tmp_path / "tradeoff.md").stat().st_size
+
+
+# --- mutation audit 2026-12-05
+
+
+class _IdentityVQPipe(_FakePipe):
+    """_FakePipe whose VQ round trip gives the image back: each reconstruction is its own original."""
+
+    def decode(self, z, output_type="pt"):
+        return z
+
+
+def test_each_image_keeps_its_own_reconstruction_across_batches():
+    """Two slices at batch size 1: the second batch's reconstruction must not land on the first image (and leave
+    the second without one)."""
+    slices = torch.cat([_brain(0.2), _brain(0.6)])
+    results = C.make_counterfactuals(_IdentityVQPipe(), slices, "AD", strengths=(1.0,), steps=2, batch_size=1)
+    for r in results:
+        assert torch.allclose(r["reconstruction"], r["original"], atol=1e-6)
+
+
+def test_the_strip_against_the_original_shows_the_autoencoders_error(tmp_path, monkeypatch):
+    """save_strip(reference="original"): its difference maps are counterfactual - original (the per-image maps
+    were checked for both references, the strip only for the reconstruction)."""
+    maps = _captured_maps(monkeypatch)
+    original = torch.full((1, 256, 256), 0.2)
+    result = {"target": "AD", "original": original, "reconstruction": original + 0.1,
+              "counterfactuals": {0.5: original + 0.1}}
+    C.save_strip(result, tmp_path / "strip.png", reference="original", outline=False)
+    assert maps["difference, strength 0.50"][10, 10] == pytest.approx(0.1, abs=1e-5)
+
+
+def test_cli_diff_against_original_reaches_the_maps_and_the_record(tiny_ldm, nc_slice, tmp_path, capsys,
+                                                                  monkeypatch):
+    """--diff-against original: the per-image map is counterfactual - original (as the saved PNGs show, to 8 bits)
+    and counterfactuals.json says so."""
+    maps = _captured_maps(monkeypatch)
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", tiny_ldm, "--image", nc_slice, "--to", "AD", "--strength", "1.0",
+                       "--diff-against", "original", "--out", out, *STEPS], capsys)
+    assert rc == 0, err
+    folder = out / nc_slice.stem
+
+    def png(name):
+        return np.asarray(PIL.Image.open(folder / name)).astype(np.float64) / 255
+
+    expected = 2 * (png("counterfactual_s1.00.png") - png("original.png"))
+    assert np.abs(maps["\u2192 AD, strength 1.00"] - expected).max() < 0.01
+    assert json.loads((out / "counterfactuals.json").read_text())["difference"] == "counterfactual - original"
+
+
+def test_the_sampler_and_steps_asked_for_are_the_ones_that_run(pipe, nc_slice, monkeypatch):
+    """`scheduler` and `steps` are what the pipeline samples with, and each result records them with the guidance
+    and seed (a pipeline that kept its own sampler, or a record of another seed, passed every test)."""
+    seen = []
+
+    def spy(self, image, num_inference_steps=None, **kw):
+        seen.append((type(self.scheduler).__name__, num_inference_steps))
+        return SimpleNamespace(images=torch.zeros_like(image))
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    r = C.make_counterfactuals(pipe, PIL.Image.open(nc_slice), "AD", strengths=(0.5,), guidance=2.5, seed=3,
+                               scheduler="unipc", steps=3)[0]
+    assert seen == [("UniPCMultistepScheduler", 3)]
+    assert (r["scheduler"], r["steps"], r["guidance"], r["seed"]) == ("UniPCMultistepScheduler", 3, 2.5, 3)
+
+
+def test_the_example_strip_is_the_middle_slice_against_the_reference_asked_for(tmp_path, monkeypatch):
+    """--measure's example_strip.png: slice N // 2, named by its file, its maps against --diff-against."""
+    slices = torch.cat([_brain(0.2), _brain(0.4), _brain(0.6)])
+    result = C.measure_tradeoff(_FakePipe(), slices, _Brightness(), "AD", strengths=(1.0,), steps=2,
+                                progress=False, info={"slices": ["a.png", "b.png", "c.png"]})
+    example = result["example"]
+    assert example["index"] == 1 and example["name"] == "b.png" and torch.equal(example["original"], slices[1])
+    maps = _captured_maps(monkeypatch)
+    for plot in ("plot_tradeoff", "plot_mean_difference"):  # not under test here: slow to draw
+        monkeypatch.setattr(C, plot, lambda *args: None)
+    C.write_tradeoff(result, tmp_path, reference="original")
+    # in the brain: the white counterfactual (1 on [0, 1]) - the original (0.4 on [-1, 1], 0.7 on [0, 1]), x2
+    assert maps["difference, strength 1.00"][128, 128] == pytest.approx(0.6, abs=1e-5)
+
+
+def test_ssim_to_the_original_is_not_ssim_to_the_reconstruction():
+    """Row 0 (the VQ reconstruction): SSIM to itself is 1, SSIM to the original shows the VQ error (_FakePipe's
+    round trip turns the 0.2 brain into 0.5); both columns were the same number in a mutant that no test caught."""
+    rows = {r["strength"]: r for r in _measured(control=False)["rows"]}
+    assert rows[0.0]["ssim_brain_to_reconstruction"] == pytest.approx(1.0)
+    assert rows[0.0]["ssim_brain_to_original"] < 0.99
+
+
+def test_cli_writes_each_batch_into_its_own_images_folders(tiny_ldm, demo_root, tmp_path, capsys,
+                                                          monkeypatch):
+    """Two slices at --batch-size 1: the second batch goes into the second slice's folder and record entry (not
+    over the first's)."""
+    _captured_maps(monkeypatch)  # the figures are not under test here: slow to draw
+    slices = sorted((demo_root / "test" / "NC").glob("*.jpeg"))[:2]
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", tiny_ldm, "--image", *slices, "--to", "AD", "--strength", "1.0",
+                       "--batch-size", "1", "--out", out, *STEPS], capsys)
+    assert rc == 0, err
+    record = json.loads((out / "counterfactuals.json").read_text())
+    assert [(e["image"], e["folder"]) for e in record["images"]] == [(str(p), p.stem) for p in slices]
+    for p in slices:  # original.png: the slice, padded by 8 black rows above and below
+        original = np.asarray(PIL.Image.open(out / p.stem / "original.png"))
+        assert np.array_equal(original[8:-8], np.asarray(PIL.Image.open(p).convert("L"))), p

@@ -440,15 +440,16 @@ def test_every_help_shows_the_defaults(capsys):
 
 @pytest.fixture
 def recorded_calls(monkeypatch):
-    """Replace the pipeline's sampling by a fast stand-in: every call is recorded (batch size, generator seeds)
-    and returns, per generator, pixels k / 255 (k drawn from that generator) as `output_type="pt"` does."""
+    """Replace the pipeline's sampling by a fast stand-in: every call is recorded (batch size, generator seeds,
+    the other arguments, the scheduler's class) and returns, per generator, pixels k / 255 (k drawn from that generator) as `output_type="pt"` does."""
     from adni_diffusers import ADNILatentDiffusionPipeline
 
     calls = []
 
     def fake_call(self, batch_size=1, generator=None, output_type="pil", **kwargs):
         assert output_type == "pt" and len(generator) == batch_size
-        calls.append(SimpleNamespace(batch_size=batch_size, seeds=[g.initial_seed() for g in generator]))
+        calls.append(SimpleNamespace(batch_size=batch_size, seeds=[g.initial_seed() for g in generator],
+                                     kwargs=kwargs, scheduler=type(self.scheduler).__name__))
         k = torch.stack([torch.randint(0, 256, (1, 256, 256), generator=g) for g in generator])
         return SimpleNamespace(images=k.float() / 255)
 
@@ -739,3 +740,115 @@ def test_records_grid_and_gif_are_never_half_written(fresh_pipe, tmp_path, monke
         generate("unused", out, **kwargs)
     generate("unused", out, **kwargs, overwrite=True)
     assert not list(out.glob("*.tmp"))
+
+
+# --- mutation audit 2026-12-05
+
+
+def test_the_sampler_gets_the_flags_given(fresh_pipe, tmp_path, recorded_calls):
+    """--scheduler, --steps, --guidance, --class and the refinement flags reach the pipeline: dropping the guidance,
+    the refinement or the scheduler swap passed every test (the images came unguided, unrefined, or from the
+    pipeline's own sampler)."""
+    from adni_diffusers.generate import generate
+
+    generate("unused", tmp_path, num_images=1, class_label="1", guidance=3.0, scheduler="dpm++", steps=7,
+             refine_steps=2, refine_repeats=1, device="cpu", pipe=fresh_pipe)
+    (call,) = recorded_calls
+    assert call.scheduler == "DPMSolverMultistepScheduler"
+    assert call.kwargs["class_labels"] == 1  # --class 1: the model's class index 1
+    assert call.kwargs["guidance_scale"] == 3.0 and call.kwargs["num_inference_steps"] == 7
+    assert (call.kwargs["refine_steps"], call.kwargs["refine_repeats"]) == (2, 1)
+
+
+def test_guidance_zero_is_accepted():
+    """0 is the unconditional model (documented in --guidance's check): only below 0 is refused."""
+    from adni_diffusers.generate import check_guidance
+
+    check_guidance(0.0)
+    with pytest.raises(ValueError, match="--guidance -0.5: expected a number >= 0"):
+        check_guidance(-0.5)
+
+
+def test_a_resume_with_gif_makes_the_first_batch_again(fresh_pipe, tmp_path, recorded_calls):
+    """The animation is of the first batch: a resume with --gif samples it again (the same seeds) besides the
+    missing images; otherwise the GIF animated a later image and ended on the first batch's."""
+    from adni_diffusers.generate import generate
+
+    kwargs = dict(num_images=4, batch_size=2, scheduler="ddim", steps=1, device="cpu", gif=True, pipe=fresh_pipe)
+    generate("unused", tmp_path, **kwargs)
+    (tmp_path / "sample-0003.png").unlink()
+    recorded_calls.clear()
+    generate("unused", tmp_path, **kwargs, resume=True)
+    assert [c.seeds for c in recorded_calls] == [[0, 1], [3]]
+
+
+def test_a_resume_puts_each_remade_image_of_a_batch_in_its_place(fresh_pipe, tmp_path, recorded_calls):
+    """A run killed while saving a batch leaves part of it: the resume samples only the missing image, merges it
+    with the saved ones in index order, and the files and grid are those of an uninterrupted run (the last image
+    of three: a merge order that is not undone puts another image under its name)."""
+    from adni_diffusers.generate import generate
+
+    kwargs = dict(num_images=3, batch_size=3, seed=2, scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    generate("unused", tmp_path / "straight", **kwargs)
+    out = tmp_path / "out"
+    generate("unused", out, **kwargs)
+    (out / "sample-0002.png").unlink()
+    recorded_calls.clear()
+    generate("unused", out, **kwargs, resume=True)
+    assert [c.seeds for c in recorded_calls] == [[2 * 1_000_003 + 2]]
+    for name in ["sample-0000.png", "sample-0001.png", "sample-0002.png", "grid.png"]:
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_a_resume_past_the_grid_keeps_the_grid_and_lists_num_images(fresh_pipe, tmp_path, recorded_calls,
+                                                                    monkeypatch):
+    """Batches a resume skips are read back for the grid up to GRID_IMAGES only, and listed up to --num-images
+    only. A grid of 4 keeps it small: 7 images in batches of 3, the skipped batch 3-5 straddles the grid's end and
+    the last one, 6-8, the end of the images."""
+    from adni_diffusers import generate as gen
+
+    monkeypatch.setattr(gen, "GRID_IMAGES", 4)
+    kwargs = dict(num_images=7, batch_size=3, scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    first = gen.generate("unused", tmp_path, **kwargs)
+    grid = (tmp_path / "grid.png").read_bytes()
+    (tmp_path / "sample-0000.png").unlink()
+    recorded_calls.clear()
+    again = gen.generate("unused", tmp_path, **kwargs, resume=True)
+    assert [c.seeds for c in recorded_calls] == [[0]]
+    assert again["images"] == first["images"] and len(again["images"]) == 7
+    assert (tmp_path / "grid.png").read_bytes() == grid
+
+
+def test_every_gif_frame_is_drawn_on_the_final_images_scale(fresh_pipe, tmp_path):
+    """The frames are the decoded x0-predictions; one DDIM step predicts the final image, so the first frame is
+    the last one (a scale slip in the frames, [0, 1] drawn as [-1, 1], only showed in the animation)."""
+    from PIL import Image
+
+    from adni_diffusers.generate import generate
+
+    paths = generate("unused", tmp_path, num_images=1, scheduler="ddim", steps=1, device="cpu", gif=True,
+                     pipe=fresh_pipe)
+    with Image.open(paths["gif"]) as gif:  # Pillow merges equal frames: one frame is fine
+        frames = []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            frames.append(np.asarray(gif.convert("L")).astype(int))
+    assert all(np.abs(f - frames[-1]).mean() < 2 for f in frames)  # GIF palette rounding only
+
+
+def test_the_gif_keeps_about_40_frames_of_a_long_chain(fresh_pipe, tmp_path, monkeypatch):
+    """A frame every total_steps // 40 steps: 80 steps give 40 frames (one every 2 steps), not 27."""
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.generate import GifRecorder, generate
+
+    def fake_call(self, batch_size=1, num_inference_steps=None, callback_on_step_end=None, **kwargs):
+        tensors = {"latents": torch.zeros(batch_size, 3, 8, 8), "x0_pred": torch.zeros(batch_size, 3, 8, 8)}
+        for step in range(num_inference_steps):
+            callback_on_step_end(self, step, 0, tensors)
+        return SimpleNamespace(images=torch.zeros(batch_size, 1, 256, 256))
+
+    steps = []
+    monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", fake_call)
+    monkeypatch.setattr(GifRecorder, "save", lambda self, pipe, path, final: steps.extend(s for s, _ in self.frames))
+    generate("unused", tmp_path, num_images=1, scheduler="ddim", steps=80, device="cpu", gif=True, pipe=fresh_pipe)
+    assert steps == list(range(0, 80, 2))

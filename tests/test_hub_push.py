@@ -1002,3 +1002,26 @@ def test_any_other_folder_goes_up_without_slices_or_the_record_naming_them(tmp_p
     kind, files = hub.select_upload_files(folder, left_out)
     assert kind == "folder" and set(files) == {"tradeoff.json", "x_85/strip.png"}
     assert set(left_out) == {"ADNI_002_S_0295_MR_x_85.jpeg", "counterfactuals.json", "x_85/slice.webp"}
+
+
+# --- mutation audit 2026-12-05
+
+
+def test_cli_public_makes_a_public_repo(hub_stub, pipeline_dir, caplog):
+    """`push --public` is the only way the command line publishes: the repo it creates is public (and the user of
+    real data hears the warning)."""
+    caplog.set_level(logging.INFO)
+    parser = argparse.ArgumentParser()
+    hub.add_arguments(parser)
+    argv = [str(pipeline_dir), "--repo-id", REPO, "--token", hub_stub.token, "--public"]
+    assert hub.main(parser.parse_args(argv)) == 0
+    assert hub_stub.private(REPO) is False and len(_warnings(caplog)) == 1
+
+
+def test_a_training_checkpoint_push_is_a_commit_named_after_its_step(hub_stub, tmp_path):
+    """The checkpoints branch's history says which step each commit holds."""
+    args = _parse(["--push_to_hub", "--hub_model_id", REPO, "--hub_token", hub_stub.token, "--push_checkpoints"])
+    ckpt = tmp_path / "out" / "checkpoint-200"
+    _write(ckpt, {"optimizer.bin": b"opt"})
+    hub.push_from_args(args, ckpt, output_dir=tmp_path / "out", step=200)
+    assert hub_stub.commits(REPO, "checkpoints")[-1].title == "Checkpoint at step 200"

@@ -728,3 +728,69 @@ def test_a_demo_unet_on_a_first_stage_of_real_data_is_carded_as_real_data(ldm, f
     _edit_json(ldm / "training_data.json", vqmodel_data={**record["vqmodel_data"], "source": "demo"})
     text = render_model_card(ldm)
     assert ModelCard(text).data.license_name == "mni-icbm152-2009-notice" and "First stage:" not in text
+
+
+# --- mutation audit 2026-12-05
+
+
+def test_a_scheduler_config_without_a_prediction_type_is_carded_as_noise_prediction(ldm):
+    """diffusers' schedulers default to epsilon: a config that does not name the target predicts the noise, and the
+    card must not say otherwise."""
+    path = ldm / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "prediction_type"}))
+    text = render_model_card(ldm)
+    assert "with the DDPM noise-prediction objective" in text and "denoises (predicts the noise eps)" in text
+
+
+def test_the_model_table_gives_the_models_own_scaling_factor_and_timesteps(ldm):
+    """The numbers of the model table come from the saved configs: the VQ's scaling_factor (computed from the data)
+    and the scheduler's num_train_timesteps (a --num_train_timesteps 500 model is not a 1000-step one)."""
+    _edit_json(ldm / "vqvae" / "config.json", scaling_factor=0.8125)
+    _edit_json(ldm / "scheduler" / "scheduler_config.json", num_train_timesteps=500)
+    text = render_model_card(ldm)
+    assert "`scaling_factor` = 0.8125 (computed from the training data)" in text
+    assert "| `scheduler` | `DDPMScheduler` | 500 diffusion steps," in text
+
+
+@pytest.mark.parametrize("preprocess, says", [
+    ("pad", "slices were padded with black rows to 256 x 256"),
+    ("resize", "slices were resized to 256 x 256"),
+])
+def test_the_preprocessing_line_says_how_the_slices_were_made_square(ldm, preprocess, says):
+    """Padded and stretched slices are different training data: the card names the one recorded."""
+    _edit_json(ldm / "training_data.json", preprocess=preprocess)
+    assert f"- Preprocessing: {says}" in render_model_card(ldm)
+
+
+def test_label_dropout_is_shown_only_for_a_class_conditional_model():
+    """--cond_dropout drops labels for guidance; an unconditional model has none to drop, so the row would mislead."""
+    from adni_diffusers.model_card import _argument_rows
+
+    def flags(**args):
+        return [flag for flag, _, _ in _argument_rows(args)]
+
+    assert "`--cond_dropout`" in flags(conditional=True, cond_dropout=0.1)
+    assert "`--cond_dropout`" not in flags(conditional=False, cond_dropout=0.1)
+
+
+def test_the_validation_loss_is_the_recorded_one(ldm):
+    """The card's validation loss is train_metrics.json's val_loss (held-out latents), not the training loss."""
+    _edit_json(ldm / "train_metrics.json", val_loss=0.01234, train_loss=0.5)
+    text = render_model_card(ldm)
+    assert "fixed noise and timesteps): **0.01234**" in text and "**0.5**" not in text
+
+
+def test_a_card_pushed_to_main_by_name_is_the_card_of_main(ldm):
+    """`push --branch main` is a push to main: its card has no branch note ("main may hold another model") and no
+    revision in its snippets."""
+    assert render_model_card(ldm, repo_id="user/x", revision="main") == render_model_card(ldm, repo_id="user/x")
+
+
+def test_the_card_links_the_evaluation_report_only_where_it_exists(ldm):
+    """Numbers without evaluation/report.md (an evaluation run elsewhere, its metrics.json copied): no link to a
+    file the repo does not have."""
+    (ldm / "evaluation").mkdir()
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps({"fd": 1.5}))
+    assert "report.md" not in render_model_card(ldm)
+    (ldm / "evaluation" / "report.md").write_text("# Evaluation\n")
+    assert "[`evaluation/report.md`](evaluation/report.md)" in render_model_card(ldm)

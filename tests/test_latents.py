@@ -1,0 +1,77 @@
+"""The latent cache (`adni_diffusers.latents`): unit tests on a tiny in-memory VQModel and toy slices, cheap enough
+to run without the session's trained models (the cache's reuse, key and damage checks on a real VQModel are in
+test_train_unet.py)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from conftest import toy_slices
+
+from adni_diffusers import latents as L
+from adni_diffusers.data import to_model_input
+from adni_diffusers.pipeline_adni_ldm import encode_slices
+
+
+@pytest.fixture
+def tiny_vqmodel():
+    """A VQModel of one block (no downsampling): a 32 x 32 toy slice gives a 4 x 32 x 32 latent."""
+    from diffusers import VQModel
+
+    torch.manual_seed(0)
+    return VQModel(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",),
+                   up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                   latent_channels=4, num_vq_embeddings=8, norm_num_groups=4, vq_embed_dim=4,
+                   scaling_factor=0.5).eval()
+
+
+@pytest.fixture
+def vq_dir(tmp_path):
+    """What cache_key hashes of a VQModel: the files of its folder."""
+    (tmp_path / "vqvae").mkdir()
+    (tmp_path / "vqvae" / "config.json").write_text('{"scaling_factor": 0.5}')
+    return tmp_path / "vqvae"
+
+
+# --- mutation audit 2026-12-05
+
+def test_encode_all_encodes_every_slice_when_the_last_batch_holds_one(tiny_vqmodel):
+    """5 slices in batches of 2: the last batch is a single slice, and its latent is there too, the same as
+    encoding all the slices at once (scaled, float32)."""
+    slices = toy_slices(patients=1, per_patient=5)
+    latents = L.encode_all(tiny_vqmodel, slices, batch_size=2, progress=False)
+    with torch.no_grad():
+        whole = encode_slices(tiny_vqmodel, to_model_input(slices.pixels))
+    assert latents.dtype == torch.float32 and latents.shape == (5, 4, 32, 32)
+    torch.testing.assert_close(latents, whole, atol=1e-5, rtol=0)
+
+
+def test_a_cache_write_that_fails_leaves_nothing_under_the_caches_name(tiny_vqmodel, vq_dir, tmp_path, monkeypatch):
+    """The cache is written to a temporary file and renamed: a write cut short (a full disk, a killed job) never
+    leaves a half file under the name where other runs sharing the VQModel read it."""
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(L, "save_file", full_disk)
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError, match="No space"):
+        L.load_or_build(tiny_vqmodel, vq_dir, toy_slices(), cache, "train", progress=False)
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_a_cache_file_is_readable_by_others_as_the_umask_allows(tiny_vqmodel, vq_dir, tmp_path):
+    """Runs of labmates on a shared VQModel read its latent cache: the file gets an ordinary new file's mode
+    (0644 under umask 022), not the temporary file's owner-only 0600."""
+    old = os.umask(0o022)
+    try:
+        L.load_or_build(tiny_vqmodel, vq_dir, toy_slices(), tmp_path / "cache", "train", progress=False)
+    finally:
+        os.umask(old)
+    (path,) = (tmp_path / "cache").glob("train-*.safetensors")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
