@@ -254,7 +254,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     outputs is refused unless `overwrite` (which removes them, and only them) or `resume` (a run of the same
     settings and model cut short, or with a smaller `num_images`: its images are kept and the missing ones made;
     each image has its own seed, so they are the images an uninterrupted run makes, up to a grey level where the
-    batches differ)."""
+    batches differ). `pipe`: a loaded pipeline to sample with instead of loading `model` (the demo's, reused for
+    each class); it keeps the `scheduler` set here, its progress bar off and, with `compile`, its compiled UNet."""
     from tqdm.auto import tqdm
 
     from .plots import to_pil_grid

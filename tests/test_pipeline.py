@@ -281,6 +281,31 @@ def test_pndm_samples_but_is_refused_where_the_timesteps_are_sliced(pipe):
         pndm(num_inference_steps=10, refine_steps=2, refine_repeats=1)
 
 
+def record_schedulers_x0(scheduler) -> list[torch.Tensor]:
+    """The scheduler's own x0 prediction at each step, appended to the returned list as it samples: DPM-Solver's
+    `convert_model_output` (x0 is what the model output becomes), the others' `pred_original_sample`."""
+    own = []
+    if hasattr(scheduler, "convert_model_output"):
+        convert = scheduler.convert_model_output
+
+        def recording_convert(*args, **kwargs):
+            x0 = convert(*args, **kwargs)
+            own.append(x0.clone())
+            return x0
+
+        scheduler.convert_model_output = recording_convert
+    else:
+        step = scheduler.step
+
+        def recording_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            own.append(out.pred_original_sample.clone())
+            return out
+
+        scheduler.step = recording_step
+    return own
+
+
 @pytest.mark.parametrize("scheduler_name, prediction_type, options", [
     ("DDIMScheduler", "epsilon", {}), ("EulerDiscreteScheduler", "epsilon", {}),
     ("LMSDiscreteScheduler", "epsilon", {}), ("DDIMScheduler", "v_prediction", {}),
@@ -304,25 +329,7 @@ def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type,
     if "timestep_spacing" in options or scheduler_name.startswith("KDPM2"):
         pipe.scheduler.set_timesteps(steps)
         assert any(float(t) != int(t) for t in pipe.scheduler.timesteps)
-    own, given = [], []
-    if hasattr(pipe.scheduler, "convert_model_output"):  # DPM-Solver++: x0 is what the model output becomes
-        convert = pipe.scheduler.convert_model_output
-
-        def recording_convert(*args, **kwargs):
-            x0 = convert(*args, **kwargs)
-            own.append(x0.clone())
-            return x0
-
-        pipe.scheduler.convert_model_output = recording_convert
-    else:
-        step = pipe.scheduler.step
-
-        def recording_step(*args, **kwargs):
-            out = step(*args, **kwargs)
-            own.append(out.pred_original_sample.clone())
-            return out
-
-        pipe.scheduler.step = recording_step
+    given, own = [], record_schedulers_x0(pipe.scheduler)
     pipe(num_inference_steps=steps, class_labels=0, guidance_scale=2.0, generator=seeded(), output_type="latent",
          callback_on_step_end=lambda p, i, t, tensors: given.append(tensors["x0_pred"].clone()) or {},
          callback_on_step_end_tensor_inputs=["latents", "x0_pred"])
@@ -1422,15 +1429,7 @@ def test_callback_x0_pred_after_a_late_start_is_the_solvers_own():
     which for Karras sigmas is another noise level (the plain sampling of the test above starts at index 0)."""
     pipe = make_pipe()
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
-    own, given = [], []
-    convert = pipe.scheduler.convert_model_output
-
-    def recording_convert(*args, **kwargs):
-        x0 = convert(*args, **kwargs)
-        own.append(x0.clone())
-        return x0
-
-    pipe.scheduler.convert_model_output = recording_convert
+    given, own = [], record_schedulers_x0(pipe.scheduler)
     pipe(image=np.full((240, 256), 90, np.uint8), strength=0.5, num_inference_steps=10, refine_steps=2,
          refine_repeats=1, class_labels=0, generator=seeded(), output_type="latent",
          callback_on_step_end=lambda p, i, t, tensors: given.append(tensors["x0_pred"].clone()) or {},

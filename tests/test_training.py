@@ -127,24 +127,29 @@ class _TinyModel(torch.nn.Linear):
     config = {}  # what make_ema hands to EMAModel (a diffusers model's config)
 
 
-def test_ema_warms_up_with_the_inv_gamma_and_power_flags():
-    """--use_ema: the decay warms up as 1 - (1 + t / --ema_inv_gamma) ** -(--ema_power) (diffusers' warm-up): after 6
-    steps with inv_gamma 2 and power 0.5 a jump of the weights moves the average by (1 + 6/2) ** -0.5 = 0.5 of it."""
+@pytest.mark.parametrize("inv_gamma, power, max_decay, steps", [
+    (2.0, 0.5, 0.9999, 6),  # the warm-up: (1 + 6/2) ** -0.5 = 0.5 of a jump after 6 steps
+    (1.0, 0.75, 0.5, 100),  # the cap: the warm-up alone would be at 1 - (1 + 100) ** -0.75 = 0.97 by then
+], ids=["warm-up", "max-decay"])
+def test_ema_decay_follows_the_inv_gamma_power_and_max_decay_flags(inv_gamma, power, max_decay, steps):
+    """--use_ema: the decay warms up as 1 - (1 + t / --ema_inv_gamma) ** -(--ema_power) (diffusers' warm-up) and
+    stops at --ema_max_decay; in both cases here a jump of the weights moves the average by half of it. (The other
+    EMA tests use the default max decay 0.9999, which the warm-up does not reach in their few steps.)"""
     torch.manual_seed(0)
     model = _TinyModel(2, 2)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    args = SimpleNamespace(use_ema=True, ema_max_decay=0.9999, ema_inv_gamma=2.0, ema_power=0.5)
+    args = SimpleNamespace(use_ema=True, ema_max_decay=max_decay, ema_inv_gamma=inv_gamma, ema_power=power)
     ema = training.make_ema(model, args, "cpu")
-    for _ in range(6):
+    for _ in range(steps):
         ema.ema.step(model.parameters())
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(1.0)
     ema.ema.step(model.parameters())
     for shadow in ema.ema.shadow_params:
-        assert torch.allclose(shadow, torch.full_like(shadow, 0.5))
+        torch.testing.assert_close(shadow, torch.full_like(shadow, 0.5))
 
 
 def test_resuming_without_ema_weights_under_use_ema_says_so(tmp_path):
@@ -449,26 +454,6 @@ def test_a_stop_signal_again_while_finishing_ends_the_run_unless_it_is_the_same_
 
 
 # ------------------------------------------------------------------------------------------ eighth mutation audit
-
-
-def test_the_ema_decay_stops_at_ema_max_decay():
-    """--ema_max_decay caps the warmed-up decay: with 0.5, after 100 steps a jump of the weights moves the average
-    by half of it (the warm-up alone would be at 1 - (1 + 100) ** -0.75 = 0.97 by then). The other EMA tests use
-    the default 0.9999, which the warm-up does not reach in their few steps."""
-    model = _TinyModel(2, 2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    args = SimpleNamespace(use_ema=True, ema_max_decay=0.5, ema_inv_gamma=1.0, ema_power=0.75)
-    ema = training.make_ema(model, args, "cpu")
-    for _ in range(100):
-        ema.ema.step(model.parameters())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(1.0)
-    ema.ema.step(model.parameters())
-    for shadow in ema.ema.shadow_params:
-        torch.testing.assert_close(shadow, torch.full_like(shadow, 0.5))
 
 
 def test_gradients_are_clipped_to_the_given_max_grad_norm():
