@@ -312,7 +312,10 @@ def record_schedulers_x0(scheduler) -> list[torch.Tensor]:
     ("EulerDiscreteScheduler", "epsilon", {"timestep_spacing": "linspace"}),  # fractional timesteps: 999, 749.25, ...
     ("DPMSolverMultistepScheduler", "epsilon", {"use_karras_sigmas": True}),  # sigmas between the integer timesteps'
     ("DDIMScheduler", "sample", {}),  # the model's output is x0 itself
-    ("KDPM2DiscreteScheduler", "epsilon", {}),  # fractional timesteps without one sigma per timestep: 846.14, ...
+    # fractional timesteps without one sigma per timestep: 846.14, ... (diffusers' KDPM2 passes tensors through
+    # numpy at every step: 4,000 NumPy 2 deprecation warnings in the suite's summary, none of them ours)
+    pytest.param("KDPM2DiscreteScheduler", "epsilon", {},
+                 marks=pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")),
 ], ids=["ddim", "euler", "lms", "ddim-v", "euler-linspace", "dpm-karras", "ddim-sample", "kdpm2"])
 def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type, options):
     """The callback's (and the GIF's) x0 prediction equals the scheduler's own at the same step
