@@ -223,6 +223,10 @@ def hash_array(h, values) -> None:
     h.update(np.ascontiguousarray(values.numpy() if isinstance(values, torch.Tensor) else values))
 
 
+# what a saved diffusers model is made of: a Finder's .DS_Store or an editor's backup beside them is not the model
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin")
+
+
 def hash_files(h, folder, as_saved: bool = False, suffixes: tuple[str, ...] | None = None) -> None:
     """Feed the names and contents of the files in `folder` (not its subfolders), in name order, to the hash `h`
     a block at a time: a saved model's identity (its weights and config). A config.json that records where its

@@ -143,11 +143,12 @@ def _changed_since_the_demo(folder: Path, model: str) -> bool:
 
 
 def _weights_digest(folder: Path) -> str:
-    """The saved model's files (weights and config): a UNet is reused only on the VQModel it was trained on."""
-    from .data import hash_files
+    """The saved model's files (weights and config): a UNet is reused only on the VQModel it was trained on. Not
+    the other files there: a .DS_Store that Finder leaves in a folder once opened is not another model."""
+    from .data import MODEL_FILE_SUFFIXES, hash_files
 
     h = hashlib.sha256()
-    hash_files(h, folder)
+    hash_files(h, folder, suffixes=MODEL_FILE_SUFFIXES)
     return h.hexdigest()
 
 

@@ -204,12 +204,12 @@ def model_fingerprint(model: str) -> str | None:
             return None
     if not (folder / "model_index.json").is_file():
         return None
-    from .data import hash_files
+    from .data import MODEL_FILE_SUFFIXES, hash_files
 
     digest = hashlib.sha256((folder / "model_index.json").read_bytes())
     for part in ("vqvae", "unet", "scheduler"):  # what from_pretrained reads: not a .DS_Store beside it
         digest.update(part.encode())
-        hash_files(digest, folder / part, suffixes=(".json", ".safetensors", ".bin"))
+        hash_files(digest, folder / part, suffixes=MODEL_FILE_SUFFIXES)
     return digest.hexdigest()
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .data import SliceSet, hash_array, hash_files, to_model_input
+from .data import MODEL_FILE_SUFFIXES, SliceSet, hash_array, hash_files, to_model_input
 from .files import fsync_file
 from .pipeline_adni_ldm import encode_slices, share_like_other_files
 from .training import TrainingError
@@ -28,14 +28,22 @@ from .training import TrainingError
 logger = logging.getLogger(__name__)
 
 
-def cache_key(vq_dir: Path, slices: SliceSet, as_saved: bool = False) -> str:
-    """The VQModel's files and the slices' pixels and labels (`as_saved`: the key before 2026-12-03, which also
-    hashed where a re-saved VQModel had been loaded from; see data.hash_files)."""
+def cache_key(vq_dir: Path, slices: SliceSet, as_saved: bool = False, every_file: bool = False) -> str:
+    """The VQModel's files (its config and weights) and the slices' pixels and labels. The keys of earlier
+    versions: `as_saved`, before 2026-12-03, also hashed where a re-saved VQModel had been loaded from (see
+    data.hash_files); `every_file`, before 2026-12-05, hashed every file in the folder, so a .DS_Store there
+    made it another VQModel and encoded every slice again."""
     h = hashlib.sha256()
-    hash_files(h, vq_dir, as_saved)
+    hash_files(h, vq_dir, as_saved, suffixes=None if every_file else MODEL_FILE_SUFFIXES)
     hash_array(h, slices.pixels)
     hash_array(h, slices.labels)
     return h.hexdigest()[:20]
+
+
+def older_cache_keys(vq_dir: Path, slices: SliceSet) -> list[str]:
+    """The keys earlier versions gave these slices on this VQModel, which a checkpoint of theirs records."""
+    keys = {cache_key(vq_dir, slices, as_saved, every_file=True) for as_saved in (True, False)}
+    return sorted(keys - {cache_key(vq_dir, slices)})
 
 
 @torch.no_grad()

@@ -280,7 +280,8 @@ def main(args: argparse.Namespace) -> dict:
 
     from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
-    from adni_diffusers.latents import LatentDataset, cache_key, check_room_on_device, load_or_build
+    from adni_diffusers.latents import (LatentDataset, cache_key, check_room_on_device, load_or_build,
+                                        older_cache_keys)
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline, remove_other_versions
     from adni_diffusers.presets import unet_config
 
@@ -362,13 +363,13 @@ def main(args: argparse.Namespace) -> dict:
         m, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
         child_probe=compile_check)
     ema = training.make_ema(training.bare_model(accelerator, model), args, device)
-    # a checkpoint from before 2026-12-03 keyed a re-saved VQModel (a pipeline's vqvae/) with where it was loaded from
-    older_key = [cache_key(vq_dir, data.train, as_saved=True)] if args.resume_from_checkpoint else []
+    # a checkpoint of an earlier version may record its data under an older key of the same VQModel and slices
+    older_keys = older_cache_keys(vq_dir, data.train) if args.resume_from_checkpoint else []
     training.clear_earlier_run(args, accelerator, "model_index.json", "unet")  # every check passed: now, not before
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                ema=ema, stage="UNet", stage_flags=RESUME_MUST_MATCH,
                                identity={"model_config": config, "latent_cache_key": train_key},
-                               also_accepted={"latent_cache_key": older_key})
+                               also_accepted={"latent_cache_key": older_keys})
     run.resume()
     training.start_logging(accelerator, args, "unet", run.start_step)
     if accelerator.is_main_process:

@@ -363,3 +363,19 @@ def test_each_training_stage_runs_on_the_demos_device(monkeypatch):
     assert seen == [{"ACCELERATE_USE_CPU": "true", "ACCELERATE_TORCH_DEVICE": "cpu"},
                     {"ACCELERATE_USE_CPU": "false", "ACCELERATE_TORCH_DEVICE": "cuda:1"}]
     assert "ACCELERATE_USE_CPU" not in os.environ and os.environ["ACCELERATE_TORCH_DEVICE"] == "cuda:0"
+
+
+def test_a_finder_file_in_the_demos_model_folders_is_no_other_model(tmp_path, monkeypatch):
+    """Opening out/vq/vqvae/ or out/ldm/unet/ in Finder leaves a .DS_Store there: the models are the same, so a
+    second demo reuses both (it retrained the UNet, whose recipe holds the VQModel's digest, or refused the UNet
+    as "not the one the demo finished there")."""
+    from adni_diffusers import cli
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    trained = len(calls["train"])
+    for folder in (out / "vq" / "vqvae", out / "ldm" / "unet"):
+        (folder / ".DS_Store").write_bytes(b"Bud1")
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    assert len(calls["train"]) == trained

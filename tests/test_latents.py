@@ -75,3 +75,37 @@ def test_a_cache_file_is_readable_by_others_as_the_umask_allows(tiny_vqmodel, vq
         os.umask(old)
     (path,) = (tmp_path / "cache").glob("train-*.safetensors")
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+# --- 2026-12-05: the key is the VQModel's config and weights, not every file beside them
+
+def test_a_stray_file_beside_the_vqmodel_keeps_its_latent_cache(tiny_vqmodel, vq_dir, tmp_path, monkeypatch):
+    """Finder leaves a .DS_Store in a folder once it is opened: the VQModel is the same, so its latent cache is
+    used, not every slice encoded again. Its config or weights changed still make a new key."""
+    slices = toy_slices()
+    (vq_dir / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    key = L.cache_key(vq_dir, slices)
+    first = L.load_or_build(tiny_vqmodel, vq_dir, slices, tmp_path / "cache", "train", progress=False)
+    (vq_dir / ".DS_Store").write_bytes(b"Bud1")
+    (vq_dir / "notes.txt").write_text("trained on the lab's cluster")
+    assert L.cache_key(vq_dir, slices) == key
+    monkeypatch.setattr(L, "encode_all", lambda *a, **k: pytest.fail("encoded again"))
+    torch.testing.assert_close(L.load_or_build(tiny_vqmodel, vq_dir, slices, tmp_path / "cache", "train",
+                                               progress=False), first, atol=0, rtol=0)
+    (vq_dir / "diffusion_pytorch_model.safetensors").write_bytes(b"other weights")
+    assert L.cache_key(vq_dir, slices) != key
+
+
+def test_the_keys_of_earlier_versions_are_known_for_resuming(vq_dir):
+    """A checkpoint records the key of its version: before 2026-12-05 every file in the VQModel's folder was
+    hashed. With only the model's files there the key is unchanged; with a stray file the older key differs and
+    is among the older keys a resumed run accepts (and never the current key itself)."""
+    slices = toy_slices()
+    assert L.cache_key(vq_dir, slices, every_file=True) == L.cache_key(vq_dir, slices)
+    (vq_dir / ".DS_Store").write_bytes(b"Bud1")
+    older = L.older_cache_keys(vq_dir, slices)
+    assert L.cache_key(vq_dir, slices, every_file=True) in older
+    assert L.cache_key(vq_dir, slices) not in older
+    # a re-saved copy (diffusers records where it was loaded from) before 2026-12-03: that key too
+    (vq_dir / "config.json").write_text('{"scaling_factor": 0.5, "_name_or_path": "/elsewhere/vqvae"}')
+    assert L.cache_key(vq_dir, slices, as_saved=True, every_file=True) in L.older_cache_keys(vq_dir, slices)

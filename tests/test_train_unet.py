@@ -1080,6 +1080,26 @@ def test_resume_refuses_another_runs_flags_model_or_data(tmp_path, tiny_vq, demo
     next(p for p in sorted(other_data.rglob("*.jpeg")) if "/train/AD/" in str(p)).unlink()
     code, err = resume(data=other_data)
     assert code == 2 and "the VQModel or the training slices (--vqmodel, --train_data_dir)" in err, err
+    # a checkpoint of a version before 2026-12-05, whose key hashed every file beside the VQModel's (a .DS_Store
+    # Finder left there): the same model and slices, so the run goes on, on the same latent cache
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.latents import cache_key
+
+    finder = tmp_path / "vq_opened_in_finder"
+    shutil.copytree(tiny_vq, finder, ignore=shutil.ignore_patterns("latent_cache"))
+    (finder / "vqvae" / ".DS_Store").write_bytes(b"Bud1")
+    train = load_slices(demo_root, seed=0).train
+    state_file = first / "checkpoint-1" / "training_state.json"
+    recorded = state_file.read_text()
+    state = json.loads(recorded)
+    assert state["run"]["identity"]["latent_cache_key"] == cache_key(finder / "vqvae", train)
+    state["run"]["identity"]["latent_cache_key"] = cache_key(finder / "vqvae", train, every_file=True)
+    state_file.write_text(json.dumps(state))
+    caches = sorted((tmp_path / "cache").glob("train-*.safetensors"))
+    code, err = resume("--vqmodel", finder)
+    assert code == 0, err
+    assert sorted((tmp_path / "cache").glob("train-*.safetensors")) == caches  # no second encoding
+    state_file.write_text(recorded)
     # the run's length, logging and speed flags may change: the same run goes on
     code, err = resume("--max_train_steps", "3", "--logging_steps", "1", "--dataloader_num_workers", "0")
     assert code == 0, err
