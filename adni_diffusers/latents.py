@@ -57,7 +57,10 @@ def encode_all(vq, slices: SliceSet, batch_size: int = 64, progress: bool = True
         # uint8 to the device, floats made there: a quarter of the bytes over the bus, the same values
         x = to_model_input(slices.pixels[start:start + batch_size].to(device))
         out.append(encode_slices(vq, x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 4, 32, 32)
+    if not out:  # no slices: none of the latents one would have (the encoder cannot run a batch of none)
+        blank = torch.zeros(1, 1, *slices.pixels.shape[-2:], device=device)
+        return torch.zeros(0, *encode_slices(vq, blank).shape[1:])
+    return torch.cat(out)
 
 
 def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str, batch_size: int = 64,

@@ -40,6 +40,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 HISTORY_FILE = "logs/history.jsonl"
 DEFAULT_VAL_FRACTION = 0.1
+WORKERS_PER_CPU = 4  # --dataloader_num_workers above this many per CPU is refused: a typo, not a setting
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # their rate after warm-up does not depend on the length
 
 
@@ -184,6 +185,11 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
                      "gradient_accumulation_steps", "checkpointing_steps", "checkpoints_total_limit", "logging_steps",
                      "ddp_timeout")
     require_at_least(args, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.dataloader_num_workers > WORKERS_PER_CPU * cpus:  # each worker is a process: thousands hung the start
+        raise TrainingError(f"--dataloader_num_workers {args.dataloader_num_workers}: more than {WORKERS_PER_CPU} "
+                            f"worker processes per CPU this process may use ({cpus}); give at most "
+                            f"{WORKERS_PER_CPU * cpus} (torch suggests at most {cpus})")
     require_positive(args, "learning_rate", "adam_epsilon", "max_grad_norm", "ema_inv_gamma", "ema_power")
     require_fraction(args, "adam_beta1", "adam_beta2", below_one=True)
     require_fraction(args, "ema_max_decay")

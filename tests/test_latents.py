@@ -109,3 +109,17 @@ def test_the_keys_of_earlier_versions_are_known_for_resuming(vq_dir):
     # a re-saved copy (diffusers records where it was loaded from) before 2026-12-03: that key too
     (vq_dir / "config.json").write_text('{"scaling_factor": 0.5, "_name_or_path": "/elsewhere/vqvae"}')
     assert L.cache_key(vq_dir, slices, as_saved=True, every_file=True) in L.older_cache_keys(vq_dir, slices)
+
+
+def test_no_slices_give_no_latents_of_this_vqmodels_shape():
+    """An empty set's latents have the VQModel's latent shape (channels and downsampling), not always 4 x 32 x 32."""
+    from diffusers import VQModel
+
+    from adni_diffusers.data import SliceSet
+
+    vq = VQModel(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                 latent_channels=3, num_vq_embeddings=8, norm_num_groups=4, vq_embed_dim=3).eval()
+    none = SliceSet(torch.zeros(0, 64, 64, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), [], [], ["AD", "NC"])
+    latents = L.encode_all(vq, none, progress=False)
+    assert latents.shape == (0, 3, 32, 32) and latents.dtype == torch.float32

@@ -349,6 +349,8 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     ("train_unet", "--learning_rate", "-0.0001", "--learning_rate must be positive"),
     ("train_unet", "--lr_warmup_steps", "-1", "--lr_warmup_steps must be at least 0"),
     ("train_unet", "--dataloader_num_workers", "-1", "--dataloader_num_workers must be at least 0"),
+    # each worker is a process: 100,000 of them (a typo for 10) hung the start
+    ("train_vqmodel", "--dataloader_num_workers", "100000", "--dataloader_num_workers 100000: more than 4 worker"),
     ("train_unet", "--val_fraction", "1.5", "--val_fraction must be between 0 and 1"),
     ("train_unet", "--adam_beta2", "1", "--adam_beta2 must be at least 0 and below 1"),
     ("train_unet", "--adam_epsilon", "0", "--adam_epsilon must be positive"),
