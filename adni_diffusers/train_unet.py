@@ -333,7 +333,7 @@ def main(args: argparse.Namespace) -> dict:
     # beside vqvae/ (the VQModel's or the pipeline's folder), not inside it: --vqmodel may name vqvae/ itself
     # beside vqvae/ in a train_vqmodel.py (or pipeline) folder; inside a bare diffusers VQModel folder
     cache_dir = Path(args.latent_cache_dir or (vq_dir.parent if vq_dir.name == "vqvae" else vq_dir) / "latent_cache")
-    with accelerator.main_process_first():
+    with training.main_process_then_each_node_first(accelerator):
         progress = accelerator.is_local_main_process
         train_key = cache_key(vq_dir, data.train)  # also what a checkpoint of this run records as its data
         train_latents = load_or_build(vq, vq_dir, data.train, cache_dir, "train", args.eval_batch_size, progress,

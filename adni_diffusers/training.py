@@ -512,6 +512,16 @@ def check_checkpoint_files(path: Path, accelerator) -> None:
                             f"{', '.join(missing)}); use another checkpoint-<step> folder, or start a new run")
 
 
+@contextlib.contextmanager
+def main_process_then_each_node_first(accelerator):
+    """For work that fills a cache the other processes then read (the demo set, datasets' file index, the latent
+    cache): the main process first, then the first process of each other node, then the rest. A node-local cache
+    (a node's /tmp, its own Hugging Face cache) is then built once per node; under `main_process_first` alone
+    every process of the other nodes built it at once. A shared folder is still built once, by the main process."""
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        yield
+
+
 def data_root(args, accelerator) -> Path:
     """--train_data_dir, or the demo set's folder (built once) when none is given."""
     if args.train_data_dir is not None:
@@ -519,7 +529,7 @@ def data_root(args, accelerator) -> Path:
     from .demo_data import ensure_demo_dataset
 
     try:
-        with accelerator.main_process_first():
+        with main_process_then_each_node_first(accelerator):
             root = ensure_demo_dataset(args.demo_data_dir)
     except FileExistsError as e:  # a file, or a folder of other things (it names the folder): it builds nothing there
         raise TrainingError(f"--demo_data_dir {e}") from None
@@ -547,7 +557,7 @@ def load_training_data(args, accelerator):
     try:
         # the main process builds datasets' file index first (the others read it); every process then decodes the
         # slices itself (there is no shared cache of decoded pixels)
-        with accelerator.main_process_first():
+        with main_process_then_each_node_first(accelerator):
             data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=split_seed(args),
                                preprocess=args.preprocess, patient_ids=args.patient_ids)
     except DataError as e:

@@ -19,13 +19,13 @@ from conftest import REPO_ROOT, TINY_UNET_ARGS, TINY_VQ_ARGS, run_training_scrip
 pytestmark = pytest.mark.slow
 
 
-def launch(script, args: list, use_cpu: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
-    """`accelerate launch` on 2 processes of `script` (relative to the repo, or an absolute path)."""
+def launch(script, args: list, use_cpu: bool = True, timeout: int = 400, processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch` on 2 (`processes`) processes of `script` (relative to the repo, or an absolute path)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("ACCELERATE_USE_CPU", None)
     if use_cpu:
         env["ACCELERATE_USE_CPU"] = "true"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(REPO_ROOT / script), *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -181,6 +181,35 @@ def test_checkpoint_waits_for_every_process_before_the_rename(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").glob("random_states_*.pkl")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_a_node_local_cache_is_built_once_per_machine(tmp_path):
+    """Two machines of two processes each (LOCAL_RANK as accelerate launch sets it on each machine), each with a
+    cache folder of its own ($TMPDIR: a node-local --latent_cache_dir): the main process builds machine 0's, then
+    machine 1's first process builds machine 1's, and the others read them. Under `main_process_first` alone both
+    processes of machine 1 found their cache empty and encoded the whole set at once."""
+    script = tmp_path / "machines.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "os.environ['LOCAL_RANK'] = str(int(os.environ['RANK']) % 2)  # machine RANK // 2, as on 2 nodes\n"
+        "from accelerate import Accelerator\n"
+        "from adni_diffusers import training\n"
+        "acc = Accelerator()\n"
+        "assert acc.num_processes == 4 and acc.local_process_index == acc.process_index % 2\n"
+        "cache = Path(sys.argv[1], f'machine{acc.process_index // 2}.cache')\n"
+        "with training.main_process_then_each_node_first(acc):\n"
+        "    if not cache.exists():\n"
+        "        time.sleep(1)  # the encoding\n"
+        "        with open(Path(sys.argv[1], 'built_by'), 'a') as f:\n"
+        "            f.write(f'{acc.process_index}\\n')\n"
+        "        cache.write_text('latents')\n"
+        "acc.wait_for_everyone()\n"
+        "import torch.distributed\n"
+        "torch.distributed.destroy_process_group()\n")
+    proc = launch(script, [tmp_path], timeout=180, processes=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted((tmp_path / "built_by").read_text().split()) == ["0", "2"]
 
 
 def test_a_clean_failure_of_the_main_process_is_not_a_traceback_on_the_others(tmp_path):
