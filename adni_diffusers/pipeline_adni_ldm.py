@@ -591,8 +591,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         r"""Generate slices.
 
         Args:
-            batch_size: number of images (default 1; one per latent when `latents` is given; ignored when
-                `image` is given: one output per input).
+            batch_size: number of images (default 1; one per latent when `latents` is given, one per image
+                when `image` is given; another number is refused then).
             class_labels: for a class-conditional model, a label or one per image, as int or class name
                 (`"AD"`, `"NC"`). `None` samples from the unconditional (dropped-label) class.
             guidance_scale: classifier-free guidance weight w: eps = eps_uncond + w (eps_cond - eps_uncond).
@@ -610,6 +610,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
 
                 i.e. SDEdit (Meng et al. 2022) on the model's own sample. The seed instead ran reverse
                 steps on an already clean latent with no re-noising (not a valid sampler). Off by default.
+                With `image`, at most the steps `strength` runs (a pass may not start noisier than the edit).
             image, strength: image-to-image. `image` (PIL / numpy / tensor slices) is encoded, put back at
                 the timestep `strength` selects with the same forward process, and denoised from there
                 (0 = the VQ reconstruction, 1 = from (almost) pure noise; default 0.5). `strength` without
@@ -667,11 +668,19 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         self._warn_if_scheduler_clips()
         if image is not None and latents is not None:
             raise ValueError("give `image` (image-to-image) or `latents` (a given start), not both")
+        if image is not None and refine_repeats > 0 and refine_steps > strength_steps(num_inference_steps, strength):
+            # re-noised to an earlier timestep than the edit starts from, it would change more than strength says
+            raise ValueError(f"refine_steps={refine_steps} with image: strength={strength} runs "
+                             f"{strength_steps(num_inference_steps, strength)} of the {num_inference_steps} steps, "
+                             "and a refinement pass may not start earlier: give refine_steps at most that")
 
         device = self._execution_device
         pixels = prepare_slices(image, preprocess=self.preprocess, name="image") if image is not None else None
         latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        if pixels is not None:
+        if pixels is not None:  # one image out per image in, as one per given latent below
+            if batch_size is not None and batch_size != len(pixels):
+                raise ValueError(f"batch_size={batch_size} but image holds {len(pixels)}: "
+                                 "leave batch_size out or make them agree")
             batch_size = len(pixels)
         elif latents is not None:  # the refinement noise and the labels need one row per given latent
             if isinstance(latents, np.ndarray):

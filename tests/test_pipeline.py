@@ -216,6 +216,23 @@ def test_arguments_that_would_be_ignored_are_refused(pipe):
     finally:
         spy.remove()
     assert spy.calls == 2
+    # image-to-image makes one image per image, as `latents` one per latent: another batch_size was ignored
+    with pytest.raises(ValueError, match="batch_size=3 but image holds 2"):
+        pipe(image=np.zeros((2, 240, 256), np.uint8), batch_size=3, num_inference_steps=2)
+    assert pipe(image=np.zeros((2, 240, 256), np.uint8), batch_size=2, num_inference_steps=2,
+                output_type="latent").images.shape == (2, 4, 32, 32)
+    # a refinement pass re-noised past the edit's own start (strength 0.25 of 8 steps runs 2): it changed the
+    # image more than strength says
+    with pytest.raises(ValueError, match=r"refine_steps=3 with image: strength=0.25 runs 2 of the 8 steps"):
+        pipe(image=np.zeros((240, 256), np.uint8), strength=0.25, num_inference_steps=8, refine_steps=3,
+             refine_repeats=1)
+    spy = UNetSpy(pipe.unet)
+    try:  # as many as the edit runs is fine: 2 + 2
+        pipe(image=np.zeros((240, 256), np.uint8), strength=0.25, num_inference_steps=8, refine_steps=2,
+             refine_repeats=1, output_type="latent")
+    finally:
+        spy.remove()
+    assert spy.calls == 4
 
 
 @pytest.mark.parametrize("name, value", [("num_inference_steps", 2.5), ("num_inference_steps", True),
