@@ -41,9 +41,16 @@ def cache_key(vq_dir: Path, slices: SliceSet, as_saved: bool = False, every_file
 
 
 def older_cache_keys(vq_dir: Path, slices: SliceSet) -> list[str]:
-    """The keys earlier versions gave these slices on this VQModel, which a checkpoint of theirs records."""
-    keys = {cache_key(vq_dir, slices, as_saved, every_file=True) for as_saved in (True, False)}
-    return sorted(keys - {cache_key(vq_dir, slices)})
+    """The keys earlier versions gave these slices on this VQModel, which a checkpoint of theirs records. Only
+    those that differ from today's are computed: hashing every pixel again takes seconds on ADNI."""
+    def files_digest(**how) -> bytes:
+        h = hashlib.sha256()
+        hash_files(h, vq_dir, **how)
+        return h.digest()
+
+    today = files_digest(suffixes=MODEL_FILE_SUFFIXES)
+    older = {as_saved for as_saved in (True, False) if files_digest(as_saved=as_saved) != today}
+    return sorted({cache_key(vq_dir, slices, as_saved, every_file=True) for as_saved in older})
 
 
 @torch.no_grad()

@@ -123,3 +123,15 @@ def test_no_slices_give_no_latents_of_this_vqmodels_shape():
     none = SliceSet(torch.zeros(0, 64, 64, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), [], [], ["AD", "NC"])
     latents = L.encode_all(vq, none, progress=False)
     assert latents.shape == (0, 3, 32, 32) and latents.dtype == torch.float32
+
+
+def test_older_keys_are_computed_only_where_they_differ(vq_dir, monkeypatch):
+    """A clean VQModel folder has no older key but today's: the slices (2 GB of pixels on ADNI) are not hashed
+    again to find that out."""
+    slices = toy_slices()
+    hashed = []
+    real = L.hash_array
+    monkeypatch.setattr(L, "hash_array", lambda h, a: hashed.append(a.shape) or real(h, a))
+    assert L.older_cache_keys(vq_dir, slices) == [] and hashed == []
+    (vq_dir / ".DS_Store").write_bytes(b"Bud1")
+    assert L.older_cache_keys(vq_dir, slices) == [L.cache_key(vq_dir, slices, every_file=True)]
