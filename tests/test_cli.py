@@ -122,3 +122,108 @@ def test_every_text_file_the_package_writes_names_its_encoding():
                         and set(mode.value) & set("wa+"):
                     missing.append(f"{path.name}:{node.lineno}")
     assert not missing, missing
+
+
+# --- mutation audit 2026-12-05 (small modules)
+
+
+def _fake_command(monkeypatch, main=lambda args: None, add_arguments=lambda parser: None):
+    """`adni-diffusers fake`: a command whose module is made here (cli imports a command's module when it runs)."""
+    import sys
+    import types
+
+    from adni_diffusers import cli
+
+    module = types.ModuleType("adni_diffusers_fake_command")
+    module.add_arguments, module.main = add_arguments, main
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.COMMANDS, "fake", (module.__name__, "a command made by the test"))
+    return cli
+
+
+def test_a_commands_help_shows_each_options_default_once(monkeypatch, capsys):
+    """Options with a value show their default (also those without help text); on/off flags, options without a
+    default, positionals and help that names its default already do not get another."""
+    def add_arguments(parser):
+        parser.add_argument("out", nargs="?", default="positional_default_kept_quiet", help="where to write")
+        parser.add_argument("--steps", type=int, default=50, help="sampling steps")
+        parser.add_argument("--scale", type=float, default=2.5)
+        parser.add_argument("--fast", action="store_true", help="go fast")
+        parser.add_argument("--note", default=None, help="a note")
+        parser.add_argument("--seed", type=int, default=7, help="Default: the seed of the model's training run")
+
+    cli = _fake_command(monkeypatch, add_arguments=add_arguments)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fake", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    assert exit_info.value.code == 0 and help_text.startswith("usage: adni-diffusers fake")
+    assert "sampling steps (default: 50)" in help_text and "--scale SCALE default: 2.5" in help_text
+    assert help_text.lower().count("default") == 3  # --steps, --scale and --seed's own words
+    assert help_text.endswith("--seed SEED Default: the seed of the model's training run")  # no "(default: 7)"
+
+
+@pytest.mark.parametrize("outcome, status, message", [
+    (None, 0, ""),
+    (3, 3, ""),
+    (OSError(28, "No space left on device"), 2, "adni-diffusers fake: error: [Errno 28] No space left on device"),
+    (ValueError("--scale must be positive"), 2, "adni-diffusers fake: error: --scale must be positive"),
+    (KeyboardInterrupt(), 130, "adni-diffusers fake: interrupted"),
+    ("SIGUSR1", 138, "adni-diffusers fake: stopped by SIGUSR1 at step 4; ck is written: go on from it with "
+                     "--resume_from_checkpoint latest (`adni-diffusers fake` with the same flags does)"),
+    ("another process's signal", 143, "adni-diffusers fake: stopped by a stop signal (on another process) at step 4; "
+     "ck is written: go on from it with --resume_from_checkpoint latest "
+     "(`adni-diffusers fake` with the same flags does)"),
+])
+def test_a_commands_outcome_is_its_exit_status_and_one_line(monkeypatch, capsys, outcome, status, message):
+    """What a command returns is the exit status (None is success); a failure the user can act on is one line on
+    stderr and status 2; Ctrl-C is 130; a training stopped by a signal is 128 + the signal's number (SIGUSR1, a
+    cluster's warning before its time limit, as well as SIGTERM; 143, SIGTERM's, where another process got it)."""
+    import signal
+
+    from adni_diffusers.training import TrainingStopped
+
+    def main(args):
+        assert args.steps == 5  # the command's own flags, parsed
+        if isinstance(outcome, str):
+            raise TrainingStopped(signal.SIGUSR1 if outcome == "SIGUSR1" else None, 4, "ck")
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    cli = _fake_command(monkeypatch, main, lambda parser: parser.add_argument("--steps", type=int))
+    assert cli.main(["fake", "--steps", "5"]) == status
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_an_unknown_command_is_an_argparse_error_naming_it(capsys):
+    from adni_diffusers import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["genrate", "--model", "m"])
+    assert exit_info.value.code == 2 and "invalid choice: 'genrate'" in capsys.readouterr().err
+
+
+def test_a_commands_progress_reaches_the_terminal():
+    """The commands report progress with logging.info (hours of sampling or training): the command line shows INFO
+    records on stderr, and prints what the stream's encoding lacks as '?' (tolerate_any_character on stdout)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    script = ("import sys, types, logging\n"
+              "from adni_diffusers import cli\n"
+              "m = types.ModuleType('fake')\n"
+              "m.add_arguments = lambda parser: None\n"
+              "def main(args):\n"
+              "    logging.getLogger('adni_diffusers.fake').info('step 3 of 10')\n"
+              "    print('AD \\u2192 NC')\n"
+              "m.main = main\n"
+              "sys.modules['fake'] = m\n"
+              "cli.COMMANDS['fake'] = ('fake', 'a command made by the test')\n"
+              "sys.exit(cli.main(['fake']))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert "INFO adni_diffusers.fake: step 3 of 10" in done.stderr.decode() and done.stdout == b"AD ? NC\n"

@@ -741,3 +741,148 @@ def test_only_a_failure_of_the_step_itself_is_remembered_and_a_later_pass_outwei
     assert compile_probe.graphs_failed_before(graph_spec) is None  # the pass removed the failure record
     assert run().compile_mode == "reduce-overhead" and started == []  # the default uses CUDA graphs again
     assert not compile_probe.repeatable_failure("no answer in 1800 s")  # a cold compile: not remembered either
+
+
+# --- mutation audit 2026-12-05 (small modules)
+
+
+def test_a_pass_record_is_kept_in_inductors_cache_folder(monkeypatch, tmp_path):
+    """The record vouches for kernels inductor keeps: it lies in inductor's own cache folder (TORCHINDUCTOR_CACHE_DIR
+    here), so that it goes away with them."""
+    from adni_diffusers import compile_probe
+
+    monkeypatch.undo()  # the real cache folder, not this file's fixture
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "kernels"))
+    compile_probe.remember_pass(_spec())
+    record = compile_probe.passed_before(_spec())
+    assert record is not None and record.is_relative_to(tmp_path / "kernels")
+
+
+def test_a_pass_record_is_for_one_gpu_model_and_one_software_stack(monkeypatch):
+    """Inductor's kernels differ between GPU models and between versions of CUDA, triton and diffusers: a step that
+    passed on one is checked again on another."""
+    import importlib.metadata
+
+    from adni_diffusers import compile_probe
+
+    gpu, versions = ["GPU A"], {"triton": "3.0.0", "diffusers": "0.30.0"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu[0])
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    compile_probe.remember_pass(_spec(device="cuda:0"))
+    assert compile_probe.passed_before(_spec(device="cuda:0")) is not None
+    for change in (lambda: gpu.__setitem__(0, "GPU B"), lambda: monkeypatch.setattr(torch.version, "cuda", "12.8"),
+                   lambda: versions.update(triton="3.1.0"), lambda: versions.update(diffusers="0.31.0")):
+        change()
+        assert compile_probe.passed_before(_spec(device="cuda:0")) is None
+        compile_probe.remember_pass(_spec(device="cuda:0"))
+
+
+def test_a_pass_record_is_for_the_code_of_the_step(monkeypatch, tmp_path):
+    """The step's code (the probe, the diffusion loss, the VQ model) is part of the record: after an update of any of
+    them the step is checked again."""
+    import shutil
+
+    from adni_diffusers import compile_probe
+
+    package = Path(compile_probe.__file__).parent
+    copy = tmp_path / "package"
+    copy.mkdir()
+    for name in ("compile_probe.py", "diffusion.py", "vq.py"):
+        shutil.copy(package / name, copy / name)
+    monkeypatch.setattr(compile_probe, "__file__", str(copy / "compile_probe.py"))
+    for name in ("compile_probe.py", "diffusion.py", "vq.py"):
+        compile_probe.remember_pass(_spec())
+        assert compile_probe.passed_before(_spec()) is not None
+        with open(copy / name, "a", encoding="utf-8") as f:
+            f.write("\n# changed\n")
+        assert compile_probe.passed_before(_spec()) is None, name
+
+
+def test_only_cuda_needs_a_child_and_every_out_of_memory_message_may_fit_later():
+    """A child only where a CUDA error ends the process (not MPS or XPU); CUDA's two ways of saying it ran out of
+    memory (the caching allocator's OutOfMemoryError, a kernel's "CUDA error: out of memory") are not remembered."""
+    from adni_diffusers import compile_probe
+
+    assert [compile_probe.needed(_spec(device=d)) for d in ("cuda", "cuda:1", "cpu", "mps", "xpu:0")] == \
+        [True, True, False, False, False]
+    for why in ("OutOfMemoryError: Tried to allocate 2.00 GiB", "RuntimeError: CUDA error: out of memory"):
+        assert compile_probe.ran_out_of_memory(why) and not compile_probe.repeatable_failure(why)
+    assert compile_probe.repeatable_failure("RuntimeError: CUDA error: misaligned address")
+
+
+def test_child_step_runs_the_training_precision_and_memory_format(monkeypatch):
+    """The child compiles the graph the training process compiles: bf16 autocast inside the model's forward (as
+    Accelerate wraps it), and channels_last weights with --channels_last (strides are part of the graph). (The input's
+    layout is the same either way here: one channel.)"""
+    from adni_diffusers import compile_probe
+
+    seen = []
+
+    def channels_last(t):
+        return t.stride() == t.contiguous(memory_format=torch.channels_last).stride()
+
+    def fake_compile(model, mode=None):
+        conv = model.vq.encoder.conv_out
+        conv.register_forward_hook(lambda m, args, out: seen.append(("conv dtype", out.dtype)))
+        seen.append(("weights channels_last", channels_last(conv.weight)))
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    small = {"batch_size": 1, "sample_shape": [1, 16, 16]}
+    compile_probe.run_training_step(_spec("vqmodel", mixed_precision="bf16", channels_last=True, **small))
+    assert seen == [("weights channels_last", True), ("conv dtype", torch.bfloat16)]
+    seen.clear()
+    compile_probe.run_training_step(_spec("vqmodel", **small))
+    assert seen == [("weights channels_last", False), ("conv dtype", torch.float32)]
+
+
+def test_the_childs_time_counts_from_its_start_not_from_the_question(monkeypatch):
+    """The child works while the training process decodes the slices: its time counts from its start, so a
+    training process that asks late waits only for what is left of it, not for all of it again."""
+    import sys
+    import time
+
+    from adni_diffusers import compile_probe
+
+    monkeypatch.setattr(compile_probe, "child_command", lambda spec_path: [sys.executable, "-c",
+                                                                            "import time; time.sleep(60)"])
+    child = compile_probe.ChildStep(_spec(), timeout_s=1.5)
+    time.sleep(1.0)  # the training process's own work
+    asked = time.time()
+    passed, why = child.result()
+    assert not passed and why.startswith("no answer in")
+    assert time.time() - asked < 1.0
+
+
+def test_the_spec_carries_the_training_runs_own_choices():
+    """The child repeats the training process's step: its batch size, sample shape, precision (what Accelerate
+    chose), memory format, mode and device, as plain JSON; kernel flags a script does not have are off."""
+    import numpy as np
+
+    from adni_diffusers.compile_probe import make_spec
+
+    args = SimpleNamespace(train_batch_size=np.int64(64), channels_last=True, compile_mode="reduce-overhead")
+    accelerator = SimpleNamespace(mixed_precision="bf16", device=torch.device("cuda", 1))
+    spec = make_spec("unet", {"sample_size": 32}, args, accelerator, torch.Size([4, 32, 32]))
+    assert json.loads(json.dumps(spec)) == spec == {
+        "stage": "unet", "config": {"sample_size": 32}, "batch_size": 64, "sample_shape": [4, 32, 32],
+        "mixed_precision": "bf16", "channels_last": True, "compile_mode": "reduce-overhead", "allow_tf32": False,
+        "cudnn_benchmark": False, "device": "cuda:1"}
+
+
+def test_a_child_is_stopped_at_once_not_waited_for(monkeypatch):
+    """The child leads its own process group, which is killed whole: stopping it (an error in the training process,
+    a timeout) takes no longer than the kill, not until the child would have finished compiling."""
+    import sys
+    import time
+
+    from adni_diffusers import compile_probe
+
+    monkeypatch.setattr(compile_probe, "child_command", lambda spec_path: [sys.executable, "-c",
+                                                                            "import time; time.sleep(30)"])
+    child = compile_probe.ChildStep(_spec())
+    stopping = time.time()
+    child.cancel()
+    assert time.time() - stopping < 10 and child._process.returncode is not None

@@ -333,3 +333,98 @@ def test_subjects_csv_names_each_subjects_first_and_last_file(tmp_path):
         files = sorted(int(p.stem.split("_")[1]) for p in out.glob(f"*/*/{row['subject']}_*.jpeg"))
         assert (row["first_slice"], row["last_slice"]) == (files[0], files[-1])
         assert files == list(range(files[0], files[0] + 3))
+
+
+# --- mutation audit 2026-12-05 (small modules)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: dd.check_seed(2**32), "--seed 4294967296: expected 0 .. 2**32 - 1"),
+    (lambda: dd.plan_subjects(dd.MAX_SUBJECTS + 1, 1, 0.3, 0), "--subjects 1400001: at most 1,400,000"),
+    (lambda: dd.plan_subjects(4, 41, 0.3, 0), "--slices-per-subject 41: expected 1..40"),
+    (lambda: dd.plan_subjects(4, 1, 0.0, 0), "--test-fraction 0.0: expected a number between 0 and 1"),
+    (lambda: dd.plan_subjects(4, 1, 1.0, 0), "--test-fraction 1.0: expected a number between 0 and 1"),
+])
+def test_each_limit_is_refused_at_its_edge(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+    dd.check_seed(2**32 - 1)
+    dd._check_sizes(dd.MAX_SUBJECTS, 40, 0.5)  # the largest values allowed pass
+
+
+def test_a_tiny_test_fraction_still_puts_a_subject_of_each_class_in_test():
+    plan = dd.plan_subjects(8, 1, 0.01, seed=0)
+    for label in ("AD", "NC"):
+        assert sorted(s.split for s in plan if s.label == label) == ["test", "train", "train", "train"]
+
+
+def test_worker_count_is_one_for_small_builds_and_never_above_the_subjects():
+    assert dd._worker_count(None, 4) == 1  # a process pays off from about 8 subjects on
+    assert dd._worker_count(8, 4) == 4 and dd._worker_count(2, 100) == 2
+
+
+def test_the_scanner_look_saturates_instead_of_wrapping():
+    """Gain and bias above 1 make values above 1: clipped to white (as uint8 255 wraps them to black otherwise)."""
+    look = dd._Look(gamma=1.0, gain=1.05, noise=0.0)
+    out = dd._scanner_look(np.random.default_rng(0), look, np.array([1.0, 0.5, -0.2], dtype=np.float32),
+                           np.ones(3, dtype=np.float32), np.array([1.1, 1.0, 1.0], dtype=np.float32))
+    np.testing.assert_allclose(out, [1.0, 0.525, 0.0], rtol=1e-6)
+
+
+def test_the_contact_sheet_spans_the_severities():
+    """Per class, the mildest and the most severe subjects are among those shown, not the first four."""
+    plan = dd.plan_subjects(20, 1, 0.3, seed=0)
+    for label, members in dd._sheet_subjects(plan, 4).items():
+        severities = sorted(s.severity for s in plan if s.label == label)
+        assert [s.severity for s in members][0] == severities[0] and members[-1].severity == severities[-1]
+        assert len({s.subject_id for s in members}) == 4
+
+
+def test_a_build_records_its_command_and_is_marked_complete_only_when_whole(tmp_path, monkeypatch, caplog):
+    """A folder with only hidden files (.DS_Store) counts as empty and keeps them; the README's command repeats
+    every setting, subjects.csv keeps the planned severities, progress is logged; a crash while writing the records
+    leaves the build marked incomplete (ensure_demo_dataset rebuilds it), a contact sheet that fails after leaves it
+    complete and usable."""
+    import logging
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"finder")
+    with caplog.at_level(logging.INFO, logger="adni_diffusers.demo_data"):
+        dd.build_demo_dataset(out, subjects=4, slices_per_subject=1, test_fraction=0.5, seed=3, workers=1,
+                              contact_sheet=False)
+    assert (out / ".DS_Store").read_bytes() == b"finder"
+    assert "--subjects 4 --slices-per-subject 1 --test-fraction 0.5 --seed 3" in (out / "README.txt").read_text()
+    plan = {s.subject_id: s.severity for s in dd.plan_subjects(4, 1, 0.5, 3)}
+    assert {r["subject"]: r["severity"] for r in dd.read_subjects(out)} == plan
+    assert [m for m in caplog.messages if "subjects" in m and "/" in m] == [f"{k} / 4 subjects" for k in (1, 2, 3, 4)]
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(dd, "_write_subjects_csv", crash)
+        with pytest.raises(OSError):
+            dd.build_demo_dataset(out, subjects=4, slices_per_subject=1, seed=3, workers=1, contact_sheet=False,
+                                  overwrite=True)
+    assert dd.read_settings(out)["complete"] is False
+    with monkeypatch.context() as m:
+        m.setattr(dd, "write_contact_sheet", crash)
+        with pytest.raises(OSError):
+            dd.build_demo_dataset(out, subjects=4, slices_per_subject=1, seed=3, workers=1,
+                                  contact_sheet=tmp_path / "sheet.png", overwrite=True)
+    assert dd.read_settings(out)["complete"] is True
+
+
+def test_ensure_rebuilds_a_build_of_another_format_or_with_a_setting_missing(tmp_path):
+    """A build of an older format (its images differ for the same seed), or whose record lacks a setting, is not
+    the build asked for."""
+    out = tmp_path / "ensured"
+    settings = dict(subjects=4, slices_per_subject=1, seed=2, contact_sheet=False, workers=1)
+    dd.ensure_demo_dataset(out, **settings)
+    record = out / dd.SETTINGS_FILE
+    for change in (lambda s: {**s, "format_version": dd.FORMAT_VERSION - 1},
+                   lambda s: {k: v for k, v in s.items() if k != "test_fraction"}):
+        record.write_text(json.dumps(change(json.loads(record.read_text()))))
+        dd.ensure_demo_dataset(out, **settings)
+        assert dd.read_settings(out) == {**dd._settings(4, 1, dd.DEFAULT_TEST_FRACTION, 2), "complete": True}

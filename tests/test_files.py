@@ -60,3 +60,56 @@ def test_write_text_atomically_leaves_the_earlier_file_when_cut_short(tmp_path, 
     with pytest.raises(OSError):
         write_text_atomically(record, '{"fd": 2.0}\n')
     assert record.read_text(encoding="utf-8") == '{"fd": 1.0}\n'
+
+
+# --- mutation audit 2026-12-05 (small modules)
+
+
+def test_replace_folder_goes_past_the_leftovers_of_an_earlier_crash_and_a_dangling_link(tmp_path):
+    """A crash left `<target>.old.tmp` (test above): the next replace still puts the new folder in place and
+    removes the leftover. A link at the target that points nowhere (its folder deleted) is replaced as well."""
+    target, new = tmp_path / "unet", tmp_path / "unet.tmp"
+    for folder in (target, new, tmp_path / "unet.old.tmp"):
+        folder.mkdir()
+        (folder / "config.json").write_text(folder.name, encoding="utf-8")
+    replace_folder(new, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet"]
+    assert (target / "config.json").read_text(encoding="utf-8") == "unet.tmp"
+    link, new = tmp_path / "samples", tmp_path / "samples.tmp"
+    link.symlink_to(tmp_path / "deleted", target_is_directory=True)
+    new.mkdir()
+    replace_folder(new, link)
+    assert link.is_dir() and not link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["samples", "unet"]
+
+
+def test_not_a_folder_names_the_file_in_the_way(tmp_path):
+    """--output_dir a/b/c where a/b is a file: the message names a/b (mkdir's "[Errno 20] Not a directory" did not);
+    a missing path or an existing folder is fine."""
+    from adni_diffusers.files import not_a_folder
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b").write_text("", encoding="utf-8")
+    assert not_a_folder(tmp_path / "a" / "b") == "exists and is not a folder"
+    assert not_a_folder(tmp_path / "a" / "b" / "c" / "d") == f"{tmp_path / 'a' / 'b'} is a file, not a folder"
+    assert not_a_folder(tmp_path / "a") is None and not_a_folder(tmp_path / "a" / "new" / "deeper") is None
+
+
+def test_json_records_are_strict_json_whatever_the_numbers(tmp_path):
+    """NaN and infinities are null (strict parsers refuse bare NaN), numpy scalars are numbers, keys are strings,
+    tuples lists, anything else its text; the file ends with a newline."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from adni_diffusers.files import jsonable, write_json_atomically
+
+    record = {1: (np.float32(0.5), np.int64(3), float("nan"), float("-inf"), np.float64("inf"), None, True, "x",
+                  Path("out/a.png")), "nested": {"fd": np.float16(2.0)}}
+    expected = {"1": [0.5, 3, None, None, None, None, True, "x", str(Path("out/a.png"))], "nested": {"fd": 2.0}}
+    assert jsonable(record) == expected
+    assert type(jsonable(np.int64(3))) is int and type(jsonable(np.float32(0.5))) is float
+    write_json_atomically(tmp_path / "metrics.json", record)
+    text = (tmp_path / "metrics.json").read_text(encoding="utf-8")
+    assert text.endswith("}\n") and json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == expected
+    assert not (tmp_path / "metrics.json.tmp").exists()

@@ -1,0 +1,106 @@
+"""Pictures people open: grid shapes, grey levels and padding, captioned sheets, loss-curve panels."""
+
+# --- mutation audit 2026-12-05 (small modules)
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.mark.parametrize("n, columns", [(1, 1), (2, 2), (3, 3), (4, 2), (6, 3), (7, 3), (8, 4), (9, 3), (10, 5),
+                                        (12, 4), (13, 4), (64, 8)])
+def test_grid_columns_are_near_square_without_blank_cells_where_a_divisor_allows(n, columns):
+    from adni_diffusers.plots import grid_columns
+
+    assert grid_columns(n) == columns
+
+
+def test_a_grid_maps_minus_one_to_black_and_one_to_white_on_white_padding():
+    """(N, 1, H, W) in [-1, 1] -> greyscale: -1 black, 0 mid-grey (rounded), 1 white; values outside are clamped;
+    tiles 2 pixels apart and around, on white; near-square by default, `nrow` per row when given."""
+    from adni_diffusers.plots import to_pil_grid
+
+    images = torch.stack([torch.full((1, 3, 4), v) for v in (-1.0, 0.0, 1.0, -5.0, 5.0, 1.4 / 255 - 1)])
+    grid = to_pil_grid(images)
+    assert grid.mode == "L" and grid.size == (3 * (4 + 2) + 2, 2 * (3 + 2) + 2)  # 3 columns, 2 rows
+    pixels = np.asarray(grid)
+    tiles = [pixels[2 + r * 5: 5 + r * 5, 2 + c * 6: 6 + c * 6] for r in range(2) for c in range(3)]
+    assert [np.unique(t).tolist() for t in tiles] == [[0], [128], [255], [0], [255], [1]]
+    padding = np.ones_like(pixels, dtype=bool)
+    for r in range(2):
+        for c in range(3):
+            padding[2 + r * 5: 5 + r * 5, 2 + c * 6: 6 + c * 6] = False
+    assert (pixels[padding] == 255).all()
+    assert to_pil_grid(images, nrow=6).size == (6 * 6 + 2, 3 + 4)
+
+
+def test_save_image_grid_makes_its_folder_and_keeps_nrow(tmp_path):
+    from adni_diffusers.plots import save_image_grid
+
+    path = save_image_grid(torch.zeros(4, 1, 3, 3), tmp_path / "new" / "folder" / "grid.png", nrow=4)
+    with Image.open(path) as im:
+        assert im.size == (4 * 5 + 2, 5 + 2) and im.mode == "L"
+
+
+def test_a_captioned_sheet_has_room_for_its_titles_and_every_tile():
+    """Row titles take a 70-pixel margin, column titles a 16-pixel band, only when given; each tile is resized to
+    `tile` and placed in its row and column (rows may differ in length); the captions are drawn in black."""
+    from adni_diffusers.plots import captioned_grid
+
+    halves = Image.new("L", (40, 20), 0)
+    halves.paste(200, (20, 0, 40, 20))  # left half black, right half light: the whole picture in the tile
+    grey = [halves] + [Image.new("L", (10, 20), v) for v in (100, 200)]
+    sheet = captioned_grid([grey[:2], grey], tile=8)
+    assert sheet.size == (3 * 10, 2 * 10)
+    pixels = np.asarray(sheet)
+    assert (pixels[0:8, 0:3] == 0).all() and (pixels[0:8, 5:8] == 200).all()  # row 0, column 0
+    assert (pixels[0:8, 10:18] == 100).all() and (pixels[0:8, 20:28] == 255).all()  # row 0 has two tiles
+    assert (pixels[10:18, 20:28] == 200).all()  # row 1, column 2
+    titled = captioned_grid([grey[:2], grey], row_titles=["AD", "NC"], col_titles=["a", "b", "c"], tile=8)
+    assert titled.size == (70 + 3 * 10, 16 + 2 * 10)
+    titled_pixels = np.asarray(titled)
+    assert (titled_pixels[16 + 10: 16 + 18, 70 + 20: 70 + 28] == 200).all()
+    assert titled_pixels[:16, 70:].min() < 64 and titled_pixels[16:, :70].min() < 64  # dark captions
+
+
+def _drawn(monkeypatch, rows, **kwargs):
+    """plot_loss_curves' figure as saved: {title: (x, y, y scale)}, the visible panels' count, the figure's title."""
+    import matplotlib.pyplot as plt
+
+    from adni_diffusers import plots
+
+    seen = {}
+    save = plots.save_figure
+
+    def spy(fig, path, **kw):
+        visible = [ax for ax in fig.axes if ax.axison]
+        seen["panels"] = {ax.get_title(): (list(ax.lines[0].get_xdata()), list(ax.lines[0].get_ydata()),
+                                           ax.get_yscale()) for ax in visible}
+        seen["suptitle"] = fig._suptitle.get_text() if fig._suptitle else None
+        seen["columns"] = len({round(ax.get_position().x0, 3) for ax in fig.axes})
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "save_figure", spy)
+    before = plt.get_fignums()
+    path = plots.plot_loss_curves(rows, kwargs.pop("path"), **kwargs)
+    assert plt.get_fignums() == before  # the figure is closed (a long run plots every epoch)
+    return path, seen
+
+
+def test_loss_curves_log_scale_only_for_positive_losses_and_skip_flags(monkeypatch, tmp_path):
+    """A loss that is positive throughout on a log scale; the hinge GAN's generator loss (negative) and the learning
+    rate on a linear one; an on/off field is no quantity; at most 3 panels a row, the rest hidden; the figure's
+    title."""
+    rows = [{"step": s, "time": 0.1 * s, "loss": 1.0 / s, "g_loss": -0.5 + 0.1 * s, "lr": 1e-4 * s,
+             "skipped_nan": s == 2} for s in (1, 2, 3)]
+    path, seen = _drawn(monkeypatch, rows, path=tmp_path / "new" / "loss_curve.png", title="vq run")
+    assert path.is_file() and seen["suptitle"] == "vq run"
+    assert list(seen["panels"]) == ["loss", "g_loss", "lr"] and seen["columns"] == 3
+    assert seen["panels"]["loss"] == ([1.0, 2.0, 3.0], [1.0, 0.5, 1.0 / 3], "log")
+    assert seen["panels"]["g_loss"][2] == "linear" and seen["panels"]["lr"][2] == "linear"
+    rows = [{"step": s, **{f"q{k}_loss": 1.0 + k for k in range(4)}} for s in (1, 2)]
+    _, seen = _drawn(monkeypatch, rows, path=tmp_path / "four.png")
+    assert len(seen["panels"]) == 4 and seen["columns"] == 3 and seen["suptitle"] == "training"
