@@ -123,12 +123,13 @@ def _graphs_failed_path(record: Path) -> Path:
 
 
 def _write_record(record: Path, what: dict, words: str) -> None:
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(what, indent=2))
         tmp.replace(record)  # whole or absent, also with several processes writing the same record
     except OSError as e:
+        tmp.unlink(missing_ok=True)  # (a full disk: not a half file left per process id)
         logger.warning("--compile: could not remember %s (%s); the next run checks it again", words, e)
 
 

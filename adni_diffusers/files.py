@@ -49,8 +49,12 @@ def write_text_atomically(path: Path, text: str) -> None:
     earlier file, never half of one (a record cut short was unreadable, and what it described nobody's)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half .tmp left beside the record
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def jsonable(x):

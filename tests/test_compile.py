@@ -369,6 +369,26 @@ def test_an_empty_or_cut_short_record_is_no_pass():
         compile_probe.remember_pass(_spec())
 
 
+def test_a_record_that_cannot_be_written_leaves_no_half_file(monkeypatch, caplog):
+    """A full disk while writing a pass record: a warning, and no <key>.<pid>.tmp left in the cache folder."""
+    from pathlib import Path
+
+    from adni_diffusers import compile_probe
+
+    real_write = Path.write_text
+
+    def full_disk(self, text, *a, **k):
+        real_write(self, text[:5], *a, **k)
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full_disk)
+        compile_probe.remember_pass(_spec())
+    assert "could not remember" in caplog.text
+    record = compile_probe._pass_record(_spec())[0]
+    assert not list(record.parent.glob("*.tmp")) and not record.exists()
+
+
 def test_no_mode_and_the_default_mode_share_a_record():
     """--compile and --compile_mode default compile the same step (compile_model), but had two records: a
     reduce-overhead run's fallback ("default") passed, and the next plain --compile run started a child again."""

@@ -60,6 +60,7 @@ def test_write_text_atomically_leaves_the_earlier_file_when_cut_short(tmp_path, 
     with pytest.raises(OSError):
         write_text_atomically(record, '{"fd": 2.0}\n')
     assert record.read_text(encoding="utf-8") == '{"fd": 1.0}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # and no .tmp left beside it
 
 
 # --- mutation audit 2026-12-05 (small modules)
