@@ -401,9 +401,10 @@ def test_checkpoint_files_are_synced_through_a_handle_windows_lets_fsync(tmp_pat
             raise OSError(9, "Bad file descriptor")
         synced.append(fd)
 
-    monkeypatch.setattr(os, "name", "nt")
-    monkeypatch.setattr(os, "fsync", windows_fsync)
-    files.fsync_tree(tmp_path)
+    with monkeypatch.context() as m:  # os.name back before pytest reports (a "nt" there is an INTERNALERROR)
+        m.setattr(os, "name", "nt")
+        m.setattr(os, "fsync", windows_fsync)
+        files.fsync_tree(tmp_path)
     assert len(synced) == 1 and (tmp_path / "sub" / "model.safetensors").read_bytes() == b"weights"
 
 
