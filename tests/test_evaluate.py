@@ -212,7 +212,6 @@ def test_cli_reuses_the_feature_net_and_writes_elsewhere(evaluated, model_copy, 
     assert not (tmp_path / "feature_net").exists()
     assert "reused from the cache" in (out / "report.md").read_text()
     assert not (out / "umap.png").exists() and (out / "samples_NC.png").is_file()
-    assert "not re-rendered" in metrics.get("card", "not re-rendered")
 
 
 def test_class_name_mismatch_is_refused(model_copy, demo_root, tmp_path, capsys):
@@ -1302,3 +1301,440 @@ def test_a_rerun_cut_short_leaves_no_card_showing_the_removed_numbers(evaluated,
         E.evaluate_model(model, num_samples=2, steps=2, device="cpu", progress=False)
     assert not (model / "evaluation" / "metrics.json").exists()
     assert "Not measured yet" in card.read_text(encoding="utf-8")
+
+
+# --- mutation audit 2026-12-05 (evaluate orchestration)
+
+
+def test_the_held_out_set_is_redrawn_with_the_recorded_split_seed_fraction_and_preprocessing(demo_root, tmp_path):
+    """load_evaluation_data redraws the split with the record's split seed (not --seed, not 0), val_fraction and
+    preprocessing: the existing tests check read_training_record only, and the tiny model was trained with the
+    defaults, so a load that dropped any of them went unnoticed."""
+    from adni_diffusers.data import load_slices
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "training_data.json").write_text(json.dumps({
+        "root": str(demo_root), "split": "patient", "preprocess": "resize", "class_names": ["AD", "NC"],
+        "patient_ids": "subject", "subjects_named_both_ways": 0}))
+    (model / "training_args.json").write_text(json.dumps({"seed": 9, "split_seed": 3, "val_fraction": 0.5}))
+    data, _ = E.load_evaluation_data(model)
+    expected = load_slices(demo_root, split="patient", val_fraction=0.5, seed=3, preprocess="resize")
+    assert data.val.paths == expected.val.paths and data.train.paths == expected.train.paths
+    assert torch.equal(data.val.pixels, expected.val.pixels)
+    # each of the three matters on this folder: the defaults (seed 0, 0.1, pad) give another split / other pixels
+    assert load_slices(demo_root, split="patient", val_fraction=0.5, seed=0).val.paths != data.val.paths
+    assert len(load_slices(demo_root, split="patient", val_fraction=0.1, seed=3).val) != len(data.val)
+    assert not torch.equal(load_slices(demo_root, split="patient", val_fraction=0.5, seed=3).val.pixels,
+                           data.val.pixels)
+
+
+def test_a_record_from_before_the_subject_rule_loads_patients_by_file_name(tmp_path):
+    """A record without patient_ids (training before 2026-12-03) split by the file name's patient part as it is:
+    two scans of one ADNI subject were two patients then, and load_evaluation_data must redraw exactly that split."""
+    from PIL import Image
+
+    from adni_diffusers.data import load_slices
+
+    root = tmp_path / "data"
+    for c, cls in enumerate(("AD", "NC")):
+        (root / cls).mkdir(parents=True)
+        for subject in range(3):
+            for scan in ("bl", "m06"):
+                name = f"ADNI_00{c}_S_000{subject}_MR_{scan}_80.png"
+                Image.new("L", (256, 256), 40 * subject + (10 if scan == "bl" else 0)).save(root / cls / name)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "training_data.json").write_text(json.dumps({"root": str(root), "split": "patient"}))
+    (model / "training_args.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.3}))
+    data, record = E.load_evaluation_data(model)
+    assert record["patient_ids"] == "file"
+    expected = load_slices(root, split="patient", val_fraction=0.3, seed=0, patient_ids="file")
+    assert data.val.patients == expected.val.patients and data.val.paths == expected.val.paths
+    assert all(p.startswith("ADNI_") for p in data.train.patients + data.val.patients)  # the names as they are
+
+
+def test_the_training_record_falls_back_on_training_args_and_documented_defaults(tmp_path):
+    """Without training_data.json, the data folder and split come from training_args.json; without either record,
+    the defaults the warning names: --split patient, --val_fraction 0.1, --seed 0, --preprocess pad. Where both
+    records give the preprocessing, training_data.json's (what the data pass used) wins."""
+    record = E.read_training_record(tmp_path)
+    assert (record["root"], record["split"], record["val_fraction"], record["seed"], record["preprocess"]) == \
+        (None, "patient", 0.1, 0, "pad")
+    (tmp_path / "training_args.json").write_text(json.dumps({"train_data_dir": "/data/AD_NC", "split": "given",
+                                                              "val_fraction": 0.25, "seed": 4,
+                                                              "preprocess": "pad"}))
+    record = E.read_training_record(tmp_path)
+    assert (record["root"], record["split"], record["val_fraction"], record["seed"]) == \
+        ("/data/AD_NC", "given", 0.25, 4)
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/moved/AD_NC", "preprocess": "resize"}))
+    record = E.read_training_record(tmp_path)
+    assert record["root"] == "/moved/AD_NC" and record["preprocess"] == "resize" and record["split"] == "given"
+
+
+def test_a_recorded_data_folder_that_is_gone_is_refused_naming_data_dir(tmp_path):
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": str(tmp_path / "gone"), "split": "patient"}))
+    with pytest.raises(E.EvaluationError, match=r"training data .*gone \(from training_data.json\) is not there; "
+                                                r"pass --data-dir"):
+        E.load_evaluation_data(tmp_path)
+
+
+def test_the_models_own_class_names_decide_and_a_changed_held_out_split_is_flagged(demo_root, tmp_path, caplog):
+    """The model's class names (model_index.json) are what the data must have, whatever training_data.json says;
+    and a held-out split that differs from the recorded one is flagged as a changed training split is."""
+    import logging
+
+    from adni_diffusers.data import load_slices
+
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    with pytest.raises(E.EvaluationError, match=r"differ from the model's class names \['AD', 'MCI'\]"):
+        E.load_evaluation_data(model, model_class_names=["AD", "MCI"])
+    split = load_slices(demo_root, split="patient", val_fraction=0.5, seed=0)
+    record = json.loads((model / "training_data.json").read_text())
+    record.update(train=split.train.summary(), validation={**split.val.summary(), "images": len(split.val) + 1})
+    (model / "training_data.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
+        _, rec = E.load_evaluation_data(model, model_class_names=["AD", "NC"])
+    assert rec["matches_training"] is False and "the validation split differs" in caplog.text
+    assert "the train split differs" not in caplog.text
+
+
+def _fake_result(card="model card re-rendered: x"):
+    numbers = {"fd": 1.0, "precision": 0.5, "recall": 0.5}
+    return {"realism": {"generated": numbers, "floor": numbers, "vq_ceiling": numbers},
+            "feature_net": {"cached": True, "path": "net"}, "card": card}
+
+
+def test_the_cli_hands_every_flag_and_its_documented_default_to_evaluate_model(tmp_path, monkeypatch, capsys):
+    """`main` maps the command line onto evaluate_model: each flag to its own argument (a flag dropped or two swapped
+    ran with the default, without a word), and the defaults the help texts name."""
+    seen = []
+
+    def capture(*args, **kwargs):
+        seen.append((args, kwargs))
+        return _fake_result()
+
+    monkeypatch.setattr(E, "evaluate_model", capture)
+    model, data, cache = tmp_path / "ldm", tmp_path / "AD_NC", tmp_path / "cache"
+    assert cli.main(["evaluate", "--model", str(model), "--data-dir", str(data), "--num-samples", "7",
+                     "--out", str(tmp_path / "o"), "--scheduler", "ddim", "--steps", "4", "--guidance", "3",
+                     "--refine-steps", "2", "--refine-repeats", "3", "--seed", "5", "--batch-size", "6",
+                     "--device", "cpu", "--dtype", "bfloat16", "--feature-cache", str(cache), "--feature-epochs", "2",
+                     "--tstr-epochs", "3", "--diversity-pairs", "9", "--kid-subsets", "11", "--no-umap",
+                     "--ablations", "--ablation-samples", "12", "--no-card"]) == 0
+    args, kw = seen[-1]
+    assert args == (str(model), str(data), 7, str(tmp_path / "o"))
+    assert kw == dict(scheduler="ddim", steps=4, guidance=3.0, refine_steps=2, refine_repeats=3, seed=5, batch_size=6,
+                      device="cpu", dtype="bfloat16", feature_cache=str(cache), feature_epochs=2, tstr_epochs=3,
+                      diversity_pairs=9, kid_subsets=11, ablations=True, ablation_samples=12, umap=False,
+                      render_card=False)
+    assert f"report: {tmp_path / 'o' / 'report.md'}" in capsys.readouterr().out
+    assert cli.main(["evaluate", "--model", str(model)]) == 0
+    args, kw = seen[-1]
+    assert args == (str(model), None, 100, None)
+    assert kw == dict(scheduler="dpm++", steps=None, guidance=None, refine_steps=0, refine_repeats=0, seed=0,
+                      batch_size=None, device=None, dtype="float32", feature_cache=None, feature_epochs=5,
+                      tstr_epochs=10, diversity_pairs=None, kid_subsets=100, ablations=False,
+                      ablation_samples=E.DEFAULT_ABLATION_SAMPLES, umap=True, render_card=True)
+    assert f"report: {model / 'evaluation' / 'report.md'}" in capsys.readouterr().out
+
+
+def test_the_card_is_re_rendered_only_when_it_reads_this_evaluation_and_is_a_generated_one(tmp_path):
+    """_rerender_card: a card reads <model>/evaluation/metrics.json, so another --out leaves it alone; a README
+    the user wrote (no generated-card marker) is never overwritten."""
+    model = tmp_path / "model"
+    model.mkdir()
+    said = E._rerender_card(model, tmp_path / "elsewhere")
+    assert said.startswith("model card not re-rendered: it reads") and not (model / "README.md").exists()
+    (model / "README.md").write_text("# my own notes\n")
+    said = E._rerender_card(model, model / "evaluation")
+    assert "is not a generated card (left as it is)" in said
+    assert (model / "README.md").read_text() == "# my own notes\n"
+
+
+def test_the_models_own_evaluation_folder_is_always_replaced_and_a_foreign_metrics_json_protects_nothing(tmp_path):
+    """check_earlier_outputs: <model>/evaluation is evaluate's own folder (a run cut short before its metrics.json
+    may have left a report.md there); elsewhere a metrics.json that no evaluation wrote does not make the files
+    beside it an evaluation's."""
+    model = tmp_path / "model"
+    (model / "evaluation").mkdir(parents=True)
+    (model / "evaluation" / "report.md").write_text("# an earlier run's, cut short\n")
+    E.check_earlier_outputs(model / "evaluation", model)
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "report.md").write_text("# mine\n")
+    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.9}))
+    with pytest.raises(E.EvaluationError, match="no evaluation's metrics.json beside them"):
+        E.check_earlier_outputs(out, model)
+
+
+def test_an_unknown_scheduler_is_refused_naming_the_flag(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(E.EvaluationError, match=r"--scheduler 'euler': expected one of ddpm, ddim, dpm\+\+, unipc"):
+        E.evaluate_model(tmp_path, num_samples=2, scheduler="euler", out=tmp_path / "out", device="cpu",
+                         progress=False, render_card=False)
+
+
+class _Seen(Exception):
+    pass
+
+
+def test_a_conditional_model_without_class_names_is_refused(demo_root, tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started for a model without class names")
+
+    monkeypatch.setattr(Fe, "get_or_train_feature_net", no_work)
+    pipe = _StubPipe()
+    pipe.config = SimpleNamespace(class_names=None)
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    with pytest.raises(E.EvaluationError, match="a class-conditional model without class_names in model_index.json"):
+        E.evaluate_model(model, num_samples=2, device="cpu", progress=False, render_card=False, pipe=pipe)
+
+
+def test_the_default_step_count_is_capped_by_the_models_training_timesteps(demo_root, tmp_path, monkeypatch):
+    """Without --steps, DDPM takes the model's own training timesteps (20 here), not 1000 (which it refuses)."""
+    from diffusers import DDPMScheduler
+
+    seen = {}
+
+    def fake_net(*args, **kwargs):
+        return None, {"cached": True, "path": "net", "val": {"accuracy": 0.5}}
+
+    def sample_spy(pipe, labels, **kw):
+        seen.update(kw)
+        raise _Seen
+
+    monkeypatch.setattr(Fe, "get_or_train_feature_net", fake_net)
+    monkeypatch.setattr(E, "sample_images", sample_spy)
+    pipe = _StubPipe()
+    pipe.scheduler = DDPMScheduler(num_train_timesteps=20)
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    with pytest.raises(_Seen):
+        E.evaluate_model(model, num_samples=2, scheduler="ddpm", device="cpu", progress=False, render_card=False,
+                         pipe=pipe)
+    assert seen["steps"] == 20 and seen["scheduler"] == "ddpm"
+
+
+@pytest.fixture(scope="module")
+def stub_seeded(demo_root, tmp_path_factory):
+    """evaluate_model with the stub pipeline, --seed 5 (the split's seed is 0), the CPU defaults of the sampling batch
+    and diversity pairs, and a split with fewer training than held-out images (4 vs 12 per class): --num-samples 6
+    gives 4 per class to the distribution metrics. Records every `sample_images` call (labels and keywords)."""
+    model = tmp_path_factory.mktemp("stub_seeded") / "model"
+    _stub_model_folder(model, demo_root)
+    (model / "training_args.json").write_text(json.dumps({"val_fraction": 0.75, "seed": 0}))
+    calls = []
+    sample = E.sample_images
+
+    def sample_spy(pipe, labels, **kw):
+        calls.append((list(labels), dict(kw)))
+        return sample(pipe, labels, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "sample_images", sample_spy)
+        result = E.evaluate_model(model, num_samples=6, steps=3, seed=5, feature_epochs=1, tstr_epochs=1,
+                                  feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8,
+                                                    "bn_images": 16},
+                                  kid_subsets=3, ablations=True, ablation_samples=2,
+                                  ablation_step_overrides={"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2},
+                                  umap=False, render_card=False, progress=False, device="cpu", pipe=_StubPipe())
+    return result, model, calls
+
+
+def _setting(kw):
+    return (kw["scheduler"], kw["steps"], kw["refine_steps"], kw["refine_repeats"], kw["guidance"])
+
+
+def test_every_sample_is_drawn_with_the_runs_seed_and_every_ablation_setting_once(stub_seeded):
+    """--seed reaches the main samples and every ablation row (the same noise per image in every row); each distinct
+    setting of the table is sampled once, and the main setting not again (its row reuses the main run's images)."""
+    result, _, calls = stub_seeded
+    (main_labels, main), *ablation = calls
+    assert main_labels == [0] * 6 + [1] * 6
+    assert _setting(main) == ("dpm++", 3, 0, 0, 2.0) and main["batch_size"] == 16
+    assert all(kw["seed"] == 5 for _, kw in calls)
+    assert all(labels == [0, 0, 1, 1] for labels, _ in ablation)
+    sampled = [_setting(kw) for _, kw in ablation]
+    assert len(sampled) == len(set(sampled)) and _setting(main) not in sampled
+    rows = {(r["scheduler"], r["steps"], r["refine_steps"], r["refine_repeats"], r["guidance"])
+            for r in result["ablations"]["rows"]}
+    assert set(sampled) | {_setting(main)} == rows
+
+
+def test_the_ablation_floor_and_rows_are_measured_on_the_runs_seeded_real_subsets(stub_seeded):
+    """The ablation table's reals: per class, the seeded held-out (seed) and training (seed + 1) subsets, M of each;
+    its main-setting row: the first M samples per class of --seed against those held-out reals. Recomputed here
+    from the cached feature net and the stub's seed-only images."""
+    from adni_diffusers.data import to_uint8
+    from adni_diffusers.features import load_feature_net
+
+    result, model, _ = stub_seeded
+    data, _ = E.load_evaluation_data(model)
+    net = load_feature_net(result["feature_net"]["path"])
+    held = net.features(data.val.pixels)[E.subsample(data.val.labels, {0: 2, 1: 2}, 5)]
+    train = net.features(data.train.pixels)[E.subsample(data.train.labels, {0: 2, 1: 2}, 6)]
+    floor = E.compare_features(held, train, kid_subsets=3, seed=5)
+    images = E.sample_images(_StubPipe(), [0, 0, 1, 1], steps=3, seed=5, progress=False)
+    samples = E.compare_features(held, net.features(to_uint8(E.M.as_images(images))), kid_subsets=3, seed=5)
+    ab = result["ablations"]
+    off = next(r for r in ab["rows"] if r["group"] == "refinement" and r["setting"] == "off")
+    for measured, expected in ((ab["floor"], floor), (off, samples)):
+        assert measured["fd"] == pytest.approx(expected["fd"], rel=1e-5, abs=1e-8)
+        assert (measured["precision"], measured["recall"]) == (expected["precision"], expected["recall"])
+
+
+def test_the_records_say_what_ran(stub_seeded):
+    """metrics.json's settings and report.md's first lines give the run's seed, the CPU defaults it used and the
+    data's own numbers; the distribution metrics use as many images per class as the smaller real split has."""
+    result, model, _ = stub_seeded
+    out = model / "evaluation"
+    metrics = json.loads((out / "metrics.json").read_text())
+    st = metrics["settings"]
+    assert (st["seed"], st["num_samples"], st["samples_per"], st["batch_size"], st["diversity_pairs"]) == \
+        (5, 6, "class", 16, 200)
+    realism = metrics["realism"]
+    assert realism["images_per_class"] == {"AD": 4, "NC": 4}
+    assert realism["generated"]["candidate_images"] == realism["generated"]["reference_images"] == 8
+    assert realism["floor"]["candidate_images"] == realism["floor"]["reference_images"] == 8
+    report = (out / "report.md").read_text()
+    assert "Samples: 6 per class from `dpm++` with 3 steps, guidance 2, no refinement, seed 5, on `cpu`." in report
+    assert "split `patient` as in training: 8 training images of 2 patients, 24 held-out images of 6 patients the " \
+           "model never saw." in report
+    assert result["card"] == "model card not re-rendered (disabled)" and not (model / "README.md").exists()
+    assert not (out / E.RUNNING_MARKER).exists()
+
+
+def test_ablations_csv_holds_the_tables_rows_and_the_real_floor(stub_seeded):
+    import csv
+
+    result, model, _ = stub_seeded
+    with open(model / "evaluation" / "ablations.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header, rows = reader.fieldnames, list(reader)
+    assert header == ["group", "setting", "scheduler", "steps", "refine_steps", "refine_repeats",
+                      "refine_from_timestep", "guidance", "fd", "kid", "precision", "recall", "class_accuracy",
+                      "seconds", "seconds_per_image", "same_run_as"]
+    table = result["ablations"]["rows"]
+    assert len(rows) == len(table) + 1
+    for row, r in zip(rows, table):
+        assert (row["group"], row["setting"], row["scheduler"], int(row["steps"]), float(row["guidance"])) == \
+            (r["group"], r["setting"], r["scheduler"], r["steps"], r["guidance"])
+        assert float(row["fd"]) == pytest.approx(r["fd"]) and float(row["recall"]) == pytest.approx(r["recall"])
+    floor = result["ablations"]["floor"]
+    assert rows[-1]["group"] == "floor" and rows[-1]["setting"] == E.FLOOR_LABEL
+    for key in ("fd", "kid", "precision", "recall"):
+        assert float(rows[-1][key]) == pytest.approx(floor[key]), key
+
+
+def test_the_reports_opening_follows_the_model_and_the_data(stub_seeded, tmp_path):
+    """An unconditional model's samples are "in all", without a guidance scale; the demo-data line and the
+    changed-split warning appear exactly when the record says so."""
+    result, _, _ = stub_seeded
+    res = {k: v for k, v in result.items() if k != "card"}
+    report = E.write_report(res, tmp_path).read_text()
+    assert "_The data is the synthetic MNI152-based demo set, not ADNI._" in report
+    assert "the split differs" not in report
+    res["data"] = {**res["data"], "matches_training": False, "data_source_is_demo": False}
+    report = E.write_report(res, tmp_path).read_text()
+    assert "**Warning: the split differs from the one recorded at training time" in report
+    assert "synthetic MNI152-based demo set" not in report
+    res["model"] = {**res["model"], "conditional": False}
+    report = E.write_report(res, tmp_path).read_text()
+    assert "Samples: 6 in all from `dpm++` with 3 steps, no refinement, seed 5" in report
+
+
+def test_an_evaluation_cut_short_in_its_umap_keeps_its_numbers(demo_root, tmp_path, monkeypatch):
+    """The UMAP comes after the main numbers, as the ablations do: cut short there, metrics.json and report.md of
+    the finished measurement are already written (marked incomplete)."""
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Fe, "umap_plot", cut_short)
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    with pytest.raises(KeyboardInterrupt):
+        E.evaluate_model(model, num_samples=2, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
+                         feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
+                         diversity_pairs=2, kid_subsets=3, umap=True, render_card=False, progress=False,
+                         device="cpu", pipe=_StubPipe())
+    partial = json.loads((model / "evaluation" / "metrics.json").read_text())
+    assert partial["complete"] is False and partial["realism"]["generated"]["candidate_images"] == 4
+    assert "**Incomplete:**" in (model / "evaluation" / "report.md").read_text()
+
+
+def test_evaluate_model_checks_out_for_files_no_evaluation_made_and_a_refused_run_keeps_an_earlier_one(
+        demo_root, tmp_path):
+    """evaluate_model itself refuses an --out with the user's files under an evaluation's names (the existing test
+    calls check_earlier_outputs alone), and an earlier evaluation's outputs go only once everything is checked: a
+    run refused at the data (class names that differ) leaves them as they were."""
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    mine = tmp_path / "figures"
+    mine.mkdir()
+    (mine / "report.md").write_text("# my paper's notes\n")
+    with pytest.raises(E.EvaluationError, match="which this evaluation would replace"):
+        E.evaluate_model(model, num_samples=2, out=mine, device="cpu", progress=False, render_card=False,
+                         pipe=_StubPipe())
+    assert (mine / "report.md").read_text() == "# my paper's notes\n"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    record = json.dumps({"realism": {}, "settings": {}, "feature_net": {}})
+    (earlier / "metrics.json").write_text(record)
+    (earlier / "umap.png").write_bytes(b"png")
+    pipe = _StubPipe()
+    pipe.config = SimpleNamespace(class_names=["AD", "MCI"])
+    with pytest.raises(E.EvaluationError, match="differ from the model's class names"):
+        E.evaluate_model(model, num_samples=2, out=earlier, device="cpu", progress=False, render_card=False, pipe=pipe)
+    assert (earlier / "metrics.json").read_text() == record and (earlier / "umap.png").is_file()
+
+
+def test_an_unconditional_models_samples_are_counted_in_all(demo_root, tmp_path, monkeypatch):
+    """--num-samples of an unconditional model is the number in all: sampled without class labels or guidance, and
+    recorded so ("total" in metrics.json, "in all" in the report, no guidance scale)."""
+    calls = []
+    sample = E.sample_images
+
+    def sample_spy(pipe, labels, **kw):
+        calls.append((list(labels), kw["guidance"]))
+        return sample(pipe, labels, **kw)
+
+    monkeypatch.setattr(E, "sample_images", sample_spy)
+    pipe = _StubPipe()
+    pipe.is_conditional = False
+    pipe.config = SimpleNamespace(class_names=None)
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    result = E.evaluate_model(model, num_samples=4, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
+                              feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
+                              diversity_pairs=2, kid_subsets=3, umap=False, render_card=False, progress=False,
+                              device="cpu", pipe=pipe)
+    assert calls == [([None] * 4, 1.0)]
+    assert result["settings"]["samples_per"] == "total" and result["settings"]["guidance"] == 1.0
+    assert result["realism"]["images_per_class"] == {"all": 4}
+    report = (model / "evaluation" / "report.md").read_text()
+    assert "Samples: 4 in all from `dpm++` with 3 steps, no refinement, seed 0" in report
+
+
+def test_refinement_longer_than_the_models_default_step_count_is_refused_before_any_work(demo_root, tmp_path,
+                                                                                          monkeypatch):
+    """Without --steps the step count is known only once the model is loaded (DDPM: its 20 training timesteps
+    here, not 1000): --refine-steps 25 passes the first check against 1000 and must be refused against 20."""
+    from diffusers import DDPMScheduler
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the feature net was trained before the refinement was checked")
+
+    monkeypatch.setattr(Fe, "get_or_train_feature_net", no_work)
+    pipe = _StubPipe()
+    pipe.scheduler = DDPMScheduler(num_train_timesteps=20)
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    with pytest.raises(E.EvaluationError, match="--refine-steps between 1 and --steps"):
+        E.evaluate_model(model, num_samples=2, scheduler="ddpm", refine_steps=25, refine_repeats=1, device="cpu",
+                         progress=False, render_card=False, pipe=pipe)
+
+
+def test_the_reused_main_rows_time_is_its_images_share_of_the_main_run(stub_seeded):
+    """The ablation row of the main setting reuses M of the main run's images per class: its seconds are those
+    images' share of the main sampling time (per image: the main run's), not the whole main run's."""
+    result, _, _ = stub_seeded
+    off = next(r for r in result["ablations"]["rows"] if r["group"] == "refinement" and r["setting"] == "off")
+    per_image = result["timings"]["sampling_seconds_per_image"]
+    assert off["seconds_per_image"] == pytest.approx(per_image, rel=1e-9)
+    assert off["seconds"] == pytest.approx(4 * per_image, rel=1e-9)
