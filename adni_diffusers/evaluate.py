@@ -105,12 +105,16 @@ def read_training_record(model_dir) -> dict:
     if not data and not args:
         logger.warning("%s: no training_data.json / training_args.json; assuming --split patient, "
                        "--val_fraction 0.1, --seed 0, --preprocess pad", d)
+    elif not args and (data.get("split") or "patient") == "patient" and data.get("split_seed") is None:
+        logger.warning("%s: no training_args.json, and training_data.json (written before 2026-12-05) does not say "
+                       "what drew the held-out patients; assuming --val_fraction 0.1, --seed 0", d)
     return {
         "root": data.get("root") or args.get("train_data_dir"),
         "source": data.get("source"),
         "split": data.get("split") or args.get("split") or "patient",
-        "val_fraction": float(args.get("val_fraction", 0.1)),
-        "seed": int(split_seed(args, default=0)),  # the seed that drew the split
+        # what drew the held-out patients: in training_data.json since 2026-12-05, in the flags before
+        "val_fraction": float(data.get("val_fraction", args.get("val_fraction", 0.1))),
+        "seed": int(data["split_seed"] if data.get("split_seed") is not None else split_seed(args, default=0)),
         # the pipeline records it too (model_index.json): a folder saved or pushed without the training records
         "preprocess": data.get("preprocess") or args.get("preprocess")
         or _read_json(d / "model_index.json").get("preprocess") or "pad",

@@ -1689,6 +1689,8 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
     --mixed_precision leaves to `accelerate config`)."""
     output_dir = Path(output_dir)
     info = {"source": data_source, **data.summary(), **(extra or {})}
+    if data.split == "patient":  # what drew the held-out patients: evaluate redraws them from this file alone too
+        info.update(val_fraction=args.val_fraction, split_seed=split_seed(args))
     (output_dir / "training_data.json").write_text(json.dumps(info, indent=2))
     safe_args = {k: v for k, v in vars(args).items() if "token" not in k}
     if model is not None:

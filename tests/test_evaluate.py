@@ -1372,6 +1372,25 @@ def test_the_training_record_falls_back_on_training_args_and_documented_defaults
     assert record["root"] == "/moved/AD_NC" and record["preprocess"] == "resize" and record["split"] == "given"
 
 
+def test_training_data_json_alone_says_what_drew_the_held_out_patients(tmp_path, caplog):
+    """A model folder with training_data.json but not training_args.json (copied by hand): since 2026-12-05 the
+    data record holds the split's seed and fraction, and evaluate redraws the same patients from it; an older
+    record without them gets a warning that the defaults are assumed (they were, silently)."""
+    import logging
+
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data/AD_NC", "split": "patient"}))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        record = E.read_training_record(tmp_path)
+    assert (record["val_fraction"], record["seed"]) == (0.1, 0)
+    assert "does not say what drew the held-out patients" in caplog.text
+    caplog.clear()
+    (tmp_path / "training_data.json").write_text(json.dumps({"root": "/data/AD_NC", "split": "patient",
+                                                              "val_fraction": 0.2, "split_seed": 7}))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        record = E.read_training_record(tmp_path)
+    assert (record["val_fraction"], record["seed"]) == (0.2, 7) and caplog.text == ""
+
+
 def test_a_recorded_data_folder_that_is_gone_is_refused_naming_data_dir(tmp_path):
     (tmp_path / "training_data.json").write_text(json.dumps({"root": str(tmp_path / "gone"), "split": "patient"}))
     with pytest.raises(E.EvaluationError, match=r"training data .*gone \(from training_data.json\) is not there; "

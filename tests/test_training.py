@@ -557,3 +557,20 @@ def test_resume_moves_the_lr_schedule_of_a_checkpoint_written_by_more_processes(
         assert run.global_step == 2 and optimizer.param_groups[0]["lr"] == pytest.approx(0.75)
     finally:
         reset_accelerate()
+
+
+@pytest.mark.parametrize("split, recorded", [("patient", {"val_fraction": 0.2, "split_seed": 3}), ("given", {})])
+def test_training_data_json_records_what_drew_the_held_out_patients(tmp_path, split, recorded):
+    """--split patient draws the held-out patients with --val_fraction and the split seed: training_data.json
+    says so itself (evaluate redraws them from it where training_args.json was not copied along)."""
+    from conftest import toy_slices
+
+    from adni_diffusers import train_unet, training
+    from adni_diffusers.data import SliceData
+
+    args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", str(tmp_path), "--report_to", "none", "--split",
+                                  split, *(["--val_fraction", "0.2", "--split_seed", "3"] if split == "patient" else [])])
+    data = SliceData(toy_slices(seed=0), toy_slices(seed=1), ["AD", "NC"], split, "/data/AD_NC", "pad")
+    training.save_run_info(tmp_path, args, data, "folder")
+    saved = json.loads((tmp_path / "training_data.json").read_text())
+    assert {k: saved[k] for k in ("val_fraction", "split_seed") if k in saved} == recorded
