@@ -299,6 +299,9 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         and class_label not in (pipe.class_names or []) else class_label
     # what the model can refuse, checked before an earlier run's outputs are removed (--overwrite)
     check_scheduler_steps(scheduler, pipe.scheduler.config, steps)
+    if label is not None and not pipe.is_conditional:  # (the pipeline's own words name its class_labels argument)
+        raise ValueError(f"--class {class_label}: this model is unconditional (trained without --conditional): "
+                         "leave --class out")
     try:
         pipe._labels(label, 1)
     except ValueError as e:

@@ -674,6 +674,10 @@ def stop_loader_workers(loader) -> None:
 
 def make_optimizer(params, args, accelerator, default_batch: int):
     lr = scaled_learning_rate(args, accelerator.num_processes, default_batch)
+    if args.scale_lr and accelerator.is_main_process:
+        logger.info("--scale_lr %s: learning rate %g (--learning_rate %g for a batch of %d; this run's is %d)",
+                    args.scale_lr, lr, args.learning_rate, default_batch,
+                    args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes)
     fused = torch.cuda.is_available() and accelerator.device.type == "cuda"
     return torch.optim.AdamW(
         params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
@@ -1294,9 +1298,14 @@ class TrainingRun:
         warmup = getattr(args, "lr_warmup_steps", 0)
         if warmup >= self.max_train_steps and getattr(args, "lr_scheduler", "constant") != "constant" \
                 and accelerator.is_main_process:
+            # the optimizer's own rate: --learning_rate as --scale_lr scaled it (the schedule keeps it as initial_lr)
+            target = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]) \
+                if optimizer is not None else args.learning_rate
             logger.warning("--lr_warmup_steps %d is not below the run's %d steps: the learning rate peaks at %.3g, "
-                           "never reaching --learning_rate %g", warmup, self.max_train_steps,
-                           args.learning_rate * self.max_train_steps / warmup, args.learning_rate)
+                           "never reaching %g (--learning_rate%s)", warmup, self.max_train_steps,
+                           target * self.max_train_steps / warmup, target,
+                           f" {args.learning_rate:g}, --scale_lr {args.scale_lr}" if getattr(args, "scale_lr", False)
+                           else "")
 
     # -- resume ------------------------------------------------------------------------------------
     def resume(self) -> None:

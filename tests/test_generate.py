@@ -852,3 +852,18 @@ def test_the_gif_keeps_about_40_frames_of_a_long_chain(fresh_pipe, tmp_path, mon
     monkeypatch.setattr(GifRecorder, "save", lambda self, pipe, path, final: steps.extend(s for s, _ in self.frames))
     generate("unused", tmp_path, num_images=1, scheduler="ddim", steps=80, device="cpu", gif=True, pipe=fresh_pipe)
     assert steps == list(range(0, 80, 2))
+
+
+def test_a_class_for_an_unconditional_model_names_the_flag(tmp_path):
+    """`generate --class AD` on an unconditional model said "call it without class_labels" (the pipeline's
+    argument, not a flag of the command); now it says to leave --class out, before anything is written."""
+    from test_pipeline import make_pipe
+
+    from adni_diffusers.generate import generate
+
+    pipe = make_pipe(conditional=False)
+    with pytest.raises(ValueError, match=r"^--class AD: this model is unconditional \(trained without --conditional\): "
+                                         r"leave --class out$"):
+        generate("unused", tmp_path / "out", class_label="AD", num_images=1, steps=1, scheduler="ddim", device="cpu",
+                 pipe=pipe)
+    assert not (tmp_path / "out").exists()

@@ -574,3 +574,32 @@ def test_training_data_json_records_what_drew_the_held_out_patients(tmp_path, sp
     training.save_run_info(tmp_path, args, data, "folder")
     saved = json.loads((tmp_path / "training_data.json").read_text())
     assert {k: saved[k] for k in ("val_fraction", "split_seed") if k in saved} == recorded
+
+
+def test_the_warm_up_warning_names_the_rate_scale_lr_made(tmp_path, caplog):
+    """--scale_lr linear at batch 16 (default batch 64) trains at a quarter of --learning_rate: a warm-up as long as
+    the run warned of peaking at 4e-05 "never reaching 0.0001", a rate the run never meant (its peak is 1e-05)."""
+    import logging
+
+    from accelerate import Accelerator
+
+    from diffusers.optimization import get_scheduler
+
+    reset_accelerate()
+    try:
+        acc = Accelerator(cpu=True)
+        args = SimpleNamespace(seed=0, train_batch_size=16, gradient_accumulation_steps=1, max_train_steps=4,
+                               trace_batches=False, output_dir=str(tmp_path), learning_rate=1e-4, scale_lr="linear",
+                               lr_warmup_steps=10, lr_scheduler="constant_with_warmup")
+        model = torch.nn.Linear(1, 1)
+        with caplog.at_level(logging.INFO, logger="adni_diffusers"):
+            optimizer = training.make_optimizer(model.parameters(), SimpleNamespace(
+                **vars(args), adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8), acc, 64)
+            get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=10)  # sets initial_lr, as training's
+            training.TrainingRun(args, acc, [0] * 4, None, model, optimizer=optimizer, stage="UNet")
+    finally:
+        reset_accelerate()
+    assert "--scale_lr linear: learning rate 2.5e-05 (--learning_rate 0.0001 for a batch of 64; this run's is 16)" \
+        in caplog.text
+    assert "the learning rate peaks at 1e-05, never reaching 2.5e-05 (--learning_rate 0.0001, --scale_lr linear)" \
+        in caplog.text
