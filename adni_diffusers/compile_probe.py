@@ -129,7 +129,8 @@ def _write_record(record: Path, what: dict, words: str) -> None:
         tmp.write_text(json.dumps(what, indent=2))
         tmp.replace(record)  # whole or absent, also with several processes writing the same record
     except OSError as e:
-        tmp.unlink(missing_ok=True)  # (a full disk: not a half file left per process id)
+        with contextlib.suppress(OSError):  # (a full disk: not a half file left per process id)
+            tmp.unlink(missing_ok=True)
         logger.warning("--compile: could not remember %s (%s); the next run checks it again", words, e)
 
 

@@ -286,7 +286,7 @@ def test_scale_lr_rules(flag, factor):
     args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--train_batch_size", "256",
                                   "--learning_rate", "1e-4", *flag])
     optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))], args,
-                               SimpleNamespace(num_processes=2, device=torch.device("cpu")), train_unet.DEFAULT_BATCH)
+                               SimpleNamespace(num_processes=2, device=torch.device("cpu"), is_main_process=True), train_unet.DEFAULT_BATCH)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * factor)
 
 
@@ -428,7 +428,7 @@ def test_a_demo_data_dir_that_is_no_demo_folder_is_named(tmp_path):
 
     (tmp_path / "afile").write_text("")
     args = train_vqmodel.parse_args(["--output_dir", str(tmp_path / "out"), "--demo_data_dir", str(tmp_path / "afile")])
-    accelerator = SimpleNamespace(main_process_first=contextlib.nullcontext)
+    accelerator = SimpleNamespace(main_process_first=contextlib.nullcontext, local_main_process_first=contextlib.nullcontext)
     with pytest.raises(training.TrainingError, match=f"--demo_data_dir {tmp_path / 'afile'}: exists and is not a folder"):
         training.data_root(args, accelerator)
 
@@ -1544,7 +1544,7 @@ def test_scale_lr_counts_gradient_accumulation_in_the_batch():
         args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", "o", "--train_batch_size", "32",
                                       "--gradient_accumulation_steps", "4", "--learning_rate", "1e-4",
                                       "--scale_lr", rule])
-        accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+        accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"), is_main_process=True)
         optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))], args, accelerator, train_unet.DEFAULT_BATCH)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * factor), rule
 

@@ -869,7 +869,7 @@ def test_vq_scale_lr_is_relative_to_its_default_batch_of_8():
     args = train_vqmodel.parse_args(["--output_dir", "o", "--train_batch_size", "32", "--learning_rate", "1e-4",
                                      "--scale_lr"])
     optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))], args,
-                               SimpleNamespace(num_processes=1, device=torch.device("cpu")), train_vqmodel.DEFAULT_BATCH)
+                               SimpleNamespace(num_processes=1, device=torch.device("cpu"), is_main_process=True), train_vqmodel.DEFAULT_BATCH)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-4)
     assert train_vqmodel.parse_args(["--output_dir", "o"]).train_batch_size == 8
 

@@ -75,7 +75,8 @@ def _data_args(root, batch: int) -> SimpleNamespace:
                            preprocess="pad", patient_ids="subject", train_batch_size=batch)
 
 
-_ONE_PROCESS = SimpleNamespace(num_processes=1, main_process_first=contextlib.nullcontext)
+_ONE_PROCESS = SimpleNamespace(num_processes=1, main_process_first=contextlib.nullcontext,
+                               local_main_process_first=contextlib.nullcontext)
 
 
 def test_exactly_one_batch_of_training_images_is_enough(demo_root):
@@ -254,7 +255,7 @@ def test_a_history_line_cut_short_by_a_crash_does_not_stop_the_resume(tmp_path, 
 def test_save_run_info_never_writes_a_hub_token(tmp_path):
     """training_args.json is pushed with the model: --hub_token (any flag with "token" in its name) is left out."""
     args = SimpleNamespace(learning_rate=1e-4, hub_token="hf_SecretValue123", hub_model_id="user/model")
-    data = SimpleNamespace(summary=lambda: {"images": 1})
+    data = SimpleNamespace(summary=lambda: {"images": 1}, split="given")
     training.save_run_info(tmp_path, args, data, "user")
     text = (tmp_path / "training_args.json").read_text()
     assert "hf_SecretValue123" not in text and "hub_token" not in text
@@ -471,7 +472,7 @@ def test_the_optimizer_takes_the_adam_flags():
     """--adam_beta1/2, --adam_weight_decay and --adam_epsilon reach AdamW (its defaults differ: weight decay 0.01)."""
     args = SimpleNamespace(learning_rate=3e-4, scale_lr=False, gradient_accumulation_steps=1, train_batch_size=8,
                            adam_beta1=0.8, adam_beta2=0.95, adam_weight_decay=0.0, adam_epsilon=1e-6)
-    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"), is_main_process=True)
     optimizer = training.make_optimizer([torch.nn.Parameter(torch.zeros(1))], args, accelerator, default_batch=8)
     group = optimizer.param_groups[0]
     assert isinstance(optimizer, torch.optim.AdamW)
