@@ -223,6 +223,11 @@ def hash_array(h, values) -> None:
     h.update(np.ascontiguousarray(values.numpy() if isinstance(values, torch.Tensor) else values))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a cluster job's share, not the whole node's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # what a saved diffusers model is made of: a Finder's .DS_Store or an editor's backup beside them is not the model
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin")
 

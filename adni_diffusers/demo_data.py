@@ -607,8 +607,9 @@ def slice_tree_holding(folder: Path) -> Path | None:
 def _worker_count(workers: int | None, subjects: int) -> int:
     if workers is None:
         # A process pays off from a handful of subjects on (each takes about 0.2 s of CPU).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cores, max(1, subjects // 8))
+        from .data import usable_cpus
+
+        workers = min(usable_cpus(), max(1, subjects // 8))
     if workers < 1:
         raise ValueError(f"--workers {workers}: expected 1 or more")
     return min(workers, subjects)

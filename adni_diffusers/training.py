@@ -185,7 +185,9 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
                      "gradient_accumulation_steps", "checkpointing_steps", "checkpoints_total_limit", "logging_steps",
                      "ddp_timeout")
     require_at_least(args, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from .data import usable_cpus
+
+    cpus = usable_cpus()
     if args.dataloader_num_workers > WORKERS_PER_CPU * cpus:  # each worker is a process: thousands hung the start
         raise TrainingError(f"--dataloader_num_workers {args.dataloader_num_workers}: more than {WORKERS_PER_CPU} "
                             f"worker processes per CPU this process may use ({cpus}); give at most "
