@@ -41,6 +41,10 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 HISTORY_FILE = "logs/history.jsonl"
 DEFAULT_VAL_FRACTION = 0.1
 WORKERS_PER_CPU = 4  # --dataloader_num_workers above this many per CPU is refused: a typo, not a setting
+# on the CPU, the pace of the steps after the first (which may compile) gives the run's length; a longer one is
+# said once: the defaults train `base` for hours there, which a user trying the commands does not expect
+CPU_PACE_STEPS = 3
+LONG_CPU_RUN_S = 3600.0
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # their rate after warm-up does not depend on the length
 
 
@@ -1284,6 +1288,7 @@ class TrainingRun:
         self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
         self.global_step = 0
         self.start_step = 0  # where this process started: 0, or the resumed checkpoint's step
+        self._pace_since = time.monotonic()  # the end of this process's first step (the CPU pace warning)
         self.first_epoch = 0
         self._pending: list[dict] = []  # detached loss tensors since the last log: no .item() per step
         self._micro_logs: list[dict] = []  # this step's earlier micro-batches (gradient accumulation)
@@ -1526,6 +1531,9 @@ class TrainingRun:
         self.progress.update(1)
         if self.global_step == self.start_step + 1:
             self._check_recompiles()  # early: a recompile shows in the first step
+            self._pace_since = time.monotonic()
+        elif self.global_step == self.start_step + 1 + CPU_PACE_STEPS:
+            self._warn_if_long_on_cpu((time.monotonic() - self._pace_since) / CPU_PACE_STEPS)
         micro_batches, self._micro_logs = self._micro_logs + [_detached(logs)], []
         self._pending.append({k: v.mean(0) for k, v in _stack_per_key(micro_batches, self.accelerator.device).items()})
         if self.args.trace_batches:
@@ -1649,6 +1657,16 @@ class TrainingRun:
     def history(self) -> list[dict]:
         history = self.output_dir / HISTORY_FILE
         return read_jsonl(history) if history.exists() else []
+
+    def _warn_if_long_on_cpu(self, seconds_per_step: float) -> None:
+        acc = self.accelerator
+        left_s = seconds_per_step * (self.max_train_steps - self.global_step)
+        if acc.device.type != "cpu" or not acc.is_main_process or left_s <= LONG_CPU_RUN_S:
+            return
+        logger.warning("on the CPU: the %d steps left take about %.1f h at the pace of the steps so far (%.1f s per "
+                       "step: --preset %s, batch %d). To try the commands, give --max_train_steps (e.g. 20) or "
+                       "--preset small, as `adni-diffusers demo` does on a CPU", self.max_train_steps - self.global_step, left_s / 3600, seconds_per_step,
+                       getattr(self.args, "preset", "?"), self.args.train_batch_size)
 
     def _check_recompiles(self) -> None:
         """torch.compile compiles again when a step's inputs differ from the probe's in a way its guards see (a

@@ -468,6 +468,36 @@ def _bare_run(tmp_path):
     return run
 
 
+def test_a_run_of_hours_on_the_cpu_says_so_after_its_first_steps(tmp_path, monkeypatch, caplog):
+    """The defaults train `base` for 10 epochs: hours on a CPU, which a user trying the commands did not expect and
+    was not told. The pace of the steps after the first gives the time left; over an hour is said once, naming the
+    flags that shorten it. A short run, or one on a GPU, says nothing."""
+    from types import SimpleNamespace
+
+    from adni_diffusers import training
+
+    clock = iter([0.0, 30.0])  # the first step ends at 0 s, three more at 30 s: 10 s per step
+    monkeypatch.setattr(training.time, "monotonic", lambda: next(clock))
+    run = _bare_run(tmp_path)
+    run.start_step, run.args.preset, run.args.train_batch_size, run.args.logging_steps = 0, "base", 64, 100
+    run._graphs_at_start, run.recompiled_graphs = training.compiled_graph_count(), 0  # the first step's check
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.training"):
+        for _ in range(1 + training.CPU_PACE_STEPS + 3):  # no more clock readings after the fourth step
+            run.end_step({"loss": torch.tensor(1.0)})
+    said = [r.getMessage() for r in caplog.records if "on the CPU" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert "996 steps left take about 2.8 h" in said[0] and "10.0 s per step" in said[0]
+    assert "--preset base, batch 64" in said[0] and "--max_train_steps" in said[0] and "--preset small" in said[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.training"):
+        run._warn_if_long_on_cpu(3.5)  # 993 steps left x 3.5 s: under an hour
+        run._warn_if_long_on_cpu(10.0)  # the same pace ...
+        run.accelerator = SimpleNamespace(device=torch.device("cuda"), is_main_process=True)
+        run._warn_if_long_on_cpu(10.0)  # ... on a GPU: hours are what it is for
+    assert len([r for r in caplog.records if "on the CPU" in r.getMessage()]) == 1, caplog.text
+
+
 def test_gradient_accumulation_logs_the_mean_over_each_steps_micro_batches(tmp_path):
     """With --gradient_accumulation_steps 2 a step's logged loss is its two micro-batches' mean, not the last
     one's; a key that only the last micro-batch has (a codebook restart) keeps its value."""
