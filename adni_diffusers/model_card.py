@@ -101,6 +101,18 @@ _VQ_METRICS = [  # first-stage reconstruction numbers (metrics.json of train_vqm
     ("eval_images", "images measured"),  # held-out ones, or training ones with --split all (eval_set says)
     ("brain_eval_images", "images with a brain mask (the brain rows' mean)"),
 ]
+_SSIM_KEYS = ("ssim", "ms_ssim", "ssim_brain")
+# metrics.json from before 2026-12-02 has no ssim_scale: its SSIMs were computed on [-1, 1] with data_range 2, where
+# the same reconstructions score higher (luminance is not shift-invariant: one demo VQModel's SSIM was 0.845 there and
+# 0.607 on [0, 1], benchmarks/results/cpu-2026-12-02-ssim-scale.json)
+_OLD_SSIM_SCALE = "[-1, 1], data_range 2: before 2026-12-02"
+
+
+def _vq_rows(metrics: dict) -> list[tuple[str, str]]:
+    """The first stage's metric rows; SSIM rows say the scale they were computed on (the two are not comparable)."""
+    scale = metrics.get("ssim_scale") or _OLD_SSIM_SCALE
+    return [(f"{label} (images on {scale})" if k in _SSIM_KEYS else label, _fmt(metrics[k]))
+            for k, label in _VQ_METRICS if k in metrics]
 
 
 # ----------------------------------------------------------------------------- reading the folder
@@ -479,7 +491,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "eval_report": "evaluation/report.md" if (d / "evaluation" / "report.md").is_file() else None,
         "eval_report_contents": _report_contents(d),
         "val_set_text": _val_set_text(data, args),
-        "vq_rows": [(label, _fmt(vq_metrics[k])) for k, label in _VQ_METRICS if k in vq_metrics],
+        "vq_rows": _vq_rows(vq_metrics),
         "vq_eval_set": vq_metrics.get("eval_set"),
         "sample_grid": grid if (d / grid).is_file() else None,
         "sample_steps": args.get("sample_inference_steps"),
@@ -675,7 +687,7 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
         "latent_channels": vq.get("latent_channels", "?"),
         "latent_size": _latent_size(vq),
         "vq_scaling_factor": _fmt(vq.get("scaling_factor")),
-        "vq_rows": [(label, _fmt(metrics[k])) for k, label in _VQ_METRICS if k in metrics],
+        "vq_rows": _vq_rows(metrics),
         "vq_eval_set": metrics.get("eval_set"),
         # the grid shows the first slices of the set the metrics measured (vq_eval.evaluate_and_save)
         "recon_set": ("training slices (nothing was held out)"

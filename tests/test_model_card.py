@@ -475,6 +475,22 @@ def test_the_pipeline_card_shows_each_first_stage_number_under_its_own_label(ldm
     assert f"| images measured | {metrics['eval_images']} |" in text
 
 
+def test_ssim_rows_name_the_scale_they_were_computed_on(ldm, tiny_vq):
+    """SSIM on [-1, 1] (data_range 2, before 2026-12-02) scores the same reconstructions far higher than on [0, 1]
+    (0.845 against 0.607 for one demo VQModel): cards of both ages showed a bare "SSIM", 0.82 beside 0.57. Each SSIM
+    row says its scale: the recorded ssim_scale, or the old one where metrics.json has none. PSNR rows have none."""
+    metrics = json.loads((ldm / "first_stage_metrics.json").read_text())
+    assert metrics["ssim_scale"] == "[0, 1], data_range 1"
+    for card in (render_model_card(ldm), render_model_card(tiny_vq)):
+        for label in ("SSIM, whole slice", "MS-SSIM, whole slice", "SSIM, inside the brain mask"):
+            assert f"| {label} (images on [0, 1], data_range 1) |" in card
+        assert "| PSNR (dB), whole slice |" in card and "before 2026-12-02" not in card
+    _edit_json(ldm / "first_stage_metrics.json", ssim_scale=None)
+    card = render_model_card(ldm)
+    assert f"| SSIM, whole slice (images on [-1, 1], data_range 2: before 2026-12-02) | {metrics['ssim']:.4g} |" in card
+    assert "(images on [0, 1]" not in card
+
+
 def test_the_card_names_the_scheduler_class(ldm):
     """The model table names the scheduler's class (DDPMScheduler), not the library that provides it."""
     text = render_model_card(ldm)
