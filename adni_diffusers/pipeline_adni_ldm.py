@@ -544,7 +544,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         """A scheduler built with diffusers' defaults (`DDIMScheduler()`, `DDPMScheduler()`: clip_sample=True) rather
         than `from_config(pipe.scheduler.config)` clips every x0 prediction to [-1, 1], meant for pixels: these
         latents have unit variance (about 1 in 3 lies outside), so every sample comes out squeezed into [-1, 1] (the
-        seed's clamping, silently). Dynamic thresholding (`thresholding=True`) clips at `sample_max_value` likewise."""
+        seed's clamping, silently). Dynamic thresholding (`thresholding=True`) clips at `sample_max_value` likewise.
+        Said once per scheduler: a loop of calls logged it every time."""
+        if getattr(self, "_clip_warned_scheduler", None) is self.scheduler:
+            return
         config = self.scheduler.config
         clips = []
         if config.get("clip_sample"):
@@ -556,6 +559,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                            "but these latents have unit variance, about 1 in 3 outside +-1, so samples are clipped; "
                            "build schedulers with `from_config(pipe.scheduler.config)` (clip_sample=False), or pass "
                            "clip_sample=False, thresholding=False")
+            self._clip_warned_scheduler = self.scheduler
 
     def _check_scheduler(self, num_inference_steps: int) -> None:
         """Refinement and image-to-image start part-way along the timesteps, from a re-noised x_0: that needs a

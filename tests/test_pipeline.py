@@ -1385,9 +1385,13 @@ def test_a_scheduler_that_clips_the_latents_is_warned_about(pipe, monkeypatch, s
     try:
         pipe.scheduler = scheduler(saved.config)
         out = pipe(batch_size=1, num_inference_steps=2, generator=seeded(), output_type="latent").images
+        pipe(batch_size=1, num_inference_steps=2, generator=seeded(), output_type="latent")  # said once, not per call
+        assert len([w for w in warned if "clipped" in w]) == warns
+        pipe.scheduler = scheduler(saved.config)  # another scheduler: said again
+        pipe(batch_size=1, num_inference_steps=2, generator=seeded(), output_type="latent")
     finally:
         pipe.scheduler = saved
-    assert [w for w in warned if "clipped" in w] == ([warned[0]] if warns else [])
+    assert [w for w in warned if "clipped" in w] == ([warned[0]] * 2 if warns else [])
     if warns:
         assert "from_config(pipe.scheduler.config)" in warned[0]
         if "clip_sample" in warned[0]:
