@@ -350,6 +350,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     else:
         remove_outputs(earlier)
         made = set()
+    kept_count = len(made)
     out.mkdir(parents=True, exist_ok=True)
     # "complete": false until the last image is on disk (an interrupted run says so; --resume goes on with it)
     write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": False}, indent=2) + "\n")
@@ -405,6 +406,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     os.replace(out / "grid.png.tmp", out / "grid.png")
     paths["grid"] = str(out / "grid.png")
     paths["settings"] = str(out / "generation.json")
+    if resume:
+        paths["kept"] = kept_count  # the earlier run's images left as they were
     if recorder is not None:
         paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images))
     write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": True}, indent=2) + "\n")
@@ -434,6 +437,8 @@ def main(args: argparse.Namespace) -> int:
     paths = generate(args.model, args.out, args.num_images, args.class_label, args.guidance, args.scheduler, args.steps,
                      args.refine_steps, args.refine_repeats, args.seed, args.batch_size, args.device, args.dtype,
                      args.gif, compile=args.compile, overwrite=args.overwrite, resume=args.resume)
-    print(f"{len(paths['images'])} images in {args.out}; grid: {paths['grid']}" +
+    kept = (f" ({paths['kept']} kept from the earlier run, {len(paths['images']) - paths['kept']} made now)"
+            if "kept" in paths else "")
+    print(f"{len(paths['images'])} images in {args.out}{kept}; grid: {paths['grid']}" +
           (f"; animation: {paths['gif']}" if "gif" in paths else ""))
     return 0

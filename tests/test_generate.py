@@ -25,6 +25,18 @@ def test_generate_writes_images_and_warns_about_low_precision_on_cpu(tiny_ldm, t
     assert ("--dtype bfloat16 on the CPU" in caplog.text) is warned
 
 
+def test_resume_says_how_many_images_it_kept_and_made(tiny_ldm, tmp_path, capsys):
+    """generate --resume ended with "4 images in out", whether it made 1 or all 4: the count it kept is said."""
+    from adni_diffusers import cli
+
+    argv = ["generate", "--model", str(tiny_ldm), "--out", str(tmp_path), "--scheduler", "ddim", "--steps", "1",
+            "--device", "cpu", "--batch-size", "2"]
+    assert cli.main([*argv, "--num-images", "3"]) == 0
+    assert "3 images in" in capsys.readouterr().out
+    assert cli.main([*argv, "--num-images", "5", "--resume"]) == 0
+    assert f"5 images in {tmp_path} (3 kept from the earlier run, 2 made now); grid:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--steps", "0", "0 is not a positive integer"),
     ("--steps", "-3", "-3 is not a positive integer"),
@@ -241,7 +253,7 @@ def test_a_run_cut_short_says_so_and_resume_makes_only_the_missing_images(fresh_
         generate("unused", out, **{**kwargs, "steps": 2}, resume=True)
     (out / "sample-0004.png.tmp").write_bytes(b"\x89PNG half")  # killed while saving: never taken as made
     calls.clear()
-    generate("unused", out, **kwargs, resume=True)
+    assert generate("unused", out, **kwargs, resume=True)["kept"] == 4
     assert calls == [1]  # only image 4
     assert not list(out.glob("*.tmp"))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("sample-000[0-3].png")} == first
