@@ -1158,7 +1158,9 @@ def evaluate_model(
     timings = {}
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
-        raise EvaluationError(f"--model {model_dir}: not a saved pipeline folder (no model_index.json)")
+        from .pipeline_adni_ldm import what_folder_is_this
+
+        raise EvaluationError(f"--model {model_dir}: no model_index.json ({what_folder_is_this(model_dir)})")
     if scheduler not in SCHEDULERS:
         raise EvaluationError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     if not 2 <= num_samples <= MAX_SAMPLES_PER_CLASS:  # the upper bound keeps every sample's noise its own

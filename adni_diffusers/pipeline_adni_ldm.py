@@ -351,6 +351,15 @@ def remove_other_versions(folder: Path, source: Path | None = None) -> None:
             stale.unlink()
 
 
+def what_folder_is_this(folder: Path) -> str:
+    """What a folder without model_index.json holds, for the error that refuses it as a pipeline."""
+    if (folder / "vqvae" / "config.json").is_file():
+        return "a VQModel (train_vqmodel.py's output): train a UNet on it with train_unet.py --vqmodel"
+    if any(folder.glob("checkpoint-*")):
+        return "only training checkpoints: the run has not finished (--resume_from_checkpoint latest)"
+    return "not a saved pipeline"
+
+
 class ADNILatentDiffusionPipeline(DiffusionPipeline):
     r"""Latent diffusion for greyscale brain MRI slices (ADNI-style, 256x256).
 
@@ -835,13 +844,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                               f"could be loaded ({reason})") from e
         index_path = folder / "model_index.json"
         if not index_path.is_file():
-            if (folder / "vqvae" / "config.json").is_file():
-                what = "a VQModel (train_vqmodel.py's output): train a UNet on it with train_unet.py --vqmodel"
-            elif any(folder.glob("checkpoint-*")):
-                what = "only training checkpoints: the run has not finished (--resume_from_checkpoint latest)"
-            else:
-                what = "not a saved pipeline"
-            raise OSError(f"{pretrained_model_name_or_path}: no model_index.json ({what})")
+            raise OSError(f"{pretrained_model_name_or_path}: no model_index.json ({what_folder_is_this(folder)})")
         index = json.loads(index_path.read_text())
         for part in _missing_parts(folder, [name for name in ("vqvae", "unet", "scheduler") if name not in given]):
             # else diffusers names the pipeline folder and a file it never had (diffusion_pytorch_model.bin)

@@ -1757,3 +1757,18 @@ def test_the_reused_main_rows_time_is_its_images_share_of_the_main_run(stub_seed
     per_image = result["timings"]["sampling_seconds_per_image"]
     assert off["seconds_per_image"] == pytest.approx(per_image, rel=1e-9)
     assert off["seconds"] == pytest.approx(4 * per_image, rel=1e-9)
+
+
+def test_a_folder_of_another_kind_is_named_for_what_it_is(tiny_vq, tmp_path):
+    """evaluate --model out/vq said "not a saved pipeline folder": it now says, as generate does, that the folder
+    is a VQModel to train a UNet on (or a run with only checkpoints)."""
+    import adni_diffusers.evaluate as E
+
+    with pytest.raises(E.EvaluationError, match=r"no model_index.json \(a VQModel \(train_vqmodel.py's output\): "
+                                                r"train a UNet on it with train_unet.py --vqmodel\)"):
+        E.evaluate_model(tiny_vq, progress=False)
+    (tmp_path / "checkpoint-200").mkdir()
+    with pytest.raises(E.EvaluationError, match="only training checkpoints: the run has not finished"):
+        E.evaluate_model(tmp_path, progress=False)
+    with pytest.raises(E.EvaluationError, match=r"no model_index.json \(not a saved pipeline\)"):
+        E.evaluate_model(tmp_path / "checkpoint-200", progress=False)
