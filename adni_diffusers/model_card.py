@@ -548,7 +548,7 @@ def _report_contents(model_dir: Path) -> str:
 
 def _pipeline_tags(ctx: dict) -> list[str]:
     tags = BASE_TAGS + ["latent-diffusion"]
-    tags += ["class-conditional"] if ctx["conditional"] else []
+    tags += ["class-conditional", "image-generation"] if ctx["conditional"] else []
     tags += ["adni"] if ctx["data_source"] == "user" else ["synthetic-data"] if ctx["data_source"] == "demo" else []
     return tags + [PACKAGE_TAG]
 
@@ -566,7 +566,10 @@ def render_pipeline_card(model_dir, repo_id: str | None = None, data_source: str
     from huggingface_hub import ModelCard
 
     ctx = pipeline_card_context(model_dir, repo_id, data_source, sample_grid) | _revision_context(revision)
-    card_data = _card_data(ctx["data_source"], model_dir, tags=[], pipeline_tag="unconditional-image-generation")
+    # the Hub has no class-conditional pipeline tag: a class-conditional model under unconditional-image-generation
+    # is mislabelled, so it gets none and the free-form tags say what it is (what Hub staff do for such models)
+    tag = {} if ctx["conditional"] else {"pipeline_tag": "unconditional-image-generation"}
+    card_data = _card_data(ctx["data_source"], model_dir, tags=[], **tag)
     card = ModelCard.from_template(card_data, template_path=str(TEMPLATE), **ctx)
     return _finish(_populate(card, _pipeline_tags(ctx)))
 

@@ -101,7 +101,7 @@ def test_train_unet_push_to_hub_pushes_exactly_the_model(pushed_run):
     card = on_main["README.md"].decode()
     assert f"`{PIPELINE_MODULE}.py`" in card
     assert f'DiffusionPipeline.from_pretrained("{REPO}", trust_remote_code=True)' in card
-    assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
+    assert "library_name: diffusers" in card and "- class-conditional" in card and "pipeline_tag" not in card
     # The checkpoint went to its own branch, under checkpoint-1/, with its files.
     on_branch = stub.repo_files(REPO, "checkpoints")
     checkpoint = {p for p in on_branch if p.startswith("checkpoint-1/")}

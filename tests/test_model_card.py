@@ -42,10 +42,11 @@ def test_demo_pipeline_card(ldm):
     text = render_model_card(ldm)
     card = _check_rendered(text)
     data = card.data
-    assert data.library_name == "diffusers" and data.pipeline_tag == "unconditional-image-generation"
+    # the Hub has no class-conditional pipeline tag: none rather than a wrong one (unconditional-image-generation)
+    assert data.library_name == "diffusers" and data.pipeline_tag is None and "pipeline_tag" not in text
     assert data.license == "other" and data.license_name == "mni-icbm152-2009-notice"
     for tag in ("medical-imaging", "mri", "brain", "alzheimers", "latent-diffusion", "class-conditional",
-                "synthetic-data", "adni-diffusers"):
+                "image-generation", "synthetic-data", "adni-diffusers"):
         assert tag in data.tags
     assert "adni" not in data.tags  # not trained on ADNI
     info = json.loads((ldm / "training_data.json").read_text())
@@ -525,6 +526,8 @@ def test_an_unconditional_unet_is_not_called_class_conditional(ldm):
     text = render_model_card(ldm)
     assert "is a class-conditional" not in text and "class_labels=" not in text and "--class AD" not in text
     assert "is a latent" in text  # the opening sentence, without the class-conditional claim
+    data = ModelCard(text).data
+    assert data.pipeline_tag == "unconditional-image-generation" and "class-conditional" not in data.tags
 
 
 def test_the_training_section_counts_steps_processes_and_throughput(ldm):
