@@ -62,6 +62,9 @@ def _subject_re(roster_digits: str) -> re.Pattern:
 
 SUBJECT_RE = _subject_re("4,5")
 SUBJECT_RE_2026_12_03 = _subject_re("4")  # the rule before 2026-12-04
+# An ADNI id in another case (002_s_0295, from a tool that lower-cased the names) is not read as one, so that a
+# folder's split stays what the rule made it; it is warned about (each such scan is a patient of its own)
+OTHER_CASE_ADNI_RE = re.compile(r"(?<![0-9])[0-9]{3}_s_[0-9]{4,5}(?![0-9])", re.IGNORECASE)
 # ADNI's own BIDS conversion labels a subject by its ADNI id without the underscores: sub-ADNI002S0295.
 BIDS_ADNI_RE = re.compile(r"^sub-ADNI(?P<site>[0-9]{3})S(?P<number>[0-9]{4,5})$")
 
@@ -616,6 +619,12 @@ def load_slices(
         logger.warning("--patient_ids subject-2026-12-03: %d subject(s) are named both ways in the file names "
                        "(002_S_0295 and sub-ADNI002S0295) and count as two patients each, which may be on both "
                        "sides of the split (--patient_ids subject counts them once)", twice)
+    if patient_ids != "file" and (other_case := sorted({n for n, p in zip(named, patients)
+                                                         if p == n and OTHER_CASE_ADNI_RE.search(n)})):
+        logger.warning("%d file name(s) hold an ADNI subject id not in ADNI's upper case (%s): it is not read as "
+                       "one, so each such scan counts as a patient of its own and a subject's scans may be on both "
+                       "sides of the split; rename them with _S_ (002_S_0295)", len(other_case),
+                       ", ".join(other_case[:3]) + (", ..." if len(other_case) > 3 else ""))
     if len(set(patients)) < len(set(named)):
         logger.info("the file names hold %d scans of %d subjects (ADNI 002_S_0295 or BIDS sub-<label> ids): "
                     "patients are subjects, so no subject is on both sides of the split",

@@ -326,6 +326,34 @@ def test_scans_named_with_an_adni_or_bids_subject_id_stay_with_their_subject(tmp
         load_slices(root, patient_ids="scan")
 
 
+def test_an_adni_id_in_lower_case_is_warned_about_and_splits_as_before(tmp_path, caplog):
+    """A tool that lower-cased the file names (adni_002_s_0295_mr_..._80.png) hid the subject ids from the rule:
+    each scan became a patient, and a subject's scans could land on both sides of the split, without a word. The
+    names are warned about (the split stays as the rule made it, so the runs on such a folder resume as they were);
+    --patient_ids file says nothing (it never reads subject ids)."""
+    root = tmp_path / "lower"
+    for k in range(4):
+        for visit in ("20060418", "20061102"):
+            write(root / ("AD", "NC")[k % 2] / f"adni_00{k}_s_029{k}_mr_mprage_{visit}_80.png", slice_pixels(k))
+    write(root / "AD" / "1003730_80.png", slice_pixels(9))  # no id: nothing to say
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        d = load_slices(root, val_fraction=0.4, seed=0)
+    assert len(set(d.train.patients) | set(d.val.patients)) == 9  # each scan a patient, as before
+    said = [r.getMessage() for r in caplog.records if "not in ADNI's upper case" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("8 file name(s) hold an ADNI subject id")
+    assert "adni_000_s_0290_mr_mprage_20060418, adni_000_s_0290_mr_mprage_20061102, adni_001_s_0291_mr_mprage_" \
+           "20060418, ..." in said[0] and "rename them with _S_" in said[0]
+    upper = tmp_path / "upper"  # the same names with ADNI's _S_: read as subjects, nothing to say
+    for path in root.rglob("*.png"):
+        write(upper / path.parent.name / path.name.replace("_s_", "_S_"), slice_pixels(0))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(root, val_fraction=0.4, seed=0, patient_ids="file")
+        read = load_slices(upper, val_fraction=0.4, seed=0)
+    assert len(set(read.train.patients) | set(read.val.patients)) == 5  # 4 subjects of 2 scans, and 1003730
+    assert "upper case" not in caplog.text
+
+
 def test_a_folder_named_one_way_splits_as_before_2026_12_04(tmp_path):
     """Only a subject named both ways changes patient: a BIDS-only (or LONI-only) folder's split and patient
     fingerprint are what the rule before 2026-12-04 made, so runs on it resume and evaluate as they were."""
