@@ -189,6 +189,7 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
              retrain: bool = False, quick: bool = False) -> dict:
     from .demo_data import check_seed, ensure_demo_dataset, read_settings, slice_tree_holding
     from .generate import check_device, generate
+    from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL
 
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before hours of training
     plan = PLANS["quick" if quick else ("cuda" if device.startswith("cuda") else "cpu")]
@@ -255,7 +256,8 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     for i, label in enumerate(pipe.class_names or [None]):
         name = label or "samples"
         results[name] = generate(str(ldm_dir), out / "samples" / name, num_images=plan["num_images"],
-                                 class_label=label, guidance=2.0 if label else 1.0, scheduler=scheduler, steps=steps,
+                                 class_label=label, guidance=DEFAULT_GUIDANCE_CONDITIONAL if label else 1.0,
+                                 scheduler=scheduler, steps=steps,
                                  seed=seed, device=device, gif=(i == 0), pipe=pipe, overwrite=True)
     timings["sampling_s"] = time.time() - t
     timings["total_s"] = time.time() - t0

@@ -50,13 +50,12 @@ from . import metrics as M
 from .data import SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids, to_uint8
 from .files import write_text_atomically
 from .plots import save_figure
-from .schedulers import SCHEDULERS, default_steps, make_scheduler
+from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCHEDULER = "dpm++"  # the fast sampler for the main numbers; DDPM-1000 is an ablation row
 DEFAULT_ABLATION_SAMPLES = 32
-DEFAULT_GUIDANCE_CONDITIONAL = 2.0  # as the demo samples; the guidance ablation checks it
 PR_K = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019 use 3)
 NN_PERCENTILE = 5.0  # memorisation: samples closer to the training set than 5% of held-out reals
 FEATURE_NET_SEED = 0  # the feature net is the yardstick: one per data set and settings, whatever --seed samples

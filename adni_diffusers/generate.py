@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .files import not_a_folder, remove_path, write_text_atomically
-from .schedulers import SCHEDULERS, default_steps, make_scheduler
+from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
-    parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--guidance", type=finite_float, default=None,
+                        help=f"classifier-free guidance scale (1 = none; default {DEFAULT_GUIDANCE_CONDITIONAL:g} "
+                             "with --class, as evaluate and the demo sample)")
     parser.add_argument("--scheduler", default="ddpm", choices=list(SCHEDULERS),
                         help="sampler (default ddpm: 1000 steps; dpm++ takes 25, the model card's choice)")
     parser.add_argument("--steps", type=positive_int, default=None,
@@ -243,7 +245,7 @@ class GifRecorder:
         return path
 
 
-def generate(model: str, out: str | Path, num_images: int = 16, class_label=None, guidance: float = 1.0,
+def generate(model: str, out: str | Path, num_images: int = 16, class_label=None, guidance: float | None = None,
              scheduler: str = "ddpm", steps: int | None = None, refine_steps: int = 0, refine_repeats: int = 0,
              seed: int = 0, batch_size: int | None = None, device: str | None = None, dtype: str = "float32",
              gif: bool = False, pipe=None, compile: bool = False, overwrite: bool = False,
@@ -270,6 +272,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         raise ValueError(f"--num-images {num_images}: expected at most 2**64 (each image has its own seed)")
     if not (seed >= 0 and seed * 1_000_003 + num_images <= 2**64):  # the per-image generator seeds below are < 2**64
         raise ValueError(f"--seed {seed}: expected 0 .. {(2**64 - num_images) // 1_000_003}")
+    if guidance is None:  # toward a class: the guidance evaluate measures; without one there is nothing to guide
+        guidance = DEFAULT_GUIDANCE_CONDITIONAL if class_label is not None else 1.0
     check_guidance(guidance)
     if guidance != 1.0 and class_label is None:  # the unconditional class has nothing to guide toward: ignored
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
