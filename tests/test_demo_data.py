@@ -80,6 +80,23 @@ def test_layout_sizes_and_names(built):
         assert im.format == "PNG" and im.width > 256
 
 
+def test_slices_are_jpegs_of_quality_90(built):
+    """The slices are JPEGs at quality 90 (JPEG_QUALITY; Pillow's default is 75): their quantization tables are
+    the ones Pillow writes at 90. Nothing pinned it: dropping the quality argument changed every image silently
+    (without a FORMAT_VERSION bump, so old builds were reused beside new ones)."""
+    import io
+
+    out, _ = built
+    reference = io.BytesIO()
+    Image.new("L", (16, 16)).save(reference, format="JPEG", quality=90)
+    with Image.open(reference) as im:
+        tables_at_90 = im.quantization
+    assert dd.JPEG_QUALITY == 90
+    for path in sorted(out.rglob("*.jpeg"))[:4]:
+        with Image.open(path) as im:
+            assert im.quantization == tables_at_90, path.name
+
+
 def test_same_seed_same_bytes_other_seed_differs(built, tmp_path):
     out, _ = built
     # Two workers here, one in the fixture: the files must not depend on it.
