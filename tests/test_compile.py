@@ -906,3 +906,63 @@ def test_a_child_is_stopped_at_once_not_waited_for(monkeypatch):
     stopping = time.time()
     child.cancel()
     assert time.time() - stopping < 10 and child._process.returncode is not None
+
+
+_WATCHING_CHILD = """
+import sys, time
+from pathlib import Path
+from adni_diffusers.compile_probe import _stop_with_parent
+_stop_with_parent(Path(sys.argv[1]))
+print("watching", flush=True)
+time.sleep(120)
+"""
+_SHORT_LIVED_PARENT = """
+import os, subprocess, sys
+from adni_diffusers.compile_probe import PARENT_VARIABLE
+env = {k: v for k, v in os.environ.items() if k != PARENT_VARIABLE}
+if sys.argv[2] == "set":  # as ChildStep starts the compile check's child
+    env[PARENT_VARIABLE] = str(os.getpid())
+child = subprocess.Popen([sys.executable, "-c", sys.argv[3], sys.argv[1]], stdout=subprocess.PIPE, text=True,
+                         start_new_session=True, env=env)
+child.stdout.readline()  # its watch has started: this process ends now, as a killed training process would
+print(child.pid, flush=True)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has stopped
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads process states from /proc")
+def test_an_orphaned_compile_check_stops_and_removes_only_its_own_spec_folder(tmp_path):
+    """The training process killed (SIGKILL, a scheduler's SIGTERM): its compile-check child stops too, and removes
+    the temporary folder ChildStep made for its spec, never a folder of the user's with a spec written by hand (the
+    child run as `python -m adni_diffusers.compile_probe my_specs/spec.json`). Nothing tested either side."""
+    import subprocess
+    import sys
+
+    cases = {"ours": (tmp_path / "adni_compile_probe_x1", "set"),  # ChildStep's folder: removed
+             "by hand": (tmp_path / "my_specs", "unset"),  # a user's folder, no parent variable: kept
+             "named like ours, by hand": (tmp_path / "adni_compile_probe_mine", "unset")}  # kept
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parents = {}
+    for name, (folder, variable) in cases.items():
+        folder.mkdir()
+        (folder / "spec.json").write_text("{}")
+        parents[name] = subprocess.Popen([sys.executable, "-c", _SHORT_LIVED_PARENT, str(folder / "spec.json"),
+                                          variable, _WATCHING_CHILD], stdout=subprocess.PIPE, text=True, env=env)
+    children = {name: int(p.communicate(timeout=120)[0].strip()) for name, p in parents.items()}
+    try:
+        wait_until(lambda: not any(_running(pid) for pid in children.values()), seconds=30)
+        assert not [name for name, pid in children.items() if _running(pid)], "an orphaned child compiles on"
+        assert not cases["ours"][0].exists()
+        assert (cases["by hand"][0] / "spec.json").is_file()
+        assert (cases["named like ours, by hand"][0] / "spec.json").is_file()
+    finally:
+        for pid in children.values():
+            if _running(pid):
+                os.kill(pid, 9)
