@@ -25,6 +25,7 @@ import torch
 
 from adni_diffusers import training
 from adni_diffusers.cli import HelpFormatter
+from adni_diffusers.files import write_text_atomically
 from adni_diffusers.training import TrainingError
 
 logger = logging.getLogger("adni_diffusers.train_unet")
@@ -432,7 +433,7 @@ def main(args: argparse.Namespace) -> dict:
                 "val_loss": _validation_loss(final_unet, noise_scheduler, val_latents, data.val.labels, class_names,
                                              args, device) if val_latents is not None else None,
             }
-            (Path(args.output_dir) / "train_metrics.json").write_text(json.dumps(result, indent=2))
+            write_text_atomically(Path(args.output_dir) / "train_metrics.json", json.dumps(result, indent=2))
             vq_metrics = first_stage_metrics_file(vq_dir)  # the first stage's numbers travel with the pipeline
             kept = Path(args.output_dir) / "first_stage_metrics.json"
             if vq_metrics is None:  # a bare VQModel: no numbers, not those of the VQModel an earlier run here had

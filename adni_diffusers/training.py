@@ -1720,7 +1720,8 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
     info = {"source": data_source, **data.summary(), **(extra or {})}
     if data.split == "patient":  # what drew the held-out patients: evaluate redraws them from this file alone too
         info.update(val_fraction=args.val_fraction, split_seed=split_seed(args))
-    (output_dir / "training_data.json").write_text(json.dumps(info, indent=2))
+    # whole or not at all: a resume or evaluate reads them back, and a kill mid-write left JSON they refused
+    write_text_atomically(output_dir / "training_data.json", json.dumps(info, indent=2))
     safe_args = {k: v for k, v in vars(args).items() if "token" not in k}
     if model is not None:
         from accelerate.utils import is_compiled_module
@@ -1728,7 +1729,7 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
         safe_args["compiled"] = is_compiled_module(model)
     if accelerator is not None:
         safe_args["mixed_precision_used"] = precision_in_effect(accelerator)
-    (output_dir / "training_args.json").write_text(json.dumps(safe_args, indent=2, default=str))
+    write_text_atomically(output_dir / "training_args.json", json.dumps(safe_args, indent=2, default=str))
 
 
 def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -260,6 +261,21 @@ def test_save_run_info_never_writes_a_hub_token(tmp_path):
     text = (tmp_path / "training_args.json").read_text()
     assert "hf_SecretValue123" not in text and "hub_token" not in text
     assert json.loads(text)["hub_model_id"] == "user/model"
+
+
+def test_the_run_records_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """training_data.json and training_args.json are rewritten at every (resumed) start and read back by the next
+    resume, evaluate and the card: a kill or a full disk mid-write left JSON they refused. The earlier records stay
+    whole now, and no .tmp is left beside them."""
+    args = SimpleNamespace(learning_rate=1e-4)
+    data = SimpleNamespace(summary=lambda: {"images": 1}, split="given")
+    training.save_run_info(tmp_path, args, data, "user")
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["training_args.json", "training_data.json"]
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        training.save_run_info(tmp_path, SimpleNamespace(learning_rate=2e-4), data, "user")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
 
 
 def test_the_main_process_does_not_hide_a_lost_peer_as_one_line(monkeypatch, capsys):
