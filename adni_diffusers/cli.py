@@ -18,6 +18,7 @@ COMMANDS = {
     "push": ("adni_diffusers.hub", "push a saved pipeline folder to the Hugging Face Hub"),
     "evaluate": ("adni_diffusers.evaluate", "realism, diversity, class fidelity and memorisation of a model"),
     "counterfactual": ("adni_diffusers.counterfactual", "turn a real slice toward AD or NC and map the change"),
+    "held-out": ("adni_diffusers.held_out", "list the slices a trained model never saw (its held-out patients')"),
 }
 
 

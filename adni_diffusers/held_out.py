@@ -1,0 +1,59 @@
+"""`adni-diffusers held-out`: the slices a trained model never saw, one path a line.
+
+A model's held-out patients are drawn at training time from the seed and fraction in its records, and only
+their counts and a hash are kept (a model's files travel to the Hub; ADNI file names carry subject ids). This
+redraws them as `evaluate` and `counterfactual` do, from the records of a train_unet.py or train_vqmodel.py
+output folder and the data folder, so that a counterfactual or an outside tool gets slices the model did not
+train on:
+
+    adni-diffusers held-out --model adni_demo/ldm --class NC | head -3
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, training: bool = False) -> list[str]:
+    """The paths of the slices `model_dir`'s training held out (with `training`, the ones it trained on), of
+    one class if `class_name` is given, in the data's order."""
+    from .evaluate import EvaluationError, load_evaluation_data
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EvaluationError(f"--model {model_dir}: no such folder (a train_unet.py or train_vqmodel.py output)")
+    data, record = load_evaluation_data(model_dir, data_dir)
+    part = data.train if training else data.val
+    if class_name is None:
+        paths = list(part.paths)
+    else:
+        if class_name not in (data.class_names or []):
+            raise EvaluationError(f"--class {class_name}: the data's classes are "
+                                  f"{', '.join(data.class_names) if data.class_names else '(none)'}")
+        index = data.class_names.index(class_name)
+        paths = [p for p, label in zip(part.paths, part.labels.tolist()) if label == index]
+    logger.info("%d %s slice(s)%s of %d patient(s): --split %s%s, from %s's records", len(paths),
+                "training" if training else "held-out", f" of class {class_name}" if class_name else "",
+                len(set(part.patients)), record["split"],
+                f", --val_fraction {record['val_fraction']:g}, seed {record['seed']}"
+                if record["split"] == "patient" else "", model_dir)
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a train_unet.py or train_vqmodel.py output folder")
+    parser.add_argument("--data-dir", default=None, help="the model's training data folder, if it moved since training")
+    parser.add_argument("--class", dest="class_name", default=None, help="only this class's slices (e.g. NC)")
+    parser.add_argument("--training", action="store_true",
+                        help="list the slices the model trained on instead of the held-out ones")
+
+
+def main(args: argparse.Namespace) -> int:
+    paths = held_out_slices(args.model, args.data_dir, args.class_name, args.training)
+    if paths:
+        print("\n".join(paths))
+    return 0

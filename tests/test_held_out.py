@@ -1,0 +1,55 @@
+"""adni-diffusers held-out: the slices a model never saw, redrawn from its records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def test_held_out_lists_the_slices_evaluate_holds_out(tiny_ldm, tiny_vq, demo_root, capsys):
+    """Under --split patient the demo's test/ folder is pooled with train/: a walkthrough gave counterfactual a
+    test/ slice, which the model had trained on, with no way to find one it had not (the records keep counts and a
+    hash of the patients). `held-out` prints the held-out slices, the same ones evaluate compares with."""
+    from adni_diffusers import cli
+    from adni_diffusers.evaluate import load_evaluation_data
+
+    for model in (tiny_ldm, tiny_vq):  # a pipeline's records, and the VQModel stage's own
+        data, _ = load_evaluation_data(model)
+        assert cli.main(["held-out", "--model", str(model)]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert listed == list(data.val.paths) and listed
+        assert not set(listed) & set(data.train.paths)  # none it trained on
+        assert any("/test/" in p for p in data.train.paths)  # pooled: a test/ slice is no proof of held out
+
+        assert cli.main(["held-out", "--model", str(model), "--training"]) == 0
+        assert capsys.readouterr().out.splitlines() == list(data.train.paths)
+
+        nc = data.class_names.index("NC")
+        assert cli.main(["held-out", "--model", str(model), "--class", "NC"]) == 0
+        only_nc = capsys.readouterr().out.splitlines()
+        assert only_nc == [p for p, k in zip(data.val.paths, data.val.labels.tolist()) if k == nc]
+        assert only_nc and all(Path(p).parent.name == "NC" for p in only_nc)
+
+
+def test_held_out_refuses_what_it_cannot_answer(tiny_ldm, tmp_path, capsys):
+    from adni_diffusers import cli
+
+    assert cli.main(["held-out", "--model", str(tiny_ldm), "--class", "MCI"]) == 2
+    assert "--class MCI: the data's classes are AD, NC" in capsys.readouterr().err
+    assert cli.main(["held-out", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert cli.main(["held-out", "--model", str(tmp_path)]) == 2  # no records, no data folder
+    assert "records no data folder; pass --data-dir" in capsys.readouterr().err
+
+
+def test_held_out_takes_a_moved_data_folder(tiny_ldm, demo_root, tmp_path, capsys):
+    import shutil
+
+    from adni_diffusers import cli
+
+    assert cli.main(["held-out", "--model", str(tiny_ldm)]) == 0
+    before = capsys.readouterr().out.splitlines()
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_root, moved)
+    assert cli.main(["held-out", "--model", str(tiny_ldm), "--data-dir", str(moved)]) == 0
+    after = capsys.readouterr().out.splitlines()
+    assert [p.replace(str(moved), str(demo_root)) for p in after] == before
