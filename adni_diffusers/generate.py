@@ -108,8 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace an earlier run's samples, grid and GIF in --out (otherwise refused)")
     parser.add_argument("--resume", action="store_true",
                         help="go on with a run of the same flags and model that was cut short in --out (or give a "
-                             "larger --num-images): its images are kept, the missing ones made (with --gif the first "
-                             "batch again, for the animation)")
+                             "larger --num-images): its images are kept, the missing ones made (with --gif and no "
+                             "denoising.gif there, the first batch again, for the animation)")
     parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
@@ -344,16 +344,22 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                              + ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
                              + "); give the same flags, or --overwrite to start again")
         made = {i for i in range(num_images) if (out / f"sample-{i:04d}.png").is_file()}
-        logger.info("--resume: %d of %d images are there; making the other %d", len(made), num_images,
+        first_images = set(range(min(batch_size, num_images)))
+        # a denoising.gif there is whole (written through a .tmp) and of the same seeds and steps: kept
+        gif_kept = gif and (out / "denoising.gif").is_file()
+        if gif_kept:
+            logger.info("--gif: the earlier run's denoising.gif is kept (the same seeds and steps)")
+        elif gif and made & first_images:  # the animation is of the first batch: it is sampled again
+            logger.info("--gif: the first %d image(s) are made again for the animation (the same seeds)",
+                        len(made & first_images))
+            made -= first_images
+        logger.info("--resume: %d of %d images kept; making the other %d", len(made), num_images,
                     num_images - len(made))
-        if gif and made & set(range(min(batch_size, num_images))):
-            logger.info("--gif: the first batch is made again for the animation (the same seeds)")
-            made -= set(range(min(batch_size, num_images)))
         # a kill's leftovers (a denoising.gif there is whole: written through a .tmp, of the same seeds and steps)
         remove_outputs([p for p in earlier if p.name.endswith(".tmp")])
     else:
         remove_outputs(earlier)
-        made = set()
+        made, gif_kept = set(), False
     kept_count = len(made)
     out.mkdir(parents=True, exist_ok=True)
     # "complete": false until the last image is on disk (an interrupted run says so; --resume goes on with it)
@@ -361,7 +367,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 
     total_steps = steps + refine_repeats * refine_steps
     # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
-    recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16)) if gif else None
+    recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16)) \
+        if gif and not gif_kept else None
     grid_images, first_batch = [], True
     paths = {"images": []}
     from .data import to_uint8
@@ -414,6 +421,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         paths["kept"] = kept_count  # the earlier run's images left as they were
     if recorder is not None:
         paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images))
+    elif gif_kept:
+        paths["gif"] = str(out / "denoising.gif")
     write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": True}, indent=2) + "\n")
     return paths
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -803,17 +804,28 @@ def test_guidance_zero_is_accepted():
         check_guidance(-0.5)
 
 
-def test_a_resume_with_gif_makes_the_first_batch_again(fresh_pipe, tmp_path, recorded_calls):
-    """The animation is of the first batch: a resume with --gif samples it again (the same seeds) besides the
-    missing images; otherwise the GIF animated a later image and ended on the first batch's."""
+def test_a_resume_with_gif_makes_the_first_batch_again_only_without_a_gif(fresh_pipe, tmp_path, recorded_calls):
+    """The animation is of the first batch: a resume with --gif and no denoising.gif samples it again (the same
+    seeds) besides the missing images; otherwise the GIF animated a later image and ended on the first batch's.
+    A whole denoising.gif of the earlier run (the same seeds and steps) is kept instead: on a CPU, where a batch is
+    16, a resume of 16 images with --gif made all 16 again, saying first "16 of 20 images are there"."""
     from adni_diffusers.generate import generate
 
-    kwargs = dict(num_images=4, batch_size=2, scheduler="ddim", steps=1, device="cpu", gif=True, pipe=fresh_pipe)
-    generate("unused", tmp_path, **kwargs)
-    (tmp_path / "sample-0003.png").unlink()
+    kwargs = dict(num_images=4, batch_size=2, scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    generate("unused", tmp_path / "no_gif", **kwargs)
+    (tmp_path / "no_gif" / "sample-0003.png").unlink()
     recorded_calls.clear()
-    generate("unused", tmp_path, **kwargs, resume=True)
-    assert [c.seeds for c in recorded_calls] == [[0, 1], [3]]
+    paths = generate("unused", tmp_path / "no_gif", **kwargs, gif=True, resume=True)
+    assert [c.seeds for c in recorded_calls] == [[0, 1], [3]] and paths["kept"] == 1
+    assert (tmp_path / "no_gif" / "denoising.gif").is_file()
+
+    generate("unused", tmp_path / "gif", **kwargs, gif=True)
+    gif = (tmp_path / "gif" / "denoising.gif").read_bytes()
+    (tmp_path / "gif" / "sample-0003.png").unlink()
+    recorded_calls.clear()
+    paths = generate("unused", tmp_path / "gif", **kwargs, gif=True, resume=True)
+    assert [c.seeds for c in recorded_calls] == [[3]] and paths["kept"] == 3
+    assert paths["gif"] == str(tmp_path / "gif" / "denoising.gif") and Path(paths["gif"]).read_bytes() == gif
 
 
 def test_a_resume_puts_each_remade_image_of_a_batch_in_its_place(fresh_pipe, tmp_path, recorded_calls):
