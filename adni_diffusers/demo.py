@@ -65,9 +65,10 @@ PLANS = {
     # for tests: seconds, not minutes (the pictures are noise)
     "quick": {
         "subjects": 8, "preset": "tiny",
-        "vq": ["--max_train_steps", "2", "--train_batch_size", "4", "--eval_max_images", "8"],
+        # no warm-up: the default 100 steps would be warned about as longer than the run
+        "vq": ["--max_train_steps", "2", "--train_batch_size", "4", "--eval_max_images", "8", "--lr_warmup_steps", "0"],
         "unet": [*DIFFUSION, "--max_train_steps", "2", "--train_batch_size", "4", "--sample_inference_steps", "2",
-                 "--num_sample_images", "2"],
+                 "--num_sample_images", "2", "--lr_warmup_steps", "0"],
         "sampler": ("dpm++", 3), "num_images": 2,
     },
 }

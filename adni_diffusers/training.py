@@ -1145,7 +1145,7 @@ def check_resume_matches(path: Path, current: dict) -> int | None:
             + "\nResume with the checkpoint's values, or start a new run in another --output_dir")
     then, now = recorded.get("num_processes"), current.get("num_processes")
     if then is not None and now is not None and then != now:
-        logger.warning("resuming %s on %d processes; it was written by %d: the global batch and the data order now "
+        logger.warning("resuming %s on %d process(es); it was written by %d: the global batch and the data order now "
                        "differ from an uninterrupted run's", path, now, then)
     return then
 
@@ -1170,7 +1170,7 @@ def reposition_lr_schedule(lr_scheduler, args, step: int, then: int, now: int) -
         group["initial_lr"] = base
         group["lr"] = base * lr_lambda(inner.last_epoch)
     inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
-    logger.warning("the LR schedule is moved to step %d of a run on %d processes: learning rate now %.3g%s",
+    logger.warning("the LR schedule is moved to step %d of a run on %d process(es): learning rate now %.3g%s",
                    step, now, inner._last_lr[0], f" (--scale_lr {args.scale_lr}: x{factor:.3g})" if factor != 1 else "")
 
 

@@ -5,6 +5,7 @@ The real CPU demo (small presets, ~15 minutes) is measured in docs/results.md, n
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,11 +16,13 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 
-def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys):
+def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys, caplog):
     from adni_diffusers import cli
 
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    assert "--lr_warmup_steps" not in caplog.text  # the demo's own 2-step runs warm up for no steps
     printed = capsys.readouterr().out
     summary = json.loads((out / "demo_summary.json").read_text())
     assert "NOT ADNI" in printed and summary["pipeline"] in printed
