@@ -340,17 +340,19 @@ def per_class_realism(class_names: list[str], *, held, generated, train, vq_roun
     return out
 
 
-def fd_rank_note(m: dict, flag: str = "--num-samples") -> str | None:
+def fd_rank_note(m: dict, flag: str = "--num-samples", classes: int = 1) -> str | None:
     """Why an FD from `compare_features` is far above its large-N value, or None: with fewer images per set
     than feature dimensions both covariances are singular, and FD is biased upwards much more than usual.
-    `flag`: the option that sets N (`--ablation-samples` for the ablation table)."""
+    `flag`: the option that sets N per class (`--ablation-samples` for the ablation table); `classes`: how many
+    classes the set pools (2 for the summary of an AD/NC model: 128 per class make its 256)."""
     n, dims = min(m["reference_images"], m["candidate_images"]), m.get("feature_dims")
     if dims is None or n >= dims:
         return None
+    remedy = f"{flag} {-(-dims // classes)} or more" + (f" per class ({dims} in all)" if classes > 1 else "")
     return (f"FD compares {n} images per set in {dims} feature dimensions: with fewer images than dimensions "
             f"the covariances are singular and FD is strongly biased upwards. Read it only against the floor "
-            f"at the same N (KID and precision/recall are not affected this way); {flag} {dims} or more "
-            f"(per class for a conditional model) avoids it.")
+            f"at the same N (KID and precision/recall are not affected this way); {remedy} avoids it (as far as "
+            "there are held-out slices).")
 
 
 def per_class_fd_note(per_class: dict) -> str | None:
@@ -886,7 +888,8 @@ def write_report(res: dict, out: Path) -> Path:
         f"Distribution metrics use {r['candidate_images']} generated and {r['reference_images']} held-out real "
         f"images ({'per class: ' + ', '.join(f'{k} {v}' for k, v in res['realism']['images_per_class'].items())}); "
         "the floor uses as many real training images. FD is biased upwards at small N and its floor is not 0: "
-        "compare only numbers computed at the same N." + (f" {fd_note}" if (fd_note := fd_rank_note(r)) else ""),
+        "compare only numbers computed at the same N." + (
+            f" {fd_note}" if (fd_note := fd_rank_note(r, classes=len(res["realism"]["images_per_class"]))) else ""),
         "",
         "## Feature network",
         "",
@@ -1022,7 +1025,7 @@ def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
                      + f" {_f(r['seconds'], 3)} | {_f(r['seconds_per_image'], 3)} |")
     lines.append(f"| **{FLOOR_LABEL}** | | | | | {_f(fl['fd'])} | {_f(fl['kid'])} | {_f(fl['precision'], 3)} | "
                  f"{_f(fl['recall'], 3)} |" + (" |" if conditional else "") + " | |")
-    if note := fd_rank_note(fl, flag="--ablation-samples"):  # 32 per class by default: always singular
+    if note := fd_rank_note(fl, flag="--ablation-samples", classes=len(ab["images_per_class"])):  # 32 a class: singular
         lines += ["", note]
     rec = ab["recommendation"]
     lines += ["", f"![ablations]({files['ablations']})", "", "What the table suggests:", ""]
@@ -1325,7 +1328,8 @@ def evaluate_model(
             generated=(gen_feats[gen_idx], gen.labels[gen_idx]),
             train=(train_feats[train_idx], data.train.labels[train_idx]),
             vq_round_trip=(recon_feats, data.train.labels[train_idx]), kid_subsets=kid_subsets, seed=seed)
-    if fd_note := fd_rank_note(realism["generated"]) or per_class_fd_note(realism["per_class"]):
+    if fd_note := fd_rank_note(realism["generated"], classes=len(realism["images_per_class"])) \
+            or per_class_fd_note(realism["per_class"]):
         logger.warning(fd_note)
     timings["realism_seconds"] = time.perf_counter() - t
 

@@ -751,6 +751,10 @@ def test_fd_rank_note_flags_fewer_images_than_feature_dimensions(evaluated, tmp_
     assert E.fd_rank_note(at_dims) is None
     assert E.fd_rank_note({**at_dims, "candidate_images": dims - 1}) is not None
     assert E.fd_rank_note({k: v for k, v in gen.items() if k != "feature_dims"}) is None  # an older metrics.json
+    # the remedy is per class for a set pooling classes: it said 256 per class where 128 of each make 256
+    pooled = {"reference_images": 80, "candidate_images": 80, "feature_dims": 256}
+    assert "; --num-samples 128 or more per class (256 in all) avoids it" in E.fd_rank_note(pooled, classes=2)
+    assert "; --num-samples 256 or more avoids it" in E.fd_rank_note(pooled)
     res = {k: v for k, v in result.items() if k != "card"}
     res["realism"] = {**res["realism"], "generated": at_dims}
     summary = E.write_report(res, tmp_path).read_text().split("## Feature network")[0]
@@ -1115,7 +1119,7 @@ def test_fds_of_fewer_images_than_feature_dimensions_are_flagged_per_class_and_i
     assert "Per class: FD compares 4 images per set in 8 feature dimensions" in per_class
     ablations = report.split("## Ablations")[1]
     assert "FD compares 4 images per set in 8 feature dimensions" in ablations
-    assert "--ablation-samples 8 or more" in ablations
+    assert "--ablation-samples 4 or more per class (8 in all)" in ablations  # 2 + 2 now: 4 of each make 8
     assert "FD compares 8 images" not in report
     assert E.per_class_fd_note(res["realism"]["per_class"]).startswith("Per class: FD compares 4 images")
 
