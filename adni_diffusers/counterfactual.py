@@ -899,7 +899,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--classifier", default=None,
                    help="a saved FeatureNet folder to use as the classifier (default: train one on the model's "
                         "training split, cached under --feature-net-cache)")
-    m.add_argument("--feature-net-cache", default=None,
+    m.add_argument("--feature-net-cache", "--feature-cache", default=None,  # evaluate's name for the same folder
                    help="cache folder for the evaluation classifier (default: <model>/feature_net, the one "
                         "`adni-diffusers evaluate` uses by default: same data and settings reuse the same net)")
     m.add_argument("--feature-epochs", type=int, default=None,

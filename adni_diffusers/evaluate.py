@@ -1512,7 +1512,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = parser.add_argument_group("measures")
-    g.add_argument("--feature-cache", default=None, help="feature-net cache folder (default: <model>/feature_net, shared with counterfactual)")
+    g.add_argument("--feature-cache", "--feature-net-cache", default=None,  # counterfactual's name for it too
+                   help="feature-net cache folder (default: <model>/feature_net, shared with counterfactual)")
     g.add_argument("--feature-epochs", type=positive_int, default=5, help="feature-net training epochs (real training split; default 5)")
     g.add_argument("--tstr-epochs", type=positive_int, default=10, help="epochs of the TSTR / TRTR classifiers (default 10)")
     g.add_argument("--diversity-pairs", type=positive_int, default=None,

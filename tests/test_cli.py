@@ -227,3 +227,18 @@ def test_a_commands_progress_reaches_the_terminal():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert "INFO adni_diffusers.fake: step 3 of 10" in done.stderr.decode() and done.stdout == b"AD ? NC\n"
+
+
+def test_the_feature_net_cache_flag_has_one_name_in_both_commands():
+    """evaluate called it --feature-cache, counterfactual --feature-net-cache (the same folder): each takes both."""
+    import argparse
+
+    from adni_diffusers import counterfactual, evaluate
+
+    for module, dest in ((evaluate, "feature_cache"), (counterfactual, "feature_net_cache")):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        for flag in ("--feature-cache", "--feature-net-cache"):
+            args = parser.parse_args(["--model", "m", "--to", "AD", "--out", "o", flag, "cache"]
+                                     if module is counterfactual else ["--model", "m", flag, "cache"])
+            assert getattr(args, dest) == "cache", (module.__name__, flag)
