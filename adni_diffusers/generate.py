@@ -355,7 +355,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
             made -= first_images
         logger.info("--resume: %d of %d images kept; making the other %d", len(made), num_images,
                     num_images - len(made))
-        # a kill's leftovers (a denoising.gif there is whole: written through a .tmp, of the same seeds and steps)
+        # a kill's leftovers
         remove_outputs([p for p in earlier if p.name.endswith(".tmp")])
     else:
         remove_outputs(earlier)

@@ -1660,13 +1660,14 @@ class TrainingRun:
 
     def _warn_if_long_on_cpu(self, seconds_per_step: float) -> None:
         acc = self.accelerator
-        left_s = seconds_per_step * (self.max_train_steps - self.global_step)
-        if acc.device.type != "cpu" or not acc.is_main_process or left_s <= LONG_CPU_RUN_S:
+        steps_left = self.max_train_steps - self.global_step
+        if acc.device.type != "cpu" or not acc.is_main_process or seconds_per_step * steps_left <= LONG_CPU_RUN_S:
             return
         logger.warning("on the CPU: the %d steps left take about %.1f h at the pace of the steps so far (%.1f s per "
                        "step: --preset %s, batch %d). To try the commands, give --max_train_steps (e.g. 20) or "
-                       "--preset small, as `adni-diffusers demo` does on a CPU", self.max_train_steps - self.global_step, left_s / 3600, seconds_per_step,
-                       getattr(self.args, "preset", "?"), self.args.train_batch_size)
+                       "--preset small, as `adni-diffusers demo` does on a CPU", steps_left,
+                       seconds_per_step * steps_left / 3600, seconds_per_step, getattr(self.args, "preset", "?"),
+                       self.args.train_batch_size)
 
     def _check_recompiles(self) -> None:
         """torch.compile compiles again when a step's inputs differ from the probe's in a way its guards see (a
