@@ -929,14 +929,6 @@ print(child.pid, flush=True)
 """
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in state  # a zombie has stopped
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads process states from /proc")
 def test_an_orphaned_compile_check_stops_and_removes_only_its_own_spec_folder(tmp_path):
     """The training process killed (SIGKILL, a scheduler's SIGTERM): its compile-check child stops too, and removes
@@ -957,12 +949,12 @@ def test_an_orphaned_compile_check_stops_and_removes_only_its_own_spec_folder(tm
                                           variable, _WATCHING_CHILD], stdout=subprocess.PIPE, text=True, env=env)
     children = {name: int(p.communicate(timeout=120)[0].strip()) for name, p in parents.items()}
     try:
-        wait_until(lambda: not any(_running(pid) for pid in children.values()), seconds=30)
-        assert not [name for name, pid in children.items() if _running(pid)], "an orphaned child compiles on"
+        wait_until(lambda: not any(_alive(pid) for pid in children.values()), seconds=30)
+        assert not [name for name, pid in children.items() if _alive(pid)], "an orphaned child compiles on"
         assert not cases["ours"][0].exists()
         assert (cases["by hand"][0] / "spec.json").is_file()
         assert (cases["named like ours, by hand"][0] / "spec.json").is_file()
     finally:
         for pid in children.values():
-            if _running(pid):
+            if _alive(pid):
                 os.kill(pid, 9)
