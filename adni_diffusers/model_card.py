@@ -7,7 +7,8 @@ adding the tags. A first-stage folder (`vqvae/`, from train_vqmodel.py) gets the
 
     model_index.json, vqvae/ unet/ scheduler/ configs   what the model is (sizes from safetensors headers)
     training_data.json                                  data source (demo or user), sizes, split
-    training_args.json                                  the training arguments (no token: never written)
+    training_args.json                                  the training arguments (no token: never written), and an
+                                                        earlier session's where they differed (a resumed run)
     train_metrics.json, loss_curve.png, samples.png     training outcome
     evaluation/metrics.json (else metrics.json)         evaluation numbers, when they exist
 
@@ -213,6 +214,25 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
                 value = PureWindowsPath(value).name or value
             rows.append((f"`--{key}`", _fmt(value), label))
     return rows
+
+
+def _session_lines(args: dict) -> list[str]:
+    """One line per earlier session of a resumed run (training_args.json's `earlier_sessions`): the table above
+    shows the last session's settings, and these say where the earlier ones differed."""
+    sessions = [s for s in args.get("earlier_sessions") or [] if isinstance(s, dict)]
+    ends = [s.get("started_at_step") for s in sessions[1:]] + [args.get("started_at_step")]
+    lines = []
+    for session, end in zip(sessions, ends):
+        start = session.get("started_at_step")
+        steps = (f"Steps {start} to {end}" if isinstance(start, int) and isinstance(end, int)
+                 else f"The steps before {end}" if isinstance(end, int) else "Earlier steps")
+        changed = session.get("changed") or {}
+        what = ", ".join(f"`{k}` {_fmt(v)}" for k, v in changed.items()) if changed else "the same settings"
+        lines.append(f"{steps} ran in an earlier session (resumed from its checkpoint) with {what}.")
+    start = args.get("started_at_step")
+    if not sessions and isinstance(start, int) and start > 0:  # resumed from another folder's checkpoint
+        lines.append(f"The last session resumed at step {start}; the settings of the steps before it are not recorded.")
+    return lines
 
 
 def _latent_size(vq: dict):
@@ -474,6 +494,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "beta_text": _beta_text(sched),
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "arg_rows": _argument_rows(args),
+        "session_lines": _session_lines(args),
         "train_steps": _field(train, "train_steps", int),
         "num_processes": _count(train["num_processes"], "process", "processes")
         if isinstance(train.get("num_processes"), int) else None,
@@ -644,7 +665,9 @@ the diffusion model works on `latents * scaling_factor`.
 {% for name, value, label in arg_rows -%}
 | {{ name }} | {{ value }} | {{ label }} |
 {% endfor %}
-The full list is in `training_args.json`.
+{% for line in session_lines %}{{ line }}
+
+{% endfor %}The full list is in `training_args.json`.
 {% if loss_curve %}
 ![Training losses]({{ loss_curve }})
 {% endif %}
@@ -700,6 +723,7 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
         else None,
         "loss_curve": "loss_curve.png" if (d / "loss_curve.png").is_file() else None,
         "arg_rows": _argument_rows(args),
+        "session_lines": _session_lines(args),
     }
     ctx.update(_data_context(data, args, source))
     if source == "demo":

@@ -376,7 +376,8 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source,
                                {"stage": "unet", "vqmodel": str(vq_dir), "vqmodel_data": vq_data,
-                                "conditional": bool(class_names)}, model=model, accelerator=accelerator)
+                                "conditional": bool(class_names)}, model=model, accelerator=accelerator,
+                               start_step=run.start_step)
 
     # 3. train on the denoising objective (adni_diffusers/diffusion.py)
     start = time.time()

@@ -137,7 +137,7 @@ def main(args: argparse.Namespace) -> dict:
     training.start_logging(accelerator, args, "vqmodel", run.start_step)
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"}, model=model,
-                               accelerator=accelerator)
+                               accelerator=accelerator, start_step=run.start_step)
     preview = torch.stack([SliceDataset(data.val or data.train)[i]["pixel_values"]
                            for i in range(min(8, len(data.val or data.train)))])
 

@@ -1711,12 +1711,40 @@ def precision_in_effect(accelerator) -> str:
     return accelerator.mixed_precision
 
 
+# Recorded per session, not settings it trained with: an earlier session differing in them changed nothing.
+SESSION_RECORDS = ("resume_from_checkpoint", "compile_seconds", "started_at_step", "earlier_sessions")
+
+
+def earlier_sessions(record_path: Path, now: dict) -> list[dict]:
+    """The sessions before this one (resumed at `now["started_at_step"]`), oldest first, from the run's
+    training_args.json: each with the step it started at and the settings it ran with where they differ from
+    `now`'s. A resume keeps what RESUME_MUST_MATCH names, but precision, process count, compilation and run length
+    may change, and the file is rewritten by every session: without this it described the last one alone.
+    Sessions that started at or after this one's step are left out: their steps were replaced (a resume from an
+    earlier checkpoint) or there were none (a finished run finished again)."""
+    try:
+        before = json.loads(Path(record_path).read_text())
+    except (OSError, ValueError):  # none, or not ours: nothing to carry on
+        return []
+    if not isinstance(before, dict):
+        return []
+    now_step, sessions = now.get("started_at_step") or 0, []
+    # each entry keeps only its differences from the record it was written into: rebuilt whole, then compared
+    recorded = [s for s in before.get("earlier_sessions") or [] if isinstance(s, dict)]
+    for session in [*recorded, {"started_at_step": before.get("started_at_step")}]:
+        settings = {**before, **(session.get("changed") if isinstance(session.get("changed"), dict) else {})}
+        changed = {k: v for k, v in settings.items() if k not in SESSION_RECORDS and now.get(k) != v}
+        sessions.append({"started_at_step": session.get("started_at_step"), "changed": changed})
+    return [s for s in sessions if not isinstance(s["started_at_step"], int) or s["started_at_step"] < now_step]
+
+
 def save_run_info(output_dir, args, data, data_source: str, extra: dict | None = None, model=None,
-                  accelerator=None) -> None:
+                  accelerator=None, start_step: int = 0) -> None:
     """`training_data.json` (what the model saw; read by the Hub push and the model card) and
     `training_args.json` (the flags, and with `model` whether it really trains compiled: `--compile` falls
     back to eager when the compiled step fails; with `accelerator` the precision it trains in, which a missing
-    --mixed_precision leaves to `accelerate config`)."""
+    --mixed_precision leaves to `accelerate config`, and the number of processes). A session resumed at
+    `start_step` keeps the earlier sessions' differing settings (`earlier_sessions`)."""
     output_dir = Path(output_dir)
     info = {"source": data_source, **data.summary(), **(extra or {})}
     if data.split == "patient":  # what drew the held-out patients: evaluate redraws them from this file alone too
@@ -1730,7 +1758,13 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
         safe_args["compiled"] = is_compiled_module(model)
     if accelerator is not None:
         safe_args["mixed_precision_used"] = precision_in_effect(accelerator)
-    write_text_atomically(output_dir / "training_args.json", json.dumps(safe_args, indent=2, default=str))
+        safe_args["num_processes"] = accelerator.num_processes
+    safe_args["started_at_step"] = start_step
+    record = output_dir / "training_args.json"
+    if start_step:  # a resume: the file so far is the earlier sessions' (a fresh run's old one is not)
+        now = json.loads(json.dumps(safe_args, default=str))  # as it reads back: tuples as lists, paths as text
+        safe_args["earlier_sessions"] = earlier_sessions(record, now)
+    write_text_atomically(record, json.dumps(safe_args, indent=2, default=str))
 
 
 def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:

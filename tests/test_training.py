@@ -263,6 +263,32 @@ def test_save_run_info_never_writes_a_hub_token(tmp_path):
     assert json.loads(text)["hub_model_id"] == "user/model"
 
 
+def test_a_resumed_run_records_where_its_earlier_sessions_differed(tmp_path):
+    """training_args.json is rewritten by every session: a run trained in bf16 on 4 processes and resumed in
+    float32 on one said "no" and 1 process for all its steps. Each session now keeps the earlier ones' differing
+    settings; a resume from an earlier checkpoint drops the sessions whose steps it replaces, and a fresh run
+    carries nothing over."""
+    data = SimpleNamespace(summary=lambda: {"images": 1}, split="given")
+
+    def session(start, precision, processes, max_steps, resume=None):
+        args = SimpleNamespace(learning_rate=1e-4, mixed_precision=precision, max_train_steps=max_steps,
+                               resume_from_checkpoint=resume)
+        accelerator = SimpleNamespace(mixed_precision=precision, device=torch.device("cpu"), num_processes=processes)
+        training.save_run_info(tmp_path, args, data, "user", accelerator=accelerator, start_step=start)
+        return json.loads((tmp_path / "training_args.json").read_text())
+
+    first = {"mixed_precision": "bf16", "mixed_precision_used": "bf16", "num_processes": 4, "max_train_steps": 100}
+    assert "earlier_sessions" not in session(0, "bf16", 4, 100)
+    assert session(50, "no", 1, 200, "latest")["earlier_sessions"] == [{"started_at_step": 0, "changed": first}]
+    record = session(120, "no", 2, 200, "latest")
+    assert record["started_at_step"] == 120 and record["earlier_sessions"] == [
+        {"started_at_step": 0, "changed": first}, {"started_at_step": 50, "changed": {"num_processes": 1}}]
+    # back to the checkpoint of step 50: the sessions from 50 on are replaced, the first one stays
+    assert session(50, "no", 2, 200, "checkpoint-50")["earlier_sessions"] == [
+        {"started_at_step": 0, "changed": first}]
+    assert "earlier_sessions" not in session(0, "no", 1, 10)  # a new run in the same folder
+
+
 def test_the_run_records_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """training_data.json and training_args.json are rewritten at every (resumed) start and read back by the next
     resume, evaluate and the card: a kill or a full disk mid-write left JSON they refused. The earlier records stay
