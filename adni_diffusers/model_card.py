@@ -516,6 +516,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "vq_eval_set": vq_metrics.get("eval_set"),
         "sample_grid": grid if (d / grid).is_file() else None,
         "sample_steps": args.get("sample_inference_steps"),
+        # recorded since 2026-12-05; the grids were sampled without guidance before
+        "sample_guidance": _fmt(g) if isinstance(g := args.get("sample_guidance"), (int, float)) and g != 1 else None,
         "seed": args.get("seed", 0),
         "loss_curve": "loss_curve.png" if (d / "loss_curve.png").is_file() else None,
         "files": _files_listing(d),

@@ -104,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num_sample_images", type=int, default=8)
     g.add_argument("--sample_inference_steps", type=int, default=50,
                    help="DDIM steps for the sample grids during training and the final samples.png")
+    g.add_argument("--sample_guidance", type=float, default=None,
+                   help="classifier-free guidance of those grids (1 = none); default: what `generate --class` and "
+                        "`evaluate` use (2) with --conditional and a --cond_dropout above 0, else 1")
     from adni_diffusers.hub import add_hub_arguments
 
     add_hub_arguments(parser)
@@ -127,8 +130,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.cond_dropout = DEFAULT_COND_DROPOUT
     if not 0.0 <= args.cond_dropout < 1.0:
         raise TrainingError(f"--cond_dropout {args.cond_dropout}: expected a probability in [0, 1)")
+    if args.sample_guidance is None:  # the card's picture shows the model as it is sampled (1 was the worst setting)
+        from adni_diffusers.schedulers import DEFAULT_GUIDANCE_CONDITIONAL
+
+        # with --cond_dropout 0 the "no label" class guidance needs is never trained
+        args.sample_guidance = DEFAULT_GUIDANCE_CONDITIONAL if args.conditional and args.cond_dropout > 0 else 1.0
+    elif args.sample_guidance != 1 and not args.conditional:
+        raise TrainingError(f"--sample_guidance {args.sample_guidance:g} needs --conditional (an unconditional UNet "
+                            "has no class to guide toward)")
     training.require_at_least(args, 1, "num_train_timesteps", "save_images_epochs", "num_sample_images",
                               "sample_inference_steps")
+    training.require_at_least(args, 0, "sample_guidance")  # below 0 it steers away from the class
     # the schedule's arrays are built below (10**9 steps: killed for memory, a longer number a traceback); the grid
     # is one row, sampled in one batch after the first epoch (a million images: killed for memory after training)
     training.require_at_most(args, MAX_TRAIN_TIMESTEPS, "num_train_timesteps")
@@ -524,8 +536,8 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
     pipe = ADNILatentDiffusionPipeline(vq, unet, scheduler_cls.from_config(noise_scheduler.config), class_names)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=args.num_sample_images, class_labels=_sample_labels(class_names, args.num_sample_images),
-                  num_inference_steps=args.sample_inference_steps, generator=torch.Generator().manual_seed(args.seed),
-                  output_type="pt").images * 2 - 1
+                  guidance_scale=args.sample_guidance, num_inference_steps=args.sample_inference_steps,
+                  generator=torch.Generator().manual_seed(args.seed), output_type="pt").images * 2 - 1
     unet.train()
     if run.ema is not None:
         run.ema.ema.restore(unet.parameters())
@@ -535,7 +547,7 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
 
 @torch.no_grad()
 def _final_samples(pipe, class_names, args, device) -> Path:
-    """The model card's sample grid: one row per class (DDIM, fixed seed)."""
+    """The model card's sample grid: one row per class (DDIM, fixed seed, --sample_guidance)."""
     from diffusers import DDIMScheduler
 
     from adni_diffusers.plots import save_image_grid
@@ -546,7 +558,8 @@ def _final_samples(pipe, class_names, args, device) -> Path:
     rows = [None] if not class_names else list(class_names)
     images = []
     for label in rows:
-        images.append(sampler(batch_size=per_row, class_labels=label, num_inference_steps=args.sample_inference_steps,
+        images.append(sampler(batch_size=per_row, class_labels=label, guidance_scale=args.sample_guidance,
+                              num_inference_steps=args.sample_inference_steps,
                               generator=torch.Generator().manual_seed(args.seed), output_type="pt").images * 2 - 1)
     return save_image_grid(torch.cat(images), Path(args.output_dir) / "samples.png", nrow=per_row)
 

@@ -576,7 +576,7 @@ def test_the_sample_grid_names_the_training_seed_not_the_split_seed(ldm):
     """The sample grid is drawn with --seed (train_unet.py); --split_seed only draws the held-out patients."""
     _edit_json(ldm / "training_args.json", seed=5, split_seed=0)
     text = render_model_card(ldm)
-    assert "no guidance, seed 5.*" in text and "as whole patients (seed 0)" in text
+    assert "guidance 2, seed 5.*" in text and "as whole patients (seed 0)" in text  # the tiny model is conditional
 
 
 def test_each_data_row_shows_its_own_per_class_counts(ldm):
@@ -624,7 +624,10 @@ def test_the_card_caption_gives_the_sample_grids_step_count(tmp_path):
     (tmp_path / "training_args.json").write_text(json.dumps({"sample_inference_steps": 37, "seed": 5}))
     Image.new("L", (8, 8)).save(tmp_path / "samples.png")
     text = render_model_card(tmp_path)
-    assert "DDIM with 37 steps, no guidance, seed 5" in text
+    assert "DDIM with 37 steps, no guidance, seed 5" in text  # recorded before 2026-12-05: drawn without
+    for guidance, caption in [(1.0, "no guidance"), (2.5, "guidance 2.5")]:
+        _edit_json(tmp_path / "training_args.json", sample_guidance=guidance)
+        assert f"DDIM with 37 steps, {caption}, seed 5" in render_model_card(tmp_path)
 
 
 def test_fp16_that_trained_in_float32_on_a_cpu_is_not_shown_as_fp16():
