@@ -28,17 +28,17 @@ def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, tra
         raise EvaluationError(f"--model {model_dir}: no such folder (a train_unet.py or train_vqmodel.py output)")
     data, record = load_evaluation_data(model_dir, data_dir)
     part = data.train if training else data.val
-    if class_name is None:
-        paths = list(part.paths)
-    else:
+    chosen = range(len(part.paths))
+    if class_name is not None:
         if class_name not in (data.class_names or []):
             raise EvaluationError(f"--class {class_name}: the data's classes are "
                                   f"{', '.join(data.class_names) if data.class_names else '(none)'}")
         index = data.class_names.index(class_name)
-        paths = [p for p, label in zip(part.paths, part.labels.tolist()) if label == index]
+        chosen = [i for i, label in enumerate(part.labels.tolist()) if label == index]
+    paths = [part.paths[i] for i in chosen]
     logger.info("%d %s slice(s)%s of %d patient(s): --split %s%s, from %s's records", len(paths),
                 "training" if training else "held-out", f" of class {class_name}" if class_name else "",
-                len(set(part.patients)), record["split"],
+                len({part.patients[i] for i in chosen}), record["split"],
                 f", --val_fraction {record['val_fraction']:g}, seed {record['seed']}"
                 if record["split"] == "patient" else "", model_dir)
     return paths

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 
-def test_held_out_lists_the_slices_evaluate_holds_out(tiny_ldm, tiny_vq, demo_root, capsys):
+def test_held_out_lists_the_slices_evaluate_holds_out(tiny_ldm, tiny_vq, demo_root, capsys, caplog):
     """Under --split patient the demo's test/ folder is pooled with train/: a walkthrough gave counterfactual a
     test/ slice, which the model had trained on, with no way to find one it had not (the records keep counts and a
     hash of the patients). `held-out` prints the held-out slices, the same ones evaluate compares with."""
     from adni_diffusers import cli
     from adni_diffusers.evaluate import load_evaluation_data
 
+    caplog.set_level(logging.INFO, logger="adni_diffusers.held_out")
     for model in (tiny_ldm, tiny_vq):  # a pipeline's records, and the VQModel stage's own
         data, _ = load_evaluation_data(model)
         assert cli.main(["held-out", "--model", str(model)]) == 0
@@ -28,6 +30,10 @@ def test_held_out_lists_the_slices_evaluate_holds_out(tiny_ldm, tiny_vq, demo_ro
         only_nc = capsys.readouterr().out.splitlines()
         assert only_nc == [p for p, k in zip(data.val.paths, data.val.labels.tolist()) if k == nc]
         assert only_nc and all(Path(p).parent.name == "NC" for p in only_nc)
+        # the log counts the patients of the slices listed, not of both classes
+        nc_patients = {pt for pt, k in zip(data.val.patients, data.val.labels.tolist()) if k == nc}
+        assert f"{len(only_nc)} held-out slice(s) of class NC of {len(nc_patients)} patient(s)" in caplog.text
+        assert len(nc_patients) < len(set(data.val.patients))  # the check means something
 
 
 def test_held_out_refuses_what_it_cannot_answer(tiny_ldm, tmp_path, capsys):
