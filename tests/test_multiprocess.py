@@ -83,12 +83,18 @@ def test_two_processes_are_data_parallel(script, tmp_path, demo_root, tiny_vq):
         resumed = tmp_path / "resumed"
         resumed.mkdir()
         shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+        shutil.copy(out / "training_args.json", resumed)  # as in the run's own folder
         run_training_script("train_unet", [*args[:4], "--output_dir", resumed, *args[6:], "--max_train_steps", steps,
                                            "--lr_scheduler", "linear", "--checkpointing_steps", "2",
                                            "--resume_from_checkpoint", "latest"])
         again = [json.loads(line) for line in (resumed / "logs" / "history.jsonl").read_text().splitlines()]
         lrs = {row["step"]: row["lr"] for row in history}
         assert [row["lr"] for row in again if row["step"] > 2] == [lrs[s] for s in sorted(lrs) if s > 2]
+        # the record says the first 2 steps ran on 2 processes (it said 1 for all of them)
+        record = json.loads((resumed / "training_args.json").read_text())
+        assert record["num_processes"] == 1 and record["started_at_step"] == 2
+        assert [(s["started_at_step"], s["changed"].get("num_processes")) for s in record["earlier_sessions"]] == [
+            (0, 2)]
 
 
 def test_two_processes_without_cpu_flag_are_refused(tmp_path, demo_root):
