@@ -216,6 +216,29 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _session_settings(changed: dict) -> str:
+    """An earlier session's differing settings as the card words them: the table's flags and how it ran (the
+    others only counted: a path among them, an output or data folder moved, would name a local folder)."""
+    shown = []
+    for key, _ in _ARG_LABELS:
+        if key in changed:
+            value = changed[key]
+            if key == "preset" and isinstance(value, str):
+                value = PureWindowsPath(value).name or value
+            shown.append(f"`--{key}` {_fmt(value)}")
+    if "mixed_precision_used" in changed:
+        used = changed["mixed_precision_used"]
+        shown.append(f"trained in {'float32' if used == 'no' else _fmt(used)}")
+    if isinstance(changed.get("num_processes"), int):
+        shown.append(_count(changed["num_processes"], "process", "processes"))
+    if "compiled" in changed:
+        shown.append("compiled" if changed["compiled"] else "not compiled")
+    others = len(changed) - len(shown)
+    if others:
+        shown.append(f"{_count(others, 'other setting')} (`training_args.json`)")
+    return ", ".join(shown)
+
+
 def _session_lines(args: dict) -> list[str]:
     """One line per earlier session of a resumed run (training_args.json's `earlier_sessions`): the table above
     shows the last session's settings, and these say where the earlier ones differed."""
@@ -226,8 +249,8 @@ def _session_lines(args: dict) -> list[str]:
         start = session.get("started_at_step")
         steps = (f"Steps {start} to {end}" if isinstance(start, int) and isinstance(end, int)
                  else f"The steps before {end}" if isinstance(end, int) else "Earlier steps")
-        changed = session.get("changed") or {}
-        what = ", ".join(f"`{k}` {_fmt(v)}" for k, v in changed.items()) if changed else "the same settings"
+        changed = session.get("changed") if isinstance(session.get("changed"), dict) else {}
+        what = _session_settings(changed) if changed else "the same settings"
         lines.append(f"{steps} ran in an earlier session (resumed from its checkpoint) with {what}.")
     start = args.get("started_at_step")
     if not sessions and isinstance(start, int) and start > 0:  # resumed from another folder's checkpoint

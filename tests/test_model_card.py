@@ -821,7 +821,9 @@ def test_the_card_links_the_evaluation_report_only_where_it_exists(ldm):
 def test_the_card_says_where_earlier_sessions_of_a_resumed_run_differed(ldm, tiny_vq, tmp_path):
     """The arguments table shows the last session's settings: a run trained in bf16 on 4 processes and finished in
     float32 on one showed only the last. Each earlier session gets a line under the table, in both cards."""
-    sessions = [{"started_at_step": 0, "changed": {"mixed_precision": "bf16", "num_processes": 4}},
+    sessions = [{"started_at_step": 0, "changed": {"mixed_precision": "bf16", "mixed_precision_used": "bf16",
+                                                   "num_processes": 4, "output_dir": "/home/alice/run",
+                                                   "logging_steps": 50}},
                 {"started_at_step": 300, "changed": {}}]
     vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq", ignore=shutil.ignore_patterns("latent_cache")))
     for folder in (ldm, vq):
@@ -829,8 +831,10 @@ def test_the_card_says_where_earlier_sessions_of_a_resumed_run_differed(ldm, tin
         _edit_json(folder / "training_args.json", started_at_step=450, earlier_sessions=sessions)
         text = render_model_card(folder)
         _check_rendered(text)
-        first = "Steps 0 to 300 ran in an earlier session (resumed from its checkpoint) with `mixed_precision` bf16, "
-        assert f"\n\n{first}`num_processes` 4.\n\n" in text  # a paragraph of its own, not a row of the table
+        first = ("Steps 0 to 300 ran in an earlier session (resumed from its checkpoint) with `--mixed_precision` bf16, "
+                 "trained in bf16, 4 processes, 2 other settings (`training_args.json`).")
+        assert f"\n\n{first}\n\n" in text  # a paragraph of its own, not a row of the table
+        assert "alice" not in text  # a folder that moved is counted, not named
         assert "\n\nSteps 300 to 450 ran in an earlier session (resumed from its checkpoint) with the same settings." in text
         _edit_json(folder / "training_args.json", earlier_sessions=None)  # resumed from another folder's checkpoint
         assert ("The last session resumed at step 450; the settings of the steps before it are not recorded."

@@ -1851,7 +1851,7 @@ def test_the_saved_pipeline_keeps_the_preprocess_it_was_trained_with(tmp_path, t
     # the records and the card say the first step ran in a session of its own, planned for one step
     assert json.loads((out / "training_args.json").read_text())["earlier_sessions"] == [
         {"started_at_step": 0, "changed": {"max_train_steps": 1}}]
-    assert "Steps 0 to 1 ran in an earlier session (resumed from its checkpoint) with `max_train_steps` 1." in (
+    assert "Steps 0 to 1 ran in an earlier session (resumed from its checkpoint) with `--max_train_steps` 1." in (
         out / "README.md").read_text()
     assert json.loads((out / "evaluation-of-step-1" / "metrics.json").read_text()) == {"fd": 37.24}
     assert "37.24" not in (out / "README.md").read_text()
