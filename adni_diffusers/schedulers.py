@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # classifier-free guidance for a class-conditional model sampled toward a class (generate, evaluate, the demo):
-# 1 (none) was the worst setting on both CPU demo models measured (docs/results.md, ablations)
+# 1 (none) was the worst setting on each of the three CPU demo models measured (docs/results.md, ablations)
 DEFAULT_GUIDANCE_CONDITIONAL = 2.0
 
 SCHEDULERS = {
