@@ -560,6 +560,105 @@ def _stage(folder: Path, files: list[str], extra: dict[str, bytes], staging: Pat
 
 
 # ----------------------------------------------------------------------------- push
+def _selected_files(folder: Path, trained_on_demo_data: bool | None) -> tuple[str, list[str], bool, list[str]]:
+    """What of `folder` a push sends (`select_upload_files`), checked to load, less the pictures of real slices:
+    (kind, files, trained on the demo set, the pictures withheld)."""
+    left_out: list[str] = []
+    try:
+        kind, files = select_upload_files(folder, left_out)
+    except OSError as err:
+        raise HubError(f"cannot push {str(folder)!r}: {err} (a local file could not be read; nothing was sent)") \
+            from None
+    if not files:
+        raise HubError(f"cannot push {str(folder)!r}: it holds no model files")
+    if left_out:
+        logger.warning("not pushing %s: input slices (JPEG/WebP) or a record naming them (counterfactuals.json), "
+                       "not the model", ", ".join(left_out))
+    missing = _missing_model_files(folder, kind)
+    if missing:
+        raise HubError(f"cannot push {str(folder)!r}: it lacks {', '.join(missing)}, so the pushed model would not "
+                       "load; push the complete folder the training script wrote")
+
+    demo = is_demo_trained(folder) if trained_on_demo_data is None else trained_on_demo_data
+    # pictures of real (ADNI) slices are the data itself: never uploaded, even to a private repo
+    withheld = [p for p in files if shows_real_slices(folder, p, demo)]
+    if withheld:
+        logger.warning("not pushing %s: %s real slices (ADNI's data use agreement)", ", ".join(withheld),
+                       "they show" if len(withheld) > 1 else "it shows")
+        files = [p for p in files if p not in withheld]
+    return kind, files, demo, withheld
+
+
+def _prepare_upload(folder: Path, kind: str, files: list[str], withheld: list[str], repo_id: str,
+                    revision: str | None, path_in_repo: str | None, tokens: list[str | None], staging: Path) -> list[str]:
+    """Lay out in `staging` exactly what goes up: the selected files, the records and reports without local paths,
+    the card rendered for `repo_id`; refuse a file holding a token. Returns the files staged. Done before anything
+    is sent: a file that cannot be read is a local problem, not the network's (an OSError inside the upload reads
+    as "could not reach the Hub")."""
+    try:
+        extra: dict[str, bytes] = {}
+        if kind != "checkpoint":  # a checkpoint goes up as it is (resuming reads it)
+            known = local_paths_in_records(folder, files)
+            extra = _records_without_local_paths(folder, files, known)
+            for rel in files:  # the pushed reports: no local paths, and a note where a withheld picture was
+                if rel.endswith(".md") and rel != "README.md":
+                    local = (folder / rel).read_text(encoding="utf-8")
+                    text = text_without_local_paths(report_without_pictures(local, withheld), known)
+                    if text != local:
+                        extra[rel] = text.encode()
+        if path_in_repo is None:
+            card = _card_for_push(folder, kind, files, repo_id, revision)
+            if card is not None:
+                extra["README.md"] = card
+                files = sorted(set(files) | {"README.md"})
+        leaked = _token_in_files(folder, files, extra, tokens)
+        if leaked:
+            raise HubError(f"refusing to push {repo_id}: {leaked} holds your Hub token; remove it from the file "
+                           f"(and revoke the token if it was ever shared)")
+        _stage(folder, files, extra, staging)
+    except OSError as err:
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        raise HubError(_scrub(f"cannot push {str(folder)!r} to {repo_id}: {where}{err.strerror or err} (a local "
+                              "file could not be read; nothing was sent)", tokens)) from None
+    except HubError as err:
+        raise HubError(_scrub(str(err), tokens)) from None
+    except Exception as err:
+        raise HubError(_scrub(f"cannot push {str(folder)!r} to {repo_id}: preparing the upload failed: "
+                              f"{type(err).__name__}: {err} (nothing was sent)", tokens)) from None
+    return files
+
+
+def stage_upload(folder: str | Path, out: str | Path, repo_id: str, revision: str | None = None,
+                 trained_on_demo_data: bool | None = None) -> list[str]:
+    """`push --dry-run`: write into `out` what `push_folder(folder, repo_id)` would upload, and nothing else,
+    without contacting the Hub or needing a token: the model's files (linked, or copied where links fail), the
+    records and reports as rewritten without local paths, the card rendered for `repo_id`. Pictures of real
+    slices are left out as in a push. Returns the files, relative to `out`."""
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise HubError(f"cannot stage {str(folder)!r}: no such folder")
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise HubError(problem)
+    if out.resolve().is_relative_to(folder.resolve()):  # a later push would send the copy along
+        raise HubError(f"--dry-run {out}: inside the model folder {folder}; choose a folder outside it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HubError(f"--dry-run {out}: exists and is not an empty folder (what is there would read as pushed)")
+    tokens: list[str | None] = []
+    try:
+        from huggingface_hub import get_token
+
+        tokens.append(get_token())  # a file holding the stored token stops a dry run as it stops a push
+    except Exception:  # noqa: BLE001 - a broken token file must not hide the real error
+        pass
+    kind, files, _, withheld = _selected_files(folder, trained_on_demo_data)
+    out.mkdir(parents=True, exist_ok=True)
+    files = _prepare_upload(folder, kind, files, withheld, repo_id, revision, None, tokens, out)
+    logger.info("%s: %d files as `push %s --repo-id %s` would upload them (nothing was sent)", out, len(files),
+                folder, repo_id)
+    return files
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -603,29 +702,7 @@ def push_folder(
     except Exception:  # a broken token file must not hide the real error
         pass
     tokens = [token, stored]
-    left_out: list[str] = []
-    try:
-        kind, files = select_upload_files(folder, left_out)
-    except OSError as err:
-        raise HubError(f"cannot push {str(folder)!r}: {err} (a local file could not be read; nothing was sent)") \
-            from None
-    if not files:
-        raise HubError(f"cannot push {str(folder)!r}: it holds no model files")
-    if left_out:
-        logger.warning("not pushing %s: input slices (JPEG/WebP) or a record naming them (counterfactuals.json), "
-                       "not the model", ", ".join(left_out))
-    missing = _missing_model_files(folder, kind)
-    if missing:
-        raise HubError(f"cannot push {str(folder)!r}: it lacks {', '.join(missing)}, so the pushed model would not "
-                       "load; push the complete folder the training script wrote")
-
-    demo = is_demo_trained(folder) if trained_on_demo_data is None else trained_on_demo_data
-    # pictures of real (ADNI) slices are the data itself: never uploaded, even to a private repo
-    withheld = [p for p in files if shows_real_slices(folder, p, demo)]
-    if withheld:
-        logger.warning("not pushing %s: %s real slices (ADNI's data use agreement)", ", ".join(withheld),
-                       "they show" if len(withheld) > 1 else "it shows")
-        files = [p for p in files if p not in withheld]
+    kind, files, demo, withheld = _selected_files(folder, trained_on_demo_data)
     try:
         repo_id = _resolve_repo_id(repo_id, api, token, check_only=True)
         if token is None and stored is None:
@@ -637,38 +714,7 @@ def push_folder(
         # `from None`: the one-line message says it all, and huggingface_hub's text is not ours to vouch for.
         raise HubError(_scrub(_explain(err, repo_id, endpoint, token_flag), tokens)) from None
     with tempfile.TemporaryDirectory(prefix="adni-diffusers-push-") as staging:
-        # what goes up, prepared before anything is sent: a file that cannot be read is a local problem, not the
-        # network's (an OSError inside the upload below reads as "could not reach the Hub")
-        try:
-            extra: dict[str, bytes] = {}
-            if kind != "checkpoint":  # a checkpoint goes up as it is (resuming reads it)
-                known = local_paths_in_records(folder, files)
-                extra = _records_without_local_paths(folder, files, known)
-                for rel in files:  # the pushed reports: no local paths, and a note where a withheld picture was
-                    if rel.endswith(".md") and rel != "README.md":
-                        local = (folder / rel).read_text(encoding="utf-8")
-                        text = text_without_local_paths(report_without_pictures(local, withheld), known)
-                        if text != local:
-                            extra[rel] = text.encode()
-            if path_in_repo is None:
-                card = _card_for_push(folder, kind, files, repo_id, revision)
-                if card is not None:
-                    extra["README.md"] = card
-                    files = sorted(set(files) | {"README.md"})
-            leaked = _token_in_files(folder, files, extra, tokens)
-            if leaked:
-                raise HubError(f"refusing to push {repo_id}: {leaked} holds your Hub token; remove it from the file "
-                               f"(and revoke the token if it was ever shared)")
-            _stage(folder, files, extra, Path(staging))
-        except OSError as err:
-            where = f"{err.filename}: " if getattr(err, "filename", None) else ""
-            raise HubError(_scrub(f"cannot push {str(folder)!r} to {repo_id}: {where}{err.strerror or err} (a local "
-                                  "file could not be read; nothing was sent)", tokens)) from None
-        except HubError as err:
-            raise HubError(_scrub(str(err), tokens)) from None
-        except Exception as err:
-            raise HubError(_scrub(f"cannot push {str(folder)!r} to {repo_id}: preparing the upload failed: "
-                                  f"{type(err).__name__}: {err} (nothing was sent)", tokens)) from None
+        files = _prepare_upload(folder, kind, files, withheld, repo_id, revision, path_in_repo, tokens, Path(staging))
         if not private and not demo:
             logger.warning(PUBLIC_WARNING.format(repo_id=repo_id))
         try:
@@ -845,6 +891,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--branch", default=None, help="push to this branch (created from main if needed)")
     parser.add_argument("--commit-message", "--commit_message", dest="commit_message",
                         default=DEFAULT_COMMIT_MESSAGE)
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", metavar="OUT", default=None,
+                        help="push nothing: write into the new folder OUT exactly what would be uploaded (the card "
+                             "for --repo-id, records without local paths, no pictures of real slices), to read "
+                             "before a push; needs no token or network")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -859,6 +909,10 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
+        if args.dry_run is not None:
+            files = stage_upload(folder, args.dry_run, args.repo_id, revision=args.branch)
+            print("\n".join(str(Path(args.dry_run) / rel) for rel in files))
+            return 0
         url = push_folder(folder, args.repo_id, token=args.token, private=not args.public,
                           commit_message=args.commit_message, revision=args.branch)
     except HubError as err:

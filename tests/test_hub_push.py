@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1025,3 +1026,41 @@ def test_a_training_checkpoint_push_is_a_commit_named_after_its_step(hub_stub, t
     _write(ckpt, {"optimizer.bin": b"opt"})
     hub.push_from_args(args, ckpt, output_dir=tmp_path / "out", step=200)
     assert hub_stub.commits(REPO, "checkpoints")[-1].title == "Checkpoint at step 200"
+
+
+def test_a_dry_run_writes_exactly_what_a_push_uploads_and_sends_nothing(hub_stub, tiny_ldm, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Before a model of ADNI data leaves the machine, `push --dry-run OUT` lays out what would go up (the card for
+    the repo, the records without local paths, no pictures of real slices), with no token and no network: the
+    files are those the push then uploads, byte for byte."""
+    import shutil
+
+    import huggingface_hub
+
+    ldm = Path(shutil.copytree(tiny_ldm, tmp_path / "ldm"))
+    info = json.loads((ldm / "training_data.json").read_text())
+    (ldm / "training_data.json").write_text(json.dumps({**info, "source": "user"}))  # ADNI: real slices withheld
+    (ldm / "evaluation").mkdir()
+    (ldm / "evaluation" / "closest_pairs.png").write_bytes(b"png")
+    (ldm / "evaluation" / "report.md").write_text(f"# Evaluation of `{ldm}`\n\n![pairs](closest_pairs.png)\n")
+
+    class NoNetwork:
+        def __init__(self, *a, **k):
+            raise AssertionError("a dry run contacted the Hub")
+
+    real_api = huggingface_hub.HfApi
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoNetwork)
+    out = tmp_path / "what-goes-up"
+    assert cli.main(["push", str(ldm), "--repo-id", REPO, "--dry-run", str(out)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    staged = _local_files(out)
+    assert sorted(listed) == sorted(str(out / rel) for rel in staged)
+    assert "evaluation/closest_pairs.png" not in staged and not any(r.startswith(("checkpoint-", "logs/")) for r in staged)
+    assert f'from_pretrained("{REPO}"' in staged["README.md"].decode()
+    assert str(tmp_path).encode() not in b"".join(staged.values())  # no local path in any record or report
+    for refused, message in [(ldm / "staged", "inside the model folder"), (out, "not an empty folder")]:
+        assert cli.main(["push", str(ldm), "--repo-id", REPO, "--dry-run", str(refused)]) == 1
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(huggingface_hub, "HfApi", real_api)
+    push_folder(ldm, REPO, token=hub_stub.token)
+    assert hub_stub.repo_files(REPO) == staged
