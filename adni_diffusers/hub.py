@@ -560,6 +560,16 @@ def _stage(folder: Path, files: list[str], extra: dict[str, bytes], staging: Pat
 
 
 # ----------------------------------------------------------------------------- push
+def _stored_token() -> str | None:
+    """The token `hf auth login` stored (or HF_TOKEN), if any."""
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001 - a broken token file must not hide the real error
+        return None
+
+
 def _selected_files(folder: Path, trained_on_demo_data: bool | None) -> tuple[str, list[str], bool, list[str]]:
     """What of `folder` a push sends (`select_upload_files`), checked to load, less the pictures of real slices:
     (kind, files, trained on the demo set, the pictures withheld)."""
@@ -644,13 +654,7 @@ def stage_upload(folder: str | Path, out: str | Path, repo_id: str, revision: st
         raise HubError(f"--dry-run {out}: inside the model folder {folder}; choose a folder outside it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HubError(f"--dry-run {out}: exists and is not an empty folder (what is there would read as pushed)")
-    tokens: list[str | None] = []
-    try:
-        from huggingface_hub import get_token
-
-        tokens.append(get_token())  # a file holding the stored token stops a dry run as it stops a push
-    except Exception:  # noqa: BLE001 - a broken token file must not hide the real error
-        pass
+    tokens = [_stored_token()]  # a file holding it stops a dry run as it stops a push
     kind, files, _, withheld = _selected_files(folder, trained_on_demo_data)
     out.mkdir(parents=True, exist_ok=True)
     files = _prepare_upload(folder, kind, files, withheld, repo_id, revision, None, tokens, out)
@@ -694,13 +698,7 @@ def push_folder(
         raise HubError(f"cannot push {str(folder)!r}: no such folder")
     api = HfApi()  # reads HF_ENDPOINT now, so tests and proxies can redirect it
     endpoint = api.endpoint
-    stored = None
-    try:
-        from huggingface_hub import get_token
-
-        stored = get_token()  # the stored token, if any: scrubbed from messages too
-    except Exception:  # a broken token file must not hide the real error
-        pass
+    stored = _stored_token()  # scrubbed from messages too
     tokens = [token, stored]
     kind, files, demo, withheld = _selected_files(folder, trained_on_demo_data)
     try:
