@@ -360,7 +360,6 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     else:
         remove_outputs(earlier)
         made, gif_kept = set(), False
-    kept_count = len(made)
     out.mkdir(parents=True, exist_ok=True)
     # "complete": false until the last image is on disk (an interrupted run says so; --resume goes on with it)
     write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": False}, indent=2) + "\n")
@@ -418,7 +417,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     paths["grid"] = str(out / "grid.png")
     paths["settings"] = str(out / "generation.json")
     if resume:
-        paths["kept"] = kept_count  # the earlier run's images left as they were
+        paths["kept"] = len(made)  # the earlier run's images left as they were
     if recorder is not None:
         paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images))
     elif gif_kept:
