@@ -226,6 +226,25 @@ def vq_training_data(vq_dir: Path) -> dict | None:
 
 
 
+def vq_data_folder(vq_dir: Path, flag: str) -> str | None:
+    """No --train_data_dir: the folder of the user's slices the VQModel was trained on (its training_data.json),
+    so that a forgotten flag does not train the UNet on the synthetic demo set beside a VQModel of real data.
+    None (the demo set, as for train_vqmodel.py) where the VQModel was trained on the demo set or records nothing."""
+    from adni_diffusers.data import is_demo_dataset
+
+    there = vq_training_data(vq_dir) or {}
+    root = there.get("root")
+    if not root or there.get("source") == "demo":
+        return None
+    if not Path(root).is_dir():
+        if there.get("source") is None:  # a record from before the source was kept: it may have been the demo set
+            return None
+        raise TrainingError(f"no --train_data_dir, and the slices --vqmodel {flag} was trained on ({root}, from its "
+                            "training_data.json) are not there: give --train_data_dir (that folder, moved). Without "
+                            "it this run would train on the synthetic demo set")
+    return None if there.get("source") is None and is_demo_dataset(root) else str(root)
+
+
 def _fingerprint_by_rule(data, patient_ids: str) -> str:
     """The patient fingerprint of the slices `data` uses, their patients counted by another --patient_ids rule."""
     from adni_diffusers.data import patient_part, patients_by_rule, patients_fingerprint
@@ -304,8 +323,14 @@ def main(args: argparse.Namespace) -> dict:
         # other processes', who hash after the main one wrote): encoded again every time
         raise TrainingError(f"--latent_cache_dir {args.latent_cache_dir}: the VQModel's own folder; choose another "
                             f"(the default is {vq_dir.parent if vq_dir.name == 'vqvae' else vq_dir}/latent_cache)")
+    data_of_vqmodel = args.train_data_dir is None and vq_data_folder(vq_dir, args.vqmodel)
+    if data_of_vqmodel:  # recorded as given (training_args.json), so a resume and the card name it
+        args.train_data_dir = data_of_vqmodel
     config, accelerator = training.start_stage(args, unet_config, "unet", product="model_index.json",
                                                stage_flags=RESUME_MUST_MATCH)
+    if data_of_vqmodel and accelerator.is_main_process:
+        logger.info("no --train_data_dir: using %s, the slices --vqmodel %s was trained on", data_of_vqmodel,
+                    args.vqmodel)
     device = accelerator.device
     training.choose_compile_mode(args, accelerator, training.UNET_CUDA_COMPILE_MODE)
     root, folder_classes = training.class_folders(args, accelerator)

@@ -98,7 +98,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     """Flags named as in diffusers' training examples."""
     g = parser.add_argument_group("data")
     g.add_argument("--train_data_dir", default=None,
-                   help="ADNI-style folder ROOT/{train,test}/{AD,NC}/*.jpeg; default: build and use the demo set")
+                   help="ADNI-style folder ROOT/{train,test}/{AD,NC}/*.jpeg; default: build and use the demo set "
+                        "(train_unet.py: the folder its --vqmodel was trained on, where that was not the demo set)")
     g.add_argument("--demo_data_dir", default="adni_demo_data",
                    help="where the demo set is built when --train_data_dir is not given")
     g.add_argument("--split", default="patient", choices=["patient", "given", "all"],

@@ -2254,3 +2254,33 @@ def test_sample_grids_sample_from_the_ema_weights_in_eval_mode(tmp_path, monkeyp
         reset_accelerate()
     assert seen["training"] is False and seen["guidance"] == 1.0
     assert all(torch.equal(w, s) for w, s in zip(seen["weights"], ema.ema.shadow_params))
+
+
+def test_without_train_data_dir_the_unet_trains_on_the_vqmodels_own_slices(tmp_path, vq, demo_root, monkeypatch):
+    """A VQModel trained on the user's slices and a forgotten --train_data_dir: the UNet trained on the synthetic
+    demo set it built (an INFO line said so). It now takes the VQModel's folder, or stops where that is gone."""
+    from adni_diffusers.training import TrainingError
+
+    mine = Path(shutil.copytree(demo_root, tmp_path / "MYDATA", ignore=shutil.ignore_patterns("demo_settings.json")))
+    record_file = vq / "training_data.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "root": str(mine), "source": "user"}))
+    monkeypatch.chdir(tmp_path)  # where the demo set (adni_demo_data) would be built
+    out = tmp_path / "ldm"
+    run_training_script("train_unet", ["--vqmodel", vq, "--output_dir", out, "--max_train_steps", "1",
+                                       *TINY_UNET_ARGS])
+    assert not (tmp_path / "adni_demo_data").exists()
+    assert json.loads((out / "training_data.json").read_text())["source"] == "user"
+    assert json.loads((out / "training_args.json").read_text())["train_data_dir"] == str(mine)
+
+    shutil.rmtree(mine)  # moved: no guess, and no demo set in its place
+    with pytest.raises(TrainingError, match=f"the slices --vqmodel {vq} was trained on \\({mine}, from its "
+                                            "training_data.json\\) are not there: give --train_data_dir"):
+        run_training_script("train_unet", ["--vqmodel", vq, "--output_dir", tmp_path / "ldm2",
+                                           "--max_train_steps", "1", *TINY_UNET_ARGS])
+    assert not (tmp_path / "adni_demo_data").exists()
+    # a VQModel of the demo set: the demo set, as before
+    record_file.write_text(json.dumps({**record, "root": str(mine), "source": "demo"}))
+    from adni_diffusers import train_unet
+
+    assert train_unet.vq_data_folder(train_unet.find_vqmodel(str(vq)), str(vq)) is None
