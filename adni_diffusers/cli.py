@@ -9,6 +9,8 @@ import argparse
 import copy
 import importlib
 import logging
+import os
+import stat
 import sys
 
 COMMANDS = {
@@ -50,6 +52,16 @@ def tolerate_any_character(stream) -> None:
         stream.reconfigure(errors="replace")
 
 
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `ls | head -1`'s ls
+
+
+def _stdout_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no file behind it (a test's capture)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from . import __version__
@@ -77,7 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     from .training import TrainingStopped
 
     try:
-        return int(module.main(args) or 0)
+        code = int(module.main(args) or 0)
+        sys.stdout.flush()  # a reader gone (`| head`) shows here, not as an error while Python exits
+        return code
+    except BrokenPipeError as e:  # `held-out ... | head -3`: the reader has what it wanted. Quiet, as a Unix tool
+        if not _stdout_is_a_pipe():  # another pipe broke (a child process's): an error like any other
+            print(f"adni-diffusers {name}: error: {e}", file=sys.stderr)
+            return 2
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's own flush would fail again)
+        return SIGPIPE_EXIT
     except TrainingStopped as e:  # the demo's training got SIGTERM / SIGUSR1: checkpointed, a rerun resumes it
         print(f"adni-diffusers {name}: {e} (`adni-diffusers {name}` with the same flags does)", file=sys.stderr)
         return 128 + (e.signum or 15)

@@ -59,3 +59,18 @@ def test_held_out_takes_a_moved_data_folder(tiny_ldm, demo_root, tmp_path, capsy
     assert cli.main(["held-out", "--model", str(tiny_ldm), "--data-dir", str(moved)]) == 0
     after = capsys.readouterr().out.splitlines()
     assert [p.replace(str(moved), str(demo_root)) for p in after] == before
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_the_listing_quietly(tiny_ldm):
+    """README's `held-out ... | head -3`: once head had its lines, the listing ended in "error: [Errno 32] Broken
+    pipe" and exit status 2 (a failure under `set -o pipefail`, and an error message for nothing)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "adni_diffusers.cli", "held-out", "--model", str(tiny_ldm)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before it prints: the reader is gone (head -0)
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 141, err  # 128 + SIGPIPE, as a shell reports `ls | head -1`'s ls
+    assert "held-out slice(s)" in err  # it ran to the end of its work
+    assert "rror" not in err and "Broken pipe" not in err and "Traceback" not in err, err
