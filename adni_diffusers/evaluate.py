@@ -1174,7 +1174,7 @@ def evaluate_model(
     try:  # a negative guidance steered away from the class; an empty --out wrote into the current folder
         check_guidance(guidance if guidance is not None else 1.0)
         if out is not None:
-            check_out_given(out)
+            check_out_given(out, model_dir, inside="evaluation")
     except ValueError as e:
         raise EvaluationError(str(e)) from None
     # UMAP's random_state takes 0 .. 2**32 - 1 (and so the image seeds stay below 2**64): a seed past it failed at

@@ -74,10 +74,21 @@ def earlier_outputs(out: Path) -> list[Path]:
 GRID_IMAGES = 64  # grid.png shows the first ones: a grid of 10,000 (an FD-sized set) is unreadable and takes GBs
 
 
-def check_out_given(out) -> None:
-    """An empty --out (an unset shell variable) is the current folder: the outputs went there without a word."""
+def check_out_given(out, model=None, inside: str = "samples") -> None:
+    """An empty --out (an unset shell variable) is the current folder: the outputs went there without a word. An
+    --out that is the saved `model`'s own folder, or one of its parts (unet/, vqvae/, scheduler/), mixed the outputs
+    with the model's files: a push sent them up with it."""
     if str(out) == "":
         raise ValueError("--out is empty; expected an output folder")
+    folder = Path(str(model)) if model is not None else None
+    if folder is None or not (folder / "model_index.json").is_file():  # (a Hub repo id: nothing of it is here)
+        return
+    where, home = Path(out).resolve(), folder.resolve()
+    part = where.parent == home and any((where / name).is_file() for name in ("config.json", "scheduler_config.json"))
+    if where == home or part:
+        raise ValueError(f"--out {out}: the model's own folder{' (' + where.name + '/)' if part else ''}; what this "
+                         f"writes would mix with the model's files and go up with a push: choose another folder "
+                         f"(e.g. {Path(str(model)) / inside})")
 
 
 def check_guidance(guidance: float) -> None:
@@ -280,7 +291,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                          "toward)")
     if resume and overwrite:
         raise ValueError("--resume keeps an earlier run's images, --overwrite removes them: give one")
-    check_out_given(out)
+    check_out_given(out, model)
     out = Path(out)
     earlier = earlier_outputs(out)
     recorded = _earlier_settings(out) if resume else None

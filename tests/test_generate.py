@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -199,7 +200,6 @@ def test_a_model_neither_here_nor_on_the_hub_is_named(tmp_path, capsys, monkeypa
                                            ("scheduler/scheduler_config.json", "scheduler/scheduler_config.json")])
 def test_an_incomplete_model_folder_names_the_missing_part(tiny_ldm, tmp_path, capsys, remove, named):
     """diffusers said "no file named diffusion_pytorch_model.bin found in directory <the pipeline folder>"."""
-    import shutil
 
     from adni_diffusers import cli
 
@@ -318,6 +318,29 @@ def test_bad_seed_or_device_is_named_before_the_model_loads(tmp_path, capsys, fl
     assert cli.main(["generate", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "no such folder" not in err, err
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "counterfactual"])
+def test_the_models_own_folder_as_out_is_refused_before_anything_is_written(tiny_ldm, tmp_path, capsys, command):
+    """`evaluate --out out/ldm` wrote metrics.json, report.md and its pictures into the pipeline's root (and a push
+    sent them up as the model's); generate and counterfactual took it too, or a part of it (unet/)."""
+    from adni_diffusers import cli
+
+    model = Path(shutil.copytree(tiny_ldm, tmp_path / "ldm", ignore=shutil.ignore_patterns("evaluation",
+                                                                                          "feature_net")))
+    before = sorted(p.relative_to(model) for p in model.rglob("*"))
+    extra = {"generate": ["--num-images", "1", "--steps", "2"], "evaluate": ["--num-samples", "2"],
+             "counterfactual": ["--to", "AD", "--image", str(tmp_path / "slice.png")]}[command]
+    inside = {"generate": "samples", "evaluate": "evaluation", "counterfactual": "counterfactuals"}[command]
+    for out, named in ((model, ""), (model / "unet", " (unet/)"), (model / "scheduler", " (scheduler/)")):
+        assert cli.main([command, "--model", str(model), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: the model's own folder{named}; what this writes would mix with the model's files" \
+            in err and f"(e.g. {model / inside})" in err, err
+    assert sorted(p.relative_to(model) for p in model.rglob("*")) == before
+    # a folder of its own inside the model's is the user's choice
+    if command == "generate":
+        assert cli.main([command, "--model", str(model), "--out", str(model / "samples"), *extra]) == 0
 
 
 def test_a_cuda_index_past_the_device_count_is_refused_early(monkeypatch):
