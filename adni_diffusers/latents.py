@@ -40,6 +40,14 @@ def cache_key(vq_dir: Path, slices: SliceSet, as_saved: bool = False, every_file
     return h.hexdigest()[:20]
 
 
+def vqmodel_key(vq_dir: Path) -> str:
+    """The VQModel's files alone (its config and weights, as `cache_key` hashes them): what a UNet checkpoint
+    records of its VQModel, compared on a resume before any slice is decoded or encoded."""
+    h = hashlib.sha256()
+    hash_files(h, vq_dir, suffixes=MODEL_FILE_SUFFIXES)
+    return h.hexdigest()[:20]
+
+
 def older_cache_keys(vq_dir: Path, slices: SliceSet) -> list[str]:
     """The keys earlier versions gave these slices on this VQModel, which a checkpoint of theirs records. Only
     those that differ from today's are computed: hashing every pixel again takes seconds on ADNI."""

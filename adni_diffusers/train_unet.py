@@ -313,7 +313,7 @@ def main(args: argparse.Namespace) -> dict:
     from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
     from adni_diffusers.latents import (LatentDataset, cache_key, check_room_on_device, load_or_build,
-                                        older_cache_keys)
+                                        older_cache_keys, vqmodel_key)
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline, remove_other_versions
     from adni_diffusers.presets import unet_config
 
@@ -359,7 +359,8 @@ def main(args: argparse.Namespace) -> dict:
                             f"{config.get('num_class_embeds')}, class_embed_type {config.get('class_embed_type')}): "
                             "add --conditional, or remove those keys from the config")
     check_unet_fits(config, latent_shape, args)
-    training.check_resume_model(args, config, "unet")
+    vq_key = vqmodel_key(vq_dir)  # a VQModel trained on since the checkpoint: refused now, not after the encoding
+    training.check_resume_model(args, config, "unet", identity={"vqmodel": vq_key})
     # on CUDA the compile check's child compiles the UNet's step while this process decodes the slices (17 s for
     # 30,000 on an H100) and builds the latent cache
     compile_check = training.start_compile_check(args, make_spec("unet", config, args, accelerator, latent_shape))
@@ -371,9 +372,14 @@ def main(args: argparse.Namespace) -> dict:
     # beside vqvae/ (the VQModel's or the pipeline's folder), not inside it: --vqmodel may name vqvae/ itself
     # beside vqvae/ in a train_vqmodel.py (or pipeline) folder; inside a bare diffusers VQModel folder
     cache_dir = Path(args.latent_cache_dir or (vq_dir.parent if vq_dir.name == "vqvae" else vq_dir) / "latent_cache")
+    train_key = cache_key(vq_dir, data.train)  # also what a checkpoint of this run records as its data
+    # a checkpoint of an earlier version may record its data under an older key of the same VQModel and slices
+    older_keys = older_cache_keys(vq_dir, data.train) if args.resume_from_checkpoint else []
+    # other slices than the checkpoint's: refused before they are encoded (minutes on ADNI), not after
+    training.check_resume_identity(args, "unet", {"latent_cache_key": train_key},
+                                   also_accepted={"latent_cache_key": older_keys})
     with training.main_process_then_each_node_first(accelerator):
         progress = accelerator.is_local_main_process
-        train_key = cache_key(vq_dir, data.train)  # also what a checkpoint of this run records as its data
         train_latents = load_or_build(vq, vq_dir, data.train, cache_dir, "train", args.eval_batch_size, progress,
                                       key=train_key)
         val_latents = load_or_build(vq, vq_dir, data.val, cache_dir, "val", args.eval_batch_size, progress) \
@@ -401,12 +407,10 @@ def main(args: argparse.Namespace) -> dict:
         m, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
         child_probe=compile_check)
     ema = training.make_ema(training.bare_model(accelerator, model), args, device)
-    # a checkpoint of an earlier version may record its data under an older key of the same VQModel and slices
-    older_keys = older_cache_keys(vq_dir, data.train) if args.resume_from_checkpoint else []
     training.clear_earlier_run(args, accelerator, "model_index.json", "unet")  # every check passed: now, not before
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                ema=ema, stage="UNet", stage_flags=RESUME_MUST_MATCH,
-                               identity={"model_config": config, "latent_cache_key": train_key},
+                               identity={"model_config": config, "latent_cache_key": train_key, "vqmodel": vq_key},
                                also_accepted={"latent_cache_key": older_keys})
     run.resume()
     training.start_logging(accelerator, args, "unet", run.start_step)

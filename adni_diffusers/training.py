@@ -379,6 +379,17 @@ def _quiet_libraries(main: bool) -> None:
     diffusers.utils.logging.set_verbosity_warning() if main else diffusers.utils.logging.set_verbosity_error()
 
 
+OUTPUT_DIRS_MADE: dict[Path, Path] = {}  # --output_dir: the topmost folder this process made for it
+
+
+def remove_unused_output_dir(args) -> None:
+    """A run refused after `prepare_output_dir` made its --output_dir (a missing data folder, a non-image file, a
+    split that does not match the VQModel's) left it behind, empty: removed, where it holds no file."""
+    top = OUTPUT_DIRS_MADE.pop(Path(getattr(args, "output_dir", None) or ""), None)
+    if top is not None and top.is_dir() and not any(p.is_file() or p.is_symlink() for p in top.rglob("*")):
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def prepare_output_dir(args, accelerator, product: str, project: str | None = None) -> None:
     """Refuse to write over a finished model unless asked; `product` is the file or folder that marks one.
     Nothing of an earlier run is removed here: `clear_earlier_run` does that once the data, --vqmodel and
@@ -404,6 +415,11 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if not output_dir.exists():  # removed again if a check refuses the run before it wrote anything there
+            top = output_dir.absolute()
+            while not top.parent.exists():  # (and the folders made above it)
+                top = top.parent
+            OUTPUT_DIRS_MADE[output_dir] = top
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in [*output_dir.glob("checkpoint-*.tmp"), output_dir / ".saving.tmp"]:  # saves cut short
             remove_path(stale, ignore_errors=True)
@@ -493,13 +509,21 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     return config, accelerator
 
 
-def check_resume_model(args, config: dict, project_name: str) -> None:
-    """Refuse a resumed checkpoint of another model (--preset, --conditional, the class folders) as soon as the
-    model's config is known, before the slices are decoded: `TrainingRun.resume` compared it only after that
-    (minutes on ADNI), and the data it also compares comes later."""
+def check_resume_model(args, config: dict, project_name: str, identity: dict | None = None) -> None:
+    """Refuse a resumed checkpoint of another model (--preset, --conditional, the class folders; `identity`: what
+    else is known by then, e.g. the UNet's VQModel) as soon as the model's config is known, before the slices are
+    decoded: `TrainingRun.resume` compared it only after that (minutes on ADNI), and the data it also compares comes
+    later."""
+    check_resume_identity(args, project_name, {"model_config": config, **(identity or {})})
+
+
+def check_resume_identity(args, project_name: str, identity: dict, also_accepted: dict | None = None) -> None:
+    """Refuse a resumed checkpoint whose recorded `identity` (any of its entries) differs from this run's, before
+    the work that needs it: the UNet compares its latents' key before it encodes every slice."""
     resume_from = find_resume_checkpoint(args)
     if resume_from is not None:
-        check_resume_matches(resume_from, run_record(args, identity={"model_config": config}, stage=project_name))
+        check_resume_matches(resume_from, run_record(args, identity=identity, stage=project_name,
+                                                     also_accepted=also_accepted))
 
 
 CHECKPOINT_FILES = ("training_state.json", "model.safetensors", "optimizer.bin", "scheduler.bin")
@@ -1097,7 +1121,8 @@ def resume_mismatches(recorded: dict, current: dict) -> list[str]:
                     else "the model config (--preset, --conditional, the class folders)")
     identity_names = {"model_config": model_config,
                       "train_data": "the training slices (--train_data_dir, or files in it changed)",
-                      "latent_cache_key": "the VQModel or the training slices (--vqmodel, --train_data_dir)"}
+                      "latent_cache_key": "the VQModel or the training slices (--vqmodel, --train_data_dir)",
+                      "vqmodel": "the VQModel (--vqmodel: its config and weights; trained on since, or another)"}
     for name, then in recorded.get("identity", {}).items():
         now = current.get("identity", {}).get(name, then)
         if now != then and then not in current.get("also_accepted", {}).get(name, []):
@@ -1349,6 +1374,9 @@ class TrainingRun:
         self._truncate_history(step)
         self._set_aside_evaluation(step)
         logger.info("resumed from %s at step %d (epoch %d)", path, step, self.first_epoch)
+        if step >= self.max_train_steps and self.accelerator.is_main_process:  # (a stopped run's final work, again)
+            logger.info("step %d is this run's last: nothing left to train; the model is saved, evaluated and "
+                        "described again (a larger --max_train_steps or --num_epochs trains on)", step)
 
     def _set_aside_evaluation(self, step: int) -> None:
         """A resumed run replaces the model that evaluation/ measured (it trains on, or it finishes an earlier
@@ -1806,6 +1834,7 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
         result = main(args)
     except TrainingError as e:
         print(f"{script}: error: {e}", file=sys.stderr)
+        remove_unused_output_dir(args)
         return 2
     except TrainingStopped as e:
         if int(os.environ.get("RANK", "0")) == 0:

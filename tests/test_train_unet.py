@@ -1106,14 +1106,27 @@ def test_resume_refuses_another_runs_flags_model_or_data(tmp_path, tiny_vq, demo
     # data is decoded too (it was refused only once the data had been decoded, minutes on ADNI)
     code, err = resume("--preset", _tiny_unet_json(tmp_path / "wider.json", block_out_channels=[16, 48]))
     assert code == 2 and "the model config (--preset, --conditional, the class folders): not those" in err, err
+    # the VQModel trained on since (its weights changed): refused before the data is decoded and every slice encoded
+    # again (a minute with tiny models), naming the VQModel, not "the VQModel or the training slices"
+    from safetensors.torch import load_file, save_file
+
+    retrained = Path(shutil.copytree(tiny_vq, tmp_path / "vq_trained_on", ignore=shutil.ignore_patterns("latent_cache")))
+    weights_file = retrained / "vqvae" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    save_file({name: w + 1e-3 if w.is_floating_point() else w for name, w in weights.items()}, weights_file)
+    code, err = resume("--vqmodel", retrained)
+    assert code == 2 and "the VQModel (--vqmodel: its config and weights; trained on since, or another): not " \
+        "those of the checkpoint" in err and "training slices" not in err, err
     assert decoded == []
     monkeypatch.undo()
-    # other data: refused before any state is loaded
+    # other data: refused before any state is loaded, and before its slices are encoded
     other_data = tmp_path / "AD_NC_fewer"
     shutil.copytree(demo_root, other_data)
     next(p for p in sorted(other_data.rglob("*.jpeg")) if "/train/AD/" in str(p)).unlink()
+    caches = sorted((tmp_path / "cache").glob("*.safetensors"))
     code, err = resume(data=other_data)
     assert code == 2 and "the VQModel or the training slices (--vqmodel, --train_data_dir)" in err, err
+    assert sorted((tmp_path / "cache").glob("*.safetensors")) == caches
     # a checkpoint of a version before 2026-12-05, whose key hashed every file beside the VQModel's (a .DS_Store
     # Finder left there): the same model and slices, so the run goes on, on the same latent cache
     from adni_diffusers.data import load_slices

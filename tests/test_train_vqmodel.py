@@ -285,16 +285,20 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, demo_root):
     assert m1["scaling_factor"] == m2["scaling_factor"]
 
 
-def test_resume_at_the_last_step_finishes_without_training(tmp_path, demo_root):
+def test_resume_at_the_last_step_finishes_without_training(tmp_path, demo_root, caplog):
     """Resuming from a checkpoint at (or past) --max_train_steps trains no further step: the saved model IS
-    the checkpoint's (how a run stopped by a time limit is finished; an H100 run once trained one extra step)."""
+    the checkpoint's (how a run stopped by a time limit is finished; an H100 run once trained one extra step).
+    The log says so: a finished run resumed spent its final work again under "resumed ... at step 20" alone."""
     common = ["--train_data_dir", demo_root, "--checkpointing_steps", "2", "--seed", "1", "--eval_max_images", "8",
               *TINY_VQ_ARGS]
     out = tmp_path / "vq"
     run_training_script("train_vqmodel", ["--output_dir", out, "--max_train_steps", "4", *common])
     checkpoint = {k.removeprefix("vq."): v for k, v in load_file(str(out / "checkpoint-2" / "model.safetensors")).items()}
-    run_training_script("train_vqmodel", ["--output_dir", out, "--max_train_steps", "2",
-                                          "--resume_from_checkpoint", out / "checkpoint-2", *common])
+    with caplog.at_level(logging.INFO, logger="adni_diffusers"):
+        run_training_script("train_vqmodel", ["--output_dir", out, "--max_train_steps", "2",
+                                              "--resume_from_checkpoint", out / "checkpoint-2", *common])
+    assert "step 2 is this run's last: nothing left to train; the model is saved, evaluated and described " \
+        "again (a larger --max_train_steps or --num_epochs trains on)" in caplog.text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 2
     saved = vq_weights(out)
@@ -1434,3 +1438,21 @@ def test_the_training_loop_feeds_the_gan_and_the_restarts_what_they_are_for(tmp_
     assert torch.equal(real, x) and not torch.equal(fake, x)
     vectors, codebook = seen["restart_vectors"][-1]
     assert (torch.cdist(vectors, codebook).min(1).values > 1e-4).all()  # none of them a code
+
+
+def test_a_run_refused_before_training_leaves_no_empty_output_dir(tmp_path, demo_root, capsys):
+    """A missing data folder or a non-image file among the slices was refused after --output_dir had been made:
+    an empty folder was left behind (a mistyped flag's only product). A folder that was there before stays."""
+    from adni_diffusers import train_vqmodel
+
+    bad = Path(shutil.copytree(demo_root, tmp_path / "AD_NC_bad"))
+    (bad / "train" / "AD" / "notes.txt").write_text("not a slice")
+    for data, out, message in ((tmp_path / "ADNC", tmp_path / "vq_typo", "ADNC"),
+                               (bad, tmp_path / "vq_bad" / "deeper", "notes.txt")):
+        assert train_vqmodel.cli(["--train_data_dir", str(data), "--output_dir", str(out), *map(str, TINY_VQ_ARGS)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not (tmp_path / "vq_bad").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert train_vqmodel.cli(["--train_data_dir", str(bad), "--output_dir", str(mine), *map(str, TINY_VQ_ARGS)]) == 2
+    assert mine.is_dir()
