@@ -873,7 +873,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="sampler (default ddim)")
     parser.add_argument("--steps", type=int, default=None,
                         help="scheduler steps for strength 1 (default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the noise added to each slice (with its pixels)")
     parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true",

@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="go on with a run of the same flags and model that was cut short in --out (or give a "
                              "larger --num-images): its images are kept, the missing ones made (with --gif and no "
                              "denoising.gif there, the first batch again, for the animation)")
-    parser.add_argument("--num-images", type=positive_int, default=16)
+    parser.add_argument("--num-images", type=positive_int, default=16, help="how many images (sample-NNNN.png)")
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
     parser.add_argument("--guidance", type=finite_float, default=None,
@@ -134,10 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine-steps", type=non_negative_int, default=0,
                         help="re-noise each sample to this many steps before the end and denoise again (0 = off)")
     parser.add_argument("--refine-repeats", type=non_negative_int, default=0, help="how many refinement passes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="image i starts from the noise of seed * 1000003 + i, whatever the batch size")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 16 on CPU, 256 on GPU")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the weights' precision (bfloat16 / float16: for a GPU; on a CPU much slower)")
     parser.add_argument("--gif", action="store_true", help="also write the denoising animation (denoising.gif)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet and the VQ decoder (CUDA graphs with mode reduce-overhead on GPU)")

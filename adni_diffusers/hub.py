@@ -888,7 +888,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "redistributing the data)")
     parser.add_argument("--branch", default=None, help="push to this branch (created from main if needed)")
     parser.add_argument("--commit-message", "--commit_message", dest="commit_message",
-                        default=DEFAULT_COMMIT_MESSAGE)
+                        default=DEFAULT_COMMIT_MESSAGE, help="the Hub commit's message")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", metavar="OUT", default=None,
                         help="push nothing: write into the new folder OUT exactly what would be uploaded (the card "
                              "for --repo-id, records without local paths, no pictures of real slices), to read "

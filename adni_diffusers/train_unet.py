@@ -73,7 +73,9 @@ def check_schedule_reaches_noise(args) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=HelpFormatter)
-    parser.add_argument("--vqmodel", required=True, help="the output folder of train_vqmodel.py (or its vqvae/ folder)")
+    parser.add_argument("--vqmodel", required=True,
+                        help="the output folder of train_vqmodel.py (or its vqvae/ folder), or a finished pipeline's "
+                             "folder (its VQModel); the latent cache goes beside vqvae/ (--latent_cache_dir)")
     training.add_training_arguments(parser, default_lr=DEFAULT_LR, default_batch=DEFAULT_BATCH)
     g = parser.add_argument_group("UNet and diffusion")
     g.add_argument("--preset", default="base", help="tiny | small | base, or a JSON UNet2DModel config")
@@ -81,12 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cond_dropout", type=float, default=None,
                    help="probability of replacing the label by the extra 'unconditional' class (for guidance); "
                         f"with --conditional only (default: {DEFAULT_COND_DROPOUT})")
-    g.add_argument("--num_train_timesteps", type=int, default=1000)
-    g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
+    g.add_argument("--num_train_timesteps", type=int, default=1000, help="DDPMScheduler's forward-process steps")
+    g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+                   help="the noise schedule (squaredcos_cap_v2: the cosine one)")
     g.add_argument("--beta_start", type=float, default=BETA_START,
                    help="the seed's linear betas: 1e-4 .. 0.02 (not for squaredcos_cap_v2)")
-    g.add_argument("--beta_end", type=float, default=BETA_END)
-    g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    g.add_argument("--beta_end", type=float, default=BETA_END, help="the last timestep's beta (see --beta_start)")
+    g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"],
+                   help="what the UNet learns to predict: the noise, or v")
     g.add_argument("--loss", default="mse", choices=["mse", "smooth_l1"], help="smooth_l1 was the seed's")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023, derived for --loss mse); 5.0 is the paper's "
@@ -101,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--save_images_epochs", type=int, default=10,
                    help="sample a grid every N epochs (default 10) and at the last step; from the EMA weights with "
                         "--use_ema")
-    g.add_argument("--num_sample_images", type=int, default=8)
+    g.add_argument("--num_sample_images", type=int, default=8,
+                   help="images in the sample grids during training and in samples.png")
     g.add_argument("--sample_inference_steps", type=int, default=50,
                    help="DDIM steps for the sample grids during training and the final samples.png")
     g.add_argument("--sample_guidance", type=float, default=None,

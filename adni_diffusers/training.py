@@ -118,16 +118,19 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                         "from before 2026-12-03 split); subject-2026-12-03: subject as it was before 2026-12-04 (a "
                         "subject named both ways counted twice, five-digit ids not read) (the last two: to resume or "
                         "match such a run)")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="worker processes per training process feeding the batches (0: the training process)")
 
     g = parser.add_argument_group("output")
-    g.add_argument("--output_dir", required=True)
+    g.add_argument("--output_dir", required=True,
+                   help="where the model, its checkpoints (checkpoint-<step>/), logs, samples and card go")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace a model already in --output_dir")
     g.add_argument("--logging_dir", default="logs",
                    help="tensorboard folder, relative to --output_dir (an absolute folder elsewhere is kept as is; "
                         "--output_dir itself or a folder above it is refused)")
-    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"],
+                   help="tensorboard: losses, learning rate and sample grids under --logging_dir")
     g.add_argument("--logging_steps", type=int, default=10,
                    help="log (and check the loss for NaN/inf, and whether a SIGTERM/SIGUSR1 came: then checkpoint "
                         "and stop) every N optimizer steps")
@@ -136,28 +139,32 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                         "per step to <output_dir>/trace/rank-<i>.jsonl")
 
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="the initial weights, the data order, each step's noise and the held-out draw (--split_seed)")
     g.add_argument("--train_batch_size", type=int, default=default_batch, help="per device")
-    g.add_argument("--eval_batch_size", type=int, default=16)
-    g.add_argument("--num_epochs", type=int, default=10)
+    g.add_argument("--eval_batch_size", type=int, default=16,
+                   help="batch for encoding, evaluation and sample grids (no gradients)")
+    g.add_argument("--num_epochs", type=int, default=10, help="passes over the training slices")
     g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--learning_rate", type=float, default=default_lr)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step")
+    g.add_argument("--learning_rate", type=float, default=default_lr, help="AdamW's peak learning rate")
     g.add_argument("--scale_lr", nargs="?", const="linear", default=False, choices=["linear", "sqrt"],
                    help="scale the learning rate with the effective batch (processes x batch size x accumulation) "
                         "over the default batch: linear (the flag alone, as in diffusers' examples) or sqrt "
                         "(the square root of that ratio, the gentler rule often used with Adam)")
     g.add_argument("--lr_scheduler", default="cosine",
-                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
-    g.add_argument("--lr_warmup_steps", type=int, default=100)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+                   help="diffusers' get_scheduler schedule over the run's steps, after --lr_warmup_steps")
+    g.add_argument("--lr_warmup_steps", type=int, default=100, help="optimizer steps of linear warm-up from 0")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's beta2")
+    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW's weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient's norm to this")
     g.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the weights")
     for name, default in EMA_DEFAULTS.items():
-        g.add_argument(f"--{name}", type=float, default=default)  # with --use_ema only
+        g.add_argument(f"--{name}", type=float, default=default, help="diffusers' EMAModel setting (with --use_ema)")
 
     g = parser.add_argument_group("speed")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -179,8 +186,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                         "NCCL's own, 10 minutes, would end the job during a long push)")
 
     g = parser.add_argument_group("checkpoints")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="save a resumable checkpoint-<step>/ every N optimizer steps")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="keep only the newest N checkpoints (default: keep all)")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help='"latest" or the path of a checkpoint-<step> folder')
 

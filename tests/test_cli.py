@@ -242,3 +242,37 @@ def test_the_feature_net_cache_flag_has_one_name_in_both_commands():
             args = parser.parse_args(["--model", "m", "--to", "AD", "--out", "o", flag, "cache"]
                                      if module is counterfactual else ["--model", "m", flag, "cache"])
             assert getattr(args, dest) == "cache", (module.__name__, flag)
+
+
+def test_every_option_of_every_command_and_training_script_says_what_it_does():
+    """`train_unet.py --help` listed --output_dir, --checkpoints_total_limit, --seed and 15 more by name alone (a
+    walkthrough could not tell that --checkpoints_total_limit keeps every checkpoint by default)."""
+    import argparse
+    import importlib
+
+    from adni_diffusers import cli, train_unet, train_vqmodel
+
+    parsers = {}
+    for name, (module_name, _) in cli.COMMANDS.items():
+        parsers[f"adni-diffusers {name}"] = parser = argparse.ArgumentParser()
+        importlib.import_module(module_name).add_arguments(parser)
+    for script in (train_unet, train_vqmodel):
+        captured = {}
+
+        def capture(self, args=None, namespace=None, _captured=captured):  # the script's own parser, whole
+            _captured["parser"] = self
+            raise SystemExit(0)
+
+        original = argparse.ArgumentParser.parse_args
+        argparse.ArgumentParser.parse_args = capture
+        try:
+            with pytest.raises(SystemExit):
+                script.parse_args([])
+        finally:
+            argparse.ArgumentParser.parse_args = original
+        parsers[script.__name__] = captured["parser"]
+    silent = [f"{where} {action.option_strings[0]}" for where, parser in parsers.items()
+              for action in parser._actions
+              if action.option_strings and action.help != argparse.SUPPRESS and not (action.help or "").strip()]
+    assert silent == []
+    assert len(parsers) == len(cli.COMMANDS) + 2 and all(len(p._actions) > 3 for p in parsers.values())
