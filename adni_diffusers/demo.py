@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="demo subjects x 20 slices (default: 100 on CPU, 1500 = ADNI size on GPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo data and of both trainings (default 0)")
     parser.add_argument("--retrain", action="store_true", help="train both stages again even if they exist")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of about half a minute on 2 CPU cores (tiny models; noise pictures)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of about half a minute on 2 CPU cores (tiny models; noise pictures)")
 
 
 def _train(module_name: str, argv: list[str], device: str) -> None:
