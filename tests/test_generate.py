@@ -462,8 +462,8 @@ def test_every_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         train_unet.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--learning_rate LEARNING_RATE default: 0.0001" in text
-    assert "--checkpointing_steps CHECKPOINTING_STEPS default: 500" in text
+    assert "--learning_rate LEARNING_RATE AdamW's peak learning rate (default: 0.0001)" in text
+    assert "every N optimizer steps (default: 500)" in text
     assert "per device (default: 64)" in text
     assert "(default: 1800;" in text and "default: 1800 " not in text.replace("(default: 1800;", "")
     assert not re.search(r"--use_ema [^-]*default", text)  # an on/off flag
@@ -471,7 +471,7 @@ def test_every_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--num-images NUM_IMAGES default: 16" in text and "default: 16 on CPU, 256 on GPU" in text
+    assert "how many images (sample-NNNN.png) (default: 16)" in text and "default: 16 on CPU, 256 on GPU" in text
     assert "(default: default" not in text and "default: None" not in text
 
 # ------------------------------------------------------------------------------------------ seventh mutation audit
