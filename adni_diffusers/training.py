@@ -324,7 +324,8 @@ def check_hub_flags(args: argparse.Namespace) -> None:
 
 
 def check_world_size(accelerator) -> None:
-    """Stop when the launcher asked for several processes but Accelerate sees one.
+    """Stop when the launcher asked for several processes but Accelerate sees one; warn where the launcher
+    started one process of several asked for.
 
     `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs starts two processes
     that each train on ALL the data (facts.md): a silent waste at best. On CPU, set
@@ -337,6 +338,14 @@ def check_world_size(accelerator) -> None:
             "On CPU launch with ACCELERATE_USE_CPU=true (gloo); on GPUs check that CUDA sees the devices "
             "(`accelerate env`)."
         )
+    # `accelerate launch --cpu --num_processes 2` (no --multi_gpu) runs its simple launcher: ONE process, with
+    # MASTER_ADDR set for the others it expects mpirun to start. The run is right, but not the one asked for.
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
+        logger.warning("one process: `accelerate launch --cpu --num_processes N` starts a single process here "
+                       "(Accelerate's simple launcher; MASTER_ADDR is set for processes it does not start). For N "
+                       "processes on the CPU: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
+                       "(docs/multi_gpu.md)")
 
 
 def make_accelerator(args, project_name: str):

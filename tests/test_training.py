@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from types import SimpleNamespace
 
@@ -646,3 +647,22 @@ def test_the_warm_up_warning_names_the_rate_scale_lr_made(tmp_path, caplog):
         in caplog.text
     assert "the learning rate peaks at 1e-05, never reaching 2.5e-05 (--learning_rate 0.0001, --scale_lr linear)" \
         in caplog.text
+
+
+def test_a_cpu_launch_that_started_one_of_several_processes_says_so(monkeypatch, caplog):
+    """`accelerate launch --cpu --num_processes 2` (no --multi_gpu) starts ONE process: Accelerate's simple launcher
+    sets ACCELERATE_USE_CPU=True and MASTER_ADDR, no WORLD_SIZE (read from accelerate 1.16.0 and run, 2026-12-05). The run
+    trained on one process without a word; the log now says so, and how to get the processes asked for."""
+    one = SimpleNamespace(num_processes=1, is_main_process=True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        training.check_world_size(one)
+    assert "one process: `accelerate launch --cpu --num_processes N` starts a single process here" in caplog.text
+    assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N" in caplog.text
+    caplog.clear()
+    monkeypatch.delenv("MASTER_ADDR")  # `--cpu` alone, or --num_processes 1: one process was asked for
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        training.check_world_size(one)
+    assert caplog.text == ""
