@@ -275,6 +275,13 @@ def _fit_size(arr: np.ndarray, index: int, size: int, preprocess: str) -> np.nda
     return pad_to_square(arr + 1.0, size) - 1.0  # black rows: -1
 
 
+def _label_count(class_labels) -> int:
+    """How many labels `class_labels` gives: 0 for None or a single label, else the list's (tensor's) length."""
+    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+        return int(np.prod(class_labels.shape)) if class_labels.ndim else 0
+    return len(class_labels) if isinstance(class_labels, (list, tuple)) else 0
+
+
 def _ordered_class_names(class_names) -> list[str]:
     if not class_names:
         return []
@@ -429,6 +436,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         out = []
         for label in labels:
             if isinstance(label, str):
+                if not names:  # the names are the pipeline's config, not a component: from_pipe keeps them
+                    raise ValueError(
+                        f"class label {label!r}: this pipeline has no class names (one built from another's "
+                        "`components` does not get them: use ADNILatentDiffusionPipeline.from_pipe(pipe), or pass "
+                        f"class_names=pipe.class_names); or give the label's index 0..{self.null_class - 1}")
                 if label not in names:
                     raise ValueError(f"unknown class label {label!r}: this model knows {names}")
                 out.append(names.index(label))
@@ -604,8 +616,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         r"""Generate slices.
 
         Args:
-            batch_size: number of images (default 1; one per latent when `latents` is given, one per image
-                when `image` is given; another number is refused then).
+            batch_size: number of images (default 1, or one per class label when `class_labels` is a list;
+                one per latent when `latents` is given, one per image when `image` is given; another number is
+                refused then).
             class_labels: for a class-conditional model, a label or one per image, as int or class name
                 (`"AD"`, `"NC"`). `None` samples from the unconditional (dropped-label) class.
             guidance_scale: classifier-free guidance weight w: eps = eps_uncond + w (eps_cond - eps_uncond).
@@ -707,8 +720,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"batch_size={batch_size} but latents holds {latents.shape[0]}: "
                                  "leave batch_size out or make them agree")
             batch_size = latents.shape[0]
-        elif batch_size is None:
-            batch_size = 1
+        elif batch_size is None:  # one image per class label given as a list (as diffusers' DiTPipeline), else 1
+            batch_size = max(_label_count(class_labels), 1)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected at least 1")
         if isinstance(generator, list) and len(generator) != batch_size:

@@ -489,6 +489,33 @@ def test_class_labels_names_ints_and_guidance(pipe):
         pipe(batch_size=2, class_labels=["AD", "NC", "AD"], num_inference_steps=1)
 
 
+def test_a_list_of_class_labels_without_batch_size_gives_one_image_per_label(pipe):
+    """`pipe(class_labels=["AD", "NC", "AD"])` was refused ("3 class labels for batch_size=1"); diffusers' DiTPipeline
+    makes one image per label, and so does this one now, labels in order."""
+    spy = UNetSpy(pipe.unet)
+    try:
+        images = pipe(class_labels=["AD", "NC", "AD"], num_inference_steps=1, output_type="latent").images
+        assert images.shape[0] == 3 and spy.labels[-1].tolist() == [0, 1, 0]
+        assert pipe(class_labels=torch.tensor([1, 0]), num_inference_steps=1, output_type="latent").images.shape[0] == 2
+        assert pipe(class_labels="NC", num_inference_steps=1, output_type="latent").images.shape[0] == 1
+        assert pipe(class_labels=["NC"], num_inference_steps=1, output_type="latent").images.shape[0] == 1
+    finally:
+        spy.remove()
+
+
+def test_a_pipeline_built_from_components_names_why_it_knows_no_class_names(pipe):
+    """`ADNILatentDiffusionPipeline(**pipe.components)`: the class names are the pipeline's config, not a component,
+    so they are not carried over; "this model knows []" sent the user looking at the model."""
+    from adni_diffusers import ADNILatentDiffusionPipeline
+
+    bare = ADNILatentDiffusionPipeline(**pipe.components)
+    with pytest.raises(ValueError, match=r"class label 'AD': this pipeline has no class names .*from_pipe\(pipe\), or "
+                                         r"pass class_names=pipe.class_names\); or give the label's index 0..1"):
+        bare(class_labels="AD", num_inference_steps=1, output_type="latent")
+    assert bare(class_labels=0, num_inference_steps=1, output_type="latent").images.shape[0] == 1
+    assert ADNILatentDiffusionPipeline.from_pipe(pipe).class_names == pipe.class_names == ["AD", "NC"]
+
+
 def test_guidance_is_the_classifier_free_combination(pipe, monkeypatch):
     """eps = uncond + w (cond - uncond): w = 1 is the plain conditional pass, and another w changes the samples
     by exactly that combination (a pipeline that ignored guidance passed the label checks above)."""
