@@ -584,6 +584,10 @@ def _selected_files(folder: Path, trained_on_demo_data: bool | None) -> tuple[st
     if left_out:
         logger.warning("not pushing %s: input slices (JPEG/WebP) or a record naming them (counterfactuals.json), "
                        "not the model", ", ".join(left_out))
+    others = _not_selected(folder, set(files) | set(left_out)) if kind != "checkpoint" else []
+    if others:
+        logger.info("not pushing %s: not part of the model (docs/hub.md)", ", ".join(others[:12])
+                    + (f" and {len(others) - 12} more" if len(others) > 12 else ""))
     missing = _missing_model_files(folder, kind)
     if missing:
         raise HubError(f"cannot push {str(folder)!r}: it lacks {', '.join(missing)}, so the pushed model would not "
@@ -597,6 +601,19 @@ def _selected_files(folder: Path, trained_on_demo_data: bool | None) -> tuple[st
                        "they show" if len(withheld) > 1 else "it shows")
         files = [p for p in files if p not in withheld]
     return kind, files, demo, withheld
+
+
+def _not_selected(folder: Path, selected: set[str]) -> list[str]:
+    """What else `folder` holds, by its top-level entry (`logs/`, `demo_recipe.json`), in evaluation/ by the
+    entry there (`evaluation/cf/`): each is named once, however many files it holds."""
+    names = set()
+    for rel in _walk(folder):
+        if rel in selected:
+            continue
+        parts = rel.split("/")
+        depth = 2 if parts[0] == "evaluation" and len(parts) > 2 else 1
+        names.add("/".join(parts[:depth]) + ("/" if len(parts) > depth else ""))
+    return sorted(names)
 
 
 def _prepare_upload(folder: Path, kind: str, files: list[str], withheld: list[str], repo_id: str,
@@ -658,8 +675,8 @@ def stage_upload(folder: str | Path, out: str | Path, repo_id: str, revision: st
     kind, files, _, withheld = _selected_files(folder, trained_on_demo_data)
     out.mkdir(parents=True, exist_ok=True)
     files = _prepare_upload(folder, kind, files, withheld, repo_id, revision, None, tokens, out)
-    logger.info("%s: %d files as `push %s --repo-id %s` would upload them (nothing was sent)", out, len(files),
-                folder, repo_id)
+    logger.info("%s: %d files as `push %s --repo-id %s%s` would upload them (nothing was sent)", out, len(files),
+                folder, repo_id, f" --branch {revision}" if revision else "")
     return files
 
 
