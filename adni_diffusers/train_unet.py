@@ -229,8 +229,6 @@ def vq_training_data(vq_dir: Path) -> dict | None:
             "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256")}
 
 
-
-
 def vq_data_folder(vq_dir: Path, flag: str) -> str | None:
     """No --train_data_dir: the folder of the user's slices the VQModel was trained on (its training_data.json),
     so that a forgotten flag does not train the UNet on the synthetic demo set beside a VQModel of real data.
