@@ -10,7 +10,7 @@ import copy
 import importlib
 import logging
 import os
-import stat
+import select
 import sys
 
 COMMANDS = {
@@ -55,10 +55,13 @@ def tolerate_any_character(stream) -> None:
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `ls | head -1`'s ls
 
 
-def _stdout_is_a_pipe() -> bool:
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it: its write end then polls as an error (POLLERR)."""
     try:
-        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
-    except (OSError, ValueError, AttributeError):  # no file behind it (a test's capture)
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(mask & select.POLLERR for _, mask in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file behind it (a test's capture), or no poll (Windows)
         return False
 
 
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone (`| head`) shows here, not as an error while Python exits
         return code
     except BrokenPipeError as e:  # `held-out ... | head -3`: the reader has what it wanted. Quiet, as a Unix tool
-        if not _stdout_is_a_pipe():  # another pipe broke (a child process's): an error like any other
+        if not _stdout_reader_gone():  # another pipe broke (a child process's): an error like any other
             print(f"adni-diffusers {name}: error: {e}", file=sys.stderr)
             return 2
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's own flush would fail again)

@@ -84,10 +84,12 @@ def check_out_given(out, model=None, inside: str = "samples") -> None:
     folder = Path(str(model)) if model is not None else None
     if folder is None or not (folder / "model_index.json").is_file():  # (a Hub repo id: nothing of it is here)
         return
-    where, home = Path(out).resolve(), folder.resolve()
-    part = where.parent == home and any((where / name).is_file() for name in ("config.json", "scheduler_config.json"))
-    if where == home or part:
-        raise ValueError(f"--out {out}: the model's own folder{' (' + where.name + '/)' if part else ''}; what this "
+    given, home = Path(out).absolute(), folder.resolve()
+    # a part by its name in the model's folder, not where a link takes it (a vqvae/ linked to the first stage's)
+    part = given.parent.resolve() == home and any((given / name).is_file()
+                                                 for name in ("config.json", "scheduler_config.json"))
+    if given.resolve() == home or part:
+        raise ValueError(f"--out {out}: the model's own folder{' (' + given.name + '/)' if part else ''}; what this "
                          f"writes would mix with the model's files and go up with a push: choose another folder "
                          f"(e.g. {Path(str(model)) / inside})")
 

@@ -604,15 +604,16 @@ def _selected_files(folder: Path, trained_on_demo_data: bool | None) -> tuple[st
 
 
 def _not_selected(folder: Path, selected: set[str]) -> list[str]:
-    """What else `folder` holds, by its top-level entry (`logs/`, `demo_recipe.json`), in evaluation/ by the
-    entry there (`evaluation/cf/`): each is named once, however many files it holds."""
+    """What else `folder` holds, each by its shallowest folder that holds nothing selected (`logs/`,
+    `evaluation/cf/`, `vqvae/latent_cache/`), or as a file where its folder is pushed (`demo_recipe.json`)."""
+    pushed_dirs = {"/".join(rel.split("/")[:depth]) for rel in selected for depth in range(1, rel.count("/") + 1)}
     names = set()
     for rel in _walk(folder):
         if rel in selected:
             continue
         parts = rel.split("/")
-        depth = 2 if parts[0] == "evaluation" and len(parts) > 2 else 1
-        names.add("/".join(parts[:depth]) + ("/" if len(parts) > depth else ""))
+        depth = next((d for d in range(1, len(parts)) if "/".join(parts[:d]) not in pushed_dirs), len(parts))
+        names.add("/".join(parts[:depth]) + ("/" if depth < len(parts) else ""))
     return sorted(names)
 
 

@@ -248,6 +248,18 @@ def vq_data_folder(vq_dir: Path, flag: str) -> str | None:
     return None if there.get("source") is None and is_demo_dataset(root) else str(root)
 
 
+def _resumes_a_demo_set_run(args) -> bool:
+    """A resume of a run that trained on the demo set for want of --train_data_dir (before 2026-12-05 it did so
+    beside a VQModel of real data): it goes on with the demo set, as it started."""
+    if args.resume_from_checkpoint is None:
+        return False
+    try:
+        recorded = json.loads((Path(args.output_dir) / "training_args.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and "train_data_dir" in recorded and recorded["train_data_dir"] is None
+
+
 def _fingerprint_by_rule(data, patient_ids: str) -> str:
     """The patient fingerprint of the slices `data` uses, their patients counted by another --patient_ids rule."""
     from adni_diffusers.data import patient_part, patients_by_rule, patients_fingerprint
@@ -326,7 +338,8 @@ def main(args: argparse.Namespace) -> dict:
         # other processes', who hash after the main one wrote): encoded again every time
         raise TrainingError(f"--latent_cache_dir {args.latent_cache_dir}: the VQModel's own folder; choose another "
                             f"(the default is {vq_dir.parent if vq_dir.name == 'vqvae' else vq_dir}/latent_cache)")
-    data_of_vqmodel = args.train_data_dir is None and vq_data_folder(vq_dir, args.vqmodel)
+    data_of_vqmodel = args.train_data_dir is None and not _resumes_a_demo_set_run(args) and \
+        vq_data_folder(vq_dir, args.vqmodel)
     if data_of_vqmodel:  # recorded as given (training_args.json), so a resume and the card name it
         args.train_data_dir = data_of_vqmodel
     config, accelerator = training.start_stage(args, unet_config, "unet", product="model_index.json",

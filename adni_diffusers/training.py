@@ -402,10 +402,25 @@ OUTPUT_DIRS_MADE: dict[Path, Path] = {}  # --output_dir: the topmost folder this
 
 def remove_unused_output_dir(args) -> None:
     """A run refused after `prepare_output_dir` made its --output_dir (a missing data folder, a non-image file, a
-    split that does not match the VQModel's) left it behind, empty: removed, where it holds no file."""
-    top = OUTPUT_DIRS_MADE.pop(Path(getattr(args, "output_dir", None) or ""), None)
-    if top is not None and top.is_dir() and not any(p.is_file() or p.is_symlink() for p in top.rglob("*")):
-        shutil.rmtree(top, ignore_errors=True)
+    split that does not match the VQModel's) left it behind, empty: its empty folders are removed bottom-up, then
+    the folders made above it while they are empty (another job's run beside it in a new sweep/ folder stays)."""
+    output_dir = Path(getattr(args, "output_dir", None) or "")
+    top = OUTPUT_DIRS_MADE.pop(output_dir, None)
+    if top is None or not output_dir.is_dir():
+        return
+    for folder in [*sorted((p for p in output_dir.rglob("*") if p.is_dir() and not p.is_symlink()),
+                           key=lambda p: -len(p.parts)), output_dir.absolute()]:
+        try:
+            folder.rmdir()  # only an empty folder: a file anywhere below keeps it and the folders above
+        except OSError:
+            return
+    for folder in output_dir.absolute().parents:
+        if not folder.is_relative_to(top):
+            return
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def prepare_output_dir(args, accelerator, product: str, project: str | None = None) -> None:
@@ -1875,6 +1890,8 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
             print(f"{script}: process {rank} stopped: another process ended (see its error above)", file=sys.stderr)
             return 2
         raise
+    finally:
+        OUTPUT_DIRS_MADE.clear()  # this run's; the next run in this process makes its own
     if result:
         print(json.dumps(result, indent=2))
     return 0

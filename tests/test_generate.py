@@ -335,12 +335,18 @@ def test_the_models_own_folder_as_out_is_refused_before_anything_is_written(tiny
     extra = {"generate": ["--num-images", "1", "--steps", "2"], "evaluate": ["--num-samples", "2"],
              "counterfactual": ["--to", "AD", "--image", str(tmp_path / "slice.png")]}[command]
     inside = {"generate": "samples", "evaluate": "evaluation", "counterfactual": "counterfactuals"}[command]
-    for out, named in ((model, ""), (model / "unet", " (unet/)"), (model / "scheduler", " (scheduler/)")):
+    # a vqvae/ linked to the first stage's folder is still the model's part (the link resolves outside it)
+    first_stage = Path(shutil.move(str(model / "vqvae"), str(tmp_path / "first_stage_vqvae")))
+    (model / "vqvae").symlink_to(first_stage, target_is_directory=True)
+    before = sorted(p.relative_to(model) for p in model.rglob("*"))
+    for out, named in ((model, ""), (model / "unet", " (unet/)"), (model / "scheduler", " (scheduler/)"),
+                       (model / "vqvae", " (vqvae/)")):
         assert cli.main([command, "--model", str(model), "--out", str(out), *extra]) == 2
         err = capsys.readouterr().err
         assert f"--out {out}: the model's own folder{named}; what this writes would mix with the model's files" \
             in err and f"(e.g. {model / inside})" in err, err
     assert sorted(p.relative_to(model) for p in model.rglob("*")) == before
+    assert sorted(p.name for p in first_stage.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     # a folder of its own inside the model's is the user's choice
     if command == "generate":
         assert cli.main([command, "--model", str(model), "--out", str(model / "samples"), *extra]) == 0

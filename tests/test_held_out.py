@@ -74,3 +74,20 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_listing_quietly(tiny_ldm):
     assert child.wait(timeout=300) == 141, err  # 128 + SIGPIPE, as a shell reports `ls | head -1`'s ls
     assert "held-out slice(s)" in err  # it ran to the end of its work
     assert "rror" not in err and "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdout_stays_an_error(tmp_path):
+    """Only a closed stdout ends a command quietly: another broken pipe (a child process's, a socket's) while
+    stdout is a pipe still being read is an error, with its message and status 2."""
+    import subprocess
+    import sys
+
+    (tmp_path / "broken_child.py").write_text(
+        "def add_arguments(parser):\n    pass\n\n\n"
+        "def main(args):\n    print('some output')\n    raise BrokenPipeError(32, 'Broken pipe')\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from adni_diffusers import cli; "
+            "cli.COMMANDS['broken'] = ('broken_child', 'a child process whose pipe broke'); "
+            "sys.exit(cli.main(['broken']))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "adni-diffusers broken: error: [Errno 32] Broken pipe" in proc.stderr, proc.stderr
+    assert proc.stdout == "some output\n"

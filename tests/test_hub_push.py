@@ -1072,11 +1072,13 @@ def test_a_push_names_what_it_leaves_out_of_the_folder(pipeline_dir, tmp_path, c
     dry run's line left out --branch."""
     _write(pipeline_dir, {"checkpoint-2/model.safetensors": b"w", "logs/events.out": b"e", "samples/0001.png": b"p",
                           "demo_recipe.json": b"{}", "evaluation/cf/tradeoff.json": b"{}",
-                          "evaluation/report.md": b"# report\n", "slice.jpeg": b"jpeg"})
+                          "evaluation/report.md": b"# report\n", "slice.jpeg": b"jpeg",
+                          # beside pushed files: named alone, not their pushed folder
+                          "unet/latent_cache/train.safetensors": b"c", "evaluation/.evaluation_running": b""})
     with caplog.at_level(logging.INFO, logger="adni_diffusers"):
         files = hub.stage_upload(pipeline_dir, tmp_path / "staged", REPO, revision="v2")
     assert "evaluation/report.md" in files and "slice.jpeg" not in files
-    assert ("not pushing checkpoint-2/, demo_recipe.json, evaluation/cf/, logs/, samples/: not part of the model "
-            "(docs/hub.md)") in caplog.text
+    assert ("not pushing checkpoint-2/, demo_recipe.json, evaluation/.evaluation_running, evaluation/cf/, logs/, "
+            "samples/, unet/latent_cache/: not part of the model (docs/hub.md)") in caplog.text
     assert "not pushing slice.jpeg: input slices" in caplog.text  # named once, with its own reason
     assert f"as `push {pipeline_dir} --repo-id {REPO} --branch v2` would upload them" in caplog.text

@@ -2297,3 +2297,13 @@ def test_without_train_data_dir_the_unet_trains_on_the_vqmodels_own_slices(tmp_p
     from adni_diffusers import train_unet
 
     assert train_unet.vq_data_folder(train_unet.find_vqmodel(str(vq)), str(vq)) is None
+    # a run that trained on the demo set beside a VQModel of real data (before 2026-12-05) goes on with it when
+    # resumed: its record says no --train_data_dir (its checkpoint holds the demo set's latent key)
+    resumed = train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", str(out), "--resume_from_checkpoint",
+                                     "latest"])
+    assert not train_unet._resumes_a_demo_set_run(resumed)  # this run's record names the VQModel's folder
+    args_file = out / "training_args.json"
+    args_file.write_text(json.dumps({**json.loads(args_file.read_text()), "train_data_dir": None}))
+    assert train_unet._resumes_a_demo_set_run(resumed)
+    resumed.resume_from_checkpoint = None  # a fresh run into that folder: the VQModel's folder again
+    assert not train_unet._resumes_a_demo_set_run(resumed)

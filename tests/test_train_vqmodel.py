@@ -1440,7 +1440,7 @@ def test_the_training_loop_feeds_the_gan_and_the_restarts_what_they_are_for(tmp_
     assert (torch.cdist(vectors, codebook).min(1).values > 1e-4).all()  # none of them a code
 
 
-def test_a_run_refused_before_training_leaves_no_empty_output_dir(tmp_path, demo_root, capsys):
+def test_a_run_refused_before_training_leaves_no_empty_output_dir(tmp_path, demo_root, capsys, monkeypatch):
     """A missing data folder or a non-image file among the slices was refused after --output_dir had been made:
     an empty folder was left behind (a mistyped flag's only product). A folder that was there before stays."""
     from adni_diffusers import train_vqmodel
@@ -1456,3 +1456,15 @@ def test_a_run_refused_before_training_leaves_no_empty_output_dir(tmp_path, demo
     mine.mkdir()
     assert train_vqmodel.cli(["--train_data_dir", str(bad), "--output_dir", str(mine), *map(str, TINY_VQ_ARGS)]) == 2
     assert mine.is_dir()
+    # a sweep of jobs into a new sweep/ folder: the refused one's folder goes, not the folder above it, which a job
+    # beside it made its own folder in meanwhile (it had written nothing yet: an rmtree of sweep/ removed it)
+    from adni_diffusers import training
+
+    def refused_while_another_job_starts(*args, **kwargs):
+        (tmp_path / "sweep" / "lr2").mkdir()
+        raise training.TrainingError("fewer than one batch")
+
+    monkeypatch.setattr(training, "load_training_data", refused_while_another_job_starts)
+    assert train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(tmp_path / "sweep" / "lr1"),
+                              *map(str, TINY_VQ_ARGS)]) == 2
+    assert not (tmp_path / "sweep" / "lr1").exists() and (tmp_path / "sweep" / "lr2").is_dir()
