@@ -1507,7 +1507,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_CONDITIONAL:g} for conditional models)")
     g.add_argument("--refine-steps", type=non_negative_int, default=0, help="refinement, in the sampler's own steps (default off)")
     g.add_argument("--refine-repeats", type=non_negative_int, default=0, help="how many refinement passes")
-    g.add_argument("--seed", type=int, default=0, help="the samples' noise and the UMAP layout")
+    g.add_argument("--seed", type=int, default=0,
+                   help="the samples' noise and the measures' random draws (KID subsets, the real images compared, "
+                        "UMAP); the feature net's seed is fixed")
     g.add_argument("--batch-size", type=positive_int, default=None, help="sampling batch (default: 16 on CPU, 256 on GPU)")
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
