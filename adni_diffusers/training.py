@@ -408,17 +408,12 @@ def remove_unused_output_dir(args) -> None:
     top = OUTPUT_DIRS_MADE.pop(output_dir, None)
     if top is None or not output_dir.is_dir():
         return
-    for folder in [*sorted((p for p in output_dir.rglob("*") if p.is_dir() and not p.is_symlink()),
-                           key=lambda p: -len(p.parts)), output_dir.absolute()]:
+    inside = sorted((p for p in output_dir.rglob("*") if p.is_dir() and not p.is_symlink()),
+                    key=lambda p: -len(p.parts))  # deepest first
+    above = [p for p in output_dir.absolute().parents if p.is_relative_to(top)]
+    for folder in [*inside, output_dir.absolute(), *above]:
         try:
             folder.rmdir()  # only an empty folder: a file anywhere below keeps it and the folders above
-        except OSError:
-            return
-    for folder in output_dir.absolute().parents:
-        if not folder.is_relative_to(top):
-            return
-        try:
-            folder.rmdir()
         except OSError:
             return
 
