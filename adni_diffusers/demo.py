@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .files import write_text_atomically
+from .files import read_json_object, write_text_atomically
 from .training import TrainingStopped, take_noted_stop_signal
 
 # Settings per device, chosen with measured runs (docs/results.md). CPU: small models, a ~15-minute
@@ -115,11 +115,8 @@ RECIPE_FILE = "demo_recipe.json"  # what made a stage's output: its flags, prese
 def _recipe_state(folder: Path, product: str, recipe: dict) -> str | None:
     """"finished" when this recipe made `folder`'s product to the end, "started" when a run of it was cut short
     (its checkpoints can be resumed), else None."""
-    try:
-        record = json.loads((folder / RECIPE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("recipe") != recipe:
+    record = read_json_object(folder / RECIPE_FILE)
+    if not record or record.get("recipe") != recipe:
         return None
     return "finished" if record.get("finished") is True and (folder / product).is_file() else "started"
 
@@ -136,11 +133,8 @@ def _write_recipe(folder: Path, recipe: dict, finished: bool, model: str | None 
 def _changed_since_the_demo(folder: Path, model: str) -> bool:
     """Whether the model the demo finished in `folder` was replaced since (a training run of the user's into it,
     resumed further or started over): no longer the demo's to reuse, retrain over or delete."""
-    try:
-        record = json.loads((folder / RECIPE_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    made = record.get("model_sha256") if isinstance(record, dict) and record.get("finished") is True else None
+    record = read_json_object(folder / RECIPE_FILE)
+    made = record.get("model_sha256") if record.get("finished") is True else None
     return bool(made) and (not (folder / model).is_dir() or _weights_digest(folder / model) != made)
 
 

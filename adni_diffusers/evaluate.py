@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .data import SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids, to_uint8
-from .files import write_text_atomically
+from .files import read_json_object, write_text_atomically
 from .plots import save_figure
 from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
 
@@ -86,21 +86,14 @@ class EvaluationError(ValueError):
 # ====================================================================================== model & data
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def read_training_record(model_dir) -> dict:
     """What training recorded about its data: root, split, val_fraction, seed, preprocess, class names
     and the train / validation summaries (from `training_data.json` and `training_args.json`)."""
     from .training import split_seed
 
     d = Path(model_dir)
-    data = _read_json(d / "training_data.json")
-    args = _read_json(d / "training_args.json")
+    data = read_json_object(d / "training_data.json")
+    args = read_json_object(d / "training_args.json")
     if not data and not args:
         logger.warning("%s: no training_data.json / training_args.json; assuming --split patient, "
                        "--val_fraction 0.1, --seed 0, --preprocess pad", d)
@@ -116,7 +109,7 @@ def read_training_record(model_dir) -> dict:
         "seed": int(data["split_seed"] if data.get("split_seed") is not None else split_seed(args, default=0)),
         # the pipeline records it too (model_index.json): a folder saved or pushed without the training records
         "preprocess": data.get("preprocess") or args.get("preprocess")
-        or _read_json(d / "model_index.json").get("preprocess") or "pad",
+        or read_json_object(d / "model_index.json").get("preprocess") or "pad",
         # records from before 2026-12-03 say nothing: their runs took the file names' patient part as it is
         "patient_ids": recorded_patient_ids(data, args) if data or args else "subject",
         "class_names": data.get("class_names"),
@@ -1074,11 +1067,7 @@ def assemble_results(*, model_dir, pipe, conditional, model_classes, record, dat
 
 def is_evaluation_record(path: Path) -> bool:
     """Whether `path` is a metrics.json that `evaluate` wrote."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and {"realism", "settings", "feature_net"} <= set(record)
+    return {"realism", "settings", "feature_net"} <= set(read_json_object(path))
 
 
 def check_earlier_outputs(out: Path, model_dir: Path) -> None:

@@ -75,6 +75,16 @@ def jsonable(x):
     return str(x)
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object (dict) in `path`; {} when the file is missing or unreadable, is not JSON, or holds another
+    kind of value (a hand-edited or foreign record): readers of our records then find no entry, not a crash."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (UnicodeDecodeError is a ValueError)
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def write_json_atomically(path: Path, record) -> None:
     """`record` as strict JSON (`jsonable`), written whole or not at all (`write_text_atomically`)."""
     write_text_atomically(path, json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n")

@@ -35,6 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .files import read_json_object
+
 logger = logging.getLogger(__name__)
 
 TRAINING_DATA_FILE = "training_data.json"
@@ -436,10 +438,7 @@ def _components_of(folder: Path, kind: str) -> list[str]:
     if kind == "vqmodel":
         return ["vqvae"]
     if kind == "pipeline":
-        try:
-            index = json.loads((folder / "model_index.json").read_text())
-        except (OSError, ValueError):
-            return []
+        index = read_json_object(folder / "model_index.json")
         return [c for c in _pipeline_components(index) if (folder / c).is_dir()]
     return []
 

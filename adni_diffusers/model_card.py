@@ -27,6 +27,8 @@ import re
 import struct
 from pathlib import Path, PureWindowsPath
 
+from .files import read_json_object
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("pipeline_card.md")
@@ -117,14 +119,6 @@ def _vq_rows(metrics: dict) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- reading the folder
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _field(record: dict, key: str, kind: type = dict):
     """record[key] when it is a `kind` (else None): a hand-edited or foreign record with, say, "train_steps": "4"
     renders without that line instead of failing the card (and with it evaluate's re-render and push)."""
@@ -183,7 +177,7 @@ def _numeric_rows(metrics: dict) -> list[tuple[str, str]]:
 
 def _evaluation(model_dir: Path, names=EVALUATION_FILES) -> tuple[list[tuple[str, str]], str | None]:
     for name in names:
-        rows = _numeric_rows(_read_json(model_dir / name))
+        rows = _numeric_rows(read_json_object(model_dir / name))
         if rows:
             return rows, name
     return [], None
@@ -444,8 +438,8 @@ def _data_source(model_dir: Path, given: str | None = None) -> str:
 
 def _own_data_source(model_dir: Path, given: str | None = None) -> str:
     """What this stage itself (the UNet of a pipeline) was trained on: as given, else as its records say."""
-    return (given or _read_json(model_dir / "training_data.json").get("source")
-            or _read_json(model_dir / "metrics.json").get("data_source") or "unknown")
+    return (given or read_json_object(model_dir / "training_data.json").get("source")
+            or read_json_object(model_dir / "metrics.json").get("data_source") or "unknown")
 
 
 def _first_stage_text(data: dict, own: str, source: str, first_stage: list) -> str | None:
@@ -467,13 +461,13 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     from .hub import first_stage_sources
 
     d = Path(model_dir)
-    index = _read_json(d / "model_index.json")
-    data = _read_json(d / "training_data.json")
-    args = _read_json(d / "training_args.json")
-    train = _read_json(d / "train_metrics.json")
-    unet = _read_json(d / "unet" / "config.json")
-    vq = _read_json(d / "vqvae" / "config.json")
-    sched = _read_json(d / "scheduler" / "scheduler_config.json")
+    index = read_json_object(d / "model_index.json")
+    data = read_json_object(d / "training_data.json")
+    args = read_json_object(d / "training_args.json")
+    train = read_json_object(d / "train_metrics.json")
+    unet = read_json_object(d / "unet" / "config.json")
+    vq = read_json_object(d / "vqvae" / "config.json")
+    sched = read_json_object(d / "scheduler" / "scheduler_config.json")
     source = _data_source(d, data_source)
     own_source = _own_data_source(d, data_source)  # the UNet's: what the data section describes
     class_names = _class_names(index.get("class_names"))
@@ -482,7 +476,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     eval_rows, eval_source = _evaluation(d)
     # copied by train_unet.py; never read from the first stage's folder, which may have trained again since (and
     # is not there where the card is rendered for a push on another machine)
-    vq_metrics = _read_json(d / "first_stage_metrics.json")
+    vq_metrics = read_json_object(d / "first_stage_metrics.json")
     channels = unet.get("block_out_channels") or []
     # UNet2DModel's middle block has self-attention unless it is switched off (add_attention) or absent
     mid_attention = (unet.get("mid_block_type", "UNetMidBlock2D") is not None) and unet.get("add_attention", True)
@@ -577,7 +571,7 @@ def _val_set_text(data: dict, args: dict) -> str:
 def _report_contents(model_dir: Path) -> str:
     """What evaluation/report.md holds besides the numbers, from its metrics.json (ablations and the UMAP are
     optional, per-class tables come with class-conditional models)."""
-    metrics = _read_json(model_dir / "evaluation" / "metrics.json")
+    metrics = read_json_object(model_dir / "evaluation" / "metrics.json")
     parts = ["each number beside its floor"]
     if (_field(metrics, "model") or {}).get("conditional"):
         parts.append("per-class tables")
@@ -722,10 +716,10 @@ Replace `{{ repo_id }}` with the repo this model is pushed to, or with the local
 
 def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | None = None) -> dict:
     d = Path(model_dir)
-    data = _read_json(d / "training_data.json")
-    args = _read_json(d / "training_args.json")
-    metrics = _read_json(d / "metrics.json")
-    vq = _read_json(d / "vqvae" / "config.json")
+    data = read_json_object(d / "training_data.json")
+    args = read_json_object(d / "training_args.json")
+    metrics = read_json_object(d / "metrics.json")
+    vq = read_json_object(d / "vqvae" / "config.json")
     source = _data_source(d, data_source)
     repo, placeholder = _repo_id(d, args, repo_id)
     ctx = {

@@ -25,7 +25,7 @@ import torch
 
 from adni_diffusers import training
 from adni_diffusers.cli import HelpFormatter
-from adni_diffusers.files import write_text_atomically
+from adni_diffusers.files import read_json_object, write_text_atomically
 from adni_diffusers.training import TrainingError
 
 logger = logging.getLogger("adni_diffusers.train_unet")
@@ -192,10 +192,7 @@ def first_stage_metrics_file(vq_dir: Path) -> Path | None:
     folder = vq_dir.parent
     if (folder / "first_stage_metrics.json").is_file():
         return folder / "first_stage_metrics.json"
-    try:
-        stage = json.loads((folder / "training_data.json").read_text()).get("stage")
-    except (OSError, ValueError):
-        return None
+    stage = read_json_object(folder / "training_data.json").get("stage")
     return folder / "metrics.json" if stage == "vqmodel" and (folder / "metrics.json").is_file() else None
 
 
@@ -206,17 +203,16 @@ def vq_training_data(vq_dir: Path) -> dict | None:
     from adni_diffusers.data import recorded_patient_ids
 
     folder = vq_dir.parent
-    try:
-        record = json.loads((folder / "training_data.json").read_text())
-        if record.get("stage") == "unet":  # a finished pipeline keeps its VQModel's record
-            there = record.get("vqmodel_data")
-            if there and there.get("patient_ids") == "subject" and "subjects_named_both_ways" not in record:
-                there = {**there, "patient_ids": "subject-2026-12-03"}  # a pipeline from before 2026-12-04
-            return there
-        if record.get("stage") != "vqmodel":
+    record = read_json_object(folder / "training_data.json")
+    if record.get("stage") == "unet":  # a finished pipeline keeps its VQModel's record
+        there = record.get("vqmodel_data")
+        if not isinstance(there, dict):
             return None
-        flags = json.loads((folder / "training_args.json").read_text())
-    except (OSError, ValueError):
+        if there.get("patient_ids") == "subject" and "subjects_named_both_ways" not in record:
+            there = {**there, "patient_ids": "subject-2026-12-03"}  # a pipeline from before 2026-12-04
+        return there
+    flags = read_json_object(folder / "training_args.json")
+    if record.get("stage") != "vqmodel" or not flags:
         return None
     # source: a demo-set UNet on a VQModel of real slices is not a demo model (hub.is_demo_trained reads it)
     return {"root": record.get("root"), "source": record.get("source"),
@@ -253,11 +249,8 @@ def _resumes_a_demo_set_run(args) -> bool:
     beside a VQModel of real data): it goes on with the demo set, as it started."""
     if args.resume_from_checkpoint is None:
         return False
-    try:
-        recorded = json.loads((Path(args.output_dir) / "training_args.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(recorded, dict) and "train_data_dir" in recorded and recorded["train_data_dir"] is None
+    recorded = read_json_object(Path(args.output_dir) / "training_args.json")
+    return "train_data_dir" in recorded and recorded["train_data_dir"] is None
 
 
 def _fingerprint_by_rule(data, patient_ids: str) -> str:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from adni_diffusers.files import remove_path, replace_folder
+from adni_diffusers.files import read_json_object, remove_path, replace_folder
 
 
 def test_remove_path_takes_a_link_not_the_folder_it_points_at(tmp_path):
@@ -114,3 +114,16 @@ def test_json_records_are_strict_json_whatever_the_numbers(tmp_path):
     text = (tmp_path / "metrics.json").read_text(encoding="utf-8")
     assert text.endswith("}\n") and json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == expected
     assert not (tmp_path / "metrics.json.tmp").exists()
+
+
+def test_read_json_object_is_the_records_dict_or_empty(tmp_path):
+    record = tmp_path / "training_data.json"
+    assert read_json_object(record) == {}  # missing
+    for text in ("[1, 2]", "7", '"text"', "null", "{not json", ""):
+        record.write_text(text, encoding="utf-8")
+        assert read_json_object(record) == {}, text
+    record.write_bytes(b'{"root": "\xff"}')  # not UTF-8
+    assert read_json_object(record) == {}
+    record.write_text('{"root": "/data/AD_NC", "stage": "vqmodel"}', encoding="utf-8")
+    assert read_json_object(record) == {"root": "/data/AD_NC", "stage": "vqmodel"}
+    assert read_json_object(tmp_path) == {}  # a folder

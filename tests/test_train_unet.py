@@ -1201,6 +1201,25 @@ def test_first_stage_metrics_come_from_a_vq_folder_or_a_pipelines_copy(tmp_path)
     assert first_stage_metrics_file(tmp_path / "bare") is None  # a VQModel folder without records
 
 
+def test_a_vq_folder_whose_records_are_not_json_objects_is_one_without_records(tmp_path):
+    """A training_data.json / training_args.json that holds a list or a number (hand-edited, another tool's)
+    crashed the start of a UNet run with AttributeError; such a VQModel is one that records nothing."""
+    from adni_diffusers.train_unet import first_stage_metrics_file, vq_data_folder, vq_training_data
+
+    vq = tmp_path / "vq"
+    (vq / "vqvae").mkdir(parents=True)
+    (vq / "metrics.json").write_text("{}")
+    for text in ("[]", '["vqmodel"]', "4", "not json"):
+        (vq / "training_data.json").write_text(text)
+        assert first_stage_metrics_file(vq / "vqvae") is None
+        assert vq_training_data(vq / "vqvae") is None and vq_data_folder(vq / "vqvae", "vq") is None
+    (vq / "training_data.json").write_text(json.dumps({"stage": "vqmodel", "root": str(tmp_path)}))
+    (vq / "training_args.json").write_text("[1, 2]")
+    assert vq_training_data(vq / "vqvae") is None
+    (vq / "training_data.json").write_text(json.dumps({"stage": "unet", "vqmodel_data": ["a list"]}))
+    assert vq_training_data(vq / "vqvae") is None
+
+
 def test_label_dropout_trains_the_unconditional_class_at_its_rate():
     """Classifier-free guidance steers against the 'no label' class, which exists only through this dropout."""
     from adni_diffusers.diffusion import drop_labels
