@@ -138,6 +138,16 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
             f"--data-dir {data.root}: class folders {data.class_names or '(none)'} differ from the model's "
             f"class names {list(expected)}; evaluate on data with the classes the model was trained on"
         )
+    held_out_then = (record.get("validation") or {}).get("patients")
+    if len(data.val) == 0 and data_dir and record["split"] != "all" and held_out_then:
+        # the model held patients out of its own data: this folder is the one too small to hold any out
+        raise EvaluationError(
+            f"--data-dir {data.root}: --split {record['split']} (the model's) holds out no patients of it ("
+            + ("--split patient holds out only classes with 2 or more patients" if record["split"] == "patient"
+               else "--split given needs a test/ folder")
+            + f"), while {model_dir} held out {held_out_then} of its own: give the folder it was trained on, or "
+            "one with more patients"
+        )
     if len(data.val) == 0:
         raise EvaluationError(
             f"{model_dir}: trained with --split {record['split']}: no patients were held out, so nothing "
@@ -355,7 +365,8 @@ def per_class_fd_note(per_class: dict) -> str | None:
     if not sets:
         return None
     note = fd_rank_note(min(sets, key=lambda m: min(m["reference_images"], m["candidate_images"])))
-    return f"Per class: {note}" if note else None
+    # the summary's note may ask half as many per class (its sets pool the classes): say why the two differ
+    return f"Per class: {note} Each row holds one class's images alone, so this N is per class." if note else None
 
 
 def random_pairs(n: int, num_pairs: int, seed: int, groups: list | None = None) -> torch.Tensor:
@@ -1148,6 +1159,8 @@ def evaluate_model(
     t_start = time.perf_counter()
     timings = {}
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():  # as generate, held-out and counterfactual say it
+        raise EvaluationError(f"--model {model_dir}: no such folder (a train_unet.py output folder)")
     if not (model_dir / "model_index.json").is_file():
         from .pipeline_adni_ldm import what_folder_is_this
 

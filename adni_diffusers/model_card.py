@@ -200,8 +200,8 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
         if key in args and _shown(key, args):
             value = args[key]
             used = args.get("mixed_precision_used") if key == "mixed_precision" else None
-            if key == "mixed_precision" and value is None:  # left to `accelerate config`: what it chose, if known
-                value = f"{used} (from `accelerate config`)" if used else "as `accelerate config` says"
+            if key == "mixed_precision" and value is None:  # left to Accelerate (its config file, else its default)
+                value = f"{used} (not given: what Accelerate chose)" if used else "not given: what Accelerate chose"
             elif used and used != value:  # fp16 asked for on a CPU, which trains in float32 there
                 value = f"{value} (did nothing on the CPU: trained in {'float32' if used == 'no' else used})"
             elif key == "preset" and isinstance(value, str):  # a JSON file's path names a home folder: its name only

@@ -666,6 +666,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             if (value is not None or name.startswith("refine")) and (
                     isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
                 raise ValueError(f"{name}={value!r}: expected an int")
+        for name, value in (("guidance_scale", guidance_scale), ("strength", strength), ("eta", eta)):
+            # guidance_scale="2" failed inside numpy ("ufunc 'isfinite' not supported for the input types")
+            if value is not None and (isinstance(value, (bool, np.bool_))
+                                      or not isinstance(value, (int, float, np.integer, np.floating))):
+                raise ValueError(f"{name}={value!r}: expected a number")
         train_timesteps = int(self.scheduler.config.num_train_timesteps)
         if num_inference_steps is None:
             num_inference_steps = train_timesteps

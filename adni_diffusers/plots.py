@@ -95,11 +95,19 @@ def _number(value) -> float:
 
 
 def save_figure(fig, path, **savefig_kwargs) -> Path:
-    """Write a matplotlib figure (creating the folder), close it, and return the path."""
+    """Write a matplotlib figure (creating the folder), close it, and return the path. Written beside and renamed
+    into place: a viewer open on a picture that training redraws (loss_curve.png) never reads half a file."""
+    import os
+
     import matplotlib.pyplot as plt
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, **savefig_kwargs)
-    plt.close(fig)
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format=savefig_kwargs.pop("format", path.suffix.lstrip(".") or None), **savefig_kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path

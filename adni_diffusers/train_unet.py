@@ -106,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sample a grid every N epochs (default 10) and at the last step; from the EMA weights with "
                         "--use_ema")
     g.add_argument("--num_sample_images", type=int, default=8,
-                   help="images in the sample grids during training and in samples.png")
+                   help="images in each sample grid during training (samples/, tensorboard), one row per class "
+                        "in class order; the final samples.png has 8 per class")
     g.add_argument("--sample_inference_steps", type=int, default=50,
                    help="DDIM steps for the sample grids during training and the final samples.png")
     g.add_argument("--sample_guidance", type=float, default=None,
@@ -216,6 +217,8 @@ def vq_training_data(vq_dir: Path) -> dict | None:
         return None
     # source: a demo-set UNet on a VQModel of real slices is not a demo model (hub.is_demo_trained reads it)
     return {"root": record.get("root"), "source": record.get("source"),
+            # given, not the demo set built for want of it: a demo set the user built and named is their data
+            "train_data_dir_given": flags.get("train_data_dir") is not None,
             "split": flags.get("split"), "val_fraction": flags.get("val_fraction"),
             "split_seed": training.split_seed(flags),
             "preprocess": record.get("preprocess"),
@@ -226,21 +229,24 @@ def vq_training_data(vq_dir: Path) -> dict | None:
 
 
 def vq_data_folder(vq_dir: Path, flag: str) -> str | None:
-    """No --train_data_dir: the folder of the user's slices the VQModel was trained on (its training_data.json),
-    so that a forgotten flag does not train the UNet on the synthetic demo set beside a VQModel of real data.
-    None (the demo set, as for train_vqmodel.py) where the VQModel was trained on the demo set or records nothing."""
+    """No --train_data_dir: the folder the VQModel was trained on (its training_data.json), so that a forgotten flag
+    does not train the UNet on the synthetic demo set beside a VQModel of real data, nor on the default demo set
+    beside a VQModel of a demo set built elsewhere (`demo-data DIR --subjects 8`). None (the default demo set, as for
+    train_vqmodel.py) where the VQModel was trained on that, for want of --train_data_dir, or records nothing."""
     from adni_diffusers.data import is_demo_dataset
 
     there = vq_training_data(vq_dir) or {}
     root = there.get("root")
-    if not root or there.get("source") == "demo":
+    if not root or (there.get("source") == "demo" and not there.get("train_data_dir_given")):
         return None
     if not Path(root).is_dir():
         if there.get("source") is None:  # a record from before the source was kept: it may have been the demo set
             return None
+        rebuild = " or build it again with the same `adni-diffusers demo-data` command" \
+            if there["source"] == "demo" else ""
         raise TrainingError(f"no --train_data_dir, and the slices --vqmodel {flag} was trained on ({root}, from its "
-                            "training_data.json) are not there: give --train_data_dir (that folder, moved). Without "
-                            "it this run would train on the synthetic demo set")
+                            f"training_data.json) are not there: give --train_data_dir (that folder, moved){rebuild}. "
+                            "Without it this run would train on the synthetic demo set")
     return None if there.get("source") is None and is_demo_dataset(root) else str(root)
 
 
@@ -373,7 +379,7 @@ def main(args: argparse.Namespace) -> dict:
     # on CUDA the compile check's child compiles the UNet's step while this process decodes the slices (17 s for
     # 30,000 on an H100) and builds the latent cache
     compile_check = training.start_compile_check(args, make_spec("unet", config, args, accelerator, latent_shape))
-    data, data_source = training.load_training_data(args, accelerator)
+    data, data_source = training.load_training_data(args, accelerator, root)
     assert data.class_names == folder_classes  # both from data.scan_tree
     vq_data = check_vq_data(vq_dir, args, data, warn=accelerator.is_main_process)  # before the latent cache
 
@@ -485,6 +491,7 @@ def main(args: argparse.Namespace) -> dict:
                                              args, device) if val_latents is not None else None,
             }
             write_text_atomically(Path(args.output_dir) / "train_metrics.json", json.dumps(result, indent=2))
+            run.log_final_metrics(result, ["val_loss"])
             vq_metrics = first_stage_metrics_file(vq_dir)  # the first stage's numbers travel with the pipeline
             kept = Path(args.output_dir) / "first_stage_metrics.json"
             if vq_metrics is None:  # a bare VQModel: no numbers, not those of the VQModel an earlier run here had
@@ -495,6 +502,9 @@ def main(args: argparse.Namespace) -> dict:
             from adni_diffusers.model_card import write_model_card
 
             write_model_card(args.output_dir, pipe, args, data_source=data_source, sample_grid=grid)
+            logger.info("the pipeline is in %s (samples.png, README.md: its card): adni-diffusers generate --model %s "
+                        "--out samples, or DiffusionPipeline.from_pretrained(%r, trust_remote_code=True)",
+                        args.output_dir, args.output_dir, str(args.output_dir))
             training.push_if_asked(accelerator, args)
         accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -557,13 +567,19 @@ def _validation_loss(unet, noise_scheduler, latents, labels, class_names, args, 
     return total / len(z0)
 
 
-def _sample_labels(class_names, n):
-    return None if not class_names else [i % len(class_names) for i in range(n)]
+def _sample_rows(class_names, n) -> list[tuple[int | None, int]]:
+    """The periodic grid's rows as (label, images): n images shared out among the classes, one row each (the first
+    classes take the remainder, so that only the last rows are shorter and the grid fills row by row)."""
+    if not class_names:
+        return [(None, n)]
+    k = len(class_names)
+    return [(label, n // k + (label < n % k)) for label in range(min(k, n))]
 
 
 @torch.no_grad()
 def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, scheduler_cls):
-    """A small grid from the EMA weights, to tensorboard and samples/ (DDIM for speed)."""
+    """A small grid from the EMA weights, to tensorboard and samples/ (DDIM for speed): one row per class, each
+    from the same seed, so that a column is one starting noise in every class (as in the final samples.png)."""
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
     unet = training.bare_model(accelerator, run.model)
@@ -573,14 +589,16 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
     unet.eval()
     pipe = ADNILatentDiffusionPipeline(vq, unet, scheduler_cls.from_config(noise_scheduler.config), class_names)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=args.num_sample_images, class_labels=_sample_labels(class_names, args.num_sample_images),
-                  guidance_scale=args.sample_guidance, num_inference_steps=args.sample_inference_steps,
-                  generator=torch.Generator().manual_seed(args.seed), output_type="pt").images * 2 - 1
+    rows = _sample_rows(class_names, args.num_sample_images)
+    images = torch.cat([pipe(batch_size=count, class_labels=label, guidance_scale=args.sample_guidance,
+                             num_inference_steps=args.sample_inference_steps,
+                             generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
+                        for label, count in rows]) * 2 - 1
     unet.train()
     if run.ema is not None:
         run.ema.ema.restore(unet.parameters())
     training.log_image_grid(accelerator, "samples", images, run.global_step,
-                            f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=len(images))
+                            f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=rows[0][1])
 
 
 @torch.no_grad()

@@ -217,9 +217,13 @@ def main(args: argparse.Namespace) -> dict:
                 "num_processes": accelerator.num_processes, "data_source": data_source,
                 **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
             })
+            run.log_final_metrics(metrics, ["mse", "psnr", "ssim", "ms_ssim", "psnr_brain", "ssim_brain",
+                                            "codebook_usage", "code_perplexity"])
             from adni_diffusers.model_card import write_model_card
 
             write_model_card(args.output_dir, None, args, data_source=data_source)
+            logger.info("the VQModel is in %s/vqvae (metrics.json, reconstructions.png): train the UNet on it with "
+                        "train_unet.py --vqmodel %s", args.output_dir, args.output_dir)
             training.push_if_asked(accelerator, args)
         accelerator.wait_for_everyone()
     accelerator.end_training()

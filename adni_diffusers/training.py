@@ -99,7 +99,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g = parser.add_argument_group("data")
     g.add_argument("--train_data_dir", default=None,
                    help="ADNI-style folder ROOT/{train,test}/{AD,NC}/*.jpeg; default: build and use the demo set "
-                        "(train_unet.py: the folder its --vqmodel was trained on, where that was not the demo set)")
+                        "(train_unet.py: the folder its --vqmodel was trained on, where that was not the demo set built "
+                        "for want of this flag)")
     g.add_argument("--demo_data_dir", default="adni_demo_data",
                    help="where the demo set is built when --train_data_dir is not given")
     g.add_argument("--split", default="patient", choices=["patient", "given", "all"],
@@ -608,11 +609,12 @@ def class_folders(args, accelerator) -> tuple[Path, list[str]]:
         raise TrainingError(str(e)) from None
 
 
-def load_training_data(args, accelerator):
-    """The slices, split as asked; the demo set is built (once) when no folder is given."""
+def load_training_data(args, accelerator, root: Path | None = None):
+    """The slices, split as asked; the demo set is built (once) when no folder is given. `root`: the folder
+    `class_folders` found (train_unet asks it first), so that its demo-set lines are not logged twice."""
     from .data import DataError, load_slices
 
-    root = data_root(args, accelerator)
+    root = root or data_root(args, accelerator)
     try:
         # the main process builds datasets' file index first (the others read it); every process then decodes the
         # slices itself (there is no shared cache of decoded pixels)
@@ -1445,6 +1447,7 @@ class TrainingRun:
     # -- the loop ----------------------------------------------------------------------------------
     def batches(self):
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         args, acc = self.args, self.accelerator
         if acc.is_main_process:  # the numbers a user checks first, as diffusers' examples print them
@@ -1461,6 +1464,9 @@ class TrainingRun:
         catch = threading.current_thread() is threading.main_thread()
         self._previous_handlers = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS} if catch else {}
         finished = False
+        # log lines (a checkpoint saved, a warning) above the bar, not glued to the end of its line
+        redirect = logging_redirect_tqdm()
+        redirect.__enter__()
         try:
             for epoch in range(self.first_epoch, self.num_epochs):
                 self.epoch = epoch
@@ -1492,6 +1498,7 @@ class TrainingRun:
                 self._restore_signal_handlers()
             stop_loader_workers(self.loader)
             self.progress.close()
+            redirect.__exit__(None, None, None)
 
     def _on_stop_signal(self, signum, frame) -> None:
         self._signalled, self._signalled_at = signum, time.monotonic()
@@ -1676,6 +1683,8 @@ class TrainingRun:
         path = save_checkpoint(self.accelerator, self.output_dir, self.global_step, {"tensors": tensors, "meta": meta},
                                self.args.checkpoints_total_limit)
         self._last_good_checkpoint = path
+        if self.accelerator.is_main_process:  # a curve to open while the run goes on, not only at its end
+            self.plot_loss_curve()
         if self.accelerator.is_main_process and getattr(self.args, "push_checkpoints", False):
             from .hub import push_from_args
 
@@ -1737,16 +1746,31 @@ class TrainingRun:
                            "changed.", new)
         self.recompiled_graphs = new
 
+    def plot_loss_curve(self) -> None:
+        """loss_curve.png from logs/history.jsonl (main process): at every checkpoint and at the end."""
+        from .plots import plot_loss_curves
+
+        rows = self.history()
+        try:
+            if rows:
+                plot_loss_curves(rows, self.output_dir / "loss_curve.png", title=f"{self.stage} training")
+        except (ValueError, RuntimeError, OSError) as e:  # a picture: never the reason a run stops
+            logger.warning("loss_curve.png not drawn: %s", e)
+
     def finish(self) -> None:
         self._check_recompiles()
         self.flush_logs()
         if self.accelerator.is_main_process:
-            from .plots import plot_loss_curves
-
-            rows = self.history()
-            if rows:
-                plot_loss_curves(rows, self.output_dir / "loss_curve.png", title=f"{self.stage} training")
+            self.plot_loss_curve()
         self.accelerator.wait_for_everyone()
+
+    def log_final_metrics(self, metrics: dict, names) -> None:
+        """The finished model's held-out numbers (`names` of `metrics`) into tensorboard at the last step, as
+        `final/<name>` beside the training curves (they were in the metrics file alone)."""
+        values = {f"final/{k}": float(metrics[k]) for k in names if isinstance(metrics.get(k), (int, float))
+                  and not isinstance(metrics[k], bool) and math.isfinite(metrics[k])}
+        if values:
+            self.accelerator.log(values, step=self.global_step)
 
 
 def _detached(logs: dict) -> dict[str, torch.Tensor]:

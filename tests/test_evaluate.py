@@ -597,6 +597,24 @@ def test_a_model_trained_without_a_hold_out_is_refused_before_any_work(model_cop
                          render_card=False)
 
 
+def test_a_data_dir_too_small_to_hold_out_a_patient_is_named_not_the_model(model_copy, demo_root, tmp_path):
+    """--data-dir with one patient per class: the error said the model "trained with --split patient: no patients
+    were held out", which it did; it is the given folder that holds none out."""
+    small = tmp_path / "small"
+    for cls in ("AD", "NC"):
+        first = sorted((demo_root / "train" / cls).iterdir())[0]
+        patient = first.name.rsplit("_", 1)[0]
+        (small / "train" / cls).mkdir(parents=True)
+        for f in (demo_root / "train" / cls).glob(f"{patient}_*"):
+            shutil.copy(f, small / "train" / cls / f.name)
+    held_out = json.loads((model_copy / "training_data.json").read_text())["validation"]["patients"]
+    assert held_out > 0
+    with pytest.raises(E.EvaluationError, match=re.escape(
+            f"--data-dir {small}: --split patient (the model's) holds out no patients of it (--split patient holds "
+            f"out only classes with 2 or more patients), while {model_copy} held out {held_out} of its own")):
+        E.load_evaluation_data(model_copy, small)
+
+
 def test_a_held_out_set_too_small_to_compare_is_refused_before_any_work(model_copy, tmp_path, monkeypatch):
     """A single held-out slice (a tiny test/ folder under --split given) leaves one image per set for FD and KID:
     refused once the data is loaded, before the feature net is trained and the samples drawn (it failed in the
@@ -1776,3 +1794,6 @@ def test_a_folder_of_another_kind_is_named_for_what_it_is(tiny_vq, tmp_path):
         E.evaluate_model(tmp_path, progress=False)
     with pytest.raises(E.EvaluationError, match=r"no model_index.json \(not a saved pipeline\)"):
         E.evaluate_model(tmp_path / "checkpoint-200", progress=False)
+    # a folder that is not there is named so, as generate, held-out and counterfactual name it
+    with pytest.raises(E.EvaluationError, match=r"--model .*/missing: no such folder \(a train_unet.py output folder\)"):
+        E.evaluate_model(tmp_path / "missing", progress=False)

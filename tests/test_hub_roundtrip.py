@@ -77,6 +77,25 @@ def pushed_run(tiny_vq, demo_root, tmp_path_factory):
         yield {"stub": stub, "out": out, "work": work, "train": train}
 
 
+def test_the_run_logs_above_its_progress_bar_and_its_final_numbers_to_tensorboard(pushed_run):
+    """What a user watching the (subprocess) run above sees: each log line on a line of its own, not glued to the
+    end of the progress bar's ("...lr=0.00015]2026-... saved checkpoint-1", a walkthrough's log); and the held-out
+    loss in tensorboard beside the training curves at the last step (it was in train_metrics.json alone)."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, train = pushed_run["out"], pushed_run["train"]
+    assert train.returncode == 0, train.stderr[-3000:]
+    saved = [line for line in train.stderr.splitlines() if "adni_diffusers.training: saved" in line]
+    assert len(saved) == 2, train.stderr[-3000:]  # checkpoint-1 and checkpoint-2
+    for line in saved:  # what a terminal shows of the line: its part after the last carriage return
+        assert re.match(r"\d{4}-\d\d-\d\d [\d:,]+ INFO adni_diffusers.training: saved ", line.split("\r")[-1]), line
+    val_loss = json.loads((out / "train_metrics.json").read_text())["val_loss"]
+    scalars = EventAccumulator(str(out / "logs" / "unet")).Reload()
+    assert [(e.step, round(e.value, 5)) for e in scalars.Scalars("final/val_loss")] == [(2, round(val_loss, 5))]
+
+
 def test_train_unet_push_to_hub_pushes_exactly_the_model(pushed_run):
     stub, out, train = pushed_run["stub"], pushed_run["out"], pushed_run["train"]
     assert train.returncode == 0, train.stderr[-3000:]

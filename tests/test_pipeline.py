@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,6 +245,20 @@ def test_counts_must_be_ints(pipe, name, value):
     with pytest.raises(ValueError, match=f"{name}={value!r}: expected an int"):
         pipe(**{**kwargs, name: value})
     pipe(**{**kwargs, name: np.int64(1)}, output_type="latent")  # numpy ints are ints
+
+
+@pytest.mark.parametrize("name, value", [("guidance_scale", "2"), ("guidance_scale", True), ("eta", "0"),
+                                         ("strength", "0.5"), ("guidance_scale", [2.0])])
+def test_weights_must_be_numbers(pipe, name, value):
+    """guidance_scale="2" (a value read from a config or a form) failed inside numpy: "ufunc 'isfinite' not
+    supported for the input types"; now the parameter is named, as for the counts."""
+    kwargs = dict(num_inference_steps=1, class_labels=0)
+    if name == "strength":
+        kwargs["image"] = np.zeros((240, 256), np.uint8)
+    with pytest.raises(ValueError, match=re.escape(f"{name}={value!r}: expected a number")):
+        pipe(**{**kwargs, name: value})
+    numbers = {"guidance_scale": np.int64(2), "strength": np.float32(0.5), "eta": np.float32(0)}  # numpy's are numbers
+    pipe(**{**kwargs, name: numbers[name]}, output_type="latent")
 
 
 def test_empty_images_and_numpy_latents_are_named(pipe):

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET_ARGS, StopRun, checkpoint_accelerator, reset_accelerate, run_training_script
@@ -1320,7 +1321,8 @@ def test_sample_grids_leave_the_training_weights_and_the_ema_as_they_were(tmp_pa
                                 ["AD", "NC"], args, DDIMScheduler)
     finally:
         reset_accelerate()
-    assert (tmp_path / "samples" / "samples-000001.png").is_file()
+    with Image.open(tmp_path / "samples" / "samples-000001.png") as grid:  # a row per class: AD above NC
+        assert grid.size == (2 + 258, 2 + 2 * 258)
     assert all(torch.equal(p.detach(), w) for p, w in zip(unet.parameters(), weights))
     assert all(torch.equal(p, s) for p, s in zip(ema.ema.shadow_params, shadow))
     assert unet.training
@@ -1897,13 +1899,16 @@ def test_the_saved_pipeline_keeps_the_preprocess_it_was_trained_with(tmp_path, t
     assert not (out / "evaluation").exists() and (out / "evaluation-of-step-2" / "metrics.json").is_file()
 
 
-def test_periodic_sample_grids_show_every_class_in_turn():
-    """The periodic grid of a conditional run samples the classes in turn (AD, NC, AD, NC...), not one class."""
-    from adni_diffusers.train_unet import _sample_labels
+def test_periodic_sample_grids_show_a_row_per_class():
+    """The periodic grid of a conditional run shows every class, a row each in class order, as samples.png does
+    (it was one row of AD, NC, AD, NC... without labels, each from another noise: a walkthrough could not read it)."""
+    from adni_diffusers.train_unet import _sample_rows
 
-    assert _sample_labels(["AD", "NC"], 5) == [0, 1, 0, 1, 0]
-    assert _sample_labels(["a", "b", "c"], 4) == [0, 1, 2, 0]
-    assert _sample_labels(None, 3) is None and _sample_labels([], 3) is None
+    assert _sample_rows(["AD", "NC"], 8) == [(0, 4), (1, 4)]
+    assert _sample_rows(["AD", "NC"], 5) == [(0, 3), (1, 2)]
+    assert _sample_rows(["a", "b", "c"], 4) == [(0, 2), (1, 1), (2, 1)]
+    assert _sample_rows(["AD", "NC"], 1) == [(0, 1)]
+    assert _sample_rows(None, 3) == [(None, 3)] and _sample_rows([], 3) == [(None, 3)]
 
 
 def test_the_cards_sample_grid_has_a_row_per_class(tiny_ldm):
@@ -2311,11 +2316,21 @@ def test_without_train_data_dir_the_unet_trains_on_the_vqmodels_own_slices(tmp_p
         run_training_script("train_unet", ["--vqmodel", vq, "--output_dir", tmp_path / "ldm2",
                                            "--max_train_steps", "1", *TINY_UNET_ARGS])
     assert not (tmp_path / "adni_demo_data").exists()
-    # a VQModel of the demo set: the demo set, as before
-    record_file.write_text(json.dumps({**record, "root": str(mine), "source": "demo"}))
+    # a VQModel of the demo set built for want of --train_data_dir: the demo set, as before
     from adni_diffusers import train_unet
 
-    assert train_unet.vq_data_folder(train_unet.find_vqmodel(str(vq)), str(vq)) is None
+    vq_dir, vq_args_file = train_unet.find_vqmodel(str(vq)), vq / "training_args.json"
+    vq_args = json.loads(vq_args_file.read_text())
+    record_file.write_text(json.dumps({**record, "root": str(mine), "source": "demo"}))
+    vq_args_file.write_text(json.dumps({**vq_args, "train_data_dir": None}))
+    assert train_unet.vq_data_folder(vq_dir, str(vq)) is None
+    # a demo set the user built and gave it (`demo-data DIR --subjects 8`): that folder, not the default demo set
+    # of 100 subjects built beside it (a walkthrough's run encoded 2,000 other slices and warned of other patients)
+    vq_args_file.write_text(json.dumps(vq_args))
+    with pytest.raises(TrainingError, match="build it again with the same `adni-diffusers demo-data` command"):
+        train_unet.vq_data_folder(vq_dir, str(vq))
+    record_file.write_text(json.dumps({**record, "source": "demo"}))  # the fixture's demo_root, still there
+    assert train_unet.vq_data_folder(vq_dir, str(vq)) == record["root"] == str(Path(demo_root).resolve())
     # a run that trained on the demo set beside a VQModel of real data (before 2026-12-05) goes on with it when
     # resumed: its record says no --train_data_dir (its checkpoint holds the demo set's latent key)
     resumed = train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", str(out), "--resume_from_checkpoint",
@@ -2326,3 +2341,61 @@ def test_without_train_data_dir_the_unet_trains_on_the_vqmodels_own_slices(tmp_p
     assert train_unet._resumes_a_demo_set_run(resumed)
     resumed.resume_from_checkpoint = None  # a fresh run into that folder: the VQModel's folder again
     assert not train_unet._resumes_a_demo_set_run(resumed)
+
+
+def test_a_unet_run_on_the_demo_set_says_so_once(tmp_path, vq, demo_root, monkeypatch, caplog):
+    """No --train_data_dir beside a VQModel of the default demo set: the run looked the folder up twice (its class
+    folders first, for the compile check, then the slices), and logged "using the synthetic demo set" twice."""
+    from adni_diffusers import demo_data
+
+    vq_args_file = vq / "training_args.json"  # the VQModel trained on the demo set built for want of the flag
+    vq_args_file.write_text(json.dumps({**json.loads(vq_args_file.read_text()), "train_data_dir": None}))
+    built = []
+    monkeypatch.setattr(demo_data, "ensure_demo_dataset", lambda out_dir: built.append(out_dir) or demo_root)
+    with caplog.at_level(logging.INFO, logger="adni_diffusers"):
+        run_training_script("train_unet", ["--vqmodel", vq, "--output_dir", tmp_path / "ldm", "--max_train_steps",
+                                           "1", "--demo_data_dir", tmp_path / "demo", *TINY_UNET_ARGS])
+    assert built == [str(tmp_path / "demo")]
+    assert caplog.text.count("no --train_data_dir: using the synthetic demo set in") == 1, caplog.text
+    # and the end of the run says where the model is and how to use it
+    assert f"the pipeline is in {tmp_path / 'ldm'} (samples.png, README.md: its card): adni-diffusers generate " \
+        f"--model {tmp_path / 'ldm'} --out samples" in caplog.text
+    assert json.loads((tmp_path / "ldm" / "training_data.json").read_text())["source"] == "demo"
+
+
+def test_periodic_sample_grid_rows_start_from_the_same_noises(tmp_path, monkeypatch):
+    """Each class's row is sampled from --seed's generator, so that column j is one starting noise in every class
+    (a difference down a column is the class's, as in samples.png), and the rows are laid out one per class."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from adni_diffusers import train_unet
+    from adni_diffusers.diffusion import make_noise_scheduler
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+    from adni_diffusers.presets import unet_config
+
+    calls = []
+
+    def sample(pipe, **kwargs):  # each image is grey at its label's level, and carries its generator's first draw
+        calls.append((kwargs["class_labels"], kwargs["batch_size"], kwargs["generator"].initial_seed()))
+        return SimpleNamespace(images=torch.full((kwargs["batch_size"], 1, 8, 8), 0.25 + 0.5 * kwargs["class_labels"]))
+
+    monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", sample)
+    args = SimpleNamespace(use_ema=False, seed=7, num_sample_images=5, sample_inference_steps=2, sample_guidance=2.0,
+                           output_dir=str(tmp_path))
+    reset_accelerate()
+    try:
+        run = SimpleNamespace(model=UNet2DModel(**unet_config("tiny")), ema=None, global_step=3)
+        train_unet._sample_grid(Accelerator(cpu=True), run, None, make_noise_scheduler(), ["AD", "NC"], args,
+                                DDIMScheduler)
+    finally:
+        reset_accelerate()
+    assert calls == [(0, 3, 7), (1, 2, 7)]
+    with Image.open(tmp_path / "samples" / "samples-000003.png") as grid:
+        pixels = np.asarray(grid.convert("L"))
+    assert pixels.shape == (2 + 2 * 10, 2 + 3 * 10)  # 3 columns (8 px tiles, 2 px padding), 2 rows
+    row_levels = [sorted({int(pixels[2 + 10 * r + 4, 2 + 10 * c + 4]) for c in range(count)})
+                  for r, count in enumerate((3, 2))]
+    assert row_levels == [[64], [191]], row_levels  # AD's three above, NC's two below

@@ -176,6 +176,8 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
     assert "--lr_warmup_steps 8 is not below the run's 4 steps: the learning rate peaks at 0.0001" in caplog.text
     assert re.search(r"VQModel: \d+ training images; 1 process\(es\) x batch 4 x 1 accumulated = 4 images per step; "
                      r"4 steps \(\d+ epochs\)\n", caplog.text)
+    assert f"the VQModel is in {out}/vqvae (metrics.json, reconstructions.png): train the UNet on it with " \
+        f"train_unet.py --vqmodel {out}" in caplog.text  # where the model is, and the next step
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         run_training_script("train_vqmodel", [*common, "--max_train_steps", "3",
                                               "--resume_from_checkpoint", out / "checkpoint-2"])
@@ -195,6 +197,33 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
     code = train_vqmodel.cli([*map(str, common), "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
     err = capsys.readouterr().err
     assert code == 2 and "already holds a model (vqvae) and no checkpoint to resume" in err, err
+
+
+def test_the_loss_curve_is_drawn_at_every_checkpoint(tmp_path, demo_root, monkeypatch):
+    """loss_curve.png was written at the end of a run alone: a user checking a long run (or one its time limit
+    stopped) found none. Each checkpoint now redraws it, renamed into place (never half a PNG to a viewer)."""
+    from PIL import Image
+
+    from adni_diffusers import training
+
+    out = tmp_path / "run"
+    save = training.TrainingRun.checkpoint
+    drawn = {}
+
+    def checkpoint_then_stop(run):
+        path = save(run)
+        with Image.open(out / "loss_curve.png") as curve:
+            drawn[run.global_step] = curve.size
+        if run.global_step == 4:
+            raise StopRun
+        return path
+
+    monkeypatch.setattr(training.TrainingRun, "checkpoint", checkpoint_then_stop)
+    with pytest.raises(StopRun):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps",
+                                              "6", "--checkpointing_steps", "2", *TINY_VQ_ARGS])
+    assert list(drawn) == [2, 4] and not (out / "vqvae").exists()
+    assert sorted(p.name for p in out.glob("loss_curve*")) == ["loss_curve.png"]
 
 
 def test_an_incomplete_checkpoint_is_refused_before_any_work(tmp_path, demo_root, capsys):
