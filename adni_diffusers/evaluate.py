@@ -138,7 +138,7 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
             f"--data-dir {data.root}: class folders {data.class_names or '(none)'} differ from the model's "
             f"class names {list(expected)}; evaluate on data with the classes the model was trained on"
         )
-    held_out_then = (record.get("validation") or {}).get("patients")
+    held_out_then = record["validation"].get("patients") if isinstance(record.get("validation"), dict) else None
     if len(data.val) == 0 and data_dir and record["split"] != "all" and held_out_then:
         # the model held patients out of its own data: this folder is the one too small to hold any out
         raise EvaluationError(
@@ -1160,7 +1160,8 @@ def evaluate_model(
     timings = {}
     model_dir = Path(model_dir)
     if not model_dir.is_dir():  # as generate, held-out and counterfactual say it
-        raise EvaluationError(f"--model {model_dir}: no such folder (a train_unet.py output folder)")
+        raise EvaluationError(f"--model {model_dir}: {'a file, not a folder' if model_dir.exists() else 'no such folder'}"
+                              " (a train_unet.py output folder)")
     if not (model_dir / "model_index.json").is_file():
         from .pipeline_adni_ldm import what_folder_is_this
 

@@ -282,6 +282,13 @@ def _label_count(class_labels) -> int:
     return len(class_labels) if isinstance(class_labels, (list, tuple)) else 0
 
 
+def _is_number(value) -> bool:
+    """A real number: a Python or numpy int or float, or a 0-d tensor of one (not a bool, a string or a list)."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and value.dtype != torch.bool and not value.is_complex()
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _ordered_class_names(class_names) -> list[str]:
     if not class_names:
         return []
@@ -668,9 +675,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value!r}: expected an int")
         for name, value in (("guidance_scale", guidance_scale), ("strength", strength), ("eta", eta)):
             # guidance_scale="2" failed inside numpy ("ufunc 'isfinite' not supported for the input types")
-            if value is not None and (isinstance(value, (bool, np.bool_))
-                                      or not isinstance(value, (int, float, np.integer, np.floating))):
+            if not (_is_number(value) or (name == "strength" and value is None)):
                 raise ValueError(f"{name}={value!r}: expected a number")
+        # plain floats from here (a 0-d tensor or a numpy scalar is one number, not an array to broadcast)
+        guidance_scale, eta = float(guidance_scale), float(eta)
+        strength = None if strength is None else float(strength)
         train_timesteps = int(self.scheduler.config.num_train_timesteps)
         if num_inference_steps is None:
             num_inference_steps = train_timesteps

@@ -106,8 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sample a grid every N epochs (default 10) and at the last step; from the EMA weights with "
                         "--use_ema")
     g.add_argument("--num_sample_images", type=int, default=8,
-                   help="images in each sample grid during training (samples/, tensorboard), one row per class "
-                        "in class order; the final samples.png has 8 per class")
+                   help="images in each sample grid during training (samples/, tensorboard), shared out as one row "
+                        "per class in class order (at least one each); the final samples.png has 8 per class")
     g.add_argument("--sample_inference_steps", type=int, default=50,
                    help="DDIM steps for the sample grids during training and the final samples.png")
     g.add_argument("--sample_guidance", type=float, default=None,
@@ -148,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                               "sample_inference_steps")
     training.require_at_least(args, 0, "sample_guidance")  # below 0 it steers away from the class
     # the schedule's arrays are built below (10**9 steps: killed for memory, a longer number a traceback); the grid
-    # is one row, sampled in one batch after the first epoch (a million images: killed for memory after training)
+    # is sampled a class's row per batch after the first epoch (a million images: killed for memory after training)
     training.require_at_most(args, MAX_TRAIN_TIMESTEPS, "num_train_timesteps")
     training.require_at_most(args, MAX_SAMPLE_IMAGES, "num_sample_images")
     training.require_positive(args, "snr_gamma")  # 0 or less: zero or negative loss weights (gradient ascent)
@@ -236,18 +236,19 @@ def vq_data_folder(vq_dir: Path, flag: str) -> str | None:
     from adni_diffusers.data import is_demo_dataset
 
     there = vq_training_data(vq_dir) or {}
-    root = there.get("root")
-    if not root or (there.get("source") == "demo" and not there.get("train_data_dir_given")):
+    root, source, given = there.get("root"), there.get("source"), there.get("train_data_dir_given")
+    if not root or (source == "demo" and given is False):
         return None
     if not Path(root).is_dir():
-        if there.get("source") is None:  # a record from before the source was kept: it may have been the demo set
+        # records from before the source (2026-12-05) or the flag (2026-12-06) was kept: it may have been the default
+        # demo set, which this run builds again
+        if source is None or (source == "demo" and given is None):
             return None
-        rebuild = " or build it again with the same `adni-diffusers demo-data` command" \
-            if there["source"] == "demo" else ""
+        rebuild = " or build it again with the same `adni-diffusers demo-data` command" if source == "demo" else ""
         raise TrainingError(f"no --train_data_dir, and the slices --vqmodel {flag} was trained on ({root}, from its "
                             f"training_data.json) are not there: give --train_data_dir (that folder, moved){rebuild}. "
                             "Without it this run would train on the synthetic demo set")
-    return None if there.get("source") is None and is_demo_dataset(root) else str(root)
+    return None if source is None and is_demo_dataset(root) else str(root)
 
 
 def _resumes_a_demo_set_run(args) -> bool:
@@ -569,11 +570,11 @@ def _validation_loss(unet, noise_scheduler, latents, labels, class_names, args, 
 
 def _sample_rows(class_names, n) -> list[tuple[int | None, int]]:
     """The periodic grid's rows as (label, images): n images shared out among the classes, one row each (the first
-    classes take the remainder, so that only the last rows are shorter and the grid fills row by row)."""
+    classes take the remainder), and at least one per class."""
     if not class_names:
         return [(None, n)]
     k = len(class_names)
-    return [(label, n // k + (label < n % k)) for label in range(min(k, n))]
+    return [(label, max(1, n // k + (label < n % k))) for label in range(k)]
 
 
 @torch.no_grad()
@@ -590,15 +591,23 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
     pipe = ADNILatentDiffusionPipeline(vq, unet, scheduler_cls.from_config(noise_scheduler.config), class_names)
     pipe.set_progress_bar_config(disable=True)
     rows = _sample_rows(class_names, args.num_sample_images)
-    images = torch.cat([pipe(batch_size=count, class_labels=label, guidance_scale=args.sample_guidance,
-                             num_inference_steps=args.sample_inference_steps,
-                             generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
-                        for label, count in rows]) * 2 - 1
+    columns = rows[0][1]
+    # one starting noise per column, given to every row (a row's own draw of fewer images need not be a prefix)
+    noise = torch.randn(columns, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                        generator=torch.Generator().manual_seed(args.seed))
+    images = []
+    for label, count in rows:
+        row = pipe(latents=noise[:count], class_labels=label, guidance_scale=args.sample_guidance,
+                   num_inference_steps=args.sample_inference_steps, generator=torch.Generator().manual_seed(args.seed),
+                   output_type="pt").images * 2 - 1
+        blank = torch.ones(columns - count, *row.shape[1:])  # a short row ends in white tiles: a row is one class
+        images.append(torch.cat([row.cpu(), blank]))
+    images = torch.cat(images)
     unet.train()
     if run.ema is not None:
         run.ema.ema.restore(unet.parameters())
     training.log_image_grid(accelerator, "samples", images, run.global_step,
-                            f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=rows[0][1])
+                            f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=columns)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -1447,7 +1448,6 @@ class TrainingRun:
     # -- the loop ----------------------------------------------------------------------------------
     def batches(self):
         from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
 
         args, acc = self.args, self.accelerator
         if acc.is_main_process:  # the numbers a user checks first, as diffusers' examples print them
@@ -1464,8 +1464,7 @@ class TrainingRun:
         catch = threading.current_thread() is threading.main_thread()
         self._previous_handlers = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS} if catch else {}
         finished = False
-        # log lines (a checkpoint saved, a warning) above the bar, not glued to the end of its line
-        redirect = logging_redirect_tqdm()
+        redirect = console_logs_above_progress_bars()
         redirect.__enter__()
         try:
             for epoch in range(self.first_epoch, self.num_epochs):
@@ -1496,9 +1495,11 @@ class TrainingRun:
                     signal.signal(signum, self._finish_anyway)
             else:
                 self._restore_signal_handlers()
-            stop_loader_workers(self.loader)
-            self.progress.close()
-            redirect.__exit__(None, None, None)
+            try:
+                stop_loader_workers(self.loader)
+                self.progress.close()
+            finally:
+                redirect.__exit__(None, None, None)
 
     def _on_stop_signal(self, signum, frame) -> None:
         self._signalled, self._signalled_at = signum, time.monotonic()
@@ -1771,6 +1772,21 @@ class TrainingRun:
                   and not isinstance(metrics[k], bool) and math.isfinite(metrics[k])}
         if values:
             self.accelerator.log(values, step=self.global_step)
+
+
+def console_logs_above_progress_bars():
+    """Log lines (a checkpoint saved, a warning) written above tqdm's bar, not glued to the end of its line: tqdm's
+    redirect, for the loggers that print to the console (the root's, from logging.basicConfig, and diffusers' own,
+    which does not propagate). A logger without a console handler (a notebook's or a test's own set-up) is left as
+    it is: the redirect would add one."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    def prints_to_console(logger):
+        consoles = (sys.stdout, sys.stderr)
+        return any(isinstance(h, logging.StreamHandler) and h.stream in consoles for h in logger.handlers)
+
+    loggers = [lg for lg in (logging.root, logging.getLogger("diffusers")) if prints_to_console(lg)]
+    return logging_redirect_tqdm(loggers=loggers) if loggers else contextlib.nullcontext()
 
 
 def _detached(logs: dict) -> dict[str, torch.Tensor]:

@@ -1797,3 +1797,6 @@ def test_a_folder_of_another_kind_is_named_for_what_it_is(tiny_vq, tmp_path):
     # a folder that is not there is named so, as generate, held-out and counterfactual name it
     with pytest.raises(E.EvaluationError, match=r"--model .*/missing: no such folder \(a train_unet.py output folder\)"):
         E.evaluate_model(tmp_path / "missing", progress=False)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(E.EvaluationError, match=r"model.safetensors: a file, not a folder \(a train_unet.py output"):
+        E.evaluate_model(tmp_path / "model.safetensors", progress=False)

@@ -248,7 +248,8 @@ def test_counts_must_be_ints(pipe, name, value):
 
 
 @pytest.mark.parametrize("name, value", [("guidance_scale", "2"), ("guidance_scale", True), ("eta", "0"),
-                                         ("strength", "0.5"), ("guidance_scale", [2.0])])
+                                         ("strength", "0.5"), ("guidance_scale", [2.0]), ("guidance_scale", None),
+                                         ("eta", None), ("guidance_scale", torch.tensor([2.0]))])
 def test_weights_must_be_numbers(pipe, name, value):
     """guidance_scale="2" (a value read from a config or a form) failed inside numpy: "ufunc 'isfinite' not
     supported for the input types"; now the parameter is named, as for the counts."""
@@ -259,6 +260,7 @@ def test_weights_must_be_numbers(pipe, name, value):
         pipe(**{**kwargs, name: value})
     numbers = {"guidance_scale": np.int64(2), "strength": np.float32(0.5), "eta": np.float32(0)}  # numpy's are numbers
     pipe(**{**kwargs, name: numbers[name]}, output_type="latent")
+    pipe(**{**kwargs, name: torch.tensor(float(numbers[name]))}, output_type="latent")  # and a 0-d tensor
 
 
 def test_empty_images_and_numpy_latents_are_named(pipe):

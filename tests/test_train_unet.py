@@ -1907,7 +1907,8 @@ def test_periodic_sample_grids_show_a_row_per_class():
     assert _sample_rows(["AD", "NC"], 8) == [(0, 4), (1, 4)]
     assert _sample_rows(["AD", "NC"], 5) == [(0, 3), (1, 2)]
     assert _sample_rows(["a", "b", "c"], 4) == [(0, 2), (1, 1), (2, 1)]
-    assert _sample_rows(["AD", "NC"], 1) == [(0, 1)]
+    assert _sample_rows(["AD", "NC"], 1) == [(0, 1), (1, 1)]  # every class shows, one image at least
+    assert _sample_rows(["CN", "MCI", "AD"], 2) == [(0, 1), (1, 1), (2, 1)]
     assert _sample_rows(None, 3) == [(None, 3)] and _sample_rows([], 3) == [(None, 3)]
 
 
@@ -2280,7 +2281,7 @@ def test_sample_grids_sample_from_the_ema_weights_in_eval_mode(tmp_path, monkeyp
     def sample(pipe, **kwargs):  # what the pipeline samples with, instead of sampling
         seen.update(weights=[p.detach().clone() for p in pipe.unet.parameters()], training=pipe.unet.training,
                     guidance=kwargs["guidance_scale"])
-        return SimpleNamespace(images=torch.zeros(kwargs["batch_size"], 1, 8, 8))
+        return SimpleNamespace(images=torch.zeros(len(kwargs["latents"]), 1, 8, 8))
 
     monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", sample)
     reset_accelerate()
@@ -2331,6 +2332,16 @@ def test_without_train_data_dir_the_unet_trains_on_the_vqmodels_own_slices(tmp_p
         train_unet.vq_data_folder(vq_dir, str(vq))
     record_file.write_text(json.dumps({**record, "source": "demo"}))  # the fixture's demo_root, still there
     assert train_unet.vq_data_folder(vq_dir, str(vq)) == record["root"] == str(Path(demo_root).resolve())
+    # a pipeline (--vqmodel out/ldm) from before 2026-12-06 keeps a VQModel record without the flag's entry: its demo
+    # folder where it is still there; the default demo set, as before, where it is gone
+    pipeline = tmp_path / "older-ldm"
+    (pipeline / "vqvae").mkdir(parents=True)
+    older = {k: v for k, v in train_unet.vq_training_data(vq_dir).items() if k != "train_data_dir_given"}
+    (pipeline / "training_data.json").write_text(json.dumps({"stage": "unet", "vqmodel_data": older}))
+    assert train_unet.vq_data_folder(pipeline / "vqvae", str(pipeline)) == record["root"]
+    (pipeline / "training_data.json").write_text(json.dumps({"stage": "unet",
+                                                             "vqmodel_data": {**older, "root": str(mine)}}))
+    assert train_unet.vq_data_folder(pipeline / "vqvae", str(pipeline)) is None
     # a run that trained on the demo set beside a VQModel of real data (before 2026-12-05) goes on with it when
     # resumed: its record says no --train_data_dir (its checkpoint holds the demo set's latent key)
     resumed = train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", str(out), "--resume_from_checkpoint",
@@ -2378,24 +2389,26 @@ def test_periodic_sample_grid_rows_start_from_the_same_noises(tmp_path, monkeypa
 
     calls = []
 
-    def sample(pipe, **kwargs):  # each image is grey at its label's level, and carries its generator's first draw
-        calls.append((kwargs["class_labels"], kwargs["batch_size"], kwargs["generator"].initial_seed()))
-        return SimpleNamespace(images=torch.full((kwargs["batch_size"], 1, 8, 8), 0.25 + 0.5 * kwargs["class_labels"]))
+    def sample(pipe, **kwargs):  # each image is grey at its label's level
+        calls.append((kwargs["class_labels"], kwargs["latents"].clone(), kwargs["generator"].initial_seed()))
+        return SimpleNamespace(images=torch.full((len(kwargs["latents"]), 1, 8, 8), 0.2 + 0.3 * kwargs["class_labels"]))
 
     monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", sample)
-    args = SimpleNamespace(use_ema=False, seed=7, num_sample_images=5, sample_inference_steps=2, sample_guidance=2.0,
+    args = SimpleNamespace(use_ema=False, seed=7, num_sample_images=4, sample_inference_steps=2, sample_guidance=2.0,
                            output_dir=str(tmp_path))
     reset_accelerate()
-    try:
+    try:  # three classes (CN / MCI / AD is common) of 4 images: 2, 1 and 1
         run = SimpleNamespace(model=UNet2DModel(**unet_config("tiny")), ema=None, global_step=3)
-        train_unet._sample_grid(Accelerator(cpu=True), run, None, make_noise_scheduler(), ["AD", "NC"], args,
+        train_unet._sample_grid(Accelerator(cpu=True), run, None, make_noise_scheduler(), ["CN", "MCI", "AD"], args,
                                 DDIMScheduler)
     finally:
         reset_accelerate()
-    assert calls == [(0, 3, 7), (1, 2, 7)]
+    assert [(label, len(latents), seed) for label, latents, seed in calls] == [(0, 2, 7), (1, 1, 7), (2, 1, 7)]
+    first_column = calls[0][1][0]
+    assert all(torch.equal(latents[0], first_column) for _, latents, _ in calls)  # one noise down a column
+    assert not torch.equal(calls[0][1][1], first_column)
     with Image.open(tmp_path / "samples" / "samples-000003.png") as grid:
         pixels = np.asarray(grid.convert("L"))
-    assert pixels.shape == (2 + 2 * 10, 2 + 3 * 10)  # 3 columns (8 px tiles, 2 px padding), 2 rows
-    row_levels = [sorted({int(pixels[2 + 10 * r + 4, 2 + 10 * c + 4]) for c in range(count)})
-                  for r, count in enumerate((3, 2))]
-    assert row_levels == [[64], [191]], row_levels  # AD's three above, NC's two below
+    assert pixels.shape == (2 + 3 * 10, 2 + 2 * 10)  # 2 columns (8 px tiles, 2 px padding), a row per class
+    levels = [[int(pixels[2 + 10 * r + 4, 2 + 10 * c + 4]) for c in range(2)] for r in range(3)]
+    assert levels == [[51, 51], [128, 255], [204, 255]], levels  # a short row ends in a white tile, not the next class

@@ -213,7 +213,8 @@ def test_the_loss_curve_is_drawn_at_every_checkpoint(tmp_path, demo_root, monkey
     def checkpoint_then_stop(run):
         path = save(run)
         with Image.open(out / "loss_curve.png") as curve:
-            drawn[run.global_step] = curve.size
+            curve.verify()  # a whole PNG
+        drawn[run.global_step] = (out / "loss_curve.png").read_bytes()
         if run.global_step == 4:
             raise StopRun
         return path
@@ -223,6 +224,7 @@ def test_the_loss_curve_is_drawn_at_every_checkpoint(tmp_path, demo_root, monkey
         run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps",
                                               "6", "--checkpointing_steps", "2", *TINY_VQ_ARGS])
     assert list(drawn) == [2, 4] and not (out / "vqvae").exists()
+    assert drawn[4] != drawn[2]  # redrawn with step 4's point, not left as step 2 drew it
     assert sorted(p.name for p in out.glob("loss_curve*")) == ["loss_curve.png"]
 
 

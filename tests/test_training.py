@@ -666,3 +666,28 @@ def test_a_cpu_launch_that_started_one_of_several_processes_says_so(monkeypatch,
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         training.check_world_size(one)
     assert caplog.text == ""
+
+
+def test_log_lines_go_above_the_progress_bar_only_where_they_print_to_the_console(monkeypatch):
+    """The training loop sends console log lines through tqdm (above its bar, not glued to its line). A logger
+    without a console handler (a notebook's or a test's own logging set-up) is left alone: tqdm's redirect would
+    add a stderr handler to it for the whole loop."""
+    import logging
+    import sys
+
+    from adni_diffusers import training
+
+    root, diffusers_logger = logging.getLogger(), logging.getLogger("diffusers")
+    monkeypatch.setattr(root, "handlers", [logging.StreamHandler(open(os.devnull, "w"))])  # a file: not a console
+    monkeypatch.setattr(diffusers_logger, "handlers", [])
+    before = list(root.handlers)
+    with training.console_logs_above_progress_bars():
+        assert root.handlers == before and diffusers_logger.handlers == []
+    root.handlers[0].stream.close()
+    console = logging.StreamHandler(sys.stderr)
+    root.handlers = [console]
+    diffusers_logger.handlers = [logging.StreamHandler(sys.stderr)]  # diffusers' own, which does not propagate
+    with training.console_logs_above_progress_bars():
+        for logger in (root, diffusers_logger):
+            assert len(logger.handlers) == 1 and type(logger.handlers[0]).__name__ == "_TqdmLoggingHandler"
+    assert root.handlers == [console]
