@@ -240,7 +240,7 @@ def vq_data_folder(vq_dir: Path, flag: str) -> str | None:
     if not root or (source == "demo" and given is False):
         return None
     if not Path(root).is_dir():
-        # records from before the source (2026-12-05) or the flag (2026-12-06) was kept: it may have been the default
+        # records from before the source or the flag was kept (both since 2026-12-05): it may have been the default
         # demo set, which this run builds again
         if source is None or (source == "demo" and given is None):
             return None
@@ -579,8 +579,8 @@ def _sample_rows(class_names, n) -> list[tuple[int | None, int]]:
 
 @torch.no_grad()
 def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, scheduler_cls):
-    """A small grid from the EMA weights, to tensorboard and samples/ (DDIM for speed): one row per class, each
-    from the same seed, so that a column is one starting noise in every class (as in the final samples.png)."""
+    """A small grid from the EMA weights, to tensorboard and samples/ (DDIM for speed): one row per class, all
+    from the same starting noises, so that a column is one noise in every class (as in the final samples.png)."""
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
     unet = training.bare_model(accelerator, run.model)

@@ -2332,7 +2332,7 @@ def test_without_train_data_dir_the_unet_trains_on_the_vqmodels_own_slices(tmp_p
         train_unet.vq_data_folder(vq_dir, str(vq))
     record_file.write_text(json.dumps({**record, "source": "demo"}))  # the fixture's demo_root, still there
     assert train_unet.vq_data_folder(vq_dir, str(vq)) == record["root"] == str(Path(demo_root).resolve())
-    # a pipeline (--vqmodel out/ldm) from before 2026-12-06 keeps a VQModel record without the flag's entry: its demo
+    # a pipeline (--vqmodel out/ldm) from before this change keeps a VQModel record without the flag's entry: its demo
     # folder where it is still there; the default demo set, as before, where it is gone
     pipeline = tmp_path / "older-ldm"
     (pipeline / "vqvae").mkdir(parents=True)
