@@ -157,7 +157,7 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
         )
     record["matches_training"] = True
     for name, part in (("train", data.train), ("validation", data.val)):
-        if record.get(name) and record[name] != part.summary():
+        if isinstance(record.get(name), dict) and record[name] and record[name] != part.summary():
             record["matches_training"] = False
             logger.warning("the %s split differs from the one training recorded (%s now, %s then): the data "
                            "changed since training, so 'held-out' may include images the model saw",

@@ -46,6 +46,8 @@ WORKERS_PER_CPU = 4  # --dataloader_num_workers above this many per CPU is refus
 # said once: the defaults train `base` for hours there, which a user trying the commands does not expect
 CPU_PACE_STEPS = 3
 LONG_CPU_RUN_S = 3600.0
+# loss_curve.png at a checkpoint: at most this often (a drawing takes ~0.2 s; a test checkpoints every step)
+LOSS_CURVE_EVERY_S = 60.0
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # their rate after warm-up does not depend on the length
 
 
@@ -1321,6 +1323,7 @@ class TrainingRun:
     """
 
     _signalled = 0  # the stop signal this process received, if any
+    _curve_drawn_at = -math.inf  # time.monotonic() of the last loss_curve.png
     _signalled_at = 0.0  # when (time.monotonic())
     _stop_agreed = False  # every process knows that one of them received one (at a log flush)
     _log_points: list[tuple[int, float]] | None = None  # (step, wall clock) at each log flush: the steady rate
@@ -1615,6 +1618,8 @@ class TrainingRun:
         # final save and evaluation are all that is left, and final_phase lets them finish
         if self._stop_agreed and self.global_step < self.max_train_steps:
             path = self._last_good_checkpoint if saved else self.checkpoint()
+            if self.accelerator.is_main_process:  # the stopped run's curve, whenever the last was drawn
+                self.plot_loss_curve()
             raise TrainingStopped(self._signalled, self.global_step, path)
 
     def _write_trace(self, step_logs: dict) -> None:
@@ -1684,8 +1689,8 @@ class TrainingRun:
         path = save_checkpoint(self.accelerator, self.output_dir, self.global_step, {"tensors": tensors, "meta": meta},
                                self.args.checkpoints_total_limit)
         self._last_good_checkpoint = path
-        if self.accelerator.is_main_process:  # a curve to open while the run goes on, not only at its end
-            self.plot_loss_curve()
+        if self.accelerator.is_main_process and time.monotonic() - self._curve_drawn_at >= LOSS_CURVE_EVERY_S:
+            self.plot_loss_curve()  # a curve to open while the run goes on, not only at its end
         if self.accelerator.is_main_process and getattr(self.args, "push_checkpoints", False):
             from .hub import push_from_args
 
@@ -1748,9 +1753,11 @@ class TrainingRun:
         self.recompiled_graphs = new
 
     def plot_loss_curve(self) -> None:
-        """loss_curve.png from logs/history.jsonl (main process): at every checkpoint and at the end."""
+        """loss_curve.png from logs/history.jsonl (main process): at checkpoints (at most every LOSS_CURVE_EVERY_S),
+        at a stop and at the end."""
         from .plots import plot_loss_curves
 
+        self._curve_drawn_at = time.monotonic()
         rows = self.history()
         try:
             if rows:

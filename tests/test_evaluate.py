@@ -614,6 +614,14 @@ def test_a_data_dir_too_small_to_hold_out_a_patient_is_named_not_the_model(model
             f"out only classes with 2 or more patients), while {model_copy} held out {held_out} of its own")):
         E.load_evaluation_data(model_copy, small)
 
+    # a hand-edited record whose split summaries are not objects: no summary to compare (it crashed with AttributeError)
+    edited = tmp_path / "edited"
+    shutil.copytree(model_copy, edited, ignore=shutil.ignore_patterns("evaluation", "feature_net", "vqvae", "unet"))
+    record = json.loads((edited / "training_data.json").read_text())
+    (edited / "training_data.json").write_text(json.dumps({**record, "train": ["x"], "validation": "12 patients"}))
+    data, loaded = E.load_evaluation_data(edited, demo_root)
+    assert len(data.val) > 0 and loaded["matches_training"] is True
+
 
 def test_a_held_out_set_too_small_to_compare_is_refused_before_any_work(model_copy, tmp_path, monkeypatch):
     """A single held-out slice (a tiny test/ folder under --split given) leaves one image per set for FD and KID:

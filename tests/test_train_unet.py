@@ -2017,6 +2017,7 @@ def test_a_stop_signal_checkpoints_the_agreed_step_and_the_resume_goes_on(tmp_pa
     assert f"stopped by SIGTERM at step 4; {stopped / 'checkpoint-4'} is written" in err, err
     assert [c.name for c in training.list_checkpoints(stopped)] == ["checkpoint-4"]
     assert not (stopped / "model_index.json").exists()
+    assert (stopped / "loss_curve.png").is_file()  # the stopped run's curve, to open before resuming
     monkeypatch.undo()
     run_training_script("train_unet", ["--output_dir", stopped, "--resume_from_checkpoint", "latest", *common])
     a, b = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors")) for d in (straight, stopped))
