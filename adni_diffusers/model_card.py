@@ -151,9 +151,11 @@ def _count_parameters(component_dir: Path) -> int | None:
 
 
 def _millions(n: int | None) -> str:
+    """Parameters in millions, to two significant figures below 1M (the tiny UNet's 177,908: 0.18M, as README's
+    preset table says, not 0.2M)."""
     if n is None:
         return "?"
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e6:.3f}M"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e6:.3f}M"
 
 
 def _fmt(value) -> str:

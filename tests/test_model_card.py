@@ -370,7 +370,7 @@ def _save(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
 
 def test_the_card_counts_parameters_of_every_shard_and_only_of_the_main_weights(ldm):
     """The parameter counts are read from safetensors headers: a sharded UNet counts all its shards (elements, not
-    the sum of the dimensions), a `.fp16` variant beside the weights is not counted twice, and sizes of 0.1M and
+    the sum of the dimensions), a `.fp16` variant beside the weights is not counted twice, and sizes of 1M and
     more show one decimal."""
     unet = ldm / "unet"
     (unet / "diffusion_pytorch_model.safetensors").unlink()
@@ -386,6 +386,15 @@ def test_the_card_counts_parameters_of_every_shard_and_only_of_the_main_weights(
     _save(unet / "diffusion_pytorch_model.fp16-00001-of-00002.safetensors", {"a": (1000, 1000)})
     _save(unet / "diffusion_pytorch_model.fp16-00002-of-00002.safetensors", {"b": (500, 1000)})
     assert "`UNet2DModel` (1.5M parameters)" in render_model_card(ldm)
+
+
+
+def test_parameter_counts_below_a_million_keep_two_significant_figures():
+    """The tiny UNet's 177,908 parameters showed as 0.2M on its card, where README's preset table says 0.18M."""
+    from adni_diffusers.model_card import _millions
+
+    assert [_millions(n) for n in (89_534_721, 1_234_567, 177_908, 65_093, None)] == [
+        "89.5M", "1.2M", "0.18M", "0.065M", "?"]
 
 
 def test_evaluation_numbers_come_from_the_evaluation_folder_first(ldm):
