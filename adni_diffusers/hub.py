@@ -83,11 +83,8 @@ def first_stage_sources(folder: str | Path) -> list:
     sources = []
     for name, path, key in ((TRAINING_DATA_FILE, "vqmodel_data", "source"),
                             ("first_stage_metrics.json", None, "data_source")):
-        try:
-            record = json.loads((folder / name).read_text())
-            record = record.get(path) if path else record
-        except (OSError, ValueError, AttributeError):
-            continue
+        record = read_json_object(folder / name)
+        record = record.get(path) if path else record
         if isinstance(record, dict) and key in record:
             sources.append(record[key])
     return sources
@@ -99,11 +96,7 @@ def is_demo_trained(folder: str | Path) -> bool:
 
     Absent or unreadable: False (treated as real user data, the cautious choice).
     """
-    path = Path(folder) / TRAINING_DATA_FILE
-    try:
-        demo = json.loads(path.read_text()).get("source") == "demo"
-    except (OSError, ValueError, AttributeError):
-        return False
+    demo = read_json_object(Path(folder) / TRAINING_DATA_FILE).get("source") == "demo"
     return demo and all(s == "demo" for s in first_stage_sources(folder))
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .compile_probe import CUDA_GRAPH_MODES
-from .files import fsync_tree, not_a_folder, remove_path, replace_folder, write_text_atomically
+from .files import fsync_tree, not_a_folder, read_json_object, remove_path, replace_folder, write_text_atomically
 
 logger = logging.getLogger("adni_diffusers.training")
 
@@ -102,8 +102,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g = parser.add_argument_group("data")
     g.add_argument("--train_data_dir", default=None,
                    help="ADNI-style folder ROOT/{train,test}/{AD,NC}/*.jpeg; default: build and use the demo set "
-                        "(train_unet.py: the folder its --vqmodel was trained on, where that was not the demo set built "
-                        "for want of this flag)")
+                        "(train_unet.py: the folder its --vqmodel was trained on, where that was not the demo set "
+                        "built for want of this flag)")
     g.add_argument("--demo_data_dir", default="adni_demo_data",
                    help="where the demo set is built when --train_data_dir is not given")
     g.add_argument("--split", default="patient", choices=["patient", "given", "all"],
@@ -501,10 +501,7 @@ def other_stage_model(output_dir: Path, project: str | None) -> str | None:
     record (training_data.json, written before its first step) decides; the files only where there is none (a
     bare diffusers folder): a UNet run cut short while saving has vqvae/ without model_index.json too."""
     words = {"vqmodel": "a VQModel (the output of train_vqmodel.py)", "unet": "a pipeline (the output of train_unet.py)"}
-    try:
-        stage = json.loads((output_dir / "training_data.json").read_text()).get("stage")
-    except (OSError, ValueError, AttributeError):
-        stage = None
+    stage = read_json_object(output_dir / "training_data.json").get("stage")
     if stage is None:
         pipeline = (output_dir / "model_index.json").is_file()
         stage = "unet" if pipeline else "vqmodel" if (output_dir / "vqvae" / "config.json").is_file() else None
@@ -1324,6 +1321,7 @@ class TrainingRun:
 
     _signalled = 0  # the stop signal this process received, if any
     _curve_drawn_at = -math.inf  # time.monotonic() of the last loss_curve.png
+    _curve_drawn_of = None  # (step, history rows) it drew: the same again is not redrawn
     _signalled_at = 0.0  # when (time.monotonic())
     _stop_agreed = False  # every process knows that one of them received one (at a log flush)
     _log_points: list[tuple[int, float]] | None = None  # (step, wall clock) at each log flush: the steady rate
@@ -1757,8 +1755,10 @@ class TrainingRun:
         at a stop and at the end."""
         from .plots import plot_loss_curves
 
-        self._curve_drawn_at = time.monotonic()
         rows = self.history()
+        if self._curve_drawn_of == (self.global_step, len(rows)):  # a stop or the end right after a checkpoint's
+            return
+        self._curve_drawn_at, self._curve_drawn_of = time.monotonic(), (self.global_step, len(rows))
         try:
             if rows:
                 plot_loss_curves(rows, self.output_dir / "loss_curve.png", title=f"{self.stage} training")
