@@ -845,6 +845,25 @@ def model_records(model: str) -> Path:
     return folder
 
 
+def _warn_about_slices_in_the_training_folder(image_paths, records, data_dir, model) -> None:
+    """Warn where --image slices lie in the model's training data folder (--data-dir, else the recorded one):
+    unless they are held-out slices, the model trained on them. Exact membership needs the split, which
+    `--classify` (or `adni-diffusers held-out`) draws; this costs no decoding."""
+    from .files import read_json_object
+
+    root = data_dir or (read_json_object(Path(records) / "training_data.json").get("root")
+                        or read_json_object(Path(records) / "training_args.json").get("train_data_dir"))
+    if not root:
+        return
+    root = Path(root).resolve()
+    inside = [p for p in image_paths if p.resolve().is_relative_to(root)]
+    if inside:
+        logger.warning("%d --image slice(s) (%s%s) lie in the model's training data folder %s: unless held out, the "
+                       "model trained on them and a held-out slice makes a fairer counterfactual; `adni-diffusers "
+                       "held-out --model %s` lists the held-out slices (--classify marks each image)", len(inside),
+                       inside[0], ", ..." if len(inside) > 1 else "", root, model)
+
+
 def held_out_data(model: str, data_root: str | None = None, model_class_names=None):
     """The model's data split exactly as in training (`evaluate.load_evaluation_data`): `SliceData` whose
     `.val` is what training held out (with `--split given`, `.shared_patients` of them also in `.train`).
@@ -1034,7 +1053,8 @@ def main(args: argparse.Namespace) -> int:
         check_classifier_folder(args.classifier)
     image_paths = [Path(p) for p in args.image or []]
     # prepared as training prepared its slices (pad or resize), not always padded
-    preprocess = recorded_preprocess(model_records(args.model)) if image_paths else None
+    records = model_records(args.model) if image_paths else None
+    preprocess = recorded_preprocess(records) if image_paths else None
     images = [read_slice(p, preprocess) for p in image_paths]
     out = Path(args.out)
     folders = _image_out_dirs(image_paths, out)
@@ -1069,6 +1089,8 @@ def main(args: argparse.Namespace) -> int:
             held = _measured_slices(data, source, args.max_images)
         classifier, report = _load_classifier(args, data, device)
         _classifier_column(classifier, target)
+    elif image_paths:  # no split is drawn (it decodes the whole data folder): a hint from the paths alone
+        _warn_about_slices_in_the_training_folder(image_paths, records, args.data_dir, args.model)
     remove_outputs(earlier)  # only once every input is known good: a failed run leaves --out as it was
     out.mkdir(parents=True, exist_ok=True)
 

@@ -59,12 +59,14 @@ def run_cli(argv, capsys) -> tuple[int, str]:
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_writes_strip_and_individual_pngs(tiny_ldm, nc_slice, tmp_path, capsys):
+def test_cli_writes_strip_and_individual_pngs(tiny_ldm, nc_slice, tmp_path, capsys, caplog):
     out = tmp_path / "cf"
     rc, err = run_cli(["--model", tiny_ldm, "--image", nc_slice, "--to", "AD", "--strength", "0.5", "1.0",
                        "--guidance", "2", "--out", out, *STEPS], capsys)
     assert rc == 0, err
     assert "counterfactuals (image-steps)" in err  # --image was silent until the strips were written
+    # a slice of the model's own data folder: said so without --classify (which alone draws the split)
+    assert "1 --image slice(s)" in caplog.text and "lie in the model's training data folder" in caplog.text
     folder = out / nc_slice.stem
     names = {"strip.png", "original.png", "reconstruction.png", "counterfactual_s0.50.png",
              "counterfactual_s1.00.png", "difference_s0.50.png", "difference_s1.00.png"}
@@ -705,6 +707,27 @@ def test_a_training_slice_is_marked_in_the_summary(tiny_ldm, tmp_path, capsys):
     assert rc == 0, err
     images = json.loads((out / "counterfactuals.json").read_text())["images"]
     assert [e["in_training_split"] for e in images] == [True, False]
+
+
+def test_slices_in_the_training_folder_are_named_without_drawing_the_split(demo_root, nc_slice, tmp_path, caplog):
+    """Without --classify the split is not drawn (it decodes the whole folder): slices under the model's recorded
+    data folder (or --data-dir) get a warning naming the `held-out` listing; slices elsewhere none."""
+    records = tmp_path / "model"
+    records.mkdir()
+    (records / "training_data.json").write_text(json.dumps({"root": str(demo_root)}))
+    elsewhere = tmp_path / "mine.jpeg"
+    elsewhere.write_bytes(nc_slice.read_bytes())
+    with caplog.at_level("WARNING", logger=C.__name__):
+        C._warn_about_slices_in_the_training_folder([elsewhere], records, None, "m")
+        assert not caplog.records
+        C._warn_about_slices_in_the_training_folder([elsewhere, nc_slice, nc_slice], records, None, "m")
+        assert "2 --image slice(s)" in caplog.text and str(demo_root.resolve()) in caplog.text
+        assert "adni-diffusers held-out --model m" in caplog.text
+        caplog.clear()
+        C._warn_about_slices_in_the_training_folder([nc_slice], records, str(tmp_path), "m")  # --data-dir wins
+        assert not caplog.records
+        C._warn_about_slices_in_the_training_folder([nc_slice], tmp_path / "no_records", None, "m")
+        assert not caplog.records
 
 
 def test_guidance_must_be_finite(tmp_path, capsys):
