@@ -531,6 +531,9 @@ def test_a_pipeline_built_from_components_names_why_it_knows_no_class_names(pipe
         bare(class_labels="AD", num_inference_steps=1, output_type="latent")
     assert bare(class_labels=0, num_inference_steps=1, output_type="latent").images.shape[0] == 1
     assert ADNILatentDiffusionPipeline.from_pipe(pipe).class_names == pipe.class_names == ["AD", "NC"]
+    # the preprocessing is config too: from_pipe keeps a resized model's, where components alone fall back to pad
+    resized = ADNILatentDiffusionPipeline(**pipe.components, class_names=pipe.class_names, preprocess="resize")
+    assert ADNILatentDiffusionPipeline.from_pipe(resized).preprocess == "resize" and bare.preprocess == "pad"
 
 
 def test_guidance_is_the_classifier_free_combination(pipe, monkeypatch):
