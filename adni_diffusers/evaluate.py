@@ -797,6 +797,8 @@ def summary_numbers(res: dict) -> dict:
     mem = res["memorisation"]["features"]
     s[f"memorisation: share of samples nearer to training than held-out p{NN_PERCENTILE:g}"] = \
         mem["closer_than_heldout_percentile"]
+    # its floor, as each realism number has one: what a model making new slices scores (about 5%, 1/N at small N)
+    s["memorisation, floor: the held-out slices' own share"] = _heldout_share(mem)
     s["images per set (distribution metrics)"] = r["candidate_images"]
     s["sampling seconds per image"] = res["timings"]["sampling_seconds_per_image"]
     return {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}

@@ -208,8 +208,20 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
                 value = f"{value} (did nothing on the CPU: trained in {'float32' if used == 'no' else used})"
             elif key == "preset" and isinstance(value, str):  # a JSON file's path names a home folder: its name only
                 value = PureWindowsPath(value).name or value
+            elif key == "lr_warmup_steps" and (note := _warmup_note(args)):
+                value = f"{_fmt(value)} ({note})"
             rows.append((f"`--{key}`", _fmt(value), label))
     return rows
+
+
+def _warmup_note(args: dict) -> str | None:
+    """Where the warm-up is not shorter than the run (training warns too): the share of --learning_rate reached."""
+    warmup, steps = args.get("lr_warmup_steps"), args.get("max_train_steps")
+    if not (isinstance(warmup, int) and isinstance(steps, int) and 0 < steps <= warmup):
+        return None
+    if (args.get("lr_scheduler") or "constant") == "constant":  # diffusers' constant schedule has no warm-up
+        return None
+    return f"not below the run's {steps} steps: the rate peaked at {steps / warmup:.0%} of the learning rate"
 
 
 def _session_settings(changed: dict) -> str:
@@ -530,6 +542,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "eval_source": eval_source,
         "eval_report": "evaluation/report.md" if (d / "evaluation" / "report.md").is_file() else None,
         "eval_report_contents": _report_contents(d),
+        "eval_has_floors": any(", floor:" in name for name, _ in eval_rows),
         "val_set_text": _val_set_text(data, args),
         "vq_rows": _vq_rows(vq_metrics),
         "vq_eval_set": vq_metrics.get("eval_set"),

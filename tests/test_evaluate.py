@@ -956,6 +956,11 @@ def test_summary_numbers_put_each_floor_beside_its_own_measure():
     assert s[f"recall (adni-features, k=3), {floor}"] == pytest.approx(0.24)
     assert s["MS-SSIM diversity, generated (lower = more diverse)"] == 0.61
     assert s["MS-SSIM diversity, real held-out"] == 0.62
+    # the memorisation share beside its floor: the held-out slices' own share (the nominal 5% for older records)
+    assert s["memorisation: share of samples nearer to training than held-out p5"] == 0.125
+    assert s["memorisation, floor: the held-out slices' own share"] == 0.05
+    res["memorisation"]["features"]["heldout_below_percentile"] = 0.125
+    assert E.summary_numbers(res)["memorisation, floor: the held-out slices' own share"] == 0.125
 
 
 def test_clean_turns_nan_and_inf_into_null_for_strict_json():

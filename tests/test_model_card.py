@@ -80,6 +80,28 @@ def test_evaluation_numbers_appear_when_present(ldm):
     assert "| `fd_project_features` | 12.5 |" in text and "| `ms_ssim_diversity` | 0.6543 |" in text
     assert "| `n_samples` | 256 |" in text
     assert "`passed`" not in text and "`note`" not in text and "`per_class`" not in text  # numbers only
+    assert "Read each number against its floor" not in text  # these rows have no floor
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps({"precision (adni-features, k=3)": 0.21,
+                                                                  "precision (adni-features, k=3), floor: real train "
+                                                                  "vs held-out": 0.39}))
+    assert "Read each number against its floor, not against 0 or 1" in render_model_card(ldm)
+
+
+def test_a_warm_up_not_below_the_run_says_how_far_the_rate_rose():
+    """The card showed "warm-up steps 100" for a 20-step run whose rate never passed a fifth of --learning_rate
+    (training warns; the card is what a reader of the model sees)."""
+    from adni_diffusers.model_card import _argument_rows
+
+    def warmup(**args):
+        return dict((flag, value) for flag, value, _ in _argument_rows(args))["`--lr_warmup_steps`"]
+
+    assert warmup(lr_warmup_steps=100, max_train_steps=20, lr_scheduler="cosine") == \
+        "100 (not below the run's 20 steps: the rate peaked at 20% of the learning rate)"
+    assert warmup(lr_warmup_steps=100, max_train_steps=100, lr_scheduler="linear").endswith("peaked at 100% of the "
+                                                                                             "learning rate)")
+    assert warmup(lr_warmup_steps=100, max_train_steps=101, lr_scheduler="cosine") == "100"
+    assert warmup(lr_warmup_steps=100, max_train_steps=20, lr_scheduler="constant") == "100"  # it has no warm-up
+    assert warmup(lr_warmup_steps=100, max_train_steps=None, lr_scheduler="cosine") == "100"
 
 
 def test_user_data_card_names_the_data_use_agreement(ldm):
