@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import re
+import shlex
 import struct
 from pathlib import Path, PureWindowsPath
 
@@ -212,6 +213,11 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
                 value = f"{_fmt(value)} ({note})"
             rows.append((f"`--{key}`", _fmt(value), label))
     return rows
+
+
+def _python_string(text: str) -> str:
+    """`text` as a Python string literal in double quotes (JSON's escapes are Python's; non-ASCII kept as it is)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _warmup_note(args: dict) -> str | None:
@@ -508,6 +514,13 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "class_names": class_names,
         "conditional": conditional,
         "example_label": class_names[0] if conditional else None,
+        # the snippets' literals: a name with a space or a quote is one shell word and one Python string
+        "example_label_python": _python_string(class_names[0]) if conditional else None,
+        "example_label_shell": shlex.quote(class_names[0]) if conditional else None,
+        "class_literals": [_python_string(name) for name in class_names or []],
+        # a model of MCI (or EMCI / LMCI) slices is not said to know no MCI
+        "other_diagnoses": "no other diagnoses or dementias" if any("MCI" in name.upper() for name in class_names or [])
+        else "no MCI, no other dementias",
         "unet_params": _millions(_count_parameters(d / "unet")),
         "unet_channels": ", ".join(str(c) for c in channels) or "?",
         "unet_layers": _count(unet.get("layers_per_block", "?"), "layer"),

@@ -874,3 +874,23 @@ def test_the_card_says_where_earlier_sessions_of_a_resumed_run_differed(ldm, tin
         _edit_json(folder / "training_args.json", earlier_sessions=None)  # resumed from another folder's checkpoint
         assert ("The last session resumed at step 450; the settings of the steps before it are not recorded."
                 in render_model_card(folder))
+
+
+@pytest.mark.parametrize("names, python, shell, scope", [
+    (["AD", "MCI", "NC"], '"AD"', "--class AD ", "(no other diagnoses or dementias)"),
+    (["Alzheimer disease", "NC"], '"Alzheimer disease"', "--class 'Alzheimer disease' ", "(no MCI, no other dementias)"),
+    (['AD "mild"', "NC"], '"AD \\"mild\\""', "--class 'AD \"mild\"' ", "(no MCI, no other dementias)"),
+])
+def test_the_cards_snippets_and_scope_follow_the_class_names(ldm, names, python, shell, scope):
+    """A helper's own data: "only the classes AD, MCI, NC (no MCI, ...)", `--class Alzheimer disease` (two shell
+    words) and `class_labels="AD "mild""` (not Python) were in the card of models it trained."""
+    import ast
+    import shlex
+
+    _edit_json(ldm / "model_index.json", class_names={name: i for i, name in enumerate(names)})
+    text = render_model_card(ldm)
+    _check_rendered(text)
+    assert f"class_labels={python}," in text and ast.literal_eval(python) == names[0]
+    line = next(line for line in text.splitlines() if line.startswith("adni-diffusers generate"))
+    assert shell in line and shlex.split(line)[shlex.split(line).index("--class") + 1] == names[0]
+    assert f"only the classes {', '.join(names)} {scope}." in text
