@@ -236,6 +236,12 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
     for name in ("train_data_dir", "demo_data_dir", "output_dir"):
         if getattr(args, name) == "":  # an unset shell variable: "" is the current folder (the run trained there)
             raise TrainingError(f"--{name} is empty; expected a folder")
+    name = "train_data_dir" if getattr(args, "train_data_dir", None) else "demo_data_dir"  # the folder read
+    if data := getattr(args, name, None):
+        if Path(args.output_dir).resolve().is_relative_to(Path(data).resolve()):
+            # made before the data is scanned, it was then read as a class folder holding folders
+            raise TrainingError(f"--output_dir {args.output_dir}: inside --{name} {data}, where the run's files "
+                                "would be read as data; choose an output folder outside the data folder")
     logs = logging_folder(args)
     for name, folder in (("output_dir", Path(args.output_dir)), ("logging_dir", logs)):
         # mkdir's or tensorboard's NotADirectoryError came as a traceback (tensorboard's before the data was checked)

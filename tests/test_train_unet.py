@@ -436,6 +436,25 @@ def test_out_of_range_flags_fail_at_parse_time(script, flag, value, message, cap
     assert message in str(error.value)
 
 
+def test_an_output_folder_inside_the_data_folder_is_refused_at_parse_time(tmp_path, monkeypatch):
+    """Made before the data was scanned, it was read as a class folder: "<data>/runs: class folders must hold images,
+    not further folders (it holds vq/)" named neither flag (a helper's run with --train_data_dir .)."""
+    from adni_diffusers import train_unet, train_vqmodel
+    from adni_diffusers.training import TrainingError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingError, match=r"--output_dir runs/vq: inside --train_data_dir \., where the run's files "
+                                            r"would be read as data"):
+        train_vqmodel.parse_args(["--train_data_dir", ".", "--output_dir", "runs/vq"])
+    with pytest.raises(TrainingError, match="inside --demo_data_dir demo"):
+        train_unet.parse_args(["--vqmodel", "v", "--demo_data_dir", "demo", "--output_dir", str(tmp_path / "demo")])
+    # beside the data, or the data inside the output folder: as before
+    assert train_vqmodel.parse_args(["--train_data_dir", "data", "--output_dir", "data_runs/vq"]).output_dir
+    assert train_vqmodel.parse_args(["--train_data_dir", "runs/AD_NC", "--output_dir", "runs"]).output_dir
+    # the demo folder is not read where --train_data_dir is given
+    assert train_vqmodel.parse_args(["--train_data_dir", "data", "--demo_data_dir", "demo", "--output_dir", "demo/vq"])
+
+
 @pytest.mark.parametrize("flag, path, message", [
     ("--output_dir", "afile/run", "--output_dir {tmp}/afile/run: {tmp}/afile is a file, not a folder"),
     ("--logging_dir", "afile", "--logging_dir {tmp}/afile: exists and is not a folder"),
