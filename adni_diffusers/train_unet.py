@@ -351,8 +351,8 @@ def main(args: argparse.Namespace) -> dict:
     training.choose_compile_mode(args, accelerator, training.UNET_CUDA_COMPILE_MODE)
     root, folder_classes = training.class_folders(args, accelerator)
     if args.conditional and len(folder_classes) < 2:
-        raise TrainingError(f"--conditional needs class folders (e.g. AD/ and NC/); {root} has "
-                            f"{folder_classes or 'none'}")
+        raise TrainingError(f"--conditional needs class folders, two or more (e.g. AD/ and NC/); {root} has "
+                            + (f"only {folder_classes[0]}/" if folder_classes else "none"))
 
     # 1. the frozen first stage, and the denoiser for the latents it makes (4x32x32 for every preset)
     vq = VQModel.from_pretrained(vq_dir).to(device).eval().requires_grad_(False)

@@ -1724,7 +1724,8 @@ def test_conditional_needs_two_class_folders_not_one(tmp_path, tiny_vq, demo_roo
         shutil.copytree(demo_root / split / "AD", data / split / "AD")
     code = train_unet.cli(["--vqmodel", str(tiny_vq), "--train_data_dir", str(data), "--output_dir",
                            str(tmp_path / "o"), "--conditional", "--max_train_steps", "1", *TINY_UNET_ARGS])
-    assert code == 2 and "--conditional needs class folders" in capsys.readouterr().err
+    assert code == 2 and f"--conditional needs class folders, two or more (e.g. AD/ and NC/); {data} has only AD/" \
+        in capsys.readouterr().err
 
 
 def test_latents_on_device_puts_the_latent_dataset_on_the_training_device(tmp_path, tiny_vq, demo_root, monkeypatch):
