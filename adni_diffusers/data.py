@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -123,6 +124,15 @@ _MAX_LISTED = 10
 
 class DataError(ValueError):
     """The data folder cannot be used as it is. The message names the path and what was expected."""
+
+
+def _look_alike_names(names) -> list[str]:
+    """Names that differ only in spaces at their ends or in Unicode form (a copy from a Mac can leave an accented
+    letter as a letter and a combining accent): the same word on screen."""
+    groups: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        groups[unicodedata.normalize("NFC", name).strip()].add(name)
+    return sorted(n for same in groups.values() if len(same) > 1 for n in same)
 
 
 @dataclass
@@ -467,6 +477,10 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     names = {tuple(v) for v in class_sets.values()}
     if len(names) > 1:
         detail = "; ".join(f"{s}: {', '.join(v) or '(no class folders)'}" for s, v in class_sets.items())
+        look_alike = _look_alike_names({n for v in class_sets.values() for n in v})
+        if look_alike:  # printed as they are, 'AD ' and 'AD' read the same
+            detail += ("; these names differ only in spaces at their ends or in Unicode form (rename one): "
+                       + ", ".join(map(ascii, look_alike)))
         raise DataError(f"{root}: the split folders have different class folders ({detail})")
     return _Tree(sorted(files), split_of, has_splits, list(next(iter(names))))
 

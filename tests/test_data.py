@@ -853,6 +853,22 @@ def test_split_folders_with_different_class_folders_are_refused_by_name(tmp_path
     make_tree(root, classes=("AD",), splits=("test",))
     msg = data_error(root, split="given")
     assert "different class folders" in msg and "train: AD, NC" in msg and "test: AD" in msg
+    assert "differ only" not in msg
+
+
+@pytest.mark.parametrize("other", ["AD ", "Alzheime\u0301"])
+def test_class_folders_that_look_alike_are_named_so_the_difference_shows(tmp_path, other):
+    """'AD ' in train/ beside 'AD' in test/ (or an accent stored in two Unicode forms, as a copy from a Mac can
+    leave it) was listed as "train: AD , NC; test: AD, NC": the same words on screen."""
+    import unicodedata
+
+    same = unicodedata.normalize("NFC", other).strip()
+    root = tmp_path / "AD_NC"
+    make_tree(root, classes=(other, "NC"), splits=("train",))
+    make_tree(root, classes=(same, "NC"), splits=("test",))
+    msg = data_error(root, split="given")
+    assert "differ only in spaces at their ends or in Unicode form (rename one)" in msg
+    assert ascii(other) in msg and ascii(same) in msg
 
 
 def test_listing_counts_only_the_paths_it_leaves_out():
