@@ -720,6 +720,7 @@ def test_rgb_image_with_colour(tmp_path):
     bad = write(root / "train" / "AD" / "1009999_1.jpeg", np.stack([g, g // 2, 255 - g], axis=-1))
     msg = data_error(root)
     assert str(bad) in msg and "colour RGB" in msg and "expected 8-bit greyscale" in msg
+    assert "16-bit and float slices" not in msg  # the rescaling hint comes with those alone
 
 
 def test_rgba_image_with_transparency(tmp_path):
@@ -738,6 +739,29 @@ def test_16_bit_png(tmp_path):
     assert image_mode(bad) == "I;16"
     msg = data_error(root)
     assert str(bad) in msg and "16-bit" in msg and "expected 8-bit greyscale" in msg
+    # how to convert it: the obvious Image.convert("L") clips (a helper's slices turned white and trained silently)
+    assert "16-bit and float slices: rescale each to 0..255" in msg and 'convert("L") clips them' in msg
+
+
+def test_slices_a_16_bit_conversion_clipped_to_black_and_white_get_a_warning(tmp_path, caplog):
+    """Pillow's convert("L") of a 16-bit slice clips every value above 255 to white: the slices decode fine and
+    trained without a word. A warning names them; grey slices, black ones and a JPEG's ringing do not count."""
+    root = image_tree(tmp_path)
+    counts = slice_pixels(7).astype(np.uint16) * 40  # a 16-bit slice's values, mostly above 255
+    clipped = Image.fromarray(counts).convert("L")
+    assert set(np.unique(np.asarray(clipped))) <= {0, 255}  # what convert("L") makes of it
+    bad = root / "train" / "AD" / "1009999_1.jpeg"
+    clipped.save(bad, quality=75)
+    write(root / "train" / "NC" / "1009998_1.png", np.zeros((H, W), np.uint8))  # an empty slice is no sign
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        load_slices(root)
+    assert f"1 of 10 slices hold only black and white pixels (e.g. {bad})" in caplog.text
+    assert "rescale such slices to 0..255" in caplog.text
+    bad.unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        load_slices(root)
+    assert "black and white" not in caplog.text
 
 
 def test_other_size_in_pad_mode(tmp_path):
