@@ -225,7 +225,16 @@ def vq_training_data(vq_dir: Path) -> dict | None:
             # (not recorded before 2026-12-03; "subject" before 2026-12-04 was the rule now named subject-2026-12-03)
             "patient_ids": recorded_patient_ids(record) if record.get("patient_ids") else None,
             "patients_sha256": record.get("patients_sha256"),
+            "patients": _patient_count(record),
             "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256")}
+
+
+def _patient_count(record: dict) -> int | None:
+    """How many patients a training_data.json's folder held (both splits; a patient in both counted once)."""
+    counts = [(record.get(part) or {}).get("patients") for part in ("train", "validation")]
+    if not all(isinstance(n, int) for n in counts):
+        return None
+    return sum(counts) - (record.get("shared_patients") or 0)
 
 
 def vq_data_folder(vq_dir: Path, flag: str) -> str | None:
@@ -298,12 +307,19 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
             "002_S_0295 and sub-ADNI002S0295, or ADNI4's five-digit ids): patients it trained on could be held out "
             f"here. Give --patient_ids {there['patient_ids']}")
     if there["patients_sha256"] != here["patients_sha256"]:
-        if warn:
+        older = "" if there.get("patient_ids") else (
+            " (a VQModel from before 2026-12-03: if the file names hold ADNI or BIDS subject ids, or a slice is in both "
+            "train/ and test/, --patient_ids file splits as it did)")
+        if warn and there.get("root") and Path(there["root"]).resolve() == Path(data.root).resolve():
+            # the same folder, grown or changed since: "another set of patients (R) than R" named it twice
+            then = f"{there['patients']} then, " if isinstance(there.get("patients"), int) else ""
+            logger.warning("--vqmodel %s was trained on %s when it held other patients (%s%d now), so whether it saw "
+                           "this run's held-out patients cannot be checked: held-out numbers may count patients it "
+                           "trained on. Train the VQModel again on the folder as it is now to be sure%s", vq_dir,
+                           data.root, then, len(set(data.train.patients + data.val.patients)), older)
+        elif warn:
             logger.warning("--vqmodel %s was trained on another set of patients (%s) than %s, so whether it saw this "
-                           "run's held-out patients cannot be checked%s", vq_dir, there["root"], data.root,
-                           "" if there.get("patient_ids") else " (a VQModel from before 2026-12-03: if the file names "
-                           "hold ADNI or BIDS subject ids, or a slice is in both train/ and test/, --patient_ids file "
-                           "splits as it did)")
+                           "run's held-out patients cannot be checked%s", vq_dir, there["root"], data.root, older)
     elif len(data.val) and there["validation_patients_sha256"] != here["validation"]["patients_sha256"]:
         if (there["split"], there["val_fraction"], there["split_seed"]) == (args.split, args.val_fraction,
                                                                             training.split_seed(args)):

@@ -604,7 +604,7 @@ def test_a_vqmodel_of_another_patient_rule_is_refused_and_an_older_one_is_told_t
     (vq / "training_data.json").write_text(json.dumps({**record, "patients_sha256": "0" * 64}))
     with caplog.at_level("WARNING", logger="adni_diffusers"):
         train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
-    assert "another set of patients" in caplog.text and "--patient_ids file splits as it did" in caplog.text
+    assert "when it held other patients" in caplog.text and "--patient_ids file splits as it did" in caplog.text
     # a VQModel of the subject rule before 2026-12-04 (no subjects_named_both_ways) on a folder that names each
     # subject one way: the same patients, not refused; on other patients, warned of without a flag (no rule
     # counts these patients as it did)
@@ -616,7 +616,30 @@ def test_a_vqmodel_of_another_patient_rule_is_refused_and_an_older_one_is_told_t
     (vq / "training_data.json").write_text(json.dumps({**record, "patient_ids": "subject", "patients_sha256": "0" * 64}))
     with caplog.at_level("WARNING", logger="adni_diffusers"):
         train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
-    assert "another set of patients" in caplog.text and "--patient_ids" not in caplog.text.splitlines()[-1]
+    assert "when it held other patients" in caplog.text and "--patient_ids" not in caplog.text.splitlines()[-1]
+
+
+def test_a_vqmodel_of_the_same_folder_before_it_grew_is_warned_of_in_those_words(tmp_path, tiny_vq, demo_root,
+                                                                                 caplog):
+    """Patients added to the data folder between the two stages: "trained on another set of patients (R) than R"
+    named one folder twice. The warning says the folder changed, with its patient counts then and now."""
+    import shutil
+
+    from adni_diffusers import train_unet
+    from adni_diffusers.data import load_slices
+
+    data = Path(shutil.copytree(demo_root, tmp_path / "AD_NC"))
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq"))
+    record = json.loads((vq / "training_data.json").read_text())
+    (vq / "training_data.json").write_text(json.dumps({**record, "root": str(data)}))
+    before = record["train"]["patients"] + record["validation"]["patients"]
+    for f in sorted(data.glob("train/AD/*.jpeg"))[:2]:  # a new patient's slices
+        shutil.copy(f, f.with_name("999999_" + f.name.split("_")[-1]))
+    args = train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", "o"])
+    with caplog.at_level("WARNING", logger="adni_diffusers"):
+        train_unet.check_vq_data(vq / "vqvae", args, load_slices(data))
+    assert f"was trained on {data} when it held other patients ({before} then, {before + 1} now)" in caplog.text
+    assert "another set of patients" not in caplog.text and "Train the VQModel again" in caplog.text
 
 
 def _folder_naming_subjects_both_ways(root: Path, subjects: int = 6) -> Path:
