@@ -743,6 +743,38 @@ def test_16_bit_png(tmp_path):
     assert "16-bit and float slices: rescale each to 0..255" in msg and 'convert("L") clips them' in msg
 
 
+def test_pixel_copies_under_other_names_are_named(tmp_path, caplog):
+    """A helper copied train/AD's slices into train/NC (same names) and a slice under another patient's name into
+    test/: both trained without a word. One image with two labels, a copy on both sides of the split, and one saved
+    twice get a warning each; empty (black) slices alike are no copies."""
+    import shutil
+
+    def warnings(**kw):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+            load_slices(root, **kw)
+        return caplog.text
+
+    root = image_tree(tmp_path)
+    for n in (1, 2):
+        write(root / "train" / "NC" / f"100999{n}_1.png", np.zeros((H, W), np.uint8))
+    assert "pixel for pixel" not in warnings(split="given")
+    source = sorted((root / "train" / "AD").glob("*.jpeg"))[0]
+    shutil.copy(source, root / "train" / "NC" / source.name)  # the same file name, the other class
+    shutil.copy(source, root / "test" / "AD" / "1009993_1.jpeg")  # another patient, the held-out side
+    text = warnings(split="given")
+    assert "1 slice(s) are in two class folders, pixel for pixel: one image with two labels" in text
+    assert str(root / "train" / "NC" / source.name) in text
+    (root / "train" / "NC" / source.name).unlink()
+    text = warnings(split="given")
+    assert "1 slice(s) have a pixel-for-pixel copy on the other side of the train / held-out split" in text
+    assert f"{source} = {root / 'test' / 'AD' / '1009993_1.jpeg'}" in text and "two class folders" not in text
+    (root / "test" / "AD" / "1009993_1.jpeg").rename(root / "train" / "AD" / "1009993_1.jpeg")
+    text = warnings(split="given")
+    assert "1 slice(s) are saved twice or more under other names, pixel for pixel" in text
+    assert "other side" not in text
+
+
 def test_slices_a_16_bit_conversion_clipped_to_black_and_white_get_a_warning(tmp_path, caplog):
     """Pillow's convert("L") of a 16-bit slice clips every value above 255 to white: the slices decode fine and
     trained without a word. A warning names them; grey slices, black ones and a JPEG's ringing do not count."""
