@@ -851,8 +851,9 @@ def _warn_about_slices_in_the_training_folder(image_paths, records, data_dir, mo
     `--classify` (or `adni-diffusers held-out`) draws; this costs no decoding."""
     from .files import read_json_object
 
-    root = data_dir or (read_json_object(Path(records) / "training_data.json").get("root")
-                        or read_json_object(Path(records) / "training_args.json").get("train_data_dir"))
+    typed = read_json_object(Path(records) / "training_args.json").get("train_data_dir")
+    root = data_dir or read_json_object(Path(records) / "training_data.json").get("root") or (
+        typed if isinstance(typed, str) and Path(typed).is_absolute() else None)  # relative to where training ran
     if not root:
         return
     root = Path(root).resolve()

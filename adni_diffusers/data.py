@@ -564,7 +564,7 @@ SIXTEEN_BIT_HINT = ("16-bit and float slices: rescale each to 0..255 and save it
 def black_and_white(pixels: np.ndarray) -> bool:
     """Whether a uint8 slice is black and white, hardly any grey: what a 16-bit slice becomes through Pillow's
     convert("L"), which clips (every value above 255 white). Near-black and near-white count as such (a JPEG's
-    ringing at the edges). The demo set's slices: 58% or more of what is not black is grey, 96% on average."""
+    ringing at the edges). The demo set's slices: half or more of what is not black is grey, 96% on average."""
     lit = np.count_nonzero(pixels > 15)
     white = np.count_nonzero(pixels > 239)
     return white > 0.01 * pixels.size and lit - white < 0.1 * lit
@@ -731,8 +731,9 @@ def equal_slices(pixels: torch.Tensor, indices: list[int], chunk: int = 512) -> 
 
 
 def _warn_about_pixel_copies(paths, labels, pixels, train_idx, val_idx) -> None:
-    """Slices that are another slice pixel for pixel, under another name (a copy in the wrong class folder, a
-    scan exported under two ids): one image with two labels, or on both sides of the train / held-out split."""
+    """Slices that are another slice pixel for pixel (a copy in the wrong class folder, a scan exported under two
+    ids): one image with two labels, on both sides of the train / held-out split, or counted twice on one side.
+    Copies a pooled split dropped already (`_copies_across_splits`) are not among `train_idx` / `val_idx`."""
     held, label_list = set(val_idx), labels.tolist()
     two_classes, two_sides, twice = [], [], []
     for group in equal_slices(pixels, sorted(train_idx + val_idx)):
@@ -747,18 +748,23 @@ def _warn_about_pixel_copies(paths, labels, pixels, train_idx, val_idx) -> None:
         logger.warning("%d slice(s) are in two class folders, pixel for pixel: one image with two labels; remove "
                        "the wrong copy: %s", len(two_classes), _listing(two_classes))
     if two_sides:
-        logger.warning("%d slice(s) have a pixel-for-pixel copy on the other side of the train / held-out split, "
-                       "under another name: held-out numbers include images the model trained on; remove the copies: "
-                       "%s", len(two_sides), _listing(two_sides))
+        logger.warning("%d slice(s) have a pixel-for-pixel copy on the other side of the train / held-out split: "
+                       "held-out numbers include images the model trained on; remove the copies: %s", len(two_sides),
+                       _listing(two_sides))
     if twice:
-        logger.warning("%d slice(s) are saved twice or more under other names, pixel for pixel: each counts more "
-                       "than once in training and in the metrics: %s", len(twice), _listing(twice))
+        logger.warning("%d slice(s) are saved twice or more on one side of the train / held-out split, pixel for "
+                       "pixel: each counts more than once there: %s", len(twice), _listing(twice))
 
 
 def _warn_about_missing_hold_out(split, root, class_names, labels, patients, train_idx, val_idx) -> None:
     if not val_idx:
         why = ("no held-out split folder beside train/" if split == "given"
                else "no class has 2 or more patients (each class keeps one for training)")
+        distinct = sorted(set(patients))
+        if split == "patient" and len(distinct) <= 3:  # slice_000.jpeg in each class: one patient, "slice"
+            why += (f"; the file names give {len(distinct)} patient(s) ({', '.join(map(repr, distinct))}) for "
+                    f"{len(patients)} slices: a name's part before its last _<number> is its patient "
+                    "(1003730_85.jpeg: patient 1003730), or the ADNI / BIDS subject id in it")
         logger.warning("--split %s: nothing is held out of %s (%s); held-out metrics will be measured on "
                        "training images", split, root, why)
         return

@@ -227,6 +227,14 @@ def _without_diffusers_float16_on_cpu_warning():
         pipeline_logger.removeFilter(quiet)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def model_fingerprint(model: str) -> str | None:
     """sha256 over the saved pipeline's model_index.json and its components' files (configs, weights): --resume
     refuses another model saved (or pushed) under the same --model. A Hub repo id: the cached snapshot that
@@ -336,6 +344,12 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     # an index, unless it is a class's name (numeric class folders: CDR 0, 0.5, 1)
     label = int(class_label) if isinstance(class_label, str) and class_label.isdigit() \
         and class_label not in (pipe.class_names or []) else class_label
+    names = pipe.class_names or []
+    if isinstance(class_label, str) and isinstance(label, int) and any(_is_number(name) for name in names) \
+            and 0 <= label < len(names):
+        # classes named 1 and 2: "--class 0" is no name, so the index of class 1; say which
+        logger.warning("--class %s is not one of the class names (%s): read as the index of class %s", class_label,
+                       ", ".join(names), names[label])
     # what the model can refuse, checked before an earlier run's outputs are removed (--overwrite)
     check_scheduler_steps(scheduler, pipe.scheduler.config, steps)
     if label is not None and not pipe.is_conditional:  # (the pipeline's own words name its class_labels argument)

@@ -519,7 +519,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "example_label_shell": shlex.quote(class_names[0]) if conditional else None,
         "class_literals": [_python_string(name) for name in class_names or []],
         # a model of MCI (or EMCI / LMCI) slices is not said to know no MCI
-        "other_diagnoses": "no other diagnoses or dementias" if any("MCI" in name.upper() for name in class_names or [])
+        "other_diagnoses": "no other diagnoses or dementias"
+        if any("MCI" in str(name).upper() for name in class_names or data.get("class_names") or [])
         else "no MCI, no other dementias",
         "unet_params": _millions(_count_parameters(d / "unet")),
         "unet_channels": ", ".join(str(c) for c in channels) or "?",

@@ -310,7 +310,8 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
         older = "" if there.get("patient_ids") else (
             " (a VQModel from before 2026-12-03: if the file names hold ADNI or BIDS subject ids, or a slice is in both "
             "train/ and test/, --patient_ids file splits as it did)")
-        if warn and there.get("root") and Path(there["root"]).resolve() == Path(data.root).resolve():
+        if warn and there.get("patient_ids") and there.get("root") and \
+                Path(there["root"]).resolve() == Path(data.root).resolve():  # (an older rule counts otherwise)
             # the same folder, grown or changed since: "another set of patients (R) than R" named it twice
             then = f"{there['patients']} then, " if isinstance(there.get("patients"), int) else ""
             logger.warning("--vqmodel %s was trained on %s when it held other patients (%s%d now), so whether it saw "

@@ -236,12 +236,8 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
     for name in ("train_data_dir", "demo_data_dir", "output_dir"):
         if getattr(args, name) == "":  # an unset shell variable: "" is the current folder (the run trained there)
             raise TrainingError(f"--{name} is empty; expected a folder")
-    name = "train_data_dir" if getattr(args, "train_data_dir", None) else "demo_data_dir"  # the folder read
-    if data := getattr(args, name, None):
-        if Path(args.output_dir).resolve().is_relative_to(Path(data).resolve()):
-            # made before the data is scanned, it was then read as a class folder holding folders
-            raise TrainingError(f"--output_dir {args.output_dir}: inside --{name} {data}, where the run's files "
-                                "would be read as data; choose an output folder outside the data folder")
+    if getattr(args, "train_data_dir", None):  # (the demo set's, or a VQModel's folder: when the stage starts)
+        check_output_outside_data(args)
     logs = logging_folder(args)
     for name, folder in (("output_dir", Path(args.output_dir)), ("logging_dir", logs)):
         # mkdir's or tensorboard's NotADirectoryError came as a traceback (tensorboard's before the data was checked)
@@ -514,6 +510,17 @@ def other_stage_model(output_dir: Path, project: str | None) -> str | None:
     return words.get(stage) if project and stage and stage != project else None
 
 
+def check_output_outside_data(args) -> None:
+    """Refuse an --output_dir inside the folder the run reads (--train_data_dir, the VQModel's folder train_unet.py
+    filled in there, else the demo set's): made before the data is scanned, it was read as a class folder of
+    folders ("class folders must hold images, not further folders"), naming neither flag."""
+    name = "train_data_dir" if getattr(args, "train_data_dir", None) else "demo_data_dir"
+    data = getattr(args, name, None)
+    if data and Path(args.output_dir).resolve().is_relative_to(Path(data).resolve()):
+        raise TrainingError(f"--output_dir {args.output_dir}: inside the data folder {data} (--{name}), where the "
+                            "run's files would be read as data; choose an output folder outside it")
+
+
 def start_stage(args, config_of, project_name: str, product: str, stage_flags: tuple[str, ...] = ()):
     """What both training scripts do first, in this order so that every bad flag fails before any work: the
     model config from --preset (`config_of`, e.g. `presets.vq_config`), the Accelerator, the output folder
@@ -523,6 +530,7 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     Returns (config, accelerator)."""
     from .presets import PresetError
 
+    check_output_outside_data(args)
     try:
         config = config_of(args.preset)
     except PresetError as e:

@@ -603,6 +603,9 @@ def test_a_missing_hold_out_is_warned_about_and_named_in_the_eval_set(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
         d = load_slices(root, split="patient")
     assert len(d.val) == 0 and "--split patient: nothing is held out" in caplog.text
+    # a few patients for many slices: the names and the rule (slice_000.jpeg in each class read as patient "slice")
+    assert "the file names give 2 patient(s) ('1003730', '1003731') for 4 slices: a name's part before its last " \
+        "_<number> is its patient" in caplog.text
     assert eval_set_name(d, "patient") == "training images (no hold-out: --split patient found nothing to hold out)"
     assert eval_set_name(load_slices(root, split="all"), "all") == "training images (no hold-out: --split all)"
     caplog.clear()
@@ -771,7 +774,7 @@ def test_pixel_copies_under_other_names_are_named(tmp_path, caplog):
     assert f"{source} = {root / 'test' / 'AD' / '1009993_1.jpeg'}" in text and "two class folders" not in text
     (root / "test" / "AD" / "1009993_1.jpeg").rename(root / "train" / "AD" / "1009993_1.jpeg")
     text = warnings(split="given")
-    assert "1 slice(s) are saved twice or more under other names, pixel for pixel" in text
+    assert "1 slice(s) are saved twice or more on one side of the train / held-out split, pixel for pixel" in text
     assert "other side" not in text
 
 

@@ -55,7 +55,7 @@ def test_every_plan_parses_with_the_training_scripts(plan, tmp_path):
     from adni_diffusers import demo, train_unet, train_vqmodel
 
     p = demo.PLANS[plan]
-    common = ["--train_data_dir", str(tmp_path), "--preset", p["preset"]]
+    common = ["--train_data_dir", str(tmp_path / "AD_NC"), "--preset", p["preset"]]  # beside the outputs
     vq_args = train_vqmodel.parse_args([*common, "--output_dir", str(tmp_path / "vq"), *p["vq"]])
     unet_args = train_unet.parse_args([*common, "--vqmodel", str(tmp_path / "vq"), "--output_dir",
                                        str(tmp_path / "ldm"), *p["unet"]])

@@ -606,7 +606,7 @@ def test_default_ddpm_steps_are_the_models_own_timesteps(tmp_path, monkeypatch):
         assert steps[-1] == expected and json.loads((out / "generation.json").read_text())["steps"] == expected
 
 
-def test_a_numeric_class_name_is_that_class_not_an_index(fresh_pipe, tmp_path):
+def test_a_numeric_class_name_is_that_class_not_an_index(fresh_pipe, tmp_path, caplog):
     """Class folders may be numbers (CDR 0, 0.5, 1): --class 1 is the class named "1", not the class at index 1;
     generation.json records the class used. An index still works where no class bears its name."""
     from pathlib import Path
@@ -621,7 +621,11 @@ def test_a_numeric_class_name_is_that_class_not_an_index(fresh_pipe, tmp_path):
     kwargs = dict(num_images=1, guidance=2.0, scheduler="ddim", steps=2, seed=0, device="cpu")
     named = generate("unused", tmp_path / "named", class_label="1", pipe=pipe, **kwargs)
     by_index = generate("unused", tmp_path / "index", class_label="1", pipe=fresh_pipe, **kwargs)  # AD, NC: index 1
-    indexed_zero = generate("unused", tmp_path / "zero", class_label="0", pipe=pipe, **kwargs)  # no class "0"
+    assert "is not one of the class names" not in caplog.text
+    with caplog.at_level("WARNING", logger="adni_diffusers.generate"):
+        indexed_zero = generate("unused", tmp_path / "zero", class_label="0", pipe=pipe, **kwargs)  # no class "0"
+    # among numeric names an index reads like a name: said so (a helper's classes 1 and 2 gave class 1 for 0)
+    assert "--class 0 is not one of the class names (0.5, 1): read as the index of class 0.5" in caplog.text
     assert (_pixels(named["images"])[0] == _pixels(by_index["images"])[0]).all()  # both the UNet's label 1
     assert json.loads(Path(named["settings"]).read_text())["class_name"] == "1"
     assert json.loads(Path(indexed_zero["settings"]).read_text())["class_name"] == "0.5"

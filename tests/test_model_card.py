@@ -80,11 +80,11 @@ def test_evaluation_numbers_appear_when_present(ldm):
     assert "| `fd_project_features` | 12.5 |" in text and "| `ms_ssim_diversity` | 0.6543 |" in text
     assert "| `n_samples` | 256 |" in text
     assert "`passed`" not in text and "`note`" not in text and "`per_class`" not in text  # numbers only
-    assert "Read each number against its floor" not in text  # these rows have no floor
+    assert "has a floor row" not in text  # these rows have no floor
     (ldm / "evaluation" / "metrics.json").write_text(json.dumps({"precision (adni-features, k=3)": 0.21,
                                                                   "precision (adni-features, k=3), floor: real train "
                                                                   "vs held-out": 0.39}))
-    assert "Read each number against its floor, not against 0 or 1" in render_model_card(ldm)
+    assert "Read a number that has a floor row against it, not against 0 or 1" in render_model_card(ldm)
 
 
 def test_a_warm_up_not_below_the_run_says_how_far_the_rate_rose():
@@ -894,3 +894,12 @@ def test_the_cards_snippets_and_scope_follow_the_class_names(ldm, names, python,
     line = next(line for line in text.splitlines() if line.startswith("adni-diffusers generate"))
     assert shell in line and shlex.split(line)[shlex.split(line).index("--class") + 1] == names[0]
     assert f"only the classes {', '.join(names)} {scope}." in text
+
+
+def test_an_unconditional_model_of_mci_slices_is_not_said_to_know_no_mci(ldm):
+    """An unconditional model (no class names in model_index.json) of an MCI folder: its data record names the
+    class, and the card's scope line follows it."""
+    _edit_json(ldm / "model_index.json", class_names=None)
+    _edit_json(ldm / "training_data.json", class_names=["MCI"])
+    text = render_model_card(ldm)
+    assert "(no other diagnoses or dementias)." in text and "no MCI" not in text

@@ -443,16 +443,36 @@ def test_an_output_folder_inside_the_data_folder_is_refused_at_parse_time(tmp_pa
     from adni_diffusers.training import TrainingError
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(TrainingError, match=r"--output_dir runs/vq: inside --train_data_dir \., where the run's files "
-                                            r"would be read as data"):
+    with pytest.raises(TrainingError, match=r"--output_dir runs/vq: inside the data folder \. \(--train_data_dir\), "
+                                            r"where the run's files would be read as data"):
         train_vqmodel.parse_args(["--train_data_dir", ".", "--output_dir", "runs/vq"])
-    with pytest.raises(TrainingError, match="inside --demo_data_dir demo"):
-        train_unet.parse_args(["--vqmodel", "v", "--demo_data_dir", "demo", "--output_dir", str(tmp_path / "demo")])
     # beside the data, or the data inside the output folder: as before
     assert train_vqmodel.parse_args(["--train_data_dir", "data", "--output_dir", "data_runs/vq"]).output_dir
     assert train_vqmodel.parse_args(["--train_data_dir", "runs/AD_NC", "--output_dir", "runs"]).output_dir
     # the demo folder is not read where --train_data_dir is given
     assert train_vqmodel.parse_args(["--train_data_dir", "data", "--demo_data_dir", "demo", "--output_dir", "demo/vq"])
+
+
+def test_an_output_folder_inside_the_vqmodels_data_folder_is_refused_before_any_work(tmp_path, tiny_vq, demo_root,
+                                                                                     capsys):
+    """Without --train_data_dir the UNet reads the VQModel's folder, known only once the stage starts: an output
+    folder inside it is refused then, before it is made; one inside the unused default demo folder is not."""
+    import shutil
+
+    from adni_diffusers import train_unet
+
+    data = Path(shutil.copytree(demo_root, tmp_path / "AD_NC"))
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq", ignore=shutil.ignore_patterns("checkpoint-*", "latent_cache")))
+    record = json.loads((vq / "training_data.json").read_text())
+    (vq / "training_data.json").write_text(json.dumps({**record, "root": str(data)}))
+    (vq / "training_args.json").write_text(json.dumps({**json.loads((vq / "training_args.json").read_text()),
+                                                       "train_data_dir": str(data)}))
+    code = train_unet.cli(["--vqmodel", str(vq), "--output_dir", str(data / "ldm"), *TINY_UNET_ARGS])
+    assert code == 2 and f"inside the data folder {data} (--train_data_dir)" in capsys.readouterr().err
+    assert not (data / "ldm").exists()
+    args = train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", str(tmp_path / "demo" / "ldm"),
+                                  "--demo_data_dir", str(tmp_path / "demo")])
+    assert args.output_dir  # the demo folder is not this run's data: accepted
 
 
 @pytest.mark.parametrize("flag, path, message", [
@@ -604,7 +624,8 @@ def test_a_vqmodel_of_another_patient_rule_is_refused_and_an_older_one_is_told_t
     (vq / "training_data.json").write_text(json.dumps({**record, "patients_sha256": "0" * 64}))
     with caplog.at_level("WARNING", logger="adni_diffusers"):
         train_unet.check_vq_data(vq / "vqvae", args, load_slices(demo_root))
-    assert "when it held other patients" in caplog.text and "--patient_ids file splits as it did" in caplog.text
+    # (no rule recorded: the same folder may count its patients otherwise now, so not "when it held other patients")
+    assert "another set of patients" in caplog.text and "--patient_ids file splits as it did" in caplog.text
     # a VQModel of the subject rule before 2026-12-04 (no subjects_named_both_ways) on a folder that names each
     # subject one way: the same patients, not refused; on other patients, warned of without a flag (no rule
     # counts these patients as it did)
