@@ -446,6 +446,8 @@ def test_an_output_folder_inside_the_data_folder_is_refused_at_parse_time(tmp_pa
     with pytest.raises(TrainingError, match=r"--output_dir runs/vq: inside the data folder \. \(--train_data_dir\), "
                                             r"where the run's files would be read as data"):
         train_vqmodel.parse_args(["--train_data_dir", ".", "--output_dir", "runs/vq"])
+    with pytest.raises(TrainingError, match=r"--output_dir data/ldm: inside the data folder data \(--train_data_dir\)"):
+        train_unet.parse_args(["--vqmodel", "v", "--train_data_dir", "data", "--output_dir", "data/ldm"])
     # beside the data, or the data inside the output folder: as before
     assert train_vqmodel.parse_args(["--train_data_dir", "data", "--output_dir", "data_runs/vq"]).output_dir
     assert train_vqmodel.parse_args(["--train_data_dir", "runs/AD_NC", "--output_dir", "runs"]).output_dir
