@@ -712,12 +712,14 @@ def equal_slices(pixels: torch.Tensor, indices: list[int], chunk: int = 512) -> 
     if len(indices) < 2:
         return []
     flat = pixels.reshape(len(pixels), -1).numpy()
-    words = flat.view(np.uint64) if flat.shape[1] % 8 == 0 else flat.astype(np.uint64)
-    weights = np.random.default_rng(0).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
+    whole_words = flat.shape[1] % 8 == 0  # 256 x 256 slices: 8 pixels a 64-bit word
+    weights = np.random.default_rng(0).integers(1, 2**63, size=flat.shape[1] // 8 if whole_words else flat.shape[1],
+                                                dtype=np.uint64) | np.uint64(1)
     by_hash: dict[int, list[int]] = defaultdict(list)
-    for start in range(0, len(indices), chunk):
+    for start in range(0, len(indices), chunk):  # a chunk at a time: the products of all 30,000 would take 2 GB
         rows = indices[start:start + chunk]
-        for i, h in zip(rows, (words[rows] * weights).sum(axis=1, dtype=np.uint64).tolist()):  # wraps mod 2**64
+        words = flat[rows].view(np.uint64) if whole_words else flat[rows].astype(np.uint64)
+        for i, h in zip(rows, (words * weights).sum(axis=1, dtype=np.uint64).tolist()):  # wraps mod 2**64
             by_hash[h].append(i)
     groups = []
     for same_hash in by_hash.values():
