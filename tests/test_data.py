@@ -746,6 +746,23 @@ def test_16_bit_png(tmp_path):
     assert "16-bit and float slices: rescale each to 0..255" in msg and 'convert("L") clips them' in msg
 
 
+@pytest.mark.parametrize("size", [256, 255])  # whole 64-bit words, and not
+def test_equal_slices_groups_exact_copies_only(size):
+    """The hash finds candidates, exact comparison decides: a slice one grey level off is no copy; near-black
+    slices alike are none either; a chunk boundary between copies changes nothing."""
+    from adni_diffusers.data import equal_slices
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (9, size, size), generator=g, dtype=torch.uint8)
+    pixels[4], pixels[7] = pixels[1], pixels[1]
+    pixels[5] = pixels[2]
+    pixels[5, 0, 0] ^= 1  # one pixel off
+    pixels[6], pixels[8] = 0, 0
+    pixels[8, 0, 0] = 0
+    assert equal_slices(pixels, list(range(9)), chunk=2) == [[1, 4, 7]]
+    assert equal_slices(pixels, [1, 2, 3]) == [] and equal_slices(pixels, [4]) == []
+
+
 def test_pixel_copies_under_other_names_are_named(tmp_path, caplog):
     """A helper copied train/AD's slices into train/NC (same names) and a slice under another patient's name into
     test/: both trained without a word. One image with two labels, a copy on both sides of the split, and one saved
