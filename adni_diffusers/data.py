@@ -672,6 +672,8 @@ def load_slices(
                     "patients are subjects, so no subject is on both sides of the split",
                     len(set(named)), len(set(patients)))
 
+    _warn_about_patients_in_two_classes(patients, labels.tolist(), tree.class_names)
+
     logger.info("decoding %d images from %s", len(paths), root)
     pixels = torch.from_numpy(decode_all(paths, preprocess, num_workers))
     everything = SliceSet(pixels, labels, patients, [str(p) for p in paths], list(tree.class_names))
@@ -756,6 +758,22 @@ def _warn_about_pixel_copies(paths, labels, pixels, train_idx, val_idx) -> None:
     if twice:
         logger.warning("%d slice(s) are saved twice or more on one side of the train / held-out split, pixel for "
                        "pixel: each counts more than once there: %s", len(twice), _listing(twice))
+
+
+def _warn_about_patients_in_two_classes(patients, labels, class_names) -> None:
+    """A patient with slices in two class folders: a converter's visits (NC, then AD) or slices filed in the wrong
+    folder. The patient split keeps each patient whole, on the side its most common class draws it to."""
+    by_patient: dict[str, Counter] = defaultdict(Counter)
+    for p, y in zip(patients, labels):
+        by_patient[p][y] += 1
+    mixed = sorted(p for p, counts in by_patient.items() if len(counts) > 1)
+    if mixed:
+        shown = [f"{p} (" + ", ".join(f"{class_names[y]} {n}" for y, n in sorted(by_patient[p].items())) + ")"
+                 for p in mixed[:5]]
+        logger.warning("%d patient(s) have slices in two or more class folders: %s%s. A converter's visits, or "
+                       "slices in the wrong folder? Each slice keeps its folder's class; --split patient keeps the "
+                       "patient whole and counts it in its most common class", len(mixed), "; ".join(shown),
+                       "; ..." if len(mixed) > 5 else "")
 
 
 def _warn_about_missing_hold_out(split, root, class_names, labels, patients, train_idx, val_idx) -> None:

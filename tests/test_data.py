@@ -795,6 +795,25 @@ def test_pixel_copies_under_other_names_are_named(tmp_path, caplog):
     assert "other side" not in text
 
 
+def test_a_patient_with_slices_in_two_class_folders_is_named(tmp_path, caplog):
+    """A converter's visits (NC, then AD) or slices filed in the wrong folder: the patient split counted the patient
+    in its most common class without a word. A warning names the patient and its slices per class; the demo-like
+    tree, each patient in one class, gets none."""
+    root = tmp_path / "data"
+    make_tree(root, splits=None, patients=3, slices=2)
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        load_slices(root)
+    assert "patient(s) have slices in two" not in caplog.text
+    patient = sorted((root / "AD").glob("*.jpeg"))[0].name.split("_")[0]
+    write(root / "NC" / f"{patient}_99.jpeg", slice_pixels(555))  # a later visit filed under NC
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        data = load_slices(root)
+    assert f"1 patient(s) have slices in two or more class folders: {patient} (AD 2, NC 1)" in caplog.text
+    side = data.val if patient in data.val.patients else data.train
+    assert sorted(side.labels[[p == patient for p in side.patients]].tolist()) == [0, 0, 1]  # whole, labels kept
+
+
 def test_slices_a_16_bit_conversion_clipped_to_black_and_white_get_a_warning(tmp_path, caplog):
     """Pillow's convert("L") of a 16-bit slice clips every value above 255 to white: the slices decode fine and
     trained without a word. A warning names them; grey slices, black ones and a JPEG's ringing do not count."""
