@@ -6,8 +6,6 @@
 # only torch, numpy, PIL, diffusers and huggingface_hub (a diffusers dependency); keep it that way.
 """ADNILatentDiffusionPipeline: sample 4x32x32 latents, denoise, optionally refine, decode to slices."""
 
-from __future__ import annotations
-
 import hashlib
 import inspect
 import json
@@ -16,21 +14,41 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import PIL.Image
 import torch
 
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel, VQModel
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import logging
-from diffusers.utils.torch_utils import randn_tensor
+import diffusers
+
+# The oldest diffusers that samples as the tested one does (checked 2026-12-05 on CPU, 0.19 to 0.42.1: the same
+# images from 0.26 on). 0.25 has no `final_sigmas_type`, so DPM-Solver++'s last step differs; 0.22 to 0.24 load the
+# tiny and small presets' VQModel (`mid_block_add_attention` off) with random attention weights after a warning
+# (wrong images); older ones fail in a traceback.
+MIN_DIFFUSERS = (0, 26)
+
+
+def check_diffusers_version(version: str) -> None:
+    """Refuse, with what to do, a diffusers older than MIN_DIFFUSERS ("0.43.0.dev0" and the like are read too)."""
+    found = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if found < MIN_DIFFUSERS:
+        need = ".".join(map(str, MIN_DIFFUSERS))
+        raise ImportError(f"{PIPELINE_CLASS} needs diffusers >= {need}; this is diffusers {version}. Upgrade it: "
+                          f"pip install --upgrade 'diffusers>={need}'")
+
+
+PIPELINE_CLASS = "ADNILatentDiffusionPipeline"
+check_diffusers_version(diffusers.__version__)  # before the imports below, which may fail on older ones first
+
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel, VQModel  # noqa: E402
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
+from diffusers.utils import logging  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 logger = logging.get_logger(__name__)
 
 IMAGE_SIZE = 256
-PIPELINE_CLASS = "ADNILatentDiffusionPipeline"
 MODULE_STEM = "pipeline_adni_ldm"
 SHIPPED_MODULE_RE = re.compile(rf"{MODULE_STEM}(_[0-9a-f]{{12}})?\.py")
 
@@ -397,7 +415,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "x0_pred"]
 
     def __init__(self, vqvae: VQModel, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: list[str] | dict[str, int] | None = None, preprocess: str = "pad"):
+                 class_names: Optional[Union[List[str], Dict[str, int]]] = None, preprocess: str = "pad"):
+        # typing's Optional / Union, not `list[str] | None`: diffusers 0.33 to 0.36 check each argument against
+        # its annotation and refused to load a pipeline whose annotations they could not read
         super().__init__()
         if preprocess not in PREPROCESS_CHOICES:
             raise ValueError(f"preprocess={preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")

@@ -1523,3 +1523,30 @@ def test_a_bfloat16_pipeline_keeps_the_sampler_state_float32(monkeypatch):
               output_type="latent").images
     assert len(stepped) == 4 and all(s.dtype == torch.float32 for s in [*stepped, out])
     assert torch.equal(stepped[0], torch.randn(1, 4, 32, 32, generator=seeded()))
+
+
+def test_init_annotations_are_types_that_diffusers_0_33_to_0_36_can_read():
+    """diffusers 0.33 to 0.36 match each __init__ argument against its annotation as written; with
+    `from __future__ import annotations` every annotation was a string, and a saved model failed to load there
+    (KeyError: 'class_names'). Each must be a class or a typing Union (which `X | None` is not, to them)."""
+    from typing import Union, get_origin
+
+    for name, parameter in inspect.signature(ADNILatentDiffusionPipeline.__init__).parameters.items():
+        if name != "self":
+            annotation = parameter.annotation
+            assert inspect.isclass(annotation) or get_origin(annotation) is Union, (name, annotation)
+    assert set(ADNILatentDiffusionPipeline._get_signature_types()) >= {"vqvae", "unet", "scheduler", "class_names",
+                                                                       "preprocess"}
+
+
+def test_a_diffusers_older_than_0_26_is_refused_with_what_to_do():
+    """0.25 samples DPM-Solver++ differently, 0.22 to 0.24 load the tiny / small VQModel with random attention
+    weights after a mere warning: the shipped file refuses them at import, naming the version and the upgrade."""
+    from adni_diffusers.pipeline_adni_ldm import check_diffusers_version
+
+    for version in ("0.24.0", "0.25.1"):
+        with pytest.raises(ImportError, match=rf"needs diffusers >= 0\.26; this is diffusers {version}\. "
+                                               r"Upgrade it: pip install --upgrade 'diffusers>=0\.26'"):
+            check_diffusers_version(version)
+    for version in ("0.26.0", "0.42.1", "0.43.0.dev0", "1.0.0"):
+        check_diffusers_version(version)
