@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_SCHEDULER = "dpm++"  # the fast sampler for the main numbers; DDPM-1000 is an ablation row
 DEFAULT_ABLATION_SAMPLES = 32
 PR_K = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019 use 3)
+FD_RESAMPLES = 200  # bootstrap resamples of the FD intervals (about 7 s for 200 images of 256 features on a CPU)
+INTERVAL_LEVEL = 0.95
 NN_PERCENTILE = 5.0  # memorisation: samples closer to the training set than 5% of held-out reals
 FEATURE_NET_SEED = 0  # the feature net is the yardstick: one per data set and settings, whatever --seed samples
 PIXEL_NN_SIZE = 64  # pixel-space nearest neighbours on 64x64 (box-filtered) images
@@ -326,6 +329,41 @@ def compare_features(reference: torch.Tensor, candidate: torch.Tensor, k: int = 
             "kid_subset_size": kd["subset_size"], "precision": pr["precision"], "recall": pr["recall"], "k": k,
             "reference_images": len(reference), "candidate_images": len(candidate),
             "feature_dims": int(reference.shape[1])}
+
+
+def fd_intervals(*, held_feats, held_groups, held_patients, gen_feats, gen_groups, train_feats, train_groups,
+                 counts: dict, seed: int, resamples: int = FD_RESAMPLES, level: float = INTERVAL_LEVEL) -> dict:
+    """Percentile-bootstrap intervals of the generated FD and of the floor's. Slices of one patient are alike, so
+    the held-out reference is resampled by PATIENT (within each group, as many patients as it has): resampling its
+    slices would treat 200 slices of 10 patients as 200 independent images and give a far narrower interval. The
+    generated images (one seed each) are resampled by image, and the floor's training images are drawn afresh
+    each time (one draw of them is the floor's other source of chance). `*_groups`: the class, or 0 for all."""
+    if resamples < 1 or len(held_feats) < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    rows_of: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for row, (g, patient) in enumerate(zip(held_groups.tolist(), held_patients)):
+        rows_of[g][patient].append(row)
+    by_group = {g: list(patients.values()) for g, patients in sorted(rows_of.items())}
+    gen_rows = {g: torch.nonzero(gen_groups == g).flatten().numpy() for g in by_group}
+    fd, floor = [], []
+    for b in range(resamples):
+        held = [row for g, patients in by_group.items()
+                for j in rng.integers(0, len(patients), len(patients)) for row in patients[j]]
+        gen = np.concatenate([rng.choice(rows, len(rows)) for rows in gen_rows.values()])
+        train = subsample(train_groups, counts, seed + 1 + 1000 * (b + 1))  # not the floor's own draw (seed + 1)
+        if len(held) < 2:  # one patient of one slice drawn: no spread to fit
+            continue
+        reference = held_feats[held]
+        fd.append(M.frechet_distance(reference, gen_feats[torch.from_numpy(gen)]))
+        floor.append(M.frechet_distance(reference, train_feats[train]))
+    if not fd:
+        return {}
+    tail = 100 * (1 - level) / 2
+    return {"level": level, "resamples": resamples, "held_out_patients": sum(map(len, by_group.values())),
+            "resampled": "held-out patients within each class, generated images, and the floor's training draw",
+            "fd": np.percentile(fd, [tail, 100 - tail]).tolist(),
+            "floor_fd": np.percentile(floor, [tail, 100 - tail]).tolist()}
 
 
 def per_class_realism(class_names: list[str], *, held, generated, train, vq_round_trip, kid_subsets: int,
@@ -749,6 +787,10 @@ def _kid(m: dict) -> str:
     return _f(m["kid"])
 
 
+def _range(low_high) -> str:
+    return f" ({_f(low_high[0])} to {_f(low_high[1])})" if low_high else ""
+
+
 def _n(n, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -772,12 +814,22 @@ def _clean(obj):
     return obj
 
 
+def _interval_label(iv: dict) -> str:
+    if not iv:
+        return "interval (not computed)"  # a row with value None, dropped
+    return (f"{100 * iv['level']:g}% interval ({iv['resamples']} resamples of the "
+            f"{iv['held_out_patients']} held-out patients)")
+
+
 def summary_numbers(res: dict) -> dict:
     """The top-level numeric entries of metrics.json (the model card's table): each beside its floor."""
     r, fl = res["realism"]["generated"], res["realism"]["floor"]
     ce = res["realism"]["vq_ceiling"]
+    iv = res["realism"].get("fd_intervals") or {}  # [low, high]: the card shows two-number lists as ranges
     s = {
-        M.FD_NAME: r["fd"], f"{M.FD_NAME}, {FLOOR_LABEL}": fl["fd"], f"{M.FD_NAME}, {CEILING_LABEL}": ce["fd"],
+        M.FD_NAME: r["fd"], f"{M.FD_NAME}, {_interval_label(iv)}": iv.get("fd"),
+        f"{M.FD_NAME}, {FLOOR_LABEL}": fl["fd"], f"{M.FD_NAME}, {FLOOR_LABEL}, {_interval_label(iv)}": iv.get("floor_fd"),
+        f"{M.FD_NAME}, {CEILING_LABEL}": ce["fd"],
         M.KID_NAME: r["kid"], f"{M.KID_NAME}, {FLOOR_LABEL}": fl["kid"],
         f"precision (adni-features, k={r['k']})": r["precision"],
         f"precision (adni-features, k={fl['k']}), {FLOOR_LABEL}": fl["precision"],
@@ -801,6 +853,7 @@ def summary_numbers(res: dict) -> dict:
     s["memorisation, floor: the held-out slices' own share"] = _heldout_share(mem)
     s["images per set (distribution metrics)"] = r["candidate_images"]
     s["sampling seconds per image"] = res["timings"]["sampling_seconds_per_image"]
+    s["held-out patients (the real reference)"] = ((res.get("data") or {}).get("validation") or {}).get("patients")
     return {k: v for k, v in s.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
 
 
@@ -818,6 +871,7 @@ def write_report(res: dict, out: Path) -> Path:
     ce = res["realism"]["vq_ceiling"]
     st = res["settings"]
     fn = res["feature_net"]
+    iv = res["realism"].get("fd_intervals") or {}
     pairs = "within a class" if res["model"]["conditional"] else "(all images: unconditional, no classes)"
     lines = [
         f"# Evaluation of `{res['model']['path']}`",
@@ -864,7 +918,8 @@ def write_report(res: dict, out: Path) -> Path:
         "",
         "| measure | generated | floor (real) | VQ ceiling | better |",
         "|---|---|---|---|---|",
-        f"| {M.FD_NAME} | {_f(r['fd'])} | {_f(fl['fd'])} | {_f(ce['fd'])} | lower, near the floor |",
+        f"| {M.FD_NAME} | {_f(r['fd'])}{_range(iv.get('fd'))} | {_f(fl['fd'])}{_range(iv.get('floor_fd'))} | "
+        f"{_f(ce['fd'])} | lower, near the floor |",
         f"| {M.KID_NAME} | {_kid(r)} | {_kid(fl)} | {_kid(ce)} | lower, near the floor |",
         f"| precision (k={r['k']}): samples inside the real manifold | {_f(r['precision'], 3)} | "
         f"{_f(fl['precision'], 3)} | {_f(ce['precision'], 3)} | higher |",
@@ -896,6 +951,19 @@ def write_report(res: dict, out: Path) -> Path:
         "the floor uses as many real training images. FD is biased upwards at small N and its floor is not 0: "
         "compare only numbers computed at the same N." + (
             f" {fd_note}" if (fd_note := fd_rank_note(r, classes=len(res["realism"]["images_per_class"]))) else ""),
+        "",
+    ]
+    if iv:
+        lines += [
+            f"FD's ranges are {100 * iv['level']:g}% bootstrap intervals over {iv['resamples']} resamples of the "
+            f"{_n(iv['held_out_patients'], 'held-out patient')} (slices of one patient are alike: resampling slices "
+            "would give a far narrower range), of the generated images and of the floor's training draw. Two "
+            "models whose FDs lie inside each other's ranges are not told apart by this evaluation.", ""]
+    lines += [
+        "FD also moves with the feature net it is measured in (here "
+        + (f"sha256 `{fn['weights_sha256'][:16]}` of its weights, " if fn.get("weights_sha256") else "")
+        + f"trained with seed {fn['settings'].get('seed')}): compare FD only between evaluations with the same net, "
+        "and measure the spread with another `--feature-net-seed`.",
         "",
         "## Feature network",
         "",
@@ -1053,8 +1121,8 @@ def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
 def assemble_results(*, model_dir, pipe, conditional, model_classes, record, data, settings, device, fn_report,
                      realism, diversity, fidelity, shares, mem, ablation, timings, files, complete) -> dict:
     """The evaluation's record (metrics.json without its numeric summary)."""
-    fn_summary = {k: fn_report.get(k) for k in ("cached", "path", "key", "trained_on", "settings", "train_seconds",
-                                                "position_head_trained", "val")}
+    fn_summary = {k: fn_report.get(k) for k in ("cached", "path", "key", "weights_sha256", "trained_on", "settings",
+                                                "train_seconds", "position_head_trained", "val")}
     return {
         "model": {"path": str(model_dir), "conditional": conditional, "class_names": model_classes,
                   "null_class": pipe.null_class if conditional else None},
@@ -1138,6 +1206,8 @@ def evaluate_model(
     tstr_epochs: int = 10,
     diversity_pairs: int | None = None,
     kid_subsets: int = 100,
+    fd_resamples: int = FD_RESAMPLES,
+    feature_net_seed: int = FEATURE_NET_SEED,
     ablations: bool = False,
     ablation_samples: int = DEFAULT_ABLATION_SAMPLES,
     ablation_step_overrides: dict | None = None,
@@ -1267,9 +1337,9 @@ def evaluate_model(
 
     # 2. the feature network: real training split only, cached
     t = time.perf_counter()
-    # its own fixed seed, not --seed: every --seed is then measured in the same feature space (and counterfactual,
-    # which uses seed 0 too, finds the same net)
-    settings = {"epochs": feature_epochs, "seed": FEATURE_NET_SEED, "device": device, "progress": progress,
+    # its own seed, not --seed: every --seed is then measured in the same feature space (and counterfactual, which
+    # uses FEATURE_NET_SEED too, finds the same net); --feature-net-seed trains another yardstick
+    settings = {"epochs": feature_epochs, "seed": feature_net_seed, "device": device, "progress": progress,
                 **(feature_settings or {})}
     net, fn_report = get_or_train_feature_net(cache_dir, data.train, data.val, **settings)
     logger.info("feature net %s (%s); held-out accuracy %.3f", "reused" if fn_report["cached"] else "trained",
@@ -1333,6 +1403,11 @@ def evaluate_model(
             generated=(gen_feats[gen_idx], gen.labels[gen_idx]),
             train=(train_feats[train_idx], data.train.labels[train_idx]),
             vq_round_trip=(recon_feats, data.train.labels[train_idx]), kid_subsets=kid_subsets, seed=seed)
+    realism["fd_intervals"] = fd_intervals(
+        held_feats=heldout_feats[held_idx], held_groups=groups_of(data.val)[held_idx],
+        held_patients=[data.val.patients[i] for i in held_idx.tolist()], gen_feats=gen_feats[gen_idx],
+        gen_groups=groups_of(gen)[gen_idx], train_feats=train_feats, train_groups=groups_of(data.train),
+        counts=counts, seed=seed, resamples=fd_resamples)
     if fd_note := fd_rank_note(realism["generated"], classes=len(realism["images_per_class"])) \
             or per_class_fd_note(realism["per_class"]):
         logger.warning(fd_note)
@@ -1408,7 +1483,7 @@ def evaluate_model(
                 "scheduler": scheduler, "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
                 "refine_repeats": refine_repeats, "seed": seed, "batch_size": batch_size, "dtype": dtype,
                 "diversity_pairs": diversity_pairs, "ms_ssim_scale": M.SSIM_SCALE, "kid_subsets": kid_subsets,
-                "tstr_epochs": tstr_epochs, "pr_k": PR_K, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
+                "fd_resamples": fd_resamples, "tstr_epochs": tstr_epochs, "pr_k": PR_K, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
                 "ablation_samples": ablation_samples if ablations else None},
             device=device, fn_report=fn_report, realism=realism, diversity={"generated": gen_div, "real": real_div},
             fidelity=fidelity, shares=shares, mem=mem, ablation=ablation, timings=timings,
@@ -1514,7 +1589,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--refine-repeats", type=non_negative_int, default=0, help="how many refinement passes")
     g.add_argument("--seed", type=int, default=0,
                    help="the samples' noise and the measures' random draws (KID subsets, the real images compared, "
-                        "UMAP); the feature net's seed is fixed")
+                        "UMAP); not the feature net's (--feature-net-seed)")
     g.add_argument("--batch-size", type=positive_int, default=None, help="sampling batch (default: 16 on CPU, 256 on GPU)")
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -1522,11 +1597,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("measures")
     g.add_argument("--feature-cache", "--feature-net-cache", default=None,  # counterfactual's name for it too
                    help="feature-net cache folder (default: <model>/feature_net, shared with counterfactual)")
+    g.add_argument("--feature-net-seed", type=int, default=FEATURE_NET_SEED,
+                   help=f"seed of the feature net's training (default {FEATURE_NET_SEED}): FD moves with the net, so "
+                        "another seed measures how much (a net of its own, cached beside the default one)")
     g.add_argument("--feature-epochs", type=positive_int, default=5, help="feature-net training epochs (real training split; default 5)")
     g.add_argument("--tstr-epochs", type=positive_int, default=10, help="epochs of the TSTR / TRTR classifiers (default 10)")
     g.add_argument("--diversity-pairs", type=positive_int, default=None,
                    help="MS-SSIM pairs per class and set (default: 200 on CPU, 1000 on GPU)")
     g.add_argument("--kid-subsets", type=positive_int, default=100, help="KID subsets (default 100)")
+    g.add_argument("--fd-resamples", type=non_negative_int, default=FD_RESAMPLES,
+                   help=f"bootstrap resamples of the FD intervals, by held-out patient (default {FD_RESAMPLES}; 0: "
+                        "no intervals)")
     g.add_argument("--no-umap", dest="umap", action="store_false", help="skip the UMAP plot")
     g = parser.add_argument_group("ablations")
     g.add_argument("--ablations", action="store_true",
@@ -1546,7 +1627,8 @@ def main(args: argparse.Namespace) -> int:
         guidance=args.guidance, refine_steps=args.refine_steps, refine_repeats=args.refine_repeats, seed=args.seed,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, feature_cache=args.feature_cache,
         feature_epochs=args.feature_epochs, tstr_epochs=args.tstr_epochs, diversity_pairs=args.diversity_pairs,
-        kid_subsets=args.kid_subsets, ablations=args.ablations,
+        kid_subsets=args.kid_subsets, fd_resamples=args.fd_resamples, feature_net_seed=args.feature_net_seed,
+        ablations=args.ablations,
         ablation_samples=DEFAULT_ABLATION_SAMPLES if args.ablation_samples is None else args.ablation_samples,
         umap=args.umap, render_card=args.render_card,
     )

@@ -554,6 +554,17 @@ def check_cache_folder(cache_dir, flag: str) -> None:
                          f"writable folder with {flag}") from None
 
 
+def weights_digest(net: torch.nn.Module) -> str:
+    """SHA-256 of the weights and BatchNorm statistics: the yardstick's identity. The cache key names what the net
+    was trained on and how; two trainings of that recipe (another machine, a GPU's nondeterminism) differ, and FD
+    moves with the net: compare FD only between evaluations whose nets have the same digest."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def get_or_train_feature_net(
     cache_dir: str | os.PathLike, train: SliceSet, val: SliceSet | None = None, **settings
 ) -> tuple[FeatureNet, dict]:
@@ -584,13 +595,13 @@ def get_or_train_feature_net(
             if net.meta.get("key") == key:
                 logger.info("feature net: reusing %s", target)
                 report = dict(net.meta.get("report") or {})
-                report.update(cached=True, key=key, path=str(target))
+                report.update(cached=True, key=key, path=str(target), weights_sha256=weights_digest(net))
                 if val is not None and len(val):
                     report["val"] = evaluate_feature_net(net, val, device=device)
                 return net, report
 
     net, report = train_feature_net(train, val, **settings)
-    report.update(key=key, path=str(target))
+    report.update(key=key, path=str(target), weights_sha256=weights_digest(net))
     net.meta = {"key": key, "report": report}
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -173,9 +173,14 @@ def _count(n, word: str, plural: str | None = None) -> str:
     return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _numeric_rows(metrics: dict) -> list[tuple[str, str]]:
-    return [(k, _fmt(v)) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    """The numbers at the top level of a metrics file, and [low, high] pairs (intervals) as ranges."""
+    return [(k, _fmt(v) if _is_number(v) else f"{_fmt(v[0])} to {_fmt(v[1])}") for k, v in metrics.items()
+            if _is_number(v) or (isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)))]
 
 
 def _evaluation(model_dir: Path, names=EVALUATION_FILES) -> tuple[list[tuple[str, str]], str | None]:

@@ -72,6 +72,65 @@ def test_writes_metrics_report_and_pictures(evaluated, model_copy):
     assert FD_NAME in card and "evaluation/metrics.json" in card
 
 
+def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluated, model_copy):
+    """A reviewer's first question: how much would FD move with other held-out patients? metrics.json, report.md and
+    the card give FD and its floor a 95% range over resampled held-out patients, and name the feature net's weights
+    (FD moves with the net) so that two evaluations can be checked to share one."""
+    result, out = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    iv = metrics["realism"]["fd_intervals"]
+    patients = metrics["data"]["validation"]["patients"]
+    assert iv["resamples"] == E.FD_RESAMPLES and iv["held_out_patients"] == patients and iv["level"] == 0.95
+    label = f"95% interval ({E.FD_RESAMPLES} resamples of the {patients} held-out patients)"
+    for key, name in (("fd", FD_NAME), ("floor_fd", f"{FD_NAME}, {FLOOR}")):
+        low, high = metrics[f"{name}, {label}"]
+        assert [low, high] == iv[key] and 0 <= low <= high
+    assert metrics["held-out patients (the real reference)"] == patients
+    report = (out / "report.md").read_text()
+    low, high = iv["fd"]
+    assert f"| {FD_NAME} | {E._f(metrics[FD_NAME])} ({E._f(low)} to {E._f(high)}) |" in report
+    assert f"bootstrap intervals over {E.FD_RESAMPLES} resamples of the {patients} held-out patients" in report
+    digest = metrics["feature_net"]["weights_sha256"]
+    assert digest == Fe.weights_digest(Fe.load_feature_net(metrics["feature_net"]["path"]))
+    assert f"sha256 `{digest[:16]}` of its weights, trained with seed 0" in report
+    card = (model_copy / "README.md").read_text()
+    assert f"| `{FD_NAME}, {label}` | {low:.4g} to {high:.4g} |" in card
+
+
+def test_fd_intervals_resample_patients_not_slices():
+    """Slices of one patient are alike: resampling them as if independent gave a range far too narrow. With each
+    held-out patient's slices near copies of each other, the patient bootstrap's range is over twice the one
+    that counts every slice as a patient of its own; the same seed gives the same range; 0 resamples, none."""
+    g = torch.Generator().manual_seed(0)
+    patients = [f"p{i}" for i in range(8) for _ in range(10)]
+    centres = torch.randn(8, 6, generator=g) * 2
+    held = centres.repeat_interleave(10, 0) + 0.05 * torch.randn(80, 6, generator=g)
+    gen, train = torch.randn(80, 6, generator=g), torch.randn(200, 6, generator=g)
+    zeros = torch.zeros
+
+    def intervals(names, resamples=100, seed=0):
+        return E.fd_intervals(held_feats=held, held_groups=zeros(80, dtype=torch.long), held_patients=names,
+                              gen_feats=gen, gen_groups=zeros(80, dtype=torch.long), train_feats=train,
+                              train_groups=zeros(200, dtype=torch.long), counts={0: 80}, seed=seed,
+                              resamples=resamples)
+
+    by_patient = intervals(patients)
+    by_slice = intervals([f"s{i}" for i in range(80)])
+    assert by_patient["held_out_patients"] == 8 and by_slice["held_out_patients"] == 80
+    width = {name: iv["fd"][1] - iv["fd"][0] for name, iv in (("patient", by_patient), ("slice", by_slice))}
+    assert width["patient"] > 2 * width["slice"], width
+    assert intervals(patients) == by_patient and intervals(patients, seed=1) != by_patient
+    assert intervals(patients, resamples=0) == {}
+
+
+def test_the_card_shows_an_interval_as_a_range_and_skips_other_lists():
+    from adni_diffusers.model_card import _numeric_rows
+
+    rows = _numeric_rows({"FD": 29.671, "FD, 95% interval": [19.61, 39.14], "class_names": ["AD", "NC"],
+                          "three": [1, 2, 3], "flag": True})
+    assert rows == [("FD", "29.67"), ("FD, 95% interval", "19.61 to 39.14")]
+
+
 def test_held_out_is_the_training_split_and_floors_stand_beside_numbers(evaluated, model_copy):
     result, out = evaluated
     metrics = json.loads((out / "metrics.json").read_text())
@@ -1475,20 +1534,21 @@ def test_the_cli_hands_every_flag_and_its_documented_default_to_evaluate_model(t
                      "--refine-steps", "2", "--refine-repeats", "3", "--seed", "5", "--batch-size", "6",
                      "--device", "cpu", "--dtype", "bfloat16", "--feature-cache", str(cache), "--feature-epochs", "2",
                      "--tstr-epochs", "3", "--diversity-pairs", "9", "--kid-subsets", "11", "--no-umap",
-                     "--ablations", "--ablation-samples", "12", "--no-card"]) == 0
+                     "--fd-resamples", "13", "--feature-net-seed", "14", "--ablations", "--ablation-samples", "12", "--no-card"]) == 0
     args, kw = seen[-1]
     assert args == (str(model), str(data), 7, str(tmp_path / "o"))
     assert kw == dict(scheduler="ddim", steps=4, guidance=3.0, refine_steps=2, refine_repeats=3, seed=5, batch_size=6,
                       device="cpu", dtype="bfloat16", feature_cache=str(cache), feature_epochs=2, tstr_epochs=3,
-                      diversity_pairs=9, kid_subsets=11, ablations=True, ablation_samples=12, umap=False,
-                      render_card=False)
+                      diversity_pairs=9, kid_subsets=11, fd_resamples=13, feature_net_seed=14, ablations=True,
+                      ablation_samples=12, umap=False, render_card=False)
     assert f"report: {tmp_path / 'o' / 'report.md'}" in capsys.readouterr().out
     assert cli.main(["evaluate", "--model", str(model)]) == 0
     args, kw = seen[-1]
     assert args == (str(model), None, 100, None)
     assert kw == dict(scheduler="dpm++", steps=None, guidance=None, refine_steps=0, refine_repeats=0, seed=0,
                       batch_size=None, device=None, dtype="float32", feature_cache=None, feature_epochs=5,
-                      tstr_epochs=10, diversity_pairs=None, kid_subsets=100, ablations=False,
+                      tstr_epochs=10, diversity_pairs=None, kid_subsets=100, fd_resamples=200, feature_net_seed=0,
+                      ablations=False,
                       ablation_samples=E.DEFAULT_ABLATION_SAMPLES, umap=True, render_card=True)
     assert f"report: {model / 'evaluation' / 'report.md'}" in capsys.readouterr().out
 
