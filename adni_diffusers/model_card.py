@@ -183,12 +183,29 @@ def _numeric_rows(metrics: dict) -> list[tuple[str, str]]:
             if _is_number(v) or (isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)))]
 
 
-def _evaluation(model_dir: Path, names=EVALUATION_FILES) -> tuple[list[tuple[str, str]], str | None]:
+def _evaluation(model_dir: Path, names=EVALUATION_FILES) -> tuple[list[tuple[str, str]], str | None, str | None]:
+    """The table's rows, the file they come from, and how its samples were made and measured."""
     for name in names:
-        rows = _numeric_rows(read_json_object(model_dir / name))
-        if rows:
-            return rows, name
-    return [], None
+        metrics = read_json_object(model_dir / name)
+        if rows := _numeric_rows(metrics):
+            return rows, name, _evaluation_settings(metrics)
+    return [], None, None
+
+
+def _evaluation_settings(metrics: dict) -> str | None:
+    """"100 samples per class from `dpm++` with 25 steps, guidance 2, seed 0; in the feature net ...": what
+    another evaluation must share for its numbers to compare with these (evaluate's metrics.json records it)."""
+    st, net = _field(metrics, "settings") or {}, _field(metrics, "feature_net") or {}
+    if not all(k in st for k in ("num_samples", "scheduler", "steps", "seed")):
+        return None
+    text = (f"{st['num_samples']} samples {'per class' if st.get('samples_per') == 'class' else 'in all'} from "
+            f"`{st['scheduler']}` with {st['steps']} steps"
+            + (f", guidance {_fmt(st['guidance'])}" if st.get("samples_per") == "class" and "guidance" in st else "")
+            + (f", refinement {st['refine_steps']} x {st['refine_repeats']}" if st.get("refine_repeats") else "")
+            + f", seed {st['seed']}")
+    if isinstance(net.get("weights_sha256"), str):
+        text += f"; measured in the feature net with weights sha256 `{net['weights_sha256'][:16]}`"
+    return text
 
 
 def _shown(key: str, args: dict) -> bool:
@@ -498,7 +515,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     class_names = _class_names(index.get("class_names"))
     conditional = bool(unet.get("num_class_embeds")) and bool(class_names)
     repo, placeholder = _repo_id(d, args, repo_id)
-    eval_rows, eval_source = _evaluation(d)
+    eval_rows, eval_source, eval_settings = _evaluation(d)
     # copied by train_unet.py; never read from the first stage's folder, which may have trained again since (and
     # is not there where the card is rendered for a push on another machine)
     vq_metrics = read_json_object(d / "first_stage_metrics.json")
@@ -559,6 +576,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "val_loss": _fmt(train.get("val_loss")) if train.get("val_loss") is not None else None,
         "eval_rows": eval_rows,
         "eval_source": eval_source,
+        "eval_settings": eval_settings,
         "eval_report": "evaluation/report.md" if (d / "evaluation" / "report.md").is_file() else None,
         "eval_report_contents": _report_contents(d),
         "eval_has_floors": any(", floor:" in name for name, _ in eval_rows),

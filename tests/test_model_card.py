@@ -87,6 +87,28 @@ def test_evaluation_numbers_appear_when_present(ldm):
     assert "Read a number that has a floor row against it, not against 0 or 1" in render_model_card(ldm)
 
 
+def test_the_evaluation_table_says_how_its_samples_were_made_and_measured(ldm):
+    """A reader comparing the card's FD with a paper's needs the sampler, steps, guidance, seed and the feature net:
+    they were in metrics.json only. The card names them beside the table's source; an evaluation file without them
+    (copied from elsewhere) renders as before."""
+    (ldm / "evaluation").mkdir()
+    metrics = {"FD (adni-features)": 29.67, "FD (adni-features), 95% interval": [19.64, 38.95],
+               "settings": {"num_samples": 100, "samples_per": "class", "scheduler": "dpm++", "steps": 25,
+                            "guidance": 2.0, "refine_steps": 0, "refine_repeats": 0, "seed": 0},
+               "feature_net": {"weights_sha256": "fe1351c821413b9ab0d7e1aef5fca1a9"}}
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+    text = render_model_card(ldm)
+    assert ("From `evaluation/metrics.json` (100 samples per class from `dpm++` with 25 steps, guidance 2, seed 0; "
+            "measured in the feature net with weights sha256 `fe1351c821413b9a`):") in text
+    assert "| `FD (adni-features), 95% interval` | 19.64 to 38.95 |" in text
+    metrics["settings"].update(samples_per="total", refine_steps=3, refine_repeats=2)
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps({**metrics, "feature_net": {}}))
+    assert ("(100 samples in all from `dpm++` with 25 steps, refinement 3 x 2, seed 0):"
+            in render_model_card(ldm))
+    (ldm / "evaluation" / "metrics.json").write_text(json.dumps({"FD (adni-features)": 29.67}))
+    assert "From `evaluation/metrics.json`:" in render_model_card(ldm)
+
+
 def test_a_warm_up_not_below_the_run_says_how_far_the_rate_rose():
     """The card showed "warm-up steps 100" for a 20-step run whose rate never passed a fifth of --learning_rate
     (training warns; the card is what a reader of the model sees)."""
