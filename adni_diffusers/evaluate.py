@@ -366,6 +366,34 @@ def fd_intervals(*, held_feats, held_groups, held_patients, gen_feats, gen_group
             "floor_fd": np.percentile(floor, [tail, 100 - tail]).tolist()}
 
 
+REALISM_MEASURES = ("fd", "kid", "precision", "recall")
+
+
+def across_feature_nets(seeds: list[int], *, first, train_net, images: dict, kid_subsets: int, seed: int,
+                        features: dict) -> dict:
+    """The main comparisons (generated, floor, VQ ceiling against the held-out images) measured in one feature net
+    per seed: FD in a net trained on these slices moves with the net's own training (its seed), so one net's FD
+    is one draw of a yardstick. `first`: (realism, report) already measured in the net of seeds[0];
+    `train_net(seed)` -> (net, report); `images`: uint8 slices of each set, as the first net compared them."""
+    realism, report = first
+    out = {"seeds": list(seeds), "weights_sha256": [report.get("weights_sha256")],
+           "held_out_accuracy": [report["val"].get("accuracy")],
+           **{kind: {m: [realism[kind][m]] for m in REALISM_MEASURES} for kind in ("generated", "floor", "vq_ceiling")}}
+    for net_seed in seeds[1:]:
+        net, net_report = train_net(net_seed)
+        logger.info("feature net %d of %d (seed %d) %s: held-out accuracy %.3f", len(out["weights_sha256"]) + 1,
+                    len(seeds), net_seed, "reused" if net_report["cached"] else "trained", net_report["val"]["accuracy"])
+        feats = {name: extract_features(net, pixels, desc=f"features (net seed {net_seed}): {name}", **features)
+                 for name, pixels in images.items()}
+        out["weights_sha256"].append(net_report.get("weights_sha256"))
+        out["held_out_accuracy"].append(net_report["val"].get("accuracy"))
+        for kind in ("generated", "floor", "vq_ceiling"):
+            m = compare_features(feats["held_out"], feats[kind], kid_subsets=kid_subsets, seed=seed)
+            for measure in REALISM_MEASURES:
+                out[kind][measure].append(m[measure])
+    return out
+
+
 def per_class_realism(class_names: list[str], *, held, generated, train, vq_round_trip, kid_subsets: int,
                       seed: int) -> dict:
     """`compare_features` of each class's generated, training and VQ round-trip features against that class's
@@ -830,6 +858,12 @@ def summary_numbers(res: dict) -> dict:
         M.FD_NAME: r["fd"], f"{M.FD_NAME}, {_interval_label(iv)}": iv.get("fd"),
         f"{M.FD_NAME}, {FLOOR_LABEL}": fl["fd"], f"{M.FD_NAME}, {FLOOR_LABEL}, {_interval_label(iv)}": iv.get("floor_fd"),
         f"{M.FD_NAME}, {CEILING_LABEL}": ce["fd"],
+    }
+    if nets := res["realism"].get("across_feature_nets"):  # how far FD moves with the yardstick itself
+        label = f"range over {len(nets['seeds'])} feature nets (seeds {', '.join(map(str, nets['seeds']))})"
+        s[f"{M.FD_NAME}, {label}"] = [min(nets["generated"]["fd"]), max(nets["generated"]["fd"])]
+        s[f"{M.FD_NAME}, {FLOOR_LABEL}, {label}"] = [min(nets["floor"]["fd"]), max(nets["floor"]["fd"])]
+    s |= {
         M.KID_NAME: r["kid"], f"{M.KID_NAME}, {FLOOR_LABEL}": fl["kid"],
         f"precision (adni-features, k={r['k']})": r["precision"],
         f"precision (adni-features, k={fl['k']}), {FLOOR_LABEL}": fl["precision"],
@@ -959,11 +993,25 @@ def write_report(res: dict, out: Path) -> Path:
             f"{_n(iv['held_out_patients'], 'held-out patient')} (slices of one patient are alike: resampling slices "
             "would give a far narrower range), of the generated images and of the floor's training draw. Two "
             "models whose FDs lie inside each other's ranges are not told apart by this evaluation.", ""]
+    if nets := res["realism"].get("across_feature_nets"):
+        lines += [f"### In {len(nets['seeds'])} feature nets", "",
+                  "The same images measured in feature nets trained alike but for their seed (the first one measures "
+                  "everything else in this report). Where the ranking of generated, floor and ceiling changes "
+                  "from net to net, no single FD says which is closer to the data.", "",
+                  "| net seed | weights sha256 | held-out accuracy | FD generated | floor | VQ ceiling | KID generated "
+                  "| floor | precision | recall |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for i, net_seed in enumerate(nets["seeds"]):
+            g, f0, c0 = (nets[kind] for kind in ("generated", "floor", "vq_ceiling"))
+            lines.append(f"| {net_seed} | `{str(nets['weights_sha256'][i])[:16]}` | "
+                         f"{_pct(nets['held_out_accuracy'][i])} | {_f(g['fd'][i])} | {_f(f0['fd'][i])} | "
+                         f"{_f(c0['fd'][i])} | {_f(g['kid'][i])} | {_f(f0['kid'][i])} | {_f(g['precision'][i], 3)} | "
+                         f"{_f(g['recall'][i], 3)} |")
+        lines.append("")
     lines += [
         "FD also moves with the feature net it is measured in (here "
         + (f"sha256 `{fn['weights_sha256'][:16]}` of its weights, " if fn.get("weights_sha256") else "")
         + f"trained with seed {fn['settings'].get('seed')}): compare FD only between evaluations with the same net, "
-        "and measure the spread with another `--feature-net-seed`.",
+        "and see how far it moves with `--feature-nets 3`.",
         "",
         "## Feature network",
         "",
@@ -1208,6 +1256,7 @@ def evaluate_model(
     kid_subsets: int = 100,
     fd_resamples: int = FD_RESAMPLES,
     feature_net_seed: int = FEATURE_NET_SEED,
+    feature_nets: int = 1,
     ablations: bool = False,
     ablation_samples: int = DEFAULT_ABLATION_SAMPLES,
     ablation_step_overrides: dict | None = None,
@@ -1220,6 +1269,8 @@ def evaluate_model(
 
     `num_samples`: per class for a class-conditional model, in all for an unconditional one.
     `guidance`: default 2.0 for conditional models (an unconditional one refuses any but 1).
+    `feature_nets`: how many feature nets (seeds `feature_net_seed`, +1, ...) measure the main FD, KID, precision
+    and recall, to show how much they move with the net; the first one measures everything else.
     `feature_settings`: extra `train_feature_net` settings (widths, input_size, batch_size, lr...);
     they also define the TSTR/TRTR classifiers' recipe (with `tstr_epochs`).
     Returns the metrics.json content (also written to `out`, with report.md and the PNGs). An earlier
@@ -1408,6 +1459,14 @@ def evaluate_model(
         held_patients=[data.val.patients[i] for i in held_idx.tolist()], gen_feats=gen_feats[gen_idx],
         gen_groups=groups_of(gen)[gen_idx], train_feats=train_feats, train_groups=groups_of(data.train),
         counts=counts, seed=seed, resamples=fd_resamples)
+    if feature_nets > 1:
+        realism["across_feature_nets"] = across_feature_nets(
+            [feature_net_seed + i for i in range(feature_nets)], first=(realism, fn_report),
+            train_net=lambda net_seed: get_or_train_feature_net(cache_dir, data.train, data.val,
+                                                                **{**settings, "seed": net_seed}),
+            images={"generated": gen.pixels[gen_idx], "held_out": data.val.pixels[held_idx],
+                    "floor": data.train.pixels[train_idx], "vq_ceiling": recon.pixels},
+            kid_subsets=kid_subsets, seed=seed, features=fe)
     if fd_note := fd_rank_note(realism["generated"], classes=len(realism["images_per_class"])) \
             or per_class_fd_note(realism["per_class"]):
         logger.warning(fd_note)
@@ -1483,7 +1542,8 @@ def evaluate_model(
                 "scheduler": scheduler, "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
                 "refine_repeats": refine_repeats, "seed": seed, "batch_size": batch_size, "dtype": dtype,
                 "diversity_pairs": diversity_pairs, "ms_ssim_scale": M.SSIM_SCALE, "kid_subsets": kid_subsets,
-                "fd_resamples": fd_resamples, "tstr_epochs": tstr_epochs, "pr_k": PR_K, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
+                "fd_resamples": fd_resamples, "feature_nets": feature_nets,
+                "tstr_epochs": tstr_epochs, "pr_k": PR_K, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
                 "ablation_samples": ablation_samples if ablations else None},
             device=device, fn_report=fn_report, realism=realism, diversity={"generated": gen_div, "real": real_div},
             fidelity=fidelity, shares=shares, mem=mem, ablation=ablation, timings=timings,
@@ -1600,6 +1660,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-net-seed", type=int, default=FEATURE_NET_SEED,
                    help=f"seed of the feature net's training (default {FEATURE_NET_SEED}): FD moves with the net, so "
                         "another seed measures how much (a net of its own, cached beside the default one)")
+    g.add_argument("--feature-nets", type=positive_int, default=1,
+                   help="measure the main FD, KID, precision and recall in this many feature nets (seeds "
+                        "--feature-net-seed, +1, ...; each trained once and cached) and report their range: how much "
+                        "the numbers move with the yardstick (default 1; 3 for a paper)")
     g.add_argument("--feature-epochs", type=positive_int, default=5, help="feature-net training epochs (real training split; default 5)")
     g.add_argument("--tstr-epochs", type=positive_int, default=10, help="epochs of the TSTR / TRTR classifiers (default 10)")
     g.add_argument("--diversity-pairs", type=positive_int, default=None,
@@ -1628,6 +1692,7 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, feature_cache=args.feature_cache,
         feature_epochs=args.feature_epochs, tstr_epochs=args.tstr_epochs, diversity_pairs=args.diversity_pairs,
         kid_subsets=args.kid_subsets, fd_resamples=args.fd_resamples, feature_net_seed=args.feature_net_seed,
+        feature_nets=args.feature_nets,
         ablations=args.ablations,
         ablation_samples=DEFAULT_ABLATION_SAMPLES if args.ablation_samples is None else args.ablation_samples,
         umap=args.umap, render_card=args.render_card,

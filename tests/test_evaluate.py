@@ -97,6 +97,29 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     assert f"| `{FD_NAME}, {label}` | {low:.4g} to {high:.4g} |" in card
 
 
+def test_feature_nets_measure_the_main_comparisons_in_nets_of_other_seeds(model_copy, tmp_path):
+    """One net's FD is one draw of a yardstick (the demo model's FD was 29.7 in the seed-0 net, 9.2 in the seed-1
+    net). --feature-nets N measures generated, floor and ceiling in N nets and reports each and their range; the
+    first net's numbers are the main ones."""
+    out = tmp_path / "two_nets"
+    result = E.evaluate_model(model_copy, num_samples=4, steps=2, seed=0, feature_epochs=1, tstr_epochs=1,
+                              diversity_pairs=4, kid_subsets=5, umap=False, out=out, render_card=False,
+                              progress=False, feature_cache=tmp_path / "nets", feature_nets=2, fd_resamples=0)
+    nets = result["realism"]["across_feature_nets"]
+    assert nets["seeds"] == [0, 1] and result["settings"]["feature_nets"] == 2
+    assert nets["weights_sha256"][0] == result["feature_net"]["weights_sha256"] != nets["weights_sha256"][1]
+    assert len(list((tmp_path / "nets").glob("feature-net-*"))) == 2  # each trained once, cached
+    for kind in ("generated", "floor", "vq_ceiling"):
+        assert nets[kind]["fd"][0] == result["realism"][kind]["fd"] and len(nets[kind]["recall"]) == 2
+    assert nets["generated"]["fd"][1] != nets["generated"]["fd"][0]
+    fd_range = result[f"{FD_NAME}, range over 2 feature nets (seeds 0, 1)"]
+    assert fd_range == [min(nets["generated"]["fd"]), max(nets["generated"]["fd"])]
+    assert result[f"{FD_NAME}, {FLOOR}, range over 2 feature nets (seeds 0, 1)"] == sorted(nets["floor"]["fd"])
+    report = (out / "report.md").read_text()
+    assert "### In 2 feature nets" in report and f"| 1 | `{nets['weights_sha256'][1][:16]}` |" in report
+    assert f"{FD_NAME}, 95% interval" not in json.dumps(result)  # --fd-resamples 0: none
+
+
 def test_fd_intervals_resample_patients_not_slices():
     """Slices of one patient are alike: resampling them as if independent gave a range far too narrow. With each
     held-out patient's slices near copies of each other, the patient bootstrap's range is over twice the one
@@ -1534,12 +1557,13 @@ def test_the_cli_hands_every_flag_and_its_documented_default_to_evaluate_model(t
                      "--refine-steps", "2", "--refine-repeats", "3", "--seed", "5", "--batch-size", "6",
                      "--device", "cpu", "--dtype", "bfloat16", "--feature-cache", str(cache), "--feature-epochs", "2",
                      "--tstr-epochs", "3", "--diversity-pairs", "9", "--kid-subsets", "11", "--no-umap",
-                     "--fd-resamples", "13", "--feature-net-seed", "14", "--ablations", "--ablation-samples", "12", "--no-card"]) == 0
+                     "--fd-resamples", "13", "--feature-net-seed", "14", "--feature-nets", "3", "--ablations", "--ablation-samples", "12", "--no-card"]) == 0
     args, kw = seen[-1]
     assert args == (str(model), str(data), 7, str(tmp_path / "o"))
     assert kw == dict(scheduler="ddim", steps=4, guidance=3.0, refine_steps=2, refine_repeats=3, seed=5, batch_size=6,
                       device="cpu", dtype="bfloat16", feature_cache=str(cache), feature_epochs=2, tstr_epochs=3,
-                      diversity_pairs=9, kid_subsets=11, fd_resamples=13, feature_net_seed=14, ablations=True,
+                      diversity_pairs=9, kid_subsets=11, fd_resamples=13, feature_net_seed=14, feature_nets=3,
+                      ablations=True,
                       ablation_samples=12, umap=False, render_card=False)
     assert f"report: {tmp_path / 'o' / 'report.md'}" in capsys.readouterr().out
     assert cli.main(["evaluate", "--model", str(model)]) == 0
@@ -1548,7 +1572,7 @@ def test_the_cli_hands_every_flag_and_its_documented_default_to_evaluate_model(t
     assert kw == dict(scheduler="dpm++", steps=None, guidance=None, refine_steps=0, refine_repeats=0, seed=0,
                       batch_size=None, device=None, dtype="float32", feature_cache=None, feature_epochs=5,
                       tstr_epochs=10, diversity_pairs=None, kid_subsets=100, fd_resamples=200, feature_net_seed=0,
-                      ablations=False,
+                      feature_nets=1, ablations=False,
                       ablation_samples=E.DEFAULT_ABLATION_SAMPLES, umap=True, render_card=True)
     assert f"report: {model / 'evaluation' / 'report.md'}" in capsys.readouterr().out
 
