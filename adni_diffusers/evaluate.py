@@ -331,39 +331,76 @@ def compare_features(reference: torch.Tensor, candidate: torch.Tensor, k: int = 
             "feature_dims": int(reference.shape[1])}
 
 
+class PatientBootstrap:
+    """Bootstrap draws for comparisons against held-out slices. Slices of one patient are alike, so the held-out
+    rows are resampled by PATIENT (within each group, as many patients as it has): resampling slices would treat
+    200 slices of 10 patients as 200 independent images and give far too narrow an interval. Generated images (one
+    seed each) are resampled by image, within each group. `*_groups`: the class, or 0 for all."""
+
+    def __init__(self, held_groups: torch.Tensor, held_patients: list[str], gen_groups: torch.Tensor, seed: int):
+        rows_of: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for row, (g, patient) in enumerate(zip(held_groups.tolist(), held_patients)):
+            rows_of[g][patient].append(row)
+        self.by_group = {g: list(patients.values()) for g, patients in sorted(rows_of.items())}
+        self.gen_rows = {g: torch.nonzero(gen_groups == g).flatten().numpy() for g in self.by_group}
+        self.patients = sum(map(len, self.by_group.values()))
+        self.rng = np.random.default_rng(seed)
+
+    def held(self) -> list[int]:
+        return [row for patients in self.by_group.values()
+                for j in self.rng.integers(0, len(patients), len(patients)) for row in patients[j]]
+
+    def generated(self) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([self.rng.choice(rows, len(rows)) for rows in self.gen_rows.values()
+                                                if len(rows)]))
+
+
+def _percentiles(values: list[float], level: float) -> list[float]:
+    tail = 100 * (1 - level) / 2
+    return np.percentile(values, [tail, 100 - tail]).tolist()
+
+
 def fd_intervals(*, held_feats, held_groups, held_patients, gen_feats, gen_groups, train_feats, train_groups,
                  counts: dict, seed: int, resamples: int = FD_RESAMPLES, level: float = INTERVAL_LEVEL) -> dict:
-    """Percentile-bootstrap intervals of the generated FD and of the floor's. Slices of one patient are alike, so
-    the held-out reference is resampled by PATIENT (within each group, as many patients as it has): resampling its
-    slices would treat 200 slices of 10 patients as 200 independent images and give a far narrower interval. The
-    generated images (one seed each) are resampled by image, and the floor's training images are drawn afresh
-    each time (one draw of them is the floor's other source of chance). `*_groups`: the class, or 0 for all."""
+    """Percentile-bootstrap intervals of the generated FD and of the floor's (see PatientBootstrap); the floor's
+    training images are drawn afresh each time (one draw of them is the floor's other source of chance)."""
     if resamples < 1 or len(held_feats) < 2:
         return {}
-    rng = np.random.default_rng(seed)
-    rows_of: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for row, (g, patient) in enumerate(zip(held_groups.tolist(), held_patients)):
-        rows_of[g][patient].append(row)
-    by_group = {g: list(patients.values()) for g, patients in sorted(rows_of.items())}
-    gen_rows = {g: torch.nonzero(gen_groups == g).flatten().numpy() for g in by_group}
+    draw = PatientBootstrap(held_groups, held_patients, gen_groups, seed)
     fd, floor = [], []
     for b in range(resamples):
-        held = [row for g, patients in by_group.items()
-                for j in rng.integers(0, len(patients), len(patients)) for row in patients[j]]
-        gen = np.concatenate([rng.choice(rows, len(rows)) for rows in gen_rows.values()])
+        held, gen = draw.held(), draw.generated()
         train = subsample(train_groups, counts, seed + 1 + 1000 * (b + 1))  # not the floor's own draw (seed + 1)
         if len(held) < 2:  # one patient of one slice drawn: no spread to fit
             continue
         reference = held_feats[held]
-        fd.append(M.frechet_distance(reference, gen_feats[torch.from_numpy(gen)]))
+        fd.append(M.frechet_distance(reference, gen_feats[gen]))
         floor.append(M.frechet_distance(reference, train_feats[train]))
     if not fd:
         return {}
-    tail = 100 * (1 - level) / 2
-    return {"level": level, "resamples": resamples, "held_out_patients": sum(map(len, by_group.values())),
+    return {"level": level, "resamples": resamples, "held_out_patients": draw.patients,
             "resampled": "held-out patients within each class, generated images, and the floor's training draw",
-            "fd": np.percentile(fd, [tail, 100 - tail]).tolist(),
-            "floor_fd": np.percentile(floor, [tail, 100 - tail]).tolist()}
+            "fd": _percentiles(fd, level), "floor_fd": _percentiles(floor, level)}
+
+
+def paired_fd_gain(*, held_feats, held_groups, held_patients, base_feats, other_feats, gen_groups, seed: int,
+                   resamples: int = FD_RESAMPLES, level: float = INTERVAL_LEVEL) -> list[float] | None:
+    """Interval of the relative FD gain (FD(base) - FD(other)) / FD(base) of two sample sets made from the SAME
+    seeds (row i of both from one noise) against one held-out reference: each resample draws the patients and the
+    seeds once for both, so what the two sets share cancels and the interval is of their difference alone."""
+    if resamples < 1 or len(held_feats) < 2:
+        return None
+    draw = PatientBootstrap(held_groups, held_patients, gen_groups, seed)
+    gains = []
+    for _ in range(resamples):
+        held, gen = draw.held(), draw.generated()
+        if len(held) < 2:
+            continue
+        reference = held_feats[held]
+        base = M.frechet_distance(reference, base_feats[gen])
+        if base > 0:
+            gains.append((base - M.frechet_distance(reference, other_feats[gen])) / base)
+    return _percentiles(gains, level) if gains else None
 
 
 REALISM_MEASURES = ("fd", "kid", "precision", "recall")
@@ -708,15 +745,18 @@ def _row_label(row: dict) -> str:
 
 def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, labels_per_class: dict,
                   floor: dict, *, seed: int, batch_size: int, device, feature_batch: int, kid_subsets: int,
-                  class_names: list[str], progress: bool, reuse: dict | None = None) -> dict:
+                  class_names: list[str], progress: bool, reuse: dict | None = None,
+                  heldout_patients_by_class: dict | None = None, gain_resamples: int = FD_RESAMPLES) -> dict:
     """Sample `labels_per_class[c]` images per class for every distinct setting of `plan` (same seeds
     for all), and measure FD / KID / precision / recall against the held-out reals, class accuracy and
     wall time. Settings that occur in several groups are run once. `reuse`: {setting key: images}
-    already sampled with the same seeds (the main run)."""
+    already sampled with the same seeds (the main run). `heldout_patients_by_class`: the patient of each held-out
+    row, for the paired bootstrap of the refinement's FD gain (`paired_fd_gain`)."""
     labels = [c for c, n in sorted(labels_per_class.items()) for _ in range(n)]
     label_tensor = torch.tensor([0 if c is None else c for c in labels])
     reference = torch.cat([heldout_feats_by_class[c] for c in sorted(labels_per_class)])
-    done, rows = {}, []
+    reference_groups = torch.cat([torch.full((len(heldout_feats_by_class[c]),), c or 0) for c in sorted(labels_per_class)])
+    done, rows, features_of = {}, [], {}
     for row in plan:
         refine_steps = refine_repeats = 0
         start_t = None
@@ -737,7 +777,7 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
                 seconds = time.perf_counter() - t0
             # 8-bit pixels, as the main row's samples and the real slices are measured (floats differed slightly)
             pixels = to_uint8(M.as_images(images))
-            feats = net.features(pixels, batch_size=feature_batch, device=device)
+            feats = features_of[_row_label(row)] = net.features(pixels, batch_size=feature_batch, device=device)
             result = compare_features(reference, feats, kid_subsets=kid_subsets, seed=seed)
             if class_names and labels[0] is not None:
                 result["class_accuracy"] = class_fidelity(net, pixels, label_tensor, class_names, feature_batch,
@@ -754,32 +794,53 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
                      "seed_units": f"last {row['refine'][0]} of 1000 x{row['refine'][1]}" if row["refine"] else None,
                      "same_run_as": None if result["first_row"] == _row_label(row) else result["first_row"],
                      **{k: v for k, v in result.items() if k != "first_row"}})
+    gain = None
+    if heldout_patients_by_class and (pair := refinement_pair(rows)):  # the same seeds: a paired comparison
+        off, best = (features_of[row["same_run_as"] or row["label"]] for row in pair)
+        gain = paired_fd_gain(held_feats=reference, held_groups=reference_groups,
+                              held_patients=[p for c in sorted(labels_per_class) for p in heldout_patients_by_class[c]],
+                              base_feats=off, other_feats=best, gen_groups=label_tensor, seed=seed,
+                              resamples=gain_resamples)
     return {"rows": rows, "floor": floor, "images_per_class": {class_names[c] if class_names else "all": n
                                                               for c, n in labels_per_class.items()},
-            "recommendation": recommend(rows, floor)}
+            "recommendation": recommend(rows, floor, refinement_gain=gain)}
 
 
-def recommend(rows: list[dict], floor: dict) -> dict:
-    """What the table suggests for the pipeline's defaults (the evidence stays in the table)."""
-    out = {}
+def refinement_pair(rows: list[dict]) -> tuple[dict, dict] | None:
+    """The refinement group's "off" row and its refinement row of lowest FD."""
     ref = [r for r in rows if r["group"] == "refinement"]
-    if ref:
-        off = next(r for r in ref if r["setting"] == "off")
-        on = [r for r in ref if r["setting"] != "off"]
-        best = min(on, key=lambda r: r["fd"])
-        # Refinement costs steps; recommend it only for a clear FD gain (5%) that keeps recall.
+    off = next((r for r in ref if r["setting"] == "off"), None)
+    on = [r for r in ref if r["setting"] != "off"]
+    return (off, min(on, key=lambda r: r["fd"])) if off and on else None
+
+
+def recommend(rows: list[dict], floor: dict, refinement_gain: list[float] | None = None) -> dict:
+    """What the table suggests for the pipeline's defaults (the evidence stays in the table). `refinement_gain`:
+    the paired bootstrap interval of the best refinement's relative FD gain (`paired_fd_gain`), where measured."""
+    out = {}
+    if pair := refinement_pair(rows):
+        off, best = pair
+        # Refinement costs steps; recommend it only for a clear FD gain (5%) that keeps recall, and, where the
+        # paired interval is measured, one that the resampled patients and seeds do not explain
         gain = (off["fd"] - best["fd"]) / off["fd"] if off["fd"] > 0 else 0.0
-        if gain > 0.05 and best["recall"] >= off["recall"] - 0.02:
+        beyond_chance = refinement_gain is None or refinement_gain[0] > 0
+        interval = (f"; 95% interval of the gain over resampled held-out patients and seeds: "
+                    f"{refinement_gain[0]:.0%} to {refinement_gain[1]:.0%}" if refinement_gain else "")
+        if gain > 0.05 and best["recall"] >= off["recall"] - 0.02 and beyond_chance:
             out["refinement"] = {"setting": best["setting"], "refine_steps": best["refine_steps"],
                                  "refine_repeats": best["refine_repeats"], "scheduler": best["scheduler"],
                                  "why": f"FD {best['fd']:.4g} vs {off['fd']:.4g} without refinement "
-                                        f"({gain:.0%} lower) at recall {best['recall']:.2f} vs {off['recall']:.2f}"}
+                                        f"({gain:.0%} lower) at recall {best['recall']:.2f} vs {off['recall']:.2f}"
+                                        + interval}
         else:
             out["refinement"] = {"setting": "off", "refine_steps": 0, "refine_repeats": 0,
                                  "why": f"the best refinement ({best['setting']}) gives FD {best['fd']:.4g} vs "
                                         f"{off['fd']:.4g} without (recall {best['recall']:.2f} vs "
-                                        f"{off['recall']:.2f}): no clear gain (>5% lower FD at equal recall) "
-                                        "for its extra steps"}
+                                        f"{off['recall']:.2f}){interval}: no clear gain (>5% lower FD at equal "
+                                        "recall" + (", an interval above 0" if refinement_gain else "")
+                                        + ") for its extra steps"}
+        if refinement_gain:
+            out["refinement"]["gain_interval"] = refinement_gain
     samplers = [r for r in rows if r["group"] == "sampler"]
     if samplers:
         best = min(samplers, key=lambda r: r["fd"])
@@ -1589,6 +1650,8 @@ def evaluate_model(
         held_groups = groups_of(data.val)[ab_held_idx]
         labels_per_class = ab_counts if conditional else {None: ab_counts[0]}
         ab_held = {c: heldout_feats[ab_held_idx[held_groups == (c or 0)]] for c in labels_per_class}
+        ab_held_patients = {c: [data.val.patients[i] for i in ab_held_idx[held_groups == (c or 0)].tolist()]
+                            for c in labels_per_class}
         ab_train = train_feats[ab_train_idx]
         floor = compare_features(torch.cat(list(ab_held.values())), ab_train, kid_subsets=kid_subsets, seed=seed)
         # the full chains (DDPM-1000, ...) cannot take more steps than the model has training timesteps
@@ -1604,7 +1667,8 @@ def evaluate_model(
             reuse[key] = (images[main_rows], timings["sampling_seconds_per_image"] * len(main_rows))
         ablation = run_ablations(pipe, plan, net, ab_held, labels_per_class, floor, seed=seed, batch_size=batch_size,
                                  device=device, feature_batch=feature_batch, kid_subsets=kid_subsets,
-                                 class_names=class_names if conditional else [], progress=progress, reuse=reuse)
+                                 class_names=class_names if conditional else [], progress=progress, reuse=reuse,
+                                 heldout_patients_by_class=ab_held_patients, gain_resamples=fd_resamples)
         files["ablations"] = plot_ablations(ablation["rows"], floor, out / "ablations.png").name
         with open(out / "ablations.csv", "w", newline="", encoding="utf-8") as fh:
             cols = ["group", "setting", "scheduler", "steps", "refine_steps", "refine_repeats", "refine_from_timestep",

@@ -95,6 +95,9 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     assert f"sha256 `{digest[:16]}` of its weights, trained with seed 0" in report
     card = (model_copy / "README.md").read_text()
     assert f"| `{FD_NAME}, {label}` | {low:.4g} to {high:.4g} |" in card
+    # the ablations' refinement advice: its gain's paired interval, in the record and the report
+    gain_low, gain_high = metrics["ablations"]["recommendation"]["refinement"]["gain_interval"]
+    assert gain_low <= gain_high and f"{gain_low:.0%} to {gain_high:.0%}" in report
 
 
 def test_feature_nets_measure_the_main_comparisons_in_nets_of_other_seeds(model_copy, tmp_path):
@@ -833,6 +836,43 @@ def test_refinement_is_recommended_only_where_it_keeps_recall():
     assert E.recommend([off, lower_recall], {})["refinement"]["setting"] == "off"
     same_recall = {**lower_recall, "recall": 0.49}
     assert E.recommend([off, same_recall], {})["refinement"]["setting"] == "seed 30x5"
+
+
+def test_refinement_needs_a_gain_beyond_what_resampled_patients_and_seeds_explain():
+    """The 5% rule was far inside the noise of a few held-out patients: with the paired interval of the gain
+    measured, refinement is recommended only where its lower end is above 0, and the reason names the interval."""
+    off = {"group": "refinement", "setting": "off", "fd": 10.0, "recall": 0.5, "refine_steps": 0,
+           "refine_repeats": 0, "scheduler": "ddpm"}
+    on = {**off, "setting": "seed 30x5", "fd": 8.0, "refine_steps": 30, "refine_repeats": 5}
+    within_chance = E.recommend([off, on], {}, refinement_gain=[-0.12, 0.41])["refinement"]
+    assert within_chance["setting"] == "off" and within_chance["gain_interval"] == [-0.12, 0.41]
+    assert "95% interval of the gain over resampled held-out patients and seeds: -12% to 41%" in within_chance["why"]
+    beyond = E.recommend([off, on], {}, refinement_gain=[0.03, 0.35])["refinement"]
+    assert beyond["setting"] == "seed 30x5" and "3% to 35%" in beyond["why"]
+
+
+def test_the_paired_gain_cancels_what_two_rows_of_the_same_seeds_share():
+    """Rows sampled from the same seeds share most of their FD's chance; resampled jointly, a row against itself
+    gains exactly 0, a row slightly off everywhere loses a little in every resample (an interval below 0), while
+    each row's own FD moves far more from resample to resample."""
+    g = torch.Generator().manual_seed(0)
+    patients = [f"p{i}" for i in range(6) for _ in range(8)]
+    held = torch.randn(6, 5, generator=g).repeat_interleave(8, 0) + 0.3 * torch.randn(48, 5, generator=g)
+    base = torch.randn(40, 5, generator=g)
+    worse = base + 0.3
+    zeros = torch.zeros
+
+    def gain(other):
+        return E.paired_fd_gain(held_feats=held, held_groups=zeros(48, dtype=torch.long), held_patients=patients,
+                                base_feats=base, other_feats=other, gen_groups=zeros(40, dtype=torch.long), seed=0)
+
+    assert gain(base) == [0.0, 0.0]
+    low, high = gain(worse)
+    spread = E.fd_intervals(held_feats=held, held_groups=zeros(48, dtype=torch.long), held_patients=patients,
+                            gen_feats=base, gen_groups=zeros(40, dtype=torch.long), train_feats=held,
+                            train_groups=zeros(48, dtype=torch.long), counts={0: 40}, seed=0)["fd"]
+    fd = E.M.frechet_distance(held, base)
+    assert low < high < 0 and (high - low) < (spread[1] - spread[0]) / fd, (low, high, spread, fd)
 
 
 def test_compare_features_lowers_k_for_sets_of_k_rows_or_fewer():
