@@ -672,7 +672,11 @@ def load_slices(
                     "patients are subjects, so no subject is on both sides of the split",
                     len(set(named)), len(set(patients)))
 
-    _warn_about_patients_in_two_classes(patients, labels.tolist(), tree.class_names)
+    # only names that give a patient (1003730_85.jpeg, an ADNI / BIDS id): 0.png in AD/ and in NC/ is no patient
+    identified = [m is not None or p != n for m, p, n in zip(matches, patients, named)]
+    _warn_about_patients_in_two_classes([p for p, known in zip(patients, identified) if known],
+                                        [y for y, known in zip(labels.tolist(), identified) if known],
+                                        tree.class_names, split)
 
     logger.info("decoding %d images from %s", len(paths), root)
     pixels = torch.from_numpy(decode_all(paths, preprocess, num_workers))
@@ -760,7 +764,7 @@ def _warn_about_pixel_copies(paths, labels, pixels, train_idx, val_idx) -> None:
                        "pixel: each counts more than once there: %s", len(twice), _listing(twice))
 
 
-def _warn_about_patients_in_two_classes(patients, labels, class_names) -> None:
+def _warn_about_patients_in_two_classes(patients, labels, class_names, split: str) -> None:
     """A patient with slices in two class folders: a converter's visits (NC, then AD) or slices filed in the wrong
     folder. The patient split keeps each patient whole, on the side its most common class draws it to."""
     by_patient: dict[str, Counter] = defaultdict(Counter)
@@ -771,9 +775,10 @@ def _warn_about_patients_in_two_classes(patients, labels, class_names) -> None:
         shown = [f"{p} (" + ", ".join(f"{class_names[y]} {n}" for y, n in sorted(by_patient[p].items())) + ")"
                  for p in mixed[:5]]
         logger.warning("%d patient(s) have slices in two or more class folders: %s%s. A converter's visits, or "
-                       "slices in the wrong folder? Each slice keeps its folder's class; --split patient keeps the "
-                       "patient whole and counts it in its most common class", len(mixed), "; ".join(shown),
-                       "; ..." if len(mixed) > 5 else "")
+                       "slices in the wrong folder? Each slice keeps its folder's class%s", len(mixed),
+                       "; ".join(shown), "; ..." if len(mixed) > 5 else "",
+                       "; --split patient keeps the patient whole and counts it in its most common class"
+                       if split == "patient" else "")
 
 
 def _warn_about_missing_hold_out(split, root, class_names, labels, patients, train_idx, val_idx) -> None:

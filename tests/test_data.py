@@ -812,6 +812,18 @@ def test_a_patient_with_slices_in_two_class_folders_is_named(tmp_path, caplog):
     assert f"1 patient(s) have slices in two or more class folders: {patient} (AD 2, NC 1)" in caplog.text
     side = data.val if patient in data.val.patients else data.train
     assert sorted(side.labels[[p == patient for p in side.patients]].tolist()) == [0, 0, 1]  # whole, labels kept
+    assert "--split patient keeps the patient whole" in caplog.text
+    # file names without a patient (0.png in AD/ and in NC/, --split given): no patient to name
+    plain = tmp_path / "plain"
+    for split_name in ("train", "test"):
+        for c, cls in enumerate(("AD", "NC")):
+            for k in range(2):
+                seed = 100 + 10 * c + k + (50 if split_name == "test" else 0)
+                write(plain / split_name / cls / f"{k}.png", slice_pixels(seed))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        load_slices(plain, split="given")
+    assert "patient(s) have slices in two" not in caplog.text
 
 
 def test_slices_a_16_bit_conversion_clipped_to_black_and_white_get_a_warning(tmp_path, caplog):
