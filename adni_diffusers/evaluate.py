@@ -1777,9 +1777,13 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.model) / "evaluation"
     r, fl = result["realism"]["generated"], result["realism"]["floor"]
     ce = result["realism"]["vq_ceiling"]
-    print(f"\n{M.FD_NAME}: {r['fd']:.4g} (floor, real train vs held-out: {fl['fd']:.4g}; VQ ceiling: {ce['fd']:.4g}); "
-          f"precision {r['precision']:.3f} (floor {fl['precision']:.3f}), recall {r['recall']:.3f} "
-          f"(floor {fl['recall']:.3f})")
+    iv = result["realism"].get("fd_intervals") or {}
+    between = (lambda key: f" ({iv[key][0]:.4g} to {iv[key][1]:.4g})") if iv else (lambda key: "")
+    print(f"\n{M.FD_NAME}: {r['fd']:.4g}{between('fd')} (floor, real train vs held-out: {fl['fd']:.4g}"
+          f"{between('floor_fd')}; VQ ceiling: {ce['fd']:.4g}); precision {r['precision']:.3f} (floor "
+          f"{fl['precision']:.3f}), recall {r['recall']:.3f} (floor {fl['recall']:.3f})"
+          + (f"\nFD's ranges: {100 * iv['level']:g}% intervals over the {iv['held_out_patients']} held-out patients"
+             if iv else ""))
     print(f"feature net {'reused from cache' if result['feature_net']['cached'] else 'trained'}: "
           f"{result['feature_net']['path']}")
     print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; {result['card']}")

@@ -1602,6 +1602,19 @@ def _fake_result(card="model card re-rendered: x"):
             "feature_net": {"cached": True, "path": "net"}, "card": card}
 
 
+def test_the_cli_prints_fd_with_its_interval(monkeypatch, capsys, tmp_path):
+    """The command's last lines are what a user reads first: FD and its floor with their ranges, and over how many
+    held-out patients."""
+    result = _fake_result()
+    result["realism"]["fd_intervals"] = {"level": 0.95, "held_out_patients": 10, "fd": [18.68, 37.99],
+                                         "floor_fd": [0.2278, 7.174]}
+    monkeypatch.setattr(E, "evaluate_model", lambda *a, **k: result)
+    assert cli.main(["evaluate", "--model", str(tmp_path / "ldm")]) == 0
+    said = capsys.readouterr().out
+    assert f"{FD_NAME}: 1 (18.68 to 37.99) (floor, real train vs held-out: 1 (0.2278 to 7.174); VQ ceiling" in said
+    assert "FD's ranges: 95% intervals over the 10 held-out patients" in said
+
+
 def test_the_cli_hands_every_flag_and_its_documented_default_to_evaluate_model(tmp_path, monkeypatch, capsys):
     """`main` maps the command line onto evaluate_model: each flag to its own argument (a flag dropped or two swapped
     ran with the default, without a word), and the defaults the help texts name."""
@@ -1626,7 +1639,8 @@ def test_the_cli_hands_every_flag_and_its_documented_default_to_evaluate_model(t
                       diversity_pairs=9, kid_subsets=11, fd_resamples=13, feature_net_seed=14, feature_nets=3,
                       ablations=True,
                       ablation_samples=12, umap=False, render_card=False)
-    assert f"report: {tmp_path / 'o' / 'report.md'}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"report: {tmp_path / 'o' / 'report.md'}" in said and f"{FD_NAME}: 1 (floor" in said
     assert cli.main(["evaluate", "--model", str(model)]) == 0
     args, kw = seen[-1]
     assert args == (str(model), None, 100, None)
