@@ -697,7 +697,8 @@ def load_slices(
     if split != "all":  # asked for a hold-out: say where there is none (the metrics would be on training images)
         _warn_about_missing_hold_out(split, root, tree.class_names, labels, patients, train_idx, val_idx)
     _warn_about_pixel_copies(paths, labels, pixels, train_idx, val_idx)
-    shared = shared_patients([patients[i] for i in train_idx], [patients[i] for i in val_idx])
+    shared = shared_patients([patients[i] for i in train_idx if identified[i]],
+                             [patients[i] for i in val_idx if identified[i]])
     if shared:
         # Not an error: real prepared folders can overlap, and training on them must stay possible.
         logger.warning(

@@ -822,8 +822,10 @@ def test_a_patient_with_slices_in_two_class_folders_is_named(tmp_path, caplog):
                 write(plain / split_name / cls / f"{k}.png", slice_pixels(seed))
     caplog.clear()
     with caplog.at_level("WARNING", logger="adni_diffusers.data"):
-        load_slices(plain, split="given")
+        plain_data = load_slices(plain, split="given")
     assert "patient(s) have slices in two" not in caplog.text
+    # nor patients on both sides of the split: 0.png in train/AD and in test/AD are two slices, not one patient
+    assert "have slices in both train/" not in caplog.text and plain_data.shared_patients == 0
 
 
 def test_slices_a_16_bit_conversion_clipped_to_black_and_white_get_a_warning(tmp_path, caplog):
