@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .data import SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids, to_uint8
+from .environment import environment
 from .files import read_json_object, write_text_atomically
 from .plots import save_figure
 from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
@@ -1253,6 +1254,7 @@ def assemble_results(*, model_dir, pipe, conditional, model_classes, record, dat
                  "data_source_is_demo": is_demo_dataset(data.root)},
         "settings": settings,
         "device": device,
+        "environment": environment(device),
         "feature_net": fn_summary,
         "realism": realism,
         "diversity": diversity,

@@ -219,6 +219,22 @@ def _shown(key: str, args: dict) -> bool:
     return bool(args.get(cond))
 
 
+def _environment_text(args: dict) -> str | None:
+    """"adni-diffusers 0.1.0 (git 2f92c53aa1b2), torch 2.14.1 (CUDA 13.0), diffusers 0.42.1, accelerate 1.16.0, on
+    NVIDIA H100 80GB HBM3 x 2": what trained the model, from training_args.json's `environment` (runs since
+    2026-12-05); None before."""
+    env = _field(args, "environment") or {}
+    if not env.get("torch"):
+        return None
+    package = f"adni-diffusers {env.get('adni_diffusers') or '?'}" + (f" (git {env['git_commit']})"
+                                                                      if env.get("git_commit") else "")
+    torch_text = f"torch {env['torch']}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
+    libraries = ", ".join(f"{name} {env[name]}" for name in ("diffusers", "accelerate") if env.get(name))
+    processes = args.get("num_processes") if isinstance(args.get("num_processes"), int) else 1
+    return (f"{package}, {torch_text}, {libraries}, Python {env.get('python', '?')}, on {env.get('device', '?')}"
+            + (f" x {processes}" if processes > 1 else ""))
+
+
 def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
     rows = []
     for key, label in _ARG_LABELS:
@@ -269,6 +285,8 @@ def _session_settings(changed: dict) -> str:
         shown.append(_count(changed["num_processes"], "process", "processes"))
     if "compiled" in changed:
         shown.append("compiled" if changed["compiled"] else "not compiled")
+    if "environment" in changed:  # a resume after an upgrade, or on another machine
+        shown.append(f"{_environment_text(changed) or 'other software (not recorded)'}")
     others = len(changed) - len(shown)
     if others:
         shown.append(f"{_count(others, 'other setting')} (`training_args.json`)")
@@ -562,6 +580,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "arg_rows": _argument_rows(args),
         "session_lines": _session_lines(args),
+        "environment_text": _environment_text(args),
         "train_steps": _field(train, "train_steps", int),
         "num_processes": _count(train["num_processes"], "process", "processes")
         if isinstance(train.get("num_processes"), int) else None,
@@ -738,7 +757,8 @@ the diffusion model works on `latents * scaling_factor`.
 {% endfor %}
 {% for line in session_lines %}{{ line }}
 
-{% endfor %}The full list is in `training_args.json`.
+{% endfor %}{% if environment_text %}Trained with {{ environment_text }}.
+{% endif %}The full list is in `training_args.json`.
 {% if loss_curve %}
 ![Training losses]({{ loss_curve }})
 {% endif %}
@@ -795,6 +815,7 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
         "loss_curve": "loss_curve.png" if (d / "loss_curve.png").is_file() else None,
         "arg_rows": _argument_rows(args),
         "session_lines": _session_lines(args),
+        "environment_text": _environment_text(args),
     }
     ctx.update(_data_context(data, args, source))
     if source == "demo":

@@ -1875,8 +1875,11 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
 
         safe_args["compiled"] = is_compiled_module(model)
     if accelerator is not None:
+        from .environment import environment
+
         safe_args["mixed_precision_used"] = precision_in_effect(accelerator)
         safe_args["num_processes"] = accelerator.num_processes
+        safe_args["environment"] = environment(accelerator.device)
     safe_args["started_at_step"] = start_step
     record = output_dir / "training_args.json"
     if start_step:  # a resume: the file so far is the earlier sessions' (a fresh run's old one is not)

@@ -90,6 +90,7 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     low, high = iv["fd"]
     assert f"| {FD_NAME} | {E._f(metrics[FD_NAME])} ({E._f(low)} to {E._f(high)}) |" in report
     assert f"bootstrap intervals over {E.FD_RESAMPLES} resamples of the {patients} held-out patients" in report
+    assert metrics["environment"]["torch"] == torch.__version__ and metrics["environment"]["device"].startswith("cpu")
     digest = metrics["feature_net"]["weights_sha256"]
     assert digest == Fe.weights_digest(Fe.load_feature_net(metrics["feature_net"]["path"]))
     assert f"sha256 `{digest[:16]}` of its weights, trained with seed 0" in report

@@ -925,3 +925,40 @@ def test_an_unconditional_model_of_mci_slices_is_not_said_to_know_no_mci(ldm):
     _edit_json(ldm / "training_data.json", class_names=["MCI"])
     text = render_model_card(ldm)
     assert "(no other diagnoses or dementias)." in text and "no MCI" not in text
+
+
+def test_the_card_names_the_software_and_device_that_trained_the_model(ldm):
+    """A paper's Methods needs the versions and the hardware: a training run records them in training_args.json
+    (`environment`), and the card says them under the argument table; older records without them render as before."""
+    import platform
+
+    import torch
+
+    from adni_diffusers.environment import environment
+
+    args = json.loads((ldm / "training_args.json").read_text())
+    env = args["environment"]  # written by the tiny training run of the fixture
+    assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
+    assert env["device"].startswith("cpu: ") and args["num_processes"] == 1 and env["diffusers"]
+    assert env == {**environment("cpu"), "git_commit": env["git_commit"]}  # the same machine, the same record
+    text = render_model_card(ldm)
+    assert (f"Trained with adni-diffusers {env['adni_diffusers']}"
+            + (f" (git {env['git_commit']})" if env["git_commit"] else "")
+            + f", torch {env['torch']}") in text
+    assert f"Python {env['python']}, on {env['device']}." in text
+    args["environment"].update(device="NVIDIA H100 80GB HBM3", cuda="13.0", git_commit=None)
+    args["num_processes"] = 2
+    (ldm / "training_args.json").write_text(json.dumps(args))
+    text = render_model_card(ldm)
+    assert f", torch {env['torch']} (CUDA 13.0), diffusers {env['diffusers']}" in text
+    assert "on NVIDIA H100 80GB HBM3 x 2." in text and "(git " not in text
+    # a session resumed after an upgrade: the earlier one's software, not "1 other setting"
+    args["earlier_sessions"] = [{"started_at_step": 0, "changed": {"environment": {**env, "torch": "2.13.0"}}}]
+    args["started_at_step"] = 3
+    (ldm / "training_args.json").write_text(json.dumps(args))
+    assert (f"Steps 0 to 3 ran in an earlier session (resumed from its checkpoint) with adni-diffusers "
+            f"{env['adni_diffusers']}") in render_model_card(ldm)
+    assert ", torch 2.13.0 " in render_model_card(ldm) and "other setting" not in render_model_card(ldm)
+    del args["environment"], args["earlier_sessions"]
+    (ldm / "training_args.json").write_text(json.dumps(args))
+    assert "Trained with" not in render_model_card(ldm)
