@@ -933,9 +933,8 @@ def summary_numbers(res: dict) -> dict:
         f"{M.FD_NAME}, {CEILING_LABEL}": ce["fd"],
     }
     if nets := res["realism"].get("across_feature_nets"):  # how far FD moves with the yardstick itself
-        label = NETS_RANGE_LABEL
-        s[f"{M.FD_NAME}, {label}"] = [min(nets["generated"]["fd"]), max(nets["generated"]["fd"])]
-        s[f"{M.FD_NAME}, {FLOOR_LABEL}, {label}"] = [min(nets["floor"]["fd"]), max(nets["floor"]["fd"])]
+        s[f"{M.FD_NAME}, {NETS_RANGE_LABEL}"] = [min(nets["generated"]["fd"]), max(nets["generated"]["fd"])]
+        s[f"{M.FD_NAME}, {FLOOR_LABEL}, {NETS_RANGE_LABEL}"] = [min(nets["floor"]["fd"]), max(nets["floor"]["fd"])]
     s |= {
         M.KID_NAME: r["kid"], f"{M.KID_NAME}, {FLOOR_LABEL}": fl["kid"],
         f"precision (adni-features, k={r['k']})": r["precision"],
@@ -1241,7 +1240,8 @@ def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
 
 
 def assemble_results(*, model_dir, pipe, conditional, model_classes, record, data, settings, device, fn_report,
-                     realism, diversity, fidelity, shares, mem, ablation, timings, files, complete) -> dict:
+                     realism, diversity, fidelity, shares, mem, ablation, timings, files, complete,
+                     software: dict | None = None) -> dict:
     """The evaluation's record (metrics.json without its numeric summary)."""
     fn_summary = {k: fn_report.get(k) for k in ("cached", "path", "key", "weights_sha256", "trained_on", "settings",
                                                 "train_seconds", "position_head_trained", "val")}
@@ -1254,7 +1254,7 @@ def assemble_results(*, model_dir, pipe, conditional, model_classes, record, dat
                  "data_source_is_demo": is_demo_dataset(data.root)},
         "settings": settings,
         "device": device,
-        "environment": environment(device),
+        "environment": software if software is not None else environment(device),
         "feature_net": fn_summary,
         "realism": realism,
         "diversity": diversity,
@@ -1608,6 +1608,8 @@ def evaluate_model(
     files["closest_pairs"] = plot_closest_pairs(mem, gen, data.train, nn_heldout_vq, out / "closest_pairs.png").name
     timings["memorisation_seconds"] = time.perf_counter() - t
 
+    software = environment(device)  # once: it asks git for the commit
+
     def write_results(complete: bool) -> dict:
         """metrics.json and report.md of what is measured so far (`complete`: UMAP and ablations too)."""
         timings["total_seconds"] = time.perf_counter() - t_start
@@ -1623,7 +1625,7 @@ def evaluate_model(
                 "ablation_samples": ablation_samples if ablations else None},
             device=device, fn_report=fn_report, realism=realism, diversity={"generated": gen_div, "real": real_div},
             fidelity=fidelity, shares=shares, mem=mem, ablation=ablation, timings=timings,
-            files={**files, "report": "report.md", "metrics": "metrics.json"}, complete=complete))
+            files={**files, "report": "report.md", "metrics": "metrics.json"}, complete=complete, software=software))
         write_report(res, out)
         # top level: the numeric summary (the model card's table), then the details under their own keys
         result = {**summary_numbers(res), **res}
