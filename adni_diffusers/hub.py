@@ -415,7 +415,8 @@ def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -
 # file someone added on the Hub, a LICENSE of their own, stays), never README.md (a push whose card failed to
 # render keeps the card there), and JPEG/WebP pictures, which earlier pushes uploaded and are input slices
 PACKAGE_TOP_LEVEL_FILES = ("LICENSE.md", "training_data.json", "training_args.json", "train_metrics.json",
-                           "metrics.json", "first_stage_metrics.json", "samples.png", "loss_curve.png",
+                           "metrics.json", "first_stage_metrics.json", "first_stage_training_args.json",
+                           "samples.png", "loss_curve.png",
                            "reconstructions.png", "grid.png", "denoising.gif", "generation.json", "tradeoff.json",
                            "tradeoff.png", "example_strip.png", "mean_difference.png")
 

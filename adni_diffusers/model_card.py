@@ -537,6 +537,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     # copied by train_unet.py; never read from the first stage's folder, which may have trained again since (and
     # is not there where the card is rendered for a push on another machine)
     vq_metrics = read_json_object(d / "first_stage_metrics.json")
+    vq_args = read_json_object(d / "first_stage_training_args.json")  # likewise (pipelines since 2026-12-05)
     channels = unet.get("block_out_channels") or []
     # UNet2DModel's middle block has self-attention unless it is switched off (add_attention) or absent
     mid_attention = (unet.get("mid_block_type", "UNetMidBlock2D") is not None) and unet.get("add_attention", True)
@@ -602,6 +603,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "val_set_text": _val_set_text(data, args),
         "vq_rows": _vq_rows(vq_metrics),
         "vq_eval_set": vq_metrics.get("eval_set"),
+        "vq_arg_rows": _argument_rows(vq_args),
+        "vq_environment_text": _environment_text(vq_args),
         "sample_grid": grid if (d / grid).is_file() else None,
         "sample_steps": args.get("sample_inference_steps"),
         # recorded since 2026-12-05; the grids were sampled without guidance before

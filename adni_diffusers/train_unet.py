@@ -187,14 +187,25 @@ def find_vqmodel(path: str) -> Path:
                         "holding vqvae/config.json)")
 
 
-def first_stage_metrics_file(vq_dir: Path) -> Path | None:
-    """The VQModel's reconstruction numbers: train_vqmodel.py's metrics.json beside its vqvae/, or the copy a
-    finished pipeline keeps (--vqmodel out/ldm). Not any other metrics.json (a pipeline's evaluation)."""
+# what the pipeline keeps of its first stage (a copy in its folder: the VQModel's own folder is not pushed with it)
+FIRST_STAGE_FILES = {"first_stage_metrics.json": "metrics.json",  # the reconstruction numbers
+                     "first_stage_training_args.json": "training_args.json"}  # how it was trained, and on what
+
+
+def first_stage_file(vq_dir: Path, kept: str) -> Path | None:
+    """A first-stage record: train_vqmodel.py's file beside its vqvae/ (FIRST_STAGE_FILES[kept]), or the copy a
+    finished pipeline keeps under `kept` (--vqmodel out/ldm). Not any other folder's metrics.json (a pipeline's
+    evaluation) or training_args.json (a UNet's)."""
     folder = vq_dir.parent
-    if (folder / "first_stage_metrics.json").is_file():
-        return folder / "first_stage_metrics.json"
-    stage = read_json_object(folder / "training_data.json").get("stage")
-    return folder / "metrics.json" if stage == "vqmodel" and (folder / "metrics.json").is_file() else None
+    if (folder / kept).is_file():
+        return folder / kept
+    own = folder / FIRST_STAGE_FILES[kept]
+    return own if read_json_object(folder / "training_data.json").get("stage") == "vqmodel" and own.is_file() else None
+
+
+def first_stage_metrics_file(vq_dir: Path) -> Path | None:
+    """The VQModel's reconstruction numbers (first_stage_file)."""
+    return first_stage_file(vq_dir, "first_stage_metrics.json")
 
 
 def vq_training_data(vq_dir: Path) -> dict | None:
@@ -510,12 +521,12 @@ def main(args: argparse.Namespace) -> dict:
             }
             write_text_atomically(Path(args.output_dir) / "train_metrics.json", json.dumps(result, indent=2))
             run.log_final_metrics(result, ["val_loss"])
-            vq_metrics = first_stage_metrics_file(vq_dir)  # the first stage's numbers travel with the pipeline
-            kept = Path(args.output_dir) / "first_stage_metrics.json"
-            if vq_metrics is None:  # a bare VQModel: no numbers, not those of the VQModel an earlier run here had
-                kept.unlink(missing_ok=True)
-            elif not (kept.exists() and kept.samefile(vq_metrics)):
-                shutil.copyfile(vq_metrics, kept)
+            for name in FIRST_STAGE_FILES:  # the first stage's numbers and arguments travel with the pipeline
+                source, kept = first_stage_file(vq_dir, name), Path(args.output_dir) / name
+                if source is None:  # a bare VQModel: none, not those of the VQModel an earlier run here had
+                    kept.unlink(missing_ok=True)
+                elif not (kept.exists() and kept.samefile(source)):
+                    shutil.copyfile(source, kept)
             grid = _final_samples(pipe, class_names, args, device)
             from adni_diffusers.model_card import write_model_card
 

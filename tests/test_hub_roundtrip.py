@@ -40,6 +40,7 @@ REPO = "user/tiny-ldm"
 PIPELINE_FILES = {
     "README.md", "LICENSE.md", "model_index.json", f"{PIPELINE_MODULE}.py", "samples.png", "loss_curve.png",
     "training_data.json", "training_args.json", "train_metrics.json", "first_stage_metrics.json",
+    "first_stage_training_args.json",
     "scheduler/scheduler_config.json",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors",

@@ -1267,6 +1267,25 @@ def test_first_stage_metrics_come_from_a_vq_folder_or_a_pipelines_copy(tmp_path)
     assert first_stage_metrics_file(tmp_path / "bare") is None  # a VQModel folder without records
 
 
+def test_the_pipeline_keeps_its_first_stages_training_arguments_and_the_card_shows_them(tiny_ldm, tiny_vq, tmp_path):
+    """A Methods section needs the VQModel's recipe (losses and weights, optimiser, batch, precision, seed): it was in
+    the VQModel's own folder only, which is not pushed with the pipeline. The pipeline keeps a copy (as it keeps the
+    reconstruction numbers), chaining from a pipeline keeps it on, and the card tables it."""
+    from adni_diffusers.model_card import render_model_card
+    from adni_diffusers.train_unet import first_stage_file
+
+    kept = tiny_ldm / "first_stage_training_args.json"
+    assert json.loads(kept.read_text()) == json.loads((tiny_vq / "training_args.json").read_text())
+    assert first_stage_file(tiny_vq / "vqvae", "first_stage_training_args.json") == tiny_vq / "training_args.json"
+    assert first_stage_file(tiny_ldm / "vqvae", "first_stage_training_args.json") == kept  # not the UNet's own
+    vq_args = json.loads(kept.read_text())
+    card = render_model_card(tiny_ldm)
+    assert "The first stage's training (all of it in `first_stage_training_args.json`), with adni-diffusers" in card
+    after = card.split("The first stage's training", 1)[1]
+    assert f"| `--learning_rate` | {vq_args['learning_rate']:.4g} |" in after
+    assert f"| `--train_batch_size` | {vq_args['train_batch_size']} |" in after
+
+
 def test_a_vq_folder_whose_records_are_not_json_objects_is_one_without_records(tmp_path):
     """A training_data.json / training_args.json that holds a list or a number (hand-edited, another tool's)
     crashed the start of a UNet run with AttributeError; such a VQModel is one that records nothing."""
