@@ -203,11 +203,6 @@ def first_stage_file(vq_dir: Path, kept: str) -> Path | None:
     return own if read_json_object(folder / "training_data.json").get("stage") == "vqmodel" and own.is_file() else None
 
 
-def first_stage_metrics_file(vq_dir: Path) -> Path | None:
-    """The VQModel's reconstruction numbers (first_stage_file)."""
-    return first_stage_file(vq_dir, "first_stage_metrics.json")
-
-
 def vq_training_data(vq_dir: Path) -> dict | None:
     """What the VQModel in `vq_dir` was trained on: train_vqmodel.py's training_data.json beside its vqvae/
     (with the split flags from its training_args.json), or, when `vq_dir` is in a finished pipeline, the copy

@@ -1253,18 +1253,18 @@ def test_processes_wait_ddp_timeout_at_a_barrier_and_copy_batches_non_blocking_o
 def test_first_stage_metrics_come_from_a_vq_folder_or_a_pipelines_copy(tmp_path):
     """Chaining from a finished pipeline (--vqmodel out/ldm) lost the first stage's numbers from the new card;
     a pipeline's own metrics.json (an evaluation) is never taken for them."""
-    from adni_diffusers.train_unet import first_stage_metrics_file
+    from adni_diffusers.train_unet import first_stage_file
 
     vq, ldm = tmp_path / "vq", tmp_path / "ldm"
     for folder, stage in ((vq, "vqmodel"), (ldm, "unet")):
         (folder / "vqvae").mkdir(parents=True)
         (folder / "training_data.json").write_text(json.dumps({"stage": stage}))
         (folder / "metrics.json").write_text("{}")
-    assert first_stage_metrics_file(vq / "vqvae") == vq / "metrics.json"
-    assert first_stage_metrics_file(ldm / "vqvae") is None  # an evaluation's metrics.json
+    assert first_stage_file(vq / "vqvae", "first_stage_metrics.json") == vq / "metrics.json"
+    assert first_stage_file(ldm / "vqvae", "first_stage_metrics.json") is None  # an evaluation's metrics.json
     (ldm / "first_stage_metrics.json").write_text("{}")
-    assert first_stage_metrics_file(ldm / "vqvae") == ldm / "first_stage_metrics.json"
-    assert first_stage_metrics_file(tmp_path / "bare") is None  # a VQModel folder without records
+    assert first_stage_file(ldm / "vqvae", "first_stage_metrics.json") == ldm / "first_stage_metrics.json"
+    assert first_stage_file(tmp_path / "bare", "first_stage_metrics.json") is None  # a VQModel folder without records
 
 
 def test_the_pipeline_keeps_its_first_stages_training_arguments_and_the_card_shows_them(tiny_ldm, tiny_vq, tmp_path):
@@ -1289,14 +1289,14 @@ def test_the_pipeline_keeps_its_first_stages_training_arguments_and_the_card_sho
 def test_a_vq_folder_whose_records_are_not_json_objects_is_one_without_records(tmp_path):
     """A training_data.json / training_args.json that holds a list or a number (hand-edited, another tool's)
     crashed the start of a UNet run with AttributeError; such a VQModel is one that records nothing."""
-    from adni_diffusers.train_unet import first_stage_metrics_file, vq_data_folder, vq_training_data
+    from adni_diffusers.train_unet import first_stage_file, vq_data_folder, vq_training_data
 
     vq = tmp_path / "vq"
     (vq / "vqvae").mkdir(parents=True)
     (vq / "metrics.json").write_text("{}")
     for text in ("[]", '["vqmodel"]', "4", "not json"):
         (vq / "training_data.json").write_text(text)
-        assert first_stage_metrics_file(vq / "vqvae") is None
+        assert first_stage_file(vq / "vqvae", "first_stage_metrics.json") is None
         assert vq_training_data(vq / "vqvae") is None and vq_data_folder(vq / "vqvae", "vq") is None
     (vq / "training_data.json").write_text(json.dumps({"stage": "vqmodel", "root": str(tmp_path)}))
     (vq / "training_args.json").write_text("[1, 2]")
