@@ -27,11 +27,13 @@ def git_commit() -> str | None:
     here = Path(__file__).resolve().parent.parent
     if not (here / ".git").exists():
         return None
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
     try:
-        run = lambda *cmd: subprocess.run(["git", "-C", str(here), *cmd], capture_output=True, text=True,  # noqa: E731
-                                          timeout=10, check=True).stdout.strip()
-        commit = run("rev-parse", "--short=12", "HEAD")
-        return commit + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
+        commit = git("rev-parse", "--short=12", "HEAD")
+        return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
