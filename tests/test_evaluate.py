@@ -22,6 +22,7 @@ from adni_diffusers.model_card import render_model_card
 
 QUICK_STEPS = {"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2}  # sampler step counts for the ablation rows
 FLOOR = E.FLOOR_LABEL
+FEW_RESAMPLES = 20  # the FD bootstrap's default 200 took ~7 s of each tiny evaluation; the tests need it to run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,7 +47,7 @@ def evaluated(model_copy):
     """One full evaluation through the Python API, default output folder, ablations on (few steps)."""
     result = E.evaluate_model(model_copy, num_samples=4, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
                               diversity_pairs=4, kid_subsets=5, ablations=True, ablation_samples=2,
-                              ablation_step_overrides=QUICK_STEPS, progress=False)
+                              ablation_step_overrides=QUICK_STEPS, fd_resamples=FEW_RESAMPLES, progress=False)
     return result, model_copy / "evaluation"
 
 
@@ -80,7 +81,7 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     metrics = json.loads((out / "metrics.json").read_text())
     iv = metrics["realism"]["fd_intervals"]
     patients = metrics["data"]["validation"]["patients"]
-    assert iv["resamples"] == E.FD_RESAMPLES and iv["held_out_patients"] == patients and iv["level"] == 0.95
+    assert iv["resamples"] == FEW_RESAMPLES and iv["held_out_patients"] == patients and iv["level"] == 0.95
     label = "95% interval over held-out patients"  # the same name in every model's metrics.json
     for key, name in (("fd", FD_NAME), ("floor_fd", f"{FD_NAME}, {FLOOR}")):
         low, high = metrics[f"{name}, {label}"]
@@ -89,7 +90,7 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     report = (out / "report.md").read_text()
     low, high = iv["fd"]
     assert f"| {FD_NAME} | {E._f(metrics[FD_NAME])} ({E._f(low)} to {E._f(high)}) |" in report
-    assert f"bootstrap intervals over {E.FD_RESAMPLES} resamples of the {patients} held-out patients" in report
+    assert f"bootstrap intervals over {FEW_RESAMPLES} resamples of the {patients} held-out patients" in report
     assert metrics["environment"]["torch"] == torch.__version__ and metrics["environment"]["device"].startswith("cpu")
     digest = metrics["feature_net"]["weights_sha256"]
     assert digest == Fe.weights_digest(Fe.load_feature_net(metrics["feature_net"]["path"]))
@@ -289,7 +290,7 @@ def test_cli_reuses_the_feature_net_and_writes_elsewhere(evaluated, model_copy, 
     out = tmp_path / "second"
     rc = cli.main(["evaluate", "--model", str(model_copy), "--out", str(out), "--num-samples", "2", "--steps", "2",
                    "--feature-epochs", "1", "--tstr-epochs", "1", "--diversity-pairs", "2", "--kid-subsets", "3",
-                   "--no-umap", "--device", "cpu", "--seed", "1"])
+                   "--no-umap", "--device", "cpu", "--seed", "1", "--fd-resamples", str(FEW_RESAMPLES)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "reused from cache" in printed and FD_NAME in printed
@@ -386,7 +387,7 @@ def test_unconditional_model(tiny_ldm, demo_root, evaluated, tmp_path):
     result = E.evaluate_model(folder, demo_root, num_samples=6, steps=2, feature_epochs=1, tstr_epochs=1,
                               diversity_pairs=3, kid_subsets=3, ablations=True, ablation_samples=4,
                               ablation_step_overrides=QUICK_STEPS, feature_cache=evaluated[1].parent / "feature_net",
-                              progress=False)
+                              fd_resamples=FEW_RESAMPLES, progress=False)
     out = folder / "evaluation"
     assert result["feature_net"]["cached"] is True  # same data, same settings as the conditional run
     assert result["class_fidelity"] is None and set(result["class_shares"]["generated"]) == {"AD", "NC"}
@@ -530,7 +531,7 @@ def test_ablations_of_a_model_with_fewer_training_timesteps(model_copy, tmp_path
     result = E.evaluate_model(folder, num_samples=2, steps=3, feature_epochs=1, tstr_epochs=1, diversity_pairs=2,
                               kid_subsets=2, ablations=True, ablation_samples=2, umap=False, render_card=False,
                               ablation_step_overrides={k: v for k, v in QUICK_STEPS.items() if k != "ddpm"},
-                              progress=False, device="cpu")
+                              fd_resamples=FEW_RESAMPLES, progress=False, device="cpu")
     ddpm = next(r for r in result["ablations"]["rows"] if r["group"] == "sampler" and r["scheduler"] == "ddpm")
     assert ddpm["steps"] == 20 and "(20 steps)" in ddpm["label"]
     assert (folder / "evaluation" / "metrics.json").is_file()
@@ -628,7 +629,7 @@ def spied(evaluated, model_copy, tmp_path_factory):
         mp.setattr(E, "train_test_classifier", classifier_spy)
         result = E.evaluate_model(model_copy, num_samples=3, steps=2, out=tmp_path_factory.mktemp("spied"),
                                   feature_epochs=1, tstr_epochs=1, diversity_pairs=2, kid_subsets=2, umap=False,
-                                  render_card=False, progress=False, device="cpu")
+                                  render_card=False, fd_resamples=FEW_RESAMPLES, progress=False, device="cpu")
     return result, calls
 
 
@@ -755,7 +756,8 @@ def test_a_rerun_removes_the_earlier_runs_outputs_and_keeps_other_files(evaluate
     shutil.copytree(model_copy / "feature_net", cache)
     rc = cli.main(["evaluate", "--model", str(model_copy), "--out", str(out), "--feature-cache", str(cache),
                    "--num-samples", "2", "--steps", "2", "--feature-epochs", "1", "--tstr-epochs", "1",
-                   "--diversity-pairs", "2", "--kid-subsets", "2", "--no-umap", "--no-card", "--device", "cpu"])
+                   "--diversity-pairs", "2", "--kid-subsets", "2", "--no-umap", "--no-card", "--device", "cpu",
+                   "--fd-resamples", str(FEW_RESAMPLES)])
     assert rc == 0
     for name in ("umap.png", "ablations.png", "ablations.csv", "samples_MCI.png"):
         assert not (out / name).exists(), name
