@@ -235,6 +235,20 @@ def _environment_text(args: dict) -> str | None:
             + (f" x {processes}" if processes > 1 else ""))
 
 
+def _ema_text(args: dict) -> str | None:
+    """Which weights the card's numbers are of: a reader of the Methods section asks whether the saved UNet is the
+    EMA (train_unet copies the EMA into it before the validation loss, the samples and the save); None where the
+    record does not say."""
+    if not isinstance(args.get("use_ema"), bool):
+        return None
+    if not args["use_ema"]:
+        return "The saved UNet weights are those of the last training step (no EMA)."
+    decay = args.get("ema_max_decay")
+    return ("The saved UNet weights are the exponential moving average (EMA) of the training weights"
+            + (f" (diffusers' `EMAModel`, decay warming up to {_fmt(decay)})" if isinstance(decay, float) else "")
+            + ": the validation loss, the samples and any evaluation are of these weights.")
+
+
 def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
     rows = []
     for key, label in _ARG_LABELS:
@@ -594,6 +608,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "steady_images_per_second": _fmt(steady) if (steady := _field(train, "train_images_per_second_steady",
                                                                       (int, float))) else None,
         "val_loss": _fmt(train.get("val_loss")) if train.get("val_loss") is not None else None,
+        "ema_text": _ema_text(args),
         "eval_rows": eval_rows,
         "eval_source": eval_source,
         "eval_settings": eval_settings,

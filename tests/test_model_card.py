@@ -470,6 +470,22 @@ def test_flags_read_yes_or_no_as_they_were_set(ldm):
     assert "| `--scale_lr` | no |" in text
 
 
+def test_the_card_says_which_weights_were_saved_and_measured(ldm):
+    """A Methods section must say whether the numbers are of the EMA weights: the card says so (from use_ema and
+    ema_max_decay in training_args.json), and says nothing where an older record lacks the flag."""
+    ema = "The saved UNet weights are the exponential moving average (EMA) of the training weights (diffusers' " \
+          "`EMAModel`, decay warming up to 0.999): the validation loss, the samples and any evaluation are of these " \
+          "weights."
+    _edit_json(ldm / "training_args.json", ema_max_decay=0.999)
+    assert ema in " ".join(render_model_card(ldm).split())  # the tiny model: --use_ema
+    _edit_json(ldm / "training_args.json", use_ema=False)
+    assert "The saved UNet weights are those of the last training step (no EMA)." in render_model_card(ldm)
+    args = json.loads((ldm / "training_args.json").read_text())
+    del args["use_ema"]
+    (ldm / "training_args.json").write_text(json.dumps(args))
+    assert "The saved UNet weights" not in render_model_card(ldm)
+
+
 def test_no_validation_row_when_nothing_was_held_out(ldm):
     """--split all records an empty validation summary (0 images): the data table has no `validation | 0` row next
     to the line saying nothing was held out."""
