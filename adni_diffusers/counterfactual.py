@@ -974,7 +974,7 @@ def check_classifier_folder(folder: str) -> None:
 
 
 def _load_classifier(args, data, device):
-    from .features import check_cache_folder, get_or_train_feature_net, load_feature_net
+    from .features import check_cache_folder, get_or_train_feature_net, load_feature_net, set_aside_floor_patients
 
     if args.classifier:
         check_classifier_folder(args.classifier)
@@ -983,8 +983,11 @@ def _load_classifier(args, data, device):
 
         # a net from another model's folder (another --seed or --val_fraction) may have trained on this model's
         # held-out patients: its held-out accuracy would then be measured on its own training slices
+        # (evaluate's nets since 2026-12-06 train on the training split less the floor's patients)
         trained = (((net.meta.get("report") or {}).get("trained_on")) or {}).get("patients_sha256")
-        same = trained == data.train.summary()["patients_sha256"] if trained else None
+        model_split = {part.summary()["patients_sha256"]
+                       for part in (data.train, set_aside_floor_patients(data.train, data.val)[0])}
+        same = trained in model_split if trained else None
         if not same:
             logger.warning("--classifier %s was trained on %s: its held-out accuracy may count slices it was "
                            "trained on", args.classifier, "other patients than this model's training split"
@@ -995,13 +998,15 @@ def _load_classifier(args, data, device):
             raise ValueError(f"--classifier {args.classifier}: {e}") from None
         return net, {"path": args.classifier, "val": val, "trained_on_model_split": same}
     # The seed and the default recipe `adni-diffusers evaluate` trains it with: the cache is keyed on the data and
-    # these settings, so both commands share one net.
+    # these settings, and on the training slices less the floor's patients as evaluate keeps them, so both commands
+    # share one net.
     from .evaluate import FEATURE_NET_SEED
 
     cache = args.feature_net_cache or str(Path(args.model) / "feature_net")
     check_cache_folder(cache, "--feature-net-cache")
     epochs = args.feature_epochs or FEATURE_EPOCHS
-    net, report = get_or_train_feature_net(cache, data.train, data.val, epochs=epochs, seed=FEATURE_NET_SEED,
+    net_train, _ = set_aside_floor_patients(data.train, data.val)
+    net, report = get_or_train_feature_net(cache, net_train, data.val, epochs=epochs, seed=FEATURE_NET_SEED,
                                            device=device, progress=False)
     return net, report
 

@@ -11,7 +11,8 @@ Every number stands beside its floor, the same measure between two sets of REAL 
 - realism: FD / KID (adni-features) and k-NN precision / recall (Kynkaanniemi et al. 2019) of
   generated vs held-out real, beside real TRAINING vs held-out real at the same N (the value a
   perfect generator would get at this N; FD is biased upwards for small N, so only equal-N
-  comparisons mean anything);
+  comparisons mean anything; the floor's training patients are kept out of the feature net's
+  training, so that its images are new to the net as generated ones are);
 - diversity: mean MS-SSIM (on [0, 1], data range 1) of random pairs of generated images of one
   class, beside the same on real held-out pairs (much higher than real = mode collapse);
 - class fidelity (conditional models): the feature network's accuracy on samples generated for
@@ -23,8 +24,8 @@ Every number stands beside its floor, the same measure between two sets of REAL 
 - with `--ablations`: refinement, sampler and guidance settings on the same seeds, in one table.
 
 The feature space is the project's own `features.FeatureNet`, trained on the REAL TRAINING split
-only and cached (`get_or_train_feature_net`); no Inception weights, so the names say
-"(adni-features)" and the numbers are not comparable with published FID values.
+only (less the floor's patients) and cached (`get_or_train_feature_net`); no Inception weights, so
+the names say "(adni-features)" and the numbers are not comparable with published FID values.
 
 Outputs in `--out` (default `<model>/evaluation`): metrics.json, report.md, ablations.csv and
 PNGs (an earlier evaluation's are removed first, other files stay); then the model card (README.md)
@@ -296,6 +297,27 @@ def extract_features(net, images: torch.Tensor, batch_size: int = 64, device=Non
     for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         out.append(net.features(images[s : s + batch_size], batch_size=batch_size, device=device))
     return torch.cat(out) if out else torch.empty(0, net.num_features)
+
+
+def floor_patients_record(train: SliceSet, floor_rows: torch.Tensor | None) -> dict:
+    """metrics.json's account of the floor's training patients (features.set_aside_floor_patients)."""
+    from .features import FLOOR_PATIENTS_SEED
+
+    if floor_rows is None:
+        return {"set_aside": False}
+    return {"set_aside": True, "patients": len({train.patients[i] for i in floor_rows.tolist()}),
+            "images": len(floor_rows), "seed": FLOOR_PATIENTS_SEED}
+
+
+def _floor_patients_text(record: dict | None) -> str:
+    if not record:  # metrics.json before 2026-12-06: the floor drew from the net's own training slices
+        return ""
+    if not record["set_aside"]:
+        return ("Too few training patients to keep some out of the feature net's training: the floor's training "
+                "images are ones the net trained on, which makes the floor look better than new slices would.")
+    return (f"The floor's training images come from {_n(record['patients'], 'training patient')} "
+            f"({_n(record['images'], 'slice')}) kept out of the feature net's training (a seeded draw of whole "
+            "patients), so that they are new to the net, as generated and held-out images are.")
 
 
 def subsample(labels: torch.Tensor, per_class: dict, seed: int) -> torch.Tensor:
@@ -1011,7 +1033,7 @@ def write_report(res: dict, out: Path) -> Path:
     lines += [
         "Every number stands beside its **floor**: the same measure between two sets of *real* images "
         "(training vs held-out patients, same N). A generator cannot be expected to beat the floor; the gap "
-        "to it is what matters. FD/KID are computed in the feature space of the project's own network "
+        f"to it is what matters. {_floor_patients_text(fn.get('floor_patients'))} FD/KID are computed in the feature space of the project's own network "
         "(`adni-features`, trained on real training images only), so they are **not** comparable with "
         "published FID values. The **VQ ceiling** is the floor's training images after the VQ autoencoder's "
         "encode + decode (for class accuracy: held-out slices after it, beside their accuracy as they are): what "
@@ -1244,7 +1266,7 @@ def assemble_results(*, model_dir, pipe, conditional, model_classes, record, dat
                      software: dict | None = None) -> dict:
     """The evaluation's record (metrics.json without its numeric summary)."""
     fn_summary = {k: fn_report.get(k) for k in ("cached", "path", "key", "weights_sha256", "trained_on", "settings",
-                                                "train_seconds", "position_head_trained", "val")}
+                                                "train_seconds", "position_head_trained", "val", "floor_patients")}
     return {
         "model": {"path": str(model_dir), "conditional": conditional, "class_names": model_classes,
                   "null_class": pipe.null_class if conditional else None},
@@ -1351,7 +1373,7 @@ def evaluate_model(
     Returns the metrics.json content (also written to `out`, with report.md and the PNGs). An earlier
     evaluation's outputs in `out` (`OUTPUTS`) are removed once the inputs are checked; other files stay.
     """
-    from .features import check_cache_folder, get_or_train_feature_net, umap_plot
+    from .features import check_cache_folder, get_or_train_feature_net, set_aside_floor_patients, umap_plot
     from .plots import save_image_grid
 
     t_start = time.perf_counter()
@@ -1441,8 +1463,13 @@ def evaluate_model(
     guidance = (DEFAULT_GUIDANCE_CONDITIONAL if guidance is None else float(guidance)) if conditional else 1.0
     # images per class for the distribution metrics (step 5), known now: too few is refused before hours of work
     # (per class: held-out and training images are compared in equal numbers)
-    available = ({c: min(int((data.val.labels == c).sum()), int((data.train.labels == c).sum()))
-                  for c in range(len(class_names))} if conditional else {0: min(len(data.val), len(data.train))})
+    # the floor's training images come from patients the feature net does not train on (new to it, as generated
+    # and held-out images are); too few training patients: from every training slice, as before (the record says)
+    net_train, floor_rows = set_aside_floor_patients(data.train, data.val)
+    floor_pool = floor_rows if floor_rows is not None else torch.arange(len(data.train))
+    floor_labels = data.train.labels[floor_pool]
+    available = ({c: min(int((data.val.labels == c).sum()), int((floor_labels == c).sum()))
+                  for c in range(len(class_names))} if conditional else {0: min(len(data.val), len(floor_pool))})
     counts = {c: min(num_samples, n) for c, n in available.items()}
     if min(counts.values()) < num_samples:
         logger.warning("distribution metrics use %s images%s, not --num-samples %d (held-out / training images "
@@ -1467,7 +1494,8 @@ def evaluate_model(
     # uses FEATURE_NET_SEED too, finds the same net); --feature-net-seed trains another yardstick
     settings = {"epochs": feature_epochs, "seed": feature_net_seed, "device": device, "progress": progress,
                 **(feature_settings or {})}
-    net, fn_report = get_or_train_feature_net(cache_dir, data.train, data.val, **settings)
+    net, fn_report = get_or_train_feature_net(cache_dir, net_train, data.val, **settings)
+    fn_report["floor_patients"] = floor_patients_record(data.train, floor_rows)
     logger.info("feature net %s (%s); held-out accuracy %.3f", "reused" if fn_report["cached"] else "trained",
                 fn_report["path"], fn_report["val"]["accuracy"])
     timings["feature_net_seconds"] = time.perf_counter() - t
@@ -1509,7 +1537,8 @@ def evaluate_model(
 
     gen_idx = first_per_class(groups_of(gen), counts)
     held_idx = subsample(groups_of(data.val), counts, seed)
-    train_idx = subsample(groups_of(data.train), counts, seed + 1)
+    floor_groups = groups_of(data.train)[floor_pool]
+    train_idx = floor_pool[subsample(floor_groups, counts, seed + 1)]
     # the VQ ceiling: the floor's own training images after the autoencoder's round trip, so that
     # ceiling - floor is the first stage's share of the gap and generated - ceiling the diffusion model's
     recon = as_slice_set(vq_round_trip(pipe, data.train.pixels[train_idx], batch_size),
@@ -1532,13 +1561,13 @@ def evaluate_model(
     realism["fd_intervals"] = fd_intervals(
         held_feats=heldout_feats[held_idx], held_groups=groups_of(data.val)[held_idx],
         held_patients=[data.val.patients[i] for i in held_idx.tolist()], gen_feats=gen_feats[gen_idx],
-        gen_groups=groups_of(gen)[gen_idx], train_feats=train_feats, train_groups=groups_of(data.train),
+        gen_groups=groups_of(gen)[gen_idx], train_feats=train_feats[floor_pool], train_groups=floor_groups,
         counts=counts, seed=seed, measured=(realism["generated"]["fd"], realism["floor"]["fd"]),
         resamples=fd_resamples)
     if feature_nets > 1:
         realism["across_feature_nets"] = across_feature_nets(
             [feature_net_seed + i for i in range(feature_nets)], first=(realism, fn_report),
-            train_net=lambda net_seed: get_or_train_feature_net(cache_dir, data.train, data.val,
+            train_net=lambda net_seed: get_or_train_feature_net(cache_dir, net_train, data.val,
                                                                 **{**settings, "seed": net_seed}),
             images={"generated": gen.pixels[gen_idx], "held_out": data.val.pixels[held_idx],
                     "floor": data.train.pixels[train_idx], "vq_ceiling": recon.pixels},
@@ -1663,7 +1692,7 @@ def evaluate_model(
                            "images available)", {class_names[c] if conditional else "all": v
                                                  for c, v in ab_counts.items()}, m)
         ab_held_idx = subsample(groups_of(data.val), ab_counts, seed)
-        ab_train_idx = subsample(groups_of(data.train), ab_counts, seed + 1)
+        ab_train_idx = floor_pool[subsample(floor_groups, ab_counts, seed + 1)]
         held_groups = groups_of(data.val)[ab_held_idx]
         labels_per_class = ab_counts if conditional else {None: ab_counts[0]}
         ab_held = {c: heldout_feats[ab_held_idx[held_groups == (c or 0)]] for c in labels_per_class}

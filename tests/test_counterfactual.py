@@ -889,18 +889,24 @@ def test_max_images_spreads_the_measured_slices_over_the_held_out_set(tiny_ldm, 
 
 def test_the_classifier_is_the_evaluation_net_whatever_the_sampling_seed(tmp_path, monkeypatch):
     """counterfactual --seed N only changes the noise: its classifier is trained (or found in the cache) with the
-    seed and recipe `evaluate` uses, so both commands share one net."""
+    seed, recipe and training slices (the training split less the floor's patients) `evaluate` uses, so both
+    commands share one net."""
+    from conftest import toy_slices
+
     captured = {}
 
     def spy(cache, train, val, **settings):
-        captured.update(settings, cache=cache)
+        captured.update(settings, cache=cache, train=train)
         return "net", {"path": "p"}
 
     monkeypatch.setattr(Fe, "get_or_train_feature_net", spy)
     args = argparse.Namespace(classifier=None, feature_net_cache=None, model=str(tmp_path / "model"),
                               feature_epochs=None, seed=7)
-    C._load_classifier(args, SimpleNamespace(train="train", val="val"), "cpu")
+    data = SimpleNamespace(train=toy_slices(patients=6, seed=0), val=toy_slices(patients=2, seed=1))
+    C._load_classifier(args, data, "cpu")
     assert captured["seed"] == E.FEATURE_NET_SEED and captured["epochs"] == C.FEATURE_EPOCHS
+    assert captured["train"].paths == Fe.set_aside_floor_patients(data.train, data.val)[0].paths
+    assert len(captured["train"]) < len(data.train)
     assert captured["cache"] == str(tmp_path / "model" / "feature_net")
 
 
@@ -912,7 +918,10 @@ def test_a_given_classifier_trained_on_other_patients_is_said_so(tmp_path, caplo
 
     data = SimpleNamespace(train=toy_slices(patients=4, seed=0), val=toy_slices(patients=2, seed=1))
     data.train.class_names = data.val.class_names = ["AD", "NC"]
+    evaluates = Fe.set_aside_floor_patients(data.train, data.val)[0]  # evaluate's net: less the floor's patients
+    assert len(evaluates) < len(data.train)
     cases = {"same": {"report": {"trained_on": data.train.summary()}},
+             "evaluate's": {"report": {"trained_on": evaluates.summary()}},
              "other": {"report": {"trained_on": data.val.summary()}}, "unrecorded": {}}
     found = {}
     for name, meta in cases.items():
@@ -922,6 +931,7 @@ def test_a_given_classifier_trained_on_other_patients_is_said_so(tmp_path, caplo
         _, report = C._load_classifier(args, data, "cpu")
         found[name] = (report["trained_on_model_split"], caplog.text)
     assert found["same"][0] is True and "trained on" not in found["same"][1]
+    assert found["evaluate's"][0] is True and "trained on" not in found["evaluate's"][1]
     assert found["other"][0] is False and "other patients than this model's training split" in found["other"][1]
     assert found["unrecorded"][0] is None and "its record does not name" in found["unrecorded"][1]
     result = {"target": "AD", "source": "NC", "images": 2, "rows": [], "classifier": {"path": "net"},

@@ -62,10 +62,16 @@ def test_writes_metrics_report_and_pictures(evaluated, model_copy):
     for picture in ("umap.png", "closest_pairs.png", "nn_distances.png", "samples_AD.png", "ablations.png"):
         assert f"]({picture})" in report
     assert FD_NAME in report and "FID" not in report.replace("FID values", "")
-    # the feature net lives beside the output folder and was trained on the real training split only
+    # the feature net lives beside the output folder and was trained on the real training split only, less the
+    # patients the floor draws from
     fn = metrics["feature_net"]
     assert Path(fn["path"]).parent == model_copy / "feature_net"
-    assert fn["trained_on"]["images"] == metrics["data"]["train"]["images"]
+    floor_patients = fn["floor_patients"]
+    assert floor_patients["set_aside"] and floor_patients["patients"] >= 2  # one per class at least
+    assert fn["trained_on"]["images"] + floor_patients["images"] == metrics["data"]["train"]["images"]
+    assert fn["trained_on"]["patients"] + floor_patients["patients"] == metrics["data"]["train"]["patients"]
+    assert f"come from {floor_patients['patients']} training patients ({floor_patients['images']} slices) kept out " \
+           "of the feature net's training" in report
     assert 0 <= fn["val"]["accuracy"] <= 1 and "patient_accuracy" in fn["val"]
     # the model card now shows the numbers
     assert "re-rendered" in result["card"] and "not" not in result["card"]
@@ -1243,12 +1249,17 @@ def test_the_floor_is_real_training_slices_against_the_same_held_out_set(stub_ev
     samples -- recomputed here from the cached feature net; not the samples again."""
     from adni_diffusers.features import load_feature_net
 
+    from adni_diffusers.features import set_aside_floor_patients
+
     result, model, _ = stub_evaluated
     data, _ = E.load_evaluation_data(model)
     net = load_feature_net(result["feature_net"]["path"])
     counts = {0: 4, 1: 4}
     held_idx = E.subsample(data.val.labels, counts, 0)
-    train_idx = E.subsample(data.train.labels, counts, 1)
+    net_train, floor_rows = set_aside_floor_patients(data.train, data.val)  # patients the net did not train on
+    assert net.meta["report"]["trained_on"] == net_train.summary()
+    assert not {data.train.patients[i] for i in floor_rows.tolist()} & set(net_train.patients)
+    train_idx = floor_rows[E.subsample(data.train.labels[floor_rows], counts, 1)]
     expected = E.compare_features(net.features(data.val.pixels)[held_idx], net.features(data.train.pixels)[train_idx],
                                   kid_subsets=3, seed=0)
     floor = result["realism"]["floor"]
@@ -1360,8 +1371,9 @@ def test_the_ablation_legend_covers_no_bar(tmp_path, monkeypatch):
 
 def test_the_feature_net_trains_on_the_models_training_split_only(tiny_ldm, tmp_path, monkeypatch):
     """Every realism number is measured in the feature net's space: trained on held-out patients, the net would have
-    seen the very slices the samples are compared with. It gets the training split; the held-out split only to be
-    measured. (A spy stops the run once the net is asked for.)"""
+    seen the very slices the samples are compared with. It gets the training split less the floor's patients (whose
+    slices must be new to it, as the samples are); the held-out split only to be measured. (A spy stops the run
+    once the net is asked for.)"""
     from adni_diffusers import features
 
     class Seen(Exception):
@@ -1377,8 +1389,12 @@ def test_the_feature_net_trains_on_the_models_training_split_only(tiny_ldm, tmp_
     with pytest.raises(Seen):
         E.evaluate_model(tiny_ldm, num_samples=2, out=tmp_path / "eval", progress=False)
     data, _ = E.load_evaluation_data(tiny_ldm)
-    assert seen["train"].paths == data.train.paths and seen["val"].paths == data.val.paths
-    assert not set(seen["train"].patients) & set(data.val.patients)
+    assert seen["val"].paths == data.val.paths and not set(seen["train"].patients) & set(data.val.patients)
+    assert set(seen["train"].paths) < set(data.train.paths)
+    # whole patients kept out: none of a floor patient's slices is in the net's training
+    floor_patients = set(data.train.patients) - set(seen["train"].patients)
+    assert floor_patients and [p for p in data.train.paths if p not in seen["train"].paths] == \
+        [path for path, patient in zip(data.train.paths, data.train.patients) if patient in floor_patients]
 
 
 def test_the_split_is_redrawn_with_the_models_val_fraction(tmp_path):

@@ -458,3 +458,31 @@ def test_position_error_is_the_mean_absolute_error_of_the_clamped_prediction():
     assert Fe.slice_positions(slices).tolist() == [0, 0.5, 1, 0, 0.5, 1]
     out = Fe.evaluate_feature_net(Net([-0.5, 0.5, 0.9, 1.4, 0.2, 1.0]), slices)
     assert out["position_mae"] == pytest.approx((0 + 0 + 0.1 + 1.0 + 0.3 + 0) / 6)
+
+
+def test_the_floors_patients_are_whole_patients_the_net_does_not_train_on():
+    """Per class, training patients with at least as many slices as the held-out set has of the class, never more
+    than half of the class's patients, are kept out of the net's training for the evaluation's floor; the same
+    data gives the same patients (evaluate and counterfactual share the net)."""
+    train = toy_slices(patients=12, per_patient=3, seed=0)  # 6 patients per class, 3 slices each
+    held_out = toy_slices(patients=4, per_patient=4, seed=1)  # 8 held-out slices per class
+    net_train, floor_rows = Fe.set_aside_floor_patients(train, held_out)
+    floor_patients = {train.patients[i] for i in floor_rows.tolist()}
+    assert not floor_patients & set(net_train.patients)
+    assert sorted(net_train.paths + [train.paths[i] for i in floor_rows.tolist()]) == sorted(train.paths)
+    for label in (0, 1):  # 8 slices needed: 3 patients (9 slices), half of the class's 6
+        of_class = {p for p, y in zip(train.patients, train.labels.tolist()) if y == label}
+        assert len(of_class & floor_patients) == 3 and len(of_class - floor_patients) == 3
+    again = Fe.set_aside_floor_patients(train, held_out)
+    assert torch.equal(again[1], floor_rows) and again[0].paths == net_train.paths
+
+    # at most half a class's patients, even where the held-out set has more slices than that
+    many_held = toy_slices(patients=10, per_patient=4, seed=1)  # 20 per class
+    assert len({train.patients[i] for i in Fe.set_aside_floor_patients(train, many_held)[1].tolist()}) == 6
+    # fewer held-out slices: fewer patients
+    few_held = toy_slices(patients=2, per_patient=2, seed=1)  # 2 per class: one patient of 3 slices each
+    assert len({train.patients[i] for i in Fe.set_aside_floor_patients(train, few_held)[1].tolist()}) == 2
+    # a class of one training patient: nothing can be kept out, the net trains on everything
+    lonely = toy_slices(patients=3, per_patient=3, seed=0, labels=[0, 0, 1])
+    net_train, floor_rows = Fe.set_aside_floor_patients(lonely, held_out)
+    assert floor_rows is None and net_train is lonely
