@@ -983,7 +983,7 @@ def _load_classifier(args, data, device):
 
         # a net from another model's folder (another --seed or --val_fraction) may have trained on this model's
         # held-out patients: its held-out accuracy would then be measured on its own training slices
-        # (evaluate's nets since 2026-12-06 train on the training split less the floor's patients)
+        # (evaluate's nets since a280a2f (2026-12-05) train on the training split less the floor's patients)
         trained = (((net.meta.get("report") or {}).get("trained_on")) or {}).get("patients_sha256")
         model_split = {part.summary()["patients_sha256"]
                        for part in (data.train, set_aside_floor_patients(data.train, data.val)[0])}

@@ -310,7 +310,7 @@ def floor_patients_record(train: SliceSet, floor_rows: torch.Tensor | None) -> d
 
 
 def _floor_patients_text(record: dict | None) -> str:
-    if not record:  # metrics.json before 2026-12-06: the floor drew from the net's own training slices
+    if not record:  # metrics.json before a280a2f (2026-12-05): the floor drew from the net's own training slices
         return ""
     if not record["set_aside"]:
         return ("Too few training patients to keep some out of the feature net's training: the floor's training "

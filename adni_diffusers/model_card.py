@@ -206,7 +206,8 @@ def _evaluation_settings(metrics: dict) -> str | None:
     if isinstance(net.get("weights_sha256"), str):
         text += f"; measured in the feature net with weights sha256 `{net['weights_sha256'][:16]}`"
         floor = net.get("floor_patients") if isinstance(net.get("floor_patients"), dict) else {}
-        if floor.get("set_aside") and isinstance(floor.get("patients"), int):  # evaluations since 2026-12-06
+        # evaluations since a280a2f (2026-12-05): the floor's patients are kept out of the net's training
+        if floor.get("set_aside") and isinstance(floor.get("patients"), int):
             text += (f", the floor's training slices from {_count(floor['patients'], 'patient')} kept out of its "
                      "training")
     return text

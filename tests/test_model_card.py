@@ -101,7 +101,7 @@ def test_the_evaluation_table_says_how_its_samples_were_made_and_measured(ldm):
     assert ("From `evaluation/metrics.json` (100 samples per class from `dpm++` with 25 steps, guidance 2, seed 0; "
             "measured in the feature net with weights sha256 `fe1351c821413b9a`):") in text
     assert "| `FD (adni-features), 95% interval` | 19.64 to 38.95 |" in text
-    # since 2026-12-06 the floor's training slices are of patients the net did not train on: the sentence says so
+    # since a280a2f (2026-12-05) the floor's training slices are of patients the net did not train on: it says so
     metrics["feature_net"]["floor_patients"] = {"set_aside": True, "patients": 10, "images": 200, "seed": 0}
     (ldm / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
     assert ("measured in the feature net with weights sha256 `fe1351c821413b9a`, the floor's training slices from 10 "
