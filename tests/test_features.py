@@ -461,27 +461,28 @@ def test_position_error_is_the_mean_absolute_error_of_the_clamped_prediction():
 
 
 def test_the_floors_patients_are_whole_patients_the_net_does_not_train_on():
-    """Per class, training patients with at least as many slices as the held-out set has of the class, never more
-    than half of the class's patients, are kept out of the net's training for the evaluation's floor; the same
-    data gives the same patients (evaluate and counterfactual share the net)."""
-    train = toy_slices(patients=12, per_patient=3, seed=0)  # 6 patients per class, 3 slices each
-    held_out = toy_slices(patients=4, per_patient=4, seed=1)  # 8 held-out slices per class
+    """A seeded half of each class's training patients is kept out of the net's training for the evaluation's
+    floor (whole patients; half, so that the floor's slices come from many brains, as samples do); the same data
+    gives the same patients (evaluate and counterfactual share the net)."""
+    train = toy_slices(patients=13, per_patient=3, seed=0)  # 7 patients of AD, 6 of NC, 3 slices each
+    held_out = toy_slices(patients=4, per_patient=4, seed=1)
     net_train, floor_rows = Fe.set_aside_floor_patients(train, held_out)
     floor_patients = {train.patients[i] for i in floor_rows.tolist()}
     assert not floor_patients & set(net_train.patients)
     assert sorted(net_train.paths + [train.paths[i] for i in floor_rows.tolist()]) == sorted(train.paths)
-    for label in (0, 1):  # 8 slices needed: 3 patients (9 slices), half of the class's 6
+    for label, half in ((0, 3), (1, 3)):
         of_class = {p for p, y in zip(train.patients, train.labels.tolist()) if y == label}
-        assert len(of_class & floor_patients) == 3 and len(of_class - floor_patients) == 3
+        assert len(of_class & floor_patients) == half
     again = Fe.set_aside_floor_patients(train, held_out)
     assert torch.equal(again[1], floor_rows) and again[0].paths == net_train.paths
+    # the draw depends on the training patients only (a fixed seed): another held-out set, the same rows
+    assert torch.equal(Fe.set_aside_floor_patients(train, toy_slices(patients=6, per_patient=2, seed=2))[1],
+                       floor_rows)
 
-    # at most half a class's patients, even where the held-out set has more slices than that
-    many_held = toy_slices(patients=10, per_patient=4, seed=1)  # 20 per class
-    assert len({train.patients[i] for i in Fe.set_aside_floor_patients(train, many_held)[1].tolist()}) == 6
-    # fewer held-out slices: fewer patients
-    few_held = toy_slices(patients=2, per_patient=2, seed=1)  # 2 per class: one patient of 3 slices each
-    assert len({train.patients[i] for i in Fe.set_aside_floor_patients(train, few_held)[1].tolist()}) == 2
+    # a class that nothing held out has keeps all its patients
+    only_ad = toy_slices(patients=2, per_patient=2, seed=1, labels=[0, 0])
+    rows = Fe.set_aside_floor_patients(train, only_ad)[1]
+    assert set(train.labels[rows].tolist()) == {0}
     # a class of one training patient: nothing can be kept out, the net trains on everything
     lonely = toy_slices(patients=3, per_patient=3, seed=0, labels=[0, 0, 1])
     net_train, floor_rows = Fe.set_aside_floor_patients(lonely, held_out)
