@@ -316,8 +316,8 @@ def _floor_patients_text(record: dict | None) -> str:
         return ("Too few training patients to keep some out of the feature net's training: the floor's training "
                 "images are ones the net trained on, which makes the floor look better than new slices would.")
     return (f"The floor's training images come from {_n(record['patients'], 'training patient')} "
-            f"({_n(record['images'], 'slice')}) kept out of the feature net's training (a seeded draw of whole "
-            "patients), so that they are new to the net, as generated and held-out images are.")
+            f"({_n(record['images'], 'slice')}), a seeded half of each class's, kept out of the feature net's "
+            "training, so that they are new to the net, as generated and held-out images are.")
 
 
 def subsample(labels: torch.Tensor, per_class: dict, seed: int) -> torch.Tensor:
@@ -1033,8 +1033,9 @@ def write_report(res: dict, out: Path) -> Path:
     lines += [
         "Every number stands beside its **floor**: the same measure between two sets of *real* images "
         "(training vs held-out patients, same N). A generator cannot be expected to beat the floor; the gap "
-        f"to it is what matters. {_floor_patients_text(fn.get('floor_patients'))} FD/KID are computed in the feature space of the project's own network "
-        "(`adni-features`, trained on real training images only), so they are **not** comparable with "
+        f"to it is what matters. {_floor_patients_text(fn.get('floor_patients'))} FD/KID are computed in the "
+        "feature space of the project's own network (`adni-features`, trained on real training images only), so "
+        "they are **not** comparable with "
         "published FID values. The **VQ ceiling** is the floor's training images after the VQ autoencoder's "
         "encode + decode (for class accuracy: held-out slices after it, beside their accuracy as they are): what "
         "a diffusion model that reproduced the data on this autoencoder would reach. "

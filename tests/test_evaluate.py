@@ -70,8 +70,8 @@ def test_writes_metrics_report_and_pictures(evaluated, model_copy):
     assert floor_patients["set_aside"] and floor_patients["patients"] >= 2  # one per class at least
     assert fn["trained_on"]["images"] + floor_patients["images"] == metrics["data"]["train"]["images"]
     assert fn["trained_on"]["patients"] + floor_patients["patients"] == metrics["data"]["train"]["patients"]
-    assert f"come from {floor_patients['patients']} training patients ({floor_patients['images']} slices) kept out " \
-           "of the feature net's training" in report
+    assert f"come from {floor_patients['patients']} training patients ({floor_patients['images']} slices), a seeded " \
+           "half of each class's, kept out of the feature net's training" in report
     assert 0 <= fn["val"]["accuracy"] <= 1 and "patient_accuracy" in fn["val"]
     # the model card now shows the numbers
     assert "re-rendered" in result["card"] and "not" not in result["card"]
