@@ -791,7 +791,7 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
     label_tensor = torch.tensor([0 if c is None else c for c in labels])
     reference = torch.cat([heldout_feats_by_class[c] for c in sorted(labels_per_class)])
     reference_groups = torch.cat([torch.full((len(heldout_feats_by_class[c]),), c or 0) for c in sorted(labels_per_class)])
-    done, rows, features_of = {}, [], {}
+    done, rows, features_of, main_label = {}, [], {}, None
     for row in plan:
         refine_steps = refine_repeats = 0
         start_t = None
@@ -822,6 +822,8 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
             result["first_row"] = _row_label(row)
             done[key] = result
         result = done[key]
+        if main_label is None and (not reuse or key in reuse):  # the main run's setting (or the table's first)
+            main_label = result["first_row"]
         rows.append({**{k: v for k, v in row.items() if k != "refine"},
                      "label": _row_label(row),
                      "refine_steps": refine_steps, "refine_repeats": refine_repeats,
@@ -830,15 +832,28 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
                      "same_run_as": None if result["first_row"] == _row_label(row) else result["first_row"],
                      **{k: v for k, v in result.items() if k != "first_row"}})
     gain = None
-    if heldout_patients_by_class and (pair := refinement_pair(rows)):  # the same seeds: a paired comparison
-        off, best = (features_of[row["same_run_as"] or row["label"]] for row in pair)
-        gain = paired_fd_gain(held_feats=reference, held_groups=reference_groups,
-                              held_patients=[p for c in sorted(labels_per_class) for p in heldout_patients_by_class[c]],
-                              base_feats=off, other_feats=best, gen_groups=label_tensor, seed=seed,
-                              resamples=gain_resamples)
+    if heldout_patients_by_class:  # the same seeds in every row: paired comparisons
+        def paired_gain(base: dict, other: dict) -> list[float] | None:
+            return paired_fd_gain(
+                held_feats=reference, held_groups=reference_groups, gen_groups=label_tensor, seed=seed,
+                held_patients=[p for c in sorted(labels_per_class) for p in heldout_patients_by_class[c]],
+                base_feats=features_of[base["same_run_as"] or base["label"]],
+                other_feats=features_of[other["same_run_as"] or other["label"]], resamples=gain_resamples)
+
+        if pair := refinement_pair(rows):
+            gain = paired_gain(*pair)
+        # every row against the main setting: is its FD difference more than the patients and seeds explain?
+        main = next((r for r in rows if r["label"] == main_label), None)
+        gains_of = {}
+        for r in rows if main is not None and main["fd"] > 0 else []:
+            run = r["same_run_as"] or r["label"]
+            if run != main_label and run not in gains_of:
+                gains_of[run] = paired_gain(main, r)
+            r["fd_gain_vs_main"] = (main["fd"] - r["fd"]) / main["fd"]
+            r["fd_gain_vs_main_interval"] = gains_of.get(run)
     return {"rows": rows, "floor": floor, "images_per_class": {class_names[c] if class_names else "all": n
                                                               for c, n in labels_per_class.items()},
-            "recommendation": recommend(rows, floor, refinement_gain=gain)}
+            "main_setting": main_label, "recommendation": recommend(rows, floor, refinement_gain=gain)}
 
 
 def refinement_pair(rows: list[dict]) -> tuple[dict, dict] | None:
@@ -1230,18 +1245,19 @@ def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
              "the main sampler over its timesteps below T (at least one); `from t` is the timestep it re-noises "
              "to. Rows marked with = are the same run as the row named.", "",
              "| setting | sampler | steps | refine (sampler steps x repeats, from t) | guidance | "
-             f"{M.FD_NAME} | KID | precision | recall |" + (" class accuracy |" if conditional else "")
-             + " seconds | s/image |",
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if conditional else "") + "---|---|"]
+             f"{M.FD_NAME} | FD gain vs the main setting (95% paired interval) | KID | precision | recall |"
+             + (" class accuracy |" if conditional else "") + " seconds | s/image |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if conditional else "") + "---|---|"]
     for r in ab["rows"]:
         refine = f"{r['refine_steps']} x {r['refine_repeats']}, from t={r['refine_from_timestep']}" \
             if r["refine_repeats"] else "off"
         same = f" (= {r['same_run_as']})" if r["same_run_as"] else ""
         lines.append(f"| {r['label']}{same} | {r['scheduler']} | {r['steps']} | {refine} | "
-                     f"{r['guidance']:g} | {_f(r['fd'])} | {_f(r['kid'])} | {_f(r['precision'], 3)} | "
-                     f"{_f(r['recall'], 3)} |" + (f" {_pct(r.get('class_accuracy'))} |" if conditional else "")
+                     f"{r['guidance']:g} | {_f(r['fd'])} | {_gain_text(r, ab.get('main_setting'))} | {_f(r['kid'])} | "
+                     f"{_f(r['precision'], 3)} | {_f(r['recall'], 3)} |"
+                     + (f" {_pct(r.get('class_accuracy'))} |" if conditional else "")
                      + f" {_f(r['seconds'], 3)} | {_f(r['seconds_per_image'], 3)} |")
-    lines.append(f"| **{FLOOR_LABEL}** | | | | | {_f(fl['fd'])} | {_f(fl['kid'])} | {_f(fl['precision'], 3)} | "
+    lines.append(f"| **{FLOOR_LABEL}** | | | | | {_f(fl['fd'])} | | {_f(fl['kid'])} | {_f(fl['precision'], 3)} | "
                  f"{_f(fl['recall'], 3)} |" + (" |" if conditional else "") + " | |")
     if note := fd_rank_note(fl, flag="--ablation-samples", classes=len(ab["images_per_class"])):  # 32 a class: singular
         lines += ["", note]
@@ -1257,9 +1273,20 @@ def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
         lines.append(f"- guidance: lowest FD at w={rec['guidance']['lowest_fd']:g}; "
                      + (f"highest class accuracy at w={best_acc:g}." if best_acc is not None
                         else "the same class accuracy at every guidance scale."))
-    lines += ["", "Differences smaller than the spread between seeds are noise; at small N rerun with more "
-              "`--ablation-samples` before changing a default.", ""]
+    lines += ["", "FD gain: how much lower the row's FD is than the main setting's (negative: higher), with its 95% "
+              "interval over resampled held-out patients and seeds, both rows drawn alike in each resample (the "
+              "rows share their seeds): where it spans 0, this evaluation does not tell the row from the main "
+              "setting. At small N rerun with more `--ablation-samples` before changing a default.", ""]
     return lines
+
+
+def _gain_text(row: dict, main_setting: str | None) -> str:
+    if (row["same_run_as"] or row["label"]) == main_setting:
+        return "the main setting"
+    gain, interval = row.get("fd_gain_vs_main"), row.get("fd_gain_vs_main_interval")
+    if gain is None:  # no held-out patients given, or an older metrics.json
+        return "-"
+    return f"{gain:+.0%}" + (f" ({interval[0]:+.0%} to {interval[1]:+.0%})" if interval else "")
 
 
 def assemble_results(*, model_dir, pipe, conditional, model_classes, record, data, settings, device, fn_report,
@@ -1719,11 +1746,12 @@ def evaluate_model(
         files["ablations"] = plot_ablations(ablation["rows"], floor, out / "ablations.png").name
         with open(out / "ablations.csv", "w", newline="", encoding="utf-8") as fh:
             cols = ["group", "setting", "scheduler", "steps", "refine_steps", "refine_repeats", "refine_from_timestep",
-                    "guidance", "fd", "kid", "precision", "recall", "class_accuracy", "seconds", "seconds_per_image",
-                    "same_run_as"]
+                    "guidance", "fd", "fd_gain_vs_main", "fd_gain_vs_main_low", "fd_gain_vs_main_high", "kid",
+                    "precision", "recall", "class_accuracy", "seconds", "seconds_per_image", "same_run_as"]
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
-            w.writerows(ablation["rows"])
+            w.writerows({**r, **dict(zip(("fd_gain_vs_main_low", "fd_gain_vs_main_high"),
+                                         r.get("fd_gain_vs_main_interval") or ()))} for r in ablation["rows"])
             w.writerow({"group": "floor", "setting": FLOOR_LABEL, **{k: floor[k] for k in ("fd", "kid", "precision",
                                                                                           "recall")}})
         files["ablations_csv"] = "ablations.csv"

@@ -271,6 +271,30 @@ def test_ablation_table_has_the_named_rows(evaluated):
     assert len(csv_rows) == 1 + len(rows) + 1  # header, rows, floor
 
 
+def test_every_ablation_row_gets_a_paired_interval_of_its_fd_gain_over_the_main_setting(evaluated):
+    """Is guidance 5's lower FD more than the held-out patients and the seeds explain? Each row's relative FD gain
+    over the main setting (the main run's sampler, steps and guidance) comes with its paired bootstrap interval,
+    in metrics.json, the report's table and ablations.csv."""
+    result, out = evaluated
+    ab = result["ablations"]
+    rows = {r["label"]: r for r in ab["rows"]}
+    main = rows[ab["main_setting"]]
+    assert (main["scheduler"], main["guidance"], main["refine_repeats"]) == ("dpm++", 2.0, 0)
+    report = (out / "report.md").read_text()
+    assert "FD gain vs the main setting (95% paired interval)" in report
+    for r in rows.values():
+        assert r["fd_gain_vs_main"] == pytest.approx((main["fd"] - r["fd"]) / main["fd"])
+        if (r["same_run_as"] or r["label"]) == main["label"]:  # the main setting itself (and its other names)
+            assert r["fd_gain_vs_main"] == 0 and r["fd_gain_vs_main_interval"] is None
+            continue
+        low, high = r["fd_gain_vs_main_interval"]
+        assert low <= r["fd_gain_vs_main"] <= high  # centred on the measured gain
+        assert f"| {r['fd_gain_vs_main']:+.0%} ({low:+.0%} to {high:+.0%}) |" in report
+    # the rows that are the main run under another name: no interval against themselves
+    w2 = next(r for r in rows.values() if r["group"] == "guidance" and r["setting"] == "w=2")
+    assert w2["same_run_as"] == main["label"] and w2["fd_gain_vs_main_interval"] is None
+
+
 def test_default_ablation_plan():
     rows = E.ablation_plan(conditional=True, scheduler="dpm++", steps=25, guidance=2.0)
     samplers = {(r["scheduler"], r["steps"]) for r in rows if r["group"] == "sampler"}
@@ -1844,14 +1868,19 @@ def test_ablations_csv_holds_the_tables_rows_and_the_real_floor(stub_seeded):
         reader = csv.DictReader(fh)
         header, rows = reader.fieldnames, list(reader)
     assert header == ["group", "setting", "scheduler", "steps", "refine_steps", "refine_repeats",
-                      "refine_from_timestep", "guidance", "fd", "kid", "precision", "recall", "class_accuracy",
-                      "seconds", "seconds_per_image", "same_run_as"]
+                      "refine_from_timestep", "guidance", "fd", "fd_gain_vs_main", "fd_gain_vs_main_low",
+                      "fd_gain_vs_main_high", "kid", "precision", "recall", "class_accuracy", "seconds",
+                      "seconds_per_image", "same_run_as"]
     table = result["ablations"]["rows"]
     assert len(rows) == len(table) + 1
     for row, r in zip(rows, table):
         assert (row["group"], row["setting"], row["scheduler"], int(row["steps"]), float(row["guidance"])) == \
             (r["group"], r["setting"], r["scheduler"], r["steps"], r["guidance"])
         assert float(row["fd"]) == pytest.approx(r["fd"]) and float(row["recall"]) == pytest.approx(r["recall"])
+        assert float(row["fd_gain_vs_main"]) == pytest.approx(r["fd_gain_vs_main"])
+        interval = r["fd_gain_vs_main_interval"]
+        assert [row["fd_gain_vs_main_low"], row["fd_gain_vs_main_high"]] == \
+            ([str(interval[0]), str(interval[1])] if interval else ["", ""])
     floor = result["ablations"]["floor"]
     assert rows[-1]["group"] == "floor" and rows[-1]["setting"] == E.FLOOR_LABEL
     for key in ("fd", "kid", "precision", "recall"):
