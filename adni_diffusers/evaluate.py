@@ -781,12 +781,14 @@ def _row_label(row: dict) -> str:
 def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, labels_per_class: dict,
                   floor: dict, *, seed: int, batch_size: int, device, feature_batch: int, kid_subsets: int,
                   class_names: list[str], progress: bool, reuse: dict | None = None,
-                  heldout_patients_by_class: dict | None = None, gain_resamples: int = FD_RESAMPLES) -> dict:
+                  heldout_patients_by_class: dict | None = None, gain_resamples: int = FD_RESAMPLES,
+                  main_key: tuple | None = None) -> dict:
     """Sample `labels_per_class[c]` images per class for every distinct setting of `plan` (same seeds
     for all), and measure FD / KID / precision / recall against the held-out reals, class accuracy and
     wall time. Settings that occur in several groups are run once. `reuse`: {setting key: images}
     already sampled with the same seeds (the main run). `heldout_patients_by_class`: the patient of each held-out
-    row, for the paired bootstrap of the refinement's FD gain (`paired_fd_gain`)."""
+    row, for the paired bootstraps (`paired_fd_gain`) of the refinement's FD gain and of every row's gain over the
+    main setting, the row of `main_key` (scheduler, steps, refine_steps, refine_repeats, guidance)."""
     labels = [c for c, n in sorted(labels_per_class.items()) for _ in range(n)]
     label_tensor = torch.tensor([0 if c is None else c for c in labels])
     reference = torch.cat([heldout_feats_by_class[c] for c in sorted(labels_per_class)])
@@ -822,7 +824,7 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
             result["first_row"] = _row_label(row)
             done[key] = result
         result = done[key]
-        if main_label is None and (not reuse or key in reuse):  # the main run's setting (or the table's first)
+        if main_label is None and key == main_key:
             main_label = result["first_row"]
         rows.append({**{k: v for k, v in row.items() if k != "refine"},
                      "label": _row_label(row),
@@ -1742,7 +1744,8 @@ def evaluate_model(
         ablation = run_ablations(pipe, plan, net, ab_held, labels_per_class, floor, seed=seed, batch_size=batch_size,
                                  device=device, feature_batch=feature_batch, kid_subsets=kid_subsets,
                                  class_names=class_names if conditional else [], progress=progress, reuse=reuse,
-                                 heldout_patients_by_class=ab_held_patients, gain_resamples=fd_resamples)
+                                 heldout_patients_by_class=ab_held_patients, gain_resamples=fd_resamples,
+                                 main_key=key)
         files["ablations"] = plot_ablations(ablation["rows"], floor, out / "ablations.png").name
         with open(out / "ablations.csv", "w", newline="", encoding="utf-8") as fh:
             cols = ["group", "setting", "scheduler", "steps", "refine_steps", "refine_repeats", "refine_from_timestep",

@@ -1363,6 +1363,12 @@ def test_ablation_samples_beyond_num_samples_are_sampled_not_cut(demo_root, tmp_
     off = next(r for r in rows if r["group"] == "refinement" and r["setting"] == "off")
     for r in rows:  # the stub's images depend on the seeds only: the main setting's row sampled 4 too
         assert r["fd"] == pytest.approx(off["fd"], rel=1e-5, abs=1e-8), r["label"]
+    # the main setting is known without the main run's images (too few to reuse), and every row's paired gain
+    # over it is exactly 0: the same images in every resample
+    main = next(r for r in rows if r["label"] == result["ablations"]["main_setting"])
+    assert (main["scheduler"], main["steps"], main["guidance"], main["refine_repeats"]) == ("dpm++", 3, 2.0, 0)
+    assert all(r["fd_gain_vs_main_interval"] in (None, [0.0, 0.0]) for r in rows)
+    assert sum(r["fd_gain_vs_main_interval"] == [0.0, 0.0] for r in rows) >= 5
     assert "The 4 samples nearest to the training set" in (model / "evaluation" / "report.md").read_text()
     with caplog.at_level("WARNING", logger="adni_diffusers.evaluate"):  # and a cut --num-samples is said
         E.evaluate_model(model, num_samples=1000, steps=3, seed=0, feature_epochs=1, tstr_epochs=1,
