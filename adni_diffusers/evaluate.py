@@ -835,24 +835,25 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
                      **{k: v for k, v in result.items() if k != "first_row"}})
     gain = None
     if heldout_patients_by_class:  # the same seeds in every row: paired comparisons
-        def paired_gain(base: dict, other: dict) -> list[float] | None:
-            return paired_fd_gain(
-                held_feats=reference, held_groups=reference_groups, gen_groups=label_tensor, seed=seed,
-                held_patients=[p for c in sorted(labels_per_class) for p in heldout_patients_by_class[c]],
-                base_feats=features_of[base["same_run_as"] or base["label"]],
-                other_feats=features_of[other["same_run_as"] or other["label"]], resamples=gain_resamples)
+        gains = {}  # by (base run, other run): rows that are one run share their bootstrap
 
-        if pair := refinement_pair(rows):
-            gain = paired_gain(*pair)
+        def paired_gain(base: dict, other: dict) -> list[float] | None:
+            runs = (base["same_run_as"] or base["label"], other["same_run_as"] or other["label"])
+            if runs not in gains:
+                gains[runs] = paired_fd_gain(
+                    held_feats=reference, held_groups=reference_groups, gen_groups=label_tensor, seed=seed,
+                    held_patients=[p for c in sorted(labels_per_class) for p in heldout_patients_by_class[c]],
+                    base_feats=features_of[runs[0]], other_feats=features_of[runs[1]], resamples=gain_resamples)
+            return gains[runs]
+
         # every row against the main setting: is its FD difference more than the patients and seeds explain?
         main = next((r for r in rows if r["label"] == main_label), None)
-        gains_of = {}
         for r in rows if main is not None and main["fd"] > 0 else []:
-            run = r["same_run_as"] or r["label"]
-            if run != main_label and run not in gains_of:
-                gains_of[run] = paired_gain(main, r)
             r["fd_gain_vs_main"] = (main["fd"] - r["fd"]) / main["fd"]
-            r["fd_gain_vs_main_interval"] = gains_of.get(run)
+            r["fd_gain_vs_main_interval"] = None if (r["same_run_as"] or r["label"]) == main_label \
+                else paired_gain(main, r)
+        if pair := refinement_pair(rows):  # "off" is normally the main setting: its bootstrap is done already
+            gain = paired_gain(*pair)
     return {"rows": rows, "floor": floor, "images_per_class": {class_names[c] if class_names else "all": n
                                                               for c, n in labels_per_class.items()},
             "main_setting": main_label, "recommendation": recommend(rows, floor, refinement_gain=gain)}
