@@ -22,7 +22,7 @@ from adni_diffusers.model_card import render_model_card
 
 QUICK_STEPS = {"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2}  # sampler step counts for the ablation rows
 FLOOR = E.FLOOR_LABEL
-FEW_RESAMPLES = 20  # the FD bootstrap's default 200 took ~7 s of each tiny evaluation; the tests need it to run
+FEW_RESAMPLES = 10  # the FD bootstrap's default 200 took ~7 s of each tiny evaluation; the tests need it to run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -1264,7 +1264,8 @@ def stub_evaluated(demo_root, tmp_path_factory):
                                                     "bn_images": 16},
                                   diversity_pairs=4, kid_subsets=3, ablations=True, ablation_samples=2,
                                   ablation_step_overrides={"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2},
-                                  umap=False, render_card=False, progress=False, device="cpu", pipe=_StubPipe())
+                                  fd_resamples=FEW_RESAMPLES, umap=False, render_card=False, progress=False,
+                                  device="cpu", pipe=_StubPipe())
     return result, model, calls
 
 
@@ -1357,7 +1358,8 @@ def test_ablation_samples_beyond_num_samples_are_sampled_not_cut(demo_root, tmp_
                               feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
                               diversity_pairs=2, kid_subsets=3, ablations=True, ablation_samples=4,
                               ablation_step_overrides={"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2},
-                              umap=False, render_card=False, progress=False, device="cpu", pipe=_StubPipe())
+                              fd_resamples=FEW_RESAMPLES, umap=False, render_card=False, progress=False,
+                              device="cpu", pipe=_StubPipe())
     assert result["ablations"]["images_per_class"] == {"AD": 4, "NC": 4}
     rows = result["ablations"]["rows"]
     off = next(r for r in rows if r["group"] == "refinement" and r["setting"] == "off")
@@ -1799,7 +1801,8 @@ def stub_seeded(demo_root, tmp_path_factory):
                                                     "bn_images": 16},
                                   kid_subsets=3, ablations=True, ablation_samples=2,
                                   ablation_step_overrides={"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2},
-                                  umap=False, render_card=False, progress=False, device="cpu", pipe=_StubPipe())
+                                  fd_resamples=FEW_RESAMPLES, umap=False, render_card=False, progress=False,
+                                  device="cpu", pipe=_StubPipe())
     return result, model, calls
 
 
