@@ -27,6 +27,7 @@ def git_commit() -> str | None:
     here = Path(__file__).resolve().parent.parent
     if not (here / ".git").exists():
         return None
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()

@@ -836,14 +836,15 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
     gain = None
     if heldout_patients_by_class:  # the same seeds in every row: paired comparisons
         gains = {}  # by (base run, other run): rows that are one run share their bootstrap
+        held_patients = [p for c in sorted(labels_per_class) for p in heldout_patients_by_class[c]]
 
         def paired_gain(base: dict, other: dict) -> list[float] | None:
             runs = (base["same_run_as"] or base["label"], other["same_run_as"] or other["label"])
             if runs not in gains:
                 gains[runs] = paired_fd_gain(
                     held_feats=reference, held_groups=reference_groups, gen_groups=label_tensor, seed=seed,
-                    held_patients=[p for c in sorted(labels_per_class) for p in heldout_patients_by_class[c]],
-                    base_feats=features_of[runs[0]], other_feats=features_of[runs[1]], resamples=gain_resamples)
+                    held_patients=held_patients, base_feats=features_of[runs[0]], other_feats=features_of[runs[1]],
+                    resamples=gain_resamples)
             return gains[runs]
 
         # every row against the main setting: is its FD difference more than the patients and seeds explain?
