@@ -879,8 +879,8 @@ def recommend(rows: list[dict], floor: dict, refinement_gain: list[float] | None
         gain = (off["fd"] - best["fd"]) / off["fd"] if off["fd"] > 0 else 0.0
         beyond_chance = refinement_gain is None or refinement_gain[0] > 0
         interval = (f"; 95% interval of the gain over resampled held-out patients and seeds: "
-                    f"{refinement_gain[0]:.0%} to {refinement_gain[1]:.0%}, for the lowest-FD refinement row, picked "
-                    "on these same images" if refinement_gain else "")
+                    f"{_signed_pct(refinement_gain[0])} to {_signed_pct(refinement_gain[1])}, for the lowest-FD "
+                    "refinement row, picked on these same images" if refinement_gain else "")
         if gain > 0.05 and best["recall"] >= off["recall"] - 0.02 and beyond_chance:
             out["refinement"] = {"setting": best["setting"], "refine_steps": best["refine_steps"],
                                  "refine_repeats": best["refine_repeats"], "scheduler": best["scheduler"],
@@ -941,6 +941,12 @@ def _n(n, word: str) -> str:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _signed_pct(x: float) -> str:
+    """A relative change in whole percent with its sign; one that rounds to zero is "0%" (never "-0%")."""
+    whole = round(100 * x)
+    return f"{whole:+d}%" if whole else "0%"
 
 
 def _clean(obj):
@@ -1290,7 +1296,7 @@ def _gain_text(row: dict, main_setting: str | None) -> str:
     gain, interval = row.get("fd_gain_vs_main"), row.get("fd_gain_vs_main_interval")
     if gain is None:  # no held-out patients given, or an older metrics.json
         return "-"
-    return f"{gain:+.0%}" + (f" ({interval[0]:+.0%} to {interval[1]:+.0%})" if interval else "")
+    return _signed_pct(gain) + (f" ({_signed_pct(interval[0])} to {_signed_pct(interval[1])})" if interval else "")
 
 
 def assemble_results(*, model_dir, pipe, conditional, model_classes, record, data, settings, device, fn_report,

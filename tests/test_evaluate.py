@@ -289,7 +289,7 @@ def test_every_ablation_row_gets_a_paired_interval_of_its_fd_gain_over_the_main_
             continue
         low, high = r["fd_gain_vs_main_interval"]
         assert low <= r["fd_gain_vs_main"] <= high  # centred on the measured gain
-        assert f"| {r['fd_gain_vs_main']:+.0%} ({low:+.0%} to {high:+.0%}) |" in report
+        assert f"| {E._signed_pct(r['fd_gain_vs_main'])} ({E._signed_pct(low)} to {E._signed_pct(high)}) |" in report
     # the rows that are the main run under another name: no interval against themselves
     w2 = next(r for r in rows.values() if r["group"] == "guidance" and r["setting"] == "w=2")
     assert w2["same_run_as"] == main["label"] and w2["fd_gain_vs_main_interval"] is None
@@ -880,9 +880,15 @@ def test_refinement_needs_a_gain_beyond_what_resampled_patients_and_seeds_explai
     on = {**off, "setting": "seed 30x5", "fd": 8.0, "refine_steps": 30, "refine_repeats": 5}
     within_chance = E.recommend([off, on], {}, refinement_gain=[-0.12, 0.41])["refinement"]
     assert within_chance["setting"] == "off" and within_chance["gain_interval"] == [-0.12, 0.41]
-    assert "95% interval of the gain over resampled held-out patients and seeds: -12% to 41%" in within_chance["why"]
+    assert "95% interval of the gain over resampled held-out patients and seeds: -12% to +41%" in within_chance["why"]
     beyond = E.recommend([off, on], {}, refinement_gain=[0.03, 0.35])["refinement"]
-    assert beyond["setting"] == "seed 30x5" and "3% to 35%" in beyond["why"]
+    assert beyond["setting"] == "seed 30x5" and "+3% to +35%" in beyond["why"]
+
+
+def test_a_gain_that_rounds_to_zero_prints_without_a_sign():
+    """A small negative gain printed "-0%" in the ablation table (UniPC-10's interval on the demo)."""
+    assert [E._signed_pct(x) for x in (-0.004, 0.0, 0.004, 0.006, -0.45, 0.11)] == ["0%", "0%", "0%", "+1%", "-45%",
+                                                                                  "+11%"]
 
 
 def test_an_fd_interval_holds_its_own_fd_and_alike_sets_get_overlapping_ones():
