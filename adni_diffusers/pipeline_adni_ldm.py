@@ -865,15 +865,23 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load the three components directly (no remote code needed when this package is installed).
 
-        Accepts a local folder or a Hub repo id, and the usual keyword arguments: `dtype`
-        (`torch_dtype` is accepted as an alias), `variant`, `revision`, `cache_dir`, `token`,
-        `local_files_only`, `use_safetensors`; and, as in diffusers, a component to use instead of the saved
-        one (`scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler")`, `unet=...`, `vqvae=...`)."""
+        Accepts a local folder or a Hub repo id, and the usual keyword arguments: `dtype` (`torch_dtype` is
+        accepted as an alias; as in diffusers, a dict gives each component its own, `{"unet": torch.bfloat16,
+        "default": torch.float32}`), `variant`, `revision`, `cache_dir`, `token`, `local_files_only`,
+        `use_safetensors`, `low_cpu_mem_usage`, `device_map` (one device for the whole pipeline: "cpu", "cuda");
+        and, as in diffusers, a component to use instead of the saved one
+        (`scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler")`, `unet=...`, `vqvae=...`)."""
         from diffusers import schedulers
 
         given = {name: kwargs.pop(name) for name in ("vqvae", "unet", "scheduler") if name in kwargs}
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
-        load_kwargs = {k: kwargs.pop(k) for k in ("variant", "use_safetensors") if k in kwargs}
+        device_map = kwargs.get("device_map")
+        if device_map is not None and (not isinstance(device_map, (str, torch.device)) or device_map == "balanced"):
+            raise ValueError(f"device_map={device_map!r}: {cls.__name__}.from_pretrained puts the whole pipeline on "
+                             "one device ('cpu', 'cuda', 'cuda:1'); for diffusers' 'balanced' use "
+                             "DiffusionPipeline.from_pretrained(..., trust_remote_code=True)")
+        load_kwargs = {k: kwargs.pop(k) for k in ("variant", "use_safetensors", "low_cpu_mem_usage", "device_map")
+                       if k in kwargs}
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
                       if k in kwargs}
         kwargs.pop("trust_remote_code", None)
@@ -896,9 +904,16 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         for part in _missing_parts(folder, [name for name in ("vqvae", "unet", "scheduler") if name not in given]):
             # else diffusers names the pipeline folder and a file it never had (diffusion_pytorch_model.bin)
             raise OSError(f"{pretrained_model_name_or_path}: {part} is missing (an incomplete copy or download?)")
-        model_kwargs = dict(load_kwargs, **({"dtype": dtype} if dtype is not None else {}))
-        vqvae = given["vqvae"] if "vqvae" in given else VQModel.from_pretrained(folder, subfolder="vqvae", **model_kwargs)
-        unet = given["unet"] if "unet" in given else UNet2DModel.from_pretrained(folder, subfolder="unet", **model_kwargs)
+
+        def model_kwargs(name: str) -> dict:
+            # a dict of dtypes as diffusers takes it: by component name, "default" for the others, else float32
+            chosen = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
+            return dict(load_kwargs, **({"dtype": chosen} if chosen is not None else {}))
+
+        vqvae = given["vqvae"] if "vqvae" in given else VQModel.from_pretrained(folder, subfolder="vqvae",
+                                                                               **model_kwargs("vqvae"))
+        unet = given["unet"] if "unet" in given else UNet2DModel.from_pretrained(folder, subfolder="unet",
+                                                                              **model_kwargs("unet"))
         scheduler = given.get("scheduler") or getattr(schedulers, index["scheduler"][1]).from_pretrained(
             folder, subfolder="scheduler")
         pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"),

@@ -886,6 +886,23 @@ def test_low_precision_loading_and_fp16_variant(pipe, tmp_path, dtype):
         assert remote.unet.dtype == dtype
 
 
+def test_loading_takes_diffusers_per_component_dtypes_and_placement(pipe, tmp_path):
+    """A dict of dtypes (diffusers' per-component form) was handed whole to each model, which logged "not a
+    torch.dtype" and loaded float32: a bf16 UNet asked for came back float32. `low_cpu_mem_usage` and a one-device
+    `device_map`, which DiffusionPipeline.from_pretrained takes, were refused."""
+    pipe.save_pretrained(tmp_path / "full")
+    mixed = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "full",
+                                                        dtype={"unet": torch.bfloat16, "default": torch.float16})
+    assert (mixed.unet.dtype, mixed.vqvae.dtype) == (torch.bfloat16, torch.float16)
+    only_vq = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "full", torch_dtype={"vqvae": torch.bfloat16})
+    assert (only_vq.unet.dtype, only_vq.vqvae.dtype) == (torch.float32, torch.bfloat16)  # no "default": float32
+    placed = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "full", device_map="cpu", low_cpu_mem_usage=True)
+    assert placed.device.type == "cpu"
+    torch.testing.assert_close(placed.unet.state_dict(), pipe.unet.state_dict())
+    with pytest.raises(ValueError, match="device_map='balanced'.*DiffusionPipeline.from_pretrained"):
+        ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "full", device_map="balanced")
+
+
 def test_prepare_slices_resizes_like_training_for_a_resize_model(tmp_path):
     """--preprocess resize (the seed's stretch): the same pixels as the training loader, in every form."""
     from adni_diffusers.data import decode_slice
