@@ -450,9 +450,15 @@ def _missing_model_files(folder: Path, kind: str) -> list[str]:
             return ["a readable model_index.json"]
     else:
         return []
+    from .pipeline_adni_ldm import PIPELINE_CLASS, safetensors_cut_short
+
     missing = []
     if kind == "pipeline":  # the code `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` runs
         class_name = index.get("_class_name")
+        named = class_name[-1] if isinstance(class_name, list) and class_name else class_name
+        lacking = [c for c in ("vqvae", "unet", "scheduler") if c not in components]
+        if named in (None, PIPELINE_CLASS) and lacking:  # an edited index (`{}`) pushed records and no weights
+            missing.append(f"model_index.json's {', '.join(lacking)} entr{'y' if len(lacking) == 1 else 'ies'}")
         if isinstance(class_name, list) and class_name and class_name[0] \
                 and not (folder / f"{class_name[0]}.py").is_file():
             missing.append(f"{class_name[0]}.py (the pipeline code model_index.json names)")
@@ -465,25 +471,8 @@ def _missing_model_files(folder: Path, kind: str) -> list[str]:
             missing.append(f"{name}/ (its weights)")
         else:
             missing += [f"the rest of {p.relative_to(folder).as_posix()} ({why})"
-                        for p in sorted((folder / name).glob("*.safetensors")) if (why := _cut_short(p))]
+                        for p in sorted((folder / name).glob("*.safetensors")) if (why := safetensors_cut_short(p))]
     return missing
-
-
-def _cut_short(path: Path) -> str | None:
-    """Why a .safetensors file is not whole (a copy cut short), from its header alone; None when it is."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            header_length = int.from_bytes(f.read(8), "little")
-            if size < 8 + header_length:
-                return f"{size} bytes, shorter than its header"
-            header = json.loads(f.read(header_length))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return "not a readable safetensors header"
-    if size < 8 + header_length + end:
-        return f"{size} of {8 + header_length + end} bytes"
-    return None
 
 
 def _token_in_files(folder: Path, files: list[str], extra: dict[str, bytes], tokens: list[str | None]) -> str | None:

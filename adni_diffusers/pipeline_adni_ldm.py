@@ -66,8 +66,35 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PREPROCESS_CHOICES = ("pad", "resize")
 
 
+def safetensors_cut_short(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (a copy or download cut short), from its header alone; None when it is.
+    (Loading one gave "invalid header length" or "Unable to load weights", naming neither the cause nor the fix.)"""
+    size = Path(path).stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if size < 8 + header_length:
+                return f"{size} bytes, shorter than its header"
+            header = json.loads(f.read(header_length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "not a readable safetensors header"
+    if size < 8 + header_length + end:
+        return f"{size} of {8 + header_length + end} bytes"
+    return None
+
+
+def nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of `model`'s parameters and buffers holding NaN or inf: a damaged file, or a training run that
+    diverged. (Such a VQModel decoded every sample to NaN, saved as black pictures, without a word.)"""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors
+            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
+
+
 def _missing_parts(folder: Path, components: list[str]) -> list[str]:
-    """What a saved pipeline folder lacks of `components`: a config, or a model's weights (any variant or shard)."""
+    """What a saved pipeline folder lacks of `components`: a config, or a model's weights (any variant or shard),
+    or the rest of a weights file cut short."""
     missing = []
     for name in components:
         config = "scheduler_config.json" if name == "scheduler" else "config.json"
@@ -75,6 +102,9 @@ def _missing_parts(folder: Path, components: list[str]) -> list[str]:
             missing.append(f"{name}/{config}")
         elif name != "scheduler" and not any((folder / name).glob("diffusion_pytorch_model*")):
             missing.append(f"{name}/diffusion_pytorch_model.safetensors")
+        elif name != "scheduler":
+            missing += [f"the rest of {name}/{p.name} ({why})"
+                        for p in sorted((folder / name).glob("*.safetensors")) if (why := safetensors_cut_short(p))]
     return missing
 
 
@@ -390,6 +420,29 @@ def what_folder_is_this(folder: Path) -> str:
     if any(folder.glob("checkpoint-*")):
         return "only training checkpoints: the run has not finished (--resume_from_checkpoint latest)"
     return "not a saved pipeline"
+
+
+def _read_model_index(path: Path, given) -> dict:
+    """model_index.json of this pipeline, or an error naming the file: an empty or hand-edited one gave "Expecting
+    value: line 1 column 1" or KeyError: 'scheduler', and another pipeline's (a DDPMPipeline) "vqvae/config.json
+    is missing", as if it were an incomplete copy of this one."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OSError(f"{given}: model_index.json is not readable JSON ({e}): a damaged copy? Copy or download the "
+                      "model again") from None
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    named = class_name[-1] if isinstance(class_name, list) and class_name else class_name
+    if isinstance(named, str) and named != PIPELINE_CLASS:
+        raise OSError(f"{given}: model_index.json names a {named}, not an {PIPELINE_CLASS}: another kind of "
+                      "pipeline (load it with DiffusionPipeline.from_pretrained)")
+    lacking = [name for name in ("vqvae", "unet", "scheduler")
+               if not (isinstance(index, dict) and isinstance(index.get(name), list) and len(index[name]) == 2)]
+    if lacking:
+        raise OSError(f"{given}: model_index.json lacks the {', '.join(lacking)} "
+                      f"entr{'y' if len(lacking) == 1 else 'ies'} of an {PIPELINE_CLASS} (e.g. \"unet\": "
+                      "[\"diffusers\", \"UNet2DModel\"]): an edited or damaged copy? Copy or download the model again")
+    return index
 
 
 class ADNILatentDiffusionPipeline(DiffusionPipeline):
@@ -810,7 +863,14 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            images = self._postprocess(decode_latents(self.vqvae, latents), output_type)
+            decoded = decode_latents(self.vqvae, latents)
+            # finite latents that decode to NaN (black once 8-bit): the VQModel's weights, or float16 overflow in it
+            unreadable = int((~torch.isfinite(decoded)).flatten(1).any(1).sum()) if decoded.device.type != "meta" else 0
+            if unreadable > broken:
+                logger.warning(f"{unreadable - broken} of {batch_size} images decoded to non-finite pixels (NaN or "
+                               "inf) from finite latents: the VQModel's weights hold NaN or inf, or its decoder "
+                               "overflowed (float16? try bfloat16 or float32); those pictures are not samples")
+            images = self._postprocess(decoded, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -900,7 +960,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         index_path = folder / "model_index.json"
         if not index_path.is_file():
             raise OSError(f"{pretrained_model_name_or_path}: no model_index.json ({what_folder_is_this(folder)})")
-        index = json.loads(index_path.read_text())
+        index = _read_model_index(index_path, pretrained_model_name_or_path)
         for part in _missing_parts(folder, [name for name in ("vqvae", "unet", "scheduler") if name not in given]):
             # else diffusers names the pipeline folder and a file it never had (diffusion_pytorch_model.bin)
             raise OSError(f"{pretrained_model_name_or_path}: {part} is missing (an incomplete copy or download?)")
@@ -916,6 +976,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                                                                               **model_kwargs("unet"))
         scheduler = given.get("scheduler") or getattr(schedulers, index["scheduler"][1]).from_pretrained(
             folder, subfolder="scheduler")
+        for name, model in (("vqvae", vqvae), ("unet", unet)):
+            if name not in given and (bad := nonfinite_weights(model)):
+                logger.warning(f"{pretrained_model_name_or_path}: {name} holds NaN or inf in {len(bad)} weight tensors "
+                               f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): a damaged copy, or a run "
+                               "that diverged; its samples will not be pictures")
         pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"),
                    preprocess=index.get("preprocess") or "pad")
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))

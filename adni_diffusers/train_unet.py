@@ -182,6 +182,12 @@ def find_vqmodel(path: str) -> Path:
                                         "(diffusion_pytorch_model.safetensors): its save did not finish. Finish it "
                                         f"with train_vqmodel.py --output_dir {candidate.parent} "
                                         "--resume_from_checkpoint latest and its other flags")
+                from adni_diffusers.pipeline_adni_ldm import safetensors_cut_short
+
+                for weights in sorted(candidate.glob("*.safetensors")):
+                    if why := safetensors_cut_short(weights):
+                        raise TrainingError(f"--vqmodel {path}: {weights} is cut short ({why}): an incomplete copy? "
+                                            "Copy the VQModel again")
                 return candidate
     raise TrainingError(f"--vqmodel {path}: no VQModel there (expected the output folder of train_vqmodel.py, "
                         "holding vqvae/config.json)")
@@ -352,7 +358,7 @@ def main(args: argparse.Namespace) -> dict:
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
     from adni_diffusers.latents import (LatentDataset, cache_key, check_room_on_device, load_or_build,
                                         older_cache_keys, vqmodel_key)
-    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline, remove_other_versions
+    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline, nonfinite_weights, remove_other_versions
     from adni_diffusers.presets import unet_config
 
     vq_dir = find_vqmodel(args.vqmodel)
@@ -379,9 +385,19 @@ def main(args: argparse.Namespace) -> dict:
 
     # 1. the frozen first stage, and the denoiser for the latents it makes (4x32x32 for every preset)
     vq = VQModel.from_pretrained(vq_dir).to(device).eval().requires_grad_(False)
+    if bad := nonfinite_weights(vq):  # else it trains a UNet on NaN latents, whose samples decode to black
+        raise TrainingError(f"--vqmodel {args.vqmodel}: {vq_dir} holds NaN or inf in {len(bad)} weight tensors "
+                            f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): a damaged copy, or a VQModel "
+                            "training run that diverged")
     latent_shape = latent_shape_of(vq)
     class_names = folder_classes if args.conditional else None
-    config.update(in_channels=latent_shape[0], out_channels=latent_shape[0], sample_size=latent_shape[-1])
+    from_vq = {"in_channels": latent_shape[0], "out_channels": latent_shape[0], "sample_size": latent_shape[-1]}
+    overridden = [f"{k} {config[k]}" for k, v in from_vq.items() if k in config and config[k] != v]
+    if overridden and accelerator.is_main_process:  # the latents decide them: a preset's own values were lost unsaid
+        logger.warning("--preset %s sets %s: the UNet takes the VQModel's %s latents, so %s", args.preset,
+                       ", ".join(overridden), "x".join(map(str, latent_shape)),
+                       ", ".join(f"{k} {v}" for k, v in from_vq.items() if k in config and config[k] != v))
+    config.update(from_vq)
     if args.snr_gamma and args.loss != "mse" and accelerator.is_main_process:
         logger.warning("--snr_gamma with --loss %s: the Min-SNR weights were derived for the MSE loss; they are "
                        "applied to the %s loss as they are (not measured here)", args.loss, args.loss)

@@ -547,6 +547,7 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     prepare_output_dir(args, accelerator, product=product, project=project_name)
     resume_from = find_resume_checkpoint(args)
     if resume_from is not None:
+        check_checkpoint_whole(resume_from, args.resume_from_checkpoint)
         check_resume_matches(resume_from, run_record(args, stage_flags, stage=project_name))  # the clearer message
         check_checkpoint_files(resume_from, accelerator)
     return config, accelerator
@@ -570,6 +571,48 @@ def check_resume_identity(args, project_name: str, identity: dict, also_accepted
 
 
 CHECKPOINT_FILES = ("training_state.json", "model.safetensors", "optimizer.bin", "scheduler.bin")
+
+
+def damaged_checkpoint_files(path: Path) -> list[str]:
+    """What of checkpoint `path` is there but not whole (a copy or a disk cut short; a save of this package is
+    renamed into place only when finished): training_state.json that is not a record with a step, a .safetensors
+    file shorter than its header says, a torch file (.bin, .pt, .pkl) that is not a whole zip archive. Each as
+    "name (why)"; missing files are check_checkpoint_files' to name. Reads headers and archive ends only."""
+    import zipfile
+
+    from .pipeline_adni_ldm import safetensors_cut_short
+
+    damaged = []
+    state = path / "training_state.json"
+    if state.is_file():
+        try:
+            if not isinstance(json.loads(state.read_text(encoding="utf-8")).get("step"), int):
+                damaged.append(f"{state.name} (no step)")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            damaged.append(f"{state.name} (not a JSON record)")
+    for file in sorted(path.rglob("*")):
+        if file.suffix == ".safetensors" and (why := safetensors_cut_short(file)):
+            damaged.append(f"{file.relative_to(path).as_posix()} ({why})")
+        elif file.suffix in (".bin", ".pt", ".pkl") and file.is_file() and not zipfile.is_zipfile(file):
+            damaged.append(f"{file.relative_to(path).as_posix()} ({file.stat().st_size} bytes, not a whole torch "
+                           "file)")
+    return damaged
+
+
+def check_checkpoint_whole(path: Path, flag: str) -> None:
+    """Refuse a damaged checkpoint before anything reads it, naming the files and a whole checkpoint beside it to
+    resume from instead: safetensors' "invalid header length", torch's "failed reading zip archive" or a JSON
+    error came with a traceback that named no file, and `latest` never said an earlier checkpoint was whole."""
+    damaged = damaged_checkpoint_files(path)
+    if not damaged:
+        return
+    whole = next((p for p in reversed(list_checkpoints(path.parent)) if p.resolve() != path.resolve()
+                  and all((p / name).is_file() for name in CHECKPOINT_FILES) and not damaged_checkpoint_files(p)),
+                 None)
+    instead = (f"{whole} is whole: resume from it with --resume_from_checkpoint {whole}" if whole else
+               f"no other checkpoint in {path.parent} is whole: start a new run")
+    raise TrainingError(f"--resume_from_checkpoint {flag}: {path} is damaged: {'; '.join(damaged)} (a copy or disk "
+                        f"that did not finish?); {instead}")
 
 
 def check_checkpoint_files(path: Path, accelerator) -> None:

@@ -884,6 +884,21 @@ def test_a_weights_file_cut_short_is_refused_before_any_request(hub_stub, tmp_pa
     push_folder(tmp_path / "out", REPO, token=hub_stub.token)
 
 
+def test_a_model_index_that_names_no_components_is_refused(hub_stub, tmp_path):
+    """A hand-edited model_index.json (`{}`): the push said "not pushing scheduler/, unet/, vqvae/: not part of the
+    model" and would have uploaded the records alone."""
+    _write(tmp_path / "out", {**MODEL_FILES, "model_index.json": b"{}"})
+    with pytest.raises(HubError, match="it lacks model_index.json's vqvae, unet, scheduler entries, so the pushed "
+                                       "model would not load"):
+        push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+    index = json.loads(MODEL_FILES["model_index.json"])
+    del index["scheduler"]
+    (tmp_path / "out" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(HubError, match="it lacks model_index.json's scheduler entry,"):
+        push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+    assert hub_stub.requests == []
+
+
 def test_counterfactual_records_and_jpeg_slices_are_never_pushed(hub_stub, pipeline_dir, caplog):
     """`counterfactual --out` may be the model folder or its evaluation/: its counterfactuals.json names every input
     slice file and whether it was a training slice (its strips never go up, so on the Hub it is of no use). ADNI

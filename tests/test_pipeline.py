@@ -963,6 +963,63 @@ def test_non_finite_guidance_is_refused_and_non_finite_latents_are_reported(pipe
     assert len(warned) == 1 and warned[0].startswith("1 of 3 images have non-finite latents")
 
 
+def test_a_model_with_nonfinite_weights_is_named_at_loading_and_its_nan_pictures_reported(pipe, tmp_path,
+                                                                                          monkeypatch):
+    """NaN in the VQModel's weights (a damaged file) made every sample NaN, saved as black pictures, with numpy's
+    "invalid value encountered in cast" the only sign; `generate` and `evaluate` went on as if they were samples."""
+    import adni_diffusers.pipeline_adni_ldm as module
+    from adni_diffusers.generate import load_pipeline
+
+    pipe.save_pretrained(tmp_path / "m")
+    broken = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "m")
+    assert module.nonfinite_weights(broken.vqvae) == module.nonfinite_weights(broken.unet) == []
+    with torch.no_grad():
+        broken.vqvae.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+    assert module.nonfinite_weights(broken.vqvae) == ["decoder.conv_out.weight"]
+    warned = []
+    monkeypatch.setattr(module.logger, "warning", warned.append)
+    broken.set_progress_bar_config(disable=True)
+    broken(batch_size=2, class_labels="AD", num_inference_steps=2, generator=seeded(), output_type="np")
+    assert len(warned) == 1 and warned[0].startswith("2 of 2 images decoded to non-finite pixels (NaN or inf) from "
+                                                     "finite latents: the VQModel's weights hold NaN or inf")
+    broken.save_pretrained(tmp_path / "broken")
+    warned.clear()
+    ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "broken")
+    assert warned == [f"{tmp_path / 'broken'}: vqvae holds NaN or inf in 1 weight tensors (decoder.conv_out.weight): "
+                      "a damaged copy, or a run that diverged; its samples will not be pictures"]
+    with pytest.raises(ValueError, match=r"--model .*broken: vqvae/ holds NaN or inf in 1 weight tensors "
+                                         r"\(decoder.conv_out.weight\): a damaged copy"):
+        load_pipeline(str(tmp_path / "broken"), "cpu", torch.float32)
+    assert load_pipeline(str(tmp_path / "m"), "cpu", torch.float32).unet is not None
+
+
+def test_a_damaged_or_foreign_model_folder_is_named_before_diffusers_reads_it(pipe, tmp_path):
+    """An empty model_index.json gave "Expecting value: line 1 column 1", an edited one (`{}`) KeyError: 'scheduler',
+    a DDPMPipeline's "vqvae/config.json is missing (an incomplete copy?)", and weights cut short diffusers' "Unable to
+    load weights", none naming what was wrong."""
+    pipe.save_pretrained(tmp_path / "m")
+    index = tmp_path / "m" / "model_index.json"
+    original = index.read_text()
+    load = ADNILatentDiffusionPipeline.from_pretrained
+    index.write_text("")
+    with pytest.raises(OSError, match="m: model_index.json is not readable JSON"):
+        load(tmp_path / "m")
+    index.write_text("{}")
+    with pytest.raises(OSError, match=r"m: model_index.json lacks the vqvae, unet, scheduler entries of an "
+                                      r"ADNILatentDiffusionPipeline"):
+        load(tmp_path / "m")
+    index.write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                 "scheduler": ["diffusers", "DDPMScheduler"]}))
+    with pytest.raises(OSError, match="m: model_index.json names a DDPMPipeline, not an ADNILatentDiffusionPipeline"):
+        load(tmp_path / "m")
+    index.write_text(original)
+    weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(OSError, match=r"m: the rest of unet/diffusion_pytorch_model.safetensors \(5000 (bytes, shorter "
+                                      r"than its header|of \d+ bytes)\) is missing"):
+        load(tmp_path / "m")
+
+
 def test_a_step_count_the_scheduler_cannot_take_is_named(pipe):
     """diffusers' PNDM below 4 steps failed with "operands could not be broadcast together", naming nothing."""
     from diffusers import PNDMScheduler

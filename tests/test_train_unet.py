@@ -192,6 +192,44 @@ def test_bad_flags(tmp_path, tiny_vq, demo_root, capsys, bad, message):
     assert not (tmp_path / "o" / "model_index.json").exists()
 
 
+def test_a_damaged_vqmodel_is_refused_and_a_presets_overridden_channels_are_said(tmp_path, vq, demo_root, capsys,
+                                                                                 monkeypatch, caplog):
+    """--vqmodel with its weights cut short ended in diffusers' 30-line "Unable to load weights" traceback; with NaN
+    in them it trained a UNet on NaN latents whose samples decoded black. A --preset JSON's in/out channels were
+    replaced by the latents' without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from adni_diffusers import train_unet
+
+    args = ["--vqmodel", str(vq), "--train_data_dir", str(demo_root), "--output_dir", str(tmp_path / "o"),
+            *TINY_UNET_ARGS]
+    weights = vq / "vqvae" / "diffusion_pytorch_model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:5000])
+    assert train_unet.cli(args) == 2
+    assert re.search(rf"--vqmodel {vq}: {weights} is cut short \((5000 bytes, shorter than its header|5000 of \d+ "
+                     r"bytes)\): an incomplete copy\? Copy the VQModel again", capsys.readouterr().err)
+    weights.write_bytes(whole)
+    tensors = load_file(str(weights))
+    tensors["quantize.embedding.weight"][3, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert train_unet.cli(args) == 2
+    assert f"--vqmodel {vq}: {vq / 'vqvae'} holds NaN or inf in 1 weight tensors (quantize.embedding.weight): a " \
+        "damaged copy" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "model_index.json").exists()
+    weights.write_bytes(whole)
+
+    def stop(config, latent_shape, args):
+        raise StopRun
+
+    monkeypatch.setattr(train_unet, "check_unet_fits", stop)
+    preset = _tiny_unet_json(tmp_path / "unet.json", in_channels=3, out_channels=3)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"), pytest.raises(StopRun):
+        run_training_script("train_unet", [*args, "--preset", preset])
+    assert f"--preset {preset} sets in_channels 3, out_channels 3: the UNet takes the VQModel's 4x32x32 latents, so " \
+        "in_channels 4, out_channels 4" in caplog.text
+
+
 def test_conditional_needs_class_folders(tmp_path, tiny_vq, demo_root, capsys):
     import shutil
 

@@ -121,7 +121,7 @@ def test_existing_model_in_output_dir_is_not_overwritten(tiny_vq, demo_root, cap
 # ----------------------------------------------------------------------------------- checkpoints
 
 
-def test_checkpoints_are_atomic_and_tmp_never_picked(tmp_path, monkeypatch, demo_root):
+def test_checkpoints_are_atomic_and_tmp_never_picked(tmp_path, monkeypatch, demo_root, capsys):
     from adni_diffusers import training
 
     out = tmp_path / "run"
@@ -140,6 +140,31 @@ def test_checkpoints_are_atomic_and_tmp_never_picked(tmp_path, monkeypatch, demo
         output_dir = str(out)
 
     assert training.find_resume_checkpoint(Args).name == "checkpoint-4"
+
+    # a checkpoint damaged after its save (a copy cut short): refused before anything reads it, naming the file
+    # and the whole one beside it (a traceback of "invalid header length" or a JSON error named neither)
+    assert training.damaged_checkpoint_files(out / "checkpoint-4") == []
+    kept = {name: (out / "checkpoint-4" / name).read_bytes()
+            for name in ("model.safetensors", "optimizer.bin", "training_state.json")}
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(kept["model.safetensors"][:3000])
+    (out / "checkpoint-4" / "optimizer.bin").write_bytes(kept["optimizer.bin"][:3000])
+    (out / "checkpoint-4" / "training_state.json").write_text("")
+    damaged = training.damaged_checkpoint_files(out / "checkpoint-4")
+    assert [d.split(" (")[0] for d in damaged] == ["training_state.json", "model.safetensors", "optimizer.bin"]
+    assert "model.safetensors (3000 bytes, shorter than its header)" in damaged or \
+        re.search(r"model.safetensors \(3000 of \d+ bytes\)", "; ".join(damaged))
+    from adni_diffusers import train_vqmodel
+
+    code = train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(out), "--max_train_steps", "6",
+                              "--resume_from_checkpoint", "latest", *map(str, TINY_VQ_ARGS)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--resume_from_checkpoint latest: {out / 'checkpoint-4'} is damaged: training_state.json " \
+        f"(not a JSON record); model.safetensors" in err, err
+    assert f"{out / 'checkpoint-2'} is whole: resume from it with --resume_from_checkpoint {out / 'checkpoint-2'}" \
+        in err, err
+    for name, data in kept.items():
+        (out / "checkpoint-4" / name).write_bytes(data)
+    assert training.damaged_checkpoint_files(out / "checkpoint-4") == []
 
     # a crash during the rename step leaves no checkpoint-N behind
     def broken_replace(src, dst):
