@@ -44,6 +44,21 @@ def not_a_folder(path: Path) -> str | None:
     return "exists and is not a folder" if existing == path else f"{existing} is a file, not a folder"
 
 
+def weights_only_as_pickle(folder: Path) -> str | None:
+    """Why a model folder's weights will not be loaded, or None: it holds them only as pickle files (.bin), which
+    can run code when loaded, and this package loads safetensors only. (diffusers would read them, with a warning
+    about "unsafe serialization" the only sign.)"""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return None
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    if not pickles:
+        return None
+    return (f"{folder} holds its weights only as pickle ({', '.join(pickles)}), which can run code when loaded; "
+            "adni-diffusers loads safetensors only: where the model was made, save it again with save_pretrained "
+            "(safetensors is its default)")
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """`text` into `path` whole or not at all (a `.tmp` beside it, renamed): a crash while writing leaves the
     earlier file, never half of one (a record cut short was unreadable, and what it described nobody's)."""

@@ -192,6 +192,7 @@ def check_model_argument(model: str) -> None:
 
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
+    from .files import weights_only_as_pickle
     from .pipeline_adni_ldm import ADNILatentDiffusionPipeline, nonfinite_weights
 
     if torch.device(device).type == "cpu" and dtype != torch.float32:
@@ -201,9 +202,12 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
                        "fast path", name, name)
 
     check_model_argument(model)
+    for name in ("vqvae", "unet"):
+        if why := weights_only_as_pickle(Path(model) / name):
+            raise ValueError(f"--model {model}: {why}")
     with _without_diffusers_float16_on_cpu_warning():
-        try:
-            pipe = ADNILatentDiffusionPipeline.from_pretrained(model, dtype=dtype)
+        try:  # safetensors only (a Hub repo's too): never a pickle from a file the user did not make
+            pipe = ADNILatentDiffusionPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)
         except OSError as e:  # the pipeline's own messages start with the path: name the flag too
             raise OSError(f"--model {e}" if str(e).startswith(model) else f"--model {model}: {e}") from None
     for name in ("vqvae", "unet"):  # else every picture is black, and evaluate measured them as samples

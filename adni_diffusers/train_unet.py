@@ -182,8 +182,11 @@ def find_vqmodel(path: str) -> Path:
                                         "(diffusion_pytorch_model.safetensors): its save did not finish. Finish it "
                                         f"with train_vqmodel.py --output_dir {candidate.parent} "
                                         "--resume_from_checkpoint latest and its other flags")
+                from adni_diffusers.files import weights_only_as_pickle
                 from adni_diffusers.pipeline_adni_ldm import safetensors_cut_short
 
+                if why := weights_only_as_pickle(candidate):
+                    raise TrainingError(f"--vqmodel {path}: {why}")
                 for weights in sorted(candidate.glob("*.safetensors")):
                     if why := safetensors_cut_short(weights):
                         raise TrainingError(f"--vqmodel {path}: {weights} is cut short ({why}): an incomplete copy? "
@@ -384,7 +387,7 @@ def main(args: argparse.Namespace) -> dict:
                             + (f"only {folder_classes[0]}/" if folder_classes else "none"))
 
     # 1. the frozen first stage, and the denoiser for the latents it makes (4x32x32 for every preset)
-    vq = VQModel.from_pretrained(vq_dir).to(device).eval().requires_grad_(False)
+    vq = VQModel.from_pretrained(vq_dir, use_safetensors=True).to(device).eval().requires_grad_(False)
     if bad := nonfinite_weights(vq):  # else it trains a UNet on NaN latents, whose samples decode to black
         raise TrainingError(f"--vqmodel {args.vqmodel}: {vq_dir} holds NaN or inf in {len(bad)} weight tensors "
                             f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): a damaged copy, or a VQModel "

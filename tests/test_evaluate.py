@@ -105,7 +105,7 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     assert f"| `{FD_NAME}, {label}` | {low:.4g} to {high:.4g} |" in card
     # the ablations' refinement advice: its gain's paired interval, in the record and the report
     gain_low, gain_high = metrics["ablations"]["recommendation"]["refinement"]["gain_interval"]
-    assert gain_low <= gain_high and f"{gain_low:.0%} to {gain_high:.0%}" in report
+    assert gain_low <= gain_high and f"{E._signed_pct(gain_low)} to {E._signed_pct(gain_high)}" in report
 
 
 def test_feature_nets_measure_the_main_comparisons_in_nets_of_other_seeds(model_copy, tmp_path):

@@ -991,6 +991,12 @@ def test_a_model_with_nonfinite_weights_is_named_at_loading_and_its_nan_pictures
                                          r"\(decoder.conv_out.weight\): a damaged copy"):
         load_pipeline(str(tmp_path / "broken"), "cpu", torch.float32)
     assert load_pipeline(str(tmp_path / "m"), "cpu", torch.float32).unet is not None
+    # weights only as pickle (.bin): diffusers read them with a warning; the package's commands load safetensors only
+    pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert (tmp_path / "pickled" / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(ValueError, match=r"--model .*pickled: .*pickled/vqvae holds its weights only as pickle "
+                                         r"\(diffusion_pytorch_model.bin\), which can run code when loaded"):
+        load_pipeline(str(tmp_path / "pickled"), "cpu", torch.float32)
 
 
 def test_a_damaged_or_foreign_model_folder_is_named_before_diffusers_reads_it(pipe, tmp_path):

@@ -195,8 +195,8 @@ def test_bad_flags(tmp_path, tiny_vq, demo_root, capsys, bad, message):
 def test_a_damaged_vqmodel_is_refused_and_a_presets_overridden_channels_are_said(tmp_path, vq, demo_root, capsys,
                                                                                  monkeypatch, caplog):
     """--vqmodel with its weights cut short ended in diffusers' 30-line "Unable to load weights" traceback; with NaN
-    in them it trained a UNet on NaN latents whose samples decoded black. A --preset JSON's in/out channels were
-    replaced by the latents' without a word."""
+    in them it trained a UNet on NaN latents whose samples decoded black; as pickle alone it was unpickled. A
+    --preset JSON's in/out channels were replaced by the latents' without a word."""
     from safetensors.torch import load_file, save_file
 
     from adni_diffusers import train_unet
@@ -218,6 +218,12 @@ def test_a_damaged_vqmodel_is_refused_and_a_presets_overridden_channels_are_said
         "damaged copy" in capsys.readouterr().err
     assert not (tmp_path / "o" / "model_index.json").exists()
     weights.write_bytes(whole)
+    from diffusers import VQModel
+
+    VQModel.from_pretrained(vq / "vqvae").save_pretrained(tmp_path / "pickled" / "vqvae", safe_serialization=False)
+    assert train_unet.cli([*args[:1], str(tmp_path / "pickled"), *args[2:]]) == 2
+    assert f"--vqmodel {tmp_path / 'pickled'}: {tmp_path / 'pickled' / 'vqvae'} holds its weights only as pickle " \
+        "(diffusion_pytorch_model.bin)" in capsys.readouterr().err
 
     def stop(config, latent_shape, args):
         raise StopRun
