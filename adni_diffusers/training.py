@@ -547,8 +547,8 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     prepare_output_dir(args, accelerator, product=product, project=project_name)
     resume_from = find_resume_checkpoint(args)
     if resume_from is not None:
-        check_checkpoint_whole(resume_from, args.resume_from_checkpoint)
         check_resume_matches(resume_from, run_record(args, stage_flags, stage=project_name))  # the clearer message
+        check_checkpoint_whole(resume_from, args.resume_from_checkpoint)
         check_checkpoint_files(resume_from, accelerator)
     return config, accelerator
 
@@ -1244,7 +1244,10 @@ def check_resume_matches(path: Path, current: dict) -> int | None:
     state = path / "training_state.json"
     if not state.is_file():
         return None  # not a checkpoint: check_checkpoint_files says so
-    recorded = json.loads(state.read_text()).get("run")
+    try:
+        recorded = json.loads(state.read_text(encoding="utf-8")).get("run")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None  # damaged: check_checkpoint_whole says so
     if recorded is None:  # written before 2026-12-02: nothing to compare
         return None
     then, now = recorded.get("stage"), current.get("stage")  # no stage: written before 2026-12-03

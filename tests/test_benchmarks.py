@@ -619,7 +619,8 @@ def test_the_tf32_rate_is_measured_as_the_bf16_rate_is():
     out = run.matmul_rate(cuda, 32, repeats=3)
     assert out["dtype"] == "bfloat16" and len(out["seconds_per_block"]) == 3
     assert len(out["tf32_seconds_per_block"]) == 3 and _positive(out["tf32_tflops"])
-    assert out["tf32_tflops"] * 1e12 >= 2 * 32**3 * out["iters"] / max(out["tf32_seconds_per_block"]) * 0.999
+    # (the blocks are recorded to the microsecond: at a CPU's 1e-4 s a block, rounding alone moved them 0.4%)
+    assert out["tf32_tflops"] * 1e12 >= 2 * 32**3 * out["iters"] / (max(out["tf32_seconds_per_block"]) + 5e-7)
 
 
 def test_each_compiled_sampling_row_compiles_for_itself(monkeypatch, tmp_path):

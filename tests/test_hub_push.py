@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -30,15 +31,21 @@ SECRET = "hf_SecretTokenThatMustNeverBeShown42"
 
 @pytest.fixture
 def pipeline_dir(tmp_path):
-    """A fake saved pipeline: model_index.json, the shipped .py, a README and a small safetensors file."""
+    """A fake saved pipeline: model_index.json, the shipped .py, a README, its three components (small safetensors
+    files)."""
     root = tmp_path / "pipeline"
-    (root / "unet").mkdir(parents=True)
+    for part in ("vqvae", "unet", "scheduler"):
+        (root / part).mkdir(parents=True)
     (root / "model_index.json").write_text(json.dumps(
-        {"_class_name": ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"], "unet": ["diffusers", "UNet2DModel"]}))
+        {"_class_name": ["pipeline_adni_ldm", "ADNILatentDiffusionPipeline"], "vqvae": ["diffusers", "VQModel"],
+         "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}))
     (root / "pipeline_adni_ldm.py").write_text("class ADNILatentDiffusionPipeline:\n    pass\n")
     (root / "README.md").write_text("---\nlicense: other\ntags:\n- mri\n---\n# ADNI latent diffusion\n")
     (root / "unet" / "config.json").write_text('{"sample_size": 32}')
     save_file({"w": np.arange(12, dtype=np.float32).reshape(3, 4)}, str(root / "unet" / "diffusion_pytorch_model.safetensors"))
+    (root / "vqvae" / "config.json").write_text('{"latent_channels": 4}')
+    save_file({"v": np.arange(4, dtype=np.float32)}, str(root / "vqvae" / "diffusion_pytorch_model.safetensors"))
+    (root / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 1000}')
     # Left behind by importing the shipped module: must not be pushed.
     (root / "__pycache__").mkdir()
     (root / "__pycache__" / "pipeline_adni_ldm.cpython-311.pyc").write_bytes(b"\x00pyc")
@@ -845,8 +852,7 @@ def test_a_linked_component_folder_is_pushed(hub_stub, pipeline_dir, tmp_path):
     real = tmp_path / "vq-out" / "vqvae"
     _write(real, {"config.json": b"{}"})
     _weights(real / "diffusion_pytorch_model.safetensors")
-    index = json.loads((pipeline_dir / "model_index.json").read_text())
-    (pipeline_dir / "model_index.json").write_text(json.dumps({**index, "vqvae": ["diffusers", "VQModel"]}))
+    shutil.rmtree(pipeline_dir / "vqvae")  # the fixture's own
     (pipeline_dir / "vqvae").symlink_to(real, target_is_directory=True)
     (real / "up").symlink_to(real.parent, target_is_directory=True)  # a loop for a walk that follows links blindly
     assert {"vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors"} <= set(

@@ -994,8 +994,11 @@ def test_resume_with_another_preset_is_refused_before_the_data_is_decoded(tmp_pa
     record = training.run_record(args, train_vqmodel.RESUME_MUST_MATCH, {"model_config": vq_config("small")},
                                  num_processes=1, stage="vqmodel")
     (checkpoint / "training_state.json").write_text(json.dumps({"step": 5, "run": record}))
-    for name in training.CHECKPOINT_FILES[1:]:  # the files are checked before the model
-        (checkpoint / name).touch()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(checkpoint / "model.safetensors"))  # whole files: checked before the model
+    for name in ("optimizer.bin", "scheduler.bin"):
+        torch.save({}, checkpoint / name)
     decoded = []
     monkeypatch.setattr(training, "load_training_data", lambda *a, **k: decoded.append(1) or 1 / 0)
     code = train_vqmodel.cli([str(a) for a in [*argv, "--resume_from_checkpoint", "latest"]])
