@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .data import SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids, to_uint8
+from .data import (PAD_SIZE_HINT, DataError, SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids,
+                   to_uint8)
 from .environment import environment
 from .files import read_json_object, write_text_atomically
 from .plots import save_figure
@@ -123,6 +124,16 @@ def read_training_record(model_dir) -> dict:
     }
 
 
+def _model_settings_not_flags(message: str) -> str:
+    """load_slices' hints name training flags (--preprocess, --split), which evaluate, held-out and counterfactual
+    lack: they take the split and preprocessing the model's training recorded. Said so instead."""
+    return (message.replace(PAD_SIZE_HINT, "the model was trained with --preprocess pad, which takes these sizes only")
+            .replace("; use --split patient", " (the model was trained with --split given): give a --data-dir that "
+                     "has them")
+            .replace("Rename them, or use --split given / all", "Rename them (the model was trained with --split "
+                     "patient)"))
+
+
 def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tuple[SliceData, dict]:
     """The slices split exactly as the model's training split them. Returns (data, record).
 
@@ -135,8 +146,11 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
     if data_dir is None and not Path(root).is_dir():
         raise EvaluationError(f"the model's training data {root} (from training_data.json) is not there; pass "
                               "--data-dir (the same folder, moved)")
-    data = load_slices(root, split=record["split"], val_fraction=record["val_fraction"], seed=record["seed"],
-                       preprocess=record["preprocess"], flag="--data-dir", patient_ids=record["patient_ids"])
+    try:
+        data = load_slices(root, split=record["split"], val_fraction=record["val_fraction"], seed=record["seed"],
+                           preprocess=record["preprocess"], flag="--data-dir", patient_ids=record["patient_ids"])
+    except DataError as e:
+        raise DataError(_model_settings_not_flags(str(e))) from None
     expected = list(model_class_names) if model_class_names else record["class_names"]
     if expected and list(data.class_names) != list(expected):
         raise EvaluationError(

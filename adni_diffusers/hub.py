@@ -858,7 +858,7 @@ def push_from_args(
             return push_folder(folder, **common)
         except HubError as err:
             raise HubError(f"{err}. The model is saved in {folder}; push it later with: adni-diffusers push "
-                           f"{folder} --repo-id {repo_id}") from None
+                           f"{folder} --repo-id {repo_id}{'' if args.hub_private_repo else ' --public'}") from None
     try:
         return push_folder(folder, revision=CHECKPOINT_BRANCH, path_in_repo=f"checkpoint-{step}",
                            commit_message=f"Checkpoint at step {step}", **common)

@@ -741,6 +741,26 @@ def test_a_data_dir_too_small_to_hold_out_a_patient_is_named_not_the_model(model
     assert len(data.val) > 0 and loaded["matches_training"] is True
 
 
+def test_a_data_folder_the_models_settings_refuse_is_named_without_training_flags(model_copy, demo_root, tmp_path):
+    """evaluate, held-out and counterfactual take the model's recorded split and preprocessing: the loader's hints
+    said "use --preprocess resize" or "use --split patient", flags these commands lack (an argparse error next)."""
+    import numpy as np
+    from PIL import Image
+
+    other_size = tmp_path / "other_size"
+    shutil.copytree(demo_root, other_size)
+    first = sorted((other_size / "train" / "AD").iterdir())[0]
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(first)
+    with pytest.raises(E.DataError) as refused:
+        E.load_evaluation_data(model_copy, other_size)
+    assert "the model was trained with --preprocess pad, which takes these sizes only" in str(refused.value)
+    assert "--preprocess resize" not in str(refused.value)
+    (first.parent / "no_patient_part.jpeg").write_bytes(first.read_bytes())
+    first.unlink()
+    with pytest.raises(E.DataError, match=r"Rename them \(the model was trained with --split patient\)$"):
+        E.load_evaluation_data(model_copy, other_size)
+
+
 def test_a_held_out_set_too_small_to_compare_is_refused_before_any_work(model_copy, tmp_path, monkeypatch):
     """A single held-out slice (a tiny test/ folder under --split given) leaves one image per set for FD and KID:
     refused once the data is loaded, before the feature net is trained and the samples drawn (it failed in the

@@ -833,6 +833,14 @@ def test_hub_public_repo_makes_the_training_push_public(hub_stub, pipeline_dir):
     args = _parse(["--push_to_hub", "--hub_public_repo", "--hub_model_id", REPO, "--hub_token", hub_stub.token])
     hub.push_from_args(args, pipeline_dir, trained_on_demo_data=True)
     assert hub_stub.private(REPO) is False
+    # a push that failed says how to push later, public as asked (the command it gave made a private repo)
+    with pytest.raises(HubError, match=rf"push it later with: adni-diffusers push {pipeline_dir} --repo-id {REPO} "
+                                       r"--public$"):
+        hub.push_from_args(_parse(["--push_to_hub", "--hub_public_repo", "--hub_model_id", REPO, "--hub_token",
+                                   "hf_wrong"]), pipeline_dir, trained_on_demo_data=True)
+    with pytest.raises(HubError, match=rf"push it later with: adni-diffusers push {pipeline_dir} --repo-id {REPO}$"):
+        hub.push_from_args(_parse(["--push_to_hub", "--hub_model_id", REPO, "--hub_token", "hf_wrong"]),
+                           pipeline_dir, trained_on_demo_data=True)
 
 
 def test_a_folder_beside_vqvae_with_a_similar_name_is_not_pushed(tmp_path):
