@@ -193,7 +193,7 @@ def check_model_argument(model: str) -> None:
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
     from .files import weights_only_as_pickle
-    from .pipeline_adni_ldm import ADNILatentDiffusionPipeline, nonfinite_weights
+    from .pipeline_adni_ldm import ADNILatentDiffusionPipeline, nonfinite_weights_text
 
     if torch.device(device).type == "cpu" and dtype != torch.float32:
         name = str(dtype).removeprefix("torch.")
@@ -211,10 +211,9 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
         except OSError as e:  # the pipeline's own messages start with the path: name the flag too
             raise OSError(f"--model {e}" if str(e).startswith(model) else f"--model {model}: {e}") from None
         for name in ("vqvae", "unet"):  # else every picture is black, and evaluate measured them as samples
-            if bad := nonfinite_weights(getattr(pipe, name)):
-                raise ValueError(f"--model {model}: {name}/ holds NaN or inf in {len(bad)} weight tensors "
-                                 f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): a damaged copy (copy or "
-                                 "download it again), or a training run that diverged"
+            if bad := nonfinite_weights_text(getattr(pipe, name)):
+                raise ValueError(f"--model {model}: {name}/ {bad}: a damaged copy (copy or download it again), or a "
+                                 "training run that diverged"
                                  + (", or weights beyond float16's range (try --dtype bfloat16)"
                                     if dtype == torch.float16 else ""))
         return pipe.to(device)

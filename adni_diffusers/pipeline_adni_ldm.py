@@ -92,6 +92,13 @@ def nonfinite_weights(model: torch.nn.Module) -> list[str]:
             if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
 
 
+def nonfinite_weights_text(model: torch.nn.Module) -> str | None:
+    """"holds NaN or inf in N weight tensors (names)" for the messages that refuse or warn of such a model."""
+    bad = nonfinite_weights(model)
+    return (f"holds NaN or inf in {len(bad)} weight tensors ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+            if bad else None)
+
+
 def _missing_parts(folder: Path, components: list[str]) -> list[str]:
     """What a saved pipeline folder lacks of `components`: a config, or a model's weights (any variant or shard),
     or the rest of a weights file cut short."""
@@ -977,10 +984,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         scheduler = given.get("scheduler") or getattr(schedulers, index["scheduler"][1]).from_pretrained(
             folder, subfolder="scheduler")
         for name, model in (("vqvae", vqvae), ("unet", unet)):
-            if name not in given and (bad := nonfinite_weights(model)):
-                logger.warning(f"{pretrained_model_name_or_path}: {name} holds NaN or inf in {len(bad)} weight tensors "
-                               f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): a damaged copy, or a run "
-                               "that diverged; its samples will not be pictures")
+            if name not in given and (bad := nonfinite_weights_text(model)):
+                logger.warning(f"{pretrained_model_name_or_path}: {name} {bad}: a damaged copy, or a run that "
+                               "diverged; its samples will not be pictures")
         pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"),
                    preprocess=index.get("preprocess") or "pad")
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))

@@ -361,7 +361,8 @@ def main(args: argparse.Namespace) -> dict:
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
     from adni_diffusers.latents import (LatentDataset, cache_key, check_room_on_device, load_or_build,
                                         older_cache_keys, vqmodel_key)
-    from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline, nonfinite_weights, remove_other_versions
+    from adni_diffusers.pipeline_adni_ldm import (ADNILatentDiffusionPipeline, nonfinite_weights_text,
+                                                   remove_other_versions)
     from adni_diffusers.presets import unet_config
 
     vq_dir = find_vqmodel(args.vqmodel)
@@ -388,10 +389,9 @@ def main(args: argparse.Namespace) -> dict:
 
     # 1. the frozen first stage, and the denoiser for the latents it makes (4x32x32 for every preset)
     vq = VQModel.from_pretrained(vq_dir, use_safetensors=True).to(device).eval().requires_grad_(False)
-    if bad := nonfinite_weights(vq):  # else it trains a UNet on NaN latents, whose samples decode to black
-        raise TrainingError(f"--vqmodel {args.vqmodel}: {vq_dir} holds NaN or inf in {len(bad)} weight tensors "
-                            f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): a damaged copy, or a VQModel "
-                            "training run that diverged")
+    if bad := nonfinite_weights_text(vq):  # else it trains a UNet on NaN latents, whose samples decode to black
+        raise TrainingError(f"--vqmodel {args.vqmodel}: {vq_dir} {bad}: a damaged copy, or a VQModel training run "
+                            "that diverged")
     latent_shape = latent_shape_of(vq)
     class_names = folder_classes if args.conditional else None
     from_vq = {"in_channels": latent_shape[0], "out_channels": latent_shape[0], "sample_size": latent_shape[-1]}
