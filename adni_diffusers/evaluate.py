@@ -959,6 +959,8 @@ def _pct(x) -> str:
 
 def _signed_pct(x: float) -> str:
     """A relative change in whole percent with its sign; one that rounds to zero is "0%" (never "-0%")."""
+    if not math.isfinite(x):  # an FD that came out NaN: said, not a crash of the report
+        return f"{x}%"
     whole = round(100 * x)
     return f"{whole:+d}%" if whole else "0%"
 

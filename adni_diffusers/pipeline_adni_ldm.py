@@ -872,9 +872,12 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         else:
             decoded = decode_latents(self.vqvae, latents)
             # finite latents that decode to NaN (black once 8-bit): the VQModel's weights, or float16 overflow in it
-            unreadable = int((~torch.isfinite(decoded)).flatten(1).any(1).sum()) if decoded.device.type != "meta" else 0
-            if unreadable > broken:
-                logger.warning(f"{unreadable - broken} of {batch_size} images decoded to non-finite pixels (NaN or "
+            # (NaN latents snap to a code and decode finite: they are the warning above's, not counted here)
+            unreadable = int(((~torch.isfinite(decoded)).flatten(1).any(1)
+                              & torch.isfinite(latents).flatten(1).all(1).to(decoded.device)).sum()) \
+                if decoded.device.type != "meta" else 0
+            if unreadable:
+                logger.warning(f"{unreadable} of {batch_size} images decoded to non-finite pixels (NaN or "
                                "inf) from finite latents: the VQModel's weights hold NaN or inf, or its decoder "
                                "overflowed (float16? try bfloat16 or float32); those pictures are not samples")
             images = self._postprocess(decoded, output_type)

@@ -909,6 +909,7 @@ def test_a_gain_that_rounds_to_zero_prints_without_a_sign():
     """A small negative gain printed "-0%" in the ablation table (UniPC-10's interval on the demo)."""
     assert [E._signed_pct(x) for x in (-0.004, 0.0, 0.004, 0.006, -0.45, 0.11)] == ["0%", "0%", "0%", "+1%", "-45%",
                                                                                   "+11%"]
+    assert E._signed_pct(float("nan")) == "nan%"  # an FD that came out NaN: no crash of the whole report
 
 
 def test_an_fd_interval_holds_its_own_fd_and_alike_sets_get_overlapping_ones():

@@ -982,6 +982,23 @@ def test_a_model_with_nonfinite_weights_is_named_at_loading_and_its_nan_pictures
     broken(batch_size=2, class_labels="AD", num_inference_steps=2, generator=seeded(), output_type="np")
     assert len(warned) == 1 and warned[0].startswith("2 of 2 images decoded to non-finite pixels (NaN or inf) from "
                                                      "finite latents: the VQModel's weights hold NaN or inf")
+    # counted per image: an image with NaN latents (the other warning's) does not hide one that decoded to NaN
+    decode = module.decode_latents
+
+    def nan_in_image_0(vqvae, latents):
+        images = decode(vqvae, latents)
+        images[0, 0, 0, 0] = float("nan")
+        return images
+
+    monkeypatch.setattr(module, "decode_latents", nan_in_image_0)
+    latents = torch.randn(3, 4, 32, 32, generator=seeded())
+    latents[1, 0, 0, 0] = float("nan")
+    warned.clear()
+    pipe(latents=latents, class_labels="AD", num_inference_steps=2, output_type="np")
+    assert [w.split(":")[0] for w in warned] == ["1 of 3 images have non-finite latents (NaN or inf) after sampling",
+                                                 "1 of 3 images decoded to non-finite pixels (NaN or inf) from finite "
+                                                 "latents"]
+    monkeypatch.setattr(module, "decode_latents", decode)
     broken.save_pretrained(tmp_path / "broken")
     warned.clear()
     ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "broken")
