@@ -1936,11 +1936,25 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
 
 def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
     """Tensorboard (with the run's flags, tokens left out) on the main process. A run resumed at `start_step`
-    drops the events logged after it by the first attempt (they would show twice: steps 1, 2, 3, 4, 3, 4)."""
+    drops the events logged after it by the first attempt (they would show twice: steps 1, 2, 3, 4, 3, 4).
+    The flags the run started with go into its own tensorboard folder (a resume's changes are in
+    training_args.json; TensorBoard shows a run's first flags only): Accelerate's `config=` put them in a new folder
+    named by the time (`logs/<project>/1764982311.52/`), which TensorBoard listed as another run at every start."""
     if accelerator.is_main_process:
         flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
         init_kwargs = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
-        accelerator.init_trackers(project, config=flags, init_kwargs=init_kwargs)
+        accelerator.init_trackers(project, init_kwargs=init_kwargs)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                if start_step:
+                    continue
+                from torch.utils.tensorboard.summary import hparams
+
+                for summary in hparams(flags, {}):  # what SummaryWriter.add_hparams writes, minus its own folder
+                    tracker.writer.file_writer.add_summary(summary)
+                tracker.writer.flush()
+            else:  # wandb, comet, ...: their run config, as init_trackers(config=) gives it
+                tracker.store_init_configuration(flags)
 
 
 def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path, nrow: int) -> Path:

@@ -216,6 +216,14 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
 
     scalars = EventAccumulator(str(out / "logs" / "vqmodel")).Reload()  # accelerate's tensorboard folder
     assert [e.step for e in scalars.Scalars("loss")] == [2, 3]  # nor in tensorboard (it showed 2, 4, 3)
+    # the flags the run started with are in the run itself: Accelerate put them in a folder named by the time, a
+    # second run in TensorBoard for every start (the resume's changes: training_args.json)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    assert [p.name for p in (out / "logs" / "vqmodel").iterdir() if p.is_dir()] == []
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        scalars.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["max_train_steps"].number_value == 4 and start.hparams["preset"].string_value == "tiny"
 
     for checkpoint in training.list_checkpoints(out):
         shutil.rmtree(checkpoint)
