@@ -395,11 +395,11 @@ def main(args: argparse.Namespace) -> dict:
     latent_shape = latent_shape_of(vq)
     class_names = folder_classes if args.conditional else None
     from_vq = {"in_channels": latent_shape[0], "out_channels": latent_shape[0], "sample_size": latent_shape[-1]}
-    overridden = [f"{k} {config[k]}" for k, v in from_vq.items() if k in config and config[k] != v]
+    overridden = [k for k, v in from_vq.items() if k in config and config[k] != v]
     if overridden and accelerator.is_main_process:  # the latents decide them: a preset's own values were lost unsaid
         logger.warning("--preset %s sets %s: the UNet takes the VQModel's %s latents, so %s", args.preset,
-                       ", ".join(overridden), "x".join(map(str, latent_shape)),
-                       ", ".join(f"{k} {v}" for k, v in from_vq.items() if k in config and config[k] != v))
+                       ", ".join(f"{k} {config[k]}" for k in overridden), "x".join(map(str, latent_shape)),
+                       ", ".join(f"{k} {from_vq[k]}" for k in overridden))
     config.update(from_vq)
     if args.snr_gamma and args.loss != "mse" and accelerator.is_main_process:
         logger.warning("--snr_gamma with --loss %s: the Min-SNR weights were derived for the MSE loss; they are "

@@ -1944,17 +1944,15 @@ def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
         flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
         init_kwargs = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
         accelerator.init_trackers(project, init_kwargs=init_kwargs)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                if start_step:
-                    continue
-                from torch.utils.tensorboard.summary import hparams
+        from torch.utils.tensorboard.summary import hparams
 
+        for tracker in accelerator.trackers:
+            if tracker.name != "tensorboard":  # wandb, comet, ...: their run config, as init_trackers(config=) gives it
+                tracker.store_init_configuration(flags)
+            elif not start_step:
                 for summary in hparams(flags, {}):  # what SummaryWriter.add_hparams writes, minus its own folder
                     tracker.writer.file_writer.add_summary(summary)
                 tracker.writer.flush()
-            else:  # wandb, comet, ...: their run config, as init_trackers(config=) gives it
-                tracker.store_init_configuration(flags)
 
 
 def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path, nrow: int) -> Path:
