@@ -64,6 +64,7 @@ PIPELINE_MODULE = pipeline_module_name(Path(__file__).read_bytes())  # same text
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # How slices of other sizes become 256x256 (train_*.py --preprocess): padded with black rows, or stretched.
 PREPROCESS_CHOICES = ("pad", "resize")
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # weights files that are pickles: can run code
 
 
 def safetensors_cut_short(path: Path) -> str | None:
@@ -958,11 +959,17 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         if kwargs:
             raise TypeError(f"unexpected arguments for {cls.__name__}.from_pretrained: {sorted(kwargs)}")
         folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
+        from_hub = not folder.is_dir()
+        # what the pipeline loads, no more: not the repo's pictures and reports, and with use_safetensors=True not
+        # a pickle (.bin) either, which would be downloaded in full only to be refused
+        wanted = ["model_index.json", *(f"{name}/*" for name in ("vqvae", "unet", "scheduler") if name not in given)]
+        unwanted = list(PICKLE_PATTERNS) if load_kwargs.get("use_safetensors") else None
+        if from_hub:
             from huggingface_hub import snapshot_download
 
             try:
-                folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
+                folder = Path(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=wanted,
+                                                ignore_patterns=unwanted, **hub_kwargs))
             except Exception as e:  # offline cache miss, no such repo, no network: huggingface_hub's words name no path
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise OSError(f"{pretrained_model_name_or_path}: no such local folder, and no Hub repo of that name "
@@ -973,7 +980,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         index = _read_model_index(index_path, pretrained_model_name_or_path)
         for part in _missing_parts(folder, [name for name in ("vqvae", "unet", "scheduler") if name not in given]):
             # else diffusers names the pipeline folder and a file it never had (diffusion_pytorch_model.bin)
-            raise OSError(f"{pretrained_model_name_or_path}: {part} is missing (an incomplete copy or download?)")
+            pickle_not_fetched = from_hub and unwanted and part.endswith(".safetensors") and "rest of" not in part
+            raise OSError(f"{pretrained_model_name_or_path}: {part} is missing "
+                          + ("(use_safetensors=True: pickle weights such as .bin, if the repo has them, are neither "
+                             "downloaded nor loaded)" if pickle_not_fetched else "(an incomplete copy or download?)"))
 
         def model_kwargs(name: str) -> dict:
             # a dict of dtypes as diffusers takes it: by component name, "default" for the others, else float32

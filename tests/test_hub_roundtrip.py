@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO_ROOT, TINY_UNET_ARGS
 from hub_stub import HubStub
@@ -369,3 +370,51 @@ def test_save_pretrained_writes_and_pushes_no_local_path_and_no_training_clutter
     assert "_name_or_path" not in json.loads((out / "vqvae" / "config.json").read_text())
     assert ADNILatentDiffusionPipeline.from_pretrained(out).vqvae.config.num_vq_embeddings == \
         pipe.vqvae.config.num_vq_embeddings
+
+
+def _fetched(stub: HubStub, repo: str) -> set[str]:
+    """The repo's files that the stub served in full (GET .../resolve/<rev>/<path>)."""
+    return {r.path.split("/resolve/", 1)[1].split("/", 1)[1] for r in stub.requests
+            if r.method == "GET" and r.path.startswith(f"/{repo}/resolve/")}
+
+
+def test_loading_a_hub_repo_fetches_the_model_only(hub_stub, saved_pipeline):
+    """ADNILatentDiffusionPipeline.from_pretrained(<repo id>) downloaded the whole repo: its card, pictures and
+    records (and an evaluation's pictures, GIFs) that loading never reads."""
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.hub import push_folder
+
+    (saved_pipeline / "evaluation").mkdir()
+    (saved_pipeline / "evaluation" / "metrics.json").write_text(json.dumps({"fd": 1.0}))
+    push_folder(saved_pipeline, "user/load-me", token=hub_stub.token)
+    pipe = ADNILatentDiffusionPipeline.from_pretrained("user/load-me", token=hub_stub.token)
+    local = ADNILatentDiffusionPipeline.from_pretrained(saved_pipeline)
+    for name in ("vqvae", "unet"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(pipe, name).state_dict().values(),
+                                                     getattr(local, name).state_dict().values())), name
+    assert _fetched(hub_stub, "user/load-me") == {
+        "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors", "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors"}
+
+
+def test_a_hub_repo_with_pickle_weights_is_refused_without_downloading_them(hub_stub, saved_pipeline):
+    """generate / evaluate load safetensors only (use_safetensors=True). For a Hub repo whose UNet is only a
+    pickle (.bin), the .bin was downloaded in full and then refused; now it is not fetched, and the message says
+    why the weights are missing."""
+    from diffusers import UNet2DModel
+    from huggingface_hub import create_repo, upload_folder
+
+    from adni_diffusers.generate import load_pipeline
+
+    unet = UNet2DModel.from_pretrained(saved_pipeline / "unet")
+    (saved_pipeline / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(saved_pipeline / "unet", safe_serialization=False)
+    assert (saved_pipeline / "unet" / "diffusion_pytorch_model.bin").is_file()
+    create_repo("user/pickled", private=False, token=hub_stub.token)
+    upload_folder(repo_id="user/pickled", folder_path=str(saved_pipeline), token=hub_stub.token)
+    with pytest.raises(OSError, match=r"--model user/pickled: unet/diffusion_pytorch_model.safetensors is missing "
+                                      r"\(use_safetensors=True: pickle weights"):
+        load_pipeline("user/pickled", "cpu", torch.float32)
+    fetched = _fetched(hub_stub, "user/pickled")
+    assert "vqvae/diffusion_pytorch_model.safetensors" in fetched
+    assert not [name for name in fetched if name.endswith(".bin")], fetched
