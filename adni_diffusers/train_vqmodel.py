@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--disc_start", type=int, default=None,
                    help=f"step at which the discriminator starts (default {DEFAULT_DISC_START}; with --disc_weight)")
     g.add_argument("--disc_learning_rate", type=float, default=None,
-                   help="default: --learning_rate (with --disc_weight)")
+                   help="default: --learning_rate (with --disc_weight); --scale_lr scales it too")
     g.add_argument("--save_images_steps", type=int, default=250, help="reconstruction grid every N steps")
     g.add_argument("--eval_max_images", type=int, default=2000, help="held-out images used by the final metrics")
     from adni_diffusers.hub import add_hub_arguments
@@ -100,8 +100,10 @@ def main(args: argparse.Namespace) -> dict:
     if use_gan:
         disc = PatchDiscriminator().to(device)
         # VQGAN's discriminator optimiser: Adam, betas (0.5, 0.9), no weight decay (AdamW's default is 0.01)
-        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=args.disc_learning_rate or args.learning_rate,
-                                           betas=(0.5, 0.9), weight_decay=0.0)
+        # --scale_lr scales it as the generator's: else the two rates' balance changed with the number of GPUs
+        disc_lr = training.scaled_learning_rate(args, accelerator.num_processes, DEFAULT_BATCH,
+                                                args.disc_learning_rate or args.learning_rate)
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
         bare_disc = training.bare_model(accelerator, disc)
     bare = training.bare_model(accelerator, model)  # outside DDP: the VQModel to save, the GAN weight's last layer
@@ -130,6 +132,9 @@ def main(args: argparse.Namespace) -> dict:
                                           monitor.initialised.copy_(t["codebook_initialised"][0])),
     )
     run.resume()
+    if use_gan:  # its constant rate for this run's processes, not the one a checkpoint from other processes holds
+        for group in disc_optimizer.param_groups:
+            group["lr"] = disc_lr
     if use_gan and args.disc_start >= run.max_train_steps:
         logger.warning("--disc_weight %g: the adversarial loss starts at --disc_start %d, and this run ends at step %d: "
                        "it trains without it (lower --disc_start to use it)", args.disc_weight, args.disc_start,

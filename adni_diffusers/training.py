@@ -154,8 +154,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
                    help="micro-batches per optimizer step")
     g.add_argument("--learning_rate", type=float, default=default_lr, help="AdamW's peak learning rate")
     g.add_argument("--scale_lr", nargs="?", const="linear", default=False, choices=["linear", "sqrt"],
-                   help="scale the learning rate with the effective batch (processes x batch size x accumulation) "
-                        "over the default batch: linear (the flag alone, as in diffusers' examples) or sqrt "
+                   help="scale the learning rate (and the VQ discriminator's) with the effective batch (processes "
+                        "x batch size x accumulation) over the default batch: linear (the flag alone, as in diffusers' examples) or sqrt "
                         "(the square root of that ratio, the gentler rule often used with Adam)")
     g.add_argument("--lr_scheduler", default="cosine",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
@@ -803,13 +803,14 @@ def make_optimizer(params, args, accelerator, default_batch: int):
     )
 
 
-def scaled_learning_rate(args, num_processes: int, default_batch: int) -> float:
-    """--learning_rate, times (effective batch / default batch) with --scale_lr linear, or its square root
-    with --scale_lr sqrt."""
+def scaled_learning_rate(args, num_processes: int, default_batch: int, learning_rate: float | None = None) -> float:
+    """--learning_rate (or `learning_rate`: the VQ discriminator's), times (effective batch / default batch) with
+    --scale_lr linear, or its square root with --scale_lr sqrt."""
+    lr = args.learning_rate if learning_rate is None else learning_rate
     ratio = args.gradient_accumulation_steps * args.train_batch_size * num_processes / default_batch
     if not args.scale_lr:
-        return args.learning_rate
-    return args.learning_rate * (math.sqrt(ratio) if args.scale_lr == "sqrt" else ratio)
+        return lr
+    return lr * (math.sqrt(ratio) if args.scale_lr == "sqrt" else ratio)
 
 
 def make_lr_scheduler(optimizer, args, accelerator, max_train_steps: int):

@@ -1062,6 +1062,44 @@ def test_discriminator_optimizer_uses_its_own_learning_rate_and_vqgan_betas(tmp_
     assert made[-1]["lr"] == 7e-4
 
 
+@pytest.mark.parametrize("scale, factor", [("linear", 0.5), ("sqrt", 0.5 ** 0.5)])
+def test_scale_lr_scales_the_discriminators_rate_as_the_generators(tmp_path, demo_root, monkeypatch, scale, factor):
+    """--scale_lr scaled the generator's rate alone: on 8 GPUs the discriminator trained at an 8th of its share,
+    another GAN balance than on one. (Batch 4 against the VQ default of 8: half, or its square root.)"""
+    made = []
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: made.append(kw) or real_adamw(params, **kw))
+    _vq_run_until(monkeypatch, "resume", tmp_path, demo_root, "--disc_weight", "0.5", "--learning_rate", "4e-4",
+                  "--scale_lr", scale)
+    generator, discriminator = made[-2:]
+    assert generator["lr"] == pytest.approx(4e-4 * factor) and discriminator["lr"] == pytest.approx(4e-4 * factor)
+    made.clear()
+    _vq_run_until(monkeypatch, "resume", tmp_path, demo_root, "--disc_weight", "0.5", "--disc_learning_rate", "1e-4",
+                  "--scale_lr", scale, "--overwrite_output_dir")
+    assert made[-1]["lr"] == pytest.approx(1e-4 * factor)
+
+
+def test_a_resumed_discriminator_runs_at_this_runs_rate(tmp_path, demo_root, monkeypatch):
+    """The discriminator's rate is constant, and its optimizer's state (rate included) comes back from the
+    checkpoint: a checkpoint written on another number of processes with --scale_lr brought that run's rate.
+    Here the checkpoint's rate is changed by hand, as such a run would have written it."""
+    argv = ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq", "--disc_weight", "0.5", "--disc_start",
+            "0", "--scale_lr", "--max_train_steps", "2", "--checkpointing_steps", "2", *TINY_VQ_ARGS]
+    run_training_script("train_vqmodel", argv)
+    saved = tmp_path / "vq" / "checkpoint-2" / "optimizer_1.bin"
+    state = torch.load(saved, weights_only=True)  # the discriminator's optimizer; a file this test made
+    assert state["param_groups"][0]["lr"] == pytest.approx(2e-4 / 2)  # the VQ default rate, batch 4 of 8
+    state["param_groups"][0]["lr"] = 2e-4 * 4  # as a run on 8 processes would have written it
+    torch.save(state, saved)
+
+    made = []
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: made.append(real_adamw(params, **kw)) or made[-1])
+    _vq_run_until(monkeypatch, "batches", tmp_path, demo_root, "--disc_weight", "0.5", "--disc_start", "0",
+                  "--scale_lr", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert made[-1].param_groups[0]["lr"] == pytest.approx(2e-4 / 2)
+
+
 def test_a_gan_that_would_start_at_the_last_step_is_said_to_be_unused(tmp_path, demo_root, monkeypatch, caplog):
     """Steps are 0 .. max_train_steps - 1: --disc_start equal to --max_train_steps never turns the GAN on."""
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
