@@ -329,6 +329,26 @@ def check_hub_flags(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------- setup
 
 
+# how many copies srun or mpirun started (Slurm's own, Open MPI's, and PMI's, which srun --mpi=pmi2 sets too)
+LAUNCHER_TASK_COUNTS = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def check_distributed_type(accelerator) -> None:
+    """Data parallel (DDP) or one process only. An `accelerate config` set to FSDP or DeepSpeed (common on
+    clusters shared with language models) was accepted, and then: its checkpoints (pytorch_model_fsdp_0/, ...)
+    could never be resumed here, the EMA averaged shards, and the sample grids and the saved model used the main
+    process's shard alone."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                        DistributedType.MEGATRON_LM):
+        kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+        raise TrainingError(
+            f"Accelerate is set to {kind}: adni-diffusers trains with data parallel (DDP; its models fit one GPU). "
+            "Run `accelerate config` and choose multi-GPU without FSDP or DeepSpeed, or pass --config_file, or "
+            "launch with `accelerate launch --multi_gpu --num_processes N` (docs/multi_gpu.md)")
+
+
 def check_world_size(accelerator) -> None:
     """Stop when the launcher asked for several processes but Accelerate sees one; warn where the launcher
     started one process of several asked for.
@@ -344,6 +364,16 @@ def check_world_size(accelerator) -> None:
             "On CPU launch with ACCELERATE_USE_CPU=true (gloo); on GPUs check that CUDA sees the devices "
             "(`accelerate env`)."
         )
+    # `srun -n 4 python train_unet.py` or `mpirun -np 4 python ...` (no `accelerate launch`): on GPUs Accelerate
+    # reads none of their variables, so each copy was a run of its own, on all the data, into the same folder
+    copies = [f"{name}={os.environ[name]}" for name in LAUNCHER_TASK_COUNTS
+              if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 1]
+    if copies and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
+        raise TrainingError(
+            f"{copies[0]}: the launcher started several copies of this script, and each is a run of one process: "
+            "every copy would train alone on all the data and write the same --output_dir. Start one `accelerate "
+            "launch` per node, which starts one process per GPU (srun --ntasks-per-node=1 bash -c \"accelerate "
+            "launch ...\", docs/slurm/train_unet.sbatch), or run one task (srun -n 1) for one process.")
     # `accelerate launch --cpu --num_processes 2` (no --multi_gpu) runs its simple launcher: ONE process, with
     # MASTER_ADDR set for the others it expects mpirun to start. The run is right, but not the one asked for.
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -373,6 +403,7 @@ def make_accelerator(args, project_name: str):
         project_config=config,
     )
     check_world_size(accelerator)
+    check_distributed_type(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is too much
     if not accelerator.is_main_process:

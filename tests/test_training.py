@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import checkpoint_accelerator, reset_accelerate
+from conftest import TINY_VQ_ARGS, checkpoint_accelerator, reset_accelerate
 
 from adni_diffusers import files, training
 from adni_diffusers.data import load_slices
@@ -666,6 +666,51 @@ def test_a_cpu_launch_that_started_one_of_several_processes_says_so(monkeypatch,
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         training.check_world_size(one)
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_copies_started_by_srun_or_mpirun_without_accelerate_are_refused(monkeypatch, variable):
+    """`srun -n 2 python train_unet.py` (no `accelerate launch`): on GPUs Accelerate reads no Slurm or MPI variable,
+    so each copy ran alone on all the data and wrote the same folder (reproduced: one copy crashed on the other's
+    checkpoint-3.tmp, history.jsonl held steps 1,1,2,2,3,3). Under `accelerate launch` (WORLD_SIZE set) and for
+    one task, nothing is said."""
+    one = SimpleNamespace(num_processes=1, is_main_process=True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "1")
+    training.check_world_size(one)
+    monkeypatch.setenv(variable, "2")
+    with pytest.raises(training.TrainingError, match=rf"^{variable}=2: the launcher started several copies .* "
+                                                     r"docs/slurm/train_unet.sbatch"):
+        training.check_world_size(one)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's workers, inside `srun ... accelerate launch`
+    training.check_world_size(SimpleNamespace(num_processes=4, is_main_process=True))
+
+
+def test_a_run_started_twice_by_srun_stops_before_writing(tmp_path, demo_root, monkeypatch, capsys):
+    from adni_diffusers import train_vqmodel
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    out = tmp_path / "vq"
+    code = train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(out), *TINY_VQ_ARGS])
+    assert code == 2 and "SLURM_STEP_NUM_TASKS=2: the launcher started several copies" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_fsdp_and_deepspeed_configs_are_refused(kind):
+    """An `accelerate config` set to FSDP or DeepSpeed was accepted; its checkpoints (pytorch_model_fsdp_0/, ...)
+    could never be resumed, and the EMA and the saved model saw one shard. (On the CPU Accelerate does not turn
+    FSDP on, so the check is tested on its own; make_accelerator calls it.)"""
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(training.TrainingError, match=rf"Accelerate is set to {kind}: adni-diffusers trains with "
+                                                     r"data parallel \(DDP"):
+        training.check_distributed_type(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
+    for fine in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        training.check_distributed_type(SimpleNamespace(distributed_type=getattr(DistributedType, fine)))
 
 
 def test_log_lines_go_above_the_progress_bar_only_where_they_print_to_the_console(monkeypatch):
