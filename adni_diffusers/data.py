@@ -20,6 +20,7 @@ Splits (`--split`):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import logging
@@ -623,9 +624,11 @@ def load_slices(
     num_workers: int | None = None,
     flag: str = "--train_data_dir",
     patient_ids: str = "subject",
+    while_indexing=None,
 ) -> SliceData:
     """Check, index (via `datasets` imagefolder) and decode a slice folder, then split it. `patient_ids`: one of
-    PATIENT_ID_CHOICES ("file" splits as models from before 2026-12-03 did)."""
+    PATIENT_ID_CHOICES ("file" splits as models from before 2026-12-03 did). `while_indexing`: a context manager
+    factory held around the index alone (training: the main process first, which fills datasets' cache)."""
     if split not in SPLIT_CHOICES:
         raise DataError(f"--split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
     if patient_ids not in PATIENT_ID_CHOICES:
@@ -639,7 +642,8 @@ def load_slices(
     if split == "given" and not tree.has_splits:
         raise DataError(f"--split given: {root} has no train/ and test/ folders; use --split patient")
 
-    records = _index_with_datasets(root, tree)
+    with (while_indexing or contextlib.nullcontext)():
+        records = _index_with_datasets(root, tree)
     paths = [Path(r[0]) for r in records]
     labels = torch.tensor([r[1] for r in records], dtype=torch.long)
     splits = [r[2] for r in records]

@@ -704,11 +704,12 @@ def load_training_data(args, accelerator, root: Path | None = None):
 
     root = root or data_root(args, accelerator)
     try:
-        # the main process builds datasets' file index first (the others read it); every process then decodes the
-        # slices itself (there is no shared cache of decoded pixels)
-        with main_process_then_each_node_first(accelerator):
-            data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=split_seed(args),
-                               preprocess=args.preprocess, patient_ids=args.patient_ids)
+        # the main process builds datasets' file index first (the others read it); then every process decodes the
+        # slices itself, all at once (there is no shared cache of decoded pixels; in the ordered section the others
+        # waited through the main process's whole decode, then each node's first)
+        data = load_slices(root, split=args.split, val_fraction=args.val_fraction, seed=split_seed(args),
+                           preprocess=args.preprocess, patient_ids=args.patient_ids,
+                           while_indexing=lambda: main_process_then_each_node_first(accelerator))
     except DataError as e:
         raise TrainingError(str(e)) from None
     if len(data.train) < args.train_batch_size * accelerator.num_processes:

@@ -90,6 +90,30 @@ def test_exactly_one_batch_of_training_images_is_enough(demo_root):
         training.load_training_data(_data_args(demo_root, n + 1), _ONE_PROCESS)
 
 
+def test_the_processes_wait_for_the_main_one_to_index_not_to_decode(demo_root, monkeypatch):
+    """The main process builds datasets' file index first (the others read its cache); decoding has no cache, so
+    every process decodes at once. It sat in the ordered section too: the others waited through the main
+    process's whole decode (22 s for 30,000 slices on an H100), then on several nodes each node's first's."""
+    from adni_diffusers import data as data_module
+
+    events = []
+
+    @contextlib.contextmanager
+    def ordered(name):
+        events.append(f"enter {name}")
+        yield
+        events.append(f"leave {name}")
+
+    accelerator = SimpleNamespace(num_processes=1, main_process_first=lambda: ordered("main first"),
+                                  local_main_process_first=lambda: ordered("node first"))
+    real_index, real_decode = data_module._index_with_datasets, data_module.decode_all
+    monkeypatch.setattr(data_module, "_index_with_datasets", lambda *a: events.append("index") or real_index(*a))
+    monkeypatch.setattr(data_module, "decode_all", lambda *a: events.append("decode") or real_decode(*a))
+    training.load_training_data(_data_args(demo_root, 2), accelerator)
+    assert events == ["enter main first", "enter node first", "index", "leave node first", "leave main first",
+                      "decode"]
+
+
 # ------------------------------------------------------------------------------------------ training.py: LR schedule
 
 
