@@ -690,6 +690,12 @@ def tradeoff_markdown(result: dict) -> str:
         + (f", held-out slice accuracy {acc:.3f}" if acc is not None else "") + "."
         + (f" Caveat: {result['shared_patients']} of these patients also have slices in the training split "
            "(--split given: the data's own train/test folders share them)." if result.get("shared_patients") else "")
+        + (" **Caveat: the split differs from the one recorded at training time (the data changed since), so these "
+           "\"held-out\" slices may include slices the model trained on.**"
+           if result.get("split_matches_training") is False else "")
+        + (" **Caveat: the VQModel (first stage) held out other patients than the UNet, so it may have trained on "
+           "these slices: their round trips look better than an unseen patient's.**"
+           if result.get("first_stage_held_out") is False else "")
     )
     lines.append("")
     head = ["strength", f"called {t} (95% CI)", f"mean P({t})"]
@@ -865,15 +871,16 @@ def _warn_about_slices_in_the_training_folder(image_paths, records, data_dir, mo
                        inside[0], ", ..." if len(inside) > 1 else "", root, model)
 
 
-def held_out_data(model: str, data_root: str | None = None, model_class_names=None):
+def held_out_data(model: str, data_root: str | None = None, model_class_names=None, with_record: bool = False):
     """The model's data split exactly as in training (`evaluate.load_evaluation_data`): `SliceData` whose
     `.val` is what training held out (with `--split given`, `.shared_patients` of them also in `.train`).
     `model` may be a Hub repo id (only its JSON records are fetched). `model_class_names` (the pipeline's) are
-    checked against the data's folders, where the training records name none."""
+    checked against the data's folders, where the training records name none. `with_record`: (data, record),
+    the record saying whether the split matched training's (`matches_training`, `first_stage_held_out`)."""
     from .evaluate import load_evaluation_data
 
-    data, _ = load_evaluation_data(model_records(model), data_root, model_class_names)
-    return data
+    data, record = load_evaluation_data(model_records(model), data_root, model_class_names)
+    return (data, record) if with_record else data
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -1088,7 +1095,8 @@ def main(args: argparse.Namespace) -> int:
     # the classifier (P(target) in the titles, and the measurement): only when asked for
     classifier = data = report = held = None
     if args.measure or args.classify or args.classifier:
-        data = held_out_data(args.model, args.data_dir, list(pipe.config.class_names or []) or None)
+        data, split_record = held_out_data(args.model, args.data_dir, list(pipe.config.class_names or []) or None,
+                                           with_record=True)
         # before the classifier trains and --overwrite removes anything: a source class with no held-out slice
         # (one patient, kept for training) failed only after both, and after the --image counterfactuals
         if args.measure:
@@ -1139,6 +1147,9 @@ def main(args: argparse.Namespace) -> int:
 
         info = {"model": args.model, "patients": len(set(held.patients)), "data": data.root, "split": data.split,
                 "shared_patients": len(set(held.patients) & set(data.train.patients)),  # (--split given only)
+                # False: the data changed since training, or the VQModel held out other patients (evaluate's checks)
+                "split_matches_training": split_record.get("matches_training", True),
+                "first_stage_held_out": split_record.get("first_stage_held_out"),
                 # `push` uploads this run's strip and mean map (held-out slices) only where this says demo data
                 "data_source_is_demo": is_demo_dataset(data.root),
                 "slices": [str(Path(p).relative_to(data.root)) if Path(p).is_relative_to(data.root) else p

@@ -181,7 +181,21 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
             logger.warning("the %s split differs from the one training recorded (%s now, %s then): the data "
                            "changed since training, so 'held-out' may include images the model saw",
                            name, _split_words(part.summary()), _split_words(record[name]))
+    record["first_stage_held_out"] = first_stage_held_out(model_dir, data)
+    if record["first_stage_held_out"] is False:
+        logger.warning("the VQModel (first stage) held out other patients than these (it was trained on another "
+                       "folder or split): it may have trained on slices held out here, and its round trips of those "
+                       "are sharper than an unseen patient's")
     return data, record
+
+
+def first_stage_held_out(model_dir, data: SliceData) -> bool | None:
+    """Whether the pipeline's VQModel held out the same patients as `data.val`: True, False (it may have trained on
+    some of them: train_unet only warns when the two stages' folders differ), or None where the records do not say
+    (a VQModel stage itself, records from before the hash)."""
+    vq = read_json_object(Path(model_dir) / "training_data.json").get("vqmodel_data")
+    then = vq.get("validation_patients_sha256") if isinstance(vq, dict) else None
+    return None if not then else then == data.val.summary()["patients_sha256"]
 
 
 def _median(values: torch.Tensor) -> float:
@@ -1069,6 +1083,10 @@ def write_report(res: dict, out: Path) -> Path:
     if not res["data"].get("matches_training", True):
         lines += ["**Warning: the split differs from the one recorded at training time; the data changed, so the "
                   "held-out images may include images the model saw.**", ""]
+    if res["data"].get("first_stage_held_out") is False:
+        lines += ["**Warning: the VQModel (first stage) held out other patients than the UNet (it was trained on "
+                  "another folder or split), so it may have trained on held-out slices: the VQ ceiling and the "
+                  "samples' decoding may look better on them than on unseen patients.**", ""]
     if res["data"]["data_source_is_demo"]:
         lines += ["_The data is the synthetic MNI152-based demo set, not ADNI._", ""]
     lines += [

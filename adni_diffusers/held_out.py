@@ -27,6 +27,15 @@ def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, tra
     if not model_dir.is_dir():
         raise EvaluationError(f"--model {model_dir}: no such folder (a train_unet.py or train_vqmodel.py output)")
     data, record = load_evaluation_data(model_dir, data_dir)
+    # a listing of "held-out" slices is a claim: made only where the records confirm the redrawn split
+    if not (record.get("train") or record.get("validation")):
+        raise EvaluationError(f"--model {model_dir}: its records (training_data.json) hold no summary of the split, "
+                              "so the slices it never saw cannot be confirmed; give the training output folder "
+                              "(a train_unet.py or train_vqmodel.py --output_dir)")
+    if not record["matches_training"]:
+        raise EvaluationError(f"the split of {data.root} differs from the one {model_dir}'s training recorded (the "
+                              "warning above): the data changed since, so which slices the model never saw cannot "
+                              "be told; give --data-dir the folder as it was at training")
     part = data.train if training else data.val
     chosen = range(len(part.paths))
     if class_name is not None:

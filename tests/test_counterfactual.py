@@ -352,6 +352,12 @@ def test_measure_tradeoff_rows_and_files(pipe, demo_root, tmp_path):
     # --split given may hold out slices of patients the training split also has: the table says so
     assert "Caveat: 2 of these patients also have slices in the training split" in C.tradeoff_markdown(
         {**result, "shared_patients": 2})
+    # a split that no longer matches training's, or a VQModel that held out other patients: said in the table too
+    # (tradeoff.json holds both flags)
+    assert "the split differs from the one recorded at training time" in C.tradeoff_markdown(
+        {**result, "split_matches_training": False})
+    assert "the VQModel (first stage) held out other patients than the UNet" in C.tradeoff_markdown(
+        {**result, "first_stage_held_out": False})
 
 
 def test_cli_measure_uses_held_out_slices_of_the_source_class(tiny_ldm, tmp_path, capsys):

@@ -698,6 +698,27 @@ def test_a_changed_data_folder_is_flagged_and_the_training_data_is_not(model_cop
     assert re.search(r"\(\d+ images of \d+ patients \(AD \d+, NC \d+\), patient list [0-9a-f]{8} now", caplog.text)
 
 
+def test_a_first_stage_that_held_out_other_patients_is_flagged(model_copy, caplog):
+    """train_unet only warns when its VQModel was trained on another folder (whose held-out patients it cannot
+    check); evaluate, held-out and counterfactual then called slices the VQModel may have trained on "held-out",
+    without a word. The pipeline's record of its VQModel's held-out patients is compared with the split's now."""
+    import logging
+
+    _, record = E.load_evaluation_data(model_copy)
+    assert record["first_stage_held_out"] is True  # the demo's VQModel and UNet held out the same patients
+    path = model_copy / "training_data.json"
+    saved = json.loads(path.read_text())
+    saved["vqmodel_data"]["validation_patients_sha256"] = "0" * 64  # a VQModel trained on another folder
+    path.write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
+        _, record = E.load_evaluation_data(model_copy)
+    assert record["first_stage_held_out"] is False and "the VQModel (first stage) held out other patients" in \
+        caplog.text
+    del saved["vqmodel_data"]  # a record that does not say
+    path.write_text(json.dumps(saved))
+    assert E.load_evaluation_data(model_copy)[1]["first_stage_held_out"] is None
+
+
 def test_a_model_trained_without_a_hold_out_is_refused_before_any_work(model_copy, tmp_path, monkeypatch):
     """--split all held nothing out: refused with the reason, before the feature net is trained."""
     import adni_diffusers.features as features
@@ -1935,6 +1956,10 @@ def test_the_reports_opening_follows_the_model_and_the_data(stub_seeded, tmp_pat
     report = E.write_report(res, tmp_path).read_text()
     assert "**Warning: the split differs from the one recorded at training time" in report
     assert "synthetic MNI152-based demo set" not in report
+    assert "first stage" not in report
+    res["data"] = {**res["data"], "first_stage_held_out": False}
+    assert "**Warning: the VQModel (first stage) held out other patients than the UNet" in \
+        E.write_report(res, tmp_path).read_text()
     res["model"] = {**res["model"], "conditional": False}
     report = E.write_report(res, tmp_path).read_text()
     assert "Samples: 6 in all from `dpm++` with 3 steps, no refinement, seed 5" in report

@@ -61,6 +61,27 @@ def test_held_out_takes_a_moved_data_folder(tiny_ldm, demo_root, tmp_path, capsy
     assert [p.replace(str(moved), str(demo_root)) for p in after] == before
 
 
+def test_held_out_refuses_a_split_it_cannot_confirm(tiny_ldm, demo_root, tmp_path, capsys):
+    """A data folder changed since training (a training slice gone) redraws another split, and a folder without
+    the training records has nothing to check against: `held-out` listed "held-out" slices all the same, the
+    model's training slices among them, with a warning and exit 0."""
+    import shutil
+
+    from adni_diffusers import cli
+    from adni_diffusers.evaluate import load_evaluation_data
+
+    data, _ = load_evaluation_data(tiny_ldm)
+    changed = tmp_path / "AD_NC"
+    shutil.copytree(demo_root, changed)
+    (changed / Path(data.train.paths[0]).relative_to(data.root)).unlink()
+    assert cli.main(["held-out", "--model", str(tiny_ldm), "--data-dir", str(changed)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "differs from the one" in captured.err and "the data changed since" in captured.err
+    assert cli.main(["held-out", "--model", str(tiny_ldm / "unet"), "--data-dir", str(demo_root)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "hold no summary of the split" in captured.err
+
+
 def test_a_reader_that_closes_the_pipe_early_ends_the_listing_quietly(tiny_ldm):
     """README's `held-out ... | head -3`: once head had its lines, the listing ended in "error: [Errno 32] Broken
     pipe" and exit status 2 (a failure under `set -o pipefail`, and an error message for nothing)."""
