@@ -812,6 +812,21 @@ def test_flip_rate_interval_is_the_95_percent_wilson_interval():
     assert C._ci95(torch.zeros(20)) == pytest.approx([0.0, 0.1611], abs=1e-4)
 
 
+def test_flip_rate_interval_reaches_over_patients_not_only_slices():
+    """A patient's slices are alike: 20 slices, the calls split by patient (two patients all called AD, two none),
+    were "50% (30% to 70%)" over the slices; over 4 patients the share could be anything. The interval is
+    widened to the patients' bootstrap; where every patient is called the same the slices' interval stands, and
+    with one patient the slices' interval is all there is."""
+    calls = torch.tensor([1.0] * 10 + [0.0] * 10)
+    by_patient = [p for p in "ABCD" for _ in range(5)]
+    slices_only = C._ci95(calls)
+    assert slices_only == pytest.approx([0.2993, 0.7007], abs=1e-4)
+    assert C._ci95(calls, by_patient) == [0.0, 1.0]
+    mixed = [p for _ in range(5) for p in "ABCD"]  # each patient 2 or 3 of 5 called AD: the patients nearly agree
+    assert C._ci95(calls, mixed) == slices_only
+    assert C._ci95(calls, ["A"] * 20) == slices_only
+
+
 class _FakePipe:
     """Just enough pipeline for `measure_tradeoff`: the VQ round trip returns a uniform 0.5 image, sampling with
     label AD a white one and with NC a black one."""
