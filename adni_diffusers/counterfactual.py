@@ -31,6 +31,7 @@ trade-off between changing the class and keeping the brain. Writes `tradeoff.jso
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -85,7 +86,23 @@ def check_strengths(strengths, steps: int | None = None) -> list[float]:
             out.append(s)
     if not out:
         raise ValueError("--strength: give at least one strength in (0, 1]")
+    if steps is not None:
+        _warn_of_strengths_that_run_the_same_steps(tuple(sorted(out)), steps)
     return sorted(out)
+
+
+@functools.lru_cache(maxsize=None)  # once per run: the CLI, the sampler and the measure all check the strengths
+def _warn_of_strengths_that_run_the_same_steps(strengths: tuple[float, ...], steps: int) -> None:
+    """The pipeline denoises steps x strength, rounded: strengths that round alike make the same images, under
+    labels that say otherwise (0.21 and 0.24 of 10 steps: 2 each)."""
+    by_steps = {}
+    for s in strengths:
+        by_steps.setdefault(strength_steps(steps, s), []).append(s)
+    for n, same in by_steps.items():
+        if len(same) > 1:
+            logger.warning("--strength %s all run %d of the %d steps: their counterfactuals are the same images "
+                           "(the pipeline denoises steps x strength, rounded); give strengths further apart or more "
+                           "--steps", " and ".join(f"{s:g}" for s in same), n, steps)
 
 
 def check_target(pipe, to) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -403,6 +404,19 @@ def test_csf_border_enrichment_finds_change_at_the_ventricles():
     local = C._per_image_stats(x, x, atrophy, mask, border, call)["csf_border_enrichment"].item()
     everywhere = C._per_image_stats(x, x, x - 0.1 * mask, mask, border, call)["csf_border_enrichment"].item()
     assert local > 5 and everywhere == pytest.approx(1.0, abs=1e-6)
+
+
+def test_strengths_that_run_the_same_steps_are_said_once(caplog):
+    """The pipeline denoises steps x strength, rounded: --steps 10 --strength 0.21 0.24 wrote two files of the same
+    images under two labels, without a word. Said once however often the strengths are checked."""
+    C._warn_of_strengths_that_run_the_same_steps.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.counterfactual"):
+        for _ in range(3):  # the CLI, the sampler, the measure
+            assert C.check_strengths([0.24, 0.21, 0.5], steps=10) == [0.21, 0.24, 0.5]
+        C.check_strengths([0.21, 0.24], steps=50)  # 10 and 12 steps: different images
+    assert caplog.text.count("--strength 0.21 and 0.24 all run 2 of the 10 steps: their counterfactuals are the "
+                             "same images") == 1
+    assert caplog.text.count("--strength") == 1
 
 
 def test_check_strengths_and_target(pipe):
