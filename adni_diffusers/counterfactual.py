@@ -260,6 +260,22 @@ def _unit(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels + 1) / 2).clamp(0, 1)
 
 
+def _pixel_key(pixels: torch.Tensor) -> bytes:
+    """A slice's identity by its 8-bit pixels (as preprocessed for the model)."""
+    import hashlib
+
+    return hashlib.blake2b(pixels.to(torch.uint8).contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+def _slices_by_pixels(data) -> dict:
+    """{pixel key: "training" or "held-out"} over the model's split (a slice in both, under --split given, counts
+    as training), and "training paths": the training slices' resolved paths (to say when a match is a copy)."""
+    seen = {_pixel_key(x): "held-out" for x in data.val.pixels}
+    seen.update({_pixel_key(x): "training" for x in data.train.pixels})
+    seen["training paths"] = {Path(p).resolve() for p in data.train.paths}
+    return seen
+
+
 def slice_seed(seed: int, pixels: torch.Tensor) -> int:
     """The noise seed of one slice ((1, H, W) in [-1, 1]): `seed` and a checksum of its 8-bit pixels. A slice
     gets the same counterfactual alone, in any list, at any batch size; the same pixels twice, the same result."""
@@ -1160,10 +1176,12 @@ def main(args: argparse.Namespace) -> int:
     record = out / "counterfactuals.json"
     if folders:
         write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
-    training_paths = {str(Path(p).resolve()) for p in data.train.paths} if data is not None else set()
+    # by pixels, not path: a copy of a training slice, renamed or elsewhere, is the slice the model saw
+    seen = _slices_by_pixels(data) if data is not None and images else {}
     for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
         # as uint8: exact, where floats would be scaled by a guess ([0, 1] for a slice with no dark pixel)
         batch = to_uint8(torch.cat(images[first:first + batch_size]))
+        images_done = 0
         results = make_counterfactuals(pipe, batch, target, strengths,
                                        args.guidance, args.seed, args.scheduler, args.steps, classifier=classifier,
                                        batch_size=batch_size, progress=True)
@@ -1173,10 +1191,13 @@ def main(args: argparse.Namespace) -> int:
             entry = {"image": str(path), "folder": folder.name,
                      "strip": Path(files["strip"]).relative_to(out).as_posix()}
             if data is not None:  # the model saw this slice in training: say so
-                entry["in_training_split"] = str(path.resolve()) in training_paths
+                entry["in_model_data"] = seen.get(_pixel_key(batch[images_done]), "neither")
+                entry["in_training_split"] = entry["in_model_data"] == "training"
                 if entry["in_training_split"]:
-                    logger.warning("%s is one of the model's TRAINING slices; a held-out slice makes a fairer "
-                                   "counterfactual", path)
+                    logger.warning("%s is one of the model's TRAINING slices%s; a held-out slice makes a fairer "
+                                   "counterfactual", path, "" if Path(path).resolve() in seen.get("training paths", ())
+                                   else " (the same pixels)")
+            images_done += 1
             if "probabilities" in result:
                 entry["p_target"] = {str(k): v for k, v in result["probabilities"].items()}
             summary["images"].append(entry)

@@ -716,17 +716,28 @@ def test_control_denoises_the_same_slices_with_the_source_label(pipe, demo_root,
     assert labels == [("AD", 1.0), ("NC", 1.0)]
 
 
-def test_a_training_slice_is_marked_in_the_summary(tiny_ldm, tmp_path, capsys):
-    """--image of a slice the model trained on: counterfactuals.json says so (and only for that one)."""
+def test_a_training_slice_is_marked_in_the_summary(tiny_ldm, tmp_path, capsys, caplog):
+    """--image of a slice the model trained on: counterfactuals.json says so (and only for that one). By its
+    pixels: a copy of a training slice elsewhere was marked false, as a slice from outside the data was, which
+    read as "held-out"; the record now says which of the three each is."""
+    import shutil
+
     save_feature_net(random_classifier(), tmp_path / "net")
     data = C.held_out_data(str(tiny_ldm))
     seen, unseen = data.train.paths[0], data.val.paths[0]
+    copy = tmp_path / "mine.jpeg"
+    shutil.copy(seen, copy)
+    elsewhere = tmp_path / "other.png"
+    PIL.Image.fromarray(np.full((240, 256), 90, np.uint8)).save(elsewhere)
     out = tmp_path / "cf"
-    rc, err = run_cli(["--model", tiny_ldm, "--image", seen, unseen, "--to", "AD", "--strength", "1.0",
-                       "--classifier", tmp_path / "net", "--out", out, *STEPS], capsys)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.counterfactual"):
+        rc, err = run_cli(["--model", tiny_ldm, "--image", seen, unseen, copy, elsewhere, "--to", "AD", "--strength",
+                           "1.0", "--classifier", tmp_path / "net", "--out", out, *STEPS], capsys)
     assert rc == 0, err
     images = json.loads((out / "counterfactuals.json").read_text())["images"]
-    assert [e["in_training_split"] for e in images] == [True, False]
+    assert [e["in_training_split"] for e in images] == [True, False, True, False]
+    assert [e["in_model_data"] for e in images] == ["training", "held-out", "training", "neither"]
+    assert f"{copy} is one of the model's TRAINING slices (the same pixels)" in caplog.text
 
 
 def test_slices_in_the_training_folder_are_named_without_drawing_the_split(demo_root, nc_slice, tmp_path, caplog):
