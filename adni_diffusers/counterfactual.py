@@ -1173,6 +1173,16 @@ def main(args: argparse.Namespace) -> int:
                # before the first image: a run cut short leaves a record of the folders it was writing, which the
                # next run into --out refuses (or removes with --overwrite) like a finished run's
                "complete": False, "planned": [f.name for f in folders], "images": []}
+    # what ran, to reproduce it or tell two runs apart: the model's files (as generate records them), the judge,
+    # the software
+    from .environment import environment
+    from .generate import model_fingerprint
+
+    provenance = {"model_sha256": model_fingerprint(args.model), "environment": environment(device)}
+    summary.update(provenance)
+    if classifier is not None:
+        summary["classifier"] = {"path": (report or {}).get("path"), "key": (report or {}).get("key"),
+                                 "val_accuracy": ((report or {}).get("val") or {}).get("accuracy")}
     record = out / "counterfactuals.json"
     if folders:
         write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
@@ -1213,6 +1223,7 @@ def main(args: argparse.Namespace) -> int:
                 "shared_patients": len(set(held.patients) & set(data.train.patients)),  # (--split given only)
                 # False: the data changed since training, or the VQModel held out other patients (evaluate's checks)
                 "split_matches_training": split_record.get("matches_training", True),
+                "max_images": args.max_images, **provenance,
                 "first_stage_held_out": split_record.get("first_stage_held_out"),
                 # `push` uploads this run's strip and mean map (held-out slices) only where this says demo data
                 "data_source_is_demo": is_demo_dataset(data.root),

@@ -380,6 +380,12 @@ def test_cli_measure_uses_held_out_slices_of_the_source_class(tiny_ldm, tmp_path
     assert saved["images"] == 2 and set(saved["slices"]) <= val_names and saved["data"] == record["root"]
     assert saved["settings"]["strengths"] == [0.5] and saved["classifier"]["path"] == str(tmp_path / "net")
     assert saved["classifier"]["trained_on_model_split"] is None  # a net saved without its training report
+    # what ran: the model's files, the software, the slices' cap (the record could not tell two runs apart)
+    from adni_diffusers.generate import model_fingerprint
+
+    assert saved["model_sha256"] == model_fingerprint(str(tiny_ldm)) is not None
+    assert saved["environment"]["torch"] == torch.__version__ and saved["max_images"] == 2
+    assert saved["split_matches_training"] is True and saved["first_stage_held_out"] is True
     assert (out / "tradeoff.png").is_file() and (out / "mean_difference.png").is_file()
 
 
@@ -737,6 +743,11 @@ def test_a_training_slice_is_marked_in_the_summary(tiny_ldm, tmp_path, capsys, c
     images = json.loads((out / "counterfactuals.json").read_text())["images"]
     assert [e["in_training_split"] for e in images] == [True, False, True, False]
     assert [e["in_model_data"] for e in images] == ["training", "held-out", "training", "neither"]
+    summary = json.loads((out / "counterfactuals.json").read_text())
+    from adni_diffusers.generate import model_fingerprint
+
+    assert summary["model_sha256"] == model_fingerprint(str(tiny_ldm)) and "diffusers" in summary["environment"]
+    assert summary["classifier"]["path"] == str(tmp_path / "net")
     assert f"{copy} is one of the model's TRAINING slices (the same pixels)" in caplog.text
 
 
