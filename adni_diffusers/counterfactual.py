@@ -111,22 +111,27 @@ def check_target(pipe, to) -> str:
     if not pipe.is_conditional or not names:
         raise ValueError("this model is unconditional (trained without --conditional): counterfactuals need a "
                          "class-conditional model")
-    if isinstance(to, (int, np.integer)) or (isinstance(to, str) and to.isdigit() and to not in names):
-        i = int(to)
+    return _class_name(names, to, "--to")
+
+
+def _class_name(names: list[str], given, flag: str) -> str:
+    """A class given by name, or by its index where no class has that name (as generate --class takes it)."""
+    if isinstance(given, (int, np.integer)) or (isinstance(given, str) and given.isdigit() and given not in names):
+        i = int(given)
         if not 0 <= i < len(names):
-            raise ValueError(f"--to {to}: expected one of this model's classes {names}")
+            raise ValueError(f"{flag} {given}: expected one of this model's classes {names}")
         return names[i]
-    if to not in names:
-        raise ValueError(f"--to {to!r}: this model knows the classes {names}")
-    return to
+    if given not in names:
+        raise ValueError(f"{flag} {given!r}: this model knows the classes {names}")
+    return given
 
 
 def source_class(pipe, to: str, source: str | None = None) -> str:
-    """The class counterfactuals start from: `source`, or the one other class of a two-class model."""
+    """The class counterfactuals start from: `source` (a name or an index, as --to), or the one other class of a
+    two-class model."""
     names = list(pipe.config.class_names or [])
     if source is not None:
-        if source not in names:
-            raise ValueError(f"--from {source!r}: this model knows the classes {names}")
+        source = _class_name(names, source, "--from")
         if source == to:
             raise ValueError(f"--from {source} and --to {to} are the same class")
         return source

@@ -39,10 +39,13 @@ def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, tra
     part = data.train if training else data.val
     chosen = range(len(part.paths))
     if class_name is not None:
-        if class_name not in (data.class_names or []):
+        names = list(data.class_names or [])
+        if class_name not in names and class_name.isdigit() and int(class_name) < len(names):
+            class_name = names[int(class_name)]  # an index, as generate --class and counterfactual --to take it
+        if class_name not in names:
             raise EvaluationError(f"--class {class_name}: the data's classes are "
-                                  f"{', '.join(data.class_names) if data.class_names else '(none)'}")
-        index = data.class_names.index(class_name)
+                                  f"{', '.join(names) if names else '(none)'}")
+        index = names.index(class_name)
         chosen = [i for i, label in enumerate(part.labels.tolist()) if label == index]
     paths = [part.paths[i] for i in chosen]
     logger.info("%d %s slice(s)%s of %d patient(s): --split %s%s, from %s's records", len(paths),
@@ -56,7 +59,7 @@ def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, tra
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a train_unet.py or train_vqmodel.py output folder")
     parser.add_argument("--data-dir", default=None, help="the model's training data folder, if it moved since training")
-    parser.add_argument("--class", dest="class_name", default=None, help="only this class's slices (e.g. NC)")
+    parser.add_argument("--class", dest="class_name", default=None, help="only this class's slices (a name, e.g. NC, or its index)")
     parser.add_argument("--training", action="store_true",
                         help="list the slices the model trained on instead of the held-out ones")
 

@@ -434,6 +434,7 @@ def test_check_strengths_and_target(pipe):
             C.check_strengths(bad)
     assert C.check_target(pipe, "NC") == "NC" and C.check_target(pipe, 0) == "AD"
     assert C.source_class(pipe, "AD") == "NC"
+    assert C.source_class(pipe, "NC", "0") == "AD"  # an index, as --to takes one
     with pytest.raises(ValueError, match="same class"):
         C.source_class(pipe, "AD", "AD")
     with pytest.raises(ValueError, match="knows the classes"):

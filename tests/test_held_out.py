@@ -30,6 +30,8 @@ def test_held_out_lists_the_slices_evaluate_holds_out(tiny_ldm, tiny_vq, demo_ro
         only_nc = capsys.readouterr().out.splitlines()
         assert only_nc == [p for p, k in zip(data.val.paths, data.val.labels.tolist()) if k == nc]
         assert only_nc and all(Path(p).parent.name == "NC" for p in only_nc)
+        assert cli.main(["held-out", "--model", str(model), "--class", str(nc)]) == 0  # by index, as --to takes it
+        assert capsys.readouterr().out.splitlines() == only_nc
         # the log counts the patients of the slices listed, not of both classes
         nc_patients = {pt for pt, k in zip(data.val.patients, data.val.labels.tolist()) if k == nc}
         assert f"{len(only_nc)} held-out slice(s) of class NC of {len(nc_patients)} patient(s)" in caplog.text
