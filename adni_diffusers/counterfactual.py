@@ -272,12 +272,11 @@ def _pixel_key(pixels: torch.Tensor) -> bytes:
     return hashlib.blake2b(pixels.to(torch.uint8).contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
-def _slices_by_pixels(data) -> dict:
+def _slices_by_pixels(data) -> dict[bytes, str]:
     """{pixel key: "training" or "held-out"} over the model's split (a slice in both, under --split given, counts
-    as training), and "training paths": the training slices' resolved paths (to say when a match is a copy)."""
+    as training)."""
     seen = {_pixel_key(x): "held-out" for x in data.val.pixels}
     seen.update({_pixel_key(x): "training" for x in data.train.pixels})
-    seen["training paths"] = {Path(p).resolve() for p in data.train.paths}
     return seen
 
 
@@ -1193,26 +1192,25 @@ def main(args: argparse.Namespace) -> int:
         write_text_atomically(record, json.dumps(summary, indent=2) + "\n")
     # by pixels, not path: a copy of a training slice, renamed or elsewhere, is the slice the model saw
     seen = _slices_by_pixels(data) if data is not None and images else {}
+    training_paths = {Path(p).resolve() for p in data.train.paths} if data is not None else set()
     for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
         # as uint8: exact, where floats would be scaled by a guess ([0, 1] for a slice with no dark pixel)
         batch = to_uint8(torch.cat(images[first:first + batch_size]))
-        images_done = 0
         results = make_counterfactuals(pipe, batch, target, strengths,
                                        args.guidance, args.seed, args.scheduler, args.steps, classifier=classifier,
                                        batch_size=batch_size, progress=True)
-        for path, folder, result in zip(image_paths[first:], folders[first:], results):
+        for j, (path, folder, result) in enumerate(zip(image_paths[first:], folders[first:], results)):
             files = write_counterfactual(result, folder, args.diff_against)
             # folder and strip relative to --out: the record stays true when --out moves, and a push keeps them
             entry = {"image": str(path), "folder": folder.name,
                      "strip": Path(files["strip"]).relative_to(out).as_posix()}
             if data is not None:  # the model saw this slice in training: say so
-                entry["in_model_data"] = seen.get(_pixel_key(batch[images_done]), "neither")
+                entry["in_model_data"] = seen.get(_pixel_key(batch[j]), "neither")
                 entry["in_training_split"] = entry["in_model_data"] == "training"
                 if entry["in_training_split"]:
                     logger.warning("%s is one of the model's TRAINING slices%s; a held-out slice makes a fairer "
-                                   "counterfactual", path, "" if Path(path).resolve() in seen.get("training paths", ())
+                                   "counterfactual", path, "" if Path(path).resolve() in training_paths
                                    else " (the same pixels)")
-            images_done += 1
             if "probabilities" in result:
                 entry["p_target"] = {str(k): v for k, v in result["probabilities"].items()}
             summary["images"].append(entry)
