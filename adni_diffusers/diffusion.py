@@ -50,9 +50,15 @@ def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Ten
         raise ValueError(f"Min-SNR gamma must be positive, got {gamma}")
     snr = compute_snr(noise_scheduler, t)
     clipped = torch.minimum(snr, snr.new_tensor(gamma))  # (clamp(max=1e308) overflowed float32; this reads it as inf)
-    if noise_scheduler.config.prediction_type == "v_prediction":
+    # min(SNR, gamma) on the x0 loss, expressed in the loss of each target (eps: x0 error = eps error / SNR)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
         return clipped / (snr + 1)
-    return clipped / snr
+    if kind == "sample":
+        return clipped
+    raise ValueError(f"prediction_type {kind!r}: no Min-SNR weights for it")  # not the epsilon weights, silently
 
 
 def diffusion_loss(model, noise_scheduler, z0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,

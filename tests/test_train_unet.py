@@ -177,6 +177,26 @@ def test_min_snr_weights_downweight_clean_timesteps():
     assert w[0] < w[1] < 1.0 and torch.allclose(w[2:], torch.ones(2))  # SNR <= 5 there: weight 1
 
 
+def test_min_snr_weights_follow_the_prediction_type():
+    """Hang et al. 2023: min(SNR, gamma) on the x0 loss, which is min(SNR, gamma) / SNR on the eps loss and
+    min(SNR, gamma) / (SNR + 1) on the v loss. "sample" fell through to the eps weights (1 / SNR of the right ones
+    where SNR < gamma); an unknown type is refused."""
+    from diffusers.training_utils import compute_snr
+
+    from adni_diffusers.diffusion import make_noise_scheduler, min_snr_weights
+
+    t = torch.tensor([0, 100, 500, 999])
+    snr = compute_snr(make_noise_scheduler(), t)
+    expected = {"epsilon": snr.clamp(max=5) / snr, "v_prediction": snr.clamp(max=5) / (snr + 1),
+                "sample": snr.clamp(max=5)}
+    for kind, weights in expected.items():
+        torch.testing.assert_close(min_snr_weights(make_noise_scheduler(prediction_type=kind), t, 5.0), weights)
+    scheduler = make_noise_scheduler()
+    scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="prediction_type 'flow': no Min-SNR weights"):
+        min_snr_weights(scheduler, t, 5.0)
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--vqmodel", "nowhere"], "no VQModel there"),
     (["--cond_dropout", "1.5"], "--cond_dropout 1.5"),
