@@ -878,7 +878,7 @@ def test_the_validation_loss_is_the_recorded_one(ldm):
     """The card's validation loss is train_metrics.json's val_loss (held-out latents), not the training loss."""
     _edit_json(ldm / "train_metrics.json", val_loss=0.01234, train_loss=0.5)
     text = render_model_card(ldm)
-    assert "fixed noise and timesteps): **0.01234**" in text and "**0.5**" not in text
+    assert "compare it only with models of the same objective): **0.01234**" in text and "**0.5**" not in text
 
 
 def test_a_card_pushed_to_main_by_name_is_the_card_of_main(ldm):
