@@ -69,6 +69,12 @@ SUBJECT_RE_2026_12_03 = _subject_re("4")  # the rule before 2026-12-04
 OTHER_CASE_ADNI_RE = re.compile(r"(?<![0-9])[0-9]{3}_s_[0-9]{4,5}(?![0-9])", re.IGNORECASE)
 # ADNI's own BIDS conversion labels a subject by its ADNI id without the underscores: sub-ADNI002S0295.
 BIDS_ADNI_RE = re.compile(r"^sub-ADNI(?P<site>[0-9]{3})S(?P<number>[0-9]{4,5})$")
+# ...which without the "sub-" is no subject id to the rules (ADNI002S0295_m06_85): warned about, as the other case
+UNDERSCORELESS_ADNI_RE = re.compile(r"(?<![0-9A-Za-z-])ADNI_?[0-9]{3}S[0-9]{4,5}(?![0-9])")
+# A name that IS a subject id, no slice number (002_S_0295.png): the roster number reads as the slice
+BARE_ADNI_STEM_RE = re.compile(r"(?:^|_)[0-9]{3}_S_[0-9]{4,5}$")
+# Class folders named like subjects (ROOT/002_S_0295/*.png): a layout with the labels kept elsewhere
+SUBJECT_FOLDER_RE = re.compile(r"^(?:[0-9]{3}_S_[0-9]{4,5}|sub-[A-Za-z0-9]+)$")
 
 
 def patient_of(name: str, patient_ids: str = "subject") -> str:
@@ -128,12 +134,15 @@ class DataError(ValueError):
 
 
 def _look_alike_names(names) -> list[str]:
-    """Names that differ only in spaces at their ends or in Unicode form (a copy from a Mac can leave an accented
-    letter as a letter and a combining accent): the same word on screen."""
+    """Names that differ only in letter case, spaces at their ends or Unicode form (a copy from a Mac can leave an
+    accented letter as a letter and a combining accent): one class named two ways."""
     groups: dict[str, set[str]] = defaultdict(set)
     for name in names:
-        groups[unicodedata.normalize("NFC", name).strip()].add(name)
+        groups[unicodedata.normalize("NFC", name).strip().casefold()].add(name)
     return sorted(n for same in groups.values() if len(same) > 1 for n in same)
+
+
+LOOK_ALIKE_TEXT = "these names differ only in letter case, spaces at their ends or Unicode form (rename one)"
 
 
 @dataclass
@@ -443,6 +452,14 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                                 + ("" if has_splits else f" (split folders are named {', '.join(SPLIT_FOLDERS)}; "
                                    f"{root} has {', '.join(c.name for c in classes)})"))
             class_sets[split] = [c.name for c in classes]
+            if look_alike := _look_alike_names(class_sets[split]):  # AD/ beside ad/: one class split in two
+                raise DataError(f"{folder}: class folders {', '.join(map(ascii, look_alike))} would be two classes; "
+                                f"{LOOK_ALIKE_TEXT}")
+            if len(classes) > 1 and all(SUBJECT_FOLDER_RE.match(c.name) for c in classes):
+                raise DataError(f"{folder}: its folders ({_listing(c.name for c in classes)}) look like subject ids, "
+                                "and class folders are the classes: expected "
+                                f"{folder}/<class>/<patient>_<slice>.jpeg, e.g. AD/ and NC/ (one folder per class, "
+                                "each subject's slices in it)")
             for c in classes:
                 imgs = [f for f in _list_dir(c)[1] if _is_image(f)]
                 if not imgs:
@@ -480,8 +497,7 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
         detail = "; ".join(f"{s}: {', '.join(v) or '(no class folders)'}" for s, v in class_sets.items())
         look_alike = _look_alike_names({n for v in class_sets.values() for n in v})
         if look_alike:  # printed as they are, 'AD ' and 'AD' read the same
-            detail += ("; these names differ only in spaces at their ends or in Unicode form (rename one): "
-                       + ", ".join(map(ascii, look_alike)))
+            detail += f"; {LOOK_ALIKE_TEXT}: " + ", ".join(map(ascii, look_alike))
         raise DataError(f"{root}: the split folders have different class folders ({detail})")
     return _Tree(sorted(files), split_of, has_splits, list(next(iter(names))))
 
@@ -649,8 +665,9 @@ def load_slices(
     splits = [r[2] for r in records]
     stems = [p.stem for p in paths]
     matches = [PATIENT_SLICE_RE.match(s) for s in stems]
-    if split == "patient":
-        bad = [p for p, m in zip(paths, matches) if m is None]
+    if split == "patient":  # a name needs a patient: <patient>_<slice>, or a subject id anywhere in it
+        bad = [p for p, m, s in zip(paths, matches, stems)
+               if m is None and (patient_ids == "file" or patient_of(s, patient_ids) == s)]
         if bad:
             raise DataError(
                 f"--split patient needs file names <patient>_<slice>.<ext> (e.g. 1003730_85.jpeg); "
@@ -671,6 +688,17 @@ def load_slices(
                        "one, so each such scan counts as a patient of its own and a subject's scans may be on both "
                        "sides of the split; rename them with _S_ (002_S_0295)", len(other_case),
                        ", ".join(other_case[:3]) + (", ..." if len(other_case) > 3 else ""))
+    if patient_ids != "file" and (unread := sorted({n for n, p in zip(named, patients)
+                                                    if p == n and UNDERSCORELESS_ADNI_RE.search(n)})):
+        logger.warning("%d file name(s) hold an ADNI subject id without its underscores (%s): it is not read as one, "
+                       "so each such name's patient part counts as a patient of its own and a subject's scans may be "
+                       "on both sides of the split; rename them with _S_ (002_S_0295) or as BIDS (sub-ADNI002S0295)",
+                       len(unread), ", ".join(unread[:3]) + (", ..." if len(unread) > 3 else ""))
+    if bare := [p for p, m, s in zip(paths, matches, stems) if m and BARE_ADNI_STEM_RE.search(s)
+                and patient_of(m.group("patient"), patient_ids) == m.group("patient")]:
+        logger.warning("%d file name(s) end in an ADNI subject id with no slice number (%s): the roster number is "
+                       "read as the slice, so each site's subjects count as one patient; add the slice number "
+                       "(002_S_0295_85.png)", len(bare), _listing(p.name for p in bare[:3]))
     if len(set(patients)) < len(set(named)):
         logger.info("the file names hold %d scans of %d subjects (ADNI 002_S_0295 or BIDS sub-<label> ids): "
                     "patients are subjects, so no subject is on both sides of the split",

@@ -976,8 +976,69 @@ def test_class_folders_that_look_alike_are_named_so_the_difference_shows(tmp_pat
     make_tree(root, classes=(other, "NC"), splits=("train",))
     make_tree(root, classes=(same, "NC"), splits=("test",))
     msg = data_error(root, split="given")
-    assert "differ only in spaces at their ends or in Unicode form (rename one)" in msg
+    assert "differ only in letter case, spaces at their ends or Unicode form (rename one)" in msg
     assert ascii(other) in msg and ascii(same) in msg
+
+
+def test_class_folders_named_one_way_and_another_in_one_folder_are_refused(tmp_path):
+    """AD/ beside ad/ in one folder were two classes, without a word (the model then learnt three classes)."""
+    root = tmp_path / "AD_NC"
+    make_tree(root, classes=("AD", "ad", "NC"), splits=())
+    msg = data_error(root)
+    assert f"{root}: class folders 'AD', 'ad' would be two classes" in msg and "letter case" in msg
+
+
+def test_subject_folders_are_not_taken_for_classes(tmp_path):
+    """ROOT/002_S_0295/*.png (labels kept elsewhere): every subject became a class, nothing held out."""
+    root = tmp_path / "subjects"
+    make_tree(root, classes=("002_S_0295", "002_S_0413", "sub-ADNI005S0221"), splits=())
+    msg = data_error(root)
+    assert "look like subject ids" in msg and "<class>/<patient>_<slice>.jpeg" in msg
+
+
+def _named(root: Path, names_by_class: dict[str, list[str]]) -> None:
+    pid = 0
+    for cls, names in names_by_class.items():
+        for name in names:
+            write(root / cls / name, slice_pixels(pid))
+            pid += 1
+
+
+def test_bids_names_with_the_slice_inside_split_by_subject(tmp_path):
+    """sub-ADNI002S0295_ses-M00_slice-080_T1w.png names its subject but does not end in _<slice>: --split patient
+    refused the folder ("needs file names <patient>_<slice>"), offering only splits without a patient hold-out."""
+    root = tmp_path / "bids"
+    _named(root, {cls: [f"sub-ADNI{site}S{roster}_ses-{visit}_slice-0{k}_T1w.png"
+                        for site, roster in subjects for visit in ("M00", "M06") for k in (80, 81)]
+                  for cls, subjects in (("AD", [("002", "0295"), ("005", "0221")]),
+                                        ("NC", [("011", "0002"), ("941", "1194")]))})
+    data = load_slices(root, split="patient", val_fraction=0.5)
+    assert set(data.train.patients) | set(data.val.patients) == {
+        "sub-ADNI002S0295", "sub-ADNI005S0221", "sub-ADNI011S0002", "sub-ADNI941S1194"}
+    assert not set(data.train.patients) & set(data.val.patients) and len(data.val)
+    assert "needs file names" in data_error(root, split="patient", patient_ids="file")  # the file rule: as before
+
+
+def test_adni_ids_the_rules_do_not_read_are_warned_about(tmp_path, caplog):
+    """ADNI002S0295_m06_80 (no underscores, no sub-): each visit was a patient, one subject on both sides of the
+    split, no warning. 002_S_0295.png (no slice number): the roster number read as the slice, each site one
+    patient, and a warning of patients "in two class folders" that misled. Both are said."""
+    root = tmp_path / "nounderscore"
+    _named(root, {"AD": [f"ADNI002S0295_{v}_80.png" for v in ("bl", "m06")] + ["ADNI005S0221_bl_80.png"],
+                  "NC": [f"ADNI011S0002_{v}_80.png" for v in ("bl", "m06")] + ["ADNI941S1194_bl_80.png"]})
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(root, split="patient", val_fraction=0.5)
+    assert "6 file name(s) hold an ADNI subject id without its underscores (ADNI002S0295_bl" in caplog.text
+    caplog.clear()
+    bare = tmp_path / "bare"
+    _named(bare, {"AD": ["002_S_0295.png", "005_S_0221.png"], "NC": ["002_S_0413.png", "011_S_0002.png"]})
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(bare, split="patient", val_fraction=0.5)
+    assert "4 file name(s) end in an ADNI subject id with no slice number (002_S_0295.png" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):  # real-style names: neither warning
+        load_slices(make_tree(tmp_path / "fine")[0].parents[2], split="patient")
+    assert "ADNI subject id" not in caplog.text
 
 
 def test_listing_counts_only_the_paths_it_leaves_out():
