@@ -42,6 +42,8 @@ if "HF_HOME" not in os.environ:  # an empty cache of our own, removed when the t
     os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="adni_diffusers_test_hf_")
     atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several workers (setup.cfg: one per core): a thread each, not
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # a thread per core each (set before torch is imported)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # tests import each other's helpers (hub_stub, conftest)
