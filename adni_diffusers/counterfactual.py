@@ -594,9 +594,9 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
     """The class-change vs. fidelity trade-off over `slices` (real slices of the source class).
 
     For strength 0 (the VQ reconstruction) and each strength: `flip_rate` = share of slices the
-    classifier calls `to` (argmax; with a 95% interval over slices and patients, `_ci95`), `mean_p_target`, `ssim_brain_to_original`
-    (SSIM inside the original's brain mask, `metrics.reconstruction_metrics`), `ssim_brain_to_reconstruction`,
-    `mean_abs_change_brain` (|counterfactual - reconstruction| averaged over the brain mask, [-1, 1]
+    classifier calls `to` (argmax; with a 95% interval over slices and patients, `_ci95`), `mean_p_target`,
+    `ssim_brain_to_original` (SSIM inside the original's brain mask, `metrics.reconstruction_metrics`),
+    `ssim_brain_to_reconstruction`, `mean_abs_change_brain` (|counterfactual - reconstruction| averaged over the brain mask, [-1, 1]
     scale) and `csf_border_enrichment`: the share of that change within CSF_BORDER_PX pixels of the
     dark CSF spaces divided by the share of brain pixels there (1 = spread evenly; > 1 = the change
     sits on the ventricles and sulci). A row "original" gives the classifier's call on the slices

@@ -59,7 +59,8 @@ def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, tra
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a train_unet.py or train_vqmodel.py output folder")
     parser.add_argument("--data-dir", default=None, help="the model's training data folder, if it moved since training")
-    parser.add_argument("--class", dest="class_name", default=None, help="only this class's slices (a name, e.g. NC, or its index)")
+    parser.add_argument("--class", dest="class_name", default=None,
+                        help="only this class's slices (a name, e.g. NC, or its index)")
     parser.add_argument("--training", action="store_true",
                         help="list the slices the model trained on instead of the held-out ones")
 

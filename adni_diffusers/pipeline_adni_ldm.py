@@ -980,7 +980,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         index = _read_model_index(index_path, pretrained_model_name_or_path)
         for part in _missing_parts(folder, [name for name in ("vqvae", "unet", "scheduler") if name not in given]):
             # else diffusers names the pipeline folder and a file it never had (diffusion_pytorch_model.bin)
-            pickle_not_fetched = from_hub and unwanted and part.endswith(".safetensors") and "rest of" not in part
+            pickle_not_fetched = from_hub and unwanted and part.startswith(("vqvae/", "unet/")) and \
+                part.endswith(".safetensors")  # the weights are absent (not cut short: "the rest of ...")
             raise OSError(f"{pretrained_model_name_or_path}: {part} is missing "
                           + ("(use_safetensors=True: pickle weights such as .bin, if the repo has them, are neither "
                              "downloaded nor loaded)" if pickle_not_fetched else "(an incomplete copy or download?)"))

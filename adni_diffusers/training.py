@@ -155,8 +155,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--learning_rate", type=float, default=default_lr, help="AdamW's peak learning rate")
     g.add_argument("--scale_lr", nargs="?", const="linear", default=False, choices=["linear", "sqrt"],
                    help="scale the learning rate (and the VQ discriminator's) with the effective batch (processes "
-                        "x batch size x accumulation) over the default batch: linear (the flag alone, as in diffusers' examples) or sqrt "
-                        "(the square root of that ratio, the gentler rule often used with Adam)")
+                        "x batch size x accumulation) over the default batch: linear (the flag alone, as in "
+                        "diffusers' examples) or sqrt (the square root of that ratio, the gentler rule often used "
+                        "with Adam)")
     g.add_argument("--lr_scheduler", default="cosine",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
                    help="diffusers' get_scheduler schedule over the run's steps, after --lr_warmup_steps")
