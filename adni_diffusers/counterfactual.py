@@ -107,31 +107,23 @@ def _warn_of_strengths_that_run_the_same_steps(strengths: tuple[float, ...], ste
 
 def check_target(pipe, to) -> str:
     """The target class name; raises ValueError for an unconditional model or an unknown class."""
+    from .data import class_by_name_or_index
+
     names = list(pipe.config.class_names or [])
     if not pipe.is_conditional or not names:
         raise ValueError("this model is unconditional (trained without --conditional): counterfactuals need a "
                          "class-conditional model")
-    return _class_name(names, to, "--to")
-
-
-def _class_name(names: list[str], given, flag: str) -> str:
-    """A class given by name, or by its index where no class has that name (as generate --class takes it)."""
-    if isinstance(given, (int, np.integer)) or (isinstance(given, str) and given.isdigit() and given not in names):
-        i = int(given)
-        if not 0 <= i < len(names):
-            raise ValueError(f"{flag} {given}: expected one of this model's classes {names}")
-        return names[i]
-    if given not in names:
-        raise ValueError(f"{flag} {given!r}: this model knows the classes {names}")
-    return given
+    return class_by_name_or_index(names, to, "--to")
 
 
 def source_class(pipe, to: str, source: str | None = None) -> str:
     """The class counterfactuals start from: `source` (a name or an index, as --to), or the one other class of a
     two-class model."""
+    from .data import class_by_name_or_index
+
     names = list(pipe.config.class_names or [])
     if source is not None:
-        source = _class_name(names, source, "--from")
+        source = class_by_name_or_index(names, source, "--from")
         if source == to:
             raise ValueError(f"--from {source} and --to {to} are the same class")
         return source

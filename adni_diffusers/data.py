@@ -133,6 +133,19 @@ class DataError(ValueError):
     """The data folder cannot be used as it is. The message names the path and what was expected."""
 
 
+def class_by_name_or_index(names: list[str], given, flag: str) -> str:
+    """A class given by name, or by its index where no class has that name (numeric class folders such as CDR
+    0.5, 1: a name wins). ValueError naming `flag` for neither."""
+    if isinstance(given, (int, np.integer)) or (isinstance(given, str) and given.isdigit() and given not in names):
+        i = int(given)
+        if not 0 <= i < len(names):
+            raise ValueError(f"{flag} {given}: expected one of this model's classes {names}")
+        return names[i]
+    if given not in names:
+        raise ValueError(f"{flag} {given!r}: this model knows the classes {names}")
+    return given
+
+
 def _look_alike_names(names) -> list[str]:
     """Names that differ only in letter case, spaces at their ends or Unicode form (a copy from a Mac can leave an
     accented letter as a letter and a combining accent): one class named two ways."""

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, training: bool = False) -> list[str]:
     """The paths of the slices `model_dir`'s training held out (with `training`, the ones it trained on), of
     one class if `class_name` is given, in the data's order."""
+    from .data import class_by_name_or_index
     from .evaluate import EvaluationError, load_evaluation_data
 
     model_dir = Path(model_dir)
@@ -40,11 +41,11 @@ def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, tra
     chosen = range(len(part.paths))
     if class_name is not None:
         names = list(data.class_names or [])
-        if class_name not in names and class_name.isdigit() and int(class_name) < len(names):
-            class_name = names[int(class_name)]  # an index, as generate --class and counterfactual --to take it
-        if class_name not in names:
+        try:  # a name or an index, as generate --class and counterfactual --to take it
+            class_name = class_by_name_or_index(names, class_name, "--class")
+        except ValueError:
             raise EvaluationError(f"--class {class_name}: the data's classes are "
-                                  f"{', '.join(names) if names else '(none)'}")
+                                  f"{', '.join(names) if names else '(none)'}") from None
         index = names.index(class_name)
         chosen = [i for i, label in enumerate(part.labels.tolist()) if label == index]
     paths = [part.paths[i] for i in chosen]
