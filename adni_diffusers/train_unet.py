@@ -465,11 +465,18 @@ def main(args: argparse.Namespace) -> dict:
         m, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
         child_probe=compile_check)
     ema = training.make_ema(training.bare_model(accelerator, model), args, device)
+    def validate():  # --validation_steps: the held-out loss of the weights a save now would keep
+        unet_now = training.bare_model(accelerator, model)
+        with training.weights_to_save(unet_now, ema):
+            return {"val_loss": _validation_loss(unet_now, noise_scheduler, val_latents, data.val.labels, class_names,
+                                                 args, device)}
+
     training.clear_earlier_run(args, accelerator, "model_index.json", "unet")  # every check passed: now, not before
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                ema=ema, stage="UNet", stage_flags=RESUME_MUST_MATCH,
                                identity={"model_config": config, "latent_cache_key": train_key, "vqmodel": vq_key},
-                               also_accepted={"latent_cache_key": older_keys})
+                               also_accepted={"latent_cache_key": older_keys},
+                               validate=validate if val_latents is not None else None)
     run.resume()
     training.start_logging(accelerator, args, "unet", run.start_step)
     if accelerator.is_main_process:
@@ -626,28 +633,22 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
     from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
     unet = training.bare_model(accelerator, run.model)
-    if run.ema is not None:
-        run.ema.ema.store(unet.parameters())
-        run.ema.ema.copy_to(unet.parameters())
-    unet.eval()
-    pipe = ADNILatentDiffusionPipeline(vq, unet, scheduler_cls.from_config(noise_scheduler.config), class_names)
-    pipe.set_progress_bar_config(disable=True)
-    rows = _sample_rows(class_names, args.num_sample_images)
-    columns = rows[0][1]
-    # one starting noise per column, given to every row (a row's own draw of fewer images need not be a prefix)
-    noise = torch.randn(columns, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
-                        generator=torch.Generator().manual_seed(args.seed))
-    images = []
-    for label, count in rows:
-        row = pipe(latents=noise[:count], class_labels=label, guidance_scale=args.sample_guidance,
-                   num_inference_steps=args.sample_inference_steps, generator=torch.Generator().manual_seed(args.seed),
-                   output_type="pt").images * 2 - 1
-        blank = torch.ones(columns - count, *row.shape[1:])  # a short row ends in white tiles: a row is one class
-        images.append(torch.cat([row.cpu(), blank]))
-    images = torch.cat(images)
-    unet.train()
-    if run.ema is not None:
-        run.ema.ema.restore(unet.parameters())
+    with training.weights_to_save(unet, run.ema):
+        pipe = ADNILatentDiffusionPipeline(vq, unet, scheduler_cls.from_config(noise_scheduler.config), class_names)
+        pipe.set_progress_bar_config(disable=True)
+        rows = _sample_rows(class_names, args.num_sample_images)
+        columns = rows[0][1]
+        # one starting noise per column, given to every row (a row's own draw of fewer images need not be a prefix)
+        noise = torch.randn(columns, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                            generator=torch.Generator().manual_seed(args.seed))
+        images = []
+        for label, count in rows:
+            row = pipe(latents=noise[:count], class_labels=label, guidance_scale=args.sample_guidance,
+                       num_inference_steps=args.sample_inference_steps,
+                       generator=torch.Generator().manual_seed(args.seed), output_type="pt").images * 2 - 1
+            blank = torch.ones(columns - count, *row.shape[1:])  # a short row ends in white tiles: a row is one class
+            images.append(torch.cat([row.cpu(), blank]))
+        images = torch.cat(images)
     training.log_image_grid(accelerator, "samples", images, run.global_step,
                             f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=columns)
 

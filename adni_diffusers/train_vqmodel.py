@@ -51,12 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: --learning_rate (with --disc_weight); --scale_lr scales it too")
     g.add_argument("--save_images_steps", type=int, default=250, help="reconstruction grid every N steps")
     g.add_argument("--eval_max_images", type=int, default=2000, help="held-out images used by the final metrics")
+    g.add_argument("--validation_max_images", type=int, default=256,
+                   help="held-out images (the same ones each time, drawn per class) measured every --validation_steps")
     from adni_diffusers.hub import add_hub_arguments
 
     add_hub_arguments(parser)
     args = parser.parse_args(argv)
     training.validate_training_arguments(args)
-    training.require_at_least(args, 1, "save_images_steps", "eval_max_images")
+    training.require_at_least(args, 1, "save_images_steps", "eval_max_images", "validation_max_images")
     training.require_at_least(args, 0, "codebook_restart_steps", "disc_start", "ssim_weight", "codebook_weight",
                               "commitment_beta", "disc_weight")
     training.require_positive(args, "disc_learning_rate")
@@ -121,6 +123,14 @@ def main(args: argparse.Namespace) -> dict:
                                    child_probe=compile_check)
     ema = training.make_ema(vq, args, device)
 
+    def validate():  # --validation_steps: the held-out reconstructions of the weights a save now would keep
+        from adni_diffusers.vq_eval import reconstruct_and_measure
+
+        with training.weights_to_save(vq, ema):
+            measured, _, _ = reconstruct_and_measure(vq, data.val, device, args.eval_batch_size,
+                                                     args.validation_max_images, args.seed)
+        return {"val_psnr": measured["psnr"], "val_ssim": measured["ssim"]}
+
     training.clear_earlier_run(args, accelerator, "vqvae", "vqmodel")  # every check passed: now, not before
     run = training.TrainingRun(
         args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
@@ -130,6 +140,7 @@ def main(args: argparse.Namespace) -> dict:
                                           "codebook_initialised": monitor.initialised.reshape(1)}},
         restore_extra_state=lambda t, m: (monitor.usage.copy_(t["codebook_usage"]),
                                           monitor.initialised.copy_(t["codebook_initialised"][0])),
+        validate=validate if len(data.val) else None,
     )
     run.resume()
     if use_gan:  # its constant rate for this run's processes, not the one a checkpoint from other processes holds
@@ -199,7 +210,7 @@ def main(args: argparse.Namespace) -> dict:
             logs["restarted_codes"] = torch.tensor(float(len(restarted)))
         run.end_step(logs)
         if accelerator.is_main_process and run.global_step % args.save_images_steps == 0:
-            _log_reconstructions(accelerator, vq, preview, run.global_step, args.output_dir)
+            _log_reconstructions(accelerator, vq, ema, preview, run.global_step, args.output_dir)
     run.finish()
     train_seconds = time.time() - start
 
@@ -247,14 +258,11 @@ def generator_gan_loss(disc, recon: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _log_reconstructions(accelerator, vq, preview, step, output_dir):
-    was_training = vq.training
-    vq.eval()
+def _log_reconstructions(accelerator, vq, ema, preview, step, output_dir):
+    """The preview slices reconstructed by the weights a save now would keep (the EMA's with --use_ema)."""
     x = preview.to(accelerator.device)
-    try:
+    with training.weights_to_save(vq, ema):
         recon = vq(x).sample.float().clamp(-1, 1)
-    finally:
-        vq.train(was_training)
     return training.log_image_grid(accelerator, "reconstructions", torch.cat([x.float(), recon]), step,
                                    f"{output_dir}/samples/reconstructions-{step:06d}.png", nrow=len(x))
 

@@ -138,6 +138,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--logging_steps", type=int, default=10,
                    help="log (and check the loss for NaN/inf, and whether a SIGTERM/SIGUSR1 came: then checkpoint "
                         "and stop) every N optimizer steps")
+    g.add_argument("--validation_steps", type=int, default=500,
+                   help="the held-out numbers (train_unet: the denoising loss; train_vqmodel: PSNR and SSIM) of the "
+                        "weights a save would keep (the EMA's with --use_ema) every N optimizer steps and at the "
+                        "last: into tensorboard, logs/history.jsonl and loss_curve.png (0: only at the end)")
     g.add_argument("--trace_batches", action="store_true",
                    help="debug data parallelism: each process writes its batch indices and a weight checksum "
                         "per step to <output_dir>/trace/rank-<i>.jsonl")
@@ -203,7 +207,7 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
     require_at_least(args, 1, "train_batch_size", "eval_batch_size", "num_epochs", "max_train_steps",
                      "gradient_accumulation_steps", "checkpointing_steps", "checkpoints_total_limit", "logging_steps",
                      "ddp_timeout")
-    require_at_least(args, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay")
+    require_at_least(args, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "validation_steps")
     from .data import usable_cpus
 
     cpus = usable_cpus()
@@ -1354,6 +1358,25 @@ class EMAState:
         shadow[rows] = param[rows].to(shadow)
 
 
+@contextlib.contextmanager
+def weights_to_save(model, ema: EMAState | None):
+    """`model` in eval mode holding the weights a save now would keep: the EMA's with --use_ema (the live ones
+    are put back after, bit for bit, on their device: EMAModel.store would copy them to the host)."""
+    params = list(model.parameters())
+    live = [p.detach().clone() for p in params] if ema is not None else []
+    was_training = model.training
+    if ema is not None:
+        ema.ema.copy_to(params)
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for p, kept in zip(params, live):
+                p.copy_(kept)
+
+
 def loss_scale(accelerator) -> float | torch.Tensor:
     """The fp16 GradScaler's current scale, as a device tensor (no host sync); 1.0 without a scaler (bf16, fp32)."""
     scaler = accelerator.scaler
@@ -1419,11 +1442,17 @@ class TrainingRun:
     _signalled_at = 0.0  # when (time.monotonic())
     _stop_agreed = False  # every process knows that one of them received one (at a log flush)
     _log_points: list[tuple[int, float]] | None = None  # (step, wall clock) at each log flush: the steady rate
+    # () -> {name: value}: the held-out numbers of the weights a save would keep (main process, every
+    # --validation_steps); None without held-out data
+    validate = None
+    _validation: dict[str, float] | None = None  # this step's held-out numbers, for its log row
 
     def __init__(self, args, accelerator, loader, sampler, model, *, optimizer, ema: EMAState | None = None,
                  stage: str, extra_state=None, restore_extra_state=None, stage_flags: tuple[str, ...] = (),
-                 identity: dict | None = None, also_accepted: dict | None = None, lr_scheduler=None):
+                 identity: dict | None = None, also_accepted: dict | None = None, lr_scheduler=None,
+                 validate=None):
         self.args, self.accelerator, self.loader, self.sampler, self.model = args, accelerator, loader, sampler, model
+        self.validate = validate
         self.lr_scheduler = lr_scheduler  # moved on a resume with another number of processes
         # what this run is (flags, model config, data): recorded in every checkpoint, compared on resume
         self.record = run_record(args, stage_flags, identity, accelerator.num_processes,
@@ -1698,7 +1727,10 @@ class TrainingRun:
         self._pending.append({k: v.mean(0) for k, v in _stack_per_key(micro_batches, self.accelerator.device).items()})
         if self.args.trace_batches:
             self._write_trace(self._pending[-1])
-        if self.global_step % self.args.logging_steps == 0 or self.global_step == self.max_train_steps:
+        validating = self._validation_due()  # the same on every process: each takes part in the flush below
+        if validating and self.accelerator.is_main_process:  # the others wait at the next step's all-reduce
+            self._validation = self._run_validation()
+        if validating or self.global_step % self.args.logging_steps == 0 or self.global_step == self.max_train_steps:
             self.flush_logs()
         # and at the last step: a failure in the final evaluation or save loses no training, and a finished run
         # can be trained on (--resume_from_checkpoint latest with a larger --max_train_steps)
@@ -1713,6 +1745,18 @@ class TrainingRun:
             if self.accelerator.is_main_process:  # the stopped run's curve, whenever the last was drawn
                 self.plot_loss_curve()
             raise TrainingStopped(self._signalled, self.global_step, path)
+
+    def _validation_due(self) -> bool:
+        every = getattr(self.args, "validation_steps", 0)
+        return self.validate is not None and every > 0 and (
+            self.global_step % every == 0 or self.global_step == self.max_train_steps)
+
+    def _run_validation(self) -> dict[str, float]:
+        started = time.monotonic()
+        values = {k: float(v) for k, v in self.validate().items()}
+        logger.info("step %d: %s (held-out, %.1f s)", self.global_step,
+                    ", ".join(f"{k} {v:.4g}" for k, v in values.items()), time.monotonic() - started)
+        return values
 
     def _write_trace(self, step_logs: dict) -> None:
         """--trace_batches (for tests and debugging; a host sync per step): this process's batch indices, its
@@ -1754,6 +1798,8 @@ class TrainingRun:
                 "or a smaller --max_grad_norm."
             )
         means["lr"] = self._current_lr()
+        means.update(self._validation or {})  # this step's held-out numbers (main process), in its row
+        self._validation = None
         self.accelerator.log(means, step=self.global_step)
         self.progress.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k in ("loss", "lr", "rec_loss")})
         if self.accelerator.is_main_process:

@@ -29,6 +29,9 @@ def test_saved_pipeline_has_everything(tiny_ldm):
     assert pipe.scheduler.config.clip_sample is False
     metrics = json.loads((tiny_ldm / "train_metrics.json").read_text())
     assert metrics["train_steps"] == 4 and metrics["val_loss"] > 0
+    history = [json.loads(line) for line in (tiny_ldm / "logs/history.jsonl").read_text().splitlines()]
+    # the held-out loss at the last step (--validation_steps) is the saved model's
+    assert history[-1]["step"] == 4 and history[-1]["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
     assert metrics["train_images_per_second_steady"] > 0  # between the logs at steps 2 and 4
     card = (tiny_ldm / "README.md").read_text()
     assert "library_name: diffusers" in card and "trust_remote_code=True" in card
@@ -1101,6 +1104,35 @@ def test_final_validation_and_samples_run_in_eval_mode(tmp_path, tiny_vq, demo_r
                                        "--preset", _tiny_unet_json(tmp_path / "unet.json", dropout=0.5),
                                        "--latent_cache_dir", tmp_path / "cache"])
     assert modes == [("val_loss", False), ("samples", False)]
+
+
+def test_the_validation_curve_leaves_training_as_it_was(tmp_path, tiny_vq, demo_root):
+    """--validation_steps 1: every step's row in logs/history.jsonl holds the held-out loss of the weights a save
+    would keep (the EMA's), the last one the finished model's val_loss; and training goes on exactly as without it
+    (the live weights put back bit for bit, no RNG drawn: the same losses and the same saved UNet)."""
+    from safetensors.torch import load_file
+
+    common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--max_train_steps", "3", "--conditional",
+              "--use_ema", *TINY_UNET_ARGS[:-2], "--logging_steps", "1", "--report_to", "tensorboard",
+              "--preset", _tiny_unet_json(tmp_path / "unet.json", dropout=0.5), "--latent_cache_dir",
+              tmp_path / "cache"]
+    results, histories = {}, {}
+    for every in (1, 0):
+        out = tmp_path / f"every-{every}"
+        results[every] = run_training_script("train_unet", ["--output_dir", out, "--validation_steps", every, *common])
+        histories[every] = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    validated, plain = histories[1], histories[0]
+    assert [r["step"] for r in validated] == [r["step"] for r in plain] == [1, 2, 3]
+    assert [r["loss"] for r in validated] == [r["loss"] for r in plain]
+    assert all(r["val_loss"] > 0 for r in validated) and not any("val_loss" in r for r in plain)
+    assert len({r["val_loss"] for r in validated}) == 3  # the weights changed, the noise did not
+    assert validated[-1]["val_loss"] == pytest.approx(results[1]["val_loss"], rel=1e-6)
+    a, b = (load_file(str(tmp_path / f"every-{e}" / "unet" / "diffusion_pytorch_model.safetensors")) for e in (1, 0))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "every-1" / "logs" / "unet")).Reload()
+    assert [e.step for e in events.Scalars("val_loss")] == [1, 2, 3]
 
 
 def test_class_conditional_config_without_conditional_is_refused(tmp_path, tiny_vq, demo_root, capsys, caplog):

@@ -63,6 +63,10 @@ def test_outputs_loadable_with_scaling_factor_and_metrics(tiny_vq):
     assert list((tiny_vq / "samples").glob("reconstructions-*.png"))
     history = [json.loads(line) for line in (tiny_vq / "logs/history.jsonl").read_text().splitlines()]
     assert {"loss", "rec_loss", "codebook_loss", "commitment_loss", "perplexity", "live_code_fraction"} <= set(history[-1])
+    # the held-out numbers at the last step (--validation_steps) are the saved model's (the same 8 images)
+    assert metrics["eval_images"] == 8 and "val_psnr" not in history[0]
+    assert history[-1]["val_psnr"] == pytest.approx(metrics["psnr"], rel=1e-6)
+    assert history[-1]["val_ssim"] == pytest.approx(metrics["ssim"], rel=1e-6)
 
 
 def test_scaled_latents_have_unit_std(tiny_vq, demo_root):
@@ -1258,22 +1262,34 @@ def test_the_generator_gan_loss_rewards_reconstructions_the_discriminator_calls_
     assert all(p.requires_grad for p in disc.parameters())
 
 
-def test_reconstruction_grid_restores_training_mode_even_when_the_forward_fails():
-    """`_log_reconstructions` runs the model in eval mode; an error there (out of memory on a GPU) must not leave
-    a model that goes on training in eval mode."""
+def test_reconstruction_grid_restores_training_mode_and_weights_even_when_the_forward_fails():
+    """`_log_reconstructions` runs the weights a save would keep (the EMA's) in eval mode; an error there (out of
+    memory on a GPU) must not leave a model that goes on training in eval mode, or on its average."""
     from types import SimpleNamespace
 
+    from adni_diffusers import training
     from adni_diffusers.train_vqmodel import _log_reconstructions
 
     class Failing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(3))
+            self.config = {}  # EMAModel keeps the model's config
+
         def forward(self, x):
             assert not self.training  # the grid is drawn in eval mode
+            assert torch.equal(self.weight.detach(), torch.zeros(3))  # with the EMA's weights
             raise RuntimeError("CUDA out of memory")
 
     vq = Failing().train()
+    args = SimpleNamespace(use_ema=True, ema_max_decay=0.9999, ema_inv_gamma=1.0, ema_power=0.75)
+    ema = training.make_ema(vq, args, "cpu")
+    with torch.no_grad():
+        vq.weight.add_(1.0)  # trained on: the live weights differ from their average
     with pytest.raises(RuntimeError, match="out of memory"):
-        _log_reconstructions(SimpleNamespace(device="cpu"), vq, torch.zeros(2, 1, 8, 8), 1, "unused")
-    assert vq.training
+        _log_reconstructions(SimpleNamespace(device="cpu"), vq, ema, torch.zeros(2, 1, 8, 8), 1, "unused")
+    assert vq.training and torch.equal(vq.weight.detach(), torch.ones(3))
+    assert torch.equal(ema.ema.shadow_params[0], torch.zeros(3))
 
 
 # ------------------------------------------------------------------------------------------ resume audit (2026-12-03)
