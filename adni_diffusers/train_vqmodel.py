@@ -136,10 +136,10 @@ def main(args: argparse.Namespace) -> dict:
         args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
         stage="VQModel",
         stage_flags=RESUME_MUST_MATCH, identity={"model_config": config, "train_data": fingerprint(data.train)},
-        extra_state=lambda: {"tensors": {"codebook_usage": monitor.usage,
+        extra_state=lambda: {"tensors": {"codebook_usage": monitor.usage, "codebook_age": monitor.age,
                                           "codebook_initialised": monitor.initialised.reshape(1)}},
-        restore_extra_state=lambda t, m: (monitor.usage.copy_(t["codebook_usage"]),
-                                          monitor.initialised.copy_(t["codebook_initialised"][0])),
+        restore_extra_state=lambda t, m: monitor.restore(t["codebook_usage"], t["codebook_initialised"][0],
+                                                         t.get("codebook_age")),
         validate=validate if len(data.val) else None,
     )
     run.resume()
@@ -172,7 +172,11 @@ def main(args: argparse.Namespace) -> dict:
             gan_on = use_gan and run.global_step >= args.disc_start
             if gan_on:
                 g_loss = generator_gan_loss(bare_disc, out.recon)
-                weight, overflowed = adaptive_gan_weight(logs["rec_loss"], g_loss, bare.last_layer(),
+                # VQGAN's L_rec is the whole reconstruction loss (taming's nll: pixels + perceptual), here pixels
+                # + SSIM; until 2026-12-06 the pixel term alone (a weight ~14% too small in a 40-step tiny run)
+                whole_rec = logs["rec_loss"] + args.ssim_weight * logs["ssim_loss"] if "ssim_loss" in logs \
+                    else logs["rec_loss"]
+                weight, overflowed = adaptive_gan_weight(whole_rec, g_loss, bare.last_layer(),
                                                          loss_scale=training.loss_scale(accelerator))
                 loss = loss + args.disc_weight * weight * g_loss
                 if accelerator.scaler is not None:  # fp16: an overflow in the weight skips the step, as any other
@@ -202,7 +206,10 @@ def main(args: argparse.Namespace) -> dict:
         monitor.update(counts)
         logs.update(perplexity=monitor.perplexity(counts), live_code_fraction=monitor.live_fraction())
         if args.codebook_restart_steps and (run.global_step + 1) % args.codebook_restart_steps == 0:
-            vectors = accelerator.gather(flatten_latents(out.latents.detach().float())[:4096])
+            # candidates from every image of this process's micro-batch, not the first 4 images' 4,096 latents
+            latents = flatten_latents(out.latents.detach().float())
+            picked = torch.randperm(len(latents), generator=run.step_generator(), device=latents.device)[:4096]
+            vectors = accelerator.gather(latents[picked])
             codebook = vq.quantize.embedding.weight
             restarted = monitor.restart_dead(codebook.data, vectors, run.step_generator(shared=True))
             if ema is not None:

@@ -16,6 +16,7 @@ al. 2021, eq. 7). The gradient passes the quantiser straight through.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -171,23 +172,35 @@ def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
 class CodebookMonitor(nn.Module):
     """Running code usage (an EMA of counts per step), dead-code restarts and data-driven init.
 
-    A code is dead when its EMA count falls under `dead_threshold` uses per optimizer step (over every
-    micro-batch and process). Dead codes are moved onto random encoder outputs of the step's last
-    micro-batch (as in Jukebox / SoundStream), so that most of the codebook stays in use.
+    A code is dead when it has been used fewer than `dead_threshold` times per optimizer step (over every
+    micro-batch and process) on average since it was placed: the EMA of its counts, bias-corrected for its age
+    as Adam's moments are (usage / (1 - decay^age)). Until 2026-12-06 every code started at a usage of 1 with no
+    correction, so an unused code took ~350 steps to count as dead (0.99^350 = 0.03) and a run shorter than that
+    restarted none, whatever --codebook_restart_steps said, while the live fraction read 100%. Dead codes are
+    moved onto random encoder outputs of the step's last micro-batch (as in Jukebox / SoundStream), so that most
+    of the codebook stays in use; a moved code starts again at age 0.
     """
 
     def __init__(self, num_codes: int, decay: float = 0.99, dead_threshold: float = 0.03):
         super().__init__()
         self.decay, self.dead_threshold = decay, dead_threshold
         self.register_buffer("usage", torch.zeros(num_codes, dtype=torch.float64))
+        self.register_buffer("age", torch.zeros(num_codes, dtype=torch.float64))  # steps counted since placed
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def update(self, counts: torch.Tensor) -> None:
         self.usage.mul_(self.decay).add_(counts.to(self.usage), alpha=1 - self.decay)
+        self.age.add_(1)
+
+    def uses_per_step(self) -> torch.Tensor:
+        """Each code's mean uses per step since it was placed (the bias-corrected EMA); inf before its first
+        counted step: not yet judged."""
+        counted = 1 - torch.pow(self.decay, self.age)
+        return torch.where(self.age > 0, self.usage / counted.clamp_min(1e-12), torch.full_like(self.usage, math.inf))
 
     def live_fraction(self) -> torch.Tensor:
-        return (self.usage >= self.dead_threshold).float().mean()
+        return (self.uses_per_step() >= self.dead_threshold).float().mean()
 
     @staticmethod
     def perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -200,19 +213,35 @@ class CodebookMonitor(nn.Module):
         rows = _sample_rows(vectors, codebook.shape[0], generator)
         if rows is not None:  # no finite encoder output (an overflowed fp16 step): keep diffusers' init
             codebook.copy_(rows.to(codebook))
-        self.usage.fill_(1.0)
+        self.usage.zero_()
+        self.age.zero_()
         self.initialised.fill_(True)
 
     @torch.no_grad()
     def restart_dead(self, codebook: torch.Tensor, vectors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Move the dead codes onto rows of `vectors`; returns their indices (none when no row is finite)."""
-        dead = (self.usage < self.dead_threshold).nonzero().flatten()
+        dead = (self.uses_per_step() < self.dead_threshold).nonzero().flatten()
         rows = _sample_rows(vectors, len(dead), generator) if len(dead) else None
         if rows is None:
             return dead[:0]
         codebook[dead] = rows.to(codebook)
-        self.usage[dead] = self.usage.mean()
+        self.usage[dead] = 0.0
+        self.age[dead] = 0.0
         return dead
+
+    @torch.no_grad()
+    def restore(self, usage: torch.Tensor, initialised: torch.Tensor, age: torch.Tensor | None) -> None:
+        """From a checkpoint. One written before 2026-12-06 has no ages: its usage started at 1 with no
+        correction, so it is taken as it is (as if every code were old)."""
+        self.usage.copy_(usage)
+        self.initialised.copy_(initialised)
+        if age is None:
+            self.age.fill_(OLD_CHECKPOINT_AGE)
+        else:
+            self.age.copy_(age)
+
+
+OLD_CHECKPOINT_AGE = 1e6  # decay^age = 0: the usage as it is
 
 
 def _sample_rows(vectors: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor | None:

@@ -681,6 +681,7 @@ def test_restarted_codes_jump_in_the_ema_weights_too():
     shadow_before = [p.clone() for p in ema.ema.shadow_params]
     monitor = CodebookMonitor(codebook.shape[0])
     monitor.usage.fill_(1.0)
+    monitor.age.fill_(100)  # judged: 100 steps counted
     monitor.usage[[3, 5]] = 0.0  # two dead codes
     vectors = torch.randn(64, codebook.shape[1])
     restarted = monitor.restart_dead(codebook.data, vectors, torch.Generator().manual_seed(0))
@@ -694,6 +695,69 @@ def test_restarted_codes_jump_in_the_ema_weights_too():
     assert torch.equal(shadow[kept], shadow_before[index][kept])
     assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(ema.ema.shadow_params, shadow_before)) if i != index)
     assert len(monitor.restart_dead(codebook.data, vectors, torch.Generator())) == 0  # none dead now
+
+
+def test_unused_codes_are_dead_at_the_first_restart_after_init():
+    """Every code started at a usage of 1 with no correction, so an unused one took ~350 steps to count as dead: a
+    shorter run restarted none (the CPU demo's 250 VQ steps), and the live fraction read 100% meanwhile. The usage
+    is now each code's mean uses per step since it was placed (a bias-corrected EMA)."""
+    from adni_diffusers.vq import CodebookMonitor
+
+    monitor = CodebookMonitor(1024)
+    codebook = torch.randn(1024, 4)
+    monitor.initialise(codebook, torch.randn(8192, 4), torch.Generator().manual_seed(0))
+    assert float(monitor.live_fraction()) == 1.0  # not judged before a step is counted
+    counts = torch.zeros(1024, dtype=torch.long)
+    counts[:256] = 32  # a quarter of the codes take every latent
+    for _ in range(50):
+        monitor.update(counts)
+    assert float(monitor.live_fraction()) == 0.25
+    restarted = monitor.restart_dead(codebook, torch.randn(4096, 4), torch.Generator().manual_seed(1))
+    assert restarted.tolist() == list(range(256, 1024))
+    assert float(monitor.live_fraction()) == 1.0  # the moved codes start again: judged after their next steps
+    assert monitor.uses_per_step()[:256].allclose(torch.full((256,), 32.0, dtype=torch.float64))
+    monitor.update(counts)  # the moved codes stay unused for a step: dead again at the next restart
+    assert len(monitor.restart_dead(codebook, torch.randn(4096, 4), torch.Generator().manual_seed(2))) == 768
+
+
+def test_a_checkpoint_without_code_ages_keeps_its_usage_as_it_is():
+    """Checkpoints written before 2026-12-06 hold no ages; their usage (which started at 1) is taken as it is."""
+    from adni_diffusers.vq import CodebookMonitor
+
+    monitor = CodebookMonitor(4)
+    usage = torch.tensor([1.0, 0.5, 0.01, 0.0], dtype=torch.float64)
+    monitor.restore(usage, torch.tensor(True), None)
+    assert monitor.uses_per_step().tolist() == usage.tolist()
+    assert len(monitor.restart_dead(torch.zeros(4, 2), torch.randn(8, 2), torch.Generator())) == 2
+    monitor.restore(usage, torch.tensor(True), torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=torch.float64))
+    assert monitor.uses_per_step()[0] == pytest.approx(1.0 / 0.01)  # one step counted: its count / (1 - 0.99)
+    assert monitor.uses_per_step()[3] == float("inf")  # not counted yet
+
+
+def test_the_gan_weight_balances_the_whole_reconstruction_loss(tmp_path, demo_root, monkeypatch):
+    """VQGAN's adaptive weight compares the adversarial gradient with the whole reconstruction loss's (taming's nll:
+    pixels + perceptual; here pixels + SSIM). It was given the pixel term alone."""
+    from adni_diffusers import vq as vq_module
+
+    given = []
+    real = vq_module.adaptive_gan_weight
+    monkeypatch.setattr(vq_module, "adaptive_gan_weight",
+                        lambda rec, g, *a, **k: given.append(float(rec)) or real(rec, g, *a, **k))
+    logged = []
+    real_loss = vq_module.vq_training_loss
+
+    def training_loss(*a, **k):
+        loss, out, logs = real_loss(*a, **k)
+        logged.append((float(logs["rec_loss"].detach()), float(logs["ssim_loss"].detach())))
+        return loss, out, logs
+
+    monkeypatch.setattr(vq_module, "vq_training_loss", training_loss)
+    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
+                                          "--max_train_steps", "1", *TINY_VQ_ARGS, "--disc_weight", "0.1",
+                                          "--disc_start", "0", "--ssim_weight", "0.5", "--eval_max_images", "4"])
+    step_logs = logged[-1]  # the compile-free run's one training step (the last call before evaluation)
+    assert given == [pytest.approx(step_logs[0] + 0.5 * step_logs[1], rel=1e-5)]
+    assert step_logs[1] > 0
 
 
 def test_resume_with_another_loss_is_refused_before_the_data_loads(tmp_path, demo_root, capsys):
@@ -730,11 +794,11 @@ def test_codebook_rows_are_distinct_finite_encoder_outputs():
     monitor.initialise(codebook, vectors, torch.Generator().manual_seed(0))
     assert len(torch.cdist(codebook, vectors).argmin(1).unique()) == 100  # each vector once (plus 1% jitter)
     vectors[::2] = float("nan")
-    monitor.usage[:10] = 0.0  # ten dead codes
+    monitor.update(torch.cat([torch.zeros(10), torch.ones(90)]))  # ten codes unused in the first step: dead
     restarted = monitor.restart_dead(codebook, vectors, torch.Generator().manual_seed(1))
     assert len(restarted) == 10 and torch.isfinite(codebook).all()
     assert torch.cdist(codebook[restarted], vectors[1::2]).min(1).values.max() < 0.5  # on finite rows only
-    monitor.usage[:3] = 0.0
+    monitor.update(torch.cat([torch.zeros(3), torch.ones(97)]))
     before = codebook.clone()
     assert len(monitor.restart_dead(codebook, torch.full((8, 64), float("inf")), torch.Generator())) == 0
     assert torch.equal(codebook, before)  # nothing finite to restart onto: the codebook stays
@@ -1169,25 +1233,33 @@ def test_the_discriminator_learns_at_every_gan_step(tmp_path, demo_root, monkeyp
 
 def test_dead_codes_restart_every_codebook_restart_steps(tmp_path, demo_root, monkeypatch):
     """--codebook_restart_steps 2 restarts dead codes at the end of steps 2 and 4 (after 2 steps of usage counts),
-    not at the first step, before any usage has been counted."""
+    not at the first step, before any usage has been counted. The codes that the first two steps left unused are
+    moved at step 2 (until 2026-12-06 none was before step ~350)."""
     from adni_diffusers import training
 
-    restarts = []
+    restarts, moved = [], []
     real_end = training.TrainingRun.end_step
 
     def end_step(run, logs):
         if "restarted_codes" in logs:
             restarts.append(run.global_step + 1)
+            moved.append(int(logs["restarted_codes"]))
         real_end(run, logs)
         if run.global_step == 4:
             raise StopRun
 
     monkeypatch.setattr(training.TrainingRun, "end_step", end_step)
+    from adni_diffusers.presets import vq_config
+
+    # 2,048 codes for a step's 4,096 latents: codes that no latent picks in two steps
+    preset = tmp_path / "vq.json"
+    preset.write_text(json.dumps({**vq_config("tiny"), "num_vq_embeddings": 2048}))
     with pytest.raises(StopRun):
         run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "vq",
                                               "--codebook_restart_steps", "2", "--ssim_weight", "0",
-                                              "--max_train_steps", "6", *TINY_VQ_ARGS])
+                                              "--max_train_steps", "6", *TINY_VQ_ARGS, "--preset", preset])
     assert restarts == [2, 4]
+    assert moved[0] > 0
 
 
 def test_restarted_codes_reach_the_ema_codebook_in_training(tmp_path, demo_root, monkeypatch):
