@@ -46,6 +46,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
 from diffusers.utils import logging  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
+try:  # diffusers >= 0.28: callback objects that name their own tensor inputs
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback  # noqa: E402
+
+    CALLBACK_OBJECTS = (PipelineCallback, MultiPipelineCallbacks)
+except ImportError:
+    CALLBACK_OBJECTS = ()
+
 logger = logging.get_logger(__name__)
 
 IMAGE_SIZE = 256
@@ -64,6 +71,9 @@ PIPELINE_MODULE = pipeline_module_name(Path(__file__).read_bytes())  # same text
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # How slices of other sizes become 256x256 (train_*.py --preprocess): padded with black rows, or stretched.
 PREPROCESS_CHOICES = ("pad", "resize")
+# the forward process the UNet learned: a scheduler swapped in must run the same one (its scheduler config keys)
+TRAINING_NOISE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                       "rescale_betas_zero_snr", "prediction_type")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # weights files that are pickles: can run code
 
 
@@ -345,6 +355,13 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def _same_setting(now, then) -> bool:
+    """Two scheduler config values alike: numbers to float precision (a JSON round trip), the rest equal."""
+    if isinstance(now, (int, float)) and isinstance(then, (int, float)) and not isinstance(now, bool):
+        return math.isclose(float(now), float(then), rel_tol=1e-6, abs_tol=1e-12)
+    return now == then
+
+
 def _ordered_class_names(class_names) -> list[str]:
     if not class_names:
         return []
@@ -476,7 +493,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "x0_pred"]
 
     def __init__(self, vqvae: VQModel, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: Optional[Union[List[str], Dict[str, int]]] = None, preprocess: str = "pad"):
+                 class_names: Optional[Union[List[str], Dict[str, int]]] = None, preprocess: str = "pad",
+                 training_noise: Optional[Dict] = None):
         # typing's Optional / Union, not `list[str] | None`: diffusers 0.33 to 0.36 check each argument against
         # its annotation and refused to load a pipeline whose annotations they could not read
         super().__init__()
@@ -484,8 +502,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"preprocess={preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")
         self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
         names = _ordered_class_names(class_names)
+        if training_noise is None:  # at training, or a pipeline saved before 2026-12-06: its scheduler's
+            training_noise = {k: scheduler.config[k] for k in TRAINING_NOISE_KEYS if k in scheduler.config}
         self.register_to_config(class_names={name: i for i, name in enumerate(names)} if names else None,
-                                preprocess=preprocess)
+                                preprocess=preprocess, training_noise=dict(training_noise))
 
     @property
     def preprocess(self) -> str:
@@ -504,9 +524,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         return self.unet.config.num_class_embeds is not None
 
     @property
-    def null_class(self) -> int:
-        """The extra label the model was trained with when the class was dropped (CFG's unconditional)."""
-        return self.unet.config.num_class_embeds - 1
+    def null_class(self) -> int | None:
+        """The extra label the model was trained with when the class was dropped (CFG's unconditional); None for an
+        unconditional model."""
+        embeds = self.unet.config.num_class_embeds
+        return None if embeds is None else embeds - 1
 
     def _labels(self, class_labels, batch_size: int) -> torch.Tensor | None:
         if class_labels is None:
@@ -670,6 +692,26 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                            "clip_sample=False, thresholding=False")
             self._clip_warned_scheduler = self.scheduler
 
+    def _check_noise_process(self) -> None:
+        """A scheduler swapped in must run the forward process the UNet learned. One built by hand (`DDIMScheduler(
+        clip_sample=False)`) or taken from another model falls back to diffusers' defaults: on a v-prediction model
+        `prediction_type="epsilon"` made finite latents 70 times too large, decoded into meaningless slices without
+        a word. EDM-type schedulers (no alphas_cumprod) give the UNet noise levels in their own units as timesteps."""
+        name = type(self.scheduler).__name__
+        train_timesteps = self.config.get("training_noise", {}).get("num_train_timesteps", 1000)
+        if getattr(self.scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(f"{name} has no alphas_cumprod (an EDM-type scheduler): it would give the UNet noise "
+                             f"levels as timesteps, while it learned DDPM's 0..{train_timesteps - 1}; use DDPM, DDIM, "
+                             f"DPMSolverMultistep, UniPC or Euler: `pipe.scheduler = DDIMScheduler.from_config("
+                             "pipe.scheduler.config)`")
+        now = self.scheduler.config
+        differ = [f"{key}={now[key]!r} (trained with {then!r})" for key, then in
+                  (self.config.get("training_noise") or {}).items() if key in now and not _same_setting(now[key], then)]
+        if differ:
+            raise ValueError(f"{name} has {', '.join(differ)}: not the forward process this UNet learned, so its "
+                             f"samples would not be slices; build the scheduler with `{name}.from_config("
+                             "pipe.scheduler.config)` (the saved scheduler's settings) or pass the values above")
+
     def _check_scheduler(self, num_inference_steps: int) -> None:
         """Refinement and image-to-image start part-way along the timesteps, from a re-noised x_0: that needs a
         variance-preserving scheduler with one timestep per step (PNDM repeats its warm-up timesteps)."""
@@ -745,6 +787,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+        if CALLBACK_OBJECTS and isinstance(callback_on_step_end, CALLBACK_OBJECTS):
+            # a diffusers callback object names the tensors it reads, as in diffusers' own pipelines
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback tensor input {name!r}: expected one of {self._callback_tensor_inputs}")
@@ -784,6 +829,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         if eta and "eta" not in inspect.signature(self.scheduler.step).parameters:
             raise ValueError(f"eta={eta}: {type(self.scheduler).__name__} takes no eta; only DDIM does "
                              "(`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)")
+        self._check_noise_process()
         if image is not None or refine_repeats > 0:
             self._check_scheduler(num_inference_steps)
         self._warn_if_scheduler_clips()
@@ -823,10 +869,12 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"{len(generator)} generators for {batch_size} images: give one generator, or one per image")
         if not np.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale}: expected a finite number (1.0 = no guidance)")
+        if guidance_scale != 1.0 and not self.is_conditional:
+            raise ValueError(f"guidance_scale={guidance_scale}: this model is unconditional (trained without "
+                             "--conditional), so there is no class to guide towards: leave guidance_scale at 1.0")
         if guidance_scale != 1.0 and class_labels is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (classifier-free guidance steers "
-                             "towards a class" + ("" if self.is_conditional else "; this model is unconditional")
-                             + "): give class_labels or leave guidance_scale at 1.0")
+                             "towards a class): give class_labels or leave guidance_scale at 1.0")
         labels = self._labels(class_labels, batch_size)
         shape = (batch_size, *latent_shape)
         tensor_inputs = list(callback_on_step_end_tensor_inputs)
@@ -1002,6 +1050,6 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 logger.warning(f"{pretrained_model_name_or_path}: {name} {bad}: a damaged copy, or a run that "
                                "diverged; its samples will not be pictures")
         pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"),
-                   preprocess=index.get("preprocess") or "pad")
+                   preprocess=index.get("preprocess") or "pad", training_noise=index.get("training_noise"))
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipe

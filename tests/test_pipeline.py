@@ -28,15 +28,19 @@ from adni_diffusers.presets import unet_config, vq_config
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler]
 
 
-def make_pipe(conditional: bool = True, seed: int = 0) -> ADNILatentDiffusionPipeline:
-    """Randomly initialised tiny components: fast, and enough to test the plumbing."""
+def make_pipe(conditional: bool = True, seed: int = 0, scheduler=None) -> ADNILatentDiffusionPipeline:
+    """Randomly initialised tiny components: fast, and enough to test the plumbing. `scheduler`: the forward
+    process the model is taken to have been trained with (default: make_noise_scheduler's, the seed's)."""
     torch.manual_seed(seed)
     vq = VQModel(**vq_config("tiny"))
     vq.register_to_config(scaling_factor=1.7)
     config = unet_config("tiny")
     if conditional:
         config["num_class_embeds"] = 3
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    # beta_start/beta_end given, as make_noise_scheduler gives them: diffusers' from_config leaves values a
+    # scheduler was built with by default to the next class's own defaults (Heun's beta_start is 0.00085)
+    scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                           beta_end=0.02, clip_sample=False)
     pipe = ADNILatentDiffusionPipeline(vq, UNet2DModel(**config), scheduler, ["AD", "NC"] if conditional else None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -359,9 +363,9 @@ def test_callback_x0_pred_is_the_schedulers_own(scheduler_name, prediction_type,
     sigmas, abar is that of the scheduler's own sigma, not of the (rounded) timestep."""
     import diffusers
 
-    pipe = make_pipe()
-    pipe.scheduler = getattr(diffusers, scheduler_name).from_config(
-        pipe.scheduler.config, prediction_type=prediction_type, **options)
+    pipe = make_pipe()  # a model trained with this prediction type
+    pipe = make_pipe(scheduler=DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type))
+    pipe.scheduler = getattr(diffusers, scheduler_name).from_config(pipe.scheduler.config, **options)
     steps = 5 if options else 4
     if "timestep_spacing" in options or scheduler_name.startswith("KDPM2"):
         pipe.scheduler.set_timesteps(steps)
@@ -576,6 +580,78 @@ def test_unconditional_model_rejects_labels():
     assert pipe(num_inference_steps=1, output_type="latent").images.shape == (1, 4, 32, 32)
     with pytest.raises(ValueError, match="unconditional"):
         pipe(class_labels="AD", num_inference_steps=1)
+    # guidance: no advice to give class_labels, which the model refuses; null_class: None, not a TypeError
+    with pytest.raises(ValueError, match="unconditional .*leave guidance_scale at 1.0") as refused:
+        pipe(guidance_scale=2.0, num_inference_steps=1)
+    assert "give class_labels" not in str(refused.value)
+    assert pipe.null_class is None and make_pipe().null_class == 2
+
+
+def test_a_scheduler_with_another_forward_process_is_refused(tmp_path):
+    """A scheduler built by hand (`DDIMScheduler(clip_sample=False)`) or taken from another model falls back to
+    diffusers' defaults: on a v-prediction model, prediction_type="epsilon" gave finite latents 70 times too large,
+    decoded into meaningless slices without a word. The forward process the UNet learned is kept in
+    model_index.json (`training_noise`), so a scheduler passed at loading is checked too."""
+    from diffusers import EDMEulerScheduler
+
+    trained = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                            clip_sample=False, prediction_type="v_prediction")
+    pipe = make_pipe(scheduler=trained)
+    kwargs = dict(num_inference_steps=2, class_labels="AD", generator=seeded(), output_type="latent")
+    pipe.scheduler = DDIMScheduler.from_config(trained.config)  # the saved settings: fine
+    assert pipe(**kwargs).images.shape == (1, 4, 32, 32)
+    pipe.scheduler = DDIMScheduler(clip_sample=False)
+    with pytest.raises(ValueError, match=r"DDIMScheduler has prediction_type='epsilon' \(trained with "
+                                         r"'v_prediction'\).*DDIMScheduler.from_config\(pipe.scheduler.config\)"):
+        pipe(**kwargs)
+    pipe.scheduler = DDIMScheduler.from_config(trained.config, beta_schedule="scaled_linear")
+    with pytest.raises(ValueError, match="beta_schedule='scaled_linear' \\(trained with 'linear'\\)"):
+        pipe(**kwargs)
+    pipe.scheduler = EDMEulerScheduler()  # in DDPMScheduler's `compatibles`: noise levels given as timesteps
+    with pytest.raises(ValueError, match="EDMEulerScheduler has no alphas_cumprod"):
+        pipe(**kwargs)
+
+    pipe.scheduler = trained
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["training_noise"]["prediction_type"] == "v_prediction"
+    loaded = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "pipe", scheduler=DDIMScheduler(clip_sample=False))
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        loaded(**kwargs)
+    remote = DiffusionPipeline.from_pretrained(tmp_path / "pipe", trust_remote_code=True,
+                                               scheduler=DDIMScheduler(clip_sample=False))
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        remote(**kwargs)
+    # saved before 2026-12-06 (no record): the scheduler it loads with is taken as the one it learned
+    del index["training_noise"]
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
+    old = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert old.config.training_noise["prediction_type"] == "v_prediction"
+    old.scheduler = DDIMScheduler(clip_sample=False)
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        old(**kwargs)
+
+
+def test_a_diffusers_callback_object_gets_the_tensors_it_names(pipe):
+    """diffusers' pipelines take the tensor inputs of a PipelineCallback / MultiPipelineCallbacks from the object
+    (`callback.tensor_inputs`); here they were the argument's default, ["latents"], and a callback reading x0_pred
+    failed with a KeyError."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    seen = []
+
+    class Recorder(PipelineCallback):
+        tensor_inputs = ["latents", "x0_pred"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            seen.append(sorted(callback_kwargs))
+            return callback_kwargs
+
+    pipe(num_inference_steps=2, class_labels="AD", generator=seeded(), output_type="latent",
+         callback_on_step_end=Recorder())
+    pipe(num_inference_steps=1, class_labels="AD", generator=seeded(), output_type="latent",
+         callback_on_step_end=MultiPipelineCallbacks([Recorder()]))
+    assert seen == [["latents", "x0_pred"]] * 3
 
 
 # ---------------------------------------------------------------------------- image-to-image
@@ -1418,7 +1494,7 @@ def test_default_steps_are_the_models_training_timesteps():
     """`pipe()` with no num_inference_steps runs full DDPM over the model's own timesteps: 1000 for ours, and 20 for a
     model trained with --num_train_timesteps 20 (a fixed default of 1000 was refused by its scheduler)."""
     pipe = make_pipe()
-    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, num_train_timesteps=20)
+    pipe = make_pipe(scheduler=DDPMScheduler.from_config(pipe.scheduler.config, num_train_timesteps=20))
     spy = UNetSpy(pipe.unet)
     try:
         latents = pipe(generator=seeded(), class_labels="AD", output_type="latent").images
