@@ -397,7 +397,14 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         if isinstance(recorded.get("num_images"), int) and recorded["num_images"] <= num_images:
             # each image's seed is --seed and its index: a larger --num-images goes on with the same images
             recorded = {**recorded, "num_images": num_images}
-        differ = sorted(k for k in {*settings, *recorded} - {"complete"} if settings.get(k) != recorded.get(k))
+        # the same model and class spelt another way (a relative path, a trailing slash, a class index for its
+        # name) are the same settings: the fingerprint and the class name say so
+        ignored = {"complete"}
+        if fingerprint is not None and recorded.get("model_sha256") == fingerprint:
+            ignored.add("model")
+        if class_name is not None and recorded.get("class_name") == class_name:
+            ignored.add("class")
+        differ = sorted(k for k in {*settings, *recorded} - ignored if settings.get(k) != recorded.get(k))
         if differ:
             raise ValueError(f"--resume: {where} was made with other settings ("
                              + ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)

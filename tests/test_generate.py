@@ -708,6 +708,23 @@ def test_resume_refuses_another_model_under_the_same_name(fresh_pipe, tmp_path, 
     assert json.loads((out / "generation.json").read_text())["model_sha256"] == gen.model_fingerprint(str(model))
 
 
+def test_resume_takes_the_same_model_and_class_spelt_another_way(fresh_pipe, tmp_path, monkeypatch):
+    """--model as a relative path or with a trailing slash, and --class 0 for AD, were refused as "other settings"
+    although the fingerprint and the class name were the same (a resume from another folder, or a job script)."""
+    from adni_diffusers import generate as gen
+
+    model, out = tmp_path / "ldm", tmp_path / "out"
+    fresh_pipe.save_pretrained(model)
+    kwargs = dict(batch_size=1, scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    gen.generate(str(model), out, num_images=1, class_label="AD", **kwargs)
+    monkeypatch.chdir(tmp_path)
+    gen.generate("ldm/", out, num_images=2, class_label="0", **kwargs, resume=True)
+    assert sorted(p.name for p in out.glob("sample-*.png")) == ["sample-0000.png", "sample-0001.png"]
+    with pytest.raises(ValueError, match=r"other settings \(class: '0' there, 'NC' now, class_name: 'AD' there, "
+                                         r"'NC' now\)"):
+        gen.generate("ldm", out, num_images=2, class_label="NC", **kwargs, resume=True)
+
+
 def test_a_hub_model_is_fingerprinted_by_its_cached_snapshot(fresh_pipe, tmp_path, monkeypatch):
     import huggingface_hub
 
