@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 from conftest import REPO_ROOT
 
@@ -76,10 +78,11 @@ def test_every_section_has_positive_numbers(smoke):
                    for section in ("unet", "vq") for r in results[section]["rows"])
     samplers = {(r["sampler"], r["steps"]) for r in results["sampling"]["rows"]}
     assert samplers == {("ddpm", 2), ("dpm++", 2), ("unipc", 2)}  # labelled with the steps really run
-    assert all(r["finite"] and r["image_shape"] == [1, 256, 256] for r in results["sampling"]["rows"])
+    pipeline = [r for r in results["sampling"]["rows"] if r["path"] == "pipeline call"]
+    assert pipeline and all(r["finite"] and r["image_shape"] == [1, 256, 256] for r in pipeline)
     assert all(r["warmup_calls"] == 1 for r in results["sampling"]["rows"])  # eager rows: one warm-up call
-    goal = results["cpu_goal"]
-    assert "error" not in goal and goal["images"] == 4 and not goal["goal_configuration"]
+    [goal] = results["cpu_goal"]["rows"]  # --smoke: the tiny preset only
+    assert "error" not in goal and goal["images"] == 4 and not goal["goal_configuration"] and goal["preset"] == "tiny"
     for key in ("load_seconds", "first_call_seconds", "load_and_sample_seconds", "second_call_seconds"):
         assert _positive(goal[key]), key
 
@@ -110,8 +113,9 @@ def test_goals_are_reported_not_claimed(smoke):
 def test_profile_says_where_the_time_goes(smoke):
     results, table = smoke
     profiled = {section: [r for r in results[section]["rows"] if "profile" in r] for section in ("unet", "vq")}
-    # one row per section: "ours" at the first batch size (on CPU without --compile: eager channels_last)
-    assert [r["variant"] for r in profiled["unet"]] == ["+ channels_last"]
+    # one row per section: "ours" at the first batch size (on CPU without --compile: train_unet's default flags,
+    # no channels_last)
+    assert [r["variant"] for r in profiled["unet"]] == ["cached latents, fp32, eager"]
     assert [r["variant"] for r in profiled["vq"]] == ["ours"]
     for (row,) in profiled.values():
         p = row["profile"]
@@ -453,7 +457,8 @@ BENCH_STAGES = {"bench_unet", "bench_unet512", "bench_vq", "bench_vq_candidate"}
     ({}, {"bench_unet", "train_vqmodel", "train_unet", "evaluate", "generate_AD", "counterfactual"}),  # among others
     ({"QUICK": "1"}, BENCH_STAGES),
     ({"QUICK": "train"}, {"demo_data", "train_vqmodel", "train_unet", "offload_check"}),
-    ({"VQ_PRESET": "wide", "VQ_ONLY": "1"}, BENCH_STAGES | {"bench_sampling", "demo_data", "train_vqmodel"})])
+    ({"VQ_PRESET": "wide", "VQ_ONLY": "1"}, BENCH_STAGES | {"bench_sampling", "bench_sampling_generate", "demo_data",
+                                                           "train_vqmodel"})])
 def test_gpu_session_plans_name_only_flags_their_programs_accept(tmp_path, plan, stages, monkeypatch):
     """Every command a GPU lease would run (PLAN_ONLY=1: logged, not run) parses as its program reads it: no
     renamed flag, unknown benchmark variant or bad choice is found on a machine that costs device time."""
@@ -633,11 +638,148 @@ def test_each_compiled_sampling_row_compiles_for_itself(monkeypatch, tmp_path):
     resets = []
     monkeypatch.setattr(run, "fresh_compile_cache", lambda: resets.append(1))
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: None)
-    results = run.main(["--smoke", "--device", "cpu", "--sections", "sampling", "--compile",
-                        "--compile-mode", "reduce-overhead", "--out", str(tmp_path / "r.json")])
+    results = run.main(["--smoke", "--device", "cpu", "--sections", "sampling", "--sampling-paths", "pipeline",
+                        "--compile", "--compile-mode", "reduce-overhead", "--out", str(tmp_path / "r.json")])
     rows = results["sampling"]["rows"]
     assert len(rows) == 6 and not any("error" in r for r in rows)  # 3 samplers, eager and "compiled"
     assert len(resets) == len(rows)
     resets.clear()  # without CUDA graphs the rows of one batch size share their compile (once per batch size)
-    run.main(["--smoke", "--device", "cpu", "--sections", "sampling", "--compile", "--out", str(tmp_path / "d.json")])
+    run.main(["--smoke", "--device", "cpu", "--sections", "sampling", "--sampling-paths", "pipeline", "--compile",
+              "--out", str(tmp_path / "d.json")])
     assert len(resets) == 2
+
+
+def test_generate_rows_time_what_the_generate_command_runs(smoke):
+    """The sampling goals were timed on the pipeline called with one device generator, unconditional, images left
+    on the device. `adni-diffusers generate` draws each image's noise from its own CPU generator, writes a PNG per
+    image and, with --class on a conditional model, guides (the UNet runs on twice the batch): those rows now time
+    `generate.generate` itself, and the pipeline rows say what they are."""
+    results, table = smoke
+    rows = results["sampling"]["rows"]
+    assert all(r["name"].startswith("pipeline call (one device generator, unconditional, no PNG)")
+               for r in rows if r["path"] == "pipeline call")
+    generated = [r for r in rows if r["path"] == "generate"]
+    assert {(r["sampler"], r["conditional"]) for r in generated} == {
+        (s, c) for s in ("ddpm", "dpm++", "unipc") for c in (False, True)}
+    flops, rate = results["flops"], results["matmul"]["flops_per_s"]
+    for r in generated:
+        assert "error" not in r and _positive(r["images_per_s"]), r
+        assert r["pngs_per_call"] == r["batch_size"] == 2  # one PNG per image, written by generate
+        assert r["guidance"] == (2.0 if r["conditional"] else 1.0)
+        assert r["unet_passes_per_image_step"] == (2 if r["conditional"] else 1)
+        assert r["mfu"] == pytest.approx(r["images_per_s"] * (
+            r["steps"] * r["unet_passes_per_image_step"] * flops["unet_forward_per_image"]
+            + flops["vq_decode_per_image"]) / rate)
+    assert "what `adni-diffusers generate` runs" in table
+
+
+def test_ours_is_never_a_row_train_unet_cannot_run():
+    """"Ours" was the fastest of every no-EMA DataLoader row, the forced-layout experiments too (no train_unet flag
+    sets inductor's layout optimization): now only rows train_unet can run, and the chosen row is recorded."""
+    run = _load_benchmark_script()
+
+    def row(variant, images_per_s, batch=256):
+        return {"name": variant, "variant": variant, "batch_size": batch, "images_per_s": images_per_s,
+                "config": dict(run.UNET_VARIANTS[variant]), "mfu": 0.3}
+
+    rows = [row("example style", 600), row("ours, compile mode reduce-overhead", 4600),
+            row("reduce-overhead + inductor layout optimization", 5000),
+            row("ours + inductor layout optimization", 4900, batch=512)]
+    summary = run.unet_summary(rows, [256, 512])
+    assert summary["best_ours_variant"] == "ours, compile mode reduce-overhead" and summary["best_ours_batch"] == 256
+    assert summary["best_ours_images_per_s"] == 4600 and summary["speedup"] == pytest.approx(4600 / 600)
+    assert summary["speedup_by_batch"] == {"256": pytest.approx(4600 / 600)}  # batch 512 holds an experiment only
+    opts = SimpleNamespace(preset="base", vq_preset="base", smoke=False, cpu_goal_presets=[])
+    goals = {g["goal"]: g for g in run.evaluate_goals({"unet": {"summary": summary}}, opts, SimpleNamespace(cuda=True))}
+    assert goals["unet_images_per_s"]["measured"] == 4600
+    assert goals["unet_images_per_s"]["measured_on"] == 'row "ours, compile mode reduce-overhead", batch 256'
+    # on CPU without --compile, "ours" at the later batch sizes is train_unet's defaults: no --channels_last
+    cpu = SimpleNamespace(cuda=False)
+    assert run.unet_variant_names(cpu, False, False) == ["example style", "cached latents, fp32, eager",
+                                                         "ours + --latents_on_device"]
+
+
+def _bench_main(run, tmp_path, *flags):
+    return run.main(["--smoke", "--device", "cpu", *flags, "--out", str(tmp_path / "r.json")])
+
+
+def test_an_mfu_above_100_percent_is_reported_invalid(monkeypatch, tmp_path):
+    """A loaded CPU measured 70 GFLOP/s once, at the start, and a row then showed 104% MFU. The rate is now measured
+    at the start and at the end (the higher kept, every row's MFU worked out against it), on CPU at three sizes,
+    and an MFU above 100% is not printed as a result."""
+    run = _load_benchmark_script()
+    assert run.matmul_sizes(1024, cuda=False) == [512, 1024, 2048] and run.matmul_sizes(8192, cuda=True) == [8192]
+    slow, fast = {"flops_per_s": 1e3}, {"flops_per_s": 1e12}  # the machine busy at the start, quiet at the end
+    rates = iter([slow, fast])
+    monkeypatch.setattr(run, "matmul_rate", lambda bench, n, repeats=3, sizes=None: dict(
+        next(rates), dtype="float32", size=n, tflops=0.0, sizes_tried={}))
+    results = _bench_main(run, tmp_path, "--sections", "unet", "--variants", "cached latents, fp32, eager")
+    assert results["matmul"]["kept"] == "end" and results["matmul"]["flops_per_s"] == 1e12
+    [row] = results["unet"]["rows"]
+    assert row["mfu"] == pytest.approx(row["images_per_s"] * row["flops_per_image"] / 1e12)
+    assert "mfu_invalid" not in row
+    rates = iter([slow, slow])  # busy throughout: every MFU above 100%
+    results = _bench_main(run, tmp_path, "--sections", "unet", "--variants", "cached latents, fp32, eager")
+    [row] = results["unet"]["rows"]
+    assert row["mfu"] is None and "under-measured" in row["mfu_invalid"]
+    assert results["unet"]["summary"]["best_ours_mfu"] is None
+    assert "invalid (> 100%: peak under-measured)" in run.markdown(results)
+
+
+def test_smoke_records_both_rate_measurements(smoke):
+    results, table = smoke
+    m = results["matmul"]
+    assert m["kept"] in ("start", "end") and len(m["sizes_tried"]) == 3
+    assert m["flops_per_s"] == max(m["start"]["flops_per_s"], m["end"]["flops_per_s"])
+    assert "the higher of the start" in table
+
+
+def test_cpu_rows_are_repeated_and_record_the_load(smoke):
+    """CPU rows were one block each (no spread), yet differences of 13-26% were read from them: 3 repeats now,
+    and every row records the 1-minute load average around it."""
+    run = _load_benchmark_script()
+    cpu = run.parse_args(["--device", "cpu"])
+    assert cpu.repeats == 3 and cpu.sample_repeats == 3
+    results, table = smoke
+    rows = [r for s in ("unet", "latent_cache", "vq", "sampling") for r in results[s]["rows"]]
+    rows += results["cpu_goal"]["rows"]
+    assert rows and all(len(r["load_average_1min"]) == 2 and all(x >= 0 for x in r["load_average_1min"])
+                        for r in rows)
+    assert "| load |" in table
+
+
+def test_compiled_training_rows_record_their_compile_time(monkeypatch, tmp_path):
+    """The compile happens in maybe_compile's probe, before the timed steps: its seconds go in the row. Compiling
+    is left out here (minutes on a CPU): maybe_compile records a time and returns the model."""
+    from adni_diffusers import training
+
+    def fake_compile(model, args, probe=None, child_probe=None):
+        args.compile_seconds = {"first_step_here": 12.5}
+        return model
+
+    monkeypatch.setattr(training, "maybe_compile", fake_compile)
+    run = _load_benchmark_script()
+    results = _bench_main(run, tmp_path, "--sections", "unet", "vq", "--compile", "--variants",
+                          "+ torch.compile (= ours)", "ours + compile")
+    rows = results["unet"]["rows"] + results["vq"]["rows"]
+    assert len(rows) == 2 and all(r["compile_seconds"] == {"first_step_here": 12.5} for r in rows)
+    assert "| compile s |" in run.markdown(results) and "| 12.5 |" in run.markdown(results)
+
+
+def test_the_cpu_goal_is_judged_on_the_base_preset():
+    """The CPU goal row timed the `small` pipeline (1.1M parameters), not the `base` models the product trains."""
+    run = _load_benchmark_script()
+    assert run.parse_args(["--device", "cpu"]).cpu_goal_presets == ["small", "base"]
+    assert run.parse_args(["--smoke", "--device", "cpu"]).cpu_goal_presets == ["tiny"]
+
+    def goal(rows, presets):
+        opts = SimpleNamespace(preset="small", vq_preset="small", smoke=False, cpu_goal_presets=presets)
+        return next(g for g in run.evaluate_goals({"cpu_goal": {"rows": rows}}, opts, SimpleNamespace(cuda=False))
+                    if g["goal"] == "cpu_4_images_25_steps_s")
+
+    small = {"preset": "small", "goal_configuration": False, "load_and_sample_seconds": 1.5}
+    base = {"preset": "base", "goal_configuration": True, "load_and_sample_seconds": 41.9}
+    g = goal([small, base], ["small", "base"])
+    assert g["measured"] == 41.9 and g["measured_on"] == "base preset" and g["status"] == "met"
+    g = goal([small], ["small"])
+    assert g["measured"] is None and "base preset" in g["status"]
