@@ -17,8 +17,13 @@ Every failure (bad repo id, no or wrong token, no write access, server or networ
 `HubError` with a one-line message that names the repo and what to do, and never the token. Before
 any upload, the files are searched for the token: a file that holds it stops the push.
 
+A folder a training run is writing into (or one whose run was cut short) is refused: training marks it
+with `.training_in_progress` (`mark_training_started`) until its final save, and a pipeline folder without its
+model_index.json (a save under way, or a run with --overwrite_output_dir that has just started) would go up as a
+VQ model (`unfinished_pipeline_problem`).
+
 Command line: `adni-diffusers push DIR --repo-id user/name [--token T] [--public] [--branch B]
-[--commit-message M]`. Training scripts reuse `add_hub_arguments(parser)`, `check_hub_arguments(args)`
+[--commit-message M] [--force]`. Training scripts reuse `add_hub_arguments(parser)`, `check_hub_arguments(args)`
 (before training) and `push_from_args(...)`.
 """
 
@@ -31,17 +36,25 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
-from .files import read_json_object
+from .files import read_json_object, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
 TRAINING_DATA_FILE = "training_data.json"
 CHECKPOINT_BRANCH = "checkpoints"
 DEFAULT_COMMIT_MESSAGE = "Upload ADNI latent diffusion pipeline"
+# the commit message when none is given, by what is pushed (a VQ model is not a pipeline)
+COMMIT_MESSAGES = {"pipeline": DEFAULT_COMMIT_MESSAGE, "vqmodel": "Upload ADNI VQ model (first stage)",
+                   "checkpoint": "Upload training checkpoint", "folder": "Upload files"}
+# written into --output_dir when a training run starts changing it, removed after its final save (training.py):
+# until then its weights, records and card may belong to different runs, so a push refuses the folder
+TRAINING_MARKER = ".training_in_progress"
 # Local clutter that must not land in a repo (the pipeline folder ships a .py file that may have been imported).
 IGNORE_PATTERNS = ["*__pycache__*", "*.pyc"]
 # Training by-products inside an output folder: never pushed with the model (select_upload_files).
@@ -172,6 +185,94 @@ def _resolve_repo_id(repo_id: str, api, token: str | None, check_only: bool = Fa
     if "/" not in repo_id and not check_only:
         repo_id = f"{api.whoami(token=token)['name']}/{repo_id}"
     return repo_id
+
+
+# ----------------------------------------------------------------------------- folders not ready to push
+def mark_training_started(output_dir: str | Path, script: str) -> None:
+    """Mark `output_dir` as being trained into (`TRAINING_MARKER`: the process, host, start time and script), so that
+    a push refuses it until `mark_training_finished`. Training calls this before it changes the folder."""
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "script": script,
+              "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+    write_text_atomically(Path(output_dir) / TRAINING_MARKER, json.dumps(record, indent=2) + "\n")
+
+
+def mark_training_finished(output_dir: str | Path) -> None:
+    """The run's final save is done: the folder is one model again, and may be pushed."""
+    (Path(output_dir) / TRAINING_MARKER).unlink(missing_ok=True)
+
+
+def _process_alive(pid) -> bool | None:
+    """Whether process `pid` of this host runs: None where that cannot be told."""
+    # (on Windows os.kill(pid, 0) would end the process: not asked there)
+    if os.name == "nt" or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OSError, ValueError, OverflowError):
+        return None
+    return True
+
+
+def training_in_progress_problem(folder: str | Path) -> str | None:
+    """Why `folder` must not be pushed because a training run is writing into it or was cut short there (its
+    TRAINING_MARKER), in one line naming what to do; else None. A run started with --overwrite_output_dir or resumed
+    rewrites training_args.json at once while the weights and train_metrics.json are still the earlier run's: pushed
+    then, the card would contradict itself."""
+    folder = Path(folder)
+    marker = folder / TRAINING_MARKER
+    if not marker.is_file():
+        return None
+    record = read_json_object(marker)  # {} when unreadable: still a run's marker
+    script = record.get("script") if isinstance(record.get("script"), str) else "a training script"
+    pid, host, started = record.get("pid"), record.get("host"), record.get("started")
+    run = f"{script} (pid {pid}, started {started or 'at an unknown time'})"
+    resume = ("" if not script.endswith(".py") else f"{script} ") + "--resume_from_checkpoint latest"
+    here = isinstance(host, str) and host == socket.gethostname()
+    alive = _process_alive(pid) if here else None
+    force = f"pass --force to push the folder as it is (or delete {marker})"
+    if alive:  # (a pid reused by another process reads as alive too: hence --force here as well)
+        return (f"cannot push {str(folder)!r}: {run} is training into it ({TRAINING_MARKER}), and until its final "
+                "save its weights, records and card are not one model's; push it when training has finished (or "
+                f"train with --push_to_hub); if no run is writing there, {force}")
+    if alive is False:
+        return (f"cannot push {str(folder)!r}: {run} was cut short there: {TRAINING_MARKER} is still there and that "
+                "process is no longer running on this host, so the folder may mix the earlier model with the new "
+                f"run's records; finish the run ({resume}, with the same flags), or {force}")
+    where = f"on host {host}" if isinstance(host, str) else "on an unknown host"
+    return (f"cannot push {str(folder)!r}: {TRAINING_MARKER} says {run} {where} is training into it or was cut short "
+            f"there, so its weights, records and card may not be one model's; wait for the run to finish, or finish it "
+            f"({resume}, with the same flags); if that run is gone, {force}")
+
+
+def unfinished_pipeline_problem(folder: str | Path) -> str | None:
+    """Why `folder` looks like a train_unet.py output folder whose pipeline save is under way or was cut short (unet/,
+    scheduler/, a pipeline_adni_ldm*.py or a unet-stage training_data.json, but no model_index.json), else None.
+    Pushed as it is, it went up as a VQ model (vqvae/config.json): a VQ card, and the pipeline code deleted from a
+    repo whose model_index.json still names it. --overwrite_output_dir removes model_index.json when a run starts."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file() or _is_checkpoint_folder(folder):
+        return None
+    signs = [f"{name}/" for name in ("unet", "scheduler") if (folder / name).is_dir()]
+    signs += sorted(p.name for p in folder.glob("pipeline_adni_ldm*.py"))
+    if read_json_object(folder / TRAINING_DATA_FILE).get("stage") == "unet":
+        signs.append(f'{TRAINING_DATA_FILE} (stage "unet")')
+    if not signs:
+        return None
+    return (f"cannot push {str(folder)!r}: it holds {', '.join(signs)} but no model_index.json, so it looks like a "
+            "train_unet.py pipeline save in progress or cut short; wait for training to finish, or resume it "
+            "(train_unet.py --resume_from_checkpoint latest) so that it saves the whole pipeline, then push")
+
+
+def check_ready_to_push(folder: str | Path, force: bool = False) -> None:
+    """Raise HubError where `folder` is not one finished model: a training run's marker (unless `force`), or a
+    pipeline without its model_index.json (always: that push would break the repo)."""
+    problem = (None if force else training_in_progress_problem(folder)) or unfinished_pipeline_problem(folder)
+    if problem:
+        raise HubError(problem)
 
 
 # ----------------------------------------------------------------------------- what gets uploaded
@@ -371,6 +472,7 @@ def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -
     files = _walk(folder)
     if _is_checkpoint_folder(folder):
         return "checkpoint", files
+    files = [p for p in files if p != TRAINING_MARKER]  # (a push with --force): the run's, not the model's
     # at any depth: a latent cache inside vqvae/ holds every training slice in decodable form
     files = [p for p in files if not any(part in UNUPLOADED_DIRS or CHECKPOINT_DIR_RE.match(part)
                                          for part in p.split("/")[:-1])]
@@ -421,11 +523,13 @@ PACKAGE_TOP_LEVEL_FILES = ("LICENSE.md", "training_data.json", "training_args.js
                            "tradeoff.png", "example_strip.png", "mean_difference.png")
 
 
-def _stale_at_top(name: str) -> bool:
-    """Whether a top-level file of a repo is one a pipeline or VQ model push put there (PACKAGE_TOP_LEVEL_FILES, a
-    pipeline module, a slice an earlier push uploaded), so that a re-push without it deletes it."""
-    return (name in PACKAGE_TOP_LEVEL_FILES or Path(name).suffix.lower() in SLICE_SUFFIXES
-            or bool(re.fullmatch(r"pipeline_adni_ldm\w*\.py", name)))
+def _stale_at_top(name: str, kind: str) -> bool:
+    """Whether a top-level file of a repo is one a push of `kind` put there (PACKAGE_TOP_LEVEL_FILES, a slice an
+    earlier push uploaded; for a pipeline, a pipeline module), so that a re-push without it deletes it. A VQ model
+    push never deletes a pipeline's module: the repo's model_index.json (never deleted either) names it."""
+    if re.fullmatch(r"pipeline_adni_ldm\w*\.py", name):
+        return kind == "pipeline"
+    return name in PACKAGE_TOP_LEVEL_FILES or Path(name).suffix.lower() in SLICE_SUFFIXES
 
 
 def _components_of(folder: Path, kind: str) -> list[str]:
@@ -552,9 +656,12 @@ def _stored_token() -> str | None:
         return None
 
 
-def _selected_files(folder: Path, trained_on_demo_data: bool | None) -> tuple[str, list[str], bool, list[str]]:
+def _selected_files(folder: Path, trained_on_demo_data: bool | None,
+                    force: bool = False) -> tuple[str, list[str], bool, list[str]]:
     """What of `folder` a push sends (`select_upload_files`), checked to load, less the pictures of real slices:
-    (kind, files, trained on the demo set, the pictures withheld)."""
+    (kind, files, trained on the demo set, the pictures withheld). A folder a run is training into (unless `force`)
+    or a pipeline without its model_index.json is refused (`check_ready_to_push`)."""
+    check_ready_to_push(folder, force)
     left_out: list[str] = []
     try:
         kind, files = select_upload_files(folder, left_out)
@@ -639,7 +746,7 @@ def _prepare_upload(folder: Path, kind: str, files: list[str], withheld: list[st
 
 
 def stage_upload(folder: str | Path, out: str | Path, repo_id: str, revision: str | None = None,
-                 trained_on_demo_data: bool | None = None) -> list[str]:
+                 trained_on_demo_data: bool | None = None, force: bool = False) -> list[str]:
     """`push --dry-run`: write into `out` what `push_folder(folder, repo_id)` would upload, and nothing else,
     without contacting the Hub or needing a token: the model's files (linked, or copied where links fail), the
     records and reports as rewritten without local paths, the card rendered for `repo_id`. Pictures of real
@@ -655,7 +762,7 @@ def stage_upload(folder: str | Path, out: str | Path, repo_id: str, revision: st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HubError(f"--dry-run {out}: exists and is not an empty folder (what is there would read as pushed)")
     tokens = [_stored_token()]  # a file holding it stops a dry run as it stops a push
-    kind, files, _, withheld = _selected_files(folder, trained_on_demo_data)
+    kind, files, _, withheld = _selected_files(folder, trained_on_demo_data, force)
     out.mkdir(parents=True, exist_ok=True)
     files = _prepare_upload(folder, kind, files, withheld, repo_id, revision, None, tokens, out)
     logger.info("%s: %d files as `push %s --repo-id %s%s` would upload them (nothing was sent)", out, len(files),
@@ -668,11 +775,12 @@ def push_folder(
     repo_id: str,
     token: str | None = None,
     private: bool = True,
-    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    commit_message: str | None = None,
     revision: str | None = None,
     path_in_repo: str | None = None,
     trained_on_demo_data: bool | None = None,
     token_flag: str = "--token",
+    force: bool = False,
 ) -> str:
     """Upload the model in `folder` to the model repo `repo_id` in one commit; return the commit URL.
 
@@ -685,11 +793,14 @@ def push_folder(
     other than main, creates that branch from main first, so checkpoints can go there without
     flooding main's history. `token=None` uses whatever huggingface_hub
     already knows (`hf auth login`, HF_TOKEN); `token_flag` is the flag a token message names.
-    Unchanged files are skipped by huggingface_hub (no empty commits).
+    Unchanged files are skipped by huggingface_hub (no empty commits). `commit_message=None`: one
+    that says what is pushed (COMMIT_MESSAGES). `private=False` into an existing private repo
+    leaves it private, with a warning.
 
     Raises HubError for: a missing folder, nothing to push, no token at all, a malformed repo id, a
-    file that holds the token, pushing with the default `private=True` into an existing PUBLIC
-    repo, and any Hub, auth or network failure.
+    file that holds the token, a folder a training run is writing into or was cut short in (unless
+    `force`), a pipeline folder without its model_index.json, pushing with the default
+    `private=True` into an existing PUBLIC repo, and any Hub, auth or network failure.
     """
     from huggingface_hub import HfApi
 
@@ -700,7 +811,8 @@ def push_folder(
     endpoint = api.endpoint
     stored = _stored_token()  # scrubbed from messages too
     tokens = [token, stored]
-    kind, files, demo, withheld = _selected_files(folder, trained_on_demo_data)
+    kind, files, demo, withheld = _selected_files(folder, trained_on_demo_data, force)
+    commit_message = commit_message or COMMIT_MESSAGES[kind]
     try:
         repo_id = _resolve_repo_id(repo_id, api, token, check_only=True)
         if token is None and stored is None:
@@ -713,18 +825,21 @@ def push_folder(
         raise HubError(_scrub(_explain(err, repo_id, endpoint, token_flag), tokens)) from None
     with tempfile.TemporaryDirectory(prefix="adni-diffusers-push-") as staging:
         files = _prepare_upload(folder, kind, files, withheld, repo_id, revision, path_in_repo, tokens, Path(staging))
-        if not private and not demo:
-            logger.warning(PUBLIC_WARNING.format(repo_id=repo_id))
         try:
             api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-            if private:
-                # create_repo(exist_ok=True) leaves an existing repo's visibility alone: refuse to publish
-                # by accident into a public repo when the caller asked for a private one.
-                if api.repo_info(repo_id, token=token, repo_type="model").private is False:
-                    raise HubError(
-                        f"{repo_id} already exists and is PUBLIC, but a private push was asked for; make the repo "
-                        f"private on the Hub first, or pass --public (--hub_public_repo) to push to it anyway"
-                    )
+            # create_repo(exist_ok=True) leaves an existing repo's visibility alone, either way
+            is_private = api.repo_info(repo_id, token=token, repo_type="model").private
+            if private and is_private is False:  # refuse to publish by accident
+                raise HubError(
+                    f"{repo_id} already exists and is PUBLIC, but a private push was asked for; make the repo "
+                    f"private on the Hub first, or pass --public (--hub_public_repo) to push to it anyway"
+                )
+            if not private and is_private:  # --public asked for what it cannot do: say so
+                logger.warning("%s already exists and is private: it stays private (--public, --hub_public_repo "
+                               "only make a new repo public); to publish it, change its visibility in the repo's "
+                               "Settings on the Hub", repo_id)
+            elif not private and not demo:
+                logger.warning(PUBLIC_WARNING.format(repo_id=repo_id))
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
             components = _components_of(folder, kind) if path_in_repo is None else []
@@ -736,7 +851,8 @@ def push_folder(
                 # LICENSE.md, first_stage_metrics.json, an older pipeline_adni_ldm_<hash>.py): by exact name (a
                 # pattern such as *.json would reach into other folders); others' files of other kinds stay
                 there = api.list_repo_files(repo_id, revision=revision, repo_type="model", token=token)
-                gone = [name for name in there if "/" not in name and name not in files and _stale_at_top(name)]
+                gone = [name for name in there
+                        if "/" not in name and name not in files and _stale_at_top(name, kind)]
                 if gone:
                     logger.warning("removing from %s what an earlier push put there and %s no longer has: %s",
                                    repo_id, folder, ", ".join(gone))
@@ -887,8 +1003,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="create a PUBLIC repo (default private; ADNI's data use agreement forbids "
                              "redistributing the data)")
     parser.add_argument("--branch", default=None, help="push to this branch (created from main if needed)")
-    parser.add_argument("--commit-message", "--commit_message", dest="commit_message",
-                        default=DEFAULT_COMMIT_MESSAGE, help="the Hub commit's message")
+    parser.add_argument("--commit-message", "--commit_message", dest="commit_message", default=None,
+                        help="the Hub commit's message (default: by what is pushed, e.g. "
+                             f"'{COMMIT_MESSAGES['pipeline']}', '{COMMIT_MESSAGES['vqmodel']}')")
+    parser.add_argument("--force", action="store_true",
+                        help=f"push even though DIR holds {TRAINING_MARKER} (a training run is writing into it, or "
+                             "was cut short there): its weights, records and card may belong to different runs")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", metavar="OUT", default=None,
                         help="push nothing: write into the new folder OUT exactly what would be uploaded (the card "
                              "for --repo-id, records without local paths, no pictures of real slices), to read "
@@ -901,6 +1021,11 @@ def main(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         print(f"adni-diffusers push: error: {str(folder)!r} is not a folder", file=sys.stderr)
         return 2
+    try:  # a run writing into it, or a pipeline without model_index.json (not a VQ model)
+        check_ready_to_push(folder, args.force)
+    except HubError as err:
+        print(f"adni-diffusers push: error: {err}", file=sys.stderr)
+        return 2
     if not (folder / "model_index.json").is_file() and not (folder / "vqvae" / "config.json").is_file():
         print(f"adni-diffusers push: error: {str(folder)!r} holds no model_index.json: not a saved pipeline "
               f"(save one with pipeline.save_pretrained(DIR)) nor a train_vqmodel.py output folder (vqvae/)",
@@ -908,11 +1033,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.dry_run is not None:
-            files = stage_upload(folder, args.dry_run, args.repo_id, revision=args.branch)
+            files = stage_upload(folder, args.dry_run, args.repo_id, revision=args.branch, force=args.force)
             print("\n".join(str(Path(args.dry_run) / rel) for rel in files))
             return 0
         url = push_folder(folder, args.repo_id, token=args.token, private=not args.public,
-                          commit_message=args.commit_message, revision=args.branch)
+                          commit_message=args.commit_message, revision=args.branch, force=args.force)
     except HubError as err:
         print(f"adni-diffusers push: error: {err}", file=sys.stderr)
         return 1

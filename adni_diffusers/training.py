@@ -511,6 +511,11 @@ def clear_earlier_run(args, accelerator, product: str, project: str | None = Non
     resuming = _resumes(args, checkpoints)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from .hub import mark_training_started
+
+        # from here until the final save (push_if_asked) the folder mixes runs (the earlier model removed or kept
+        # beside this run's records): `adni-diffusers push` refuses it while the marker is there
+        mark_training_started(output_dir, STAGE_SCRIPTS.get(project, "a training run"))
         logs = logging_folder(args)
         logs_inside = logs.is_relative_to(output_dir.resolve())
         earlier = []
@@ -2104,11 +2109,14 @@ def _where_to_go_on(args) -> str | None:
 
 
 def push_if_asked(accelerator, args) -> None:
-    """--push_to_hub: push the finished model. On failure the model is already saved: the error says how
-    to push it later."""
+    """The run's clean end (both scripts call it last, on the main process, after the final save and card): the
+    folder is one model again, so clear_earlier_run's in-progress marker goes. Then --push_to_hub: push the finished
+    model. On failure the model is already saved: the error says how to push it later."""
+    from .hub import HubError, mark_training_finished, push_from_args
+
+    mark_training_finished(args.output_dir)  # before the push, which refuses a marked folder
     if not getattr(args, "push_to_hub", False):
         return
-    from .hub import HubError, push_from_args
 
     try:
         push_from_args(args, args.output_dir)

@@ -1111,3 +1111,176 @@ def test_a_push_names_what_it_leaves_out_of_the_folder(pipeline_dir, tmp_path, c
             "samples/, unet/latent_cache/: not part of the model (docs/hub.md)") in caplog.text
     assert "not pushing slice.jpeg: input slices" in caplog.text  # named once, with its own reason
     assert f"as `push {pipeline_dir} --repo-id {REPO} --branch v2` would upload them" in caplog.text
+
+
+# --- Hub publishing review: folders a run is still writing, commit messages, visibility
+
+
+MARKER = ".training_in_progress"  # what training leaves in --output_dir until its final save (docs/hub.md)
+
+
+def _cli_push(folder, *flags):
+    return cli.main(["push", str(folder), "--repo-id", REPO, *flags])
+
+
+@pytest.mark.parametrize("sign", ["unet/", "scheduler/", "pipeline_adni_ldm.py", "training_data.json"])
+def test_a_pipeline_without_model_index_is_refused_not_pushed_as_a_vq_model(hub_stub, pipeline_dir, sign, capsys):
+    """--overwrite_output_dir removes model_index.json when a train_unet.py run starts (and a crash or a push during
+    the final save leaves the same state): with vqvae/config.json still there, the folder went up as a VQ model, its
+    VQ card over the pipeline's and the pipeline code deleted from a repo whose model_index.json still named it."""
+    (pipeline_dir / "model_index.json").unlink()
+    (pipeline_dir / "training_data.json").write_text(json.dumps({"source": "user", "stage": "unet"}))
+    keep = {"unet/": "unet", "scheduler/": "scheduler", "pipeline_adni_ldm.py": "pipeline_adni_ldm.py",
+            "training_data.json": "training_data.json"}[sign]
+    for other in ("unet", "scheduler"):
+        if other != keep:
+            shutil.rmtree(pipeline_dir / other)
+    for other in ("pipeline_adni_ldm.py", "training_data.json"):
+        if other != keep:
+            (pipeline_dir / other).unlink()
+    with pytest.raises(HubError, match=f"holds {re.escape(sign)}.* but no model_index.json, so it looks like a "
+                                       "train_unet.py pipeline save in progress or cut short; wait for training"):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    assert _cli_push(pipeline_dir, "--token", hub_stub.token, "--force") == 2  # --force is for the marker only
+    assert "no model_index.json" in capsys.readouterr().err
+    with pytest.raises(HubError, match="no model_index.json"):
+        hub.stage_upload(pipeline_dir, pipeline_dir.parent / "staged", REPO)
+    assert hub_stub.requests == []
+
+
+def test_a_vq_model_push_leaves_a_pipelines_code_and_index_in_the_repo(hub_stub, vq_dir):
+    """A VQ model pushed into a repo holding a pipeline deleted its pipeline_adni_ldm_<hash>.py as a stale top-level
+    file, while model_index.json stayed naming it: DiffusionPipeline.from_pretrained(repo) then failed."""
+    hub_stub.add_repo(REPO, private=True, files={"model_index.json": b"{}", "pipeline_adni_ldm_abc.py": b"#",
+                                                 "samples.png": b"png"})
+    push_folder(vq_dir, REPO, token=hub_stub.token)
+    pushed = hub_stub.repo_files(REPO)
+    assert {"model_index.json", "pipeline_adni_ldm_abc.py"} <= set(pushed) and "vqvae/config.json" in pushed
+    assert "samples.png" not in pushed  # the sweep of the package's own stale files still works
+
+
+def test_the_default_commit_message_says_what_was_pushed(hub_stub, pipeline_dir, vq_dir):
+    """A VQ model push (and train_vqmodel.py --push_to_hub) was committed as "Upload ADNI latent diffusion
+    pipeline"."""
+    push_folder(vq_dir, "user/vq", token=hub_stub.token)
+    assert hub_stub.commits("user/vq")[-1].title == "Upload ADNI VQ model (first stage)"
+    args = _parse(["--push_to_hub", "--hub_model_id", "user/vq-trained", "--hub_token", hub_stub.token])
+    hub.push_from_args(args, vq_dir)
+    assert hub_stub.commits("user/vq-trained")[-1].title == "Upload ADNI VQ model (first stage)"
+    assert _cli_push(pipeline_dir, "--token", hub_stub.token) == 0
+    assert hub_stub.commits(REPO)[-1].title == "Upload ADNI latent diffusion pipeline"
+
+
+def test_public_into_an_existing_private_repo_says_it_stays_private(hub_stub, pipeline_dir, caplog):
+    """create_repo(exist_ok=True) leaves an existing repo's visibility alone: `--public` silently kept it private,
+    after warning that it was being made public."""
+    hub_stub.add_repo(REPO, private=True)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
+        assert _cli_push(pipeline_dir, "--token", hub_stub.token, "--public") == 0
+    [record] = _warnings(caplog)
+    assert f"{REPO} already exists and is private: it stays private" in record.getMessage()
+    assert "Settings on the Hub" in record.getMessage() and "PUBLIC" not in record.getMessage()
+    assert hub_stub.private(REPO) is True
+
+
+def _mark(folder, **record):
+    (folder / MARKER).write_text(json.dumps(record))
+
+
+def _ended_pid():
+    """The id of a process of this host that has ended."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize("case, words", [
+    ("running", ["train_unet.py (pid", "is training into it", "push it when training has finished"]),
+    ("ended", ["train_unet.py (pid", "was cut short there", "no longer running on this host",
+               "train_unet.py --resume_from_checkpoint latest", "pass --force"]),
+    ("elsewhere", ["on host node-17", "is training into it or was cut short", "pass --force"]),
+    ("unreadable", ["a training script (pid None", "is training into it or was cut short", "pass --force"]),
+])
+def test_a_folder_a_training_run_writes_into_is_refused_until_forced(hub_stub, pipeline_dir, tmp_path, capsys,
+                                                                       case, words):
+    """A run started with --overwrite_output_dir or resumed rewrites training_args.json at once while the weights and
+    train_metrics.json stay the earlier run's: pushed then, the card contradicted itself. The marker training leaves
+    says whether the run goes on, or was cut short (then --force pushes the folder as it is)."""
+    if case == "unreadable":
+        (pipeline_dir / MARKER).write_text("{")
+    else:
+        pid = {"running": os.getpid(), "ended": _ended_pid(), "elsewhere": 4242}[case]
+        host = "node-17" if case == "elsewhere" else socket.gethostname()
+        _mark(pipeline_dir, pid=pid, host=host, script="train_unet.py", started="2026-12-06T10:00:00+00:00")
+    assert _cli_push(pipeline_dir, "--token", hub_stub.token) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adni-diffusers push: error: ") and err.count("\n") == 1, err
+    for word in [*words, MARKER]:
+        assert word in err, (word, err)
+    with pytest.raises(HubError, match="training"):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    with pytest.raises(HubError, match="training"):
+        hub.stage_upload(pipeline_dir, tmp_path / "staged", REPO)
+    assert hub_stub.requests == []
+    assert _cli_push(pipeline_dir, "--token", hub_stub.token, "--force") == 0
+    assert MARKER not in hub_stub.repo_files(REPO)
+
+
+def test_training_marks_its_folder_from_its_start_to_its_final_save(hub_stub, pipeline_dir, tmp_path):
+    """What training does: clear_earlier_run (the first change to --output_dir) marks it with this process; the end
+    of the run (push_if_asked, after the final save and card) removes the mark, and its own --push_to_hub push goes
+    through. A checkpoint push meanwhile pushes the checkpoint folder, which is not marked."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from adni_diffusers import training
+
+    args = SimpleNamespace(output_dir=str(pipeline_dir), resume_from_checkpoint=None, overwrite_output_dir=False,
+                           logging_dir="logs", **vars(_parse(["--push_to_hub", "--push_checkpoints", "--hub_model_id",
+                                                              REPO, "--hub_token", hub_stub.token])))
+    accelerator = Accelerator(cpu=True)
+    training.clear_earlier_run(args, accelerator, "model_index.json", project="unet")
+    record = json.loads((pipeline_dir / MARKER).read_text())
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    assert record["script"] == "train_unet.py" and record["started"]
+    with pytest.raises(HubError, match="is training into it"):
+        push_folder(pipeline_dir, "user/during", token=hub_stub.token)
+    _write(pipeline_dir / "checkpoint-2", {"optimizer.bin": b"opt", "training_state.json": b"{}"})
+    assert hub.push_from_args(args, pipeline_dir / "checkpoint-2", output_dir=pipeline_dir, step=2) is not None
+    training.push_if_asked(accelerator, args)
+    assert not (pipeline_dir / MARKER).exists()
+    assert "model_index.json" in hub_stub.repo_files(REPO)
+    assert "checkpoint-2/optimizer.bin" in hub_stub.repo_files(REPO, "checkpoints")
+
+
+def test_a_train_unet_run_stopped_early_with_overwrite_leaves_a_folder_push_refuses(hub_stub, tiny_ldm, tiny_vq,
+                                                                                    demo_root, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """The reviewer's case end to end: `train_unet.py --overwrite_output_dir` over a finished pipeline, stopped once
+    training starts (a crash, or a push from another shell meanwhile): model_index.json is gone, vqvae/ unet/ and the
+    card stay, training_args.json is the new run's. The push refuses it, and --force does not make it a VQ model."""
+    from conftest import TINY_UNET_ARGS, StopRun, run_training_script
+
+    from adni_diffusers import training
+
+    ldm = Path(shutil.copytree(tiny_ldm, tmp_path / "ldm"))
+
+    def crash(self):
+        raise StopRun
+
+    monkeypatch.setattr(training.TrainingRun, "batches", crash)
+    with pytest.raises(StopRun):
+        run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", ldm,
+                                           "--max_train_steps", "100000", "--overwrite_output_dir", "--conditional",
+                                           *TINY_UNET_ARGS])
+    assert not (ldm / "model_index.json").exists() and (ldm / "vqvae" / "config.json").is_file()
+    assert json.loads((ldm / "training_args.json").read_text())["max_train_steps"] == 100000
+    assert _cli_push(ldm, "--token", hub_stub.token) == 2
+    assert "train_unet.py (pid" in capsys.readouterr().err  # this test's process: still running
+    assert _cli_push(ldm, "--token", hub_stub.token, "--force") == 2
+    assert "pipeline save in progress or cut short" in capsys.readouterr().err
+    assert hub_stub.requests == []

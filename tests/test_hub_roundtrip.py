@@ -123,6 +123,11 @@ def test_train_unet_push_to_hub_pushes_exactly_the_model(pushed_run):
     assert f"`{PIPELINE_MODULE}.py`" in card
     assert f'DiffusionPipeline.from_pretrained("{REPO}", trust_remote_code=True)' in card
     assert "library_name: diffusers" in card and "- class-conditional" in card and "pipeline_tag" not in card
+    # the repo is private: diffusers <= 0.42 fetches the pipeline code without `token=`, and the card says so
+    assert "`hf auth login` or set `HF_TOKEN`" in card
+    assert "`from_pretrained(..., token=...)` alone is not enough" in card
+    # the run's in-progress marker went before its own push (which would refuse it), and was never uploaded
+    assert not (out / ".training_in_progress").exists() and ".training_in_progress" not in on_main
     # The checkpoint went to its own branch, under checkpoint-1/, with its files.
     on_branch = stub.repo_files(REPO, "checkpoints")
     checkpoint = {p for p in on_branch if p.startswith("checkpoint-1/")}
