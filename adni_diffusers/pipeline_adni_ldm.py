@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
@@ -962,23 +963,52 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         share_like_other_files(p for name in self.components for p in (save_directory / name).glob("*.safetensors"))
         if push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
+            self._push_saved(save_directory, kwargs.get("repo_id", save_directory.name), token=kwargs.get("token"),
+                             private=kwargs.get("private", True), commit_message=kwargs.get("commit_message"),
+                             create_pr=kwargs.get("create_pr", False), plain=variant is not None)
 
-            repo_id = create_repo(kwargs.get("repo_id", save_directory.name), exist_ok=True,
-                                  private=kwargs.get("private", True), token=kwargs.get("token")).repo_id
-            # what this save wrote, not the whole folder: a training output folder also holds checkpoints, logs
-            # and the latent cache
-            upload_folder(repo_id=repo_id, folder_path=str(save_directory), token=kwargs.get("token"),
-                          commit_message=kwargs.get("commit_message") or "Upload pipeline",
-                          create_pr=kwargs.get("create_pr", False),
-                          allow_patterns=["model_index.json", target.name, "README.md",
-                                          *(f"{name}/*" for name in self.components)])
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = True,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, subfolder: str | None = None):
+        """diffusers' `push_to_hub`, but a new repo is PRIVATE unless `private=False`, as everywhere in
+        adni-diffusers: ADNI's data use agreement forbids redistributing the data, and a model can memorise
+        training images (diffusers' default, None, makes a public repo). With the adni-diffusers package installed
+        the push is `adni-diffusers push`'s: a model card with the licence, the ADNI Data Use Agreement and the
+        model's description (diffusers writes its blank template: no licence, no warning), the token scan and the
+        visibility checks; to publish the training records and metrics with it, push the training folder itself
+        (`adni-diffusers push <folder> --repo-id ...`)."""
+        if subfolder:
+            raise ValueError(f"subfolder={subfolder!r}: a pipeline is pushed whole, at the top of its repo")
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
+            return self._push_saved(Path(tmp), repo_id, token=token, private=private, commit_message=commit_message,
+                                    create_pr=create_pr, plain=variant is not None)
 
-    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = True, **kwargs):
-        """diffusers' push (through `save_pretrained`), but a new repo is PRIVATE unless `private=False`, as
-        everywhere in adni-diffusers: ADNI's data use agreement forbids redistributing the data, and a model
-        can memorise training images. (diffusers' default, None, makes a public repo.)"""
-        return super().push_to_hub(repo_id, commit_message=commit_message, private=private, **kwargs)
+    def _push_saved(self, folder: Path, repo_id: str, *, token, private, commit_message, create_pr, plain: bool):
+        """Upload what `save_pretrained` wrote in `folder`: through adni-diffusers' push where the package is
+        installed (and the push is one it makes: no pull request, no weight variant), else with huggingface_hub
+        alone, in which case the card is whatever README.md the folder has."""
+        try:
+            from adni_diffusers.hub import push_folder
+        except ImportError:  # this file shipped alone, with a saved model
+            push_folder = None
+        if push_folder is not None and not (create_pr or plain):
+            return push_folder(folder, repo_id, token=token, private=True if private is None else private,
+                               commit_message=commit_message)
+        from huggingface_hub import create_repo, upload_folder
+
+        if not (folder / "README.md").is_file():
+            logger.warning(f"pushing {repo_id} without a model card (no README.md beside the weights): it will have "
+                           "no licence and no ADNI Data Use Agreement notice; install adni-diffusers and use "
+                           "`adni-diffusers push`, which writes them")
+        repo_id = create_repo(repo_id, exist_ok=True, private=True if private is None else private,
+                              token=token).repo_id
+        # what the save wrote, not the whole folder: a training output folder also holds checkpoints, logs and the
+        # latent cache
+        return upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
+                             commit_message=commit_message or "Upload pipeline", create_pr=create_pr,
+                             allow_patterns=["model_index.json", f"{PIPELINE_MODULE}.py", "README.md",
+                                             *(f"{name}/*" for name in self.components)])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

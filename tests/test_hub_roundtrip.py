@@ -332,6 +332,29 @@ def test_pipeline_push_to_hub_is_private_unless_asked(hub_stub):
     assert hub_stub.private("user/pushed-public") is False
 
 
+def test_pipeline_push_to_hub_writes_the_packages_card(hub_stub, monkeypatch, caplog):
+    """`pipe.push_to_hub(repo)` published diffusers' blank card: no licence, no ADNI Data Use Agreement notice, no
+    tags. With the package installed it is `adni-diffusers push`'s now; where the pipeline file is all there is (no
+    package), the push says that the repo gets no card."""
+    import logging
+    import sys
+
+    from huggingface_hub import ModelCard
+    from test_pipeline import make_pipe
+
+    pipe = make_pipe()
+    pipe.push_to_hub("user/with-card", token=hub_stub.token)
+    card = ModelCard(hub_stub.repo_files("user/with-card")["README.md"].decode())
+    assert card.data.license == "other" and card.data.library_name == "diffusers"
+    assert "adni-diffusers" in card.data.tags and "ADNI Data Use" in card.text
+    monkeypatch.setitem(sys.modules, "adni_diffusers.hub", None)  # as where the package is not installed
+    with caplog.at_level(logging.WARNING):
+        pipe.push_to_hub("user/without-package", token=hub_stub.token)
+    assert "without a model card" in caplog.text and "adni-diffusers push" in caplog.text
+    assert hub_stub.private("user/without-package") is True
+    assert "README.md" not in hub_stub.repo_files("user/without-package")
+
+
 def test_save_pretrained_with_push_to_hub_makes_a_private_repo_unless_asked(hub_stub, tmp_path):
     """diffusers' other way to push, `pipe.save_pretrained(dir, push_to_hub=True, repo_id=...)`, also creates a
     PRIVATE repo unless `private=False` (ADNI's data use agreement), and uploads the pipeline file with it."""
@@ -368,8 +391,8 @@ def test_save_pretrained_writes_and_pushes_no_local_path_and_no_training_clutter
         (out / clutter).write_bytes(b"x")
     pipe.save_pretrained(out, push_to_hub=True, repo_id="user/saved-clean", token=hub_stub.token)
     pushed = hub_stub.repo_files("user/saved-clean")
-    assert sorted({name.split("/")[0] for name in pushed}) == sorted(
-        ["model_index.json", f"{PIPELINE_MODULE}.py", "scheduler", "unet", "vqvae"])
+    assert sorted({name.split("/")[0] for name in pushed}) == sorted(  # + the card adni-diffusers' push writes
+        ["README.md", "model_index.json", f"{PIPELINE_MODULE}.py", "scheduler", "unet", "vqvae"])
     for name, data in pushed.items():
         assert b"alice" not in data, name
     assert "_name_or_path" not in json.loads((out / "vqvae" / "config.json").read_text())
