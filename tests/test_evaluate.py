@@ -558,6 +558,10 @@ def test_ablations_of_a_model_with_fewer_training_timesteps(model_copy, tmp_path
     config = json.loads(config_file.read_text())
     config["num_train_timesteps"] = 20
     config_file.write_text(json.dumps(config))
+    index_file = folder / "model_index.json"  # the forward process the pipeline records its UNet learned, too
+    index = json.loads(index_file.read_text())
+    index["training_noise"]["num_train_timesteps"] = 20
+    index_file.write_text(json.dumps(index))
     result = E.evaluate_model(folder, num_samples=2, steps=3, feature_epochs=1, tstr_epochs=1, diversity_pairs=2,
                               kid_subsets=2, ablations=True, ablation_samples=2, umap=False, render_card=False,
                               ablation_step_overrides={k: v for k, v in QUICK_STEPS.items() if k != "ddpm"},

@@ -1103,7 +1103,8 @@ def test_final_validation_and_samples_run_in_eval_mode(tmp_path, tiny_vq, demo_r
                                        tmp_path / "ldm", "--max_train_steps", "1", *TINY_UNET_ARGS,
                                        "--preset", _tiny_unet_json(tmp_path / "unet.json", dropout=0.5),
                                        "--latent_cache_dir", tmp_path / "cache"])
-    assert modes == [("val_loss", False), ("samples", False)]
+    # the held-out loss at the last step (--validation_steps), the final one, the card's samples
+    assert modes == [("val_loss", False), ("val_loss", False), ("samples", False)]
 
 
 def test_the_validation_curve_leaves_training_as_it_was(tmp_path, tiny_vq, demo_root):

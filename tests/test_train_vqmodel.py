@@ -1513,9 +1513,9 @@ def test_code_usage_is_an_ema_of_the_step_counts_and_live_codes_reach_the_thresh
     assert float(monitor.live_fraction()) == pytest.approx(0.75)
 
 
-def test_codes_start_live_and_a_restarted_code_gets_the_mean_usage():
-    """After the data-driven init every code counts as used (none restarted before usage is counted); a restarted
-    code starts at the codebook's mean usage, so it is not dead again at once."""
+def test_codes_are_judged_after_their_first_step_and_a_restarted_code_starts_again():
+    """After the data-driven init no code is judged before a step's usage is counted (none restarted at once); a
+    restarted code starts again at age 0, so it is not dead again before its next step is counted."""
     from adni_diffusers.vq import CodebookMonitor
 
     monitor = CodebookMonitor(8)
@@ -1526,12 +1526,14 @@ def test_codes_start_live_and_a_restarted_code_gets_the_mean_usage():
     assert len(monitor.restart_dead(codebook, torch.randn(16, 4), torch.Generator().manual_seed(1))) == 0
     # codes 0 and 2 dead; code 1 at the threshold (0.03 uses per step) is live
     monitor.usage.copy_(torch.tensor([0.0, 0.03, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0], dtype=torch.float64))
+    monitor.age.fill_(1e6)  # long counted: the usage is the mean as it is
     before, vectors = codebook.clone(), torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
     restarted = monitor.restart_dead(codebook, vectors, torch.Generator().manual_seed(1))
     assert restarted.tolist() == [0, 2]
     assert torch.cdist(codebook[[0, 2]], vectors).min(1).values.max() < 0.1  # moved onto encoder outputs
     assert torch.equal(codebook[[1, 3, 4, 5, 6, 7]], before[[1, 3, 4, 5, 6, 7]])  # the others stay
-    assert monitor.usage[[0, 2]].tolist() == pytest.approx([1.25375] * 2)  # the mean of 0, 0.03, 0, 2 x 5
+    assert monitor.usage[[0, 2]].tolist() == monitor.age[[0, 2]].tolist() == [0.0, 0.0]
+    assert float(monitor.live_fraction()) == 1.0  # not judged again before their next step
 
 
 def test_codes_restarted_onto_fewer_vectors_still_differ():
@@ -1540,6 +1542,7 @@ def test_codes_restarted_onto_fewer_vectors_still_differ():
     from adni_diffusers.vq import CodebookMonitor
 
     monitor = CodebookMonitor(12)
+    monitor.update(torch.zeros(12))  # a step in which no code was used: all dead
     codebook = torch.zeros(12, 4)
     vectors = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     assert len(monitor.restart_dead(codebook, vectors, torch.Generator().manual_seed(0))) == 12
@@ -1603,7 +1606,7 @@ def test_the_training_loop_feeds_the_gan_and_the_restarts_what_they_are_for(tmp_
 
     def update(self, counts):
         real_update(self, counts)
-        seen["counts"], seen["usage"] = counts.clone(), self.usage.clone()
+        seen["counts"], seen["uses"] = counts.clone(), self.uses_per_step().clone()
 
     def end_step(run, logs):
         seen["gan_steps"].append("g_loss" in logs)
@@ -1611,7 +1614,7 @@ def test_the_training_loop_feeds_the_gan_and_the_restarts_what_they_are_for(tmp_
         p = seen["counts"].double() / seen["counts"].sum()
         p = p[p > 0]
         assert float(logs["perplexity"]) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
-        assert float(logs["live_code_fraction"]) == pytest.approx(float((seen["usage"] >= 0.03).double().mean()))
+        assert float(logs["live_code_fraction"]) == pytest.approx(float((seen["uses"] >= 0.03).double().mean()))
         real_end(run, logs)
         if run.global_step == 2:
             raise StopRun
