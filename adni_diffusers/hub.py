@@ -267,10 +267,24 @@ def unfinished_pipeline_problem(folder: str | Path) -> str | None:
             "(train_unet.py --resume_from_checkpoint latest) so that it saves the whole pipeline, then push")
 
 
+def evaluation_in_progress_problem(folder: str | Path) -> str | None:
+    """Why `folder` must not be pushed because `adni-diffusers evaluate` is writing its evaluation/ or was cut short
+    there (its marker): the push would publish part of an evaluation beside the card's numbers. Else None."""
+    from .evaluate import RUNNING_MARKER
+
+    marker = Path(folder) / "evaluation" / RUNNING_MARKER
+    if not marker.is_file():
+        return None
+    return (f"cannot push {str(folder)!r}: an evaluation is writing into its evaluation/ or was cut short there "
+            f"({marker}), so its results may be partial; wait for it to finish or run `adni-diffusers evaluate` "
+            f"again; to push the folder as it is, pass --force (or delete {marker})")
+
+
 def check_ready_to_push(folder: str | Path, force: bool = False) -> None:
-    """Raise HubError where `folder` is not one finished model: a training run's marker (unless `force`), or a
-    pipeline without its model_index.json (always: that push would break the repo)."""
-    problem = (None if force else training_in_progress_problem(folder)) or unfinished_pipeline_problem(folder)
+    """Raise HubError where `folder` is not one finished model: a training run's or an evaluation's marker (unless
+    `force`), or a pipeline without its model_index.json (always: that push would break the repo)."""
+    problem = (None if force else training_in_progress_problem(folder) or evaluation_in_progress_problem(folder)) \
+        or unfinished_pipeline_problem(folder)
     if problem:
         raise HubError(problem)
 
@@ -851,6 +865,12 @@ def push_folder(
                 # LICENSE.md, first_stage_metrics.json, an older pipeline_adni_ldm_<hash>.py): by exact name (a
                 # pattern such as *.json would reach into other folders); others' files of other kinds stay
                 there = api.list_repo_files(repo_id, revision=revision, repo_type="model", token=token)
+                if kind == "vqmodel" and "model_index.json" in there:
+                    # its vqvae/ and card would be replaced under a UNet trained on the old latents
+                    raise HubError(f"{repo_id} holds a pipeline (model_index.json){' on ' + revision if revision else ''}:"
+                                   f" pushing the VQ model {str(folder)!r} there would replace the pipeline's vqvae/ "
+                                   "and card under a UNet trained on another VQ model's latents; push it to a repo of "
+                                   "its own (e.g. --repo-id <name>-vq)")
                 gone = [name for name in there
                         if "/" not in name and name not in files and _stale_at_top(name, kind)]
                 if gone:

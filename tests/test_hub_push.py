@@ -1105,7 +1105,8 @@ def test_a_push_names_what_it_leaves_out_of_the_folder(pipeline_dir, tmp_path, c
                           # beside pushed files: named alone, not their pushed folder
                           "unet/latent_cache/train.safetensors": b"c", "evaluation/.evaluation_running": b""})
     with caplog.at_level(logging.INFO, logger="adni_diffusers"):
-        files = hub.stage_upload(pipeline_dir, tmp_path / "staged", REPO, revision="v2")
+        # (force: the evaluation marker is listed as left out; pushed without --force, it is refused)
+        files = hub.stage_upload(pipeline_dir, tmp_path / "staged", REPO, revision="v2", force=True)
     assert "evaluation/report.md" in files and "slice.jpeg" not in files
     assert ("not pushing checkpoint-2/, demo_recipe.json, evaluation/.evaluation_running, evaluation/cf/, logs/, "
             "samples/, unet/latent_cache/: not part of the model (docs/hub.md)") in caplog.text
@@ -1148,15 +1149,36 @@ def test_a_pipeline_without_model_index_is_refused_not_pushed_as_a_vq_model(hub_
     assert hub_stub.requests == []
 
 
-def test_a_vq_model_push_leaves_a_pipelines_code_and_index_in_the_repo(hub_stub, vq_dir):
+def test_a_vq_model_push_leaves_a_pipeline_repo_alone(hub_stub, vq_dir):
     """A VQ model pushed into a repo holding a pipeline deleted its pipeline_adni_ldm_<hash>.py as a stale top-level
-    file, while model_index.json stayed naming it: DiffusionPipeline.from_pretrained(repo) then failed."""
-    hub_stub.add_repo(REPO, private=True, files={"model_index.json": b"{}", "pipeline_adni_ldm_abc.py": b"#",
-                                                 "samples.png": b"png"})
-    push_folder(vq_dir, REPO, token=hub_stub.token)
-    pushed = hub_stub.repo_files(REPO)
-    assert {"model_index.json", "pipeline_adni_ldm_abc.py"} <= set(pushed) and "vqvae/config.json" in pushed
-    assert "samples.png" not in pushed  # the sweep of the package's own stale files still works
+    file, while model_index.json stayed naming it: DiffusionPipeline.from_pretrained(repo) then failed. And its
+    vqvae/ and card replaced the pipeline's, under a UNet trained on another VQ model's latents. Refused now; a
+    repo of the VQ model's own is still swept of the package's stale files."""
+    files = {"model_index.json": b"{}", "pipeline_adni_ldm_abc.py": b"#", "samples.png": b"png"}
+    hub_stub.add_repo(REPO, private=True, files=files)
+    with pytest.raises(HubError, match=rf"{REPO} holds a pipeline \(model_index.json\).*a repo of its own"):
+        push_folder(vq_dir, REPO, token=hub_stub.token)
+    assert hub_stub.repo_files(REPO) == files
+    hub_stub.add_repo("user/vq-only", private=True, files={"samples.png": b"png", "pipeline_adni_ldm_abc.py": b"#"})
+    push_folder(vq_dir, "user/vq-only", token=hub_stub.token)
+    pushed = hub_stub.repo_files("user/vq-only")
+    assert "vqvae/config.json" in pushed and "samples.png" not in pushed  # the sweep of stale files still works
+    assert "pipeline_adni_ldm_abc.py" in pushed  # a pipeline's code is never swept by a VQ push
+
+
+def test_a_folder_an_evaluation_writes_into_is_refused_until_forced(hub_stub, pipeline_dir, capsys):
+    """`adni-diffusers evaluate` marks evaluation/ from the removal of earlier results to its last write: a push
+    meanwhile (or after a crash) published part of an evaluation."""
+    from adni_diffusers.evaluate import RUNNING_MARKER
+
+    (pipeline_dir / "evaluation").mkdir(exist_ok=True)
+    (pipeline_dir / "evaluation" / RUNNING_MARKER).write_text("an evaluation is writing here\n")
+    assert _cli_push(pipeline_dir, "--token", hub_stub.token) == 2
+    err = capsys.readouterr().err
+    assert "an evaluation is writing into its evaluation/ or was cut short there" in err and "--force" in err, err
+    assert hub_stub.requests == []
+    assert _cli_push(pipeline_dir, "--token", hub_stub.token, "--force") == 0
+    assert f"evaluation/{RUNNING_MARKER}" not in hub_stub.repo_files(REPO)
 
 
 def test_the_default_commit_message_says_what_was_pushed(hub_stub, pipeline_dir, vq_dir):
