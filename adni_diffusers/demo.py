@@ -37,10 +37,14 @@ PLANS = {
         # no SSIM term here: on CPU it costs 60% more per step (docs/results.md)
         "vq": ["--ssim_weight", "0", "--max_train_steps", "250", "--train_batch_size", "8", "--learning_rate", "1e-3",
                "--lr_warmup_steps", "20", "--save_images_steps", "50", "--eval_max_images", "120",
-               "--checkpointing_steps", "100", "--checkpoints_total_limit", "1"],
+               "--checkpointing_steps", "100", "--checkpoints_total_limit", "1",
+               # held-out PSNR/SSIM twice: a small VQModel reconstructs and is measured at about 0.5 s an image on
+               # 2 loaded cores (2026-12-06), so 32 images, not the default 256
+               "--validation_steps", "125", "--validation_max_images", "32"],
         "unet": [*DIFFUSION, "--max_train_steps", "650", "--train_batch_size", "32", "--learning_rate", "1e-3",
                  "--lr_warmup_steps", "50", "--ema_max_decay", "0.999", "--save_images_epochs", "5",
-                 "--checkpointing_steps", "200", "--checkpoints_total_limit", "1", "--sample_inference_steps", "25"],
+                 "--checkpointing_steps", "200", "--checkpoints_total_limit", "1", "--sample_inference_steps", "25",
+                 "--validation_steps", "130"],  # the held-out loss: a forward per held-out latent, cheap
         "sampler": ("dpm++", 25), "num_images": 8,
     },
     # GPU: the flags of the H100 run in docs/results.md (2026-11-25), longer. There the VQModel (then `base`,
