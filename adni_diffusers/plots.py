@@ -65,7 +65,10 @@ def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
     # every row's keys, in first-seen order: some are logged only later (the GAN terms after --disc_start)
     seen = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: _number(v) for k, v in r.items()} for r in rows]  # a null in history.jsonl is a gap, not a crash
-    keys = [k for k in seen if k not in ("step", "time") and any(np.isfinite(r.get(k, np.nan)) for r in rows)]
+    plotted = [k for k in seen if k not in ("step", "time") and any(np.isfinite(r.get(k, np.nan)) for r in rows)]
+    # a held-out quantity goes on the axes of the training quantity it measures, to see the gap
+    beside = {k: held_out_counterpart(k, plotted) for k in plotted}
+    keys = [k for k in plotted if beside[k] is None]
     if not keys:
         raise ValueError(f"{path}: nothing to plot (no logged quantity has a finite value)")
     cols = min(3, len(keys))
@@ -73,13 +76,21 @@ def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
     steps = np.array([r["step"] for r in rows], dtype=float)
     for ax, key in zip(axes.flat, keys):
-        values = np.array([r.get(key, np.nan) for r in rows], dtype=float)
-        # each quantity over the rows that have it (restarted_codes comes every --codebook_restart_steps only, and a
-        # short run has one row): a bare line between NaN gaps drew nothing; markers while the points are few
-        finite = np.isfinite(values)
-        ax.plot(steps[finite], values[finite], lw=1.2, marker="o" if finite.sum() <= 50 else None, ms=2.5)
-        if "loss" in key and all(v > 0 for v in values[finite]):
+        held_out = [k for k in plotted if beside[k] == key]
+        shown = []
+        for name in [key, *held_out]:
+            values = np.array([r.get(name, np.nan) for r in rows], dtype=float)
+            # each quantity over the rows that have it (restarted_codes comes every --codebook_restart_steps only,
+            # and a short run has one row): a bare line between NaN gaps drew nothing; markers while points are few
+            finite = np.isfinite(values)
+            ax.plot(steps[finite], values[finite], lw=1.2, marker="o" if finite.sum() <= 50 else None, ms=2.5,
+                    label=f"held-out ({name})" if name != key else ("training" if held_out else None))
+            shown.extend(values[finite])
+        # log scale where a loss spans a decade or more; over a narrower range it only hid the ticks
+        if "loss" in key and shown and min(shown) > 0 and max(shown) / min(shown) >= 10:
             ax.set_yscale("log")
+        if held_out:
+            ax.legend(fontsize=7)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
@@ -88,6 +99,19 @@ def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
+
+
+def held_out_counterpart(key: str, keys: list[str]) -> str | None:
+    """The training quantity whose axes the held-out `key` shares: `val_objective` (train_unet's held-out loss in
+    the training objective's measure) -> `loss`; `val_<k>` -> `<k>`, except `val_loss` when `val_objective` is
+    there (then `loss` is weighted, and `val_loss`, plain MSE, is another measure). None: a panel of its own."""
+    if key == "val_objective":
+        target = "loss"
+    elif key.startswith("val_") and not (key == "val_loss" and "val_objective" in keys):
+        target = key[len("val_"):]
+    else:
+        return None
+    return target if target in keys else None
 
 
 def _number(value) -> float:

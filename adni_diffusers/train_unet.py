@@ -40,6 +40,8 @@ RESUME_MUST_MATCH = ("conditional", "cond_dropout", "prediction_type", "loss", "
 
 
 MAX_TRAIN_TIMESTEPS = 1_000_000  # DDPM's is 1000
+VAL_LOSS_MEASURE = ("unweighted MSE of the prediction (its --prediction_type target) on every held-out latent, with "
+                    "the same noise and timesteps each time (seed 1234), by the saved weights (the EMA's with --use_ema)")
 MAX_SAMPLE_IMAGES = 64  # as generate's grid.png: a wider row is unreadable
 
 # sampling starts from pure noise: the forward process must end (nearly) there. 0.01 leaves a tenth of the signal's
@@ -465,11 +467,18 @@ def main(args: argparse.Namespace) -> dict:
         m, probe_latents, probe_labels, torch.Generator(device=device).manual_seed(0)).backward(),
         child_probe=compile_check)
     ema = training.make_ema(training.bare_model(accelerator, model), args, device)
+    weighted_objective = args.loss != "mse" or bool(args.snr_gamma)  # `loss` is then not plain MSE
+
     def validate():  # --validation_steps: the held-out loss of the weights a save now would keep
         unet_now = training.bare_model(accelerator, model)
         with training.weights_to_save(unet_now, ema):
-            return {"val_loss": _validation_loss(unet_now, noise_scheduler, val_latents, data.val.labels, class_names,
-                                                 args, device)}
+            held_out = {"val_loss": _validation_loss(unet_now, noise_scheduler, val_latents, data.val.labels,
+                                                     class_names, args, device)}
+            if weighted_objective:  # also in the training `loss`'s own measure, to set beside it
+                held_out["val_objective"] = _validation_loss(unet_now, noise_scheduler, val_latents, data.val.labels,
+                                                             class_names, args, device, loss_type=args.loss,
+                                                             snr_gamma=args.snr_gamma)
+            return held_out
 
     training.clear_earlier_run(args, accelerator, "model_index.json", "unet")  # every check passed: now, not before
     run = training.TrainingRun(args, accelerator, loader, sampler, model, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -539,6 +548,8 @@ def main(args: argparse.Namespace) -> dict:
                 **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
                 "val_loss": _validation_loss(final_unet, noise_scheduler, val_latents, data.val.labels, class_names,
                                              args, device) if val_latents is not None else None,
+                "val_loss_measure": VAL_LOSS_MEASURE,
+                "val_latents": len(val_latents) if val_latents is not None else 0,
             }
             write_text_atomically(Path(args.output_dir) / "train_metrics.json", json.dumps(result, indent=2))
             run.log_final_metrics(result, ["val_loss"])
@@ -597,11 +608,13 @@ def latent_shape_of(vq) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def _validation_loss(unet, noise_scheduler, latents, labels, class_names, args, device) -> float:
+def _validation_loss(unet, noise_scheduler, latents, labels, class_names, args, device, loss_type: str = "mse",
+                     snr_gamma: float | None = None) -> float:
     """The denoising loss on every held-out latent with fixed noise (the same draws every time): comparable across
     runs. The noise and timesteps are drawn once for the whole set, on the CPU: the same numbers whatever
     --eval_batch_size and device. (Until 2026-12-02 the first 512 in path order: on ADNI a skewed few of the
-    held-out patients; and the draws were made batch by batch, so they changed with --eval_batch_size.)"""
+    held-out patients; and the draws were made batch by batch, so they changed with --eval_batch_size.)
+    Plain MSE by default (`val_loss`); `loss_type` and `snr_gamma` give the training objective's own measure."""
     from adni_diffusers.diffusion import diffusion_loss
 
     gen = torch.Generator().manual_seed(1234)
@@ -611,8 +624,8 @@ def _validation_loss(unet, noise_scheduler, latents, labels, class_names, args, 
     total = 0.0
     for s in range(0, len(z0), args.eval_batch_size):
         sl = slice(s, s + args.eval_batch_size)
-        batch_loss = diffusion_loss(unet, noise_scheduler, z0[sl], None if y is None else y[sl], None, "mse",
-                                    noise=noise[sl].to(device, z0.dtype), t=t[sl].to(device))
+        batch_loss = diffusion_loss(unet, noise_scheduler, z0[sl], None if y is None else y[sl], None, loss_type,
+                                    snr_gamma=snr_gamma, noise=noise[sl].to(device, z0.dtype), t=t[sl].to(device))
         total += float(batch_loss) * len(z0[sl])
     return total / len(z0)
 

@@ -91,16 +91,48 @@ def _drawn(monkeypatch, rows, **kwargs):
 
 
 def test_loss_curves_log_scale_only_for_positive_losses_and_skip_flags(monkeypatch, tmp_path):
-    """A loss that is positive throughout on a log scale; the hinge GAN's generator loss (negative) and the learning
-    rate on a linear one; an on/off field is no quantity; at most 3 panels a row, the rest hidden; the figure's
-    title."""
-    rows = [{"step": s, "time": 0.1 * s, "loss": 1.0 / s, "g_loss": -0.5 + 0.1 * s, "lr": 1e-4 * s,
+    """A loss that is positive throughout and spans a decade on a log scale; the hinge GAN's generator loss
+    (negative) and the learning rate on a linear one; an on/off field is no quantity; at most 3 panels a row, the rest
+    hidden; the figure's title."""
+    rows = [{"step": s, "time": 0.1 * s, "loss": 10.0 ** (1 - s), "g_loss": -0.5 + 0.1 * s, "lr": 1e-4 * s,
              "skipped_nan": s == 2} for s in (1, 2, 3)]
     path, seen = _drawn(monkeypatch, rows, path=tmp_path / "new" / "loss_curve.png", title="vq run")
     assert path.is_file() and seen["suptitle"] == "vq run"
     assert list(seen["panels"]) == ["loss", "g_loss", "lr"] and seen["columns"] == 3
-    assert seen["panels"]["loss"] == ([1.0, 2.0, 3.0], [1.0, 0.5, 1.0 / 3], "log")
+    assert seen["panels"]["loss"] == ([1.0, 2.0, 3.0], [1.0, 0.1, 0.01], "log")
     assert seen["panels"]["g_loss"][2] == "linear" and seen["panels"]["lr"][2] == "linear"
+    # a loss within a narrow range: a log axis showed only "1.18x10^0"-like ticks
+    narrow = [{"step": s, "loss": 1.2 - 0.01 * s} for s in (1, 2, 3)]
+    assert _drawn(monkeypatch, narrow, path=tmp_path / "narrow.png")[1]["panels"]["loss"][2] == "linear"
     rows = [{"step": s, **{f"q{k}_loss": 1.0 + k for k in range(4)}} for s in (1, 2)]
     _, seen = _drawn(monkeypatch, rows, path=tmp_path / "four.png")
     assert len(seen["panels"]) == 4 and seen["columns"] == 3 and seen["suptitle"] == "training"
+
+
+def test_held_out_curves_share_the_axes_of_what_they_measure(monkeypatch, tmp_path):
+    """`val_loss` was a panel of its own, on its own range, rows below the training loss it is to be compared with.
+    It is drawn on the training loss's axes now, labelled; with a weighted objective (Min-SNR, smooth L1) the
+    held-out loss in that objective's measure (`val_objective`) goes there, and `val_loss` (plain MSE) keeps a panel
+    of its own. Held-out numbers with no training counterpart (the VQ stage's PSNR) keep theirs."""
+    from adni_diffusers.plots import held_out_counterpart
+
+    assert held_out_counterpart("val_loss", ["loss", "val_loss"]) == "loss"
+    assert held_out_counterpart("val_loss", ["loss", "val_loss", "val_objective"]) is None
+    assert held_out_counterpart("val_objective", ["loss", "val_loss", "val_objective"]) == "loss"
+    assert held_out_counterpart("val_psnr", ["loss", "val_psnr"]) is None
+    assert held_out_counterpart("loss", ["loss"]) is None
+    rows = [{"step": s, "loss": 1.0, "lr": 0.1} for s in (1, 2, 3)]
+    rows[-1].update(val_loss=1.1, val_psnr=20.0)
+    path, seen = _drawn(monkeypatch, rows, path=tmp_path / "curve.png")
+    assert list(seen["panels"]) == ["loss", "lr", "val_psnr"]
+    import matplotlib.pyplot as plt
+
+    from adni_diffusers import plots
+
+    axes = {}
+    save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, p, **kw: axes.update(
+        {ax.get_title(): [line.get_label() for line in ax.lines] for ax in fig.axes if ax.axison}) or save(fig, p, **kw))
+    plots.plot_loss_curves(rows, tmp_path / "again.png")
+    assert axes["loss"] == ["training", "held-out (val_loss)"]
+    assert plt.get_fignums() == []
