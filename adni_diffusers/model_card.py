@@ -735,9 +735,10 @@ The first stage of an adni-diffusers latent diffusion model: a VQ-regularised au
 > **Research use only.** Not a medical device; not for diagnosis or any clinical decision.
 
 {% if reconstructions -%}
-![{{ recon_set[:1] | upper }}{{ recon_set[1:] }} (top), their reconstructions (middle) and the absolute error (bottom)]({{ reconstructions }})
+![{{ recon_set[:1] | upper }}{{ recon_set[1:] }} (top), their reconstructions (middle) and the absolute error x 10 (bottom)]({{ reconstructions }})
 
-*Top: {{ recon_set }}; middle: reconstructions; bottom: absolute error (black = exact).*
+*Top: {{ recon_set }}; middle: reconstructions; bottom: absolute error x 10 (black = exact, white = 10% of the
+intensity range or more).*
 {% else -%}
 The reconstruction grid (`reconstructions.png` in the training output folder) shows real slices, so it is not
 part of this card or its repo.

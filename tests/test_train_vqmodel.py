@@ -69,6 +69,22 @@ def test_outputs_loadable_with_scaling_factor_and_metrics(tiny_vq):
     assert history[-1]["val_ssim"] == pytest.approx(metrics["ssim"], rel=1e-6)
 
 
+def test_the_reconstruction_grids_error_row_is_amplified(tiny_vq):
+    """reconstructions.png's bottom row is |error| x 10 (white from 10% of the intensity range): at x 1 a good
+    model's error row was black throughout (a 33 dB model's errors are a few grey levels)."""
+    import numpy as np
+    from PIL import Image
+
+    from adni_diffusers.vq_eval import ERROR_GAIN
+
+    grid = np.asarray(Image.open(tiny_vq / "reconstructions.png").convert("L")).astype(float)
+    tile = lambda row: grid[2 + row * 258: 2 + row * 258 + 256, 2:258]  # the first column; 2-pixel padding
+    original, reconstruction, error = tile(0), tile(1), tile(2)
+    expected = np.minimum(ERROR_GAIN * np.abs(reconstruction - original), 255)  # in 8-bit levels
+    assert ERROR_GAIN == 10 and np.abs(error - expected).mean() < 6  # up to 10 x the rounding of two 8-bit rows
+    assert np.abs(error - np.abs(reconstruction - original)).mean() > 20  # not the x 1 row
+
+
 def test_scaled_latents_have_unit_std(tiny_vq, demo_root):
     from diffusers import VQModel
 
