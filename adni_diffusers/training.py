@@ -514,8 +514,10 @@ def clear_earlier_run(args, accelerator, product: str, project: str | None = Non
         from .hub import mark_training_started
 
         # from here until the final save (push_if_asked) the folder mixes runs (the earlier model removed or kept
-        # beside this run's records): `adni-diffusers push` refuses it while the marker is there
-        mark_training_started(output_dir, STAGE_SCRIPTS.get(project, "a training run"))
+        # beside this run's records): `adni-diffusers push` refuses it while the marker is there. A resume marks it
+        # once its checkpoint has passed TrainingRun.resume's checks: a refused resume changed nothing here
+        if not resuming:
+            mark_training_started(output_dir, STAGE_SCRIPTS.get(project, "a training run"))
         logs = logging_folder(args)
         logs_inside = logs.is_relative_to(output_dir.resolve())
         earlier = []
@@ -1370,10 +1372,10 @@ def weights_to_save(model, ema: EMAState | None):
     params = list(model.parameters())
     live = [p.detach().clone() for p in params] if ema is not None else []
     was_training = model.training
-    if ema is not None:
-        ema.ema.copy_to(params)
-    model.eval()
     try:
+        if ema is not None:
+            ema.ema.copy_to(params)
+        model.eval()
         yield model
     finally:
         model.train(was_training)
@@ -1530,6 +1532,10 @@ class TrainingRun:
         self.global_step = self.start_step = step
         self.first_epoch = step // self.steps_per_epoch
         self._last_good_checkpoint = path
+        if self.accelerator.is_main_process:  # every check passed: from here the folder changes (clear_earlier_run)
+            from .hub import mark_training_started
+
+            mark_training_started(self.output_dir, STAGE_SCRIPTS.get(self.record.get("stage"), "a training run"))
         self._set_aside_newer_checkpoints(step)
         self._truncate_history(step)
         self._set_aside_evaluation(step)

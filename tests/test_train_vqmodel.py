@@ -85,6 +85,25 @@ def test_the_reconstruction_grids_error_row_is_amplified(tiny_vq):
     assert np.abs(error - np.abs(reconstruction - original)).mean() > 20  # not the x 1 row
 
 
+def test_a_refused_resume_leaves_the_folder_unmarked_and_a_resume_marks_it_while_it_trains(vq, demo_root, monkeypatch):
+    """A resume refused by its checkpoint's checks (fewer steps than the checkpoint's) left `.training_in_progress`
+    in a finished model's folder: push then called it a run cut short, and the advice it gave (resume with the same
+    flags) was refused again. The marker is written once the resume's checks have passed, and goes at the end."""
+    from adni_diffusers import training
+    from adni_diffusers.hub import TRAINING_MARKER
+
+    common = ["--train_data_dir", demo_root, "--output_dir", vq, *TINY_VQ_ARGS, "--resume_from_checkpoint", "latest"]
+    with pytest.raises(training.TrainingError, match="past this run's 2 steps"):
+        run_training_script("train_vqmodel", [*common, "--max_train_steps", "2"])
+    assert not (vq / TRAINING_MARKER).exists()
+    marked = []
+    real_end = training.TrainingRun.end_step
+    monkeypatch.setattr(training.TrainingRun, "end_step",
+                        lambda run, logs: marked.append((vq / TRAINING_MARKER).is_file()) or real_end(run, logs))
+    run_training_script("train_vqmodel", [*common, "--max_train_steps", "5"])
+    assert marked == [True] and not (vq / TRAINING_MARKER).exists()
+
+
 def test_scaled_latents_have_unit_std(tiny_vq, demo_root):
     from diffusers import VQModel
 
