@@ -356,10 +356,24 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def _short(value) -> str:
+    """A config value for a message: a sequence (trained_betas) by its length and ends, not a thousand numbers."""
+    if isinstance(value, (list, tuple, np.ndarray, torch.Tensor)) and len(value) > 4:
+        values = np.asarray(value, dtype=float)
+        return f"[{len(values)} values, {values[0]:.4g} .. {values[-1]:.4g}]"
+    return repr(value)
+
+
 def _same_setting(now, then) -> bool:
-    """Two scheduler config values alike: numbers to float precision (a JSON round trip), the rest equal."""
+    """Two scheduler config values alike: numbers (and sequences of them, trained_betas) to float precision (a JSON
+    round trip), the rest equal."""
     if isinstance(now, (int, float)) and isinstance(then, (int, float)) and not isinstance(now, bool):
         return math.isclose(float(now), float(then), rel_tol=1e-6, abs_tol=1e-12)
+    if isinstance(now, (list, tuple, np.ndarray, torch.Tensor)) or isinstance(then, (list, tuple, np.ndarray)):
+        if now is None or then is None:
+            return False
+        a, b = np.asarray(now, dtype=float), np.asarray(then, dtype=float)
+        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-6, atol=1e-12))
     return now == then
 
 
@@ -505,8 +519,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         names = _ordered_class_names(class_names)
         if training_noise is None:  # at training, or a pipeline saved before 2026-12-06: its scheduler's
             training_noise = {k: scheduler.config[k] for k in TRAINING_NOISE_KEYS if k in scheduler.config}
+        # trained_betas may be an array: a list, for model_index.json
+        training_noise = {k: np.asarray(v).tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v
+                          for k, v in training_noise.items()}
         self.register_to_config(class_names={name: i for i, name in enumerate(names)} if names else None,
-                                preprocess=preprocess, training_noise=dict(training_noise))
+                                preprocess=preprocess, training_noise=training_noise)
 
     @property
     def preprocess(self) -> str:
@@ -706,7 +723,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                              f"DPMSolverMultistep, UniPC or Euler: `pipe.scheduler = DDIMScheduler.from_config("
                              "pipe.scheduler.config)`")
         now = self.scheduler.config
-        differ = [f"{key}={now[key]!r} (trained with {then!r})" for key, then in
+        differ = [f"{key}={_short(now[key])} (trained with {_short(then)})" for key, then in
                   (self.config.get("training_noise") or {}).items() if key in now and not _same_setting(now[key], then)]
         if differ:
             raise ValueError(f"{name} has {', '.join(differ)}: not the forward process this UNet learned, so its "
@@ -962,10 +979,18 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 if config.pop("_name_or_path", None) is not None:
                     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         share_like_other_files(p for name in self.components for p in (save_directory / name).glob("*.safetensors"))
-        if push_to_hub:
-            self._push_saved(save_directory, kwargs.get("repo_id", save_directory.name), token=kwargs.get("token"),
-                             private=kwargs.get("private", True), commit_message=kwargs.get("commit_message"),
-                             create_pr=kwargs.get("create_pr", False), plain=variant is not None)
+        if push_to_hub:  # what this save wrote (and a card beside it), not the rest of the folder: a training
+            # output folder also holds checkpoints, logs, caches, and records or an evaluation of another model
+            with tempfile.TemporaryDirectory() as tmp:
+                staged = Path(tmp)
+                for name in ["model_index.json", target.name, "README.md", *self.components]:
+                    if (save_directory / name).is_dir():
+                        shutil.copytree(save_directory / name, staged / name)
+                    elif (save_directory / name).is_file():
+                        shutil.copyfile(save_directory / name, staged / name)
+                self._push_saved(staged, kwargs.get("repo_id", save_directory.name), token=kwargs.get("token"),
+                                 private=kwargs.get("private", True), commit_message=kwargs.get("commit_message"),
+                                 create_pr=kwargs.get("create_pr", False), plain=variant is not None)
 
     def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = True,
                     token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
@@ -1040,7 +1065,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         from_hub = not folder.is_dir()
         # what the pipeline loads, no more: not the repo's pictures and reports, and with use_safetensors=True not
         # a pickle (.bin) either, which would be downloaded in full only to be refused
-        wanted = ["model_index.json", *(f"{name}/*" for name in ("vqvae", "unet", "scheduler") if name not in given)]
+        wanted = ["model_index.json", *(f"{name}/*" for name in ("vqvae", "unet", "scheduler") if name not in given),
+                  "scheduler/scheduler_config.json"]  # given another scheduler: what the UNet learned (older saves)
         unwanted = list(PICKLE_PATTERNS) if load_kwargs.get("use_safetensors") else None
         if from_hub:
             from huggingface_hub import snapshot_download
@@ -1079,7 +1105,13 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             if name not in given and (bad := nonfinite_weights_text(model)):
                 logger.warning(f"{pretrained_model_name_or_path}: {name} {bad}: a damaged copy, or a run that "
                                "diverged; its samples will not be pictures")
+        training_noise = index.get("training_noise")
+        saved_scheduler = folder / "scheduler" / "scheduler_config.json"
+        if training_noise is None and "scheduler" in given and saved_scheduler.is_file():
+            # saved before 2026-12-06 and given another scheduler: the saved one says what the UNet learned
+            saved = json.loads(saved_scheduler.read_text(encoding="utf-8"))
+            training_noise = {k: saved[k] for k in TRAINING_NOISE_KEYS if k in saved}
         pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"),
-                   preprocess=index.get("preprocess") or "pad", training_noise=index.get("training_noise"))
+                   preprocess=index.get("preprocess") or "pad", training_noise=training_noise)
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipe

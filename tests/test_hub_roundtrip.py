@@ -386,9 +386,11 @@ def test_save_pretrained_writes_and_pushes_no_local_path_and_no_training_clutter
     pipe.register_modules(vqvae=pipe.vqvae)
     assert str(pipe.vqvae.config._name_or_path) == str(private_place)
     out = tmp_path / "ldm"
-    for clutter in ("checkpoint-5/model.safetensors", "logs/events.out", "latent_cache/train.safetensors"):
+    # (and an evaluation and records of another model the folder held: pushed with this one, they described it)
+    for clutter in ("checkpoint-5/model.safetensors", "logs/events.out", "latent_cache/train.safetensors",
+                    "evaluation/metrics.json", "training_data.json", "train_metrics.json"):
         (out / clutter).parent.mkdir(parents=True, exist_ok=True)
-        (out / clutter).write_bytes(b"x")
+        (out / clutter).write_bytes(b"{}")
     pipe.save_pretrained(out, push_to_hub=True, repo_id="user/saved-clean", token=hub_stub.token)
     pushed = hub_stub.repo_files("user/saved-clean")
     assert sorted({name.split("/")[0] for name in pushed}) == sorted(  # + the card adni-diffusers' push writes

@@ -630,6 +630,27 @@ def test_a_scheduler_with_another_forward_process_is_refused(tmp_path):
     old.scheduler = DDIMScheduler(clip_sample=False)
     with pytest.raises(ValueError, match="prediction_type='epsilon'"):
         old(**kwargs)
+    # given another scheduler at loading: the saved scheduler's config says what the UNet learned, not the one given
+    old = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "pipe", scheduler=DDIMScheduler(clip_sample=False))
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        old(**kwargs)
+
+
+def test_a_forward_process_of_trained_betas_is_recorded_and_compared(tmp_path):
+    """A scheduler with `trained_betas` as an array: the record held the array, so the comparison raised numpy's
+    "truth value of an array is ambiguous" and model_index.json could not be written."""
+    betas = np.linspace(1e-4, 0.02, 1000)
+    pipe = make_pipe(scheduler=DDPMScheduler(trained_betas=betas, clip_sample=False))
+    kwargs = dict(num_inference_steps=2, class_labels="AD", generator=seeded(), output_type="latent")
+    assert pipe(**kwargs).images.shape == (1, 4, 32, 32)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.config.training_noise["trained_betas"] == pytest.approx(betas.tolist())
+    assert loaded(**kwargs).images.shape == (1, 4, 32, 32)
+    loaded.scheduler = DDPMScheduler(trained_betas=betas * 2, clip_sample=False)
+    with pytest.raises(ValueError, match=r"trained_betas=\[1000 values, 0.0002 .. 0.04\] \(trained with \[1000 "
+                                         r"values, 0.0001 .. 0.02\]\)"):
+        loaded(**kwargs)
 
 
 def test_a_diffusers_callback_object_gets_the_tensors_it_names(pipe):
