@@ -2025,6 +2025,12 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
     write_text_atomically(record, json.dumps(safe_args, indent=2, default=str))
 
 
+# the scalars each stage's runs are compared by in tensorboard's HParams tab
+HPARAMS_METRICS = {"unet": ("final/val_loss", "val_loss", "loss"),
+                   "vqmodel": ("final/psnr", "final/ssim", "final/ms_ssim", "final/psnr_brain", "val_psnr", "val_ssim",
+                               "loss")}
+
+
 def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
     """Tensorboard (with the run's flags, tokens left out) on the main process. A run resumed at `start_step`
     drops the events logged after it by the first attempt (they would show twice: steps 1, 2, 3, 4, 3, 4).
@@ -2032,7 +2038,9 @@ def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
     training_args.json; TensorBoard shows a run's first flags only): Accelerate's `config=` put them in a new folder
     named by the time (`logs/<project>/1764982311.52/`), which TensorBoard listed as another run at every start."""
     if accelerator.is_main_process:
-        flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
+        # a flag left at None ("what accelerate config says", "off") is a value too: "None", not left out
+        flags = {k: "None" if v is None else v for k, v in vars(args).items()
+                 if (v is None or isinstance(v, (int, float, str, bool))) and "token" not in k}
         init_kwargs = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
         accelerator.init_trackers(project, init_kwargs=init_kwargs)
         from torch.utils.tensorboard.summary import hparams
@@ -2041,7 +2049,9 @@ def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
             if tracker.name != "tensorboard":  # wandb, comet, ...: their run config, as init_trackers(config=) gives it
                 tracker.store_init_configuration(flags)
             elif not start_step:
-                for summary in hparams(flags, {}):  # what SummaryWriter.add_hparams writes, minus its own folder
+                # the metrics the HParams table shows beside the flags (their values are the run's own scalars)
+                metrics = dict.fromkeys(HPARAMS_METRICS.get(project, ()), 0.0)
+                for summary in hparams(flags, metrics):  # what SummaryWriter.add_hparams writes, minus its folder
                     tracker.writer.file_writer.add_summary(summary)
                 tracker.writer.flush()
 

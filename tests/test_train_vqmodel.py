@@ -263,6 +263,11 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
     start = plugin_data_pb2.HParamsPluginData.FromString(
         scalars.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["max_train_steps"].number_value == 4 and start.hparams["preset"].string_value == "tiny"
+    assert start.hparams["mixed_precision"].string_value == "None"  # a flag left at None was left out
+    # the HParams table's metric columns: the run's held-out numbers (it had none to sort runs by)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        scalars.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"final/psnr", "final/ssim", "val_psnr", "loss"}
 
     for checkpoint in training.list_checkpoints(out):
         shutil.rmtree(checkpoint)
