@@ -29,6 +29,26 @@ def to_pil_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2)
     return Image.fromarray((grid[0].numpy() * 255).round().astype(np.uint8), mode="L")
 
 
+GRID_CAPTION_HEIGHT = 18  # the band above a labelled grid (one line of PIL's default font)
+GRID_TITLES_WIDTH = 100  # the band left of it, for row titles
+
+
+def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: list[str] | None = None,
+                  caption: str | None = None) -> Image.Image:
+    """A `to_pil_grid` grid of `tile`-pixel images with a caption above (what it shows: step, weights, sampler)
+    and a title left of each row (a class, "original"): the periodic grids said neither."""
+    left = GRID_TITLES_WIDTH if row_titles else 0
+    top = GRID_CAPTION_HEIGHT if caption else 0
+    out = Image.new("L", (left + grid.width, top + grid.height), 255)
+    out.paste(grid.convert("L"), (left, top))
+    draw = ImageDraw.Draw(out)
+    if caption:
+        draw.text((left + padding, 3), caption, fill=0)
+    for r, title in enumerate(row_titles or []):
+        draw.text((2, top + padding + r * (tile + padding) + tile // 2 - 6), title[:16], fill=0)
+    return out
+
+
 def save_image_grid(images: torch.Tensor, path, nrow: int | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2056,16 +2056,23 @@ def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
                 tracker.writer.flush()
 
 
-def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path, nrow: int) -> Path:
-    """A grid of images in [-1, 1] as a PNG at `path` and, when tensorboard is on, as an image there."""
+def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path, nrow: int,
+                   row_titles: list[str] | None = None, caption: str | None = None) -> Path:
+    """A grid of images in [-1, 1] as a PNG at `path` and, when tensorboard is on, as an image there; with a title
+    left of each row and a caption above when given."""
     import numpy as np
 
-    from .plots import save_image_grid, to_pil_grid
+    from .plots import labelled_grid, to_pil_grid
 
-    path = save_image_grid(images, path, nrow=nrow)
+    grid = to_pil_grid(images, nrow=nrow)
+    if row_titles or caption:
+        grid = labelled_grid(grid, images.shape[-1], row_titles=row_titles, caption=caption)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_image(tag, np.asarray(to_pil_grid(images, nrow=nrow))[None], step)
+            tracker.writer.add_image(tag, np.asarray(grid)[None], step)
     return path
 
 

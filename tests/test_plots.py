@@ -136,3 +136,24 @@ def test_held_out_curves_share_the_axes_of_what_they_measure(monkeypatch, tmp_pa
     plots.plot_loss_curves(rows, tmp_path / "again.png")
     assert axes["loss"] == ["training", "held-out (val_loss)"]
     assert plt.get_fignums() == []
+
+
+def test_a_labelled_grid_has_its_caption_above_and_a_title_left_of_each_row():
+    """The periodic grids (samples/, reconstructions in samples/, tensorboard) said neither which row is which class
+    (or original / reconstruction) nor the step, weights and sampler: only the model card's captions did."""
+    import numpy as np
+    from PIL import Image
+
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT, GRID_TITLES_WIDTH, labelled_grid, to_pil_grid
+
+    grid = to_pil_grid(torch.full((4, 1, 32, 32), -1.0), nrow=2)  # two rows of black tiles
+    out = labelled_grid(grid, 32, row_titles=["AD", "NC"], caption="step 5, EMA weights, DDIM 3 steps")
+    assert isinstance(out, Image.Image) and out.mode == "L"
+    assert out.size == (GRID_TITLES_WIDTH + grid.width, GRID_CAPTION_HEIGHT + grid.height)
+    pixels = np.asarray(out)
+    assert np.array_equal(pixels[GRID_CAPTION_HEIGHT:, GRID_TITLES_WIDTH:], np.asarray(grid))  # the grid, as it was
+    assert pixels[:GRID_CAPTION_HEIGHT].min() < 64  # the caption's text
+    row_bands = [pixels[GRID_CAPTION_HEIGHT + 2 + r * 34: GRID_CAPTION_HEIGHT + 2 + (r + 1) * 34 - 2, :GRID_TITLES_WIDTH]
+                 for r in range(2)]
+    assert all(band.min() < 64 for band in row_bands)  # a title beside each row
+    assert labelled_grid(grid, 32).size == grid.size  # nothing to add: the grid alone
