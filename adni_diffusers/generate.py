@@ -271,8 +271,9 @@ def model_fingerprint(model: str) -> str | None:
 class GifRecorder:
     """Collects the x0-prediction of the first images every `every` steps (a step callback)."""
 
-    def __init__(self, every: int, keep: int):
+    def __init__(self, every: int, keep: int, total: int | None = None):
         self.every, self.keep, self.frames = every, keep, []
+        self.total = total  # the sampler's steps, refinement included: each frame says where it is
 
     def __call__(self, pipe, step, timestep, tensors):
         if step % self.every == 0:
@@ -282,15 +283,18 @@ class GifRecorder:
     def save(self, pipe, path: Path, final: torch.Tensor) -> Path:
         from PIL import Image
 
-        from .plots import to_pil_grid
+        from .plots import labelled_grid, to_pil_grid
 
-        def frame(images):  # at most 512 px wide: a GIF of full-size grids runs to megabytes
+        def frame(images, caption):  # at most 512 px wide: a GIF of full-size grids runs to megabytes
             grid = to_pil_grid(images)
             scale = min(1.0, 512 / grid.width)
-            return grid.resize((round(grid.width * scale), round(grid.height * scale)), Image.BILINEAR)
+            grid = grid.resize((round(grid.width * scale), round(grid.height * scale)), Image.BILINEAR)
+            return labelled_grid(grid, 0, caption=caption)  # captioned after the resize: text stays readable
 
-        frames = [frame(pipe.decode(x0.to(pipe.device), output_type="pt").cpu() * 2 - 1) for _, x0 in self.frames]
-        frames.append(frame(final[: self.keep]))
+        of = f" of {self.total}" if self.total else ""
+        frames = [frame(pipe.decode(x0.to(pipe.device), output_type="pt").cpu() * 2 - 1,
+                        f"step {step + 1}{of}: the prediction of the final image") for step, x0 in self.frames]
+        frames.append(frame(final[: self.keep], "the final images"))
         durations = [80] * (len(frames) - 1) + [1500]
         tmp = path.with_name(path.name + ".tmp")  # renamed when whole: a kill mid-write leaves no broken GIF
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
@@ -432,7 +436,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 
     total_steps = steps + refine_repeats * refine_steps
     # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
-    recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16)) \
+    recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16), total=total_steps) \
         if gif and not gif_kept else None
     grid_images, first_batch = [], True
     paths = {"images": []}

@@ -156,9 +156,12 @@ def test_gif_ends_on_the_images_it_animates(fresh_pipe, tmp_path):
 
     paths = generate("unused", tmp_path, num_images=4, scheduler="ddim", steps=2, batch_size=1, device="cpu",
                      gif=True, pipe=fresh_pipe)
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT
+
     with Image.open(paths["gif"]) as gif:
         gif.seek(gif.n_frames - 1)
-        last = gif.convert("L")
+        framed = gif.convert("L")
+    last = framed.crop((0, GRID_CAPTION_HEIGHT, framed.width, framed.height))  # below the frame's caption
     first = Image.open(paths["images"][0])
     assert last.size == first.size  # one image, not a crop of the four-image grid
     assert np.abs(np.asarray(last).astype(int) - np.asarray(first)).mean() < 2  # GIF palette rounding only
@@ -433,6 +436,18 @@ def test_gif_animates_the_first_batch_only(fresh_pipe, tmp_path, monkeypatch):
     generate("unused", tmp_path, num_images=4, scheduler="ddim", steps=3, batch_size=2, device="cpu", gif=True,
              pipe=fresh_pipe)
     assert [step for step, _ in recorded] == [0, 1, 2]
+    # each frame says what it is (the step, that it is a prediction; the last: the final images) in a band above
+    import numpy as np
+    from PIL import Image, ImageSequence
+
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT
+
+    with Image.open(tmp_path / "denoising.gif") as gif:
+        frames = [np.asarray(f.convert("L")) for f in ImageSequence.Iterator(gif)]
+    assert len(frames) == 4 and frames[0].shape[1] == 512  # two 256-px images, scaled to 512 px wide
+    assert frames[0].shape[0] == GRID_CAPTION_HEIGHT + round((2 + 258) * 512 / (2 + 2 * 258))
+    assert all(f[:GRID_CAPTION_HEIGHT].min() < 64 for f in frames)
+    assert not np.array_equal(frames[0][:GRID_CAPTION_HEIGHT], frames[1][:GRID_CAPTION_HEIGHT])  # step 1, step 2
 
 
 def test_the_command_has_a_version_and_a_plain_description(capsys):
