@@ -559,6 +559,8 @@ def main(args: argparse.Namespace) -> dict:
                     kept.unlink(missing_ok=True)
                 elif not (kept.exists() and kept.samefile(source)):
                     shutil.copyfile(source, kept)
+            logger.info("sampling the model card's samples.png (DDIM, %d steps, 8 per class) and writing the card",
+                        args.sample_inference_steps)
             grid = _final_samples(pipe, class_names, args, device)
             from adni_diffusers.model_card import write_model_card
 
