@@ -408,7 +408,7 @@ def test_a_loss_with_values_at_or_below_zero_keeps_a_linear_axis(tmp_path, monke
     real_save = plots.save_figure
     monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figs.append(
         {ax.get_title(): ax.get_yscale() for ax in fig.axes if ax.get_title()}) or real_save(fig, path, **kw))
-    rows = [{"step": s, "loss": 1.0 / s, "g_loss": 0.5 - 0.2 * s, "lr": 1e-3} for s in (1, 2, 3)]
+    rows = [{"step": s, "loss": 10.0 ** -s, "g_loss": 0.5 - 0.2 * s, "lr": 1e-3} for s in (1, 2, 3)]  # a decade+
     plots.plot_loss_curves(rows, tmp_path / "c.png")
     assert figs[0] == {"loss": "log", "g_loss": "linear", "lr": "linear"}
 

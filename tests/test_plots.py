@@ -129,13 +129,13 @@ def test_held_out_curves_share_the_axes_of_what_they_measure(monkeypatch, tmp_pa
 
     from adni_diffusers import plots
 
-    axes = {}
+    axes, before = {}, plt.get_fignums()  # (figures other tests in this worker left open are not this one's)
     save = plots.save_figure
     monkeypatch.setattr(plots, "save_figure", lambda fig, p, **kw: axes.update(
         {ax.get_title(): [line.get_label() for line in ax.lines] for ax in fig.axes if ax.axison}) or save(fig, p, **kw))
     plots.plot_loss_curves(rows, tmp_path / "again.png")
     assert axes["loss"] == ["training", "held-out (val_loss)"]
-    assert plt.get_fignums() == []
+    assert plt.get_fignums() == before
 
 
 def test_a_labelled_grid_has_its_caption_above_and_a_title_left_of_each_row():
