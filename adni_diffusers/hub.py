@@ -795,6 +795,7 @@ def push_folder(
     trained_on_demo_data: bool | None = None,
     token_flag: str = "--token",
     force: bool = False,
+    public_flag: str = "--public (--hub_public_repo)",
 ) -> str:
     """Upload the model in `folder` to the model repo `repo_id` in one commit; return the commit URL.
 
@@ -806,7 +807,8 @@ def push_folder(
     Creates the repo if needed (private unless `private=False`) and, when `revision` names a branch
     other than main, creates that branch from main first, so checkpoints can go there without
     flooding main's history. `token=None` uses whatever huggingface_hub
-    already knows (`hf auth login`, HF_TOKEN); `token_flag` is the flag a token message names.
+    already knows (`hf auth login`, HF_TOKEN); `token_flag` and `public_flag` are what messages name (the flags,
+    or a Python argument).
     Unchanged files are skipped by huggingface_hub (no empty commits). `commit_message=None`: one
     that says what is pushed (COMMIT_MESSAGES). `private=False` into an existing private repo
     leaves it private, with a warning.
@@ -846,7 +848,7 @@ def push_folder(
             if private and is_private is False:  # refuse to publish by accident
                 raise HubError(
                     f"{repo_id} already exists and is PUBLIC, but a private push was asked for; make the repo "
-                    f"private on the Hub first, or pass --public (--hub_public_repo) to push to it anyway"
+                    f"private on the Hub first, or pass {public_flag} to push to it anyway"
                 )
             if not private and is_private:  # --public asked for what it cannot do: say so
                 logger.warning("%s already exists and is private: it stays private (--public, --hub_public_repo "

@@ -1019,7 +1019,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             push_folder = None
         if push_folder is not None and not (create_pr or plain):
             return push_folder(folder, repo_id, token=token, private=True if private is None else private,
-                               commit_message=commit_message)
+                               commit_message=commit_message, token_flag="token=", public_flag="private=False")
         from huggingface_hub import create_repo, upload_folder
 
         if not (folder / "README.md").is_file():

@@ -347,6 +347,11 @@ def test_pipeline_push_to_hub_writes_the_packages_card(hub_stub, monkeypatch, ca
     card = ModelCard(hub_stub.repo_files("user/with-card")["README.md"].decode())
     assert card.data.license == "other" and card.data.library_name == "diffusers"
     assert "adni-diffusers" in card.data.tags and "ADNI Data Use" in card.text
+    from adni_diffusers.hub import HubError
+
+    hub_stub.add_repo("user/public", private=False)  # a private push into it is refused, in Python's words
+    with pytest.raises(HubError, match=r"is PUBLIC, but a private push was asked for.*pass private=False"):
+        pipe.push_to_hub("user/public", token=hub_stub.token)
     monkeypatch.setitem(sys.modules, "adni_diffusers.hub", None)  # as where the package is not installed
     with caplog.at_level(logging.WARNING):
         pipe.push_to_hub("user/without-package", token=hub_stub.token)
