@@ -356,12 +356,28 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def training_noise_of(config) -> dict:
+    """The forward process a scheduler config describes (its TRAINING_NOISE_KEYS), arrays as lists for
+    model_index.json (trained_betas may be one)."""
+    return {k: np.asarray(config[k]).tolist() if isinstance(config[k], (np.ndarray, torch.Tensor)) else config[k]
+            for k in TRAINING_NOISE_KEYS if k in config}
+
+
 def _short(value) -> str:
     """A config value for a message: a sequence (trained_betas) by its length and ends, not a thousand numbers."""
     if isinstance(value, (list, tuple, np.ndarray, torch.Tensor)) and len(value) > 4:
         values = np.asarray(value, dtype=float)
         return f"[{len(values)} values, {values[0]:.4g} .. {values[-1]:.4g}]"
     return repr(value)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` a symbolic link to `source`, or a copy where the file system takes no links."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(source.resolve(), target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _same_setting(now, then) -> bool:
@@ -517,11 +533,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"preprocess={preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")
         self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
         names = _ordered_class_names(class_names)
-        if training_noise is None:  # at training, or a pipeline saved before 2026-12-06: its scheduler's
-            training_noise = {k: scheduler.config[k] for k in TRAINING_NOISE_KEYS if k in scheduler.config}
-        # trained_betas may be an array: a list, for model_index.json
-        training_noise = {k: np.asarray(v).tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v
-                          for k, v in training_noise.items()}
+        # at training, or a pipeline saved before 2026-12-06: its scheduler's
+        training_noise = training_noise_of(scheduler.config if training_noise is None else training_noise)
         self.register_to_config(class_names={name: i for i, name in enumerate(names)} if names else None,
                                 preprocess=preprocess, training_noise=training_noise)
 
@@ -984,10 +997,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             with tempfile.TemporaryDirectory() as tmp:
                 staged = Path(tmp)
                 for name in ["model_index.json", target.name, "README.md", *self.components]:
-                    if (save_directory / name).is_dir():
-                        shutil.copytree(save_directory / name, staged / name)
-                    elif (save_directory / name).is_file():
-                        shutil.copyfile(save_directory / name, staged / name)
+                    part = save_directory / name
+                    for source in ([part] if part.is_file() else sorted(p for p in part.rglob("*") if p.is_file())):
+                        _link_or_copy(source, staged / source.relative_to(save_directory))  # not the weights' bytes
                 self._push_saved(staged, kwargs.get("repo_id", save_directory.name), token=kwargs.get("token"),
                                  private=kwargs.get("private", True), commit_message=kwargs.get("commit_message"),
                                  create_pr=kwargs.get("create_pr", False), plain=variant is not None)
@@ -1109,8 +1121,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         saved_scheduler = folder / "scheduler" / "scheduler_config.json"
         if training_noise is None and "scheduler" in given and saved_scheduler.is_file():
             # saved before 2026-12-06 and given another scheduler: the saved one says what the UNet learned
-            saved = json.loads(saved_scheduler.read_text(encoding="utf-8"))
-            training_noise = {k: saved[k] for k in TRAINING_NOISE_KEYS if k in saved}
+            training_noise = training_noise_of(json.loads(saved_scheduler.read_text(encoding="utf-8")))
         pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"),
                    preprocess=index.get("preprocess") or "pad", training_noise=training_noise)
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))

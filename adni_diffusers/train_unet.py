@@ -664,7 +664,7 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
             blank = torch.ones(columns - count, *row.shape[1:])  # a short row ends in white tiles: a row is one class
             images.append(torch.cat([row.cpu(), blank]))
         images = torch.cat(images)
-    weights = "EMA weights" if run.ema is not None else "training weights (no EMA)"
+    weights = training.weights_label(run.ema)
     guidance = f", guidance {args.sample_guidance:g}" if class_names and args.sample_guidance != 1 else ""
     training.log_image_grid(accelerator, "samples", images, run.global_step,
                             f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=columns,

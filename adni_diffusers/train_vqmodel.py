@@ -270,7 +270,7 @@ def _log_reconstructions(accelerator, vq, ema, preview, step, output_dir):
     x = preview.to(accelerator.device)
     with training.weights_to_save(vq, ema):
         recon = vq(x).sample.float().clamp(-1, 1)
-    weights = "EMA weights" if ema is not None else "training weights (no EMA)"
+    weights = training.weights_label(ema)
     return training.log_image_grid(accelerator, "reconstructions", torch.cat([x.float(), recon]), step,
                                    f"{output_dir}/samples/reconstructions-{step:06d}.png", nrow=len(x),
                                    row_titles=["original", "reconstruction"], caption=f"step {step}, {weights}")

@@ -1384,6 +1384,11 @@ def weights_to_save(model, ema: EMAState | None):
                 p.copy_(kept)
 
 
+def weights_label(ema: EMAState | None) -> str:
+    """Which weights `weights_to_save` puts in the model, for a picture's caption."""
+    return "EMA weights" if ema is not None else "training weights (no EMA)"
+
+
 def loss_scale(accelerator) -> float | torch.Tensor:
     """The fp16 GradScaler's current scale, as a device tensor (no host sync); 1.0 without a scaler (bf16, fp32)."""
     scaler = accelerator.scaler
