@@ -1814,6 +1814,8 @@ class TrainingRun:
                 "or a smaller --max_grad_norm."
             )
         means["lr"] = self._current_lr()
+        if self.ema is not None:  # the decay its warm-up has reached (as diffusers' training examples log it)
+            means["ema_decay"] = float(self.ema.ema.get_decay(self.ema.ema.optimization_step))
         means.update(self._validation or {})  # this step's held-out numbers (main process), in its row
         self._validation = None
         self.accelerator.log(means, step=self.global_step)

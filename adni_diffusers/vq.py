@@ -84,7 +84,9 @@ def vq_training_loss(forward, x: torch.Tensor, *, rec_loss: str = "mse", codeboo
     out = forward(x)
     rec = reconstruction_loss(out.recon, x, rec_loss)
     loss = rec + codebook_weight * out.codebook_loss + commitment_beta * out.commitment_loss
-    logs = {"rec_loss": rec, "codebook_loss": out.codebook_loss, "commitment_loss": out.commitment_loss}
+    # the codebook and commitment terms are one number, ||E(x) - e||^2, with the stop-gradient on either side:
+    # logged once (two identical curves told nothing more)
+    logs = {"rec_loss": rec, "codebook_distance": out.codebook_loss.detach()}
     if ssim_weight > 0:
         logs["ssim_loss"] = ssim_loss(out.recon, x)
         loss = loss + ssim_weight * logs["ssim_loss"]

@@ -1491,6 +1491,16 @@ def test_the_saved_unet_holds_the_ema_weights(tiny_ldm):
     assert any(not torch.equal(raw[name], ema[f"ema.{i}"]) for i, name in enumerate(names))  # they do differ
 
 
+def test_the_ema_decay_is_logged_as_its_warm_up_reaches_it(tiny_ldm):
+    """--use_ema: history and tensorboard have `ema_decay`, the decay of the step's average (diffusers' EMAModel
+    warm-up: 1 - (1 + step / inv_gamma) ** -power, for the step before), which grows towards --ema_max_decay."""
+    rows = [json.loads(line) for line in (tiny_ldm / "logs/history.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["ema_decay"] for r in rows if "ema_decay" in r}
+    assert sorted(logged) == [2, 4]  # --logging_steps 2
+    for step, decay in logged.items():
+        assert decay == pytest.approx(1 - (1 + (step - 1)) ** -0.75, rel=1e-6)
+
+
 def test_sample_grids_leave_the_training_weights_and_the_ema_as_they_were(tmp_path):
     """The periodic grid samples with the EMA weights swapped in; training must go on with its own weights (and
     the EMA must keep its average), or every grid would silently reset the model to its average."""
