@@ -856,23 +856,29 @@ def push_folder(
                                "Settings on the Hub", repo_id)
             elif not private and not demo:
                 logger.warning(PUBLIC_WARNING.format(repo_id=repo_id))
-            if revision and revision != "main":
+            new_branch = bool(revision) and revision != "main" and revision not in {
+                ref.name for ref in api.list_repo_refs(repo_id, repo_type="model", token=token).branches}
+            sweep = path_in_repo is None and kind in ("pipeline", "vqmodel")
+            # what the branch holds now (a new branch starts as main), read before anything changes on the Hub
+            there = api.list_repo_files(repo_id, revision=None if new_branch else revision, repo_type="model",
+                                        token=token) if sweep else []
+            if kind == "vqmodel" and "model_index.json" in there:
+                # its vqvae/ and card would be replaced under a UNet trained on the old latents (refused before a
+                # new branch is made: a refusal leaves the repo as it was)
+                raise HubError(f"{repo_id} holds a pipeline (model_index.json){' on ' + revision if revision else ''}:"
+                               f" pushing the VQ model {str(folder)!r} there would replace the pipeline's vqvae/ "
+                               "and card under a UNet trained on another VQ model's latents; push it to a repo of "
+                               "its own (e.g. --repo-id <name>-vq)")
+            if new_branch:
                 api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
             components = _components_of(folder, kind) if path_in_repo is None else []
             # Old weights (another shard layout or variant) must not outlive a new push, nor the files of an
             # earlier evaluation that this model's evaluation no longer has (ablations.csv, umap.png)
             stale = [f"{c}/*" for c in components] + (["evaluation/*"] if components and kind == "pipeline" else [])
-            if path_in_repo is None and kind in ("pipeline", "vqmodel"):
+            if sweep:
                 # nor the top-level files of an earlier push that this one does not have (a demo model's MNI
                 # LICENSE.md, first_stage_metrics.json, an older pipeline_adni_ldm_<hash>.py): by exact name (a
                 # pattern such as *.json would reach into other folders); others' files of other kinds stay
-                there = api.list_repo_files(repo_id, revision=revision, repo_type="model", token=token)
-                if kind == "vqmodel" and "model_index.json" in there:
-                    # its vqvae/ and card would be replaced under a UNet trained on the old latents
-                    raise HubError(f"{repo_id} holds a pipeline (model_index.json){' on ' + revision if revision else ''}:"
-                                   f" pushing the VQ model {str(folder)!r} there would replace the pipeline's vqvae/ "
-                                   "and card under a UNet trained on another VQ model's latents; push it to a repo of "
-                                   "its own (e.g. --repo-id <name>-vq)")
                 gone = [name for name in there
                         if "/" not in name and name not in files and _stale_at_top(name, kind)]
                 if gone:

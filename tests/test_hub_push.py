@@ -1159,6 +1159,10 @@ def test_a_vq_model_push_leaves_a_pipeline_repo_alone(hub_stub, vq_dir):
     with pytest.raises(HubError, match=rf"{REPO} holds a pipeline \(model_index.json\).*a repo of its own"):
         push_folder(vq_dir, REPO, token=hub_stub.token)
     assert hub_stub.repo_files(REPO) == files
+    # into a new branch (made from main, so holding the pipeline too): refused before the branch is made
+    with pytest.raises(HubError, match=rf"{REPO} holds a pipeline \(model_index.json\) on vq-try"):
+        push_folder(vq_dir, REPO, token=hub_stub.token, revision="vq-try")
+    assert hub_stub.branches(REPO) == ["main"]
     hub_stub.add_repo("user/vq-only", private=True, files={"samples.png": b"png", "pipeline_adni_ldm_abc.py": b"#"})
     push_folder(vq_dir, "user/vq-only", token=hub_stub.token)
     pushed = hub_stub.repo_files("user/vq-only")
