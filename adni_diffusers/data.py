@@ -489,6 +489,11 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
             files += loose
             split_of.update({f: split for f in loose})
 
+    backslashes = [f for f in files if "\\" in f.name]
+    if backslashes:  # a Windows archive unpacked as flat names ("AD_NC\\train\\AD\\x.jpeg"): no classes, no split
+        raise DataError(f"{root}: {len(backslashes)} file(s) whose name holds '\\', a Windows path separator (an "
+                        "archive made on Windows, unpacked with its folders as part of the names, e.g. by Python's "
+                        "zipfile); unpack it with `unzip` or 7-Zip, which make the folders: " + _listing(backslashes))
     colons = [f for f in files if "::" in str(f.relative_to(root))]
     if colons:
         raise DataError(f"{root}: {len(colons)} file(s) whose path holds '::', which datasets' file system layer "

@@ -430,8 +430,8 @@ def grey_pixels(arr: np.ndarray, mode: str, called: str | None = None) -> np.nda
         spread = int(np.ptp(arr[..., :3].astype(np.int16), axis=-1).max())
         if spread <= 2:  # not colour: a greyscale slice through a lossy codec that has no greyscale (lossy WebP)
             raise ValueError(f"{shown} image whose channels differ by at most {spread} level{'s' * (spread > 1)} (a "
-                             f"greyscale slice saved lossy, e.g. lossy WebP?); {expected}: save it lossless, or as PNG "
-                             "or JPEG")
+                             f"greyscale slice saved in colour by a lossy codec: colour JPEG, lossy WebP?); {expected}: "
+                             "save it as a greyscale (mode L) PNG or JPEG")
         raise ValueError(f"colour {shown} image; {expected}")
     return arr[..., 0]
 

@@ -559,9 +559,17 @@ def check_output_outside_data(args) -> None:
     folders ("class folders must hold images, not further folders"), naming neither flag."""
     name = "train_data_dir" if getattr(args, "train_data_dir", None) else "demo_data_dir"
     data = getattr(args, name, None)
-    if data and Path(args.output_dir).resolve().is_relative_to(Path(data).resolve()):
-        raise TrainingError(f"--output_dir {args.output_dir}: inside the data folder {data} (--{name}), where the "
-                            "run's files would be read as data; choose an output folder outside it")
+    if not data:
+        return
+    # the tensorboard folder and train_unet's latent cache too: their files (events, .safetensors) made every later
+    # run on that data fail as "files that are not images", naming neither flag
+    written = [("output_dir", args.output_dir, Path(args.output_dir)),
+               ("logging_dir", getattr(args, "logging_dir", None), logging_folder(args)),
+               ("latent_cache_dir", getattr(args, "latent_cache_dir", None), getattr(args, "latent_cache_dir", None))]
+    for flag, given, folder in written:
+        if given and Path(folder).resolve().is_relative_to(Path(data).resolve()):
+            raise TrainingError(f"--{flag} {given}: inside the data folder {data} (--{name}), where the run's "
+                                f"files would be read as data; choose a folder outside it")
 
 
 def start_stage(args, config_of, project_name: str, product: str, stage_flags: tuple[str, ...] = ()):

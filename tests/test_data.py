@@ -203,7 +203,8 @@ def test_a_lossy_webp_of_a_greyscale_slice_is_refused_as_such_not_as_colour(tmp_
     write(root / "AD" / "1003730_85.webp", slice_pixels(3), quality=80)
     write(root / "NC" / "1003731_85.png", slice_pixels(4))
     message = data_error(root, split="all")
-    assert "1003730_85.webp" in message and "channels differ by at most" in message and "lossless" in message
+    assert "1003730_85.webp" in message and "channels differ by at most" in message
+    assert "greyscale (mode L) PNG or JPEG" in message
 
 
 def test_greyscale_stored_as_rgb_is_converted_with_a_logged_count(tmp_path, caplog):
@@ -566,6 +567,19 @@ def test_a_path_with_a_double_colon_is_refused_by_name(tmp_path, where):
     msg = data_error(root, split="given")
     assert "'::'" in msg and "chained URLs" in msg
     assert ("scans::2024" in msg) if where == "root" else ("AD::v2" in msg or "10::00_80.jpeg" in msg)
+
+
+def test_file_names_holding_windows_separators_are_refused(tmp_path):
+    """A zip made on Windows and unpacked by Python's zipfile gives flat files named "AD_NC\\train\\AD\\x.jpeg":
+    they loaded as one unlabelled set (classes and split lost), each patient id holding the path."""
+    root = tmp_path / "unpacked"
+    root.mkdir()
+    for cls, patient in (("AD", "1001"), ("NC", "2002")):
+        for s in range(3):
+            write(root / f"AD_NC\\train\\{cls}\\{patient}_{80 + s}.jpeg", slice_pixels(s))
+    msg = data_error(root, split="all")
+    assert "6 file(s) whose name holds '\\'" in msg and "Windows path separator" in msg and "unzip" in msg
+    assert "AD_NC\\train\\AD\\1001_80.jpeg" in msg
 
 
 @pytest.mark.parametrize("where", ["root", "class"])

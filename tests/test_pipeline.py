@@ -1361,15 +1361,18 @@ def test_float_slices_240_high_are_padded_with_black_rows():
      "colour RGBA image"),
     # a level apart (a lossy codec without a grey mode): refused too, and said so
     (lambda a: np.stack([a, a, np.where(a > 128, a - 1, a).astype(np.uint8)], -1),
-     r"RGB image whose channels differ by at most 1 level \(a greyscale slice saved lossy, e.g. lossy WebP\?\)"),
+     r"RGB image whose channels differ by at most 1 level \(a greyscale slice saved in colour by a lossy codec: "
+     r"colour JPEG, lossy WebP\?\)"),
 ], ids=["blue differs", "opaque colour RGBA", "a level apart"])
 def test_prepare_slices_refuses_images_tinted_in_any_channel(make, message):
     """Only grey RGB/RGBA pass as greyscale (their first channel is taken): a blue channel that differs, or colour in
     an opaque RGBA image, would otherwise be read silently as the red channel's slice."""
     grey = np.random.default_rng(4).integers(0, 256, (240, 256)).astype(np.uint8)
     image = PIL.Image.fromarray(make(grey))
-    with pytest.raises(ValueError, match=f"{message}; expected 8-bit greyscale"):
+    with pytest.raises(ValueError, match=f"{message}; expected 8-bit greyscale") as error:
         prepare_slices(image)
+    if "lossy codec" in message:  # advice that fits a file already a JPEG too
+        assert str(error.value).endswith("save it as a greyscale (mode L) PNG or JPEG")
 
 
 def test_a_negative_class_label_is_refused_by_name(pipe):

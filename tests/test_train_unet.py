@@ -515,6 +515,16 @@ def test_an_output_folder_inside_the_data_folder_is_refused_at_parse_time(tmp_pa
         train_vqmodel.parse_args(["--train_data_dir", ".", "--output_dir", "runs/vq"])
     with pytest.raises(TrainingError, match=r"--output_dir data/ldm: inside the data folder data \(--train_data_dir\)"):
         train_unet.parse_args(["--vqmodel", "v", "--train_data_dir", "data", "--output_dir", "data/ldm"])
+    # the tensorboard folder and the latent cache too: their files made every later run on the data fail as "files
+    # that are not images", naming neither flag
+    with pytest.raises(TrainingError, match=rf"--logging_dir {tmp_path}/data/tb: inside the data folder data "):
+        train_vqmodel.parse_args(["--train_data_dir", "data", "--output_dir", "vq", "--logging_dir",
+                                  str(tmp_path / "data" / "tb")])
+    with pytest.raises(TrainingError, match=r"--latent_cache_dir data/cache: inside the data folder data "):
+        train_unet.parse_args(["--vqmodel", "v", "--train_data_dir", "data", "--output_dir", "ldm",
+                               "--latent_cache_dir", "data/cache"])
+    assert train_unet.parse_args(["--vqmodel", "v", "--train_data_dir", "data", "--output_dir", "ldm",
+                                  "--latent_cache_dir", "cache", "--logging_dir", str(tmp_path / "tb")]).output_dir
     # beside the data, or the data inside the output folder: as before
     assert train_vqmodel.parse_args(["--train_data_dir", "data", "--output_dir", "data_runs/vq"]).output_dir
     assert train_vqmodel.parse_args(["--train_data_dir", "runs/AD_NC", "--output_dir", "runs"]).output_dir
