@@ -249,8 +249,11 @@ class SliceDataset(torch.utils.data.Dataset):
 
 
 def is_demo_dataset(root) -> bool:
-    """Whether the data folder `root` is the synthetic demo set (`demo-data` writes its settings file there)."""
-    return (Path(root) / "demo_settings.json").is_file()
+    """Whether the data folder `root` is the synthetic demo set (`demo-data` writes its settings file there), or
+    one split folder of it (its train/ or test/ given as the data)."""
+    root = Path(root)
+    return (root / "demo_settings.json").is_file() or (
+        root.name.lower() in SPLIT_FOLDERS and (root.parent / "demo_settings.json").is_file())
 
 
 def hash_array(h, values) -> None:

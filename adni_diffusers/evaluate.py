@@ -437,9 +437,23 @@ def fd_intervals(*, held_feats, held_groups, held_patients, gen_feats, gen_group
     if not fd:
         return {}
     return {"level": level, "resamples": resamples, "held_out_patients": draw.patients,
+            # a group of one held-out patient resamples nothing of the patient-to-patient chance: said beside the
+            # ranges, which are then narrower than that chance (group: the class index, or 0 for all)
+            "groups_of_one_patient": [g for g, patients in draw.by_group.items() if len(patients) == 1],
             "resampled": "held-out patients within each class, generated images, and the floor's training draw",
             "fd": _spread_around(measured[0], fd, level, lowest=0.0),
             "floor_fd": _spread_around(measured[1], floor, level, lowest=0.0)}
+
+
+def one_patient_text(intervals: dict, group_names: list[str]) -> str:
+    """What the FD ranges leave out where a class holds one held-out patient (`group_names`: the classes, or
+    ["all"] for an unconditional model): the patient part of the chance."""
+    names = [group_names[g] if g < len(group_names) else str(g) for g in intervals["groups_of_one_patient"]]
+    which = "the held-out set is one patient" if names == ["all"] else (
+        f"{' and '.join(names)} {'has' if len(names) == 1 else 'have'} one held-out patient")
+    return (f"{which[0].upper()}{which[1:]}: the ranges hold no patient-to-patient chance there (they resample its "
+            "slices, the generated images and the floor's draw), so they are narrower than the truth; hold out "
+            "more patients for ranges that reach other patients")
 
 
 def paired_fd_gain(*, held_feats, held_groups, held_patients, base_feats, other_feats, gen_groups, seed: int,
@@ -1147,7 +1161,9 @@ def write_report(res: dict, out: Path) -> Path:
             f"{_n(iv['held_out_patients'], 'held-out patient')} (slices of one patient are alike: resampling slices "
             "would give a far narrower range), of the generated images and of the floor's training draw, centred on "
             "the measured FD (the repeats in a resample raise FD by themselves). Two models whose FDs lie inside "
-            "each other's ranges are not told apart by this evaluation.", ""]
+            "each other's ranges are not told apart by this evaluation."
+            + (f" **{one_patient_text(iv, list(res['realism']['images_per_class']))}**"
+               if iv.get("groups_of_one_patient") else ""), ""]
     if nets := res["realism"].get("across_feature_nets"):
         lines += [f"### In {len(nets['seeds'])} feature nets", "",
                   "The same images measured in feature nets trained alike but for their seed (the first one measures "
@@ -1488,7 +1504,6 @@ def evaluate_model(
     except ValueError as e:
         raise EvaluationError(str(e)) from None
     check_earlier_outputs(out, model_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # beside the model whatever --out is: `counterfactual` looks for the same net there
     cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"
     try:
@@ -1528,6 +1543,14 @@ def evaluate_model(
     if conditional and not model_classes:
         raise EvaluationError(f"{model_dir}: a class-conditional model without class_names in model_index.json")
     data, record = load_evaluation_data(model_dir, data_dir, model_classes or None)
+    if not record["matches_training"] and out.resolve() == (model_dir / "evaluation").resolve():
+        # its "held-out" numbers may be of patients the model trained on: not as the model's evaluation, which the
+        # card shows (another folder of data, an external set, is measured with --out elsewhere)
+        raise EvaluationError(
+            f"--data-dir {data.root}: split as in training it gives other training / held-out sets than the ones "
+            f"{model_dir} recorded (the warning above), so its held-out images may include patients the model "
+            "trained on; give the folder as it was at training (default: the one training_data.json names), or "
+            "--out another folder to measure on this data anyway (the model's evaluation and card stay as they are)")
     class_names = list(data.class_names)
     if not conditional and guidance is not None and float(guidance) != 1.0:  # as generate: not silently dropped
         raise EvaluationError(f"--guidance {guidance:g}: this model is unconditional (classifier-free guidance "
@@ -1556,6 +1579,7 @@ def evaluate_model(
     # everything is checked: an earlier run's outputs go now (a refused run keeps them), before anything is written
     earlier = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)})
     remove_outputs(earlier)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run left an empty --out behind
     (out / RUNNING_MARKER).write_text("an evaluation is writing here (check_earlier_outputs)\n", encoding="utf-8")
     if earlier and render_card:  # a run cut short must not leave the card showing the removed run's numbers
         _rerender_card(model_dir, out)
@@ -1685,9 +1709,15 @@ def evaluate_model(
                     "real_heldout": {"accuracy": fn_report["val"]["accuracy"],
                                      "patient_accuracy": fn_report["val"].get("patient_accuracy"),
                                      "accuracy_per_class": fn_report["val"].get("accuracy_per_class", {})}}
-        trtr_idx = subsample(data.train.labels, {c: num_samples for c in range(len(class_names))}, seed + 2)
-        fidelity["tstr"] = {**train_test_classifier(gen, data.val, recipe, name="TSTR classifier"),
-                            "epochs": tstr_epochs}
+        # the same number of images per class for both (TSTR had every sample where the training split held fewer
+        # slices of a class than --num-samples: more data than TRTR's, in a comparison of the data's quality)
+        equal = {c: min(num_samples, int((data.train.labels == c).sum())) for c in range(len(class_names))}
+        if min(equal.values()) < num_samples:
+            logger.info("TSTR and TRTR train on %s images per class (the training split's slices), not --num-samples "
+                        "%d", {class_names[c]: n for c, n in equal.items()}, num_samples)
+        trtr_idx = subsample(data.train.labels, equal, seed + 2)
+        fidelity["tstr"] = {**train_test_classifier(gen.subset(first_per_class(gen.labels, equal)), data.val, recipe,
+                                                    name="TSTR classifier"), "epochs": tstr_epochs}
         fidelity["trtr"] = {**train_test_classifier(data.train.subset(trtr_idx), data.val, recipe,
                                                     name="TRTR classifier"), "epochs": tstr_epochs}
     elif len(class_names) > 1:
@@ -1890,7 +1920,9 @@ def main(args: argparse.Namespace) -> int:
           f"{between('floor_fd')}; VQ ceiling: {ce['fd']:.4g}); precision {r['precision']:.3f} (floor "
           f"{fl['precision']:.3f}), recall {r['recall']:.3f} (floor {fl['recall']:.3f})"
           + (f"\nFD's ranges: {100 * iv['level']:g}% intervals over the {iv['held_out_patients']} held-out patients"
-             if iv else ""))
+             if iv else "")
+          + (f"\n{one_patient_text(iv, list(result['realism']['images_per_class']))}"
+             if iv.get("groups_of_one_patient") else ""))
     print(f"feature net {'reused from cache' if result['feature_net']['cached'] else 'trained'}: "
           f"{result['feature_net']['path']}")
     print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; {result['card']}")

@@ -80,6 +80,15 @@ def test_layout_sizes_and_names(built):
         assert im.format == "PNG" and im.width > 256
 
 
+def test_the_demo_set_is_known_by_its_root_or_a_split_folder_of_it(demo_root, tmp_path):
+    """Reports say "synthetic demo set, not ADNI" for it: its train/ given as the data folder is the demo set too
+    (a metrics.json said source "demo" beside data_source_is_demo false)."""
+    from adni_diffusers.data import is_demo_dataset
+
+    assert is_demo_dataset(demo_root) and is_demo_dataset(demo_root / "train") and is_demo_dataset(demo_root / "test")
+    assert not is_demo_dataset(demo_root / "train" / "AD") and not is_demo_dataset(tmp_path)
+
+
 def test_slices_are_jpegs_of_quality_90(built):
     """The slices are JPEGs at quality 90 (JPEG_QUALITY; Pillow's default is 75): their quantization tables are
     the ones Pillow writes at 90. Nothing pinned it: dropping the quality argument changed every image silently

@@ -97,6 +97,9 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     low, high = iv["fd"]
     assert f"| {FD_NAME} | {E._f(metrics[FD_NAME])} ({E._f(low)} to {E._f(high)}) |" in report
     assert f"bootstrap intervals over {FEW_RESAMPLES} resamples of the {patients} held-out patients" in report
+    # the tiny set holds one patient of each class out: the ranges say what they lack
+    assert iv["groups_of_one_patient"] == [0, 1]
+    assert "AD and NC have one held-out patient: the ranges hold no patient-to-patient chance" in report
     assert metrics["environment"]["torch"] == torch.__version__ and metrics["environment"]["device"].startswith("cpu")
     digest = metrics["feature_net"]["weights_sha256"]
     assert digest == Fe.weights_digest(Fe.load_feature_net(metrics["feature_net"]["path"]))
@@ -1321,6 +1324,62 @@ def stub_evaluated(demo_root, tmp_path_factory):
     return result, model, calls
 
 
+def test_a_split_that_differs_from_trainings_does_not_replace_the_models_evaluation(demo_root, tmp_path):
+    """A --data-dir whose split differs from the recorded one (the train/ subfolder given for the root; a folder
+    changed since) gave "held-out" numbers of patients the model trained on, written into <model>/evaluation and
+    the card with a log warning only. Refused there, before anything is written; --out elsewhere measures it."""
+    from adni_diffusers.data import load_slices
+
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    split = load_slices(demo_root, split="patient", val_fraction=0.5, seed=0)
+    record = json.loads((model / "training_data.json").read_text())
+    record.update(train=split.train.summary(), validation={**split.val.summary(), "images": len(split.val) + 1})
+    (model / "training_data.json").write_text(json.dumps(record))
+    settings = dict(num_samples=2, steps=2, seed=0, feature_epochs=1, tstr_epochs=1, diversity_pairs=2, kid_subsets=2,
+                    feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
+                    fd_resamples=0, umap=False, render_card=False, progress=False, device="cpu")
+    with pytest.raises(E.EvaluationError, match=r"other training / held-out sets than the ones .* recorded .* "
+                                                r"--out another folder to measure on this data anyway"):
+        E.evaluate_model(model, pipe=_StubPipe(), **settings)
+    assert not (model / "evaluation").exists()
+    other = tmp_path / "on-this-data"
+    E.evaluate_model(model, out=other, pipe=_StubPipe(), **settings)
+    assert "the split differs from the one recorded" in (other / "report.md").read_text()
+    assert not (model / "evaluation").exists()
+
+
+def test_a_refused_evaluation_leaves_no_empty_out_folder(tiny_ldm, tmp_path):
+    """--out was made before the data was checked: a refused run (one class of the model's two) left it empty."""
+    from PIL import Image
+
+    one_class = tmp_path / "one-class"
+    for i in range(2):
+        (one_class / "train" / "AD").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((240, 256), 60 + i, np.uint8)).save(one_class / "train" / "AD" / f"p{i}_80.jpeg")
+    out = tmp_path / "never-made"
+    with pytest.raises(E.EvaluationError, match=r"class folders \['AD'\] differ from the model's class names"):
+        E.evaluate_model(tiny_ldm, one_class, num_samples=2, out=out, device="cpu", render_card=False)
+    assert not out.exists()
+
+
+def test_ranges_of_a_class_with_one_held_out_patient_say_what_they_leave_out():
+    """PatientBootstrap resamples patients within each class: a class of one held-out patient redraws the same
+    slices every time, so its range has no patient-to-patient chance. The record and the text say so."""
+    g = torch.Generator().manual_seed(0)
+    held_groups = torch.tensor([0] * 6 + [1] * 6)
+    patients = ["a1"] * 6 + ["n1"] * 3 + ["n2"] * 3
+    draw = E.PatientBootstrap(held_groups, patients, torch.tensor([0] * 4 + [1] * 4), seed=0)
+    assert all(sorted(draw.held())[:6] == list(range(6)) for _ in range(5))  # class 0: always its one patient
+    iv = E.fd_intervals(held_feats=torch.randn(12, 3, generator=g), held_groups=held_groups, held_patients=patients,
+                        gen_feats=torch.randn(8, 3, generator=g), gen_groups=torch.tensor([0] * 4 + [1] * 4),
+                        train_feats=torch.randn(12, 3, generator=g), train_groups=held_groups, counts={0: 4, 1: 4},
+                        seed=0, measured=(1.0, 1.0), resamples=5)
+    assert iv["groups_of_one_patient"] == [0]
+    text = E.one_patient_text(iv, ["AD", "NC"])
+    assert text.startswith("AD has one held-out patient: the ranges hold no patient-to-patient chance there")
+    assert E.one_patient_text({"groups_of_one_patient": [0]}, ["all"]).startswith("The held-out set is one patient")
+
+
 def test_the_floor_is_real_training_slices_against_the_same_held_out_set(stub_evaluated):
     """realism["floor"]: the seeded random TRAINING subset (N per class) against the same held-out subset as the
     samples -- recomputed here from the cached feature net; not the samples again."""
@@ -1898,6 +1957,14 @@ def test_the_ablation_floor_and_rows_are_measured_on_the_runs_seeded_real_subset
     for measured, expected in ((ab["floor"], floor), (off, samples)):
         assert measured["fd"] == pytest.approx(expected["fd"], rel=1e-5, abs=1e-8)
         assert (measured["precision"], measured["recall"]) == (expected["precision"], expected["recall"])
+
+
+def test_tstr_and_trtr_train_on_as_many_images_per_class(stub_seeded):
+    """With fewer training slices per class (4) than --num-samples (6), TRTR had 4 per class and TSTR all 6: the
+    synthetic-trained classifier got more data. Both train on 4 per class, TSTR on the first samples of each."""
+    result, _, _ = stub_seeded
+    tstr, trtr = result["class_fidelity"]["tstr"], result["class_fidelity"]["trtr"]
+    assert tstr["train_images"] == trtr["train_images"] == 8
 
 
 def test_the_records_say_what_ran(stub_seeded):
