@@ -70,7 +70,9 @@ PLANS = {
     "quick": {
         "subjects": 8, "preset": "tiny",
         # no warm-up: the default 100 steps would be warned about as longer than the run
-        "vq": ["--max_train_steps", "2", "--train_batch_size", "4", "--eval_max_images", "8", "--lr_warmup_steps", "0"],
+        # the held-out check at the last step on 8 images too (the default 256 was most of the stage's time)
+        "vq": ["--max_train_steps", "2", "--train_batch_size", "4", "--eval_max_images", "8", "--lr_warmup_steps", "0",
+               "--validation_max_images", "8"],
         "unet": [*DIFFUSION, "--max_train_steps", "2", "--train_batch_size", "4", "--sample_inference_steps", "2",
                  "--num_sample_images", "2", "--lr_warmup_steps", "0"],
         "sampler": ("dpm++", 3), "num_images": 2,

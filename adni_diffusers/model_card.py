@@ -263,7 +263,7 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
             if key == "mixed_precision" and value is None:  # left to Accelerate (its config file, else its default)
                 value = f"{used} (not given: what Accelerate chose)" if used else "not given: what Accelerate chose"
             elif used and used != value:  # fp16 asked for on a CPU, which trains in float32 there
-                value = f"{value} (did nothing on the CPU: trained in {'float32' if used == 'no' else used})"
+                value = _precision_text(value, used)
             elif key == "preset" and isinstance(value, str):  # a JSON file's path names a home folder: its name only
                 value = PureWindowsPath(value).name or value
             elif key == "lr_warmup_steps" and (note := _warmup_note(args)):
@@ -287,9 +287,15 @@ def _warmup_note(args: dict) -> str | None:
     return f"not below the run's {steps} steps: the rate peaked at {steps / warmup:.0%} of the learning rate"
 
 
-def _session_settings(changed: dict) -> str:
+def _precision_text(asked, used) -> str:
+    """--mixed_precision `asked` that trained in `used` (precision_in_effect): fp16 asked for on a CPU."""
+    return f"{asked} (did nothing on the CPU: trained in {'float32' if used == 'no' else used})"
+
+
+def _session_settings(changed: dict, now: dict | None = None) -> str:
     """An earlier session's differing settings as the card words them: the table's flags and how it ran (the
-    others only counted: a path among them, an output or data folder moved, would name a local folder)."""
+    others only counted: a path among them, an output or data folder moved, would name a local folder). `now`:
+    the last session's record, for what the earlier one shared with it (the precision it trained in)."""
     shown = []
     for key, _ in _ARG_LABELS:
         if key in changed:
@@ -297,6 +303,11 @@ def _session_settings(changed: dict) -> str:
             if key == "preset" and isinstance(value, str):
                 value = PureWindowsPath(value).name or value
             shown.append(f"`--{key}` {_fmt(value)}")
+            if key == "mixed_precision" and "mixed_precision_used" not in changed:
+                # the precision it trained in was the last session's (recorded only where it differs)
+                used = (now or {}).get("mixed_precision_used")
+                if used and used != value and value is not None:
+                    shown[-1] = f"`--{key}` {_precision_text(value, used)}"
     if "mixed_precision_used" in changed:
         used = changed["mixed_precision_used"]
         shown.append(f"trained in {'float32' if used == 'no' else _fmt(used)}")
@@ -323,7 +334,7 @@ def _session_lines(args: dict) -> list[str]:
         steps = (f"Steps {start} to {end}" if isinstance(start, int) and isinstance(end, int)
                  else f"The steps before {end}" if isinstance(end, int) else "Earlier steps")
         changed = session.get("changed") if isinstance(session.get("changed"), dict) else {}
-        what = _session_settings(changed) if changed else "the same settings"
+        what = _session_settings(changed, args) if changed else "the same settings"
         lines.append(f"{steps} ran in an earlier session (resumed from its checkpoint) with {what}.")
     start = args.get("started_at_step")
     if not sessions and isinstance(start, int) and start > 0:  # resumed from another folder's checkpoint

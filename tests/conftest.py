@@ -23,6 +23,17 @@ def hub_stub(monkeypatch, tmp_path):
     close_session()  # drop pooled connections to the stopped stub
 
 
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Close what a test left open in pyplot: tests that stand in for save_figure (to read a figure's panels) skip
+    its close, and each figure stayed in the worker's memory for the session (a worker held 9)."""
+    yield
+    import sys
+
+    if (plt := sys.modules.get("matplotlib.pyplot")) is not None:
+        plt.close("all")
+
+
 # --------------------------------------------------------------------------------------------------
 # Offline, isolated Hugging Face caches for the whole suite (set before anything imports the libraries)
 # and small trained models shared by many tests.
