@@ -82,7 +82,15 @@ def check_out_given(out, model=None, inside: str = "samples") -> None:
     if str(out) == "":
         raise ValueError("--out is empty; expected an output folder")
     folder = Path(str(model)) if model is not None else None
-    if folder is None or not (folder / "model_index.json").is_file():  # (a Hub repo id: nothing of it is here)
+    if folder is None:
+        return
+    data = _recorded_data_folder(folder)
+    if data is not None and Path(out).resolve().is_relative_to(data):
+        # its JSON record stopped every later read of the data (evaluate, held-out, training: "not images"), and
+        # its PNGs would have been read as real slices
+        raise ValueError(f"--out {out}: inside the data folder {data} that the model was trained on; what this "
+                         "writes would be read as data by every later run on it: choose a folder outside it")
+    if not (folder / "model_index.json").is_file():  # (a Hub repo id: nothing of it is here)
         return
     given, home = Path(out).absolute(), folder.resolve()
     # a part by its name in the model's folder, not where a link takes it (a vqvae/ linked to the first stage's)
@@ -92,6 +100,14 @@ def check_out_given(out, model=None, inside: str = "samples") -> None:
         raise ValueError(f"--out {out}: the model's own folder{' (' + given.name + '/)' if part else ''}; what this "
                          f"writes would mix with the model's files and go up with a push: choose another folder "
                          f"(e.g. {Path(str(model)) / inside})")
+
+
+def _recorded_data_folder(model_dir: Path) -> Path | None:
+    """The data folder a local model's training_data.json names, where it still exists; else None."""
+    from .files import read_json_object
+
+    root = read_json_object(model_dir / "training_data.json").get("root")
+    return Path(root).resolve() if isinstance(root, str) and root and Path(root).is_dir() else None
 
 
 def check_guidance(guidance: float) -> None:

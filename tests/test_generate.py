@@ -355,6 +355,26 @@ def test_the_models_own_folder_as_out_is_refused_before_anything_is_written(tiny
         assert cli.main([command, "--model", str(model), "--out", str(model / "samples"), *extra]) == 0
 
 
+@pytest.mark.parametrize("command", ["generate", "evaluate", "counterfactual"])
+def test_an_out_inside_the_models_data_folder_is_refused_before_anything_is_written(tiny_ldm, demo_root, tmp_path,
+                                                                                   capsys, command):
+    """`counterfactual --out AD_NC/train/NC/x` (or generate's) wrote counterfactuals.json there: every later read of
+    the data (held-out, evaluate, training) then stopped at "not images", and the PNGs were slices to it."""
+    from adni_diffusers import cli
+
+    model = Path(shutil.copytree(tiny_ldm, tmp_path / "ldm", ignore=shutil.ignore_patterns("evaluation",
+                                                                                          "feature_net")))
+    data = Path(json.loads((model / "training_data.json").read_text())["root"])
+    assert data.resolve() == demo_root.resolve()
+    extra = {"generate": ["--num-images", "1", "--steps", "2"], "evaluate": ["--num-samples", "2"],
+             "counterfactual": ["--to", "AD", "--image", str(next((demo_root / "train" / "NC").iterdir()))]}[command]
+    out = data / "train" / "NC" / "made"
+    assert cli.main([command, "--model", str(model), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: inside the data folder {data.resolve()} that the model was trained on" in err, err
+    assert not out.exists()
+
+
 def test_a_cuda_index_past_the_device_count_is_refused_early(monkeypatch):
     """--device cuda:2 on a 2-GPU node failed after loading, in torch's words ("invalid device ordinal")."""
     from adni_diffusers.generate import check_device
