@@ -1465,6 +1465,7 @@ class TrainingRun:
     # () -> {name: value}: the held-out numbers of the weights a save would keep (main process, every
     # --validation_steps); None without held-out data
     validate = None
+    ema: EMAState | None = None  # --use_ema's average (set by __init__)
     _validation: dict[str, float] | None = None  # this step's held-out numbers, for its log row
 
     def __init__(self, args, accelerator, loader, sampler, model, *, optimizer, ema: EMAState | None = None,
