@@ -391,7 +391,7 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     if not _is_utf8(str(root.resolve())):
         raise DataError(f"{flag} {_shown(root.resolve())}: the path is not UTF-8 (a name unpacked from an archive made "
                         "on another system?), which datasets cannot index; rename it to UTF-8 (e.g. with convmv)")
-    strangers, broken, skipped, visited, not_utf8 = [], [], [], set(), []
+    strangers, broken, skipped, visited, not_utf8, backslashed = [], [], [], set(), [], []
     # into linked folders too, as datasets and the listing below go (a linked split folder went unchecked)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -409,6 +409,8 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                 continue
             if not _is_utf8(name):
                 not_utf8.append(p)
+            if "\\" in name:
+                backslashed.append(p)
             if p.is_symlink() and not p.exists():  # else skipped as "not a file": a slice lost without a word
                 broken.append(p)
             elif not _is_image(p) and not _is_root_doc(p, root):
@@ -418,6 +420,11 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                         "another system?), which datasets cannot index; rename them to UTF-8 (e.g. with convmv): "
                         + ", ".join(_shown(p) for p in not_utf8[:_MAX_LISTED])
                         + (f" ... and {len(not_utf8) - _MAX_LISTED} more" if len(not_utf8) > _MAX_LISTED else ""))
+    if backslashed:  # a Windows archive unpacked as flat names ("AD_NC\\train\\AD\\x.jpeg"): no classes, no split
+        raise DataError(f"{flag} {root}: {len(backslashed)} file(s) whose name holds '\\', a Windows path separator "
+                        "(an archive made on Windows, unpacked with its folders as part of the names, e.g. by "
+                        "Python's zipfile); unpack it with `unzip` or 7-Zip, which make the folders: "
+                        + _listing(backslashed))
     if skipped:  # their images would be lost without a word (a class "__AD" also met a puzzling class mismatch)
         raise DataError(f"{flag} {root}: {len(skipped)} folder(s) whose name starts with '__' hold images, and "
                         "datasets' imagefolder skips such folders (as it skips __pycache__); rename them: "
@@ -492,11 +499,6 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
             files += loose
             split_of.update({f: split for f in loose})
 
-    backslashes = [f for f in files if "\\" in f.name]
-    if backslashes:  # a Windows archive unpacked as flat names ("AD_NC\\train\\AD\\x.jpeg"): no classes, no split
-        raise DataError(f"{root}: {len(backslashes)} file(s) whose name holds '\\', a Windows path separator (an "
-                        "archive made on Windows, unpacked with its folders as part of the names, e.g. by Python's "
-                        "zipfile); unpack it with `unzip` or 7-Zip, which make the folders: " + _listing(backslashes))
     colons = [f for f in files if "::" in str(f.relative_to(root))]
     if colons:
         raise DataError(f"{root}: {len(colons)} file(s) whose path holds '::', which datasets' file system layer "

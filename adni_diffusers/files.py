@@ -118,3 +118,12 @@ def fsync_tree(folder: Path) -> None:
     for p in folder.rglob("*"):
         if p.is_file():
             fsync_file(p)
+
+
+def read_as_data(folder: Path, data: Path) -> bool:
+    """Whether files in `folder` would be read as part of the data folder `data`: inside it, and not under a
+    folder the scan skips (a dot-folder such as .cache/, or a "__..." one, as datasets skips them)."""
+    folder, data = folder.resolve(), data.resolve()
+    if not folder.is_relative_to(data):
+        return False
+    return not any(part.startswith((".", "__")) for part in folder.relative_to(data).parts)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import not_a_folder, remove_path, write_text_atomically
+from .files import not_a_folder, read_as_data, read_json_object, remove_path, write_text_atomically
 from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def check_out_given(out, model=None, inside: str = "samples") -> None:
     if folder is None:
         return
     data = _recorded_data_folder(folder)
-    if data is not None and Path(out).resolve().is_relative_to(data):
+    if data is not None and read_as_data(Path(out), data):
         # its JSON record stopped every later read of the data (evaluate, held-out, training: "not images"), and
         # its PNGs would have been read as real slices
         raise ValueError(f"--out {out}: inside the data folder {data} that the model was trained on; what this "
@@ -104,7 +104,6 @@ def check_out_given(out, model=None, inside: str = "samples") -> None:
 
 def _recorded_data_folder(model_dir: Path) -> Path | None:
     """The data folder a local model's training_data.json names, where it still exists; else None."""
-    from .files import read_json_object
 
     root = read_json_object(model_dir / "training_data.json").get("root")
     return Path(root).resolve() if isinstance(root, str) and root and Path(root).is_dir() else None

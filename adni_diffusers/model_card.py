@@ -292,32 +292,34 @@ def _precision_text(asked, used) -> str:
     return f"{asked} (did nothing on the CPU: trained in {'float32' if used == 'no' else used})"
 
 
-def _session_settings(changed: dict, now: dict | None = None) -> str:
+def _session_settings(changed: dict) -> str:
     """An earlier session's differing settings as the card words them: the table's flags and how it ran (the
-    others only counted: a path among them, an output or data folder moved, would name a local folder). `now`:
-    the last session's record, for what the earlier one shared with it (the precision it trained in)."""
-    shown = []
+    others only counted: a path among them, an output or data folder moved, would name a local folder)."""
+    shown, told = [], set()  # told: the keys of `changed` that `shown` words
     for key, _ in _ARG_LABELS:
         if key in changed:
-            value = changed[key]
+            value, text = changed[key], None
             if key == "preset" and isinstance(value, str):
                 value = PureWindowsPath(value).name or value
-            shown.append(f"`--{key}` {_fmt(value)}")
-            if key == "mixed_precision" and "mixed_precision_used" not in changed:
-                # the precision it trained in was the last session's (recorded only where it differs)
-                used = (now or {}).get("mixed_precision_used")
-                if used and used != value and value is not None:
-                    shown[-1] = f"`--{key}` {_precision_text(value, used)}"
-    if "mixed_precision_used" in changed:
-        used = changed["mixed_precision_used"]
-        shown.append(f"trained in {'float32' if used == 'no' else _fmt(used)}")
+            used = changed.get("mixed_precision_used") if key == "mixed_precision" else None
+            if used and value and used != value:  # fp16 asked for on a CPU: says what it trained in
+                text, told = _precision_text(value, used), told | {"mixed_precision_used"}
+            shown.append(f"`--{key}` {text or _fmt(value)}")
+            told.add(key)
+    if "mixed_precision_used" in changed and "mixed_precision_used" not in told:
+        told.add("mixed_precision_used")
+        if used := changed["mixed_precision_used"]:  # (None: a record from before it was kept)
+            shown.append(f"trained in {'float32' if used == 'no' else _fmt(used)}")
     if isinstance(changed.get("num_processes"), int):
         shown.append(_count(changed["num_processes"], "process", "processes"))
+        told.add("num_processes")
     if "compiled" in changed:
         shown.append("compiled" if changed["compiled"] else "not compiled")
+        told.add("compiled")
     if "environment" in changed:  # a resume after an upgrade, or on another machine
         shown.append(f"{_environment_text(changed) or 'other software (not recorded)'}")
-    others = len(changed) - len(shown)
+        told.add("environment")
+    others = len(set(changed) - told)
     if others:
         shown.append(f"{_count(others, 'other setting')} (`training_args.json`)")
     return ", ".join(shown)
@@ -334,7 +336,7 @@ def _session_lines(args: dict) -> list[str]:
         steps = (f"Steps {start} to {end}" if isinstance(start, int) and isinstance(end, int)
                  else f"The steps before {end}" if isinstance(end, int) else "Earlier steps")
         changed = session.get("changed") if isinstance(session.get("changed"), dict) else {}
-        what = _session_settings(changed, args) if changed else "the same settings"
+        what = _session_settings(changed) if changed else "the same settings"
         lines.append(f"{steps} ran in an earlier session (resumed from its checkpoint) with {what}.")
     start = args.get("started_at_step")
     if not sessions and isinstance(start, int) and start > 0:  # resumed from another folder's checkpoint

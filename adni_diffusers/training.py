@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from .compile_probe import CUDA_GRAPH_MODES
-from .files import fsync_tree, not_a_folder, read_json_object, remove_path, replace_folder, write_text_atomically
+from .files import (fsync_tree, not_a_folder, read_as_data, read_json_object, remove_path, replace_folder,
+                    write_text_atomically)
 
 logger = logging.getLogger("adni_diffusers.training")
 
@@ -567,7 +568,7 @@ def check_output_outside_data(args) -> None:
                ("logging_dir", getattr(args, "logging_dir", None), logging_folder(args)),
                ("latent_cache_dir", getattr(args, "latent_cache_dir", None), getattr(args, "latent_cache_dir", None))]
     for flag, given, folder in written:
-        if given and Path(folder).resolve().is_relative_to(Path(data).resolve()):
+        if given and read_as_data(Path(folder), Path(data)):
             raise TrainingError(f"--{flag} {given}: inside the data folder {data} (--{name}), where the run's "
                                 f"files would be read as data; choose a folder outside it")
 
@@ -2005,6 +2006,8 @@ def earlier_sessions(record_path: Path, now: dict) -> list[dict]:
     for session in [*recorded, {"started_at_step": before.get("started_at_step")}]:
         settings = {**before, **(session.get("changed") if isinstance(session.get("changed"), dict) else {})}
         changed = {k: v for k, v in settings.items() if k not in SESSION_RECORDS and now.get(k) != v}
+        if "mixed_precision" in changed:  # what it trained in, even where the same as now (None: not recorded)
+            changed["mixed_precision_used"] = settings.get("mixed_precision_used")
         sessions.append({"started_at_step": session.get("started_at_step"), "changed": changed})
     return [s for s in sessions if not isinstance(s["started_at_step"], int) or s["started_at_step"] < now_step]
 

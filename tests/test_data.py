@@ -577,9 +577,10 @@ def test_file_names_holding_windows_separators_are_refused(tmp_path):
     for cls, patient in (("AD", "1001"), ("NC", "2002")):
         for s in range(3):
             write(root / f"AD_NC\\train\\{cls}\\{patient}_{80 + s}.jpeg", slice_pixels(s))
+    (root / "AD_NC\\train\\").write_bytes(b"")  # the archive's folder entry: a file of that name, not an image
     msg = data_error(root, split="all")
-    assert "6 file(s) whose name holds '\\'" in msg and "Windows path separator" in msg and "unzip" in msg
-    assert "AD_NC\\train\\AD\\1001_80.jpeg" in msg
+    assert "7 file(s) whose name holds '\\'" in msg and "Windows path separator" in msg and "unzip" in msg
+    assert "AD_NC\\train\\AD\\1001_80.jpeg" in msg and "not images" not in msg
 
 
 @pytest.mark.parametrize("where", ["root", "class"])

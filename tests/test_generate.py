@@ -373,6 +373,9 @@ def test_an_out_inside_the_models_data_folder_is_refused_before_anything_is_writ
     err = capsys.readouterr().err
     assert f"--out {out}: inside the data folder {data.resolve()} that the model was trained on" in err, err
     assert not out.exists()
+    if command == "generate":  # under a dot-folder the data scan skips: never read as data
+        assert cli.main([command, "--model", str(model), "--out", str(data / ".samples"), *extra]) == 0
+        shutil.rmtree(data / ".samples")
 
 
 def test_a_cuda_index_past_the_device_count_is_refused_early(monkeypatch):

@@ -915,12 +915,19 @@ def test_the_card_says_where_earlier_sessions_of_a_resumed_run_differed(ldm, tin
         assert f"\n\n{first}\n\n" in text  # a paragraph of its own, not a row of the table
         assert "alice" not in text  # a folder that moved is counted, not named
         assert "\n\nSteps 300 to 450 ran in an earlier session (resumed from its checkpoint) with the same settings." in text
-        # fp16 asked for on the CPU, resumed with --mixed_precision no: both trained in float32, so the record of
-        # the first session holds no mixed_precision_used of its own (the card said "fp16" alone)
+        # fp16 asked for on the CPU, resumed with --mixed_precision no: both trained in float32, and the session's
+        # record keeps what it trained in beside the flag (the card said "fp16" alone)
         _edit_json(folder / "training_args.json", mixed_precision="no", mixed_precision_used="no",
-                   earlier_sessions=[{"started_at_step": 0, "changed": {"mixed_precision": "fp16"}}])
+                   earlier_sessions=[{"started_at_step": 0, "changed": {"mixed_precision": "fp16",
+                                                                         "mixed_precision_used": "no"}}])
         assert ("Steps 0 to 450 ran in an earlier session (resumed from its checkpoint) with `--mixed_precision` fp16 "
                 "(did nothing on the CPU: trained in float32)." in render_model_card(folder))
+        # a record from before what it trained in was kept: the flag alone, not the last session's precision
+        _edit_json(folder / "training_args.json", mixed_precision="no", mixed_precision_used="no",
+                   earlier_sessions=[{"started_at_step": 0, "changed": {"mixed_precision": "fp16",
+                                                                         "mixed_precision_used": None}}])
+        assert ("Steps 0 to 450 ran in an earlier session (resumed from its checkpoint) with `--mixed_precision` "
+                "fp16." in render_model_card(folder))
         _edit_json(folder / "training_args.json", earlier_sessions=None)  # resumed from another folder's checkpoint
         assert ("The last session resumed at step 450; the settings of the steps before it are not recorded."
                 in render_model_card(folder))

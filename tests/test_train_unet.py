@@ -525,6 +525,10 @@ def test_an_output_folder_inside_the_data_folder_is_refused_at_parse_time(tmp_pa
                                "--latent_cache_dir", "data/cache"])
     assert train_unet.parse_args(["--vqmodel", "v", "--train_data_dir", "data", "--output_dir", "ldm",
                                   "--latent_cache_dir", "cache", "--logging_dir", str(tmp_path / "tb")]).output_dir
+    # under a folder the data scan skips (a dot-folder, a "__..." one): never read as data, so accepted
+    assert train_unet.parse_args(["--vqmodel", "v", "--train_data_dir", "data", "--output_dir", "ldm",
+                                  "--latent_cache_dir", "data/.latents",
+                                  "--logging_dir", str(tmp_path / "data" / "__tb")]).output_dir
     # beside the data, or the data inside the output folder: as before
     assert train_vqmodel.parse_args(["--train_data_dir", "data", "--output_dir", "data_runs/vq"]).output_dir
     assert train_vqmodel.parse_args(["--train_data_dir", "runs/AD_NC", "--output_dir", "runs"]).output_dir

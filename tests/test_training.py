@@ -312,6 +312,11 @@ def test_a_resumed_run_records_where_its_earlier_sessions_differed(tmp_path):
     assert session(50, "no", 2, 200, "checkpoint-50")["earlier_sessions"] == [
         {"started_at_step": 0, "changed": first}]
     assert "earlier_sessions" not in session(0, "no", 1, 10)  # a new run in the same folder
+    # fp16 on the CPU trained in float32, as the resumed --mixed_precision no does: what it trained in is kept
+    # beside the flag all the same (the card said "fp16" alone, or borrowed the last session's precision)
+    session(0, "fp16", 1, 10)
+    assert session(5, "no", 1, 10, "latest")["earlier_sessions"] == [
+        {"started_at_step": 0, "changed": {"mixed_precision": "fp16", "mixed_precision_used": "no"}}]
 
 
 def test_the_run_records_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
