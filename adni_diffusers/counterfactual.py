@@ -264,11 +264,12 @@ def _pixel_key(pixels: torch.Tensor) -> bytes:
     return hashlib.blake2b(pixels.to(torch.uint8).contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
-def _slices_by_pixels(data) -> dict[bytes, str]:
-    """{pixel key: "training" or "held-out"} over the model's split (a slice in both, under --split given, counts
-    as training)."""
-    seen = {_pixel_key(x): "held-out" for x in data.val.pixels}
-    seen.update({_pixel_key(x): "training" for x in data.train.pixels})
+def _slices_by_pixels(data) -> dict[bytes, tuple[str, str]]:
+    """{pixel key: ("training" or "held-out", its class name)} over the model's split (a slice in both, under
+    --split given, counts as training)."""
+    names = list(data.class_names)
+    seen = {_pixel_key(x): ("held-out", names[y]) for x, y in zip(data.val.pixels, data.val.labels.tolist())}
+    seen.update({_pixel_key(x): ("training", names[y]) for x, y in zip(data.train.pixels, data.train.labels.tolist())})
     return seen
 
 
@@ -907,9 +908,10 @@ def model_records(model: str) -> Path:
 
 
 def _warn_about_slices_in_the_training_folder(image_paths, records, data_dir, model) -> None:
-    """Warn where --image slices lie in the model's training data folder (--data-dir, else the recorded one):
-    unless they are held-out slices, the model trained on them. Exact membership needs the split, which
-    `--classify` (or `adni-diffusers held-out`) draws; this costs no decoding."""
+    """Warn where --image slices lie in the data folder the model was trained from (--data-dir, else the recorded
+    one): each is a training or a held-out slice, and the path cannot tell which (under --split patient, test/ is
+    pooled with train/). The split, which `--classify` (or `adni-diffusers held-out`) draws, tells; this costs no
+    decoding."""
     from .files import read_json_object
 
     typed = read_json_object(Path(records) / "training_args.json").get("train_data_dir")
@@ -920,10 +922,11 @@ def _warn_about_slices_in_the_training_folder(image_paths, records, data_dir, mo
     root = Path(root).resolve()
     inside = [p for p in image_paths if p.resolve().is_relative_to(root)]
     if inside:
-        logger.warning("%d --image slice(s) (%s%s) lie in the model's training data folder %s: unless held out, the "
-                       "model trained on them and a held-out slice makes a fairer counterfactual; `adni-diffusers "
-                       "held-out --model %s` lists the held-out slices (--classify marks each image)", len(inside),
-                       inside[0], ", ..." if len(inside) > 1 else "", root, model)
+        # a held-out slice from `adni-diffusers held-out` lies there too: the warning must not call it a training one
+        logger.warning("%d --image slice(s) (%s%s) lie in the data folder %s the model was trained from: they may be "
+                       "slices it trained on (a held-out slice makes a fairer counterfactual); --classify tells which "
+                       "(counterfactuals.json: in_training_split), `adni-diffusers held-out --model %s` lists the "
+                       "held-out ones", len(inside), inside[0], ", ..." if len(inside) > 1 else "", root, model)
 
 
 def held_out_data(model: str, data_root: str | None = None, model_class_names=None, with_record: bool = False):
@@ -992,14 +995,18 @@ def _image_out_dirs(paths: list[Path], out: Path) -> list[Path]:
     # the top-level outputs' names are taken: tradeoff.png.jpeg's folder is not the file tradeoff.png
     used, dirs = set(TOP_OUTPUTS), []
     for p in paths:
-        name, k = p.stem, 1
+        # "..png" and "...png" have the stems "." and "..": their folders were --out itself and the one above it
+        stem = p.stem if p.stem not in ("", ".", "..") else UNNAMED_IMAGE_FOLDER
+        name, k = stem, 1
         while name in used:  # a file named "x-2" does not get the folder of the second "x" (or vice versa)
             k += 1
-            name = f"{p.stem}-{k}"
+            name = f"{stem}-{k}"
         used.add(name)
         dirs.append(out / name)
     return dirs
 
+
+UNNAMED_IMAGE_FOLDER = "image"  # the folder of an --image whose stem is no folder name ("." or "..")
 
 # written at the top of --out (beside one folder per --image, each with a strip.png)
 TOP_OUTPUTS = ("counterfactuals.json", "tradeoff.json", "tradeoff.md", "tradeoff.png", "mean_difference.png",
@@ -1024,6 +1031,24 @@ def _earlier_outputs(out: Path, folders: list[Path]) -> list[Path]:
         if (folder / "strip.png").is_file():
             found.add(folder)
     return sorted(found)
+
+
+def _outside_out(out: Path, paths: list[Path]) -> list[Path]:
+    """Those of `paths` that are not strictly inside `out` ("out/..", "out/." or `out` itself: what --overwrite
+    must never remove). A link counts where it lies, not where it points: remove_path removes the link only."""
+    root = out.resolve()
+    where = [p.parent.resolve() / p.name if p.is_symlink() else p.resolve() for p in paths]
+    return [p for p, w in zip(paths, where) if w == root or not w.is_relative_to(root)]
+
+
+def _remove_earlier_outputs(out: Path, earlier: list[Path]) -> None:
+    """remove_outputs, for paths strictly inside --out only (checked again here, at the one place that removes)."""
+    from .generate import remove_outputs
+
+    if outside := _outside_out(out, earlier):
+        raise ValueError(f"--out {out}: {outside[0]} is not inside it; --overwrite removes only an earlier run's "
+                         "outputs inside --out (nothing was removed)")
+    remove_outputs(earlier)
 
 
 def check_classifier_folder(folder: str) -> None:
@@ -1073,6 +1098,24 @@ def _load_classifier(args, data, device):
     return net, report
 
 
+def _check_split_confirmed(split_record: dict, data, args) -> None:
+    """Refuse (ValueError) where the redrawn split is not confirmed by the training records: changed data (False) or
+    records with no summary of the split (None), as `adni-diffusers held-out` refuses."""
+    matches = split_record.get("matches_training")
+    if matches is True:
+        return
+    flag = "--measure" if args.measure else "--classify" if args.classify else "--classifier"
+    claim = ("which slices the model never saw" if args.measure else
+             "which --image slices the model trained on (counterfactuals.json: in_training_split)")
+    if matches is False:
+        raise ValueError(f"{flag}: the split of {data.root} differs from the one {args.model}'s training recorded "
+                         f"(the warning above): the data changed since, so {claim} cannot be told; give --data-dir "
+                         "the folder as it was at training")
+    raise ValueError(f"{flag}: {args.model}'s records (training_data.json) hold no summary of the split, so {claim} "
+                     "cannot be confirmed; give --model the training output folder (a train_unet.py --output_dir)"
+                     + ("" if args.measure else ", or leave out --classify and --classifier"))
+
+
 def _measured_slices(data, source: str, max_images: int | None):
     """The held-out slices of class `source` that --measure measures: all, or `max_images` spread evenly over
     them (in path order). Raises ValueError when none of them was held out."""
@@ -1087,7 +1130,7 @@ def _measured_slices(data, source: str, max_images: int | None):
 
 def main(args: argparse.Namespace) -> int:
     from .data import to_uint8
-    from .generate import check_device, check_guidance, check_out_folder, check_out_given, load_pipeline, remove_outputs
+    from .generate import check_device, check_guidance, check_out_folder, check_out_given, load_pipeline
 
     # everything that can be checked without the model, first
     if not args.image and not args.measure:
@@ -1127,6 +1170,9 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     folders = _image_out_dirs(image_paths, out)
     earlier = _earlier_outputs(out, folders)
+    if outside := _outside_out(out, [*earlier, *folders]):  # before any work: --overwrite would remove it
+        raise ValueError(f"--out {out}: {outside[0]} is not inside it; an image's folder and an earlier run's "
+                         "outputs must be (choose another --out, or rename the --image)")
     check_out_folder(out, earlier, args.overwrite)
     theirs = [f for f in folders if f.exists() and f not in earlier]
     if theirs:  # not an earlier counterfactual's folder (no strip.png): its files would be overwritten, then removed
@@ -1152,6 +1198,9 @@ def main(args: argparse.Namespace) -> int:
     if args.measure or args.classify or args.classifier:
         data, split_record = held_out_data(args.model, args.data_dir, list(pipe.config.class_names or []) or None,
                                            with_record=True)
+        # --measure's "held-out" slices and the in_training_split of each --image are claims, made (as `held-out`
+        # makes them) only where the training records confirm the redrawn split
+        _check_split_confirmed(split_record, data, args)
         # before the classifier trains and --overwrite removes anything: a source class with no held-out slice
         # (one patient, kept for training) failed only after both, and after the --image counterfactuals
         if args.measure:
@@ -1160,7 +1209,7 @@ def main(args: argparse.Namespace) -> int:
         _classifier_column(classifier, target)
     elif image_paths:  # no split is drawn (it decodes the whole data folder): a hint from the paths alone
         _warn_about_slices_in_the_training_folder(image_paths, records, args.data_dir, args.model)
-    remove_outputs(earlier)  # only once every input is known good: a failed run leaves --out as it was
+    _remove_earlier_outputs(out, earlier)  # only once every input is known good: a failed run leaves --out as it was
     out.mkdir(parents=True, exist_ok=True)
 
     summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
@@ -1197,12 +1246,16 @@ def main(args: argparse.Namespace) -> int:
             entry = {"image": str(path), "folder": folder.name,
                      "strip": Path(files["strip"]).relative_to(out).as_posix()}
             if data is not None:  # the model saw this slice in training: say so
-                entry["in_model_data"] = seen.get(_pixel_key(batch[j]), "neither")
+                entry["in_model_data"], entry["class_in_model_data"] = seen.get(_pixel_key(batch[j]),
+                                                                               ("neither", None))
                 entry["in_training_split"] = entry["in_model_data"] == "training"
                 if entry["in_training_split"]:
                     logger.warning("%s is one of the model's TRAINING slices%s; a held-out slice makes a fairer "
                                    "counterfactual", path, "" if Path(path).resolve() in training_paths
                                    else " (the same pixels)")
+                if entry["class_in_model_data"] == target:
+                    logger.warning("%s is of class %s in the model's data, and --to is %s: its counterfactual turns "
+                                   "it toward the class it already has", path, target, target)
             if "probabilities" in result:
                 entry["p_target"] = {str(k): v for k, v in result["probabilities"].items()}
             summary["images"].append(entry)

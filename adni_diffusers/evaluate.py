@@ -142,6 +142,10 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
     record = read_training_record(model_dir)
     root = data_dir or record["root"]
     if not root:
+        if above := records_above(model_dir):  # vq/vqvae: the saved model inside a training output folder
+            raise EvaluationError(f"--model {model_dir}: no training_data.json here; {above} holds the training "
+                                  f"records: give --model {above} (the train_unet.py or train_vqmodel.py output "
+                                  "folder)")
         raise EvaluationError(f"{model_dir}: training_data.json records no data folder; pass --data-dir")
     if data_dir is None and not Path(root).is_dir():
         raise EvaluationError(f"the model's training data {root} (from training_data.json) is not there; pass "
@@ -174,19 +178,35 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
                                             "--split patient holds out only classes with 2 or more patients, "
                                             "--split given needs a test/ folder)")
         )
-    record["matches_training"] = True
+    recorded = {name: record[name] for name in ("train", "validation")
+                if isinstance(record.get(name), dict) and record[name]}
+    # None: nothing to compare with (a folder saved without the training records), so not confirmed either way
+    record["matches_training"] = True if recorded else None
+    if not recorded:
+        logger.warning("%s: training_data.json holds no summary of the training split, so whether this is the split "
+                       "the model trained on cannot be confirmed: 'held-out' may include images the model saw",
+                       model_dir)
     for name, part in (("train", data.train), ("validation", data.val)):
-        if isinstance(record.get(name), dict) and record[name] and record[name] != part.summary():
+        if name in recorded and recorded[name] != part.summary():
             record["matches_training"] = False
             logger.warning("the %s split differs from the one training recorded (%s now, %s then): the data "
                            "changed since training, so 'held-out' may include images the model saw",
-                           name, _split_words(part.summary()), _split_words(record[name]))
+                           name, _split_words(part.summary()), _split_words(recorded[name]))
     record["first_stage_held_out"] = first_stage_held_out(model_dir, data)
     if record["first_stage_held_out"] is False:
         logger.warning("the VQModel (first stage) held out other patients than these (it was trained on another "
                        "folder or split): it may have trained on slices held out here, and its round trips of those "
                        "are sharper than an unseen patient's")
     return data, record
+
+
+def records_above(model_dir) -> Path | None:
+    """The folder above `model_dir` where `model_dir` has no training_data.json and that folder has one: a
+    training output folder given by its saved model's subfolder (`vq/vqvae`, `ldm/unet`); else None."""
+    d = Path(model_dir)
+    if (d / "training_data.json").is_file() or not (d.parent / "training_data.json").is_file():
+        return None
+    return d.parent
 
 
 def first_stage_held_out(model_dir, data: SliceData) -> bool | None:
@@ -1094,9 +1114,13 @@ def write_report(res: dict, out: Path) -> Path:
                   "so held-out images are not all new to the model: the floors (training vs held-out) and the "
                   "memorisation reference look better than for unseen patients. Retrain with `--split patient` "
                   "for an honest comparison.**", ""]
-    if not res["data"].get("matches_training", True):
+    if res["data"].get("matches_training", True) is False:
         lines += ["**Warning: the split differs from the one recorded at training time; the data changed, so the "
                   "held-out images may include images the model saw.**", ""]
+    elif res["data"].get("matches_training", True) is None:
+        lines += ["**Warning: the model's folder holds no record of its training split (training_data.json without "
+                  "train / validation summaries), so that the held-out images are ones the model never saw cannot "
+                  "be confirmed.**", ""]
     if res["data"].get("first_stage_held_out") is False:
         lines += ["**Warning: the VQModel (first stage) held out other patients than the UNet (it was trained on "
                   "another folder or split), so it may have trained on held-out slices: the VQ ceiling and the "
@@ -1543,7 +1567,8 @@ def evaluate_model(
     if conditional and not model_classes:
         raise EvaluationError(f"{model_dir}: a class-conditional model without class_names in model_index.json")
     data, record = load_evaluation_data(model_dir, data_dir, model_classes or None)
-    if not record["matches_training"] and out.resolve() == (model_dir / "evaluation").resolve():
+    # None (a folder without the training records: nothing to compare) is warned of, in the log and the report
+    if record["matches_training"] is False and out.resolve() == (model_dir / "evaluation").resolve():
         # its "held-out" numbers may be of patients the model trained on: not as the model's evaluation, which the
         # card shows (another folder of data, an external set, is measured with --out elsewhere)
         raise EvaluationError(

@@ -22,18 +22,24 @@ def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, tra
     """The paths of the slices `model_dir`'s training held out (with `training`, the ones it trained on), of
     one class if `class_name` is given, in the data's order."""
     from .data import class_by_name_or_index
-    from .evaluate import EvaluationError, load_evaluation_data
+    from .evaluate import EvaluationError, load_evaluation_data, records_above
+    from .files import read_json_object
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise EvaluationError(f"--model {model_dir}: no such folder (a train_unet.py or train_vqmodel.py output)")
-    data, record = load_evaluation_data(model_dir, data_dir)
-    # a listing of "held-out" slices is a claim: made only where the records confirm the redrawn split
-    if not (record.get("train") or record.get("validation")):
+    # a listing of "held-out" slices is a claim: made only where the records confirm the redrawn split. Checked
+    # before the data folder is decoded: --data-dir cannot make up for records that are not there
+    recorded = read_json_object(model_dir / "training_data.json")
+    if not any(isinstance(recorded.get(name), dict) and recorded[name] for name in ("train", "validation")):
+        above = records_above(model_dir)
         raise EvaluationError(f"--model {model_dir}: its records (training_data.json) hold no summary of the split, "
-                              "so the slices it never saw cannot be confirmed; give the training output folder "
-                              "(a train_unet.py or train_vqmodel.py --output_dir)")
-    if not record["matches_training"]:
+                              "so the slices it never saw cannot be confirmed; "
+                              + (f"{above} holds the training records: give --model {above}" if above else
+                                 "give the training output folder (a train_unet.py or train_vqmodel.py "
+                                 "--output_dir)"))
+    data, record = load_evaluation_data(model_dir, data_dir)
+    if record["matches_training"] is not True:  # (None: no summary, refused above)
         raise EvaluationError(f"the split of {data.root} differs from the one {model_dir}'s training recorded (the "
                               "warning above): the data changed since, so which slices the model never saw cannot "
                               "be told; give --data-dir the folder as it was at training")

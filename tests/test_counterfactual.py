@@ -67,7 +67,7 @@ def test_cli_writes_strip_and_individual_pngs(tiny_ldm, nc_slice, tmp_path, caps
     assert rc == 0, err
     assert "counterfactuals (image-steps)" in err  # --image was silent until the strips were written
     # a slice of the model's own data folder: said so without --classify (which alone draws the split)
-    assert "1 --image slice(s)" in caplog.text and "lie in the model's training data folder" in caplog.text
+    assert "1 --image slice(s)" in caplog.text and "lie in the data folder" in caplog.text
     folder = out / nc_slice.stem
     names = {"strip.png", "original.png", "reconstruction.png", "counterfactual_s0.50.png",
              "counterfactual_s1.00.png", "difference_s0.50.png", "difference_s1.00.png"}
@@ -321,6 +321,49 @@ def test_output_folders_are_distinct_for_every_image(tmp_path):
     assert dirs == [tmp_path / "tradeoff.png-2", tmp_path / "counterfactuals.json-2"]
 
 
+def test_an_image_whose_stem_is_dot_or_dot_dot_is_written_inside_out(tiny_ldm, nc_slice, tmp_path, capsys):
+    """`..png` and `...png` have the stems "." and "..": their folders were --out itself and the folder above it, so
+    the strips went outside --out and the next --overwrite removed the folder above --out (or all of --out, the
+    user's files with it). They get folders of their own inside --out now."""
+    assert C._image_out_dirs([Path("a/..png"), Path("...png"), Path("image.png")], tmp_path) == \
+        [tmp_path / "image", tmp_path / "image-2", tmp_path / "image-3"]
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "mine.txt").write_text("kept")
+    out = parent / "cf"
+    images = []
+    for name in ("..png", "...png"):
+        images.append(tmp_path / "slices" / name)
+        images[-1].parent.mkdir(exist_ok=True)
+        images[-1].write_bytes(nc_slice.read_bytes())
+    args = ["--model", tiny_ldm, "--to", "AD", "--strength", "1.0", *STEPS, "--out", out, "--image", *images]
+    for extra in ([], ["--overwrite"]):
+        rc, err = run_cli([*args, *extra], capsys)
+        assert rc == 0, err
+        assert sorted(p.name for p in parent.iterdir()) == ["cf", "mine.txt"]
+        assert sorted(p.name for p in out.iterdir() if p.name != "notes.txt") == \
+            ["counterfactuals.json", "image", "image-2"]
+        assert (out / "image" / "strip.png").is_file() and (out / "image-2" / "strip.png").is_file()
+        (out / "notes.txt").write_text("the user's, kept by --overwrite")
+    assert (out / "notes.txt").is_file()
+
+
+def test_overwrite_removes_nothing_that_is_not_strictly_inside_out(tmp_path):
+    """The one place that removes an earlier run's outputs refuses a path that resolves to --out itself or outside
+    it, whatever named it; a link inside --out is removed as a link, and what it points at stays."""
+    out = tmp_path / "cf"
+    (out / "earlier").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "strip.png").write_text("not ours")
+    (out / "linked").symlink_to(tmp_path / "elsewhere")
+    for outside in (out / "..", out / ".", out, out / "earlier" / ".." / ".."):
+        with pytest.raises(ValueError, match="is not inside it; --overwrite removes only"):
+            C._remove_earlier_outputs(out, [out / "earlier", outside])
+        assert (out / "earlier").is_dir()  # nothing removed
+    C._remove_earlier_outputs(out, [out / "earlier", out / "linked"])
+    assert list(out.iterdir()) == [] and (tmp_path / "elsewhere" / "strip.png").is_file()
+
+
 # ---------------------------------------------------------------------------------- measurement
 
 
@@ -565,6 +608,15 @@ def test_a_source_class_with_nothing_held_out_is_refused_before_any_work(tiny_ld
         shutil.copy(f, one_nc / "AD")
     for f in nc_slice.parent.glob(nc_slice.name.rsplit("_", 1)[0] + "_*.jpeg"):  # one NC patient
         shutil.copy(f, one_nc / "NC")
+    # a model trained on that data (its records hold that split: another data folder's split is refused first)
+    from adni_diffusers.data import load_slices
+
+    model = Path(shutil.copytree(tiny_ldm, tmp_path / "model", ignore=shutil.ignore_patterns("checkpoint-*")))
+    record = json.loads((model / "training_data.json").read_text())
+    split = load_slices(one_nc, split="patient", val_fraction=record["val_fraction"], seed=record["split_seed"],
+                        patient_ids=record["patient_ids"])
+    record.update(root=str(one_nc), train=split.train.summary(), validation=split.val.summary())
+    (model / "training_data.json").write_text(json.dumps(record))
     out = tmp_path / "cf"
     (out / "earlier").mkdir(parents=True)
     (out / "earlier" / "strip.png").write_bytes(b"an earlier run's")
@@ -574,7 +626,7 @@ def test_a_source_class_with_nothing_held_out_is_refused_before_any_work(tiny_ld
         raise AssertionError("the classifier was loaded or trained")
 
     monkeypatch.setattr(C, "_load_classifier", trained)
-    rc, err = run_cli(["--model", tiny_ldm, "--measure", "--data-dir", one_nc, "--to", "AD", "--image", nc_slice,
+    rc, err = run_cli(["--model", model, "--measure", "--data-dir", one_nc, "--to", "AD", "--image", nc_slice,
                        "--strength", "1.0", "--out", out, "--overwrite", *STEPS], capsys)
     assert rc == 2 and "--measure: no held-out NC slices" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["counterfactuals.json", "earlier"]  # --out as it was
@@ -752,6 +804,69 @@ def test_a_training_slice_is_marked_in_the_summary(tiny_ldm, tmp_path, capsys, c
     assert f"{copy} is one of the model's TRAINING slices (the same pixels)" in caplog.text
 
 
+def _model_without_split_records(tiny_ldm, folder: Path) -> Path:
+    """A copy of the tiny pipeline whose training_data.json holds no train / validation summary (as a copy saved
+    without the training records)."""
+    import shutil
+
+    model = Path(shutil.copytree(tiny_ldm, folder, ignore=shutil.ignore_patterns("checkpoint-*")))
+    record = json.loads((model / "training_data.json").read_text())
+    (model / "training_data.json").write_text(
+        json.dumps({k: v for k, v in record.items() if k not in ("train", "validation")}))
+    return model
+
+
+def test_measure_and_classify_refuse_a_split_the_records_cannot_confirm(tiny_ldm, tmp_path, capsys):
+    """A folder without the training split's summaries: --measure measured a guessed split and recorded
+    `split_matches_training: true`, "held-out" without a caveat; --classify labelled each --image
+    in_training_split by it. Refused now, as `held-out` refuses, before any output."""
+    model = _model_without_split_records(tiny_ldm, tmp_path / "model")
+    save_feature_net(random_classifier(), tmp_path / "net")
+    slice_path = C.held_out_data(str(tiny_ldm)).val.paths[0]
+    out = tmp_path / "cf"
+    common = ["--model", model, "--to", "AD", "--strength", "1.0", "--classifier", tmp_path / "net", "--out", out,
+              *STEPS]
+    rc, err = run_cli([*common, "--measure", "--max-images", "1"], capsys)
+    assert rc == 2 and "--measure: " in err and "hold no summary of the split" in err and "cannot be confirmed" in err
+    rc, err = run_cli([*common, "--classify", "--image", slice_path], capsys)
+    assert rc == 2 and "--classify: " in err and "in_training_split" in err and "cannot be confirmed" in err
+    assert not out.exists()
+
+
+def test_classify_refuses_data_that_changed_since_training(tiny_ldm, demo_root, tmp_path, capsys):
+    """--classify on a data folder changed since training (a training slice gone: another split) went on with a
+    warning, and wrote in_training_split labels of the wrong split. Refused now, as `held-out` refuses."""
+    import shutil
+
+    data = C.held_out_data(str(tiny_ldm))
+    changed = Path(shutil.copytree(demo_root, tmp_path / "AD_NC"))
+    (changed / Path(data.train.paths[0]).relative_to(data.root)).unlink()
+    save_feature_net(random_classifier(), tmp_path / "net")
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", tiny_ldm, "--to", "AD", "--strength", "1.0", "--classify", "--classifier",
+                       tmp_path / "net", "--data-dir", changed, "--image", data.val.paths[0], "--out", out, *STEPS],
+                      capsys)
+    assert rc == 2 and f"--classify: the split of {changed} differs from the one" in err, err
+    assert "give --data-dir the folder as it was at training" in err and not out.exists()
+
+
+def test_the_known_class_of_a_slice_is_recorded_and_to_that_class_is_warned_of(tiny_ldm, tmp_path, capsys, caplog):
+    """--to the class a slice already has (known once --classify matched it to the data) ran without a word, and
+    the record did not say the slice's class."""
+    save_feature_net(random_classifier(), tmp_path / "net")
+    data = C.held_out_data(str(tiny_ldm))
+    ad, nc = (data.val.paths[data.val.labels.tolist().index(data.class_names.index(name))] for name in ("AD", "NC"))
+    out = tmp_path / "cf"
+    with caplog.at_level(logging.WARNING, logger=C.__name__):
+        rc, err = run_cli(["--model", tiny_ldm, "--to", "AD", "--strength", "1.0", "--classify", "--classifier",
+                           tmp_path / "net", "--image", ad, nc, "--out", out, *STEPS], capsys)
+    assert rc == 0, err
+    images = json.loads((out / "counterfactuals.json").read_text())["images"]
+    assert [e["class_in_model_data"] for e in images] == ["AD", "NC"]
+    assert f"{ad} is of class AD in the model's data, and --to is AD" in caplog.text
+    assert f"{nc} is of class" not in caplog.text
+
+
 def test_slices_in_the_training_folder_are_named_without_drawing_the_split(demo_root, nc_slice, tmp_path, caplog):
     """Without --classify the split is not drawn (it decodes the whole folder): slices under the model's recorded
     data folder (or --data-dir) get a warning naming the `held-out` listing; slices elsewhere none."""
@@ -766,6 +881,10 @@ def test_slices_in_the_training_folder_are_named_without_drawing_the_split(demo_
         C._warn_about_slices_in_the_training_folder([elsewhere, nc_slice, nc_slice], records, None, "m")
         assert "2 --image slice(s)" in caplog.text and str(demo_root.resolve()) in caplog.text
         assert "adni-diffusers held-out --model m" in caplog.text
+        # true of a held-out slice too (README pipes `held-out`'s listing into --image): no claim the model trained
+        # on it, which --classify tells
+        assert "may be slices it trained on" in caplog.text and "--classify tells which" in caplog.text
+        assert "unless held out, the model trained on them" not in caplog.text
         caplog.clear()
         C._warn_about_slices_in_the_training_folder([nc_slice], records, str(tmp_path), "m")  # --data-dir wins
         assert not caplog.records

@@ -705,6 +705,35 @@ def test_a_changed_data_folder_is_flagged_and_the_training_data_is_not(model_cop
     assert re.search(r"\(\d+ images of \d+ patients \(AD \d+, NC \d+\), patient list [0-9a-f]{8} now", caplog.text)
 
 
+def test_records_without_a_split_summary_cannot_confirm_the_split(tiny_ldm, tmp_path, caplog):
+    """A folder whose training_data.json holds no train / validation summary (a copy saved without the training
+    records) has nothing to compare the redrawn split with: `matches_training` was True, and `counterfactual
+    --measure` recorded `split_matches_training: true` of a guessed split. None now ("cannot be confirmed"), with a
+    warning; one summary is still compared."""
+    import logging
+
+    saved = json.loads((tiny_ldm / "training_data.json").read_text())
+    (tmp_path / "training_data.json").write_text(
+        json.dumps({k: v for k, v in saved.items() if k not in ("train", "validation")}))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
+        _, record = E.load_evaluation_data(tmp_path)
+    assert record["matches_training"] is None and "cannot be confirmed" in caplog.text
+    (tmp_path / "training_data.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "validation"}))
+    assert E.load_evaluation_data(tmp_path)[1]["matches_training"] is True
+
+
+def test_a_saved_model_inside_a_training_folder_is_pointed_to_that_folder(tiny_vq, tiny_ldm):
+    """`--model vq/vqvae` (the saved model inside a training output folder, which holds no records of its own)
+    was told to pass --data-dir; the folder that holds the records is named instead. A folder with no records
+    above it keeps the --data-dir hint (evaluate takes a saved pipeline with --data-dir)."""
+    for model in (tiny_vq, tiny_ldm):
+        with pytest.raises(E.EvaluationError, match=re.escape(f"{model} holds the training records: give --model "
+                                                              f"{model} ")):
+            E.load_evaluation_data(model / "vqvae")
+    with pytest.raises(E.EvaluationError, match="records no data folder; pass --data-dir"):
+        E.load_evaluation_data(tiny_vq.parent)
+
+
 def test_a_first_stage_that_held_out_other_patients_is_flagged(model_copy, caplog):
     """train_unet only warns when its VQModel was trained on another folder (whose held-out patients it cannot
     check); evaluate, held-out and counterfactual then called slices the VQModel may have trained on "held-out",
@@ -766,7 +795,7 @@ def test_a_data_dir_too_small_to_hold_out_a_patient_is_named_not_the_model(model
     record = json.loads((edited / "training_data.json").read_text())
     (edited / "training_data.json").write_text(json.dumps({**record, "train": ["x"], "validation": "12 patients"}))
     data, loaded = E.load_evaluation_data(edited, demo_root)
-    assert len(data.val) > 0 and loaded["matches_training"] is True
+    assert len(data.val) > 0 and loaded["matches_training"] is None  # nothing to compare: not confirmed
 
 
 def test_a_data_folder_the_models_settings_refuse_is_named_without_training_flags(model_copy, demo_root, tmp_path):
@@ -2023,6 +2052,12 @@ def test_the_reports_opening_follows_the_model_and_the_data(stub_seeded, tmp_pat
     report = E.write_report(res, tmp_path).read_text()
     assert "_The data is the synthetic MNI152-based demo set, not ADNI._" in report
     assert "the split differs" not in report
+    res["data"] = {**res["data"], "matches_training": True}
+    report = E.write_report(res, tmp_path).read_text()
+    assert "the split differs" not in report and "cannot be confirmed" not in report
+    res["data"] = {**res["data"], "matches_training": None}  # records without a split summary: read as "differs"
+    report = E.write_report(res, tmp_path).read_text()
+    assert "the split differs" not in report and "never saw cannot be confirmed" in report
     res["data"] = {**res["data"], "matches_training": False, "data_source_is_demo": False}
     report = E.write_report(res, tmp_path).read_text()
     assert "**Warning: the split differs from the one recorded at training time" in report

@@ -45,8 +45,25 @@ def test_held_out_refuses_what_it_cannot_answer(tiny_ldm, tmp_path, capsys):
     assert "--class MCI: the data's classes are AD, NC" in capsys.readouterr().err
     assert cli.main(["held-out", "--model", str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
-    assert cli.main(["held-out", "--model", str(tmp_path)]) == 2  # no records, no data folder
-    assert "records no data folder; pass --data-dir" in capsys.readouterr().err
+    assert cli.main(["held-out", "--model", str(tmp_path)]) == 2  # no records: --data-dir cannot make up for them
+    assert "hold no summary of the split" in capsys.readouterr().err
+
+
+def test_a_saved_model_inside_a_training_folder_is_pointed_to_that_folder(tiny_vq, demo_root, capsys, monkeypatch):
+    """`held-out --model vq/vqvae` (the VQModel inside the training output folder) said "training_data.json records
+    no data folder; pass --data-dir", and with --data-dir it decoded the whole data folder and refused all the same.
+    It names the folder that holds the records now, before any decoding."""
+    from adni_diffusers import cli
+    from adni_diffusers import evaluate as E
+
+    def decoded(*a, **k):
+        raise AssertionError("the data folder was decoded")
+
+    monkeypatch.setattr(E, "load_slices", decoded)
+    for extra in ([], ["--data-dir", str(demo_root)]):
+        assert cli.main(["held-out", "--model", str(tiny_vq / "vqvae"), *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and f"{tiny_vq} holds the training records: give --model {tiny_vq}" in captured.err
 
 
 def test_held_out_takes_a_moved_data_folder(tiny_ldm, demo_root, tmp_path, capsys):
