@@ -52,7 +52,7 @@ from . import metrics as M
 from .data import (PAD_SIZE_HINT, DataError, SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids,
                    to_uint8)
 from .environment import environment
-from .files import read_json_object, write_text_atomically
+from .files import read_as_data, read_json_object, write_text_atomically
 from .plots import save_figure
 from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
 
@@ -187,7 +187,10 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
                        "the model trained on cannot be confirmed: 'held-out' may include images the model saw",
                        model_dir)
     for name, part in (("train", data.train), ("validation", data.val)):
-        if name in recorded and recorded[name] != part.summary():
+        # on what the record holds: records from before the patient hash (2026-12-02) lack it, and compared whole
+        # they never matched, which refused their models' evaluation
+        now = part.summary()
+        if name in recorded and any(now.get(k) != v for k, v in recorded[name].items() if k in now):
             record["matches_training"] = False
             logger.warning("the %s split differs from the one training recorded (%s now, %s then): the data "
                            "changed since training, so 'held-out' may include images the model saw",
@@ -469,11 +472,12 @@ def one_patient_text(intervals: dict, group_names: list[str]) -> str:
     """What the FD ranges leave out where a class holds one held-out patient (`group_names`: the classes, or
     ["all"] for an unconditional model): the patient part of the chance."""
     names = [group_names[g] if g < len(group_names) else str(g) for g in intervals["groups_of_one_patient"]]
-    which = "the held-out set is one patient" if names == ["all"] else (
-        f"{' and '.join(names)} {'has' if len(names) == 1 else 'have'} one held-out patient")
+    which = "the held-out images measured are of one patient" if names == ["all"] else (
+        f"the held-out images measured of {' and '.join(names)} are of one patient{' each' * (len(names) > 1)}")
     return (f"{which[0].upper()}{which[1:]}: the ranges hold no patient-to-patient chance there (they resample its "
-            "slices, the generated images and the floor's draw), so they are narrower than the truth; hold out "
-            "more patients for ranges that reach other patients")
+            "slices, the generated images and the floor's draw), so they are narrower than the truth; a larger "
+            "--num-samples (where more patients are held out) or more held-out patients gives ranges that reach "
+            "other patients")
 
 
 def paired_fd_gain(*, held_feats, held_groups, held_patients, base_feats, other_feats, gen_groups, seed: int,
@@ -1530,6 +1534,12 @@ def evaluate_model(
     check_earlier_outputs(out, model_dir)
     # beside the model whatever --out is: `counterfactual` looks for the same net there
     cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"
+    data_root = data_dir or read_json_object(model_dir / "training_data.json").get("root")
+    for flag, folder in (("--out", out), ("--feature-cache", cache_dir)):
+        # what they write (metrics.json, the net's files) stopped every later read of the data: "not images"
+        if isinstance(data_root, (str, Path)) and data_root and read_as_data(folder, Path(data_root)):
+            raise EvaluationError(f"{flag} {folder}: inside the data folder {data_root}; what this writes would be "
+                                  "read as data by every later run on it: choose a folder outside it")
     try:
         check_cache_folder(cache_dir, "--feature-cache")
     except ValueError as e:
@@ -1572,7 +1582,8 @@ def evaluate_model(
         # its "held-out" numbers may be of patients the model trained on: not as the model's evaluation, which the
         # card shows (another folder of data, an external set, is measured with --out elsewhere)
         raise EvaluationError(
-            f"--data-dir {data.root}: split as in training it gives other training / held-out sets than the ones "
+            (f"--data-dir {data.root}" if data_dir else f"the data folder {data.root} (from training_data.json)")
+            + ": split as in training it gives other training / held-out sets than the ones "
             f"{model_dir} recorded (the warning above), so its held-out images may include patients the model "
             "trained on; give the folder as it was at training (default: the one training_data.json names), or "
             "--out another folder to measure on this data anyway (the model's evaluation and card stay as they are)")

@@ -99,7 +99,8 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     assert f"bootstrap intervals over {FEW_RESAMPLES} resamples of the {patients} held-out patients" in report
     # the tiny set holds one patient of each class out: the ranges say what they lack
     assert iv["groups_of_one_patient"] == [0, 1]
-    assert "AD and NC have one held-out patient: the ranges hold no patient-to-patient chance" in report
+    assert ("The held-out images measured of AD and NC are of one patient each: the ranges hold no "
+            "patient-to-patient chance") in report
     assert metrics["environment"]["torch"] == torch.__version__ and metrics["environment"]["device"].startswith("cpu")
     digest = metrics["feature_net"]["weights_sha256"]
     assert digest == Fe.weights_digest(Fe.load_feature_net(metrics["feature_net"]["path"]))
@@ -1377,6 +1378,38 @@ def test_a_split_that_differs_from_trainings_does_not_replace_the_models_evaluat
     assert not (model / "evaluation").exists()
 
 
+def test_records_from_before_the_patient_hash_still_match_their_unchanged_data(demo_root, tmp_path):
+    """Split summaries recorded before 2026-12-02 lack patients_sha256: compared whole they never matched, so such
+    a model's evaluation into its own folder was refused. Compared on what they hold, they match; a count that
+    differs still does not."""
+    from adni_diffusers.data import load_slices
+
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    record = json.loads((model / "training_data.json").read_text())
+    split = load_slices(demo_root, split="patient", val_fraction=record.get("val_fraction", 0.5), seed=0)
+    old = {name: {k: v for k, v in part.summary().items() if k != "patients_sha256"}
+           for name, part in (("train", split.train), ("validation", split.val))}
+    (model / "training_data.json").write_text(json.dumps({**record, **old}))
+    _, rec = E.load_evaluation_data(model)
+    assert rec["matches_training"] is True
+    old["validation"]["images"] += 1
+    (model / "training_data.json").write_text(json.dumps({**record, **old}))
+    assert E.load_evaluation_data(model)[1]["matches_training"] is False
+
+
+def test_a_feature_cache_or_out_inside_the_data_folder_is_refused(demo_root, tmp_path):
+    """`--feature-cache data/fnet` left the net's files in the data folder, and every later read of it failed; an
+    --out inside a --data-dir that the model's records do not name was not caught by the recorded folder's check."""
+    data = Path(shutil.copytree(demo_root, tmp_path / "AD_NC"))
+    model = _stub_model_folder(tmp_path / "model", data)
+    settings = dict(num_samples=2, steps=2, seed=0, render_card=False, progress=False, device="cpu")
+    for flag, kwargs in (("--feature-cache", {"feature_cache": data / "fnet", "out": tmp_path / "e1"}),
+                         ("--out", {"out": data / "train" / "evaluation"})):
+        with pytest.raises(E.EvaluationError, match=rf"{flag} {re.escape(str(data))}.*: inside the data folder"):
+            E.evaluate_model(model, data, pipe=_StubPipe(), **settings, **kwargs)
+    assert not (data / "fnet").exists() and not (data / "train" / "evaluation").exists()
+
+
 def test_a_refused_evaluation_leaves_no_empty_out_folder(tiny_ldm, tmp_path):
     """--out was made before the data was checked: a refused run (one class of the model's two) left it empty."""
     from PIL import Image
@@ -1405,8 +1438,12 @@ def test_ranges_of_a_class_with_one_held_out_patient_say_what_they_leave_out():
                         seed=0, measured=(1.0, 1.0), resamples=5)
     assert iv["groups_of_one_patient"] == [0]
     text = E.one_patient_text(iv, ["AD", "NC"])
-    assert text.startswith("AD has one held-out patient: the ranges hold no patient-to-patient chance there")
-    assert E.one_patient_text({"groups_of_one_patient": [0]}, ["all"]).startswith("The held-out set is one patient")
+    assert text.startswith("The held-out images measured of AD are of one patient: the ranges hold no "
+                           "patient-to-patient chance there")
+    # the patients counted are those of the images measured (--num-samples of them): the advice names both ways
+    assert "a larger --num-samples (where more patients are held out) or more held-out patients" in text
+    assert E.one_patient_text({"groups_of_one_patient": [0]}, ["all"]).startswith(
+        "The held-out images measured are of one patient")
 
 
 def test_the_floor_is_real_training_slices_against_the_same_held_out_set(stub_evaluated):
