@@ -52,7 +52,7 @@ from . import metrics as M
 from .data import (PAD_SIZE_HINT, DataError, SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids,
                    to_uint8)
 from .environment import environment
-from .files import read_as_data, read_json_object, write_text_atomically
+from .files import read_json_object, write_text_atomically
 from .plots import save_figure
 from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
 
@@ -1508,12 +1508,12 @@ def evaluate_model(
         raise EvaluationError(f"--num-samples {num_samples}: expected 2 to {MAX_SAMPLES_PER_CLASS}")
     if guidance is not None and not math.isfinite(float(guidance)):  # NaN guidance made every latent NaN
         raise EvaluationError(f"--guidance {guidance}: expected a finite number")
-    from .generate import check_guidance, check_out_given
+    from .generate import check_guidance, check_out_given, check_outside_data
 
     try:  # a negative guidance steered away from the class; an empty --out wrote into the current folder
         check_guidance(guidance if guidance is not None else 1.0)
         if out is not None:
-            check_out_given(out, model_dir, inside="evaluation")
+            check_out_given(out, model_dir, inside="evaluation", data_dir=data_dir)
     except ValueError as e:
         raise EvaluationError(str(e)) from None
     # UMAP's random_state takes 0 .. 2**32 - 1 (and so the image seeds stay below 2**64): a seed past it failed at
@@ -1534,13 +1534,8 @@ def evaluate_model(
     check_earlier_outputs(out, model_dir)
     # beside the model whatever --out is: `counterfactual` looks for the same net there
     cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"
-    data_root = data_dir or read_json_object(model_dir / "training_data.json").get("root")
-    for flag, folder in (("--out", out), ("--feature-cache", cache_dir)):
-        # what they write (metrics.json, the net's files) stopped every later read of the data: "not images"
-        if isinstance(data_root, (str, Path)) and data_root and read_as_data(folder, Path(data_root)):
-            raise EvaluationError(f"{flag} {folder}: inside the data folder {data_root}; what this writes would be "
-                                  "read as data by every later run on it: choose a folder outside it")
     try:
+        check_outside_data({"--feature-cache": cache_dir}, model_dir, data_dir)
         check_cache_folder(cache_dir, "--feature-cache")
     except ValueError as e:
         raise EvaluationError(str(e)) from None

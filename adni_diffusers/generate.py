@@ -75,21 +75,16 @@ def earlier_outputs(out: Path) -> list[Path]:
 GRID_IMAGES = 64  # grid.png shows the first ones: a grid of 10,000 (an FD-sized set) is unreadable and takes GBs
 
 
-def check_out_given(out, model=None, inside: str = "samples") -> None:
+def check_out_given(out, model=None, inside: str = "samples", data_dir=None) -> None:
     """An empty --out (an unset shell variable) is the current folder: the outputs went there without a word. An
     --out that is the saved `model`'s own folder, or one of its parts (unet/, vqvae/, scheduler/), mixed the outputs
-    with the model's files: a push sent them up with it."""
+    with the model's files: a push sent them up with it. One inside the data folder: `check_outside_data`."""
     if str(out) == "":
         raise ValueError("--out is empty; expected an output folder")
+    check_outside_data({"--out": out}, model, data_dir)
     folder = Path(str(model)) if model is not None else None
     if folder is None:
         return
-    data = _recorded_data_folder(folder)
-    if data is not None and read_as_data(Path(out), data):
-        # its JSON record stopped every later read of the data (evaluate, held-out, training: "not images"), and
-        # its PNGs would have been read as real slices
-        raise ValueError(f"--out {out}: inside the data folder {data} that the model was trained on; what this "
-                         "writes would be read as data by every later run on it: choose a folder outside it")
     if not (folder / "model_index.json").is_file():  # (a Hub repo id: nothing of it is here)
         return
     given, home = Path(out).absolute(), folder.resolve()
@@ -102,10 +97,23 @@ def check_out_given(out, model=None, inside: str = "samples") -> None:
                          f"(e.g. {Path(str(model)) / inside})")
 
 
-def _recorded_data_folder(model_dir: Path) -> Path | None:
-    """The data folder a local model's training_data.json names, where it still exists; else None."""
+def check_outside_data(folders: dict, model=None, data_dir=None) -> None:
+    """Refuse (ValueError) a folder a command writes ({flag: folder}) inside the data folder (`data_dir` where
+    given, else the one the local `model`'s training_data.json names): its records stopped every later read of
+    the data (evaluate, held-out, training: "not images"), and its PNGs would have been read as real slices."""
+    data = Path(data_dir).resolve() if data_dir else _recorded_data_folder(model)
+    for flag, folder in folders.items():
+        if data is not None and read_as_data(Path(folder), data):
+            whose = "given (--data-dir)" if data_dir else "that the model was trained on"
+            raise ValueError(f"{flag} {folder}: inside the data folder {data} {whose}; what this writes would be "
+                             "read as data by every later run on it: choose a folder outside it")
 
-    root = read_json_object(model_dir / "training_data.json").get("root")
+
+def _recorded_data_folder(model) -> Path | None:
+    """The data folder a local model's training_data.json names, where it still exists; else None (a Hub id)."""
+    if model is None:
+        return None
+    root = read_json_object(Path(str(model)) / "training_data.json").get("root")
     return Path(root).resolve() if isinstance(root, str) and root and Path(root).is_dir() else None
 
 
