@@ -1142,8 +1142,9 @@ def main(args: argparse.Namespace) -> int:
     check_guidance(args.guidance)
     if not 0 <= args.seed < 2**32:  # the noise seeds are taken modulo 2**63: -1 and others gave another seed's noise
         raise ValueError(f"--seed {args.seed}: expected 0 .. 2**32 - 1")
-    # "" wrote into the current folder
-    check_out_given(args.out, args.model, inside="counterfactuals", data_dir=args.data_dir)
+    # "" wrote into the current folder (--data-dir is the data only where a split is drawn; else it is refused below)
+    check_out_given(args.out, args.model, inside="counterfactuals",
+                    data_dir=args.data_dir if args.measure or args.classify or args.classifier else None)
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images {args.max_images}: expected at least 1")
     if args.batch_size is not None and args.batch_size < 1:
