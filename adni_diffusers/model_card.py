@@ -838,7 +838,8 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
         "data_source": source,
         "vq_params": _millions(_count_parameters(d / "vqvae")),
         "vq_codes": vq.get("num_vq_embeddings", "?"),
-        "latent_channels": vq.get("latent_channels", "?"),
+        # the quantiser's width where it differs from the encoder's (vq_embed_dim): what encode().latents has
+        "latent_channels": vq.get("vq_embed_dim") or vq.get("latent_channels", "?"),
         "latent_size": _latent_size(vq),
         "vq_scaling_factor": _fmt(vq.get("scaling_factor")),
         "vq_rows": _vq_rows(metrics),

@@ -164,6 +164,7 @@ def _check_config(config: dict, source: str, what: str) -> None:
         raise PresetError(f"{what} config {source}: {bad_counts} must be positive integers")
     if what == "UNet2DModel":
         _check_time_embedding(config, source)
+        _check_no_cross_attention(config, source)
     # whatever else diffusers refuses (an unknown block type, a spatial norm's fixed 32 groups...) shows when the
     # model is built: build it now, without memory, rather than after the data is loaded
     try:
@@ -173,6 +174,34 @@ def _check_config(config: dict, source: str, what: str) -> None:
         raise PresetError(f"{what} config {source}: diffusers cannot build this model: {type(e).__name__}: {e}") from None
     if what == "UNet2DModel":
         _check_attention_heads(model, config, source)
+
+
+def _check_no_cross_attention(config: dict, source: str) -> None:
+    """UNet2DModel has no cross-attention: diffusers' message for a CrossAttn block asked for cross_attention_dim,
+    which UNet2DModel does not take (a second error), and any mid_block_type but UNetMidBlock2D was recorded in the
+    config while UNetMidBlock2D was built."""
+    crossed = [b for k in ("down_block_types", "up_block_types") for b in config.get(k) or [] if "CrossAttn" in str(b)]
+    if crossed:
+        raise PresetError(f"UNet2DModel config {source}: {', '.join(map(str, crossed))}: UNet2DModel has no "
+                          "cross-attention (the class reaches it through num_class_embeds, with --conditional); "
+                          "use AttnDownBlock2D / AttnUpBlock2D for self-attention")
+    mid = config.get("mid_block_type", "UNetMidBlock2D")
+    if mid not in (None, "UNetMidBlock2D"):
+        raise PresetError(f"UNet2DModel config {source}: mid_block_type {mid!r}: diffusers' UNet2DModel builds "
+                          "UNetMidBlock2D (with attention where add_attention is true) whatever else is named; use "
+                          "\"UNetMidBlock2D\", or null for no middle block")
+
+
+def user_keys(preset_or_path: str) -> set[str]:
+    """The keys a JSON config file sets itself (the rest come from `base`); none for a named preset."""
+    path = Path(preset_or_path)
+    if preset_or_path in UNET_PRESETS or preset_or_path in VQ_PRESETS or not path.is_file():
+        return set()
+    try:
+        user = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    return {k for k in user if not k.startswith("_")} if isinstance(user, dict) else set()
 
 
 def _check_time_embedding(config: dict, source: str) -> None:

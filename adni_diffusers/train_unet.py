@@ -365,7 +365,7 @@ def main(args: argparse.Namespace) -> dict:
                                         older_cache_keys, vqmodel_key)
     from adni_diffusers.pipeline_adni_ldm import (ADNILatentDiffusionPipeline, nonfinite_weights_text,
                                                    remove_other_versions)
-    from adni_diffusers.presets import unet_config
+    from adni_diffusers.presets import unet_config, user_keys
 
     vq_dir = find_vqmodel(args.vqmodel)
     if args.latent_cache_dir and Path(args.latent_cache_dir).resolve() == vq_dir.resolve():
@@ -398,16 +398,29 @@ def main(args: argparse.Namespace) -> dict:
     class_names = folder_classes if args.conditional else None
     from_vq = {"in_channels": latent_shape[0], "out_channels": latent_shape[0], "sample_size": latent_shape[-1]}
     overridden = [k for k, v in from_vq.items() if k in config and config[k] != v]
-    if overridden and accelerator.is_main_process:  # the latents decide them: a preset's own values were lost unsaid
-        logger.warning("--preset %s sets %s: the UNet takes the VQModel's %s latents, so %s", args.preset,
-                       ", ".join(f"{k} {config[k]}" for k in overridden), "x".join(map(str, latent_shape)),
-                       ", ".join(f"{k} {from_vq[k]}" for k in overridden))
+    # the latents decide them. A JSON file that sets another value asked for a UNet these latents cannot feed: refused;
+    # a named preset's (or the base values a file left out) follow the latents, said once
+    theirs = [k for k in overridden if k in user_keys(args.preset)]
+    if theirs:
+        raise TrainingError(f"--preset {args.preset} sets {', '.join(f'{k} {config[k]}' for k in theirs)}, but the "
+                            f"VQModel {args.vqmodel} makes {'x'.join(map(str, latent_shape))} latents: set "
+                            f"{', '.join(f'{k} {from_vq[k]}' for k in theirs)}, or leave them out (they follow the "
+                            "latents)")
+    if overridden and accelerator.is_main_process:
+        logger.info("the UNet takes the VQModel's %s latents: %s (the preset had %s)", "x".join(map(str, latent_shape)),
+                    ", ".join(f"{k} {from_vq[k]}" for k in overridden),
+                    ", ".join(f"{k} {config[k]}" for k in overridden))
     config.update(from_vq)
     if args.snr_gamma and args.loss != "mse" and accelerator.is_main_process:
         logger.warning("--snr_gamma with --loss %s: the Min-SNR weights were derived for the MSE loss; they are "
                        "applied to the %s loss as they are (not measured here)", args.loss, args.loss)
     if class_names:
-        config["num_class_embeds"] = len(class_names) + 1  # the last one is "no label" (CFG)
+        wanted = len(class_names) + 1  # the last one is "no label" (CFG)
+        if "num_class_embeds" in user_keys(args.preset) and config.get("num_class_embeds") != wanted:
+            raise TrainingError(f"--preset {args.preset} sets num_class_embeds {config.get('num_class_embeds')}, but "
+                                f"--conditional on {len(class_names)} classes ({', '.join(class_names)}) needs "
+                                f"{wanted} (one per class and one for 'no label'); set {wanted} or leave it out")
+        config["num_class_embeds"] = wanted
         if args.cond_dropout == 0 and accelerator.is_main_process:
             logger.warning("--cond_dropout 0: the 'no label' class is never trained, so guidance (guidance_scale "
                            "!= 1) and sampling without a class will use an untrained embedding")

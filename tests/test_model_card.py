@@ -273,6 +273,9 @@ def test_vq_card_states_the_latent_shape_of_its_config(tiny_vq, tmp_path):
     config_path.write_text(json.dumps(config))
     text = render_model_card(vq)
     assert "8 x 64 x 64 latent" in text and "latents, 8 x 64 x 64" in text and "x 32" not in text
+    # a quantiser of another width (vq_embed_dim): encode().latents has its channels, not the encoder's
+    config_path.write_text(json.dumps({**config, "vq_embed_dim": 5}))
+    assert "5 x 64 x 64 latent" in render_model_card(vq)
 
 
 def test_vq_card_without_a_hold_out_does_not_call_its_images_held_out(tiny_vq, tmp_path):

@@ -273,3 +273,33 @@ def test_unet_configs_that_build_but_cannot_train_are_refused(tmp_path, changes,
     path.write_text(json.dumps({**UNET_PRESETS["tiny"], "attention_head_dim": 16, "time_embedding_type": "learned",
                                 "num_train_timesteps": 1000}))
     unet_config(str(path))
+
+
+def test_cross_attention_and_other_mid_blocks_are_refused_with_what_to_use(tmp_path):
+    """A CrossAttn block gave diffusers' "cross_attention_dim must be specified", and adding it gave "unknown keys";
+    a mid_block_type other than UNetMidBlock2D was recorded in the config while UNetMidBlock2D was built."""
+    base = unet_config("tiny")
+    crossed = tmp_path / "crossed.json"
+    crossed.write_text(json.dumps({**base, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"]}))
+    with pytest.raises(PresetError, match=r"CrossAttnDownBlock2D: UNet2DModel has no cross-attention .* use "
+                                          r"AttnDownBlock2D / AttnUpBlock2D"):
+        unet_config(str(crossed))
+    mid = tmp_path / "mid.json"
+    mid.write_text(json.dumps({**base, "mid_block_type": "UNetMidBlock2DCrossAttn"}))
+    with pytest.raises(PresetError, match=r"mid_block_type 'UNetMidBlock2DCrossAttn': diffusers' UNet2DModel builds "
+                                          r"UNetMidBlock2D"):
+        unet_config(str(mid))
+    for fine in (None, "UNetMidBlock2D"):
+        mid.write_text(json.dumps({**base, "mid_block_type": fine}))
+        assert unet_config(str(mid))["mid_block_type"] == fine
+
+
+def test_user_keys_are_what_a_json_file_sets_itself(tmp_path):
+    """A file merges onto `base`: the keys it sets itself decide whether a value the latents override was the
+    user's (refused) or base's (followed)."""
+    from adni_diffusers.presets import user_keys
+
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"layers_per_block": 1, "_comment": "x"}))
+    assert user_keys(str(path)) == {"layers_per_block"}
+    assert user_keys("tiny") == set() and user_keys(str(tmp_path / "missing.json")) == set()

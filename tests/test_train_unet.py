@@ -252,11 +252,31 @@ def test_a_damaged_vqmodel_is_refused_and_a_presets_overridden_channels_are_said
         raise StopRun
 
     monkeypatch.setattr(train_unet, "check_unet_fits", stop)
+    # a JSON file that sets shapes the latents cannot feed asked for another UNet: refused (it was overwritten with a
+    # warning, and the run trained what the file did not say); one that leaves them out follows the latents
     preset = _tiny_unet_json(tmp_path / "unet.json", in_channels=3, out_channels=3)
-    with caplog.at_level(logging.WARNING, logger="adni_diffusers"), pytest.raises(StopRun):
+    assert train_unet.cli([*args, "--preset", preset]) == 2
+    assert f"--preset {preset} sets in_channels 3, out_channels 3, but the VQModel {vq} makes 4x32x32 latents: set " \
+        "in_channels 4, out_channels 4, or leave them out" in capsys.readouterr().err
+    tiny = json.loads(Path(preset).read_text())
+    for key in ("in_channels", "out_channels", "sample_size"):
+        del tiny[key]
+    Path(preset).write_text(json.dumps(tiny))
+    with pytest.raises(StopRun):
         run_training_script("train_unet", [*args, "--preset", preset])
-    assert f"--preset {preset} sets in_channels 3, out_channels 3: the UNet takes the VQModel's 4x32x32 latents, so " \
-        "in_channels 4, out_channels 4" in caplog.text
+
+
+def test_a_json_num_class_embeds_other_than_the_classes_and_no_label_is_refused(tmp_path, tiny_vq, demo_root, capsys):
+    """--conditional on AD and NC needs 3 class embeddings (the last: "no label"): a file's 2 was replaced by 3
+    without a word."""
+    from adni_diffusers import train_unet
+
+    preset = _tiny_unet_json(tmp_path / "unet.json", num_class_embeds=2)
+    args = ["--vqmodel", str(tiny_vq), "--train_data_dir", str(demo_root), "--output_dir", str(tmp_path / "o"),
+            *TINY_UNET_ARGS, "--conditional", "--preset", preset]
+    assert train_unet.cli(args) == 2
+    assert (f"--preset {preset} sets num_class_embeds 2, but --conditional on 2 classes (AD, NC) needs 3 (one per "
+            "class and one for 'no label'); set 3 or leave it out") in capsys.readouterr().err
 
 
 def test_conditional_needs_class_folders(tmp_path, tiny_vq, demo_root, capsys):
