@@ -102,9 +102,12 @@ def resolve_config(preset_or_path: str, presets: dict[str, dict], what: str) -> 
         raise PresetError(f"{what} config file {path} is not valid JSON: {e}") from None
     if not isinstance(user, dict):
         raise PresetError(f"{what} config file {path} must hold a JSON object, not {type(user).__name__}")
-    config = dict(presets["base"])
-    config.update({k: v for k, v in user.items() if not k.startswith("_")})
-    return config
+    return {**presets["base"], **_settings(user)}
+
+
+def _settings(user: dict) -> dict:
+    """A JSON config's own settings: keys starting with "_" are comments (diffusers writes _class_name there)."""
+    return {k: v for k, v in user.items() if not k.startswith("_")}
 
 
 def vq_config(preset_or_path: str) -> dict:
@@ -201,7 +204,7 @@ def user_keys(preset_or_path: str) -> set[str]:
         user = json.loads(path.read_text())
     except (OSError, ValueError):
         return set()
-    return {k for k in user if not k.startswith("_")} if isinstance(user, dict) else set()
+    return set(_settings(user)) if isinstance(user, dict) else set()
 
 
 def _check_time_embedding(config: dict, source: str) -> None:

@@ -400,7 +400,8 @@ def main(args: argparse.Namespace) -> dict:
     overridden = [k for k, v in from_vq.items() if k in config and config[k] != v]
     # the latents decide them. A JSON file that sets another value asked for a UNet these latents cannot feed: refused;
     # a named preset's (or the base values a file left out) follow the latents, said once
-    theirs = [k for k in overridden if k in user_keys(args.preset)]
+    own = user_keys(args.preset)  # what a JSON --preset sets itself (the rest is base's)
+    theirs = [k for k in overridden if k in own]
     if theirs:
         raise TrainingError(f"--preset {args.preset} sets {', '.join(f'{k} {config[k]}' for k in theirs)}, but the "
                             f"VQModel {args.vqmodel} makes {'x'.join(map(str, latent_shape))} latents: set "
@@ -416,7 +417,7 @@ def main(args: argparse.Namespace) -> dict:
                        "applied to the %s loss as they are (not measured here)", args.loss, args.loss)
     if class_names:
         wanted = len(class_names) + 1  # the last one is "no label" (CFG)
-        if "num_class_embeds" in user_keys(args.preset) and config.get("num_class_embeds") != wanted:
+        if "num_class_embeds" in own and config.get("num_class_embeds") != wanted:
             raise TrainingError(f"--preset {args.preset} sets num_class_embeds {config.get('num_class_embeds')}, but "
                                 f"--conditional on {len(class_names)} classes ({', '.join(class_names)}) needs "
                                 f"{wanted} (one per class and one for 'no label'); set {wanted} or leave it out")
