@@ -161,6 +161,12 @@ def _check_config(config: dict, source: str, what: str) -> None:
         raise PresetError(
             f"{what} config {source}: block_out_channels {bad} are not divisible by norm_num_groups={groups}"
         )
+    spatial_bad = [c for c in config.get("block_out_channels", []) if c % 32]
+    if what == "VQModel" and config.get("norm_type") == "spatial" and spatial_bad:
+        # diffusers' SpatialNorm builds GroupNorm(32) whatever norm_num_groups says; its own error named neither
+        raise PresetError(f"{what} config {source}: norm_type 'spatial' normalises the decoder in 32 groups, "
+                          f"whatever norm_num_groups is, so block_out_channels must be multiples of 32; "
+                          f"{spatial_bad} are not (or use norm_type 'group')")
     counts = {k: config[k] for k in ("layers_per_block", "num_vq_embeddings", "latent_channels") if k in config}
     bad_counts = {k: v for k, v in counts.items() if not _positive_int(v)}
     if bad_counts:
