@@ -6,7 +6,13 @@
 # only torch, numpy, PIL, diffusers and huggingface_hub (a diffusers dependency); keep it that way.
 """ADNILatentDiffusionPipeline: sample 4x32x32 latents, denoise, optionally refine, decode to slices."""
 
+import sys
+
+if sys.version_info < (3, 10):  # the file's annotations (`str | None`) fail at import on older ones, unexplained
+    raise ImportError(f"ADNILatentDiffusionPipeline needs Python >= 3.10; this is Python {sys.version.split()[0]}")
+
 import hashlib
+import importlib
 import inspect
 import json
 import math
@@ -1025,8 +1031,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         """Upload what `save_pretrained` wrote in `folder`: through adni-diffusers' push where the package is
         installed (and the push is one it makes: no pull request, no weight variant), else with huggingface_hub
         alone, in which case the card is whatever README.md the folder has."""
-        try:
-            from adni_diffusers.hub import push_folder
+        try:  # through importlib: diffusers' scan of this file for imports would take a plain `from ... import`
+            # as a package the model needs, and warn "pip install adni_diffusers" at every load without it
+            push_folder = importlib.import_module("adni_diffusers.hub").push_folder
         except ImportError:  # this file shipped alone, with a saved model
             push_folder = None
         if push_folder is not None and not (create_pr or plain):

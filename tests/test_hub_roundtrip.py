@@ -172,6 +172,7 @@ def test_from_pretrained_without_the_package(pushed_run, tmp_path):
     run = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, env=_env(stub, hf_home, token=SECRET),
                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "might require" not in run.stderr, run.stderr[-3000:]  # no "pip install adni_diffusers" advice
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["cls"].startswith("diffusers_modules.") and result["cls"].endswith(".ADNILatentDiffusionPipeline")
     assert result["shape"] == [2, 256, 256, 1] and result["finite"] and result["loaded"] == []

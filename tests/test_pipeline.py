@@ -959,6 +959,18 @@ def test_loads_and_samples_where_package_is_not_installed(tiny_ldm, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"OK diffusers_modules.local.{PIPELINE_MODULE} 2 L (256, 256)" in proc.stdout
+    # diffusers scans the shipped file for imports: an optional `from adni_diffusers... import` read as a need
+    # ("This modeling file might require ... Run `pip install adni_diffusers`") at every load
+    assert "might require" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_the_shipped_file_names_the_python_it_needs(tmp_path):
+    """Python 3.9 failed on the file's first `str | None` annotation with a bare TypeError."""
+    code = ("import sys; sys.version_info = (3, 9, 18, 'final', 0); sys.version = '3.9.18 (main)'\n"
+            f"exec(compile(open({inspect.getsourcefile(renoise)!r}).read(), 'pipeline', 'exec'), {{'__name__': 'shipped'}})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "ImportError: ADNILatentDiffusionPipeline needs Python >= 3.10; this is Python 3.9.18" in proc.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
