@@ -78,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     from diffusers import VQModel
 
+    from adni_diffusers import vq_eval
     from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.data import IMAGE_SIZE, SliceDataset, fingerprint
     from adni_diffusers.presets import vq_config
@@ -124,11 +125,9 @@ def main(args: argparse.Namespace) -> dict:
     ema = training.make_ema(vq, args, device)
 
     def validate():  # --validation_steps: the held-out reconstructions of the weights a save now would keep
-        from adni_diffusers.vq_eval import reconstruct_and_measure
-
         with training.weights_to_save(vq, ema):
-            measured, _, _ = reconstruct_and_measure(vq, data.val, device, args.eval_batch_size,
-                                                     args.validation_max_images, args.seed)
+            measured = vq_eval.reconstruct_and_measure(vq, data.val, device, args.eval_batch_size,
+                                                       args.validation_max_images, args.seed)
         return {"val_psnr": measured["psnr"], "val_ssim": measured["ssim"]}
 
     training.clear_earlier_run(args, accelerator, "vqvae", "vqmodel")  # every check passed: now, not before
@@ -154,8 +153,10 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"}, model=model,
                                accelerator=accelerator, start_step=run.start_step)
-    preview = torch.stack([SliceDataset(data.val or data.train)[i]["pixel_values"]
-                           for i in range(min(8, len(data.val or data.train)))])
+    preview_slices = data.val or data.train
+    preview_rows = vq_eval.preview_rows(preview_slices.labels, seed=args.seed)
+    preview = torch.stack([SliceDataset(preview_slices)[int(i)]["pixel_values"] for i in preview_rows])
+    preview_columns = vq_eval.column_classes(preview_slices.labels[preview_rows], data.class_names)
 
     codebook_ready = bool(monitor.initialised) or args.no_codebook_init  # a Python bool: no device sync per step
     step_counts = None  # this step's code counts so far
@@ -217,7 +218,7 @@ def main(args: argparse.Namespace) -> dict:
             logs["restarted_codes"] = torch.tensor(float(len(restarted)))
         run.end_step(logs)
         if accelerator.is_main_process and run.global_step % args.save_images_steps == 0:
-            _log_reconstructions(accelerator, vq, ema, preview, run.global_step, args.output_dir)
+            _log_reconstructions(accelerator, vq, ema, preview, run.global_step, args.output_dir, preview_columns)
     run.finish()
     train_seconds = time.time() - start
 
@@ -226,12 +227,10 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.wait_for_everyone()
         metrics = {}
         if accelerator.is_main_process:
-            from adni_diffusers.vq_eval import evaluate_and_save
-
             if ema is not None:
                 ema.ema.copy_to(vq.parameters())
             training.forget_earlier_results(args.output_dir, "metrics.json", "reconstructions.png")
-            metrics = evaluate_and_save(vq, data, args, device, extra={
+            metrics = vq_eval.evaluate_and_save(vq, data, args, device, extra={
                 "preset": args.preset, "train_steps": run.global_step,
                 "train_steps_this_run": run.global_step - run.start_step,  # what the rate covers after a resume
                 "train_seconds_this_run": round(train_seconds, 1),
@@ -265,15 +264,17 @@ def generator_gan_loss(disc, recon: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _log_reconstructions(accelerator, vq, ema, preview, step, output_dir):
-    """The preview slices reconstructed by the weights a save now would keep (the EMA's with --use_ema)."""
+def _log_reconstructions(accelerator, vq, ema, preview, step, output_dir, columns=""):
+    """The preview slices reconstructed by the weights a save now would keep (the EMA's with --use_ema); `columns`
+    names their classes."""
     x = preview.to(accelerator.device)
     with training.weights_to_save(vq, ema):
         recon = vq(x).sample.float().clamp(-1, 1)
     weights = training.weights_label(ema)
     return training.log_image_grid(accelerator, "reconstructions", torch.cat([x.float(), recon]), step,
                                    f"{output_dir}/samples/reconstructions-{step:06d}.png", nrow=len(x),
-                                   row_titles=["original", "reconstruction"], caption=f"step {step}, {weights}")
+                                   row_titles=["original", "reconstruction"],
+                                   caption="; ".join(filter(None, [f"step {step}, {weights}", columns])))
 
 
 def cli(argv=None) -> int:

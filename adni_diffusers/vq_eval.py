@@ -19,6 +19,7 @@ from .files import remove_path, replace_folder, write_json_atomically
 
 logger = logging.getLogger(__name__)
 ERROR_GAIN = 10  # reconstructions.png's error row: |error| x 10 (white from 10% of the intensity range)
+PREVIEW_IMAGES = 8  # the columns of the reconstruction pictures
 
 
 def stratified_rows(labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
@@ -37,6 +38,35 @@ def stratified_rows(labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor
     return subsample(labels, per_class, seed)
 
 
+def preview_rows(labels: torch.Tensor, n: int = PREVIEW_IMAGES, seed: int = 0) -> torch.Tensor:
+    """`n` rows (seeded, sorted: class by class) for a reconstruction picture: one of each class first, the rest by
+    the classes' shares, at random within a class. The first rows were the first slices of the first patient in
+    path order: eight near-copies of one AD slice, and no other class."""
+    counts = Counter(labels.tolist())
+    n = min(n, len(labels))
+    per_class = {c: 0 for c in counts}
+    for _ in range(n):  # every class once (while rows are left), then the one furthest below its share
+        open_classes = [c for c in sorted(counts) if per_class[c] < counts[c]]
+        c = min(open_classes, key=lambda c: (per_class[c] > 0, per_class[c] - n * counts[c] / len(labels)))
+        per_class[c] += 1
+    from .evaluate import subsample
+
+    return subsample(labels, per_class, seed)
+
+
+@torch.no_grad()
+def reconstruct_preview(vq, slices, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `preview_rows` slices of `slices`, their reconstructions (clamped to [-1, 1]) and their labels."""
+    rows = preview_rows(slices.labels, seed=seed)
+    x = torch.stack([SliceDataset(slices)[int(i)]["pixel_values"] for i in rows]).to(device)
+    return x.float(), vq(x).sample.float().clamp(-1, 1), slices.labels[rows]
+
+
+def column_classes(labels: torch.Tensor, class_names: list[str]) -> str:
+    """A picture's caption part that names each column's class ("columns: AD AD NC NC"); none without classes."""
+    return "columns: " + " ".join(class_names[int(c)] for c in labels) if class_names else ""
+
+
 def _loader(slices, batch_size: int, limit: int | None = None, seed: int = 0):
     ds = SliceDataset(slices)
     if limit is not None and len(ds) > limit:
@@ -46,15 +76,12 @@ def _loader(slices, batch_size: int, limit: int | None = None, seed: int = 0):
 
 @torch.no_grad()
 def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int | None = None,
-                            seed: int = 0) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                            seed: int = 0) -> dict:
     """Per-image PSNR/SSIM/MS-SSIM (whole image and inside the brain mask), averaged over `slices`
-    (over `limit` of them, drawn at random per class with `seed`, when there are more).
-
-    Returns (metrics, a few originals, their reconstructions) for the grid."""
+    (over `limit` of them, drawn at random per class with `seed`, when there are more)."""
     from .metrics import SSIM_SCALE, brain_mask, mean_over_images, reconstruction_metrics
 
     per_image, n, nonfinite = {}, 0, 0
-    first_x = first_r = None
     for batch in _loader(slices, batch_size, limit, seed):
         x = batch["pixel_values"].to(device)
         recon = vq(x).sample.float()
@@ -62,8 +89,6 @@ def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int
         for k, values in m["per_image"].items():  # per-image values, averaged over the whole set below
             per_image.setdefault(k, []).append(values.double().cpu())
         n, nonfinite = n + len(x), nonfinite + m["nonfinite_reconstructions"]
-        if first_x is None:
-            first_x, first_r = x[:8].cpu(), recon[:8].clamp(-1, 1).cpu()
     if nonfinite:
         logger.warning("%d of %d reconstructions hold NaN or inf pixels: the VQModel's metrics are NaN (null in "
                        "metrics.json)", nonfinite, n)
@@ -72,7 +97,7 @@ def reconstruct_and_measure(vq, slices, device, batch_size: int = 16, limit: int
     brain = int((per_image["brain_fraction"] > 0).sum()) if per_image else 0
     return mean_over_images(per_image) | {"eval_images": n, "brain_eval_images": brain,
                                           "nonfinite_reconstructions": nonfinite,
-                                          "ssim_scale": SSIM_SCALE}, first_x, first_r
+                                          "ssim_scale": SSIM_SCALE}
 
 
 def eval_set_name(data: SliceData, split: str | None) -> str:
@@ -89,7 +114,7 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
     """Set `scaling_factor`, save `vqvae/`, write `metrics.json` and `reconstructions.png`."""
     from tqdm.auto import tqdm
 
-    from .plots import save_image_grid
+    from .plots import labelled_grid, to_pil_grid
     from .vq import code_usage, latent_statistics
 
     output_dir = Path(args.output_dir)
@@ -102,15 +127,18 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
     held_out = data.val if len(data.val) else data.train
     eval_set = eval_set_name(data, getattr(args, "split", None))
     seed = getattr(args, "seed", 0)
-    recon_metrics, x, recon = reconstruct_and_measure(vq, held_out, device, args.eval_batch_size, args.eval_max_images,
-                                                      seed)
+    recon_metrics = reconstruct_and_measure(vq, held_out, device, args.eval_batch_size, args.eval_max_images, seed)
+    x, recon, labels = reconstruct_preview(vq, held_out, device, seed)
     usage = code_usage(vq, _loader(held_out, args.eval_batch_size, args.eval_max_images, seed), device)
 
     save_atomically(vq, output_dir / "vqvae")
     # |error| x ERROR_GAIN on the [-1, 1] grey scale: black = exact, white = 10% of the intensity range or more (at
     # gain 1 a 33 dB model's error row was black throughout)
     diff = ((recon - x).abs() * ERROR_GAIN).clamp(max=2) - 1
-    save_image_grid(torch.cat([x, recon, diff]), output_dir / "reconstructions.png", nrow=len(x))
+    grid = labelled_grid(to_pil_grid(torch.cat([x, recon, diff]).cpu(), nrow=len(x)), x.shape[-1],
+                         row_titles=["original", "reconstruction", f"|error| x {ERROR_GAIN}"],
+                         caption="; ".join(filter(None, [eval_set, column_classes(labels, data.class_names)])))
+    grid.save(output_dir / "reconstructions.png")
     metrics = {
         "eval_set": eval_set,
         **recon_metrics,

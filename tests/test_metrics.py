@@ -684,7 +684,7 @@ def test_vq_held_out_metrics_are_per_image_means_with_the_mask_of_the_real_slice
     def decode(x):  # brain a little darker (more so for brighter slices), background grey
         return torch.where(x > M.MASK_THRESHOLD, x * (0.9 - 0.1 * x.mean(dim=(1, 2, 3), keepdim=True)), -0.5)
 
-    metrics, _, _ = reconstruct_and_measure(lambda x: SimpleNamespace(sample=decode(x)), slices, "cpu", batch_size=2)
+    metrics = reconstruct_and_measure(lambda x: SimpleNamespace(sample=decode(x)), slices, "cpu", batch_size=2)
     real = M.as_images(pixels)
     expected = M.reconstruction_metrics(real, decode(real))
     for key in ("mse", "psnr", "ssim", "ms_ssim", "mse_brain", "psnr_brain", "ssim_brain"):

@@ -79,8 +79,12 @@ def test_the_reconstruction_grids_error_row_is_amplified(tiny_vq):
 
     from adni_diffusers.vq_eval import ERROR_GAIN
 
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT as top
+    from adni_diffusers.plots import GRID_TITLES_WIDTH as left
+
     grid = np.asarray(Image.open(tiny_vq / "reconstructions.png").convert("L")).astype(float)
-    tile = lambda row: grid[2 + row * 258: 2 + row * 258 + 256, 2:258]  # the first column; 2-pixel padding
+    # the first column; 2-pixel padding, below the caption and right of the row titles
+    tile = lambda row: grid[top + 2 + row * 258: top + 2 + row * 258 + 256, left + 2:left + 258]
     original, reconstruction, error = tile(0), tile(1), tile(2)
     expected = np.minimum(ERROR_GAIN * np.abs(reconstruction - original), 255)  # in 8-bit levels
     assert ERROR_GAIN == 10 and np.abs(error - expected).mean() < 6  # up to 10 x the rounding of two 8-bit rows
@@ -979,7 +983,7 @@ def test_brain_means_say_they_leave_out_the_slices_without_a_brain():
     def vq(x):  # a stand-in autoencoder: a slightly darker copy
         return SimpleNamespace(sample=x * 0.95)
 
-    metrics, _, _ = reconstruct_and_measure(vq, slices, "cpu", batch_size=2)
+    metrics = reconstruct_and_measure(vq, slices, "cpu", batch_size=2)
     assert metrics["eval_images"] == 3 and metrics["brain_eval_images"] == 2
     assert math.isfinite(metrics["psnr_brain"])
 
@@ -1006,7 +1010,7 @@ def test_a_broken_reconstruction_makes_the_vq_metrics_nan_and_metrics_json_stays
         recon[0, 0, 100, 100] = bad
         return SimpleNamespace(sample=recon)
 
-    metrics, _, _ = reconstruct_and_measure(vq, slices, "cpu", batch_size=2)
+    metrics = reconstruct_and_measure(vq, slices, "cpu", batch_size=2)
     assert metrics["eval_images"] == 4 and metrics["nonfinite_reconstructions"] == 2
     for key in ("psnr", "ssim", "ms_ssim", "mse", "psnr_brain", "ssim_brain"):
         assert math.isnan(metrics[key]), key
@@ -1460,10 +1464,10 @@ def test_held_out_metrics_measure_the_quantised_reconstruction_the_pipeline_make
 
     from adni_diffusers.data import load_slices
     from adni_diffusers.pipeline_adni_ldm import decode_latents, encode_slices
-    from adni_diffusers.vq_eval import reconstruct_and_measure
+    from adni_diffusers.vq_eval import reconstruct_preview
 
     vq = VQModel.from_pretrained(tiny_vq / "vqvae").eval()
-    _, x, recon = reconstruct_and_measure(vq, load_slices(demo_root).val, "cpu", batch_size=4, limit=4)
+    x, recon, _ = reconstruct_preview(vq, load_slices(demo_root).val, "cpu")
     with torch.no_grad():
         pipeline = decode_latents(vq, encode_slices(vq, x))
         unquantised = vq.decode(vq.encode(x).latents, force_not_quantize=True).sample.clamp(-1, 1)
@@ -1708,3 +1712,48 @@ def test_a_run_refused_before_training_leaves_no_empty_output_dir(tmp_path, demo
     assert train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(tmp_path / "sweep" / "lr1"),
                               *map(str, TINY_VQ_ARGS)]) == 2
     assert not (tmp_path / "sweep" / "lr1").exists() and (tmp_path / "sweep" / "lr2").is_dir()
+
+
+def test_reconstruction_pictures_show_every_class_at_random_within_it():
+    """The pictures took the first 8 held-out rows: in path order the first slices of the first AD patient, eight
+    near-copies and no NC slice. Now every class shows, the rest by share, drawn at random within a class."""
+    from adni_diffusers.vq_eval import preview_rows
+
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    rows = preview_rows(labels, 8, seed=0)
+    assert labels[rows].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert rows[:4].tolist() != [0, 1, 2, 3] and len(set(rows.tolist())) == 8
+    assert torch.equal(rows, preview_rows(labels, 8, seed=0)) and not torch.equal(rows, preview_rows(labels, 8, 1))
+    uneven = torch.tensor([0] * 90 + [1] * 8 + [2] * 2)  # a rare class still gets a column
+    assert sorted(uneven[preview_rows(uneven, 8)].tolist()) == [0, 0, 0, 0, 0, 0, 1, 2]
+    assert uneven[preview_rows(uneven, 2)].tolist() == [0, 1]  # fewer columns than classes: class order
+    assert preview_rows(torch.tensor([1, 0, 1]), 8).tolist() == [0, 1, 2]  # fewer rows than columns: all of them
+
+
+def test_the_final_reconstruction_picture_shows_the_preview_slices(tiny_vq, tmp_path):
+    """reconstructions.png's top row is `reconstruct_preview`'s slices (both classes here), under a caption, right of
+    row titles: the picture alone says what it shows."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from conftest import toy_slices
+    from diffusers import VQModel
+    from PIL import Image
+
+    from adni_diffusers.data import SliceData
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT as top
+    from adni_diffusers.plots import GRID_TITLES_WIDTH as left
+    from adni_diffusers.vq_eval import evaluate_and_save, reconstruct_preview
+
+    train, val = toy_slices(size=256), toy_slices(patients=6, per_patient=5, size=256, seed=1)
+    data = SliceData(train, val, ["AD", "NC"], "patient", "/d", "pad")
+    vq = VQModel.from_pretrained(tiny_vq / "vqvae").eval()
+    args = SimpleNamespace(output_dir=str(tmp_path), eval_batch_size=8, eval_max_images=None, seed=0, split="patient")
+    evaluate_and_save(vq, data, args, "cpu")
+    x, _, labels = reconstruct_preview(vq, val, "cpu", seed=0)
+    assert sorted(set(labels.tolist())) == [0, 1]
+    grid = np.asarray(Image.open(tmp_path / "reconstructions.png").convert("L")).astype(float)
+    assert grid.shape == (top + 2 + 3 * 258, left + 2 + 8 * 258)
+    for column, image in enumerate(x):
+        tile = grid[top + 2: top + 258, left + 2 + column * 258: left + 258 + column * 258]
+        assert np.abs(tile - (image[0].numpy() + 1) * 127.5).max() <= 1  # 8-bit rounding
