@@ -2159,11 +2159,19 @@ def test_periodic_sample_grids_show_a_row_per_class():
 
 
 def test_the_cards_sample_grid_has_a_row_per_class(tiny_ldm):
-    """samples.png (shown in the model card) holds one row of 8 samples per class: 2 rows for AD / NC."""
+    """samples.png (shown in the model card) holds one row of 8 samples per class: 2 rows for AD / NC, each titled
+    with its class, under a caption (weights, sampler, guidance, seed): opened alone it had neither."""
+    import numpy as np
+
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT as top
+    from adni_diffusers.plots import GRID_TITLES_WIDTH as left
+
     with Image.open(tiny_ldm / "samples.png") as grid:
-        width, height = grid.size
-    tile = (width - 2) // 8  # make_grid: 8 tiles of (256 + 2 px padding) and a 2 px border
-    assert (height - 2) // tile == 2
+        pixels = np.asarray(grid.convert("L"))
+    assert pixels.shape == (top + 2 + 2 * 258, left + 2 + 8 * 258)  # make_grid: tiles of 256 + 2 px padding
+    for row in range(2):  # a title (dark text on white) left of each row
+        assert (pixels[top + row * 258: top + (row + 1) * 258, :left] < 128).any()
+    assert (pixels[:top, left:] < 128).any()  # the caption
 
 # ------------------------------------------------------------------------------------------ seventh mutation audit
 
