@@ -2045,7 +2045,9 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
 
 
 # the scalars each stage's runs are compared by in tensorboard's HParams tab
-HPARAMS_METRICS = {"unet": ("final/val_loss", "val_loss", "loss"),
+# (val_objective: the held-out loss in `loss`'s own measure, logged where that is not plain MSE (--snr_gamma,
+# --loss smooth_l1), the one held-out column comparable with `loss` there; blank in other runs)
+HPARAMS_METRICS = {"unet": ("final/val_loss", "val_loss", "val_objective", "loss"),
                    "vqmodel": ("final/psnr", "final/ssim", "final/ms_ssim", "final/psnr_brain", "val_psnr", "val_ssim",
                                "loss")}
 

@@ -1004,3 +1004,32 @@ def test_a_class_for_an_unconditional_model_names_the_flag(tmp_path):
         generate("unused", tmp_path / "out", class_label="AD", num_images=1, steps=1, scheduler="ddim", device="cpu",
                  pipe=pipe)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resumes_progress_bar_starts_at_the_kept_images(fresh_pipe, tmp_path, monkeypatch):
+    """The kept images were one `update` of the bar before sampling: tqdm counted them in its rate, and the time left
+    at the start of a long resume was several times too short. They are its `initial` count now."""
+    import tqdm.auto
+
+    from adni_diffusers.generate import generate
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.updates = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+    kwargs = dict(num_images=4, batch_size=2, scheduler="ddim", steps=2, device="cpu", pipe=fresh_pipe)
+    generate("unused", tmp_path, **kwargs)
+    (tmp_path / "sample-0003.png").unlink()
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    generate("unused", tmp_path, **kwargs, resume=True)
+    (bar,) = bars
+    assert (bar.total, bar.initial, bar.n) == (8, 6, 8)
+    assert bar.updates == [1, 1]  # one image, two steps: nothing for the kept three

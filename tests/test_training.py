@@ -765,3 +765,26 @@ def test_log_lines_go_above_the_progress_bar_only_where_they_print_to_the_consol
         for logger in (root, diffusers_logger):
             assert len(logger.handlers) == 1 and type(logger.handlers[0]).__name__ == "_TqdmLoggingHandler"
     assert root.handlers == [console]
+
+
+def test_the_unet_hparams_columns_hold_the_held_out_loss_in_the_objectives_measure(tmp_path):
+    """Under --snr_gamma (the demo's setting) `loss` is Min-SNR weighted and `val_loss` plain MSE: the table's only
+    held-out column was not comparable with `loss`. `val_objective` (the same measure) is a column too."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from conftest import reset_accelerate
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    reset_accelerate()
+    try:
+        accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+        training.start_logging(accelerator, SimpleNamespace(snr_gamma=5.0, seed=0), "unet")
+        accelerator.end_training()
+    finally:
+        reset_accelerate()
+    events = EventAccumulator(str(tmp_path / "unet")).Reload()
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["final/val_loss", "val_loss", "val_objective", "loss"]
