@@ -137,8 +137,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"],
                    help="tensorboard: losses, learning rate and sample grids under --logging_dir")
     g.add_argument("--logging_steps", type=int, default=10,
-                   help="log (and check the loss for NaN/inf, and whether a SIGTERM/SIGUSR1 came: then checkpoint "
-                        "and stop) every N optimizer steps")
+                   help="log (and check the loss for NaN/inf, and whether a SIGTERM/SIGUSR1 came to any process: "
+                        "then checkpoint and stop; one process alone stops at its next step) every N optimizer steps")
     g.add_argument("--validation_steps", type=int, default=500,
                    help="the held-out numbers (train_unet: the denoising loss; train_vqmodel: PSNR and SSIM) of the "
                         "weights a save would keep (the EMA's with --use_ema) every N optimizer steps and at the "
@@ -597,12 +597,37 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
             f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: unset the variable or pass the "
             "same number to --gradient_accumulation_steps")
     prepare_output_dir(args, accelerator, product=product, project=project_name)
+    warn_if_the_launcher_kills_early(accelerator)
     resume_from = find_resume_checkpoint(args)
     if resume_from is not None:
         check_resume_matches(resume_from, run_record(args, stage_flags, stage=project_name))  # the clearer message
         check_checkpoint_whole(resume_from, args.resume_from_checkpoint)
         check_checkpoint_files(resume_from, accelerator)
     return config, accelerator
+
+
+BATCH_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
+
+
+def warn_if_the_launcher_kills_early(accelerator) -> None:
+    """A batch job of one process under `accelerate launch` (its simple launcher: no --multi_gpu): from accelerate
+    1.16 that launcher answers SIGTERM by sending it on and killing the run 5 s later (`_terminate_process_tree`),
+    too soon for the checkpoint a time limit's SIGTERM asks for. `python train_*.py` needs no launcher."""
+    if accelerator.num_processes != 1 or not any(os.environ.get(v) for v in BATCH_JOB_VARIABLES):
+        return
+    import accelerate
+    import accelerate.commands.launch as launch
+
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:  # not Linux: the launcher cannot be told
+        return
+    if hasattr(launch, "_terminate_process_tree") and b"accelerate" in parent and b"launch" in parent:
+        script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "train_unet.py"
+        logger.warning("this batch job runs one process under `accelerate launch`, whose launcher (accelerate %s) "
+                       "kills it 5 s after passing on a SIGTERM: a time limit's SIGTERM may then cut the run before "
+                       "its checkpoint. Start one-process jobs with `python %s` and the same flags (Accelerate needs "
+                       "no launcher for one process)", accelerate.__version__, script)
 
 
 def check_resume_model(args, config: dict, project_name: str, identity: dict | None = None) -> None:
@@ -1764,6 +1789,8 @@ class TrainingRun:
         if saved:
             self.checkpoint()
             self._agree_on_stop()  # a signal during the save: stop on this checkpoint, not --logging_steps later
+        if self._signalled and self.accelerator.num_processes == 1:
+            self._stop_agreed = True  # alone, nothing to agree on: this step, not the next log flush (less margin)
         # a stop signal: this step's checkpoint, then out (run_cli says where to go on). Not at the last step: the
         # final save and evaluation are all that is left, and final_phase lets them finish
         if self._stop_agreed and self.global_step < self.max_train_steps:

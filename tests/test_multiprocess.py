@@ -266,3 +266,26 @@ def test_a_stop_signal_to_one_process_stops_both_at_one_checkpointed_step(tmp_pa
         proc.stderr, proc.stderr[-3000:]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"] and not (out / "model_index.json").exists()
     assert [[row["step"] for row in rank] for rank in read_traces(out)] == [[1, 2, 3, 4]] * 2
+
+
+def test_a_one_process_batch_job_under_accelerate_launch_is_told_its_launcher_kills_early(tmp_path):
+    """From accelerate 1.16, `accelerate launch` without --multi_gpu answers SIGTERM by killing the run 5 s after
+    passing it on: a time limit's SIGTERM then left no checkpoint (measured on CPU: killed at step 49 of a run
+    logging every 100). A batch job of one process is told to start with `python train_*.py`; the same job without
+    the launcher is not. (The run stops at its missing data folder, after the warning.)"""
+    import accelerate.commands.launch
+
+    if not hasattr(accelerate.commands.launch, "_terminate_process_tree"):
+        pytest.skip("this accelerate's one-process launcher waits for its process")
+    env = dict(os.environ, SLURM_JOB_ID="7", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    flags = ["--train_data_dir", str(tmp_path / "no_data"), "--output_dir", str(tmp_path / "out"), "--preset", "tiny"]
+    script = str(REPO_ROOT / "train_vqmodel.py")
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                               "--mixed_precision", "no", "--dynamo_backend", "no", script, *flags],
+                              env=env, capture_output=True, text=True, timeout=300)
+    alone = subprocess.run([sys.executable, script, *flags], env=env, capture_output=True, text=True, timeout=300)
+    for proc in (launched, alone):
+        assert "--train_data_dir" in proc.stderr and "folder does not exist" in proc.stderr, proc.stderr[-3000:]
+    assert "kills it 5 s after passing on a SIGTERM" in launched.stderr
+    assert "Start one-process jobs with `python train_vqmodel.py` and the same flags" in launched.stderr
+    assert "kills it 5 s" not in alone.stderr
