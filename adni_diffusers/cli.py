@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "demo-data": ("adni_diffusers.demo_data", "build the synthetic MNI152-based stand-in for ADNI's AD_NC folder"),
@@ -65,6 +66,25 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+# what to do once there is room again, by command (the others: run it again)
+AGAIN_WITH_ROOM = {"generate": "run it again with --resume: the images written are kept",
+                   "demo": "run the same command again: it goes on from its checkpoints"}
+
+
+def _out_of_room_advice(name: str, args, error: BaseException) -> str:
+    """For a full disk, a quota or a read-only folder: where the command was writing, the room there, what next.
+    ("[Errno 28] No space left on device" named neither the folder nor the way on.)"""
+    from .files import DISK_FULL_ERRNOS, free_space
+
+    if not isinstance(error, OSError) or error.errno not in DISK_FULL_ERRNOS:
+        return ""
+    out = getattr(args, "out", None)
+    if out is None and name == "evaluate":
+        out = Path(args.model) / "evaluation"  # its default
+    where = f"; --out {out} has {free_space(out)} free" if out else ""
+    return f"{where}: make room (or write elsewhere) and {AGAIN_WITH_ROOM.get(name, 'run it again')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from . import __version__
@@ -105,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adni-diffusers {name}: {e} (`adni-diffusers {name}` with the same flags does)", file=sys.stderr)
         return 128 + (e.signum or 15)
     except (ValueError, OSError, RuntimeError) as e:  # DataError, TrainingError, HubError are among these
-        print(f"adni-diffusers {name}: error: {e}", file=sys.stderr)
+        print(f"adni-diffusers {name}: error: {e}{_out_of_room_advice(name, args, e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was written so far stays
         print(f"adni-diffusers {name}: interrupted", file=sys.stderr)

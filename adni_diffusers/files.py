@@ -6,9 +6,12 @@ one, never half of either, and the leftovers are `.tmp` names the next start rem
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -68,8 +71,51 @@ def write_text_atomically(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:  # a full disk, Ctrl-C: no half .tmp left beside the record
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only folder fails the removal too: the first error counts)
+            tmp.unlink(missing_ok=True)
         raise
+
+
+# how torch.save (PyTorchStreamWriter) and safetensors report a write that failed (a full disk, a quota, a
+# read-only filesystem): a RuntimeError ("basic_ios::clear: iostream error", "unexpected pos 136576 vs 136464") or a
+# SafetensorError ("IoError(Os { code: 28 ... })"), neither naming the file
+WRITE_FAILURE_RE = re.compile(r"no space left|read-only file system|quota|iostream error|unexpected pos|"
+                              r"PytorchStreamWriter failed|file write failed|ioerror|os error", re.IGNORECASE)
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+@contextlib.contextmanager
+def writing(folder, what: str):
+    """Around a write of `what` into `folder`. A failed write that torch or safetensors report in their own words,
+    or an OSError that names no file, is raised as an OSError naming `what`, the folder and the room left there:
+    a training run then says which checkpoint to go on from (it printed two torch tracebacks and no way on)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise OSError(e.errno, f"{e.strerror} while writing {what} in {folder} ({free_space(folder)} free)") from e
+    except Exception as e:  # noqa: BLE001 - only a failed write's own words are re-raised, as an OSError
+        if not WRITE_FAILURE_RE.search(str(e)):
+            raise
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        code = errno.EROFS if "read-only" in str(e).lower() else errno.ENOSPC if "space" in str(e).lower() \
+            else errno.EIO
+        raise OSError(code, f"writing {what} in {folder} failed ({type(e).__name__}: {first_line}); "
+                            f"{free_space(folder)} free there: a full disk or a read-only folder?") from e
+
+
+def free_space(folder) -> str:
+    """The room left on `folder`'s filesystem (its nearest existing parent's), e.g. "1.2 GB"; "unknown" where it
+    cannot be read."""
+    path = Path(folder).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    return f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.1f} MB"
 
 
 def jsonable(x):

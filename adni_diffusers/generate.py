@@ -232,7 +232,13 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
         try:  # safetensors only (a Hub repo's too): never a pickle from a file the user did not make
             pipe = ADNILatentDiffusionPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)
         except OSError as e:  # the pipeline's own messages start with the path: name the flag too
-            raise OSError(f"--model {e}" if str(e).startswith(model) else f"--model {model}: {e}") from None
+            message = f"--model {e}" if str(e).startswith(model) else f"--model {model}: {e}"
+            from .hub import TRAINING_MARKER
+
+            if (Path(model) / TRAINING_MARKER).is_file():  # what is missing is a cut-short run's, not a copy's
+                message += (f"; {TRAINING_MARKER} is there: a training run into this folder was cut short or is "
+                            "still going; finish it (the training script with --resume_from_checkpoint latest)")
+            raise OSError(message) from None
         for name in ("vqvae", "unet"):  # else every picture is black, and evaluate measured them as samples
             if bad := nonfinite_weights_text(getattr(pipe, name)):
                 raise ValueError(f"--model {model}: {name}/ {bad}: a damaged copy (copy or download it again), or a "
@@ -486,7 +492,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                                     if i < num_images]
                 continue
             n = len(todo)
-            # one generator per image (seeded by --seed and its index): an image does not depend on the batch size
+            # one generator per image (seeded by --seed and its index): an image does not depend on the batch size (up to
+            # float rounding: a grey level in a few pixels)
             generators = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i) for i in todo]
             batch = pipe(batch_size=n, class_labels=label, guidance_scale=guidance, num_inference_steps=steps,
                          generator=generators, refine_steps=refine_steps, refine_repeats=refine_repeats,

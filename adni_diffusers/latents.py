@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .data import MODEL_FILE_SUFFIXES, SliceSet, hash_array, hash_files, to_model_input
-from .files import fsync_file
+from .files import fsync_file, writing
 from .pipeline_adni_ldm import encode_slices, share_like_other_files
 from .training import TrainingError
 
@@ -116,12 +116,13 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
     try:
         logger.info("encoding %d %s slices into the latent cache %s", len(slices), name, path)
         latents = encode_all(vq, slices, batch_size, progress)
-        save_file({"latents": latents.contiguous(), "labels": slices.labels.contiguous()}, tmp,
-                  metadata={"key": key, "count": str(len(latents)), "sha256": latent_digest(latents),
-                            "scaling_factor": json.dumps(vq.config.scaling_factor)})
-        share_like_other_files([tmp])  # mkstemp's 0600: a labmate training on the same VQModel reads it too
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        with writing(cache_dir, f"the {name} latent cache (--latent_cache_dir gives it another folder)"):
+            save_file({"latents": latents.contiguous(), "labels": slices.labels.contiguous()}, tmp,
+                      metadata={"key": key, "count": str(len(latents)), "sha256": latent_digest(latents),
+                                "scaling_factor": json.dumps(vq.config.scaling_factor)})
+            share_like_other_files([tmp])  # mkstemp's 0600: a labmate training on the same VQModel reads it too
+            fsync_file(tmp)
+            os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     others = [p for p in cache_dir.glob(f"{name}-*.safetensors") if p != path]

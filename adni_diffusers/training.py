@@ -34,7 +34,7 @@ import torch
 
 from .compile_probe import CUDA_GRAPH_MODES
 from .files import (fsync_tree, not_a_folder, read_as_data, read_json_object, remove_path, replace_folder,
-                    write_text_atomically)
+                    write_text_atomically, writing)
 
 logger = logging.getLogger("adni_diffusers.training")
 
@@ -495,6 +495,14 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
         for stale in [*output_dir.glob("checkpoint-*.tmp"), output_dir / ".saving.tmp"]:  # saves cut short
             remove_path(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+    # a folder no process can write in (a read-only mount) is refused now, not after the data work (minutes on
+    # ADNI); every process tries a file of its own (each writes its random states into the checkpoints)
+    probe = output_dir / f".write_check-{accelerator.process_index}.tmp"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"--output_dir {output_dir}: cannot write there ({e.strerror or e})") from None
 
 
 def _resumes(args, checkpoints: list[Path]) -> bool:
@@ -1160,16 +1168,18 @@ def save_checkpoint(accelerator, output_dir, step: int, extra_state: dict, total
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(tmp, f"checkpoint {step}"):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every process's random_states_<i>.pkl is in tmp before the rename
     if accelerator.is_main_process:
         tensors = {k: v.detach().contiguous().cpu() for k, v in extra_state.get("tensors", {}).items()}
-        if tensors:
-            save_file(tensors, str(tmp / "training_state.safetensors"))
-        meta = {"step": step, **extra_state.get("meta", {})}
-        (tmp / "training_state.json").write_text(json.dumps(meta, indent=2))
-        share_like_other_files(tmp.rglob("*.safetensors"))
-        fsync_tree(tmp)
+        with writing(tmp, f"checkpoint {step}"):
+            if tensors:
+                save_file(tensors, str(tmp / "training_state.safetensors"))
+            meta = {"step": step, **extra_state.get("meta", {})}
+            (tmp / "training_state.json").write_text(json.dumps(meta, indent=2))
+            share_like_other_files(tmp.rglob("*.safetensors"))
+            fsync_tree(tmp)
         # this step again (resumed from an earlier checkpoint): the old checkpoint-N goes aside in one rename (a
         # checkpoint-N.old.tmp, which the next start removes), never half-deleted
         replace_folder(tmp, final)
@@ -1191,7 +1201,8 @@ def save_into(output_dir: Path, save, last: str | None = None) -> None:
     output_dir = Path(output_dir)
     tmp = output_dir / ".saving.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
+    with writing(output_dir, "the final model"):
+        save(tmp)
     from .pipeline_adni_ldm import share_like_other_files
 
     share_like_other_files(tmp.rglob("*.safetensors"))

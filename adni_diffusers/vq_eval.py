@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import SliceData, SliceDataset
-from .files import remove_path, replace_folder, write_json_atomically
+from .files import remove_path, replace_folder, write_json_atomically, writing
 
 logger = logging.getLogger(__name__)
 ERROR_GAIN = 10  # reconstructions.png's error row: |error| x 10 (white from 10% of the intensity range)
@@ -157,7 +157,8 @@ def save_atomically(model, folder: Path) -> None:
     loads and looks finished (a run trained on from a finished one)."""
     tmp = folder.with_name(folder.name + ".tmp")
     remove_path(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with writing(folder.parent, f"the model ({folder.name})"):
+        model.save_pretrained(tmp)
     from .pipeline_adni_ldm import share_like_other_files
 
     share_like_other_files(tmp.glob("*.safetensors"))

@@ -28,6 +28,27 @@ def test_cli_turns_a_runtime_error_into_one_line_and_status_2(monkeypatch, capsy
     assert code == 2 and capsys.readouterr().err.strip() == "adni-diffusers generate: error: the reason"
 
 
+def test_a_full_disk_says_where_and_what_next(monkeypatch, capsys, tmp_path):
+    """"[Errno 28] No space left on device" alone named neither the folder nor the way on (generate keeps the images
+    written: --resume; evaluate has a default --out)."""
+    import errno
+
+    from adni_diffusers import cli, evaluate, generate
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(generate, "main", full)
+    monkeypatch.setattr(evaluate, "main", full)
+    assert cli.main(["generate", "--model", "m", "--out", str(tmp_path / "samples")]) == 2
+    err = capsys.readouterr().err
+    assert f"No space left on device; --out {tmp_path / 'samples'} has " in err and " free: make room (or write " \
+        "elsewhere) and run it again with --resume: the images written are kept" in err, err
+    assert cli.main(["evaluate", "--model", str(tmp_path / "ldm")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'ldm' / 'evaluation'} has " in err and "and run it again\n" in err, err
+
+
 class _Parsed(Exception):
     """Raised in place of parse_args: carries the parser a command built."""
 
@@ -165,7 +186,8 @@ def test_a_commands_help_shows_each_options_default_once(monkeypatch, capsys):
 @pytest.mark.parametrize("outcome, status, message", [
     (None, 0, ""),
     (3, 3, ""),
-    (OSError(28, "No space left on device"), 2, "adni-diffusers fake: error: [Errno 28] No space left on device"),
+    (OSError(28, "No space left on device"), 2, "adni-diffusers fake: error: [Errno 28] No space left on device: "
+                                                "make room (or write elsewhere) and run it again"),
     (ValueError("--scale must be positive"), 2, "adni-diffusers fake: error: --scale must be positive"),
     (KeyboardInterrupt(), 130, "adni-diffusers fake: interrupted"),
     ("SIGUSR1", 138, "adni-diffusers fake: stopped by SIGUSR1 at step 4; ck is written: go on from it with "

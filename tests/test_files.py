@@ -127,3 +127,31 @@ def test_read_json_object_is_the_records_dict_or_empty(tmp_path):
     record.write_text('{"root": "/data/AD_NC", "stage": "vqmodel"}', encoding="utf-8")
     assert read_json_object(record) == {"root": "/data/AD_NC", "stage": "vqmodel"}
     assert read_json_object(tmp_path) == {}  # a folder
+
+
+def test_a_failed_write_in_torchs_or_safetensors_words_becomes_an_oserror_naming_the_folder(tmp_path):
+    """A full disk under torch.save reads "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos
+    136576 vs 136464", under safetensors "IoError(Os { code: 28 ... })": no file, no cause, and the training scripts
+    (which say which checkpoint to go on from after an OSError) printed two tracebacks and no way on."""
+    import errno
+
+    from adni_diffusers.files import writing
+
+    for error, code in [(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 136576 vs 136464"),
+                         errno.EIO),
+                        (RuntimeError("basic_ios::clear: iostream error"), errno.EIO),
+                        (Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                   '"No space left on device" })'), errno.ENOSPC),
+                        (OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC),
+                        (OSError(errno.EROFS, "Read-only file system"), errno.EROFS)]:
+        with pytest.raises(OSError) as e:
+            with writing(tmp_path / "checkpoint-4.tmp", "checkpoint 4"):
+                raise error
+        assert e.value.errno == code and e.value.__cause__ is error
+        assert f"checkpoint 4 in {tmp_path / 'checkpoint-4.tmp'}" in str(e.value) and " free" in str(e.value)
+    for other in [RuntimeError("CUDA error: an illegal memory access"), ValueError("bad dtype"),
+                  FileNotFoundError(2, "No such file or directory", "x.json")]:  # not a failed write, or named
+        with pytest.raises(type(other)) as e:
+            with writing(tmp_path, "it"):
+                raise other
+        assert e.value is other

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_VQ_ARGS, StopRun, run_training_script
+from conftest import REPO_ROOT, TINY_VQ_ARGS, StopRun, reset_accelerate, run_training_script
 from safetensors.torch import load_file
 
 
@@ -1757,3 +1757,56 @@ def test_the_final_reconstruction_picture_shows_the_preview_slices(tiny_vq, tmp_
     for column, image in enumerate(x):
         tile = grid[top + 2: top + 258, left + 2 + column * 258: left + 258 + column * 258]
         assert np.abs(tile - (image[0].numpy() + 1) * 127.5).max() <= 1  # 8-bit rounding
+
+
+def test_a_full_disk_in_a_checkpoint_says_which_checkpoint_to_go_on_from(tmp_path, demo_root, monkeypatch, capsys):
+    """torch.save on a full disk raised a RuntimeError in its own words, which the scripts passed on as a traceback
+    without the line on where to go on. Now an OSError naming the checkpoint and its folder: the line comes, and
+    checkpoint-2 (whole) is what latest resumes."""
+    import torch
+
+    from adni_diffusers import train_vqmodel, training
+
+    out = tmp_path / "out"
+    real_save = torch.save
+
+    def full_at_checkpoint_4(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 136576 vs 136464")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_at_checkpoint_4)
+    reset_accelerate()
+    try:
+        with pytest.raises(OSError, match=r"writing checkpoint 4 in .*checkpoint-4.tmp failed \(RuntimeError: "
+                                          r"\[enforce fail.* free there: a full disk or a read-only folder\?"):
+            train_vqmodel.cli([str(a) for a in ["--train_data_dir", demo_root, "--output_dir", out, *TINY_VQ_ARGS,
+                                                "--max_train_steps", "4", "--checkpointing_steps", "2"]])
+    finally:
+        reset_accelerate()
+    err = capsys.readouterr().err
+    assert f"stopped by the error below; the last checkpoint is {out / 'checkpoint-2'}: go on from it with " \
+           "--resume_from_checkpoint latest once it is fixed" in err, err
+    assert [c.name for c in training.list_checkpoints(out)] == ["checkpoint-2"]
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_data(tmp_path, demo_root, monkeypatch):
+    """A read-only --output_dir failed only at its first write, after every slice was decoded (and, for the UNet,
+    encoded: minutes on ADNI)."""
+    from pathlib import Path
+
+    from adni_diffusers import data as D
+    from adni_diffusers.training import TrainingError
+
+    real_write = Path.write_bytes
+
+    def read_only(path, content):
+        if path.name.startswith(".write_check"):
+            raise PermissionError(13, "Permission denied")
+        return real_write(path, content)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr(D, "load_slices", lambda *a, **k: pytest.fail("the data was read before the check"))
+    with pytest.raises(TrainingError, match=r"--output_dir .*out: cannot write there \(Permission denied\)"):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out",
+                                              *TINY_VQ_ARGS, "--max_train_steps", "2"])
