@@ -341,17 +341,27 @@ COUNTERFACTUAL_PICTURES = ("example_strip.png", "mean_difference.png")  # counte
 REAL_SLICE_PICTURES = ("reconstructions.png", "closest_pairs.png", *COUNTERFACTUAL_PICTURES)
 
 
+# the pictures the package draws that show no real slice (generated samples, curves, plots): of a model not
+# trained on the demo set, the only pictures a push sends. Any other (a counterfactual's original.png, a slice a user
+# saved as PNG beside the model) may show the data itself
+NO_SLICE_PICTURE_RE = re.compile(r"(samples|samples_[^/]+|loss_curve|grid|tradeoff|ablations|umap|nn_distances)\.png|"
+                                 r"denoising\.gif")
+
+
 def shows_real_slices(folder: Path, rel: str, demo: bool) -> bool:
-    """Whether the picture `rel` of `folder` shows real slices: any of REAL_SLICE_PICTURES of a model not
-    trained on the demo set; of a demo model, those of an evaluation run on other data (its metrics.json says
-    so), and a counterfactual measurement's unless its tradeoff.json says it measured demo data (`--data-dir`
-    may point a demo model at real slices; records from before it said so are taken as real). An evaluation's or
-    measurement's picture with no record beside it (a run cut short before writing it) is taken as real."""
+    """Whether the picture `rel` of `folder` shows, or may show, real slices: of a model not trained on the demo set,
+    any picture but the package's own that show none (NO_SLICE_PICTURE_RE); of a demo model, REAL_SLICE_PICTURES
+    of an evaluation run on other data (its metrics.json says so), and a counterfactual measurement's unless its
+    tradeoff.json says it measured demo data (`--data-dir` may point a demo model at real slices; records from
+    before it said so are taken as real). An evaluation's or measurement's picture with no record beside it (a run
+    cut short before writing it) is taken as real."""
     name = Path(rel).name
-    if name not in REAL_SLICE_PICTURES:
+    if Path(name).suffix.lower() not in PICTURE_SUFFIXES:
         return False
     if not demo:
-        return True
+        return not NO_SLICE_PICTURE_RE.fullmatch(name)
+    if name not in REAL_SLICE_PICTURES:
+        return False
     beside = (folder / rel).parent
     try:
         if name in COUNTERFACTUAL_PICTURES:
@@ -460,10 +470,24 @@ def _records_without_local_paths(folder: Path, files: list[str],
         if component_config:
             cleaned = {k: v for k, v in record.items() if k != "_name_or_path"} if isinstance(record, dict) else record
         else:
-            cleaned = without_local_paths(record, known)
+            cleaned = without_local_paths(without_real_slice_names(record), known)
         if cleaned != record:
             out[rel] = (json.dumps(cleaned, indent=2) + "\n").encode()
     return out
+
+
+def without_real_slice_names(record):
+    """A record without the slice file names it lists (counterfactual --measure's tradeoff.json: `slices`, beside
+    `data_source_is_demo`) unless they are of the demo set: ADNI's names hold its subject and image ids. The count
+    stays (`slices_withheld`)."""
+    if isinstance(record, list):
+        return [without_real_slice_names(v) for v in record]
+    if not isinstance(record, dict):
+        return record
+    cleaned = {k: without_real_slice_names(v) for k, v in record.items()}
+    if isinstance(cleaned.get("slices"), list) and cleaned.get("data_source_is_demo") is not True:
+        cleaned["slices_withheld"] = len(cleaned.pop("slices"))
+    return cleaned
 
 
 def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -> tuple[str, list[str]]:
@@ -699,10 +723,15 @@ def _selected_files(folder: Path, trained_on_demo_data: bool | None,
     demo = is_demo_trained(folder) if trained_on_demo_data is None else trained_on_demo_data
     # pictures of real (ADNI) slices are the data itself: never uploaded, even to a private repo
     withheld = [p for p in files if shows_real_slices(folder, p, demo)]
-    if withheld:
-        logger.warning("not pushing %s: %s real slices (ADNI's data use agreement)", ", ".join(withheld),
-                       "they show" if len(withheld) > 1 else "it shows")
-        files = [p for p in files if p not in withheld]
+    known = [p for p in withheld if Path(p).name in REAL_SLICE_PICTURES]
+    if known:
+        logger.warning("not pushing %s: %s real slices (ADNI's data use agreement)", ", ".join(known),
+                       "they show" if len(known) > 1 else "it shows")
+    if len(known) < len(withheld):
+        logger.warning("not pushing %s: not a picture the package draws without slices, so it may show real ones "
+                       "(the model was not trained on the demo set; ADNI's data use agreement). Upload it yourself "
+                       "if it shows none", ", ".join(p for p in withheld if p not in known))
+    files = [p for p in files if p not in withheld]
     return kind, files, demo, withheld
 
 

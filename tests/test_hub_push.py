@@ -278,7 +278,7 @@ MODEL_FILES = {  # what train_unet.py's save_pretrained + card + metadata write
     "scheduler/scheduler_config.json": b"{}",
     "samples.png": b"png", "loss_curve.png": b"png",
     "training_data.json": b'{"source": "user"}', "training_args.json": b"{}", "train_metrics.json": b"{}",
-    "evaluation/metrics.json": b'{"x": 1}', "evaluation/figure.png": b"png",
+    "evaluation/metrics.json": b'{"x": 1}', "evaluation/umap.png": b"png",
 }
 CLUTTER = {  # training by-products in the same output folder: never pushed
     "checkpoint-500/optimizer.bin": b"opt", "checkpoint-500/training_state.json": b"{}",
@@ -602,6 +602,36 @@ def test_a_demo_models_counterfactual_pictures_go_up_only_where_they_measured_de
             (ev / "tradeoff.json").write_text(json.dumps(record))
             assert shows_real_slices(tmp_path, rel, demo=True) == real, (name, record)
         assert shows_real_slices(tmp_path, rel, demo=False)
+
+
+def test_a_real_data_models_unknown_pictures_and_slice_names_stay_local(hub_stub, tmp_path, caplog):
+    """Of a model not trained on the demo set, a PNG the user dropped beside it (a slice saved as
+    slice_1290867_80.png, its patient id in the name, and in the card's file list) and counterfactual's
+    tradeoff.json, which lists the measured slices by file name (ADNI subject and image ids), went up without a
+    word. Now only the package's own slice-free pictures go, and tradeoff.json keeps the count, not the names."""
+    from adni_diffusers.hub import shows_real_slices
+
+    for name in ("samples.png", "loss_curve.png", "grid.png", "denoising.gif", "evaluation/umap.png",
+                 "evaluation/samples_AD.png", "evaluation/nn_distances.png", "evaluation/ablations.png",
+                 "evaluation/tradeoff.png"):
+        assert not shows_real_slices(tmp_path, name, demo=False), name
+    for name in ("slice_1290867_80.png", "evaluation/my_real_slices.png", "original.png", "strip.png",
+                 "counterfactual_NC.png", "evaluation/closest_pairs.png"):
+        assert shows_real_slices(tmp_path, name, demo=False), name
+        assert name == "evaluation/closest_pairs.png" or not shows_real_slices(tmp_path, name, demo=True), name
+    tradeoff = {"images": 2, "data_source_is_demo": False, "data": "/data/ADNI",
+                "slices": ["train/AD/002_S_0295_80.jpeg", "train/AD/002_S_0295_81.jpeg"]}
+    _write(tmp_path / "out", {**MODEL_FILES, "slice_1290867_80.png": b"png",
+                              "evaluation/tradeoff.json": json.dumps(tradeoff).encode()})
+    push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+    pushed = hub_stub.repo_files(REPO)
+    assert "slice_1290867_80.png" not in pushed and "slice_1290867_80.png" not in pushed["README.md"].decode()
+    assert "not pushing slice_1290867_80.png: not a picture the package draws without slices" in caplog.text
+    assert json.loads(pushed["evaluation/tradeoff.json"]) == {"images": 2, "data_source_is_demo": False,
+                                                             "data": "<local>/ADNI", "slices_withheld": 2}
+    assert json.loads((tmp_path / "out" / "evaluation" / "tradeoff.json").read_text()) == tradeoff  # local: as it was
+    demo = hub.without_real_slice_names({**tradeoff, "data_source_is_demo": True})  # demo slices: names kept
+    assert demo["slices"] == tradeoff["slices"]
 
 
 def test_only_the_top_of_the_evaluation_folder_is_selected(tmp_path):
