@@ -1001,3 +1001,15 @@ def test_the_card_names_the_software_and_device_that_trained_the_model(ldm):
     del args["environment"], args["earlier_sessions"]
     (ldm / "training_args.json").write_text(json.dumps(args))
     assert "Trained with" not in render_model_card(ldm)
+
+
+def test_a_pipeline_saved_without_its_training_records_says_so_under_training(tiny_ldm, tmp_path):
+    """`pipe.save_pretrained` / `pipe.push_to_hub` of a loaded pipeline carry no training records: the card had an
+    empty "## Training" heading followed at once by "## Evaluation"."""
+    from adni_diffusers import ADNILatentDiffusionPipeline
+
+    ADNILatentDiffusionPipeline.from_pretrained(tiny_ldm).save_pretrained(tmp_path / "saved")
+    text = render_model_card(tmp_path / "saved", data_source="unknown")
+    training = text.split("## Training\n")[1].split("## Evaluation")[0]
+    assert "Not recorded in this repository: it was saved from a loaded pipeline" in training
+    assert "Not recorded in this repository" not in render_model_card(tiny_ldm)  # a training folder's card
