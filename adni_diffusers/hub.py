@@ -900,6 +900,8 @@ def push_folder(
                                "its own (e.g. --repo-id <name>-vq)")
             if new_branch:
                 api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+            # the branch's last commit: a push that changes nothing makes none (huggingface_hub skips it)
+            head_before = api.repo_info(repo_id, revision=revision, token=token, repo_type="model").sha
             components = _components_of(folder, kind) if path_in_repo is None else []
             # Old weights (another shard layout or variant) must not outlive a new push, nor the files of an
             # earlier evaluation that this model's evaluation no longer has (ablations.csv, umap.png)
@@ -930,7 +932,12 @@ def push_folder(
         except Exception as err:
             raise HubError(_scrub(_explain(err, repo_id, endpoint, token_flag), tokens)) from None
     url = str(getattr(info, "commit_url", info))
-    logger.info("Pushed %s to %s%s: %s", folder, repo_id, f" (branch {revision})" if revision else "", url)
+    branch = f" (branch {revision})" if revision else ""
+    if getattr(info, "oid", None) and info.oid == head_before:  # it said "Pushed" with the earlier commit's url
+        logger.info("%s%s already holds what %s would push: nothing pushed (the repo is at %s)", repo_id, branch,
+                    folder, url)
+    else:
+        logger.info("Pushed %s to %s%s: %s", folder, repo_id, branch, url)
     return url
 
 

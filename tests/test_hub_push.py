@@ -1340,3 +1340,19 @@ def test_a_train_unet_run_stopped_early_with_overwrite_leaves_a_folder_push_refu
     assert _cli_push(ldm, "--token", hub_stub.token, "--force") == 2
     assert "pipeline save in progress or cut short" in capsys.readouterr().err
     assert hub_stub.requests == []
+
+
+def test_a_push_that_changes_nothing_says_so(hub_stub, tmp_path, caplog):
+    """huggingface_hub skips an empty commit and returns the branch's last one: the push then logged "Pushed ... :
+    <the earlier commit's url>", as if it had sent something."""
+    import logging
+
+    _write(tmp_path / "out", MODEL_FILES)
+    with caplog.at_level(logging.INFO, logger="adni_diffusers"):
+        first = push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+        assert f"Pushed {tmp_path / 'out'} to {REPO}: {first}" in caplog.text
+        caplog.clear()
+        again = push_folder(tmp_path / "out", REPO, token=hub_stub.token)
+    assert again == first and "Pushed" not in caplog.text
+    assert f"{REPO} already holds what {tmp_path / 'out'} would push: nothing pushed (the repo is at {first})" \
+        in caplog.text
