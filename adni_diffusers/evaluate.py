@@ -1142,7 +1142,7 @@ def write_report(res: dict, out: Path) -> Path:
         "a diffusion model that reproduced the data on this autoencoder would reach. "
         "Generated vs ceiling is the diffusion model's share of the gap, ceiling vs floor the autoencoder's; "
         "samples less varied than the data can score better than the ceiling (read recall and diversity). "
-        "See `docs/evaluation.md` for the method.",
+        "The method: `docs/evaluation.md` in the source of adni-diffusers, the package that wrote this report.",
         "",
         "## Summary",
         "",
