@@ -492,8 +492,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                                     if i < num_images]
                 continue
             n = len(todo)
-            # one generator per image (seeded by --seed and its index): an image does not depend on the batch size (up to
-            # float rounding: a grey level in a few pixels)
+            # one generator per image (seeded by --seed and its index): an image does not depend on the batch size
+            # (up to float rounding: a grey level in a few pixels)
             generators = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i) for i in todo]
             batch = pipe(batch_size=n, class_labels=label, guidance_scale=guidance, num_inference_steps=steps,
                          generator=generators, refine_steps=refine_steps, refine_repeats=refine_repeats,

@@ -49,10 +49,19 @@ def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: li
     return out
 
 
-def save_image_grid(images: torch.Tensor, path, nrow: int | None = None) -> Path:
+def titled_grid(images: torch.Tensor, nrow: int | None = None, row_titles: list[str] | None = None,
+                caption: str | None = None) -> Image.Image:
+    """`to_pil_grid`, with a title left of each row and a caption above where given (`labelled_grid`)."""
+    grid = to_pil_grid(images, nrow)
+    return labelled_grid(grid, images.shape[-1], row_titles=row_titles, caption=caption) if row_titles or caption \
+        else grid
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int | None = None, row_titles: list[str] | None = None,
+                    caption: str | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil_grid(images, nrow).save(path)
+    titled_grid(images, nrow, row_titles, caption).save(path)
     return path
 
 

@@ -679,7 +679,7 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
             images.append(torch.cat([row.cpu(), blank]))
         images = torch.cat(images)
     weights = training.weights_label(run.ema)
-    guidance = f", guidance {args.sample_guidance:g}" if class_names and args.sample_guidance != 1 else ""
+    guidance = _guidance_text(class_names, args)
     training.log_image_grid(accelerator, "samples", images, run.global_step,
                             f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=columns,
                             row_titles=[class_names[label] for label, _ in rows] if class_names else None,
@@ -692,7 +692,7 @@ def _final_samples(pipe, class_names, args, device) -> Path:
     """The model card's sample grid: one row per class (DDIM, fixed seed, --sample_guidance)."""
     from diffusers import DDIMScheduler
 
-    from adni_diffusers.plots import labelled_grid, to_pil_grid
+    from adni_diffusers.plots import save_image_grid
 
     sampler = type(pipe)(pipe.vqvae, pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), class_names)
     sampler.set_progress_bar_config(disable=True)
@@ -703,15 +703,17 @@ def _final_samples(pipe, class_names, args, device) -> Path:
         images.append(sampler(batch_size=per_row, class_labels=label, guidance_scale=args.sample_guidance,
                               num_inference_steps=args.sample_inference_steps,
                               generator=torch.Generator().manual_seed(args.seed), output_type="pt").images * 2 - 1)
-    images = torch.cat(images).cpu()
     # titled as the periodic grids are: opened alone (not under the card's caption) it says what it shows
     weights = "EMA weights" if getattr(args, "use_ema", False) else "final weights (no EMA)"
-    guidance = f", guidance {args.sample_guidance:g}" if class_names and args.sample_guidance != 1 else ""
-    grid = labelled_grid(to_pil_grid(images, nrow=per_row), images.shape[-1], row_titles=rows if class_names else None,
-                         caption=f"{weights}, DDIM {args.sample_inference_steps} steps{guidance}, seed {args.seed}")
-    path = Path(args.output_dir) / "samples.png"
-    grid.save(path)
-    return path
+    return save_image_grid(torch.cat(images), Path(args.output_dir) / "samples.png", nrow=per_row,
+                           row_titles=rows if class_names else None,
+                           caption=f"{weights}, DDIM {args.sample_inference_steps} steps"
+                                   f"{_guidance_text(class_names, args)}, seed {args.seed}")
+
+
+def _guidance_text(class_names, args) -> str:
+    """The sample grids' caption part for guidance: none for an unconditional model or guidance 1."""
+    return f", guidance {args.sample_guidance:g}" if class_names and args.sample_guidance != 1 else ""
 
 
 def cli(argv=None) -> int:

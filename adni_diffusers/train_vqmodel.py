@@ -153,10 +153,8 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"}, model=model,
                                accelerator=accelerator, start_step=run.start_step)
-    preview_slices = data.val or data.train
-    preview_rows = vq_eval.preview_rows(preview_slices.labels, seed=args.seed)
-    preview = torch.stack([SliceDataset(preview_slices)[int(i)]["pixel_values"] for i in preview_rows])
-    preview_columns = vq_eval.column_classes(preview_slices.labels[preview_rows], data.class_names)
+    preview, preview_labels = vq_eval.preview_batch(data.val or data.train, seed=args.seed)
+    preview_columns = vq_eval.column_classes(preview_labels, data.class_names)
 
     codebook_ready = bool(monitor.initialised) or args.no_codebook_init  # a Python bool: no device sync per step
     step_counts = None  # this step's code counts so far

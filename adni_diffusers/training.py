@@ -2121,11 +2121,9 @@ def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path,
     left of each row and a caption above when given."""
     import numpy as np
 
-    from .plots import labelled_grid, to_pil_grid
+    from .plots import titled_grid
 
-    grid = to_pil_grid(images, nrow=nrow)
-    if row_titles or caption:
-        grid = labelled_grid(grid, images.shape[-1], row_titles=row_titles, caption=caption)
+    grid = titled_grid(images, nrow, row_titles, caption)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -54,12 +54,18 @@ def preview_rows(labels: torch.Tensor, n: int = PREVIEW_IMAGES, seed: int = 0) -
     return subsample(labels, per_class, seed)
 
 
+def preview_batch(slices, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `preview_rows` slices of `slices` as model input, and their labels."""
+    rows = preview_rows(slices.labels, seed=seed)
+    return torch.stack([SliceDataset(slices)[int(i)]["pixel_values"] for i in rows]), slices.labels[rows]
+
+
 @torch.no_grad()
 def reconstruct_preview(vq, slices, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The `preview_rows` slices of `slices`, their reconstructions (clamped to [-1, 1]) and their labels."""
-    rows = preview_rows(slices.labels, seed=seed)
-    x = torch.stack([SliceDataset(slices)[int(i)]["pixel_values"] for i in rows]).to(device)
-    return x.float(), vq(x).sample.float().clamp(-1, 1), slices.labels[rows]
+    """The `preview_batch` slices of `slices`, their reconstructions (clamped to [-1, 1]) and their labels."""
+    x, labels = preview_batch(slices, seed)
+    x = x.to(device).float()
+    return x, vq(x).sample.float().clamp(-1, 1), labels
 
 
 def column_classes(labels: torch.Tensor, class_names: list[str]) -> str:
@@ -114,7 +120,7 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
     """Set `scaling_factor`, save `vqvae/`, write `metrics.json` and `reconstructions.png`."""
     from tqdm.auto import tqdm
 
-    from .plots import labelled_grid, to_pil_grid
+    from .plots import save_image_grid
     from .vq import code_usage, latent_statistics
 
     output_dir = Path(args.output_dir)
@@ -135,10 +141,9 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
     # |error| x ERROR_GAIN on the [-1, 1] grey scale: black = exact, white = 10% of the intensity range or more (at
     # gain 1 a 33 dB model's error row was black throughout)
     diff = ((recon - x).abs() * ERROR_GAIN).clamp(max=2) - 1
-    grid = labelled_grid(to_pil_grid(torch.cat([x, recon, diff]).cpu(), nrow=len(x)), x.shape[-1],
-                         row_titles=["original", "reconstruction", f"|error| x {ERROR_GAIN}"],
-                         caption="; ".join(filter(None, [eval_set, column_classes(labels, data.class_names)])))
-    grid.save(output_dir / "reconstructions.png")
+    save_image_grid(torch.cat([x, recon, diff]), output_dir / "reconstructions.png", nrow=len(x),
+                    row_titles=["original", "reconstruction", f"|error| x {ERROR_GAIN}"],
+                    caption="; ".join(filter(None, [eval_set, column_classes(labels, data.class_names)])))
     metrics = {
         "eval_set": eval_set,
         **recon_metrics,
