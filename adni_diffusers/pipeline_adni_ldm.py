@@ -951,8 +951,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         # 4. decode through the codebook, which would turn NaN latents into a plausible-looking codebook pattern
         broken = int((~torch.isfinite(latents)).flatten(1).any(1).sum()) if latents.device.type != "meta" else 0
         if broken:  # (meta tensors, a dry run's, hold no values)
+            why = ("float16 overflow? try bfloat16 or float32" if self.unet.dtype == torch.float16 else
+                   f"the UNet's weights, the guidance scale (here {guidance_scale:g}), or a training schedule whose "
+                   "alphas_cumprod reaches 0")
             logger.warning(f"{broken} of {batch_size} images have non-finite latents (NaN or inf) after sampling: "
-                           "their pictures are not samples (float16 overflow? try bfloat16 or float32)")
+                           f"their pictures are not samples ({why})")
         if output_type == "latent":
             images = latents
         else:

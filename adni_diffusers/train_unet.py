@@ -60,6 +60,14 @@ def check_schedule_reaches_noise(args) -> None:
                                           beta_end).alphas_cumprod[-1])
 
     last = last_alpha_cumprod(args.beta_start, args.beta_end)
+    if not last >= torch.finfo(torch.float32).tiny:  # 0 (or NaN) in float32: sampling divides by its square root
+        scale = 1000 / args.num_train_timesteps
+        raise TrainingError(
+            f"--num_train_timesteps {args.num_train_timesteps} with --beta_schedule {args.beta_schedule} "
+            f"--beta_start {args.beta_start:g} --beta_end {args.beta_end:g}: alphas_cumprod falls to {last:.3g} in "
+            "float32 (below its smallest normal number, 1.2e-38), and sampling divides by its square root: every "
+            "sample would be NaN. Use --beta_schedule squaredcos_cap_v2, fewer timesteps, or betas scaled with the "
+            f"steps (--beta_start {args.beta_start * scale:g} --beta_end {args.beta_end * scale:g})")
     if last > MAX_FINAL_ALPHA_CUMPROD:
         scale = 1000 / args.num_train_timesteps  # improved DDPM's rule: the seed's betas are for 1000 steps
         start, end = args.beta_start * scale, min(args.beta_end * scale, 0.999)

@@ -1070,6 +1070,8 @@ def test_non_finite_guidance_is_refused_and_non_finite_latents_are_reported(pipe
     latents[1, 0, 0, 0] = float("nan")
     pipe(latents=latents, class_labels="AD", num_inference_steps=2, output_type="np")
     assert len(warned) == 1 and warned[0].startswith("1 of 3 images have non-finite latents")
+    # float32 weights: the advice is not float16's (it told a float32 run to try float32)
+    assert "float16" not in warned[0] and "the guidance scale (here 1)" in warned[0], warned[0]
 
 
 def test_a_model_with_nonfinite_weights_is_named_at_loading_and_its_nan_pictures_reported(pipe, tmp_path,

@@ -1941,6 +1941,23 @@ def test_a_schedule_that_never_reaches_noise_is_refused():
     _unet_args("--num_train_timesteps", "500")  # 0.006 left: accepted
 
 
+def test_a_schedule_whose_alphas_cumprod_reaches_zero_in_float32_is_refused():
+    """The seed's betas over 12,000 timesteps: 897 of them have alphas_cumprod 0 in float32, and sampling divides by
+    its square root. The run trained, exited 0 and saved a model whose every sample was NaN (with a warning that
+    blamed float16). Refused, with betas scaled to the steps, which train."""
+    from adni_diffusers.training import TrainingError
+
+    for steps in ("12000", "1000000"):
+        with pytest.raises(TrainingError, match=rf"--num_train_timesteps {steps} .* alphas_cumprod falls to 0 in "
+                                                r"float32 .* every sample would be NaN"):
+            _unet_args("--num_train_timesteps", steps)
+    with pytest.raises(TrainingError, match=r"--beta_start 8.33333e-06 --beta_end 0.00166667"):
+        _unet_args("--num_train_timesteps", "12000")
+    _unet_args("--num_train_timesteps", "12000", "--beta_start", "8.33333e-06", "--beta_end", "0.00166667")
+    _unet_args("--num_train_timesteps", "12000", "--beta_schedule", "squaredcos_cap_v2")
+    _unet_args("--num_train_timesteps", "8000")  # 7e-36: small, but a normal float32
+
+
 def test_conditional_needs_two_class_folders_not_one(tmp_path, tiny_vq, demo_root, capsys):
     """A single class folder gives nothing to condition on (and guidance nothing to steer between): refused."""
     from adni_diffusers import train_unet
