@@ -961,14 +961,18 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
                        help="push the final model to the Hub (only the model: not checkpoints, logs or caches)")
     group.add_argument("--hub_model_id", default=None, type=_repo_id_argument,
                        help="repo id 'namespace/name' (a bare name goes under your user; default: the output "
-                            "folder's name)")
+                            "folder's name); without --push_to_hub, the repo the model card's snippets load from")
     group.add_argument("--hub_token", default=None,
                        help="Hub token (default: the one from `hf auth login` or HF_TOKEN, which is safer: a "
                             "token on the command line ends up in shell history)")
-    group.add_argument("--hub_private_repo", dest="hub_private_repo", action="store_const", const=True,
-                       default=True, help="create a private repo (the default; kept for diffusers-example scripts)")
-    group.add_argument("--hub_public_repo", dest="hub_private_repo", action="store_false",
-                       help="create a PUBLIC repo (ADNI's data use agreement: only for models not trained on ADNI)")
+    # both: the last one given won, silently (public, when it came last)
+    visibility = group.add_mutually_exclusive_group()
+    visibility.add_argument("--hub_private_repo", dest="hub_private_repo", action="store_const", const=True,
+                            default=True,
+                            help="create a private repo (the default; kept for diffusers-example scripts)")
+    visibility.add_argument("--hub_public_repo", dest="hub_private_repo", action="store_false",
+                            help="create a PUBLIC repo (ADNI's data use agreement: only for models not trained on "
+                                 "ADNI)")
     group.add_argument("--push_checkpoints", action="store_true",
                        help=f"also push each checkpoint to the branch '{CHECKPOINT_BRANCH}' under "
                             f"checkpoint-<step>/ (main stays clean)")
@@ -985,8 +989,13 @@ def check_hub_arguments(args: argparse.Namespace, output_dir: str | Path | None 
     Raises HubError with a one-line message, so a run does not train for hours and then fail to push.
     """
     if not getattr(args, "push_to_hub", False):
-        if getattr(args, "push_checkpoints", False):  # it did nothing, silently
-            raise HubError("--push_checkpoints pushes checkpoints to the repo of --push_to_hub: add --push_to_hub")
+        # each did nothing, silently: the user meant to push (--hub_model_id alone names the repo in the card's
+        # snippets, for a push later)
+        given = [flag for flag, on in [("--push_checkpoints", getattr(args, "push_checkpoints", False)),
+                                       ("--hub_public_repo", getattr(args, "hub_private_repo", True) is False)] if on]
+        if given:
+            raise HubError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the push of --push_to_hub, "
+                           "which is not given: add --push_to_hub (or leave them out)")
         return
     repo_id = hub_repo_id(args, output_dir if output_dir is not None else args.output_dir)
     problem = repo_id_problem(repo_id)

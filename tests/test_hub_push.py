@@ -394,9 +394,17 @@ def test_check_hub_arguments(hub_stub, tmp_path):
 
 
 def test_push_checkpoints_without_push_to_hub_is_refused():
-    """--push_checkpoints alone pushed nothing and said nothing."""
-    with pytest.raises(HubError, match="--push_checkpoints pushes checkpoints to the repo of --push_to_hub: add"):
+    """--push_checkpoints alone pushed nothing and said nothing; so did --hub_public_repo. And --hub_private_repo
+    --hub_public_repo together made the repo public or private by their order."""
+    with pytest.raises(HubError, match="--push_checkpoints is for the push of --push_to_hub, which is not given: add"):
         hub.check_hub_arguments(_parse(["--push_checkpoints"]))
+    with pytest.raises(HubError, match="--push_checkpoints, --hub_public_repo are for the push of --push_to_hub"):
+        hub.check_hub_arguments(_parse(["--push_checkpoints", "--hub_public_repo"]))
+    hub.check_hub_arguments(_parse(["--hub_private_repo"]))  # the default, named (diffusers' example scripts)
+    hub.check_hub_arguments(_parse(["--hub_model_id", "user/model"]))  # the card's snippets load from it
+    for both in (["--hub_private_repo", "--hub_public_repo"], ["--hub_public_repo", "--hub_private_repo"]):
+        with pytest.raises(SystemExit):
+            _parse(["--push_to_hub", *both])
 
 
 def test_check_hub_arguments_refuses_offline_mode_before_training(hub_stub, tmp_path, monkeypatch):
