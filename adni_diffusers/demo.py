@@ -193,6 +193,8 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     from .generate import check_device, generate
     from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL
 
+    if not str(out).strip():  # Path("") is the current folder: the whole demo landed there (an unset variable)
+        raise ValueError("--out is empty; expected an output folder")
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before hours of training
     plan = PLANS["quick" if quick else ("cuda" if device.startswith("cuda") else "cpu")]
     out = Path(out)

@@ -1520,6 +1520,10 @@ def evaluate_model(
     # the UMAP step, or at the first sample after the earlier evaluation was removed, naming no flag
     if not 0 <= int(seed) < 2**32:
         raise EvaluationError(f"--seed {seed}: expected 0 .. 2**32 - 1")
+    # torch's CPU generator keeps a seed's low 32 bits: 0, 2**32 and 2**63 trained one net, cached as three
+    if not 0 <= int(feature_net_seed) <= 2**32 - feature_nets:
+        raise EvaluationError(f"--feature-net-seed {feature_net_seed}: expected 0 .. 2**32 - {feature_nets} (with "
+                              f"--feature-nets {feature_nets}, the seeds up to it + {feature_nets - 1})")
     if ablations and ablation_samples < 2:  # it ran 2 and recorded 1
         raise EvaluationError(f"--ablation-samples {ablation_samples}: expected at least 2 (the distribution "
                               "metrics compare sets)")

@@ -353,6 +353,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     for name, value in (("num_images", num_images), ("steps", steps), ("batch_size", batch_size)):
         if value < 1:  # checked before the model loads (batch_size < 1 would end in torch.cat([]))
             raise ValueError(f"{name}={value}: expected at least 1")
+    batch_size = min(batch_size, num_images)  # (the loops below walk a batch's indices: 10**9 of them took 30 s)
     check_refinement(steps, refine_steps, refine_repeats)
     if num_images > 2**64:  # else the seed check below blamed --seed (with a negative upper bound)
         raise ValueError(f"--num-images {num_images}: expected at most 2**64 (each image has its own seed)")

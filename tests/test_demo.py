@@ -72,6 +72,7 @@ def test_every_plan_parses_with_the_training_scripts(plan, tmp_path):
     (["--subjects", "0"], "--subjects 0: need at least 4"),  # `subjects or default` took 0 for "not given"
     (["--seed", "4294967296"], "--seed 4294967296: expected 0 .. 2**32 - 1"),  # refused by training, after the data
     (["--seed", "-1"], "--seed -1: expected 0 .. 2**32 - 1"),  # numpy's "expected non-negative integer"
+    (["--out", ""], "--out is empty; expected an output folder"),  # the whole demo ran in the current folder
 ])
 def test_bad_flags_stop_the_demo_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
     from adni_diffusers import cli
@@ -82,7 +83,7 @@ def test_bad_flags_stop_the_demo_before_any_work(flags, message, tmp_path, capsy
     (tmp_path / "ADNI" / "train" / "AD" / "1_0.jpeg").write_bytes(b"")
     assert cli.main(["demo", "--quick", "--out", "demo", *flags]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "demo").exists()
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "AD_NC").exists()
     assert [p.name for p in (tmp_path / "ADNI").rglob("*")] == ["train", "AD", "1_0.jpeg"]
 
 

@@ -526,6 +526,10 @@ def test_feature_net_refuses_zero_epochs(demo_root):
     # once the earlier evaluation was removed), naming no flag
     (dict(seed=-1), r"--seed -1: expected 0 .. 2\*\*32 - 1"),
     (dict(seed=2**32), "--seed 4294967296: expected"),
+    # torch keeps a seed's low 32 bits: 0, 2**32 and 2**63 trained one net, cached as three "yardsticks"
+    (dict(feature_net_seed=2**32), r"--feature-net-seed 4294967296: expected 0 .. 2\*\*32 - 1"),
+    (dict(feature_net_seed=-1), r"--feature-net-seed -1: expected"),
+    (dict(feature_net_seed=2**32 - 2, feature_nets=3), r"2\*\*32 - 3 \(with --feature-nets 3, the seeds up to it \+ 2\)"),
     (dict(ablations=True, ablation_samples=1), "--ablation-samples 1: expected at least 2"),
     # below 0 it steered away from the class, without a word (counterfactual refused it)
     (dict(guidance=-1.0), "--guidance -1: expected a number >= 0"),
