@@ -66,6 +66,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
 
+from adni_diffusers.training import COMPILE_MODES  # noqa: E402
+
 SECTIONS = ("unet", "latent_cache", "vq", "sampling", "cpu_goal")
 SAMPLERS = ("ddpm", "dpm++", "unipc")
 
@@ -1668,7 +1670,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--matmul-size", type=int)
     p.add_argument("--compile", action="store_true", help="add the torch.compile rows (with an eager fallback)")
-    p.add_argument("--compile-mode", default="default",
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode for the sampling rows, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                    help="only the UNet / VQ training rows with these variant names (the JSON's \"variant\"), "
@@ -1711,6 +1713,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps, --repeats, --ddpm-steps and --sample-repeats must be >= 1, --warmup >= 0")
     if opts.encode_images < 1 or opts.matmul_size < 1 or opts.profile_steps < 1:  # else a row fails after its timing
         p.error("--encode-images, --matmul-size and --profile-steps must be >= 1")
+    if opts.threads is not None and opts.threads < 1:  # (0 was ignored; a negative one failed in torch's words)
+        p.error(f"--threads {opts.threads}: expected at least 1")
+    # each failed in a traceback: a preset after the matmul measurement, an output path after every row had run
+    from adni_diffusers.presets import PresetError, unet_config, vq_config
+
+    for flag, presets, config_of in (("--preset", [opts.preset], unet_config),
+                                     ("--vq-preset", [opts.vq_preset, opts.example_vq_preset], vq_config),
+                                     ("--cpu-goal-presets", opts.cpu_goal_presets, unet_config),
+                                     ("--cpu-goal-presets", opts.cpu_goal_presets, vq_config)):
+        for preset in presets:
+            try:
+                config_of(preset)
+            except PresetError as e:
+                p.error(f"{flag}: {e}")
+    for flag, path in (("--out", opts.out), ("--markdown", opts.markdown)):
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            p.error(f"{flag} {path}: is a folder; expected a file name")
+        blocking = next((q for q in Path(path).absolute().parents if q.exists() and not q.is_dir()), None)
+        if blocking is not None:
+            p.error(f"{flag} {path}: {blocking} is a file, not a folder")
     return opts
 
 

@@ -178,6 +178,33 @@ def test_counts_that_would_fail_a_row_after_its_timing_are_refused(flag):
 
 
 @pytest.mark.parametrize("flags, message", [
+    (["--preset", "tinny"], "--preset: unknown UNet2DModel preset 'tinny'"),  # a traceback after the matmul rate
+    (["--vq-preset", "nope"], "--vq-preset: unknown VQModel preset 'nope'"),
+    (["--threads", "-1"], "--threads -1: expected at least 1"),  # torch's traceback; 0 was ignored
+    (["--threads", "0"], "--threads 0: expected at least 1"),
+    (["--compile", "--compile-mode", "bogus"], "invalid choice: 'bogus'"),  # every row failed, exit status 0
+])
+def test_bad_presets_threads_and_compile_modes_are_refused_before_any_work(flags, message, capsys):
+    run = _load_benchmark_script()
+    with pytest.raises(SystemExit) as stop:
+        run.parse_args(["--smoke", "--device", "cpu", *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_any_row(tmp_path, capsys):
+    """--out or --markdown naming a folder, or a path under a file, failed in a traceback after every row had run (on
+    a GPU lease: the measurement lost, but for its .partial.json)."""
+    run = _load_benchmark_script()
+    (tmp_path / "afile").write_text("")
+    for flags, message in [(["--out", str(tmp_path)], f"--out {tmp_path}: is a folder; expected a file name"),
+                           (["--markdown", str(tmp_path / "afile" / "x.md")], f"{tmp_path / 'afile'} is a file")]:
+        with pytest.raises(SystemExit) as stop:
+            run.parse_args(["--smoke", "--device", "cpu", *flags])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    run.parse_args(["--smoke", "--device", "cpu", "--out", str(tmp_path / "new" / "r.json")])  # made when written
+
+
+@pytest.mark.parametrize("flags, message", [
     (["--variants", "+ torch.compile (= ours)"], "--variants: '+ torch.compile (= ours)' needs --compile"),
     (["--compile", "--variants", "ours + compile + cudnn.benchmark"], "runs on --device cuda only"),
     (["--profile", "--profile-variants", "ours + EMA (make_ema)"], "--profile-variants: unknown ['ours + EMA (make_ema)']"),
