@@ -771,6 +771,13 @@ def load_training_data(args, accelerator, root: Path | None = None):
             f"{root}: {len(data.train)} training images, fewer than one batch "
             f"({args.train_batch_size} x {accelerator.num_processes} processes); lower --train_batch_size"
         )
+    batches = len(data.train) // (args.train_batch_size * accelerator.num_processes)  # per process (drop_last)
+    if args.gradient_accumulation_steps > batches:  # a step was the whole epoch, fewer images than logged and scaled
+        raise TrainingError(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: more than the {batches} batches of an "
+            f"epoch ({len(data.train)} training images, batch {args.train_batch_size} x "
+            f"{accelerator.num_processes} process(es)), so each step would be the whole epoch, not the "
+            f"{args.gradient_accumulation_steps} batches the logs and --scale_lr count; give at most {batches}")
     from .data import is_demo_dataset
 
     data_source = "demo" if args.train_data_dir is None or is_demo_dataset(root) else "user"

@@ -788,3 +788,16 @@ def test_the_unet_hparams_columns_hold_the_held_out_loss_in_the_objectives_measu
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
     assert [m.name.tag for m in experiment.metric_infos] == ["final/val_loss", "val_loss", "val_objective", "loss"]
+
+
+def test_more_accumulated_batches_than_an_epoch_holds_are_refused(tmp_path, demo_root):
+    """24 training images at batch 4 are 6 batches an epoch: --gradient_accumulation_steps 100 made each step the
+    whole epoch, 24 images, while the log said "4 x 100 accumulated = 400 images per step" (and --scale_lr scaled
+    by 400)."""
+    from conftest import TINY_VQ_ARGS, run_training_script
+
+    with pytest.raises(training.TrainingError, match=r"--gradient_accumulation_steps 100: more than the 6 batches of "
+                                                     r"an epoch \(24 training images, batch 4 x 1 process\(es\)\).* "
+                                                     r"give at most 6"):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out",
+                                              *TINY_VQ_ARGS, "--gradient_accumulation_steps", "100"])
