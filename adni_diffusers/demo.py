@@ -190,11 +190,10 @@ def _run_stage(name: str, module: str, folder: Path, product: str, model: str, a
 def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects: int | None = None, seed: int = 0,
              retrain: bool = False, quick: bool = False) -> dict:
     from .demo_data import check_seed, ensure_demo_dataset, read_settings, slice_tree_holding
-    from .generate import check_device, generate
+    from .generate import check_device, check_out_given, generate
     from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL
 
-    if not str(out).strip():  # Path("") is the current folder: the whole demo landed there (an unset variable)
-        raise ValueError("--out is empty; expected an output folder")
+    check_out_given(out)  # "": the current folder (the whole demo landed there)
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before hours of training
     plan = PLANS["quick" if quick else ("cuda" if device.startswith("cuda") else "cpu")]
     out = Path(out)

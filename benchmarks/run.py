@@ -1719,7 +1719,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from adni_diffusers.presets import PresetError, unet_config, vq_config
 
     for flag, presets, config_of in (("--preset", [opts.preset], unet_config),
-                                     ("--vq-preset", [opts.vq_preset, opts.example_vq_preset], vq_config),
+                                     ("--vq-preset", [opts.vq_preset], vq_config),
+                                     ("--example-vq-preset", [opts.example_vq_preset], vq_config),
                                      ("--cpu-goal-presets", opts.cpu_goal_presets, unet_config),
                                      ("--cpu-goal-presets", opts.cpu_goal_presets, vq_config)):
         for preset in presets:
