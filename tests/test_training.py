@@ -74,7 +74,8 @@ def test_a_checkpoint_without_its_lr_schedule_is_refused_naming_the_file(tmp_pat
 
 def _data_args(root, batch: int) -> SimpleNamespace:
     return SimpleNamespace(train_data_dir=str(root), split="all", val_fraction=0.1, seed=0, split_seed=None,
-                           preprocess="pad", patient_ids="subject", train_batch_size=batch)
+                           preprocess="pad", patient_ids="subject", train_batch_size=batch,
+                           gradient_accumulation_steps=1)
 
 
 _ONE_PROCESS = SimpleNamespace(num_processes=1, main_process_first=contextlib.nullcontext,
