@@ -441,9 +441,14 @@ def _license(source: str, model_dir: Path) -> dict:
     name = "mni-icbm152-2009-notice" if source == "demo" else "adni-data-use-agreement"
     path = model_dir / LICENSE_FILE
     # a demo UNet on a first stage of real data keeps the MNI notice in LICENSE.md: not the licence's text to link
-    mni_notice = path.is_file() and path.read_text(encoding="utf-8", errors="replace") == DEMO_LICENSE_TEXT
+    mni_notice = _holds_mni_notice(path)
     link = {"license_link": LICENSE_FILE} if path.is_file() and (source == "demo" or not mni_notice) else {}
     return {"license_name": name, **link}
+
+
+def _holds_mni_notice(path: Path) -> bool:
+    """Whether `path` is the LICENSE.md a demo model gets (write_demo_license)."""
+    return path.is_file() and path.read_text(encoding="utf-8", errors="replace") == DEMO_LICENSE_TEXT
 
 
 def _card_data(source: str, model_dir, tags: list[str], **extra):
@@ -583,6 +588,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "repo_id_is_placeholder": placeholder,
         "data_source": source,
         "unet_data_source": own_source,
+        # a copy saved from a loaded pipeline has no training records, but keeps a demo model's LICENSE.md
+        "mni_notice_file": _holds_mni_notice(d / LICENSE_FILE),
         "first_stage_text": _first_stage_text(data, own_source, source, first_stage_sources(d)),
         "class_names": class_names,
         "conditional": conditional,

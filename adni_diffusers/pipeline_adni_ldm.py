@@ -81,6 +81,7 @@ PREPROCESS_CHOICES = ("pad", "resize")
 # the forward process the UNet learned: a scheduler swapped in must run the same one (its scheduler config keys)
 TRAINING_NOISE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
                        "rescale_betas_zero_snr", "prediction_type")
+NOTICE_NAMES = ("LICENSE", "NOTICE")  # as `adni-diffusers push` takes them: LICENSE.md, NOTICE.txt, LICENSE
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # weights files that are pickles: can run code
 
 
@@ -473,6 +474,12 @@ def remove_other_versions(folder: Path, source: Path | None = None) -> None:
     for stale in Path(folder).iterdir():
         if stale != keep and stale.resolve() != source.resolve() and SHIPPED_MODULE_RE.fullmatch(stale.name):
             stale.unlink()
+
+
+def notice_files(folder: Path) -> list[Path]:
+    """The licence and notice files at the top of a model folder (LICENSE.md, NOTICE, ...): they go with every copy
+    of the weights. A demo model's LICENSE.md holds the MNI template's notice, which must be kept with copies."""
+    return sorted(p for p in Path(folder).glob("*") if p.is_file() and p.name.split(".")[0].upper() in NOTICE_NAMES)
 
 
 def what_folder_is_this(folder: Path) -> str:
@@ -1001,11 +1008,17 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 if config.pop("_name_or_path", None) is not None:
                     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         share_like_other_files(p for name in self.components for p in (save_directory / name).glob("*.safetensors"))
+        loaded_from = self._loaded_from()
+        if loaded_from is not None and loaded_from.resolve() != save_directory.resolve():
+            for notice in notice_files(loaded_from):  # the licence of what the weights learned from goes with them
+                if not (save_directory / notice.name).exists():  # a save into a folder with its own keeps that
+                    shutil.copyfile(notice, save_directory / notice.name)
         if push_to_hub:  # what this save wrote (and a card beside it), not the rest of the folder: a training
             # output folder also holds checkpoints, logs, caches, and records or an evaluation of another model
             with tempfile.TemporaryDirectory() as tmp:
                 staged = Path(tmp)
-                for name in ["model_index.json", target.name, "README.md", *self.components]:
+                for name in ["model_index.json", target.name, "README.md", *self.components,
+                             *(p.name for p in notice_files(save_directory))]:
                     part = save_directory / name
                     for source in ([part] if part.is_file() else sorted(p for p in part.rglob("*") if p.is_file())):
                         _link_or_copy(source, staged / source.relative_to(save_directory))  # not the weights' bytes
@@ -1055,7 +1068,13 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         return upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
                              commit_message=commit_message or "Upload pipeline", create_pr=create_pr,
                              allow_patterns=["model_index.json", f"{PIPELINE_MODULE}.py", "README.md",
+                                             *(p.name for p in notice_files(folder)),
                                              *(f"{name}/*" for name in self.components)])
+
+    def _loaded_from(self) -> Path | None:
+        """The local folder this pipeline was loaded from (a Hub repo's downloaded copy), if any."""
+        folder = getattr(self, "_source_folder", None) or self.config.get("_name_or_path")
+        return Path(folder) if folder and Path(folder).is_dir() else None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -1088,7 +1107,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         # what the pipeline loads, no more: not the repo's pictures and reports, and with use_safetensors=True not
         # a pickle (.bin) either, which would be downloaded in full only to be refused
         wanted = ["model_index.json", *(f"{name}/*" for name in ("vqvae", "unet", "scheduler") if name not in given),
-                  "scheduler/scheduler_config.json"]  # given another scheduler: what the UNet learned (older saves)
+                  "scheduler/scheduler_config.json",  # given another scheduler: what the UNet learned (older saves)
+                  *(f"{name}*" for name in NOTICE_NAMES)]  # small; a save of the pipeline keeps them with the weights
         unwanted = list(PICKLE_PATTERNS) if load_kwargs.get("use_safetensors") else None
         if from_hub:
             from huggingface_hub import snapshot_download
@@ -1135,4 +1155,5 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         pipe = cls(vqvae=vqvae, unet=unet, scheduler=scheduler, class_names=index.get("class_names"),
                    preprocess=index.get("preprocess") or "pad", training_noise=training_noise)
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        pipe._source_folder = folder
         return pipe

@@ -361,6 +361,38 @@ def test_pipeline_push_to_hub_writes_the_packages_card(hub_stub, monkeypatch, ca
     assert "README.md" not in hub_stub.repo_files("user/without-package")
 
 
+def test_a_loaded_demo_pipeline_keeps_its_licence_when_saved_or_pushed(hub_stub, saved_pipeline, tmp_path):
+    """A demo model's LICENSE.md holds the MNI template's notice, which must be kept with copies. A pipeline loaded
+    from its folder (or its Hub repo) and saved or pushed with `save_pretrained` / `push_to_hub` went without it,
+    and its card named no notice. Now the file goes with the weights and the card quotes it."""
+    from huggingface_hub import ModelCard
+
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.hub import push_folder
+    from adni_diffusers.model_card import DEMO_LICENSE_TEXT, MNI_NOTICE
+
+    assert (saved_pipeline / "LICENSE.md").read_text() == DEMO_LICENSE_TEXT
+    pipe = ADNILatentDiffusionPipeline.from_pretrained(saved_pipeline)
+    pipe.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "LICENSE.md").read_text() == DEMO_LICENSE_TEXT
+    pipe.push_to_hub("user/loaded-demo", token=hub_stub.token)
+    files = hub_stub.repo_files("user/loaded-demo")
+    assert files["LICENSE.md"].decode() == DEMO_LICENSE_TEXT
+    card = ModelCard(files["README.md"].decode())
+    assert MNI_NOTICE[:60] in card.text and "`LICENSE.md` holds the notice" in card.text
+    assert "license_link" not in card.data.to_dict()  # the licence named (ADNI's, cautious) is not that file
+    # from the Hub, through this package's loader, and a save of it
+    push_folder(saved_pipeline, "user/demo-on-hub", token=hub_stub.token)
+    ADNILatentDiffusionPipeline.from_pretrained("user/demo-on-hub", token=hub_stub.token).save_pretrained(
+        tmp_path / "from-hub")
+    assert (tmp_path / "from-hub" / "LICENSE.md").read_text() == DEMO_LICENSE_TEXT
+    # a folder's own licence is not replaced by the loaded one's
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "LICENSE.md").write_text("mine")
+    pipe.save_pretrained(tmp_path / "own")
+    assert (tmp_path / "own" / "LICENSE.md").read_text() == "mine"
+
+
 def test_save_pretrained_with_push_to_hub_makes_a_private_repo_unless_asked(hub_stub, tmp_path):
     """diffusers' other way to push, `pipe.save_pretrained(dir, push_to_hub=True, repo_id=...)`, also creates a
     PRIVATE repo unless `private=False` (ADNI's data use agreement), and uploads the pipeline file with it."""
@@ -428,8 +460,8 @@ def test_loading_a_hub_repo_fetches_the_model_only(hub_stub, saved_pipeline):
     for name in ("vqvae", "unet"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(pipe, name).state_dict().values(),
                                                      getattr(local, name).state_dict().values())), name
-    assert _fetched(hub_stub, "user/load-me") == {
-        "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+    assert _fetched(hub_stub, "user/load-me") == {  # and the demo model's LICENSE.md, which a save keeps
+        "model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "LICENSE.md",
         "unet/diffusion_pytorch_model.safetensors", "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors"}
 
 
