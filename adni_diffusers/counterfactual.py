@@ -35,6 +35,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 import zlib
 from pathlib import Path
@@ -139,7 +140,7 @@ def read_slice(path, preprocess: str = "pad") -> torch.Tensor:
 
     Decoded by `data.decode_slice`, the training data's own checks. Errors name the file: missing
     (FileNotFoundError); unreadable, colour, 16-bit or float, wrong size (ValueError)."""
-    from .data import PAD_SIZE_HINT, decode_slice, to_model_input
+    from .data import PAD_SIZE_HINT, SIXTEEN_BIT_HINT, decode_slice, to_model_input
 
     path = Path(path)
     if path.is_dir():  # a shell glob gives every slice of a folder: --image AD_NC/test/NC/*.jpeg
@@ -151,7 +152,8 @@ def read_slice(path, preprocess: str = "pad") -> torch.Tensor:
     if error:
         # the training hint names a training flag; here the model's recorded preprocessing decides
         error = error.replace(PAD_SIZE_HINT, "the model was trained with --preprocess pad")
-        raise ValueError(f"--image {path}: {error}")
+        hint = f"; {SIXTEEN_BIT_HINT}" if re.match(r"(16-bit|I-mode|F-mode) image", error) else ""
+        raise ValueError(f"--image {path}: {error}{hint}")
     return to_model_input(torch.tensor(pixels))[None]  # a copy: decoded arrays can be read-only
 
 

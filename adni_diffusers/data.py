@@ -541,13 +541,17 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
     `pad` needs 256 wide and at most 256 high (ADNI's 256x240 gets 8 black rows above and below);
     `resize` takes any size and resizes to 256x256, as the seed did (it stretches 240 -> 256).
     """
-    from .pipeline_adni_ldm import image_pixels, upright
+    from .pipeline_adni_ldm import check_not_16_bit_per_channel, image_pixels, upright
 
     try:
         with Image.open(path) as im:
             pages = getattr(im, "n_frames", 1)
             if pages > 1:  # a volume (or a stack) in one file: its first page alone would train without a word
                 return None, "", f"{pages} pages or frames in one file; expected one 2-D slice per file"
+            try:
+                check_not_16_bit_per_channel(im)  # before load(), which forgets the file's raw mode
+            except ValueError as e:
+                return None, "", str(e)
             im.load()
             shown = upright(im)  # an EXIF rotation (a photo tool's) applied, as viewers and datasets show it
             rotated = shown is not im

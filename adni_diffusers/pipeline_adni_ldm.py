@@ -294,8 +294,9 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad", name
     out = []
     for i, im in enumerate(images):
         if isinstance(im, PIL.Image.Image):
-            im = upright(im)
             try:
+                check_not_16_bit_per_channel(im)  # before anything loads it (a lazily opened file)
+                im = upright(im)
                 arr = image_pixels(im)
             except ValueError as e:
                 filename = getattr(im, "filename", "")
@@ -414,6 +415,20 @@ def image_pixels(im: PIL.Image.Image) -> np.ndarray:
     if im.mode in ("P", "PA"):
         return grey_pixels(np.asarray(im.convert("RGBA")), "RGBA", called=f"{im.mode} (palette)")
     return grey_pixels(np.asarray(im), im.mode)
+
+
+def check_not_16_bit_per_channel(im: PIL.Image.Image) -> None:
+    """Refuse an image that Pillow reads at 8 bits per channel from 16 (a 48-bit RGB PNG, a 16-bit LA one: what
+    OpenCV writes for 16-bit arrays): only each value's high byte is kept, so 12-bit scans come out near black.
+    Its mode says RGB / RGBA; the file's raw mode (RGB;16B) says what it was, and only before the image is loaded."""
+    if im.mode.startswith(("I", "F")):  # refused by grey_pixels already
+        return
+    for tile in getattr(im, "tile", None) or []:
+        args = tile[3] if len(tile) > 3 else None
+        raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
+        if isinstance(raw, str) and ";16" in raw:
+            raise ValueError(f"16-bit image ({raw}, which Pillow reads as 8-bit {im.mode}, keeping each value's high "
+                             "byte); expected 8-bit greyscale (mode L)")
 
 
 def grey_pixels(arr: np.ndarray, mode: str, called: str | None = None) -> np.ndarray:

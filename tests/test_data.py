@@ -761,6 +761,45 @@ def test_16_bit_png(tmp_path):
     assert "16-bit and float slices: rescale each to 0..255" in msg and 'convert("L") clips them' in msg
 
 
+def write_16_bit_per_channel_png(path: Path, arr: np.ndarray) -> Path:
+    """A PNG of 16 bits per channel, RGB (H, W, 3) or grey with alpha (H, W, 2), as OpenCV writes 16-bit arrays
+    (Pillow writes neither)."""
+    import struct
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, channels = arr.shape
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 2: 4}[channels], 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("channels", [3, 2])
+def test_16_bit_per_channel_pngs_are_refused_not_read_by_their_high_byte(tmp_path, channels):
+    """Pillow opens a 48-bit RGB PNG as RGB and a 16-bit grey+alpha one as RGBA, keeping each value's high byte:
+    12-bit scans trained near black (inputs in [-1, -0.89]) with only a "converted RGB->L" note in the log."""
+    from adni_diffusers.counterfactual import read_slice
+    from adni_diffusers.pipeline_adni_ldm import prepare_slices
+
+    root = image_tree(tmp_path)
+    grey = slice_pixels(1).astype(np.uint16) * 16  # 12-bit values
+    planes = [grey] * 3 if channels == 3 else [grey, np.full_like(grey, 65535)]
+    bad = write_16_bit_per_channel_png(root / "train" / "AD" / "1009999_1.png", np.stack(planes, axis=-1))
+    with Image.open(bad) as im:
+        assert im.mode in ("RGB", "RGBA")  # what Pillow makes of it
+    msg = data_error(root)
+    assert str(bad) in msg and "16-bit image" in msg and ";16B" in msg and "high byte" in msg
+    assert "16-bit and float slices: rescale each to 0..255" in msg
+    with pytest.raises(ValueError, match=r"16-bit image .*rescale each to 0\.\.255"):
+        read_slice(bad)
+    with pytest.raises(ValueError, match=r"image 0 \(.*1009999_1.png\) is a 16-bit image"):
+        prepare_slices(Image.open(bad))
+
+
 @pytest.mark.parametrize("size", [256, 255])  # whole 64-bit words, and not
 def test_equal_slices_groups_exact_copies_only(size):
     """The hash finds candidates, exact comparison decides: a slice one grey level off is no copy; near-black
