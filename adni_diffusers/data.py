@@ -614,6 +614,11 @@ def black_and_white(pixels: np.ndarray) -> bool:
     return white > 0.01 * pixels.size and lit - white < 0.1 * lit
 
 
+# brighter than this somewhere in a slice: a slice of 12-bit values divided by 257 (a 16-bit to 8-bit conversion of
+# data that never used the top 4 bits) reaches 15 at most, and the model sees it as near-black
+DIM_SLICE_MAX = 31
+
+
 def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = None) -> np.ndarray:
     """Decode every image with a thread pool (PIL releases the GIL). Raises DataError listing bad files."""
     workers = num_workers or min(16, os.cpu_count() or 1)
@@ -639,6 +644,12 @@ def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = Non
         hint = (f"\n{SIXTEEN_BIT_HINT}" if any(re.search(r": (16-bit|I-mode|F-mode) image", e) for e in errors)
                 else "")
         raise DataError(f"{len(errors)} unusable image(s):\n  " + "\n  ".join(errors[:_MAX_LISTED]) + more + hint)
+    dim = int((out.reshape(len(paths), -1).max(axis=1) <= DIM_SLICE_MAX).sum()) if len(paths) else 0
+    if dim > len(paths) / 2:  # a few dark slices (the top of a head) are real; most of them are a conversion
+        logger.warning("%d of %d slices are near black, none brighter than grey level %d of 255: 12-bit scans "
+                       "converted to 8 bits by dividing by 257 (or keeping the high byte) look like that, and the "
+                       "model and the brain masks of the metrics see them so; rescale each to 0..255 (%s)",
+                       dim, len(paths), DIM_SLICE_MAX, RESCALE_EXAMPLE)
     if clipped:
         logger.warning("%d of %d slices hold only black and white pixels (e.g. %s): a 16-bit slice converted with "
                        "Pillow's convert(\"L\") looks like that, every value above 255 clipped to white; rescale "
@@ -731,6 +742,8 @@ def load_slices(
                     "patients are subjects, so no subject is on both sides of the split",
                     len(set(named)), len(set(patients)))
 
+    _warn_about_the_name_pattern(matches, named, patients)
+
     # only names that give a patient (1003730_85.jpeg, an ADNI / BIDS id): 0.png in AD/ and in NC/ is no patient
     identified = [m is not None or p != n for m, p, n in zip(matches, patients, named)]
     _warn_about_patients_in_two_classes([p for p, known in zip(patients, identified) if known],
@@ -822,6 +835,37 @@ def _warn_about_pixel_copies(paths, labels, pixels, train_idx, val_idx) -> None:
     if twice:
         logger.warning("%d slice(s) are saved twice or more on one side of the train / held-out split, pixel for "
                        "pixel: each counts more than once there: %s", len(twice), _listing(twice))
+
+
+# the largest slice number a 256x256 axial slice of a volume has, with room: more is a patient's or an image's id
+MAX_SLICE_NUMBER = 999
+
+
+def _warn_about_the_name_pattern(matches, named, patients) -> None:
+    """Names that fit <patient>_<slice> but not as meant put one patient's slices on both sides of the split,
+    silently: slice-first names (85_1009181: patient "85", the real ids read as slice numbers) and names with a
+    number after the slice (1009181_85_0: every slice a patient of its own)."""
+    numbers = [int(m.group("slice")) for m in matches if m]
+    if numbers and sum(n > MAX_SLICE_NUMBER for n in numbers) > len(numbers) / 2:
+        example = next(f"{m.group('patient')}_{m.group('slice')}" for m in matches
+                       if m and int(m.group("slice")) > MAX_SLICE_NUMBER)
+        logger.warning("%d of %d file names end in a number above %d, which is read as the slice number (%s: patient "
+                       "%s): is it a patient or image id? File names are read as <patient>_<slice>.<ext> (the "
+                       "patient split keeps each patient's slices together); with the parts the other way round, "
+                       "one patient's slices are on both sides of the split. Rename them (1009181_85.jpeg)",
+                       sum(n > MAX_SLICE_NUMBER for n in numbers), len(numbers), MAX_SLICE_NUMBER, example,
+                       example.rsplit("_", 1)[0])
+    by_name = Counter(p for p, n in zip(patients, named) if p == n)  # patients read from the name alone
+    ending_in_number = [p for p in by_name if re.search(r"._\d+$", p)]
+    alone = [p for p in ending_in_number if by_name[p] == 1]
+    if len(by_name) >= 4 and len(alone) > len(by_name) / 2:
+        grouped = {re.sub(r"_\d+$", "", p) for p in ending_in_number}
+        if len(grouped) <= len(ending_in_number) / 2:  # the part before holds several slices each: a patient
+            logger.warning("%d of %d patients have one slice each, and their names end in _<number> (%s): is a "
+                           "number after the slice number in the file names (%s_<n>.<ext>)? File names are read as "
+                           "<patient>_<slice>.<ext>, so each such slice counts as a patient of its own and one "
+                           "patient's slices are on both sides of the split; rename them (<patient>_<slice>.<ext>)",
+                           len(alone), len(by_name), alone[0], alone[0])
 
 
 def _warn_about_patients_in_two_classes(patients, labels, class_names, split: str) -> None:

@@ -780,8 +780,26 @@ def load_training_data(args, accelerator, root: Path | None = None):
             f"{args.gradient_accumulation_steps} batches the logs and --scale_lr count; give at most {batches}")
     from .data import is_demo_dataset
 
+    if accelerator.is_main_process:  # the classes found, before hours of training (an export's MCI/ is one)
+        logger.info("%s: %s", root, data_overview(data))
     data_source = "demo" if args.train_data_dir is None or is_demo_dataset(root) else "user"
     return data, data_source
+
+
+def data_overview(data) -> str:
+    """One line: each class with its training and held-out images and patients, and the split."""
+    def counts(part, k=None):
+        picked = [i for i, y in enumerate(part.labels.tolist()) if k is None or y == k]
+        patients = len({part.patients[i] for i in picked})
+        return f"{len(picked)} images of {patients} patient{'' if patients == 1 else 's'}"
+
+    if not data.class_names:
+        classes = f"no class folders: {counts(data.train)} for training, {counts(data.val)} held out"
+    else:
+        classes = "; ".join(f"{name}: {counts(data.train, k)} for training, {counts(data.val, k)} held out"
+                            for k, name in enumerate(data.class_names))
+        classes = f"{len(data.class_names)} classes ({classes})"
+    return f"{classes}; --split {data.split}"
 
 
 def split_seed(args, default=None):

@@ -903,6 +903,65 @@ def test_slices_a_16_bit_conversion_clipped_to_black_and_white_get_a_warning(tmp
     assert "black and white" not in caplog.text
 
 
+def test_near_black_slices_of_a_12_bit_conversion_get_a_warning(tmp_path, caplog):
+    """12-bit scans divided by 257 (a plain 16-to-8-bit conversion) peak at grey level 15: they trained as near
+    black (inputs up to -0.89), and the metrics' brain masks missed most of the brain, without a word."""
+    root = tmp_path / "dim"
+    for path in make_tree(root, patients=2, slices=2):
+        write(path.with_suffix(".png"), (np.asarray(decoded(path), dtype=np.uint16) * 16 // 257).astype(np.uint8))
+        path.unlink()
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        load_slices(root)
+    assert "16 of 16 slices are near black, none brighter than grey level 31 of 255" in caplog.text
+    assert "rescale each to 0..255" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        load_slices(image_tree(tmp_path))  # slices of 40..215
+    assert "near black" not in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["number after the slice", "slice first", "as meant"])
+def test_names_whose_parts_are_not_patient_then_slice_get_a_warning(tmp_path, caplog, layout):
+    """<patient>_<slice> read from 1009181_85_0.jpeg (an exporter's frame index after the slice) made every slice
+    a patient of its own, and from 85_1009181.jpeg made the slice positions the patients: either way one patient's
+    slices went to both sides of the split, with shared_patients 0 and no warning."""
+    name = {"number after the slice": "{pid}_{k}_0", "slice first": "{k}_{pid}", "as meant": "{pid}_{k}"}[layout]
+    root = tmp_path / "named"
+    for cls in ("AD", "NC"):
+        for pid in range(1009181 + (cls == "NC") * 10, 1009181 + (cls == "NC") * 10 + 4):
+            for k in range(80, 83):
+                write(root / cls / (name.format(pid=pid, k=k) + ".png"), slice_pixels(pid + k))
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        data = load_slices(root)
+    read_as = len(set(data.train.patients) | set(data.val.patients))
+    if layout == "number after the slice":
+        assert read_as == 24  # each slice its own patient
+        assert "24 of 24 patients have one slice each, and their names end in _<number> (1009181_80)" in caplog.text
+    elif layout == "slice first":
+        assert read_as == 3  # the slice positions
+        assert "24 of 24 file names end in a number above 999, which is read as the slice number (80_1009181: " \
+               "patient 80)" in caplog.text
+    else:
+        assert read_as == 8
+        assert "one slice each" not in caplog.text and "above 999" not in caplog.text
+
+
+def test_the_training_log_names_each_class_with_its_counts(tmp_path):
+    """An export with an MCI/ folder trained a 3-class model: neither the class nor a class list was in the log."""
+    from adni_diffusers.training import data_overview
+
+    root = tmp_path / "three"
+    make_tree(root, classes=("AD", "MCI", "NC"), patients=2, slices=2)
+    line = data_overview(load_slices(root, split="given"))
+    assert line == ("3 classes (AD: 4 images of 2 patients for training, 4 images of 2 patients held out; "
+                    "MCI: 4 images of 2 patients for training, 4 images of 2 patients held out; "
+                    "NC: 4 images of 2 patients for training, 4 images of 2 patients held out); --split given")
+    flat = tmp_path / "flat"
+    make_tree(flat, classes=None, splits=None, patients=3, slices=2)
+    assert data_overview(load_slices(flat, split="all")) == \
+        "no class folders: 6 images of 3 patients for training, 0 images of 0 patients held out; --split all"
+
+
 def test_other_size_in_pad_mode(tmp_path):
     root = image_tree(tmp_path)
     bad = write(root / "train" / "NC" / "1009999_1.jpeg", slice_pixels(1, h=200, w=200))
