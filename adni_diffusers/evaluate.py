@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .data import (PAD_SIZE_HINT, DataError, SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids,
-                   to_uint8)
+                   scan_tree, to_uint8)
 from .environment import environment
 from .files import read_json_object, write_text_atomically
 from .plots import save_figure
@@ -134,6 +134,15 @@ def _model_settings_not_flags(message: str) -> str:
                      "patient)"))
 
 
+def check_class_folders(found, expected, root) -> None:
+    """The data's class folders must be the model's classes, in its order (EvaluationError)."""
+    if expected and list(found) != list(expected):
+        raise EvaluationError(
+            f"--data-dir {Path(root).resolve()}: class folders {list(found) or '(none)'} differ from the model's "
+            f"class names {list(expected)}; evaluate on data with the classes the model was trained on"
+        )
+
+
 def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tuple[SliceData, dict]:
     """The slices split exactly as the model's training split them. Returns (data, record).
 
@@ -150,17 +159,15 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
     if data_dir is None and not Path(root).is_dir():
         raise EvaluationError(f"the model's training data {root} (from training_data.json) is not there; pass "
                               "--data-dir (the same folder, moved)")
+    expected = list(model_class_names) if model_class_names else record["class_names"]
     try:
+        # the class folders first: a folder of other classes is refused in seconds, not after every slice decoded
+        check_class_folders(scan_tree(root, flag="--data-dir").class_names, expected, root)
         data = load_slices(root, split=record["split"], val_fraction=record["val_fraction"], seed=record["seed"],
                            preprocess=record["preprocess"], flag="--data-dir", patient_ids=record["patient_ids"])
     except DataError as e:
         raise DataError(_model_settings_not_flags(str(e))) from None
-    expected = list(model_class_names) if model_class_names else record["class_names"]
-    if expected and list(data.class_names) != list(expected):
-        raise EvaluationError(
-            f"--data-dir {data.root}: class folders {data.class_names or '(none)'} differ from the model's "
-            f"class names {list(expected)}; evaluate on data with the classes the model was trained on"
-        )
+    check_class_folders(data.class_names, expected, data.root)
     held_out_then = record["validation"].get("patients") if isinstance(record.get("validation"), dict) else None
     if len(data.val) == 0 and data_dir and record["split"] != "all" and held_out_then:
         # the model held patients out of its own data: this folder is the one too small to hold any out

@@ -1808,6 +1808,21 @@ def test_a_recorded_data_folder_that_is_gone_is_refused_naming_data_dir(tmp_path
         E.load_evaluation_data(tmp_path)
 
 
+def test_a_data_folder_of_other_classes_is_refused_before_its_slices_are_decoded(demo_root, tmp_path, monkeypatch):
+    """evaluate on a folder of other classes decoded every slice (minutes on ADNI) before refusing it."""
+    import adni_diffusers.data as D
+
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+
+    def decode_all(*args, **kwargs):
+        raise AssertionError("decoded before the classes were checked")
+
+    monkeypatch.setattr(D, "decode_all", decode_all)
+    with pytest.raises(E.EvaluationError, match=r"class folders \['AD', 'NC'\] differ from the model's class names "
+                                                r"\['AD', 'MCI', 'NC'\]"):
+        E.load_evaluation_data(model, model_class_names=["AD", "MCI", "NC"])
+
+
 def test_the_models_own_class_names_decide_and_a_changed_held_out_split_is_flagged(demo_root, tmp_path, caplog):
     """The model's class names (model_index.json) are what the data must have, whatever training_data.json says;
     and a held-out split that differs from the recorded one is flagged as a changed training split is."""
