@@ -466,13 +466,17 @@ def fd_intervals(*, held_feats, held_groups, held_patients, gen_feats, gen_group
         floor.append(M.frechet_distance(reference, train_feats[train]))
     if not fd:
         return {}
+    # one held-out patient per class and a floor pool of just the images it draws: every resample is the same
+    # floor, and a range of width 0 would read as certainty
+    floor_varied = max(floor) > min(floor)
     return {"level": level, "resamples": resamples, "held_out_patients": draw.patients,
             # a group of one held-out patient resamples nothing of the patient-to-patient chance: said beside the
             # ranges, which are then narrower than that chance (group: the class index, or 0 for all)
             "groups_of_one_patient": [g for g, patients in draw.by_group.items() if len(patients) == 1],
             "resampled": "held-out patients within each class, generated images, and the floor's training draw",
             "fd": _spread_around(measured[0], fd, level, lowest=0.0),
-            "floor_fd": _spread_around(measured[1], floor, level, lowest=0.0)}
+            "floor_fd": _spread_around(measured[1], floor, level, lowest=0.0) if floor_varied else None,
+            **({} if floor_varied else {"floor_fd_unvaried": True})}
 
 
 def one_patient_text(intervals: dict, group_names: list[str]) -> str:
@@ -481,8 +485,9 @@ def one_patient_text(intervals: dict, group_names: list[str]) -> str:
     names = [group_names[g] if g < len(group_names) else str(g) for g in intervals["groups_of_one_patient"]]
     which = "the held-out images measured are of one patient" if names == ["all"] else (
         f"the held-out images measured of {' and '.join(names)} are of one patient{' each' * (len(names) > 1)}")
-    return (f"{which[0].upper()}{which[1:]}: the ranges hold no patient-to-patient chance there (they resample its "
-            "slices, the generated images and the floor's draw), so they are narrower than the truth; a larger "
+    return (f"{which[0].upper()}{which[1:]}: the ranges hold no patient-to-patient chance there (that patient's "
+            "slices are drawn whole each time; only the generated images and the floor's draw vary), so they are "
+            "narrower than the truth; a larger "
             "--num-samples (where more patients are held out) or more held-out patients gives ranges that reach "
             "other patients")
 
@@ -719,6 +724,30 @@ def memorisation(gen_feats, train_feats, heldout_feats, gen_pixels, train_pixels
             # the held-out slices' own share below it: the percentile at large N, 1/N below N = 20 (interpolation)
             "heldout_below_percentile": float((hd < threshold).double().mean()),
         }
+    return out
+
+
+def memorisation_intervals(mem: dict, *, held_groups: torch.Tensor, held_patients: list[str],
+                           gen_groups: torch.Tensor, seed: int, resamples: int = FD_RESAMPLES,
+                           level: float = INTERVAL_LEVEL) -> dict:
+    """Bootstrap intervals of the memorisation shares (PatientBootstrap: held-out patients within each class, and
+    generated images). The threshold, the held-out p5, is set by few patients: for a generator that copies
+    nothing, the share ranged 1% to 27% over draws of 5 held-out patients per class (a helper's simulation,
+    2026-12-06), so one number alone can read as copying."""
+    if resamples < 1 or len(set(held_patients)) < 2:
+        return {}
+    out = {"level": level, "resamples": resamples,
+           "resampled": "held-out patients within each class (the threshold) and generated images"}
+    for space in ("features", "pixels"):
+        generated = np.asarray(mem[space]["generated_distance"])
+        held_out = np.asarray(mem[space]["heldout_distance"])
+        draw = PatientBootstrap(held_groups, held_patients, gen_groups, seed)  # the same draws in both spaces
+        shares = []
+        for _ in range(resamples):
+            threshold = np.percentile(held_out[draw.held()], mem["percentile"])
+            shares.append(float((generated[draw.generated().numpy()] < threshold).mean()))
+        low, high = _spread_around(mem[space]["closer_than_heldout_percentile"], shares, level, lowest=0.0)
+        out[space] = [low, min(high, 1.0)]
     return out
 
 
@@ -1016,6 +1045,10 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _pct_range(low_high) -> str:
+    return f" ({_pct(low_high[0])} to {_pct(low_high[1])})" if low_high else ""
+
+
 def _signed_pct(x: float) -> str:
     """A relative change in whole percent with its sign; one that rounds to zero is "0%" (never "-0%")."""
     if not math.isfinite(x):  # an FD that came out NaN: said, not a crash of the report
@@ -1077,6 +1110,8 @@ def summary_numbers(res: dict) -> dict:
     mem = res["memorisation"]["features"]
     s[f"memorisation: share of samples nearer to training than held-out p{NN_PERCENTILE:g}"] = \
         mem["closer_than_heldout_percentile"]
+    s[f"memorisation: share of samples nearer to training than held-out p{NN_PERCENTILE:g}, {INTERVAL_LABEL}"] = \
+        (res["memorisation"].get("intervals") or {}).get("features")
     # its floor, as each realism number has one: what a model making new slices scores (about 5%, 1/N at small N)
     s["memorisation, floor: the held-out slices' own share"] = _heldout_share(mem)
     s["images per set (distribution metrics)"] = r["candidate_images"]
@@ -1176,12 +1211,14 @@ def write_report(res: dict, out: Path) -> Path:
             lines.append(f"| classifier trained on samples, tested on held-out reals (TSTR) | "
                          f"{_pct(cf['tstr']['accuracy'])} | {_pct(cf['trtr']['accuracy'])} (TRTR) | - | close to TRTR |")
     mem = res["memorisation"]
+    mem_iv = mem.get("intervals") or {}
     lines += [
         f"| samples nearer to the training set than {NN_PERCENTILE:g}% of held-out reals after the VQ round trip "
-        f"(features) | {_pct(mem['features']['closer_than_heldout_percentile'])} | "
-        f"{_pct(_heldout_share(mem['features']))} of held-out reals | - | near the floor; far more = copying |",
-        f"| the same in pixel space (64x64) | {_pct(mem['pixels']['closer_than_heldout_percentile'])} | "
-        f"{_pct(_heldout_share(mem['pixels']))} | - | near the floor |",
+        f"(features) | {_pct(mem['features']['closer_than_heldout_percentile'])}{_pct_range(mem_iv.get('features'))} | "
+        f"{_pct(_heldout_share(mem['features']))} of held-out reals | - | its range holds the floor; far above = "
+        "copying |",
+        f"| the same in pixel space (64x64) | {_pct(mem['pixels']['closer_than_heldout_percentile'])}"
+        f"{_pct_range(mem_iv.get('pixels'))} | {_pct(_heldout_share(mem['pixels']))} | - | its range holds the floor |",
         "",
         f"Distribution metrics use {r['candidate_images']} generated and {r['reference_images']} held-out real "
         f"images ({'per class: ' + ', '.join(f'{k} {v}' for k, v in res['realism']['images_per_class'].items())}); "
@@ -1197,8 +1234,21 @@ def write_report(res: dict, out: Path) -> Path:
             "would give a far narrower range), of the generated images and of the floor's training draw, centred on "
             "the measured FD (the repeats in a resample raise FD by themselves). Two models whose FDs lie inside "
             "each other's ranges are not told apart by this evaluation."
+            + (" The floor's FD has no range: every resample drew the same held-out and training images (one "
+               "held-out patient per class, and no more training images than the floor draws)."
+               if iv.get("floor_fd_unvaried") else "")
             + (f" **{one_patient_text(iv, list(res['realism']['images_per_class']))}**"
                if iv.get("groups_of_one_patient") else ""), ""]
+    if mem_iv:
+        lines += [
+            f"The memorisation shares' ranges are {100 * mem_iv['level']:g}% bootstrap intervals over "
+            f"{mem_iv['resamples']} resamples of the held-out patients (whose p{NN_PERCENTILE:g} is the threshold) "
+            "and of the generated images. With few held-out patients the threshold is set by one or two of them: a "
+            "generator that copies nothing scored 1% to 27% across draws of 5 held-out patients per class (a "
+            "simulation on the demo set, 2026-12-06), and the ranges themselves are rough (a bootstrap of a low "
+            "percentile of few patients held the true share in about 60% of synthetic draws, adni-diffusers' "
+            "docs/evaluation.md). Read a share as copying only where its whole range lies far above the floor, "
+            "and look at the closest pairs below.", ""]
     if nets := res["realism"].get("across_feature_nets"):
         lines += [f"### In {len(nets['seeds'])} feature nets", "",
                   "The same images measured in feature nets trained alike but for their seed (the first one measures "
@@ -1776,6 +1826,8 @@ def evaluate_model(
     mem = memorisation(gen_feats, train_feats, nn_heldout_vq_feats, gen.pixels, data.train.pixels,
                        nn_heldout_vq.pixels, as_is=(heldout_feats[nn_rows], nn_heldout.pixels))
     mem["reference"] = "held-out real slices after the VQ round trip"
+    mem["intervals"] = memorisation_intervals(mem, held_groups=groups_of(nn_heldout), held_patients=nn_heldout.patients,
+                                              gen_groups=groups_of(gen), seed=seed, resamples=fd_resamples)
     mem["closest_pairs_shown"] = min(CLOSEST_PAIRS, len(gen))  # the report said 8 beside a picture of 4
     files["nn_histogram"] = plot_nn_histogram(mem, out / "nn_distances.png").name
     files["closest_pairs"] = plot_closest_pairs(mem, gen, data.train, nn_heldout_vq, out / "closest_pairs.png").name

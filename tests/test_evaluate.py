@@ -89,11 +89,26 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     patients = metrics["data"]["validation"]["patients"]
     assert iv["resamples"] == FEW_RESAMPLES and iv["held_out_patients"] == patients and iv["level"] == 0.95
     label = "95% interval over held-out patients"  # the same name in every model's metrics.json
-    for key, name in (("fd", FD_NAME), ("floor_fd", f"{FD_NAME}, {FLOOR}")):
-        low, high = metrics[f"{name}, {label}"]
-        assert [low, high] == iv[key] and 0 <= low <= metrics[name] <= high  # about the measured FD
+    low, high = metrics[f"{FD_NAME}, {label}"]
+    assert [low, high] == iv["fd"] and 0 <= low <= metrics[FD_NAME] <= high  # about the measured FD
+    # one held-out patient per class and a floor pool of the images it draws: every resample is the same floor,
+    # whose range of width 0 read as certainty
+    assert iv["floor_fd"] is None and iv["floor_fd_unvaried"] is True
+    assert f"{FD_NAME}, {FLOOR}, {label}" not in metrics
     assert metrics["held-out patients (the real reference)"] == patients
     report = (out / "report.md").read_text()
+    assert "The floor's FD has no range: every resample drew the same held-out and training images" in report
+    # the memorisation share's threshold is set by few patients: its range, in the record, report and card
+    mem = metrics["memorisation"]
+    share_name = "memorisation: share of samples nearer to training than held-out p5"
+    for space in ("features", "pixels"):
+        mem_low, mem_high = mem["intervals"][space]
+        assert 0 <= mem_low <= mem[space]["closer_than_heldout_percentile"] <= mem_high <= 1
+    assert metrics[f"{share_name}, {label}"] == mem["intervals"]["features"]
+    share = mem["features"]["closer_than_heldout_percentile"]
+    assert (f"| {E._pct(share)} ({E._pct(mem['intervals']['features'][0])} to "
+            f"{E._pct(mem['intervals']['features'][1])}) |") in report
+    assert "The memorisation shares' ranges are 95% bootstrap intervals" in report
     low, high = iv["fd"]
     assert f"| {FD_NAME} | {E._f(metrics[FD_NAME])} ({E._f(low)} to {E._f(high)}) |" in report
     assert f"bootstrap intervals over {FEW_RESAMPLES} resamples of the {patients} held-out patients" in report
@@ -1426,6 +1441,34 @@ def test_a_refused_evaluation_leaves_no_empty_out_folder(tiny_ldm, tmp_path):
     with pytest.raises(E.EvaluationError, match=r"class folders \['AD'\] differ from the model's class names"):
         E.evaluate_model(tiny_ldm, one_class, num_samples=2, out=out, device="cpu", render_card=False)
     assert not out.exists()
+
+
+def test_memorisation_share_ranges_hold_chance_and_not_copies():
+    """The threshold (held-out p5) of the memorisation share is set by few patients: for a generator that copies
+    nothing the share ranged 1% to 27% over draws of held-out patients. Its interval resamples those patients: for
+    a generator as new as held-out slices the ranges are wide and mostly hold 5%; a copying one's is far above."""
+    held_the_floor, widths = 0, []
+    groups, gen_groups = torch.tensor([i % 2 for i in range(10) for _ in range(20)]), torch.arange(200) % 2
+    patients = [f"p{i}" for i in range(10) for _ in range(20)]
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        held = np.repeat(rng.normal(10, 1.5, 10), 20) + rng.normal(0, 0.3, 200)  # patient offsets: clustered
+        new = np.repeat(rng.normal(10, 1.5, 100), 2) + rng.normal(0, 0.3, 200)  # new patients, as samples should be
+        for generated in (new, np.zeros(200)):
+            mem = {"percentile": 5.0}
+            for space in ("features", "pixels"):
+                mem[space] = {"generated_distance": generated.tolist(), "heldout_distance": held.tolist(),
+                              "closer_than_heldout_percentile": float((generated < np.percentile(held, 5)).mean())}
+            iv = E.memorisation_intervals(mem, held_groups=groups, held_patients=patients, gen_groups=gen_groups,
+                                          seed=0, resamples=200)
+            low, high = iv["features"]
+            assert iv["pixels"] == iv["features"] and low <= mem["features"]["closer_than_heldout_percentile"] <= high
+            if generated is new:
+                held_the_floor += low <= 0.05 <= high
+                widths.append(high - low)
+            else:
+                assert low == high == 1.0  # every sample a copy
+    assert held_the_floor >= 14 and np.mean(widths) > 0.1  # 16 of 20, and 0.3 wide on average, when written
 
 
 def test_ranges_of_a_class_with_one_held_out_patient_say_what_they_leave_out():
