@@ -63,6 +63,9 @@ DEFAULT_ABLATION_SAMPLES = 32
 PR_K = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019 use 3)
 FD_RESAMPLES = 200  # bootstrap resamples of the FD intervals (about 7 s for 200 images of 256 features on a CPU)
 INTERVAL_LEVEL = 0.95  # INTERVAL_LABEL names it
+# how precision/recall's manifold radii are taken (metrics.json records it; runs before 2026-12-06 took the k-th
+# nearest slice of any patient, so that real sets' radii were one patient's and the floor's recall low)
+PR_RADII = "k-th nearest slice of another patient in sets of real slices; k-th nearest image in generated sets"
 NN_PERCENTILE = 5.0  # memorisation: samples closer to the training set than 5% of held-out reals
 FEATURE_NET_SEED = 0  # the feature net is the yardstick: one per data set and settings, whatever --seed samples
 PIXEL_NN_SIZE = 64  # pixel-space nearest neighbours on 64x64 (box-filtered) images
@@ -395,17 +398,20 @@ def first_per_class(labels: torch.Tensor, per_class: dict) -> torch.Tensor:
 
 
 def compare_features(reference: torch.Tensor, candidate: torch.Tensor, k: int = PR_K, kid_subsets: int = 100,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, reference_patients=None, candidate_patients=None) -> dict:
     """FD, KID, precision and recall of `candidate` features against `reference` features.
 
     precision = share of candidates inside the reference manifold (fidelity); recall = share of the
-    reference inside the candidates' manifold (coverage). k is lowered for tiny sets."""
+    reference inside the candidates' manifold (coverage). k is lowered for tiny sets. `*_patients`: the patient
+    of each row of a set of real slices, whose manifold radii then reach other patients (metrics.precision_recall;
+    PR_RADII)."""
     n = min(len(reference), len(candidate))
     if n < 2:
         raise EvaluationError(f"distribution metrics need at least 2 images per set (got {n})")
     k = max(1, min(k, n - 1))
     kd = M.kid(reference, candidate, subset_size=1000, subsets=kid_subsets, seed=seed)
-    pr = M.precision_recall(reference, candidate, k=k)
+    pr = M.precision_recall(reference, candidate, k=k, real_groups=reference_patients,
+                            fake_groups=candidate_patients)
     return {"fd": M.frechet_distance(reference, candidate), "kid": kd["mean"], "kid_std": kd["std"],
             "kid_subset_size": kd["subset_size"], "precision": pr["precision"], "recall": pr["recall"], "k": k,
             "reference_images": len(reference), "candidate_images": len(candidate),
@@ -520,11 +526,13 @@ REALISM_MEASURES = ("fd", "kid", "precision", "recall")
 
 
 def across_feature_nets(seeds: list[int], *, first, train_net, images: dict, kid_subsets: int, seed: int,
-                        features: dict) -> dict:
+                        features: dict, patients: dict | None = None) -> dict:
     """The main comparisons (generated, floor, VQ ceiling against the held-out images) measured in one feature net
     per seed: FD in a net trained on these slices moves with the net's own training (its seed), so one net's FD
     is one draw of a yardstick. `first`: (realism, report) already measured in the net of seeds[0];
-    `train_net(seed)` -> (net, report); `images`: uint8 slices of each set, as the first net compared them."""
+    `train_net(seed)` -> (net, report); `images`: uint8 slices of each set, as the first net compared them;
+    `patients`: the patients of the sets of real slices among them, by the same names."""
+    patients = patients or {}
     realism, report = first
     out = {"seeds": list(seeds), "weights_sha256": [report.get("weights_sha256")],
            "held_out_accuracy": [report["val"].get("accuracy")],
@@ -538,7 +546,8 @@ def across_feature_nets(seeds: list[int], *, first, train_net, images: dict, kid
         out["weights_sha256"].append(net_report.get("weights_sha256"))
         out["held_out_accuracy"].append(net_report["val"].get("accuracy"))
         for kind in ("generated", "floor", "vq_ceiling"):
-            m = compare_features(feats["held_out"], feats[kind], kid_subsets=kid_subsets, seed=seed)
+            m = compare_features(feats["held_out"], feats[kind], kid_subsets=kid_subsets, seed=seed,
+                                 reference_patients=patients.get("held_out"), candidate_patients=patients.get(kind))
             for measure in REALISM_MEASURES:
                 out[kind][measure].append(m[measure])
     return out
@@ -547,15 +556,23 @@ def across_feature_nets(seeds: list[int], *, first, train_net, images: dict, kid
 def per_class_realism(class_names: list[str], *, held, generated, train, vq_round_trip, kid_subsets: int,
                       seed: int) -> dict:
     """`compare_features` of each class's generated, training and VQ round-trip features against that class's
-    held-out features (each argument a (features, labels) pair), for classes with at least 3 held-out images."""
+    held-out features (each argument a (features, labels) pair, or (features, labels, patients) for a set of
+    real slices), for classes with at least 3 held-out images."""
+    def of_class(part, c):
+        chosen = part[1] == c
+        patients = [p for p, keep in zip(part[2], chosen.tolist()) if keep] if len(part) > 2 else None
+        return part[0][chosen], patients
+
     out = {}
     for c, name in enumerate(class_names):
-        reference = held[0][held[1] == c]
+        reference, reference_patients = of_class(held, c)
         if len(reference) < 3:
             continue
-        out[name] = {key: compare_features(reference, feats[labels == c], kid_subsets=kid_subsets, seed=seed)
-                     for key, (feats, labels) in (("generated", generated), ("floor", train),
-                                                  ("vq_ceiling", vq_round_trip))}
+        out[name] = {}
+        for key, part in (("generated", generated), ("floor", train), ("vq_ceiling", vq_round_trip)):
+            feats, patients = of_class(part, c)
+            out[name][key] = compare_features(reference, feats, kid_subsets=kid_subsets, seed=seed,
+                                              reference_patients=reference_patients, candidate_patients=patients)
     return out
 
 
@@ -895,6 +912,8 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
     label_tensor = torch.tensor([0 if c is None else c for c in labels])
     reference = torch.cat([heldout_feats_by_class[c] for c in sorted(labels_per_class)])
     reference_groups = torch.cat([torch.full((len(heldout_feats_by_class[c]),), c or 0) for c in sorted(labels_per_class)])
+    reference_patients = ([p for c in sorted(labels_per_class) for p in heldout_patients_by_class[c]]
+                          if heldout_patients_by_class else None)  # their P/R radii reach other patients
     done, rows, features_of, main_label = {}, [], {}, None
     for row in plan:
         refine_steps = refine_repeats = 0
@@ -917,7 +936,8 @@ def run_ablations(pipe, plan: list[dict], net, heldout_feats_by_class: dict, lab
             # 8-bit pixels, as the main row's samples and the real slices are measured (floats differed slightly)
             pixels = to_uint8(M.as_images(images))
             feats = features_of[_row_label(row)] = net.features(pixels, batch_size=feature_batch, device=device)
-            result = compare_features(reference, feats, kid_subsets=kid_subsets, seed=seed)
+            result = compare_features(reference, feats, kid_subsets=kid_subsets, seed=seed,
+                                      reference_patients=reference_patients)
             if class_names and labels[0] is not None:
                 result["class_accuracy"] = class_fidelity(net, pixels, label_tensor, class_names, feature_batch,
                                                           device)["accuracy"]
@@ -1732,23 +1752,30 @@ def evaluate_model(
     recon = as_slice_set(vq_round_trip(pipe, data.train.pixels[train_idx], batch_size),
                          data.train.labels[train_idx].tolist(), class_names, prefix="vq-round-trip")
     recon_feats = extract_features(net, recon.pixels, desc="features: VQ round trip", **fe)
+    # the patients of the sets of real slices (and of the ceiling's round trips of them): their P/R radii
+    held_patients = [data.val.patients[i] for i in held_idx.tolist()]
+    floor_patients = [data.train.patients[i] for i in train_idx.tolist()]
+    against_held_out = dict(kid_subsets=kid_subsets, seed=seed, reference_patients=held_patients)
     realism = {
-        "generated": compare_features(heldout_feats[held_idx], gen_feats[gen_idx], kid_subsets=kid_subsets, seed=seed),
-        "floor": compare_features(heldout_feats[held_idx], train_feats[train_idx], kid_subsets=kid_subsets, seed=seed),
-        "vq_ceiling": compare_features(heldout_feats[held_idx], recon_feats, kid_subsets=kid_subsets, seed=seed),
+        "generated": compare_features(heldout_feats[held_idx], gen_feats[gen_idx], **against_held_out),
+        "floor": compare_features(heldout_feats[held_idx], train_feats[train_idx], **against_held_out,
+                                  candidate_patients=floor_patients),
+        "vq_ceiling": compare_features(heldout_feats[held_idx], recon_feats, **against_held_out,
+                                       candidate_patients=floor_patients),
         "images_per_class": ({class_names[c]: v for c, v in counts.items()} if conditional
                              else {"all": counts[0]}),
         "per_class": {},
     }
     if conditional:
         realism["per_class"] = per_class_realism(
-            class_names, held=(heldout_feats[held_idx], data.val.labels[held_idx]),
+            class_names, held=(heldout_feats[held_idx], data.val.labels[held_idx], held_patients),
             generated=(gen_feats[gen_idx], gen.labels[gen_idx]),
-            train=(train_feats[train_idx], data.train.labels[train_idx]),
-            vq_round_trip=(recon_feats, data.train.labels[train_idx]), kid_subsets=kid_subsets, seed=seed)
+            train=(train_feats[train_idx], data.train.labels[train_idx], floor_patients),
+            vq_round_trip=(recon_feats, data.train.labels[train_idx], floor_patients), kid_subsets=kid_subsets,
+            seed=seed)
     realism["fd_intervals"] = fd_intervals(
         held_feats=heldout_feats[held_idx], held_groups=groups_of(data.val)[held_idx],
-        held_patients=[data.val.patients[i] for i in held_idx.tolist()], gen_feats=gen_feats[gen_idx],
+        held_patients=held_patients, gen_feats=gen_feats[gen_idx],
         gen_groups=groups_of(gen)[gen_idx], train_feats=train_feats[floor_pool], train_groups=floor_groups,
         counts=counts, seed=seed, measured=(realism["generated"]["fd"], realism["floor"]["fd"]),
         resamples=fd_resamples)
@@ -1759,7 +1786,8 @@ def evaluate_model(
                                                                 **{**settings, "seed": net_seed}),
             images={"generated": gen.pixels[gen_idx], "held_out": data.val.pixels[held_idx],
                     "floor": data.train.pixels[train_idx], "vq_ceiling": recon.pixels},
-            kid_subsets=kid_subsets, seed=seed, features=fe)
+            kid_subsets=kid_subsets, seed=seed, features=fe,
+            patients={"held_out": held_patients, "floor": floor_patients, "vq_ceiling": floor_patients})
     if fd_note := fd_rank_note(realism["generated"], classes=len(realism["images_per_class"])) \
             or per_class_fd_note(realism["per_class"]):
         logger.warning(fd_note)
@@ -1846,7 +1874,7 @@ def evaluate_model(
                 "refine_repeats": refine_repeats, "seed": seed, "batch_size": batch_size, "dtype": dtype,
                 "diversity_pairs": diversity_pairs, "ms_ssim_scale": M.SSIM_SCALE, "kid_subsets": kid_subsets,
                 "fd_resamples": fd_resamples, "feature_nets": feature_nets,
-                "tstr_epochs": tstr_epochs, "pr_k": PR_K, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
+                "tstr_epochs": tstr_epochs, "pr_k": PR_K, "pr_radii": PR_RADII, "nn_percentile": NN_PERCENTILE, "ablations": ablations,
                 "ablation_samples": ablation_samples if ablations else None},
             device=device, fn_report=fn_report, realism=realism, diversity={"generated": gen_div, "real": real_div},
             fidelity=fidelity, shares=shares, mem=mem, ablation=ablation, timings=timings,
@@ -1895,7 +1923,9 @@ def evaluate_model(
         ab_held_patients = {c: [data.val.patients[i] for i in ab_held_idx[held_groups == (c or 0)].tolist()]
                             for c in labels_per_class}
         ab_train = train_feats[ab_train_idx]
-        floor = compare_features(torch.cat(list(ab_held.values())), ab_train, kid_subsets=kid_subsets, seed=seed)
+        floor = compare_features(torch.cat(list(ab_held.values())), ab_train, kid_subsets=kid_subsets, seed=seed,
+                                 reference_patients=[p for c in labels_per_class for p in ab_held_patients[c]],
+                                 candidate_patients=[data.train.patients[i] for i in ab_train_idx.tolist()])
         # the full chains (DDPM-1000, ...) cannot take more steps than the model has training timesteps
         max_steps = int(pipe.scheduler.config.num_train_timesteps)
         overrides = {name: max_steps for name in SCHEDULERS if default_steps(name) > max_steps}

@@ -371,7 +371,28 @@ def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
     return torch.cat(inside)
 
 
-def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3, batch_size: int = 1024) -> dict:
+@torch.no_grad()
+def _radii(x: torch.Tensor, k: int, groups, batch_size: int) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row; with `groups` (a patient per row), to its k-th
+    nearest row of ANOTHER group, where it has k such rows (else among all rows)."""
+    plain = knn(x, x, k + 1, batch_size)[0][:, k]  # k + 1: every point is its own nearest neighbour at distance 0
+    if groups is None:
+        return plain
+    codes = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    ids = torch.tensor([codes[g] for g in groups])
+    if len(ids) != len(x):
+        raise ValueError(f"{len(ids)} groups for {len(x)} feature rows")
+    radii = []
+    for s in range(0, len(x), batch_size):
+        d = torch.cdist(x[s : s + batch_size], x)
+        d[ids[s : s + batch_size, None] == ids[None, :]] = math.inf
+        radii.append(d.topk(min(k, len(x)), dim=1, largest=False).values[:, -1])
+    radii = torch.cat(radii)
+    return torch.where(torch.isfinite(radii), radii, plain)
+
+
+def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3, batch_size: int = 1024,
+                     real_groups=None, fake_groups=None) -> dict:
     """Improved precision and recall (Kynkäänniemi et al. 2019, NeurIPS).
 
     Each set's manifold is the union of balls around its points, the radius of a point being the
@@ -379,6 +400,12 @@ def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int 
 
         precision = (1/M) sum_j 1[fake_j inside manifold(real)]   (fidelity: samples look real)
         recall    = (1/N) sum_i 1[real_i inside manifold(fake)]   (coverage: real modes produced)
+
+    `real_groups` / `fake_groups`: the patient of each row of a set of real slices. A patient's slices are
+    near-alike, so its own neighbours made the radii those of one patient: a perfect generator of new patients
+    scored recall 0.95 where real training slices (4.5 per patient) scored 0.86 (a helper's simulation,
+    2026-12-06). With groups, a radius is the distance to the k-th nearest slice of another patient, as if each
+    patient were one sample. Generated images are independent: no groups.
 
     Exact, batched distances (`knn`, float64, centred), so 10k x 10k runs on a CPU in seconds.
     Returns {"precision", "recall", "k"}. A set against itself gives 1 / 1; a far-away set 0 / 0.
@@ -390,9 +417,8 @@ def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int 
         raise ValueError(f"precision/recall with k={k} needs more than {k} rows per set")
     centre = real.mean(0, keepdim=True)
     real, fake = real - centre, fake - centre
-    # k + 1: every point is its own nearest neighbour at distance 0.
-    real_radii = knn(real, real, k + 1, batch_size)[0][:, k]
-    fake_radii = knn(fake, fake, k + 1, batch_size)[0][:, k]
+    real_radii = _radii(real, k, real_groups, batch_size)
+    fake_radii = _radii(fake, k, fake_groups, batch_size)
     precision = _inside_manifold(fake, real, real_radii, batch_size).double().mean()
     recall = _inside_manifold(real, fake, fake_radii, batch_size).double().mean()
     return {"precision": float(precision), "recall": float(recall), "k": k}

@@ -1495,7 +1495,8 @@ def test_ranges_of_a_class_with_one_held_out_patient_say_what_they_leave_out():
 
 def test_the_floor_is_real_training_slices_against_the_same_held_out_set(stub_evaluated):
     """realism["floor"]: the seeded random TRAINING subset (N per class) against the same held-out subset as the
-    samples -- recomputed here from the cached feature net; not the samples again."""
+    samples -- recomputed here from the cached feature net; not the samples again. Precision and recall take
+    both sets' patients (radii reaching other patients: a patient's own slices made the floor's recall low)."""
     from adni_diffusers.features import load_feature_net
 
     from adni_diffusers.features import set_aside_floor_patients
@@ -1510,7 +1511,10 @@ def test_the_floor_is_real_training_slices_against_the_same_held_out_set(stub_ev
     assert not {data.train.patients[i] for i in floor_rows.tolist()} & set(net_train.patients)
     train_idx = floor_rows[E.subsample(data.train.labels[floor_rows], counts, 1)]
     expected = E.compare_features(net.features(data.val.pixels)[held_idx], net.features(data.train.pixels)[train_idx],
-                                  kid_subsets=3, seed=0)
+                                  kid_subsets=3, seed=0,
+                                  reference_patients=[data.val.patients[i] for i in held_idx.tolist()],
+                                  candidate_patients=[data.train.patients[i] for i in train_idx.tolist()])
+    assert result["settings"]["pr_radii"] == E.PR_RADII
     floor = result["realism"]["floor"]
     assert floor["fd"] == pytest.approx(expected["fd"], rel=1e-5, abs=1e-8)
     assert floor["precision"] == expected["precision"] and floor["recall"] == expected["recall"]

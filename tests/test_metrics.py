@@ -114,6 +114,33 @@ def test_precision_recall_sees_mode_collapse():
     assert out["precision"] > 0.9 and out["recall"] < 0.2
 
 
+def test_precision_recall_radii_of_real_slices_reach_other_patients():
+    """A patient's slices are near-alike: with radii to a set's own k-th nearest slice, a set of real slices (the
+    held-out reference, the floor's training slices) had a manifold of single patients. New patients, as a good
+    generator makes, fell outside it (precision 0.05), and the floor's recall was far below a perfect generator's
+    (0.14 against 0.85). With each slice's patient given, the radii reach other patients."""
+    g = torch.Generator().manual_seed(0)
+
+    def patients(n, per):  # n patients of `per` slices each, close around the patient's centre
+        centres = torch.randn(n, 8, generator=g)
+        return centres.repeat_interleave(per, 0) + 0.3 * torch.randn(n * per, 8, generator=g), \
+            [f"p{i}" for i in range(n) for _ in range(per)]
+
+    held, held_patients = patients(20, 10)
+    floor, floor_patients = patients(40, 5)
+    generated, _ = patients(200, 1)  # a perfect generator: each image a new patient
+    before_floor, before_gen = M.precision_recall(held, floor), M.precision_recall(held, generated)
+    assert before_floor["recall"] < 0.2 < 0.8 < before_gen["recall"] and before_gen["precision"] < 0.1
+    floor_pr = M.precision_recall(held, floor, real_groups=held_patients, fake_groups=floor_patients)
+    gen_pr = M.precision_recall(held, generated, real_groups=held_patients)
+    assert gen_pr["recall"] == before_gen["recall"]  # generated images have no patients: their radii are as before
+    assert gen_pr["precision"] > 0.7 and abs(gen_pr["precision"] - floor_pr["precision"]) < 0.1
+    assert floor_pr["recall"] > 0.7 and gen_pr["recall"] - floor_pr["recall"] < 0.15
+    # a set of one patient has no other: its radii stay the plain ones (no infinite balls)
+    one = M.precision_recall(held[:10], held[:10] + 50, real_groups=held_patients[:10], fake_groups=["x"] * 10)
+    assert one["precision"] == 0.0 and one["recall"] == 0.0
+
+
 def test_precision_recall_with_duplicates():
     a = _features(10).repeat(5, 1)  # every point 5 times: radii are 0
     assert M.precision_recall(a, a, k=3)["precision"] == 1.0
