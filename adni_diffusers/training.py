@@ -339,6 +339,12 @@ def check_hub_flags(args: argparse.Namespace) -> None:
 LAUNCHER_TASK_COUNTS = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
+DATA_PARALLEL_ONLY = (
+    "Accelerate is set to {kind}: adni-diffusers trains with data parallel (DDP; its models fit one GPU). Run "
+    "`accelerate config` and choose multi-GPU without FSDP or DeepSpeed, or pass --config_file, or launch with "
+    "`accelerate launch --multi_gpu --num_processes N` (docs/multi_gpu.md)")
+
+
 def check_distributed_type(accelerator) -> None:
     """Data parallel (DDP) or one process only. An `accelerate config` set to FSDP or DeepSpeed (common on
     clusters shared with language models) was accepted, and then: its checkpoints (pytorch_model_fsdp_0/, ...)
@@ -349,10 +355,7 @@ def check_distributed_type(accelerator) -> None:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
                                         DistributedType.MEGATRON_LM):
         kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-        raise TrainingError(
-            f"Accelerate is set to {kind}: adni-diffusers trains with data parallel (DDP; its models fit one GPU). "
-            "Run `accelerate config` and choose multi-GPU without FSDP or DeepSpeed, or pass --config_file, or "
-            "launch with `accelerate launch --multi_gpu --num_processes N` (docs/multi_gpu.md)")
+        raise TrainingError(DATA_PARALLEL_ONLY.format(kind=kind))
 
 
 def check_world_size(accelerator) -> None:
@@ -398,6 +401,10 @@ def make_accelerator(args, project_name: str):
 
     output_dir = Path(args.output_dir)
     config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        # before Accelerator(), which without deepspeed installed says to install it, only for the run to be
+        # refused by check_distributed_type once it is
+        raise TrainingError(DATA_PARALLEL_ONLY.format(kind="DeepSpeed"))
     accelerator = Accelerator(
         # non_blocking: pinned batches are copied to the GPU without making the host wait each step. CUDA only:
         # on Apple's MPS a non-blocking copy from unpinned memory can read freed memory (pytorch issue 139550)
@@ -417,10 +424,13 @@ def make_accelerator(args, project_name: str):
         # process (what goes wrong in one process alone is an error, and still shows)
         logging.getLogger("adni_diffusers").setLevel(logging.ERROR)
     _quiet_libraries(accelerator.is_main_process)
+    adopt_config_compile(accelerator, args)
+    warn_if_the_accelerate_config_is_not_read(args)
     if precision_in_effect(accelerator) != accelerator.mixed_precision:
         # Accelerate has no fp16 autocast on the CPU and says nothing: the run would be float32 under an fp16 label
-        logger.warning("--mixed_precision fp16 does nothing on the CPU: Accelerate trains in float32 there. "
-                       "Use --mixed_precision bf16 for mixed precision on a CPU, or no.")
+        given = "--mixed_precision fp16" if args.mixed_precision else "mixed precision fp16 (the accelerate config)"
+        logger.warning("%s does nothing on the CPU: Accelerate trains in float32 there. "
+                       "Use --mixed_precision bf16 for mixed precision on a CPU, or no.", given)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)  # the same initial weights on every process and in every run with this seed
@@ -430,6 +440,56 @@ def make_accelerator(args, project_name: str):
     if getattr(args, "cudnn_benchmark", False) and torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
     return accelerator
+
+
+def adopt_config_compile(accelerator, args) -> None:
+    """A dynamo backend in the accelerate config (or `accelerate launch --dynamo_backend`) made `prepare` compile
+    the model around this package's compile: with --compile as well, torch.compile of the compiled model returned
+    a plain function and the run crashed; without it, the run had none of --compile's child-process check and
+    eager fallback (an AOT_EAGER backward failed in a raw RuntimeError), and its recompile count was wrong.
+    INDUCTOR (torch's default) is taken as --compile, with the config's mode; other backends are refused."""
+    from accelerate.utils import DynamoBackend
+
+    plugin = getattr(accelerator.state, "dynamo_plugin", None)
+    if plugin is None or plugin.backend == DynamoBackend.NO:
+        return
+    name = getattr(plugin.backend, "value", str(plugin.backend))
+    if plugin.backend != DynamoBackend.INDUCTOR:
+        raise TrainingError(
+            f"dynamo_backend {name} (the accelerate config, or accelerate launch --dynamo_backend): adni-diffusers "
+            "compiles with inductor itself, through --compile (tried in a child process first, eager if it fails). "
+            "Set dynamo_backend to NO (`accelerate config`, or `accelerate launch --dynamo_backend no`), and pass "
+            "--compile to compile")
+    plugin.backend = DynamoBackend.NO  # prepare() leaves the model to maybe_compile
+    mode = plugin.mode if plugin.mode not in (None, "default") else None
+    if mode in COMPILE_MODES and args.compile_mode is None:
+        args.compile_mode = mode
+    if not args.compile:
+        args.compile = True
+        logger.info("dynamo_backend %s (the accelerate config): compiled as with --compile%s", name,
+                    f" --compile_mode {args.compile_mode}" if args.compile_mode else "")
+
+
+def warn_if_the_accelerate_config_is_not_read(args) -> None:
+    """`python train_*.py` (the way for one-process batch jobs) reads no accelerate config: only `accelerate
+    launch` does. A user whose default config says bf16 trained in float32 without a word (and a resume under
+    python of a run started under the launcher switched precision)."""
+    if args.mixed_precision is not None or "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return  # given here, or by `accelerate launch` (which sets it from the config or its flags)
+    try:
+        from accelerate.commands.config.config_args import default_config_file
+
+        import yaml
+
+        config = yaml.safe_load(Path(default_config_file).read_text()) if Path(default_config_file).is_file() \
+            else None
+    except Exception:  # noqa: BLE001 - no config, or one accelerate would refuse itself: nothing to say
+        return
+    precision = str((config or {}).get("mixed_precision") or "no") if isinstance(config, dict) else "no"
+    if precision != "no":
+        logger.warning("the accelerate config (%s) says mixed_precision %s, but only `accelerate launch` reads it: "
+                       "this run, started without it, trains in float32. Pass --mixed_precision %s to the script",
+                       default_config_file, precision, precision)
 
 
 def _quiet_libraries(main: bool) -> None:
@@ -1290,12 +1350,13 @@ SUBJECT_RULE_SINCE = "2026-12-04"
 
 
 def run_record(args, stage_flags: tuple[str, ...] = (), identity: dict | None = None,
-               num_processes: int | None = None, stage: str | None = None, also_accepted: dict | None = None) -> dict:
+               num_processes: int | None = None, stage: str | None = None, also_accepted: dict | None = None,
+               precision: str | None = None) -> dict:
     """What defines a run (its stage, RESUME_MUST_MATCH and the stage's own flags, its model config and data), in
     the JSON types a checkpoint's training_state.json reads back (tuples become lists). `also_accepted`: per
     identity, older values that name the same thing (a key computed as an older version did)."""
     record = {"stage": stage, "flags": {name: getattr(args, name, None) for name in (*RESUME_MUST_MATCH, *stage_flags)},
-              "identity": identity or {}, "num_processes": num_processes,
+              "identity": identity or {}, "num_processes": num_processes, "precision": precision,
               # --patient_ids subject merges a subject named both ways since then (a checkpoint without it: before)
               "subject_rule": SUBJECT_RULE_SINCE}
     if also_accepted:
@@ -1378,7 +1439,16 @@ def check_resume_matches(path: Path, current: dict) -> int | None:
     if then is not None and now is not None and then != now:
         logger.warning("resuming %s on %d process(es); it was written by %d: the global batch and the data order now "
                        "differ from an uninterrupted run's", path, now, then)
+    precision_then, precision_now = recorded.get("precision"), current.get("precision")
+    if precision_then and precision_now and precision_then != precision_now:  # allowed, but not silently
+        logger.warning("resuming %s in %s; it was trained in %s (give --mixed_precision %s to keep it; "
+                       "`python train_*.py` reads no accelerate config)", path, _precision_name(precision_now),
+                       _precision_name(precision_then), precision_then)
     return then
+
+
+def _precision_name(precision: str) -> str:
+    return "float32" if precision == "no" else precision
 
 
 def reposition_lr_schedule(lr_scheduler, args, step: int, then: int, now: int) -> None:
@@ -1540,7 +1610,7 @@ class TrainingRun:
         # what this run is (flags, model config, data): recorded in every checkpoint, compared on resume
         self.record = run_record(args, stage_flags, identity, accelerator.num_processes,
                                  stage=stage.lower(),  # "UNet" -> "unet": the project name, as start_stage's
-                                 also_accepted=also_accepted)
+                                 also_accepted=also_accepted, precision=precision_in_effect(accelerator))
         self.optimizer = optimizer  # for the learning rate in the logs
         self.ema = ema
         self.stage = stage

@@ -802,3 +802,94 @@ def test_more_accumulated_batches_than_an_epoch_holds_are_refused(tmp_path, demo
                                                      r"give at most 6"):
         run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", tmp_path / "out",
                                               *TINY_VQ_ARGS, "--gradient_accumulation_steps", "100"])
+
+
+def test_a_dynamo_backend_in_the_accelerate_config_is_taken_as_compile_or_refused():
+    """A dynamo backend in the accelerate config made `prepare` compile the model: with --compile as well the run
+    crashed ('function' object has no attribute 'parameters': torch.compile of a compiled module is a function),
+    and without it the run had none of --compile's child check and eager fallback. INDUCTOR is taken as --compile
+    (its mode too), and prepare() then leaves the model alone; another backend is refused with the way out."""
+    from argparse import Namespace
+
+    from accelerate import Accelerator
+    from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_compiled_module
+    from conftest import reset_accelerate
+
+    reset_accelerate()
+    try:
+        accelerator = Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode="max-autotune"))
+        args = Namespace(compile=False, compile_mode=None)
+        training.adopt_config_compile(accelerator, args)
+        assert args.compile is True and args.compile_mode == "max-autotune"
+        assert accelerator.state.dynamo_plugin.backend == DynamoBackend.NO
+        assert not is_compiled_module(accelerator.prepare(torch.nn.Linear(2, 2)))  # maybe_compile's to do
+        given = Namespace(compile=True, compile_mode="default")  # the script's own flag wins
+        reset_accelerate()
+        training.adopt_config_compile(Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend="inductor",
+                                                                                          mode="max-autotune")), given)
+        assert given.compile_mode == "default"
+        reset_accelerate()
+        other = Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend="aot_eager"))
+        with pytest.raises(training.TrainingError, match=r"dynamo_backend AOT_EAGER .*Set dynamo_backend to NO .*"
+                                                         r"pass --compile"):
+            training.adopt_config_compile(other, Namespace(compile=False, compile_mode=None))
+    finally:
+        reset_accelerate()
+
+
+def test_python_runs_say_that_they_read_no_accelerate_config(tmp_path, monkeypatch, caplog):
+    """`python train_*.py` (the way README gives one-process batch jobs) reads no accelerate config: a default config
+    of bf16 trained in float32 without a word."""
+    from argparse import Namespace
+
+    import accelerate.commands.config.config_args as config_args
+
+    config = tmp_path / "default_config.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\nmixed_precision: bf16\n")
+    monkeypatch.setattr(config_args, "default_config_file", str(config))
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with caplog.at_level("WARNING", logger="adni_diffusers.training"):
+        training.warn_if_the_accelerate_config_is_not_read(Namespace(mixed_precision=None))
+    assert f"the accelerate config ({config}) says mixed_precision bf16, but only `accelerate launch` reads it" \
+           in caplog.text and "Pass --mixed_precision bf16 to the script" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adni_diffusers.training"):
+        training.warn_if_the_accelerate_config_is_not_read(Namespace(mixed_precision="no"))  # asked for
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # under the launcher
+        training.warn_if_the_accelerate_config_is_not_read(Namespace(mixed_precision=None))
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+        config.write_text("mixed_precision: 'no'\n")
+        training.warn_if_the_accelerate_config_is_not_read(Namespace(mixed_precision=None))
+    assert caplog.text == ""
+
+
+def test_a_resume_in_another_precision_is_said(tmp_path, caplog):
+    """A run started under `accelerate launch` with a bf16 config and resumed with `python` (as the batch-job advice
+    says) went on in float32 without a word; only the records said so afterwards."""
+    from argparse import Namespace
+
+    args = Namespace(**{name: 1 for name in training.RESUME_MUST_MATCH})
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "training_state.json").write_text(json.dumps(
+        {"step": 2, "run": training.run_record(args, stage="vqmodel", num_processes=1, precision="bf16")}))
+    with caplog.at_level("WARNING", logger="adni_diffusers.training"):
+        training.check_resume_matches(checkpoint, training.run_record(args, stage="vqmodel", num_processes=1,
+                                                                      precision="no"))
+    assert f"resuming {checkpoint} in float32; it was trained in bf16 (give --mixed_precision bf16" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adni_diffusers.training"):
+        training.check_resume_matches(checkpoint, training.run_record(args, stage="vqmodel", num_processes=1,
+                                                                      precision="bf16"))
+    assert caplog.text == ""
+
+
+def test_a_deepspeed_config_is_refused_before_accelerate_asks_to_install_deepspeed(tmp_path, monkeypatch):
+    """Without deepspeed installed, Accelerator() under a DeepSpeed config said "pip3 install deepspeed", only for
+    the run to be refused as DeepSpeed once it was."""
+    from argparse import Namespace
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(training.TrainingError, match=r"Accelerate is set to DeepSpeed: adni-diffusers trains with "
+                                                     r"data parallel"):
+        training.make_accelerator(Namespace(output_dir=str(tmp_path / "out"), logging_dir="logs"), "vqmodel")
