@@ -57,7 +57,9 @@ def device_name(device: torch.device | str) -> str:
 
 def environment(device: torch.device | str) -> dict:
     """Versions of Python, torch (and its CUDA) and the libraries the package builds on, the package's own version
-    and commit, and the device (the number of processes is recorded beside it where there are several)."""
+    and commit, and the device (the number of processes is recorded beside it where there are several); and
+    torch's CPU thread count, which changes float sums and so the bits of what a CPU run trains or samples (two
+    CPU runs of one seed matched bit for bit at one thread count, not across 1 and 2 threads)."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -65,4 +67,6 @@ def environment(device: torch.device | str) -> dict:
         **{name.replace("-", "_"): _version(name) for name in PACKAGES},
         "git_commit": git_commit(),
         "device": device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }

@@ -418,6 +418,11 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                 "guidance": guidance, "scheduler": scheduler,
                 "steps": steps, "refine_steps": refine_steps, "refine_repeats": refine_repeats, "seed": seed,
                 "num_images": num_images, "dtype": dtype, "image_seed": "seed * 1000003 + image index"}
+    # what decides the last bits (a grey level in a few pixels): the batch size, the device, the versions and
+    # CPU threads; one entry per session (a --resume may use others)
+    from .environment import environment
+
+    session = {"batch_size": batch_size, "environment": environment(device)}
     if recorded is not None:
         where = out / "generation.json"
         if "model_sha256" not in recorded:  # an older run's record
@@ -433,7 +438,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
             recorded = {**recorded, "num_images": num_images}
         # the same model and class spelt another way (a relative path, a trailing slash, a class index for its
         # name) are the same settings: the fingerprint and the class name say so
-        ignored = {"complete"}
+        ignored = {"complete", "sessions"}
         if fingerprint is not None and recorded.get("model_sha256") == fingerprint:
             ignored.add("model")
         if class_name is not None and recorded.get("class_name") == class_name:
@@ -461,6 +466,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         remove_outputs(earlier)
         made, gif_kept = set(), False
     out.mkdir(parents=True, exist_ok=True)
+    earlier_sessions = recorded.get("sessions") if recorded is not None else None
+    settings["sessions"] = [*(earlier_sessions if isinstance(earlier_sessions, list) else []), session]
     # "complete": false until the last image is on disk (an interrupted run says so; --resume goes on with it)
     write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": False}, indent=2) + "\n")
 

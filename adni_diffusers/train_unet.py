@@ -369,7 +369,7 @@ def main(args: argparse.Namespace) -> dict:
 
     from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
-    from adni_diffusers.latents import (LatentDataset, cache_key, check_room_on_device, load_or_build,
+    from adni_diffusers.latents import (LatentDataset, cache_key, check_room_on_device, latent_digest, load_or_build,
                                         older_cache_keys, vqmodel_key)
     from adni_diffusers.pipeline_adni_ldm import (ADNILatentDiffusionPipeline, nonfinite_weights_text,
                                                    remove_other_versions)
@@ -466,6 +466,9 @@ def main(args: argparse.Namespace) -> dict:
                                       key=train_key)
         val_latents = load_or_build(vq, vq_dir, data.val, cache_dir, "val", args.eval_batch_size, progress) \
             if len(data.val) else None
+    # the latents' own bits, in training_args.json (each session's, under earlier_sessions where a resume read
+    # others): encoding at another --eval_batch_size or on another device changes their last bits, not the cache key
+    args.train_latents_sha256 = latent_digest(train_latents)
     unet = training.to_channels_last(UNet2DModel(**config), args)
     noise_scheduler = make_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start,
                                            args.beta_end, args.prediction_type)

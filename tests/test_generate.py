@@ -804,6 +804,24 @@ def test_resume_takes_a_larger_num_images(fresh_pipe, tmp_path):
         generate("unused", out, num_images=5, **kwargs, resume=True)
 
 
+def test_the_record_names_what_decides_the_last_bits_of_each_session(fresh_pipe, tmp_path):
+    """Images match across batch sizes, devices and thread counts only up to a grey level in a few pixels, and
+    generation.json recorded none of them (the default batch size is the device's). Each session (a --resume may
+    use others) is listed with its batch size and environment."""
+    from adni_diffusers.generate import generate
+
+    kwargs = dict(scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    out = tmp_path / "out"
+    generate("unused", out, num_images=2, batch_size=2, **kwargs)
+    generate("unused", out, num_images=3, batch_size=1, **kwargs, resume=True)  # another batch size: allowed
+    sessions = json.loads((out / "generation.json").read_text())["sessions"]
+    assert [s["batch_size"] for s in sessions] == [2, 1]
+    for session in sessions:
+        env = session["environment"]
+        assert env["torch"] == torch.__version__ and env["device"].startswith("cpu")
+        assert env["cpu_threads"] == torch.get_num_threads() and env["deterministic_algorithms"] is False
+
+
 def test_records_grid_and_gif_are_never_half_written(fresh_pipe, tmp_path, monkeypatch):
     """generation.json, grid.png and denoising.gif were written in place: a kill mid-write left an unreadable
     record (then --resume refused) or a broken GIF beside the finished images. Each goes through a .tmp now, which

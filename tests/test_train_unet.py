@@ -70,6 +70,22 @@ def test_latent_cache_is_reused_and_matches_pipe_encode(tiny_vq, tiny_ldm, demo_
     assert "also holds 1 older train latent cache(s)" in caplog.text  # kept, but the user hears of the space
 
 
+def test_the_run_records_the_bits_of_the_latents_it_trained_on(tiny_vq, tiny_ldm):
+    """The cache key names the VQModel and the slices, but encoding at another --eval_batch_size or on another
+    device changes the latents' last bits (3.9e-6 between batch sizes 16 and 4): training_args.json names the
+    latents themselves, by the cache's own checksum."""
+    import json
+
+    from safetensors import safe_open
+
+    (cache,) = sorted((tiny_vq / "latent_cache").glob("train-*.safetensors"))
+    with safe_open(str(cache), framework="pt") as f:
+        digest = f.metadata()["sha256"]
+    assert json.loads((tiny_ldm / "training_args.json").read_text())["train_latents_sha256"] == digest
+    env = json.loads((tiny_ldm / "training_args.json").read_text())["environment"]
+    assert env["cpu_threads"] == torch.get_num_threads()  # which changes the bits of a CPU run too
+
+
 def test_latent_cache_key_covers_every_pixel(tiny_vq, demo_root):
     """Slices edited in place (same count, same labels, e.g. re-exported with another contrast) must not reuse
     the latents of the old ones."""
