@@ -78,7 +78,7 @@ def _data_args(root, batch: int) -> SimpleNamespace:
                            gradient_accumulation_steps=1)
 
 
-_ONE_PROCESS = SimpleNamespace(num_processes=1, main_process_first=contextlib.nullcontext,
+_ONE_PROCESS = SimpleNamespace(is_main_process=True, num_processes=1, main_process_first=contextlib.nullcontext,
                                local_main_process_first=contextlib.nullcontext)
 
 
@@ -105,7 +105,8 @@ def test_the_processes_wait_for_the_main_one_to_index_not_to_decode(demo_root, m
         yield
         events.append(f"leave {name}")
 
-    accelerator = SimpleNamespace(num_processes=1, main_process_first=lambda: ordered("main first"),
+    accelerator = SimpleNamespace(num_processes=1, is_main_process=True,
+                                  main_process_first=lambda: ordered("main first"),
                                   local_main_process_first=lambda: ordered("node first"))
     real_index, real_decode = data_module._index_with_datasets, data_module.decode_all
     monkeypatch.setattr(data_module, "_index_with_datasets", lambda *a: events.append("index") or real_index(*a))
