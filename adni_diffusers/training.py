@@ -426,6 +426,8 @@ def make_accelerator(args, project_name: str):
     _quiet_libraries(accelerator.is_main_process)
     adopt_config_compile(accelerator, args)
     warn_if_the_accelerate_config_is_not_read(args)
+    if accelerator.is_main_process:
+        warn_about_launcher_flags_not_passed_on(accelerator)
     if precision_in_effect(accelerator) != accelerator.mixed_precision:
         # Accelerate has no fp16 autocast on the CPU and says nothing: the run would be float32 under an fp16 label
         given = "--mixed_precision fp16" if args.mixed_precision else "mixed precision fp16 (the accelerate config)"
@@ -677,6 +679,35 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
 BATCH_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
 
 
+def launcher_flags() -> list[str] | None:
+    """The flags of the `accelerate launch` that started this process (its parent's command line, up to the
+    script), or None where it was not started so (or where that cannot be told: not Linux)."""
+    try:
+        words = [w.decode(errors="replace") for w in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return None
+    for i, word in enumerate(words):
+        # `accelerate launch ...` (the console script), `python -m accelerate.commands.launch ...`
+        if word == "accelerate.commands.launch" or (word == "launch" and i and Path(words[i - 1]).name == "accelerate"):
+            flags = []
+            for flag in words[i + 1:]:
+                if flag.endswith(".py") or flag in ("-m", "--module"):  # the script: its own flags follow
+                    break
+                flags.append(flag)
+            return flags
+    return None
+
+
+def warn_about_launcher_flags_not_passed_on(accelerator) -> None:
+    """`accelerate launch --gradient_accumulation_steps N` is passed on to DeepSpeed alone: the run accumulated
+    the script's --gradient_accumulation_steps (1), and only the log's "x 1 accumulated" told."""
+    flags = launcher_flags() or []
+    if any(f == "--gradient_accumulation_steps" or f.startswith("--gradient_accumulation_steps=") for f in flags):
+        logger.warning("`accelerate launch --gradient_accumulation_steps` is passed on to DeepSpeed alone: this run "
+                       "accumulates the script's --gradient_accumulation_steps (%d); give the flag after the "
+                       "script's name", accelerator.gradient_accumulation_steps)
+
+
 def warn_if_the_launcher_kills_early(accelerator) -> None:
     """A batch job of one process under `accelerate launch` (its simple launcher: no --multi_gpu): from accelerate
     1.16 that launcher answers SIGTERM by sending it on and killing the run 5 s later (`_terminate_process_tree`),
@@ -686,11 +717,7 @@ def warn_if_the_launcher_kills_early(accelerator) -> None:
     import accelerate
     import accelerate.commands.launch as launch
 
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:  # not Linux: the launcher cannot be told
-        return
-    if hasattr(launch, "_terminate_process_tree") and b"accelerate" in parent and b"launch" in parent:
+    if hasattr(launch, "_terminate_process_tree") and launcher_flags() is not None:
         script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "train_unet.py"
         logger.warning("this batch job runs one process under `accelerate launch`, whose launcher (accelerate %s) "
                        "kills it 5 s after passing on a SIGTERM: a time limit's SIGTERM may then cut the run before "

@@ -280,8 +280,10 @@ def test_a_one_process_batch_job_under_accelerate_launch_is_told_its_launcher_ki
     env = dict(os.environ, SLURM_JOB_ID="7", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     flags = ["--train_data_dir", str(tmp_path / "no_data"), "--output_dir", str(tmp_path / "out"), "--preset", "tiny"]
     script = str(REPO_ROOT / "train_vqmodel.py")
+    # (and a launcher flag accelerate passes on to DeepSpeed alone: said, not silently dropped)
     launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-                               "--mixed_precision", "no", "--dynamo_backend", "no", script, *flags],
+                               "--mixed_precision", "no", "--dynamo_backend", "no", "--gradient_accumulation_steps",
+                               "2", script, *flags],
                               env=env, capture_output=True, text=True, timeout=300)
     alone = subprocess.run([sys.executable, script, *flags], env=env, capture_output=True, text=True, timeout=300)
     for proc in (launched, alone):
@@ -289,3 +291,6 @@ def test_a_one_process_batch_job_under_accelerate_launch_is_told_its_launcher_ki
     assert "kills it 5 s after passing on a SIGTERM" in launched.stderr
     assert "Start one-process jobs with `python train_vqmodel.py` and the same flags" in launched.stderr
     assert "kills it 5 s" not in alone.stderr
+    assert "`accelerate launch --gradient_accumulation_steps` is passed on to DeepSpeed alone: this run accumulates " \
+           "the script's --gradient_accumulation_steps (1)" in launched.stderr
+    assert "passed on to DeepSpeed" not in alone.stderr
