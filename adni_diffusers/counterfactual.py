@@ -1227,7 +1227,8 @@ def main(args: argparse.Namespace) -> int:
     from .environment import environment
     from .generate import model_fingerprint
 
-    provenance = {"model_sha256": model_fingerprint(args.model), "environment": environment(device)}
+    provenance = {"model_sha256": model_fingerprint(args.model), "environment": environment(device),
+                  "batch_size": batch_size}  # with the device, what decides the last bits (a grey level)
     summary.update(provenance)
     if classifier is not None:
         summary["classifier"] = {"path": (report or {}).get("path"), "key": (report or {}).get("key"),

@@ -85,6 +85,7 @@ def test_cli_writes_strip_and_individual_pngs(tiny_ldm, nc_slice, tmp_path, caps
     summary = json.loads((out / "counterfactuals.json").read_text())
     assert summary["target"] == "AD" and summary["strengths"] == [0.5, 1.0]
     assert summary["difference"] == "counterfactual - reconstruction"
+    assert summary["batch_size"] == 16 and summary["environment"]["cpu_threads"] == torch.get_num_threads()  # bits
     # relative to --out: true wherever --out moves, and a push keeps them
     assert summary["images"][0]["strip"] == f"{folder.name}/strip.png" and summary["images"][0]["folder"] == folder.name
     assert (out / summary["images"][0]["strip"]).is_file()
