@@ -351,12 +351,9 @@ def _classifier_column(classifier, target: str) -> int:
 
 
 def _plt():
-    import matplotlib
+    from .plots import figures  # no pyplot: a notebook's backend stays its own
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return figures
 
 
 def _grey(x: torch.Tensor) -> np.ndarray:

@@ -778,12 +778,9 @@ def _heldout_share(space: dict) -> float:
 
 
 def _plt():
-    import matplotlib
+    from .plots import figures  # no pyplot: a notebook's backend stays its own
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return figures
 
 
 def plot_nn_histogram(mem: dict, path: Path) -> Path:

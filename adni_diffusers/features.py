@@ -699,11 +699,9 @@ def umap_plot(
     """
     import warnings
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import umap
+
+    from .plots import figures as plt  # no pyplot: a notebook's backend stays its own
 
     _enable_umap_jit_cache()
     real = torch.as_tensor(real_feats).float().cpu()

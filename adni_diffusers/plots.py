@@ -84,12 +84,30 @@ def captioned_grid(rows: list[list[Image.Image]], row_titles: list[str] | None =
     return sheet
 
 
+class figures:
+    """What the package's plots take from pyplot, without pyplot: figures made with matplotlib's object API choose
+    and change no backend (`matplotlib.use("Agg")` switched a notebook's inline one off for the rest of its
+    session) and stay off pyplot's list of open figures. Each is written to a file by `save_figure`."""
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, dpi=None, **kwargs):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize, dpi=dpi)
+        FigureCanvasAgg(fig)  # its own canvas, Agg's (text extents for layout), not the session's backend
+        return fig, fig.subplots(nrows, ncols, **kwargs)
+
+    @staticmethod
+    def get_cmap(name: str):
+        import matplotlib
+
+        return matplotlib.colormaps[name]
+
+
 def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
     """One panel per logged quantity (loss terms, lr, codebook usage...), against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures
 
     # every row's keys, in first-seen order: some are logged only later (the GAN terms after --disc_start)
     seen = list(dict.fromkeys(k for r in rows for k in r))
@@ -152,8 +170,6 @@ def save_figure(fig, path, **savefig_kwargs) -> Path:
     into place: a viewer open on a picture that training redraws (loss_curve.png) never reads half a file."""
     import os
 
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp")
@@ -162,5 +178,8 @@ def save_figure(fig, path, **savefig_kwargs) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-        plt.close(fig)
+        if fig.canvas.manager is not None:  # a pyplot figure (of a caller's): off pyplot's list
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
     return path

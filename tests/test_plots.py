@@ -109,6 +109,30 @@ def test_loss_curves_log_scale_only_for_positive_losses_and_skip_flags(monkeypat
     assert len(seen["panels"]) == 4 and seen["columns"] == 3 and seen["suptitle"] == "training"
 
 
+def test_pictures_leave_the_sessions_matplotlib_backend_alone(tmp_path):
+    """Every picture called matplotlib.use("Agg"): in a notebook, a training run, an evaluation or a counterfactual
+    switched the inline backend off for the rest of the session. They are drawn without pyplot now."""
+    import matplotlib
+
+    from adni_diffusers import evaluate, plots
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend of the user's (not Agg, what the tests run with)
+    try:
+        plots.plot_loss_curves([{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)], tmp_path / "loss.png")
+        distances = {"generated_distance": [1.0, 2.0], "heldout_distance": [1.5, 2.5],
+                     "heldout_percentile_distance": 1.55, "closer_than_heldout_percentile": 0.5,
+                     "generated_median": 1.5, "heldout_median": 2.0}
+        evaluate.plot_nn_histogram({"percentile": 5.0, "features": distances, "pixels": distances},
+                                   tmp_path / "nn.png")
+        assert matplotlib.get_backend() == "svg"
+        for name in ("loss.png", "nn.png"):
+            with Image.open(tmp_path / name) as im:
+                assert im.format == "PNG" and im.width > 100
+    finally:
+        matplotlib.use(before)
+
+
 def test_held_out_curves_share_the_axes_of_what_they_measure(monkeypatch, tmp_path):
     """`val_loss` was a panel of its own, on its own range, rows below the training loss it is to be compared with.
     It is drawn on the training loss's axes now, labelled; with a weighted objective (Min-SNR, smooth L1) the
