@@ -401,6 +401,7 @@ def make_accelerator(args, project_name: str):
 
     output_dir = Path(args.output_dir)
     config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    fresh_accelerate_state()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
         # before Accelerator(), which without deepspeed installed says to install it, only for the run to be
         # refused by check_distributed_type once it is
@@ -442,6 +443,17 @@ def make_accelerator(args, project_name: str):
     if getattr(args, "cudnn_benchmark", False) and torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
     return accelerator
+
+
+def fresh_accelerate_state() -> None:
+    """Forget an earlier Accelerator of this process (a notebook's second run, the demo's second stage): Accelerate
+    keeps its state per process and refused another precision ("restart your runtime completely"). (A process
+    group already set up stays: Accelerate takes it up again.)"""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 def adopt_config_compile(accelerator, args) -> None:

@@ -894,3 +894,24 @@ def test_a_deepspeed_config_is_refused_before_accelerate_asks_to_install_deepspe
     with pytest.raises(training.TrainingError, match=r"Accelerate is set to DeepSpeed: adni-diffusers trains with "
                                                      r"data parallel"):
         training.make_accelerator(Namespace(output_dir=str(tmp_path / "out"), logging_dir="logs"), "vqmodel")
+
+
+def test_a_second_run_in_one_process_may_take_another_precision(demo_root, tmp_path):
+    """A notebook's second training run with another --mixed_precision stopped in Accelerate's "restart your
+    runtime completely": its state is kept per process. Each run starts from a fresh one now."""
+    import json
+
+    from conftest import TINY_VQ_ARGS, reset_accelerate
+
+    from adni_diffusers import train_vqmodel
+
+    reset_accelerate()
+    try:
+        for precision in ("no", "bf16"):  # (no reset in between: what a notebook does)
+            out = tmp_path / precision
+            train_vqmodel.main(train_vqmodel.parse_args([
+                "--train_data_dir", str(demo_root), "--output_dir", str(out), "--max_train_steps", "1",
+                "--mixed_precision", precision, *TINY_VQ_ARGS]))
+            assert json.loads((out / "training_args.json").read_text())["mixed_precision_used"] == precision
+    finally:
+        reset_accelerate()
