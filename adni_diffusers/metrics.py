@@ -73,6 +73,16 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def check_minus_one_to_one(x: torch.Tensor, name: str) -> None:
+    """Refuse float images with no value below 0: [0, 1] images (the pipeline's `output_type="pt"`, `decode`)
+    read as [-1, 1] scored PSNR 6 dB too high and a brain mask of the whole image, without a word. A brain slice
+    in [-1, 1] has black background, -1."""
+    if x.dtype != torch.uint8 and x.numel() and bool(torch.isfinite(x).all()) and float(x.min()) >= 0:
+        raise ValueError(f"{name}: float images with no value below 0 (range [{float(x.min()):.3g}, "
+                         f"{float(x.max()):.3g}]); these metrics take [-1, 1] (black -1) or uint8: the pipeline's "
+                         "output_type='pt' and decode() give [0, 1]: pass images * 2 - 1")
+
+
 def _as_features(x: torch.Tensor, name: str) -> torch.Tensor:
     x = torch.as_tensor(x)
     if x.dim() != 2:
@@ -100,6 +110,7 @@ def brain_mask(images: torch.Tensor, threshold: float = MASK_THRESHOLD, dilation
     """
     from scipy.ndimage import binary_fill_holes
 
+    check_minus_one_to_one(images, "images")
     x = as_images(images)
     mask = x > threshold
     if dilation > 0:
@@ -143,6 +154,8 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     torchmetrics' default `normalize="relu"` clips negative contrast-structure terms to 0 (a
     negative number to a fractional power is NaN).
     """
+    check_minus_one_to_one(a, "a")
+    check_minus_one_to_one(b, "b")
     a, b = as_images(a), as_images(b)
     betas = _ms_ssim_betas(a.shape[-2], a.shape[-1])
     return multiscale_structural_similarity_index_measure(
@@ -195,6 +208,8 @@ def reconstruction_metrics(
     (`images_with_empty_mask` counts them). No other image is left out: a reconstruction with a NaN or inf
     pixel (`nonfinite_reconstructions` counts them) makes every mean NaN.
     """
+    check_minus_one_to_one(torch.as_tensor(real), "real")
+    check_minus_one_to_one(torch.as_tensor(recon), "recon")
     recon = as_images(recon)
     finite = torch.isfinite(recon).flatten(1).all(1)
     # NaN, not clamped: an inf pixel clamped to 1 looked like a usable reconstruction
