@@ -74,13 +74,13 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_minus_one_to_one(x: torch.Tensor, name: str) -> None:
-    """Refuse float images with no value below 0: [0, 1] images (the pipeline's `output_type="pt"`, `decode`)
-    read as [-1, 1] scored PSNR 6 dB too high and a brain mask of the whole image, without a word. A brain slice
-    in [-1, 1] has black background, -1."""
+    """Warn of float images with no value below 0: [0, 1] images (the pipeline's `output_type="pt"`, `decode`)
+    read as [-1, 1] scored PSNR 6 dB too high and a brain mask of the whole image, without a word. A whole brain
+    slice in [-1, 1] has black background, -1 (a warning, not an error: a crop inside the brain may have none)."""
     if x.dtype != torch.uint8 and x.numel() and bool(torch.isfinite(x).all()) and float(x.min()) >= 0:
-        raise ValueError(f"{name}: float images with no value below 0 (range [{float(x.min()):.3g}, "
-                         f"{float(x.max()):.3g}]); these metrics take [-1, 1] (black -1) or uint8: the pipeline's "
-                         "output_type='pt' and decode() give [0, 1]: pass images * 2 - 1")
+        warnings.warn(f"{name}: float images with no value below 0 (range [{float(x.min()):.3g}, "
+                      f"{float(x.max()):.3g}]); these metrics take [-1, 1] (black -1) or uint8: the pipeline's "
+                      "output_type='pt' and decode() give [0, 1]: pass images * 2 - 1", stacklevel=3)
 
 
 def _as_features(x: torch.Tensor, name: str) -> torch.Tensor:
