@@ -528,6 +528,18 @@ def csf_border(images: torch.Tensor, mask: torch.Tensor | None = None, px: int =
     return near & mask
 
 
+def _change_stats(reference, changed, mask, border) -> dict:
+    """Mean |changed - reference| in the brain mask, and the CSF-border enrichment of that change, per image."""
+    change = (changed - reference).abs() * mask
+    mf, bf = mask.float(), (border & mask).float()
+    mean_change = change.sum(dim=(1, 2, 3)) / mf.sum(dim=(1, 2, 3)).clamp(min=1)
+    share_change = (change * bf).sum(dim=(1, 2, 3)) / change.sum(dim=(1, 2, 3)).clamp(min=1e-12)
+    share_area = bf.sum(dim=(1, 2, 3)) / mf.sum(dim=(1, 2, 3)).clamp(min=1)
+    moved = change.sum(dim=(1, 2, 3)) > 0
+    enrichment = torch.where((share_area > 0) & moved, share_change / share_area.clamp(min=1e-12), torch.nan)
+    return {"mean_abs_change_brain": mean_change.double(), "csf_border_enrichment": enrichment.double()}
+
+
 def _per_image_stats(original, recon, cf, mask, border, call: dict) -> dict:
     """SSIM in the brain mask to the original and to the reconstruction, mean |change| in the brain,
     and the CSF-border enrichment of the change, per image."""
@@ -535,15 +547,8 @@ def _per_image_stats(original, recon, cf, mask, border, call: dict) -> dict:
 
     ssim_orig = reconstruction_metrics(original, cf, mask=mask, per_image=True)["per_image"]["ssim_brain"]
     ssim_recon = reconstruction_metrics(recon, cf, mask=mask, per_image=True)["per_image"]["ssim_brain"]
-    change = (cf - recon).abs() * mask
-    mf, bf = mask.float(), (border & mask).float()
-    mean_change = change.sum(dim=(1, 2, 3)) / mf.sum(dim=(1, 2, 3)).clamp(min=1)
-    share_change = (change * bf).sum(dim=(1, 2, 3)) / change.sum(dim=(1, 2, 3)).clamp(min=1e-12)
-    share_area = bf.sum(dim=(1, 2, 3)) / mf.sum(dim=(1, 2, 3)).clamp(min=1)
-    moved = change.sum(dim=(1, 2, 3)) > 0
-    enrichment = torch.where((share_area > 0) & moved, share_change / share_area.clamp(min=1e-12), torch.nan)
     return {"ssim_brain_to_original": ssim_orig.double(), "ssim_brain_to_reconstruction": ssim_recon.double(),
-            "mean_abs_change_brain": mean_change.double(), "csf_border_enrichment": enrichment.double(), **call}
+            **_change_stats(recon, cf, mask, border), **call}
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -643,6 +648,11 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
                     same = sample(x, src, s)
                     bar.update(len(x) * sample.denoising_steps(s))
                     control_flips[s].append(_call(classifier, same, col)["called"])
+                    # re-generation's own change (same noise, source label), and the label's: cf - control
+                    regenerated = _change_stats(recon, same, mask, border)
+                    _append(per[s], {f"control_{k}": v for k, v in regenerated.items()})
+                    _append(per[s], {"label_effect_brain": _change_stats(same, cf, mask, border)
+                                     ["mean_abs_change_brain"]})
             if start <= example_index < start + len(x):
                 j = example_index - start
                 example = {"original": x[j], "reconstruction": recon[j], "target": target, "strengths": strengths,
@@ -669,7 +679,8 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
                "flip_rate": float(calls.double().mean()), "flip_rate_ci95": _ci95(calls, patients),
                "mean_p_target": _mean(cols["p_target"])}
         for k in ("ssim_brain_to_original", "ssim_brain_to_reconstruction", "mean_abs_change_brain",
-                  "csf_border_enrichment"):
+                  "csf_border_enrichment", "control_mean_abs_change_brain", "control_csf_border_enrichment",
+                  "label_effect_brain"):
             if k in cols:
                 row[k] = _mean(cols[k])
         if control and key in control_flips:
@@ -754,6 +765,8 @@ def tradeoff_markdown(result: dict) -> str:
     if control:
         head.append(f"called {t}, same noise, {s} label")
     head += ["SSIM-brain vs original", "SSIM-brain vs VQ recon", "mean abs change in brain", "CSF-border enrichment"]
+    if control:
+        head += [f"same, {s} label: abs change / enrichment", f"label's own change (vs the {s}-label one)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     for r in result["rows"]:
@@ -772,6 +785,11 @@ def tradeoff_markdown(result: dict) -> str:
         cells += [_fmt(r.get("ssim_brain_to_original")),
                   _fmt(r.get("ssim_brain_to_reconstruction")), _fmt(r.get("mean_abs_change_brain"), 4),
                   _fmt(r.get("csf_border_enrichment"), 2)]
+        if control:
+            cells += [f"{_fmt(r.get('control_mean_abs_change_brain'), 4)} / "
+                      f"{_fmt(r.get('control_csf_border_enrichment'), 2)}"
+                      if "control_mean_abs_change_brain" in r else "–",
+                      _fmt(r.get("label_effect_brain"), 4)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
@@ -779,8 +797,12 @@ def tradeoff_markdown(result: dict) -> str:
         f"both images (`metrics.reconstruction_metrics`). Abs change: |counterfactual \u2212 VQ reconstruction| on the "
         f"[\u22121, 1] scale, mean over brain pixels (0 at strength 0 by definition). CSF-border enrichment: "
         f"share of that change within "
-        f"{st['csf_border_px']} px of the dark CSF spaces (ventricles, sulci) divided by the share of brain pixels "
-        "there; 1 = spread evenly, > 1 = concentrated where the demo set's atrophy was simulated."
+        f"{st['csf_border_px']} px of the dark spaces in the brain mask (ventricles, sulci, and the dark ring the "
+        "dilated mask takes in around the brain, so the brain's outline counts) divided by the share of brain "
+        "pixels there; 1 = spread evenly, > 1 = concentrated there. Both numbers hold re-generation's change too, "
+        "not the label's alone" + (f": the control columns give the same for the {s} label, and the label's own "
+                                  f"change, |counterfactual − {s}-label one|" if control else
+                                  " (--control measures re-generation's)") + "."
         + (f" Intervals: {result['interval']}." if result.get("interval") else "")
         + (f" Control column: the same slices and noise denoised with the {s} label: how often re-generation alone "
            f"changes the call." if control else "")

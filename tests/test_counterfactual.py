@@ -1035,6 +1035,24 @@ def test_the_control_rate_is_the_call_on_the_source_label_images():
     assert rows[1.0]["flip_rate"] == 1.0 and rows[1.0]["control_flip_rate"] == 0.0
 
 
+def test_the_control_measures_re_generations_own_change_and_the_labels():
+    """The change maps and numbers are counterfactual - VQ reconstruction, which holds re-generation's change as
+    well as the label's: on a demo model two thirds of it came with the source label too, and the CSF-border
+    enrichment was higher for the source label than for the target. With --control both are measured for the
+    source label, and the label's own change |counterfactual - control|, in the record and the table."""
+    result = _measured(control=True)
+    row = {r["strength"]: r for r in result["rows"]}[1.0]
+    # the fake: reconstruction 0.5, AD label +1, NC label -1 (on [-1, 1]); means over the brain mask
+    assert row["mean_abs_change_brain"] == pytest.approx(0.5)
+    assert row["control_mean_abs_change_brain"] == pytest.approx(1.5)
+    assert row["label_effect_brain"] == pytest.approx(2.0)
+    table = C.tradeoff_markdown(result)
+    assert "same, NC label: abs change / enrichment" in table and "label's own change (vs the NC-label one)" in table
+    assert "1.5000 / " in table and "| 2.0000 |" in table
+    assert "the brain's outline counts" in table and "not the label's alone" in table
+    assert "label_effect_brain" not in {k for r in _measured(control=False)["rows"] for k in r}
+
+
 def test_max_images_spreads_the_measured_slices_over_the_held_out_set(tiny_ldm, tmp_path, monkeypatch):
     """--measure --max-images N: "evenly spread over the held-out slices", from the first to the last, not the first
     N (one patient's neighbouring slices)."""
