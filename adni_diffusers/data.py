@@ -930,12 +930,18 @@ def _index_with_datasets(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
     """(path, label, split) for every image, as `datasets`' imagefolder builder reads the tree."""
     import datasets
 
-    if datasets.utils.logging.is_progress_bar_enabled():  # off for the index alone: a notebook's bars stay on
-        datasets.utils.logging.disable_progress_bar()
-        try:
-            return _index_with_datasets(root, tree)
-        finally:
+    bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        return _imagefolder_records(root, tree)
+    finally:  # off for the index alone: a notebook's bars stay on
+        if bars_were_on:
             datasets.utils.logging.enable_progress_bar()
+
+
+def _imagefolder_records(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
+    import datasets
+
     # Name the splits and say whether there are labels, as scan_tree found them. Left to infer, datasets
     # takes split names from file names too (a file `test_3_1.jpeg` in a tree without split folders makes a
     # "test" split of that one file and drops the others), and reads train/ and test/ as class labels when
