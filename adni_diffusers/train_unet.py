@@ -364,6 +364,7 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
     return there
 
 
+@training.keeps_session_logging
 def main(args: argparse.Namespace) -> dict:
     from diffusers import DDIMScheduler, UNet2DModel, VQModel
 

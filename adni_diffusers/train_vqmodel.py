@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@training.keeps_session_logging
 def main(args: argparse.Namespace) -> dict:
     from diffusers import VQModel
 

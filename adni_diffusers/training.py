@@ -506,6 +506,35 @@ def warn_if_the_accelerate_config_is_not_read(args) -> None:
                        default_config_file, precision, precision)
 
 
+def keeps_session_logging(main):
+    """For a stage's `main`: the run sets up logging for itself (INFO lines on the console, quieter libraries),
+    and a notebook's session gets its own set-up back afterwards (its root logger had been left at INFO, with a
+    console handler, so that every library's INFO lines printed)."""
+    import functools
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        import datasets
+        import diffusers
+
+        root, names = logging.getLogger(), ("adni_diffusers", "accelerate")
+        handlers, level = list(root.handlers), root.level
+        levels = {name: logging.getLogger(name).level for name in names}
+        verbosity = (datasets.utils.logging.get_verbosity(), diffusers.utils.logging.get_verbosity())
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for handler in [h for h in root.handlers if h not in handlers]:
+                root.removeHandler(handler)
+            root.setLevel(level)
+            for name, was in levels.items():
+                logging.getLogger(name).setLevel(was)
+            datasets.utils.logging.set_verbosity(verbosity[0])
+            diffusers.utils.logging.set_verbosity(verbosity[1])
+
+    return run
+
+
 def _quiet_libraries(main: bool) -> None:
     import datasets
     import diffusers

@@ -898,8 +898,13 @@ def test_a_deepspeed_config_is_refused_before_accelerate_asks_to_install_deepspe
 
 def test_a_second_run_in_one_process_may_take_another_precision(demo_root, tmp_path):
     """A notebook's second training run with another --mixed_precision stopped in Accelerate's "restart your
-    runtime completely": its state is kept per process. Each run starts from a fresh one now."""
+    runtime completely": its state is kept per process. Each run starts from a fresh one now. And the session's
+    logging is its own again after a run (the root logger had been left at INFO with a console handler)."""
     import json
+    import logging
+
+    root = logging.getLogger()
+    session = (root.level, list(root.handlers), logging.getLogger("accelerate").level)
 
     from conftest import TINY_VQ_ARGS, reset_accelerate
 
@@ -913,5 +918,6 @@ def test_a_second_run_in_one_process_may_take_another_precision(demo_root, tmp_p
                 "--train_data_dir", str(demo_root), "--output_dir", str(out), "--max_train_steps", "1",
                 "--mixed_precision", precision, *TINY_VQ_ARGS]))
             assert json.loads((out / "training_args.json").read_text())["mixed_precision_used"] == precision
+            assert (root.level, list(root.handlers), logging.getLogger("accelerate").level) == session
     finally:
         reset_accelerate()
