@@ -854,16 +854,15 @@ def _warn_about_the_name_pattern(matches, named, patients) -> None:
     """Names that fit <patient>_<slice> but not as meant put one patient's slices on both sides of the split,
     silently: slice-first names (85_1009181: patient "85", the real ids read as slice numbers) and names with a
     number after the slice (1009181_85_0: every slice a patient of its own)."""
-    numbers = [int(m.group("slice")) for m in matches if m]
-    if numbers and sum(n > MAX_SLICE_NUMBER for n in numbers) > len(numbers) / 2:
-        example = next(f"{m.group('patient')}_{m.group('slice')}" for m in matches
-                       if m and int(m.group("slice")) > MAX_SLICE_NUMBER)
+    named_slices = [m for m in matches if m]
+    high = [m for m in named_slices if int(m.group("slice")) > MAX_SLICE_NUMBER]
+    if len(high) > len(named_slices) / 2:
+        example = f"{high[0].group('patient')}_{high[0].group('slice')}"
         logger.warning("%d of %d file names end in a number above %d, which is read as the slice number (%s: patient "
                        "%s): is it a patient or image id? File names are read as <patient>_<slice>.<ext> (the "
                        "patient split keeps each patient's slices together); with the parts the other way round, "
                        "one patient's slices are on both sides of the split. Rename them (1009181_85.jpeg)",
-                       sum(n > MAX_SLICE_NUMBER for n in numbers), len(numbers), MAX_SLICE_NUMBER, example,
-                       example.rsplit("_", 1)[0])
+                       len(high), len(named_slices), MAX_SLICE_NUMBER, example, high[0].group("patient"))
     by_name = Counter(p for p, n in zip(patients, named) if p == n)  # patients read from the name alone
     ending_in_number = [p for p in by_name if re.search(r"._\d+$", p)]
     alone = [p for p in ending_in_number if by_name[p] == 1]

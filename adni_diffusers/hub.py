@@ -515,10 +515,12 @@ def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -
     files = [p for p in files if not any(part in UNUPLOADED_DIRS or CHECKPOINT_DIR_RE.match(part)
                                          for part in p.split("/")[:-1])]
 
+    from .pipeline_adni_ldm import NOTICE_NAMES  # the licence files a save of the pipeline keeps
+
     def top_level_extras(path: str) -> bool:
         return "/" not in path and path not in UNUPLOADED_FILES and (
             Path(path).suffix.lower() in PICTURE_SUFFIXES + (".json",)
-            or path == "README.md" or path.split(".")[0].upper() in ("LICENSE", "NOTICE"))
+            or path == "README.md" or path.split(".")[0].upper() in NOTICE_NAMES)
 
     def names_or_shows_slices(path: str, kind: str) -> bool:
         where = "/" not in path or kind == "folder" or (

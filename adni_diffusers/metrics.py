@@ -390,9 +390,11 @@ def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
 def _radii(x: torch.Tensor, k: int, groups, batch_size: int) -> torch.Tensor:
     """Distance from each row to its k-th nearest other row; with `groups` (a patient per row), to its k-th
     nearest row of ANOTHER group, where it has k such rows (else among all rows)."""
-    plain = knn(x, x, k + 1, batch_size)[0][:, k]  # k + 1: every point is its own nearest neighbour at distance 0
+    def plain() -> torch.Tensor:  # k + 1: every point is its own nearest neighbour at distance 0
+        return knn(x, x, k + 1, batch_size)[0][:, k]
+
     if groups is None:
-        return plain
+        return plain()
     codes = {g: i for i, g in enumerate(dict.fromkeys(groups))}
     ids = torch.tensor([codes[g] for g in groups])
     if len(ids) != len(x):
@@ -403,7 +405,8 @@ def _radii(x: torch.Tensor, k: int, groups, batch_size: int) -> torch.Tensor:
         d[ids[s : s + batch_size, None] == ids[None, :]] = math.inf
         radii.append(d.topk(min(k, len(x)), dim=1, largest=False).values[:, -1])
     radii = torch.cat(radii)
-    return torch.where(torch.isfinite(radii), radii, plain)
+    alone = ~torch.isfinite(radii)  # fewer than k rows of other groups (a set of one patient)
+    return torch.where(alone, plain(), radii) if alone.any() else radii
 
 
 def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3, batch_size: int = 1024,
