@@ -69,7 +69,10 @@ FEATURE_EPOCHS = 5  # the evaluation classifier's default recipe (adni-diffusers
 def check_strengths(strengths, steps: int | None = None) -> list[float]:
     """Strengths as floats in (0, 1], ascending, without repeats (a strip, the trade-off table and its plot read
     by strength: a line drawn in the order given zigzagged, and its CI band broke). With `steps`, each must
-    also select at least one denoising step (the pipeline runs steps * strength of them, rounded half up)."""
+    also select at least one denoising step (the pipeline runs steps * strength of them, rounded half up). One
+    number is one strength (a Python call's `strengths=0.5` had ended in "'float' object is not iterable")."""
+    if np.ndim(strengths) == 0:
+        strengths = [strengths]
     out, tags = [], {}
     for s in strengths:
         s = float(s)

@@ -636,10 +636,24 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pt"):
-        """Scaled latents -> images: `pt` (N, 1, 256, 256) in [0, 1], `np` (N, 256, 256, 1), or `pil`."""
+        """Scaled latents (a tensor or numpy array, as `encode` and `output_type="latent"` give) -> images: `pt`
+        (N, 1, 256, 256) in [0, 1], `np` (N, 256, 256, 1), or `pil`."""
         if output_type not in ("pt", "np", "pil"):
             raise ValueError(f"output_type={output_type!r}: expected 'pt', 'np' or 'pil'")
-        return self._postprocess(decode_latents(self.vqvae, latents), output_type)
+        return self._postprocess(decode_latents(self.vqvae, self._checked_latents(latents)), output_type)
+
+    def _checked_latents(self, latents) -> torch.Tensor:
+        """`latents` as a tensor of this model's latent shape, or an error that names what it got (a numpy array
+        had ended in "'numpy.ndarray' object has no attribute 'float'", a wrong shape deep in a convolution)."""
+        if isinstance(latents, np.ndarray):
+            latents = torch.as_tensor(latents)
+        if not isinstance(latents, torch.Tensor):
+            raise ValueError(f"latents is a {type(latents).__name__}: expected a tensor or numpy array")
+        latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != latent_shape:
+            raise ValueError(f"latents has shape {tuple(latents.shape)}; expected (batch, "
+                             f"{', '.join(map(str, latent_shape))}) for this model")
+        return latents
 
     @staticmethod
     def _postprocess(images: torch.Tensor, output_type: str):
@@ -909,13 +923,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                                  "leave batch_size out or make them agree")
             batch_size = len(pixels)
         elif latents is not None:  # the refinement noise and the labels need one row per given latent
-            if isinstance(latents, np.ndarray):
-                latents = torch.as_tensor(latents)
-            if not isinstance(latents, torch.Tensor):
-                raise ValueError(f"latents is a {type(latents).__name__}: expected a tensor or numpy array")
-            if latents.ndim != 4 or tuple(latents.shape[1:]) != latent_shape:
-                raise ValueError(f"latents has shape {tuple(latents.shape)}; expected (batch, "
-                                 f"{', '.join(map(str, latent_shape))}) for this UNet")
+            latents = self._checked_latents(latents)
             if batch_size is not None and batch_size != latents.shape[0]:
                 raise ValueError(f"batch_size={batch_size} but latents holds {latents.shape[0]}: "
                                  "leave batch_size out or make them agree")

@@ -473,6 +473,8 @@ def test_check_strengths_and_target(pipe):
     assert C.check_strengths([0.4, 0.4, 1]) == [0.4, 1.0]
     # ascending whatever the order given: the trade-off plot's line zigzagged and its CI band broke
     assert C.check_strengths([1, 0.25, 0.5]) == [0.25, 0.5, 1.0]
+    # one number is one strength (a Python call's strengths=0.5 had raised "'float' object is not iterable")
+    assert C.check_strengths(0.5) == C.check_strengths(np.float32(0.5)) == C.check_strengths(torch.tensor(0.5)) == [0.5]
     for bad in ([0.0], [-0.1], [1.01], [math.nan], []):
         with pytest.raises(ValueError):
             C.check_strengths(bad)

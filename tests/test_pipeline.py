@@ -114,6 +114,17 @@ def test_output_types(pipe):
     assert pipe.decode(latents, output_type="np").shape == (2, 256, 256, 1)
 
 
+def test_decode_takes_numpy_latents_and_names_a_wrong_shape(pipe):
+    """A numpy array (a saved `output_type="latent"` result) had ended in "'numpy.ndarray' object has no attribute
+    'float'", and one latent without its batch axis deep inside a convolution."""
+    latents = pipe(batch_size=2, num_inference_steps=2, generator=seeded(), output_type="latent").images
+    torch.testing.assert_close(pipe.decode(latents.numpy()), pipe.decode(latents))
+    with pytest.raises(ValueError, match=r"latents has shape \(4, 32, 32\); expected \(batch, 4, 32, 32\)"):
+        pipe.decode(latents[0])
+    with pytest.raises(ValueError, match="latents is a list: expected a tensor or numpy array"):
+        pipe.decode(list(latents))
+
+
 def test_same_generator_same_images_different_seed_different(pipe):
     a = pipe(batch_size=2, num_inference_steps=4, generator=seeded(1), output_type="np").images
     b = pipe(batch_size=2, num_inference_steps=4, generator=seeded(1), output_type="np").images
