@@ -65,7 +65,8 @@ FD_RESAMPLES = 200  # bootstrap resamples of the FD intervals (about 7 s for 200
 INTERVAL_LEVEL = 0.95  # INTERVAL_LABEL names it
 # how precision/recall's manifold radii are taken (metrics.json records it; runs before 2026-12-06 took the k-th
 # nearest slice of any patient, so that real sets' radii were one patient's and the floor's recall low)
-PR_RADII = "k-th nearest slice of another patient in sets of real slices; k-th nearest image in generated sets"
+PR_RADII = ("k-th nearest slice of another patient in sets of real slices (of any patient where a slice has fewer "
+            "than k of other patients: a set of one patient); k-th nearest image in generated sets")
 NN_PERCENTILE = 5.0  # memorisation: samples closer to the training set than 5% of held-out reals
 FEATURE_NET_SEED = 0  # the feature net is the yardstick: one per data set and settings, whatever --seed samples
 PIXEL_NN_SIZE = 64  # pixel-space nearest neighbours on 64x64 (box-filtered) images
@@ -415,6 +416,8 @@ def compare_features(reference: torch.Tensor, candidate: torch.Tensor, k: int = 
     return {"fd": M.frechet_distance(reference, candidate), "kid": kd["mean"], "kid_std": kd["std"],
             "kid_subset_size": kd["subset_size"], "precision": pr["precision"], "recall": pr["recall"], "k": k,
             "reference_images": len(reference), "candidate_images": len(candidate),
+            # one patient: its radii cannot reach another patient (PR_RADII), said beside the per-class table
+            **({"reference_patients": len(set(reference_patients))} if reference_patients is not None else {}),
             "feature_dims": int(reference.shape[1])}
 
 
@@ -485,17 +488,20 @@ def fd_intervals(*, held_feats, held_groups, held_patients, gen_feats, gen_group
             **({} if floor_varied else {"floor_fd_unvaried": True})}
 
 
-def one_patient_text(intervals: dict, group_names: list[str]) -> str:
-    """What the FD ranges leave out where a class holds one held-out patient (`group_names`: the classes, or
-    ["all"] for an unconditional model): the patient part of the chance."""
+def one_patient_text(intervals: dict, group_names: list[str],
+                     varies: str = "only the generated images and the floor's draw vary") -> str:
+    """What the ranges leave out where a class holds one held-out patient (`group_names`: the classes, or
+    ["all"] for an unconditional model): the patient part of the chance. `varies`: what the resamples do vary."""
     names = [group_names[g] if g < len(group_names) else str(g) for g in intervals["groups_of_one_patient"]]
     which = "the held-out images measured are of one patient" if names == ["all"] else (
         f"the held-out images measured of {' and '.join(names)} are of one patient{' each' * (len(names) > 1)}")
     return (f"{which[0].upper()}{which[1:]}: the ranges hold no patient-to-patient chance there (that patient's "
-            "slices are drawn whole each time; only the generated images and the floor's draw vary), so they are "
-            "narrower than the truth; a larger "
+            f"slices are drawn whole each time; {varies}), so they are narrower than the truth; a larger "
             "--num-samples (where more patients are held out) or more held-out patients gives ranges that reach "
             "other patients")
+
+
+MEMORISATION_VARIES = "its slices set the threshold alone, and only the generated images vary"
 
 
 def paired_fd_gain(*, held_feats, held_groups, held_patients, base_feats, other_feats, gen_groups, seed: int,
@@ -753,8 +759,11 @@ def memorisation_intervals(mem: dict, *, held_groups: torch.Tensor, held_patient
     2026-12-06), so one number alone can read as copying."""
     if resamples < 1 or len(set(held_patients)) < 2:
         return {}
+    by_group = PatientBootstrap(held_groups, held_patients, gen_groups, seed).by_group
     out = {"level": level, "resamples": resamples,
-           "resampled": "held-out patients within each class (the threshold) and generated images"}
+           "resampled": "held-out patients within each class (the threshold) and generated images",
+           # as fd_intervals': a class of one held-out patient has the same threshold in every resample
+           "groups_of_one_patient": [g for g, patients in by_group.items() if len(patients) == 1]}
     for space in ("features", "pixels"):
         generated = np.asarray(mem[space]["generated_distance"])
         held_out = np.asarray(mem[space]["heldout_distance"])
@@ -1067,11 +1076,15 @@ def _pct_range(low_high) -> str:
 
 
 def _signed_pct(x: float) -> str:
-    """A relative change in whole percent with its sign; one that rounds to zero is "0%" (never "-0%")."""
+    """A relative change in whole percent with its sign, below 1% to a tenth (an interval of +0.1% to +4.7% had
+    read "0% to +5%", as if it spanned 0, beside one of -0.1% to +7.1%); one that rounds to zero is "0%" (never
+    "-0%")."""
     if not math.isfinite(x):  # an FD that came out NaN: said, not a crash of the report
         return f"{x}%"
-    whole = round(100 * x)
-    return f"{whole:+d}%" if whole else "0%"
+    if whole := round(100 * x):
+        return f"{whole:+d}%"
+    tenths = round(1000 * x)
+    return f"{tenths / 10:+.1f}%" if tenths else "0%"
 
 
 def _clean(obj):
@@ -1265,7 +1278,9 @@ def write_report(res: dict, out: Path) -> Path:
             "simulation on the demo set, 2026-12-06), and the ranges themselves are rough (a bootstrap of a low "
             "percentile of few patients held the true share in about 60% of synthetic draws, adni-diffusers' "
             "docs/evaluation.md). Read a share as copying only where its whole range lies far above the floor, "
-            "and look at the closest pairs below.", ""]
+            "and look at the closest pairs below."
+            + (f" **{one_patient_text(mem_iv, list(res['realism']['images_per_class']), MEMORISATION_VARIES)}**"
+               if mem_iv.get("groups_of_one_patient") else ""), ""]
     if nets := res["realism"].get("across_feature_nets"):
         lines += [f"### In {len(nets['seeds'])} feature nets", "",
                   "The same images measured in feature nets trained alike but for their seed (the first one measures "
@@ -1309,6 +1324,11 @@ def write_report(res: dict, out: Path) -> Path:
                          f"{_f(f0['recall'], 3)} | {_f(c0['recall'], 3)} |")
         if note := per_class_fd_note(res["realism"]["per_class"]):
             lines += ["", note]
+        if alone := [name for name, v in res["realism"]["per_class"].items()
+                     if v["generated"].get("reference_patients") == 1]:
+            lines += ["", f"The held-out images of {' and '.join(alone)} are of one patient: there, a real slice's "
+                      "precision/recall radius is to the k-th nearest slice of that same patient (no other patient "
+                      "to reach), unlike the pooled rows above, so the two are not comparable there."]
         lines.append("")
     div = res["diversity"]
     lines += ["## Diversity", "",
@@ -1321,9 +1341,12 @@ def write_report(res: dict, out: Path) -> Path:
                      f"{_f(real.get('std'), 2)} | {v['pairs']} / {real.get('pairs', '-')} |")
     missing = [name for name in div["generated"]["per_class"] if name not in div["real"]["per_class"]]
     if missing:
+        # same_classes leaves the generated mean whole where no class has real pairs: nothing to leave out for
+        in_both = len(missing) < len(div["generated"]["per_class"])
         lines += ["", f"No real pairs for {', '.join(missing)}: real pairs must come from two different patients, "
-                  "and the held-out set has one patient there. The means in the summary leave "
-                  f"{'it' if len(missing) == 1 else 'them'} out on both sides."]
+                  "and the held-out set has one patient there. "
+                  + (f"The means in the summary leave {'it' if len(missing) == 1 else 'them'} out on both sides."
+                     if in_both else "The generated mean in the summary has no real mean to compare with.")]
     lines.append("")
     if cf:
         lines += ["## Class fidelity", "",
@@ -2036,7 +2059,8 @@ def main(args: argparse.Namespace) -> int:
     r, fl = result["realism"]["generated"], result["realism"]["floor"]
     ce = result["realism"]["vq_ceiling"]
     iv = result["realism"].get("fd_intervals") or {}
-    between = (lambda key: f" ({iv[key][0]:.4g} to {iv[key][1]:.4g})") if iv else (lambda key: "")
+    # a range that is None (the floor's, where no resample varied it) is left out, as in the report
+    between = (lambda key: f" ({iv[key][0]:.4g} to {iv[key][1]:.4g})" if iv.get(key) else "")
     print(f"\n{M.FD_NAME}: {r['fd']:.4g}{between('fd')} (floor, real train vs held-out: {fl['fd']:.4g}"
           f"{between('floor_fd')}; VQ ceiling: {ce['fd']:.4g}); precision {r['precision']:.3f} (floor "
           f"{fl['precision']:.3f}), recall {r['recall']:.3f} (floor {fl['recall']:.3f})"

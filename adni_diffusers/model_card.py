@@ -192,6 +192,24 @@ def _evaluation(model_dir: Path, names=EVALUATION_FILES) -> tuple[list[tuple[str
     return [], None, None
 
 
+def _one_patient_note(metrics: dict) -> str | None:
+    """Where a class's held-out images are of one patient, the interval rows hold no patient-to-patient chance
+    (evaluate's report says so in bold; the card's readers on the Hub had the ranges alone)."""
+    realism = _field(metrics, "realism") or {}
+    names = list(_field(realism, "images_per_class") or {})
+    groups = set()
+    for intervals in (_field(realism, "fd_intervals"), _field(_field(metrics, "memorisation") or {}, "intervals")):
+        groups.update((intervals or {}).get("groups_of_one_patient") or [])
+    alone = [names[g] if isinstance(g, int) and 0 <= g < len(names) else str(g) for g in sorted(groups)]
+    if not alone:
+        return None
+    which = "The held-out images are of one patient" if alone == ["all"] else (
+        f"The held-out images of {' and '.join(alone)} are of one patient{' each' * (len(alone) > 1)}")
+    return (f"{which}: the interval rows hold no patient-to-patient chance there, so they are narrower than the "
+            "truth (a larger `--num-samples`, where more patients are held out, gives ranges that reach other "
+            "patients).")
+
+
 def _evaluation_settings(metrics: dict) -> str | None:
     """"100 samples per class from `dpm++` with 25 steps, guidance 2, seed 0; in the feature net ...": what
     another evaluation must share for its numbers to compare with these (evaluate's metrics.json records it)."""
@@ -226,7 +244,7 @@ def _shown(key: str, args: dict) -> bool:
 
 def _environment_text(args: dict) -> str | None:
     """"adni-diffusers 0.1.0 (git 2f92c53aa1b2), torch 2.14.1 (CUDA 13.0), diffusers 0.42.1, accelerate 1.16.0, on
-    NVIDIA H100 80GB HBM3 x 2": what trained the model, from training_args.json's `environment` (runs since
+    NVIDIA H100 80GB HBM3, 2 processes": what trained the model, from training_args.json's `environment` (runs since
     2026-12-05); None before."""
     env = _field(args, "environment") or {}
     if not env.get("torch"):
@@ -237,7 +255,7 @@ def _environment_text(args: dict) -> str | None:
     libraries = ", ".join(f"{name} {env[name]}" for name in ("diffusers", "accelerate") if env.get(name))
     processes = args.get("num_processes") if isinstance(args.get("num_processes"), int) else 1
     return (f"{package}, {torch_text}, {libraries}, Python {env.get('python', '?')}, on {env.get('device', '?')}"
-            + (f" x {processes}" if processes > 1 else ""))
+            + (f", {processes} processes" if processes > 1 else ""))  # not "2 cores x 2": a core count
 
 
 def _ema_text(args: dict) -> str | None:
@@ -268,6 +286,10 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
                 value = PureWindowsPath(value).name or value
             elif key == "lr_warmup_steps" and (note := _warmup_note(args)):
                 value = f"{_fmt(value)} ({note})"
+            elif key == "learning_rate" and _is_number(rate := args.get("learning_rate_used")) and rate != value:
+                value = f"{_fmt(value)} ({_fmt(rate)} used: --scale_lr for the global batch)"
+            elif key == "train_batch_size" and _is_number(total := args.get("global_batch_size")) and total != value:
+                value = f"{_fmt(value)} (global batch {total})"
             rows.append((f"`--{key}`", _fmt(value), label))
     return rows
 
@@ -313,6 +335,13 @@ def _session_settings(changed: dict) -> str:
     if isinstance(changed.get("num_processes"), int):
         shown.append(_count(changed["num_processes"], "process", "processes"))
         told.add("num_processes")
+    # what a process count changes with it (recorded since 2026-12-06)
+    if _is_number(changed.get("global_batch_size")):
+        shown.append(f"global batch {changed['global_batch_size']}")
+        told.add("global_batch_size")
+    if _is_number(changed.get("learning_rate_used")):
+        shown.append(f"learning rate {_fmt(changed['learning_rate_used'])} used")
+        told.add("learning_rate_used")
     if "compiled" in changed:
         shown.append("compiled" if changed["compiled"] else "not compiled")
         told.add("compiled")
@@ -640,6 +669,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "eval_report": "evaluation/report.md" if (d / "evaluation" / "report.md").is_file() else None,
         "eval_report_contents": _report_contents(d),
         "eval_has_floors": any(", floor:" in name for name, _ in eval_rows),
+        "eval_one_patient_note": _one_patient_note(read_json_object(d / eval_source)) if eval_source else None,
         "val_set_text": _val_set_text(data, args),
         "vq_rows": _vq_rows(vq_metrics),
         "vq_eval_set": vq_metrics.get("eval_set"),

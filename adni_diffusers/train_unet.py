@@ -518,7 +518,7 @@ def main(args: argparse.Namespace) -> dict:
         training.save_run_info(args.output_dir, args, data, data_source,
                                {"stage": "unet", "vqmodel": str(vq_dir), "vqmodel_data": vq_data,
                                 "conditional": bool(class_names)}, model=model, accelerator=accelerator,
-                               start_step=run.start_step)
+                               start_step=run.start_step, default_batch=DEFAULT_BATCH)
 
     # 3. train on the denoising objective (adni_diffusers/diffusion.py)
     start = time.time()

@@ -153,7 +153,7 @@ def main(args: argparse.Namespace) -> dict:
     training.start_logging(accelerator, args, "vqmodel", run.start_step)
     if accelerator.is_main_process:
         training.save_run_info(args.output_dir, args, data, data_source, {"stage": "vqmodel"}, model=model,
-                               accelerator=accelerator, start_step=run.start_step)
+                               accelerator=accelerator, start_step=run.start_step, default_batch=DEFAULT_BATCH)
     preview, preview_labels = vq_eval.preview_batch(data.val or data.train, seed=args.seed)
     preview_columns = vq_eval.column_classes(preview_labels, data.class_names)
 

@@ -383,14 +383,18 @@ def check_world_size(accelerator) -> None:
             "every copy would train alone on all the data and write the same --output_dir. Start one `accelerate "
             "launch` per node, which starts one process per GPU (srun --ntasks-per-node=1 bash -c \"accelerate "
             "launch ...\", docs/slurm/train_unet.sbatch), or run one task (srun -n 1) for one process.")
-    # `accelerate launch --cpu --num_processes 2` (no --multi_gpu) runs its simple launcher: ONE process, with
-    # MASTER_ADDR set for the others it expects mpirun to start. The run is right, but not the one asked for.
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
-        logger.warning("one process: `accelerate launch --cpu --num_processes N` starts a single process here "
-                       "(Accelerate's simple launcher; MASTER_ADDR is set for processes it does not start). For N "
-                       "processes on the CPU: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
-                       "(docs/multi_gpu.md)")
+    # `accelerate launch --cpu --num_processes 2`, a MULTI_CPU config (`accelerate config`'s CPU choice, with or
+    # without use_cpu), or --num_processes 2 without --multi_gpu where CUDA sees no GPU: Accelerate's simple
+    # launcher starts ONE process, with MASTER_ADDR set for the others it expects mpirun to start (it sets
+    # ACCELERATE_USE_CPU "False" in the last two). The run is right, but not the one asked for. (The launcher
+    # always sets ACCELERATE_MIXED_PRECISION: a MASTER_ADDR of the user's own in a plain run is not taken for it.)
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if launched and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
+        logger.warning("one process: `accelerate launch` was asked for several but its simple launcher starts a "
+                       "single process here (with --cpu, with a MULTI_CPU config, or without --multi_gpu; it sets "
+                       "MASTER_ADDR for processes it leaves to mpirun: a MULTI_CPU config's mpirun_config / "
+                       "--mpirun_hostfile). For N processes on the CPU: ACCELERATE_USE_CPU=true accelerate launch "
+                       "--multi_gpu --num_processes N (docs/multi_gpu.md)")
 
 
 def make_accelerator(args, project_name: str):
@@ -2214,12 +2218,14 @@ def earlier_sessions(record_path: Path, now: dict) -> list[dict]:
 
 
 def save_run_info(output_dir, args, data, data_source: str, extra: dict | None = None, model=None,
-                  accelerator=None, start_step: int = 0) -> None:
+                  accelerator=None, start_step: int = 0, default_batch: int | None = None) -> None:
     """`training_data.json` (what the model saw; read by the Hub push and the model card) and
     `training_args.json` (the flags, and with `model` whether it really trains compiled: `--compile` falls
     back to eager when the compiled step fails; with `accelerator` the precision it trains in, which a missing
-    --mixed_precision leaves to `accelerate config`, and the number of processes). A session resumed at
-    `start_step` keeps the earlier sessions' differing settings (`earlier_sessions`)."""
+    --mixed_precision leaves to `accelerate config`, the number of processes and the global batch, and with the
+    stage's `default_batch` too the learning rate --scale_lr made of --learning_rate: a methods section copied
+    from the flags alone gave the wrong rate). A session resumed at `start_step` keeps the earlier sessions'
+    differing settings (`earlier_sessions`)."""
     output_dir = Path(output_dir)
     info = {"source": data_source, **data.summary(), **(extra or {})}
     if data.split == "patient":  # what drew the held-out patients: evaluate redraws them from this file alone too
@@ -2236,6 +2242,10 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
 
         safe_args["mixed_precision_used"] = precision_in_effect(accelerator)
         safe_args["num_processes"] = accelerator.num_processes
+        safe_args["global_batch_size"] = (args.train_batch_size * args.gradient_accumulation_steps
+                                          * accelerator.num_processes)
+        if default_batch is not None:  # the peak rate, after the warm-up (make_optimizer's)
+            safe_args["learning_rate_used"] = scaled_learning_rate(args, accelerator.num_processes, default_batch)
         safe_args["environment"] = environment(accelerator.device)
     safe_args["started_at_step"] = start_step
     record = output_dir / "training_args.json"

@@ -116,12 +116,29 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     assert iv["groups_of_one_patient"] == [0, 1]
     assert ("The held-out images measured of AD and NC are of one patient each: the ranges hold no "
             "patient-to-patient chance") in report
+    # so does the memorisation share's, whose threshold that one patient sets alone (its range had read as over
+    # resampled held-out patients, without a word)
+    assert mem["intervals"]["groups_of_one_patient"] == [0, 1]
+    assert (f"**{E.one_patient_text(mem['intervals'], ['AD', 'NC'], E.MEMORISATION_VARIES)}**" in report
+            and "its slices set the threshold alone, and only the generated images vary" in report)
+    # the per-class precision/recall radii stay within that patient, unlike the pooled ones: said
+    assert metrics["realism"]["generated"]["reference_patients"] == 2
+    assert all(v[kind]["reference_patients"] == 1 for v in metrics["realism"]["per_class"].values()
+               for kind in ("generated", "floor", "vq_ceiling"))
+    assert ("The held-out images of AD and NC are of one patient: there, a real slice's precision/recall radius is "
+            "to the k-th nearest slice of that same patient") in report
+    # no class has real diversity pairs: the generated mean is not said to leave any class out
+    assert "No real pairs for AD, NC" in report and "out on both sides" not in report
+    assert "The generated mean in the summary has no real mean to compare with." in report
     assert metrics["environment"]["torch"] == torch.__version__ and metrics["environment"]["device"].startswith("cpu")
     digest = metrics["feature_net"]["weights_sha256"]
     assert digest == Fe.weights_digest(Fe.load_feature_net(metrics["feature_net"]["path"]))
     assert f"sha256 `{digest[:16]}` of its weights, trained with seed 0" in report
     card = (model_copy / "README.md").read_text()
     assert f"| `{FD_NAME}, {label}` | {low:.4g} to {high:.4g} |" in card
+    # the card's readers get the one-patient caveat too (the report's alone said it)
+    assert ("The held-out images of AD and NC are of one patient each: the interval rows hold no patient-to-patient "
+            "chance there, so they are narrower than the truth") in card
     # the ablations' refinement advice: its gain's paired interval, in the record and the report
     gain_low, gain_high = metrics["ablations"]["recommendation"]["refinement"]["gain_interval"]
     assert gain_low <= gain_high and f"{E._signed_pct(gain_low)} to {E._signed_pct(gain_high)}" in report
@@ -983,9 +1000,12 @@ def test_refinement_needs_a_gain_beyond_what_resampled_patients_and_seeds_explai
 
 
 def test_a_gain_that_rounds_to_zero_prints_without_a_sign():
-    """A small negative gain printed "-0%" in the ablation table (UniPC-10's interval on the demo)."""
-    assert [E._signed_pct(x) for x in (-0.004, 0.0, 0.004, 0.006, -0.45, 0.11)] == ["0%", "0%", "0%", "+1%", "-45%",
-                                                                                  "+11%"]
+    """A small negative gain printed "-0%" in the ablation table (UniPC-10's interval on the demo). Below 1% the
+    sign shows to a tenth: intervals of [+0.001, +0.047] and [-0.0011, +0.071] had both read "0% to ...", although
+    only the second spans 0 (a helper's demo evaluation, 2026-12-06)."""
+    assert [E._signed_pct(x) for x in (-0.0004, 0.0, 0.0004, 0.006, -0.45, 0.11)] == ["0%", "0%", "0%", "+1%",
+                                                                                    "-45%", "+11%"]
+    assert [E._signed_pct(x) for x in (0.001, -0.0011, -0.004, 0.0049)] == ["+0.1%", "-0.1%", "-0.4%", "+0.5%"]
     assert E._signed_pct(float("nan")) == "nan%"  # an FD that came out NaN: no crash of the whole report
 
 
@@ -1907,6 +1927,20 @@ def test_the_cli_prints_fd_with_its_interval(monkeypatch, capsys, tmp_path):
     said = capsys.readouterr().out
     assert f"{FD_NAME}: 1 (18.68 to 37.99) (floor, real train vs held-out: 1 (0.2278 to 7.174); VQ ceiling" in said
     assert "FD's ranges: 95% intervals over the 10 held-out patients" in said
+
+
+def test_the_cli_prints_a_floor_fd_without_a_range(monkeypatch, capsys, tmp_path):
+    """One held-out patient per class (the quick demo): the floor FD's range is None. The summary had crashed
+    with "'NoneType' object is not subscriptable" after every file was written, and the command exited 1."""
+    result = _fake_result()
+    result["realism"]["fd_intervals"] = {"level": 0.95, "held_out_patients": 2, "fd": [18.68, 37.99],
+                                         "floor_fd": None, "floor_fd_unvaried": True, "groups_of_one_patient": [0, 1]}
+    result["realism"]["images_per_class"] = {"AD": 4, "NC": 4}
+    monkeypatch.setattr(E, "evaluate_model", lambda *a, **k: result)
+    assert cli.main(["evaluate", "--model", str(tmp_path / "ldm")]) == 0
+    said = capsys.readouterr().out
+    assert f"{FD_NAME}: 1 (18.68 to 37.99) (floor, real train vs held-out: 1; VQ ceiling" in said
+    assert "of AD and NC are of one patient each" in said
 
 
 def test_the_cli_hands_every_flag_and_its_documented_default_to_evaluate_model(tmp_path, monkeypatch, capsys):

@@ -636,6 +636,24 @@ def test_the_training_section_counts_steps_processes_and_throughput(ldm):
         assert "trained for 40 optimizer steps on 1 process on the" in render_model_card(ldm)
 
 
+def test_the_arguments_table_gives_the_learning_rate_and_global_batch_a_run_used(ldm, tiny_vq, tmp_path):
+    """`--scale_lr` on 2 processes trained at 1.25e-05 with 8 images a step, but both cards showed
+    `--learning_rate 0.0001` and a batch of 4 alone (a helper's runs, 2026-12-06): a methods section copied from
+    them gave the wrong rate."""
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq", ignore=shutil.ignore_patterns("latent_cache")))
+    for folder in (ldm, vq):
+        _edit_json(folder / "training_args.json", learning_rate=1e-4, scale_lr="linear", train_batch_size=4,
+                   gradient_accumulation_steps=1, num_processes=2, global_batch_size=8, learning_rate_used=1.25e-05)
+        text = render_model_card(folder)
+        assert "| `--learning_rate` | 0.0001 (1.25e-05 used: --scale_lr for the global batch) |" in text
+        assert "| `--train_batch_size` | 4 (global batch 8) |" in text
+        # one process, no scaling: the flags alone, as before
+        _edit_json(folder / "training_args.json", scale_lr=False, num_processes=1, global_batch_size=4,
+                   learning_rate_used=1e-4)
+        text = render_model_card(folder)
+        assert "| `--learning_rate` | 0.0001 |" in text and "| `--train_batch_size` | 4 |" in text
+
+
 def test_a_vq_folder_without_training_data_takes_its_source_from_metrics(vq):
     """An older VQ folder has no training_data.json, but its metrics.json records `data_source`: a demo model
     still gets the demo card (MNI notice, synthetic-data tag), not 'data that was not recorded'."""
@@ -915,6 +933,14 @@ def test_the_card_says_where_earlier_sessions_of_a_resumed_run_differed(ldm, tin
         _check_rendered(text)
         first = ("Steps 0 to 300 ran in an earlier session (resumed from its checkpoint) with `--mixed_precision` bf16, "
                  "trained in bf16, 4 processes, 2 other settings (`training_args.json`).")
+        if folder == ldm:  # what the process count changed with it (recorded since 2026-12-06) is worded too
+            _edit_json(folder / "training_args.json", earlier_sessions=[
+                {"started_at_step": 0, "changed": {"num_processes": 4, "global_batch_size": 64,
+                                                   "learning_rate_used": 4e-4}}, sessions[1]])
+            assert ("Steps 0 to 300 ran in an earlier session (resumed from its checkpoint) with 4 processes, global "
+                    "batch 64, learning rate 0.0004 used.") in render_model_card(folder)
+            _edit_json(folder / "training_args.json", earlier_sessions=sessions)
+            text = render_model_card(folder)
         assert f"\n\n{first}\n\n" in text  # a paragraph of its own, not a row of the table
         assert "alice" not in text  # a folder that moved is counted, not named
         assert "\n\nSteps 300 to 450 ran in an earlier session (resumed from its checkpoint) with the same settings." in text
@@ -990,7 +1016,8 @@ def test_the_card_names_the_software_and_device_that_trained_the_model(ldm):
     (ldm / "training_args.json").write_text(json.dumps(args))
     text = render_model_card(ldm)
     assert f", torch {env['torch']} (CUDA 13.0), diffusers {env['diffusers']}" in text
-    assert "on NVIDIA H100 80GB HBM3 x 2." in text and "(git " not in text
+    # "2 processes", not "x 2": a CPU's "Intel Xeon, 2 cores x 2" read as a core count
+    assert "on NVIDIA H100 80GB HBM3, 2 processes." in text and "(git " not in text
     # a session resumed after an upgrade: the earlier one's software, not "1 other setting"
     args["earlier_sessions"] = [{"started_at_step": 0, "changed": {"environment": {**env, "torch": "2.13.0"}}}]
     args["started_at_step"] = 3

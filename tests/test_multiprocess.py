@@ -74,6 +74,10 @@ def test_two_processes_are_data_parallel(script, tmp_path, demo_root, tiny_vq):
     history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == steps and history[-1]["lr"] == 0.0, history
     assert history[0]["lr"] > 0
+    # the record names the global batch and the rate it trained at, which the flags alone do not
+    record = json.loads((out / "training_args.json").read_text())
+    assert record["num_processes"] == 2 and record["global_batch_size"] == 4
+    assert record["learning_rate_used"] == record["learning_rate"]  # no --scale_lr
     # the logged loss is the mean over both processes' shards (it was rank 0's alone), here over 2 logged steps
     for row in history:
         own = [r["loss"] for trace in (rank0, rank1) for r in trace if row["step"] - 2 < r["step"] <= row["step"]]
@@ -92,7 +96,7 @@ def test_two_processes_are_data_parallel(script, tmp_path, demo_root, tiny_vq):
         assert [row["lr"] for row in again if row["step"] > 2] == [lrs[s] for s in sorted(lrs) if s > 2]
         # the record says the first 2 steps ran on 2 processes (it said 1 for all of them)
         record = json.loads((resumed / "training_args.json").read_text())
-        assert record["num_processes"] == 1 and record["started_at_step"] == 2
+        assert record["num_processes"] == 1 and record["started_at_step"] == 2 and record["global_batch_size"] == 2
         assert [(s["started_at_step"], s["changed"].get("num_processes")) for s in record["earlier_sessions"]] == [
             (0, 2)]
 

@@ -299,17 +299,20 @@ def test_a_resumed_run_records_where_its_earlier_sessions_differed(tmp_path):
 
     def session(start, precision, processes, max_steps, resume=None):
         args = SimpleNamespace(learning_rate=1e-4, mixed_precision=precision, max_train_steps=max_steps,
-                               resume_from_checkpoint=resume)
+                               resume_from_checkpoint=resume, train_batch_size=2, gradient_accumulation_steps=1)
         accelerator = SimpleNamespace(mixed_precision=precision, device=torch.device("cpu"), num_processes=processes)
         training.save_run_info(tmp_path, args, data, "user", accelerator=accelerator, start_step=start)
         return json.loads((tmp_path / "training_args.json").read_text())
 
-    first = {"mixed_precision": "bf16", "mixed_precision_used": "bf16", "num_processes": 4, "max_train_steps": 100}
+    # the global batch moves with the process count (2 a process)
+    first = {"mixed_precision": "bf16", "mixed_precision_used": "bf16", "num_processes": 4, "global_batch_size": 8,
+             "max_train_steps": 100}
     assert "earlier_sessions" not in session(0, "bf16", 4, 100)
     assert session(50, "no", 1, 200, "latest")["earlier_sessions"] == [{"started_at_step": 0, "changed": first}]
     record = session(120, "no", 2, 200, "latest")
     assert record["started_at_step"] == 120 and record["earlier_sessions"] == [
-        {"started_at_step": 0, "changed": first}, {"started_at_step": 50, "changed": {"num_processes": 1}}]
+        {"started_at_step": 0, "changed": first},
+        {"started_at_step": 50, "changed": {"num_processes": 1, "global_batch_size": 2}}]
     # back to the checkpoint of step 50: the sessions from 50 on are replaced, the first one stays
     assert session(50, "no", 2, 200, "checkpoint-50")["earlier_sessions"] == [
         {"started_at_step": 0, "changed": first}]
@@ -680,20 +683,31 @@ def test_the_warm_up_warning_names_the_rate_scale_lr_made(tmp_path, caplog):
         in caplog.text
 
 
-def test_a_cpu_launch_that_started_one_of_several_processes_says_so(monkeypatch, caplog):
+@pytest.mark.parametrize("use_cpu", ["True", "False"])
+def test_a_cpu_launch_that_started_one_of_several_processes_says_so(monkeypatch, caplog, use_cpu):
     """`accelerate launch --cpu --num_processes 2` (no --multi_gpu) starts ONE process: Accelerate's simple launcher
     sets ACCELERATE_USE_CPU=True and MASTER_ADDR, no WORLD_SIZE (read from accelerate 1.16.0 and run, 2026-12-05). The run
-    trained on one process without a word; the log now says so, and how to get the processes asked for."""
+    trained on one process without a word; the log now says so, and how to get the processes asked for. A MULTI_CPU
+    config without use_cpu, or --num_processes 2 without --multi_gpu where CUDA sees no GPU, start one process too
+    with ACCELERATE_USE_CPU=False: they had trained on one without a word (a helper's runs, 2026-12-06)."""
     one = SimpleNamespace(num_processes=1, is_main_process=True)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # every `accelerate launch` sets it
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         training.check_world_size(one)
-    assert "one process: `accelerate launch --cpu --num_processes N` starts a single process here" in caplog.text
+    assert "one process: `accelerate launch` was asked for several but its simple launcher starts a single process " \
+           "here (with --cpu, with a MULTI_CPU config, or without --multi_gpu" in caplog.text
     assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N" in caplog.text
     caplog.clear()
     monkeypatch.delenv("MASTER_ADDR")  # `--cpu` alone, or --num_processes 1: one process was asked for
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        training.check_world_size(one)
+    assert caplog.text == ""
+    # a plain `python train_unet.py` in a shell that exports a MASTER_ADDR of its own: no launcher, nothing said
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         training.check_world_size(one)
     assert caplog.text == ""
