@@ -258,17 +258,21 @@ def _environment_text(args: dict) -> str | None:
             + (f", {processes} processes" if processes > 1 else ""))  # not "2 cores x 2": a core count
 
 
-def _ema_text(args: dict) -> str | None:
+def _ema_text(args: dict, reached=None) -> str | None:
     """Which weights the card's numbers are of: a reader of the Methods section asks whether the saved UNet is the
     EMA (train_unet copies the EMA into it before the validation loss, the samples and the save); None where the
-    record does not say."""
+    record does not say. `reached`: the decay at the last step (train_metrics.json since 2026-12-06): a short run's
+    warm-up ends far below --ema_max_decay (0.79 after 8 steps, about 0.992 after the CPU demo's 650)."""
     if not isinstance(args.get("use_ema"), bool):
         return None
     if not args["use_ema"]:
         return "The saved UNet weights are those of the last training step (no EMA)."
     decay = args.get("ema_max_decay")
+    warm_up = (f"decay warming up to {_fmt(decay)}" + (f", {_fmt(reached)} at the last step"
+                                                        if _is_number(reached) and reached != decay else "")
+               if isinstance(decay, float) else None)
     return ("The saved UNet weights are the exponential moving average (EMA) of the training weights"
-            + (f" (diffusers' `EMAModel`, decay warming up to {_fmt(decay)})" if isinstance(decay, float) else "")
+            + (f" (diffusers' `EMAModel`, {warm_up})" if warm_up else "")
             + ": the validation loss, the samples and any evaluation are of these weights.")
 
 
@@ -662,7 +666,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "steady_images_per_second": _fmt(steady) if (steady := _field(train, "train_images_per_second_steady",
                                                                       (int, float))) else None,
         "val_loss": _fmt(train.get("val_loss")) if train.get("val_loss") is not None else None,
-        "ema_text": _ema_text(args),
+        "ema_text": _ema_text(args, train.get("ema_decay_reached")),
         "eval_rows": eval_rows,
         "eval_source": eval_source,
         "eval_settings": eval_settings,

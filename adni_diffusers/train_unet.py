@@ -571,6 +571,9 @@ def main(args: argparse.Namespace) -> dict:
                 "train_images_per_second_this_run": run.images_per_second(train_seconds),
                 "train_images_per_second_steady": run.steady_images_per_second(),
                 "num_processes": accelerator.num_processes,
+                # where the EMA's warm-up got to (--ema_max_decay 0.9999 takes about 10**5 steps): the card says it
+                **({"ema_decay_reached": float(ema.ema.get_decay(ema.ema.optimization_step))} if ema is not None
+                   else {}),
                 **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
                 "val_loss": _validation_loss(final_unet, noise_scheduler, val_latents, data.val.labels, class_names,
                                              args, device) if val_latents is not None else None,

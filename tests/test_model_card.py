@@ -485,6 +485,14 @@ def test_the_card_says_which_weights_were_saved_and_measured(ldm):
           "`EMAModel`, decay warming up to 0.999): the validation loss, the samples and any evaluation are of these " \
           "weights."
     _edit_json(ldm / "training_args.json", ema_max_decay=0.999)
+    # the decay its warm-up reached: the tiny model's 4 steps got to 0.6464, not 0.999 (a helper's 8-step run read
+    # "warming up to 0.999" at 0.79)
+    reached = json.loads((ldm / "train_metrics.json").read_text())["ema_decay_reached"]
+    assert ema.replace("to 0.999)", f"to 0.999, {reached:.4g} at the last step)") in " ".join(
+        render_model_card(ldm).split())
+    record = json.loads((ldm / "train_metrics.json").read_text())
+    del record["ema_decay_reached"]  # a record from before it was kept: the maximum alone
+    (ldm / "train_metrics.json").write_text(json.dumps(record))
     assert ema in " ".join(render_model_card(ldm).split())  # the tiny model: --use_ema
     _edit_json(ldm / "training_args.json", use_ema=False)
     assert "The saved UNet weights are those of the last training step (no EMA)." in render_model_card(ldm)

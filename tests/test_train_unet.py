@@ -33,6 +33,8 @@ def test_saved_pipeline_has_everything(tiny_ldm):
     # the held-out loss at the last step (--validation_steps) is the saved model's
     assert history[-1]["step"] == 4 and history[-1]["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
     assert metrics["train_images_per_second_steady"] > 0  # between the logs at steps 2 and 4
+    # where the EMA's warm-up got to: the decay of its 4th step, as logged (diffusers' 1 - (1 + 3)^-0.75)
+    assert metrics["ema_decay_reached"] == pytest.approx(history[-1]["ema_decay"]) == pytest.approx(1 - 4 ** -0.75)
     card = (tiny_ldm / "README.md").read_text()
     assert "library_name: diffusers" in card and "trust_remote_code=True" in card
 
