@@ -1281,7 +1281,8 @@ def test_the_discriminator_learns_at_every_gan_step(tmp_path, demo_root, monkeyp
 def test_dead_codes_restart_every_codebook_restart_steps(tmp_path, demo_root, monkeypatch):
     """--codebook_restart_steps 2 restarts dead codes at the end of steps 2 and 4 (after 2 steps of usage counts),
     not at the first step, before any usage has been counted. The codes that the first two steps left unused are
-    moved at step 2 (until 2026-12-06 none was before step ~350)."""
+    moved at step 2 (until 2026-12-06 none was before step ~350). Not at the run's last step (6): codes moved there
+    were saved and counted as used by the final evaluation without a step of training (a helper's audit)."""
     from adni_diffusers import training
 
     restarts, moved = [], []
@@ -1292,7 +1293,7 @@ def test_dead_codes_restart_every_codebook_restart_steps(tmp_path, demo_root, mo
             restarts.append(run.global_step + 1)
             moved.append(int(logs["restarted_codes"]))
         real_end(run, logs)
-        if run.global_step == 4:
+        if run.global_step == 6:  # the last step, before the final evaluation
             raise StopRun
 
     monkeypatch.setattr(training.TrainingRun, "end_step", end_step)
