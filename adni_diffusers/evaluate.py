@@ -492,10 +492,10 @@ def one_patient_text(intervals: dict, group_names: list[str],
                      varies: str = "only the generated images and the floor's draw vary") -> str:
     """What the ranges leave out where a class holds one held-out patient (`group_names`: the classes, or
     ["all"] for an unconditional model): the patient part of the chance. `varies`: what the resamples do vary."""
-    names = [group_names[g] if g < len(group_names) else str(g) for g in intervals["groups_of_one_patient"]]
-    which = "the held-out images measured are of one patient" if names == ["all"] else (
-        f"the held-out images measured of {' and '.join(names)} are of one patient{' each' * (len(names) > 1)}")
-    return (f"{which[0].upper()}{which[1:]}: the ranges hold no patient-to-patient chance there (that patient's "
+    from .model_card import one_patient_classes
+
+    return (f"{one_patient_classes(intervals['groups_of_one_patient'], group_names)}: the ranges hold no "
+            "patient-to-patient chance there (that patient's "
             f"slices are drawn whole each time; {varies}), so they are narrower than the truth; a larger "
             "--num-samples (where more patients are held out) or more held-out patients gives ranges that reach "
             "other patients")

@@ -192,22 +192,28 @@ def _evaluation(model_dir: Path, names=EVALUATION_FILES) -> tuple[list[tuple[str
     return [], None, None
 
 
+def one_patient_classes(groups, group_names: list[str]) -> str:
+    """"The held-out images of AD and NC are of one patient each": the classes (`groups`: indices into
+    `group_names`, the classes or ["all"]) whose evaluation ranges hold no patient-to-patient chance (evaluate's
+    report and summary, and the card)."""
+    names = [group_names[g] if isinstance(g, int) and 0 <= g < len(group_names) else str(g) for g in sorted(groups)]
+    if names == ["all"]:
+        return "The held-out images are of one patient"
+    return f"The held-out images of {' and '.join(names)} are of one patient{' each' * (len(names) > 1)}"
+
+
 def _one_patient_note(metrics: dict) -> str | None:
     """Where a class's held-out images are of one patient, the interval rows hold no patient-to-patient chance
     (evaluate's report says so in bold; the card's readers on the Hub had the ranges alone)."""
     realism = _field(metrics, "realism") or {}
-    names = list(_field(realism, "images_per_class") or {})
     groups = set()
     for intervals in (_field(realism, "fd_intervals"), _field(_field(metrics, "memorisation") or {}, "intervals")):
         groups.update((intervals or {}).get("groups_of_one_patient") or [])
-    alone = [names[g] if isinstance(g, int) and 0 <= g < len(names) else str(g) for g in sorted(groups)]
-    if not alone:
+    if not groups:
         return None
-    which = "The held-out images are of one patient" if alone == ["all"] else (
-        f"The held-out images of {' and '.join(alone)} are of one patient{' each' * (len(alone) > 1)}")
-    return (f"{which}: the interval rows hold no patient-to-patient chance there, so they are narrower than the "
-            "truth (a larger `--num-samples`, where more patients are held out, gives ranges that reach other "
-            "patients).")
+    return (f"{one_patient_classes(groups, list(_field(realism, 'images_per_class') or {}))}: the interval rows hold "
+            "no patient-to-patient chance there, so they are narrower than the truth (a larger `--num-samples`, "
+            "where more patients are held out, gives ranges that reach other patients).")
 
 
 def _evaluation_settings(metrics: dict) -> str | None:

@@ -114,7 +114,7 @@ def test_fd_has_a_patient_bootstrap_interval_in_metrics_report_and_card(evaluate
     assert f"bootstrap intervals over {FEW_RESAMPLES} resamples of the {patients} held-out patients" in report
     # the tiny set holds one patient of each class out: the ranges say what they lack
     assert iv["groups_of_one_patient"] == [0, 1]
-    assert ("The held-out images measured of AD and NC are of one patient each: the ranges hold no "
+    assert ("The held-out images of AD and NC are of one patient each: the ranges hold no "
             "patient-to-patient chance") in report
     # so does the memorisation share's, whose threshold that one patient sets alone (its range had read as over
     # resampled held-out patients, without a word)
@@ -1505,12 +1505,12 @@ def test_ranges_of_a_class_with_one_held_out_patient_say_what_they_leave_out():
                         seed=0, measured=(1.0, 1.0), resamples=5)
     assert iv["groups_of_one_patient"] == [0]
     text = E.one_patient_text(iv, ["AD", "NC"])
-    assert text.startswith("The held-out images measured of AD are of one patient: the ranges hold no "
+    assert text.startswith("The held-out images of AD are of one patient: the ranges hold no "
                            "patient-to-patient chance there")
     # the patients counted are those of the images measured (--num-samples of them): the advice names both ways
     assert "a larger --num-samples (where more patients are held out) or more held-out patients" in text
     assert E.one_patient_text({"groups_of_one_patient": [0]}, ["all"]).startswith(
-        "The held-out images measured are of one patient")
+        "The held-out images are of one patient")
 
 
 def test_the_floor_is_real_training_slices_against_the_same_held_out_set(stub_evaluated):
