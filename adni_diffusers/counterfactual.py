@@ -736,6 +736,8 @@ def _fmt(v, digits=3) -> str:
 
 def tradeoff_markdown(result: dict) -> str:
     """The trade-off table (Markdown) with a header saying what was measured on what."""
+    from .model_card import FIRST_STAGE_UNCONFIRMED
+
     t, s = result["target"], result["source"]
     st = result["settings"]
     control = st.get("control")
@@ -762,6 +764,7 @@ def tradeoff_markdown(result: dict) -> str:
         + (" **Caveat: the VQModel (first stage) held out other patients than the UNet, so it may have trained on "
            "these slices: their round trips look better than an unseen patient's.**"
            if result.get("first_stage_held_out") is False else "")
+        + (f" **Caveat: {FIRST_STAGE_UNCONFIRMED}.**" if result.get("first_stage_unconfirmed") else "")
     )
     lines.append("")
     head = ["strength", f"called {t} (95% CI)", f"mean P({t})"]
@@ -1300,6 +1303,7 @@ def main(args: argparse.Namespace) -> int:
                 "split_matches_training": split_record.get("matches_training", True),
                 "max_images": args.max_images, **provenance,
                 "first_stage_held_out": split_record.get("first_stage_held_out"),
+                **({"first_stage_unconfirmed": True} if split_record.get("first_stage_unconfirmed") else {}),
                 # `push` uploads this run's strip and mean map (held-out slices) only where this says demo data
                 "data_source_is_demo": is_demo_dataset(data.root),
                 "slices": [str(Path(p).relative_to(data.root)) if Path(p).is_relative_to(data.root) else p

@@ -211,6 +211,11 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
         logger.warning("the VQModel (first stage) held out other patients than these (it was trained on another "
                        "folder or split): it may have trained on slices held out here, and its round trips of those "
                        "are sharper than an unseen patient's")
+    elif record["first_stage_held_out"] is None and first_stage_unrecorded(model_dir):
+        record["first_stage_unconfirmed"] = True
+        logger.warning("%s: the UNet's records hold no record of its VQModel's held-out patients (a VQModel folder "
+                       "without train_vqmodel.py's records): that the VQModel never trained on these held-out slices "
+                       "cannot be confirmed", model_dir)
     return data, record
 
 
@@ -230,6 +235,15 @@ def first_stage_held_out(model_dir, data: SliceData) -> bool | None:
     vq = read_json_object(Path(model_dir) / "training_data.json").get("vqmodel_data")
     then = vq.get("validation_patients_sha256") if isinstance(vq, dict) else None
     return None if not then else then == data.val.summary()["patients_sha256"]
+
+
+def first_stage_unrecorded(model_dir) -> bool:
+    """Whether `model_dir` is a UNet run whose training_data.json holds no record of its VQModel's held-out
+    patients (train_unet.py on a bare `vqvae/` folder only warned in its log, and evaluate, held-out and the
+    card then said nothing: a helper's audit, 2026-12-06)."""
+    record = read_json_object(Path(model_dir) / "training_data.json")
+    vq = record.get("vqmodel_data")
+    return record.get("stage") == "unet" and not (isinstance(vq, dict) and vq.get("validation_patients_sha256"))
 
 
 def _median(values: torch.Tensor) -> float:
@@ -1201,6 +1215,10 @@ def write_report(res: dict, out: Path) -> Path:
         lines += ["**Warning: the VQModel (first stage) held out other patients than the UNet (it was trained on "
                   "another folder or split), so it may have trained on held-out slices: the VQ ceiling and the "
                   "samples' decoding may look better on them than on unseen patients.**", ""]
+    elif res["data"].get("first_stage_unconfirmed"):
+        from .model_card import FIRST_STAGE_UNCONFIRMED
+
+        lines += [f"**Warning: {FIRST_STAGE_UNCONFIRMED}.**", ""]
     if res["data"]["data_source_is_demo"]:
         lines += ["_The data is the synthetic MNI152-based demo set, not ADNI._", ""]
     lines += [

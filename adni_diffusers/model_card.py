@@ -192,6 +192,31 @@ def _evaluation(model_dir: Path, names=EVALUATION_FILES) -> tuple[list[tuple[str
     return [], None, None
 
 
+FIRST_STAGE_UNCONFIRMED = ("the UNet's records hold no record of the patients its VQModel (first stage) held out, so "
+                           "that the VQModel never trained on the held-out slices cannot be confirmed: the VQ ceiling "
+                           "and the samples' decoding may look better on them than on unseen patients")
+
+
+def _evaluation_data_caveats(metrics: dict) -> list[str]:
+    """What evaluate's report warns of in bold about its held-out slices, for the card's readers (the card had
+    shown the numbers without it: a helper's audit, 2026-12-06)."""
+    data = _field(metrics, "data") or {}
+    caveats = []
+    if data.get("matches_training") is False:
+        caveats.append("The data's split differs from the one recorded at training time (the data changed since), "
+                       "so the held-out images may include images the model saw.")
+    elif "matches_training" in data and data["matches_training"] is None:
+        caveats.append("The model's records hold no summary of its training split, so that the held-out images are "
+                       "ones the model never saw cannot be confirmed.")
+    if data.get("first_stage_held_out") is False:
+        caveats.append("The VQModel (first stage) held out other patients than the UNet, so it may have trained on "
+                       "held-out slices: the VQ ceiling and the samples' decoding may look better on them than on "
+                       "unseen patients.")
+    elif data.get("first_stage_unconfirmed"):
+        caveats.append(f"{FIRST_STAGE_UNCONFIRMED[0].upper()}{FIRST_STAGE_UNCONFIRMED[1:]}.")
+    return caveats
+
+
 def one_patient_classes(groups, group_names: list[str]) -> str:
     """"The held-out images of AD and NC are of one patient each": the classes (`groups`: indices into
     `group_names`, the classes or ["all"]) whose evaluation ranges hold no patient-to-patient chance (evaluate's
@@ -680,6 +705,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "eval_report_contents": _report_contents(d),
         "eval_has_floors": any(", floor:" in name for name, _ in eval_rows),
         "eval_one_patient_note": _one_patient_note(read_json_object(d / eval_source)) if eval_source else None,
+        "eval_data_caveats": _evaluation_data_caveats(read_json_object(d / eval_source)) if eval_source else [],
         "val_set_text": _val_set_text(data, args),
         "vq_rows": _vq_rows(vq_metrics),
         "vq_eval_set": vq_metrics.get("eval_set"),

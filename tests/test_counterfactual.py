@@ -403,6 +403,8 @@ def test_measure_tradeoff_rows_and_files(pipe, demo_root, tmp_path):
         {**result, "split_matches_training": False})
     assert "the VQModel (first stage) held out other patients than the UNet" in C.tradeoff_markdown(
         {**result, "first_stage_held_out": False})
+    assert "**Caveat: the UNet's records hold no record of the patients its VQModel (first stage) held out" in \
+        C.tradeoff_markdown({**result, "first_stage_held_out": None, "first_stage_unconfirmed": True})
 
 
 def test_cli_measure_uses_held_out_slices_of_the_source_class(tiny_ldm, tmp_path, capsys):

@@ -790,6 +790,15 @@ def test_a_first_stage_that_held_out_other_patients_is_flagged(model_copy, caplo
     del saved["vqmodel_data"]  # a record that does not say
     path.write_text(json.dumps(saved))
     assert E.load_evaluation_data(model_copy)[1]["first_stage_held_out"] is None
+    # a UNet trained on a bare vqvae/ folder (no train_vqmodel.py records): only train_unet's log had said so, and
+    # evaluate, held-out and the card then called the slices held out without a word (a helper's audit, 2026-12-06)
+    saved["vqmodel_data"] = None
+    path.write_text(json.dumps(saved))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
+        _, record = E.load_evaluation_data(model_copy)
+    assert record["first_stage_held_out"] is None and record["first_stage_unconfirmed"] is True
+    assert "that the VQModel never trained on these held-out slices cannot be confirmed" in caplog.text
 
 
 def test_a_model_trained_without_a_hold_out_is_refused_before_any_work(model_copy, tmp_path, monkeypatch):
@@ -2202,6 +2211,9 @@ def test_the_reports_opening_follows_the_model_and_the_data(stub_seeded, tmp_pat
     assert "first stage" not in report
     res["data"] = {**res["data"], "first_stage_held_out": False}
     assert "**Warning: the VQModel (first stage) held out other patients than the UNet" in \
+        E.write_report(res, tmp_path).read_text()
+    res["data"] = {**res["data"], "first_stage_held_out": None, "first_stage_unconfirmed": True}
+    assert "**Warning: the UNet's records hold no record of the patients its VQModel (first stage) held out" in \
         E.write_report(res, tmp_path).read_text()
     res["model"] = {**res["model"], "conditional": False}
     report = E.write_report(res, tmp_path).read_text()

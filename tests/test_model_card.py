@@ -671,6 +671,27 @@ def test_a_vq_folder_without_training_data_takes_its_source_from_metrics(vq):
     assert "Demo model" in card.text
 
 
+def test_the_card_carries_the_reports_warnings_about_its_held_out_slices(ldm):
+    """evaluate's report warns in bold where the held-out slices may not be new to the model (data changed since
+    training, a first stage that held out other patients or whose records are gone); the card showed the same
+    numbers without a word (a helper's audit, 2026-12-06)."""
+    (ldm / "evaluation").mkdir()
+    metrics = ldm / "evaluation" / "metrics.json"
+    for data, says in [({"matches_training": True, "first_stage_held_out": True}, None),
+                       ({"matches_training": False}, "The data's split differs from the one recorded at training"),
+                       ({"matches_training": None}, "The model's records hold no summary of its training split"),
+                       ({"matches_training": True, "first_stage_held_out": False},
+                        "The VQModel (first stage) held out other patients than the UNet"),
+                       ({"matches_training": True, "first_stage_held_out": None, "first_stage_unconfirmed": True},
+                        "The UNet's records hold no record of the patients its VQModel (first stage) held out")]:
+        metrics.write_text(json.dumps({"fd": 1.5, "data": data}))
+        text = render_model_card(ldm)
+        _check_rendered(text)
+        assert ("**Caveat:**" in text) == (says is not None), data
+        if says:
+            assert f"**Caveat:** {says}" in text
+
+
 def test_the_report_of_an_unconditional_model_has_no_per_class_tables(ldm):
     """evaluation/report.md has per-class tables only for class-conditional models: the card must not promise them."""
     (ldm / "evaluation").mkdir()
