@@ -123,6 +123,21 @@ def _recipe_state(folder: Path, product: str, recipe: dict) -> str | None:
     return "finished" if record.get("finished") is True and (folder / product).is_file() else "started"
 
 
+# the recipe's parts, as the line that says why a stage trains again names them
+RECIPE_PARTS = {"argv": "flags", "data": "demo data", "preset": "model preset", "version": "package version",
+                "vqmodel": "VQModel recipe", "vqmodel_files": "VQModel weights"}
+
+
+def _recipe_changes(folder: Path, recipe: dict) -> list[str]:
+    """What of an earlier demo run's recipe in `folder` differs from `recipe` (its parts' names), or [] where no
+    demo made the folder: a rerun trained over the models it had made without a word (a helper's rerun after an
+    upgrade, 2026-12-06)."""
+    before = read_json_object(folder / RECIPE_FILE).get("recipe")
+    if not isinstance(before, dict):
+        return []
+    return [RECIPE_PARTS.get(k, k) for k in sorted({*before, *recipe}) if before.get(k) != recipe.get(k)]
+
+
 def _write_recipe(folder: Path, recipe: dict, finished: bool, model: str | None = None) -> None:
     """`model`: the finished model's folder in `folder` (vqvae, unet), whose digest the record keeps."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,6 +187,9 @@ def _run_stage(name: str, module: str, folder: Path, product: str, model: str, a
         print(f"resuming the {name} training in {folder} from its last checkpoint (--retrain starts afresh)")
         argv = [*argv, "--resume_from_checkpoint", "latest"]
     else:  # another recipe's checkpoints go first: a run stopped before training cleared them would resume them
+        if not retrain and (changed := _recipe_changes(folder, recipe)):
+            print(f"training the {name} in {folder} again: the demo run that made it there had another "
+                  f"{', '.join(changed)} (--out another folder keeps it)")
         for checkpoint in folder.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
     _write_recipe(folder, recipe, finished=False)

@@ -44,6 +44,13 @@ def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys, caplog):
     # another --seed makes other demo data: both stages train again on it, none is paired with the old data
     vq_before = (out / "vq" / "vqvae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 0
+    # and says why, before it trains over the models it had made (an upgrade's new flags did so without a word)
+    said = {line.split(" in ")[0]: line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("training the")}
+    vq_line = said["training the VQModel"]
+    assert vq_line.startswith(f"training the VQModel in {out / 'vq'} again: the demo run that made it there had "
+                              "another ") and "demo data" in vq_line, vq_line
+    assert "VQModel recipe, VQModel weights" in said["training the pipeline"], said
     assert (out / "vq" / "vqvae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns != vq_before
     assert (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns != before
     assert json.loads((out / "ldm" / "demo_recipe.json").read_text())["recipe"]["vqmodel"]["data"]["seed"] == 1
