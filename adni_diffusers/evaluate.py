@@ -1204,21 +1204,10 @@ def write_report(res: dict, out: Path) -> Path:
                   "so held-out images are not all new to the model: the floors (training vs held-out) and the "
                   "memorisation reference look better than for unseen patients. Retrain with `--split patient` "
                   "for an honest comparison.**", ""]
-    if res["data"].get("matches_training", True) is False:
-        lines += ["**Warning: the split differs from the one recorded at training time; the data changed, so the "
-                  "held-out images may include images the model saw.**", ""]
-    elif res["data"].get("matches_training", True) is None:
-        lines += ["**Warning: the model's folder holds no record of its training split (training_data.json without "
-                  "train / validation summaries), so that the held-out images are ones the model never saw cannot "
-                  "be confirmed.**", ""]
-    if res["data"].get("first_stage_held_out") is False:
-        lines += ["**Warning: the VQModel (first stage) held out other patients than the UNet (it was trained on "
-                  "another folder or split), so it may have trained on held-out slices: the VQ ceiling and the "
-                  "samples' decoding may look better on them than on unseen patients.**", ""]
-    elif res["data"].get("first_stage_unconfirmed"):
-        from .model_card import FIRST_STAGE_UNCONFIRMED
+    from .model_card import held_out_caveats  # the card says the same
 
-        lines += [f"**Warning: {FIRST_STAGE_UNCONFIRMED}.**", ""]
+    for caveat in held_out_caveats(res["data"]):
+        lines += [f"**Warning: {caveat}.**", ""]
     if res["data"]["data_source_is_demo"]:
         lines += ["_The data is the synthetic MNI152-based demo set, not ADNI._", ""]
     lines += [

@@ -197,23 +197,24 @@ FIRST_STAGE_UNCONFIRMED = ("the UNet's records hold no record of the patients it
                            "and the samples' decoding may look better on them than on unseen patients")
 
 
-def _evaluation_data_caveats(metrics: dict) -> list[str]:
-    """What evaluate's report warns of in bold about its held-out slices, for the card's readers (the card had
-    shown the numbers without it: a helper's audit, 2026-12-06)."""
-    data = _field(metrics, "data") or {}
+def held_out_caveats(data: dict) -> list[str]:
+    """What may make an evaluation's held-out slices not new to the model, from its record (metrics.json's `data`):
+    evaluate's report warns of each in bold, and the card says it beside the numbers (it had shown them without a
+    word: a helper's audit, 2026-12-06)."""
     caveats = []
-    if data.get("matches_training") is False:
-        caveats.append("The data's split differs from the one recorded at training time (the data changed since), "
-                       "so the held-out images may include images the model saw.")
-    elif "matches_training" in data and data["matches_training"] is None:
-        caveats.append("The model's records hold no summary of its training split, so that the held-out images are "
-                       "ones the model never saw cannot be confirmed.")
+    if data.get("matches_training", True) is False:
+        caveats.append("the split differs from the one recorded at training time; the data changed, so the held-out "
+                       "images may include images the model saw")
+    elif data.get("matches_training", True) is None:
+        caveats.append("the model's folder holds no record of its training split (training_data.json without train / "
+                       "validation summaries), so that the held-out images are ones the model never saw cannot be "
+                       "confirmed")
     if data.get("first_stage_held_out") is False:
-        caveats.append("The VQModel (first stage) held out other patients than the UNet, so it may have trained on "
-                       "held-out slices: the VQ ceiling and the samples' decoding may look better on them than on "
-                       "unseen patients.")
+        caveats.append("the VQModel (first stage) held out other patients than the UNet (it was trained on another "
+                       "folder or split), so it may have trained on held-out slices: the VQ ceiling and the samples' "
+                       "decoding may look better on them than on unseen patients")
     elif data.get("first_stage_unconfirmed"):
-        caveats.append(f"{FIRST_STAGE_UNCONFIRMED[0].upper()}{FIRST_STAGE_UNCONFIRMED[1:]}.")
+        caveats.append(FIRST_STAGE_UNCONFIRMED)
     return caveats
 
 
@@ -705,7 +706,9 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "eval_report_contents": _report_contents(d),
         "eval_has_floors": any(", floor:" in name for name, _ in eval_rows),
         "eval_one_patient_note": _one_patient_note(read_json_object(d / eval_source)) if eval_source else None,
-        "eval_data_caveats": _evaluation_data_caveats(read_json_object(d / eval_source)) if eval_source else [],
+        "eval_data_caveats": [f"{c[0].upper()}{c[1:]}." for c in
+                              held_out_caveats(_field(read_json_object(d / eval_source), "data") or {})]
+        if eval_source else [],
         "val_set_text": _val_set_text(data, args),
         "vq_rows": _vq_rows(vq_metrics),
         "vq_eval_set": vq_metrics.get("eval_set"),

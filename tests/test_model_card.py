@@ -678,8 +678,8 @@ def test_the_card_carries_the_reports_warnings_about_its_held_out_slices(ldm):
     (ldm / "evaluation").mkdir()
     metrics = ldm / "evaluation" / "metrics.json"
     for data, says in [({"matches_training": True, "first_stage_held_out": True}, None),
-                       ({"matches_training": False}, "The data's split differs from the one recorded at training"),
-                       ({"matches_training": None}, "The model's records hold no summary of its training split"),
+                       ({"matches_training": False}, "The split differs from the one recorded at training time"),
+                       ({"matches_training": None}, "The model's folder holds no record of its training split"),
                        ({"matches_training": True, "first_stage_held_out": False},
                         "The VQModel (first stage) held out other patients than the UNet"),
                        ({"matches_training": True, "first_stage_held_out": None, "first_stage_unconfirmed": True},
