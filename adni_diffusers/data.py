@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import re
+import statistics
 import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +168,7 @@ class SliceSet:
     patients: list[str]
     paths: list[str]
     class_names: list[str] = field(default_factory=list)
+    _pixels_sha256: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -186,12 +188,24 @@ class SliceSet:
             list(self.class_names),
         )
 
+    def pixels_sha256(self) -> str:
+        """SHA-256 of the decoded slices, in order (once per set: about 2 s for ADNI's 30,520). The same file and
+        patient names can hold other images: a re-export that numbered the patients otherwise put patients that
+        trained the model among the "held-out" ones, and every name-based check passed (a helper's audit,
+        2026-12-06)."""
+        if self._pixels_sha256 is None:
+            h = hashlib.sha256()
+            hash_array(h, self.pixels.cpu())
+            self._pixels_sha256 = h.hexdigest()
+        return self._pixels_sha256
+
     def summary(self) -> dict:
         per_class = Counter(self.labels.tolist())
         return {
             "images": len(self),
             "patients": len(set(self.patients)),
             "patients_sha256": patients_fingerprint(self.patients),
+            "pixels_sha256": self.pixels_sha256(),
             "per_class": {
                 (self.class_names[k] if self.class_names else "unlabelled"): v for k, v in sorted(per_class.items())
             },
@@ -848,6 +862,8 @@ def _warn_about_pixel_copies(paths, labels, pixels, train_idx, val_idx) -> None:
 
 # the largest slice number a 256x256 axial slice of a volume has, with room: more is a patient's or an image's id
 MAX_SLICE_NUMBER = 999
+# ADNI's visits of a subject (bl, m06, ... m120 and more): more names to one first part is a site's or a study's
+MAX_VISITS_A_SUBJECT = 12
 
 
 def _warn_about_the_name_pattern(matches, named, patients) -> None:
@@ -874,6 +890,19 @@ def _warn_about_the_name_pattern(matches, named, patients) -> None:
                            "<patient>_<slice>.<ext>, so each such slice counts as a patient of its own and one "
                            "patient's slices are on both sides of the split; rename them (<patient>_<slice>.<ext>)",
                            len(alone), len(by_name), alone[0], alone[0])
+    # <subject>_<visit>_<slice> (123138_bl_85, 123138_m06_85, sub-01_ses-02_85): each visit read as a patient, so
+    # one subject's visits on both sides of the split without a word (a helper's audit, 2026-12-06). A few names
+    # to a first part, as a subject has visits; not a site's hundreds (site1_001, site1_002, ...)
+    with_parts = [p for p in by_name if "_" in p]
+    firsts = Counter(p.split("_", 1)[0] for p in with_parts)
+    shared = sorted((p for p in with_parts if firsts[p.split("_", 1)[0]] > 1), key=lambda p: (p.split("_", 1)[0], p))
+    if len(with_parts) >= 4 and len(shared) > len(with_parts) / 2 and \
+            statistics.median(n for n in firsts.values() if n > 1) <= MAX_VISITS_A_SUBJECT:
+        logger.warning("%d of %d patients share the first part of their names with another (%s, %s): if that part "
+                       "is the subject and the rest a visit or date (<subject>_<visit>_<slice> names), each visit is "
+                       "counted as a patient of its own and one subject's visits may be on both sides of the split; "
+                       "name the files <subject>_<slice>.<ext>, one subject one name", len(shared), len(with_parts),
+                       shared[0], shared[1])
 
 
 def _warn_about_patients_in_two_classes(patients, labels, class_names, split: str) -> None:

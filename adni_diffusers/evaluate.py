@@ -201,11 +201,17 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
         # on what the record holds: records from before the patient hash (2026-12-02) lack it, and compared whole
         # they never matched, which refused their models' evaluation
         now = part.summary()
-        if name in recorded and any(now.get(k) != v for k, v in recorded[name].items() if k in now):
+        differ = {k for k, v in recorded.get(name, {}).items() if k in now and now[k] != v}
+        if differ:
             record["matches_training"] = False
+        if differ == {"pixels_sha256"}:  # (recorded since 2026-12-06)
+            logger.warning("the %s split holds other images than at training under the same file and patient names "
+                           "(%s): a re-export, patients numbered otherwise, or edited files, so 'held-out' may "
+                           "include images the model saw", name, _split_words(now))
+        elif differ:
             logger.warning("the %s split differs from the one training recorded (%s now, %s then): the data "
                            "changed since training, so 'held-out' may include images the model saw",
-                           name, _split_words(part.summary()), _split_words(recorded[name]))
+                           name, _split_words(now), _split_words(recorded[name]))
     record["first_stage_held_out"] = first_stage_held_out(model_dir, data)
     if record["first_stage_held_out"] is False:
         logger.warning("the VQModel (first stage) held out other patients than these (it was trained on another "
@@ -234,7 +240,11 @@ def first_stage_held_out(model_dir, data: SliceData) -> bool | None:
     (a VQModel stage itself, records from before the hash)."""
     vq = read_json_object(Path(model_dir) / "training_data.json").get("vqmodel_data")
     then = vq.get("validation_patients_sha256") if isinstance(vq, dict) else None
-    return None if not then else then == data.val.summary()["patients_sha256"]
+    if not then:
+        return None
+    # the same names may hold other images (recorded since 2026-12-06): a VQModel of a renumbered export
+    pixels_then = vq.get("validation_pixels_sha256")
+    return then == data.val.summary()["patients_sha256"] and pixels_then in (None, data.val.pixels_sha256())
 
 
 def first_stage_unrecorded(model_dir) -> bool:

@@ -251,7 +251,9 @@ def vq_training_data(vq_dir: Path) -> dict | None:
             "patient_ids": recorded_patient_ids(record) if record.get("patient_ids") else None,
             "patients_sha256": record.get("patients_sha256"),
             "patients": _patient_count(record),
-            "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256")}
+            "validation_patients_sha256": (record.get("validation") or {}).get("patients_sha256"),
+            # (since 2026-12-06) the same names may hold other images: a VQModel of a renumbered export
+            "validation_pixels_sha256": (record.get("validation") or {}).get("pixels_sha256")}
 
 
 def _patient_count(record: dict) -> int | None:
@@ -361,6 +363,10 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
             "seen patients this run holds out. Train the UNet with the VQModel's --split, --val_fraction and "
             "--split_seed (--split_seed defaults to --seed, which may then differ), or a VQModel with these."
         )
+    elif warn and len(data.val) and there.get("validation_pixels_sha256") not in (None, data.val.pixels_sha256()):
+        logger.warning("--vqmodel %s held out other images than this run under the same file and patient names (a "
+                       "re-export, patients numbered otherwise, or edited files): it may have trained on this run's "
+                       "held-out patients, and evaluate will say so", vq_dir)
     return there
 
 

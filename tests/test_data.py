@@ -944,6 +944,32 @@ def test_names_whose_parts_are_not_patient_then_slice_get_a_warning(tmp_path, ca
     else:
         assert read_as == 8
         assert "one slice each" not in caplog.text and "above 999" not in caplog.text
+        assert "share the first part of their names" not in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["visit in the name", "site in the name"])
+def test_names_of_a_subjects_visits_get_a_warning_and_a_sites_patients_do_not(tmp_path, caplog, layout):
+    """<subject>_<visit>_<slice> (123138_bl_85, 123138_m06_85) read each visit as a patient: one subject's visits
+    went to both sides of the split without a word (a helper's audit, 2026-12-06). A site prefix before each
+    patient's id (a site's many patients) is no subject's visits."""
+    root = tmp_path / "named"
+    for cls in ("AD", "NC"):
+        first = 1009181 + (cls == "NC") * 100
+        if layout == "visit in the name":
+            names = [f"{pid}_{visit}_{k}" for pid in range(first, first + 4) for visit in ("bl", "m06")
+                     for k in (80, 81)]
+        else:
+            names = [f"site{cls}_{pid}_{k}" for pid in range(first, first + 14) for k in (80, 81)]
+        for i, name in enumerate(names):
+            write(root / cls / f"{name}.png", slice_pixels(first + i))
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        data = load_slices(root)
+    if layout == "visit in the name":
+        assert len(set(data.train.patients) | set(data.val.patients)) == 16  # each visit a patient
+        assert "16 of 16 patients share the first part of their names with another (1009181_bl, 1009181_m06): if " \
+               "that part is the subject" in caplog.text
+    else:
+        assert "share the first part of their names" not in caplog.text
 
 
 def test_the_training_log_names_each_class_with_its_counts(tmp_path):
@@ -1477,3 +1503,24 @@ def test_a_notebook_sees_a_short_summary_and_keeps_its_datasets_progress_bars(tm
     assert repr(data.train) == ("SliceSet(8 slices of 4 patients, pixels (8, 256, 256) torch.uint8, classes "
                                 "{'AD': 4, 'NC': 4})")
     assert repr(data).startswith("SliceData(root=") and len(repr(data)) < 400
+
+
+def test_a_split_summary_holds_the_digest_of_its_pixels(tmp_path):
+    """The same file and patient names can hold other images (a re-export that numbered the patients otherwise):
+    the records' name checks passed. Each split's summary now has its decoded pixels' digest: the same for the same
+    slices wherever the folder lies, another for one changed image."""
+    import shutil
+
+    make_tree(tmp_path / "t", patients=2, slices=2)
+    data = load_slices(tmp_path / "t", split="given")
+    digest = data.val.summary()["pixels_sha256"]
+    assert len(digest) == 64 and digest != data.train.summary()["pixels_sha256"]
+    moved = load_slices(shutil.copytree(tmp_path / "t", tmp_path / "moved"), split="given")
+    assert moved.val.summary()["pixels_sha256"] == digest
+    first = sorted((tmp_path / "moved" / "test").rglob("*.jpeg"))[0]
+    Image.fromarray(np.full((240, 256), 77, np.uint8)).save(first)  # one slice exported otherwise
+    changed = load_slices(tmp_path / "moved", split="given")
+    assert changed.val.summary()["pixels_sha256"] != digest
+    assert changed.val.summary()["patients_sha256"] == data.val.summary()["patients_sha256"]
+    # a subset is a set of its own
+    assert data.val.subset([0]).pixels_sha256() != digest

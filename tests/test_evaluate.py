@@ -780,7 +780,13 @@ def test_a_first_stage_that_held_out_other_patients_is_flagged(model_copy, caplo
     _, record = E.load_evaluation_data(model_copy)
     assert record["first_stage_held_out"] is True  # the demo's VQModel and UNet held out the same patients
     path = model_copy / "training_data.json"
-    saved = json.loads(path.read_text())
+    original = path.read_text()  # (the module's shared copy: put back at the end)
+    saved = json.loads(original)
+    # the same names holding other images (a VQModel of a re-export that numbered the patients otherwise): every
+    # name-based check had passed (a helper's audit, 2026-12-06)
+    path.write_text(json.dumps({**saved, "vqmodel_data": {**saved["vqmodel_data"],
+                                                          "validation_pixels_sha256": "0" * 64}}))
+    assert E.load_evaluation_data(model_copy)[1]["first_stage_held_out"] is False
     saved["vqmodel_data"]["validation_patients_sha256"] = "0" * 64  # a VQModel trained on another folder
     path.write_text(json.dumps(saved))
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
@@ -799,6 +805,36 @@ def test_a_first_stage_that_held_out_other_patients_is_flagged(model_copy, caplo
         _, record = E.load_evaluation_data(model_copy)
     assert record["first_stage_held_out"] is None and record["first_stage_unconfirmed"] is True
     assert "that the VQModel never trained on these held-out slices cannot be confirmed" in caplog.text
+    path.write_text(original)
+
+
+def test_held_out_slices_of_other_pixels_under_the_same_names_are_flagged(model_copy, caplog):
+    """A re-export that numbers the patients otherwise keeps every file and patient name, so the names' checks
+    passed and evaluate called training patients "never seen" (a helper's audit, 2026-12-06). The records hold
+    each split's pixel digest since 2026-12-06; a digest that differs is a split that differs."""
+    import logging
+
+    _, record = E.load_evaluation_data(model_copy)
+    assert record["matches_training"] is True
+    path = model_copy / "training_data.json"
+    original = path.read_text()
+    saved = json.loads(original)
+    assert len(saved["validation"]["pixels_sha256"]) == 64
+    path.write_text(json.dumps({**saved, "validation": {**saved["validation"], "pixels_sha256": "0" * 64}}))
+    try:
+        with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
+            _, record = E.load_evaluation_data(model_copy)
+    finally:
+        path.write_text(original)
+    assert record["matches_training"] is False
+    assert "the validation split holds other images than at training under the same file and patient names" \
+        in caplog.text
+    del saved["validation"]["pixels_sha256"]  # a record from before the digest: the names alone, as before
+    path.write_text(json.dumps(saved))
+    try:
+        assert E.load_evaluation_data(model_copy)[1]["matches_training"] is True
+    finally:
+        path.write_text(original)
 
 
 def test_a_model_trained_without_a_hold_out_is_refused_before_any_work(model_copy, tmp_path, monkeypatch):

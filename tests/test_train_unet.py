@@ -761,6 +761,30 @@ def test_a_vqmodel_of_another_patient_rule_is_refused_and_an_older_one_is_told_t
     assert "when it held other patients" in caplog.text and "--patient_ids" not in caplog.text.splitlines()[-1]
 
 
+def test_a_vqmodel_that_held_out_other_images_under_the_same_names_is_warned_of(tmp_path, tiny_vq, demo_root,
+                                                                               caplog):
+    """A VQModel trained on an export whose patients were numbered otherwise: the same names, other people. Every
+    name-based check passed without a word (a helper's audit, 2026-12-06); the held-out pixels' digest tells."""
+    import shutil
+
+    from adni_diffusers import train_unet
+    from adni_diffusers.data import load_slices
+
+    vq = Path(shutil.copytree(tiny_vq, tmp_path / "vq", ignore=shutil.ignore_patterns("latent_cache")))
+    record = json.loads((vq / "training_data.json").read_text())
+    args = train_unet.parse_args(["--vqmodel", str(vq), "--output_dir", "o"])
+    data = load_slices(demo_root)
+    with caplog.at_level("WARNING", logger="adni_diffusers"):
+        assert train_unet.check_vq_data(vq / "vqvae", args, data)["validation_pixels_sha256"] == \
+            data.val.pixels_sha256()
+    assert "held out other images" not in caplog.text
+    (vq / "training_data.json").write_text(json.dumps({**record, "validation": {**record["validation"],
+                                                                              "pixels_sha256": "0" * 64}}))
+    with caplog.at_level("WARNING", logger="adni_diffusers"):
+        train_unet.check_vq_data(vq / "vqvae", args, data)
+    assert "held out other images than this run under the same file and patient names" in caplog.text
+
+
 def test_a_vqmodel_of_the_same_folder_before_it_grew_is_warned_of_in_those_words(tmp_path, tiny_vq, demo_root,
                                                                                  caplog):
     """Patients added to the data folder between the two stages: "trained on another set of patients (R) than R"
