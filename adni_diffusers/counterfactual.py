@@ -1258,6 +1258,10 @@ def main(args: argparse.Namespace) -> int:
     if classifier is not None:
         summary["classifier"] = {"path": (report or {}).get("path"), "key": (report or {}).get("key"),
                                  "val_accuracy": ((report or {}).get("val") or {}).get("accuracy")}
+    if data is not None:  # whether "held-out" below is held out from the VQModel too (it was in the log alone)
+        summary["first_stage_held_out"] = split_record.get("first_stage_held_out")
+        if split_record.get("first_stage_unconfirmed"):
+            summary["first_stage_unconfirmed"] = True
     record = out / "counterfactuals.json"
     if folders:
         write_text_atomically(record, json.dumps(summary, indent=2) + "\n")

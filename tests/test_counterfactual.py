@@ -806,6 +806,9 @@ def test_a_training_slice_is_marked_in_the_summary(tiny_ldm, tmp_path, capsys, c
 
     assert summary["model_sha256"] == model_fingerprint(str(tiny_ldm)) and "diffusers" in summary["environment"]
     assert summary["classifier"]["path"] == str(tmp_path / "net")
+    # "held-out" is the UNet's split: whether the VQModel held the same patients out is in the record, not the log
+    # alone (a helper's audit, 2026-12-06): the tiny pipeline's stages held out the same patients
+    assert summary["first_stage_held_out"] is True and "first_stage_unconfirmed" not in summary
     assert f"{copy} is one of the model's TRAINING slices (the same pixels)" in caplog.text
 
 
