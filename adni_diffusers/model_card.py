@@ -438,9 +438,7 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
             fraction = args.get("val_fraction")
             share = f"{fraction:.0%} of the patients" if isinstance(fraction, (int, float)) else "some patients"
         seed = args.get("split_seed") if args.get("split_seed") is not None else args.get("seed", "?")
-        from .data import recorded_patient_ids  # here: it imports torch
-
-        rule = recorded_patient_ids(data, args)
+        rule = _patient_rule(data, args, source)
         if rule == "file":  # a LONI file name's patient part names one scan: a subject's visits are several
             split_text = (f"{share} held out for validation by the patient part of each file name (seed {seed}); "
                           f"with LONI file names that is one scan, so one subject's visits may be on both sides")
@@ -709,7 +707,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "eval_data_caveats": [f"{c[0].upper()}{c[1:]}." for c in
                               held_out_caveats(_field(read_json_object(d / eval_source), "data") or {})]
         if eval_source else [],
-        "val_set_text": _val_set_text(data, args),
+        "val_set_text": _val_set_text(data, args, own_source),
         "vq_rows": _vq_rows(vq_metrics),
         "vq_eval_set": vq_metrics.get("eval_set"),
         "vq_arg_rows": _argument_rows(vq_args),
@@ -735,15 +733,24 @@ def _beta_text(sched: dict) -> str:
     return f"{schedule} betas from {_fmt(sched.get('beta_start'))} to {_fmt(sched.get('beta_end'))}"
 
 
-def _val_set_text(data: dict, args: dict) -> str:
+def _patient_rule(data: dict, args: dict, source: str) -> str:
+    """The patient rule the split was drawn by, as the card words its caveats: the demo set's names (123138_85)
+    hold one subject each and no ADNI id, so every rule split them alike (a demo model from before 2026-12-03 was
+    carded with the LONI caveat, "one subject's visits may be on both sides": a helper's audit, 2026-12-06)."""
+    if source == "demo":
+        return "subject"
+    from .data import recorded_patient_ids  # here: it imports torch
+
+    return recorded_patient_ids(data, args)
+
+
+def _val_set_text(data: dict, args: dict, source: str) -> str:
     """What val_loss (train_unet.py) was measured on, in the split's own words."""
     split = data.get("split") or args.get("split")
     if split == "given":
         return "the given test folder's latents" + (" (some of its patients are also in training)"
                                                    if data.get("shared_patients") else "")
-    from .data import recorded_patient_ids  # here: it imports torch
-
-    rule = recorded_patient_ids(data, args) if split == "patient" else "subject"
+    rule = _patient_rule(data, args, source) if split == "patient" else "subject"
     if rule == "file":
         return "held-out scans' latents (a subject's other visits may be in training)"
     if rule == "subject-2026-12-03":

@@ -835,7 +835,7 @@ def test_the_split_sentence_follows_the_recorded_patient_rule(ldm, patient_ids, 
     record.pop("patient_ids"), record.pop("subjects_named_both_ways")
     record.update({k: v for k, v in (("patient_ids", patient_ids), ("subjects_named_both_ways", both_ways))
                    if v is not None})
-    (ldm / "training_data.json").write_text(json.dumps(record))
+    (ldm / "training_data.json").write_text(json.dumps({**record, "source": "user"}))  # an ADNI export's names
     args = json.loads((ldm / "training_args.json").read_text())
     if patient_ids is None:  # a run from before --patient_ids
         args.pop("patient_ids", None)
@@ -844,6 +844,12 @@ def test_the_split_sentence_follows_the_recorded_patient_rule(ldm, patient_ids, 
     text = render_model_card(ldm)
     assert says in text and val_text in text
     assert ("no patient has slices on both sides" in text) == (patient_ids == "subject" and both_ways is not None)
+    # the demo set's names (123138_85) hold one subject each and no ADNI id: every rule split them alike, and a demo
+    # model of an older rule was carded with the LONI caveat (a helper's audit, 2026-12-06)
+    (ldm / "training_data.json").write_text(json.dumps({**record, "source": "demo"}))
+    text = render_model_card(ldm)
+    assert "as whole patients (seed 0), so no patient has slices on both sides" in text
+    assert "MSE on held-out patients' latents," in text and "LONI" not in text
 
 
 @pytest.mark.parametrize("first_stage", [{"vqmodel_data": {"source": "user", "root": "/home/alice/ADNI/AD_NC"}},
