@@ -89,6 +89,7 @@ def test_every_flag_the_docs_name_exists(monkeypatch):
     assert {"--train_data_dir", "--vqmodel", "--num-samples", "--subjects", "--vq-preset"} <= options
     others = {"--num_processes", "--multi_gpu", "--mixed_precision", "--config_file",  # accelerate launch
               "--main_process_port", "--cpu", "--num_machines", "--machine_rank", "--main_process_ip", "--dynamo_backend",
+              "--mpirun_hostfile",
               "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target",  # pip
               "--exclude"}  # tar
     docs = [REPO_ROOT / "README.md", REPO_ROOT / "pipeline_card.md", *(REPO_ROOT / "docs").glob("*.md"),
