@@ -71,7 +71,7 @@ def check_strengths(strengths, steps: int | None = None) -> list[float]:
     by strength: a line drawn in the order given zigzagged, and its CI band broke). With `steps`, each must
     also select at least one denoising step (the pipeline runs steps * strength of them, rounded half up). One
     number is one strength (a Python call's `strengths=0.5` had ended in "'float' object is not iterable")."""
-    if np.ndim(strengths) == 0:
+    if isinstance(strengths, (int, float)) or getattr(strengths, "ndim", None) == 0:  # (np.ndim: 0 for a generator)
         strengths = [strengths]
     out, tags = [], {}
     for s in strengths:

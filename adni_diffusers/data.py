@@ -68,6 +68,8 @@ SUBJECT_RE_2026_12_03 = _subject_re("4")  # the rule before 2026-12-04
 # An ADNI id in another case (002_s_0295, from a tool that lower-cased the names) is not read as one, so that a
 # folder's split stays what the rule made it; it is warned about (each such scan is a patient of its own)
 OTHER_CASE_ADNI_RE = re.compile(r"(?<![0-9])[0-9]{3}_s_[0-9]{4,5}(?![0-9])", re.IGNORECASE)
+# ...and in ADNI's own case (002_S_0295), which a bare id name is read as: no "other case" to warn of
+ADNI_ID_RE = re.compile(r"(?<![0-9])[0-9]{3}_S_[0-9]{4,5}(?![0-9])")
 # ADNI's own BIDS conversion labels a subject by its ADNI id without the underscores: sub-ADNI002S0295.
 BIDS_ADNI_RE = re.compile(r"^sub-ADNI(?P<site>[0-9]{3})S(?P<number>[0-9]{4,5})$")
 # ...which without the "sub-" is no subject id to the rules (ADNI002S0295_m06_85): warned about, as the other case
@@ -744,7 +746,8 @@ def load_slices(
                        "(002_S_0295 and sub-ADNI002S0295) and count as two patients each, which may be on both "
                        "sides of the split (--patient_ids subject counts them once)", twice)
     if patient_ids != "file" and (other_case := sorted({n for n, p in zip(named, patients)
-                                                         if p == n and OTHER_CASE_ADNI_RE.search(n)})):
+                                                         if p == n and OTHER_CASE_ADNI_RE.search(n)
+                                                         and not ADNI_ID_RE.search(n)})):
         logger.warning("%d file name(s) hold an ADNI subject id not in ADNI's upper case (%s): it is not read as "
                        "one, so each such scan counts as a patient of its own and a subject's scans may be on both "
                        "sides of the split; rename them with _S_ (002_S_0295)", len(other_case),
@@ -879,7 +882,8 @@ def _warn_about_the_name_pattern(matches, named, patients) -> None:
                        "patient split keeps each patient's slices together); with the parts the other way round, "
                        "one patient's slices are on both sides of the split. Rename them (1009181_85.jpeg)",
                        len(high), len(named_slices), MAX_SLICE_NUMBER, example, high[0].group("patient"))
-    by_name = Counter(p for p, n in zip(patients, named) if p == n)  # patients read from the name alone
+    # patients read from the name alone (a bare ADNI id, 002_S_0295, is read as a subject: not among them)
+    by_name = Counter(p for p, n in zip(patients, named) if p == n and not ADNI_ID_RE.fullmatch(p))
     ending_in_number = [p for p in by_name if re.search(r"._\d+$", p)]
     alone = [p for p in ending_in_number if by_name[p] == 1]
     if len(by_name) >= 4 and len(alone) > len(by_name) / 2:
@@ -891,12 +895,20 @@ def _warn_about_the_name_pattern(matches, named, patients) -> None:
                            "patient's slices are on both sides of the split; rename them (<patient>_<slice>.<ext>)",
                            len(alone), len(by_name), alone[0], alone[0])
     # <subject>_<visit>_<slice> (123138_bl_85, 123138_m06_85, sub-01_ses-02_85): each visit read as a patient, so
-    # one subject's visits on both sides of the split without a word (a helper's audit, 2026-12-06). A few names
-    # to a first part, as a subject has visits; not a site's hundreds (site1_001, site1_002, ...)
+    # one subject's visits on both sides of the split without a word (a helper's audit, 2026-12-06). Told by visit
+    # codes that recur across subjects (bl, m06 of many); not ADNI's own ids (002_S_0295: a site, then a roster
+    # number), nor a site's, class's or study's prefix before unique ids (site1_001, AD_000, OAS1_0000_MR1)
     with_parts = [p for p in by_name if "_" in p]
     firsts = Counter(p.split("_", 1)[0] for p in with_parts)
     shared = sorted((p for p in with_parts if firsts[p.split("_", 1)[0]] > 1), key=lambda p: (p.split("_", 1)[0], p))
-    if len(with_parts) >= 4 and len(shared) > len(with_parts) / 2 and \
+    subjects_of = defaultdict(set)  # each second part: the first parts it follows
+    for p in shared:
+        first, rest = p.split("_", 1)
+        subjects_of[rest].add(first)
+    recurring = [p for p in shared if len(subjects_of[p.split("_", 1)[1]]) > 1]
+    # a few visit codes among many subjects' names (not AD_000 and NC_000: a class before a per-class number)
+    if len(with_parts) >= 4 and len(shared) > len(with_parts) / 2 and len(recurring) > len(shared) / 2 and \
+            len(subjects_of) <= len(shared) / 4 and \
             statistics.median(n for n in firsts.values() if n > 1) <= MAX_VISITS_A_SUBJECT:
         logger.warning("%d of %d patients share the first part of their names with another (%s, %s): if that part "
                        "is the subject and the rest a visit or date (<subject>_<visit>_<slice> names), each visit is "

@@ -388,13 +388,21 @@ def check_world_size(accelerator) -> None:
     # launcher starts ONE process, with MASTER_ADDR set for the others it expects mpirun to start (it sets
     # ACCELERATE_USE_CPU "False" in the last two). The run is right, but not the one asked for. (The launcher
     # always sets ACCELERATE_MIXED_PRECISION: a MASTER_ADDR of the user's own in a plain run is not taken for it.)
+    # (On a GPU the launcher starts them all; a MASTER_ADDR a cluster script set before a one-process launch is
+    # passed on too: the CPU alone is told, as every case above runs there.)
     launched = "ACCELERATE_MIXED_PRECISION" in os.environ
-    if launched and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
-        logger.warning("one process: `accelerate launch` was asked for several but its simple launcher starts a "
-                       "single process here (with --cpu, with a MULTI_CPU config, or without --multi_gpu; it sets "
-                       "MASTER_ADDR for processes it leaves to mpirun: a MULTI_CPU config's mpirun_config / "
-                       "--mpirun_hostfile). For N processes on the CPU: ACCELERATE_USE_CPU=true accelerate launch "
-                       "--multi_gpu --num_processes N (docs/multi_gpu.md)")
+    if launched and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and \
+            accelerator.num_processes == 1 and accelerator.device.type == "cpu":
+        # a MASTER_ADDR a job script exported is passed on too: where the launcher's own flags say how many
+        # processes were asked for, one is nothing to tell of; a config's count is not on its command line
+        asked = launcher_num_processes()
+        if asked != 1:
+            logger.warning("one process: %s its simple launcher starts a single process here (with --cpu, with a "
+                           "MULTI_CPU config, or without --multi_gpu; it sets MASTER_ADDR for processes it leaves to "
+                           "mpirun: a MULTI_CPU config's mpirun_config / --mpirun_hostfile). For N processes on the "
+                           "CPU: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
+                           "(docs/multi_gpu.md)", f"`accelerate launch` was asked for {asked}, but" if asked else
+                           "if `accelerate launch` was asked for several (its --num_processes or the config's),")
 
 
 def make_accelerator(args, project_name: str):
@@ -740,6 +748,18 @@ def launcher_flags() -> list[str] | None:
                     break
                 flags.append(flag)
             return flags
+    return None
+
+
+def launcher_num_processes() -> int | None:
+    """The `--num_processes` of the `accelerate launch` that started this process, or None where its command line
+    does not give one (a config file's, or not started so)."""
+    flags = launcher_flags() or []
+    for i, flag in enumerate(flags):
+        value = flag.partition("=")[2] if flag.startswith("--num_processes=") else \
+            flags[i + 1] if flag == "--num_processes" and i + 1 < len(flags) else None
+        if value is not None and value.isdigit():
+            return int(value)
     return None
 
 

@@ -477,6 +477,7 @@ def test_check_strengths_and_target(pipe):
     assert C.check_strengths([1, 0.25, 0.5]) == [0.25, 0.5, 1.0]
     # one number is one strength (a Python call's strengths=0.5 had raised "'float' object is not iterable")
     assert C.check_strengths(0.5) == C.check_strengths(np.float32(0.5)) == C.check_strengths(torch.tensor(0.5)) == [0.5]
+    assert C.check_strengths(s / 4 for s in (2, 1)) == C.check_strengths({0.5, 0.25}) == [0.25, 0.5]  # iterables
     for bad in ([0.0], [-0.1], [1.01], [math.nan], []):
         with pytest.raises(ValueError):
             C.check_strengths(bad)

@@ -947,19 +947,26 @@ def test_names_whose_parts_are_not_patient_then_slice_get_a_warning(tmp_path, ca
         assert "share the first part of their names" not in caplog.text
 
 
-@pytest.mark.parametrize("layout", ["visit in the name", "site in the name"])
+@pytest.mark.parametrize("layout", ["visit in the name", "site in the name", "ADNI ids", "ADNI ids, one slice each",
+                                    "class in the name"])
 def test_names_of_a_subjects_visits_get_a_warning_and_a_sites_patients_do_not(tmp_path, caplog, layout):
     """<subject>_<visit>_<slice> (123138_bl_85, 123138_m06_85) read each visit as a patient: one subject's visits
-    went to both sides of the split without a word (a helper's audit, 2026-12-06). A site prefix before each
-    patient's id (a site's many patients) is no subject's visits."""
+    went to both sides of the split without a word (a helper's audit, 2026-12-06). A site, class or study prefix
+    before each patient's id is no subject's visits; nor are ADNI's own ids (002_S_1001_85: site 002, at first
+    warned of as a subject's visits, and as "not in ADNI's upper case" since 2026-12-03: a reviewer's check)."""
     root = tmp_path / "named"
     for cls in ("AD", "NC"):
         first = 1009181 + (cls == "NC") * 100
         if layout == "visit in the name":
             names = [f"{pid}_{visit}_{k}" for pid in range(first, first + 4) for visit in ("bl", "m06")
                      for k in (80, 81)]
+        elif layout == "site in the name":  # a few patients a site, as a subset of ADNI's sites has
+            names = [f"site00{n % 4}_{pid}_{k}" for n, pid in enumerate(range(first, first + 12)) for k in (80, 81)]
+        elif layout.startswith("ADNI ids"):  # a few subjects of each site, as ADNI has
+            names = [f"{site}_S_{1001 + 10 * n + (cls == 'NC')}_{k}" for site in ("002", "005", "011")
+                     for n in range(3) for k in ((80,) if layout.endswith("one slice each") else (80, 81))]
         else:
-            names = [f"site{cls}_{pid}_{k}" for pid in range(first, first + 14) for k in (80, 81)]
+            names = [f"{cls}_{n:03d}_{k}" for n in range(6) for k in (80, 81)]
         for i, name in enumerate(names):
             write(root / cls / f"{name}.png", slice_pixels(first + i))
     with caplog.at_level("WARNING", logger="adni_diffusers.data"):
@@ -970,6 +977,7 @@ def test_names_of_a_subjects_visits_get_a_warning_and_a_sites_patients_do_not(tm
                "that part is the subject" in caplog.text
     else:
         assert "share the first part of their names" not in caplog.text
+        assert "not in ADNI's upper case" not in caplog.text and "one slice each" not in caplog.text
 
 
 def test_the_training_log_names_each_class_with_its_counts(tmp_path):

@@ -690,23 +690,41 @@ def test_a_cpu_launch_that_started_one_of_several_processes_says_so(monkeypatch,
     trained on one process without a word; the log now says so, and how to get the processes asked for. A MULTI_CPU
     config without use_cpu, or --num_processes 2 without --multi_gpu where CUDA sees no GPU, start one process too
     with ACCELERATE_USE_CPU=False: they had trained on one without a word (a helper's runs, 2026-12-06)."""
-    one = SimpleNamespace(num_processes=1, is_main_process=True)
+    one = SimpleNamespace(num_processes=1, is_main_process=True, device=torch.device("cpu"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # every `accelerate launch` sets it
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setattr(training, "launcher_flags", lambda: ["--cpu", "--num_processes", "2"])
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         training.check_world_size(one)
-    assert "one process: `accelerate launch` was asked for several but its simple launcher starts a single process " \
+    assert "one process: `accelerate launch` was asked for 2, but its simple launcher starts a single process " \
            "here (with --cpu, with a MULTI_CPU config, or without --multi_gpu" in caplog.text
     assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(training, "launcher_flags", lambda: ["--config_file", "multi_cpu.yaml"])  # the config's count
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        training.check_world_size(one)
+    assert "one process: if `accelerate launch` was asked for several (its --num_processes or the config's), its " \
+           "simple launcher starts a single process here" in caplog.text
+    caplog.clear()
+    # one process asked for, in a job whose script exported a MASTER_ADDR (passed on by the launcher): nothing to say
+    monkeypatch.setattr(training, "launcher_flags", lambda: ["--num_processes=1"])
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        training.check_world_size(one)
+    assert caplog.text == ""
     caplog.clear()
     monkeypatch.delenv("MASTER_ADDR")  # `--cpu` alone, or --num_processes 1: one process was asked for
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         training.check_world_size(one)
     assert caplog.text == ""
-    # a plain `python train_unet.py` in a shell that exports a MASTER_ADDR of its own: no launcher, nothing said
+    # a one-process launch on a GPU in a job whose script exported a MASTER_ADDR of its own: the launcher passes it
+    # on, and one process was asked for (a reviewer's check, 2026-12-06)
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        training.check_world_size(SimpleNamespace(num_processes=1, is_main_process=True, device=torch.device("cuda")))
+    assert caplog.text == ""
+    # a plain `python train_unet.py` in a shell that exports a MASTER_ADDR of its own: no launcher, nothing said
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         training.check_world_size(one)
