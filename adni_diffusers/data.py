@@ -867,6 +867,8 @@ def _warn_about_pixel_copies(paths, labels, pixels, train_idx, val_idx) -> None:
 MAX_SLICE_NUMBER = 999
 # ADNI's visits of a subject (bl, m06, ... m120 and more): more names to one first part is a site's or a study's
 MAX_VISITS_A_SUBJECT = 12
+# a scan date after the subject (20060418, 2006-04-18): the visit, named by its day
+SCAN_DATE_RE = re.compile(r"(?:19|20)[0-9]{2}-?(?:0[1-9]|1[0-2])-?(?:0[1-9]|[12][0-9]|3[01])")
 
 
 def _warn_about_the_name_pattern(matches, named, patients) -> None:
@@ -906,10 +908,11 @@ def _warn_about_the_name_pattern(matches, named, patients) -> None:
         first, rest = p.split("_", 1)
         subjects_of[rest].add(first)
     recurring = [p for p in shared if len(subjects_of[p.split("_", 1)[1]]) > 1]
+    dated = [p for p in shared if SCAN_DATE_RE.fullmatch(p.split("_", 1)[1])]  # 123138_20060418: a scan's date
     # a few visit codes among many subjects' names (not AD_000 and NC_000: a class before a per-class number)
-    if len(with_parts) >= 4 and len(shared) > len(with_parts) / 2 and len(recurring) > len(shared) / 2 and \
-            len(subjects_of) <= len(shared) / 4 and \
-            statistics.median(n for n in firsts.values() if n > 1) <= MAX_VISITS_A_SUBJECT:
+    visit_codes = len(recurring) > len(shared) / 2 and len(subjects_of) <= len(shared) / 4
+    if len(with_parts) >= 4 and len(shared) > len(with_parts) / 2 and (visit_codes or len(dated) > len(shared) / 2) \
+            and statistics.median(n for n in firsts.values() if n > 1) <= MAX_VISITS_A_SUBJECT:
         logger.warning("%d of %d patients share the first part of their names with another (%s, %s): if that part "
                        "is the subject and the rest a visit or date (<subject>_<visit>_<slice> names), each visit is "
                        "counted as a patient of its own and one subject's visits may be on both sides of the split; "

@@ -947,8 +947,8 @@ def test_names_whose_parts_are_not_patient_then_slice_get_a_warning(tmp_path, ca
         assert "share the first part of their names" not in caplog.text
 
 
-@pytest.mark.parametrize("layout", ["visit in the name", "site in the name", "ADNI ids", "ADNI ids, one slice each",
-                                    "class in the name"])
+@pytest.mark.parametrize("layout", ["visit in the name", "date in the name", "site in the name", "ADNI ids",
+                                    "ADNI ids, one slice each", "class in the name"])
 def test_names_of_a_subjects_visits_get_a_warning_and_a_sites_patients_do_not(tmp_path, caplog, layout):
     """<subject>_<visit>_<slice> (123138_bl_85, 123138_m06_85) read each visit as a patient: one subject's visits
     went to both sides of the split without a word (a helper's audit, 2026-12-06). A site, class or study prefix
@@ -960,6 +960,9 @@ def test_names_of_a_subjects_visits_get_a_warning_and_a_sites_patients_do_not(tm
         if layout == "visit in the name":
             names = [f"{pid}_{visit}_{k}" for pid in range(first, first + 4) for visit in ("bl", "m06")
                      for k in (80, 81)]
+        elif layout == "date in the name":  # each scan's own date: no code recurs across subjects
+            names = [f"{pid}_{2006 + v}{4 + pid % 5:02d}{10 + pid % 17}_{k}" for pid in range(first, first + 4)
+                     for v in (0, 1) for k in (80, 81)]
         elif layout == "site in the name":  # a few patients a site, as a subset of ADNI's sites has
             names = [f"site00{n % 4}_{pid}_{k}" for n, pid in enumerate(range(first, first + 12)) for k in (80, 81)]
         elif layout.startswith("ADNI ids"):  # a few subjects of each site, as ADNI has
@@ -975,6 +978,8 @@ def test_names_of_a_subjects_visits_get_a_warning_and_a_sites_patients_do_not(tm
         assert len(set(data.train.patients) | set(data.val.patients)) == 16  # each visit a patient
         assert "16 of 16 patients share the first part of their names with another (1009181_bl, 1009181_m06): if " \
                "that part is the subject" in caplog.text
+    elif layout == "date in the name":
+        assert "16 of 16 patients share the first part of their names with another (1009181_2006" in caplog.text
     else:
         assert "share the first part of their names" not in caplog.text
         assert "not in ADNI's upper case" not in caplog.text and "one slice each" not in caplog.text
