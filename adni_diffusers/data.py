@@ -620,7 +620,8 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
         arr = pad_to_square(arr)
     elif (w, h) != (IMAGE_SIZE, IMAGE_SIZE):
         arr = np.asarray(Image.fromarray(arr).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
-        notes.append(f"resized from {w}x{h}")
+        if (w, h) != (IMAGE_SIZE, ADNI_HEIGHT):  # ADNI's 256x240 stretched is what `resize` is for: no warning
+            notes.append(f"resized from {w}x{h}")
     return np.ascontiguousarray(arr, dtype=np.uint8), " ".join(notes), None
 
 
