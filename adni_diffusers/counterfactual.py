@@ -736,7 +736,7 @@ def _fmt(v, digits=3) -> str:
 
 def tradeoff_markdown(result: dict) -> str:
     """The trade-off table (Markdown) with a header saying what was measured on what."""
-    from .model_card import FIRST_STAGE_UNCONFIRMED
+    from .model_card import held_out_caveats
 
     t, s = result["target"], result["source"]
     st = result["settings"]
@@ -758,13 +758,10 @@ def tradeoff_markdown(result: dict) -> str:
         + (f", held-out slice accuracy {acc:.3f}" if acc is not None else "") + "."
         + (f" Caveat: {result['shared_patients']} of these patients also have slices in the training split "
            "(--split given: the data's own train/test folders share them)." if result.get("shared_patients") else "")
-        + (" **Caveat: the split differs from the one recorded at training time (the data changed since), so these "
-           "\"held-out\" slices may include slices the model trained on.**"
-           if result.get("split_matches_training") is False else "")
-        + (" **Caveat: the VQModel (first stage) held out other patients than the UNet, so it may have trained on "
-           "these slices: their round trips look better than an unseen patient's.**"
-           if result.get("first_stage_held_out") is False else "")
-        + (f" **Caveat: {FIRST_STAGE_UNCONFIRMED}.**" if result.get("first_stage_unconfirmed") else "")
+        # evaluate's report and the card say the same (a --measure whose split is unconfirmed is refused before)
+        + "".join(f" **Caveat: {caveat}.**" for caveat in held_out_caveats(
+            {"matches_training": result.get("split_matches_training", True),
+             **{k: result.get(k) for k in ("first_stage_held_out", "first_stage_unconfirmed")}}))
     )
     lines.append("")
     head = ["strength", f"called {t} (95% CI)", f"mean P({t})"]

@@ -460,6 +460,11 @@ class PatientBootstrap:
         self.patients = sum(map(len, self.by_group.values()))
         self.rng = np.random.default_rng(seed)
 
+    def groups_of_one_patient(self) -> list[int]:
+        """The groups whose held-out rows are of one patient: a resample draws that patient's slices whole, so the
+        ranges hold no patient-to-patient chance there (said beside them)."""
+        return [g for g, patients in self.by_group.items() if len(patients) == 1]
+
     def held(self) -> list[int]:
         return [row for patients in self.by_group.values()
                 for j in self.rng.integers(0, len(patients), len(patients)) for row in patients[j]]
@@ -505,7 +510,7 @@ def fd_intervals(*, held_feats, held_groups, held_patients, gen_feats, gen_group
     return {"level": level, "resamples": resamples, "held_out_patients": draw.patients,
             # a group of one held-out patient resamples nothing of the patient-to-patient chance: said beside the
             # ranges, which are then narrower than that chance (group: the class index, or 0 for all)
-            "groups_of_one_patient": [g for g, patients in draw.by_group.items() if len(patients) == 1],
+            "groups_of_one_patient": draw.groups_of_one_patient(),
             "resampled": "held-out patients within each class, generated images, and the floor's training draw",
             "fd": _spread_around(measured[0], fd, level, lowest=0.0),
             "floor_fd": _spread_around(measured[1], floor, level, lowest=0.0) if floor_varied else None,
@@ -783,15 +788,14 @@ def memorisation_intervals(mem: dict, *, held_groups: torch.Tensor, held_patient
     2026-12-06), so one number alone can read as copying."""
     if resamples < 1 or len(set(held_patients)) < 2:
         return {}
-    by_group = PatientBootstrap(held_groups, held_patients, gen_groups, seed).by_group
     out = {"level": level, "resamples": resamples,
-           "resampled": "held-out patients within each class (the threshold) and generated images",
-           # as fd_intervals': a class of one held-out patient has the same threshold in every resample
-           "groups_of_one_patient": [g for g, patients in by_group.items() if len(patients) == 1]}
+           "resampled": "held-out patients within each class (the threshold) and generated images"}
     for space in ("features", "pixels"):
         generated = np.asarray(mem[space]["generated_distance"])
         held_out = np.asarray(mem[space]["heldout_distance"])
         draw = PatientBootstrap(held_groups, held_patients, gen_groups, seed)  # the same draws in both spaces
+        # as fd_intervals': a class of one held-out patient has the same threshold in every resample
+        out["groups_of_one_patient"] = draw.groups_of_one_patient()
         shares = []
         for _ in range(resamples):
             threshold = np.percentile(held_out[draw.held()], mem["percentile"])
