@@ -262,6 +262,11 @@ def unfinished_pipeline_problem(folder: str | Path) -> str | None:
         signs.append(f'{TRAINING_DATA_FILE} (stage "unet")')
     if not signs:
         return None
+    if not (folder / "training_args.json").is_file() and not any(folder.glob("checkpoint-*")):
+        # no sign of a run: part of a pipeline, copied out of its folder
+        return (f"cannot push {str(folder)!r}: it holds {', '.join(signs)} but no model_index.json, so it is not a "
+                "whole pipeline; a push takes the folder train_unet.py wrote (model_index.json beside unet/, vqvae/, "
+                "scheduler/ and the pipeline file) or the one train_vqmodel.py wrote (vqvae/): push that folder")
     return (f"cannot push {str(folder)!r}: it holds {', '.join(signs)} but no model_index.json, so it looks like a "
             "train_unet.py pipeline save in progress or cut short; wait for training to finish, or resume it "
             "(train_unet.py --resume_from_checkpoint latest) so that it saves the whole pipeline, then push")
@@ -553,14 +558,27 @@ def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -
 
 
 # top-level files the package writes beside a model (training, evaluate/counterfactual/generate --out there) and
-# a push uploads: a re-push of a folder that no longer has one deletes it from the repo. Only these by name (a
-# file someone added on the Hub, a LICENSE of their own, stays), never README.md (a push whose card failed to
-# render keeps the card there), and JPEG/WebP pictures, which earlier pushes uploaded and are input slices
+# a push uploads: in a repo pushed before PUSH_RECORD existed, a re-push of a folder that no longer has one deletes
+# it. Only these by name, never README.md (a push whose card failed to render keeps the card there), and JPEG/WebP
+# pictures, which earlier pushes uploaded and are input slices
 PACKAGE_TOP_LEVEL_FILES = ("LICENSE.md", "training_data.json", "training_args.json", "train_metrics.json",
                            "metrics.json", "first_stage_metrics.json", "first_stage_training_args.json",
                            "samples.png", "loss_curve.png",
                            "reconstructions.png", "grid.png", "denoising.gif", "generation.json", "tradeoff.json",
                            "tradeoff.png", "example_strip.png", "mean_difference.png")
+
+
+# the record of what a push uploaded, pushed with it: the next push deletes only what that record names and the
+# folder no longer has. Files someone added on the Hub (a card of their own, notes, a reader study) are not the
+# package's to delete
+PUSH_RECORD = "pushed_files.json"
+NEVER_DELETED = ("README.md", "model_index.json", ".gitattributes")  # a push whose card failed keeps the card there
+
+
+def push_record(files: list[str]) -> bytes:
+    """PUSH_RECORD's bytes: the same for the same files, so that an unchanged re-push makes no commit."""
+    record = {"written_by": "adni-diffusers push", "files": sorted(f for f in files if f != PUSH_RECORD)}
+    return (json.dumps(record, indent=2) + "\n").encode()
 
 
 def _stale_at_top(name: str, kind: str) -> bool:
@@ -570,6 +588,43 @@ def _stale_at_top(name: str, kind: str) -> bool:
     if re.fullmatch(r"pipeline_adni_ldm\w*\.py", name):
         return kind == "pipeline"
     return name in PACKAGE_TOP_LEVEL_FILES or Path(name).suffix.lower() in SLICE_SUFFIXES
+
+
+def _read_repo_file(api, repo_id: str, revision: str | None, name: str, token) -> str | None:
+    """The text of `name` on the Hub (None where it cannot be read as text)."""
+    with tempfile.TemporaryDirectory(prefix="adni-diffusers-read-") as tmp:
+        path = api.hf_hub_download(repo_id, name, revision=revision, token=token, repo_type="model", local_dir=tmp)
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+
+
+def _earlier_push(api, repo_id: str, revision: str | None, there: list[str], token, kind: str,
+                  folder: Path) -> tuple[set[str], bool]:
+    """(What of the repo's files `there` an earlier push of adni-diffusers uploaded, whether the repo's README.md
+    is a card the package wrote). The files: its PUSH_RECORD's list; for a repo pushed before that record
+    (2026-12-06), which a generated card or a pipeline module marks, the kinds of files pushes upload (the model's
+    folders, evaluation/, `_stale_at_top`); else none."""
+    from .model_card import is_generated_card
+
+    readme = _read_repo_file(api, repo_id, revision, "README.md", token) if "README.md" in there else None
+    card_is_ours = readme is not None and is_generated_card(readme)
+    if PUSH_RECORD in there:
+        try:
+            listed = json.loads(_read_repo_file(api, repo_id, revision, PUSH_RECORD, token) or "").get("files")
+            if isinstance(listed, list) and all(isinstance(f, str) for f in listed):
+                return set(listed), card_is_ours
+        except (ValueError, AttributeError):
+            pass
+        logger.warning("%s on %s is not a record adni-diffusers wrote: nothing there is deleted", PUSH_RECORD,
+                       repo_id)
+        return set(), card_is_ours
+    if not (card_is_ours or any(re.fullmatch(r"pipeline_adni_ldm\w*\.py", name) for name in there)):
+        return set(), card_is_ours  # never pushed by adni-diffusers: every file there is someone else's
+    components = _components_of(folder, kind) + (["evaluation"] if kind == "pipeline" else [])
+    return {name for name in there if ("/" in name and name.split("/")[0] in components)
+            or ("/" not in name and _stale_at_top(name, kind))}, card_is_ours
 
 
 def _components_of(folder: Path, kind: str) -> list[str]:
@@ -773,6 +828,9 @@ def _prepare_upload(folder: Path, kind: str, files: list[str], withheld: list[st
             if card is not None:
                 extra["README.md"] = card
                 files = sorted(set(files) | {"README.md"})
+            if kind in ("pipeline", "vqmodel"):
+                extra[PUSH_RECORD] = push_record(files)
+                files = sorted(set(files) | {PUSH_RECORD})
         leaked = _token_in_files(folder, files, extra, tokens)
         if leaked:
             raise HubError(f"refusing to push {repo_id}: {leaked} holds your Hub token; remove it from the file "
@@ -900,24 +958,26 @@ def push_folder(
                                f" pushing the VQ model {str(folder)!r} there would replace the pipeline's vqvae/ "
                                "and card under a UNet trained on another VQ model's latents; push it to a repo of "
                                "its own (e.g. --repo-id <name>-vq)")
+            # what of it an earlier push uploaded (read before a new branch is made: a failure leaves the repo as it was)
+            earlier, card_is_ours = _earlier_push(api, repo_id, None if new_branch else revision, there, token, kind,
+                                                  folder) if sweep else (set(), True)
             if new_branch:
                 api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
             # the branch's last commit: a push that changes nothing makes none (huggingface_hub skips it)
             head_before = api.repo_info(repo_id, revision=revision, token=token, repo_type="model").sha
-            components = _components_of(folder, kind) if path_in_repo is None else []
-            # Old weights (another shard layout or variant) must not outlive a new push, nor the files of an
-            # earlier evaluation that this model's evaluation no longer has (ablations.csv, umap.png)
-            stale = [f"{c}/*" for c in components] + (["evaluation/*"] if components and kind == "pipeline" else [])
+            stale = []
             if sweep:
-                # nor the top-level files of an earlier push that this one does not have (a demo model's MNI
-                # LICENSE.md, first_stage_metrics.json, an older pipeline_adni_ldm_<hash>.py): by exact name (a
-                # pattern such as *.json would reach into other folders); others' files of other kinds stay
-                gone = [name for name in there
-                        if "/" not in name and name not in files and _stale_at_top(name, kind)]
+                # Old weights (another shard layout or variant), the files of an earlier evaluation (ablations.csv,
+                # umap.png), a demo model's MNI LICENSE.md, an older pipeline_adni_ldm_<hash>.py: what an earlier
+                # push put there and this one does not have goes, by exact name; files others added stay
+                if "README.md" in there and not card_is_ours and is_generated_card_file(Path(staging) / "README.md"):
+                    logger.warning("replacing the README.md on %s, which adni-diffusers did not write, with the "
+                                   "model's card (the earlier text stays in the repo's history)", repo_id)
+                gone = [name for name in there if name in earlier and name not in files and name not in NEVER_DELETED]
                 if gone:
                     logger.warning("removing from %s what an earlier push put there and %s no longer has: %s",
                                    repo_id, folder, ", ".join(gone))
-                stale += [glob.escape(name) for name in gone]
+                stale = [glob.escape(name) for name in gone]
             info = api.upload_folder(
                 folder_path=staging,
                 repo_id=repo_id,

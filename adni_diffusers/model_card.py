@@ -556,9 +556,9 @@ def _populate(card, tags: list[str]):
 
 def _files_listing(model_dir: Path) -> list[str]:
     """What a push uploads (top-level names; folders end with '/'): not the pictures of real slices it withholds."""
-    from .hub import is_demo_trained, select_upload_files, shows_real_slices
+    from .hub import PUSH_RECORD, is_demo_trained, select_upload_files, shows_real_slices
 
-    _, files = select_upload_files(model_dir)
+    kind, files = select_upload_files(model_dir)
     demo = is_demo_trained(model_dir)
     files = [p for p in files if not shows_real_slices(model_dir, p, demo)]
     names = []
@@ -568,6 +568,8 @@ def _files_listing(model_dir: Path) -> list[str]:
             names.append(name)
     if CARD_FILE not in names:
         names.append(CARD_FILE)
+    if kind in ("pipeline", "vqmodel") and PUSH_RECORD not in names:  # the push's record of what it uploaded
+        names.append(PUSH_RECORD)
     return sorted(names, key=lambda n: (n.endswith("/") is False, n))
 
 

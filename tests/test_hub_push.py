@@ -57,6 +57,14 @@ def _local_files(root):
             for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
+def _pushed(repo_files, theirs=()):
+    """The repo's files less the push record, which must list exactly them but for files others put there."""
+    files = dict(repo_files)
+    record = json.loads(files.pop(hub.PUSH_RECORD))
+    assert record["files"] == sorted(set(files) - set(theirs))
+    return files
+
+
 def _snapshot(root):
     """Paths, bytes and mtimes: to prove the folder is not modified."""
     return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*")
@@ -68,7 +76,7 @@ def test_push_uploads_every_file_private_by_default(hub_stub, pipeline_dir):
     url = push_folder(pipeline_dir, REPO, token=hub_stub.token)
     assert url.startswith(f"{hub_stub.endpoint}/{REPO}/commit/")
     assert url.endswith(hub_stub.commits(REPO)[-1].oid)
-    assert hub_stub.repo_files(REPO) == _local_files(pipeline_dir)
+    assert _pushed(hub_stub.repo_files(REPO)) == _local_files(pipeline_dir)
     assert hub_stub.private(REPO) is True
     assert _snapshot(pipeline_dir) == before
 
@@ -244,7 +252,7 @@ def test_push_from_args_final_and_checkpoints(hub_stub, pipeline_dir, tmp_path):
     hub.push_from_args(args, ckpt, output_dir=tmp_path / "out", step=200)
     hub.push_from_args(args, pipeline_dir, output_dir=tmp_path / "out")
     assert hub_stub.repo_files(REPO, "checkpoints")["checkpoint-200/optimizer.bin"] == b"opt"
-    assert hub_stub.repo_files(REPO) == _local_files(pipeline_dir)
+    assert _pushed(hub_stub.repo_files(REPO)) == _local_files(pipeline_dir)
     assert hub_stub.private(REPO)
     # Without the flags nothing is pushed.
     assert hub.push_from_args(_parse([]), pipeline_dir) is None
@@ -331,7 +339,7 @@ def test_vq_output_folder_and_checkpoint_folder_selection(tmp_path):
 def test_push_of_a_training_output_folder_uploads_only_the_model(hub_stub, tmp_path):
     _write(tmp_path / "out", {**MODEL_FILES, **CLUTTER})
     push_folder(tmp_path / "out", REPO, token=hub_stub.token)
-    assert hub_stub.repo_files(REPO) == MODEL_FILES  # the user's own README.md is pushed as it is
+    assert _pushed(hub_stub.repo_files(REPO)) == MODEL_FILES  # the user's own README.md is pushed as it is
 
 
 def test_a_generated_card_is_rendered_for_the_target_repo(hub_stub, tmp_path):
@@ -779,8 +787,8 @@ def test_repush_of_a_vq_model_removes_its_stale_weights(hub_stub, vq_dir):
     assert "vqvae/diffusion_pytorch_model.fp16.safetensors" in hub_stub.repo_files("user/vq")
     stale.unlink()
     push_folder(vq_dir, "user/vq", token=hub_stub.token)
-    assert set(hub_stub.repo_files("user/vq")) == {"vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors",
-                                                    "README.md", "training_data.json"}
+    assert set(_pushed(hub_stub.repo_files("user/vq"))) == {"vqvae/config.json", "README.md", "training_data.json",
+                                                             "vqvae/diffusion_pytorch_model.safetensors"}
 
 
 def test_a_file_holding_the_stored_token_stops_the_push(hub_stub, pipeline_dir, monkeypatch):
@@ -1019,8 +1027,8 @@ def test_repush_removes_top_level_files_the_folder_no_longer_has(hub_stub, pipel
         (folder / "pipeline_adni_ldm_aaa.py").write_text("# old\n")
     old = {"LICENSE.md": b"MNI", "first_stage_metrics.json": b"{}", "samples.png": b"png", "loss_curve.png": b"png"}
     _write(folder, old)
-    # what others put there (a slice an older push uploaded too: pictures were .jpeg then)
-    # (files someone added on the Hub by hand, of the kinds a push uploads, are not the push's to delete either)
+    # what others put there before the first push: files of the kinds a push uploads too (a slice, a pipeline module
+    # in another folder) are not the push's to delete (pushed_files.json lists what it uploaded)
     hub_stub.add_repo(REPO, private=True, files={"notes.txt": b"mine", "other/data.json": b"{}",
                                                  "other/pipeline_adni_ldm_x.py": b"#", "slice.jpeg": b"jpeg",
                                                  "LICENSE": b"my agreement", "banner.png": b"png",
@@ -1035,10 +1043,9 @@ def test_repush_removes_top_level_files_the_folder_no_longer_has(hub_stub, pipel
         (folder / "model_index.json").write_text(json.dumps(index))
     push_folder(folder, REPO, token=hub_stub.token)
     pushed = set(hub_stub.repo_files(REPO))
-    assert not {"LICENSE.md", "first_stage_metrics.json", "samples.png", "pipeline_adni_ldm_aaa.py",
-                "slice.jpeg"} & pushed
+    assert not {"LICENSE.md", "first_stage_metrics.json", "samples.png", "pipeline_adni_ldm_aaa.py"} & pushed
     assert {"loss_curve.png", "README.md", "notes.txt", "other/data.json", "other/pipeline_adni_ldm_x.py",
-            "LICENSE", "banner.png", "eval_results.json"} <= pushed
+            "LICENSE", "banner.png", "eval_results.json", "slice.jpeg"} <= pushed
     assert ("pipeline_adni_ldm_bbb.py" in pushed) == (kind == "pipeline")
 
 
@@ -1169,6 +1176,7 @@ def test_a_pipeline_without_model_index_is_refused_not_pushed_as_a_vq_model(hub_
     VQ card over the pipeline's and the pipeline code deleted from a repo whose model_index.json still named it."""
     (pipeline_dir / "model_index.json").unlink()
     (pipeline_dir / "training_data.json").write_text(json.dumps({"source": "user", "stage": "unet"}))
+    (pipeline_dir / "training_args.json").write_text("{}")  # the run's, written as it starts
     keep = {"unet/": "unet", "scheduler/": "scheduler", "pipeline_adni_ldm.py": "pipeline_adni_ldm.py",
             "training_data.json": "training_data.json"}[sign]
     for other in ("unet", "scheduler"):
@@ -1364,3 +1372,76 @@ def test_a_push_that_changes_nothing_says_so(hub_stub, tmp_path, caplog):
     assert again == first and "Pushed" not in caplog.text
     assert f"{REPO} already holds what {tmp_path / 'out'} would push: nothing pushed (the repo is at {first})" \
         in caplog.text
+
+
+# --- publishing review 2026-12-06: a push deletes only what a push of this package uploaded
+
+
+def test_files_added_on_the_hub_by_hand_outlive_every_push(hub_stub, tmp_path, caplog):
+    """A repo made on the Hub's web page holds a card, notes and a reader study of its owners': a push had deleted
+    evaluation/ and unet/ files and a LICENSE.md of theirs (calling it "what an earlier push put there") without a
+    word for most. Only what a push uploaded (pushed_files.json) is deleted later, each file named; a hand-written
+    README.md that the model's card replaces is named."""
+    folder = tmp_path / "out"
+    _write(folder, {**MODEL_FILES, "README.md": f"---\nlicense: other\n---\n{CARD_MARKER} -->\nold".encode()})
+    theirs = {"README.md": b"# Our model\nCite: Doe et al.\n", "evaluation/reader_study.csv": b"reader,score\n",
+              "unet/NOTES.md": b"notes", "LICENSE.md": b"Our lab's licence terms", "notes.txt": b"mine"}
+    hub_stub.add_repo(REPO, private=True, files=theirs)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
+        push_folder(folder, REPO, token=hub_stub.token)
+    pushed = _pushed(hub_stub.repo_files(REPO), set(theirs) - {"README.md"})
+    assert all(pushed[name] == data for name, data in theirs.items() if name != "README.md")
+    assert CARD_MARKER in pushed["README.md"].decode()
+    [warning] = [r.getMessage() for r in _warnings(caplog)]
+    assert warning.startswith(f"replacing the README.md on {REPO}, which adni-diffusers did not write")
+    # a re-push without some of what the first one uploaded deletes those, and names each; theirs stay
+    caplog.clear()
+    (folder / "evaluation" / "umap.png").unlink()
+    (folder / "samples.png").unlink()
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
+        push_folder(folder, REPO, token=hub_stub.token)
+    pushed = _pushed(hub_stub.repo_files(REPO), set(theirs) - {"README.md"})
+    assert not {"evaluation/umap.png", "samples.png"} & set(pushed)
+    assert all(pushed[name] == data for name, data in theirs.items() if name != "README.md")
+    [warning] = [r.getMessage() for r in _warnings(caplog)]
+    assert warning.endswith("no longer has: evaluation/umap.png, samples.png")
+
+
+def test_a_repo_pushed_before_the_record_is_swept_by_kind_and_each_deletion_named(hub_stub, pipeline_dir, caplog):
+    """A repo an older version pushed (its generated card; no pushed_files.json): the files of the kinds pushes
+    upload that the folder no longer has go, named in the log (those in the model's folders and evaluation/ had gone
+    without a word); others' files stay. A record that is not the package's deletes nothing."""
+    old_push = {"README.md": f"---\nlicense: other\n---\n{CARD_MARKER} -->\nold".encode(),
+                "unet/diffusion_pytorch_model.fp16.safetensors": b"old", "evaluation/umap.png": b"png",
+                "first_stage_metrics.json": b"{}", "slice.jpeg": b"jpeg", "notes.txt": b"mine",
+                "other/data.json": b"{}"}
+    hub_stub.add_repo(REPO, private=True, files=old_push)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
+        push_folder(pipeline_dir, REPO, token=hub_stub.token)
+    pushed = set(_pushed(hub_stub.repo_files(REPO), {"notes.txt", "other/data.json"}))
+    assert {"notes.txt", "other/data.json"} <= pushed
+    assert not {"unet/diffusion_pytorch_model.fp16.safetensors", "evaluation/umap.png", "first_stage_metrics.json",
+                "slice.jpeg"} & pushed
+    [warning] = [r.getMessage() for r in _warnings(caplog)]
+    assert warning.endswith("no longer has: evaluation/umap.png, first_stage_metrics.json, slice.jpeg, "
+                            "unet/diffusion_pytorch_model.fp16.safetensors")
+    # a pushed_files.json of someone else's making: nothing is deleted, and the log says why
+    hub_stub.add_repo("user/odd", private=True, files={"pushed_files.json": b"[1, 2]", "samples.png": b"png",
+                                                       "unet/NOTES.md": b"notes"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
+        push_folder(pipeline_dir, "user/odd", token=hub_stub.token)
+    assert {"samples.png", "unet/NOTES.md"} <= set(hub_stub.repo_files("user/odd"))
+    assert "pushed_files.json on user/odd is not a record adni-diffusers wrote: nothing there is deleted" in caplog.text
+
+
+def test_a_component_copied_out_of_its_pipeline_is_told_to_push_the_whole_folder(hub_stub, pipeline_dir):
+    """unet/ alone (no training_args.json, no checkpoint): not a run in progress, so not "wait for training"."""
+    folder = pipeline_dir.parent / "unet_only"
+    shutil.copytree(pipeline_dir / "unet", folder / "unet")
+    with pytest.raises(HubError, match=r"holds unet/ but no model_index.json, so it is not a whole pipeline; a push "
+                                       r"takes the folder train_unet.py wrote .* or the one train_vqmodel.py wrote"):
+        push_folder(folder, REPO, token=hub_stub.token)
+    (folder / "checkpoint-10").mkdir()  # a run's folder: the run-in-progress message
+    with pytest.raises(HubError, match="looks like a train_unet.py pipeline save in progress or cut short"):
+        push_folder(folder, REPO, token=hub_stub.token)

@@ -45,6 +45,7 @@ PIPELINE_FILES = {
     "scheduler/scheduler_config.json",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors",
+    "pushed_files.json",  # what the push uploaded: the next push deletes only those it no longer has
 }
 SUBPROCESS_TIMEOUT = 300
 
@@ -111,7 +112,8 @@ def test_train_unet_push_to_hub_pushes_exactly_the_model(pushed_run):
     # byte for byte, README.md included; the JSON records with their local paths cut to the last part
     records = {p for p in PIPELINE_FILES if p.endswith(".json") and "/" not in p and p != "model_index.json"}
     assert all(on_main[p] == local[p] for p in PIPELINE_FILES - records)
-    for p in records:
+    assert json.loads(on_main.pop("pushed_files.json"))["files"] == sorted(on_main)  # the push's own record
+    for p in records - {"pushed_files.json"}:
         assert json.loads(on_main[p]) == without_local_paths(json.loads(local[p]))
     assert str(pushed_run["work"]) not in b"".join(on_main.values()).decode(errors="replace")
     assert json.loads(on_main["training_args.json"])["output_dir"] == "<local>/tiny-ldm"
@@ -432,7 +434,7 @@ def test_save_pretrained_writes_and_pushes_no_local_path_and_no_training_clutter
     pipe.save_pretrained(out, push_to_hub=True, repo_id="user/saved-clean", token=hub_stub.token)
     pushed = hub_stub.repo_files("user/saved-clean")
     assert sorted({name.split("/")[0] for name in pushed}) == sorted(  # + the card adni-diffusers' push writes
-        ["README.md", "model_index.json", f"{PIPELINE_MODULE}.py", "scheduler", "unet", "vqvae"])
+        ["README.md", "model_index.json", f"{PIPELINE_MODULE}.py", "pushed_files.json", "scheduler", "unet", "vqvae"])
     for name, data in pushed.items():
         assert b"alice" not in data, name
     assert "_name_or_path" not in json.loads((out / "vqvae" / "config.json").read_text())
