@@ -4,7 +4,8 @@ A model's held-out patients are drawn at training time from the seed and fractio
 their counts and a hash are kept (a model's files travel to the Hub; ADNI file names carry subject ids). This
 redraws them as `evaluate` and `counterfactual` do, from the records of a train_unet.py or train_vqmodel.py
 output folder and the data folder, so that a counterfactual or an outside tool gets slices the model did not
-train on:
+train on. A slice of a patient either stage trained on (under --split given, one with slices in train/ too; a
+VQModel's training patient where it held out others than the UNet) is left out, with a warning:
 
     adni-diffusers held-out --model adni_demo/ldm --class NC | head -3
 """
@@ -54,13 +55,103 @@ def held_out_slices(model_dir, data_dir=None, class_name: str | None = None, tra
                                   f"{', '.join(names) if names else '(none)'}") from None
         index = names.index(class_name)
         chosen = [i for i, label in enumerate(part.labels.tolist()) if label == index]
+    if not training:
+        # "held-out" is a claim about the whole pipeline: a slice one stage trained on is left out, not listed
+        chosen = _unseen_by_both_stages(model_dir, data, record, data_dir, list(chosen))
     paths = [part.paths[i] for i in chosen]
-    logger.info("%d %s slice(s)%s of %d patient(s): --split %s%s, from %s's records", len(paths),
+    logger.info("%d %s slice(s)%s of %d patient(s): --split %s%s, from %s's records%s", len(paths),
                 "training" if training else "held-out", f" of class {class_name}" if class_name else "",
                 len({part.patients[i] for i in chosen}), record["split"],
                 f", --val_fraction {record['val_fraction']:g}, seed {record['seed']}"
-                if record["split"] == "patient" else "", model_dir)
+                if record["split"] == "patient" else "", model_dir,
+                "; whether its VQModel trained on them cannot be confirmed (the warning above)"
+                if not training and record.get("first_stage_unconfirmed") else "")
     return paths
+
+
+def _unseen_by_both_stages(model_dir: Path, data, record: dict, data_dir, chosen: list[int]) -> list[int]:
+    """`chosen` (indices into data.val) less the slices of patients either stage trained on: under --split given a
+    patient with slices in train/ too, and, where the VQModel held out other patients than the UNet, the VQModel's
+    training patients. Each left out with a warning (a reviewer's report: they were listed, exit 0, the warning
+    alone said so, and a pipe passes stdout on)."""
+    from .data import PATIENT_SLICE_RE, shared_patients
+
+    val = data.val
+    if data.shared_patients:
+        # as data.py counts them: only names that give a patient (0.png in train/ and test/ is no one)
+        def identified(path, patient):
+            return PATIENT_SLICE_RE.match(Path(path).stem) is not None or patient != Path(path).stem
+
+        both = set(shared_patients([p for f, p in zip(data.train.paths, data.train.patients) if identified(f, p)],
+                                   [p for f, p in zip(val.paths, val.patients) if identified(f, p)]))
+        out = [i for i in chosen if val.patients[i] in both and identified(val.paths[i], val.patients[i])]
+        if out:
+            logger.warning("--split given: left out %d held-out slice(s) of %d patient(s) who have slices in train/ "
+                           "too, which the model trained on", len(out), len({val.patients[i] for i in out}))
+            left_out = set(out)
+            chosen = [i for i in chosen if i not in left_out]
+    if record.get("first_stage_held_out") is False:
+        seen, patient_by_path = _first_stage_training_patients(model_dir, data, record, data_dir)
+        out = [i for i in chosen if val.patients[i] in seen or patient_by_path.get(val.paths[i]) in seen]
+        if out:
+            logger.warning("left out %d held-out slice(s) of %d patient(s) that the VQModel (first stage) trained on "
+                           "(it held out other patients than the UNet)", len(out), len({val.patients[i] for i in out}))
+        else:
+            logger.info("the VQModel (first stage) held out other patients than the UNet, but trained on none of "
+                        "these: none left out")
+        left_out = set(out)
+        chosen = [i for i in chosen if i not in left_out]
+    return chosen
+
+
+def _first_stage_training_patients(model_dir: Path, data, record: dict, data_dir) -> tuple[set[str], dict[str, str]]:
+    """The patients the pipeline's VQModel trained on, and the patient of each slice of its data folder by path (its
+    --patient_ids rule may count a name otherwise), redrawn from the UNet's record of it (vqmodel_data) as
+    load_evaluation_data redraws the UNet's own split. EvaluationError where that record cannot be reproduced."""
+    import torch
+
+    from .data import DataError, load_slices
+    from .evaluate import EvaluationError
+    from .train_unet import vq_training_data
+
+    vq = vq_training_data(model_dir / "vqvae") or {}  # (maps "subject" of a pipeline from before 2026-12-04)
+    root = vq.get("root")
+    if root and data_dir is not None and record["root"] and Path(root).resolve() == Path(record["root"]).resolve():
+        root = data.root  # the UNet's folder, moved (--data-dir): the VQModel's too
+    cannot = ("so which held-out slices neither stage trained on cannot be told (the VQModel held out other "
+              "patients than the UNet)")
+    if not root or not Path(root).is_dir():
+        raise EvaluationError(f"the VQModel's training data {root or '(no folder recorded)'} (vqmodel_data in "
+                              f"{model_dir / 'training_data.json'}) is not there, {cannot}; put it back there")
+    try:
+        vq_data = load_slices(root, split=vq.get("split") or "patient",
+                              val_fraction=float(vq.get("val_fraction") or 0.1), seed=int(vq.get("split_seed") or 0),
+                              preprocess=vq.get("preprocess") or data.preprocess,
+                              flag="the VQModel's data folder",
+                              patient_ids=vq.get("patient_ids") or "file")  # (none recorded: before 2026-12-03)
+    except DataError as e:  # (names the folder)
+        raise EvaluationError(f"{e}; {cannot}") from None
+    if (vq_data.val.summary()["patients_sha256"] != vq["validation_patients_sha256"]
+            or vq.get("validation_pixels_sha256") not in (None, vq_data.val.pixels_sha256())):
+        raise EvaluationError(f"the VQModel's training data {root} no longer splits as its training recorded "
+                              f"(vqmodel_data in {model_dir / 'training_data.json'}): it changed since, {cannot}")
+    everything = vq_data.train.paths + vq_data.val.paths
+    if Path(root).resolve() == Path(data.root).resolve():
+        return set(vq_data.train.patients), dict(zip(everything, vq_data.train.patients + vq_data.val.patients))
+    # names alone tell patients apart across two folders only where the same names hold the same images: a
+    # re-export that numbered the patients otherwise puts other people under them
+    by_name: dict[tuple, list[int]] = {}  # (class folder, file name): a name may be in train/ and test/ both
+    for k, path in enumerate(everything):
+        by_name.setdefault((Path(path).parent.name, Path(path).name), []).append(k)
+    pixels = torch.cat([vq_data.train.pixels, vq_data.val.pixels])
+    renamed = [i for i, path in enumerate(data.val.paths)
+               if (ks := by_name.get((Path(path).parent.name, Path(path).name)))
+               and not any(torch.equal(data.val.pixels[i], pixels[k]) for k in ks)]
+    if renamed:
+        raise EvaluationError(f"the VQModel's training data {root} holds other images than {data.root} under "
+                              f"{len(renamed)} of the same file names (e.g. {Path(data.val.paths[renamed[0]]).name}: "
+                              f"a re-export, patients numbered otherwise?), {cannot}")
+    return set(vq_data.train.patients), dict(zip(everything, vq_data.train.patients + vq_data.val.patients))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

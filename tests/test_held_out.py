@@ -131,3 +131,121 @@ def test_a_broken_pipe_that_is_not_stdout_stays_an_error(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "adni-diffusers broken: error: [Errno 32] Broken pipe" in proc.stderr, proc.stderr
     assert proc.stdout == "some output\n"
+
+
+def _model_records(model, folder: Path, **changes) -> Path:
+    """A copy of `model`'s training records (all `held-out` reads) in `folder`, training_data.json changed by
+    `changes`."""
+    import json
+    import shutil
+
+    folder.mkdir(parents=True)
+    for name in ("training_data.json", "training_args.json", "model_index.json"):
+        if (model / name).is_file():
+            shutil.copy(model / name, folder / name)
+    record = json.loads((folder / "training_data.json").read_text())
+    (folder / "training_data.json").write_text(json.dumps({**record, **changes}))
+    return folder
+
+
+def test_held_out_leaves_out_what_the_first_stage_trained_on(tiny_ldm, demo_root, tmp_path, capsys, caplog):
+    """A VQModel trained on another split or folder than its UNet (train_unet only warns): `held-out` listed the
+    UNet's held-out slices, exit 0, the VQModel's training patients among them, a warning on stderr alone saying so,
+    and a pipe passed them on as never seen (a reviewer's report). It redraws the VQModel's split from the UNet's
+    record of it and leaves its training patients out, or refuses where that record cannot be reproduced."""
+    import json
+    import shutil
+
+    from adni_diffusers import cli
+    from adni_diffusers.data import load_slices
+    from adni_diffusers.evaluate import load_evaluation_data
+
+    data, _ = load_evaluation_data(tiny_ldm)
+    record = json.loads((tiny_ldm / "training_data.json").read_text())
+    vq_record = record["vqmodel_data"]
+
+    def first_stage(root, **split):  # what train_vqmodel.py records of a run with these flags
+        vq_data = load_slices(root, preprocess=vq_record["preprocess"], patient_ids=vq_record["patient_ids"], **split)
+        return vq_data, {**vq_record, "root": str(root), "split": split["split"],
+                         "val_fraction": split.get("val_fraction", 0.1), "split_seed": split.get("seed", 0),
+                         "validation_patients_sha256": vq_data.val.summary()["patients_sha256"],
+                         "validation_pixels_sha256": vq_data.val.pixels_sha256()}
+
+    # the same folder, another split (half the patients held out, another seed): the first seed that holds out
+    # one of the UNet's held-out patients and trains on the other
+    for seed in range(1, 30):
+        vq_data, other_split = first_stage(demo_root, split="patient", val_fraction=0.5, seed=seed)
+        unseen = [p for p, pt in zip(data.val.paths, data.val.patients) if pt not in set(vq_data.train.patients)]
+        if 0 < len(unseen) < len(data.val):  # the check means something
+            break
+    else:
+        raise AssertionError("no seed splits the UNet's held-out patients")
+    model = _model_records(tiny_ldm, tmp_path / "other_split", vqmodel_data=other_split)
+    caplog.set_level(logging.INFO, logger="adni_diffusers.held_out")
+    assert cli.main(["held-out", "--model", str(model)]) == 0
+    assert capsys.readouterr().out.splitlines() == unseen
+    gone = len(data.val) - len(unseen)
+    assert f"left out {gone} held-out slice(s)" in caplog.text and "the VQModel (first stage) trained on" in caplog.text
+    assert cli.main(["held-out", "--model", str(model), "--training"]) == 0  # --training lists as it did
+    assert capsys.readouterr().out.splitlines() == list(data.train.paths)
+
+    # another folder, every patient trained on (--split all): nothing the pipeline never saw
+    copy = tmp_path / "vq_AD_NC"
+    shutil.copytree(demo_root, copy)
+    _, whole = first_stage(copy, split="all")
+    model = _model_records(tiny_ldm, tmp_path / "whole", vqmodel_data=whole)
+    assert cli.main(["held-out", "--model", str(model)]) == 0
+    assert capsys.readouterr().out == ""
+
+    # refused, naming the VQModel's folder, where its split cannot be redrawn as recorded: gone, changed since, or
+    # the same file names holding other images (patients numbered otherwise)
+    for name, vq_data_record, why in [
+            ("gone", {**whole, "root": str(tmp_path / "nowhere")}, f"{tmp_path / 'nowhere'} (vqmodel_data in"),
+            ("changed", {**other_split, "validation_patients_sha256": "0" * 64},
+             f"{demo_root} no longer splits as its training recorded"),
+    ]:
+        model = _model_records(tiny_ldm, tmp_path / name, vqmodel_data=vq_data_record)
+        assert cli.main(["held-out", "--model", str(model)]) == 2, name
+        captured = capsys.readouterr()
+        assert captured.out == "" and why in captured.err and "cannot be told" in captured.err, captured.err
+        assert len(captured.err.strip().splitlines()) == 1  # one line
+    shutil.copy(data.train.paths[0], copy / Path(data.val.paths[0]).relative_to(data.root))  # (same class)
+    _, renumbered = first_stage(copy, split="all")
+    model = _model_records(tiny_ldm, tmp_path / "renumbered", vqmodel_data=renumbered)
+    assert cli.main(["held-out", "--model", str(model)]) == 2
+    assert f"{copy} holds other images than {data.root}" in capsys.readouterr().err
+
+    # a bare vqvae/ (no records of the VQModel's split): listed, but the summary line says so, beside the warning
+    caplog.clear()
+    model = _model_records(tiny_ldm, tmp_path / "bare", vqmodel_data=None)
+    assert cli.main(["held-out", "--model", str(model)]) == 0
+    assert capsys.readouterr().out.splitlines() == list(data.val.paths)
+    assert "that the VQModel never trained on these held-out slices cannot be confirmed" in caplog.text
+    assert "whether its VQModel trained on them cannot be confirmed" in caplog.text
+
+
+def test_held_out_leaves_out_patients_in_train_and_test_under_split_given(demo_root, tmp_path, capsys, caplog):
+    """--split given with a patient who has slices in both train/ and test/: data.py warns, and `held-out` listed
+    that patient's test/ slices as never seen, exit 0. They are left out, with a warning."""
+    import json
+    import shutil
+
+    from adni_diffusers import cli
+    from adni_diffusers.data import load_slices
+
+    root = tmp_path / "AD_NC"
+    shutil.copytree(demo_root, root)
+    moved = sorted((root / "train" / "AD").iterdir())[0]  # one slice of a training patient, into test/
+    moved.rename(root / "test" / "AD" / moved.name)
+    data = load_slices(root, split="given")
+    assert data.shared_patients == 1
+    model = tmp_path / "vq"
+    model.mkdir()
+    (model / "training_data.json").write_text(json.dumps({"source": "user", **data.summary(), "stage": "vqmodel"}))
+    caplog.set_level(logging.INFO, logger="adni_diffusers.held_out")
+    assert cli.main(["held-out", "--model", str(model)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    shared = {p for p in data.val.patients if p in set(data.train.patients)}
+    assert listed == [p for p, pt in zip(data.val.paths, data.val.patients) if pt not in shared]
+    assert str(root / "test" / "AD" / moved.name) not in listed and listed
+    assert "--split given: left out 1 held-out slice(s) of 1 patient(s) who have slices in train/" in caplog.text
