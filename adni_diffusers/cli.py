@@ -6,6 +6,7 @@ Each module named in COMMANDS provides `add_arguments(parser)` and `main(args) -
 from __future__ import annotations
 
 import argparse
+import errno
 import copy
 import importlib
 import logging
@@ -81,8 +82,13 @@ def _out_of_room_advice(name: str, args, error: BaseException) -> str:
     out = getattr(args, "out", None)
     if out is None and name == "evaluate":
         out = Path(args.model) / "evaluation"  # its default
+    if error.errno == errno.EROFS:  # no room to make there
+        return f": {'--out ' + str(out) if out else 'the folder'} is on a read-only file system: write elsewhere"
     where = f"; --out {out} has {free_space(out)} free" if out else ""
-    return f"{where}: make room (or write elsewhere) and {AGAIN_WITH_ROOM.get(name, 'run it again')}"
+    again = AGAIN_WITH_ROOM.get(name, "run it again")
+    if name == "generate" and not (out and (Path(out) / "generation.json").is_file()):
+        again = "run it again"  # stopped before its record: nothing to go on with (--resume would be refused)
+    return f"{where}: make room (or write elsewhere) and {again}"
 
 
 def main(argv: list[str] | None = None) -> int:

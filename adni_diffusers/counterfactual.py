@@ -1163,7 +1163,7 @@ def main(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: expected at least 1")
     check_strengths(strengths, args.steps or default_steps(args.scheduler))
-    check_guidance(args.guidance)
+    check_guidance(args.guidance, "--to")
     if not 0 <= args.seed < 2**32:  # the noise seeds are taken modulo 2**63: -1 and others gave another seed's noise
         raise ValueError(f"--seed {args.seed}: expected 0 .. 2**32 - 1")
     # "" wrote into the current folder (--data-dir is the data only where a split is drawn; else it is refused below)

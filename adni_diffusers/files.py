@@ -47,6 +47,29 @@ def not_a_folder(path: Path) -> str | None:
     return "exists and is not a folder" if existing == path else f"{existing} is a file, not a folder"
 
 
+def cannot_write_in(folder: Path) -> str | None:
+    """Why no file can be written in `folder`, or None: a probe file is written there (the folder made for it and
+    removed again where it was missing). A read-only mount or a path under /proc failed only at the first file, after
+    the model had loaded, with an error that named no flag."""
+    folder = Path(folder)
+    made = None
+    if not folder.exists():
+        made = folder.absolute()
+        while not made.parent.exists():
+            made = made.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_check-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    finally:
+        if made is not None:
+            remove_path(made, ignore_errors=True)
+    return None
+
+
 def weights_only_as_pickle(folder: Path) -> str | None:
     """Why a model folder's weights will not be loaded, or None: it holds them only as pickle files (.bin), which
     can run code when loaded, and this package loads safetensors only. (diffusers would read them, with a warning

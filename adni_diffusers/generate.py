@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import not_a_folder, read_as_data, read_json_object, remove_path, write_text_atomically
+from .files import cannot_write_in, not_a_folder, read_as_data, read_json_object, remove_path, write_text_atomically
 from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -117,16 +117,24 @@ def _recorded_data_folder(model) -> Path | None:
     return Path(root).resolve() if isinstance(root, str) and root and Path(root).is_dir() else None
 
 
-def check_guidance(guidance: float) -> None:
-    """Below 0 the sampler steers away from the class (0 is the unconditional model, 1 no guidance)."""
+def check_guidance(guidance: float, label_flag: str | None = None) -> None:
+    """Below 0 the sampler steers away from the class (0 is the unconditional model, 1 no guidance). With a class
+    label (`label_flag`, the flag that gives it), 0 is refused: the label would have no effect, while the outputs
+    and records name the class (counterfactuals "-> AD" identical to "-> NC"); below 1 it is weakened: a warning."""
     if guidance < 0:
         raise ValueError(f"--guidance {guidance:g}: expected a number >= 0 (1 = no guidance)")
+    if label_flag and guidance == 0:
+        raise ValueError(f"--guidance 0 samples the unconditional model, so {label_flag} would have no effect; give "
+                         "1 (the class label alone, no guidance) or more")
+    if label_flag and guidance < 1:
+        logger.warning("--guidance %g: below 1 mixes in the unconditional model, so %s pulls less than the class "
+                       "label alone (1 = no guidance)", guidance, label_flag)
 
 
 def check_out_folder(out: Path, earlier: list[Path], overwrite: bool) -> None:
     """Refuse an --out that holds `earlier` (what an earlier run wrote there and this run would write too) unless
     `overwrite`. The caller removes them (remove_outputs) once the model has loaded: a failed load keeps them."""
-    if why := not_a_folder(out):
+    if why := not_a_folder(out) or cannot_write_in(out):
         raise ValueError(f"--out {out}: {why}")
     if earlier and not overwrite:
         raise FileExistsError(f"--out {out}: holds {len(earlier)} output(s) of an earlier run (e.g. "
@@ -361,7 +369,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         raise ValueError(f"--seed {seed}: expected 0 .. {(2**64 - num_images) // 1_000_003}")
     if guidance is None:  # toward a class: the guidance evaluate measures; without one there is nothing to guide
         guidance = DEFAULT_GUIDANCE_CONDITIONAL if class_label is not None else 1.0
-    check_guidance(guidance)
+    check_guidance(guidance, "--class" if class_label is not None else None)
     if guidance != 1.0 and class_label is None:  # the unconditional class has nothing to guide toward: ignored
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "
                          "toward)")
@@ -539,9 +547,13 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 def _earlier_settings(out: Path) -> dict:
     """--resume: the settings of the run cut short in `out` (its generation.json)."""
     try:
-        return json.loads((out / "generation.json").read_text())
+        record = json.loads((out / "generation.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"--resume: {out / 'generation.json'} cannot be read ({e}): no run to go on with there")
+    if not isinstance(record, dict):
+        raise ValueError(f"--resume: {out / 'generation.json'} cannot be read (a JSON {type(record).__name__}, not "
+                         "the object generate writes): no run to go on with there")
+    return record
 
 
 def _read_samples(out: Path, indices) -> torch.Tensor:

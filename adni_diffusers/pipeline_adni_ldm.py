@@ -781,9 +781,12 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         differ = [f"{key}={_short(now[key])} (trained with {_short(then)})" for key, then in
                   (self.config.get("training_noise") or {}).items() if key in now and not _same_setting(now[key], then)]
         if differ:
+            # (`from_config(pipe.scheduler.config)` would copy this scheduler's wrong settings: the model's own
+            # are in pipe.config.training_noise)
             raise ValueError(f"{name} has {', '.join(differ)}: not the forward process this UNet learned, so its "
                              f"samples would not be slices; build the scheduler with `{name}.from_config("
-                             "pipe.scheduler.config)` (the saved scheduler's settings) or pass the values above")
+                             "pipe.scheduler.config, **pipe.config.training_noise)` (the settings the UNet was "
+                             "trained with) or pass the values above")
 
     def _check_scheduler(self, num_inference_steps: int) -> None:
         """Refinement and image-to-image start part-way along the timesteps, from a re-noised x_0: that needs a
@@ -792,7 +795,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         needs = "refinement and image-to-image need DDPM, DDIM, DPMSolverMultistep or UniPC"
         if getattr(self.scheduler, "alphas_cumprod", None) is None or float(self.scheduler.init_noise_sigma) != 1.0:
             raise ValueError(f"{name} is not a variance-preserving scheduler; {needs}")
-        self.scheduler.set_timesteps(num_inference_steps, device="cpu")
+        try:
+            self.scheduler.set_timesteps(num_inference_steps, device="cpu")
+        except ValueError:  # PNDM below 4 steps: numpy's "operands could not be broadcast together", naming neither
+            raise ValueError(f"{name} cannot take num_inference_steps={num_inference_steps}; {needs}") from None
         if len(self.scheduler.timesteps) != num_inference_steps:
             raise ValueError(f"{name} makes {len(self.scheduler.timesteps)} timesteps for num_inference_steps="
                              f"{num_inference_steps}, so a later start is not a step count; {needs}")

@@ -40,10 +40,24 @@ def test_a_full_disk_says_where_and_what_next(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(generate, "main", full)
     monkeypatch.setattr(evaluate, "main", full)
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "generation.json").write_text("{}")  # the run's record: --resume goes on with it
     assert cli.main(["generate", "--model", "m", "--out", str(tmp_path / "samples")]) == 2
     err = capsys.readouterr().err
     assert f"No space left on device; --out {tmp_path / 'samples'} has " in err and " free: make room (or write " \
         "elsewhere) and run it again with --resume: the images written are kept" in err, err
+    # stopped before its record was written: --resume would be refused ("no run to go on with there")
+    (tmp_path / "samples" / "generation.json").unlink()
+    assert cli.main(["generate", "--model", "m", "--out", str(tmp_path / "samples")]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("free: make room (or write elsewhere) and run it again") and "--resume" not in err
+    # a read-only file system has no room to make
+    monkeypatch.setattr(generate, "main", lambda args: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")))
+    assert cli.main(["generate", "--model", "m", "--out", str(tmp_path / "samples")]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(f"Read-only file system: --out {tmp_path / 'samples'} is on a read-only file "
+                                 "system: write elsewhere"), err
     assert cli.main(["evaluate", "--model", str(tmp_path / "ldm")]) == 2
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'ldm' / 'evaluation'} has " in err and "and run it again\n" in err, err

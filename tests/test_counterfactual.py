@@ -227,6 +227,9 @@ def test_bad_inputs_fail_clearly_before_sampling(tiny_ldm, nc_slice, tmp_path, c
          ["--data-dir, --feature-epochs only apply with --measure, --classify or --classifier"]),
         # the noise seeds are taken modulo 2**63: -1 gave another seed's noise, without a word
         (["--image", nc_slice, "--to", "AD", "--seed", "-1"], ["--seed -1: expected 0 .. 2**32 - 1"]),
+        # the unconditional model: "-> AD" and "-> NC" came out identical, labelled as counterfactuals
+        (["--image", nc_slice, "--to", "AD", "--guidance", "0"], ["--guidance 0 samples the unconditional model, "
+                                                                  "so --to would have no effect"]),
         # "" (an unset shell variable) wrote into the current folder
         (["--image", nc_slice, "--to", "AD", "--out", ""], ["--out is empty; expected an output folder"]),
     ]

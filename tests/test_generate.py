@@ -324,6 +324,9 @@ def test_an_earlier_run_in_out_is_refused_unless_overwrite(fresh_pipe, tmp_path,
     (["--num-images", str(2**64 + 1)], f"--num-images {2**64 + 1}: expected at most 2**64"),
     # below 0 it steered away from the class, without a word (counterfactual refused it)
     (["--guidance", "-1", "--class", "AD"], "--guidance -1: expected a number >= 0"),
+    # 0 is the unconditional model: images recorded as AD's, with the label of no effect
+    (["--guidance", "0", "--class", "AD"], "--guidance 0 samples the unconditional model, so --class would have no "
+                                           "effect; give 1 (the class label alone, no guidance) or more"),
     # "" (an unset shell variable) wrote the images into the current folder
     (["--out", ""], "--out is empty; expected an output folder"),
 ])
@@ -1060,3 +1063,59 @@ def test_a_resumes_progress_bar_starts_at_the_kept_images(fresh_pipe, tmp_path, 
     (bar,) = bars
     assert (bar.total, bar.initial, bar.n) == (8, 6, 8)
     assert bar.updates == [1, 1]  # one image, two steps: nothing for the kept three
+
+
+# --- generate review 2026-12-06
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tiny_ldm, tmp_path, monkeypatch, capsys):
+    """A read-only --out, or one under /proc, failed only at the first file, after the model had loaded (minutes for
+    a Hub model), with an error naming no flag. The check leaves no folder behind where it made one."""
+    from adni_diffusers import cli, generate
+
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(generate, "load_pipeline", not_loaded)
+    out = Path("/proc/adni_diffusers_test/samples")
+    assert cli.main(["generate", "--model", str(tiny_ldm), "--out", str(out), "--num-images", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write there (" in err, err
+    # a writable one passes the check, and the folders it made for the probe are gone again
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(ValueError("stop here")))
+    assert cli.main(["generate", "--model", str(tiny_ldm), "--out", str(tmp_path / "a" / "b"), "--num-images",
+                     "1"]) == 2
+    assert "stop here" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_generation_record_that_is_not_an_object_is_named(tiny_ldm, tmp_path, capsys, resume):
+    """A generation.json holding `[]` (valid JSON, not generate's record) ended in a traceback: "'list' object has no
+    attribute 'get'" (exit 1), and with --resume "'list' object is not a mapping"."""
+    from adni_diffusers import cli
+
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / "generation.json").write_text("[]")
+    flags = ["--resume"] if resume else []
+    assert cli.main(["generate", "--model", str(tiny_ldm), "--out", str(out), "--num-images", "1", "--steps", "2",
+                     *flags]) == 2
+    err = capsys.readouterr().err
+    if resume:
+        assert f"--resume: {out / 'generation.json'} cannot be read (a JSON list, not the object generate writes)" \
+            in err, err
+    else:  # an earlier run's file there: refused as one, without the cut-short hint it cannot give
+        assert "holds 1 output(s) of an earlier run (e.g. generation.json); pass --overwrite" in err, err
+
+
+def test_guidance_below_one_with_a_class_warns_that_the_label_pulls_less(caplog):
+    """Between 0 and 1 the unconditional model is mixed in: allowed (a weaker label), said."""
+    from adni_diffusers.generate import check_guidance
+
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.generate"):
+        check_guidance(0.5, "--to")
+        check_guidance(0.5)  # no class: nothing to weaken
+        check_guidance(1.0, "--to")
+    assert [r.getMessage() for r in caplog.records] == [
+        "--guidance 0.5: below 1 mixes in the unconditional model, so --to pulls less than the class label alone "
+        "(1 = no guidance)"]

@@ -613,8 +613,13 @@ def test_a_scheduler_with_another_forward_process_is_refused(tmp_path):
     assert pipe(**kwargs).images.shape == (1, 4, 32, 32)
     pipe.scheduler = DDIMScheduler(clip_sample=False)
     with pytest.raises(ValueError, match=r"DDIMScheduler has prediction_type='epsilon' \(trained with "
-                                         r"'v_prediction'\).*DDIMScheduler.from_config\(pipe.scheduler.config\)"):
+                                         r"'v_prediction'\).*`DDIMScheduler.from_config\(pipe.scheduler.config, "
+                                         r"\*\*pipe.config.training_noise\)`"):
         pipe(**kwargs)
+    # the advice, followed as it is written, mends it (`from_config(pipe.scheduler.config)` alone copied the wrong
+    # scheduler's settings, and the same error came again)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **pipe.config.training_noise)
+    assert pipe(**kwargs).images.shape == (1, 4, 32, 32)
     pipe.scheduler = DDIMScheduler.from_config(trained.config, beta_schedule="scaled_linear")
     with pytest.raises(ValueError, match="beta_schedule='scaled_linear' \\(trained with 'linear'\\)"):
         pipe(**kwargs)
@@ -1174,6 +1179,10 @@ def test_a_step_count_the_scheduler_cannot_take_is_named(pipe):
     try:
         with pytest.raises(ValueError, match="PNDMScheduler cannot take num_inference_steps=2"):
             pipe(batch_size=1, class_labels="AD", num_inference_steps=2)
+        # with refinement, checked first, it was numpy's error alone
+        with pytest.raises(ValueError, match="PNDMScheduler cannot take num_inference_steps=3; refinement and "
+                                             "image-to-image need DDPM"):
+            pipe(batch_size=1, class_labels="AD", num_inference_steps=3, refine_steps=1, refine_repeats=1)
     finally:
         pipe.scheduler = original
 
