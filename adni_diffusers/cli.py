@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     args = command_parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tolerate_any_character(sys.stdout)
+    from .progress import console_logs_above_progress_bars
     from .training import TrainingStopped
 
     try:
-        code = int(module.main(args) or 0)
+        with console_logs_above_progress_bars():  # evaluate's log lines were glued to the end of its bars
+            code = int(module.main(args) or 0)
         sys.stdout.flush()  # a reader gone (`| head`) shows here, not as an error while Python exits
         return code
     except BrokenPipeError as e:  # `held-out ... | head -3`: the reader has what it wanted. Quiet, as a Unix tool

@@ -307,7 +307,7 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
     the scheduler's usual count. `classifier`: a `features.FeatureNet` whose class names include `to`.
     `progress`: a tqdm bar of the denoising steps.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     target = check_target(pipe, to)
     strengths = check_strengths(strengths)
@@ -318,7 +318,7 @@ def make_counterfactuals(pipe, image, to, strengths=DEFAULT_STRENGTHS, guidance:
     with _Sampler(pipe, guidance, seed, scheduler, steps) as sample:
         check_strengths(strengths, sample.steps)
         work = len(pixels) * sum(sample.denoising_steps(s) for s in strengths)
-        bar = tqdm(total=work, desc="counterfactuals (image-steps)", unit="img-step", disable=not progress)
+        bar = progress_bar(total=work, desc="counterfactuals (image-steps)", unit="img-step", disable=not progress)
         for start in range(0, len(pixels), batch_size):
             batch = pixels[start:start + batch_size]
             recon = sample.reconstruct(batch)
@@ -608,7 +608,7 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
     mean_difference.png and example_strip.png (the strip of slice N // 2; `info["slices"]`, the slices'
     file names, names it).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .metrics import brain_mask
 
@@ -629,7 +629,7 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
     with _Sampler(pipe, guidance, seed, scheduler, steps) as sample:
         check_strengths(strengths, sample.steps)
         work = len(pixels) * sum(sample.denoising_steps(s) for s in strengths) * (2 if control else 1)
-        bar = tqdm(total=work, desc="counterfactuals (image-steps)", unit="img-step", disable=not progress)
+        bar = progress_bar(total=work, desc="counterfactuals (image-steps)", unit="img-step", disable=not progress)
         for start in range(0, len(pixels), batch_size):
             x = pixels[start:start + batch_size]
             mask = brain_mask(x)

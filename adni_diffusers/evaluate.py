@@ -315,7 +315,7 @@ def sample_images(pipe, labels: list, *, scheduler: str = DEFAULT_SCHEDULER, ste
     Returns float (N, 1, 256, 256) in [-1, 1] on the CPU, in the order of `labels`. Noise per image
     from `image_seed(seed, label, k)` (k counts that label's images). The pipeline's scheduler is
     swapped for `scheduler` during the call and restored afterwards."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     steps = steps or default_steps(scheduler)
     counters: dict = {}
@@ -330,7 +330,7 @@ def sample_images(pipe, labels: list, *, scheduler: str = DEFAULT_SCHEDULER, ste
     total = len(labels) * (steps + refine_steps * refine_repeats)
     out = []
     try:
-        with tqdm(total=total, desc=desc, unit="img-step", disable=not progress, leave=False) as bar:
+        with progress_bar(total=total, desc=desc, unit="img-step", disable=not progress, leave=False) as bar:
             def tick(p, step, t, tensors):
                 bar.update(len(tensors["latents"]))
                 return {}
@@ -377,10 +377,10 @@ def as_slice_set(images: torch.Tensor, labels, class_names: list[str], prefix: s
 def extract_features(net, images: torch.Tensor, batch_size: int = 64, device=None, progress: bool = True,
                      desc: str = "features") -> torch.Tensor:
     """FeatureNet embeddings of uint8 (N, H, W) or float (N, 1, H, W) images: float32 (N, D), with a bar."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     out = []
-    for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+    for s in progress_bar(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         out.append(net.features(images[s : s + batch_size], batch_size=batch_size, device=device))
     return torch.cat(out) if out else torch.empty(0, net.num_features)
 

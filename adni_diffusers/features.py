@@ -435,9 +435,9 @@ def train_feature_net(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=total, desc=name, unit="step")
+        bar = progress_bar(total=total, desc=name, unit="step")
     history, t0 = [], time.perf_counter()
     for epoch in range(epochs):
         order = torch.randperm(len(train), generator=gen)

@@ -350,7 +350,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     each image has its own seed, so they are the images an uninterrupted run makes, up to a grey level where the
     batches differ). `pipe`: a loaded pipeline to sample with instead of loading `model` (the demo's, reused for
     each class); it keeps the `scheduler` set here, its progress bar off and, with `compile`, its compiled UNet."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .plots import to_pil_grid
 
@@ -490,7 +490,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 
     # a resume's kept images start the bar (`initial`: not counted in its rate; one jump made the rate and the time
     # left look several times better than they were)
-    with tqdm(total=num_images * total_steps, initial=len(made) * total_steps, desc="sampling (image-steps)",
+    with progress_bar(total=num_images * total_steps, initial=len(made) * total_steps, desc="sampling (image-steps)",
               unit="img-step") as bar:
         def progress(p, step, t, tensors):
             bar.update(len(tensors["latents"]))

@@ -64,11 +64,11 @@ def older_cache_keys(vq_dir: Path, slices: SliceSet) -> list[str]:
 @torch.no_grad()
 def encode_all(vq, slices: SliceSet, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """Scaled pre-quantisation latents (N, 4, 32, 32), float32, on the CPU."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     device = next(vq.parameters()).device
     out = []
-    for start in tqdm(range(0, len(slices), batch_size), desc="encoding latents", disable=not progress):
+    for start in progress_bar(range(0, len(slices), batch_size), desc="encoding latents", disable=not progress):
         # uint8 to the device, floats made there: a quarter of the bytes over the bus, the same values
         x = to_model_input(slices.pixels[start:start + batch_size].to(device))
         out.append(encode_slices(vq, x).float().cpu())

@@ -30,7 +30,23 @@ def to_pil_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2)
 
 
 GRID_CAPTION_HEIGHT = 18  # the band above a labelled grid (one line of PIL's default font)
+GRID_CAPTION_LINE = 12  # each further line of a caption wrapped to the grid's width
 GRID_TITLES_WIDTH = 100  # the band left of it, for row titles
+
+
+def wrapped(text: str, width: float) -> list[str]:
+    """`text` in lines of PIL's default font no wider than `width` pixels, broken between words (a word wider
+    than that on a line of its own)."""
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if line and measure.textlength(candidate) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + [line] if line else lines
 
 
 def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: list[str] | None = None,
@@ -38,12 +54,14 @@ def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: li
     """A `to_pil_grid` grid of `tile`-pixel images with a caption above (what it shows: step, weights, sampler)
     and a title left of each row (a class, "original"): the periodic grids said neither."""
     left = GRID_TITLES_WIDTH if row_titles else 0
-    top = GRID_CAPTION_HEIGHT if caption else 0
+    # a caption wider than a narrow grid (one column: 258 px) was cut off mid-word: it wraps
+    lines = wrapped(caption, grid.width - 2 * padding) if caption else []
+    top = GRID_CAPTION_HEIGHT + (len(lines) - 1) * GRID_CAPTION_LINE if lines else 0
     out = Image.new("L", (left + grid.width, top + grid.height), 255)
     out.paste(grid.convert("L"), (left, top))
     draw = ImageDraw.Draw(out)
-    if caption:
-        draw.text((left + padding, 3), caption, fill=0)
+    for i, line in enumerate(lines):
+        draw.text((left + padding, 3 + i * GRID_CAPTION_LINE), line, fill=0)
     for r, title in enumerate(row_titles or []):
         draw.text((2, top + padding + r * (tile + padding) + tile // 2 - 6), title[:16], fill=0)
     return out

@@ -594,15 +594,15 @@ def main(args: argparse.Namespace) -> dict:
                     kept.unlink(missing_ok=True)
                 elif not (kept.exists() and kept.samefile(source)):
                     shutil.copyfile(source, kept)
-            logger.info("sampling the model card's samples.png (DDIM, %d steps, 8 per class) and writing the card",
-                        args.sample_inference_steps)
+            logger.info("sampling the model card's samples.png (DDIM, %d steps, 8 %s) and writing the card",
+                        args.sample_inference_steps, "per class" if class_names else "samples")
             grid = _final_samples(pipe, class_names, args, device)
             from adni_diffusers.model_card import write_model_card
 
             write_model_card(args.output_dir, pipe, args, data_source=data_source, sample_grid=grid)
             logger.info("the pipeline is in %s (samples.png, README.md: its card): adni-diffusers generate --model %s "
-                        "--out samples, or DiffusionPipeline.from_pretrained(%r, trust_remote_code=True)",
-                        args.output_dir, args.output_dir, str(args.output_dir))
+                        "--out samples, or DiffusionPipeline.from_pretrained(%r, trust_remote_code=True). %s",
+                        args.output_dir, args.output_dir, str(args.output_dir), training.where_to_watch(args))
             training.push_if_asked(accelerator, args)
         accelerator.wait_for_everyone()
     accelerator.end_training()

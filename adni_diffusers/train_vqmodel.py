@@ -247,8 +247,9 @@ def main(args: argparse.Namespace) -> dict:
             from adni_diffusers.model_card import write_model_card
 
             write_model_card(args.output_dir, None, args, data_source=data_source)
-            logger.info("the VQModel is in %s/vqvae (metrics.json, reconstructions.png): train the UNet on it with "
-                        "train_unet.py --vqmodel %s", args.output_dir, args.output_dir)
+            logger.info("the VQModel is in %s (vqvae/; metrics.json, reconstructions.png beside it): train the UNet "
+                        "on it with train_unet.py --vqmodel %s. %s", args.output_dir, args.output_dir,
+                        training.where_to_watch(args))
             training.push_if_asked(accelerator, args)
         accelerator.wait_for_everyone()
     accelerator.end_training()

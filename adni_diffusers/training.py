@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .compile_probe import CUDA_GRAPH_MODES
+from .progress import console_logs_above_progress_bars, on_a_terminal
 from .files import (fsync_tree, not_a_folder, read_as_data, read_json_object, remove_path, replace_folder,
                     write_text_atomically, writing)
 
@@ -49,6 +50,8 @@ CPU_PACE_STEPS = 3
 LONG_CPU_RUN_S = 3600.0
 # loss_curve.png at a checkpoint: at most this often (a drawing takes ~0.2 s; a test checkpoints every step)
 LOSS_CURVE_EVERY_S = 60.0
+# where stderr is not a terminal (a SLURM .out), a log line of the step, loss, lr and pace at most this often
+PLAIN_LOG_SECONDS = 30.0
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # their rate after warm-up does not depend on the length
 
 
@@ -278,6 +281,18 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
 def logging_folder(args) -> Path:
     """Where tensorboard writes: --logging_dir under --output_dir (an absolute path stays itself)."""
     return (Path(args.output_dir) / args.logging_dir).resolve()
+
+
+def where_to_watch(args) -> str:
+    """The run's pictures and logs for its last log line: the loss curve, the sample grids (where written) and the
+    tensorboard folder (where it reports there). The summary named the model alone."""
+    out = Path(args.output_dir)
+    parts = [f"loss curve {out / 'loss_curve.png'}"]
+    if (out / "samples").is_dir():
+        parts.append(f"sample grids {out / 'samples'}")
+    if getattr(args, "report_to", "none") == "tensorboard":
+        parts.append(f"tensorboard --logdir {logging_folder(args)}")
+    return "; ".join(parts)
 
 
 # where inf means something (no clipping; a Min-SNR weight clamped nowhere): any other inf trained nothing or
@@ -1829,9 +1844,12 @@ class TrainingRun:
                         "%d steps (%d epochs)%s", self.stage, len(self.loader.dataset), acc.num_processes,
                         args.train_batch_size, args.gradient_accumulation_steps, per_step, self.max_train_steps,
                         self.num_epochs, f", from step {self.global_step}" if self.global_step else "")
+        # in a log file (a SLURM .out) a plain line every PLAIN_LOG_SECONDS instead of the bar (`flush_logs`)
+        self._plain_log = acc.is_main_process and not on_a_terminal()
+        self._plain_logged_at = None
         self.progress = tqdm(
             total=self.max_train_steps, initial=self.global_step, desc=f"{self.stage} steps",
-            disable=not acc.is_local_main_process, dynamic_ncols=True,
+            disable=not acc.is_local_main_process or not on_a_terminal(), dynamic_ncols=True,
         )
         # a stop signal is noted, not obeyed at once: the processes agree on a step, checkpoint it and stop
         catch = threading.current_thread() is threading.main_thread()
@@ -2055,6 +2073,8 @@ class TrainingRun:
         self._validation = None
         self.accelerator.log(means, step=self.global_step)
         self.progress.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k in ("loss", "lr", "rec_loss")})
+        if self._plain_log:
+            self._log_plain_line(means)
         if self.accelerator.is_main_process:
             history = self.output_dir / HISTORY_FILE
             history.parent.mkdir(parents=True, exist_ok=True)
@@ -2062,6 +2082,26 @@ class TrainingRun:
                 f.write(json.dumps({"step": self.global_step, "time": round(time.time() - self.start_time, 2),
                                     **means}) + "\n")
         return means
+
+    def _log_plain_line(self, means: dict[str, float]) -> None:
+        """The bar's news as a log line, where stderr is not a terminal: at the first log, every PLAIN_LOG_SECONDS
+        and at the last step. The pace is over the last interval between logs (a checkpoint or sample grid in it
+        counts as time)."""
+        now = time.monotonic()
+        due = self._plain_logged_at is None or now - self._plain_logged_at >= PLAIN_LOG_SECONDS
+        if not due and self.global_step < self.max_train_steps:
+            return
+        self._plain_logged_at = now
+        pace = ""
+        points = self._log_points or []
+        if len(points) >= 2 and points[-1][0] > points[-2][0] and points[-1][1] > points[-2][1]:
+            seconds_per_step = (points[-1][1] - points[-2][1]) / (points[-1][0] - points[-2][0])
+            left = (self.max_train_steps - self.global_step) * seconds_per_step
+            pace = (f", {self._images_per_step() / seconds_per_step:.4g} images/s"
+                    + (f", about {_duration(left)} left" if left > 0 else ""))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in means.items() if not k.startswith("val_"))
+        logger.info("%s step %d/%d (%d%%): %s%s", self.stage, self.global_step, self.max_train_steps,
+                    100 * self.global_step // max(self.max_train_steps, 1), shown, pace)
 
     def _current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -2174,19 +2214,14 @@ class TrainingRun:
             self.accelerator.log(values, step=self.global_step)
 
 
-def console_logs_above_progress_bars():
-    """Log lines (a checkpoint saved, a warning) written above tqdm's bar, not glued to the end of its line: tqdm's
-    redirect, for the loggers that print to the console (the root's, from logging.basicConfig, and diffusers' own,
-    which does not propagate). A logger without a console handler (a notebook's or a test's own set-up) is left as
-    it is: the redirect would add one."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    def prints_to_console(logger):
-        consoles = (sys.stdout, sys.stderr)
-        return any(isinstance(h, logging.StreamHandler) and h.stream in consoles for h in logger.handlers)
-
-    loggers = [lg for lg in (logging.root, logging.getLogger("diffusers")) if prints_to_console(lg)]
-    return logging_redirect_tqdm(loggers=loggers) if loggers else contextlib.nullcontext()
+def _duration(seconds: float) -> str:
+    """"2 h 05 min", "3 min 20 s", "40 s": a time left, as a reader takes it in."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
 
 
 def _detached(logs: dict) -> dict[str, torch.Tensor]:

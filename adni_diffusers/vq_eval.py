@@ -118,7 +118,7 @@ def eval_set_name(data: SliceData, split: str | None) -> str:
 
 def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = None) -> dict:
     """Set `scaling_factor`, save `vqvae/`, write `metrics.json` and `reconstructions.png`."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .plots import save_image_grid
     from .vq import code_usage, latent_statistics
@@ -126,7 +126,7 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
     output_dir = Path(args.output_dir)
     vq = vq.to(device).eval()
     # a pass over every training slice after the last step (minutes on ADNI): shown, not a silent wait
-    stats = latent_statistics(vq, tqdm(_loader(data.train, args.eval_batch_size), desc="scaling factor (batches)"),
+    stats = latent_statistics(vq, progress_bar(_loader(data.train, args.eval_batch_size), desc="scaling factor (batches)"),
                               device)
     vq.register_to_config(scaling_factor=stats["scaling_factor"])
 

@@ -313,3 +313,18 @@ def test_every_option_of_every_command_and_training_script_says_what_it_does():
               if action.option_strings and action.help != argparse.SUPPRESS and not (action.help or "").strip()]
     assert silent == []
     assert len(parsers) == len(cli.COMMANDS) + 2 and all(len(p._actions) > 3 for p in parsers.values())
+
+
+def test_a_commands_log_lines_go_above_its_progress_bars(monkeypatch):
+    """`evaluate` glued each log line onto the end of its bar ("... epoch=1, loss=1.267]INFO adni_diffusers..."):
+    training sent its log lines through tqdm, the commands did not."""
+    import logging
+    import sys
+
+    seen = []
+    cli = _fake_command(monkeypatch, main=lambda args: seen.append(
+        [type(h).__name__ for h in logging.getLogger().handlers]))
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.StreamHandler(sys.stderr)])  # basicConfig's
+    assert cli.main(["fake"]) == 0
+    assert seen == [["_TqdmLoggingHandler"]]
+    assert [type(h).__name__ for h in logging.getLogger().handlers] == ["StreamHandler"]  # as it was, after

@@ -171,7 +171,7 @@ def test_a_labelled_grid_has_its_caption_above_and_a_title_left_of_each_row():
     from adni_diffusers.plots import GRID_CAPTION_HEIGHT, GRID_TITLES_WIDTH, labelled_grid, to_pil_grid
 
     grid = to_pil_grid(torch.full((4, 1, 32, 32), -1.0), nrow=2)  # two rows of black tiles
-    out = labelled_grid(grid, 32, row_titles=["AD", "NC"], caption="step 5, EMA weights, DDIM 3 steps")
+    out = labelled_grid(grid, 32, row_titles=["AD", "NC"], caption="step 5, EMA")  # one line, in 70 px
     assert isinstance(out, Image.Image) and out.mode == "L"
     assert out.size == (GRID_TITLES_WIDTH + grid.width, GRID_CAPTION_HEIGHT + grid.height)
     pixels = np.asarray(out)
@@ -181,3 +181,25 @@ def test_a_labelled_grid_has_its_caption_above_and_a_title_left_of_each_row():
                  for r in range(2)]
     assert all(band.min() < 64 for band in row_bands)  # a title beside each row
     assert labelled_grid(grid, 32).size == grid.size  # nothing to add: the grid alone
+
+
+def test_a_caption_wider_than_its_grid_wraps_rather_than_being_cut_off():
+    """A one-column grid (--num_sample_images 2: 258 px) cut its caption off mid-word ("...; a colum")."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT, GRID_CAPTION_LINE, labelled_grid, to_pil_grid, wrapped
+
+    caption = "step 15, EMA weights, DDIM 3 steps, guidance 2; a column is one starting noise in every class row"
+    grid = to_pil_grid(torch.full((2, 1, 256, 256), -1.0), nrow=1)
+    lines = wrapped(caption, grid.width - 4)
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    assert len(lines) >= 2 and " ".join(lines) == caption  # every word, in order
+    assert all(measure.textlength(line) <= grid.width - 4 for line in lines)
+    out = labelled_grid(grid, 256, caption=caption)
+    top = GRID_CAPTION_HEIGHT + (len(lines) - 1) * GRID_CAPTION_LINE
+    assert out.size == (grid.width, top + grid.height)
+    pixels = np.asarray(out)
+    assert np.array_equal(pixels[top:], np.asarray(grid))  # the grid below the whole caption
+    assert all(pixels[3 + i * GRID_CAPTION_LINE: 3 + (i + 1) * GRID_CAPTION_LINE].min() < 64
+               for i in range(len(lines)))  # text on every line

@@ -2687,6 +2687,9 @@ def test_a_unet_run_on_the_demo_set_says_so_once(tmp_path, vq, demo_root, monkey
     # and the end of the run says where the model is and how to use it
     assert f"the pipeline is in {tmp_path / 'ldm'} (samples.png, README.md: its card): adni-diffusers generate " \
         f"--model {tmp_path / 'ldm'} --out samples" in caplog.text
+    assert f"trust_remote_code=True). loss curve {tmp_path / 'ldm' / 'loss_curve.png'}" in caplog.text
+    # an unconditional model's samples.png is one row of 8, not "8 per class"
+    assert "(DDIM, 3 steps, 8 samples) and writing the card" in caplog.text
     assert json.loads((tmp_path / "ldm" / "training_data.json").read_text())["source"] == "demo"
 
 

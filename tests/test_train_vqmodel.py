@@ -246,8 +246,14 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
     assert "--lr_warmup_steps 8 is not below the run's 4 steps: the learning rate peaks at 0.0001" in caplog.text
     assert re.search(r"VQModel: \d+ training images; 1 process\(es\) x batch 4 x 1 accumulated = 4 images per step; "
                      r"4 steps \(\d+ epochs\)\n", caplog.text)
-    assert f"the VQModel is in {out}/vqvae (metrics.json, reconstructions.png): train the UNet on it with " \
-        f"train_unet.py --vqmodel {out}" in caplog.text  # where the model is, and the next step
+    # where the model and its measures are (metrics.json is beside vqvae/, not in it), the next step, and where to
+    # watch: the curve, the tensorboard folder
+    assert f"the VQModel is in {out} (vqvae/; metrics.json, reconstructions.png beside it): train the UNet on it " \
+        f"with train_unet.py --vqmodel {out}. loss curve {out / 'loss_curve.png'}; sample grids {out / 'samples'}; " \
+        f"tensorboard --logdir {(out / 'logs').resolve()}\n" in caplog.text
+    # stderr is no terminal here (a SLURM .out alike): the bar is off and a plain line says what it would have
+    assert re.search(r"VQModel step 2/4 \(50%\): rec_loss [^\n]*, loss [^\n]*, lr [\d.e-]+\n", caplog.text)
+    assert re.search(r"VQModel step 4/4 \(100%\): rec_loss [^\n]*, lr [\d.e-]+, [\d.e+]+ images/s\n", caplog.text)
     with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
         run_training_script("train_vqmodel", [*common, "--max_train_steps", "3",
                                               "--resume_from_checkpoint", out / "checkpoint-2"])

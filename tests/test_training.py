@@ -953,3 +953,26 @@ def test_a_second_run_in_one_process_may_take_another_precision(demo_root, tmp_p
             assert (root.level, list(root.handlers), logging.getLogger("accelerate").level) == session
     finally:
         reset_accelerate()
+
+
+def test_bars_redraw_seldom_where_stderr_is_a_log_file(monkeypatch):
+    """tqdm redraws up to 10 times a second with a carriage return: in a SLURM .out that is one line growing for the
+    whole run. Where stderr is no terminal, a bar redraws every LOG_FILE_BAR_SECONDS (training logs plain lines)."""
+    import io
+    import sys
+
+    from adni_diffusers import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not progress.on_a_terminal()
+    with progress.progress_bar(total=3, file=sys.stderr) as bar:
+        assert bar.mininterval == progress.LOG_FILE_BAR_SECONDS
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert progress.on_a_terminal()
+    with progress.progress_bar(total=3, file=sys.stderr) as bar:
+        assert bar.mininterval == 0.1  # tqdm's own
+    assert progress.progress_bar(total=1, mininterval=5, file=sys.stderr).mininterval == 5  # asked for: kept
