@@ -1709,6 +1709,11 @@ def evaluate_model(
         raise EvaluationError(f"--guidance {guidance:g}: this model is unconditional (classifier-free guidance "
                               "steers toward a class); leave --guidance out")
     guidance = (DEFAULT_GUIDANCE_CONDITIONAL if guidance is None else float(guidance)) if conditional else 1.0
+    if conditional:  # 0: every class's samples the unconditional model's, measured as that class's
+        try:
+            check_guidance(guidance, "the class labels")
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
     # images per class for the distribution metrics (step 5), known now: too few is refused before hours of work
     # (per class: held-out and training images are compared in equal numbers)
     # the floor's training images come from patients the feature net does not train on (new to it, as generated

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -48,25 +49,22 @@ def not_a_folder(path: Path) -> str | None:
 
 
 def cannot_write_in(folder: Path) -> str | None:
-    """Why no file can be written in `folder`, or None: a probe file is written there (the folder made for it and
-    removed again where it was missing). A read-only mount or a path under /proc failed only at the first file, after
-    the model had loaded, with an error that named no flag."""
+    """Why no file can be written in `folder` (made later where missing), or None: a temporary file is made and gone
+    in it, or in its nearest existing parent, and nothing else is made or removed. A read-only mount or a path under
+    /proc failed only at the first file, after the model had loaded, with an error that named no flag."""
     folder = Path(folder)
-    made = None
-    if not folder.exists():
-        made = folder.absolute()
-        while not made.parent.exists():
-            made = made.parent
+    for path in (folder, *folder.parents):
+        if path.is_symlink() and not path.exists():  # mkdir would fail later ("File exists") on the link
+            return f"{path} is a link to {os.readlink(path)}, which does not exist"
+        if path.exists():
+            break
+    else:
+        return None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_check-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path, prefix=".write_check-"):
+            pass
     except OSError as e:
         return f"cannot write there ({e.strerror or e})"
-    finally:
-        if made is not None:
-            remove_path(made, ignore_errors=True)
     return None
 
 

@@ -74,7 +74,7 @@ def _unseen_by_both_stages(model_dir: Path, data, record: dict, data_dir, chosen
     patient with slices in train/ too, and, where the VQModel held out other patients than the UNet, the VQModel's
     training patients. Each left out with a warning (a reviewer's report: they were listed, exit 0, the warning
     alone said so, and a pipe passes stdout on)."""
-    from .data import PATIENT_SLICE_RE, shared_patients
+    from .data import PATIENT_SLICE_RE, patient_part, patients_by_rule, shared_patients
 
     val = data.val
     if data.shared_patients:
@@ -91,8 +91,12 @@ def _unseen_by_both_stages(model_dir: Path, data, record: dict, data_dir, chosen
             left_out = set(out)
             chosen = [i for i in chosen if i not in left_out]
     if record.get("first_stage_held_out") is False:
-        seen, patient_by_path = _first_stage_training_patients(model_dir, data, record, data_dir)
-        out = [i for i in chosen if val.patients[i] in seen or patient_by_path.get(val.paths[i]) in seen]
+        vq_trained = _first_stage_training_paths(model_dir, data, record, data_dir)
+        # both sides' patients by the UNet's --patient_ids rule, in one call (one name per subject across both): the
+        # VQModel's own rule ("file" before 2026-12-03) gave ADNI_101_S_1006_m06 and ADNI_101_S_1006_bl apart
+        named, _ = patients_by_rule([patient_part(p) for p in [*vq_trained, *val.paths]], data.patient_ids)
+        seen, val_patients = set(named[:len(vq_trained)]), named[len(vq_trained):]
+        out = [i for i in chosen if val_patients[i] in seen]
         if out:
             logger.warning("left out %d held-out slice(s) of %d patient(s) that the VQModel (first stage) trained on "
                            "(it held out other patients than the UNet)", len(out), len({val.patients[i] for i in out}))
@@ -104,9 +108,8 @@ def _unseen_by_both_stages(model_dir: Path, data, record: dict, data_dir, chosen
     return chosen
 
 
-def _first_stage_training_patients(model_dir: Path, data, record: dict, data_dir) -> tuple[set[str], dict[str, str]]:
-    """The patients the pipeline's VQModel trained on, and the patient of each slice of its data folder by path (its
-    --patient_ids rule may count a name otherwise), redrawn from the UNet's record of it (vqmodel_data) as
+def _first_stage_training_paths(model_dir: Path, data, record: dict, data_dir) -> list[str]:
+    """The slices the pipeline's VQModel trained on, redrawn from the UNet's record of it (vqmodel_data) as
     load_evaluation_data redraws the UNet's own split. EvaluationError where that record cannot be reproduced."""
     import torch
 
@@ -135,23 +138,22 @@ def _first_stage_training_patients(model_dir: Path, data, record: dict, data_dir
             or vq.get("validation_pixels_sha256") not in (None, vq_data.val.pixels_sha256())):
         raise EvaluationError(f"the VQModel's training data {root} no longer splits as its training recorded "
                               f"(vqmodel_data in {model_dir / 'training_data.json'}): it changed since, {cannot}")
-    everything = vq_data.train.paths + vq_data.val.paths
-    if Path(root).resolve() == Path(data.root).resolve():
-        return set(vq_data.train.patients), dict(zip(everything, vq_data.train.patients + vq_data.val.patients))
-    # names alone tell patients apart across two folders only where the same names hold the same images: a
-    # re-export that numbered the patients otherwise puts other people under them
-    by_name: dict[tuple, list[int]] = {}  # (class folder, file name): a name may be in train/ and test/ both
-    for k, path in enumerate(everything):
-        by_name.setdefault((Path(path).parent.name, Path(path).name), []).append(k)
-    pixels = torch.cat([vq_data.train.pixels, vq_data.val.pixels])
-    renamed = [i for i, path in enumerate(data.val.paths)
-               if (ks := by_name.get((Path(path).parent.name, Path(path).name)))
-               and not any(torch.equal(data.val.pixels[i], pixels[k]) for k in ks)]
-    if renamed:
-        raise EvaluationError(f"the VQModel's training data {root} holds other images than {data.root} under "
-                              f"{len(renamed)} of the same file names (e.g. {Path(data.val.paths[renamed[0]]).name}: "
-                              f"a re-export, patients numbered otherwise?), {cannot}")
-    return set(vq_data.train.patients), dict(zip(everything, vq_data.train.patients + vq_data.val.patients))
+    if Path(root).resolve() != Path(data.root).resolve():
+        # names alone tell patients apart across two folders only where the same names hold the same images: a
+        # re-export that numbered the patients otherwise puts other people under them
+        by_name: dict[tuple, list] = {}  # (class folder, file name): a name may be in train/ and test/ both
+        for part in (vq_data.train, vq_data.val):
+            for k, path in enumerate(part.paths):
+                by_name.setdefault((Path(path).parent.name, Path(path).name), []).append((part, k))
+        renamed = [i for i, path in enumerate(data.val.paths)
+                   if (found := by_name.get((Path(path).parent.name, Path(path).name)))
+                   and not any(torch.equal(data.val.pixels[i], part.pixels[k]) for part, k in found)]
+        if renamed:
+            raise EvaluationError(f"the VQModel's training data {root} holds other images than {data.root} under "
+                                  f"{len(renamed)} of the same file names (e.g. "
+                                  f"{Path(data.val.paths[renamed[0]]).name}: a re-export, patients numbered "
+                                  f"otherwise?), {cannot}")
+    return list(vq_data.train.paths)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -602,29 +602,32 @@ def _read_repo_file(api, repo_id: str, revision: str | None, name: str, token) -
 
 def _earlier_push(api, repo_id: str, revision: str | None, there: list[str], token, kind: str,
                   folder: Path) -> tuple[set[str], bool]:
-    """(What of the repo's files `there` an earlier push of adni-diffusers uploaded, whether the repo's README.md
-    is a card the package wrote). The files: its PUSH_RECORD's list; for a repo pushed before that record
-    (2026-12-06), which a generated card or a pipeline module marks, the kinds of files pushes upload (the model's
-    folders, evaluation/, `_stale_at_top`); else none."""
+    """(What of the repo's files `there` a push of this one may delete, whether the repo's README.md is a card the
+    package wrote). The model's own folders (vqvae/, unet/, scheduler/) hold the model alone: everything in them (old
+    weights of another layout or variant beside new ones make another model). Elsewhere what an earlier push
+    uploaded: its PUSH_RECORD's list; for a repo pushed before that record (2026-12-06), which a generated card or a
+    pipeline module marks, or whose record cannot be read, the kinds of files pushes upload (evaluation/,
+    `_stale_at_top`); else nothing."""
     from .model_card import is_generated_card
 
     readme = _read_repo_file(api, repo_id, revision, "README.md", token) if "README.md" in there else None
     card_is_ours = readme is not None and is_generated_card(readme)
+    components = _components_of(folder, kind)
+    model_files = {name for name in there if "/" in name and name.split("/")[0] in components}
     if PUSH_RECORD in there:
         try:
             listed = json.loads(_read_repo_file(api, repo_id, revision, PUSH_RECORD, token) or "").get("files")
             if isinstance(listed, list) and all(isinstance(f, str) for f in listed):
-                return set(listed), card_is_ours
+                return model_files | set(listed), card_is_ours
         except (ValueError, AttributeError):
             pass
-        logger.warning("%s on %s is not a record adni-diffusers wrote: nothing there is deleted", PUSH_RECORD,
-                       repo_id)
-        return set(), card_is_ours
-    if not (card_is_ours or any(re.fullmatch(r"pipeline_adni_ldm\w*\.py", name) for name in there)):
-        return set(), card_is_ours  # never pushed by adni-diffusers: every file there is someone else's
-    components = _components_of(folder, kind) + (["evaluation"] if kind == "pipeline" else [])
-    return {name for name in there if ("/" in name and name.split("/")[0] in components)
-            or ("/" not in name and _stale_at_top(name, kind))}, card_is_ours
+        logger.warning("%s on %s cannot be read as the record of an earlier push: the repo is swept as one pushed "
+                       "before that record, by the kinds of files a push uploads", PUSH_RECORD, repo_id)
+    elif not (card_is_ours or any(re.fullmatch(r"pipeline_adni_ldm\w*\.py", name) for name in there)):
+        return model_files, card_is_ours  # never pushed by adni-diffusers: every other file is someone else's
+    by_kind = {name for name in there if (kind == "pipeline" and name.startswith("evaluation/"))
+               or ("/" not in name and _stale_at_top(name, kind))}
+    return model_files | by_kind, card_is_ours
 
 
 def _components_of(folder: Path, kind: str) -> list[str]:
@@ -969,7 +972,8 @@ def push_folder(
             if sweep:
                 # Old weights (another shard layout or variant), the files of an earlier evaluation (ablations.csv,
                 # umap.png), a demo model's MNI LICENSE.md, an older pipeline_adni_ldm_<hash>.py: what an earlier
-                # push put there and this one does not have goes, by exact name; files others added stay
+                # push put there (or the model's folders hold) and this one does not have goes, by exact name, each
+                # named; files others added elsewhere stay
                 if "README.md" in there and not card_is_ours and is_generated_card_file(Path(staging) / "README.md"):
                     logger.warning("replacing the README.md on %s, which adni-diffusers did not write, with the "
                                    "model's card (the earlier text stays in the repo's history)", repo_id)

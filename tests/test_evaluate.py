@@ -565,6 +565,8 @@ def test_feature_net_refuses_zero_epochs(demo_root):
     (dict(ablations=True, ablation_samples=1), "--ablation-samples 1: expected at least 2"),
     # below 0 it steered away from the class, without a word (counterfactual refused it)
     (dict(guidance=-1.0), "--guidance -1: expected a number >= 0"),
+    # 0 is the unconditional model: every class's samples the same model's, scored as that class's
+    (dict(guidance=0.0), "--guidance 0 samples the unconditional model, so the class labels would have no effect"),
     # "" (an unset shell variable) wrote the evaluation into the current folder (and the summary named another)
     (dict(out=""), "--out is empty; expected an output folder"),
 ])

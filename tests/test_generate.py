@@ -1086,6 +1086,14 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tiny_ld
     assert cli.main(["generate", "--model", str(tiny_ldm), "--out", str(tmp_path / "a" / "b"), "--num-images",
                      "1"]) == 2
     assert "stop here" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    # a link to a folder not made yet (scratch space): named, and the link kept (the check had removed it)
+    link = tmp_path / "results"
+    link.symlink_to(tmp_path / "scratch_not_yet")
+    for out in (link, link / "run1"):
+        assert cli.main(["generate", "--model", str(tiny_ldm), "--out", str(out), "--num-images", "1"]) == 2
+        assert f"--out {out}: {link} is a link to {tmp_path / 'scratch_not_yet'}, which does not exist" \
+            in capsys.readouterr().err
+        assert link.is_symlink()
 
 
 @pytest.mark.parametrize("resume", [False, True])

@@ -249,3 +249,54 @@ def test_held_out_leaves_out_patients_in_train_and_test_under_split_given(demo_r
     assert listed == [p for p, pt in zip(data.val.paths, data.val.patients) if pt not in shared]
     assert str(root / "test" / "AD" / moved.name) not in listed and listed
     assert "--split given: left out 1 held-out slice(s) of 1 patient(s) who have slices in train/" in caplog.text
+
+
+def test_held_out_counts_the_first_stages_patients_by_the_unets_rule(tmp_path, capsys):
+    """A VQModel from before 2026-12-03 split by file name ("file": ADNI_101_S_1006_bl and _m06 two patients), its
+    UNet by subject: `held-out` matched the two stages' patients by their own rules' ids, which never met, and
+    listed as never seen the slices of subjects the VQModel trained on at another visit (a code review's report)."""
+    import json
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from adni_diffusers import cli
+    from adni_diffusers.data import load_slices
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("AD", "NC")):
+        (root / name).mkdir(parents=True)
+        for s in range(6):
+            for visit in ("bl", "m06"):
+                for z in (80, 81):
+                    Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8)).save(
+                        root / name / f"ADNI_{100 + c}_S_{1000 + s:04d}_{visit}_{z}.png")
+
+    def subject(path):
+        return Path(path).stem[5:15]
+
+    logging.disable(logging.WARNING)
+    try:
+        unet = load_slices(root, split="patient", val_fraction=0.3, seed=0, patient_ids="subject")
+        for seed in range(50):  # a VQ split that trains on another visit of a subject the UNet held out
+            vq = load_slices(root, split="patient", val_fraction=0.5, seed=seed, patient_ids="file")
+            if {subject(p) for p in unet.val.paths} & {subject(p) for p in vq.train.paths}:
+                break
+    finally:
+        logging.disable(logging.NOTSET)
+    model = tmp_path / "ldm"
+    model.mkdir()
+    vq_record = {"root": str(root), "split": "patient", "val_fraction": 0.5, "split_seed": seed, "preprocess": "pad",
+                 "patient_ids": None, "validation_patients_sha256": vq.val.summary()["patients_sha256"],
+                 "validation_pixels_sha256": vq.val.pixels_sha256()}
+    (model / "training_data.json").write_text(json.dumps({"source": "user", **unet.summary(), "stage": "unet",
+                                                          "split_seed": 0, "vqmodel_data": vq_record}))
+    (model / "training_args.json").write_text(json.dumps({"split": "patient", "val_fraction": 0.3, "seed": 0,
+                                                          "patient_ids": "subject"}))
+    assert cli.main(["held-out", "--model", str(model)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    trained = {subject(p) for p in vq.train.paths}
+    assert not {subject(p) for p in listed} & trained
+    assert listed == [p for p in unet.val.paths if subject(p) not in trained]

@@ -1379,30 +1379,35 @@ def test_a_push_that_changes_nothing_says_so(hub_stub, tmp_path, caplog):
 
 def test_files_added_on_the_hub_by_hand_outlive_every_push(hub_stub, tmp_path, caplog):
     """A repo made on the Hub's web page holds a card, notes and a reader study of its owners': a push had deleted
-    evaluation/ and unet/ files and a LICENSE.md of theirs (calling it "what an earlier push put there") without a
-    word for most. Only what a push uploaded (pushed_files.json) is deleted later, each file named; a hand-written
-    README.md that the model's card replaces is named."""
+    evaluation/ files and a LICENSE.md of theirs (calling it "what an earlier push put there") without a word for
+    most. Only what a push uploaded (pushed_files.json) is deleted later, and the model's own folders, each file
+    named; a hand-written README.md that the model's card replaces is named."""
     folder = tmp_path / "out"
     _write(folder, {**MODEL_FILES, "README.md": f"---\nlicense: other\n---\n{CARD_MARKER} -->\nold".encode()})
     theirs = {"README.md": b"# Our model\nCite: Doe et al.\n", "evaluation/reader_study.csv": b"reader,score\n",
-              "unet/NOTES.md": b"notes", "LICENSE.md": b"Our lab's licence terms", "notes.txt": b"mine"}
-    hub_stub.add_repo(REPO, private=True, files=theirs)
+              "LICENSE.md": b"Our lab's licence terms", "notes.txt": b"mine"}
+    hub_stub.add_repo(REPO, private=True, files={**theirs, "unet/NOTES.md": b"notes"})
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
         push_folder(folder, REPO, token=hub_stub.token)
-    pushed = _pushed(hub_stub.repo_files(REPO), set(theirs) - {"README.md"})
-    assert all(pushed[name] == data for name, data in theirs.items() if name != "README.md")
+    kept = set(theirs) - {"README.md"}
+    pushed = _pushed(hub_stub.repo_files(REPO), kept)
+    assert all(pushed[name] == theirs[name] for name in kept)
     assert CARD_MARKER in pushed["README.md"].decode()
-    [warning] = [r.getMessage() for r in _warnings(caplog)]
-    assert warning.startswith(f"replacing the README.md on {REPO}, which adni-diffusers did not write")
+    # the model's folders hold the model alone (old weights there beside new ones make another model): named
+    assert "unet/NOTES.md" not in pushed
+    assert [r.getMessage() for r in _warnings(caplog)] == [
+        f"replacing the README.md on {REPO}, which adni-diffusers did not write, with the model's card (the earlier "
+        "text stays in the repo's history)",
+        f"removing from {REPO} what an earlier push put there and {folder} no longer has: unet/NOTES.md"]
     # a re-push without some of what the first one uploaded deletes those, and names each; theirs stay
     caplog.clear()
     (folder / "evaluation" / "umap.png").unlink()
     (folder / "samples.png").unlink()
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
         push_folder(folder, REPO, token=hub_stub.token)
-    pushed = _pushed(hub_stub.repo_files(REPO), set(theirs) - {"README.md"})
+    pushed = _pushed(hub_stub.repo_files(REPO), kept)
     assert not {"evaluation/umap.png", "samples.png"} & set(pushed)
-    assert all(pushed[name] == data for name, data in theirs.items() if name != "README.md")
+    assert all(pushed[name] == theirs[name] for name in kept)
     [warning] = [r.getMessage() for r in _warnings(caplog)]
     assert warning.endswith("no longer has: evaluation/umap.png, samples.png")
 
@@ -1410,7 +1415,8 @@ def test_files_added_on_the_hub_by_hand_outlive_every_push(hub_stub, tmp_path, c
 def test_a_repo_pushed_before_the_record_is_swept_by_kind_and_each_deletion_named(hub_stub, pipeline_dir, caplog):
     """A repo an older version pushed (its generated card; no pushed_files.json): the files of the kinds pushes
     upload that the folder no longer has go, named in the log (those in the model's folders and evaluation/ had gone
-    without a word); others' files stay. A record that is not the package's deletes nothing."""
+    without a word); others' files stay. So does a repo whose record cannot be read (a hand edit's trailing comma):
+    its stale files went nowhere, push after push."""
     old_push = {"README.md": f"---\nlicense: other\n---\n{CARD_MARKER} -->\nold".encode(),
                 "unet/diffusion_pytorch_model.fp16.safetensors": b"old", "evaluation/umap.png": b"png",
                 "first_stage_metrics.json": b"{}", "slice.jpeg": b"jpeg", "notes.txt": b"mine",
@@ -1425,14 +1431,16 @@ def test_a_repo_pushed_before_the_record_is_swept_by_kind_and_each_deletion_name
     [warning] = [r.getMessage() for r in _warnings(caplog)]
     assert warning.endswith("no longer has: evaluation/umap.png, first_stage_metrics.json, slice.jpeg, "
                             "unet/diffusion_pytorch_model.fp16.safetensors")
-    # a pushed_files.json of someone else's making: nothing is deleted, and the log says why
-    hub_stub.add_repo("user/odd", private=True, files={"pushed_files.json": b"[1, 2]", "samples.png": b"png",
-                                                       "unet/NOTES.md": b"notes"})
+    hub_stub.add_repo("user/odd", private=True, files={"pushed_files.json": b'{"files": ["samples.png",]}',
+                                                       "samples.png": b"png", "notes.txt": b"mine",
+                                                       "unet/diffusion_pytorch_model.fp16.safetensors": b"old"})
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.hub"):
         push_folder(pipeline_dir, "user/odd", token=hub_stub.token)
-    assert {"samples.png", "unet/NOTES.md"} <= set(hub_stub.repo_files("user/odd"))
-    assert "pushed_files.json on user/odd is not a record adni-diffusers wrote: nothing there is deleted" in caplog.text
+    assert set(hub_stub.repo_files("user/odd")) & {"samples.png", "notes.txt",
+                                                  "unet/diffusion_pytorch_model.fp16.safetensors"} == {"notes.txt"}
+    assert "pushed_files.json on user/odd cannot be read as the record of an earlier push: the repo is swept as " \
+        "one pushed before that record" in caplog.text
 
 
 def test_a_component_copied_out_of_its_pipeline_is_told_to_push_the_whole_folder(hub_stub, pipeline_dir):
