@@ -91,6 +91,19 @@ def _out_of_room_advice(name: str, args, error: BaseException) -> str:
     return f"{where}: make room (or write elsewhere) and {again}"
 
 
+def _what_an_interrupt_left(name: str, args) -> str:
+    """evaluate's partial results, where an interrupted run left them (the line said "interrupted" alone)."""
+    if name != "evaluate":
+        return ""
+    out = Path(args.out) if getattr(args, "out", None) else Path(args.model) / "evaluation"
+    from .files import read_json_object
+
+    if read_json_object(out / "metrics.json").get("complete") is not False:  # none yet, or an earlier run's
+        return ""
+    return (f"; {out / 'metrics.json'} and report.md hold what was measured so far, marked incomplete; a rerun "
+            "samples again (the feature net is cached)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from . import __version__
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adni-diffusers {name}: error: {e}{_out_of_room_advice(name, args, e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was written so far stays
-        print(f"adni-diffusers {name}: interrupted", file=sys.stderr)
+        print(f"adni-diffusers {name}: interrupted{_what_an_interrupt_left(name, args)}", file=sys.stderr)
         return 130
 
 

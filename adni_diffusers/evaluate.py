@@ -1202,7 +1202,8 @@ def write_report(res: dict, out: Path) -> Path:
         + (f", guidance {st['guidance']:g}" if res["model"]["conditional"] else "")
         + (f", refinement {st['refine_steps']} steps x {st['refine_repeats']}" if st["refine_repeats"] else
            ", no refinement")
-        + f", seed {st['seed']}, on `{res['device']}`. "
+        + f", seed {st['seed']}, on `{res['device']}`"
+        + (f" in {st['dtype']}" if st.get("dtype") not in (None, "float32") else "") + ". "
         f"Real data: `{res['data']['root']}` ({res['data']['source'] or 'unknown source'}), split "
         f"`{res['data']['split']}` as in training: {res['data']['train']['images']} training images of "
         f"{res['data']['train']['patients']} patients, {res['data']['validation']['images']} held-out images of "
@@ -1479,6 +1480,14 @@ def _ablation_lines(ab: dict, conditional: bool, files: dict) -> list[str]:
         lines.append(f"- guidance: lowest FD at w={rec['guidance']['lowest_fd']:g}; "
                      + (f"highest class accuracy at w={best_acc:g}." if best_acc is not None
                         else "the same class accuracy at every guidance scale."))
+    if ab.get("main_setting") is None and any("fd_gain_vs_main" not in r for r in ab["rows"]):
+        # (--refine-steps / another --steps: the main run is none of the planned rows; its gain column was "-"
+        # under a paragraph explaining it as filled)
+        lines += ["", "FD gain: not measured: this evaluation's own setting (its sampler, steps, refinement and "
+                  "guidance) is none of the rows above, so no row is compared with it. Evaluate without "
+                  "`--refine-steps`/`--refine-repeats` and with the sampler's default `--steps` to have it among "
+                  "them.", ""]
+        return lines
     lines += ["", "FD gain: how much lower the row's FD is than the main setting's (negative: higher), with its 95% "
               "interval over resampled held-out patients and seeds, both rows drawn alike in each resample (the "
               "rows share their seeds): where it spans 0, this evaluation does not tell the row from the main "
@@ -1535,6 +1544,10 @@ def check_earlier_outputs(out: Path, model_dir: Path) -> None:
     (report.md, umap.png, samples_*.png): they are replaced only when an evaluation's metrics.json is beside them."""
     if out.resolve() == (model_dir / "evaluation").resolve():
         return
+    if out.name == "evaluation" and (out.parent / "model_index.json").is_file():
+        # another model's evaluation/: its card reads it (its numbers were replaced by this model's, without a word)
+        raise EvaluationError(f"--out {out}: the evaluation of another model ({out.parent}), which its model card "
+                              f"reads; choose another --out (default: {model_dir / 'evaluation'})")
     found = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)})
     # an evaluation's record, or the marker of one that was cut short before writing it
     if found and not is_evaluation_record(out / "metrics.json") and not (out / RUNNING_MARKER).is_file():
@@ -1614,8 +1627,15 @@ def evaluate_model(
     timings = {}
     model_dir = Path(model_dir)
     if not model_dir.is_dir():  # as generate, held-out and counterfactual say it
+        from .hub import repo_id_problem
+
+        # a Hub id (generate and counterfactual take one): evaluate needs the training records and the data
+        hub_id = not model_dir.exists() and str(model_dir).count("/") == 1 and repo_id_problem(str(model_dir)) is None
         raise EvaluationError(f"--model {model_dir}: {'a file, not a folder' if model_dir.exists() else 'no such folder'}"
-                              " (a train_unet.py output folder)")
+                              " (a train_unet.py output folder)"
+                              + ("; evaluate needs a local copy with its training records and data (a Hub id is "
+                                 f"not read): `hf download {model_dir} --local-dir <folder>`, then --model <folder> "
+                                 "and --data-dir" if hub_id else ""))
     if not (model_dir / "model_index.json").is_file():
         from .pipeline_adni_ldm import what_folder_is_this
 
@@ -2070,6 +2090,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.ablation_samples is not None and not args.ablations:  # it did nothing, without a word
         raise EvaluationError(f"--ablation-samples {args.ablation_samples} needs --ablations")
+    # "" (an unset shell variable, `--data-dir $DATA`) ran on the defaults: the training data, without a word
+    for flag, value in (("--data-dir", args.data_dir), ("--feature-cache", args.feature_cache),
+                        ("--device", args.device), ("--model", args.model)):
+        if value == "":
+            raise EvaluationError(f"{flag} is empty; leave it out for the default, or give a value")
     result = evaluate_model(
         args.model, args.data_dir, args.num_samples, args.out, scheduler=args.scheduler, steps=args.steps,
         guidance=args.guidance, refine_steps=args.refine_steps, refine_repeats=args.refine_repeats, seed=args.seed,

@@ -2374,3 +2374,90 @@ def test_a_folder_of_another_kind_is_named_for_what_it_is(tiny_vq, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(E.EvaluationError, match=r"model.safetensors: a file, not a folder \(a train_unet.py output"):
         E.evaluate_model(tmp_path / "model.safetensors", progress=False)
+
+
+def test_the_ablation_table_says_why_no_row_is_compared_with_a_main_setting_it_lacks():
+    """`--refine-steps 2 --refine-repeats 1 --ablations`: the main run is none of the planned rows, every gain cell
+    was "-", and the paragraph below still explained the column as filled (an evaluate review, 2026-12-06)."""
+    row = {"label": "ddim 3", "same_run_as": None, "scheduler": "ddim", "steps": 3, "refine_steps": 0,
+           "refine_repeats": 0, "refine_from_timestep": None, "guidance": 2.0, "fd": 30.0, "kid": 0.1,
+           "precision": 0.5, "recall": 0.5, "seconds": 1.0, "seconds_per_image": 0.1}
+    floor = {"fd": 5.0, "kid": 0.01, "precision": 0.9, "recall": 0.9, "reference_images": 128, "candidate_images": 128,
+             "feature_dims": 256}
+    ab = {"rows": [row], "floor": floor, "images_per_class": {"AD": 64, "NC": 64}, "recommendation": {},
+          "main_setting": None}
+    text = "\n".join(E._ablation_lines(ab, True, {"ablations": "ablations.png"}))
+    assert "FD gain: not measured: this evaluation's own setting" in text
+    assert "how much lower the row's FD is" not in text
+    ab = {**ab, "rows": [{**row, "fd_gain_vs_main": 0.0, "fd_gain_vs_main_interval": None}], "main_setting": "ddim 3"}
+    text = "\n".join(E._ablation_lines(ab, True, {"ablations": "ablations.png"}))
+    assert "how much lower the row's FD is" in text and "not measured" not in text
+
+
+def test_another_models_evaluation_folder_is_refused_as_out(model_copy, tmp_path):
+    """`evaluate --model unc --out ldm/evaluation` replaced ldm's evaluation with unc's, and ldm's card then showed
+    unc's numbers as its own (an evaluate review, 2026-12-06)."""
+    other = tmp_path / "other_ldm"
+    (other / "evaluation").mkdir(parents=True)
+    (other / "model_index.json").write_text("{}")
+    (other / "evaluation" / "metrics.json").write_text(json.dumps({"realism": {}, "settings": {}, "feature_net": {}}))
+    with pytest.raises(E.EvaluationError, match=rf"--out {re.escape(str(other / 'evaluation'))}: the evaluation of "
+                                                rf"another model \({re.escape(str(other))}\), which its model card "
+                                                "reads; choose another --out"):
+        E.check_earlier_outputs(other / "evaluation", model_copy)
+    E.check_earlier_outputs(model_copy / "evaluation", model_copy)  # its own
+
+
+def test_the_precision_of_the_samples_is_in_the_report_and_the_card():
+    """--dtype float16 moved FD (34.40 against 34.49) while report.md and the card read as a float32 run's."""
+    from adni_diffusers.model_card import _evaluation_settings
+
+    settings = {"num_samples": 4, "samples_per": "class", "scheduler": "dpm++", "steps": 3, "guidance": 2.0,
+                "refine_steps": 0, "refine_repeats": 0, "seed": 0}
+    assert _evaluation_settings({"settings": {**settings, "dtype": "float16"}}).endswith(", seed 0, in float16")
+    assert "float32" not in _evaluation_settings({"settings": {**settings, "dtype": "float32"}})
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--feature-cache", "--device"])
+def test_an_empty_flag_is_refused_not_read_as_its_default(tmp_path, capsys, flag):
+    """`--data-dir $DATA` with DATA unset measured the data recorded at training, without a word."""
+    from adni_diffusers import cli
+
+    assert cli.main(["evaluate", "--model", str(tmp_path), flag, ""]) == 2
+    assert f"{flag} is empty; leave it out for the default, or give a value" in capsys.readouterr().err
+
+
+def test_a_hub_id_as_model_is_told_evaluate_needs_a_local_copy(tmp_path, capsys, monkeypatch):
+    """generate and counterfactual take a Hub id; evaluate said only "no such folder"."""
+    from adni_diffusers import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["evaluate", "--model", "someuser/adni-ldm"]) == 2
+    err = capsys.readouterr().err
+    assert "--model someuser/adni-ldm: no such folder" in err and "evaluate needs a local copy" in err
+    assert "hf download someuser/adni-ldm --local-dir" in err
+    assert cli.main(["evaluate", "--model", "nowhere"]) == 2
+    assert "local copy" not in capsys.readouterr().err  # a mistyped folder, not a Hub id
+
+
+def test_an_interrupted_evaluation_says_what_it_left(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the UMAP or the ablations said "interrupted" alone, while metrics.json and report.md (marked
+    incomplete) held the main run's numbers."""
+    from adni_diffusers import cli
+
+    out = tmp_path / "ev"
+    out.mkdir()
+
+    def interrupted(args):
+        (out / "metrics.json").write_text(json.dumps({"complete": False}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "main", interrupted)
+    assert cli.main(["evaluate", "--model", str(tmp_path), "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"adni-diffusers evaluate: interrupted; {out / 'metrics.json'} and report.md hold what was measured so far, "
+        "marked incomplete; a rerun samples again (the feature net is cached)")
+    (out / "metrics.json").write_text(json.dumps({"complete": True}))  # an earlier run's, whole: not this one's
+    monkeypatch.setattr(E, "main", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli.main(["evaluate", "--model", str(tmp_path), "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == "adni-diffusers evaluate: interrupted"
