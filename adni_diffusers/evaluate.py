@@ -1264,13 +1264,14 @@ def write_report(res: dict, out: Path) -> Path:
                          f"{_pct(cf['tstr']['accuracy'])} | {_pct(cf['trtr']['accuracy'])} (TRTR) | - | close to TRTR |")
     mem = res["memorisation"]
     mem_iv = mem.get("intervals") or {}
+    # without ranges (--fd-resamples 0) "its range holds the floor" pointed at none
+    holds = "its range holds the floor" if mem_iv else "near the floor (no ranges: --fd-resamples 0)"
     lines += [
         f"| samples nearer to the training set than {NN_PERCENTILE:g}% of held-out reals after the VQ round trip "
         f"(features) | {_pct(mem['features']['closer_than_heldout_percentile'])}{_pct_range(mem_iv.get('features'))} | "
-        f"{_pct(_heldout_share(mem['features']))} of held-out reals | - | its range holds the floor; far above = "
-        "copying |",
+        f"{_pct(_heldout_share(mem['features']))} of held-out reals | - | {holds}; far above = copying |",
         f"| the same in pixel space (64x64) | {_pct(mem['pixels']['closer_than_heldout_percentile'])}"
-        f"{_pct_range(mem_iv.get('pixels'))} | {_pct(_heldout_share(mem['pixels']))} | - | its range holds the floor |",
+        f"{_pct_range(mem_iv.get('pixels'))} | {_pct(_heldout_share(mem['pixels']))} | - | {holds} |",
         "",
         f"Distribution metrics use {r['candidate_images']} generated and {r['reference_images']} held-out real "
         f"images ({'per class: ' + ', '.join(f'{k} {v}' for k, v in res['realism']['images_per_class'].items())}); "

@@ -1460,8 +1460,11 @@ def test_a_split_that_differs_from_trainings_does_not_replace_the_models_evaluat
     assert not (model / "evaluation").exists()
     other = tmp_path / "on-this-data"
     E.evaluate_model(model, out=other, pipe=_StubPipe(), **settings)
-    assert "the split differs from the one recorded" in (other / "report.md").read_text()
+    report = (other / "report.md").read_text()
+    assert "the split differs from the one recorded" in report
     assert not (model / "evaluation").exists()
+    # --fd-resamples 0: no ranges, so none is pointed at (an evaluate review, 2026-12-06)
+    assert "near the floor (no ranges: --fd-resamples 0)" in report and "its range holds" not in report
 
 
 def test_records_from_before_the_patient_hash_still_match_their_unchanged_data(demo_root, tmp_path):
