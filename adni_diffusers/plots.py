@@ -55,13 +55,13 @@ def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: li
     and a title left of each row (a class, "original"): the periodic grids said neither."""
     left = GRID_TITLES_WIDTH if row_titles else 0
     # a caption wider than a narrow grid (one column: 258 px) was cut off mid-word: it wraps
-    lines = wrapped(caption, grid.width - 2 * padding) if caption else []
+    lines = wrapped(caption, left + grid.width - 2 * padding) if caption else []  # over the titles' band too
     top = GRID_CAPTION_HEIGHT + (len(lines) - 1) * GRID_CAPTION_LINE if lines else 0
     out = Image.new("L", (left + grid.width, top + grid.height), 255)
     out.paste(grid.convert("L"), (left, top))
     draw = ImageDraw.Draw(out)
     for i, line in enumerate(lines):
-        draw.text((left + padding, 3 + i * GRID_CAPTION_LINE), line, fill=0)
+        draw.text((padding, 3 + i * GRID_CAPTION_LINE), line, fill=0)
     for r, title in enumerate(row_titles or []):
         draw.text((2, top + padding + r * (tile + padding) + tile // 2 - 6), title[:16], fill=0)
     return out

@@ -1701,6 +1701,8 @@ class TrainingRun:
     _signalled_at = 0.0  # when (time.monotonic())
     _stop_agreed = False  # every process knows that one of them received one (at a log flush)
     _log_points: list[tuple[int, float]] | None = None  # (step, wall clock) at each log flush: the steady rate
+    _plain_log = False  # a plain log line for the bar, where stderr is not a terminal (set by `batches`)
+    _plain_logged_at: float | None = None
     # () -> {name: value}: the held-out numbers of the weights a save would keep (main process, every
     # --validation_steps); None without held-out data
     validate = None

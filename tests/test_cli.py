@@ -105,7 +105,8 @@ def test_every_flag_the_docs_name_exists(monkeypatch):
               "--main_process_port", "--cpu", "--num_machines", "--machine_rank", "--main_process_ip", "--dynamo_backend",
               "--mpirun_hostfile",
               "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target",  # pip
-              "--exclude"}  # tar
+              "--exclude",  # tar
+              "--logdir", "--local-dir"}  # tensorboard, hf download
     docs = [REPO_ROOT / "README.md", REPO_ROOT / "pipeline_card.md", *(REPO_ROOT / "docs").glob("*.md"),
             *(REPO_ROOT / "adni_diffusers").glob("*.md"), *(REPO_ROOT / "benchmarks").glob("*.md")]
     unknown = set()

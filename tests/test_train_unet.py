@@ -1608,8 +1608,12 @@ def test_sample_grids_leave_the_training_weights_and_the_ema_as_they_were(tmp_pa
         reset_accelerate()
     from adni_diffusers.plots import GRID_CAPTION_HEIGHT, GRID_TITLES_WIDTH
 
+    from adni_diffusers.plots import GRID_CAPTION_LINE
+
     with Image.open(tmp_path / "samples" / "samples-000001.png") as grid:  # a row per class: AD above NC
-        assert grid.size == (GRID_TITLES_WIDTH + 2 + 258, GRID_CAPTION_HEIGHT + 2 + 2 * 258)
+        caption_band = grid.size[1] - (2 + 2 * 258)  # (the caption wraps to the grid's width)
+        assert grid.size[0] == GRID_TITLES_WIDTH + 2 + 258
+        assert caption_band >= GRID_CAPTION_HEIGHT and (caption_band - GRID_CAPTION_HEIGHT) % GRID_CAPTION_LINE == 0
     assert all(torch.equal(p.detach(), w) for p, w in zip(unet.parameters(), weights))
     assert all(torch.equal(p, s) for p, s in zip(ema.ema.shadow_params, shadow))
     assert unet.training
@@ -2726,13 +2730,15 @@ def test_periodic_sample_grid_rows_start_from_the_same_noises(tmp_path, monkeypa
     first_column = calls[0][1][0]
     assert all(torch.equal(latents[0], first_column) for _, latents, _ in calls)  # one noise down a column
     assert not torch.equal(calls[0][1][1], first_column)
-    from adni_diffusers.plots import GRID_CAPTION_HEIGHT as top
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT
     from adni_diffusers.plots import GRID_TITLES_WIDTH as left
 
     with Image.open(tmp_path / "samples" / "samples-000003.png") as grid:
         pixels = np.asarray(grid.convert("L"))
-    # 2 columns (8 px tiles, 2 px padding), a row per class, below a caption and right of the row titles
-    assert pixels.shape == (top + 2 + 3 * 10, left + 2 + 2 * 10)
+    # 2 columns (8 px tiles, 2 px padding), a row per class, below a caption (wrapped to the picture's width) and
+    # right of the row titles
+    top = pixels.shape[0] - (2 + 3 * 10)
+    assert top >= GRID_CAPTION_HEIGHT and pixels.shape[1] == left + 2 + 2 * 10
     levels = [[int(pixels[top + 2 + 10 * r + 4, left + 2 + 10 * c + 4]) for c in range(2)] for r in range(3)]
     assert levels == [[51, 51], [128, 255], [204, 255]], levels  # a short row ends in a white tile, not the next class
     assert pixels[:top].min() < 128 and pixels[top:, :left].min() < 128  # the caption and the class names
