@@ -471,7 +471,9 @@ def train_feature_net(
             sums["accuracy"] += float((logits.argmax(1) == y).float().sum())
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+                # (no redraw of its own: the bar's next update draws it, at the bar's pace; in a log file every step
+                # had drawn one)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
         row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}}
         row["seconds"] = time.perf_counter() - t0
         history.append(row)

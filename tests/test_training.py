@@ -976,3 +976,32 @@ def test_bars_redraw_seldom_where_stderr_is_a_log_file(monkeypatch):
     with progress.progress_bar(total=3, file=sys.stderr) as bar:
         assert bar.mininterval == 0.1  # tqdm's own
     assert progress.progress_bar(total=1, mininterval=5, file=sys.stderr).mininterval == 5  # asked for: kept
+
+    class NotebookStream(io.StringIO):  # ipykernel's OutStream: no tty, but bars draw in place there
+        def isatty(self):
+            return False
+
+    NotebookStream.__module__ = "ipykernel.iostream"
+    assert progress.on_a_terminal(NotebookStream())
+
+
+def test_a_bar_in_a_log_file_draws_at_its_pace_not_at_every_postfix_or_monitor_tick(monkeypatch):
+    """The feature net's bar set its postfix (a redraw) at every step: 322 redraws of one line for 10 toy epochs in a
+    log file. And tqdm's monitor thread redrew an iterable's stale count every 10 s."""
+    import io
+    import sys
+
+    from adni_diffusers import progress
+    from adni_diffusers.features import train_feature_net
+    from conftest import toy_slices
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress.progress_bar(range(3), file=log) as bar:
+        assert bar.miniters == 1 and not bar.dynamic_miniters
+    log.seek(0)
+    log.truncate()
+    train = toy_slices(patients=8, per_patient=16, size=32)
+    train_feature_net(train, toy_slices(patients=4, per_patient=4, size=32, seed=1), epochs=3, batch_size=8,
+                      device="cpu")
+    assert log.getvalue().count("\r") <= 4, log.getvalue()  # the first and the last draw (and their clears)
