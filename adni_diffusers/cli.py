@@ -6,8 +6,8 @@ Each module named in COMMANDS provides `add_arguments(parser)` and `main(args) -
 from __future__ import annotations
 
 import argparse
-import errno
 import copy
+import errno
 import importlib
 import logging
 import os

@@ -568,9 +568,9 @@ PACKAGE_TOP_LEVEL_FILES = ("LICENSE.md", "training_data.json", "training_args.js
                            "tradeoff.png", "example_strip.png", "mean_difference.png")
 
 
-# the record of what a push uploaded, pushed with it: the next push deletes only what that record names and the
-# folder no longer has. Files someone added on the Hub (a card of their own, notes, a reader study) are not the
-# package's to delete
+# the record of what a push uploaded, pushed with it: outside the model's own folders, the next push deletes only
+# what that record names and the folder no longer has. Files someone added on the Hub there (a card of their own,
+# notes, a reader study) are not the package's to delete
 PUSH_RECORD = "pushed_files.json"
 NEVER_DELETED = ("README.md", "model_index.json", ".gitattributes")  # a push whose card failed keeps the card there
 
@@ -581,11 +581,16 @@ def push_record(files: list[str]) -> bytes:
     return (json.dumps(record, indent=2) + "\n").encode()
 
 
+def _is_pipeline_module(name: str) -> bool:
+    """A top-level pipeline_adni_ldm*.py: the pipeline's code, this version's or an earlier one's."""
+    return re.fullmatch(r"pipeline_adni_ldm\w*\.py", name) is not None
+
+
 def _stale_at_top(name: str, kind: str) -> bool:
     """Whether a top-level file of a repo is one a push of `kind` put there (PACKAGE_TOP_LEVEL_FILES, a slice an
     earlier push uploaded; for a pipeline, a pipeline module), so that a re-push without it deletes it. A VQ model
     push never deletes a pipeline's module: the repo's model_index.json (never deleted either) names it."""
-    if re.fullmatch(r"pipeline_adni_ldm\w*\.py", name):
+    if _is_pipeline_module(name):
         return kind == "pipeline"
     return name in PACKAGE_TOP_LEVEL_FILES or Path(name).suffix.lower() in SLICE_SUFFIXES
 
@@ -623,7 +628,7 @@ def _earlier_push(api, repo_id: str, revision: str | None, there: list[str], tok
             pass
         logger.warning("%s on %s cannot be read as the record of an earlier push: the repo is swept as one pushed "
                        "before that record, by the kinds of files a push uploads", PUSH_RECORD, repo_id)
-    elif not (card_is_ours or any(re.fullmatch(r"pipeline_adni_ldm\w*\.py", name) for name in there)):
+    elif not (card_is_ours or any(_is_pipeline_module(name) for name in there)):
         return model_files, card_is_ours  # never pushed by adni-diffusers: every other file is someone else's
     by_kind = {name for name in there if (kind == "pipeline" and name.startswith("evaluation/"))
                or ("/" not in name and _stale_at_top(name, kind))}

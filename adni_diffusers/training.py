@@ -1847,11 +1847,12 @@ class TrainingRun:
                         args.train_batch_size, args.gradient_accumulation_steps, per_step, self.max_train_steps,
                         self.num_epochs, f", from step {self.global_step}" if self.global_step else "")
         # in a log file (a SLURM .out) a plain line every PLAIN_LOG_SECONDS instead of the bar (`flush_logs`)
-        self._plain_log = acc.is_main_process and not on_a_terminal()
+        terminal = on_a_terminal()
+        self._plain_log = acc.is_main_process and not terminal
         self._plain_logged_at = None
         self.progress = tqdm(
             total=self.max_train_steps, initial=self.global_step, desc=f"{self.stage} steps",
-            disable=not acc.is_local_main_process or not on_a_terminal(), dynamic_ncols=True,
+            disable=not acc.is_local_main_process or not terminal, dynamic_ncols=True,
         )
         # a stop signal is noted, not obeyed at once: the processes agree on a step, checkpoint it and stop
         catch = threading.current_thread() is threading.main_thread()
