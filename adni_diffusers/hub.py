@@ -984,8 +984,9 @@ def push_folder(
                                    "model's card (the earlier text stays in the repo's history)", repo_id)
                 gone = [name for name in there if name in earlier and name not in files and name not in NEVER_DELETED]
                 if gone:
-                    logger.warning("removing from %s what an earlier push put there and %s no longer has: %s",
-                                   repo_id, folder, ", ".join(gone))
+                    # (not all "an earlier push's": the model's folders are swept whole, whoever put a file there)
+                    logger.warning("removing from %s what %s no longer has (in the model's folders, or uploaded by an "
+                                   "earlier push): %s", repo_id, folder, ", ".join(gone))
                 stale = [glob.escape(name) for name in gone]
             info = api.upload_folder(
                 folder_path=staging,

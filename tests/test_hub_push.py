@@ -1398,7 +1398,8 @@ def test_files_added_on_the_hub_by_hand_outlive_every_push(hub_stub, tmp_path, c
     assert [r.getMessage() for r in _warnings(caplog)] == [
         f"replacing the README.md on {REPO}, which adni-diffusers did not write, with the model's card (the earlier "
         "text stays in the repo's history)",
-        f"removing from {REPO} what an earlier push put there and {folder} no longer has: unet/NOTES.md"]
+        f"removing from {REPO} what {folder} no longer has (in the model's folders, or uploaded by an earlier push): "
+        "unet/NOTES.md"]
     # a re-push without some of what the first one uploaded deletes those, and names each; theirs stay
     caplog.clear()
     (folder / "evaluation" / "umap.png").unlink()
@@ -1409,7 +1410,7 @@ def test_files_added_on_the_hub_by_hand_outlive_every_push(hub_stub, tmp_path, c
     assert not {"evaluation/umap.png", "samples.png"} & set(pushed)
     assert all(pushed[name] == theirs[name] for name in kept)
     [warning] = [r.getMessage() for r in _warnings(caplog)]
-    assert warning.endswith("no longer has: evaluation/umap.png, samples.png")
+    assert warning.endswith("earlier push): evaluation/umap.png, samples.png")
 
 
 def test_a_repo_pushed_before_the_record_is_swept_by_kind_and_each_deletion_named(hub_stub, pipeline_dir, caplog):
@@ -1429,7 +1430,7 @@ def test_a_repo_pushed_before_the_record_is_swept_by_kind_and_each_deletion_name
     assert not {"unet/diffusion_pytorch_model.fp16.safetensors", "evaluation/umap.png", "first_stage_metrics.json",
                 "slice.jpeg"} & pushed
     [warning] = [r.getMessage() for r in _warnings(caplog)]
-    assert warning.endswith("no longer has: evaluation/umap.png, first_stage_metrics.json, slice.jpeg, "
+    assert warning.endswith("earlier push): evaluation/umap.png, first_stage_metrics.json, slice.jpeg, "
                             "unet/diffusion_pytorch_model.fp16.safetensors")
     hub_stub.add_repo("user/odd", private=True, files={"pushed_files.json": b'{"files": ["samples.png",]}',
                                                        "samples.png": b"png", "notes.txt": b"mine",
