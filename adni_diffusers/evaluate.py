@@ -1188,6 +1188,8 @@ def _held_out_patients(data: dict) -> str:
 
 
 def write_report(res: dict, out: Path) -> Path:
+    from .model_card import precision_note  # the card says the same
+
     r, fl = res["realism"]["generated"], res["realism"]["floor"]
     ce = res["realism"]["vq_ceiling"]
     st = res["settings"]
@@ -1203,7 +1205,7 @@ def write_report(res: dict, out: Path) -> Path:
         + (f", refinement {st['refine_steps']} steps x {st['refine_repeats']}" if st["refine_repeats"] else
            ", no refinement")
         + f", seed {st['seed']}, on `{res['device']}`"
-        + (f" in {st['dtype']}" if st.get("dtype") not in (None, "float32") else "") + ". "
+        + (f" {note}" if (note := precision_note(st)) else "") + ". "
         f"Real data: `{res['data']['root']}` ({res['data']['source'] or 'unknown source'}), split "
         f"`{res['data']['split']}` as in training: {res['data']['train']['images']} training images of "
         f"{res['data']['train']['patients']} patients, {res['data']['validation']['images']} held-out images of "

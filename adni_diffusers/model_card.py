@@ -242,6 +242,13 @@ def _one_patient_note(metrics: dict) -> str | None:
             "where more patients are held out, gives ranges that reach other patients).")
 
 
+def precision_note(settings: dict) -> str:
+    """"in float16" where an evaluation sampled in another precision than float32, else "": it moves the numbers
+    (float16: FD 34.40 against 34.49 in float32). The report's and the card's settings lines both say it."""
+    dtype = settings.get("dtype")
+    return f"in {dtype}" if dtype not in (None, "float32") else ""
+
+
 def _evaluation_settings(metrics: dict) -> str | None:
     """"100 samples per class from `dpm++` with 25 steps, guidance 2, seed 0; in the feature net ...": what
     another evaluation must share for its numbers to compare with these (evaluate's metrics.json records it)."""
@@ -252,9 +259,7 @@ def _evaluation_settings(metrics: dict) -> str | None:
             f"`{st['scheduler']}` with {st['steps']} steps"
             + (f", guidance {_fmt(st['guidance'])}" if st.get("samples_per") == "class" and "guidance" in st else "")
             + (f", refinement {st['refine_steps']} x {st['refine_repeats']}" if st.get("refine_repeats") else "")
-            + f", seed {st['seed']}"
-            # another precision moves the numbers (float16: FD 34.40 against 34.49 in float32)
-            + (f", in {st['dtype']}" if st.get("dtype") not in (None, "float32") else ""))
+            + f", seed {st['seed']}" + (f", {note}" if (note := precision_note(st)) else ""))
     if isinstance(net.get("weights_sha256"), str):
         text += f"; measured in the feature net with weights sha256 `{net['weights_sha256'][:16]}`"
         floor = net.get("floor_patients") if isinstance(net.get("floor_patients"), dict) else {}
