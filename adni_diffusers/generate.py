@@ -317,7 +317,8 @@ class GifRecorder:
             self.frames.append((step, tensors["x0_pred"][: self.keep].detach().float().cpu()))
         return {}
 
-    def save(self, pipe, path: Path, final: torch.Tensor) -> Path:
+    def save(self, pipe, path: Path, final: torch.Tensor, what: str = "") -> Path:
+        """`what`: the grid's caption (class, sampler, seed), put before each frame's own words."""
         from PIL import Image
 
         from .plots import labelled_grid, to_pil_grid
@@ -329,9 +330,10 @@ class GifRecorder:
             return labelled_grid(grid, 0, caption=caption)  # captioned after the resize: text stays readable
 
         of = f" of {self.total}" if self.total else ""
+        what = f"{what}; " if what else ""
         frames = [frame(pipe.decode(x0.to(pipe.device), output_type="pt").cpu() * 2 - 1,
-                        f"step {step + 1}{of}: the prediction of the final image") for step, x0 in self.frames]
-        frames.append(frame(final[: self.keep], "the final images"))
+                        f"{what}step {step + 1}{of}: the prediction of the final image") for step, x0 in self.frames]
+        frames.append(frame(final[: self.keep], f"{what}the final images"))
         durations = [80] * (len(frames) - 1) + [1500]
         tmp = path.with_name(path.name + ".tmp")  # renamed when whole: a kill mid-write leaves no broken GIF
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
@@ -352,7 +354,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     each class); it keeps the `scheduler` set here, its progress bar off and, with `compile`, its compiled UNet."""
     from .progress import progress_bar
 
-    from .plots import to_pil_grid
+    from .plots import titled_grid
 
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps_given = steps is not None
@@ -530,18 +532,32 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
             paths["images"] += [str(out / f"sample-{i:04d}.png") for i in range(start, start + batch_size)
                                 if i < num_images]
     images = torch.cat(grid_images)
-    to_pil_grid(images).save(out / "grid.png.tmp", format="PNG")  # renamed when whole, as the samples
+    # a caption says what the grid shows (it travels without generation.json: in a slide, a chat)
+    what = grid_caption(class_name if class_name is not None else label, pipe.is_conditional, guidance, scheduler,
+                        steps, refine_steps, refine_repeats, seed)
+    shown = f"images 1-{len(images)} of {num_images}" if len(images) < num_images else f"{num_images} images"
+    titled_grid(images, caption=f"{what}; {shown}").save(out / "grid.png.tmp", format="PNG")  # renamed when whole
     os.replace(out / "grid.png.tmp", out / "grid.png")
     paths["grid"] = str(out / "grid.png")
     paths["settings"] = str(out / "generation.json")
     if resume:
         paths["kept"] = len(made)  # the earlier run's images left as they were
     if recorder is not None:
-        paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images))
+        paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images, what))
     elif gif_kept:
         paths["gif"] = str(out / "denoising.gif")
     write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": True}, indent=2) + "\n")
     return paths
+
+
+def grid_caption(class_name, conditional: bool, guidance: float, scheduler: str, steps: int, refine_steps: int,
+                 refine_repeats: int, seed: int) -> str:
+    """What a grid of generated slices shows: the class (or none), the guidance, the sampler and the seed."""
+    shown = f"class {class_name}, guidance {guidance:g}" if class_name is not None else \
+        "no class (the model's unconditional class)" if conditional else "unconditional model"
+    sampler = f"{scheduler} {steps} steps" + (f" + refinement {refine_repeats} x {refine_steps} steps"
+                                              if refine_repeats else "")
+    return f"{shown}, {sampler}, seed {seed}"
 
 
 def _earlier_settings(out: Path) -> dict:

@@ -161,9 +161,10 @@ def test_gif_ends_on_the_images_it_animates(fresh_pipe, tmp_path):
     with Image.open(paths["gif"]) as gif:
         gif.seek(gif.n_frames - 1)
         framed = gif.convert("L")
-    last = framed.crop((0, GRID_CAPTION_HEIGHT, framed.width, framed.height))  # below the frame's caption
     first = Image.open(paths["images"][0])
-    assert last.size == first.size  # one image, not a crop of the four-image grid
+    assert framed.width == first.width  # one image, not the four-image grid
+    assert framed.height - first.height >= GRID_CAPTION_HEIGHT  # a caption above (wrapped over 2 lines here)
+    last = framed.crop((0, framed.height - first.height, framed.width, framed.height))  # below the caption
     assert np.abs(np.asarray(last).astype(int) - np.asarray(first)).mean() < 2  # GIF palette rounding only
 
 
@@ -467,7 +468,7 @@ def test_gif_animates_the_first_batch_only(fresh_pipe, tmp_path, monkeypatch):
     recorded = []
     save = GifRecorder.save
     monkeypatch.setattr(GifRecorder, "save",
-                        lambda self, pipe, path, final: recorded.extend(self.frames) or save(self, pipe, path, final))
+                        lambda self, pipe, path, final, what="": recorded.extend(self.frames) or save(self, pipe, path, final, what))
     generate("unused", tmp_path, num_images=4, scheduler="ddim", steps=3, batch_size=2, device="cpu", gif=True,
              pipe=fresh_pipe)
     assert [step for step, _ in recorded] == [0, 1, 2]
@@ -578,7 +579,7 @@ def test_sample_pngs_hold_the_pipeline_pixels_and_the_grid_holds_the_samples(fre
     seed = 1
     paths = generate("unused", tmp_path, num_images=2, batch_size=2, seed=seed, scheduler="ddim", steps=1,
                      device="cpu", pipe=fresh_pipe)
-    grid = _png(paths["grid"])
+    grid = _below_the_caption(_png(paths["grid"]), rows=1)
     assert grid.shape == (2 + 258, 2 + 2 * 258)  # 2 columns, 2-pixel padding
     for i, path in enumerate(paths["images"]):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
@@ -685,6 +686,46 @@ def test_a_numeric_class_name_is_that_class_not_an_index(fresh_pipe, tmp_path, c
     assert (_pixels(swapped["images"])[0] != _pixels(named["images"])[0]).any()
 
 
+def _below_the_caption(grid: np.ndarray, rows: int) -> np.ndarray:
+    """grid.png without the caption band above its `rows` rows of 256-pixel images."""
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT
+
+    band = grid.shape[0] - (2 + rows * 258)
+    assert band >= GRID_CAPTION_HEIGHT, "grid.png has no caption band"
+    assert (grid[:band] < 128).any(), "the caption band holds no text"
+    return grid[band:]
+
+
+@pytest.mark.parametrize("class_label, guidance, refine, expected", [
+    ("AD", None, (0, 0), "class AD, guidance 2, ddim 1 steps, seed 5; 3 images"),
+    (1, 3.0, (0, 0), "class NC, guidance 3, ddim 1 steps, seed 5; 3 images"),
+    (None, None, (1, 2), "no class (the model's unconditional class), ddim 1 steps + refinement 2 x 1 steps, seed 5; "
+                         "3 images"),
+])
+def test_the_grid_and_the_gif_say_what_they_show(fresh_pipe, tmp_path, monkeypatch, class_label,
+                                                 guidance, refine, expected):
+    """grid.png and each denoising.gif frame name the class (by its name, an index given too), the guidance, the
+    sampler and the seed: a grid shown in a slide or a chat travels without generation.json (it said none of it)."""
+    from adni_diffusers import plots
+    from adni_diffusers.generate import generate
+
+    captions = []
+    for name in ("titled_grid", "labelled_grid"):
+        def recording(*args, _draw=getattr(plots, name), **kwargs):
+            captions.append(kwargs.get("caption"))
+            return _draw(*args, **kwargs)
+        monkeypatch.setattr(plots, name, recording)
+    generate("unused", tmp_path, num_images=3, class_label=class_label, guidance=guidance, scheduler="ddim",
+             steps=1, refine_steps=refine[0], refine_repeats=refine[1], seed=5, device="cpu", pipe=fresh_pipe,
+             gif=True)
+    grid_caption, *frame_captions = [c for c in captions if c is not None]
+    assert grid_caption == expected
+    what = expected.split("; ")[0]
+    assert frame_captions and all(c.startswith(what + "; ") for c in frame_captions), frame_captions
+    assert frame_captions[-1] == f"{what}; the final images"
+    _below_the_caption(_png(tmp_path / "grid.png"), rows=1)
+
+
 def test_the_grid_holds_the_first_64_images_only(fresh_pipe, tmp_path, recorded_calls):
     """A large set (10,000 for FD) is written image by image; only the first GRID_IMAGES stay in memory for grid.png
     (all of them took 2.3 MB each, and made an unreadable grid)."""
@@ -693,7 +734,7 @@ def test_the_grid_holds_the_first_64_images_only(fresh_pipe, tmp_path, recorded_
     paths = generate("unused", tmp_path, num_images=GRID_IMAGES + 7, batch_size=10, seed=0, scheduler="ddim",
                      steps=1, device="cpu", pipe=fresh_pipe)
     assert len(paths["images"]) == GRID_IMAGES + 7
-    grid = _png(paths["grid"])
+    grid = _below_the_caption(_png(paths["grid"]), rows=8)
     assert grid.shape == (2 + 8 * 258, 2 + 8 * 258)  # 64 images: 8 x 8
     assert np.array_equal(grid[2 + 7 * 258:258 + 7 * 258, 2 + 7 * 258:258 + 7 * 258], _png(paths["images"][63]))
 
@@ -1016,7 +1057,7 @@ def test_the_gif_keeps_about_40_frames_of_a_long_chain(fresh_pipe, tmp_path, mon
 
     steps = []
     monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", fake_call)
-    monkeypatch.setattr(GifRecorder, "save", lambda self, pipe, path, final: steps.extend(s for s, _ in self.frames))
+    monkeypatch.setattr(GifRecorder, "save", lambda self, pipe, path, final, what="": steps.extend(s for s, _ in self.frames))
     generate("unused", tmp_path, num_images=1, scheduler="ddim", steps=80, device="cpu", gif=True, pipe=fresh_pipe)
     assert steps == list(range(0, 80, 2))
 
