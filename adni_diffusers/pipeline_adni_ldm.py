@@ -579,6 +579,18 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
 
     # -- class labels -----------------------------------------------------------------------------
     @property
+    def num_timesteps(self) -> int:
+        """The steps the current (or last) call runs, refinement passes included: what the callback's `step`
+        counts to, as diffusers' pipelines give it to callbacks (`PipelineCallback`'s `cutoff_step_ratio`)."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set by a callback (`pipeline._interrupt = True`, as in diffusers' pipelines) to end sampling after the
+        current step: the latents so far are decoded and returned, and no refinement pass follows."""
+        return getattr(self, "_interrupt", False)
+
+    @property
     def is_conditional(self) -> bool:
         return self.unet.config.num_class_embeds is not None
 
@@ -685,6 +697,8 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         # GPU that avoids a host-device sync per step. The UNet gets a device copy, made once per pass.
         timesteps_on_device = timesteps.to(self._execution_device)
         for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:  # a callback ended the run (diffusers' `pipeline._interrupt = True`)
+                break
             # what the UNet sees: the variance-preserving x_t (Euler-type schedulers keep x_t * sqrt(sigma^2 + 1))
             x_t = self.scheduler.scale_model_input(latents, t)
             model_in = (torch.cat([x_t, x_t]) if use_cfg else x_t).to(self.unet.dtype)
@@ -860,7 +874,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 `callback_on_step_end_tensor_inputs` ("latents", "x0_pred"). Returning `{"latents": x}`
                 (or changing `tensors["latents"]` in place) replaces the latents: the next step starts from
                 them, also with UniPC (its corrector is skipped for that one step, else it would rebuild
-                the latents from the previous ones).
+                the latents from the previous ones). As in diffusers' pipelines, `pipe.num_timesteps` is the
+                number of steps the call runs (refinement included), and a callback that sets
+                `pipe._interrupt = True` ends sampling after that step (what it has so far is decoded).
             eta: DDIM's eta (Song et al. 2021): 0 is deterministic DDIM, 1 has DDPM's variance; drawn from
                 `generator`. Only schedulers whose `step` takes `eta` (DDIM) accept a value other than 0.
         """
@@ -953,6 +969,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         tensor_inputs = list(callback_on_step_end_tensor_inputs)
 
         # 1. the starting point: noise, given latents, or a re-noised encoded image
+        self._interrupt = False
         timesteps = self._reset_scheduler(num_inference_steps, 0)
         if pixels is not None:
             x0 = encode_slices(self.vqvae, pixels).float()
@@ -970,12 +987,15 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
 
         # 2. the main reverse process
+        self._num_timesteps = len(timesteps) + refine_repeats * refine_steps  # each pass runs refine_steps
         latents = self._denoise(latents, timesteps, labels, guidance_scale, generator,
                                 callback_on_step_end, tensor_inputs, 0, eta)
 
         # 3. late-timestep refinement: re-noise x_0 to timestep k, denoise again (see the docstring)
         done = len(timesteps)
         for _ in range(refine_repeats):
+            if self.interrupt:
+                break
             k = num_inference_steps - refine_steps
             refine_timesteps = self._reset_scheduler(num_inference_steps, k)
             noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)

@@ -1259,6 +1259,46 @@ def test_callback_steps_keep_counting_over_every_refinement_pass(pipe):
     assert seen == list(range(10))
 
 
+def test_a_callback_can_interrupt_sampling_and_read_num_timesteps(pipe):
+    """diffusers' callback conventions: `pipeline.num_timesteps` (what `PipelineCallback`'s cutoff_step_ratio
+    reads; it was an AttributeError) counts every step of the call, refinement included, and a callback setting
+    `pipeline._interrupt = True` ends the run after that step (it was ignored: all steps ran)."""
+    from diffusers.callbacks import PipelineCallback
+
+    seen, totals = [], []
+
+    def stop_after_step_1(p, step, t, tensors):
+        seen.append(step)
+        totals.append(p.num_timesteps)
+        if step == 1:
+            p._interrupt = True
+        return {}
+
+    stopped = pipe(num_inference_steps=5, refine_steps=2, refine_repeats=2, generator=seeded(),
+                   callback_on_step_end=stop_after_step_1, output_type="latent").images
+    assert seen == [0, 1] and totals == [9, 9]
+    two_steps = pipe(num_inference_steps=5, generator=seeded(), output_type="latent",
+                     callback_on_step_end=lambda p, step, t, tensors: {} if step < 1 else setattr(p, "_interrupt", True))
+    assert torch.equal(stopped, two_steps.images)
+    assert pipe.interrupt  # until the next call resets it
+    seen.clear()
+    pipe(num_inference_steps=3, generator=seeded(), output_type="latent",
+         callback_on_step_end=lambda p, step, t, tensors: seen.append(step))
+    assert seen == [0, 1, 2] and not pipe.interrupt
+
+    class Cutoff(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+                pipeline._interrupt = True
+            return callback_kwargs
+
+    seen.clear()
+    pipe(num_inference_steps=4, generator=seeded(), output_type="latent", callback_on_step_end=Cutoff(cutoff_step_ratio=0.5))
+    assert pipe.num_timesteps == 4
+
+
 def test_an_image_with_a_single_non_finite_latent_is_reported(pipe, monkeypatch):
     """An image counts as broken when ANY of its latents is non-finite, not only when all are: one inf in the last
     step's latents (not spread by a further UNet pass) is reported as 1 of 2 images."""
