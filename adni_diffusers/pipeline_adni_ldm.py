@@ -1121,9 +1121,28 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                                              *(f"{name}/*" for name in self.components)])
 
     def _loaded_from(self) -> Path | None:
-        """The local folder this pipeline was loaded from (a Hub repo's downloaded copy), if any."""
+        """The local folder this pipeline was loaded from (a Hub repo's downloaded copy), if any. Loaded by diffusers
+        from a Hub repo id, the copy holds the model's files only: the repo's licence and notice files are fetched
+        (small) or, where they cannot be, a warning says to copy them."""
         folder = getattr(self, "_source_folder", None) or self.config.get("_name_or_path")
-        return Path(folder) if folder and Path(folder).is_dir() else None
+        if not folder or Path(folder).is_dir():
+            return Path(folder) if folder else None
+        from huggingface_hub import constants, snapshot_download
+
+        def cannot_tell(reason: str) -> None:
+            logger.warning(f"this pipeline was loaded from {folder}, no folder here, and its licence or notice files "
+                           f"(LICENSE.md, NOTICE), if it has any, could not be fetched from the Hub ({reason}): copy "
+                           "them beside the saved weights yourself, as a notice that must appear in all copies (a "
+                           "demo model's LICENSE.md) asks")
+
+        try:
+            fetched = Path(snapshot_download(str(folder), allow_patterns=[f"{name}*" for name in NOTICE_NAMES]))
+        except Exception as e:  # offline without them in the cache, no network, a folder moved since the load
+            cannot_tell((str(e).strip().splitlines() or [type(e).__name__])[0])
+            return None
+        if constants.HF_HUB_OFFLINE and not notice_files(fetched):  # offline, the cached copy is all there is
+            cannot_tell("HF_HUB_OFFLINE is set and the cached copy holds none")
+        return fetched if fetched.is_dir() else None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

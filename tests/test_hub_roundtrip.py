@@ -363,10 +363,13 @@ def test_pipeline_push_to_hub_writes_the_packages_card(hub_stub, monkeypatch, ca
     assert "README.md" not in hub_stub.repo_files("user/without-package")
 
 
-def test_a_loaded_demo_pipeline_keeps_its_licence_when_saved_or_pushed(hub_stub, saved_pipeline, tmp_path):
+def test_a_loaded_demo_pipeline_keeps_its_licence_when_saved_or_pushed(hub_stub, saved_pipeline, tmp_path,
+                                                                       monkeypatch, caplog):
     """A demo model's LICENSE.md holds the MNI template's notice, which must be kept with copies. A pipeline loaded
     from its folder (or its Hub repo) and saved or pushed with `save_pretrained` / `push_to_hub` went without it,
     and its card named no notice. Now the file goes with the weights and the card quotes it."""
+    import logging
+
     from huggingface_hub import ModelCard
 
     from adni_diffusers import ADNILatentDiffusionPipeline
@@ -388,6 +391,25 @@ def test_a_loaded_demo_pipeline_keeps_its_licence_when_saved_or_pushed(hub_stub,
     ADNILatentDiffusionPipeline.from_pretrained("user/demo-on-hub", token=hub_stub.token).save_pretrained(
         tmp_path / "from-hub")
     assert (tmp_path / "from-hub" / "LICENSE.md").read_text() == DEMO_LICENSE_TEXT
+    # through diffusers' loader, which downloads the model's files only: the save fetches the notice
+    from diffusers import DiffusionPipeline
+
+    push_folder(saved_pipeline, "user/public-demo", token=hub_stub.token, private=False)  # (diffusers fetches the
+    # pipeline's code without the token)
+    DiffusionPipeline.from_pretrained("user/public-demo", trust_remote_code=True).save_pretrained(
+        tmp_path / "by-diffusers")
+    assert (tmp_path / "by-diffusers" / "LICENSE.md").read_text() == DEMO_LICENSE_TEXT
+    # offline, with the notice not in the cache: no copy without a word
+    push_folder(saved_pipeline, "user/public-demo-2", token=hub_stub.token, private=False)
+    loaded = DiffusionPipeline.from_pretrained("user/public-demo-2", trust_remote_code=True)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with caplog.at_level(logging.WARNING):
+        loaded.save_pretrained(tmp_path / "offline")
+    assert not (tmp_path / "offline" / "LICENSE.md").exists()
+    assert "loaded from user/public-demo-2, no folder here, and its licence or notice files" in caplog.text
+    assert "HF_HUB_OFFLINE" in caplog.text and "copy them beside the saved weights yourself" in caplog.text
     # a folder's own licence is not replaced by the loaded one's
     (tmp_path / "own").mkdir()
     (tmp_path / "own" / "LICENSE.md").write_text("mine")
