@@ -56,7 +56,33 @@ CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # their rate after wa
 
 
 class TrainingError(RuntimeError):
-    """A problem with the flags, the data or the run, stated so a user can act on it."""
+    """A problem with the flags, the data or the run, stated so a user can act on it.
+
+    `every_process`: True where every process of a multi-process run raises the same error at once (a bad flag,
+    the data folder, the output folder, a non-finite loss agreed by all-reduce): the main process alone prints it.
+    False for what one process may meet alone (its own write check), None where not known: those print anywhere."""
+
+    every_process: bool | None = None
+
+
+@contextlib.contextmanager
+def alike_on_every_process():
+    """Marks the TrainingErrors raised inside as raised the same on every process (`TrainingError.every_process`),
+    unless the error says otherwise: checks of the flags and of folders every process reads alike."""
+    try:
+        yield
+    except TrainingError as e:
+        if e.every_process is None:
+            e.every_process = True
+        raise
+
+
+def _rank() -> int:
+    """This process's rank under a launcher (torchrun, `accelerate launch`); 0 alone."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 # what a scheduler sends before it kills a job (SLURM: SIGTERM at the time limit, `--signal=USR1@120` earlier)
@@ -632,7 +658,9 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise TrainingError(f"--output_dir {output_dir}: cannot write there ({e.strerror or e})") from None
+        error = TrainingError(f"--output_dir {output_dir}: cannot write there ({e.strerror or e})")
+        error.every_process = False  # (a node's own mount may be read-only)
+        raise error from None
 
 
 def _resumes(args, checkpoints: list[Path]) -> bool:
@@ -718,6 +746,11 @@ def start_stage(args, config_of, project_name: str, product: str, stage_flags: t
     is compared once the script has its final config, `check_resume_model`, and its data when `TrainingRun.resume`
     loads it). The data comes next (`load_training_data`).
     Returns (config, accelerator)."""
+    with alike_on_every_process():
+        return _start_stage(args, config_of, project_name, product, stage_flags)
+
+
+def _start_stage(args, config_of, project_name: str, product: str, stage_flags: tuple[str, ...]):
     from .presets import PresetError
 
     check_output_outside_data(args)
@@ -911,16 +944,22 @@ def class_folders(args, accelerator) -> tuple[Path, list[str]]:
     the slices: what the UNet's compile check needs to start first. The names are those the data gets."""
     from .data import DataError, scan_tree
 
-    root = data_root(args, accelerator)
-    try:
-        return root, list(scan_tree(root).class_names)
-    except DataError as e:
-        raise TrainingError(str(e)) from None
+    with alike_on_every_process():  # every process reads the same folder
+        root = data_root(args, accelerator)
+        try:
+            return root, list(scan_tree(root).class_names)
+        except DataError as e:
+            raise TrainingError(str(e)) from None
 
 
 def load_training_data(args, accelerator, root: Path | None = None):
     """The slices, split as asked; the demo set is built (once) when no folder is given. `root`: the folder
     `class_folders` found (train_unet asks it first), so that its demo-set lines are not logged twice."""
+    with alike_on_every_process():  # every process decodes the same folder
+        return _load_training_data(args, accelerator, root)
+
+
+def _load_training_data(args, accelerator, root: Path | None):
     from .data import DataError, load_slices
 
     root = root or data_root(args, accelerator)
@@ -2064,11 +2103,13 @@ class TrainingRun:
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
             where = self._last_good_checkpoint or "no checkpoint yet"
-            raise TrainingError(
+            error = TrainingError(
                 f"non-finite {', '.join(bad)} at step {self.global_step}: training stopped. The last good "
                 f"checkpoint is {where}. Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, "
                 "or a smaller --max_grad_norm."
             )
+            error.every_process = True  # the all-reduced means: every process stops here with these words
+            raise error
         means["lr"] = self._current_lr()
         if self.ema is not None:  # the decay its warm-up has reached (as diffusers' training examples log it)
             means["ema_decay"] = float(self.ema.ema.get_decay(self.ema.ema.optimization_step))
@@ -2375,11 +2416,21 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
     import sys
 
     args = None
+    rank = _rank()
     try:
-        args = parse_args(argv)
+        # the flags are the same on every process: argparse's usage and error (or a TrainingError of the flags)
+        # once, from the main process, not once per process
+        import io
+
+        with alike_on_every_process(), \
+                contextlib.redirect_stderr(io.StringIO()) if rank > 0 else contextlib.nullcontext():
+            args = parse_args(argv)
         result = main(args)
     except TrainingError as e:
-        print(f"{script}: error: {e}", file=sys.stderr)
+        # an error every process meets is the main process's to print: the others stop with the same status,
+        # quietly, once it has ended (the launcher then stops them), or print it themselves if it does not end
+        if rank == 0 or not e.every_process or not _main_process_ends_within(MAIN_PROCESS_ERROR_WAIT_S):
+            print(f"{script}: error: {e}", file=sys.stderr)
         remove_unused_output_dir(args)
         return 2
     except TrainingStopped as e:
@@ -2398,7 +2449,6 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
     except RuntimeError as e:
         # another process ended (its own error printed above) while this one waited in a collective: one line,
         # not a 40-line traceback of the barrier that saw the connection close
-        rank = int(os.environ.get("RANK", "0"))
         if rank > 0 and any(text in str(e) for text in PEER_GONE):
             print(f"{script}: process {rank} stopped: another process ended (see its error above)", file=sys.stderr)
             return 2
@@ -2408,6 +2458,27 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
     if result:
         print(json.dumps(result, indent=2))
     return 0
+
+
+# how long a process other than the main one waits for the main process to stop with the error they share
+MAIN_PROCESS_ERROR_WAIT_S = 30.0
+
+
+def _main_process_ends_within(seconds: float) -> bool:
+    """In a process other than the main one, stopped by an error every process meets: whether the main process
+    ended within `seconds`, as the SIGTERM that torchrun sends the other processes once one has failed says. This
+    one printing nothing and leaving at once would have the launcher stop the main process before its own line."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    ended = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: ended.append(signum))
+    try:
+        deadline = time.monotonic() + seconds
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return bool(ended)
 
 
 def _where_to_go_on(args) -> str | None:

@@ -298,3 +298,56 @@ def test_a_one_process_batch_job_under_accelerate_launch_is_told_its_launcher_ki
     assert "`accelerate launch --gradient_accumulation_steps` is passed on to DeepSpeed alone: this run accumulates " \
            "the script's --gradient_accumulation_steps (1)" in launched.stderr
     assert "passed on to DeepSpeed" not in alone.stderr
+
+
+def test_an_error_every_process_meets_is_printed_once(tmp_path, demo_root):
+    """A bad flag, argparse's own usage error and an unreadable image stop every process alike: each said it once
+    per process (argparse's 50-line usage twice). The main process says it; the others stop with the same status."""
+    out = tmp_path / "out"
+    proc = launch("train_vqmodel.py", ["--train_data_dir", demo_root, "--output_dir", out, *TINY_VQ_ARGS,
+                                       "--val_fraction", "2"], timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("train_vqmodel.py: error: --val_fraction must be between 0 and 1") == 1, proc.stderr
+    proc = launch("train_vqmodel.py", ["--output_dir", out, "--no_such_flag"], timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("usage: train_vqmodel.py") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("error: unrecognized arguments: --no_such_flag") == 1, proc.stderr[-3000:]
+    data = tmp_path / "AD_NC"
+    shutil.copytree(demo_root, data)
+    broken = sorted((data / "train" / "AD").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    proc = launch("train_vqmodel.py", ["--train_data_dir", data, "--output_dir", out, *TINY_VQ_ARGS], timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"{broken}: not a readable image file") == 1, proc.stderr[-3000:]
+    # the main process printed it, and failed first (torchrun's "root cause"); the other left with status 2
+    summary = proc.stderr.split("Root Cause")[-1]
+    assert "rank      : 0 (local_rank: 0)" in summary and "exitcode  : 2" in summary, summary
+    assert "exitcode  : 2" in proc.stderr.split("Root Cause")[0].split("Failures:")[-1], proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_a_non_finite_loss_on_one_process_is_said_once(tmp_path, demo_root):
+    """A NaN in one process's loss: every process sees it in the all-reduced logs and stops at the same step with
+    the same TrainingError, which each printed."""
+    out = tmp_path / "out"
+    script = tmp_path / "nan_train_vqmodel.py"
+    script.write_text(
+        "import os, sys\n"
+        "from adni_diffusers import vq, train_vqmodel\n"
+        "real, calls = vq.vq_training_loss, []\n"
+        "def poisoned(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    loss, out, logs = real(*a, **k)\n"
+        "    if len(calls) == 2 and os.environ['RANK'] == '1':\n"
+        "        loss = loss * float('nan')\n"
+        "    return loss, out, logs\n"
+        "vq.vq_training_loss = poisoned\n"
+        "sys.exit(train_vqmodel.cli())\n")
+    proc = launch(script, ["--train_data_dir", demo_root, "--output_dir", out, *TINY_VQ_ARGS, "--train_batch_size",
+                           "2", "--max_train_steps", "3", "--logging_steps", "1", "--checkpointing_steps", "1"])
+    assert proc.returncode != 0
+    message = f"train_vqmodel.py: error: non-finite grad_norm, loss at step 2: training stopped. The last good " \
+              f"checkpoint is {out / 'checkpoint-1'}"
+    assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split("torch/distributed/elastic")[0], proc.stderr[-3000:]
+

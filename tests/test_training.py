@@ -353,6 +353,46 @@ def test_the_main_process_does_not_hide_a_lost_peer_as_one_line(monkeypatch, cap
     assert "process 1 stopped: another process ended" in capsys.readouterr().err
 
 
+def test_an_error_every_process_meets_is_left_to_the_main_process(monkeypatch, capsys):
+    """Under a launcher every process parsed the same flags and read the same folders: each printed the same error
+    (a bad flag, a bad image, a NaN). The others now stay quiet once the main process has ended (torchrun's SIGTERM
+    says so), and say it themselves if it does not end; an error of one process alone is said where it happens."""
+    import signal
+
+    def bad_flag(argv):
+        raise training.TrainingError("--val_fraction must be between 0 and 1, got 2.0")
+
+    def own(args):
+        error = training.TrainingError("--output_dir out: cannot write there (Read-only file system)")
+        error.every_process = False
+        raise error
+
+    monkeypatch.setenv("RANK", "1")
+    waited = []
+    monkeypatch.setattr(training, "_main_process_ends_within", lambda s: waited.append(s) or True)
+    assert training.run_cli("train_vqmodel.py", bad_flag, lambda args: None) == 2
+    assert capsys.readouterr().err == "" and waited == [training.MAIN_PROCESS_ERROR_WAIT_S]
+    assert training.run_cli("train_vqmodel.py", lambda argv: SimpleNamespace(), own) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    monkeypatch.setattr(training, "_main_process_ends_within", lambda s: False)  # the main process goes on
+    assert training.run_cli("train_vqmodel.py", bad_flag, lambda args: None) == 2
+    assert "train_vqmodel.py: error: --val_fraction" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert training.run_cli("train_vqmodel.py", bad_flag, lambda args: None) == 2
+    assert "train_vqmodel.py: error: --val_fraction" in capsys.readouterr().err
+    # the wait itself: a SIGTERM ends it, the handler before it is back afterwards
+    monkeypatch.undo()
+    before = signal.getsignal(signal.SIGTERM)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    previous_alarm = signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        assert training._main_process_ends_within(10.0) is True
+    finally:
+        signal.signal(signal.SIGALRM, previous_alarm)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert training._main_process_ends_within(0.1) is False
+
+
 def _run_for_end_step(model, ema=None, max_grad_norm=1.0):
     """A TrainingRun with only what end_step and clip_gradients read (no data, no checkpoints)."""
     from accelerate import Accelerator
