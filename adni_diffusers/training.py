@@ -2449,8 +2449,15 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
     except RuntimeError as e:
         # another process ended (its own error printed above) while this one waited in a collective: one line,
         # not a 40-line traceback of the barrier that saw the connection close
-        if rank > 0 and any(text in str(e) for text in PEER_GONE):
-            print(f"{script}: process {rank} stopped: another process ended (see its error above)", file=sys.stderr)
+        if any(text in str(e) for text in PEER_GONE):
+            if rank > 0:
+                print(f"{script}: process {rank} stopped: another process ended (see its error above)",
+                      file=sys.stderr)
+            else:  # one that printed nothing: killed (the OOM killer, kill -9, a lost node) or crashed in C++
+                where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
+                said = str(e).splitlines()[0].split(". This is typically")[0]  # gloo's words, less its advice
+                print(f"{script}: stopped: another process ended (its error, if any, is above; the launcher's "
+                      f"summary below gives its exit code): {said}; {where}", file=sys.stderr)
             return 2
         raise
     finally:

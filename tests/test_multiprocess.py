@@ -351,3 +351,29 @@ def test_a_non_finite_loss_on_one_process_is_said_once(tmp_path, demo_root):
     assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split("torch/distributed/elastic")[0], proc.stderr[-3000:]
 
+
+def test_a_killed_process_is_said_by_the_main_process_with_where_to_go_on(tmp_path):
+    """Another process killed (the OOM killer, kill -9) prints nothing: the main process, waiting for it in a
+    collective, printed gloo's 25-line "Connection closed by peer" traceback and not where to resume."""
+    out = tmp_path / "out"
+    (out / "checkpoint-4").mkdir(parents=True)
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import argparse, os, signal, sys\n"
+        "from accelerate import Accelerator\n"
+        "from adni_diffusers import training\n"
+        "def main(args):\n"
+        "    accelerator = Accelerator()\n"
+        "    accelerator.wait_for_everyone()\n"
+        "    if accelerator.process_index == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    accelerator.wait_for_everyone()\n"
+        "parse = lambda argv: argparse.Namespace(output_dir=sys.argv[1])\n"
+        "sys.exit(training.run_cli('killed.py', parse, main))\n")
+    proc = launch(script, [out], timeout=120)
+    assert proc.returncode != 0
+    assert "killed.py: stopped: another process ended (its error, if any, is above; the launcher's summary below " \
+           "gives its exit code): " in proc.stderr, proc.stderr[-3000:]
+    assert f"; the last checkpoint is {out / 'checkpoint-4'}: go on from it with --resume_from_checkpoint latest" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -339,18 +339,31 @@ def test_the_run_records_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
 
 
-def test_the_main_process_does_not_hide_a_lost_peer_as_one_line(monkeypatch, capsys):
-    """The one-line "another process ended" replaces the traceback on the OTHER processes only: on the main process
-    (RANK 0) a collective's connection error is the failure itself and is raised as it is."""
+def test_a_lost_peer_is_one_line_on_every_process(monkeypatch, capsys, tmp_path):
+    """The one-line "another process ended" replaces the traceback on every process. On the main process (RANK 0)
+    the connection error was raised as it is: 25 lines of gloo traceback where another process was killed (the OOM
+    killer, kill -9) and printed nothing, and not a word of the checkpoint to go on from. Now one line, with
+    gloo's words and where to go on."""
     def lost_peer(args):
-        raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+        raise RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:29500. This is typically caused by "
+                           "a remote worker crashing.")
 
+    (tmp_path / "checkpoint-4").mkdir()
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(RuntimeError, match="Connection closed by peer"):
-        training.run_cli("train_vqmodel.py", lambda argv: SimpleNamespace(), lost_peer)
+    assert training.run_cli("train_vqmodel.py", lambda argv: SimpleNamespace(output_dir=tmp_path), lost_peer) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_vqmodel.py: stopped: another process ended (its error, if any, is above; the "
+                          "launcher's summary below gives its exit code): [pair.cc:561] Connection closed by peer "
+                          f"[127.0.0.1]:29500; the last checkpoint is {tmp_path / 'checkpoint-4'}: go on from it "
+                          "with --resume_from_checkpoint latest"), err
+    assert "typically" not in err
     monkeypatch.setenv("RANK", "1")
     assert training.run_cli("train_vqmodel.py", lambda argv: SimpleNamespace(), lost_peer) == 2
     assert "process 1 stopped: another process ended" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")  # any other RuntimeError is raised as it is
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        training.run_cli("train_vqmodel.py", lambda argv: SimpleNamespace(),
+                         lambda args: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access")))
 
 
 def test_an_error_every_process_meets_is_left_to_the_main_process(monkeypatch, capsys):
