@@ -304,10 +304,7 @@ def test_an_error_every_process_meets_is_printed_once(tmp_path, demo_root):
     """A bad flag, argparse's own usage error and an unreadable image stop every process alike: each said it once
     per process (argparse's 50-line usage twice). The main process says it; the others stop with the same status."""
     out = tmp_path / "out"
-    proc = launch("train_vqmodel.py", ["--train_data_dir", demo_root, "--output_dir", out, *TINY_VQ_ARGS,
-                                       "--val_fraction", "2"], timeout=300)
-    assert proc.returncode != 0
-    assert proc.stderr.count("train_vqmodel.py: error: --val_fraction must be between 0 and 1") == 1, proc.stderr
+    # (a TrainingError of the flags, --val_fraction 2, takes the bad image's way below: one launch fewer)
     proc = launch("train_vqmodel.py", ["--output_dir", out, "--no_such_flag"], timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("usage: train_vqmodel.py") == 1, proc.stderr[-3000:]
