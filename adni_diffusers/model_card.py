@@ -297,22 +297,24 @@ def _environment_text(args: dict) -> str | None:
             + (f", {processes} processes" if processes > 1 else ""))  # not "2 cores x 2": a core count
 
 
-def _ema_text(args: dict, reached=None) -> str | None:
-    """Which weights the card's numbers are of: a reader of the Methods section asks whether the saved UNet is the
-    EMA (train_unet copies the EMA into it before the validation loss, the samples and the save); None where the
-    record does not say. `reached`: the decay at the last step (train_metrics.json since 2026-12-06): a short run's
-    warm-up ends far below --ema_max_decay (0.79 after 8 steps, about 0.992 after the CPU demo's 650)."""
+def _ema_text(args: dict, reached=None, model: str = "UNet",
+              numbers: str = "the validation loss, the samples and any evaluation") -> str | None:
+    """Which weights the card's numbers are of: a reader of the Methods section asks whether the saved model is the
+    EMA (the scripts copy the EMA into it before the final numbers and the save); None where the record does not
+    say. `reached`: the decay at the last step (the UNet's train_metrics.json and the VQModel's metrics.json since
+    2026-12-06): a short run's warm-up ends far below --ema_max_decay (0.79 after 8 steps, about 0.992 after the CPU
+    demo's 650)."""
     if not isinstance(args.get("use_ema"), bool):
         return None
     if not args["use_ema"]:
-        return "The saved UNet weights are those of the last training step (no EMA)."
+        return f"The saved {model} weights are those of the last training step (no EMA)."
     decay = args.get("ema_max_decay")
     warm_up = (f"decay warming up to {_fmt(decay)}" + (f", {_fmt(reached)} at the last step"
                                                         if _is_number(reached) and reached != decay else "")
                if isinstance(decay, float) else None)
-    return ("The saved UNet weights are the exponential moving average (EMA) of the training weights"
+    return (f"The saved {model} weights are the exponential moving average (EMA) of the training weights"
             + (f" (diffusers' `EMAModel`, {warm_up})" if warm_up else "")
-            + ": the validation loss, the samples and any evaluation are of these weights.")
+            + f": {numbers} are of these weights.")
 
 
 def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
@@ -884,7 +886,9 @@ the diffusion model works on `latents * scaling_factor`.
 {% for name, value, label in arg_rows -%}
 | {{ name }} | {{ value }} | {{ label }} |
 {% endfor %}
-{% for line in session_lines %}{{ line }}
+{% if ema_text %}{{ ema_text }}
+
+{% endif %}{% for line in session_lines %}{{ line }}
 
 {% endfor %}{% if environment_text %}Trained with {{ environment_text }}.
 {% endif %}The full list is in `training_args.json`.
@@ -944,6 +948,8 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
         else None,
         "loss_curve": "loss_curve.png" if (d / "loss_curve.png").is_file() else None,
         "arg_rows": _argument_rows(args),
+        "ema_text": _ema_text(args, metrics.get("ema_decay_reached"), "VQModel",
+                              "the reconstruction numbers and grid"),
         "session_lines": _session_lines(args),
         "environment_text": _environment_text(args),
     }

@@ -240,6 +240,9 @@ def main(args: argparse.Namespace) -> dict:
                 "train_images_per_second_this_run": run.images_per_second(train_seconds),
                 "train_images_per_second_steady": run.steady_images_per_second(),
                 "num_processes": accelerator.num_processes, "data_source": data_source,
+                # where the EMA's warm-up got to (--ema_max_decay 0.9999 takes about 10**5 steps): the card says it
+                **({"ema_decay_reached": float(ema.ema.get_decay(ema.ema.optimization_step))} if ema is not None
+                   else {}),
                 **({"recompiled_graphs": run.recompiled_graphs} if args.compile else {}),
             })
             run.log_final_metrics(metrics, ["mse", "psnr", "ssim", "ms_ssim", "psnr_brain", "ssim_brain",

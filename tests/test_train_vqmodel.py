@@ -903,6 +903,14 @@ def test_the_saved_vqmodel_holds_the_ema_weights(tmp_path, demo_root):
     for i, (name, p) in enumerate(saved.named_parameters()):
         assert torch.equal(p.detach(), ema[f"ema.{i}"]), name
     assert any(not torch.equal(raw[f"vq.{name}"], ema[f"ema.{i}"]) for i, name in enumerate(names))
+    # where the EMA's warm-up got to (2 steps: 1 - 2 ** -0.75, far below --ema_max_decay's 0.9999), in metrics.json
+    # and the card, as for the UNet (the card said "EMA max decay 0.9999" alone)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ema_decay_reached"] == pytest.approx(1 - 2 ** -0.75)
+    card = " ".join((out / "README.md").read_text().split())
+    assert "The saved VQModel weights are the exponential moving average (EMA) of the training weights (diffusers' " \
+           f"`EMAModel`, decay warming up to 0.9999, {metrics['ema_decay_reached']:.4g} at the last step): the " \
+           "reconstruction numbers and grid are of these weights." in card
 
 
 def test_a_non_finite_value_in_any_step_of_a_log_window_stops_training(tmp_path):
