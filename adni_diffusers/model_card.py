@@ -626,6 +626,48 @@ def _first_stage_text(data: dict, own: str, source: str, first_stage: list) -> s
             "those of real data")
 
 
+def _recorded_classes(data: dict) -> list[str] | None:
+    """The class folders training_data.json names: [] for a folder without any (unlabelled), None if not recorded."""
+    names = data.get("class_names")
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def _data_layout(data: dict, class_names: list[str]) -> str | None:
+    """How the data folder was laid out, as far as the records say: its class folders, or none (an unlabelled
+    folder was described as `train/` and `test/` with one sub-folder per class, whatever its layout)."""
+    names = _recorded_classes(data)
+    if names is None:
+        names = class_names or None
+    if names is None:
+        return None
+    split = "`train/` and `test/`, each with " if data.get("split") == "given" else ""
+    if not names:
+        return f"{split}no class folders: unlabelled slices"
+    if len(names) == 1:
+        return f"{split}one class folder: {names[0]}"
+    return f"{split}one sub-folder per class: {', '.join(names)}"
+
+
+def _scope_text(data: dict, class_names: list[str]) -> str:
+    """The card's scope line: which classes the model knows. An unlabelled folder's model was said to know "only the
+    classes of the training folder (no MCI, ...)", a one-class folder's did not name its class."""
+    recorded = _recorded_classes(data)
+    names = class_names or recorded or []
+    # a model of MCI (or EMCI / LMCI) slices is not said to know no MCI
+    other = ("no other diagnoses or dementias" if any("MCI" in name.upper() for name in names)
+             else "no MCI, no other dementias")
+    if class_names:
+        return f"only the classes {', '.join(class_names)} ({other})"
+    if recorded == []:
+        return ("unlabelled slices: the model draws from the training folder's mix of diagnoses, whatever it held, "
+                "and cannot be asked for one")
+    if recorded and len(recorded) == 1:
+        return f"only {recorded[0]} slices, the training folder's one class ({other})"
+    if recorded:
+        return f"only the classes of the training folder, {', '.join(recorded)}, mixed: it takes no label ({other})"
+    return f"only the classes of the training folder ({other})"
+
+
 def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: str | None = None,
                           sample_grid: str | None = None) -> dict:
     """Everything `pipeline_card.md` uses, read from a saved pipeline folder."""
@@ -672,10 +714,8 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "example_label_python": _python_string(class_names[0]) if conditional else None,
         "example_label_shell": shlex.quote(class_names[0]) if conditional else None,
         "class_literals": [_python_string(name) for name in class_names or []],
-        # a model of MCI (or EMCI / LMCI) slices is not said to know no MCI
-        "other_diagnoses": "no other diagnoses or dementias"
-        if any("MCI" in str(name).upper() for name in class_names or data.get("class_names") or [])
-        else "no MCI, no other dementias",
+        "data_layout": _data_layout(data, class_names),
+        "scope_text": _scope_text(data, class_names),
         "unet_params": _millions(_count_parameters(d / "unet")),
         "unet_channels": ", ".join(str(c) for c in channels) or "?",
         "unet_layers": _count(unet.get("layers_per_block", "?"), "layer"),

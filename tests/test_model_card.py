@@ -1075,3 +1075,24 @@ def test_a_pipeline_saved_without_its_training_records_says_so_under_training(ti
     training = text.split("## Training\n")[1].split("## Evaluation")[0]
     assert "Not recorded in this repository: it was saved from a loaded pipeline" in training
     assert "Not recorded in this repository" not in render_model_card(tiny_ldm)  # a training folder's card
+
+
+@pytest.mark.parametrize("classes, conditional, layout, scope", [
+    (["AD", "CN", "MCI"], True, "(`three`, one sub-folder per class: AD, CN, MCI),",
+     "only the classes AD, CN, MCI (no other diagnoses or dementias)."),
+    ([], False, "(`three`, no class folders: unlabelled slices),", "unlabelled slices: the model draws from"),
+    (["AD"], False, "(`three`, one class folder: AD),", "only AD slices, the training folder's one class (no MCI"),
+])
+def test_the_data_section_describes_the_folder_as_it_was(ldm, classes, conditional, layout, scope):
+    """A model of an unlabelled folder (images directly in it, or in train/ alone) was carded as trained on "`train/`
+    and `test/`, each with one sub-folder per class" and as knowing "only the classes of the training folder (no
+    MCI, ...)"; a one-class folder's card never named its class."""
+    _edit_json(ldm / "training_data.json", source="user", root="/data/three", class_names=classes)
+    _edit_json(ldm / "model_index.json", class_names={n: i for i, n in enumerate(classes)} if conditional else None)
+    if not conditional:
+        _edit_json(ldm / "unet" / "config.json", num_class_embeds=None)
+    text = render_model_card(ldm)
+    _check_rendered(text)
+    assert layout in text and "sub-folder per class), supplied" not in text
+    assert scope in " ".join(text.split())
+    assert "`train/` and `test/`" not in text  # a --split patient record does not say the folder had them
