@@ -1187,6 +1187,18 @@ def _held_out_patients(data: dict) -> str:
     return f"{patients} patients the model never saw."
 
 
+def _one_class_net_text(fn: dict, data_classes: list) -> str:
+    """The feature net of data with no class folders or one: its class accuracy is 100% by construction (one
+    class to choose), which the report gave as "accuracy 100.0% per slice", as if the net told classes apart."""
+    what = f"one class ({data_classes[0]})" if data_classes else "no class folders"
+    mae = (fn.get("val") or {}).get("position_mae")
+    learned = ("slice position alone" if fn.get("position_head_trained", True)
+               else "nothing (the file names give no slice positions either): its features are an untrained net's")
+    return (f"The data has {what}, so the net learned {learned} (its class head has one class to choose: its "
+            "accuracy, 100%, says nothing)"
+            + (f"; held-out slice-position error {mae:.3f}" if mae is not None else "") + ".")
+
+
 def write_report(res: dict, out: Path) -> Path:
     from .model_card import precision_note  # the card says the same
 
@@ -1194,6 +1206,7 @@ def write_report(res: dict, out: Path) -> Path:
     ce = res["realism"]["vq_ceiling"]
     st = res["settings"]
     fn = res["feature_net"]
+    data_classes = (res.get("data") or {}).get("class_names")  # [] for an unlabelled folder; None if not recorded
     iv = res["realism"].get("fd_intervals") or {}
     pairs = "within a class" if res["model"]["conditional"] else "(all images: unconditional, no classes)"
     lines = [
@@ -1331,12 +1344,14 @@ def write_report(res: dict, out: Path) -> Path:
         f"A small ResNet (`features.FeatureNet`) trained on the real training split only "
         f"({fn['trained_on']['images']} images, {_n(fn['settings']['epochs'], 'epoch')}) "
         + ("**reused from the cache** " if fn["cached"] else "trained for this evaluation and cached ")
-        + f"at `{fn['path']}`. On the held-out patients: accuracy "
-        f"{_pct(fn['val'].get('accuracy'))} per slice, {_pct(fn['val'].get('patient_accuracy'))} per patient"
-        + (f", slice-position error {fn['val']['position_mae']:.3f}" if fn["val"].get("position_mae") is not None
-           else "")
-        + ". A feature space that cannot tell the classes apart cannot judge class fidelity either: read the "
-        "class numbers against this accuracy.",
+        + f"at `{fn['path']}`. "
+        + (_one_class_net_text(fn, data_classes) if data_classes is not None and len(data_classes) < 2 else
+           f"On the held-out patients: accuracy {_pct(fn['val'].get('accuracy'))} per slice, "
+           f"{_pct(fn['val'].get('patient_accuracy'))} per patient"
+           + (f", slice-position error {fn['val']['position_mae']:.3f}" if fn["val"].get("position_mae") is not None
+              else "")
+           + ". A feature space that cannot tell the classes apart cannot judge class fidelity either: read the "
+           "class numbers against this accuracy."),
         "",
     ]
     if res["realism"].get("per_class"):

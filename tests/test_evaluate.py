@@ -2464,3 +2464,20 @@ def test_an_interrupted_evaluation_says_what_it_left(tmp_path, capsys, monkeypat
     monkeypatch.setattr(E, "main", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert cli.main(["evaluate", "--model", str(tmp_path), "--out", str(out)]) == 130
     assert capsys.readouterr().err.strip() == "adni-diffusers evaluate: interrupted"
+
+
+@pytest.mark.parametrize("classes, says", [([], "The data has no class folders, so the net learned slice position"),
+                                           (["AD"], "The data has one class (AD), so the net learned slice position")])
+def test_the_feature_net_of_unlabelled_data_is_not_given_a_class_accuracy(evaluated, tmp_path, classes, says):
+    """An unconditional model of an unlabelled (or one-class) folder: the net's class head has one class, so its
+    held-out accuracy is 100% by construction; the report gave it as "accuracy 100.0% per slice, 100.0% per patient"
+    and told the reader to read class numbers against it."""
+    result, _ = evaluated
+    res = {k: v for k, v in result.items() if k != "card"}
+    res["data"] = {**res["data"], "class_names": classes}
+    text = E.write_report(res, tmp_path).read_text()
+    section = text.split("## Feature network")[1].split("##")[0]
+    assert says in section and "per patient" not in section and "read the class numbers" not in section
+    (tmp_path / "two").mkdir()
+    two = E.write_report({k: v for k, v in result.items() if k != "card"}, tmp_path / "two").read_text()
+    assert "per patient" in two.split("## Feature network")[1].split("##")[0]  # an AD/NC model's keeps its accuracy
