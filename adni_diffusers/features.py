@@ -280,11 +280,17 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def net_labels(net_classes: list[str], slices: SliceSet) -> torch.Tensor:
+def net_labels(net_classes: list[str], slices: SliceSet, num_classes: int | None = None) -> torch.Tensor:
     """The slices' labels as the net's output columns, matched by class name (by index where either is unnamed)."""
     data_classes = list(slices.class_names or [])
     if not data_classes or not net_classes or data_classes == list(net_classes):
-        return slices.labels.cpu()
+        labels = slices.labels.cpu()
+        if num_classes is not None and data_classes and len(labels) and int(labels.max()) >= num_classes:
+            # a net of unlabelled data (one class column) given as counterfactual's --classifier of a 3-class
+            # model ended in "IndexError: list index out of range"
+            raise ValueError(f"the feature net has {num_classes} unnamed class(es), not the data's "
+                             f"{data_classes}: it cannot be scored on this data")
+        return labels
     missing = [c for c in data_classes if c not in net_classes]
     if missing:
         raise ValueError(f"the feature net knows the classes {list(net_classes)}, not {missing} of the data's "
@@ -313,7 +319,7 @@ def evaluate_feature_net(net: FeatureNet, slices: SliceSet, batch_size: int = 25
     names = net.class_names or [str(c) for c in range(net.num_classes)]
     # the data's labels as the net's columns, by class name: a net of other classes or another order (a 3-class
     # AD/MCI/NC net given as counterfactual's --classifier) is scored on what it says, not on index coincidence
-    labels = net_labels(net.class_names, slices)
+    labels = net_labels(net.class_names, slices, probs.shape[1])
     pred = probs.argmax(1)
     out = {
         "images": len(slices),

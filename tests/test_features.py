@@ -487,3 +487,13 @@ def test_the_floors_patients_are_whole_patients_the_net_does_not_train_on():
     lonely = toy_slices(patients=3, per_patient=3, seed=0, labels=[0, 0, 1])
     net_train, floor_rows = Fe.set_aside_floor_patients(lonely, held_out)
     assert floor_rows is None and net_train is lonely
+
+
+def test_a_net_of_unnamed_classes_fewer_than_the_datas_is_refused_not_an_index_error():
+    """A feature net trained on an unlabelled folder (one unnamed class) given as counterfactual's --classifier of a
+    3-class model ended in "IndexError: list index out of range"."""
+    net = Fe.FeatureNet(1, widths=(4, 4), input_size=16, class_names=[])
+    slices = toy_slices(4, size=16, labels=[0, 1, 2, 1])
+    slices.class_names = ["AD", "CN", "MCI"]
+    with pytest.raises(ValueError, match="unnamed class"):
+        Fe.evaluate_feature_net(net, slices)
