@@ -518,7 +518,7 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
             if not loose:
                 raise DataError(
                     f"{folder}: {'split' if has_splits else 'data'} folder holds no images "
-                    f"(expected {'{AD,NC}/' if has_splits else ''}*.jpeg)"
+                    f"(expected {'class folders such as AD/ and NC/ holding ' if has_splits else ''}*.jpeg)"
                 )
             class_sets[split] = []
             files += loose

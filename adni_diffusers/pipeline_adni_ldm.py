@@ -623,7 +623,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                         "`components` does not get them: use ADNILatentDiffusionPipeline.from_pipe(pipe), or pass "
                         f"class_names=pipe.class_names); or give the label's index 0..{self.null_class - 1}")
                 if label not in names:
-                    raise ValueError(f"unknown class label {label!r}: this model knows {names}")
+                    alike = [n for n in names if n.casefold() == label.casefold()]  # "mci" for MCI
+                    raise ValueError(f"unknown class label {label!r}: this model knows {names}"
+                                     + (f" (did you mean {alike[0]!r}? class names are case-sensitive)" if alike
+                                        else ""))
                 out.append(names.index(label))
             elif isinstance(label, (bool, np.bool_)):  # an int to Python, but True/False name no class
                 raise ValueError(f"class label {label!r} is a bool: expected 0..{self.null_class - 1} or one of {names}")

@@ -89,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_training_arguments(parser, default_lr=DEFAULT_LR, default_batch=DEFAULT_BATCH)
     g = parser.add_argument_group("UNet and diffusion")
     g.add_argument("--preset", default="base", help="tiny | small | base, or a JSON UNet2DModel config")
-    g.add_argument("--conditional", action="store_true", help="class-conditional (AD/NC) with classifier-free guidance")
+    g.add_argument("--conditional", action="store_true", help="class-conditional (on the data's class folders: AD/NC, CN/MCI/AD ...) with "
+                   "classifier-free guidance")
     g.add_argument("--cond_dropout", type=float, default=None,
                    help="probability of replacing the label by the extra 'unconditional' class (for guidance); "
                         f"with --conditional only (default: {DEFAULT_COND_DROPOUT})")

@@ -513,8 +513,10 @@ def test_class_labels_names_ints_and_guidance(pipe):
     pipe(batch_size=2, num_inference_steps=1, generator=seeded())
     assert spy.labels[-1].tolist() == [2, 2]
     spy.remove()
-    with pytest.raises(ValueError, match=r"unknown class label 'MCI'.*\['AD', 'NC'\]"):
+    with pytest.raises(ValueError, match=r"unknown class label 'MCI'.*\['AD', 'NC'\]$"):
         pipe(class_labels="MCI", num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"unknown class label 'ad'.*\(did you mean 'AD'\? class names are case-"):
+        pipe(class_labels="ad", num_inference_steps=1)  # (a tool that lower-cased the names; --class ad)
     with pytest.raises(ValueError, match="out of range"):
         pipe(class_labels=2, num_inference_steps=1)
     with pytest.raises(ValueError, match="3 class labels for batch_size=2"):
