@@ -841,8 +841,8 @@ def plot_tradeoff(result: dict, path) -> Path:
     a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     a1.set_title(f"{s} \u2192 {t}: class change and fidelity vs strength", fontsize=9)
     a2.plot(ssim, flip, "o-", color="C2")
-    for r, xs, ys in zip(rows, ssim, flip):
-        a2.annotate(f"{r['strength']:.2f}", (xs, ys), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for (xs, ys), strengths in strength_labels(rows, ssim, flip):
+        a2.annotate(", ".join(strengths), (xs, ys), textcoords="offset points", xytext=(4, 4), fontsize=7)
     a2.set_xlabel("SSIM in brain mask vs original (higher = same brain)")
     a2.set_ylabel(f"share called {t}")
     a2.set_ylim(-0.02, 1.08)
@@ -854,6 +854,20 @@ def plot_tradeoff(result: dict, path) -> Path:
                  f"{st['steps']} steps", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def strength_labels(rows: list, xs: list, ys: list, near: float = 0.02) -> list:
+    """The trade-off plot's point labels: strengths whose points lie within `near` of an earlier labelled one (on
+    both axes, which run 0 to 1) share its label, "0.60, 0.80", instead of printing over each other."""
+    labels = []
+    for r, x, y in zip(rows, xs, ys):
+        for (lx, ly), strengths in labels:
+            if abs(lx - x) <= near and abs(ly - y) <= near:
+                strengths.append(f"{r['strength']:.2f}")
+                break
+        else:
+            labels.append(((x, y), [f"{r['strength']:.2f}"]))
+    return labels
 
 
 def plot_mean_difference(result: dict, path) -> Path:

@@ -1307,3 +1307,13 @@ def test_cli_writes_each_batch_into_its_own_images_folders(tiny_ldm, demo_root, 
     for p in slices:  # original.png: the slice, padded by 8 black rows above and below
         original = np.asarray(PIL.Image.open(out / p.stem / "original.png"))
         assert np.array_equal(original[8:-8], np.asarray(PIL.Image.open(p).convert("L"))), p
+
+
+def test_trade_off_points_that_coincide_share_one_label():
+    """An untrained or saturated model puts several strengths on one point of the trade-off plot: their labels
+    were printed over each other ("0.50" on "1.00", unreadable); they share one label now."""
+    from adni_diffusers.counterfactual import strength_labels
+
+    rows = [{"strength": s} for s in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    labels = strength_labels(rows, [0.90, 0.70, 0.50, 0.495, 0.51], [0.1, 0.4, 1.0, 1.0, 0.99])
+    assert labels == [((0.90, 0.1), ["0.20"]), ((0.70, 0.4), ["0.40"]), ((0.50, 1.0), ["0.60", "0.80", "1.00"])]
