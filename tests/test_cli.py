@@ -329,3 +329,95 @@ def test_a_commands_log_lines_go_above_its_progress_bars(monkeypatch):
     assert cli.main(["fake"]) == 0
     assert seen == [["_TqdmLoggingHandler"]]
     assert [type(h).__name__ for h in logging.getLogger().handlers] == ["StreamHandler"]  # as it was, after
+
+
+def _shell_commands(text: str) -> list[list[str]]:
+    """The commands of ```bash blocks (and of a script): continuation lines joined, `&&`, `|` and `;` split,
+    `$VAR` and `$((...))` read as 1, a leading `VAR=value` and `srun bash -c "..."` unwrapped."""
+    import re
+    import shlex
+
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        line = re.sub(r"\$\(\([^)]*\)\)|\\?\$\{?\w+\}?", "1", line)
+        line = re.sub(r"\[(--[^]]+)\]", r"\1", line)  # an optional flag shown as [--ablations]
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        command = []
+        for word in [*words, ";"]:
+            if word in ("&&", "||", "|", ";"):
+                while command and re.fullmatch(r"\w+=\S*", command[0]):
+                    command = command[1:]
+                if command[:2] == ["srun", "bash"] and command[2:3] == ["-c"]:
+                    commands += _shell_commands(command[3])
+                elif command:
+                    commands.append(command)
+                command = []
+            else:
+                command.append(word)
+    return commands
+
+
+def test_every_command_in_the_docs_parses_with_its_own_command(monkeypatch):
+    """`test_every_flag_the_docs_name_exists` finds a flag in any of our parsers: a flag moved to another command, or
+    a value a choice no longer has, went through. Each command line of the docs' bash blocks and the SLURM script is
+    parsed here by its own command's parser (argparse alone: no data, no model)."""
+    import argparse
+    import re
+
+    from conftest import REPO_ROOT
+
+    from adni_diffusers import cli, train_unet, train_vqmodel
+
+    real_parse = argparse.ArgumentParser.parse_args
+    parsers = {}
+
+    def capture(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", capture)
+        for name, build in [("train_vqmodel.py", train_vqmodel.parse_args), ("train_unet.py", train_unet.parse_args),
+                            *((f"adni-diffusers {c}", lambda c=c: cli.main([c])) for c in cli.COMMANDS)]:
+            with pytest.raises(_Parsed) as parsed:
+                build()
+            parsers[name] = parsed.value.args[0]
+
+    def parser_and_args(words: list[str]):
+        if words[:2] == ["accelerate", "launch"]:  # accelerate's own options up to the script
+            scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
+            return parser_and_args(words[scripts[0]:]) if scripts else (None, [])
+        if words[:3] == ["python", "-m", "adni_diffusers.cli"]:
+            words = ["adni-diffusers", *words[3:]]
+        if words[:1] == ["python"] and len(words) > 1 and words[1].endswith(".py"):
+            words = words[1:]
+        if words[:1] == ["adni-diffusers"] and len(words) > 1:
+            return parsers.get(f"adni-diffusers {words[1]}"), words[2:]
+        return parsers.get(words[0].rsplit("/", 1)[-1]), words[1:]
+
+    docs = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").rglob("*.md")]
+    checked, failed = 0, []
+    for doc in docs:
+        blocks = re.findall(r"```(?:bash|sh|shell)\n(.*?)```", doc.read_text(), flags=re.S)
+        for words in (w for block in blocks for w in _shell_commands(block)):
+            parser, args = parser_and_args(words)
+            if parser is None:
+                continue
+            try:
+                real_parse(parser, args)
+                checked += 1
+            except SystemExit:
+                failed.append(f"{doc.relative_to(REPO_ROOT)}: {' '.join(words)}")
+    for script in (REPO_ROOT / "docs" / "slurm").glob("*.sbatch"):
+        for words in _shell_commands(script.read_text()):
+            parser, args = parser_and_args(words)
+            if parser is not None:
+                try:
+                    real_parse(parser, args)
+                    checked += 1
+                except SystemExit:
+                    failed.append(f"{script.relative_to(REPO_ROOT)}: {' '.join(words)}")
+    assert not failed, failed
+    assert checked >= 30, checked  # (the extraction found the docs' commands)
