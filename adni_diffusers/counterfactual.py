@@ -624,6 +624,8 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
     control_flips = {s: [] for s in strengths} if control else None
     sum_signed = {s: torch.zeros(256, 256, dtype=torch.float64) for s in strengths}
     sum_abs = {s: torch.zeros(256, 256, dtype=torch.float64) for s in strengths}
+    # the label's own change, counterfactual - the same noise denoised with the source label (--control)
+    sum_label = {s: torch.zeros(256, 256, dtype=torch.float64) for s in strengths} if control else None
     sum_orig = torch.zeros(256, 256, dtype=torch.float64)
     example, example_index = None, len(pixels) // 2
     with _Sampler(pipe, guidance, seed, scheduler, steps) as sample:
@@ -651,6 +653,7 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
                     same = sample(x, src, s)
                     bar.update(len(x) * sample.denoising_steps(s))
                     control_flips[s].append(_call(classifier, same, col)["called"])
+                    sum_label[s] += (cf - same)[:, 0].double().sum(0)
                     # re-generation's own change (same noise, source label), and the label's: cf - control
                     regenerated = _change_stats(recon, same, mask, border)
                     _append(per[s], {f"control_{k}": v for k, v in regenerated.items()})
@@ -704,7 +707,8 @@ def measure_tradeoff(pipe, slices, classifier, to, strengths=DEFAULT_STRENGTHS, 
         "classifier": {"class_names": list(classifier.class_names), "rule": "argmax of the class probabilities"},
         "seconds": round(time.perf_counter() - t0, 1),
         **(info or {}),
-        "maps": {s: {"mean_signed": (sum_signed[s] / n).float().numpy(), "mean_abs": (sum_abs[s] / n).float().numpy()}
+        "maps": {s: {"mean_signed": (sum_signed[s] / n).float().numpy(), "mean_abs": (sum_abs[s] / n).float().numpy(),
+                     **({"label_signed": (sum_label[s] / n).float().numpy()} if control else {})}
                  for s in strengths},
         "mean_original": (sum_orig / n).float().numpy(),
         "example": example,
@@ -872,22 +876,29 @@ def strength_labels(rows: list, xs: list, ys: list, near: float = 0.02) -> list:
 
 def plot_mean_difference(result: dict, path) -> Path:
     """Per strength: the mean signed change (counterfactual - reconstruction) and the mean |change| over
-    all measured slices, with contours of the mean original's brain and CSF spaces."""
+    all measured slices, with contours of the mean original's brain and CSF spaces; with --control a third row,
+    the label's own change (counterfactual - the same noise denoised with the source label): the first rows also
+    hold what re-generation changes with either label."""
     plt = _plt()
     strengths = list(result["maps"])
     signed = [result["maps"][s]["mean_signed"] for s in strengths]
     absolute = [result["maps"][s]["mean_abs"] for s in strengths]
+    label = [result["maps"][s]["label_signed"] for s in strengths if "label_signed" in result["maps"][s]]
     lim = _diff_limit(signed)
     alim = float(max(np.percentile(np.concatenate([a.ravel() for a in absolute]), 99.5), 1e-3))
     mean_orig = (result["mean_original"] + 1) / 2
-    n = len(strengths)
-    fig, axes = plt.subplots(2, n, figsize=(2.3 * n + 1.6, 5.0), dpi=110, squeeze=False,
+    n, rows = len(strengths), 3 if len(label) == len(strengths) else 2
+    fig, axes = plt.subplots(rows, n, figsize=(2.3 * n + 1.6, 2.5 * rows), dpi=110, squeeze=False,
                              gridspec_kw={"hspace": 0.2, "wspace": 0.04})
     for j, s in enumerate(strengths):
         im1 = axes[0, j].imshow(signed[j], cmap=DIFF_CMAP, vmin=-lim, vmax=lim)
         im2 = axes[1, j].imshow(absolute[j], cmap="magma", vmin=0, vmax=alim)
         _outline(axes[0, j], mean_orig)
         _outline(axes[1, j], mean_orig, colors=("w", "0.75"))
+        if rows == 3:
+            llim = _diff_limit(label)
+            im3 = axes[2, j].imshow(label[j], cmap=DIFF_CMAP, vmin=-llim, vmax=llim)
+            _outline(axes[2, j], mean_orig)
         for ax in axes[:, j]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -896,7 +907,13 @@ def plot_mean_difference(result: dict, path) -> Path:
     c1.set_label("mean (counterfactual \u2212\nVQ reconstruction)", fontsize=7)
     c2 = fig.colorbar(im2, ax=list(axes[1]), fraction=0.025, pad=0.01)
     c2.set_label("mean |counterfactual \u2212\nVQ reconstruction|", fontsize=7)
-    for c in (c1, c2):
+    colorbars = [c1, c2]
+    if rows == 3:
+        c3 = fig.colorbar(im3, ax=list(axes[2]), fraction=0.025, pad=0.01)
+        c3.set_label(f"the label's own change: mean\n(counterfactual \u2212 same noise,\n{result['source']} label)",
+                     fontsize=7)
+        colorbars.append(c3)
+    for c in colorbars:
         c.ax.tick_params(labelsize=7)
     fig.suptitle(f"Where the model changes {result['source']} slices toward {result['target']}: mean over "
                  f"{result['images']} held-out slices ([\u22121, 1] scale; blue = darker; contours: mean slice's "

@@ -1317,3 +1317,18 @@ def test_trade_off_points_that_coincide_share_one_label():
     rows = [{"strength": s} for s in (0.2, 0.4, 0.6, 0.8, 1.0)]
     labels = strength_labels(rows, [0.90, 0.70, 0.50, 0.495, 0.51], [0.1, 0.4, 1.0, 1.0, 0.99])
     assert labels == [((0.90, 0.1), ["0.20"]), ((0.70, 0.4), ["0.40"]), ((0.50, 1.0), ["0.60", "0.80", "1.00"])]
+
+
+def test_the_control_maps_the_labels_own_change(tmp_path):
+    """mean_difference.png showed counterfactual - reconstruction alone, which holds re-generation's change too (two
+    thirds of it on a demo model). With --control it maps the label's own change as well: counterfactual - the same
+    noise denoised with the source label (the fake: +1 - (-1) = 2 everywhere), in a third row."""
+    from PIL import Image
+
+    with_control, without = _measured(control=True), _measured(control=False)
+    assert np.allclose(with_control["maps"][1.0]["label_signed"], 2.0)
+    assert "label_signed" not in without["maps"][1.0]
+    C.plot_mean_difference(with_control, tmp_path / "control.png")
+    C.plot_mean_difference(without, tmp_path / "plain.png")
+    taller = Image.open(tmp_path / "control.png").height / Image.open(tmp_path / "plain.png").height
+    assert 1.3 < taller < 1.7  # three rows of maps, not two
