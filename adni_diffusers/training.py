@@ -78,9 +78,12 @@ def alike_on_every_process():
 
 
 def _rank() -> int:
-    """This process's rank under a launcher (torchrun, `accelerate launch`); 0 alone."""
+    """This process's rank under a launcher (torchrun, `accelerate launch`); 0 alone. RANK without WORLD_SIZE > 1
+    (left in the environment by a job script, with `python train_*.py` run on its own) is no group: Accelerate
+    makes such a process its main one, and it must say its own errors (it took itself for process 1: argparse's
+    error went nowhere, a TrainingError waited 30 s for a main process there was none of)."""
     try:
-        return int(os.environ.get("RANK", "0"))
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     except ValueError:
         return 0
 
@@ -2434,16 +2437,16 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
         remove_unused_output_dir(args)
         return 2
     except TrainingStopped as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             print(f"{script}: {e}", file=sys.stderr)
         return 128 + (e.signum or signal.SIGTERM)  # as if the signal had ended it, for a job scheduler's records
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:  # every process gets the Ctrl-C; one line is enough
+        if rank == 0:  # every process gets the Ctrl-C; one line is enough
             where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
             print(f"{script}: interrupted; {where}", file=sys.stderr)
         return 130
     except OSError:  # a full disk, a quota, a folder gone: the traceback says what; this says what is safe
-        if int(os.environ.get("RANK", "0")) == 0 and (where := _where_to_go_on(args)):
+        if rank == 0 and (where := _where_to_go_on(args)):
             print(f"{script}: stopped by the error below; {where} once it is fixed", file=sys.stderr)
         raise
     except RuntimeError as e:

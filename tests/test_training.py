@@ -358,6 +358,7 @@ def test_a_lost_peer_is_one_line_on_every_process(monkeypatch, capsys, tmp_path)
                           "with --resume_from_checkpoint latest"), err
     assert "typically" not in err
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert training.run_cli("train_vqmodel.py", lambda argv: SimpleNamespace(), lost_peer) == 2
     assert "process 1 stopped: another process ended" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")  # any other RuntimeError is raised as it is
@@ -381,6 +382,7 @@ def test_an_error_every_process_meets_is_left_to_the_main_process(monkeypatch, c
         raise error
 
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     waited = []
     monkeypatch.setattr(training, "_main_process_ends_within", lambda s: waited.append(s) or True)
     assert training.run_cli("train_vqmodel.py", bad_flag, lambda args: None) == 2
@@ -404,6 +406,33 @@ def test_an_error_every_process_meets_is_left_to_the_main_process(monkeypatch, c
         signal.signal(signal.SIGALRM, previous_alarm)
     assert signal.getsignal(signal.SIGTERM) == before
     assert training._main_process_ends_within(0.1) is False
+
+
+def test_rank_set_without_a_launcher_is_the_only_process(monkeypatch, capsys):
+    """RANK left in the environment (a job script that exported it for torchrun, a Kubeflow pod) but no launcher:
+    `python train_vqmodel.py` is one process, Accelerate's main one, and says its errors itself. It took itself for
+    process 1 of a group: argparse's usage and error went nowhere (exit status 2, not a word), and a TrainingError
+    came only after waiting 30 s for a main process that does not exist."""
+    import argparse
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(training, "_main_process_ends_within", lambda s: pytest.fail("waited for a main process"))
+    parser = argparse.ArgumentParser(prog="train_vqmodel.py")
+    parser.add_argument("--output_dir", required=True)
+    with pytest.raises(SystemExit) as e:
+        training.run_cli("train_vqmodel.py", parser.parse_args, lambda args: None, argv=[])
+    assert e.value.code == 2
+    assert "train_vqmodel.py: error: the following arguments are required: --output_dir" in capsys.readouterr().err
+
+    def bad_flag(argv):
+        raise training.TrainingError("--val_fraction must be between 0 and 1, got 2.0")
+
+    assert training.run_cli("train_vqmodel.py", bad_flag, lambda args: None) == 2
+    assert "train_vqmodel.py: error: --val_fraction" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun's one process
+    assert training.run_cli("train_vqmodel.py", bad_flag, lambda args: None) == 2
+    assert "train_vqmodel.py: error: --val_fraction" in capsys.readouterr().err
 
 
 def _run_for_end_step(model, ema=None, max_grad_norm=1.0):
