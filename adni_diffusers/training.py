@@ -2425,9 +2425,16 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
         # once, from the main process, not once per process
         import io
 
-        with alike_on_every_process(), \
-                contextlib.redirect_stderr(io.StringIO()) if rank > 0 else contextlib.nullcontext():
-            args = parse_args(argv)
+        said = io.StringIO()
+        try:
+            with alike_on_every_process(), \
+                    contextlib.redirect_stderr(said) if rank > 0 else contextlib.nullcontext():
+                args = parse_args(argv)
+        except SystemExit as e:  # argparse's usage error: as a TrainingError below, the main process says it; left
+            # at once, this one could have the launcher stop the main process before it had (then no word at all)
+            if rank > 0 and e.code not in (0, None) and not _main_process_ends_within(MAIN_PROCESS_ERROR_WAIT_S):
+                sys.stderr.write(said.getvalue())
+            raise
         result = main(args)
     except TrainingError as e:
         # an error every process meets is the main process's to print: the others stop with the same status,

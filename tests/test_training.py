@@ -408,6 +408,35 @@ def test_an_error_every_process_meets_is_left_to_the_main_process(monkeypatch, c
     assert training._main_process_ends_within(0.1) is False
 
 
+def test_argparse_error_on_another_process_waits_for_the_main_one(monkeypatch, capsys):
+    """argparse's usage error on a process other than the main one: it left at once, quietly, and torchrun (polling
+    every 0.1 s) stopped the main process before it had printed the error when the main process was a moment
+    behind (a busy node, a cold file system): the run ended with exit statuses and not a word. It now waits for the
+    main process to end, as for a TrainingError, and prints the error itself if that does not come."""
+    import argparse
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parser = argparse.ArgumentParser(prog="train_vqmodel.py")
+    parser.add_argument("--output_dir", required=True)
+    waited = []
+    monkeypatch.setattr(training, "_main_process_ends_within", lambda s: waited.append(s) or True)
+    with pytest.raises(SystemExit) as e:
+        training.run_cli("train_vqmodel.py", parser.parse_args, lambda args: None, argv=[])
+    assert e.value.code == 2 and waited == [training.MAIN_PROCESS_ERROR_WAIT_S]
+    assert capsys.readouterr().err == ""  # the main process says it
+    monkeypatch.setattr(training, "_main_process_ends_within", lambda s: False)  # the main process goes on
+    with pytest.raises(SystemExit) as e:
+        training.run_cli("train_vqmodel.py", parser.parse_args, lambda args: None, argv=[])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("usage: train_vqmodel.py") == 1 and "error: the following arguments are required" in err
+    monkeypatch.setattr(training, "_main_process_ends_within", lambda s: pytest.fail("--help need not wait"))
+    with pytest.raises(SystemExit) as e:
+        training.run_cli("train_vqmodel.py", parser.parse_args, lambda args: None, argv=["--help"])
+    assert e.value.code == 0
+
+
 def test_rank_set_without_a_launcher_is_the_only_process(monkeypatch, capsys):
     """RANK left in the environment (a job script that exported it for torchrun, a Kubeflow pod) but no launcher:
     `python train_vqmodel.py` is one process, Accelerate's main one, and says its errors itself. It took itself for
