@@ -1145,6 +1145,18 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             return None
         if constants.HF_HUB_OFFLINE and not notice_files(fetched):  # offline, the cached copy is all there is
             cannot_tell("HF_HUB_OFFLINE is set and the cached copy holds none")
+        elif not notice_files(fetched):  # none, or the Hub unreachable (huggingface_hub then returns the cached copy
+            # without a word): the repo's own file list says which
+            from huggingface_hub import list_repo_files
+
+            try:
+                listed = [f for f in list_repo_files(str(folder)) if "/" not in f and f.split(".")[0].upper()
+                          in NOTICE_NAMES]
+            except Exception as e:
+                cannot_tell((str(e).strip().splitlines() or [type(e).__name__])[0])
+            else:
+                if listed:
+                    cannot_tell(f"the repo has {', '.join(listed)}, which could not be downloaded")
         return fetched if fetched.is_dir() else None
 
     @classmethod

@@ -410,6 +410,22 @@ def test_a_loaded_demo_pipeline_keeps_its_licence_when_saved_or_pushed(hub_stub,
     assert not (tmp_path / "offline" / "LICENSE.md").exists()
     assert "loaded from user/public-demo-2, no folder here, and its licence or notice files" in caplog.text
     assert "HF_HUB_OFFLINE" in caplog.text and "copy them beside the saved weights yourself" in caplog.text
+    # online, the Hub unreachable: huggingface_hub 2.4 says the cached copy is incomplete; older ones (setup.cfg
+    # allows >= 0.34) return it without a word, as here: the repo's file list, unreachable too, makes the save say it
+    import huggingface_hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    cached = huggingface_hub.snapshot_download("user/public-demo-2", allow_patterns=["model_index.json"])
+    hub_stub.stop()
+    for name, returns_cache in (("unreachable", False), ("unreachable-older-hub", True)):
+        caplog.clear()
+        with monkeypatch.context() as m:
+            if returns_cache:
+                m.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: cached)
+            with caplog.at_level(logging.WARNING):
+                loaded.save_pretrained(tmp_path / name)
+        assert not (tmp_path / name / "LICENSE.md").exists()
+        assert "loaded from user/public-demo-2, no folder here, and its licence or notice files" in caplog.text, name
     # a folder's own licence is not replaced by the loaded one's
     (tmp_path / "own").mkdir()
     (tmp_path / "own" / "LICENSE.md").write_text("mine")
