@@ -1292,13 +1292,14 @@ def test_a_callback_can_interrupt_sampling_and_read_num_timesteps(pipe):
         tensor_inputs = ["latents"]
 
         def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            seen.append(step_index)
             if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
                 pipeline._interrupt = True
             return callback_kwargs
 
     seen.clear()
     pipe(num_inference_steps=4, generator=seeded(), output_type="latent", callback_on_step_end=Cutoff(cutoff_step_ratio=0.5))
-    assert pipe.num_timesteps == 4
+    assert pipe.num_timesteps == 4 and seen == [0, 1, 2]  # stopped after step int(4 * 0.5)
 
 
 def test_an_image_with_a_single_non_finite_latent_is_reported(pipe, monkeypatch):
