@@ -1041,14 +1041,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "training split, cached under --feature-net-cache)")
     m.add_argument("--feature-net-cache", "--feature-cache", default=None,  # evaluate's name for the same folder
                    help="cache folder for the evaluation classifier (default: <model>/feature_net, the one "
-                        "`adni-diffusers evaluate` uses by default: same data and settings reuse the same net)")
+                        "`adni-diffusers evaluate` uses by default: same data and settings reuse the same net; "
+                        "<--out>/feature_net for a Hub repo id)")
     m.add_argument("--feature-epochs", type=int, default=None,
                    help=f"epochs for the classifier when it is trained (default {FEATURE_EPOCHS})")
 
 
 def _image_out_dirs(paths: list[Path], out: Path) -> list[Path]:
     # the top-level outputs' names are taken: tradeoff.png.jpeg's folder is not the file tradeoff.png
-    used, dirs = set(TOP_OUTPUTS), []
+    used, dirs = {*TOP_OUTPUTS, FEATURE_NET_FOLDER}, []  # (a Hub model's classifier cache is <--out>/feature_net)
     for p in paths:
         # "..png" and "...png" have the stems "." and "..": their folders were --out itself and the one above it
         stem = p.stem if p.stem not in ("", ".", "..") else UNNAMED_IMAGE_FOLDER
@@ -1106,6 +1107,23 @@ def _remove_earlier_outputs(out: Path, earlier: list[Path]) -> None:
     remove_outputs(earlier)
 
 
+FEATURE_NET_FOLDER = "feature_net"  # the classifier's cache: beside the model, or in --out for a Hub model
+
+
+def is_hub_model(model: str) -> bool:
+    """--model names a Hub repo id ("owner/name" or "name"), not a local folder (as generate.check_model_argument
+    tells them apart)."""
+    path = Path(model)
+    return not path.is_dir() and not path.exists() and not model.startswith((".", "/", "~")) and model.count("/") <= 1
+
+
+def default_feature_net_cache(model: str, out) -> Path:
+    """<model>/feature_net (the folder `evaluate` uses too); for a Hub repo id <--out>/feature_net: the repo id is no
+    folder, and as one ("owner/name/feature_net" in the current folder) it was created outside --out, where it then
+    shadowed the repo: every later --model owner/name run there read the local folder (no model_index.json)."""
+    return Path(out) / FEATURE_NET_FOLDER if is_hub_model(model) else Path(model) / FEATURE_NET_FOLDER
+
+
 def check_classifier_folder(folder: str) -> None:
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"--classifier {folder}: no such folder (expected a feature net folder, "
@@ -1144,7 +1162,7 @@ def _load_classifier(args, data, device):
     # share one net.
     from .evaluate import FEATURE_NET_SEED
 
-    cache = args.feature_net_cache or str(Path(args.model) / "feature_net")
+    cache = args.feature_net_cache or str(default_feature_net_cache(args.model, args.out))
     check_cache_folder(cache, "--feature-net-cache")
     epochs = args.feature_epochs or FEATURE_EPOCHS
     net_train, _ = set_aside_floor_patients(data.train, data.val)

@@ -1108,13 +1108,42 @@ def test_the_classifier_is_the_evaluation_net_whatever_the_sampling_seed(tmp_pat
 
     monkeypatch.setattr(Fe, "get_or_train_feature_net", spy)
     args = argparse.Namespace(classifier=None, feature_net_cache=None, model=str(tmp_path / "model"),
-                              feature_epochs=None, seed=7)
+                              out=str(tmp_path / "cf"), feature_epochs=None, seed=7)
     data = SimpleNamespace(train=toy_slices(patients=6, seed=0), val=toy_slices(patients=2, seed=1))
     C._load_classifier(args, data, "cpu")
     assert captured["seed"] == E.FEATURE_NET_SEED and captured["epochs"] == C.FEATURE_EPOCHS
     assert captured["train"].paths == Fe.set_aside_floor_patients(data.train, data.val)[0].paths
     assert len(captured["train"]) < len(data.train)
     assert captured["cache"] == str(tmp_path / "model" / "feature_net")
+
+
+def test_a_hub_models_classifier_cache_goes_into_out_not_a_folder_named_after_the_repo(tmp_path, monkeypatch):
+    """--model owner/name (a Hub repo id) --measure: the classifier's default cache was "owner/name/feature_net" in the
+    current folder, outside --out; that folder then shadowed the repo, and every later generate or counterfactual
+    --model owner/name run there failed with "no model_index.json". It goes into --out; --feature-net-cache still
+    wins, and a local model keeps <model>/feature_net (evaluate's)."""
+    from conftest import toy_slices
+
+    captured = {}
+
+    def spy(cache, train, val, **settings):
+        captured["cache"] = cache
+        return "net", {"path": "p"}
+
+    monkeypatch.setattr(Fe, "get_or_train_feature_net", spy)
+    monkeypatch.chdir(tmp_path)
+    data = SimpleNamespace(train=toy_slices(patients=6, seed=0), val=toy_slices(patients=2, seed=1))
+    args = argparse.Namespace(classifier=None, feature_net_cache=None, model="alice/brainldm", out="cf",
+                              feature_epochs=None, seed=0)
+    C._load_classifier(args, data, "cpu")
+    assert captured["cache"] == str(Path("cf") / "feature_net")
+    assert not (tmp_path / "alice").exists()
+    assert C._image_out_dirs([Path("feature_net.png")], Path("cf")) == [Path("cf") / "feature_net-2"]
+    (tmp_path / "model").mkdir()
+    C._load_classifier(argparse.Namespace(**{**vars(args), "model": "model"}), data, "cpu")
+    assert captured["cache"] == str(Path("model") / "feature_net")
+    C._load_classifier(argparse.Namespace(**{**vars(args), "feature_net_cache": "mine"}), data, "cpu")
+    assert captured["cache"] == "mine"
 
 
 def test_a_given_classifier_trained_on_other_patients_is_said_so(tmp_path, caplog):
