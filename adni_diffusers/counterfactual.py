@@ -1138,7 +1138,10 @@ def _load_classifier(args, data, device):
 
     if args.classifier:
         check_classifier_folder(args.classifier)
-        net = load_feature_net(args.classifier, device=device)
+        try:
+            net = load_feature_net(args.classifier, device=device)
+        except ValueError as e:  # its config does not fit its weights: name the flag
+            raise ValueError(f"--classifier {e}") from None
         from .features import evaluate_feature_net
 
         # a net from another model's folder (another --seed or --val_fraction) may have trained on this model's

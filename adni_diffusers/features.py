@@ -557,8 +557,21 @@ def load_feature_net(directory: str | os.PathLike, device="cpu") -> FeatureNet:
     if config.get("version") != FEATURE_NET_VERSION:
         found = config.get("version")
         logger.warning("%s: feature net format v%s, this code writes v%s", directory, found, FEATURE_NET_VERSION)
-    net = FeatureNet(config["num_classes"], tuple(config["widths"]), config["input_size"], config["class_names"])
-    net.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+    architecture = (config["num_classes"], tuple(config["widths"]), config["input_size"], config["class_names"])
+    state = load_file(str(directory / WEIGHTS_NAME))
+    # built first without memory (on the meta device) and checked against the weights' shapes: a config.json that
+    # does not fit its weights (a --classifier folder from elsewhere, `"widths": [16, 60000, 60000]`) made torch
+    # allocate what it says (130 GB) before a shape was checked, failing with an allocator message naming no file
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in FeatureNet(*architecture).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise ValueError(f"{directory}: {CONFIG_NAME} does not describe {WEIGHTS_NAME} ({len(wrong)} tensors differ, "
+                         f"e.g. {wrong[0]}: {CONFIG_NAME} makes it {expected.get(wrong[0], 'absent')}, "
+                         f"{WEIGHTS_NAME} holds {found.get(wrong[0], 'none')})")
+    net = FeatureNet(*architecture)
+    net.load_state_dict(state)
     net.meta = config.get("meta") or {}
     return net.to(device).eval()
 

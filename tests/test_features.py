@@ -341,6 +341,25 @@ def test_a_loaded_feature_net_is_in_eval_mode(tmp_path):
     assert Fe.load_feature_net(tmp_path / "net").training is False
 
 
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_anything_that_size_is_allocated(tmp_path):
+    """A feature-net folder from elsewhere (counterfactual --classifier) whose config.json names absurd widths: the
+    net was built as the config said (here 1.4 TB of weights) before the weights' shapes were compared, and torch's
+    allocator failed naming no file (or, at a size that fits, filled the memory). The shapes are checked first."""
+    net = Fe.FeatureNet(2, widths=(4, 4), input_size=16, class_names=["AD", "NC"])
+    Fe.save_feature_net(net, tmp_path / "net")
+    config_file = tmp_path / "net" / Fe.CONFIG_NAME
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "widths": [4, 200_000, 200_000]}))
+    with pytest.raises(ValueError, match=r"config.json does not describe model.safetensors .*blocks.1"):
+        Fe.load_feature_net(tmp_path / "net")
+    config_file.write_text(json.dumps({**config, "widths": [4, 8]}))  # small, and wrong all the same
+    with pytest.raises(ValueError, match="does not describe"):
+        Fe.load_feature_net(tmp_path / "net")
+    config_file.write_text(json.dumps(config))
+    loaded = Fe.load_feature_net(tmp_path / "net")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+
+
 def test_a_net_trained_without_the_last_class_still_has_a_column_per_class_name():
     """The class head has one output per class name even when the training rows lack the last class (slice
     positions give it something to learn): `predict`'s columns follow `class_names`."""
