@@ -526,7 +526,28 @@ def _read_model_index(path: Path, given) -> dict:
         raise OSError(f"{given}: model_index.json lacks the {', '.join(lacking)} "
                       f"entr{'y' if len(lacking) == 1 else 'ies'} of an {PIPELINE_CLASS} (e.g. \"unet\": "
                       "[\"diffusers\", \"UNet2DModel\"]): an edited or damaged copy? Copy or download the model again")
+    if _scheduler_class(index["scheduler"][1]) is None:  # else a traceback: "module diffusers.schedulers has no
+        # attribute DDPMSchedulr", "type object 'SchedulerMixin' has no attribute 'load_config'"
+        raise OSError(f"{given}: model_index.json names the scheduler {index['scheduler'][1]!r}, not one of "
+                      "diffusers' schedulers (e.g. \"scheduler\": [\"diffusers\", \"DDPMScheduler\"]): an edited or "
+                      "damaged copy? Copy or download the model again")
     return index
+
+
+def _scheduler_class(name):
+    """diffusers' scheduler class of that name (what from_pretrained loads the scheduler with), or None."""
+    from diffusers import schedulers
+    from diffusers.configuration_utils import ConfigMixin
+
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    try:
+        found = getattr(schedulers, name, None)
+    except Exception:  # noqa: BLE001 - a lazily imported one that cannot be (a Flax scheduler without flax)
+        return None
+    ok = isinstance(found, type) and found is not SchedulerMixin and issubclass(found, SchedulerMixin) \
+        and issubclass(found, ConfigMixin)
+    return found if ok else None
 
 
 class ADNILatentDiffusionPipeline(DiffusionPipeline):
@@ -1169,7 +1190,6 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         `use_safetensors`, `low_cpu_mem_usage`, `device_map` (one device for the whole pipeline: "cpu", "cuda");
         and, as in diffusers, a component to use instead of the saved one
         (`scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler")`, `unet=...`, `vqvae=...`)."""
-        from diffusers import schedulers
 
         given = {name: kwargs.pop(name) for name in ("vqvae", "unet", "scheduler") if name in kwargs}
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
@@ -1224,7 +1244,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                                                                                **model_kwargs("vqvae"))
         unet = given["unet"] if "unet" in given else UNet2DModel.from_pretrained(folder, subfolder="unet",
                                                                               **model_kwargs("unet"))
-        scheduler = given.get("scheduler") or getattr(schedulers, index["scheduler"][1]).from_pretrained(
+        scheduler = given.get("scheduler") or _scheduler_class(index["scheduler"][1]).from_pretrained(
             folder, subfolder="scheduler")
         for name, model in (("vqvae", vqvae), ("unet", unet)):
             if name not in given and (bad := nonfinite_weights_text(model)):

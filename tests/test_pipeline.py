@@ -1164,6 +1164,15 @@ def test_a_damaged_or_foreign_model_folder_is_named_before_diffusers_reads_it(pi
                                  "scheduler": ["diffusers", "DDPMScheduler"]}))
     with pytest.raises(OSError, match="m: model_index.json names a DDPMPipeline, not an ADNILatentDiffusionPipeline"):
         load(tmp_path / "m")
+    # a scheduler entry that names no diffusers scheduler was a traceback ("module diffusers.schedulers has no
+    # attribute DDPMSchedulr", "type object 'SchedulerMixin' has no attribute 'load_config'", "from_pretrained")
+    for name in ("DDPMSchedulr", "SchedulerMixin", "KarrasDiffusionSchedulers", "__class__", "../x", 3):
+        index.write_text(json.dumps({**json.loads(original), "scheduler": ["diffusers", name]}))
+        with pytest.raises(OSError, match=r"m: model_index.json names the scheduler .*, not one of diffusers' "
+                                          r"schedulers"):
+            load(tmp_path / "m")
+    index.write_text(json.dumps({**json.loads(original), "scheduler": ["diffusers", "DDIMScheduler"]}))
+    assert type(load(tmp_path / "m").scheduler).__name__ == "DDIMScheduler"
     index.write_text(original)
     weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
