@@ -857,11 +857,12 @@ def _prepare_upload(folder: Path, kind: str, files: list[str], withheld: list[st
 
 
 def stage_upload(folder: str | Path, out: str | Path, repo_id: str, revision: str | None = None,
-                 trained_on_demo_data: bool | None = None, force: bool = False) -> list[str]:
+                 trained_on_demo_data: bool | None = None, force: bool = False, token: str | None = None) -> list[str]:
     """`push --dry-run`: write into `out` what `push_folder(folder, repo_id)` would upload, and nothing else,
     without contacting the Hub or needing a token: the model's files (linked, or copied where links fail), the
     records and reports as rewritten without local paths, the card rendered for `repo_id`. Pictures of real
-    slices are left out as in a push. Returns the files, relative to `out`."""
+    slices are left out as in a push. `token` (push's --token, never used: no request is made) is searched for as
+    the stored one is. Returns the files, relative to `out`."""
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise HubError(f"cannot stage {str(folder)!r}: no such folder")
@@ -872,7 +873,9 @@ def stage_upload(folder: str | Path, out: str | Path, repo_id: str, revision: st
         raise HubError(f"--dry-run {out}: inside the model folder {folder}; choose a folder outside it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HubError(f"--dry-run {out}: exists and is not an empty folder (what is there would read as pushed)")
-    tokens = [_stored_token()]  # a file holding it stops a dry run as it stops a push
+    # a file holding one stops a dry run as it stops a push: --token's too (the dry run staged a training_args.json
+    # that held it, which the push then refused, and OUT kept the token)
+    tokens = [token, _stored_token()]
     kind, files, _, withheld = _selected_files(folder, trained_on_demo_data, force)
     out.mkdir(parents=True, exist_ok=True)
     files = _prepare_upload(folder, kind, files, withheld, repo_id, revision, None, tokens, out)
@@ -1178,7 +1181,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.dry_run is not None:
-            files = stage_upload(folder, args.dry_run, args.repo_id, revision=args.branch, force=args.force)
+            files = stage_upload(folder, args.dry_run, args.repo_id, revision=args.branch, force=args.force,
+                                 token=args.token)
             print("\n".join(str(Path(args.dry_run) / rel) for rel in files))
             return 0
         url = push_folder(folder, args.repo_id, token=args.token, private=not args.public,

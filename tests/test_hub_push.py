@@ -802,6 +802,24 @@ def test_a_file_holding_the_stored_token_stops_the_push(hub_stub, pipeline_dir, 
     assert REPO not in hub_stub.repo_ids()
 
 
+def test_a_dry_run_with_token_refuses_a_file_holding_that_token_as_the_push_does(hub_stub, pipeline_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """`push DIR --token T --dry-run OUT` searched the files for the stored token only: it staged a
+    training_args.json holding T into OUT (to be read, or uploaded by hand) and said nothing, while the push itself
+    with the same flags refused the folder."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub, "_stored_token", lambda: None)
+    (pipeline_dir / "training_args.json").write_text(json.dumps({"note": f"token {hub_stub.token}"}))
+    staged = tmp_path / "staged"
+    assert _cli_push(pipeline_dir, "--token", hub_stub.token, "--dry-run", str(staged)) == 1
+    err = capsys.readouterr().err
+    assert "training_args.json holds your Hub token" in err and hub_stub.token not in err
+    assert not any(hub_stub.token.encode() in p.read_bytes() for p in staged.rglob("*") if p.is_file())
+    assert _cli_push(pipeline_dir, "--token", hub_stub.token) == 1  # as the push says
+    assert "training_args.json holds your Hub token" in capsys.readouterr().err
+    assert REPO not in hub_stub.repo_ids()
+
+
 def test_a_vq_model_card_is_rendered_for_the_target_repo(hub_stub, vq):
     """`adni-diffusers push` of a train_vqmodel.py folder: the generated card's snippet must load from the repo it is
     pushed to, not from the `your-user/...` placeholder written at training time; the local card is unchanged."""
