@@ -2465,9 +2465,9 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
                       file=sys.stderr)
             else:  # one that printed nothing: killed (the OOM killer, kill -9, a lost node) or crashed in C++
                 where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
-                said = str(e).splitlines()[0].split(". This is typically")[0]  # gloo's words, less its advice
+                peer_gone = str(e).splitlines()[0].split(". This is typically")[0]  # gloo's words, less its advice
                 print(f"{script}: stopped: another process ended (its error, if any, is above; the launcher's "
-                      f"summary below gives its exit code): {said}; {where}", file=sys.stderr)
+                      f"summary below gives its exit code): {peer_gone}; {where}", file=sys.stderr)
             return 2
         raise
     finally:
