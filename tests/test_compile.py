@@ -119,6 +119,12 @@ def test_child_runs_past_cuda_graph_recording(monkeypatch, mode, steps):
     assert grads_clear_at_forward == [True] * steps
 
 
+# on one pytest-xdist worker, one after the other: the child's compile fills inductor's cache, which then serves the
+# compiled training run (two cold compiles at once on two workers took 161 s and 109 s of a 2-core runner)
+INDUCTOR_CACHE_SHARED = pytest.mark.xdist_group("inductor_tiny_unet")
+
+
+@INDUCTOR_CACHE_SHARED
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_child_process_compiles_a_training_step():
@@ -534,6 +540,7 @@ def test_compile_flags_are_checked_before_work(tmp_path, tiny_vq, demo_root, cap
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+@INDUCTOR_CACHE_SHARED
 def test_compiled_training_run_matches_eager(tmp_path, tiny_vq, demo_root, caplog):
     """The real train_unet path with --compile (inductor's CPU backend here), with the flags of gpu_session.sh's
     UNet stage: the probe compiles, training runs compiled without compiling again (the probe's input was NCHW
