@@ -1110,18 +1110,13 @@ def _remove_earlier_outputs(out: Path, earlier: list[Path]) -> None:
 FEATURE_NET_FOLDER = "feature_net"  # the classifier's cache: beside the model, or in --out for a Hub model
 
 
-def is_hub_model(model: str) -> bool:
-    """--model names a Hub repo id ("owner/name" or "name"), not a local folder (as generate.check_model_argument
-    tells them apart)."""
-    path = Path(model)
-    return not path.is_dir() and not path.exists() and not model.startswith((".", "/", "~")) and model.count("/") <= 1
-
-
 def default_feature_net_cache(model: str, out) -> Path:
     """<model>/feature_net (the folder `evaluate` uses too); for a Hub repo id <--out>/feature_net: the repo id is no
     folder, and as one ("owner/name/feature_net" in the current folder) it was created outside --out, where it then
     shadowed the repo: every later --model owner/name run there read the local folder (no model_index.json)."""
-    return Path(out) / FEATURE_NET_FOLDER if is_hub_model(model) else Path(model) / FEATURE_NET_FOLDER
+    from .generate import is_hub_repo_id
+
+    return Path(out) / FEATURE_NET_FOLDER if is_hub_repo_id(model) else Path(model) / FEATURE_NET_FOLDER
 
 
 def check_classifier_folder(folder: str) -> None:

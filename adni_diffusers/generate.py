@@ -213,12 +213,17 @@ def check_scheduler_steps(scheduler: str, config, steps: int) -> None:
         raise ValueError(f"--scheduler {scheduler} --steps {steps}: {e}") from None
 
 
+def is_hub_repo_id(model: str) -> bool:
+    """--model names a Hub repo id ("name" or "owner/name"), not a local folder or path."""
+    path = Path(model)
+    return not path.is_dir() and not path.exists() and not model.startswith((".", "/", "~")) \
+        and model.count("/") <= 1 and " " not in model
+
+
 def check_model_argument(model: str) -> None:
     """--model is a folder or a Hub repo id ("name" or "owner/name"): anything else is a mistyped local path, which
     huggingface_hub would report as a malformed repo id."""
-    path = Path(model)
-    if not path.is_dir() and (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-                              or " " in model):
+    if not Path(model).is_dir() and not is_hub_repo_id(model):
         raise ValueError(f"--model {model}: no such folder (a saved pipeline folder, or a Hub repo id owner/name)")
 
 

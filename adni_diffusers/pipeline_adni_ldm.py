@@ -534,6 +534,11 @@ def _read_model_index(path: Path, given) -> dict:
     return index
 
 
+def _first_line(error: Exception) -> str:
+    """An exception's first line (huggingface_hub's run to several, with advice), or its type where it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _scheduler_class(name):
     """diffusers' scheduler class of that name (what from_pretrained loads the scheduler with), or None."""
     from diffusers import schedulers
@@ -1162,7 +1167,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         try:
             fetched = Path(snapshot_download(str(folder), allow_patterns=[f"{name}*" for name in NOTICE_NAMES]))
         except Exception as e:  # offline without them in the cache, no network, a folder moved since the load
-            cannot_tell((str(e).strip().splitlines() or [type(e).__name__])[0])
+            cannot_tell(_first_line(e))
             return None
         if constants.HF_HUB_OFFLINE and not notice_files(fetched):  # offline, the cached copy is all there is
             cannot_tell("HF_HUB_OFFLINE is set and the cached copy holds none")
@@ -1174,7 +1179,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 listed = [f for f in list_repo_files(str(folder)) if "/" not in f and f.split(".")[0].upper()
                           in NOTICE_NAMES]
             except Exception as e:
-                cannot_tell((str(e).strip().splitlines() or [type(e).__name__])[0])
+                cannot_tell(_first_line(e))
             else:
                 if listed:
                     cannot_tell(f"the repo has {', '.join(listed)}, which could not be downloaded")
@@ -1220,7 +1225,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 folder = Path(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=wanted,
                                                 ignore_patterns=unwanted, **hub_kwargs))
             except Exception as e:  # offline cache miss, no such repo, no network: huggingface_hub's words name no path
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                reason = _first_line(e)
                 raise OSError(f"{pretrained_model_name_or_path}: no such local folder, and no Hub repo of that name "
                               f"could be loaded ({reason})") from e
         index_path = folder / "model_index.json"
