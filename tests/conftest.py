@@ -23,6 +23,20 @@ def hub_stub(monkeypatch, tmp_path):
     close_session()  # drop pooled connections to the stopped stub
 
 
+# Module-scoped fixtures that cost a training, benchmark or evaluation run. The tests that use one run on one xdist
+# worker (setup.cfg: --dist loadgroup), so that it is built once: spread over two workers, `smoke` was built twice,
+# side by side (45 s each).
+SHARED_COSTLY_FIXTURES = ("smoke", "pushed_run", "evaluated", "stub_evaluated", "stub_seeded")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        shared = [name for name in SHARED_COSTLY_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if shared and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{shared[0]}"))
+
+
 @pytest.fixture(autouse=True)
 def close_figures():
     """Close what a test left open in pyplot: tests that stand in for save_figure (to read a figure's panels) skip
