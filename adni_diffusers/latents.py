@@ -133,6 +133,30 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
     return latents
 
 
+# the standard deviation of the scaled training latents a VQModel's `scaling_factor` may leave: train_vqmodel.py sets
+# it to 1 / std of its own training split (exactly 1 there); far outside this range the diffusion model learns on
+# latents the forward process drowns early (std << 1) or barely reaches (std >> 1)
+LATENT_STD_RANGE = (0.5, 2.0)
+
+
+def scale_problem(latents: torch.Tensor, scaling_factor: float) -> str | None:
+    """What is wrong with the scale of these scaled training latents, with the `scaling_factor` that fixes it; None
+    when their standard deviation is within LATENT_STD_RANGE (or there are too few to tell). A VQModel made
+    elsewhere keeps diffusers' default 0.18215, meant for Stable Diffusion's VAE, not its own latents: the seed's
+    failure (no latent scaling, structure only at the last timesteps) again, without a word."""
+    if latents.numel() < 2:
+        return None
+    std = float(latents.double().std())
+    low, high = LATENT_STD_RANGE
+    if low <= std <= high or not std > 0:
+        return None
+    return (f"its scaling_factor {scaling_factor:g} gives training latents of standard deviation {std:.3g}, not about "
+            f"1 (the diffusion model's forward process assumes unit variance; at {std:.3g} the image structure "
+            f"{'is drowned by the noise early and appears only at the last timesteps' if std < low else 'outlasts the noise'}"
+            f"): set \"scaling_factor\": {scaling_factor / std:.6g} in its vqvae/config.json (1 / std of the "
+            "unscaled latents, as train_vqmodel.py computes it) and train again")
+
+
 def latent_digest(latents: torch.Tensor) -> str:
     return hashlib.sha256(latents.contiguous().numpy().tobytes()).hexdigest()
 

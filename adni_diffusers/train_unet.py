@@ -378,7 +378,7 @@ def main(args: argparse.Namespace) -> dict:
     from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
     from adni_diffusers.latents import (LatentDataset, cache_key, check_room_on_device, latent_digest, load_or_build,
-                                        older_cache_keys, vqmodel_key)
+                                        older_cache_keys, scale_problem, vqmodel_key)
     from adni_diffusers.pipeline_adni_ldm import (ADNILatentDiffusionPipeline, nonfinite_weights_text,
                                                    remove_other_versions)
     from adni_diffusers.presets import unet_config, user_keys
@@ -477,6 +477,8 @@ def main(args: argparse.Namespace) -> dict:
     # the latents' own bits, in training_args.json (each session's, under earlier_sessions where a resume read
     # others): encoding at another --eval_batch_size or on another device changes their last bits, not the cache key
     args.train_latents_sha256 = latent_digest(train_latents)
+    if accelerator.is_main_process and (problem := scale_problem(train_latents, vq.config.scaling_factor)):
+        logger.warning("--vqmodel %s: %s", args.vqmodel, problem)
     unet = training.to_channels_last(UNet2DModel(**config), args)
     noise_scheduler = make_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start,
                                            args.beta_end, args.prediction_type)

@@ -2742,3 +2742,32 @@ def test_periodic_sample_grid_rows_start_from_the_same_noises(tmp_path, monkeypa
     levels = [[int(pixels[top + 2 + 10 * r + 4, left + 2 + 10 * c + 4]) for c in range(2)] for r in range(3)]
     assert levels == [[51, 51], [128, 255], [204, 255]], levels  # a short row ends in a white tile, not the next class
     assert pixels[:top].min() < 128 and pixels[top:, :left].min() < 128  # the caption and the class names
+
+
+def test_a_vqmodel_whose_scaling_factor_does_not_bring_the_latents_to_unit_variance_is_warned_of(
+        tmp_path, vq, demo_root, monkeypatch, caplog):
+    """A bare diffusers VQModel (diffusers' default scaling_factor 0.18215, not one computed from the data) trained a
+    UNet on latents of standard deviation ~0.06 without a word: the seed's failure (no latent scaling) again."""
+    from adni_diffusers import train_unet
+    from adni_diffusers.latents import scale_problem
+
+    def stop(*a, **k):  # right after the latents are built and checked
+        raise StopRun
+
+    monkeypatch.setattr(train_unet.training, "to_channels_last", stop)
+    args = ["--vqmodel", str(vq), "--train_data_dir", str(demo_root), *TINY_UNET_ARGS]
+    with caplog.at_level("WARNING", logger="adni_diffusers"), pytest.raises(StopRun):
+        run_training_script("train_unet", [*args, "--output_dir", str(tmp_path / "own")])
+    assert "scaling_factor" not in caplog.text  # train_vqmodel.py's own: 1 / std of the data's latents
+    config_path = vq / "vqvae" / "config.json"
+    config = json.loads(config_path.read_text())
+    own = config["scaling_factor"]
+    config["scaling_factor"] = own / 20
+    config_path.write_text(json.dumps(config))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adni_diffusers"), pytest.raises(StopRun):
+        run_training_script("train_unet", [*args, "--output_dir", str(tmp_path / "bare")])
+    match = re.search(r"its scaling_factor \S+ gives training latents of standard deviation 0\.05, not about 1 .*"
+                      r"set \"scaling_factor\": (\S+) in its vqvae/config.json", caplog.text)
+    assert match and float(match.group(1)) == pytest.approx(own, rel=1e-3)
+    assert scale_problem(torch.randn(64, 4, 8, 8) * 3, 1.0) and not scale_problem(torch.randn(64, 4, 8, 8), 1.0)
