@@ -278,6 +278,26 @@ def _slices_by_pixels(data) -> dict[bytes, tuple[str, str]]:
     return seen
 
 
+def _training_patients_of(image_paths, data) -> list[str | None]:
+    """For each --image, the patient its file name gives (by the --patient_ids rule the model's split used) where that
+    patient has slices in the model's training split, else None. A slice of a training patient that is not itself
+    one of the training slices (another slice of the volume, or the patient's test/ slices under --split given) was
+    marked "neither" or "held-out" as if its patient were unseen (a helper's audit, 2026-12-07); held-out leaves
+    such slices out. Names that give no patient (0.png, a name without <patient>_<slice>) are none."""
+    from .data import PATIENT_SLICE_RE, patient_part, patients_by_rule
+
+    paths = [*data.train.paths, *data.val.paths, *map(str, image_paths)]
+    # one call over the data and the images: one name per subject across both (sub-ADNI002S0295 and 002_S_0295)
+    patients = patients_by_rule([patient_part(p) for p in paths], data.patient_ids)[0]
+    trained = set(patients[:len(data.train.paths)])
+    out = []
+    for path, patient in zip(image_paths, patients[len(paths) - len(image_paths):]):
+        stem = Path(path).stem
+        identified = PATIENT_SLICE_RE.match(stem) is not None or patient != stem
+        out.append(patient if identified and patient in trained else None)
+    return out
+
+
 def slice_seed(seed: int, pixels: torch.Tensor) -> int:
     """The noise seed of one slice ((1, H, W) in [-1, 1]): `seed` and a checksum of its 8-bit pixels. A slice
     gets the same counterfactual alone, in any list, at any batch size; the same pixels twice, the same result."""
@@ -1312,6 +1332,7 @@ def main(args: argparse.Namespace) -> int:
     # by pixels, not path: a copy of a training slice, renamed or elsewhere, is the slice the model saw
     seen = _slices_by_pixels(data) if data is not None and images else {}
     training_paths = {Path(p).resolve() for p in data.train.paths} if data is not None else set()
+    trained_patient = _training_patients_of(image_paths, data) if data is not None else [None] * len(image_paths)
     for first in range(0, len(images), batch_size):  # a batch at a time, on disk at once: a crash keeps these
         # as uint8: exact, where floats would be scaled by a guess ([0, 1] for a slice with no dark pixel)
         batch = to_uint8(torch.cat(images[first:first + batch_size]))
@@ -1327,10 +1348,19 @@ def main(args: argparse.Namespace) -> int:
                 entry["in_model_data"], entry["class_in_model_data"] = seen.get(_pixel_key(batch[j]),
                                                                                ("neither", None))
                 entry["in_training_split"] = entry["in_model_data"] == "training"
+                # by its name: a slice may be new while its patient is not (the model saw that brain)
+                patient = trained_patient[first + j]
+                entry["patient_in_training_split"] = entry["in_training_split"] or patient is not None
                 if entry["in_training_split"]:
                     logger.warning("%s is one of the model's TRAINING slices%s; a held-out slice makes a fairer "
                                    "counterfactual", path, "" if Path(path).resolve() in training_paths
                                    else " (the same pixels)")
+                elif patient is not None:
+                    logger.warning("%s is not one of the model's training slices, but its name gives patient %s, whose "
+                                   "slices the model trained on (%s): not an unseen patient; a held-out patient's "
+                                   "slice (adni-diffusers held-out) makes a fairer counterfactual", path, patient,
+                                   "the patient's slices are in train/ too, --split given"
+                                   if entry["in_model_data"] == "held-out" else "another slice of that patient")
                 if entry["class_in_model_data"] == target:
                     logger.warning("%s is of class %s in the model's data, and --to is %s: its counterfactual turns "
                                    "it toward the class it already has", path, target, target)

@@ -816,6 +816,30 @@ def test_a_training_slice_is_marked_in_the_summary(tiny_ldm, tmp_path, capsys, c
     assert f"{copy} is one of the model's TRAINING slices (the same pixels)" in caplog.text
 
 
+def test_a_new_slice_of_a_training_patient_is_marked_by_its_patient(tiny_ldm, tmp_path, capsys, caplog):
+    """--image of a slice that is not itself a training slice but of a training patient (another slice of the volume,
+    or under --split given that patient's test/ slices): in_model_data "neither" / "held-out" read as an unseen
+    patient, while `held-out` leaves such slices out. Its name gives the patient: marked and warned of."""
+    from adni_diffusers.data import patient_part
+
+    save_feature_net(random_classifier(), tmp_path / "net")
+    data = C.held_out_data(str(tiny_ldm))
+    trained, held = data.train.paths[0], data.val.paths[0]
+    pixels = np.asarray(PIL.Image.open(trained).convert("L")).copy()
+    pixels[pixels > 40] -= 7  # another slice of the same brain: not equal pixel for pixel
+    other_slice = tmp_path / f"{patient_part(trained)}_7.png"
+    PIL.Image.fromarray(pixels).save(other_slice)
+    out = tmp_path / "cf"
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.counterfactual"):
+        rc, err = run_cli(["--model", tiny_ldm, "--image", other_slice, held, "--to", "AD", "--strength", "1.0",
+                           "--classifier", tmp_path / "net", "--out", out, *STEPS], capsys)
+    assert rc == 0, err
+    images = json.loads((out / "counterfactuals.json").read_text())["images"]
+    assert [e["in_model_data"] for e in images] == ["neither", "held-out"]
+    assert [e["patient_in_training_split"] for e in images] == [True, False]
+    assert f"its name gives patient {patient_part(trained)}, whose slices the model trained on" in caplog.text
+
+
 def _model_without_split_records(tiny_ldm, folder: Path) -> Path:
     """A copy of the tiny pipeline whose training_data.json holds no train / validation summary (as a copy saved
     without the training records)."""
