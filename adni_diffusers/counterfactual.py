@@ -282,7 +282,7 @@ def _training_patients_of(image_paths, data) -> list[str | None]:
     """For each --image, the patient its file name gives (by the --patient_ids rule the model's split used) where that
     patient has slices in the model's training split, else None. A slice of a training patient that is not itself
     one of the training slices (another slice of the volume, or the patient's test/ slices under --split given) was
-    marked "neither" or "held-out" as if its patient were unseen (a helper's audit, 2026-12-07); held-out leaves
+    marked "neither" or "held-out" as if its patient were unseen; held-out leaves
     such slices out. Names that give no patient (0.png, a name without <patient>_<slice>) are none."""
     from .data import PATIENT_SLICE_RE, patient_part, patients_by_rule
 

@@ -214,9 +214,13 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
                            name, _split_words(now), _split_words(recorded[name]))
     record["first_stage_held_out"] = first_stage_held_out(model_dir, data)
     if record["first_stage_held_out"] is False:
-        logger.warning("the VQModel (first stage) held out other patients than these (it was trained on another "
-                       "folder or split): it may have trained on slices held out here, and its round trips of those "
-                       "are sharper than an unseen patient's")
+        vq = read_json_object(Path(model_dir) / "training_data.json").get("vqmodel_data") or {}
+        same_names = vq.get("validation_patients_sha256") == data.val.summary()["patients_sha256"]
+        logger.warning("the VQModel (first stage) held out %s: it may have trained on slices held out here, and its "
+                       "round trips of those are sharper than an unseen patient's",
+                       "patients of these names but other images of them (slices added, removed or edited, or "
+                       "patients numbered otherwise since it trained)" if same_names else
+                       "other patients than these (it was trained on another folder or split)")
     elif record["first_stage_held_out"] is None and first_stage_unrecorded(model_dir):
         record["first_stage_unconfirmed"] = True
         logger.warning("%s: the UNet's records hold no record of its VQModel's held-out patients (a VQModel folder "
@@ -1739,8 +1743,8 @@ def evaluate_model(
         raise EvaluationError(
             (f"--data-dir {data.root}" if data_dir else f"the data folder {data.root} (from training_data.json)")
             + ": split as in training it gives other training / held-out sets than the ones "
-            f"{model_dir} recorded (the warning above), so its held-out images may include patients the model "
-            "trained on; give the folder as it was at training (default: the one training_data.json names), or "
+            f"{model_dir} recorded (the warning above), so its held-out images may include patients or images the "
+            "model trained on; give the folder as it was at training (default: the one training_data.json names), or "
             "--out another folder to measure on this data anyway (the model's evaluation and card stay as they are)")
     class_names = list(data.class_names)
     if not conditional and guidance is not None and float(guidance) != 1.0:  # as generate: not silently dropped

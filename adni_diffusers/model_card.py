@@ -210,8 +210,9 @@ def held_out_caveats(data: dict) -> list[str]:
                        "validation summaries), so that the held-out images are ones the model never saw cannot be "
                        "confirmed")
     if data.get("first_stage_held_out") is False:
-        caveats.append("the VQModel (first stage) held out other patients than the UNet (it was trained on another "
-                       "folder or split), so it may have trained on held-out slices: the VQ ceiling and the samples' "
+        caveats.append("the VQModel (first stage) held out other patients than the UNet, or other images of them (it "
+                       "was trained on another folder or split, or on the data before it changed), so it may have "
+                       "trained on held-out slices: the VQ ceiling and the samples' "
                        "decoding may look better on them than on unseen patients")
     elif data.get("first_stage_unconfirmed"):
         caveats.append(FIRST_STAGE_UNCONFIRMED)

@@ -788,7 +788,12 @@ def test_a_first_stage_that_held_out_other_patients_is_flagged(model_copy, caplo
     # name-based check had passed (a helper's audit, 2026-12-06)
     path.write_text(json.dumps({**saved, "vqmodel_data": {**saved["vqmodel_data"],
                                                           "validation_pixels_sha256": "0" * 64}}))
-    assert E.load_evaluation_data(model_copy)[1]["first_stage_held_out"] is False
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
+        assert E.load_evaluation_data(model_copy)[1]["first_stage_held_out"] is False
+    # the same patient names: not "other patients" (slices added to the folder said so, as if patients had changed)
+    assert "held out patients of these names but other images of them" in caplog.text
+    assert "other patients than these" not in caplog.text
+    caplog.clear()
     saved["vqmodel_data"]["validation_patients_sha256"] = "0" * 64  # a VQModel trained on another folder
     path.write_text(json.dumps(saved))
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
