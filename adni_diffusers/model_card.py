@@ -318,7 +318,9 @@ def _ema_text(args: dict, reached=None, model: str = "UNet",
             + f": {numbers} are of these weights.")
 
 
-def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
+def _argument_rows(args: dict, steps_run=None) -> list[tuple[str, str, str]]:
+    """`steps_run`: the optimizer steps the record says the run took (train_metrics.json / metrics.json
+    train_steps), for a run bounded by --num_epochs (no --max_train_steps)."""
     rows = []
     for key, label in _ARG_LABELS:
         if key in args and _shown(key, args):
@@ -330,7 +332,7 @@ def _argument_rows(args: dict) -> list[tuple[str, str, str]]:
                 value = _precision_text(value, used)
             elif key == "preset" and isinstance(value, str):  # a JSON file's path names a home folder: its name only
                 value = PureWindowsPath(value).name or value
-            elif key == "lr_warmup_steps" and (note := _warmup_note(args)):
+            elif key == "lr_warmup_steps" and (note := _warmup_note(args, steps_run)):
                 value = f"{_fmt(value)} ({note})"
             elif key == "learning_rate" and _is_number(rate := args.get("learning_rate_used")) and rate != value:
                 value = f"{_fmt(value)} ({_fmt(rate)} used: --scale_lr for the global batch)"
@@ -345,9 +347,12 @@ def _python_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _warmup_note(args: dict) -> str | None:
-    """Where the warm-up is not shorter than the run (training warns too): the share of --learning_rate reached."""
+def _warmup_note(args: dict, steps_run=None) -> str | None:
+    """Where the warm-up is not shorter than the run (training warns too): the share of --learning_rate reached.
+    A run bounded by --num_epochs records no --max_train_steps: its length is the steps it took (`steps_run`)."""
     warmup, steps = args.get("lr_warmup_steps"), args.get("max_train_steps")
+    if steps is None and isinstance(steps_run, int) and not isinstance(steps_run, bool):
+        steps = steps_run
     if not (isinstance(warmup, int) and isinstance(steps, int) and 0 < steps <= warmup):
         return None
     if (args.get("lr_scheduler") or "constant") == "constant":  # diffusers' constant schedule has no warm-up
@@ -733,7 +738,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "ddpm_steps": sched.get("num_train_timesteps") if isinstance(sched.get("num_train_timesteps"), int) else 1000,
         "beta_text": _beta_text(sched),
         "prediction_type": sched.get("prediction_type", "epsilon"),
-        "arg_rows": _argument_rows(args),
+        "arg_rows": _argument_rows(args, _field(train, "train_steps", int)),
         "session_lines": _session_lines(args),
         "environment_text": _environment_text(args),
         "train_steps": _field(train, "train_steps", int),
@@ -762,7 +767,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "val_set_text": _val_set_text(data, args, own_source),
         "vq_rows": _vq_rows(vq_metrics),
         "vq_eval_set": vq_metrics.get("eval_set"),
-        "vq_arg_rows": _argument_rows(vq_args),
+        "vq_arg_rows": _argument_rows(vq_args, _field(vq_metrics, "train_steps", int)),
         "vq_environment_text": _environment_text(vq_args),
         "sample_grid": grid if (d / grid).is_file() else None,
         "sample_steps": args.get("sample_inference_steps"),
@@ -988,7 +993,7 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
         "reconstructions": "reconstructions.png" if (d / "reconstructions.png").is_file() and source == "demo"
         else None,
         "loss_curve": "loss_curve.png" if (d / "loss_curve.png").is_file() else None,
-        "arg_rows": _argument_rows(args),
+        "arg_rows": _argument_rows(args, _field(metrics, "train_steps", int)),
         "ema_text": _ema_text(args, metrics.get("ema_decay_reached"), "VQModel",
                               "the reconstruction numbers and grid"),
         "session_lines": _session_lines(args),

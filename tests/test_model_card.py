@@ -131,6 +131,25 @@ def test_a_warm_up_not_below_the_run_says_how_far_the_rate_rose():
     assert warmup(lr_warmup_steps=100, max_train_steps=None, lr_scheduler="cosine") == "100"
 
 
+def test_a_warm_up_longer_than_an_epoch_bounded_run_is_said(ldm):
+    """A run bounded by --num_epochs (no --max_train_steps, the default) of 15 steps under a 100-step warm-up: the
+    card showed "warm-up steps 100" bare, while training warned that the rate never passed 15% of --learning_rate.
+    Its length is in train_metrics.json (train_steps)."""
+    from adni_diffusers.model_card import _argument_rows
+
+    rows = dict((flag, value) for flag, value, _ in _argument_rows(
+        {"lr_warmup_steps": 100, "max_train_steps": None, "lr_scheduler": "cosine"}, 15))
+    assert rows["`--lr_warmup_steps`"] == "100 (not below the run's 15 steps: the rate peaked at 15% of the learning rate)"
+    args = json.loads((ldm / "training_args.json").read_text())
+    args.update(max_train_steps=None, num_epochs=1, lr_warmup_steps=100, lr_scheduler="cosine")
+    (ldm / "training_args.json").write_text(json.dumps(args))
+    train = json.loads((ldm / "train_metrics.json").read_text()) if (ldm / "train_metrics.json").is_file() else {}
+    train.update(train_steps=15)
+    (ldm / "train_metrics.json").write_text(json.dumps(train))
+    assert "| `--lr_warmup_steps` | 100 (not below the run's 15 steps: the rate peaked at 15% of the learning rate) |" \
+        in render_model_card(ldm)
+
+
 def test_user_data_card_names_the_data_use_agreement(ldm):
     info = json.loads((ldm / "training_data.json").read_text())
     info.update(source="user", root="/home/alice/private/ADNI/AD_NC")
