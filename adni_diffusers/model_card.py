@@ -715,6 +715,9 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "first_stage_text": _first_stage_text(data, own_source, source, first_stage_sources(d)),
         "class_names": class_names,
         "conditional": conditional,
+        # --cond_dropout 0 never trains the "no label" class guidance needs (train_unet warns, samples.png is unguided);
+        # a record without the flag (older, or a copy of a loaded pipeline) keeps the guided wording
+        "guided": conditional and not (_is_number(args.get("cond_dropout")) and args["cond_dropout"] == 0),
         "example_label": class_names[0] if conditional else None,
         # the snippets' literals: a name with a space or a quote is one shell word and one Python string
         "example_label_python": _python_string(class_names[0]) if conditional else None,

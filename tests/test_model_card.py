@@ -1115,3 +1115,21 @@ def test_the_data_section_describes_the_folder_as_it_was(ldm, classes, condition
     assert layout in text and "sub-folder per class), supplied" not in text
     assert scope in " ".join(text.split())
     assert "`train/` and `test/`" not in text  # a --split patient record does not say the folder had them
+
+
+def test_a_conditional_model_without_label_dropout_is_not_shown_with_guidance(ldm):
+    """train_unet.py --conditional --cond_dropout 0 never trains the "no label" class: training warns that guidance
+    uses an untrained embedding and samples samples.png without it, but the card's snippets said guidance_scale=2.0
+    and --guidance 2, and the UNet row "one 'no label' class for classifier-free guidance"."""
+    args = json.loads((ldm / "training_args.json").read_text())
+    assert args.get("conditional")
+    guided = render_model_card(ldm)
+    assert "guidance_scale=2.0" in guided and "--guidance 2" in guided
+    args.update(cond_dropout=0.0, sample_guidance=1.0)
+    (ldm / "training_args.json").write_text(json.dumps(args))
+    text = render_model_card(ldm)
+    _check_rendered(text)
+    assert "guidance_scale=2.0" not in text and "--guidance 2" not in text
+    assert "guidance_scale=1.0" in text and "--guidance 1" in text
+    assert '"no label" class for classifier-free guidance' not in text
+    assert '"no label" class that was never trained (`--cond_dropout` 0)' in text
