@@ -92,6 +92,8 @@ _ARG_LABELS = [
 _ONLY_IF = {  # shown only when the argument named on the right is truthy
     "cond_dropout": "conditional", "ema_max_decay": "use_ema", "val_fraction": "split=patient",
     "num_epochs": "not max_train_steps", "disc_start": "disc_weight",
+    # diffusers' squaredcos_cap_v2 ignores beta_start / beta_end (the scheduler row says "cosine betas")
+    "beta_start": "beta_schedule!=squaredcos_cap_v2", "beta_end": "beta_schedule!=squaredcos_cap_v2",
 }
 
 _VQ_METRICS = [  # first-stage reconstruction numbers (metrics.json of train_vqmodel.py)
@@ -277,6 +279,9 @@ def _shown(key: str, args: dict) -> bool:
         return True
     if cond == "split=patient":
         return args.get("split") == "patient"
+    if "!=" in cond:
+        name, value = cond.split("!=", 1)
+        return args.get(name) != value
     if cond.startswith("not "):
         return not args.get(cond[4:])
     return bool(args.get(cond))

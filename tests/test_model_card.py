@@ -1133,3 +1133,17 @@ def test_a_conditional_model_without_label_dropout_is_not_shown_with_guidance(ld
     assert "guidance_scale=1.0" in text and "--guidance 1" in text
     assert '"no label" class for classifier-free guidance' not in text
     assert '"no label" class that was never trained (`--cond_dropout` 0)' in text
+
+
+def test_the_cosine_schedule_shows_no_beta_start_or_end():
+    """--beta_schedule squaredcos_cap_v2 ignores --beta_start / --beta_end (diffusers; train_unet's help says so), but
+    the card's argument table listed their defaults, 0.0001 and 0.02, as if they had shaped the schedule."""
+    from adni_diffusers.model_card import _argument_rows
+
+    def flags(**args):
+        return {flag for flag, _, _ in _argument_rows(args)}
+
+    linear = flags(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    assert {"`--beta_start`", "`--beta_end`"} <= linear
+    cosine = flags(beta_schedule="squaredcos_cap_v2", beta_start=0.0001, beta_end=0.02)
+    assert "`--beta_schedule`" in cosine and not {"`--beta_start`", "`--beta_end`"} & cosine
