@@ -54,7 +54,7 @@ from .data import (PAD_SIZE_HINT, DataError, SliceData, SliceSet, is_demo_datase
 from .environment import environment
 from .files import read_json_object, write_text_atomically
 from .plots import save_figure
-from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
+from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, guidance_for, make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -1750,7 +1750,7 @@ def evaluate_model(
     if not conditional and guidance is not None and float(guidance) != 1.0:  # as generate: not silently dropped
         raise EvaluationError(f"--guidance {guidance:g}: this model is unconditional (classifier-free guidance "
                               "steers toward a class); leave --guidance out")
-    guidance = (DEFAULT_GUIDANCE_CONDITIONAL if guidance is None else float(guidance)) if conditional else 1.0
+    guidance = guidance_for(model_dir, guidance, toward_class=True) if conditional else 1.0
     if conditional:  # 0: every class's samples the unconditional model's, measured as that class's
         try:
             check_guidance(guidance, "the class labels")
@@ -2070,7 +2070,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"sampler for the main numbers (default {DEFAULT_SCHEDULER}; DDPM-1000 is an ablation row)")
     g.add_argument("--steps", type=positive_int, default=None, help="default: 1000 ddpm, 50 ddim, 25 dpm++, 10 unipc")
     g.add_argument("--guidance", type=finite_float, default=None,
-                   help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_CONDITIONAL:g} for conditional models)")
+                   help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_CONDITIONAL:g} for conditional models, 1 "
+                        "for one trained with --cond_dropout 0)")
     g.add_argument("--refine-steps", type=non_negative_int, default=0, help="refinement, in the sampler's own steps (default off)")
     g.add_argument("--refine-repeats", type=non_negative_int, default=0, help="how many refinement passes")
     g.add_argument("--seed", type=int, default=0,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .files import cannot_write_in, not_a_folder, read_as_data, read_json_object, remove_path, write_text_atomically
-from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, make_scheduler
+from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, guidance_for, make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class name (e.g. AD, NC) or index, for a class-conditional model")
     parser.add_argument("--guidance", type=finite_float, default=None,
                         help=f"classifier-free guidance scale (1 = none; default {DEFAULT_GUIDANCE_CONDITIONAL:g} "
-                             "with --class, as evaluate and the demo sample)")
+                             "with --class, as evaluate and the demo sample; 1 for a model trained with "
+                             "--cond_dropout 0)")
     parser.add_argument("--scheduler", default="ddpm", choices=list(SCHEDULERS),
                         help="sampler (default ddpm: 1000 steps; dpm++ takes 25, the model card's choice)")
     parser.add_argument("--steps", type=positive_int, default=None,
@@ -374,8 +375,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         raise ValueError(f"--num-images {num_images}: expected at most 2**64 (each image has its own seed)")
     if not (seed >= 0 and seed * 1_000_003 + num_images <= 2**64):  # the per-image generator seeds below are < 2**64
         raise ValueError(f"--seed {seed}: expected 0 .. {(2**64 - num_images) // 1_000_003}")
-    if guidance is None:  # toward a class: the guidance evaluate measures; without one there is nothing to guide
-        guidance = DEFAULT_GUIDANCE_CONDITIONAL if class_label is not None else 1.0
+    # toward a class: the guidance evaluate measures; without one there is nothing to guide
+    guidance = guidance_for(model, guidance, class_label is not None)
     check_guidance(guidance, "--class" if class_label is not None else None)
     if guidance != 1.0 and class_label is None:  # the unconditional class has nothing to guide toward: ignored
         raise ValueError(f"--guidance {guidance:g} needs --class (a class-conditional model and the class to guide "

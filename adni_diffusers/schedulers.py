@@ -6,6 +6,36 @@ from __future__ import annotations
 # 1 (none) was the worst setting on each of the three CPU demo models measured (docs/results.md, ablations)
 DEFAULT_GUIDANCE_CONDITIONAL = 2.0
 
+
+
+def no_label_class_untrained(model) -> bool:
+    """Whether a local model folder's training_args.json records --cond_dropout 0: the "no label" class, the
+    unconditional half of classifier-free guidance, was never trained (train_unet warns; the card shows guidance 1).
+    False where the folder does not say (a Hub repo id, a copy without the records)."""
+    from pathlib import Path
+
+    from .files import read_json_object
+
+    value = read_json_object(Path(str(model)) / "training_args.json").get("cond_dropout")
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def guidance_for(model, guidance: float | None, toward_class: bool) -> float:
+    """--guidance as given, else the default: DEFAULT_GUIDANCE_CONDITIONAL toward a class, 1 (none) without one or
+    for a model whose "no label" class was never trained (`no_label_class_untrained`), where guidance would mix in
+    an untrained embedding's prediction: a guidance other than 1 given for such a model is warned of."""
+    untrained = toward_class and no_label_class_untrained(model)
+    if guidance is None:
+        return DEFAULT_GUIDANCE_CONDITIONAL if toward_class and not untrained else 1.0
+    if untrained and guidance != 1.0:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "--guidance %g: %s was trained with --cond_dropout 0, so its 'no label' class, guidance's unconditional "
+            "half, was never trained: 1 (no guidance) is the setting it was trained for", guidance, model)
+    return float(guidance)
+
+
 SCHEDULERS = {
     # name: (diffusers class, default number of steps, extra config)
     "ddpm": ("DDPMScheduler", 1000, {}),

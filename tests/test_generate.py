@@ -957,6 +957,32 @@ def test_guidance_defaults_to_the_evaluated_setting_toward_a_class(fresh_pipe, t
     assert parser.parse_args(["--model", "m", "--out", "o"]).guidance is None  # decided by --class, as above
 
 
+def test_a_model_trained_without_label_dropout_samples_unguided_by_default(fresh_pipe, tmp_path, recorded_calls,
+                                                                          caplog):
+    """--cond_dropout 0 never trains the "no label" class, guidance's unconditional half: generate (and evaluate)
+    sampled such a model at guidance 2 without a word, mixing in an untrained embedding's prediction. Its records
+    say so: the default is then 1, and a guidance given is taken but warned of."""
+    import logging
+
+    from adni_diffusers.schedulers import guidance_for
+
+    model = tmp_path / "ldm"
+    model.mkdir()
+    (model / "training_args.json").write_text(json.dumps({"conditional": True, "cond_dropout": 0.0}))
+    generate_kwargs = dict(num_images=1, class_label="AD", scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe)
+    from adni_diffusers.generate import generate
+
+    generate(model, tmp_path / "a", **generate_kwargs)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        generate(model, tmp_path / "b", guidance=3.0, **generate_kwargs)
+    assert [c.kwargs["guidance_scale"] for c in recorded_calls] == [1.0, 3.0]
+    assert "--guidance 3: " in caplog.text and "was trained with --cond_dropout 0" in caplog.text
+    (model / "training_args.json").write_text(json.dumps({"conditional": True, "cond_dropout": 0.1}))
+    assert guidance_for(model, None, toward_class=True) == 2.0  # trained for guidance: the evaluated default
+    assert guidance_for("someone/a-hub-repo", None, toward_class=True) == 2.0  # no records to tell: as before
+    assert guidance_for(model, None, toward_class=False) == 1.0
+
+
 def test_guidance_zero_is_accepted():
     """0 is the unconditional model (documented in --guidance's check): only below 0 is refused."""
     from adni_diffusers.generate import check_guidance
