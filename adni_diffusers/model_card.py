@@ -362,7 +362,8 @@ def _warmup_note(args: dict, steps_run=None) -> str | None:
         return None
     if (args.get("lr_scheduler") or "constant") == "constant":  # diffusers' constant schedule has no warm-up
         return None
-    return f"not below the run's {steps} steps: the rate peaked at {steps / warmup:.0%} of the learning rate"
+    # step k trains at (k - 1) / warmup of it: the schedule steps after each optimizer step, from 0
+    return f"not below the run's {steps} steps: the rate peaked at {(steps - 1) / warmup:.0%} of the learning rate"
 
 
 def _precision_text(asked, used) -> str:

@@ -1793,9 +1793,10 @@ class TrainingRun:
             # the optimizer's own rate: --learning_rate as --scale_lr scaled it (the schedule keeps it as initial_lr)
             target = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]) \
                 if optimizer is not None else args.learning_rate
+            # step k trains at (k - 1) / warmup of it: the schedule steps after each optimizer step, from 0
             logger.warning("--lr_warmup_steps %d is not below the run's %d steps: the learning rate peaks at %.3g, "
                            "never reaching %g (--learning_rate%s)", warmup, self.max_train_steps,
-                           target * self.max_train_steps / warmup, target,
+                           target * (self.max_train_steps - 1) / warmup, target,
                            f" {args.learning_rate:g}, --scale_lr {args.scale_lr}" if getattr(args, "scale_lr", False)
                            else "")
 

@@ -123,12 +123,25 @@ def test_a_warm_up_not_below_the_run_says_how_far_the_rate_rose():
         return dict((flag, value) for flag, value, _ in _argument_rows(args))["`--lr_warmup_steps`"]
 
     assert warmup(lr_warmup_steps=100, max_train_steps=20, lr_scheduler="cosine") == \
-        "100 (not below the run's 20 steps: the rate peaked at 20% of the learning rate)"
-    assert warmup(lr_warmup_steps=100, max_train_steps=100, lr_scheduler="linear").endswith("peaked at 100% of the "
+        "100 (not below the run's 20 steps: the rate peaked at 19% of the learning rate)"
+    assert warmup(lr_warmup_steps=100, max_train_steps=100, lr_scheduler="linear").endswith("peaked at 99% of the "
                                                                                              "learning rate)")
     assert warmup(lr_warmup_steps=100, max_train_steps=101, lr_scheduler="cosine") == "100"
     assert warmup(lr_warmup_steps=100, max_train_steps=20, lr_scheduler="constant") == "100"  # it has no warm-up
     assert warmup(lr_warmup_steps=100, max_train_steps=None, lr_scheduler="cosine") == "100"
+    # what the 20 steps really trained at: the schedule steps after each optimizer step, so step 1 at 0 and step 20
+    # at 19/100 (the note said 20%, the rate of a 21st step)
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=20)
+    used = []
+    for _ in range(20):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert max(used) == pytest.approx(0.19)
 
 
 def test_a_warm_up_longer_than_an_epoch_bounded_run_is_said(ldm):
@@ -139,14 +152,14 @@ def test_a_warm_up_longer_than_an_epoch_bounded_run_is_said(ldm):
 
     rows = dict((flag, value) for flag, value, _ in _argument_rows(
         {"lr_warmup_steps": 100, "max_train_steps": None, "lr_scheduler": "cosine"}, 15))
-    assert rows["`--lr_warmup_steps`"] == "100 (not below the run's 15 steps: the rate peaked at 15% of the learning rate)"
+    assert rows["`--lr_warmup_steps`"] == "100 (not below the run's 15 steps: the rate peaked at 14% of the learning rate)"
     args = json.loads((ldm / "training_args.json").read_text())
     args.update(max_train_steps=None, num_epochs=1, lr_warmup_steps=100, lr_scheduler="cosine")
     (ldm / "training_args.json").write_text(json.dumps(args))
     train = json.loads((ldm / "train_metrics.json").read_text()) if (ldm / "train_metrics.json").is_file() else {}
     train.update(train_steps=15)
     (ldm / "train_metrics.json").write_text(json.dumps(train))
-    assert "| `--lr_warmup_steps` | 100 (not below the run's 15 steps: the rate peaked at 15% of the learning rate) |" \
+    assert "| `--lr_warmup_steps` | 100 (not below the run's 15 steps: the rate peaked at 14% of the learning rate) |" \
         in render_model_card(ldm)
 
 

@@ -243,7 +243,7 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
     # (and a GAN that would start after the run ends is said to be unused: --disc_start is 2000 by default)
     assert "the adversarial loss starts at --disc_start 2000, and this run ends at step 4" in caplog.text
     # a warm-up as long as the run never reaches the learning rate; the start says what the run is
-    assert "--lr_warmup_steps 8 is not below the run's 4 steps: the learning rate peaks at 0.0001" in caplog.text
+    assert "--lr_warmup_steps 8 is not below the run's 4 steps: the learning rate peaks at 7.5e-05" in caplog.text
     assert re.search(r"VQModel: \d+ training images; 1 process\(es\) x batch 4 x 1 accumulated = 4 images per step; "
                      r"4 steps \(\d+ epochs\)\n", caplog.text)
     # where the model and its measures are (metrics.json is beside vqvae/, not in it), the next step, and where to

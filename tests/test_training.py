@@ -790,7 +790,7 @@ def test_the_warm_up_warning_names_the_rate_scale_lr_made(tmp_path, caplog):
         reset_accelerate()
     assert "--scale_lr linear: learning rate 2.5e-05 (--learning_rate 0.0001 for a batch of 64; this run's is 16)" \
         in caplog.text
-    assert "the learning rate peaks at 1e-05, never reaching 2.5e-05 (--learning_rate 0.0001, --scale_lr linear)" \
+    assert "the learning rate peaks at 7.5e-06, never reaching 2.5e-05 (--learning_rate 0.0001, --scale_lr linear)" \
         in caplog.text
 
 
