@@ -759,6 +759,14 @@ def load_slices(
                        "so each such name's patient part counts as a patient of its own and a subject's scans may be "
                        "on both sides of the split; rename them with _S_ (002_S_0295) or as BIDS (sub-ADNI002S0295)",
                        len(unread), ", ".join(unread[:3]) + (", ..." if len(unread) > 3 else ""))
+    if patient_ids != "file" and (cut := sorted({n for n, p in zip(named, patients)
+                                                 if p.startswith("sub-") and ADNI_ID_RE.search(n)})):
+        # sub-002_S_0295: a BIDS label ends at its first "_", so the label "sub-002" (a site) comes first and wins
+        logger.warning("%d file name(s) hold an ADNI subject id inside a BIDS label (%s): a BIDS label ends at its "
+                       "first '_', so the patient read is %s, and every subject of a site (or of the folder) counts as "
+                       "one patient; rename them as BIDS (sub-ADNI002S0295) or drop the 'sub-' (002_S_0295)",
+                       len(cut), ", ".join(cut[:3]) + (", ..." if len(cut) > 3 else ""),
+                       ", ".join(sorted({p for n, p in zip(named, patients) if n in set(cut)})[:3]))
     if bare := [p for p, m, s in zip(paths, matches, stems) if m and BARE_ADNI_STEM_RE.search(s)
                 and patient_of(m.group("patient"), patient_ids) == m.group("patient")]:
         logger.warning("%d file name(s) end in an ADNI subject id with no slice number (%s): the roster number is "

@@ -1190,6 +1190,16 @@ def test_adni_ids_the_rules_do_not_read_are_warned_about(tmp_path, caplog):
         load_slices(bare, split="patient", val_fraction=0.5)
     assert "4 file name(s) end in an ADNI subject id with no slice number (002_S_0295.png" in caplog.text
     caplog.clear()
+    # sub-002_S_0295_80: the BIDS label ends at its first "_", so "sub-002" (the site) was every site subject's patient
+    cut = tmp_path / "cut"
+    _named(cut, {"AD": ["sub-002_S_0295_80.png", "sub-002_S_0296_80.png", "sub-ADNI_005_S_0221_80.png"],
+                 "NC": ["sub-002_S_0413_80.png", "sub-011_S_0002_80.png", "sub-011_S_0003_80.png"]})
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(cut, split="patient", val_fraction=0.5)
+    assert "6 file name(s) hold an ADNI subject id inside a BIDS label (sub-002_S_0295, sub-002_S_0296, " \
+        "sub-002_S_0413, ...): a BIDS label ends at its first '_', so the patient read is sub-002, sub-011, sub-ADNI," \
+        in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):  # real-style names: neither warning
         load_slices(make_tree(tmp_path / "fine")[0].parents[2], split="patient")
     assert "ADNI subject id" not in caplog.text
