@@ -751,13 +751,22 @@ def write_contact_sheet(
     slices_shown = min(slices_shown, slices_per_subject)
     picks = _sheet_slices(slices_per_subject, slices_shown)
     gap, header = 16, 28
+    titles = {"AD": "AD (simulated atrophy)", "NC": "NC (none or mild)"}
+    note = "synthetic, MNI152-based: NOT ADNI"
+    # the note beside the AD title where the AD columns are wide enough; else a line of its own below the titles
+    # (with one slice per subject it ran into the NC title)
+    beside = ImageDraw.Draw(Image.new("L", (1, 1))).textlength(
+        f"{titles['AD']}   {note}", font=_font(15)) <= slices_shown * WIDTH - 12
+    if not beside:
+        header += 20
     rows = max(len(members) for members in chosen.values())
     sheet = Image.new("L", (2 * slices_shown * WIDTH + gap, header + rows * HEIGHT), 0)
     draw = ImageDraw.Draw(sheet)
-    titles = {"AD": "AD (simulated atrophy)", "NC": "NC (none or mild)"}
+    if not beside:
+        draw.text((6, 25), note, 255, font=_font(15))
     for col, label in enumerate(CLASSES):
         x0 = col * (slices_shown * WIDTH + gap)
-        title = titles[label] + ("   synthetic, MNI152-based: NOT ADNI" if col == 0 else "")
+        title = titles[label] + (f"   {note}" if col == 0 and beside else "")
         draw.text((x0 + 6, 5), title, 255, font=_font(15))
         for row, subject in enumerate(chosen[label]):
             numbers = subject.slice_numbers(slices_per_subject)

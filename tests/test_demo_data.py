@@ -397,6 +397,18 @@ def test_the_scanner_look_saturates_instead_of_wrapping():
     np.testing.assert_allclose(out, [1.0, 0.525, 0.0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("slices", [1, 2])
+def test_the_contact_sheet_titles_stay_over_their_own_columns(tmp_path, slices):
+    """With one slice per subject the AD title and its 'NOT ADNI' note ran on over the gap into the NC title."""
+    sheet_path = tmp_path / "sheet.png"
+    dd.build_demo_dataset(tmp_path / "demo", subjects=4, slices_per_subject=slices, seed=0, workers=1,
+                          contact_sheet=sheet_path)
+    sheet = np.asarray(Image.open(sheet_path))
+    block = min(3, slices) * dd.WIDTH
+    titles = sheet[:24]  # the row of the two class titles
+    assert titles[:, block:block + 16].max() == 0, "the AD title runs over the gap between the classes"
+
+
 def test_the_contact_sheet_spans_the_severities():
     """Per class, the mildest and the most severe subjects are among those shown, not the first four."""
     plan = dd.plan_subjects(20, 1, 0.3, seed=0)
