@@ -1811,8 +1811,16 @@ def evaluate_model(
     files = {"samples": {}}
     groups = {name: gen.labels == c for c, name in enumerate(model_classes)} if conditional else \
         {"samples": torch.ones(len(gen), dtype=torch.bool)}
+    from .generate import grid_caption
+
     for name, sel in groups.items():
-        path = save_image_grid(images[sel][:64], out / f"samples_{name}.png", nrow=8)
+        # captioned as generate's grid.png is: opened alone (a slide, the Hub) it says what it shows
+        n = int(sel.sum())
+        what = grid_caption(name if conditional else None, conditional, guidance, scheduler, steps, refine_steps,
+                            refine_repeats, seed)
+        shown = f"images 1-64 of {n}" if n > 64 else f"{n} images"
+        path = save_image_grid(images[sel][:64], out / f"samples_{name}.png", nrow=8,
+                               caption=f"evaluation samples: {what}; {shown}")
         files["samples"][name] = path.name
 
     # 4. features of everything

@@ -688,9 +688,11 @@ def spied(evaluated, model_copy, tmp_path_factory):
             calls["samples"] = (torch.tensor(labels), images)
         return images
 
-    def grid_spy(images, path, nrow=None):
+    def grid_spy(images, path, nrow=None, **kw):
         calls["grids"][Path(path).name] = images.clone()
-        return grid(images, path, nrow)
+        calls.setdefault("captions", {})[Path(path).name] = kw.get("caption")
+        calls.setdefault("paths", {})[Path(path).name] = Path(path)
+        return grid(images, path, nrow, **kw)
 
     def classifier_spy(train, test, settings, name="classifier"):
         calls["classifier"].append((list(train.paths), list(test.paths)))
@@ -714,6 +716,22 @@ def test_samples_png_of_a_class_shows_that_class(spied):
     labels, images = calls["samples"]
     for c, name in enumerate(["AD", "NC"]):
         assert torch.equal(calls["grids"][f"samples_{name}.png"], images[labels == c][:64])
+
+
+def test_samples_png_says_what_it_shows(spied):
+    """samples_<class>.png had no caption (generate's grid.png and the training grids have one): opened alone (a
+    slide, the Hub) it said neither its class nor how it was sampled."""
+    from PIL import Image
+
+    from adni_diffusers.plots import to_pil_grid
+
+    _, calls = spied
+    for name in ("AD", "NC"):
+        caption = calls["captions"][f"samples_{name}.png"]
+        assert caption and f"class {name}" in caption and "guidance 2" in caption and "seed 0" in caption, caption
+        assert "3 images" in caption, caption
+    bare = to_pil_grid(calls["grids"]["samples_AD.png"], 8)
+    assert Image.open(calls["paths"]["samples_AD.png"]).height > bare.height  # a caption band above the images
 
 
 def test_tstr_trains_on_the_samples_and_trtr_on_real_training_slices(spied, model_copy):
