@@ -87,7 +87,11 @@ def captioned_grid(rows: list[list[Image.Image]], row_titles: list[str] | None =
                    col_titles: list[str] | None = None, tile: int = 128) -> Image.Image:
     """A table of greyscale tiles with short captions (for contact sheets, strips, comparisons)."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    left = 70 if row_titles else 0
+    # at least 70 px, wider for a longer title line: the tiles are pasted over the text, so a class name such as
+    # "VeryMildDemented" was cut to "gen VeryMildD" in evaluate's closest_pairs.png
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    left = max([70] + [math.ceil(measure.textlength(line)) + 6 for t in row_titles for line in t.split("\n")]) \
+        if row_titles else 0
     top = 16 if col_titles else 0
     sheet = Image.new("L", (left + n_cols * (tile + 2), top + n_rows * (tile + 2)), 255)
     draw = ImageDraw.Draw(sheet)

@@ -66,6 +66,23 @@ def test_a_captioned_sheet_has_room_for_its_titles_and_every_tile():
     assert titled_pixels[:16, 70:].min() < 64 and titled_pixels[16:, :70].min() < 64  # dark captions
 
 
+def test_a_captioned_sheet_widens_its_margin_for_long_row_titles():
+    """The tiles are pasted over the row titles' margin: a 70-pixel one cut "gen VeryMildDemented" (a class of the
+    Kaggle Alzheimer MRI set) to "gen VeryMildD" in closest_pairs.png. Short titles keep the 70 pixels."""
+    from PIL import ImageDraw
+
+    from adni_diffusers.plots import captioned_grid
+
+    tile = Image.new("L", (8, 8), 0)
+    long = "gen VeryMildDemented\nf 5.65\np 115.2"
+    sheet = captioned_grid([[tile], [tile]], row_titles=[long, "gen AD"], tile=8)
+    needed = ImageDraw.Draw(Image.new("L", (1, 1))).textlength("gen VeryMildDemented")
+    assert sheet.width - 10 >= needed + 2
+    pixels = np.asarray(sheet)
+    assert (pixels[0:8, sheet.width - 10: sheet.width - 2] == 0).all()  # the tile right of the margin, whole
+    assert captioned_grid([[tile]], row_titles=["gen AD"], tile=8).width == 70 + 10
+
+
 def _drawn(monkeypatch, rows, **kwargs):
     """plot_loss_curves' figure as saved: {title: (x, y, y scale)}, the visible panels' count, the figure's title."""
     import matplotlib.pyplot as plt
