@@ -432,7 +432,9 @@ def save_strip(result: dict, path, reference: str = "reconstruction", title: str
         return f"\nP({target}) = {probs[key]:.2f}" if key in probs else ""
 
     tops = [(orig, "original" + p("original")), (recon, "VQ reconstruction\n(strength 0)" + p("reconstruction"))]
-    tops += [(c, f"\u2192 {target}, strength {s:.2f}" + p(s)) for s, c in zip(strengths, cfs)]
+    # a long class name ("VeryMildDemented") on one line with the strength ran into the next column's title
+    arrow = f"\u2192 {target}, " if len(target) <= 8 else f"\u2192 {target}\n"
+    tops += [(c, f"{arrow}strength {s:.2f}" + p(s)) for s, c in zip(strengths, cfs)]
     for ax, (im, t) in zip(axes[0], tops):
         ax.imshow(im, cmap="gray", vmin=0, vmax=1)
         ax.set_title(t, fontsize=8)

@@ -712,6 +712,31 @@ def test_strip_says_how_much_vq_error_its_shared_scale_cuts(tmp_path, monkeypatc
 
 
 
+@pytest.mark.parametrize("target", ["AD", "VeryMildDemented"])
+def test_the_strips_column_titles_do_not_run_into_each_other(tmp_path, monkeypatch, target):
+    """'\u2192 VeryMildDemented, strength 0.20' (a class of the Kaggle Alzheimer MRI set) ran into the next
+    column's title."""
+    overlaps = []
+
+    def check(fig, path, **kw):
+        renderer = fig.canvas.get_renderer()
+        titled = [ax for ax in fig.axes if ax.get_title()]
+        for a, b in zip(titled, titled[1:]):
+            if a.title.get_window_extent(renderer).overlaps(b.title.get_window_extent(renderer)):
+                overlaps.append((a.get_title(), b.get_title()))
+        return Path(path)
+
+    monkeypatch.setattr(C, "save_figure", check)
+    x = torch.zeros((1, 256, 256))
+    strengths = (0.2, 0.5, 1.0)
+    result = {"target": target, "original": x, "reconstruction": x,
+              "counterfactuals": {s: x - 0.1 for s in strengths},
+              "probabilities": {"original": 0.13, "reconstruction": 0.09, **{s: 0.08 for s in strengths}},
+              "guidance": 3.0, "scheduler": "DDIMScheduler", "steps": 5, "seed": 0}
+    C.save_strip(result, tmp_path / "strip.png")
+    assert overlaps == []
+
+
 @pytest.mark.parametrize("strengths", [(0.4,), (0.2, 0.4, 0.6, 0.8, 1.0)])
 def test_the_strip_title_stands_above_the_column_titles(tmp_path, monkeypatch, strengths):
     """With P(target) the column titles take three lines, and the figure title ran over them (--classify with the
