@@ -937,9 +937,15 @@ def plot_mean_difference(result: dict, path) -> Path:
         colorbars.append(c3)
     for c in colorbars:
         c.ax.tick_params(labelsize=7)
-    fig.suptitle(f"Where the model changes {result['source']} slices toward {result['target']}: mean over "
-                 f"{result['images']} held-out slices ([\u22121, 1] scale; blue = darker; contours: mean slice's "
-                 "brain and CSF)", fontsize=8)
+    title = (f"Where the model changes {result['source']} slices toward {result['target']}: mean over "
+             f"{result['images']} held-out slices ([\u22121, 1] scale; blue = darker; contours: mean slice's "
+             "brain and CSF)")
+    # wrapped to the figure's width: on one line it set the width of the saved picture (bbox "tight"), leaving the
+    # maps of one or two strengths small in a wide, mostly empty image
+    import textwrap
+
+    lines = textwrap.wrap(title, width=max(40, int(15 * fig.get_figwidth())))
+    fig.suptitle("\n".join(lines), fontsize=8, y=0.98 + (len(lines) - 1) * 11 / 72 / fig.get_figheight())
     return save_figure(fig, path, bbox_inches="tight")
 
 

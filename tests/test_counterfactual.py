@@ -1397,6 +1397,27 @@ def test_trade_off_points_that_coincide_share_one_label():
     assert labels == [((0.90, 0.1), ["0.20"]), ((0.70, 0.4), ["0.40"]), ((0.50, 1.0), ["0.60", "0.80", "1.00"])]
 
 
+@pytest.mark.parametrize("strengths", [1, 5])
+def test_the_mean_difference_title_fits_the_figure(tmp_path, monkeypatch, strengths):
+    """Its one-line title, wider than the maps of one or two strengths, set the saved picture's width (bbox
+    'tight'): small maps in a wide, mostly empty image. It wraps to the figure's width, over the maps."""
+    seen = {}
+
+    def check(fig, path, **kw):
+        renderer = fig.canvas.get_renderer()
+        top = fig._suptitle.get_window_extent(renderer)
+        seen["title"] = top.width <= fig.bbox.width
+        seen["over"] = all(not ax.title.get_window_extent(renderer).overlaps(top) for ax in fig.axes if ax.get_title())
+        return Path(path)
+
+    measured = _measured(control=False)
+    maps = {s: measured["maps"][1.0] for s in (0.2, 0.4, 0.6, 0.8, 1.0)[-strengths:]}
+    monkeypatch.setattr(C, "save_figure", check)
+    C.plot_mean_difference({**measured, "maps": maps, "source": "NonDemented", "target": "VeryMildDemented"},
+                           tmp_path / "mean_difference.png")
+    assert seen == {"title": True, "over": True}
+
+
 def test_the_control_maps_the_labels_own_change(tmp_path):
     """mean_difference.png showed counterfactual - reconstruction alone, which holds re-generation's change too (two
     thirds of it on a demo model). With --control it maps the label's own change as well: counterfactual - the same
