@@ -53,7 +53,9 @@ def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: li
                   caption: str | None = None) -> Image.Image:
     """A `to_pil_grid` grid of `tile`-pixel images with a caption above (what it shows: step, weights, sampler)
     and a title left of each row (a class, "original"): the periodic grids said neither."""
-    left = GRID_TITLES_WIDTH if row_titles else 0
+    # at least GRID_TITLES_WIDTH, wider for a longer title: titles were cut to 16 characters ("MildCognitiveImp")
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    left = max([GRID_TITLES_WIDTH] + [math.ceil(measure.textlength(t)) + 6 for t in row_titles]) if row_titles else 0
     # a caption wider than a narrow grid (one column: 258 px) was cut off mid-word: it wraps
     lines = wrapped(caption, left + grid.width - 2 * padding) if caption else []  # over the titles' band too
     top = GRID_CAPTION_HEIGHT + (len(lines) - 1) * GRID_CAPTION_LINE if lines else 0
@@ -63,7 +65,7 @@ def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: li
     for i, line in enumerate(lines):
         draw.text((padding, 3 + i * GRID_CAPTION_LINE), line, fill=0)
     for r, title in enumerate(row_titles or []):
-        draw.text((2, top + padding + r * (tile + padding) + tile // 2 - 6), title[:16], fill=0)
+        draw.text((2, top + padding + r * (tile + padding) + tile // 2 - 6), title, fill=0)
     return out
 
 

@@ -83,6 +83,21 @@ def test_a_captioned_sheet_widens_its_margin_for_long_row_titles():
     assert captioned_grid([[tile]], row_titles=["gen AD"], tile=8).width == 70 + 10
 
 
+def test_a_labelled_grid_shows_long_row_titles_whole():
+    """Row titles (the class of each row of train_unet.py's sample grids) were cut to 16 characters:
+    "MildCognitiveImpairment" read "MildCognitiveImp". The band widens to the longest; short ones keep 100 px."""
+    from PIL import ImageDraw
+
+    from adni_diffusers.plots import GRID_TITLES_WIDTH, titled_grid
+
+    images = torch.zeros(2, 1, 8, 8)
+    long = "MildCognitiveImpairment"
+    grid = titled_grid(images, nrow=1, row_titles=["AD", long])
+    needed = ImageDraw.Draw(Image.new("L", (1, 1))).textlength(long)
+    assert grid.width - (8 + 2 * 2) >= needed + 2  # the band left of the one-column grid holds the whole title
+    assert titled_grid(images, nrow=1, row_titles=["AD", "NC"]).width == GRID_TITLES_WIDTH + 8 + 2 * 2
+
+
 def _drawn(monkeypatch, rows, **kwargs):
     """plot_loss_curves' figure as saved: {title: (x, y, y scale)}, the visible panels' count, the figure's title."""
     import matplotlib.pyplot as plt
