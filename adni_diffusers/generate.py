@@ -324,15 +324,23 @@ class GifRecorder:
         return {}
 
     def save(self, pipe, path: Path, final: torch.Tensor, what: str = "") -> Path:
-        """`what`: the grid's caption (class, sampler, seed), put before each frame's own words."""
+        """`what`: the grid's caption (class, sampler, seed), put before each frame's own words; the frames say
+        where they show fewer than the run's `num_images` (the first batch, at most 16)."""
+        num_images = getattr(self, "num_images", None)
         from PIL import Image
 
         from .plots import labelled_grid, to_pil_grid
 
+        frames_grid_height = 0
+
         def frame(images, caption):  # at most 512 px wide: a GIF of full-size grids runs to megabytes
+            if num_images and len(images) < num_images:  # "the final images" read as all of the run's
+                caption += f" (images 1-{len(images)} of {num_images})"
             grid = to_pil_grid(images)
             scale = min(1.0, 512 / grid.width)
             grid = grid.resize((round(grid.width * scale), round(grid.height * scale)), Image.BILINEAR)
+            nonlocal frames_grid_height
+            frames_grid_height = grid.height
             return labelled_grid(grid, 0, caption=caption)  # captioned after the resize: text stays readable
 
         of = f" of {self.total}" if self.total else ""
@@ -340,6 +348,16 @@ class GifRecorder:
         frames = [frame(pipe.decode(x0.to(pipe.device), output_type="pt").cpu() * 2 - 1,
                         f"{what}step {step + 1}{of}: the prediction of the final image") for step, x0 in self.frames]
         frames.append(frame(final[: self.keep], f"{what}the final images"))
+        # one height for all: a GIF takes the first frame's size, and a frame whose caption wrapped to fewer lines
+        # (the last one's, "the final images") showed its images higher, over a strip left from the frame before
+        height = max(f.height for f in frames)
+        for i, f in enumerate(frames):
+            if f.height < height:
+                band = f.height - frames_grid_height  # the caption's, above the images
+                padded = Image.new("L", (f.width, height), 255)
+                padded.paste(f.crop((0, 0, f.width, band)), (0, 0))
+                padded.paste(f.crop((0, band, f.width, f.height)), (0, height - frames_grid_height))
+                frames[i] = padded
         durations = [80] * (len(frames) - 1) + [1500]
         tmp = path.with_name(path.name + ".tmp")  # renamed when whole: a kill mid-write leaves no broken GIF
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
@@ -549,6 +567,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     if resume:
         paths["kept"] = len(made)  # the earlier run's images left as they were
     if recorder is not None:
+        recorder.num_images = num_images
         paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images, what))
     elif gif_kept:
         paths["gif"] = str(out / "denoising.gif")

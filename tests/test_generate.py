@@ -476,12 +476,13 @@ def test_gif_animates_the_first_batch_only(fresh_pipe, tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image, ImageSequence
 
-    from adni_diffusers.plots import GRID_CAPTION_HEIGHT
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT, GRID_CAPTION_LINE
 
     with Image.open(tmp_path / "denoising.gif") as gif:
         frames = [np.asarray(f.convert("L")) for f in ImageSequence.Iterator(gif)]
     assert len(frames) == 4 and frames[0].shape[1] == 512  # two 256-px images, scaled to 512 px wide
-    assert frames[0].shape[0] == GRID_CAPTION_HEIGHT + round((2 + 258) * 512 / (2 + 2 * 258))
+    # two caption lines: "(images 1-2 of 4)" (the frames show the first batch only) wraps
+    assert frames[0].shape[0] == GRID_CAPTION_HEIGHT + GRID_CAPTION_LINE + round((2 + 258) * 512 / (2 + 2 * 258))
     assert all(f[:GRID_CAPTION_HEIGHT].min() < 64 for f in frames)
     assert not np.array_equal(frames[0][:GRID_CAPTION_HEIGHT], frames[1][:GRID_CAPTION_HEIGHT])  # step 1, step 2
 
@@ -724,6 +725,53 @@ def test_the_grid_and_the_gif_say_what_they_show(fresh_pipe, tmp_path, monkeypat
     assert frame_captions and all(c.startswith(what + "; ") for c in frame_captions), frame_captions
     assert frame_captions[-1] == f"{what}; the final images"
     _below_the_caption(_png(tmp_path / "grid.png"), rows=1)
+
+
+def test_a_gif_of_the_first_batch_says_it_shows_only_those(fresh_pipe, tmp_path, monkeypatch):
+    """denoising.gif animates the first batch (at most 16 images); its last frame said "the final images" under 16
+    of 20, as if they were all of them."""
+    from adni_diffusers import plots
+    from adni_diffusers.generate import generate
+
+    captions = []
+
+    def recording(*args, _draw=plots.labelled_grid, **kwargs):
+        captions.append(kwargs.get("caption"))
+        return _draw(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "labelled_grid", recording)
+    generate("unused", tmp_path, num_images=3, batch_size=2, scheduler="ddim", steps=1, seed=0, device="cpu",
+             pipe=fresh_pipe, gif=True)
+    frames = [c for c in captions if c is not None and "final image" in c]  # not grid.png's
+    assert frames and all(c.endswith(" (images 1-2 of 3)") for c in frames), frames
+
+
+def test_the_gif_keeps_its_images_in_place_when_the_last_caption_is_shorter(fresh_pipe, tmp_path, monkeypatch):
+    """A GIF takes its first frame's size: the last frame, whose caption ("the final images") wrapped to a line fewer
+    than the steps' ("step 5 of 5: the prediction of the final image"), showed its image 12 px higher, over a strip
+    left from the frame before."""
+    import numpy as np
+    from PIL import Image
+
+    from adni_diffusers import plots
+    from adni_diffusers.generate import generate
+
+    heights = []
+
+    def recording(*args, _draw=plots.labelled_grid, **kwargs):
+        out = _draw(*args, **kwargs)
+        heights.append(out.height)
+        return out
+
+    monkeypatch.setattr(plots, "labelled_grid", recording)
+    paths = generate("unused", tmp_path, num_images=1, class_label="NC", guidance=4.5, scheduler="ddim", steps=3,
+                     refine_steps=1, refine_repeats=1, seed=0, device="cpu", pipe=fresh_pipe, gif=True)
+    assert len(set(heights[1:])) > 1  # the frames' captions (grid.png's first) took different numbers of lines
+    with Image.open(paths["gif"]) as gif:
+        gif.seek(gif.n_frames - 1)
+        last = np.asarray(gif.convert("L")).astype(int)
+    sample = np.asarray(Image.open(paths["images"][0])).astype(int)
+    assert np.abs(last[-sample.shape[0]:] - sample).mean() < 2  # GIF palette rounding only
 
 
 def test_the_grid_holds_the_first_64_images_only(fresh_pipe, tmp_path, recorded_calls):
