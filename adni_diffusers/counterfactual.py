@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -942,8 +943,6 @@ def plot_mean_difference(result: dict, path) -> Path:
              "brain and CSF)")
     # wrapped to the figure's width: on one line it set the width of the saved picture (bbox "tight"), leaving the
     # maps of one or two strengths small in a wide, mostly empty image
-    import textwrap
-
     lines = textwrap.wrap(title, width=max(40, int(15 * fig.get_figwidth())))
     fig.suptitle("\n".join(lines), fontsize=8, y=0.98 + (len(lines) - 1) * 11 / 72 / fig.get_figheight())
     return save_figure(fig, path, bbox_inches="tight")

@@ -323,10 +323,9 @@ class GifRecorder:
             self.frames.append((step, tensors["x0_pred"][: self.keep].detach().float().cpu()))
         return {}
 
-    def save(self, pipe, path: Path, final: torch.Tensor, what: str = "") -> Path:
+    def save(self, pipe, path: Path, final: torch.Tensor, what: str = "", num_images: int | None = None) -> Path:
         """`what`: the grid's caption (class, sampler, seed), put before each frame's own words; the frames say
         where they show fewer than the run's `num_images` (the first batch, at most 16)."""
-        num_images = getattr(self, "num_images", None)
         from PIL import Image
 
         from .plots import labelled_grid, to_pil_grid
@@ -567,8 +566,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     if resume:
         paths["kept"] = len(made)  # the earlier run's images left as they were
     if recorder is not None:
-        recorder.num_images = num_images
-        paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images, what))
+        paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images, what, num_images))
     elif gif_kept:
         paths["gif"] = str(out / "denoising.gif")
     write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": True}, indent=2) + "\n")

@@ -468,7 +468,7 @@ def test_gif_animates_the_first_batch_only(fresh_pipe, tmp_path, monkeypatch):
     recorded = []
     save = GifRecorder.save
     monkeypatch.setattr(GifRecorder, "save",
-                        lambda self, pipe, path, final, what="": recorded.extend(self.frames) or save(self, pipe, path, final, what))
+                        lambda self, pipe, path, final, *rest: recorded.extend(self.frames) or save(self, pipe, path, final, *rest))
     generate("unused", tmp_path, num_images=4, scheduler="ddim", steps=3, batch_size=2, device="cpu", gif=True,
              pipe=fresh_pipe)
     assert [step for step, _ in recorded] == [0, 1, 2]
@@ -1131,7 +1131,7 @@ def test_the_gif_keeps_about_40_frames_of_a_long_chain(fresh_pipe, tmp_path, mon
 
     steps = []
     monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", fake_call)
-    monkeypatch.setattr(GifRecorder, "save", lambda self, pipe, path, final, what="": steps.extend(s for s, _ in self.frames))
+    monkeypatch.setattr(GifRecorder, "save", lambda self, pipe, path, final, *rest: steps.extend(s for s, _ in self.frames))
     generate("unused", tmp_path, num_images=1, scheduler="ddim", steps=80, device="cpu", gif=True, pipe=fresh_pipe)
     assert steps == list(range(0, 80, 2))
 
