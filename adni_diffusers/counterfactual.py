@@ -862,6 +862,7 @@ def plot_tradeoff(result: dict, path) -> Path:
     a1.axhline(orig["flip_rate"], color="C3", ls=":", lw=1, label=f"original {s} slices called {t}")
     a1.plot(x, ssim, "o-", color="C0", label="SSIM in brain mask vs original")
     a1.set_xlabel("strength (0 = VQ reconstruction, 1 = from noise)")
+    a1.set_ylabel(f"share called {t}, or SSIM")
     a1.set_ylim(-0.02, 1.02)
     a1.set_xlim(-0.02, 1.02)
     a1.grid(alpha=0.3)

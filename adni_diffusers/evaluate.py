@@ -839,6 +839,7 @@ def plot_nn_histogram(mem: dict, path: Path) -> Path:
         ax.set_title(f"nearest training image ({space}): "
                      f"{m['closer_than_heldout_percentile']:.0%} of samples left of the line", fontsize=9)
         ax.set_xlabel(unit, fontsize=8)
+        ax.set_ylabel("density (histograms of each set)", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +237,24 @@ def test_a_caption_wider_than_its_grid_wraps_rather_than_being_cut_off():
     assert np.array_equal(pixels[top:], np.asarray(grid))  # the grid below the whole caption
     assert all(pixels[3 + i * GRID_CAPTION_LINE: 3 + (i + 1) * GRID_CAPTION_LINE].min() < 64
                for i in range(len(lines)))  # text on every line
+
+
+def test_every_panel_of_the_histograms_and_the_trade_off_names_both_axes(monkeypatch, tmp_path):
+    """nn_distances.png's two panels and tradeoff.png's left one had no y-axis label: a reader had to guess that
+    the histograms are densities and that the left panel's 0-1 axis holds a share and an SSIM."""
+    from adni_diffusers import counterfactual, evaluate
+
+    figures = []
+    for module in (evaluate, counterfactual):
+        monkeypatch.setattr(module, "save_figure", lambda fig, path, **kw: figures.append(fig) or Path(path))
+    distances = {"generated_distance": [1.0, 2.0], "heldout_distance": [1.5, 2.5], "heldout_percentile_distance": 1.55,
+                 "closer_than_heldout_percentile": 0.5, "generated_median": 1.5, "heldout_median": 2.0}
+    evaluate.plot_nn_histogram({"percentile": 5.0, "features": distances, "pixels": distances}, tmp_path / "nn.png")
+    row = {"flip_rate": 0.5, "flip_rate_ci95": [0.3, 0.7], "ssim_brain_to_original": 0.8}
+    counterfactual.plot_tradeoff({"target": "AD", "source": "NC", "images": 4,
+                                  "settings": {"guidance": 3.0, "scheduler": "ddim", "steps": 25},
+                                  "rows": [{"strength": "original", **row}, {"strength": 0.5, **row},
+                                           {"strength": 1.0, **row}]}, tmp_path / "tradeoff.png")
+    axes = [ax for fig in figures for ax in fig.axes]
+    assert len(axes) == 4 and all(ax.get_xlabel() and ax.get_ylabel() for ax in axes), \
+        [(ax.get_xlabel(), ax.get_ylabel()) for ax in axes]
