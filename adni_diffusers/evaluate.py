@@ -212,14 +212,13 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
             logger.warning("the %s split differs from the one training recorded (%s now, %s then): the data "
                            "changed since training, so 'held-out' may include images the model saw",
                            name, _split_words(now), _split_words(recorded[name]))
-    record["first_stage_held_out"] = first_stage_held_out(model_dir, data)
-    if record["first_stage_held_out"] is False:
-        vq = read_json_object(Path(model_dir) / "training_data.json").get("vqmodel_data") or {}
-        same_names = vq.get("validation_patients_sha256") == data.val.summary()["patients_sha256"]
+    first_stage = first_stage_split(model_dir, data)
+    record["first_stage_held_out"] = None if first_stage is None else first_stage == "same"
+    if first_stage in ("other images", "other patients"):
         logger.warning("the VQModel (first stage) held out %s: it may have trained on slices held out here, and its "
                        "round trips of those are sharper than an unseen patient's",
                        "patients of these names but other images of them (slices added, removed or edited, or "
-                       "patients numbered otherwise since it trained)" if same_names else
+                       "patients numbered otherwise since it trained)" if first_stage == "other images" else
                        "other patients than these (it was trained on another folder or split)")
     elif record["first_stage_held_out"] is None and first_stage_unrecorded(model_dir):
         record["first_stage_unconfirmed"] = True
@@ -238,17 +237,19 @@ def records_above(model_dir) -> Path | None:
     return d.parent
 
 
-def first_stage_held_out(model_dir, data: SliceData) -> bool | None:
-    """Whether the pipeline's VQModel held out the same patients as `data.val`: True, False (it may have trained on
-    some of them: train_unet only warns when the two stages' folders differ), or None where the records do not say
-    (a VQModel stage itself, records from before the hash)."""
+def first_stage_split(model_dir, data: SliceData) -> str | None:
+    """Whether the pipeline's VQModel held out the same patients as `data.val`: "same", "other patients" (it may
+    have trained on some of them: train_unet only warns when the two stages' folders differ), "other images" (the
+    same patient names holding other images: a VQModel of a renumbered export, or slices added since), or None
+    where the records do not say (a VQModel stage itself, records from before the hash)."""
     vq = read_json_object(Path(model_dir) / "training_data.json").get("vqmodel_data")
     then = vq.get("validation_patients_sha256") if isinstance(vq, dict) else None
     if not then:
         return None
-    # the same names may hold other images (recorded since 2026-12-06): a VQModel of a renumbered export
-    pixels_then = vq.get("validation_pixels_sha256")
-    return then == data.val.summary()["patients_sha256"] and pixels_then in (None, data.val.pixels_sha256())
+    if then != data.val.summary()["patients_sha256"]:
+        return "other patients"
+    # the same names may hold other images (recorded since 2026-12-06)
+    return "same" if vq.get("validation_pixels_sha256") in (None, data.val.pixels_sha256()) else "other images"
 
 
 def first_stage_unrecorded(model_dir) -> bool:
