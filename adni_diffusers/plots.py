@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 def grid_columns(n: int) -> int:
@@ -29,19 +30,44 @@ def to_pil_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2)
     return Image.fromarray((grid[0].numpy() * 255).round().astype(np.uint8), mode="L")
 
 
-GRID_CAPTION_HEIGHT = 18  # the band above a labelled grid (one line of PIL's default font)
-GRID_CAPTION_LINE = 12  # each further line of a caption wrapped to the grid's width
-GRID_TITLES_WIDTH = 100  # the band left of it, for row titles
+GRID_CAPTION_HEIGHT = 18  # the band above a labelled grid (one line of PIL's default font), at text scale 1
+GRID_CAPTION_LINE = 12  # each further line of a caption wrapped to the grid's width, at text scale 1
+GRID_TITLES_WIDTH = 100  # the band left of it, for row titles, at text scale 1
+GRID_TEXT_WIDTH_PER_SCALE = 600  # grid pixels per step of text scale
 
 
-def wrapped(text: str, width: float) -> list[str]:
-    """`text` in lines of PIL's default font no wider than `width` pixels, broken between words (a word wider
-    than that on a line of its own)."""
+def grid_text_scale(grid_width: int) -> int:
+    """How many times PIL's default 10-px font a grid `grid_width` pixels wide is labelled with: 1 up to 900 px,
+    4 for a row of eight 256-px images (2,066 px). At 10 px, samples.png's and reconstructions.png's labels were
+    4 px tall once the Hub's model card shrank the picture to its column's width."""
+    if not _scalable_font():
+        return 1  # Pillow without FreeType: one fixed bitmap font
+    return max(1, round(grid_width / GRID_TEXT_WIDTH_PER_SCALE))
+
+
+@functools.lru_cache(maxsize=None)
+def _scalable_font() -> bool:
+    try:
+        ImageFont.load_default(size=20)
+        return True
+    except (TypeError, OSError, ImportError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def grid_font(scale: int = 1):
+    """PIL's default font at `scale` x its 10 px (the font `ImageDraw.text` uses when given none, at scale 1)."""
+    return ImageFont.load_default() if scale == 1 else ImageFont.load_default(size=10 * scale)
+
+
+def wrapped(text: str, width: float, font=None) -> list[str]:
+    """`text` in lines of `font` (PIL's default font) no wider than `width` pixels, broken between words (a word
+    wider than that on a line of its own)."""
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}" if line else word
-        if line and measure.textlength(candidate) > width:
+        if line and measure.textlength(candidate, font=font) > width:
             lines.append(line)
             line = word
         else:
@@ -52,20 +78,24 @@ def wrapped(text: str, width: float) -> list[str]:
 def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: list[str] | None = None,
                   caption: str | None = None) -> Image.Image:
     """A `to_pil_grid` grid of `tile`-pixel images with a caption above (what it shows: step, weights, sampler)
-    and a title left of each row (a class, "original"): the periodic grids said neither."""
+    and a title left of each row (a class, "original"): the periodic grids said neither. The text grows with the
+    grid's width (`grid_text_scale`): the bands are the GRID_* sizes times that scale."""
+    scale = grid_text_scale(grid.width)
+    font = grid_font(scale)
     # at least GRID_TITLES_WIDTH, wider for a longer title: titles were cut to 16 characters ("MildCognitiveImp")
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    left = max([GRID_TITLES_WIDTH] + [math.ceil(measure.textlength(t)) + 6 for t in row_titles]) if row_titles else 0
+    left = max([GRID_TITLES_WIDTH * scale] + [math.ceil(measure.textlength(t, font=font)) + 6 * scale
+                                              for t in row_titles]) if row_titles else 0
     # a caption wider than a narrow grid (one column: 258 px) was cut off mid-word: it wraps
-    lines = wrapped(caption, left + grid.width - 2 * padding) if caption else []  # over the titles' band too
-    top = GRID_CAPTION_HEIGHT + (len(lines) - 1) * GRID_CAPTION_LINE if lines else 0
+    lines = wrapped(caption, left + grid.width - 2 * padding, font) if caption else []  # over the titles' band too
+    top = (GRID_CAPTION_HEIGHT + (len(lines) - 1) * GRID_CAPTION_LINE) * scale if lines else 0
     out = Image.new("L", (left + grid.width, top + grid.height), 255)
     out.paste(grid.convert("L"), (left, top))
     draw = ImageDraw.Draw(out)
     for i, line in enumerate(lines):
-        draw.text((padding, 3 + i * GRID_CAPTION_LINE), line, fill=0)
+        draw.text((padding, (3 + i * GRID_CAPTION_LINE) * scale), line, fill=0, font=font)
     for r, title in enumerate(row_titles or []):
-        draw.text((2, top + padding + r * (tile + padding) + tile // 2 - 6), title, fill=0)
+        draw.text((2, top + padding + r * (tile + padding) + tile // 2 - 6 * scale), title, fill=0, font=font)
     return out
 
 

@@ -258,3 +258,39 @@ def test_every_panel_of_the_histograms_and_the_trade_off_names_both_axes(monkeyp
     axes = [ax for fig in figures for ax in fig.axes]
     assert len(axes) == 4 and all(ax.get_xlabel() and ax.get_ylabel() for ax in axes), \
         [(ax.get_xlabel(), ax.get_ylabel()) for ax in axes]
+
+
+def test_a_wide_grids_labels_grow_with_it_and_a_narrow_ones_keep_the_default_font():
+    """samples.png and reconstructions.png are rows of eight 256-px images (2,066 px wide): at PIL's 10-px font their
+    caption and class names were about 4 px tall where the Hub's model card shrinks the picture to its column. The
+    text scales with the grid's width; a grid up to 900 px keeps the 10-px font and the GRID_* bands."""
+    from PIL import ImageDraw
+
+    from adni_diffusers.plots import (GRID_CAPTION_HEIGHT, GRID_TITLES_WIDTH, grid_font, grid_text_scale,
+                                      labelled_grid, to_pil_grid)
+
+    assert grid_text_scale(258) == grid_text_scale(898) == 1
+    assert grid_text_scale(2 + 8 * 258) >= 3
+
+    def letter_height(image: Image.Image, top: int) -> int:
+        rows = np.nonzero((np.asarray(image)[:top] < 128).any(axis=1))[0]
+        return int(rows.max() - rows.min() + 1)
+
+    caption = "step 500, EMA weights, DDIM 50 steps, guidance 1.0, seed 0"
+    narrow = labelled_grid(to_pil_grid(torch.zeros(2, 1, 32, 32)), 32, row_titles=["AD"], caption=caption)
+    assert narrow.width == GRID_TITLES_WIDTH + 2 + 2 * 34  # unchanged at scale 1
+    wide_grid = to_pil_grid(torch.zeros(8, 1, 256, 256), nrow=8)
+    wide = labelled_grid(wide_grid, 256, row_titles=["AD"], caption=caption)
+    scale = grid_text_scale(wide_grid.width)
+    assert wide.width == GRID_TITLES_WIDTH * scale + wide_grid.width
+    top = wide.height - wide_grid.height
+    assert top == GRID_CAPTION_HEIGHT * scale  # one line: the caption fits the wide grid
+    short = "step 500, EMA"  # one line in either grid: the same letters, measured
+    assert letter_height(labelled_grid(wide_grid, 256, caption=short), top) >= 2.5 * letter_height(
+        labelled_grid(to_pil_grid(torch.zeros(2, 1, 32, 32)), 32, caption=short), GRID_CAPTION_HEIGHT)
+    # the row title is drawn in the same large font, inside its band and beside its row
+    title = np.asarray(wide)[top:, :GRID_TITLES_WIDTH * scale] < 128
+    rows = np.nonzero(title.any(axis=1))[0]
+    assert 256 // 4 < rows.min() and rows.max() < 3 * 256 // 4 and rows.max() - rows.min() >= 2 * 8
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    assert measure.textlength("AD", font=grid_font(scale)) > 2 * measure.textlength("AD")

@@ -2226,12 +2226,14 @@ def test_the_cards_sample_grid_has_a_row_per_class(tiny_ldm):
     with its class, under a caption (weights, sampler, guidance, seed): opened alone it had neither."""
     import numpy as np
 
-    from adni_diffusers.plots import GRID_CAPTION_HEIGHT as top
-    from adni_diffusers.plots import GRID_TITLES_WIDTH as left
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT, GRID_TITLES_WIDTH, grid_text_scale
 
+    scale = grid_text_scale(2 + 8 * 258)  # the labels grow with the grid (readable where the card shrinks it)
+    left = GRID_TITLES_WIDTH * scale
     with Image.open(tiny_ldm / "samples.png") as grid:
         pixels = np.asarray(grid.convert("L"))
-    assert pixels.shape == (top + 2 + 2 * 258, left + 2 + 8 * 258)  # make_grid: tiles of 256 + 2 px padding
+    top = pixels.shape[0] - (2 + 2 * 258)  # make_grid: tiles of 256 + 2 px padding, below the (wrapped) caption
+    assert pixels.shape[1] == left + 2 + 8 * 258 and top >= GRID_CAPTION_HEIGHT * scale
     for row in range(2):  # a title (dark text on white) left of each row
         assert (pixels[top + row * 258: top + (row + 1) * 258, :left] < 128).any()
     assert (pixels[:top, left:] < 128).any()  # the caption

@@ -77,12 +77,13 @@ def test_the_reconstruction_grids_error_row_is_amplified(tiny_vq):
     import numpy as np
     from PIL import Image
 
+    from adni_diffusers.plots import GRID_TITLES_WIDTH, grid_text_scale
     from adni_diffusers.vq_eval import ERROR_GAIN
 
-    from adni_diffusers.plots import GRID_CAPTION_HEIGHT as top
-    from adni_diffusers.plots import GRID_TITLES_WIDTH as left
-
     grid = np.asarray(Image.open(tiny_vq / "reconstructions.png").convert("L")).astype(float)
+    left = GRID_TITLES_WIDTH * grid_text_scale(2 + 8 * 258)  # eight columns: the labels' scale
+    top = grid.shape[0] - (2 + 3 * 258)  # below the caption (as many lines as it wraps to)
+    assert grid.shape[1] == left + 2 + 8 * 258
     # the first column; 2-pixel padding, below the caption and right of the row titles
     tile = lambda row: grid[top + 2 + row * 258: top + 2 + row * 258 + 256, left + 2:left + 258]
     original, reconstruction, error = tile(0), tile(1), tile(2)
@@ -1757,9 +1758,11 @@ def test_the_final_reconstruction_picture_shows_the_preview_slices(tiny_vq, tmp_
     from PIL import Image
 
     from adni_diffusers.data import SliceData
-    from adni_diffusers.plots import GRID_CAPTION_HEIGHT as top
-    from adni_diffusers.plots import GRID_TITLES_WIDTH as left
+    from adni_diffusers.plots import GRID_CAPTION_HEIGHT, GRID_TITLES_WIDTH, grid_text_scale
     from adni_diffusers.vq_eval import evaluate_and_save, reconstruct_preview
+
+    scale = grid_text_scale(2 + 8 * 258)  # eight 256-px columns: labels at several times the 10-px font
+    top, left = GRID_CAPTION_HEIGHT * scale, GRID_TITLES_WIDTH * scale
 
     train, val = toy_slices(size=256), toy_slices(patients=6, per_patient=5, size=256, seed=1)
     data = SliceData(train, val, ["AD", "NC"], "patient", "/d", "pad")
