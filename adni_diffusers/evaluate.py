@@ -911,15 +911,16 @@ def ablation_plan(conditional: bool, scheduler: str, steps: int, guidance: float
                   step_overrides: dict | None = None) -> list[dict]:
     """The rows of the ablation table (nothing is run here). Groups:
 
-    - refinement (main sampler and guidance): off, the seed's 30x5, a milder 10x2, in the seed's units
-      (the last T of 1000 DDPM timesteps; mapped to the sampler by `refinement_steps`);
+    - refinement (main sampler and guidance): off, "original 30x5" (the seed report's; the label said "seed
+      30x5", read as a random seed), a milder 10x2, in its units (the last T of 1000 DDPM timesteps; mapped to
+      the sampler by `refinement_steps`);
     - sampler (no refinement, main guidance): DDPM-1000, DDIM-50, DPM-Solver++-25, UniPC-10
       (`step_overrides` changes a sampler's step count, e.g. for quick tests);
     - guidance (conditional models; main sampler, no refinement): 1, 2, 3, 5.
     """
     overrides = step_overrides or {}
     rows = []
-    for name, setting in (("off", None), ("seed 30x5", SEED_REFINEMENT), ("milder 10x2", MILD_REFINEMENT)):
+    for name, setting in (("off", None), ("original 30x5", SEED_REFINEMENT), ("milder 10x2", MILD_REFINEMENT)):
         rows.append({"group": "refinement", "setting": name, "scheduler": scheduler, "steps": steps,
                      "refine": setting, "guidance": guidance})
     for name in ("ddpm", "ddim", "dpm++", "unipc"):

@@ -286,7 +286,7 @@ def test_ablation_table_has_the_named_rows(evaluated):
     result, out = evaluated
     rows = result["ablations"]["rows"]
     settings = {(r["group"], r["setting"]) for r in rows}
-    assert settings == {("refinement", "off"), ("refinement", "seed 30x5"), ("refinement", "milder 10x2"),
+    assert settings == {("refinement", "off"), ("refinement", "original 30x5"), ("refinement", "milder 10x2"),
                         ("sampler", "ddpm-1000"), ("sampler", "ddim-50"), ("sampler", "dpm++-25"),
                         ("sampler", "unipc-10"), ("guidance", "w=1"), ("guidance", "w=2"), ("guidance", "w=3"),
                         ("guidance", "w=5")}
@@ -294,13 +294,13 @@ def test_ablation_table_has_the_named_rows(evaluated):
         assert r["fd"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["seconds"] > 0
         assert 0 <= r["class_accuracy"] <= 1
     by = {(r["group"], r["setting"]): r for r in rows}
-    assert by[("refinement", "seed 30x5")]["refine_repeats"] == 5
-    assert by[("refinement", "seed 30x5")]["refine_steps"] >= 1
+    assert by[("refinement", "original 30x5")]["refine_repeats"] == 5
+    assert by[("refinement", "original 30x5")]["refine_steps"] >= 1
     assert by[("refinement", "off")]["refine_repeats"] == 0
     # the main setting (dpm++, guidance 2, no refinement) is run once and shared between groups
     assert by[("sampler", "dpm++-25")]["same_run_as"] == by[("refinement", "off")]["label"]
     assert by[("guidance", "w=2")]["fd"] == by[("refinement", "off")]["fd"]
-    assert result["ablations"]["recommendation"]["refinement"]["setting"] in {"off", "seed 30x5", "milder 10x2"}
+    assert result["ablations"]["recommendation"]["refinement"]["setting"] in {"off", "original 30x5", "milder 10x2"}
     report = (out / "report.md").read_text()
     assert "## Ablations" in report and f"**{FLOOR}**" in report
     csv_rows = (out / "ablations.csv").read_text().splitlines()
@@ -1050,10 +1050,10 @@ def test_refinement_is_recommended_only_where_it_keeps_recall():
     the row without refinement: a lower FD bought with lost coverage is no gain."""
     off = {"group": "refinement", "setting": "off", "fd": 10.0, "recall": 0.5, "refine_steps": 0,
            "refine_repeats": 0, "scheduler": "ddpm"}
-    lower_recall = {**off, "setting": "seed 30x5", "fd": 8.0, "recall": 0.3, "refine_steps": 30, "refine_repeats": 5}
+    lower_recall = {**off, "setting": "original 30x5", "fd": 8.0, "recall": 0.3, "refine_steps": 30, "refine_repeats": 5}
     assert E.recommend([off, lower_recall], {})["refinement"]["setting"] == "off"
     same_recall = {**lower_recall, "recall": 0.49}
-    assert E.recommend([off, same_recall], {})["refinement"]["setting"] == "seed 30x5"
+    assert E.recommend([off, same_recall], {})["refinement"]["setting"] == "original 30x5"
 
 
 def test_refinement_needs_a_gain_beyond_what_resampled_patients_and_seeds_explain():
@@ -1061,12 +1061,12 @@ def test_refinement_needs_a_gain_beyond_what_resampled_patients_and_seeds_explai
     measured, refinement is recommended only where its lower end is above 0, and the reason names the interval."""
     off = {"group": "refinement", "setting": "off", "fd": 10.0, "recall": 0.5, "refine_steps": 0,
            "refine_repeats": 0, "scheduler": "ddpm"}
-    on = {**off, "setting": "seed 30x5", "fd": 8.0, "refine_steps": 30, "refine_repeats": 5}
+    on = {**off, "setting": "original 30x5", "fd": 8.0, "refine_steps": 30, "refine_repeats": 5}
     within_chance = E.recommend([off, on], {}, refinement_gain=[-0.12, 0.41])["refinement"]
     assert within_chance["setting"] == "off" and within_chance["gain_interval"] == [-0.12, 0.41]
     assert "95% interval of the gain over resampled held-out patients and seeds: -12% to +41%" in within_chance["why"]
     beyond = E.recommend([off, on], {}, refinement_gain=[0.03, 0.35])["refinement"]
-    assert beyond["setting"] == "seed 30x5" and "+3% to +35%" in beyond["why"]
+    assert beyond["setting"] == "original 30x5" and "+3% to +35%" in beyond["why"]
 
 
 def test_a_gain_that_rounds_to_zero_prints_without_a_sign():
@@ -1298,7 +1298,7 @@ def test_recommended_refinement_is_the_one_with_the_lowest_fd():
     """`recommend`: of the refinement settings with a clear gain, the one with the lowest FD is suggested."""
     off = {"group": "refinement", "setting": "off", "fd": 10.0, "recall": 0.5, "refine_steps": 0,
            "refine_repeats": 0, "scheduler": "dpm++"}
-    seed = {**off, "setting": "seed 30x5", "fd": 9.0, "refine_steps": 2, "refine_repeats": 5}
+    seed = {**off, "setting": "original 30x5", "fd": 9.0, "refine_steps": 2, "refine_repeats": 5}
     mild = {**off, "setting": "milder 10x2", "fd": 5.0, "refine_steps": 1, "refine_repeats": 2}
     rec = E.recommend([off, seed, mild], {"fd": 1.0})["refinement"]
     assert rec["setting"] == "milder 10x2" and rec["refine_repeats"] == 2
