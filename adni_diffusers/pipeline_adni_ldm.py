@@ -993,6 +993,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         if guidance_scale != 1.0 and class_labels is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (classifier-free guidance steers "
                              "towards a class): give class_labels or leave guidance_scale at 1.0")
+        if guidance_scale == 0 and class_labels is not None:  # uncond + 0 (cond - uncond): the label drops out
+            raise ValueError("guidance_scale=0.0 samples the unconditional model (eps = eps_uncond + 0 * (eps_cond - "
+                             "eps_uncond)), so class_labels would have no effect: every class gives the same images; "
+                             "give guidance_scale=1.0 for the class label without guidance (not 0, as in pipelines "
+                             "where guidance <= 1 turns it off), or more to guide towards it")
         labels = self._labels(class_labels, batch_size)
         shape = (batch_size, *latent_shape)
         tensor_inputs = list(callback_on_step_end_tensor_inputs)

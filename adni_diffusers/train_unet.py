@@ -158,6 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.require_at_least(args, 1, "num_train_timesteps", "save_images_epochs", "num_sample_images",
                               "sample_inference_steps")
     training.require_at_least(args, 0, "sample_guidance")  # below 0 it steers away from the class
+    if args.conditional and args.sample_guidance == 0:  # the pipeline refuses it: every row would be the same
+        raise TrainingError("--sample_guidance 0 samples the unconditional model, so the grids' class rows would be "
+                            "the same images; give 1 (the class label alone, no guidance) or more")
     # the schedule's arrays are built below (10**9 steps: killed for memory, a longer number a traceback); the grid
     # is sampled a class's row per batch after the first epoch (a million images: killed for memory after training)
     training.require_at_most(args, MAX_TRAIN_TIMESTEPS, "num_train_timesteps")

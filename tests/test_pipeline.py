@@ -1833,3 +1833,16 @@ def test_a_diffusers_older_than_0_26_is_refused_with_what_to_do():
             check_diffusers_version(version)
     for version in ("0.26.0", "0.42.1", "0.43.0.dev0", "1.0.0"):
         check_diffusers_version(version)
+
+
+def test_guidance_zero_with_a_class_is_refused(pipe):
+    """guidance_scale=0 is eps_uncond + 0 (eps_cond - eps_uncond): the unconditional model, whatever the label, so
+    class_labels="AD" and "NC" gave the same images without a word (a diffusers habit: guidance_scale=0 "turns guidance
+    off" in pipelines that skip it at <= 1). `generate --class --guidance 0` refuses it; the pipeline now does too."""
+    with pytest.raises(ValueError, match=r"guidance_scale=0.0 samples the unconditional model.*class_labels would "
+                                         r"have no effect.*guidance_scale=1.0"):
+        pipe(batch_size=1, class_labels="AD", guidance_scale=0.0, num_inference_steps=1, output_type="latent")
+    # other weights below 1 still mix the class in, and 1 is the label alone
+    for w in (0.5, 1.0):
+        assert pipe(batch_size=1, class_labels="AD", guidance_scale=w, num_inference_steps=1,
+                    output_type="latent").images.shape == (1, 4, 32, 32)

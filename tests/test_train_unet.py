@@ -415,7 +415,9 @@ def test_the_sample_grids_are_guided_as_generate_and_evaluate_sample(tmp_path, m
     assert parsed("--conditional", "--cond_dropout", "0") == 1.0  # guidance would use an untrained embedding
     assert parsed("--conditional", "--sample_guidance", "3") == 3.0 and parsed("--sample_guidance", "1") == 1.0
     for flags, message in [(["--sample_guidance", "2"], "--sample_guidance 2 needs --conditional"),
-                           (["--conditional", "--sample_guidance", "-1"], "--sample_guidance must be at least 0")]:
+                           (["--conditional", "--sample_guidance", "-1"], "--sample_guidance must be at least 0"),
+                           # the unconditional model: every class row of the grids the same images (the pipeline refuses)
+                           (["--conditional", "--sample_guidance", "0"], "--sample_guidance 0 samples the unconditional")]:
         with pytest.raises(train_unet.TrainingError, match=message):
             parsed(*flags)
     seen = []
