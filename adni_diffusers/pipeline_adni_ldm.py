@@ -874,7 +874,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             class_labels: for a class-conditional model, a label or one per image, as int or class name
                 (`"AD"`, `"NC"`). `None` samples from the unconditional (dropped-label) class.
             guidance_scale: classifier-free guidance weight w: eps = eps_uncond + w (eps_cond - eps_uncond).
-                1.0 = no guidance.
+                1.0 = no guidance; 0 (the unconditional model alone) is refused with `class_labels`.
             num_inference_steps: scheduler steps (DDPM: all of them; DDIM ~50; DPM-Solver++ ~25; UniPC ~10).
                 Default: the model's training timesteps (`scheduler.config.num_train_timesteps`, 1000 for
                 ours), full DDPM; a model trained with fewer cannot take 1000.
