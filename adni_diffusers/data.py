@@ -24,6 +24,7 @@ import contextlib
 import glob
 import hashlib
 import logging
+import json
 import os
 import re
 import statistics
@@ -279,6 +280,22 @@ def is_demo_dataset(root) -> bool:
     root = Path(root)
     return (root / "demo_settings.json").is_file() or (
         root.name.lower() in SPLIT_FOLDERS and (root.parent / "demo_settings.json").is_file())
+
+
+def demo_build_settings(root) -> dict | None:
+    """The `demo-data` flags that built the demo set at `root` (or at its parent, for one split folder of it), from
+    its `demo_settings.json`: what a reader needs to rebuild the same bytes (`demo-data --seed` etc.); None elsewhere
+    or where the file is unreadable."""
+    root = Path(root)
+    for folder in (root, root.parent) if root.name.lower() in SPLIT_FOLDERS else (root,):
+        try:
+            settings = json.loads((folder / "demo_settings.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(settings, dict):
+            return {k: settings[k] for k in ("subjects", "slices_per_subject", "test_fraction", "seed")
+                    if k in settings}
+    return None
 
 
 def hash_array(h, values) -> None:

@@ -2331,6 +2331,11 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
     differing settings (`earlier_sessions`)."""
     output_dir = Path(output_dir)
     info = {"source": data_source, **data.summary(), **(extra or {})}
+    if data_source == "demo" and info.get("root"):  # the build's seed and size: to rebuild the same data
+        from .data import demo_build_settings
+
+        if (settings := demo_build_settings(info["root"])) is not None:
+            info["demo_data"] = settings
     if data.split == "patient":  # what drew the held-out patients: evaluate redraws them from this file alone too
         info.update(val_fraction=args.val_fraction, split_seed=split_seed(args))
     # whole or not at all: a resume or evaluate reads them back, and a kill mid-write left JSON they refused

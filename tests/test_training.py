@@ -1116,3 +1116,26 @@ def test_a_bar_in_a_log_file_draws_at_its_pace_not_at_every_postfix_or_monitor_t
     train_feature_net(train, toy_slices(patients=4, per_patient=4, size=32, seed=1), epochs=3, batch_size=8,
                       device="cpu")
     assert log.getvalue().count("\r") <= 4, log.getvalue()  # the first and the last draw (and their clears)
+
+
+def test_save_run_info_records_the_demo_builds_seed_and_size(tmp_path):
+    """A model of the demo set named only `"source": "demo"`: the demo-data build's seed and size (which decide its
+    bytes, and so the model's) were nowhere in the model's records or on the Hub. training_data.json now carries
+    them, also where the data given was one split folder of the build."""
+    build = tmp_path / "AD_NC"
+    (build / "train").mkdir(parents=True)
+    (build / "demo_settings.json").write_text(json.dumps({"format_version": 1, "subjects": 6, "slices_per_subject": 20,
+                                                          "test_fraction": 0.3, "seed": 7, "complete": True}))
+    args = SimpleNamespace(learning_rate=1e-4)
+    expected = {"subjects": 6, "slices_per_subject": 20, "test_fraction": 0.3, "seed": 7}
+    for root in (build, build / "train"):
+        out = tmp_path / f"out-{root.name}"
+        out.mkdir()
+        data = SimpleNamespace(summary=lambda root=root: {"root": str(root), "images": 1}, split="given")
+        training.save_run_info(out, args, data, "demo")
+        assert json.loads((out / "training_data.json").read_text())["demo_data"] == expected
+    out = tmp_path / "out-user"
+    out.mkdir()
+    training.save_run_info(out, args, SimpleNamespace(summary=lambda: {"root": str(tmp_path), "images": 1},
+                                                      split="given"), "user")
+    assert "demo_data" not in json.loads((out / "training_data.json").read_text())
