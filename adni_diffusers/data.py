@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import logging
 import json
+import logging
 import os
 import re
 import statistics

@@ -680,6 +680,17 @@ def _scope_text(data: dict, class_names: list[str]) -> str:
     return f"only the classes of the training folder ({other})"
 
 
+def _demo_data_command(training_data: dict) -> str | None:
+    """The `demo-data` command that rebuilds a demo-set model's data byte for byte (its build's flags, recorded in
+    training_data.json since 2026-12-07); None where the record does not hold all of them."""
+    build = training_data.get("demo_data")
+    flags = ("subjects", "slices_per_subject", "test_fraction", "seed")
+    if not isinstance(build, dict) or not all(_is_number(build.get(k)) for k in flags):
+        return None
+    return (f"adni-diffusers demo-data AD_NC --subjects {build['subjects']:g} --slices-per-subject "
+            f"{build['slices_per_subject']:g} --test-fraction {build['test_fraction']:g} --seed {build['seed']:g}")
+
+
 def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: str | None = None,
                           sample_grid: str | None = None) -> dict:
     """Everything `pipeline_card.md` uses, read from a saved pipeline folder."""
@@ -716,6 +727,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         "repo_id_is_placeholder": placeholder,
         "data_source": source,
         "unet_data_source": own_source,
+        "demo_data_command": _demo_data_command(data) if own_source == "demo" else None,
         # a copy saved from a loaded pipeline has no training records, but keeps a demo model's LICENSE.md
         "mni_notice_file": _holds_mni_notice(d / LICENSE_FILE),
         "first_stage_text": _first_stage_text(data, own_source, source, first_stage_sources(d)),
@@ -1011,8 +1023,9 @@ def vq_card_context(model_dir, repo_id: str | None = None, data_source: str | No
     ctx.update(_data_context(data, args, source))
     if source == "demo":
         ctx["data_description"] = (
-            "The synthetic demo set (`adni-diffusers demo-data`): the MNI152 2009 template bundled with nilearn, "
-            "seen through random deformations, with simulated atrophy for the \"AD\" class. No patient data.")
+            f"The synthetic demo set (`{_demo_data_command(data) or 'adni-diffusers demo-data'}`): the MNI152 2009 "
+            "template bundled with nilearn, seen through random deformations, with simulated atrophy for the \"AD\" "
+            "class. No patient data.")
         ctx["license_text"] = ("`license: other`: the training images derive from the MNI ICBM152 2009 template, "
                                "whose notice must be kept: " + MNI_NOTICE)
     else:
