@@ -2342,7 +2342,7 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
     write_text_atomically(output_dir / "training_data.json", json.dumps(info, indent=2))
     safe_args = {k: v for k, v in vars(args).items() if "token" not in k}
     if model is not None:
-        from accelerate.utils import is_compiled_module
+        from accelerate.utils.other import is_compiled_module
 
         safe_args["compiled"] = is_compiled_module(model)
     if accelerator is not None:
