@@ -756,7 +756,7 @@ def test_rgba_image_with_transparency(tmp_path):
 def test_16_bit_png(tmp_path):
     root = image_tree(tmp_path)
     bad = write(root / "test" / "AD" / "1009999_1.png", slice_pixels(1).astype(np.uint16) * 257)
-    assert image_mode(bad) == "I;16"
+    assert image_mode(bad) in ("I;16", "I")  # Pillow before 10.3 reads a 16-bit grey PNG as "I"; both are refused
     msg = data_error(root)
     assert str(bad) in msg and "16-bit" in msg and "expected 8-bit greyscale" in msg
     # how to convert it: the obvious Image.convert("L") clips (a helper's slices turned white and trained silently)
