@@ -1463,13 +1463,21 @@ def forget_earlier_results(output_dir, *names: str) -> None:
         card.unlink()
 
 
+# output folders already told "no checkpoint yet": a run looks for one several times (its checks, the resume)
+_TOLD_NO_CHECKPOINT: set[str] = set()
+
+
 def find_resume_checkpoint(args) -> Path | None:
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
         found = list_checkpoints(args.output_dir)
         if not found:
-            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh", args.output_dir)
+            key = str(Path(args.output_dir).resolve())
+            if key not in _TOLD_NO_CHECKPOINT:  # once a run, not once per look (it said so four times)
+                _TOLD_NO_CHECKPOINT.add(key)
+                logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh",
+                            args.output_dir)
             return None
         return found[-1]
     return Path(args.resume_from_checkpoint)

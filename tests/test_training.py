@@ -1139,3 +1139,19 @@ def test_save_run_info_records_the_demo_builds_seed_and_size(tmp_path):
     training.save_run_info(out, args, SimpleNamespace(summary=lambda: {"root": str(tmp_path), "images": 1},
                                                       split="given"), "user")
     assert "demo_data" not in json.loads((out / "training_data.json").read_text())
+
+
+def test_resume_latest_without_checkpoint_says_so_once(tmp_path, caplog):
+    """`--resume_from_checkpoint latest` into a fresh folder: a run looks for a checkpoint several times (its
+    checks and the resume), and the log said "no checkpoint ... yet, starting fresh" at each look (4 lines)."""
+    import argparse
+    import logging
+
+    from adni_diffusers import training
+
+    args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(tmp_path / "fresh"))
+    with caplog.at_level(logging.INFO, logger="adni_diffusers.training"):
+        for _ in range(4):
+            assert training.find_resume_checkpoint(args) is None
+    told = [r for r in caplog.records if "starting fresh" in r.getMessage()]
+    assert len(told) == 1
