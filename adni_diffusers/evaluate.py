@@ -214,7 +214,10 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
                            name, _split_words(now), _split_words(recorded[name]))
     first_stage = first_stage_split(model_dir, data)
     record["first_stage_held_out"] = None if first_stage is None else first_stage == "same"
-    if first_stage in ("other images", "other patients"):
+    if first_stage in ("other images", "other patients") and record["matches_training"] is False \
+            and _stages_held_out_alike(model_dir, recorded.get("validation")):
+        pass  # both stages held out the same slices at training; the data changed since, as the warning above says
+    elif first_stage in ("other images", "other patients"):
         logger.warning("the VQModel (first stage) held out %s: it may have trained on slices held out here, and its "
                        "round trips of those are sharper than an unseen patient's",
                        "patients of these names but other images of them (slices added, removed or edited, or "
@@ -250,6 +253,19 @@ def first_stage_split(model_dir, data: SliceData) -> str | None:
         return "other patients"
     # the same names may hold other images (recorded since 2026-12-06)
     return "same" if vq.get("validation_pixels_sha256") in (None, data.val.pixels_sha256()) else "other images"
+
+
+def _stages_held_out_alike(model_dir, unet_validation) -> bool:
+    """Whether the VQModel's record of its held-out slices is the UNet's own record of its held-out split: both stages
+    held out the same patients (and images, where recorded) at training. A folder changed since then differs from
+    both, which was blamed on the VQModel ("trained on another folder or split")."""
+    vq = read_json_object(Path(model_dir) / "training_data.json").get("vqmodel_data")
+    if not isinstance(vq, dict) or not isinstance(unet_validation, dict):
+        return False
+    patients = vq.get("validation_patients_sha256")
+    pixels = vq.get("validation_pixels_sha256"), unet_validation.get("pixels_sha256")
+    return bool(patients) and patients == unet_validation.get("patients_sha256") and (None in pixels
+                                                                                       or pixels[0] == pixels[1])
 
 
 def first_stage_unrecorded(model_dir) -> bool:

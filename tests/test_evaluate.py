@@ -791,6 +791,31 @@ def test_a_saved_model_inside_a_training_folder_is_pointed_to_that_folder(tiny_v
         E.load_evaluation_data(tiny_vq.parent)
 
 
+def test_a_data_folder_changed_since_training_is_not_blamed_on_the_vqmodel(tiny_ldm, tmp_path, caplog):
+    """Both stages trained on one folder, which was rebuilt since (demo-data --overwrite with more subjects): the
+    split's warnings say the data changed; the VQModel's record differs from today's split only for that reason, and
+    the warning that it "was trained on another folder or split" sent the user after a mix-up that never happened
+    (a helper's README walk, 2026-12-07). A VQModel that did hold out other patients is still named."""
+    import logging
+
+    from adni_diffusers.demo_data import build_demo_dataset
+
+    model = Path(shutil.copytree(tiny_ldm, tmp_path / "ldm", ignore=shutil.ignore_patterns("checkpoint-*")))
+    rebuilt = tmp_path / "AD_NC"
+    build_demo_dataset(rebuilt, subjects=10, slices_per_subject=4, seed=0, workers=1, contact_sheet=False)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
+        _, record = E.load_evaluation_data(model, rebuilt)
+    assert record["matches_training"] is False and "differs from the one training recorded" in caplog.text
+    assert record["first_stage_held_out"] is False and "VQModel (first stage)" not in caplog.text
+    saved = json.loads((model / "training_data.json").read_text())
+    saved["vqmodel_data"]["validation_patients_sha256"] = "0" * 64  # the VQModel held out others at training
+    (model / "training_data.json").write_text(json.dumps(saved))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.evaluate"):
+        E.load_evaluation_data(model, rebuilt)
+    assert "the VQModel (first stage) held out other patients than these" in caplog.text
+
+
 def test_a_first_stage_that_held_out_other_patients_is_flagged(model_copy, caplog):
     """train_unet only warns when its VQModel was trained on another folder (whose held-out patients it cannot
     check); evaluate, held-out and counterfactual then called slices the VQModel may have trained on "held-out",
