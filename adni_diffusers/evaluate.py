@@ -214,10 +214,10 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
                            name, _split_words(now), _split_words(recorded[name]))
     first_stage = first_stage_split(model_dir, data)
     record["first_stage_held_out"] = None if first_stage is None else first_stage == "same"
-    if first_stage in ("other images", "other patients") and record["matches_training"] is False \
-            and _stages_held_out_alike(model_dir, recorded.get("validation")):
-        pass  # both stages held out the same slices at training; the data changed since, as the warning above says
-    elif first_stage in ("other images", "other patients"):
+    # both stages held out the same slices at training, and the data changed since: the warnings above say so
+    changed_since = record["matches_training"] is False and _stages_held_out_alike(model_dir,
+                                                                                    recorded.get("validation"))
+    if first_stage in ("other images", "other patients") and not changed_since:
         logger.warning("the VQModel (first stage) held out %s: it may have trained on slices held out here, and its "
                        "round trips of those are sharper than an unseen patient's",
                        "patients of these names but other images of them (slices added, removed or edited, or "

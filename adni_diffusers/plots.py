@@ -38,7 +38,7 @@ GRID_TEXT_WIDTH_PER_SCALE = 600  # grid pixels per step of text scale
 
 def grid_text_scale(grid_width: int) -> int:
     """How many times PIL's default 10-px font a grid `grid_width` pixels wide is labelled with: 1 up to 900 px,
-    4 for a row of eight 256-px images (2,066 px). At 10 px, samples.png's and reconstructions.png's labels were
+    3 for a row of eight 256-px images (2,066 px). At 10 px, samples.png's and reconstructions.png's labels were
     4 px tall once the Hub's model card shrank the picture to its column's width."""
     if not _scalable_font():
         return 1  # Pillow without FreeType: one fixed bitmap font
