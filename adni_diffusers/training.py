@@ -773,6 +773,9 @@ def _start_stage(args, config_of, project_name: str, product: str, stage_flags: 
     prepare_output_dir(args, accelerator, product=product, project=project_name)
     warn_if_the_launcher_kills_early(accelerator)
     resume_from = find_resume_checkpoint(args)
+    if resume_from is None and args.resume_from_checkpoint == "latest":
+        # said here, once a run: the run looks for a checkpoint several times (its checks, the resume)
+        logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh", args.output_dir)
     if resume_from is not None:
         check_resume_matches(resume_from, run_record(args, stage_flags, stage=project_name))  # the clearer message
         check_checkpoint_whole(resume_from, args.resume_from_checkpoint)
@@ -1463,23 +1466,14 @@ def forget_earlier_results(output_dir, *names: str) -> None:
         card.unlink()
 
 
-# output folders already told "no checkpoint yet": a run looks for one several times (its checks, the resume)
-_TOLD_NO_CHECKPOINT: set[str] = set()
-
-
 def find_resume_checkpoint(args) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names (`latest`: the newest whole one in --output_dir), or None.
+    Silent: a run looks several times; `_start_stage` says once that `latest` found none."""
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
         found = list_checkpoints(args.output_dir)
-        if not found:
-            key = str(Path(args.output_dir).resolve())
-            if key not in _TOLD_NO_CHECKPOINT:  # once a run, not once per look (it said so four times)
-                _TOLD_NO_CHECKPOINT.add(key)
-                logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh",
-                            args.output_dir)
-            return None
-        return found[-1]
+        return found[-1] if found else None
     return Path(args.resume_from_checkpoint)
 
 

@@ -332,14 +332,19 @@ def test_an_incomplete_checkpoint_is_refused_before_any_work(tmp_path, demo_root
     assert code == 2 and "checkpoint-3: not a complete checkpoint of this package (no model.safetensors, " in err, err
 
 
-def test_a_fresh_start_begins_a_new_loss_history(tmp_path, demo_root):
+def test_a_fresh_start_begins_a_new_loss_history(tmp_path, demo_root, caplog):
     """A job that died before its first checkpoint, rerun with `latest` (a requeued SLURM job): the history had
-    the first attempt's rows and the new ones, and the loss curve drew both."""
+    the first attempt's rows and the new ones, and the loss curve drew both. The log says once that there is no
+    checkpoint yet (it said so at each of the run's four looks for one)."""
     out = tmp_path / "run"
     (out / "logs").mkdir(parents=True)
     (out / "logs" / "history.jsonl").write_text('{"step": 2, "loss": 9.0}\n')
-    run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps", "2",
-                                          "--resume_from_checkpoint", "latest", *TINY_VQ_ARGS])
+    with caplog.at_level("INFO", logger="adni_diffusers.training"):
+        run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out,
+                                              "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
+                                              *TINY_VQ_ARGS])
+    told = [r.getMessage() for r in caplog.records if "starting fresh" in r.getMessage()]
+    assert told == [f"--resume_from_checkpoint latest: no checkpoint in {out} yet, starting fresh"], told
     rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2] and rows[0]["loss"] != 9.0
 
