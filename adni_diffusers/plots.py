@@ -33,6 +33,7 @@ def to_pil_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2)
 GRID_CAPTION_HEIGHT = 18  # the band above a labelled grid (one line of PIL's default font), at text scale 1
 GRID_CAPTION_LINE = 12  # each further line of a caption wrapped to the grid's width, at text scale 1
 GRID_TITLES_WIDTH = 100  # the band left of it, for row titles, at text scale 1
+GRID_COLUMN_TITLES_HEIGHT = 14  # the band between the caption and the grid, for column titles, at text scale 1
 GRID_TEXT_WIDTH_PER_SCALE = 600  # grid pixels per step of text scale
 
 
@@ -76,10 +77,11 @@ def wrapped(text: str, width: float, font=None) -> list[str]:
 
 
 def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: list[str] | None = None,
-                  caption: str | None = None) -> Image.Image:
-    """A `to_pil_grid` grid of `tile`-pixel images with a caption above (what it shows: step, weights, sampler)
-    and a title left of each row (a class, "original"): the periodic grids said neither. The text grows with the
-    grid's width (`grid_text_scale`): the bands are the GRID_* sizes times that scale."""
+                  caption: str | None = None, col_titles: list[str] | None = None) -> Image.Image:
+    """A `to_pil_grid` grid of `tile`-pixel images with a caption above (what it shows: step, weights, sampler),
+    a title left of each row (a class, "original") and a title above each column (its class): the periodic grids
+    said none of them. The text grows with the grid's width (`grid_text_scale`): the bands are the GRID_* sizes
+    times that scale."""
     scale = grid_text_scale(grid.width)
     font = grid_font(scale)
     # at least GRID_TITLES_WIDTH, wider for a longer title: titles were cut to 16 characters ("MildCognitiveImp")
@@ -88,30 +90,35 @@ def labelled_grid(grid: Image.Image, tile: int, padding: int = 2, row_titles: li
                                               for t in row_titles]) if row_titles else 0
     # a caption wider than a narrow grid (one column: 258 px) was cut off mid-word: it wraps
     lines = wrapped(caption, left + grid.width - 2 * padding, font) if caption else []  # over the titles' band too
-    top = (GRID_CAPTION_HEIGHT + (len(lines) - 1) * GRID_CAPTION_LINE) * scale if lines else 0
+    caption_height = (GRID_CAPTION_HEIGHT + (len(lines) - 1) * GRID_CAPTION_LINE) * scale if lines else 0
+    top = caption_height + (GRID_COLUMN_TITLES_HEIGHT * scale if col_titles else 0)
     out = Image.new("L", (left + grid.width, top + grid.height), 255)
     out.paste(grid.convert("L"), (left, top))
     draw = ImageDraw.Draw(out)
     for i, line in enumerate(lines):
         draw.text((padding, (3 + i * GRID_CAPTION_LINE) * scale), line, fill=0, font=font)
+    for c, title in enumerate(col_titles or []):  # centred over its column
+        x = left + padding + c * (tile + padding) + (tile - measure.textlength(title, font=font)) / 2
+        draw.text((max(left + padding + c * (tile + padding), x), caption_height + scale), title, fill=0, font=font)
     for r, title in enumerate(row_titles or []):
         draw.text((2, top + padding + r * (tile + padding) + tile // 2 - 6 * scale), title, fill=0, font=font)
     return out
 
 
 def titled_grid(images: torch.Tensor, nrow: int | None = None, row_titles: list[str] | None = None,
-                caption: str | None = None) -> Image.Image:
-    """`to_pil_grid`, with a title left of each row and a caption above where given (`labelled_grid`)."""
+                caption: str | None = None, col_titles: list[str] | None = None) -> Image.Image:
+    """`to_pil_grid`, with a title left of each row, above each column and a caption above where given
+    (`labelled_grid`)."""
     grid = to_pil_grid(images, nrow)
-    return labelled_grid(grid, images.shape[-1], row_titles=row_titles, caption=caption) if row_titles or caption \
-        else grid
+    return labelled_grid(grid, images.shape[-1], row_titles=row_titles, caption=caption, col_titles=col_titles) \
+        if row_titles or caption or col_titles else grid
 
 
 def save_image_grid(images: torch.Tensor, path, nrow: int | None = None, row_titles: list[str] | None = None,
-                    caption: str | None = None) -> Path:
+                    caption: str | None = None, col_titles: list[str] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    titled_grid(images, nrow, row_titles, caption).save(path)
+    titled_grid(images, nrow, row_titles, caption, col_titles).save(path)
     return path
 
 

@@ -271,9 +271,9 @@ def generator_gan_loss(disc, recon: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _log_reconstructions(accelerator, vq, ema, preview, step, output_dir, columns=""):
+def _log_reconstructions(accelerator, vq, ema, preview, step, output_dir, columns=None):
     """The preview slices reconstructed by the weights a save now would keep (the EMA's with --use_ema); `columns`
-    names their classes."""
+    names their classes, above them."""
     x = preview.to(accelerator.device)
     with training.weights_to_save(vq, ema):
         recon = vq(x).sample.float().clamp(-1, 1)
@@ -281,7 +281,7 @@ def _log_reconstructions(accelerator, vq, ema, preview, step, output_dir, column
     return training.log_image_grid(accelerator, "reconstructions", torch.cat([x.float(), recon]), step,
                                    f"{output_dir}/samples/reconstructions-{step:06d}.png", nrow=len(x),
                                    row_titles=["original", "reconstruction"],
-                                   caption="; ".join(filter(None, [f"step {step}, {weights}", columns])))
+                                   caption=f"step {step}, {weights}", col_titles=columns)
 
 
 def cli(argv=None) -> int:

@@ -2399,14 +2399,15 @@ def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
 
 
 def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path, nrow: int,
-                   row_titles: list[str] | None = None, caption: str | None = None) -> Path:
+                   row_titles: list[str] | None = None, caption: str | None = None,
+                   col_titles: list[str] | None = None) -> Path:
     """A grid of images in [-1, 1] as a PNG at `path` and, when tensorboard is on, as an image there; with a title
-    left of each row and a caption above when given."""
+    left of each row, above each column and a caption above when given."""
     import numpy as np
 
     from .plots import titled_grid
 
-    grid = titled_grid(images, nrow, row_titles, caption)
+    grid = titled_grid(images, nrow, row_titles, caption, col_titles)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -68,9 +68,10 @@ def reconstruct_preview(vq, slices, device, seed: int = 0) -> tuple[torch.Tensor
     return x, vq(x).sample.float().clamp(-1, 1), labels
 
 
-def column_classes(labels: torch.Tensor, class_names: list[str]) -> str:
-    """A picture's caption part that names each column's class ("columns: AD AD NC NC"); none without classes."""
-    return "columns: " + " ".join(class_names[int(c)] for c in labels) if class_names else ""
+def column_classes(labels: torch.Tensor, class_names: list[str]) -> list[str] | None:
+    """Each column's class, the titles above a picture's columns (the caption named them in one line, "columns: AD
+    AD NC NC", which a reader had to count along); None without classes."""
+    return [class_names[int(c)] for c in labels] if class_names else None
 
 
 def _loader(slices, batch_size: int, limit: int | None = None, seed: int = 0):
@@ -143,7 +144,7 @@ def evaluate_and_save(vq, data: SliceData, args, device, extra: dict | None = No
     diff = ((recon - x).abs() * ERROR_GAIN).clamp(max=2) - 1
     save_image_grid(torch.cat([x, recon, diff]), output_dir / "reconstructions.png", nrow=len(x),
                     row_titles=["original", "reconstruction", f"|error| x {ERROR_GAIN}"],
-                    caption="; ".join(filter(None, [eval_set, column_classes(labels, data.class_names)])))
+                    caption=eval_set, col_titles=column_classes(labels, data.class_names))
     metrics = {
         "eval_set": eval_set,
         **recon_metrics,

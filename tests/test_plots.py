@@ -294,3 +294,32 @@ def test_a_wide_grids_labels_grow_with_it_and_a_narrow_ones_keep_the_default_fon
     assert 256 // 4 < rows.min() and rows.max() < 3 * 256 // 4 and rows.max() - rows.min() >= 2 * 8
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     assert measure.textlength("AD", font=grid_font(scale)) > 2 * measure.textlength("AD")
+
+
+def test_column_titles_sit_above_their_columns_between_the_caption_and_the_grid():
+    """reconstructions.png named its columns' classes in the caption ("columns: AD NC AD ..."), which a reader had
+    to count along: each column's class is now written above it, in its own band under the caption."""
+    from adni_diffusers.plots import (GRID_CAPTION_HEIGHT, GRID_COLUMN_TITLES_HEIGHT, GRID_TITLES_WIDTH, grid_font,
+                                      grid_text_scale, labelled_grid, to_pil_grid)
+
+    grid = to_pil_grid(torch.ones(8, 1, 256, 256), nrow=8)  # white tiles: only text is dark
+    scale = grid_text_scale(grid.width)
+    titles = ["AD", "NC", "NC", "AD", "AD", "NC", "AD", "NC"]
+    out = labelled_grid(grid, 256, row_titles=["original"], caption="held-out slices", col_titles=titles)
+    caption, band = GRID_CAPTION_HEIGHT * scale, GRID_COLUMN_TITLES_HEIGHT * scale
+    left = GRID_TITLES_WIDTH * scale
+    assert out.size == (left + grid.width, caption + band + grid.height)
+    pixels = np.asarray(out)
+    assert np.array_equal(pixels[caption + band:, left:], np.asarray(grid))  # the grid, as it was
+    from PIL import ImageDraw
+
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    for c, title in enumerate(titles):
+        column = pixels[caption:caption + band, left + 2 + c * 258: left + 2 + c * 258 + 256] < 128
+        ink = np.nonzero(column.any(axis=0))[0]
+        assert len(ink), f"no title above column {c}"
+        # centred over the column, in the grid's (scaled) font
+        assert abs((ink.min() + ink.max()) / 2 - 128) < 8 and ink.max() - ink.min() + 1 > \
+            measure.textlength(title, font=grid_font(scale)) * 0.6
+    # a caption without column titles has no band
+    assert labelled_grid(grid, 256, caption="held-out slices").height == caption + grid.height

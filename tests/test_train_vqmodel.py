@@ -1752,7 +1752,7 @@ def test_reconstruction_pictures_show_every_class_at_random_within_it():
     assert preview_rows(torch.tensor([1, 0, 1]), 8).tolist() == [0, 1, 2]  # fewer rows than columns: all of them
 
 
-def test_the_final_reconstruction_picture_shows_the_preview_slices(tiny_vq, tmp_path):
+def test_the_final_reconstruction_picture_shows_the_preview_slices(tiny_vq, tmp_path, monkeypatch):
     """reconstructions.png's top row is `reconstruct_preview`'s slices (both classes here), under a caption, right of
     row titles: the picture alone says what it shows."""
     from types import SimpleNamespace
@@ -1763,24 +1763,36 @@ def test_the_final_reconstruction_picture_shows_the_preview_slices(tiny_vq, tmp_
     from PIL import Image
 
     from adni_diffusers.data import SliceData
-    from adni_diffusers.plots import GRID_CAPTION_HEIGHT, GRID_TITLES_WIDTH, grid_text_scale
+    from adni_diffusers.plots import (GRID_CAPTION_HEIGHT, GRID_COLUMN_TITLES_HEIGHT, GRID_TITLES_WIDTH,
+                                      grid_text_scale)
     from adni_diffusers.vq_eval import evaluate_and_save, reconstruct_preview
 
     scale = grid_text_scale(2 + 8 * 258)  # eight 256-px columns: labels at several times the 10-px font
-    top, left = GRID_CAPTION_HEIGHT * scale, GRID_TITLES_WIDTH * scale
+    # the caption, then each column's class above it
+    top, left = (GRID_CAPTION_HEIGHT + GRID_COLUMN_TITLES_HEIGHT) * scale, GRID_TITLES_WIDTH * scale
 
     train, val = toy_slices(size=256), toy_slices(patients=6, per_patient=5, size=256, seed=1)
     data = SliceData(train, val, ["AD", "NC"], "patient", "/d", "pad")
     vq = VQModel.from_pretrained(tiny_vq / "vqvae").eval()
     args = SimpleNamespace(output_dir=str(tmp_path), eval_batch_size=8, eval_max_images=None, seed=0, split="patient")
+    from adni_diffusers import plots
+
+    drawn = []
+    labelled_grid = plots.labelled_grid
+    monkeypatch.setattr(plots, "labelled_grid", lambda *a, **kw: drawn.append(kw) or labelled_grid(*a, **kw))
     evaluate_and_save(vq, data, args, "cpu")
     x, _, labels = reconstruct_preview(vq, val, "cpu", seed=0)
     assert sorted(set(labels.tolist())) == [0, 1]
+    # each column's class above it; the caption says what the slices are
+    assert drawn[-1]["col_titles"] == [["AD", "NC"][int(c)] for c in labels]
+    assert "columns" not in drawn[-1]["caption"]
     grid = np.asarray(Image.open(tmp_path / "reconstructions.png").convert("L")).astype(float)
     assert grid.shape == (top + 2 + 3 * 258, left + 2 + 8 * 258)
     for column, image in enumerate(x):
         tile = grid[top + 2: top + 258, left + 2 + column * 258: left + 258 + column * 258]
         assert np.abs(tile - (image[0].numpy() + 1) * 127.5).max() <= 1  # 8-bit rounding
+        title = grid[GRID_CAPTION_HEIGHT * scale:top, left + 2 + column * 258: left + 258 + column * 258]
+        assert title.min() < 64  # its class above it
 
 
 def test_a_full_disk_in_a_checkpoint_says_which_checkpoint_to_go_on_from(tmp_path, demo_root, monkeypatch, capsys):
