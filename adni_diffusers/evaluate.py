@@ -1202,12 +1202,26 @@ def summary_numbers(res: dict) -> dict:
 
 
 def _held_out_patients(data: dict) -> str:
-    """The end of the report's data sentence: "never saw" only when no held-out patient is in training."""
+    """The end of the report's data sentence: "never saw" only when no held-out patient is in training, and only
+    when the split is the one training recorded (another folder, or one changed since, may hold patients the model
+    trained on: the report's warning says so, and the opening had said "never saw" above it)."""
     patients = data["validation"]["patients"]
     shared = data.get("shared_patients") or 0
     if shared:
         return f"{patients} patients, {shared} of whom the model also saw in training."
+    if data.get("matches_training", True) is not True:
+        return f"{patients} patients (not confirmed as unseen by the model: see the warning below)."
     return f"{patients} patients the model never saw."
+
+
+def _split_claim(data: dict) -> str:
+    """"as in training" only where the split matches the one training recorded: otherwise the counts that follow
+    are this folder's, not the model's training set (720 "training images" of a model trained on 120)."""
+    if data.get("matches_training", True) is True:
+        return "as in training"
+    if data.get("matches_training") is False:
+        return "with the model's settings, which gives other sets than training recorded"
+    return "with the model's settings (training recorded no split to compare with)"
 
 
 def _one_class_net_text(fn: dict, data_classes: list) -> str:
@@ -1243,7 +1257,7 @@ def write_report(res: dict, out: Path) -> Path:
         + f", seed {st['seed']}, on `{res['device']}`"
         + (f" {note}" if (note := precision_note(st)) else "") + ". "
         f"Real data: `{res['data']['root']}` ({res['data']['source'] or 'unknown source'}), split "
-        f"`{res['data']['split']}` as in training: {res['data']['train']['images']} training images of "
+        f"`{res['data']['split']}` {_split_claim(res['data'])}: {res['data']['train']['images']} training images of "
         f"{res['data']['train']['patients']} patients, {res['data']['validation']['images']} held-out images of "
         + _held_out_patients(res["data"]),
         "",

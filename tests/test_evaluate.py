@@ -2246,10 +2246,28 @@ def test_the_records_say_what_ran(stub_seeded):
     assert realism["floor"]["candidate_images"] == realism["floor"]["reference_images"] == 8
     report = (out / "report.md").read_text()
     assert "Samples: 6 per class from `dpm++` with 3 steps, guidance 2, no refinement, seed 5, on `cpu`." in report
-    assert "split `patient` as in training: 8 training images of 2 patients, 24 held-out images of 6 patients the " \
-           "model never saw." in report
+    # this stub's training_data.json has no split summary (matches_training None): "never saw" cannot be confirmed
+    assert "split `patient` with the model's settings (training recorded no split to compare with): 8 training " \
+           "images of 2 patients, 24 held-out images of 6 patients (not confirmed as unseen by the model" in report
     assert result["card"] == "model card not re-rendered (disabled)" and not (model / "README.md").exists()
     assert not (out / E.RUNNING_MARKER).exists()
+
+
+def test_the_reports_opening_does_not_call_another_splits_held_out_unseen(stub_seeded, tmp_path):
+    """--data-dir another folder (or one changed since training) with --out elsewhere: the opening said "split
+    `patient` as in training: 720 training images of 36 patients, 80 held-out images of 4 patients the model never
+    saw" for a model trained on 120 images of 6 patients, right above the bold warning that they may include images
+    the model saw."""
+    result, _, _ = stub_seeded
+    res = {k: v for k, v in result.items() if k != "card"}
+    for matches in (False, None):
+        res["data"] = {**res["data"], "matches_training": matches}
+        opening = E.write_report(res, tmp_path).read_text().split("\n\n")[1]
+        assert "as in training" not in opening and "never saw" not in opening, opening
+        assert "not confirmed as unseen by the model" in opening
+    res["data"] = {**res["data"], "matches_training": True}
+    opening = E.write_report(res, tmp_path).read_text().split("\n\n")[1]
+    assert "as in training" in opening and "patients the model never saw." in opening
 
 
 def test_ablations_csv_holds_the_tables_rows_and_the_real_floor(stub_seeded):
