@@ -516,7 +516,9 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                                 + _listing(f"{d.name}/" for d in _list_dir(nested[0])[0]) + ")"
                                 + ("" if has_splits else f" (split folders are named {', '.join(SPLIT_FOLDERS)}; "
                                    f"{root} has {', '.join(c.name for c in classes)})"))
-            class_sets[split] = [c.name for c in classes]
+            # in datasets' order (its ClassLabel sorts the names as strings): not the Paths' order, which on
+            # Windows ignores letter case (CN, MCI, ad listed as ad, CN, MCI: the folder was refused)
+            class_sets[split] = sorted(c.name for c in classes)
             if look_alike := _look_alike_names(class_sets[split]):  # AD/ beside ad/: one class split in two
                 raise DataError(f"{folder}: class folders {', '.join(map(ascii, look_alike))} would be two classes; "
                                 f"{LOOK_ALIKE_TEXT}")

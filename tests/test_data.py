@@ -1549,3 +1549,23 @@ def test_a_split_summary_holds_the_digest_of_its_pixels(tmp_path):
     assert changed.val.summary()["patients_sha256"] == data.val.summary()["patients_sha256"]
     # a subset is a set of its own
     assert data.val.subset([0]).pixels_sha256() != digest
+
+
+def test_class_order_is_datasets_order_even_where_paths_sort_ignoring_case(tmp_path, monkeypatch):
+    """On Windows, Paths sort ignoring letter case (WindowsPath's comparison), so CN/, MCI/ and ad/ were listed as
+    ad, CN, MCI while datasets' ClassLabel sorts the names as strings (CN, MCI, ad): every such folder was refused
+    with "datasets read classes ['CN', 'MCI', 'ad'], the folders hold ['ad', 'CN', 'MCI']". Simulated here by
+    listing folders in Windows' order."""
+    root = tmp_path / "ADNI3"
+    make_tree(root, classes=("CN", "MCI", "ad"), patients=2, slices=1)
+    listed = D._list_dir
+
+    def windows_order(d):
+        dirs, files = listed(d)
+        return sorted(dirs, key=lambda p: str(p).casefold()), sorted(files, key=lambda p: str(p).casefold())
+
+    monkeypatch.setattr(D, "_list_dir", windows_order)
+    data = load_slices(root, split="given")
+    assert data.class_names == ["CN", "MCI", "ad"]
+    for part in (data.train, data.val):  # each slice labelled with its own folder's class
+        assert [data.class_names[y] for y in part.labels.tolist()] == [Path(p).parent.name for p in part.paths]
