@@ -43,6 +43,7 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -1485,7 +1486,9 @@ def write_report(res: dict, out: Path) -> Path:
                   f"![UMAP]({files['umap']})", ""]
     lines += ["## Samples", ""]
     for name, path in files["samples"].items():
-        lines += [f"{name}:", "", f"![samples {name}]({path})", ""]
+        # percent-encoded: a class folder's name may hold spaces or brackets ("Early MCI", "Alzheimer's (AD)"),
+        # and CommonMark (GitHub, the Hub) shows such a link as text, no picture
+        lines += [f"{name}:", "", f"![samples {name}]({quote(str(path))})", ""]
     ab = res.get("ablations")
     if ab:
         lines += _ablation_lines(ab, res["model"]["conditional"], files)

@@ -51,6 +51,22 @@ def evaluated(model_copy):
     return result, model_copy / "evaluation"
 
 
+def test_report_links_pictures_of_classes_whose_names_hold_spaces_or_brackets(evaluated, tmp_path):
+    """Class folders such as "Early MCI" or "Alzheimer's (AD)" gave samples_Early MCI.png, linked as
+    ![samples Early MCI](samples_Early MCI.png): CommonMark (GitHub, the Hub) takes no space in a link target and
+    showed the line as text, no picture."""
+    import copy
+
+    result, _ = evaluated
+    res = copy.deepcopy(result)
+    res["files"]["samples"] = {"Early MCI": "samples_Early MCI.png", "Alzheimer's (AD)": "samples_Alzheimer's (AD).png"}
+    report = E.write_report(res, tmp_path).read_text()
+    assert "![samples Early MCI](samples_Early%20MCI.png)" in report
+    assert "![samples Alzheimer's (AD)](samples_Alzheimer%27s%20%28AD%29.png)" in report
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]*)\)", report):
+        assert " " not in target and "(" not in target, target
+
+
 def test_writes_metrics_report_and_pictures(evaluated, model_copy):
     result, out = evaluated
     for name in ("metrics.json", "report.md", "ablations.csv", "samples_AD.png", "samples_NC.png", "umap.png",
