@@ -560,13 +560,20 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                         + _listing(twice))
 
     names = {tuple(v) for v in class_sets.values()}
+    every_class = sorted({n for v in class_sets.values() for n in v})  # datasets labels every split with these
     if len(names) > 1:
         detail = "; ".join(f"{s}: {', '.join(v) or '(no class folders)'}" for s, v in class_sets.items())
-        look_alike = _look_alike_names({n for v in class_sets.values() for n in v})
+        look_alike = _look_alike_names(every_class)
         if look_alike:  # printed as they are, 'AD ' and 'AD' read the same
             detail += f"; {LOOK_ALIKE_TEXT}: " + ", ".join(map(ascii, look_alike))
-        raise DataError(f"{root}: the split folders have different class folders ({detail})")
-    return _Tree(sorted(files), split_of, has_splits, list(next(iter(names))))
+        if look_alike or not all(class_sets.values()):  # one class named two ways, or class folders beside none
+            raise DataError(f"{root}: the split folders have different class folders ({detail})")
+        # a class in one split folder alone (MCI added to train/ only): datasets gives every split the same labels,
+        # and the default --split patient pools the folders. It was refused, with no way on but moving files.
+        logger.warning("%s: the split folders have different class folders (%s): %s", root, detail,
+                       "; ".join(f"{s}/ has no {', '.join(sorted(set(every_class) - set(v)))}"
+                                 for s, v in class_sets.items() if set(v) != set(every_class)))
+    return _Tree(sorted(files), split_of, has_splits, every_class)
 
 
 def _listing(paths) -> str:
@@ -813,6 +820,11 @@ def load_slices(
         val_idx = [i for i, s in enumerate(splits) if s.lower() != "train"]
         if not train_idx:
             raise DataError(f"--split given: {root} has no train/ folder")
+        untrained = [name for y, name in enumerate(tree.class_names) if not (labels[train_idx] == y).any()]
+        if untrained:  # a class of test/ alone: a model would have a label it never trained on
+            raise DataError(f"--split given: {root} has no training images of class {', '.join(untrained)} "
+                            f"(no {'folder' if len(untrained) == 1 else 'folders'} in train/); add them to train/, "
+                            "or use --split patient, which pools the split folders")
     elif split == "all":
         train_idx, val_idx = list(range(len(paths))), []
     else:

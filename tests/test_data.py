@@ -1109,13 +1109,47 @@ def test_val_fraction_must_lie_strictly_between_0_and_1():
         assert "between 0 and 1" in data_error(".", val_fraction=value)
 
 
-def test_split_folders_with_different_class_folders_are_refused_by_name(tmp_path):
-    """train/{AD,NC} beside test/{AD}: the labels would mean different things in the two splits."""
+def test_a_class_in_one_split_folder_alone_is_read_with_every_splits_labels(tmp_path, caplog):
+    """train/{CN,MCI,AD} beside test/{CN,AD} (MCI added to train/ only) was refused ("the split folders have
+    different class folders"), with no way on but moving files: datasets gives every split the same labels and
+    --split patient pools the folders. It is read, with a warning; --split given refuses a class with no training
+    images (test/ alone), which a model would have a label for and never train on."""
+    def folders(root, layout):  # {split: classes}, 3 patients of 2 slices a class, every image its own pixels
+        pid = 2003730
+        for split, classes in layout.items():
+            for cls in classes:
+                for _ in range(3):
+                    for k in range(2):
+                        write(root / split / cls / f"{pid}_{80 + k}.jpeg", slice_pixels(10 * pid + k))
+                    pid += 1
+
+    root = tmp_path / "ADNI3"
+    folders(root, {"train": ("AD", "CN", "MCI"), "test": ("AD", "CN")})
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        data = load_slices(root, split="patient")
+    assert data.class_names == ["AD", "CN", "MCI"]
+    assert "test/ has no MCI" in caplog.text, caplog.text
+    pooled = data.train.labels.tolist() + data.val.labels.tolist()
+    assert sorted(pooled) == sorted([0] * 12 + [1] * 12 + [2] * 6)  # every image, with its own class's label
+    for part in (data.train, data.val):  # each file's label is its folder's
+        assert all(data.class_names[y] == Path(f).parent.name for f, y in zip(part.paths, part.labels.tolist()))
+    given = load_slices(root, split="given")
+    assert sorted(set(given.val.labels.tolist())) == [0, 1] and 2 in given.train.labels.tolist()
+    # a class of test/ alone: no training images of it under --split given
+    other = tmp_path / "test_only"
+    folders(other, {"train": ("AD", "CN"), "test": ("AD", "CN", "MCI")})
+    msg = data_error(other, split="given")
+    assert "no training images of class MCI (no folder in train/)" in msg and "--split patient" in msg, msg
+    assert load_slices(other, split="patient").class_names == ["AD", "CN", "MCI"]
+
+
+def test_split_folders_with_class_folders_beside_none_are_refused_by_name(tmp_path):
+    """train/{AD,NC} beside images loose in test/: the one has labels, the other none."""
     root = tmp_path / "AD_NC"
     make_tree(root, splits=("train",))
-    make_tree(root, classes=("AD",), splits=("test",))
+    make_tree(root, classes=(), splits=("test",))
     msg = data_error(root, split="given")
-    assert "different class folders" in msg and "train: AD, NC" in msg and "test: AD" in msg
+    assert "different class folders" in msg and "train: AD, NC" in msg and "test: (no class folders)" in msg
     assert "differ only" not in msg
 
 
