@@ -1033,6 +1033,7 @@ def test_the_card_says_where_earlier_sessions_of_a_resumed_run_differed(ldm, tin
     (["AD", "MCI", "NC"], '"AD"', "--class AD ", "(no other diagnoses or dementias)"),
     (["Alzheimer disease", "NC"], '"Alzheimer disease"', "--class 'Alzheimer disease' ", "(no MCI, no other dementias)"),
     (['AD "mild"', "NC"], '"AD \\"mild\\""', "--class 'AD \"mild\"' ", "(no MCI, no other dementias)"),
+    (["0", "0.5", "1"], '"0"', "--class 0 ", "(no MCI, no other dementias)"),
 ])
 def test_the_cards_snippets_and_scope_follow_the_class_names(ldm, names, python, shell, scope):
     """A helper's own data: "only the classes AD, MCI, NC (no MCI, ...)", `--class Alzheimer disease` (two shell
@@ -1044,6 +1045,11 @@ def test_the_cards_snippets_and_scope_follow_the_class_names(ldm, names, python,
     text = render_model_card(ldm)
     _check_rendered(text)
     assert f"class_labels={python}," in text and ast.literal_eval(python) == names[0]
+    # the snippet's comment lists the names as Python literals: "one of 0, 0.5, 1" invited class_labels=1, which
+    # is the index of "0.5" (an int is an index), not the class "1"
+    comment = text.split(f"class_labels={python},")[1].splitlines()[0]
+    listed = comment.split("# one of ")[1].split(", or one label per image")[0]
+    assert ast.literal_eval(f"[{listed}]") == names, comment
     line = next(line for line in text.splitlines() if line.startswith("adni-diffusers generate"))
     assert shell in line and shlex.split(line)[shlex.split(line).index("--class") + 1] == names[0]
     assert f"only the classes {', '.join(names)} {scope}." in text
