@@ -116,9 +116,23 @@ def titled_grid(images: torch.Tensor, nrow: int | None = None, row_titles: list[
 
 def save_image_grid(images: torch.Tensor, path, nrow: int | None = None, row_titles: list[str] | None = None,
                     caption: str | None = None, col_titles: list[str] | None = None) -> Path:
+    return save_picture(titled_grid(images, nrow, row_titles, caption, col_titles), path)
+
+
+def save_picture(image: Image.Image, path) -> Path:
+    """Write `image` (its format from `path`'s suffix, PNG by default) beside `path` and rename it into place: a
+    training run killed while writing a sample grid left a 0-byte samples-<step>.png that its resume (from the
+    checkpoint of that step, saved before the grid) never wrote again."""
+    import os
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    titled_grid(images, nrow, row_titles, caption, col_titles).save(path)
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

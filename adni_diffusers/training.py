@@ -2405,12 +2405,10 @@ def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path,
     left of each row, above each column and a caption above when given."""
     import numpy as np
 
-    from .plots import titled_grid
+    from .plots import save_picture, titled_grid
 
     grid = titled_grid(images, nrow, row_titles, caption, col_titles)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    path = save_picture(grid, path)  # whole or not at all: a resume never writes this step's grid again
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image(tag, np.asarray(grid)[None], step)

@@ -323,3 +323,38 @@ def test_column_titles_sit_above_their_columns_between_the_caption_and_the_grid(
             measure.textlength(title, font=grid_font(scale)) * 0.6
     # a caption without column titles has no band
     assert labelled_grid(grid, 256, caption="held-out slices").height == caption + grid.height
+
+
+@pytest.mark.parametrize("writer", ["save_image_grid", "log_image_grid"])
+def test_a_grid_cut_short_while_written_leaves_no_half_picture(tmp_path, monkeypatch, writer):
+    """A training run killed while writing samples/samples-<step>.png (after that step's checkpoint) left a 0-byte
+    PNG that the resume never wrote again (reproduced with SIGKILL). Cut short, the earlier picture stays whole."""
+    from types import SimpleNamespace
+
+    from adni_diffusers import plots, training
+
+    path = tmp_path / "samples" / "samples-000008.png"
+    images = torch.zeros(2, 1, 8, 8)
+
+    def write():
+        if writer == "save_image_grid":
+            plots.save_image_grid(images, path, nrow=2)
+        else:
+            training.log_image_grid(SimpleNamespace(trackers=[]), "samples", images, 8, path, nrow=2)
+
+    write()
+    before = path.read_bytes()
+    real_save = Image.Image.save
+
+    def killed_midway(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG\r\n")  # the first bytes, then the process is gone
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no .tmp left either
+    with Image.open(path) as im:
+        im.load()
