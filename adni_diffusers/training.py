@@ -651,7 +651,9 @@ def prepare_output_dir(args, accelerator, product: str, project: str | None = No
                 top = top.parent
             OUTPUT_DIRS_MADE[output_dir] = top
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*output_dir.glob("checkpoint-*.tmp"), output_dir / ".saving.tmp"]:  # saves cut short
+        # saves cut short (a sample grid's too: its .tmp, never a half picture under the real name)
+        for stale in [*output_dir.glob("checkpoint-*.tmp"), output_dir / ".saving.tmp",
+                      *output_dir.glob("samples/*.tmp")]:
             remove_path(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     # a folder no process can write in (a read-only mount) is refused now, not after the data work (minutes on

@@ -51,9 +51,13 @@ def test_a_start_removes_saves_cut_short_but_keeps_finished_checkpoints(tmp_path
         (out / name / "model.safetensors").write_bytes(b"x")
     args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint="latest", overwrite_output_dir=False,
                            logging_dir="logs")
+    (out / "samples").mkdir()
+    (out / "samples" / "reconstructions-000002.png").write_bytes(b"png")
+    (out / "samples" / "reconstructions-000004.png.tmp").write_bytes(b"")  # a grid's write cut short
     training.prepare_output_dir(args, Accelerator(cpu=True), "vqvae", project="vqmodel")
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "samples"]
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
+    assert [p.name for p in (out / "samples").iterdir()] == ["reconstructions-000002.png"]
 
 
 def test_a_checkpoint_without_its_lr_schedule_is_refused_naming_the_file(tmp_path):
