@@ -217,6 +217,43 @@ def _process_alive(pid) -> bool | None:
     return True
 
 
+def _command_line(pid: int) -> str | None:
+    """Process `pid`'s command line, where /proc tells it (Linux); else None."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+
+
+def _parent_pid(pid: int) -> int | None:
+    """Process `pid`'s parent, where /proc tells it (Linux); else None."""
+    try:  # /proc/PID/stat: "pid (name) state ppid ...", the name may hold spaces and brackets
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def live_training_run(output_dir: str | Path) -> str | None:
+    """The run (script, pid, start) that its TRAINING_MARKER says is training into `output_dir` and that runs on
+    this host now, else None: a second run into the folder (a job submitted twice, a rerun while the first still
+    ran) trained beside it, their checkpoints and history mixed (steps 40, 41, 42, 41, 43...). A pid of another
+    host, of this process or of its launcher's other processes (this run's main process marks the folder), or one
+    now running something else (a pid reused: its command line, where /proc tells it, names no training script of
+    this package) is no run."""
+    record = read_json_object(Path(output_dir) / TRAINING_MARKER)
+    pid, host, script = record.get("pid"), record.get("host"), record.get("script")
+    if host != socket.gethostname() or pid == os.getpid() or not _process_alive(pid):
+        return None
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and _parent_pid(pid) == os.getppid():
+        return None  # a process of this run (one launcher's), not another run
+    command = _command_line(pid)
+    names = [n for n in (script, "train_unet", "train_vqmodel", "adni_diffusers", "adni-diffusers")
+             if isinstance(n, str)]
+    if command is not None and not any(n in command for n in names):
+        return None
+    return f"{script if isinstance(script, str) else 'a training run'} (pid {pid}, started {record.get('started')})"
+
+
 def training_in_progress_problem(folder: str | Path) -> str | None:
     """Why `folder` must not be pushed because a training run is writing into it or was cut short there (its
     TRAINING_MARKER), in one line naming what to do; else None. A run started with --overwrite_output_dir or resumed

@@ -772,6 +772,7 @@ def _start_stage(args, config_of, project_name: str, product: str, stage_flags: 
             f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS={os.environ.get('ACCELERATE_GRADIENT_ACCUMULATION_STEPS')}) but "
             f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: unset the variable or pass the "
             "same number to --gradient_accumulation_steps")
+    check_no_run_trains_into(args.output_dir)  # before prepare_output_dir clears that run's save under way
     prepare_output_dir(args, accelerator, product=product, project=project_name)
     warn_if_the_launcher_kills_early(accelerator)
     resume_from = find_resume_checkpoint(args)
@@ -783,6 +784,19 @@ def _start_stage(args, config_of, project_name: str, product: str, stage_flags: 
         check_checkpoint_whole(resume_from, args.resume_from_checkpoint)
         check_checkpoint_files(resume_from, accelerator)
     return config, accelerator
+
+
+def check_no_run_trains_into(output_dir) -> None:
+    """Refuse an --output_dir another run of this host is training into (its .training_in_progress names a live
+    process of ours): the two runs' checkpoints, history and model would mix."""
+    from .hub import TRAINING_MARKER, live_training_run
+
+    if run := live_training_run(output_dir):
+        raise TrainingError(
+            f"--output_dir {output_dir}: {run} is training into it on this host ({TRAINING_MARKER}); two runs in one "
+            "folder mix their checkpoints, logs and model. Wait for it, stop it (its checkpoint then lets "
+            "--resume_from_checkpoint latest go on), or give another --output_dir; if no such run is going on, "
+            f"delete {Path(output_dir) / TRAINING_MARKER}")
 
 
 BATCH_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE

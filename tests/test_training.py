@@ -1159,3 +1159,55 @@ def test_finding_no_checkpoint_is_silent(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG, logger="adni_diffusers.training"):
         assert training.find_resume_checkpoint(args) is None
     assert caplog.records == []
+
+
+def test_a_second_run_into_a_folder_a_live_run_trains_into_is_refused_before_it_touches_it(tmp_path, demo_root,
+                                                                                          capsys, monkeypatch):
+    """A job submitted twice (or a rerun while the first run, orphaned by a killed launcher, still trained) trained
+    beside the first in one --output_dir: both wrote checkpoints and a model, and the history read 40, 41, 42, 41,
+    43... The folder's .training_in_progress names the first run's process: while it runs on this host, a second
+    run is refused before it changes anything (prepare_output_dir would have removed the first's save under way)."""
+    import socket
+    import subprocess
+    import sys
+
+    from adni_diffusers import hub, train_vqmodel, training
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-3.tmp").mkdir()  # the first run's checkpoint, being saved
+
+    def mark(pid, script="train_vqmodel.py"):
+        (out / hub.TRAINING_MARKER).write_text(json.dumps(
+            {"pid": pid, "host": socket.gethostname(), "script": script, "started": "2026-12-07T07:00:00+00:00"}))
+
+    # a process that reads as `python ... train_vqmodel.py` in /proc, as the first run's does
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "train_vqmodel.py"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a pid reused by another program
+    try:
+        mark(first.pid)
+        code = train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(out), "--max_train_steps",
+                                  "2", "--resume_from_checkpoint", "latest", *map(str, TINY_VQ_ARGS)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--output_dir {out}: train_vqmodel.py (pid {first.pid}, started " \
+            "2026-12-07T07:00:00+00:00) is training into it on this host" in err, err
+        assert (out / "checkpoint-3.tmp").is_dir()  # untouched
+        mark(first.pid, script="train_unet.py")  # (the name recorded differs: the command line names ours)
+        assert hub.live_training_run(out)
+        if os.path.exists(f"/proc/{other.pid}/cmdline"):  # where /proc tells a pid's program
+            mark(other.pid)
+            assert hub.live_training_run(out) is None
+        mark(os.getpid())  # this process's own marker (a run in this process cut short): no other run
+        assert hub.live_training_run(out) is None
+        mark(first.pid)
+        (out / hub.TRAINING_MARKER).write_text(
+            (out / hub.TRAINING_MARKER).read_text().replace(socket.gethostname(), "another-node"))
+        assert hub.live_training_run(out) is None  # another host's process cannot be told alive or not
+        mark(first.pid)
+    finally:
+        first.kill()
+        other.kill()
+        first.wait()
+        other.wait()
+    assert hub.live_training_run(out) is None  # the run is gone: a resume goes on (the marker is its cut-short sign)
+    training.check_no_run_trains_into(out)
