@@ -217,10 +217,10 @@ def _process_alive(pid) -> bool | None:
     return True
 
 
-def _command_line(pid: int) -> str | None:
-    """Process `pid`'s command line, where /proc tells it (Linux); else None."""
+def _command_line(pid: int) -> list[str] | None:
+    """Process `pid`'s command line, word by word, where /proc tells it (Linux); else None."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except (OSError, ValueError):
         return None
 
@@ -247,9 +247,10 @@ def live_training_run(output_dir: str | Path) -> str | None:
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and _parent_pid(pid) == os.getppid():
         return None  # a process of this run (one launcher's), not another run
     command = _command_line(pid)
-    names = [n for n in (script, "train_unet", "train_vqmodel", "adni_diffusers", "adni-diffusers")
-             if isinstance(n, str)]
-    if command is not None and not any(n in command for n in names):
+    # python train_unet.py, python -m adni_diffusers.cli, adni-diffusers demo; not pytest tests/test_train_unet.py
+    ours = {"train_unet.py", "train_vqmodel.py", "adni-diffusers", *([script] if isinstance(script, str) else [])}
+    if command is not None and not any(Path(word).name in ours or word.startswith("adni_diffusers")
+                                       for word in command):
         return None
     return f"{script if isinstance(script, str) else 'a training run'} (pid {pid}, started {record.get('started')})"
 

@@ -1183,7 +1183,8 @@ def test_a_second_run_into_a_folder_a_live_run_trains_into_is_refused_before_it_
 
     # a process that reads as `python ... train_vqmodel.py` in /proc, as the first run's does
     first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "train_vqmodel.py"])
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a pid reused by another program
+    # a pid reused by another program (pytest running tests/test_train_vqmodel.py is not a training run)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "tests/test_train_vqmodel.py"])
     try:
         mark(first.pid)
         code = train_vqmodel.cli(["--train_data_dir", str(demo_root), "--output_dir", str(out), "--max_train_steps",
