@@ -21,7 +21,7 @@ COMMANDS = {
     "generate": ("adni_diffusers.generate", "sample slices from a saved pipeline (folder or Hub repo)"),
     "push": ("adni_diffusers.hub", "push a saved pipeline folder to the Hugging Face Hub"),
     "evaluate": ("adni_diffusers.evaluate", "realism, diversity, class fidelity and memorisation of a model"),
-    "counterfactual": ("adni_diffusers.counterfactual", "turn a real slice toward another class (AD or NC) and map the change"),
+    "counterfactual": ("adni_diffusers.counterfactual", "turn a real slice toward another class (NC to AD, say) and map the change"),
     "held-out": ("adni_diffusers.held_out", "list the slices a trained model never saw (its held-out patients')"),
 }
 
