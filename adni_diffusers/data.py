@@ -146,7 +146,9 @@ def class_by_name_or_index(names: list[str], given, flag: str) -> str:
             raise ValueError(f"{flag} {given}: expected one of this model's classes {names}")
         return names[i]
     if given not in names:
-        raise ValueError(f"{flag} {given!r}: this model knows the classes {names}")
+        alike = [n for n in names if isinstance(given, str) and n.casefold() == given.casefold()]  # "ad" for AD
+        raise ValueError(f"{flag} {given!r}: this model knows the classes {names}"
+                         + (f" (did you mean {alike[0]!r}? class names are case-sensitive)" if alike else ""))
     return given
 
 

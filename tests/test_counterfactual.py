@@ -489,6 +489,10 @@ def test_check_strengths_and_target(pipe):
     assert C.source_class(pipe, "NC", "0") == "AD"  # an index, as --to takes one
     with pytest.raises(ValueError, match="same class"):
         C.source_class(pipe, "AD", "AD")
+    # another letter case: the pipeline's hint too (--to ad, for a model of AD/NC)
+    with pytest.raises(ValueError, match=r"'ad': this model knows the classes \['AD', 'NC'\] \(did you mean 'AD'\? "
+                                         "class names are case-sensitive\)"):
+        C.check_target(pipe, "ad")
     with pytest.raises(ValueError, match="knows the classes"):
         C.make_counterfactuals(pipe, np.zeros((240, 256), np.uint8), "AD",
                                classifier=FeatureNet(2, class_names=["x", "y"]))
