@@ -1343,6 +1343,10 @@ def write_report(res: dict, out: Path) -> Path:
             + (" The floor's FD has no range: every resample drew the same held-out and training images (one "
                "held-out patient per class, and no more training images than the floor draws)."
                if iv.get("floor_fd_unvaried") else "")
+            # "2.331 (0 to 5.564)" read as "the floor could be 0", which FD at this N cannot be
+            + (" A range from 0 was cut there, the least an FD can be: the resamples' spread below their median "
+               "is larger than that measured FD."
+               if any(r and r[0] == 0 for r in (iv.get("fd"), iv.get("floor_fd"))) else "")
             + (f" **{one_patient_text(iv, list(res['realism']['images_per_class']))}**"
                if iv.get("groups_of_one_patient") else ""), ""]
     if mem_iv:

@@ -2313,6 +2313,21 @@ def test_ablations_csv_holds_the_tables_rows_and_the_real_floor(stub_seeded):
         assert float(rows[-1][key]) == pytest.approx(floor[key]), key
 
 
+def test_an_fd_range_cut_at_0_is_said_to_be(stub_seeded, tmp_path):
+    """The floor as "2.331 (0 to 5.564)" read as "the floor could be 0": the range is the resamples' spread moved
+    onto the measured FD and cut at 0. The report says when a range was cut there."""
+    result, _, _ = stub_seeded
+    res = {k: v for k, v in result.items() if k != "card"}
+    iv = {"level": 0.9, "resamples": 20, "held_out_patients": 4, "groups_of_one_patient": [],
+          "fd": [1.5, 3.0], "floor_fd": [0.9, 2.0]}
+    said = "A range from 0 was cut there"
+    res["realism"] = {**res["realism"], "fd_intervals": iv}
+    assert said not in E.write_report(res, tmp_path).read_text()
+    res["realism"] = {**res["realism"], "fd_intervals": {**iv, "floor_fd": [0.0, 5.564]}}
+    report = E.write_report(res, tmp_path).read_text()
+    assert said in report and "(0 to 5.564)" in report
+
+
 def test_the_reports_opening_follows_the_model_and_the_data(stub_seeded, tmp_path):
     """An unconditional model's samples are "in all", without a guidance scale; the demo-data line and the
     changed-split warning appear exactly when the record says so."""
