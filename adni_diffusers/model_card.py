@@ -443,8 +443,12 @@ def _class_names(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
 
 
-def _per_class(summary: dict) -> str:
+def _per_class(summary: dict, class_names: list[str] | None = None) -> str:
+    """"AD 80, NC 60"; a class of `class_names` with no image in the set as 0 (it was left out: "CN 4, ad 4" of a
+    three-class model read as a two-class validation set)."""
     per_class = _field(summary, "per_class") or {}
+    if per_class and class_names and set(per_class) <= set(class_names):
+        per_class = {name: per_class.get(name, 0) for name in class_names}
     return ", ".join(f"{name} {count}" for name, count in per_class.items()) or "-"
 
 
@@ -487,9 +491,11 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
     }.get(preprocess, "not recorded")
     rows = []
     if train:
-        rows.append(("training", train.get("images", "?"), train.get("patients", "?"), _per_class(train)))
+        rows.append(("training", train.get("images", "?"), train.get("patients", "?"),
+                     _per_class(train, _recorded_classes(data))))
     if val.get("images"):
-        rows.append(("validation", val.get("images", "?"), val.get("patients", "?"), _per_class(val)))
+        rows.append(("validation", val.get("images", "?"), val.get("patients", "?"),
+                     _per_class(val, _recorded_classes(data))))
     # never the full local path; PureWindowsPath takes both separators: a model trained on Windows, its card
     # rendered on Linux (a push, evaluate), took all of C:\Users\<name>\... for the folder's name
     root = PureWindowsPath(str(data.get("root") or ""))

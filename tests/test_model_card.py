@@ -1189,3 +1189,14 @@ def test_a_demo_models_cards_name_the_demo_data_command_that_rebuilds_its_data(l
     # a record from before the build's flags were kept (or with one missing): the command without flags
     _edit_json(ldm / "training_data.json", demo_data={"subjects": 8, "seed": 0})
     assert "The synthetic demo set made by `adni-diffusers demo-data`, in the layout" in render_model_card(ldm)
+
+
+def test_a_class_with_no_held_out_image_is_listed_with_0(ldm):
+    """A three-class model whose validation set held no CN slice: the card's row read "MCI 4, ad 4", as if the
+    model had two classes. Each recorded class is listed, 0 where the set has none of it."""
+    record = json.loads((ldm / "training_data.json").read_text())
+    _edit_json(ldm / "training_data.json", class_names=["CN", "MCI", "ad"],
+               train={**record["train"], "per_class": {"CN": 10, "MCI": 6, "ad": 8}},
+               validation={**record["validation"], "per_class": {"MCI": 4, "ad": 4}})
+    row = next(line for line in render_model_card(ldm).splitlines() if line.startswith("| validation |"))
+    assert row.endswith("| CN 0, MCI 4, ad 4 |"), row
