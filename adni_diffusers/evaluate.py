@@ -1272,7 +1272,7 @@ def write_report(res: dict, out: Path) -> Path:
                   "so held-out images are not all new to the model: the floors (training vs held-out) and the "
                   "memorisation reference look better than for unseen patients. Retrain with `--split patient` "
                   "for an honest comparison.**", ""]
-    from .model_card import held_out_caveats  # the card says the same
+    from .model_card import held_out_caveats, in_words  # the card says the same
 
     for caveat in held_out_caveats(res["data"]):
         lines += [f"**Warning: {caveat}.**", ""]
@@ -1408,7 +1408,7 @@ def write_report(res: dict, out: Path) -> Path:
             lines += ["", note]
         if alone := [name for name, v in res["realism"]["per_class"].items()
                      if v["generated"].get("reference_patients") == 1]:
-            lines += ["", f"The held-out images of {' and '.join(alone)} are of one patient: there, a real slice's "
+            lines += ["", f"The held-out images of {in_words(alone)} are of one patient: there, a real slice's "
                       "precision/recall radius is to the k-th nearest slice of that same patient (no other patient "
                       "to reach), unlike the pooled rows above, so the two are not comparable there."]
         lines.append("")

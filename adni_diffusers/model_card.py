@@ -228,7 +228,12 @@ def one_patient_classes(groups, group_names: list[str]) -> str:
     names = [group_names[g] if isinstance(g, int) and 0 <= g < len(group_names) else str(g) for g in sorted(groups)]
     if names == ["all"]:
         return "The held-out images are of one patient"
-    return f"The held-out images of {' and '.join(names)} are of one patient{' each' * (len(names) > 1)}"
+    return f"The held-out images of {in_words(names)} are of one patient{' each' * (len(names) > 1)}"
+
+
+def in_words(names: list[str]) -> str:
+    """"AD", "AD and NC", "CN, MCI and AD" ("CN and MCI and AD" read as a stammer)."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 2 else names)
 
 
 def _one_patient_note(metrics: dict) -> str | None:
@@ -854,7 +859,7 @@ def _report_contents(model_dir: Path) -> str:
     if (_field(metrics, "files") or {}).get("umap"):
         parts.append("the UMAP")
     parts.append("the memorisation check")
-    text = ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = in_words(parts)
     if metrics.get("complete") is False:
         text += " (an evaluation cut short before its UMAP and ablations)"
     return text

@@ -1200,3 +1200,11 @@ def test_a_class_with_no_held_out_image_is_listed_with_0(ldm):
                validation={**record["validation"], "per_class": {"MCI": 4, "ad": 4}})
     row = next(line for line in render_model_card(ldm).splitlines() if line.startswith("| validation |"))
     assert row.endswith("| CN 0, MCI 4, ad 4 |"), row
+
+
+def test_three_class_names_read_as_a_list():
+    """"The held-out images of CN and MCI and ad are of one patient each" read as a stammer."""
+    from adni_diffusers.model_card import in_words, one_patient_classes
+
+    assert one_patient_classes([0, 1, 2], ["CN", "MCI", "ad"]).startswith("The held-out images of CN, MCI and ad ")
+    assert in_words(["AD"]) == "AD" and in_words(["AD", "NC"]) == "AD and NC"
