@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 
 LOG_FILE_BAR_SECONDS = 30.0  # a bar's redraws in a log file: one every 30 s, not ten a second
@@ -35,7 +36,35 @@ def progress_bar(iterable=None, **kwargs):
         # and a check at every update: tqdm's monitor thread otherwise redraws every 10 s an iterable's count
         # from its last check (300/700 at 30 s, 300/700 again at 50 s)
         kwargs.setdefault("miniters", 1)
+        # a file cannot blank a line: each draw its own line, and the last one kept (how long the stage took)
+        kwargs["file"] = LogFileLines(kwargs.get("file") or sys.stderr)
+        kwargs["leave"] = True
     return tqdm(iterable, **kwargs)
+
+
+class LogFileLines:
+    """A bar's stream in a log file: each draw a line of its own, without tqdm's carriage returns and blankings.
+    (With them, a stage's draws, the bars after it and the next log line all shared one physical line: an
+    `evaluate --ablations` log had 9 bars, their redraws and an INFO line on one 2,000-character line.) tqdm's
+    logging redirect does not blank such a bar before a log line: the line is not on the bar's."""
+
+    _CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\r\n]")  # returns, newlines, cursor moves (nested bars)
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = self._CONTROL.sub("", text).rstrip()
+        if line:  # (a blanking, or the newline after the last draw: nothing to write)
+            if self.stream is sys.stderr:  # what was printed before the bar, before it (tqdm does so too)
+                sys.stdout.flush()
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):  # encoding, isatty, fileno...: the stream's
+        return getattr(self.stream, name)
 
 
 def console_logs_above_progress_bars():

@@ -1122,6 +1122,34 @@ def test_a_bar_in_a_log_file_draws_at_its_pace_not_at_every_postfix_or_monitor_t
     assert log.getvalue().count("\r") <= 4, log.getvalue()  # the first and the last draw (and their clears)
 
 
+def test_a_bar_in_a_log_file_is_lines_that_log_lines_do_not_share_and_a_closed_bar_stays(monkeypatch):
+    """In a log file (a SLURM .out), tqdm's carriage returns put every draw of a bar, the next bars and the log
+    line after them on one physical line: an `evaluate --ablations` log had its 9 ablation bars, their 30-second
+    redraws and "INFO ... model card re-rendered" on one 2,000-character line, and a log line written during a bar
+    came after the bar's draw and its blanking on the same line. Its bars (leave=False) were blanked at the end:
+    nothing said how long the 1000-step ablation took. There: one line per draw, and the last draw stays."""
+    import io
+    import sys
+
+    from adni_diffusers import progress
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.StreamHandler(sys.stderr)])  # basicConfig's
+    monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)
+    with progress.console_logs_above_progress_bars():
+        for i in progress.progress_bar(range(3), desc="sampling", leave=False):
+            if i == 1:
+                logging.getLogger("adni_diffusers.test").info("half way")
+        logging.getLogger("adni_diffusers.test").info("after the bar")
+    text = log.getvalue()
+    assert "\r" not in text and text.endswith("\n"), repr(text)
+    lines = text.splitlines()
+    assert lines[0].startswith("sampling:   0%") and "half way" in lines[1] and lines[1].startswith("half way")
+    assert lines[-2].startswith("sampling: 100%") and "3/3" in lines[-2], lines
+    assert lines[-1] == "after the bar"
+
+
 def test_save_run_info_records_the_demo_builds_seed_and_size(tmp_path):
     """A model of the demo set named only `"source": "demo"`: the demo-data build's seed and size (which decide its
     bytes, and so the model's) were nowhere in the model's records or on the Hub. training_data.json now carries
