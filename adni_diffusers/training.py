@@ -233,7 +233,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="keep only the newest N checkpoints (default: keep all)")
     g.add_argument("--resume_from_checkpoint", default=None,
-                   help='"latest" or the path of a checkpoint-<step> folder')
+                   help='"latest" or the path of a checkpoint-<step> folder (a name alone: in --output_dir, where '
+                        'not in the current folder)')
 
 
 def validate_training_arguments(args: argparse.Namespace) -> None:
@@ -297,6 +298,11 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
                             "--compile_mode default or max-autotune-no-cudagraphs, or a larger --train_batch_size")
     if args.resume_from_checkpoint not in (None, "latest"):
         path = Path(args.resume_from_checkpoint)
+        in_output_dir = Path(args.output_dir) / path
+        if not path.is_dir() and not path.is_absolute() and in_output_dir.is_dir():
+            # a checkpoint's name in --output_dir, as diffusers' training examples take it (`checkpoint-20`)
+            path = in_output_dir
+            args.resume_from_checkpoint = str(path)
         if not CHECKPOINT_RE.match(path.name) or not path.is_dir():
             raise TrainingError(
                 f"--resume_from_checkpoint {path}: expected 'latest' or an existing checkpoint-<step> folder"

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -35,6 +36,24 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
     good.mkdir()
     args = train_vqmodel.parse_args(["--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint", str(good)])
     assert args.resume_from_checkpoint == str(good)
+
+
+def test_resume_from_a_checkpoints_name_finds_it_in_the_output_dir(tmp_path, monkeypatch):
+    """`--resume_from_checkpoint checkpoint-20`, as diffusers' training examples take it (a name in --output_dir),
+    was refused with "expected 'latest' or an existing checkpoint-<step> folder" beside the output_dir's
+    checkpoint-20: the name was read from the current folder alone. One there still comes first."""
+    from adni_diffusers import train_vqmodel
+
+    out = tmp_path / "o"
+    (out / "checkpoint-20").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    args = train_vqmodel.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-20"])
+    assert Path(args.resume_from_checkpoint) == out / "checkpoint-20"
+    (tmp_path / "checkpoint-20").mkdir()
+    args = train_vqmodel.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-20"])
+    assert args.resume_from_checkpoint == "checkpoint-20"
+    with pytest.raises(training.TrainingError, match="expected 'latest' or an existing checkpoint-<step> folder"):
+        train_vqmodel.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-30"])
 
 
 # ------------------------------------------------------------------------------------------ training.py: output folder
