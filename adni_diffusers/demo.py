@@ -301,5 +301,12 @@ def main(args: argparse.Namespace) -> int:
 
         print(f"  VQModel on held-out subjects: PSNR {shown('psnr', '.1f')} dB, SSIM {shown('ssim', '.3f')}, "
               f"codebook usage {shown('codebook_usage', '.0%')}")
-    print(f"  time: {summary['timings_s']}")
+    curves = [Path(summary[k]) / "loss_curve.png" for k in ("vqmodel", "pipeline")]
+    print(f"  loss curves: {', '.join(str(c) for c in curves if c.is_file()) or 'none drawn'}; "
+          f"tensorboard --logdir {Path(args.out)}")
+    times = summary["timings_s"]
+    stages = ", ".join(f"{name} {times[key]:.1f} s" for key, name in (
+        ("data_s", "data"), ("vq_s", "VQModel"), ("unet_s", "UNet"), ("sampling_s", "sampling")) if key in times)
+    print(f"  time:       {times.get('total_s', 0):.1f} s ({stages})")
+    print(f"  all of it:  {Path(args.out) / 'demo_summary.json'}")
     return 0

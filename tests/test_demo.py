@@ -390,3 +390,29 @@ def test_a_finder_file_in_the_demos_model_folders_is_no_other_model(tmp_path, mo
         (folder / ".DS_Store").write_bytes(b"Bud1")
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     assert len(calls["train"]) == trained
+
+
+def test_the_demos_summary_says_where_the_curves_are_and_its_times_in_words(tmp_path, monkeypatch, capsys):
+    """The last lines of the whole job: its times were a Python dict ("time: {'data_s': 4.5, 'vq_s': 13.1, ...}"),
+    and the loss curves, tensorboard and demo_summary.json were named nowhere in them (only in log lines far above,
+    one per stage)."""
+    import argparse
+
+    from adni_diffusers import demo
+
+    out = tmp_path / "demo"
+    summary = {"data": str(out / "AD_NC"), "vqmodel": str(out / "vq"), "pipeline": str(out / "ldm"),
+               "grids": {"AD": str(out / "samples/AD/grid.png")}, "gif": str(out / "samples/AD/denoising.gif"),
+               "vq_metrics": {"psnr": 7.3, "ssim": 0.014, "codebook_usage": 1.0},
+               "timings_s": {"data_s": 4.5, "vq_s": 13.1, "unet_s": 8.5, "sampling_s": 0.9, "total_s": 27.1}}
+    for stage in ("vq", "ldm"):
+        (out / stage).mkdir(parents=True)
+        (out / stage / "loss_curve.png").write_bytes(b"")
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: summary)
+    args = argparse.Namespace(out=out, device="cpu", subjects=None, seed=0, retrain=False, quick=True)
+    assert demo.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "{" not in printed, printed
+    assert "time:       27.1 s (data 4.5 s, VQModel 13.1 s, UNet 8.5 s, sampling 0.9 s)" in printed, printed
+    assert f"loss curves: {out / 'vq' / 'loss_curve.png'}, {out / 'ldm' / 'loss_curve.png'}" in printed, printed
+    assert f"tensorboard --logdir {out}" in printed and str(out / "demo_summary.json") in printed, printed
