@@ -883,6 +883,7 @@ def check_resume_identity(args, project_name: str, identity: dict, also_accepted
                                                      also_accepted=also_accepted))
 
 
+GRID_STEP_RE = re.compile(r"[a-z]+-(\d+)\.png")  # samples/samples-000030.png, samples/reconstructions-000250.png
 CHECKPOINT_FILES = ("training_state.json", "model.safetensors", "optimizer.bin", "scheduler.bin")
 
 
@@ -1892,14 +1893,19 @@ class TrainingRun:
         reach (checkpoint-N.abandoned), or a later `latest` (a requeued job) would go back to that branch."""
         newer = [c for c in list_checkpoints(self.output_dir) if int(CHECKPOINT_RE.match(c.name).group(1)) > step]
         if newer and self.accelerator.is_main_process:
-            for c in newer:
+            # the abandoned branch's sample grids too: samples-000030.png stayed beside this run's grids, a picture
+            # of a step this run never made
+            grids = [p for p in Path(self.output_dir, "samples").glob("*-*.png")
+                     if (m := GRID_STEP_RE.fullmatch(p.name)) and int(m.group(1)) > step]
+            for c in newer + grids:
                 target, n = c.with_name(f"{c.name}.abandoned"), 2
                 while target.exists():
                     target, n = c.with_name(f"{c.name}.abandoned-{n}"), n + 1
                 c.rename(target)
             logger.warning("resumed at step %d: the later %s renamed to *.abandoned (no longer picked by "
-                           "--resume_from_checkpoint latest; delete them when you no longer need them)", step,
-                           ", ".join(c.name for c in newer))
+                           "--resume_from_checkpoint latest; delete them when you no longer need them)%s", step,
+                           ", ".join(c.name for c in newer),
+                           f", and {len(grids)} sample grid(s) of those steps in samples/" if grids else "")
         self.accelerator.wait_for_everyone()
 
     # -- the loop ----------------------------------------------------------------------------------

@@ -261,6 +261,9 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
     assert "resuming a run of 4 steps as one of 3: the --lr_scheduler cosine schedule" in caplog.text
     assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
     assert (out / "checkpoint-4.abandoned" / "training_state.json").is_file()
+    # and the abandoned branch's step-4 grid: no picture of a step this run never made among its grids
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["reconstructions-000002.png",
+                                                                   "reconstructions-000004.png.abandoned"]
     rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3]  # the abandoned step 4 is not in the history
     assert rows[1]["time"] > rows[0]["time"]  # and its clock goes on from the checkpoint (it restarted at 0)
