@@ -483,7 +483,8 @@ def train_feature_net(
         row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}}
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        logger.info("%s epoch %d/%d: %s", name, epoch + 1, epochs, {k: round(v, 4) for k, v in row.items()})
+        logger.info("%s epoch %d/%d: %s, %.1f s", name, epoch + 1, epochs,  # "loss 1.236, accuracy 0.5, 0.2 s"
+                    ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds")), row["seconds"])
     if bar is not None:
         bar.close()
     recalibrate_batchnorm(net, train, batch_size=max(batch_size, 64), max_images=bn_images, generator=gen)

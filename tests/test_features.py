@@ -195,10 +195,15 @@ def test_loss_curve_panels_draw_isolated_points(tmp_path, monkeypatch):
     assert drawn["restarted_codes"] == ([50.0, 100.0, 150.0, 200.0], "o")
 
 
-def test_no_images_for_batchnorm_recalibration_keeps_the_training_statistics(data):
-    """bn_images=0 (or 1: no batch of two) recomputes nothing; it used to reset every BatchNorm to mean 0, var 1."""
+def test_no_images_for_batchnorm_recalibration_keeps_the_training_statistics(data, caplog):
+    """bn_images=0 (or 1: no batch of two) recomputes nothing; it used to reset every BatchNorm to mean 0, var 1.
+    Its epoch's log line is words and numbers, not a Python dict ("{'epoch': 1, 'loss': 1.236, ...}")."""
+    import re
+
     train, _ = data
-    net, _ = Fe.train_feature_net(train, None, **dict(SETTINGS, epochs=1, bn_images=0))
+    with caplog.at_level("INFO", logger="adni_diffusers.features"):
+        net, _ = Fe.train_feature_net(train, None, **dict(SETTINGS, epochs=1, bn_images=0))
+    assert re.search(r"epoch 1/1: loss [\d.e+-]+, [^{}]*\d\.\d s$", caplog.text, re.M), caplog.text
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(int(m.num_batches_tracked) > 0 for m in bns)  # the steps of training, not a reset
     assert not all(torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in bns)
