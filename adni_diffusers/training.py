@@ -1916,9 +1916,10 @@ class TrainingRun:
         if acc.is_main_process:  # the numbers a user checks first, as diffusers' examples print them
             per_step = acc.num_processes * args.train_batch_size * args.gradient_accumulation_steps
             logger.info("%s: %d training images; %d process(es) x batch %d x %d accumulated = %d images per step; "
-                        "%d steps (%d epochs)%s", self.stage, len(self.loader.dataset), acc.num_processes,
+                        "%d steps (%d epoch%s)%s", self.stage, len(self.loader.dataset), acc.num_processes,
                         args.train_batch_size, args.gradient_accumulation_steps, per_step, self.max_train_steps,
-                        self.num_epochs, f", from step {self.global_step}" if self.global_step else "")
+                        self.num_epochs, "" if self.num_epochs == 1 else "s",
+                        f", from step {self.global_step}" if self.global_step else "")
         # in a log file (a SLURM .out) a plain line every PLAIN_LOG_SECONDS instead of the bar (`flush_logs`)
         terminal = on_a_terminal()
         self._plain_log = acc.is_main_process and not terminal
