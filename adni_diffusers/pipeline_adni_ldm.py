@@ -279,6 +279,8 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad", name
     taken as [-1, 1] when they have negative values, else as [0, 1]. `name`: the argument errors name."""
     if preprocess not in PREPROCESS_CHOICES:
         raise ValueError(f"preprocess={preprocess!r}; expected one of {', '.join(PREPROCESS_CHOICES)}")
+    if isinstance(images, (str, os.PathLike)):  # else a string is read character by character
+        images = [images]
     if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[-1] in (1, 3, 4):
         images = [images]  # one channels-last (H, W, C) image (of `output_type="np"`, or an RGB read), not C-wide slices
     if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
@@ -293,6 +295,9 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad", name
         images = list(images[..., 0])
     out = []
     for i, im in enumerate(images):
+        if isinstance(im, (str, os.PathLike)):
+            raise ValueError(f"image {i} is a file path ({os.fspath(im)!r}); expected a PIL image, numpy array or "
+                             "tensor: open the file first, e.g. PIL.Image.open(path)")
         if isinstance(im, PIL.Image.Image):
             try:
                 check_not_16_bit_per_channel(im)  # before anything loads it (a lazily opened file)

@@ -739,6 +739,16 @@ def test_prepare_slices_errors():
         prepare_slices(PIL.Image.fromarray(rgb))
 
 
+@pytest.mark.parametrize("given", ["slice.jpeg", "as_path", "in_a_list"])
+def test_prepare_slices_names_a_file_path_given_for_an_image(tmp_path, given):
+    # a path string was read character by character ("image 0 has shape ()"), a Path raised "'PosixPath' object
+    # is not iterable"; neither said that a path is not taken
+    path = tmp_path / "002_S_0295_85.jpeg"
+    images = {"slice.jpeg": str(path), "as_path": path, "in_a_list": [GREY, path]}[given]
+    with pytest.raises(ValueError, match=r"image \d is a file path .*002_S_0295_85\.jpeg.*PIL\.Image\.open"):
+        prepare_slices(images, name="image")
+
+
 GREY = np.random.default_rng(0).integers(0, 256, (240, 256)).astype(np.uint8)  # an 8-bit slice
 
 
