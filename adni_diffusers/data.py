@@ -608,6 +608,7 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
             im.load()
             shown = upright(im)  # an EXIF rotation (a photo tool's) applied, as viewers and datasets show it
             rotated = shown is not im
+            stored_size = im.size
             mode = shown.mode
     except UnidentifiedImageError:
         return None, "", "not a readable image file"
@@ -637,8 +638,11 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
     h, w = arr.shape
     if preprocess == "pad":
         if w != IMAGE_SIZE or h > IMAGE_SIZE:
+            # turned by its EXIF tag: the stored size, which a user checks, may be the right one
+            turned = (f" as its EXIF Orientation tag turns it (stored {stored_size[0]} wide x {stored_size[1]} high)"
+                      if rotated and stored_size != (w, h) else "")
             return None, "", (
-                f"image is {w} wide x {h} high; expected {IMAGE_SIZE} wide x {ADNI_HEIGHT} high (ADNI) or "
+                f"image is {w} wide x {h} high{turned}; expected {IMAGE_SIZE} wide x {ADNI_HEIGHT} high (ADNI) or "
                 f"{IMAGE_SIZE}x{IMAGE_SIZE} ({PAD_SIZE_HINT})"
             )
         if h not in (ADNI_HEIGHT, IMAGE_SIZE):  # a crop or thumbnail? padded as asked, but counted in the log

@@ -198,6 +198,19 @@ def test_an_exif_rotated_slice_is_read_as_viewers_show_it(tmp_path, caplog):
         assert torch.equal(prepare_slices(im), prepare_slices(upright))
 
 
+def test_a_slice_turned_by_its_exif_tag_to_a_refused_size_says_so(tmp_path):
+    """A slice stored 256 wide x 240 high whose EXIF Orientation tag turns it (a converter's stray tag) is refused
+    as 240 x 256, as shown: the message says the tag did it, else the stored size a user checks looks right."""
+    root = tmp_path / "data"
+    write(root / "AD" / "1003730_85.png", slice_pixels(5))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    write(root / "NC" / "1003731_85.png", slice_pixels(6), exif=exif)
+    with pytest.raises(DataError, match=r"1003731_85\.png: image is 240 wide x 256 high as its EXIF Orientation tag "
+                                        r"turns it \(stored 256 wide x 240 high\)"):
+        load_slices(root, split="all")
+
+
 def test_a_lossy_webp_of_a_greyscale_slice_is_refused_as_such_not_as_colour(tmp_path):
     """WebP has no greyscale mode: a lossy one reads back as RGB whose channels differ by a level. The message says
     that (and how to save it), not "colour image"."""
