@@ -988,6 +988,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
             batch_size = max(_label_count(class_labels), 1)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected at least 1")
+        if generator is not None and not all(isinstance(g, torch.Generator)
+                                             for g in (generator if isinstance(generator, list) else [generator])):
+            raise ValueError(f"generator={generator!r}: expected a torch.Generator, e.g. "
+                             "torch.Generator().manual_seed(0), or a list of them, one per image")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"{len(generator)} generators for {batch_size} images: give one generator, or one per image")
         if not np.isfinite(guidance_scale):

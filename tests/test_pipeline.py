@@ -208,6 +208,14 @@ def test_bad_arguments(pipe):
         pipe(batch_size=0, num_inference_steps=1)
 
 
+@pytest.mark.parametrize("generator", [0, [0], np.random.default_rng(0)])
+def test_a_generator_that_is_no_torch_generator_is_named(pipe, generator):
+    """A seed (or a numpy generator) given as `generator` failed deep in diffusers' randn_tensor with
+    "AttributeError: 'int' object has no attribute 'device'"."""
+    with pytest.raises(ValueError, match=r"generator.*expected a torch\.Generator.*manual_seed"):
+        pipe(num_inference_steps=1, generator=generator)
+
+
 def test_arguments_that_would_be_ignored_are_refused(pipe):
     """A generator list of another length than the batch, `latents` beside `image`, guidance without a class:
     each did nothing (or failed with an IndexError) before."""
