@@ -751,6 +751,7 @@ def load_slices(
         raise DataError(f"--val_fraction {val_fraction}: expected a number between 0 and 1")
     root = Path(root).resolve()
     tree = scan_tree(root, flag)
+    _warn_about_one_split_folder(root, tree, flag)
     if split == "given" and not tree.has_splits:
         raise DataError(f"--split given: {root} has no train/ and test/ folders; use --split patient")
 
@@ -981,6 +982,23 @@ def _warn_about_patients_in_two_classes(patients, labels, class_names, split: st
                        "; ".join(shown), "; ..." if len(mixed) > 5 else "",
                        "; --split patient keeps the patient whole and counts it in its most common class"
                        if split == "patient" else "")
+
+
+def _warn_about_one_split_folder(root: Path, tree: _Tree, flag: str) -> None:
+    """ROOT/train given where ROOT was meant: the slices of test/ beside it would be left out without a word."""
+    if tree.has_splits or root.name.lower() not in SPLIT_FOLDERS:
+        return
+    beside = {}
+    for sibling in sorted(root.parent.iterdir()):
+        if sibling != root and sibling.name.lower() in SPLIT_FOLDERS and sibling.is_dir():
+            n = sum(_is_image(Path(f)) for _, _, files in os.walk(sibling, followlinks=True)
+                    for f in files if not f.startswith("."))
+            if n:
+                beside[sibling.name] = n
+    if beside:
+        logger.warning("%s %s is one split folder of %s: the %s beside it are not used; give %s %s to use them",
+                       flag, root, root.parent, ", ".join(f"{n} images in {name}/" for name, n in beside.items()),
+                       flag, root.parent)
 
 
 def _warn_about_missing_hold_out(split, root, class_names, labels, patients, train_idx, val_idx) -> None:

@@ -1616,3 +1616,21 @@ def test_class_order_is_datasets_order_even_where_paths_sort_ignoring_case(tmp_p
     assert data.class_names == ["CN", "MCI", "ad"]
     for part in (data.train, data.val):  # each slice labelled with its own folder's class
         assert [data.class_names[y] for y in part.labels.tolist()] == [Path(p).parent.name for p in part.paths]
+
+
+def test_one_split_folder_given_as_the_data_is_warned_about(tmp_path, caplog):
+    """ROOT/train given where ROOT was meant (the brief's "train/ folder instead of its parent"): test/'s slices
+    beside it were left out without a word. A tree without a split folder beside it is not warned about."""
+    root = tmp_path / "AD_NC"
+    make_tree(root)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        d = load_slices(root / "train", split="patient")
+    assert d.class_names == ["AD", "NC"]
+    assert re.search(r"--train_data_dir .*AD_NC/train is one split folder of .*AD_NC: the 8 images in test/ beside "
+                     r"it are not used; give --train_data_dir .*AD_NC to use them", caplog.text), caplog.text
+    caplog.clear()
+    only = tmp_path / "only"
+    make_tree(only, splits=("train",))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(only / "train", split="patient")
+    assert "split folder" not in caplog.text
