@@ -752,6 +752,7 @@ def load_slices(
     root = Path(root).resolve()
     tree = scan_tree(root, flag)
     _warn_about_one_split_folder(root, tree, flag)
+    _warn_about_one_class_folder(root, tree, flag)
     if split == "given" and not tree.has_splits:
         raise DataError(f"--split given: {root} has no train/ and test/ folders; use --split patient")
 
@@ -999,6 +1000,26 @@ def _warn_about_one_split_folder(root: Path, tree: _Tree, flag: str) -> None:
         logger.warning("%s %s is one split folder of %s: the %s beside it are not used; give %s %s to use them",
                        flag, root, root.parent, ", ".join(f"{n} images in {name}/" for name, n in beside.items()),
                        flag, root.parent)
+
+
+ADNI_CLASS_NAMES = {"AD", "NC", "CN", "MCI", "EMCI", "LMCI", "SMC"}
+
+
+def _warn_about_one_class_folder(root: Path, tree: _Tree, flag: str) -> None:
+    """ROOT/train/AD given where ROOT was meant: the model trained on AD alone, unlabelled, and only an INFO line
+    ("no class folders") said so. Said where the folder is a split folder's, or has a diagnosis's name, and has
+    folders of images beside it."""
+    if tree.class_names or tree.has_splits:
+        return
+    if root.parent.name.lower() not in SPLIT_FOLDERS and root.name.upper() not in ADNI_CLASS_NAMES:
+        return
+    beside = [d.name for d in _list_dir(root.parent)[0]
+              if d != root and any(_is_image(f) for f in _list_dir(d)[1])]
+    if beside:
+        logger.warning("%s %s holds no class folders but sits beside %s in %s: it looks like one class folder, and "
+                       "the model trains on it alone, without labels; give %s %s for every class (or the folder "
+                       "above it, with its split folders)", flag, root, ", ".join(f"{n}/" for n in beside),
+                       root.parent, flag, root.parent)
 
 
 def _warn_about_missing_hold_out(split, root, class_names, labels, patients, train_idx, val_idx) -> None:

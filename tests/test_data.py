@@ -1634,3 +1634,22 @@ def test_one_split_folder_given_as_the_data_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
         load_slices(only / "train", split="patient")
     assert "split folder" not in caplog.text
+
+
+def test_one_class_folder_given_as_the_data_is_warned_about(tmp_path, caplog):
+    """ROOT/train/AD given where ROOT was meant: the model trained on AD slices alone, without labels, and only an
+    INFO line ("no class folders") said so. A folder of images that is no class folder of a tree is not warned
+    about."""
+    root = tmp_path / "AD_NC"
+    make_tree(root)
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(root / "train" / "AD", split="patient")
+    assert re.search(r"--train_data_dir .*AD_NC/train/AD holds no class folders but sits beside NC/ in .*AD_NC/train: "
+                     r"it looks like one class folder", caplog.text), caplog.text
+    caplog.clear()
+    alone = tmp_path / "slices"
+    make_tree(alone, classes=(), splits=())
+    make_tree(tmp_path / "other", classes=(), splits=())
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(alone, split="patient")
+    assert "class folder" not in caplog.text
