@@ -642,6 +642,9 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         names = self.class_names
         labels = class_labels if isinstance(class_labels, (list, tuple, torch.Tensor, np.ndarray)) else [class_labels]
         if isinstance(labels, (torch.Tensor, np.ndarray)):  # a 0-d tensor or array is one label
+            if sum(d > 1 for d in labels.shape) > 1:  # (2, 2) made 4 images without a word; (N, 1) is N labels
+                raise ValueError(f"class_labels of shape {tuple(labels.shape)}: expected one label per image, a "
+                                 "1-D list or tensor")
             labels = labels.reshape(-1).tolist()
         else:  # a list of 0-d tensors (labels taken one by one from a dataset): each is its number
             labels = [x.item() if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0 else x for x in labels]

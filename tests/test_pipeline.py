@@ -1489,6 +1489,17 @@ def test_a_negative_class_label_is_refused_by_name(pipe):
 
 
 
+def test_a_2d_tensor_of_class_labels_is_refused_but_a_column_is_labels(pipe):
+    """class_labels=tensor([[0, 1], [1, 0]]) was flattened into 4 images without a word; a column (N, 1), as a data
+    loader gives labels, is N labels."""
+    import torch
+
+    with pytest.raises(ValueError, match=r"class_labels of shape \(2, 2\): expected one label per image"):
+        pipe(class_labels=torch.tensor([[0, 1], [1, 0]]), num_inference_steps=1, output_type="latent")
+    out = pipe(class_labels=torch.tensor([[0], [1]]), num_inference_steps=1, output_type="latent")
+    assert len(out.images) == 2
+
+
 def test_a_bool_class_label_is_refused(pipe):
     """True and False are ints to Python (NC and AD here): a mask or flag passed by mistake must not pick a class."""
     import torch
