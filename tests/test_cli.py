@@ -106,6 +106,7 @@ def test_every_flag_the_docs_name_exists(monkeypatch):
               "--mpirun_hostfile",
               "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target",  # pip
               "--exclude",  # tar
+              "--dependency",  # sbatch
               "--logdir", "--local-dir"}  # tensorboard, hf download
     docs = [REPO_ROOT / "README.md", REPO_ROOT / "pipeline_card.md", *(REPO_ROOT / "docs").glob("*.md"),
             *(REPO_ROOT / "adni_diffusers").glob("*.md"), *(REPO_ROOT / "benchmarks").glob("*.md")]
@@ -421,3 +422,17 @@ def test_every_command_in_the_docs_parses_with_its_own_command(monkeypatch):
                     failed.append(f"{script.relative_to(REPO_ROOT)}: {' '.join(words)}")
     assert not failed, failed
     assert checked >= 30, checked  # (the extraction found the docs' commands)
+
+
+def test_the_slurm_script_runs_one_job_of_its_name_at_a_time():
+    """A run sees another run training into its --output_dir only on its own host (.training_in_progress): the
+    sbatch file submitted twice started the second job on other nodes, which resumed the first's checkpoint and
+    trained beside it (reproduced: history.jsonl steps 20, 24, 22, 26, 24, 28, 26, 30; each job deleted the other's
+    checkpoints). `--dependency=singleton` makes the second job wait for the first."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    for script in (REPO_ROOT / "docs" / "slurm").glob("*.sbatch"):
+        directives = re.findall(r"^#SBATCH\s+(\S+)", script.read_text(), flags=re.M)
+        assert "--dependency=singleton" in directives, script
