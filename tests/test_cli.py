@@ -436,3 +436,19 @@ def test_the_slurm_script_runs_one_job_of_its_name_at_a_time():
     for script in (REPO_ROOT / "docs" / "slurm").glob("*.sbatch"):
         directives = re.findall(r"^#SBATCH\s+(\S+)", script.read_text(), flags=re.M)
         assert "--dependency=singleton" in directives, script
+
+
+def test_the_slurm_script_starts_one_process_per_gpu_it_was_given():
+    """GPUS_PER_NODE was a number of its own beside `#SBATCH --gpus-per-node=4`: with --gpus-per-node=8 (edited or
+    given to sbatch) the job started 4 processes a node and left 4 GPUs idle without a word (nothing checks the
+    process count against the GPUs). It is what Slurm gave the batch step."""
+    import re
+    import subprocess
+
+    from conftest import REPO_ROOT
+
+    for script in (REPO_ROOT / "docs" / "slurm").glob("*.sbatch"):
+        line = re.search(r"^GPUS_PER_NODE=.*$", script.read_text(), flags=re.M).group(0)
+        out = subprocess.run(["bash", "-c", f'{line}\necho "$GPUS_PER_NODE"'], capture_output=True, text=True,
+                             env={"SLURM_GPUS_ON_NODE": "8", "PATH": "/usr/bin:/bin"}, check=True).stdout
+        assert out.strip() == "8", (script, line)
