@@ -452,3 +452,20 @@ def test_the_slurm_script_starts_one_process_per_gpu_it_was_given():
         out = subprocess.run(["bash", "-c", f'{line}\necho "$GPUS_PER_NODE"'], capture_output=True, text=True,
                              env={"SLURM_GPUS_ON_NODE": "8", "PATH": "/usr/bin:/bin"}, check=True).stdout
         assert out.strip() == "8", (script, line)
+
+
+def test_the_slurm_scripts_port_is_not_an_ephemeral_one():
+    """MAIN_PORT was 20000 + job id % 20000: for 36% of job ids a port of Linux's ephemeral range (32768-60999, its
+    default ip_local_port_range), which any outgoing connection of the first node may hold at that moment: the
+    rendezvous then fails with "address already in use"."""
+    import re
+    import subprocess
+
+    from conftest import REPO_ROOT
+
+    for script in (REPO_ROOT / "docs" / "slurm").glob("*.sbatch"):
+        line = re.search(r"^MAIN_PORT=.*$", script.read_text(), flags=re.M).group(0)
+        for job_id in (1, 12767, 12768, 19999, 31999, 987654321):
+            out = subprocess.run(["bash", "-c", f'{line}\necho "$MAIN_PORT"'], capture_output=True, text=True,
+                                 env={"SLURM_JOB_ID": str(job_id), "PATH": "/usr/bin:/bin"}, check=True).stdout
+            assert 1024 <= int(out) < 32768, (job_id, out, line)
