@@ -368,6 +368,7 @@ class _Tree:
     split_of: dict[Path, str]  # "train" / "test" / ... ; "train" when there are no split folders
     has_splits: bool
     class_names: list[str]
+    classes_missing: dict[str, list[str]] = field(default_factory=dict)  # split -> classes with no folder there
 
 
 def _is_image(p: Path) -> bool:
@@ -570,12 +571,11 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
             detail += f"; {LOOK_ALIKE_TEXT}: " + ", ".join(map(ascii, look_alike))
         if look_alike or not all(class_sets.values()):  # one class named two ways, or class folders beside none
             raise DataError(f"{root}: the split folders have different class folders ({detail})")
-        # a class in one split folder alone (MCI added to train/ only): datasets gives every split the same labels,
-        # and the default --split patient pools the folders. It was refused, with no way on but moving files.
-        logger.warning("%s: the split folders have different class folders (%s): %s", root, detail,
-                       "; ".join(f"{s}/ has no {', '.join(sorted(set(every_class) - set(v)))}"
-                                 for s, v in class_sets.items() if set(v) != set(every_class)))
-    return _Tree(sorted(files), split_of, has_splits, every_class)
+    # a class in one split folder alone (MCI added to train/ only): datasets gives every split the same labels,
+    # and the default --split patient pools the folders (load_slices warns). It was refused, with no way on but
+    # moving files.
+    missing = {s: sorted(set(every_class) - set(v)) for s, v in class_sets.items() if set(v) != set(every_class)}
+    return _Tree(sorted(files), split_of, has_splits, every_class, missing)
 
 
 def _listing(paths) -> str:
@@ -751,6 +751,9 @@ def load_slices(
         raise DataError(f"--val_fraction {val_fraction}: expected a number between 0 and 1")
     root = Path(root).resolve()
     tree = scan_tree(root, flag)
+    if tree.classes_missing:
+        logger.warning("%s: the split folders have different class folders: %s", root,
+                       "; ".join(f"{s}/ has no {', '.join(names)}" for s, names in tree.classes_missing.items()))
     _warn_about_one_split_folder(root, tree, flag)
     _warn_about_one_class_folder(root, tree, flag)
     if split == "given" and not tree.has_splits:
