@@ -126,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                                              formatter_class=HelpFormatter)
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
+    from .training import keeps_session_logging
+
+    # a notebook's own logging set-up is given back afterwards (`cli.main([...])` left its root logger at INFO)
+    return keeps_session_logging(_run_command)(name, module, args)
+
+
+def _run_command(name: str, module, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tolerate_any_character(sys.stdout)
     from .progress import console_logs_above_progress_bars

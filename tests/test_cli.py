@@ -469,3 +469,26 @@ def test_the_slurm_scripts_port_is_not_an_ephemeral_one():
             out = subprocess.run(["bash", "-c", f'{line}\necho "$MAIN_PORT"'], capture_output=True, text=True,
                                  env={"SLURM_JOB_ID": str(job_id), "PATH": "/usr/bin:/bin"}, check=True).stdout
             assert 1024 <= int(out) < 32768, (job_id, out, line)
+
+
+def test_a_command_called_from_python_leaves_the_sessions_logging_as_it_was(monkeypatch):
+    """`cli.main([...])` from a notebook left the root logger at INFO with a console handler of its own: every
+    INFO line of the user's own loggers and of every library printed from then on (the training scripts' `main`
+    gives the session its set-up back already: training.keeps_session_logging)."""
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # a notebook's: no handler, level WARNING
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    seen = []
+    cli = _fake_command(monkeypatch, main=lambda args: seen.append((len(root.handlers), root.level)))
+    assert cli.main(["fake"]) == 0
+    assert seen == [(1, logging.INFO)]  # the command's own lines show while it runs
+    assert root.handlers == [] and root.level == logging.WARNING
+
+    def failing(args):
+        raise ValueError("refused")
+
+    cli = _fake_command(monkeypatch, main=failing)
+    assert cli.main(["fake"]) == 2
+    assert root.handlers == [] and root.level == logging.WARNING
