@@ -82,7 +82,8 @@ def check_schedule_reaches_noise(args) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="train_unet.py",  # not sys.argv[0]: a notebook's is its kernel's
+                                     description=__doc__.splitlines()[1], formatter_class=HelpFormatter)
     parser.add_argument("--vqmodel", required=True,
                         help="the output folder of train_vqmodel.py (or its vqvae/ folder), or a finished pipeline's "
                              "folder (its VQModel); the latent cache goes beside vqvae/ (--latent_cache_dir)")

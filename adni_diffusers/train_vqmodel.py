@@ -31,7 +31,8 @@ RESUME_MUST_MATCH = ("rec_loss", "ssim_weight", "codebook_weight", "commitment_b
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="train_vqmodel.py",  # not sys.argv[0]: a notebook's is its kernel's
+                                     description=__doc__.splitlines()[1], formatter_class=HelpFormatter)
     training.add_training_arguments(parser, default_lr=DEFAULT_LR, default_batch=DEFAULT_BATCH)
     g = parser.add_argument_group("VQModel")
     g.add_argument("--preset", default="base", help="tiny | small | base | wide (the seed's size), or a JSON VQModel config")

@@ -1259,3 +1259,20 @@ def test_a_second_run_into_a_folder_a_live_run_trains_into_is_refused_before_it_
         other.wait()
     assert hub.live_training_run(out) is None  # the run is gone: a resume goes on (the marker is its cut-short sign)
     training.check_no_run_trains_into(out)
+
+
+@pytest.mark.parametrize("name", ["train_vqmodel", "train_unet"])
+def test_a_flag_error_names_the_script_when_called_from_python(name, monkeypatch, capsys):
+    """From a notebook (`train_vqmodel.cli([...])`) argparse named the kernel: "usage: ipykernel_launcher.py ...",
+    "ipykernel_launcher.py: error: unrecognized arguments", beside run_cli's own "train_vqmodel.py: error: ...".
+    """
+    import importlib
+    import sys
+
+    module = importlib.import_module(f"adni_diffusers.{name}")
+    monkeypatch.setattr(sys, "argv", ["/env/lib/python3.11/site-packages/ipykernel_launcher.py", "-f", "k.json"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--output_dir", "o", "--no_such_flag"])
+    err = capsys.readouterr().err
+    assert f"usage: {name}.py" in err and f"\n{name}.py: error: " in err
+    assert "ipykernel_launcher" not in err
