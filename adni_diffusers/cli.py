@@ -105,6 +105,7 @@ def _what_an_interrupt_left(name: str, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given_argv = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     from . import __version__
 
@@ -129,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     from .training import keeps_session_logging
 
     # a notebook's own logging set-up is given back afterwards (`cli.main([...])` left its root logger at INFO)
-    return keeps_session_logging(_run_command)(name, module, args)
+    return keeps_session_logging(_run_command)(name, module, args, from_python=given_argv)
 
 
-def _run_command(name: str, module, args: argparse.Namespace) -> int:
+def _run_command(name: str, module, args: argparse.Namespace, from_python: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tolerate_any_character(sys.stdout)
     from .progress import console_logs_above_progress_bars
@@ -157,6 +158,8 @@ def _run_command(name: str, module, args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was written so far stays
         print(f"adni-diffusers {name}: interrupted{_what_an_interrupt_left(name, args)}", file=sys.stderr)
+        if from_python:  # `cli.main([...])` in a notebook's loop: the loop stops, as Ctrl-C stops any Python call
+            raise
         return 130
 
 

@@ -2451,7 +2451,10 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote pr
 
 def run_cli(script: str, parse_args, main, argv=None) -> int:
     """Parse, run, and turn a TrainingError into one line on stderr and exit status 2 (Ctrl-C: 130, saying
-    where the run can go on from)."""
+    where the run can go on from).
+
+    Called from Python with `argv` (a notebook's sweep over `cli([...])`), Ctrl-C says the same line and is then
+    raised again, so that the sweep stops rather than going on to its next run."""
     import sys
 
     args = None
@@ -2487,6 +2490,8 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
         if rank == 0:  # every process gets the Ctrl-C; one line is enough
             where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
             print(f"{script}: interrupted; {where}", file=sys.stderr)
+        if argv is not None:
+            raise
         return 130
     except OSError:  # a full disk, a quota, a folder gone: the traceback says what; this says what is safe
         if rank == 0 and (where := _where_to_go_on(args)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 
@@ -230,8 +232,21 @@ def test_a_commands_outcome_is_its_exit_status_and_one_line(monkeypatch, capsys,
         return outcome
 
     cli = _fake_command(monkeypatch, main, lambda parser: parser.add_argument("--steps", type=int))
-    assert cli.main(["fake", "--steps", "5"]) == status
+    monkeypatch.setattr(sys, "argv", ["adni-diffusers", "fake", "--steps", "5"])  # as the console script runs it
+    assert cli.main() == status
     assert capsys.readouterr().err.strip() == message
+
+
+def test_ctrl_c_stops_a_python_callers_loop(monkeypatch, capsys):
+    """A notebook's sweep `for s in seeds: cli.main([...])` went on to its next run after Ctrl-C (130 returned):
+    from Python the interrupt says its line and is raised again, as Ctrl-C stops any Python call."""
+    def main(args):
+        raise KeyboardInterrupt
+
+    cli = _fake_command(monkeypatch, main, lambda parser: parser.add_argument("--steps", type=int))
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["fake", "--steps", "5"])
+    assert capsys.readouterr().err.strip() == "adni-diffusers fake: interrupted"
 
 
 def test_an_unknown_command_is_an_argparse_error_naming_it(capsys):

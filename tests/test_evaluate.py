@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -2553,13 +2554,14 @@ def test_an_interrupted_evaluation_says_what_it_left(tmp_path, capsys, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(E, "main", interrupted)
-    assert cli.main(["evaluate", "--model", str(tmp_path), "--out", str(out)]) == 130
+    monkeypatch.setattr(sys, "argv", ["adni-diffusers", "evaluate", "--model", str(tmp_path), "--out", str(out)])
+    assert cli.main() == 130
     assert capsys.readouterr().err.strip() == (
         f"adni-diffusers evaluate: interrupted; {out / 'metrics.json'} and report.md hold what was measured so far, "
         "marked incomplete; a rerun samples again (the feature net is cached)")
     (out / "metrics.json").write_text(json.dumps({"complete": True}))  # an earlier run's, whole: not this one's
     monkeypatch.setattr(E, "main", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
-    assert cli.main(["evaluate", "--model", str(tmp_path), "--out", str(out)]) == 130
+    assert cli.main() == 130
     assert capsys.readouterr().err.strip() == "adni-diffusers evaluate: interrupted"
 
 

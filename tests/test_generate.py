@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -235,7 +236,9 @@ def test_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(generate, "main", interrupted)
-    code = cli.main(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    monkeypatch.setattr(sys, "argv", ["adni-diffusers", "generate", "--model", str(tmp_path), "--out",
+                                      str(tmp_path / "o")])
+    code = cli.main()
     err = capsys.readouterr().err
     assert code == 130 and err.strip() == "adni-diffusers generate: interrupted"
 

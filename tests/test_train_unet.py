@@ -1528,6 +1528,10 @@ def test_ctrl_c_says_where_the_run_can_go_on_from(tmp_path, capsys, monkeypatch)
     assert training.run_cli("train_unet.py", parse, interrupted) == 130
     err = capsys.readouterr().err
     assert f"the last checkpoint is {tmp_path / 'checkpoint-20'}" in err and "--resume_from_checkpoint latest" in err
+    # from Python (`cli([...])` in a notebook's sweep) the same line, then the interrupt itself: the sweep stops
+    with pytest.raises(KeyboardInterrupt):
+        training.run_cli("train_unet.py", parse, interrupted, ["--output_dir", str(tmp_path)])
+    assert "train_unet.py: interrupted; the last checkpoint is" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- proposed by the mutation audit
