@@ -438,6 +438,11 @@ def subsample(labels: torch.Tensor, per_class: dict, seed: int) -> torch.Tensor:
     return torch.cat(rows).sort().values if rows else torch.empty(0, dtype=torch.long)
 
 
+def counts_in_words(per_class: dict, class_names: list[str]) -> str:
+    """{0: 4, 1: 4} -> "AD 4, NC 4" (a log line printed the Python dict)."""
+    return ", ".join(f"{class_names[c]} {n}" for c, n in per_class.items())
+
+
 def first_per_class(labels: torch.Tensor, per_class: dict) -> torch.Tensor:
     """Row indices of the first `per_class[c]` rows of each class (generated sets: the seeds' order)."""
     rows = [torch.nonzero(labels == c).flatten()[:n] for c, n in sorted(per_class.items())]
@@ -1807,9 +1812,9 @@ def evaluate_model(
                   for c in range(len(class_names))} if conditional else {0: min(len(data.val), len(floor_pool))})
     counts = {c: min(num_samples, n) for c, n in available.items()}
     if min(counts.values()) < num_samples:
-        logger.warning("distribution metrics use %s images%s, not --num-samples %d (held-out / training images "
-                       "available)", {class_names[c]: v for c, v in counts.items()} if conditional else counts[0],
-                       " per class" if conditional else "", num_samples)
+        logger.warning("distribution metrics use %s, not --num-samples %d (held-out / training images available)",
+                       f"{counts_in_words(counts, class_names)} images per class" if conditional
+                       else f"{counts[0]} images", num_samples)
     if sum(counts.values()) < 2:
         raise EvaluationError(f"{sum(counts.values())} image(s) for the distribution metrics (per class at most "
                               f"--num-samples {num_samples} and what the held-out set has: held-out slices: "
@@ -1970,7 +1975,7 @@ def evaluate_model(
         equal = {c: min(num_samples, int((data.train.labels == c).sum())) for c in range(len(class_names))}
         if min(equal.values()) < num_samples:
             logger.info("TSTR and TRTR train on %s images per class (the training split's slices), not --num-samples "
-                        "%d", {class_names[c]: n for c, n in equal.items()}, num_samples)
+                        "%d", counts_in_words(equal, class_names), num_samples)
         trtr_idx = subsample(data.train.labels, equal, seed + 2)
         fidelity["tstr"] = {**train_test_classifier(gen.subset(first_per_class(gen.labels, equal)), data.val, recipe,
                                                     name="TSTR classifier"), "epochs": tstr_epochs}
@@ -2048,9 +2053,9 @@ def evaluate_model(
         # capped by the data only: capped by --num-samples too, each row ran on fewer images than the records said
         ab_counts = {c: min(m, n) for c, n in available.items()}
         if min(ab_counts.values()) < m:
-            logger.warning("the ablations use %s images per class, not --ablation-samples %d (held-out / training "
-                           "images available)", {class_names[c] if conditional else "all": v
-                                                 for c, v in ab_counts.items()}, m)
+            logger.warning("the ablations use %s, not --ablation-samples %d (held-out / training images available)",
+                           f"{counts_in_words(ab_counts, class_names)} images per class" if conditional
+                           else f"{ab_counts[0]} images", m)
         ab_held_idx = subsample(groups_of(data.val), ab_counts, seed)
         ab_train_idx = floor_pool[subsample(floor_groups, ab_counts, seed + 1)]
         held_groups = groups_of(data.val)[ab_held_idx]

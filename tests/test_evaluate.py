@@ -3,6 +3,7 @@ floors beside the numbers, the feature-net cache, the ablation table, and proper
 CPU, tiny N (4 images per class), one-epoch nets; the pictures are noise and the numbers meaningless."""
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -2186,6 +2187,12 @@ def stub_seeded(demo_root, tmp_path_factory):
         calls.append((list(labels), dict(kw)))
         return sample(pipe, labels, **kw)
 
+    logged = []  # the run's log lines (caplog is per test)
+    handler, package_logger = logging.Handler(), logging.getLogger("adni_diffusers")
+    handler.emit = lambda record: logged.append(record.getMessage())
+    level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(E, "sample_images", sample_spy)
         result = E.evaluate_model(model, num_samples=6, steps=3, seed=5, feature_epochs=1, tstr_epochs=1,
@@ -2195,7 +2202,9 @@ def stub_seeded(demo_root, tmp_path_factory):
                                   ablation_step_overrides={"ddpm": 6, "ddim": 3, "dpm++": 3, "unipc": 2},
                                   fd_resamples=FEW_RESAMPLES, umap=False, render_card=False, progress=False,
                                   device="cpu", pipe=_StubPipe())
-    return result, model, calls
+    package_logger.removeHandler(handler)
+    package_logger.setLevel(level)
+    return result, model, calls, logged
 
 
 def _setting(kw):
@@ -2205,7 +2214,7 @@ def _setting(kw):
 def test_every_sample_is_drawn_with_the_runs_seed_and_every_ablation_setting_once(stub_seeded):
     """--seed reaches the main samples and every ablation row (the same noise per image in every row); each distinct
     setting of the table is sampled once, and the main setting not again (its row reuses the main run's images)."""
-    result, _, calls = stub_seeded
+    result, _, calls, _ = stub_seeded
     (main_labels, main), *ablation = calls
     assert main_labels == [0] * 6 + [1] * 6
     assert _setting(main) == ("dpm++", 3, 0, 0, 2.0) and main["batch_size"] == 16
@@ -2225,7 +2234,7 @@ def test_the_ablation_floor_and_rows_are_measured_on_the_runs_seeded_real_subset
     from adni_diffusers.data import to_uint8
     from adni_diffusers.features import load_feature_net
 
-    result, model, _ = stub_seeded
+    result, model, _, _ = stub_seeded
     data, _ = E.load_evaluation_data(model)
     net = load_feature_net(result["feature_net"]["path"])
     held = net.features(data.val.pixels)[E.subsample(data.val.labels, {0: 2, 1: 2}, 5)]
@@ -2243,7 +2252,7 @@ def test_the_ablation_floor_and_rows_are_measured_on_the_runs_seeded_real_subset
 def test_tstr_and_trtr_train_on_as_many_images_per_class(stub_seeded):
     """With fewer training slices per class (4) than --num-samples (6), TRTR had 4 per class and TSTR all 6: the
     synthetic-trained classifier got more data. Both train on 4 per class, TSTR on the first samples of each."""
-    result, _, _ = stub_seeded
+    result, _, _, _ = stub_seeded
     tstr, trtr = result["class_fidelity"]["tstr"], result["class_fidelity"]["trtr"]
     assert tstr["train_images"] == trtr["train_images"] == 8
 
@@ -2251,7 +2260,7 @@ def test_tstr_and_trtr_train_on_as_many_images_per_class(stub_seeded):
 def test_the_records_say_what_ran(stub_seeded):
     """metrics.json's settings and report.md's first lines give the run's seed, the CPU defaults it used and the
     data's own numbers; the distribution metrics use as many images per class as the smaller real split has."""
-    result, model, _ = stub_seeded
+    result, model, _, logged = stub_seeded
     out = model / "evaluation"
     metrics = json.loads((out / "metrics.json").read_text())
     st = metrics["settings"]
@@ -2259,6 +2268,11 @@ def test_the_records_say_what_ran(stub_seeded):
         (5, 6, "class", 16, 200)
     realism = metrics["realism"]
     assert realism["images_per_class"] == {"AD": 4, "NC": 4}
+    # and the log says so in words (it printed "{'AD': 4, 'NC': 4} images per class")
+    assert "distribution metrics use AD 4, NC 4 images per class, not --num-samples 6 (held-out / training images " \
+        "available)" in logged
+    assert "TSTR and TRTR train on AD 4, NC 4 images per class (the training split's slices), not --num-samples 6" \
+        in logged
     assert realism["generated"]["candidate_images"] == realism["generated"]["reference_images"] == 8
     assert realism["floor"]["candidate_images"] == realism["floor"]["reference_images"] == 8
     report = (out / "report.md").read_text()
@@ -2275,7 +2289,7 @@ def test_the_reports_opening_does_not_call_another_splits_held_out_unseen(stub_s
     `patient` as in training: 720 training images of 36 patients, 80 held-out images of 4 patients the model never
     saw" for a model trained on 120 images of 6 patients, right above the bold warning that they may include images
     the model saw."""
-    result, _, _ = stub_seeded
+    result, _, _, _ = stub_seeded
     res = {k: v for k, v in result.items() if k != "card"}
     for matches in (False, None):
         res["data"] = {**res["data"], "matches_training": matches}
@@ -2290,7 +2304,7 @@ def test_the_reports_opening_does_not_call_another_splits_held_out_unseen(stub_s
 def test_ablations_csv_holds_the_tables_rows_and_the_real_floor(stub_seeded):
     import csv
 
-    result, model, _ = stub_seeded
+    result, model, _, _ = stub_seeded
     with open(model / "evaluation" / "ablations.csv", newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         header, rows = reader.fieldnames, list(reader)
@@ -2317,7 +2331,7 @@ def test_ablations_csv_holds_the_tables_rows_and_the_real_floor(stub_seeded):
 def test_an_fd_range_cut_at_0_is_said_to_be(stub_seeded, tmp_path):
     """The floor as "2.331 (0 to 5.564)" read as "the floor could be 0": the range is the resamples' spread moved
     onto the measured FD and cut at 0. The report says when a range was cut there."""
-    result, _, _ = stub_seeded
+    result, _, _, _ = stub_seeded
     res = {k: v for k, v in result.items() if k != "card"}
     iv = {"level": 0.9, "resamples": 20, "held_out_patients": 4, "groups_of_one_patient": [],
           "fd": [1.5, 3.0], "floor_fd": [0.9, 2.0]}
@@ -2332,7 +2346,7 @@ def test_an_fd_range_cut_at_0_is_said_to_be(stub_seeded, tmp_path):
 def test_the_reports_opening_follows_the_model_and_the_data(stub_seeded, tmp_path):
     """An unconditional model's samples are "in all", without a guidance scale; the demo-data line and the
     changed-split warning appear exactly when the record says so."""
-    result, _, _ = stub_seeded
+    result, _, _, _ = stub_seeded
     res = {k: v for k, v in result.items() if k != "card"}
     report = E.write_report(res, tmp_path).read_text()
     assert "_The data is the synthetic MNI152-based demo set, not ADNI._" in report
@@ -2449,7 +2463,7 @@ def test_refinement_longer_than_the_models_default_step_count_is_refused_before_
 def test_the_reused_main_rows_time_is_its_images_share_of_the_main_run(stub_seeded):
     """The ablation row of the main setting reuses M of the main run's images per class: its seconds are those
     images' share of the main sampling time (per image: the main run's), not the whole main run's."""
-    result, _, _ = stub_seeded
+    result, _, _, _ = stub_seeded
     off = next(r for r in result["ablations"]["rows"] if r["group"] == "refinement" and r["setting"] == "off")
     per_image = result["timings"]["sampling_seconds_per_image"]
     assert off["seconds_per_image"] == pytest.approx(per_image, rel=1e-9)
