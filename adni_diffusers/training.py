@@ -2413,6 +2413,14 @@ def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
         flags = {k: "None" if v is None else v for k, v in vars(args).items()
                  if (v is None or isinstance(v, (int, float, str, bool))) and "token" not in k}
         init_kwargs = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
+        folder = Path(accelerator.logging_dir or ".") / project
+        if not start_step and "tensorboard" in [getattr(t, "value", t) for t in accelerator.log_with] \
+                and any(folder.glob("events.out.tfevents.*")):
+            # a fresh run into a --logging_dir that is never cleared (outside --output_dir), which holds an earlier
+            # run's events: its curves read 1, 2, 3, 1, 2, 3. TensorBoard hides them from here on (the files stay)
+            logger.warning("--logging_dir: %s holds an earlier run's tensorboard events; TensorBoard hides them now "
+                           "(their files stay). To compare runs, give each its own --logging_dir", folder)
+            init_kwargs = {"tensorboard": {"purge_step": 0}}
         accelerator.init_trackers(project, init_kwargs=init_kwargs)
         from torch.utils.tensorboard.summary import hparams
 

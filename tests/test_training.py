@@ -958,6 +958,39 @@ def test_the_unet_hparams_columns_hold_the_held_out_loss_in_the_objectives_measu
     assert [m.name.tag for m in experiment.metric_infos] == ["final/val_loss", "val_loss", "val_objective", "loss"]
 
 
+def test_a_fresh_run_into_a_logging_dir_with_an_earlier_runs_events_hides_them(tmp_path, caplog):
+    """--logging_dir outside --output_dir is never cleared: a second fresh run's curves read 1, 2, 1, 2 beside the
+    first run's. TensorBoard now hides the earlier events (purged from step 0; the files stay) and the log says
+    so; a resumed run purges from its own step, as before."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from conftest import reset_accelerate
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(losses, start_step=0):
+        reset_accelerate()
+        try:
+            accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+            training.start_logging(accelerator, SimpleNamespace(seed=0), "unet", start_step)
+            for step, loss in losses:
+                accelerator.log({"loss": loss}, step=step)
+            accelerator.end_training()
+        finally:
+            reset_accelerate()
+        return [(e.step, e.value) for e in EventAccumulator(str(tmp_path / "unet")).Reload().Scalars("loss")]
+
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+        assert run([(1, 5.0), (2, 4.0), (3, 3.0)]) == [(1, 5.0), (2, 4.0), (3, 3.0)]
+        assert "earlier run" not in caplog.text
+        assert run([(1, 9.0), (2, 8.0)]) == [(1, 9.0), (2, 8.0)]  # not 1, 2, 3, 1, 2
+        assert f"--logging_dir: {tmp_path / 'unet'} holds an earlier run's tensorboard events" in caplog.text
+        caplog.clear()
+        assert run([(2, 7.0)], start_step=1) == [(1, 9.0), (2, 7.0)]  # a resume at step 1: its own steps replaced
+        assert "earlier run" not in caplog.text
+    assert len(list((tmp_path / "unet").glob("events.out.tfevents.*"))) == 3  # nothing deleted
+
+
 def test_more_accumulated_batches_than_an_epoch_holds_are_refused(tmp_path, demo_root):
     """24 training images at batch 4 are 6 batches an epoch: --gradient_accumulation_steps 100 made each step the
     whole epoch, 24 images, while the log said "4 x 100 accumulated = 400 images per step" (and --scale_lr scaled
