@@ -342,6 +342,8 @@ def _argument_rows(args: dict, steps_run=None) -> list[tuple[str, str, str]]:
                 value = _precision_text(value, used)
             elif key == "preset" and isinstance(value, str):  # a JSON file's path names a home folder: its name only
                 value = PureWindowsPath(value).name or value
+            elif key == "lr_warmup_steps" and value and args.get("lr_scheduler") == "constant":
+                value = f"{_fmt(value)} (not used: diffusers' constant schedule has no warm-up)"
             elif key == "lr_warmup_steps" and (note := _warmup_note(args, steps_run)):
                 value = f"{_fmt(value)} ({note})"
             elif key == "learning_rate" and _is_number(rate := args.get("learning_rate_used")) and rate != value:

@@ -1813,6 +1813,12 @@ class TrainingRun:
         self._graphs_at_start = compiled_graph_count()  # after maybe_compile's probe: training should add none
         self.recompiled_graphs = 0
         warmup = getattr(args, "lr_warmup_steps", 0)
+        if warmup and getattr(args, "lr_scheduler", None) == "constant" and accelerator.is_main_process:
+            # diffusers' get_scheduler builds "constant" without its num_warmup_steps: the warm-up was dropped
+            # without a word (the card said "warm-up steps 100"), the default --lr_warmup_steps included
+            logger.warning("--lr_scheduler constant has no warm-up: --lr_warmup_steps %d is not used (the run trains "
+                           "at the full learning rate from step 1); --lr_scheduler constant_with_warmup warms up",
+                           warmup)
         if warmup >= self.max_train_steps and getattr(args, "lr_scheduler", "constant") != "constant" \
                 and accelerator.is_main_process:
             # the optimizer's own rate: --learning_rate as --scale_lr scaled it (the schedule keeps it as initial_lr)

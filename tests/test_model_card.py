@@ -127,7 +127,12 @@ def test_a_warm_up_not_below_the_run_says_how_far_the_rate_rose():
     assert warmup(lr_warmup_steps=100, max_train_steps=100, lr_scheduler="linear").endswith("peaked at 99% of the "
                                                                                              "learning rate)")
     assert warmup(lr_warmup_steps=100, max_train_steps=101, lr_scheduler="cosine") == "100"
-    assert warmup(lr_warmup_steps=100, max_train_steps=20, lr_scheduler="constant") == "100"  # it has no warm-up
+    # diffusers' constant schedule has no warm-up: the bare "100" said it warmed up for 100 steps
+    assert warmup(lr_warmup_steps=100, max_train_steps=20, lr_scheduler="constant") == \
+        "100 (not used: diffusers' constant schedule has no warm-up)"
+    assert warmup(lr_warmup_steps=100, max_train_steps=200, lr_scheduler="constant") == \
+        "100 (not used: diffusers' constant schedule has no warm-up)"
+    assert warmup(lr_warmup_steps=0, max_train_steps=20, lr_scheduler="constant") == "0"
     assert warmup(lr_warmup_steps=100, max_train_steps=None, lr_scheduler="cosine") == "100"
     # what the 20 steps really trained at: the schedule steps after each optimizer step, so step 1 at 0 and step 20
     # at 19/100 (the note said 20%, the rate of a 21st step)

@@ -817,6 +817,35 @@ def test_the_warm_up_warning_names_the_rate_scale_lr_made(tmp_path, caplog):
         in caplog.text
 
 
+@pytest.mark.parametrize("schedule, said", [("constant", True), ("constant_with_warmup", False), ("cosine", False)])
+def test_a_warm_up_the_constant_schedule_drops_is_said(tmp_path, caplog, schedule, said):
+    """diffusers' get_scheduler builds "constant" without num_warmup_steps: `--lr_scheduler constant` (with the
+    default --lr_warmup_steps 100, or one given) trained at the full rate from step 1 without a word."""
+    import logging
+
+    from accelerate import Accelerator
+
+    from diffusers.optimization import get_scheduler
+
+    reset_accelerate()
+    try:
+        acc = Accelerator(cpu=True)
+        args = SimpleNamespace(seed=0, train_batch_size=16, gradient_accumulation_steps=1, max_train_steps=40,
+                               trace_batches=False, output_dir=str(tmp_path), learning_rate=1e-4, scale_lr=False,
+                               lr_warmup_steps=10, lr_scheduler=schedule)
+        model = torch.nn.Linear(1, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        schedule_made = get_scheduler(schedule, optimizer, num_warmup_steps=10, num_training_steps=40)
+        with caplog.at_level(logging.INFO, logger="adni_diffusers"):
+            training.TrainingRun(args, acc, [0] * 4, None, model, optimizer=optimizer, stage="UNet",
+                                 lr_scheduler=schedule_made)
+    finally:
+        reset_accelerate()
+    if said:  # (and indeed: the rate of step 1 is the full one)
+        assert optimizer.param_groups[0]["lr"] == 1e-4
+    assert ("--lr_scheduler constant has no warm-up: --lr_warmup_steps 10 is not used" in caplog.text) == said
+
+
 @pytest.mark.parametrize("use_cpu", ["True", "False"])
 def test_a_cpu_launch_that_started_one_of_several_processes_says_so(monkeypatch, caplog, use_cpu):
     """`accelerate launch --cpu --num_processes 2` (no --multi_gpu) starts ONE process: Accelerate's simple launcher
