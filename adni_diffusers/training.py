@@ -1775,6 +1775,7 @@ class TrainingRun:
     validate = None
     ema: EMAState | None = None  # --use_ema's average (set by __init__)
     _validation: dict[str, float] | None = None  # this step's held-out numbers, for its log row
+    _step_lr: float | None = None  # the learning rate of the step in progress (read as its first micro-batch starts)
 
     def __init__(self, args, accelerator, loader, sampler, model, *, optimizer, ema: EMAState | None = None,
                  stage: str, extra_state=None, restore_extra_state=None, stage_flags: tuple[str, ...] = (),
@@ -1959,6 +1960,9 @@ class TrainingRun:
                         self._traced.extend(batch["index"].tolist())
                     self._micro = self._batches_since_step  # which micro-batch of the step (gradient accumulation)
                     self._batches_since_step += 1
+                    # the rate this step trains at, for its log row: once the step ends, the schedule has moved on
+                    # to the next step's (a warm-up's last row said a rate above the peak the run ever used)
+                    self._step_lr = self._current_lr()
                     yield batch
                 if self.global_step >= self.max_train_steps:
                     break
@@ -2151,7 +2155,8 @@ class TrainingRun:
             )
             error.every_process = True  # the all-reduced means: every process stops here with these words
             raise error
-        means["lr"] = self._current_lr()
+        # the rate the logged step trained at (the optimizer's now is the next step's)
+        means["lr"] = self._current_lr() if self._step_lr is None else self._step_lr
         if self.ema is not None:  # the decay its warm-up has reached (as diffusers' training examples log it)
             means["ema_decay"] = float(self.ema.ema.get_decay(self.ema.ema.optimization_step))
         means.update(self._validation or {})  # this step's held-out numbers (main process), in its row

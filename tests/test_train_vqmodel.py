@@ -245,6 +245,10 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
     assert "the adversarial loss starts at --disc_start 2000, and this run ends at step 4" in caplog.text
     # a warm-up as long as the run never reaches the learning rate; the start says what the run is
     assert "--lr_warmup_steps 8 is not below the run's 4 steps: the learning rate peaks at 7.5e-05" in caplog.text
+    # each logged row's lr is the rate its step trained at (step k at (k - 1) / 8 of 2e-4): it was the next step's,
+    # so the last row said 1e-4, above the peak the warning above (and the card) give
+    rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"]) for r in rows] == [(2, pytest.approx(2.5e-5)), (4, pytest.approx(7.5e-5))]
     assert re.search(r"VQModel: \d+ training images; 1 process\(es\) x batch 4 x 1 accumulated = 4 images per step; "
                      r"4 steps \((1 epoch|\d+ epochs)\)\n", caplog.text)  # (not "1 epochs")
     # where the model and its measures are (metrics.json is beside vqvae/, not in it), the next step, and where to
