@@ -1767,7 +1767,11 @@ class TrainingRun:
     _curve_drawn_of = None  # (step, history rows) it drew: the same again is not redrawn
     _signalled_at = 0.0  # when (time.monotonic())
     _stop_agreed = False  # every process knows that one of them received one (at a log flush)
-    _log_points: list[tuple[int, float]] | None = None  # (step, wall clock) at each log flush: the steady rate
+    # (step, wall clock, images trained this session) at each log flush: the steady rate
+    _log_points: list[tuple[int, float, int]] | None = None
+    # images this session trained on, every process's: an epoch's last step of fewer micro-batches than
+    # --gradient_accumulation_steps trains on fewer images than a full one (the rates counted it as full)
+    _images_trained = 0
     _plain_log = False  # a plain log line for the bar, where stderr is not a terminal (set by `batches`)
     _plain_logged_at: float | None = None
     # () -> {name: value}: the held-out numbers of the weights a save would keep (main process, every
@@ -2070,6 +2074,7 @@ class TrainingRun:
         if self.ema is not None and not self.accelerator.optimizer_step_was_skipped:
             self.ema.ema.step(bare_model(self.accelerator, self.model).parameters())
         self.global_step += 1
+        self._images_trained += self._batches_since_step * self.args.train_batch_size * self.accelerator.num_processes
         self._batches_since_step = 0
         self.progress.update(1)
         if self.global_step == self.start_step + 1:
@@ -2142,7 +2147,8 @@ class TrainingRun:
         *values, stop = self.accelerator.reduce(local_means, reduction="mean").tolist()
         if self._log_points is None:
             self._log_points = []  # (a class default of None: a list there would be shared by every run)
-        self._log_points.append((self.global_step, time.time()))  # after the sync: the steps' work is done
+        # after the sync: the steps' work is done
+        self._log_points.append((self.global_step, time.time(), self._images_trained))
         self._stop_agreed = self._stop_agreed or stop > 0
         means = dict(zip(stacked, values))
         bad = [k for k, v in means.items() if not math.isfinite(v)]
@@ -2185,9 +2191,10 @@ class TrainingRun:
         pace = ""
         points = self._log_points or []
         if len(points) >= 2 and points[-1][0] > points[-2][0] and points[-1][1] > points[-2][1]:
-            seconds_per_step = (points[-1][1] - points[-2][1]) / (points[-1][0] - points[-2][0])
+            seconds = points[-1][1] - points[-2][1]
+            seconds_per_step = seconds / (points[-1][0] - points[-2][0])
             left = (self.max_train_steps - self.global_step) * seconds_per_step
-            pace = (f", {self._images_per_step() / seconds_per_step:.4g} images/s"
+            pace = (f", {(points[-1][2] - points[-2][2]) / seconds:.4g} images/s"
                     + (f", about {_duration(left)} left" if left > 0 else ""))
         shown = ", ".join(f"{k} {v:.4g}" for k, v in means.items() if not k.startswith("val_"))
         logger.info("%s step %d/%d (%d%%): %s%s", self.stage, self.global_step, self.max_train_steps,
@@ -2232,20 +2239,16 @@ class TrainingRun:
         """Images trained per second of this run's wall clock (all processes, accumulation included; the periodic
         sample grids, logs and checkpoints count as time too: a whole-run rate, not a step rate). None when this run
         trained no step (resumed at its last step, to finish the save): there is no rate, not a rate of 0."""
-        images = (self.global_step - self.start_step) * self._images_per_step()
-        if images == 0:
+        images = self._images_trained  # (not steps x a full step's images: an epoch's last step may be short)
+        if self.global_step == self.start_step or images == 0:
             return None
         return round(images / max(seconds, 1e-9), 2)
-
-    def _images_per_step(self) -> int:
-        """Images in one optimizer step: every process's batches, accumulation included."""
-        return self.args.train_batch_size * self.args.gradient_accumulation_steps * self.accelerator.num_processes
 
     def steady_images_per_second(self) -> float | None:
         """Images per second between logs (every --logging_steps), the median over this run's intervals: the
         training speed without the first step's compilation, the checkpoints and the sample grids, which
         `images_per_second` counts (over a 300-step H200 run, 2026-12-04: 4,490 steady against 2,612 whole)."""
-        return median_interval_rate(self._log_points or [], self._images_per_step())
+        return median_interval_rate([(images, t) for _, t, images in self._log_points or []], 1)
 
     def history(self) -> list[dict]:
         history = self.output_dir / HISTORY_FILE

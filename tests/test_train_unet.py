@@ -2124,6 +2124,12 @@ def test_unet_accumulation_weights_the_epochs_short_step_to_a_full_ones_scale(tm
                                        "--latent_cache_dir", tmp_path / "cache"])
     ratios = [float(b / c.detach()) for b, c in zip(backpropagated, computed)]
     assert ratios == pytest.approx([1, 1, 1, 3, 1, 1, 1, 3])
+    # the rate counts the 8 micro-batches of 5 it trained on (40 images), not 4 steps x 15 (60: the short steps
+    # counted as full ones)
+    metrics = json.loads((tmp_path / "ldm" / "train_metrics.json").read_text())
+    rate, seconds = metrics["train_images_per_second_this_run"], metrics["train_seconds_this_run"]  # (0.1 s steps)
+    fewest, most = rate * (seconds - 0.051), rate * (seconds + 0.051)
+    assert fewest <= 40 <= most and not fewest <= 60 <= most, metrics
 
 
 def test_an_infinite_gradient_of_a_finite_loss_stops_before_its_checkpoint(tmp_path, tiny_vq, demo_root, monkeypatch):
