@@ -413,6 +413,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
             cut_short = False
         raise FileExistsError(f"{e}" + ("; that run was cut short: --resume with its flags makes the images it "
                                         "had not made yet" if cut_short else "")) from None
+    if pipe is not None:  # sampled as given: the record names the precision it runs in, not the `dtype` argument
+        dtype = pipeline_dtype(pipe)
     pipe = pipe or load_pipeline(model, device, getattr(torch, dtype))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if not steps_given:
@@ -571,6 +573,13 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         paths["gif"] = str(out / "denoising.gif")
     write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": True}, indent=2) + "\n")
     return paths
+
+
+def pipeline_dtype(pipe) -> str:
+    """The precision a loaded pipeline samples in, as --dtype names it ("bfloat16"); "unet bfloat16, vqvae float32"
+    where its networks differ."""
+    unet, vqvae = (str(m.dtype).removeprefix("torch.") for m in (pipe.unet, pipe.vqvae))
+    return unet if unet == vqvae else f"unet {unet}, vqvae {vqvae}"
 
 
 def grid_caption(class_name, conditional: bool, guidance: float, scheduler: str, steps: int, refine_steps: int,

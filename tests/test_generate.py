@@ -1245,3 +1245,17 @@ def test_guidance_below_one_with_a_class_warns_that_the_label_pulls_less(caplog)
     assert [r.getMessage() for r in caplog.records] == [
         "--guidance 0.5: below 1 mixes in the unconditional model, so --to pulls less than the class label alone "
         "(1 = no guidance)"]
+
+
+def test_a_given_pipeline_is_recorded_in_the_dtype_it_runs_in(fresh_pipe, tmp_path):
+    """generate(pipe=...) samples with the pipeline as given, but generation.json recorded the `dtype` argument (its
+    default, float32) for a bfloat16 pipeline: the record said float32, and a CLI --resume (--dtype float32) took the
+    folder as its own and added float32 images to bfloat16 ones."""
+    from adni_diffusers.generate import generate
+
+    pipe = fresh_pipe.to(dtype=torch.bfloat16)
+    generate("unused", tmp_path / "o", num_images=1, scheduler="ddim", steps=1, device="cpu", pipe=pipe)
+    assert json.loads((tmp_path / "o" / "generation.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="dtype: 'bfloat16' there, 'float32' now"):
+        generate("unused", tmp_path / "o", num_images=2, scheduler="ddim", steps=1, device="cpu",
+                 pipe=fresh_pipe.to(dtype=torch.float32), resume=True)
