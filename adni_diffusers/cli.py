@@ -92,11 +92,19 @@ def _out_of_room_advice(name: str, args, error: BaseException) -> str:
 
 
 def _what_an_interrupt_left(name: str, args) -> str:
-    """evaluate's partial results, where an interrupted run left them (the line said "interrupted" alone)."""
+    """evaluate's partial results, or generate's images so far, where an interrupted run left them (the line said
+    "interrupted" alone)."""
+    from .files import read_json_object
+
+    if name == "generate":
+        out = Path(args.out)
+        if read_json_object(out / "generation.json").get("complete") is not False:  # none yet, or a whole run's
+            return ""
+        return (f"; the images made so far are in {out} (generation.json: complete false): the same command with "
+                "--resume makes the rest")
     if name != "evaluate":
         return ""
     out = Path(args.out) if getattr(args, "out", None) else Path(args.model) / "evaluation"
-    from .files import read_json_object
 
     if read_json_object(out / "metrics.json").get("complete") is not False:  # none yet, or an earlier run's
         return ""

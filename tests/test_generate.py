@@ -1259,3 +1259,23 @@ def test_a_given_pipeline_is_recorded_in_the_dtype_it_runs_in(fresh_pipe, tmp_pa
     with pytest.raises(ValueError, match="dtype: 'bfloat16' there, 'float32' now"):
         generate("unused", tmp_path / "o", num_images=2, scheduler="ddim", steps=1, device="cpu",
                  pipe=fresh_pipe.to(dtype=torch.float32), resume=True)
+
+
+def test_ctrl_c_during_sampling_says_that_resume_goes_on(monkeypatch, tmp_path, capsys):
+    """Ctrl-C in a long run said "interrupted" alone, though its images were on disk and --resume makes only the
+    missing ones (the way on appeared only when the same command was run again and refused)."""
+    from adni_diffusers import cli, generate
+
+    out = tmp_path / "o"
+
+    def interrupted(args):
+        out.mkdir()
+        (out / "generation.json").write_text(json.dumps({"complete": False}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["adni-diffusers", "generate", "--model", str(tmp_path), "--out", str(out)])
+    assert cli.main() == 130
+    assert capsys.readouterr().err.strip() == (
+        f"adni-diffusers generate: interrupted; the images made so far are in {out} (generation.json: complete "
+        "false): the same command with --resume makes the rest")
