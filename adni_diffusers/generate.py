@@ -468,6 +468,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
             raise ValueError(f"--resume: {where} was made with another model ({recorded.get('model')}, sha256 "
                              f"{recorded['model_sha256']}) than --model {model} (sha256 {fingerprint}); give that "
                              "model, or --overwrite to start again")
+        images_before = recorded.get("num_images")  # (a kept GIF's caption names it)
         if isinstance(recorded.get("num_images"), int) and recorded["num_images"] <= num_images:
             # each image's seed is --seed and its index: a larger --num-images goes on with the same images
             recorded = {**recorded, "num_images": num_images}
@@ -485,13 +486,16 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                              + "); give the same flags, or --overwrite to start again")
         made = {i for i in range(num_images) if (out / f"sample-{i:04d}.png").is_file()}
         first_images = set(range(min(batch_size, num_images)))
-        # a denoising.gif there is whole (written through a .tmp) and of the same seeds and steps: kept
-        gif_kept = gif and (out / "denoising.gif").is_file()
+        # a denoising.gif there is whole (written through a .tmp) and of the same seeds and steps: kept, unless
+        # --num-images grew (its last caption, "images 1-2 of 5", names the earlier count)
+        gif_there = gif and (out / "denoising.gif").is_file()
+        gif_kept = gif_there and images_before == num_images
         if gif_kept:
             logger.info("--gif: the earlier run's denoising.gif is kept (the same seeds and steps)")
         elif gif and made & first_images:  # the animation is of the first batch: it is sampled again
-            logger.info("--gif: the first %d image(s) are made again for the animation (the same seeds)",
-                        len(made & first_images))
+            logger.info("--gif: the first %d image(s) are made again for the animation (the same seeds%s)",
+                        len(made & first_images),
+                        f"; the earlier GIF's caption named {images_before} images" if gif_there else "")
             made -= first_images
         logger.info("--resume: %d of %d images kept; making the other %d", len(made), num_images,
                     num_images - len(made))

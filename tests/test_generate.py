@@ -1065,6 +1065,11 @@ def test_a_resume_with_gif_makes_the_first_batch_again_only_without_a_gif(fresh_
     paths = generate("unused", tmp_path / "gif", **kwargs, gif=True, resume=True)
     assert [c.seeds for c in recorded_calls] == [[3]] and paths["kept"] == 3
     assert paths["gif"] == str(tmp_path / "gif" / "denoising.gif") and Path(paths["gif"]).read_bytes() == gif
+    # a larger --num-images: the kept GIF's last caption said "(images 1-2 of 4)" under a run of 6; made again
+    recorded_calls.clear()
+    generate("unused", tmp_path / "gif", **{**kwargs, "num_images": 6}, gif=True, resume=True)
+    assert [c.seeds for c in recorded_calls] == [[0, 1], [4, 5]]
+    assert Path(paths["gif"]).read_bytes() != gif
 
 
 def test_a_resume_puts_each_remade_image_of_a_batch_in_its_place(fresh_pipe, tmp_path, recorded_calls):
