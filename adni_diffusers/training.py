@@ -780,7 +780,7 @@ def _start_stage(args, config_of, project_name: str, product: str, stage_flags: 
             "same number to --gradient_accumulation_steps")
     check_no_run_trains_into(args.output_dir)  # before prepare_output_dir clears that run's save under way
     prepare_output_dir(args, accelerator, product=product, project=project_name)
-    warn_if_the_launcher_kills_early(accelerator)
+    warn_if_the_launcher_kills_early(accelerator, f"train_{project_name}")
     resume_from = find_resume_checkpoint(args)
     if resume_from is None and args.resume_from_checkpoint == "latest":
         # said here, once a run: the run looks for a checkpoint several times (its checks, the resume)
@@ -849,21 +849,36 @@ def warn_about_launcher_flags_not_passed_on(accelerator) -> None:
                        "script's name", accelerator.gradient_accumulation_steps)
 
 
-def warn_if_the_launcher_kills_early(accelerator) -> None:
+def stage_command(stage: str) -> str:
+    """How to start the training stage `stage` ("train_vqmodel", "train_unet") without a launcher, the way this
+    process was started: `python -m adni_diffusers.train_unet` where it runs the package's own module
+    (`accelerate launch -m adni_diffusers.train_unet`; a pip install has no top-level train_unet.py), `python
+    train_unet.py` otherwise (the repository's launcher scripts)."""
+    try:
+        in_package = Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent
+    except (OSError, IndexError, RuntimeError):
+        in_package = False
+    return f"python -m {__package__}.{stage}" if in_package else f"python {stage}.py"
+
+
+def warn_if_the_launcher_kills_early(accelerator, stage: str | None = None) -> None:
     """A batch job of one process under `accelerate launch` (its simple launcher: no --multi_gpu): from accelerate
     1.16 that launcher answers SIGTERM by sending it on and killing the run 5 s later (`_terminate_process_tree`),
-    too soon for the checkpoint a time limit's SIGTERM asks for. `python train_*.py` needs no launcher."""
+    too soon for the checkpoint a time limit's SIGTERM asks for. `python train_*.py` (or `python -m
+    adni_diffusers.train_*`) needs no launcher. `stage`: "train_vqmodel" or "train_unet" (default: from argv)."""
     if accelerator.num_processes != 1 or not any(os.environ.get(v) for v in BATCH_JOB_VARIABLES):
         return
     import accelerate
     import accelerate.commands.launch as launch
 
     if hasattr(launch, "_terminate_process_tree") and launcher_flags() is not None:
-        script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "train_unet.py"
+        if stage is None:
+            named = Path(sys.argv[0]).stem if sys.argv else ""
+            stage = named if named in ("train_vqmodel", "train_unet") else "train_unet"
         logger.warning("this batch job runs one process under `accelerate launch`, whose launcher (accelerate %s) "
                        "kills it 5 s after passing on a SIGTERM: a time limit's SIGTERM may then cut the run before "
-                       "its checkpoint. Start one-process jobs with `python %s` and the same flags (Accelerate needs "
-                       "no launcher for one process)", accelerate.__version__, script)
+                       "its checkpoint. Start one-process jobs with `%s` and the same flags (Accelerate needs "
+                       "no launcher for one process)", accelerate.__version__, stage_command(stage))
 
 
 def check_resume_model(args, config: dict, project_name: str, identity: dict | None = None) -> None:

@@ -1337,3 +1337,39 @@ def test_a_flag_error_names_the_script_when_called_from_python(name, monkeypatch
     err = capsys.readouterr().err
     assert f"usage: {name}.py" in err and f"\n{name}.py: error: " in err
     assert "ipykernel_launcher" not in err
+
+
+@pytest.mark.parametrize("argv0, stage, expected", [
+    ("train_vqmodel.py", "train_vqmodel", "python train_vqmodel.py"),
+    ("/home/me/adni-diffusers/train_unet.py", "train_unet", "python train_unet.py"),
+    # `accelerate launch -m adni_diffusers.train_vqmodel` (a wheel install has no top-level script): argv[0] is the
+    # package module's own path, and `python train_vqmodel.py` named a file the user does not have
+    (str(Path(training.__file__).with_name("train_vqmodel.py")), "train_vqmodel",
+     "python -m adni_diffusers.train_vqmodel"),
+    (str(Path(training.__file__).with_name("train_unet.py")), "train_unet", "python -m adni_diffusers.train_unet"),
+    ("/usr/lib/python3/ipykernel_launcher.py", "train_unet", "python train_unet.py"),  # a notebook
+    ("-c", "train_unet", "python train_unet.py"),
+])
+def test_stage_command_names_what_the_user_can_run(monkeypatch, argv0, stage, expected):
+    monkeypatch.setattr("sys.argv", [argv0, "--preset", "tiny"])
+    assert training.stage_command(stage) == expected
+
+
+def test_stage_command_names_the_other_stage_the_same_way(monkeypatch):
+    monkeypatch.setattr("sys.argv", [str(Path(training.__file__).with_name("train_vqmodel.py"))])
+    assert training.stage_command("train_unet") == "python -m adni_diffusers.train_unet"
+    monkeypatch.setattr("sys.argv", ["/repo/train_vqmodel.py"])
+    assert training.stage_command("train_unet") == "python train_unet.py"
+
+
+def test_the_launcher_warning_names_the_module_under_accelerate_launch_m(monkeypatch, caplog):
+    import accelerate.commands.launch as launch
+
+    if not hasattr(launch, "_terminate_process_tree"):
+        pytest.skip("this accelerate's one-process launcher waits for its process")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setattr(training, "launcher_flags", lambda: ["--num_processes", "1"])
+    monkeypatch.setattr("sys.argv", [str(Path(training.__file__).with_name("train_vqmodel.py")), "--preset", "tiny"])
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.training"):
+        training.warn_if_the_launcher_kills_early(SimpleNamespace(num_processes=1))
+    assert "Start one-process jobs with `python -m adni_diffusers.train_vqmodel` and the same flags" in caplog.text
