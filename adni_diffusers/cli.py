@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adni-diffusers", formatter_class=HelpFormatter,
                                      description="Latent diffusion for brain MRI slices (ADNI AD / NC): demo data, "
                                                  "sampling, evaluation, counterfactuals and Hub upload. Training: "
-                                                 "accelerate launch train_vqmodel.py / train_unet.py.")
+                                                 "accelerate launch -m adni_diffusers.train_vqmodel / -m "
+                                                 "adni_diffusers.train_unet (in a checkout also train_vqmodel.py / "
+                                                 "train_unet.py).")
     parser.add_argument("--version", action="version", version=f"adni-diffusers {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():

@@ -252,7 +252,8 @@ def main(args: argparse.Namespace) -> dict:
 
             write_model_card(args.output_dir, None, args, data_source=data_source)
             logger.info("the VQModel is in %s (vqvae/; metrics.json, reconstructions.png beside it): train the UNet "
-                        "on it with train_unet.py --vqmodel %s. %s", args.output_dir, args.output_dir,
+                        "on it with %s --vqmodel %s. %s", args.output_dir,
+                        training.stage_command("train_unet").removeprefix("python "), args.output_dir,
                         training.where_to_watch(args))
             training.push_if_asked(accelerator, args)
         accelerator.wait_for_everyone()

@@ -507,3 +507,14 @@ def test_a_command_called_from_python_leaves_the_sessions_logging_as_it_was(monk
     cli = _fake_command(monkeypatch, main=failing)
     assert cli.main(["fake"]) == 2
     assert root.handlers == [] and root.level == logging.WARNING
+
+
+def test_the_help_names_a_training_command_a_pip_install_has(capsys):
+    """A wheel holds the package alone: `accelerate launch train_vqmodel.py`, all the help named, is a file only a
+    checkout has; `-m adni_diffusers.train_vqmodel` runs the same stage from either."""
+    from adni_diffusers import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "accelerate launch -m adni_diffusers.train_vqmodel / -m adni_diffusers.train_unet" in help_text
