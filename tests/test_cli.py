@@ -518,3 +518,18 @@ def test_the_help_names_a_training_command_a_pip_install_has(capsys):
         cli.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "accelerate launch -m adni_diffusers.train_vqmodel / -m adni_diffusers.train_unet" in help_text
+
+
+def test_python_m_adni_diffusers_runs_the_command():
+    """`python -m adni_diffusers` is the command where the console script is not on PATH (a `pip install --user`
+    whose scripts folder is not on it, a venv's python called by path): it said "'adni_diffusers' is a package and
+    cannot be directly executed"."""
+    import subprocess
+    import sys
+
+    from adni_diffusers import __version__
+
+    done = subprocess.run([sys.executable, "-m", "adni_diffusers", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"adni-diffusers {__version__}"
