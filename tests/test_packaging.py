@@ -60,3 +60,13 @@ def test_the_sdist_holds_the_tests_scripts_and_docs_they_read(built):
                        "pyproject.toml", ".ci/run")}
     assert {"tests/conftest.py", "tests/hub_stub.py"} <= needed
     assert sorted(needed - in_sdist) == []
+
+
+def test_both_hold_the_licence_text_the_metadata_names(built):
+    """setup.cfg says Apache-2.0, whose section 4(a) asks that a copy of the licence go with every copy of the
+    work: neither the wheel nor the sdist held one (the repository had no LICENSE file)."""
+    _, in_sdist, in_wheel = built
+    assert "LICENSE" in in_sdist
+    assert any(f.endswith(".dist-info/licenses/LICENSE") for f in in_wheel), sorted(in_wheel)
+    text = (REPO_ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
