@@ -601,7 +601,7 @@ def _bare_run(tmp_path):
     run.accelerator, run.output_dir, run.start_time, run._last_good_checkpoint = Accelerator(cpu=True), tmp_path, 0.0, None
     run.optimizer = SimpleNamespace(param_groups=[{"lr": 1e-4}])
     run.progress = SimpleNamespace(set_postfix=lambda *a, **k: None, update=lambda n: None)
-    run.args = SimpleNamespace(logging_steps=2, checkpointing_steps=1000, trace_batches=False)
+    run.args = SimpleNamespace(logging_steps=2, checkpointing_steps=1000, trace_batches=False, train_batch_size=1)
     run.ema, run.global_step, run.start_step, run.max_train_steps = None, 0, -1, 1000
     run._pending, run._micro_logs, run._batches_since_step = [], [], 0
     return run

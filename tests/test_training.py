@@ -494,7 +494,7 @@ def _run_for_end_step(model, ema=None, max_grad_norm=1.0):
     run.accelerator, run.model, run.ema = Accelerator(cpu=True), model, ema
     run.progress = SimpleNamespace(set_postfix=lambda *a, **k: None, update=lambda n: None)
     run.args = SimpleNamespace(logging_steps=1000, checkpointing_steps=1000, trace_batches=False,
-                               max_grad_norm=max_grad_norm)
+                               max_grad_norm=max_grad_norm, train_batch_size=1)
     run.global_step, run.start_step, run.max_train_steps = 5, 0, 1000
     run._pending, run._micro_logs, run._batches_since_step = [], [], 0
     return run
@@ -724,8 +724,9 @@ def test_a_resume_mid_epoch_weights_the_remaining_micro_batches_as_an_uninterrup
                                trace_batches=False, output_dir=str(tmp_path))
 
         def weights(step: int, batches: int) -> list[float]:
-            run = training.TrainingRun(args, acc, loader, sampler, torch.nn.Linear(1, 1), optimizer=None,
-                                       stage="UNet")
+            model = torch.nn.Linear(1, 1)
+            run = training.TrainingRun(args, acc, loader, sampler, model,
+                                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1), stage="UNet")
             run.global_step = run.start_step = step  # what resume() sets (epoch 0)
             seen = []
             loop = run.batches()
