@@ -374,7 +374,9 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     settings and model cut short, or with a smaller `num_images`: its images are kept and the missing ones made;
     each image has its own seed, so they are the images an uninterrupted run makes, up to a grey level where the
     batches differ). `pipe`: a loaded pipeline to sample with instead of loading `model` (the demo's, reused for
-    each class); it keeps the `scheduler` set here, its progress bar off and, with `compile`, its compiled UNet."""
+    each class); it keeps the `scheduler` set here, its progress bar off and, with `compile`, its compiled UNet.
+    This is `adni-diffusers generate`'s work, and its errors name the command's flags: `--overwrite` is
+    `overwrite=True` here, `--class` is `class_label`, `--num-images` is `num_images`."""
     from .progress import progress_bar
 
     from .plots import titled_grid
