@@ -201,6 +201,27 @@ def _run_stage(name: str, module: str, folder: Path, product: str, model: str, a
         raise StoppedAfterStage(signum, name, folder)
 
 
+def _check_pipeline_code_is_ours(ldm_dir: Path) -> None:
+    """The demo loads its pipeline as a user without the package would (trust_remote_code=True), which imports the
+    module model_index.json names from the folder. A reused ldm/ may hold other code than the package's (edited, or
+    a demo folder copied from someone else): ValueError, before any of it runs. A freshly trained one always holds
+    the package's own file (save_pretrained copies it)."""
+    from . import pipeline_adni_ldm
+    from .pipeline_adni_ldm import PIPELINE_CLASS, PIPELINE_MODULE
+
+    index = read_json_object(ldm_dir / "model_index.json")
+    shipped = ldm_dir / f"{PIPELINE_MODULE}.py"
+    ours = index.get("_class_name") == [PIPELINE_MODULE, PIPELINE_CLASS] and shipped.is_file() \
+        and shipped.read_bytes() == Path(pipeline_adni_ldm.__file__).read_bytes()
+    if not ours:
+        named = index.get("_class_name")
+        what = f"{shipped.name} differs from the package's file" if named == [PIPELINE_MODULE, PIPELINE_CLASS] \
+            else f"model_index.json names {named!r}, not [{PIPELINE_MODULE!r}, {PIPELINE_CLASS!r}]"
+        raise ValueError(f"{ldm_dir}: {what}: not this package's pipeline code (edited, another version's or another "
+                         "person's); the demo loads the pipeline with trust_remote_code=True, which would run it. Pass "
+                         "--retrain to train and save the pipeline again, or choose another --out")
+
+
 def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects: int | None = None, seed: int = 0,
              retrain: bool = False, quick: bool = False) -> dict:
     from .demo_data import check_seed, ensure_demo_dataset, read_settings, slice_tree_holding
@@ -267,6 +288,7 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     from diffusers import DiffusionPipeline
 
     t = time.time()
+    _check_pipeline_code_is_ours(ldm_dir)  # trust_remote_code imports the folder's code: only the package's own
     pipe = DiffusionPipeline.from_pretrained(str(ldm_dir), trust_remote_code=True).to(device)
     scheduler, steps = plan["sampler"]
     results = {}

@@ -118,7 +118,12 @@ def _fake_demo(monkeypatch, tmp_path):
         product = out / ("vqvae/config.json" if module_name.endswith("train_vqmodel") else "model_index.json")
         product.parent.mkdir(parents=True, exist_ok=True)
         product.write_text(json.dumps({"call": len(calls["train"])}))  # each training makes other weights
-        if module_name.endswith("train_unet"):
+        if module_name.endswith("train_unet"):  # as save_pretrained writes it: the package's own code beside it
+            from adni_diffusers import pipeline_adni_ldm as shipped
+
+            product.write_text(json.dumps({"call": len(calls["train"]),
+                                           "_class_name": [shipped.PIPELINE_MODULE, shipped.PIPELINE_CLASS]}))
+            (out / f"{shipped.PIPELINE_MODULE}.py").write_bytes(Path(shipped.__file__).read_bytes())
             (out / "unet").mkdir(exist_ok=True)
             (out / "unet" / "diffusion_pytorch_model.safetensors").write_text(f"weights {len(calls['train'])}")
         if calls.get("interrupt") == module_name.rsplit(".", 1)[-1]:  # stopped after saving, before the end
@@ -138,7 +143,11 @@ def _fake_demo(monkeypatch, tmp_path):
     monkeypatch.setattr(demo_data, "ensure_demo_dataset", ensure_demo_dataset)
     monkeypatch.setattr(demo_data, "read_settings", lambda root: dict(calls["data"][-1]))
     monkeypatch.setattr(demo, "_train", train)
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: Pipe())
+    def from_pretrained(*args, **kwargs):
+        calls.setdefault("loaded", []).append(args)
+        return Pipe()
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
     monkeypatch.setattr(generate, "generate", fake_generate)
     return calls
 
@@ -416,3 +425,29 @@ def test_the_demos_summary_says_where_the_curves_are_and_its_times_in_words(tmp_
     assert "time:       27.1 s (data 4.5 s, VQModel 13.1 s, UNet 8.5 s, sampling 0.9 s)" in printed, printed
     assert f"loss curves: {out / 'vq' / 'loss_curve.png'}, {out / 'ldm' / 'loss_curve.png'}" in printed, printed
     assert f"tensorboard --logdir {out}" in printed and str(out / "demo_summary.json") in printed, printed
+
+
+@pytest.mark.parametrize("change", ["edited", "another module"])
+def test_the_demo_runs_no_pipeline_code_but_its_own(tmp_path, monkeypatch, change):
+    """The demo loads its pipeline with trust_remote_code=True, which imports the folder's pipeline_adni_ldm_*.py:
+    a reused ldm/ whose code was edited (or whose model_index.json names another module: a demo folder copied
+    from someone else) ran that code on `adni-diffusers demo`, without the user ever trusting it."""
+    from adni_diffusers.demo import run_demo
+    from adni_diffusers.pipeline_adni_ldm import PIPELINE_CLASS, PIPELINE_MODULE
+
+    calls = _fake_demo(monkeypatch, tmp_path)
+    run_demo(tmp_path / "demo", device="cpu", quick=True)
+    assert len(calls["loaded"]) == 1
+    ldm = tmp_path / "demo" / "ldm"
+    if change == "edited":
+        with open(ldm / f"{PIPELINE_MODULE}.py", "a") as f:
+            f.write("\nimport os; os.system('touch pwned')\n")
+    else:
+        (ldm / "other_code.py").write_text("import os; os.system('touch pwned')\n")
+        index = json.loads((ldm / "model_index.json").read_text())
+        (ldm / "model_index.json").write_text(json.dumps({**index, "_class_name": ["other_code", PIPELINE_CLASS]}))
+    with pytest.raises(ValueError, match="not this package's pipeline code") as caught:
+        run_demo(tmp_path / "demo", device="cpu", quick=True)
+    assert "--retrain" in str(caught.value)
+    assert len(calls["loaded"]) == 1  # nothing of the folder's code was loaded
+    assert len(calls["train"]) == 2  # both stages were reused: the refusal cost no training
