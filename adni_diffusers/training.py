@@ -1517,9 +1517,20 @@ def find_resume_checkpoint(args) -> Path | None:
 
 def load_checkpoint(accelerator, path: Path) -> tuple[int, dict, dict]:
     """Restore what `save_checkpoint` wrote. Returns (step, tensors, meta)."""
+    import pickle
+
     from safetensors.torch import load_file
 
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as e:
+        # torch's weights-only loader refused a file (a checkpoint downloaded or shared, not one this package
+        # wrote): its message ends in the advice to load it with weights_only=False, which runs the file's code
+        why = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line),
+                   str(e).splitlines()[0] if str(e) else type(e).__name__).split(". Please")[0]  # (more advice)
+        raise TrainingError(f"--resume_from_checkpoint {path}: a file in it holds more than tensors and numbers "
+                            f"({why}), so it was not loaded: it is not a checkpoint this package wrote. Resume "
+                            "only from checkpoints your own runs wrote") from None
     meta = json.loads((path / "training_state.json").read_text())
     tensor_file = path / "training_state.safetensors"
     tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}

@@ -220,6 +220,39 @@ def test_resuming_without_ema_weights_under_use_ema_says_so(tmp_path):
         reset_accelerate()
 
 
+class _NotTensors:
+    """What a crafted checkpoint file holds instead of tensors: unpickling it would call its __reduce__."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ.get("PWNED_MARKER", "/nonexistent/marker")),))
+
+
+def test_a_checkpoint_file_holding_more_than_tensors_is_refused_in_words(tmp_path, monkeypatch):
+    """A shared or downloaded checkpoint whose optimizer.bin runs code when unpickled: torch refuses it, and the
+    run ended in a traceback whose last line advised loading it with weights_only=False. It is a one-line
+    TrainingError naming the checkpoint, and nothing of the file runs."""
+    from accelerate import Accelerator
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED_MARKER", str(marker))
+    reset_accelerate()
+    try:
+        acc = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 2)
+        acc.prepare(model, torch.optim.AdamW(model.parameters()))
+        path = training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
+        torch.save(_NotTensors(), path / "optimizer.bin")
+        with pytest.raises(training.TrainingError) as refused:
+            training.load_checkpoint(acc, path)
+    finally:
+        reset_accelerate()
+    message = str(refused.value)
+    assert message.startswith(f"--resume_from_checkpoint {path}: a file in it holds more than tensors and numbers")
+    assert "not a checkpoint this package wrote" in message and "weights_only=False" not in message
+    assert "Unsupported global" in message and "add_safe_globals" not in message, message  # what torch refused
+    assert not marker.exists()
+
+
 def test_a_fresh_start_clears_the_trace_of_a_run_that_died_before_its_first_checkpoint(tmp_path):
     """--trace_batches appends a row per step: a run that died before its first checkpoint left rows for steps 1-3,
     and a fresh start (no --overwrite_output_dir: nothing was saved) appended its own, so steps 1-3 read as trained
