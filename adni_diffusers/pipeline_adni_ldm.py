@@ -829,6 +829,16 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                              f"DPMSolverMultistep, UniPC or Euler: `pipe.scheduler = DDIMScheduler.from_config("
                              "pipe.scheduler.config)`")
         now = self.scheduler.config
+        # options that keep alphas_cumprod and the training settings but change what the timesteps or sigmas mean:
+        # Euler's "continuous" gives the UNet 0.25 log(sigma) (about 1.3 .. -0.2) as timesteps; flow sigmas are a
+        # flow-matching model's noise schedule. (Only where the class takes the option: from_config keeps another
+        # class's options in the config, unused.)
+        takes = inspect.signature(type(self.scheduler).__init__).parameters
+        for key, bad, good in (("timestep_type", "continuous", "discrete"), ("use_flow_sigmas", True, False)):
+            if key in takes and now.get(key) == bad:  # the advice names the value: the config alone copies `bad`
+                raise ValueError(f"{name} has {key}={bad!r}: not the timesteps this UNet learned (DDPM's "
+                                 f"0..{train_timesteps - 1}), so its samples would not be slices; build it with "
+                                 f"`{name}.from_config(pipe.scheduler.config, {key}={good!r})`")
         differ = [f"{key}={_short(now[key])} (trained with {_short(then)})" for key, then in
                   (self.config.get("training_noise") or {}).items() if key in now and not _same_setting(now[key], then)]
         if differ:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import os
@@ -660,6 +661,32 @@ def test_a_scheduler_with_another_forward_process_is_refused(tmp_path):
     old = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "pipe", scheduler=DDIMScheduler(clip_sample=False))
     with pytest.raises(ValueError, match="prediction_type='epsilon'"):
         old(**kwargs)
+
+
+@pytest.mark.parametrize("options, named", [(dict(timestep_type="continuous"), "timestep_type='continuous'"),
+                                             (dict(use_flow_sigmas=True), "use_flow_sigmas=True")])
+def test_a_scheduler_option_that_changes_the_timesteps_meaning_is_refused(options, named):
+    """`EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_type="continuous")` gave the UNet
+    0.25 log(sigma) (1.26 .. -0.21) as its timesteps, and `use_flow_sigmas=True` (DPM-Solver++, UniPC) a flow-matching
+    noise schedule: both keep alphas_cumprod and the training settings, so they sampled without a word."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler_cls = EulerDiscreteScheduler if "timestep_type" in options else DPMSolverMultistepScheduler
+    pipe = make_pipe()
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **options)
+    with pytest.raises(ValueError, match=rf"{scheduler_cls.__name__} has {re.escape(named)}: .*0..999"):
+        pipe(num_inference_steps=2, class_labels="AD", output_type="latent")
+    refused = pipe.scheduler
+    with pytest.raises(ValueError) as info:
+        pipe(num_inference_steps=2, class_labels="AD", output_type="latent")
+    advice = re.search(r"`(\w+)\.from_config\(pipe\.scheduler\.config, (\w+)=(.+?)\)`", str(info.value))
+    # the advice, followed as written, mends it (from_config(pipe.scheduler.config) alone copies the option)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **{advice[2]: ast.literal_eval(advice[3])})
+    assert advice[1] == scheduler_cls.__name__
+    assert pipe(num_inference_steps=2, class_labels="AD", output_type="latent").images.shape == (1, 4, 32, 32)
+    pipe.scheduler = DDIMScheduler.from_config(refused.config)  # which keeps the option in its config, unused
+    assert pipe.scheduler.config.get(next(iter(options))) == next(iter(options.values()))
+    assert pipe(num_inference_steps=2, class_labels="AD", output_type="latent").images.shape == (1, 4, 32, 32)
 
 
 def test_a_forward_process_of_trained_betas_is_recorded_and_compared(tmp_path):
