@@ -753,8 +753,20 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 # the previous x_t) would carry on from that copy: the callback's latents (returned, or changed in
                 # place) reached it only through the next model output
                 kept = latents.clone() if latents.device.type != "meta" and self._kept_sample() else None
-                result = callback(self, step_offset + i, t, {k: values[k] for k in tensor_inputs}) or {}
-                latents = result.get("latents", latents)
+                result = callback(self, step_offset + i, t, {k: values[k] for k in tensor_inputs})
+                result = {} if result is None else result
+                if not isinstance(result, dict):  # else "'int' object has no attribute 'get'"
+                    raise ValueError(f"callback_on_step_end returned a {type(result).__name__} at step "
+                                     f"{step_offset + i}: expected a dict ({{'latents': latents}} to replace them) "
+                                     "or None")
+                given = result.get("latents", latents)
+                if given is not latents:  # another shape sampled on at that size (16x16 latents: 128x128 pictures)
+                    if not isinstance(given, torch.Tensor) or given.shape != latents.shape:
+                        raise ValueError(f"callback_on_step_end returned latents of shape "
+                                         f"{tuple(getattr(given, 'shape', ())) or type(given).__name__} at step "
+                                         f"{step_offset + i}; expected {tuple(latents.shape)}")
+                    given = given.to(device=latents.device, dtype=torch.float32)  # the sampler state stays float32
+                latents = given
                 if kept is not None and not torch.equal(latents.to(kept.device, kept.dtype), kept):
                     self._forget_kept_sample(step_offset + i)
         return latents

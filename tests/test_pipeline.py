@@ -198,6 +198,20 @@ def test_callback_sees_every_step_and_can_change_latents(pipe):
     assert out.shape == (1, 4, 32, 32)
 
 
+def test_a_callback_that_returns_latents_of_another_shape_or_no_dict_is_named(pipe):
+    """`{"latents": x}` of another shape went on sampling at that size (16x16 latents came out as 128x128 pictures,
+    not the 256x256 of this model); a callback returning no dict failed with "'int' object has no attribute 'get'"."""
+    kwargs = dict(num_inference_steps=2, class_labels="AD", output_type="pt")
+    with pytest.raises(ValueError, match=r"callback_on_step_end returned latents of shape \(1, 4, 16, 16\) at step "
+                                         r"0; expected \(1, 4, 32, 32\)"):
+        pipe(**kwargs, callback_on_step_end=lambda p, i, t, k: {"latents": torch.zeros(1, 4, 16, 16)})
+    with pytest.raises(ValueError, match=r"callback_on_step_end returned a int at step 0: expected a dict"):
+        pipe(**kwargs, callback_on_step_end=lambda p, i, t, k: 5)
+    # None, {}, the tensors back, and latents of the right shape in another dtype (kept float32) are all fine
+    for result in (None, {}, {"latents": torch.zeros(1, 4, 32, 32, dtype=torch.float16)}):
+        assert pipe(**kwargs, callback_on_step_end=lambda p, i, t, k: result).images.shape == (1, 1, 256, 256)
+
+
 def test_bad_arguments(pipe):
     with pytest.raises(ValueError, match="refine_steps"):
         pipe(num_inference_steps=5, refine_steps=6, refine_repeats=1)
