@@ -1107,6 +1107,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
                                 push_to_hub=False, **{k: v for k, v in kwargs.items() if k == "max_shard_size"})
         save_directory = Path(save_directory)
+        if not safe_serialization:
+            logger.warning(f"{save_directory}: safe_serialization=False wrote the weights as pickle (.bin), which can "
+                           "run code when loaded: adni-diffusers generate, evaluate and counterfactual refuse them "
+                           "(they load safetensors only), and diffusers loads them only with an \"unsafe "
+                           "serialization\" warning; save with safe_serialization=True (the default) to share")
         source = Path(inspect.getfile(type(self)))
         target = save_directory / f"{PIPELINE_MODULE}.py"
         if source.resolve() != target.resolve():

@@ -958,6 +958,23 @@ def test_save_writes_module_and_class_name_and_resave_round_trips(pipe, tmp_path
         ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "a", text_encoder=None)
 
 
+def test_saving_as_pickle_warns_that_adni_diffusers_will_not_load_it(pipe, tmp_path, monkeypatch):
+    """`save_pretrained(..., safe_serialization=False)` wrote .bin pickles without a word, which `adni-diffusers
+    generate`/`evaluate` then refuse (they load safetensors only) and others load only with diffusers' "unsafe
+    serialization" warning. The save is diffusers' and goes ahead; a warning says so."""
+    from adni_diffusers import pipeline_adni_ldm as module
+
+    warned = []
+    monkeypatch.setattr(module.logger, "warning", warned.append)
+    pipe.save_pretrained(tmp_path / "safe")
+    assert warned == []
+    pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert (tmp_path / "pickled" / "unet" / "diffusion_pytorch_model.bin").is_file()
+    assert len(warned) == 1 and warned[0].startswith(f"{tmp_path / 'pickled'}: safe_serialization=False wrote the "
+                                                     "weights as pickle (.bin)"), warned
+    assert "adni-diffusers generate" in warned[0] and "safe_serialization=True" in warned[0]
+
+
 def test_diffusion_pipeline_needs_trust_remote_code(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="trust_remote_code"):
