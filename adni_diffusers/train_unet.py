@@ -481,6 +481,10 @@ def main(args: argparse.Namespace) -> dict:
     # the latents' own bits, in training_args.json (each session's, under earlier_sessions where a resume read
     # others): encoding at another --eval_batch_size or on another device changes their last bits, not the cache key
     args.train_latents_sha256 = latent_digest(train_latents)
+    # from here on the slices are their latents: the pixels (2.0 GB a process for ADNI's 30,520) were held, unread,
+    # until the run ended; their digests stay for training_data.json
+    data.train.release_pixels()
+    data.val.release_pixels()
     if accelerator.is_main_process and (problem := scale_problem(train_latents, vq.config.scaling_factor)):
         logger.warning("--vqmodel %s: %s", args.vqmodel, problem)
     unet = training.to_channels_last(UNet2DModel(**config), args)
