@@ -573,6 +573,11 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         class_names (`list[str]` or `dict[str, int]`, optional): names of the conditioning classes, e.g.
             `["AD", "NC"]`. Saved in model_index.json as `{"AD": 0, "NC": 1}` (a list there would be taken
             for a component by diffusers' Hub download).
+        training_noise (`dict`, optional): the noise process the UNet was trained with (prediction type, betas,
+            timesteps), against which a swapped-in scheduler is checked. Left out, it is taken from `scheduler`:
+            built from parts with a new scheduler, pass the saved model's own,
+            `training_noise=json.load(open(f"{path}/model_index.json"))["training_noise"]` (a default
+            `DDIMScheduler()` under a v-prediction UNet samples noise, and nothing could say so).
 
     Precision: noise is drawn on the UNet's device and the sampler state stays float32 (1000 scheduler
     steps in bf16 would drift); the UNet and the VQModel run in their own dtype, so a pipeline loaded
