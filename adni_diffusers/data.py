@@ -193,6 +193,21 @@ class SliceSet:
             list(self.class_names),
         )
 
+    def subset_in_place(self, indices: list[int]) -> "SliceSet":
+        """`subset(indices)` for ascending `indices`, made by moving the slices within this set's own pixel array
+        (each moves to a row at or before its own, so none is overwritten before it has moved): `subset`'s copy,
+        made while the whole decoded array was still held, doubled the peak memory of a data load (4 GB for
+        ADNI's 30,520 slices). This set is spent afterwards; the result's pixels are a view of its array."""
+        if any(b <= a for a, b in zip(indices, indices[1:])):
+            return self.subset(indices)
+        pixels = self.pixels
+        for row, index in enumerate(indices):
+            if row != index:
+                pixels[row] = pixels[index]
+        kept = torch.as_tensor(indices, dtype=torch.long)
+        return SliceSet(pixels[: len(indices)], self.labels[kept], [self.patients[i] for i in indices],
+                        [self.paths[i] for i in indices], list(self.class_names))
+
     def pixels_sha256(self) -> str:
         """SHA-256 of the decoded slices, in order (once per set: about 2 s for ADNI's 30,520). The same file and
         patient names can hold other images: a re-export that numbered the patients otherwise put patients that
@@ -861,8 +876,9 @@ def load_slices(
             "so the held-out images are not all unseen; use --split patient to hold out whole patients",
             len(shared), root, ", ".join(shared[:5]),
         )
+    held_out = everything.subset(val_idx)  # (a copy, the smaller set) before the training set takes the array
     return SliceData(
-        everything.subset(train_idx), everything.subset(val_idx), list(tree.class_names), split, str(root), preprocess,
+        everything.subset_in_place(train_idx), held_out, list(tree.class_names), split, str(root), preprocess,
         shared_patients=len(shared), patient_ids=patient_ids, subjects_named_both_ways=named_both_ways,
     )
 
