@@ -837,14 +837,15 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         """A scheduler swapped in must run the forward process the UNet learned. One built by hand (`DDIMScheduler(
         clip_sample=False)`) or taken from another model falls back to diffusers' defaults: on a v-prediction model
         `prediction_type="epsilon"` made finite latents 70 times too large, decoded into meaningless slices without
-        a word. EDM-type schedulers (no alphas_cumprod) give the UNet noise levels in their own units as timesteps."""
+        a word. EDM and flow-matching schedulers (no alphas_cumprod) give the UNet noise levels in their own units as
+        timesteps."""
         name = type(self.scheduler).__name__
         train_timesteps = self.config.get("training_noise", {}).get("num_train_timesteps", 1000)
         if getattr(self.scheduler, "alphas_cumprod", None) is None:
-            raise ValueError(f"{name} has no alphas_cumprod (an EDM-type scheduler): it would give the UNet noise "
-                             f"levels as timesteps, while it learned DDPM's 0..{train_timesteps - 1}; use DDPM, DDIM, "
-                             f"DPMSolverMultistep, UniPC or Euler: `pipe.scheduler = DDIMScheduler.from_config("
-                             "pipe.scheduler.config)`")
+            raise ValueError(f"{name} has no alphas_cumprod (an EDM or flow-matching scheduler): it would give the "
+                             f"UNet noise levels as timesteps, while it learned DDPM's 0..{train_timesteps - 1}; use "
+                             "DDPM, DDIM, DPMSolverMultistep, UniPC or Euler: `pipe.scheduler = "
+                             "DDIMScheduler.from_config(pipe.scheduler.config)`")
         now = self.scheduler.config
         # options that keep alphas_cumprod and the training settings but change what the timesteps or sigmas mean:
         # Euler's "continuous" gives the UNet 0.25 log(sigma) (about 1.3 .. -0.2) as timesteps; flow sigmas are a
