@@ -1515,6 +1515,26 @@ def find_resume_checkpoint(args) -> Path | None:
     return Path(args.resume_from_checkpoint)
 
 
+def _check_random_states_loaded(path: Path, process_index: int) -> None:
+    """accelerate's load_state goes on without a checkpoint's random states it cannot read (a damaged file), saying
+    so at INFO on the main process alone: the resume then draws other noise, timesteps and dropout than the
+    uninterrupted run would. Said as a warning, by the process concerned. (A process the checkpoint had no file
+    for, a resume on more processes, is no exact resume anyway: not warned.)"""
+    from accelerate.utils import load
+
+    states = path / f"random_states_{process_index}.pkl"
+    if not states.is_file():
+        return
+    try:
+        readable = {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(load(states))
+    except Exception:  # what accelerate met too (it catches every exception there)
+        readable = False
+    if not readable:
+        logger.warning("%s could not be read (damaged?): the run goes on from the checkpoint's weights and "
+                       "optimizer, but its random numbers (noise, timesteps, dropout) are not the ones an "
+                       "uninterrupted run would have drawn", states)
+
+
 def load_checkpoint(accelerator, path: Path) -> tuple[int, dict, dict]:
     """Restore what `save_checkpoint` wrote. Returns (step, tensors, meta)."""
     import pickle
@@ -1531,6 +1551,7 @@ def load_checkpoint(accelerator, path: Path) -> tuple[int, dict, dict]:
         raise TrainingError(f"--resume_from_checkpoint {path}: a file in it holds more than tensors and numbers "
                             f"({why}), so it was not loaded: it is not a checkpoint this package wrote. Resume "
                             "only from checkpoints your own runs wrote") from None
+    _check_random_states_loaded(path, accelerator.process_index)
     meta = json.loads((path / "training_state.json").read_text())
     tensor_file = path / "training_state.safetensors"
     tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}

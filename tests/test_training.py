@@ -253,6 +253,23 @@ def test_a_checkpoint_file_holding_more_than_tensors_is_refused_in_words(tmp_pat
     assert not marker.exists()
 
 
+def test_a_checkpoints_unreadable_random_states_are_warned_about(tmp_path, caplog):
+    """accelerate's load_state went on without a random_states_0.pkl it could not read, saying so at INFO (hidden
+    at the run's log level): the resume was not the exact continuation the tests promise, without a word."""
+    try:
+        acc = checkpoint_accelerator()
+        path = training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
+        with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+            training.load_checkpoint(acc, path)
+            assert "could not be read" not in caplog.text  # a whole checkpoint: nothing said
+            (path / "random_states_0.pkl").write_bytes(b"not a pickle")
+            training.load_checkpoint(acc, path)
+    finally:
+        reset_accelerate()
+    assert f"{path / 'random_states_0.pkl'} could not be read (damaged?): the run goes on from the checkpoint's " \
+        "weights and optimizer, but its random numbers" in caplog.text
+
+
 def test_a_fresh_start_clears_the_trace_of_a_run_that_died_before_its_first_checkpoint(tmp_path):
     """--trace_batches appends a row per step: a run that died before its first checkpoint left rows for steps 1-3,
     and a fresh start (no --overwrite_output_dir: nothing was saved) appended its own, so steps 1-3 read as trained
