@@ -93,23 +93,20 @@ def _out_of_room_advice(name: str, args, error: BaseException) -> str:
 
 def _what_an_interrupt_left(name: str, args) -> str:
     """evaluate's partial results, or generate's images so far, where an interrupted run left them (the line said
-    "interrupted" alone)."""
+    "interrupted" alone): said where the run's record is marked incomplete, not where it is missing or whole."""
     from .files import read_json_object
 
     if name == "generate":
         out = Path(args.out)
-        if read_json_object(out / "generation.json").get("complete") is not False:  # none yet, or a whole run's
-            return ""
-        return (f"; the images made so far are in {out} (generation.json: complete false): the same command with "
-                "--resume makes the rest")
-    if name != "evaluate":
+        record, left = out / "generation.json", (f"the images made so far are in {out} (generation.json: complete "
+                                                 "false): the same command with --resume makes the rest")
+    elif name == "evaluate":
+        out = Path(args.out) if getattr(args, "out", None) else Path(args.model) / "evaluation"
+        record, left = out / "metrics.json", (f"{out / 'metrics.json'} and report.md hold what was measured so far, "
+                                              "marked incomplete; a rerun samples again (the feature net is cached)")
+    else:
         return ""
-    out = Path(args.out) if getattr(args, "out", None) else Path(args.model) / "evaluation"
-
-    if read_json_object(out / "metrics.json").get("complete") is not False:  # none yet, or an earlier run's
-        return ""
-    return (f"; {out / 'metrics.json'} and report.md hold what was measured so far, marked incomplete; a rerun "
-            "samples again (the feature net is cached)")
+    return f"; {left}" if read_json_object(record).get("complete") is False else ""
 
 
 def main(argv: list[str] | None = None) -> int:
