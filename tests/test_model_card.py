@@ -58,6 +58,10 @@ def test_demo_pipeline_card(ldm):
         assert f"\n{section}\n" in text
     assert "![Samples from this model](samples.png)" in text and "(loss_curve.png)" in text
     assert 'DiffusionPipeline.from_pretrained("your-user/tiny-ldm", trust_remote_code=True)' in text
+    # what to install for it: the oldest diffusers the shipped file accepts
+    from adni_diffusers.pipeline_adni_ldm import MIN_DIFFUSERS
+    need = ".".join(map(str, MIN_DIFFUSERS))
+    assert f'`pip install torch "diffusers>={need}"`' in text and f"diffusers {need} or newer" in text
     assert "ADNILatentDiffusionPipeline.from_pretrained(" in text  # with the package, no remote code
     assert 'class_labels="AD"' in text and "refine_steps" in text and "DPMSolverMultistepScheduler" in text
     assert "Research use only" in text and "not images of" in text and "Louis Collins" in text
