@@ -499,12 +499,18 @@ def make_accelerator(args, project_name: str):
     from accelerate.utils import set_seed
 
     set_seed(args.seed)  # the same initial weights on every process and in every run with this seed
+    apply_backend_flags(args)
+    return accelerator
+
+
+def apply_backend_flags(args) -> None:
+    """--allow_tf32 and --cudnn_benchmark: process-wide torch settings, which `keeps_session_logging` gives back
+    after the run (torch_backend_settings)."""
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if getattr(args, "cudnn_benchmark", False) and torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-    return accelerator
 
 
 def fresh_accelerate_state() -> None:
@@ -571,7 +577,8 @@ def warn_if_the_accelerate_config_is_not_read(args) -> None:
 def keeps_session_logging(main):
     """For a stage's `main`: the run sets up logging for itself (INFO lines on the console, quieter libraries),
     and a notebook's session gets its own set-up back afterwards (its root logger had been left at INFO, with a
-    console handler, so that every library's INFO lines printed)."""
+    console handler, so that every library's INFO lines printed), and torch's TF32 and cuDNN-benchmark settings
+    (torch_backend_settings) as they were before the run."""
     import functools
 
     @functools.wraps(main)
@@ -581,6 +588,7 @@ def keeps_session_logging(main):
 
         root, names = logging.getLogger(), ("adni_diffusers", "accelerate")
         handlers, level = list(root.handlers), root.level
+        backends = [(module, name, getattr(module, name)) for module, name in torch_backend_settings()]
         levels = {name: logging.getLogger(name).level for name in names}
         verbosity = (datasets.utils.logging.get_verbosity(), diffusers.utils.logging.get_verbosity())
         try:
@@ -593,8 +601,18 @@ def keeps_session_logging(main):
                 logging.getLogger(name).setLevel(was)
             datasets.utils.logging.set_verbosity(verbosity[0])
             diffusers.utils.logging.set_verbosity(verbosity[1])
+            for module, name, was in backends:  # a sweep's next run (no --allow_tf32) trained with TF32 on
+                setattr(module, name, was)
 
     return run
+
+
+def torch_backend_settings() -> list[tuple[object, str]]:
+    """The process-wide torch settings a run's flags change (apply_backend_flags): given back after a run called
+    from Python, so that a notebook's sweep of `cli([...])` calls, or its sampling afterwards, does not run the next
+    one with TF32 or cuDNN benchmarking that it did not ask for (and that its training_args.json says were off)."""
+    return [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+            (torch.backends.cudnn, "benchmark")]
 
 
 def _quiet_libraries(main: bool) -> None:

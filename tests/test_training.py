@@ -1424,3 +1424,36 @@ def test_the_launcher_warning_names_the_module_under_accelerate_launch_m(monkeyp
     with caplog.at_level(logging.WARNING, logger="adni_diffusers.training"):
         training.warn_if_the_launcher_kills_early(SimpleNamespace(num_processes=1))
     assert "Start one-process jobs with `python -m adni_diffusers.train_vqmodel` and the same flags" in caplog.text
+
+
+def test_a_run_from_python_gives_torchs_tf32_and_cudnn_settings_back(monkeypatch):
+    """A notebook's sweep of `train_unet.cli([...])` calls: the run with --allow_tf32 --cudnn_benchmark set them
+    process-wide, so every later run (and the sampling after it) trained with TF32 and cuDNN benchmarking on, while
+    its training_args.json said `"allow_tf32": false`."""
+    from argparse import Namespace
+
+    import torch
+
+    from adni_diffusers import training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU notebook sees (the flags are CUDA's)
+    settings = training.torch_backend_settings()
+    before = [getattr(module, name) for module, name in settings]
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+        seen = []
+
+        @training.keeps_session_logging
+        def run(args):
+            training.apply_backend_flags(args)
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark))
+
+        run(Namespace(allow_tf32=True, cudnn_benchmark=True))
+        assert seen == [(True, True)]  # the run itself gets what it asked for
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark) == (False, False)
+        run(Namespace(allow_tf32=False, cudnn_benchmark=False))
+        assert seen[-1] == (False, False)  # the next run of the sweep: what its flags say
+    finally:
+        for (module, name), was in zip(settings, before):
+            setattr(module, name, was)
