@@ -2473,14 +2473,6 @@ def save_run_info(output_dir, args, data, data_source: str, extra: dict | None =
     write_text_atomically(record, json.dumps(safe_args, indent=2, default=str))
 
 
-# the scalars each stage's runs are compared by in tensorboard's HParams tab
-# (val_objective: the held-out loss in `loss`'s own measure, logged where that is not plain MSE (--snr_gamma,
-# --loss smooth_l1), the one held-out column comparable with `loss` there; blank in other runs)
-HPARAMS_METRICS = {"unet": ("final/val_loss", "val_loss", "val_objective", "loss"),
-                   "vqmodel": ("final/psnr", "final/ssim", "final/ms_ssim", "final/psnr_brain", "val_psnr", "val_ssim",
-                               "loss")}
-
-
 def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
     """Tensorboard (with the run's flags, tokens left out) on the main process. A run resumed at `start_step`
     drops the events logged after it by the first attempt (they would show twice: steps 1, 2, 3, 4, 3, 4).
@@ -2507,9 +2499,12 @@ def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
             if tracker.name != "tensorboard":  # wandb, comet, ...: their run config, as init_trackers(config=) gives it
                 tracker.store_init_configuration(flags)
             elif not start_step:
-                # the metrics the HParams table shows beside the flags (their values are the run's own scalars)
-                metrics = dict.fromkeys(HPARAMS_METRICS.get(project, ()), 0.0)
-                for summary in hparams(flags, metrics):  # what SummaryWriter.add_hparams writes, minus its folder
+                # this run's flags, not the experiment's columns (add_hparams writes those too): TensorBoard takes
+                # the first run's columns it finds for a whole --logdir, with every flag marked "same in all runs"
+                # and None flags typed as text, so a sweep's table opened on adam_beta1 instead of the swept flag.
+                # Without them it works the columns out from all the runs (which flags differ; the runs' scalars)
+                _, session_start, session_end = hparams(flags, {})  # what SummaryWriter.add_hparams writes
+                for summary in (session_start, session_end):
                     tracker.writer.file_writer.add_summary(summary)
                 tracker.writer.flush()
 

@@ -187,3 +187,20 @@ def toy_slices(patients=4, per_patient=3, size=32, seed=0, labels=None) -> "Slic
             names.append(f"p{seed}{p}")
             paths.append(f"/d/{'AD' if y == 0 else 'NC'}/p{seed}{p}_{10 + s}.png")
     return SliceSet(torch.stack(pixels), torch.tensor(ys), names, paths, ["AD", "NC"])
+
+
+def tensorboard_hparams_experiment(logdir):
+    """The HParams tab's columns for `tensorboard --logdir logdir`, as TensorBoard's own backend works them out."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    runs = plugin_event_multiplexer.EventMultiplexer()
+    runs.AddRunsFromDirectory(str(logdir))
+    runs.Reload()
+    backend = backend_context.Context(base_plugin.TBContext(
+        logdir=str(logdir), multiplexer=runs, data_provider=data_provider.MultiplexerDataProvider(runs, str(logdir))))
+    ctx = context.RequestContext()
+    return backend.experiment_from_metadata(ctx, "", True, backend.hparams_metadata(ctx, ""),
+                                            backend.hparams_from_data_provider(ctx, "", limit=None))

@@ -284,9 +284,10 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo
         scalars.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["max_train_steps"].number_value == 4 and start.hparams["preset"].string_value == "tiny"
     assert start.hparams["mixed_precision"].string_value == "None"  # a flag left at None was left out
-    # the HParams table's metric columns: the run's held-out numbers (it had none to sort runs by)
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(
-        scalars.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    # the HParams table's metric columns, as TensorBoard works them out: the run's held-out numbers to sort runs by
+    from conftest import tensorboard_hparams_experiment
+
+    experiment = tensorboard_hparams_experiment(out / "logs")
     assert {m.name.tag for m in experiment.metric_infos} >= {"final/psnr", "final/ssim", "val_psnr", "loss"}
 
     for checkpoint in training.list_checkpoints(out):

@@ -1014,27 +1014,33 @@ def test_log_lines_go_above_the_progress_bar_only_where_they_print_to_the_consol
     assert root.handlers == [console]
 
 
-def test_the_unet_hparams_columns_hold_the_held_out_loss_in_the_objectives_measure(tmp_path):
-    """Under --snr_gamma (the demo's setting) `loss` is Min-SNR weighted and `val_loss` plain MSE: the table's only
-    held-out column was not comparable with `loss`. `val_objective` (the same measure) is a column too."""
+def test_a_sweeps_hparams_table_opens_on_the_flags_that_differ(tmp_path):
+    """Each run wrote the experiment's columns too (as SummaryWriter.add_hparams does): TensorBoard took the first
+    run's for the whole --logdir, with every flag marked "same in all runs" (and a flag None there typed as text), so
+    a sweep's table opened on adam_beta1... and the swept --learning_rate and --snr_gamma were hidden. Each run now
+    gives its flags alone, and TensorBoard works the columns out from all the runs: the swept flags first, and the
+    runs' scalars (the held-out loss, in the objective's measure too) as the metrics to sort them by."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
-    from conftest import reset_accelerate
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
+    from conftest import reset_accelerate, tensorboard_hparams_experiment
 
-    reset_accelerate()
-    try:
-        accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
-        training.start_logging(accelerator, SimpleNamespace(snr_gamma=5.0, seed=0), "unet")
-        accelerator.end_training()
-    finally:
+    for name, learning_rate, snr_gamma in (("base", 1e-4, None), ("lr", 1e-3, None), ("snr", 1e-4, 5.0)):
         reset_accelerate()
-    events = EventAccumulator(str(tmp_path / "unet")).Reload()
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(
-        events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
-    assert [m.name.tag for m in experiment.metric_infos] == ["final/val_loss", "val_loss", "val_objective", "loss"]
+        try:
+            accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path / name))
+            args = SimpleNamespace(learning_rate=learning_rate, snr_gamma=snr_gamma, adam_beta1=0.9, seed=0)
+            training.start_logging(accelerator, args, "unet")
+            accelerator.log({"loss": 1.0, "val_loss": 0.5, **({"val_objective": 0.7} if snr_gamma else {})}, step=1)
+            accelerator.log({"final/val_loss": 0.4}, step=1)
+            accelerator.end_training()
+        finally:
+            reset_accelerate()
+    experiment = tensorboard_hparams_experiment(tmp_path)
+    columns = [(h.name, h.differs) for h in experiment.hparam_infos]
+    assert columns[:2] == [("learning_rate", True), ("snr_gamma", True)], columns
+    assert ("adam_beta1", False) in columns
+    assert {m.name.tag for m in experiment.metric_infos} == {"loss", "val_loss", "val_objective", "final/val_loss"}
 
 
 def test_a_fresh_run_into_a_logging_dir_with_an_earlier_runs_events_hides_them(tmp_path, caplog):
