@@ -314,8 +314,17 @@ def validate_training_arguments(args: argparse.Namespace) -> None:
 
 
 def logging_folder(args) -> Path:
-    """Where tensorboard writes: --logging_dir under --output_dir (an absolute path stays itself)."""
+    """--logging_dir: under --output_dir (an absolute path stays itself)."""
     return (Path(args.output_dir) / args.logging_dir).resolve()
+
+
+def run_logging_folder(args) -> Path:
+    """Where this run's tensorboard folder (<project>/) goes: --logging_dir where it is inside --output_dir; in a
+    subfolder named after --output_dir where it is elsewhere. A sweep gives its runs one --logging_dir, and each run
+    wrote into the same <logging_dir>/unet/: TensorBoard showed the last one's curves, beside the first one's flags in
+    the HParams table."""
+    logs, output_dir = logging_folder(args), Path(args.output_dir).resolve()
+    return logs if logs.is_relative_to(output_dir) else logs / output_dir.name
 
 
 def where_to_watch(args) -> str:
@@ -326,7 +335,7 @@ def where_to_watch(args) -> str:
     if (out / "samples").is_dir():
         parts.append(f"sample grids {out / 'samples'}")
     if getattr(args, "report_to", "none") == "tensorboard":
-        parts.append(f"tensorboard --logdir {logging_folder(args)}")
+        parts.append(f"tensorboard --logdir {run_logging_folder(args)}")
     return "; ".join(parts)
 
 
@@ -462,7 +471,7 @@ def make_accelerator(args, project_name: str):
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
-    config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(run_logging_folder(args)))
     fresh_accelerate_state()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
         # before Accelerator(), which without deepspeed installed says to install it, only for the run to be
@@ -2487,10 +2496,13 @@ def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
         folder = Path(accelerator.logging_dir or ".") / project
         if not start_step and "tensorboard" in [getattr(t, "value", t) for t in accelerator.log_with] \
                 and any(folder.glob("events.out.tfevents.*")):
-            # a fresh run into a --logging_dir that is never cleared (outside --output_dir), which holds an earlier
-            # run's events: its curves read 1, 2, 3, 1, 2, 3. TensorBoard hides them from here on (the files stay)
-            logger.warning("--logging_dir: %s holds an earlier run's tensorboard events; TensorBoard hides them now "
-                           "(their files stay). To compare runs, give each its own --logging_dir", folder)
+            # a fresh run into a --logging_dir that is never cleared (outside --output_dir), whose subfolder of this
+            # --output_dir's name holds an earlier run's events: its curves read 1, 2, 3, 1, 2, 3. TensorBoard hides
+            # them from here on (the files stay)
+            logger.warning("--logging_dir: %s holds an earlier run's tensorboard events (a run whose --output_dir had "
+                           "this name, or an attempt of this run that stopped before its first checkpoint); "
+                           "TensorBoard hides them now (their files stay). To compare runs, give their output "
+                           "folders names of their own", folder)
             init_kwargs = {"tensorboard": {"purge_step": 0}}
         accelerator.init_trackers(project, init_kwargs=init_kwargs)
         from torch.utils.tensorboard.summary import hparams

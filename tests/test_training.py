@@ -1043,6 +1043,41 @@ def test_a_sweeps_hparams_table_opens_on_the_flags_that_differ(tmp_path):
     assert {m.name.tag for m in experiment.metric_infos} == {"loss", "val_loss", "val_objective", "final/val_loss"}
 
 
+def test_a_sweeps_runs_given_one_logging_dir_are_each_their_own_in_tensorboard(tmp_path):
+    """Runs given one --logging_dir (outside their --output_dir) all wrote into <logging_dir>/unet: TensorBoard showed
+    the last run's curves (the earlier ones hidden) beside the first run's flags in the HParams table, crediting one
+    run's result to another's settings. Each writes into a subfolder named after its --output_dir now; the default
+    --logging_dir (logs, inside --output_dir) is as before."""
+    from conftest import reset_accelerate
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from adni_diffusers import train_unet
+
+    shared = tmp_path / "tensorboard"
+    runs = {"base": 1e-4, "lr1e-3": 1e-3, "inside": 1e-4}
+    for name, learning_rate in runs.items():
+        args = train_unet.parse_args(["--vqmodel", "vq", "--output_dir", str(tmp_path / "sweep" / name),
+                                      "--learning_rate", str(learning_rate), "--report_to", "tensorboard",
+                                      *(["--logging_dir", str(shared)] if name != "inside" else [])])
+        reset_accelerate()
+        try:
+            accelerator = training.make_accelerator(args, "unet")
+            training.start_logging(accelerator, args, "unet")
+            accelerator.log({"final/val_loss": learning_rate}, step=1)
+            accelerator.end_training()
+        finally:
+            reset_accelerate()
+        folder = shared / name if name != "inside" else tmp_path / "sweep" / name / "logs"
+        assert f"tensorboard --logdir {folder}" in training.where_to_watch(args)
+        events = EventAccumulator(str(folder / "unet")).Reload()
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+        assert start.hparams["learning_rate"].number_value == learning_rate  # the run's own flags
+        assert [e.value for e in events.Scalars("final/val_loss")] == [pytest.approx(learning_rate)]
+    assert sorted(p.name for p in shared.iterdir()) == ["base", "lr1e-3"]
+
+
 def test_a_fresh_run_into_a_logging_dir_with_an_earlier_runs_events_hides_them(tmp_path, caplog):
     """--logging_dir outside --output_dir is never cleared: a second fresh run's curves read 1, 2, 1, 2 beside the
     first run's. TensorBoard now hides the earlier events (purged from step 0; the files stay) and the log says
