@@ -439,6 +439,20 @@ def _shown(path: Path) -> str:
     return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
+def _per_patient_folders(class_dir: Path, inner: list[Path], classes: list[Path]) -> tuple[Path, Path] | None:
+    """(a subfolder, an image in it) where the folders inside `class_dir` look like one folder per patient: they
+    hold images themselves, and their names are not found in every other class folder too (Training/AD and
+    Testing/AD: classes inside split folders of other names). None otherwise (a NAS's @eaDir/ holds folders)."""
+    others = [c for c in classes if c != class_dir]
+    if others and all(any((o / d.name).is_dir() for o in others) for d in inner):
+        return None
+    for d in inner:
+        images = [f for f in _list_dir(d)[1] if _is_image(f)]
+        if images:
+            return d, images[0]
+    return None
+
+
 def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     """Check the folder layout and list the images. Raises DataError naming the path at fault."""
     root = Path(root)
@@ -536,10 +550,22 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
                                 "the data or split folder, or each image, instead")
             nested = [c for c in classes if _list_dir(c)[0]]
             if nested:  # named: one among thousands of slices (a NAS's @eaDir/ of thumbnails) is hard to find
+                inner = _list_dir(nested[0])[0]
+                patient_dirs = _per_patient_folders(nested[0], inner, classes)
+                if patient_dirs:  # AD/002_S_0295/slice_080.jpeg: the commonest export layout, and no split hint fits
+                    d, example = patient_dirs
+                    slice_no = re.search(r"(\d+)$", example.stem)
+                    hint = (f": per-patient folders? Move each one's images up into {nested[0].name}/ with the patient "
+                            f"in the file name, <patient>_<slice>.<ext> (e.g. {nested[0].name}/{d.name}/{example.name}"
+                            f" -> {nested[0].name}/{d.name}_{slice_no.group(1) if slice_no else '<slice>'}"
+                            f"{example.suffix}), so that --split patient keeps each patient's slices together")
+                elif has_splits:
+                    hint = ""
+                else:
+                    hint = (f" (split folders are named {', '.join(SPLIT_FOLDERS)}; "
+                            f"{root} has {', '.join(c.name for c in classes)})")
                 raise DataError(f"{nested[0]}: class folders must hold images, not further folders (it holds "
-                                + _listing(f"{d.name}/" for d in _list_dir(nested[0])[0]) + ")"
-                                + ("" if has_splits else f" (split folders are named {', '.join(SPLIT_FOLDERS)}; "
-                                   f"{root} has {', '.join(c.name for c in classes)})"))
+                                + _listing(f"{d.name}/" for d in inner) + ")" + hint)
             # in datasets' order (its ClassLabel sorts the names as strings): not the Paths' order, which on
             # Windows ignores letter case (CN, MCI, ad listed as ad, CN, MCI: the folder was refused)
             class_sets[split] = sorted(c.name for c in classes)

@@ -1327,6 +1327,18 @@ def test_split_folders_of_other_names_are_told_the_names_expected(tmp_path):
     assert "split folders are named train, test, validation, val, valid" in msg and "has Testing, Training" in msg
 
 
+def test_per_patient_folders_inside_class_folders_are_told_how_to_flatten(tmp_path):
+    """AD/002_S_0295/slice_080.jpeg, the commonest export layout: the message said only that class folders must hold
+    images, and without split folders added the split-folder names, as if AD/ and NC/ were misnamed splits."""
+    root = tmp_path / "AD_NC"
+    for cls, subject in (("AD", "002_S_0295"), ("AD", "002_S_0413"), ("NC", "011_S_0002")):
+        write(root / cls / subject / "slice_080.jpeg", slice_pixels(len(subject)))
+    msg = data_error(root)
+    assert "class folders must hold images, not further folders" in msg
+    assert "per-patient folders?" in msg and "AD/002_S_0295/slice_080.jpeg -> AD/002_S_0295_080.jpeg" in msg
+    assert "split folders are named" not in msg
+
+
 def test_given_split_needs_a_train_folder(tmp_path):
     """--split given with only test/: no training images; refused, naming the missing train/ folder."""
     root = tmp_path / "AD_NC"
