@@ -724,8 +724,10 @@ def black_and_white(pixels: np.ndarray) -> bool:
 DIM_SLICE_MAX = 31
 
 
-def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = None) -> np.ndarray:
-    """Decode every image with a thread pool (PIL releases the GIL). Raises DataError listing bad files."""
+def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = None,
+               notes_out: list[str] | None = None) -> np.ndarray:
+    """Decode every image with a thread pool (PIL releases the GIL). Raises DataError listing bad files.
+    `notes_out`: a list to which each image's conversion note ("" for none) is appended, in order."""
     workers = num_workers or min(16, os.cpu_count() or 1)
     out = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     errors, notes, clipped = [], Counter(), []
@@ -740,6 +742,8 @@ def decode_all(paths: list[Path], preprocess: str, num_workers: int | None = Non
                 errors.append(f"{paths[i]}: {err}")
             else:
                 out[i] = arr
+                if notes_out is not None:
+                    notes_out.append(note)
                 if note:  # per kind and size: a few odd sizes among many ordinary ones show up
                     notes[note] += 1
                 if only_black_and_white:
@@ -870,7 +874,9 @@ def load_slices(
                                         tree.class_names, split)
 
     logger.info("decoding %d images from %s", len(paths), root)
-    pixels = torch.from_numpy(decode_all(paths, preprocess, num_workers))
+    notes: list[str] = []
+    pixels = torch.from_numpy(decode_all(paths, preprocess, num_workers, notes_out=notes))
+    _warn_about_class_confounds(paths, labels.tolist(), tree.class_names, notes)
     everything = SliceSet(pixels, labels, patients, [str(p) for p in paths], list(tree.class_names))
 
     if split == "given":
@@ -1017,6 +1023,41 @@ def _warn_about_the_name_pattern(matches, named, patients) -> None:
                        "counted as a patient of its own and one subject's visits may be on both sides of the split; "
                        "name the files <subject>_<slice>.<ext>, one subject one name", len(shared), len(with_parts),
                        shared[0], shared[1])
+
+
+CONFOUND_MIN_SLICES = 5
+FORMAT_NAMES = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def _warn_about_class_confounds(paths, labels, class_names, notes) -> None:
+    """A file format, or a conversion (a size resized or padded, RGB stored), that one class's slices have and
+    another's lack: classes exported by two pipelines (AD as JPEG from one, NC as PNG from another). The model and
+    the evaluation's classifiers can then tell the classes by the compression artefacts or the geometry rather than
+    the anatomy, and nothing else says so (the conversion log counts all classes together)."""
+    if len(class_names) < 2 or not paths:
+        return
+    properties = {
+        "file format": [FORMAT_NAMES.get(Path(p).suffix.lower(), Path(p).suffix.lower().lstrip(".").upper())
+                        for p in paths],
+        "conversion": [n or "none" for n in notes],
+    }
+    sizes = Counter(labels)  # classes of a few slices aside (a test folder of one slice each differs by chance)
+    sizes = Counter({y: n for y, n in sizes.items() if n >= CONFOUND_MIN_SLICES})
+    for what, values in properties.items():
+        per_class: dict[str, Counter] = defaultdict(Counter)
+        for v, y in zip(values, labels):
+            per_class[v][y] += 1
+        for v, counts in sorted(per_class.items(), key=lambda item: (item[0] == "none", item[0])):
+            always = [y for y in sizes if counts[y] >= 0.9 * sizes[y]]
+            never = [y for y in sizes if counts[y] <= 0.1 * sizes[y]]
+            if always and never:
+                a, b = always[0], never[0]
+                logger.warning("the classes were exported differently: %s %r in %d of %d slices of class %s but in %d "
+                               "of %d of class %s; a model and the evaluation's classifiers can tell the classes apart "
+                               "by that (compression artefacts, geometry) rather than by the anatomy: export every "
+                               "class the same way", what, v, counts[a], sizes[a], class_names[a], counts[b], sizes[b],
+                               class_names[b])
+                break
 
 
 def _warn_about_patients_in_two_classes(patients, labels, class_names, split: str) -> None:

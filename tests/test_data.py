@@ -1339,6 +1339,31 @@ def test_per_patient_folders_inside_class_folders_are_told_how_to_flatten(tmp_pa
     assert "split folders are named" not in msg
 
 
+def test_classes_exported_in_different_formats_or_sizes_are_warned_about(tmp_path, caplog):
+    """AD/ as JPEG and NC/ as PNG (or NC resized from another size): two export pipelines, which a model and the
+    evaluation's classifiers can tell apart without the anatomy. Only "converted 16 image(s): resized ..." was said."""
+    root = tmp_path / "AD_NC"
+    for k in range(5):
+        write(root / "AD" / f"{1003730 + k}_80.jpeg", slice_pixels(k))
+        write(root / "NC" / f"{1004730 + k}_80.png", slice_pixels(10 + k))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(root)
+    assert "the classes were exported differently: file format 'JPEG' in 5 of 5 slices of class AD but in 0 of 5 " \
+           "of class NC" in caplog.text
+    caplog.clear()
+    for k in range(5):
+        (root / "NC" / f"{1004730 + k}_80.png").unlink()
+        write(root / "NC" / f"{1004730 + k}_80.jpeg", slice_pixels(10 + k, h=200, w=180))
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(root, preprocess="resize")
+    assert "conversion 'resized from 180x200' in 5 of 5 slices of class NC but in 0 of 5 of class AD" in caplog.text
+    caplog.clear()
+    make_tree(tmp_path / "same")  # one export for every class: nothing said
+    with caplog.at_level(logging.WARNING, logger="adni_diffusers.data"):
+        load_slices(tmp_path / "same")
+    assert "exported differently" not in caplog.text
+
+
 def test_given_split_needs_a_train_folder(tmp_path):
     """--split given with only test/: no training images; refused, naming the missing train/ folder."""
     root = tmp_path / "AD_NC"
