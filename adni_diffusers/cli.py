@@ -23,6 +23,7 @@ COMMANDS = {
     "evaluate": ("adni_diffusers.evaluate", "realism, diversity, class fidelity and memorisation of a model"),
     "counterfactual": ("adni_diffusers.counterfactual", "turn a real slice toward another class (NC to AD, say) and map the change"),
     "held-out": ("adni_diffusers.held_out", "list the slices a trained model never saw (its held-out patients')"),
+    "export": ("adni_diffusers.export", "save a train_unet.py checkpoint (checkpoint-<step>) as a pipeline folder"),
 }
 
 

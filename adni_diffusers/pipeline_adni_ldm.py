@@ -507,7 +507,11 @@ def what_folder_is_this(folder: Path) -> str:
     if (folder / "vqvae" / "config.json").is_file():
         return "a VQModel (train_vqmodel.py's output): train a UNet on it with train_unet.py --vqmodel"
     if any(folder.glob("checkpoint-*")):
-        return "only training checkpoints: the run has not finished (--resume_from_checkpoint latest)"
+        return ("only training checkpoints: the run has not finished (--resume_from_checkpoint latest); "
+                "`adni-diffusers export <checkpoint> --out <folder>` saves one as a pipeline")
+    if (folder / "training_state.json").is_file():
+        return (f"a training checkpoint, not a saved pipeline: `adni-diffusers export {folder} --out <folder>` "
+                "saves it as one")
     return "not a saved pipeline"
 
 

@@ -1,0 +1,154 @@
+"""`adni-diffusers export`: a saved pipeline from a train_unet.py checkpoint (checkpoint-<step>), to sample, evaluate
+or compare a run's earlier weights as its final pipeline is sampled: `generate --model`, `evaluate --model`,
+`DiffusionPipeline.from_pretrained`.
+
+A checkpoint holds what resuming needs (Accelerate's state: the UNet's weights as `model.safetensors`, with no
+config; the EMA's weights by number in `training_state.safetensors`; the run's flags in `training_state.json`). The
+pipeline is built as train_unet.py builds its final one: the run's VQModel, the UNet of the recorded config with
+the EMA's weights where the run kept an EMA (the weights the final pipeline ships), the run's noise schedule."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be made into a pipeline: the message names the folder and what to do."""
+
+
+def _run_record(checkpoint: Path) -> dict:
+    from .training import CHECKPOINT_RE
+
+    state = checkpoint / "training_state.json"
+    if not CHECKPOINT_RE.match(checkpoint.name) or not state.is_file():
+        raise ExportError(f"{checkpoint}: not a training checkpoint (expected a checkpoint-<step> folder of a "
+                          "train_unet.py --output_dir, holding training_state.json)")
+    try:
+        meta = json.loads(state.read_text(encoding="utf-8"))
+        record, step = meta["run"], int(meta["step"])
+        flags, identity = record["flags"], record["identity"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{state}: not a checkpoint record this package wrote ({type(e).__name__}: {e})") from None
+    if record.get("stage") != "unet":
+        raise ExportError(f"{checkpoint}: a {record.get('stage')} checkpoint; export makes a pipeline from a "
+                          "train_unet.py checkpoint (a VQModel's is used by training on from it)")
+    return {"step": step, "flags": flags, "identity": identity}
+
+
+def _vqmodel_of(checkpoint: Path, record: dict, given: str | None) -> Path:
+    """The VQModel the checkpoint's UNet trained on: --vqmodel, else the run's (its training_args.json), checked
+    against the checkpoint's record of its files (another VQModel's latents mean nothing to this UNet)."""
+    from .files import read_json_object
+    from .latents import vqmodel_key
+    from .train_unet import find_vqmodel
+    from .training import TrainingError
+
+    run = checkpoint.parent
+    recorded = read_json_object(run / "training_args.json").get("vqmodel")
+    candidates = [given] if given else [p for p in (recorded, str(run / "vqvae")) if p]
+    for candidate in candidates:
+        try:
+            vq_dir = find_vqmodel(candidate)
+        except TrainingError as e:
+            if given:
+                raise ExportError(str(e)) from None
+            continue
+        if vqmodel_key(vq_dir) == record["identity"].get("vqmodel"):
+            return vq_dir
+        if given:
+            raise ExportError(f"--vqmodel {given}: another VQModel than the one {checkpoint} trained on (its files "
+                              "differ from the checkpoint's record of them)")
+    raise ExportError(f"{checkpoint}: the VQModel it trained on is not found (the run's --vqmodel "
+                      f"{recorded or '(not recorded)'} is not there, or was trained on since): give --vqmodel its "
+                      "folder")
+
+
+def _unet_weights(checkpoint: Path, unet, use_ema: bool) -> str:
+    """Load the checkpoint's weights into `unet`: the EMA's where the run kept one. Returns which ("EMA", "model")."""
+    import torch
+    from safetensors.torch import load_file
+
+    params = list(unet.parameters())
+    if use_ema:
+        ema_file = checkpoint / "training_state.safetensors"
+        tensors = load_file(str(ema_file)) if ema_file.is_file() else {}
+        ema = [tensors.get(f"ema.{i}") for i in range(len(params))]
+        if any(t is None or t.shape != p.shape for t, p in zip(ema, params)) or f"ema.{len(params)}" in tensors:
+            raise ExportError(f"{ema_file}: no EMA weights for this UNet, though the run trained with --use_ema "
+                              "(a damaged or incomplete checkpoint?)")
+        with torch.no_grad():
+            for p, t in zip(params, ema):  # numbered as EMAModel keeps them: the UNet's parameters, in order
+                p.copy_(t)
+        return "EMA"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    # a DDP- or torch.compile-wrapped model's names, should a save have kept them
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+    try:
+        unet.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{checkpoint / 'model.safetensors'}: not the recorded UNet's weights "
+                          f"({str(e).splitlines()[0]})") from None
+    return "model"
+
+
+def export_checkpoint(checkpoint, out, vqmodel: str | None = None):
+    """Save checkpoint-<step> of a train_unet.py run as a pipeline folder `out`; returns the pipeline."""
+    import torch
+    from diffusers import UNet2DModel, VQModel
+
+    from .diffusion import make_noise_scheduler
+    from .files import read_json_object
+    from .pipeline_adni_ldm import ADNILatentDiffusionPipeline
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_dir():
+        raise ExportError(f"{checkpoint}: no such folder (a checkpoint-<step> folder of a train_unet.py run)")
+    record = _run_record(checkpoint)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out}: exists and is not an empty folder; choose a new one")
+    flags = record["flags"]
+    vq_dir = _vqmodel_of(checkpoint, record, vqmodel)
+    class_names = None
+    if flags.get("conditional"):
+        class_names = read_json_object(checkpoint.parent / "training_data.json").get("class_names")
+        wanted = record["identity"]["model_config"].get("num_class_embeds")
+        if not class_names or len(class_names) + 1 != wanted:
+            raise ExportError(f"{checkpoint.parent / 'training_data.json'}: its class names "
+                              f"({', '.join(class_names or []) or 'none'}) do not fit the checkpoint's UNet "
+                              f"({wanted} class embeddings, one per class and one for 'no label')")
+    unet = UNet2DModel(**record["identity"]["model_config"])
+    weights = _unet_weights(checkpoint, unet, bool(flags.get("use_ema")))
+    scheduler = make_noise_scheduler(flags["num_train_timesteps"], flags["beta_schedule"], flags["beta_start"],
+                                     flags["beta_end"], flags["prediction_type"])
+    vq = VQModel.from_pretrained(vq_dir, use_safetensors=True)
+    pipe = ADNILatentDiffusionPipeline(vqvae=vq, unet=unet.eval(), scheduler=scheduler, class_names=class_names,
+                                       preprocess=flags.get("preprocess", "pad"))
+    with torch.no_grad():
+        pipe.save_pretrained(out)
+    # the run's split travels with it (evaluate and held-out find the held-out slices from it), and where it came from
+    if (checkpoint.parent / "training_data.json").is_file():
+        shutil.copyfile(checkpoint.parent / "training_data.json", out / "training_data.json")
+    (out / "exported_from.json").write_text(json.dumps(
+        {"checkpoint": str(checkpoint.resolve()), "step": record["step"], "weights": weights,
+         "vqmodel": str(vq_dir.resolve())}, indent=2))
+    logger.info("checkpoint %s (step %d, the %s weights) saved as a pipeline in %s: adni-diffusers generate --model "
+                "%s --out samples", checkpoint, record["step"], weights, out, out)
+    return pipe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint-<step> folder of a train_unet.py --output_dir")
+    parser.add_argument("--out", required=True, help="a new folder for the pipeline")
+    parser.add_argument("--vqmodel", default=None,
+                        help="the VQModel the run trained on, if it moved since (default: the run's --vqmodel)")
+
+
+def main(args: argparse.Namespace) -> int:
+    export_checkpoint(args.checkpoint, args.out, args.vqmodel)
+    return 0

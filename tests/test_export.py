@@ -1,0 +1,87 @@
+"""`adni-diffusers export`: a train_unet.py checkpoint as a pipeline (a sweep compares a run's earlier weights)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_UNET_ARGS, run_training_script
+
+from adni_diffusers import cli
+from adni_diffusers.export import ExportError, export_checkpoint
+from adni_diffusers.pipeline_adni_ldm import ADNILatentDiffusionPipeline
+
+
+@pytest.fixture(scope="module")
+def run_with_checkpoints(demo_root, tiny_vq, tmp_path_factory) -> Path:
+    """A class-conditional tiny UNet run (EMA on) with checkpoint-2 and checkpoint-4, and its final pipeline."""
+    out = tmp_path_factory.mktemp("export") / "ldm"
+    run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
+                                       "--max_train_steps", "4", "--checkpointing_steps", "2", "--conditional",
+                                       "--use_ema", *TINY_UNET_ARGS])
+    return out
+
+
+def test_the_last_checkpoint_exports_as_the_final_pipeline(run_with_checkpoints, tmp_path):
+    """The checkpoint of the last step, exported, is the pipeline the run saved: the same EMA weights, scheduler
+    and classes. Before, `generate --model checkpoint-N` said "no model_index.json" and no way on."""
+    run = run_with_checkpoints
+    assert cli.main(["export", str(run / "checkpoint-4"), "--out", str(tmp_path / "step4")]) == 0
+    exported = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "step4")
+    final = ADNILatentDiffusionPipeline.from_pretrained(run)
+    for (name, mine), (_, theirs) in zip(exported.unet.state_dict().items(), final.unet.state_dict().items()):
+        assert torch.equal(mine, theirs), name
+    def config(model):
+        return {k: v for k, v in model.config.items() if k != "_name_or_path"}
+
+    assert config(exported.unet) == config(final.unet) and config(exported.scheduler) == config(final.scheduler)
+    assert config(exported.vqvae) == config(final.vqvae)
+    assert exported.class_names == final.class_names == ["AD", "NC"]
+    record = json.loads((tmp_path / "step4" / "exported_from.json").read_text())
+    assert record["step"] == 4 and record["weights"] == "EMA"
+    # the run's split travels with it: held-out and evaluate find the slices it never saw
+    assert json.loads((tmp_path / "step4" / "training_data.json").read_text()) == \
+        json.loads((run / "training_data.json").read_text())
+
+
+def test_an_earlier_checkpoint_samples(run_with_checkpoints, tmp_path):
+    run = run_with_checkpoints
+    export_checkpoint(run / "checkpoint-2", tmp_path / "step2")
+    pipe = ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "step2")
+    final = ADNILatentDiffusionPipeline.from_pretrained(run)
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), final.unet.parameters()))
+    image = pipe(batch_size=1, class_labels="NC", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 256, 256, 1) and torch.isfinite(torch.from_numpy(image)).all()
+    # the model's own weights load too (a run without --use_ema exports these): every name matches the UNet's
+    from adni_diffusers.export import _unet_weights
+
+    assert _unet_weights(run / "checkpoint-2", pipe.unet, use_ema=False) == "model"
+
+
+def test_a_checkpoint_given_to_generate_is_pointed_at_export(run_with_checkpoints, tmp_path, capsys):
+    code = cli.main(["generate", "--model", str(run_with_checkpoints / "checkpoint-2"), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code != 0 and f"adni-diffusers export {run_with_checkpoints / 'checkpoint-2'} --out" in err, err
+
+
+def test_what_cannot_be_exported_is_refused_with_what_to_do(run_with_checkpoints, tiny_vq, tmp_path):
+    run = run_with_checkpoints
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ExportError, match="--out .*full: exists and is not an empty folder"):
+        export_checkpoint(run / "checkpoint-2", tmp_path / "full")
+    with pytest.raises(ExportError, match="not a training checkpoint"):
+        export_checkpoint(run, tmp_path / "a")
+    # another VQModel than the one the UNet trained on: its latents mean nothing to this UNet
+    other = Path(shutil.copytree(tiny_vq, tmp_path / "other-vq", ignore=shutil.ignore_patterns("latent_cache")))
+    config = json.loads((other / "vqvae" / "config.json").read_text())
+    config["scaling_factor"] = 0.5
+    (other / "vqvae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="another VQModel than the one"):
+        export_checkpoint(run / "checkpoint-2", tmp_path / "b", vqmodel=str(other))
+    # a VQModel run's checkpoint: not a UNet's
+    with pytest.raises(ExportError, match="a vqmodel checkpoint; export makes a pipeline from a train_unet.py"):
+        export_checkpoint(tiny_vq / "checkpoint-4", tmp_path / "c")
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
