@@ -2361,7 +2361,9 @@ class TrainingRun:
         self._curve_drawn_at, self._curve_drawn_of = time.monotonic(), (self.global_step, len(rows))
         try:
             if rows:
-                plot_loss_curves(rows, self.output_dir / "loss_curve.png", title=f"{self.stage} training")
+                # the run's folder in the title: a sweep's curves side by side are told apart
+                plot_loss_curves(rows, self.output_dir / "loss_curve.png",
+                                 title=f"{self.stage} training: {Path(self.output_dir).resolve().name}")
         except (ValueError, RuntimeError, OSError) as e:  # a picture: never the reason a run stops
             logger.warning("loss_curve.png not drawn: %s", e)
 

@@ -320,12 +320,18 @@ def test_the_loss_curve_is_drawn_at_every_checkpoint(tmp_path, demo_root, monkey
 
     monkeypatch.setattr(training.TrainingRun, "checkpoint", checkpoint_then_stop)
     monkeypatch.setattr(training, "LOSS_CURVE_EVERY_S", 0.0)  # at every checkpoint (a minute apart at most, else)
+    from adni_diffusers import plots
+
+    titles, draw = [], plots.plot_loss_curves
+    monkeypatch.setattr(plots, "plot_loss_curves", lambda rows, path, title: titles.append(title) or draw(rows, path,
+                                                                                                         title=title))
     with pytest.raises(StopRun):
         run_training_script("train_vqmodel", ["--train_data_dir", demo_root, "--output_dir", out, "--max_train_steps",
                                               "6", "--checkpointing_steps", "2", *TINY_VQ_ARGS])
     assert list(drawn) == [2, 4] and not (out / "vqvae").exists()
     assert drawn[4] != drawn[2]  # redrawn with step 4's point, not left as step 2 drew it
     assert sorted(p.name for p in out.glob("loss_curve*")) == ["loss_curve.png"]
+    assert titles and all(title.endswith(" training: run") for title in titles)  # the run's folder: a sweep's apart
 
 
 def test_an_incomplete_checkpoint_is_refused_before_any_work(tmp_path, demo_root, capsys):
