@@ -586,8 +586,9 @@ def warn_if_the_accelerate_config_is_not_read(args) -> None:
 def keeps_session_logging(main):
     """For a stage's `main`: the run sets up logging for itself (INFO lines on the console, quieter libraries),
     and a notebook's session gets its own set-up back afterwards (its root logger had been left at INFO, with a
-    console handler, so that every library's INFO lines printed), and torch's TF32 and cuDNN-benchmark settings
-    (torch_backend_settings) as they were before the run."""
+    console handler, so that every library's INFO lines printed), torch's TF32 and cuDNN-benchmark settings
+    (torch_backend_settings) as they were before the run, and its random number generators where they were (the run
+    seeds them all with --seed: the notebook's own draws after each run of a sweep started again from seed 0)."""
     import functools
 
     @functools.wraps(main)
@@ -600,9 +601,11 @@ def keeps_session_logging(main):
         backends = [(module, name, getattr(module, name)) for module, name in torch_backend_settings()]
         levels = {name: logging.getLogger(name).level for name in names}
         verbosity = (datasets.utils.logging.get_verbosity(), diffusers.utils.logging.get_verbosity())
+        rng = random_states()
         try:
             return main(*args, **kwargs)
         finally:
+            set_random_states(rng)
             for handler in [h for h in root.handlers if h not in handlers]:
                 root.removeHandler(handler)
             root.setLevel(level)
@@ -614,6 +617,29 @@ def keeps_session_logging(main):
                 setattr(module, name, was)
 
     return run
+
+
+def random_states() -> tuple:
+    """Python's, numpy's, torch's and (where CUDA is in use) each GPU's random state, as set_seed sets them."""
+    import random
+
+    import numpy as np
+
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+
+
+def set_random_states(states: tuple) -> None:
+    import random
+
+    import numpy as np
+
+    python, numpy, cpu, cuda = states
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def torch_backend_settings() -> list[tuple[object, str]]:

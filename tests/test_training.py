@@ -1498,3 +1498,22 @@ def test_a_run_from_python_gives_torchs_tf32_and_cudnn_settings_back(monkeypatch
     finally:
         for (module, name), was in zip(settings, before):
             setattr(module, name, was)
+
+
+def test_a_run_from_python_leaves_the_callers_random_numbers_where_they_were():
+    """Each run seeds Python's, numpy's and torch's generators with --seed (accelerate's set_seed): a notebook's own
+    draws after every run of a sweep started again from seed 0. They go on from where they were now."""
+    import random
+
+    import numpy as np
+    from accelerate.utils import set_seed
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    expected = draws()
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    training.keeps_session_logging(lambda: set_seed(0))()
+    assert draws() == expected
+
