@@ -140,7 +140,7 @@ def source_class(pipe, to: str, source: str | None = None) -> str:
 
 def read_slice(path, preprocess: str = "pad") -> torch.Tensor:
     """One greyscale slice file -> (1, 1, 256, 256) in [-1, 1], prepared as the model's training data was
-    (`preprocess`: "pad" or "resize", see `recorded_preprocess`).
+    (`preprocess`: "pad", "resize" or "fit", see `recorded_preprocess`).
 
     Decoded by `data.decode_slice`, the training data's own checks. Errors name the file: missing
     (FileNotFoundError); unreadable, colour, 16-bit or float, wrong size (ValueError)."""
@@ -162,7 +162,7 @@ def read_slice(path, preprocess: str = "pad") -> torch.Tensor:
 
 
 def recorded_preprocess(model_folder) -> str:
-    """How the model's training prepared its slices ("pad" or "resize"): from training_data.json, else
+    """How the model's training prepared its slices ("pad", "resize" or "fit"): from training_data.json, else
     training_args.json, else the pipeline's own model_index.json (a folder saved with `save_pretrained`, or
     pushed, has only that one); "pad" (the training default) when none records it."""
     from .data import PREPROCESS_CHOICES

@@ -129,7 +129,8 @@ def one_name_per_subject(patients: list[str]) -> tuple[list[str], int]:
             merged[p] = f"{m['site']}_S_{m['number']}"
     return [merged.get(p, p) for p in patients], len(merged)
 # How a training run takes slices that `pad` refuses (other tools replace this hint with their own).
-PAD_SIZE_HINT = "use --preprocess resize to resize other sizes"
+PAD_SIZE_HINT = ("use --preprocess fit to scale other sizes with their proportions kept (padded with black), or "
+                 "--preprocess resize to stretch them to 256x256")
 _MAX_LISTED = 10
 
 
@@ -639,7 +640,8 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
 
     Accepted: 8-bit greyscale; RGB/RGBA whose channels are equal and fully opaque (converted, counted).
     `pad` needs 256 wide and at most 256 high (ADNI's 256x240 gets 8 black rows above and below);
-    `resize` takes any size and resizes to 256x256, as the seed did (it stretches 240 -> 256).
+    `resize` takes any size and resizes to 256x256, as the seed did (it stretches 240 -> 256);
+    `fit` takes any size, scales its longer side to 256 with its proportions kept and pads the other with black.
     """
     from .pipeline_adni_ldm import check_not_16_bit_per_channel, image_pixels, upright
 
@@ -697,6 +699,12 @@ def decode_slice(path: str | os.PathLike, preprocess: str = "pad") -> tuple[np.n
         from .pipeline_adni_ldm import pad_to_square  # the one definition, shipped with every model
 
         arr = pad_to_square(arr)
+    elif preprocess == "fit":
+        from .pipeline_adni_ldm import fit_to_square
+
+        arr = fit_to_square(arr)
+        if max(w, h) != IMAGE_SIZE:  # scaled; a slice 256 on its longer side (ADNI's 256x240) is padded alone
+            notes.append(f"scaled to fit from {w}x{h}")
     elif (w, h) != (IMAGE_SIZE, IMAGE_SIZE):
         arr = np.asarray(Image.fromarray(arr).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
         if (w, h) != (IMAGE_SIZE, ADNI_HEIGHT):  # ADNI's 256x240 stretched is what `resize` is for: no warning

@@ -495,6 +495,8 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
         "pad": "slices were padded with black rows to 256 x 256 (anatomy not stretched; ADNI's 256 x 240 slices "
                "get 16 rows)",
         "resize": "slices were resized to 256 x 256 (ADNI's 256 x 240 slices are stretched by 6.7% vertically)",
+        "fit": "slices were scaled to 256 on their longer side, proportions kept, and padded with black to 256 x 256 "
+               "(ADNI's 256 x 240 slices get 16 rows, as padding gives them)",
     }.get(preprocess, "not recorded")
     rows = []
     if train:

@@ -76,8 +76,9 @@ def pipeline_module_name(source: bytes) -> str:
 
 PIPELINE_MODULE = pipeline_module_name(Path(__file__).read_bytes())  # same text, same name, wherever it runs
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# How slices of other sizes become 256x256 (train_*.py --preprocess): padded with black rows, or stretched.
-PREPROCESS_CHOICES = ("pad", "resize")
+# How slices of other sizes become 256x256 (train_*.py --preprocess): padded with black rows, stretched, or scaled
+# to fit with their proportions kept and padded with black (registered slices: 182x218, 193x229, 240x240).
+PREPROCESS_CHOICES = ("pad", "resize", "fit")
 # the forward process the UNet learned: a scheduler swapped in must run the same one (its scheduler config keys)
 TRAINING_NOISE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
                        "rescale_betas_zero_snr", "prediction_type")
@@ -143,6 +144,21 @@ def pad_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     """Pad a (H <= size, size) slice with black rows, split evenly above and below (ADNI: 240 -> 256)."""
     top = (size - arr.shape[0]) // 2
     return np.pad(arr, ((top, size - arr.shape[0] - top), (0, 0)))
+
+
+def fit_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Scale a slice so that its longer side is `size` (PIL bilinear: mode L for uint8, F for floats), its
+    proportions kept, then pad it with black, split evenly on both sides (--preprocess fit). A slice already `size`
+    on its longer side is only padded: ADNI's 256x240 as --preprocess pad makes it."""
+    h, w = arr.shape
+    if max(h, w) != size:
+        scale = size / max(h, w)
+        arr = np.asarray(PIL.Image.fromarray(arr).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                         PIL.Image.BILINEAR))
+        h, w = arr.shape
+    top, left = (size - h) // 2, (size - w) // 2
+    black = 0 if arr.dtype == np.uint8 else -1.0
+    return np.pad(arr, ((top, size - h - top), (left, size - w - left)), constant_values=black)
 
 
 def strength_steps(num_inference_steps: int, strength: float) -> int:
@@ -271,7 +287,8 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad", name
 
     Sizes as the training data's `--preprocess` took them: "pad" (the default) accepts 256 wide x 240 high
     (ADNI; padded with black rows) or 256x256; "resize" (the seed's stretch) resizes any size to 256x256 with
-    bilinear interpolation, on the 8-bit pixels where they are given, as the training loader does.
+    bilinear interpolation, on the 8-bit pixels where they are given, as the training loader does; "fit" scales any
+    size to 256 on its longer side, proportions kept, and pads the other with black.
     Shapes: one slice (H, W); a stack (N, H, W) or (N, 1, H, W) (tensors) or (N, H, W, 1) (arrays); a list of
     these. A 3-D array with 1 or 3 channels last (or 4, uint8 RGBA), (H, W, C), is one image, as numpy images are.
     PIL images (and RGB/RGBA arrays) must be 8-bit greyscale (mode L, or RGB/RGBA/LA or a palette with equal,
@@ -347,6 +364,8 @@ def _fit_size(arr: np.ndarray, index: int, size: int, preprocess: str) -> np.nda
                          "(tensors are (H, W), (N, H, W) or (N, 1, H, W); arrays may also be (H, W, C))")
     if preprocess == "resize":  # PIL bilinear, as data.decode_slice (mode L for uint8, F for floats)
         return np.asarray(PIL.Image.fromarray(arr).resize((size, size), PIL.Image.BILINEAR))
+    if preprocess == "fit":
+        return fit_to_square(arr, size)
     if w != size or h > size:
         raise ValueError(f"image {index} is {w} wide x {h} high; expected {size} wide x 240 high (ADNI) or "
                          f"{size}x{size} (this model's slices were padded: --preprocess pad)")
@@ -608,7 +627,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
 
     @property
     def preprocess(self) -> str:
-        """How the training data's slices were brought to 256x256 ("pad" or "resize"); `encode` and `image=`
+        """How the training data's slices were brought to 256x256 ("pad", "resize" or "fit"); `encode` and `image=`
         prepare slices the same way. "pad" for pipelines saved before it was recorded."""
         return self.config.get("preprocess") or "pad"
 

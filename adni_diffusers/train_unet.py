@@ -309,6 +309,14 @@ def _fingerprint_by_rule(data, patient_ids: str) -> str:
     return patients_fingerprint(patients_by_rule(named, patient_ids)[0])
 
 
+def check_same_preprocess(vq_record: dict | None, args) -> None:
+    """The VQModel's slices were prepared as this run's are (--preprocess): its latents of others are not the ones
+    it learned."""
+    if vq_record and vq_record.get("preprocess") and vq_record["preprocess"] != args.preprocess:
+        raise TrainingError(f"--vqmodel {args.vqmodel} was trained on slices prepared with --preprocess "
+                            f"{vq_record['preprocess']}, this run uses --preprocess {args.preprocess}: use the same")
+
+
 def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
     """Refuse a VQModel that saw the patients this run holds out (the same patients split otherwise: another
     --split, --val_fraction or --split_seed), or that prepared its slices otherwise (--preprocess): held-out numbers
@@ -321,9 +329,7 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
                            "folder, or one from before 2026-12-02), so whether it saw this run's held-out patients "
                            "cannot be checked", vq_dir)
         return there
-    if there["preprocess"] != args.preprocess:
-        raise TrainingError(f"--vqmodel {args.vqmodel} was trained on slices prepared with --preprocess "
-                            f"{there['preprocess']}, this run uses --preprocess {args.preprocess}: use the same")
+    check_same_preprocess(there, args)
     # the two subject rules split alike unless a subject is named both ways: the patient fingerprints tell
     subject_rules = {"subject", "subject-2026-12-03"}
     if there.get("patient_ids") and there["patient_ids"] != args.patient_ids and not (
@@ -457,6 +463,9 @@ def main(args: argparse.Namespace) -> dict:
     training.check_resume_model(args, config, "unet", identity={"vqmodel": vq_key})
     # on CUDA the compile check's child compiles the UNet's step while this process decodes the slices (17 s for
     # 30,000 on an H100) and builds the latent cache
+    # before the slices are decoded: a VQModel's 182x218 slices (--preprocess fit) met this run's default pad there,
+    # refused one by one with a hint to use another --preprocess, not the VQModel's
+    check_same_preprocess(vq_training_data(vq_dir), args)
     compile_check = training.start_compile_check(args, make_spec("unet", config, args, accelerator, latent_shape))
     data, data_source = training.load_training_data(args, accelerator, root)
     assert data.class_names == folder_classes  # both from data.scan_tree

@@ -146,8 +146,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
     g.add_argument("--split_seed", type=int, default=None,
                    help="seed of the held-out patient draw (--split patient); default: --seed. Give the VQModel's "
                         "to train UNets with other --seed values on one VQModel")
-    g.add_argument("--preprocess", default="pad", choices=["pad", "resize"],
-                   help="240->256 rows: pad with black (keeps anatomy) or resize (the seed's stretch)")
+    g.add_argument("--preprocess", default="pad", choices=["pad", "resize", "fit"],
+                   help="240->256 rows: pad with black (keeps anatomy) or resize (the seed's stretch; any size); "
+                        "fit: any size scaled to 256 on its longer side, proportions kept, and padded with black "
+                        "(registered slices such as 182x218)")
     g.add_argument("--patient_ids", default="subject", choices=["subject", "file", "subject-2026-12-03"],
                    help="subject: an ADNI (002_S_0295, 035_S_10068) or BIDS (sub-...) subject id in a file name is "
                         "the patient (sub-ADNI002S0295 is 002_S_0295 where both name slices), and a slice copied into "

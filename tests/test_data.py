@@ -1048,7 +1048,7 @@ def test_other_size_in_pad_mode(tmp_path):
     bad = write(root / "train" / "NC" / "1009999_1.jpeg", slice_pixels(1, h=200, w=200))
     msg = data_error(root, preprocess="pad")
     assert str(bad) in msg and "200 wide x 200 high" in msg and "expected 256 wide x 240 high" in msg
-    assert "--preprocess resize" in msg
+    assert "--preprocess resize" in msg and "--preprocess fit" in msg
 
 
 def test_file_name_without_patient_id(tmp_path):

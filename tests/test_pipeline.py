@@ -1128,6 +1128,36 @@ def test_prepare_slices_resizes_like_training_for_a_resize_model(tmp_path):
         prepare_slices(slice_, preprocess="crop")
 
 
+def test_prepare_slices_fits_like_training_for_a_fit_model(tmp_path):
+    """--preprocess fit (registered slices, 182x218 and the like): scaled to 256 on the longer side with the
+    proportions kept, then padded with black on the other; the same pixels as the training loader. `resize`
+    stretched such a slice 1.41x one way and 1.17x the other, with nothing but a log line."""
+    from adni_diffusers.data import decode_slice
+
+    slice_ = np.full((218, 182), 200, np.uint8)  # a bright block: where it lands shows the geometry
+    slice_[0, 0] = 0  # (a float copy with a black pixel reads as [-1, 1], not [0, 1])
+    path = tmp_path / "mni.png"
+    PIL.Image.fromarray(slice_).save(path)
+    arr, note, error = decode_slice(path, "fit")
+    assert error is None and note == "scaled to fit from 182x218" and arr.shape == (256, 256)
+    lit = np.argwhere(arr > 100)
+    height, width = lit.max(0) - lit.min(0) + 1
+    assert height == 256 and abs(width - round(182 * 256 / 218)) <= 1  # 214 wide: the proportions kept
+    assert arr[:, :15].max() == 0 and arr[:, -15:].max() == 0  # black on both sides, evenly
+    expected = torch.tensor(arr).float() / 127.5 - 1
+    with PIL.Image.open(path) as image:
+        for form in (image, slice_, torch.from_numpy(slice_)):
+            torch.testing.assert_close(prepare_slices(form, preprocess="fit")[0, 0], expected)
+    # floats are scaled as floats (their black is -1): within the 8-bit result's rounding
+    fitted_float = prepare_slices(torch.from_numpy(slice_).float() / 127.5 - 1, preprocess="fit")[0, 0]
+    assert (fitted_float - expected).abs().max() <= 0.5 / 127.5 + 1e-5
+    # ADNI's 256x240 is padded alone, as --preprocess pad makes it: no note
+    adni = np.random.default_rng(3).integers(0, 256, (240, 256)).astype(np.uint8)
+    PIL.Image.fromarray(adni).save(tmp_path / "adni.png")
+    fitted, note, _ = decode_slice(tmp_path / "adni.png", "fit")
+    assert note == "" and np.array_equal(fitted, decode_slice(tmp_path / "adni.png", "pad")[0])
+
+
 def test_pipeline_prepares_slices_as_its_training_data_was(tmp_path):
     base = make_pipe()
     assert base.preprocess == "pad"

@@ -869,6 +869,29 @@ def test_a_vqmodel_that_counted_patients_by_the_older_subject_rule_is_refused(tm
 # ------------------------------------------------------------------------- the VQModel's data split
 
 
+def test_a_vqmodels_preprocess_is_compared_before_the_slices_are_decoded(vq, tmp_path, capsys):
+    """A VQModel trained on 182x218 slices with --preprocess fit, and a UNet run that left --preprocess at pad: every
+    slice was refused as it was decoded, with the hint to use another --preprocess (not the VQModel's). The
+    VQModel's record is compared first now."""
+    from PIL import Image
+
+    from adni_diffusers import train_unet
+
+    record = json.loads((vq / "training_data.json").read_text())
+    assert record["preprocess"] == "pad"
+    (vq / "training_data.json").write_text(json.dumps({**record, "preprocess": "fit"}))
+    for cls in ("AD", "NC"):
+        (tmp_path / "mni" / cls).mkdir(parents=True)
+        for patient in range(3):
+            Image.new("L", (182, 218), 90).save(tmp_path / "mni" / cls / f"{cls}{patient}_80.png")
+    code = train_unet.cli(["--vqmodel", str(vq), "--train_data_dir", str(tmp_path / "mni"), "--output_dir",
+                           str(tmp_path / "ldm"), "--preset", "tiny", "--max_train_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "was trained on slices prepared with --preprocess fit, this run uses --preprocess pad" in err
+    assert "unusable" not in err and "182 wide" not in err, err
+
+
+
 @pytest.mark.parametrize("extra, differs", [
     (["--seed", "1"], "--split_seed 0; this run: --split patient --val_fraction 0.1 --split_seed 1"),
     (["--val_fraction", "0.5"], "this run: --split patient --val_fraction 0.5"),
