@@ -1078,9 +1078,15 @@ def _warn_about_patients_in_two_classes(patients, labels, class_names, split: st
     if mixed:
         shown = [f"{p} (" + ", ".join(f"{class_names[y]} {n}" for y, n in sorted(by_patient[p].items())) + ")"
                  for p in mixed[:5]]
-        logger.warning("%d patient(s) have slices in two or more class folders: %s%s. A converter's visits, or "
-                       "slices in the wrong folder? Each slice keeps its folder's class%s", len(mixed),
-                       "; ".join(shown), "; ..." if len(mixed) > 5 else "",
+        # most patients in two classes: no converters' visits, but an export that numbered each class folder's
+        # patients from 1 (AD/001_80.jpeg and NC/001_80.jpeg are two people, split as one)
+        restarted = len(mixed) >= 0.5 * len(by_patient) and len(by_patient) > 2
+        logger.warning("%d patient(s) have slices in two or more class folders: %s%s. %s Each slice keeps its "
+                       "folder's class%s", len(mixed), "; ".join(shown), "; ..." if len(mixed) > 5 else "",
+                       f"{len(mixed)} of the {len(by_patient)} patients: do the file names number the patients of "
+                       "each class folder anew (AD/001_80 and NC/001_80 two people)? Then name them by subject "
+                       "(ADNI's 002_S_0295) or give each class its own numbers, or they are split as one person."
+                       if restarted else "A converter's visits, or slices in the wrong folder?",
                        "; --split patient keeps the patient whole and counts it in its most common class"
                        if split == "patient" else "")
 

@@ -891,6 +891,22 @@ def test_pixel_copies_under_other_names_are_named(tmp_path, caplog):
     assert "other side" not in text
 
 
+def test_patients_numbered_anew_in_each_class_folder_are_told_apart_from_visits(tmp_path, caplog):
+    """AD/001_80.jpeg and NC/001_80.jpeg: an export that numbered each class's patients from 1. Every patient was
+    "in two class folders", and the warning asked about converters' visits; the split kept each pair as one person
+    (filed under AD, the tie's class). The warning now asks about the numbering."""
+    root = tmp_path / "data"
+    for c, cls in enumerate(("AD", "NC")):
+        for patient in range(1, 5):
+            for s in (80, 81):
+                write(root / cls / f"{patient:03d}_{s}.jpeg", slice_pixels(100 * c + 10 * patient + s))
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        load_slices(root)
+    assert "4 patient(s) have slices in two or more class folders" in caplog.text
+    assert "4 of the 4 patients: do the file names number the patients of each class folder anew" in caplog.text
+    assert "A converter's visits" not in caplog.text
+
+
 def test_a_patient_with_slices_in_two_class_folders_is_named(tmp_path, caplog):
     """A converter's visits (NC, then AD) or slices filed in the wrong folder: the patient split counted the patient
     in its most common class without a word. A warning names the patient and its slices per class; the demo-like
@@ -908,7 +924,7 @@ def test_a_patient_with_slices_in_two_class_folders_is_named(tmp_path, caplog):
     assert f"1 patient(s) have slices in two or more class folders: {patient} (AD 2, NC 1)" in caplog.text
     side = data.val if patient in data.val.patients else data.train
     assert sorted(side.labels[[p == patient for p in side.patients]].tolist()) == [0, 0, 1]  # whole, labels kept
-    assert "--split patient keeps the patient whole" in caplog.text
+    assert "--split patient keeps the patient whole" in caplog.text and "A converter's visits" in caplog.text
     # file names without a patient (0.png in AD/ and in NC/, --split given): no patient to name
     plain = tmp_path / "plain"
     for split_name in ("train", "test"):
