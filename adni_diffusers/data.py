@@ -623,6 +623,10 @@ def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     # and the default --split patient pools the folders (load_slices warns). It was refused, with no way on but
     # moving files.
     missing = {s: sorted(set(every_class) - set(v)) for s, v in class_sets.items() if set(v) != set(every_class)}
+    if padded := [name for name in every_class if name != name.strip()]:  # 'AD ' reads as AD everywhere it is shown
+        logger.warning("%s: class folder(s) %s have a space at the start or end of the name, which is part of the "
+                       "class name the model keeps ('--class %s' will not find %s); rename them", root,
+                       ", ".join(map(ascii, padded)), padded[0].strip(), ascii(padded[0]))
     return _Tree(sorted(files), split_of, has_splits, every_class, missing)
 
 

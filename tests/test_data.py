@@ -891,6 +891,20 @@ def test_pixel_copies_under_other_names_are_named(tmp_path, caplog):
     assert "other side" not in text
 
 
+def test_a_class_folder_with_a_space_at_the_end_of_its_name_is_warned_about(tmp_path, caplog):
+    """'AD ' (a trailing space) with no 'AD' beside it was taken as class 'AD ' without a word: it reads as AD in
+    every log, card and grid, and `generate --class AD` does not find it."""
+    root = tmp_path / "data"
+    for cls in ("AD ", "NC"):
+        for patient in range(1, 4):
+            write(root / cls / f"{cls.strip()}{patient}_80.jpeg", slice_pixels(len(cls) * 10 + patient))
+    with caplog.at_level("WARNING", logger="adni_diffusers.data"):
+        data = load_slices(root)
+    assert data.class_names == ["AD ", "NC"]
+    assert "class folder(s) 'AD ' have a space at the start or end of the name" in caplog.text
+    assert "'NC'" not in caplog.text
+
+
 def test_patients_numbered_anew_in_each_class_folder_are_told_apart_from_visits(tmp_path, caplog):
     """AD/001_80.jpeg and NC/001_80.jpeg: an export that numbered each class's patients from 1. Every patient was
     "in two class folders", and the warning asked about converters' visits; the split kept each pair as one person
