@@ -133,7 +133,8 @@ def test_the_processes_wait_for_the_main_one_to_index_not_to_decode(demo_root, m
                                   local_main_process_first=lambda: ordered("node first"))
     real_index, real_decode = data_module._index_with_datasets, data_module.decode_all
     monkeypatch.setattr(data_module, "_index_with_datasets", lambda *a: events.append("index") or real_index(*a))
-    monkeypatch.setattr(data_module, "decode_all", lambda *a: events.append("decode") or real_decode(*a))
+    monkeypatch.setattr(data_module, "decode_all",
+                        lambda *a, **kw: events.append("decode") or real_decode(*a, **kw))
     training.load_training_data(_data_args(demo_root, 2), accelerator)
     assert events == ["enter main first", "enter node first", "index", "leave node first", "leave main first",
                       "decode"]
