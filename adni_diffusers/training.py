@@ -1606,6 +1606,17 @@ def load_checkpoint(accelerator, path: Path) -> tuple[int, dict, dict]:
         raise TrainingError(f"--resume_from_checkpoint {path}: a file in it holds more than tensors and numbers "
                             f"({why}), so it was not loaded: it is not a checkpoint this package wrote. Resume "
                             "only from checkpoints your own runs wrote") from None
+    except RuntimeError as e:
+        # torch's load_state_dict: the checkpoint's weights do not fit the model these flags built. A checkpoint
+        # with a run record was compared before (check_resume_model); one from before 2026-12-02 records no flags,
+        # and this was a traceback of one "size mismatch" line per tensor
+        if not str(e).startswith("Error(s) in loading state_dict"):
+            raise
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
+        raise TrainingError(f"--resume_from_checkpoint {path}: its weights do not fit the model this run's flags "
+                            f"build ({detail.rstrip('.')}); resume with the flags it was trained with (--preset, and "
+                            "for the UNet --conditional and the same class folders: the training_args.json of the "
+                            "run that wrote it records them), or start a new run in another --output_dir") from None
     _check_random_states_loaded(path, accelerator.process_index)
     meta = json.loads((path / "training_state.json").read_text())
     tensor_file = path / "training_state.safetensors"

@@ -254,6 +254,31 @@ def test_a_checkpoint_file_holding_more_than_tensors_is_refused_in_words(tmp_pat
     assert not marker.exists()
 
 
+def test_a_checkpoint_of_another_model_is_refused_in_words(tmp_path):
+    """A checkpoint from before 2026-12-02 has no run record to compare the model config with, so a resume with
+    another --preset (or without --conditional) reached accelerate's load_state: a traceback of one 'size
+    mismatch' line per tensor. It is a one-line TrainingError naming the checkpoint and the flags to give."""
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    try:
+        acc = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 2)
+        acc.prepare(model, torch.optim.AdamW(model.parameters()))
+        path = training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
+        reset_accelerate()
+        acc = Accelerator(cpu=True)
+        other = torch.nn.Linear(2, 3)  # a wider model from these flags
+        acc.prepare(other, torch.optim.AdamW(other.parameters()))
+        with pytest.raises(training.TrainingError) as refused:
+            training.load_checkpoint(acc, path)
+    finally:
+        reset_accelerate()
+    message = str(refused.value)
+    assert message.startswith(f"--resume_from_checkpoint {path}: its weights do not fit the model"), message
+    assert "size mismatch for weight" in message and "--preset" in message and "\n" not in message, message
+
+
 def test_a_checkpoints_unreadable_random_states_are_warned_about(tmp_path, caplog):
     """accelerate's load_state went on without a random_states_0.pkl it could not read, saying so at INFO (hidden
     at the run's log level): the resume was not the exact continuation the tests promise, without a word."""
