@@ -1983,6 +1983,7 @@ class TrainingRun:
             from .hub import mark_training_started
 
             mark_training_started(self.output_dir, STAGE_SCRIPTS.get(self.record.get("stage"), "a training run"))
+        self._warn_model_past_checkpoint(path, step)
         self._set_aside_newer_checkpoints(step)
         self._truncate_history(step)
         self._set_aside_evaluation(step)
@@ -1990,6 +1991,25 @@ class TrainingRun:
         if step >= self.max_train_steps and self.accelerator.is_main_process:  # (a stopped run's final work, again)
             logger.info("step %d is this run's last: nothing left to train; the model is saved, evaluated and "
                         "described again (a larger --max_train_steps or --num_epochs trains on)", step)
+
+    def _warn_model_past_checkpoint(self, path: Path, step: int) -> None:
+        """A run from before 2026-12-02 wrote no checkpoint at its last step: its saved model (vqvae/, or the
+        pipeline) is past `latest`, and a resume to train on went back to the last checkpoint and replaced that
+        model at the end, the steps since then trained again, without a word."""
+        if self.args.resume_from_checkpoint != "latest" or not self.accelerator.is_main_process:
+            return
+        steps = []
+        for name in ("train_metrics.json", "metrics.json"):  # the UNet's record, the VQModel's
+            try:
+                steps.append(int(json.loads((self.output_dir / name).read_text(encoding="utf-8"))["train_steps"]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass
+        if steps and max(steps) > step:
+            logger.warning("%s holds a model trained to step %d, past its latest checkpoint %s (runs before "
+                           "2026-12-02 wrote none at the last step): this run trains steps %d to %d again from "
+                           "there, and its model replaces the step-%d one at the end (copy that one elsewhere "
+                           "first to keep it)", self.output_dir, max(steps), path.name, step + 1, max(steps),
+                           max(steps))
 
     def _set_aside_evaluation(self, step: int) -> None:
         """A resumed run replaces the model that evaluation/ measured (it trains on, or it finishes an earlier

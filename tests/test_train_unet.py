@@ -2838,3 +2838,22 @@ def test_the_decoded_slices_are_not_held_through_training(tmp_path, tiny_vq, dem
     assert record["train"]["pixels_sha256"] == data.train.pixels_sha256() != data.val.pixels_sha256()
     assert record["validation"]["pixels_sha256"] == data.val.pixels_sha256()
     assert record["train"]["images"] == len(data.train) > 0
+
+
+def test_a_model_saved_past_the_latest_checkpoint_is_named_at_the_resume(tmp_path, tiny_vq, demo_root, caplog):
+    """A run from before 2026-12-02 wrote no checkpoint at its last step: its pipeline is past `latest`. Trained on
+    with --resume_from_checkpoint latest, it went back to the last checkpoint and replaced the finished model with
+    one trained again from there, without a word. The resume says so."""
+    out = tmp_path / "ldm"
+    common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out, "--checkpointing_steps", "1",
+              *TINY_UNET_ARGS]
+    run_training_script("train_unet", [*common, "--max_train_steps", "2"])
+    shutil.rmtree(out / "checkpoint-2")  # as an older run left it: the model of step 2, checkpoint-1 the latest
+    with caplog.at_level("WARNING", logger="adni_diffusers.training"):
+        run_training_script("train_unet", [*common, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert "holds a model trained to step 2, past its latest checkpoint checkpoint-1" in caplog.text, caplog.text
+    # a run whose last step has its checkpoint (every run since 2026-12-02) says nothing
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adni_diffusers.training"):
+        run_training_script("train_unet", [*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    assert "past its latest checkpoint" not in caplog.text
