@@ -146,6 +146,12 @@ def remove_outputs(paths: list[Path]) -> None:
         remove_path(path)
 
 
+# a generation.json setting and the flag that sets it (what `--resume` names when they differ)
+RESUME_FLAGS = {"guidance": "--guidance", "scheduler": "--scheduler", "steps": "--steps",
+                "refine_steps": "--refine-steps", "refine_repeats": "--refine-repeats", "seed": "--seed",
+                "dtype": "--dtype", "class": "--class"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved pipeline folder or a Hub repo id")
     parser.add_argument("--out", required=True, help="output folder")
@@ -483,9 +489,13 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
             ignored.add("class")
         differ = sorted(k for k in {*settings, *recorded} - ignored if settings.get(k) != recorded.get(k))
         if differ:
+            # the flags that make them again, spelt out: a default that changed since (--guidance with --class: 1,
+            # then 2 from 2026-12-04) made "the same flags" differ
+            same = " ".join(f"{RESUME_FLAGS[k]} {recorded[k]}" for k in differ
+                            if k in RESUME_FLAGS and recorded.get(k) is not None)
             raise ValueError(f"--resume: {where} was made with other settings ("
                              + ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
-                             + "); give the same flags, or --overwrite to start again")
+                             + f"); give the same flags{f' ({same})' if same else ''}, or --overwrite to start again")
         made = {i for i in range(num_images) if (out / f"sample-{i:04d}.png").is_file()}
         first_images = set(range(min(batch_size, num_images)))
         # a denoising.gif there is whole (written through a .tmp) and of the same seeds and steps: kept, unless

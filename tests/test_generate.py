@@ -269,7 +269,7 @@ def test_a_run_cut_short_says_so_and_resume_makes_only_the_missing_images(fresh_
     with pytest.raises(FileExistsError, match="that run was cut short: --resume with its flags"):
         generate("unused", out, **kwargs)
     with pytest.raises(ValueError, match=r"--resume: .*generation.json was made with other settings \(steps: 1 "
-                                         r"there, 2 now\)"):
+                                         r"there, 2 now\); give the same flags \(--steps 1\)"):
         generate("unused", out, **{**kwargs, "steps": 2}, resume=True)
     (out / "sample-0004.png.tmp").write_bytes(b"\x89PNG half")  # killed while saving: never taken as made
     calls.clear()
