@@ -525,6 +525,26 @@ def _data_context(data: dict, args: dict, source: str) -> dict:
             "data_root_name": root_name, "data_summary": summary, "total_images": total}
 
 
+# what a shipped pipeline file from before its version check (838fd57, 2026-12-05) loads with: diffusers 0.33 to
+# 0.36 fail on its string annotations (KeyError: 'class_names'); 0.38.0 and 0.42.1 were checked (README)
+OLD_FILE_DIFFUSERS = "0.38"
+
+
+def shipped_file_diffusers(model_dir: Path, pipeline_file: str) -> tuple[str, bool]:
+    """The oldest diffusers the folder's own pipeline file loads with, and whether it checks that itself. A card
+    re-rendered for a pipeline saved by an older version said "0.26 or newer (it says so...)" of a file that did
+    not say so, and failed on 0.33 to 0.36."""
+    from .pipeline_adni_ldm import MIN_DIFFUSERS
+
+    path = model_dir / pipeline_file
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+    if text is None:  # (a card rendered before the file is there): this version's
+        return ".".join(map(str, MIN_DIFFUSERS)), True
+    if found := re.search(r"^MIN_DIFFUSERS = \((\d+), (\d+)\)", text, re.M):
+        return f"{found.group(1)}.{found.group(2)}", True
+    return OLD_FILE_DIFFUSERS, False
+
+
 def _repo_id(model_dir: Path, args: dict, repo_id: str | None) -> tuple[str, bool]:
     """(repo id for the code snippets, whether it is a placeholder)."""
     if repo_id and "/" in repo_id:
@@ -735,9 +755,12 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     grid = sample_grid or "samples.png"
     class_name = index.get("_class_name")  # [module, class]: the module is named with a hash of its text
     module = class_name[0] if isinstance(class_name, list) and class_name and class_name[0] else "pipeline_adni_ldm"
+    min_diffusers, version_checked = shipped_file_diffusers(d, f"{module}.py")
     ctx = {
         "model_name": repo.split("/")[-1],
         "pipeline_file": f"{module}.py",
+        "min_diffusers": min_diffusers,
+        "version_checked": version_checked,
         "repo_id": repo,
         "repo_id_is_placeholder": placeholder,
         "data_source": source,

@@ -240,6 +240,21 @@ def test_committed_example_card_is_rendered():
             assert not re.search(r"/(tmp|home|work)/", path.read_text()), path
 
 
+def test_a_pipeline_file_from_before_the_version_check_gets_the_diffusers_it_loads_with(ldm):
+    """A card re-rendered (push, evaluate) for a pipeline saved before its file checked the diffusers version said
+    "0.26 or newer (it says so when imported by an older one)": that file says nothing, and fails on 0.33 to 0.36."""
+    import re
+
+    shipped = next(ldm.glob("pipeline_adni_ldm*.py"))
+    text = shipped.read_text()
+    assert re.search(r"^MIN_DIFFUSERS = ", text, re.M)
+    shipped.write_text(re.sub(r"^MIN_DIFFUSERS = .*$", "", text, flags=re.M))  # as the files before 838fd57
+    card = render_model_card(ldm)
+    assert '`pip install torch "diffusers>=0.38"`' in card
+    assert "It needs diffusers 0.38 or newer: this file was saved before it checked the version" in card
+    assert "it says so when imported" not in card
+
+
 def test_class_names_as_a_mapping(ldm):
     """model_index.json may hold class_names as {name: index} (a list there reads as a component to
     diffusers' Hub loader): the card orders them by index."""
