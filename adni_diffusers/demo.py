@@ -188,8 +188,8 @@ def _run_stage(name: str, module: str, folder: Path, product: str, model: str, a
         argv = [*argv, "--resume_from_checkpoint", "latest"]
     else:  # another recipe's checkpoints go first: a run stopped before training cleared them would resume them
         if not retrain and (changed := _recipe_changes(folder, recipe)):
-            print(f"training the {name} in {folder} again: the demo run that made it there had another "
-                  f"{', '.join(changed)} (--out another folder keeps it)")
+            print(f"training the {name} in {folder} again: the demo run that made it there had "
+                  f"other settings ({', '.join(changed)}; --out another folder keeps it)")
         for checkpoint in folder.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
     _write_recipe(folder, recipe, finished=False)

@@ -227,7 +227,7 @@ def load_evaluation_data(model_dir, data_dir=None, model_class_names=None) -> tu
     elif record["first_stage_held_out"] is None and first_stage_unrecorded(model_dir):
         record["first_stage_unconfirmed"] = True
         logger.warning("%s: the UNet's records hold no record of its VQModel's held-out patients (a VQModel folder "
-                       "without train_vqmodel.py's records): that the VQModel never trained on these held-out slices "
+                       "without train_vqmodel.py's records, or one from before 2026-12-02): that the VQModel never trained on these held-out slices "
                        "cannot be confirmed", model_dir)
     return data, record
 

@@ -129,7 +129,7 @@ def load_or_build(vq, vq_dir: Path, slices: SliceSet, cache_dir: Path, name: str
     if others:  # never deleted here: another run (another split, a sweep) may still read them
         size = sum(p.stat().st_size for p in others if p.exists())
         logger.info("%s also holds %d older %s latent cache(s), %.2f GB (other data, split, labels or VQModel "
-                    "weights); delete those no run needs", cache_dir, len(others), name, size / 1e9)
+                    "weights, or these under an earlier version's key); delete those no run needs", cache_dir, len(others), name, size / 1e9)
     return latents
 
 

@@ -49,7 +49,7 @@ def test_demo_quick_end_to_end_and_reuses_stages(tmp_path, capsys, caplog):
             if line.startswith("training the")}
     vq_line = said["training the VQModel"]
     assert vq_line.startswith(f"training the VQModel in {out / 'vq'} again: the demo run that made it there had "
-                              "another ") and "demo data" in vq_line, vq_line
+                              "other settings (") and "demo data" in vq_line, vq_line
     assert "VQModel recipe, VQModel weights" in said["training the pipeline"], said
     assert (out / "vq" / "vqvae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns != vq_before
     assert (out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns != before
