@@ -321,12 +321,15 @@ def logging_folder(args) -> Path:
 
 
 def run_logging_folder(args) -> Path:
-    """Where this run's tensorboard folder (<project>/) goes: --logging_dir where it is inside --output_dir; in a
-    subfolder named after --output_dir where it is elsewhere. A sweep gives its runs one --logging_dir, and each run
-    wrote into the same <logging_dir>/unet/: TensorBoard showed the last one's curves, beside the first one's flags in
-    the HParams table."""
+    """Where this run's tensorboard folder (<project>/) goes: --logging_dir where it is inside --output_dir; where it
+    is elsewhere, in a subfolder that is --output_dir's path from the folder both are in (--output_dir sweep/lr1e-3
+    and --logging_dir tb: tb/sweep/lr1e-3). A sweep gives its runs one --logging_dir, and each run wrote into the
+    same <logging_dir>/unet/: TensorBoard showed the last one's curves, beside the first one's flags in the HParams
+    table. (The output folder's name alone put exp1/unet and exp2/unet together.)"""
     logs, output_dir = logging_folder(args), Path(args.output_dir).resolve()
-    return logs if logs.is_relative_to(output_dir) else logs / output_dir.name
+    if logs.is_relative_to(output_dir):
+        return logs
+    return logs / output_dir.relative_to(os.path.commonpath([logs, output_dir]))
 
 
 def where_to_watch(args) -> str:
@@ -2558,12 +2561,12 @@ def start_logging(accelerator, args, project: str, start_step: int = 0) -> None:
         if not start_step and "tensorboard" in [getattr(t, "value", t) for t in accelerator.log_with] \
                 and any(folder.glob("events.out.tfevents.*")):
             # a fresh run into a --logging_dir that is never cleared (outside --output_dir), whose subfolder of this
-            # --output_dir's name holds an earlier run's events: its curves read 1, 2, 3, 1, 2, 3. TensorBoard hides
+            # --output_dir's path holds an earlier run's events: its curves read 1, 2, 3, 1, 2, 3. TensorBoard hides
             # them from here on (the files stay)
-            logger.warning("--logging_dir: %s holds an earlier run's tensorboard events (a run whose --output_dir had "
-                           "this name, or an attempt of this run that stopped before its first checkpoint); "
-                           "TensorBoard hides them now (their files stay). To compare runs, give their output "
-                           "folders names of their own", folder)
+            logger.warning("--logging_dir: %s holds an earlier run's tensorboard events (an earlier run into this "
+                           "--output_dir, or an attempt of this run that stopped before its first checkpoint); "
+                           "TensorBoard hides them now (their files stay). To compare runs, give each its own "
+                           "--output_dir", folder)
             init_kwargs = {"tensorboard": {"purge_step": 0}}
         accelerator.init_trackers(project, init_kwargs=init_kwargs)
         from torch.utils.tensorboard.summary import hparams

@@ -1081,7 +1081,8 @@ def test_a_sweeps_runs_given_one_logging_dir_are_each_their_own_in_tensorboard(t
     from adni_diffusers import train_unet
 
     shared = tmp_path / "tensorboard"
-    runs = {"base": 1e-4, "lr1e-3": 1e-3, "inside": 1e-4}
+    # two output folders of one name (exp1/unet, exp2/unet): their paths from the folder both are in tell them apart
+    runs = {"exp1/unet": 1e-4, "exp2/unet": 1e-3, "inside": 1e-4}
     for name, learning_rate in runs.items():
         args = train_unet.parse_args(["--vqmodel", "vq", "--output_dir", str(tmp_path / "sweep" / name),
                                       "--learning_rate", str(learning_rate), "--report_to", "tensorboard",
@@ -1094,14 +1095,14 @@ def test_a_sweeps_runs_given_one_logging_dir_are_each_their_own_in_tensorboard(t
             accelerator.end_training()
         finally:
             reset_accelerate()
-        folder = shared / name if name != "inside" else tmp_path / "sweep" / name / "logs"
+        folder = shared / "sweep" / name if name != "inside" else tmp_path / "sweep" / name / "logs"
         assert f"tensorboard --logdir {folder}" in training.where_to_watch(args)
         events = EventAccumulator(str(folder / "unet")).Reload()
         start = plugin_data_pb2.HParamsPluginData.FromString(
             events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
         assert start.hparams["learning_rate"].number_value == learning_rate  # the run's own flags
         assert [e.value for e in events.Scalars("final/val_loss")] == [pytest.approx(learning_rate)]
-    assert sorted(p.name for p in shared.iterdir()) == ["base", "lr1e-3"]
+    assert sorted(str(p.relative_to(shared)) for p in shared.glob("*/*/*")) == ["sweep/exp1/unet", "sweep/exp2/unet"]
 
 
 def test_a_fresh_run_into_a_logging_dir_with_an_earlier_runs_events_hides_them(tmp_path, caplog):
