@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -41,6 +42,18 @@ def _run_record(checkpoint: Path) -> dict:
     return {"step": step, "flags": flags, "identity": identity}
 
 
+def _where_training_ran(run: Path, output_dir: str | None) -> Path | None:
+    """The working folder of the training command, from the run's folder and its --output_dir as typed (relative):
+    the run's path less those parts. None where that cannot be told (an absolute --output_dir, or one through ..)."""
+    if not output_dir or Path(output_dir).is_absolute():
+        return None
+    typed = Path(os.path.normpath(output_dir)).parts
+    here = run.resolve().parts
+    if ".." in typed or here[-len(typed):] != typed:
+        return None
+    return Path(*here[:-len(typed)])
+
+
 def _vqmodel_of(checkpoint: Path, record: dict, given: str | None) -> Path:
     """The VQModel the checkpoint's UNet trained on: --vqmodel, else the run's (its training_args.json), checked
     against the checkpoint's record of its files (another VQModel's latents mean nothing to this UNet)."""
@@ -50,8 +63,13 @@ def _vqmodel_of(checkpoint: Path, record: dict, given: str | None) -> Path:
     from .training import TrainingError
 
     run = checkpoint.parent
-    recorded = read_json_object(run / "training_args.json").get("vqmodel")
-    candidates = [given] if given else [p for p in (recorded, str(run / "vqvae")) if p]
+    args = read_json_object(run / "training_args.json")
+    recorded = args.get("vqmodel")
+    candidates = [given] if given else [str(run / "vqvae")]  # a finished run's copy: the VQModel it trained on
+    if not given and recorded:
+        # --vqmodel as typed: relative to where training ran, which need not be here
+        ran_in = _where_training_ran(run, args.get("output_dir"))
+        candidates[:0] = [recorded, *([str(ran_in / recorded)] if ran_in and not Path(recorded).is_absolute() else [])]
     for candidate in candidates:
         try:
             vq_dir = find_vqmodel(candidate)
@@ -65,8 +83,8 @@ def _vqmodel_of(checkpoint: Path, record: dict, given: str | None) -> Path:
             raise ExportError(f"--vqmodel {given}: another VQModel than the one {checkpoint} trained on (its files "
                               "differ from the checkpoint's record of them)")
     raise ExportError(f"{checkpoint}: the VQModel it trained on is not found (the run's --vqmodel "
-                      f"{recorded or '(not recorded)'} is not there, or was trained on since): give --vqmodel its "
-                      "folder")
+                      f"{recorded or '(not recorded)'}, as typed where the training ran, is not there, or was "
+                      "trained on since): give --vqmodel its folder")
 
 
 def _unet_weights(checkpoint: Path, unet, use_ema: bool) -> str:
@@ -131,9 +149,11 @@ def export_checkpoint(checkpoint, out, vqmodel: str | None = None):
                                        preprocess=flags.get("preprocess", "pad"))
     with torch.no_grad():
         pipe.save_pretrained(out)
-    # the run's split travels with it (evaluate and held-out find the held-out slices from it), and where it came from
-    if (checkpoint.parent / "training_data.json").is_file():
-        shutil.copyfile(checkpoint.parent / "training_data.json", out / "training_data.json")
+    # the run's records travel with it: its split (evaluate and held-out find the held-out slices from it) and its
+    # arguments (the card's table and seed); and where the weights came from (the card says which step)
+    for name in ("training_data.json", "training_args.json"):
+        if (checkpoint.parent / name).is_file():
+            shutil.copyfile(checkpoint.parent / name, out / name)
     (out / "exported_from.json").write_text(json.dumps(
         {"checkpoint": str(checkpoint.resolve()), "step": record["step"], "weights": weights,
          "vqmodel": str(vq_dir.resolve())}, indent=2))

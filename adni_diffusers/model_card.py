@@ -756,7 +756,18 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
     class_name = index.get("_class_name")  # [module, class]: the module is named with a hash of its text
     module = class_name[0] if isinstance(class_name, list) and class_name and class_name[0] else "pipeline_adni_ldm"
     min_diffusers, version_checked = shipped_file_diffusers(d, f"{module}.py")
+    exported = read_json_object(d / "exported_from.json")  # `adni-diffusers export`: a checkpoint's weights
+    exported_text = None
+    if isinstance(exported.get("step"), int):
+        total = args.get("max_train_steps")
+        exported_text = (f"These weights are step {exported['step']}"
+                         + (f" of the run's {total}" if isinstance(total, int) else "")
+                         + f" (its `checkpoint-{exported['step']}`"
+                         + (", the EMA's weights" if exported.get("weights") == "EMA" else "")
+                         + "), saved as a pipeline by `adni-diffusers export`: the run's arguments below describe "
+                           "the whole run, not these weights alone.")
     ctx = {
+        "exported_text": exported_text,
         "model_name": repo.split("/")[-1],
         "pipeline_file": f"{module}.py",
         "min_diffusers": min_diffusers,

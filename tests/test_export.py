@@ -40,6 +40,14 @@ def test_the_last_checkpoint_exports_as_the_final_pipeline(run_with_checkpoints,
     assert exported.class_names == final.class_names == ["AD", "NC"]
     record = json.loads((tmp_path / "step4" / "exported_from.json").read_text())
     assert record["step"] == 4 and record["weights"] == "EMA"
+    # its card says which weights these are, with the run's arguments (the split's seed too): it said "not recorded
+    # in this repository ... saved from a loaded pipeline", and "(seed ?)"
+    from adni_diffusers.model_card import render_model_card
+
+    card = render_model_card(tmp_path / "step4")
+    assert "These weights are step 4 of the run's 4 (its `checkpoint-4`, the EMA's weights), saved as a pipeline " \
+           "by `adni-diffusers export`" in card
+    assert "Not recorded in this repository" not in card and "seed ?" not in card
     # the run's split travels with it: held-out and evaluate find the slices it never saw
     assert json.loads((tmp_path / "step4" / "training_data.json").read_text()) == \
         json.loads((run / "training_data.json").read_text())
@@ -85,3 +93,19 @@ def test_what_cannot_be_exported_is_refused_with_what_to_do(run_with_checkpoints
     with pytest.raises(ExportError, match="a vqmodel checkpoint; export makes a pipeline from a train_unet.py"):
         export_checkpoint(tiny_vq / "checkpoint-4", tmp_path / "c")
     assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
+
+
+def test_a_relative_vqmodel_is_found_from_another_working_folder(demo_root, tiny_vq, tmp_path, monkeypatch):
+    """training_args.json keeps --vqmodel as typed (vq, relative to where training ran). Exporting a checkpoint of a
+    run stopped before its end (no vqvae/ copy in the run) from another folder said the VQModel "is not there"."""
+    project = tmp_path / "project"
+    shutil.copytree(tiny_vq, project / "vq", ignore=shutil.ignore_patterns("latent_cache", "checkpoint-*"))
+    monkeypatch.chdir(project)
+    run_training_script("train_unet", ["--vqmodel", "vq", "--train_data_dir", demo_root, "--output_dir", "runs/ldm",
+                                       "--max_train_steps", "2", *TINY_UNET_ARGS])
+    shutil.rmtree(project / "runs" / "ldm" / "vqvae")  # as a run stopped before its end has none
+    monkeypatch.chdir(tmp_path)
+    export_checkpoint("project/runs/ldm/checkpoint-2", "exported")
+    record = json.loads((tmp_path / "exported" / "exported_from.json").read_text())
+    assert record["vqmodel"] == str((project / "vq" / "vqvae").resolve()) and record["weights"] == "model"
+
