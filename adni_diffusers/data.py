@@ -1191,7 +1191,39 @@ def _imagefolder_records(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
         data_files = {s: f"{base}/{glob.escape(s)}/**" for s in sorted(set(tree.split_of.values()))}
     else:
         data_files = {"train": f"{base}/**"}
-    ds = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=not tree.class_names)
+    with _datasets_cache_dir() as cache_dir:
+        ds = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=not tree.class_names,
+                                   cache_dir=cache_dir)
+        return _records_of(root, tree, ds)
+
+
+@contextlib.contextmanager
+def _datasets_cache_dir():
+    """None (datasets' own cache) where that can be written, else a temporary folder, removed afterwards: the index
+    is a listing that is cheap to make again. A shared cluster's HF_HOME is often read-only (the admins' models);
+    datasets then failed in its cache ("Permission denied: '<HF_HOME>/datasets'", a traceback from the training
+    scripts), even where the cache already held this index (it writes lock files there)."""
+    import tempfile
+
+    import datasets
+
+    from .files import cannot_write_in
+
+    cache = Path(os.path.expanduser(str(datasets.config.HF_DATASETS_CACHE)))
+    problem = cannot_write_in(cache)
+    if problem is None:
+        yield None
+        return
+    logger.info("datasets' cache %s: %s; indexing the images in a temporary folder instead "
+                "(set HF_DATASETS_CACHE or HF_HOME to a folder you can write to keep the index between runs)",
+                cache, problem)
+    with tempfile.TemporaryDirectory(prefix="adni-datasets-cache-", ignore_cleanup_errors=True) as tmp:
+        yield tmp
+
+
+def _records_of(root: Path, tree: _Tree, ds) -> list[tuple[str, int, str]]:
+    import datasets
+
     records = []
     for split_name, part in ds.items():
         part = part.cast_column("image", datasets.Image(decode=False))

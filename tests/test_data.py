@@ -114,6 +114,43 @@ def test_reads_adni_tree_through_datasets_imagefolder_offline(tmp_path, monkeypa
     assert batch["pixel_values"].shape == (4, 1, 256, 256) and batch["class_labels"].shape == (4,)
 
 
+def test_a_datasets_cache_that_cannot_be_written_falls_back_to_a_temporary_one(tmp_path, monkeypatch, caplog):
+    """A shared cluster's HF_HOME is often read-only (models put there by the admins): datasets' imagefolder, which
+    only lists the files here, failed in its cache (PermissionError: '<HF_HOME>/datasets', a traceback from the
+    training scripts, a bare errno from the CLI), even where the cache already held this index (its lock files).
+    Root ignores permissions: a cache path under a regular file cannot be written by anyone."""
+    import datasets
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", blocker / "datasets")
+    root = tmp_path / "AD_NC"
+    files = make_tree(root, patients=2, slices=1)
+    calls = []
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(k.get("cache_dir")) or real_load(*a, **k))
+
+    with caplog.at_level(logging.INFO, logger="adni_diffusers.data"):
+        d = load_slices(root, split="all")
+
+    assert sorted(d.train.paths) == sorted(str(p.resolve()) for p in files)
+    assert calls and calls[0] is not None and not Path(calls[0]).exists()  # a temporary cache, gone afterwards
+    assert "cannot write there" in caplog.text and str(blocker / "datasets") in caplog.text
+    assert "HF_DATASETS_CACHE" in caplog.text
+
+
+def test_a_writable_datasets_cache_is_used_as_it_is(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    calls = []
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(k.get("cache_dir")) or real_load(*a, **k))
+    make_tree(tmp_path / "AD_NC", patients=2, slices=1)
+    load_slices(tmp_path / "AD_NC", split="all")
+    assert calls == [None] and (tmp_path / "cache").is_dir()
+
+
 def test_pad_puts_8_black_rows_above_and_below_and_keeps_the_original_rows(tmp_path):
     root = tmp_path / "data"
     path = write(root / "AD" / "1003730_85.jpeg", slice_pixels(3))
