@@ -1733,13 +1733,16 @@ def evaluate_model(
         raise EvaluationError(f"--ablation-samples {ablation_samples}: expected at least 2 (the distribution "
                               "metrics compare sets)")
     device = _resolve_device(device)
-    out = Path(out) if out is not None else model_dir / "evaluation"
+    out_given = out is not None
+    out = Path(out) if out_given else model_dir / "evaluation"
     from .generate import check_out_folder, remove_outputs
 
     try:  # else mkdir's "[Errno 17] File exists", which names no flag
         check_out_folder(out, [], overwrite=True)
     except ValueError as e:
-        raise EvaluationError(str(e)) from None
+        # a labmate's model on a shared, read-only folder: the default, beside the model, was never asked for
+        hint = "" if out_given else " (the default, beside the model): give --out a folder you can write"
+        raise EvaluationError(f"{e}{hint}") from None
     check_earlier_outputs(out, model_dir)
     # beside the model whatever --out is: `counterfactual` looks for the same net there
     cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"

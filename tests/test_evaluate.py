@@ -1027,6 +1027,21 @@ def test_a_rerun_removes_the_earlier_runs_outputs_and_keeps_other_files(evaluate
     assert {p.name for p in out.iterdir()} == written | {"notes.md", "feature_net"}
 
 
+def test_a_model_folder_that_cannot_be_written_asks_for_out(model_copy, monkeypatch, capsys):
+    """A labmate's model on a shared, read-only folder: "--out <model>/evaluation: cannot write there" named a flag
+    the user never gave, and not what to do. (Root ignores permissions: the check is made to fail.)"""
+    import adni_diffusers.generate as generate
+
+    real = generate.cannot_write_in
+    monkeypatch.setattr(generate, "cannot_write_in", lambda folder: "cannot write there (Permission denied)"
+                        if Path(folder).is_relative_to(model_copy) else real(folder))
+    rc = cli.main(["evaluate", "--model", str(model_copy), "--num-samples", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--out {model_copy / 'evaluation'}: cannot write there (Permission denied)" in err
+    assert "(the default, beside the model): give --out a folder you can write" in err
+
+
 def test_an_out_that_is_a_file_is_refused_before_any_work(model_copy, tmp_path, monkeypatch, capsys):
     """Before: "error: [Errno 17] File exists", naming no flag."""
     import adni_diffusers.features as features
