@@ -1116,6 +1116,11 @@ def test_a_fresh_run_into_a_logging_dir_with_an_earlier_runs_events_hides_them(t
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     def run(losses, start_step=0):
+        # each run's event file in a second of its own, as real runs are: files of one second are read in the order
+        # of their names, whose last part is a counter (…9 after …10: the test failed in a full run, at 10)
+        import time
+
+        time.sleep(1.01 - time.time() % 1)
         reset_accelerate()
         try:
             accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
