@@ -112,14 +112,16 @@ def run_training_script(name: str, argv: list[str]):
         reset_accelerate()
 
 
-def checkpoint_accelerator():
-    """A fresh single-process CPU Accelerator with one prepared model: enough for save_state / load_state."""
+def checkpoint_accelerator(out_features: int = 2, optimizer: bool = False):
+    """A fresh single-process CPU Accelerator with one prepared model (and its AdamW, with `optimizer`): enough for
+    save_state / load_state."""
     import torch
     from accelerate import Accelerator
 
     reset_accelerate()
     accelerator = Accelerator(cpu=True)
-    accelerator.prepare(torch.nn.Linear(2, 2))
+    model = torch.nn.Linear(2, out_features)
+    accelerator.prepare(model, *([torch.optim.AdamW(model.parameters())] if optimizer else []))
     return accelerator
 
 

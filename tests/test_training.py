@@ -232,15 +232,10 @@ def test_a_checkpoint_file_holding_more_than_tensors_is_refused_in_words(tmp_pat
     """A shared or downloaded checkpoint whose optimizer.bin runs code when unpickled: torch refuses it, and the
     run ended in a traceback whose last line advised loading it with weights_only=False. It is a one-line
     TrainingError naming the checkpoint, and nothing of the file runs."""
-    from accelerate import Accelerator
-
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
-    reset_accelerate()
     try:
-        acc = Accelerator(cpu=True)
-        model = torch.nn.Linear(2, 2)
-        acc.prepare(model, torch.optim.AdamW(model.parameters()))
+        acc = checkpoint_accelerator(optimizer=True)
         path = training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
         torch.save(_NotTensors(), path / "optimizer.bin")
         with pytest.raises(training.TrainingError) as refused:
@@ -258,18 +253,10 @@ def test_a_checkpoint_of_another_model_is_refused_in_words(tmp_path):
     """A checkpoint from before 2026-12-02 has no run record to compare the model config with, so a resume with
     another --preset (or without --conditional) reached accelerate's load_state: a traceback of one 'size
     mismatch' line per tensor. It is a one-line TrainingError naming the checkpoint and the flags to give."""
-    from accelerate import Accelerator
-
-    reset_accelerate()
     try:
-        acc = Accelerator(cpu=True)
-        model = torch.nn.Linear(2, 2)
-        acc.prepare(model, torch.optim.AdamW(model.parameters()))
+        acc = checkpoint_accelerator(optimizer=True)
         path = training.save_checkpoint(acc, tmp_path, 2, {"tensors": {}, "meta": {}}, None)
-        reset_accelerate()
-        acc = Accelerator(cpu=True)
-        other = torch.nn.Linear(2, 3)  # a wider model from these flags
-        acc.prepare(other, torch.optim.AdamW(other.parameters()))
+        acc = checkpoint_accelerator(out_features=3, optimizer=True)  # a wider model from these flags
         with pytest.raises(training.TrainingError) as refused:
             training.load_checkpoint(acc, path)
     finally:
