@@ -438,6 +438,12 @@ def build_demo_dataset(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     plan = plan_subjects(subjects, slices_per_subject, test_fraction, seed)
+    from .files import cannot_write_in
+
+    # the folder itself first: a read-only parent was blamed on the contact sheet beside it (or, without one, a bare
+    # "[Errno 13] Permission denied" at mkdir). (A file in the way: _prepare_folder says so.)
+    if not not_a_folder(out_dir) and (problem := cannot_write_in(out_dir)):
+        raise ValueError(f"{out_dir}: {problem}; choose a folder you can write")
     sheet_path = _contact_sheet_path(out_dir, contact_sheet)
     workers = _worker_count(workers, subjects)  # before anything is removed: a bad value must not cost a build
     # the folder above: out_dir itself is a slice tree once built (the checks of _prepare_folder are about it)

@@ -217,6 +217,23 @@ def test_an_output_folder_inside_a_file_is_named(tmp_path, capsys, monkeypatch):
     assert "afile/built: afile is a file, not a folder" in capsys.readouterr().err
 
 
+def test_an_output_folder_that_cannot_be_written_is_named_not_its_contact_sheet(tmp_path, capsys, monkeypatch):
+    """A read-only parent (a shared folder) was blamed on the contact sheet beside the data ("contact sheet
+    ...: cannot be written"), or without one came as mkdir's bare "[Errno 13] Permission denied". (Tests run as
+    root, who may write anywhere: the folder's write check is made to fail as a read-only one does.)"""
+    from adni_diffusers import files
+
+    real = files.cannot_write_in
+    monkeypatch.setattr(files, "cannot_write_in", lambda folder: "cannot write there (Permission denied)"
+                        if Path(folder).name == "built" else real(folder))
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--no-contact-sheet"]):
+        assert cli.main(["demo-data", "built", "--subjects", "4", "--workers", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "built: cannot write there (Permission denied); choose a folder you can write" in err, err
+        assert "contact sheet" not in err and not Path("built").exists()
+
+
 def test_overwrite_never_wipes_a_folder_that_is_not_a_demo_build(tmp_path, capsys):
     """A real AD_NC tree has train/ and test/ too: --overwrite wiped it (and a user's notes in it)."""
     real = tmp_path / "AD_NC"
