@@ -1106,6 +1106,17 @@ def test_loading_takes_diffusers_per_component_dtypes_and_placement(pipe, tmp_pa
         ADNILatentDiffusionPipeline.from_pretrained(tmp_path / "full", device_map="balanced")
 
 
+def _assert_prepared_as_the_loader_does(slice_, path, preprocess, loaded):
+    """prepare_slices gives the training loader's pixels (`loaded`, uint8) for the file, the array and the tensor;
+    floats are brought to size as floats: within the 8-bit result's rounding."""
+    expected = torch.tensor(loaded).float() / 127.5 - 1
+    with PIL.Image.open(path) as image:
+        for form in (image, slice_, torch.from_numpy(slice_)):
+            torch.testing.assert_close(prepare_slices(form, preprocess=preprocess)[0, 0], expected)
+    as_float = prepare_slices(torch.from_numpy(slice_).float() / 127.5 - 1, preprocess=preprocess)[0, 0]
+    assert (as_float - expected).abs().max() <= 0.5 / 127.5 + 1e-5
+
+
 def test_prepare_slices_resizes_like_training_for_a_resize_model(tmp_path):
     """--preprocess resize (the seed's stretch): the same pixels as the training loader, in every form."""
     from adni_diffusers.data import decode_slice
@@ -1113,14 +1124,7 @@ def test_prepare_slices_resizes_like_training_for_a_resize_model(tmp_path):
     slice_ = np.random.default_rng(1).integers(0, 256, (240, 256)).astype(np.uint8)
     path = tmp_path / "slice.png"
     PIL.Image.fromarray(slice_).save(path)
-    arr, _, _ = decode_slice(path, "resize")
-    expected = torch.tensor(arr).float() / 127.5 - 1
-    with PIL.Image.open(path) as image:
-        for form in (image, slice_, torch.from_numpy(slice_)):
-            torch.testing.assert_close(prepare_slices(form, preprocess="resize")[0, 0], expected)
-    # floats are resized as floats: within the 8-bit result's rounding
-    resized_float = prepare_slices(torch.from_numpy(slice_).float() / 127.5 - 1, preprocess="resize")[0, 0]
-    assert (resized_float - expected).abs().max() <= 0.5 / 127.5 + 1e-5
+    _assert_prepared_as_the_loader_does(slice_, path, "resize", decode_slice(path, "resize")[0])
     assert prepare_slices(np.zeros((200, 300), np.uint8), preprocess="resize").shape == (1, 1, 256, 256)
     with pytest.raises(ValueError, match="200 wide x 200 high.*--preprocess pad"):
         prepare_slices(np.zeros((200, 200), np.uint8))
@@ -1144,13 +1148,7 @@ def test_prepare_slices_fits_like_training_for_a_fit_model(tmp_path):
     height, width = lit.max(0) - lit.min(0) + 1
     assert height == 256 and abs(width - round(182 * 256 / 218)) <= 1  # 214 wide: the proportions kept
     assert arr[:, :15].max() == 0 and arr[:, -15:].max() == 0  # black on both sides, evenly
-    expected = torch.tensor(arr).float() / 127.5 - 1
-    with PIL.Image.open(path) as image:
-        for form in (image, slice_, torch.from_numpy(slice_)):
-            torch.testing.assert_close(prepare_slices(form, preprocess="fit")[0, 0], expected)
-    # floats are scaled as floats (their black is -1): within the 8-bit result's rounding
-    fitted_float = prepare_slices(torch.from_numpy(slice_).float() / 127.5 - 1, preprocess="fit")[0, 0]
-    assert (fitted_float - expected).abs().max() <= 0.5 / 127.5 + 1e-5
+    _assert_prepared_as_the_loader_does(slice_, path, "fit", arr)  # (floats: their black is -1)
     # ADNI's 256x240 is padded alone, as --preprocess pad makes it: no note
     adni = np.random.default_rng(3).integers(0, 256, (240, 256)).astype(np.uint8)
     PIL.Image.fromarray(adni).save(tmp_path / "adni.png")
