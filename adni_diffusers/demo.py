@@ -234,6 +234,11 @@ def run_demo(out: str | Path = "adni_demo", device: str | None = None, subjects:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    from .files import cannot_write_in
+
+    if problem := cannot_write_in(out):  # a labmate's finished demo, read-only: both stages reused, then the samples
+        raise ValueError(f"--out {out}: {problem}; the demo writes its data, models and samples there: choose a "
+                         "folder you can write")
     data_root = slice_tree_holding(out)
     if data_root is not None:  # the demo's data, models and logs would land among the slices, and break the tree
         raise ValueError(f"--out {out}: inside the slice folder {data_root} (ROOT/{{train,test}}/<class>/*.jpeg); "

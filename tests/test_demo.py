@@ -94,6 +94,22 @@ def test_bad_flags_stop_the_demo_before_any_work(flags, message, tmp_path, capsy
     assert [p.name for p in (tmp_path / "ADNI").rglob("*")] == ["train", "AD", "1_0.jpeg"]
 
 
+def test_an_out_folder_that_cannot_be_written_stops_the_demo_before_any_work(tmp_path, capsys, monkeypatch):
+    """A labmate's finished demo, read-only: both stages were reused (the models load), then the demo failed at
+    its samples folder, naming a path the user never gave. (Tests run as root, who may write anywhere: the folder's
+    write check is made to fail as a read-only one does.)"""
+    from adni_diffusers import cli, files
+
+    real = files.cannot_write_in
+    monkeypatch.setattr(files, "cannot_write_in", lambda folder: "cannot write there (Permission denied)"
+                        if Path(folder).name == "demo" else real(folder))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--quick", "--out", "demo"]) == 2
+    assert "--out demo: cannot write there (Permission denied); the demo writes its data, models and samples" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 # ------------------------------------------------------------------------------------------ sixth mutation audit
 
 
