@@ -157,6 +157,11 @@ def export_checkpoint(checkpoint, out, vqmodel: str | None = None):
     (out / "exported_from.json").write_text(json.dumps(
         {"checkpoint": str(checkpoint.resolve()), "step": record["step"], "weights": weights,
          "vqmodel": str(vq_dir.resolve())}, indent=2))
+    from .model_card import write_model_card
+
+    # its card (which step, which weights, the run's arguments) and, for a demo model, the MNI template's notice,
+    # which goes with every copy of the weights
+    write_model_card(out)
     logger.info("checkpoint %s (step %d, the %s weights) saved as a pipeline in %s: adni-diffusers generate --model "
                 "%s --out samples", checkpoint, record["step"], weights, out, out)
     return pipe

@@ -42,12 +42,12 @@ def test_the_last_checkpoint_exports_as_the_final_pipeline(run_with_checkpoints,
     assert record["step"] == 4 and record["weights"] == "EMA"
     # its card says which weights these are, with the run's arguments (the split's seed too): it said "not recorded
     # in this repository ... saved from a loaded pipeline", and "(seed ?)"
-    from adni_diffusers.model_card import render_model_card
-
-    card = render_model_card(tmp_path / "step4")
+    card = (tmp_path / "step4" / "README.md").read_text()  # written with it
     assert "These weights are step 4 of the run's 4 (its `checkpoint-4`, the EMA's weights), saved as a pipeline " \
            "by `adni-diffusers export`" in card
     assert "Not recorded in this repository" not in card and "seed ?" not in card
+    # a demo model's copy keeps the MNI template's notice, as the run's folder has it
+    assert (tmp_path / "step4" / "LICENSE.md").read_text() == (run / "LICENSE.md").read_text()
     # the run's split travels with it: held-out and evaluate find the slices it never saw
     assert json.loads((tmp_path / "step4" / "training_data.json").read_text()) == \
         json.loads((run / "training_data.json").read_text())
