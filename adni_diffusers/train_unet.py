@@ -319,8 +319,8 @@ def check_same_preprocess(vq_record: dict | None, args) -> None:
 
 def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
     """Refuse a VQModel that saw the patients this run holds out (the same patients split otherwise: another
-    --split, --val_fraction or --split_seed), or that prepared its slices otherwise (--preprocess): held-out numbers
-    would not be held out, and the latents would not be the ones it learned. Patient sets are compared by
+    --split, --val_fraction or --split_seed): held-out numbers would not be held out. (Its --preprocess is compared
+    before the slices are decoded: check_same_preprocess.) Patient sets are compared by
     fingerprint (data.patients_fingerprint), so the data may have moved. Returns the VQModel's record."""
     there = vq_training_data(vq_dir)
     if there is None or not there.get("patients_sha256"):
@@ -329,7 +329,6 @@ def check_vq_data(vq_dir: Path, args, data, warn: bool = True) -> dict | None:
                            "folder, or one from before 2026-12-02), so whether it saw this run's held-out patients "
                            "cannot be checked", vq_dir)
         return there
-    check_same_preprocess(there, args)
     # the two subject rules split alike unless a subject is named both ways: the patient fingerprints tell
     subject_rules = {"subject", "subject-2026-12-03"}
     if there.get("patient_ids") and there["patient_ids"] != args.patient_ids and not (
