@@ -154,6 +154,12 @@ def export_checkpoint(checkpoint, out, vqmodel: str | None = None):
     for name in ("training_data.json", "training_args.json"):
         if (checkpoint.parent / name).is_file():
             shutil.copyfile(checkpoint.parent / name, out / name)
+    from .train_unet import FIRST_STAGE_FILES, first_stage_file
+
+    # and the first stage's numbers and arguments, as the final pipeline keeps them (the card's VQ sections)
+    for name in FIRST_STAGE_FILES:
+        if (source := first_stage_file(vq_dir, name)) is not None:
+            shutil.copyfile(source, out / name)
     (out / "exported_from.json").write_text(json.dumps(
         {"checkpoint": str(checkpoint.resolve()), "step": record["step"], "weights": weights,
          "vqmodel": str(vq_dir.resolve())}, indent=2))

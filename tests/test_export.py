@@ -48,6 +48,11 @@ def test_the_last_checkpoint_exports_as_the_final_pipeline(run_with_checkpoints,
     assert "Not recorded in this repository" not in card and "seed ?" not in card
     # a demo model's copy keeps the MNI template's notice, as the run's folder has it
     assert (tmp_path / "step4" / "LICENSE.md").read_text() == (run / "LICENSE.md").read_text()
+    # the first stage's records travel with it as with the final pipeline: the card's VQ sections (its export had
+    # neither the first stage's reconstruction numbers nor its arguments)
+    for name in ("first_stage_metrics.json", "first_stage_training_args.json"):
+        assert json.loads((tmp_path / "step4" / name).read_text()) == json.loads((run / name).read_text()), name
+    assert "First stage (VQ autoencoder) reconstruction quality" in card
     # the run's split travels with it: held-out and evaluate find the slices it never saw
     assert json.loads((tmp_path / "step4" / "training_data.json").read_text()) == \
         json.loads((run / "training_data.json").read_text())
