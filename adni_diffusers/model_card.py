@@ -86,7 +86,7 @@ _ARG_LABELS = [
     ("disc_start", "discriminator start step"),
     ("split", "validation split"),
     ("val_fraction", "held-out patient fraction"),
-    ("preprocess", "240 -> 256 rows"),
+    ("preprocess", "how slices were brought to 256 x 256 (pad, resize or fit)"),
     ("seed", "seed"),
 ]
 _ONLY_IF = {  # shown only when the argument named on the right is truthy

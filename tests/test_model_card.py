@@ -1232,3 +1232,12 @@ def test_three_class_names_read_as_a_list():
 
     assert one_patient_classes([0, 1, 2], ["CN", "MCI", "ad"]).startswith("The held-out images of CN, MCI and ad ")
     assert in_words(["AD"]) == "AD" and in_words(["AD", "NC"]) == "AD and NC"
+
+
+def test_the_preprocess_row_does_not_call_every_preprocessing_padding(ldm):
+    """The argument table's meaning of --preprocess was "240 -> 256 rows" whatever the value: a model trained on
+    182x218 slices with --preprocess fit (scaled, padded at the sides) had its card say rows were added."""
+    path = ldm / "training_args.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "preprocess": "fit"}))
+    row = next(line for line in render_model_card(ldm).splitlines() if line.startswith("| `--preprocess` |"))
+    assert "| fit |" in row and "240 -> 256 rows" not in row, row
