@@ -1536,3 +1536,31 @@ def test_a_run_from_python_leaves_the_callers_random_numbers_where_they_were():
     training.keeps_session_logging(lambda: set_seed(0))()
     assert draws() == expected
 
+
+
+def test_the_plain_log_line_paces_over_the_time_since_the_previous_line(monkeypatch, caplog):
+    """A SLURM .out's progress line (every 30 s) gave the pace and time left of the last --logging_steps interval
+    alone: a line whose interval held a checkpoint or sample grid said 5.7 images/s and 20 min left where the 30 s
+    before it ran at 26.6 and 5 min were left (a 6,000-step CPU run, 2026-12-07). Over the time since the previous
+    line the pace is the run's, checkpoints in their share."""
+    run = object.__new__(training.TrainingRun)
+    run.stage, run.max_train_steps = "UNet", 1000
+    run._plain_logged_at = run._plain_logged_point = None
+    clock = {"now": 0.0}
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock["now"])
+    run._log_points = []
+    said = []
+    with caplog.at_level(logging.INFO, logger="adni_diffusers.training"):
+        # a log every 10 steps (40 images) in 1 s, but the one ending at step 300 held an 11 s checkpoint
+        t = 0.0
+        for step in range(10, 310, 10):
+            t += 11.0 if step == 300 else (1.0 if step > 10 else 0.0)
+            clock["now"] = t
+            run.global_step = step
+            run._log_points.append((step, 1000.0 + t, 4 * step))
+            run._log_plain_line({"loss": 0.5})
+    said = [r.getMessage() for r in caplog.records if "UNet step" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("UNet step 10/1000") and "left" not in said[0], said
+    # 290 steps (1,160 images) in 39 s: 29.74 images/s, and 700 steps left at 39/290 s each: 94 s
+    assert said[1].startswith("UNet step 300/1000 (30%)"), said
+    assert "29.74 images/s, about 1 min 34 s left" in said[1], said
