@@ -544,6 +544,12 @@ def main(args: argparse.Namespace) -> dict:
                                {"stage": "unet", "vqmodel": str(vq_dir), "vqmodel_data": vq_data,
                                 "conditional": bool(class_names)}, model=model, accelerator=accelerator,
                                start_step=run.start_step, default_batch=DEFAULT_BATCH)
+    if accelerator.is_main_process and run.start_step and _grid_due(run, args) \
+            and not _grid_path(args, run.start_step).exists():
+        # a stop at a checkpoint step (a job's time limit) comes before that step's grid: drawn now, from the
+        # checkpoint's weights, which are that step's (else the grid of every such stop was missing for good)
+        logger.info("drawing step %d's sample grid, which the stopped run did not", run.start_step)
+        _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, DDIMScheduler)
 
     # 3. train on the denoising objective (adni_diffusers/diffusion.py)
     start = time.time()
@@ -567,9 +573,7 @@ def main(args: argparse.Namespace) -> dict:
             run.log_micro_batch({"loss": loss.detach()})
             continue
         run.end_step({"loss": loss.detach(), **grad_logs})
-        epoch_done = run.global_step % run.steps_per_epoch == 0
-        every_n_epochs = epoch_done and (run.global_step // run.steps_per_epoch) % args.save_images_epochs == 0
-        if accelerator.is_main_process and (every_n_epochs or run.global_step == run.max_train_steps):
+        if accelerator.is_main_process and _grid_due(run, args):
             _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, DDIMScheduler)
     run.finish()
     train_seconds = time.time() - start
@@ -695,6 +699,17 @@ def _sample_rows(class_names, n) -> list[tuple[int | None, int]]:
     return [(label, max(1, n // k + (label < n % k))) for label in range(k)]
 
 
+def _grid_due(run, args) -> bool:
+    """Whether the step just trained draws a sample grid: every --save_images_epochs epochs and at the last step."""
+    step = run.global_step
+    epoch_done = step % run.steps_per_epoch == 0
+    return (epoch_done and (step // run.steps_per_epoch) % args.save_images_epochs == 0) or step == run.max_train_steps
+
+
+def _grid_path(args, step: int) -> Path:
+    return Path(args.output_dir) / "samples" / f"samples-{step:06d}.png"
+
+
 @torch.no_grad()
 def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, scheduler_cls):
     """A small grid from the EMA weights, to tensorboard and samples/ (DDIM for speed): one row per class, all
@@ -721,7 +736,7 @@ def _sample_grid(accelerator, run, vq, noise_scheduler, class_names, args, sched
     weights = training.weights_label(run.ema)
     guidance = _guidance_text(class_names, args)
     training.log_image_grid(accelerator, "samples", images, run.global_step,
-                            f"{args.output_dir}/samples/samples-{run.global_step:06d}.png", nrow=columns,
+                            _grid_path(args, run.global_step), nrow=columns,
                             row_titles=[class_names[label] for label, _ in rows] if class_names else None,
                             caption=f"step {run.global_step}, {weights}, {scheduler_cls.__name__.replace('Scheduler', '')}"
                                     f" {args.sample_inference_steps} steps{guidance}; a column is one noise")

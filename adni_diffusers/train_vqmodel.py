@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -157,6 +158,12 @@ def main(args: argparse.Namespace) -> dict:
                                accelerator=accelerator, start_step=run.start_step, default_batch=DEFAULT_BATCH)
     preview, preview_labels = vq_eval.preview_batch(data.val or data.train, seed=args.seed)
     preview_columns = vq_eval.column_classes(preview_labels, data.class_names)
+    if accelerator.is_main_process and run.start_step and run.start_step % args.save_images_steps == 0 \
+            and not _grid_path(args.output_dir, run.start_step).exists():
+        # a stop at a checkpoint step (a job's time limit) comes before that step's grid: drawn now, from the
+        # checkpoint's weights, which are that step's (else the grid of every such stop was missing for good)
+        logger.info("drawing step %d's reconstruction grid, which the stopped run did not", run.start_step)
+        _log_reconstructions(accelerator, vq, ema, preview, run.start_step, args.output_dir, preview_columns)
 
     codebook_ready = bool(monitor.initialised) or args.no_codebook_init  # a Python bool: no device sync per step
     step_counts = None  # this step's code counts so far
@@ -272,6 +279,10 @@ def generator_gan_loss(disc, recon: torch.Tensor) -> torch.Tensor:
         disc.requires_grad_(True)  # the graph above is built: the discriminator's own loss needs its gradients
 
 
+def _grid_path(output_dir, step: int) -> Path:
+    return Path(output_dir) / "samples" / f"reconstructions-{step:06d}.png"
+
+
 @torch.no_grad()
 def _log_reconstructions(accelerator, vq, ema, preview, step, output_dir, columns=None):
     """The preview slices reconstructed by the weights a save now would keep (the EMA's with --use_ema); `columns`
@@ -281,7 +292,7 @@ def _log_reconstructions(accelerator, vq, ema, preview, step, output_dir, column
         recon = vq(x).sample.float().clamp(-1, 1)
     weights = training.weights_label(ema)
     return training.log_image_grid(accelerator, "reconstructions", torch.cat([x.float(), recon]), step,
-                                   f"{output_dir}/samples/reconstructions-{step:06d}.png", nrow=len(x),
+                                   _grid_path(output_dir, step), nrow=len(x),
                                    row_titles=["original", "reconstruction"],
                                    caption=f"step {step}, {weights}", col_titles=columns)
 

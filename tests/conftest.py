@@ -125,6 +125,39 @@ def checkpoint_accelerator(out_features: int = 2, optimizer: bool = False):
     return accelerator
 
 
+def run_stopped_by_sigterm(name: str, argv: list, monkeypatch, when) -> int:
+    """Run train_vqmodel / train_unet through its command line in this process with SIGTERM (a cluster's time
+    limit) sent during the step for which `when(run)` is true (`run.global_step` is the step before it); returns
+    the exit code. The run's own handler must catch it: a regression fails the test, not pytest."""
+    import importlib
+    import signal
+
+    from adni_diffusers import training
+
+    module = importlib.import_module(f"adni_diffusers.{name}")
+    original = training.TrainingRun.end_step
+
+    def end_step(self, logs):
+        if when(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self, logs)
+
+    def not_caught(signum, frame):
+        raise AssertionError("the training run did not catch SIGTERM")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.TrainingRun, "end_step", end_step)
+        before = signal.signal(signal.SIGTERM, not_caught)
+        reset_accelerate()
+        try:
+            rc = module.cli([str(a) for a in argv])
+            assert signal.getsignal(signal.SIGTERM) is not_caught  # given back: the handler is the run's only
+        finally:
+            signal.signal(signal.SIGTERM, before)
+            reset_accelerate()
+    return rc
+
+
 class StopRun(Exception):
     """Raised from a patched function to end a training run once a test has seen what it needs."""
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET_ARGS, StopRun, checkpoint_accelerator, reset_accelerate, run_training_script
+from conftest import (TINY_UNET_ARGS, StopRun, checkpoint_accelerator, reset_accelerate, run_stopped_by_sigterm,
+                      run_training_script)
 from PIL import Image
 
 
@@ -2343,41 +2344,51 @@ def test_a_stop_signal_checkpoints_the_agreed_step_and_the_resume_goes_on(tmp_pa
 
     from safetensors.torch import load_file
 
-    from adni_diffusers import train_unet, training
+    from adni_diffusers import training
 
     common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, *TINY_UNET_ARGS, "--max_train_steps", "6",
               "--checkpointing_steps", "100", "--save_images_epochs", "100", "--latent_cache_dir", tmp_path / "cache"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_training_script("train_unet", ["--output_dir", straight, *common])
-    original = training.TrainingRun.end_step
-
-    def end_step(self, logs):
-        if self.global_step == 2:  # during step 3 (the log flush is at step 4: --logging_steps 2)
-            os.kill(os.getpid(), signal.SIGTERM)
-        original(self, logs)
-
-    def not_caught(signum, frame):  # the run's own handler must take it (and a regression not end pytest)
-        raise AssertionError("the training run did not catch SIGTERM")
-
-    monkeypatch.setattr(training.TrainingRun, "end_step", end_step)
-    before = signal.signal(signal.SIGTERM, not_caught)
-    reset_accelerate()
-    try:
-        rc = train_unet.cli([str(a) for a in ["--output_dir", stopped, *common]])
-        assert signal.getsignal(signal.SIGTERM) is not_caught  # given back: the handler is the run's only
-    finally:
-        signal.signal(signal.SIGTERM, before)
-        reset_accelerate()
+    # during step 3 (the log flush is at step 4: --logging_steps 2)
+    rc = run_stopped_by_sigterm("train_unet", ["--output_dir", stopped, *common], monkeypatch,
+                                lambda run: run.global_step == 2)
     assert rc == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert f"stopped by SIGTERM at step 3; {stopped / 'checkpoint-3'} is written" in err, err
     assert [c.name for c in training.list_checkpoints(stopped)] == ["checkpoint-3"]
     assert not (stopped / "model_index.json").exists()
     assert (stopped / "loss_curve.png").is_file()  # the stopped run's curve, to open before resuming
-    monkeypatch.undo()
     run_training_script("train_unet", ["--output_dir", stopped, "--resume_from_checkpoint", "latest", *common])
     a, b = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors")) for d in (straight, stopped))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_at_a_checkpointed_grid_step_has_its_grid_drawn_at_the_resume(tmp_path, tiny_vq, demo_root,
+                                                                               monkeypatch, caplog):
+    """A stop signal at a step that checkpoints and draws a grid (SLURM's time limit during the checkpoint save)
+    stopped before the grid, and the resume starts after that step: its grid was missing for good, in samples/
+    and in TensorBoard. The resume now draws it from the checkpoint's weights, as the uninterrupted run did."""
+    import signal
+
+    common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, *TINY_UNET_ARGS, "--checkpointing_steps", "1",
+              "--latent_cache_dir", tmp_path / "cache"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_training_script("train_unet", ["--output_dir", straight, *common, "--max_train_steps", "10"])
+    epoch_end = min(int(p.stem.split("-")[1]) for p in (straight / "samples").glob("samples-*.png"))  # a grid step
+    assert 1 < epoch_end < 10
+    grid = f"samples/samples-{epoch_end:06d}.png"
+    rc = run_stopped_by_sigterm("train_unet", ["--output_dir", stopped, *common, "--max_train_steps", "10"],
+                                monkeypatch, lambda run: run.global_step == epoch_end - 1)
+    assert rc == 128 + signal.SIGTERM and (stopped / f"checkpoint-{epoch_end}").is_dir()
+    assert not (stopped / grid).exists()  # stopped after the checkpoint, before the grid
+    with caplog.at_level(logging.INFO, logger="adni_diffusers"):
+        run_training_script("train_unet", ["--output_dir", stopped, "--resume_from_checkpoint", "latest", *common,
+                                           "--max_train_steps", "10"])
+    assert f"drawing step {epoch_end}'s sample grid, which the stopped run did not" in caplog.text
+    assert np.array_equal(np.asarray(Image.open(stopped / grid)), np.asarray(Image.open(straight / grid)))
+    assert sorted(p.name for p in (stopped / "samples").glob("*.png")) == \
+        sorted(p.name for p in (straight / "samples").glob("*.png"))
 
 
 def test_a_stop_signal_during_a_checkpoint_save_stops_on_that_checkpoint(tmp_path, tiny_vq, demo_root, monkeypatch,

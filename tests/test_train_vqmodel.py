@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_VQ_ARGS, StopRun, reset_accelerate, run_training_script
+from conftest import (REPO_ROOT, TINY_VQ_ARGS, StopRun, reset_accelerate, run_stopped_by_sigterm,
+                      run_training_script)
 from safetensors.torch import load_file
 
 
@@ -228,6 +229,29 @@ def test_checkpoints_are_atomic_and_tmp_never_picked(tmp_path, monkeypatch, demo
     reset_accelerate()
     assert not (out / "checkpoint-11").exists()
     assert training.find_resume_checkpoint(Args).name == "checkpoint-4"
+
+
+def test_a_stop_at_a_checkpointed_grid_step_has_its_grid_drawn_at_the_resume(tmp_path, demo_root, monkeypatch,
+                                                                               caplog):
+    """SIGTERM during a step that checkpoints and draws a reconstruction grid (the defaults: every checkpoint step
+    is one) stopped before the grid, and the resume starts after it: the grid was missing for good. The resume
+    now draws it from the checkpoint's weights, as the uninterrupted run did."""
+    import numpy as np
+    from PIL import Image
+
+    common = ["--train_data_dir", demo_root, *TINY_VQ_ARGS, "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_training_script("train_vqmodel", ["--output_dir", straight, *common])
+    rc = run_stopped_by_sigterm("train_vqmodel", ["--output_dir", stopped, *common], monkeypatch,
+                                lambda run: run.global_step == 1)  # during step 2 (--save_images_steps 2)
+    grid = "samples/reconstructions-000002.png"
+    assert rc == 128 + signal.SIGTERM and (stopped / "checkpoint-2").is_dir() and not (stopped / grid).exists()
+    with caplog.at_level(logging.INFO, logger="adni_diffusers"):
+        run_training_script("train_vqmodel", ["--output_dir", stopped, "--resume_from_checkpoint", "latest", *common])
+    assert "drawing step 2's reconstruction grid, which the stopped run did not" in caplog.text
+    assert np.array_equal(np.asarray(Image.open(stopped / grid)), np.asarray(Image.open(straight / grid)))
+    assert sorted(p.name for p in (stopped / "samples").glob("*.png")) == \
+        sorted(p.name for p in (straight / "samples").glob("*.png"))
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, demo_root, capsys, caplog):
