@@ -150,8 +150,8 @@ def read_slice(path, preprocess: str = "pad") -> torch.Tensor:
     if path.is_dir():  # a shell glob gives every slice of a folder: --image AD_NC/test/NC/*.jpeg
         raise ValueError(f"--image {path}: a folder; give slice files (e.g. {path}/*.jpeg)")
     if not path.is_file():
-        raise FileNotFoundError(f"--image {path}: no such file (expected a greyscale slice, 256 wide x 240 "
-                                "or 256 high)")
+        raise FileNotFoundError(f"--image {path}: no such file (expected a greyscale slice file of the sizes the "
+                                f"model's --preprocess {preprocess} takes)")
     pixels, _, error = decode_slice(path, preprocess)
     if error:
         # the training hint names a training flag; here the model's recorded preprocessing decides
@@ -1030,8 +1030,9 @@ def held_out_data(model: str, data_root: str | None = None, model_class_names=No
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved class-conditional pipeline folder (or Hub repo id)")
     parser.add_argument("--image", nargs="+", default=None, metavar="SLICE",
-                        help="8-bit greyscale slice file(s), 256 wide x 240 high (ADNI) or 256x256, JPEG or PNG; "
-                             "padded or resized as the model's training data was (training_data.json)")
+                        help="8-bit greyscale slice file(s), JPEG or PNG, of the sizes the model's training data "
+                             "took: 256 wide x 240 high (ADNI) or 256x256 for a model trained with --preprocess pad, "
+                             "any size for resize or fit; prepared as its training data was (training_data.json)")
     parser.add_argument("--to", required=True, help="the class to turn the slice into: one of the model's class names")
     parser.add_argument("--strength", nargs="+", type=float, default=None, metavar="S",
                         help="one or more strengths in (0, 1] (default: 0.4 for --image, "
