@@ -1252,9 +1252,13 @@ def write_report(res: dict, out: Path) -> Path:
     data_classes = (res.get("data") or {}).get("class_names")  # [] for an unlabelled folder; None if not recorded
     iv = res["realism"].get("fd_intervals") or {}
     pairs = "within a class" if res["model"]["conditional"] else "(all images: unconditional, no classes)"
+    exported = res["model"].get("exported_step")
     lines = [
         f"# Evaluation of `{res['model']['path']}`",
         "",
+        *([f"The model is step {exported} of its training run (`checkpoint-{exported}`"
+           + (", the EMA's weights" if res["model"].get("exported_weights") == "EMA" else "")
+           + "), saved as a pipeline by `adni-diffusers export`.", ""] if isinstance(exported, int) else []),
         f"Samples: {st['num_samples']} {'per class' if res['model']['conditional'] else 'in all'} from "
         f"`{st['scheduler']}` with {st['steps']} steps"
         + (f", guidance {st['guidance']:g}" if res["model"]["conditional"] else "")
@@ -1579,7 +1583,7 @@ def assemble_results(*, model_dir, pipe, conditional, model_classes, record, dat
                                                 "train_seconds", "position_head_trained", "val", "floor_patients")}
     return {
         "model": {"path": str(model_dir), "conditional": conditional, "class_names": model_classes,
-                  "null_class": pipe.null_class if conditional else None},
+                  "null_class": pipe.null_class if conditional else None, **exported_step(model_dir)},
         "data": {**{k: v for k, v in record.items() if k not in ("train", "validation")},
                  "root": data.root, "train": data.train.summary(), "validation": data.val.summary(),
                  "shared_patients": data.shared_patients,
@@ -1599,6 +1603,15 @@ def assemble_results(*, model_dir, pipe, conditional, model_classes, record, dat
         # False: written before the UMAP and the ablations, which were still running (or were cut short)
         "complete": complete,
     }
+
+
+def exported_step(model_dir) -> dict:
+    """{"exported_step": N, "exported_weights": "EMA" | "model"} for a pipeline `adni-diffusers export` made of a
+    checkpoint (its exported_from.json), else {}: evaluations of several steps of one run tell which is which."""
+    exported = read_json_object(Path(model_dir) / "exported_from.json")
+    if not isinstance(exported.get("step"), int):
+        return {}
+    return {"exported_step": exported["step"], "exported_weights": exported.get("weights")}
 
 
 def is_evaluation_record(path: Path) -> bool:

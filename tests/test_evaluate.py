@@ -276,6 +276,24 @@ def test_report_states_held_out_patients_that_training_also_saw(evaluated, tmp_p
     assert "--split patient" in report
 
 
+def test_the_record_and_report_of_an_exported_checkpoint_say_which_step(evaluated, tmp_path):
+    """A pipeline `adni-diffusers export` made of checkpoint-N: its evaluation said only the folder's path, so
+    evaluations of several steps of one run were told apart by folder names alone."""
+    result, out = evaluated
+    assert "exported_step" not in json.loads((out / "metrics.json").read_text())["model"]  # the final pipeline
+    assert "adni-diffusers export" not in (out / "report.md").read_text()
+    exported = tmp_path / "step300"
+    exported.mkdir()
+    (exported / "exported_from.json").write_text(json.dumps({"checkpoint": "/runs/ldm/checkpoint-300", "step": 300,
+                                                             "weights": "EMA", "vqmodel": "/runs/vq"}))
+    assert E.exported_step(exported) == {"exported_step": 300, "exported_weights": "EMA"}
+    res = {k: v for k, v in result.items() if k != "card"}
+    res["model"] = {**res["model"], **E.exported_step(exported)}
+    report = E.write_report(res, tmp_path).read_text()
+    assert ("The model is step 300 of its training run (`checkpoint-300`, the EMA's weights), saved as a pipeline "
+            "by `adni-diffusers export`.") in report
+
+
 def test_vq_ceiling_is_the_floors_images_through_the_autoencoder(evaluated, model_copy):
     """The ceiling compares the floor's own training images, after VQ encode + decode, with the same held-out set."""
     result, out = evaluated
