@@ -545,6 +545,13 @@ def shipped_file_diffusers(model_dir: Path, pipeline_file: str) -> tuple[str, bo
     return OLD_FILE_DIFFUSERS, False
 
 
+def shipped_file_gives_slice_size(model_dir: Path, pipeline_file: str) -> bool:
+    """Whether the folder's own pipeline file takes `slice_size` (since 2026-12-07; this version's where the file is
+    not there yet): the card offers it only then."""
+    path = model_dir / pipeline_file
+    return not path.is_file() or "def to_slice_size(" in path.read_text(encoding="utf-8", errors="replace")
+
+
 def _repo_id(model_dir: Path, args: dict, repo_id: str | None) -> tuple[str, bool]:
     """(repo id for the code snippets, whether it is a placeholder)."""
     if repo_id and "/" in repo_id:
@@ -767,6 +774,10 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
                          + "), saved as a pipeline by `adni-diffusers export`: the run's arguments below describe "
                            "the whole run, not these weights alone.")
     ctx = {
+        "slice_size": shipped_file_gives_slice_size(d, f"{module}.py") and (
+            "(256, 240)" if (index.get("preprocess") or "pad") == "pad" else "(182, 218)"),
+        "slice_size_of": ("ADNI's 256 x 240 slices" if (index.get("preprocess") or "pad") == "pad"
+                          else "182 x 218 registered slices"),
         "exported_text": exported_text,
         "model_name": repo.split("/")[-1],
         "pipeline_file": f"{module}.py",

@@ -161,6 +161,38 @@ def fit_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.pad(arr, ((top, size - h - top), (left, size - w - left)), constant_values=black)
 
 
+def check_slice_size(slice_size, preprocess: str, size: int = IMAGE_SIZE) -> tuple[int, int]:
+    """`slice_size` as (width, height), or a ValueError that says what `preprocess` can give back."""
+    if (not isinstance(slice_size, (tuple, list)) or len(slice_size) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in slice_size)):
+        raise ValueError(f"slice_size={slice_size!r}: expected (width, height), two positive whole numbers")
+    w, h = map(int, slice_size)
+    if preprocess == "pad" and (w != size or h > size):
+        raise ValueError(f"slice_size={slice_size!r}: this model's slices were padded to {size}x{size} with black "
+                         f"rows (--preprocess pad), so it gives back {size} wide slices of at most {size} rows, e.g. "
+                         f"({size}, 240) for ADNI's")
+    return w, h
+
+
+def to_slice_size(images: torch.Tensor, slice_size, preprocess: str = "pad", size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Images (N, C, size, size) back to the training slices' own (width, height), the inverse of `preprocess`'s
+    geometry: pad cuts the black rows off again; fit cuts the scaled slice out of its black border and scales it
+    back (bilinear, antialiased); resize scales back. Detail lost to a scaling is not restored."""
+    w, h = check_slice_size(slice_size, preprocess, size)
+    if preprocess == "pad":
+        top = (size - h) // 2  # as pad_to_square put them
+        return images[:, :, top:top + h]
+    if preprocess == "fit":  # the region fit_to_square filled
+        scale = size / max(w, h)
+        scaled_w, scaled_h = max(1, round(w * scale)), max(1, round(h * scale))
+        top, left = (size - scaled_h) // 2, (size - scaled_w) // 2
+        images = images[:, :, top:top + scaled_h, left:left + scaled_w]
+    if tuple(images.shape[-2:]) != (h, w):
+        images = torch.nn.functional.interpolate(images.float(), size=(h, w), mode="bilinear", antialias=True,
+                                                 align_corners=False)
+    return images
+
+
 def strength_steps(num_inference_steps: int, strength: float) -> int:
     """How many of the sampler's steps image-to-image runs: steps x strength rounded half up (Python's round()
     takes halves to even, so 0.15 and 0.25 of 10 steps both ran 2), at most all of them. The product is rounded
@@ -712,12 +744,14 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         return encode_slices(self.vqvae, prepare_slices(images, preprocess=self.preprocess)).float()
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output_type: str = "pt"):
+    def decode(self, latents: torch.Tensor, output_type: str = "pt", slice_size: tuple[int, int] | None = None):
         """Scaled latents (a tensor or numpy array, as `encode` and `output_type="latent"` give) -> images: `pt`
-        (N, 1, 256, 256) in [0, 1], `np` (N, 256, 256, 1), or `pil`."""
+        (N, 1, 256, 256) in [0, 1], `np` (N, 256, 256, 1), or `pil`; `slice_size`: as in `__call__`."""
         if output_type not in ("pt", "np", "pil"):
             raise ValueError(f"output_type={output_type!r}: expected 'pt', 'np' or 'pil'")
-        return self._postprocess(decode_latents(self.vqvae, self._checked_latents(latents)), output_type)
+        if slice_size is not None:
+            check_slice_size(slice_size, self.preprocess)
+        return self._postprocess(decode_latents(self.vqvae, self._checked_latents(latents)), output_type, slice_size)
 
     def _checked_latents(self, latents) -> torch.Tensor:
         """`latents` as a tensor of this model's latent shape, or an error that names what it got (a numpy array
@@ -732,9 +766,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                              f"{', '.join(map(str, latent_shape))}) for this model")
         return latents
 
-    @staticmethod
-    def _postprocess(images: torch.Tensor, output_type: str):
+    def _postprocess(self, images: torch.Tensor, output_type: str, slice_size: tuple[int, int] | None = None):
         images = (images.float() + 1) / 2
+        if slice_size is not None:
+            images = to_slice_size(images, slice_size, self.preprocess)
         if output_type == "pt":
             return images
         arr = images.permute(0, 2, 3, 1).cpu().numpy()
@@ -919,6 +954,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         strength: float | None = None,
         latents: torch.Tensor | np.ndarray | None = None,
         output_type: str = "pil",
+        slice_size: tuple[int, int] | None = None,
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
@@ -957,6 +993,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 drawn noise is).
             output_type: `"pil"` (mode "L", 256x256), `"np"` (N, 256, 256, 1) in [0, 1], `"pt"`
                 (N, 1, 256, 256) in [0, 1], or `"latent"` (the scaled latents).
+            slice_size: `(width, height)` of the model's training slices, to have the images back in their
+                geometry rather than 256x256: the inverse of the model's `preprocess` (pad: the black rows cut
+                off, e.g. (256, 240) for ADNI; fit: the black border cut off and scaled back, e.g. (182, 218) for
+                registered slices; resize: scaled back). Not with `output_type="latent"`.
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict`, called after every
                 scheduler step (refinement passes included); `tensors` holds the names in
                 `callback_on_step_end_tensor_inputs` ("latents", "x0_pred"). Returning `{"latents": x}`
@@ -970,6 +1010,10 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+        if slice_size is not None:
+            if output_type == "latent":
+                raise ValueError("slice_size is for images; output_type='latent' gives latents")
+            check_slice_size(slice_size, self.preprocess)
         if CALLBACK_OBJECTS and isinstance(callback_on_step_end, CALLBACK_OBJECTS):
             # a diffusers callback object names the tensors it reads, as in diffusers' own pipelines
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -1122,7 +1166,7 @@ class ADNILatentDiffusionPipeline(DiffusionPipeline):
                 logger.warning(f"{unreadable} of {batch_size} images decoded to non-finite pixels (NaN or "
                                "inf) from finite latents: the VQModel's weights hold NaN or inf, or its decoder "
                                "overflowed (float16? try bfloat16 or float32); those pictures are not samples")
-            images = self._postprocess(decoded, output_type)
+            images = self._postprocess(decoded, output_type, slice_size)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -255,6 +255,14 @@ def test_a_pipeline_file_from_before_the_version_check_gets_the_diffusers_it_loa
     assert "it says so when imported" not in card
 
 
+def test_the_card_offers_slice_size_where_the_folders_pipeline_file_takes_it(ldm):
+    shipped = next(ldm.glob("pipeline_adni_ldm*.py"))
+    sentence = "`pipe(..., slice_size=(width, height))` gives them back\n  in the training slices' own size, undoing this (e.g. `slice_size=(256, 240)` for ADNI's 256 x 240 slices)"
+    assert sentence in render_model_card(ldm)
+    shipped.write_text(shipped.read_text().replace("def to_slice_size(", "def _gone("))  # as files before it
+    assert "slice_size" not in render_model_card(ldm)
+
+
 def test_class_names_as_a_mapping(ldm):
     """model_index.json may hold class_names as {name: index} (a list there reads as a component to
     diffusers' Hub loader): the card orders them by index."""

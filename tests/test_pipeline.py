@@ -23,7 +23,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
 
 from adni_diffusers import ADNILatentDiffusionPipeline
 from adni_diffusers.pipeline_adni_ldm import (PIPELINE_MODULE, nearest_codes, pipeline_module_name, prepare_slices,
-                                                quantize_latents, renoise)
+                                                quantize_latents, renoise, to_slice_size)
 from adni_diffusers.presets import unet_config, vq_config
 
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler]
@@ -1154,6 +1154,45 @@ def test_prepare_slices_fits_like_training_for_a_fit_model(tmp_path):
     PIL.Image.fromarray(adni).save(tmp_path / "adni.png")
     fitted, note, _ = decode_slice(tmp_path / "adni.png", "fit")
     assert note == "" and np.array_equal(fitted, decode_slice(tmp_path / "adni.png", "pad")[0])
+
+
+@pytest.mark.parametrize("preprocess, size", [("pad", (256, 240)), ("fit", (182, 218)), ("fit", (200, 256)),
+                                              ("resize", (182, 218))])
+def test_slice_size_gives_images_back_in_the_training_slices_geometry(preprocess, size):
+    """A model of 182x218 registered slices (fit) or of ADNI's 256x240 (pad) gave 256x256 only, the slice somewhere
+    inside, and nothing said where. `slice_size` undoes the preprocessing's geometry: a slice prepared and given
+    back is the slice again (exactly where nothing was scaled; to a few grey levels on a smooth slice otherwise)."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    slice_ = (40 + 150 * (xx / w) * (yy / h) + 30).astype(np.uint8)  # smooth, and no black at its edges
+    prepared = (prepare_slices(slice_, preprocess=preprocess) + 1) / 2  # (1, 1, 256, 256) in [0, 1], as decoded
+    back = (to_slice_size(prepared, size, preprocess)[0, 0] * 255).round().numpy().astype(np.int16)
+    assert back.shape == (h, w)
+    scaled = preprocess == "resize" or (preprocess == "fit" and max(size) != 256)
+    difference = np.abs(back - slice_.astype(np.int16))
+    assert difference.max() <= (3 if scaled else 0), difference.max()
+    assert back[:, 0].min() > 30 and back[:, -1].min() > 30 and back[0].min() > 30 and back[-1].min() > 30  # no border
+
+
+def test_the_pipeline_gives_each_output_type_at_slice_size_and_refuses_sizes_it_cannot_give():
+    base = make_pipe()
+    fit = ADNILatentDiffusionPipeline(base.vqvae, base.unet, base.scheduler, ["AD", "NC"], preprocess="fit")
+    kw = dict(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    pt = fit(**kw, output_type="pt", slice_size=(182, 218)).images
+    full = fit(**{**kw, "generator": torch.Generator().manual_seed(0)}, output_type="pt").images
+    assert pt.shape == (2, 1, 218, 182)
+    torch.testing.assert_close(pt, to_slice_size(full, (182, 218), "fit"))
+    assert fit(**kw, output_type="np", slice_size=(182, 218)).images.shape == (2, 218, 182, 1)
+    assert [im.size for im in fit(**kw, slice_size=(182, 218)).images] == [(182, 218)] * 2
+    latents = fit(**kw, output_type="latent").images
+    assert fit.decode(latents, slice_size=(182, 218)).shape == (2, 1, 218, 182)
+    with pytest.raises(ValueError, match="slice_size is for images"):
+        fit(**kw, output_type="latent", slice_size=(182, 218))
+    with pytest.raises(ValueError, match=r"slice_size=\(182, 218\): this model's slices were padded.*\(256, 240\)"):
+        base(**kw, slice_size=(182, 218))  # a pad model gives back 256-wide slices only
+    with pytest.raises(ValueError, match=r"slice_size=\(182,\): expected \(width, height\)"):
+        fit.decode(latents, slice_size=(182,))
+    assert base(**kw, output_type="pt", slice_size=(256, 240)).images.shape == (2, 1, 240, 256)
 
 
 def test_pipeline_prepares_slices_as_its_training_data_was(tmp_path):
