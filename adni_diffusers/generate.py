@@ -149,7 +149,7 @@ def remove_outputs(paths: list[Path]) -> None:
 # a generation.json setting and the flag that sets it (what `--resume` names when they differ)
 RESUME_FLAGS = {"guidance": "--guidance", "scheduler": "--scheduler", "steps": "--steps",
                 "refine_steps": "--refine-steps", "refine_repeats": "--refine-repeats", "seed": "--seed",
-                "dtype": "--dtype", "class": "--class"}
+                "dtype": "--dtype", "class": "--class", "slice_size": "--slice-size"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,8 +182,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="the weights' precision (bfloat16 / float16: for a GPU; on a CPU much slower)")
     parser.add_argument("--gif", action="store_true", help="also write the denoising animation (denoising.gif)")
+    parser.add_argument("--slice-size", type=slice_size_argument, default=None, metavar="WxH",
+                        help="write the images in the training slices' own size, undoing the model's --preprocess "
+                             "(256x240 for ADNI's, 182x218 for registered slices of a fit model); default 256x256")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet and the VQ decoder (CUDA graphs with mode reduce-overhead on GPU)")
+
+
+def slice_size_text(slice_size) -> str:
+    return "x".join(str(v) for v in slice_size)
+
+
+def slice_size_argument(text: str) -> tuple[int, int]:
+    """--slice-size WxH -> (W, H)."""
+    found = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not found or 0 in (size := (int(found.group(1)), int(found.group(2)))):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 256x240")
+    return size
 
 
 def check_device(device: str) -> str:
@@ -320,8 +335,8 @@ def model_fingerprint(model: str) -> str | None:
 class GifRecorder:
     """Collects the x0-prediction of the first images every `every` steps (a step callback)."""
 
-    def __init__(self, every: int, keep: int, total: int | None = None):
-        self.every, self.keep, self.frames = every, keep, []
+    def __init__(self, every: int, keep: int, total: int | None = None, slice_size: tuple[int, int] | None = None):
+        self.every, self.keep, self.frames, self.slice_size = every, keep, [], slice_size
         self.total = total  # the sampler's steps, refinement included: each frame says where it is
 
     def __call__(self, pipe, step, timestep, tensors):
@@ -350,7 +365,7 @@ class GifRecorder:
 
         of = f" of {self.total}" if self.total else ""
         what = f"{what}; " if what else ""
-        frames = [frame(pipe.decode(x0.to(pipe.device), output_type="pt").cpu() * 2 - 1,
+        frames = [frame(pipe.decode(x0.to(pipe.device), output_type="pt", slice_size=self.slice_size).cpu() * 2 - 1,
                         f"{what}step {step + 1}{of}: the prediction of the final image") for step, x0 in self.frames]
         frames.append(frame(final[: self.keep], f"{what}the final images"))
         # one height for all: a GIF takes the first frame's size, and a frame whose caption wrapped to fewer lines
@@ -374,13 +389,15 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
              scheduler: str = "ddpm", steps: int | None = None, refine_steps: int = 0, refine_repeats: int = 0,
              seed: int = 0, batch_size: int | None = None, device: str | None = None, dtype: str = "float32",
              gif: bool = False, pipe=None, compile: bool = False, overwrite: bool = False,
-             resume: bool = False) -> dict:
+             resume: bool = False, slice_size: tuple[int, int] | None = None) -> dict:
     """Sample `num_images` slices into `out`; returns the written paths. An `out` that holds an earlier run's
     outputs is refused unless `overwrite` (which removes them, and only them) or `resume` (a run of the same
     settings and model cut short, or with a smaller `num_images`: its images are kept and the missing ones made;
     each image has its own seed, so they are the images an uninterrupted run makes, up to a grey level where the
     batches differ). `pipe`: a loaded pipeline to sample with instead of loading `model` (the demo's, reused for
     each class); it keeps the `scheduler` set here, its progress bar off and, with `compile`, its compiled UNet.
+    `slice_size`: (width, height) of the model's training slices, to write the images in their geometry (the
+    pipeline's `slice_size`) rather than 256x256.
     This is `adni-diffusers generate`'s work, and its errors name the command's flags: `--overwrite` is
     `overwrite=True` here, `--class` is `class_label`, `--num-images` is `num_images`."""
     from .progress import progress_bar
@@ -446,6 +463,13 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         pipe._labels(label, 1)
     except ValueError as e:
         raise ValueError(f"--class {class_label}: {e}") from None
+    if slice_size is not None:
+        from .pipeline_adni_ldm import check_slice_size
+
+        try:
+            check_slice_size(slice_size, pipe.preprocess)
+        except ValueError as e:
+            raise ValueError(f"--slice-size {slice_size_text(slice_size)}: {str(e).split(': ', 1)[-1]}") from None
     if compile:  # in place (nn.Module.compile): the pipeline keeps its component types
         mode = "reduce-overhead" if device.startswith("cuda") else None
         pipe.unet.compile(mode=mode)
@@ -460,7 +484,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     settings = {"model": str(model), "model_sha256": fingerprint, "class": class_label, "class_name": class_name,
                 "guidance": guidance, "scheduler": scheduler,
                 "steps": steps, "refine_steps": refine_steps, "refine_repeats": refine_repeats, "seed": seed,
-                "num_images": num_images, "dtype": dtype, "image_seed": "seed * 1000003 + image index"}
+                "num_images": num_images, "dtype": dtype, "image_seed": "seed * 1000003 + image index",
+                "slice_size": slice_size_text(slice_size) if slice_size is not None else None}
     # what decides the last bits (a grey level in a few pixels): the batch size, the device, the versions and
     # CPU threads; one entry per session (a --resume may use others)
     from .environment import environment
@@ -524,8 +549,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 
     total_steps = steps + refine_repeats * refine_steps
     # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
-    recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16), total=total_steps) \
-        if gif and not gif_kept else None
+    recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16), total=total_steps,
+                           slice_size=slice_size) if gif and not gif_kept else None
     grid_images, first_batch = [], True
     paths = {"images": []}
     from .data import to_uint8
@@ -556,7 +581,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
             generators = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i) for i in todo]
             batch = pipe(batch_size=n, class_labels=label, guidance_scale=guidance, num_inference_steps=steps,
                          generator=generators, refine_steps=refine_steps, refine_repeats=refine_repeats,
-                         output_type="pt", callback_on_step_end=progress,
+                         output_type="pt", slice_size=slice_size, callback_on_step_end=progress,
                          callback_on_step_end_tensor_inputs=["latents", "x0_pred"] if gif else ["latents"]).images
             batch = batch.cpu() * 2 - 1
             first_batch = False
@@ -621,7 +646,7 @@ def _earlier_settings(out: Path) -> dict:
 
 
 def _read_samples(out: Path, indices) -> torch.Tensor:
-    """Saved samples back as (N, 1, 256, 256) in [-1, 1], as the sampler returns them (to 8 bits)."""
+    """Saved samples back as (N, 1, H, W) in [-1, 1], as the sampler returns them (to 8 bits)."""
     from PIL import Image
 
     arrays = []
@@ -634,7 +659,8 @@ def _read_samples(out: Path, indices) -> torch.Tensor:
 def main(args: argparse.Namespace) -> int:
     paths = generate(args.model, args.out, args.num_images, args.class_label, args.guidance, args.scheduler, args.steps,
                      args.refine_steps, args.refine_repeats, args.seed, args.batch_size, args.device, args.dtype,
-                     args.gif, compile=args.compile, overwrite=args.overwrite, resume=args.resume)
+                     args.gif, compile=args.compile, overwrite=args.overwrite, resume=args.resume,
+                     slice_size=args.slice_size)
     kept = (f" ({paths['kept']} kept from the earlier run, {len(paths['images']) - paths['kept']} made now)"
             if "kept" in paths else "")
     print(f"{len(paths['images'])} images in {args.out}{kept}; grid: {paths['grid']}" +

@@ -899,6 +899,50 @@ def test_resume_takes_a_larger_num_images(fresh_pipe, tmp_path):
         generate("unused", out, num_images=5, **kwargs, resume=True)
 
 
+def test_slice_size_writes_the_images_in_the_training_slices_geometry(fresh_pipe, tmp_path, capsys):
+    """A model of 182x218 registered slices (--preprocess fit) wrote 256x256 samples, the slice inside a black
+    border: --slice-size writes them as the pipeline's slice_size gives them, in every file generate makes."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.cli import main as cli_main
+    from adni_diffusers.generate import generate, slice_size_argument
+    from adni_diffusers.pipeline_adni_ldm import to_slice_size
+
+    fit = ADNILatentDiffusionPipeline(fresh_pipe.vqvae, fresh_pipe.unet, fresh_pipe.scheduler, fresh_pipe.class_names,
+                                      preprocess="fit")
+    kwargs = dict(scheduler="ddim", steps=2, device="cpu", batch_size=2, pipe=fit)
+    full = generate("unused", tmp_path / "full", num_images=3, **kwargs)
+    sized = generate("unused", tmp_path / "sized", num_images=3, gif=True, slice_size=(182, 218), **kwargs)
+    for big, small in zip(full["images"], sized["images"]):
+        pixels = np.asarray(Image.open(small), dtype=np.float32)
+        assert pixels.shape == (218, 182)
+        expected = to_slice_size(torch.from_numpy(np.asarray(Image.open(big), dtype=np.float32))[None, None] / 255,
+                                 (182, 218), "fit")[0, 0].numpy() * 255
+        assert np.abs(pixels - expected).max() <= 2  # (the 8-bit file scaled again, against the floats)
+    assert Image.open(sized["grid"]).height < Image.open(full["grid"]).height  # tiles of 218 rows, not 256
+    with Image.open(sized["gif"]) as gif:
+        assert gif.n_frames > 1
+    assert json.loads((tmp_path / "sized" / "generation.json").read_text())["slice_size"] == "182x218"
+    generate("unused", tmp_path / "sized", num_images=4, slice_size=(182, 218), resume=True, **kwargs)
+    assert Image.open(tmp_path / "sized" / "sample-0003.png").size == (182, 218)
+    with pytest.raises(ValueError, match=r"slice_size: '182x218' there, None now.*--slice-size 182x218"):
+        generate("unused", tmp_path / "sized", num_images=4, resume=True, **kwargs)
+    with pytest.raises(ValueError, match=r"^--slice-size 182x218: this model's slices were padded"):
+        generate("unused", tmp_path / "pad", num_images=1, slice_size=(182, 218), scheduler="ddim", steps=2,
+                 device="cpu", pipe=fresh_pipe)
+    assert slice_size_argument(" 256X240 ") == (256, 240)
+    for bad in ("256", "256x0", "a x b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected WIDTHxHEIGHT"):
+            slice_size_argument(bad)
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--model", "m", "--out", str(tmp_path / "x"), "--slice-size", "182"])
+    assert "argument --slice-size: '182': expected WIDTHxHEIGHT, e.g. 256x240" in capsys.readouterr().err
+
+
 def test_the_record_names_what_decides_the_last_bits_of_each_session(fresh_pipe, tmp_path):
     """Images match across batch sizes, devices and thread counts only up to a grey level in a few pixels, and
     generation.json recorded none of them (the default batch size is the device's). Each session (a --resume may
