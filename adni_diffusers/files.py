@@ -189,8 +189,25 @@ def fsync_tree(folder: Path) -> None:
 
 def read_as_data(folder: Path, data: Path) -> bool:
     """Whether files in `folder` would be read as part of the data folder `data`: inside it, and not under a
-    folder the scan skips (a dot-folder such as .cache/, or a "__..." one, as datasets skips them)."""
-    folder, data = folder.resolve(), data.resolve()
-    if not folder.is_relative_to(data):
-        return False
-    return not any(part.startswith((".", "__")) for part in folder.relative_to(data).parts)
+    folder the scan skips (a dot-folder such as .cache/, or a "__..." one, as datasets skips them). Inside it
+    through a linked folder too: the scan follows links (a split folder linked to a cluster's central copy,
+    data/train -> /shared/ADNI/train), so a folder under the link's target is read as data/train/..."""
+    folder = Path(folder).resolve()
+
+    def under(real: Path) -> bool:
+        return folder.is_relative_to(real) and not any(part.startswith((".", "__"))
+                                                       for part in folder.relative_to(real).parts)
+
+    if under(Path(data).resolve()):
+        return True
+    visited = set()
+    for dirpath, dirnames, _ in os.walk(data, followlinks=True):  # the folders the scan reads, where they really are
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a link back to a parent
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
+        if under(Path(real)):
+            return True
+    return False

@@ -155,3 +155,24 @@ def test_a_failed_write_in_torchs_or_safetensors_words_becomes_an_oserror_naming
             with writing(tmp_path, "it"):
                 raise other
         assert e.value is other
+
+
+def test_a_folder_reached_through_a_linked_split_folder_is_read_as_data(tmp_path):
+    """A cluster user's data folder links its split folders to the central copy (data/train -> /shared/ADNI/train):
+    the scan follows the link, so `generate --out data/train/AD` (or the central copy's own path) put samples
+    and generation.json among the slices, for every user of that copy; only data/<not linked> was refused."""
+    from adni_diffusers.files import read_as_data
+
+    central = tmp_path / "shared" / "ADNI"
+    (central / "train" / "AD").mkdir(parents=True)
+    data = tmp_path / "mine"
+    data.mkdir()
+    (data / "train").symlink_to(central / "train", target_is_directory=True)
+    (data / "back").symlink_to(data, target_is_directory=True)  # a link to a parent: walked once
+    assert read_as_data(data / "gen", data)  # as before
+    assert read_as_data(data / "train" / "AD", data)
+    assert read_as_data(data / "train" / "AD" / "new", data)
+    assert read_as_data(central / "train" / "AD", data)
+    assert not read_as_data(data / "train" / ".cache", data)  # the scan skips dot-folders
+    assert not read_as_data(central, data) and not read_as_data(tmp_path / "out", data)
+    assert not read_as_data(tmp_path / "out", tmp_path / "missing")
