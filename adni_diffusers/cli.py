@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                                              formatter_class=HelpFormatter)
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
+    from .files import expand_home
     from .training import keeps_session_logging
+
+    expand_home(args)  # --out=~/samples: the shell leaves "~" after "=" as it is
 
     # a notebook's own logging set-up is given back afterwards (`cli.main([...])` left its root logger at INFO)
     return keeps_session_logging(_run_command)(name, module, args, from_python=given_argv)

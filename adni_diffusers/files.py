@@ -211,3 +211,23 @@ def read_as_data(folder: Path, data: Path) -> bool:
         if under(Path(real)):
             return True
     return False
+
+
+# flags whose values are not paths: a commit message or a class name may start with "~" as it likes
+NOT_PATHS = frozenset({"commit_message", "token", "hub_token", "class_name", "label", "repo_id", "hub_model_id",
+                       "branch", "to", "class_label", "source"})
+
+
+def expand_home(args) -> None:
+    """`~` at the start of a path flag's value (`~/runs/vq`, `~`) as the user's home folder, in `args` (an
+    argparse Namespace). The shell leaves it as it is where it is quoted or follows `=` (`--output_dir=~/runs/vq`,
+    common in job scripts): the run then wrote into a folder named `~` in the working folder, while its messages
+    said `~/runs/vq`, which a shell reads as the home folder (and `rm -rf ~` clears the wrong one)."""
+    for name, value in vars(args).items():
+        if name in NOT_PATHS:
+            continue
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list) and any(isinstance(v, str) and (v == "~" or v.startswith("~/")) for v in value):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and (v == "~" or v.startswith("~/"))
+                                 else v for v in value])

@@ -240,6 +240,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, default_lr: float
 
 
 def validate_training_arguments(args: argparse.Namespace) -> None:
+    from .files import expand_home
+
+    expand_home(args)  # --output_dir=~/runs/vq: the shell leaves "~" after "=" as it is
     require_at_least(args, 1, "train_batch_size", "eval_batch_size", "num_epochs", "max_train_steps",
                      "gradient_accumulation_steps", "checkpointing_steps", "checkpoints_total_limit", "logging_steps",
                      "ddp_timeout")

@@ -65,6 +65,21 @@ def test_generate_refuses_bad_counts_naming_the_flag(tmp_path, capsys, flag, val
     assert f"argument {flag}: {message}" in capsys.readouterr().err
 
 
+def test_a_model_and_out_given_after_an_equals_sign_with_a_home_folder_are_found_there(tiny_ldm, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """`generate --model=~/ldm --out=~/samples`: the shell leaves "~" after "=" as it is; the model was "no such
+    folder", and --out wrote a folder named "~" in the working folder while saying "images in ~/samples"."""
+    from adni_diffusers import cli
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ldm").symlink_to(tiny_ldm, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["generate", "--model=~/ldm", "--out=~/samples", "--num-images", "1", "--steps", "2"]) == 0
+    assert (home / "samples" / "sample-0000.png").is_file() and not (tmp_path / "~").exists()
+
+
 def test_generate_checks_counts_before_loading_the_model(tmp_path, capsys):
     """0 is an error, not "use the default" (generate() is also called from Python); refinement needs its steps."""
     from adni_diffusers import cli

@@ -23,6 +23,21 @@ from adni_diffusers.data import load_slices
 # ------------------------------------------------------------------------------------------ training.py: flags
 
 
+def test_a_home_folder_given_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch):
+    """`--output_dir=~/runs/vq` (a job script's habit): the shell leaves "~" after "=" as it is. The run wrote into
+    a folder named "~" in the working folder and said `--vqmodel ~/runs/vq`, which a shell reads as the home folder."""
+    from adni_diffusers import train_unet, train_vqmodel
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    args = train_vqmodel.parse_args(["--output_dir=~/runs/vq", "--train_data_dir=~/data", "--logging_dir", "tb"])
+    assert (args.output_dir, args.train_data_dir) == (f"{tmp_path}/home/runs/vq", f"{tmp_path}/home/data")
+    args = train_unet.parse_args(["--vqmodel=~/runs/vq", "--output_dir", "~/runs/ldm", "--latent_cache_dir=~/c"])
+    assert (args.vqmodel, args.output_dir, args.latent_cache_dir) == (
+        f"{tmp_path}/home/runs/vq", f"{tmp_path}/home/runs/ldm", f"{tmp_path}/home/c")
+    assert not (tmp_path / "~").exists()
+
+
 def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
     """--resume_from_checkpoint takes 'latest' or a checkpoint-<step> folder: an existing folder of another name (a
     model, a typo'd parent) is refused when the flags are read, not fed to accelerate's load_state."""
