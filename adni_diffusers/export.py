@@ -48,10 +48,14 @@ def _where_training_ran(run: Path, output_dir: str | None) -> Path | None:
     if not output_dir or Path(output_dir).is_absolute():
         return None
     typed = Path(os.path.normpath(output_dir)).parts
-    here = run.resolve().parts
-    if ".." in typed or here[-len(typed):] != typed:
+    if ".." in typed:
         return None
-    return Path(*here[:-len(typed)])
+    # the run's path as given first: an --output_dir that is a link (ldm -> /scratch/me/ldm) ends in the link's name,
+    # which the resolved path does not hold
+    for here in (Path(os.path.abspath(run)).parts, run.resolve().parts):
+        if here[-len(typed):] == typed:
+            return Path(*here[:-len(typed)])
+    return None
 
 
 def _vqmodel_of(checkpoint: Path, record: dict, given: str | None) -> Path:

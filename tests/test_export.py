@@ -114,3 +114,19 @@ def test_a_relative_vqmodel_is_found_from_another_working_folder(demo_root, tiny
     record = json.loads((tmp_path / "exported" / "exported_from.json").read_text())
     assert record["vqmodel"] == str((project / "vq" / "vqvae").resolve()) and record["weights"] == "model"
 
+
+
+def test_where_training_ran_is_found_through_an_output_dir_that_is_a_link(tmp_path):
+    """--output_dir ldm, a link to scratch (ldm -> /scratch/me/ldm réal): the run's resolved path ends in the link's
+    target, not in "ldm", so a checkpoint of a run stopped before its end (no vqvae/ copy) did not find its relative
+    --vqmodel from another working folder ("give --vqmodel its folder")."""
+    from adni_diffusers.export import _where_training_ran
+
+    project, scratch = tmp_path / "project", tmp_path / "scratch" / "ldm réal"
+    project.mkdir()
+    scratch.mkdir(parents=True)
+    (project / "ldm").symlink_to(scratch, target_is_directory=True)
+    assert _where_training_ran(project / "ldm", "ldm") == project
+    assert _where_training_ran(project / "ldm", "ldm/") == project
+    assert _where_training_ran(scratch, "ldm réal") == scratch.parent  # a plain folder, as before
+    assert _where_training_ran(project / "ldm", "../ldm") is None and _where_training_ran(scratch, "other") is None
