@@ -1186,15 +1186,19 @@ def _imagefolder_records(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
     # they hold images directly.
     # Absolute patterns with the folder's own name escaped: datasets reads "[...]" in a path as a glob class
     # ("ADNI [2023]" would match no file, or a sibling folder's).
-    base = glob.escape(str(root))
+    # A split folder that is a link (train -> /shared/ADNI/train) by where it points: below a "[" in the path
+    # fsspec's glob searches from the folder above it, and does not enter linked folders ("ADNI [2023]/train" as a
+    # link: 'Instruction "test" corresponds to no data!' from datasets). The paths read are named as in the tree.
     if tree.has_splits:
-        data_files = {s: f"{base}/{glob.escape(s)}/**" for s in sorted(set(tree.split_of.values()))}
+        real = {s: Path(os.path.realpath(root / s)) for s in sorted(set(tree.split_of.values()))}
+        data_files = {s: f"{glob.escape(str(folder))}/**" for s, folder in real.items()}
+        given = {s: (folder, root / s) for s, folder in real.items()}
     else:
-        data_files = {"train": f"{base}/**"}
+        data_files, given = {"train": f"{glob.escape(str(root))}/**"}, {}
     with _datasets_cache_dir() as cache_dir:
         ds = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=not tree.class_names,
                                    cache_dir=cache_dir)
-        return _records_of(root, tree, ds)
+        return _records_of(root, tree, ds, given)
 
 
 @contextlib.contextmanager
@@ -1221,7 +1225,8 @@ def _datasets_cache_dir():
         yield tmp
 
 
-def _records_of(root: Path, tree: _Tree, ds) -> list[tuple[str, int, str]]:
+def _records_of(root: Path, tree: _Tree, ds, given: dict | None = None) -> list[tuple[str, int, str]]:
+    """`given`: {split: (where its folder really is, its path in the tree)}, for the splits read by the former."""
     import datasets
 
     records = []
@@ -1233,6 +1238,9 @@ def _records_of(root: Path, tree: _Tree, ds) -> list[tuple[str, int, str]]:
         labels = part["label"] if names else [0] * len(part)
         for image, label in zip(part["image"], labels):
             path = Path(image["path"])
+            real, folder = (given or {}).get(split_name, (None, None))
+            if real is not None and real != folder and path.is_relative_to(real):
+                path = folder / path.relative_to(real)
             records.append((str(path), int(label), tree.split_of.get(path, split_name)))
     records.sort(key=lambda r: Path(r[0]))  # the same order as scan_tree's list
     if [Path(r[0]) for r in records] != tree.files:

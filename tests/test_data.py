@@ -584,6 +584,22 @@ def test_glob_characters_in_the_data_path_are_taken_literally(tmp_path, folder):
     assert sorted(d.train.paths + d.val.paths) == sorted(str(p.resolve()) for p in files)
 
 
+@pytest.mark.parametrize("folder", ["ADNI [2023]", "AD*NC?"])
+def test_linked_split_folders_under_glob_characters_are_read(tmp_path, folder):
+    """A cluster user's folder of links to the central copy (mine/train -> /shared/ADNI/train): with a "[" in its
+    path, fsspec's glob searched from the folder above and did not enter the linked split folders, and datasets
+    stopped with 'Instruction "test" corresponds to no data!'. The paths keep the user's folder."""
+    central = tmp_path / "shared" / "ADNI"
+    files = make_tree(central, patients=2, slices=1)
+    root = tmp_path / folder
+    root.mkdir()
+    for split in ("train", "test"):
+        (root / split).symlink_to(central / split, target_is_directory=True)
+    d = load_slices(root, split="given")
+    assert sorted(d.train.paths + d.val.paths) == sorted(str(root / p.relative_to(central)) for p in files)
+    assert all(Path(p).parts[-3] == "train" for p in d.train.paths)
+
+
 def test_capitalised_split_folders_work_with_the_given_split(tmp_path):
     root = tmp_path / "AD_NC"
     make_tree(root, splits=("Train", "Test"), patients=2, slices=1)
