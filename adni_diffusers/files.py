@@ -42,6 +42,9 @@ def not_a_folder(path: Path) -> str | None:
     """Why `path` cannot be (or be made) a folder, or None: it is a file, or one of its parents is (mkdir's bare
     "[Errno 20] Not a directory" names no flag)."""
     path = Path(path)
+    # a link to a folder that is gone (a scratch folder purged, not yet made): mkdir's bare "[Errno 17] File exists"
+    if dangling := next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None):
+        return f"{dangling} is a link to {os.readlink(dangling)}, which does not exist"
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None or existing.is_dir():
         return None

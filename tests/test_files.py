@@ -95,6 +95,18 @@ def test_not_a_folder_names_the_file_in_the_way(tmp_path):
     assert not_a_folder(tmp_path / "a") is None and not_a_folder(tmp_path / "a" / "new" / "deeper") is None
 
 
+def test_an_output_dir_through_a_link_to_a_missing_folder_is_named(tmp_path):
+    """--output_dir runs/ldm where runs -> /scratch/me/runs, purged (or not made yet): train_vqmodel.py and
+    train_unet.py stopped with mkdir's traceback "FileExistsError: [Errno 17] File exists: 'runs'"."""
+    from adni_diffusers.files import not_a_folder
+
+    (tmp_path / "runs").symlink_to(tmp_path / "scratch" / "runs", target_is_directory=True)
+    why = f"{tmp_path / 'runs'} is a link to {tmp_path / 'scratch' / 'runs'}, which does not exist"
+    assert not_a_folder(tmp_path / "runs") == why and not_a_folder(tmp_path / "runs" / "ldm") == why
+    (tmp_path / "scratch" / "runs").mkdir(parents=True)
+    assert not_a_folder(tmp_path / "runs" / "ldm") is None
+
+
 def test_json_records_are_strict_json_whatever_the_numbers(tmp_path):
     """NaN and infinities are null (strict parsers refuse bare NaN), numpy scalars are numbers, keys are strings,
     tuples lists, anything else its text; the file ends with a newline."""
