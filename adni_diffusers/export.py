@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def export_checkpoint(checkpoint, out, vqmodel: str | None = None):
     # which goes with every copy of the weights
     write_model_card(out)
     logger.info("checkpoint %s (step %d, the %s weights) saved as a pipeline in %s: adni-diffusers generate --model "
-                "%s --out samples", checkpoint, record["step"], weights, out, out)
+                "%s --out samples", checkpoint, record["step"], weights, out, shlex.quote(str(out)))
     return pipe
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import shutil
 import sys
 import time
@@ -625,7 +626,8 @@ def main(args: argparse.Namespace) -> dict:
             write_model_card(args.output_dir, pipe, args, data_source=data_source, sample_grid=grid)
             logger.info("the pipeline is in %s (samples.png, README.md: its card): adni-diffusers generate --model %s "
                         "--out samples, or DiffusionPipeline.from_pretrained(%r, trust_remote_code=True). %s",
-                        args.output_dir, args.output_dir, str(args.output_dir), training.where_to_watch(args))
+                        args.output_dir, shlex.quote(str(args.output_dir)), str(args.output_dir),
+                        training.where_to_watch(args))
             training.push_if_asked(accelerator, args)
         accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -260,7 +261,7 @@ def main(args: argparse.Namespace) -> dict:
             write_model_card(args.output_dir, None, args, data_source=data_source)
             logger.info("the VQModel is in %s (vqvae/; metrics.json, reconstructions.png beside it): train the UNet "
                         "on it with %s --vqmodel %s. %s", args.output_dir,
-                        training.stage_command("train_unet").removeprefix("python "), args.output_dir,
+                        training.stage_command("train_unet").removeprefix("python "), shlex.quote(str(args.output_dir)),
                         training.where_to_watch(args))
             training.push_if_asked(accelerator, args)
         accelerator.wait_for_everyone()

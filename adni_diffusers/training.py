@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -343,7 +344,7 @@ def where_to_watch(args) -> str:
     if (out / "samples").is_dir():
         parts.append(f"sample grids {out / 'samples'}")
     if getattr(args, "report_to", "none") == "tensorboard":
-        parts.append(f"tensorboard --logdir {run_logging_folder(args)}")
+        parts.append(f"tensorboard --logdir {shlex.quote(str(run_logging_folder(args)))}")
     return "; ".join(parts)
 
 

@@ -38,6 +38,20 @@ def test_a_home_folder_given_after_an_equals_sign_is_the_home_folder(tmp_path, m
     assert not (tmp_path / "~").exists()
 
 
+def test_the_commands_a_run_suggests_can_be_pasted_with_spaces_in_the_paths(tmp_path):
+    """"tensorboard --logdir /home/me/ADNI runs/vq/logs" and "--vqmodel ADNI runs/vq": pasted into a shell, the
+    path became two arguments."""
+    import shlex
+
+    from adni_diffusers import train_unet
+
+    out = tmp_path / "ADNI runs" / "ldm réal"
+    args = train_unet.parse_args(["--vqmodel", "vq", "--output_dir", str(out), "--report_to", "tensorboard"])
+    (out / "samples").mkdir(parents=True)
+    said = training.where_to_watch(args)
+    assert shlex.split(said.split("tensorboard ")[1]) == ["--logdir", str((out / "logs").resolve())], said
+
+
 def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
     """--resume_from_checkpoint takes 'latest' or a checkpoint-<step> folder: an existing folder of another name (a
     model, a typo'd parent) is refused when the flags are read, not fed to accelerate's load_state."""
