@@ -454,9 +454,22 @@ def _per_patient_folders(class_dir: Path, inner: list[Path], classes: list[Path]
     return None
 
 
+def _refuse_a_dangling_link(root: Path, flag: str) -> None:
+    """A data folder given as a link (or below one) to a folder that is gone: named as given, with where it points
+    (the message named the link's target alone, a path the user never typed: "/gpfs/.../AD_NC: folder does not
+    exist")."""
+    for path in (root, *root.parents):
+        if path.is_symlink() and not path.exists():
+            raise DataError(f"{flag} {root}: {path} is a link to {os.readlink(path)}, which does not exist (an "
+                            "unmounted drive, or a folder moved?)")
+        if path.exists():
+            return
+
+
 def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:
     """Check the folder layout and list the images. Raises DataError naming the path at fault."""
     root = Path(root)
+    _refuse_a_dangling_link(root, flag)
     if not root.exists():
         raise DataError(f"{flag} {root}: folder does not exist (expected ROOT/{{train,test}}/{{AD,NC}}/*.jpeg)")
     if not root.is_dir():
@@ -812,6 +825,7 @@ def load_slices(
         raise DataError(f"--preprocess {preprocess!r}: expected one of {', '.join(PREPROCESS_CHOICES)}")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val_fraction {val_fraction}: expected a number between 0 and 1")
+    _refuse_a_dangling_link(Path(root), flag)
     root = Path(root).resolve()
     tree = scan_tree(root, flag)
     if tree.classes_missing:

@@ -600,6 +600,20 @@ def test_linked_split_folders_under_glob_characters_are_read(tmp_path, folder):
     assert all(Path(p).parts[-3] == "train" for p in d.train.paths)
 
 
+def test_a_data_folder_given_as_a_link_to_nothing_is_named_as_given(tmp_path):
+    """~/adni -> /gpfs/shared/ADNI (unmounted, or moved): the message named the target alone ("/gpfs/shared/ADNI:
+    folder does not exist"), a path the user never typed, and not that a link was at fault."""
+    (tmp_path / "adni").symlink_to(tmp_path / "shared" / "ADNI", target_is_directory=True)
+    for given in (tmp_path / "adni", tmp_path / "adni" / "AD_NC"):
+        with pytest.raises(DataError) as e:
+            load_slices(given)
+        assert str(e.value) == (f"--train_data_dir {given}: {tmp_path / 'adni'} is a link to "
+                                f"{tmp_path / 'shared' / 'ADNI'}, which does not exist (an unmounted drive, or a "
+                                "folder moved?)")
+        with pytest.raises(DataError, match="is a link to"):
+            D.scan_tree(given, flag="--data-dir")
+
+
 def test_capitalised_split_folders_work_with_the_given_split(tmp_path):
     root = tmp_path / "AD_NC"
     make_tree(root, splits=("Train", "Test"), patients=2, slices=1)
