@@ -598,16 +598,36 @@ _KEYED = (
 )
 
 
-def check_cache_folder(cache_dir, flag: str) -> None:
-    """The cache folder can take a net: checked before the net is trained (minutes on a CPU), not after.
-    Raises ValueError naming `flag` (the command's option for it)."""
+def _write_check(cache_dir) -> None:
+    """Raises OSError where no net can be saved in `cache_dir` (made where missing)."""
     import tempfile
 
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".write-check-"):
+        pass
+
+
+def _cached_nets(cache_dir) -> list[Path]:
     try:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".write-check-"):
-            pass
+        return [d for d in Path(cache_dir).glob("feature-net-*")
+                if (d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file()]
+    except OSError:
+        return []
+
+
+def check_cache_folder(cache_dir, flag: str) -> None:
+    """The cache folder can take a net: checked before the net is trained (minutes on a CPU), not after.
+    Raises ValueError naming `flag` (the command's option for it). A folder that cannot be written but holds
+    cached nets (a labmate's evaluated model on a shared, read-only folder) is let through with a warning: its
+    net is used where it fits, and `get_or_train_feature_net` refuses before training one it could not save."""
+    try:
+        _write_check(cache_dir)
     except OSError as e:
+        if _cached_nets(cache_dir):
+            logger.warning("%s %s cannot be written (%s): a feature net cached there is used if it fits; one that "
+                           "must be trained is refused before training (give a writable %s then)", flag, cache_dir,
+                           e.strerror or e, flag)
+            return
         raise ValueError(f"{flag} {cache_dir}: cannot write the feature net there ({e.strerror or e}); give a "
                          f"writable folder with {flag}") from None
 
@@ -658,6 +678,12 @@ def get_or_train_feature_net(
                     report["val"] = evaluate_feature_net(net, val, device=device)
                 return net, report
 
+    try:  # (a read-only folder let through for the nets cached there: this one is not among them)
+        _write_check(cache_dir)
+    except OSError as e:
+        raise ValueError(f"{cache_dir}: holds no feature net for this data and recipe ({target.name}), and one "
+                         f"cannot be saved there ({e.strerror or e}); give a writable folder (evaluate "
+                         "--feature-cache, counterfactual --feature-net-cache)") from None
     net, report = train_feature_net(train, val, **settings)
     report.update(key=key, path=str(target), weights_sha256=weights_digest(net))
     net.meta = {"key": key, "report": report}

@@ -1,5 +1,6 @@
 """The project's feature network (adni_diffusers.features) on tiny synthetic data. CPU, seconds."""
 
+import functools
 import json
 
 import pytest
@@ -329,6 +330,34 @@ def test_a_cached_net_reports_the_held_out_set_it_is_given_now(tmp_path):
     _, second = Fe.get_or_train_feature_net(tmp_path, train, val2, **TINY_NET)
     assert second["cached"] is True and first["val"]["images"] == len(val1)
     assert second["val"]["images"] == len(val2) and second["val"]["patients"] == 2
+
+
+def test_a_read_only_cache_is_used_for_the_nets_it_holds_and_refused_before_training_another(tmp_path, monkeypatch,
+                                                                                             caplog):
+    """A labmate's evaluated model on a shared, read-only folder holds its feature net: `evaluate --model` on it
+    stopped at "cannot write the feature net there", and with --feature-cache elsewhere trained the same net again
+    (minutes on a CPU; on a GPU another yardstick than the one the card's FD was measured with)."""
+    train, val = toy_slices(4, size=16, seed=0), toy_slices(4, size=16, seed=1)
+    _, first = Fe.get_or_train_feature_net(tmp_path, train, val, **TINY_NET)
+
+    def read_only(cache_dir):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Fe, "_write_check", read_only)
+    with caplog.at_level("WARNING"):
+        Fe.check_cache_folder(tmp_path, "--feature-cache")  # not refused: it holds a net
+    assert "cannot be written (Permission denied): a feature net cached there is used" in caplog.text
+    _, again = Fe.get_or_train_feature_net(tmp_path, train, val, **TINY_NET)
+    assert again["cached"] is True and again["weights_sha256"] == first["weights_sha256"]
+    @functools.wraps(Fe.train_feature_net)  # (its signature: the settings are checked against it)
+    def no_training(*args, **kwargs):
+        pytest.fail("trained a net it cannot save")
+
+    monkeypatch.setattr(Fe, "train_feature_net", no_training)
+    with pytest.raises(ValueError, match="holds no feature net for this data and recipe .* cannot be saved there"):
+        Fe.get_or_train_feature_net(tmp_path, train, val, **{**TINY_NET, "seed": 7})
+    with pytest.raises(ValueError, match="--feature-cache .*empty: cannot write the feature net there"):
+        Fe.check_cache_folder(tmp_path / "empty", "--feature-cache")  # nothing cached: refused as before
 
 
 def test_relabelled_training_slices_are_another_cached_net():
