@@ -458,12 +458,11 @@ def _refuse_a_dangling_link(root: Path, flag: str) -> None:
     """A data folder given as a link (or below one) to a folder that is gone: named as given, with where it points
     (the message named the link's target alone, a path the user never typed: "/gpfs/.../AD_NC: folder does not
     exist")."""
-    for path in (root, *root.parents):
-        if path.is_symlink() and not path.exists():
-            raise DataError(f"{flag} {root}: {path} is a link to {os.readlink(path)}, which does not exist (an "
-                            "unmounted drive, or a folder moved?)")
-        if path.exists():
-            return
+    from .files import dangling_link
+
+    if (path := dangling_link(root)) is not None:
+        raise DataError(f"{flag} {root}: {path} is a link to {os.readlink(path)}, which does not exist (an "
+                        "unmounted drive, or a folder moved?)")
 
 
 def scan_tree(root: str | os.PathLike, flag: str = "--train_data_dir") -> _Tree:

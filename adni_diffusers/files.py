@@ -38,12 +38,18 @@ def replace_folder(new: Path, target: Path) -> None:
     remove_path(aside, ignore_errors=True)
 
 
+def dangling_link(path: Path) -> Path | None:
+    """`path` or the first of its parents that is a link to something that does not exist, or None."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+
+
 def not_a_folder(path: Path) -> str | None:
     """Why `path` cannot be (or be made) a folder, or None: it is a file, or one of its parents is (mkdir's bare
     "[Errno 20] Not a directory" names no flag)."""
     path = Path(path)
     # a link to a folder that is gone (a scratch folder purged, not yet made): mkdir's bare "[Errno 17] File exists"
-    if dangling := next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None):
+    if dangling := dangling_link(path):
         return f"{dangling} is a link to {os.readlink(dangling)}, which does not exist"
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None or existing.is_dir():
