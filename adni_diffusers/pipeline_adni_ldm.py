@@ -188,8 +188,9 @@ def to_slice_size(images: torch.Tensor, slice_size, preprocess: str = "pad", siz
         top, left = (size - scaled_h) // 2, (size - scaled_w) // 2
         images = images[:, :, top:top + scaled_h, left:left + scaled_w]
     if tuple(images.shape[-2:]) != (h, w):
+        lo, hi = images.amin(), images.amax()  # the rounding of a scaling can step past them (white: 1.0000001)
         images = torch.nn.functional.interpolate(images.float(), size=(h, w), mode="bilinear", antialias=True,
-                                                 align_corners=False)
+                                                 align_corners=False).clamp(lo, hi)
     return images
 
 

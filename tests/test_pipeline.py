@@ -2000,3 +2000,15 @@ def test_guidance_zero_with_a_class_is_refused(pipe):
     for w in (0.5, 1.0):
         assert pipe(batch_size=1, class_labels="AD", guidance_scale=w, num_inference_steps=1,
                     output_type="latent").images.shape == (1, 4, 32, 32)
+
+
+@pytest.mark.parametrize("preprocess, size", [("fit", (181, 217)), ("resize", (181, 217)), ("fit", (300, 411))])
+def test_slice_size_images_stay_in_0_1_and_go_back_in_as_image(preprocess, size):
+    """Scaling back (bilinear, antialiased) rounded white to 1.0000001: the images were outside the [0, 1] the
+    pipeline promises, and `image=` / `encode` refused its own `output_type="pt"` and "np" images."""
+    white = torch.ones(2, 1, 256, 256)
+    back = to_slice_size(white, size, preprocess)
+    assert back.min() >= 0 and back.max() <= 1, float(back.max())
+    base = make_pipe()
+    pipe = ADNILatentDiffusionPipeline(base.vqvae, base.unet, base.scheduler, ["AD", "NC"], preprocess=preprocess)
+    pipe.encode(back)  # refused with "values in [0, 1]; expected floats in [-1, 1] (or [0, 1])"
