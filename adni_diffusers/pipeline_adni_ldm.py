@@ -164,8 +164,9 @@ def fit_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 def check_slice_size(slice_size, preprocess: str, size: int = IMAGE_SIZE) -> tuple[int, int]:
     """`slice_size` as (width, height), or a ValueError that says what `preprocess` can give back."""
     if (not isinstance(slice_size, (tuple, list)) or len(slice_size) != 2
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in slice_size)):
-        raise ValueError(f"slice_size={slice_size!r}: expected (width, height), two positive whole numbers")
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= 4096
+                       for v in slice_size)):  # (99999x99999 ended in the allocator's 40 GB failure)
+        raise ValueError(f"slice_size={slice_size!r}: expected (width, height), two whole numbers from 1 to 4096")
     w, h = map(int, slice_size)
     if preprocess == "pad" and (w != size or h > size):
         raise ValueError(f"slice_size={slice_size!r}: this model's slices were padded to {size}x{size} with black "

@@ -1192,6 +1192,9 @@ def test_the_pipeline_gives_each_output_type_at_slice_size_and_refuses_sizes_it_
         base(**kw, slice_size=(182, 218))  # a pad model gives back 256-wide slices only
     with pytest.raises(ValueError, match=r"slice_size=\(182,\): expected \(width, height\)"):
         fit.decode(latents, slice_size=(182,))
+    with pytest.raises(ValueError, match=r"slice_size=\(99999, 99999\): expected \(width, height\), two whole "
+                                         r"numbers from 1 to 4096"):
+        fit.decode(latents, slice_size=(99999, 99999))
     assert base(**kw, output_type="pt", slice_size=(256, 240)).images.shape == (2, 1, 240, 256)
 
 
