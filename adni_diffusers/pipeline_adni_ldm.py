@@ -76,6 +76,7 @@ def pipeline_module_name(source: bytes) -> str:
 
 PIPELINE_MODULE = pipeline_module_name(Path(__file__).read_bytes())  # same text, same name, wherever it runs
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+FLOAT_SLACK = 1e-4  # how far float slices may stray past [-1, 1] / [0, 1] by rounding (clipped)
 # How slices of other sizes become 256x256 (train_*.py --preprocess): padded with black rows, stretched, or scaled
 # to fit with their proportions kept and padded with black (registered slices: 182x218, 193x229, 240x240).
 PREPROCESS_CHOICES = ("pad", "resize", "fit")
@@ -375,10 +376,12 @@ def prepare_slices(images, size: int = IMAGE_SIZE, preprocess: str = "pad", name
             if arr.dtype != np.uint8:
                 dtype, arr = arr.dtype, arr.astype(np.float32)
                 # anything else (0..255 floats, 16-bit counts) would be read as far too bright, silently
-                if not np.isfinite(arr).all() or arr.min() < -1 or arr.max() > 1:
-                    raise ValueError(f"image {i} has {dtype} values in [{arr.min():g}, {arr.max():g}]; expected "
+                # (FLOAT_SLACK: the rounding of a resize or an interpolation steps past the ends, white as 1.0000001)
+                low, high = (arr.min(), arr.max()) if np.isfinite(arr).all() else (np.nan, np.nan)
+                if not (-1 - FLOAT_SLACK <= low and high <= 1 + FLOAT_SLACK):
+                    raise ValueError(f"image {i} has {dtype} values in [{arr.min():.7g}, {arr.max():.7g}]; expected "
                                      "floats in [-1, 1] (or [0, 1]) or uint8 0..255")
-                arr = arr if arr.min() < 0 else arr * 2 - 1
+                arr = np.clip(arr, -1, 1) if low < -FLOAT_SLACK else np.clip(arr, 0, 1) * 2 - 1
         arr = _fit_size(arr, i, size, preprocess)
         if arr.dtype == np.uint8:
             arr = arr.astype(np.float32) / 127.5 - 1.0

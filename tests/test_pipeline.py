@@ -885,6 +885,23 @@ def test_prepare_slices_refuses_floats_outside_minus_one_to_one(values):
         prepare_slices(values)
 
 
+def test_float_slices_that_stray_past_the_ends_by_rounding_are_taken_and_clipped():
+    """A resize or an interpolation of a [0, 1] slice gives white as 1.0000001 and black as -1e-7: refused as "values
+    in [-1e-07, 1]" (the message's rounding hid the cause), and a [0, 1] slice a hair below 0 would have been read
+    as a [-1, 1] one, far too dark. Within 1e-4 they are clipped; further out still refused, with enough digits."""
+    rng = np.random.default_rng(0)
+    unit = rng.random((240, 256)).astype(np.float32)
+    unit[0, :2] = 0.0, 1.0
+    expected = prepare_slices(unit)
+    strayed = unit.copy()
+    strayed[0, :2] = -1e-7, 1.0000001
+    torch.testing.assert_close(prepare_slices(strayed), expected)
+    torch.testing.assert_close(prepare_slices(unit * 2 - 1 + np.float32(2e-5) * (unit > 0.5)),
+                               prepare_slices(np.clip(unit * 2 - 1 + np.float32(2e-5) * (unit > 0.5), -1, 1)))
+    with pytest.raises(ValueError, match=r"values in \[0, 1\.01\]; expected floats in \[-1, 1\]"):
+        prepare_slices(np.where(unit > 0.99, np.float32(1.01), unit))
+
+
 def test_encode_decode_and_strength_zero_is_vq_reconstruction(pipe):
     images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (240, 256), dtype=np.uint8))
               for i in range(2)]
