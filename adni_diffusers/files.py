@@ -232,11 +232,10 @@ def expand_home(args) -> None:
     argparse Namespace). The shell leaves it as it is where it is quoted or follows `=` (`--output_dir=~/runs/vq`,
     common in job scripts): the run then wrote into a folder named `~` in the working folder, while its messages
     said `~/runs/vq`, which a shell reads as the home folder (and `rm -rf ~` clears the wrong one)."""
+    def home(value):
+        return os.path.expanduser(value) if isinstance(value, str) and (value == "~" or value.startswith("~/")) \
+            else value
+
     for name, value in vars(args).items():
-        if name in NOT_PATHS:
-            continue
-        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
-            setattr(args, name, os.path.expanduser(value))
-        elif isinstance(value, list) and any(isinstance(v, str) and (v == "~" or v.startswith("~/")) for v in value):
-            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and (v == "~" or v.startswith("~/"))
-                                 else v for v in value])
+        if name not in NOT_PATHS:
+            setattr(args, name, [home(v) for v in value] if isinstance(value, list) else home(value))

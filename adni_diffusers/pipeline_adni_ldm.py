@@ -152,14 +152,21 @@ def fit_to_square(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     proportions kept, then pad it with black, split evenly on both sides (--preprocess fit). A slice already `size`
     on its longer side is only padded: ADNI's 256x240 as --preprocess pad makes it."""
     h, w = arr.shape
-    if max(h, w) != size:
-        scale = size / max(h, w)
-        arr = np.asarray(PIL.Image.fromarray(arr).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                         PIL.Image.BILINEAR))
-        h, w = arr.shape
-    top, left = (size - h) // 2, (size - w) // 2
+    left, top, w, h = fit_box(w, h, size)
+    if arr.shape != (h, w):
+        arr = np.asarray(PIL.Image.fromarray(arr).resize((w, h), PIL.Image.BILINEAR))
     black = 0 if arr.dtype == np.uint8 else -1.0
     return np.pad(arr, ((top, size - h - top), (left, size - w - left)), constant_values=black)
+
+
+def fit_box(width: int, height: int, size: int = IMAGE_SIZE) -> tuple[int, int, int, int]:
+    """Where `fit_to_square` puts a width x height slice in the size x size square: (left, top, width, height),
+    scaled so that its longer side is `size` (not scaled where it is already). For a slice `size` wide and at
+    most `size` high it is the rows `pad_to_square` fills too."""
+    if max(width, height) != size:
+        scale = size / max(width, height)
+        width, height = max(1, round(width * scale)), max(1, round(height * scale))
+    return (size - width) // 2, (size - height) // 2, width, height
 
 
 def check_slice_size(slice_size, preprocess: str, size: int = IMAGE_SIZE) -> tuple[int, int]:
@@ -181,14 +188,9 @@ def to_slice_size(images: torch.Tensor, slice_size, preprocess: str = "pad", siz
     geometry: pad cuts the black rows off again; fit cuts the scaled slice out of its black border and scales it
     back (bilinear, antialiased); resize scales back. Detail lost to a scaling is not restored."""
     w, h = check_slice_size(slice_size, preprocess, size)
-    if preprocess == "pad":
-        top = (size - h) // 2  # as pad_to_square put them
-        return images[:, :, top:top + h]
-    if preprocess == "fit":  # the region fit_to_square filled
-        scale = size / max(w, h)
-        scaled_w, scaled_h = max(1, round(w * scale)), max(1, round(h * scale))
-        top, left = (size - scaled_h) // 2, (size - scaled_w) // 2
-        images = images[:, :, top:top + scaled_h, left:left + scaled_w]
+    if preprocess in ("pad", "fit"):  # the region pad_to_square / fit_to_square filled
+        left, top, box_w, box_h = fit_box(w, h, size)
+        images = images[:, :, top:top + box_h, left:left + box_w]
     if tuple(images.shape[-2:]) != (h, w):
         lo, hi = images.amin(), images.amax()  # the rounding of a scaling can step past them (white: 1.0000001)
         images = torch.nn.functional.interpolate(images.float(), size=(h, w), mode="bilinear", antialias=True,
