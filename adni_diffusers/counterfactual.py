@@ -11,7 +11,8 @@ Outputs (one folder per input image):
 
     strip.png                   original | VQ reconstruction | counterfactual per strength, and below
                                 the signed difference maps with a colour bar
-    original.png, reconstruction.png, counterfactual_s0.40.png      greyscale, 256x256
+    original.png, reconstruction.png, counterfactual_s0.40.png      greyscale, 256x256 (--keep-size: the
+                                --image's own size, e.g. 256x240)
     difference_s0.40.png        the signed difference map alone, with its colour bar
 
 The difference map is counterfactual - VQ reconstruction (not - original): the reconstruction is
@@ -159,6 +160,30 @@ def read_slice(path, preprocess: str = "pad") -> torch.Tensor:
         hint = f"; {SIXTEEN_BIT_HINT}" if re.match(r"(16-bit|I-mode|F-mode) image", error) else ""
         raise ValueError(f"--image {path}: {error}{hint}")
     return to_model_input(torch.tensor(pixels))[None]  # a copy: decoded arrays can be read-only
+
+
+def shown_size(path) -> tuple[int, int]:
+    """A slice file's (width, height) as viewers and the training data read it (an EXIF rotation applied)."""
+    from PIL import Image
+
+    from .pipeline_adni_ldm import upright
+
+    with Image.open(path) as im:
+        return upright(im).size
+
+
+def in_slice_size(result: dict, slice_size, preprocess: str) -> dict:
+    """A counterfactual result (`make_counterfactuals`) with its original, reconstruction and counterfactuals given
+    back in the slice's own (width, height), the inverse of the model's `preprocess` (the pipeline's `slice_size`):
+    pictures to lay over the user's own slice. The probabilities stay those of the model's 256x256 views."""
+    from .pipeline_adni_ldm import to_slice_size
+
+    def back(x: torch.Tensor) -> torch.Tensor:
+        return to_slice_size(x[None], slice_size, preprocess)[0]
+
+    return {**result, "original": back(result["original"]), "reconstruction": back(result["reconstruction"]),
+            "counterfactuals": {s: back(c) for s, c in result["counterfactuals"].items()},
+            "slice_size": list(slice_size)}
 
 
 def recorded_preprocess(model_folder) -> str:
@@ -1051,6 +1076,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="difference maps show counterfactual minus this (default: the VQ reconstruction, so "
                              "the autoencoder's error is not shown as change)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 128 on GPU")
+    parser.add_argument("--keep-size", action="store_true",
+                        help="write each --image's pictures in its own size, e.g. 182x218 for registered slices of a "
+                             "--preprocess fit model or 256x240 for ADNI's (the inverse of the model's --preprocess, "
+                             "as the pipeline's slice_size gives it), not the model's 256x256")
     m = parser.add_argument_group("the evaluation classifier and the measurement (--measure)")
     m.add_argument("--measure", action="store_true",
                    help="measure the class-change / fidelity trade-off over the model's held-out slices of the "
@@ -1251,6 +1280,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size {args.batch_size}: expected at least 1")
     if args.feature_epochs is not None and args.feature_epochs < 1:  # an untrained classifier would make the calls
         raise ValueError(f"--feature-epochs {args.feature_epochs}: expected at least 1")
+    if args.keep_size and not args.image:  # --measure's maps average many slices: one size, the model's
+        raise ValueError("--keep-size only applies to --image")
     if not args.measure:  # these only change the measurement
         given = [flag for flag, value in (("--from", args.source), ("--max-images", args.max_images),
                                           ("--control", args.control)) if value not in (None, False)]
@@ -1269,6 +1300,7 @@ def main(args: argparse.Namespace) -> int:
     records = model_records(args.model) if image_paths else None
     preprocess = recorded_preprocess(records) if image_paths else None
     images = [read_slice(p, preprocess) for p in image_paths]
+    sizes = [shown_size(p) for p in image_paths] if args.keep_size else [None] * len(image_paths)
     out = Path(args.out)
     folders = _image_out_dirs(image_paths, out)
     earlier = _earlier_outputs(out, folders)
@@ -1317,6 +1349,7 @@ def main(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "target": target, "strengths": strengths, "guidance": args.guidance,
                "scheduler": args.scheduler, "steps": steps, "seed": args.seed,
                "difference": f"counterfactual - {args.diff_against}", "preprocess": preprocess,
+               "keep_size": bool(args.keep_size),
                # before the first image: a run cut short leaves a record of the folders it was writing, which the
                # next run into --out refuses (or removes with --overwrite) like a finished run's
                "complete": False, "planned": [f.name for f in folders], "images": []}
@@ -1349,10 +1382,15 @@ def main(args: argparse.Namespace) -> int:
                                        args.guidance, args.seed, args.scheduler, args.steps, classifier=classifier,
                                        batch_size=batch_size, progress=True)
         for j, (path, folder, result) in enumerate(zip(image_paths[first:], folders[first:], results)):
+            size = sizes[first + j]
+            if size is not None:
+                result = in_slice_size(result, size, preprocess)
             files = write_counterfactual(result, folder, args.diff_against)
             # folder and strip relative to --out: the record stays true when --out moves, and a push keeps them
             entry = {"image": str(path), "folder": folder.name,
                      "strip": Path(files["strip"]).relative_to(out).as_posix()}
+            if size is not None:
+                entry["size"] = "x".join(map(str, size))
             if data is not None:  # the model saw this slice in training: say so
                 entry["in_model_data"], entry["class_in_model_data"] = seen.get(_pixel_key(batch[j]),
                                                                                ("neither", None))
@@ -1415,6 +1453,7 @@ __all__ = [
     "check_target",
     "csf_border",
     "held_out_data",
+    "in_slice_size",
     "make_counterfactuals",
     "measure_tradeoff",
     "plot_mean_difference",

@@ -1435,3 +1435,41 @@ def test_the_control_maps_the_labels_own_change(tmp_path):
     C.plot_mean_difference(without, tmp_path / "plain.png")
     taller = Image.open(tmp_path / "control.png").height / Image.open(tmp_path / "plain.png").height
     assert 1.3 < taller < 1.7  # three rows of maps, not two
+
+
+def test_keep_size_writes_each_images_pictures_in_its_own_size(tiny_ldm, nc_slice, tmp_path, capsys):
+    """A model of registered 182x218 slices (--preprocess fit) wrote 256x256 pictures, the slice inside a black
+    border: --keep-size gives them back in each --image's own size (ADNI's 256x240 for a pad model), to lay over it."""
+    import shutil
+
+    model = tmp_path / "fit_model"
+    shutil.copytree(tiny_ldm, model)
+    record = json.loads((model / "training_data.json").read_text())
+    (model / "training_data.json").write_text(json.dumps({**record, "preprocess": "fit"}))
+    registered = tmp_path / "registered.png"
+    PIL.Image.open(nc_slice).resize((182, 218), PIL.Image.BILINEAR).save(registered)
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", model, "--image", registered, nc_slice, "--to", "AD", "--strength", "1.0",
+                       "--keep-size", "--out", out, *STEPS], capsys)
+    assert rc == 0, err
+    for image, size in ((registered, (182, 218)), (nc_slice, (256, 240))):
+        folder = out / image.stem
+        for name in ("original.png", "reconstruction.png", "counterfactual_s1.00.png"):
+            assert PIL.Image.open(folder / name).size == size, (image, name)
+        given = np.asarray(PIL.Image.open(image), dtype=int)
+        original = np.asarray(PIL.Image.open(folder / "original.png"), dtype=int)
+        # the slice again: scaled to 256 and back (fit), within a few grey levels where it was scaled
+        assert np.abs(original - given).mean() < 1.0 and np.abs(original - given).max() <= 40
+        assert (folder / "strip.png").is_file() and (folder / "difference_s1.00.png").is_file()
+    summary = json.loads((out / "counterfactuals.json").read_text())
+    assert summary["keep_size"] is True
+    assert [entry["size"] for entry in summary["images"]] == ["182x218", "256x240"]
+
+    # a pad model gives ADNI's slice back exactly: its 8 black rows above and below cut off again
+    rc, err = run_cli(["--model", tiny_ldm, "--image", nc_slice, "--to", "AD", "--strength", "1.0", "--keep-size",
+                       "--out", tmp_path / "pad", *STEPS], capsys)
+    assert rc == 0, err
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "pad" / nc_slice.stem / "original.png")),
+                          np.asarray(PIL.Image.open(nc_slice)))
+    rc, err = run_cli(["--model", tiny_ldm, "--measure", "--to", "AD", "--keep-size", "--out", tmp_path / "m"], capsys)
+    assert rc == 2 and "--keep-size only applies to --image" in err, err
