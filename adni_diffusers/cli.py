@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                                              formatter_class=HelpFormatter)
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
+    if (copies := _copies_of_one_process_command(name)) is not None:
+        return copies
     from .files import expand_home
     from .training import keeps_session_logging
 
@@ -142,6 +144,32 @@ def main(argv: list[str] | None = None) -> int:
 
     # a notebook's own logging set-up is given back afterwards (`cli.main([...])` left its root logger at INFO)
     return keeps_session_logging(_run_command)(name, module, args, from_python=given_argv)
+
+
+# commands that run as one process: under a launcher of N processes each copy did the whole job
+MULTI_PROCESS_COMMANDS = ("demo",)  # its training stages run under the launcher's processes (training.py)
+
+
+def _copies_of_one_process_command(name: str) -> int | None:
+    """Exit status 2 where `accelerate launch --num_processes N` (or torchrun) started N copies of a one-process
+    command (generate, evaluate, ...): each did the whole job on the same device (cuda, i.e. GPU 0) into the same
+    --out, the other GPUs idle and the files written N times at once. None where the command may run."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return None
+    if world <= 1 or name in MULTI_PROCESS_COMMANDS:
+        return None
+    if os.environ.get("RANK", "0") in ("", "0"):  # one line, not one per process
+        print(f"adni-diffusers {name}: error: WORLD_SIZE={world}: a launcher (accelerate launch, torchrun) started "
+              f"{world} copies of this one-process command, each of which would do the whole job on the same device "
+              f"and write the same files; run `adni-diffusers {name} ...` without the launcher (on a GPU of your "
+              "choice: --device cuda:N where the command has --device)", file=sys.stderr)
+    else:  # the launcher stops the others once the first has failed: let the main process say it first
+        import time
+
+        time.sleep(2)
+    return 2
 
 
 def _run_command(name: str, module, args: argparse.Namespace, from_python: bool = False) -> int:

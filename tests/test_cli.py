@@ -533,3 +533,22 @@ def test_python_m_adni_diffusers_runs_the_command():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f"adni-diffusers {__version__}"
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_one_process_command_under_a_launcher_of_several_is_refused(monkeypatch, capsys, rank):
+    """`accelerate launch --num_processes 2 -m adni_diffusers.cli generate ...` ran the whole command twice, both
+    copies on the same device (cuda: GPU 0) writing the same --out (each said "8 images in ..."): refused, said
+    once, by the main process."""
+    from adni_diffusers import cli, generate
+
+    monkeypatch.setattr(generate, "main", lambda args: pytest.fail("ran under a launcher of 2 processes"))
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    assert cli.main(["generate", "--model", "m", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("WORLD_SIZE=2: a launcher") == (rank == "0"), err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a job script's leftover WORLD_SIZE=1: one process, it runs
+    monkeypatch.setattr(generate, "main", lambda args: None)
+    assert cli.main(["generate", "--model", "m", "--out", "o"]) == 0
