@@ -2614,6 +2614,8 @@ def log_image_grid(accelerator, tag: str, images: torch.Tensor, step: int, path,
 # what a collective raises when a peer process has exited (gloo; NCCL when it notices instead of waiting out
 # --ddp_timeout)
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+# what a collective raises when the other processes did not come within --ddp_timeout (gloo; NCCL's watchdog)
+PEER_LATE = ("Timed out waiting", "Watchdog caught collective operation timeout")
 
 
 def run_cli(script: str, parse_args, main, argv=None) -> int:
@@ -2676,6 +2678,16 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
                 peer_gone = str(e).splitlines()[0].split(". This is typically")[0]  # gloo's words, less its advice
                 print(f"{script}: stopped: another process ended (its error, if any, is above; the launcher's "
                       f"summary below gives its exit code): {peer_gone}; {where}", file=sys.stderr)
+            return 2
+        if any(text in str(e) for text in PEER_LATE):
+            # a barrier or all-reduce that waited --ddp_timeout: gloo's one-line reason under a 25-line traceback
+            # named no flag, and the main process, stopped by the launcher, took that for a scheduler's SIGTERM
+            timeout = getattr(args, "ddp_timeout", None)
+            where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
+            print(f"{script}: process {rank} stopped: it waited {'--ddp_timeout' + (f' {timeout} s' if timeout else '')}"
+                  " for another process, which did not come (the main process builds the latent cache, validates, "
+                  "samples, evaluates and pushes while the others wait: if that takes longer, raise --ddp_timeout; "
+                  f"else a process hung); {where}", file=sys.stderr)
             return 2
         raise
     finally:

@@ -376,3 +376,31 @@ def test_a_killed_process_is_said_by_the_main_process_with_where_to_go_on(tmp_pa
     assert f"; the last checkpoint is {out / 'checkpoint-4'}: go on from it with --resume_from_checkpoint latest" \
         in proc.stderr, proc.stderr[-3000:]
     assert "[rank0]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_wait_past_ddp_timeout_says_the_flag(tmp_path):
+    """The main process's own work (latent cache, validation, sample grid, final evaluation, push) outlasted
+    --ddp_timeout: the waiting process printed gloo's 25-line traceback ending in "Timed out waiting 5000ms for recv
+    operation to complete", which names no flag. Now one line naming --ddp_timeout and where to go on."""
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    script = tmp_path / "slow_main.py"
+    script.write_text(
+        "import argparse, sys, time\n"
+        "from datetime import timedelta\n"
+        "from accelerate import Accelerator, InitProcessGroupKwargs\n"
+        "from adni_diffusers import training\n"
+        "def main(args):\n"
+        "    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=2))])\n"
+        "    accelerator.wait_for_everyone()\n"
+        "    if accelerator.is_main_process:\n"
+        "        time.sleep(20)  # the launcher stops it once the other has failed\n"
+        "    accelerator.wait_for_everyone()\n"
+        "parse = lambda argv: argparse.Namespace(output_dir=sys.argv[1], ddp_timeout=2)\n"
+        "sys.exit(training.run_cli('slow_main.py', parse, main))\n")
+    proc = launch(script, [out], timeout=120)
+    assert proc.returncode != 0
+    assert "slow_main.py: process 1 stopped: it waited --ddp_timeout 2 s for another process" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert f"the last checkpoint is {out / 'checkpoint-2'}" in proc.stderr
+    assert "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
