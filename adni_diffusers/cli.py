@@ -151,25 +151,36 @@ MULTI_PROCESS_COMMANDS = ("demo",)  # its training stages run under the launcher
 
 
 def _copies_of_one_process_command(name: str) -> int | None:
-    """Exit status 2 where `accelerate launch --num_processes N` (or torchrun) started N copies of a one-process
-    command (generate, evaluate, ...): each did the whole job on the same device (cuda, i.e. GPU 0) into the same
-    --out, the other GPUs idle and the files written N times at once. None where the command may run."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        return None
-    if world <= 1 or name in MULTI_PROCESS_COMMANDS:
-        return None
-    if os.environ.get("RANK", "0") in ("", "0"):  # one line, not one per process
-        print(f"adni-diffusers {name}: error: WORLD_SIZE={world}: a launcher (accelerate launch, torchrun) started "
-              f"{world} copies of this one-process command, each of which would do the whole job on the same device "
-              f"and write the same files; run `adni-diffusers {name} ...` without the launcher (on a GPU of your "
-              "choice: --device cuda:N where the command has --device)", file=sys.stderr)
-    else:  # the launcher stops the others once the first has failed: let the main process say it first
-        import time
+    """Exit status 2 where `accelerate launch --num_processes N` (or torchrun), or `srun -n N` / `mpirun -np N`,
+    started N copies of a one-process command (generate, evaluate, ...): each did the whole job on the same device
+    (cuda, i.e. GPU 0) into the same --out, the other GPUs idle and the files written N times at once. (An
+    sbatch script's bare `srun adni-diffusers evaluate ...` starts one copy per task of the job.) None where the
+    command may run."""
+    from .training import LAUNCHER_TASK_COUNTS
 
-        time.sleep(2)
-    return 2
+    if name in MULTI_PROCESS_COMMANDS:
+        return None
+    counts = [("WORLD_SIZE", "RANK", "a launcher (accelerate launch, torchrun)")]
+    counts += [(count, rank, "srun or mpirun") for count, rank in zip(LAUNCHER_TASK_COUNTS, LAUNCHER_TASK_RANKS)]
+    for count, rank, launcher in counts:
+        value = os.environ.get(count, "").strip()
+        if not value.isdigit() or int(value) <= 1:
+            continue
+        if os.environ.get(rank, "0").strip() in ("", "0"):  # one line, not one per process
+            print(f"adni-diffusers {name}: error: {count}={value}: {launcher} started {value} copies of this "
+                  "one-process command, each of which would do the whole job on the same device and write the same "
+                  f"files; run `adni-diffusers {name} ...` once, without the launcher (srun -n 1; on a GPU of your "
+                  "choice: --device cuda:N where the command has --device)", file=sys.stderr)
+        else:  # the launcher stops the others once the first has failed: let the main process say it first
+            import time
+
+            time.sleep(2)
+        return 2
+    return None
+
+
+# each copy's number, beside LAUNCHER_TASK_COUNTS' names of how many copies there are
+LAUNCHER_TASK_RANKS = ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 def _run_command(name: str, module, args: argparse.Namespace, from_python: bool = False) -> int:

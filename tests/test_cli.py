@@ -550,5 +550,12 @@ def test_a_one_process_command_under_a_launcher_of_several_is_refused(monkeypatc
     err = capsys.readouterr().err
     assert err.count("WORLD_SIZE=2: a launcher") == (rank == "0"), err
     monkeypatch.setenv("WORLD_SIZE", "1")  # a job script's leftover WORLD_SIZE=1: one process, it runs
+    # an sbatch script's bare `srun adni-diffusers generate ...`: one copy per task of the job
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", rank)
+    assert cli.main(["generate", "--model", "m", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("SLURM_STEP_NUM_TASKS=4: srun or mpirun started 4 copies") == (rank == "0"), err
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # srun -n 1
     monkeypatch.setattr(generate, "main", lambda args: None)
     assert cli.main(["generate", "--model", "m", "--out", "o"]) == 0
