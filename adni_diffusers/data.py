@@ -1208,10 +1208,35 @@ def _imagefolder_records(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
         given = {s: (folder, root / s) for s, folder in real.items()}
     else:
         data_files, given = {"train": f"{glob.escape(str(root))}/**"}, {}
+    def load(cache_dir):
+        return datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=not tree.class_names,
+                                     cache_dir=cache_dir)
+
     with _datasets_cache_dir() as cache_dir:
-        ds = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=not tree.class_names,
-                                   cache_dir=cache_dir)
-        return _records_of(root, tree, ds, given)
+        try:
+            return _records_of(root, tree, load(cache_dir), given)
+        except PermissionError as e:
+            # a shared, writable cache (a lab's HF_HOME, mode 1777 or a group's 2775) where a labmate indexed the same
+            # files first: datasets' lock files there are theirs (filelock makes them 0644), and the run stopped with
+            # a raw PermissionError on one, though the folder itself passed the write check
+            cache = Path(os.path.expanduser(str(datasets.config.HF_DATASETS_CACHE)))
+            if cache_dir is not None or not (e.filename and Path(str(e.filename)).is_relative_to(cache)):
+                raise
+            denied, why = e.filename, e.strerror or "permission denied"
+    logger.info("datasets' cache %s: %s cannot be opened (%s; another user's, in a shared cache?); indexing the images "
+                "in a temporary folder instead (set HF_DATASETS_CACHE to a folder of your own to keep the index "
+                "between runs)", cache, denied, why)
+    with _temporary_datasets_cache() as cache_dir:
+        return _records_of(root, tree, load(cache_dir), given)
+
+
+@contextlib.contextmanager
+def _temporary_datasets_cache():
+    """A folder for datasets' cache, removed afterwards: the index is a listing that is cheap to make again."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="adni-datasets-cache-", ignore_cleanup_errors=True) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
@@ -1220,8 +1245,6 @@ def _datasets_cache_dir():
     is a listing that is cheap to make again. A shared cluster's HF_HOME is often read-only (the admins' models);
     datasets then failed in its cache ("Permission denied: '<HF_HOME>/datasets'", a traceback from the training
     scripts), even where the cache already held this index (it writes lock files there)."""
-    import tempfile
-
     import datasets
 
     from .files import cannot_write_in
@@ -1234,7 +1257,7 @@ def _datasets_cache_dir():
     logger.info("datasets' cache %s: %s; indexing the images in a temporary folder instead "
                 "(set HF_DATASETS_CACHE or HF_HOME to a folder you can write to keep the index between runs)",
                 cache, problem)
-    with tempfile.TemporaryDirectory(prefix="adni-datasets-cache-", ignore_cleanup_errors=True) as tmp:
+    with _temporary_datasets_cache() as tmp:
         yield tmp
 
 

@@ -139,6 +139,54 @@ def test_a_datasets_cache_that_cannot_be_written_falls_back_to_a_temporary_one(t
     assert "HF_DATASETS_CACHE" in caplog.text
 
 
+def test_a_shared_datasets_cache_holding_another_users_lock_files_falls_back_to_a_temporary_one(tmp_path, monkeypatch,
+                                                                                                 caplog):
+    """A lab's shared, writable HF_HOME (mode 1777 or a group's 2775): where a labmate indexed the same data first,
+    datasets' lock files there are theirs (filelock makes them 0644), and the next user's run stopped with a raw
+    `PermissionError: [Errno 13] Permission denied: '<HF_HOME>/datasets/..._imagefolder_....lock'` from the
+    training scripts, though the folder itself passed the write check. (Root ignores permissions: the labmate's
+    lock file is mimicked by a load_dataset that refuses the shared cache.)"""
+    import datasets
+
+    cache = tmp_path / "shared" / "datasets"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    files = make_tree(tmp_path / "AD_NC", patients=2, slices=1)
+    calls = []
+    real_load = datasets.load_dataset
+
+    def load(*a, **k):
+        calls.append(k.get("cache_dir"))
+        if k.get("cache_dir") is None:  # datasets' own cache: the labmate's lock file
+            raise PermissionError(13, "Permission denied", str(cache / "_shared_imagefolder_default.lock"))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    with caplog.at_level(logging.INFO, logger="adni_diffusers.data"):
+        d = load_slices(tmp_path / "AD_NC", split="all")
+
+    assert sorted(d.train.paths) == sorted(str(p.resolve()) for p in files)
+    assert calls[0] is None and calls[1] is not None and not Path(calls[1]).exists()  # a temporary cache, gone
+    assert "_shared_imagefolder_default.lock" in caplog.text and "HF_DATASETS_CACHE" in caplog.text
+
+
+def test_a_permission_error_outside_the_datasets_cache_is_not_hidden(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    make_tree(tmp_path / "AD_NC", patients=2, slices=1)
+    calls = []
+
+    def load(*a, **k):
+        calls.append(k.get("cache_dir"))
+        raise PermissionError(13, "Permission denied", str(tmp_path / "AD_NC" / "AD"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    with pytest.raises(PermissionError, match="AD_NC"):
+        load_slices(tmp_path / "AD_NC", split="all")
+    assert calls == [None]
+
+
 def test_a_writable_datasets_cache_is_used_as_it_is(tmp_path, monkeypatch):
     import datasets
 
