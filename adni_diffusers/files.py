@@ -239,3 +239,91 @@ def expand_home(args) -> None:
     for name, value in vars(args).items():
         if name not in NOT_PATHS:
             setattr(args, name, [home(v) for v in value] if isinstance(value, list) else home(value))
+
+
+# ----------------------------------------------------------------------------------- one writer at a time
+LOCK_FILE = ".adni-diffusers.lock"  # a dot-file: no data scan, push or output listing counts it
+
+
+class FolderInUse(RuntimeError):
+    """Another process of this package writes into the folder now (it holds the folder's LOCK_FILE)."""
+
+
+def _holder(lock: Path) -> str:
+    """Who holds `lock`, as its holder wrote it ("generate, pid 123 on host, started ...")."""
+    try:
+        return lock.read_text(encoding="utf-8").strip() or "a process"
+    except OSError:
+        return "a process"
+
+
+def folder_in_use(folder: Path) -> str | None:
+    """Who writes into `folder` now (its LOCK_FILE is locked), else None; nothing is made or changed."""
+    lock = Path(folder) / LOCK_FILE
+    if os.name == "nt" or not lock.is_file():
+        return None
+    import fcntl
+
+    try:
+        with open(lock, "rb") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder(lock)
+    except OSError:  # unreadable, or a filesystem without flock: nothing can be told
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def only_writer(folder: Path, flag: str, what: str):
+    """Around the writes of `what` (a command's name) into `folder` (made where missing): an exclusive lock on its
+    LOCK_FILE, released when the block ends or the process dies (flock: never a stale lock after a kill), and the
+    file removed again at the end. A second run into the same folder (a job array's tasks given one --out, a rerun
+    while the first still writes) is refused with a FolderInUse naming the first; without the lock both wrote, each
+    over the other's files, and the record of one run sat beside the other's outputs. Where the filesystem takes no
+    flock (some network mounts), or on Windows, the block runs unguarded."""
+    folder = Path(folder)
+    if os.name == "nt":
+        yield
+        return
+    import fcntl
+    import socket
+    from datetime import datetime
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    while True:
+        try:  # (not truncated before the lock is ours: the holder's words stay)
+            fh, mine = open(lock, "a+", encoding="utf-8"), True
+        except PermissionError:  # another user's lock file in a shared folder: locked all the same, not written
+            fh, mine = open(lock, encoding="utf-8"), False
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise FolderInUse(f"{flag} {folder}: another run is writing there now ({_holder(lock)}); wait for it "
+                              f"to end, or give another {flag}") from None
+        except OSError:  # no flock on this filesystem
+            fh.close()
+            fh = None
+            break
+        try:  # the file locked is still the one at `lock`, not one its last holder removed as it ended
+            if os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
+        if fh is not None and mine:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{what}, pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{datetime.now().astimezone().isoformat(timespec='seconds')}\n")
+            fh.flush()
+        yield
+    finally:
+        if fh is not None:
+            with contextlib.suppress(OSError):  # removed while still held: the next run locks a file of its own
+                lock.unlink()
+            fh.close()  # (releases the lock)

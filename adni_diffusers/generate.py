@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import cannot_write_in, not_a_folder, read_as_data, read_json_object, remove_path, write_text_atomically
+from .files import (FolderInUse, cannot_write_in, folder_in_use, not_a_folder, only_writer, read_as_data,
+                    read_json_object, remove_path, write_text_atomically)
 from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, guidance_for, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -427,6 +428,9 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
         raise ValueError("--resume keeps an earlier run's images, --overwrite removes them: give one")
     check_out_given(out, model)
     out = Path(out)
+    if running := folder_in_use(out):
+        raise FolderInUse(f"--out {out}: another run is writing there now ({running}); wait for it to end, or give "
+                          "another --out")
     earlier = earlier_outputs(out)
     recorded = _earlier_settings(out) if resume else None
     try:
@@ -491,129 +495,139 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     from .environment import environment
 
     session = {"batch_size": batch_size, "environment": environment(device)}
-    if recorded is not None:
-        where = out / "generation.json"
-        if "model_sha256" not in recorded:  # an older run's record
-            logger.warning("--resume: %s records no model fingerprint (an older run): that its images are this "
-                           "--model's cannot be checked", where)
-            recorded = {**recorded, "model_sha256": fingerprint}
-        elif recorded["model_sha256"] != fingerprint:  # a newer save or push under the same name
-            raise ValueError(f"--resume: {where} was made with another model ({recorded.get('model')}, sha256 "
-                             f"{recorded['model_sha256']}) than --model {model} (sha256 {fingerprint}); give that "
-                             "model, or --overwrite to start again")
-        images_before = recorded.get("num_images")  # (a kept GIF's caption names it)
-        if isinstance(recorded.get("num_images"), int) and recorded["num_images"] <= num_images:
-            # each image's seed is --seed and its index: a larger --num-images goes on with the same images
-            recorded = {**recorded, "num_images": num_images}
-        # the same model and class spelt another way (a relative path, a trailing slash, a class index for its
-        # name) are the same settings: the fingerprint and the class name say so
-        ignored = {"complete", "sessions"}
-        if fingerprint is not None and recorded.get("model_sha256") == fingerprint:
-            ignored.add("model")
-        if class_name is not None and recorded.get("class_name") == class_name:
-            ignored.add("class")
-        differ = sorted(k for k in {*settings, *recorded} - ignored if settings.get(k) != recorded.get(k))
-        if differ:
-            # the flags that make them again, spelt out: a default that changed since (--guidance with --class: 1,
-            # then 2 from 2026-12-04) made "the same flags" differ
-            same = " ".join(f"{RESUME_FLAGS[k]} {recorded[k]}" for k in differ
-                            if k in RESUME_FLAGS and recorded.get(k) is not None)
-            raise ValueError(f"--resume: {where} was made with other settings ("
-                             + ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
-                             + f"); give the same flags{f' ({same})' if same else ''}, or --overwrite to start again")
-        made = {i for i in range(num_images) if (out / f"sample-{i:04d}.png").is_file()}
-        first_images = set(range(min(batch_size, num_images)))
-        # a denoising.gif there is whole (written through a .tmp) and of the same seeds and steps: kept, unless
-        # --num-images grew (its last caption, "images 1-2 of 5", names the earlier count)
-        gif_there = gif and (out / "denoising.gif").is_file()
-        gif_kept = gif_there and images_before == num_images
-        if gif_kept:
-            logger.info("--gif: the earlier run's denoising.gif is kept (the same seeds and steps)")
-        elif gif and made & first_images:  # the animation is of the first batch: it is sampled again
-            logger.info("--gif: the first %d image(s) are made again for the animation (the same seeds%s)",
-                        len(made & first_images),
-                        f"; the earlier GIF's caption named {images_before} images" if gif_there else "")
-            made -= first_images
-        logger.info("--resume: %d of %d images kept; making the other %d", len(made), num_images,
-                    num_images - len(made))
-        # a kill's leftovers
-        remove_outputs([p for p in earlier if p.name.endswith(".tmp")])
-    else:
-        remove_outputs(earlier)
-        made, gif_kept = set(), False
-    out.mkdir(parents=True, exist_ok=True)
-    earlier_sessions = recorded.get("sessions") if recorded is not None else None
-    settings["sessions"] = [*(earlier_sessions if isinstance(earlier_sessions, list) else []), session]
-    # "complete": false until the last image is on disk (an interrupted run says so; --resume goes on with it)
-    write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": False}, indent=2) + "\n")
+    # one run at a time in --out: two at once (a job array's tasks given one --out, a --resume started while the
+    # first still sampled) both passed the check above, wrote each other's sample-NNNN.png, and generation.json
+    # named one run's settings beside the other's images
+    with only_writer(out, "--out", "generate"):
+        # what another run wrote there while this one loaded its model: checked again, now that no other can write
+        earlier = earlier_outputs(out)
+        if resume:
+            recorded = _earlier_settings(out)
+        else:
+            check_out_folder(out, earlier, overwrite)
+        if recorded is not None:
+            where = out / "generation.json"
+            if "model_sha256" not in recorded:  # an older run's record
+                logger.warning("--resume: %s records no model fingerprint (an older run): that its images are this "
+                               "--model's cannot be checked", where)
+                recorded = {**recorded, "model_sha256": fingerprint}
+            elif recorded["model_sha256"] != fingerprint:  # a newer save or push under the same name
+                raise ValueError(f"--resume: {where} was made with another model ({recorded.get('model')}, sha256 "
+                                 f"{recorded['model_sha256']}) than --model {model} (sha256 {fingerprint}); give that "
+                                 "model, or --overwrite to start again")
+            images_before = recorded.get("num_images")  # (a kept GIF's caption names it)
+            if isinstance(recorded.get("num_images"), int) and recorded["num_images"] <= num_images:
+                # each image's seed is --seed and its index: a larger --num-images goes on with the same images
+                recorded = {**recorded, "num_images": num_images}
+            # the same model and class spelt another way (a relative path, a trailing slash, a class index for its
+            # name) are the same settings: the fingerprint and the class name say so
+            ignored = {"complete", "sessions"}
+            if fingerprint is not None and recorded.get("model_sha256") == fingerprint:
+                ignored.add("model")
+            if class_name is not None and recorded.get("class_name") == class_name:
+                ignored.add("class")
+            differ = sorted(k for k in {*settings, *recorded} - ignored if settings.get(k) != recorded.get(k))
+            if differ:
+                # the flags that make them again, spelt out: a default that changed since (--guidance with --class: 1,
+                # then 2 from 2026-12-04) made "the same flags" differ
+                same = " ".join(f"{RESUME_FLAGS[k]} {recorded[k]}" for k in differ
+                                if k in RESUME_FLAGS and recorded.get(k) is not None)
+                raise ValueError(f"--resume: {where} was made with other settings ("
+                                 + ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
+                                 + f"); give the same flags{f' ({same})' if same else ''}, or --overwrite to start again")
+            made = {i for i in range(num_images) if (out / f"sample-{i:04d}.png").is_file()}
+            first_images = set(range(min(batch_size, num_images)))
+            # a denoising.gif there is whole (written through a .tmp) and of the same seeds and steps: kept, unless
+            # --num-images grew (its last caption, "images 1-2 of 5", names the earlier count)
+            gif_there = gif and (out / "denoising.gif").is_file()
+            gif_kept = gif_there and images_before == num_images
+            if gif_kept:
+                logger.info("--gif: the earlier run's denoising.gif is kept (the same seeds and steps)")
+            elif gif and made & first_images:  # the animation is of the first batch: it is sampled again
+                logger.info("--gif: the first %d image(s) are made again for the animation (the same seeds%s)",
+                            len(made & first_images),
+                            f"; the earlier GIF's caption named {images_before} images" if gif_there else "")
+                made -= first_images
+            logger.info("--resume: %d of %d images kept; making the other %d", len(made), num_images,
+                        num_images - len(made))
+            # a kill's leftovers
+            remove_outputs([p for p in earlier if p.name.endswith(".tmp")])
+        else:
+            remove_outputs(earlier)
+            made, gif_kept = set(), False
+        out.mkdir(parents=True, exist_ok=True)
+        earlier_sessions = recorded.get("sessions") if recorded is not None else None
+        settings["sessions"] = [*(earlier_sessions if isinstance(earlier_sessions, list) else []), session]
+        # "complete": false until the last image is on disk (an interrupted run says so; --resume goes on with it)
+        write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": False}, indent=2) + "\n")
 
-    total_steps = steps + refine_repeats * refine_steps
-    # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
-    recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16), total=total_steps,
-                           slice_size=slice_size) if gif and not gif_kept else None
-    grid_images, first_batch = [], True
-    paths = {"images": []}
-    from .data import to_uint8
-    from PIL import Image
+        total_steps = steps + refine_repeats * refine_steps
+        # the animated images are the first batch's, so the last frame (the final images) shows no more than it holds
+        recorder = GifRecorder(every=max(1, total_steps // 40), keep=min(num_images, batch_size, 16), total=total_steps,
+                               slice_size=slice_size) if gif and not gif_kept else None
+        grid_images, first_batch = [], True
+        paths = {"images": []}
+        from .data import to_uint8
+        from PIL import Image
 
-    # a resume's kept images start the bar (`initial`: not counted in its rate; one jump made the rate and the time
-    # left look several times better than they were)
-    with progress_bar(total=num_images * total_steps, initial=len(made) * total_steps, desc="sampling (image-steps)",
-              unit="img-step") as bar:
-        def progress(p, step, t, tensors):
-            bar.update(len(tensors["latents"]))
-            if recorder is not None and first_batch:  # animate the first batch
-                recorder(p, step, t, tensors)
-            return {}
+        # a resume's kept images start the bar (`initial`: not counted in its rate; one jump made the rate and the time
+        # left look several times better than they were)
+        with progress_bar(total=num_images * total_steps, initial=len(made) * total_steps, desc="sampling (image-steps)",
+                  unit="img-step") as bar:
+            def progress(p, step, t, tensors):
+                bar.update(len(tensors["latents"]))
+                if recorder is not None and first_batch:  # animate the first batch
+                    recorder(p, step, t, tensors)
+                return {}
 
-        for start in range(0, num_images, batch_size):
-            todo = [i for i in range(start, min(start + batch_size, num_images)) if i not in made]
-            if not todo:  # made by the run --resume goes on with
-                if start < GRID_IMAGES:
-                    grid_images.append(_read_samples(out, range(start, min(start + batch_size, GRID_IMAGES,
-                                                                              num_images))))
+            for start in range(0, num_images, batch_size):
+                todo = [i for i in range(start, min(start + batch_size, num_images)) if i not in made]
+                if not todo:  # made by the run --resume goes on with
+                    if start < GRID_IMAGES:
+                        grid_images.append(_read_samples(out, range(start, min(start + batch_size, GRID_IMAGES,
+                                                                                  num_images))))
+                    paths["images"] += [str(out / f"sample-{i:04d}.png") for i in range(start, start + batch_size)
+                                        if i < num_images]
+                    continue
+                n = len(todo)
+                # one generator per image (seeded by --seed and its index): an image does not depend on the batch size
+                # (up to float rounding: a grey level in a few pixels)
+                generators = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i) for i in todo]
+                batch = pipe(batch_size=n, class_labels=label, guidance_scale=guidance, num_inference_steps=steps,
+                             generator=generators, refine_steps=refine_steps, refine_repeats=refine_repeats,
+                             output_type="pt", slice_size=slice_size, callback_on_step_end=progress,
+                             callback_on_step_end_tensor_inputs=["latents", "x0_pred"] if gif else ["latents"]).images
+                batch = batch.cpu() * 2 - 1
+                first_batch = False
+                if len(todo) < min(batch_size, num_images - start):  # partly made before: the batch in index order
+                    kept = [i for i in range(start, min(start + batch_size, num_images)) if i in made]
+                    batch = torch.cat([batch, _read_samples(out, kept)])[torch.tensor(todo + kept).argsort()]
+                if start < GRID_IMAGES:  # only the images the grid shows stay in memory
+                    grid_images.append(batch[:GRID_IMAGES - start])
+                for i, im in zip(todo, to_uint8(batch[torch.tensor(todo) - start])):  # on disk now: a crash keeps them
+                    path = out / f"sample-{i:04d}.png"
+                    tmp = path.with_name(path.name + ".tmp")  # renamed when whole: --resume never takes half a file
+                    Image.fromarray(im.numpy(), mode="L").save(tmp, format="PNG")
+                    os.replace(tmp, path)
                 paths["images"] += [str(out / f"sample-{i:04d}.png") for i in range(start, start + batch_size)
                                     if i < num_images]
-                continue
-            n = len(todo)
-            # one generator per image (seeded by --seed and its index): an image does not depend on the batch size
-            # (up to float rounding: a grey level in a few pixels)
-            generators = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i) for i in todo]
-            batch = pipe(batch_size=n, class_labels=label, guidance_scale=guidance, num_inference_steps=steps,
-                         generator=generators, refine_steps=refine_steps, refine_repeats=refine_repeats,
-                         output_type="pt", slice_size=slice_size, callback_on_step_end=progress,
-                         callback_on_step_end_tensor_inputs=["latents", "x0_pred"] if gif else ["latents"]).images
-            batch = batch.cpu() * 2 - 1
-            first_batch = False
-            if len(todo) < min(batch_size, num_images - start):  # partly made before: the batch in index order
-                kept = [i for i in range(start, min(start + batch_size, num_images)) if i in made]
-                batch = torch.cat([batch, _read_samples(out, kept)])[torch.tensor(todo + kept).argsort()]
-            if start < GRID_IMAGES:  # only the images the grid shows stay in memory
-                grid_images.append(batch[:GRID_IMAGES - start])
-            for i, im in zip(todo, to_uint8(batch[torch.tensor(todo) - start])):  # on disk now: a crash keeps them
-                path = out / f"sample-{i:04d}.png"
-                tmp = path.with_name(path.name + ".tmp")  # renamed when whole: --resume never takes half a file
-                Image.fromarray(im.numpy(), mode="L").save(tmp, format="PNG")
-                os.replace(tmp, path)
-            paths["images"] += [str(out / f"sample-{i:04d}.png") for i in range(start, start + batch_size)
-                                if i < num_images]
-    images = torch.cat(grid_images)
-    # a caption says what the grid shows (it travels without generation.json: in a slide, a chat)
-    what = grid_caption(class_name if class_name is not None else label, pipe.is_conditional, guidance, scheduler,
-                        steps, refine_steps, refine_repeats, seed)
-    shown = f"images 1-{len(images)} of {num_images}" if len(images) < num_images else f"{num_images} images"
-    titled_grid(images, caption=f"{what}; {shown}").save(out / "grid.png.tmp", format="PNG")  # renamed when whole
-    os.replace(out / "grid.png.tmp", out / "grid.png")
-    paths["grid"] = str(out / "grid.png")
-    paths["settings"] = str(out / "generation.json")
-    if resume:
-        paths["kept"] = len(made)  # the earlier run's images left as they were
-    if recorder is not None:
-        paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images, what, num_images))
-    elif gif_kept:
-        paths["gif"] = str(out / "denoising.gif")
-    write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": True}, indent=2) + "\n")
-    return paths
+        images = torch.cat(grid_images)
+        # a caption says what the grid shows (it travels without generation.json: in a slide, a chat)
+        what = grid_caption(class_name if class_name is not None else label, pipe.is_conditional, guidance, scheduler,
+                            steps, refine_steps, refine_repeats, seed)
+        shown = f"images 1-{len(images)} of {num_images}" if len(images) < num_images else f"{num_images} images"
+        titled_grid(images, caption=f"{what}; {shown}").save(out / "grid.png.tmp", format="PNG")  # renamed when whole
+        os.replace(out / "grid.png.tmp", out / "grid.png")
+        paths["grid"] = str(out / "grid.png")
+        paths["settings"] = str(out / "generation.json")
+        if resume:
+            paths["kept"] = len(made)  # the earlier run's images left as they were
+        if recorder is not None:
+            paths["gif"] = str(recorder.save(pipe, out / "denoising.gif", images, what, num_images))
+        elif gif_kept:
+            paths["gif"] = str(out / "denoising.gif")
+        write_text_atomically(out / "generation.json", json.dumps({**settings, "complete": True}, indent=2) + "\n")
+        return paths
 
 
 def pipeline_dtype(pipe) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -1343,3 +1344,40 @@ def test_ctrl_c_during_sampling_says_that_resume_goes_on(monkeypatch, tmp_path, 
     assert capsys.readouterr().err.strip() == (
         f"adni-diffusers generate: interrupted; the images made so far are in {out} (generation.json: complete "
         "false): the same command with --resume makes the rest")
+
+
+def test_a_second_run_into_the_same_out_while_one_samples_there_is_refused(fresh_pipe, tmp_path, monkeypatch):
+    """Two generate runs into one --out at once (a job array's tasks given the same --out, or a --resume started
+    while the first still sampled) both passed the start's check of an empty folder: each wrote its own
+    sample-NNNN.png over the other's, one died on the other's grid.png.tmp, and the survivor's generation.json
+    ("seed": 1, "complete": true) sat beside the other run's images and grid, without a word. The second is refused
+    now, naming the first, and leaves the folder as it was."""
+    from adni_diffusers import ADNILatentDiffusionPipeline
+    from adni_diffusers.generate import generate
+
+    out = tmp_path / "out"
+    kwargs = dict(scheduler="ddim", steps=1, device="cpu", pipe=fresh_pipe, num_images=2, batch_size=1)
+    call = ADNILatentDiffusionPipeline.__call__
+    second = []
+
+    def start_another_while_sampling(self, *args, **kw):
+        if not second:  # the first run's first batch: another run is started into the same --out
+            before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+            for flags in ({"seed": 2}, {"seed": 2, "overwrite": True}, {"seed": 1, "resume": True}):
+                with pytest.raises(RuntimeError, match=rf"--out {re.escape(str(out))}: another run is writing "
+                                                        rf"there now \(generate, pid {os.getpid()}"):
+                    generate("unused", out, **{**kwargs, **flags})
+                second.append(flags)
+            after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+            assert after == before
+        return call(self, *args, **kw)
+
+    monkeypatch.setattr(ADNILatentDiffusionPipeline, "__call__", start_another_while_sampling)
+    generate("unused", out, seed=1, **kwargs)
+    assert len(second) == 3
+    assert json.loads((out / "generation.json").read_text())["seed"] == 1
+    # the folder is free again once the run has ended: a later run is refused only for the outputs there
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        generate("unused", out, seed=2, **kwargs)
+    generate("unused", out, seed=2, overwrite=True, **kwargs)
+    assert json.loads((out / "generation.json").read_text())["seed"] == 2
