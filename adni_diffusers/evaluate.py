@@ -1720,6 +1720,15 @@ def evaluate_model(
         from .pipeline_adni_ldm import what_folder_is_this
 
         raise EvaluationError(f"--model {model_dir}: no model_index.json ({what_folder_is_this(model_dir)})")
+    from .hub import TRAINING_MARKER, live_training_run
+
+    if run := live_training_run(model_dir):  # (not this process: train_unet's own final evaluation goes on)
+        # the model there is the one that run replaces at its end: these numbers reached the new model's card (and
+        # a push) as its own, since metrics.json records no fingerprint of the weights it measured
+        raise EvaluationError(f"--model {model_dir}: {run} is training into it ({TRAINING_MARKER}); the model there "
+                              "is replaced when it ends, and the new model's card would show this evaluation's "
+                              "numbers as its own: evaluate once it has finished, or `adni-diffusers export` one of "
+                              "its checkpoints into another folder and evaluate that")
     if scheduler not in SCHEDULERS:
         raise EvaluationError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     if not 2 <= num_samples <= MAX_SAMPLES_PER_CLASS:  # the upper bound keeps every sample's noise its own

@@ -2627,3 +2627,38 @@ def test_the_feature_net_of_unlabelled_data_is_not_given_a_class_accuracy(evalua
     (tmp_path / "two").mkdir()
     two = E.write_report({k: v for k, v in result.items() if k != "card"}, tmp_path / "two").read_text()
     assert "per patient" in two.split("## Feature network")[1].split("##")[0]  # an AD/NC model's keeps its accuracy
+
+
+def test_a_model_folder_a_live_run_trains_into_is_refused(tiny_ldm, tmp_path):
+    """`evaluate --model ldm` while `train_unet.py --output_dir ldm --resume_from_checkpoint latest` trained on
+    (reproduced with 4 -> 120 steps): the evaluation measured the 4-step model still there and wrote evaluation/
+    after the run had set the earlier one aside; the final save then put the 120-step UNet beside it, and its card
+    said "trained for 120 optimizer steps" above the 4-step model's FD, KID and precision (metrics.json records no
+    fingerprint of the weights it measured), for a push to upload as the new model's."""
+    import socket
+    import subprocess
+    import time
+
+    from adni_diffusers.evaluate import EvaluationError, evaluate_model
+
+    model = tmp_path / "ldm"
+    shutil.copytree(tiny_ldm, model, ignore=shutil.ignore_patterns("evaluation", "feature_net", "checkpoint-*"))
+    # a live process whose command line names a training script, as `python train_unet.py ...` does
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train_unet.py"])
+    try:
+        cmdline = Path(f"/proc/{trainer.pid}/cmdline")
+        for _ in range(200):  # until the child runs python (before its exec it is a copy of this one)
+            if not cmdline.exists() or b"train_unet.py" in cmdline.read_bytes():
+                break
+            time.sleep(0.05)
+        (model / ".training_in_progress").write_text(json.dumps(
+            {"pid": trainer.pid, "host": socket.gethostname(), "script": "train_unet.py",
+             "started": "2026-12-07T17:48:20+00:00"}))
+        with pytest.raises(EvaluationError, match=rf"--model {re.escape(str(model))}: train_unet.py \(pid "
+                                                   rf"{trainer.pid}, started 2026-12-07T17:48:20\+00:00\) is training "
+                                                   "into it"):
+            evaluate_model(model, num_samples=2, device="cpu")
+        assert not (model / "evaluation").exists()
+    finally:
+        trainer.kill()
+        trainer.wait()
