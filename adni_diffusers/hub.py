@@ -553,7 +553,10 @@ def select_upload_files(folder: str | Path, left_out: list[str] | None = None) -
     files = _walk(folder)
     if _is_checkpoint_folder(folder):
         return "checkpoint", files
-    files = [p for p in files if p != TRAINING_MARKER]  # (a push with --force): the run's, not the model's
+    from .files import LOCK_FILE
+
+    # (a push with --force): the run's, not the model's; a killed run's lock file
+    files = [p for p in files if p not in (TRAINING_MARKER, LOCK_FILE)]
     # at any depth: a latent cache inside vqvae/ holds every training slice in decodable form
     files = [p for p in files if not any(part in UNUPLOADED_DIRS or CHECKPOINT_DIR_RE.match(part)
                                          for part in p.split("/")[:-1])]

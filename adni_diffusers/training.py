@@ -842,6 +842,9 @@ def _start_stage(args, config_of, project_name: str, product: str, stage_flags: 
             "same number to --gradient_accumulation_steps")
     check_no_run_trains_into(args.output_dir)  # before prepare_output_dir clears that run's save under way
     prepare_output_dir(args, accelerator, product=product, project=project_name)
+    if accelerator.is_main_process:
+        hold_output_dir(args.output_dir, STAGE_SCRIPTS.get(project_name, "a training run"))
+    accelerator.wait_for_everyone()
     warn_if_the_launcher_kills_early(accelerator, f"train_{project_name}")
     resume_from = find_resume_checkpoint(args)
     if resume_from is None and args.resume_from_checkpoint == "latest":
@@ -865,6 +868,30 @@ def check_no_run_trains_into(output_dir) -> None:
             "folder mix their checkpoints, logs and model. Wait for it, stop it (its checkpoint then lets "
             "--resume_from_checkpoint latest go on), or give another --output_dir; if no such run is going on, "
             f"delete {Path(output_dir) / TRAINING_MARKER}")
+
+
+# the --output_dir this process trains into, locked (files.only_writer) until the run ends or the process dies
+_OUTPUT_DIR_HELD = contextlib.ExitStack()
+
+
+def hold_output_dir(output_dir, script: str) -> None:
+    """Lock --output_dir for this run (the main process's), from its start to its end. The run marks the folder
+    (.training_in_progress) only once its data and latent cache are ready, minutes on ADNI: two runs started
+    together (a job array's tasks given one --output_dir, a rerun while the first still loads its data) both passed
+    `check_no_run_trains_into`, saved checkpoint-2 over each other, and one died on the other's checkpoint-4.tmp,
+    its history and model a mix of both. Released by `run_cli` at the run's end (a later run of this process, in a
+    notebook or a test, releases an earlier one's first) and by the OS when the process dies."""
+    from .files import FolderInUse, only_writer
+
+    release_output_dir()
+    try:
+        _OUTPUT_DIR_HELD.enter_context(only_writer(Path(output_dir), "--output_dir", script))
+    except FolderInUse as e:
+        raise TrainingError(f"{e}: two runs in one folder mix their checkpoints, logs and model") from None
+
+
+def release_output_dir() -> None:
+    _OUTPUT_DIR_HELD.close()
 
 
 BATCH_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
@@ -2692,6 +2719,7 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
         raise
     finally:
         OUTPUT_DIRS_MADE.clear()  # this run's; the next run in this process makes its own
+        release_output_dir()
     if result:
         print(json.dumps(result, indent=2))
     return 0

@@ -1472,3 +1472,16 @@ def test_a_component_copied_out_of_its_pipeline_is_told_to_push_the_whole_folder
     (folder / "checkpoint-10").mkdir()  # a run's folder: the run-in-progress message
     with pytest.raises(HubError, match="looks like a train_unet.py pipeline save in progress or cut short"):
         push_folder(folder, REPO, token=hub_stub.token)
+
+
+def test_a_killed_runs_lock_file_is_not_uploaded(tmp_path):
+    """A run killed with -9 leaves its --output_dir's lock file (files.LOCK_FILE, no longer locked): a folder pushed
+    as it is ("anything else": every file) uploaded it beside the user's files."""
+    from adni_diffusers.files import LOCK_FILE
+
+    folder = tmp_path / "things"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    (folder / LOCK_FILE).write_text("train_unet.py, pid 1 on node, started 2026-12-07T10:00:00+00:00\n")
+    (folder / MARKER).write_text("{}")
+    assert hub.select_upload_files(folder)[1] == ["notes.txt"]

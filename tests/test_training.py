@@ -1593,3 +1593,37 @@ def test_the_plain_log_line_paces_over_the_time_since_the_previous_line(monkeypa
     # 290 steps (1,160 images) in 39 s: 29.74 images/s, and 700 steps left at 39/290 s each: 94 s
     assert said[1].startswith("UNet step 300/1000 (30%)"), said
     assert "29.74 images/s, about 1 min 34 s left" in said[1], said
+
+
+def test_two_runs_started_together_into_one_folder_the_second_is_refused(tmp_path, demo_root, capsys):
+    """Two runs started together with one --output_dir (a job array's tasks, a rerun while the first still loaded
+    its data): the folder is marked as trained into only once the data is ready, so both passed that check, saved
+    checkpoint-2 over each other, and one died on the other's checkpoint-4.tmp, the history and model a mix of both.
+    The first run locks the folder from its start: the second is refused, naming it, and the lock ends with the run."""
+    import subprocess
+    import sys
+
+    from adni_diffusers import files, train_vqmodel
+
+    out = tmp_path / "run"
+    argv = ["--train_data_dir", str(demo_root), "--output_dir", str(out), "--max_train_steps", "1",
+            *map(str, TINY_VQ_ARGS)]
+    # the first run, still loading its data: its process holds the lock its start took
+    first = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                              "from adni_diffusers.files import only_writer\n"
+                              "with only_writer(Path(sys.argv[1]), '--output_dir', 'train_vqmodel.py'):\n"
+                              "    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        assert train_vqmodel.cli(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--output_dir {out}: another run is writing there now (train_vqmodel.py, pid {first.pid} on " in err, err
+        assert "two runs in one folder mix their checkpoints" in err
+        assert not (out / "checkpoint-1").exists() and not (out / "vqvae").exists()
+    finally:
+        first.kill()
+        first.wait()
+    assert train_vqmodel.cli(argv) == 0  # the first run gone, its lock with it
+    assert files.folder_in_use(out) is None and not (out / files.LOCK_FILE).exists()
+    assert train_vqmodel.cli([*argv, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]) == 0
