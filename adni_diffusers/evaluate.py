@@ -36,7 +36,9 @@ is re-rendered so the numbers appear there. The pieces (`sample_images`, `as_sli
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
 import json
 import logging
 import math
@@ -53,7 +55,7 @@ from . import metrics as M
 from .data import (PAD_SIZE_HINT, DataError, SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids,
                    scan_tree, to_uint8)
 from .environment import environment
-from .files import read_json_object, write_text_atomically
+from .files import FolderInUse, only_writer, read_json_object, write_text_atomically
 from .plots import save_figure
 from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, guidance_for, make_scheduler
 
@@ -1657,6 +1659,21 @@ def _rerender_card(model_dir: Path, out: Path) -> str:
 # ============================================================================================ the run
 
 
+# the --out an evaluation writes into, locked (files.only_writer) from its checks to its end
+_OUT_HELD = contextlib.ExitStack()
+
+
+def _releasing_the_out_lock(evaluate):
+    @functools.wraps(evaluate)
+    def run(*args, **kwargs):
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            _OUT_HELD.close()
+    return run
+
+
+@_releasing_the_out_lock
 def evaluate_model(
     model_dir,
     data_dir=None,
@@ -1765,7 +1782,6 @@ def evaluate_model(
         # a labmate's model on a shared, read-only folder: the default, beside the model, was never asked for
         hint = "" if out_given else " (the default, beside the model): give --out a folder you can write"
         raise EvaluationError(f"{e}{hint}") from None
-    check_earlier_outputs(out, model_dir)
     # beside the model whatever --out is: `counterfactual` looks for the same net there
     cache_dir = Path(feature_cache) if feature_cache else model_dir / "feature_net"
     try:
@@ -1773,6 +1789,12 @@ def evaluate_model(
         check_cache_folder(cache_dir, "--feature-cache")
     except ValueError as e:
         raise EvaluationError(str(e)) from None
+    try:  # one evaluation at a time in --out: a second one removed the first's outputs as "earlier", and the first's
+        # report then sat among the second's numbers; the earlier outputs are judged once no other run can write
+        _OUT_HELD.enter_context(only_writer(out, "--out", "evaluate"))
+    except FolderInUse as e:
+        raise EvaluationError(str(e)) from None
+    check_earlier_outputs(out, model_dir)
     on_gpu = device.startswith("cuda")
     batch_size = batch_size or (256 if on_gpu else 16)
     feature_batch = 256 if on_gpu else 64

@@ -277,9 +277,9 @@ def folder_in_use(folder: Path) -> str | None:
 
 @contextlib.contextmanager
 def only_writer(folder: Path, flag: str, what: str):
-    """Around the writes of `what` (a command's name) into `folder` (made where missing): an exclusive lock on its
-    LOCK_FILE, released when the block ends or the process dies (flock: never a stale lock after a kill), and the
-    file removed again at the end. A second run into the same folder (a job array's tasks given one --out, a rerun
+    """Around the writes of `what` (a command's name) into `folder` (made where missing, and removed again where it is
+    left empty): an exclusive lock on its LOCK_FILE, released when the block ends or the process dies (flock: never
+    a stale lock after a kill), and the file removed again at the end. A second run into the same folder (a job array's tasks given one --out, a rerun
     while the first still writes) is refused with a FolderInUse naming the first; without the lock both wrote, each
     over the other's files, and the record of one run sat beside the other's outputs. Where the filesystem takes no
     flock (some network mounts), or on Windows, the block runs unguarded."""
@@ -291,6 +291,7 @@ def only_writer(folder: Path, flag: str, what: str):
     import socket
     from datetime import datetime
 
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
     while True:
@@ -327,3 +328,6 @@ def only_writer(folder: Path, flag: str, what: str):
             with contextlib.suppress(OSError):  # removed while still held: the next run locks a file of its own
                 lock.unlink()
             fh.close()  # (releases the lock)
+        if made:  # a run refused before it wrote anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()

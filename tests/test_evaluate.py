@@ -2662,3 +2662,34 @@ def test_a_model_folder_a_live_run_trains_into_is_refused(tiny_ldm, tmp_path):
     finally:
         trainer.kill()
         trainer.wait()
+
+
+def test_a_second_evaluation_into_the_same_out_while_one_writes_there_is_refused(demo_root, tmp_path):
+    """Two evaluations into one --out at once (the default, beside the model, for both): the second removed the first's
+    outputs as an earlier run's, and the first then printed its FD and "report: <out>/report.md" over the second's
+    files. The second is refused now, naming the first, before it removes anything."""
+    import subprocess
+    import sys
+
+    from adni_diffusers import files
+
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    out = model / "evaluation"
+    out.mkdir()
+    (out / "report.md").write_text("the first run's report, being written\n")
+    first = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                              "from adni_diffusers.files import only_writer\n"
+                              "with only_writer(Path(sys.argv[1]), '--out', 'evaluate'):\n"
+                              "    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        with pytest.raises(E.EvaluationError, match=rf"^--out {re.escape(str(out))}: another run is writing there "
+                                                    rf"now \(evaluate, pid {first.pid} on "):
+            E.evaluate_model(model, num_samples=2, steps=2, render_card=False, progress=False, device="cpu",
+                             pipe=_StubPipe())
+        assert (out / "report.md").read_text() == "the first run's report, being written\n"
+    finally:
+        first.kill()
+        first.wait()
+    assert files.folder_in_use(out) is None
