@@ -2665,6 +2665,14 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote pr
 PEER_LATE = ("Timed out waiting", "Watchdog caught collective operation timeout")
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """A device's out-of-memory error (torch.OutOfMemoryError), or the CPU allocator's ("DefaultCPUAllocator: can't
+    allocate memory"): a raw torch traceback that says nothing of the flags that lower the memory."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(error, oom)) or "can't allocate memory" in str(error) \
+        or "out of memory" in str(error).lower()
+
+
 def run_cli(script: str, parse_args, main, argv=None) -> int:
     """Parse, run, and turn a TrainingError into one line on stderr and exit status 2 (Ctrl-C: 130, saying
     where the run can go on from).
@@ -2736,6 +2744,11 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
                   "samples, evaluates and pushes while the others wait: if that takes longer, raise --ddp_timeout; "
                   f"else a process hung); {where}", file=sys.stderr)
             return 2
+        if rank == 0 and out_of_memory(e):
+            where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
+            print(f"{script}: out of memory (the error below): lower --train_batch_size (--gradient_accumulation_steps "
+                  f"N keeps the batch: N smaller batches a step) or use a smaller --preset (`small` is the CPU demo's); "
+                  f"{where}", file=sys.stderr)
         raise
     finally:
         OUTPUT_DIRS_MADE.clear()  # this run's; the next run in this process makes its own

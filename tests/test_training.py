@@ -1627,3 +1627,27 @@ def test_two_runs_started_together_into_one_folder_the_second_is_refused(tmp_pat
     assert train_vqmodel.cli(argv) == 0  # the first run gone, its lock with it
     assert files.folder_in_use(out) is None and not (out / files.LOCK_FILE).exists()
     assert train_vqmodel.cli([*argv, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]) == 0
+
+
+@pytest.mark.parametrize("message, hinted", [
+    ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+     "allocate 16515072 bytes. Error code 12 (Cannot allocate memory)", True),  # the base UNet at batch 256, CPU
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+    ("mat1 and mat2 shapes cannot be multiplied", False),
+])
+def test_an_out_of_memory_error_names_the_flags_that_lower_memory(tmp_path, capsys, message, hinted):
+    """The CPU allocator's error is a bare torch traceback from inside a conv: the run says what to lower."""
+    import argparse
+
+    from adni_diffusers.training import run_cli
+
+    def parse_args(argv):
+        return argparse.Namespace(output_dir=str(tmp_path / "out"))
+
+    def main(args):
+        raise RuntimeError(message)
+
+    with pytest.raises(RuntimeError, match="allocate|out of memory|shapes"):
+        run_cli("train_unet.py", parse_args, main, argv=[])
+    err = capsys.readouterr().err
+    assert ("out of memory (the error below): lower --train_batch_size" in err) == hinted, err
