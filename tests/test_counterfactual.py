@@ -1048,6 +1048,21 @@ def test_flip_rate_interval_reaches_over_patients_not_only_slices():
     assert C._ci95(calls, ["A"] * 20) == slices_only
 
 
+def test_flip_rate_interval_over_patients_is_the_central_95_percent_of_the_bootstrap():
+    """40 patients of 5 alike slices, 20 all called the target and 20 none: a resample's rate is Binomial(40, 1/2)
+    / 40, whose central 95% is 0.35 to 0.65 (a 90% interval, 0.375 to 0.625, passed the extremes above: with 4
+    patients both are 0 to 1). The slices alone (200 of them) would say 0.43 to 0.57."""
+    calls = torch.tensor([1.0] * 100 + [0.0] * 100)
+    patients = [f"p{i:02d}" for i in range(40) for _ in range(5)]
+
+    def binomial_quantile(q, n=40):  # the smallest k with P(X <= k) >= q
+        return next(k for k in range(n + 1) if sum(math.comb(n, j) for j in range(k + 1)) / 2**n >= q)
+
+    expected = [binomial_quantile(0.025) / 40, binomial_quantile(0.975) / 40]
+    assert expected == [0.35, 0.65]
+    assert C._ci95(calls, patients) == pytest.approx(expected, abs=1 / 80)  # half a patient's step
+
+
 class _FakePipe:
     """Just enough pipeline for `measure_tradeoff`: the VQ round trip returns a uniform 0.5 image, sampling with
     label AD a white one and with NC a black one."""
@@ -1076,6 +1091,7 @@ class _Brightness:
     def predict(self, images, batch_size=256, device=None):
         p = ((images.float() + 1) / 2).mean(dim=(1, 2, 3))
         return torch.stack([p, 1 - p], dim=1)
+
 
 
 def _measured(control):
