@@ -1094,6 +1094,35 @@ class _Brightness:
 
 
 
+class _GreyBackgroundPipe(_FakePipe):
+    """The VQ round trip keeps the brain and turns the black background grey (0 on [-1, 1]); sampling with any label
+    brightens the brain by 0.4 (on [-1, 1]) and leaves the background as the round trip made it."""
+
+    def decode(self, z, output_type="pt"):
+        x = z * 2 - 1
+        return (torch.where(x > -0.9, x, 0.0) + 1) / 2
+
+    def __call__(self, image, strength, class_labels, **kw):
+        x = image * 2 - 1
+        return SimpleNamespace(images=(torch.where(x > -0.9, x + 0.4, 0.0) + 1) / 2)
+
+
+def test_the_measurements_brain_mask_is_the_original_slices_not_the_reconstructions():
+    """The brain mask is computed from the REAL slice (metrics.brain_mask), so every model is measured on the same
+    pixels: one from a reconstruction whose background came back grey is the whole image, and the change in the
+    brain (0.4 everywhere in it here) was averaged over the background too."""
+    from adni_diffusers.metrics import brain_mask
+
+    x = _brain()
+    result = C.measure_tradeoff(_GreyBackgroundPipe(), x, _Brightness(), "AD", strengths=(1.0,), steps=2,
+                                progress=False)
+    row = next(r for r in result["rows"] if r["strength"] == 1.0)
+    mask = brain_mask(x)
+    changed = (x > -0.9) & mask
+    assert row["mean_abs_change_brain"] == pytest.approx(0.4 * float(changed.sum()) / float(mask.sum()), rel=1e-4)
+    assert row["mean_abs_change_brain"] > 0.35  # the brain and its 2-pixel rim, not the whole image (0.1)
+
+
 def _measured(control):
     return C.measure_tradeoff(_FakePipe(), _brain(), _Brightness(), "AD", strengths=(1.0,), steps=2,
                               control=control, progress=False)
