@@ -2693,3 +2693,22 @@ def test_a_second_evaluation_into_the_same_out_while_one_writes_there_is_refused
         first.kill()
         first.wait()
     assert files.folder_in_use(out) is None
+
+
+def test_the_floor_interval_redraws_its_training_images_in_every_resample():
+    """The floor's training images are drawn afresh in each resample (one draw of them is the floor's other source
+    of chance). With two held-out patients whose slices are the same, a resample of the patients is the same
+    reference every time, so the floor's range is that of the training draw alone: drawing the same training rows
+    in every resample gave no range at all (`floor_fd_unvaried`), as if the floor were known exactly."""
+    g = torch.Generator().manual_seed(0)
+    one_patient = torch.randn(5, 4, generator=g)
+    held = torch.cat([one_patient, one_patient])  # patients a and b: alike, slice for slice
+    gen, train = torch.randn(10, 4, generator=g), torch.randn(60, 4, generator=g)
+    zeros = torch.zeros
+    iv = E.fd_intervals(held_feats=held, held_groups=zeros(10, dtype=torch.long), held_patients=["a"] * 5 + ["b"] * 5,
+                        gen_feats=gen, gen_groups=zeros(10, dtype=torch.long), train_feats=train,
+                        train_groups=zeros(60, dtype=torch.long), counts={0: 10}, seed=0,
+                        measured=(E.M.frechet_distance(held, gen), E.M.frechet_distance(held, train[:10])),
+                        resamples=50)
+    assert "floor_fd_unvaried" not in iv and iv["floor_fd"] is not None
+    assert iv["floor_fd"][1] - iv["floor_fd"][0] > 0.05 * iv["floor_fd"][1], iv["floor_fd"]
