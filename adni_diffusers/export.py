@@ -122,6 +122,22 @@ def _unet_weights(checkpoint: Path, unet, use_ema: bool) -> str:
 
 def export_checkpoint(checkpoint, out, vqmodel: str | None = None):
     """Save checkpoint-<step> of a train_unet.py run as a pipeline folder `out`; returns the pipeline."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_dir():
+        raise ExportError(f"{checkpoint}: no such folder (a checkpoint-<step> folder of a train_unet.py run)")
+    try:
+        return _export(checkpoint, out, vqmodel)
+    except (ExportError, OSError):
+        if checkpoint.is_dir():
+            raise
+        # a live run's --checkpoints_total_limit removes its oldest checkpoint as it saves a new one: "not a training
+        # checkpoint" (its record gone first) or a FileNotFoundError on its weights said nothing of that
+        raise ExportError(f"{checkpoint}: removed while it was being read (a run saving a newer checkpoint removes "
+                          "its oldest beyond --checkpoints_total_limit); export a newer checkpoint, or one of a run "
+                          "that has ended") from None
+
+
+def _export(checkpoint: Path, out: Path, vqmodel: str | None):
     import torch
     from diffusers import UNet2DModel, VQModel
 
@@ -129,9 +145,6 @@ def export_checkpoint(checkpoint, out, vqmodel: str | None = None):
     from .files import read_json_object
     from .pipeline_adni_ldm import ADNILatentDiffusionPipeline
 
-    checkpoint, out = Path(checkpoint), Path(out)
-    if not checkpoint.is_dir():
-        raise ExportError(f"{checkpoint}: no such folder (a checkpoint-<step> folder of a train_unet.py run)")
     record = _run_record(checkpoint)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out}: exists and is not an empty folder; choose a new one")

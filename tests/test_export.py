@@ -130,3 +130,26 @@ def test_where_training_ran_is_found_through_an_output_dir_that_is_a_link(tmp_pa
     assert _where_training_ran(project / "ldm", "ldm/") == project
     assert _where_training_ran(scratch, "ldm réal") == scratch.parent  # a plain folder, as before
     assert _where_training_ran(project / "ldm", "../ldm") is None and _where_training_ran(scratch, "other") is None
+
+
+@pytest.mark.parametrize("gone_before", ["_run_record", "_unet_weights"])
+def test_a_checkpoint_removed_while_it_is_read_is_said_so(run_with_checkpoints, tmp_path, monkeypatch, gone_before):
+    """Exporting from a live run whose --checkpoints_total_limit removed the checkpoint as it was read said "not a
+    training checkpoint (expected ... holding training_state.json)" of a real one, or gave a bare FileNotFoundError
+    on its model.safetensors (91 and 5 of 237 tries beside a run saving every 3 steps)."""
+    from adni_diffusers import export
+
+    checkpoint = tmp_path / "ldm" / "checkpoint-2"
+    shutil.copytree(run_with_checkpoints / "checkpoint-2", checkpoint)
+    for name in ("training_data.json", "training_args.json"):
+        shutil.copyfile(run_with_checkpoints / name, tmp_path / "ldm" / name)
+    real = getattr(export, gone_before)
+
+    def removed_first(*args, **kwargs):
+        shutil.rmtree(checkpoint)  # the run's rotation, between the checks and the read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, gone_before, removed_first)
+    with pytest.raises(ExportError, match=rf"^{checkpoint}: removed while it was being read \(a run saving a newer "
+                                          r"checkpoint removes its oldest beyond --checkpoints_total_limit\)"):
+        export_checkpoint(checkpoint, tmp_path / "out", vqmodel=str(run_with_checkpoints / "vqvae"))
