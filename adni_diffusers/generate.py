@@ -73,6 +73,8 @@ def earlier_outputs(out: Path) -> list[Path]:
         return []
     found = {p for pattern in OUTPUTS for p in out.glob(pattern)}
     return sorted(p for p in found if not p.name.startswith("sample-") or SAMPLE_NAME_RE.fullmatch(p.name))
+
+
 GRID_IMAGES = 64  # grid.png shows the first ones: a grid of 10,000 (an FD-sized set) is unreadable and takes GBs
 
 

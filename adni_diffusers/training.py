@@ -644,6 +644,7 @@ def keeps_session_logging(main):
             diffusers.utils.logging.set_verbosity(verbosity[1])
             for module, name, was in backends:  # a sweep's next run (no --allow_tf32) trained with TF32 on
                 setattr(module, name, was)
+            release_output_dir()  # the run's lock on its --output_dir (hold_output_dir), however it ended
 
     return run
 
@@ -899,8 +900,8 @@ def hold_output_dir(output_dir, script: str) -> None:
     (.training_in_progress) only once its data and latent cache are ready, minutes on ADNI: two runs started
     together (a job array's tasks given one --output_dir, a rerun while the first still loads its data) both passed
     `check_no_run_trains_into`, saved checkpoint-2 over each other, and one died on the other's checkpoint-4.tmp,
-    its history and model a mix of both. Released by `run_cli` at the run's end (a later run of this process, in a
-    notebook or a test, releases an earlier one's first) and by the OS when the process dies."""
+    its history and model a mix of both. Released when the stage's `main` ends (`keeps_session_logging`), before
+    `run_cli` removes the folder of a run refused at its start, and by the OS when the process dies."""
     from .files import FolderInUse, only_writer
 
     release_output_dir()
@@ -2752,7 +2753,6 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
         raise
     finally:
         OUTPUT_DIRS_MADE.clear()  # this run's; the next run in this process makes its own
-        release_output_dir()
     if result:
         print(json.dumps(result, indent=2))
     return 0
