@@ -257,6 +257,20 @@ def _holder(lock: Path) -> str:
         return "a process"
 
 
+def _owner(path: Path) -> str:
+    """Who owns `path`: "user NAME" (or "uid N")."""
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return "its owner unknown"
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name}"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
 def folder_in_use(folder: Path) -> str | None:
     """Who writes into `folder` now (its LOCK_FILE is locked), else None; nothing is made or changed."""
     lock = Path(folder) / LOCK_FILE
@@ -297,8 +311,16 @@ def only_writer(folder: Path, flag: str, what: str):
     while True:
         try:  # (not truncated before the lock is ours: the holder's words stay)
             fh, mine = open(lock, "a+", encoding="utf-8"), True
+            with contextlib.suppress(OSError):  # readable to the others (a umask of 077 made it 0600): a labmate's
+                os.fchmod(fh.fileno(), 0o644)  # run into this shared folder locks it too, or names who holds it
         except PermissionError:  # another user's lock file in a shared folder: locked all the same, not written
-            fh, mine = open(lock, encoding="utf-8"), False
+            try:
+                fh, mine = open(lock, encoding="utf-8"), False
+            except PermissionError:  # another user's, made 0600 (before this version, or by hand): no lock to take
+                raise FolderInUse(f"{flag} {folder}: its lock file {lock} cannot be opened (another user's, "
+                                  f"{_owner(lock)}): a run of theirs writes there now, or was cut short there; give "
+                                  f"another {flag}, or ask them to remove that file once no run of theirs is "
+                                  "writing there") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1381,3 +1381,34 @@ def test_a_second_run_into_the_same_out_while_one_samples_there_is_refused(fresh
         generate("unused", out, seed=2, **kwargs)
     generate("unused", out, seed=2, overwrite=True, **kwargs)
     assert json.loads((out / "generation.json").read_text())["seed"] == 2
+
+
+def test_a_lock_file_another_user_cannot_open_is_said_and_none_is_made_private(tmp_path, monkeypatch):
+    """A run of a user whose umask is 077 left its lock file 0600 in a shared --out (killed, or still running): a
+    labmate's run into that folder stopped with a bare "[Errno 13] Permission denied: '.../.adni-diffusers.lock'".
+    Now it is said what the file is; and a lock file is made readable to others whatever the umask."""
+    import builtins
+
+    from adni_diffusers.files import LOCK_FILE, FolderInUse, only_writer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_FILE
+    old = os.umask(0o077)
+    try:
+        with only_writer(out, "--out", "generate"):
+            assert lock.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    lock.write_text("generate, pid 5 on another host\n")  # a labmate's, unreadable to this user
+    real_open = builtins.open
+
+    def denied(path, *args, **kwargs):
+        if str(path) == str(lock):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(FolderInUse, match=rf"--out {re.escape(str(out))}: .*{LOCK_FILE}.* cannot be opened"):
+        with only_writer(out, "--out", "generate"):
+            pytest.fail("ran without the lock")
