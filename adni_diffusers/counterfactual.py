@@ -172,6 +172,23 @@ def shown_size(path) -> tuple[int, int]:
         return upright(im).size
 
 
+def _check_sizes_to_give_back(paths, sizes, preprocess: str) -> None:
+    """Before any sampling: each --keep-size picture can be given back in its slice's size (`in_slice_size`). A fit
+    or resize model takes a slice of any size, and one over the pipeline's bound stopped the run after it had
+    sampled, with a ValueError naming its `slice_size=`."""
+    from .pipeline_adni_ldm import check_slice_size
+
+    for path, size in zip(paths, sizes):
+        if size is None:
+            continue
+        try:
+            check_slice_size(size, preprocess)
+        except ValueError:
+            raise ValueError(f"--image {path}: {size[0]}x{size[1]}: --keep-size gives pictures back in slice sizes "
+                             "of 1 to 4096 pixels a side (and, for a --preprocess pad model, 256 wide); leave "
+                             "--keep-size out for the model's 256x256 pictures of it") from None
+
+
 def in_slice_size(result: dict, slice_size, preprocess: str) -> dict:
     """A counterfactual result (`make_counterfactuals`) with its original, reconstruction and counterfactuals given
     back in the slice's own (width, height), the inverse of the model's `preprocess` (the pipeline's `slice_size`):
@@ -1301,6 +1318,7 @@ def main(args: argparse.Namespace) -> int:
     preprocess = recorded_preprocess(records) if image_paths else None
     images = [read_slice(p, preprocess) for p in image_paths]
     sizes = [shown_size(p) for p in image_paths] if args.keep_size else [None] * len(image_paths)
+    _check_sizes_to_give_back(image_paths, sizes, preprocess)
     out = Path(args.out)
     folders = _image_out_dirs(image_paths, out)
     earlier = _earlier_outputs(out, folders)

@@ -1518,3 +1518,24 @@ def test_keep_size_writes_each_images_pictures_in_its_own_size(tiny_ldm, nc_slic
                           np.asarray(PIL.Image.open(nc_slice)))
     rc, err = run_cli(["--model", tiny_ldm, "--measure", "--to", "AD", "--keep-size", "--out", tmp_path / "m"], capsys)
     assert rc == 2 and "--keep-size only applies to --image" in err, err
+
+
+def test_keep_size_refuses_a_slice_too_large_to_give_back_before_sampling(tiny_ldm, nc_slice, tmp_path, capsys,
+                                                                          monkeypatch):
+    """--keep-size with a slice over 4096 pixels on a side (a fit model takes any size) sampled every --image, then
+    stopped with "slice_size=(4200, 300): expected (width, height), two whole numbers from 1 to 4096", a flag the
+    user never gave, and a run cut short in --out. Refused now before any sampling, naming the --image."""
+    import shutil
+
+    model = tmp_path / "fit_model"
+    shutil.copytree(tiny_ldm, model)
+    record = json.loads((model / "training_data.json").read_text())
+    (model / "training_data.json").write_text(json.dumps({**record, "preprocess": "fit"}))
+    huge = tmp_path / "huge.png"
+    PIL.Image.open(nc_slice).resize((4200, 300)).save(huge)
+    monkeypatch.setattr(C, "make_counterfactuals", lambda *a, **k: pytest.fail("sampled before the size check"))
+    out = tmp_path / "cf"
+    rc, err = run_cli(["--model", model, "--image", nc_slice, huge, "--to", "AD", "--keep-size", "--out", out, *STEPS],
+                      capsys)
+    assert rc == 2 and f"--image {huge}: 4200x300" in err and "--keep-size" in err, err
+    assert not out.exists()
