@@ -531,9 +531,10 @@ def make_accelerator(args, project_name: str):
     elif accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16" and not cpu_has_native_bf16():
         # bf16 autocast on a CPU without bf16 instructions converts every operand: 1.4 to 2.5x slower than float32
         # for the small and base models (a 2-core AVX512 Xeon without AVX512-BF16, 2026-12-07)
-        logger.warning("--mixed_precision bf16 on this CPU, which has no bf16 instructions (AVX512-BF16 or AMX): "
+        given = "--mixed_precision bf16" if args.mixed_precision else "mixed precision bf16 (the accelerate config)"
+        logger.warning("%s on this CPU, which has no bf16 instructions (AVX512-BF16 or AMX): "
                        "torch emulates bf16 there, which makes each training step slower than float32 (1.4 to 2.5x "
-                       "measured); give --mixed_precision no on a CPU like this one")
+                       "measured); give --mixed_precision no on a CPU like this one", given)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)  # the same initial weights on every process and in every run with this seed

@@ -2894,3 +2894,24 @@ def test_a_model_saved_past_the_latest_checkpoint_is_named_at_the_resume(tmp_pat
     with caplog.at_level("WARNING", logger="adni_diffusers.training"):
         run_training_script("train_unet", [*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
     assert "past its latest checkpoint" not in caplog.text
+
+
+def test_bf16_from_the_accelerate_config_on_such_a_cpu_is_not_called_a_flag(monkeypatch, tmp_path, caplog):
+    """bf16 from the accelerate config (or ACCELERATE_MIXED_PRECISION), not the command line: the warning named
+    "--mixed_precision bf16", a flag the user had not given, as the fp16 one already did not."""
+    import logging
+
+    from adni_diffusers import train_unet, training
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", str(tmp_path), "--report_to", "none"])
+    reset_accelerate()
+    try:
+        with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
+            training.make_accelerator(args, "unet")
+    finally:
+        reset_accelerate()
+    assert "mixed precision bf16 (the accelerate config) on this CPU, which has no bf16 instructions" in caplog.text
+    assert "--mixed_precision bf16 on this CPU" not in caplog.text
