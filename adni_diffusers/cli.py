@@ -146,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     return keeps_session_logging(_run_command)(name, module, args, from_python=given_argv)
 
 
-# commands that run as one process: under a launcher of N processes each copy did the whole job
-MULTI_PROCESS_COMMANDS = ("demo",)  # its training stages run under the launcher's processes (training.py)
+# commands that run as one process: under a launcher of N processes each copy did the whole job. None may run as
+# several: the demo's stages train in this process (one; the scripts under `accelerate launch` for several), and
+# under a launcher every process built its data, took the other's recipe for a run cut short, and the second
+# stage died in gloo's rendezvous (2026-12-07)
+MULTI_PROCESS_COMMANDS: tuple[str, ...] = ()
 
 
 def _copies_of_one_process_command(name: str) -> int | None:

@@ -559,3 +559,18 @@ def test_a_one_process_command_under_a_launcher_of_several_is_refused(monkeypatc
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # srun -n 1
     monkeypatch.setattr(generate, "main", lambda args: None)
     assert cli.main(["generate", "--model", "m", "--out", "o"]) == 0
+
+
+def test_the_demo_under_a_launcher_of_several_is_refused(monkeypatch, capsys):
+    """`accelerate launch --num_processes 2 -m adni_diffusers.cli demo` was let through as a multi-process command:
+    both processes built the demo data at once, each took the other's recipe for a run cut short ("resuming the
+    VQModel training"), the second stage died in gloo's connectFullMesh, and its sampling (a one-process
+    `generate` on each process into the same folders) could not have run twice at once either."""
+    from adni_diffusers import cli, demo
+
+    monkeypatch.setattr(demo, "main", lambda args: pytest.fail("ran under a launcher of 2 processes"))
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["demo", "--quick"]) == 2
+    assert "WORLD_SIZE=2: a launcher (accelerate launch, torchrun) started 2 copies" in capsys.readouterr().err
