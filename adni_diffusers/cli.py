@@ -146,23 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     return keeps_session_logging(_run_command)(name, module, args, from_python=given_argv)
 
 
-# commands that run as one process: under a launcher of N processes each copy did the whole job. None may run as
-# several: the demo's stages train in this process (one; the scripts under `accelerate launch` for several), and
-# under a launcher every process built its data, took the other's recipe for a run cut short, and the second
-# stage died in gloo's rendezvous (2026-12-07)
-MULTI_PROCESS_COMMANDS: tuple[str, ...] = ()
-
-
 def _copies_of_one_process_command(name: str) -> int | None:
     """Exit status 2 where `accelerate launch --num_processes N` (or torchrun), or `srun -n N` / `mpirun -np N`,
     started N copies of a one-process command (generate, evaluate, ...): each did the whole job on the same device
     (cuda, i.e. GPU 0) into the same --out, the other GPUs idle and the files written N times at once. (An
     sbatch script's bare `srun adni-diffusers evaluate ...` starts one copy per task of the job.) None where the
-    command may run."""
+    command may run. Every command is one process: the demo's stages too train in its one process (under a launcher
+    every process built the data, took the other's recipe for a run cut short, and the second stage died in gloo's
+    rendezvous); several processes train with `accelerate launch train_*.py`."""
     from .training import LAUNCHER_TASK_COUNTS
 
-    if name in MULTI_PROCESS_COMMANDS:
-        return None
     counts = [("WORLD_SIZE", "RANK", "a launcher (accelerate launch, torchrun)")]
     counts += [(count, rank, "srun or mpirun") for count, rank in zip(LAUNCHER_TASK_COUNTS, LAUNCHER_TASK_RANKS)]
     for count, rank, launcher in counts:
@@ -173,7 +166,9 @@ def _copies_of_one_process_command(name: str) -> int | None:
             print(f"adni-diffusers {name}: error: {count}={value}: {launcher} started {value} copies of this "
                   "one-process command, each of which would do the whole job on the same device and write the same "
                   f"files; run `adni-diffusers {name} ...` once, without the launcher (srun -n 1; on a GPU of your "
-                  "choice: --device cuda:N where the command has --device)", file=sys.stderr)
+                  "choice: --device cuda:N where the command has --device)"
+                  + ("" if count == "WORLD_SIZE" else f"; if one copy alone runs (a shell that inherited {count}, "
+                     f"an interactive job's), unset {count}"), file=sys.stderr)
         else:  # the launcher stops the others once the first has failed: let the main process say it first
             import time
 
