@@ -55,7 +55,7 @@ from . import metrics as M
 from .data import (PAD_SIZE_HINT, DataError, SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids,
                    scan_tree, to_uint8)
 from .environment import environment
-from .files import FolderInUse, only_writer, read_json_object, write_text_atomically
+from .files import FolderInUse, folder_in_use, only_writer, read_json_object, write_text_atomically
 from .plots import save_figure
 from .schedulers import DEFAULT_GUIDANCE_CONDITIONAL, SCHEDULERS, default_steps, guidance_for, make_scheduler
 
@@ -1737,12 +1737,14 @@ def evaluate_model(
         from .pipeline_adni_ldm import what_folder_is_this
 
         raise EvaluationError(f"--model {model_dir}: no model_index.json ({what_folder_is_this(model_dir)})")
-    from .hub import TRAINING_MARKER, live_training_run
+    from .hub import live_training_run
 
-    if run := live_training_run(model_dir):  # (not this process: train_unet's own final evaluation goes on)
+    # (not this process: train_unet's own final evaluation goes on); the folder's lock says so from the run's start,
+    # its marker only once the data is ready (minutes on ADNI), and then --overwrite_output_dir removes this model
+    if run := live_training_run(model_dir) or folder_in_use(model_dir, by_others_only=True):
         # the model there is the one that run replaces at its end: these numbers reached the new model's card (and
         # a push) as its own, since metrics.json records no fingerprint of the weights it measured
-        raise EvaluationError(f"--model {model_dir}: {run} is training into it ({TRAINING_MARKER}); the model there "
+        raise EvaluationError(f"--model {model_dir}: {run} is training into it; the model there "
                               "is replaced when it ends, and the new model's card would show this evaluation's "
                               "numbers as its own: evaluate once it has finished, or `adni-diffusers export` one of "
                               "its checkpoints into another folder and evaluate that")

@@ -271,19 +271,24 @@ def _owner(path: Path) -> str:
         return f"uid {uid}"
 
 
-def folder_in_use(folder: Path) -> str | None:
-    """Who writes into `folder` now (its LOCK_FILE is locked), else None; nothing is made or changed."""
+def folder_in_use(folder: Path, by_others_only: bool = False) -> str | None:
+    """Who writes into `folder` now (its LOCK_FILE is locked), else None; nothing is made or changed.
+    `by_others_only`: None where the holder is this process (train_unet's own final evaluation of its folder)."""
     lock = Path(folder) / LOCK_FILE
     if os.name == "nt" or not lock.is_file():
         return None
     import fcntl
+    import socket
 
     try:
         with open(lock, "rb") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return _holder(lock)
+                holder = _holder(lock)
+                if by_others_only and f", pid {os.getpid()} on {socket.gethostname()}, " in holder:
+                    return None
+                return holder
     except OSError:  # unreadable, or a filesystem without flock: nothing can be told
         return None
     return None

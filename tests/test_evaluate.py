@@ -2639,6 +2639,7 @@ def test_a_model_folder_a_live_run_trains_into_is_refused(tiny_ldm, tmp_path):
     import subprocess
     import time
 
+    from adni_diffusers import files
     from adni_diffusers.evaluate import EvaluationError, evaluate_model
 
     model = tmp_path / "ldm"
@@ -2662,6 +2663,30 @@ def test_a_model_folder_a_live_run_trains_into_is_refused(tiny_ldm, tmp_path):
     finally:
         trainer.kill()
         trainer.wait()
+    # a run that has just started (an --overwrite_output_dir one loading its data) holds the folder's lock before it
+    # writes the marker: the evaluation ran, and the run then removed the model it was reading
+    (model / ".training_in_progress").unlink()
+    starting = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                                 "from adni_diffusers.files import only_writer\n"
+                                 "with only_writer(Path(sys.argv[1]), '--output_dir', 'train_unet.py'):\n"
+                                 "    print('held', flush=True)\n    time.sleep(120)\n", str(model)],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert starting.stdout.readline().strip() == "held"
+        with pytest.raises(EvaluationError, match=rf"--model {re.escape(str(model))}: train_unet.py, pid "
+                                                   rf"{starting.pid} on .* is training into it"):
+            evaluate_model(model, num_samples=2, device="cpu")
+    finally:
+        starting.kill()
+        starting.wait()
+    # train_unet's own final evaluation of the folder its process holds goes on
+    from adni_diffusers import training
+
+    training.hold_output_dir(model, "train_unet.py")
+    try:
+        assert files.folder_in_use(model) is not None and files.folder_in_use(model, by_others_only=True) is None
+    finally:
+        training.release_output_dir()
 
 
 def test_a_second_evaluation_into_the_same_out_while_one_writes_there_is_refused(demo_root, tmp_path):
