@@ -125,6 +125,30 @@ def checkpoint_accelerator(out_features: int = 2, optimizer: bool = False):
     return accelerator
 
 
+class another_process_holding:
+    """A process of its own that holds `folder`'s lock (files.only_writer) as a run of `what` holds it (a first run
+    loading its data, an evaluation writing its report), until the block ends; `.pid` is its process id."""
+
+    def __init__(self, folder, flag: str, what: str):
+        self.args = [str(folder), flag, what]
+
+    def __enter__(self):
+        import subprocess
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom adni_diffusers.files import "
+             "only_writer\nwith only_writer(Path(sys.argv[1]), sys.argv[2], sys.argv[3]):\n"
+             "    print('held', flush=True)\n    time.sleep(120)\n", *self.args], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "held"
+        self.pid = self.process.pid
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+
+
 def run_stopped_by_sigterm(name: str, argv: list, monkeypatch, when) -> int:
     """Run train_vqmodel / train_unet through its command line in this process with SIGTERM (a cluster's time
     limit) sent during the step for which `when(run)` is true (`run.global_step` is the step before it); returns

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import toy_slices
+from conftest import another_process_holding, toy_slices
 
 from adni_diffusers import cli
 from adni_diffusers import evaluate as E
@@ -2666,19 +2666,10 @@ def test_a_model_folder_a_live_run_trains_into_is_refused(tiny_ldm, tmp_path):
     # a run that has just started (an --overwrite_output_dir one loading its data) holds the folder's lock before it
     # writes the marker: the evaluation ran, and the run then removed the model it was reading
     (model / ".training_in_progress").unlink()
-    starting = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                                 "from adni_diffusers.files import only_writer\n"
-                                 "with only_writer(Path(sys.argv[1]), '--output_dir', 'train_unet.py'):\n"
-                                 "    print('held', flush=True)\n    time.sleep(120)\n", str(model)],
-                                stdout=subprocess.PIPE, text=True)
-    try:
-        assert starting.stdout.readline().strip() == "held"
+    with another_process_holding(model, "--output_dir", "train_unet.py") as starting:
         with pytest.raises(EvaluationError, match=rf"--model {re.escape(str(model))}: train_unet.py, pid "
                                                    rf"{starting.pid} on .* is training into it"):
             evaluate_model(model, num_samples=2, device="cpu")
-    finally:
-        starting.kill()
-        starting.wait()
     # train_unet's own final evaluation of the folder its process holds goes on
     from adni_diffusers import training
 
@@ -2693,30 +2684,18 @@ def test_a_second_evaluation_into_the_same_out_while_one_writes_there_is_refused
     """Two evaluations into one --out at once (the default, beside the model, for both): the second removed the first's
     outputs as an earlier run's, and the first then printed its FD and "report: <out>/report.md" over the second's
     files. The second is refused now, naming the first, before it removes anything."""
-    import subprocess
-    import sys
-
     from adni_diffusers import files
 
     model = _stub_model_folder(tmp_path / "model", demo_root)
     out = model / "evaluation"
     out.mkdir()
     (out / "report.md").write_text("the first run's report, being written\n")
-    first = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                              "from adni_diffusers.files import only_writer\n"
-                              "with only_writer(Path(sys.argv[1]), '--out', 'evaluate'):\n"
-                              "    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert first.stdout.readline().strip() == "held"
+    with another_process_holding(out, "--out", "evaluate") as first:
         with pytest.raises(E.EvaluationError, match=rf"^--out {re.escape(str(out))}: another run is writing there "
                                                     rf"now \(evaluate, pid {first.pid} on "):
             E.evaluate_model(model, num_samples=2, steps=2, render_card=False, progress=False, device="cpu",
                              pipe=_StubPipe())
         assert (out / "report.md").read_text() == "the first run's report, being written\n"
-    finally:
-        first.kill()
-        first.wait()
     assert files.folder_in_use(out) is None
 
 

@@ -462,24 +462,30 @@ def test_fp16_on_the_cpu_says_it_trains_float32(monkeypatch, tmp_path, caplog, p
     assert ("--mixed_precision fp16 does nothing on the CPU" in caplog.text) == warned
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_of(monkeypatch, tmp_path, caplog, native):
-    """bf16 autocast on a CPU without AVX512-BF16 or AMX is emulated: 1.4 to 2.5x slower than float32 (2026-12-07)."""
+@pytest.mark.parametrize("native, given", [(True, "flag"), (False, "flag"), (False, "config")])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_of(monkeypatch, tmp_path, caplog, native, given):
+    """bf16 autocast on a CPU without AVX512-BF16 or AMX is emulated: 1.4 to 2.5x slower than float32 (2026-12-07).
+    bf16 from the accelerate config (or ACCELERATE_MIXED_PRECISION) is said so, not called a flag never given."""
     import logging
 
     from adni_diffusers import train_unet, training
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
-    args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", str(tmp_path), "--mixed_precision", "bf16",
-                                  "--report_to", "none"])
+    flags = ["--mixed_precision", "bf16"] if given == "flag" else []
+    if given == "config":
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", str(tmp_path), *flags, "--report_to", "none"])
     reset_accelerate()
     try:
         with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
             training.make_accelerator(args, "unet")
     finally:
         reset_accelerate()
-    assert ("--mixed_precision bf16 on this CPU, which has no bf16 instructions" in caplog.text) == (not native)
+    said = {"flag": "--mixed_precision bf16 on this CPU, which has no bf16 instructions",
+            "config": "mixed precision bf16 (the accelerate config) on this CPU, which has no bf16 instructions"}
+    assert (said[given] in caplog.text) == (not native)
+    assert given == "flag" or "--mixed_precision bf16 on this CPU" not in caplog.text
 
 
 def test_cpu_has_native_bf16_answers_a_bool():
@@ -2894,24 +2900,3 @@ def test_a_model_saved_past_the_latest_checkpoint_is_named_at_the_resume(tmp_pat
     with caplog.at_level("WARNING", logger="adni_diffusers.training"):
         run_training_script("train_unet", [*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
     assert "past its latest checkpoint" not in caplog.text
-
-
-def test_bf16_from_the_accelerate_config_on_such_a_cpu_is_not_called_a_flag(monkeypatch, tmp_path, caplog):
-    """bf16 from the accelerate config (or ACCELERATE_MIXED_PRECISION), not the command line: the warning named
-    "--mixed_precision bf16", a flag the user had not given, as the fp16 one already did not."""
-    import logging
-
-    from adni_diffusers import train_unet, training
-
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
-    args = train_unet.parse_args(["--vqmodel", "v", "--output_dir", str(tmp_path), "--report_to", "none"])
-    reset_accelerate()
-    try:
-        with caplog.at_level(logging.WARNING, logger="adni_diffusers"):
-            training.make_accelerator(args, "unet")
-    finally:
-        reset_accelerate()
-    assert "mixed precision bf16 (the accelerate config) on this CPU, which has no bf16 instructions" in caplog.text
-    assert "--mixed_precision bf16 on this CPU" not in caplog.text

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_VQ_ARGS, checkpoint_accelerator, reset_accelerate
+from conftest import TINY_VQ_ARGS, another_process_holding, checkpoint_accelerator, reset_accelerate
 
 from adni_diffusers import files, training
 from adni_diffusers.data import load_slices
@@ -1600,30 +1600,17 @@ def test_two_runs_started_together_into_one_folder_the_second_is_refused(tmp_pat
     its data): the folder is marked as trained into only once the data is ready, so both passed that check, saved
     checkpoint-2 over each other, and one died on the other's checkpoint-4.tmp, the history and model a mix of both.
     The first run locks the folder from its start: the second is refused, naming it, and the lock ends with the run."""
-    import subprocess
-    import sys
-
     from adni_diffusers import files, train_vqmodel
 
     out = tmp_path / "run"
     argv = ["--train_data_dir", str(demo_root), "--output_dir", str(out), "--max_train_steps", "1",
             *map(str, TINY_VQ_ARGS)]
-    # the first run, still loading its data: its process holds the lock its start took
-    first = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                              "from adni_diffusers.files import only_writer\n"
-                              "with only_writer(Path(sys.argv[1]), '--output_dir', 'train_vqmodel.py'):\n"
-                              "    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert first.stdout.readline().strip() == "held"
+    with another_process_holding(out, "--output_dir", "train_vqmodel.py") as first:  # the first run, loading its data
         assert train_vqmodel.cli(argv) == 2
         err = capsys.readouterr().err
         assert f"--output_dir {out}: another run is writing there now (train_vqmodel.py, pid {first.pid} on " in err, err
         assert "two runs in one folder mix their checkpoints" in err
         assert not (out / "checkpoint-1").exists() and not (out / "vqvae").exists()
-    finally:
-        first.kill()
-        first.wait()
     assert train_vqmodel.cli(argv) == 0  # the first run gone, its lock with it
     assert files.folder_in_use(out) is None and not (out / files.LOCK_FILE).exists()
     assert train_vqmodel.cli([*argv, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]) == 0
