@@ -260,9 +260,16 @@ def training_in_progress_problem(folder: str | Path) -> str | None:
     TRAINING_MARKER), in one line naming what to do; else None. A run started with --overwrite_output_dir or resumed
     rewrites training_args.json at once while the weights and train_metrics.json are still the earlier run's: pushed
     then, the card would contradict itself."""
+    from .files import LOCK_FILE, folder_in_use
+
     folder = Path(folder)
     marker = folder / TRAINING_MARKER
     if not marker.is_file():
+        # a run that has only started (loading its data, minutes on ADNI) holds the folder's lock before it marks it;
+        # --overwrite_output_dir then removes what a push would be uploading (not this process's own --push_to_hub)
+        if starting := folder_in_use(folder, by_others_only=True):
+            return (f"cannot push {str(folder)!r}: {starting} is training into it ({LOCK_FILE}), and may replace the "
+                    "model there; push it when training has finished (or train with --push_to_hub)")
         return None
     record = read_json_object(marker)  # {} when unreadable: still a run's marker
     script = record.get("script") if isinstance(record.get("script"), str) else "a training script"

@@ -1485,3 +1485,16 @@ def test_a_killed_runs_lock_file_is_not_uploaded(tmp_path):
     (folder / LOCK_FILE).write_text("train_unet.py, pid 1 on node, started 2026-12-07T10:00:00+00:00\n")
     (folder / MARKER).write_text("{}")
     assert hub.select_upload_files(folder)[1] == ["notes.txt"]
+
+
+def test_a_folder_a_run_has_just_started_into_is_refused(hub_stub, pipeline_dir, capsys):
+    """A run loading its data (minutes on ADNI) holds its --output_dir's lock before it writes .training_in_progress:
+    a push then went ahead, and an --overwrite_output_dir run removed the model being uploaded."""
+    from conftest import another_process_holding
+
+    with another_process_holding(pipeline_dir, "--output_dir", "train_unet.py") as run:
+        assert _cli_push(pipeline_dir, "--token", hub_stub.token) == 2
+        err = capsys.readouterr().err
+        assert f"train_unet.py, pid {run.pid} on " in err and "is training into it (.adni-diffusers.lock)" in err, err
+    assert hub_stub.requests == []
+    assert _cli_push(pipeline_dir, "--token", hub_stub.token) == 0  # the run gone, its lock with it
