@@ -298,10 +298,10 @@ def folder_in_use(folder: Path, by_others_only: bool = False) -> str | None:
 def only_writer(folder: Path, flag: str, what: str):
     """Around the writes of `what` (a command's name) into `folder` (made where missing, and removed again where it is
     left empty): an exclusive lock on its LOCK_FILE, released when the block ends or the process dies (flock: never
-    a stale lock after a kill), and the file removed again at the end. A second run into the same folder (a job array's tasks given one --out, a rerun
-    while the first still writes) is refused with a FolderInUse naming the first; without the lock both wrote, each
-    over the other's files, and the record of one run sat beside the other's outputs. Where the filesystem takes no
-    flock (some network mounts), or on Windows, the block runs unguarded."""
+    a stale lock after a kill), and the file removed again at the end. A second run into the same folder (a job
+    array's tasks given one --out, a rerun while the first still writes) is refused with a FolderInUse naming the
+    first; without the lock both wrote, each over the other's files, and the record of one run sat beside the other's
+    outputs. Where the filesystem takes no flock (some network mounts), or on Windows, the block runs unguarded."""
     folder = Path(folder)
     if os.name == "nt":
         yield

@@ -536,7 +536,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                                 if k in RESUME_FLAGS and recorded.get(k) is not None)
                 raise ValueError(f"--resume: {where} was made with other settings ("
                                  + ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
-                                 + f"); give the same flags{f' ({same})' if same else ''}, or --overwrite to start again")
+                                 + f"); give the same flags{f' ({same})' if same else ''}, or --overwrite to start "
+                                 "again")
             made = {i for i in range(num_images) if (out / f"sample-{i:04d}.png").is_file()}
             first_images = set(range(min(batch_size, num_images)))
             # a denoising.gif there is whole (written through a .tmp) and of the same seeds and steps: kept, unless
@@ -574,8 +575,8 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
 
         # a resume's kept images start the bar (`initial`: not counted in its rate; one jump made the rate and the time
         # left look several times better than they were)
-        with progress_bar(total=num_images * total_steps, initial=len(made) * total_steps, desc="sampling (image-steps)",
-                  unit="img-step") as bar:
+        with progress_bar(total=num_images * total_steps, initial=len(made) * total_steps,
+                          desc="sampling (image-steps)", unit="img-step") as bar:
             def progress(p, step, t, tensors):
                 bar.update(len(tensors["latents"]))
                 if recorder is not None and first_batch:  # animate the first batch

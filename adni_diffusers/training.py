@@ -2740,16 +2740,16 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
             # a barrier or all-reduce that waited --ddp_timeout: gloo's one-line reason under a 25-line traceback
             # named no flag, and the main process, stopped by the launcher, took that for a scheduler's SIGTERM
             timeout = getattr(args, "ddp_timeout", None)
+            waited = "--ddp_timeout" + (f" {timeout} s" if timeout else "")
             where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
-            print(f"{script}: process {rank} stopped: it waited {'--ddp_timeout' + (f' {timeout} s' if timeout else '')}"
-                  " for another process, which did not come (the main process builds the latent cache, validates, "
-                  "samples, evaluates and pushes while the others wait: if that takes longer, raise --ddp_timeout; "
-                  f"else a process hung); {where}", file=sys.stderr)
+            print(f"{script}: process {rank} stopped: it waited {waited} for another process, which did not come (the "
+                  "main process builds the latent cache, validates, samples, evaluates and pushes while the others "
+                  f"wait: if that takes longer, raise --ddp_timeout; else a process hung); {where}", file=sys.stderr)
             return 2
         if rank == 0 and out_of_memory(e):
             where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
             print(f"{script}: out of memory (the error below): lower --train_batch_size (--gradient_accumulation_steps "
-                  f"N keeps the batch: N smaller batches a step) or use a smaller --preset (`small` is the CPU demo's); "
+                  "N keeps the batch: N smaller batches a step) or use a smaller --preset (`small` is the CPU demo's); "
                   f"{where}", file=sys.stderr)
         raise
     finally:
