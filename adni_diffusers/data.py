@@ -1208,6 +1208,7 @@ def _imagefolder_records(root: Path, tree: _Tree) -> list[tuple[str, int, str]]:
         given = {s: (folder, root / s) for s, folder in real.items()}
     else:
         data_files, given = {"train": f"{glob.escape(str(root))}/**"}, {}
+
     def load(cache_dir):
         return datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=not tree.class_names,
                                      cache_dir=cache_dir)
