@@ -2675,6 +2675,32 @@ def out_of_memory(error: BaseException) -> bool:
         or "out of memory" in str(error).lower()
 
 
+# the work outside the training step (no gradients) that an out-of-memory error can come from, by function name,
+# and the flag that lowers its memory there: --train_batch_size does not
+OUT_OF_MEMORY_ELSEWHERE = {
+    "load_or_build": ("encoding the latent cache", "--eval_batch_size"),
+    "_validation_loss": ("the held-out loss", "--eval_batch_size"),
+    "_sample_grid": ("a sample grid", "--num_sample_images (one batch a class)"),
+    "reconstruct_and_measure": ("the held-out reconstruction metrics", "--eval_batch_size"),
+    "latent_statistics": ("the scaling factor's statistics", "--eval_batch_size"),
+    "code_usage": ("the codebook usage", "--eval_batch_size"),
+}
+
+
+def out_of_memory_advice(error: BaseException) -> str:
+    """What to lower after an out-of-memory `error`: the flag of the work it came from (its traceback's innermost
+    function named in OUT_OF_MEMORY_ELSEWHERE), else the training step's."""
+    import traceback
+
+    names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)]
+    for name in reversed(names):
+        if name in OUT_OF_MEMORY_ELSEWHERE:
+            what, flag = OUT_OF_MEMORY_ELSEWHERE[name]
+            return f"out of memory in {what} (the error below): lower {flag}"
+    return ("out of memory (the error below): lower --train_batch_size (--gradient_accumulation_steps N keeps the "
+            "batch: N smaller batches a step) or use a smaller --preset (`small` is the CPU demo's)")
+
+
 def run_cli(script: str, parse_args, main, argv=None) -> int:
     """Parse, run, and turn a TrainingError into one line on stderr and exit status 2 (Ctrl-C: 130, saying
     where the run can go on from).
@@ -2748,9 +2774,7 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
             return 2
         if rank == 0 and out_of_memory(e):
             where = _where_to_go_on(args) or "no checkpoint had been written (see --checkpointing_steps)"
-            print(f"{script}: out of memory (the error below): lower --train_batch_size (--gradient_accumulation_steps "
-                  "N keeps the batch: N smaller batches a step) or use a smaller --preset (`small` is the CPU demo's); "
-                  f"{where}", file=sys.stderr)
+            print(f"{script}: {out_of_memory_advice(e)}; {where}", file=sys.stderr)
         raise
     finally:
         OUTPUT_DIRS_MADE.clear()  # this run's; the next run in this process makes its own

@@ -1637,3 +1637,36 @@ def test_an_out_of_memory_error_names_the_flags_that_lower_memory(tmp_path, caps
         run_cli("train_unet.py", parse_args, main, argv=[])
     err = capsys.readouterr().err
     assert ("out of memory (the error below): lower --train_batch_size" in err) == hinted, err
+
+
+@pytest.mark.parametrize("where, flag", [("load_or_build", "in encoding the latent cache (the error below): lower "
+                                          "--eval_batch_size;"),
+                                         ("_sample_grid", "in a sample grid (the error below): lower --num_sample_images"),
+                                         ("backward", "(the error below): lower --train_batch_size")])
+def test_an_out_of_memory_error_outside_the_training_step_names_its_own_flag(tmp_path, capsys, where, flag):
+    """An OOM while encoding the latent cache or drawing a sample grid is not lowered by --train_batch_size: the line
+    names the flag of the work it came from (its traceback's function)."""
+    import argparse
+
+    from adni_diffusers.training import run_cli
+
+    def parse_args(argv):
+        return argparse.Namespace(output_dir=str(tmp_path / "out"))
+
+    def work():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    work.__code__ = work.__code__.replace(co_name=where)  # as the package's function of that name raises it
+
+    with pytest.raises(torch.OutOfMemoryError):
+        run_cli("train_unet.py", parse_args, lambda args: work(), argv=[])
+    assert f"train_unet.py: out of memory {flag}" in capsys.readouterr().err
+
+
+def test_the_out_of_memory_advice_names_functions_that_exist():
+    """A function renamed would lose its own advice silently: each name is still one of the package's functions."""
+    from adni_diffusers import latents, train_unet, vq, vq_eval
+    from adni_diffusers.training import OUT_OF_MEMORY_ELSEWHERE
+
+    modules = (latents, train_unet, vq, vq_eval)
+    assert all(any(callable(getattr(m, name, None)) for m in modules) for name in OUT_OF_MEMORY_ELSEWHERE)
