@@ -2778,6 +2778,7 @@ def run_cli(script: str, parse_args, main, argv=None) -> int:
         raise
     finally:
         OUTPUT_DIRS_MADE.clear()  # this run's; the next run in this process makes its own
+        FINISHED_OUTPUT_DIRS.clear()
     if result:
         print(json.dumps(result, indent=2))
     return 0
@@ -2804,7 +2805,14 @@ def _main_process_ends_within(seconds: float) -> bool:
     return bool(ended)
 
 
+# the --output_dir of this process's runs that reached their clean end (push_if_asked): a later error (another
+# process gone at the last barrier) must not send the user back to a checkpoint older than the finished model
+FINISHED_OUTPUT_DIRS: set[str] = set()
+
+
 def _where_to_go_on(args) -> str | None:
+    if str(getattr(args, "output_dir", None)) in FINISHED_OUTPUT_DIRS:
+        return f"this run had finished: its model in {args.output_dir} is complete (its final save and card written)"
     try:
         checkpoints = list_checkpoints(args.output_dir) if getattr(args, "output_dir", None) else []
     except OSError:
@@ -2820,6 +2828,7 @@ def push_if_asked(accelerator, args) -> None:
     from .hub import HubError, mark_training_finished, push_from_args
 
     mark_training_finished(args.output_dir)  # before the push, which refuses a marked folder
+    FINISHED_OUTPUT_DIRS.add(str(args.output_dir))
     if not getattr(args, "push_to_hub", False):
         return
 

@@ -453,6 +453,27 @@ def test_the_run_records_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
 
 
+def test_a_peer_lost_after_the_run_finished_does_not_send_the_user_back_to_a_checkpoint(monkeypatch, capsys,
+                                                                                          tmp_path):
+    """A process that waited past --ddp_timeout while the main one finished its final evaluation ends, and the main
+    process, its model saved and its card written, then meets the gone peer at the last barrier: it said to go on
+    from the last checkpoint, older than the finished model (a resume would train again from there)."""
+    def finished_then_lost_peer(args):
+        training.push_if_asked(None, args)  # the clean end: final save and card done, no --push_to_hub
+        raise RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:29500.")
+
+    (tmp_path / "checkpoint-4").mkdir()
+    monkeypatch.setenv("RANK", "0")
+    args = SimpleNamespace(output_dir=str(tmp_path), push_to_hub=False)
+    assert training.run_cli("train_unet.py", lambda argv: args, finished_then_lost_peer) == 2
+    err = capsys.readouterr().err
+    assert f"this run had finished: its model in {tmp_path} is complete" in err and "checkpoint-4" not in err, err
+    assert not training.FINISHED_OUTPUT_DIRS  # the next run in this process starts unfinished
+    assert training.run_cli("train_unet.py", lambda argv: args, lambda a: (_ for _ in ()).throw(
+        RuntimeError("Connection closed by peer"))) == 2
+    assert "go on from it with --resume_from_checkpoint latest" in capsys.readouterr().err
+
+
 def test_a_lost_peer_is_one_line_on_every_process(monkeypatch, capsys, tmp_path):
     """The one-line "another process ended" replaces the traceback on every process. On the main process (RANK 0)
     the connection error was raised as it is: 25 lines of gloo traceback where another process was killed (the OOM
