@@ -902,7 +902,8 @@ def plot_tradeoff(result: dict, path) -> Path:
         a1.plot(cx, [r["control_flip_rate"] for r in rows if "control_flip_rate" in r], "s--", color="C7",
                 label=f"called {t}, control ({s} label)")
     a1.axhline(orig["flip_rate"], color="C3", ls=":", lw=1, label=f"original {s} slices called {t}")
-    a1.plot(x, ssim, "o-", color="C0", label="SSIM in brain mask vs original")
+    # its own marker and line style: red and blue print as one grey, and the two curves cross
+    a1.plot(x, ssim, "D-.", color="C0", label="SSIM in brain mask vs original")
     a1.set_xlabel("strength (0 = VQ reconstruction, 1 = from noise)")
     a1.set_ylabel(f"share called {t}, or SSIM")
     a1.set_ylim(-0.02, 1.02)

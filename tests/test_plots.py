@@ -358,3 +358,21 @@ def test_a_grid_cut_short_while_written_leaves_no_half_picture(tmp_path, monkeyp
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no .tmp left either
     with Image.open(path) as im:
         im.load()
+
+
+def test_the_trade_offs_curves_differ_in_marker_and_line_style_not_only_in_colour(monkeypatch, tmp_path):
+    """tradeoff.png drew the share called AD (red) and the SSIM (blue) both as "o-": printed in greyscale the two
+    are the same grey, and where they cross (they do: one rises with strength, the other falls) a reader could not
+    tell which is which. Each curve of the left panel has its own marker and line style."""
+    from adni_diffusers import counterfactual
+
+    figures = []
+    monkeypatch.setattr(counterfactual, "save_figure", lambda fig, path, **kw: figures.append(fig) or Path(path))
+    rows = [{"strength": s, "flip_rate": f, "flip_rate_ci95": [0.0, 1.0], "ssim_brain_to_original": 1 - f,
+             "control_flip_rate": 0.1} for s, f in (("original", 0.1), (0.5, 0.5), (1.0, 0.9))]
+    counterfactual.plot_tradeoff({"target": "AD", "source": "NC", "images": 4, "rows": rows,
+                                  "settings": {"guidance": 3.0, "scheduler": "ddim", "steps": 25}}, tmp_path / "t.png")
+    curves = [line for line in figures[0].axes[0].get_lines() if line.get_marker() not in ("None", "", None)]
+    assert len(curves) == 3  # called AD, its control, the SSIM
+    styles = [(line.get_marker(), line.get_linestyle()) for line in curves]
+    assert len(set(styles)) == len(styles), styles
