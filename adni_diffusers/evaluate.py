@@ -915,7 +915,9 @@ def plot_ablations(rows: list[dict], floor: dict, path: Path) -> Path:
     axes[0].set_xlabel(M.FD_NAME + (" (log scale)" if log else "") + ", lower is better", fontsize=9)
     axes[0].legend(fontsize=7)
     axes[1].barh(y - 0.2, [r["precision"] for r in rows], height=0.4, color="tab:blue", label="precision")
-    axes[1].barh(y + 0.2, [r["recall"] for r in rows], height=0.4, color="tab:red", label="recall")
+    # hatched: red and blue print as one grey, and the legend's two swatches with them
+    axes[1].barh(y + 0.2, [r["recall"] for r in rows], height=0.4, color="tab:red", label="recall", hatch="///",
+                 edgecolor="white", linewidth=0)
     axes[1].axvline(floor["precision"], color="tab:blue", ls="--", lw=1, label="precision floor")
     axes[1].axvline(floor["recall"], color="tab:red", ls=":", lw=1, label="recall floor")
     axes[1].set_xlim(0, 1.02)

@@ -376,3 +376,17 @@ def test_the_trade_offs_curves_differ_in_marker_and_line_style_not_only_in_colou
     assert len(curves) == 3  # called AD, its control, the SSIM
     styles = [(line.get_marker(), line.get_linestyle()) for line in curves]
     assert len(set(styles)) == len(styles), styles
+
+
+def test_the_ablations_precision_and_recall_bars_differ_in_more_than_colour(monkeypatch, tmp_path):
+    """ablations.png told precision (blue) from recall (red) bars by colour alone: printed in greyscale both, and
+    their legend swatches, are one grey. The recall bars are hatched."""
+    from adni_diffusers import evaluate
+
+    figures = []
+    monkeypatch.setattr(evaluate, "save_figure", lambda fig, path, **kw: figures.append(fig) or Path(path))
+    rows = [{"label": f"sampler: {n}", "group": "sampler", "fd": 3.0, "precision": 0.7, "recall": 0.8}
+            for n in ("ddim-50", "dpm++-25")]
+    evaluate.plot_ablations(rows, {"fd": 2.0, "precision": 0.7, "recall": 0.9, "k": 3}, tmp_path / "a.png")
+    precision, recall = figures[0].axes[1].containers
+    assert {p.get_hatch() for p in precision} != {p.get_hatch() for p in recall}
