@@ -1581,13 +1581,15 @@ def _gain_text(row: dict, main_setting: str | None) -> str:
 
 def assemble_results(*, model_dir, pipe, conditional, model_classes, record, data, settings, device, fn_report,
                      realism, diversity, fidelity, shares, mem, ablation, timings, files, complete,
-                     software: dict | None = None) -> dict:
-    """The evaluation's record (metrics.json without its numeric summary)."""
+                     software: dict | None = None, model_sha256: str | None = None) -> dict:
+    """The evaluation's record (metrics.json without its numeric summary); `model_sha256`: generate's
+    model_fingerprint of the pipeline measured, as generation.json and counterfactuals.json record it."""
     fn_summary = {k: fn_report.get(k) for k in ("cached", "path", "key", "weights_sha256", "trained_on", "settings",
                                                 "train_seconds", "position_head_trained", "val", "floor_patients")}
     return {
-        "model": {"path": str(model_dir), "conditional": conditional, "class_names": model_classes,
-                  "null_class": pipe.null_class if conditional else None, **exported_step(model_dir)},
+        "model": {"path": str(model_dir), "model_sha256": model_sha256, "conditional": conditional,
+                  "class_names": model_classes, "null_class": pipe.null_class if conditional else None,
+                  **exported_step(model_dir)},
         "data": {**{k: v for k, v in record.items() if k not in ("train", "validation")},
                  "root": data.root, "train": data.train.summary(), "validation": data.val.summary(),
                  "shared_patients": data.shared_patients,
@@ -1818,7 +1820,10 @@ def evaluate_model(
         from .generate import load_pipeline
 
         pipe = load_pipeline(str(model_dir), device, getattr(torch, dtype))
-    from .generate import check_scheduler_steps
+    from .generate import check_scheduler_steps, model_fingerprint
+
+    # the weights measured: a path alone names whatever a later save (a resume, a retraining) put there
+    model_sha256 = model_fingerprint(str(model_dir))
 
     try:
         if not steps_given:
@@ -2070,7 +2075,8 @@ def evaluate_model(
                 "ablation_samples": ablation_samples if ablations else None},
             device=device, fn_report=fn_report, realism=realism, diversity={"generated": gen_div, "real": real_div},
             fidelity=fidelity, shares=shares, mem=mem, ablation=ablation, timings=timings,
-            files={**files, "report": "report.md", "metrics": "metrics.json"}, complete=complete, software=software))
+            files={**files, "report": "report.md", "metrics": "metrics.json"}, complete=complete, software=software,
+            model_sha256=model_sha256))
         write_report(res, out)
         # top level: the numeric summary (the model card's table), then the details under their own keys
         result = {**summary_numbers(res), **res}

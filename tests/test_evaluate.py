@@ -294,6 +294,15 @@ def test_the_record_and_report_of_an_exported_checkpoint_say_which_step(evaluate
             "by `adni-diffusers export`.") in report
 
 
+def test_the_record_names_the_weights_it_measured(evaluated, model_copy):
+    """metrics.json named the model by its path alone: an evaluation written to another --out could not be told
+    from one of the weights a later resume or retraining saved there (generation.json records this digest)."""
+    from adni_diffusers.generate import model_fingerprint
+
+    recorded = json.loads((evaluated[1] / "metrics.json").read_text())["model"]["model_sha256"]
+    assert recorded == model_fingerprint(str(model_copy)) and len(recorded) == 64
+
+
 def test_vq_ceiling_is_the_floors_images_through_the_autoencoder(evaluated, model_copy):
     """The ceiling compares the floor's own training images, after VQ encode + decode, with the same held-out set."""
     result, out = evaluated
