@@ -433,6 +433,14 @@ def _diff_limit(diffs) -> float:
     return float(max(np.percentile(values, 99.5), 0.05))
 
 
+def _extend(maps, limit: float, signed: bool = True) -> str:
+    """The colour bar's `extend` for maps drawn at +-`limit` (or 0..`limit`): an arrow at each end that the scale
+    cuts, so that the bar's end does not read as the largest change."""
+    values = np.concatenate([np.asarray(m).ravel() for m in maps])
+    above, below = bool((values > limit).any()), signed and bool((values < -limit).any())
+    return {(True, True): "both", (True, False): "max", (False, True): "min"}.get((above, below), "neither")
+
+
 def _diff_label(reference: str) -> str:
     return f"counterfactual \u2212 {'VQ reconstruction' if reference == 'reconstruction' else 'original'}\n" \
            "(intensity, [\u22121, 1] scale; blue = darker)"
@@ -479,7 +487,8 @@ def save_strip(result: dict, path, reference: str = "reconstruction", title: str
     arrow = f"\u2192 {target}, " if len(target) <= 8 else f"\u2192 {target}\n"
     tops += [(c, f"{arrow}strength {s:.2f}" + p(s)) for s, c in zip(strengths, cfs)]
     for ax, (im, t) in zip(axes[0], tops):
-        ax.imshow(im, cmap="gray", vmin=0, vmax=1)
+        # nearest: matplotlib's default smoothing drew a one-pixel change at half its value, in a colour not on the bar
+        ax.imshow(im, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(t, fontsize=8)
     mappable = None
     # The VQ error shares the counterfactuals' scale (so the two compare); say how much of it the scale cuts.
@@ -494,7 +503,7 @@ def save_strip(result: dict, path, reference: str = "reconstruction", title: str
                     "(e.g. tissue \u2192 CSF)\nred: brighter", ha="center", va="center", fontsize=7.5,
                     transform=ax.transAxes)
         else:
-            mappable = ax.imshow(d, cmap=DIFF_CMAP, vmin=-lim, vmax=lim)
+            mappable = ax.imshow(d, cmap=DIFF_CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
             if outline:
                 _outline(ax, orig)
             ax.set_title(t, fontsize=8)
@@ -503,7 +512,7 @@ def save_strip(result: dict, path, reference: str = "reconstruction", title: str
         ax.set_yticks([])
         if not ax.images:
             ax.axis("off")
-    cbar = fig.colorbar(mappable, ax=list(axes[1]), fraction=0.025, pad=0.01)
+    cbar = fig.colorbar(mappable, ax=list(axes[1]), fraction=0.025, pad=0.01, extend=_extend([vq_error, *diffs], lim))
     cbar.set_label(_diff_label(reference), fontsize=7)
     cbar.ax.tick_params(labelsize=7)
     guidance = result.get("guidance")
@@ -521,13 +530,13 @@ def save_difference_map(diff: np.ndarray, path, title: str, reference: str = "re
     plt = _plt()
     lim = limit if limit is not None else _diff_limit([diff])
     fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=110)
-    im = ax.imshow(diff, cmap=DIFF_CMAP, vmin=-lim, vmax=lim)
+    im = ax.imshow(diff, cmap=DIFF_CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
     if original is not None:
         _outline(ax, original)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=8)
-    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, extend=_extend([diff], lim))
     cbar.set_label(_diff_label(reference), fontsize=7)
     cbar.ax.tick_params(labelsize=7)
     return save_figure(fig, path, bbox_inches="tight")
@@ -958,25 +967,25 @@ def plot_mean_difference(result: dict, path) -> Path:
     fig, axes = plt.subplots(rows, n, figsize=(2.3 * n + 1.6, 2.5 * rows), dpi=110, squeeze=False,
                              gridspec_kw={"hspace": 0.2, "wspace": 0.04})
     for j, s in enumerate(strengths):
-        im1 = axes[0, j].imshow(signed[j], cmap=DIFF_CMAP, vmin=-lim, vmax=lim)
-        im2 = axes[1, j].imshow(absolute[j], cmap="magma", vmin=0, vmax=alim)
+        im1 = axes[0, j].imshow(signed[j], cmap=DIFF_CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
+        im2 = axes[1, j].imshow(absolute[j], cmap="magma", vmin=0, vmax=alim, interpolation="nearest")
         _outline(axes[0, j], mean_orig)
         _outline(axes[1, j], mean_orig, colors=("w", "0.75"))
         if rows == 3:
             llim = _diff_limit(label)
-            im3 = axes[2, j].imshow(label[j], cmap=DIFF_CMAP, vmin=-llim, vmax=llim)
+            im3 = axes[2, j].imshow(label[j], cmap=DIFF_CMAP, vmin=-llim, vmax=llim, interpolation="nearest")
             _outline(axes[2, j], mean_orig)
         for ax in axes[:, j]:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[0, j].set_title(f"strength {s:.2f}", fontsize=8)
-    c1 = fig.colorbar(im1, ax=list(axes[0]), fraction=0.025, pad=0.01)
+    c1 = fig.colorbar(im1, ax=list(axes[0]), fraction=0.025, pad=0.01, extend=_extend(signed, lim))
     c1.set_label("mean (counterfactual \u2212\nVQ reconstruction)", fontsize=7)
-    c2 = fig.colorbar(im2, ax=list(axes[1]), fraction=0.025, pad=0.01)
+    c2 = fig.colorbar(im2, ax=list(axes[1]), fraction=0.025, pad=0.01, extend=_extend(absolute, alim, signed=False))
     c2.set_label("mean |counterfactual \u2212\nVQ reconstruction|", fontsize=7)
     colorbars = [c1, c2]
     if rows == 3:
-        c3 = fig.colorbar(im3, ax=list(axes[2]), fraction=0.025, pad=0.01)
+        c3 = fig.colorbar(im3, ax=list(axes[2]), fraction=0.025, pad=0.01, extend=_extend(label, llim))
         c3.set_label(f"the label's own change: mean\n(counterfactual \u2212 same noise,\n{result['source']} label)",
                      fontsize=7)
         colorbars.append(c3)

@@ -390,3 +390,25 @@ def test_the_ablations_precision_and_recall_bars_differ_in_more_than_colour(monk
     evaluate.plot_ablations(rows, {"fd": 2.0, "precision": 0.7, "recall": 0.9, "k": 3}, tmp_path / "a.png")
     precision, recall = figures[0].axes[1].containers
     assert {p.get_hatch() for p in precision} != {p.get_hatch() for p in recall}
+
+
+def test_difference_maps_are_drawn_pixel_for_pixel_and_their_colour_bars_say_where_the_scale_cuts(monkeypatch,
+                                                                                                  tmp_path):
+    """A one-pixel change of +1 drawn at limit 1 came out half strength, in a colour not on the bar (matplotlib's
+    default smoothing); and a scale cut at the 99.5th percentile ended its colour bar flat, reading as the largest
+    change. Pixels are drawn nearest, and the bar has an arrow at each end the scale cuts."""
+    import numpy as np
+
+    from adni_diffusers import counterfactual
+
+    figures = []
+    monkeypatch.setattr(counterfactual, "save_figure", lambda fig, path, **kw: figures.append(fig) or Path(path))
+    diff = np.zeros((32, 32))
+    diff[5, 5] = 1.0
+    counterfactual.save_difference_map(diff, tmp_path / "d.png", "one pixel", limit=1.0)
+    diff[6, 6] = -3.0
+    counterfactual.save_difference_map(diff, tmp_path / "d.png", "cut below", limit=1.0)
+    counterfactual.save_difference_map(diff, tmp_path / "d.png", "cut both", limit=0.5)
+    images = [fig.axes[0].images[0] for fig in figures]
+    assert {im.get_interpolation() for im in images} == {"nearest"}
+    assert [im.colorbar.extend for im in images] == ["neither", "min", "both"]
