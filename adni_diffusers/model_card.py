@@ -855,6 +855,7 @@ def pipeline_card_context(model_dir, repo_id: str | None = None, data_source: st
         # recorded since 2026-12-05; the grids were sampled without guidance before
         "sample_guidance": _fmt(g) if isinstance(g := args.get("sample_guidance"), (int, float)) and g != 1 else None,
         "seed": args.get("seed", 0),
+        "sample_remake": _sample_remake_command(train, args, conditional),
         "loss_curve": "loss_curve.png" if (d / "loss_curve.png").is_file() else None,
         "files": _files_listing(d),
         "mni_notice": MNI_NOTICE,
@@ -927,6 +928,19 @@ def _revision_context(revision: str | None) -> dict:
     on_branch = bool(revision) and revision != "main"
     return {"revision": revision if on_branch else None,
             "revision_arg": f', revision="{revision}"' if on_branch else ""}
+
+
+def _sample_remake_command(train: dict, args: dict, conditional: bool) -> str | None:
+    """The flags after `generate --model` that remake samples.png (a row of it, with --class), where the run drew it
+    with generate's per-image seeds (train_metrics.json says so since 2026-12-07; one generator a row before)."""
+    steps, seed = args.get("sample_inference_steps"), args.get("seed", 0)
+    if not train.get("samples_image_seed") or not isinstance(steps, int) or not isinstance(seed, int):
+        return None
+    guidance = args.get("sample_guidance")
+    flags = f"--out samples --scheduler ddim --steps {steps} --seed {seed} --num-images 8"
+    if conditional and _is_number(guidance):
+        flags += f" --class <a row's class> --guidance {_fmt(guidance)}"
+    return flags
 
 
 def render_pipeline_card(model_dir, repo_id: str | None = None, data_source: str | None = None,

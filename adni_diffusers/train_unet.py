@@ -609,6 +609,8 @@ def main(args: argparse.Namespace) -> dict:
                                              args, device) if val_latents is not None else None,
                 "val_loss_measure": VAL_LOSS_MEASURE,
                 "val_latents": len(val_latents) if val_latents is not None else 0,
+                # samples.png's noise, as generate draws it: the card gives the command that remakes it
+                "samples_image_seed": "seed * 1000003 + image index",
             }
             write_text_atomically(Path(args.output_dir) / "train_metrics.json", json.dumps(result, indent=2))
             run.log_final_metrics(result, ["val_loss"])
@@ -757,9 +759,12 @@ def _final_samples(pipe, class_names, args, device) -> Path:
     rows = [None] if not class_names else list(class_names)
     images = []
     for label in rows:
+        # generate's seeds (image i: seed * 1000003 + i), so that `adni-diffusers generate --seed S` remakes a row;
+        # one generator for the row could be remade only from Python
+        generators = [torch.Generator().manual_seed((args.seed * 1_000_003 + i) % 2**64) for i in range(per_row)]
         images.append(sampler(batch_size=per_row, class_labels=label, guidance_scale=args.sample_guidance,
                               num_inference_steps=args.sample_inference_steps,
-                              generator=torch.Generator().manual_seed(args.seed), output_type="pt").images * 2 - 1)
+                              generator=generators, output_type="pt").images * 2 - 1)
     # titled as the periodic grids are: opened alone (not under the card's caption) it says what it shows
     weights = "EMA weights" if getattr(args, "use_ema", False) else "final weights (no EMA)"
     return save_image_grid(torch.cat(images), Path(args.output_dir) / "samples.png", nrow=per_row,

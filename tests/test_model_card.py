@@ -769,7 +769,8 @@ def test_the_sample_grid_names_the_training_seed_not_the_split_seed(ldm):
     """The sample grid is drawn with --seed (train_unet.py); --split_seed only draws the held-out patients."""
     _edit_json(ldm / "training_args.json", seed=5, split_seed=0)
     text = render_model_card(ldm)
-    assert "guidance 2, seed 5.*" in text and "as whole patients (seed 0)" in text  # the tiny model is conditional
+    assert "guidance 2, seed 5: `adni-diffusers generate" in text and "--seed 5 --num-images 8" in text
+    assert "as whole patients (seed 0)" in text  # the tiny model is conditional
 
 
 def test_each_data_row_shows_its_own_per_class_counts(ldm):
