@@ -66,7 +66,10 @@ if [ "$QUICK" = train ]; then
   DEADLINE_SECONDS=${DEADLINE_SECONDS:-540}; RESERVE_AFTER_UNET=${RESERVE_AFTER_UNET:-45}
 fi
 SKIP_VQ=${SKIP_VQ:-0}  # 1: reuse RUN_DIR's demo set and VQModel (from an earlier call), train the UNet only
-# a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1 ...
+# a CPU dry run of the plumbing: PRESET=tiny MP=no COMPILE= VQ_BATCH=4 UNET_BATCH=8 MIN_STEPS=4 SKIP_BENCHMARK=1
+#   SAMPLE_STEPS=2 ...
+# SAMPLE_STEPS: DDIM steps of the UNet's sample grids and samples.png (on the CPU the plan's 50 took 80 s of a tiny run)
+SAMPLE_STEPS=${SAMPLE_STEPS:-50}
 PRESET=${PRESET:-base}
 # VQ_PRESET: the first stage's size alone, e.g. the seed's size (`wide`, docs/performance.md recommendation C):
 #   VQ_PRESET=wide BENCH_ONLY=1 ...            its compiled training step, after the base rows
@@ -262,7 +265,7 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
            --prediction_type v_prediction --snr_gamma 5 --use_ema --ema_max_decay 0.999 --mixed_precision "$MP"
            --allow_tf32 --channels_last --latents_on_device $COMPILE ${COMPILE:+--compile_mode "$UNET_COMPILE_MODE"}
            --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
-           --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps 50 --checkpointing_steps 500
+           --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps "$SAMPLE_STEPS" --checkpointing_steps 500
            --checkpoints_total_limit 2 --report_to tensorboard ${UNET_EXTRA:-})
 RESERVE=${RESERVE_AFTER_UNET:-0} train_stage train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" train_unet.py "$R/ldm" train_metrics.json "$UNET_STEPS" \
   "${UNET_ARGS[@]}"

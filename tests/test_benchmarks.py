@@ -372,7 +372,7 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
     run_dir = tmp_path / "next"
     env = dict(os.environ, QUICK="train", PRESET="tiny", VQ_PRESET="tiny", MP="no", COMPILE="", VQ_BATCH="4",
                UNET_BATCH="8", SUBJECTS="4", FORCE_VQ_STEPS="2", FORCE_UNET_STEPS="2", CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS="2", GIT_REV="test")
+               OMP_NUM_THREADS="2", GIT_REV="test", SAMPLE_STEPS="2")  # (the plan's 50 took 80 s of the test)
 
     def call(**extra):
         return subprocess.run(["bash", script, str(run_dir)], env={**env, **extra}, cwd=REPO_ROOT,
@@ -407,7 +407,7 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
     # checkpoint's. Here the failure is a --push_to_hub to a Hub that does not answer, after training.
     third = call(SKIP_VQ="1", HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_not_a_token",
                  UNET_EXTRA="--checkpointing_steps 1 --overwrite_output_dir --push_to_hub --hub_model_id someone/model "
-                            "--sample_inference_steps 2")  # (2 steps: its sample grids are not what is checked)
+                            "--sample_inference_steps 2")
     log = (run_dir / "session.log").read_text().split("SKIP_VQ=1: reusing")[-1]
     assert third.returncode == 0 and "END train_unet rc=" in log and "END train_unet rc=0" not in log, log
     assert (run_dir / "ldm" / "checkpoint-1").is_dir() and "nothing to finish" in log and "finishing" not in log
