@@ -306,6 +306,8 @@ def _resolve_device(device: str | None) -> str:
 
 # image_seed keeps the seeds of one run apart for up to this many samples of one class
 MAX_SAMPLES_PER_CLASS = 100_003
+# image_seed in words, for metrics.json: with it a reader remakes any one sample (evaluate keeps grids, not images)
+IMAGE_SEED_RULE = f"seed * 1000003 + (class index + 1, or 0 unconditional) * {MAX_SAMPLES_PER_CLASS} + sample index"
 
 
 def image_seed(seed: int, label: int | None, index: int) -> int:
@@ -2068,7 +2070,8 @@ def evaluate_model(
             data=data, settings={
                 "num_samples": num_samples, "samples_per": "class" if conditional else "total",
                 "scheduler": scheduler, "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
-                "refine_repeats": refine_repeats, "seed": seed, "batch_size": batch_size, "dtype": dtype,
+                "refine_repeats": refine_repeats, "seed": seed, "image_seed": IMAGE_SEED_RULE,
+                "batch_size": batch_size, "dtype": dtype,
                 "diversity_pairs": diversity_pairs, "ms_ssim_scale": M.SSIM_SCALE, "kid_subsets": kid_subsets,
                 "fd_resamples": fd_resamples, "feature_nets": feature_nets,
                 "tstr_epochs": tstr_epochs, "pr_k": PR_K, "pr_radii": PR_RADII, "nn_percentile": NN_PERCENTILE, "ablations": ablations,

@@ -299,8 +299,14 @@ def test_the_record_names_the_weights_it_measured(evaluated, model_copy):
     from one of the weights a later resume or retraining saved there (generation.json records this digest)."""
     from adni_diffusers.generate import model_fingerprint
 
-    recorded = json.loads((evaluated[1] / "metrics.json").read_text())["model"]["model_sha256"]
-    assert recorded == model_fingerprint(str(model_copy)) and len(recorded) == 64
+    recorded = json.loads((evaluated[1] / "metrics.json").read_text())
+    assert recorded["model"]["model_sha256"] == model_fingerprint(str(model_copy))
+    assert len(recorded["model"]["model_sha256"]) == 64
+    # and the seed of each sample, in words: the grids alone could not be remade image by image
+    from adni_diffusers.evaluate import IMAGE_SEED_RULE, image_seed
+
+    assert recorded["settings"]["image_seed"] == IMAGE_SEED_RULE
+    assert image_seed(3, 1, 5) == 3 * 1000003 + (1 + 1) * 100003 + 5 and "* 100003 + sample index" in IMAGE_SEED_RULE
 
 
 def test_vq_ceiling_is_the_floors_images_through_the_autoencoder(evaluated, model_copy):
