@@ -905,7 +905,7 @@ def plot_tradeoff(result: dict, path) -> Path:
     ssim = [r["ssim_brain_to_original"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     a1.plot(x, flip, "o-", color="C3", label=f"called {t} (counterfactual \u2192 {t})")
-    a1.fill_between(x, lo, hi, color="C3", alpha=0.15, lw=0)
+    a1.fill_between(x, lo, hi, color="C3", alpha=0.15, lw=0, label=f"called {t}: 95% interval (patients resampled)")
     if any("control_flip_rate" in r for r in rows):
         cx = [r["strength"] for r in rows if "control_flip_rate" in r]
         a1.plot(cx, [r["control_flip_rate"] for r in rows if "control_flip_rate" in r], "s--", color="C7",

@@ -182,6 +182,8 @@ class figures:
 
 def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
     """One panel per logged quantity (loss terms, lr, codebook usage...), against the step."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
     plt = figures
 
     # every row's keys, in first-seen order: some are logged only later (the GAN terms after --disc_start)
@@ -213,8 +215,10 @@ def plot_loss_curves(rows: list[dict], path, title: str = "training") -> Path:
             ax.set_yscale("log")
         if held_out:
             ax.legend(fontsize=7)
-        ax.set_title(key, fontsize=9)
+        ax.set_title(key + (" (dB)" if "psnr" in key else ""), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        # whole steps: a run logged at step 2 alone had ticks at 1.90 and 2.05 (below two steps, the locator gives up)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True) if np.ptp(steps) >= 2 else FixedLocator(np.unique(steps)))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")

@@ -182,7 +182,7 @@ def test_held_out_curves_share_the_axes_of_what_they_measure(monkeypatch, tmp_pa
     rows = [{"step": s, "loss": 1.0, "lr": 0.1} for s in (1, 2, 3)]
     rows[-1].update(val_loss=1.1, val_psnr=20.0)
     path, seen = _drawn(monkeypatch, rows, path=tmp_path / "curve.png")
-    assert list(seen["panels"]) == ["loss", "lr", "val_psnr"]
+    assert list(seen["panels"]) == ["loss", "lr", "val_psnr (dB)"]
     import matplotlib.pyplot as plt
 
     from adni_diffusers import plots
@@ -412,3 +412,16 @@ def test_difference_maps_are_drawn_pixel_for_pixel_and_their_colour_bars_say_whe
     images = [fig.axes[0].images[0] for fig in figures]
     assert {im.get_interpolation() for im in images} == {"nearest"}
     assert [im.colorbar.extend for im in images] == ["neither", "min", "both"]
+
+
+def test_the_loss_curves_name_psnr_in_decibels_and_tick_whole_steps(monkeypatch, tmp_path):
+    """A run logged only at step 2 got step ticks of 1.90 and 2.05, and the val_psnr panel gave no unit."""
+    from adni_diffusers import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figures.append(fig) or Path(path))
+    plots.plot_loss_curves([{"step": 2, "loss": 0.5, "val_psnr": 21.0}], tmp_path / "c.png")
+    axes = [ax for ax in figures[0].axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["loss", "val_psnr (dB)"]
+    figures[0].canvas.draw()
+    assert all(float(tick).is_integer() for ax in axes for tick in ax.get_xticks())
