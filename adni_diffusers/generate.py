@@ -75,6 +75,15 @@ def earlier_outputs(out: Path) -> list[Path]:
     return sorted(p for p in found if not p.name.startswith("sample-") or SAMPLE_NAME_RE.fullmatch(p.name))
 
 
+# image i's noise comes from its own generator, seeded so (also the model card's samples.png, train_unet.py)
+IMAGE_SEED_RULE = "seed * 1000003 + image index"
+
+
+def image_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per image, seeded by IMAGE_SEED_RULE: an image does not depend on the batch it is in."""
+    return [torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + i) % 2**64) for i in indices]
+
+
 GRID_IMAGES = 64  # grid.png shows the first ones: a grid of 10,000 (an FD-sized set) is unreadable and takes GBs
 
 
@@ -490,7 +499,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
     settings = {"model": str(model), "model_sha256": fingerprint, "class": class_label, "class_name": class_name,
                 "guidance": guidance, "scheduler": scheduler,
                 "steps": steps, "refine_steps": refine_steps, "refine_repeats": refine_repeats, "seed": seed,
-                "num_images": num_images, "dtype": dtype, "image_seed": "seed * 1000003 + image index",
+                "num_images": num_images, "dtype": dtype, "image_seed": IMAGE_SEED_RULE,
                 "slice_size": slice_size_text(slice_size) if slice_size is not None else None}
     # what decides the last bits (a grey level in a few pixels): the batch size, the device, the versions and
     # CPU threads; one entry per session (a --resume may use others)
@@ -595,7 +604,7 @@ def generate(model: str, out: str | Path, num_images: int = 16, class_label=None
                 n = len(todo)
                 # one generator per image (seeded by --seed and its index): an image does not depend on the batch size
                 # (up to float rounding: a grey level in a few pixels)
-                generators = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i) for i in todo]
+                generators = image_generators(seed, todo)
                 batch = pipe(batch_size=n, class_labels=label, guidance_scale=guidance, num_inference_steps=steps,
                              generator=generators, refine_steps=refine_steps, refine_repeats=refine_repeats,
                              output_type="pt", slice_size=slice_size, callback_on_step_end=progress,

@@ -387,6 +387,7 @@ def main(args: argparse.Namespace) -> dict:
 
     from adni_diffusers.compile_probe import make_spec
     from adni_diffusers.diffusion import diffusion_loss, drop_labels, make_noise_scheduler
+    from adni_diffusers.generate import IMAGE_SEED_RULE
     from adni_diffusers.latents import (LatentDataset, cache_key, check_room_on_device, latent_digest, load_or_build,
                                         older_cache_keys, scale_problem, vqmodel_key)
     from adni_diffusers.pipeline_adni_ldm import (ADNILatentDiffusionPipeline, nonfinite_weights_text,
@@ -610,7 +611,7 @@ def main(args: argparse.Namespace) -> dict:
                 "val_loss_measure": VAL_LOSS_MEASURE,
                 "val_latents": len(val_latents) if val_latents is not None else 0,
                 # samples.png's noise, as generate draws it: the card gives the command that remakes it
-                "samples_image_seed": "seed * 1000003 + image index",
+                "samples_image_seed": IMAGE_SEED_RULE,
             }
             write_text_atomically(Path(args.output_dir) / "train_metrics.json", json.dumps(result, indent=2))
             run.log_final_metrics(result, ["val_loss"])
@@ -751,6 +752,7 @@ def _final_samples(pipe, class_names, args, device) -> Path:
     """The model card's sample grid: one row per class (DDIM, fixed seed, --sample_guidance)."""
     from diffusers import DDIMScheduler
 
+    from adni_diffusers.generate import image_generators
     from adni_diffusers.plots import save_image_grid
 
     sampler = type(pipe)(pipe.vqvae, pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), class_names)
@@ -761,10 +763,9 @@ def _final_samples(pipe, class_names, args, device) -> Path:
     for label in rows:
         # generate's seeds (image i: seed * 1000003 + i), so that `adni-diffusers generate --seed S` remakes a row;
         # one generator for the row could be remade only from Python
-        generators = [torch.Generator().manual_seed((args.seed * 1_000_003 + i) % 2**64) for i in range(per_row)]
         images.append(sampler(batch_size=per_row, class_labels=label, guidance_scale=args.sample_guidance,
                               num_inference_steps=args.sample_inference_steps,
-                              generator=generators, output_type="pt").images * 2 - 1)
+                              generator=image_generators(args.seed, range(per_row)), output_type="pt").images * 2 - 1)
     # titled as the periodic grids are: opened alone (not under the card's caption) it says what it shows
     weights = "EMA weights" if getattr(args, "use_ema", False) else "final weights (no EMA)"
     return save_image_grid(torch.cat(images), Path(args.output_dir) / "samples.png", nrow=per_row,
