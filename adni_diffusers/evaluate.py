@@ -1642,6 +1642,25 @@ def check_earlier_outputs(out: Path, model_dir: Path) -> None:
         names = ", ".join(p.name for p in found[:5]) + (", ..." if len(found) > 5 else "")
         raise EvaluationError(f"--out {out}: holds {names}, which this evaluation would replace, and no evaluation's "
                               "metrics.json beside them (are they yours?): choose another --out, or remove them")
+    _check_not_another_models(out, model_dir)
+
+
+def _check_not_another_models(out: Path, model_dir: Path) -> None:
+    """An --out holding another model's evaluation (A's, then `--out` reused for B) lost it without a word: the
+    researcher comparing the two found B's numbers under A's folder name. The same model (its folder, or its weights
+    saved elsewhere) may replace its own."""
+    measured = read_json_object(out / "metrics.json").get("model")
+    if not isinstance(measured, dict) or not isinstance(measured.get("path"), str):
+        return
+    if Path(measured["path"]).resolve() == model_dir.resolve():
+        return
+    from .generate import model_fingerprint
+
+    sha = measured.get("model_sha256")
+    if sha is not None and sha == model_fingerprint(str(model_dir)):
+        return
+    raise EvaluationError(f"--out {out}: holds the evaluation of another model ({measured['path']}), which this one "
+                          "would replace; give each model its own --out")
 
 
 def _rerender_card(model_dir: Path, out: Path) -> str:

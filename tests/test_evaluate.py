@@ -19,6 +19,7 @@ from conftest import another_process_holding, toy_slices
 from adni_diffusers import cli
 from adni_diffusers import evaluate as E
 from adni_diffusers import features as Fe
+from adni_diffusers.generate import model_fingerprint
 from adni_diffusers.metrics import FD_NAME, KID_NAME
 from adni_diffusers.model_card import render_model_card
 
@@ -2155,6 +2156,31 @@ def test_the_card_is_re_rendered_only_when_it_reads_this_evaluation_and_is_a_gen
     said = E._rerender_card(model, model / "evaluation")
     assert "is not a generated card (left as it is)" in said
     assert (model / "README.md").read_text() == "# my own notes\n"
+
+
+def test_an_out_folder_with_another_models_evaluation_is_refused(tmp_path):
+    """A researcher evaluating model A, then B, into one --out lost A's numbers without a word (B's replaced them).
+    The same model may replace its own, also from its weights copied elsewhere (the same sha256)."""
+    def saved_model(name: str, weights: bytes) -> Path:
+        folder = tmp_path / name
+        (folder / "unet").mkdir(parents=True)
+        (folder / "model_index.json").write_text("{}")
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+        return folder
+
+    model_a, model_b = saved_model("ldmA", b"a"), saved_model("ldmB", b"b")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "report.md").write_text("# A's\n")
+    record = {"realism": {}, "settings": {}, "feature_net": {},
+              "model": {"path": str(model_a), "model_sha256": model_fingerprint(str(model_a))}}
+    (out / "metrics.json").write_text(json.dumps(record))
+    with pytest.raises(E.EvaluationError, match=r"--out .*results: holds the evaluation of another model "
+                                                r"\(.*ldmA\), which this one would replace"):
+        E.check_earlier_outputs(out, model_b)
+    E.check_earlier_outputs(out, model_a)  # its own evaluation: replaced
+    shutil.copytree(model_a, tmp_path / "copy_of_A")
+    E.check_earlier_outputs(out, tmp_path / "copy_of_A")  # the same weights elsewhere
 
 
 def test_the_models_own_evaluation_folder_is_always_replaced_and_a_foreign_metrics_json_protects_nothing(tmp_path):
