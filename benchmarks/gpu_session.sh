@@ -265,8 +265,8 @@ UNET_ARGS=(--vqmodel "$R/vq" --train_data_dir "$R/AD_NC" --preset "$PRESET" --se
            --prediction_type v_prediction --snr_gamma 5 --use_ema --ema_max_decay 0.999 --mixed_precision "$MP"
            --allow_tf32 --channels_last --latents_on_device $COMPILE ${COMPILE:+--compile_mode "$UNET_COMPILE_MODE"}
            --train_batch_size "$UNET_BATCH" --learning_rate 4e-4 --lr_warmup_steps 200
-           --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps "$SAMPLE_STEPS" --checkpointing_steps 500
-           --checkpoints_total_limit 2 --report_to tensorboard ${UNET_EXTRA:-})
+           --eval_batch_size 256 --save_images_epochs 10 --sample_inference_steps "$SAMPLE_STEPS"
+           --checkpointing_steps 500 --checkpoints_total_limit 2 --report_to tensorboard ${UNET_EXTRA:-})
 RESERVE=${RESERVE_AFTER_UNET:-0} train_stage train_unet "${UNET_LIMIT:-$((UNET_SECONDS + 480))}" train_unet.py "$R/ldm" train_metrics.json "$UNET_STEPS" \
   "${UNET_ARGS[@]}"
 

@@ -1660,10 +1660,11 @@ def test_an_out_of_memory_error_names_the_flags_that_lower_memory(tmp_path, caps
     assert ("out of memory (the error below): lower --train_batch_size" in err) == hinted, err
 
 
-@pytest.mark.parametrize("where, flag", [("load_or_build", "in encoding the latent cache (the error below): lower "
-                                          "--eval_batch_size;"),
-                                         ("_sample_grid", "in a sample grid (the error below): lower --num_sample_images"),
-                                         ("backward", "(the error below): lower --train_batch_size")])
+@pytest.mark.parametrize("where, flag", [
+    ("load_or_build", "in encoding the latent cache (the error below): lower --eval_batch_size;"),
+    ("_sample_grid", "in a sample grid (the error below): lower --num_sample_images"),
+    ("backward", "(the error below): lower --train_batch_size"),
+])
 def test_an_out_of_memory_error_outside_the_training_step_names_its_own_flag(tmp_path, capsys, where, flag):
     """An OOM while encoding the latent cache or drawing a sample grid is not lowered by --train_batch_size: the line
     names the flag of the work it came from (its traceback's function)."""
