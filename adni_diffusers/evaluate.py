@@ -1248,6 +1248,18 @@ def _one_class_net_text(fn: dict, data_classes: list) -> str:
             + (f"; held-out slice-position error {mae:.3f}" if mae is not None else "") + ".")
 
 
+def _comparable_text(res: dict) -> list[str]:
+    """What another model's evaluation must share for its numbers to stand beside these in one table: a model trained
+    with another --seed (no --split_seed) was measured against other held-out patients, in another net, silently."""
+    net = (res.get("feature_net") or {}).get("weights_sha256")
+    held_out = ((res.get("data") or {}).get("validation") or {}).get("patients_sha256")
+    if not (isinstance(net, str) and isinstance(held_out, str)):
+        return []
+    return [f"To set these numbers beside another model's, its evaluation must have the same feature net (weights "
+            f"`{net[:12]}`), the same held-out patients (`{held_out[:12]}`, `data.validation.patients_sha256` in "
+            "metrics.json: train both models' stages with one `--split_seed`) and the settings above.", ""]
+
+
 def write_report(res: dict, out: Path) -> Path:
     from .model_card import precision_note  # the card says the same
 
@@ -1277,6 +1289,7 @@ def write_report(res: dict, out: Path) -> Path:
         f"{res['data']['train']['patients']} patients, {res['data']['validation']['images']} held-out images of "
         + _held_out_patients(res["data"]),
         "",
+        *_comparable_text(res),
     ]
     if res.get("complete") is False:
         lines += ["**Incomplete:** written before the UMAP and the ablations, which were still running (or were cut "

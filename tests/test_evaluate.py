@@ -310,6 +310,16 @@ def test_the_record_names_the_weights_it_measured(evaluated, model_copy):
     assert image_seed(3, 1, 5) == 3 * 1000003 + (1 + 1) * 100003 + 5 and "* 100003 + sample index" in IMAGE_SEED_RULE
 
 
+def test_the_report_says_what_another_evaluation_must_share_to_be_compared(evaluated):
+    """A model trained with another --seed was measured against other held-out patients in another net, and nothing
+    said so: the report names the net's and the held-out patients' digests another evaluation must share."""
+    record = json.loads((evaluated[1] / "metrics.json").read_text())
+    report = (evaluated[1] / "report.md").read_text()
+    net, held_out = record["feature_net"]["weights_sha256"], record["data"]["validation"]["patients_sha256"]
+    assert (f"the same feature net (weights `{net[:12]}`), the same held-out patients (`{held_out[:12]}`" in
+            " ".join(report.split())), report[:3000]
+
+
 def test_vq_ceiling_is_the_floors_images_through_the_autoencoder(evaluated, model_copy):
     """The ceiling compares the floor's own training images, after VQ encode + decode, with the same held-out set."""
     result, out = evaluated
