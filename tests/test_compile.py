@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import TINY_UNET_ARGS, TINY_VQ_ARGS, run_training_script, wait_until
 
+from adni_diffusers.presets import UNET_PRESETS
+
 
 @pytest.fixture(autouse=True)
 def _own_pass_records(monkeypatch, tmp_path):
@@ -122,6 +124,10 @@ def test_child_runs_past_cuda_graph_recording(monkeypatch, mode, steps):
 # on one pytest-xdist worker, one after the other: the child's compile fills inductor's cache, which then serves the
 # compiled training run (two cold compiles at once on two workers took 161 s and 109 s of a 2-core runner)
 INDUCTOR_CACHE_SHARED = pytest.mark.xdist_group("inductor_tiny_unet")
+# The UNet of the two: one level, no attention. Each fused kernel is a g++ run on inductor's CPU backend, and the
+# tiny preset's two levels with attention cost 117 s + 83 s of compiling with a cold cache (2 cores, 2026-12-07).
+COMPILED_UNET = {**UNET_PRESETS["tiny"], "block_out_channels": [16], "down_block_types": ["DownBlock2D"],
+                 "up_block_types": ["UpBlock2D"], "add_attention": False}
 
 
 @INDUCTOR_CACHE_SHARED
@@ -129,14 +135,13 @@ INDUCTOR_CACHE_SHARED = pytest.mark.xdist_group("inductor_tiny_unet")
                     reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_child_process_compiles_a_training_step():
     """The child that train_unet / train_vqmodel start on CUDA before compiling, here on inductor's CPU
-    backend (about 2 minutes on 2 cores with a cold cache): it builds the model from the config, compiles it,
+    backend (about a minute on 2 cores with a cold cache): it builds the model from the config, compiles it,
     runs its training steps (three: the mode is reduce-overhead) and exits 0. Its model, batch and mode are
     those of `test_compiled_training_run_matches_eager`'s compiled run, whose compile inductor's on-disk cache
     then serves, as it serves the training process after the child on a GPU."""
     from adni_diffusers.compile_probe import passes_in_child
-    from adni_diffusers.presets import unet_config
 
-    config = {**unet_config("tiny"), "in_channels": 4, "out_channels": 4, "sample_size": 32,  # as train_unet sets
+    config = {**COMPILED_UNET, "in_channels": 4, "out_channels": 4, "sample_size": 32,  # as train_unet sets
               "num_class_embeds": 3}  # (--conditional: AD, NC and "no label")
     spec = _spec("unet", config=config, batch_size=4, sample_shape=[4, 32, 32], compile_mode="reduce-overhead",
                  channels_last=True)
@@ -549,8 +554,10 @@ def test_compiled_training_run_matches_eager(tmp_path, tiny_vq, demo_root, caplo
     same seed."""
     from adni_diffusers import ADNILatentDiffusionPipeline
 
+    preset = tmp_path / "compiled_unet.json"
+    preset.write_text(json.dumps(COMPILED_UNET))
     common = ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--max_train_steps", "8",
-              "--latent_cache_dir", tmp_path / "cache", "--cudnn_benchmark", *TINY_UNET_ARGS,
+              "--latent_cache_dir", tmp_path / "cache", "--cudnn_benchmark", *TINY_UNET_ARGS, "--preset", preset,
               "--channels_last", "--conditional", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--use_ema",
               "--latents_on_device", "--checkpointing_steps", "4", "--num_sample_images", "1", "--save_images_epochs", "1"]
     run_training_script("train_unet", [*common, "--output_dir", tmp_path / "eager"])
