@@ -50,7 +50,8 @@ WORKERS_PER_CPU = 4  # --dataloader_num_workers above this many per CPU is refus
 # said once: the defaults train `base` for hours there, which a user trying the commands does not expect
 CPU_PACE_STEPS = 3
 LONG_CPU_RUN_S = 3600.0
-# loss_curve.png at a checkpoint: at most this often (a drawing takes ~0.2 s; a test checkpoints every step)
+# loss_curve.png at a checkpoint: at most this often, counted from the run's start (a 12-panel curve took 1-2 s on a
+# CPU, 2026-12-07; a test checkpoints every step)
 LOSS_CURVE_EVERY_S = 60.0
 # where stderr is not a terminal (a SLURM .out), a log line of the step, loss, lr and pace at most this often
 PLAIN_LOG_SECONDS = 30.0
@@ -1932,7 +1933,9 @@ class TrainingRun:
     """
 
     _signalled = 0  # the stop signal this process received, if any
-    _curve_drawn_at = -math.inf  # time.monotonic() of the last loss_curve.png
+    # time.monotonic() of the last loss_curve.png, or of the run's start: a checkpoint draws it once a minute has
+    # passed (a run of a few seconds drew it at its first checkpoint and again at its end, 2 s each on a CPU)
+    _curve_drawn_at = -math.inf
     _curve_drawn_of = None  # (step, history rows) it drew: the same again is not redrawn
     _signalled_at = 0.0  # when (time.monotonic())
     _stop_agreed = False  # every process knows that one of them received one (at a log flush)
@@ -1985,6 +1988,7 @@ class TrainingRun:
         self._finishing_announced = False
         self.progress = None
         self.start_time = time.time()
+        self._curve_drawn_at = time.monotonic()
         self._graphs_at_start = compiled_graph_count()  # after maybe_compile's probe: training should add none
         self.recompiled_graphs = 0
         warmup = getattr(args, "lr_warmup_steps", 0)

@@ -358,6 +358,23 @@ def test_the_loss_curve_is_drawn_at_every_checkpoint(tmp_path, demo_root, monkey
     assert titles and all(title.endswith(" training: run") for title in titles)  # the run's folder: a sweep's apart
 
 
+def test_a_run_of_seconds_draws_its_loss_curve_once_at_its_end(tmp_path, tiny_vq, demo_root, monkeypatch):
+    """The minute between two drawings counts from the run's start: a run shorter than that drew its curve at its
+    first checkpoint and again at its end (1-2 s each on a CPU, about 130 drawings in the test suite)."""
+    from conftest import TINY_UNET_ARGS
+
+    from adni_diffusers import plots
+
+    drawn, draw = [], plots.plot_loss_curves
+    monkeypatch.setattr(plots, "plot_loss_curves", lambda rows, path, title: drawn.append(rows[-1]["step"]) or draw(
+        rows, path, title=title))
+    out = tmp_path / "ldm"
+    run_training_script("train_unet", ["--vqmodel", tiny_vq, "--train_data_dir", demo_root, "--output_dir", out,
+                                       "--max_train_steps", "4", "--checkpointing_steps", "1", "--logging_steps", "1",
+                                       *TINY_UNET_ARGS])
+    assert drawn == [4] and (out / "loss_curve.png").is_file()
+
+
 def test_an_incomplete_checkpoint_is_refused_before_any_work(tmp_path, demo_root, capsys):
     from adni_diffusers import train_vqmodel
 
