@@ -372,7 +372,8 @@ def test_gpu_session_quick_train_plan_runs_on_cpu(tmp_path):
     run_dir = tmp_path / "next"
     env = dict(os.environ, QUICK="train", PRESET="tiny", VQ_PRESET="tiny", MP="no", COMPILE="", VQ_BATCH="4",
                UNET_BATCH="8", SUBJECTS="4", FORCE_VQ_STEPS="2", FORCE_UNET_STEPS="2", CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS="2", GIT_REV="test", SAMPLE_STEPS="2")  # (the plan's 50 took 80 s of the test)
+               OMP_NUM_THREADS="2", GIT_REV="test", SAMPLE_STEPS="2",  # (the plan's 50 took 80 s of the test)
+               VQ_EXTRA="--eval_max_images 8 --validation_max_images 8")  # (40 held-out images: 8 s of the VQ stage)
 
     def call(**extra):
         return subprocess.run(["bash", script, str(run_dir)], env={**env, **extra}, cwd=REPO_ROOT,
