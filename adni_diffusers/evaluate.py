@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import compare as C
 from . import metrics as M
 from .data import (PAD_SIZE_HINT, DataError, SliceData, SliceSet, is_demo_dataset, load_slices, recorded_patient_ids,
                    scan_tree, to_uint8)
@@ -86,7 +87,7 @@ CEILING_LABEL = "VQ ceiling: the floor's training images through the VQ autoenco
 # (umap.png after --no-umap, the ablation figures without --ablations) would read as this run's, and `push`
 # uploads it. Only these names: other files, and a feature-net cache there, stay.
 OUTPUTS = ("metrics.json", "report.md", "ablations.csv", "ablations.png", "umap.png", "nn_distances.png",
-           "closest_pairs.png", "samples_*.png")
+           "closest_pairs.png", "samples_*.png", C.FEATURES_FILE)
 
 
 RUNNING_MARKER = ".evaluation_running"  # from the removal of earlier outputs to the last write
@@ -1367,7 +1368,8 @@ def write_report(res: dict, out: Path) -> Path:
             f"{_n(iv['held_out_patients'], 'held-out patient')} (slices of one patient are alike: resampling slices "
             "would give a far narrower range), of the generated images and of the floor's training draw, centred on "
             "the measured FD (the repeats in a resample raise FD by themselves). Two models whose FDs lie inside "
-            "each other's ranges are not told apart by this evaluation."
+            "each other's ranges are not told apart by these ranges; `evaluate --compare-with` compares two "
+            "evaluations of the same noise paired, which can."
             + (" The floor's FD has no range: every resample drew the same held-out and training images (one "
                "held-out patient per class, and no more training images than the floor draws)."
                if iv.get("floor_fd_unvaried") else "")
@@ -1377,6 +1379,7 @@ def write_report(res: dict, out: Path) -> Path:
                if any(r and r[0] == 0 for r in (iv.get("fd"), iv.get("floor_fd"))) else "")
             + (f" **{one_patient_text(iv, list(res['realism']['images_per_class']))}**"
                if iv.get("groups_of_one_patient") else ""), ""]
+    lines += C.report_lines(res.get("comparison"))
     if mem_iv:
         lines += [
             f"The memorisation shares' ranges are {100 * mem_iv['level']:g}% bootstrap intervals over "
@@ -1596,9 +1599,11 @@ def _gain_text(row: dict, main_setting: str | None) -> str:
 
 def assemble_results(*, model_dir, pipe, conditional, model_classes, record, data, settings, device, fn_report,
                      realism, diversity, fidelity, shares, mem, ablation, timings, files, complete,
-                     software: dict | None = None, model_sha256: str | None = None) -> dict:
+                     software: dict | None = None, model_sha256: str | None = None,
+                     comparison: dict | None = None) -> dict:
     """The evaluation's record (metrics.json without its numeric summary); `model_sha256`: generate's
-    model_fingerprint of the pipeline measured, as generation.json and counterfactuals.json record it."""
+    model_fingerprint of the pipeline measured, as generation.json and counterfactuals.json record it;
+    `comparison`: compare.compare's record of --compare-with (None without it)."""
     fn_summary = {k: fn_report.get(k) for k in ("cached", "path", "key", "weights_sha256", "trained_on", "settings",
                                                 "train_seconds", "position_head_trained", "val", "floor_patients")}
     return {
@@ -1621,6 +1626,7 @@ def assemble_results(*, model_dir, pipe, conditional, model_classes, record, dat
         "ablations": ablation,
         "timings": dict(timings),
         "files": files,
+        "comparison": comparison,
         # False: written before the UMAP and the ablations, which were still running (or were cut short)
         "complete": complete,
     }
@@ -1743,6 +1749,7 @@ def evaluate_model(
     render_card: bool = True,
     progress: bool = True,
     pipe=None,
+    compare_with=None,
 ) -> dict:
     """Evaluate a saved pipeline against the real held-out patients of its own training split.
 
@@ -1752,6 +1759,8 @@ def evaluate_model(
     and recall, to show how much they move with the net; the first one measures everything else.
     `feature_settings`: extra `train_feature_net` settings (widths, input_size, batch_size, lr...);
     they also define the TSTR/TRTR classifiers' recipe (with `tstr_epochs`).
+    `compare_with`: another evaluation's folder (or the model folder holding it): this one's FD gain over it, paired
+    (compare.py); it must share the data, split, feature net, --seed and --num-samples, checked before sampling.
     Returns the metrics.json content (also written to `out`, with report.md and the PNGs). An earlier
     evaluation's outputs in `out` (`OUTPUTS`) are removed once the inputs are checked; other files stay.
     """
@@ -1808,6 +1817,13 @@ def evaluate_model(
     if not 0 <= int(feature_net_seed) <= 2**32 - feature_nets:
         raise EvaluationError(f"--feature-net-seed {feature_net_seed}: expected 0 .. 2**32 - {feature_nets} (with "
                               f"--feature-nets {feature_nets}, the seeds up to it + {feature_nets - 1})")
+    baseline = None
+    if compare_with is not None:  # read and checked now: a folder without features is refused before any work
+        try:
+            baseline = C.read_baseline(compare_with)
+            C.check_sampling(baseline, seed, num_samples, IMAGE_SEED_RULE)
+        except C.ComparisonError as e:
+            raise EvaluationError(str(e)) from None
     if ablations and ablation_samples < 2:  # it ran 2 and recorded 1
         raise EvaluationError(f"--ablation-samples {ablation_samples}: expected at least 2 (the distribution "
                               "metrics compare sets)")
@@ -1931,12 +1947,30 @@ def evaluate_model(
                 fn_report["path"], fn_report["val"]["accuracy"])
     timings["feature_net_seconds"] = time.perf_counter() - t
 
-    # 3. samples: N per class (conditional) or N in all, one seed per image
-    t = time.perf_counter()
+    def groups_of(slices: SliceSet) -> torch.Tensor:
+        return slices.labels if conditional else torch.zeros(len(slices), dtype=torch.long)
+
     if conditional:
         gen_labels = [c for c in range(len(model_classes)) for _ in range(num_samples)]
     else:
         gen_labels = [None] * num_samples
+    # the held-out slices the distribution metrics compare with (step 5), and the generated rows they take
+    held_idx = subsample(groups_of(data.val), counts, seed)
+    gen_groups = torch.tensor([label or 0 for label in gen_labels], dtype=torch.long)
+    gen_groups = gen_groups[first_per_class(gen_groups, counts)]
+    images_per_class = {class_names[c]: v for c, v in counts.items()} if conditional else {"all": counts[0]}
+    reference_sha256 = C.reference_digest([data.val.paths[i] for i in held_idx.tolist()],
+                                          groups_of(data.val)[held_idx])
+    if baseline is not None:  # before hours of sampling
+        try:
+            C.check_same_yardstick(baseline, net_sha256=fn_report.get("weights_sha256"),
+                                   reference_sha256=reference_sha256, images_per_class=images_per_class,
+                                   groups=gen_groups)
+        except C.ComparisonError as e:
+            raise EvaluationError(str(e)) from None
+
+    # 3. samples: N per class (conditional) or N in all, one seed per image
+    t = time.perf_counter()
     images = sample_images(pipe, gen_labels, scheduler=scheduler, steps=steps, guidance=guidance,
                            refine_steps=refine_steps, refine_repeats=refine_repeats, seed=seed,
                            batch_size=batch_size, progress=progress)
@@ -1970,12 +2004,7 @@ def evaluate_model(
     #    pool the classes (group 0). Random real subsets are nested: a smaller N takes a prefix of the same
     #    permutation, so the ablation's reals are a subset of these.
     t = time.perf_counter()
-
-    def groups_of(slices: SliceSet) -> torch.Tensor:
-        return slices.labels if conditional else torch.zeros(len(slices), dtype=torch.long)
-
     gen_idx = first_per_class(groups_of(gen), counts)
-    held_idx = subsample(groups_of(data.val), counts, seed)
     floor_groups = groups_of(data.train)[floor_pool]
     train_idx = floor_pool[subsample(floor_groups, counts, seed + 1)]
     # the VQ ceiling: the floor's own training images after the autoencoder's round trip, so that
@@ -1993,8 +2022,7 @@ def evaluate_model(
                                   candidate_patients=floor_patients),
         "vq_ceiling": compare_features(heldout_feats[held_idx], recon_feats, **against_held_out,
                                        candidate_patients=floor_patients),
-        "images_per_class": ({class_names[c]: v for c, v in counts.items()} if conditional
-                             else {"all": counts[0]}),
+        "images_per_class": images_per_class,
         "per_class": {},
     }
     if conditional:
@@ -2010,6 +2038,17 @@ def evaluate_model(
         gen_groups=groups_of(gen)[gen_idx], train_feats=train_feats[floor_pool], train_groups=floor_groups,
         counts=counts, seed=seed, measured=(realism["generated"]["fd"], realism["floor"]["fd"]),
         resamples=fd_resamples)
+    # the samples' features, for a later evaluation's --compare-with (no real slice's: nothing of the data)
+    files["features"] = C.save_features(
+        out, generated=gen_feats[gen_idx], groups=gen_groups, net_sha256=fn_report.get("weights_sha256"),
+        reference_sha256=reference_sha256, images_per_class=images_per_class,
+        settings={"seed": seed, "image_seed": IMAGE_SEED_RULE, "num_samples": num_samples, "scheduler": scheduler,
+                  "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
+                  "refine_repeats": refine_repeats}).name
+    comparison = None if baseline is None else C.compare(
+        baseline, held_feats=heldout_feats[held_idx], held_groups=groups_of(data.val)[held_idx],
+        held_patients=held_patients, generated=gen_feats[gen_idx], gen_groups=gen_groups,
+        fd=realism["generated"]["fd"], seed=seed, resamples=fd_resamples, level=INTERVAL_LEVEL)
     if feature_nets > 1:
         realism["across_feature_nets"] = across_feature_nets(
             [feature_net_seed + i for i in range(feature_nets)], first=(realism, fn_report),
@@ -2111,7 +2150,7 @@ def evaluate_model(
             device=device, fn_report=fn_report, realism=realism, diversity={"generated": gen_div, "real": real_div},
             fidelity=fidelity, shares=shares, mem=mem, ablation=ablation, timings=timings,
             files={**files, "report": "report.md", "metrics": "metrics.json"}, complete=complete, software=software,
-            model_sha256=model_sha256))
+            model_sha256=model_sha256, comparison=comparison))
         write_report(res, out)
         # top level: the numeric summary (the model card's table), then the details under their own keys
         result = {**summary_numbers(res), **res}
@@ -2245,6 +2284,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"bootstrap resamples of the FD intervals, by held-out patient (default {FD_RESAMPLES}; 0: "
                         "no intervals)")
     g.add_argument("--no-umap", dest="umap", action="store_false", help="skip the UMAP plot")
+    g.add_argument("--compare-with", default=None, metavar="EVALUATION",
+                   help="another evaluation's folder (or a model folder with its evaluation/) of the same data, "
+                        "split, feature net, --seed and --num-samples: this evaluation's FD gain over it, with a "
+                        "range from resampling both jointly (paired: it tells apart models whose own FD ranges "
+                        "overlap)")
     g = parser.add_argument_group("ablations")
     g.add_argument("--ablations", action="store_true",
                    help="also compare refinement, samplers and guidance on the same seeds (samples again per row)")
@@ -2260,7 +2304,7 @@ def main(args: argparse.Namespace) -> int:
         raise EvaluationError(f"--ablation-samples {args.ablation_samples} needs --ablations")
     # "" (an unset shell variable, `--data-dir $DATA`) ran on the defaults: the training data, without a word
     for flag, value in (("--data-dir", args.data_dir), ("--feature-cache", args.feature_cache),
-                        ("--device", args.device), ("--model", args.model)):
+                        ("--device", args.device), ("--model", args.model), ("--compare-with", args.compare_with)):
         if value == "":
             raise EvaluationError(f"{flag} is empty; leave it out for the default, or give a value")
     result = evaluate_model(
@@ -2272,7 +2316,7 @@ def main(args: argparse.Namespace) -> int:
         feature_nets=args.feature_nets,
         ablations=args.ablations,
         ablation_samples=DEFAULT_ABLATION_SAMPLES if args.ablation_samples is None else args.ablation_samples,
-        umap=args.umap, render_card=args.render_card,
+        umap=args.umap, render_card=args.render_card, compare_with=args.compare_with,
     )
     out = Path(args.out) if args.out else Path(args.model) / "evaluation"
     r, fl = result["realism"]["generated"], result["realism"]["floor"]
@@ -2287,6 +2331,12 @@ def main(args: argparse.Namespace) -> int:
              if iv else "")
           + (f"\n{one_patient_text(iv, list(result['realism']['images_per_class']))}"
              if iv.get("groups_of_one_patient") else ""))
+    if cmp := result.get("comparison"):
+        gain, interval = cmp["fd_gain"], cmp["fd_gain_interval"]
+        print(f"against {cmp['with']}: FD {cmp['fd']:.4g} there, {cmp['this_fd']:.4g} here; gain "
+              + ("-" if gain is None else f"{100 * gain:+.1f}%")
+              + (f" ({100 * interval[0]:+.1f}% to {100 * interval[1]:+.1f}%)" if interval else "")
+              + f": {cmp['verdict']}")
     print(f"feature net {'reused from cache' if result['feature_net']['cached'] else 'trained'}: "
           f"{result['feature_net']['path']}")
     print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; {result['card']}")

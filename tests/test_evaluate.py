@@ -1067,7 +1067,7 @@ def test_a_rerun_removes_the_earlier_runs_outputs_and_keeps_other_files(evaluate
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["feature_net"]["cached"] is True and "umap" not in metrics["files"]
     written = {"metrics.json", "report.md", "nn_distances.png", "closest_pairs.png", "samples_AD.png",
-               "samples_NC.png"}
+               "samples_NC.png", "features.safetensors"}
     assert {p.name for p in out.iterdir()} == written | {"notes.md", "feature_net"}
 
 
@@ -2134,14 +2134,15 @@ def test_the_cli_hands_every_flag_and_its_documented_default_to_evaluate_model(t
                      "--refine-steps", "2", "--refine-repeats", "3", "--seed", "5", "--batch-size", "6",
                      "--device", "cpu", "--dtype", "bfloat16", "--feature-cache", str(cache), "--feature-epochs", "2",
                      "--tstr-epochs", "3", "--diversity-pairs", "9", "--kid-subsets", "11", "--no-umap",
-                     "--fd-resamples", "13", "--feature-net-seed", "14", "--feature-nets", "3", "--ablations", "--ablation-samples", "12", "--no-card"]) == 0
+                     "--fd-resamples", "13", "--feature-net-seed", "14", "--feature-nets", "3", "--ablations", "--ablation-samples", "12", "--no-card",
+                     "--compare-with", str(tmp_path / "other")]) == 0
     args, kw = seen[-1]
     assert args == (str(model), str(data), 7, str(tmp_path / "o"))
     assert kw == dict(scheduler="ddim", steps=4, guidance=3.0, refine_steps=2, refine_repeats=3, seed=5, batch_size=6,
                       device="cpu", dtype="bfloat16", feature_cache=str(cache), feature_epochs=2, tstr_epochs=3,
                       diversity_pairs=9, kid_subsets=11, fd_resamples=13, feature_net_seed=14, feature_nets=3,
                       ablations=True,
-                      ablation_samples=12, umap=False, render_card=False)
+                      ablation_samples=12, umap=False, render_card=False, compare_with=str(tmp_path / "other"))
     said = capsys.readouterr().out
     assert f"report: {tmp_path / 'o' / 'report.md'}" in said and f"{FD_NAME}: 1 (floor" in said
     assert cli.main(["evaluate", "--model", str(model)]) == 0
@@ -2151,7 +2152,7 @@ def test_the_cli_hands_every_flag_and_its_documented_default_to_evaluate_model(t
                       batch_size=None, device=None, dtype="float32", feature_cache=None, feature_epochs=5,
                       tstr_epochs=10, diversity_pairs=None, kid_subsets=100, fd_resamples=200, feature_net_seed=0,
                       feature_nets=1, ablations=False,
-                      ablation_samples=E.DEFAULT_ABLATION_SAMPLES, umap=True, render_card=True)
+                      ablation_samples=E.DEFAULT_ABLATION_SAMPLES, umap=True, render_card=True, compare_with=None)
     assert f"report: {model / 'evaluation' / 'report.md'}" in capsys.readouterr().out
 
 
