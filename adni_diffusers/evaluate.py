@@ -1927,13 +1927,6 @@ def evaluate_model(
                               f"{len(data.val)}): they need at least 2; hold out more patients (--val_fraction "
                               "in training, or a larger test/ folder)")
     timings["load_seconds"] = time.perf_counter() - t
-    # everything is checked: an earlier run's outputs go now (a refused run keeps them), before anything is written
-    earlier = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)})
-    remove_outputs(earlier)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run left an empty --out behind
-    (out / RUNNING_MARKER).write_text("an evaluation is writing here (check_earlier_outputs)\n", encoding="utf-8")
-    if earlier and render_card:  # a run cut short must not leave the card showing the removed run's numbers
-        _rerender_card(model_dir, out)
 
     # 2. the feature network: real training split only, cached
     t = time.perf_counter()
@@ -1968,6 +1961,15 @@ def evaluate_model(
                                    groups=gen_groups)
         except C.ComparisonError as e:
             raise EvaluationError(str(e)) from None
+
+    # everything is checked (--compare-with's yardstick needs the feature net): an earlier run's outputs go now (a
+    # refused run keeps them; the evaluation compared with may be the one in --out), before anything is written
+    earlier = sorted({p for pattern in OUTPUTS for p in out.glob(pattern)})
+    remove_outputs(earlier)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run left an empty --out behind
+    (out / RUNNING_MARKER).write_text("an evaluation is writing here (check_earlier_outputs)\n", encoding="utf-8")
+    if earlier and render_card:  # a run cut short must not leave the card showing the removed run's numbers
+        _rerender_card(model_dir, out)
 
     # 3. samples: N per class (conditional) or N in all, one seed per image
     t = time.perf_counter()

@@ -3,6 +3,7 @@ split, feature net, seed and sample count, and its refusals of evaluations that 
 stand-ins (test_evaluate's _StubPipe: uniform noise, or darker noise), on the tiny demo set."""
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -142,6 +143,20 @@ def test_other_held_out_slices_or_counts_are_refused_even_in_one_net(first):
         C.check_same_yardstick(baseline, **{**same, "reference_sha256": C.reference_digest(names, groups)})
     with pytest.raises(C.ComparisonError, match=r"compared \{'AD': 4, 'NC': 4\} images per class, this one"):
         C.check_same_yardstick(baseline, **{**same, "images_per_class": {"AD": 3, "NC": 3}})
+
+
+def test_the_evaluation_in_out_may_be_the_one_compared_with_and_a_refusal_keeps_it(first, tmp_path):
+    """Evaluate again into the same folder and compare with the evaluation it replaces: read before it is removed.
+    A comparison refused at the feature net (known once the net is loaded) removed that evaluation first."""
+    model, out, result = first
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    with pytest.raises(E.EvaluationError, match="another feature net"):
+        E.evaluate_model(model, out=again, pipe=_StubPipe(), compare_with=again, **{**SETTINGS, "feature_net_seed": 1})
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in out.iterdir())  # no marker either
+    c = E.evaluate_model(model, out=again, pipe=_DarkPipe(), compare_with=again, **SETTINGS)["comparison"]
+    assert c["fd"] == pytest.approx(result["realism"]["generated"]["fd"]) and c["with"] == str(again)
+    assert C.read_baseline(again)["generated"].mean() != pytest.approx(C.read_baseline(out)["generated"].mean())
 
 
 def test_folders_without_an_evaluation_or_its_features_are_named(first, tmp_path):

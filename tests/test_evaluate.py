@@ -1937,18 +1937,27 @@ def test_an_out_folder_with_files_no_evaluation_made_is_refused(model_copy, tmp_
 
 
 def test_a_rerun_cut_short_leaves_no_card_showing_the_removed_numbers(evaluated, model_copy, tmp_path, monkeypatch):
-    """The earlier evaluation goes before any work; a rerun that then fails must re-render the card at once, or it
-    goes on showing numbers whose metrics.json is gone (and a push uploads that card)."""
+    """The earlier evaluation goes once the feature net is ready (since 2026-12-08: --compare-with checks the net
+    first, and may compare with that very evaluation), before any sampling; a rerun that then fails must re-render
+    the card at once, or it goes on showing numbers whose metrics.json is gone (and a push uploads that card). A run
+    cut short before, in the feature net's training, leaves the earlier evaluation whole, and the card with it."""
     model = tmp_path / "ldm"
     shutil.copytree(model_copy, model)
     card = model / "README.md"
     card.write_text(render_model_card(model), encoding="utf-8")
     assert "From `evaluation/metrics.json`" in card.read_text(encoding="utf-8")
+    earlier = sorted(p.name for p in (model / "evaluation").iterdir())
 
     def cut_short(*args, **kwargs):
         raise RuntimeError("the job's time limit")
 
-    monkeypatch.setattr(Fe, "get_or_train_feature_net", cut_short)
+    with monkeypatch.context() as mp:
+        mp.setattr(Fe, "get_or_train_feature_net", cut_short)
+        with pytest.raises(RuntimeError, match="time limit"):
+            E.evaluate_model(model, num_samples=2, steps=2, device="cpu", progress=False)
+    assert sorted(p.name for p in (model / "evaluation").iterdir()) == earlier
+    assert "From `evaluation/metrics.json`" in card.read_text(encoding="utf-8")
+    monkeypatch.setattr(E, "sample_images", cut_short)
     with pytest.raises(RuntimeError, match="time limit"):
         E.evaluate_model(model, num_samples=2, steps=2, device="cpu", progress=False)
     assert not (model / "evaluation" / "metrics.json").exists()
