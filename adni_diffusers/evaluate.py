@@ -924,9 +924,14 @@ def plot_ablations(rows: list[dict], floor: dict, path: Path) -> Path:
     axes[1].axvline(floor["precision"], color="tab:blue", ls="--", lw=1, label="precision floor")
     axes[1].axvline(floor["recall"], color="tab:red", ls=":", lw=1, label="recall floor")
     axes[1].set_xlim(0, 1.02)
+    if not any(r["precision"] or r["recall"] for r in rows):  # no bar at all: an empty panel read as a drawing fault
+        axes[1].text(0.5, 0.5, "precision and recall are 0 in every row:\nno sample lies inside the real images'\n"
+                     "manifold, nor any real image inside the samples'", transform=axes[1].transAxes, ha="center",
+                     va="center", fontsize=9, color="0.25", bbox={"facecolor": "white", "edgecolor": "0.8"})
     axes[1].set_xlabel(f"precision / recall (k={floor['k']}), higher is better", fontsize=9)
-    # below the bars: in the corner it covered the last row's precision bar where it meets its floor
-    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)
+    # above the bars: in the corner it covered the last row's precision bar where it meets its floor, and below the
+    # panel it covered the axis label
+    axes[1].legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     axes[0].set_yticks(y, labels, fontsize=8)
     axes[0].invert_yaxis()
     fig.tight_layout()

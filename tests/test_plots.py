@@ -392,6 +392,29 @@ def test_the_ablations_precision_and_recall_bars_differ_in_more_than_colour(monk
     assert {p.get_hatch() for p in precision} != {p.get_hatch() for p in recall}
 
 
+def test_an_ablation_panel_of_zero_precision_and_recall_says_so(monkeypatch, tmp_path):
+    """Every row at precision 0 and recall 0 (an early model) drew an empty panel but for the floor lines: read as a
+    drawing fault. It says what the empty panel means; a panel with bars says nothing more."""
+    from adni_diffusers import evaluate
+
+    figures = []
+    monkeypatch.setattr(evaluate, "save_figure", lambda fig, path, **kw: figures.append(fig) or Path(path))
+    floor = {"fd": 2.0, "precision": 0.7, "recall": 0.9, "k": 3}
+    rows = [{"label": f"sampler: {n}", "group": "sampler", "fd": 300.0, "precision": 0.0, "recall": 0.0}
+            for n in ("ddim-50", "dpm++-25")]
+    evaluate.plot_ablations(rows, floor, tmp_path / "a.png")
+    rows[1]["recall"] = 0.1
+    evaluate.plot_ablations(rows, floor, tmp_path / "b.png")
+    said = [[t.get_text() for t in fig.axes[1].texts] for fig in figures]
+    assert len(said[0]) == 1 and said[0][0].startswith("precision and recall are 0 in every row") and said[1] == []
+    # the legend below the panel covered its axis label ("precision / recall (k=3), higher is better")
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legend, label = fig.axes[1].get_legend(), fig.axes[1].xaxis.label
+        assert not legend.get_window_extent(renderer).overlaps(label.get_window_extent(renderer))
+
+
 def test_difference_maps_are_drawn_pixel_for_pixel_and_their_colour_bars_say_where_the_scale_cuts(monkeypatch,
                                                                                                   tmp_path):
     """A one-pixel change of +1 drawn at limit 1 came out half strength, in a colour not on the bar (matplotlib's
