@@ -27,8 +27,9 @@ The feature space is the project's own `features.FeatureNet`, trained on the REA
 only (less the floor's patients) and cached (`get_or_train_feature_net`); no Inception weights, so
 the names say "(adni-features)" and the numbers are not comparable with published FID values.
 
-Outputs in `--out` (default `<model>/evaluation`): metrics.json, report.md, ablations.csv and
-PNGs (an earlier evaluation's are removed first, other files stay); then the model card (README.md)
+Outputs in `--out` (default `<model>/evaluation`): metrics.json, report.md, ablations.csv, PNGs and
+features.safetensors (the samples' features, for a later `--compare-with`; compare.py) (an earlier evaluation's are
+removed first, other files stay); then the model card (README.md)
 is re-rendered so the numbers appear there. The pieces (`sample_images`, `as_slice_set`,
 `extract_features`, `compare_features`, ...) are small functions for reuse by other commands.
 """

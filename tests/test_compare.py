@@ -53,6 +53,19 @@ def test_an_evaluation_saves_its_samples_features_and_nothing_of_the_real_slices
         pytest.approx(result["realism"]["generated"]["fd"], rel=1e-6)
 
 
+def test_a_push_leaves_the_features_file_out(first, tmp_path):
+    """The features file stays with the evaluation on disk; a push of the model uploads the report and metrics."""
+    from adni_diffusers.hub import select_upload_files
+
+    model, out, _ = first
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder, ignore=shutil.ignore_patterns("feature_net"))
+    shutil.copytree(out, folder / "evaluation")
+    kind, files = select_upload_files(folder)
+    assert kind == "pipeline" and "evaluation/metrics.json" in files
+    assert "evaluation/" + C.FEATURES_FILE not in files
+
+
 def _held_out_features(model, out):
     """The held-out rows the first evaluation compared with, measured again in its cached net."""
     from adni_diffusers import features as Fe
