@@ -44,7 +44,7 @@ def save_features(out: Path, *, generated: torch.Tensor, groups: torch.Tensor, n
 
     path = Path(out) / FEATURES_FILE
     tmp = path.with_name(path.name + ".tmp")
-    metadata = {"format": FORMAT, "feature_net_sha256": str(net_sha256), "reference_sha256": reference_sha256,
+    metadata = {"format": FORMAT, "feature_net_sha256": net_sha256 or "", "reference_sha256": reference_sha256,
                 "images_per_class": json.dumps(images_per_class),
                 "sampling": json.dumps({k: settings.get(k) for k in SAMPLING_KEYS})}
     try:  # whole or not at all, as the JSON records
@@ -117,7 +117,7 @@ def check_same_yardstick(baseline: dict, *, net_sha256, reference_sha256: str, i
                          groups: torch.Tensor) -> None:
     """Before anything is sampled: the same feature net, the same held-out slices, the same images per class."""
     where = f"--compare-with {baseline['given']}"
-    if baseline["net_sha256"] != str(net_sha256):
+    if not net_sha256 or baseline["net_sha256"] != net_sha256:  # (a net of unknown weights compares with none)
         raise ComparisonError(f"{where}: that evaluation measured in another feature net (weights "
                               f"{str(baseline['net_sha256'])[:12]}, this one {str(net_sha256)[:12]}): FD moves with "
                               "the net. Models of one data set and split get the same net from one --feature-cache "

@@ -148,6 +148,9 @@ def test_other_held_out_slices_or_counts_are_refused_even_in_one_net(first):
     same = dict(net_sha256=net, reference_sha256=baseline["reference_sha256"],
                 images_per_class={"AD": 4, "NC": 4}, groups=baseline["groups"])
     C.check_same_yardstick(baseline, **same)  # itself: accepted
+    for unknown in (None, ""):  # a net whose weights' digest is unknown is no yardstick to share
+        with pytest.raises(C.ComparisonError, match="another feature net"):
+            C.check_same_yardstick({**baseline, "net_sha256": unknown}, **{**same, "net_sha256": unknown})
     names = [f"p{i}_1.png" for i in range(8)]
     groups = torch.tensor([0] * 4 + [1] * 4)
     assert C.reference_digest(names, groups) == C.reference_digest([f"/elsewhere/{n}" for n in names], groups)
