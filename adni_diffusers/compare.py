@@ -132,6 +132,23 @@ def check_same_yardstick(baseline: dict, *, net_sha256, reference_sha256: str, i
                               f"this one {images_per_class}")
 
 
+# the other measures of both evaluations, side by side (unpaired): (label, path in metrics.json)
+SIDE_BY_SIDE = (("KID (adni-features)", ("realism", "generated", "kid")),
+                ("precision", ("realism", "generated", "precision")),
+                ("recall", ("realism", "generated", "recall")),
+                ("MS-SSIM of random pairs (diversity)", ("diversity", "generated", "mean")))
+
+
+def _at(record: dict, path: tuple) -> float | None:
+    for key in path:
+        record = record.get(key) if isinstance(record, dict) else None
+    return record if isinstance(record, (int, float)) and not isinstance(record, bool) else None
+
+
+def _shown(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
 def compare(baseline: dict, *, held_feats, held_groups, held_patients, generated, gen_groups, fd: float, seed: int,
             resamples: int, level: float) -> dict:
     """The paired FD gain of this evaluation's samples over the baseline's: (FD(theirs) - FD(ours)) / FD(theirs),
@@ -154,13 +171,16 @@ def compare(baseline: dict, *, held_feats, held_groups, held_patients, generated
         verdict = "not told apart (the range holds 0)"
     record = baseline["record"]
     return {"with": baseline["folder"], "model": (record.get("model") or {}).get("path"),
+            # the other measures as that evaluation recorded them, for the report's side-by-side table
+            "their_measures": {label: _at(record, path) for label, path in SIDE_BY_SIDE},
             "model_sha256": (record.get("model") or {}).get("model_sha256"), "sampling": baseline["sampling"],
             "fd": theirs, "this_fd": fd, "fd_gain": gain, "fd_gain_interval": interval, "level": level,
             "resamples": resamples, "verdict": verdict}
 
 
-def report_lines(comparison: dict | None) -> list[str]:
-    """The report's paragraph on the comparison (none without one)."""
+def report_lines(comparison: dict | None, res: dict | None = None) -> list[str]:
+    """The report's paragraph on the comparison (none without one); with `res` (this evaluation's record) a table
+    of the other measures of both, side by side."""
     if not comparison:
         return []
     c = comparison
@@ -177,4 +197,9 @@ def report_lines(comparison: dict | None) -> list[str]:
             f"held-out slices, in the same feature net, from the same noise: its FD {c['fd']:.4g}, this one's "
             f"{c['this_fd']:.4g}. FD gain of this evaluation's samples: {gain}{ranged}: {c['verdict']}. The pairing "
             "cancels the chance both share, so this range can tell apart two models whose own FD ranges overlap.",
-            ""]
+            ""] + ([] if res is None else [
+        "The other measures side by side (not paired: no range of their difference):", "",
+        "| measure | that evaluation | this one |", "|---|---|---|",
+        *(f"| {label} | {_shown((c.get('their_measures') or {}).get(label))} | {_shown(_at(res, path))} |"
+          for label, path in SIDE_BY_SIDE),
+        ""])

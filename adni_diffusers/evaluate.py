@@ -1385,7 +1385,6 @@ def write_report(res: dict, out: Path) -> Path:
                if any(r and r[0] == 0 for r in (iv.get("fd"), iv.get("floor_fd"))) else "")
             + (f" **{one_patient_text(iv, list(res['realism']['images_per_class']))}**"
                if iv.get("groups_of_one_patient") else ""), ""]
-    lines += C.report_lines(res.get("comparison"))
     if mem_iv:
         lines += [
             f"The memorisation shares' ranges are {100 * mem_iv['level']:g}% bootstrap intervals over "
@@ -1418,6 +1417,7 @@ def write_report(res: dict, out: Path) -> Path:
         + f"trained with seed {fn['settings'].get('seed')}): compare FD only between evaluations with the same net"
         + (", and see how far it moves with `--feature-nets 3`." if not nets else "."),
         "",
+        *C.report_lines(res.get("comparison"), res),  # its own section, after the summary's notes
         "## Feature network",
         "",
         f"A small ResNet (`features.FeatureNet`) trained on the real training split only "

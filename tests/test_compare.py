@@ -102,6 +102,14 @@ def test_a_paired_comparison_gives_the_fd_gain_and_its_range(first, tmp_path, ca
         pytest.approx(c["fd_gain"])
     report = (tmp_path / "dark" / "report.md").read_text()
     assert "## Against another evaluation (paired)" in report and f"{100 * c['fd_gain']:+.1f}%" in report
+    # a section of its own: the summary's notes (the memorisation ranges) stay above it, under the summary
+    section = report.split("## Against another evaluation (paired)")[1].split("\n## ")[0]
+    assert "memorisation shares' ranges" not in section and "## Against" not in report.split("## Summary")[0]
+    for label, key in (("KID (adni-features)", "kid"), ("recall", "recall")):  # the other measures, side by side
+        theirs, ours = result["realism"]["generated"][key], dark["realism"]["generated"][key]
+        assert f"| {label} | {theirs:.4g} | {ours:.4g} |" in report
+    assert f"| MS-SSIM of random pairs (diversity) | {result['diversity']['generated']['mean']:.4g} | " \
+           f"{dark['diversity']['generated']['mean']:.4g} |" in report
     # the reverse comparison: the dark one as the baseline
     back = E.evaluate_model(model, out=tmp_path / "back", pipe=_StubPipe(), compare_with=tmp_path / "dark",
                             **SETTINGS)["comparison"]
