@@ -1225,6 +1225,30 @@ def test_the_paired_gain_cancels_what_two_rows_of_the_same_seeds_share():
     assert low < high < 0 and (high - low) < (spread[1] - spread[0]) / fd, (low, high, spread, fd)
 
 
+def test_the_paired_gains_range_keeps_the_resampled_gains_own_skew():
+    """The range is the resampled gains' own spread, moved onto the measured gain: its lower tail is the gains' lower
+    one. A gain with its sign flipped in the resamples mirrored the spread and went unnoticed where it is symmetric;
+    here the gains are skewed (lower tail 0.55, upper 0.40), recomputed from the same draws."""
+    g = torch.Generator().manual_seed(0)
+    patients = [f"p{i}" for i in range(6) for _ in range(8)]
+    held = torch.randn(6, 5, generator=g).repeat_interleave(8, 0) + 0.3 * torch.randn(48, 5, generator=g)
+    base = torch.randn(40, 5, generator=g)
+    other = base * 1.5
+    held_groups, gen_groups = torch.zeros(48, dtype=torch.long), torch.zeros(40, dtype=torch.long)
+    low, high = E.paired_fd_gain(held_feats=held, held_groups=held_groups, held_patients=patients, base_feats=base,
+                                 other_feats=other, gen_groups=gen_groups, seed=0)
+    draw, gains = E.PatientBootstrap(held_groups, patients, gen_groups, 0), []
+    for _ in range(E.FD_RESAMPLES):  # the same draws, in the same order
+        rows, gen = draw.held(), draw.generated()
+        fd_base = E.M.frechet_distance(held[rows], base[gen])
+        gains.append((fd_base - E.M.frechet_distance(held[rows], other[gen])) / fd_base)
+    tail_low, median, tail_high = np.percentile(gains, [2.5, 50, 97.5])
+    assert (median - tail_low) - (tail_high - median) > 0.1  # skewed: a mirrored range would differ
+    fd = E.M.frechet_distance(held, base)
+    measured = (fd - E.M.frechet_distance(held, other)) / fd
+    assert low == pytest.approx(measured - (median - tail_low)) and high == pytest.approx(measured + (tail_high - median))
+
+
 def test_compare_features_lowers_k_for_sets_of_k_rows_or_fewer():
     """"k is lowered for tiny sets": the k-NN radius needs k OTHER rows, so sets of 2 or 3 rows (the smallest
     evaluation, an ablation row of 2 samples) get k = n - 1, not an error from precision_recall."""
