@@ -192,12 +192,20 @@ def report_lines(comparison: dict | None, res: dict | None = None) -> list[str]:
     interval = c["fd_gain_interval"]
     ranged = (f" ({100 * interval[0]:+.1f}% to {100 * interval[1]:+.1f}%, a {100 * c['level']:g}% range over "
               f"{c['resamples']} joint resamples of the held-out patients and the seeds)" if interval else "")
+    # the same held-out reference as FD's own ranges: a class of one held-out patient leaves its chance out here too
+    intervals = ((res or {}).get("realism") or {}).get("fd_intervals") or {}
+    one_patient = ""
+    if interval and intervals.get("groups_of_one_patient"):
+        from .evaluate import one_patient_text
+
+        one_patient = (" **" + one_patient_text(intervals, list(res["realism"]["images_per_class"]),
+                                                 "only the generated images vary") + "**")
     return ["## Against another evaluation (paired)", "",
             f"Compared with the evaluation in `{c['with']}` (model `{c['model']}`, sampled with {how}), on the same "
             f"held-out slices, in the same feature net, from the same noise: its FD {c['fd']:.4g}, this one's "
             f"{c['this_fd']:.4g}. FD gain of this evaluation's samples: {gain}{ranged}: {c['verdict']}. The pairing "
-            "cancels the chance both share, so this range can tell apart two models whose own FD ranges overlap.",
-            ""] + ([] if res is None else [
+            "cancels the chance both share, so this range can tell apart two models whose own FD ranges overlap."
+            + one_patient, ""] + ([] if res is None else [
         "The other measures side by side (not paired: no range of their difference):", "",
         "| measure | that evaluation | this one |", "|---|---|---|",
         *(f"| {label} | {_shown((c.get('their_measures') or {}).get(label))} | {_shown(_at(res, path))} |"

@@ -222,3 +222,9 @@ def test_the_report_paragraph_names_both_evaluations_and_the_range():
     assert "`a/evaluation`" in text and "+20.0% (+5.0% to +30.0%, a 95% range over 200" in text
     assert "`ddpm` with 1000 steps, guidance 2.0, no refinement" in text
     assert C.report_lines(None) == []
+    # a class of one held-out patient: the paired range lacks that patient's chance too, and says so
+    res = {"realism": {"fd_intervals": {"groups_of_one_patient": [0]}, "images_per_class": {"AD": 4, "NC": 4}}}
+    said = "\n".join(C.report_lines(comparison, res))
+    assert "The held-out images of AD are of one patient" in said and "only the generated images vary" in said
+    res["realism"]["fd_intervals"]["groups_of_one_patient"] = []
+    assert "one patient" not in "\n".join(C.report_lines(comparison, res))
