@@ -1652,11 +1652,12 @@ def is_evaluation_record(path: Path) -> bool:
     return {"realism", "settings", "feature_net"} <= set(read_json_object(path))
 
 
-def check_earlier_outputs(out: Path, model_dir: Path) -> None:
+def check_earlier_outputs(out: Path, model_dir: Path) -> str | None:
     """An --out other than the model's evaluation/ may hold the user's own files under an evaluation's names
-    (report.md, umap.png, samples_*.png): they are replaced only when an evaluation's metrics.json is beside them."""
+    (report.md, umap.png, samples_*.png): they are replaced only when an evaluation's metrics.json is beside them.
+    Returns the model's weights fingerprint where the check needed it (else None), for the run not to hash twice."""
     if out.resolve() == (model_dir / "evaluation").resolve():
-        return
+        return None
     if out.name == "evaluation" and (out.parent / "model_index.json").is_file():
         # another model's evaluation/: its card reads it (its numbers were replaced by this model's, without a word)
         raise EvaluationError(f"--out {out}: the evaluation of another model ({out.parent}), which its model card "
@@ -1667,23 +1668,23 @@ def check_earlier_outputs(out: Path, model_dir: Path) -> None:
         names = ", ".join(p.name for p in found[:5]) + (", ..." if len(found) > 5 else "")
         raise EvaluationError(f"--out {out}: holds {names}, which this evaluation would replace, and no evaluation's "
                               "metrics.json beside them (are they yours?): choose another --out, or remove them")
-    _check_not_another_models(out, model_dir)
+    return _check_not_another_models(out, model_dir)
 
 
-def _check_not_another_models(out: Path, model_dir: Path) -> None:
+def _check_not_another_models(out: Path, model_dir: Path) -> str | None:
     """An --out holding another model's evaluation (A's, then `--out` reused for B) lost it without a word: the
     researcher comparing the two found B's numbers under A's folder name. The same model (its folder, or its weights
     saved elsewhere) may replace its own."""
     measured = read_json_object(out / "metrics.json").get("model")
     if not isinstance(measured, dict) or not isinstance(measured.get("path"), str):
-        return
+        return None
     if Path(measured["path"]).resolve() == model_dir.resolve():
-        return
+        return None
     from .generate import model_fingerprint
 
     sha = measured.get("model_sha256")
-    if sha is not None and sha == model_fingerprint(str(model_dir)):
-        return
+    if sha is not None and sha == (mine := model_fingerprint(str(model_dir))):
+        return mine
     raise EvaluationError(f"--out {out}: holds the evaluation of another model ({measured['path']}), which this one "
                           "would replace; give each model its own --out")
 
@@ -1856,7 +1857,7 @@ def evaluate_model(
         _OUT_HELD.enter_context(only_writer(out, "--out", "evaluate"))
     except FolderInUse as e:
         raise EvaluationError(str(e)) from None
-    check_earlier_outputs(out, model_dir)
+    fingerprint = check_earlier_outputs(out, model_dir)
     on_gpu = device.startswith("cuda")
     batch_size = batch_size or (256 if on_gpu else 16)
     feature_batch = 256 if on_gpu else 64
@@ -1879,7 +1880,7 @@ def evaluate_model(
     from .generate import check_scheduler_steps, model_fingerprint
 
     # the weights measured: a path alone names whatever a later save (a resume, a retraining) put there
-    model_sha256 = model_fingerprint(str(model_dir))
+    model_sha256 = fingerprint or model_fingerprint(str(model_dir))
 
     try:
         if not steps_given:

@@ -2227,6 +2227,26 @@ def test_an_out_folder_with_another_models_evaluation_is_refused(tmp_path):
     E.check_earlier_outputs(out, tmp_path / "copy_of_A")  # the same weights elsewhere
 
 
+def test_weights_checked_against_an_out_folders_evaluation_are_hashed_once(demo_root, tmp_path, monkeypatch):
+    """--out holding the evaluation of the same weights saved elsewhere: the check hashed the weights, and the run
+    then hashed them again for metrics.json (a base model's weights: about 400 MB read twice)."""
+    from adni_diffusers import generate
+
+    model = _stub_model_folder(tmp_path / "model", demo_root)
+    settings = dict(num_samples=2, steps=2, seed=0, feature_epochs=1, tstr_epochs=1, diversity_pairs=2, kid_subsets=2,
+                    feature_settings={"widths": (4, 8), "input_size": 32, "batch_size": 8, "bn_images": 16},
+                    fd_resamples=0, umap=False, render_card=False, progress=False, device="cpu")
+    out = tmp_path / "results"
+    E.evaluate_model(model, out=out, pipe=_StubPipe(), **settings)
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    hashed = []
+    fingerprint = generate.model_fingerprint
+    monkeypatch.setattr(generate, "model_fingerprint", lambda m: hashed.append(m) or fingerprint(m))
+    result = E.evaluate_model(copy, out=out, pipe=_StubPipe(), **settings)
+    assert hashed == [str(copy)] and result["model"]["model_sha256"] == fingerprint(str(model))
+
+
 def test_the_models_own_evaluation_folder_is_always_replaced_and_a_foreign_metrics_json_protects_nothing(tmp_path):
     """check_earlier_outputs: <model>/evaluation is evaluate's own folder (a run cut short before its metrics.json
     may have left a report.md there); elsewhere a metrics.json that no evaluation wrote does not make the files
