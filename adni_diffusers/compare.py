@@ -69,15 +69,16 @@ def read_baseline(given) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
+    from .evaluate import is_evaluation_record
     from .files import read_json_object
 
     folder = Path(given)
     if not (folder / "metrics.json").is_file() and (folder / "evaluation" / "metrics.json").is_file():
         folder = folder / "evaluation"  # a model folder: its own evaluation
-    record = read_json_object(folder / "metrics.json")
-    if not {"realism", "settings", "feature_net"} <= set(record):
+    if not is_evaluation_record(folder / "metrics.json"):
         raise ComparisonError(f"--compare-with {given}: no evaluation's metrics.json there (expected the --out of "
                               "`adni-diffusers evaluate`, or a model folder with its evaluation/)")
+    record = read_json_object(folder / "metrics.json")
     path = folder / FEATURES_FILE
     if not path.is_file():
         raise ComparisonError(f"--compare-with {given}: the evaluation there has no {FEATURES_FILE} (evaluations "

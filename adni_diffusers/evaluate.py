@@ -1956,11 +1956,11 @@ def evaluate_model(
         gen_labels = [None] * num_samples
     # the held-out slices the distribution metrics compare with (step 5), and the generated rows they take
     held_idx = subsample(groups_of(data.val), counts, seed)
+    held_groups = groups_of(data.val)[held_idx]
     gen_groups = torch.tensor([label or 0 for label in gen_labels], dtype=torch.long)
     gen_groups = gen_groups[first_per_class(gen_groups, counts)]
     images_per_class = {class_names[c]: v for c, v in counts.items()} if conditional else {"all": counts[0]}
-    reference_sha256 = C.reference_digest([data.val.paths[i] for i in held_idx.tolist()],
-                                          groups_of(data.val)[held_idx])
+    reference_sha256 = C.reference_digest([data.val.paths[i] for i in held_idx.tolist()], held_groups)
     if baseline is not None:  # before hours of sampling
         try:
             C.check_same_yardstick(baseline, net_sha256=fn_report.get("weights_sha256"),
@@ -2042,9 +2042,9 @@ def evaluate_model(
             vq_round_trip=(recon_feats, data.train.labels[train_idx], floor_patients), kid_subsets=kid_subsets,
             seed=seed)
     realism["fd_intervals"] = fd_intervals(
-        held_feats=heldout_feats[held_idx], held_groups=groups_of(data.val)[held_idx],
+        held_feats=heldout_feats[held_idx], held_groups=held_groups,
         held_patients=held_patients, gen_feats=gen_feats[gen_idx],
-        gen_groups=groups_of(gen)[gen_idx], train_feats=train_feats[floor_pool], train_groups=floor_groups,
+        gen_groups=gen_groups, train_feats=train_feats[floor_pool], train_groups=floor_groups,
         counts=counts, seed=seed, measured=(realism["generated"]["fd"], realism["floor"]["fd"]),
         resamples=fd_resamples)
     # the samples' features, for a later evaluation's --compare-with (no real slice's: nothing of the data)
@@ -2055,7 +2055,7 @@ def evaluate_model(
                   "steps": steps, "guidance": guidance, "refine_steps": refine_steps,
                   "refine_repeats": refine_repeats}).name
     comparison = None if baseline is None else C.compare(
-        baseline, held_feats=heldout_feats[held_idx], held_groups=groups_of(data.val)[held_idx],
+        baseline, held_feats=heldout_feats[held_idx], held_groups=held_groups,
         held_patients=held_patients, generated=gen_feats[gen_idx], gen_groups=gen_groups,
         fd=realism["generated"]["fd"], seed=seed, resamples=fd_resamples, level=INTERVAL_LEVEL)
     if feature_nets > 1:
@@ -2198,10 +2198,10 @@ def evaluate_model(
                            else f"{ab_counts[0]} images", m)
         ab_held_idx = subsample(groups_of(data.val), ab_counts, seed)
         ab_train_idx = floor_pool[subsample(floor_groups, ab_counts, seed + 1)]
-        held_groups = groups_of(data.val)[ab_held_idx]
+        ab_held_groups = groups_of(data.val)[ab_held_idx]
         labels_per_class = ab_counts if conditional else {None: ab_counts[0]}
-        ab_held = {c: heldout_feats[ab_held_idx[held_groups == (c or 0)]] for c in labels_per_class}
-        ab_held_patients = {c: [data.val.patients[i] for i in ab_held_idx[held_groups == (c or 0)].tolist()]
+        ab_held = {c: heldout_feats[ab_held_idx[ab_held_groups == (c or 0)]] for c in labels_per_class}
+        ab_held_patients = {c: [data.val.patients[i] for i in ab_held_idx[ab_held_groups == (c or 0)].tolist()]
                             for c in labels_per_class}
         ab_train = train_feats[ab_train_idx]
         floor = compare_features(torch.cat(list(ab_held.values())), ab_train, kid_subsets=kid_subsets, seed=seed,
